@@ -1,0 +1,1 @@
+//! NBD frontend (in progress)
