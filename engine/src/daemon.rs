@@ -1,1 +1,271 @@
-//! (in progress)
+//! The daemon: wires one resource's pieces together and runs them until SIGTERM.
+//!
+//! `tandem up` loads and validates the config, opens the backing device, starts the
+//! volume driver ([`crate::volume`]), the replication connection ([`crate::net`]), the NBD
+//! exports ([`crate::frontend::nbd`]) and the management socket ([`crate::mgmt`]) on one
+//! tokio runtime of two worker threads (the backing device has its own io_uring thread),
+//! then waits for SIGTERM/SIGINT. Shutdown stops accepting new requests, lets in-flight
+//! ones finish (bounded by [`SHUTDOWN_GRACE`]), flushes the backing device and exits 0.
+//! `tandem demo` runs two such nodes as child processes on loopback.
+
+use crate::config::{Config, InitialRole};
+use crate::frontend::nbd::{NbdListener, NbdOptions};
+use crate::mgmt;
+use crate::store::{Store, StoreOptions};
+use crate::volume::Volume;
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long shutdown waits for in-flight requests and the final flush.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Timeout of a CLI call to the management socket.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tandem-rt")
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+/// `tandem up`: runs one node in the foreground until SIGTERM/SIGINT.
+pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
+    init_logging();
+    let config = Config::load(config_path)?;
+    let me_name = match node {
+        Some(n) => n.to_string(),
+        None => pick_local_node(&config)?,
+    };
+    let (me, peer) = config.split(&me_name)?;
+    let (me, peer) = (me.clone(), peer.clone());
+    let store = Store::open(
+        &me.disk,
+        &StoreOptions { create_size_bytes: config.resource.size_bytes, ..StoreOptions::default() },
+    )
+    .with_context(|| format!("node {}: cannot open disk {}", me.name, me.disk.display()))?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let volume = Volume::new(&config, &me, &peer, store)?;
+        if me.role == InitialRole::Primary {
+            volume.set_primary(true).map_err(anyhow::Error::msg)?;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+
+        let listener = mgmt::bind(&me.mgmt_socket)
+            .with_context(|| format!("cannot bind management socket {}", me.mgmt_socket.display()))?;
+        tasks.spawn(mgmt::serve(listener, me.mgmt_socket.clone(), volume.clone(), shutdown_rx.clone()));
+
+        if let Some(path) = &me.nbd_socket {
+            let l = NbdListener::bind_unix(path).with_context(|| format!("cannot bind NBD socket {}", path.display()))?;
+            tasks.spawn(serve_nbd(l, volume.clone(), nbd_options(&config), shutdown_rx.clone()));
+        }
+        if let Some(addr) = me.nbd_listen {
+            let l = NbdListener::bind_tcp(addr).await.with_context(|| format!("cannot listen for NBD on {addr}"))?;
+            tasks.spawn(serve_nbd(l, volume.clone(), nbd_options(&config), shutdown_rx.clone()));
+        }
+        tasks.spawn(crate::net::run(volume.clone(), config.clone(), me.clone(), peer.clone(), shutdown_rx.clone()));
+
+        tracing::info!(
+            "node {} of resource {} up: disk {} ({} bytes), replication on {}, peer {} at {}",
+            me.name,
+            config.resource.name,
+            me.disk.display(),
+            volume.size_bytes(),
+            me.address,
+            peer.name,
+            peer.address
+        );
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+        }
+        volume.shutdown(SHUTDOWN_GRACE).await;
+        tracing::info!("stopped cleanly");
+        anyhow::Ok(())
+    })
+}
+
+fn nbd_options(config: &Config) -> NbdOptions {
+    NbdOptions { export_name: config.resource.name.clone(), ..Default::default() }
+}
+
+async fn serve_nbd(l: NbdListener, volume: Arc<Volume>, opts: NbdOptions, rx: tokio::sync::watch::Receiver<bool>) {
+    if let Err(e) = l.serve(volume, opts, rx).await {
+        tracing::error!("NBD server stopped: {e}");
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stopping");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Without `--node`: the node whose replication address is assigned to this host.
+fn pick_local_node(config: &Config) -> anyhow::Result<String> {
+    let local: Vec<_> = config
+        .nodes
+        .iter()
+        .filter(|n| std::net::TcpListener::bind((n.address.ip(), 0)).is_ok())
+        .collect();
+    match local.as_slice() {
+        [one] => Ok(one.name.clone()),
+        _ => bail!("cannot tell which node this is (both or neither address is local); pass --node NAME"),
+    }
+}
+
+fn socket_from(socket: Option<PathBuf>, config: Option<PathBuf>, node: Option<&str>) -> anyhow::Result<PathBuf> {
+    match (socket, config, node) {
+        (Some(s), _, _) => Ok(s),
+        (None, Some(c), Some(n)) => {
+            let cfg = Config::load(&c)?;
+            Ok(cfg.split(n)?.0.mgmt_socket.clone())
+        }
+        _ => bail!("give --socket PATH, or --config FILE --node NAME"),
+    }
+}
+
+fn call(socket: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = rt.block_on(mgmt::call(socket, &serde_json::json!({ "cmd": cmd }), CLI_TIMEOUT))?;
+    if reply["ok"] != true {
+        bail!("{}", reply["error"].as_str().unwrap_or("the node refused the command"));
+    }
+    Ok(reply)
+}
+
+/// `tandem status`.
+pub fn cli_status(socket: Option<PathBuf>, config: Option<PathBuf>, node: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let socket = socket_from(socket, config, node)?;
+    let reply = call(&socket, "status")?;
+    let s = &reply["status"];
+    if json {
+        println!("{s}");
+        return Ok(());
+    }
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    println!("{} role:{}", str_of(&s["resource"]), str_of(&s["role"]));
+    println!("  disk:{} size:{} protocol:{}", str_of(&s["disk"]), s["size_bytes"], str_of(&s["protocol"]));
+    println!(
+        "  in-flight-writes:{} bytes-replicated:{} out-of-sync:{}",
+        s["in_flight_writes"], s["bytes_replicated"], s["out_of_sync_bytes"]
+    );
+    let peer = &s["peer"];
+    if peer.is_null() {
+        println!("  peer connection:{}", str_of(&s["connection"]));
+    } else {
+        println!(
+            "  {} connection:{} role:{} disk:{}",
+            str_of(&peer["node"]),
+            str_of(&s["connection"]),
+            str_of(&peer["role"]),
+            str_of(&peer["disk"])
+        );
+    }
+    Ok(())
+}
+
+/// `tandem primary|secondary|connect|disconnect`.
+pub fn cli_command(socket: &Path, cmd: &str) -> anyhow::Result<()> {
+    call(socket, cmd).map(|_| ())
+}
+
+/// `tandem demo`: two nodes as child processes, NBD on the Primary, until Ctrl-C.
+pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_path = dir.join("demo.toml");
+    let text = Config::demo_text(dir, size, protocol);
+    let config = Config::parse(&text, "demo config")?;
+    std::fs::write(&config_path, &text)?;
+    let exe = std::env::current_exe().context("cannot find my own binary")?;
+    let mut children = Vec::new();
+    for node in &config.nodes {
+        let log = std::fs::File::create(dir.join(format!("{}.log", node.name)))?;
+        let child = std::process::Command::new(&exe)
+            .args(["up", "--config"])
+            .arg(&config_path)
+            .args(["--node", &node.name])
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start node {}", node.name))?;
+        children.push(child);
+    }
+    let primary = &config.nodes[0];
+    let connected = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        call(&primary.mgmt_socket, "status").is_ok_and(|r| r["status"]["connection"] == "Connected")
+    });
+    let nbd = primary.nbd_socket.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    println!("tandem demo: resource \"demo\", {size}, protocol {protocol}, files and logs in {}", dir.display());
+    println!("  alpha (Primary)   disk {}/alpha.img  mgmt {}", dir.display(), primary.mgmt_socket.display());
+    println!("  beta  (Secondary) disk {}/beta.img   mgmt {}", dir.display(), config.nodes[1].mgmt_socket.display());
+    println!("  replication: {}", if connected { "Connected" } else { "not connected yet (see the logs)" });
+    println!();
+    println!("Point a client at the Primary's NBD export:");
+    println!("  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
+    println!("  qemu-system-x86_64 ... -drive file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none");
+    println!("  nbdinfo 'nbd://127.0.0.1:10809/demo'");
+    println!("  tandem status --socket {}", primary.mgmt_socket.display());
+    println!("Ctrl-C stops both nodes.");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(wait_for_signal());
+    for child in &mut children {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // Ask the child to stop cleanly (SIGTERM), as systemd would.
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    println!("tandem demo stopped; the replicas are in {}", dir.display());
+    Ok(())
+}
+
+impl mgmt::Handler for Volume {
+    fn handle(&self, req: mgmt::Request) -> Result<serde_json::Value, String> {
+        match req {
+            mgmt::Request::Status => Ok(serde_json::json!({ "status": self.status() })),
+            mgmt::Request::Primary => self.set_primary(true).map(|()| serde_json::json!({})),
+            mgmt::Request::Secondary => self.set_primary(false).map(|()| serde_json::json!({})),
+            mgmt::Request::Disconnect => {
+                self.set_standalone(true);
+                Ok(serde_json::json!({}))
+            }
+            mgmt::Request::Connect => {
+                self.set_standalone(false);
+                Ok(serde_json::json!({}))
+            }
+        }
+    }
+}
+
+/// Keeps the Arc<Volume> usable as a handler.
+impl mgmt::Handler for Arc<Volume> {
+    fn handle(&self, req: mgmt::Request) -> Result<serde_json::Value, String> {
+        self.as_ref().handle(req)
+    }
+}

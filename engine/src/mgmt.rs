@@ -1,1 +1,262 @@
-//! (in progress)
+//! The management socket: newline-delimited JSON on a Unix socket.
+//!
+//! Orchestrators (LINSTOR-style controllers, scripts, `tandem status`) drive a node through
+//! this socket. It is created with mode 0600 and every connection's peer credentials are
+//! checked (root or the daemon's own user only), because whoever reaches it can demote a
+//! Primary. Requests are one JSON object per line, `{"cmd":"status"}`; each gets one line
+//! back, `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Input is hostile: a line longer
+//! than [`MAX_LINE_BYTES`] (64 KiB) closes that connection; a malformed line gets an error
+//! reply and the connection stays usable; at most [`MAX_CONNECTIONS`] clients at once; an
+//! idle client is dropped after [`IDLE_TIMEOUT`].
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+
+/// Longest request line, bytes.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Concurrent management connections.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A management request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The node's state (like `drbdsetup status --json`).
+    Status,
+    /// Become Primary (serve the volume read-write).
+    Primary,
+    /// Become Secondary (stop serving writes).
+    Secondary,
+    /// Drop the replication connection and stay StandAlone.
+    Disconnect,
+    /// Leave StandAlone and connect to the peer again.
+    Connect,
+}
+
+/// Executes requests; implemented by the daemon.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one request; `Ok` is merged into the reply object, `Err` becomes `error`.
+    fn handle(&self, req: Request) -> Result<serde_json::Value, String>;
+}
+
+/// Parses one request line into a request or an error message for the reply.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    const HINT: &str = r#"send one JSON object per line, e.g. {"cmd":"status"}"#;
+    let text = std::str::from_utf8(line).map_err(|_| format!("request is not UTF-8; {HINT}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("invalid JSON ({e}); {HINT}"))?;
+    let obj = value.as_object().ok_or_else(|| format!("request is not an object; {HINT}"))?;
+    if let Some(key) = obj.keys().find(|k| k.as_str() != "cmd") {
+        return Err(format!("unknown key \"{key}\" in request; {HINT}"));
+    }
+    let cmd = obj.get("cmd").and_then(|c| c.as_str()).ok_or_else(|| format!("no \"cmd\" string; {HINT}"))?;
+    Ok(match cmd {
+        "status" => Request::Status,
+        "primary" => Request::Primary,
+        "secondary" => Request::Secondary,
+        "disconnect" => Request::Disconnect,
+        "connect" => Request::Connect,
+        other => {
+            return Err(format!(
+                "unknown command \"{other}\"; known: status, primary, secondary, connect, disconnect"
+            ))
+        }
+    })
+}
+
+fn reply_line(result: Result<serde_json::Value, String>) -> Vec<u8> {
+    let v = match result {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.insert("ok".into(), serde_json::Value::Bool(true));
+            serde_json::Value::Object(m)
+        }
+        Ok(other) => serde_json::json!({"ok": true, "result": other}),
+        Err(e) => serde_json::json!({"ok": false, "error": e}),
+    };
+    let mut out = v.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}
+
+/// Binds the socket (replacing a stale socket file, refusing to replace anything else).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; remove it or choose another mgmt-socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the management socket until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    handler: Arc<dyn Handler>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let owner_uid = std::fs::metadata(&path).map(|m| m.uid()).unwrap_or(0);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("mgmt: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == owner_uid => {}
+            Ok(cred) => {
+                tracing::warn!("mgmt: refused connection from uid {} (only root or uid {owner_uid})", cred.uid());
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("mgmt: refused connection without peer credentials: {e}");
+                continue;
+            }
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("mgmt: refused connection: {MAX_CONNECTIONS} clients already connected");
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            serve_conn(stream, handler).await;
+            drop(permit);
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(8192, rd);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        let read = tokio::time::timeout(IDLE_TIMEOUT, read_line_bounded(&mut rd, &mut line)).await;
+        match read {
+            Err(_) => return,
+            Ok(Err(reason)) => {
+                if !reason.is_empty() {
+                    tracing::warn!("mgmt: dropping connection: {reason}");
+                }
+                return;
+            }
+            Ok(Ok(())) => {}
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let result = match parse_request(&line) {
+            Ok(req) => handler.handle(req),
+            Err(e) => {
+                tracing::warn!("mgmt: refused malformed request: {e}");
+                Err(e)
+            }
+        };
+        if wr.write_all(&reply_line(result)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one line (without the newline) of at most MAX_LINE_BYTES. `Err("")` on clean EOF.
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R, line: &mut Vec<u8>) -> Result<(), String> {
+    loop {
+        let buf = rd.fill_buf().await.map_err(|e| format!("read error: {e}"))?;
+        if buf.is_empty() {
+            return if line.is_empty() { Err(String::new()) } else { Ok(()) };
+        }
+        let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + chunk > MAX_LINE_BYTES {
+            return Err(format!("request line longer than {MAX_LINE_BYTES} bytes (malformed)"));
+        }
+        line.extend_from_slice(&buf[..chunk]);
+        rd.consume(if found { chunk + 1 } else { chunk });
+        if found {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends one request to a management socket and returns the reply object (client side).
+pub async fn call(path: &Path, req: &serde_json::Value, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let fut = async {
+        let mut s = UnixStream::connect(path).await?;
+        let mut line = req.to_string().into_bytes();
+        line.push(b'\n');
+        s.write_all(&line).await?;
+        let mut rd = BufReader::new(s);
+        let mut reply = Vec::new();
+        read_line_bounded(&mut rd, &mut reply).await.map_err(|e| anyhow::anyhow!("no reply: {e}"))?;
+        let v: serde_json::Value = serde_json::from_slice(&reply)?;
+        anyhow::Ok(v)
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| anyhow::anyhow!("{} did not answer within {timeout:?}", path.display()))?
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_garbage_is_refused() {
+        assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse_request(br#" {"cmd":"primary"} "#), Ok(Request::Primary));
+        for bad in [&b"status"[..], b"{}", br#"{"cmd":"explode"}"#, br#"{"cmd":"status","x":1}"#, b"\xff\xfe", b"[1,2"] {
+            assert!(parse_request(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn replies_are_one_line() {
+        let ok = reply_line(Ok(serde_json::json!({"status": {"role": "Primary"}})));
+        assert_eq!(ok.iter().filter(|&&b| b == b'\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&ok).expect("json");
+        assert_eq!(v["ok"], true);
+        let err: serde_json::Value = serde_json::from_slice(&reply_line(Err("no".into()))).expect("json");
+        assert_eq!(err["ok"], false);
+        assert_eq!(err["error"], "no");
+    }
+
+    #[tokio::test]
+    async fn long_lines_close_only_that_connection() {
+        let mut rd = BufReader::new(&b"{\"cmd\":\"status\"}\nxyz"[..]);
+        let mut line = Vec::new();
+        read_line_bounded(&mut rd, &mut line).await.expect("line");
+        assert_eq!(line, br#"{"cmd":"status"}"#);
+        let big = vec![b'a'; MAX_LINE_BYTES + 10];
+        let mut rd = BufReader::new(&big[..]);
+        let mut line = Vec::new();
+        assert!(read_line_bounded(&mut rd, &mut line).await.unwrap_err().contains("longer"));
+    }
+}

@@ -1,1 +1,877 @@
-//! (in progress)
+//! The volume driver: runs the sans-IO replication core against the real disk and the
+//! real connection.
+//!
+//! One [`Volume`] per resource. It owns the [`Primary`] write pipeline and the
+//! [`Receiver`] (which one is used depends on the role), the backing [`Store`], and the
+//! sending side of the current connection ([`Link`]). There is no actor task: whichever
+//! task has an event (an NBD request, a store completion, a packet from the peer) locks
+//! the volume for a few microseconds, feeds the event to the core, and turns the core's
+//! outputs into IO:
+//!
+//! - **sends** (`P_DATA`, `P_BARRIER`, acks) are queued on the connection's bounded send
+//!   queues *while the lock is held*, so they reach each socket in the order the core
+//!   emitted them (a barrier between two epochs' writes; a write ack before its epoch's
+//!   barrier ack);
+//! - **disk IO** and **completions** run after the lock is released: each store
+//!   operation is a task that re-enters the core with its result.
+//!
+//! Bounds: requests from frontends in flight ≤ `max-buffers` (a semaphore in front of
+//! the core, so the core never says Busy); a frontend write larger than
+//! [`MAX_WRITE_CHUNK`] (1 MiB, DRBD's largest bio) is split into 1 MiB requests; a
+//! discard or write-zeroes into ≤ [`MAX_BATCH_CHUNK`] (128 MiB, DRBD's batch limit). The
+//! Secondary's held writes are bounded by the core (`max_held`); when it is full the data
+//! socket's reader stops reading, which back-pressures the peer through TCP.
+
+use crate::config::{Config, NodeConfig};
+use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
+use crate::net::handshake::LocalParams;
+use crate::net::{Link, Outgoing};
+use crate::request::{
+    self, Error as CoreError, Primary, PrimaryConfig, PrimaryOutput, Receiver, ReceiverConfig, ReceiverOutput,
+    WriteKind,
+};
+use crate::state::{ConnState, DiskState, Protocol, Role};
+use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
+use crate::wire::{self, Command, Packet};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify, Semaphore};
+
+/// Largest write handed to the core (and sent as one `P_DATA`): DRBD_MAX_BIO_SIZE.
+pub const MAX_WRITE_CHUNK: usize = 1 << 20;
+/// Largest discard / write-zeroes handed to the core: DRBD_MAX_BATCH_BIO_SIZE.
+pub const MAX_BATCH_CHUNK: u64 = 128 << 20;
+
+/// A write received from the peer, with its data.
+#[derive(Debug)]
+pub struct PeerWrite {
+    /// Echoed in the acks.
+    pub block_id: u64,
+    /// First sector.
+    pub sector: u64,
+    /// Bytes.
+    pub len: u32,
+    /// The packet's `dp_flags`.
+    pub dp_flags: u32,
+    /// What to do.
+    pub kind: PeerWriteKind,
+}
+
+/// What a peer write does.
+#[derive(Debug)]
+pub enum PeerWriteKind {
+    /// `P_DATA`.
+    Data(AlignedBuf),
+    /// `P_TRIM` with discard semantics.
+    Discard,
+    /// `P_ZEROES` (or `P_TRIM` without `DRBD_FF_WZEROES`).
+    Zeroes {
+        /// May deallocate.
+        unmap: bool,
+    },
+}
+
+struct Pending {
+    buf: Option<Arc<AlignedBuf>>,
+    done: Option<oneshot::Sender<Result<(), BlockError>>>,
+}
+
+struct Inner {
+    role: Role,
+    disk: DiskState,
+    conn: ConnState,
+    standalone: bool,
+    shutting_down: bool,
+    peer_role: Role,
+    peer_disk: DiskState,
+    link: Option<Link>,
+    kill: Option<Arc<Notify>>,
+    primary: Primary,
+    receiver: Receiver,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    peer_bufs: HashMap<u64, AlignedBuf>,
+    bytes_replicated: u64,
+    writes_completed: u64,
+}
+
+/// IO to start after the lock is released.
+enum Effect {
+    PrimaryLocal { tag: u64, sector: u64, len: u32, kind: WriteKind, fua: bool, buf: Option<Arc<AlignedBuf>> },
+    PrimaryFlush { tag: u64 },
+    ReceiverLocal { token: u64, sector: u64, len: u32, kind: WriteKind, fua: bool, buf: Option<AlignedBuf> },
+    ReceiverFlush { token: u64 },
+    Complete { done: oneshot::Sender<Result<(), BlockError>>, result: Result<(), BlockError> },
+}
+
+/// One replicated volume.
+pub struct Volume {
+    me: Weak<Volume>,
+    resource: String,
+    node: String,
+    peer_node: String,
+    protocol: Protocol,
+    size_bytes: u64,
+    store: Store,
+    slots: Arc<Semaphore>,
+    accept: Notify,
+    conn_changed: Notify,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("resource", &self.resource).field("node", &self.node).finish()
+    }
+}
+
+fn core_err(e: CoreError) -> String {
+    e.to_string()
+}
+
+impl Volume {
+    /// A volume over `store`, Secondary and not connected.
+    pub fn new(config: &Config, me: &NodeConfig, peer: &NodeConfig, store: Store) -> anyhow::Result<Arc<Volume>> {
+        let size_bytes = store.size_bytes() / SECTOR_SIZE as u64 * SECTOR_SIZE as u64;
+        if size_bytes == 0 {
+            anyhow::bail!("disk {} is empty; give it a size (resource.size) or use another device", me.disk.display());
+        }
+        let sectors = size_bytes / SECTOR_SIZE as u64;
+        let max_buffers = config.net.max_buffers as usize;
+        let mut pcfg = PrimaryConfig::new(config.resource.protocol, sectors);
+        pcfg.max_in_flight = max_buffers;
+        pcfg.max_unacked_writes = max_buffers * 2;
+        pcfg.max_epoch_size = config.net.max_epoch_size;
+        pcfg.first_barrier_nr = rand::random::<u32>().max(1);
+        let primary = Primary::new(pcfg).map_err(|e| anyhow::anyhow!("replication core: {e}"))?;
+        let mut rcfg = ReceiverConfig::new(sectors);
+        rcfg.max_active = max_buffers;
+        let receiver = Receiver::new(rcfg).map_err(|e| anyhow::anyhow!("receiver core: {e}"))?;
+        Ok(Arc::new_cyclic(|me_weak| Volume {
+            me: me_weak.clone(),
+            resource: config.resource.name.clone(),
+            node: me.name.clone(),
+            peer_node: peer.name.clone(),
+            protocol: config.resource.protocol,
+            size_bytes,
+            store,
+            slots: Arc::new(Semaphore::new(max_buffers)),
+            accept: Notify::new(),
+            conn_changed: Notify::new(),
+            inner: Mutex::new(Inner {
+                role: Role::Secondary,
+                disk: DiskState::UpToDate,
+                conn: ConnState::StandAlone,
+                standalone: false,
+                shutting_down: false,
+                peer_role: Role::Unknown,
+                peer_disk: DiskState::DUnknown,
+                link: None,
+                kill: None,
+                primary,
+                receiver,
+                next_id: 1,
+                pending: HashMap::new(),
+                peer_bufs: HashMap::new(),
+                bytes_replicated: 0,
+                writes_completed: 0,
+            }),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug that already aborted a task; the state
+        // machine itself never leaves a half-applied input (its inputs are atomic).
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Exported size, bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    // ----- role and connection state --------------------------------------------------
+
+    /// Makes this node Primary (`true`) or Secondary.
+    pub fn set_primary(&self, primary: bool) -> Result<(), String> {
+        let mut effects = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if primary {
+                if inner.role == Role::Primary {
+                    return Ok(());
+                }
+                if inner.link.is_some() && inner.peer_role == Role::Primary {
+                    return Err("the peer is Primary; make it Secondary first (tandem allows one Primary)".into());
+                }
+                if inner.receiver.stats().active_writes > 0 {
+                    return Err("peer writes are still being applied; retry".into());
+                }
+                inner.role = Role::Primary;
+                if inner.link.is_some() {
+                    inner.primary.connected().map_err(core_err)?;
+                }
+            } else {
+                if inner.role == Role::Secondary {
+                    return Ok(());
+                }
+                if inner.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
+                    return Err("writes are in flight; stop the application first".into());
+                }
+                inner.role = Role::Secondary;
+                inner.primary.connection_lost();
+                self.drain_primary(inner, &mut effects);
+            }
+            self.send_state(inner);
+            tracing::info!("role is now {}", inner.role);
+        }
+        self.run(effects);
+        Ok(())
+    }
+
+    /// Enters or leaves StandAlone (`disconnect` / `connect`).
+    pub fn set_standalone(&self, standalone: bool) {
+        let kill = {
+            let mut g = self.lock();
+            g.standalone = standalone;
+            if standalone { g.kill.clone() } else { None }
+        };
+        if let Some(k) = kill {
+            k.notify_one();
+        }
+        self.conn_changed.notify_waiters();
+    }
+
+    /// True while the operator wants no connection.
+    pub fn is_standalone(&self) -> bool {
+        self.lock().standalone
+    }
+
+    /// Resolves when a `connect` leaves StandAlone.
+    pub async fn wait_connect_allowed(&self) {
+        loop {
+            let n = self.conn_changed.notified();
+            if !self.is_standalone() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Resolves when a `disconnect` asks for StandAlone.
+    pub async fn wait_standalone(&self) {
+        loop {
+            let n = self.conn_changed.notified();
+            if self.is_standalone() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Records the connection manager's state.
+    pub fn set_conn_state(&self, state: ConnState) {
+        self.lock().conn = state;
+    }
+
+    /// The connection state.
+    pub fn conn_state(&self) -> ConnState {
+        self.lock().conn
+    }
+
+    /// What the handshake says about this node.
+    pub fn handshake_params(&self) -> LocalParams {
+        let g = self.lock();
+        LocalParams {
+            protocol: self.protocol,
+            role: g.role,
+            disk: g.disk,
+            size_sectors: self.size_bytes / SECTOR_SIZE as u64,
+            dirty_bits: g.primary.out_of_sync().count(),
+        }
+    }
+
+    /// A connection finished its handshake. Returns the notify that kills it.
+    pub fn connection_up(&self, link: Link, peer_role: Role, peer_disk: DiskState) -> Arc<Notify> {
+        let kill = Arc::new(Notify::new());
+        let mut effects = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            inner.link = Some(link);
+            inner.kill = Some(kill.clone());
+            inner.peer_role = peer_role;
+            inner.peer_disk = peer_disk;
+            inner.conn = ConnState::Connected;
+            if inner.role == Role::Primary {
+                if let Err(e) = inner.primary.connected() {
+                    tracing::error!("replication core refused the connection: {e}");
+                }
+                self.drain_primary(inner, &mut effects);
+            }
+        }
+        self.run(effects);
+        kill
+    }
+
+    /// The connection `session` is gone: writes not barrier-acked become out of sync.
+    pub fn connection_lost(&self, session: u64) {
+        let mut effects = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if inner.link.as_ref().is_none_or(|l| l.session != session) {
+                return;
+            }
+            inner.link = None;
+            inner.kill = None;
+            inner.peer_role = Role::Unknown;
+            inner.peer_disk = DiskState::DUnknown;
+            inner.conn = if inner.standalone { ConnState::StandAlone } else { ConnState::NetworkFailure };
+            inner.primary.connection_lost();
+            self.drain_primary(inner, &mut effects);
+            inner.receiver.connection_lost();
+            self.drain_receiver(inner, &mut effects);
+            let oos = inner.primary.out_of_sync_bytes();
+            if oos > 0 {
+                tracing::warn!("peer {} disconnected; {oos} bytes out of sync", self.peer_node);
+            }
+        }
+        self.accept.notify_one();
+        self.run(effects);
+    }
+
+    fn with_session<T>(&self, session: u64, f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>) -> Result<T, String>) -> Result<Option<T>, String> {
+        let mut effects = Vec::new();
+        let out = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if inner.link.as_ref().is_none_or(|l| l.session != session) {
+                return Ok(None);
+            }
+            f(self, inner, &mut effects)
+        };
+        self.run(effects);
+        out.map(Some)
+    }
+
+    /// Protocol A: a packet of request `block_id` is in the socket.
+    pub fn handed_to_network(&self, session: u64, block_id: u64) {
+        let _ = self.with_session(session, |v, inner, fx| {
+            inner.primary.handed_to_network(block_id);
+            v.drain_primary(inner, fx);
+            Ok(())
+        });
+    }
+
+    /// An ack from the meta socket.
+    pub fn peer_ack(&self, session: u64, cmd: Command, ack: wire::BlockAck) -> Result<(), String> {
+        self.with_session(session, |v, inner, fx| {
+            if inner.role != Role::Primary {
+                return Err(format!("{} received while Secondary", cmd.name()));
+            }
+            let r = match cmd {
+                Command::P_RECV_ACK => inner.primary.peer_recv_ack(ack.block_id),
+                Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => inner.primary.peer_write_ack(ack.block_id),
+                Command::P_NEG_ACK => inner.primary.peer_neg_ack(ack.block_id),
+                other => return Err(format!("unexpected {} on the meta socket", other.name())),
+            };
+            r.map_err(core_err)?;
+            v.drain_primary(inner, fx);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// `P_BARRIER_ACK`.
+    pub fn barrier_ack(&self, session: u64, nr: u32, set_size: u32) -> Result<(), String> {
+        self.with_session(session, |v, inner, fx| {
+            inner.primary.barrier_ack(nr, set_size).map_err(core_err)?;
+            v.drain_primary(inner, fx);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// `P_BARRIER` from the peer.
+    pub fn peer_barrier(&self, session: u64, nr: u32) -> Result<(), String> {
+        self.with_session(session, |v, inner, fx| {
+            if inner.role == Role::Primary {
+                return Err("P_BARRIER received while Primary".into());
+            }
+            inner.receiver.peer_barrier(nr).map_err(core_err)?;
+            v.drain_receiver(inner, fx);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// `P_STATE` from the peer.
+    pub fn peer_state(&self, session: u64, word: u32) {
+        let _ = self.with_session(session, |_, inner, _| {
+            let s = wire::StateBits::unpack(word);
+            inner.peer_role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
+            inner.peer_disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
+            Ok(())
+        });
+    }
+
+    /// A write from the peer; waits while the receiver is full (back-pressure).
+    pub async fn peer_write(&self, session: u64, w: PeerWrite) -> Result<(), String> {
+        let mut w = Some(w);
+        loop {
+            let notified = self.accept.notified();
+            let outcome = self.with_session(session, |v, inner, fx| {
+                if inner.role == Role::Primary {
+                    return Err("the peer sent a write but this node is Primary (two primaries)".into());
+                }
+                if !inner.receiver.can_accept() {
+                    return Ok(false);
+                }
+                let Some(pw) = w.take() else { return Ok(true) };
+                let (kind, buf) = match pw.kind {
+                    PeerWriteKind::Data(b) => (WriteKind::Data, Some(b)),
+                    PeerWriteKind::Discard => (WriteKind::Discard, None),
+                    PeerWriteKind::Zeroes { unmap } => (WriteKind::Zeroes { unmap }, None),
+                };
+                let token = inner
+                    .receiver
+                    .peer_write(request::PeerWrite {
+                        block_id: pw.block_id,
+                        sector: pw.sector,
+                        len: pw.len,
+                        kind,
+                        dp_flags: pw.dp_flags,
+                    })
+                    .map_err(core_err)?;
+                if let Some(b) = buf {
+                    inner.peer_bufs.insert(token, b);
+                }
+                v.drain_receiver(inner, fx);
+                Ok(true)
+            })?;
+            match outcome {
+                None | Some(true) => return Ok(()),
+                Some(false) => notified.await,
+            }
+        }
+    }
+
+    // ----- turning core outputs into IO -----------------------------------------------
+
+    fn queue(link: &Option<Link>, data_socket: bool, out: Outgoing) -> bool {
+        let Some(l) = link else { return false };
+        let q = if data_socket { &l.data } else { &l.meta };
+        match q.try_send(out) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                tracing::error!("send queue full (a bound was miscomputed); dropping the connection");
+                false
+            }
+        }
+    }
+
+    fn encode(link: &Option<Link>, pkt: &Packet) -> Option<Vec<u8>> {
+        let l = link.as_ref()?;
+        let mut bytes = Vec::with_capacity(48);
+        match wire::encode(pkt, &l.ctx, 0, &mut bytes) {
+            Ok(()) => Some(bytes),
+            Err(e) => {
+                tracing::error!("cannot encode {}: {e}", pkt.command().name());
+                None
+            }
+        }
+    }
+
+    fn send_state(&self, inner: &mut Inner) {
+        let bits = wire::StateBits {
+            role: u8::try_from(inner.role.as_u32()).unwrap_or(0),
+            peer: u8::try_from(inner.peer_role.as_u32()).unwrap_or(0),
+            conn: u8::try_from(inner.conn.as_u32()).unwrap_or(0),
+            disk: u8::try_from(inner.disk.as_u32()).unwrap_or(0),
+            pdsk: u8::try_from(inner.peer_disk.as_u32()).unwrap_or(0),
+            ..wire::StateBits::default()
+        };
+        if let Ok(word) = bits.pack() {
+            if let Some(bytes) = Self::encode(&inner.link, &Packet::State(word)) {
+                Self::queue(&inner.link, true, Outgoing { bytes, data: None, sent_id: None });
+            }
+        }
+    }
+
+    fn drain_primary(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
+        let outputs: Vec<PrimaryOutput> = inner.primary.drain_outputs().collect();
+        for o in outputs {
+            match o {
+                PrimaryOutput::SubmitLocal { tag, id, sector, len, kind, fua } => {
+                    let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
+                    fx.push(Effect::PrimaryLocal { tag, sector, len, kind, fua, buf });
+                }
+                PrimaryOutput::SubmitLocalFlush { tag } => fx.push(Effect::PrimaryFlush { tag }),
+                PrimaryOutput::SendWrite { block_id, id, sector, len, kind, dp_flags } => {
+                    let Some(link) = inner.link.as_ref() else { continue };
+                    let head = wire::DataHeader { sector, block_id, seq_num: 0, dp_flags };
+                    let mut bytes = Vec::with_capacity(48);
+                    let (encoded, data) = match kind {
+                        WriteKind::Data => {
+                            let data = inner.pending.get(&id).and_then(|p| p.buf.clone());
+                            (wire::encode_data_header(Command::P_DATA, &head, &[], len, &link.ctx, 0, &mut bytes), data)
+                        }
+                        WriteKind::Discard | WriteKind::Zeroes { .. } => {
+                            let zeroes = matches!(kind, WriteKind::Zeroes { .. });
+                            let cmd = if zeroes && link.ctx.has(wire::ff::DRBD_FF_WZEROES) {
+                                Command::P_ZEROES
+                            } else {
+                                Command::P_TRIM
+                            };
+                            (wire::encode(&Packet::Trim { cmd, head, size: len }, &link.ctx, 0, &mut bytes), None)
+                        }
+                    };
+                    if let Err(e) = encoded {
+                        tracing::error!("cannot encode a write of {len} bytes at sector {sector}: {e}");
+                        continue;
+                    }
+                    let sent_id = (self.protocol == Protocol::A).then_some(block_id);
+                    if Self::queue(&inner.link, true, Outgoing { bytes, data, sent_id }) {
+                        inner.bytes_replicated += u64::from(len);
+                    } else if let Some(k) = &inner.kill {
+                        k.notify_one();
+                    }
+                }
+                PrimaryOutput::SendBarrier { nr } => {
+                    if let Some(bytes) = Self::encode(&inner.link, &Packet::Barrier(wire::Barrier { barrier: nr, pad: 0 })) {
+                        if !Self::queue(&inner.link, true, Outgoing { bytes, data: None, sent_id: None }) {
+                            if let Some(k) = &inner.kill {
+                                k.notify_one();
+                            }
+                        }
+                    }
+                }
+                PrimaryOutput::Complete { id, result } => {
+                    if let Some(p) = inner.pending.remove(&id) {
+                        inner.writes_completed += 1;
+                        if let Some(done) = p.done {
+                            let result = result.map_err(|_| BlockError::Io);
+                            fx.push(Effect::Complete { done, result });
+                        }
+                    }
+                }
+                PrimaryOutput::Retired { .. } => {}
+            }
+        }
+    }
+
+    fn drain_receiver(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
+        let outputs: Vec<ReceiverOutput> = inner.receiver.drain_outputs().collect();
+        for o in outputs {
+            let ack = |cmd: Command, block_id: u64, sector: u64, len: u32| Packet::BlockAck {
+                cmd,
+                ack: wire::BlockAck { sector, block_id, blksize: len, seq_num: 0 },
+            };
+            let pkt = match o {
+                ReceiverOutput::SubmitLocal { token, sector, len, kind, fua } => {
+                    let buf = inner.peer_bufs.remove(&token);
+                    fx.push(Effect::ReceiverLocal { token, sector, len, kind, fua, buf });
+                    continue;
+                }
+                ReceiverOutput::SubmitLocalFlush { token } => {
+                    fx.push(Effect::ReceiverFlush { token });
+                    continue;
+                }
+                ReceiverOutput::Discard { token } => {
+                    inner.peer_bufs.remove(&token);
+                    continue;
+                }
+                ReceiverOutput::DropConnection { reason } => {
+                    tracing::warn!("dropping the connection: {reason}");
+                    if let Some(k) = &inner.kill {
+                        k.notify_one();
+                    }
+                    continue;
+                }
+                ReceiverOutput::SendRecvAck { block_id, sector, len } => ack(Command::P_RECV_ACK, block_id, sector, len),
+                ReceiverOutput::SendWriteAck { block_id, sector, len } => ack(Command::P_WRITE_ACK, block_id, sector, len),
+                ReceiverOutput::SendNegAck { block_id, sector, len } => ack(Command::P_NEG_ACK, block_id, sector, len),
+                ReceiverOutput::SendBarrierAck { nr, set_size } => {
+                    Packet::BarrierAck(wire::BarrierAck { barrier: nr, set_size })
+                }
+            };
+            if let Some(bytes) = Self::encode(&inner.link, &pkt) {
+                if !Self::queue(&inner.link, false, Outgoing { bytes, data: None, sent_id: None }) {
+                    if let Some(k) = &inner.kill {
+                        k.notify_one();
+                    }
+                }
+            }
+        }
+    }
+
+    fn run(&self, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else { return };
+        for e in effects {
+            match e {
+                Effect::Complete { done, result } => {
+                    let _ = done.send(result);
+                }
+                Effect::PrimaryLocal { tag, sector, len, kind, fua, buf } => {
+                    let v = me.clone();
+                    tokio::spawn(async move {
+                        let ok = v.local_io(sector, len, kind, fua, buf.map(Buf::Shared)).await;
+                        let mut fx = Vec::new();
+                        {
+                            let mut g = v.lock();
+                            let inner = &mut *g;
+                            if let Err(e) = inner.primary.local_done(tag, ok) {
+                                tracing::error!("core refused a local completion: {e}");
+                            }
+                            v.drain_primary(inner, &mut fx);
+                        }
+                        v.run(fx);
+                    });
+                }
+                Effect::PrimaryFlush { tag } => {
+                    let v = me.clone();
+                    tokio::spawn(async move {
+                        let ok = v.flush_local().await;
+                        let mut fx = Vec::new();
+                        {
+                            let mut g = v.lock();
+                            let inner = &mut *g;
+                            if let Err(e) = inner.primary.local_flush_done(tag, ok) {
+                                tracing::error!("core refused a flush completion: {e}");
+                            }
+                            v.drain_primary(inner, &mut fx);
+                        }
+                        v.run(fx);
+                    });
+                }
+                Effect::ReceiverLocal { token, sector, len, kind, fua, buf } => {
+                    let v = me.clone();
+                    tokio::spawn(async move {
+                        let ok = v.local_io(sector, len, kind, fua, buf.map(Buf::Owned)).await;
+                        let mut fx = Vec::new();
+                        {
+                            let mut g = v.lock();
+                            let inner = &mut *g;
+                            if let Err(e) = inner.receiver.local_done(token, ok) {
+                                tracing::error!("receiver refused a local completion: {e}");
+                            }
+                            v.drain_receiver(inner, &mut fx);
+                        }
+                        v.accept.notify_one();
+                        v.run(fx);
+                    });
+                }
+                Effect::ReceiverFlush { token } => {
+                    let v = me.clone();
+                    tokio::spawn(async move {
+                        let ok = v.flush_local().await;
+                        let mut fx = Vec::new();
+                        {
+                            let mut g = v.lock();
+                            let inner = &mut *g;
+                            if let Err(e) = inner.receiver.local_flush_done(token, ok) {
+                                tracing::error!("receiver refused a flush completion: {e}");
+                            }
+                            v.drain_receiver(inner, &mut fx);
+                        }
+                        v.accept.notify_one();
+                        v.run(fx);
+                    });
+                }
+            }
+        }
+    }
+
+    async fn local_io(&self, sector: u64, len: u32, kind: WriteKind, fua: bool, buf: Option<Buf>) -> bool {
+        let offset = sector * SECTOR_SIZE as u64;
+        let r = match (kind, buf) {
+            (WriteKind::Data, Some(Buf::Shared(b))) => self.store.write(offset, b, fua).await,
+            (WriteKind::Data, Some(Buf::Owned(b))) => self.store.write(offset, Arc::new(b), fua).await,
+            (WriteKind::Data, None) => {
+                tracing::error!("a write at sector {sector} has no data buffer");
+                return false;
+            }
+            (WriteKind::Discard, _) => self.store.discard(offset, u64::from(len)).await,
+            (WriteKind::Zeroes { unmap }, _) => self.store.write_zeroes(offset, u64::from(len), unmap).await,
+        };
+        let r = match r {
+            Ok(()) if fua && kind != WriteKind::Data => self.store.flush().await,
+            other => other,
+        };
+        if let Err(e) = &r {
+            tracing::warn!("local {kind:?} of {len} bytes at sector {sector} failed: {e}");
+        }
+        r.is_ok()
+    }
+
+    async fn flush_local(&self) -> bool {
+        match self.store.flush().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("local flush failed: {e}");
+                false
+            }
+        }
+    }
+
+    // ----- frontend requests -----------------------------------------------------------
+
+    /// One write/flush request through the core; waits for its completion.
+    async fn core_request(&self, sector: u64, len: u32, kind: Option<(WriteKind, bool)>, buf: Option<Arc<AlignedBuf>>) -> Result<(), BlockError> {
+        let _permit = self.slots.acquire().await.map_err(|_| BlockError::Shutdown)?;
+        let (tx, rx) = oneshot::channel();
+        let mut fx = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if inner.shutting_down {
+                return Err(BlockError::Shutdown);
+            }
+            if inner.role != Role::Primary {
+                if kind.is_some() {
+                    return Err(BlockError::ReadOnly);
+                }
+                drop(g);
+                return if self.flush_local().await { Ok(()) } else { Err(BlockError::Io) };
+            }
+            let id = inner.next_id;
+            inner.next_id += 1;
+            inner.pending.insert(id, Pending { buf, done: Some(tx) });
+            let r = match kind {
+                Some((k, fua)) => inner.primary.write(id, sector, len, k, fua),
+                None => inner.primary.flush(id),
+            };
+            if let Err(e) = r {
+                inner.pending.remove(&id);
+                return Err(match e {
+                    CoreError::Busy => BlockError::Busy,
+                    CoreError::Invalid(_) | CoreError::Protocol(_) => BlockError::Invalid,
+                });
+            }
+            self.drain_primary(inner, &mut fx);
+        }
+        self.run(fx);
+        rx.await.map_err(|_| BlockError::Io)?
+    }
+
+    async fn write(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> Result<(), BlockError> {
+        let len = data.len();
+        if len <= MAX_WRITE_CHUNK {
+            let len32 = u32::try_from(len).map_err(|_| BlockError::Invalid)?;
+            return self.core_request(offset / SECTOR_SIZE as u64, len32, Some((WriteKind::Data, fua)), Some(data)).await;
+        }
+        // Larger than one bio: 1 MiB pieces (one copy each), submitted together.
+        let mut parts = Vec::new();
+        for (i, chunk) in data.chunks(MAX_WRITE_CHUNK).enumerate() {
+            let piece = Arc::new(AlignedBuf::from_slice(chunk).map_err(|_| BlockError::Invalid)?);
+            let off = offset + (i * MAX_WRITE_CHUNK) as u64;
+            let len32 = u32::try_from(chunk.len()).map_err(|_| BlockError::Invalid)?;
+            parts.push(self.core_request(off / SECTOR_SIZE as u64, len32, Some((WriteKind::Data, fua)), Some(piece)));
+        }
+        join_all(parts).await
+    }
+
+    async fn batch(&self, offset: u64, len: u64, kind: WriteKind, fua: bool) -> Result<(), BlockError> {
+        let mut parts = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(MAX_BATCH_CHUNK);
+            let n32 = u32::try_from(n).map_err(|_| BlockError::Invalid)?;
+            parts.push(self.core_request((offset + done) / SECTOR_SIZE as u64, n32, Some((kind, fua)), None));
+            done += n;
+        }
+        join_all(parts).await
+    }
+
+    /// Stops accepting requests, waits (≤ `grace`) for in-flight ones, flushes the disk.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.lock().shutting_down = true;
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.slots.available_permits() < self.lock().primary.config().max_in_flight {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!("requests still in flight at shutdown");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!("final flush failed: {e}");
+        }
+        self.store.close();
+    }
+
+    /// The status object of the management API.
+    pub fn status(&self) -> serde_json::Value {
+        let g = self.lock();
+        let peer = if g.link.is_some() {
+            serde_json::json!({ "node": self.peer_node, "role": g.peer_role, "disk": g.peer_disk })
+        } else {
+            serde_json::Value::Null
+        };
+        let pstats = g.primary.stats();
+        let rstats = g.receiver.stats();
+        serde_json::json!({
+            "resource": self.resource,
+            "node": self.node,
+            "role": g.role,
+            "disk": g.disk,
+            "connection": g.conn,
+            "protocol": self.protocol,
+            "peer": peer,
+            "size_bytes": self.size_bytes,
+            "in_flight_writes": pstats.in_flight_writes,
+            "unacked_writes": pstats.unacked_writes,
+            "peer_writes_in_flight": rstats.active_writes,
+            "bytes_replicated": g.bytes_replicated,
+            "writes_completed": g.writes_completed,
+            "out_of_sync_bytes": g.primary.out_of_sync_bytes(),
+        })
+    }
+}
+
+enum Buf {
+    Shared(Arc<AlignedBuf>),
+    Owned(AlignedBuf),
+}
+
+async fn join_all<F: std::future::Future<Output = Result<(), BlockError>>>(parts: Vec<F>) -> Result<(), BlockError> {
+    // All parts run concurrently; the first error (if any) is the request's.
+    futures_util::future::join_all(parts).await.into_iter().collect()
+}
+
+impl BlockTarget for Volume {
+    fn info(&self) -> TargetInfo {
+        let g = self.lock();
+        TargetInfo { size_bytes: self.size_bytes, writable: g.role == Role::Primary, discard: true }
+    }
+
+    async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
+        match io {
+            BlockIo::Read { offset, len } => {
+                if self.lock().shutting_down {
+                    return Err(BlockError::Shutdown);
+                }
+                let buf = self.store.read(offset, len as usize).await.map_err(|e| {
+                    tracing::warn!("read of {len} bytes at {offset} failed: {e}");
+                    BlockError::Io
+                })?;
+                Ok(BlockReply::Data(buf))
+            }
+            BlockIo::Write { offset, data, fua } => self.write(offset, data, fua).await.map(|()| BlockReply::Done),
+            BlockIo::Flush => self.core_request(0, 0, None, None).await.map(|()| BlockReply::Done),
+            BlockIo::Discard { offset, len, fua } => {
+                self.batch(offset, len, WriteKind::Discard, fua).await.map(|()| BlockReply::Done)
+            }
+            BlockIo::WriteZeroes { offset, len, may_unmap, fua } => {
+                self.batch(offset, len, WriteKind::Zeroes { unmap: may_unmap }, fua).await.map(|()| BlockReply::Done)
+            }
+        }
+    }
+}

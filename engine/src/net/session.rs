@@ -1,0 +1,300 @@
+//! A live connection: the handshake, then four tasks (data/meta × send/receive) until
+//! one fails.
+
+use super::handshake::{self, PeerParams};
+use super::{read_exact, Link, NetError, Outgoing};
+use crate::config::{Config, NodeConfig};
+use crate::store::AlignedBuf;
+use crate::volume::{PeerWrite, PeerWriteKind, Volume};
+use crate::wire::{self, dp, Command, Header, Packet, WireCtx};
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Packets a sender task writes with one `writev`.
+const MAX_BATCH: usize = 64;
+
+/// Handshake, then serve the connection until it fails. Returns why it ended.
+pub async fn run(
+    volume: Arc<Volume>,
+    config: &Config,
+    peer: &NodeConfig,
+    mut data: TcpStream,
+    meta: TcpStream,
+    session: u64,
+) -> Result<(), NetError> {
+    let local = volume.handshake_params();
+    let params: PeerParams = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake::run(&mut data, local))
+        .await
+        .map_err(|_| NetError::Timeout("handshake"))??;
+    let ctx = params.ctx;
+    let queue = config.net.max_buffers as usize * 2 + 64;
+    let (data_tx, data_rx) = mpsc::channel(queue);
+    let (meta_tx, meta_rx) = mpsc::channel(queue);
+    let link = Link { ctx, data: data_tx, meta: meta_tx.clone(), session };
+    tracing::info!(
+        "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}",
+        peer.name,
+        peer.address,
+        params.role,
+        params.disk,
+        config.resource.protocol,
+        ctx.version()
+    );
+    volume.connection_up(link, params.role, params.disk);
+
+    let (data_rd, data_wr) = data.into_split();
+    let (meta_rd, meta_wr) = meta.into_split();
+    let last_meta_rx = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks: JoinSet<Result<(), NetError>> = JoinSet::new();
+    tasks.spawn(sender(data_wr, data_rx, volume.clone(), session));
+    tasks.spawn(sender(meta_wr, meta_rx, volume.clone(), session));
+    tasks.spawn(data_receiver(data_rd, ctx, volume.clone(), meta_tx.clone(), session));
+    tasks.spawn(meta_receiver(meta_rd, ctx, volume.clone(), meta_tx.clone(), last_meta_rx.clone(), started, session));
+    tasks.spawn(pinger(ctx, meta_tx, last_meta_rx, started, config.net.ping_interval, config.net.ping_timeout));
+    let first = tasks.join_next().await;
+    tasks.abort_all();
+    match first {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(NetError::Protocol(format!("connection task failed: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Writes queued packets, batching up to [`MAX_BATCH`] per `writev`.
+async fn sender(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, volume: Arc<Volume>, session: u64) -> Result<(), NetError> {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return Err(NetError::Shutdown);
+        }
+        write_batch(&mut wr, &batch).await?;
+        for item in batch.drain(..) {
+            if let Some(id) = item.sent_id {
+                volume.handed_to_network(session, id);
+            }
+        }
+    }
+}
+
+/// Writes every packet of `batch` (header + optional data) with vectored writes.
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Outgoing]) -> Result<(), NetError> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+    for item in batch {
+        parts.push(&item.bytes);
+        if let Some(d) = &item.data {
+            parts.push(d.as_slice());
+        }
+    }
+    let (mut idx, mut off) = (0usize, 0usize);
+    while idx < parts.len() {
+        let slices: Vec<IoSlice<'_>> = parts[idx..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| IoSlice::new(if i == 0 { &p[off..] } else { p }))
+            .take(1024)
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(NetError::Closed);
+        }
+        while idx < parts.len() && n > 0 {
+            let left = parts[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the next packet's header and fixed part.
+async fn next_packet(rd: &mut OwnedReadHalf, ctx: &WireCtx, head: &mut Vec<u8>) -> Result<(Header, Packet, usize), NetError> {
+    let mut hbuf = [0u8; 16];
+    let hlen = ctx.header_len();
+    read_exact(rd, &mut hbuf[..hlen]).await?;
+    let hdr = Header::decode(&hbuf[..hlen], ctx)?;
+    let layout = wire::payload_layout(&hdr, ctx)?;
+    head.resize(layout.head, 0);
+    read_exact(rd, head).await?;
+    let pkt = wire::decode(&hdr, head, ctx)?;
+    Ok((hdr, pkt, layout.data))
+}
+
+fn encode_to(pkt: &Packet, ctx: &WireCtx) -> Result<Outgoing, NetError> {
+    let mut bytes = Vec::with_capacity(48);
+    wire::encode(pkt, ctx, 0, &mut bytes)?;
+    Ok(Outgoing { bytes, data: None, sent_id: None })
+}
+
+/// The data socket: writes, trims, barriers, state.
+async fn data_receiver(
+    mut rd: OwnedReadHalf,
+    ctx: WireCtx,
+    volume: Arc<Volume>,
+    meta: mpsc::Sender<Outgoing>,
+    session: u64,
+) -> Result<(), NetError> {
+    let mut head = Vec::with_capacity(64);
+    loop {
+        let (hdr, pkt, data_len) = next_packet(&mut rd, &ctx, &mut head).await?;
+        match pkt {
+            Packet::Data { cmd, head: dh, data_len: len, .. } if cmd == Command::P_DATA => {
+                let size = usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
+                if size == 0 || size != data_len {
+                    return Err(NetError::Protocol(format!("P_DATA with {size} data bytes")));
+                }
+                let mut buf = AlignedBuf::new(size).map_err(|e| NetError::Protocol(format!("P_DATA: {e}")))?;
+                read_exact(&mut rd, buf.as_mut_slice()).await?;
+                let w = PeerWrite {
+                    block_id: dh.block_id,
+                    sector: dh.sector,
+                    len,
+                    dp_flags: dh.dp_flags,
+                    kind: PeerWriteKind::Data(buf),
+                };
+                volume.peer_write(session, w).await.map_err(NetError::Protocol)?;
+            }
+            Packet::Trim { cmd, head: dh, size } => {
+                let zero = cmd == Command::P_ZEROES || !ctx.has(wire::ff::DRBD_FF_WZEROES);
+                let kind = if zero {
+                    PeerWriteKind::Zeroes { unmap: dh.dp_flags & dp::DP_DISCARD != 0 || cmd == Command::P_TRIM }
+                } else {
+                    PeerWriteKind::Discard
+                };
+                let w = PeerWrite { block_id: dh.block_id, sector: dh.sector, len: size, dp_flags: dh.dp_flags, kind };
+                volume.peer_write(session, w).await.map_err(NetError::Protocol)?;
+            }
+            Packet::Barrier(b) => volume.peer_barrier(session, b.barrier).map_err(NetError::Protocol)?,
+            Packet::State(word) => volume.peer_state(session, word),
+            Packet::ReqState { cmd, .. } => {
+                // A graceful state change request (e.g. the peer disconnecting): agree.
+                let reply_cmd = if cmd == Command::P_CONN_ST_CHG_REQ {
+                    Command::P_CONN_ST_CHG_REPLY
+                } else {
+                    Command::P_STATE_CHG_REPLY
+                };
+                let out = encode_to(&Packet::ReqStateReply { cmd: reply_cmd, retcode: 1 }, &ctx)?;
+                meta.try_send(out).map_err(|_| NetError::Protocol("meta queue full".into()))?;
+            }
+            Packet::Empty(c) if c == Command::P_UNPLUG_REMOTE => {}
+            Packet::DelayProbe(_)
+            | Packet::Sizes(_)
+            | Packet::Uuids(_)
+            | Packet::SyncParam { .. }
+            | Packet::Protocol { cmd: Command::P_PROTOCOL_UPDATE, .. } => {}
+            _ => {
+                return Err(NetError::Protocol(format!(
+                    "unexpected {} on the data socket",
+                    hdr.command.name()
+                )))
+            }
+        }
+    }
+}
+
+/// The meta socket: acks, barrier acks, pings.
+async fn meta_receiver(
+    mut rd: OwnedReadHalf,
+    ctx: WireCtx,
+    volume: Arc<Volume>,
+    meta: mpsc::Sender<Outgoing>,
+    last_rx: Arc<AtomicU64>,
+    started: Instant,
+    session: u64,
+) -> Result<(), NetError> {
+    let mut head = Vec::with_capacity(32);
+    loop {
+        let (hdr, pkt, _) = next_packet(&mut rd, &ctx, &mut head).await?;
+        last_rx.store(elapsed_ms(started), Ordering::Relaxed);
+        match pkt {
+            Packet::Empty(c) if c == Command::P_PING => {
+                let out = encode_to(&Packet::Empty(Command::P_PING_ACK), &ctx)?;
+                meta.try_send(out).map_err(|_| NetError::Protocol("meta queue full".into()))?;
+            }
+            Packet::Empty(c) if c == Command::P_PING_ACK => {}
+            Packet::BlockAck { cmd, ack } => volume.peer_ack(session, cmd, ack).map_err(NetError::Protocol)?,
+            Packet::BarrierAck(b) => volume.barrier_ack(session, b.barrier, b.set_size).map_err(NetError::Protocol)?,
+            Packet::ReqStateReply { .. } | Packet::DelayProbe(_) => {}
+            _ => {
+                return Err(NetError::Protocol(format!(
+                    "unexpected {} on the meta socket",
+                    hdr.command.name()
+                )))
+            }
+        }
+    }
+}
+
+fn elapsed_ms(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Pings after `interval` of meta silence; fails if nothing arrives within `timeout`.
+async fn pinger(
+    ctx: WireCtx,
+    meta: mpsc::Sender<Outgoing>,
+    last_rx: Arc<AtomicU64>,
+    started: Instant,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<(), NetError> {
+    loop {
+        let last = Duration::from_millis(last_rx.load(Ordering::Relaxed));
+        let idle = started.elapsed().saturating_sub(last);
+        if idle < interval {
+            tokio::time::sleep(interval - idle).await;
+            continue;
+        }
+        let sent_at = elapsed_ms(started);
+        meta.try_send(encode_to(&Packet::Empty(Command::P_PING), &ctx)?)
+            .map_err(|_| NetError::Protocol("meta queue full".into()))?;
+        tokio::time::sleep(timeout).await;
+        if last_rx.load(Ordering::Relaxed) < sent_at {
+            return Err(NetError::Timeout("no P_PING_ACK within ping-timeout"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn vectored_batches_survive_short_writes() {
+        // A duplex pipe with a tiny buffer forces many partial writes.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let data = Arc::new(AlignedBuf::from_slice(&[9u8; 1024]).expect("buf"));
+        let batch = vec![
+            Outgoing { bytes: vec![1, 2, 3], data: Some(data.clone()), sent_id: None },
+            Outgoing { bytes: vec![4; 100], data: None, sent_id: None },
+            Outgoing { bytes: vec![5], data: Some(data), sent_id: Some(3) },
+        ];
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got).await;
+            got
+        });
+        write_batch(&mut a, &batch).await.expect("write");
+        drop(a);
+        let got = reader.await.expect("join");
+        let mut want = vec![1, 2, 3];
+        want.extend_from_slice(&[9u8; 1024]);
+        want.extend_from_slice(&[4; 100]);
+        want.push(5);
+        want.extend_from_slice(&[9u8; 1024]);
+        assert_eq!(got, want);
+    }
+}
