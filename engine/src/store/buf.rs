@@ -47,7 +47,7 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes; `len` must be a non-zero multiple of 512, ≤ 32 MiB.
     pub fn new(len: usize) -> Result<Self, BufError> {
-        if len == 0 || len % SECTOR_SIZE != 0 || len > MAX_BUF_LEN {
+        if len == 0 || !len.is_multiple_of(SECTOR_SIZE) || len > MAX_BUF_LEN {
             return Err(BufError::BadLength(len));
         }
         let layout =
@@ -141,10 +141,16 @@ mod tests {
         let b = AlignedBuf::new(4096).expect("alloc");
         assert_eq!(b.as_ptr() as usize % BUF_ALIGN, 0);
         assert!(b.iter().all(|&x| x == 0));
-        assert_eq!(AlignedBuf::new(0).unwrap_err(), BufError::BadLength(0));
-        assert_eq!(AlignedBuf::new(100).unwrap_err(), BufError::BadLength(100));
         assert_eq!(
-            AlignedBuf::new(MAX_BUF_LEN + 512).unwrap_err(),
+            AlignedBuf::new(0).expect_err("must be refused"),
+            BufError::BadLength(0)
+        );
+        assert_eq!(
+            AlignedBuf::new(100).expect_err("must be refused"),
+            BufError::BadLength(100)
+        );
+        assert_eq!(
+            AlignedBuf::new(MAX_BUF_LEN + 512).expect_err("must be refused"),
             BufError::BadLength(MAX_BUF_LEN + 512)
         );
         let c = AlignedBuf::from_slice(&[7u8; 1024]).expect("copy");

@@ -1,0 +1,386 @@
+//! [`Store`]: the cheap, cloneable handle callers use.
+//!
+//! It validates every request against the device (alignment to the logical block size,
+//! inside the device, data length ≤ [`MAX_BUF_LEN`]) before anything is queued, takes one
+//! of `queue_depth` semaphore permits (async back-pressure instead of blocking a tokio
+//! worker on the bounded channel), sends the request to the IO thread and awaits a
+//! `tokio::sync::oneshot`. Closing (explicit or by dropping the last handle) waits at most
+//! [`CLOSE_TIMEOUT`] for the IO thread to finish its in-flight ops.
+
+use super::buf::{AlignedBuf, MAX_BUF_LEN};
+use super::device::{self, DeviceKind, RangeIoctl, StoreInfo};
+use super::error::{StoreError, StoreOp};
+use super::ring::{self, Done, Envelope, Request, Shared, Step};
+use std::fmt;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::{oneshot, Semaphore};
+
+/// Default ring size and in-flight bound.
+pub const DEFAULT_QUEUE_DEPTH: u32 = 128;
+/// Largest accepted `queue_depth`.
+pub const MAX_QUEUE_DEPTH: u32 = 4096;
+/// How long closing waits for in-flight ops before it detaches the IO thread (which then
+/// finishes and frees everything on its own; only a kernel that never completes an op can
+/// keep it alive).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+// Fallback chains, tried in order while a step fails with EOPNOTSUPP. On block devices
+// PUNCH_HOLE is a write-zeroes that may unmap (kernel ≥ 4.9) and ZERO_RANGE one that
+// may not; the ioctls run off the ring because they block.
+const FILE_DISCARD: &[Step] = &[Step::Fallocate(PUNCH)];
+const FILE_ZERO_UNMAP: &[Step] = &[Step::Fallocate(PUNCH), Step::Fallocate(ZERO)];
+const FILE_ZERO: &[Step] = &[Step::Fallocate(ZERO)];
+const BLK_DISCARD: &[Step] = &[Step::Fallocate(PUNCH), Step::Ioctl(RangeIoctl::Discard)];
+const BLK_ZERO_UNMAP: &[Step] = &[
+    Step::Fallocate(PUNCH),
+    Step::Fallocate(ZERO),
+    Step::Ioctl(RangeIoctl::ZeroOut),
+];
+const BLK_ZERO: &[Step] = &[Step::Fallocate(ZERO), Step::Ioctl(RangeIoctl::ZeroOut)];
+
+/// How to open a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Create a regular file of this size if the path does not exist. An existing file or
+    /// device is never truncated or grown; if it is smaller, `open` fails with
+    /// [`StoreError::TooSmall`]. Must be a non-zero multiple of 512.
+    pub create_size_bytes: Option<u64>,
+    /// Ring entries and the bound on requests queued or in flight, 1..=4096.
+    pub queue_depth: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            create_size_bytes: None,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+        }
+    }
+}
+
+/// A backing device driven by io_uring on a dedicated thread. Clones share the device;
+/// the thread stops when [`Store::close`] is called or the last clone is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    info: StoreInfo,
+    file: Arc<File>,
+    shared: Arc<Shared>,
+    tx: SyncSender<Envelope>,
+    permits: Arc<Semaphore>,
+    /// The IO thread and a receiver that disconnects when it has finished.
+    thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("info", &self.inner.info)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Open `path` (a regular file or a block device) `O_RDWR | O_DIRECT | O_CLOEXEC` and
+    /// start its IO thread.
+    pub fn open(path: impl AsRef<Path>, options: &StoreOptions) -> Result<Store, StoreError> {
+        let qd = options.queue_depth;
+        if !(1..=MAX_QUEUE_DEPTH).contains(&qd) {
+            return Err(StoreError::invalid(
+                StoreOp::Open,
+                format!("queue_depth {qd} is outside 1..={MAX_QUEUE_DEPTH}"),
+            ));
+        }
+        let (file, info) = device::open_device(path.as_ref(), options.create_size_bytes)?;
+        let file = Arc::new(file);
+        let shared = Arc::new(Shared::new().map_err(StoreError::Setup)?);
+        let (tx, rx) = sync_channel(qd as usize);
+        let thread = ring::spawn(Arc::clone(&file), Arc::clone(&shared), rx, qd)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                info,
+                file,
+                shared,
+                tx,
+                permits: Arc::new(Semaphore::new(qd as usize)),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Path, kind, size and logical block size of the device.
+    pub fn info(&self) -> &StoreInfo {
+        &self.inner.info
+    }
+
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.info.size_bytes
+    }
+
+    /// The alignment every offset and length must have, bytes.
+    pub fn logical_block_size(&self) -> u32 {
+        self.inner.info.logical_block_size
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> DeviceKind {
+        self.inner.info.kind
+    }
+
+    /// Whether [`Store::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Read `len` bytes at `offset` into a new buffer.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {
+        self.check_data(StoreOp::Read, offset, len)?;
+        let buf = AlignedBuf::new(len)?;
+        self.call(StoreOp::Read, |done| Request::Read { offset, buf, done })
+            .await
+    }
+
+    /// Write `data` at `offset`; with `fua` the data is durable when this returns
+    /// (`RWF_DSYNC`). The store keeps a reference to `data` until the kernel is done.
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: Arc<AlignedBuf>,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        self.check_data(StoreOp::Write, offset, data.len())?;
+        self.call(StoreOp::Write, |done| Request::Write {
+            offset,
+            buf: data,
+            fua,
+            done,
+        })
+        .await
+    }
+
+    /// Make every write completed before this call durable (`fdatasync` semantics).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.call(StoreOp::Flush, |done| Request::Flush { done })
+            .await
+    }
+
+    /// Discard `len` bytes at `offset`. On files the range reads as zeroes afterwards
+    /// (punch hole); on block devices it does when the device supports write-zeroes with
+    /// unmap, otherwise `BLKDISCARD` is used and the content is unspecified.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let steps = match self.kind() {
+            DeviceKind::File => FILE_DISCARD,
+            DeviceKind::BlockDevice => BLK_DISCARD,
+        };
+        self.range(StoreOp::Discard, offset, len, steps).await
+    }
+
+    /// Make `len` bytes at `offset` read as zeroes; `may_unmap` lets the range be
+    /// deallocated (punch hole) instead of kept allocated (zero range).
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), StoreError> {
+        let steps = match (self.kind(), may_unmap) {
+            (DeviceKind::File, true) => FILE_ZERO_UNMAP,
+            (DeviceKind::File, false) => FILE_ZERO,
+            (DeviceKind::BlockDevice, true) => BLK_ZERO_UNMAP,
+            (DeviceKind::BlockDevice, false) => BLK_ZERO,
+        };
+        self.range(StoreOp::WriteZeroes, offset, len, steps).await
+    }
+
+    /// Blocking `pread` of `len` bytes at `offset` on the same O_DIRECT fd (start-up
+    /// metadata; do not call from an async task on a hot path).
+    pub fn read_blocking(&self, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {
+        self.check_open()?;
+        self.check_data(StoreOp::Read, offset, len)?;
+        let mut buf = AlignedBuf::new(len)?;
+        device::pread_full(&self.inner.file, &mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Blocking `pwritev2` of `data` at `offset` (`RWF_DSYNC` when `fua`).
+    pub fn write_blocking(
+        &self,
+        offset: u64,
+        data: &AlignedBuf,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        self.check_open()?;
+        self.check_data(StoreOp::Write, offset, data.len())?;
+        device::pwrite_full(&self.inner.file, data, offset, fua)
+    }
+
+    /// Blocking `fdatasync`.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.check_open()?;
+        device::fdatasync(&self.inner.file)
+    }
+
+    /// Stop accepting requests, let the IO thread finish what is queued and in flight,
+    /// and wait (at most [`CLOSE_TIMEOUT`]) for it to exit. Later calls on any clone
+    /// return [`StoreError::Closed`]. Idempotent; a concurrent second call returns
+    /// without waiting.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn range_ioctl_for_test(
+        &self,
+        which: RangeIoctl,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        const DISCARD: &[Step] = &[Step::Ioctl(RangeIoctl::Discard)];
+        const ZEROOUT: &[Step] = &[Step::Ioctl(RangeIoctl::ZeroOut)];
+        let (op, steps) = match which {
+            RangeIoctl::Discard => (StoreOp::Discard, DISCARD),
+            RangeIoctl::ZeroOut => (StoreOp::WriteZeroes, ZEROOUT),
+        };
+        self.range(op, offset, len, steps).await
+    }
+
+    async fn range(
+        &self,
+        op: StoreOp,
+        offset: u64,
+        len: u64,
+        steps: &'static [Step],
+    ) -> Result<(), StoreError> {
+        self.check_range(op, offset, len)?;
+        self.call(op, |done| Request::Range {
+            op,
+            offset,
+            len,
+            steps,
+            done,
+        })
+        .await
+    }
+
+    fn check_open(&self) -> Result<(), StoreError> {
+        if self.is_closed() {
+            Err(StoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_data(&self, op: StoreOp, offset: u64, len: usize) -> Result<(), StoreError> {
+        if len > MAX_BUF_LEN {
+            return Err(StoreError::invalid(
+                op,
+                format!("length {len} is above the {MAX_BUF_LEN}-byte limit"),
+            ));
+        }
+        self.check_range(op, offset, len as u64)
+    }
+
+    fn check_range(&self, op: StoreOp, offset: u64, len: u64) -> Result<(), StoreError> {
+        let lbs = u64::from(self.inner.info.logical_block_size);
+        let size = self.inner.info.size_bytes;
+        if len == 0 {
+            return Err(StoreError::invalid(op, "length 0"));
+        }
+        if !offset.is_multiple_of(lbs) || !len.is_multiple_of(lbs) {
+            return Err(StoreError::invalid(
+                op,
+                format!("offset {offset} or length {len} is not a multiple of the {lbs}-byte logical block"),
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(StoreError::invalid(
+                op,
+                format!("range {offset}+{len} is beyond the {size}-byte device"),
+            )),
+        }
+    }
+
+    /// Queue one request and await its completion.
+    async fn call<T>(
+        &self,
+        op: StoreOp,
+        build: impl FnOnce(Done<T>) -> Request,
+    ) -> Result<T, StoreError> {
+        self.check_open()?;
+        let permit = Arc::clone(&self.inner.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let (done, result) = oneshot::channel();
+        let env = Envelope {
+            req: build(done),
+            permit,
+        };
+        match self.inner.tx.try_send(env) {
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(_)) => return Err(StoreError::Closed),
+            // Cannot happen: every queued request holds one of `queue_depth` permits and
+            // the channel has `queue_depth` places. Reported, not hidden, if it ever does.
+            Err(TrySendError::Full(_)) => {
+                return Err(StoreError::Io {
+                    op,
+                    errno: libc::EBUSY,
+                })
+            }
+        }
+        self.inner.shared.wake();
+        // The IO thread drops the sender without sending only when it is gone.
+        result.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Inner {
+    fn close(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.permits.close();
+        self.shared.wake();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some((handle, exited)) = thread else {
+            return;
+        };
+        match exited.recv_timeout(CLOSE_TIMEOUT) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                if handle.join().is_err() {
+                    tracing::error!(path = %self.info.path.display(), "store IO thread panicked");
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    path = %self.info.path.display(),
+                    timeout_s = CLOSE_TIMEOUT.as_secs(),
+                    "store IO thread still has ops in flight; detaching it"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
