@@ -1,1 +1,0 @@
-//! NBD frontend (in progress)

@@ -1,0 +1,707 @@
+//! NBD sockets and concurrency: listeners, the per-connection handshake, and pipelined
+//! transmission with out-of-order replies.
+//!
+//! Per connection, one reader (the connection's task) decodes requests and starts each as
+//! its own tokio task; a semaphore of [`NbdOptions::max_in_flight`] (default 128) permits
+//! bounds them, and when it is exhausted the reader stops reading, which back-pressures
+//! the client through TCP. Each finished request writes its reply (header and data in one
+//! vectored write) through a mutex-guarded writer, so replies leave in completion order
+//! with no extra task hop on the latency path. WRITE payloads are read into an
+//! [`AlignedBuf`]; payload bytes that arrived together with a header sit in the 16 KiB
+//! read buffer and are copied from there (this batches small requests into one `read`),
+//! the rest of a large payload is read straight into the `AlignedBuf`.
+//!
+//! On `NBD_CMD_DISC`, a protocol error, EOF, a failed reply or server shutdown the reader
+//! stops, every request already started runs to completion and is answered, then the
+//! socket is closed. A client that stops reading replies cannot hold the connection
+//! forever: after [`DRAIN_GRACE`] blocked reply writes are abandoned (the target's
+//! operations still finish). Connections beyond [`NbdOptions::max_connections`] are
+//! accepted and closed at once with a warning; a handshake has
+//! [`NbdOptions::handshake_timeout`].
+
+use super::proto::{self, Action, Export, Handshake, HandshakeError, Step, REQUEST_LEN};
+use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
+use crate::store::AlignedBuf;
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{watch, Mutex, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+/// Default bound on open connections per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default bound on requests in flight per connection.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 128;
+/// Default time a client has to finish option haggling.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection waits for blocked reply writes before abandoning them.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// Read buffer per connection: holds many pipelined headers; payloads larger than this
+/// bypass it.
+const READ_BUF_LEN: usize = 16 * 1024;
+/// Pause after a failed `accept` (EMFILE and the like) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Protocol-violation warnings logged per connection before the rest go to `debug`.
+const WARN_BUDGET: u32 = 16;
+
+/// Serving parameters.
+#[derive(Debug, Clone)]
+pub struct NbdOptions {
+    /// The export's canonical name; clients may also ask for the empty default name.
+    pub export_name: String,
+    /// Sent as `NBD_INFO_DESCRIPTION` when a client asks (empty: not sent).
+    pub description: String,
+    /// Open connections per listener; more are closed at once.
+    pub max_connections: usize,
+    /// Requests in flight per connection (at least 1).
+    pub max_in_flight: u32,
+    /// Time limit for the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        Self {
+            export_name: String::new(),
+            description: String::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// Where a listener listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address (with the real port after binding port 0).
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound NBD listening socket; [`NbdListener::serve`] runs it. Dropping it removes the
+/// Unix socket file it created (if still the same file).
+#[derive(Debug)]
+pub struct NbdListener {
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+        /// (device, inode) of the socket file we created, to remove only our own.
+        id: (u64, u64),
+    },
+}
+
+impl NbdListener {
+    /// Binds a TCP listener (`SO_REUSEADDR`; accepted sockets get `TCP_NODELAY`).
+    pub async fn bind_tcp(addr: SocketAddr) -> io::Result<Self> {
+        Ok(Self {
+            inner: Inner::Tcp(TcpListener::bind(addr).await?),
+        })
+    }
+
+    /// Binds a Unix socket at `path` with mode 0600 (set before `listen`, so no client can
+    /// connect through looser permissions). A stale socket file is replaced; a socket that
+    /// a live server still accepts on, or any file that is not a socket, is refused.
+    /// Must be called inside a tokio runtime.
+    pub fn bind_unix(path: &Path) -> io::Result<Self> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{}: another server is listening there", path.display()),
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            }
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; refusing to replace it",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+        socket.bind(&socket2::SockAddr::unix(path)?)?;
+        let meta = std::fs::symlink_metadata(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        let listener = UnixListener::from_std(socket.into())?;
+        Ok(Self {
+            inner: Inner::Unix {
+                listener,
+                path: path.to_path_buf(),
+                id: (meta.dev(), meta.ino()),
+            },
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match &self.inner {
+            Inner::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Inner::Unix { path, .. } => Ok(ListenAddr::Unix(path.clone())),
+        }
+    }
+
+    /// Serves `target` until `shutdown` becomes true (or its sender is dropped), then
+    /// stops accepting, lets every connection finish its requests in flight, and returns.
+    pub async fn serve<T: BlockTarget>(
+        self,
+        target: Arc<T>,
+        opts: NbdOptions,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        let opts = Arc::new(opts);
+        let slots = Arc::new(Semaphore::new(opts.max_connections));
+        let mut conns: JoinSet<()> = JoinSet::new();
+        let mut seq: u64 = 0;
+        let local = self.local_addr()?;
+        tracing::info!(listen = %local, "NBD server listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = wait_shutdown(&mut shutdown) => break,
+                Some(joined) = conns.join_next(), if !conns.is_empty() => {
+                    reap(joined);
+                    continue;
+                }
+                a = self.accept(&mut seq) => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(listen = %local, "accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::warn!(
+                    %peer,
+                    "refusing connection: {} connections already open",
+                    opts.max_connections
+                );
+                continue;
+            };
+            let (target, opts, shutdown) =
+                (Arc::clone(&target), Arc::clone(&opts), shutdown.clone());
+            match stream {
+                Accepted::Tcp(s) => {
+                    let (r, w) = s.into_split();
+                    conns.spawn(async move {
+                        serve_connection(r, w, &peer, target, &opts, shutdown).await;
+                        drop(slot);
+                    });
+                }
+                Accepted::Unix(s) => {
+                    let (r, w) = s.into_split();
+                    conns.spawn(async move {
+                        serve_connection(r, w, &peer, target, &opts, shutdown).await;
+                        drop(slot);
+                    });
+                }
+            }
+        }
+        tracing::info!(listen = %local, "NBD server stopping; draining {} connections", conns.len());
+        while let Some(joined) = conns.join_next().await {
+            reap(joined);
+        }
+        Ok(())
+    }
+
+    async fn accept(&self, seq: &mut u64) -> io::Result<(Accepted, String)> {
+        match &self.inner {
+            Inner::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::warn!(%peer, "cannot set TCP_NODELAY: {e}");
+                }
+                Ok((Accepted::Tcp(s), peer.to_string()))
+            }
+            Inner::Unix { listener, path, .. } => {
+                let (s, _) = listener.accept().await?;
+                *seq += 1;
+                Ok((Accepted::Unix(s), format!("unix:{}#{seq}", path.display())))
+            }
+        }
+    }
+}
+
+impl Drop for NbdListener {
+    fn drop(&mut self) {
+        if let Inner::Unix { path, id, .. } = &self.inner {
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if (m.dev(), m.ino()) == *id {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+fn reap(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        tracing::error!("NBD connection task failed: {e}");
+    }
+}
+
+/// Binds `path` (see [`NbdListener::bind_unix`]) and serves until `shutdown`.
+pub async fn serve_unix<T: BlockTarget>(
+    path: &Path,
+    target: Arc<T>,
+    opts: NbdOptions,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    NbdListener::bind_unix(path)?
+        .serve(target, opts, shutdown)
+        .await
+}
+
+/// Binds `addr` (see [`NbdListener::bind_tcp`]) and serves until `shutdown`.
+pub async fn serve_tcp<T: BlockTarget>(
+    addr: SocketAddr,
+    target: Arc<T>,
+    opts: NbdOptions,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    NbdListener::bind_tcp(addr)
+        .await?
+        .serve(target, opts, shutdown)
+        .await
+}
+
+/// Resolves when the value is true or the sender is gone.
+async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// The client sent `NBD_OPT_ABORT`.
+    Aborted,
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnected,
+    /// The client closed the stream between messages.
+    Closed,
+    /// The server is shutting down.
+    Shutdown,
+    /// A reply could not be written (the client went away) or was abandoned.
+    ReplyFailed,
+    /// The handshake failed or timed out.
+    HandshakeFailed(String),
+    /// The client broke the protocol (bad magic, truncated message, oversized write).
+    Protocol(String),
+    /// A socket error.
+    Io(String),
+}
+
+/// Serves one already-accepted connection (the handshake and transmission) and returns
+/// how it ended, after logging it (`warn` for protocol violations, with `peer`).
+pub async fn serve_connection<T, R, W>(
+    reader: R,
+    mut writer: W,
+    peer: &str,
+    target: Arc<T>,
+    opts: &NbdOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> ConnectionEnd
+where
+    T: BlockTarget,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = BufReader::with_capacity(READ_BUF_LEN, reader);
+    let info = target.info();
+    let export = Export {
+        name: opts.export_name.clone(),
+        description: opts.description.clone(),
+        info,
+    };
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(opts.handshake_timeout, handshake(&mut reader, &mut writer, export)) => r,
+        _ = wait_shutdown(&mut shutdown) => Ok(Err(HsError::Shutdown)),
+    };
+    let end = match handshake {
+        Err(_) => ConnectionEnd::HandshakeFailed(format!(
+            "handshake not finished within {:?}",
+            opts.handshake_timeout
+        )),
+        Ok(Ok(Step::Transmit)) => {
+            tracing::debug!(%peer, size = info.size_bytes, writable = info.writable, "NBD transmission");
+            transmission(
+                reader,
+                writer,
+                peer,
+                target,
+                info,
+                opts.max_in_flight.max(1),
+                shutdown,
+            )
+            .await
+        }
+        Ok(Ok(_)) => ConnectionEnd::Aborted,
+        Ok(Err(HsError::Shutdown)) => ConnectionEnd::Shutdown,
+        Ok(Err(HsError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            ConnectionEnd::HandshakeFailed(
+                "client closed the connection during the handshake".into(),
+            )
+        }
+        Ok(Err(HsError::Io(e))) => ConnectionEnd::Io(e.to_string()),
+        Ok(Err(HsError::Proto(e))) => ConnectionEnd::HandshakeFailed(e.to_string()),
+    };
+    match &end {
+        ConnectionEnd::HandshakeFailed(why) | ConnectionEnd::Protocol(why) => {
+            tracing::warn!(%peer, "NBD connection dropped: {why}");
+        }
+        ConnectionEnd::Io(why) => tracing::info!(%peer, "NBD connection dropped: {why}"),
+        other => tracing::debug!(%peer, "NBD connection ended: {other:?}"),
+    }
+    end
+}
+
+enum HsError {
+    Io(io::Error),
+    Proto(HandshakeError),
+    Shutdown,
+}
+
+impl From<io::Error> for HsError {
+    fn from(e: io::Error) -> Self {
+        HsError::Io(e)
+    }
+}
+
+async fn handshake<R, W>(
+    reader: &mut BufReader<R>,
+    writer: &mut W,
+    export: Export,
+) -> Result<Step, HsError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&proto::greeting()).await?;
+    writer.flush().await?;
+    let mut hs = Handshake::new(export);
+    let mut input = Vec::new();
+    let mut out = Vec::with_capacity(512);
+    loop {
+        input.resize(hs.wants(), 0);
+        reader.read_exact(&mut input).await?;
+        out.clear();
+        let step = hs.feed(&input, &mut out);
+        if !out.is_empty() {
+            let written = async {
+                writer.write_all(&out).await?;
+                writer.flush().await
+            }
+            .await;
+            // After NBD_OPT_ABORT the client may already be gone: that is not an error.
+            if step != Ok(Step::Abort) {
+                written?;
+            }
+        }
+        match step.map_err(HsError::Proto)? {
+            Step::Continue => continue,
+            done => return Ok(done),
+        }
+    }
+}
+
+/// A flag that tasks can wait on.
+#[derive(Default)]
+struct Flag {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Flag {
+    fn raise(&self) -> bool {
+        let first = !self.set.swap(true, Ordering::AcqRel);
+        self.notify.notify_waiters();
+        first
+    }
+
+    fn is_raised(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    async fn raised(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What request tasks share: the write half and the connection's "closed" flag.
+struct Replies<W> {
+    writer: Mutex<W>,
+    /// Raised when a reply write failed or blocked writes are abandoned: stop reading,
+    /// send nothing more.
+    closed: Flag,
+    peer: Arc<str>,
+}
+
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    /// Sends one reply: the header and `data` in one vectored write.
+    async fn send(&self, cookie: u64, error: u32, data: &[u8]) {
+        if self.closed.is_raised() {
+            return;
+        }
+        let header = proto::simple_reply(error, cookie);
+        let written = tokio::select! {
+            biased;
+            r = async {
+                let mut w = self.writer.lock().await;
+                write_reply(&mut *w, &header, data).await
+            } => r,
+            _ = self.closed.raised() => return,
+        };
+        if let Err(e) = written {
+            if self.closed.raise() {
+                tracing::info!(peer = %self.peer, "cannot send NBD reply: {e}");
+            }
+        }
+    }
+
+    /// Answers a finished request.
+    async fn complete(
+        &self,
+        cookie: u64,
+        read_len: Option<u32>,
+        result: Result<BlockReply, BlockError>,
+    ) {
+        match (result, read_len) {
+            (Ok(BlockReply::Data(buf)), Some(len)) if buf.len() == len as usize => {
+                self.send(cookie, 0, &buf).await;
+            }
+            (Ok(reply), Some(len)) => {
+                tracing::error!(peer = %self.peer, "target answered a {len}-byte read with {reply:?}");
+                self.send(cookie, proto::NBD_EIO, &[]).await;
+            }
+            (Ok(_), None) => self.send(cookie, 0, &[]).await,
+            (Err(e), _) => {
+                tracing::debug!(peer = %self.peer, cookie, "request failed: {e}");
+                self.send(cookie, proto::nbd_error(e), &[]).await;
+            }
+        }
+    }
+}
+
+/// Writes `header` then `data`, vectored, handling short writes.
+async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    header: &[u8],
+    data: &[u8],
+) -> io::Result<()> {
+    let total = header.len() + data.len();
+    let mut done = 0;
+    while done < total {
+        let n = match (
+            header.get(done..),
+            data.get(done.saturating_sub(header.len())..),
+        ) {
+            (Some(h), Some(d)) if !h.is_empty() => {
+                w.write_vectored(&[IoSlice::new(h), IoSlice::new(d)])
+                    .await?
+            }
+            (_, Some(d)) => w.write(d).await?,
+            (_, None) => break,
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    w.flush().await
+}
+
+async fn transmission<T, R, W>(
+    mut reader: BufReader<R>,
+    writer: W,
+    peer: &str,
+    target: Arc<T>,
+    info: TargetInfo,
+    max_in_flight: u32,
+    mut shutdown: watch::Receiver<bool>,
+) -> ConnectionEnd
+where
+    T: BlockTarget,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let replies = Arc::new(Replies {
+        writer: Mutex::new(writer),
+        closed: Flag::default(),
+        peer: Arc::from(peer),
+    });
+    let window = Arc::new(Semaphore::new(max_in_flight as usize));
+    let end = tokio::select! {
+        end = read_requests(&mut reader, &replies, &window, &target, &info) => end,
+        _ = wait_shutdown(&mut shutdown) => ConnectionEnd::Shutdown,
+        _ = replies.closed.raised() => ConnectionEnd::ReplyFailed,
+    };
+    // NBD_CMD_DISC semantics on every exit: requests already started finish and are
+    // answered before the socket closes. Writes blocked on a client that does not read are
+    // abandoned after the grace; the target's operations themselves always finish.
+    let drained = tokio::time::timeout(DRAIN_GRACE, window.acquire_many(max_in_flight)).await;
+    if drained.is_err() {
+        tracing::warn!(%peer, "replies not drained within {DRAIN_GRACE:?}; abandoning them");
+        replies.closed.raise();
+        let _ = window.acquire_many(max_in_flight).await;
+    }
+    let mut w = replies.writer.lock().await;
+    let _ = w.shutdown().await;
+    end
+}
+
+async fn read_requests<T, R, W>(
+    reader: &mut BufReader<R>,
+    replies: &Arc<Replies<W>>,
+    window: &Arc<Semaphore>,
+    target: &Arc<T>,
+    info: &TargetInfo,
+) -> ConnectionEnd
+where
+    T: BlockTarget,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut header = [0u8; REQUEST_LEN];
+    let mut warnings = 0u32;
+    loop {
+        // Take the in-flight slot before reading: a full window stops the reader.
+        let Ok(permit) = Arc::clone(window).acquire_owned().await else {
+            return ConnectionEnd::Shutdown;
+        };
+        match reader.fill_buf().await {
+            Ok([]) => return ConnectionEnd::Closed,
+            Ok(_) => {}
+            Err(e) => return ConnectionEnd::Io(e.to_string()),
+        }
+        if let Err(e) = reader.read_exact(&mut header).await {
+            return read_error(e, "request header");
+        }
+        let req = match proto::parse_request(&header) {
+            Ok(r) => r,
+            Err(e) => return ConnectionEnd::Protocol(e.to_string()),
+        };
+        let io = match proto::classify(&req, info) {
+            Action::Read { offset, len } => BlockIo::Read { offset, len },
+            Action::Write { offset, len, fua } => {
+                let mut buf = match AlignedBuf::new(len as usize) {
+                    Ok(b) => b,
+                    Err(e) => return ConnectionEnd::Protocol(format!("WRITE buffer: {e}")),
+                };
+                if let Err(e) = reader.read_exact(&mut buf).await {
+                    return read_error(e, "WRITE payload");
+                }
+                BlockIo::Write {
+                    offset,
+                    data: Arc::new(buf),
+                    fua,
+                }
+            }
+            Action::Flush => BlockIo::Flush,
+            Action::Trim { offset, len, fua } => BlockIo::Discard {
+                offset,
+                len: u64::from(len),
+                fua,
+            },
+            Action::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+                fua,
+            } => BlockIo::WriteZeroes {
+                offset,
+                len: u64::from(len),
+                may_unmap,
+                fua,
+            },
+            Action::Disconnect => return ConnectionEnd::Disconnected,
+            Action::Close { why } => return ConnectionEnd::Protocol(why.into()),
+            Action::Refuse { errno, skip, why } => {
+                let peer = &replies.peer;
+                if errno == proto::NBD_EPERM || warnings >= WARN_BUDGET {
+                    tracing::debug!(%peer, ?req, errno, "NBD request refused: {why}");
+                } else {
+                    warnings += 1;
+                    tracing::warn!(%peer, ?req, errno, "NBD request refused: {why}");
+                    if warnings == WARN_BUDGET {
+                        tracing::warn!(%peer, "further refusals on this connection are logged at debug level");
+                    }
+                }
+                if skip > 0 {
+                    let mut payload = (&mut *reader).take(u64::from(skip));
+                    match tokio::io::copy_buf(&mut payload, &mut tokio::io::sink()).await {
+                        Ok(n) if n == u64::from(skip) => {}
+                        Ok(_) => return ConnectionEnd::Protocol("truncated WRITE payload".into()),
+                        Err(e) => return ConnectionEnd::Io(e.to_string()),
+                    }
+                }
+                replies.send(req.cookie, errno, &[]).await;
+                continue;
+            }
+        };
+        let read_len = match io {
+            BlockIo::Read { len, .. } => Some(len),
+            _ => None,
+        };
+        let (target, replies) = (Arc::clone(target), Arc::clone(replies));
+        tokio::spawn(async move {
+            let result = target.submit(io).await;
+            replies.complete(req.cookie, read_len, result).await;
+            drop(permit);
+        });
+    }
+}
+
+fn read_error(e: io::Error, what: &str) -> ConnectionEnd {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ConnectionEnd::Protocol(format!("truncated {what}"))
+    } else {
+        ConnectionEnd::Io(e.to_string())
+    }
+}
