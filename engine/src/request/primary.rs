@@ -1,0 +1,1334 @@
+//! The Primary's write pipeline: serialisation of overlapping writes, epochs and barriers,
+//! completion per protocol A/B/C, flushes, and what a connection loss does.
+//!
+//! Life of a write (DRBD's `drbd_req.c`, research/drbd-protocol.md §4.1):
+//!
+//! 1. [`Primary::write`] admits it, or refuses with [`Error::Busy`] when `max_in_flight`
+//!    requests are not completed or `max_unacked_writes` write slots are taken.
+//! 2. If it overlaps an earlier write that has not completed to the application, it waits
+//!    in the core until every such write completed. Otherwise the two writes could reach
+//!    the local disk and the peer's disk in different orders and leave the replicas
+//!    different with neither side knowing.
+//! 3. Started: [`PrimaryOutput::SubmitLocal`], and while connected
+//!    [`PrimaryOutput::SendWrite`] in the current epoch (the write joins the transfer log).
+//!    While disconnected its blocks are marked out of sync instead.
+//! 4. Completed ([`PrimaryOutput::Complete`]) when the local write is done and the peer's
+//!    part for the protocol is done (A: handed to TCP, B: `P_RECV_ACK`, C: `P_WRITE_ACK`;
+//!    a `P_NEG_ACK` or a connection loss also ends the peer's part, marking the blocks out
+//!    of sync). Completion closes the epoch it belongs to, so a write issued after it is
+//!    in a later epoch; then writes that waited on it may start.
+//! 5. Retired ([`PrimaryOutput::Retired`]) when it is completed and its epoch's
+//!    `P_BARRIER_ACK` arrived (or the connection was lost, or it never was sent). Only then
+//!    may the activity log drop its reference to the write's extents.
+//!
+//! Epochs: every sent write carries the current epoch. The epoch closes when a write of it
+//! completes, when it reaches `max_epoch_size` writes (DRBD's default 2048), or when a
+//! flush arrives; a closed epoch with writes gets a `P_BARRIER` at once. (DRBD sends it
+//! lazily, before the next epoch's first write or when the sender goes idle. The core has
+//! no notion of idle, and sending at close gives the same barriers in the same stream
+//! positions.) Barrier numbers are u32, start at `first_barrier_nr` and wrap.
+//!
+//! **One ordered data stream is assumed.** Overlapping writes are always in different
+//! epochs (the later one starts only after the earlier one completed, which closed its
+//! epoch), and the peer drains an epoch before it submits the next one; that keeps them
+//! ordered on the peer only because the barrier between them arrives in stream order.
+//! With several data streams the epoch number (or a sequence number) must travel in each
+//! data packet and the peer must reorder by it.
+//!
+//! Bounds: `max_in_flight` requests (writes incl. those waiting on an overlap, plus
+//! flushes), `max_unacked_writes` write slots (not completed, or sent and not barrier
+//! acked), hence at most that many epochs un-acked. The overlap check is a linear scan of
+//! the not-completed writes (≤ `max_in_flight`, a few KiB, cache-friendly); an augmented
+//! interval tree would only pay off with thousands in flight.
+
+use super::{
+    check_range, dp, make_handle, split_handle, Error, OutOfSync, RequestError, WriteKind,
+};
+use crate::state::Protocol;
+use std::collections::VecDeque;
+
+/// Configuration of a [`Primary`]; every bound is fixed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryConfig {
+    /// Replication protocol (A, B or C).
+    pub protocol: Protocol,
+    /// Volume size in 512-byte sectors.
+    pub sectors: u64,
+    /// Requests (writes, including those waiting on an overlap, and flushes) accepted and
+    /// not completed; beyond it [`Error::Busy`].
+    pub max_in_flight: usize,
+    /// Write slots: writes not completed, or sent and not barrier-acked (DRBD's transfer
+    /// log). Must be ≥ `max_in_flight`. Bounds the epochs awaiting `P_BARRIER_ACK` too.
+    pub max_unacked_writes: usize,
+    /// Writes per epoch before it is closed (DRBD's `max-epoch-size`, default 2048).
+    pub max_epoch_size: u32,
+    /// Number of the first epoch's barrier (non-zero; then +1, wrapping).
+    pub first_barrier_nr: u32,
+}
+
+impl PrimaryConfig {
+    /// Defaults: 1024 requests in flight, 4096 write slots, epochs of up to 2048 writes.
+    pub fn new(protocol: Protocol, sectors: u64) -> Self {
+        PrimaryConfig {
+            protocol,
+            sectors,
+            max_in_flight: 1024,
+            max_unacked_writes: 4096,
+            max_epoch_size: 2048,
+            first_barrier_nr: 1,
+        }
+    }
+}
+
+/// IO the Primary asks its driver to do, in the order it must be done. Sends must reach
+/// the data stream in output order (a barrier sits between two epochs' writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrimaryOutput {
+    /// Write (or discard/zero) the range on the local disk; report [`Primary::local_done`]
+    /// with `tag`. The data is the frontend's buffer of request `id`.
+    SubmitLocal {
+        /// Handle to pass back in [`Primary::local_done`].
+        tag: u64,
+        /// The frontend's request id (the driver's key for the data buffer).
+        id: u64,
+        /// First sector.
+        sector: u64,
+        /// Length in bytes.
+        len: u32,
+        /// Data, discard or zeroes.
+        kind: WriteKind,
+        /// Force unit access: durable before completion.
+        fua: bool,
+    },
+    /// Flush the local disk's volatile cache; report [`Primary::local_flush_done`].
+    SubmitLocalFlush {
+        /// Handle to pass back in [`Primary::local_flush_done`].
+        tag: u64,
+    },
+    /// Send the write to the peer (`P_DATA` / `P_TRIM` / `P_ZEROES` by `kind`). Under
+    /// protocol A report [`Primary::handed_to_network`] once the bytes are in the socket.
+    SendWrite {
+        /// The wire `block_id`; the peer echoes it in its acks.
+        block_id: u64,
+        /// The frontend's request id (the data buffer).
+        id: u64,
+        /// First sector.
+        sector: u64,
+        /// Length in bytes.
+        len: u32,
+        /// Data, discard or zeroes.
+        kind: WriteKind,
+        /// `dp_flags` for agreed protocol ≥ 100 (see [`dp`]).
+        dp_flags: u32,
+    },
+    /// Send `P_BARRIER(nr)`: the epoch `nr` is closed.
+    SendBarrier {
+        /// The barrier number (the peer echoes it in `P_BARRIER_ACK`).
+        nr: u32,
+    },
+    /// Complete request `id` (write or flush) to the application. After this the driver
+    /// may free the request's buffer: every send of it was already emitted.
+    Complete {
+        /// The frontend's request id.
+        id: u64,
+        /// `Ok`, or the local disk failed.
+        result: Result<(), RequestError>,
+    },
+    /// A started write left the pipeline: completed, and barrier-acked (or its range is
+    /// out of sync). The activity log may drop its reference to the range's extents.
+    /// Emitted exactly once per started write.
+    Retired {
+        /// First sector.
+        sector: u64,
+        /// Length in bytes.
+        len: u32,
+    },
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct PrimaryStats {
+    /// Whether the core replicates (between `connected` and `connection_lost`).
+    pub connected: bool,
+    /// Writes accepted and not completed (including those waiting on an overlap).
+    pub in_flight_writes: usize,
+    /// Of those, writes waiting for an overlapping write to complete.
+    pub waiting_on_overlap: usize,
+    /// Flushes accepted and not completed.
+    pub in_flight_flushes: usize,
+    /// Writes sent and not yet barrier-acked (the transfer log).
+    pub unacked_writes: usize,
+    /// Closed epochs waiting for their `P_BARRIER_ACK`.
+    pub unacked_epochs: usize,
+    /// Write slots in use (≤ `max_unacked_writes`).
+    pub slots_used: usize,
+    /// Writes sent to the peer since construction.
+    pub writes_sent: u64,
+    /// Data bytes sent to the peer (discards and zeroes carry none).
+    pub bytes_replicated: u64,
+    /// Barriers sent.
+    pub barriers_sent: u64,
+    /// Barrier acks received.
+    pub barrier_acks: u64,
+    /// Flushes that had to wait for barrier acks after their local flush.
+    pub flushes_waited_for_peer: u64,
+    /// Out-of-sync bytes (set bits × 4 KiB).
+    pub out_of_sync_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    Pending,
+    Ok,
+    Failed,
+}
+
+/// What the peer's part of a write still needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Net {
+    /// Not sent (disconnected): nothing expected, range already out of sync.
+    NotSent,
+    /// Sent; the protocol's event (handed over / recv ack / write ack) not yet seen.
+    Pending,
+    /// The protocol's event was seen, or a neg-ack / connection loss ended it.
+    Done,
+}
+
+/// Which ack the peer was asked for (`dp_flags`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    /// Protocol A: none; the write counts as replicated when handed to TCP.
+    Handed,
+    /// `P_RECV_ACK`.
+    Recv,
+    /// `P_WRITE_ACK`.
+    Write,
+}
+
+#[derive(Debug, Clone)]
+struct WriteSlot {
+    gen: u32,
+    live: bool,
+    id: u64,
+    sector: u64,
+    len: u32,
+    kind: WriteKind,
+    fua: bool,
+    /// Admission order; waiters start in this order.
+    arrival: u64,
+    /// Earlier not-completed writes overlapping this one; it starts at zero.
+    blockers: u32,
+    started: bool,
+    local: Local,
+    net: Net,
+    ack: AckKind,
+    completed: bool,
+    in_tl: bool,
+    epoch_seq: u64,
+    /// Index in `active`, valid while not completed.
+    active_idx: usize,
+}
+
+impl WriteSlot {
+    fn empty() -> Self {
+        WriteSlot {
+            gen: 0,
+            live: false,
+            id: 0,
+            sector: 0,
+            len: 0,
+            kind: WriteKind::Data,
+            fua: false,
+            arrival: 0,
+            blockers: 0,
+            started: false,
+            local: Local::Pending,
+            net: Net::NotSent,
+            ack: AckKind::Handed,
+            completed: false,
+            in_tl: false,
+            epoch_seq: 0,
+            active_idx: 0,
+        }
+    }
+}
+
+/// A not-completed write's range, for the overlap scan.
+#[derive(Debug, Clone, Copy)]
+struct ActiveRange {
+    start: u64,
+    end: u64,
+    slot: u32,
+}
+
+#[derive(Debug, Clone)]
+struct FlushSlot {
+    gen: u32,
+    live: bool,
+    id: u64,
+    local: Local,
+    /// Epoch (internal sequence) whose barrier ack the flush waits for, if any.
+    wait_epoch: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Epoch {
+    nr: u32,
+    /// Monotonic internal number (barrier numbers wrap; these do not).
+    seq: u64,
+    size: u32,
+}
+
+/// Deliberate bugs for proving that the simulator's checkers can fail.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PrimarySabotage {
+    /// Start overlapping writes at once instead of serialising them.
+    pub no_overlap_wait: bool,
+    /// Complete flushes after the local flush without waiting for barrier acks.
+    pub flush_ignores_peer: bool,
+}
+
+/// The Primary's write pipeline for one volume and one peer. See the module docs.
+#[derive(Debug)]
+pub struct Primary {
+    cfg: PrimaryConfig,
+    connected: bool,
+    slots: Vec<WriteSlot>,
+    free: Vec<u32>,
+    slots_used: usize,
+    /// Not-completed writes' ranges (started or waiting).
+    active: Vec<ActiveRange>,
+    waiting: usize,
+    arrivals: u64,
+    /// Sent, not barrier-acked writes in send order; epochs are contiguous runs.
+    tl: VecDeque<u32>,
+    /// Closed epochs with writes, waiting for their barrier ack, oldest first.
+    unacked: VecDeque<Epoch>,
+    cur: Epoch,
+    flushes: Vec<FlushSlot>,
+    flush_free: Vec<u32>,
+    flushes_live: usize,
+    oos: OutOfSync,
+    out: Vec<PrimaryOutput>,
+    /// Scratch for writes that became ready to start.
+    ready: Vec<(u64, u32)>,
+    stats: PrimaryStats,
+    #[cfg(test)]
+    pub(crate) sabotage: PrimarySabotage,
+}
+
+impl Primary {
+    /// A disconnected Primary with an all-clear out-of-sync bitmap.
+    pub fn new(cfg: PrimaryConfig) -> Result<Self, Error> {
+        if cfg.sectors == 0 {
+            return Err(Error::Invalid("volume of zero sectors"));
+        }
+        if cfg.max_in_flight == 0 || cfg.max_unacked_writes < cfg.max_in_flight {
+            return Err(Error::Invalid(
+                "need 0 < max_in_flight <= max_unacked_writes",
+            ));
+        }
+        if u32::try_from(cfg.max_unacked_writes).is_err() {
+            return Err(Error::Invalid("max_unacked_writes must fit in 32 bits"));
+        }
+        if cfg.max_epoch_size == 0 {
+            return Err(Error::Invalid("max_epoch_size must be positive"));
+        }
+        let oos = OutOfSync::new(cfg.sectors);
+        let cur = Epoch {
+            nr: cfg.first_barrier_nr,
+            seq: 0,
+            size: 0,
+        };
+        Ok(Primary {
+            slots: Vec::new(),
+            free: Vec::new(),
+            slots_used: 0,
+            active: Vec::with_capacity(cfg.max_in_flight),
+            waiting: 0,
+            arrivals: 0,
+            tl: VecDeque::new(),
+            unacked: VecDeque::new(),
+            cur,
+            flushes: Vec::new(),
+            flush_free: Vec::new(),
+            flushes_live: 0,
+            oos,
+            out: Vec::new(),
+            ready: Vec::new(),
+            stats: PrimaryStats::default(),
+            connected: false,
+            cfg,
+            #[cfg(test)]
+            sabotage: PrimarySabotage::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PrimaryConfig {
+        &self.cfg
+    }
+
+    /// Takes the IO requested since the last call, in order. Call after every input.
+    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, PrimaryOutput> {
+        self.out.drain(..)
+    }
+
+    /// Whether a write or flush would be admitted now.
+    pub fn can_accept(&self) -> bool {
+        self.in_flight() < self.cfg.max_in_flight && self.slots_used < self.cfg.max_unacked_writes
+    }
+
+    /// The out-of-sync bitmap.
+    pub fn out_of_sync(&self) -> &OutOfSync {
+        &self.oos
+    }
+
+    /// Out-of-sync bytes (set bits × 4 KiB).
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        self.oos.bytes()
+    }
+
+    /// Counters for status.
+    pub fn stats(&self) -> PrimaryStats {
+        PrimaryStats {
+            connected: self.connected,
+            in_flight_writes: self.active.len(),
+            waiting_on_overlap: self.waiting,
+            in_flight_flushes: self.flushes_live,
+            unacked_writes: self.tl.len(),
+            unacked_epochs: self.unacked.len(),
+            slots_used: self.slots_used,
+            out_of_sync_bytes: self.oos.bytes(),
+            ..self.stats
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.active.len() + self.flushes_live
+    }
+
+    // ----- inputs from the frontend -------------------------------------------------
+
+    /// A write (data, discard or zeroes) of `len` bytes at `sector` from the frontend.
+    /// `id` is the frontend's; it comes back in [`PrimaryOutput::Complete`].
+    pub fn write(
+        &mut self,
+        id: u64,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+    ) -> Result<(), Error> {
+        let end = check_range(sector, len, self.cfg.sectors).ok_or(Error::Invalid(
+            "write range empty, unaligned or past the end",
+        ))?;
+        if !self.can_accept() {
+            return Err(Error::Busy);
+        }
+        let idx = self.alloc_slot();
+        self.arrivals += 1;
+        let blockers = self.count_overlaps(sector, end);
+        #[cfg(test)]
+        let blockers = if self.sabotage.no_overlap_wait {
+            0
+        } else {
+            blockers
+        };
+        let active_idx = self.active.len();
+        self.active.push(ActiveRange {
+            start: sector,
+            end,
+            slot: idx,
+        });
+        let s = &mut self.slots[idx as usize];
+        s.id = id;
+        s.sector = sector;
+        s.len = len;
+        s.kind = kind;
+        s.fua = fua;
+        s.arrival = self.arrivals;
+        s.blockers = blockers;
+        s.active_idx = active_idx;
+        if blockers == 0 {
+            self.start(idx);
+        } else {
+            self.waiting += 1;
+        }
+        Ok(())
+    }
+
+    /// A flush from the frontend: every write completed before it must be durable on the
+    /// local disk and (while connected) on the peer's disk before it completes.
+    pub fn flush(&mut self, id: u64) -> Result<(), Error> {
+        if !self.can_accept() {
+            return Err(Error::Busy);
+        }
+        let wait_epoch = if self.connected {
+            self.close_epoch();
+            self.unacked.back().map(|e| e.seq)
+        } else {
+            None
+        };
+        let idx = match self.flush_free.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.flushes.len()).map_err(|_| Error::Busy)?;
+                self.flushes.push(FlushSlot {
+                    gen: 0,
+                    live: false,
+                    id: 0,
+                    local: Local::Pending,
+                    wait_epoch: None,
+                });
+                i
+            }
+        };
+        let f = &mut self.flushes[idx as usize];
+        f.live = true;
+        f.id = id;
+        f.local = Local::Pending;
+        f.wait_epoch = wait_epoch;
+        let tag = make_handle(idx as usize, f.gen);
+        self.flushes_live += 1;
+        if wait_epoch.is_some() {
+            self.stats.flushes_waited_for_peer += 1;
+        }
+        self.out.push(PrimaryOutput::SubmitLocalFlush { tag });
+        Ok(())
+    }
+
+    // ----- inputs from the local disk ----------------------------------------------------
+
+    /// The local write `tag` finished; `ok == false` is an I/O error (the request will
+    /// complete with [`RequestError::IoFailed`] and its blocks are marked out of sync).
+    pub fn local_done(&mut self, tag: u64, ok: bool) -> Result<(), Error> {
+        let idx = self
+            .lookup(tag)
+            .ok_or(Error::Invalid("local_done for an unknown tag"))?;
+        let s = &mut self.slots[idx as usize];
+        if !s.started || s.local != Local::Pending {
+            return Err(Error::Invalid("local_done for a write not submitted"));
+        }
+        s.local = if ok { Local::Ok } else { Local::Failed };
+        if !ok {
+            let (sector, len) = (s.sector, s.len);
+            self.oos.mark(sector, len);
+        }
+        self.try_complete(idx);
+        Ok(())
+    }
+
+    /// The local flush `tag` finished.
+    pub fn local_flush_done(&mut self, tag: u64, ok: bool) -> Result<(), Error> {
+        let (idx, gen) = split_handle(tag);
+        let f = self
+            .flushes
+            .get_mut(idx)
+            .filter(|f| f.live && f.gen == gen && f.local == Local::Pending)
+            .ok_or(Error::Invalid("local_flush_done for an unknown flush"))?;
+        f.local = if ok { Local::Ok } else { Local::Failed };
+        self.try_complete_flush(idx);
+        Ok(())
+    }
+
+    // ----- inputs from the network driver ----------------------------------------------
+
+    /// Protocol A: the write `block_id` is in the socket's send buffer. Stale handles
+    /// (after a connection loss, or under protocol B/C) are ignored: the driver may report
+    /// a send that raced with the loss.
+    pub fn handed_to_network(&mut self, block_id: u64) {
+        if let Some(idx) = self.lookup(block_id) {
+            let s = &mut self.slots[idx as usize];
+            if s.in_tl && s.net == Net::Pending && s.ack == AckKind::Handed {
+                s.net = Net::Done;
+                self.try_complete(idx);
+            }
+        }
+    }
+
+    /// `P_RECV_ACK` for `block_id` (protocol B).
+    pub fn peer_recv_ack(&mut self, block_id: u64) -> Result<(), Error> {
+        self.peer_ack(block_id, AckKind::Recv)
+    }
+
+    /// `P_WRITE_ACK` for `block_id` (protocol C).
+    pub fn peer_write_ack(&mut self, block_id: u64) -> Result<(), Error> {
+        self.peer_ack(block_id, AckKind::Write)
+    }
+
+    /// `P_NEG_ACK` for `block_id`: the peer failed to write it. Its blocks become out of
+    /// sync; the request still completes successfully if the local write did (DRBD).
+    pub fn peer_neg_ack(&mut self, block_id: u64) -> Result<(), Error> {
+        let idx = self
+            .lookup(block_id)
+            .filter(|&i| self.slots[i as usize].in_tl)
+            .ok_or(Error::Protocol("P_NEG_ACK for an unknown block_id"))?;
+        let s = &mut self.slots[idx as usize];
+        s.net = Net::Done;
+        let (sector, len) = (s.sector, s.len);
+        self.oos.mark(sector, len);
+        self.try_complete(idx);
+        Ok(())
+    }
+
+    /// `P_BARRIER_ACK(nr, set_size)`: the peer wrote and flushed every write of epoch `nr`.
+    /// It must name the oldest un-acked epoch and its write count, else a protocol error.
+    pub fn barrier_ack(&mut self, nr: u32, set_size: u32) -> Result<(), Error> {
+        let e = *self
+            .unacked
+            .front()
+            .ok_or(Error::Protocol("P_BARRIER_ACK with no epoch outstanding"))?;
+        if e.nr != nr {
+            return Err(Error::Protocol("P_BARRIER_ACK for another epoch"));
+        }
+        if e.size != set_size {
+            return Err(Error::Protocol("P_BARRIER_ACK with a wrong set_size"));
+        }
+        let n = e.size as usize;
+        // Validate before changing anything: a B/C write must have been acked already
+        // (the peer acks a write before it acks its epoch, on the same stream).
+        for &i in self.tl.iter().take(n) {
+            let s = &self.slots[i as usize];
+            if s.epoch_seq != e.seq {
+                return Err(Error::Invalid("transfer log out of step with epochs"));
+            }
+            if s.net == Net::Pending && s.ack != AckKind::Handed {
+                return Err(Error::Protocol("P_BARRIER_ACK before the write's ack"));
+            }
+        }
+        if self.tl.len() < n {
+            return Err(Error::Invalid("transfer log shorter than the epoch"));
+        }
+        self.unacked.pop_front();
+        self.stats.barrier_acks += 1;
+        for _ in 0..n {
+            let Some(i) = self.tl.pop_front() else { break };
+            let s = &mut self.slots[i as usize];
+            s.in_tl = false;
+            if s.net == Net::Pending {
+                // Protocol A: the ack proves the peer had it, whatever the driver says.
+                s.net = Net::Done;
+            }
+            if s.completed {
+                self.retire(i);
+            } else {
+                self.try_complete(i);
+            }
+        }
+        self.check_flushes();
+        Ok(())
+    }
+
+    /// The connection is established (after the handshake): new writes replicate.
+    pub fn connected(&mut self) -> Result<(), Error> {
+        if self.connected {
+            return Err(Error::Invalid("connected while connected"));
+        }
+        self.connected = true;
+        Ok(())
+    }
+
+    /// The connection is gone. Every write not barrier-acked is marked out of sync and its
+    /// peer part ends; writes whose local part is done complete now (without error),
+    /// flushes stop waiting for barrier acks. A no-op when not connected.
+    pub fn connection_lost(&mut self) {
+        if !self.connected {
+            return;
+        }
+        self.connected = false;
+        self.unacked.clear();
+        // Epochs of the old connection are over; a fresh sequence number keeps a late
+        // completion from "closing" the new connection's first epoch.
+        self.cur = Epoch {
+            nr: self.cur.nr.wrapping_add(1),
+            seq: self.cur.seq + 1,
+            size: 0,
+        };
+        while let Some(i) = self.tl.pop_front() {
+            let s = &mut self.slots[i as usize];
+            s.in_tl = false;
+            s.net = Net::Done;
+            let (sector, len, completed) = (s.sector, s.len, s.completed);
+            self.oos.mark(sector, len);
+            if completed {
+                self.retire(i);
+            } else {
+                self.try_complete(i);
+            }
+        }
+        for f in &mut self.flushes {
+            f.wait_epoch = None;
+        }
+        self.check_flushes();
+    }
+
+    // ----- internals -------------------------------------------------------------------------
+
+    fn alloc_slot(&mut self) -> u32 {
+        self.slots_used += 1;
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(WriteSlot::empty());
+                // Bounded by max_unacked_writes, checked to fit in u32 at construction.
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let s = &mut self.slots[idx as usize];
+        let gen = s.gen;
+        *s = WriteSlot::empty();
+        s.gen = gen;
+        s.live = true;
+        idx
+    }
+
+    fn lookup(&self, handle: u64) -> Option<u32> {
+        let (idx, gen) = split_handle(handle);
+        let s = self.slots.get(idx)?;
+        (s.live && s.gen == gen).then(|| u32::try_from(idx).ok())?
+    }
+
+    fn tag(&self, idx: u32) -> u64 {
+        make_handle(idx as usize, self.slots[idx as usize].gen)
+    }
+
+    fn count_overlaps(&self, start: u64, end: u64) -> u32 {
+        let n = self
+            .active
+            .iter()
+            .filter(|r| r.start < end && start < r.end)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    fn start(&mut self, idx: u32) {
+        let tag = self.tag(idx);
+        let protocol = self.cfg.protocol;
+        let connected = self.connected;
+        let s = &mut self.slots[idx as usize];
+        s.started = true;
+        let (id, sector, len, kind, fua) = (s.id, s.sector, s.len, s.kind, s.fua);
+        self.out.push(PrimaryOutput::SubmitLocal {
+            tag,
+            id,
+            sector,
+            len,
+            kind,
+            fua,
+        });
+        if !connected {
+            s.net = Net::NotSent;
+            self.oos.mark(sector, len);
+            return;
+        }
+        let (ack, ack_flag) = match protocol {
+            Protocol::A => (AckKind::Handed, 0),
+            Protocol::B => (AckKind::Recv, dp::DP_SEND_RECEIVE_ACK),
+            Protocol::C => (AckKind::Write, dp::DP_SEND_WRITE_ACK),
+        };
+        s.net = Net::Pending;
+        s.ack = ack;
+        s.in_tl = true;
+        s.epoch_seq = self.cur.seq;
+        let fua_flag = if fua { dp::DP_FUA } else { 0 };
+        let dp_flags = dp::DP_RW_SYNC | ack_flag | fua_flag | kind.dp_flags();
+        self.tl.push_back(idx);
+        self.cur.size += 1;
+        self.stats.writes_sent += 1;
+        if kind.has_data() {
+            self.stats.bytes_replicated += u64::from(len);
+        }
+        self.out.push(PrimaryOutput::SendWrite {
+            block_id: tag,
+            id,
+            sector,
+            len,
+            kind,
+            dp_flags,
+        });
+        if self.cur.size >= self.cfg.max_epoch_size {
+            self.close_epoch();
+        }
+    }
+
+    fn close_epoch(&mut self) {
+        if self.cur.size == 0 {
+            return;
+        }
+        self.unacked.push_back(self.cur);
+        self.out
+            .push(PrimaryOutput::SendBarrier { nr: self.cur.nr });
+        self.stats.barriers_sent += 1;
+        self.cur = Epoch {
+            nr: self.cur.nr.wrapping_add(1),
+            seq: self.cur.seq + 1,
+            size: 0,
+        };
+    }
+
+    fn peer_ack(&mut self, block_id: u64, kind: AckKind) -> Result<(), Error> {
+        let idx = self
+            .lookup(block_id)
+            .filter(|&i| self.slots[i as usize].in_tl)
+            .ok_or(Error::Protocol("ack for an unknown block_id"))?;
+        let s = &mut self.slots[idx as usize];
+        if s.ack != kind {
+            return Err(Error::Protocol("ack of a kind that was not requested"));
+        }
+        if s.net != Net::Pending {
+            return Err(Error::Protocol("duplicate ack"));
+        }
+        s.net = Net::Done;
+        self.try_complete(idx);
+        Ok(())
+    }
+
+    /// Completes the write if both its parts are done; then closes its epoch if current,
+    /// releases waiters, and retires it if it is out of the transfer log.
+    fn try_complete(&mut self, idx: u32) {
+        let s = &mut self.slots[idx as usize];
+        if s.completed || !s.started || s.local == Local::Pending || s.net == Net::Pending {
+            return;
+        }
+        s.completed = true;
+        let result = if s.local == Local::Ok {
+            Ok(())
+        } else {
+            Err(RequestError::IoFailed)
+        };
+        let (id, in_tl, epoch_seq, active_idx) = (s.id, s.in_tl, s.epoch_seq, s.active_idx);
+        self.out.push(PrimaryOutput::Complete { id, result });
+        if in_tl && epoch_seq == self.cur.seq {
+            self.close_epoch();
+        }
+        // Leave the overlap set and count down the waiters behind this write.
+        let r = self.active.swap_remove(active_idx);
+        if let Some(moved) = self.active.get(active_idx) {
+            let m = moved.slot;
+            self.slots[m as usize].active_idx = active_idx;
+        }
+        let mut ready = std::mem::take(&mut self.ready);
+        for a in &self.active {
+            if a.start < r.end && r.start < a.end {
+                let w = &mut self.slots[a.slot as usize];
+                if !w.started && w.blockers > 0 {
+                    w.blockers -= 1;
+                    if w.blockers == 0 {
+                        ready.push((w.arrival, a.slot));
+                    }
+                }
+            }
+        }
+        if !in_tl {
+            self.retire(idx);
+        }
+        ready.sort_unstable();
+        for &(_, w) in &ready {
+            self.waiting -= 1;
+            self.start(w);
+        }
+        ready.clear();
+        self.ready = ready;
+    }
+
+    fn retire(&mut self, idx: u32) {
+        let s = &mut self.slots[idx as usize];
+        self.out.push(PrimaryOutput::Retired {
+            sector: s.sector,
+            len: s.len,
+        });
+        s.live = false;
+        s.gen = s.gen.wrapping_add(1);
+        self.free.push(idx);
+        self.slots_used -= 1;
+    }
+
+    fn check_flushes(&mut self) {
+        for i in 0..self.flushes.len() {
+            self.try_complete_flush(i);
+        }
+    }
+
+    fn try_complete_flush(&mut self, idx: usize) {
+        let oldest_unacked = self.unacked.front().map(|e| e.seq);
+        let Some(f) = self.flushes.get_mut(idx) else {
+            return;
+        };
+        if !f.live || f.local == Local::Pending {
+            return;
+        }
+        #[cfg(test)]
+        if self.sabotage.flush_ignores_peer {
+            f.wait_epoch = None;
+        }
+        if let (Some(w), Some(o)) = (f.wait_epoch, oldest_unacked) {
+            if o <= w {
+                return;
+            }
+        }
+        let result = if f.local == Local::Ok {
+            Ok(())
+        } else {
+            Err(RequestError::IoFailed)
+        };
+        self.out.push(PrimaryOutput::Complete { id: f.id, result });
+        f.live = false;
+        f.gen = f.gen.wrapping_add(1);
+        self.flushes_live -= 1;
+        if let Ok(i) = u32::try_from(idx) {
+            self.flush_free.push(i);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use PrimaryOutput as O;
+
+    const MIB: u64 = 2048; // sectors
+
+    fn primary(p: Protocol) -> Primary {
+        let mut cfg = PrimaryConfig::new(p, 16 * MIB);
+        cfg.max_in_flight = 8;
+        cfg.max_unacked_writes = 16;
+        cfg.first_barrier_nr = 100;
+        let mut pr = Primary::new(cfg).unwrap();
+        pr.connected().unwrap();
+        pr
+    }
+
+    fn outs(p: &mut Primary) -> Vec<O> {
+        p.drain_outputs().collect()
+    }
+
+    /// (tag, block_id) of the write `id` in the outputs.
+    fn handles(o: &[O], want: u64) -> (u64, Option<u64>) {
+        let tag = o
+            .iter()
+            .find_map(|x| match x {
+                O::SubmitLocal { tag, id, .. } if *id == want => Some(*tag),
+                _ => None,
+            })
+            .expect("write was submitted");
+        let bid = o.iter().find_map(|x| match x {
+            O::SendWrite { block_id, id, .. } if *id == want => Some(*block_id),
+            _ => None,
+        });
+        (tag, bid)
+    }
+
+    fn completed(o: &[O]) -> Vec<(u64, bool)> {
+        o.iter()
+            .filter_map(|x| match x {
+                O::Complete { id, result } => Some((*id, result.is_ok())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn barriers(o: &[O]) -> Vec<u32> {
+        o.iter()
+            .filter_map(|x| match x {
+                O::SendBarrier { nr } => Some(*nr),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn protocol_c_completes_on_local_and_write_ack_only() {
+        let mut p = primary(Protocol::C);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let (tag, bid) = handles(&o, 1);
+        let bid = bid.expect("sent");
+        let flags = o
+            .iter()
+            .find_map(|x| match x {
+                O::SendWrite { dp_flags, .. } => Some(*dp_flags),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(flags, dp::DP_RW_SYNC | dp::DP_SEND_WRITE_ACK);
+        p.local_done(tag, true).unwrap();
+        assert!(completed(&outs(&mut p)).is_empty());
+        // Wrong ack kind for protocol C.
+        assert_eq!(
+            p.peer_recv_ack(bid),
+            Err(Error::Protocol("ack of a kind that was not requested"))
+        );
+        p.peer_write_ack(bid).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, true)]);
+        // Completion closed the epoch: its barrier goes out at once.
+        assert_eq!(barriers(&o), vec![100]);
+        assert_eq!(p.peer_write_ack(bid), Err(Error::Protocol("duplicate ack")));
+        // Retired only at the barrier ack.
+        assert!(!o.iter().any(|x| matches!(x, O::Retired { .. })));
+        assert_eq!(
+            p.barrier_ack(100, 2),
+            Err(Error::Protocol("P_BARRIER_ACK with a wrong set_size"))
+        );
+        assert_eq!(
+            p.barrier_ack(101, 1),
+            Err(Error::Protocol("P_BARRIER_ACK for another epoch"))
+        );
+        p.barrier_ack(100, 1).unwrap();
+        assert_eq!(
+            outs(&mut p),
+            vec![O::Retired {
+                sector: 0,
+                len: 4096
+            }]
+        );
+        assert_eq!(p.stats().slots_used, 0);
+        assert_eq!(
+            p.barrier_ack(101, 0),
+            Err(Error::Protocol("P_BARRIER_ACK with no epoch outstanding"))
+        );
+    }
+
+    #[test]
+    fn protocol_b_and_a_complete_on_their_events() {
+        let mut p = primary(Protocol::B);
+        p.write(1, 8, 512, WriteKind::Data, true).unwrap();
+        let o = outs(&mut p);
+        let (tag, bid) = handles(&o, 1);
+        assert!(o.contains(&O::SendWrite {
+            block_id: bid.unwrap(),
+            id: 1,
+            sector: 8,
+            len: 512,
+            kind: WriteKind::Data,
+            dp_flags: dp::DP_RW_SYNC | dp::DP_SEND_RECEIVE_ACK | dp::DP_FUA,
+        }));
+        assert!(o.contains(&O::SubmitLocal {
+            tag,
+            id: 1,
+            sector: 8,
+            len: 512,
+            kind: WriteKind::Data,
+            fua: true
+        }));
+        p.peer_recv_ack(bid.unwrap()).unwrap();
+        assert!(completed(&outs(&mut p)).is_empty());
+        p.local_done(tag, true).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(1, true)]);
+
+        let mut p = primary(Protocol::A);
+        p.write(7, 0, 512, WriteKind::Zeroes { unmap: true }, false)
+            .unwrap();
+        let o = outs(&mut p);
+        let (tag, bid) = handles(&o, 7);
+        let flags = o
+            .iter()
+            .find_map(|x| match x {
+                O::SendWrite { dp_flags, .. } => Some(*dp_flags),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(flags, dp::DP_RW_SYNC | dp::DP_DISCARD | dp::DP_ZEROES);
+        p.local_done(tag, true).unwrap();
+        assert!(completed(&outs(&mut p)).is_empty());
+        p.handed_to_network(bid.unwrap());
+        assert_eq!(completed(&outs(&mut p)), vec![(7, true)]);
+        assert_eq!(
+            p.peer_write_ack(bid.unwrap()),
+            Err(Error::Protocol("ack of a kind that was not requested"))
+        );
+    }
+
+    #[test]
+    fn overlapping_writes_wait_and_start_in_arrival_order() {
+        let mut p = primary(Protocol::C);
+        p.write(1, 0, 8192, WriteKind::Data, false).unwrap(); // sectors 0..16
+        p.write(2, 8, 8192, WriteKind::Data, false).unwrap(); // overlaps 1
+        p.write(3, 100, 512, WriteKind::Data, false).unwrap(); // independent
+        p.write(4, 15, 512, WriteKind::Discard, false).unwrap(); // overlaps 1 and 2
+        let o = outs(&mut p);
+        let started: Vec<u64> = o
+            .iter()
+            .filter_map(|x| match x {
+                O::SubmitLocal { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started, vec![1, 3]);
+        assert_eq!(p.stats().waiting_on_overlap, 2);
+        let (t1, b1) = handles(&o, 1);
+        p.local_done(t1, true).unwrap();
+        p.peer_write_ack(b1.unwrap()).unwrap();
+        let o = outs(&mut p);
+        // 1 completes, its epoch closes (barrier before 2's data), 2 starts; 4 still waits.
+        let order: Vec<&str> = o
+            .iter()
+            .map(|x| match x {
+                O::Complete { .. } => "complete",
+                O::SendBarrier { .. } => "barrier",
+                O::SubmitLocal { .. } => "submit",
+                O::SendWrite { .. } => "send",
+                O::SubmitLocalFlush { .. } => "flush",
+                O::Retired { .. } => "retired",
+            })
+            .collect();
+        assert_eq!(order, vec!["complete", "barrier", "submit", "send"]);
+        let (t2, b2) = handles(&o, 2);
+        p.local_done(t2, true).unwrap();
+        p.peer_write_ack(b2.unwrap()).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(2, true)]);
+        assert!(handles(&o, 4).1.is_some());
+        assert_eq!(p.stats().waiting_on_overlap, 0);
+    }
+
+    #[test]
+    fn epochs_close_at_max_size_and_barrier_acks_go_oldest_first() {
+        let mut cfg = PrimaryConfig::new(Protocol::C, 16 * MIB);
+        cfg.max_epoch_size = 2;
+        cfg.first_barrier_nr = u32::MAX; // wraps to 0 next
+        let mut p = Primary::new(cfg).unwrap();
+        p.connected().unwrap();
+        for i in 0..5u64 {
+            p.write(i, i * 8, 4096, WriteKind::Data, false).unwrap();
+        }
+        let o = outs(&mut p);
+        assert_eq!(barriers(&o), vec![u32::MAX, 0]);
+        // The barrier follows the second write of its epoch on the stream.
+        let pos: Vec<usize> = o
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| matches!(x, O::SendBarrier { .. } | O::SendWrite { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(pos.len(), 7);
+        assert!(matches!(o[pos[2]], O::SendBarrier { nr: u32::MAX }));
+        assert!(matches!(o[pos[5]], O::SendBarrier { nr: 0 }));
+        assert_eq!(p.stats().unacked_epochs, 2);
+        // A barrier ack before the writes' acks is a protocol error (protocol C).
+        assert_eq!(
+            p.barrier_ack(u32::MAX, 2),
+            Err(Error::Protocol("P_BARRIER_ACK before the write's ack"))
+        );
+        for x in &o {
+            if let O::SendWrite { block_id, .. } = x {
+                p.peer_write_ack(*block_id).unwrap();
+            }
+        }
+        assert_eq!(
+            p.barrier_ack(0, 2),
+            Err(Error::Protocol("P_BARRIER_ACK for another epoch"))
+        );
+        p.barrier_ack(u32::MAX, 2).unwrap();
+        p.barrier_ack(0, 2).unwrap();
+    }
+
+    #[test]
+    fn flush_waits_for_local_flush_and_barrier_ack() {
+        let mut p = primary(Protocol::C);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let (t1, b1) = handles(&o, 1);
+        p.flush(2).unwrap();
+        let o = outs(&mut p);
+        // The flush closes the epoch with write 1 in it: barrier first, then local flush.
+        assert_eq!(barriers(&o), vec![100]);
+        let ftag = o
+            .iter()
+            .find_map(|x| match x {
+                O::SubmitLocalFlush { tag } => Some(*tag),
+                _ => None,
+            })
+            .unwrap();
+        p.local_done(t1, true).unwrap();
+        p.peer_write_ack(b1.unwrap()).unwrap();
+        p.local_flush_done(ftag, true).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(1, true)]);
+        p.barrier_ack(100, 1).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(2, true)]);
+        assert!(p.local_flush_done(ftag, true).is_err());
+
+        // Nothing outstanding: a local flush only.
+        p.flush(3).unwrap();
+        let o = outs(&mut p);
+        assert!(barriers(&o).is_empty());
+        let ftag = o
+            .iter()
+            .find_map(|x| match x {
+                O::SubmitLocalFlush { tag } => Some(*tag),
+                _ => None,
+            })
+            .unwrap();
+        p.local_flush_done(ftag, false).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(3, false)]);
+    }
+
+    #[test]
+    fn flush_waits_for_older_epochs_too() {
+        let mut p = primary(Protocol::A);
+        p.write(1, 0, 512, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let (t1, b1) = handles(&o, 1);
+        p.local_done(t1, true).unwrap();
+        p.handed_to_network(b1.unwrap()); // completes, closes epoch 100
+        assert_eq!(barriers(&outs(&mut p)), vec![100]);
+        p.flush(2).unwrap(); // current epoch empty; waits for 100
+        let o = outs(&mut p);
+        assert!(barriers(&o).is_empty());
+        let ftag = o
+            .iter()
+            .find_map(|x| match x {
+                O::SubmitLocalFlush { tag } => Some(*tag),
+                _ => None,
+            })
+            .unwrap();
+        p.local_flush_done(ftag, true).unwrap();
+        assert!(completed(&outs(&mut p)).is_empty());
+        p.barrier_ack(100, 1).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(2, true)]);
+    }
+
+    #[test]
+    fn neg_ack_marks_out_of_sync_and_still_completes_ok() {
+        let mut p = primary(Protocol::C);
+        p.write(1, 16, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let (t, b) = handles(&o, 1);
+        p.local_done(t, true).unwrap();
+        p.peer_neg_ack(b.unwrap()).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(1, true)]);
+        assert!(p.out_of_sync().is_set(2));
+        assert_eq!(p.out_of_sync_bytes(), 4096);
+        assert!(p.peer_neg_ack(12345).is_err());
+    }
+
+    #[test]
+    fn local_failure_completes_with_error_and_marks_out_of_sync() {
+        let mut p = primary(Protocol::C);
+        p.write(1, 0, 8192, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let (t, b) = handles(&o, 1);
+        p.local_done(t, false).unwrap();
+        assert_eq!(p.out_of_sync_bytes(), 8192);
+        p.peer_write_ack(b.unwrap()).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(1, false)]);
+        assert_eq!(
+            p.local_done(t, true),
+            Err(Error::Invalid("local_done for a write not submitted"))
+        );
+    }
+
+    #[test]
+    fn disconnected_writes_complete_locally_and_mark_out_of_sync() {
+        let mut p = primary(Protocol::C);
+        p.connection_lost();
+        p.write(1, 0, 512, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        assert!(!o.iter().any(|x| matches!(x, O::SendWrite { .. })));
+        let (t, _) = handles(&o, 1);
+        p.local_done(t, true).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, true)]);
+        assert!(o.iter().any(|x| matches!(x, O::Retired { .. })));
+        assert_eq!(p.out_of_sync_bytes(), 4096);
+        assert_eq!(p.stats().slots_used, 0);
+    }
+
+    #[test]
+    fn connection_loss_completes_waiting_writes_and_flushes() {
+        let mut p = primary(Protocol::C);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap(); // will be local-done
+        p.write(2, 64, 4096, WriteKind::Data, false).unwrap(); // local still pending
+        let o = outs(&mut p);
+        let (t1, _) = handles(&o, 1);
+        let (t2, _) = handles(&o, 2);
+        p.flush(3).unwrap();
+        let ftag = outs(&mut p)
+            .iter()
+            .find_map(|x| match x {
+                O::SubmitLocalFlush { tag } => Some(*tag),
+                _ => None,
+            })
+            .unwrap();
+        p.local_done(t1, true).unwrap();
+        p.local_flush_done(ftag, true).unwrap();
+        assert!(completed(&outs(&mut p)).is_empty());
+        p.connection_lost();
+        let o = outs(&mut p);
+        let mut c = completed(&o);
+        c.sort_unstable();
+        assert_eq!(c, vec![(1, true), (3, true)]);
+        assert_eq!(p.out_of_sync_bytes(), 8192);
+        p.local_done(t2, true).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(2, true)]);
+        assert_eq!(p.stats().slots_used, 0);
+        // Reconnected: new writes replicate; the bitmap stays.
+        p.connected().unwrap();
+        assert!(p.connected().is_err());
+        p.write(4, 0, 512, WriteKind::Data, false).unwrap();
+        assert!(outs(&mut p)
+            .iter()
+            .any(|x| matches!(x, O::SendWrite { id: 4, .. })));
+        assert_eq!(p.out_of_sync_bytes(), 8192);
+    }
+
+    #[test]
+    fn bounds_refuse_with_busy_and_bad_input_with_invalid() {
+        let mut p = primary(Protocol::C);
+        for i in 0..8u64 {
+            p.write(i, i * 8, 512, WriteKind::Data, false).unwrap();
+        }
+        assert_eq!(p.write(9, 0, 512, WriteKind::Data, false), Err(Error::Busy));
+        assert_eq!(p.flush(9), Err(Error::Busy));
+        assert_eq!(p.stats().in_flight_writes, 8);
+        let p2 = &mut primary(Protocol::C);
+        assert!(matches!(
+            p2.write(1, 0, 100, WriteKind::Data, false),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            p2.write(1, 16 * MIB - 1, 1024, WriteKind::Data, false),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            p2.write(1, u64::MAX, 512, WriteKind::Data, false),
+            Err(Error::Invalid(_))
+        ));
+        assert!(p2.local_done(42, true).is_err());
+        assert!(p2.peer_write_ack(u64::MAX).is_err());
+        p2.handed_to_network(u64::MAX); // ignored, no panic
+        let mut cfg = PrimaryConfig::new(Protocol::C, 8);
+        cfg.max_unacked_writes = 1;
+        cfg.max_in_flight = 2;
+        assert!(Primary::new(cfg).is_err());
+    }
+
+    #[test]
+    fn barrier_acked_writes_hold_slots_until_acked() {
+        let mut cfg = PrimaryConfig::new(Protocol::C, 16 * MIB);
+        cfg.max_in_flight = 2;
+        cfg.max_unacked_writes = 2;
+        let mut p = Primary::new(cfg).unwrap();
+        p.connected().unwrap();
+        for i in 0..2u64 {
+            p.write(i, i * 8, 512, WriteKind::Data, false).unwrap();
+        }
+        let o = outs(&mut p);
+        for i in 0..2 {
+            let (t, b) = handles(&o, i);
+            p.local_done(t, true).unwrap();
+            p.peer_write_ack(b.unwrap()).unwrap();
+        }
+        let o = outs(&mut p);
+        assert_eq!(completed(&o).len(), 2);
+        // Completed but not barrier-acked: the transfer log is full.
+        assert_eq!(p.write(5, 0, 512, WriteKind::Data, false), Err(Error::Busy));
+        let nr = barriers(&o)[0];
+        p.barrier_ack(nr, 2).unwrap();
+        assert!(p.can_accept());
+    }
+}
