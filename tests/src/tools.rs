@@ -191,11 +191,17 @@ impl Fio {
     }
 
     /// The standard verified random-write job of the tests: `--rw=randwrite --bs=<bs>
-    /// --iodepth=32 --size=<size> --verify=crc32c --do_verify=1`.
+    /// --iodepth=32 --size=<size> --verify=crc32c --do_verify=1`; a `bs` with a dash
+    /// (`4k-256k`) becomes `--bsrange`.
     pub fn randwrite_verify(uri: &str, bs: &str, size: &str) -> Self {
+        let bs = if bs.contains('-') {
+            format!("--bsrange={bs}")
+        } else {
+            format!("--bs={bs}")
+        };
         Fio::nbd(uri)
             .arg("--rw=randwrite")
-            .arg(format!("--bs={bs}"))
+            .arg(bs)
             .arg("--iodepth=32")
             .arg(format!("--size={size}"))
             .arg("--verify=crc32c")
@@ -221,8 +227,11 @@ impl Fio {
         let json = dir.join(format!("fio-{n}.json"));
         let err = dir.join(format!("fio-{n}.stderr"));
         let mut cmd = Command::new(fio);
-        cmd.args(&self.args)
+        // fio writes verify state files into its working directory: keep them in `dir`.
+        cmd.current_dir(dir)
+            .args(&self.args)
             .arg("--output-format=json")
+            .arg("--verify_state_save=0")
             .arg(format!("--output={}", json.display()))
             .stdin(Stdio::null());
         let cmdline = format!("fio {}", self.args.join(" "));
@@ -448,6 +457,50 @@ pub fn tshark(args: &[&str]) -> CmdOutput {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The DRBD command names (`P_DATA`, `P_WRITE_ACK`, ...) of every DRBD PDU in `pcap`, in
+/// capture order, as Wireshark's DRBD dissector (heuristic on TCP) names them. A custom
+/// column prints the value-string name; a frame with several PDUs yields several names.
+pub fn drbd_commands(pcap: &Path) -> Vec<String> {
+    let p = pcap.to_string_lossy();
+    let out = tshark(&[
+        "-r",
+        &p,
+        "--enable-heuristic",
+        "drbd_tcp",
+        "-Y",
+        "drbd",
+        "-o",
+        "gui.column.format:\"cmd\",\"%Cus:drbd.command\"",
+        "-T",
+        "fields",
+        "-e",
+        "_ws.col.cmd",
+    ]);
+    out.assert_success("tshark: DRBD commands");
+    out.stdout
+        .lines()
+        .flat_map(|l| l.split(','))
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// The packets of `pcap` that Wireshark finds malformed or flags with an expert error,
+/// one summary line each (empty: the dissector accepted every packet).
+pub fn tshark_problems(pcap: &Path) -> String {
+    let p = pcap.to_string_lossy();
+    let out = tshark(&[
+        "-r",
+        &p,
+        "--enable-heuristic",
+        "drbd_tcp",
+        "-Y",
+        "_ws.malformed || _ws.expert.severity >= error",
+    ]);
+    out.assert_success("tshark: malformed packets");
+    out.stdout
+}
+
 /// Writes `len` bytes of seeded random data to `path` (the seed makes a failure
 /// reproducible; it is part of any message about the file).
 pub fn random_file(path: &Path, len: u64, seed: u64) {
@@ -624,5 +677,105 @@ mod tests {
             .expect("wait")
             .expect("sleep exits on SIGTERM");
         assert!(!st.success());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// nbdkit
+
+/// An `nbdkit memory` server: a non-replicating NBD reference, used to check the
+/// harness's own clients (and by benchmarks as the baseline). nbdkit listens on either a
+/// Unix socket or TCP, not both.
+#[derive(Debug)]
+pub struct Nbdkit {
+    child: Option<Child>,
+    /// Its Unix socket, when started with [`Nbdkit::memory_unix`].
+    pub socket: Option<PathBuf>,
+    /// Its TCP address on 127.0.0.1, when started with [`Nbdkit::memory_tcp`].
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+impl Nbdkit {
+    /// `nbdkit --foreground --exit-with-parent --unix <dir>/nbdkit-N.sock memory <size>`.
+    pub fn memory_unix(dir: &Path, size: &str) -> Nbdkit {
+        let socket = dir.join(format!("nbdkit-{}.sock", unique()));
+        let mut args: Vec<std::ffi::OsString> = vec!["--unix".into(), socket.clone().into()];
+        args.extend(["memory".into(), size.into()]);
+        Nbdkit::start(&args, Some(socket), None)
+    }
+
+    /// `nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p <free port> memory <size>`.
+    pub fn memory_tcp(size: &str) -> Nbdkit {
+        let port = crate::cluster::free_ports(1)
+            .first()
+            .copied()
+            .expect("one port");
+        let args: Vec<std::ffi::OsString> = vec![
+            "-i".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string().into(),
+            "memory".into(),
+            size.into(),
+        ];
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        Nbdkit::start(&args, None, Some(addr))
+    }
+
+    fn start(
+        args: &[std::ffi::OsString],
+        socket: Option<PathBuf>,
+        addr: Option<std::net::SocketAddr>,
+    ) -> Nbdkit {
+        let nbdkit = require("nbdkit");
+        let child = Command::new(nbdkit)
+            .args(["--foreground", "--exit-with-parent"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nbdkit: {e}"));
+        let mut k = Nbdkit {
+            child: Some(child),
+            socket,
+            addr,
+        };
+        wait_until(Duration::from_secs(20), "nbdkit to listen", || {
+            if let Some(c) = k.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    let mut err = String::new();
+                    if let Some(e) = c.stderr.as_mut() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    panic!("nbdkit exited with {st}: {err}");
+                }
+            }
+            // A probe connection that sends nothing is harmless to nbdkit.
+            match (&k.socket, k.addr) {
+                (Some(p), _) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+                (None, Some(a)) => std::net::TcpStream::connect(a).is_ok(),
+                (None, None) => true,
+            }
+        });
+        k
+    }
+
+    /// Its URI: `nbd+unix:///?socket=...` or `nbd://127.0.0.1:PORT/`.
+    pub fn uri(&self) -> String {
+        match (&self.socket, self.addr) {
+            (Some(p), _) => format!("nbd+unix:///?socket={}", p.display()),
+            (None, Some(a)) => format!("nbd://{a}/"),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
