@@ -1,0 +1,138 @@
+//! Faults: kill -9 of either node in the middle of a write job, and restart.
+//!
+//! The fio job is 32 MiB of verified 4 KiB random writes limited to 2000 IOPS (about 4 s
+//! on any machine that runs the suite), so the kill lands while writes are being issued:
+//! the kill is triggered once 4 MiB have been replicated, and the test checks fio was still
+//! running then. Nothing here asserts a duration; every wait has a deadline.
+
+use tandem_tests::tools::{self, Fio};
+use tandem_tests::{Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
+
+/// Bytes that must have been replicated before the kill.
+const KILL_AFTER: u64 = 4 << 20;
+
+fn rate_limited_job(uri: &str) -> Fio {
+    Fio::randwrite_verify(uri, "4k", "32M").arg("--rate_iops=2000")
+}
+
+/// Kill -9 of the Secondary under writes: the Primary goes on alone (fio sees no error,
+/// verification passes), counts what the Secondary misses, and reconnects when the
+/// Secondary comes back.
+#[test]
+fn secondary_kill9_during_writes_then_reconnect() {
+    let mut c = Cluster::new(ClusterOpts::new("kill-secondary"));
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+
+    let mut fio = rate_limited_job(&uri).spawn(c.dir());
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "4 MiB replicated", |s| {
+            s.opt_u64("/bytes_replicated")
+                .is_some_and(|b| b >= KILL_AFTER)
+        });
+    assert!(
+        fio.is_running(),
+        "fio finished before the kill; the test would not test a kill under writes"
+    );
+    c.secondary_mut().kill9();
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "connection no longer Connected", |s| {
+            s.opt_str("/connection").is_some_and(|c| c != "Connected")
+        });
+
+    let r = fio.wait();
+    r.assert_ok();
+
+    let st = c.primary().status();
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    assert_ne!(st.str_at("/connection"), "Connected", "{st}");
+    assert!(
+        st.u64_at("/out_of_sync_bytes") > 0,
+        "writes made while the Secondary was down must be out of sync: {st}"
+    );
+    c.primary_mut().assert_running("after losing its peer");
+
+    c.secondary_mut().start();
+    c.wait_connected();
+    let st = c.primary().status();
+    assert_eq!(st.str_at("/connection"), "Connected", "{st}");
+    assert_eq!(st.str_at("/peer/role"), "Secondary", "{st}");
+}
+
+/// After the outage above, reconnecting resynchronises what the Secondary missed: once
+/// Connected with nothing out of sync, the replicas are identical (DESIGN.md §3,
+/// "Disconnected": on reconnect only the set bits travel).
+#[test]
+fn secondary_outage_then_resync_makes_replicas_identical() {
+    let mut c = Cluster::new(ClusterOpts::new("resync-secondary"));
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+
+    Fio::randwrite_verify(&uri, "4k", "8M")
+        .arg("--offset=0")
+        .run(c.dir())
+        .assert_ok();
+    c.secondary_mut().stop();
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "connection no longer Connected", |s| {
+            s.opt_str("/connection").is_some_and(|c| c != "Connected")
+        });
+    // Writes the Secondary does not see.
+    Fio::randwrite_verify(&uri, "4k", "8M")
+        .arg("--offset=16M")
+        .run(c.dir())
+        .assert_ok();
+    let dirty = c.primary().status().u64_at("/out_of_sync_bytes");
+    assert!(dirty > 0, "writes while disconnected must be out of sync");
+
+    c.secondary_mut().start();
+    let st = c
+        .primary()
+        .wait_status(CONNECT_TIMEOUT, "Connected with nothing out of sync", |s| {
+            s.opt_str("/connection") == Some("Connected")
+                && s.opt_u64("/out_of_sync_bytes") == Some(0)
+                && s.opt_str("/peer/disk") == Some("UpToDate")
+        });
+    let size = st.u64_at("/size_bytes");
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
+/// Kill -9 of the Primary under writes, then restart: it comes back as Primary, the
+/// Secondary sees the loss, the two reconnect and the export serves IO again.
+#[test]
+fn primary_kill9_during_writes_then_restart() {
+    let mut c = Cluster::new(ClusterOpts::new("kill-primary"));
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+
+    let mut fio = rate_limited_job(&uri).spawn(c.dir());
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "4 MiB replicated", |s| {
+            s.opt_u64("/bytes_replicated")
+                .is_some_and(|b| b >= KILL_AFTER)
+        });
+    assert!(fio.is_running(), "fio finished before the kill");
+    c.primary_mut().kill9();
+    // fio loses its server: it must end (with an error), within its deadline.
+    let r = fio.wait();
+    assert!(
+        !r.status.success() || r.job_errors().iter().any(|&e| e != 0),
+        "fio cannot succeed when its server was killed: {}",
+        r.stderr
+    );
+
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "Secondary notices the loss", |s| {
+            s.opt_str("/connection").is_some_and(|c| c != "Connected")
+        });
+    c.secondary_mut()
+        .assert_running("after its Primary was killed");
+
+    c.primary_mut().start();
+    c.wait_connected();
+    let st = c.primary().status();
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    assert_eq!(st.str_at("/peer/role"), "Secondary", "{st}");
+    tools::nbd_roundtrip(&uri, 40 << 20);
+}
