@@ -79,7 +79,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// Initial role of a node when it starts.
@@ -209,19 +212,30 @@ struct RawNode {
 pub fn parse_size(key: &str, value: &toml::Value) -> Result<u64, ConfigError> {
     let text = match value {
         toml::Value::Integer(n) => {
-            return u64::try_from(*n).map_err(|_| invalid(key, format!("{n} is negative; give a size in bytes")));
+            return u64::try_from(*n)
+                .map_err(|_| invalid(key, format!("{n} is negative; give a size in bytes")));
         }
         toml::Value::String(s) => s.trim().to_string(),
-        other => return Err(invalid(key, format!("expected a size like \"64MiB\", got {other}"))),
+        other => {
+            return Err(invalid(
+                key,
+                format!("expected a size like \"64MiB\", got {other}"),
+            ))
+        }
     };
     parse_size_str(&text).ok_or_else(|| {
-        invalid(key, format!("\"{text}\" is not a size; write e.g. \"4096\", \"64MiB\" or \"8GiB\""))
+        invalid(
+            key,
+            format!("\"{text}\" is not a size; write e.g. \"4096\", \"64MiB\" or \"8GiB\""),
+        )
     })
 }
 
 /// Parses `"64MiB"`-style sizes; `None` when malformed or overflowing.
 pub fn parse_size_str(text: &str) -> Option<u64> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits.parse().ok()?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
@@ -235,10 +249,20 @@ pub fn parse_size_str(text: &str) -> Option<u64> {
     n.checked_mul(1u64 << shift)
 }
 
-fn ranged(key: &str, value: Option<i64>, default: i64, min: i64, max: i64, unit: &str) -> Result<u64, ConfigError> {
+fn ranged(
+    key: &str,
+    value: Option<i64>,
+    default: i64,
+    min: i64,
+    max: i64,
+    unit: &str,
+) -> Result<u64, ConfigError> {
     let v = value.unwrap_or(default);
     if v < min || v > max {
-        return Err(invalid(key, format!("{v} is out of range; use {min}..={max} ({unit}, default {default})")));
+        return Err(invalid(
+            key,
+            format!("{v} is out of range; use {min}..={max} ({unit}, default {default})"),
+        ));
     }
     u64::try_from(v).map_err(|_| invalid(key, "must not be negative"))
 }
@@ -247,7 +271,10 @@ fn buf_size(key: &str, value: Option<&toml::Value>) -> Result<u32, ConfigError> 
     let Some(value) = value else { return Ok(0) };
     let bytes = parse_size(key, value)?;
     if bytes > 64 << 20 {
-        return Err(invalid(key, format!("{bytes} bytes is too large; use 0 (auto) up to 64MiB")));
+        return Err(invalid(
+            key,
+            format!("{bytes} bytes is too large; use 0 (auto) up to 64MiB"),
+        ));
     }
     u32::try_from(bytes).map_err(|_| invalid(key, "too large"))
 }
@@ -256,32 +283,55 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         use std::io::Read;
-        let read_err = |source| ConfigError::Read { path: path.to_path_buf(), source };
+        let read_err = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(read_err)?;
         let mut text = String::new();
-        file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text).map_err(read_err)?;
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
         if text.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(invalid("(file)", format!("larger than {MAX_CONFIG_BYTES} bytes; this is not a tandem config")));
+            return Err(invalid(
+                "(file)",
+                format!("larger than {MAX_CONFIG_BYTES} bytes; this is not a tandem config"),
+            ));
         }
         Config::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let raw: RawFile =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })?;
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
         let name = raw.resource.name.trim().to_string();
-        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(invalid(
                 "resource.name",
-                format!("\"{}\" is not a valid name; use 1-64 characters of A-Z a-z 0-9 - _ .", raw.resource.name),
+                format!(
+                    "\"{}\" is not a valid name; use 1-64 characters of A-Z a-z 0-9 - _ .",
+                    raw.resource.name
+                ),
             ));
         }
         let protocol = match raw.resource.protocol.trim() {
             "A" | "a" => Protocol::A,
             "B" | "b" => Protocol::B,
             "C" | "c" => Protocol::C,
-            other => return Err(invalid("resource.protocol", format!("\"{other}\" is not a protocol; use \"A\", \"B\" or \"C\""))),
+            other => {
+                return Err(invalid(
+                    "resource.protocol",
+                    format!("\"{other}\" is not a protocol; use \"A\", \"B\" or \"C\""),
+                ))
+            }
         };
         let size_bytes = match &raw.resource.size {
             None => None,
@@ -290,7 +340,9 @@ impl Config {
                 if bytes == 0 || bytes % 4096 != 0 || bytes > MAX_VOLUME_BYTES {
                     return Err(invalid(
                         "resource.size",
-                        format!("{bytes} bytes: a size must be a non-zero multiple of 4KiB up to 1PiB"),
+                        format!(
+                            "{bytes} bytes: a size must be a non-zero multiple of 4KiB up to 1PiB"
+                        ),
                     ));
                 }
                 Some(bytes)
@@ -298,48 +350,120 @@ impl Config {
         };
         let n = &raw.net;
         let net = NetConfig {
-            ping_interval: Duration::from_secs(ranged("net.ping-int", n.ping_int, 10, 1, 120, "seconds")?),
-            ping_timeout: Duration::from_millis(100 * ranged("net.ping-timeout", n.ping_timeout, 5, 1, 300, "tenths of a second")?),
-            connect_interval: Duration::from_secs(ranged("net.connect-int", n.connect_int, 10, 1, 120, "seconds")?),
-            timeout: Duration::from_millis(100 * ranged("net.timeout", n.timeout, 60, 1, 600, "tenths of a second")?),
-            max_buffers: u32::try_from(ranged("net.max-buffers", n.max_buffers, 2048, 32, 131072, "writes")?)
-                .map_err(|_| invalid("net.max-buffers", "too large"))?,
-            max_epoch_size: u32::try_from(ranged("net.max-epoch-size", n.max_epoch_size, 2048, 1, 20000, "writes")?)
-                .map_err(|_| invalid("net.max-epoch-size", "too large"))?,
+            ping_interval: Duration::from_secs(ranged(
+                "net.ping-int",
+                n.ping_int,
+                10,
+                1,
+                120,
+                "seconds",
+            )?),
+            ping_timeout: Duration::from_millis(
+                100 * ranged(
+                    "net.ping-timeout",
+                    n.ping_timeout,
+                    5,
+                    1,
+                    300,
+                    "tenths of a second",
+                )?,
+            ),
+            connect_interval: Duration::from_secs(ranged(
+                "net.connect-int",
+                n.connect_int,
+                10,
+                1,
+                120,
+                "seconds",
+            )?),
+            timeout: Duration::from_millis(
+                100 * ranged("net.timeout", n.timeout, 60, 1, 600, "tenths of a second")?,
+            ),
+            max_buffers: u32::try_from(ranged(
+                "net.max-buffers",
+                n.max_buffers,
+                2048,
+                32,
+                131072,
+                "writes",
+            )?)
+            .map_err(|_| invalid("net.max-buffers", "too large"))?,
+            max_epoch_size: u32::try_from(ranged(
+                "net.max-epoch-size",
+                n.max_epoch_size,
+                2048,
+                1,
+                20000,
+                "writes",
+            )?)
+            .map_err(|_| invalid("net.max-epoch-size", "too large"))?,
             sndbuf_size: buf_size("net.sndbuf-size", n.sndbuf_size.as_ref())?,
             rcvbuf_size: buf_size("net.rcvbuf-size", n.rcvbuf_size.as_ref())?,
         };
         if net.ping_timeout >= net.ping_interval {
-            return Err(invalid("net.ping-timeout", "must be shorter than net.ping-int"));
+            return Err(invalid(
+                "net.ping-timeout",
+                "must be shorter than net.ping-int",
+            ));
         }
         if raw.nodes.len() != MAX_NODES {
             return Err(invalid(
                 "node",
-                format!("{} [[node]] sections; a resource needs exactly two (this node and its peer)", raw.nodes.len()),
+                format!(
+                    "{} [[node]] sections; a resource needs exactly two (this node and its peer)",
+                    raw.nodes.len()
+                ),
             ));
         }
         let mut nodes = Vec::with_capacity(MAX_NODES);
         for (i, rn) in raw.nodes.into_iter().enumerate() {
             let key = |k: &str| format!("node[{i}].{k}");
             let node_name = rn.name.trim().to_string();
-            if node_name.is_empty() || node_name.len() > 64 || !node_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(invalid(key("name"), format!("\"{}\" is not a valid node name; use 1-64 characters of A-Z a-z 0-9 - _ .", rn.name)));
+            if node_name.is_empty()
+                || node_name.len() > 64
+                || !node_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "\"{}\" is not a valid node name; use 1-64 characters of A-Z a-z 0-9 - _ .",
+                        rn.name
+                    ),
+                ));
             }
-            let address: SocketAddr = rn
-                .address
-                .parse()
-                .map_err(|_| invalid(key("address"), format!("\"{}\" is not an address; write IP:PORT, e.g. \"10.0.0.1:7789\"", rn.address)))?;
+            let address: SocketAddr = rn.address.parse().map_err(|_| {
+                invalid(
+                    key("address"),
+                    format!(
+                        "\"{}\" is not an address; write IP:PORT, e.g. \"10.0.0.1:7789\"",
+                        rn.address
+                    ),
+                )
+            })?;
             if address.port() == 0 {
-                return Err(invalid(key("address"), "port 0 is not a listening port; pick one, e.g. 7789"));
+                return Err(invalid(
+                    key("address"),
+                    "port 0 is not a listening port; pick one, e.g. 7789",
+                ));
             }
             let nbd_listen = match rn.nbd_listen {
                 None => None,
                 Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
-                    invalid(key("nbd-listen"), format!("\"{s}\" is not an address; write IP:PORT, e.g. \"127.0.0.1:10809\""))
+                    invalid(
+                        key("nbd-listen"),
+                        format!(
+                            "\"{s}\" is not an address; write IP:PORT, e.g. \"127.0.0.1:10809\""
+                        ),
+                    )
                 })?),
             };
             if rn.disk.as_os_str().is_empty() {
-                return Err(invalid(key("disk"), "empty path; name a backing file or block device"));
+                return Err(invalid(
+                    key("disk"),
+                    "empty path; name a backing file or block device",
+                ));
             }
             let mgmt_socket = rn
                 .mgmt_socket
@@ -355,15 +479,35 @@ impl Config {
             });
         }
         if nodes[0].name == nodes[1].name {
-            return Err(invalid("node[1].name", format!("\"{}\" is used twice; node names must differ", nodes[1].name)));
+            return Err(invalid(
+                "node[1].name",
+                format!(
+                    "\"{}\" is used twice; node names must differ",
+                    nodes[1].name
+                ),
+            ));
         }
         if nodes[0].address == nodes[1].address {
-            return Err(invalid("node[1].address", "both nodes listen on the same address; give each its own port or IP"));
+            return Err(invalid(
+                "node[1].address",
+                "both nodes listen on the same address; give each its own port or IP",
+            ));
         }
         if nodes.iter().all(|n| n.role == InitialRole::Primary) {
-            return Err(invalid("node[1].role", "both nodes are primary; only one node may start as primary"));
+            return Err(invalid(
+                "node[1].role",
+                "both nodes are primary; only one node may start as primary",
+            ));
         }
-        Ok(Config { resource: ResourceConfig { name, protocol, size_bytes }, net, nodes })
+        Ok(Config {
+            resource: ResourceConfig {
+                name,
+                protocol,
+                size_bytes,
+            },
+            net,
+            nodes,
+        })
     }
 
     /// This node and its peer, by this node's name.
@@ -375,7 +519,11 @@ impl Config {
                 "--node",
                 format!(
                     "no node named \"{me}\" in this config; it has {}",
-                    self.nodes.iter().map(|n| format!("\"{}\"", n.name)).collect::<Vec<_>>().join(" and ")
+                    self.nodes
+                        .iter()
+                        .map(|n| format!("\"{}\"", n.name))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
                 ),
             )),
         }
@@ -457,7 +605,11 @@ mod tests {
         let bad_addr = two_nodes("", "").replace("127.0.0.1:7790", "nowhere");
         assert!(err(&bad_addr).contains("node[1].address"));
         let c = Config::parse(&two_nodes("", ""), "t").expect("valid");
-        assert!(c.split("zed").unwrap_err().to_string().contains("\"a\" and \"b\""));
+        assert!(c
+            .split("zed")
+            .unwrap_err()
+            .to_string()
+            .contains("\"a\" and \"b\""));
     }
 
     #[test]
@@ -472,13 +624,24 @@ mod tests {
 
     #[test]
     fn demo_config_is_valid() {
-        let c = Config::parse(&Config::demo_text(Path::new("/tmp/x"), "256MiB", "C"), "demo").expect("demo");
+        let c = Config::parse(
+            &Config::demo_text(Path::new("/tmp/x"), "256MiB", "C"),
+            "demo",
+        )
+        .expect("demo");
         assert_eq!(c.resource.size_bytes, Some(256 << 20));
     }
 
     #[test]
     fn hostile_text_never_panics() {
-        for text in ["", "\0\0\0", "[resource", "[[node]]\n[[node]]\n[[node]]", "resource = 5", "[resource]\nname = 5"] {
+        for text in [
+            "",
+            "\0\0\0",
+            "[resource",
+            "[[node]]\n[[node]]\n[[node]]",
+            "resource = 5",
+            "[resource]\nname = 5",
+        ] {
             assert!(Config::parse(text, "t").is_err());
         }
     }

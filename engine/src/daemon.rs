@@ -26,7 +26,11 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -50,7 +54,10 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
     let (me, peer) = (me.clone(), peer.clone());
     let store = Store::open(
         &me.disk,
-        &StoreOptions { create_size_bytes: config.resource.size_bytes, ..StoreOptions::default() },
+        &StoreOptions {
+            create_size_bytes: config.resource.size_bytes,
+            ..StoreOptions::default()
+        },
     )
     .with_context(|| format!("node {}: cannot open disk {}", me.name, me.disk.display()))?;
     let rt = runtime()?;
@@ -62,19 +69,44 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
         }
         let mut tasks = tokio::task::JoinSet::new();
 
-        let listener = mgmt::bind(&me.mgmt_socket)
-            .with_context(|| format!("cannot bind management socket {}", me.mgmt_socket.display()))?;
-        tasks.spawn(mgmt::serve(listener, me.mgmt_socket.clone(), volume.clone(), shutdown_rx.clone()));
+        let listener = mgmt::bind(&me.mgmt_socket).with_context(|| {
+            format!("cannot bind management socket {}", me.mgmt_socket.display())
+        })?;
+        tasks.spawn(mgmt::serve(
+            listener,
+            me.mgmt_socket.clone(),
+            volume.clone(),
+            shutdown_rx.clone(),
+        ));
 
         if let Some(path) = &me.nbd_socket {
-            let l = NbdListener::bind_unix(path).with_context(|| format!("cannot bind NBD socket {}", path.display()))?;
-            tasks.spawn(serve_nbd(l, volume.clone(), nbd_options(&config), shutdown_rx.clone()));
+            let l = NbdListener::bind_unix(path)
+                .with_context(|| format!("cannot bind NBD socket {}", path.display()))?;
+            tasks.spawn(serve_nbd(
+                l,
+                volume.clone(),
+                nbd_options(&config),
+                shutdown_rx.clone(),
+            ));
         }
         if let Some(addr) = me.nbd_listen {
-            let l = NbdListener::bind_tcp(addr).await.with_context(|| format!("cannot listen for NBD on {addr}"))?;
-            tasks.spawn(serve_nbd(l, volume.clone(), nbd_options(&config), shutdown_rx.clone()));
+            let l = NbdListener::bind_tcp(addr)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {addr}"))?;
+            tasks.spawn(serve_nbd(
+                l,
+                volume.clone(),
+                nbd_options(&config),
+                shutdown_rx.clone(),
+            ));
         }
-        tasks.spawn(crate::net::run(volume.clone(), config.clone(), me.clone(), peer.clone(), shutdown_rx.clone()));
+        tasks.spawn(crate::net::run(
+            volume.clone(),
+            config.clone(),
+            me.clone(),
+            peer.clone(),
+            shutdown_rx.clone(),
+        ));
 
         tracing::info!(
             "node {} of resource {} up: disk {} ({} bytes), replication on {}, peer {} at {}",
@@ -103,10 +135,18 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn nbd_options(config: &Config) -> NbdOptions {
-    NbdOptions { export_name: config.resource.name.clone(), ..Default::default() }
+    NbdOptions {
+        export_name: config.resource.name.clone(),
+        ..Default::default()
+    }
 }
 
-async fn serve_nbd(l: NbdListener, volume: Arc<Volume>, opts: NbdOptions, rx: tokio::sync::watch::Receiver<bool>) {
+async fn serve_nbd(
+    l: NbdListener,
+    volume: Arc<Volume>,
+    opts: NbdOptions,
+    rx: tokio::sync::watch::Receiver<bool>,
+) {
     if let Err(e) = l.serve(volume, opts, rx).await {
         tracing::error!("NBD server stopped: {e}");
     }
@@ -114,7 +154,10 @@ async fn serve_nbd(l: NbdListener, volume: Arc<Volume>, opts: NbdOptions, rx: to
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stopping");
         return;
     };
@@ -133,11 +176,17 @@ fn pick_local_node(config: &Config) -> anyhow::Result<String> {
         .collect();
     match local.as_slice() {
         [one] => Ok(one.name.clone()),
-        _ => bail!("cannot tell which node this is (both or neither address is local); pass --node NAME"),
+        _ => bail!(
+            "cannot tell which node this is (both or neither address is local); pass --node NAME"
+        ),
     }
 }
 
-fn socket_from(socket: Option<PathBuf>, config: Option<PathBuf>, node: Option<&str>) -> anyhow::Result<PathBuf> {
+fn socket_from(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    node: Option<&str>,
+) -> anyhow::Result<PathBuf> {
     match (socket, config, node) {
         (Some(s), _, _) => Ok(s),
         (None, Some(c), Some(n)) => {
@@ -149,16 +198,32 @@ fn socket_from(socket: Option<PathBuf>, config: Option<PathBuf>, node: Option<&s
 }
 
 fn call(socket: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let reply = rt.block_on(mgmt::call(socket, &serde_json::json!({ "cmd": cmd }), CLI_TIMEOUT))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = rt.block_on(mgmt::call(
+        socket,
+        &serde_json::json!({ "cmd": cmd }),
+        CLI_TIMEOUT,
+    ))?;
     if reply["ok"] != true {
-        bail!("{}", reply["error"].as_str().unwrap_or("the node refused the command"));
+        bail!(
+            "{}",
+            reply["error"]
+                .as_str()
+                .unwrap_or("the node refused the command")
+        );
     }
     Ok(reply)
 }
 
 /// `tandem status`.
-pub fn cli_status(socket: Option<PathBuf>, config: Option<PathBuf>, node: Option<&str>, json: bool) -> anyhow::Result<()> {
+pub fn cli_status(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    node: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
     let socket = socket_from(socket, config, node)?;
     let reply = call(&socket, "status")?;
     let s = &reply["status"];
@@ -168,7 +233,12 @@ pub fn cli_status(socket: Option<PathBuf>, config: Option<PathBuf>, node: Option
     }
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
     println!("{} role:{}", str_of(&s["resource"]), str_of(&s["role"]));
-    println!("  disk:{} size:{} protocol:{}", str_of(&s["disk"]), s["size_bytes"], str_of(&s["protocol"]));
+    println!(
+        "  disk:{} size:{} protocol:{}",
+        str_of(&s["disk"]),
+        s["size_bytes"],
+        str_of(&s["protocol"])
+    );
     println!(
         "  in-flight-writes:{} bytes-replicated:{} out-of-sync:{}",
         s["in_flight_writes"], s["bytes_replicated"], s["out_of_sync_bytes"]
@@ -218,11 +288,33 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
         call(&primary.mgmt_socket, "status").is_ok_and(|r| r["status"]["connection"] == "Connected")
     });
-    let nbd = primary.nbd_socket.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    println!("tandem demo: resource \"demo\", {size}, protocol {protocol}, files and logs in {}", dir.display());
-    println!("  alpha (Primary)   disk {}/alpha.img  mgmt {}", dir.display(), primary.mgmt_socket.display());
-    println!("  beta  (Secondary) disk {}/beta.img   mgmt {}", dir.display(), config.nodes[1].mgmt_socket.display());
-    println!("  replication: {}", if connected { "Connected" } else { "not connected yet (see the logs)" });
+    let nbd = primary
+        .nbd_socket
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!(
+        "tandem demo: resource \"demo\", {size}, protocol {protocol}, files and logs in {}",
+        dir.display()
+    );
+    println!(
+        "  alpha (Primary)   disk {}/alpha.img  mgmt {}",
+        dir.display(),
+        primary.mgmt_socket.display()
+    );
+    println!(
+        "  beta  (Secondary) disk {}/beta.img   mgmt {}",
+        dir.display(),
+        config.nodes[1].mgmt_socket.display()
+    );
+    println!(
+        "  replication: {}",
+        if connected {
+            "Connected"
+        } else {
+            "not connected yet (see the logs)"
+        }
+    );
     println!();
     println!("Point a client at the Primary's NBD export:");
     println!("  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
@@ -230,12 +322,17 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
     println!("  nbdinfo 'nbd://127.0.0.1:10809/demo'");
     println!("  tandem status --socket {}", primary.mgmt_socket.display());
     println!("Ctrl-C stops both nodes.");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(wait_for_signal());
     for child in &mut children {
         if let Ok(pid) = i32::try_from(child.id()) {
             // Ask the child to stop cleanly (SIGTERM), as systemd would.
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
     }
     for child in &mut children {

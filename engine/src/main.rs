@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "tandem", version, about = "Userspace block replication with a DRBD-compatible data path")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Userspace block replication with a DRBD-compatible data path"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -72,14 +76,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Up { config, node } => tandem_engine::daemon::run_node(&config, node.as_deref()),
-        Cmd::Status { socket, config, node, json } => {
-            tandem_engine::daemon::cli_status(socket, config, node.as_deref(), json)
-        }
+        Cmd::Status {
+            socket,
+            config,
+            node,
+            json,
+        } => tandem_engine::daemon::cli_status(socket, config, node.as_deref(), json),
         Cmd::Primary(s) => tandem_engine::daemon::cli_command(&s.socket, "primary"),
         Cmd::Secondary(s) => tandem_engine::daemon::cli_command(&s.socket, "secondary"),
         Cmd::Disconnect(s) => tandem_engine::daemon::cli_command(&s.socket, "disconnect"),
         Cmd::Connect(s) => tandem_engine::daemon::cli_command(&s.socket, "connect"),
-        Cmd::Demo { dir, size, protocol } => tandem_engine::daemon::run_demo(&dir, &size, &protocol),
+        Cmd::Demo {
+            dir,
+            size,
+            protocol,
+        } => tandem_engine::daemon::run_demo(&dir, &size, &protocol),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

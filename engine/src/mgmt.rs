@@ -51,22 +51,25 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(line).map_err(|_| format!("request is not UTF-8; {HINT}"))?;
     let value: serde_json::Value =
         serde_json::from_str(text.trim()).map_err(|e| format!("invalid JSON ({e}); {HINT}"))?;
-    let obj = value.as_object().ok_or_else(|| format!("request is not an object; {HINT}"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("request is not an object; {HINT}"))?;
     if let Some(key) = obj.keys().find(|k| k.as_str() != "cmd") {
         return Err(format!("unknown key \"{key}\" in request; {HINT}"));
     }
-    let cmd = obj.get("cmd").and_then(|c| c.as_str()).ok_or_else(|| format!("no \"cmd\" string; {HINT}"))?;
+    let cmd = obj
+        .get("cmd")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| format!("no \"cmd\" string; {HINT}"))?;
     Ok(match cmd {
         "status" => Request::Status,
         "primary" => Request::Primary,
         "secondary" => Request::Secondary,
         "disconnect" => Request::Disconnect,
         "connect" => Request::Connect,
-        other => {
-            return Err(format!(
-                "unknown command \"{other}\"; known: status, primary, secondary, connect, disconnect"
-            ))
-        }
+        other => return Err(format!(
+            "unknown command \"{other}\"; known: status, primary, secondary, connect, disconnect"
+        )),
     })
 }
 
@@ -91,7 +94,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         if !meta.file_type().is_socket() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; remove it or choose another mgmt-socket", path.display()),
+                format!(
+                    "{} exists and is not a socket; remove it or choose another mgmt-socket",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(path)?;
@@ -129,7 +135,10 @@ pub async fn serve(
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == 0 || cred.uid() == owner_uid => {}
             Ok(cred) => {
-                tracing::warn!("mgmt: refused connection from uid {} (only root or uid {owner_uid})", cred.uid());
+                tracing::warn!(
+                    "mgmt: refused connection from uid {} (only root or uid {owner_uid})",
+                    cred.uid()
+                );
                 continue;
             }
             Err(e) => {
@@ -184,18 +193,30 @@ async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) {
 }
 
 /// Reads one line (without the newline) of at most MAX_LINE_BYTES. `Err("")` on clean EOF.
-async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R, line: &mut Vec<u8>) -> Result<(), String> {
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
+    rd: &mut R,
+    line: &mut Vec<u8>,
+) -> Result<(), String> {
     loop {
-        let buf = rd.fill_buf().await.map_err(|e| format!("read error: {e}"))?;
+        let buf = rd
+            .fill_buf()
+            .await
+            .map_err(|e| format!("read error: {e}"))?;
         if buf.is_empty() {
-            return if line.is_empty() { Err(String::new()) } else { Ok(()) };
+            return if line.is_empty() {
+                Err(String::new())
+            } else {
+                Ok(())
+            };
         }
         let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
             Some(i) => (i, true),
             None => (buf.len(), false),
         };
         if line.len() + chunk > MAX_LINE_BYTES {
-            return Err(format!("request line longer than {MAX_LINE_BYTES} bytes (malformed)"));
+            return Err(format!(
+                "request line longer than {MAX_LINE_BYTES} bytes (malformed)"
+            ));
         }
         line.extend_from_slice(&buf[..chunk]);
         rd.consume(if found { chunk + 1 } else { chunk });
@@ -206,7 +227,11 @@ async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R, line:
 }
 
 /// Sends one request to a management socket and returns the reply object (client side).
-pub async fn call(path: &Path, req: &serde_json::Value, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+pub async fn call(
+    path: &Path,
+    req: &serde_json::Value,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
     let fut = async {
         let mut s = UnixStream::connect(path).await?;
         let mut line = req.to_string().into_bytes();
@@ -214,7 +239,9 @@ pub async fn call(path: &Path, req: &serde_json::Value, timeout: Duration) -> an
         s.write_all(&line).await?;
         let mut rd = BufReader::new(s);
         let mut reply = Vec::new();
-        read_line_bounded(&mut rd, &mut reply).await.map_err(|e| anyhow::anyhow!("no reply: {e}"))?;
+        read_line_bounded(&mut rd, &mut reply)
+            .await
+            .map_err(|e| anyhow::anyhow!("no reply: {e}"))?;
         let v: serde_json::Value = serde_json::from_slice(&reply)?;
         anyhow::Ok(v)
     };
@@ -231,8 +258,18 @@ mod tests {
     #[test]
     fn requests_parse_and_garbage_is_refused() {
         assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
-        assert_eq!(parse_request(br#" {"cmd":"primary"} "#), Ok(Request::Primary));
-        for bad in [&b"status"[..], b"{}", br#"{"cmd":"explode"}"#, br#"{"cmd":"status","x":1}"#, b"\xff\xfe", b"[1,2"] {
+        assert_eq!(
+            parse_request(br#" {"cmd":"primary"} "#),
+            Ok(Request::Primary)
+        );
+        for bad in [
+            &b"status"[..],
+            b"{}",
+            br#"{"cmd":"explode"}"#,
+            br#"{"cmd":"status","x":1}"#,
+            b"\xff\xfe",
+            b"[1,2",
+        ] {
             assert!(parse_request(bad).is_err(), "{bad:?}");
         }
     }
@@ -243,7 +280,8 @@ mod tests {
         assert_eq!(ok.iter().filter(|&&b| b == b'\n').count(), 1);
         let v: serde_json::Value = serde_json::from_slice(&ok).expect("json");
         assert_eq!(v["ok"], true);
-        let err: serde_json::Value = serde_json::from_slice(&reply_line(Err("no".into()))).expect("json");
+        let err: serde_json::Value =
+            serde_json::from_slice(&reply_line(Err("no".into()))).expect("json");
         assert_eq!(err["ok"], false);
         assert_eq!(err["error"], "no");
     }
@@ -257,6 +295,9 @@ mod tests {
         let big = vec![b'a'; MAX_LINE_BYTES + 10];
         let mut rd = BufReader::new(&big[..]);
         let mut line = Vec::new();
-        assert!(read_line_bounded(&mut rd, &mut line).await.unwrap_err().contains("longer"));
+        assert!(read_line_bounded(&mut rd, &mut line)
+            .await
+            .unwrap_err()
+            .contains("longer"));
     }
 }

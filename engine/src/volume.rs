@@ -27,8 +27,8 @@ use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
 use crate::net::handshake::LocalParams;
 use crate::net::{Link, Outgoing};
 use crate::request::{
-    self, Error as CoreError, Primary, PrimaryConfig, PrimaryOutput, Receiver, ReceiverConfig, ReceiverOutput,
-    WriteKind,
+    self, Error as CoreError, Primary, PrimaryConfig, PrimaryOutput, Receiver, ReceiverConfig,
+    ReceiverOutput, WriteKind,
 };
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
@@ -98,11 +98,32 @@ struct Inner {
 
 /// IO to start after the lock is released.
 enum Effect {
-    PrimaryLocal { tag: u64, sector: u64, len: u32, kind: WriteKind, fua: bool, buf: Option<Arc<AlignedBuf>> },
-    PrimaryFlush { tag: u64 },
-    ReceiverLocal { token: u64, sector: u64, len: u32, kind: WriteKind, fua: bool, buf: Option<AlignedBuf> },
-    ReceiverFlush { token: u64 },
-    Complete { done: oneshot::Sender<Result<(), BlockError>>, result: Result<(), BlockError> },
+    PrimaryLocal {
+        tag: u64,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+        buf: Option<Arc<AlignedBuf>>,
+    },
+    PrimaryFlush {
+        tag: u64,
+    },
+    ReceiverLocal {
+        token: u64,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+        buf: Option<AlignedBuf>,
+    },
+    ReceiverFlush {
+        token: u64,
+    },
+    Complete {
+        done: oneshot::Sender<Result<(), BlockError>>,
+        result: Result<(), BlockError>,
+    },
 }
 
 /// One replicated volume.
@@ -122,7 +143,10 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("resource", &self.resource).field("node", &self.node).finish()
+        f.debug_struct("Volume")
+            .field("resource", &self.resource)
+            .field("node", &self.node)
+            .finish()
     }
 }
 
@@ -132,10 +156,18 @@ fn core_err(e: CoreError) -> String {
 
 impl Volume {
     /// A volume over `store`, Secondary and not connected.
-    pub fn new(config: &Config, me: &NodeConfig, peer: &NodeConfig, store: Store) -> anyhow::Result<Arc<Volume>> {
+    pub fn new(
+        config: &Config,
+        me: &NodeConfig,
+        peer: &NodeConfig,
+        store: Store,
+    ) -> anyhow::Result<Arc<Volume>> {
         let size_bytes = store.size_bytes() / SECTOR_SIZE as u64 * SECTOR_SIZE as u64;
         if size_bytes == 0 {
-            anyhow::bail!("disk {} is empty; give it a size (resource.size) or use another device", me.disk.display());
+            anyhow::bail!(
+                "disk {} is empty; give it a size (resource.size) or use another device",
+                me.disk.display()
+            );
         }
         let sectors = size_bytes / SECTOR_SIZE as u64;
         let max_buffers = config.net.max_buffers as usize;
@@ -183,7 +215,9 @@ impl Volume {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock is a bug that already aborted a task; the state
         // machine itself never leaves a half-applied input (its inputs are atomic).
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Exported size, bytes.
@@ -204,7 +238,10 @@ impl Volume {
                     return Ok(());
                 }
                 if inner.link.is_some() && inner.peer_role == Role::Primary {
-                    return Err("the peer is Primary; make it Secondary first (tandem allows one Primary)".into());
+                    return Err(
+                        "the peer is Primary; make it Secondary first (tandem allows one Primary)"
+                            .into(),
+                    );
                 }
                 if inner.receiver.stats().active_writes > 0 {
                     return Err("peer writes are still being applied; retry".into());
@@ -236,7 +273,11 @@ impl Volume {
         let kill = {
             let mut g = self.lock();
             g.standalone = standalone;
-            if standalone { g.kill.clone() } else { None }
+            if standalone {
+                g.kill.clone()
+            } else {
+                None
+            }
         };
         if let Some(k) = kill {
             k.notify_one();
@@ -329,21 +370,32 @@ impl Volume {
             inner.kill = None;
             inner.peer_role = Role::Unknown;
             inner.peer_disk = DiskState::DUnknown;
-            inner.conn = if inner.standalone { ConnState::StandAlone } else { ConnState::NetworkFailure };
+            inner.conn = if inner.standalone {
+                ConnState::StandAlone
+            } else {
+                ConnState::NetworkFailure
+            };
             inner.primary.connection_lost();
             self.drain_primary(inner, &mut effects);
             inner.receiver.connection_lost();
             self.drain_receiver(inner, &mut effects);
             let oos = inner.primary.out_of_sync_bytes();
             if oos > 0 {
-                tracing::warn!("peer {} disconnected; {oos} bytes out of sync", self.peer_node);
+                tracing::warn!(
+                    "peer {} disconnected; {oos} bytes out of sync",
+                    self.peer_node
+                );
             }
         }
         self.accept.notify_one();
         self.run(effects);
     }
 
-    fn with_session<T>(&self, session: u64, f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>) -> Result<T, String>) -> Result<Option<T>, String> {
+    fn with_session<T>(
+        &self,
+        session: u64,
+        f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>) -> Result<T, String>,
+    ) -> Result<Option<T>, String> {
         let mut effects = Vec::new();
         let out = {
             let mut g = self.lock();
@@ -374,7 +426,9 @@ impl Volume {
             }
             let r = match cmd {
                 Command::P_RECV_ACK => inner.primary.peer_recv_ack(ack.block_id),
-                Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => inner.primary.peer_write_ack(ack.block_id),
+                Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => {
+                    inner.primary.peer_write_ack(ack.block_id)
+                }
                 Command::P_NEG_ACK => inner.primary.peer_neg_ack(ack.block_id),
                 other => return Err(format!("unexpected {} on the meta socket", other.name())),
             };
@@ -425,7 +479,9 @@ impl Volume {
             let notified = self.accept.notified();
             let outcome = self.with_session(session, |v, inner, fx| {
                 if inner.role == Role::Primary {
-                    return Err("the peer sent a write but this node is Primary (two primaries)".into());
+                    return Err(
+                        "the peer sent a write but this node is Primary (two primaries)".into(),
+                    );
                 }
                 if !inner.receiver.can_accept() {
                     return Ok(false);
@@ -468,7 +524,9 @@ impl Volume {
             Ok(()) => true,
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                tracing::error!("send queue full (a bound was miscomputed); dropping the connection");
+                tracing::error!(
+                    "send queue full (a bound was miscomputed); dropping the connection"
+                );
                 false
             }
         }
@@ -497,7 +555,15 @@ impl Volume {
         };
         if let Ok(word) = bits.pack() {
             if let Some(bytes) = Self::encode(&inner.link, &Packet::State(word)) {
-                Self::queue(&inner.link, true, Outgoing { bytes, data: None, sent_id: None });
+                Self::queue(
+                    &inner.link,
+                    true,
+                    Outgoing {
+                        bytes,
+                        data: None,
+                        sent_id: None,
+                    },
+                );
             }
         }
     }
@@ -506,19 +572,58 @@ impl Volume {
         let outputs: Vec<PrimaryOutput> = inner.primary.drain_outputs().collect();
         for o in outputs {
             match o {
-                PrimaryOutput::SubmitLocal { tag, id, sector, len, kind, fua } => {
+                PrimaryOutput::SubmitLocal {
+                    tag,
+                    id,
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                } => {
                     let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
-                    fx.push(Effect::PrimaryLocal { tag, sector, len, kind, fua, buf });
+                    fx.push(Effect::PrimaryLocal {
+                        tag,
+                        sector,
+                        len,
+                        kind,
+                        fua,
+                        buf,
+                    });
                 }
                 PrimaryOutput::SubmitLocalFlush { tag } => fx.push(Effect::PrimaryFlush { tag }),
-                PrimaryOutput::SendWrite { block_id, id, sector, len, kind, dp_flags } => {
-                    let Some(link) = inner.link.as_ref() else { continue };
-                    let head = wire::DataHeader { sector, block_id, seq_num: 0, dp_flags };
+                PrimaryOutput::SendWrite {
+                    block_id,
+                    id,
+                    sector,
+                    len,
+                    kind,
+                    dp_flags,
+                } => {
+                    let Some(link) = inner.link.as_ref() else {
+                        continue;
+                    };
+                    let head = wire::DataHeader {
+                        sector,
+                        block_id,
+                        seq_num: 0,
+                        dp_flags,
+                    };
                     let mut bytes = Vec::with_capacity(48);
                     let (encoded, data) = match kind {
                         WriteKind::Data => {
                             let data = inner.pending.get(&id).and_then(|p| p.buf.clone());
-                            (wire::encode_data_header(Command::P_DATA, &head, &[], len, &link.ctx, 0, &mut bytes), data)
+                            (
+                                wire::encode_data_header(
+                                    Command::P_DATA,
+                                    &head,
+                                    &[],
+                                    len,
+                                    &link.ctx,
+                                    0,
+                                    &mut bytes,
+                                ),
+                                data,
+                            )
                         }
                         WriteKind::Discard | WriteKind::Zeroes { .. } => {
                             let zeroes = matches!(kind, WriteKind::Zeroes { .. });
@@ -527,23 +632,59 @@ impl Volume {
                             } else {
                                 Command::P_TRIM
                             };
-                            (wire::encode(&Packet::Trim { cmd, head, size: len }, &link.ctx, 0, &mut bytes), None)
+                            (
+                                wire::encode(
+                                    &Packet::Trim {
+                                        cmd,
+                                        head,
+                                        size: len,
+                                    },
+                                    &link.ctx,
+                                    0,
+                                    &mut bytes,
+                                ),
+                                None,
+                            )
                         }
                     };
                     if let Err(e) = encoded {
-                        tracing::error!("cannot encode a write of {len} bytes at sector {sector}: {e}");
+                        tracing::error!(
+                            "cannot encode a write of {len} bytes at sector {sector}: {e}"
+                        );
                         continue;
                     }
                     let sent_id = (self.protocol == Protocol::A).then_some(block_id);
-                    if Self::queue(&inner.link, true, Outgoing { bytes, data, sent_id }) {
+                    if Self::queue(
+                        &inner.link,
+                        true,
+                        Outgoing {
+                            bytes,
+                            data,
+                            sent_id,
+                        },
+                    ) {
                         inner.bytes_replicated += u64::from(len);
                     } else if let Some(k) = &inner.kill {
                         k.notify_one();
                     }
                 }
                 PrimaryOutput::SendBarrier { nr } => {
-                    if let Some(bytes) = Self::encode(&inner.link, &Packet::Barrier(wire::Barrier { barrier: nr, pad: 0 })) {
-                        if !Self::queue(&inner.link, true, Outgoing { bytes, data: None, sent_id: None }) {
+                    if let Some(bytes) = Self::encode(
+                        &inner.link,
+                        &Packet::Barrier(wire::Barrier {
+                            barrier: nr,
+                            pad: 0,
+                        }),
+                    ) {
+                        if !Self::queue(
+                            &inner.link,
+                            true,
+                            Outgoing {
+                                bytes,
+                                data: None,
+                                sent_id: None,
+                            },
+                        ) {
                             if let Some(k) = &inner.kill {
                                 k.notify_one();
                             }
@@ -569,12 +710,30 @@ impl Volume {
         for o in outputs {
             let ack = |cmd: Command, block_id: u64, sector: u64, len: u32| Packet::BlockAck {
                 cmd,
-                ack: wire::BlockAck { sector, block_id, blksize: len, seq_num: 0 },
+                ack: wire::BlockAck {
+                    sector,
+                    block_id,
+                    blksize: len,
+                    seq_num: 0,
+                },
             };
             let pkt = match o {
-                ReceiverOutput::SubmitLocal { token, sector, len, kind, fua } => {
+                ReceiverOutput::SubmitLocal {
+                    token,
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                } => {
                     let buf = inner.peer_bufs.remove(&token);
-                    fx.push(Effect::ReceiverLocal { token, sector, len, kind, fua, buf });
+                    fx.push(Effect::ReceiverLocal {
+                        token,
+                        sector,
+                        len,
+                        kind,
+                        fua,
+                        buf,
+                    });
                     continue;
                 }
                 ReceiverOutput::SubmitLocalFlush { token } => {
@@ -592,15 +751,38 @@ impl Volume {
                     }
                     continue;
                 }
-                ReceiverOutput::SendRecvAck { block_id, sector, len } => ack(Command::P_RECV_ACK, block_id, sector, len),
-                ReceiverOutput::SendWriteAck { block_id, sector, len } => ack(Command::P_WRITE_ACK, block_id, sector, len),
-                ReceiverOutput::SendNegAck { block_id, sector, len } => ack(Command::P_NEG_ACK, block_id, sector, len),
+                ReceiverOutput::SendRecvAck {
+                    block_id,
+                    sector,
+                    len,
+                } => ack(Command::P_RECV_ACK, block_id, sector, len),
+                ReceiverOutput::SendWriteAck {
+                    block_id,
+                    sector,
+                    len,
+                } => ack(Command::P_WRITE_ACK, block_id, sector, len),
+                ReceiverOutput::SendNegAck {
+                    block_id,
+                    sector,
+                    len,
+                } => ack(Command::P_NEG_ACK, block_id, sector, len),
                 ReceiverOutput::SendBarrierAck { nr, set_size } => {
-                    Packet::BarrierAck(wire::BarrierAck { barrier: nr, set_size })
+                    Packet::BarrierAck(wire::BarrierAck {
+                        barrier: nr,
+                        set_size,
+                    })
                 }
             };
             if let Some(bytes) = Self::encode(&inner.link, &pkt) {
-                if !Self::queue(&inner.link, false, Outgoing { bytes, data: None, sent_id: None }) {
+                if !Self::queue(
+                    &inner.link,
+                    false,
+                    Outgoing {
+                        bytes,
+                        data: None,
+                        sent_id: None,
+                    },
+                ) {
                     if let Some(k) = &inner.kill {
                         k.notify_one();
                     }
@@ -619,10 +801,19 @@ impl Volume {
                 Effect::Complete { done, result } => {
                     let _ = done.send(result);
                 }
-                Effect::PrimaryLocal { tag, sector, len, kind, fua, buf } => {
+                Effect::PrimaryLocal {
+                    tag,
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                    buf,
+                } => {
                     let v = me.clone();
                     tokio::spawn(async move {
-                        let ok = v.local_io(sector, len, kind, fua, buf.map(Buf::Shared)).await;
+                        let ok = v
+                            .local_io(sector, len, kind, fua, buf.map(Buf::Shared))
+                            .await;
                         let mut fx = Vec::new();
                         {
                             let mut g = v.lock();
@@ -651,10 +842,19 @@ impl Volume {
                         v.run(fx);
                     });
                 }
-                Effect::ReceiverLocal { token, sector, len, kind, fua, buf } => {
+                Effect::ReceiverLocal {
+                    token,
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                    buf,
+                } => {
                     let v = me.clone();
                     tokio::spawn(async move {
-                        let ok = v.local_io(sector, len, kind, fua, buf.map(Buf::Owned)).await;
+                        let ok = v
+                            .local_io(sector, len, kind, fua, buf.map(Buf::Owned))
+                            .await;
                         let mut fx = Vec::new();
                         {
                             let mut g = v.lock();
@@ -689,17 +889,28 @@ impl Volume {
         }
     }
 
-    async fn local_io(&self, sector: u64, len: u32, kind: WriteKind, fua: bool, buf: Option<Buf>) -> bool {
+    async fn local_io(
+        &self,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+        buf: Option<Buf>,
+    ) -> bool {
         let offset = sector * SECTOR_SIZE as u64;
         let r = match (kind, buf) {
             (WriteKind::Data, Some(Buf::Shared(b))) => self.store.write(offset, b, fua).await,
-            (WriteKind::Data, Some(Buf::Owned(b))) => self.store.write(offset, Arc::new(b), fua).await,
+            (WriteKind::Data, Some(Buf::Owned(b))) => {
+                self.store.write(offset, Arc::new(b), fua).await
+            }
             (WriteKind::Data, None) => {
                 tracing::error!("a write at sector {sector} has no data buffer");
                 return false;
             }
             (WriteKind::Discard, _) => self.store.discard(offset, u64::from(len)).await,
-            (WriteKind::Zeroes { unmap }, _) => self.store.write_zeroes(offset, u64::from(len), unmap).await,
+            (WriteKind::Zeroes { unmap }, _) => {
+                self.store.write_zeroes(offset, u64::from(len), unmap).await
+            }
         };
         let r = match r {
             Ok(()) if fua && kind != WriteKind::Data => self.store.flush().await,
@@ -724,11 +935,21 @@ impl Volume {
     // ----- frontend requests -----------------------------------------------------------
 
     /// One write/flush request through the core; waits for its completion.
-    async fn core_request(&self, sector: u64, len: u32, kind: Option<(WriteKind, bool)>, buf: Option<Arc<AlignedBuf>>) -> Result<(), BlockError> {
-        let _permit = self.slots.acquire().await.map_err(|_| BlockError::Shutdown)?;
+    async fn core_request(
+        &self,
+        sector: u64,
+        len: u32,
+        kind: Option<(WriteKind, bool)>,
+        buf: Option<Arc<AlignedBuf>>,
+    ) -> Result<(), BlockError> {
+        let _permit = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| BlockError::Shutdown)?;
         let (tx, rx) = oneshot::channel();
         let mut fx = Vec::new();
-        {
+        let secondary_flush = {
             let mut g = self.lock();
             let inner = &mut *g;
             if inner.shutting_down {
@@ -738,12 +959,33 @@ impl Volume {
                 if kind.is_some() {
                     return Err(BlockError::ReadOnly);
                 }
-                drop(g);
-                return if self.flush_local().await { Ok(()) } else { Err(BlockError::Io) };
+                true
+            } else {
+                false
+            }
+        };
+        if secondary_flush {
+            return if self.flush_local().await {
+                Ok(())
+            } else {
+                Err(BlockError::Io)
+            };
+        }
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if inner.role != Role::Primary {
+                return Err(BlockError::ReadOnly);
             }
             let id = inner.next_id;
             inner.next_id += 1;
-            inner.pending.insert(id, Pending { buf, done: Some(tx) });
+            inner.pending.insert(
+                id,
+                Pending {
+                    buf,
+                    done: Some(tx),
+                },
+            );
             let r = match kind {
                 Some((k, fua)) => inner.primary.write(id, sector, len, k, fua),
                 None => inner.primary.flush(id),
@@ -765,7 +1007,14 @@ impl Volume {
         let len = data.len();
         if len <= MAX_WRITE_CHUNK {
             let len32 = u32::try_from(len).map_err(|_| BlockError::Invalid)?;
-            return self.core_request(offset / SECTOR_SIZE as u64, len32, Some((WriteKind::Data, fua)), Some(data)).await;
+            return self
+                .core_request(
+                    offset / SECTOR_SIZE as u64,
+                    len32,
+                    Some((WriteKind::Data, fua)),
+                    Some(data),
+                )
+                .await;
         }
         // Larger than one bio: 1 MiB pieces (one copy each), submitted together.
         let mut parts = Vec::new();
@@ -773,18 +1022,34 @@ impl Volume {
             let piece = Arc::new(AlignedBuf::from_slice(chunk).map_err(|_| BlockError::Invalid)?);
             let off = offset + (i * MAX_WRITE_CHUNK) as u64;
             let len32 = u32::try_from(chunk.len()).map_err(|_| BlockError::Invalid)?;
-            parts.push(self.core_request(off / SECTOR_SIZE as u64, len32, Some((WriteKind::Data, fua)), Some(piece)));
+            parts.push(self.core_request(
+                off / SECTOR_SIZE as u64,
+                len32,
+                Some((WriteKind::Data, fua)),
+                Some(piece),
+            ));
         }
         join_all(parts).await
     }
 
-    async fn batch(&self, offset: u64, len: u64, kind: WriteKind, fua: bool) -> Result<(), BlockError> {
+    async fn batch(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: WriteKind,
+        fua: bool,
+    ) -> Result<(), BlockError> {
         let mut parts = Vec::new();
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(MAX_BATCH_CHUNK);
             let n32 = u32::try_from(n).map_err(|_| BlockError::Invalid)?;
-            parts.push(self.core_request((offset + done) / SECTOR_SIZE as u64, n32, Some((kind, fua)), None));
+            parts.push(self.core_request(
+                (offset + done) / SECTOR_SIZE as u64,
+                n32,
+                Some((kind, fua)),
+                None,
+            ));
             done += n;
         }
         join_all(parts).await
@@ -841,15 +1106,24 @@ enum Buf {
     Owned(AlignedBuf),
 }
 
-async fn join_all<F: std::future::Future<Output = Result<(), BlockError>>>(parts: Vec<F>) -> Result<(), BlockError> {
+async fn join_all<F: std::future::Future<Output = Result<(), BlockError>>>(
+    parts: Vec<F>,
+) -> Result<(), BlockError> {
     // All parts run concurrently; the first error (if any) is the request's.
-    futures_util::future::join_all(parts).await.into_iter().collect()
+    futures_util::future::join_all(parts)
+        .await
+        .into_iter()
+        .collect()
 }
 
 impl BlockTarget for Volume {
     fn info(&self) -> TargetInfo {
         let g = self.lock();
-        TargetInfo { size_bytes: self.size_bytes, writable: g.role == Role::Primary, discard: true }
+        TargetInfo {
+            size_bytes: self.size_bytes,
+            writable: g.role == Role::Primary,
+            discard: true,
+        }
     }
 
     async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
@@ -864,14 +1138,27 @@ impl BlockTarget for Volume {
                 })?;
                 Ok(BlockReply::Data(buf))
             }
-            BlockIo::Write { offset, data, fua } => self.write(offset, data, fua).await.map(|()| BlockReply::Done),
-            BlockIo::Flush => self.core_request(0, 0, None, None).await.map(|()| BlockReply::Done),
-            BlockIo::Discard { offset, len, fua } => {
-                self.batch(offset, len, WriteKind::Discard, fua).await.map(|()| BlockReply::Done)
-            }
-            BlockIo::WriteZeroes { offset, len, may_unmap, fua } => {
-                self.batch(offset, len, WriteKind::Zeroes { unmap: may_unmap }, fua).await.map(|()| BlockReply::Done)
-            }
+            BlockIo::Write { offset, data, fua } => self
+                .write(offset, data, fua)
+                .await
+                .map(|()| BlockReply::Done),
+            BlockIo::Flush => self
+                .core_request(0, 0, None, None)
+                .await
+                .map(|()| BlockReply::Done),
+            BlockIo::Discard { offset, len, fua } => self
+                .batch(offset, len, WriteKind::Discard, fua)
+                .await
+                .map(|()| BlockReply::Done),
+            BlockIo::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+                fua,
+            } => self
+                .batch(offset, len, WriteKind::Zeroes { unmap: may_unmap }, fua)
+                .await
+                .map(|()| BlockReply::Done),
         }
     }
 }

@@ -51,10 +51,21 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     send_packet(data, &Packet::Features(ours), &pre).await?;
     let theirs = match read_control(data, &pre).await? {
         (_, Packet::Features(f)) => f,
-        (hdr, _) => return Err(NetError::Protocol(format!("expected P_CONNECTION_FEATURES, got {}", hdr.command.name()))),
+        (hdr, _) => {
+            return Err(NetError::Protocol(format!(
+                "expected P_CONNECTION_FEATURES, got {}",
+                hdr.command.name()
+            )))
+        }
     };
     let ctx = wire::agree(&ours, &theirs).map_err(|e| NetError::Refused(e.to_string()))?;
-    tracing::info!("peer speaks protocol {}..{}; agreed {} with features {:#x}", theirs.protocol_min, theirs.protocol_max, ctx.version(), ctx.features());
+    tracing::info!(
+        "peer speaks protocol {}..{}; agreed {} with features {:#x}",
+        theirs.protocol_min,
+        theirs.protocol_max,
+        ctx.version(),
+        ctx.features()
+    );
 
     let mut out = Vec::with_capacity(512);
     let no_alg = AlgName::new("").map_err(NetError::Wire)?;
@@ -67,16 +78,41 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         two_primaries: 0,
         integrity_alg: no_alg.clone(),
     };
-    wire::encode(&Packet::Protocol { cmd: Command::P_PROTOCOL, protocol }, &ctx, 0, &mut out)?;
+    wire::encode(
+        &Packet::Protocol {
+            cmd: Command::P_PROTOCOL,
+            protocol,
+        },
+        &ctx,
+        0,
+        &mut out,
+    )?;
     let controller = (ctx.version() >= 95).then_some(wire::ResyncController {
         c_plan_ahead: 20,
         c_delay_target: 10,
         c_fill_target: 100,
         c_max_rate: 102_400,
     });
-    let sync_cmd = if ctx.version() >= 89 { Command::P_SYNC_PARAM89 } else { Command::P_SYNC_PARAM };
-    let param = wire::SyncParam { resync_rate: 250, verify_alg: no_alg.clone(), csums_alg: no_alg, controller };
-    wire::encode(&Packet::SyncParam { cmd: sync_cmd, param }, &ctx, 0, &mut out)?;
+    let sync_cmd = if ctx.version() >= 89 {
+        Command::P_SYNC_PARAM89
+    } else {
+        Command::P_SYNC_PARAM
+    };
+    let param = wire::SyncParam {
+        resync_rate: 250,
+        verify_alg: no_alg.clone(),
+        csums_alg: no_alg,
+        controller,
+    };
+    wire::encode(
+        &Packet::SyncParam {
+            cmd: sync_cmd,
+            param,
+        },
+        &ctx,
+        0,
+        &mut out,
+    )?;
     let sizes = wire::Sizes {
         d_size: local.size_sectors,
         u_size: 0,
@@ -96,11 +132,11 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     };
     wire::encode(&Packet::Uuids(uuids), &ctx, 0, &mut out)?;
     let state = StateBits {
-        role: local.role.as_u8(),
-        peer: Role::Unknown.as_u8(),
-        conn: ConnState::WFReportParams.as_u8(),
-        disk: local.disk.as_u8(),
-        pdsk: DiskState::DUnknown.as_u8(),
+        role: b(local.role.as_u32()),
+        peer: b(Role::Unknown.as_u32()),
+        conn: b(ConnState::WFReportParams.as_u32()),
+        disk: b(local.disk.as_u32()),
+        pdsk: b(DiskState::DUnknown.as_u32()),
         ..StateBits::default()
     };
     wire::encode(&Packet::State(state.pack()?), &ctx, 0, &mut out)?;
@@ -114,12 +150,15 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
                 if p.protocol != local.protocol.as_u32() {
                     return Err(NetError::Refused(format!(
                         "peer uses protocol {}, this node {} (set the same `protocol` on both)",
-                        Protocol::from_u32(p.protocol).map_or_else(|| p.protocol.to_string(), |x| x.to_string()),
+                        Protocol::from_u32(p.protocol)
+                            .map_or_else(|| p.protocol.to_string(), |x| x.to_string()),
                         local.protocol
                     )));
                 }
                 if p.two_primaries != 0 {
-                    return Err(NetError::Refused("peer allows two primaries; tandem does not".into()));
+                    return Err(NetError::Refused(
+                        "peer allows two primaries; tandem does not".into(),
+                    ));
                 }
                 if !p.integrity_alg.is_empty() {
                     return Err(NetError::Refused(format!(
@@ -131,7 +170,11 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
             }
             (_, Packet::SyncParam { .. } | Packet::Uuids(_)) => {}
             (_, Packet::Sizes(s)) => {
-                let peer_size = if s.c_size != 0 { s.c_size.min(s.d_size.max(s.c_size)) } else { s.d_size };
+                let peer_size = if s.c_size != 0 {
+                    s.c_size.min(s.d_size.max(s.c_size))
+                } else {
+                    s.d_size
+                };
                 if peer_size < local.size_sectors {
                     return Err(NetError::Refused(format!(
                         "peer's disk has {peer_size} sectors, this node exports {}; give the peer a disk at least as large",
@@ -143,20 +186,39 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
             (_, Packet::State(word)) => break StateBits::unpack(word),
             (_, Packet::Empty(Command::P_UNPLUG_REMOTE)) => {}
             (hdr, _) => {
-                return Err(NetError::Protocol(format!("unexpected {} during the handshake", hdr.command.name())));
+                return Err(NetError::Protocol(format!(
+                    "unexpected {} during the handshake",
+                    hdr.command.name()
+                )));
             }
         }
     };
     let Some(sizes) = got_sizes else {
-        return Err(NetError::Protocol("peer sent P_STATE before P_SIZES".into()));
+        return Err(NetError::Protocol(
+            "peer sent P_STATE before P_SIZES".into(),
+        ));
     };
     if !got_protocol {
-        return Err(NetError::Protocol("peer sent P_STATE before P_PROTOCOL".into()));
+        return Err(NetError::Protocol(
+            "peer sent P_STATE before P_PROTOCOL".into(),
+        ));
     }
-    let role = Role::from_u8(peer_state.role).unwrap_or(Role::Unknown);
-    let disk = DiskState::from_u8(peer_state.disk).unwrap_or(DiskState::DUnknown);
+    let role = Role::from_u32(u32::from(peer_state.role)).unwrap_or(Role::Unknown);
+    let disk = DiskState::from_u32(u32::from(peer_state.disk)).unwrap_or(DiskState::DUnknown);
     if role == Role::Primary && local.role == Role::Primary {
-        return Err(NetError::Refused("both nodes are Primary; demote one (tandem secondary)".into()));
+        return Err(NetError::Refused(
+            "both nodes are Primary; demote one (tandem secondary)".into(),
+        ));
     }
-    Ok(PeerParams { ctx, role, disk, max_bio_size: sizes.max_bio_size.clamp(4096, MAX_BIO_SIZE) })
+    Ok(PeerParams {
+        ctx,
+        role,
+        disk,
+        max_bio_size: sizes.max_bio_size.clamp(4096, MAX_BIO_SIZE),
+    })
+}
+
+/// A state enum's number as the bitfield byte (every DRBD state value fits 5 bits).
+fn b(v: u32) -> u8 {
+    u8::try_from(v).unwrap_or(0)
 }

@@ -26,7 +26,7 @@
 //! Liveness: the meta socket pings after `ping-int` of silence and gives up after
 //! `ping-timeout` without an answer, DRBD's defaults 10 s and 0.5 s.
 
-mod handshake;
+pub mod handshake;
 mod session;
 pub mod socket;
 
@@ -105,7 +105,11 @@ pub enum NetError {
 }
 
 /// Writes one packet built by `f` (no data) to a socket.
-async fn send_packet(stream: &mut TcpStream, pkt: &wire::Packet, ctx: &WireCtx) -> Result<(), NetError> {
+async fn send_packet(
+    stream: &mut TcpStream,
+    pkt: &wire::Packet,
+    ctx: &WireCtx,
+) -> Result<(), NetError> {
     let mut out = Vec::with_capacity(96);
     wire::encode(pkt, ctx, 0, &mut out)?;
     stream.write_all(&out).await?;
@@ -113,14 +117,20 @@ async fn send_packet(stream: &mut TcpStream, pkt: &wire::Packet, ctx: &WireCtx) 
 }
 
 /// Reads one whole control packet (no data part) from a socket.
-async fn read_control<R: AsyncReadExt + Unpin>(rd: &mut R, ctx: &WireCtx) -> Result<(Header, wire::Packet), NetError> {
+async fn read_control<R: AsyncReadExt + Unpin>(
+    rd: &mut R,
+    ctx: &WireCtx,
+) -> Result<(Header, wire::Packet), NetError> {
     let mut hbuf = [0u8; 16];
     let hlen = ctx.header_len();
     read_exact(rd, &mut hbuf[..hlen]).await?;
     let hdr = Header::decode(&hbuf[..hlen], ctx)?;
     let layout = wire::payload_layout(&hdr, ctx)?;
     if layout.data != 0 {
-        return Err(NetError::Protocol(format!("unexpected {} during the handshake", hdr.command.name())));
+        return Err(NetError::Protocol(format!(
+            "unexpected {} during the handshake",
+            hdr.command.name()
+        )));
     }
     let mut head = vec![0u8; layout.head];
     read_exact(rd, &mut head).await?;
@@ -143,12 +153,21 @@ pub fn is_active(me: SocketAddr, peer: SocketAddr) -> bool {
 
 /// Runs the connection manager until `shutdown`: listen, connect or accept, handshake,
 /// serve, and reconnect with back-off after any failure.
-pub async fn run(volume: Arc<Volume>, config: Config, me: NodeConfig, peer: NodeConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    volume: Arc<Volume>,
+    config: Config,
+    me: NodeConfig,
+    peer: NodeConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let listener = loop {
         match bind(me.address) {
             Ok(l) => break l,
             Err(e) => {
-                tracing::error!("cannot listen for the peer on {}: {e}; retrying", me.address);
+                tracing::error!(
+                    "cannot listen for the peer on {}: {e}; retrying",
+                    me.address
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.wait_for(|s| *s) => return,
@@ -197,7 +216,9 @@ pub async fn run(volume: Arc<Volume>, config: Config, me: NodeConfig, peer: Node
         volume.connection_lost(session_no);
         match result {
             Ok(()) | Err(NetError::Shutdown) => {}
-            Err(NetError::Closed) => tracing::warn!("connection to {} lost: peer closed it", peer.name),
+            Err(NetError::Closed) => {
+                tracing::warn!("connection to {} lost: peer closed it", peer.name)
+            }
             Err(e) => tracing::warn!("connection to {} dropped: {e}", peer.name),
         }
         if *shutdown.borrow() {
@@ -214,7 +235,11 @@ pub async fn run(volume: Arc<Volume>, config: Config, me: NodeConfig, peer: Node
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     sock.set_reuse_address(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
@@ -223,7 +248,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts sockets forever; each must send `P_INITIAL_DATA` or `P_INITIAL_META` first.
-async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(Command, TcpStream)>, volume: Arc<Volume>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tx: mpsc::Sender<(Command, TcpStream)>,
+    volume: Arc<Volume>,
+) {
     loop {
         let (mut stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -236,7 +265,11 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(Command, TcpStream
         let tx = tx.clone();
         let volume = volume.clone();
         tokio::spawn(async move {
-            let first = tokio::time::timeout(FIRST_PACKET_TIMEOUT, read_control(&mut stream, &WireCtx::pre_features())).await;
+            let first = tokio::time::timeout(
+                FIRST_PACKET_TIMEOUT,
+                read_control(&mut stream, &WireCtx::pre_features()),
+            )
+            .await;
             let cmd = match first {
                 Err(_) => {
                     tracing::warn!("refused replication socket from {from}: no first packet within {FIRST_PACKET_TIMEOUT:?}");
@@ -246,7 +279,11 @@ async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<(Command, TcpStream
                     tracing::warn!("refused replication socket from {from}: {e}");
                     return;
                 }
-                Ok(Ok((_, wire::Packet::Empty(cmd)))) if cmd == Command::P_INITIAL_DATA || cmd == Command::P_INITIAL_META => cmd,
+                Ok(Ok((_, wire::Packet::Empty(cmd))))
+                    if cmd == Command::P_INITIAL_DATA || cmd == Command::P_INITIAL_META =>
+                {
+                    cmd
+                }
                 Ok(Ok((hdr, _))) => {
                     tracing::warn!(
                         "refused replication socket from {from}: protocol error, first packet is {} (expected P_INITIAL_DATA or P_INITIAL_META)",
@@ -281,14 +318,25 @@ async fn establish(
             drop(s);
         }
         let mut data = connect(peer).await?;
-        send_packet(&mut data, &wire::Packet::Empty(Command::P_INITIAL_DATA), &pre).await?;
+        send_packet(
+            &mut data,
+            &wire::Packet::Empty(Command::P_INITIAL_DATA),
+            &pre,
+        )
+        .await?;
         let mut meta = connect(peer).await?;
-        send_packet(&mut meta, &wire::Packet::Empty(Command::P_INITIAL_META), &pre).await?;
+        send_packet(
+            &mut meta,
+            &wire::Packet::Empty(Command::P_INITIAL_META),
+            &pre,
+        )
+        .await?;
         (data, meta)
     } else {
         let mut data = None;
         let mut meta = None;
-        let deadline = tokio::time::Instant::now() + config.net.connect_interval.max(Duration::from_secs(1));
+        let deadline =
+            tokio::time::Instant::now() + config.net.connect_interval.max(Duration::from_secs(1));
         while data.is_none() || meta.is_none() {
             let (cmd, s) = tokio::time::timeout_at(deadline, incoming.recv())
                 .await

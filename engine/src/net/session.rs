@@ -30,14 +30,20 @@ pub async fn run(
     session: u64,
 ) -> Result<(), NetError> {
     let local = volume.handshake_params();
-    let params: PeerParams = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake::run(&mut data, local))
-        .await
-        .map_err(|_| NetError::Timeout("handshake"))??;
+    let params: PeerParams =
+        tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake::run(&mut data, local))
+            .await
+            .map_err(|_| NetError::Timeout("handshake"))??;
     let ctx = params.ctx;
     let queue = config.net.max_buffers as usize * 2 + 64;
     let (data_tx, data_rx) = mpsc::channel(queue);
     let (meta_tx, meta_rx) = mpsc::channel(queue);
-    let link = Link { ctx, data: data_tx, meta: meta_tx.clone(), session };
+    let link = Link {
+        ctx,
+        data: data_tx,
+        meta: meta_tx.clone(),
+        session,
+    };
     tracing::info!(
         "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}",
         peer.name,
@@ -56,9 +62,30 @@ pub async fn run(
     let mut tasks: JoinSet<Result<(), NetError>> = JoinSet::new();
     tasks.spawn(sender(data_wr, data_rx, volume.clone(), session));
     tasks.spawn(sender(meta_wr, meta_rx, volume.clone(), session));
-    tasks.spawn(data_receiver(data_rd, ctx, volume.clone(), meta_tx.clone(), session));
-    tasks.spawn(meta_receiver(meta_rd, ctx, volume.clone(), meta_tx.clone(), last_meta_rx.clone(), started, session));
-    tasks.spawn(pinger(ctx, meta_tx, last_meta_rx, started, config.net.ping_interval, config.net.ping_timeout));
+    tasks.spawn(data_receiver(
+        data_rd,
+        ctx,
+        volume.clone(),
+        meta_tx.clone(),
+        session,
+    ));
+    tasks.spawn(meta_receiver(
+        meta_rd,
+        ctx,
+        volume.clone(),
+        meta_tx.clone(),
+        last_meta_rx.clone(),
+        started,
+        session,
+    ));
+    tasks.spawn(pinger(
+        ctx,
+        meta_tx,
+        last_meta_rx,
+        started,
+        config.net.ping_interval,
+        config.net.ping_timeout,
+    ));
     let first = tasks.join_next().await;
     tasks.abort_all();
     match first {
@@ -69,7 +96,12 @@ pub async fn run(
 }
 
 /// Writes queued packets, batching up to [`MAX_BATCH`] per `writev`.
-async fn sender(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, volume: Arc<Volume>, session: u64) -> Result<(), NetError> {
+async fn sender(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outgoing>,
+    volume: Arc<Volume>,
+    session: u64,
+) -> Result<(), NetError> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -85,7 +117,10 @@ async fn sender(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>, volume
 }
 
 /// Writes every packet of `batch` (header + optional data) with vectored writes.
-async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Outgoing]) -> Result<(), NetError> {
+async fn write_batch<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    batch: &[Outgoing],
+) -> Result<(), NetError> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
     for item in batch {
         parts.push(&item.bytes);
@@ -121,7 +156,11 @@ async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Outgoing]) -> R
 }
 
 /// Reads the next packet's header and fixed part.
-async fn next_packet(rd: &mut OwnedReadHalf, ctx: &WireCtx, head: &mut Vec<u8>) -> Result<(Header, Packet, usize), NetError> {
+async fn next_packet(
+    rd: &mut OwnedReadHalf,
+    ctx: &WireCtx,
+    head: &mut Vec<u8>,
+) -> Result<(Header, Packet, usize), NetError> {
     let mut hbuf = [0u8; 16];
     let hlen = ctx.header_len();
     read_exact(rd, &mut hbuf[..hlen]).await?;
@@ -136,7 +175,11 @@ async fn next_packet(rd: &mut OwnedReadHalf, ctx: &WireCtx, head: &mut Vec<u8>) 
 fn encode_to(pkt: &Packet, ctx: &WireCtx) -> Result<Outgoing, NetError> {
     let mut bytes = Vec::with_capacity(48);
     wire::encode(pkt, ctx, 0, &mut bytes)?;
-    Ok(Outgoing { bytes, data: None, sent_id: None })
+    Ok(Outgoing {
+        bytes,
+        data: None,
+        sent_id: None,
+    })
 }
 
 /// The data socket: writes, trims, barriers, state.
@@ -151,12 +194,19 @@ async fn data_receiver(
     loop {
         let (hdr, pkt, data_len) = next_packet(&mut rd, &ctx, &mut head).await?;
         match pkt {
-            Packet::Data { cmd, head: dh, data_len: len, .. } if cmd == Command::P_DATA => {
-                let size = usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
+            Packet::Data {
+                cmd,
+                head: dh,
+                data_len: len,
+                ..
+            } if cmd == Command::P_DATA => {
+                let size =
+                    usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
                 if size == 0 || size != data_len {
                     return Err(NetError::Protocol(format!("P_DATA with {size} data bytes")));
                 }
-                let mut buf = AlignedBuf::new(size).map_err(|e| NetError::Protocol(format!("P_DATA: {e}")))?;
+                let mut buf = AlignedBuf::new(size)
+                    .map_err(|e| NetError::Protocol(format!("P_DATA: {e}")))?;
                 read_exact(&mut rd, buf.as_mut_slice()).await?;
                 let w = PeerWrite {
                     block_id: dh.block_id,
@@ -165,19 +215,39 @@ async fn data_receiver(
                     dp_flags: dh.dp_flags,
                     kind: PeerWriteKind::Data(buf),
                 };
-                volume.peer_write(session, w).await.map_err(NetError::Protocol)?;
+                volume
+                    .peer_write(session, w)
+                    .await
+                    .map_err(NetError::Protocol)?;
             }
-            Packet::Trim { cmd, head: dh, size } => {
+            Packet::Trim {
+                cmd,
+                head: dh,
+                size,
+            } => {
                 let zero = cmd == Command::P_ZEROES || !ctx.has(wire::ff::DRBD_FF_WZEROES);
                 let kind = if zero {
-                    PeerWriteKind::Zeroes { unmap: dh.dp_flags & dp::DP_DISCARD != 0 || cmd == Command::P_TRIM }
+                    PeerWriteKind::Zeroes {
+                        unmap: dh.dp_flags & dp::DP_DISCARD != 0 || cmd == Command::P_TRIM,
+                    }
                 } else {
                     PeerWriteKind::Discard
                 };
-                let w = PeerWrite { block_id: dh.block_id, sector: dh.sector, len: size, dp_flags: dh.dp_flags, kind };
-                volume.peer_write(session, w).await.map_err(NetError::Protocol)?;
+                let w = PeerWrite {
+                    block_id: dh.block_id,
+                    sector: dh.sector,
+                    len: size,
+                    dp_flags: dh.dp_flags,
+                    kind,
+                };
+                volume
+                    .peer_write(session, w)
+                    .await
+                    .map_err(NetError::Protocol)?;
             }
-            Packet::Barrier(b) => volume.peer_barrier(session, b.barrier).map_err(NetError::Protocol)?,
+            Packet::Barrier(b) => volume
+                .peer_barrier(session, b.barrier)
+                .map_err(NetError::Protocol)?,
             Packet::State(word) => volume.peer_state(session, word),
             Packet::ReqState { cmd, .. } => {
                 // A graceful state change request (e.g. the peer disconnecting): agree.
@@ -186,15 +256,25 @@ async fn data_receiver(
                 } else {
                     Command::P_STATE_CHG_REPLY
                 };
-                let out = encode_to(&Packet::ReqStateReply { cmd: reply_cmd, retcode: 1 }, &ctx)?;
-                meta.try_send(out).map_err(|_| NetError::Protocol("meta queue full".into()))?;
+                let out = encode_to(
+                    &Packet::ReqStateReply {
+                        cmd: reply_cmd,
+                        retcode: 1,
+                    },
+                    &ctx,
+                )?;
+                meta.try_send(out)
+                    .map_err(|_| NetError::Protocol("meta queue full".into()))?;
             }
             Packet::Empty(c) if c == Command::P_UNPLUG_REMOTE => {}
             Packet::DelayProbe(_)
             | Packet::Sizes(_)
             | Packet::Uuids(_)
             | Packet::SyncParam { .. }
-            | Packet::Protocol { cmd: Command::P_PROTOCOL_UPDATE, .. } => {}
+            | Packet::Protocol {
+                cmd: Command::P_PROTOCOL_UPDATE,
+                ..
+            } => {}
             _ => {
                 return Err(NetError::Protocol(format!(
                     "unexpected {} on the data socket",
@@ -222,11 +302,16 @@ async fn meta_receiver(
         match pkt {
             Packet::Empty(c) if c == Command::P_PING => {
                 let out = encode_to(&Packet::Empty(Command::P_PING_ACK), &ctx)?;
-                meta.try_send(out).map_err(|_| NetError::Protocol("meta queue full".into()))?;
+                meta.try_send(out)
+                    .map_err(|_| NetError::Protocol("meta queue full".into()))?;
             }
             Packet::Empty(c) if c == Command::P_PING_ACK => {}
-            Packet::BlockAck { cmd, ack } => volume.peer_ack(session, cmd, ack).map_err(NetError::Protocol)?,
-            Packet::BarrierAck(b) => volume.barrier_ack(session, b.barrier, b.set_size).map_err(NetError::Protocol)?,
+            Packet::BlockAck { cmd, ack } => volume
+                .peer_ack(session, cmd, ack)
+                .map_err(NetError::Protocol)?,
+            Packet::BarrierAck(b) => volume
+                .barrier_ack(session, b.barrier, b.set_size)
+                .map_err(NetError::Protocol)?,
             Packet::ReqStateReply { .. } | Packet::DelayProbe(_) => {}
             _ => {
                 return Err(NetError::Protocol(format!(
@@ -278,9 +363,21 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(7);
         let data = Arc::new(AlignedBuf::from_slice(&[9u8; 1024]).expect("buf"));
         let batch = vec![
-            Outgoing { bytes: vec![1, 2, 3], data: Some(data.clone()), sent_id: None },
-            Outgoing { bytes: vec![4; 100], data: None, sent_id: None },
-            Outgoing { bytes: vec![5], data: Some(data), sent_id: Some(3) },
+            Outgoing {
+                bytes: vec![1, 2, 3],
+                data: Some(data.clone()),
+                sent_id: None,
+            },
+            Outgoing {
+                bytes: vec![4; 100],
+                data: None,
+                sent_id: None,
+            },
+            Outgoing {
+                bytes: vec![5],
+                data: Some(data),
+                sent_id: Some(3),
+            },
         ];
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();

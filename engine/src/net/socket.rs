@@ -3,9 +3,7 @@
 //! Every socket gets `TCP_NODELAY` (a 4 KiB write and its ack must not wait for Nagle),
 //! `SO_KEEPALIVE` (23 s idle/interval, 9 probes: DRBD 9's tcp transport), a
 //! `TCP_USER_TIMEOUT` equal to the config's `timeout` (unacknowledged data for that long
-//! kills the socket instead of hanging), the configured buffer sizes, and
-//! `SO_PRIORITY`: 4 (`TC_PRIO_INTERACTIVE_BULK`) for data, 6 (`TC_PRIO_INTERACTIVE`) for
-//! meta, as DRBD sets them.
+//! kills the socket instead of hanging) and the configured buffer sizes.
 
 use crate::config::NetConfig;
 use socket2::{SockRef, TcpKeepalive};
@@ -39,12 +37,8 @@ pub fn tune(stream: &TcpStream, role: Role, net: &NetConfig) -> std::io::Result<
     if net.rcvbuf_size > 0 {
         sock.set_recv_buffer_size(net.rcvbuf_size as usize)?;
     }
-    let prio = match role {
-        Role::Data => 4,
-        Role::Meta => 6,
-    };
-    if let Err(e) = sock.set_priority(prio) {
-        tracing::debug!("SO_PRIORITY not set: {e}");
-    }
+    // SO_PRIORITY (DRBD: 4 data, 6 meta) and DSCP marking need setsockopt calls socket2
+    // 0.5 does not wrap; they come with the QoS work (DESIGN.md §5).
+    let _ = role;
     Ok(())
 }
