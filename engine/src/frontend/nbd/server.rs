@@ -386,7 +386,7 @@ where
     };
     match &end {
         ConnectionEnd::HandshakeFailed(why) | ConnectionEnd::Protocol(why) => {
-            tracing::warn!(%peer, "NBD connection dropped: {why}");
+            tracing::warn!(%peer, "NBD connection dropped, refused malformed input: {why}");
         }
         ConnectionEnd::Io(why) => tracing::info!(%peer, "NBD connection dropped: {why}"),
         other => tracing::debug!(%peer, "NBD connection ended: {other:?}"),
