@@ -67,9 +67,11 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         "secondary" => Request::Secondary,
         "disconnect" => Request::Disconnect,
         "connect" => Request::Connect,
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "unknown command \"{other}\"; known: status, primary, secondary, connect, disconnect"
-        )),
+        ))
+        }
     })
 }
 

@@ -7,9 +7,12 @@ use crate::wire::{self, ff, AlgName, Command, ConnectionFeatures, Packet, StateB
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// Feature bits tandem offers: `P_TRIM` and `P_ZEROES`. (THIN_RESYNC comes with resync;
-/// WSAME is never offered: Linux ≥ 5.18 cannot receive it.)
-pub const OFFERED_FEATURES: u32 = ff::DRBD_FF_TRIM | ff::DRBD_FF_WZEROES;
+/// Feature bits tandem offers: `P_TRIM`, `P_ZEROES`, and `DRBD_FF_WSAME` — the last only
+/// for what it also means: `P_SIZES` carries the queue limits (`o_qlim`), as every DRBD
+/// 8.4.11+ and 9 node sends them and as Wireshark's dissector expects. tandem never sends
+/// `P_WSAME`, and Linux ≥ 5.18 sends none; one that arrives is refused as unexpected.
+/// (THIN_RESYNC comes with resync.)
+pub const OFFERED_FEATURES: u32 = ff::DRBD_FF_TRIM | ff::DRBD_FF_WZEROES | ff::DRBD_FF_WSAME;
 /// Largest bio tandem receives (DRBD_MAX_BIO_SIZE).
 pub const MAX_BIO_SIZE: u32 = wire::DRBD_MAX_BIO_SIZE;
 /// `UUID_JUST_CREATED`: the current UUID of fresh metadata (no generation history yet;
@@ -120,7 +123,17 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         max_bio_size: MAX_BIO_SIZE,
         queue_order_type: 0,
         dds_flags: 0,
-        qlim: None,
+        qlim: ctx.has(ff::DRBD_FF_WSAME).then_some(wire::QueueLimits {
+            physical_block_size: 4096,
+            logical_block_size: 512,
+            alignment_offset: 0,
+            io_min: 4096,
+            io_opt: 0,
+            discard_enabled: 1,
+            discard_zeroes_data: 1,
+            write_same_capable: 0,
+            pad: 0,
+        }),
     };
     wire::encode(&Packet::Sizes(sizes), &ctx, 0, &mut out)?;
     let uuids = wire::Uuids {
