@@ -3,3 +3,5 @@
 //! Each decoder's fuzz body lives here so that `fuzz/` (cargo-fuzz, nightly) and the
 //! stable test suite run exactly the same code: tests feed every body a corpus plus
 //! bounded random inputs. A body must never panic on any input.
+
+pub mod packet;
