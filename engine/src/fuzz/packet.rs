@@ -76,32 +76,26 @@ pub fn run_counted(data: &[u8]) -> usize {
         let Ok(len) = u32::try_from(bytes.len()) else {
             continue;
         };
-        let is_data = sub_header_len(cmd, &ctx).is_some()
-            && payload_layout(
-                &Header {
+        // A data command: its layout splits a payload of sub-header + 512 into 512 data.
+        let is_data = sub_header_len(cmd, &ctx)
+            .and_then(|f| u32::try_from(f + 512).ok())
+            .is_some_and(|length| {
+                let h = Header {
                     kind: HeaderKind::H100,
                     command: cmd,
                     volume: 0,
-                    length: u32::MAX,
-                },
-                &ctx,
-            )
-            .is_ok_and(|l| l.data > 0);
+                    length,
+                };
+                payload_layout(&h, &ctx).is_ok_and(|l| l.data == 512)
+            });
         let length = if is_data {
             len.saturating_add(data_len)
         } else {
             len
         };
-        let kind = if ctx.version() >= 100 {
-            HeaderKind::H100
-        } else {
-            HeaderKind::H80
-        };
-        let hdr = Header {
-            kind,
-            command: cmd,
-            volume: 0,
-            length,
+        // The header the encoder would write (an h80 cannot say more than 65535).
+        let Ok(hdr) = Header::for_payload(cmd, 0, length, &ctx) else {
+            continue;
         };
         if let Ok(p) = decode(&hdr, bytes, &ctx) {
             let mut out = Vec::new();
@@ -391,6 +385,18 @@ mod tests {
             assert_eq!(f.len, input.len() - 2, "{:?}", f.header.command);
             assert!(run_counted(input) >= 1);
         }
+    }
+
+    #[test]
+    fn data_sub_headers_decode_with_the_selected_data_length() {
+        // sel0 9 = agreed 101, sel1 0x10 = no digest, data length 512: a 24-byte input
+        // is a valid P_DATA / P_DATA_REPLY / P_RS_DATA_REPLY sub-header.
+        let mut input = vec![9u8, 0x10];
+        input.extend_from_slice(&[0; 24]);
+        // 24 zero bytes also decode as the 11 p_block_ack commands, a P_BITMAP and a
+        // P_AUTH_RESPONSE; not as a p_block_req (blksize 0 is refused) nor as a
+        // P_COMPRESSED_BITMAP (code 0).
+        assert_eq!(run_counted(&input), 3 + 11 + 2);
     }
 
     #[test]
