@@ -5,3 +5,4 @@
 //! bounded random inputs. A body must never panic on any input.
 
 pub mod nbd;
+pub mod packet;

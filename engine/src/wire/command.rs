@@ -75,11 +75,11 @@ macro_rules! commands {
 }
 
 commands! {
-    /// Application write: `p_data` + [digest] + data.
+    /// Application write: `p_data` + (digest) + data.
     P_DATA = 0x00, Data, true;
-    /// Answer to `P_DATA_REQUEST`: `p_data` + [digest] + data.
+    /// Answer to `P_DATA_REQUEST`: `p_data` + (digest) + data.
     P_DATA_REPLY = 0x01, Data, true;
-    /// Answer to `P_RS_DATA_REQUEST`: `p_data` + [digest] + data.
+    /// Answer to `P_RS_DATA_REQUEST`: `p_data` + (digest) + data.
     P_RS_DATA_REPLY = 0x02, Data, true;
     /// Closes an epoch: `p_barrier`.
     P_BARRIER = 0x03, Data, true;
@@ -101,7 +101,7 @@ commands! {
     P_PROTOCOL = 0x0b, Data, true;
     /// `p_uuids`.
     P_UUIDS = 0x0c, Data, true;
-    /// `p_sizes` [+ `o_qlim`].
+    /// `p_sizes` (+ `o_qlim`).
     P_SIZES = 0x0d, Data, true;
     /// `p_state`.
     P_STATE = 0x0e, Data, true;
@@ -175,7 +175,7 @@ commands! {
     P_RS_THIN_REQ = 0x32, Data, true;
     /// Thin resync answer (all zeroes): `p_block_desc`.
     P_RS_DEALLOCATED = 0x33, Data, true;
-    /// Write-same: `p_wsame` + [digest] + one logical block. Linux ≥ 5.18 no longer
+    /// Write-same: `p_wsame` + (digest) + one logical block. Linux ≥ 5.18 no longer
     /// handles it on receive: never send it to a kernel peer.
     P_WSAME = 0x34, Data, true;
     /// DRBD 9 two-phase commit (resize).

@@ -193,12 +193,23 @@ fn h95_ping_as(c: &WireCtx) -> Vec<u8> {
 }
 
 #[test]
-fn h95_is_accepted_below_100() {
+fn h95_is_accepted_at_95_to_99_only() {
+    let h95 = [0x83, 0x5a, 0x00, 0x13, 0, 0, 0, 0];
     let c96 = ctx(96, 0);
-    let h = Header::decode(&[0x83, 0x5a, 0x00, 0x13, 0, 0, 0, 0], &c96).expect("h95 ok");
+    let h = Header::decode(&h95, &c96).expect("h95 ok");
     assert_eq!(
         (h.kind, h.command, h.length),
         (HeaderKind::H95, Command::P_PING, 0)
+    );
+    rejects(
+        &ctx(94, 0),
+        &h95,
+        "p_header95 is not allowed at agreed protocol 94",
+    );
+    rejects(
+        &c101(),
+        &cat(&[&h95, &[0; 8]]),
+        "bad header magic: first bytes 0x835a0013 are not a p_header100 (agreed protocol 101)",
     );
 }
 

@@ -9,11 +9,12 @@
 //! `length` counts the payload bytes after the header.
 //!
 //! Which headers a receiver accepts: before the feature exchange only h80 (DRBD assumes
-//! agreed 80 then). At agreed ≥ 100 only h100. At 86..=99 both 8-byte headers: that is
-//! what 8.4's `decode_header` does (it picks by header size and magic), and it is needed
-//! because 8.4's and DRBD 9's own `prepare_header` send h80 for payloads ≤ 32 KiB at
-//! 95..=99; DRBD 9's stricter `header_version_good` (h80 only below 95) would reject that,
-//! which only matters for 8.3-era peers.
+//! agreed 80 then). At agreed ≥ 100 only h100. Below 100, h80 always — 8.4's and DRBD 9's
+//! own `prepare_header` send h80 for payloads ≤ 32 KiB at 95..=99, although DRBD 9's
+//! `header_version_good` would refuse h80 there (that only matters for 8.3-era peers) —
+//! and h95 only at 95..=99, the versions `prepare_header` uses it at. (8.4's
+//! `decode_header` would take h95 at 86..=94 too; no sender produces that, and refusing
+//! it keeps every accepted header re-encodable: an h80 cannot carry more than 65535.)
 
 use std::fmt;
 
@@ -59,7 +60,7 @@ impl HeaderKind {
         let v = ctx.version();
         match self {
             Self::H80 => v < 100,
-            Self::H95 => !ctx.is_pre_features() && v < 100,
+            Self::H95 => (95..100).contains(&v),
             Self::H100 => v >= 100,
         }
     }

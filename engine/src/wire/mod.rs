@@ -24,7 +24,7 @@
 //! Streaming use (what the network layer does):
 //! 1. read [`WireCtx::header_len`] bytes, [`Header::decode`];
 //! 2. [`payload_layout`] says how many `head` bytes to read (all of a control packet, the
-//!    `p_data` sub-header [+ digest] of a data packet) and how many `data` bytes follow;
+//!    `p_data` sub-header (+ digest) of a data packet) and how many `data` bytes follow;
 //! 3. read `head`, [`decode`] it; read the data straight into an aligned buffer.
 //!
 //! Encoding: [`encode`] appends header + payload (for data packets header + sub-header,

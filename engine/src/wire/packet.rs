@@ -17,7 +17,7 @@ use super::{
     MAX_DIGEST_LEN, MAX_WSAME_DATA, RLE_VLI_BITS, SHARED_SECRET_MAX,
 };
 
-/// Commands whose payload is `p_data` + [digest] + data.
+/// Commands whose payload is `p_data` + (digest) + data.
 pub const DATA_COMMANDS: &[Command] = &[C::P_DATA, C::P_DATA_REPLY, C::P_RS_DATA_REPLY];
 /// Commands whose payload is `p_trim` and no data.
 pub const TRIM_COMMANDS: &[Command] = &[C::P_TRIM, C::P_ZEROES];
@@ -46,7 +46,7 @@ pub const REQ_COMMANDS: &[Command] = &[
 pub const REQ_DIGEST_COMMANDS: &[Command] = &[C::P_OV_REPLY, C::P_CSUM_RS_REQUEST];
 /// Commands whose payload is `p_block_desc`.
 pub const DESC_COMMANDS: &[Command] = &[C::P_OUT_OF_SYNC, C::P_RS_DEALLOCATED];
-/// Commands whose payload is `p_protocol` [+ integrity_alg].
+/// Commands whose payload is `p_protocol` (+ integrity_alg).
 pub const PROTOCOL_COMMANDS: &[Command] = &[C::P_PROTOCOL, C::P_PROTOCOL_UPDATE];
 /// Commands whose payload is a `p_rs_param*` (layout by agreed version).
 pub const SYNC_PARAM_COMMANDS: &[Command] = &[C::P_SYNC_PARAM, C::P_SYNC_PARAM89];
@@ -801,7 +801,7 @@ fn put_payload(pkt: &Packet, ctx: &WireCtx, out: &mut Vec<u8>) -> Result<(), Wir
 }
 
 /// Appends `pkt` with its header (kind chosen as DRBD's `prepare_header` does) to `out`.
-/// For data packets this writes header + sub-header [+ digest], with the header length
+/// For data packets this writes header + sub-header (+ digest), with the header length
 /// covering [`Packet::data_len`] more bytes that the caller appends (or writev's).
 /// Everything written obeys the same rules [`decode`] enforces; on error `out` is left
 /// as it was.
@@ -862,7 +862,7 @@ fn encode_inner(
     Ok(())
 }
 
-/// Appends the header + `p_data` sub-header [+ digest] of a data packet whose
+/// Appends the header + `p_data` sub-header (+ digest) of a data packet whose
 /// `data_len` data bytes the caller sends next. Same as [`encode`] of [`Packet::Data`]
 /// without building the packet.
 pub fn encode_data_header(

@@ -492,8 +492,8 @@ pub struct ResyncController {
 
 /// `P_SYNC_PARAM` / `P_SYNC_PARAM89`, whose layout DRBD picks by the agreed version (not
 /// by the command): ≤ 87 `p_rs_param` (4 bytes); 88 `p_rs_param` + NUL-terminated
-/// verify_alg; 89..=94 `p_rs_param_89` (132: 0 resync_rate, 4 verify_alg[64],
-/// 68 csums_alg[64]); ≥ 95 `p_rs_param_95` (148: + 132 c_plan_ahead, 136 c_delay_target,
+/// verify_alg; 89..=94 `p_rs_param_89` (132: 0 resync_rate, 4 `verify_alg[64]`,
+/// 68 `csums_alg[64]`); ≥ 95 `p_rs_param_95` (148: + 132 c_plan_ahead, 136 c_delay_target,
 /// 140 c_fill_target, 144 c_max_rate).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncParam {
@@ -507,7 +507,7 @@ pub struct SyncParam {
     pub controller: Option<ResyncController>,
 }
 
-/// `struct p_uuids` (48 bytes): 0 current, 8 bitmap, 16 history[0], 24 history[1],
+/// `struct p_uuids` (48 bytes): 0 current, 8 bitmap, 16 `history[0]`, 24 `history[1]`,
 /// 32 dirty_bits, 40 uuid_flags.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Uuids {
