@@ -324,14 +324,13 @@ impl Worker {
                         self.start(env);
                         continue;
                     }
-                    Err(TryRecvError::Disconnected) => {
-                        self.shared.sleeping.store(false, Ordering::SeqCst);
-                        disconnected = true;
-                        continue;
-                    }
+                    // Every handle is gone (only after a close that timed out): no
+                    // request can come, but in-flight ops still need waiting for.
+                    Err(TryRecvError::Disconnected) => disconnected = true,
                     Err(TryRecvError::Empty) => {}
                 }
-                if self.in_ring == 0 && self.shared.closed.load(Ordering::SeqCst) {
+                if self.in_ring == 0 && (disconnected || self.shared.closed.load(Ordering::SeqCst))
+                {
                     // Nothing in flight would wake us: go round to the exit check.
                     self.shared.sleeping.store(false, Ordering::SeqCst);
                     continue;
