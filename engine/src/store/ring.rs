@@ -324,14 +324,13 @@ impl Worker {
                         self.start(env);
                         continue;
                     }
-                    Err(TryRecvError::Disconnected) => {
-                        self.shared.sleeping.store(false, Ordering::SeqCst);
-                        disconnected = true;
-                        continue;
-                    }
+                    // Every handle is gone (only after a close that timed out): no
+                    // request can come, but in-flight ops still need waiting for.
+                    Err(TryRecvError::Disconnected) => disconnected = true,
                     Err(TryRecvError::Empty) => {}
                 }
-                if self.in_ring == 0 && self.shared.closed.load(Ordering::SeqCst) {
+                if self.in_ring == 0 && (disconnected || self.shared.closed.load(Ordering::SeqCst))
+                {
                     // Nothing in flight would wake us: go round to the exit check.
                     self.shared.sleeping.store(false, Ordering::SeqCst);
                     continue;
@@ -599,14 +598,39 @@ impl Worker {
                 self.reap();
                 rounds += 1;
                 if rounds > 1000 {
-                    // Never observed; leaking the buffer is the safe way out.
+                    // Never observed; Drop leaks the buffer the kernel may still use.
                     tracing::error!("store eventfd read did not complete; leaking its buffer");
-                    std::mem::forget(std::mem::take(&mut self.efd_buf));
                     break;
                 }
             }
         }
         // Everything is reaped: dropping the ring, slots and fd is now safe.
+    }
+}
+
+impl Drop for Worker {
+    /// After a clean [`Worker::shutdown`] nothing is in the kernel's hands. If the thread
+    /// unwinds from a bug instead, the kernel may still write into in-flight buffers after
+    /// the ring fd closes (the kernel cancels asynchronously), so those are leaked, never
+    /// freed; their callers are completed with `Closed` by dropping the senders.
+    fn drop(&mut self) {
+        if self.in_ring == 0 && !self.efd_armed {
+            return;
+        }
+        tracing::error!(
+            in_flight = self.in_ring,
+            "store IO thread unwinding; leaking in-flight buffers"
+        );
+        for slot in self.slots.iter_mut().filter_map(Option::take) {
+            match slot.req {
+                Request::Read { buf, .. } => std::mem::forget(buf),
+                Request::Write { buf, .. } => std::mem::forget(buf),
+                Request::Flush { .. } | Request::Range { .. } => {}
+            }
+        }
+        if self.efd_armed {
+            std::mem::forget(std::mem::take(&mut self.efd_buf));
+        }
     }
 }
 

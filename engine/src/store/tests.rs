@@ -490,6 +490,20 @@ async fn short_reads_are_errors_not_silent() {
 }
 
 #[test]
+fn store_and_its_futures_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let dir = TempDir::new("send");
+    let s = Store::open(dir.path("d.img"), &opts(MIB)).expect("open");
+    send_sync(&s);
+    send(&s.read(0, 512));
+    send(&s.write(0, Arc::new(pattern(512, 0)), false));
+    send(&s.flush());
+    send(&s.discard(0, 512));
+    send(&s.write_zeroes(0, 512, true));
+}
+
+#[test]
 fn errno_mapping() {
     let e = StoreError::from_errno(StoreOp::Write, libc::ENOSPC);
     assert!(matches!(e, StoreError::NoSpace { .. }));
@@ -713,6 +727,21 @@ async fn full_device_reports_no_space() {
 //       --iodepth=1 --size=1G --runtime=10 --time_based
 //   (and --iodepth=32 for IOPS)
 
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes one `rusage` into the zeroed local it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.unsigned_abs())
+            + Duration::from_micros(t.tv_usec.unsigned_abs())
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 #[test]
 #[ignore = "benchmark; run explicitly with --ignored --nocapture"]
 #[allow(
@@ -734,11 +763,18 @@ fn bench_4k_randwrite() {
     let fresh = !path.exists();
     let s = Store::open(&path, &opts(size)).expect("open bench file");
     let blocks = s.size_bytes() / 4096;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // TANDEM_BENCH_RT=current: a current-thread runtime instead of 2 workers.
+    let rt = if std::env::var("TANDEM_BENCH_RT").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    }
+    .expect("runtime");
     rt.block_on(async {
         if fresh {
             // Lay the file out so writes do not measure block allocation.
@@ -750,6 +786,7 @@ fn bench_4k_randwrite() {
         }
         let data = Arc::new(pattern(4096, 1));
         // QD1 latency.
+        let cpu0 = cpu_time();
         let mut lat = Vec::new();
         let end = Instant::now() + Duration::from_secs(secs);
         let mut rng = rand::thread_rng();
@@ -768,6 +805,8 @@ fn bench_4k_randwrite() {
             pct(0.5),
             pct(0.99)
         );
+        println!("  CPU per op: {:?}", (cpu_time() - cpu0) / lat.len() as u32);
+        let cpu0 = cpu_time();
         // QD32 IOPS: 32 tasks each with one write in flight.
         let ops = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let end = Instant::now() + Duration::from_secs(secs);
@@ -793,6 +832,7 @@ fn bench_4k_randwrite() {
             "store QD32 4k randwrite: {n} ops, {:.0} IOPS",
             n as f64 / secs as f64
         );
+        println!("  CPU per op: {:?}", (cpu_time() - cpu0) / n as u32);
     });
     s.close();
 }
