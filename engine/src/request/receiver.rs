@@ -478,7 +478,7 @@ impl Receiver {
                     }
                     self.held.pop_front();
                     self.active += 1;
-                    self.epoch_size += 1;
+                    self.epoch_size = self.epoch_size.saturating_add(1);
                     let token = make_handle(i as usize, self.slots[i as usize].gen);
                     let s = &mut self.slots[i as usize];
                     s.submitted = true;

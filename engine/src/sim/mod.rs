@@ -4,7 +4,7 @@
 //!
 //! What is simulated (all parameters drawn from the seed, see [`SimParams`]):
 //!
-//! - **Disks** ([`disk`]): 1 MiB each; writes complete after a random delay in random
+//! - **Disks** (`disk.rs`): 1 MiB each; writes complete after a random delay in random
 //!   order and land in a volatile cache; flushes make earlier completions durable; FUA
 //!   writes are durable at completion; writes and flushes fail (EIO) at a low rate.
 //! - **Network**: a data stream (writes, barriers) and a meta stream (acks), each ordered,
@@ -550,14 +550,20 @@ impl Sim {
                 if !self.p_tags.remove(&tag) {
                     return Err(format!("primary disk completion for unknown tag {tag:#x}"));
                 }
-                let op = &self.ops[usize::try_from(id).map_err(|e| e.to_string())?];
-                let OpKind::Write {
-                    sector, len, kind, ..
-                } = op.kind
+                let op = usize::try_from(id).ok().and_then(|i| self.ops.get(i));
+                let Some(&Op {
+                    kind:
+                        OpKind::Write {
+                            sector,
+                            len,
+                            kind,
+                            fua,
+                        },
+                    ..
+                }) = op
                 else {
-                    return Err("disk write of a flush".into());
+                    return Err(format!("disk write for request {id}, not a write"));
                 };
-                let fua = matches!(op.kind, OpKind::Write { fua: true, .. });
                 let data = kind.has_data().then(|| pattern(id, sector, len));
                 self.pdisk.complete_write(
                     usize::try_from(sector).map_err(|e| e.to_string())?,
