@@ -34,6 +34,11 @@ pub use bitmap::{OutOfSync, BLOCK_SIZE};
 pub use primary::{Primary, PrimaryConfig, PrimaryOutput, PrimaryStats};
 pub use receiver::{PeerWrite, Receiver, ReceiverConfig, ReceiverOutput, ReceiverStats};
 
+#[cfg(test)]
+pub(crate) use primary::PrimarySabotage;
+#[cfg(test)]
+pub(crate) use receiver::ReceiverSabotage;
+
 /// Bytes per sector: offsets on the wire and in these APIs are 512-byte sectors.
 pub const SECTOR: u32 = 512;
 
@@ -120,7 +125,7 @@ pub enum Error {
 /// Checks that `[sector, sector + len)` is a non-empty, sector-multiple range inside a
 /// volume of `sectors` sectors. Returns the end sector.
 fn check_range(sector: u64, len: u32, sectors: u64) -> Option<u64> {
-    if len == 0 || len % SECTOR != 0 {
+    if len == 0 || !len.is_multiple_of(SECTOR) {
         return None;
     }
     let end = sector.checked_add(u64::from(len / SECTOR))?;

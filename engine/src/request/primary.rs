@@ -380,6 +380,12 @@ impl Primary {
         self.in_flight() < self.cfg.max_in_flight && self.slots_used < self.cfg.max_unacked_writes
     }
 
+    /// Whether the core replicates (between [`Primary::connected`] and
+    /// [`Primary::connection_lost`]).
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
     /// The out-of-sync bitmap.
     pub fn out_of_sync(&self) -> &OutOfSync {
         &self.oos

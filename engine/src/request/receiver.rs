@@ -188,7 +188,8 @@ struct Flushing {
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ReceiverSabotage {
-    /// Start the next epoch without waiting for the closed one's writes.
+    /// Start the next epoch without waiting for the closed one's writes (its flush and
+    /// ack still wait, so only the ordering of overlapping writes is broken).
     pub skip_drain: bool,
     /// Send the barrier ack when the epoch drained, before its flush completed.
     pub ack_before_flush: bool,
@@ -215,6 +216,9 @@ pub struct Receiver {
     stats: ReceiverStats,
     #[cfg(test)]
     pub(crate) sabotage: ReceiverSabotage,
+    /// Sabotage `skip_drain`: closed epochs waiting for nothing to be in flight.
+    #[cfg(test)]
+    sabotaged_epochs: VecDeque<(u32, u32)>,
 }
 
 impl Receiver {
@@ -244,6 +248,8 @@ impl Receiver {
             cfg,
             #[cfg(test)]
             sabotage: ReceiverSabotage::default(),
+            #[cfg(test)]
+            sabotaged_epochs: VecDeque::new(),
         })
     }
 
@@ -401,6 +407,8 @@ impl Receiver {
             }
         }
         self.flushing.clear();
+        #[cfg(test)]
+        self.sabotaged_epochs.clear();
         self.epoch_size = 0;
         self.epoch_barrier = None;
         self.epoch_lost = self.active > 0;
@@ -412,31 +420,47 @@ impl Receiver {
             .push(ReceiverOutput::SendBarrierAck { nr, set_size });
     }
 
+    /// The epoch `nr` drained: flush, and ack once the flush completed.
+    fn finish_epoch(&mut self, nr: u32, size: u32) {
+        self.flush_seq += 1;
+        self.stats.flushes_issued += 1;
+        let flush = self.flush_seq;
+        self.out
+            .push(ReceiverOutput::SubmitLocalFlush { token: flush });
+        #[cfg(test)]
+        if self.sabotage.ack_before_flush {
+            self.send_barrier_ack(nr, size);
+            return;
+        }
+        self.flushing.push_back(Flushing { nr, size, flush });
+    }
+
     /// Applies held messages from the head as far as the drain and the bounds allow.
     fn pump(&mut self) {
         loop {
+            #[cfg(test)]
+            if self.active == 0 {
+                while let Some((nr, size)) = self.sabotaged_epochs.pop_front() {
+                    self.finish_epoch(nr, size);
+                }
+            }
             if self.epoch_barrier.is_some() || self.epoch_lost {
                 #[cfg(test)]
-                let drained = self.active == 0 || self.sabotage.skip_drain;
-                #[cfg(not(test))]
-                let drained = self.active == 0;
-                if !drained || self.flushing.len() >= self.cfg.max_held {
+                if self.active > 0 && self.sabotage.skip_drain {
+                    // Sabotage: open the next epoch now; the closed one is flushed and
+                    // acked once nothing at all is in flight (durability kept, order not).
+                    if let Some(nr) = self.epoch_barrier.take() {
+                        self.sabotaged_epochs.push_back((nr, self.epoch_size));
+                    }
+                    self.epoch_lost = false;
+                    self.epoch_size = 0;
+                    continue;
+                }
+                if self.active > 0 || self.flushing.len() >= self.cfg.max_held {
                     return;
                 }
                 if let Some(nr) = self.epoch_barrier.take() {
-                    self.flush_seq += 1;
-                    self.stats.flushes_issued += 1;
-                    let flush = self.flush_seq;
-                    self.out
-                        .push(ReceiverOutput::SubmitLocalFlush { token: flush });
-                    let size = self.epoch_size;
-                    #[cfg(test)]
-                    if self.sabotage.ack_before_flush {
-                        self.send_barrier_ack(nr, size);
-                        self.epoch_size = 0;
-                        continue;
-                    }
-                    self.flushing.push_back(Flushing { nr, size, flush });
+                    self.finish_epoch(nr, self.epoch_size);
                 }
                 self.epoch_lost = false;
                 self.epoch_size = 0;
@@ -454,7 +478,7 @@ impl Receiver {
                     }
                     self.held.pop_front();
                     self.active += 1;
-                    self.epoch_size += 1;
+                    self.epoch_size = self.epoch_size.saturating_add(1);
                     let token = make_handle(i as usize, self.slots[i as usize].gen);
                     let s = &mut self.slots[i as usize];
                     s.submitted = true;
