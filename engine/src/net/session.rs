@@ -53,7 +53,7 @@ pub async fn run(
         config.resource.protocol,
         ctx.version()
     );
-    volume.connection_up(link, params.role, params.disk);
+    let kill = volume.connection_up(link, params.role, params.disk);
 
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
@@ -86,6 +86,11 @@ pub async fn run(
         config.net.ping_interval,
         config.net.ping_timeout,
     ));
+    // The volume asks for the connection to go (disconnect, a failed flush, a full queue).
+    tasks.spawn(async move {
+        kill.notified().await;
+        Err(NetError::Shutdown)
+    });
     let first = tasks.join_next().await;
     tasks.abort_all();
     match first {
