@@ -607,7 +607,7 @@ mod tests {
         let c = Config::parse(&two_nodes("", ""), "t").expect("valid");
         assert!(c
             .split("zed")
-            .unwrap_err()
+            .expect_err("must fail")
             .to_string()
             .contains("\"a\" and \"b\""));
     }

@@ -299,7 +299,7 @@ mod tests {
         let mut line = Vec::new();
         assert!(read_line_bounded(&mut rd, &mut line)
             .await
-            .unwrap_err()
+            .expect_err("must fail")
             .contains("longer"));
     }
 }
