@@ -154,6 +154,8 @@ pub struct Node {
     config: PathBuf,
     child: Option<Child>,
     runs: u32,
+    /// Whether a failure message already carried the log tail (Drop then skips it).
+    log_shown: std::cell::Cell<bool>,
 }
 
 impl Node {
@@ -492,6 +494,7 @@ impl Node {
 
     /// A header plus the last [`LOG_TAIL_LINES`] log lines, for failure messages.
     pub fn log_report(&self) -> String {
+        self.log_shown.set(true);
         format!(
             "--- log of node {} ({}), last {LOG_TAIL_LINES} lines ---\n{}\n--- end of log of {} ---",
             self.name,
@@ -505,7 +508,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
-        if std::thread::panicking() {
+        if std::thread::panicking() && self.runs > 0 && !self.log_shown.get() {
             eprintln!("{}", self.log_report());
         }
     }
@@ -550,6 +553,7 @@ impl Cluster {
                 config: config.clone(),
                 child: None,
                 runs: 0,
+                log_shown: std::cell::Cell::new(false),
             })
             .collect();
         let config_text = render_config(&opts, &nodes);
@@ -779,6 +783,7 @@ mod tests {
             config: dir.join("r0.toml"),
             child: None,
             runs: 0,
+            log_shown: std::cell::Cell::new(false),
         };
         let nodes = vec![node("alpha", true, 7789), node("beta", false, 7790)];
         let text = render_config(&opts, &nodes);
