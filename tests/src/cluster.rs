@@ -154,6 +154,8 @@ pub struct Node {
     config: PathBuf,
     child: Option<Child>,
     runs: u32,
+    /// Whether a failure message already carried the log tail (Drop then skips it).
+    log_shown: std::cell::Cell<bool>,
 }
 
 impl Node {
@@ -440,14 +442,24 @@ impl Node {
         })
     }
 
-    /// Waits until this node's NBD Unix socket exists (bounded by [`START_TIMEOUT`]).
-    pub fn wait_nbd_socket(&self) {
+    /// Waits (bounded by [`START_TIMEOUT`]) until this node's NBD Unix socket completes an
+    /// NBD handshake (`NBD_OPT_GO` on export ""), then disconnects politely with
+    /// `NBD_CMD_DISC`. A socket file alone proves nothing: a killed daemon leaves its file.
+    pub fn wait_nbd_ready(&self) {
         let Some(p) = self.nbd_socket.as_deref() else {
             return;
         };
-        if !try_wait_until(START_TIMEOUT, || p.exists()) {
+        let mut last = String::from("(not tried)");
+        let ok = try_wait_until(START_TIMEOUT, || match nbd_probe(p) {
+            Ok(()) => true,
+            Err(e) => {
+                last = format!("{e:#}");
+                false
+            }
+        });
+        if !ok {
             panic!(
-                "node {} never created its NBD socket {}\n{}",
+                "node {} does not serve NBD on {} (last error: {last})\n{}",
                 self.name,
                 p.display(),
                 self.log_report()
@@ -492,6 +504,7 @@ impl Node {
 
     /// A header plus the last [`LOG_TAIL_LINES`] log lines, for failure messages.
     pub fn log_report(&self) -> String {
+        self.log_shown.set(true);
         format!(
             "--- log of node {} ({}), last {LOG_TAIL_LINES} lines ---\n{}\n--- end of log of {} ---",
             self.name,
@@ -505,7 +518,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
-        if std::thread::panicking() {
+        if std::thread::panicking() && self.runs > 0 && !self.log_shown.get() {
             eprintln!("{}", self.log_report());
         }
     }
@@ -550,6 +563,7 @@ impl Cluster {
                 config: config.clone(),
                 child: None,
                 runs: 0,
+                log_shown: std::cell::Cell::new(false),
             })
             .collect();
         let config_text = render_config(&opts, &nodes);
@@ -645,10 +659,11 @@ impl Cluster {
         }
     }
 
-    /// Stops every running node with SIGTERM (Secondary first, so the Primary's last
-    /// writes are not what is cut), asserting exit status 0.
+    /// Stops every running node with SIGTERM, asserting exit status 0. The Primary goes
+    /// first: a clean stop of a Primary ends with its writes acknowledged by the peer (as
+    /// DRBD's `down` does), and the idle Secondary then has everything to write out.
     pub fn stop_all(&mut self) {
-        for n in self.nodes.iter_mut().rev() {
+        for n in self.nodes.iter_mut() {
             if n.child.is_some() {
                 n.stop();
             }
@@ -656,7 +671,7 @@ impl Cluster {
     }
 
     /// Waits until every running node reports `connection == "Connected"`, then until the
-    /// Primary's NBD socket exists.
+    /// Primary's NBD export completes a handshake.
     pub fn wait_connected(&self) {
         for n in &self.nodes {
             if n.child.is_some() {
@@ -665,7 +680,7 @@ impl Cluster {
         }
         for n in &self.nodes {
             if n.child.is_some() && n.primary {
-                n.wait_nbd_socket();
+                n.wait_nbd_ready();
             }
         }
     }
@@ -683,6 +698,16 @@ impl Cluster {
         let (a, b) = (self.node(0).disk.clone(), self.node(1).disk.clone());
         crate::assert_same_content(&a, &b, Some(len));
     }
+}
+
+/// One clean NBD session on a Unix socket: handshake, then `NBD_CMD_DISC`.
+fn nbd_probe(path: &Path) -> anyhow::Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(scaled(crate::nbd_raw::IO_TIMEOUT)))?;
+    s.set_write_timeout(Some(scaled(crate::nbd_raw::IO_TIMEOUT)))?;
+    crate::nbd_raw::handshake_go(&mut s, "")?;
+    s.write_all(&crate::nbd_raw::request(crate::nbd_raw::CMD_DISC, 0, 0, 0))?;
+    Ok(())
 }
 
 fn render_config(opts: &ClusterOpts, nodes: &[Node]) -> String {
@@ -779,6 +804,7 @@ mod tests {
             config: dir.join("r0.toml"),
             child: None,
             runs: 0,
+            log_shown: std::cell::Cell::new(false),
         };
         let nodes = vec![node("alpha", true, 7789), node("beta", false, 7790)];
         let text = render_config(&opts, &nodes);

@@ -156,6 +156,46 @@ fn replication_port_header_claiming_2gib_h100() {
     );
 }
 
+/// Past the feature exchange (agreed protocol ≥ 100, so h100 headers): a `P_DATA` header
+/// claiming a 2 GiB payload must be refused by its length, not waited for.
+#[test]
+fn replication_oversized_packet_after_feature_exchange() {
+    replication_attack(
+        "hostile-repl-big-late",
+        "an h100 P_DATA claiming 2 GiB after a valid feature exchange",
+        |a| {
+            let (mut data, meta, their_max) =
+                drbd_raw::connect_past_features(a).expect("DRBD handshake up to the features");
+            assert!(
+                their_max >= 100,
+                "the daemon offers protocol_max {their_max}; this attack needs h100"
+            );
+            let mut msg = drbd_raw::h100(0, drbd_raw::P_DATA, 0x8000_0000).to_vec();
+            msg.extend(random_bytes(4096));
+            let _ = data.write_all(&msg);
+            // Whatever the daemon sent after its features (P_PROTOCOL, ...) is read and
+            // dropped; what matters is that it hangs up within the deadline.
+            let mut closed = false;
+            for _ in 0..8 {
+                match nbd_raw::await_outcome(&mut data, REACTION) {
+                    Outcome::Closed => {
+                        closed = true;
+                        break;
+                    }
+                    Outcome::Replied(_) => continue,
+                    Outcome::Silent => break,
+                }
+            }
+            assert!(
+                closed,
+                "the daemon kept a data socket that announced a 2 GiB packet"
+            );
+            nbd_raw::close(data);
+            nbd_raw::close(meta);
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // NBD TCP port (the Primary's export stays Connected to its peer throughout).
 
