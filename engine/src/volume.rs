@@ -24,7 +24,7 @@
 
 use crate::config::{Config, NodeConfig};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
-use crate::net::handshake::LocalParams;
+use crate::net::handshake::{LocalParams, PeerParams};
 use crate::net::{Link, Outgoing};
 use crate::request::{
     self, Error as CoreError, Primary, PrimaryConfig, PrimaryOutput, Receiver, ReceiverConfig,
@@ -335,7 +335,7 @@ impl Volume {
     }
 
     /// A connection finished its handshake. Returns the notify that kills it.
-    pub fn connection_up(&self, link: Link, peer_role: Role, peer_disk: DiskState) -> Arc<Notify> {
+    pub fn connection_up(&self, link: Link, peer: &PeerParams) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
         let mut effects = Vec::new();
         {
@@ -343,9 +343,17 @@ impl Volume {
             let inner = &mut *g;
             inner.link = Some(link);
             inner.kill = Some(kill.clone());
-            inner.peer_role = peer_role;
-            inner.peer_disk = peer_disk;
+            inner.peer_role = peer.role;
+            inner.peer_disk = peer.disk;
             inner.conn = ConnState::Connected;
+            if inner.role == Role::Secondary && peer.dirty_bits > 0 {
+                // The peer holds writes this disk missed; only a resync makes it UpToDate.
+                inner.disk = DiskState::Outdated;
+                tracing::warn!(
+                    "peer reports {} out-of-sync blocks: this disk is Outdated",
+                    peer.dirty_bits
+                );
+            }
             if inner.role == Role::Primary {
                 if let Err(e) = inner.primary.connected() {
                     tracing::error!("replication core refused the connection: {e}");
@@ -449,17 +457,26 @@ impl Volume {
         .map(|_| ())
     }
 
-    /// `P_BARRIER` from the peer.
-    pub fn peer_barrier(&self, session: u64, nr: u32) -> Result<(), String> {
-        self.with_session(session, |v, inner, fx| {
-            if inner.role == Role::Primary {
-                return Err("P_BARRIER received while Primary".into());
+    /// `P_BARRIER` from the peer; waits while the receiver is full, like a write.
+    pub async fn peer_barrier(&self, session: u64, nr: u32) -> Result<(), String> {
+        loop {
+            let notified = self.accept.notified();
+            let outcome = self.with_session(session, |v, inner, fx| {
+                if inner.role == Role::Primary {
+                    return Err("P_BARRIER received while Primary".into());
+                }
+                if !inner.receiver.can_accept() {
+                    return Ok(false);
+                }
+                inner.receiver.peer_barrier(nr).map_err(core_err)?;
+                v.drain_receiver(inner, fx);
+                Ok(true)
+            })?;
+            match outcome {
+                None | Some(true) => return Ok(()),
+                Some(false) => notified.await,
             }
-            inner.receiver.peer_barrier(nr).map_err(core_err)?;
-            v.drain_receiver(inner, fx);
-            Ok(())
-        })
-        .map(|_| ())
+        }
     }
 
     /// `P_STATE` from the peer.
@@ -1075,8 +1092,16 @@ impl Volume {
     /// The status object of the management API.
     pub fn status(&self) -> serde_json::Value {
         let g = self.lock();
+        let oos = g.primary.out_of_sync_bytes();
         let peer = if g.link.is_some() {
-            serde_json::json!({ "node": self.peer_node, "role": g.peer_role, "disk": g.peer_disk })
+            // A peer that missed writes (blocks out of sync here) is not UpToDate, whatever
+            // it believes; until resync it is Outdated.
+            let disk = if oos > 0 && g.role == Role::Primary {
+                DiskState::Outdated
+            } else {
+                g.peer_disk
+            };
+            serde_json::json!({ "node": self.peer_node, "role": g.peer_role, "disk": disk })
         } else {
             serde_json::Value::Null
         };
@@ -1096,7 +1121,7 @@ impl Volume {
             "peer_writes_in_flight": rstats.active_writes,
             "bytes_replicated": g.bytes_replicated,
             "writes_completed": g.writes_completed,
-            "out_of_sync_bytes": g.primary.out_of_sync_bytes(),
+            "out_of_sync_bytes": oos,
         })
     }
 }

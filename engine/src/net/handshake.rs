@@ -45,6 +45,8 @@ pub struct PeerParams {
     pub disk: DiskState,
     /// The peer's largest accepted bio, bytes.
     pub max_bio_size: u32,
+    /// Out-of-sync 4 KiB blocks the peer reported (P_UUIDS dirty_bits).
+    pub dirty_bits: u64,
 }
 
 /// Runs the handshake on the data socket.
@@ -157,6 +159,7 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
 
     let mut got_protocol = false;
     let mut got_sizes = None;
+    let mut dirty_bits = 0;
     let peer_state = loop {
         match read_control(data, &ctx).await? {
             (_, Packet::Protocol { protocol: p, .. }) => {
@@ -181,7 +184,8 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
                 }
                 got_protocol = true;
             }
-            (_, Packet::SyncParam { .. } | Packet::Uuids(_)) => {}
+            (_, Packet::SyncParam { .. }) => {}
+            (_, Packet::Uuids(u)) => dirty_bits = u.dirty_bits,
             (_, Packet::Sizes(s)) => {
                 let peer_size = if s.c_size != 0 {
                     s.c_size.min(s.d_size.max(s.c_size))
@@ -228,6 +232,7 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         role,
         disk,
         max_bio_size: sizes.max_bio_size.clamp(4096, MAX_BIO_SIZE),
+        dirty_bits,
     })
 }
 

@@ -53,7 +53,7 @@ pub async fn run(
         config.resource.protocol,
         ctx.version()
     );
-    let kill = volume.connection_up(link, params.role, params.disk);
+    let kill = volume.connection_up(link, &params);
 
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
@@ -252,6 +252,7 @@ async fn data_receiver(
             }
             Packet::Barrier(b) => volume
                 .peer_barrier(session, b.barrier)
+                .await
                 .map_err(NetError::Protocol)?,
             Packet::State(word) => volume.peer_state(session, word),
             Packet::ReqState { cmd, .. } => {
