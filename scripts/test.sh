@@ -23,17 +23,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 # Tests run optimised: the integration tests push tens of MiB through two daemons and
 # fio on 2 cores, and the simulator runs many seeds; a release build costs about 1 minute
-# more to compile than a debug one and makes those several times faster. Overflow checks
-# and debug assertions stay on, as in a debug build, so arithmetic on hostile lengths
-# that would wrap still panics in tests. (TANDEM_TEST_PROFILE=dev runs a debug build.)
+# more to compile than a debug one and makes those several times faster. The release
+# profile keeps overflow checks on (root Cargo.toml), so arithmetic on hostile lengths
+# that would wrap panics in tests as in production, and the binary tested is the one the
+# demo runs. (TANDEM_TEST_PROFILE=dev runs a debug build.)
 profile=${TANDEM_TEST_PROFILE:-release}
 case "$profile" in
     release) profile_dir=release ;;
     dev) profile_dir=debug ;;
     *) profile_dir=$profile ;;
 esac
-export CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
-export CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true
 target_dir=${CARGO_TARGET_DIR:-target}
 
 step "cargo build --profile $profile -p tandem-engine --bin tandem"
