@@ -360,10 +360,3 @@ impl mgmt::Handler for Volume {
         }
     }
 }
-
-/// Keeps the Arc<Volume> usable as a handler.
-impl mgmt::Handler for Arc<Volume> {
-    fn handle(&self, req: mgmt::Request) -> Result<serde_json::Value, String> {
-        self.as_ref().handle(req)
-    }
-}

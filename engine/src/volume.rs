@@ -1086,7 +1086,9 @@ impl Volume {
         if let Err(e) = self.store.flush().await {
             tracing::error!("final flush failed: {e}");
         }
-        self.store.close();
+        // close() waits for the ring thread (bounded by the store's CLOSE_TIMEOUT).
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
 
     /// The status object of the management API.
