@@ -534,16 +534,32 @@ impl Volume {
 
     // ----- turning core outputs into IO -----------------------------------------------
 
-    fn queue(link: &Option<Link>, data_socket: bool, out: Outgoing) -> bool {
-        let Some(l) = link else { return false };
+    /// Queues a packet on the live connection's data or meta socket. A full queue means a
+    /// bound was miscomputed: the connection is dropped (its writes become out of sync)
+    /// rather than the queue grown. Returns whether the packet was queued.
+    fn queue(
+        inner: &Inner,
+        data_socket: bool,
+        bytes: Vec<u8>,
+        data: Option<Arc<AlignedBuf>>,
+        sent_id: Option<u64>,
+    ) -> bool {
+        let Some(l) = &inner.link else { return false };
         let q = if data_socket { &l.data } else { &l.meta };
-        match q.try_send(out) {
+        match q.try_send(Outgoing {
+            bytes,
+            data,
+            sent_id,
+        }) {
             Ok(()) => true,
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                 tracing::error!(
                     "send queue full (a bound was miscomputed); dropping the connection"
                 );
+                if let Some(k) = &inner.kill {
+                    k.notify_one();
+                }
                 false
             }
         }
@@ -572,15 +588,7 @@ impl Volume {
         };
         if let Ok(word) = bits.pack() {
             if let Some(bytes) = Self::encode(&inner.link, &Packet::State(word)) {
-                Self::queue(
-                    &inner.link,
-                    true,
-                    Outgoing {
-                        bytes,
-                        data: None,
-                        sent_id: None,
-                    },
-                );
+                Self::queue(inner, true, bytes, None, None);
             }
         }
     }
@@ -671,18 +679,8 @@ impl Volume {
                         continue;
                     }
                     let sent_id = (self.protocol == Protocol::A).then_some(block_id);
-                    if Self::queue(
-                        &inner.link,
-                        true,
-                        Outgoing {
-                            bytes,
-                            data,
-                            sent_id,
-                        },
-                    ) {
+                    if Self::queue(inner, true, bytes, data, sent_id) {
                         inner.bytes_replicated += u64::from(len);
-                    } else if let Some(k) = &inner.kill {
-                        k.notify_one();
                     }
                 }
                 PrimaryOutput::SendBarrier { nr } => {
@@ -693,19 +691,7 @@ impl Volume {
                             pad: 0,
                         }),
                     ) {
-                        if !Self::queue(
-                            &inner.link,
-                            true,
-                            Outgoing {
-                                bytes,
-                                data: None,
-                                sent_id: None,
-                            },
-                        ) {
-                            if let Some(k) = &inner.kill {
-                                k.notify_one();
-                            }
-                        }
+                        Self::queue(inner, true, bytes, None, None);
                     }
                 }
                 PrimaryOutput::Complete { id, result } => {
@@ -791,19 +777,7 @@ impl Volume {
                 }
             };
             if let Some(bytes) = Self::encode(&inner.link, &pkt) {
-                if !Self::queue(
-                    &inner.link,
-                    false,
-                    Outgoing {
-                        bytes,
-                        data: None,
-                        sent_id: None,
-                    },
-                ) {
-                    if let Some(k) = &inner.kill {
-                        k.notify_one();
-                    }
-                }
+                Self::queue(inner, false, bytes, None, None);
             }
         }
     }
@@ -814,6 +788,7 @@ impl Volume {
         }
         let Some(me) = self.me.upgrade() else { return };
         for e in effects {
+            let v = me.clone();
             match e {
                 Effect::Complete { done, result } => {
                     let _ = done.send(result);
@@ -826,37 +801,23 @@ impl Volume {
                     fua,
                     buf,
                 } => {
-                    let v = me.clone();
                     tokio::spawn(async move {
                         let ok = v
                             .local_io(sector, len, kind, fua, buf.map(Buf::Shared))
                             .await;
-                        let mut fx = Vec::new();
-                        {
-                            let mut g = v.lock();
-                            let inner = &mut *g;
-                            if let Err(e) = inner.primary.local_done(tag, ok) {
-                                tracing::error!("core refused a local completion: {e}");
-                            }
-                            v.drain_primary(inner, &mut fx);
-                        }
-                        v.run(fx);
+                        v.feed(|v, inner, fx| {
+                            log_refusal(inner.primary.local_done(tag, ok));
+                            v.drain_primary(inner, fx);
+                        });
                     });
                 }
                 Effect::PrimaryFlush { tag } => {
-                    let v = me.clone();
                     tokio::spawn(async move {
                         let ok = v.flush_local().await;
-                        let mut fx = Vec::new();
-                        {
-                            let mut g = v.lock();
-                            let inner = &mut *g;
-                            if let Err(e) = inner.primary.local_flush_done(tag, ok) {
-                                tracing::error!("core refused a flush completion: {e}");
-                            }
-                            v.drain_primary(inner, &mut fx);
-                        }
-                        v.run(fx);
+                        v.feed(|v, inner, fx| {
+                            log_refusal(inner.primary.local_flush_done(tag, ok));
+                            v.drain_primary(inner, fx);
+                        });
                     });
                 }
                 Effect::ReceiverLocal {
@@ -867,43 +828,39 @@ impl Volume {
                     fua,
                     buf,
                 } => {
-                    let v = me.clone();
                     tokio::spawn(async move {
                         let ok = v
                             .local_io(sector, len, kind, fua, buf.map(Buf::Owned))
                             .await;
-                        let mut fx = Vec::new();
-                        {
-                            let mut g = v.lock();
-                            let inner = &mut *g;
-                            if let Err(e) = inner.receiver.local_done(token, ok) {
-                                tracing::error!("receiver refused a local completion: {e}");
-                            }
-                            v.drain_receiver(inner, &mut fx);
-                        }
-                        v.accept.notify_one();
-                        v.run(fx);
+                        v.feed(|v, inner, fx| {
+                            log_refusal(inner.receiver.local_done(token, ok));
+                            v.drain_receiver(inner, fx);
+                        });
                     });
                 }
                 Effect::ReceiverFlush { token } => {
-                    let v = me.clone();
                     tokio::spawn(async move {
                         let ok = v.flush_local().await;
-                        let mut fx = Vec::new();
-                        {
-                            let mut g = v.lock();
-                            let inner = &mut *g;
-                            if let Err(e) = inner.receiver.local_flush_done(token, ok) {
-                                tracing::error!("receiver refused a flush completion: {e}");
-                            }
-                            v.drain_receiver(inner, &mut fx);
-                        }
-                        v.accept.notify_one();
-                        v.run(fx);
+                        v.feed(|v, inner, fx| {
+                            log_refusal(inner.receiver.local_flush_done(token, ok));
+                            v.drain_receiver(inner, fx);
+                        });
                     });
                 }
             }
         }
+    }
+
+    /// Feeds a local IO result to a core under the lock, then runs what it asks for. A
+    /// completion may free room in the receiver, so the data socket's reader is woken.
+    fn feed(&self, f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>)) {
+        let mut fx = Vec::new();
+        {
+            let mut g = self.lock();
+            f(self, &mut g, &mut fx);
+        }
+        self.accept.notify_one();
+        self.run(fx);
     }
 
     async fn local_io(
@@ -1125,6 +1082,14 @@ impl Volume {
             "writes_completed": g.writes_completed,
             "out_of_sync_bytes": oos,
         })
+    }
+}
+
+/// A core refusing a local completion is a driver bug (unknown or duplicate tag): logged,
+/// never fatal, since the core's state is unchanged when it refuses.
+fn log_refusal(r: Result<(), CoreError>) {
+    if let Err(e) = r {
+        tracing::error!("replication core refused a local completion: {e}");
     }
 }
 

@@ -42,30 +42,10 @@ pub(crate) use receiver::ReceiverSabotage;
 /// Bytes per sector: offsets on the wire and in these APIs are 512-byte sectors.
 pub const SECTOR: u32 = 512;
 
-/// `dp_flags` bits of `P_DATA` / `P_TRIM` / `P_ZEROES` (research/drbd-protocol.md §2.3).
-///
-/// The core computes the flag set of agreed protocol ≥ 100 (where the ack type travels in
-/// the flags); the wire layer strips what an older agreed version does not know.
-pub mod dp {
-    /// `REQ_SYNC`: a latency hint for the peer's IO scheduler.
-    pub const DP_RW_SYNC: u32 = 2;
-    /// Sent while resyncing: the peer answers `P_RS_WRITE_ACK`.
-    pub const DP_MAY_SET_IN_SYNC: u32 = 4;
-    /// `REQ_FUA`: durable on the peer's disk before its completion.
-    pub const DP_FUA: u32 = 16;
-    /// `REQ_PREFLUSH`.
-    pub const DP_FLUSH: u32 = 32;
-    /// Discard (`P_TRIM`).
-    pub const DP_DISCARD: u32 = 64;
-    /// Protocol B: the peer sends `P_RECV_ACK` on receipt.
-    pub const DP_SEND_RECEIVE_ACK: u32 = 128;
-    /// Protocol C: the peer sends `P_WRITE_ACK` after its local write completed.
-    pub const DP_SEND_WRITE_ACK: u32 = 256;
-    /// Write-same.
-    pub const DP_WSAME: u32 = 512;
-    /// Write-zeroes; with [`DP_DISCARD`] the zeroed range may be unmapped.
-    pub const DP_ZEROES: u32 = 1024;
-}
+/// `dp_flags` bits (research/drbd-protocol.md §2.3); the core computes the set of agreed
+/// protocol ≥ 100, where the ack type travels in the flags. The constants are the codec's:
+/// the wire module is pure too, so the core depends on nothing with IO.
+pub use crate::wire::dp;
 
 /// What a write does to its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
