@@ -285,10 +285,31 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
         children.push(child);
     }
     let primary = &config.nodes[0];
-    let connected = (0..100).any(|_| {
+    let mut connected = false;
+    for _ in 0..100 {
         std::thread::sleep(Duration::from_millis(100));
-        call(&primary.mgmt_socket, "status").is_ok_and(|r| r["status"]["connection"] == "Connected")
-    });
+        for (child, node) in children.iter_mut().zip(&config.nodes) {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(dir.join(format!("{}.log", node.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                for other in &mut children {
+                    let _ = other.kill();
+                }
+                bail!(
+                    "node {} exited ({status}) during start-up; its log ends:\n{}",
+                    node.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+        if call(&primary.mgmt_socket, "status")
+            .is_ok_and(|r| r["status"]["connection"] == "Connected")
+        {
+            connected = true;
+            break;
+        }
+    }
     let nbd = primary
         .nbd_socket
         .as_ref()
@@ -321,7 +342,11 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
     println!("  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
     println!("  qemu-system-x86_64 ... -drive file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none");
     println!("  nbdinfo 'nbd://127.0.0.1:10809/demo'");
-    println!("  tandem status --socket {}", primary.mgmt_socket.display());
+    println!(
+        "  {} status --socket {}",
+        exe.display(),
+        primary.mgmt_socket.display()
+    );
     println!("Ctrl-C stops both nodes.");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
