@@ -36,12 +36,25 @@ use crate::wire::{self, Command, Packet};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Largest write handed to the core (and sent as one `P_DATA`): DRBD_MAX_BIO_SIZE.
 pub const MAX_WRITE_CHUNK: usize = 1 << 20;
 /// Largest discard / write-zeroes handed to the core: DRBD_MAX_BATCH_BIO_SIZE.
 pub const MAX_BATCH_CHUNK: u64 = 128 << 20;
+
+/// Bytes of peer write data held in memory at once (received and not yet on disk):
+/// the Secondary's buffer bound. A data packet waits for room before it is read, which
+/// back-pressures the peer through TCP.
+pub const PEER_DATA_BUDGET: usize = 64 << 20;
+
+/// The data of one peer write, holding its share of [`PEER_DATA_BUDGET`] until dropped.
+#[derive(Debug)]
+pub struct PeerData {
+    /// The bytes, read straight from the socket.
+    pub buf: AlignedBuf,
+    _budget: OwnedSemaphorePermit,
+}
 
 /// A write received from the peer, with its data.
 #[derive(Debug)]
@@ -62,7 +75,7 @@ pub struct PeerWrite {
 #[derive(Debug)]
 pub enum PeerWriteKind {
     /// `P_DATA`.
-    Data(AlignedBuf),
+    Data(PeerData),
     /// `P_TRIM` with discard semantics.
     Discard,
     /// `P_ZEROES` (or `P_TRIM` without `DRBD_FF_WZEROES`).
@@ -91,7 +104,7 @@ struct Inner {
     receiver: Receiver,
     next_id: u64,
     pending: HashMap<u64, Pending>,
-    peer_bufs: HashMap<u64, AlignedBuf>,
+    peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
     writes_completed: u64,
 }
@@ -115,7 +128,7 @@ enum Effect {
         len: u32,
         kind: WriteKind,
         fua: bool,
-        buf: Option<AlignedBuf>,
+        buf: Option<PeerData>,
     },
     ReceiverFlush {
         token: u64,
@@ -136,6 +149,7 @@ pub struct Volume {
     size_bytes: u64,
     store: Store,
     slots: Arc<Semaphore>,
+    peer_data: Arc<Semaphore>,
     accept: Notify,
     conn_changed: Notify,
     inner: Mutex<Inner>,
@@ -189,6 +203,7 @@ impl Volume {
             size_bytes,
             store,
             slots: Arc::new(Semaphore::new(max_buffers)),
+            peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
             accept: Notify::new(),
             conn_changed: Notify::new(),
             inner: Mutex::new(Inner {
@@ -487,6 +502,24 @@ impl Volume {
             inner.peer_disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
             Ok(())
         });
+    }
+
+    /// A buffer for `len` bytes of peer data; waits until the Secondary's buffer budget
+    /// ([`PEER_DATA_BUDGET`]) has room.
+    pub async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {
+        let units =
+            u32::try_from(len.div_ceil(SECTOR_SIZE)).map_err(|_| format!("{len}-byte write"))?;
+        let budget = self
+            .peer_data
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|e| e.to_string())?;
+        let buf = AlignedBuf::new(len).map_err(|e| e.to_string())?;
+        Ok(PeerData {
+            buf,
+            _budget: budget,
+        })
     }
 
     /// A write from the peer; waits while the receiver is full (back-pressure).
@@ -874,8 +907,9 @@ impl Volume {
         let offset = sector * SECTOR_SIZE as u64;
         let r = match (kind, buf) {
             (WriteKind::Data, Some(Buf::Shared(b))) => self.store.write(offset, b, fua).await,
-            (WriteKind::Data, Some(Buf::Owned(b))) => {
-                self.store.write(offset, Arc::new(b), fua).await
+            (WriteKind::Data, Some(Buf::Owned(PeerData { buf, _budget }))) => {
+                // `_budget` is held until the write is done.
+                self.store.write(offset, Arc::new(buf), fua).await
             }
             (WriteKind::Data, None) => {
                 tracing::error!("a write at sector {sector} has no data buffer");
@@ -1095,7 +1129,7 @@ fn log_refusal(r: Result<(), CoreError>) {
 
 enum Buf {
     Shared(Arc<AlignedBuf>),
-    Owned(AlignedBuf),
+    Owned(PeerData),
 }
 
 async fn join_all<F: std::future::Future<Output = Result<(), BlockError>>>(

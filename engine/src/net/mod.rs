@@ -18,7 +18,8 @@
 //! reconnects with exponential back-off (100 ms doubling up to `connect-int`).
 //!
 //! Bounds: the first packet of an accepted socket must arrive within
-//! [`FIRST_PACKET_TIMEOUT`]; the handshake must complete within [`HANDSHAKE_TIMEOUT`];
+//! [`FIRST_PACKET_TIMEOUT`], and at most [`MAX_UNCLASSIFIED_SOCKETS`] wait for it; the
+//! handshake must complete within [`HANDSHAKE_TIMEOUT`];
 //! at most [`MAX_PENDING_SOCKETS`] accepted sockets wait for the manager; the send queues
 //! hold at most `max-buffers` × 2 + 64 packets (more than the core can have in flight,
 //! so a full queue is a bug and drops the connection); a packet is at most 1 MiB of data
@@ -48,6 +49,8 @@ pub const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(3);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted, classified sockets waiting for the connection manager.
 pub const MAX_PENDING_SOCKETS: usize = 4;
+/// Accepted sockets whose first packet is still awaited; more are closed at once.
+pub const MAX_UNCLASSIFIED_SOCKETS: usize = 16;
 /// Time a `connect()` to the peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// First reconnect delay; doubles up to `connect-int`.
@@ -253,6 +256,7 @@ async fn accept_loop(
     tx: mpsc::Sender<(Command, TcpStream)>,
     volume: Arc<Volume>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UNCLASSIFIED_SOCKETS));
     loop {
         let (mut stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -262,9 +266,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("refused replication socket from {from}: {MAX_UNCLASSIFIED_SOCKETS} sockets already awaiting their first packet");
+            continue;
+        };
         let tx = tx.clone();
         let volume = volume.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let first = tokio::time::timeout(
                 FIRST_PACKET_TIMEOUT,
                 read_control(&mut stream, &WireCtx::pre_features()),

@@ -4,7 +4,6 @@
 use super::handshake::{self, PeerParams};
 use super::{read_exact, Link, NetError, Outgoing};
 use crate::config::{Config, NodeConfig};
-use crate::store::AlignedBuf;
 use crate::volume::{PeerWrite, PeerWriteKind, Volume};
 use crate::wire::{self, dp, Command, Header, Packet, WireCtx};
 use std::io::IoSlice;
@@ -210,15 +209,17 @@ async fn data_receiver(
                 if size == 0 || size != data_len {
                     return Err(NetError::Protocol(format!("P_DATA with {size} data bytes")));
                 }
-                let mut buf = AlignedBuf::new(size)
+                let mut data = volume
+                    .receive_buffer(size)
+                    .await
                     .map_err(|e| NetError::Protocol(format!("P_DATA: {e}")))?;
-                read_exact(&mut rd, buf.as_mut_slice()).await?;
+                read_exact(&mut rd, data.buf.as_mut_slice()).await?;
                 let w = PeerWrite {
                     block_id: dh.block_id,
                     sector: dh.sector,
                     len,
                     dp_flags: dh.dp_flags,
-                    kind: PeerWriteKind::Data(buf),
+                    kind: PeerWriteKind::Data(data),
                 };
                 volume
                     .peer_write(session, w)
@@ -367,7 +368,7 @@ mod tests {
     async fn vectored_batches_survive_short_writes() {
         // A duplex pipe with a tiny buffer forces many partial writes.
         let (mut a, mut b) = tokio::io::duplex(7);
-        let data = Arc::new(AlignedBuf::from_slice(&[9u8; 1024]).expect("buf"));
+        let data = Arc::new(crate::store::AlignedBuf::from_slice(&[9u8; 1024]).expect("buf"));
         let batch = vec![
             Outgoing {
                 bytes: vec![1, 2, 3],
