@@ -5,8 +5,9 @@
 //! barriers and state; the **meta** socket carries acks and pings (so an ack never queues
 //! behind megabytes of data). Who connects: both nodes listen on their `address`; the node
 //! whose address sorts higher connects (first socket `P_INITIAL_DATA`, second
-//! `P_INITIAL_META`, h80), the other accepts and classifies sockets by that first packet.
-//! A kernel DRBD 8.4 peer connects the same way, so it is accepted too.
+//! `P_INITIAL_META`, h80); both accept and classify sockets by that first packet, and a
+//! complete pair the peer opened is taken whenever it arrives — a kernel DRBD 8.4 peer
+//! connects from either side.
 //!
 //! Then, on the data socket: `P_CONNECTION_FEATURES` both ways (h80; agreed version =
 //! min of the maxima, h100 headers after it), `P_PROTOCOL`, `P_SYNC_PARAM89`, `P_SIZES`,
@@ -21,7 +22,7 @@
 //! [`FIRST_PACKET_TIMEOUT`], and at most [`MAX_UNCLASSIFIED_SOCKETS`] wait for it; the
 //! handshake must complete within [`HANDSHAKE_TIMEOUT`];
 //! at most [`MAX_PENDING_SOCKETS`] accepted sockets wait for the manager; the send queues
-//! hold at most `max-buffers` × 2 + 64 packets (more than the core can have in flight,
+//! hold at most `max-buffers` × 4 + 64 packets (more than the core can have in flight,
 //! so a full queue is a bug and drops the connection); a packet is at most 1 MiB of data
 //! plus its sub-header (the codec refuses larger lengths before anything is read).
 //! Liveness: the meta socket pings after `ping-int` of silence and gives up after
@@ -183,6 +184,7 @@ pub async fn run(
     let active = is_active(me.address, peer.address);
     let mut backoff = BACKOFF_START;
     let mut session_no = 0u64;
+    let mut accepted = Accepted::default();
     while !*shutdown.borrow() {
         if volume.is_standalone() {
             volume.set_conn_state(ConnState::StandAlone);
@@ -194,7 +196,7 @@ pub async fn run(
         }
         volume.set_conn_state(ConnState::WFConnection);
         let sockets = tokio::select! {
-            s = establish(active, peer.address, &mut incoming, &config) => s,
+            s = establish(active, peer.address, &mut incoming, &mut accepted, &config) => s,
             _ = shutdown.wait_for(|s| *s) => break,
             _ = volume.wait_standalone() => continue,
         };
@@ -204,6 +206,8 @@ pub async fn run(
                 tracing::debug!("no connection to {} yet: {e}", peer.name);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
+                    // The peer connecting to us ends the wait at once.
+                    Some((cmd, s)) = incoming.recv() => accepted.put(cmd, s),
                     _ = shutdown.wait_for(|s| *s) => break,
                 }
                 backoff = (backoff * 2).min(config.net.connect_interval);
@@ -312,20 +316,53 @@ async fn accept_loop(
     }
 }
 
-/// Makes the data and meta sockets: connects (active side) or takes them from the
-/// acceptor (passive side).
+/// Accepted sockets, sorted by their first packet, waiting to form a pair.
+#[derive(Debug, Default)]
+struct Accepted {
+    data: Option<TcpStream>,
+    meta: Option<TcpStream>,
+}
+
+impl Accepted {
+    /// Files one accepted socket; a role arriving twice replaces the older socket (DRBD:
+    /// "initial packet crossed").
+    fn put(&mut self, cmd: Command, s: TcpStream) {
+        if cmd == Command::P_INITIAL_DATA {
+            self.data = Some(s);
+        } else {
+            self.meta = Some(s);
+        }
+    }
+
+    fn take_pair(&mut self) -> Option<(TcpStream, TcpStream)> {
+        match (self.data.take(), self.meta.take()) {
+            (Some(d), Some(m)) => Some((d, m)),
+            (d, m) => {
+                self.data = d;
+                self.meta = m;
+                None
+            }
+        }
+    }
+}
+
+/// Makes the data and meta sockets. Both sides accept: a pair the peer opened is used
+/// whenever it is complete (a kernel DRBD peer connects from either side). The active
+/// side also connects; the passive side waits up to `connect-int` for the peer.
 async fn establish(
     active: bool,
     peer: SocketAddr,
     incoming: &mut mpsc::Receiver<(Command, TcpStream)>,
+    accepted: &mut Accepted,
     config: &Config,
 ) -> Result<(TcpStream, TcpStream), NetError> {
-    let pre = WireCtx::pre_features();
-    let (data, meta) = if active {
-        // Sockets a peer opened towards us are stale here: drop them.
-        while let Ok((_, s)) = incoming.try_recv() {
-            drop(s);
-        }
+    while let Ok((cmd, s)) = incoming.try_recv() {
+        accepted.put(cmd, s);
+    }
+    let (data, meta) = if let Some(pair) = accepted.take_pair() {
+        pair
+    } else if active {
+        let pre = WireCtx::pre_features();
         let mut data = connect(peer).await?;
         send_packet(
             &mut data,
@@ -342,25 +379,17 @@ async fn establish(
         .await?;
         (data, meta)
     } else {
-        let mut data = None;
-        let mut meta = None;
         let deadline =
             tokio::time::Instant::now() + config.net.connect_interval.max(Duration::from_secs(1));
-        while data.is_none() || meta.is_none() {
+        loop {
             let (cmd, s) = tokio::time::timeout_at(deadline, incoming.recv())
                 .await
                 .map_err(|_| NetError::Timeout("waiting for the peer to connect"))?
                 .ok_or(NetError::Shutdown)?;
-            // A role arriving twice: the newer socket wins (DRBD: "initial packet crossed").
-            if cmd == Command::P_INITIAL_DATA {
-                data = Some(s);
-            } else {
-                meta = Some(s);
+            accepted.put(cmd, s);
+            if let Some(pair) = accepted.take_pair() {
+                break pair;
             }
-        }
-        match (data, meta) {
-            (Some(d), Some(m)) => (d, m),
-            _ => return Err(NetError::Protocol("incomplete socket pair".into())),
         }
     };
     socket::tune(&data, socket::Role::Data, &config.net)?;

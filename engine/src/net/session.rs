@@ -34,7 +34,9 @@ pub async fn run(
             .await
             .map_err(|_| NetError::Timeout("handshake"))??;
     let ctx = params.ctx;
-    let queue = config.net.max_buffers as usize * 2 + 64;
+    // Sends in a queue: at most every un-acked write (2 × max-buffers) plus one barrier
+    // per epoch among them, so 4 × max-buffers (+ pings, state) never fills it.
+    let queue = config.net.max_buffers as usize * 4 + 64;
     let (data_tx, data_rx) = mpsc::channel(queue);
     let (meta_tx, meta_rx) = mpsc::channel(queue);
     let link = Link {
