@@ -620,11 +620,11 @@ fn tcp_bw(setup: &mut Setup, secs: u32) -> anyhow::Result<f64> {
     let port = free_ports(1)?[0].to_string();
     setup.spawn(
         "iperf3-server",
-        Command::new("iperf3").args(["-s", "-1", "-B", "127.0.0.1", "-p", &port]),
+        Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &port]),
     )?;
     let deadline = Instant::now() + START_TIMEOUT;
-    // The server needs a moment to listen; the client retries until it connects.
-    let out = loop {
+    // The server needs a moment to listen: the client retries until a test completes.
+    let result = loop {
         let out = Command::new("iperf3")
             .args([
                 "-c",
@@ -637,25 +637,24 @@ fn tcp_bw(setup: &mut Setup, secs: u32) -> anyhow::Result<f64> {
             ])
             .stdin(Stdio::null())
             .output()?;
-        if out.status.success() {
-            break out;
+        let bps = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.pointer("/end/sum_received/bits_per_second")?.as_f64())
+            .filter(|b| out.status.success() && *b > 0.0);
+        if let Some(bps) = bps {
+            break Ok(bps / 8.0 / f64::from(1u32 << 20));
         }
-        let last: String = String::from_utf8_lossy(&out.stdout)
-            .chars()
-            .take(500)
-            .collect();
         if Instant::now() > deadline {
-            bail!("iperf3 client failed: {last}");
+            break Err(anyhow!(
+                "iperf3 client failed ({}): {:.600}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout)
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     setup.stop("iperf3-server");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let bps = v
-        .pointer("/end/sum_received/bits_per_second")
-        .and_then(serde_json::Value::as_f64)
-        .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum_received.bits_per_second"))?;
-    Ok(bps / 8.0 / f64::from(1u32 << 20))
+    result
 }
 
 /// `YYYY-MM-DD HH:MM:SS` UTC of `t`.
