@@ -63,6 +63,27 @@ impl OutOfSync {
             .is_some_and(|x| x & (1 << (block % 64)) != 0)
     }
 
+    /// The first set block at or after `from`, or `None` (resync's walk over the bitmap).
+    /// Skips clear words 64 blocks at a time: a 1 TiB volume (2^28 bits) is at most
+    /// 4 Mi word reads.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.blocks {
+            return None;
+        }
+        let first = usize::try_from(from / 64).ok()?;
+        // Bits below `from` in its own word do not count.
+        let mut word = *self.words.get(first)? & (u64::MAX << (from % 64));
+        let mut w = first;
+        loop {
+            if word != 0 {
+                let block = u64::try_from(w).ok()? * 64 + u64::from(word.trailing_zeros());
+                return (block < self.blocks).then_some(block);
+            }
+            w += 1;
+            word = *self.words.get(w)?;
+        }
+    }
+
     /// Whether any block touched by `[sector, sector + len bytes)` is out of sync.
     pub fn any_in(&self, sector: u64, len: u32) -> bool {
         let Some((first, last)) = self.block_range(sector, len) else {
@@ -140,5 +161,24 @@ mod tests {
         bm.mark(u64::MAX - 1, 4096); // overflowing range: ignored, no panic
         bm.mark(0, 0);
         assert_eq!(bm.count(), 129 - 60);
+    }
+
+    #[test]
+    fn next_set_walks_set_blocks_in_order() {
+        let mut bm = OutOfSync::new(8 * 1000); // 1000 blocks, 16 words
+        assert_eq!(bm.next_set(0), None);
+        for b in [0u64, 63, 64, 130, 999] {
+            bm.mark(b * 8, 4096);
+        }
+        let mut seen = Vec::new();
+        let mut at = 0;
+        while let Some(b) = bm.next_set(at) {
+            seen.push(b);
+            at = b + 1;
+        }
+        assert_eq!(seen, vec![0, 63, 64, 130, 999]);
+        assert_eq!(bm.next_set(131), Some(999));
+        assert_eq!(bm.next_set(1000), None);
+        assert_eq!(bm.next_set(u64::MAX), None);
     }
 }

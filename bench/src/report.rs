@@ -1,0 +1,816 @@
+//! The result of one end-to-end run and its three renderings: a markdown table (rows are
+//! jobs, columns are targets, then the DESIGN.md §11 ratios marked met / not met), JSON
+//! (the same data, serde), and an SVG chart (QD1 latency percentiles and QD32 IOPS per
+//! target), drawn by hand so no plotting crate is needed.
+//!
+//! Pure code: nothing here runs a process or touches a file, so the unit tests below build
+//! a report from numbers and check every rendering.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+/// One fio job every target runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Job {
+    /// 4 KiB random write, iodepth 1: IOPS and latency percentiles.
+    RandWrite4kQd1,
+    /// 4 KiB random write, iodepth 32: IOPS.
+    RandWrite4kQd32,
+    /// 4 KiB random read, iodepth 32: IOPS.
+    RandRead4kQd32,
+    /// 1 MiB sequential write, iodepth 4: MiB/s.
+    SeqWrite1m,
+    /// 4 KiB random write, iodepth 1, a flush after every write (fio `fsync=1`).
+    RandWrite4kQd1Fsync,
+}
+
+impl Job {
+    /// Every job, in the order they run and are printed.
+    pub const ALL: [Job; 5] = [
+        Job::RandWrite4kQd1,
+        Job::RandWrite4kQd32,
+        Job::RandRead4kQd32,
+        Job::SeqWrite1m,
+        Job::RandWrite4kQd1Fsync,
+    ];
+
+    /// Short stable key (JSON, fio job name).
+    pub fn key(self) -> &'static str {
+        match self {
+            Job::RandWrite4kQd1 => "randwrite-4k-qd1",
+            Job::RandWrite4kQd32 => "randwrite-4k-qd32",
+            Job::RandRead4kQd32 => "randread-4k-qd32",
+            Job::SeqWrite1m => "write-1m-seq",
+            Job::RandWrite4kQd1Fsync => "randwrite-4k-qd1-fsync",
+        }
+    }
+
+    /// What the table calls it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Job::RandWrite4kQd1 => "4K randwrite QD1",
+            Job::RandWrite4kQd32 => "4K randwrite QD32",
+            Job::RandRead4kQd32 => "4K randread QD32",
+            Job::SeqWrite1m => "1M seq write QD4",
+            Job::RandWrite4kQd1Fsync => "4K randwrite QD1 fsync=1",
+        }
+    }
+
+    /// fio arguments: (rw, bs, iodepth, fsync).
+    pub fn fio_shape(self) -> (&'static str, &'static str, u32, bool) {
+        match self {
+            Job::RandWrite4kQd1 => ("randwrite", "4k", 1, false),
+            Job::RandWrite4kQd32 => ("randwrite", "4k", 32, false),
+            Job::RandRead4kQd32 => ("randread", "4k", 32, false),
+            Job::SeqWrite1m => ("write", "1m", 4, false),
+            Job::RandWrite4kQd1Fsync => ("randwrite", "4k", 1, true),
+        }
+    }
+
+    /// The metrics the table shows for this job, one row each.
+    pub fn metrics(self) -> &'static [Metric] {
+        match self {
+            Job::RandWrite4kQd1 | Job::RandWrite4kQd1Fsync => &[
+                Metric::Iops,
+                Metric::P50,
+                Metric::P99,
+                Metric::P999,
+                Metric::CpuPerIo,
+            ],
+            Job::RandWrite4kQd32 | Job::RandRead4kQd32 => {
+                &[Metric::Iops, Metric::P99, Metric::CpuPerIo]
+            }
+            Job::SeqWrite1m => &[Metric::MibPerSec, Metric::CpuPerIo],
+        }
+    }
+}
+
+/// One number of a job's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// IOs per second.
+    Iops,
+    /// MiB per second.
+    MibPerSec,
+    /// Median completion latency, µs.
+    P50,
+    /// 99th percentile latency, µs.
+    P99,
+    /// 99.9th percentile latency, µs.
+    P999,
+    /// CPU per IO, µs: fio + the server processes.
+    CpuPerIo,
+}
+
+impl Metric {
+    /// Row label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::Iops => "IOPS",
+            Metric::MibPerSec => "MiB/s",
+            Metric::P50 => "p50 µs",
+            Metric::P99 => "p99 µs",
+            Metric::P999 => "p99.9 µs",
+            Metric::CpuPerIo => "CPU µs/IO (fio+server)",
+        }
+    }
+}
+
+/// What fio (and /proc for the servers) measured for one job on one target.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// IOs per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Latency percentiles (submission to completion), µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// 99.9th percentile, µs.
+    pub p999_us: f64,
+    /// IOs completed.
+    pub ios: u64,
+    /// fio's own usr+sys CPU per IO, µs.
+    pub fio_cpu_us_per_io: f64,
+    /// The server processes' (nbdkit, or both tandem daemons) usr+sys CPU per IO, µs;
+    /// 0 for the backing file, which has no server.
+    pub server_cpu_us_per_io: f64,
+}
+
+impl JobResult {
+    /// The value of `m`.
+    pub fn get(&self, m: Metric) -> f64 {
+        match m {
+            Metric::Iops => self.iops,
+            Metric::MibPerSec => self.mib_s,
+            Metric::P50 => self.p50_us,
+            Metric::P99 => self.p99_us,
+            Metric::P999 => self.p999_us,
+            Metric::CpuPerIo => self.fio_cpu_us_per_io + self.server_cpu_us_per_io,
+        }
+    }
+}
+
+/// One column of the table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    /// Stable key: `file`, `nbdkit`, `standalone`, `protocol-c`, `protocol-a`, `ublk`.
+    pub key: String,
+    /// Column header.
+    pub label: String,
+    /// How it was driven (printed under the table).
+    pub note: String,
+    /// Why the column has no numbers, when it cannot exist on this machine (stated, never
+    /// silently dropped).
+    pub unavailable: Option<String>,
+    /// Results in [`Job::ALL`] order, `None` only when `unavailable` is set.
+    pub results: Vec<(Job, JobResult)>,
+}
+
+impl Target {
+    /// This target's result for `job`.
+    pub fn result(&self, job: Job) -> Option<&JobResult> {
+        self.results.iter().find(|(j, _)| *j == job).map(|(_, r)| r)
+    }
+}
+
+/// The limits measured in the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Median round trip of a 4 KiB message and a 32-byte ack over 127.0.0.1, µs.
+    pub tcp_rtt_p50_us: f64,
+    /// 99th percentile of the same, µs.
+    pub tcp_rtt_p99_us: f64,
+    /// Loopback TCP bandwidth (iperf3, one stream), MiB/s.
+    pub tcp_bw_mib_s: f64,
+}
+
+/// One DESIGN.md §11 target, evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ratio {
+    /// What is compared.
+    pub name: String,
+    /// The measured value (`None` when its target has no numbers).
+    pub measured: Option<f64>,
+    /// `"<="` or `">="`.
+    pub relation: String,
+    /// The bound it must meet (`None` when an input has no numbers).
+    pub bound: Option<f64>,
+    /// Unit of both numbers.
+    pub unit: String,
+    /// How the bound is made.
+    pub formula: String,
+    /// Whether it is met; `None` when an input is missing (e.g. no ublk).
+    pub met: Option<bool>,
+}
+
+/// Where and when a run happened, and with what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// UTC date and time, `YYYY-MM-DD HH:MM:SS`.
+    pub date: String,
+    /// `git describe`-like commit (short hash, `-dirty` when the tree had changes).
+    pub commit: String,
+    /// Host name, CPU model, cores, memory, kernel.
+    pub machine: String,
+    /// Volume size per target, bytes.
+    pub size_bytes: u64,
+    /// Seconds per job.
+    pub runtime_s: f64,
+    /// Whether `--quick` was given.
+    pub quick: bool,
+    /// Tool versions (fio, nbdkit, iperf3).
+    pub tools: Vec<String>,
+    /// Notes on the setup (Secondary backing, nbdkit cache mode, fallbacks).
+    pub notes: Vec<String>,
+    /// Wall-clock seconds the whole run took.
+    pub wall_s: f64,
+}
+
+/// One end-to-end run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Where and when.
+    pub meta: Meta,
+    /// The limits.
+    pub limits: Limits,
+    /// The columns.
+    pub targets: Vec<Target>,
+    /// The §11 ratios.
+    pub ratios: Vec<Ratio>,
+}
+
+/// `x` with a sensible number of digits for a table cell.
+pub fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        return "NaN".into();
+    }
+    let a = x.abs();
+    if a >= 100.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// Evaluates the §11 ratios from the targets and limits. A ratio whose input target is
+/// missing gets `met: None` and NaN numbers.
+pub fn ratios(targets: &[Target], limits: &Limits) -> Vec<Ratio> {
+    let get = |key: &str, job: Job, m: Metric| -> f64 {
+        targets
+            .iter()
+            .find(|t| t.key == key)
+            .and_then(|t| t.result(job))
+            .map_or(f64::NAN, |r| r.get(m))
+    };
+    let mk = |name: &str, measured: f64, relation: &str, bound: f64, unit: &str, formula: &str| {
+        let met = (measured.is_finite() && bound.is_finite()).then(|| {
+            if relation == "<=" {
+                measured <= bound
+            } else {
+                measured >= bound
+            }
+        });
+        Ratio {
+            name: name.into(),
+            measured: measured.is_finite().then_some(measured),
+            relation: relation.into(),
+            bound: bound.is_finite().then_some(bound),
+            unit: unit.into(),
+            formula: formula.into(),
+            met,
+        }
+    };
+    let qd1 = Job::RandWrite4kQd1;
+    let qd32 = Job::RandWrite4kQd32;
+    let c_p50 = get("protocol-c", qd1, Metric::P50);
+    let sa_p50 = get("standalone", qd1, Metric::P50);
+    let file_p50 = get("file", qd1, Metric::P50);
+    let c_iops = get("protocol-c", qd32, Metric::Iops);
+    let sa_iops = get("standalone", qd32, Metric::Iops);
+    let nbdkit_iops = get("nbdkit", qd32, Metric::Iops);
+    let c_seq = get("protocol-c", Job::SeqWrite1m, Metric::MibPerSec);
+    let file_seq = get("file", Job::SeqWrite1m, Metric::MibPerSec);
+    vec![
+        mk(
+            "4K randwrite QD1 p50, protocol C",
+            c_p50,
+            "<=",
+            sa_p50 + limits.tcp_rtt_p50_us + 15.0,
+            "µs",
+            "disconnected p50 + TCP 4 KiB RTT p50 + 15 µs",
+        ),
+        mk(
+            "frontend overhead: 4K randwrite QD1 p50, disconnected (NBD)",
+            sa_p50,
+            "<=",
+            file_p50 + 20.0,
+            "µs",
+            "backing file p50 (fio io_uring direct) + 20 µs",
+        ),
+        mk(
+            "frontend overhead: 4K randwrite QD32 IOPS, disconnected (ublk)",
+            get("ublk", qd32, Metric::Iops),
+            ">=",
+            0.9 * get("file", qd32, Metric::Iops),
+            "IOPS",
+            "0.9 × backing file IOPS",
+        ),
+        mk(
+            "4K randwrite QD32 IOPS, protocol C vs disconnected",
+            c_iops,
+            ">=",
+            0.8 * sa_iops,
+            "IOPS",
+            "0.8 × disconnected IOPS",
+        ),
+        mk(
+            "4K randwrite QD32 IOPS, protocol C vs nbdkit",
+            c_iops,
+            ">=",
+            nbdkit_iops,
+            "IOPS",
+            "1.0 × nbdkit file plugin IOPS",
+        ),
+        mk(
+            "1M seq write MiB/s, protocol C",
+            c_seq,
+            ">=",
+            0.85 * file_seq.min(limits.tcp_bw_mib_s),
+            "MiB/s",
+            "0.85 × min(backing file, loopback TCP)",
+        ),
+    ]
+}
+
+impl Report {
+    /// The markdown rendering: header lines, the jobs × targets table, the limits, the
+    /// ratios, and notes.
+    pub fn to_markdown(&self) -> String {
+        let m = &self.meta;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "### tandem side by side — {} — commit {}{}\n",
+            m.date,
+            m.commit,
+            if m.quick { " (quick)" } else { "" }
+        );
+        let _ = writeln!(s, "Machine: {}  ", m.machine);
+        let _ = writeln!(
+            s,
+            "Volume {} MiB per target, {} s per job, whole run {:.0} s. Tools: {}.\n",
+            m.size_bytes >> 20,
+            fmt_num(m.runtime_s),
+            m.wall_s,
+            m.tools.join(", ")
+        );
+        // Jobs × targets.
+        let _ = write!(s, "| job | metric |");
+        for t in &self.targets {
+            let _ = write!(s, " {} |", t.label);
+        }
+        let _ = write!(s, "\n|---|---|");
+        for _ in &self.targets {
+            let _ = write!(s, "---:|");
+        }
+        s.push('\n');
+        for job in Job::ALL {
+            for (i, metric) in job.metrics().iter().enumerate() {
+                let _ = write!(
+                    s,
+                    "| {} | {} |",
+                    if i == 0 { job.label() } else { "" },
+                    metric.label()
+                );
+                for t in &self.targets {
+                    let cell = match (&t.unavailable, t.result(job)) {
+                        (Some(why), _) => why.clone(),
+                        (None, Some(r)) => cell(r, *metric),
+                        (None, None) => "missing".into(),
+                    };
+                    let _ = write!(s, " {cell} |");
+                }
+                s.push('\n');
+            }
+        }
+        let l = &self.limits;
+        let _ = writeln!(
+            s,
+            "\nLimits, same run: TCP round trip of 4 KiB + ack over 127.0.0.1 p50 {} µs, \
+             p99 {} µs; loopback TCP bandwidth {} MiB/s (iperf3, 1 stream).\n",
+            fmt_num(l.tcp_rtt_p50_us),
+            fmt_num(l.tcp_rtt_p99_us),
+            fmt_num(l.tcp_bw_mib_s)
+        );
+        let _ = writeln!(s, "| DESIGN.md §11 target | measured | bound | result |");
+        let _ = writeln!(s, "|---|---:|---|---|");
+        for r in &self.ratios {
+            let verdict = match r.met {
+                Some(true) => "met",
+                Some(false) => "**not met**",
+                None => "n/a",
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} {} | {} {} {} ({}) | {} |",
+                r.name,
+                r.measured.map_or("n/a".into(), fmt_num),
+                r.unit,
+                if r.relation == "<=" { "≤" } else { "≥" },
+                r.bound.map_or("n/a".into(), fmt_num),
+                r.unit,
+                r.formula,
+                verdict
+            );
+        }
+        s.push('\n');
+        for t in &self.targets {
+            let _ = writeln!(s, "- **{}**: {}", t.label, t.note);
+        }
+        for n in &m.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+        s
+    }
+
+    /// The JSON rendering (pretty).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// An SVG chart: left, 4K randwrite QD1 latency p50 / p99 / p99.9 per target (log
+    /// scale, µs); right, 4K randwrite and randread QD32 IOPS per target (linear).
+    pub fn to_svg(&self) -> String {
+        let measured: Vec<&Target> = self
+            .targets
+            .iter()
+            .filter(|t| t.unavailable.is_none())
+            .collect();
+        let (w, h) = (960.0_f64, 420.0_f64);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect x="0" y="0" width="{w}" height="{h}" fill="white"/>"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="18" text-anchor="middle" font-size="13">{}</text>"#,
+            w / 2.0,
+            xml_escape(&format!(
+                "tandem side by side — {} — {}",
+                self.meta.commit, self.meta.date
+            ))
+        );
+        let lat_series: [(&str, Metric, &str); 3] = [
+            ("p50", Metric::P50, "#4e79a7"),
+            ("p99", Metric::P99, "#f28e2b"),
+            ("p99.9", Metric::P999, "#e15759"),
+        ];
+        let lat: Vec<Vec<f64>> = measured
+            .iter()
+            .map(|t| {
+                lat_series
+                    .iter()
+                    .map(|(_, m, _)| t.result(Job::RandWrite4kQd1).map_or(0.0, |r| r.get(*m)))
+                    .collect()
+            })
+            .collect();
+        panel(
+            &mut s,
+            (50.0, 40.0, 420.0, 300.0),
+            "4K randwrite QD1 latency (µs, log scale)",
+            &measured,
+            &lat_series
+                .iter()
+                .map(|(n, _, c)| (*n, *c))
+                .collect::<Vec<_>>(),
+            &lat,
+            true,
+        );
+        let iops_series: [(&str, Job, &str); 2] = [
+            ("randwrite QD32", Job::RandWrite4kQd32, "#59a14f"),
+            ("randread QD32", Job::RandRead4kQd32, "#b07aa1"),
+        ];
+        let iops: Vec<Vec<f64>> = measured
+            .iter()
+            .map(|t| {
+                iops_series
+                    .iter()
+                    .map(|(_, j, _)| t.result(*j).map_or(0.0, |r| r.iops))
+                    .collect()
+            })
+            .collect();
+        panel(
+            &mut s,
+            (530.0, 40.0, 400.0, 300.0),
+            "4K IOPS",
+            &measured,
+            &iops_series
+                .iter()
+                .map(|(n, _, c)| (*n, *c))
+                .collect::<Vec<_>>(),
+            &iops,
+            false,
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+/// One table cell.
+fn cell(r: &JobResult, m: Metric) -> String {
+    if m == Metric::CpuPerIo {
+        format!(
+            "{} ({}+{})",
+            fmt_num(r.get(m)),
+            fmt_num(r.fio_cpu_us_per_io),
+            fmt_num(r.server_cpu_us_per_io)
+        )
+    } else {
+        fmt_num(r.get(m))
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Grouped bars: one group per target, one bar per series. `frame` is (x, y, width,
+/// height) of the plot area; `values[target][series]`.
+fn panel(
+    s: &mut String,
+    frame: (f64, f64, f64, f64),
+    title: &str,
+    targets: &[&Target],
+    series: &[(&str, &str)],
+    values: &[Vec<f64>],
+    log: bool,
+) {
+    let (x0, y0, pw, ph) = frame;
+    let top = y0 + 20.0;
+    let plot_h = ph - 20.0;
+    let base = top + plot_h;
+    let max = values
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max)
+        .max(1.0);
+    // Log scale from 1 to the next power of ten above max; linear from 0 to max × 1.1.
+    let log_top = max.log10().ceil().max(1.0);
+    let scale = |v: f64| -> f64 {
+        if !v.is_finite() || v <= 0.0 {
+            return 0.0;
+        }
+        if log {
+            (v.max(1.0).log10() / log_top) * plot_h
+        } else {
+            v / (max * 1.1) * plot_h
+        }
+    };
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle" font-size="12">{}</text>"#,
+        x0 + pw / 2.0,
+        y0 + 10.0,
+        xml_escape(title)
+    );
+    // Axes and grid.
+    let _ = writeln!(
+        s,
+        r##"<line x1="{x0}" y1="{top}" x2="{x0}" y2="{base}" stroke="#333"/><line x1="{x0}" y1="{base}" x2="{}" y2="{base}" stroke="#333"/>"##,
+        x0 + pw
+    );
+    let ticks: Vec<f64> = if log {
+        std::iter::successors(Some(1.0_f64), |v| Some(v * 10.0))
+            .take_while(|v| v.log10() <= log_top + 0.001)
+            .collect()
+    } else {
+        (0..=4).map(|i| max * 1.1 * f64::from(i) / 4.0).collect()
+    };
+    for t in ticks {
+        let y = base - scale(t).max(0.0);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x0}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            x0 + pw,
+            x0 - 4.0,
+            y + 4.0,
+            fmt_num(t)
+        );
+    }
+    let groups = targets.len().max(1) as f64;
+    let group_w = pw / groups;
+    let bar_w = (group_w * 0.8) / series.len().max(1) as f64;
+    for (ti, t) in targets.iter().enumerate() {
+        let gx = x0 + group_w * ti as f64 + group_w * 0.1;
+        for (si, (name, color)) in series.iter().enumerate() {
+            let v = values
+                .get(ti)
+                .and_then(|row| row.get(si))
+                .copied()
+                .unwrap_or(0.0);
+            let bh = scale(v);
+            let x = gx + bar_w * si as f64;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{color}"><title>{}: {} {}</title></rect>"#,
+                base - bh,
+                bar_w - 1.0,
+                xml_escape(&t.label),
+                name,
+                fmt_num(v)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            gx + group_w * 0.4,
+            base + 14.0,
+            xml_escape(&t.label)
+        );
+    }
+    // Legend.
+    for (si, (name, color)) in series.iter().enumerate() {
+        let lx = x0 + 10.0 + 110.0 * si as f64;
+        let ly = base + 30.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{ly}">{name}</text>"#,
+            ly - 9.0,
+            lx + 14.0
+        );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn result(scale: f64) -> JobResult {
+        JobResult {
+            iops: 10_000.0 * scale,
+            mib_s: 500.0 * scale,
+            p50_us: 50.0 / scale,
+            p99_us: 120.0 / scale,
+            p999_us: 400.0 / scale,
+            ios: 1000,
+            fio_cpu_us_per_io: 5.0,
+            server_cpu_us_per_io: 7.5,
+        }
+    }
+
+    fn target(key: &str, scale: f64) -> Target {
+        Target {
+            key: key.into(),
+            label: format!("col {key}"),
+            note: format!("how {key}"),
+            unavailable: None,
+            results: Job::ALL.iter().map(|j| (*j, result(scale))).collect(),
+        }
+    }
+
+    fn report() -> Report {
+        let mut targets = vec![
+            target("file", 2.0),
+            target("nbdkit", 1.0),
+            target("standalone", 1.0),
+            target("protocol-c", 0.5),
+            target("protocol-a", 0.9),
+        ];
+        targets.push(Target {
+            key: "ublk".into(),
+            label: "tandem ublk".into(),
+            note: "needs ublk_drv".into(),
+            unavailable: Some("n/a (no ublk_drv)".into()),
+            results: vec![],
+        });
+        let limits = Limits {
+            tcp_rtt_p50_us: 30.0,
+            tcp_rtt_p99_us: 60.0,
+            tcp_bw_mib_s: 3000.0,
+        };
+        Report {
+            meta: Meta {
+                date: "2025-01-02 03:04:05".into(),
+                commit: "abc1234".into(),
+                machine: "test <host>".into(),
+                size_bytes: 64 << 20,
+                runtime_s: 2.0,
+                quick: true,
+                tools: vec!["fio-3.33".into()],
+                notes: vec!["a note".into()],
+                wall_s: 10.0,
+            },
+            ratios: ratios(&targets, &limits),
+            limits,
+            targets,
+        }
+    }
+
+    #[test]
+    fn ratios_follow_design_section_11() {
+        let r = report();
+        let by = |p: &str| r.ratios.iter().find(|x| x.name.starts_with(p)).unwrap();
+        // C p50 = 100; bound = standalone 50 + RTT 30 + 15 = 95 → not met.
+        let c = by("4K randwrite QD1 p50, protocol C");
+        assert_eq!(
+            (c.measured, c.bound, c.met),
+            (Some(100.0), Some(95.0), Some(false))
+        );
+        // Frontend: standalone 50 ≤ file 25 + 20 = 45 → not met.
+        let f = by("frontend overhead: 4K randwrite QD1");
+        assert_eq!((f.bound, f.met), (Some(45.0), Some(false)));
+        // ublk has no numbers: stated, not met/unmet.
+        assert_eq!(by("frontend overhead: 4K randwrite QD32").met, None);
+        // C 5000 IOPS vs 0.8 × 10000 → not met; vs nbdkit 10000 → not met.
+        assert_eq!(
+            by("4K randwrite QD32 IOPS, protocol C vs disc").met,
+            Some(false)
+        );
+        // Seq: C 250 ≥ 0.85 × min(1000, 3000) = 850 → not met.
+        let s = by("1M seq");
+        assert_eq!((s.bound, s.met), (Some(850.0), Some(false)));
+        // And a case that is met.
+        let mut t = r.targets.clone();
+        t[3] = target("protocol-c", 3.0);
+        let ok = ratios(&t, &r.limits);
+        assert_eq!(ok[0].met, Some(true));
+        assert_eq!(ok[3].met, Some(true));
+    }
+
+    #[test]
+    fn markdown_has_a_number_in_every_measured_cell() {
+        let r = report();
+        let md = r.to_markdown();
+        let rows: Vec<&str> = md
+            .lines()
+            .skip_while(|l| !l.starts_with("| job"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        let metric_rows: usize = Job::ALL.iter().map(|j| j.metrics().len()).sum();
+        assert_eq!(rows.len(), metric_rows, "{md}");
+        for row in rows {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            // "", job, metric, 6 targets, "".
+            assert_eq!(cells.len(), 2 + 2 + 6, "{row}");
+            for c in &cells[3..8] {
+                let first = c.split_whitespace().next().unwrap();
+                assert!(first.parse::<f64>().is_ok(), "cell {c:?} in {row}");
+            }
+            assert_eq!(cells[8], "n/a (no ublk_drv)");
+        }
+        assert!(md.contains("| 1M seq write MiB/s, protocol C | 250 MiB/s"));
+        assert!(md.contains("**not met**"));
+        assert!(md.contains("CPU µs/IO (fio+server) | 12.5 (5.00+7.50)"));
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let r = report();
+        let back: Report = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn svg_has_one_bar_per_target_and_series_and_escapes_text() {
+        let r = report();
+        let svg = r.to_svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // 5 measured targets × (3 latency + 2 IOPS) bars, each with a <title>.
+        assert_eq!(svg.matches("<title>").count(), 5 * 5);
+        assert_eq!(svg.matches("<svg").count(), 1);
+        assert!(svg.contains("col protocol-c"));
+        assert!(
+            !svg.contains("tandem ublk"),
+            "unavailable column is not drawn"
+        );
+        // Bars are non-negative and inside the canvas.
+        for part in svg.split("height=\"").skip(2) {
+            let v: f64 = part.split('"').next().unwrap().parse().unwrap();
+            assert!((0.0..=420.0).contains(&v), "{v}");
+        }
+    }
+
+    #[test]
+    fn numbers_format_for_tables() {
+        assert_eq!(fmt_num(12345.6), "12346");
+        assert_eq!(fmt_num(45.67), "45.7");
+        assert_eq!(fmt_num(1.234), "1.23");
+        assert_eq!(fmt_num(f64::NAN), "NaN");
+    }
+}
