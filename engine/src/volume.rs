@@ -106,6 +106,10 @@ struct Inner {
     pending: HashMap<u64, Pending>,
     peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
+    /// Secondary epoch flushes requested and not yet issued (see `merged_flushes`).
+    flush_waiting: Vec<u64>,
+    /// A merged flush round is running.
+    flush_running: bool,
     writes_completed: u64,
 }
 
@@ -222,6 +226,8 @@ impl Volume {
                 pending: HashMap::new(),
                 peer_bufs: HashMap::new(),
                 bytes_replicated: 0,
+                flush_waiting: Vec::new(),
+                flush_running: false,
                 writes_completed: 0,
             }),
         }))
@@ -872,15 +878,41 @@ impl Volume {
                     });
                 }
                 Effect::ReceiverFlush { token } => {
-                    tokio::spawn(async move {
-                        let ok = v.flush_local().await;
-                        v.feed(|v, inner, fx| {
-                            log_refusal(inner.receiver.local_flush_done(token, ok));
-                            v.drain_receiver(inner, fx);
-                        });
-                    });
+                    // Epoch flushes are merged: while one flush is in flight, later ones
+                    // wait and are all satisfied by the single flush issued after it
+                    // completes (every write they cover completed before it was issued).
+                    let start = {
+                        let mut g = v.lock();
+                        g.flush_waiting.push(token);
+                        !std::mem::replace(&mut g.flush_running, true)
+                    };
+                    if start {
+                        tokio::spawn(async move { v.merged_flushes().await });
+                    }
                 }
             }
+        }
+    }
+
+    /// Runs merged Secondary flushes until none is waiting: each round takes every flush
+    /// requested so far, issues one disk flush, and reports them all, oldest first.
+    async fn merged_flushes(&self) {
+        loop {
+            let batch = {
+                let mut g = self.lock();
+                if g.flush_waiting.is_empty() {
+                    g.flush_running = false;
+                    return;
+                }
+                std::mem::take(&mut g.flush_waiting)
+            };
+            let ok = self.flush_local().await;
+            self.feed(|v, inner, fx| {
+                for token in batch {
+                    log_refusal(inner.receiver.local_flush_done(token, ok));
+                }
+                v.drain_receiver(inner, fx);
+            });
         }
     }
 
