@@ -52,8 +52,10 @@
 //! What remains at QD1 is mostly the VM: the `io_uring_enter` that submits costs ~20 µs
 //! (the virtio notify is a VM exit; fio's "slat" pays the same and its clat excludes it),
 //! and the NBD round trip needs two more cross-process wake-ups than fio on the file.
-//! At QD32 each op still makes its own `io_uring_enter` (one virtio notify per op);
-//! batching submissions per scheduler tick is the next step there.
+//! At QD32 each op makes its own `io_uring_enter`. Batching was tried (ops pushed while
+//! others are in flight left for the reaper, which submits after the tasks already
+//! queued): ~9 ops per enter, but no measurable change in daemon CPU per op (11.8–19 µs)
+//! or IOPS on this VM, so the simpler immediate submit stayed.
 
 mod buf;
 mod device;
