@@ -2,22 +2,21 @@
 //!
 //! It validates every request against the device (alignment to the logical block size,
 //! inside the device, data length ≤ [`MAX_BUF_LEN`]) before anything is queued, takes one
-//! of `queue_depth` semaphore permits (async back-pressure instead of blocking a tokio
-//! worker on the bounded channel), sends the request to the IO thread and awaits a
-//! `tokio::sync::oneshot`. Closing (explicit or by dropping the last handle) waits at most
-//! [`CLOSE_TIMEOUT`] for the IO thread to finish its in-flight ops.
+//! of `queue_depth` semaphore permits (async back-pressure: a full queue makes the caller
+//! wait, never blocks a tokio worker), submits the request to the ring from the calling
+//! task and awaits a `tokio::sync::oneshot` that the ring's reaper completes. Closing
+//! (explicit or by dropping the last handle) waits at most [`CLOSE_TIMEOUT`] for the
+//! in-flight ops.
 
 use super::buf::{AlignedBuf, MAX_BUF_LEN};
 use super::device::{self, DeviceKind, RangeIoctl, StoreInfo};
 use super::error::{StoreError, StoreOp};
-use super::ring::{self, Done, Envelope, Request, Shared, Step};
+use super::ring::{Done, Envelope, Request, Ring, Step};
 use std::fmt;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
 
@@ -25,9 +24,9 @@ use tokio::sync::{oneshot, Semaphore};
 pub const DEFAULT_QUEUE_DEPTH: u32 = 128;
 /// Largest accepted `queue_depth`.
 pub const MAX_QUEUE_DEPTH: u32 = 4096;
-/// How long closing waits for in-flight ops before it detaches the IO thread (which then
-/// finishes and frees everything on its own; only a kernel that never completes an op can
-/// keep it alive).
+/// How long closing waits for in-flight ops. Ops still in flight after that stay owned by
+/// the ring (the reaper task, if alive, still completes them); a ring dropped with ops in
+/// flight leaks their buffers rather than free memory the kernel may still write.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -67,8 +66,8 @@ impl Default for StoreOptions {
     }
 }
 
-/// A backing device driven by io_uring on a dedicated thread. Clones share the device;
-/// the thread stops when [`Store::close`] is called or the last clone is dropped.
+/// A backing device driven by io_uring. Clones share the device; it is closed when
+/// [`Store::close`] is called or the last clone is dropped.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -77,11 +76,8 @@ pub struct Store {
 struct Inner {
     info: StoreInfo,
     file: Arc<File>,
-    shared: Arc<Shared>,
-    tx: SyncSender<Envelope>,
+    ring: Arc<Ring>,
     permits: Arc<Semaphore>,
-    /// The IO thread and a receiver that disconnects when it has finished.
-    thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
 }
 
 impl fmt::Debug for Store {
@@ -95,7 +91,7 @@ impl fmt::Debug for Store {
 
 impl Store {
     /// Open `path` (a regular file or a block device) `O_RDWR | O_DIRECT | O_CLOEXEC` and
-    /// start its IO thread.
+    /// set up its ring. May be called outside a runtime; the IO methods need tokio.
     pub fn open(path: impl AsRef<Path>, options: &StoreOptions) -> Result<Store, StoreError> {
         let qd = options.queue_depth;
         if !(1..=MAX_QUEUE_DEPTH).contains(&qd) {
@@ -106,17 +102,13 @@ impl Store {
         }
         let (file, info) = device::open_device(path.as_ref(), options.create_size_bytes)?;
         let file = Arc::new(file);
-        let shared = Arc::new(Shared::new().map_err(StoreError::Setup)?);
-        let (tx, rx) = sync_channel(qd as usize);
-        let thread = ring::spawn(Arc::clone(&file), Arc::clone(&shared), rx, qd)?;
+        let ring = Arc::new(Ring::new(Arc::clone(&file), qd).map_err(StoreError::Setup)?);
         Ok(Store {
             inner: Arc::new(Inner {
                 info,
                 file,
-                shared,
-                tx,
+                ring,
                 permits: Arc::new(Semaphore::new(qd as usize)),
-                thread: Mutex::new(Some(thread)),
             }),
         })
     }
@@ -143,15 +135,14 @@ impl Store {
 
     /// Whether [`Store::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.inner.shared.closed.load(Ordering::SeqCst)
+        self.inner.ring.closed.load(Ordering::SeqCst)
     }
 
     /// Read `len` bytes at `offset` into a new buffer.
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {
         self.check_data(StoreOp::Read, offset, len)?;
         let buf = AlignedBuf::new(len)?;
-        self.call(StoreOp::Read, |done| Request::Read { offset, buf, done })
-            .await
+        self.call(|done| Request::Read { offset, buf, done }).await
     }
 
     /// Write `data` at `offset`; with `fua` the data is durable when this returns
@@ -163,7 +154,7 @@ impl Store {
         fua: bool,
     ) -> Result<(), StoreError> {
         self.check_data(StoreOp::Write, offset, data.len())?;
-        self.call(StoreOp::Write, |done| Request::Write {
+        self.call(|done| Request::Write {
             offset,
             buf: data,
             fua,
@@ -174,8 +165,7 @@ impl Store {
 
     /// Make every write completed before this call durable (`fdatasync` semantics).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.call(StoreOp::Flush, |done| Request::Flush { done })
-            .await
+        self.call(|done| Request::Flush { done }).await
     }
 
     /// Discard `len` bytes at `offset`. On files the range reads as zeroes afterwards
@@ -234,8 +224,8 @@ impl Store {
         device::fdatasync(&self.inner.file)
     }
 
-    /// Stop accepting requests, let the IO thread finish what is queued and in flight,
-    /// and wait (at most [`CLOSE_TIMEOUT`]) for it to exit. Later calls on any clone
+    /// Stop accepting requests and wait (at most [`CLOSE_TIMEOUT`]) for the ops in
+    /// flight to finish. Blocks the calling thread. Later calls on any clone
     /// return [`StoreError::Closed`]. Idempotent; a concurrent second call returns
     /// without waiting.
     pub fn close(&self) {
@@ -266,7 +256,7 @@ impl Store {
         steps: &'static [Step],
     ) -> Result<(), StoreError> {
         self.check_range(op, offset, len)?;
-        self.call(op, |done| Request::Range {
+        self.call(|done| Request::Range {
             op,
             offset,
             len,
@@ -316,11 +306,7 @@ impl Store {
     }
 
     /// Queue one request and await its completion.
-    async fn call<T>(
-        &self,
-        op: StoreOp,
-        build: impl FnOnce(Done<T>) -> Request,
-    ) -> Result<T, StoreError> {
+    async fn call<T>(&self, build: impl FnOnce(Done<T>) -> Request) -> Result<T, StoreError> {
         self.check_open()?;
         let permit = Arc::clone(&self.inner.permits)
             .acquire_owned()
@@ -331,50 +317,26 @@ impl Store {
             req: build(done),
             permit,
         };
-        match self.inner.tx.try_send(env) {
-            Ok(()) => {}
-            Err(TrySendError::Disconnected(_)) => return Err(StoreError::Closed),
-            // Cannot happen: every queued request holds one of `queue_depth` permits and
-            // the channel has `queue_depth` places. Reported, not hidden, if it ever does.
-            Err(TrySendError::Full(_)) => {
-                return Err(StoreError::Io {
-                    op,
-                    errno: libc::EBUSY,
-                })
-            }
+        if self.inner.ring.submit(env).is_err() {
+            return Err(StoreError::Closed);
         }
-        self.inner.shared.wake();
-        // The IO thread drops the sender without sending only when it is gone.
+        // The ring drops the sender without sending only when it is dropped itself.
         result.await.map_err(|_| StoreError::Closed)?
     }
 }
 
 impl Inner {
     fn close(&self) {
-        self.shared.closed.store(true, Ordering::SeqCst);
-        self.permits.close();
-        self.shared.wake();
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some((handle, exited)) = thread else {
+        if self.ring.closed.load(Ordering::SeqCst) {
             return;
-        };
-        match exited.recv_timeout(CLOSE_TIMEOUT) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                if handle.join().is_err() {
-                    tracing::error!(path = %self.info.path.display(), "store IO thread panicked");
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                tracing::warn!(
-                    path = %self.info.path.display(),
-                    timeout_s = CLOSE_TIMEOUT.as_secs(),
-                    "store IO thread still has ops in flight; detaching it"
-                );
-            }
+        }
+        self.permits.close();
+        if !self.ring.close(CLOSE_TIMEOUT) {
+            tracing::warn!(
+                path = %self.info.path.display(),
+                timeout_s = CLOSE_TIMEOUT.as_secs(),
+                "store still has ops in flight after close; leaving them to the ring"
+            );
         }
     }
 }

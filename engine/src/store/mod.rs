@@ -4,14 +4,15 @@
 //! - [`Store::open`] opens the path `O_RDWR | O_DIRECT | O_CLOEXEC`, learns its kind
 //!   (`fstat`), size (`st_size` / `BLKGETSIZE64`) and logical block size (`BLKSSZGET`;
 //!   for files the smallest O_DIRECT read that works, 512 or 4096) — see `device.rs`.
-//! - One dedicated IO thread per store owns the `IoUring` (`queue_depth + 1` SQ entries,
-//!   `queue_depth` ∈ 1..=4096, default 128) — see `ring.rs`. Handles send requests over a
-//!   bounded `sync_channel(queue_depth)` after taking one of `queue_depth` semaphore
-//!   permits, so at most `queue_depth` requests are queued or in flight per store and a
-//!   full queue makes callers wait asynchronously instead of blocking a tokio worker.
-//! - The thread wakes on completions and on new requests alike: an `IORING_OP_READ` on
-//!   an eventfd is always armed; submitters write the eventfd only when the thread
-//!   announced it may sleep (one write per sleep, not per request).
+//! - One `IoUring` per store (`queue_depth` SQ entries, `queue_depth` ∈ 1..=4096,
+//!   default 128) — see `ring.rs`. A caller takes one of `queue_depth` semaphore permits
+//!   (a full queue makes it wait asynchronously, never blocks a tokio worker), then pushes
+//!   its SQE and calls `io_uring_enter` itself under a short `std::sync::Mutex`, so the
+//!   kernel starts the IO on the caller's thread with no hand-off.
+//! - Completions: an eventfd registered with the ring (`IORING_REGISTER_EVENTFD`) is
+//!   watched by one reaper task per store through `tokio::io::unix::AsyncFd`, i.e. the
+//!   runtime's own epoll; the reaper drains the CQ and completes each caller's `oneshot`,
+//!   which schedules the caller on the same worker. One wake-up per op (the completion).
 //! - Buffers belong to the in-flight op until its CQE is reaped; dropping a caller's
 //!   future never frees memory the kernel still uses.
 //! - Every op is validated (aligned to the logical block size, inside the device, data
@@ -23,18 +24,38 @@
 //!   `KEEP_SIZE`); on block devices `EOPNOTSUPP` falls back to `BLKDISCARD` /
 //!   `BLKZEROOUT` on one helper thread per store (started on first need, bounded by the
 //!   same permits), because those ioctls block.
-//! - Close (explicit or last handle dropped) finishes queued and in-flight ops, joins the
-//!   helper, reaps the eventfd read, then frees the ring; waiting is bounded by
-//!   [`CLOSE_TIMEOUT`] (30 s), after which the thread is detached, never killed.
+//! - Close (explicit or last handle dropped) refuses new ops, reaps the in-flight ones
+//!   itself (bounded `io_uring_enter` waits, so it needs no runtime), joins the helper and
+//!   only then lets the ring go; waiting is bounded by [`CLOSE_TIMEOUT`] (30 s), after which
+//!   the ops stay owned by their slots (a ring dropped with ops in flight leaks their
+//!   buffers, never frees them).
 //!
-//! Cost, measured with `store::tests::bench_4k_randwrite` (ignored test, release build)
-//! against `fio --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k` on the same
-//! preallocated 1 GiB file on ext4/virtio, 2 vCPUs shared with other jobs (load 3–8, so
-//! ranges, interleaved runs): QD1 p50 64–98 µs vs fio 54–89 µs (about +10–20 µs: two
-//! thread wake-ups per op, caller→IO thread and IO thread→task; ~1.7 context switches per
-//! op vs fio's 1); QD32 21–48 k IOPS vs fio 18–65 k (0.7–1.1×). CPU per op: QD1 30–50 µs
-//! vs 24–36 µs, QD32 8.5–18 µs vs 7–11 µs. `IORING_SETUP_COOP_TASKRUN|SINGLE_ISSUER`
-//! (and `DEFER_TASKRUN`) showed no difference above that noise, so the ring uses none.
+//! Why not a dedicated IO thread (the first design): it cost three thread wake-ups per
+//! op (caller → IO thread via eventfd, completion → IO thread, IO thread → tokio worker
+//! via oneshot) and, in the 2-vCPU VM used for measurements, about 53 µs of CPU per 4 KiB
+//! op on that thread alone (every wake-up of an idle vCPU is an IPI/VM exit there). The
+//! tandem daemon serving fio over NBD (4 KiB, peer disconnected unless noted), before
+//! (IO thread, a task per NBD request, 2 runtime workers) and after (this design, the
+//! NBD reader running the newest request itself, current-thread runtime); interleaved
+//! 2 s runs on a busy 2-vCPU VM (load 3.5–4.4), medians of 5 (QD1) / 3 (QD32), fio clat:
+//!
+//! | fio nbd, 4 KiB                   | before        | after         | fio on the file |
+//! |----------------------------------|---------------|---------------|-----------------|
+//! | randread QD1 p50                 | 118 µs        | 87 µs         | 50 µs           |
+//! | randwrite QD1 p50                | 125 µs        | 97 µs         | 36 µs           |
+//! | randread QD32 IOPS               | 24 k          | 32 k          | 45 k            |
+//! | randwrite protocol C, QD1 p50    | 313 µs        | 241 µs        | —               |
+//!
+//! (QD32 numbers on that loaded VM are depressed for everyone: fio on the file alone
+//! reaches ~75 k IOPS when the VM is idle.)
+//!
+//! What remains at QD1 is mostly the VM: the `io_uring_enter` that submits costs ~20 µs
+//! (the virtio notify is a VM exit; fio's "slat" pays the same and its clat excludes it),
+//! and the NBD round trip needs two more cross-process wake-ups than fio on the file.
+//! At QD32 each op makes its own `io_uring_enter`. Batching was tried (ops pushed while
+//! others are in flight left for the reaper, which submits after the tasks already
+//! queued): ~9 ops per enter, but no measurable change in daemon CPU per op (11.8–19 µs)
+//! or IOPS on this VM, so the simpler immediate submit stayed.
 
 mod buf;
 mod device;

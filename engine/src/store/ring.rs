@@ -1,15 +1,20 @@
-//! The store's IO thread: the only owner of its `IoUring`.
+//! The store's ring: submitted from the caller's task, reaped inside the tokio runtime.
 //!
-//! Requests come over a bounded `sync_channel(queue_depth)`; each carries a semaphore
-//! permit, so requests queued + in the ring + on the ioctl helper never exceed
-//! `queue_depth` and neither the channel nor the ring can overflow (the ring has
-//! `queue_depth + 1` SQ entries — one for the eventfd read — and twice that in CQ entries).
+//! Submission: `Ring::submit` locks the ring (a `std::sync::Mutex` held for the push and
+//! one `io_uring_enter`, no await inside), parks the op in a free slot and submits it, so
+//! the kernel starts the IO in the caller's own thread — no hand-off to another thread.
+//! Each op carries one of `queue_depth` semaphore permits (taken by the handle before it
+//! locks), so ops in the ring + on the ioctl helper never exceed `queue_depth`, the SQ
+//! (`queue_depth` entries) never overflows and the CQ (twice that) cannot either.
 //!
-//! Wake-ups: an `IORING_OP_READ` on an eventfd is always armed, so `submit_and_wait(1)`
-//! returns for a completion *or* for a new request. Submitters write the eventfd only when
-//! the thread announced it may sleep (`Shared::sleeping`), a Dekker handshake with SeqCst
-//! fences on both sides: the thread sets `sleeping` and then re-checks the channel, the
-//! submitter sends and then swaps `sleeping` off — at least one of them sees the other.
+//! Completion: an eventfd is registered with the ring (`IORING_REGISTER_EVENTFD`), so
+//! the kernel signals it for every CQE. One reaper task per store (started in the
+//! caller's runtime by the first submit, restarted if that runtime dropped it) waits on
+//! it through `tokio::io::unix::AsyncFd`, i.e. tokio's own epoll: a completion wakes a
+//! runtime worker exactly as a readable socket does, the reaper drains the CQ under the
+//! lock and completes each caller's `oneshot`, which schedules the caller's task on that
+//! same worker. Per op that is one wake-up (the completion), where the former dedicated
+//! IO thread cost three (caller → IO thread, completion → IO thread, IO thread → worker).
 //!
 //! Ownership: an op's buffer (`AlignedBuf` for reads, `Arc<AlignedBuf>` for writes) lives
 //! in the slot `slots[user_data]` from the SQE push until its CQE is reaped; a caller that
@@ -19,28 +24,31 @@
 //! `BLKZEROOUT` steps run on a helper thread (spawned on first need, channel bounded by
 //! the same permits) because those ioctls block.
 //!
-//! Shutdown: once `Shared::closed` is set (or every sender is gone) the thread keeps
-//! taking what is already queued, waits for every CQE, joins the helper, completes its own
-//! eventfd read, and only then drops the ring and the buffers.
+//! Shutdown: `Ring::close` sets `closed` under the lock (later submits are refused), then
+//! reaps by itself — `io_uring_enter` waits of at most 10 ms, bounded in total by the
+//! caller's timeout — so it works even when no runtime runs the reaper any more; then it
+//! joins the helper and wakes the reaper so it ends. The ring and the buffers are freed
+//! only when nothing is in flight; otherwise the buffers are leaked, never freed early.
 
 use super::buf::AlignedBuf;
 use super::device::{range_ioctl, RangeIoctl, MAX_SHORT_RETRIES};
 use super::error::{StoreError, StoreOp};
 use io_uring::{opcode, squeue, types, IoUring};
+use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 /// Where an op's result goes.
 pub(crate) type Done<T> = oneshot::Sender<Result<T, StoreError>>;
-
-/// `user_data` of the eventfd read; slot indices are below `MAX_QUEUE_DEPTH`.
-const EVENTFD_TOKEN: u64 = u64::MAX;
 
 /// One step of a discard / write-zeroes fallback chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +59,7 @@ pub(crate) enum Step {
     Ioctl(RangeIoctl),
 }
 
-/// A request as the IO thread receives it.
+/// A request as the ring receives it.
 pub(crate) enum Request {
     Read {
         offset: u64,
@@ -83,53 +91,114 @@ pub(crate) struct Envelope {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
-/// State shared by the handles and the IO thread.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    /// The thread may be (about to be) blocked in `io_uring_enter`; a submitter that
-    /// swaps it from true to false owes the thread an eventfd write.
-    sleeping: AtomicBool,
-    /// No new requests: finish what is queued and in flight, then exit.
-    pub(crate) closed: AtomicBool,
+/// A store's ring and everything that touches it; shared by the handles and the reaper
+/// task. Field order matters: `worker` (which owns the `IoUring`) is dropped before the
+/// eventfd registered with it.
+pub(crate) struct Ring {
+    worker: Mutex<Worker>,
+    /// Registered with the ring (`IORING_REGISTER_EVENTFD`): the kernel signals it for
+    /// every CQE. Non-blocking, so tokio's epoll can watch it.
     eventfd: OwnedFd,
+    /// No new requests: in-flight ops finish, then the ring is freed.
+    pub(crate) closed: AtomicBool,
+    /// A reaper task is alive (cleared by the task itself when it ends, also when its
+    /// runtime drops it).
+    reaper: AtomicBool,
 }
 
-impl Shared {
-    pub(crate) fn new() -> io::Result<Self> {
-        // Blocking (no EFD_NONBLOCK): io_uring would complete a read on a non-blocking
-        // eventfd with EAGAIN instead of waiting; our writes never block (the counter
-        // stays far below its 2^64-2 limit because writes are coalesced).
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ring")
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("reaper", &self.reaper.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ring {
+    /// Set up a ring with `queue_depth` SQ entries (twice that in the CQ) for `file`.
+    pub(crate) fn new(file: Arc<File>, queue_depth: u32) -> io::Result<Self> {
         // SAFETY: plain syscall with no pointers; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
         let eventfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let ring = IoUring::builder().build(queue_depth)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let qd = queue_depth as usize;
         Ok(Self {
-            sleeping: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
+            worker: Mutex::new(Worker {
+                ring,
+                file,
+                queue_depth: qd,
+                slots: (0..qd).map(|_| None).collect(),
+                free: (0..qd).rev().collect(),
+                in_ring: 0,
+                helper: None,
+                cqes: Vec::with_capacity(qd),
+            }),
             eventfd,
+            closed: AtomicBool::new(false),
+            reaper: AtomicBool::new(false),
         })
     }
 
-    /// Called after sending a request or setting `closed`: wake the thread if it may sleep.
-    pub(crate) fn wake(&self) {
-        // Order our channel send / `closed` store before reading `sleeping` (the thread
-        // orders its `sleeping` store before re-checking them the same way).
-        fence(Ordering::SeqCst);
-        if self.sleeping.swap(false, Ordering::SeqCst) {
-            self.kick();
+    fn lock(&self) -> MutexGuard<'_, Worker> {
+        // A panic while holding the lock cannot leave a slot half-updated in a way that
+        // frees a buffer early (slots are filled before the push, emptied after the CQE).
+        self.worker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Submit `env` from the calling task: push its SQE and `io_uring_enter` it, so the
+    /// kernel starts the IO before this returns. Needs a tokio runtime (the first call
+    /// starts the reaper task in it). Refused with `Closed` after [`Ring::close`].
+    pub(crate) fn submit(self: &Arc<Self>, env: Envelope) -> Result<(), Envelope> {
+        if !self.reaper.load(Ordering::Acquire) {
+            self.start_reaper();
+        }
+        let mut w = self.lock();
+        // Checked under the lock: `close` sets it under the lock too, so nothing is
+        // submitted after close started waiting for the ring to empty.
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(env);
+        }
+        w.start(env);
+        w.submit();
+        Ok(())
+    }
+
+    /// Start a reaper task in the current runtime unless one is alive.
+    fn start_reaper(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // Unreachable from `Store`'s async methods (tokio futures need a runtime);
+            // `close` reaps what is in flight in any case.
+            tracing::error!("store used outside a tokio runtime; completions wait for close");
+            return;
+        };
+        if self
+            .reaper
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            rt.spawn(reap_loop(Arc::clone(self)));
         }
     }
 
-    /// Write the eventfd unconditionally.
+    /// Reap every CQE there is and submit what that resubmitted.
+    fn reap_now(&self) {
+        let mut w = self.lock();
+        w.reap();
+        w.submit();
+    }
+
+    /// Write the eventfd (wakes the reaper so it can notice `closed`).
     fn kick(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from `one`, a live local, to the eventfd we own; an
-        // eventfd write of 8 bytes is the documented interface. A failure (impossible
-        // short of a counter overflow) only costs a wake-up, which the thread's
-        // completions or the next request provide.
+        // eventfd write of 8 bytes is the documented interface. A failure (counter
+        // overflow, impossible here) only costs a wake-up.
         let _ = unsafe {
             libc::write(
                 self.eventfd.as_raw_fd(),
@@ -138,9 +207,114 @@ impl Shared {
             )
         };
     }
+
+    /// Reset the eventfd counter. Returns false if it was already zero.
+    fn drain_eventfd(&self) -> bool {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into `v`, a live local, from the non-blocking eventfd we
+        // own.
+        let n = unsafe {
+            libc::read(
+                self.eventfd.as_raw_fd(),
+                std::ptr::from_mut(&mut v).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        n > 0
+    }
+
+    /// Stop taking requests and reap until nothing is in the kernel's hands, for at most
+    /// `timeout`. Returns false on timeout (the ops left stay owned by their slots: the
+    /// reaper, if alive, keeps reaping them, and a ring dropped with ops in flight leaks
+    /// their buffers instead of freeing them).
+    pub(crate) fn close(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        {
+            let _w = self.lock();
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        let mut emptied = false;
+        while Instant::now() < deadline {
+            let mut w = self.lock();
+            w.reap();
+            w.submit();
+            if w.in_ring == 0 {
+                emptied = true;
+                break;
+            }
+            // Wait (briefly, holding the lock: at most 10 ms of a reaper that wants it)
+            // for the next CQE; the loop bounds the total.
+            let ts = types::Timespec::new().nsec(10_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = w.ring.submitter().submit_with_args(1, &args);
+        }
+        // The helper finishes its queued ioctls and completes them itself.
+        let helper = self.lock().helper.take();
+        if let Some(h) = helper {
+            drop(h.tx);
+            let _ = h.handle.join();
+        }
+        // Let the reaper see `closed` and end.
+        self.kick();
+        emptied
+    }
 }
 
-/// An op owned by the IO thread.
+/// Lets tokio watch a ring's eventfd.
+struct EventFd(Arc<Ring>);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.eventfd.as_raw_fd()
+    }
+}
+
+/// Clears `Ring::reaper` however the reaper ends (including its runtime dropping it).
+struct ReaperAlive(Arc<Ring>);
+
+impl Drop for ReaperAlive {
+    fn drop(&mut self) {
+        self.0.reaper.store(false, Ordering::Release);
+    }
+}
+
+/// The reaper task: waits on the eventfd through tokio's own epoll, so a completion
+/// wakes the worker like a readable socket would, and completes the callers' futures
+/// from there (a wake-up on the same worker, no thread hop).
+async fn reap_loop(ring: Arc<Ring>) {
+    let alive = ReaperAlive(Arc::clone(&ring));
+    // SAFETY: `EventFd` holds an `Arc<Ring>`, which owns the eventfd and closes it only
+    // when the last `Arc` goes, i.e. after this `AsyncFd` (which holds one) is dropped;
+    // `as_raw_fd` always returns that same descriptor.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(EventFd(Arc::clone(&ring)), Interest::READABLE) };
+    let afd = match registered {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the store ring's eventfd");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = afd.readable().await else {
+            tracing::error!("store ring eventfd watch failed");
+            break;
+        };
+        // Reset the counter, then forget the readiness: a CQE posted after the read
+        // writes the eventfd again, which is a new edge for epoll.
+        let signalled = ring.drain_eventfd();
+        guard.clear_ready();
+        if signalled {
+            ring.reap_now();
+        }
+        if ring.closed.load(Ordering::SeqCst) && ring.lock().in_ring == 0 {
+            break;
+        }
+    }
+    drop(afd);
+    drop(alive);
+}
+/// An op owned by the ring.
 struct Slot {
     req: Request,
     permit: OwnedSemaphorePermit,
@@ -199,185 +373,36 @@ struct Helper {
     handle: JoinHandle<()>,
 }
 
-/// The IO thread's state.
+/// The ring and its ops; always used under `Ring::worker`'s mutex.
 struct Worker {
     ring: IoUring,
     file: Arc<File>,
-    shared: Arc<Shared>,
-    rx: Receiver<Envelope>,
     queue_depth: usize,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
-    /// SQEs pushed whose CQE is not reaped yet, eventfd read excluded.
+    /// SQEs pushed whose CQE is not reaped yet.
     in_ring: usize,
-    /// Target of the eventfd read; the kernel writes it while `efd_armed`.
-    efd_buf: Box<u64>,
-    efd_armed: bool,
     helper: Option<Helper>,
     cqes: Vec<(u64, i32)>,
 }
 
-/// Start the IO thread for `file`. Returns once the ring is set up (or failed to be).
-/// The second value is disconnected exactly when the thread has finished.
-pub(crate) fn spawn(
-    file: Arc<File>,
-    shared: Arc<Shared>,
-    rx: Receiver<Envelope>,
-    queue_depth: u32,
-) -> Result<(JoinHandle<()>, Receiver<()>), StoreError> {
-    let (setup_tx, setup_rx) = sync_channel::<io::Result<()>>(1);
-    let (exit_tx, exit_rx) = sync_channel::<()>(1);
-    let handle = std::thread::Builder::new()
-        .name("tandem-store".into())
-        .spawn(move || {
-            let worker = match Worker::new(file, shared, rx, queue_depth) {
-                Ok(w) => {
-                    let _ = setup_tx.send(Ok(()));
-                    w
-                }
-                Err(e) => {
-                    let _ = setup_tx.send(Err(e));
-                    return;
-                }
-            };
-            worker.run();
-            // Dropped last, after the worker (ring, buffers, helper) is gone.
-            drop(exit_tx);
-        })
-        .map_err(StoreError::Setup)?;
-    match setup_rx.recv() {
-        Ok(Ok(())) => Ok((handle, exit_rx)),
-        Ok(Err(e)) => {
-            let _ = handle.join();
-            Err(StoreError::Setup(e))
-        }
-        Err(_) => {
-            let _ = handle.join();
-            Err(StoreError::Setup(io::Error::other(
-                "IO thread died during setup",
-            )))
-        }
-    }
-}
-
 impl Worker {
-    fn new(
-        file: Arc<File>,
-        shared: Arc<Shared>,
-        rx: Receiver<Envelope>,
-        queue_depth: u32,
-    ) -> io::Result<Self> {
-        let ring = IoUring::builder().build(queue_depth + 1)?;
-        let qd = queue_depth as usize;
-        Ok(Self {
-            ring,
-            file,
-            shared,
-            rx,
-            queue_depth: qd,
-            slots: (0..qd).map(|_| None).collect(),
-            free: (0..qd).rev().collect(),
-            in_ring: 0,
-            efd_buf: Box::new(0),
-            efd_armed: false,
-            helper: None,
-            cqes: Vec::with_capacity(qd + 1),
-        })
-    }
-
-    fn run(mut self) {
-        let mut disconnected = false;
-        loop {
-            if !self.efd_armed {
-                self.arm_eventfd();
-            }
-            // Intake: as many requests as there are free slots.
-            let mut drained = false;
-            while !self.free.is_empty() {
-                match self.rx.try_recv() {
-                    Ok(env) => self.start(env),
-                    Err(TryRecvError::Empty) => {
-                        drained = true;
-                        break;
-                    }
-                    Err(TryRecvError::Disconnected) => {
-                        drained = true;
-                        disconnected = true;
-                        break;
-                    }
-                }
-            }
-            let closing = disconnected || self.shared.closed.load(Ordering::SeqCst);
-            if closing && drained && self.in_ring == 0 {
-                break;
-            }
-            if self.free.is_empty() {
-                // Every slot is in the ring: a completion will come; new requests must
-                // wait for a slot anyway, so no wake-up is needed for them.
-                self.submit_and_wait();
-            } else {
-                self.shared.sleeping.store(true, Ordering::SeqCst);
-                fence(Ordering::SeqCst);
-                match self.rx.try_recv() {
-                    Ok(env) => {
-                        self.shared.sleeping.store(false, Ordering::SeqCst);
-                        self.start(env);
-                        continue;
-                    }
-                    // Every handle is gone (only after a close that timed out): no
-                    // request can come, but in-flight ops still need waiting for.
-                    Err(TryRecvError::Disconnected) => disconnected = true,
-                    Err(TryRecvError::Empty) => {}
-                }
-                if self.in_ring == 0 && (disconnected || self.shared.closed.load(Ordering::SeqCst))
-                {
-                    // Nothing in flight would wake us: go round to the exit check.
-                    self.shared.sleeping.store(false, Ordering::SeqCst);
-                    continue;
-                }
-                self.submit_and_wait();
-                self.shared.sleeping.store(false, Ordering::SeqCst);
-            }
-            self.reap();
+    /// Hand pushed SQEs to the kernel (which starts the IO inside this call).
+    fn submit(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
         }
-        self.shutdown();
-    }
-
-    /// Submit pending SQEs and block until at least one CQE is there.
-    fn submit_and_wait(&mut self) {
-        match self.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) => match e.raw_os_error() {
-                // Interrupted, or completions must be reaped first: reap and go round.
+        if let Err(e) = self.ring.submit() {
+            match e.raw_os_error() {
+                // The SQEs stay queued and go with the next submit (every reap submits).
                 Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {}
-                _ => {
-                    tracing::error!(error = %e, "io_uring_enter failed on the store ring");
-                    // Do not spin on a persistent failure.
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            },
-        }
-    }
-
-    fn arm_eventfd(&mut self) {
-        let ptr: *mut u8 = std::ptr::from_mut::<u64>(&mut self.efd_buf).cast();
-        let entry = opcode::Read::new(
-            types::Fd(self.shared.eventfd.as_raw_fd()),
-            ptr,
-            8, // size_of::<u64>()
-        )
-        .build()
-        .user_data(EVENTFD_TOKEN);
-        // SAFETY: the SQE references `efd_buf` (a heap u64 owned by the worker, not
-        // touched by us while armed, freed only after `shutdown` reaped this read) and the
-        // eventfd (owned by `shared`, which the worker keeps alive past the ring).
-        if unsafe { self.push(&entry) }.is_ok() {
-            self.efd_armed = true;
+                _ => tracing::error!(error = %e, "io_uring_enter failed on the store ring"),
+            }
         }
     }
 
     /// Push one SQE, submitting first if the SQ is full (it cannot be: at most
-    /// `queue_depth + 1` ops exist and the SQ has at least that many entries).
+    /// `queue_depth` ops exist and the SQ has that many entries).
     ///
     /// # Safety
     /// Every buffer and fd the entry references must stay valid until its CQE is reaped.
@@ -402,7 +427,7 @@ impl Worker {
         };
         match self.free.pop() {
             Some(idx) => self.issue(idx, slot),
-            // Unreachable: intake only receives while a slot is free.
+            // Unreachable: callers hold one of `queue_depth` permits, one per slot.
             None => {
                 let op = slot.op();
                 slot.finish(Err(StoreError::Io {
@@ -558,13 +583,6 @@ impl Worker {
     }
 
     fn complete(&mut self, user_data: u64, res: i32) {
-        if user_data == EVENTFD_TOKEN {
-            self.efd_armed = false;
-            if res < 0 && res != -libc::ECANCELED {
-                tracing::warn!(errno = -res, "store eventfd read failed; re-arming");
-            }
-            return;
-        }
         let Some(idx) = usize::try_from(user_data)
             .ok()
             .filter(|&i| i < self.slots.len())
@@ -582,44 +600,21 @@ impl Worker {
             Next::Finish(result) => self.finish_free(idx, slot, result),
         }
     }
-
-    fn shutdown(mut self) {
-        // The helper finishes its queued ioctls and completes them itself.
-        if let Some(h) = self.helper.take() {
-            drop(h.tx);
-            let _ = h.handle.join();
-        }
-        // Complete our own eventfd read so the kernel no longer references efd_buf.
-        if self.efd_armed {
-            self.shared.kick();
-            let mut rounds = 0u32;
-            while self.efd_armed {
-                self.submit_and_wait();
-                self.reap();
-                rounds += 1;
-                if rounds > 1000 {
-                    // Never observed; Drop leaks the buffer the kernel may still use.
-                    tracing::error!("store eventfd read did not complete; leaking its buffer");
-                    break;
-                }
-            }
-        }
-        // Everything is reaped: dropping the ring, slots and fd is now safe.
-    }
 }
 
 impl Drop for Worker {
-    /// After a clean [`Worker::shutdown`] nothing is in the kernel's hands. If the thread
-    /// unwinds from a bug instead, the kernel may still write into in-flight buffers after
-    /// the ring fd closes (the kernel cancels asynchronously), so those are leaked, never
-    /// freed; their callers are completed with `Closed` by dropping the senders.
+    /// After a clean [`Ring::close`] nothing is in the kernel's hands. If the ring is
+    /// dropped with ops in flight (close timed out, or a bug), the kernel may still write
+    /// into their buffers after the ring fd closes (it cancels asynchronously), so those
+    /// are leaked, never freed; their callers are completed with `Closed` by dropping the
+    /// senders.
     fn drop(&mut self) {
-        if self.in_ring == 0 && !self.efd_armed {
+        if self.in_ring == 0 {
             return;
         }
         tracing::error!(
             in_flight = self.in_ring,
-            "store IO thread unwinding; leaking in-flight buffers"
+            "store ring dropped with ops in flight; leaking their buffers"
         );
         for slot in self.slots.iter_mut().filter_map(Option::take) {
             match slot.req {
@@ -627,9 +622,6 @@ impl Drop for Worker {
                 Request::Write { buf, .. } => std::mem::forget(buf),
                 Request::Flush { .. } | Request::Range { .. } => {}
             }
-        }
-        if self.efd_armed {
-            std::mem::forget(std::mem::take(&mut self.efd_buf));
         }
     }
 }

@@ -1,8 +1,10 @@
 //! NBD sockets and concurrency: listeners, the per-connection handshake, and pipelined
 //! transmission with out-of-order replies.
 //!
-//! Per connection, one reader (the connection's task) decodes requests and starts each as
-//! its own tokio task; a semaphore of [`NbdOptions::max_in_flight`] (default 128) permits
+//! Per connection, one reader (the connection's task) decodes requests and starts each;
+//! the newest one runs inside the reader task while it waits for the next header, and
+//! moves to its own tokio task only when more input arrives first (so QD1 costs no task
+//! spawn, QD>1 pipelines as before); a semaphore of [`NbdOptions::max_in_flight`] (default 128) permits
 //! bounds them, and when it is exhausted the reader stops reading, which back-pressures
 //! the client through TCP. Each finished request writes its reply (header and data in one
 //! vectored write) through a mutex-guarded writer, so replies leave in completion order
@@ -23,10 +25,12 @@ use super::proto::{self, Action, Export, Handshake, HandshakeError, Step, REQUES
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
 use crate::store::AlignedBuf;
 use std::fmt;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -577,11 +581,16 @@ where
         peer: Arc::from(peer),
     });
     let window = Arc::new(Semaphore::new(max_in_flight as usize));
+    let mut inline: Option<InlineRequest> = None;
     let end = tokio::select! {
-        end = read_requests(&mut reader, &replies, &window, &target, &info) => end,
+        end = read_requests(&mut reader, &replies, &window, &target, &info, &mut inline) => end,
         _ = wait_shutdown(&mut shutdown) => ConnectionEnd::Shutdown,
         _ = replies.closed.raised() => ConnectionEnd::ReplyFailed,
     };
+    // A request the reader was running itself is started like the others: it must finish.
+    if let Some(request) = inline.take() {
+        tokio::spawn(request);
+    }
     // NBD_CMD_DISC semantics on every exit: requests already started finish and are
     // answered before the socket closes. Writes blocked on a client that does not read are
     // abandoned after the grace; the target's operations themselves always finish.
@@ -596,12 +605,22 @@ where
     end
 }
 
+/// A started request (target call + reply) that the reader task runs itself.
+type InlineRequest = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Reads requests and starts each one. The newest request runs inside the reader task
+/// (`inline`) while the reader waits for the next header, so a client with one request
+/// at a time (QD1) costs no task spawn and no extra scheduling; as soon as more input
+/// arrives while it is unfinished, it moves to its own task (a boxed future moves without
+/// being disturbed) and pipelining continues as before. `inline` lives in the caller so
+/// that a reader stopped from outside (shutdown) leaves it to be spawned, never dropped.
 async fn read_requests<T, R, W>(
     reader: &mut BufReader<R>,
     replies: &Arc<Replies<W>>,
     window: &Arc<Semaphore>,
     target: &Arc<T>,
     info: &TargetInfo,
+    inline: &mut Option<InlineRequest>,
 ) -> ConnectionEnd
 where
     T: BlockTarget,
@@ -611,6 +630,20 @@ where
     let mut header = [0u8; REQUEST_LEN];
     let mut warnings = 0u32;
     loop {
+        if let Some(request) = inline.as_mut() {
+            // Run the request until it finishes or the next request starts to arrive.
+            let finished = reader.buffer().is_empty()
+                && tokio::select! {
+                    biased;
+                    () = request.as_mut() => true,
+                    _ = reader.fill_buf() => false,
+                };
+            if finished {
+                *inline = None;
+            } else if let Some(request) = inline.take() {
+                tokio::spawn(request);
+            }
+        }
         // Take the in-flight slot before reading: a full window stops the reader.
         let Ok(permit) = Arc::clone(window).acquire_owned().await else {
             return ConnectionEnd::Shutdown;
@@ -690,11 +723,11 @@ where
             _ => None,
         };
         let (target, replies) = (Arc::clone(target), Arc::clone(replies));
-        tokio::spawn(async move {
+        *inline = Some(Box::pin(async move {
             let result = target.submit(io).await;
             replies.complete(req.cookie, read_len, result).await;
             drop(permit);
-        });
+        }));
     }
 }
 
