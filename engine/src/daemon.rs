@@ -3,8 +3,9 @@
 //! `tandem up` loads and validates the config, opens the backing device, starts the
 //! volume driver ([`crate::volume`]), the replication connection ([`crate::net`]), the NBD
 //! exports ([`crate::frontend::nbd`]) and the management socket ([`crate::mgmt`]) on one
-//! tokio runtime of two worker threads (the backing device has its own io_uring thread),
-//! then waits for SIGTERM/SIGINT. Shutdown stops accepting new requests, lets in-flight
+//! current-thread tokio runtime (see [`runtime`] for the measurement; the backing
+//! device's io_uring completions arrive through that runtime's epoll), then waits for
+//! SIGTERM/SIGINT. Shutdown stops accepting new requests, lets in-flight
 //! ones finish (bounded by [`SHUTDOWN_GRACE`]), flushes the backing device and exits 0.
 //! `tandem demo` runs two such nodes as child processes on loopback.
 
