@@ -365,8 +365,11 @@ fn tick_us() -> f64 {
 fn run_fio(work: &Path, args: &[String], limit: Duration) -> anyhow::Result<String> {
     let out_path = work.join("fio.out");
     let err_path = work.join("fio.err");
+    // --thread: one process, so the deadline's kill stops the job too (a forked fio job
+    // outlives its parent's SIGKILL).
     let mut child = Command::new("fio")
         .args(args)
+        .arg("--thread")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path)?)
         .stderr(std::fs::File::create(&err_path)?)

@@ -228,8 +228,13 @@ impl Fio {
         let err = dir.join(format!("fio-{n}.stderr"));
         let mut cmd = Command::new(fio);
         // fio writes verify state files into its working directory: keep them in `dir`.
+        // --thread: fio runs its jobs as threads of one process, so killing the child
+        // (Drop, deadline) kills the jobs too. As forked processes they survived their
+        // parent's SIGKILL and, spinning on a dead NBD socket, filled the disk with
+        // error lines.
         cmd.current_dir(dir)
             .args(&self.args)
+            .arg("--thread")
             .arg("--output-format=json")
             .arg("--verify_state_save=0")
             .arg(format!("--output={}", json.display()))
