@@ -71,6 +71,10 @@ pub struct Opts {
     /// Do not apt-get install missing tools; fail instead.
     #[arg(long)]
     pub no_install: bool,
+    /// Measure nothing: re-render the .md and .svg of a saved results .json (after a
+    /// change to the report's layout).
+    #[arg(long, value_name = "JSON")]
+    pub render: Option<PathBuf>,
 }
 
 fn default_results_dir() -> PathBuf {

@@ -568,8 +568,19 @@ fn panel(
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max)
         .max(1.0);
-    // Log scale from 1 to the next power of ten above max; linear from 0 to max × 1.1.
+    // Log scale from 1 to the next power of ten above max; linear from 0 to a round
+    // number (1, 2 or 5 × 10^k per gridline, four or five gridlines) above max.
     let log_top = max.log10().ceil().max(1.0);
+    let step = {
+        let raw = max * 1.05 / 4.0;
+        let mag = 10f64.powf(raw.log10().floor());
+        [1.0, 2.0, 5.0, 10.0]
+            .iter()
+            .map(|m| m * mag)
+            .find(|v| *v >= raw)
+            .unwrap_or(10.0 * mag)
+    };
+    let lin_top = (max * 1.05 / step).ceil() * step;
     let scale = |v: f64| -> f64 {
         if !v.is_finite() || v <= 0.0 {
             return 0.0;
@@ -577,7 +588,7 @@ fn panel(
         if log {
             (v.max(1.0).log10() / log_top) * plot_h
         } else {
-            v / (max * 1.1) * plot_h
+            v / lin_top * plot_h
         }
     };
     let _ = writeln!(
@@ -598,7 +609,9 @@ fn panel(
             .take_while(|v| v.log10() <= log_top + 0.001)
             .collect()
     } else {
-        (0..=4).map(|i| max * 1.1 * f64::from(i) / 4.0).collect()
+        std::iter::successors(Some(0.0_f64), |v| Some(v + step))
+            .take_while(|v| *v <= lin_top + step / 2.0)
+            .collect()
     };
     for t in ticks {
         let y = base - scale(t).max(0.0);
@@ -634,18 +647,22 @@ fn panel(
                 fmt_num(v)
             );
         }
+        // The first word on one line, the rest below, so neighbours do not overlap.
+        let (first, rest) = t.label.split_once(' ').unwrap_or((t.label.as_str(), ""));
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}<tspan x="{:.1}" dy="12">{}</tspan></text>"#,
             gx + group_w * 0.4,
             base + 14.0,
-            xml_escape(&t.label)
+            xml_escape(first),
+            gx + group_w * 0.4,
+            xml_escape(rest)
         );
     }
     // Legend.
     for (si, (name, color)) in series.iter().enumerate() {
         let lx = x0 + 10.0 + 110.0 * si as f64;
-        let ly = base + 30.0;
+        let ly = base + 44.0;
         let _ = writeln!(
             s,
             r#"<rect x="{lx}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{ly}">{name}</text>"#,
