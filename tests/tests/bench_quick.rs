@@ -22,6 +22,7 @@ fn quick_run_fills_every_column_with_numbers() {
         out_dir: out.clone(),
         tandem: Some(tandem_bin().to_path_buf()),
         no_install: false,
+        render: None,
     };
     let report = e2e::run(&opts).expect("e2e --quick run");
     let md_path = e2e::write(&report, &out).expect("write results");
