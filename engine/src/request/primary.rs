@@ -936,6 +936,15 @@ mod tests {
             .collect()
     }
 
+    fn flush_tag(o: &[O]) -> u64 {
+        o.iter()
+            .find_map(|x| match x {
+                O::SubmitLocalFlush { tag } => Some(*tag),
+                _ => None,
+            })
+            .expect("a local flush was submitted")
+    }
+
     fn barriers(o: &[O]) -> Vec<u32> {
         o.iter()
             .filter_map(|x| match x {
@@ -1142,13 +1151,7 @@ mod tests {
         let o = outs(&mut p);
         // The flush closes the epoch with write 1 in it: barrier first, then local flush.
         assert_eq!(barriers(&o), vec![100]);
-        let ftag = o
-            .iter()
-            .find_map(|x| match x {
-                O::SubmitLocalFlush { tag } => Some(*tag),
-                _ => None,
-            })
-            .unwrap();
+        let ftag = flush_tag(&o);
         p.local_done(t1, true).unwrap();
         p.peer_write_ack(b1.unwrap()).unwrap();
         p.local_flush_done(ftag, true).unwrap();
@@ -1162,13 +1165,7 @@ mod tests {
         p.flush(3).unwrap();
         let o = outs(&mut p);
         assert!(barriers(&o).is_empty());
-        let ftag = o
-            .iter()
-            .find_map(|x| match x {
-                O::SubmitLocalFlush { tag } => Some(*tag),
-                _ => None,
-            })
-            .unwrap();
+        let ftag = flush_tag(&o);
         p.local_flush_done(ftag, false).unwrap();
         assert_eq!(completed(&outs(&mut p)), vec![(3, false)]);
     }
@@ -1185,13 +1182,7 @@ mod tests {
         p.flush(2).unwrap(); // current epoch empty; waits for 100
         let o = outs(&mut p);
         assert!(barriers(&o).is_empty());
-        let ftag = o
-            .iter()
-            .find_map(|x| match x {
-                O::SubmitLocalFlush { tag } => Some(*tag),
-                _ => None,
-            })
-            .unwrap();
+        let ftag = flush_tag(&o);
         p.local_flush_done(ftag, true).unwrap();
         assert!(completed(&outs(&mut p)).is_empty());
         p.barrier_ack(100, 1).unwrap();
@@ -1253,13 +1244,7 @@ mod tests {
         let (t1, _) = handles(&o, 1);
         let (t2, _) = handles(&o, 2);
         p.flush(3).unwrap();
-        let ftag = outs(&mut p)
-            .iter()
-            .find_map(|x| match x {
-                O::SubmitLocalFlush { tag } => Some(*tag),
-                _ => None,
-            })
-            .unwrap();
+        let ftag = flush_tag(&outs(&mut p));
         p.local_done(t1, true).unwrap();
         p.local_flush_done(ftag, true).unwrap();
         assert!(completed(&outs(&mut p)).is_empty());
