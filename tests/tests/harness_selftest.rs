@@ -101,19 +101,13 @@ fn raw_nbd_client_against_nbdkit() {
     assert_eq!(out, Outcome::Closed, "nbdkit closes on a bad magic");
 }
 
-/// The tshark helpers on real kernel DRBD 8.4 traffic (`shared/data/drbd84-captures`, next
-/// to or inside the repository): the names the tshark test expects are the dissector's.
+/// The tshark helpers on real kernel DRBD 8.4 traffic (the project's copy of the
+/// captures): the names the tshark test expects are the dissector's.
 #[test]
 fn tshark_helpers_on_the_kernel_drbd_capture() {
-    let root = tandem_tests::workspace_root();
-    let rel = "shared/data/drbd84-captures/handshake-sync-writes.pcap";
-    let Some(pcap) = [root.join(rel), root.join("..").join(rel)]
-        .into_iter()
-        .find(|p| p.is_file())
-    else {
-        eprintln!("skipped: {rel} is not next to the repository");
-        return;
-    };
+    let pcap = tandem_tests::workspace_root()
+        .join("tests/data/drbd84-captures/handshake-sync-writes.pcap");
+    assert!(pcap.is_file(), "{} is missing", pcap.display());
     let cmds = tools::drbd_commands(&pcap);
     for want in [
         "P_DATA",
