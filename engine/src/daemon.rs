@@ -5,12 +5,15 @@
 //! exports ([`crate::frontend::nbd`]) and the management socket ([`crate::mgmt`]) on one
 //! current-thread tokio runtime (see [`runtime`] for the measurement; the backing
 //! device's io_uring completions arrive through that runtime's epoll), then waits for
-//! SIGTERM/SIGINT. Shutdown stops accepting new requests, lets in-flight
-//! ones finish (bounded by [`SHUTDOWN_GRACE`]), flushes the backing device and exits 0.
+//! SIGTERM/SIGINT. Shutdown stops the frontends (requests in flight finish), sends a
+//! final flush through the replication core so a connected peer has every write on its
+//! disk, then closes the connection, flushes the backing device and exits 0; each step is
+//! bounded by [`SHUTDOWN_GRACE`].
 //! `tandem demo` runs two such nodes as child processes on loopback.
 
 use crate::config::{Config, InitialRole};
 use crate::frontend::nbd::{NbdListener, NbdOptions};
+use crate::frontend::{BlockIo, BlockTarget};
 use crate::mgmt;
 use crate::store::{Store, StoreOptions};
 use crate::volume::Volume;
@@ -118,12 +121,14 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
                 shutdown_rx.clone(),
             ));
         }
-        tasks.spawn(crate::net::run(
+        // The connection stops last, on its own signal: see the shutdown below.
+        let (net_stop_tx, net_stop_rx) = tokio::sync::watch::channel(false);
+        let net_task = tokio::spawn(crate::net::run(
             volume.clone(),
             config.clone(),
             me.clone(),
             peer.clone(),
-            shutdown_rx.clone(),
+            net_stop_rx,
         ));
 
         tracing::info!(
@@ -138,13 +143,33 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
         );
         wait_for_signal().await;
         tracing::info!("shutting down");
+        // 1. Frontends and management stop; requests in flight finish.
         let _ = shutdown_tx.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+            tracing::warn!("frontends did not stop within {SHUTDOWN_GRACE:?}; going on");
+        }
+        // 2. A final flush through the replication core: it closes the last epoch and,
+        //    while connected, completes only when the peer has acked every epoch after
+        //    flushing its disk. Without it a protocol A (or B) Primary would drop the
+        //    connection with writes the peer has not yet applied, leaving it behind.
+        match tokio::time::timeout(SHUTDOWN_GRACE, volume.submit(BlockIo::Flush)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("final flush failed: {e}"),
+            Err(_) => {
+                tracing::warn!("the peer did not ack the final flush within {SHUTDOWN_GRACE:?}")
+            }
+        }
+        // 3. Then the connection.
+        let _ = net_stop_tx.send(true);
+        if tokio::time::timeout(SHUTDOWN_GRACE, net_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the connection did not stop within {SHUTDOWN_GRACE:?}");
         }
         volume.shutdown(SHUTDOWN_GRACE).await;
         tracing::info!("stopped cleanly");
