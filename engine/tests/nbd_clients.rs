@@ -36,6 +36,8 @@ struct Stats {
     zeroes_no_hole: AtomicU64,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    bytes_in_flight: AtomicUsize,
+    max_bytes_in_flight: AtomicUsize,
 }
 
 struct MemTarget {
@@ -146,6 +148,19 @@ impl BlockTarget for MemTarget {
     async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
         let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let bytes = match &io {
+            BlockIo::Read { len, .. } => *len as usize,
+            BlockIo::Write { data, .. } => data.len(),
+            _ => 0,
+        };
+        let now_bytes = self
+            .stats
+            .bytes_in_flight
+            .fetch_add(bytes, Ordering::SeqCst)
+            + bytes;
+        self.stats
+            .max_bytes_in_flight
+            .fetch_max(now_bytes, Ordering::SeqCst);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -160,6 +175,9 @@ impl BlockTarget for MemTarget {
         }
         let result = self.apply(io);
         self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.stats
+            .bytes_in_flight
+            .fetch_sub(bytes, Ordering::SeqCst);
         result
     }
 }
@@ -451,6 +469,41 @@ fn fio_randwrite_verify_runs_32_deep() {
         assert!(MemTarget::count(&target.stats.writes) >= 2048);
         server.stop();
     }
+}
+
+/// Large requests are bounded by bytes, not only by count: 16 MiB writes at depth 8 would
+/// be 128 MiB in flight; the connection's 64 MiB budget lets at most four through.
+#[test]
+fn large_writes_are_bounded_by_the_byte_budget() {
+    // Each op takes 300 ms, far longer than reading 128 MiB from the socket.
+    let target = MemTarget::new(256 * MIB, true, Duration::from_millis(300));
+    let server = Server::start(Arc::clone(&target), true, opts());
+    let uri = format!("--uri={}", server.uri());
+    run(
+        "fio",
+        "fio",
+        &[
+            "--name=nbd-big",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=write",
+            "--bs=16m",
+            "--iodepth=8",
+            "--size=256m",
+            "--output-format=terse",
+        ],
+    );
+    let max = target.stats.max_bytes_in_flight.load(Ordering::SeqCst);
+    assert_eq!(tandem_engine::frontend::nbd::MAX_BYTES_IN_FLIGHT, 64 * MIB);
+    assert!(
+        max <= 64 * MIB,
+        "{max} bytes in flight on one connection, budget 64 MiB"
+    );
+    assert!(
+        max >= 32 * MIB,
+        "only {max} bytes were ever in flight: no concurrency"
+    );
+    server.stop();
 }
 
 #[test]

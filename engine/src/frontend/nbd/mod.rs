@@ -14,4 +14,7 @@
 pub mod proto;
 pub mod server;
 
-pub use server::{serve_connection, serve_tcp, serve_unix, ListenAddr, NbdListener, NbdOptions};
+pub use server::{
+    serve_connection, serve_tcp, serve_unix, ListenAddr, NbdListener, NbdOptions,
+    MAX_BYTES_IN_FLIGHT,
+};

@@ -5,8 +5,9 @@
 //! the newest one runs inside the reader task while it waits for the next header, and
 //! moves to its own tokio task only when more input arrives first (so QD1 costs no task
 //! spawn, QD>1 pipelines as before); a semaphore of [`NbdOptions::max_in_flight`] (default 128) permits
-//! bounds them, and when it is exhausted the reader stops reading, which back-pressures
-//! the client through TCP. Each finished request writes its reply (header and data in one
+//! bounds them, and so does a budget of [`MAX_BYTES_IN_FLIGHT`] (64 MiB) of READ/WRITE
+//! data per connection; when either is exhausted the reader stops reading, which
+//! back-pressures the client through TCP. Each finished request writes its reply (header and data in one
 //! vectored write) through a mutex-guarded writer, so replies leave in completion order
 //! with no extra task hop on the latency path. WRITE payloads are read into an
 //! [`AlignedBuf`]; payload bytes that arrived together with a header sit in the 16 KiB
@@ -43,6 +44,12 @@ use tokio::task::JoinSet;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 /// Default bound on requests in flight per connection.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 128;
+/// Bytes of READ/WRITE data one connection may have in flight (buffers held from the
+/// payload read to the reply); a request that does not fit waits before its payload is
+/// read, which back-pressures the client. It holds two of the largest requests (32 MiB).
+pub const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
+/// Unit of the byte budget's semaphore.
+const BUDGET_UNIT: usize = 4096;
 /// Default time a client has to finish option haggling.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for blocked reply writes before abandoning them.
@@ -581,9 +588,10 @@ where
         peer: Arc::from(peer),
     });
     let window = Arc::new(Semaphore::new(max_in_flight as usize));
+    let bytes = Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT / BUDGET_UNIT));
     let mut inline: Option<InlineRequest> = None;
     let end = tokio::select! {
-        end = read_requests(&mut reader, &replies, &window, &target, &info, &mut inline) => end,
+        end = read_requests(&mut reader, &replies, &window, &bytes, &target, &info, &mut inline) => end,
         _ = wait_shutdown(&mut shutdown) => ConnectionEnd::Shutdown,
         _ = replies.closed.raised() => ConnectionEnd::ReplyFailed,
     };
@@ -618,6 +626,7 @@ async fn read_requests<T, R, W>(
     reader: &mut BufReader<R>,
     replies: &Arc<Replies<W>>,
     window: &Arc<Semaphore>,
+    bytes: &Arc<Semaphore>,
     target: &Arc<T>,
     info: &TargetInfo,
     inline: &mut Option<InlineRequest>,
@@ -660,7 +669,23 @@ where
             Ok(r) => r,
             Err(e) => return ConnectionEnd::Protocol(e.to_string()),
         };
-        let io = match proto::classify(&req, info) {
+        let action = proto::classify(&req, info);
+        // READ/WRITE data counts against the connection's byte budget until the reply is
+        // sent. (No request runs inline here: the loop's head started or finished it.)
+        let data_len = match action {
+            Action::Read { len, .. } | Action::Write { len, .. } => len as usize,
+            _ => 0,
+        };
+        let budget = if data_len > 0 {
+            let units = u32::try_from(data_len.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
+            match Arc::clone(bytes).acquire_many_owned(units).await {
+                Ok(b) => Some(b),
+                Err(_) => return ConnectionEnd::Shutdown,
+            }
+        } else {
+            None
+        };
+        let io = match action {
             Action::Read { offset, len } => BlockIo::Read { offset, len },
             Action::Write { offset, len, fua } => {
                 let mut buf = match AlignedBuf::new(len as usize) {
@@ -726,6 +751,7 @@ where
         *inline = Some(Box::pin(async move {
             let result = target.submit(io).await;
             replies.complete(req.cookie, read_len, result).await;
+            drop(budget);
             drop(permit);
         }));
     }
