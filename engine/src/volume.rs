@@ -113,26 +113,25 @@ struct Inner {
     writes_completed: u64,
 }
 
+/// Which core a local write belongs to, with the handle that core gave it.
+#[derive(Clone, Copy)]
+enum Side {
+    Primary(u64),
+    Receiver(u64),
+}
+
 /// IO to start after the lock is released.
 enum Effect {
-    PrimaryLocal {
-        tag: u64,
+    LocalWrite {
+        side: Side,
         sector: u64,
         len: u32,
         kind: WriteKind,
         fua: bool,
-        buf: Option<Arc<AlignedBuf>>,
+        buf: Option<Buf>,
     },
     PrimaryFlush {
         tag: u64,
-    },
-    ReceiverLocal {
-        token: u64,
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        fua: bool,
-        buf: Option<PeerData>,
     },
     ReceiverFlush {
         token: u64,
@@ -645,13 +644,13 @@ impl Volume {
                     fua,
                 } => {
                     let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
-                    fx.push(Effect::PrimaryLocal {
-                        tag,
+                    fx.push(Effect::LocalWrite {
+                        side: Side::Primary(tag),
                         sector,
                         len,
                         kind,
                         fua,
-                        buf,
+                        buf: buf.map(Buf::Shared),
                     });
                 }
                 PrimaryOutput::SubmitLocalFlush { tag } => fx.push(Effect::PrimaryFlush { tag }),
@@ -768,13 +767,13 @@ impl Volume {
                     fua,
                 } => {
                     let buf = inner.peer_bufs.remove(&token);
-                    fx.push(Effect::ReceiverLocal {
-                        token,
+                    fx.push(Effect::LocalWrite {
+                        side: Side::Receiver(token),
                         sector,
                         len,
                         kind,
                         fua,
-                        buf,
+                        buf: buf.map(Buf::Owned),
                     });
                     continue;
                 }
@@ -832,8 +831,8 @@ impl Volume {
                 Effect::Complete { done, result } => {
                     let _ = done.send(result);
                 }
-                Effect::PrimaryLocal {
-                    tag,
+                Effect::LocalWrite {
+                    side,
                     sector,
                     len,
                     kind,
@@ -841,12 +840,16 @@ impl Volume {
                     buf,
                 } => {
                     tokio::spawn(async move {
-                        let ok = v
-                            .local_io(sector, len, kind, fua, buf.map(Buf::Shared))
-                            .await;
-                        v.feed(|v, inner, fx| {
-                            log_refusal(inner.primary.local_done(tag, ok));
-                            v.drain_primary(inner, fx);
+                        let ok = v.local_io(sector, len, kind, fua, buf).await;
+                        v.feed(|v, inner, fx| match side {
+                            Side::Primary(tag) => {
+                                log_refusal(inner.primary.local_done(tag, ok));
+                                v.drain_primary(inner, fx);
+                            }
+                            Side::Receiver(token) => {
+                                log_refusal(inner.receiver.local_done(token, ok));
+                                v.drain_receiver(inner, fx);
+                            }
                         });
                     });
                 }
@@ -856,24 +859,6 @@ impl Volume {
                         v.feed(|v, inner, fx| {
                             log_refusal(inner.primary.local_flush_done(tag, ok));
                             v.drain_primary(inner, fx);
-                        });
-                    });
-                }
-                Effect::ReceiverLocal {
-                    token,
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                    buf,
-                } => {
-                    tokio::spawn(async move {
-                        let ok = v
-                            .local_io(sector, len, kind, fua, buf.map(Buf::Owned))
-                            .await;
-                        v.feed(|v, inner, fx| {
-                            log_refusal(inner.receiver.local_done(token, ok));
-                            v.drain_receiver(inner, fx);
                         });
                     });
                 }
