@@ -15,21 +15,27 @@ fn rate_limited_job(uri: &str) -> Fio {
     Fio::randwrite_verify(uri, "4k", "32M").arg("--rate_iops=2000")
 }
 
-/// Kill -9 of the Secondary under writes: the Primary goes on alone (fio sees no error,
-/// verification passes), counts what the Secondary misses, and reconnects when the
-/// Secondary comes back.
-#[test]
-fn secondary_kill9_during_writes_then_reconnect() {
-    let mut c = Cluster::new(ClusterOpts::new("kill-secondary"));
+/// A connected pair with a rate-limited fio job running on the Primary that has already
+/// replicated [`KILL_AFTER`] bytes: the starting point of the kill tests.
+fn cluster_under_writes(label: &str) -> (Cluster, tools::FioRun) {
+    let c = Cluster::new(ClusterOpts::new(label));
     c.wait_connected();
     let uri = c.primary().nbd_unix_uri();
-
-    let mut fio = rate_limited_job(&uri).spawn(c.dir());
+    let fio = rate_limited_job(&uri).spawn(c.dir());
     c.primary()
         .wait_status(CONNECT_TIMEOUT, "4 MiB replicated", |s| {
             s.opt_u64("/bytes_replicated")
                 .is_some_and(|b| b >= KILL_AFTER)
         });
+    (c, fio)
+}
+
+/// Kill -9 of the Secondary under writes: the Primary goes on alone (fio sees no error,
+/// verification passes), counts what the Secondary misses, and reconnects when the
+/// Secondary comes back.
+#[test]
+fn secondary_kill9_during_writes_then_reconnect() {
+    let (mut c, mut fio) = cluster_under_writes("kill-secondary");
     assert!(
         fio.is_running(),
         "fio finished before the kill; the test would not test a kill under writes"
@@ -148,16 +154,7 @@ fn secondary_outage_is_tracked_and_reported_after_reconnect() {
 /// Secondary sees the loss, the two reconnect and the export serves IO again.
 #[test]
 fn primary_kill9_during_writes_then_restart() {
-    let mut c = Cluster::new(ClusterOpts::new("kill-primary"));
-    c.wait_connected();
-    let uri = c.primary().nbd_unix_uri();
-
-    let mut fio = rate_limited_job(&uri).spawn(c.dir());
-    c.primary()
-        .wait_status(CONNECT_TIMEOUT, "4 MiB replicated", |s| {
-            s.opt_u64("/bytes_replicated")
-                .is_some_and(|b| b >= KILL_AFTER)
-        });
+    let (mut c, mut fio) = cluster_under_writes("kill-primary");
     assert!(fio.is_running(), "fio finished before the kill");
     c.primary_mut().kill9();
     // fio loses its server. What fio does next is fio's business: its nbd engine may
@@ -177,5 +174,5 @@ fn primary_kill9_during_writes_then_restart() {
     let st = c.primary().status();
     assert_eq!(st.str_at("/role"), "Primary", "{st}");
     assert_eq!(st.str_at("/peer/role"), "Secondary", "{st}");
-    tools::nbd_roundtrip(&uri, 40 << 20);
+    tools::nbd_roundtrip(&c.primary().nbd_unix_uri(), 40 << 20);
 }
