@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod frontend;
 pub mod fuzz;
+pub mod meta;
 pub mod mgmt;
 pub mod net;
 pub mod request;

@@ -1,10 +1,16 @@
 //! The in-memory out-of-sync bitmap: one bit per 4 KiB block of the volume (DRBD's
 //! `BM_BLOCK_SIZE`), 64 bits per word, with a running count of set bits.
 //!
-//! Memory: volume / 4 KiB / 8 bytes = 32 MiB per TiB, allocated once at construction.
+//! Memory: volume / 4 KiB / 8 bytes = 32 MiB per TiB, allocated once at construction,
+//! plus one dirty flag per 4 KiB page of bitmap (a bit per 128 MiB of volume).
 //! A write that is not known to be on the peer's disk sets the bits of every block it
 //! touches (a partial block counts as the whole block). Nothing here clears bits yet:
 //! that is resync's job, later.
+//!
+//! On disk the bitmap is the same bits, little-endian, in 4 KiB pages (DRBD's format,
+//! research/drbd-protocol.md §6): page `p` holds blocks `p × 32768 ..`. A page whose
+//! bits changed since it was last written is *dirty*; only dirty pages are written back
+//! (when an activity-log extent is evicted, and at a clean stop).
 
 use super::SECTOR;
 
@@ -13,12 +19,20 @@ pub const BLOCK_SIZE: u64 = 4096;
 
 const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR as u64;
 
+/// Bytes of one on-disk bitmap page.
+pub const PAGE_BYTES: usize = 4096;
+/// Blocks (bits) per bitmap page: 128 MiB of volume.
+pub const PAGE_BITS: u64 = PAGE_BYTES as u64 * 8;
+const WORDS_PER_PAGE: usize = PAGE_BYTES / 8;
+
 /// Out-of-sync blocks of one volume.
 #[derive(Debug, Clone)]
 pub struct OutOfSync {
     words: Vec<u64>,
     blocks: u64,
     set: u64,
+    /// One bit per page: changed since last written.
+    dirty: Vec<u64>,
 }
 
 impl OutOfSync {
@@ -26,11 +40,105 @@ impl OutOfSync {
     pub fn new(sectors: u64) -> Self {
         let blocks = sectors.div_ceil(SECTORS_PER_BLOCK);
         let words = usize::try_from(blocks.div_ceil(64)).unwrap_or(usize::MAX);
+        let pages = words.div_ceil(WORDS_PER_PAGE);
         OutOfSync {
             words: vec![0; words],
             blocks,
             set: 0,
+            dirty: vec![0; pages.div_ceil(64)],
         }
+    }
+
+    /// A bitmap for `sectors` loaded from its on-disk pages (`disk`, little-endian; may
+    /// be longer than needed, bits past the volume are ignored, missing bytes read as
+    /// clear). Nothing is dirty afterwards.
+    pub fn from_disk(sectors: u64, disk: &[u8]) -> Self {
+        let mut bm = OutOfSync::new(sectors);
+        for (i, w) in bm.words.iter_mut().enumerate() {
+            let mut b = [0u8; 8];
+            if let Some(src) = disk.get(i * 8..i * 8 + 8) {
+                b.copy_from_slice(src);
+            }
+            *w = u64::from_le_bytes(b);
+        }
+        // Clear bits past the last block.
+        let tail = bm.blocks % 64;
+        if tail != 0 {
+            if let Some(last) = bm.words.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+        bm.set = bm.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        bm
+    }
+
+    /// Number of 4 KiB pages the bitmap occupies.
+    pub fn pages(&self) -> u32 {
+        u32::try_from(self.words.len().div_ceil(WORDS_PER_PAGE)).unwrap_or(u32::MAX)
+    }
+
+    /// Page `page` as it goes to disk (little-endian; zero past the end).
+    pub fn page_bytes(&self, page: u32) -> Box<[u8; PAGE_BYTES]> {
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        let first = page as usize * WORDS_PER_PAGE;
+        let words = self.words.get(first..).unwrap_or(&[]);
+        for (dst, w) in out.chunks_exact_mut(8).zip(words.iter()) {
+            dst.copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Whether page `page` changed since it was last taken.
+    pub fn is_dirty(&self, page: u32) -> bool {
+        let p = page as usize;
+        self.dirty
+            .get(p / 64)
+            .is_some_and(|d| d & (1 << (p % 64)) != 0)
+    }
+
+    /// Clears page `page`'s dirty flag; returns whether it was dirty (the caller then
+    /// writes [`OutOfSync::page_bytes`]).
+    pub fn take_dirty(&mut self, page: u32) -> bool {
+        let p = page as usize;
+        match self.dirty.get_mut(p / 64) {
+            Some(d) if *d & (1 << (p % 64)) != 0 => {
+                *d &= !(1 << (p % 64));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks page `page` dirty again (its write failed).
+    pub fn set_dirty(&mut self, page: u32) {
+        let p = page as usize;
+        if let Some(d) = self.dirty.get_mut(p / 64) {
+            *d |= 1 << (p % 64);
+        }
+    }
+
+    /// Takes every dirty page (ascending), clearing their flags.
+    pub fn take_all_dirty(&mut self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (i, d) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(d);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                out.extend(u32::try_from(i * 64 + b).ok());
+            }
+        }
+        out
+    }
+
+    /// Sets the bits of blocks `[first, first + count)` (whole activity-log extents after
+    /// a crash); clipped to the volume.
+    pub fn mark_blocks(&mut self, first: u64, count: u64) {
+        if count == 0 || first >= self.blocks {
+            return;
+        }
+        let last = first.saturating_add(count - 1).min(self.blocks - 1);
+        self.mark_block_range(first, last);
     }
 
     /// Number of 4 KiB blocks (bits).
@@ -98,6 +206,10 @@ impl OutOfSync {
         let Some((first, last)) = self.block_range(sector, len) else {
             return;
         };
+        self.mark_block_range(first, last);
+    }
+
+    fn mark_block_range(&mut self, first: u64, last: u64) {
         let mut b = first;
         while b <= last {
             let Ok(w) = usize::try_from(b / 64) else {
@@ -113,8 +225,14 @@ impl OutOfSync {
             };
             if let Some(word) = self.words.get_mut(w) {
                 let new = mask & !*word;
-                self.set += u64::from(new.count_ones());
-                *word |= mask;
+                if new != 0 {
+                    self.set += u64::from(new.count_ones());
+                    *word |= mask;
+                    let page = w / WORDS_PER_PAGE;
+                    if let Some(d) = self.dirty.get_mut(page / 64) {
+                        *d |= 1 << (page % 64);
+                    }
+                }
             }
             b += n;
         }
@@ -161,6 +279,40 @@ mod tests {
         bm.mark(u64::MAX - 1, 4096); // overflowing range: ignored, no panic
         bm.mark(0, 0);
         assert_eq!(bm.count(), 129 - 60);
+    }
+
+    #[test]
+    fn pages_track_changes_and_round_trip_through_disk_bytes() {
+        // 300 MiB: 76800 blocks, 3 pages (the last partial).
+        let sectors = 300 * 2048;
+        let mut bm = OutOfSync::new(sectors);
+        assert_eq!(bm.pages(), 3);
+        assert!(bm.take_all_dirty().is_empty());
+        bm.mark(0, 4096); // page 0
+        bm.mark((PAGE_BITS * 2 + 5) * 8, 8192); // page 2, blocks +5, +6
+        assert!(bm.is_dirty(0) && !bm.is_dirty(1) && bm.is_dirty(2));
+        bm.mark(0, 4096); // no change: page 0 stays as it was
+        assert!(bm.take_dirty(0));
+        assert!(!bm.take_dirty(0));
+        bm.mark(0, 4096); // already set: not dirty again
+        assert!(!bm.is_dirty(0));
+        assert_eq!(bm.take_all_dirty(), vec![2]);
+        let p2 = bm.page_bytes(2);
+        assert_eq!(p2[0], 0b0110_0000);
+        assert_eq!(p2[1..].iter().filter(|&&b| b != 0).count(), 0);
+        let mut disk = Vec::new();
+        for p in 0..bm.pages() {
+            disk.extend_from_slice(&bm.page_bytes(p)[..]);
+        }
+        disk.extend_from_slice(&[0xff; 4096]); // a longer on-disk bitmap: ignored
+        let mut back = OutOfSync::from_disk(sectors, &disk);
+        assert_eq!(back.count(), 3);
+        assert_eq!(back.words(), bm.words());
+        assert!(back.take_all_dirty().is_empty());
+        let mut m = OutOfSync::new(sectors);
+        m.mark_blocks(76800 - 10, 1024); // clipped at the end
+        assert_eq!(m.count(), 10);
+        m.mark_blocks(u64::MAX, 5);
     }
 
     #[test]

@@ -30,7 +30,7 @@ mod bitmap;
 mod primary;
 mod receiver;
 
-pub use bitmap::{OutOfSync, BLOCK_SIZE};
+pub use bitmap::{OutOfSync, BLOCK_SIZE, PAGE_BITS, PAGE_BYTES};
 pub use primary::{Primary, PrimaryConfig, PrimaryOutput, PrimaryStats};
 pub use receiver::{PeerWrite, Receiver, ReceiverConfig, ReceiverOutput, ReceiverStats};
 

@@ -38,7 +38,7 @@
 //! quiesces within `max_steps` events (liveness).
 
 mod disk;
-mod rng;
+pub(crate) mod rng;
 
 use crate::request::{
     dp, Error, PeerWrite, Primary, PrimaryConfig, PrimaryOutput, Receiver, ReceiverConfig,

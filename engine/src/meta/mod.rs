@@ -1,0 +1,3 @@
+//! On-disk metadata (placeholder: the full module docs arrive with the superblock).
+
+pub mod al;
