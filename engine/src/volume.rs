@@ -133,6 +133,12 @@ enum Effect {
     PrimaryFlush {
         tag: u64,
     },
+    MetaWrite {
+        tag: u64,
+        offset: u64,
+        data: Box<[u8; 4096]>,
+        preflush: bool,
+    },
     ReceiverFlush {
         token: u64,
     },
@@ -151,6 +157,8 @@ pub struct Volume {
     protocol: Protocol,
     size_bytes: u64,
     store: Store,
+    /// The metadata device when it is not `store` (flex-external metadata).
+    meta_store: Option<Store>,
     slots: Arc<Semaphore>,
     peer_data: Arc<Semaphore>,
     accept: Notify,
@@ -205,6 +213,7 @@ impl Volume {
             protocol: config.resource.protocol,
             size_bytes,
             store,
+            meta_store: None,
             slots: Arc::new(Semaphore::new(max_buffers)),
             peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
             accept: Notify::new(),
@@ -654,6 +663,17 @@ impl Volume {
                     });
                 }
                 PrimaryOutput::SubmitLocalFlush { tag } => fx.push(Effect::PrimaryFlush { tag }),
+                PrimaryOutput::MetaWrite {
+                    tag,
+                    offset,
+                    data,
+                    preflush,
+                } => fx.push(Effect::MetaWrite {
+                    tag,
+                    offset,
+                    data,
+                    preflush,
+                }),
                 PrimaryOutput::SendWrite {
                     block_id,
                     id,
@@ -862,6 +882,20 @@ impl Volume {
                         });
                     });
                 }
+                Effect::MetaWrite {
+                    tag,
+                    offset,
+                    data,
+                    preflush,
+                } => {
+                    tokio::spawn(async move {
+                        let ok = v.meta_write(offset, &data, preflush).await;
+                        v.feed(|v, inner, fx| {
+                            log_refusal(inner.primary.meta_write_done(tag, ok));
+                            v.drain_primary(inner, fx);
+                        });
+                    });
+                }
                 Effect::ReceiverFlush { token } => {
                     // Epoch flushes are merged: while one flush is in flight, later ones
                     // wait and are all satisfied by the single flush issued after it
@@ -945,6 +979,33 @@ impl Volume {
             tracing::warn!("local {kind:?} of {len} bytes at sector {sector} failed: {e}");
         }
         r.is_ok()
+    }
+
+    /// A metadata block, durably; with `preflush` the data device is flushed first.
+    async fn meta_write(&self, offset: u64, data: &[u8; 4096], preflush: bool) -> bool {
+        if preflush && !self.flush_local().await {
+            return false;
+        }
+        let buf = match AlignedBuf::from_slice(data) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                tracing::error!("metadata buffer: {e}");
+                return false;
+            }
+        };
+        match self
+            .meta_store
+            .as_ref()
+            .unwrap_or(&self.store)
+            .write(offset, buf, true)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("metadata write at byte {offset} failed: {e}");
+                false
+            }
+        }
     }
 
     async fn flush_local(&self) -> bool {

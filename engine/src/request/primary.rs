@@ -43,7 +43,16 @@
 
 use super::{
     check_range, dp, make_handle, split_handle, Error, OutOfSync, RequestError, WriteKind,
+    PAGE_BITS, PAGE_BYTES, SECTOR,
 };
+
+/// First and last extent of `len` bytes at `sector`, for extents of `2^shift` sectors.
+fn extent_range(sector: u64, len: u32, shift: u32) -> (u32, u32) {
+    let end = sector + u64::from(len.div_ceil(SECTOR)).max(1) - 1;
+    let e = |x: u64| u32::try_from(x >> shift).unwrap_or(u32::MAX - 1);
+    (e(sector), e(end))
+}
+use crate::meta::al::{ActivityLog, AlGeometry, AlStats, Begin, Prepared, AL_EXTENT_SHIFT};
 use crate::state::Protocol;
 use std::collections::VecDeque;
 
@@ -64,6 +73,46 @@ pub struct PrimaryConfig {
     pub max_epoch_size: u32,
     /// Number of the first epoch's barrier (non-zero; then +1, wrapping).
     pub first_barrier_nr: u32,
+    /// The activity log and where metadata goes; `None` runs without one (no crash
+    /// bound: only for tests of the other rules).
+    pub meta: Option<MetaConfig>,
+}
+
+/// The activity log's configuration and the metadata byte offsets the core writes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaConfig {
+    /// The on-disk ring.
+    pub geometry: AlGeometry,
+    /// `al-extents`: slots of the log.
+    pub al_extents: u32,
+    /// Number of the first transaction (after the ring was initialised).
+    pub first_tr_number: u32,
+    /// Byte offset of ring block 0 on the metadata device.
+    pub ring_offset: u64,
+    /// Byte offset of bitmap page 0 on the metadata device.
+    pub bitmap_offset: u64,
+    /// log2 of the extent size in bytes: [`AL_EXTENT_SHIFT`] (4 MiB, DRBD's). The
+    /// simulator uses smaller extents so that its small disks span many of them.
+    pub extent_shift: u32,
+}
+
+impl MetaConfig {
+    /// DRBD's extent size over `geometry`.
+    pub fn new(
+        geometry: AlGeometry,
+        al_extents: u32,
+        ring_offset: u64,
+        bitmap_offset: u64,
+    ) -> Self {
+        MetaConfig {
+            geometry,
+            al_extents,
+            first_tr_number: 0,
+            ring_offset,
+            bitmap_offset,
+            extent_shift: AL_EXTENT_SHIFT,
+        }
+    }
 }
 
 impl PrimaryConfig {
@@ -76,6 +125,7 @@ impl PrimaryConfig {
             max_unacked_writes: 4096,
             max_epoch_size: 2048,
             first_barrier_nr: 1,
+            meta: None,
         }
     }
 }
@@ -134,8 +184,23 @@ pub enum PrimaryOutput {
         /// `Ok`, or the local disk failed.
         result: Result<(), RequestError>,
     },
+    /// Write 4 KiB of metadata at byte `offset` of the metadata device, durably (FUA):
+    /// a bitmap page, or an activity-log transaction. With `preflush`, first flush the
+    /// data device's volatile cache (DRBD's `REQ_PREFLUSH` on AL writes: local writes
+    /// completed in an extent must be durable before a transaction that evicts it is).
+    /// Report [`Primary::meta_write_done`].
+    MetaWrite {
+        /// Handle to pass back.
+        tag: u64,
+        /// Byte offset on the metadata device.
+        offset: u64,
+        /// The block.
+        data: Box<[u8; 4096]>,
+        /// Flush the data device first.
+        preflush: bool,
+    },
     /// A started write left the pipeline: completed, and barrier-acked (or its range is
-    /// out of sync). The activity log may drop its reference to the range's extents.
+    /// out of sync); its activity-log references are dropped.
     /// Emitted exactly once per started write.
     Retired {
         /// First sector.
@@ -174,6 +239,10 @@ pub struct PrimaryStats {
     pub flushes_waited_for_peer: u64,
     /// Out-of-sync bytes (set bits × 4 KiB).
     pub out_of_sync_bytes: u64,
+    /// Writes waiting for an activity-log transaction.
+    pub al_waiting: usize,
+    /// Activity-log counters (None without one).
+    pub al: Option<AlStats>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +296,8 @@ struct WriteSlot {
     epoch_seq: u64,
     /// Index in `active`, valid while not completed.
     active_idx: usize,
+    /// Holds activity-log references on its extents.
+    al_held: bool,
 }
 
 impl WriteSlot {
@@ -249,8 +320,25 @@ impl WriteSlot {
             in_tl: false,
             epoch_seq: 0,
             active_idx: 0,
+            al_held: false,
         }
     }
+}
+
+/// Where the metadata writes of the current transaction are.
+#[derive(Debug)]
+enum MetaPhase {
+    Idle,
+    /// Bitmap pages `(tag, page)` in flight; then the transaction.
+    Pages {
+        pages: Vec<(u64, u32)>,
+        failed: bool,
+        tr: Prepared,
+    },
+    /// The transaction block in flight.
+    Transaction {
+        tag: u64,
+    },
 }
 
 /// A not-completed write's range, for the overlap scan.
@@ -314,6 +402,15 @@ pub struct Primary {
     /// Scratch for writes that became ready to start.
     ready: Vec<(u64, u32)>,
     stats: PrimaryStats,
+    al: Option<ActivityLog>,
+    /// Writes (slot indexes) waiting for the activity log, in arrival order.
+    al_wait: VecDeque<u32>,
+    /// Of those, how many hold no references yet (found no room).
+    al_unheld: usize,
+    meta_phase: MetaPhase,
+    meta_tags: u64,
+    /// log2 of sectors per activity-log extent.
+    ext_shift: u32,
     #[cfg(test)]
     pub(crate) sabotage: PrimarySabotage,
 }
@@ -336,6 +433,18 @@ impl Primary {
             return Err(Error::Invalid("max_epoch_size must be positive"));
         }
         let oos = OutOfSync::new(cfg.sectors);
+        let al = match &cfg.meta {
+            Some(m) => {
+                if !(12..=40).contains(&m.extent_shift) {
+                    return Err(Error::Invalid("extent_shift out of range"));
+                }
+                Some(
+                    ActivityLog::new(m.geometry, m.al_extents, m.first_tr_number)
+                        .map_err(Error::Invalid)?,
+                )
+            }
+            None => None,
+        };
         let cur = Epoch {
             nr: cfg.first_barrier_nr,
             seq: 0,
@@ -359,6 +468,16 @@ impl Primary {
             ready: Vec::new(),
             stats: PrimaryStats::default(),
             connected: false,
+            al,
+            al_wait: VecDeque::new(),
+            al_unheld: 0,
+            meta_phase: MetaPhase::Idle,
+            meta_tags: 0,
+            ext_shift: cfg
+                .meta
+                .as_ref()
+                .map_or(AL_EXTENT_SHIFT, |m| m.extent_shift)
+                - 9,
             cfg,
             #[cfg(test)]
             sabotage: PrimarySabotage::default(),
@@ -407,8 +526,45 @@ impl Primary {
             unacked_epochs: self.unacked.len(),
             slots_used: self.slots_used,
             out_of_sync_bytes: self.oos.bytes(),
+            al_waiting: self.al_wait.len(),
+            al: self.al.as_ref().map(ActivityLog::stats),
             ..self.stats
         }
+    }
+
+    /// Replaces the all-clear bitmap with one loaded from disk (at attach, before any
+    /// write). Refused if writes were accepted or the size differs.
+    pub fn load_bitmap(&mut self, oos: OutOfSync) -> Result<(), Error> {
+        if self.slots_used != 0 || self.arrivals != 0 {
+            return Err(Error::Invalid("bitmap loaded after writes"));
+        }
+        if oos.blocks() != self.oos.blocks() {
+            return Err(Error::Invalid("bitmap of another size"));
+        }
+        self.oos = oos;
+        Ok(())
+    }
+
+    /// Every dirty bitmap page as `(byte offset on the metadata device, bytes)`, clearing
+    /// the dirty flags: the clean-stop write-back. Empty without metadata.
+    pub fn take_dirty_bitmap_pages(&mut self) -> Vec<(u64, Box<[u8; 4096]>)> {
+        let Some(m) = &self.cfg.meta else {
+            return Vec::new();
+        };
+        let base = m.bitmap_offset;
+        self.oos
+            .take_all_dirty()
+            .into_iter()
+            .map(|p| (base + u64::from(p) * 4096, self.oos.page_bytes(p)))
+            .collect()
+    }
+
+    /// The extents in the activity log (committed or being added), sorted.
+    pub fn active_extents(&self) -> Vec<u32> {
+        self.al
+            .as_ref()
+            .map(ActivityLog::active_extents)
+            .unwrap_or_default()
     }
 
     fn in_flight(&self) -> usize {
@@ -462,6 +618,7 @@ impl Primary {
         } else {
             self.waiting += 1;
         }
+        self.pump_al();
         Ok(())
     }
 
@@ -523,6 +680,52 @@ impl Primary {
             self.oos.mark(sector, len);
         }
         self.try_complete(idx);
+        self.pump_al();
+        Ok(())
+    }
+
+    /// The metadata write `tag` finished. A failure undoes the transaction and fails
+    /// every write that waited for the activity log (DRBD detaches the disk instead;
+    /// here the writes report EIO and later writes try again).
+    pub fn meta_write_done(&mut self, tag: u64, ok: bool) -> Result<(), Error> {
+        match &mut self.meta_phase {
+            MetaPhase::Pages { pages, failed, .. } => {
+                let i = pages
+                    .iter()
+                    .position(|&(t, _)| t == tag)
+                    .ok_or(Error::Invalid("meta_write_done for an unknown tag"))?;
+                let (_, page) = pages.swap_remove(i);
+                if !ok {
+                    *failed = true;
+                    self.oos.set_dirty(page);
+                }
+                let (done, failed) = (pages.is_empty(), *failed);
+                if done {
+                    let MetaPhase::Pages { tr, .. } =
+                        std::mem::replace(&mut self.meta_phase, MetaPhase::Idle)
+                    else {
+                        return Ok(());
+                    };
+                    if failed {
+                        self.al_failed();
+                    } else {
+                        self.write_transaction(tr);
+                    }
+                }
+            }
+            MetaPhase::Transaction { tag: t } if *t == tag => {
+                self.meta_phase = MetaPhase::Idle;
+                if ok {
+                    if let Some(al) = self.al.as_mut() {
+                        al.committed();
+                    }
+                } else {
+                    self.al_failed();
+                }
+            }
+            _ => return Err(Error::Invalid("meta_write_done for an unknown tag")),
+        }
+        self.pump_al();
         Ok(())
     }
 
@@ -550,6 +753,7 @@ impl Primary {
             if s.in_tl && s.net == Net::Pending && s.ack == AckKind::Handed {
                 s.net = Net::Done;
                 self.try_complete(idx);
+                self.pump_al();
             }
         }
     }
@@ -576,6 +780,7 @@ impl Primary {
         let (sector, len) = (s.sector, s.len);
         self.oos.mark(sector, len);
         self.try_complete(idx);
+        self.pump_al();
         Ok(())
     }
 
@@ -624,6 +829,7 @@ impl Primary {
             }
         }
         self.check_flushes();
+        self.pump_al();
         Ok(())
     }
 
@@ -668,6 +874,7 @@ impl Primary {
             f.wait_epoch = None;
         }
         self.check_flushes();
+        self.pump_al();
     }
 
     // ----- internals -------------------------------------------------------------------------
@@ -709,7 +916,175 @@ impl Primary {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
+    /// First and last activity-log extent of slot `idx`'s range.
+    fn extents(&self, idx: u32) -> (u32, u32) {
+        let s = &self.slots[idx as usize];
+        extent_range(s.sector, s.len, self.ext_shift)
+    }
+
+    /// The write may go once its activity-log extents are active; otherwise it queues
+    /// for a transaction ([`Primary::pump_al`] releases it).
     fn start(&mut self, idx: u32) {
+        let (first, last) = self.extents(idx);
+        let Some(al) = self.al.as_mut() else {
+            return self.submit(idx);
+        };
+        // Writers that found no room keep their place: a newcomer may only pass them on
+        // a pure hit.
+        let decision = if self.al_unheld == 0 || al.is_active(first, last) {
+            al.begin(first, last)
+        } else {
+            Begin::NoRoom
+        };
+        match decision {
+            Begin::Active => {
+                self.slots[idx as usize].al_held = true;
+                self.submit(idx);
+            }
+            Begin::Pending => {
+                self.slots[idx as usize].al_held = true;
+                self.al_wait.push_back(idx);
+            }
+            Begin::NoRoom => {
+                self.al_unheld += 1;
+                self.al_wait.push_back(idx);
+            }
+        }
+    }
+
+    /// Releases writes whose extents became active, stages those that found no room
+    /// before (in order, stopping at the first that still finds none), and starts the
+    /// next transaction when none is being written. Called after every input.
+    fn pump_al(&mut self) {
+        let Some(al) = self.al.as_mut() else {
+            return;
+        };
+        if self.al_wait.is_empty() && !al.has_staged() {
+            return;
+        }
+        let mut ready = Vec::new();
+        let mut blocked = false;
+        let mut i = 0;
+        while i < self.al_wait.len() {
+            let idx = self.al_wait[i];
+            let s = &self.slots[idx as usize];
+            let (first, last) = extent_range(s.sector, s.len, self.ext_shift);
+            let go = if s.al_held {
+                al.is_active(first, last)
+            } else if blocked {
+                false
+            } else {
+                match al.begin(first, last) {
+                    Begin::Active => {
+                        self.slots[idx as usize].al_held = true;
+                        self.al_unheld -= 1;
+                        true
+                    }
+                    Begin::Pending => {
+                        self.slots[idx as usize].al_held = true;
+                        self.al_unheld -= 1;
+                        false
+                    }
+                    Begin::NoRoom => {
+                        blocked = true;
+                        false
+                    }
+                }
+            };
+            if go {
+                self.al_wait.remove(i);
+                ready.push(idx);
+            } else {
+                i += 1;
+            }
+        }
+        for idx in ready {
+            self.submit(idx);
+        }
+        if matches!(self.meta_phase, MetaPhase::Idle) {
+            if let Some(tr) = self.al.as_mut().and_then(ActivityLog::prepare) {
+                self.begin_transaction(tr);
+            }
+        }
+    }
+
+    /// Writes the bitmap pages of the evicted extents (those that changed), then the
+    /// transaction.
+    fn begin_transaction(&mut self, tr: Prepared) {
+        let Some(m) = &self.cfg.meta else { return };
+        let (base, shift) = (m.bitmap_offset, m.extent_shift);
+        let mut pages: Vec<u32> = tr
+            .evicted
+            .iter()
+            .flat_map(|&e| {
+                // Blocks of the extent, then their pages.
+                let first = u64::from(e) << (shift - 12);
+                let last = ((u64::from(e) + 1) << (shift - 12)) - 1;
+                let p = |b: u64| u32::try_from(b / PAGE_BITS).unwrap_or(u32::MAX);
+                p(first)..=p(last)
+            })
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let mut inflight = Vec::new();
+        for p in pages {
+            if self.oos.take_dirty(p) {
+                let tag = self.next_meta_tag();
+                self.out.push(PrimaryOutput::MetaWrite {
+                    tag,
+                    offset: base + u64::from(p) * PAGE_BYTES as u64,
+                    data: self.oos.page_bytes(p),
+                    preflush: false,
+                });
+                inflight.push((tag, p));
+            }
+        }
+        if inflight.is_empty() {
+            self.write_transaction(tr);
+        } else {
+            self.meta_phase = MetaPhase::Pages {
+                pages: inflight,
+                failed: false,
+                tr,
+            };
+        }
+    }
+
+    fn write_transaction(&mut self, tr: Prepared) {
+        let Some(m) = &self.cfg.meta else { return };
+        let offset = m.ring_offset + u64::from(tr.ring_block) * 4096;
+        let tag = self.next_meta_tag();
+        self.out.push(PrimaryOutput::MetaWrite {
+            tag,
+            offset,
+            data: tr.block,
+            preflush: true,
+        });
+        self.meta_phase = MetaPhase::Transaction { tag };
+    }
+
+    fn next_meta_tag(&mut self) -> u64 {
+        self.meta_tags += 1;
+        self.meta_tags
+    }
+
+    /// A metadata write failed: undo the log's changes and fail every waiting write.
+    fn al_failed(&mut self) {
+        if let Some(al) = self.al.as_mut() {
+            al.failed();
+        }
+        self.al_unheld = 0;
+        let waiting: Vec<u32> = self.al_wait.drain(..).collect();
+        for idx in waiting {
+            let s = &mut self.slots[idx as usize];
+            s.started = true;
+            s.local = Local::Failed;
+            s.net = Net::NotSent;
+            self.try_complete(idx);
+        }
+    }
+
+    fn submit(&mut self, idx: u32) {
         let tag = self.tag(idx);
         let protocol = self.cfg.protocol;
         let connected = self.connected;
@@ -788,6 +1163,7 @@ impl Primary {
         }
         s.net = Net::Done;
         self.try_complete(idx);
+        self.pump_al();
         Ok(())
     }
 
@@ -840,7 +1216,14 @@ impl Primary {
     }
 
     fn retire(&mut self, idx: u32) {
+        if self.slots[idx as usize].al_held {
+            let (first, last) = self.extents(idx);
+            if let Some(al) = self.al.as_mut() {
+                al.put(first, last);
+            }
+        }
         let s = &mut self.slots[idx as usize];
+        s.al_held = false;
         self.out.push(PrimaryOutput::Retired {
             sector: s.sector,
             len: s.len,
@@ -1087,6 +1470,7 @@ mod tests {
                 O::SubmitLocal { .. } => "submit",
                 O::SendWrite { .. } => "send",
                 O::SubmitLocalFlush { .. } => "flush",
+                O::MetaWrite { .. } => "meta",
                 O::Retired { .. } => "retired",
             })
             .collect();
@@ -1321,5 +1705,241 @@ mod tests {
         let nr = barriers(&o)[0];
         p.barrier_ack(nr, 2).unwrap();
         assert!(p.can_accept());
+    }
+
+    // ----- activity log --------------------------------------------------------------
+
+    const EXT: u64 = 8192; // sectors per 4 MiB extent
+
+    /// A Primary with a 67-slot activity log over a 1 GiB volume (256 extents).
+    fn primary_al(p: Protocol, connected: bool) -> Primary {
+        let mut cfg = PrimaryConfig::new(p, 1024 * MIB);
+        cfg.max_in_flight = 64;
+        cfg.max_unacked_writes = 128;
+        cfg.meta = Some(MetaConfig::new(
+            AlGeometry::default_ring(),
+            67,
+            1 << 20,
+            1 << 21,
+        ));
+        let mut pr = Primary::new(cfg).unwrap();
+        if connected {
+            pr.connected().unwrap();
+        }
+        pr
+    }
+
+    fn meta_writes(o: &[O]) -> Vec<(u64, u64, bool)> {
+        o.iter()
+            .filter_map(|x| match x {
+                O::MetaWrite {
+                    tag,
+                    offset,
+                    preflush,
+                    ..
+                } => Some((*tag, *offset, *preflush)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn submitted(o: &[O]) -> Vec<u64> {
+        o.iter()
+            .filter_map(|x| match x {
+                O::SubmitLocal { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn decode_tr(o: &[O]) -> crate::meta::al::AlBlock {
+        let data = o
+            .iter()
+            .find_map(|x| match x {
+                O::MetaWrite {
+                    data,
+                    preflush: true,
+                    ..
+                } => Some(data.clone()),
+                _ => None,
+            })
+            .expect("a transaction");
+        crate::meta::al::decode_block(&data)
+    }
+
+    #[test]
+    fn a_miss_writes_the_transaction_before_the_data_and_concurrent_misses_share_one() {
+        let mut p = primary_al(Protocol::C, true);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        assert!(submitted(&o).is_empty(), "data before its AL transaction");
+        let m = meta_writes(&o);
+        assert_eq!(m.len(), 1);
+        let (t1, off, preflush) = m[0];
+        assert!(preflush);
+        assert_eq!(off, 1 << 20); // transaction 0 in ring block 0
+        let u = decode_tr(&o).tr.updates;
+        assert_eq!((u.len(), u[0].1), (1, 0), "one update, for extent 0");
+        // Three more misses while it is written, plus a hit on extent 0's neighbour
+        // block: the hit waits too (its extent is not committed yet).
+        for (id, ext) in [(2u64, 5u64), (3, 6), (4, 7)] {
+            p.write(id, ext * EXT, 4096, WriteKind::Data, false)
+                .unwrap();
+        }
+        p.write(5, 8, 4096, WriteKind::Data, false).unwrap();
+        assert!(outs(&mut p).is_empty());
+        assert_eq!(p.stats().al_waiting, 5);
+        p.meta_write_done(t1, true).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(submitted(&o), vec![1, 5]);
+        let m = meta_writes(&o);
+        assert_eq!(m.len(), 1);
+        let tr = decode_tr(&o);
+        assert_eq!(tr.tr.tr_number, 1);
+        assert_eq!(
+            tr.tr.updates.len(),
+            3,
+            "one transaction for the three misses"
+        );
+        p.meta_write_done(m[0].0, true).unwrap();
+        assert_eq!(submitted(&outs(&mut p)), vec![2, 3, 4]);
+        assert_eq!(p.active_extents(), vec![0, 5, 6, 7]);
+        // A hit needs no transaction.
+        p.write(9, 5 * EXT + 8, 4096, WriteKind::Data, false)
+            .unwrap();
+        let o = outs(&mut p);
+        assert!(meta_writes(&o).is_empty());
+        assert_eq!(submitted(&o), vec![9]);
+        assert!(matches!(
+            p.meta_write_done(12345, true),
+            Err(Error::Invalid(_))
+        ));
+    }
+
+    /// Drives every metadata write to success; returns the writes submitted.
+    fn settle(p: &mut Primary) -> Vec<O> {
+        let mut all = Vec::new();
+        loop {
+            let o = outs(p);
+            if o.is_empty() {
+                return all;
+            }
+            for (tag, _, _) in meta_writes(&o) {
+                p.meta_write_done(tag, true).unwrap();
+            }
+            all.extend(o);
+        }
+    }
+
+    #[test]
+    fn eviction_writes_the_dirty_bitmap_page_first_and_spares_unacked_extents() {
+        let mut p = primary_al(Protocol::C, true);
+        // Extent 0: a write completed by the peer but not barrier-acked yet.
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let o = settle(&mut p);
+        let (tag, bid) = handles(&o, 1);
+        p.local_done(tag, true).unwrap();
+        p.peer_write_ack(bid.unwrap()).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, true)]);
+        p.connection_lost();
+        // Disconnected: extent 0's write retired (out of sync); now 66 more extents,
+        // each written and completed locally (retired).
+        let _ = outs(&mut p);
+        for e in 1..67u64 {
+            p.write(100 + e, e * EXT, 4096, WriteKind::Data, false)
+                .unwrap();
+            let o = settle(&mut p);
+            let (tag, _) = handles(&o, 100 + e);
+            p.local_done(tag, true).unwrap();
+            let _ = outs(&mut p);
+        }
+        assert_eq!(p.active_extents().len(), 67);
+        // The bitmap page of the evicted extent (0, the least recently used) is dirty:
+        // a 68th extent writes that page, without preflush, before the transaction.
+        p.write(500, 200 * EXT, 4096, WriteKind::Data, false)
+            .unwrap();
+        let o = outs(&mut p);
+        let m = meta_writes(&o);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].1, 1 << 21, "bitmap page 0");
+        assert!(!m[0].2);
+        assert!(submitted(&o).is_empty());
+        p.meta_write_done(m[0].0, true).unwrap();
+        let o = outs(&mut p);
+        let tr = decode_tr(&o);
+        assert_eq!(tr.tr.updates, vec![(tr.tr.updates[0].0, 200)]);
+        p.meta_write_done(meta_writes(&o)[0].0, true).unwrap();
+        assert_eq!(submitted(&outs(&mut p)), vec![500]);
+        assert!(!p.active_extents().contains(&0));
+        // The page is clean now: the next eviction (extent 1, same page, nothing new)
+        // goes straight to the transaction.
+        p.write(501, 201 * EXT, 4096, WriteKind::Data, false)
+            .unwrap();
+        let m = meta_writes(&outs(&mut p));
+        assert_eq!(m.len(), 1);
+        assert!(m[0].2, "only the transaction");
+    }
+
+    #[test]
+    fn an_extent_with_an_unacked_write_is_never_evicted() {
+        let mut p = primary_al(Protocol::C, true);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let o = settle(&mut p);
+        let (tag, bid) = handles(&o, 1);
+        p.local_done(tag, true).unwrap();
+        p.peer_write_ack(bid.unwrap()).unwrap();
+        let o = outs(&mut p);
+        let nr = barriers(&o)[0];
+        // 66 more extents whose writes are fully acked and retired.
+        for e in 1..67u64 {
+            p.write(100 + e, e * EXT, 4096, WriteKind::Data, false)
+                .unwrap();
+            let o = settle(&mut p);
+            let (tag, bid) = handles(&o, 100 + e);
+            p.local_done(tag, true).unwrap();
+            p.peer_write_ack(bid.unwrap()).unwrap();
+            let o = outs(&mut p);
+            let b = barriers(&o);
+            if e == 1 {
+                p.barrier_ack(nr, 1).unwrap();
+            }
+            p.barrier_ack(b[0], 1).unwrap();
+            let _ = outs(&mut p);
+        }
+        // Extent 0 was acked; now pin extent 3 with an unacked write, then evict.
+        p.write(300, 3 * EXT, 4096, WriteKind::Data, false).unwrap();
+        let o = settle(&mut p);
+        let (tag, _) = handles(&o, 300);
+        p.local_done(tag, true).unwrap();
+        let _ = outs(&mut p);
+        for (i, e) in (100u64..166).enumerate() {
+            p.write(1000 + i as u64, e * EXT, 4096, WriteKind::Data, false)
+                .unwrap();
+            let o = settle(&mut p);
+            let (tag, bid) = handles(&o, 1000 + i as u64);
+            p.local_done(tag, true).unwrap();
+            p.peer_write_ack(bid.unwrap()).unwrap();
+            let _ = outs(&mut p);
+            assert!(p.active_extents().contains(&3), "evicted a held extent");
+        }
+    }
+
+    #[test]
+    fn a_failed_transaction_fails_the_waiting_writes() {
+        let mut p = primary_al(Protocol::C, false);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        p.write(2, 9 * EXT, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let t = meta_writes(&o)[0].0;
+        p.meta_write_done(t, false).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, false), (2, false)]);
+        assert!(p.active_extents().is_empty());
+        assert_eq!(p.stats().slots_used, 0);
+        // The next write tries again.
+        p.write(3, 0, 4096, WriteKind::Data, false).unwrap();
+        let o = settle(&mut p);
+        assert_eq!(submitted(&o), vec![3]);
     }
 }

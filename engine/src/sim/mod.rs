@@ -425,6 +425,7 @@ impl Sim {
         let mut rng = Rng::new(cfg.seed);
         let params = SimParams::draw(&mut rng);
         let pcfg = PrimaryConfig {
+            meta: None,
             protocol: params.protocol,
             sectors: SECTORS as u64,
             max_in_flight: params.max_in_flight,
@@ -833,6 +834,9 @@ impl Sim {
         let outs: Vec<PrimaryOutput> = self.primary.drain_outputs().collect();
         for o in outs {
             match o {
+                PrimaryOutput::MetaWrite { .. } => {
+                    return Err("metadata write from a Primary without metadata".into());
+                }
                 PrimaryOutput::SubmitLocal {
                     tag,
                     id,
