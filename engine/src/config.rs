@@ -21,10 +21,14 @@
 //! max-buffers = 2048        # replicated writes in flight, per peer
 //! max-epoch-size = 2048     # writes per epoch (between two barriers)
 //!
+//! [disk]                    # optional; DRBD's names and defaults
+//! al-extents = 1237         # activity log slots of 4 MiB: bounds a crash resync (67..=65534)
+//!
 //! [[node]]
 //! name = "alpha"
 //! address = "127.0.0.1:7789"
 //! disk = "/var/lib/tandem/alpha.img"
+//! meta-disk = "internal"    # or a path: flex-external metadata on another device/file
 //! role = "primary"
 //! nbd-socket = "/run/tandem/r0.nbd"
 //! nbd-listen = "127.0.0.1:10809"
@@ -128,6 +132,22 @@ pub struct NetConfig {
     pub rcvbuf_size: u32,
 }
 
+/// `[disk]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Activity-log slots (DRBD `al-extents`): a crash resyncs at most this × 4 MiB.
+    pub al_extents: u32,
+}
+
+/// Where a node keeps its DRBD 9 metadata (DRBD's `meta-disk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaDisk {
+    /// At the end of the backing device (`meta-disk internal`).
+    Internal,
+    /// On its own device or file, all of it (`flex-external`).
+    External(PathBuf),
+}
+
 /// One `[[node]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -137,6 +157,8 @@ pub struct NodeConfig {
     pub address: SocketAddr,
     /// Backing file or block device.
     pub disk: PathBuf,
+    /// Where the metadata lives.
+    pub meta_disk: MetaDisk,
     /// Role at start.
     pub role: InitialRole,
     /// NBD export on a Unix socket.
@@ -154,6 +176,8 @@ pub struct Config {
     pub resource: ResourceConfig,
     /// `[net]`.
     pub net: NetConfig,
+    /// `[disk]`.
+    pub disk: DiskConfig,
     /// The two nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -164,6 +188,8 @@ struct RawFile {
     resource: RawResource,
     #[serde(default)]
     net: RawNet,
+    #[serde(default)]
+    disk: RawDisk,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
 }
@@ -194,12 +220,19 @@ struct RawNet {
     rcvbuf_size: Option<toml::Value>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDisk {
+    al_extents: Option<i64>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawNode {
     name: String,
     address: String,
     disk: PathBuf,
+    meta_disk: Option<PathBuf>,
     #[serde(default)]
     role: InitialRole,
     nbd_socket: Option<PathBuf>,
@@ -400,6 +433,17 @@ impl Config {
             sndbuf_size: buf_size("net.sndbuf-size", n.sndbuf_size.as_ref())?,
             rcvbuf_size: buf_size("net.rcvbuf-size", n.rcvbuf_size.as_ref())?,
         };
+        let disk = DiskConfig {
+            al_extents: u32::try_from(ranged(
+                "disk.al-extents",
+                raw.disk.al_extents,
+                1237,
+                67,
+                65534,
+                "4 MiB extents",
+            )?)
+            .map_err(|_| invalid("disk.al-extents", "too large"))?,
+        };
         if net.ping_timeout >= net.ping_interval {
             return Err(invalid(
                 "net.ping-timeout",
@@ -465,6 +509,17 @@ impl Config {
                     "empty path; name a backing file or block device",
                 ));
             }
+            let meta_disk = match rn.meta_disk {
+                None => MetaDisk::Internal,
+                Some(p) if p.as_os_str() == "internal" => MetaDisk::Internal,
+                Some(p) if p.as_os_str().is_empty() || p == rn.disk => {
+                    return Err(invalid(
+                        key("meta-disk"),
+                        "use \"internal\" or the path of another device or file",
+                    ))
+                }
+                Some(p) => MetaDisk::External(p),
+            };
             let mgmt_socket = rn
                 .mgmt_socket
                 .unwrap_or_else(|| PathBuf::from(format!("/run/tandem/{name}-{node_name}.sock")));
@@ -472,6 +527,7 @@ impl Config {
                 name: node_name,
                 address,
                 disk: rn.disk,
+                meta_disk,
                 role: rn.role,
                 nbd_socket: rn.nbd_socket,
                 nbd_listen,
@@ -506,6 +562,7 @@ impl Config {
                 size_bytes,
             },
             net,
+            disk,
             nodes,
         })
     }
@@ -592,6 +649,28 @@ mod tests {
         let (me, peer) = c.split("b").expect("b");
         assert_eq!((me.name.as_str(), peer.name.as_str()), ("b", "a"));
         assert_eq!(me.mgmt_socket, PathBuf::from("/run/tandem/r0-b.sock"));
+        assert_eq!(c.disk.al_extents, 1237);
+        assert_eq!(me.meta_disk, MetaDisk::Internal);
+    }
+
+    #[test]
+    fn disk_options() {
+        let with = |extra: &str| format!("{}\n[disk]\n{extra}\n", two_nodes("", ""));
+        let c = Config::parse(&with("al-extents = 67"), "t").expect("valid");
+        assert_eq!(c.disk.al_extents, 67);
+        assert!(err(&with("al-extents = 66")).contains("disk.al-extents"));
+        assert!(err(&with("al-extents = 65535")).contains("67..=65534"));
+        let ext = two_nodes("", "").replace(
+            "disk = \"/tmp/b\"",
+            "disk = \"/tmp/b\"\nmeta-disk = \"/tmp/b.md\"",
+        );
+        let c = Config::parse(&ext, "t").expect("valid");
+        assert_eq!(c.nodes[1].meta_disk, MetaDisk::External("/tmp/b.md".into()));
+        let same = ext.replace("/tmp/b.md", "/tmp/b");
+        assert!(err(&same).contains("node[1].meta-disk"));
+        let internal = ext.replace("/tmp/b.md", "internal");
+        let c = Config::parse(&internal, "t").expect("valid");
+        assert_eq!(c.nodes[1].meta_disk, MetaDisk::Internal);
     }
 
     #[test]
