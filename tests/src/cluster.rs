@@ -63,6 +63,8 @@ pub struct ClusterOpts {
     pub size: String,
     /// `[net]` entries as `(key, raw TOML value)`.
     pub net: Vec<(String, String)>,
+    /// `[disk]` entries as `(key, raw TOML value)`.
+    pub disk: Vec<(String, String)>,
     /// Give every node an `nbd-socket`.
     pub nbd_unix: bool,
     /// Give every node an `nbd-listen` TCP address.
@@ -81,6 +83,7 @@ impl ClusterOpts {
             protocol: Protocol::C,
             size: "64MiB".into(),
             net: vec![("connect-int".into(), "1".into())],
+            disk: Vec::new(),
             nbd_unix: true,
             nbd_tcp: false,
             autostart: true,
@@ -103,6 +106,13 @@ impl ClusterOpts {
     pub fn net(mut self, key: &str, value: &str) -> Self {
         self.net.retain(|(k, _)| k != key);
         self.net.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Adds (or replaces) a `[disk]` entry; `value` is raw TOML.
+    pub fn disk(mut self, key: &str, value: &str) -> Self {
+        self.disk.retain(|(k, _)| k != key);
+        self.disk.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -720,6 +730,12 @@ fn render_config(opts: &ClusterOpts, nodes: &[Node]) -> String {
     if !opts.net.is_empty() {
         let _ = writeln!(s, "\n[net]");
         for (k, v) in &opts.net {
+            let _ = writeln!(s, "{k} = {v}");
+        }
+    }
+    if !opts.disk.is_empty() {
+        let _ = writeln!(s, "\n[disk]");
+        for (k, v) in &opts.disk {
             let _ = writeln!(s, "{k} = {v}");
         }
     }
