@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tandem_engine::meta;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,6 +64,74 @@ enum Cmd {
         #[arg(long, default_value = "C")]
         protocol: String,
     },
+    /// Write fresh DRBD 9 (v09) metadata, as `drbdmeta … v09 … create-md 1` does.
+    #[command(name = "create-md")]
+    CreateMd {
+        #[command(flatten)]
+        target: MetaTarget,
+        /// This node's id (0..=31); default: left to the first attach (-1).
+        #[arg(long, allow_negative_numbers = true)]
+        node_id: Option<i32>,
+        /// `al-extents` recorded in the superblock (67..=65534).
+        #[arg(long, default_value_t = 1237)]
+        al_extents: u32,
+        /// Activity-log stripes.
+        #[arg(long, default_value_t = 1)]
+        al_stripes: u32,
+        /// Activity-log stripe size (e.g. 32k, 1M; a bare number is KiB).
+        #[arg(long, default_value = "32k")]
+        al_stripe_size: String,
+        /// Overwrite DRBD metadata that is already there (its UUIDs and bitmap are lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the metadata's superblock fields and the bitmap's set-bit count.
+    #[command(name = "dump-md")]
+    DumpMd {
+        #[command(flatten)]
+        target: MetaTarget,
+        /// Dump unclean metadata too (its bitmap does not include the activity log yet).
+        #[arg(long)]
+        force: bool,
+        /// One JSON object instead of drbdmeta-style text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the activity log of a crashed node to its bitmap and mark the metadata clean.
+    #[command(name = "apply-al")]
+    ApplyAl {
+        #[command(flatten)]
+        target: MetaTarget,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The device of a metadata command.
+#[derive(clap::Args, Debug)]
+struct MetaTarget {
+    /// The data device (or file); it holds the metadata unless --meta-device is given.
+    device: PathBuf,
+    /// A separate metadata device or file (DRBD's flex-external metadata).
+    #[arg(long)]
+    meta_device: Option<PathBuf>,
+}
+
+impl MetaTarget {
+    fn target(self) -> meta::tool::Target {
+        meta::tool::Target {
+            device: self.device,
+            meta_device: self.meta_device,
+        }
+    }
+}
+
+/// Runs a metadata command and prints what it returns.
+fn meta_cmd(f: impl FnOnce() -> Result<String, meta::MetaError>) -> anyhow::Result<()> {
+    let out = f()?;
+    print!("{out}");
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,6 +160,29 @@ fn main() -> ExitCode {
             size,
             protocol,
         } => tandem_engine::daemon::run_demo(&dir, &size, &protocol),
+        Cmd::CreateMd {
+            target,
+            node_id,
+            al_extents,
+            al_stripes,
+            al_stripe_size,
+            force,
+        } => meta_cmd(|| {
+            let args = meta::tool::CreateArgs {
+                node_id,
+                al_extents: Some(al_extents),
+                al_stripes: Some(al_stripes),
+                al_stripe_size: Some(al_stripe_size),
+                force,
+            };
+            meta::tool::create_md(&target.target(), &args)
+        }),
+        Cmd::DumpMd {
+            target,
+            force,
+            json,
+        } => meta_cmd(|| meta::tool::dump_md(&target.target(), force, json)),
+        Cmd::ApplyAl { target, json } => meta_cmd(|| meta::tool::apply_al(&target.target(), json)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
