@@ -15,9 +15,11 @@ set -euo pipefail
 #   tshark         Wireshark's DRBD dissector, an independent check of the wire format
 #   tcpdump        captures tandem's replication traffic for tshark
 #   iperf3         loopback TCP baseline for the benchmarks
+#   drbd-utils     drbdmeta, the reference that reads and writes tandem's DRBD 9 metadata
+#                  in the interop tests (tests/tests/drbdmeta.rs)
 #   build-essential, pkg-config   C toolchain for crates that build C code
 PACKAGES=(fio qemu-utils libnbd-bin python3-libnbd nbdkit tshark tcpdump iperf3
-          build-essential pkg-config)
+          drbd-utils build-essential pkg-config)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'
@@ -49,7 +51,7 @@ if ((${#missing[@]} > 0)); then
 fi
 
 # The programs themselves, in case a package is installed but broken or shadowed.
-for tool in fio qemu-img nbdsh nbdinfo nbdkit tshark tcpdump iperf3 cc pkg-config; do
+for tool in fio qemu-img nbdsh nbdinfo nbdkit tshark tcpdump iperf3 drbdmeta cc pkg-config; do
     if ! command -v "$tool" >/dev/null 2>&1 && [[ ! -x /usr/bin/$tool && ! -x /usr/sbin/$tool ]]; then
         echo "install-deps: \`$tool\` is still missing after installing packages" >&2
         exit 1

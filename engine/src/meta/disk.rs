@@ -19,7 +19,7 @@
 //! leaves it unclean and apply-al simply runs again.
 
 use super::al::{self, AlGeometry, AL_EXTENTS_DEFAULT, AL_EXTENTS_MAX, AL_EXTENTS_MIN};
-use super::layout::{bitmap_bits, bitmap_bytes, Layout, LayoutError, MetaKind, BLOCK};
+use super::layout::{bitmap_bytes, Layout, LayoutError, MetaKind, BLOCK};
 use super::superblock::{
     magic_format, mdf, Placement, Superblock, SuperblockError, MAGIC_09, SUPERBLOCK_BYTES,
 };
@@ -106,10 +106,10 @@ pub struct ApplyAlReport {
     pub updates: u32,
     /// The active set at the newest transaction (sorted extent numbers).
     pub hot_extents: Vec<u32>,
-    /// Extents whose bits were set (hot extents that start inside the last agreed size),
-    /// if the node was Primary.
+    /// Extents whose bits were set (hot extents that start inside the bitmap in use,
+    /// [`MetaDevice::bitmap_bytes`]), if the node was Primary.
     pub applied_extents: u64,
-    /// Hot extents that start beyond the last agreed size (nothing to set).
+    /// Hot extents that start beyond the bitmap in use (nothing to set).
     pub skipped_extents: Vec<u32>,
     /// Bits that were clear and are now set.
     pub bits_newly_set: u64,
@@ -557,12 +557,19 @@ impl MetaDevice {
     /// re-initialise the ring if it held updates or could not be read; set
     /// `MDF_AL_CLEAN` and write the superblock (always, as drbdmeta does for v09).
     /// `MDF_PRIMARY_IND` stays set (the next attach turns it into `CRASHED_PRIMARY`).
-    ///
     /// An unusable ring on a Primary is an error and changes nothing (drbdmeta exits 1
-    /// or 2 there). One deliberate difference: drbdmeta skips a hot extent whose 128
-    /// bitmap bytes end exactly at the end of the (4 KiB-aligned) bitmap, i.e. it loses
-    /// the last extent's bits whenever that extent is hot; tandem sets them. Bits past
-    /// the last agreed size are never set (drbdmeta sets whole extents).
+    /// or 2 there).
+    ///
+    /// The bits are set exactly as drbd-utils 9.22's `apply_al` sets them, so the two
+    /// produce identical bitmaps: an extent's 128 bitmap bytes are set whole, clipped to
+    /// the bitmap in use ([`Self::bitmap_bytes`], the last agreed size rounded up to
+    /// 4 KiB), and an extent that starts beyond it is skipped. So the bits of the last
+    /// extent past the agreed size (and of whole extents in the 4 KiB padding) may be
+    /// set; they describe no data, and whoever loads the bitmap must ignore bits past the
+    /// agreed size. drbd-utils ≥ 9.33 (commit 84a261cd, drbdmeta master) differs: it
+    /// skips a hot extent whose bytes end exactly at the end of that 4 KiB-aligned
+    /// bitmap (`on_disk_word32_pos_e >= bm_bytes`, an off-by-one), losing the bits of
+    /// the device's last extent whenever it is hot; tandem does not copy that.
     pub fn apply_al_blocking(&mut self) -> Result<ApplyAlReport, MetaError> {
         let ring = self.read_al_blocking()?;
         let geo = self.layout.al;
@@ -604,18 +611,18 @@ impl MetaDevice {
         Ok(report)
     }
 
-    /// Sets the bits of `report.hot_extents` that lie inside the last agreed size, one
+    /// Sets the bits of `report.hot_extents` that start inside the bitmap in use, one
     /// read-modify-write per 1 MiB bitmap chunk that holds any.
     fn set_hot_extents_blocking(&self, report: &mut ApplyAlReport) -> Result<(), MetaError> {
-        let bits = bitmap_bits(self.sb.effective_size);
         let in_use = self.bitmap_bytes();
+        let extent_bytes = BITS_PER_EXTENT / 8;
         let (inside, beyond): (Vec<u32>, Vec<u32>) = report
             .hot_extents
             .iter()
-            .partition(|e| u64::from(**e) * BITS_PER_EXTENT < bits);
+            .partition(|e| u64::from(**e) * extent_bytes < in_use);
         report.skipped_extents = beyond;
         report.applied_extents = inside.len() as u64;
-        let extents_per_chunk = BITMAP_CHUNK as u64 * 8 / BITS_PER_EXTENT;
+        let extents_per_chunk = BITMAP_CHUNK as u64 / extent_bytes;
         let mut buf = vec![0u8; BITMAP_CHUNK];
         let mut rest = inside.as_slice();
         while let Some(first) = rest.first() {
@@ -627,37 +634,21 @@ impl MetaDevice {
             let (group, tail) = rest.split_at(n);
             rest = tail;
             let start = chunk_no * BITMAP_CHUNK as u64;
+            // A multiple of 4 KiB: in_use is, and so is start.
             let len = to_usize((in_use - start).min(BITMAP_CHUNK as u64));
             let chunk = &mut buf[..len];
             self.read_bitmap_blocking(start, chunk)?;
-            let first_bit = start * 8;
-            let valid_bits = (bits - first_bit).min(len as u64 * 8);
-            report.bits_newly_set += set_extents(chunk, group, first_bit, valid_bits);
+            // Extent numbers relative to the chunk (< extents_per_chunk, fits u32).
+            let base = chunk_no * extents_per_chunk;
+            let rebased: Vec<u32> = group
+                .iter()
+                .map(|e| u32::try_from(u64::from(*e) - base).unwrap_or(u32::MAX))
+                .collect();
+            report.bits_newly_set += al::apply_hot_extents(chunk, &rebased);
             self.write_bitmap_blocking(start, chunk, false)?;
         }
         Ok(())
     }
-}
-
-/// Sets the bits of each extent in `extents` (absolute extent numbers) within `chunk`,
-/// whose first bit is bitmap bit `first_bit`; only the chunk's first `valid_bits` bits may
-/// change. Returns how many bits went from 0 to 1.
-fn set_extents(chunk: &mut [u8], extents: &[u32], first_bit: u64, valid_bits: u64) -> u64 {
-    let valid_bytes = to_usize(valid_bits.div_ceil(8)).min(chunk.len());
-    let region = &mut chunk[..valid_bytes];
-    let before: u64 = region.iter().map(|b| u64::from(b.count_ones())).sum();
-    let keep_last = region.last().copied();
-    let base = u32::try_from(first_bit / BITS_PER_EXTENT).unwrap_or(u32::MAX);
-    let rebased: Vec<u32> = extents.iter().map(|e| e.saturating_sub(base)).collect();
-    al::apply_hot_extents(region, &rebased);
-    // Bits past the last agreed size in the last byte keep their old value.
-    let tail = valid_bits % 8;
-    if let (Some(old), Some(last), true) = (keep_last, region.last_mut(), tail != 0) {
-        let mask = (1u8 << tail) - 1;
-        *last = (*last & mask) | (old & !mask);
-    }
-    let after: u64 = region.iter().map(|b| u64::from(b.count_ones())).sum();
-    after - before
 }
 
 /// `create-md`'s option limits, DRBD's (the ring's are [`AlGeometry::new`]'s).
@@ -1019,15 +1010,14 @@ mod tests {
         assert_eq!(r.applied_extents, 67);
         let bm = bitmap(&dev);
         for &e in &active {
-            if e != 255 {
-                assert_eq!(extent_bits(&bm, e as usize), 1024, "extent {e}");
-            }
+            assert_eq!(extent_bits(&bm, e as usize), 1024, "extent {e}");
         }
-        // Extent 255: only the bits inside the 2097016 agreed sectors (262127 bits).
-        let last_bits = 262_127 - 255 * 1024;
-        assert_eq!(extent_bits(&bm, 255), last_bits);
+        // Extent 255 is set whole, as drbdmeta 9.22 does, although only 1007 of its
+        // bits are inside the 2097016 agreed sectors (262127 bits); its bytes end exactly
+        // at the end of the 32 KiB bitmap, where drbdmeta >= 9.33 would skip it.
+        assert_eq!(dev.bitmap_bytes(), 256 * 128);
         let total: u32 = bm.iter().map(|b| b.count_ones()).sum();
-        assert_eq!(total, 66 * 1024 + last_bits);
+        assert_eq!(total, 67 * 1024);
         assert_eq!(r.bits_newly_set, u64::from(total));
         assert_eq!(dev.count_bits_blocking().unwrap(), u64::from(total));
         // Clean now, PRIMARY_IND kept, ring re-initialised.
@@ -1064,15 +1054,24 @@ mod tests {
         let dir = TempDir::new("beyond");
         let s = store(&dir, "d", 1 << 30);
         let mut dev = MetaDevice::create(s, MetaLocation::Internal, &default_opts()).unwrap();
-        // 100 MiB agreed: extents 0..=24 exist.
+        // 100 MiB agreed: extents 0..=24 hold data, the bitmap in use is 4 KiB (extents
+        // 0..=31); 25 and 31 lie in its padding and are set (as drbdmeta does), 32 and
+        // 4000 start beyond it and are skipped.
         crashed(&mut dev, 100 << 11, true);
-        put_tr(&dev, &tr(7, &[(0, 24), (1, 25), (2, 4000)]));
+        assert_eq!(dev.bitmap_bytes(), 4096);
+        put_tr(
+            &dev,
+            &tr(7, &[(0, 24), (1, 25), (2, 31), (3, 32), (4, 4000)]),
+        );
         let r = dev.apply_al_blocking().unwrap();
-        assert_eq!(r.skipped_extents, vec![25, 4000]);
-        assert_eq!(r.bits_newly_set, 1024);
+        assert_eq!(r.skipped_extents, vec![32, 4000]);
+        assert_eq!(r.applied_extents, 3);
+        assert_eq!(r.bits_newly_set, 3 * 1024);
         let bm = bitmap(&dev);
-        assert_eq!(extent_bits(&bm, 24), 1024);
-        assert_eq!(bm.iter().map(|b| b.count_ones()).sum::<u32>(), 1024);
+        for e in [24, 25, 31] {
+            assert_eq!(extent_bits(&bm, e), 1024);
+        }
+        assert_eq!(bm.iter().map(|b| b.count_ones()).sum::<u32>(), 3 * 1024);
     }
 
     #[test]
@@ -1098,23 +1097,5 @@ mod tests {
         assert!(dev.superblock().is_clean());
         let ring = dev.read_al_blocking().unwrap();
         assert_eq!(al::replay(&ring, &dev.layout().al).unwrap().valid, 8);
-    }
-
-    #[test]
-    fn set_extents_clips_to_the_valid_bits() {
-        // A surplus bit past the valid ones that was already set stays set.
-        let mut chunk = vec![0u8; 256];
-        chunk[255] = 0b1000_0000;
-        // 2040 valid bits: extent 1 covers bits 1024..2048, only 1016 of them valid.
-        let n = set_extents(&mut chunk, &[1], 0, 2040);
-        assert_eq!(n, 1016);
-        assert_eq!((chunk[254], chunk[255]), (0xff, 0b1000_0000));
-        let mut chunk = vec![0u8; 256];
-        let n = set_extents(&mut chunk, &[1], 0, 2041);
-        assert_eq!((n, chunk[255]), (1017, 0b0000_0001));
-        // Rebased: a chunk starting at bit 8 Mi holds extent 8192 at its start.
-        let mut chunk = vec![0u8; 256];
-        let n = set_extents(&mut chunk, &[8192], 8 << 20, 2048);
-        assert_eq!((n, chunk[0], chunk[128]), (1024, 0xff, 0));
     }
 }

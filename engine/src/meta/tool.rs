@@ -323,7 +323,8 @@ fn report_text(r: &ApplyAlReport, dev: &MetaDevice) -> String {
     for e in &r.skipped_extents {
         let _ = writeln!(
             s,
-            "extent {e} beyond the last agreed size ({} sectors): skipped",
+            "extent {e} beyond the end of the bitmap ({} bytes for la-size-sect {}): skipped",
+            dev.bitmap_bytes(),
             dev.superblock().effective_size
         );
     }
