@@ -8,3 +8,4 @@ pub mod config;
 pub mod mgmt;
 pub mod nbd;
 pub mod packet;
+pub mod superblock;
