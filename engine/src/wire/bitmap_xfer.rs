@@ -650,8 +650,8 @@ impl BitmapReceiver {
             Packet::Bitmap(words) => self.receive(bitmap, Command::P_BITMAP, words),
             Packet::CompressedBitmap(c) => self.receive_compressed(bitmap, c.encoding, &c.code),
             other => {
-                self.failed = true;
-                Err(BitmapError::NotABitmap(other.command()))
+                let cmd = other.command();
+                self.guard(bitmap, |_, _| Err(BitmapError::NotABitmap(cmd)))
             }
         }
     }
@@ -670,10 +670,7 @@ impl BitmapReceiver {
                 Some((&encoding, code)) => self.receive_compressed(bitmap, encoding, code),
                 None => self.guard(bitmap, |_, _| Err(BitmapError::CompressedTooSmall(0))),
             },
-            other => {
-                self.failed = true;
-                Err(BitmapError::NotABitmap(other))
-            }
+            other => self.guard(bitmap, |_, _| Err(BitmapError::NotABitmap(other))),
         }
     }
 
@@ -693,15 +690,14 @@ impl BitmapReceiver {
         bitmap: &mut [u64],
         f: impl FnOnce(&mut Self, &mut [u64]) -> Result<bool, BitmapError>,
     ) -> Result<bool, BitmapError> {
+        // A finished transfer stays finished (and is_done) whatever comes after it.
         if self.failed {
             return Err(BitmapError::Failed);
         }
-        let result = if self.done {
-            Err(BitmapError::AfterDone)
-        } else {
-            check_size(bitmap.len(), self.bm_bits).and_then(|()| f(self, bitmap))
-        };
-        match result {
+        if self.done {
+            return Err(BitmapError::AfterDone);
+        }
+        match check_size(bitmap.len(), self.bm_bits).and_then(|()| f(self, bitmap)) {
             Ok(done) => {
                 self.done = done;
                 Ok(done)
