@@ -16,9 +16,10 @@
 //! `drbd_uuid_set`, `drbd_uuid_new_current`, `drbd_uuid_set_bm`,
 //! `drbd_gen_and_send_sync_uuid`), `drbd_worker.c` (`drbd_resync_finished`),
 //! `drbd_state.c` (`after_state_ch`), `drbd_nl.c` (`drbd_set_role`,
-//! `drbd_adm_new_c_uuid`). The in-tree 8.4.11 of Linux 5.8–6.12 has the same two decision
-//! functions, rule 41 included. The config names come from drbd-utils
-//! `user/v84/config_flags.c`.
+//! `drbd_adm_new_c_uuid`). The in-tree 8.4.11 receiver (research/drbd-protocol.md, [L])
+//! has the same two decision functions, rule 41 included, and `tests/uuid_captures.rs`
+//! checks the decisions against the Linux 6.12 kernel's. The config names come from
+//! drbd-utils `user/v84/config_flags.c`.
 //!
 //! # The UUID set
 //!
@@ -178,8 +179,10 @@
 //!   protocol-A/B case.
 //!
 //! This module implements 8.4, the dialect tandem speaks. Against a DRBD 9 peer the
-//! corner cases above can decide differently, and both sides then disconnect or refuse
-//! the state change rather than sync the wrong way.
+//! corner cases above can decide differently, and nothing guarantees that the two sides
+//! then agree. The caller must compare the peer's next `P_STATE` with its own decision
+//! (a SyncSource expects WFBitMapT, a SyncTarget WFBitMapS, Connected expects
+//! Connected), and drop the connection on a mismatch.
 
 use super::{DiskState, UnknownName};
 use crate::wire;
