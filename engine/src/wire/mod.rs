@@ -33,6 +33,7 @@
 //! **The byte formats here are DRBD's wire protocol. They must not change without a
 //! protocol version or feature-flag bump** (and a kernel DRBD peer cannot be bumped).
 
+pub mod bitmap_xfer;
 pub mod command;
 pub mod error;
 pub mod header;
@@ -42,6 +43,7 @@ pub mod payload;
 #[cfg(test)]
 mod golden_tests;
 
+pub use bitmap_xfer::{BitmapError, BitmapReceiver, BitmapSender, XferStats};
 pub use command::{Command, Socket};
 pub use error::{Expected, WireError};
 pub use header::{Header, HeaderKind};

@@ -8,6 +8,8 @@
 //! "UpToDate", "C") because that is what `drbdsetup status` prints and what operators and
 //! orchestrators already parse.
 
+pub mod uuid;
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
