@@ -1,6 +1,8 @@
 //! The daemon: wires one resource's pieces together and runs them until SIGTERM.
 //!
-//! `tandem up` loads and validates the config, opens the backing device, starts the
+//! `tandem up` loads and validates the config, opens the backing device, attaches its
+//! DRBD 9 metadata ([`attach_disk`]: apply the activity log after a crash, mark the
+//! metadata unclean, load the bitmap — before any IO is served), starts the
 //! volume driver ([`crate::volume`]), the replication connection ([`crate::net`]), the NBD
 //! exports ([`crate::frontend::nbd`]) and the management socket ([`crate::mgmt`]) on one
 //! current-thread tokio runtime (see [`runtime`] for the measurement; the backing
@@ -11,9 +13,12 @@
 //! bounded by [`SHUTDOWN_GRACE`].
 //! `tandem demo` runs two such nodes as child processes on loopback.
 
-use crate::config::{Config, InitialRole};
+use crate::config::{Config, InitialRole, MetaDisk, NodeConfig};
 use crate::frontend::nbd::{NbdListener, NbdOptions};
 use crate::frontend::{BlockIo, BlockTarget};
+use crate::meta::al::AlGeometry;
+use crate::meta::disk::{Attach, CreateOptions, MetaDevice, MetaLocation};
+use crate::meta::layout::{bitmap_bytes, MIN_META_BYTES};
 use crate::mgmt;
 use crate::store::{Store, StoreOptions};
 use crate::volume::Volume;
@@ -73,18 +78,11 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
     };
     let (me, peer) = config.split(&me_name)?;
     let (me, peer) = (me.clone(), peer.clone());
-    let store = Store::open(
-        &me.disk,
-        &StoreOptions {
-            create_size_bytes: config.resource.size_bytes,
-            ..StoreOptions::default()
-        },
-    )
-    .with_context(|| format!("node {}: cannot open disk {}", me.name, me.disk.display()))?;
+    let (store, md, attach) = attach_disk(&config, &me)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-        let volume = Volume::new(&config, &me, &peer, store)?;
+        let volume = Volume::new(&config, &me, &peer, store, md, attach)?;
         if me.role == InitialRole::Primary {
             volume.set_primary(true).map_err(anyhow::Error::msg)?;
         }
@@ -175,6 +173,74 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
         tracing::info!("stopped cleanly");
         anyhow::Ok(())
     })
+}
+
+/// Opens the node's disk and attaches its metadata (see [`MetaDevice::attach_blocking`]).
+/// A backing file (and a flex-external metadata file) that this call creates from
+/// `resource.size` gets fresh metadata, as `tandem create-md` would write it; an
+/// existing device without metadata is refused with the `create-md` command to run.
+pub fn attach_disk(
+    config: &Config,
+    me: &NodeConfig,
+) -> anyhow::Result<(Store, MetaDevice, Attach)> {
+    let fresh = !me.disk.exists();
+    let open = |path: &Path, size: Option<u64>| {
+        Store::open(
+            path,
+            &StoreOptions {
+                create_size_bytes: size,
+                ..StoreOptions::default()
+            },
+        )
+        .with_context(|| format!("node {}: cannot open {}", me.name, path.display()))
+    };
+    let store = open(&me.disk, config.resource.size_bytes)?;
+    let node_id = config
+        .nodes
+        .iter()
+        .position(|n| n.name == me.name)
+        .and_then(|i| i32::try_from(i).ok())
+        .unwrap_or(-1);
+    let create = CreateOptions {
+        node_id,
+        al_extents: config.disk.al_extents,
+        ..CreateOptions::new(AlGeometry::default_ring())
+    };
+    let (meta_store, location, fresh_md) = match &me.meta_disk {
+        MetaDisk::Internal => (store.clone(), MetaLocation::Internal, fresh),
+        MetaDisk::External(path) => {
+            let data_bytes = store.size_bytes();
+            let fresh_md = !path.exists();
+            // Superblock + ring + the bitmap of the whole data device, at least 1 MiB.
+            let need = bitmap_bytes(data_bytes / 512)
+                .map(|b| (4096 + AlGeometry::default_ring().bytes() + b).max(MIN_META_BYTES));
+            let meta = open(path, if fresh_md { need } else { None })?;
+            (meta, MetaLocation::FlexExternal { data_bytes }, fresh_md)
+        }
+    };
+    let mut md = if fresh_md {
+        tracing::info!("creating metadata on {}", meta_store.info().path.display());
+        MetaDevice::create(meta_store, location, &create)?
+    } else {
+        MetaDevice::open(meta_store, location)?
+    };
+    let data_sectors = match location {
+        MetaLocation::Internal => md.layout().max_data_sectors,
+        MetaLocation::FlexExternal { data_bytes } => {
+            (data_bytes / 512).min(md.layout().max_data_sectors)
+        }
+    };
+    let attach = md.attach_blocking(data_sectors, config.disk.al_extents)?;
+    if let Some(r) = &attach.apply {
+        tracing::warn!(
+            "{} was not stopped cleanly{}: activity log applied ({} hot extents, {} bits newly set)",
+            me.disk.display(),
+            if attach.crashed_primary { " while Primary" } else { "" },
+            r.hot_extents.len(),
+            r.bits_newly_set
+        );
+    }
+    Ok((store, md, attach))
 }
 
 fn nbd_options(config: &Config) -> NbdOptions {

@@ -24,11 +24,12 @@
 
 use crate::config::{Config, NodeConfig};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
+use crate::meta::disk::{Attach, MetaDevice};
 use crate::net::handshake::{LocalParams, PeerParams};
 use crate::net::{Link, Outgoing};
 use crate::request::{
-    self, Error as CoreError, Primary, PrimaryConfig, PrimaryOutput, Receiver, ReceiverConfig,
-    ReceiverOutput, WriteKind,
+    self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, PrimaryOutput,
+    Receiver, ReceiverConfig, ReceiverOutput, WriteKind,
 };
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
@@ -157,8 +158,14 @@ pub struct Volume {
     protocol: Protocol,
     size_bytes: u64,
     store: Store,
-    /// The metadata device when it is not `store` (flex-external metadata).
-    meta_store: Option<Store>,
+    /// The metadata's device: `store` itself for internal metadata.
+    meta_store: Store,
+    /// The superblock and layout (role flags, the clean stop).
+    md: Mutex<MetaDevice>,
+    /// The last stop was a crash while Primary (`MDF_CRASHED_PRIMARY`).
+    crashed_primary: bool,
+    /// Generation UUIDs as attached: current, bitmap, history[0..2].
+    uuids: [u64; 4],
     slots: Arc<Semaphore>,
     peer_data: Arc<Semaphore>,
     accept: Notify,
@@ -180,28 +187,58 @@ fn core_err(e: CoreError) -> String {
 }
 
 impl Volume {
-    /// A volume over `store`, Secondary and not connected.
+    /// A volume over `store` with its attached metadata `md` (see
+    /// [`MetaDevice::attach_blocking`]), Secondary and not connected. The data area is the
+    /// metadata's last agreed size.
     pub fn new(
         config: &Config,
         me: &NodeConfig,
         peer: &NodeConfig,
         store: Store,
+        md: MetaDevice,
+        attach: Attach,
     ) -> anyhow::Result<Arc<Volume>> {
-        let size_bytes = store.size_bytes() / SECTOR_SIZE as u64 * SECTOR_SIZE as u64;
-        if size_bytes == 0 {
+        let sectors = md.superblock().effective_size;
+        let size_bytes = sectors * SECTOR_SIZE as u64;
+        if size_bytes == 0 || size_bytes > store.size_bytes() {
             anyhow::bail!(
-                "disk {} is empty; give it a size (resource.size) or use another device",
-                me.disk.display()
+                "disk {}: the metadata's data area ({size_bytes} bytes) does not fit the {} byte device",
+                me.disk.display(),
+                store.size_bytes()
             );
         }
-        let sectors = size_bytes / SECTOR_SIZE as u64;
+        let layout = md.layout();
+        let ring_offset = layout
+            .al_block_offset(0)
+            .ok_or_else(|| anyhow::anyhow!("metadata layout without an activity log"))?;
+        let bitmap_offset = layout
+            .bm_page_offset(0)
+            .ok_or_else(|| anyhow::anyhow!("metadata layout without a bitmap"))?;
         let max_buffers = config.net.max_buffers as usize;
         let mut pcfg = PrimaryConfig::new(config.resource.protocol, sectors);
         pcfg.max_in_flight = max_buffers;
         pcfg.max_unacked_writes = max_buffers * 2;
         pcfg.max_epoch_size = config.net.max_epoch_size;
         pcfg.first_barrier_nr = rand::random::<u32>().max(1);
-        let primary = Primary::new(pcfg).map_err(|e| anyhow::anyhow!("replication core: {e}"))?;
+        pcfg.meta = Some(MetaConfig::new(
+            layout.al,
+            config.disk.al_extents,
+            ring_offset,
+            bitmap_offset,
+        ));
+        let mut primary =
+            Primary::new(pcfg).map_err(|e| anyhow::anyhow!("replication core: {e}"))?;
+        primary
+            .load_bitmap(OutOfSync::from_disk(sectors, &attach.bitmap))
+            .map_err(|e| anyhow::anyhow!("loading the bitmap: {e}"))?;
+        let meta_store = md.store().clone();
+        let sb = md.superblock();
+        let uuids = [
+            sb.current_uuid,
+            sb.peers[0].bitmap_uuid,
+            sb.history_uuids[0],
+            sb.history_uuids[1],
+        ];
         let mut rcfg = ReceiverConfig::new(sectors);
         rcfg.max_active = max_buffers;
         let receiver = Receiver::new(rcfg).map_err(|e| anyhow::anyhow!("receiver core: {e}"))?;
@@ -213,7 +250,10 @@ impl Volume {
             protocol: config.resource.protocol,
             size_bytes,
             store,
-            meta_store: None,
+            meta_store,
+            md: Mutex::new(md),
+            crashed_primary: attach.crashed_primary,
+            uuids,
             slots: Arc::new(Semaphore::new(max_buffers)),
             peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
             accept: Notify::new(),
@@ -275,6 +315,11 @@ impl Volume {
                 if inner.receiver.stats().active_writes > 0 {
                     return Err("peer writes are still being applied; retry".into());
                 }
+                // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
+                // makes the next attach after a crash apply the activity log.
+                self.md_lock()
+                    .set_primary_blocking(true)
+                    .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
                 inner.role = Role::Primary;
                 if inner.link.is_some() {
                     inner.primary.connected().map_err(core_err)?;
@@ -289,12 +334,31 @@ impl Volume {
                 inner.role = Role::Secondary;
                 inner.primary.connection_lost();
                 self.drain_primary(inner, &mut effects);
+                // Writes the peer has not acked are now only in the bitmap: it must be on
+                // disk before the superblock stops saying Primary (after which a crash
+                // no longer applies the activity log).
+                let pages = inner.primary.take_dirty_bitmap_pages();
+                let mut md = self.md_lock();
+                for (offset, page) in pages {
+                    let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
+                    self.meta_store
+                        .write_blocking(offset, &buf, true)
+                        .map_err(|e| format!("cannot write the bitmap: {e}"))?;
+                }
+                md.set_primary_blocking(false)
+                    .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))?;
             }
             self.send_state(inner);
             tracing::info!("role is now {}", inner.role);
         }
         self.run(effects);
         Ok(())
+    }
+
+    fn md_lock(&self) -> MutexGuard<'_, MetaDevice> {
+        self.md
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Enters or leaves StandAlone (`disconnect` / `connect`).
@@ -360,6 +424,12 @@ impl Volume {
             disk: g.disk,
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
             dirty_bits: g.primary.out_of_sync().count(),
+            uuids: self.uuids,
+            uuid_flags: if self.crashed_primary {
+                crate::wire::uuid_flags::UUID_FLAG_CRASHED_PRIMARY
+            } else {
+                0
+            },
         }
     }
 
@@ -993,13 +1063,7 @@ impl Volume {
                 return false;
             }
         };
-        match self
-            .meta_store
-            .as_ref()
-            .unwrap_or(&self.store)
-            .write(offset, buf, true)
-            .await
-        {
+        match self.meta_store.write(offset, buf, true).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!("metadata write at byte {offset} failed: {e}");
@@ -1155,9 +1219,50 @@ impl Volume {
         if let Err(e) = self.store.flush().await {
             tracing::error!("final flush failed: {e}");
         }
+        self.write_back_metadata().await;
         // close() waits for the ring thread (bounded by the store's CLOSE_TIMEOUT).
         let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        let meta = self.meta_store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            store.close();
+            meta.close();
+        })
+        .await;
+    }
+
+    /// The clean stop's metadata: every dirty bitmap page, then a clean superblock. Only
+    /// when nothing is in flight: otherwise the metadata stays unclean and the next attach
+    /// applies the activity log, which is what a crash would get.
+    async fn write_back_metadata(&self) {
+        let pages = {
+            let mut g = self.lock();
+            let s = g.primary.stats();
+            if s.in_flight_writes > 0 || s.al_waiting > 0 {
+                tracing::warn!("writes still in flight: metadata left unclean (the next start applies the activity log)");
+                return;
+            }
+            g.primary.take_dirty_bitmap_pages()
+        };
+        let n = pages.len();
+        for (offset, page) in pages {
+            let ok = match AlignedBuf::from_slice(&page[..]) {
+                Ok(buf) => self
+                    .meta_store
+                    .write(offset, Arc::new(buf), true)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            if !ok {
+                tracing::error!("cannot write bitmap page at byte {offset}: metadata left unclean");
+                return;
+            }
+        }
+        // Blocking IO (a 32 KiB ring and a superblock), once, at the very end.
+        match self.md_lock().mark_clean_blocking() {
+            Ok(()) => tracing::info!("metadata clean ({n} bitmap pages written)"),
+            Err(e) => tracing::error!("cannot mark the metadata clean: {e}"),
+        }
     }
 
     /// The status object of the management API.
@@ -1193,6 +1298,9 @@ impl Volume {
             "bytes_replicated": g.bytes_replicated,
             "writes_completed": g.writes_completed,
             "out_of_sync_bytes": oos,
+            "activity_log": pstats.al,
+            "al_waiting_writes": pstats.al_waiting,
+            "crashed_primary": self.crashed_primary,
         })
     }
 }

@@ -119,6 +119,21 @@ pub struct ApplyAlReport {
     pub ignored_error: Option<String>,
 }
 
+/// What [`MetaDevice::attach_blocking`] found.
+#[derive(Debug)]
+pub struct Attach {
+    /// The on-disk bitmap of the data area (whole pages; bits past the data are
+    /// meaningless and ignored by the loader).
+    pub bitmap: Vec<u8>,
+    /// The metadata was not clean: the node stopped without a clean stop.
+    pub was_unclean: bool,
+    /// It stopped while Primary: the activity log was applied and the superblock now
+    /// says `MDF_CRASHED_PRIMARY`.
+    pub crashed_primary: bool,
+    /// What apply-al did, when it ran.
+    pub apply: Option<ApplyAlReport>,
+}
+
 /// DRBD 9 metadata on an open store.
 #[derive(Debug)]
 pub struct MetaDevice {
@@ -609,6 +624,100 @@ impl MetaDevice {
         sb.flags |= mdf::AL_CLEAN;
         self.write_superblock_blocking(sb)?;
         Ok(report)
+    }
+
+    /// The daemon's attach, before it serves IO (what `drbdadm attach` does with
+    /// `drbdmeta apply-al` first):
+    ///
+    /// 1. If the metadata is not clean, apply the activity log exactly as `apply-al`
+    ///    (hot extents of a node that was Primary → bits set on disk).
+    /// 2. Re-initialise the ring, so transaction numbers restart at 0 and nothing older
+    ///    can be taken for newer.
+    /// 3. Write the superblock: unclean (`MDF_AL_CLEAN` cleared — a crash from now on
+    ///    needs apply-al), `MDF_CRASHED_PRIMARY` if step 1 found a Primary, not Primary
+    ///    (promotion sets that again), `la-size` = `data_sectors`, `al-extents`.
+    /// 4. Read the bitmap of the data area.
+    ///
+    /// Every step is durable before the next: a crash in between repeats the attach.
+    pub fn attach_blocking(
+        &mut self,
+        data_sectors: u64,
+        al_extents: u32,
+    ) -> Result<Attach, MetaError> {
+        if data_sectors == 0 || data_sectors > self.layout.max_data_sectors {
+            return Err(MetaError::Usage(format!(
+                "a data area of {data_sectors} sectors does not fit the metadata of {} \
+                 (at most {} sectors)",
+                self.name, self.layout.max_data_sectors
+            )));
+        }
+        if al_extents > self.layout.al.max_al_extents() {
+            return Err(MetaError::Usage(format!(
+                "al-extents {al_extents} is more than the activity log of {} can describe \
+                 ({}); lower al-extents or recreate the metadata with a larger --al-stripe-size",
+                self.name,
+                self.layout.al.max_al_extents()
+            )));
+        }
+        let was_unclean = !self.sb.is_clean();
+        let apply = if was_unclean {
+            Some(self.apply_al_blocking()?)
+        } else {
+            None
+        };
+        let crashed_primary = apply.as_ref().is_some_and(|r| r.primary);
+        self.initialize_al_blocking()?;
+        self.flush_blocking()?;
+        let mut sb = self.sb.clone();
+        sb.flags &= !(mdf::AL_CLEAN | mdf::PRIMARY_IND);
+        if crashed_primary {
+            sb.flags |= mdf::CRASHED_PRIMARY;
+        }
+        sb.effective_size = data_sectors;
+        sb.al_nr_extents = al_extents;
+        self.write_superblock_blocking(sb)?;
+        let mut bitmap = vec![0u8; to_usize(self.bitmap_bytes())];
+        self.read_bitmap_blocking(0, &mut bitmap)?;
+        Ok(Attach {
+            bitmap,
+            was_unclean,
+            crashed_primary,
+            apply,
+        })
+    }
+
+    /// Sets or clears `MDF_PRIMARY_IND` (promotion / demotion), durably. On promotion it
+    /// must be on disk before the first write as Primary: it is what makes the next
+    /// attach after a crash apply the activity log. Blocking: one 4 KiB FUA write on a
+    /// management command, not on the data path.
+    pub fn set_primary_blocking(&mut self, primary: bool) -> Result<(), MetaError> {
+        let mut sb = self.sb.clone();
+        if primary {
+            sb.flags |= mdf::PRIMARY_IND;
+        } else {
+            sb.flags &= !mdf::PRIMARY_IND;
+        }
+        if sb.flags == self.sb.flags {
+            return Ok(());
+        }
+        self.write_superblock_blocking(sb)
+    }
+
+    /// A clean stop, after the caller wrote every dirty bitmap page and flushed the data:
+    /// re-initialises the ring and marks the metadata clean and not Primary
+    /// (`drbdmeta apply-al` then has nothing to do). Blocking, once, at the end.
+    pub fn mark_clean_blocking(&mut self) -> Result<(), MetaError> {
+        self.initialize_al_blocking()?;
+        self.flush_blocking()?;
+        let mut sb = self.sb.clone();
+        sb.flags |= mdf::AL_CLEAN;
+        sb.flags &= !mdf::PRIMARY_IND;
+        self.write_superblock_blocking(sb)
+    }
+
+    /// Gives the store back.
+    pub fn into_store(self) -> Store {
+        self.store
     }
 
     /// Sets the bits of `report.hot_extents` that start inside the bitmap in use, one

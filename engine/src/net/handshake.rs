@@ -32,6 +32,10 @@ pub struct LocalParams {
     pub size_sectors: u64,
     /// Out-of-sync 4 KiB blocks.
     pub dirty_bits: u64,
+    /// Generation UUIDs from the metadata: current, bitmap, history (P_UUIDS).
+    pub uuids: [u64; 4],
+    /// P_UUIDS flags (2 = this node crashed while Primary).
+    pub uuid_flags: u64,
 }
 
 /// What the handshake agreed and learned about the peer.
@@ -139,11 +143,11 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     };
     wire::encode(&Packet::Sizes(sizes), &ctx, 0, &mut out)?;
     let uuids = wire::Uuids {
-        current: UUID_JUST_CREATED,
-        bitmap: 0,
-        history: [0, 0],
+        current: local.uuids[0],
+        bitmap: local.uuids[1],
+        history: [local.uuids[2], local.uuids[3]],
         dirty_bits: local.dirty_bits,
-        uuid_flags: 0,
+        uuid_flags: local.uuid_flags,
     };
     wire::encode(&Packet::Uuids(uuids), &ctx, 0, &mut out)?;
     let state = StateBits {
