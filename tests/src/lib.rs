@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod compare;
 pub mod drbd_raw;
 pub mod logs;
+pub mod loopdev;
 pub mod mgmt;
 pub mod nbd_raw;
 pub mod tempdir;

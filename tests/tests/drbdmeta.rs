@@ -18,174 +18,25 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 use tandem_engine::meta::al::{self, ActivityLog, Begin};
 use tandem_engine::meta::superblock::mdf;
 use tandem_engine::meta::{MetaDevice, MetaLocation};
 use tandem_engine::store::{AlignedBuf, Store, StoreOptions};
-use tandem_tests::tools::{run_cmd, CmdOutput};
-use tandem_tests::{tandem_bin, TempDir};
+use tandem_tests::loopdev::{
+    drbdmeta, drbdmeta_bin, loop_devices_usable, tandem, Loop, Minor, TIMEOUT,
+};
+use tandem_tests::tools::run_cmd;
+use tandem_tests::TempDir;
+
+/// The loop device opened as a tandem store.
+fn store_of(l: &Loop) -> Store {
+    Store::open(&l.dev, &StoreOptions::default()).expect("open the loop device as a store")
+}
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-// ----- environment ------------------------------------------------------------------------
-
-/// Whether loop devices can be used; prints a loud SKIPPED line when not.
-fn loop_devices_usable(test: &str) -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    let losetup = tandem_tests::tools::which("losetup").is_some()
-        || Path::new("/usr/sbin/losetup").is_file()
-        || Path::new("/sbin/losetup").is_file();
-    let control = Path::new("/dev/loop-control").exists();
-    if root && losetup && control {
-        return true;
-    }
-    eprintln!(
-        "\n*** SKIPPED {test}: needs root, losetup and /dev/loop-control (root={root}, \
-         losetup={losetup}, loop-control={control}) ***\n"
-    );
-    false
-}
-
-fn drbdmeta_bin() -> PathBuf {
-    ["/usr/sbin/drbdmeta", "/sbin/drbdmeta"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .or_else(|| tandem_tests::tools::which("drbdmeta"))
-        .unwrap_or_else(|| {
-            panic!(
-                "`drbdmeta` is not installed: run scripts/install-deps.sh \
-                 (or `apt-get install drbd-utils`)"
-            )
-        })
-}
-
-fn losetup() -> PathBuf {
-    tandem_tests::tools::which("losetup").unwrap_or_else(|| PathBuf::from("/usr/sbin/losetup"))
-}
-
-/// A loop device over a sparse file, detached (and the file removed with its directory)
-/// on drop, also when the test panics.
-struct Loop {
-    dev: String,
-    file: PathBuf,
-}
-
-impl Loop {
-    fn new(dir: &TempDir, name: &str, bytes: u64) -> Loop {
-        let file = dir.join(name);
-        File::create(&file)
-            .and_then(|f| f.set_len(bytes))
-            .expect("create the sparse backing file");
-        Loop::attach(file)
-    }
-
-    fn attach(file: PathBuf) -> Loop {
-        let out = run_cmd(
-            Command::new(losetup()).args(["-f", "--show"]).arg(&file),
-            TIMEOUT,
-            "losetup",
-        )
-        .expect("run losetup");
-        out.assert_success("losetup -f --show");
-        let dev = out.stdout.trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        Loop { dev, file }
-    }
-
-    /// A second loop device over a copy of this one's file.
-    fn copy(&self, dir: &TempDir, name: &str) -> Loop {
-        let file = dir.join(name);
-        let out = run_cmd(
-            Command::new("cp")
-                .arg("--sparse=always")
-                .arg(&self.file)
-                .arg(&file),
-            TIMEOUT,
-            "cp",
-        )
-        .expect("run cp");
-        out.assert_success("cp --sparse=always");
-        Loop::attach(file)
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
-        let f = File::open(&self.dev).expect("open loop device");
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset).expect("read loop device");
-        buf
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.dev)
-            .expect("open loop device for writing");
-        f.seek(SeekFrom::Start(offset)).expect("seek");
-        f.write_all(data).expect("write loop device");
-        f.sync_all().expect("fsync loop device");
-    }
-
-    fn store(&self) -> Store {
-        Store::open(&self.dev, &StoreOptions::default()).expect("open the loop device as a store")
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new(losetup()).arg("-d").arg(&self.dev).status();
-    }
-}
-
-/// A drbdmeta minor number for one device; drbdmeta remembers the size of internal
-/// metadata devices in `/var/lib/drbd/drbd-minor-N.lkbd`, which is removed on drop.
-struct Minor(u32);
-
-impl Minor {
-    fn new() -> Minor {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        Minor(0xdb00 + NEXT.fetch_add(1, Ordering::Relaxed) + 64 * (std::process::id() % 64))
-    }
-}
-
-impl Drop for Minor {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(format!("/var/lib/drbd/drbd-minor-{}.lkbd", self.0));
-    }
-}
-
-/// `drbdmeta --force MINOR v09 DEV KIND ARGS…`.
-fn drbdmeta(minor: &Minor, dev: &str, kind: &str, args: &[&str]) -> CmdOutput {
-    let mut cmd = Command::new(drbdmeta_bin());
-    cmd.arg("--force")
-        .arg(minor.0.to_string())
-        .args(["v09", dev, kind])
-        .args(args);
-    run_cmd(&mut cmd, TIMEOUT, "drbdmeta").expect("run drbdmeta")
-}
-
-fn tandem(args: &[&str]) -> CmdOutput {
-    let out =
-        run_cmd(Command::new(tandem_bin()).args(args), TIMEOUT, "tandem").expect("run tandem");
-    assert!(
-        !out.stderr.contains("panicked"),
-        "tandem {args:?} panicked:\n{}",
-        out.stderr
-    );
-    out
-}
 
 // ----- dump-md parsing ------------------------------------------------------------------
 
@@ -441,7 +292,7 @@ fn drbdmeta_internal_metadata_is_read_by_tandem() {
     j.assert_success("tandem dump-md --json");
     assert_json_agrees(&d.stdout, &j.stdout);
     // And the engine attaches it.
-    let dev = MetaDevice::open(lo.store(), MetaLocation::Internal).expect("engine opens it");
+    let dev = MetaDevice::open(store_of(&lo), MetaLocation::Internal).expect("engine opens it");
     assert_eq!(dev.superblock().effective_size, la);
     assert_eq!(dev.count_bits_blocking().expect("count"), bits);
 }
@@ -480,7 +331,7 @@ fn tandem_internal_metadata_is_read_by_drbdmeta() {
         Some("0x0000000000000004")
     );
     // With a size, UUIDs, flags, a peer and bits.
-    let bits = tandem_populate(lo.store(), MetaLocation::Internal);
+    let bits = tandem_populate(store_of(&lo), MetaLocation::Internal);
     let d = drbdmeta(&minor, &lo.dev, "internal", &["dump-md"]);
     d.assert_success("drbdmeta dump-md");
     assert_eq!(
@@ -555,7 +406,7 @@ fn flex_external_metadata_both_ways() {
     let t = tandem(&["dump-md", &data.dev, "--meta-device", &meta.dev]);
     assert_same_fields(&d.stdout, &t.stdout);
     let bits = tandem_populate(
-        meta.store(),
+        store_of(&meta),
         MetaLocation::FlexExternal {
             data_bytes: 2 * GIB,
         },
@@ -644,7 +495,7 @@ fn apply_both(
     location: MetaLocation,
 ) -> Applied {
     let minor = Minor::new();
-    let layout = *MetaDevice::open(a.store(), location)
+    let layout = *MetaDevice::open(store_of(a), location)
         .expect("open")
         .layout();
     let d = drbdmeta(&minor, &a.dev, kind, &["apply-al"]);
@@ -718,7 +569,7 @@ fn apply_al_matches_drbdmeta() {
     // the 16-block ring ~190 times, and the transaction number wraps past u32::MAX.
     let writes = workload(3000, 4095);
     let active = crash_primary(
-        a.store(),
+        store_of(&a),
         MetaLocation::Internal,
         1237,
         u32::MAX - 1000,
@@ -755,7 +606,7 @@ fn apply_al_at_the_end_of_the_bitmap() {
     tandem(&["create-md", &a.dev]).assert_success("tandem create-md");
     let mut writes = workload(300, 4095);
     writes.push(4095);
-    let active = crash_primary(a.store(), MetaLocation::Internal, 1237, 7, &writes);
+    let active = crash_primary(store_of(&a), MetaLocation::Internal, 1237, 7, &writes);
     assert!(active.contains(&4095));
     let b = a.copy(&dir, "b");
     let r = apply_both(&a, &b, "internal", &[&b.dev], MetaLocation::Internal);
@@ -777,7 +628,7 @@ fn apply_al_at_the_end_of_the_bitmap() {
     let loc = MetaLocation::FlexExternal { data_bytes: GIB };
     let mut writes = workload(100, 255);
     writes.push(255);
-    let active = crash_primary(ma.store(), loc, 67, 0, &writes);
+    let active = crash_primary(store_of(&ma), loc, 67, 0, &writes);
     assert!(active.contains(&255));
     let mb = ma.copy(&dir, "mb");
     let r = apply_both(
@@ -800,7 +651,7 @@ fn apply_al_at_the_end_of_the_bitmap() {
     let loc = MetaLocation::FlexExternal {
         data_bytes: 100 * MIB + 4096,
     };
-    let active = crash_primary(mc.store(), loc, 67, 0, &[3, 25, 31, 32, 7]);
+    let active = crash_primary(store_of(&mc), loc, 67, 0, &[3, 25, 31, 32, 7]);
     assert_eq!(active, vec![3, 7, 25, 31, 32]);
     let md = mc.copy(&dir, "md");
     let r = apply_both(
@@ -832,8 +683,8 @@ fn apply_al_refuses_an_unusable_log_like_drbdmeta() {
     let dir = TempDir::new("dm-al-bad");
     let a = Loop::new(&dir, "a", GIB);
     tandem(&["create-md", &a.dev]).assert_success("tandem create-md");
-    crash_primary(a.store(), MetaLocation::Internal, 67, 0, &[1, 2, 3]);
-    let layout = *MetaDevice::open(a.store(), MetaLocation::Internal)
+    crash_primary(store_of(&a), MetaLocation::Internal, 67, 0, &[1, 2, 3]);
+    let layout = *MetaDevice::open(store_of(&a), MetaLocation::Internal)
         .expect("open")
         .layout();
     a.write(
