@@ -17,7 +17,7 @@
 //! about 7 minutes on 2 cores, `--quick` about 1.5.
 
 use crate::fio::{self, Engine};
-use crate::report::{self, Job, JobResult, Limits, Meta, Report, Target};
+use crate::report::{self, AlCost, Job, JobResult, Limits, Meta, Report, Target};
 use anyhow::{anyhow, bail, Context};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -39,6 +39,15 @@ const RTT_MAX_SAMPLES: usize = 200_000;
 /// its h95 header is 32 bytes).
 const ACK_LEN: usize = 32;
 
+/// Room for tandem's internal metadata (superblock, 32 KiB activity log, bitmap: 72 KiB
+/// for 1 GiB) at the end of each tandem backing device, so the exported data area still
+/// covers the benchmark's volume size.
+pub const MD_ROOM: u64 = 4 << 20;
+/// The activity-log cost runs with `al-extents` 67 (DRBD's minimum: 268 MiB of reach) over
+/// a working set inside it (64 extents) and one 8 × its reach.
+const AL_SMALL: u32 = 67;
+const AL_INSIDE: u64 = 64 * (4 << 20);
+const AL_OUTSIDE: u64 = 8 * AL_SMALL as u64 * (4 << 20);
 /// Options of one run.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -216,7 +225,10 @@ impl Setup {
         };
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={}", size + (16 << 20)))
+            .arg(format!(
+                "size={}",
+                size + AL_OUTSIDE + 2 * MD_ROOM + (16 << 20)
+            ))
             .arg("tandem-bench")
             .arg(&ram)
             .stderr(Stdio::null())
@@ -234,7 +246,7 @@ impl Setup {
             shm
         };
         let f = std::fs::File::create(&img).with_context(|| format!("create {}", img.display()))?;
-        f.set_len(size)?;
+        f.set_len(size + MD_ROOM)?;
         drop(f);
         match Command::new("losetup")
             .args(["-f", "--show"])
@@ -263,6 +275,21 @@ impl Setup {
             }
         }
         Ok(s)
+    }
+
+    /// A sparse file of `len` bytes in RAM (the run's tmpfs, or /dev/shm): the Secondary
+    /// of the activity-log runs.
+    pub fn ram_file(&self, name: &str, len: u64) -> anyhow::Result<PathBuf> {
+        let path = match &self.mount {
+            Some(m) => m.join(name),
+            None => {
+                Path::new("/dev/shm").join(format!("tandem-bench-{}-{name}", std::process::id()))
+            }
+        };
+        let f =
+            std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+        f.set_len(len)?;
+        Ok(path)
     }
 
     fn stale_cleanup(ram: &Path, img: &Path) {
@@ -519,18 +546,58 @@ struct Cluster {
     alpha_mgmt: PathBuf,
     uri: String,
     pids: Vec<u32>,
+    names: [String; 2],
+}
+
+impl Cluster {
+    fn stop(&self, setup: &mut Setup) {
+        for n in &self.names {
+            setup.stop(n);
+        }
+    }
+
+    /// The Primary's activity-log counters `(transactions, evictions)`.
+    fn al_counters(&self) -> anyhow::Result<(u64, u64)> {
+        let st = mgmt(&self.alpha_mgmt, "status")?;
+        let al = &st["status"]["activity_log"];
+        let n = |k: &str| {
+            al[k]
+                .as_u64()
+                .ok_or_else(|| anyhow!("status has no activity_log.{k}: {st}"))
+        };
+        Ok((n("transactions")?, n("evictions")?))
+    }
+}
+
+/// Writes fresh metadata on `disk` (`tandem create-md --force`): every cluster starts
+/// with a clean bitmap and activity log.
+fn create_md(tandem: &Path, disk: &Path, node_id: u32, al_extents: u32) -> anyhow::Result<()> {
+    run_capture(
+        Command::new(tandem)
+            .arg("create-md")
+            .arg("--force")
+            .arg(format!("--node-id={node_id}"))
+            .arg(format!("--al-extents={al_extents}"))
+            .arg(disk),
+    )
+    .with_context(|| format!("tandem create-md {}", disk.display()))?;
+    Ok(())
 }
 
 fn start_cluster(
     setup: &mut Setup,
     tandem: &Path,
     protocol: &str,
-    primary_disk: &Path,
+    disks: (&Path, &Path),
+    al_extents: u32,
 ) -> anyhow::Result<Cluster> {
+    let (primary_disk, secondary_disk) = disks;
+    create_md(tandem, primary_disk, 0, al_extents)?;
+    create_md(tandem, secondary_disk, 1, al_extents)?;
     let w = setup.work.clone();
     let ports = free_ports(2)?;
     let q = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap_or_default();
-    let tag = protocol.to_lowercase();
+    let tag = format!("{}-{al_extents}", protocol.to_lowercase());
     let alpha_mgmt = w.join(format!("alpha-{tag}.sock"));
     let beta_mgmt = w.join(format!("beta-{tag}.sock"));
     let nbd = w.join(format!("tandem-{tag}.nbd"));
@@ -539,6 +606,7 @@ fn start_cluster(
     }
     let config = format!(
         "[resource]\nname = \"bench\"\nprotocol = \"{protocol}\"\n\n[net]\nconnect-int = 1\n\n\
+         [disk]\nal-extents = {al_extents}\n\n\
          [[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:{}\"\ndisk = {}\nrole = \"primary\"\n\
          nbd-socket = {}\nmgmt-socket = {}\n\n\
          [[node]]\nname = \"beta\"\naddress = \"127.0.0.1:{}\"\ndisk = {}\nmgmt-socket = {}\n",
@@ -547,7 +615,7 @@ fn start_cluster(
         q(&nbd),
         q(&alpha_mgmt),
         ports[1],
-        q(&setup.secondary_disk),
+        q(secondary_disk),
         q(&beta_mgmt),
     );
     let cfg = w.join(format!("tandem-{tag}.toml"));
@@ -574,6 +642,7 @@ fn start_cluster(
         alpha_mgmt,
         uri: format!("nbd+unix:///?socket={}", nbd.display()),
         pids,
+        names: [format!("tandem-alpha-{tag}"), format!("tandem-beta-{tag}")],
     })
 }
 
@@ -834,7 +903,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     ));
     let primary = opts.work_dir.join("primary.img");
     let _ = std::fs::remove_file(&primary);
-    std::fs::File::create(&primary)?.set_len(size)?;
+    std::fs::File::create(&primary)?.set_len(size + MD_ROOM)?;
     let file_results = run.jobs(
         "file",
         &Engine::File(primary.to_string_lossy().into_owned()),
@@ -866,13 +935,14 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     setup.stop("nbdkit");
 
     // tandem, protocol A.
-    let a = start_cluster(&mut setup, &tandem, "A", &primary)?;
+    let secondary = setup.secondary_disk.clone();
+    let disks = (primary.as_path(), secondary.as_path());
+    let a = start_cluster(&mut setup, &tandem, "A", disks, DEFAULT_AL)?;
     let a_results = run.jobs("tandem A", &Engine::Nbd(a.uri.clone()), &a.pids, true)?;
-    setup.stop("tandem-alpha-a");
-    setup.stop("tandem-beta-a");
+    a.stop(&mut setup);
 
     // tandem, protocol C, then the same daemons with the peer disconnected.
-    let c = start_cluster(&mut setup, &tandem, "C", &primary)?;
+    let c = start_cluster(&mut setup, &tandem, "C", disks, DEFAULT_AL)?;
     let c_results = run.jobs("tandem C", &Engine::Nbd(c.uri.clone()), &c.pids, true)?;
     let reply = mgmt(&c.alpha_mgmt, "disconnect")?;
     if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
@@ -887,8 +957,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         &c.pids,
         false,
     )?;
-    setup.stop("tandem-alpha-c");
-    setup.stop("tandem-beta-c");
+    c.stop(&mut setup);
+
+    let al_cost = al_cost(&run, &mut setup, &tandem)?;
 
     let targets = vec![
         Target {
@@ -968,7 +1039,85 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         limits,
         targets,
         ratios,
+        al_cost,
     })
+}
+
+/// tandem's default `al-extents` (DRBD's).
+const DEFAULT_AL: u32 = 1237;
+
+/// The activity log's cost: 4 KiB random writes at QD32, protocol C, on a volume of
+/// [`AL_OUTSIDE`] (a sparse file; the Secondary a sparse file in RAM): with `al-extents`
+/// 67 over 64 extents (every write a hit once warm) and over 8 × the log's reach (most
+/// writes miss and wait for a transaction), then with the default 1237 over the same 8 ×
+/// working set (all hits again).
+fn al_cost(run: &Run, setup: &mut Setup, tandem: &Path) -> anyhow::Result<Vec<AlCost>> {
+    let primary = run.work.join("al-primary.img");
+    let _ = std::fs::remove_file(&primary);
+    std::fs::File::create(&primary)?.set_len(AL_OUTSIDE + MD_ROOM)?;
+    let secondary = setup.ram_file("al-secondary.img", AL_OUTSIDE + MD_ROOM)?;
+    let mut out = Vec::new();
+    for (al_extents, sets) in [
+        (
+            AL_SMALL,
+            vec![
+                ("inside the log", AL_INSIDE),
+                ("8 × the log's reach", AL_OUTSIDE),
+            ],
+        ),
+        (DEFAULT_AL, vec![("8 × the small log's reach", AL_OUTSIDE)]),
+    ] {
+        let c = start_cluster(
+            setup,
+            tandem,
+            "C",
+            (primary.as_path(), secondary.as_path()),
+            al_extents,
+        )?;
+        let engine = Engine::Nbd(c.uri.clone());
+        let label = format!("al-extents {al_extents}");
+        run.log(&format!("{label}: fill {} MiB", AL_OUTSIDE >> 20));
+        run_fio(
+            &run.work,
+            &fio::fill_args(&engine, AL_OUTSIDE),
+            FIO_SLACK + Duration::from_secs(AL_OUTSIDE >> 24),
+        )?;
+        for (what, ws) in sets {
+            let job = Job::RandWrite4kQd32;
+            let args = fio::job_args(&engine, job, ws, run.runtime_s);
+            let (t0, e0) = c.al_counters()?;
+            let before: f64 = c.pids.iter().map(|p| cpu_us(*p, run.tick_us)).sum();
+            let text = run_fio(
+                &run.work,
+                &args,
+                Duration::from_secs_f64(run.runtime_s) + FIO_SLACK,
+            )
+            .with_context(|| format!("{label}: {what}"))?;
+            let after: f64 = c.pids.iter().map(|p| cpu_us(*p, run.tick_us)).sum();
+            let (t1, e1) = c.al_counters()?;
+            let mut r = fio::parse(&text, job)?.result;
+            r.server_cpu_us_per_io = (after - before).max(0.0) / r.ios.max(1) as f64;
+            run.log(&format!(
+                "{label}, {what}: {:.0} IOPS, p99 {:.1} µs, {} AL transactions, {} evictions",
+                r.iops,
+                r.p99_us,
+                t1 - t0,
+                e1 - e0
+            ));
+            out.push(AlCost {
+                label: format!("{} MiB ({what})", ws >> 20),
+                al_extents,
+                working_set_bytes: ws,
+                result: r,
+                transactions: t1 - t0,
+                evictions: e1 - e0,
+            });
+        }
+        c.stop(setup);
+    }
+    let _ = std::fs::remove_file(&secondary);
+    let _ = std::fs::remove_file(&primary);
+    Ok(out)
 }
 
 /// Writes `<out>/<date>-<commit>.{md,json,svg}`; returns the markdown path.

@@ -228,6 +228,24 @@ pub struct Meta {
     pub wall_s: f64,
 }
 
+/// One run of the activity-log cost: 4 KiB random writes at QD32, protocol C, over a
+/// working set inside or outside the log's reach.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlCost {
+    /// Row label.
+    pub label: String,
+    /// `al-extents` of the run.
+    pub al_extents: u32,
+    /// Bytes fio wrote over (from offset 0).
+    pub working_set_bytes: u64,
+    /// fio's numbers, with both daemons' CPU.
+    pub result: JobResult,
+    /// AL transactions written during the job.
+    pub transactions: u64,
+    /// Extents evicted during the job.
+    pub evictions: u64,
+}
+
 /// One end-to-end run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -239,6 +257,9 @@ pub struct Report {
     pub targets: Vec<Target>,
     /// The §11 ratios.
     pub ratios: Vec<Ratio>,
+    /// The activity log's cost (absent in reports from before it existed).
+    #[serde(default)]
+    pub al_cost: Vec<AlCost>,
 }
 
 /// `x` with a sensible number of digits for a table cell.
@@ -406,6 +427,34 @@ impl Report {
             fmt_num(l.tcp_rtt_p99_us),
             fmt_num(l.tcp_bw_mib_s)
         );
+        if !self.al_cost.is_empty() {
+            let _ = writeln!(
+                s,
+                "Activity-log cost: 4 KiB random writes, QD32, protocol C, same daemons and \
+                 disks as above, each working set filled first.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| working set | al-extents (reach) | IOPS | p50 µs | p99 µs | CPU µs/IO | AL transactions | evictions |"
+            );
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+            for a in &self.al_cost {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} ({} MiB) | {} | {} | {} | {} | {} | {} |",
+                    a.label,
+                    a.al_extents,
+                    u64::from(a.al_extents) * 4,
+                    fmt_num(a.result.iops),
+                    fmt_num(a.result.p50_us),
+                    fmt_num(a.result.p99_us),
+                    fmt_num(a.result.fio_cpu_us_per_io + a.result.server_cpu_us_per_io),
+                    a.transactions,
+                    a.evictions
+                );
+            }
+            s.push('\n');
+        }
         let _ = writeln!(s, "| DESIGN.md §11 target | measured | bound | result |");
         let _ = writeln!(s, "|---|---:|---|---|");
         for r in &self.ratios {
@@ -735,6 +784,7 @@ mod tests {
             ratios: ratios(&targets, &limits),
             limits,
             targets,
+            al_cost: vec![],
         }
     }
 
