@@ -65,6 +65,8 @@ pub struct ClusterOpts {
     pub net: Vec<(String, String)>,
     /// `[disk]` entries as `(key, raw TOML value)`.
     pub disk: Vec<(String, String)>,
+    /// Give every node flex-external metadata in `<name>.md` beside its backing file.
+    pub meta_external: bool,
     /// Give every node an `nbd-socket`.
     pub nbd_unix: bool,
     /// Give every node an `nbd-listen` TCP address.
@@ -84,6 +86,7 @@ impl ClusterOpts {
             size: "64MiB".into(),
             net: vec![("connect-int".into(), "1".into())],
             disk: Vec::new(),
+            meta_external: false,
             nbd_unix: true,
             nbd_tcp: false,
             autostart: true,
@@ -113,6 +116,12 @@ impl ClusterOpts {
     pub fn disk(mut self, key: &str, value: &str) -> Self {
         self.disk.retain(|(k, _)| k != key);
         self.disk.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Flex-external metadata files instead of internal metadata.
+    pub fn meta_external(mut self, on: bool) -> Self {
+        self.meta_external = on;
         self
     }
 
@@ -744,6 +753,9 @@ fn render_config(opts: &ClusterOpts, nodes: &[Node]) -> String {
         let _ = writeln!(s, "name = {}", toml_str(&n.name));
         let _ = writeln!(s, "address = {}", toml_str(&n.address.to_string()));
         let _ = writeln!(s, "disk = {}", path_str(&n.disk));
+        if opts.meta_external {
+            let _ = writeln!(s, "meta-disk = {}", path_str(&n.disk.with_extension("md")));
+        }
         let role = if n.primary { "primary" } else { "secondary" };
         let _ = writeln!(s, "role = {}", toml_str(role));
         if let Some(p) = &n.nbd_socket {

@@ -4,6 +4,7 @@
 //! stable test suite run exactly the same code: tests feed every body a corpus plus
 //! bounded random inputs. A body must never panic on any input.
 
+pub mod al;
 pub mod bitmap;
 pub mod config;
 pub mod mgmt;

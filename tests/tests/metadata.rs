@@ -1,0 +1,129 @@
+//! The daemon's metadata life cycle (issue 4), with real daemons:
+//!
+//! - the out-of-sync bitmap of a Secondary outage is written at a clean stop and read back
+//!   at the next start, exactly (not one bit more or less), and the stopped node's
+//!   metadata is clean and not Primary (what `drbdmeta apply-al` then has nothing to do
+//!   for);
+//! - flex-external metadata: each node's metadata in its own file, the whole backing file
+//!   exported, the same life cycle;
+//! - a backing device without metadata is refused with the `create-md` command to run.
+
+use std::path::Path;
+use tandem_tests::loopdev::tandem;
+use tandem_tests::tools::Fio;
+use tandem_tests::{Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
+
+fn dump(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["dump-md", "--json"];
+    a.extend_from_slice(args);
+    let out = tandem(&a);
+    out.assert_success("tandem dump-md");
+    serde_json::from_str(&out.stdout).expect("dump-md JSON")
+}
+
+fn flags(md: &serde_json::Value) -> Vec<String> {
+    md["flag_names"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes 8 MiB while the Secondary is away, stops both nodes cleanly, checks the
+/// metadata, restarts the Primary alone: the same out-of-sync bytes.
+fn outage_survives_restart(c: &mut Cluster, dump_args: &dyn Fn(&Path) -> Vec<String>) {
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+    c.secondary_mut().stop();
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "connection no longer Connected", |s| {
+            s.opt_str("/connection").is_some_and(|c| c != "Connected")
+        });
+    Fio::randwrite_verify(&uri, "4k", "8M")
+        .arg("--offset=4M")
+        .run(c.dir())
+        .assert_ok();
+    let dirty = c.primary().status().u64_at("/out_of_sync_bytes");
+    assert!(dirty > 0 && dirty <= 8 << 20, "out of sync: {dirty}");
+    c.primary_mut().stop();
+
+    let args = dump_args(c.primary().disk());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let md = dump(&args);
+    assert_eq!(
+        md["clean"], true,
+        "a clean stop leaves clean metadata: {md}"
+    );
+    let f = flags(&md);
+    assert!(
+        !f.iter()
+            .any(|x| x.contains("PRIMARY_IND") || x.contains("CRASHED")),
+        "a cleanly stopped Primary is neither Primary nor crashed: {f:?}"
+    );
+    assert_eq!(
+        md["bits_set"].as_u64().map(|b| b * 4096),
+        Some(dirty),
+        "the on-disk bitmap holds exactly the out-of-sync blocks: {md}"
+    );
+    c.primary_mut().start();
+    let st = c.primary().status();
+    assert_eq!(st.u64_at("/out_of_sync_bytes"), dirty, "{st}");
+    assert_eq!(st["crashed_primary"], false, "{st}");
+    c.primary_mut().stop();
+}
+
+#[test]
+fn outage_bitmap_survives_a_clean_restart() {
+    let mut c = Cluster::new(ClusterOpts::new("md-restart"));
+    outage_survives_restart(&mut c, &|disk| vec![disk.to_string_lossy().into_owned()]);
+}
+
+#[test]
+fn flex_external_metadata_exports_the_whole_disk_and_keeps_the_bitmap() {
+    let mut c = Cluster::new(ClusterOpts::new("md-external").meta_external(true));
+    let size = c.primary().status().u64_at("/size_bytes");
+    assert_eq!(
+        size,
+        64 << 20,
+        "with external metadata the whole disk is data"
+    );
+    for n in c.nodes() {
+        assert!(
+            n.disk().with_extension("md").is_file(),
+            "no metadata file for {}",
+            n.name()
+        );
+    }
+    outage_survives_restart(&mut c, &|disk| {
+        vec![
+            disk.to_string_lossy().into_owned(),
+            "--meta-device".into(),
+            disk.with_extension("md").to_string_lossy().into_owned(),
+        ]
+    });
+}
+
+#[test]
+fn a_disk_without_metadata_is_refused_with_the_command_to_run() {
+    let mut c = Cluster::new(ClusterOpts::new("md-missing").autostart(false));
+    let disk = c.primary().disk().to_path_buf();
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("create an empty backing file");
+    let n = c.primary_mut();
+    n.spawn();
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+    while n.is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = n.stop_status();
+    assert!(!status.success(), "a disk without metadata must not start");
+    let log = n.log_tail(20);
+    assert!(
+        log.contains("create-md") && log.contains(&*disk.to_string_lossy()),
+        "the error names the device and the command: {log}"
+    );
+}
