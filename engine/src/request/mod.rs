@@ -31,7 +31,7 @@ mod primary;
 mod receiver;
 
 pub use bitmap::{OutOfSync, BLOCK_SIZE, PAGE_BITS, PAGE_BYTES};
-pub use primary::{Primary, PrimaryConfig, PrimaryOutput, PrimaryStats};
+pub use primary::{MetaConfig, Primary, PrimaryConfig, PrimaryOutput, PrimaryStats};
 pub use receiver::{PeerWrite, Receiver, ReceiverConfig, ReceiverOutput, ReceiverStats};
 
 #[cfg(test)]
