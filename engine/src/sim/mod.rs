@@ -1909,16 +1909,19 @@ mod tests {
     /// into new slots, and the later retirements' `put` then drops references those new
     /// writes hold. Here extent 25 loses the reference of write 13 (extents 21..=27,
     /// waiting for its transaction), is evicted, and write 13 waits forever (liveness).
-    /// The same undercount can evict an extent with an un-acked write.
+    /// The same undercount can evict an extent with an un-acked write. Seed 22860 is
+    /// another instance (after a failed preflush).
     #[test]
     #[ignore = "Primary AL bug: references dropped twice after a failed transaction"]
     fn known_bug_failed_transaction_undercounts_references() {
-        let r = run(54_981);
-        assert!(
-            r.is_ok(),
-            "{}",
-            r.err().map(|f| f.to_string()).unwrap_or_default()
-        );
+        for seed in [54_981, 22_860] {
+            let r = run(seed);
+            assert!(
+                r.is_ok(),
+                "{}",
+                r.err().map(|f| f.to_string()).unwrap_or_default()
+            );
+        }
     }
 
     /// A failed AL write (here the preflush of transaction 0 after a restart) still uses
