@@ -45,7 +45,8 @@ fn seeds_pass_every_checker() {
         return; // too few seeds for the coverage assertions below
     }
     // The runs must have exercised what the checkers are about; a simulator that never
-    // drops a connection or never overlaps writes would pass vacuously.
+    // drops a connection, never overlaps writes, never evicts an activity-log extent or
+    // never crashes with a difference only the log knows of would pass vacuously.
     let sum = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     for p in [Protocol::A, Protocol::B, Protocol::C] {
         assert!(
@@ -71,8 +72,29 @@ fn seeds_pass_every_checker() {
         ("successful flushes", sum(|r| r.flushes_ok)),
         ("barrier acks", sum(|r| r.barrier_acks)),
         ("out-of-sync bytes", sum(|r| r.out_of_sync_bytes)),
+        ("activity-log evictions", sum(|r| r.al.evictions)),
+        ("failed metadata writes", sum(|r| r.meta_writes_failed)),
+        (
+            "writes failed by their AL transaction",
+            sum(|r| r.writes_failed_by_al),
+        ),
+        ("primary crashes", sum(|r| r.crashes)),
+        ("requests lost in a crash", sum(|r| r.lost_ops)),
+        (
+            "blocks differing after a restart",
+            sum(|r| r.crash_diff_blocks),
+        ),
+        (
+            "of those, covered only by the activity log",
+            sum(|r| r.al_only_blocks),
+        ),
     ];
-    eprintln!("coverage over {count} seeds: {coverage:?}");
+    let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();
+    eprintln!(
+        "coverage over {count} seeds: {coverage:?}; seeds that evict: {}, that crash: {}",
+        seeds(|r| r.al.evictions > 0),
+        seeds(|r| r.crashes > 0)
+    );
     for (what, n) in coverage {
         assert!(n > 0, "no seed exercised {what}");
     }

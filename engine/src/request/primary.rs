@@ -375,6 +375,8 @@ pub(crate) struct PrimarySabotage {
     pub no_overlap_wait: bool,
     /// Complete flushes after the local flush without waiting for barrier acks.
     pub flush_ignores_peer: bool,
+    /// Evict extents without writing their bitmap pages first.
+    pub skip_evicted_pages: bool,
 }
 
 /// The Primary's write pipeline for one volume and one peer. See the module docs.
@@ -1026,6 +1028,8 @@ impl Primary {
             .collect();
         pages.sort_unstable();
         pages.dedup();
+        #[cfg(test)]
+        pages.retain(|_| !self.sabotage.skip_evicted_pages);
         let mut inflight = Vec::new();
         for p in pages {
             if self.oos.take_dirty(p) {

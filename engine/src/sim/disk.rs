@@ -7,7 +7,7 @@
 //! flush may also make later writes durable (a real cache may write back any time); the
 //! checkers only rely on the guarantee. Every sector remembers which write (request id)
 //! put its content in each image, which lets the checkers compare versions instead of
-//! scanning bytes. A crash fault later is `cache := durable`.
+//! scanning bytes. A power loss is [`Disk::crash`]: `cache := durable`.
 
 use crate::request::SECTOR;
 
@@ -25,6 +25,10 @@ pub(crate) struct Disk {
     pub(crate) durable_ver: Vec<u64>,
     /// Completion number of the oldest write in the sector not yet durable; 0 = clean.
     dirty_since: Vec<u64>,
+    /// The sectors with a non-zero `dirty_since`, so that a flush visits only those
+    /// (every activity-log transaction brings one: a scan of the disk was most of the
+    /// simulator's time in debug builds).
+    dirty: Vec<usize>,
     /// Writes completed so far; a flush covers those completed before it was submitted.
     pub(crate) completions: u64,
 }
@@ -37,12 +41,9 @@ impl Disk {
             cache_ver: vec![0; sectors],
             durable_ver: vec![0; sectors],
             dirty_since: vec![0; sectors],
+            dirty: Vec::new(),
             completions: 0,
         }
-    }
-
-    pub(crate) fn sectors(&self) -> usize {
-        self.cache_ver.len()
     }
 
     /// Applies a write at its completion. `data` None = zeroes (discard, write-zeroes).
@@ -71,16 +72,19 @@ impl Disk {
             self.cache_ver[s] = ver;
             if durable_now {
                 self.durable_ver[s] = ver;
+                // Still listed in `dirty` if it was: a flush drops it there.
                 self.dirty_since[s] = 0;
             } else if self.dirty_since[s] == 0 {
                 self.dirty_since[s] = self.completions;
+                self.dirty.push(s);
             }
         }
     }
 
     /// A flush submitted when `completions` was `covers` completed.
     pub(crate) fn flush(&mut self, covers: u64) {
-        for s in 0..self.sectors() {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.retain(|&s| {
             let d = self.dirty_since[s];
             if d != 0 && d <= covers {
                 let b = s * SECTOR_BYTES..(s + 1) * SECTOR_BYTES;
@@ -88,7 +92,18 @@ impl Disk {
                 self.durable_ver[s] = self.cache_ver[s];
                 self.dirty_since[s] = 0;
             }
-        }
+            self.dirty_since[s] != 0
+        });
+        self.dirty = dirty;
+    }
+
+    /// Power loss: everything not durable is gone (writes in flight are the caller's to
+    /// drop: they never complete).
+    pub(crate) fn crash(&mut self) {
+        self.cache.copy_from_slice(&self.durable);
+        self.cache_ver.copy_from_slice(&self.durable_ver);
+        self.dirty_since.fill(0);
+        self.dirty.clear();
     }
 
     pub(crate) fn cache_sector(&self, s: usize) -> &[u8] {
@@ -105,7 +120,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flush_covers_only_writes_completed_before_it() {
+    fn flush_covers_only_writes_completed_before_it_and_a_crash_keeps_the_durable_image() {
         let mut d = Disk::new(4);
         d.complete_write(0, Some(&[1; 512]), 512, 1, false, false);
         let covers = d.completions;
@@ -118,7 +133,13 @@ mod tests {
         d.complete_write(3, Some(&[4; 512]), 512, 4, true, true);
         assert_eq!(d.cache_sector(3), &[GARBAGE; 512][..]);
         assert_eq!(d.durable_ver[3], 3);
+        d.complete_write(0, Some(&[5; 512]), 512, 5, false, false);
+        d.crash();
+        assert_eq!(d.cache_ver, [1, 0, 3, 3]);
+        assert_eq!(d.cache_sector(0), &[1; 512][..]);
+        assert_eq!(d.cache_sector(3), d.durable_sector(3));
+        d.complete_write(1, Some(&[6; 512]), 512, 6, false, false);
         d.flush(d.completions);
-        assert_eq!(d.durable_ver, [1, 2, 3, 4]);
+        assert_eq!(d.durable_ver, [1, 6, 3, 3]);
     }
 }
