@@ -1283,11 +1283,17 @@ impl Volume {
         };
         let pstats = g.primary.stats();
         let rstats = g.receiver.stats();
+        // A failed metadata write takes the disk out of use (DRBD's detach).
+        let disk = if pstats.meta_failed {
+            DiskState::Failed
+        } else {
+            g.disk
+        };
         serde_json::json!({
             "resource": self.resource,
             "node": self.node,
             "role": g.role,
-            "disk": g.disk,
+            "disk": disk,
             "connection": g.conn,
             "protocol": self.protocol,
             "peer": peer,

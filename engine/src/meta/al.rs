@@ -147,6 +147,18 @@ pub fn al_block_of(geo: &AlGeometry, tr_number: u32) -> u32 {
     (t % geo.stripes) * geo.stripe_size_4k + t / geo.stripes
 }
 
+/// The number after `t`. Normally `t + 1`; at the u32 wrap of a ring whose size does not
+/// divide 2^32 (e.g. 3 stripes × 5 blocks), `u32::MAX` and 0 would land in the same
+/// block and the newer transaction would overwrite the one before it, so the number
+/// jumps to the one that lands in the next block instead (still newer by serial-number
+/// arithmetic, which is all replay compares).
+pub fn next_tr_number(geo: &AlGeometry, t: u32) -> u32 {
+    match t.checked_add(1) {
+        Some(n) => n,
+        None => (t % geo.blocks() + 1) % geo.blocks(),
+    }
+}
+
 /// DRBD's AL checksum: CRC32C with initial value 0 and no final inversion (the
 /// kernel's `crc32c(0, buf, 4096)`), over the block with its crc field zeroed.
 pub fn al_crc(block: &[u8; AL_BLOCK]) -> u32 {
@@ -659,7 +671,7 @@ impl ActivityLog {
             context: self.slots[start..end].iter().map(|s| s.extent).collect(),
         };
         let ring_block = al_block_of(&self.geo, self.tr_number);
-        self.tr_number = self.tr_number.wrapping_add(1);
+        self.tr_number = next_tr_number(&self.geo, self.tr_number);
         self.cycle = if end >= n {
             0
         } else {
@@ -855,6 +867,31 @@ mod tests {
         assert!(ActivityLog::new(AlGeometry::default_ring(), 66, 0).is_err());
         assert!(ActivityLog::new(AlGeometry::default_ring(), 6434, 0).is_err());
         assert!(ActivityLog::new(AlGeometry::default_ring(), 6433, 0).is_ok());
+    }
+
+    #[test]
+    fn transaction_numbers_stay_in_ring_order_across_the_wrap() {
+        for (stripes, size) in [(1u32, 8u32), (3, 5), (2, 7)] {
+            let geo = AlGeometry::new(stripes, size).unwrap();
+            let n = geo.blocks();
+            let mut ring = initialized_ring(&geo);
+            let mut al = ActivityLog::new(geo, 67, u32::MAX - 3 * n).unwrap();
+            let mut blocks = Vec::new();
+            for e in 0..(6 * n) {
+                assert_eq!(al.begin(e, e), Begin::Pending);
+                let p = al.prepare().unwrap();
+                blocks.push(p.ring_block);
+                let o = p.ring_block as usize * AL_BLOCK;
+                ring[o..o + AL_BLOCK].copy_from_slice(&p.block[..]);
+                al.committed();
+                al.put(e, e);
+                let r = replay(&ring, &geo).unwrap();
+                assert_eq!(r.hot, committed_set(&al), "{stripes}x{size} after {e}");
+            }
+            // Consecutive transactions always go to consecutive logical blocks: no block
+            // is written twice in a row.
+            assert!(blocks.windows(2).all(|w| w[0] != w[1]), "{blocks:?}");
+        }
     }
 
     #[test]

@@ -52,7 +52,9 @@ fn extent_range(sector: u64, len: u32, shift: u32) -> (u32, u32) {
     let e = |x: u64| u32::try_from(x >> shift).unwrap_or(u32::MAX - 1);
     (e(sector), e(end))
 }
-use crate::meta::al::{ActivityLog, AlGeometry, AlStats, Begin, Prepared, AL_EXTENT_SHIFT};
+use crate::meta::al::{
+    ActivityLog, AlGeometry, AlStats, Begin, Prepared, AL_EXTENT_SHIFT, AL_UPDATES_PER_TRANSACTION,
+};
 use crate::state::Protocol;
 use std::collections::VecDeque;
 
@@ -243,6 +245,8 @@ pub struct PrimaryStats {
     pub al_waiting: usize,
     /// Activity-log counters (None without one).
     pub al: Option<AlStats>,
+    /// A metadata write failed: every write fails with EIO until a restart.
+    pub meta_failed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,6 +415,8 @@ pub struct Primary {
     al_unheld: usize,
     meta_phase: MetaPhase,
     meta_tags: u64,
+    /// A metadata write failed: the disk is no longer used (see `al_failed`).
+    meta_failed: bool,
     /// log2 of sectors per activity-log extent.
     ext_shift: u32,
     #[cfg(test)]
@@ -475,6 +481,7 @@ impl Primary {
             al_unheld: 0,
             meta_phase: MetaPhase::Idle,
             meta_tags: 0,
+            meta_failed: false,
             ext_shift: cfg
                 .meta
                 .as_ref()
@@ -530,6 +537,7 @@ impl Primary {
             out_of_sync_bytes: self.oos.bytes(),
             al_waiting: self.al_wait.len(),
             al: self.al.as_ref().map(ActivityLog::stats),
+            meta_failed: self.meta_failed,
             ..self.stats
         }
     }
@@ -588,6 +596,15 @@ impl Primary {
         let end = check_range(sector, len, self.cfg.sectors).ok_or(Error::Invalid(
             "write range empty, unaligned or past the end",
         ))?;
+        if self.al.is_some() {
+            let (first, last) = extent_range(sector, len, self.ext_shift);
+            if last - first >= AL_UPDATES_PER_TRANSACTION as u32 {
+                // One transaction could never make all its extents active.
+                return Err(Error::Invalid(
+                    "write spans more than 64 activity-log extents; split it",
+                ));
+            }
+        }
         if !self.can_accept() {
             return Err(Error::Busy);
         }
@@ -931,6 +948,11 @@ impl Primary {
         let Some(al) = self.al.as_mut() else {
             return self.submit(idx);
         };
+        if self.meta_failed {
+            // Failed by pump_al, outside this call chain.
+            self.al_wait.push_back(idx);
+            return;
+        }
         // Writers that found no room keep their place: a newcomer may only pass them on
         // a pure hit.
         let decision = if self.al_unheld == 0 || al.is_active(first, last) {
@@ -963,6 +985,9 @@ impl Primary {
         };
         if self.al_wait.is_empty() && !al.has_staged() {
             return;
+        }
+        if self.meta_failed {
+            return self.fail_waiting();
         }
         let mut ready = Vec::new();
         let mut blocked = false;
@@ -1072,14 +1097,36 @@ impl Primary {
         self.meta_tags
     }
 
-    /// A metadata write failed: undo the log's changes and fail every waiting write.
+    /// A metadata write failed. The log's state on disk is now unknown (a write reported
+    /// as failed may have landed, torn or not at all), so, like DRBD's `on-io-error
+    /// detach`, the Primary stops using its disk for good: every waiting and every later
+    /// write fails with EIO, and no transaction is written again. A restart attaches again
+    /// (and applies whatever the ring holds).
     fn al_failed(&mut self) {
+        self.meta_failed = true;
+        // Drop the waiting writes' references before the log undoes its changes: once it
+        // has, their extents may be staged again (by writes their failure releases) and a
+        // late `put` would take a reference someone else holds.
+        for &idx in &self.al_wait {
+            let s = &mut self.slots[idx as usize];
+            if std::mem::take(&mut s.al_held) {
+                let (first, last) = extent_range(s.sector, s.len, self.ext_shift);
+                if let Some(al) = self.al.as_mut() {
+                    al.put(first, last);
+                }
+            }
+        }
         if let Some(al) = self.al.as_mut() {
             al.failed();
         }
+        self.fail_waiting();
+    }
+
+    /// Completes every write waiting for the log with EIO (after a metadata failure).
+    /// Completing one may start writes that waited on it, which queue here too.
+    fn fail_waiting(&mut self) {
         self.al_unheld = 0;
-        let waiting: Vec<u32> = self.al_wait.drain(..).collect();
-        for idx in waiting {
+        while let Some(idx) = self.al_wait.pop_front() {
             let s = &mut self.slots[idx as usize];
             s.started = true;
             s.local = Local::Failed;
@@ -1930,7 +1977,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_transaction_fails_the_waiting_writes() {
+    fn a_failed_transaction_fails_the_waiting_writes_and_stops_the_disk() {
         let mut p = primary_al(Protocol::C, false);
         p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
         p.write(2, 9 * EXT, 4096, WriteKind::Data, false).unwrap();
@@ -1941,9 +1988,23 @@ mod tests {
         assert_eq!(completed(&o), vec![(1, false), (2, false)]);
         assert!(p.active_extents().is_empty());
         assert_eq!(p.stats().slots_used, 0);
-        // The next write tries again.
+        // The disk is out of use from now on (DRBD's detach): later writes fail too, and
+        // no transaction is written again.
+        assert!(p.stats().meta_failed);
         p.write(3, 0, 4096, WriteKind::Data, false).unwrap();
-        let o = settle(&mut p);
-        assert_eq!(submitted(&o), vec![3]);
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(3, false)]);
+        assert!(meta_writes(&o).is_empty() && submitted(&o).is_empty());
+    }
+
+    #[test]
+    fn a_write_over_more_extents_than_one_transaction_adds_is_refused() {
+        let mut p = primary_al(Protocol::C, true);
+        assert!(matches!(
+            p.write(1, 0, 65 * 4 * 1024 * 1024, WriteKind::Discard, false),
+            Err(Error::Invalid(_))
+        ));
+        p.write(2, 0, 64 * 4 * 1024 * 1024, WriteKind::Discard, false)
+            .unwrap();
     }
 }

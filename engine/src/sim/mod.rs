@@ -1902,7 +1902,11 @@ mod tests {
         assert!(f.message.contains("secondary sector"), "{f}");
     }
 
-    // ----- known failures of the Primary's activity log (not fixed yet) -------------------
+    // ----- regressions: failed metadata writes (found by the crash fault) ---------------
+    //
+    // All three came from undoing a failed AL write in memory and going on. The Primary
+    // now stops using its disk after any failed metadata write (DRBD's detach); these
+    // seeds stay as regression tests.
 
     /// `Primary::al_failed` undoes the log, then retires the failed writes; completing
     /// them starts writes that waited on an overlap, which may stage the same extents
@@ -1912,8 +1916,7 @@ mod tests {
     /// The same undercount can evict an extent with an un-acked write. Seed 22860 is
     /// another instance (after a failed preflush).
     #[test]
-    #[ignore = "Primary AL bug: references dropped twice after a failed transaction"]
-    fn known_bug_failed_transaction_undercounts_references() {
+    fn regression_failed_transaction_undercounts_references() {
         for seed in [54_981, 22_860] {
             let r = run(seed);
             assert!(
@@ -1930,8 +1933,7 @@ mod tests {
     /// 0, no update transaction) is refused by replay as drbdmeta refuses it (-EINVAL):
     /// the node cannot attach.
     #[test]
-    #[ignore = "Primary AL bug: a failed transaction uses up its number and ring block"]
-    fn known_bug_failed_first_transaction_makes_the_ring_unreplayable() {
+    fn regression_failed_first_transaction_makes_the_ring_unreplayable() {
         let r = run(6_691);
         assert!(
             r.is_ok(),
@@ -1947,8 +1949,7 @@ mod tests {
     /// every failed metadata write landing in full shows it (transaction 58 evicts
     /// extent 147; checker 6 finds block 147 differing).
     #[test]
-    #[ignore = "Primary AL bug: a failed transaction that landed is undone in memory only"]
-    fn known_bug_a_failed_transaction_that_landed_loses_an_extent() {
+    fn regression_a_failed_transaction_that_landed_loses_an_extent() {
         let mut cfg = SimConfig::new(29);
         cfg.failed_meta_writes_land = true;
         let r = run_with(&cfg);
