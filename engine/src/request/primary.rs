@@ -598,7 +598,7 @@ impl Primary {
         ))?;
         if self.al.is_some() {
             let (first, last) = extent_range(sector, len, self.ext_shift);
-            if last - first >= AL_UPDATES_PER_TRANSACTION as u32 {
+            if (last - first) as usize >= AL_UPDATES_PER_TRANSACTION {
                 // One transaction could never make all its extents active.
                 return Err(Error::Invalid(
                     "write spans more than 64 activity-log extents; split it",
