@@ -784,33 +784,8 @@ mod tests {
     use crate::meta::al::{encode_transaction, AlTransaction};
     use crate::meta::layout::SECTOR;
     use crate::store::StoreOptions;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A directory on a disk-backed file system (O_DIRECT must work), removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let base = std::env::var_os("TANDEM_TEST_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-            let dir = base.join(format!(
-                "tandem-meta-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir).expect("create temp dir");
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::store::testdir::TempDir;
 
     /// A sparse file of `bytes` bytes opened as a store.
     fn store(dir: &TempDir, name: &str, bytes: u64) -> Store {
@@ -818,7 +793,7 @@ mod tests {
             create_size_bytes: Some(bytes),
             ..StoreOptions::default()
         };
-        Store::open(dir.0.join(name), &opts).expect("open store")
+        Store::open(dir.path(name), &opts).expect("open store")
     }
 
     fn default_opts() -> CreateOptions {

@@ -29,7 +29,10 @@ macro_rules! named_enum_impls {
                     .iter()
                     .copied()
                     .find(|v| v.name() == s)
-                    .ok_or_else(|| UnknownName { kind: $kind, value: s.to_owned() })
+                    .ok_or_else(|| UnknownName {
+                        kind: $kind,
+                        value: s.to_owned(),
+                    })
             }
         }
 

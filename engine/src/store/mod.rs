@@ -64,6 +64,8 @@ mod handle;
 mod ring;
 
 #[cfg(test)]
+pub(crate) mod testdir;
+#[cfg(test)]
 mod tests;
 
 pub use buf::{AlignedBuf, BufError, BUF_ALIGN, MAX_BUF_LEN, SECTOR_SIZE};

@@ -12,40 +12,13 @@ use super::*;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const MIB_USIZE: usize = 1 << 20;
 
-/// A directory removed on drop, on a disk-backed file system (O_DIRECT must work).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let base = std::env::var_os("TANDEM_TEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-        let dir = base.join(format!(
-            "tandem-store-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use super::testdir::TempDir;
 
 /// A buffer of `len` bytes whose content depends on `seed` and the position.
 fn pattern(len: usize, seed: u64) -> AlignedBuf {
@@ -147,7 +120,7 @@ fn open_create_and_size_rules() {
     }
 
     // Not a file or block device.
-    assert!(Store::open(&dir.0, &StoreOptions::default()).is_err());
+    assert!(Store::open(dir.path(""), &StoreOptions::default()).is_err());
     match Store::open("/dev/null", &StoreOptions::default()) {
         Err(StoreError::BadDevice { .. }) | Err(StoreError::Open { .. }) => {}
         other => panic!("/dev/null: expected an error, got {other:?}"),
