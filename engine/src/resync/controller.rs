@@ -240,7 +240,8 @@ impl Controller {
         if steps == 0 {
             return u64::from(self.cfg.resync_rate / 40) * SECT_PER_BIT as u64;
         }
-        let steps_i = steps as i64;
+        // ≤ 300 (`C_PLAN_AHEAD` max).
+        let steps_i = i64::try_from(steps).unwrap_or(i64::MAX);
         let sect_in_i = i64::try_from(sect_in).unwrap_or(i64::MAX / 4);
         let in_flight_i = i64::try_from(in_flight).unwrap_or(i64::MAX / 4);
         // `(rate × 2 × SLEEP_TIME) / HZ` is rate / 5 for every HZ that is a multiple of 10.
@@ -260,7 +261,7 @@ impl Controller {
         self.head = (self.head + 1) % steps;
         self.total -= cur;
         let max_sect = i64::from(self.cfg.c_max_rate / 5);
-        (sect_in_i + cur).clamp(0, max_sect.max(0)) as u64
+        u64::try_from((sect_in_i + cur).clamp(0, max_sect.max(0))).unwrap_or(0)
     }
 
     /// `drbd_rs_number_requests`: the 4 KiB blocks to request in this step, capped so

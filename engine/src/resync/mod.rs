@@ -47,6 +47,7 @@
 //! 16 MiB resync extent ([`EXTENT_BLOCKS`]).
 
 pub mod controller;
+mod packets;
 mod slab;
 mod source;
 mod target;
@@ -58,6 +59,7 @@ mod harness_tests;
 pub use controller::{
     Controller, MinRateThrottle, RateConfig, RateConfigError, Step, SyncMarks, SLEEP_TIME_MS,
 };
+pub use packets::Inbound;
 pub use source::{ReadOutcome, RequestKind, Source, SourceConfig, SourceOutput, SourceStats};
 pub use target::{
     ResyncSummary, Target, TargetConfig, TargetOutput, TargetProgress, MAX_FAILED_RANGES,

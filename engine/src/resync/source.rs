@@ -410,6 +410,10 @@ impl Source {
         if len == 0 || !len.is_multiple_of(SECTOR) {
             return Err(Error::Invalid("app write length"));
         }
+        match sector.checked_add(u64::from(len / SECTOR)) {
+            Some(end) if end <= self.cfg.sectors => {}
+            _ => return Err(Error::Invalid("app write beyond the device")),
+        }
         if self.apps.contains_key(&id) {
             return Err(Error::Invalid("app write id already tracked"));
         }

@@ -69,29 +69,44 @@ impl VerifyConfig {
     }
 }
 
-/// Differing ranges found so far, merged when adjacent (DRBD's `ov_last_oos_*`).
+/// Differing ranges found so far, adjacent ones merged whatever the order the results
+/// came in (DRBD merges only consecutive results, `ov_last_oos_*`).
 #[derive(Debug, Clone, Default)]
 struct Found {
-    ranges: Vec<(u64, u64)>,
+    /// First sector → sectors.
+    ranges: BTreeMap<u64, u64>,
     blocks: u64,
     overflow: bool,
 }
 
 impl Found {
     fn add(&mut self, sector: u64, len: u32) {
-        let sectors = u64::from(len / SECTOR);
+        let mut start = sector;
+        let mut end = sector + u64::from(len / SECTOR);
         self.blocks += u64::from(len).div_ceil(4096);
-        if let Some(last) = self.ranges.last_mut() {
-            if last.0 + last.1 == sector {
-                last.1 += sectors;
-                return;
+        let mut merged = false;
+        if let Some((&s, &n)) = self.ranges.range(..=start).next_back() {
+            if s + n >= start {
+                start = s;
+                end = end.max(s + n);
+                self.ranges.remove(&s);
+                merged = true;
             }
         }
-        if self.ranges.len() < MAX_REPORTED_RANGES {
-            self.ranges.push((sector, sectors));
-        } else {
-            self.overflow = true;
+        while let Some((&s, &n)) = self.ranges.range(start..=end).next() {
+            end = end.max(s + n);
+            self.ranges.remove(&s);
+            merged = true;
         }
+        if !merged && self.ranges.len() >= MAX_REPORTED_RANGES {
+            self.overflow = true;
+            return;
+        }
+        self.ranges.insert(start, end - start);
+    }
+
+    fn list(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|(&s, &n)| (s, n)).collect()
     }
 }
 
@@ -104,8 +119,8 @@ pub struct VerifyProgress {
     pub done_blocks: u64,
     /// Blocks found different.
     pub out_of_sync_blocks: u64,
-    /// The differing ranges, (first sector, sectors), in the order found, adjacent ones
-    /// merged; at most [`MAX_REPORTED_RANGES`].
+    /// The differing ranges, (first sector, sectors), ascending, adjacent ones merged; at
+    /// most [`MAX_REPORTED_RANGES`].
     pub ranges: Vec<(u64, u64)>,
     /// More ranges were found than listed.
     pub ranges_truncated: bool,
@@ -284,7 +299,7 @@ impl VerifySource {
             total_blocks: self.total_blocks,
             done_blocks: self.done_blocks,
             out_of_sync_blocks: self.found.blocks,
-            ranges: self.found.ranges.clone(),
+            ranges: self.found.list(),
             ranges_truncated: self.found.overflow,
             rate_kib: self.marks.rate_kib(left, self.last_now),
             eta_secs: self.marks.eta_secs(left, self.last_now),
@@ -297,6 +312,10 @@ impl VerifySource {
     pub fn app_write_begin(&mut self, id: u64, sector: u64, len: u32) -> Result<(), Error> {
         if len == 0 || !len.is_multiple_of(SECTOR) || self.apps.contains_key(&id) {
             return Err(Error::Invalid("app write"));
+        }
+        match sector.checked_add(u64::from(len / SECTOR)) {
+            Some(end) if end <= self.cfg.sectors => {}
+            _ => return Err(Error::Invalid("app write beyond the device")),
         }
         if self.apps.len() >= self.cfg.max_requests {
             return Err(Error::Busy);
@@ -494,7 +513,7 @@ impl VerifyPeer {
             total_blocks: self.total_blocks,
             done_blocks: self.total_blocks - self.left.unwrap_or(self.total_blocks),
             out_of_sync_blocks: self.found.blocks,
-            ranges: self.found.ranges.clone(),
+            ranges: self.found.list(),
             ranges_truncated: self.found.overflow,
             finished: self.finished,
             ..VerifyProgress::default()
