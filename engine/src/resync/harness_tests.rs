@@ -823,6 +823,11 @@ fn outage_resync_copies_exactly_the_dirty_blocks_within_5_percent() {
             "seed {seed}: data moved = dirty bytes"
         );
         let ratio = p.wire_bytes as f64 / dirty_bytes as f64;
+        eprintln!(
+            "seed {seed}: wire/dirty = {ratio:.4}, {} requests for {} blocks",
+            p.requests.len(),
+            dirty.count()
+        );
         assert!(
             ratio <= 1.05,
             "seed {seed}: {} bytes on the wire for {dirty_bytes} dirty: {ratio:.4}",
