@@ -1619,3 +1619,197 @@ fn target_refuses_replies_it_did_not_ask_for() {
     assert!(t.app_write_end(3).is_err());
     assert!(t.app_write_begin(1, (1 << 16) - 4, 4096).is_err());
 }
+
+/// Hostile or buggy input never panics and never corrupts a machine's bounds: random calls
+/// with random ranges, tags and ids, interleaved with ticks.
+#[test]
+fn random_inputs_return_errors_never_panic() {
+    let mut rng = StdRng::seed_from_u64(140);
+    let sectors = 3 * EXTENT_BLOCKS * 8 + 5;
+    let pick_sector = |rng: &mut StdRng| match rng.gen_range(0..4) {
+        0 => rng.gen::<u64>(),
+        1 => sectors - rng.gen_range(0..16),
+        _ => rng.gen_range(0..sectors) / 8 * 8,
+    };
+    let pick_len = |rng: &mut StdRng| match rng.gen_range(0..4) {
+        0 => rng.gen::<u32>(),
+        1 => 0,
+        _ => rng.gen_range(1..=256u32) * 4096,
+    };
+    for round in 0..20 {
+        let mut bm = OutOfSync::new(sectors);
+        bm.mark_blocks(rng.gen_range(0..1000), rng.gen_range(0..100_000));
+        let mut cfg = TargetConfig::new(sectors);
+        cfg.csums = round % 2 == 0;
+        cfg.max_requests = 64;
+        cfg.max_app_writes = 16;
+        let mut t = Target::new(cfg, bm, &TickInput::default()).unwrap();
+        let mut s = Source::new(
+            SourceConfig {
+                max_queue: 8,
+                max_reads: 4,
+                max_app_writes: 8,
+                thin: true,
+                ..SourceConfig::new(sectors)
+            },
+            &TickInput::default(),
+        )
+        .unwrap();
+        let mut vs = VerifySource::new(VerifyConfig::new(sectors), &TickInput::default()).unwrap();
+        let mut vp = VerifyPeer::new(VerifyConfig {
+            max_requests: 8,
+            max_reads: 2,
+            ..VerifyConfig::new(sectors)
+        })
+        .unwrap();
+        let mut tags: Vec<u64> = vec![0, u64::MAX];
+        for i in 0..3000u64 {
+            let (sec, len) = (pick_sector(&mut rng), pick_len(&mut rng));
+            let tag = tags[rng.gen_range(0..tags.len())] ^ rng.gen_range(0..2);
+            let d = Digest(rng.gen());
+            let now = i * 10;
+            match rng.gen_range(0..22) {
+                0 => t.tick(&TickInput {
+                    now_ms: now,
+                    ..TickInput::default()
+                }),
+                1 => {
+                    let _ = t.data_reply(sec, len);
+                }
+                2 => {
+                    let _ = t.deallocated(sec, len);
+                }
+                3 => {
+                    let _ = t.in_sync_reply(sec, len);
+                }
+                4 => {
+                    let _ = t.neg_reply(sec, len);
+                }
+                5 => {
+                    let _ = t.write_done(tag, rng.gen());
+                }
+                6 => {
+                    let _ = t.digest_done(tag, rng.gen::<bool>().then_some(d));
+                }
+                7 => {
+                    let _ = t.app_write_begin(rng.gen_range(0..32), sec, len);
+                }
+                8 => {
+                    let _ = t.app_write_end(rng.gen_range(0..32));
+                }
+                9 => {
+                    t.set_in_sync(sec, len);
+                    t.mark_out_of_sync(sec, len);
+                }
+                10 => {
+                    let kind = [RequestKind::Data, RequestKind::Thin, RequestKind::Csum(d)]
+                        [rng.gen_range(0..3)];
+                    let _ = s.request(sec, len, kind);
+                }
+                11 => {
+                    let _ = s.read_done(tag, ReadOutcome::Failed);
+                    let _ = s.read_done(
+                        tag,
+                        ReadOutcome::Ok {
+                            all_zero: rng.gen(),
+                            digest: Some(d),
+                        },
+                    );
+                }
+                12 => {
+                    let _ = s.rs_write_ack(sec, len);
+                    let _ = s.neg_ack(sec, len);
+                }
+                13 => {
+                    let _ = s.app_write_begin(rng.gen_range(0..16), sec, len);
+                    let _ = s.app_write_end(rng.gen_range(0..16));
+                }
+                14 => s.tick(&TickInput {
+                    now_ms: now,
+                    app_io_sectors: i * 100,
+                    ..TickInput::default()
+                }),
+                15 => vs.tick(&TickInput {
+                    now_ms: now,
+                    ..TickInput::default()
+                }),
+                16 => {
+                    let _ = vs.ov_reply(sec, len, d);
+                    let _ = vs.digest_done(tag, Some(d));
+                }
+                17 => {
+                    let _ = vp.ov_request(sec, len);
+                    let _ = vp.ov_result(sec, len, rng.gen());
+                    let _ = vp.digest_done(tag, None);
+                }
+                18 => {
+                    let _ = t.cancel_reply(sec, len);
+                    if rng.gen_range(0..50) == 0 {
+                        t.pause(now);
+                    } else {
+                        t.resume(now);
+                    }
+                }
+                19 if rng.gen_range(0..200) == 0 => {
+                    t.connection_lost();
+                    s.connection_lost();
+                    vs.connection_lost();
+                }
+                _ => {
+                    let _ = vs.app_write_begin(rng.gen_range(0..8), sec, len);
+                    let _ = vs.app_write_end(rng.gen_range(0..8));
+                }
+            }
+            // Learn the tags the machines hand out, so some calls hit live ones.
+            let touts: Vec<TargetOutput> = t.drain_outputs().collect();
+            for o in touts {
+                if let TargetOutput::ReadForDigest { tag, .. }
+                | TargetOutput::WriteZeroes { tag, .. } = o
+                {
+                    tags.push(tag);
+                }
+                if let TargetOutput::SendRsDataRequest { sector, len, .. } = o {
+                    if let Ok(Some(tag)) = t.data_reply(sector, len) {
+                        tags.push(tag);
+                    }
+                }
+            }
+            for o in s.drain_outputs() {
+                if let SourceOutput::ReadLocal { tag, .. } = o {
+                    tags.push(tag);
+                }
+            }
+            for o in vs.drain_outputs() {
+                if let VerifySourceOutput::ReadForDigest { tag, .. } = o {
+                    tags.push(tag);
+                }
+            }
+            for o in vp.drain_outputs() {
+                if let VerifyPeerOutput::ReadForDigest { tag, .. } = o {
+                    tags.push(tag);
+                }
+            }
+            if tags.len() > 256 {
+                tags.drain(..128);
+            }
+            let p = t.progress();
+            assert!(p.requests_in_flight <= 64);
+            assert!(s.stats().queued + s.stats().reading <= 8 && s.stats().reading <= 4);
+        }
+    }
+}
+
+#[test]
+fn marks_outside_the_device_leave_the_position_inside() {
+    let mut t = Target::new(
+        TargetConfig::new(800),
+        OutOfSync::new(800),
+        &TickInput::default(),
+    )
+    .unwrap();
+    t.tick(&TickInput::default());
+    assert!(t.is_finished());
+    t.mark_out_of_sync(u64::MAX - 7, 4096);
+    assert_eq!(t.resume_position(), 100);
+    assert_eq!(t.bitmap().count(), 0);
+}

@@ -46,6 +46,35 @@
 //! the peer's max bio size (≤ [`crate::wire::DRBD_MAX_BIO_SIZE`], 1 MiB) and never cross a
 //! 16 MiB resync extent ([`EXTENT_BLOCKS`]).
 
+//! Driving it (what the connection/volume driver does):
+//!
+//! - At the end of the bitmap exchange, the SyncTarget builds a [`Target`] over the merged
+//!   bitmap (`start_block` = the persisted [`Target::resume_position`], 0 the first time)
+//!   and the SyncSource a [`Source`]; both call `tick` every [`SLEEP_TIME_MS`] with a
+//!   [`TickInput`] (monotonic ms, the count of non-resync IO sectors on the backing device,
+//!   socket congestion).
+//! - Sends: every output with a packet ([`TargetOutput::packet`], …) goes to the socket
+//!   the command belongs to (requests and data on the data socket, acks on the meta
+//!   socket). A `P_RS_DATA_REPLY` is the packet plus the read's buffer.
+//! - Receives: [`Inbound::from_packet`] says which input a packet is; resync acks are
+//!   those with `block_id` = `ID_SYNCER`, the others stay with the write pipeline.
+//! - Local IO: `ReadForDigest`/`ReadLocal`/`WriteZeroes` and the tag returned by
+//!   [`Target::data_reply`] are submitted to the backing device and reported back with
+//!   their tag.
+//! - Application writes: every write to the local disk that is not resync's is reported to
+//!   the local machine (`app_write_begin`/`app_write_end`), on the target with the life
+//!   spans given in `target.rs`. A write the target holds is submitted on
+//!   [`TargetOutput::AppWriteReady`]. Writes acked with `P_RS_WRITE_ACK`
+//!   (`DP_MAY_SET_IN_SYNC`) clear bits through [`Target::set_in_sync`]; blocks that go out
+//!   of sync during the run are reported with [`Target::mark_out_of_sync`].
+//! - The target owns the bitmap for the run: the driver writes its dirty pages
+//!   ([`Target::bitmap_mut`]) lazily, and on disconnect persists them with the resume
+//!   position. On [`TargetOutput::Finished`] with `left_blocks` 0 the disk becomes
+//!   UpToDate. The source's bitmap stays the driver's; [`SourceOutput::SetInSync`] says
+//!   what to clear in it.
+//! - `pause-sync`/`resume-sync`: [`Target::pause`], [`Target::resume`]; status:
+//!   [`Target::progress`], [`Source::stats`], [`VerifySource::progress`].
+
 pub mod controller;
 mod packets;
 mod slab;
@@ -66,6 +95,7 @@ pub use target::{
 };
 pub use verify::{
     VerifyConfig, VerifyPeer, VerifyPeerOutput, VerifyProgress, VerifySource, VerifySourceOutput,
+    MAX_REPORTED_RANGES,
 };
 
 pub use crate::request::Error;

@@ -687,7 +687,7 @@ impl Target {
     }
 
     fn push_rewind(&mut self, sector: u64) {
-        let b = sector / SECT_PER_BLOCK;
+        let b = (sector / SECT_PER_BLOCK).min(self.bm.blocks());
         self.rewind = Some(self.rewind.map_or(b, |r| r.min(b)));
     }
 
