@@ -320,6 +320,12 @@ impl SyncMarks {
         }
     }
 
+    /// The resync was suspended: the newest mark starts now, so the pause does not count
+    /// into the rate (DRBD's "Resync suspended").
+    pub fn suspend(&mut self, now_ms: u64) {
+        self.time_ms[self.last] = now_ms;
+    }
+
     fn rate_since(&self, i: usize, left: u64, now_ms: u64) -> (u64, u64) {
         let dt = now_ms.saturating_sub(self.time_ms[i]).max(1);
         let db = self.left[i].saturating_sub(left);

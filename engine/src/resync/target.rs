@@ -455,6 +455,7 @@ impl Target {
     pub fn pause(&mut self, now_ms: u64) {
         if self.paused_since.is_none() {
             self.paused_since = Some(now_ms);
+            self.marks.suspend(now_ms);
         }
     }
 
@@ -502,10 +503,12 @@ impl Target {
         self.last_now = input.now_ms;
         let paused = self.paused_since.is_some();
         self.marks.advance(self.bm.count(), input.now_ms, paused);
-        if self.finished || !self.connected {
+        // Paused, DRBD's resync timer does not run (PausedSyncT): no step at all.
+        if self.finished || !self.connected || paused {
             return;
         }
-        // DRBD takes the step even when it then sends nothing, so the plan keeps time.
+        // Throttled or congested, DRBD takes the step and then sends nothing, so the plan
+        // keeps time.
         let sect_in = std::mem::take(&mut self.sect_in);
         let step = self.ctl.step(sect_in, self.in_flight_sectors);
         self.planned_rate_kib = step.rate_kib;
@@ -519,7 +522,7 @@ impl Target {
         if throttled {
             self.throttled_steps += 1;
         }
-        if !paused && !throttled && !input.congested && step.blocks > 0 {
+        if !throttled && !input.congested && step.blocks > 0 {
             self.walk(u64::from(step.blocks));
         }
         self.maybe_finish();
