@@ -1813,3 +1813,98 @@ fn marks_outside_the_device_leave_the_position_inside() {
     assert_eq!(t.resume_position(), 100);
     assert_eq!(t.bitmap().count(), 0);
 }
+
+/// The source's c-min-rate check: once resync runs faster than c-min-rate and the
+/// application is busy, at most one read starts per step (DRBD sleeps 100 ms per request).
+#[test]
+fn a_throttled_source_starts_one_read_per_step() {
+    let sectors = 1 << 20;
+    let mut s = Source::new(
+        SourceConfig {
+            c_min_rate: 250,
+            max_queue: 4096,
+            max_reads: 64,
+            ..SourceConfig::new(sectors)
+        },
+        &TickInput::default(),
+    )
+    .unwrap();
+    let mut next = 0u64;
+    let mut reads_per_step = Vec::new();
+    for step in 1..=100u64 {
+        let busy = step > 60;
+        s.tick(&TickInput {
+            now_ms: step * 100,
+            app_io_sectors: if busy { step * 1000 } else { 0 },
+            ..TickInput::default()
+        });
+        // The target keeps 20 requests of 64 KiB coming per step (12.5 MiB/s).
+        for _ in 0..20 {
+            if s.can_accept() {
+                s.request(next % (sectors - 128), 65_536, RequestKind::Data)
+                    .unwrap();
+                next += 128;
+            }
+        }
+        let tags: Vec<u64> = s
+            .drain_outputs()
+            .filter_map(|o| match o {
+                SourceOutput::ReadLocal { tag, .. } => Some(tag),
+                _ => None,
+            })
+            .collect();
+        reads_per_step.push(tags.len());
+        for tag in tags {
+            s.read_done(
+                tag,
+                ReadOutcome::Ok {
+                    all_zero: false,
+                    digest: None,
+                },
+            )
+            .unwrap();
+            s.drain_outputs().for_each(drop);
+        }
+    }
+    assert!(
+        reads_per_step[10..60].iter().all(|&n| n >= 20),
+        "{reads_per_step:?}"
+    );
+    assert!(
+        reads_per_step[65..].iter().all(|&n| n <= 1),
+        "{reads_per_step:?}"
+    );
+    assert!(s.stats().throttled_steps >= 30);
+    // The peer is Primary: never throttled.
+    s.set_peer_primary(true);
+    s.tick(&TickInput {
+        now_ms: 10_100,
+        app_io_sectors: 1 << 30,
+        ..TickInput::default()
+    });
+    assert!(s.drain_outputs().count() > 1);
+}
+
+#[test]
+fn verify_waits_at_an_extent_with_a_write_in_flight() {
+    let sectors = 2 * EXTENT_BLOCKS * 8;
+    let mut v = VerifySource::new(VerifyConfig::new(sectors), &TickInput::default()).unwrap();
+    v.app_write_begin(1, 8, 4096).unwrap();
+    v.tick(&TickInput::default());
+    assert_eq!(v.drain_outputs().count(), 0);
+    v.app_write_end(1).unwrap();
+    v.tick(&TickInput {
+        now_ms: 100,
+        ..TickInput::default()
+    });
+    let outs: Vec<VerifySourceOutput> = v.drain_outputs().collect();
+    assert!(!outs.is_empty());
+    assert_eq!(
+        outs[0],
+        VerifySourceOutput::SendOvRequest {
+            sector: 0,
+            len: 4096
+        }
+    );
+    assert!(v.app_write_begin(2, sectors, 512).is_err());
+}
