@@ -23,6 +23,7 @@ pub mod meta;
 pub mod mgmt;
 pub mod net;
 pub mod request;
+pub mod resync;
 pub mod sim;
 pub mod state;
 pub mod store;

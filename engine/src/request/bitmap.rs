@@ -4,8 +4,8 @@
 //! Memory: volume / 4 KiB / 8 bytes = 32 MiB per TiB, allocated once at construction,
 //! plus one dirty flag per 4 KiB page of bitmap (a bit per 128 MiB of volume).
 //! A write that is not known to be on the peer's disk sets the bits of every block it
-//! touches (a partial block counts as the whole block). Nothing here clears bits yet:
-//! that is resync's job, later.
+//! touches (a partial block counts as the whole block). Bits are cleared by resync
+//! ([`OutOfSync::clear`], only whole blocks, DRBD's `drbd_set_in_sync` rounding).
 //!
 //! On disk the bitmap is the same bits, little-endian, in 4 KiB pages (DRBD's format,
 //! research/drbd-protocol.md §6): page `p` holds blocks `p × 32768 ..`. A page whose
@@ -30,6 +30,8 @@ const WORDS_PER_PAGE: usize = PAGE_BYTES / 8;
 pub struct OutOfSync {
     words: Vec<u64>,
     blocks: u64,
+    /// Volume size in sectors (the last block may be partial).
+    sectors: u64,
     set: u64,
     /// One bit per page: changed since last written.
     dirty: Vec<u64>,
@@ -44,6 +46,7 @@ impl OutOfSync {
         OutOfSync {
             words: vec![0; words],
             blocks,
+            sectors,
             set: 0,
             dirty: vec![0; pages.div_ceil(64)],
         }
@@ -209,6 +212,106 @@ impl OutOfSync {
         self.mark_block_range(first, last);
     }
 
+    /// Clears the bits of the blocks *wholly* inside `[sector, sector + len bytes)` (DRBD's
+    /// `drbd_set_in_sync`: start rounded up, end rounded down to 4 KiB; a range ending at
+    /// the last sector of the volume also clears the partial last block). Returns the
+    /// number of bits that were set and are now clear.
+    pub fn clear(&mut self, sector: u64, len: u32) -> u64 {
+        if len == 0 || self.blocks == 0 {
+            return 0;
+        }
+        let Some(end) = sector.checked_add(u64::from(len / SECTOR)) else {
+            return 0;
+        };
+        let first = sector.div_ceil(SECTORS_PER_BLOCK);
+        // Blocks that end at or before `end`; the volume's partial last block counts as
+        // whole when the range reaches the volume's last sector.
+        let end_block = if end >= self.sectors {
+            self.blocks
+        } else {
+            end / SECTORS_PER_BLOCK
+        };
+        if first >= end_block {
+            return 0;
+        }
+        self.clear_block_range(first, end_block - 1)
+    }
+
+    /// Clears the bits of blocks `[first, first + count)`, clipped to the volume; returns
+    /// how many were set.
+    pub fn clear_blocks(&mut self, first: u64, count: u64) -> u64 {
+        if count == 0 || first >= self.blocks {
+            return 0;
+        }
+        let last = first.saturating_add(count - 1).min(self.blocks - 1);
+        self.clear_block_range(first, last)
+    }
+
+    /// Number of set bits among blocks `[first, first + count)`, clipped to the volume.
+    pub fn count_blocks(&self, first: u64, count: u64) -> u64 {
+        if count == 0 || first >= self.blocks {
+            return 0;
+        }
+        let last = first.saturating_add(count - 1).min(self.blocks - 1);
+        let mut n = 0;
+        self.for_words(first, last, |word, mask| {
+            n += u64::from((word & mask).count_ones())
+        });
+        n
+    }
+
+    fn clear_block_range(&mut self, first: u64, last: u64) -> u64 {
+        let mut cleared = 0;
+        let mut b = first;
+        while b <= last {
+            let Ok(w) = usize::try_from(b / 64) else {
+                break;
+            };
+            let bit = b % 64;
+            let n = (64 - bit).min(last - b + 1);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            if let Some(word) = self.words.get_mut(w) {
+                let gone = mask & *word;
+                if gone != 0 {
+                    cleared += u64::from(gone.count_ones());
+                    *word &= !mask;
+                    let page = w / WORDS_PER_PAGE;
+                    if let Some(d) = self.dirty.get_mut(page / 64) {
+                        *d |= 1 << (page % 64);
+                    }
+                }
+            }
+            b += n;
+        }
+        self.set -= cleared;
+        cleared
+    }
+
+    /// Calls `f(word, mask)` for each word overlapping blocks `first..=last`.
+    fn for_words(&self, first: u64, last: u64, mut f: impl FnMut(u64, u64)) {
+        let mut b = first;
+        while b <= last {
+            let Ok(w) = usize::try_from(b / 64) else {
+                return;
+            };
+            let bit = b % 64;
+            let n = (64 - bit).min(last - b + 1);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            if let Some(word) = self.words.get(w) {
+                f(*word, mask);
+            }
+            b += n;
+        }
+    }
+
     fn mark_block_range(&mut self, first: u64, last: u64) {
         let mut b = first;
         while b <= last {
@@ -313,6 +416,27 @@ mod tests {
         m.mark_blocks(76800 - 10, 1024); // clipped at the end
         assert_eq!(m.count(), 10);
         m.mark_blocks(u64::MAX, 5);
+    }
+
+    #[test]
+    fn clear_takes_only_whole_blocks_and_the_partial_tail() {
+        let mut bm = OutOfSync::new(8 * 10 + 3); // 11 blocks, the last one 3 sectors
+        bm.mark(0, 11 * 4096);
+        assert_eq!(bm.count(), 11);
+        assert!(bm.take_all_dirty() == vec![0]);
+        assert_eq!(bm.clear(4, 4096), 0); // straddles blocks 0 and 1: neither whole
+        assert!(!bm.is_dirty(0));
+        assert_eq!(bm.clear(4, 8192), 1); // sectors 4..20 hold block 1 whole
+        assert!(!bm.is_set(1) && bm.is_set(0) && bm.is_set(2));
+        assert!(bm.is_dirty(0));
+        assert_eq!(bm.clear(80, 1536), 1); // the partial last block, to the volume's end
+        assert!(!bm.is_set(10));
+        assert_eq!(bm.clear_blocks(2, 3), 3);
+        assert_eq!(bm.count_blocks(0, 100), 6);
+        assert_eq!(bm.count(), 6);
+        assert_eq!(bm.clear(u64::MAX - 3, 4096), 0);
+        assert_eq!(bm.clear_blocks(u64::MAX, 2), 0);
+        assert_eq!(bm.count_blocks(0, 0), 0);
     }
 
     #[test]
