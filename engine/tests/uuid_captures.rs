@@ -8,8 +8,7 @@
 //! model computes after the initial full sync and a disconnect must be the ones the
 //! kernel sent at the next connection.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod capture;
 
 use tandem_engine::state::uuid::{
     sync_handshake, AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, Handshake, HandshakeCtx,
@@ -17,135 +16,10 @@ use tandem_engine::state::uuid::{
     UUID_NEW_BM_OFFSET,
 };
 use tandem_engine::state::{ConnState, DiskState};
-use tandem_engine::wire::{agree, decode_frame, ff, Command, Packet, StateBits, WireCtx};
+use tandem_engine::wire::{ff, Command, Packet, StateBits, WireCtx};
 
 // ---------------------------------------------------------------------------------------
-// pcap, IPv4, TCP: just enough to get each direction's bytes in order.
-
-type Endpoint = ([u8; 4], u16);
-
-struct Segment {
-    src: Endpoint,
-    dst: Endpoint,
-    seq: u32,
-    syn: bool,
-    payload: Vec<u8>,
-}
-
-fn be16(b: &[u8], off: usize) -> u16 {
-    u16::from_be_bytes(b[off..off + 2].try_into().expect("2 bytes"))
-}
-
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-
-/// The TCP segments over IPv4 of a classic pcap file (Ethernet or Linux cooked v1/v2).
-fn read_pcap(bytes: &[u8]) -> Vec<Segment> {
-    let magic = u32::from_le_bytes(bytes[0..4].try_into().expect("4"));
-    let le = match magic {
-        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
-        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
-        m => panic!("not a classic pcap file (magic {m:#010x})"),
-    };
-    let u32_at = |off: usize| {
-        let a: [u8; 4] = bytes[off..off + 4].try_into().expect("4");
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    let linktype = u32_at(20);
-    let mut segs = Vec::new();
-    let mut off = 24;
-    while off + 16 <= bytes.len() {
-        let incl = u32_at(off + 8) as usize;
-        let pkt = &bytes[off + 16..off + 16 + incl];
-        off += 16 + incl;
-        let (ethertype, l3) = match linktype {
-            1 => (be16(pkt, 12), 14),
-            113 => (be16(pkt, 14), 16),
-            276 => (be16(pkt, 0), 20),
-            other => panic!("unsupported pcap link type {other}"),
-        };
-        if ethertype != 0x0800 {
-            continue;
-        }
-        let ip = &pkt[l3..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let total = usize::from(be16(ip, 2));
-        if ip[9] != 6 {
-            continue;
-        }
-        let tcp = &ip[ihl..total];
-        let doff = usize::from(tcp[12] >> 4) * 4;
-        segs.push(Segment {
-            src: (ip[12..16].try_into().expect("4"), be16(tcp, 0)),
-            dst: (ip[16..20].try_into().expect("4"), be16(tcp, 2)),
-            seq: be32(tcp, 4),
-            syn: tcp[13] & 0x02 != 0,
-            payload: tcp[doff..].to_vec(),
-        });
-    }
-    segs
-}
-
-/// One direction of a TCP connection: its bytes from the first one captured up to the
-/// first hole (the packets this test needs all come before any capture loss).
-struct Stream {
-    src: Endpoint,
-    dst: Endpoint,
-    from_start: bool,
-    bytes: Vec<u8>,
-}
-
-fn reassemble(segs: &[Segment]) -> Vec<Stream> {
-    let mut dirs: HashMap<(Endpoint, Endpoint), Vec<&Segment>> = HashMap::new();
-    let mut order = Vec::new();
-    for s in segs {
-        let key = (s.src, s.dst);
-        if !dirs.contains_key(&key) {
-            order.push(key);
-        }
-        dirs.entry(key).or_default().push(s);
-    }
-    let mut out = Vec::new();
-    for key in order {
-        let list = &dirs[&key];
-        let syn = list.iter().find(|s| s.syn);
-        let data: Vec<&&Segment> = list.iter().filter(|s| !s.payload.is_empty()).collect();
-        let Some(first) = data.first() else { continue };
-        let base = match syn {
-            Some(s) => s.seq.wrapping_add(1),
-            None => {
-                let rel = |s: &Segment| s.seq.wrapping_sub(first.seq).cast_signed();
-                let min = data.iter().map(|s| rel(s)).min().expect("non-empty");
-                first.seq.wrapping_add(min.cast_unsigned())
-            }
-        };
-        let mut placed: Vec<(usize, &[u8])> = data
-            .iter()
-            .map(|s| (s.seq.wrapping_sub(base) as usize, s.payload.as_slice()))
-            .collect();
-        placed.sort_by_key(|&(o, _)| o);
-        let mut bytes: Vec<u8> = Vec::new();
-        for (o, p) in placed {
-            if o > bytes.len() {
-                break; // a hole: stop here
-            }
-            let overlap = (bytes.len() - o).min(p.len());
-            bytes.extend_from_slice(&p[overlap..]);
-        }
-        out.push(Stream {
-            src: key.0,
-            dst: key.1,
-            from_start: syn.is_some(),
-            bytes,
-        });
-    }
-    out
-}
+// The captures, read, reassembled and decoded by the shared `capture/` module.
 
 /// The packets of one direction of a capture, in order.
 struct Direction {
@@ -241,58 +115,22 @@ impl Capture {
     }
 }
 
-/// Decodes every stream of a capture as far as it is contiguous.
+/// Loads a capture with the shared decoder (which checks every byte of every stream)
+/// and groups its packets by direction, in the order the streams were first seen.
 fn load(name: &'static str) -> Capture {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/drbd84-captures")
-        .join(name);
-    let raw = std::fs::read(path).expect("capture file is in the repository");
-    let streams = reassemble(&read_pcap(&raw));
-    let pre = WireCtx::pre_features();
-    let mut features = Vec::new();
-    for s in streams.iter().filter(|s| s.from_start) {
-        let mut off = 0;
-        while let Ok(Some(f)) = decode_frame(&s.bytes[off..], &pre) {
-            if let Packet::Features(feat) = f.packet {
-                features.push(feat);
-                break;
-            }
-            off += f.len;
-        }
-    }
-    assert!(features.len() >= 2, "{name}: both P_CONNECTION_FEATURES");
-    let agreed = agree(&features[0], &features[1]).expect("kernel peers agree");
+    let cap = capture::load(name);
     let mut dirs = Vec::new();
-    for s in &streams {
-        // A direction that opened with an h80 packet speaks h80 until its features (or
-        // its P_INITIAL_META); the others (an accepted meta socket, a stream captured
-        // mid-way) speak the agreed header from their first byte.
-        let first = match decode_frame(&s.bytes, &pre) {
-            Ok(Some(f))
-                if s.from_start
-                    && matches!(
-                        f.header.command,
-                        Command::P_INITIAL_DATA
-                            | Command::P_INITIAL_META
-                            | Command::P_CONNECTION_FEATURES
-                    ) =>
-            {
-                Some(f.header.command)
-            }
-            _ => None,
-        };
-        let mut ctx = if first.is_some() { pre } else { agreed };
-        let mut packets = Vec::new();
-        let mut off = 0;
-        while let Ok(Some(f)) = decode_frame(&s.bytes[off..], &ctx) {
-            let cmd = f.header.command;
-            if ctx.is_pre_features()
-                && (cmd == Command::P_CONNECTION_FEATURES || cmd == Command::P_INITIAL_META)
-            {
-                ctx = agreed;
-            }
-            off += f.len;
-            packets.push(f.packet);
+    for s in &cap.streams {
+        let label = s.label();
+        let mut decoded = cap.packets.iter().filter(|p| p.stream == label).peekable();
+        // The first packet counts only if the stream was captured from its SYN.
+        let first = decoded
+            .peek()
+            .filter(|_| s.from_start)
+            .map(|p| p.header.command);
+        let packets: Vec<Packet> = decoded.map(|p| p.packet.clone()).collect();
+        if packets.is_empty() {
+            continue;
         }
         dirs.push(Direction {
             sport: s.src.1,
@@ -301,7 +139,11 @@ fn load(name: &'static str) -> Capture {
             packets,
         });
     }
-    Capture { name, agreed, dirs }
+    Capture {
+        name,
+        agreed: cap.agreed,
+        dirs,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
