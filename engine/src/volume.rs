@@ -31,6 +31,7 @@ use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, PrimaryOutput,
     Receiver, ReceiverConfig, ReceiverOutput, WriteKind,
 };
+use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
 use crate::wire::{self, Command, Packet};
@@ -112,6 +113,10 @@ struct Inner {
     /// A merged flush round is running.
     flush_running: bool,
     writes_completed: u64,
+    /// Generation UUIDs (persisted in the superblock on every change).
+    uuids: UuidSet,
+    /// Why the last handshake found a split brain (cleared by `connect`).
+    split_brain: Option<String>,
 }
 
 /// Which core a local write belongs to, with the handle that core gave it.
@@ -164,8 +169,6 @@ pub struct Volume {
     md: Mutex<MetaDevice>,
     /// The last stop was a crash while Primary (`MDF_CRASHED_PRIMARY`).
     crashed_primary: bool,
-    /// Generation UUIDs as attached: current, bitmap, history[0..2].
-    uuids: [u64; 4],
     slots: Arc<Semaphore>,
     peer_data: Arc<Semaphore>,
     accept: Notify,
@@ -233,12 +236,11 @@ impl Volume {
             .map_err(|e| anyhow::anyhow!("loading the bitmap: {e}"))?;
         let meta_store = md.store().clone();
         let sb = md.superblock();
-        let uuids = [
-            sb.current_uuid,
-            sb.peers[0].bitmap_uuid,
-            sb.history_uuids[0],
-            sb.history_uuids[1],
-        ];
+        let uuids = UuidSet {
+            current: sb.current_uuid,
+            bitmap: sb.peers[0].bitmap_uuid,
+            history: [sb.history_uuids[0], sb.history_uuids[1]],
+        };
         let mut rcfg = ReceiverConfig::new(sectors);
         rcfg.max_active = max_buffers;
         let receiver = Receiver::new(rcfg).map_err(|e| anyhow::anyhow!("receiver core: {e}"))?;
@@ -253,7 +255,6 @@ impl Volume {
             meta_store,
             md: Mutex::new(md),
             crashed_primary: attach.crashed_primary,
-            uuids,
             slots: Arc::new(Semaphore::new(max_buffers)),
             peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
             accept: Notify::new(),
@@ -277,6 +278,8 @@ impl Volume {
                 flush_waiting: Vec::new(),
                 flush_running: false,
                 writes_completed: 0,
+                uuids,
+                split_brain: None,
             }),
         }))
     }
@@ -320,6 +323,13 @@ impl Volume {
                 self.md_lock()
                     .set_primary_blocking(true)
                     .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
+                // A Primary without its peer's disk starts a new data generation
+                // (drbd_uuid_new_current): the UUIDs then tell a later handshake that
+                // this node has writes the peer lacks, or a split brain.
+                let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
+                let mut uuids = inner.uuids;
+                uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, false);
+                self.persist_uuids(inner, uuids)?;
                 inner.role = Role::Primary;
                 if inner.link.is_some() {
                     inner.primary.connected().map_err(core_err)?;
@@ -347,12 +357,35 @@ impl Volume {
                 }
                 md.set_primary_blocking(false)
                     .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))?;
+                drop(md);
+                let mut uuids = inner.uuids;
+                uuids.demote();
+                self.persist_uuids(inner, uuids)?;
             }
             self.send_state(inner);
             tracing::info!("role is now {}", inner.role);
         }
         self.run(effects);
         Ok(())
+    }
+
+    /// Writes new UUIDs to the superblock, then adopts them.
+    fn persist_uuids(&self, inner: &mut Inner, uuids: UuidSet) -> Result<(), String> {
+        if uuids != inner.uuids {
+            self.md_lock()
+                .set_uuids_blocking(&uuids)
+                .map_err(|e| format!("cannot write the generation UUIDs: {e}"))?;
+            tracing::info!("generation UUIDs {} (were {})", uuids, inner.uuids);
+            inner.uuids = uuids;
+        }
+        Ok(())
+    }
+
+    /// The handshake found a split brain (or unrelated data): stay StandAlone until the
+    /// operator connects again, and show why in status.
+    pub fn split_brain(&self, why: String) {
+        self.lock().split_brain = Some(why);
+        self.set_standalone(true);
     }
 
     fn md_lock(&self) -> MutexGuard<'_, MetaDevice> {
@@ -366,6 +399,9 @@ impl Volume {
         let kill = {
             let mut g = self.lock();
             g.standalone = standalone;
+            if !standalone {
+                g.split_brain = None;
+            }
             if standalone {
                 g.kill.clone()
             } else {
@@ -416,7 +452,7 @@ impl Volume {
     }
 
     /// What the handshake says about this node.
-    pub fn handshake_params(&self) -> LocalParams {
+    pub fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
         let g = self.lock();
         LocalParams {
             protocol: self.protocol,
@@ -424,12 +460,9 @@ impl Volume {
             disk: g.disk,
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
             dirty_bits: g.primary.out_of_sync().count(),
-            uuids: self.uuids,
-            uuid_flags: if self.crashed_primary {
-                crate::wire::uuid_flags::UUID_FLAG_CRASHED_PRIMARY
-            } else {
-                0
-            },
+            uuids: g.uuids,
+            crashed_primary: self.crashed_primary,
+            resolve_conflicts,
         }
     }
 
@@ -486,6 +519,18 @@ impl Volume {
             self.drain_primary(inner, &mut effects);
             inner.receiver.connection_lost();
             self.drain_receiver(inner, &mut effects);
+            // A Primary that lost its peer's disk writes a generation the peer lacks.
+            let mut uuids = inner.uuids;
+            if uuids.lost_peer_disk(
+                random_uuid(&mut rand::thread_rng()),
+                inner.role == Role::Primary,
+                false,
+                inner.disk,
+            ) {
+                if let Err(e) = self.persist_uuids(inner, uuids) {
+                    tracing::error!("{e}");
+                }
+            }
             let oos = inner.primary.out_of_sync_bytes();
             if oos > 0 {
                 tracing::warn!(
@@ -1307,6 +1352,8 @@ impl Volume {
             "activity_log": pstats.al,
             "al_waiting_writes": pstats.al_waiting,
             "crashed_primary": self.crashed_primary,
+            "uuids": g.uuids.to_string(),
+            "split_brain": g.split_brain,
         })
     }
 }

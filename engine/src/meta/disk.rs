@@ -715,6 +715,22 @@ impl MetaDevice {
         self.write_superblock_blocking(sb)
     }
 
+    /// Writes new generation UUIDs (current, the peer slot's bitmap UUID, history[0..2]),
+    /// durably: a new generation must be on disk before anything is written in it.
+    pub fn set_uuids_blocking(
+        &mut self,
+        uuids: &crate::state::uuid::UuidSet,
+    ) -> Result<(), MetaError> {
+        let mut sb = self.sb.clone();
+        sb.current_uuid = uuids.current;
+        sb.peers[0].bitmap_uuid = uuids.bitmap;
+        sb.history_uuids[..uuids.history.len()].copy_from_slice(&uuids.history);
+        if sb == self.sb {
+            return Ok(());
+        }
+        self.write_superblock_blocking(sb)
+    }
+
     /// Gives the store back.
     pub fn into_store(self) -> Store {
         self.store

@@ -2,6 +2,10 @@
 //! state (drbd-protocol.md §3, steps 3–8), with DRBD's checks on what the peer sends.
 
 use super::{read_control, send_packet, NetError};
+use crate::state::uuid::{
+    real_peer_disk, sync_handshake, HandshakeCtx, HandshakeOutcome, HandshakeSide,
+    SplitBrainPolicy, UuidPacket, UuidSet,
+};
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::wire::{self, ff, AlgName, Command, ConnectionFeatures, Packet, StateBits, WireCtx};
 use tokio::io::AsyncWriteExt;
@@ -15,10 +19,6 @@ use tokio::net::TcpStream;
 pub const OFFERED_FEATURES: u32 = ff::DRBD_FF_TRIM | ff::DRBD_FF_WZEROES | ff::DRBD_FF_WSAME;
 /// Largest bio tandem receives (DRBD_MAX_BIO_SIZE).
 pub const MAX_BIO_SIZE: u32 = wire::DRBD_MAX_BIO_SIZE;
-/// `UUID_JUST_CREATED`: the current UUID of fresh metadata (no generation history yet;
-/// on-disk UUIDs come with the metadata issue).
-pub const UUID_JUST_CREATED: u64 = 4;
-
 /// What this node says about itself in the handshake.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalParams {
@@ -32,10 +32,13 @@ pub struct LocalParams {
     pub size_sectors: u64,
     /// Out-of-sync 4 KiB blocks.
     pub dirty_bits: u64,
-    /// Generation UUIDs from the metadata: current, bitmap, history (P_UUIDS).
-    pub uuids: [u64; 4],
-    /// P_UUIDS flags (2 = this node crashed while Primary).
-    pub uuid_flags: u64,
+    /// Generation UUIDs, as the metadata holds them.
+    pub uuids: UuidSet,
+    /// This node crashed while Primary (P_UUIDS flag 2).
+    pub crashed_primary: bool,
+    /// This node accepted the meta socket, so it holds DRBD's `RESOLVE_CONFLICTS` (what
+    /// breaks ties in the sync decision; it is not "the higher address").
+    pub resolve_conflicts: bool,
 }
 
 /// What the handshake agreed and learned about the peer.
@@ -51,6 +54,10 @@ pub struct PeerParams {
     pub max_bio_size: u32,
     /// Out-of-sync 4 KiB blocks the peer reported (P_UUIDS dirty_bits).
     pub dirty_bits: u64,
+    /// What DRBD's sync handshake decided from both sides' UUIDs (`Connected`, or which
+    /// side would be SyncSource and whether fully). Split brain and unrelated data never
+    /// get here: the handshake refuses them.
+    pub sync: HandshakeOutcome,
 }
 
 /// Runs the handshake on the data socket.
@@ -143,11 +150,15 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     };
     wire::encode(&Packet::Sizes(sizes), &ctx, 0, &mut out)?;
     let uuids = wire::Uuids {
-        current: local.uuids[0],
-        bitmap: local.uuids[1],
-        history: [local.uuids[2], local.uuids[3]],
+        current: local.uuids.current,
+        bitmap: local.uuids.bitmap,
+        history: local.uuids.history,
         dirty_bits: local.dirty_bits,
-        uuid_flags: local.uuid_flags,
+        uuid_flags: if local.crashed_primary {
+            wire::uuid_flags::UUID_FLAG_CRASHED_PRIMARY
+        } else {
+            0
+        },
     };
     wire::encode(&Packet::Uuids(uuids), &ctx, 0, &mut out)?;
     let state = StateBits {
@@ -164,6 +175,7 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     let mut got_protocol = false;
     let mut got_sizes = None;
     let mut dirty_bits = 0;
+    let mut peer_uuids = None;
     let peer_state = loop {
         match read_control(data, &ctx).await? {
             (_, Packet::Protocol { protocol: p, .. }) => {
@@ -189,7 +201,10 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
                 got_protocol = true;
             }
             (_, Packet::SyncParam { .. }) => {}
-            (_, Packet::Uuids(u)) => dirty_bits = u.dirty_bits,
+            (_, Packet::Uuids(u)) => {
+                dirty_bits = u.dirty_bits;
+                peer_uuids = Some(UuidPacket::from(u));
+            }
             (_, Packet::Sizes(s)) => {
                 let peer_size = if s.c_size != 0 {
                     s.c_size.min(s.d_size.max(s.c_size))
@@ -231,13 +246,62 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
             "both nodes are Primary; demote one (tandem secondary)".into(),
         ));
     }
+    let Some(peer_uuids) = peer_uuids else {
+        return Err(NetError::Protocol(
+            "peer sent P_STATE before P_UUIDS".into(),
+        ));
+    };
+    let sync = decide(&local, &peer_uuids, role, disk, &ctx)?;
     Ok(PeerParams {
         ctx,
         role,
         disk,
         max_bio_size: sizes.max_bio_size.clamp(4096, MAX_BIO_SIZE),
         dirty_bits,
+        sync,
     })
+}
+
+/// DRBD's sync handshake on both sides' UUIDs (`drbd_sync_handshake`, policy: disconnect
+/// on every split brain). A split brain or unrelated data is refused with
+/// [`NetError::SplitBrain`]: nothing is overwritten, the node goes StandAlone.
+fn decide(
+    local: &LocalParams,
+    peer: &UuidPacket,
+    peer_role: Role,
+    peer_disk: DiskState,
+    ctx: &WireCtx,
+) -> Result<HandshakeOutcome, NetError> {
+    let me = HandshakeSide {
+        uuids: local.uuids,
+        dirty_bits: local.dirty_bits,
+        primary: local.role == Role::Primary,
+        disk: local.disk,
+        crashed_primary: local.crashed_primary,
+        discard_my_data: false,
+    };
+    let them = HandshakeSide::peer(
+        peer,
+        peer_role == Role::Primary,
+        real_peer_disk(peer_disk, peer.flags),
+    );
+    let hs = sync_handshake(
+        &me,
+        &them,
+        &HandshakeCtx {
+            agreed_version: ctx.version(),
+            wsame: ctx.has(ff::DRBD_FF_WSAME),
+            resolve_conflicts: local.resolve_conflicts,
+        },
+        &SplitBrainPolicy::default(),
+    );
+    match hs.outcome {
+        HandshakeOutcome::Disconnect(reason) => Err(NetError::SplitBrain(format!(
+            "{reason} (UUIDs here {}, peer {}; rule {}, {})",
+            local.uuids, peer.uuids, hs.comparison.rule, hs.hg
+        ))),
+        other => Ok(other),
+    }
 }
 
 /// A state enum's number as the bitfield byte (every DRBD state value fits 5 bits).

@@ -97,6 +97,10 @@ pub enum NetError {
     /// The peer is incompatible (protocol, size, roles).
     #[error("refused peer: {0}")]
     Refused(String),
+    /// The generation UUIDs say the two disks diverged (split brain) or share no
+    /// history: the connection is dropped and the node stays StandAlone.
+    #[error("split brain: {0}")]
+    SplitBrain(String),
     /// A deadline passed.
     #[error("timed out: {0}")]
     Timeout(&'static str),
@@ -200,7 +204,7 @@ pub async fn run(
             _ = shutdown.wait_for(|s| *s) => break,
             _ = volume.wait_standalone() => continue,
         };
-        let (data, meta) = match sockets {
+        let (data, meta, resolve_conflicts) = match sockets {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!("no connection to {} yet: {e}", peer.name);
@@ -217,7 +221,7 @@ pub async fn run(
         session_no += 1;
         volume.set_conn_state(ConnState::WFReportParams);
         let result = tokio::select! {
-            r = session::run(volume.clone(), &config, &peer, data, meta, session_no) => r,
+            r = session::run(volume.clone(), &config, &peer, (data, meta), resolve_conflicts, session_no) => r,
             _ = shutdown.wait_for(|s| *s) => Err(NetError::Shutdown),
         };
         volume.connection_lost(session_no);
@@ -225,6 +229,15 @@ pub async fn run(
             Ok(()) | Err(NetError::Shutdown) => {}
             Err(NetError::Closed) => {
                 tracing::warn!("connection to {} lost: peer closed it", peer.name)
+            }
+            Err(NetError::SplitBrain(why)) => {
+                // DRBD: "Split-Brain detected, dropping connection!" and StandAlone;
+                // nothing is overwritten until an operator decides.
+                tracing::error!(
+                    "split brain with {}: {why}; staying StandAlone (resolve it, then `tandem connect`)",
+                    peer.name
+                );
+                volume.split_brain(why);
             }
             Err(e) => tracing::warn!("connection to {} dropped: {e}", peer.name),
         }
@@ -348,19 +361,20 @@ impl Accepted {
 
 /// Makes the data and meta sockets. Both sides accept: a pair the peer opened is used
 /// whenever it is complete (a kernel DRBD peer connects from either side). The active
-/// side also connects; the passive side waits up to `connect-int` for the peer.
+/// side also connects; the passive side waits up to `connect-int` for the peer. The bool
+/// says whether this node accepted the meta socket (it then holds `RESOLVE_CONFLICTS`).
 async fn establish(
     active: bool,
     peer: SocketAddr,
     incoming: &mut mpsc::Receiver<(Command, TcpStream)>,
     accepted: &mut Accepted,
     config: &Config,
-) -> Result<(TcpStream, TcpStream), NetError> {
+) -> Result<(TcpStream, TcpStream, bool), NetError> {
     while let Ok((cmd, s)) = incoming.try_recv() {
         accepted.put(cmd, s);
     }
-    let (data, meta) = if let Some(pair) = accepted.take_pair() {
-        pair
+    let (data, meta, accepted_meta) = if let Some((d, m)) = accepted.take_pair() {
+        (d, m, true)
     } else if active {
         let pre = WireCtx::pre_features();
         let mut data = connect(peer).await?;
@@ -377,7 +391,7 @@ async fn establish(
             &pre,
         )
         .await?;
-        (data, meta)
+        (data, meta, false)
     } else {
         let deadline =
             tokio::time::Instant::now() + config.net.connect_interval.max(Duration::from_secs(1));
@@ -387,14 +401,14 @@ async fn establish(
                 .map_err(|_| NetError::Timeout("waiting for the peer to connect"))?
                 .ok_or(NetError::Shutdown)?;
             accepted.put(cmd, s);
-            if let Some(pair) = accepted.take_pair() {
-                break pair;
+            if let Some((d, m)) = accepted.take_pair() {
+                break (d, m, true);
             }
         }
     };
     socket::tune(&data, socket::Role::Data, &config.net)?;
     socket::tune(&meta, socket::Role::Meta, &config.net)?;
-    Ok((data, meta))
+    Ok((data, meta, accepted_meta))
 }
 
 async fn connect(peer: SocketAddr) -> Result<TcpStream, NetError> {

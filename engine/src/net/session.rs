@@ -34,11 +34,12 @@ pub async fn run(
     volume: Arc<Volume>,
     config: &Config,
     peer: &NodeConfig,
-    mut data: TcpStream,
-    meta: TcpStream,
+    sockets: (TcpStream, TcpStream),
+    resolve_conflicts: bool,
     session: u64,
 ) -> Result<(), NetError> {
-    let local = volume.handshake_params();
+    let (mut data, meta) = sockets;
+    let local = volume.handshake_params(resolve_conflicts);
     let params: PeerParams =
         tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake::run(&mut data, local))
             .await
@@ -56,13 +57,14 @@ pub async fn run(
         session,
     };
     tracing::info!(
-        "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}",
+        "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}, sync decision {:?}",
         peer.name,
         peer.address,
         params.role,
         params.disk,
         config.resource.protocol,
-        ctx.version()
+        ctx.version(),
+        params.sync
     );
     let kill = volume.connection_up(link, &params);
 
