@@ -347,17 +347,28 @@ impl Volume {
                 // Writes the peer has not acked are now only in the bitmap: it must be on
                 // disk before the superblock stops saying Primary (after which a crash
                 // no longer applies the activity log).
+                // On failure the superblock keeps saying Primary (a crash then applies the
+                // activity log, which covers every bit not yet written) and the disk goes
+                // out of use, so that no clean stop can mark it clean later.
                 let pages = inner.primary.take_dirty_bitmap_pages();
-                let mut md = self.md_lock();
-                for (offset, page) in pages {
+                let written = pages.iter().try_for_each(|(offset, page)| {
                     let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
                     self.meta_store
-                        .write_blocking(offset, &buf, true)
-                        .map_err(|e| format!("cannot write the bitmap: {e}"))?;
+                        .write_blocking(*offset, &buf, true)
+                        .map_err(|e| format!("cannot write the bitmap: {e}"))
+                });
+                let demoted = written.and_then(|()| {
+                    self.md_lock()
+                        .set_primary_blocking(false)
+                        .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))
+                });
+                if let Err(e) = demoted {
+                    inner.primary.fail_disk();
+                    self.drain_primary(inner, &mut effects);
+                    drop(g);
+                    self.run(effects);
+                    return Err(e);
                 }
-                md.set_primary_blocking(false)
-                    .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))?;
-                drop(md);
                 let mut uuids = inner.uuids;
                 uuids.demote();
                 self.persist_uuids(inner, uuids)?;
@@ -528,7 +539,10 @@ impl Volume {
                 inner.disk,
             ) {
                 if let Err(e) = self.persist_uuids(inner, uuids) {
-                    tracing::error!("{e}");
+                    // Writing on in the old generation would hide a split brain later.
+                    tracing::error!("{e}; the disk goes out of use");
+                    inner.primary.fail_disk();
+                    self.drain_primary(inner, &mut effects);
                 }
             }
             let oos = inner.primary.out_of_sync_bytes();
@@ -1282,8 +1296,8 @@ impl Volume {
         let pages = {
             let mut g = self.lock();
             let s = g.primary.stats();
-            if s.in_flight_writes > 0 || s.al_waiting > 0 {
-                tracing::warn!("writes still in flight: metadata left unclean (the next start applies the activity log)");
+            if s.in_flight_writes > 0 || s.al_waiting > 0 || s.meta_failed {
+                tracing::warn!("writes still in flight or a metadata write failed: metadata left unclean (the next start applies the activity log)");
                 return;
             }
             g.primary.take_dirty_bitmap_pages()

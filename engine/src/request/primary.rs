@@ -703,6 +703,14 @@ impl Primary {
         Ok(())
     }
 
+    /// A metadata write outside the core failed (the driver's bitmap write-back or
+    /// superblock update): the disk goes out of use exactly as after a failed AL write
+    /// (see `meta_write_done`).
+    pub fn fail_disk(&mut self) {
+        self.al_failed();
+        self.pump_al();
+    }
+
     /// The metadata write `tag` finished. A failure undoes the transaction and fails
     /// every write that waited for the activity log (DRBD detaches the disk instead;
     /// here the writes report EIO and later writes try again).
