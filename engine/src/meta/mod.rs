@@ -11,8 +11,14 @@
 //! | [`layout`] | where superblock, activity log and bitmap are, by DRBD's formulas (pure) |
 //! | [`superblock`] | the 4 KiB `meta_data_on_disk_9` codec and its validation (pure) |
 //! | [`al`] | the activity-log transaction format, ring placement, replay, runtime LRU |
-//! | [`disk`] | [`MetaDevice`]: metadata on a [`crate::store::Store`]: create, open, bitmap IO, apply-al |
+//! | [`disk`] | [`MetaDevice`]: metadata on a [`crate::store::Store`]: create, open, bitmap IO, apply-al, the daemon's attach / role flags / UUIDs / clean stop |
 //! | [`tool`] | the offline commands `create-md`, `dump-md`, `apply-al` and their output |
+//!
+//! At run time the sans-IO [`crate::request::Primary`] drives the activity log and asks
+//! for its metadata writes (transactions, evicted extents' bitmap pages) as outputs; the
+//! volume driver executes them. The invariant they keep, and the simulator checks after
+//! every crash: every block that may differ from the peer is set in the on-disk bitmap or
+//! inside an extent the on-disk log names.
 //!
 //! Bounds: the superblock is one 4 KiB block; the activity log is 8 blocks by default and
 //! at most 8192 blocks (32 MiB, drbdmeta's own buffer: the kernel allows 16 GiB rings,
