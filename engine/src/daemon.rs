@@ -5,7 +5,7 @@
 //! metadata unclean, load the bitmap — before any IO is served), starts the
 //! volume driver ([`crate::volume`]), the replication connection ([`crate::net`]), the NBD
 //! exports ([`crate::frontend::nbd`]) and the management socket ([`crate::mgmt`]) on one
-//! current-thread tokio runtime (see [`runtime`] for the measurement; the backing
+//! current-thread tokio runtime (see `runtime` for the measurement; the backing
 //! device's io_uring completions arrive through that runtime's epoll), then waits for
 //! SIGTERM/SIGINT. Shutdown stops the frontends (requests in flight finish), sends a
 //! final flush through the replication core so a connected peer has every write on its
