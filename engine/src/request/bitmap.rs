@@ -253,91 +253,46 @@ impl OutOfSync {
             return 0;
         }
         let last = first.saturating_add(count - 1).min(self.blocks - 1);
-        let mut n = 0;
-        self.for_words(first, last, |word, mask| {
-            n += u64::from((word & mask).count_ones())
-        });
-        n
+        word_masks(first, last)
+            .filter_map(|(w, mask)| self.words.get(w).map(|word| word & mask))
+            .map(|bits| u64::from(bits.count_ones()))
+            .sum()
     }
 
     fn clear_block_range(&mut self, first: u64, last: u64) -> u64 {
         let mut cleared = 0;
-        let mut b = first;
-        while b <= last {
-            let Ok(w) = usize::try_from(b / 64) else {
-                break;
-            };
-            let bit = b % 64;
-            let n = (64 - bit).min(last - b + 1);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
+        for (w, mask) in word_masks(first, last) {
             if let Some(word) = self.words.get_mut(w) {
                 let gone = mask & *word;
                 if gone != 0 {
                     cleared += u64::from(gone.count_ones());
                     *word &= !mask;
-                    let page = w / WORDS_PER_PAGE;
-                    if let Some(d) = self.dirty.get_mut(page / 64) {
-                        *d |= 1 << (page % 64);
-                    }
+                    self.set_word_dirty(w);
                 }
             }
-            b += n;
         }
         self.set -= cleared;
         cleared
     }
 
-    /// Calls `f(word, mask)` for each word overlapping blocks `first..=last`.
-    fn for_words(&self, first: u64, last: u64, mut f: impl FnMut(u64, u64)) {
-        let mut b = first;
-        while b <= last {
-            let Ok(w) = usize::try_from(b / 64) else {
-                return;
-            };
-            let bit = b % 64;
-            let n = (64 - bit).min(last - b + 1);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            if let Some(word) = self.words.get(w) {
-                f(*word, mask);
-            }
-            b += n;
-        }
-    }
-
     fn mark_block_range(&mut self, first: u64, last: u64) {
-        let mut b = first;
-        while b <= last {
-            let Ok(w) = usize::try_from(b / 64) else {
-                return;
-            };
-            let bit = b % 64;
-            // Bits bit..=min(63, bit + (last - b)) of this word.
-            let n = (64 - bit).min(last - b + 1);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
+        for (w, mask) in word_masks(first, last) {
             if let Some(word) = self.words.get_mut(w) {
                 let new = mask & !*word;
                 if new != 0 {
                     self.set += u64::from(new.count_ones());
                     *word |= mask;
-                    let page = w / WORDS_PER_PAGE;
-                    if let Some(d) = self.dirty.get_mut(page / 64) {
-                        *d |= 1 << (page % 64);
-                    }
+                    self.set_word_dirty(w);
                 }
             }
-            b += n;
+        }
+    }
+
+    /// Marks the page holding word `w` dirty.
+    fn set_word_dirty(&mut self, w: usize) {
+        let page = w / WORDS_PER_PAGE;
+        if let Some(d) = self.dirty.get_mut(page / 64) {
+            *d |= 1 << (page % 64);
         }
     }
 
@@ -351,6 +306,28 @@ impl OutOfSync {
         let last = ((end_sector - 1) / SECTORS_PER_BLOCK).min(self.blocks - 1);
         (first <= last).then_some((first, last))
     }
+}
+
+/// The words overlapping blocks `first..=last`, each with the mask of its bits in the
+/// range: `(word index, mask)`. Stops at a word index that does not fit `usize`.
+fn word_masks(first: u64, last: u64) -> impl Iterator<Item = (usize, u64)> {
+    let mut b = first;
+    std::iter::from_fn(move || {
+        if b > last {
+            return None;
+        }
+        let w = usize::try_from(b / 64).ok()?;
+        let bit = b % 64;
+        // Bits bit..=min(63, bit + (last - b)) of this word.
+        let n = (64 - bit).min(last - b + 1);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        b += n;
+        Some((w, mask))
+    })
 }
 
 #[cfg(test)]
