@@ -104,7 +104,7 @@ pub enum Error {
 
 /// Checks that `[sector, sector + len)` is a non-empty, sector-multiple range inside a
 /// volume of `sectors` sectors. Returns the end sector.
-fn check_range(sector: u64, len: u32, sectors: u64) -> Option<u64> {
+pub(crate) fn check_range(sector: u64, len: u32, sectors: u64) -> Option<u64> {
     if len == 0 || !len.is_multiple_of(SECTOR) {
         return None;
     }

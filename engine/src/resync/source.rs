@@ -41,7 +41,6 @@ use std::collections::{HashMap, VecDeque};
 use super::controller::{MinRateThrottle, SyncMarks};
 use super::slab::Slab;
 use super::{check_peer_range, overlaps, Digest, Error, ExtentCounts, TickInput};
-use crate::request::SECTOR;
 
 /// Configuration of a [`Source`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,12 +406,10 @@ impl Source {
     /// submitted; `id` unique among those tracked. Call [`Source::app_write_end`] when it
     /// completed on this disk.
     pub fn app_write_begin(&mut self, id: u64, sector: u64, len: u32) -> Result<(), Error> {
-        if len == 0 || !len.is_multiple_of(SECTOR) {
-            return Err(Error::Invalid("app write length"));
-        }
-        match sector.checked_add(u64::from(len / SECTOR)) {
-            Some(end) if end <= self.cfg.sectors => {}
-            _ => return Err(Error::Invalid("app write beyond the device")),
+        if crate::request::check_range(sector, len, self.cfg.sectors).is_none() {
+            return Err(Error::Invalid(
+                "app write empty, unaligned or beyond the device",
+            ));
         }
         if self.apps.contains_key(&id) {
             return Err(Error::Invalid("app write id already tracked"));

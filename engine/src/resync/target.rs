@@ -922,12 +922,10 @@ impl Target {
     /// [`TargetOutput::AppWriteReady`] (rule 3). Either way call
     /// [`Target::app_write_end`] when it is done (see the module docs for when).
     pub fn app_write_begin(&mut self, id: u64, sector: u64, len: u32) -> Result<bool, Error> {
-        if len == 0 || !len.is_multiple_of(SECTOR) {
-            return Err(Error::Invalid("app write length"));
-        }
-        match sector.checked_add(u64::from(len / SECTOR)) {
-            Some(end) if end <= self.cfg.sectors => {}
-            _ => return Err(Error::Invalid("app write beyond the device")),
+        if crate::request::check_range(sector, len, self.cfg.sectors).is_none() {
+            return Err(Error::Invalid(
+                "app write empty, unaligned or beyond the device",
+            ));
         }
         if self.apps.contains_key(&id) {
             return Err(Error::Invalid("app write id already tracked"));

@@ -310,12 +310,13 @@ impl VerifySource {
 
     /// A local write is in flight (verify waits at its 16 MiB extent).
     pub fn app_write_begin(&mut self, id: u64, sector: u64, len: u32) -> Result<(), Error> {
-        if len == 0 || !len.is_multiple_of(SECTOR) || self.apps.contains_key(&id) {
-            return Err(Error::Invalid("app write"));
+        if self.apps.contains_key(&id) {
+            return Err(Error::Invalid("app write id already tracked"));
         }
-        match sector.checked_add(u64::from(len / SECTOR)) {
-            Some(end) if end <= self.cfg.sectors => {}
-            _ => return Err(Error::Invalid("app write beyond the device")),
+        if crate::request::check_range(sector, len, self.cfg.sectors).is_none() {
+            return Err(Error::Invalid(
+                "app write empty, unaligned or beyond the device",
+            ));
         }
         if self.apps.len() >= self.cfg.max_requests {
             return Err(Error::Busy);
