@@ -352,26 +352,7 @@ fn samples(ctx: &WireCtx) -> Vec<Packet> {
 mod tests {
     use super::*;
 
-    /// splitmix64: a fixed, dependency-free generator so runs are reproducible.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next() % (n as u64)).unwrap_or(0)
-        }
-
-        fn byte(&mut self) -> u8 {
-            self.next().to_le_bytes()[0]
-        }
-    }
+    use crate::sim::rng::Rng;
 
     #[test]
     fn corpus_round_trips_through_the_oracle() {
@@ -401,18 +382,18 @@ mod tests {
 
     #[test]
     fn random_inputs_never_panic() {
-        let mut rng = Rng(0x7a4d_e11e_5eed_0001);
+        let mut rng = Rng::new(0x7a4d_e11e_5eed_0001);
         let mut decoded = 0;
         for i in 0..20_000 {
             let len = if i % 50 == 0 {
-                rng.below(5000)
+                rng.index(5000)
             } else {
-                rng.below(200)
+                rng.index(200)
             };
             let mut input: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
             // Half the inputs start with a real header magic so decoding gets further.
             if i % 2 == 0 && input.len() > 6 {
-                let magic: &[u8] = match rng.below(3) {
+                let magic: &[u8] = match rng.index(3) {
                     0 => &[0x83, 0x74, 0x02, 0x67],
                     1 => &[0x83, 0x5a],
                     _ => &[0x86, 0x20, 0xec, 0x20],
@@ -429,30 +410,30 @@ mod tests {
     #[test]
     fn mutated_valid_packets_never_panic() {
         let corpus = corpus();
-        let mut rng = Rng(0x5eed_0000_0000_0002);
+        let mut rng = Rng::new(0x5eed_0000_0000_0002);
         let mut decoded = 0;
         for i in 0..20_000 {
-            let mut input = corpus[rng.below(corpus.len())].clone();
+            let mut input = corpus[rng.index(corpus.len())].clone();
             match i % 5 {
                 // Flip a few bytes (headers and payloads alike).
                 0 | 1 => {
-                    for _ in 0..=rng.below(4) {
-                        let at = rng.below(input.len());
+                    for _ in 0..=rng.index(4) {
+                        let at = rng.index(input.len());
                         input[at] ^= rng.byte() | 1;
                     }
                 }
                 // Truncate.
-                2 => input.truncate(rng.below(input.len())),
+                2 => input.truncate(rng.index(input.len())),
                 // Append garbage or a second packet.
                 3 => {
-                    let other = &corpus[rng.below(corpus.len())];
+                    let other = &corpus[rng.index(corpus.len())];
                     input.extend_from_slice(&other[2..]);
-                    let at = rng.below(input.len());
+                    let at = rng.index(input.len());
                     input[at] ^= rng.byte();
                 }
                 // Rewrite a length field byte (h80: 6..8, h95: 4..8, h100: 8..12).
                 _ => {
-                    let at = 2 + 4 + rng.below(8);
+                    let at = 2 + 4 + rng.index(8);
                     if at < input.len() {
                         input[at] = rng.byte();
                     }

@@ -151,22 +151,7 @@ mod tests {
     use super::*;
     use crate::meta::al::AlGeometry;
 
-    /// splitmix64: a fixed, dependency-free generator so runs are reproducible.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next() % (n.max(1) as u64)).unwrap_or(0)
-        }
-    }
+    use crate::sim::rng::Rng;
 
     fn input(selector: u8, a: u64, b: u64, sb: &Superblock) -> Vec<u8> {
         let mut v = vec![selector];
@@ -233,29 +218,29 @@ mod tests {
 
     #[test]
     fn random_and_mutated_inputs_never_panic() {
-        let mut rng = Rng(0x5b10_c0de_0000_0001);
+        let mut rng = Rng::new(0x5b10_c0de_0000_0001);
         let seeds = seeds();
         let mut accepted = 0;
         for i in 0..20_000 {
             let input = if i % 4 == 0 {
-                let len = rng.below(HEADER + SUPERBLOCK_BYTES + 64);
+                let len = rng.index(HEADER + SUPERBLOCK_BYTES + 64);
                 (0..len)
-                    .map(|_| rng.next().to_le_bytes()[0])
+                    .map(|_| rng.next_u64().to_le_bytes()[0])
                     .collect::<Vec<u8>>()
             } else {
                 let mut v = seeds[i % seeds.len()].clone();
-                for _ in 0..1 + rng.below(4) {
+                for _ in 0..1 + rng.index(4) {
                     // Mostly in the header and the first 112 bytes, where the fields are.
-                    let pos = match rng.below(3) {
-                        0 => rng.below(HEADER),
-                        1 => HEADER + rng.below(112),
-                        _ => rng.below(v.len()),
+                    let pos = match rng.index(3) {
+                        0 => rng.index(HEADER),
+                        1 => HEADER + rng.index(112),
+                        _ => rng.index(v.len()),
                     };
                     if pos >= v.len() {
                         break; // truncated by an earlier mutation
                     }
-                    let r = rng.next().to_le_bytes();
-                    match rng.below(4) {
+                    let r = rng.next_u64().to_le_bytes();
+                    match rng.index(4) {
                         0 => v[pos] = r[0],
                         1 => v[pos] ^= 1 << (r[1] % 8),
                         2 => v[pos] = if r[2] & 1 == 0 { 0 } else { 0xff },

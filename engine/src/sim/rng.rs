@@ -34,6 +34,18 @@ impl Rng {
         }
     }
 
+    /// Uniform index in `0..n` (0 when `n == 0`).
+    #[cfg(test)]
+    pub(crate) fn index(&mut self, n: usize) -> usize {
+        usize::try_from(self.below(n as u64)).unwrap_or(0)
+    }
+
+    /// One random byte.
+    #[cfg(test)]
+    pub(crate) fn byte(&mut self) -> u8 {
+        self.next_u64().to_le_bytes()[0]
+    }
+
     /// Uniform in `lo..=hi`.
     pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi.saturating_sub(lo).saturating_add(1))
