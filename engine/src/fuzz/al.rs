@@ -112,13 +112,11 @@ mod tests {
         for i in 0..3000 {
             let mut v = seeds[i % seeds.len()].clone();
             if i % 5 == 0 {
-                let n = usize::try_from(rng.below(70_000)).expect("small");
-                v = (0..n).map(|_| rng.next_u64().to_le_bytes()[0]).collect();
+                let n = rng.index(70_000);
+                v = (0..n).map(|_| rng.byte()).collect();
             } else {
                 for _ in 0..1 + rng.below(6) {
-                    let Ok(pos) = usize::try_from(rng.below(v.len() as u64)) else {
-                        break;
-                    };
+                    let pos = rng.index(v.len());
                     let r = rng.next_u64().to_le_bytes();
                     match rng.below(4) {
                         0 => v[pos] = r[0],
