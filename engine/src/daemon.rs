@@ -235,7 +235,7 @@ pub fn attach_disk(
         tracing::warn!(
             "{} was not stopped cleanly{}: activity log applied ({} hot extents, {} bits newly set)",
             me.disk.display(),
-            if attach.crashed_primary { " while Primary" } else { "" },
+            if attach.crashed_primary() { " while Primary" } else { "" },
             r.hot_extents.len(),
             r.bits_newly_set
         );

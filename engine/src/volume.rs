@@ -254,7 +254,7 @@ impl Volume {
             store,
             meta_store,
             md: Mutex::new(md),
-            crashed_primary: attach.crashed_primary,
+            crashed_primary: attach.crashed_primary(),
             slots: Arc::new(Semaphore::new(max_buffers)),
             peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
             accept: Notify::new(),

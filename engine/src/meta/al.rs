@@ -139,6 +139,14 @@ impl AlGeometry {
     }
 }
 
+/// First and last extent of `len` bytes at `sector`, for extents of `2^shift` sectors
+/// ([`AL_EXTENT_SHIFT`] − 9 for DRBD's 4 MiB). A zero length counts as one sector.
+pub fn extent_range(sector: u64, len: u32, shift: u32) -> (u32, u32) {
+    let end = sector.saturating_add(u64::from(len.div_ceil(512)).max(1)) - 1;
+    let e = |x: u64| u32::try_from(x >> shift).unwrap_or(u32::MAX - 1);
+    (e(sector), e(end))
+}
+
 /// The ring block (0-based, in 4 KiB blocks from the ring's start) that holds
 /// transaction `tr_number` (`al_tr_number_to_on_disk_sector`): transactions go round
 /// the stripes, so consecutive ones land on different stripes.
@@ -578,13 +586,6 @@ impl ActivityLog {
         v
     }
 
-    /// First and last extent of `len` bytes at `sector` (`len` > 0).
-    pub fn extents_of(sector: u64, len: u32) -> (u32, u32) {
-        let end = sector.saturating_add(u64::from(len.div_ceil(512)).max(1)) - 1;
-        let e = |s: u64| u32::try_from(s / AL_EXTENT_SECTORS).unwrap_or(u32::MAX - 1);
-        (e(sector), e(end))
-    }
-
     /// Takes a reference on every extent of `first..=last` for a write, staging the
     /// missing ones into the next transaction. See [`Begin`].
     pub fn begin(&mut self, first: u32, last: u32) -> Begin {
@@ -895,10 +896,11 @@ mod tests {
     }
 
     #[test]
-    fn extents_of_covers_the_range() {
-        assert_eq!(ActivityLog::extents_of(0, 4096), (0, 0));
-        assert_eq!(ActivityLog::extents_of(8191, 1024), (0, 1));
-        assert_eq!(ActivityLog::extents_of(8192, 128 << 20), (1, 32));
+    fn extent_range_covers_the_range() {
+        const SHIFT_4M: u32 = AL_EXTENT_SHIFT - 9;
+        assert_eq!(extent_range(0, 4096, SHIFT_4M), (0, 0));
+        assert_eq!(extent_range(8191, 1024, SHIFT_4M), (0, 1));
+        assert_eq!(extent_range(8192, 128 << 20, SHIFT_4M), (1, 32));
     }
 
     /// Writes a prepared transaction into a ring image.

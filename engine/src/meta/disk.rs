@@ -125,13 +125,17 @@ pub struct Attach {
     /// The on-disk bitmap of the data area (whole pages; bits past the data are
     /// meaningless and ignored by the loader).
     pub bitmap: Vec<u8>,
-    /// The metadata was not clean: the node stopped without a clean stop.
-    pub was_unclean: bool,
+    /// What apply-al did, when it ran: the metadata was not clean (the node stopped
+    /// without a clean stop).
+    pub apply: Option<ApplyAlReport>,
+}
+
+impl Attach {
     /// It stopped while Primary: the activity log was applied and the superblock now
     /// says `MDF_CRASHED_PRIMARY`.
-    pub crashed_primary: bool,
-    /// What apply-al did, when it ran.
-    pub apply: Option<ApplyAlReport>,
+    pub fn crashed_primary(&self) -> bool {
+        self.apply.as_ref().is_some_and(|r| r.primary)
+    }
 }
 
 /// DRBD 9 metadata on an open store.
@@ -659,11 +663,10 @@ impl MetaDevice {
                 self.layout.al.max_al_extents()
             )));
         }
-        let was_unclean = !self.sb.is_clean();
-        let apply = if was_unclean {
-            Some(self.apply_al_blocking()?)
-        } else {
+        let apply = if self.sb.is_clean() {
             None
+        } else {
+            Some(self.apply_al_blocking()?)
         };
         let crashed_primary = apply.as_ref().is_some_and(|r| r.primary);
         self.initialize_al_blocking()?;
@@ -678,12 +681,7 @@ impl MetaDevice {
         self.write_superblock_blocking(sb)?;
         let mut bitmap = vec![0u8; to_usize(self.bitmap_bytes())];
         self.read_bitmap_blocking(0, &mut bitmap)?;
-        Ok(Attach {
-            bitmap,
-            was_unclean,
-            crashed_primary,
-            apply,
-        })
+        Ok(Attach { bitmap, apply })
     }
 
     /// Sets or clears `MDF_PRIMARY_IND` (promotion / demotion), durably. On promotion it

@@ -43,17 +43,12 @@
 
 use super::{
     check_range, dp, make_handle, split_handle, Error, OutOfSync, RequestError, WriteKind,
-    PAGE_BITS, PAGE_BYTES, SECTOR,
+    PAGE_BITS, PAGE_BYTES,
 };
 
-/// First and last extent of `len` bytes at `sector`, for extents of `2^shift` sectors.
-fn extent_range(sector: u64, len: u32, shift: u32) -> (u32, u32) {
-    let end = sector + u64::from(len.div_ceil(SECTOR)).max(1) - 1;
-    let e = |x: u64| u32::try_from(x >> shift).unwrap_or(u32::MAX - 1);
-    (e(sector), e(end))
-}
 use crate::meta::al::{
-    ActivityLog, AlGeometry, AlStats, Begin, Prepared, AL_EXTENT_SHIFT, AL_UPDATES_PER_TRANSACTION,
+    extent_range, ActivityLog, AlGeometry, AlStats, Begin, Prepared, AL_EXTENT_SHIFT,
+    AL_UPDATES_PER_TRANSACTION,
 };
 use crate::state::Protocol;
 use std::collections::VecDeque;
