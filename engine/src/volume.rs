@@ -351,13 +351,7 @@ impl Volume {
                 // activity log, which covers every bit not yet written) and the disk goes
                 // out of use, so that no clean stop can mark it clean later.
                 let pages = inner.primary.take_dirty_bitmap_pages();
-                let written = pages.iter().try_for_each(|(offset, page)| {
-                    let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
-                    self.meta_store
-                        .write_blocking(*offset, &buf, true)
-                        .map_err(|e| format!("cannot write the bitmap: {e}"))
-                });
-                let demoted = written.and_then(|()| {
+                let demoted = self.write_bitmap_pages(pages).and_then(|()| {
                     self.md_lock()
                         .set_primary_blocking(false)
                         .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))
@@ -377,6 +371,18 @@ impl Volume {
             tracing::info!("role is now {}", inner.role);
         }
         self.run(effects);
+        Ok(())
+    }
+
+    /// Writes bitmap pages `(offset, bytes)` durably, one 4 KiB FUA write each. Blocking:
+    /// only on a demotion and at the clean stop, never on the data path.
+    fn write_bitmap_pages(&self, pages: Vec<(u64, Box<[u8; 4096]>)>) -> Result<(), String> {
+        for (offset, page) in pages {
+            let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
+            self.meta_store
+                .write_blocking(offset, &buf, true)
+                .map_err(|e| format!("cannot write the bitmap page at byte {offset}: {e}"))?;
+        }
         Ok(())
     }
 
@@ -1278,7 +1284,7 @@ impl Volume {
         if let Err(e) = self.store.flush().await {
             tracing::error!("final flush failed: {e}");
         }
-        self.write_back_metadata().await;
+        self.write_back_metadata();
         // close() waits for the ring thread (bounded by the store's CLOSE_TIMEOUT).
         let store = self.store.clone();
         let meta = self.meta_store.clone();
@@ -1292,7 +1298,7 @@ impl Volume {
     /// The clean stop's metadata: every dirty bitmap page, then a clean superblock. Only
     /// when nothing is in flight: otherwise the metadata stays unclean and the next attach
     /// applies the activity log, which is what a crash would get.
-    async fn write_back_metadata(&self) {
+    fn write_back_metadata(&self) {
         let pages = {
             let mut g = self.lock();
             let s = g.primary.stats();
@@ -1303,21 +1309,11 @@ impl Volume {
             g.primary.take_dirty_bitmap_pages()
         };
         let n = pages.len();
-        for (offset, page) in pages {
-            let ok = match AlignedBuf::from_slice(&page[..]) {
-                Ok(buf) => self
-                    .meta_store
-                    .write(offset, Arc::new(buf), true)
-                    .await
-                    .is_ok(),
-                Err(_) => false,
-            };
-            if !ok {
-                tracing::error!("cannot write bitmap page at byte {offset}: metadata left unclean");
-                return;
-            }
+        if let Err(e) = self.write_bitmap_pages(pages) {
+            tracing::error!("{e}: metadata left unclean");
+            return;
         }
-        // Blocking IO (a 32 KiB ring and a superblock), once, at the very end.
+        // A 32 KiB ring and a superblock, once, at the very end.
         match self.md_lock().mark_clean_blocking() {
             Ok(()) => tracing::info!("metadata clean ({n} bitmap pages written)"),
             Err(e) => tracing::error!("cannot mark the metadata clean: {e}"),

@@ -553,15 +553,23 @@ impl Primary {
     /// Every dirty bitmap page as `(byte offset on the metadata device, bytes)`, clearing
     /// the dirty flags: the clean-stop write-back. Empty without metadata.
     pub fn take_dirty_bitmap_pages(&mut self) -> Vec<(u64, Box<[u8; 4096]>)> {
-        let Some(m) = &self.cfg.meta else {
+        if self.cfg.meta.is_none() {
             return Vec::new();
-        };
-        let base = m.bitmap_offset;
+        }
         self.oos
             .take_all_dirty()
             .into_iter()
-            .map(|p| (base + u64::from(p) * 4096, self.oos.page_bytes(p)))
+            .map(|p| self.bitmap_page(p))
             .collect()
+    }
+
+    /// Bitmap page `p` as it goes to disk: `(byte offset on the metadata device, bytes)`.
+    fn bitmap_page(&self, p: u32) -> (u64, Box<[u8; 4096]>) {
+        let base = self.cfg.meta.as_ref().map_or(0, |m| m.bitmap_offset);
+        (
+            base + u64::from(p) * PAGE_BYTES as u64,
+            self.oos.page_bytes(p),
+        )
     }
 
     /// The extents in the activity log (committed or being added), sorted.
@@ -1042,7 +1050,7 @@ impl Primary {
     /// transaction.
     fn begin_transaction(&mut self, tr: Prepared) {
         let Some(m) = &self.cfg.meta else { return };
-        let (base, shift) = (m.bitmap_offset, m.extent_shift);
+        let shift = m.extent_shift;
         let mut pages: Vec<u32> = tr
             .evicted
             .iter()
@@ -1062,10 +1070,11 @@ impl Primary {
         for p in pages {
             if self.oos.take_dirty(p) {
                 let tag = self.next_meta_tag();
+                let (offset, data) = self.bitmap_page(p);
                 self.out.push(PrimaryOutput::MetaWrite {
                     tag,
-                    offset: base + u64::from(p) * PAGE_BYTES as u64,
-                    data: self.oos.page_bytes(p),
+                    offset,
+                    data,
                     preflush: false,
                 });
                 inflight.push((tag, p));
