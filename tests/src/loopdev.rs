@@ -177,3 +177,12 @@ pub fn tandem(args: &[&str]) -> CmdOutput {
     );
     out
 }
+
+/// `tandem dump-md --json ARGS…`, parsed; panics if it fails.
+pub fn dump_md_json(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["dump-md", "--json"];
+    a.extend_from_slice(args);
+    let out = tandem(&a);
+    out.assert_success("tandem dump-md --json");
+    serde_json::from_str(&out.stdout).expect("dump-md JSON")
+}

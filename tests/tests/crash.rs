@@ -19,7 +19,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use tandem_tests::loopdev::{drbdmeta, loop_devices_usable, tandem, Loop, Minor};
+use tandem_tests::loopdev::{drbdmeta, dump_md_json, loop_devices_usable, tandem, Loop, Minor};
 use tandem_tests::tools::Fio;
 use tandem_tests::{Cluster, ClusterOpts, StatusExt, TempDir, CONNECT_TIMEOUT};
 
@@ -36,9 +36,7 @@ struct Bitmap {
 }
 
 fn dump_md(path: &Path) -> serde_json::Value {
-    let out = tandem(&["dump-md", "--json", &path.to_string_lossy()]);
-    out.assert_success("tandem dump-md");
-    serde_json::from_str(&out.stdout).expect("dump-md JSON")
+    dump_md_json(&[&path.to_string_lossy()])
 }
 
 fn read_bitmap(image: &Path) -> Bitmap {
@@ -218,9 +216,7 @@ fn primary_kill9_under_writes_bounds_the_resync_by_the_activity_log() {
 
 /// `dump-md` refuses unclean metadata without `--force`, as drbdmeta does.
 fn dump_md_unclean(path: &Path) -> serde_json::Value {
-    let out = tandem(&["dump-md", "--json", "--force", &path.to_string_lossy()]);
-    out.assert_success("tandem dump-md --force");
-    serde_json::from_str(&out.stdout).expect("dump-md JSON")
+    dump_md_json(&["--force", &path.to_string_lossy()])
 }
 
 /// Copies the killed Primary's image twice; `drbdmeta apply-al` on a loop device over one,

@@ -9,17 +9,9 @@
 //! - a backing device without metadata is refused with the `create-md` command to run.
 
 use std::path::Path;
-use tandem_tests::loopdev::tandem;
+use tandem_tests::loopdev::{dump_md_json, tandem};
 use tandem_tests::tools::Fio;
 use tandem_tests::{Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
-
-fn dump(args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["dump-md", "--json"];
-    a.extend_from_slice(args);
-    let out = tandem(&a);
-    out.assert_success("tandem dump-md");
-    serde_json::from_str(&out.stdout).expect("dump-md JSON")
-}
 
 fn flags(md: &serde_json::Value) -> Vec<String> {
     md["flag_names"]
@@ -52,7 +44,7 @@ fn outage_survives_restart(c: &mut Cluster, dump_args: &dyn Fn(&Path) -> Vec<Str
 
     let args = dump_args(c.primary().disk());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let md = dump(&args);
+    let md = dump_md_json(&args);
     assert_eq!(
         md["clean"], true,
         "a clean stop leaves clean metadata: {md}"
