@@ -589,10 +589,13 @@ impl ActivityLog {
     /// Takes a reference on every extent of `first..=last` for a write, staging the
     /// missing ones into the next transaction. See [`Begin`].
     pub fn begin(&mut self, first: u32, last: u32) -> Begin {
-        let missing: Vec<u32> = (first..=last)
-            .filter(|e| !self.map.contains_key(e))
-            .collect();
-        if !missing.is_empty() {
+        // The hit path (every extent in the log) allocates nothing.
+        if (first..=last).all(|e| self.map.contains_key(&e)) {
+            self.stats.hits += 1;
+        } else {
+            let missing: Vec<u32> = (first..=last)
+                .filter(|e| !self.map.contains_key(e))
+                .collect();
             if self.staged.len() + missing.len() > AL_UPDATES_PER_TRANSACTION {
                 self.stats.starved += 1;
                 return Begin::NoRoom;
@@ -615,8 +618,6 @@ impl ActivityLog {
             for (&e, &slot) in missing.iter().zip(&victims) {
                 self.stage(slot, e);
             }
-        } else {
-            self.stats.hits += 1;
         }
         let mut committed = true;
         for e in first..=last {
