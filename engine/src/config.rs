@@ -1,8 +1,12 @@
 //! The resource configuration: one TOML file per resource, shared by both nodes.
 //!
 //! Option names are DRBD's (`protocol`, `ping-int`, `ping-timeout`, `connect-int`,
-//! `timeout`, `max-buffers`, `max-epoch-size`, `sndbuf-size`, `rcvbuf-size`) with DRBD's
-//! units and defaults, so an operator who knows `drbd.conf` can read it. Every value is
+//! `timeout`, `max-buffers`, `max-epoch-size`, `sndbuf-size`, `rcvbuf-size`, the
+//! split-brain policies and digests of `net`, the resync-rate controller of `disk`) with
+//! DRBD's units, limits and (except for the rate controller, whose defaults are
+//! [`RateConfig::TANDEM`], tuned for a 10 Gbit/s link) DRBD's defaults, so an operator who
+//! knows `drbd.conf` can read it. Rates and sizes also take DRBD's suffixes: a plain number
+//! is in the option's unit (KiB/s, sectors), `"1200M"` is bytes (binary K/M/G). Every value is
 //! range-checked when the file is loaded; an error names the key and says what to change
 //! (a bad config never starts a half-configured node). The file is untrusted input: at most
 //! 1 MiB is read, at most [`MAX_NODES`] nodes are accepted.
@@ -20,9 +24,25 @@
 //! timeout = 60              # tenths of a second: a peer that acks nothing for this long is dead
 //! max-buffers = 2048        # replicated writes in flight, per peer
 //! max-epoch-size = 2048     # writes per epoch (between two barriers)
+//! after-sb-0pri = "disconnect"  # split-brain policies (DRBD's names); default: resolve nothing
+//! after-sb-1pri = "disconnect"
+//! after-sb-2pri = "disconnect"
+//! always-asbp = false
+//! rr-conflict = "disconnect"
+//! csums-alg = "crc32c"      # checksum-based resync; only crc32c, or leave out for none
+//! csums-after-crash-only = false
+//! verify-alg = "crc32c"     # online verify; only crc32c
+//! use-rle = true            # run-length encode the bitmap exchange
 //!
 //! [disk]                    # optional; DRBD's names and defaults
 //! al-extents = 1237         # activity log slots of 4 MiB: bounds a crash resync (67..=65534)
+//! resync-rate = 102400      # KiB/s: fixed-mode rate and the controller's start-up fill
+//! c-plan-ahead = 10         # 0.1 s; 0 = fixed rate (resync-rate)
+//! c-fill-target = 65536     # sectors kept in flight (0 = use c-delay-target)
+//! c-delay-target = 10       # 0.1 s
+//! c-max-rate = "1200M"      # KiB/s, or bytes/s with a suffix
+//! c-min-rate = 25600        # KiB/s resync keeps while the application uses the disk
+//! rs-discard-granularity = 0  # bytes; thin resync requests (P_RS_THIN_REQ), 0 = off
 //!
 //! [[node]]
 //! name = "alpha"
@@ -40,7 +60,11 @@
 //! disk = "/var/lib/tandem/beta.img"
 //! ```
 
+use crate::resync::controller::limits;
+use crate::resync::{RateConfig, DIGEST_ALG};
+use crate::state::uuid::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, RrConflict, SplitBrainPolicy};
 use crate::state::Protocol;
+use crate::wire::DRBD_MAX_BIO_SIZE;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -130,6 +154,21 @@ pub struct NetConfig {
     pub sndbuf_size: u32,
     /// Socket receive buffer, bytes (0 = kernel auto-tuning).
     pub rcvbuf_size: u32,
+    /// `after-sb-0pri`, `after-sb-1pri`, `after-sb-2pri`, `always-asbp`, `rr-conflict`:
+    /// what the handshake after a split brain does (default: disconnect, nothing
+    /// overwritten).
+    pub split_brain: SplitBrainPolicy,
+    /// `csums-alg`: `Some("crc32c")` ([`DIGEST_ALG`], the only one tandem computes) for
+    /// checksum-based resync, `None` to send every out-of-sync block.
+    pub csums_alg: Option<String>,
+    /// `csums-after-crash-only`: use `csums-alg` only for the resync after a Primary
+    /// crashed (DRBD 8.4.5+); default false.
+    pub csums_after_crash_only: bool,
+    /// `verify-alg`: `Some("crc32c")` enables online verify; `None` refuses it.
+    pub verify_alg: Option<String>,
+    /// `use-rle`: run-length encode the bitmap exchange (`P_COMPRESSED_BITMAP`); default
+    /// true.
+    pub use_rle: bool,
 }
 
 /// `[disk]`.
@@ -137,6 +176,17 @@ pub struct NetConfig {
 pub struct DiskConfig {
     /// Activity-log slots (DRBD `al-extents`): a crash resyncs at most this × 4 MiB.
     pub al_extents: u32,
+    /// The resync-rate controller: `resync-rate`, `c-plan-ahead`, `c-fill-target`,
+    /// `c-delay-target`, `c-max-rate`, `c-min-rate`, each defaulting to
+    /// [`RateConfig::TANDEM`] and checked against DRBD's [`limits`]. `max_buffers` is
+    /// always `RateConfig::TANDEM.max_buffers` (81,920), not `net.max-buffers`: in tandem
+    /// it bounds resync requests in flight, not receive memory, and DRBD's 2048 would cap
+    /// the resync at 40 MiB/s.
+    pub rate: RateConfig,
+    /// `rs-discard-granularity`, bytes: 0 (default) = off, else a power of two
+    /// 4096..=1 MiB, the size of a thin resync request (`P_RS_THIN_REQ`) when the peer
+    /// agrees to `DRBD_FF_THIN_RESYNC`.
+    pub rs_discard_granularity: u32,
 }
 
 /// Where a node keeps its DRBD 9 metadata (DRBD's `meta-disk`).
@@ -218,12 +268,28 @@ struct RawNet {
     max_epoch_size: Option<i64>,
     sndbuf_size: Option<toml::Value>,
     rcvbuf_size: Option<toml::Value>,
+    after_sb_0pri: Option<String>,
+    after_sb_1pri: Option<String>,
+    after_sb_2pri: Option<String>,
+    always_asbp: Option<bool>,
+    rr_conflict: Option<String>,
+    csums_alg: Option<String>,
+    csums_after_crash_only: Option<bool>,
+    verify_alg: Option<String>,
+    use_rle: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawDisk {
     al_extents: Option<i64>,
+    resync_rate: Option<toml::Value>,
+    c_plan_ahead: Option<i64>,
+    c_fill_target: Option<toml::Value>,
+    c_delay_target: Option<i64>,
+    c_max_rate: Option<toml::Value>,
+    c_min_rate: Option<toml::Value>,
+    rs_discard_granularity: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +357,17 @@ fn ranged(
     unit: &str,
 ) -> Result<u64, ConfigError> {
     let v = value.unwrap_or(default);
+    check_range(key, v, default, min, max, unit)
+}
+
+fn check_range(
+    key: &str,
+    v: i64,
+    default: i64,
+    min: i64,
+    max: i64,
+    unit: &str,
+) -> Result<u64, ConfigError> {
     if v < min || v > max {
         return Err(invalid(
             key,
@@ -298,6 +375,132 @@ fn ranged(
         ));
     }
     u64::try_from(v).map_err(|_| invalid(key, "must not be negative"))
+}
+
+/// A `u32` option within DRBD's `limits` (min, max, _) with tandem's `default`.
+fn ranged_u32(
+    key: &str,
+    value: Option<i64>,
+    default: u32,
+    (min, max, _): (u32, u32, u32),
+    unit: &str,
+) -> Result<u32, ConfigError> {
+    let v = ranged(
+        key,
+        value,
+        i64::from(default),
+        i64::from(min),
+        i64::from(max),
+        unit,
+    )?;
+    u32::try_from(v).map_err(|_| invalid(key, "too large"))
+}
+
+/// A rate or amount in DRBD's style: an integer or a suffix-less string is in the
+/// option's unit of `unit_bytes` bytes (KiB/s: 1024, sectors: 512); a string with a
+/// suffix (`"1200M"`, `"32MiB"`) is bytes and must be a whole number of units. Then
+/// checked against `limits` like [`ranged_u32`].
+fn scaled_u32(
+    key: &str,
+    value: Option<&toml::Value>,
+    default: u32,
+    limits: (u32, u32, u32),
+    unit_bytes: u64,
+    unit: &str,
+) -> Result<u32, ConfigError> {
+    let (min, max, _) = limits;
+    let n: i64 = match value {
+        None => i64::from(default),
+        Some(toml::Value::Integer(n)) => *n,
+        Some(toml::Value::String(s))
+            if !s.trim().is_empty() && s.trim().bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            // Too many digits to be an i64 is out of range, like any large number.
+            s.trim().parse::<i64>().unwrap_or(i64::MAX)
+        }
+        Some(v @ toml::Value::String(s)) => {
+            let bytes = parse_size(key, v)?;
+            if bytes % unit_bytes != 0 {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "\"{}\" is {bytes} bytes, not a whole number of {unit_bytes}-byte units ({unit})",
+                        s.trim()
+                    ),
+                ));
+            }
+            i64::try_from(bytes / unit_bytes).unwrap_or(i64::MAX)
+        }
+        Some(other) => {
+            return Err(invalid(
+                key,
+                format!("expected a number ({unit}) or a size like \"100M\", got {other}"),
+            ))
+        }
+    };
+    let v = check_range(
+        key,
+        n,
+        i64::from(default),
+        i64::from(min),
+        i64::from(max),
+        unit,
+    )?;
+    u32::try_from(v).map_err(|_| invalid(key, "too large"))
+}
+
+/// One of a policy enum's DRBD names; a wrong one lists them all.
+fn policy<T: std::str::FromStr + Copy + Default + std::fmt::Display>(
+    key: &str,
+    value: Option<&str>,
+    all: &[T],
+) -> Result<T, ConfigError> {
+    let Some(text) = value else {
+        return Ok(T::default());
+    };
+    text.trim().parse().map_err(|_| {
+        invalid(
+            key,
+            format!(
+                "\"{text}\" is not a policy; use one of {}",
+                all.iter()
+                    .map(|p| format!("\"{p}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })
+}
+
+/// `csums-alg` / `verify-alg`: absent or `""` is none; tandem computes only crc32c.
+fn digest_alg(key: &str, value: Option<&str>) -> Result<Option<String>, ConfigError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(DIGEST_ALG) => Ok(Some(DIGEST_ALG.to_string())),
+        Some(other) => Err(invalid(
+            key,
+            format!(
+                "\"{other}\" is not supported; tandem computes only \"{DIGEST_ALG}\" (or leave it out for none)"
+            ),
+        )),
+    }
+}
+
+/// `rs-discard-granularity`: bytes, 0 = off, else a power of two 4 KiB..=1 MiB.
+fn discard_granularity(key: &str, value: Option<&toml::Value>) -> Result<u32, ConfigError> {
+    let Some(value) = value else { return Ok(0) };
+    let bytes = parse_size(key, value)?;
+    if bytes != 0
+        && (!bytes.is_power_of_two() || bytes < 4096 || bytes > u64::from(DRBD_MAX_BIO_SIZE))
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "{bytes} bytes: use 0 (off) or a power of two from 4096 (4KiB) to {DRBD_MAX_BIO_SIZE} (1MiB)"
+            ),
+        ));
+    }
+    u32::try_from(bytes).map_err(|_| invalid(key, "too large"))
 }
 
 fn buf_size(key: &str, value: Option<&toml::Value>) -> Result<u32, ConfigError> {
@@ -432,7 +635,85 @@ impl Config {
             .map_err(|_| invalid("net.max-epoch-size", "too large"))?,
             sndbuf_size: buf_size("net.sndbuf-size", n.sndbuf_size.as_ref())?,
             rcvbuf_size: buf_size("net.rcvbuf-size", n.rcvbuf_size.as_ref())?,
+            split_brain: SplitBrainPolicy {
+                after_sb_0pri: policy(
+                    "net.after-sb-0pri",
+                    n.after_sb_0pri.as_deref(),
+                    AfterSb0Pri::ALL,
+                )?,
+                after_sb_1pri: policy(
+                    "net.after-sb-1pri",
+                    n.after_sb_1pri.as_deref(),
+                    AfterSb1Pri::ALL,
+                )?,
+                after_sb_2pri: policy(
+                    "net.after-sb-2pri",
+                    n.after_sb_2pri.as_deref(),
+                    AfterSb2Pri::ALL,
+                )?,
+                always_asbp: n.always_asbp.unwrap_or(false),
+                rr_conflict: policy("net.rr-conflict", n.rr_conflict.as_deref(), RrConflict::ALL)?,
+            },
+            csums_alg: digest_alg("net.csums-alg", n.csums_alg.as_deref())?,
+            csums_after_crash_only: n.csums_after_crash_only.unwrap_or(false),
+            verify_alg: digest_alg("net.verify-alg", n.verify_alg.as_deref())?,
+            use_rle: n.use_rle.unwrap_or(true),
         };
+        let d = &raw.disk;
+        let t = RateConfig::TANDEM;
+        let rate = RateConfig {
+            resync_rate: scaled_u32(
+                "disk.resync-rate",
+                d.resync_rate.as_ref(),
+                t.resync_rate,
+                limits::RESYNC_RATE,
+                1024,
+                "KiB/s",
+            )?,
+            c_plan_ahead: ranged_u32(
+                "disk.c-plan-ahead",
+                d.c_plan_ahead,
+                t.c_plan_ahead,
+                limits::C_PLAN_AHEAD,
+                "tenths of a second, 0 = fixed rate",
+            )?,
+            c_delay_target: ranged_u32(
+                "disk.c-delay-target",
+                d.c_delay_target,
+                t.c_delay_target,
+                limits::C_DELAY_TARGET,
+                "tenths of a second",
+            )?,
+            c_fill_target: scaled_u32(
+                "disk.c-fill-target",
+                d.c_fill_target.as_ref(),
+                t.c_fill_target,
+                limits::C_FILL_TARGET,
+                512,
+                "sectors",
+            )?,
+            c_max_rate: scaled_u32(
+                "disk.c-max-rate",
+                d.c_max_rate.as_ref(),
+                t.c_max_rate,
+                limits::C_MAX_RATE,
+                1024,
+                "KiB/s",
+            )?,
+            c_min_rate: scaled_u32(
+                "disk.c-min-rate",
+                d.c_min_rate.as_ref(),
+                t.c_min_rate,
+                limits::C_MIN_RATE,
+                1024,
+                "KiB/s",
+            )?,
+            max_buffers: t.max_buffers,
+        };
+        // Every value was checked above; this keeps the two in step if RateConfig grows
+        // a cross-field rule.
+        rate.validate()
+            .map_err(|e| invalid(format!("disk.{}", e.name), e.to_string()))?;
         let disk = DiskConfig {
             al_extents: u32::try_from(ranged(
                 "disk.al-extents",
@@ -443,6 +724,11 @@ impl Config {
                 "4 MiB extents",
             )?)
             .map_err(|_| invalid("disk.al-extents", "too large"))?,
+            rate,
+            rs_discard_granularity: discard_granularity(
+                "disk.rs-discard-granularity",
+                d.rs_discard_granularity.as_ref(),
+            )?,
         };
         if net.ping_timeout >= net.ping_interval {
             return Err(invalid(
@@ -671,6 +957,211 @@ mod tests {
         let internal = ext.replace("/tmp/b.md", "internal");
         let c = Config::parse(&internal, "t").expect("valid");
         assert_eq!(c.nodes[1].meta_disk, MetaDisk::Internal);
+    }
+
+    #[test]
+    fn resync_and_split_brain_defaults() {
+        let c = Config::parse(&two_nodes("", ""), "t").expect("valid");
+        assert_eq!(c.disk.rate, RateConfig::TANDEM);
+        assert_eq!(c.disk.rs_discard_granularity, 0);
+        assert_eq!(c.net.split_brain, SplitBrainPolicy::default());
+        assert_eq!(c.net.split_brain.after_sb_0pri, AfterSb0Pri::Disconnect);
+        assert_eq!(c.net.csums_alg, None);
+        assert_eq!(c.net.verify_alg, None);
+        assert!(!c.net.csums_after_crash_only);
+        assert!(c.net.use_rle);
+    }
+
+    #[test]
+    fn resync_and_split_brain_options() {
+        let net = "after-sb-0pri = \"discard-least-changes\"\n\
+                   after-sb-1pri = \"consensus\"\n\
+                   after-sb-2pri = \"violently-as0p\"\n\
+                   always-asbp = true\n\
+                   rr-conflict = \"violently\"\n\
+                   csums-alg = \"crc32c\"\n\
+                   csums-after-crash-only = true\n\
+                   verify-alg = \"crc32c\"\n\
+                   use-rle = false\n";
+        let disk = "resync-rate = 250\nc-plan-ahead = 0\nc-fill-target = \"32MiB\"\n\
+                    c-delay-target = 100\nc-max-rate = \"1200M\"\nc-min-rate = \"0\"\n\
+                    rs-discard-granularity = \"64KiB\"\n";
+        let text = format!("{}\n[disk]\n{disk}", two_nodes("", net));
+        let c = Config::parse(&text, "t").expect("valid");
+        let sb = c.net.split_brain;
+        assert_eq!(sb.after_sb_0pri, AfterSb0Pri::DiscardLeastChanges);
+        assert_eq!(sb.after_sb_1pri, AfterSb1Pri::Consensus);
+        assert_eq!(sb.after_sb_2pri, AfterSb2Pri::ViolentlyAs0p);
+        assert!(sb.always_asbp);
+        assert_eq!(sb.rr_conflict, RrConflict::Violently);
+        assert_eq!(c.net.csums_alg.as_deref(), Some("crc32c"));
+        assert!(c.net.csums_after_crash_only);
+        assert_eq!(c.net.verify_alg.as_deref(), Some("crc32c"));
+        assert!(!c.net.use_rle);
+        assert_eq!(
+            c.disk.rate,
+            RateConfig {
+                resync_rate: 250,
+                c_plan_ahead: 0,
+                c_fill_target: 65_536,
+                c_delay_target: 100,
+                c_max_rate: 1_228_800,
+                c_min_rate: 0,
+                max_buffers: RateConfig::TANDEM.max_buffers,
+            }
+        );
+        assert_eq!(c.disk.rs_discard_granularity, 64 << 10);
+        // An empty algorithm is none, as in drbd.conf.
+        let c = Config::parse(&two_nodes("", "csums-alg = \"\""), "t").expect("valid");
+        assert_eq!(c.net.csums_alg, None);
+        // Every after-sb name DRBD documents is accepted by its own key.
+        for p in AfterSb0Pri::ALL {
+            let t = two_nodes("", &format!("after-sb-0pri = \"{p}\""));
+            let c = Config::parse(&t, "t").expect("valid");
+            assert_eq!(c.net.split_brain.after_sb_0pri, *p);
+        }
+        for p in AfterSb1Pri::ALL {
+            let t = two_nodes("", &format!("after-sb-1pri = \"{p}\""));
+            let c = Config::parse(&t, "t").expect("valid");
+            assert_eq!(c.net.split_brain.after_sb_1pri, *p);
+        }
+        // Limits are DRBD's, inclusive at both ends.
+        let disk_ok = |extra: &str| {
+            Config::parse(&format!("{}\n[disk]\n{extra}\n", two_nodes("", "")), "t")
+                .expect("valid")
+                .disk
+        };
+        assert_eq!(disk_ok("c-max-rate = 250").rate.c_max_rate, 250);
+        assert_eq!(disk_ok("c-max-rate = \"4G\"").rate.c_max_rate, 4 << 20);
+        assert_eq!(disk_ok("resync-rate = \"8G\"").rate.resync_rate, 8 << 20);
+        assert_eq!(disk_ok("c-plan-ahead = 300").rate.c_plan_ahead, 300);
+        assert_eq!(disk_ok("c-fill-target = 0").rate.c_fill_target, 0);
+        assert_eq!(
+            disk_ok("rs-discard-granularity = 4096").rs_discard_granularity,
+            4096
+        );
+        assert_eq!(
+            disk_ok("rs-discard-granularity = \"1MiB\"").rs_discard_granularity,
+            1 << 20
+        );
+    }
+
+    #[test]
+    fn resync_and_split_brain_errors_name_the_key() {
+        let disk = |extra: &str| err(&format!("{}\n[disk]\n{extra}\n", two_nodes("", "")));
+        let net = |extra: &str| err(&two_nodes("", extra));
+        for (text, key, says) in [
+            ("resync-rate = 0", "disk.resync-rate", "1..=8388608"),
+            ("resync-rate = \"9G\"", "disk.resync-rate", "out of range"),
+            ("resync-rate = -1", "disk.resync-rate", "out of range"),
+            (
+                "resync-rate = \"99999999999999999999999\"",
+                "disk.resync-rate",
+                "out of range",
+            ),
+            (
+                "resync-rate = \"1000b\"",
+                "disk.resync-rate",
+                "whole number of 1024-byte",
+            ),
+            ("resync-rate = \"fast\"", "disk.resync-rate", "not a size"),
+            ("resync-rate = 1.5", "disk.resync-rate", "expected a number"),
+            ("c-plan-ahead = 301", "disk.c-plan-ahead", "0..=300"),
+            ("c-plan-ahead = -1", "disk.c-plan-ahead", "0..=300"),
+            ("c-delay-target = 0", "disk.c-delay-target", "1..=100"),
+            (
+                "c-fill-target = 1048577",
+                "disk.c-fill-target",
+                "0..=1048576",
+            ),
+            (
+                "c-fill-target = \"1000b\"",
+                "disk.c-fill-target",
+                "512-byte",
+            ),
+            ("c-max-rate = 249", "disk.c-max-rate", "250..=4194304"),
+            ("c-max-rate = \"5G\"", "disk.c-max-rate", "out of range"),
+            ("c-min-rate = 4194305", "disk.c-min-rate", "0..=4194304"),
+            (
+                "rs-discard-granularity = 2048",
+                "disk.rs-discard-granularity",
+                "power of two",
+            ),
+            (
+                "rs-discard-granularity = 12288",
+                "disk.rs-discard-granularity",
+                "power of two",
+            ),
+            (
+                "rs-discard-granularity = \"2MiB\"",
+                "disk.rs-discard-granularity",
+                "1MiB",
+            ),
+            (
+                "rs-discard-granularity = -4096",
+                "disk.rs-discard-granularity",
+                "negative",
+            ),
+            ("c-max-rat = 250", "c-max-rat", "unknown field"),
+        ] {
+            let e = disk(text);
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
+        for (text, key, says) in [
+            (
+                "after-sb-0pri = \"consensus\"",
+                "net.after-sb-0pri",
+                "\"discard-zero-changes\"",
+            ),
+            (
+                "after-sb-1pri = \"discard-local\"",
+                "net.after-sb-1pri",
+                "\"discard-secondary\"",
+            ),
+            (
+                "after-sb-2pri = \"discard-secondary\"",
+                "net.after-sb-2pri",
+                "\"violently-as0p\"",
+            ),
+            (
+                "rr-conflict = \"retry\"",
+                "net.rr-conflict",
+                "\"call-pri-lost\"",
+            ),
+            ("csums-alg = \"md5\"", "net.csums-alg", "only \"crc32c\""),
+            ("verify-alg = \"sha1\"", "net.verify-alg", "only \"crc32c\""),
+            ("always-asbp = \"yes\"", "always-asbp", "bool"),
+            ("use-rle = 1", "use-rle", "bool"),
+        ] {
+            let e = net(text);
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+        }
+    }
+
+    /// The first ```toml block of a markdown or doc text.
+    fn toml_block(text: &str) -> String {
+        let start = text.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let len = text[start..].find("```").expect("its end");
+        text[start..start + len]
+            .lines()
+            .map(|l| {
+                l.strip_prefix("//! ")
+                    .unwrap_or(l.strip_prefix("//!").unwrap_or(l))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn documented_examples_are_valid() {
+        let readme = Config::parse(&toml_block(include_str!("../../README.md")), "README")
+            .expect("README's example");
+        assert_eq!(readme.disk.rate.c_max_rate, 1_228_800);
+        assert_eq!(readme.net.csums_alg.as_deref(), Some(DIGEST_ALG));
+        let here = Config::parse(&toml_block(include_str!("config.rs")), "config.rs")
+            .expect("the module docs' example");
+        assert_eq!(here.disk.rate, RateConfig::TANDEM);
+        assert_eq!(here.net.split_brain, SplitBrainPolicy::default());
     }
 
     #[test]
