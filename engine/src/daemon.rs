@@ -177,8 +177,10 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
 
 /// Opens the node's disk and attaches its metadata (see [`MetaDevice::attach_blocking`]).
 /// A backing file (and a flex-external metadata file) that this call creates from
-/// `resource.size` gets fresh metadata, as `tandem create-md` would write it; an
-/// existing device without metadata is refused with the `create-md` command to run.
+/// `resource.size` gets fresh metadata, as `tandem create-md` would write it, marked
+/// consistent (the file is all zeroes); an existing device without metadata is refused
+/// with the `create-md` command to run. Metadata made by `create-md` is Inconsistent
+/// until a resync, `primary --force` or `new-current-uuid --clear-bitmap`.
 pub fn attach_disk(
     config: &Config,
     me: &NodeConfig,
@@ -220,7 +222,15 @@ pub fn attach_disk(
     };
     let mut md = if fresh_md {
         tracing::info!("creating metadata on {}", meta_store.info().path.display());
-        MetaDevice::create(meta_store, location, &create)?
+        let mut md = MetaDevice::create(meta_store, location, &create)?;
+        if fresh {
+            // A data file created just now reads as zeroes: consistent, and equal to a
+            // peer's that was created the same way (both UUIDs just-created: no initial
+            // sync). A peer with data of its own still makes this one its full-sync
+            // target, by the UUIDs.
+            md.set_consistent_blocking(true)?;
+        }
+        md
     } else {
         MetaDevice::open(meta_store, location)?
     };
@@ -306,15 +316,11 @@ fn socket_from(
     }
 }
 
-fn call(socket: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
+fn call(socket: &Path, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let reply = rt.block_on(mgmt::call(
-        socket,
-        &serde_json::json!({ "cmd": cmd }),
-        CLI_TIMEOUT,
-    ))?;
+    let reply = rt.block_on(mgmt::call(socket, req, CLI_TIMEOUT))?;
     if reply["ok"] != true {
         bail!(
             "{}",
@@ -334,7 +340,7 @@ pub fn cli_status(
     json: bool,
 ) -> anyhow::Result<()> {
     let socket = socket_from(socket, config, node)?;
-    let reply = call(&socket, "status")?;
+    let reply = call(&socket, &mgmt::Request::Status.canonical())?;
     let s = &reply["status"];
     if json {
         println!("{s}");
@@ -368,8 +374,8 @@ pub fn cli_status(
 }
 
 /// `tandem primary|secondary|connect|disconnect`.
-pub fn cli_command(socket: &Path, cmd: &str) -> anyhow::Result<()> {
-    call(socket, cmd).map(|_| ())
+pub fn cli_command(socket: &Path, req: &mgmt::Request) -> anyhow::Result<()> {
+    call(socket, &req.canonical()).map(|_| ())
 }
 
 /// `tandem demo`: two nodes as child processes, NBD on the Primary, until Ctrl-C.
@@ -411,7 +417,7 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
                 );
             }
         }
-        if call(&primary.mgmt_socket, "status")
+        if call(&primary.mgmt_socket, &mgmt::Request::Status.canonical())
             .is_ok_and(|r| r["status"]["connection"] == "Connected")
         {
             connected = true;
@@ -480,16 +486,31 @@ impl mgmt::Handler for Volume {
     fn handle(&self, req: mgmt::Request) -> Result<serde_json::Value, String> {
         match req {
             mgmt::Request::Status => Ok(serde_json::json!({ "status": self.status() })),
-            mgmt::Request::Primary => self.set_primary(true).map(|()| serde_json::json!({})),
+            mgmt::Request::Primary { force } => self
+                .set_primary_forced(true, force)
+                .map(|()| serde_json::json!({})),
             mgmt::Request::Secondary => self.set_primary(false).map(|()| serde_json::json!({})),
             mgmt::Request::Disconnect => {
                 self.set_standalone(true);
                 Ok(serde_json::json!({}))
             }
-            mgmt::Request::Connect => {
+            mgmt::Request::Connect { discard_my_data } => {
+                self.set_discard_my_data(discard_my_data);
                 self.set_standalone(false);
                 Ok(serde_json::json!({}))
             }
+            mgmt::Request::PauseSync => {
+                self.set_sync_paused(true);
+                Ok(serde_json::json!({}))
+            }
+            mgmt::Request::ResumeSync => {
+                self.set_sync_paused(false);
+                Ok(serde_json::json!({}))
+            }
+            mgmt::Request::Invalidate => self.invalidate().map(|()| serde_json::json!({})),
+            mgmt::Request::NewCurrentUuid { clear_bitmap } => self
+                .new_current_uuid(clear_bitmap)
+                .map(|()| serde_json::json!({})),
         }
     }
 }

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tandem_engine::meta;
+use tandem_engine::mgmt::Request;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,16 +43,47 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Make a node Primary, Secondary, or connect/disconnect it.
+    /// Make a node Primary.
     #[command(name = "primary")]
-    Primary(SocketArg),
+    Primary {
+        #[command(flatten)]
+        s: SocketArg,
+        /// Promote a disk that is not UpToDate: its data becomes the good copy, and the
+        /// peer gets a full resync from it (DRBD's `primary --force`).
+        #[arg(long)]
+        force: bool,
+    },
     /// Make a node Secondary.
     #[command(name = "secondary")]
     Secondary(SocketArg),
     /// Drop the replication connection and stay StandAlone.
     Disconnect(SocketArg),
-    /// Connect again after `disconnect`.
-    Connect(SocketArg),
+    /// Connect again after `disconnect` (or after a split brain).
+    Connect {
+        #[command(flatten)]
+        s: SocketArg,
+        /// This node loses a split brain: its changes are overwritten by the peer's.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Hold the running resync.
+    #[command(name = "pause-sync")]
+    PauseSync(SocketArg),
+    /// Let a paused resync go on.
+    #[command(name = "resume-sync")]
+    ResumeSync(SocketArg),
+    /// Declare this node's data invalid: a full resync from the peer (Secondary only).
+    Invalidate(SocketArg),
+    /// Start a new data generation; with --clear-bitmap on a connected pair whose
+    /// metadata was just created, skip the initial full sync (both sides become UpToDate).
+    #[command(name = "new-current-uuid")]
+    NewCurrentUuid {
+        #[command(flatten)]
+        s: SocketArg,
+        /// Skip the initial sync (both disks must hold the same data, e.g. zeroes).
+        #[arg(long)]
+        clear_bitmap: bool,
+    },
     /// Two nodes on loopback with file backends, exported over NBD: the main job.
     Demo {
         /// Where the backing files, sockets and logs go.
@@ -141,6 +173,10 @@ struct SocketArg {
     socket: PathBuf,
 }
 
+fn send(s: &SocketArg, req: Request) -> anyhow::Result<()> {
+    tandem_engine::daemon::cli_command(&s.socket, &req)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -151,10 +187,16 @@ fn main() -> ExitCode {
             node,
             json,
         } => tandem_engine::daemon::cli_status(socket, config, node.as_deref(), json),
-        Cmd::Primary(s) => tandem_engine::daemon::cli_command(&s.socket, "primary"),
-        Cmd::Secondary(s) => tandem_engine::daemon::cli_command(&s.socket, "secondary"),
-        Cmd::Disconnect(s) => tandem_engine::daemon::cli_command(&s.socket, "disconnect"),
-        Cmd::Connect(s) => tandem_engine::daemon::cli_command(&s.socket, "connect"),
+        Cmd::Primary { s, force } => send(&s, Request::Primary { force }),
+        Cmd::Secondary(s) => send(&s, Request::Secondary),
+        Cmd::Disconnect(s) => send(&s, Request::Disconnect),
+        Cmd::Connect { s, discard_my_data } => send(&s, Request::Connect { discard_my_data }),
+        Cmd::PauseSync(s) => send(&s, Request::PauseSync),
+        Cmd::ResumeSync(s) => send(&s, Request::ResumeSync),
+        Cmd::Invalidate(s) => send(&s, Request::Invalidate),
+        Cmd::NewCurrentUuid { s, clear_bitmap } => {
+            send(&s, Request::NewCurrentUuid { clear_bitmap })
+        }
         Cmd::Demo {
             dir,
             size,

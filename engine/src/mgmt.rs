@@ -29,14 +29,65 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum Request {
     /// The node's state (like `drbdsetup status --json`).
     Status,
-    /// Become Primary (serve the volume read-write).
-    Primary,
+    /// Become Primary (serve the volume read-write). `force` (`"force":true`) promotes
+    /// a disk that is not UpToDate, declaring its data the good copy (DRBD's
+    /// `primary --force`: the initial full sync of a new pair starts from it).
+    Primary {
+        /// `--force`.
+        force: bool,
+    },
     /// Become Secondary (stop serving writes).
     Secondary,
     /// Drop the replication connection and stay StandAlone.
     Disconnect,
-    /// Leave StandAlone and connect to the peer again.
-    Connect,
+    /// Leave StandAlone and connect to the peer again. `discard_my_data`
+    /// (`"discard-my-data":true`): this node loses a split brain.
+    Connect {
+        /// `--discard-my-data`.
+        discard_my_data: bool,
+    },
+    /// Hold the running resync (`pause-sync`).
+    PauseSync,
+    /// Let it go on (`resume-sync`).
+    ResumeSync,
+    /// Declare the local data invalid: a full resync from the peer (`invalidate`).
+    Invalidate,
+    /// Start a new data generation (`new-current-uuid`); with `clear_bitmap`
+    /// (`"clear-bitmap":true`) on a connected just-created pair, skip the initial sync.
+    NewCurrentUuid {
+        /// `--clear-bitmap`.
+        clear_bitmap: bool,
+    },
+}
+
+/// Every command name, for error messages.
+const COMMANDS: &str = "status, primary, secondary, connect, disconnect, pause-sync, \
+                        resume-sync, invalidate, new-current-uuid";
+
+impl Request {
+    /// The request as one JSON line (what [`parse_request`] reads back).
+    pub fn canonical(&self) -> serde_json::Value {
+        let (cmd, flag) = match *self {
+            Request::Status => ("status", None),
+            Request::Primary { force } => ("primary", force.then_some("force")),
+            Request::Secondary => ("secondary", None),
+            Request::Disconnect => ("disconnect", None),
+            Request::Connect { discard_my_data } => {
+                ("connect", discard_my_data.then_some("discard-my-data"))
+            }
+            Request::PauseSync => ("pause-sync", None),
+            Request::ResumeSync => ("resume-sync", None),
+            Request::Invalidate => ("invalidate", None),
+            Request::NewCurrentUuid { clear_bitmap } => {
+                ("new-current-uuid", clear_bitmap.then_some("clear-bitmap"))
+            }
+        };
+        let mut v = serde_json::json!({ "cmd": cmd });
+        if let (Some(f), Some(m)) = (flag, v.as_object_mut()) {
+            m.insert(f.into(), serde_json::Value::Bool(true));
+        }
+        v
+    }
 }
 
 /// Executes requests; implemented by the daemon.
@@ -54,24 +105,49 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let obj = value
         .as_object()
         .ok_or_else(|| format!("request is not an object; {HINT}"))?;
-    if let Some(key) = obj.keys().find(|k| k.as_str() != "cmd") {
-        return Err(format!("unknown key \"{key}\" in request; {HINT}"));
-    }
     let cmd = obj
         .get("cmd")
         .and_then(|c| c.as_str())
         .ok_or_else(|| format!("no \"cmd\" string; {HINT}"))?;
+    // The one optional flag each command takes, if any.
+    let flag_name = match cmd {
+        "primary" => Some("force"),
+        "connect" => Some("discard-my-data"),
+        "new-current-uuid" => Some("clear-bitmap"),
+        _ => None,
+    };
+    if let Some(key) = obj
+        .keys()
+        .find(|k| k.as_str() != "cmd" && Some(k.as_str()) != flag_name)
+    {
+        return Err(format!(
+            "unknown key \"{key}\" for \"{cmd}\"{}",
+            flag_name.map_or_else(String::new, |f| format!("; it takes \"{f}\":true"))
+        ));
+    }
+    let flag = match flag_name.and_then(|f| obj.get(f)) {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(format!(
+                "\"{}\" must be true or false",
+                flag_name.unwrap_or("")
+            ))
+        }
+    };
     Ok(match cmd {
         "status" => Request::Status,
-        "primary" => Request::Primary,
+        "primary" => Request::Primary { force: flag },
         "secondary" => Request::Secondary,
         "disconnect" => Request::Disconnect,
-        "connect" => Request::Connect,
-        other => {
-            return Err(format!(
-            "unknown command \"{other}\"; known: status, primary, secondary, connect, disconnect"
-        ))
-        }
+        "connect" => Request::Connect {
+            discard_my_data: flag,
+        },
+        "pause-sync" => Request::PauseSync,
+        "resume-sync" => Request::ResumeSync,
+        "invalidate" => Request::Invalidate,
+        "new-current-uuid" => Request::NewCurrentUuid { clear_bitmap: flag },
+        other => return Err(format!("unknown command \"{other}\"; known: {COMMANDS}")),
     })
 }
 
@@ -262,7 +338,7 @@ mod tests {
         assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse_request(br#" {"cmd":"primary"} "#),
-            Ok(Request::Primary)
+            Ok(Request::Primary { force: false })
         );
         for bad in [
             &b"status"[..],

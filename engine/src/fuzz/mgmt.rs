@@ -1,19 +1,12 @@
 //! Fuzz body for the management request parser: any bytes give a request or an error
 //! message, never a panic; a parsed request re-parses from its canonical form.
 
-use crate::mgmt::{parse_request, Request};
+use crate::mgmt::parse_request;
 
 /// Parses `data` as one request line.
 pub fn run(data: &[u8]) {
     if let Ok(req) = parse_request(data) {
-        let cmd = match req {
-            Request::Status => "status",
-            Request::Primary => "primary",
-            Request::Secondary => "secondary",
-            Request::Disconnect => "disconnect",
-            Request::Connect => "connect",
-        };
-        let canonical = format!(r#"{{"cmd":"{cmd}"}}"#);
+        let canonical = req.canonical().to_string();
         assert_eq!(parse_request(canonical.as_bytes()), Ok(req));
     }
 }
@@ -26,11 +19,12 @@ mod tests {
     #[test]
     fn random_and_mutated_lines_never_panic() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x6d676d74);
-        let seeds: [&[u8]; 4] = [
+        let seeds: [&[u8]; 5] = [
             br#"{"cmd":"status"}"#,
-            br#"{"cmd":"primary"}"#,
+            br#"{"cmd":"primary","force":true}"#,
             b"[]",
             br#"{"cmd":1}"#,
+            br#"{"cmd":"connect","discard-my-data":false}"#,
         ];
         for i in 0..20_000 {
             let mut line: Vec<u8> = if i % 2 == 0 {

@@ -713,6 +713,28 @@ impl MetaDevice {
         self.write_superblock_blocking(sb)
     }
 
+    /// Records whether the data is consistent (`MDF_CONSISTENT`, with
+    /// `MDF_WAS_UP_TO_DATE`), durably. A SyncTarget clears it before the first resync
+    /// write, so a restart in the middle of a resync comes back Inconsistent (and may not
+    /// be promoted); the end of a complete resync sets it again.
+    pub fn set_consistent_blocking(&mut self, consistent: bool) -> Result<(), MetaError> {
+        let mut sb = self.sb.clone();
+        if consistent {
+            sb.flags |= mdf::CONSISTENT | mdf::WAS_UP_TO_DATE;
+        } else {
+            sb.flags &= !(mdf::CONSISTENT | mdf::WAS_UP_TO_DATE);
+        }
+        if sb.flags == self.sb.flags {
+            return Ok(());
+        }
+        self.write_superblock_blocking(sb)
+    }
+
+    /// Whether the superblock says the data is consistent (`MDF_CONSISTENT`).
+    pub fn is_consistent(&self) -> bool {
+        self.sb.flags & mdf::CONSISTENT != 0
+    }
+
     /// Writes new generation UUIDs (current, the peer slot's bitmap UUID, history[0..2]),
     /// durably: a new generation must be on disk before anything is written in it.
     pub fn set_uuids_blocking(

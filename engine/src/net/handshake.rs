@@ -4,19 +4,21 @@
 use super::{read_control, send_packet, NetError};
 use crate::state::uuid::{
     real_peer_disk, sync_handshake, HandshakeCtx, HandshakeOutcome, HandshakeSide,
-    SplitBrainPolicy, UuidPacket, UuidSet,
+    SplitBrainPolicy, SplitBrainResolution, UuidPacket, UuidSet,
 };
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::wire::{self, ff, AlgName, Command, ConnectionFeatures, Packet, StateBits, WireCtx};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// Feature bits tandem offers: `P_TRIM`, `P_ZEROES`, and `DRBD_FF_WSAME` — the last only
-/// for what it also means: `P_SIZES` carries the queue limits (`o_qlim`), as every DRBD
-/// 8.4.11+ and 9 node sends them and as Wireshark's dissector expects. tandem never sends
-/// `P_WSAME`, and Linux ≥ 5.18 sends none; one that arrives is refused as unexpected.
-/// (THIN_RESYNC comes with resync.)
-pub const OFFERED_FEATURES: u32 = ff::DRBD_FF_TRIM | ff::DRBD_FF_WZEROES | ff::DRBD_FF_WSAME;
+/// Feature bits tandem offers: `P_TRIM`, `P_ZEROES`, `P_RS_THIN_REQ` /
+/// `P_RS_DEALLOCATED` (thin resync: zero ranges travel as a length, not as data), and
+/// `DRBD_FF_WSAME` — the last only for what it also means: `P_SIZES` carries the queue
+/// limits (`o_qlim`), as every DRBD 8.4.11+ and 9 node sends them and as Wireshark's
+/// dissector expects. tandem never sends `P_WSAME`, and Linux ≥ 5.18 sends none; one that
+/// arrives is refused as unexpected.
+pub const OFFERED_FEATURES: u32 =
+    ff::DRBD_FF_TRIM | ff::DRBD_FF_WZEROES | ff::DRBD_FF_WSAME | ff::DRBD_FF_THIN_RESYNC;
 /// Largest bio tandem receives (DRBD_MAX_BIO_SIZE).
 pub const MAX_BIO_SIZE: u32 = wire::DRBD_MAX_BIO_SIZE;
 /// What this node says about itself in the handshake.
@@ -39,10 +41,20 @@ pub struct LocalParams {
     /// This node accepted the meta socket, so it holds DRBD's `RESOLVE_CONFLICTS` (what
     /// breaks ties in the sync decision; it is not "the higher address").
     pub resolve_conflicts: bool,
+    /// `connect --discard-my-data` (P_UUIDS flag 1): lose a split brain.
+    pub discard_my_data: bool,
+    /// The after-split-brain policies.
+    pub policy: SplitBrainPolicy,
+    /// `csums-alg` (crc32c) configured.
+    pub csums: bool,
+    /// `verify-alg` (crc32c) configured.
+    pub verify: bool,
+    /// Resync rate settings sent in `P_SYNC_PARAM`.
+    pub rate: crate::resync::RateConfig,
 }
 
 /// What the handshake agreed and learned about the peer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PeerParams {
     /// Agreed version and features.
     pub ctx: WireCtx,
@@ -56,8 +68,18 @@ pub struct PeerParams {
     pub dirty_bits: u64,
     /// What DRBD's sync handshake decided from both sides' UUIDs (`Connected`, or which
     /// side would be SyncSource and whether fully). Split brain and unrelated data never
-    /// get here: the handshake refuses them.
+    /// get here: the handshake refuses them unless a policy resolved them.
     pub sync: HandshakeOutcome,
+    /// How a split brain was resolved, if there was one.
+    pub split_brain_resolved: Option<String>,
+    /// The peer's generation UUIDs.
+    pub uuids: UuidSet,
+    /// The peer crashed while Primary.
+    pub crashed_primary: bool,
+    /// The peer's `csums-alg` is crc32c too.
+    pub csums: bool,
+    /// The peer's `verify-alg` is crc32c too.
+    pub verify: bool,
 }
 
 /// Runs the handshake on the data socket.
@@ -85,6 +107,7 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
 
     let mut out = Vec::with_capacity(512);
     let no_alg = AlgName::new("").map_err(NetError::Wire)?;
+    let alg = |on: bool| AlgName::new(if on { crate::resync::DIGEST_ALG } else { "" });
     let protocol = wire::Protocol {
         protocol: local.protocol.as_u32(),
         after_sb_0p: 0,
@@ -104,10 +127,10 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         &mut out,
     )?;
     let controller = (ctx.version() >= 95).then_some(wire::ResyncController {
-        c_plan_ahead: 20,
-        c_delay_target: 10,
-        c_fill_target: 100,
-        c_max_rate: 102_400,
+        c_plan_ahead: local.rate.c_plan_ahead,
+        c_delay_target: local.rate.c_delay_target,
+        c_fill_target: local.rate.c_fill_target,
+        c_max_rate: local.rate.c_max_rate,
     });
     let sync_cmd = if ctx.version() >= 89 {
         Command::P_SYNC_PARAM89
@@ -115,9 +138,9 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         Command::P_SYNC_PARAM
     };
     let param = wire::SyncParam {
-        resync_rate: 250,
-        verify_alg: no_alg.clone(),
-        csums_alg: no_alg,
+        resync_rate: local.rate.resync_rate,
+        verify_alg: alg(local.verify).map_err(NetError::Wire)?,
+        csums_alg: alg(local.csums).map_err(NetError::Wire)?,
         controller,
     };
     wire::encode(
@@ -154,8 +177,12 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         bitmap: local.uuids.bitmap,
         history: local.uuids.history,
         dirty_bits: local.dirty_bits,
-        uuid_flags: if local.crashed_primary {
+        uuid_flags: (if local.crashed_primary {
             wire::uuid_flags::UUID_FLAG_CRASHED_PRIMARY
+        } else {
+            0
+        }) | if local.discard_my_data {
+            wire::uuid_flags::UUID_FLAG_DISCARD_MY_DATA
         } else {
             0
         },
@@ -173,6 +200,7 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     data.write_all(&out).await?;
 
     let mut got_protocol = false;
+    let mut peer_algs = (false, false);
     let mut got_sizes = None;
     let mut dirty_bits = 0;
     let mut peer_uuids = None;
@@ -200,7 +228,12 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
                 }
                 got_protocol = true;
             }
-            (_, Packet::SyncParam { .. }) => {}
+            (_, Packet::SyncParam { param, .. }) => {
+                let is_ours = |a: &AlgName| a.as_str() == crate::resync::DIGEST_ALG;
+                // DRBD refuses differing algorithms (receive_SyncParam); tandem simply
+                // uses a digest only when both sides name crc32c.
+                peer_algs = (is_ours(&param.csums_alg), is_ours(&param.verify_alg));
+            }
             (_, Packet::Uuids(u)) => {
                 dirty_bits = u.dirty_bits;
                 peer_uuids = Some(UuidPacket::from(u));
@@ -251,7 +284,7 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
             "peer sent P_STATE before P_UUIDS".into(),
         ));
     };
-    let sync = decide(&local, &peer_uuids, role, disk, &ctx)?;
+    let (sync, split_brain_resolved) = decide(&local, &peer_uuids, role, disk, &ctx)?;
     Ok(PeerParams {
         ctx,
         role,
@@ -259,26 +292,32 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         max_bio_size: sizes.max_bio_size.clamp(4096, MAX_BIO_SIZE),
         dirty_bits,
         sync,
+        split_brain_resolved,
+        uuids: peer_uuids.uuids,
+        crashed_primary: peer_uuids.crashed_primary(),
+        csums: peer_algs.0,
+        verify: peer_algs.1,
     })
 }
 
-/// DRBD's sync handshake on both sides' UUIDs (`drbd_sync_handshake`, policy: disconnect
-/// on every split brain). A split brain or unrelated data is refused with
-/// [`NetError::SplitBrain`]: nothing is overwritten, the node goes StandAlone.
+/// DRBD's sync handshake on both sides' UUIDs (`drbd_sync_handshake`, with the
+/// configured after-sb policies and discard-my-data). A split brain they do not resolve,
+/// or unrelated data, is refused with [`NetError::SplitBrain`]: nothing is overwritten,
+/// the node goes StandAlone. A resolved split brain returns how it was resolved.
 fn decide(
     local: &LocalParams,
     peer: &UuidPacket,
     peer_role: Role,
     peer_disk: DiskState,
     ctx: &WireCtx,
-) -> Result<HandshakeOutcome, NetError> {
+) -> Result<(HandshakeOutcome, Option<String>), NetError> {
     let me = HandshakeSide {
         uuids: local.uuids,
         dirty_bits: local.dirty_bits,
         primary: local.role == Role::Primary,
         disk: local.disk,
         crashed_primary: local.crashed_primary,
-        discard_my_data: false,
+        discard_my_data: local.discard_my_data,
     };
     let them = HandshakeSide::peer(
         peer,
@@ -293,14 +332,58 @@ fn decide(
             wsame: ctx.has(ff::DRBD_FF_WSAME),
             resolve_conflicts: local.resolve_conflicts,
         },
-        &SplitBrainPolicy::default(),
+        &local.policy,
     );
-    match hs.outcome {
-        HandshakeOutcome::Disconnect(reason) => Err(NetError::SplitBrain(format!(
-            "{reason} (UUIDs here {}, peer {}; rule {}, {})",
+    let mut outcome = hs.outcome;
+    // Rules 20/30 ask for a full sync of a just-created disk. tandem refines one case: a
+    // just-created disk that is consistent (a backing file `tandem up` created, all
+    // zeroes) facing a node whose bitmap UUID is still the just-created value (it left
+    // that generation by writing without this peer, so every block it wrote since is in
+    // its bitmap): the bitmap is the whole difference, exactly as rule 50 would say.
+    let zero_fresh = |side: &HandshakeSide, other: &HandshakeSide| {
+        side.uuids.is_just_created()
+            && side.disk == DiskState::UpToDate
+            && other.uuids.bitmap & !1 == crate::state::uuid::UUID_JUST_CREATED
+    };
+    outcome = match (outcome, hs.comparison.rule) {
+        (HandshakeOutcome::SyncTarget { full: true }, 20) if zero_fresh(&me, &them) => {
+            HandshakeOutcome::SyncTarget { full: false }
+        }
+        (HandshakeOutcome::SyncSource { full: true }, 30) if zero_fresh(&them, &me) => {
+            HandshakeOutcome::SyncSource { full: false }
+        }
+        (o, _) => o,
+    };
+    let why = || {
+        format!(
+            "UUIDs here {}, peer {}; rule {}, {}",
             local.uuids, peer.uuids, hs.comparison.rule, hs.hg
-        ))),
-        other => Ok(other),
+        )
+    };
+    match outcome {
+        HandshakeOutcome::Disconnect(reason) => {
+            Err(NetError::SplitBrain(format!("{reason} ({})", why())))
+        }
+        other => {
+            let resolved = hs.split_brain.then(|| {
+                let how = match hs.resolution {
+                    Some(SplitBrainResolution::AfterSbPolicy { primaries }) => {
+                        format!("by the after-sb-{primaries}pri policy")
+                    }
+                    Some(SplitBrainResolution::DiscardMyData) => "by discard-my-data".into(),
+                    None => "by the disk states".into(),
+                };
+                let loser = match other {
+                    HandshakeOutcome::SyncTarget { .. } => "this node's",
+                    _ => "the peer's",
+                };
+                format!(
+                    "split brain resolved {how}: {loser} changes are discarded ({})",
+                    why()
+                )
+            });
+            Ok((other, resolved))
+        }
     }
 }
 

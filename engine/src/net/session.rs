@@ -4,8 +4,10 @@
 use super::handshake::{self, PeerParams};
 use super::{read_exact, Link, NetError, Outgoing};
 use crate::config::{Config, NodeConfig};
+use crate::resync::{Inbound, SLEEP_TIME_MS};
+use crate::state::uuid::HandshakeOutcome;
 use crate::volume::{PeerWrite, PeerWriteKind, Volume};
-use crate::wire::{self, dp, Command, Header, Packet, WireCtx};
+use crate::wire::{self, dp, BitmapReceiver, BitmapSender, Command, Header, Packet, WireCtx};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,6 +47,23 @@ pub async fn run(
             .await
             .map_err(|_| NetError::Timeout("handshake"))??;
     let ctx = params.ctx;
+    if let Some(why) = &params.split_brain_resolved {
+        tracing::warn!("{why}");
+        volume.split_brain_resolved(why.clone());
+    }
+    // An old run's resync write must not land after this connection's writes.
+    volume.wait_sync_io_idle().await;
+    if let HandshakeOutcome::SyncSource { full } | HandshakeOutcome::SyncTarget { full } =
+        params.sync
+    {
+        let source = matches!(params.sync, HandshakeOutcome::SyncSource { .. });
+        tokio::time::timeout(
+            EXCHANGE_TIMEOUT,
+            exchange(&mut data, &volume, &ctx, source, full, volume.use_rle()),
+        )
+        .await
+        .map_err(|_| NetError::Timeout("bitmap exchange"))??;
+    }
     // Sends in a queue: at most every un-acked write (2 × max-buffers) plus one barrier
     // per epoch among them, so 4 × max-buffers (+ pings, state) never fills it.
     let queue = config.net.max_buffers as usize * 4 + 64;
@@ -99,6 +118,7 @@ pub async fn run(
         config.net.ping_interval,
         config.net.ping_timeout,
     ));
+    tasks.spawn(ticker(volume.clone(), session));
     // The volume asks for the connection to go (disconnect, a failed flush, a full queue).
     tasks.spawn(async move {
         kill.notified().await;
@@ -110,6 +130,122 @@ pub async fn run(
         Some(Ok(r)) => r,
         Some(Err(e)) => Err(NetError::Protocol(format!("connection task failed: {e}"))),
         None => Ok(()),
+    }
+}
+
+/// Time the bitmap exchange and the sync UUID may take (a 1 TiB volume's uncompressed
+/// bitmap is 32 MiB).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The bitmap exchange and the sync UUID (see `volume::sync`): WFBitMapS sends first,
+/// WFBitMapT receives first; both OR-merge; then the source sends `P_SYNC_UUID`.
+async fn exchange(
+    data: &mut TcpStream,
+    volume: &Volume,
+    ctx: &WireCtx,
+    source: bool,
+    full: bool,
+    use_rle: bool,
+) -> Result<(), NetError> {
+    let (words, bm_bits) = volume.exchange_snapshot(full);
+    let mut peer = vec![0u64; words.len()];
+    if source {
+        send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
+        receive_bitmap(data, &mut peer, bm_bits, ctx).await?;
+    } else {
+        receive_bitmap(data, &mut peer, bm_bits, ctx).await?;
+        send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
+    }
+    let added = volume.merge_peer_bitmap(&peer);
+    tracing::info!("bitmap exchange: the peer's bitmap added {added} out-of-sync blocks");
+    if source {
+        let uuid = volume.begin_sync_source().map_err(NetError::Protocol)?;
+        super::send_packet(data, &Packet::SyncUuid(uuid), ctx).await
+    } else {
+        let uuid = loop {
+            match super::read_control(data, ctx).await? {
+                (_, Packet::SyncUuid(u)) => break u,
+                (_, Packet::State(_)) => {}
+                (hdr, _) => {
+                    return Err(NetError::Protocol(format!(
+                        "expected P_SYNC_UUID, got {}",
+                        hdr.command.name()
+                    )))
+                }
+            }
+        };
+        volume
+            .begin_sync_target(uuid)
+            .await
+            .map_err(NetError::Protocol)
+    }
+}
+
+async fn send_bitmap(
+    data: &mut TcpStream,
+    words: &[u64],
+    bm_bits: u64,
+    ctx: &WireCtx,
+    use_rle: bool,
+) -> Result<(), NetError> {
+    let mut sender = BitmapSender::new(words, bm_bits, ctx, use_rle)
+        .map_err(|e| NetError::Protocol(format!("bitmap: {e}")))?;
+    let mut out = Vec::with_capacity(68 << 10);
+    while let Some(pkt) = sender.next_packet() {
+        wire::encode(&pkt, ctx, 0, &mut out)?;
+        if out.len() >= 64 << 10 {
+            data.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    data.write_all(&out).await?;
+    if let Some(line) = sender.stats().info_line("send") {
+        tracing::info!("{line}");
+    }
+    Ok(())
+}
+
+async fn receive_bitmap(
+    data: &mut TcpStream,
+    peer: &mut [u64],
+    bm_bits: u64,
+    ctx: &WireCtx,
+) -> Result<(), NetError> {
+    let mut rx = BitmapReceiver::new(bm_bits, ctx)
+        .map_err(|e| NetError::Protocol(format!("bitmap: {e}")))?;
+    loop {
+        let (hdr, pkt) = super::read_control(data, ctx).await?;
+        match pkt {
+            Packet::State(_) => {}
+            Packet::Bitmap(_) | Packet::CompressedBitmap(_) => {
+                if rx
+                    .receive_packet(peer, &pkt)
+                    .map_err(|e| NetError::Protocol(format!("bitmap: {e}")))?
+                {
+                    break;
+                }
+            }
+            _ => {
+                return Err(NetError::Protocol(format!(
+                    "unexpected {} during the bitmap exchange",
+                    hdr.command.name()
+                )))
+            }
+        }
+    }
+    if let Some(line) = rx.stats().info_line("receive") {
+        tracing::info!("{line}");
+    }
+    Ok(())
+}
+
+/// The resync controller's clock: a step every 100 ms.
+async fn ticker(volume: Arc<Volume>, session: u64) -> Result<(), NetError> {
+    let mut iv = tokio::time::interval(Duration::from_millis(SLEEP_TIME_MS));
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        iv.tick().await;
+        volume.sync_tick(session);
     }
 }
 
@@ -126,6 +262,11 @@ async fn sender(
             return Err(NetError::Shutdown);
         }
         write_batch(&mut wr, &batch).await?;
+        let bytes: usize = batch
+            .iter()
+            .map(|i| i.bytes.len() + i.data.as_ref().map_or(0, |d| d.len()))
+            .sum();
+        volume.count_tx(bytes as u64);
         for item in batch.drain(..) {
             if let Some(id) = item.sent_id {
                 volume.handed_to_network(session, id);
@@ -265,6 +406,43 @@ async fn data_receiver(
                     .await
                     .map_err(NetError::Protocol)?;
             }
+            Packet::Data {
+                cmd,
+                head: dh,
+                data_len: len,
+                ..
+            } if cmd == Command::P_RS_DATA_REPLY => {
+                let size =
+                    usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
+                if size == 0 || size != data_len {
+                    return Err(NetError::Protocol(format!(
+                        "P_RS_DATA_REPLY with {size} data bytes"
+                    )));
+                }
+                let mut data = volume
+                    .receive_buffer(size)
+                    .await
+                    .map_err(|e| NetError::Protocol(format!("P_RS_DATA_REPLY: {e}")))?;
+                read_exact(&mut rd, data.buf.as_mut_slice()).await?;
+                volume
+                    .rs_data_reply(session, dh.sector, len, data)
+                    .map_err(NetError::Protocol)?;
+            }
+            p @ (Packet::BlockReq { .. } | Packet::BlockDesc { .. }) => {
+                match Inbound::from_packet(&p) {
+                    Ok(Some(inbound)) => volume
+                        .sync_inbound(session, inbound)
+                        .await
+                        .map_err(NetError::Protocol)?,
+                    Ok(None) => {
+                        return Err(NetError::Protocol(format!(
+                            "unexpected {} on the data socket",
+                            hdr.command.name()
+                        )))
+                    }
+                    Err(e) => return Err(NetError::Protocol(e.to_string())),
+                }
+            }
             Packet::Barrier(b) => volume
                 .peer_barrier(session, b.barrier)
                 .await
@@ -288,9 +466,9 @@ async fn data_receiver(
                     .map_err(|_| NetError::Protocol("meta queue full".into()))?;
             }
             Packet::Empty(c) if c == Command::P_UNPLUG_REMOTE => {}
+            Packet::Uuids(u) => volume.peer_uuids(session, u.into()),
             Packet::DelayProbe(_)
             | Packet::Sizes(_)
-            | Packet::Uuids(_)
             | Packet::SyncParam { .. }
             | Packet::Protocol {
                 cmd: Command::P_PROTOCOL_UPDATE,
@@ -327,9 +505,20 @@ async fn meta_receiver(
                     .map_err(|_| NetError::Protocol("meta queue full".into()))?;
             }
             Packet::Empty(c) if c == Command::P_PING_ACK => {}
-            Packet::BlockAck { cmd, ack } => volume
-                .peer_ack(session, cmd, ack)
-                .map_err(NetError::Protocol)?,
+            p @ Packet::BlockAck { .. } => match Inbound::from_packet(&p) {
+                Ok(Some(inbound)) => volume
+                    .sync_inbound(session, inbound)
+                    .await
+                    .map_err(NetError::Protocol)?,
+                Ok(None) => {
+                    if let Packet::BlockAck { cmd, ack } = p {
+                        volume
+                            .peer_ack(session, cmd, ack)
+                            .map_err(NetError::Protocol)?;
+                    }
+                }
+                Err(e) => return Err(NetError::Protocol(e.to_string())),
+            },
             Packet::BarrierAck(b) => volume
                 .barrier_ack(session, b.barrier, b.set_size)
                 .map_err(NetError::Protocol)?,

@@ -247,6 +247,37 @@ impl OutOfSync {
         self.clear_block_range(first, last)
     }
 
+    /// OR-merges `words` (the peer's bitmap after the exchange, DRBD's
+    /// `drbd_bm_merge_lel`) into this one; bits past the volume are ignored, missing words
+    /// count as clear. Returns how many bits became set; their pages become dirty.
+    pub fn merge_words(&mut self, words: &[u64]) -> u64 {
+        let tail = self.blocks % 64;
+        let last = self.words.len().saturating_sub(1);
+        let mut added = 0;
+        for (w, (mine, theirs)) in self.words.iter_mut().zip(words).enumerate() {
+            let mut theirs = *theirs;
+            if w == last && tail != 0 {
+                theirs &= (1u64 << tail) - 1;
+            }
+            let new = theirs & !*mine;
+            if new != 0 {
+                added += u64::from(new.count_ones());
+                *mine |= new;
+                let page = w / WORDS_PER_PAGE;
+                if let Some(d) = self.dirty.get_mut(page / 64) {
+                    *d |= 1 << (page % 64);
+                }
+            }
+        }
+        self.set += added;
+        added
+    }
+
+    /// Sets every bit (a full sync, DRBD's `drbd_bmio_set_n_write`).
+    pub fn mark_all(&mut self) {
+        self.mark_blocks(0, self.blocks);
+    }
+
     /// Number of set bits among blocks `[first, first + count)`, clipped to the volume.
     pub fn count_blocks(&self, first: u64, count: u64) -> u64 {
         if count == 0 || first >= self.blocks {

@@ -550,6 +550,32 @@ impl Primary {
         Ok(())
     }
 
+    /// The bitmap, for resync: the SyncSource clears what the target acknowledged
+    /// (`SourceOutput::SetInSync`), the bitmap exchange merges the peer's bits in. Only
+    /// ever more bits cleared for blocks known equal on both disks, or more bits set.
+    pub fn out_of_sync_mut(&mut self) -> &mut OutOfSync {
+        &mut self.oos
+    }
+
+    /// Swaps the bitmap for `oos` (same size) while no write is in flight: a SyncTarget
+    /// (always Secondary) lends its bitmap to the resync for the run and takes it back.
+    pub fn swap_bitmap(&mut self, oos: OutOfSync) -> Result<OutOfSync, Error> {
+        if self.slots_used != 0 {
+            return Err(Error::Invalid("bitmap swapped while writes are in flight"));
+        }
+        if oos.blocks() != self.oos.blocks() {
+            return Err(Error::Invalid("bitmap of another size"));
+        }
+        Ok(std::mem::replace(&mut self.oos, oos))
+    }
+
+    /// Bitmap page `p` of `oos` as it goes to disk: `(byte offset on the metadata
+    /// device, bytes)`; `None` without metadata. For a bitmap lent to a resync.
+    pub fn bitmap_page_of(&self, oos: &OutOfSync, p: u32) -> Option<(u64, Box<[u8; 4096]>)> {
+        let base = self.cfg.meta.as_ref()?.bitmap_offset;
+        Some((base + u64::from(p) * PAGE_BYTES as u64, oos.page_bytes(p)))
+    }
+
     /// Every dirty bitmap page as `(byte offset on the metadata device, bytes)`, clearing
     /// the dirty flags: the clean-stop write-back. Empty without metadata.
     pub fn take_dirty_bitmap_pages(&mut self) -> Vec<(u64, Box<[u8; 4096]>)> {
@@ -559,17 +585,8 @@ impl Primary {
         self.oos
             .take_all_dirty()
             .into_iter()
-            .map(|p| self.bitmap_page(p))
+            .filter_map(|p| self.bitmap_page_of(&self.oos, p))
             .collect()
-    }
-
-    /// Bitmap page `p` as it goes to disk: `(byte offset on the metadata device, bytes)`.
-    fn bitmap_page(&self, p: u32) -> (u64, Box<[u8; 4096]>) {
-        let base = self.cfg.meta.as_ref().map_or(0, |m| m.bitmap_offset);
-        (
-            base + u64::from(p) * PAGE_BYTES as u64,
-            self.oos.page_bytes(p),
-        )
     }
 
     /// The extents in the activity log (committed or being added), sorted.
@@ -1069,8 +1086,10 @@ impl Primary {
         let mut inflight = Vec::new();
         for p in pages {
             if self.oos.take_dirty(p) {
+                let Some((offset, data)) = self.bitmap_page_of(&self.oos, p) else {
+                    continue;
+                };
                 let tag = self.next_meta_tag();
-                let (offset, data) = self.bitmap_page(p);
                 self.out.push(PrimaryOutput::MetaWrite {
                     tag,
                     offset,

@@ -31,14 +31,19 @@ use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, PrimaryOutput,
     Receiver, ReceiverConfig, ReceiverOutput, WriteKind,
 };
+use crate::state::uuid::HandshakeOutcome;
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
 use crate::wire::{self, Command, Packet};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+
+mod sync;
+
+pub use sync::{PeerSide, SyncRole, SyncSettings, BITMAP_WRITEOUT_MS, SYNC_IO_DRAIN};
 
 /// Largest write handed to the core (and sent as one `P_DATA`): DRBD_MAX_BIO_SIZE.
 pub const MAX_WRITE_CHUNK: usize = 1 << 20;
@@ -117,6 +122,28 @@ struct Inner {
     uuids: UuidSet,
     /// Why the last handshake found a split brain (cleared by `connect`).
     split_brain: Option<String>,
+    /// The SyncTarget run of the live connection.
+    target: Option<sync::TargetRun>,
+    /// The SyncSource of the live connection.
+    source: Option<sync::SourceRun>,
+    /// Run counter: IO of an earlier run is recognised by it.
+    sync_run: u64,
+    /// Resync reads and writes in flight (of any run).
+    sync_io_in_flight: u64,
+    /// Where the next SyncTarget run starts its walk.
+    resume_block: u64,
+    /// `pause-sync` is in effect.
+    sync_paused: bool,
+    /// The last finished SyncTarget run.
+    last_sync: Option<crate::resync::ResyncSummary>,
+    /// Sectors of non-resync IO on the backing device (c-min-rate).
+    app_io_sectors: u64,
+    /// Resync data bytes sent (`P_RS_DATA_REPLY`).
+    resync_bytes_sent: u64,
+    /// The next handshake says discard-my-data (`connect --discard-my-data`).
+    discard_my_data: bool,
+    /// How the last split brain was resolved.
+    split_brain_resolved: Option<String>,
 }
 
 /// Which core a local write belongs to, with the handle that core gave it.
@@ -148,6 +175,29 @@ enum Effect {
     ReceiverFlush {
         token: u64,
     },
+    SyncRead {
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+        purpose: sync::ReadFor,
+    },
+    SyncWrite {
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+        /// `None`: write zeroes.
+        data: Option<PeerData>,
+    },
+    SyncBitmap {
+        pages: Vec<(u64, Box<[u8; 4096]>)>,
+    },
+    SyncFinish {
+        run: u64,
+        pages: Vec<(u64, Box<[u8; 4096]>)>,
+        uuids: Option<UuidSet>,
+    },
     Complete {
         done: oneshot::Sender<Result<(), BlockError>>,
         result: Result<(), BlockError>,
@@ -169,6 +219,14 @@ pub struct Volume {
     md: Mutex<MetaDevice>,
     /// The last stop was a crash while Primary (`MDF_CRASHED_PRIMARY`).
     crashed_primary: bool,
+    /// Resync settings.
+    sync: SyncSettings,
+    /// `max-buffers`.
+    max_buffers: usize,
+    /// Origin of the resync machines' clock.
+    started: Instant,
+    /// Bytes written to the replication sockets after the handshake (all connections).
+    net_tx_bytes: std::sync::atomic::AtomicU64,
     slots: Arc<Semaphore>,
     peer_data: Arc<Semaphore>,
     accept: Notify,
@@ -244,6 +302,13 @@ impl Volume {
         let mut rcfg = ReceiverConfig::new(sectors);
         rcfg.max_active = max_buffers;
         let receiver = Receiver::new(rcfg).map_err(|e| anyhow::anyhow!("receiver core: {e}"))?;
+        // MDF_CONSISTENT: what a restart in the middle of a resync, or create-md on a
+        // device with unknown contents, leaves unset.
+        let disk = if md.is_consistent() {
+            DiskState::UpToDate
+        } else {
+            DiskState::Inconsistent
+        };
         Ok(Arc::new_cyclic(|me_weak| Volume {
             me: me_weak.clone(),
             resource: config.resource.name.clone(),
@@ -255,13 +320,17 @@ impl Volume {
             meta_store,
             md: Mutex::new(md),
             crashed_primary: attach.crashed_primary(),
+            sync: SyncSettings::from_config(config),
+            max_buffers,
+            started: Instant::now(),
+            net_tx_bytes: std::sync::atomic::AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(max_buffers)),
             peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
             accept: Notify::new(),
             conn_changed: Notify::new(),
             inner: Mutex::new(Inner {
                 role: Role::Secondary,
-                disk: DiskState::UpToDate,
+                disk,
                 conn: ConnState::StandAlone,
                 standalone: false,
                 shutting_down: false,
@@ -280,6 +349,17 @@ impl Volume {
                 writes_completed: 0,
                 uuids,
                 split_brain: None,
+                target: None,
+                source: None,
+                sync_run: 0,
+                sync_io_in_flight: 0,
+                resume_block: 0,
+                sync_paused: false,
+                last_sync: None,
+                app_io_sectors: 0,
+                resync_bytes_sent: 0,
+                discard_my_data: false,
+                split_brain_resolved: None,
             }),
         }))
     }
@@ -292,6 +372,12 @@ impl Volume {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Counts bytes a connection's sender wrote (status `net_tx_bytes`).
+    pub fn count_tx(&self, bytes: u64) {
+        self.net_tx_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Exported size, bytes.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -301,6 +387,14 @@ impl Volume {
 
     /// Makes this node Primary (`true`) or Secondary.
     pub fn set_primary(&self, primary: bool) -> Result<(), String> {
+        self.set_primary_forced(primary, false)
+    }
+
+    /// Makes this node Primary or Secondary; `force` promotes a disk that is not
+    /// UpToDate (DRBD's `primary --force`): its data becomes the good copy, in a new
+    /// generation, and a connected peer is resynced from it (the connection is renewed
+    /// so that the handshake decides that resync).
+    pub fn set_primary_forced(&self, primary: bool, force: bool) -> Result<(), String> {
         let mut effects = Vec::new();
         {
             let mut g = self.lock();
@@ -318,6 +412,26 @@ impl Volume {
                 if inner.receiver.stats().active_writes > 0 {
                     return Err("peer writes are still being applied; retry".into());
                 }
+                if inner.target.is_some() {
+                    return Err(
+                        "a resync into this disk is running; wait until it is UpToDate".into(),
+                    );
+                }
+                let forced = inner.disk != DiskState::UpToDate;
+                if forced && !force {
+                    return Err(format!(
+                        "the disk is {}: only an UpToDate disk may become Primary (wait for \
+                         the resync, or `primary --force` to declare this data the good copy)",
+                        inner.disk
+                    ));
+                }
+                if forced {
+                    self.md_lock()
+                        .set_consistent_blocking(true)
+                        .map_err(|e| format!("cannot mark the disk consistent: {e}"))?;
+                    inner.disk = DiskState::UpToDate;
+                    tracing::warn!("forced promotion: this disk's data is now the good copy");
+                }
                 // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
                 // makes the next attach after a crash apply the activity log.
                 self.md_lock()
@@ -328,9 +442,15 @@ impl Volume {
                 // this node has writes the peer lacks, or a split brain.
                 let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
                 let mut uuids = inner.uuids;
-                uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, false);
+                uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, forced);
                 self.persist_uuids(inner, uuids)?;
                 inner.role = Role::Primary;
+                if forced {
+                    // The peer resyncs from the new generation: a new handshake decides it.
+                    if let Some(k) = &inner.kill {
+                        k.notify_one();
+                    }
+                }
                 if inner.link.is_some() {
                     inner.primary.connected().map_err(core_err)?;
                 }
@@ -381,6 +501,21 @@ impl Volume {
             let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
             self.meta_store
                 .write_blocking(offset, &buf, true)
+                .map_err(|e| format!("cannot write the bitmap page at byte {offset}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes bitmap pages `(offset, bytes)` durably (FUA), from a task.
+    async fn write_bitmap_pages_async(
+        &self,
+        pages: Vec<(u64, Box<[u8; 4096]>)>,
+    ) -> Result<(), String> {
+        for (offset, page) in pages {
+            let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
+            self.meta_store
+                .write(offset, Arc::new(buf), true)
+                .await
                 .map_err(|e| format!("cannot write the bitmap page at byte {offset}: {e}"))?;
         }
         Ok(())
@@ -480,12 +615,18 @@ impl Volume {
             uuids: g.uuids,
             crashed_primary: self.crashed_primary,
             resolve_conflicts,
+            discard_my_data: g.discard_my_data,
+            policy: self.sync.policy,
+            csums: self.sync.csums,
+            verify: self.sync.verify,
+            rate: self.sync.rate,
         }
     }
 
     /// A connection finished its handshake. Returns the notify that kills it.
     pub fn connection_up(&self, link: Link, peer: &PeerParams) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
+        let link_thin = link.ctx.has(wire::ff::DRBD_FF_THIN_RESYNC);
         let mut effects = Vec::new();
         {
             let mut g = self.lock();
@@ -495,14 +636,28 @@ impl Volume {
             inner.peer_role = peer.role;
             inner.peer_disk = peer.disk;
             inner.conn = ConnState::Connected;
-            if inner.role == Role::Secondary && peer.dirty_bits > 0 {
-                // The peer holds writes this disk missed; only a resync makes it UpToDate.
-                inner.disk = DiskState::Outdated;
-                tracing::warn!(
-                    "peer reports {} out-of-sync blocks: this disk is Outdated",
-                    peer.dirty_bits
-                );
+            let role = match peer.sync {
+                HandshakeOutcome::SyncSource { .. } => Some(SyncRole::Source),
+                HandshakeOutcome::SyncTarget { .. } => Some(SyncRole::Target {
+                    csums: self.sync.csums
+                        && peer.csums
+                        && (!self.sync.csums_after_crash_only
+                            || self.crashed_primary
+                            || peer.crashed_primary),
+                }),
+                HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
+            };
+            if let Some(role) = role {
+                let side = PeerSide {
+                    uuids: peer.uuids,
+                    max_bio_size: peer.max_bio_size,
+                    thin: link_thin,
+                };
+                self.start_run(inner, role, &side);
             }
+            inner.discard_my_data = false;
+            self.send_state(inner);
+            self.drain_sync(inner, &mut effects);
             if inner.role == Role::Primary {
                 if let Err(e) = inner.primary.connected() {
                     tracing::error!("replication core refused the connection: {e}");
@@ -536,6 +691,7 @@ impl Volume {
             self.drain_primary(inner, &mut effects);
             inner.receiver.connection_lost();
             self.drain_receiver(inner, &mut effects);
+            self.sync_connection_lost(inner);
             // A Primary that lost its peer's disk writes a generation the peer lacks.
             let mut uuids = inner.uuids;
             if uuids.lost_peer_disk(
@@ -645,10 +801,15 @@ impl Volume {
 
     /// `P_STATE` from the peer.
     pub fn peer_state(&self, session: u64, word: u32) {
-        let _ = self.with_session(session, |_, inner, _| {
+        let _ = self.with_session(session, |v, inner, _| {
             let s = wire::StateBits::unpack(word);
             inner.peer_role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
             inner.peer_disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
+            if let Some(r) = inner.source.as_mut() {
+                r.s.set_peer_primary(inner.peer_role == Role::Primary);
+            }
+            let conn = ConnState::from_u32(u32::from(s.conn)).unwrap_or(ConnState::StandAlone);
+            v.source_peer_state(inner, conn);
             Ok(())
         });
     }
@@ -788,6 +949,7 @@ impl Volume {
                     fua,
                 } => {
                     let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
+                    Self::source_track(inner, tag, sector, len);
                     fx.push(Effect::LocalWrite {
                         side: Side::Primary(tag),
                         sector,
@@ -922,14 +1084,17 @@ impl Volume {
                     fua,
                 } => {
                     let buf = inner.peer_bufs.remove(&token);
-                    fx.push(Effect::LocalWrite {
+                    let e = Effect::LocalWrite {
                         side: Side::Receiver(token),
                         sector,
                         len,
                         kind,
                         fua,
                         buf: buf.map(Buf::Owned),
-                    });
+                    };
+                    if let Some(e) = self.target_gate(inner, token, e) {
+                        fx.push(e);
+                    }
                     continue;
                 }
                 ReceiverOutput::SubmitLocalFlush { token } => {
@@ -996,15 +1161,21 @@ impl Volume {
                 } => {
                     tokio::spawn(async move {
                         let ok = v.local_io(sector, len, kind, fua, buf).await;
-                        v.feed(|v, inner, fx| match side {
-                            Side::Primary(tag) => {
-                                log_refusal(inner.primary.local_done(tag, ok));
-                                v.drain_primary(inner, fx);
+                        v.feed(|v, inner, fx| {
+                            inner.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
+                            match side {
+                                Side::Primary(tag) => {
+                                    Self::sync_write_ended(inner, Some(tag), None);
+                                    log_refusal(inner.primary.local_done(tag, ok));
+                                    v.drain_primary(inner, fx);
+                                }
+                                Side::Receiver(token) => {
+                                    Self::sync_write_ended(inner, None, Some(token));
+                                    log_refusal(inner.receiver.local_done(token, ok));
+                                    v.drain_receiver(inner, fx);
+                                }
                             }
-                            Side::Receiver(token) => {
-                                log_refusal(inner.receiver.local_done(token, ok));
-                                v.drain_receiver(inner, fx);
-                            }
+                            v.drain_sync(inner, fx);
                         });
                     });
                 }
@@ -1030,6 +1201,77 @@ impl Volume {
                             v.drain_primary(inner, fx);
                         });
                     });
+                }
+                Effect::SyncRead {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    purpose,
+                } => {
+                    tokio::spawn(async move {
+                        let offset = sector * SECTOR_SIZE as u64;
+                        let buf = match v.store.read(offset, len as usize).await {
+                            Ok(b) => Some(b),
+                            Err(e) => {
+                                tracing::warn!(
+                                    "resync read of {len} bytes at sector {sector} failed: {e}"
+                                );
+                                None
+                            }
+                        };
+                        v.feed(|v, inner, fx| {
+                            v.sync_read_done(inner, run, tag, purpose, buf);
+                            v.drain_sync(inner, fx);
+                        });
+                    });
+                }
+                Effect::SyncWrite {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    data,
+                } => {
+                    tokio::spawn(async move {
+                        let ok = match data {
+                            Some(d) => {
+                                v.local_io(sector, len, WriteKind::Data, false, Some(Buf::Owned(d)))
+                                    .await
+                            }
+                            None => {
+                                v.local_io(
+                                    sector,
+                                    len,
+                                    WriteKind::Zeroes { unmap: true },
+                                    false,
+                                    None,
+                                )
+                                .await
+                            }
+                        };
+                        v.feed(|v, inner, fx| {
+                            v.sync_write_done(inner, run, tag, ok);
+                            v.drain_sync(inner, fx);
+                        });
+                    });
+                }
+                Effect::SyncBitmap { pages } => {
+                    tokio::spawn(async move {
+                        // The data the cleared bits describe must be durable first.
+                        let r = if v.flush_local().await {
+                            v.write_bitmap_pages_async(pages).await
+                        } else {
+                            Err("flush failed".into())
+                        };
+                        if let Err(e) = r {
+                            // The on-disk bits stay set: a restart resyncs more, never less.
+                            tracing::warn!("lazy bitmap write-out during resync: {e}");
+                        }
+                    });
+                }
+                Effect::SyncFinish { run, pages, uuids } => {
+                    tokio::spawn(async move { v.finish_target(run, pages, uuids).await });
                 }
                 Effect::ReceiverFlush { token } => {
                     // Epoch flushes are merged: while one flush is in flight, later ones
@@ -1323,7 +1565,11 @@ impl Volume {
     /// The status object of the management API.
     pub fn status(&self) -> serde_json::Value {
         let g = self.lock();
-        let oos = g.primary.out_of_sync_bytes();
+        // While a resync runs on this node its target holds the bitmap.
+        let oos = g
+            .target
+            .as_ref()
+            .map_or_else(|| g.primary.out_of_sync_bytes(), |r| r.t.bitmap().bytes());
         let peer = if g.link.is_some() {
             // A peer that missed writes (blocks out of sync here) is not UpToDate, whatever
             // it believes; until resync it is Outdated.
@@ -1364,6 +1610,12 @@ impl Volume {
             "crashed_primary": self.crashed_primary,
             "uuids": g.uuids.to_string(),
             "split_brain": g.split_brain,
+            "split_brain_resolved": g.split_brain_resolved,
+            "resync": self.sync_status(&g),
+            "last_resync": g.last_sync,
+            "resync_bytes_sent": g.resync_bytes_sent,
+            "net_tx_bytes": self.net_tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            "app_io_sectors": g.app_io_sectors,
         })
     }
 }
@@ -1404,8 +1656,12 @@ impl BlockTarget for Volume {
     async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
         match io {
             BlockIo::Read { offset, len } => {
-                if self.lock().shutting_down {
-                    return Err(BlockError::Shutdown);
+                {
+                    let mut g = self.lock();
+                    if g.shutting_down {
+                        return Err(BlockError::Shutdown);
+                    }
+                    g.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
                 }
                 let buf = self.store.read(offset, len as usize).await.map_err(|e| {
                     tracing::warn!("read of {len} bytes at {offset} failed: {e}");

@@ -1,0 +1,956 @@
+//! Resync in the volume driver: what happens between the sync handshake and `Connected`,
+//! and the SyncTarget / SyncSource machines of [`crate::resync`] run against the real
+//! disk and the live connection.
+//!
+//! The sequence (research/drbd-protocol.md §6.3, §8.2, §9.1), driven by
+//! `net::session` on the data socket before the connection's tasks start:
+//!
+//! 1. [`Volume::exchange_snapshot`]: a full sync sets every bit first; the bitmap's words
+//!    are copied for the sender.
+//! 2. WFBitMapS sends its bitmap, then receives the peer's; WFBitMapT the other way
+//!    round. [`Volume::merge_peer_bitmap`] OR-merges what arrived.
+//! 3. The SyncSource makes the sync UUID ([`Volume::begin_sync_source`]) and sends
+//!    `P_SYNC_UUID`; the SyncTarget ([`Volume::begin_sync_target`]) writes its bitmap,
+//!    clears `MDF_CONSISTENT` and adopts the sync UUID — all durably, in that order, so a
+//!    crash from here on restarts Inconsistent with a bitmap that covers everything the
+//!    resync has not yet written.
+//! 4. `connection_up` starts a [`Target`] over the merged bitmap (lent by the Primary
+//!    core, which keeps the node's bitmap otherwise) or a [`Source`].
+//!
+//! While it runs: every 100 ms [`Volume::sync_tick`]; resync packets from both sockets go
+//! to [`Volume::sync_inbound`] / [`Volume::rs_data_reply`]; resync reads and writes are
+//! effects like any other local IO, tagged with the run they belong to, so a completion
+//! from an earlier run (the connection dropped meanwhile) is dropped and its bits stay
+//! set (safe: a set bit only costs a resync). A new connection waits for that IO to drain
+//! ([`Volume::wait_sync_io_idle`], ≤ [`SYNC_IO_DRAIN`]), so an old resync write can never
+//! land over a newer write of the next connection.
+//!
+//! Application writes and resync (`DESIGN.md` §3): the Primary's local writes are reported
+//! to the [`Source`] (it holds back reads of ranges being written); the peer's writes on a
+//! SyncTarget are reported to the [`Target`] from arrival to local completion, and a write
+//! it holds waits in [`TargetRun::held`] until `AppWriteReady`.
+//!
+//! The end: the target's `Finished` with nothing left flushes the data, writes the bitmap,
+//! adopts the source's UUIDs and sets `MDF_CONSISTENT` (disk UpToDate), then says so in
+//! `P_STATE`; the source ends its run when the peer's `P_STATE` says Connected/UpToDate.
+//! During the run the target's cleared bits reach the disk lazily, every
+//! [`BITMAP_WRITEOUT_MS`], after a flush of the data they describe, so a restart resumes
+//! near where it stopped instead of from the start.
+//!
+//! Bounds: the target's requests (8192) and the source's queue (1024 requests, 64 reads
+//! of ≤ 1 MiB) as in [`crate::resync`]; reply data is read under the receiver's
+//! [`super::PEER_DATA_BUDGET`]; held application writes ≤ the receiver's `max-buffers`.
+
+use super::{log_refusal, Effect, Inner, PeerData, Volume};
+use crate::request::OutOfSync;
+use crate::resync::{
+    Digest, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
+    TargetConfig, TargetOutput, TickInput,
+};
+use crate::state::uuid::{random_uuid, UuidSet};
+use crate::state::{ConnState, DiskState, Role};
+use crate::store::{AlignedBuf, SECTOR_SIZE};
+use crate::wire::Packet;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Cleared target bits reach the disk at most this often (DRBD writes its bitmap lazily
+/// during resync, too): what a restart in the middle of a resync redoes is at most this
+/// much of resync.
+pub const BITMAP_WRITEOUT_MS: u64 = 5_000;
+
+/// How long a new connection waits for the resync IO of the previous one to complete.
+pub const SYNC_IO_DRAIN: Duration = Duration::from_secs(30);
+
+/// Resync settings from the configuration.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// The rate controller.
+    pub rate: crate::resync::RateConfig,
+    /// `csums-alg crc32c` configured.
+    pub csums: bool,
+    /// `csums-after-crash-only`.
+    pub csums_after_crash_only: bool,
+    /// `verify-alg crc32c` configured.
+    pub verify: bool,
+    /// `use-rle`.
+    pub use_rle: bool,
+    /// `rs-discard-granularity`, bytes (0: no thin requests).
+    pub rs_discard_granularity: u32,
+    /// The after-split-brain policies.
+    pub policy: crate::state::uuid::SplitBrainPolicy,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            rate: crate::resync::RateConfig::TANDEM,
+            csums: false,
+            csums_after_crash_only: false,
+            verify: false,
+            use_rle: true,
+            rs_discard_granularity: 0,
+            policy: crate::state::uuid::SplitBrainPolicy::default(),
+        }
+    }
+}
+
+impl SyncSettings {
+    /// The settings of `config`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        SyncSettings {
+            rate: config.disk.rate,
+            csums: config.net.csums_alg.is_some(),
+            csums_after_crash_only: config.net.csums_after_crash_only,
+            verify: config.net.verify_alg.is_some(),
+            use_rle: config.net.use_rle,
+            rs_discard_granularity: config.disk.rs_discard_granularity,
+            policy: config.net.split_brain,
+        }
+    }
+}
+
+/// Which way the connection resyncs, as the handshake decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncRole {
+    /// This node sends data.
+    Source,
+    /// This node receives data.
+    Target {
+        /// Use checksum-based resync (csums configured on both sides, and not
+        /// after-crash-only without a crash).
+        csums: bool,
+    },
+}
+
+/// A running SyncTarget.
+pub(super) struct TargetRun {
+    pub(super) t: Target,
+    pub(super) run: u64,
+    /// The peer's UUIDs from the handshake (adopted at the end).
+    pub(super) peer_uuids: UuidSet,
+    /// Peer writes the target holds (rule 3), by receiver token.
+    pub(super) held: HashMap<u64, Effect>,
+    /// When the cleared bits were last written (ms).
+    pub(super) bitmap_written_ms: u64,
+    /// The end is being recorded on disk.
+    pub(super) finishing: bool,
+}
+
+/// A running SyncSource (lives as long as the connection: late acks still clear bits).
+pub(super) struct SourceRun {
+    pub(super) s: Source,
+    pub(super) run: u64,
+    /// Read buffers waiting for their `P_RS_DATA_REPLY`, by tag.
+    pub(super) bufs: HashMap<u64, Arc<AlignedBuf>>,
+}
+
+/// What a resync read is for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum ReadFor {
+    /// The source answers a request.
+    Source { digest: bool, zero_check: bool },
+    /// The target digests its own range for a checksum request.
+    TargetDigest,
+}
+
+impl Volume {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn tick_input(&self, inner: &Inner) -> TickInput {
+        let congested = inner
+            .link
+            .as_ref()
+            .is_some_and(|l| l.data.capacity() < l.data.max_capacity() / 2);
+        TickInput {
+            now_ms: self.now_ms(),
+            app_io_sectors: inner.app_io_sectors,
+            app_waiting: inner.primary.stats().al_waiting > 0
+                || inner.target.as_ref().is_some_and(|r| !r.held.is_empty()),
+            congested,
+        }
+    }
+
+    // ----- the exchange (before the connection's tasks run) ----------------------------
+
+    /// Step 1: the bitmap to send, as words, and its bit count. A full sync sets every
+    /// bit first.
+    pub fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64) {
+        let mut g = self.lock();
+        let oos = g.primary.out_of_sync_mut();
+        if full {
+            oos.mark_all();
+        }
+        (oos.words().to_vec(), oos.blocks())
+    }
+
+    /// Step 2: OR-merges the peer's bitmap. Returns the bits it added.
+    pub fn merge_peer_bitmap(&self, words: &[u64]) -> u64 {
+        self.lock().primary.out_of_sync_mut().merge_words(words)
+    }
+
+    /// Step 3 on the SyncSource: the new bitmap UUID, durably; returns the `P_SYNC_UUID`
+    /// value.
+    pub fn begin_sync_source(&self) -> Result<u64, String> {
+        let mut g = self.lock();
+        let mut uuids = g.uuids;
+        let sync_uuid = uuids.start_sync_source(random_uuid(&mut rand::thread_rng()));
+        self.persist_uuids(&mut g, uuids)?;
+        Ok(sync_uuid)
+    }
+
+    /// Step 3 on the SyncTarget: bitmap pages, then "not consistent", then the sync
+    /// UUID, each durable before the next.
+    pub async fn begin_sync_target(&self, sync_uuid: u64) -> Result<(), String> {
+        let pages = self.lock().primary.take_dirty_bitmap_pages();
+        self.write_bitmap_pages_async(pages).await?;
+        self.md_lock()
+            .set_consistent_blocking(false)
+            .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
+        let mut g = self.lock();
+        g.disk = DiskState::Inconsistent;
+        let mut uuids = g.uuids;
+        uuids.start_sync_target(sync_uuid, g.role == Role::Primary);
+        self.persist_uuids(&mut g, uuids)
+    }
+
+    /// Waits (≤ [`SYNC_IO_DRAIN`]) until no resync read or write of an earlier
+    /// connection is in flight.
+    pub async fn wait_sync_io_idle(&self) {
+        let deadline = tokio::time::Instant::now() + SYNC_IO_DRAIN;
+        while self.lock().sync_io_in_flight > 0 {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!("resync IO of the previous connection still in flight");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Step 4, from `connection_up`: starts the run.
+    pub(super) fn start_run(&self, inner: &mut Inner, role: SyncRole, peer: &PeerSide) {
+        inner.sync_run += 1;
+        let run = inner.sync_run;
+        let sectors = self.size_bytes / SECTOR_SIZE as u64;
+        let tick = self.tick_input(inner);
+        match role {
+            SyncRole::Target { csums } => {
+                let bm = match inner.primary.swap_bitmap(OutOfSync::new(sectors)) {
+                    Ok(bm) => bm,
+                    Err(e) => {
+                        tracing::error!("cannot start the resync: {e}");
+                        return;
+                    }
+                };
+                let thin = self.sync.rs_discard_granularity;
+                let cfg = TargetConfig {
+                    max_bio_size: peer.max_bio_size & !4095,
+                    csums,
+                    thin_granularity: if peer.thin { thin } else { 0 },
+                    rate: self.sync.rate,
+                    max_app_writes: self.max_buffers + 64,
+                    start_block: inner.resume_block,
+                    ..TargetConfig::new(sectors)
+                };
+                let total = bm.count();
+                // The target takes the bitmap; if it refuses, the copy goes back.
+                let backup = bm.clone();
+                match Target::new(cfg, bm, &tick) {
+                    Ok(mut t) => {
+                        if inner.sync_paused {
+                            t.pause(tick.now_ms);
+                        }
+                        tracing::info!(
+                            "resync started as SyncTarget: {} KiB out of sync{}",
+                            total * 4,
+                            if csums { ", checksum-based" } else { "" }
+                        );
+                        inner.target = Some(TargetRun {
+                            t,
+                            run,
+                            peer_uuids: peer.uuids,
+                            held: HashMap::new(),
+                            bitmap_written_ms: tick.now_ms,
+                            finishing: false,
+                        });
+                        inner.conn = ConnState::SyncTarget;
+                        inner.peer_disk = DiskState::UpToDate;
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot start the resync: {e}");
+                        let _ = inner.primary.swap_bitmap(backup);
+                    }
+                }
+            }
+            SyncRole::Source => {
+                self.ensure_source(inner);
+                inner.conn = ConnState::SyncSource;
+                inner.peer_disk = DiskState::Inconsistent;
+                tracing::info!(
+                    "resync started as SyncSource: {} KiB out of sync",
+                    inner.primary.out_of_sync().count() * 4
+                );
+            }
+        }
+    }
+
+    fn ensure_source(&self, inner: &mut Inner) {
+        if inner.source.is_some() {
+            return;
+        }
+        let sectors = self.size_bytes / SECTOR_SIZE as u64;
+        let cfg = SourceConfig {
+            thin: inner
+                .link
+                .as_ref()
+                .is_some_and(|l| l.ctx.has(crate::wire::ff::DRBD_FF_THIN_RESYNC)),
+            max_app_writes: inner.primary.config().max_in_flight + 64,
+            c_min_rate: self.sync.rate.c_min_rate,
+            ..SourceConfig::new(sectors)
+        };
+        let tick = self.tick_input(inner);
+        match Source::new(cfg, &tick) {
+            Ok(mut s) => {
+                s.set_peer_primary(inner.peer_role == Role::Primary);
+                inner.sync_run += 1;
+                inner.source = Some(SourceRun {
+                    s,
+                    run: inner.sync_run,
+                    bufs: HashMap::new(),
+                });
+            }
+            Err(e) => tracing::error!("cannot start the resync source: {e}"),
+        }
+    }
+
+    /// The connection is gone: the target keeps its bitmap's cleared bits (they are on
+    /// disk), the walk's position is remembered for the next run.
+    pub(super) fn sync_connection_lost(&self, inner: &mut Inner) {
+        if let Some(mut r) = inner.target.take() {
+            r.t.connection_lost();
+            inner.resume_block = r.t.resume_position();
+            // Held peer writes belong to the dead connection's receiver, which discards
+            // them on its own connection_lost.
+            let bm = r.t.into_bitmap();
+            if let Err(e) = inner.primary.swap_bitmap(bm) {
+                tracing::error!("cannot take the bitmap back from the resync: {e}");
+            }
+        }
+        inner.source = None;
+    }
+
+    // ----- the run ---------------------------------------------------------------------
+
+    /// One controller step (every 100 ms while connected).
+    pub fn sync_tick(&self, session: u64) {
+        let _ = self.with_session(session, |v, inner, fx| {
+            let input = v.tick_input(inner);
+            if let Some(r) = inner.target.as_mut() {
+                r.t.tick(&input);
+                if !r.finishing && input.now_ms >= r.bitmap_written_ms + BITMAP_WRITEOUT_MS {
+                    r.bitmap_written_ms = input.now_ms;
+                    let pages = v.dirty_target_pages(inner);
+                    if !pages.is_empty() {
+                        fx.push(Effect::SyncBitmap { pages });
+                    }
+                }
+            }
+            if let Some(r) = inner.source.as_mut() {
+                r.s.tick(&input);
+            }
+            v.drain_sync(inner, fx);
+            Ok(())
+        });
+    }
+
+    fn dirty_target_pages(&self, inner: &mut Inner) -> Vec<(u64, Box<[u8; 4096]>)> {
+        let Some(r) = inner.target.as_mut() else {
+            return Vec::new();
+        };
+        let bm = r.t.bitmap_mut();
+        let pages = bm.take_all_dirty();
+        let bm = r.t.bitmap();
+        pages
+            .into_iter()
+            .filter_map(|p| inner.primary.bitmap_page_of(bm, p))
+            .collect()
+    }
+
+    /// Whether the source can take another request (the data socket's reader waits
+    /// otherwise).
+    fn source_can_accept(inner: &Inner) -> bool {
+        inner.source.as_ref().is_none_or(|r| r.s.can_accept())
+    }
+
+    /// A resync or verify packet without data, from either socket. Requests wait while
+    /// the source's queue is full.
+    pub async fn sync_inbound(&self, session: u64, inbound: Inbound) -> Result<(), String> {
+        loop {
+            let notified = self.accept.notified();
+            let done = self.with_session(session, |v, inner, fx| {
+                if matches!(inbound, Inbound::RsRequest { .. }) {
+                    v.ensure_source(inner);
+                    if !Self::source_can_accept(inner) {
+                        return Ok(false);
+                    }
+                }
+                v.sync_input(inner, inbound)?;
+                v.drain_sync(inner, fx);
+                Ok(true)
+            })?;
+            match done {
+                None | Some(true) => return Ok(()),
+                Some(false) => notified.await,
+            }
+        }
+    }
+
+    fn sync_input(&self, inner: &mut Inner, inbound: Inbound) -> Result<(), String> {
+        let e = |e: crate::resync::Error| e.to_string();
+        let target = inner.target.as_mut().map(|r| &mut r.t);
+        match inbound {
+            Inbound::RsRequest { sector, len, kind } => {
+                let Some(r) = inner.source.as_mut() else {
+                    return Err("resync request without a source".into());
+                };
+                r.s.request(sector, len, kind).map_err(e)
+            }
+            Inbound::RsWriteAck { sector, len } => match inner.source.as_mut() {
+                Some(r) => r.s.rs_write_ack(sector, len).map_err(e),
+                None => Ok(()),
+            },
+            Inbound::RsNegAck { sector, len } => match inner.source.as_mut() {
+                Some(r) => r.s.neg_ack(sector, len).map_err(e),
+                None => Ok(()),
+            },
+            Inbound::RsDeallocated { sector, len } => match target {
+                Some(t) => t.deallocated(sector, len).map_err(e),
+                None => Err("P_RS_DEALLOCATED while not SyncTarget".into()),
+            },
+            Inbound::RsIsInSync { sector, len } => match target {
+                Some(t) => t.in_sync_reply(sector, len).map_err(e),
+                None => Err("P_RS_IS_IN_SYNC while not SyncTarget".into()),
+            },
+            Inbound::NegRsDReply { sector, len } => match target {
+                Some(t) => t.neg_reply(sector, len).map_err(e),
+                None => Err("P_NEG_RS_DREPLY while not SyncTarget".into()),
+            },
+            Inbound::RsCancel { sector, len } => match target {
+                Some(t) => t.cancel_reply(sector, len).map_err(e),
+                None => Err("P_RS_CANCEL while not SyncTarget".into()),
+            },
+            Inbound::RsDataReply { .. } => Err("P_RS_DATA_REPLY without its data".into()),
+            Inbound::OvRequest { .. } | Inbound::OvReply { .. } | Inbound::OvResult { .. } => {
+                Err("online verify is not supported by this node".into())
+            }
+        }
+    }
+
+    /// `P_RS_DATA_REPLY` with its data.
+    pub fn rs_data_reply(
+        &self,
+        session: u64,
+        sector: u64,
+        len: u32,
+        data: PeerData,
+    ) -> Result<(), String> {
+        self.with_session(session, |v, inner, fx| {
+            let Some(r) = inner.target.as_mut() else {
+                return Err("P_RS_DATA_REPLY while not SyncTarget".into());
+            };
+            if let Some(tag) = r.t.data_reply(sector, len).map_err(|e| e.to_string())? {
+                inner.sync_io_in_flight += 1;
+                fx.push(Effect::SyncWrite {
+                    run: r.run,
+                    tag,
+                    sector,
+                    len,
+                    data: Some(data),
+                });
+            }
+            v.drain_sync(inner, fx);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// Turns the target's and the source's outputs into sends and IO.
+    pub(super) fn drain_sync(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
+        let mut finished = None;
+        if let Some(r) = inner.target.as_mut() {
+            let outputs: Vec<TargetOutput> = r.t.drain_outputs().collect();
+            let run = r.run;
+            for o in outputs {
+                if let Some(pkt) = o.packet() {
+                    Self::send_sync_packet(inner, &pkt, None);
+                    continue;
+                }
+                match o {
+                    TargetOutput::ReadForDigest { tag, sector, len } => {
+                        inner.sync_io_in_flight += 1;
+                        fx.push(Effect::SyncRead {
+                            run,
+                            tag,
+                            sector,
+                            len,
+                            purpose: ReadFor::TargetDigest,
+                        });
+                    }
+                    TargetOutput::WriteZeroes { tag, sector, len } => {
+                        inner.sync_io_in_flight += 1;
+                        fx.push(Effect::SyncWrite {
+                            run,
+                            tag,
+                            sector,
+                            len,
+                            data: None,
+                        });
+                    }
+                    TargetOutput::AppWriteReady { id } => {
+                        if let Some(e) = inner.target.as_mut().and_then(|r| r.held.remove(&id)) {
+                            fx.push(e);
+                        }
+                    }
+                    TargetOutput::Finished(summary) => finished = Some(summary),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(summary) = finished {
+            self.target_finished(inner, summary, fx);
+        }
+        if let Some(r) = inner.source.as_mut() {
+            let outputs: Vec<SourceOutput> = r.s.drain_outputs().collect();
+            let run = r.run;
+            for o in outputs {
+                match o {
+                    SourceOutput::ReadLocal {
+                        tag,
+                        sector,
+                        len,
+                        digest,
+                        zero_check,
+                    } => {
+                        inner.sync_io_in_flight += 1;
+                        fx.push(Effect::SyncRead {
+                            run,
+                            tag,
+                            sector,
+                            len,
+                            purpose: ReadFor::Source { digest, zero_check },
+                        });
+                    }
+                    SourceOutput::SendRsDataReply { tag, .. } => {
+                        let data = inner.source.as_mut().and_then(|r| r.bufs.remove(&tag));
+                        if let Some(pkt) = o.packet() {
+                            if data.is_some() {
+                                Self::send_sync_packet(inner, &pkt, data);
+                            }
+                        }
+                    }
+                    SourceOutput::SetInSync { sector, len } => {
+                        inner.primary.out_of_sync_mut().clear(sector, len);
+                    }
+                    other => {
+                        if let Some(pkt) = other.packet() {
+                            Self::send_sync_packet(inner, &pkt, None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acks go on the meta socket, requests and data on the data socket.
+    fn send_sync_packet(inner: &mut Inner, pkt: &Packet, data: Option<Arc<AlignedBuf>>) {
+        let meta = matches!(pkt, Packet::BlockAck { .. });
+        if let Some(bytes) = Self::encode(&inner.link, pkt) {
+            if let Some(d) = &data {
+                inner.resync_bytes_sent += d.len() as u64;
+            }
+            Self::queue(inner, !meta, bytes, data, None);
+        }
+    }
+
+    /// The target's run is over. With nothing left, the end is recorded on disk (data
+    /// flushed, bitmap written, UUIDs adopted, consistent) before the disk says UpToDate.
+    fn target_finished(&self, inner: &mut Inner, summary: ResyncSummary, fx: &mut Vec<Effect>) {
+        tracing::info!(
+            "resync finished: {} KiB total, {} KiB failed, {} KiB left, {} KiB equal by checksum, {} s at {} KiB/s",
+            summary.total_blocks * 4,
+            summary.failed_blocks * 4,
+            summary.left_blocks * 4,
+            summary.same_csum_blocks * 4,
+            summary.active_ms / 1000,
+            summary.rate_kib
+        );
+        inner.last_sync = Some(summary);
+        let pages = self.dirty_target_pages(inner);
+        let Some(r) = inner.target.as_mut() else {
+            return;
+        };
+        r.finishing = true;
+        let complete = summary.left_blocks == 0;
+        let mut uuids = inner.uuids;
+        if complete {
+            uuids.finish_sync_target(&r.peer_uuids, inner.role == Role::Primary);
+        }
+        fx.push(Effect::SyncFinish {
+            run: r.run,
+            pages,
+            uuids: complete.then_some(uuids),
+        });
+    }
+
+    /// The recorded end of a target run (see [`Self::target_finished`]).
+    pub(super) async fn finish_target(
+        &self,
+        run: u64,
+        pages: Vec<(u64, Box<[u8; 4096]>)>,
+        uuids: Option<UuidSet>,
+    ) {
+        let recorded = async {
+            if !self.flush_local().await {
+                return Err("the flush before recording the end of the resync failed".into());
+            }
+            self.write_bitmap_pages_async(pages).await?;
+            if let Some(u) = &uuids {
+                let mut md = self.md_lock();
+                md.set_uuids_blocking(u)
+                    .map_err(|e| format!("cannot write the generation UUIDs: {e}"))?;
+                md.set_consistent_blocking(true)
+                    .map_err(|e| format!("cannot mark the disk consistent: {e}"))?;
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        let mut g = self.lock();
+        let inner = &mut *g;
+        if let Err(e) = &recorded {
+            tracing::error!("{e}; the disk stays Inconsistent");
+        }
+        if inner.target.as_ref().is_some_and(|r| r.run == run) {
+            if let Some(r) = inner.target.take() {
+                if let Err(e) = inner.primary.swap_bitmap(r.t.into_bitmap()) {
+                    tracing::error!("cannot take the bitmap back from the resync: {e}");
+                }
+            }
+            inner.resume_block = 0;
+            inner.conn = ConnState::Connected;
+        }
+        if let (Ok(()), Some(u)) = (recorded, uuids) {
+            tracing::info!("generation UUIDs {} (were {})", u, inner.uuids);
+            inner.uuids = u;
+            inner.disk = DiskState::UpToDate;
+        }
+        self.send_state(inner);
+    }
+
+    /// The peer's `P_STATE` while this node is SyncSource: its resync is over when it says
+    /// Connected; complete when its disk is UpToDate (the bitmap UUID then rotates into
+    /// history, DRBD's `drbd_resync_finished` on the source).
+    pub(super) fn source_peer_state(&self, inner: &mut Inner, conn: ConnState) {
+        if inner.conn != ConnState::SyncSource || conn != ConnState::Connected {
+            return;
+        }
+        inner.conn = ConnState::Connected;
+        if inner.peer_disk == DiskState::UpToDate {
+            let mut uuids = inner.uuids;
+            uuids.finish_sync_source();
+            if let Err(e) = self.persist_uuids(inner, uuids) {
+                tracing::error!("{e}");
+            }
+            tracing::info!("resync finished (this node was SyncSource)");
+        }
+    }
+
+    /// A resync read completed (`buf` is `None` if it failed).
+    pub(super) fn sync_read_done(
+        &self,
+        inner: &mut Inner,
+        run: u64,
+        tag: u64,
+        purpose: ReadFor,
+        buf: Option<AlignedBuf>,
+    ) {
+        inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
+        match purpose {
+            ReadFor::TargetDigest => {
+                if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
+                    let digest = buf.as_deref().map(Digest::of);
+                    log_refusal(r.t.digest_done(tag, digest));
+                }
+            }
+            ReadFor::Source { digest, zero_check } => {
+                let Some(r) = inner.source.as_mut().filter(|r| r.run == run) else {
+                    return;
+                };
+                let outcome = match &buf {
+                    None => ReadOutcome::Failed,
+                    Some(b) => ReadOutcome::Ok {
+                        all_zero: zero_check && b.iter().all(|&x| x == 0),
+                        digest: digest.then(|| Digest::of(b)),
+                    },
+                };
+                if let Some(b) = buf {
+                    r.bufs.insert(tag, Arc::new(b));
+                }
+                log_refusal(r.s.read_done(tag, outcome));
+                // A reply that was not sent (in sync, zeroes, failure) frees its buffer.
+                if !matches!(outcome, ReadOutcome::Ok { .. }) {
+                    r.bufs.remove(&tag);
+                }
+            }
+        }
+    }
+
+    /// A resync write completed.
+    pub(super) fn sync_write_done(&self, inner: &mut Inner, run: u64, tag: u64, ok: bool) {
+        inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
+        if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
+            log_refusal(r.t.write_done(tag, ok));
+        }
+    }
+
+    /// A peer write is about to be submitted on this node: the target may hold it.
+    /// Returns the effect back if it may go now.
+    pub(super) fn target_gate(&self, inner: &mut Inner, token: u64, e: Effect) -> Option<Effect> {
+        let Effect::LocalWrite { sector, len, .. } = &e else {
+            return Some(e);
+        };
+        let (sector, len) = (*sector, *len);
+        let Some(r) = inner.target.as_mut() else {
+            return Some(e);
+        };
+        match r.t.app_write_begin(token, sector, len) {
+            Ok(true) => Some(e),
+            Ok(false) => {
+                r.held.insert(token, e);
+                None
+            }
+            Err(err) => {
+                // Untracked, it could race a resync write: resync that range again.
+                tracing::warn!(
+                    "resync cannot track a peer write ({err}); its range is resynced again"
+                );
+                r.t.mark_out_of_sync(sector, len);
+                Some(e)
+            }
+        }
+    }
+
+    /// A local write of a core ended: the resync machines stop tracking it.
+    pub(super) fn sync_write_ended(
+        inner: &mut Inner,
+        primary_tag: Option<u64>,
+        token: Option<u64>,
+    ) {
+        if let (Some(tag), Some(r)) = (primary_tag, inner.source.as_mut()) {
+            let _ = r.s.app_write_end(tag);
+        }
+        if let (Some(token), Some(r)) = (token, inner.target.as_mut()) {
+            let _ = r.t.app_write_end(token);
+        }
+    }
+
+    /// A Primary write is about to be submitted: the source holds reads of its range.
+    pub(super) fn source_track(inner: &mut Inner, tag: u64, sector: u64, len: u32) {
+        if let Some(r) = inner.source.as_mut() {
+            if let Err(e) = r.s.app_write_begin(tag, sector, len) {
+                tracing::warn!("resync source cannot track a write: {e}");
+            }
+        }
+    }
+
+    /// `connect --discard-my-data`: the next handshake says this node loses a split
+    /// brain (P_UUIDS flag 1). Cleared when a connection is made.
+    pub fn set_discard_my_data(&self, discard: bool) {
+        self.lock().discard_my_data = discard;
+    }
+
+    /// `invalidate`: this Secondary's data is declared invalid. Every bit is set and
+    /// written, the disk becomes Inconsistent (durably), and the connection is renewed:
+    /// the handshake then makes this node the SyncTarget of a full resync.
+    pub fn invalidate(&self) -> Result<(), String> {
+        let pages = {
+            let mut g = self.lock();
+            if g.role == Role::Primary {
+                return Err("invalidate works on a Secondary; demote this node first".into());
+            }
+            if g.target.is_some() || g.conn == ConnState::SyncSource {
+                return Err("a resync is running; wait for it, or pause it".into());
+            }
+            if g.link.is_none() {
+                return Err("not connected: there is no peer to resync from".into());
+            }
+            g.primary.out_of_sync_mut().mark_all();
+            g.primary.take_dirty_bitmap_pages()
+        };
+        self.write_bitmap_pages(pages)?;
+        self.md_lock()
+            .set_consistent_blocking(false)
+            .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
+        let mut g = self.lock();
+        g.disk = DiskState::Inconsistent;
+        tracing::warn!("invalidated: a full resync from the peer follows");
+        if let Some(k) = &g.kill {
+            k.notify_one();
+        }
+        Ok(())
+    }
+
+    /// `new-current-uuid [--clear-bitmap]`. Without `clear_bitmap`: a new generation
+    /// (StandAlone only). With it, on a connected pair whose metadata is just created:
+    /// both disks are declared equal (the initial sync is skipped), announced to the peer
+    /// in `P_UUIDS` with the skip-initial-sync flag.
+    pub fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), String> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let primary = inner.role == Role::Primary;
+        let mut uuids = inner.uuids;
+        let random = random_uuid(&mut rand::thread_rng());
+        if !clear_bitmap {
+            if inner.link.is_some() {
+                return Err("new-current-uuid needs StandAlone (disconnect first), or --clear-bitmap on a new pair".into());
+            }
+            uuids.new_current_uuid_cmd(random, primary, false);
+            return self.persist_uuids(inner, uuids);
+        }
+        let version = inner.link.as_ref().map_or(0, |l| l.ctx.version());
+        if !uuids.may_skip_initial_sync(inner.link.is_some(), version) {
+            return Err("--clear-bitmap skips the initial sync only on a connected pair whose metadata was just created (current UUID still the create-md value)".into());
+        }
+        let Some(announce) = uuids.new_current_uuid_cmd(random, primary, true) else {
+            return Err("no UUIDs to announce".into());
+        };
+        self.declare_in_sync(inner, uuids)?;
+        let pkt = Packet::Uuids(crate::wire::Uuids {
+            current: announce.current,
+            bitmap: announce.bitmap,
+            history: announce.history,
+            dirty_bits: 0,
+            uuid_flags: crate::wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
+        });
+        if let Some(bytes) = Self::encode(&inner.link, &pkt) {
+            Self::queue(inner, true, bytes, None, None);
+        }
+        self.send_state(inner);
+        Ok(())
+    }
+
+    /// Skip-initial-sync: an empty bitmap, consistent, `uuids`, UpToDate.
+    fn declare_in_sync(&self, inner: &mut Inner, uuids: UuidSet) -> Result<(), String> {
+        let blocks = inner.primary.out_of_sync().blocks();
+        inner.primary.out_of_sync_mut().clear_blocks(0, blocks);
+        let pages = inner.primary.take_dirty_bitmap_pages();
+        self.write_bitmap_pages(pages)?;
+        self.md_lock()
+            .set_consistent_blocking(true)
+            .map_err(|e| format!("cannot mark the disk consistent: {e}"))?;
+        self.persist_uuids(inner, uuids)?;
+        inner.disk = DiskState::UpToDate;
+        inner.peer_disk = DiskState::UpToDate;
+        Ok(())
+    }
+
+    /// `P_UUIDS` on a live connection: the peer skipped the initial sync
+    /// (`new-current-uuid --clear-bitmap`); anything else is ignored, as DRBD 8.4 does
+    /// outside the handshake.
+    pub fn peer_uuids(&self, session: u64, p: crate::state::uuid::UuidPacket) {
+        let _ = self.with_session(session, |v, inner, _| {
+            let version = inner.link.as_ref().map_or(0, |l| l.ctx.version());
+            let mut uuids = inner.uuids;
+            let primary = inner.role == Role::Primary;
+            if uuids.accept_skip_initial_sync(&p, true, version, primary) {
+                match v.declare_in_sync(inner, uuids) {
+                    Ok(()) => tracing::info!("the peer skipped the initial sync: UpToDate"),
+                    Err(e) => tracing::error!("{e}"),
+                }
+                v.send_state(inner);
+            }
+            Ok(())
+        });
+    }
+
+    /// `use-rle`: compress the bitmap exchange.
+    pub fn use_rle(&self) -> bool {
+        self.sync.use_rle
+    }
+
+    /// The handshake resolved a split brain (by policy or discard-my-data): shown in
+    /// status until the next `connect`.
+    pub fn split_brain_resolved(&self, why: String) {
+        self.lock().split_brain_resolved = Some(why);
+    }
+
+    /// `pause-sync` / `resume-sync`.
+    pub fn set_sync_paused(&self, paused: bool) {
+        let mut fx = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            inner.sync_paused = paused;
+            let now = self.now_ms();
+            if let Some(r) = inner.target.as_mut() {
+                if paused {
+                    r.t.pause(now);
+                } else {
+                    r.t.resume(now);
+                }
+            }
+            self.drain_sync(inner, &mut fx);
+        }
+        self.run(fx);
+    }
+
+    /// The `resync` object of the status.
+    pub(super) fn sync_status(&self, inner: &Inner) -> serde_json::Value {
+        if let Some(r) = &inner.target {
+            let p = r.t.progress();
+            return serde_json::json!({
+                "role": "SyncTarget",
+                "paused": p.paused,
+                "out_of_sync_bytes": p.left_blocks * 4096,
+                "total_bytes": p.total_blocks * 4096,
+                "percent": f64::from(p.permille) / 10.0,
+                "rate_kib": p.rate_kib,
+                "planned_rate_kib": p.planned_rate_kib,
+                "eta_s": p.eta_secs,
+                "data_bytes_received": p.data_bytes,
+                "same_csum_bytes": p.same_csum_blocks * 4096,
+                "deallocated_bytes": p.deallocated_bytes,
+                "requests_in_flight": p.requests_in_flight,
+                "failed_bytes": p.failed_blocks * 4096,
+                "throttled_steps": p.throttled_steps,
+            });
+        }
+        if let (Some(r), ConnState::SyncSource) = (&inner.source, inner.conn) {
+            let s = r.s.stats();
+            return serde_json::json!({
+                "role": "SyncSource",
+                "paused": inner.sync_paused,
+                "out_of_sync_bytes": inner.primary.out_of_sync_bytes(),
+                "data_bytes_sent": s.data_bytes,
+                "same_csum_bytes": s.same_csum_bytes,
+                "deallocated_bytes": s.deallocated_bytes,
+                "requests": s.requests,
+                "throttled_steps": s.throttled_steps,
+            });
+        }
+        serde_json::Value::Null
+    }
+}
+
+/// What `start_run` needs to know about the peer.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerSide {
+    /// Its UUIDs from the handshake.
+    pub uuids: UuidSet,
+    /// Its largest bio.
+    pub max_bio_size: u32,
+    /// `DRBD_FF_THIN_RESYNC` agreed.
+    pub thin: bool,
+}
