@@ -515,9 +515,14 @@ fn wait_for(
 
 /// One `{"cmd":...}` request on a tandem management socket; the parsed reply.
 fn mgmt(sock: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
+    mgmt_json(sock, &serde_json::json!({ "cmd": cmd }))
+}
+
+/// One request object on a tandem management socket; the parsed reply.
+fn mgmt_json(sock: &Path, req: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
     let mut s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    writeln!(s, "{{\"cmd\":\"{cmd}\"}}")?;
+    writeln!(s, "{req}")?;
     let mut line = String::new();
     BufReader::new(s.take(1 << 16)).read_line(&mut line)?;
     Ok(serde_json::from_str(&line)?)
@@ -607,7 +612,7 @@ fn start_cluster(
     let config = format!(
         "[resource]\nname = \"bench\"\nprotocol = \"{protocol}\"\n\n[net]\nconnect-int = 1\n\n\
          [disk]\nal-extents = {al_extents}\n\n\
-         [[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:{}\"\ndisk = {}\nrole = \"primary\"\n\
+         [[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:{}\"\ndisk = {}\n\
          nbd-socket = {}\nmgmt-socket = {}\n\n\
          [[node]]\nname = \"beta\"\naddress = \"127.0.0.1:{}\"\ndisk = {}\nmgmt-socket = {}\n",
         ports[0],
@@ -638,6 +643,31 @@ fn start_cluster(
         setup.check_alive(&format!("tandem-beta-{tag}"))?;
         Ok(connection(&alpha_mgmt).as_deref() == Some("Connected"))
     })?;
+    // Fresh metadata on zeroed files: declare them equal (no initial full sync), then
+    // promote alpha — what an operator does for a new pair of thin volumes.
+    let ok = |r: serde_json::Value, what: &str| {
+        if r["ok"] == true {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("{what}: {}", r["error"]))
+        }
+    };
+    ok(
+        mgmt_json(
+            &alpha_mgmt,
+            &serde_json::json!({"cmd": "new-current-uuid", "clear-bitmap": true}),
+        )?,
+        "new-current-uuid --clear-bitmap",
+    )?;
+    wait_for("both disks UpToDate", CONNECT_TIMEOUT, || {
+        let up = |s: &Path| {
+            mgmt(s, "status")
+                .ok()
+                .and_then(|v| v["status"]["disk"].as_str().map(|d| d == "UpToDate"))
+        };
+        Ok(up(&alpha_mgmt) == Some(true) && up(&beta_mgmt) == Some(true))
+    })?;
+    ok(mgmt(&alpha_mgmt, "primary")?, "primary")?;
     Ok(Cluster {
         alpha_mgmt,
         uri: format!("nbd+unix:///?socket={}", nbd.display()),
