@@ -730,6 +730,23 @@ impl MetaDevice {
         self.write_superblock_blocking(sb)
     }
 
+    /// Whether the superblock says the last Primary crashed (`MDF_CRASHED_PRIMARY`): set
+    /// by the attach that applied a crashed Primary's log, kept across restarts until
+    /// the resync that follows completes ([`Self::clear_crashed_primary_blocking`]).
+    pub fn is_crashed_primary(&self) -> bool {
+        self.sb.flags & mdf::CRASHED_PRIMARY != 0
+    }
+
+    /// Clears `MDF_CRASHED_PRIMARY`, durably: the resync after the crash is complete.
+    pub fn clear_crashed_primary_blocking(&mut self) -> Result<(), MetaError> {
+        let mut sb = self.sb.clone();
+        sb.flags &= !mdf::CRASHED_PRIMARY;
+        if sb.flags == self.sb.flags {
+            return Ok(());
+        }
+        self.write_superblock_blocking(sb)
+    }
+
     /// Whether the superblock says the data is consistent (`MDF_CONSISTENT`).
     pub fn is_consistent(&self) -> bool {
         self.sb.flags & mdf::CONSISTENT != 0

@@ -120,6 +120,8 @@ struct Inner {
     writes_completed: u64,
     /// Generation UUIDs (persisted in the superblock on every change).
     uuids: UuidSet,
+    /// The last Primary crashed and its resync has not completed (`MDF_CRASHED_PRIMARY`).
+    crashed_primary: bool,
     /// Why the last handshake found a split brain (cleared by `connect`).
     split_brain: Option<String>,
     /// The SyncTarget run of the live connection.
@@ -217,8 +219,6 @@ pub struct Volume {
     meta_store: Store,
     /// The superblock and layout (role flags, the clean stop).
     md: Mutex<MetaDevice>,
-    /// The last stop was a crash while Primary (`MDF_CRASHED_PRIMARY`).
-    crashed_primary: bool,
     /// Resync settings.
     sync: SyncSettings,
     /// `max-buffers`.
@@ -293,6 +293,9 @@ impl Volume {
             .load_bitmap(OutOfSync::from_disk(sectors, &attach.bitmap))
             .map_err(|e| anyhow::anyhow!("loading the bitmap: {e}"))?;
         let meta_store = md.store().clone();
+        // Set by this attach's log replay, or still set from an earlier one whose resync
+        // did not complete.
+        let crashed_primary = attach.crashed_primary() || md.is_crashed_primary();
         let sb = md.superblock();
         let uuids = UuidSet {
             current: sb.current_uuid,
@@ -319,7 +322,6 @@ impl Volume {
             store,
             meta_store,
             md: Mutex::new(md),
-            crashed_primary: attach.crashed_primary(),
             sync: SyncSettings::from_config(config),
             max_buffers,
             started: Instant::now(),
@@ -348,6 +350,7 @@ impl Volume {
                 flush_running: false,
                 writes_completed: 0,
                 uuids,
+                crashed_primary,
                 split_brain: None,
                 target: None,
                 source: None,
@@ -613,7 +616,7 @@ impl Volume {
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
             dirty_bits: g.primary.out_of_sync().count(),
             uuids: g.uuids,
-            crashed_primary: self.crashed_primary,
+            crashed_primary: g.crashed_primary,
             resolve_conflicts,
             discard_my_data: g.discard_my_data,
             policy: self.sync.policy,
@@ -642,7 +645,7 @@ impl Volume {
                     csums: self.sync.csums
                         && peer.csums
                         && (!self.sync.csums_after_crash_only
-                            || self.crashed_primary
+                            || inner.crashed_primary
                             || peer.crashed_primary),
                 }),
                 HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
@@ -1607,7 +1610,7 @@ impl Volume {
             "out_of_sync_bytes": oos,
             "activity_log": pstats.al,
             "al_waiting_writes": pstats.al_waiting,
-            "crashed_primary": self.crashed_primary,
+            "crashed_primary": g.crashed_primary,
             "uuids": g.uuids.to_string(),
             "split_brain": g.split_brain,
             "split_brain_resolved": g.split_brain_resolved,

@@ -623,6 +623,8 @@ impl Volume {
                     .map_err(|e| format!("cannot write the generation UUIDs: {e}"))?;
                 md.set_consistent_blocking(true)
                     .map_err(|e| format!("cannot mark the disk consistent: {e}"))?;
+                md.clear_crashed_primary_blocking()
+                    .map_err(|e| format!("cannot clear the crashed-primary flag: {e}"))?;
             }
             Ok::<(), String>(())
         }
@@ -645,6 +647,7 @@ impl Volume {
             tracing::info!("generation UUIDs {} (were {})", u, inner.uuids);
             inner.uuids = u;
             inner.disk = DiskState::UpToDate;
+            inner.crashed_primary = false;
         }
         self.send_state(inner);
     }
@@ -662,6 +665,11 @@ impl Volume {
             uuids.finish_sync_source();
             if let Err(e) = self.persist_uuids(inner, uuids) {
                 tracing::error!("{e}");
+            }
+            // The crash (if this node was the crashed Primary) is fully repaired.
+            match self.md_lock().clear_crashed_primary_blocking() {
+                Ok(()) => inner.crashed_primary = false,
+                Err(e) => tracing::error!("cannot clear the crashed-primary flag: {e}"),
             }
             tracing::info!("resync finished (this node was SyncSource)");
         }
