@@ -21,7 +21,7 @@ fn write_blocks(node: &Node, blocks: &[u64], seed: u8) {
     for (i, &b) in blocks.iter().enumerate() {
         let mut data = vec![0u8; 4096];
         for (j, x) in data.iter_mut().enumerate() {
-            *x = (b as u8) ^ (j as u8).wrapping_mul(31) ^ seed;
+            *x = b.to_le_bytes()[0] ^ j.to_le_bytes()[0].wrapping_mul(31) ^ seed;
         }
         s.write_all(&nbd_raw::request(
             nbd_raw::CMD_WRITE,
