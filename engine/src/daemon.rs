@@ -378,6 +378,46 @@ pub fn cli_command(socket: &Path, req: &mgmt::Request) -> anyhow::Result<()> {
     call(socket, &req.canonical()).map(|_| ())
 }
 
+/// Longest `tandem verify` waits for the result.
+const VERIFY_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// `tandem verify`: starts online verify, waits for its end, prints the differing
+/// ranges (sector, length in sectors). Returns the number of blocks out of sync.
+pub fn cli_verify(socket: &Path, json: bool) -> anyhow::Result<u64> {
+    call(socket, &mgmt::Request::Verify.canonical())?;
+    let started = std::time::Instant::now();
+    let result = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let st = call(socket, &mgmt::Request::Status.canonical())?;
+        let st = &st["status"];
+        if st["verify"].is_null() {
+            break st["last_verify"].clone();
+        }
+        if started.elapsed() > VERIFY_WAIT {
+            bail!("verify did not finish within {} s", VERIFY_WAIT.as_secs());
+        }
+    };
+    let oos = result["out_of_sync_blocks"].as_u64().unwrap_or(0);
+    if json {
+        println!("{result}");
+    } else {
+        if result["finished"] != true {
+            bail!("verify was interrupted (the connection dropped): {result}");
+        }
+        println!(
+            "verified {} blocks: {} out of sync",
+            result["total_blocks"], oos
+        );
+        for r in result["ranges"].as_array().into_iter().flatten() {
+            println!("  out of sync: sector {} + {} sectors", r[0], r[1]);
+        }
+        if result["ranges_truncated"] == true {
+            println!("  (more ranges than listed)");
+        }
+    }
+    Ok(oos)
+}
+
 /// `tandem demo`: two nodes as child processes, NBD on the Primary, until Ctrl-C.
 pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -508,6 +548,7 @@ impl mgmt::Handler for Volume {
                 Ok(serde_json::json!({}))
             }
             mgmt::Request::Invalidate => self.invalidate().map(|()| serde_json::json!({})),
+            mgmt::Request::Verify => self.start_verify().map(|()| serde_json::json!({})),
             mgmt::Request::NewCurrentUuid { clear_bitmap } => self
                 .new_current_uuid(clear_bitmap)
                 .map(|()| serde_json::json!({})),

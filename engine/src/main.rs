@@ -74,6 +74,16 @@ enum Cmd {
     ResumeSync(SocketArg),
     /// Declare this node's data invalid: a full resync from the peer (Secondary only).
     Invalidate(SocketArg),
+    /// Online verify: compare every block with the peer's by digest (`verify-alg`), wait,
+    /// and print the blocks that differ (they are marked out of sync; a disconnect and
+    /// connect with a Primary resyncs them).
+    Verify {
+        #[command(flatten)]
+        s: SocketArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a new data generation; with --clear-bitmap on a connected pair whose
     /// metadata was just created, skip the initial full sync (both sides become UpToDate).
     #[command(name = "new-current-uuid")]
@@ -194,6 +204,7 @@ fn main() -> ExitCode {
         Cmd::PauseSync(s) => send(&s, Request::PauseSync),
         Cmd::ResumeSync(s) => send(&s, Request::ResumeSync),
         Cmd::Invalidate(s) => send(&s, Request::Invalidate),
+        Cmd::Verify { s, json } => tandem_engine::daemon::cli_verify(&s.socket, json).map(|_| ()),
         Cmd::NewCurrentUuid { s, clear_bitmap } => {
             send(&s, Request::NewCurrentUuid { clear_bitmap })
         }

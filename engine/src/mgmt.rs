@@ -52,6 +52,9 @@ pub enum Request {
     ResumeSync,
     /// Declare the local data invalid: a full resync from the peer (`invalidate`).
     Invalidate,
+    /// Start online verify against the peer (`verify`); progress and the result are in
+    /// the status (`verify`, `last_verify`).
+    Verify,
     /// Start a new data generation (`new-current-uuid`); with `clear_bitmap`
     /// (`"clear-bitmap":true`) on a connected just-created pair, skip the initial sync.
     NewCurrentUuid {
@@ -62,7 +65,7 @@ pub enum Request {
 
 /// Every command name, for error messages.
 const COMMANDS: &str = "status, primary, secondary, connect, disconnect, pause-sync, \
-                        resume-sync, invalidate, new-current-uuid";
+                        resume-sync, invalidate, verify, new-current-uuid";
 
 impl Request {
     /// The request as one JSON line (what [`parse_request`] reads back).
@@ -78,6 +81,7 @@ impl Request {
             Request::PauseSync => ("pause-sync", None),
             Request::ResumeSync => ("resume-sync", None),
             Request::Invalidate => ("invalidate", None),
+            Request::Verify => ("verify", None),
             Request::NewCurrentUuid { clear_bitmap } => {
                 ("new-current-uuid", clear_bitmap.then_some("clear-bitmap"))
             }
@@ -146,6 +150,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         "pause-sync" => Request::PauseSync,
         "resume-sync" => Request::ResumeSync,
         "invalidate" => Request::Invalidate,
+        "verify" => Request::Verify,
         "new-current-uuid" => Request::NewCurrentUuid { clear_bitmap: flag },
         other => return Err(format!("unknown command \"{other}\"; known: {COMMANDS}")),
     })

@@ -146,6 +146,12 @@ struct Inner {
     discard_my_data: bool,
     /// How the last split brain was resolved.
     split_brain_resolved: Option<String>,
+    /// Online verify of the live connection (either side).
+    verify: Option<sync::VerifyRun>,
+    /// The last finished (or interrupted) verify.
+    last_verify: Option<crate::resync::VerifyProgress>,
+    /// The peer's `verify-alg` is crc32c.
+    peer_verify: bool,
 }
 
 /// Which core a local write belongs to, with the handle that core gave it.
@@ -363,6 +369,9 @@ impl Volume {
                 resync_bytes_sent: 0,
                 discard_my_data: false,
                 split_brain_resolved: None,
+                verify: None,
+                last_verify: None,
+                peer_verify: false,
             }),
         }))
     }
@@ -659,6 +668,7 @@ impl Volume {
                 self.start_run(inner, role, &side);
             }
             inner.discard_my_data = false;
+            inner.peer_verify = peer.verify;
             self.send_state(inner);
             self.drain_sync(inner, &mut effects);
             if inner.role == Role::Primary {
@@ -1615,6 +1625,8 @@ impl Volume {
             "split_brain": g.split_brain,
             "split_brain_resolved": g.split_brain_resolved,
             "resync": self.sync_status(&g),
+            "verify": Self::verify_status(&g),
+            "last_verify": g.last_verify,
             "last_resync": g.last_sync,
             "resync_bytes_sent": g.resync_bytes_sent,
             "net_tx_bytes": self.net_tx_bytes.load(std::sync::atomic::Ordering::Relaxed),

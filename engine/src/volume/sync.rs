@@ -45,7 +45,8 @@ use super::{log_refusal, Effect, Inner, PeerData, Volume};
 use crate::request::OutOfSync;
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
-    TargetConfig, TargetOutput, TickInput,
+    TargetConfig, TargetOutput, TickInput, VerifyConfig, VerifyPeer, VerifyPeerOutput,
+    VerifyProgress, VerifySource, VerifySourceOutput,
 };
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{ConnState, DiskState, Role};
@@ -146,6 +147,29 @@ pub(super) struct SourceRun {
     pub(super) bufs: HashMap<u64, Arc<AlignedBuf>>,
 }
 
+/// A running online verify: this node's side of it.
+pub(super) enum VerifyRun {
+    /// This node ran `verify` (VerifyS).
+    Source(Box<VerifySource>, u64),
+    /// The peer did (VerifyT).
+    Peer(Box<VerifyPeer>, u64),
+}
+
+impl VerifyRun {
+    fn run(&self) -> u64 {
+        match self {
+            VerifyRun::Source(_, r) | VerifyRun::Peer(_, r) => *r,
+        }
+    }
+
+    fn progress(&self) -> VerifyProgress {
+        match self {
+            VerifyRun::Source(v, _) => v.progress(),
+            VerifyRun::Peer(v, _) => v.progress(),
+        }
+    }
+}
+
 /// What a resync read is for.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum ReadFor {
@@ -153,6 +177,8 @@ pub(super) enum ReadFor {
     Source { digest: bool, zero_check: bool },
     /// The target digests its own range for a checksum request.
     TargetDigest,
+    /// Online verify digests a block (either side).
+    Verify,
 }
 
 impl Volume {
@@ -340,6 +366,17 @@ impl Volume {
             }
         }
         inner.source = None;
+        if let Some(v) = inner.verify.take() {
+            let p = v.progress();
+            tracing::warn!(
+                "online verify interrupted at sector {} ({} of {} blocks, {} out of sync)",
+                p.resume_sector,
+                p.done_blocks,
+                p.total_blocks,
+                p.out_of_sync_blocks
+            );
+            inner.last_verify = Some(p);
+        }
     }
 
     // ----- the run ---------------------------------------------------------------------
@@ -360,6 +397,9 @@ impl Volume {
             }
             if let Some(r) = inner.source.as_mut() {
                 r.s.tick(&input);
+            }
+            if let Some(VerifyRun::Source(vs, _)) = inner.verify.as_mut() {
+                vs.tick(&input);
             }
             v.drain_sync(inner, fx);
             Ok(())
@@ -395,6 +435,14 @@ impl Volume {
                     v.ensure_source(inner);
                     if !Self::source_can_accept(inner) {
                         return Ok(false);
+                    }
+                }
+                if let Inbound::OvRequest { sector, .. } = inbound {
+                    v.ensure_verify_peer(inner, sector)?;
+                    if let Some(VerifyRun::Peer(p, _)) = &inner.verify {
+                        if !p.can_accept() {
+                            return Ok(false);
+                        }
                     }
                 }
                 v.sync_input(inner, inbound)?;
@@ -443,9 +491,26 @@ impl Volume {
                 None => Err("P_RS_CANCEL while not SyncTarget".into()),
             },
             Inbound::RsDataReply { .. } => Err("P_RS_DATA_REPLY without its data".into()),
-            Inbound::OvRequest { .. } | Inbound::OvReply { .. } | Inbound::OvResult { .. } => {
-                Err("online verify is not supported by this node".into())
-            }
+            Inbound::OvRequest { sector, len } => match inner.verify.as_mut() {
+                Some(VerifyRun::Peer(p, _)) => p.ov_request(sector, len).map_err(e),
+                _ => Err("P_OV_REQUEST while this node runs its own verify".into()),
+            },
+            Inbound::OvReply {
+                sector,
+                len,
+                digest,
+            } => match inner.verify.as_mut() {
+                Some(VerifyRun::Source(v, _)) => v.ov_reply(sector, len, digest).map_err(e),
+                _ => Err("P_OV_REPLY without a verify of this node".into()),
+            },
+            Inbound::OvResult {
+                sector,
+                len,
+                in_sync,
+            } => match inner.verify.as_mut() {
+                Some(VerifyRun::Peer(p, _)) => p.ov_result(sector, len, in_sync).map_err(e),
+                _ => Err("P_OV_RESULT without the peer's verify".into()),
+            },
         }
     }
 
@@ -562,6 +627,151 @@ impl Volume {
                 }
             }
         }
+        self.drain_verify(inner, fx);
+    }
+
+    /// Turns online verify's outputs (either side) into sends, reads and bitmap marks.
+    fn drain_verify(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
+        let Some(v) = inner.verify.as_mut() else {
+            return;
+        };
+        let run = v.run();
+        // (packet, read, out of sync, finished) per output, in order.
+        type Step = (
+            Option<Packet>,
+            Option<(u64, u64, u32)>,
+            Option<(u64, u32)>,
+            Option<VerifyProgress>,
+        );
+        let steps: Vec<Step> = match v {
+            VerifyRun::Source(vs, _) => vs
+                .drain_outputs()
+                .map(|o| {
+                    let pkt = o.packet();
+                    match o {
+                        VerifySourceOutput::ReadForDigest { tag, sector, len } => {
+                            (None, Some((tag, sector, len)), None, None)
+                        }
+                        VerifySourceOutput::OutOfSync { sector, len } => {
+                            (None, None, Some((sector, len)), None)
+                        }
+                        VerifySourceOutput::Finished(p) => (None, None, None, Some(p)),
+                        _ => (pkt, None, None, None),
+                    }
+                })
+                .collect(),
+            VerifyRun::Peer(vp, _) => vp
+                .drain_outputs()
+                .map(|o| {
+                    let pkt = o.packet();
+                    match o {
+                        VerifyPeerOutput::ReadForDigest { tag, sector, len } => {
+                            (None, Some((tag, sector, len)), None, None)
+                        }
+                        VerifyPeerOutput::OutOfSync { sector, len } => {
+                            (None, None, Some((sector, len)), None)
+                        }
+                        VerifyPeerOutput::Finished(p) => (None, None, None, Some(p)),
+                        VerifyPeerOutput::SendOvReply { .. } => (pkt, None, None, None),
+                    }
+                })
+                .collect(),
+        };
+        for (pkt, read, oos, finished) in steps {
+            if let Some(p) = pkt {
+                Self::send_sync_packet(inner, &p, None);
+            }
+            if let Some((tag, sector, len)) = read {
+                inner.sync_io_in_flight += 1;
+                fx.push(Effect::SyncRead {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    purpose: ReadFor::Verify,
+                });
+            }
+            if let Some((sector, len)) = oos {
+                tracing::warn!("online verify: {len} bytes at sector {sector} differ");
+                inner.primary.out_of_sync_mut().mark(sector, len);
+            }
+            if let Some(p) = finished {
+                tracing::info!(
+                    "online verify finished: {} of {} blocks out of sync{}",
+                    p.out_of_sync_blocks,
+                    p.total_blocks,
+                    if p.out_of_sync_blocks > 0 {
+                        " (marked; a disconnect/connect with a Primary resyncs them)"
+                    } else {
+                        ""
+                    }
+                );
+                inner.last_verify = Some(p);
+                inner.verify = None;
+                if matches!(inner.conn, ConnState::VerifyS | ConnState::VerifyT) {
+                    inner.conn = ConnState::Connected;
+                }
+                self.send_state(inner);
+                return;
+            }
+        }
+    }
+
+    /// `verify`: compares every block with the peer's by digest (this node is VerifyS).
+    pub fn start_verify(&self) -> Result<(), String> {
+        let mut fx = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if inner.link.is_none() || inner.conn != ConnState::Connected {
+                return Err(format!(
+                    "verify needs a Connected peer (the connection is {})",
+                    inner.conn
+                ));
+            }
+            if !self.sync.verify {
+                return Err("verify-alg is not set in [net]; set verify-alg = \"crc32c\"".into());
+            }
+            if !inner.peer_verify {
+                return Err("the peer has no verify-alg crc32c".into());
+            }
+            let sectors = self.size_bytes / SECTOR_SIZE as u64;
+            let cfg = VerifyConfig {
+                rate: self.sync.rate,
+                ..VerifyConfig::new(sectors)
+            };
+            let tick = self.tick_input(inner);
+            let v = VerifySource::new(cfg, &tick).map_err(|e| e.to_string())?;
+            inner.sync_run += 1;
+            inner.verify = Some(VerifyRun::Source(Box::new(v), inner.sync_run));
+            inner.conn = ConnState::VerifyS;
+            self.send_state(inner);
+            tracing::info!("online verify started");
+            self.drain_sync(inner, &mut fx);
+        }
+        self.run(fx);
+        Ok(())
+    }
+
+    /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT) at its sector.
+    fn ensure_verify_peer(&self, inner: &mut Inner, sector: u64) -> Result<(), String> {
+        if inner.verify.is_some() {
+            return Ok(());
+        }
+        if !self.sync.verify {
+            return Err("the peer runs online verify but verify-alg is not set here".into());
+        }
+        let cfg = VerifyConfig {
+            start_sector: sector,
+            rate: self.sync.rate,
+            ..VerifyConfig::new(self.size_bytes / SECTOR_SIZE as u64)
+        };
+        let p = VerifyPeer::new(cfg).map_err(|e| e.to_string())?;
+        inner.sync_run += 1;
+        inner.verify = Some(VerifyRun::Peer(Box::new(p), inner.sync_run));
+        inner.conn = ConnState::VerifyT;
+        tracing::info!("online verify started by the peer at sector {sector}");
+        Ok(())
     }
 
     /// Acks go on the meta socket, requests and data on the data socket.
@@ -686,6 +896,14 @@ impl Volume {
     ) {
         inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
         match purpose {
+            ReadFor::Verify => {
+                let digest = buf.as_deref().map(Digest::of);
+                match inner.verify.as_mut().filter(|v| v.run() == run) {
+                    Some(VerifyRun::Source(v, _)) => log_refusal(v.digest_done(tag, digest)),
+                    Some(VerifyRun::Peer(v, _)) => log_refusal(v.digest_done(tag, digest)),
+                    None => {}
+                }
+            }
             ReadFor::TargetDigest => {
                 if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
                     let digest = buf.as_deref().map(Digest::of);
@@ -759,6 +977,9 @@ impl Volume {
         if let (Some(tag), Some(r)) = (primary_tag, inner.source.as_mut()) {
             let _ = r.s.app_write_end(tag);
         }
+        if let (Some(tag), Some(VerifyRun::Source(v, _))) = (primary_tag, inner.verify.as_mut()) {
+            let _ = v.app_write_end(tag);
+        }
         if let (Some(token), Some(r)) = (token, inner.target.as_mut()) {
             let _ = r.t.app_write_end(token);
         }
@@ -769,6 +990,11 @@ impl Volume {
         if let Some(r) = inner.source.as_mut() {
             if let Err(e) = r.s.app_write_begin(tag, sector, len) {
                 tracing::warn!("resync source cannot track a write: {e}");
+            }
+        }
+        if let Some(VerifyRun::Source(v, _)) = inner.verify.as_mut() {
+            if let Err(e) = v.app_write_begin(tag, sector, len) {
+                tracing::warn!("online verify cannot track a write: {e}");
             }
         }
     }
@@ -949,6 +1175,24 @@ impl Volume {
             });
         }
         serde_json::Value::Null
+    }
+
+    /// The `verify` object of the status (the running one, either side).
+    pub(super) fn verify_status(inner: &Inner) -> serde_json::Value {
+        match &inner.verify {
+            Some(v) => {
+                let role = match v {
+                    VerifyRun::Source(..) => "VerifyS",
+                    VerifyRun::Peer(..) => "VerifyT",
+                };
+                let mut j = serde_json::to_value(v.progress()).unwrap_or_default();
+                if let Some(m) = j.as_object_mut() {
+                    m.insert("role".into(), role.into());
+                }
+                j
+            }
+            None => serde_json::Value::Null,
+        }
     }
 }
 
