@@ -387,3 +387,116 @@ fn verify_finds_exactly_the_corrupted_block_and_the_next_resync_repairs_it() {
     c.stop_all();
     c.assert_replicas_identical(size);
 }
+
+/// Application writes during a resync (DESIGN.md §3: neither may overwrite the other's
+/// newer data): fio writes and verifies on the Primary while a full resync runs to the
+/// Secondary; at the end both replicas are identical.
+#[test]
+fn application_writes_during_resync_end_identical() {
+    let mut c = Cluster::new(
+        ClusterOpts::new("rs-appwrites")
+            .size("256MiB")
+            // A fixed 32 MiB/s, so that the resync (8 s) outlasts the writes.
+            .disk("c-plan-ahead", "0")
+            .disk("resync-rate", "32768"),
+    );
+    c.wait_connected();
+    let size = c.primary().status().u64_at("/size_bytes");
+    tandem(&["invalidate", "--socket", &sock(c.secondary())]).assert_success("invalidate");
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "SyncTarget", |s| {
+            s.opt_str("/connection") == Some("SyncTarget")
+        });
+    tandem_tests::tools::Fio::randwrite_verify(&c.primary().nbd_unix_uri(), "4k-64k", "240M")
+        .arg("--io_size=48M")
+        .run(c.dir())
+        .assert_ok();
+    let st = c.secondary().status();
+    assert_eq!(
+        st.str_at("/connection"),
+        "SyncTarget",
+        "test premise: the resync still runs when the writes end: {st}"
+    );
+    wait_in_sync(c.secondary());
+    wait_in_sync(c.primary());
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
+/// Reads one 4 KiB block through a node's NBD socket.
+fn read_block(node: &Node, b: u64) -> Vec<u8> {
+    let path = node
+        .nbd_socket()
+        .expect("the node exports over a Unix socket");
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect NBD");
+    nbd_raw::handshake_go(&mut s, "").expect("NBD handshake");
+    s.write_all(&nbd_raw::request(nbd_raw::CMD_READ, 1, b * 4096, 4096))
+        .expect("send read");
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).expect("reply");
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "read of block {b} failed");
+    let mut data = vec![0u8; 4096];
+    s.read_exact(&mut data).expect("data");
+    let _ = s.write_all(&nbd_raw::request(nbd_raw::CMD_DISC, 0, 0, 0));
+    data
+}
+
+/// A SyncTarget may become Primary while its peer is UpToDate (DESIGN.md §3 "Reads"):
+/// blocks not yet resynced are read from the peer, its own writes replicate, and the
+/// resync finishes with identical replicas.
+#[test]
+fn a_sync_target_primary_reads_unsynced_blocks_from_the_peer() {
+    let mut c = Cluster::new(
+        ClusterOpts::new("rs-target-primary")
+            .size("64MiB")
+            // A fixed 8 MiB/s: the resync lasts ~8 s, the reads come long before.
+            .disk("c-plan-ahead", "0")
+            .disk("resync-rate", "8192"),
+    );
+    c.wait_connected();
+    let size = c.primary().status().u64_at("/size_bytes");
+    let far = size / 4096 - 10;
+    write_blocks(c.primary(), &[far, far + 1], 0x44);
+    let want = block(c.primary().disk(), far);
+    let (a, b) = (sock(c.primary()), sock(c.secondary()));
+    // The Secondary's copy of `far` is stale behind tandem's back: only a read from the
+    // peer returns the right data.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.secondary().disk())
+        .expect("open")
+        .write_all_at(&[0x77; 4096], far * 4096)
+        .expect("damage");
+    tandem(&["invalidate", "--socket", &b]).assert_success("invalidate");
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "SyncTarget", |s| {
+            s.opt_str("/connection") == Some("SyncTarget")
+        });
+    tandem(&["secondary", "--socket", &a]).assert_success("demote the source");
+    let refused = tandem(&["primary", "--socket", &b]);
+    if !refused.status.success() {
+        // The demotion's P_STATE may not have arrived yet.
+        c.secondary()
+            .wait_status(CONNECT_TIMEOUT, "peer Secondary", |s| {
+                s.opt_str("/peer/role") == Some("Secondary")
+            });
+        tandem(&["primary", "--socket", &b]).assert_success("promote the SyncTarget");
+    }
+    let st = c.secondary().status();
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    assert_eq!(st.str_at("/connection"), "SyncTarget", "{st}");
+    assert!(
+        block(c.secondary().disk(), far) != want,
+        "test premise: block {far} is not resynced yet"
+    );
+    assert_eq!(read_block(c.secondary(), far), want, "read from the peer");
+    write_blocks(c.secondary(), &[far + 1, 7], 0x55);
+    assert_eq!(
+        block(c.primary().disk(), far + 1),
+        block(c.secondary().disk(), far + 1),
+        "the SyncTarget Primary's write replicated"
+    );
+    wait_in_sync(c.secondary());
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}

@@ -428,6 +428,32 @@ async fn data_receiver(
                     .rs_data_reply(session, dh.sector, len, data)
                     .map_err(NetError::Protocol)?;
             }
+            Packet::Data {
+                cmd,
+                head: dh,
+                data_len: len,
+                ..
+            } if cmd == Command::P_DATA_REPLY => {
+                let size =
+                    usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
+                if size == 0 || size != data_len {
+                    return Err(NetError::Protocol(format!(
+                        "P_DATA_REPLY with {size} data bytes"
+                    )));
+                }
+                let mut data = volume
+                    .receive_buffer(size)
+                    .await
+                    .map_err(|e| NetError::Protocol(format!("P_DATA_REPLY: {e}")))?;
+                read_exact(&mut rd, data.buf.as_mut_slice()).await?;
+                volume
+                    .data_reply(session, dh.block_id, data)
+                    .map_err(NetError::Protocol)?;
+            }
+            Packet::BlockReq { cmd, req, .. } if cmd == Command::P_DATA_REQUEST => volume
+                .peer_read_request(session, req.sector, req.blksize, req.block_id)
+                .await
+                .map_err(NetError::Protocol)?,
             p @ (Packet::BlockReq { .. } | Packet::BlockDesc { .. }) => {
                 match Inbound::from_packet(&p) {
                     Ok(Some(inbound)) => volume

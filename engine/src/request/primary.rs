@@ -200,6 +200,8 @@ pub enum PrimaryOutput {
     /// out of sync); its activity-log references are dropped.
     /// Emitted exactly once per started write.
     Retired {
+        /// The tag its `SubmitLocal` carried.
+        tag: u64,
         /// First sector.
         sector: u64,
         /// Length in bytes.
@@ -557,12 +559,10 @@ impl Primary {
         &mut self.oos
     }
 
-    /// Swaps the bitmap for `oos` (same size) while no write is in flight: a SyncTarget
-    /// (always Secondary) lends its bitmap to the resync for the run and takes it back.
+    /// Swaps the bitmap for `oos` (same size): a SyncTarget lends its bitmap to the
+    /// resync for the run and takes it back. Writes in flight meanwhile mark the bitmap
+    /// the core holds then (the caller merges a placeholder's bits back).
     pub fn swap_bitmap(&mut self, oos: OutOfSync) -> Result<OutOfSync, Error> {
-        if self.slots_used != 0 {
-            return Err(Error::Invalid("bitmap swapped while writes are in flight"));
-        }
         if oos.blocks() != self.oos.blocks() {
             return Err(Error::Invalid("bitmap of another size"));
         }
@@ -1304,9 +1304,11 @@ impl Primary {
                 al.put(first, last);
             }
         }
+        let tag = self.tag(idx);
         let s = &mut self.slots[idx as usize];
         s.al_held = false;
         self.out.push(PrimaryOutput::Retired {
+            tag,
             sector: s.sector,
             len: s.len,
         });
@@ -1461,6 +1463,7 @@ mod tests {
         assert_eq!(
             outs(&mut p),
             vec![O::Retired {
+                tag,
                 sector: 0,
                 len: 4096
             }]

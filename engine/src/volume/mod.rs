@@ -152,6 +152,10 @@ struct Inner {
     last_verify: Option<crate::resync::VerifyProgress>,
     /// The peer's `verify-alg` is crc32c.
     peer_verify: bool,
+    /// Reads sent to the peer (`P_DATA_REQUEST`), by block id.
+    remote_reads: HashMap<u64, oneshot::Sender<Result<AlignedBuf, BlockError>>>,
+    /// Next `P_DATA_REQUEST` block id.
+    next_read_id: u64,
 }
 
 /// Which core a local write belongs to, with the handle that core gave it.
@@ -235,6 +239,8 @@ pub struct Volume {
     net_tx_bytes: std::sync::atomic::AtomicU64,
     slots: Arc<Semaphore>,
     peer_data: Arc<Semaphore>,
+    /// Reads the peer asked for (`P_DATA_REQUEST`) in flight here.
+    peer_reads: Arc<Semaphore>,
     accept: Notify,
     conn_changed: Notify,
     inner: Mutex<Inner>,
@@ -334,6 +340,7 @@ impl Volume {
             net_tx_bytes: std::sync::atomic::AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(max_buffers)),
             peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
+            peer_reads: Arc::new(Semaphore::new(sync::MAX_PEER_READS)),
             accept: Notify::new(),
             conn_changed: Notify::new(),
             inner: Mutex::new(Inner {
@@ -372,6 +379,8 @@ impl Volume {
                 verify: None,
                 last_verify: None,
                 peer_verify: false,
+                remote_reads: HashMap::new(),
+                next_read_id: 1,
             }),
         }))
     }
@@ -424,12 +433,16 @@ impl Volume {
                 if inner.receiver.stats().active_writes > 0 {
                     return Err("peer writes are still being applied; retry".into());
                 }
-                if inner.target.is_some() {
+                // A SyncTarget may serve as Primary while its peer is UpToDate: reads of
+                // blocks not yet resynced come from the peer (DESIGN.md §3 "Reads").
+                let sync_target = inner.target.is_some();
+                if sync_target && !(inner.link.is_some() && inner.peer_disk == DiskState::UpToDate)
+                {
                     return Err(
-                        "a resync into this disk is running; wait until it is UpToDate".into(),
+                        "a resync into this disk is running and the peer is not UpToDate".into(),
                     );
                 }
-                let forced = inner.disk != DiskState::UpToDate;
+                let forced = inner.disk != DiskState::UpToDate && !sync_target;
                 if forced && !force {
                     return Err(format!(
                         "the disk is {}: only an UpToDate disk may become Primary (wait for \
@@ -483,6 +496,7 @@ impl Volume {
                 // activity log, which covers every bit not yet written) and the disk goes
                 // out of use, so that no clean stop can mark it clean later.
                 let pages = inner.primary.take_dirty_bitmap_pages();
+                let pages = Self::pages_with_target(inner, pages);
                 let demoted = self.write_bitmap_pages(pages).and_then(|()| {
                     self.md_lock()
                         .set_primary_blocking(false)
@@ -700,11 +714,13 @@ impl Volume {
             } else {
                 ConnState::NetworkFailure
             };
+            // The resync gives the bitmap back first, so that the writes the peer did not
+            // ack are marked in it.
+            effects.extend(self.sync_connection_lost(inner));
             inner.primary.connection_lost();
             self.drain_primary(inner, &mut effects);
             inner.receiver.connection_lost();
             self.drain_receiver(inner, &mut effects);
-            self.sync_connection_lost(inner);
             // A Primary that lost its peer's disk writes a generation the peer lacks.
             let mut uuids = inner.uuids;
             if uuids.lost_peer_disk(
@@ -766,6 +782,10 @@ impl Volume {
                 return Err(format!("{} received while Secondary", cmd.name()));
             }
             let r = match cmd {
+                Command::P_NEG_DREPLY => {
+                    v.remote_read_failed(inner, ack.block_id);
+                    return Ok(());
+                }
                 Command::P_RECV_ACK => inner.primary.peer_recv_ack(ack.block_id),
                 Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => {
                     inner.primary.peer_write_ack(ack.block_id)
@@ -963,14 +983,17 @@ impl Volume {
                 } => {
                     let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
                     Self::source_track(inner, tag, sector, len);
-                    fx.push(Effect::LocalWrite {
+                    let e = Effect::LocalWrite {
                         side: Side::Primary(tag),
                         sector,
                         len,
                         kind,
                         fua,
                         buf: buf.map(Buf::Shared),
-                    });
+                    };
+                    if let Some(e) = self.target_gate(inner, sync::primary_app_id(tag), e) {
+                        fx.push(e);
+                    }
                 }
                 PrimaryOutput::SubmitLocalFlush { tag } => fx.push(Effect::PrimaryFlush { tag }),
                 PrimaryOutput::MetaWrite {
@@ -981,7 +1004,7 @@ impl Volume {
                 } => fx.push(Effect::MetaWrite {
                     tag,
                     offset,
-                    data,
+                    data: Self::with_target_page(inner, offset, data),
                     preflush,
                 }),
                 PrimaryOutput::SendWrite {
@@ -1071,7 +1094,12 @@ impl Volume {
                         }
                     }
                 }
-                PrimaryOutput::Retired { .. } => {}
+                PrimaryOutput::Retired { tag, .. } => {
+                    if let Some(r) = inner.target.as_mut() {
+                        // A SyncTarget Primary's write: tracked until retired (target.rs).
+                        let _ = r.t.app_write_end(sync::primary_app_id(tag));
+                    }
+                }
             }
         }
     }
@@ -1561,7 +1589,8 @@ impl Volume {
                 tracing::warn!("writes still in flight or a metadata write failed: metadata left unclean (the next start applies the activity log)");
                 return;
             }
-            g.primary.take_dirty_bitmap_pages()
+            let pages = g.primary.take_dirty_bitmap_pages();
+            Self::pages_with_target(&g, pages)
         };
         let n = pages.len();
         if let Err(e) = self.write_bitmap_pages(pages) {
@@ -1677,6 +1706,9 @@ impl BlockTarget for Volume {
                         return Err(BlockError::Shutdown);
                     }
                     g.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
+                }
+                if self.read_from_peer(offset, len) {
+                    return self.remote_read(offset, len).await.map(BlockReply::Data);
                 }
                 let buf = self.store.read(offset, len as usize).await.map_err(|e| {
                     tracing::warn!("read of {len} bytes at {offset} failed: {e}");

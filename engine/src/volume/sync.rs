@@ -64,6 +64,18 @@ pub const BITMAP_WRITEOUT_MS: u64 = 5_000;
 /// How long a new connection waits for the resync IO of the previous one to complete.
 pub const SYNC_IO_DRAIN: Duration = Duration::from_secs(30);
 
+/// Reads of the peer (`P_DATA_REQUEST`) a SyncTarget Primary has outstanding at once.
+pub const MAX_REMOTE_READS: usize = 1024;
+
+/// Reads this node serves for its peer at once; the data socket waits beyond it.
+pub const MAX_PEER_READS: usize = 64;
+
+/// The Target's id for a Primary write (peer writes use the receiver's token, below
+/// 2^63).
+pub(super) fn primary_app_id(tag: u64) -> u64 {
+    tag | 1 << 63
+}
+
 /// Resync settings from the configuration.
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
@@ -353,17 +365,20 @@ impl Volume {
     }
 
     /// The connection is gone: the target keeps its bitmap's cleared bits (they are on
-    /// disk), the walk's position is remembered for the next run.
-    pub(super) fn sync_connection_lost(&self, inner: &mut Inner) {
+    /// disk), the walk's position is remembered for the next run. Writes the target held
+    /// are released (returned): one may now land in any order with the resync write it
+    /// waited for, whose completion no longer clears its bits, so the next resync
+    /// fetches that block again. Reads waiting for the peer fail.
+    pub(super) fn sync_connection_lost(&self, inner: &mut Inner) -> Vec<Effect> {
+        for (_, tx) in inner.remote_reads.drain() {
+            let _ = tx.send(Err(crate::frontend::BlockError::Io));
+        }
+        let mut released = Vec::new();
         if let Some(mut r) = inner.target.take() {
             r.t.connection_lost();
             inner.resume_block = r.t.resume_position();
-            // Held peer writes belong to the dead connection's receiver, which discards
-            // them on its own connection_lost.
-            let bm = r.t.into_bitmap();
-            if let Err(e) = inner.primary.swap_bitmap(bm) {
-                tracing::error!("cannot take the bitmap back from the resync: {e}");
-            }
+            released.extend(r.held.drain().map(|(_, e)| e));
+            Self::return_bitmap(inner, r.t.into_bitmap());
         }
         inner.source = None;
         if let Some(v) = inner.verify.take() {
@@ -377,6 +392,171 @@ impl Volume {
             );
             inner.last_verify = Some(p);
         }
+        released
+    }
+
+    // ----- reads on a SyncTarget Primary ---------------------------------------------
+
+    /// Whether a read must come from the peer: this node is a SyncTarget and a block of
+    /// the range is not yet resynced.
+    pub(super) fn read_from_peer(&self, offset: u64, len: u32) -> bool {
+        let g = self.lock();
+        g.target
+            .as_ref()
+            .is_some_and(|r| r.t.bitmap().any_in(offset / SECTOR_SIZE as u64, len))
+    }
+
+    /// Reads `[offset, offset + len)` from the peer in ≤ 1 MiB `P_DATA_REQUEST`s.
+    pub(super) async fn remote_read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<AlignedBuf, crate::frontend::BlockError> {
+        use crate::frontend::BlockError;
+        let mut parts = Vec::new();
+        let mut done = 0u32;
+        while done < len {
+            let n = (len - done).min(crate::wire::DRBD_MAX_BIO_SIZE);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
+                let mut g = self.lock();
+                let inner = &mut *g;
+                if inner.link.is_none() {
+                    return Err(BlockError::Io);
+                }
+                if inner.remote_reads.len() >= MAX_REMOTE_READS {
+                    return Err(BlockError::Busy);
+                }
+                let id = inner.next_read_id;
+                inner.next_read_id += 1;
+                let pkt = Packet::BlockReq {
+                    cmd: crate::wire::Command::P_DATA_REQUEST,
+                    req: crate::wire::BlockReq {
+                        sector: (offset + u64::from(done)) / SECTOR_SIZE as u64,
+                        block_id: id,
+                        blksize: n,
+                        pad: 0,
+                    },
+                    digest: Vec::new(),
+                };
+                let Some(bytes) = Self::encode(&inner.link, &pkt) else {
+                    return Err(BlockError::Io);
+                };
+                inner.remote_reads.insert(id, tx);
+                Self::queue(inner, true, bytes, None, None);
+            }
+            parts.push(rx);
+            done += n;
+        }
+        let mut out = AlignedBuf::new(len as usize).map_err(|_| BlockError::Invalid)?;
+        let mut at = 0usize;
+        for rx in parts {
+            let buf = rx.await.map_err(|_| BlockError::Io)??;
+            let end = at + buf.len();
+            out.as_mut_slice()
+                .get_mut(at..end)
+                .ok_or(BlockError::Io)?
+                .copy_from_slice(&buf);
+            at = end;
+        }
+        Ok(out)
+    }
+
+    /// `P_DATA_REPLY` for one of this node's reads.
+    pub fn data_reply(&self, session: u64, block_id: u64, data: PeerData) -> Result<(), String> {
+        self.with_session(session, |_, inner, _| {
+            let tx = inner
+                .remote_reads
+                .remove(&block_id)
+                .ok_or_else(|| format!("P_DATA_REPLY for unknown read {block_id:#x}"))?;
+            let _ = tx.send(Ok(data.buf));
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// `P_NEG_DREPLY`: the peer could not read.
+    pub(super) fn remote_read_failed(&self, inner: &mut Inner, block_id: u64) {
+        if let Some(tx) = inner.remote_reads.remove(&block_id) {
+            tracing::warn!("the peer failed a read for this node");
+            let _ = tx.send(Err(crate::frontend::BlockError::Io));
+        }
+    }
+
+    /// The peer's `P_DATA_REQUEST`: read locally and answer `P_DATA_REPLY` (or
+    /// `P_NEG_DREPLY`). At most [`MAX_PEER_READS`] at once: the caller (the data socket's
+    /// reader) waits here beyond that.
+    pub async fn peer_read_request(
+        &self,
+        session: u64,
+        sector: u64,
+        len: u32,
+        block_id: u64,
+    ) -> Result<(), String> {
+        let sectors = self.size_bytes / SECTOR_SIZE as u64;
+        if len == 0
+            || len % 512 != 0
+            || len > crate::wire::DRBD_MAX_BIO_SIZE
+            || sector.saturating_add(u64::from(len / 512)) > sectors
+        {
+            return Err(format!("P_DATA_REQUEST of {len} bytes at sector {sector}"));
+        }
+        let permit = self
+            .peer_reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(me) = self.me.upgrade() else {
+            return Ok(());
+        };
+        tokio::spawn(async move {
+            let r = me
+                .store
+                .read(sector * SECTOR_SIZE as u64, len as usize)
+                .await;
+            let _ = me.with_session(session, |_, inner, _| {
+                let (pkt, data, data_socket) = match r {
+                    Ok(buf) => (
+                        Packet::Data {
+                            cmd: crate::wire::Command::P_DATA_REPLY,
+                            head: crate::wire::DataHeader {
+                                sector,
+                                block_id,
+                                seq_num: 0,
+                                dp_flags: 0,
+                            },
+                            digest: Vec::new(),
+                            data_len: len,
+                        },
+                        Some(Arc::new(buf)),
+                        true,
+                    ),
+                    Err(e) => {
+                        tracing::warn!("read for the peer at sector {sector} failed: {e}");
+                        (
+                            Packet::BlockAck {
+                                cmd: crate::wire::Command::P_NEG_DREPLY,
+                                ack: crate::wire::BlockAck {
+                                    sector,
+                                    block_id,
+                                    blksize: len,
+                                    seq_num: 0,
+                                },
+                            },
+                            None,
+                            false,
+                        )
+                    }
+                };
+                if let Some(bytes) = Self::encode(&inner.link, &pkt) {
+                    Self::queue(inner, data_socket, bytes, data, None);
+                }
+                Ok(())
+            });
+            drop(permit);
+        });
+        Ok(())
     }
 
     // ----- the run ---------------------------------------------------------------------
@@ -416,6 +596,70 @@ impl Volume {
         pages
             .into_iter()
             .filter_map(|p| inner.primary.bitmap_page_of(bm, p))
+            .collect()
+    }
+
+    /// Gives the target's bitmap back to the Primary core. Bits the core set in the
+    /// placeholder meanwhile (a SyncTarget Primary's writes the peer did not get) are
+    /// merged in.
+    fn return_bitmap(inner: &mut Inner, bm: OutOfSync) {
+        match inner.primary.swap_bitmap(bm) {
+            Ok(placeholder) => {
+                inner
+                    .primary
+                    .out_of_sync_mut()
+                    .merge_words(placeholder.words());
+            }
+            Err(e) => tracing::error!("cannot take the bitmap back from the resync: {e}"),
+        }
+    }
+
+    /// A bitmap page the Primary core writes while a resync holds the real bitmap: the
+    /// core holds only a placeholder (the bits it set meanwhile), so the page on disk must
+    /// be the union with the resync's page, or the placeholder's zeroes would erase the
+    /// resync's set bits. Anything that is not a bitmap page passes unchanged.
+    pub(super) fn with_target_page(
+        inner: &Inner,
+        offset: u64,
+        mut data: Box<[u8; 4096]>,
+    ) -> Box<[u8; 4096]> {
+        let (Some(r), Some(base)) = (
+            inner.target.as_ref(),
+            inner
+                .primary
+                .config()
+                .meta
+                .as_ref()
+                .map(|m| m.bitmap_offset),
+        ) else {
+            return data;
+        };
+        let Some(rel) = offset.checked_sub(base) else {
+            return data;
+        };
+        let bm = r.t.bitmap();
+        let page = rel / 4096;
+        if rel % 4096 != 0 || page >= u64::from(bm.pages()) {
+            return data;
+        }
+        let Ok(page) = u32::try_from(page) else {
+            return data;
+        };
+        let theirs = bm.page_bytes(page);
+        for (d, t) in data.iter_mut().zip(theirs.iter()) {
+            *d |= *t;
+        }
+        data
+    }
+
+    /// [`Self::with_target_page`] over a list of pages.
+    pub(super) fn pages_with_target(
+        inner: &Inner,
+        pages: Vec<(u64, Box<[u8; 4096]>)>,
+    ) -> Vec<(u64, Box<[u8; 4096]>)> {
+        pages
+            .into_iter()
+            .map(|(o, d)| (o, Self::with_target_page(inner, o, d)))
             .collect()
     }
 
@@ -846,9 +1090,7 @@ impl Volume {
         }
         if inner.target.as_ref().is_some_and(|r| r.run == run) {
             if let Some(r) = inner.target.take() {
-                if let Err(e) = inner.primary.swap_bitmap(r.t.into_bitmap()) {
-                    tracing::error!("cannot take the bitmap back from the resync: {e}");
-                }
+                Self::return_bitmap(inner, r.t.into_bitmap());
             }
             inner.resume_block = 0;
             inner.conn = ConnState::Connected;
