@@ -495,7 +495,7 @@ impl Volume {
     ) -> Result<(), String> {
         let sectors = self.size_bytes / SECTOR_SIZE as u64;
         if len == 0
-            || len % 512 != 0
+            || !len.is_multiple_of(512)
             || len > crate::wire::DRBD_MAX_BIO_SIZE
             || sector.saturating_add(u64::from(len / 512)) > sectors
         {
