@@ -378,6 +378,26 @@ pub fn cli_command(socket: &Path, req: &mgmt::Request) -> anyhow::Result<()> {
     call(socket, &req.canonical()).map(|_| ())
 }
 
+/// `tandem events`: prints the recorded events, one JSON object per line; with
+/// `follow`, keeps polling (every 500 ms) and prints new ones until interrupted.
+pub fn cli_events(socket: &Path, follow: bool) -> anyhow::Result<()> {
+    let mut next = 0u64;
+    loop {
+        let reply = call(socket, &mgmt::Request::Events.canonical())?;
+        for e in reply["events"].as_array().into_iter().flatten() {
+            let seq = e["seq"].as_u64().unwrap_or(0);
+            if seq >= next {
+                println!("{e}");
+                next = seq + 1;
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Longest `tandem verify` waits for the result.
 const VERIFY_WAIT: Duration = Duration::from_secs(24 * 3600);
 
@@ -549,6 +569,7 @@ impl mgmt::Handler for Volume {
             }
             mgmt::Request::Invalidate => self.invalidate().map(|()| serde_json::json!({})),
             mgmt::Request::Verify => self.start_verify().map(|()| serde_json::json!({})),
+            mgmt::Request::Events => Ok(serde_json::json!({ "events": self.events(0) })),
             mgmt::Request::NewCurrentUuid { clear_bitmap } => self
                 .new_current_uuid(clear_bitmap)
                 .map(|()| serde_json::json!({})),

@@ -74,6 +74,15 @@ enum Cmd {
     ResumeSync(SocketArg),
     /// Declare this node's data invalid: a full resync from the peer (Secondary only).
     Invalidate(SocketArg),
+    /// Print the node's state events (connections, roles, resync, verify, split brain),
+    /// one JSON object per line.
+    Events {
+        #[command(flatten)]
+        s: SocketArg,
+        /// Keep printing new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Online verify: compare every block with the peer's by digest (`verify-alg`), wait,
     /// and print the blocks that differ (they are marked out of sync; a disconnect and
     /// connect with a Primary resyncs them).
@@ -204,6 +213,7 @@ fn main() -> ExitCode {
         Cmd::PauseSync(s) => send(&s, Request::PauseSync),
         Cmd::ResumeSync(s) => send(&s, Request::ResumeSync),
         Cmd::Invalidate(s) => send(&s, Request::Invalidate),
+        Cmd::Events { s, follow } => tandem_engine::daemon::cli_events(&s.socket, follow),
         Cmd::Verify { s, json } => tandem_engine::daemon::cli_verify(&s.socket, json).map(|_| ()),
         Cmd::NewCurrentUuid { s, clear_bitmap } => {
             send(&s, Request::NewCurrentUuid { clear_bitmap })

@@ -55,6 +55,9 @@ pub enum Request {
     /// Start online verify against the peer (`verify`); progress and the result are in
     /// the status (`verify`, `last_verify`).
     Verify,
+    /// The recorded state events (connections, roles, resync, verify, split brain), the
+    /// last [`crate::volume::MAX_EVENTS`], each with a sequence number.
+    Events,
     /// Start a new data generation (`new-current-uuid`); with `clear_bitmap`
     /// (`"clear-bitmap":true`) on a connected just-created pair, skip the initial sync.
     NewCurrentUuid {
@@ -65,7 +68,7 @@ pub enum Request {
 
 /// Every command name, for error messages.
 const COMMANDS: &str = "status, primary, secondary, connect, disconnect, pause-sync, \
-                        resume-sync, invalidate, verify, new-current-uuid";
+                        resume-sync, invalidate, verify, events, new-current-uuid";
 
 impl Request {
     /// The request as one JSON line (what [`parse_request`] reads back).
@@ -82,6 +85,7 @@ impl Request {
             Request::ResumeSync => ("resume-sync", None),
             Request::Invalidate => ("invalidate", None),
             Request::Verify => ("verify", None),
+            Request::Events => ("events", None),
             Request::NewCurrentUuid { clear_bitmap } => {
                 ("new-current-uuid", clear_bitmap.then_some("clear-bitmap"))
             }
@@ -151,6 +155,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         "resume-sync" => Request::ResumeSync,
         "invalidate" => Request::Invalidate,
         "verify" => Request::Verify,
+        "events" => Request::Events,
         "new-current-uuid" => Request::NewCurrentUuid { clear_bitmap: flag },
         other => return Err(format!("unknown command \"{other}\"; known: {COMMANDS}")),
     })

@@ -156,6 +156,15 @@ fn split_brain_is_resolved_by_discard_my_data() {
         block(&pb, 3),
         "each side keeps its own block 3"
     );
+    let events = |s: &str| {
+        let out = tandem(&["events", "--socket", s]);
+        out.assert_success("events");
+        out.stdout
+    };
+    assert!(
+        events(&b).contains("\"event\":\"split-brain\""),
+        "split brain is an event"
+    );
 
     tandem(&["connect", "--discard-my-data", "--socket", &b]).assert_success("discard");
     tandem(&["connect", "--socket", &a]).assert_success("connect");
@@ -171,6 +180,13 @@ fn split_brain_is_resolved_by_discard_my_data() {
             .is_some_and(|w| w.contains("discard-my-data")),
         "{st}"
     );
+    let ev = events(&b);
+    for kind in ["split-brain-resolved", "resync-started", "resync-finished"] {
+        assert!(
+            ev.contains(&format!("\"event\":\"{kind}\"")),
+            "{kind}: {ev}"
+        );
+    }
     c.stop_all();
     c.assert_replicas_identical(size);
 }
@@ -497,6 +513,58 @@ fn a_sync_target_primary_reads_unsynced_blocks_from_the_peer() {
         "the SyncTarget Primary's write replicated"
     );
     wait_in_sync(c.secondary());
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
+/// Thin resync (`rs-discard-granularity`): ranges the SyncSource holds as holes travel as
+/// `P_RS_DEALLOCATED` without being read, and become holes on the SyncTarget; only the
+/// ranges with data move data.
+#[test]
+fn thin_resync_sends_holes_as_deallocated() {
+    use std::os::unix::fs::MetadataExt;
+    let mut c = Cluster::new(
+        ClusterOpts::new("rs-thin")
+            .size("64MiB")
+            .disk("rs-discard-granularity", "65536"),
+    );
+    c.wait_connected();
+    let size = c.primary().status().u64_at("/size_bytes");
+    write_blocks(c.primary(), &[0, 300, 9000], 1);
+    // The Secondary's data area fully allocated with garbage, behind tandem's back.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.secondary().disk())
+        .expect("open");
+    for chunk in 0..size / (1 << 20) {
+        f.write_all_at(&vec![0xcc; 1 << 20], chunk << 20)
+            .expect("fill");
+    }
+    f.sync_all().expect("sync");
+    let allocated = |p: &Path| std::fs::metadata(p).expect("stat").blocks() * 512;
+    assert!(
+        allocated(c.secondary().disk()) >= (size >> 20) << 20,
+        "test premise: allocated"
+    );
+    tandem(&["invalidate", "--socket", &sock(c.secondary())]).assert_success("invalidate");
+    wait_in_sync(c.secondary());
+    let p = c.primary().status();
+    // Three 64 KiB ranges hold data. A request the controller's step cuts shorter than
+    // the granularity goes as a plain request (DRBD's rule too) and moves its zeroes.
+    let moved = p.u64_at("/resync_bytes_sent");
+    assert!(
+        (3 * 65536..1 << 20).contains(&moved),
+        "{moved} bytes of data moved for 3 × 64 KiB of data in 64 MiB: {p}"
+    );
+    assert!(
+        p.u64_at("/resync_hole_reads_skipped") >= size / 65536 - 3 - 8,
+        "the holes were not read: {p}"
+    );
+    let after = allocated(c.secondary().disk());
+    assert!(
+        after < 8 << 20,
+        "the target punched the deallocated ranges: {after} bytes still allocated"
+    );
     c.stop_all();
     c.assert_replicas_identical(size);
 }

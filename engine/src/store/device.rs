@@ -300,6 +300,24 @@ fn probe_file_alignment(path: &Path, file: &File) -> Result<u32, StoreError> {
     ))
 }
 
+/// Whether `[offset, offset + len)` of a regular file is one hole (`SEEK_DATA` finds no
+/// data before its end): it reads as zeroes without being read. `false` whenever the file
+/// system cannot say (no `SEEK_DATA`), so the caller reads.
+pub(crate) fn is_hole(file: &File, offset: u64, len: u64) -> bool {
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: lseek only reads its integer arguments; the fd is open for `file`'s
+    // lifetime. It moves the file position, which no IO of this crate uses (all IO is
+    // positional: pread/pwrite/io_uring with explicit offsets).
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if rc < 0 {
+        // ENXIO: no data at or after `offset` (a hole to the end of the file).
+        return last_errno() == libc::ENXIO;
+    }
+    u64::try_from(rc).is_ok_and(|data| data >= offset.saturating_add(len))
+}
+
 /// One `pread` into the whole of `buf` at `offset`; bytes read or errno.
 fn pread_once(file: &File, buf: &mut [u8], offset: u64) -> Result<usize, i32> {
     let off = libc::off_t::try_from(offset).map_err(|_| libc::EINVAL)?;

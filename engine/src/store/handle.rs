@@ -196,6 +196,13 @@ impl Store {
         self.range(StoreOp::WriteZeroes, offset, len, steps).await
     }
 
+    /// Whether the range is a hole of a regular file (reads as zeroes): resync answers
+    /// it without reading. Always `false` for block devices (thin LVs report nothing
+    /// through `SEEK_DATA`; their zeroes are found by reading).
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.inner.info.kind == DeviceKind::File && device::is_hole(&self.inner.file, offset, len)
+    }
+
     /// Blocking `pread` of `len` bytes at `offset` on the same O_DIRECT fd (start-up
     /// metadata; do not call from an async task on a hot path).
     pub fn read_blocking(&self, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {

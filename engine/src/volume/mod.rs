@@ -156,6 +156,34 @@ struct Inner {
     remote_reads: HashMap<u64, oneshot::Sender<Result<AlignedBuf, BlockError>>>,
     /// Next `P_DATA_REQUEST` block id.
     next_read_id: u64,
+    /// Thin resync requests answered from a file hole without reading.
+    hole_reads_skipped: u64,
+    /// The last [`MAX_EVENTS`] state events (DRBD's `events2`, in short).
+    events: std::collections::VecDeque<serde_json::Value>,
+    /// Sequence number of the next event.
+    event_seq: u64,
+}
+
+/// Events kept for `tandem events`.
+pub const MAX_EVENTS: usize = 256;
+
+impl Inner {
+    /// Records a state event: `kind` (a word like `split-brain`) and its details.
+    fn event(&mut self, kind: &str, detail: serde_json::Value) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.events.push_back(serde_json::json!({
+            "seq": self.event_seq,
+            "unix_ms": ms,
+            "event": kind,
+            "detail": detail,
+        }));
+        self.event_seq += 1;
+    }
 }
 
 /// Which core a local write belongs to, with the handle that core gave it.
@@ -381,6 +409,9 @@ impl Volume {
                 peer_verify: false,
                 remote_reads: HashMap::new(),
                 next_read_id: 1,
+                hole_reads_skipped: 0,
+                events: std::collections::VecDeque::new(),
+                event_seq: 0,
             }),
         }))
     }
@@ -515,6 +546,8 @@ impl Volume {
             }
             self.send_state(inner);
             tracing::info!("role is now {}", inner.role);
+            let role = inner.role;
+            inner.event("role", serde_json::json!({ "role": role }));
         }
         self.run(effects);
         Ok(())
@@ -562,8 +595,22 @@ impl Volume {
     /// The handshake found a split brain (or unrelated data): stay StandAlone until the
     /// operator connects again, and show why in status.
     pub fn split_brain(&self, why: String) {
-        self.lock().split_brain = Some(why);
+        {
+            let mut g = self.lock();
+            g.event("split-brain", serde_json::json!({ "why": why }));
+            g.split_brain = Some(why);
+        }
         self.set_standalone(true);
+    }
+
+    /// The recorded events with a sequence number ≥ `since`.
+    pub fn events(&self, since: u64) -> Vec<serde_json::Value> {
+        self.lock()
+            .events
+            .iter()
+            .filter(|e| e["seq"].as_u64().is_some_and(|s| s >= since))
+            .cloned()
+            .collect()
     }
 
     fn md_lock(&self) -> MutexGuard<'_, MetaDevice> {
@@ -673,6 +720,10 @@ impl Volume {
                 }),
                 HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
             };
+            inner.event(
+                "connected",
+                serde_json::json!({ "peer": self.peer_node, "sync": format!("{:?}", peer.sync) }),
+            );
             if let Some(role) = role {
                 let side = PeerSide {
                     uuids: peer.uuids,
@@ -743,6 +794,10 @@ impl Volume {
                     self.peer_node
                 );
             }
+            inner.event(
+                "disconnected",
+                serde_json::json!({ "peer": self.peer_node, "out_of_sync_bytes": oos }),
+            );
         }
         self.accept.notify_one();
         self.run(effects);
@@ -1252,17 +1307,29 @@ impl Volume {
                 } => {
                     tokio::spawn(async move {
                         let offset = sector * SECTOR_SIZE as u64;
-                        let buf = match v.store.read(offset, len as usize).await {
-                            Ok(b) => Some(b),
-                            Err(e) => {
-                                tracing::warn!(
-                                    "resync read of {len} bytes at sector {sector} failed: {e}"
-                                );
-                                None
+                        // A thin request over a hole of a file backend: zeroes, unread.
+                        let hole = matches!(
+                            purpose,
+                            sync::ReadFor::Source {
+                                zero_check: true,
+                                digest: false
+                            }
+                        ) && v.store.is_hole(offset, u64::from(len));
+                        let buf = if hole {
+                            None
+                        } else {
+                            match v.store.read(offset, len as usize).await {
+                                Ok(b) => Some(b),
+                                Err(e) => {
+                                    tracing::warn!(
+                                        "resync read of {len} bytes at sector {sector} failed: {e}"
+                                    );
+                                    None
+                                }
                             }
                         };
                         v.feed(|v, inner, fx| {
-                            v.sync_read_done(inner, run, tag, purpose, buf);
+                            v.sync_read_done(inner, run, tag, purpose, buf, hole, fx);
                             v.drain_sync(inner, fx);
                         });
                     });
@@ -1658,6 +1725,7 @@ impl Volume {
             "last_verify": g.last_verify,
             "last_resync": g.last_sync,
             "resync_bytes_sent": g.resync_bytes_sent,
+            "resync_hole_reads_skipped": g.hole_reads_skipped,
             "net_tx_bytes": self.net_tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
             "app_io_sectors": g.app_io_sectors,
         })

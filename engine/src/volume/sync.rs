@@ -316,6 +316,10 @@ impl Volume {
                         });
                         inner.conn = ConnState::SyncTarget;
                         inner.peer_disk = DiskState::UpToDate;
+                        inner.event(
+                            "resync-started",
+                            serde_json::json!({"role": "SyncTarget", "out_of_sync_bytes": total * 4096, "csums": csums}),
+                        );
                     }
                     Err(e) => {
                         tracing::error!("cannot start the resync: {e}");
@@ -327,6 +331,11 @@ impl Volume {
                 self.ensure_source(inner);
                 inner.conn = ConnState::SyncSource;
                 inner.peer_disk = DiskState::Inconsistent;
+                let oos = inner.primary.out_of_sync_bytes();
+                inner.event(
+                    "resync-started",
+                    serde_json::json!({"role": "SyncSource", "out_of_sync_bytes": oos}),
+                );
                 tracing::info!(
                     "resync started as SyncSource: {} KiB out of sync",
                     inner.primary.out_of_sync().count() * 4
@@ -833,7 +842,17 @@ impl Volume {
         }
         if let Some(r) = inner.source.as_mut() {
             let outputs: Vec<SourceOutput> = r.s.drain_outputs().collect();
-            let run = r.run;
+            self.source_outputs(inner, outputs, fx);
+        }
+        self.drain_verify(inner, fx);
+    }
+
+    /// Turns the source's outputs into sends, reads and bitmap clears.
+    fn source_outputs(&self, inner: &mut Inner, outputs: Vec<SourceOutput>, fx: &mut Vec<Effect>) {
+        let Some(run) = inner.source.as_ref().map(|r| r.run) else {
+            return;
+        };
+        {
             for o in outputs {
                 match o {
                     SourceOutput::ReadLocal {
@@ -871,7 +890,6 @@ impl Volume {
                 }
             }
         }
-        self.drain_verify(inner, fx);
     }
 
     /// Turns online verify's outputs (either side) into sends, reads and bitmap marks.
@@ -949,6 +967,10 @@ impl Volume {
                     } else {
                         ""
                     }
+                );
+                inner.event(
+                    "verify-finished",
+                    serde_json::json!({"out_of_sync_blocks": p.out_of_sync_blocks, "ranges": p.ranges}),
                 );
                 inner.last_verify = Some(p);
                 inner.verify = None;
@@ -1042,6 +1064,7 @@ impl Volume {
             summary.rate_kib
         );
         inner.last_sync = Some(summary);
+        inner.event("resync-finished", serde_json::json!(summary));
         let pages = self.dirty_target_pages(inner);
         let Some(r) = inner.target.as_mut() else {
             return;
@@ -1124,10 +1147,12 @@ impl Volume {
                 Err(e) => tracing::error!("cannot clear the crashed-primary flag: {e}"),
             }
             tracing::info!("resync finished (this node was SyncSource)");
+            inner.event("resync-finished", serde_json::json!({"role": "SyncSource"}));
         }
     }
 
-    /// A resync read completed (`buf` is `None` if it failed).
+    /// A resync read completed (`buf` is `None` if it failed, or if `hole`: the range
+    /// is a hole of the file and was not read).
     pub(super) fn sync_read_done(
         &self,
         inner: &mut Inner,
@@ -1135,6 +1160,8 @@ impl Volume {
         tag: u64,
         purpose: ReadFor,
         buf: Option<AlignedBuf>,
+        hole: bool,
+        fx: &mut Vec<Effect>,
     ) {
         inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
         match purpose {
@@ -1157,20 +1184,31 @@ impl Volume {
                     return;
                 };
                 let outcome = match &buf {
+                    None if hole => ReadOutcome::Ok {
+                        all_zero: true,
+                        digest: None,
+                    },
                     None => ReadOutcome::Failed,
                     Some(b) => ReadOutcome::Ok {
                         all_zero: zero_check && b.iter().all(|&x| x == 0),
                         digest: digest.then(|| Digest::of(b)),
                     },
                 };
-                if let Some(b) = buf {
-                    r.bufs.insert(tag, Arc::new(b));
-                }
                 log_refusal(r.s.read_done(tag, outcome));
-                // A reply that was not sent (in sync, zeroes, failure) frees its buffer.
-                if !matches!(outcome, ReadOutcome::Ok { .. }) {
-                    r.bufs.remove(&tag);
+                // The buffer is kept only if the source answers with it.
+                let outputs: Vec<SourceOutput> = r.s.drain_outputs().collect();
+                if let Some(b) = buf {
+                    let replies = outputs.iter().any(
+                        |o| matches!(o, SourceOutput::SendRsDataReply { tag: t, .. } if *t == tag),
+                    );
+                    if replies {
+                        r.bufs.insert(tag, Arc::new(b));
+                    }
                 }
+                if hole {
+                    inner.hole_reads_skipped += 1;
+                }
+                self.source_outputs(inner, outputs, fx);
             }
         }
     }
@@ -1359,7 +1397,9 @@ impl Volume {
     /// The handshake resolved a split brain (by policy or discard-my-data): shown in
     /// status until the next `connect`.
     pub fn split_brain_resolved(&self, why: String) {
-        self.lock().split_brain_resolved = Some(why);
+        let mut g = self.lock();
+        g.event("split-brain-resolved", serde_json::json!({ "how": why }));
+        g.split_brain_resolved = Some(why);
     }
 
     /// `pause-sync` / `resume-sync`.
