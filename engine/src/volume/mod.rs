@@ -1315,21 +1315,21 @@ impl Volume {
                                 digest: false
                             }
                         ) && v.store.is_hole(offset, u64::from(len));
-                        let buf = if hole {
-                            None
+                        let read = if hole {
+                            sync::ReadResult::Hole
                         } else {
                             match v.store.read(offset, len as usize).await {
-                                Ok(b) => Some(b),
+                                Ok(b) => sync::ReadResult::Data(b),
                                 Err(e) => {
                                     tracing::warn!(
                                         "resync read of {len} bytes at sector {sector} failed: {e}"
                                     );
-                                    None
+                                    sync::ReadResult::Failed
                                 }
                             }
                         };
                         v.feed(|v, inner, fx| {
-                            v.sync_read_done(inner, run, tag, purpose, buf, hole, fx);
+                            v.sync_read_done(inner, (run, tag, purpose), read, fx);
                             v.drain_sync(inner, fx);
                         });
                     });

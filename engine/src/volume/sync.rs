@@ -182,6 +182,16 @@ impl VerifyRun {
     }
 }
 
+/// How a resync read ended.
+pub(super) enum ReadResult {
+    /// The data.
+    Data(AlignedBuf),
+    /// A hole of a file backend: zeroes, not read.
+    Hole,
+    /// The read failed.
+    Failed,
+}
+
 /// What a resync read is for.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum ReadFor {
@@ -1151,18 +1161,19 @@ impl Volume {
         }
     }
 
-    /// A resync read completed (`buf` is `None` if it failed, or if `hole`: the range
-    /// is a hole of the file and was not read).
+    /// A resync read completed.
     pub(super) fn sync_read_done(
         &self,
         inner: &mut Inner,
-        run: u64,
-        tag: u64,
-        purpose: ReadFor,
-        buf: Option<AlignedBuf>,
-        hole: bool,
+        (run, tag, purpose): (u64, u64, ReadFor),
+        read: ReadResult,
         fx: &mut Vec<Effect>,
     ) {
+        let hole = matches!(read, ReadResult::Hole);
+        let buf = match read {
+            ReadResult::Data(b) => Some(b),
+            ReadResult::Hole | ReadResult::Failed => None,
+        };
         inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
         match purpose {
             ReadFor::Verify => {
