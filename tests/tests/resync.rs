@@ -568,3 +568,67 @@ fn thin_resync_sends_holes_as_deallocated() {
     c.stop_all();
     c.assert_replicas_identical(size);
 }
+
+/// A resync interrupted by a disconnect, and then by a restart of the SyncTarget, goes on
+/// from where it stopped: each new run covers only what was left, and the end is
+/// identical replicas.
+#[test]
+fn an_interrupted_resync_resumes_where_it_stopped() {
+    let mut c = Cluster::new(
+        ClusterOpts::new("rs-resume")
+            .size("64MiB")
+            // A fixed 16 MiB/s: ~4 s for the volume.
+            .disk("c-plan-ahead", "0")
+            .disk("resync-rate", "16384"),
+    );
+    c.wait_connected();
+    let size = c.primary().status().u64_at("/size_bytes");
+    let sec = sock(c.secondary());
+    let total = size.div_ceil(4096);
+    tandem(&["invalidate", "--socket", &sec]).assert_success("invalidate");
+    let progressed = |below: u64| {
+        move |s: &serde_json::Value| {
+            s.opt_str("/connection") == Some("SyncTarget")
+                && s.opt_u64("/resync/out_of_sync_bytes")
+                    .is_some_and(|b| b < below * 4096)
+        }
+    };
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "a quarter done", progressed(total * 3 / 4));
+    // 1. Disconnect and connect again.
+    tandem(&["disconnect", "--socket", &sec]).assert_success("disconnect");
+    let left = c.secondary().status().u64_at("/out_of_sync_bytes") / 4096;
+    assert!(left < total * 3 / 4 && left > 0, "{left} of {total} left");
+    tandem(&["connect", "--socket", &sec]).assert_success("connect");
+    let st = c
+        .secondary()
+        .wait_status(CONNECT_TIMEOUT, "SyncTarget again", |s| {
+            s.opt_str("/connection") == Some("SyncTarget")
+        });
+    let again = st.u64_at("/resync/total_bytes") / 4096;
+    assert!(
+        again <= left,
+        "the second run covers {again} blocks, {left} were left (of {total})"
+    );
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "half done", progressed(total / 2));
+    // 2. A clean restart of the SyncTarget in the middle of the run.
+    c.secondary_mut().stop();
+    c.secondary_mut().start();
+    let st = c.secondary().status();
+    assert_eq!(st.str_at("/disk"), "Inconsistent", "{st}");
+    let left = st.u64_at("/out_of_sync_bytes") / 4096;
+    assert!(
+        left > 0 && left < total / 2,
+        "after the restart {left} of {total} blocks are left"
+    );
+    let st = wait_in_sync(c.secondary());
+    assert!(
+        st["last_resync"]["total_blocks"]
+            .as_u64()
+            .is_some_and(|t| t <= left),
+        "the last run covered only what was left ({left}): {st}"
+    );
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}

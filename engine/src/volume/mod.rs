@@ -1657,7 +1657,10 @@ impl Volume {
                 return;
             }
             let pages = g.primary.take_dirty_bitmap_pages();
-            Self::pages_with_target(&g, pages)
+            let mut pages = Self::pages_with_target(&g, pages);
+            // A resync in progress: what it cleared so far, so a restart resumes there.
+            pages.extend(self.dirty_target_pages(&mut g));
+            pages
         };
         let n = pages.len();
         if let Err(e) = self.write_bitmap_pages(pages) {

@@ -605,16 +605,25 @@ impl Volume {
         });
     }
 
-    fn dirty_target_pages(&self, inner: &mut Inner) -> Vec<(u64, Box<[u8; 4096]>)> {
+    /// The resync's dirty bitmap pages (taken), each the union with the Primary core's
+    /// placeholder (bits set meanwhile), as they go to disk.
+    pub(super) fn dirty_target_pages(&self, inner: &mut Inner) -> Vec<(u64, Box<[u8; 4096]>)> {
         let Some(r) = inner.target.as_mut() else {
             return Vec::new();
         };
         let bm = r.t.bitmap_mut();
         let pages = bm.take_all_dirty();
         let bm = r.t.bitmap();
+        let held = inner.primary.out_of_sync();
         pages
             .into_iter()
-            .filter_map(|p| inner.primary.bitmap_page_of(bm, p))
+            .filter_map(|p| {
+                let (offset, mut data) = inner.primary.bitmap_page_of(bm, p)?;
+                for (d, h) in data.iter_mut().zip(held.page_bytes(p).iter()) {
+                    *d |= *h;
+                }
+                Some((offset, data))
+            })
             .collect()
     }
 
