@@ -15,6 +15,9 @@
 //! - **disk IO** and **completions** run after the lock is released: each store
 //!   operation is a task that re-enters the core with its result.
 //!
+//! Resync, online verify and the reads of a SyncTarget Primary from its peer are in
+//! [`sync`]: the same pattern, with the `resync` machines instead of the cores.
+//!
 //! Bounds: requests from frontends in flight ≤ `max-buffers` (a semaphore in front of
 //! the core, so the core never says Busy); a frontend write larger than
 //! [`MAX_WRITE_CHUNK`] (1 MiB, DRBD's largest bio) is split into 1 MiB requests; a
