@@ -16,7 +16,7 @@
 //!   operation is a task that re-enters the core with its result.
 //!
 //! Resync, online verify and the reads of a SyncTarget Primary from its peer are in
-//! [`sync`]: the same pattern, with the `resync` machines instead of the cores.
+//! `sync.rs`: the same pattern, with the `resync` machines instead of the cores.
 //!
 //! Bounds: requests from frontends in flight ≤ `max-buffers` (a semaphore in front of
 //! the core, so the core never says Busy); a frontend write larger than

@@ -503,7 +503,7 @@ impl Volume {
     }
 
     /// The peer's `P_DATA_REQUEST`: read locally and answer `P_DATA_REPLY` (or
-    /// `P_NEG_DREPLY`). At most [`MAX_PEER_READS`] at once: the caller (the data socket's
+    /// `P_NEG_DREPLY`). At most `MAX_PEER_READS` (64) at once: the caller (the data socket's
     /// reader) waits here beyond that.
     pub async fn peer_read_request(
         &self,
