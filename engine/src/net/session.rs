@@ -358,28 +358,37 @@ async fn data_receiver(
                 head: dh,
                 data_len: len,
                 ..
-            } if cmd == Command::P_DATA => {
+            } => {
+                // P_DATA (a write), P_RS_DATA_REPLY (resync data), P_DATA_REPLY (a read
+                // this node asked for): the data follows, read under the data budget.
                 let size =
                     usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
                 if size == 0 || size != data_len {
-                    return Err(NetError::Protocol(format!("P_DATA with {size} data bytes")));
+                    return Err(NetError::Protocol(format!(
+                        "{} with {size} data bytes",
+                        cmd.name()
+                    )));
                 }
                 let mut data = volume
                     .receive_buffer(size)
                     .await
-                    .map_err(|e| NetError::Protocol(format!("P_DATA: {e}")))?;
+                    .map_err(|e| NetError::Protocol(format!("{}: {e}", cmd.name())))?;
                 read_exact(&mut rd, data.buf.as_mut_slice()).await?;
-                let w = PeerWrite {
-                    block_id: dh.block_id,
-                    sector: dh.sector,
-                    len,
-                    dp_flags: dh.dp_flags,
-                    kind: PeerWriteKind::Data(data),
-                };
-                volume
-                    .peer_write(session, w)
-                    .await
-                    .map_err(NetError::Protocol)?;
+                match cmd {
+                    Command::P_RS_DATA_REPLY => volume.rs_data_reply(session, dh.sector, len, data),
+                    Command::P_DATA_REPLY => volume.data_reply(session, dh.block_id, data),
+                    _ => {
+                        let w = PeerWrite {
+                            block_id: dh.block_id,
+                            sector: dh.sector,
+                            len,
+                            dp_flags: dh.dp_flags,
+                            kind: PeerWriteKind::Data(data),
+                        };
+                        volume.peer_write(session, w).await
+                    }
+                }
+                .map_err(NetError::Protocol)?;
             }
             Packet::Trim {
                 cmd,
@@ -404,50 +413,6 @@ async fn data_receiver(
                 volume
                     .peer_write(session, w)
                     .await
-                    .map_err(NetError::Protocol)?;
-            }
-            Packet::Data {
-                cmd,
-                head: dh,
-                data_len: len,
-                ..
-            } if cmd == Command::P_RS_DATA_REPLY => {
-                let size =
-                    usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
-                if size == 0 || size != data_len {
-                    return Err(NetError::Protocol(format!(
-                        "P_RS_DATA_REPLY with {size} data bytes"
-                    )));
-                }
-                let mut data = volume
-                    .receive_buffer(size)
-                    .await
-                    .map_err(|e| NetError::Protocol(format!("P_RS_DATA_REPLY: {e}")))?;
-                read_exact(&mut rd, data.buf.as_mut_slice()).await?;
-                volume
-                    .rs_data_reply(session, dh.sector, len, data)
-                    .map_err(NetError::Protocol)?;
-            }
-            Packet::Data {
-                cmd,
-                head: dh,
-                data_len: len,
-                ..
-            } if cmd == Command::P_DATA_REPLY => {
-                let size =
-                    usize::try_from(len).map_err(|_| NetError::Protocol("data length".into()))?;
-                if size == 0 || size != data_len {
-                    return Err(NetError::Protocol(format!(
-                        "P_DATA_REPLY with {size} data bytes"
-                    )));
-                }
-                let mut data = volume
-                    .receive_buffer(size)
-                    .await
-                    .map_err(|e| NetError::Protocol(format!("P_DATA_REPLY: {e}")))?;
-                read_exact(&mut rd, data.buf.as_mut_slice()).await?;
-                volume
-                    .data_reply(session, dh.block_id, data)
                     .map_err(NetError::Protocol)?;
             }
             Packet::BlockReq { cmd, req, .. } if cmd == Command::P_DATA_REQUEST => volume
