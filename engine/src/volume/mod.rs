@@ -727,6 +727,15 @@ impl Volume {
                 "connected",
                 serde_json::json!({ "peer": self.peer_node, "sync": format!("{:?}", peer.sync) }),
             );
+            let bits = inner.primary.out_of_sync().count();
+            if role.is_none() && bits > 0 {
+                // DRBD's "No resync, but N bits in bitmap!": the UUIDs say equal (e.g.
+                // verify marked blocks and no Primary started a new generation).
+                tracing::warn!(
+                    "no resync, but {bits} blocks are marked out of sync; a disconnect/connect \
+                     of a Primary resyncs them"
+                );
+            }
             if let Some(role) = role {
                 let side = PeerSide {
                     uuids: peer.uuids,

@@ -1415,7 +1415,7 @@ impl Volume {
     }
 
     /// The handshake resolved a split brain (by policy or discard-my-data): shown in
-    /// status until the next `connect`.
+    /// status (`split_brain_resolved`, the last one) and as an event.
     pub fn split_brain_resolved(&self, why: String) {
         let mut g = self.lock();
         g.event("split-brain-resolved", serde_json::json!({ "how": why }));
