@@ -299,7 +299,9 @@ impl Volume {
                     csums,
                     thin_granularity: if peer.thin { thin } else { 0 },
                     rate: self.sync.rate,
-                    max_app_writes: self.max_buffers + 64,
+                    // The peer's writes in flight (≤ max-buffers) or, as Primary, this
+                    // node's until retired (≤ 2 × max-buffers).
+                    max_app_writes: 2 * self.max_buffers + 64,
                     start_block: inner.resume_block,
                     ..TargetConfig::new(sectors)
                 };
