@@ -708,18 +708,19 @@ fn resync_markdown(s: &mut String, r: &ResyncReport, runtime_s: f64) {
         );
         let _ = writeln!(
             s,
-            "| while | IOPS | p50 µs | p99 µs | CPU µs/IO | resync during the job | resync MiB/s during the job | mean reported rate MiB/s | throttled steps target / source | resync total s |"
+            "| while | IOPS | p50 µs | p99 µs | p99.9 µs | CPU µs/IO | resync during the job | resync MiB/s during the job | mean reported rate MiB/s | throttled steps target / source | resync total s |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for x in &r.io {
             let res = &x.result;
             let _ = write!(
                 s,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 x.label,
                 fmt_num(res.iops),
                 fmt_num(res.p50_us),
                 fmt_num(res.p99_us),
+                fmt_num(res.p999_us),
                 fmt_num(res.fio_cpu_us_per_io + res.server_cpu_us_per_io)
             );
             if x.during_resync {
@@ -1079,10 +1080,10 @@ mod tests {
         assert!(md.contains("| crash-csums row | 8192 MiB | file → file | 16.0 | 15.5 | 4948 | 309 | 0.25 | 1.00 | 4947 |"), "{md}");
         // IO rows: in sync has dashes, the resync row its numbers.
         assert!(
-            md.contains("| in sync | 10000 | 50.0 | 120 | 12.5 | – | – | – | – | – |"),
+            md.contains("| in sync | 10000 | 50.0 | 120 | 400 | 12.5 | – | – | – | – | – |"),
             "{md}"
         );
-        assert!(md.contains("| resyncing | 5000 | 100 | 240 | 12.5 | 50.0 MiB in 2.00 s | 25.0 | 30.0 | 17 / 3 | 30.0 |"), "{md}");
+        assert!(md.contains("| resyncing | 5000 | 100 | 240 | 800 | 12.5 | 50.0 MiB in 2.00 s | 25.0 | 30.0 | 17 / 3 | 30.0 |"), "{md}");
         assert!(md.contains("over the 8192 MiB volume, 2.00 s"), "{md}");
         assert!(md.contains("- resync note"), "{md}");
         // The section sits before the §11 table, which still renders.
