@@ -1,7 +1,9 @@
 //! The end-to-end runner: in one run on one machine, the limits (backing file through fio
 //! io_uring direct, loopback TCP round trip and bandwidth), the peer (nbdkit's file plugin)
 //! and tandem (peer disconnected, protocol C, protocol A), all driven by fio 3.33 with the
-//! same jobs, then one [`Report`].
+//! same jobs, then the activity log's cost and the resync section (`resync.rs`: a full
+//! resync against the loopback limit, crash resync against full resync on 8 GiB, and
+//! application IO during a full resync), then one [`Report`].
 //!
 //! Setup (DESIGN.md §11): the Primary's backing is a file in the work dir (on the machine's
 //! disk); the Secondary's is a loop device over a file on a tmpfs this runner mounts, so
@@ -13,8 +15,11 @@
 //! run in the same work dir detaches and unmounts them first ([`Setup::new`]).
 //!
 //! Bounds: every wait has a deadline (daemon start [`START_TIMEOUT`], connect
-//! [`CONNECT_TIMEOUT`], one fio run its runtime + [`FIO_SLACK`]); the default full run is
-//! about 7 minutes on 2 cores, `--quick` about 1.5.
+//! [`CONNECT_TIMEOUT`], one fio run its runtime + [`FIO_SLACK`], one resync
+//! `resync::deadline`); the default full run is about 10 minutes on 2 cores, `--quick`
+//! about 1.
+
+mod resync;
 
 use crate::fio::{self, Engine};
 use crate::report::{self, AlCost, Job, JobResult, Limits, Meta, Report, Target};
@@ -55,7 +60,8 @@ const AL_OUTSIDE: u64 = 8 * AL_SMALL as u64 * (4 << 20);
     about = "tandem side by side with its limits and nbdkit, one run"
 )]
 pub struct Opts {
-    /// Short run (< 2 minutes): 256 MiB volumes, 3 s per job.
+    /// Short run (< 2 minutes): 256 MiB volumes (1 GiB for the resync section), 3 s per
+    /// job.
     #[arg(long)]
     pub quick: bool,
     /// Volume size per target, e.g. 1GiB (default 1GiB, 256MiB with --quick).
@@ -437,6 +443,8 @@ fn run_fio(work: &Path, args: &[String], limit: Duration) -> anyhow::Result<Stri
 /// The state of one run, threaded through the targets.
 struct Run {
     work: PathBuf,
+    /// `--quick`: smaller volumes, fewer fills.
+    quick: bool,
     size: u64,
     runtime_s: f64,
     tick_us: f64,
@@ -454,6 +462,32 @@ impl Run {
         Ok(())
     }
 
+    /// Runs `job` once over `size` bytes for the run's runtime, charging the CPU of
+    /// `servers` to it.
+    fn job_once(
+        &self,
+        label: &str,
+        engine: &Engine,
+        job: Job,
+        size: u64,
+        servers: &[u32],
+    ) -> anyhow::Result<JobResult> {
+        let args = fio::job_args(engine, job, size, self.runtime_s);
+        let before: f64 = servers.iter().map(|p| cpu_us(*p, self.tick_us)).sum();
+        let text = run_fio(
+            &self.work,
+            &args,
+            Duration::from_secs_f64(self.runtime_s) + FIO_SLACK,
+        )
+        .with_context(|| format!("{label}: {}", job.label()))?;
+        let after: f64 = servers.iter().map(|p| cpu_us(*p, self.tick_us)).sum();
+        let mut r = fio::parse(&text, job)
+            .with_context(|| format!("{label}: {}", job.label()))?
+            .result;
+        r.server_cpu_us_per_io = (after - before).max(0.0) / r.ios.max(1) as f64;
+        Ok(r)
+    }
+
     /// Fills the target, then runs every job, charging the CPU of `servers` to each.
     fn jobs(
         &self,
@@ -468,19 +502,7 @@ impl Run {
         }
         let mut out = Vec::new();
         for job in Job::ALL {
-            let args = fio::job_args(engine, job, self.size, self.runtime_s);
-            let before: f64 = servers.iter().map(|p| cpu_us(*p, self.tick_us)).sum();
-            let text = run_fio(
-                &self.work,
-                &args,
-                Duration::from_secs_f64(self.runtime_s) + FIO_SLACK,
-            )
-            .with_context(|| format!("{label}: {}", job.label()))?;
-            let after: f64 = servers.iter().map(|p| cpu_us(*p, self.tick_us)).sum();
-            let mut r = fio::parse(&text, job)
-                .with_context(|| format!("{label}: {}", job.label()))?
-                .result;
-            r.server_cpu_us_per_io = (after - before).max(0.0) / r.ios.max(1) as f64;
+            let r = self.job_once(label, engine, job, self.size, servers)?;
             self.log(&format!(
                 "{label}: {}: {:.0} IOPS, {:.1} MiB/s, p50 {:.1} µs, p99 {:.1} µs",
                 job.label(),
@@ -546,12 +568,18 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
         .collect::<anyhow::Result<_>>()
 }
 
-/// A running two-node tandem resource.
+/// A running two-node tandem resource: alpha Primary (exporting NBD), beta Secondary.
 struct Cluster {
     alpha_mgmt: PathBuf,
+    beta_mgmt: PathBuf,
     uri: String,
+    /// alpha's pid, beta's pid.
     pids: Vec<u32>,
+    /// The children's names in [`Setup`]: alpha's, beta's.
     names: [String; 2],
+    /// What restarts alpha: the binary and its config.
+    tandem: PathBuf,
+    config: PathBuf,
 }
 
 impl Cluster {
@@ -572,6 +600,53 @@ impl Cluster {
         };
         Ok((n("transactions")?, n("evictions")?))
     }
+
+    /// Kills alpha with SIGKILL (a crash: no clean shutdown, metadata left unclean).
+    fn kill_alpha(&self, setup: &mut Setup) {
+        setup.stop(&self.names[0]);
+    }
+
+    /// Starts alpha again with the same config; it comes back Secondary (the bench
+    /// config has no `role`). Returns at once: the caller polls for what it waits for.
+    fn restart_alpha(&mut self, setup: &mut Setup) -> anyhow::Result<()> {
+        let pid = setup.spawn(
+            &self.names[0],
+            Command::new(&self.tandem)
+                .args(["up", "--config"])
+                .arg(&self.config)
+                .args(["--node", "alpha"]),
+        )?;
+        if let Some(p) = self.pids.first_mut() {
+            *p = pid;
+        }
+        Ok(())
+    }
+}
+
+/// What [`start_cluster`] builds.
+struct Spec<'a> {
+    /// `A` or `C`.
+    protocol: &'a str,
+    /// alpha's (the Primary's) and beta's backing.
+    disks: (&'a Path, &'a Path),
+    al_extents: u32,
+    /// Names the cluster's sockets, config and logs (`tandem-alpha-<tag>.log`).
+    tag: String,
+    /// Extra lines for the config's `[net]` table.
+    net: &'a str,
+}
+
+impl<'a> Spec<'a> {
+    /// A plain cluster, tagged by protocol and `al-extents`.
+    fn new(protocol: &'a str, disks: (&'a Path, &'a Path), al_extents: u32) -> Spec<'a> {
+        Spec {
+            protocol,
+            disks,
+            al_extents,
+            tag: format!("{}-{al_extents}", protocol.to_lowercase()),
+            net: "",
+        }
+    }
 }
 
 /// Writes fresh metadata on `disk` (`tandem create-md --force`): every cluster starts
@@ -589,20 +664,14 @@ fn create_md(tandem: &Path, disk: &Path, node_id: u32, al_extents: u32) -> anyho
     Ok(())
 }
 
-fn start_cluster(
-    setup: &mut Setup,
-    tandem: &Path,
-    protocol: &str,
-    disks: (&Path, &Path),
-    al_extents: u32,
-) -> anyhow::Result<Cluster> {
-    let (primary_disk, secondary_disk) = disks;
+fn start_cluster(setup: &mut Setup, tandem: &Path, spec: &Spec) -> anyhow::Result<Cluster> {
+    let (primary_disk, secondary_disk) = spec.disks;
+    let (protocol, al_extents, tag) = (spec.protocol, spec.al_extents, &spec.tag);
     create_md(tandem, primary_disk, 0, al_extents)?;
     create_md(tandem, secondary_disk, 1, al_extents)?;
     let w = setup.work.clone();
     let ports = free_ports(2)?;
     let q = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap_or_default();
-    let tag = format!("{}-{al_extents}", protocol.to_lowercase());
     let alpha_mgmt = w.join(format!("alpha-{tag}.sock"));
     let beta_mgmt = w.join(format!("beta-{tag}.sock"));
     let nbd = w.join(format!("tandem-{tag}.nbd"));
@@ -610,11 +679,12 @@ fn start_cluster(
         let _ = std::fs::remove_file(p);
     }
     let config = format!(
-        "[resource]\nname = \"bench\"\nprotocol = \"{protocol}\"\n\n[net]\nconnect-int = 1\n\n\
+        "[resource]\nname = \"bench\"\nprotocol = \"{protocol}\"\n\n[net]\nconnect-int = 1\n{}\n\
          [disk]\nal-extents = {al_extents}\n\n\
          [[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:{}\"\ndisk = {}\n\
          nbd-socket = {}\nmgmt-socket = {}\n\n\
          [[node]]\nname = \"beta\"\naddress = \"127.0.0.1:{}\"\ndisk = {}\nmgmt-socket = {}\n",
+        spec.net,
         ports[0],
         q(primary_disk),
         q(&nbd),
@@ -670,9 +740,12 @@ fn start_cluster(
     ok(mgmt(&alpha_mgmt, "primary")?, "primary")?;
     Ok(Cluster {
         alpha_mgmt,
+        beta_mgmt,
         uri: format!("nbd+unix:///?socket={}", nbd.display()),
         pids,
         names: [format!("tandem-alpha-{tag}"), format!("tandem-beta-{tag}")],
+        tandem: tandem.to_path_buf(),
+        config: cfg,
     })
 }
 
@@ -909,6 +982,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     let mut setup = Setup::new(&opts.work_dir, size)?;
     let run = Run {
         work: opts.work_dir.clone(),
+        quick: opts.quick,
         size,
         runtime_s,
         tick_us: tick_us(),
@@ -967,13 +1041,20 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     // tandem, protocol A.
     let secondary = setup.secondary_disk.clone();
     let disks = (primary.as_path(), secondary.as_path());
-    let a = start_cluster(&mut setup, &tandem, "A", disks, DEFAULT_AL)?;
+    let a = start_cluster(&mut setup, &tandem, &Spec::new("A", disks, DEFAULT_AL))?;
     let a_results = run.jobs("tandem A", &Engine::Nbd(a.uri.clone()), &a.pids, true)?;
     a.stop(&mut setup);
 
     // tandem, protocol C, then the same daemons with the peer disconnected.
-    let c = start_cluster(&mut setup, &tandem, "C", disks, DEFAULT_AL)?;
+    let c = start_cluster(&mut setup, &tandem, &Spec::new("C", disks, DEFAULT_AL))?;
     let c_results = run.jobs("tandem C", &Engine::Nbd(c.uri.clone()), &c.pids, true)?;
+    let main_resync = resync::full(
+        &run,
+        &c,
+        "full: `invalidate`, Secondary in RAM",
+        "file → loop on tmpfs",
+        bw,
+    )?;
     let reply = mgmt(&c.alpha_mgmt, "disconnect")?;
     if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
         bail!("tandem disconnect refused: {reply}");
@@ -990,6 +1071,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     c.stop(&mut setup);
 
     let al_cost = al_cost(&run, &mut setup, &tandem)?;
+    let resync = resync::section(&run, &mut setup, &tandem, main_resync, bw)?;
 
     let targets = vec![
         Target {
@@ -1070,6 +1152,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         targets,
         ratios,
         al_cost,
+        resync: Some(resync),
     })
 }
 
@@ -1100,33 +1183,26 @@ fn al_cost(run: &Run, setup: &mut Setup, tandem: &Path) -> anyhow::Result<Vec<Al
         let c = start_cluster(
             setup,
             tandem,
-            "C",
-            (primary.as_path(), secondary.as_path()),
-            al_extents,
+            &Spec::new("C", (primary.as_path(), secondary.as_path()), al_extents),
         )?;
         let engine = Engine::Nbd(c.uri.clone());
         let label = format!("al-extents {al_extents}");
-        run.log(&format!("{label}: fill {} MiB", AL_OUTSIDE >> 20));
-        run_fio(
-            &run.work,
-            &fio::fill_args(&engine, AL_OUTSIDE),
-            FIO_SLACK + Duration::from_secs(AL_OUTSIDE >> 24),
-        )?;
-        for (what, ws) in sets {
-            let job = Job::RandWrite4kQd32;
-            let args = fio::job_args(&engine, job, ws, run.runtime_s);
-            let (t0, e0) = c.al_counters()?;
-            let before: f64 = c.pids.iter().map(|p| cpu_us(*p, run.tick_us)).sum();
-            let text = run_fio(
+        // Both replicas hold the first cluster's fill; a full run fills again so the
+        // default log starts warm, as the small one does. --quick skips it (9 s of 70).
+        if !(run.quick && al_extents == DEFAULT_AL) {
+            run.log(&format!("{label}: fill {} MiB", AL_OUTSIDE >> 20));
+            run_fio(
                 &run.work,
-                &args,
-                Duration::from_secs_f64(run.runtime_s) + FIO_SLACK,
-            )
-            .with_context(|| format!("{label}: {what}"))?;
-            let after: f64 = c.pids.iter().map(|p| cpu_us(*p, run.tick_us)).sum();
+                &fio::fill_args(&engine, AL_OUTSIDE),
+                FIO_SLACK + Duration::from_secs(AL_OUTSIDE >> 24),
+            )?;
+        }
+        for (what, ws) in sets {
+            let (t0, e0) = c.al_counters()?;
+            let r = run
+                .job_once(&label, &engine, Job::RandWrite4kQd32, ws, &c.pids)
+                .with_context(|| what.to_string())?;
             let (t1, e1) = c.al_counters()?;
-            let mut r = fio::parse(&text, job)?.result;
-            r.server_cpu_us_per_io = (after - before).max(0.0) / r.ios.max(1) as f64;
             run.log(&format!(
                 "{label}, {what}: {:.0} IOPS, p99 {:.1} µs, {} AL transactions, {} evictions",
                 r.iops,

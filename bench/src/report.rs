@@ -246,6 +246,92 @@ pub struct AlCost {
     pub evictions: u64,
 }
 
+/// One resync, timed from the command that starts it until both nodes report
+/// `Connected`, `UpToDate` and 0 bytes out of sync (status polled every 50 ms).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResyncRun {
+    /// Row label.
+    pub label: String,
+    /// `full` (`invalidate` on the idle Secondary), `crash` (the Primary killed with
+    /// SIGKILL under writes, then restarted) or `crash-csums` (the same with
+    /// `csums-alg = "crc32c"`, `csums-after-crash-only`).
+    pub kind: String,
+    /// The replicated device, bytes.
+    pub volume_bytes: u64,
+    /// Where the two replicas are.
+    pub disks: String,
+    /// Seconds from the `invalidate` (full) or from the crashed Primary's restart (crash:
+    /// start, activity-log replay, connect and handshake included) until in sync.
+    pub wall_s: f64,
+    /// The SyncTarget's own count of the run (`last_resync.active_ms`), seconds.
+    pub active_s: f64,
+    /// The node that was SyncTarget.
+    pub target: String,
+    /// Bytes out of sync when the run started (`last_resync.total_blocks` × 4096).
+    pub resynced_bytes: u64,
+    /// Of those, bytes found equal by checksum (`same_csum_blocks` × 4096): no data moved.
+    pub same_csum_bytes: u64,
+    /// Blocks that failed (`failed_blocks`); 0 on a healthy run.
+    pub failed_blocks: u64,
+    /// Resync data bytes the SyncSource sent (its `resync_bytes_sent`).
+    pub data_sent_bytes: u64,
+    /// Everything the SyncSource wrote to its sockets during the run (`net_tx_bytes`).
+    pub net_tx_bytes: u64,
+    /// `resynced_bytes / wall_s`, MiB/s.
+    pub mib_s: f64,
+    /// `mib_s` / the loopback TCP bandwidth of the same run.
+    pub vs_loopback: f64,
+    /// The SyncSource daemon's user+system CPU during the run, seconds.
+    pub source_cpu_s: f64,
+    /// The SyncTarget daemon's user+system CPU during the run, seconds.
+    pub target_cpu_s: f64,
+    /// Crash runs: activity-log extents active on the Primary just before the kill (each
+    /// 4 MiB; the crash resync is bounded by them).
+    pub al_active_extents: Option<u64>,
+}
+
+/// Application IO on the Primary while the pair is in sync, or while a full resync runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResyncIo {
+    /// Row label.
+    pub label: String,
+    /// fio's numbers, with both daemons' CPU.
+    pub result: JobResult,
+    /// Whether a resync was started (`invalidate` on the Secondary) just before the job.
+    pub during_resync: bool,
+    /// Seconds of the job during which the resync ran (the whole job when the resync
+    /// outlasted it).
+    pub overlap_s: f64,
+    /// Bytes the resync brought in sync during the job.
+    pub resync_bytes: u64,
+    /// `resync_bytes` / `overlap_s`, MiB/s.
+    pub resync_mib_s: f64,
+    /// Steps (100 ms each) the SyncTarget's c-min-rate check held the resync back during
+    /// the job.
+    pub throttled_steps_target: u64,
+    /// The same on the SyncSource.
+    pub throttled_steps_source: u64,
+    /// The SyncTarget's reported rate (`resync.rate_kib`), mean of the samples taken
+    /// during the job, KiB/s.
+    pub mean_rate_kib: f64,
+    /// Seconds from the `invalidate` until in sync (the whole resync, job included).
+    pub resync_wall_s: f64,
+}
+
+/// The resync section (issue 5): full and crash resync times, and what a full resync
+/// costs the application.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResyncReport {
+    /// Full and crash resyncs.
+    pub runs: Vec<ResyncRun>,
+    /// 4 KiB random writes at QD32 in sync and during a full resync.
+    pub io: Vec<ResyncIo>,
+    /// The volume of the `io` rows, bytes.
+    pub io_volume_bytes: u64,
+    /// How the section was set up.
+    pub notes: Vec<String>,
+}
+
 /// One end-to-end run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -260,6 +346,9 @@ pub struct Report {
     /// The activity log's cost (absent in reports from before it existed).
     #[serde(default)]
     pub al_cost: Vec<AlCost>,
+    /// The resync section (absent in reports from before it existed).
+    #[serde(default)]
+    pub resync: Option<ResyncReport>,
 }
 
 /// `x` with a sensible number of digits for a table cell.
@@ -455,6 +544,9 @@ impl Report {
             }
             s.push('\n');
         }
+        if let Some(r) = &self.resync {
+            resync_markdown(&mut s, r, self.meta.runtime_s);
+        }
         let _ = writeln!(s, "| DESIGN.md §11 target | measured | bound | result |");
         let _ = writeln!(s, "|---|---:|---|---|");
         for r in &self.ratios {
@@ -571,6 +663,89 @@ impl Report {
         );
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// The resync section: one table of resync runs, one of application IO during a resync.
+fn resync_markdown(s: &mut String, r: &ResyncReport, runtime_s: f64) {
+    let mib = |b: u64| fmt_num(b as f64 / f64::from(1u32 << 20));
+    let _ = writeln!(
+        s,
+        "Resync (issue 5), tandem's default rate controller. Time: from the command \
+         (`invalidate` on the Secondary; for a crash, the killed Primary's restart) until both \
+         nodes report Connected, UpToDate, 0 bytes out of sync.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| resync | volume | replicas | time s | active s | out of sync MiB | MiB/s | × loopback | data sent MiB | equal by csum MiB | CPU s source + target |"
+    );
+    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for x in &r.runs {
+        let _ = writeln!(
+            s,
+            "| {} | {} MiB | {} | {} | {} | {} | {} | {} | {} | {} | {} + {} |",
+            x.label,
+            mib(x.volume_bytes),
+            x.disks,
+            fmt_num(x.wall_s),
+            fmt_num(x.active_s),
+            mib(x.resynced_bytes),
+            fmt_num(x.mib_s),
+            fmt_num(x.vs_loopback),
+            mib(x.data_sent_bytes),
+            mib(x.same_csum_bytes),
+            fmt_num(x.source_cpu_s),
+            fmt_num(x.target_cpu_s)
+        );
+    }
+    if !r.io.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nApplication IO during a full resync: 4K randwrite QD32 on the Primary over the \
+             {} MiB volume, {} s, started right after the `invalidate`.\n",
+            r.io_volume_bytes >> 20,
+            fmt_num(runtime_s)
+        );
+        let _ = writeln!(
+            s,
+            "| while | IOPS | p50 µs | p99 µs | p99.9 µs | CPU µs/IO | resync during the job | resync MiB/s during the job | mean reported rate MiB/s | throttled steps target / source | resync total s |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for x in &r.io {
+            let res = &x.result;
+            let _ = write!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                x.label,
+                fmt_num(res.iops),
+                fmt_num(res.p50_us),
+                fmt_num(res.p99_us),
+                fmt_num(res.p999_us),
+                fmt_num(res.fio_cpu_us_per_io + res.server_cpu_us_per_io)
+            );
+            if x.during_resync {
+                let _ = writeln!(
+                    s,
+                    " {} MiB in {} s | {} | {} | {} / {} | {} |",
+                    mib(x.resync_bytes),
+                    fmt_num(x.overlap_s),
+                    fmt_num(x.resync_mib_s),
+                    fmt_num(x.mean_rate_kib / 1024.0),
+                    x.throttled_steps_target,
+                    x.throttled_steps_source,
+                    fmt_num(x.resync_wall_s)
+                );
+            } else {
+                let _ = writeln!(s, " – | – | – | – | – |");
+            }
+        }
+    }
+    s.push('\n');
+    for n in &r.notes {
+        let _ = writeln!(s, "- {n}");
+    }
+    if !r.notes.is_empty() {
+        s.push('\n');
     }
 }
 
@@ -785,6 +960,53 @@ mod tests {
             limits,
             targets,
             al_cost: vec![],
+            resync: Some(resync_section()),
+        }
+    }
+
+    fn resync_run(kind: &str, resynced: u64, sent: u64) -> ResyncRun {
+        ResyncRun {
+            label: format!("{kind} row"),
+            kind: kind.into(),
+            volume_bytes: 8 << 30,
+            disks: "file → file".into(),
+            wall_s: 16.0,
+            active_s: 15.5,
+            target: "beta".into(),
+            resynced_bytes: resynced,
+            same_csum_bytes: resynced - sent,
+            failed_blocks: 0,
+            data_sent_bytes: sent,
+            net_tx_bytes: sent + 4096,
+            mib_s: resynced as f64 / 1_048_576.0 / 16.0,
+            vs_loopback: 0.25,
+            source_cpu_s: 3.5,
+            target_cpu_s: 4.25,
+            al_active_extents: (kind != "full").then_some(1237),
+        }
+    }
+
+    fn resync_section() -> ResyncReport {
+        let io = |during: bool| ResyncIo {
+            label: if during { "resyncing" } else { "in sync" }.into(),
+            result: result(if during { 0.5 } else { 1.0 }),
+            during_resync: during,
+            overlap_s: if during { 2.0 } else { 0.0 },
+            resync_bytes: if during { 50 << 20 } else { 0 },
+            resync_mib_s: if during { 25.0 } else { 0.0 },
+            throttled_steps_target: if during { 17 } else { 0 },
+            throttled_steps_source: if during { 3 } else { 0 },
+            mean_rate_kib: if during { 30_720.0 } else { 0.0 },
+            resync_wall_s: if during { 30.0 } else { 0.0 },
+        };
+        ResyncReport {
+            runs: vec![
+                resync_run("full", 8 << 30, 8 << 30),
+                resync_run("crash-csums", 4948 << 20, 1 << 20),
+            ],
+            io: vec![io(false), io(true)],
+            io_volume_bytes: 8 << 30,
+            notes: vec!["resync note".into()],
         }
     }
 
@@ -844,6 +1066,41 @@ mod tests {
         assert!(md.contains("| 1M seq write MiB/s, protocol C | 250 MiB/s"));
         assert!(md.contains("**not met**"));
         assert!(md.contains("CPU µs/IO (fio+server) | 12.5 (5.00+7.50)"));
+    }
+
+    #[test]
+    fn markdown_has_the_resync_tables() {
+        let md = report().to_markdown();
+        // Full row: 8192 MiB in 16 s = 512 MiB/s, everything sent, nothing equal by csum.
+        assert!(
+            md.contains("| full row | 8192 MiB | file → file | 16.0 | 15.5 | 8192 | 512 | 0.25 | 8192 | 0.00 | 3.50 + 4.25 |"),
+            "{md}"
+        );
+        // Checksum row: 1 MiB sent, the rest equal by checksum.
+        assert!(md.contains("| crash-csums row | 8192 MiB | file → file | 16.0 | 15.5 | 4948 | 309 | 0.25 | 1.00 | 4947 |"), "{md}");
+        // IO rows: in sync has dashes, the resync row its numbers.
+        assert!(
+            md.contains("| in sync | 10000 | 50.0 | 120 | 400 | 12.5 | – | – | – | – | – |"),
+            "{md}"
+        );
+        assert!(md.contains("| resyncing | 5000 | 100 | 240 | 800 | 12.5 | 50.0 MiB in 2.00 s | 25.0 | 30.0 | 17 / 3 | 30.0 |"), "{md}");
+        assert!(md.contains("over the 8192 MiB volume, 2.00 s"), "{md}");
+        assert!(md.contains("- resync note"), "{md}");
+        // The section sits before the §11 table, which still renders.
+        let at = |needle: &str| md.find(needle).unwrap();
+        assert!(at("| resync | volume") < at("| DESIGN.md §11 target"));
+        // No section without data.
+        let mut r = report();
+        r.resync = None;
+        assert!(!r.to_markdown().contains("| resync | volume"));
+    }
+
+    #[test]
+    fn json_without_a_resync_section_still_parses() {
+        let mut v: serde_json::Value = serde_json::from_str(&report().to_json()).unwrap();
+        v.as_object_mut().unwrap().remove("resync");
+        let back: Report = serde_json::from_value(v).unwrap();
+        assert_eq!(back.resync, None);
     }
 
     #[test]
