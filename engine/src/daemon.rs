@@ -71,6 +71,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `tandem up`: runs one node in the foreground until SIGTERM/SIGINT.
 pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
     init_logging();
+    crate::store::tune_allocator();
     let config = Config::load(config_path)?;
     let me_name = match node {
         Some(n) => n.to_string(),

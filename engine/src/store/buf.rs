@@ -14,6 +14,35 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fmt;
 use std::ptr::NonNull;
 
+/// Freed memory glibc keeps for reuse instead of returning it to the kernel, bytes.
+pub const ALLOC_TRIM_THRESHOLD: usize = 256 << 20;
+/// Allocations from this size up are mmapped (and unmapped on free), bytes: above the
+/// largest IO buffer, so none is.
+pub const ALLOC_MMAP_THRESHOLD: usize = 64 << 20;
+
+/// Makes glibc reuse freed IO buffers. By default an allocation of 128 KiB or more (a
+/// 1 MiB resync reply, a large write) is an `mmap` and its free a `munmap`: every buffer
+/// then costs 256 page faults with kernel zeroing, and the unmap a TLB shootdown. In a
+/// full resync that was about 40% of both daemons' CPU; with these two settings a 2 GiB
+/// resync on tmpfs took 3.0–3.7 s and 1.2 CPU-s per daemon instead of 7.1 s and 2.5 CPU-s.
+/// The memory kept is bounded by the peak in use (the daemon's buffer budgets) plus
+/// [`ALLOC_TRIM_THRESHOLD`]. Call once at start-up, before threads allocate.
+pub fn tune_allocator() {
+    for (param, value) in [
+        (libc::M_MMAP_THRESHOLD, ALLOC_MMAP_THRESHOLD),
+        (libc::M_TRIM_THRESHOLD, ALLOC_TRIM_THRESHOLD),
+    ] {
+        let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only reads its two integer arguments and changes glibc's
+        // allocation thresholds; it is thread-safe (it takes the arena locks) and every
+        // allocation made before or after stays valid.
+        let ok = unsafe { libc::mallopt(param, value) };
+        if ok != 1 {
+            tracing::warn!("mallopt({param}, {value}) failed; IO buffers stay mmapped");
+        }
+    }
+}
+
 /// Alignment of every IO buffer, bytes.
 pub const BUF_ALIGN: usize = 4096;
 /// Unit of IO lengths and offsets, bytes (DRBD's sector).

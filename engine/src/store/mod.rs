@@ -68,7 +68,10 @@ pub(crate) mod testdir;
 #[cfg(test)]
 mod tests;
 
-pub use buf::{AlignedBuf, BufError, BUF_ALIGN, MAX_BUF_LEN, SECTOR_SIZE};
+pub use buf::{
+    tune_allocator, AlignedBuf, BufError, ALLOC_MMAP_THRESHOLD, ALLOC_TRIM_THRESHOLD, BUF_ALIGN,
+    MAX_BUF_LEN, SECTOR_SIZE,
+};
 pub use device::{DeviceKind, StoreInfo};
 pub use error::{StoreError, StoreOp};
 pub use handle::{Store, StoreOptions, CLOSE_TIMEOUT, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH};
