@@ -161,6 +161,9 @@ struct Inner {
     next_read_id: u64,
     /// Thin resync requests answered from a file hole without reading.
     hole_reads_skipped: u64,
+    /// Ranges whose local write failed during this connection: a resync ack must not
+    /// clear them (see `sync.rs`).
+    failed_local: Vec<(u64, u32)>,
     /// The last [`MAX_EVENTS`] state events (DRBD's `events2`, in short).
     events: std::collections::VecDeque<serde_json::Value>,
     /// Sequence number of the next event.
@@ -413,6 +416,7 @@ impl Volume {
                 remote_reads: HashMap::new(),
                 next_read_id: 1,
                 hole_reads_skipped: 0,
+                failed_local: Vec::new(),
                 events: std::collections::VecDeque::new(),
                 event_seq: 0,
             }),
@@ -1274,6 +1278,9 @@ impl Volume {
                             match side {
                                 Side::Primary(tag) => {
                                     Self::sync_write_ended(inner, Some(tag), None);
+                                    if !ok {
+                                        v.local_write_failed(inner, sector, len);
+                                    }
                                     log_refusal(inner.primary.local_done(tag, ok));
                                     v.drain_primary(inner, fx);
                                 }
