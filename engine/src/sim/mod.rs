@@ -207,6 +207,9 @@ pub(crate) struct Sabotage {
     pub source_claims_in_sync: bool,
     /// The promoted Secondary keeps its generation UUIDs (no new current UUID).
     pub promote_keeps_uuid: bool,
+    /// A resync ack clears a block whose local write failed on the Primary during the
+    /// connection (the driver rule `p_failed` in `resync.rs` off).
+    pub ack_clears_failed_blocks: bool,
 }
 
 /// The parameters a seed chose.
@@ -2342,6 +2345,21 @@ mod tests {
         let f = first_failure(s).expect("the simulator must catch an undetected split brain");
         eprintln!("caught: {f}");
         assert!(f.message.contains("checker 8"), "{f}");
+    }
+
+    /// Found by the resync simulation: a resync ack may clear a block whose local write
+    /// failed on the Primary after the reply was read (the SyncTarget never learns of
+    /// the garbage). Without the driver rule that keeps such blocks set, a failed write
+    /// completes in a block no bitmap marks.
+    #[test]
+    fn clearing_locally_failed_blocks_on_a_resync_ack_is_caught() {
+        let s = Sabotage {
+            ack_clears_failed_blocks: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a failed block set in sync");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("not out of sync"), "{f}");
     }
 
     // ----- regressions: failed metadata writes (found by the crash fault) ---------------

@@ -475,6 +475,10 @@ impl Rs {
     fn p_set_in_sync(&mut self, sector: u64, len: u32) {
         let before: Vec<u64> = self.p_bm.words().to_vec();
         self.p_bm.clear(sector, len);
+        #[cfg(test)]
+        if self.sabotage.ack_clears_failed_blocks {
+            self.p_failed = OutOfSync::new(SECTORS as u64);
+        }
         // Blocks that failed locally stay set.
         or_bits(
             &mut self.p_bm,
