@@ -178,6 +178,33 @@ impl ResyncParams {
     }
 }
 
+/// A SyncSource read of the Primary's disk (`Ev::PRead`).
+#[derive(Debug)]
+pub(super) struct ReadEv {
+    tag: u64,
+    sector: u64,
+    len: u32,
+    digest: bool,
+    zero_check: bool,
+    fail: bool,
+    pub(super) inc: u64,
+    /// Incarnation of the SyncSource that asked.
+    src: u64,
+}
+
+/// A SyncTarget write of reply data (`data`) or zeroes (`None`), with the versions the
+/// SyncSource read (`Ev::SRsWrite`).
+#[derive(Debug)]
+pub(super) struct RsWriteEv {
+    tag: u64,
+    sector: u64,
+    data: Option<Vec<u8>>,
+    vers: Vec<u64>,
+    fail: bool,
+    /// Incarnation of the SyncTarget that asked.
+    tgen: u64,
+}
+
 /// An entry of the mirror of the Primary core's transfer log.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Tl {
@@ -289,6 +316,11 @@ pub(super) struct Rs {
     s_app_sectors: u64,
     /// The finish flush is in flight.
     finishing: bool,
+    /// Blocks the Secondary holds out of sync that the Primary core never marked: its
+    /// split-brain writes, and a full sync after its metadata was re-created. (Every
+    /// other bit of either bitmap goes back to a mark of the core, which never clears
+    /// its bits.) Checker 6 accepts these too.
+    s_only: OutOfSync,
     /// Per sector: the Secondary's content may be newer than the Primary's and still be
     /// discarded by resync (the Primary lost it in a crash, or it is the promoted
     /// Secondary's own write). Cleared when a write from the Primary lands there.
@@ -355,6 +387,7 @@ impl Rs {
             zero_vers: None,
             s_app_sectors: 0,
             finishing: false,
+            s_only: OutOfSync::new(SECTORS as u64),
             s_disc: vec![false; SECTORS],
             back: VecDeque::new(),
             back_ready: 0,
@@ -442,6 +475,11 @@ impl Rs {
             .as_ref()
             .is_none_or(|t| t.progress().requests_in_flight == 0)
             && !self.finishing
+    }
+
+    /// Whether block `b` differs for a reason the Primary core never marked (checker 6).
+    pub(super) fn s_only(&self, b: u64) -> bool {
+        self.s_only.is_set(b)
     }
 
     /// Whether block `b` is set in the Secondary's bitmap (its Target's while one runs).
@@ -704,7 +742,7 @@ impl Sim {
             Decision::Sync { full } => {
                 if full {
                     self.report.full_resyncs += 1;
-                    for bm in [&mut self.rs.p_bm, &mut self.rs.s_bm] {
+                    for bm in [&mut self.rs.p_bm, &mut self.rs.s_bm, &mut self.rs.s_only] {
                         bm.mark_blocks(0, bm.blocks());
                     }
                 }
@@ -827,7 +865,7 @@ impl Sim {
         let f = decode_frame(&buf, &self.rs.ctx)
             .map_err(|e| format!("decode: {e}"))?
             .ok_or("decode: short frame")?;
-        if f.len != buf.len() || f.data != data {
+        if f.len != buf.len() || f.data.len() != data.len() {
             return Err(format!("codec round trip of {pkt:?} lost bytes"));
         }
         Ok(f.packet)
@@ -1115,14 +1153,14 @@ impl Sim {
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
                     self.at(
                         d,
-                        Ev::SRsWrite {
+                        Ev::SRsWrite(Box::new(RsWriteEv {
                             tag,
                             sector,
                             data: Some(data),
                             vers,
                             fail,
                             tgen,
-                        },
+                        })),
                     );
                 }
             }
@@ -1179,22 +1217,23 @@ impl Sim {
                     sector,
                     len,
                     digest,
-                    ..
+                    zero_check,
                 } => {
                     let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
                     let (inc, src) = (self.inc, self.rs.src_gen);
                     self.at(
                         d,
-                        Ev::PRead {
+                        Ev::PRead(Box::new(ReadEv {
                             tag,
                             sector,
                             len,
                             digest,
+                            zero_check,
                             fail,
                             inc,
                             src,
-                        },
+                        })),
                     );
                 }
                 // (`sector` and `len` serve a test-only sabotage.)
@@ -1246,16 +1285,18 @@ impl Sim {
     }
 
     /// A SyncSource read of the Primary's disk completed.
-    pub(super) fn source_read_done(
-        &mut self,
-        tag: u64,
-        sector: u64,
-        len: u32,
-        digest: bool,
-        fail: bool,
-        src_gen: u64,
-    ) -> Result<(), String> {
-        if src_gen != self.rs.src_gen {
+    pub(super) fn source_read_done(&mut self, r: &ReadEv) -> Result<(), String> {
+        let &ReadEv {
+            tag,
+            sector,
+            len,
+            digest,
+            zero_check,
+            fail,
+            src,
+            ..
+        } = r;
+        if src != self.rs.src_gen {
             return Err("a read of an earlier SyncSource completed".into());
         }
         let first = usize::try_from(sector).map_err(|e| e.to_string())?;
@@ -1267,7 +1308,7 @@ impl Sim {
             ReadOutcome::Failed
         } else {
             ReadOutcome::Ok {
-                all_zero: data.iter().all(|&b| b == 0),
+                all_zero: zero_check && data.iter().all(|&b| b == 0),
                 digest: digest.then(|| Digest::of(&data)),
             }
         };
@@ -1317,6 +1358,18 @@ impl Sim {
             return Ok(());
         };
         let outs: Vec<TargetOutput> = t.drain_outputs().collect();
+        // The bound, when requests were issued.
+        if outs.iter().any(|o| {
+            matches!(
+                o,
+                TargetOutput::SendRsDataRequest { .. } | TargetOutput::ReadForDigest { .. }
+            )
+        }) {
+            let in_flight = t.progress().requests_in_flight;
+            if in_flight > self.rs.params.max_requests {
+                return Err(format!("target has {in_flight} requests in flight"));
+            }
+        }
         for o in outs {
             if let Some(pkt) = o.packet() {
                 if !self.up {
@@ -1361,14 +1414,14 @@ impl Sim {
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
                     self.at(
                         d,
-                        Ev::SRsWrite {
+                        Ev::SRsWrite(Box::new(RsWriteEv {
                             tag,
                             sector,
                             data: None,
                             vers,
                             fail,
                             tgen,
-                        },
+                        })),
                     );
                 }
                 TargetOutput::AppWriteReady { id } => {
@@ -1463,15 +1516,16 @@ impl Sim {
 
     /// A resync write landed on the Secondary's disk. Checker 7, during the run: it
     /// never puts an older version of a sector over a newer one.
-    pub(super) fn target_write_done(
-        &mut self,
-        tag: u64,
-        sector: u64,
-        data: Option<Vec<u8>>,
-        vers: &[u64],
-        fail: bool,
-        tgen: u64,
-    ) -> Result<(), String> {
+    pub(super) fn target_write_done(&mut self, w: RsWriteEv) -> Result<(), String> {
+        let RsWriteEv {
+            tag,
+            sector,
+            data,
+            vers,
+            fail,
+            tgen,
+        } = w;
+        let vers = &vers[..];
         let first = usize::try_from(sector).map_err(|e| e.to_string())?;
         if !fail {
             for (s, &v) in (first..).zip(vers) {
@@ -1629,6 +1683,7 @@ impl Sim {
         self.sdisk
             .complete_write(first, Some(&data), len as usize, id, false, false);
         self.rs.s_bm.mark(sector, len);
+        self.rs.s_only.mark(sector, len);
         for d in &mut self.rs.s_disc[first..first + len as usize / SECTOR as usize] {
             *d = true;
         }
@@ -1645,15 +1700,7 @@ impl Sim {
 
     /// Resync bounds, and the mirror of the Primary core's bitmap.
     pub(super) fn check_resync_bounds(&self) -> Result<(), String> {
-        if let Some(t) = &self.rs.target {
-            let pr = t.progress();
-            if pr.requests_in_flight > self.rs.params.max_requests {
-                return Err(format!(
-                    "target has {} requests in flight",
-                    pr.requests_in_flight
-                ));
-            }
-        }
+        // (The SyncTarget's bound is checked where its requests change, in `pump_target`.)
         if let Some(src) = &self.rs.source {
             let st = src.stats();
             if st.queued + st.reading > self.rs.params.source_queue
@@ -1664,18 +1711,15 @@ impl Sim {
         }
         if !self.primary_down {
             let core = self.primary.out_of_sync().words();
-            let mine = self.rs.p_bm.words().iter().zip(self.rs.p_cleared.words());
-            if let Some((i, w)) = core
-                .iter()
-                .zip(mine)
-                .map(|(&c, (&m, &x))| c & !(m | x))
-                .enumerate()
-                .find(|&(_, w)| w != 0)
-            {
-                return Err(format!(
-                    "the primary core marked block {} that the simulator's bitmap misses",
-                    i as u64 * 64 + u64::from(w.trailing_zeros())
-                ));
+            let (mine, cleared) = (self.rs.p_bm.words(), self.rs.p_cleared.words());
+            for (i, ((&c, &m), &x)) in core.iter().zip(mine).zip(cleared).enumerate() {
+                let w = c & !(m | x);
+                if w != 0 {
+                    return Err(format!(
+                        "the primary core marked block {} that the simulator's bitmap misses",
+                        i as u64 * 64 + u64::from(w.trailing_zeros())
+                    ));
+                }
             }
         }
         Ok(())
