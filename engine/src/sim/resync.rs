@@ -38,6 +38,15 @@
 //! (`SyncDone` on the meta stream; DRBD's state change), which finishes its own. Lost,
 //! that notice leaves the Primary's bitmap UUID set, and the next handshake corrects it
 //! (rule 34).
+//!
+//! Simplifications against DRBD: the `P_UUIDS`/`P_STATE` exchange is instantaneous
+//! (both handshakes run at the connection-up event); the Primary core replicates from the
+//! handshake on, also during the bitmap exchange (DRBD sends `P_OUT_OF_SYNC` instead
+//! while WFBitMapS), so the writes that arrived and the local writes in flight are
+//! reported to the Target and Source when those are built; the connection waits until
+//! the previous connection's resync IO and the Secondary's writes are done. Bounds: the
+//! machines' own (drawn: ≤ 64 requests, ≤ 64 queued, ≤ 16 reads), four streams whose
+//! contents are bounded by those, one bitmap transfer per direction per connection.
 
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
