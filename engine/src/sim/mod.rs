@@ -2352,6 +2352,21 @@ mod tests {
         assert!(f.message.contains("not out of sync"), "{f}");
     }
 
+    /// Found by the split-brain fault: after an after-sb policy resolved the split brain,
+    /// the connection was cut twice after the Primary had made its sync UUID (each one
+    /// rotates its two history slots) and before the Secondary received it; the UUIDs
+    /// then share no generation ("unrelated data", DRBD 8.4 behaves the same) and the
+    /// operator must re-create the Secondary's metadata for a full sync. Seed 17653 is
+    /// another instance.
+    #[test]
+    fn regression_interrupted_split_brain_resolutions_leave_unrelated_data() {
+        let r = run(5_568);
+        match r {
+            Ok(r) => assert_eq!((r.sb_recreated, r.full_resyncs), (1, 1), "{r:?}"),
+            Err(f) => panic!("{f}"),
+        }
+    }
+
     // ----- regressions: failed metadata writes (found by the crash fault) ---------------
     //
     // All three came from undoing a failed AL write in memory and going on. The Primary
