@@ -81,6 +81,22 @@ impl Disk {
         }
     }
 
+    /// Applies a resync write at its completion: `data` (None = zeroes) whose sectors carry
+    /// the versions `vers` they had on the disk they were read from.
+    pub(crate) fn complete_copy(
+        &mut self,
+        sector: usize,
+        data: Option<&[u8]>,
+        vers: &[u64],
+        fail: bool,
+    ) {
+        let len = vers.len() * SECTOR_BYTES;
+        self.complete_write(sector, data, len, 0, false, fail);
+        for (s, &v) in (sector..sector + vers.len()).zip(vers) {
+            self.cache_ver[s] = v;
+        }
+    }
+
     /// A flush submitted when `completions` was `covers` completed.
     pub(crate) fn flush(&mut self, covers: u64) {
         let mut dirty = std::mem::take(&mut self.dirty);

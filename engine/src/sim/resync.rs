@@ -1,0 +1,1799 @@
+//! The simulator's resync: what both nodes do when the connection comes up, and the
+//! split-brain fault.
+//!
+//! Each node keeps its generation UUIDs ([`UuidSet`], with DRBD's life-cycle calls: the
+//! Primary makes a new current UUID when it loses the peer or is restarted after a
+//! crash, the promoted Secondary when it is promoted without its peer) and its bitmap.
+//! At connection-up both run [`sync_handshake`] on the same facts seen from their side
+//! (who holds `RESOLVE_CONFLICTS` is drawn per connection). If they agree on a resync,
+//! the SyncSource's bitmap goes to the SyncTarget through the real [`BitmapSender`] /
+//! [`BitmapReceiver`] and the codec, is OR-merged, and the merged bitmap comes back; the
+//! SyncSource then sends `P_SYNC_UUID` and runs a [`Source`], the SyncTarget a [`Target`].
+//! Every resync packet goes through the codec and travels one of four ordered streams
+//! (Primary→Secondary data and meta, Secondary→Primary data and meta) with the network's
+//! delays; a connection loss drops what is in flight and the next connection resumes
+//! from the bitmaps and [`Target::resume_position`].
+//!
+//! The Primary node's bitmap. The Primary core keeps one (`Primary::out_of_sync`) but has
+//! no call to clear bits, so the simulator keeps the node's bitmap itself (`p_bm`): it
+//! marks exactly what the core marks (a write started while disconnected, a failed local
+//! write, a `P_NEG_ACK`, every write not barrier-acked at a connection loss — the last
+//! through a mirror of the transfer log, `p_tl`), OR-merges the peer's bitmap at the
+//! exchange and clears what [`SourceOutput::SetInSync`] says. After every event it
+//! checks that every bit the core set is in `p_bm` or was set in sync since (`p_cleared`).
+//! A restart reloads both from the metadata device. One driver rule the simulator found
+//! necessary: a block whose local write failed on the Primary during this connection is
+//! not cleared by a resync ack (`p_failed`): the reply may have been read before the
+//! failure left garbage there, and the SyncTarget does not know of the failure (DRBD
+//! detaches the disk on such an error; the Primary core marks the block and goes on). It
+//! is resynced after the next handshake.
+//!
+//! Application writes during a resync: on the Primary every local write is reported to
+//! the [`Source`] from its submission to its local completion; on the Secondary every
+//! replicated write to the [`Target`] from its arrival to its local completion, and one
+//! the Target holds is submitted on [`TargetOutput::AppWriteReady`]. (Neither core sends
+//! `DP_MAY_SET_IN_SYNC`, so replicated writes clear no bits: a block stays out of sync
+//! until resync copies it.) When the Target finishes with no failed block, the
+//! Secondary flushes its disk, finishes its UUIDs (UpToDate) and tells the Primary
+//! (`SyncDone` on the meta stream; DRBD's state change), which finishes its own. Lost,
+//! that notice leaves the Primary's bitmap UUID set, and the next handshake corrects it
+//! (rule 34).
+//!
+//! Simplifications against DRBD: the `P_UUIDS`/`P_STATE` exchange is instantaneous
+//! (both handshakes run at the connection-up event); the Primary core replicates from the
+//! handshake on, also during the bitmap exchange (DRBD sends `P_OUT_OF_SYNC` instead
+//! while WFBitMapS), so the writes that arrived and the local writes in flight are
+//! reported to the Target and Source when those are built; the connection waits until
+//! the previous connection's resync IO and the Secondary's writes are done. Bounds: the
+//! machines' own (drawn: ≤ 64 requests, ≤ 64 queued, ≤ 16 reads), four streams whose
+//! contents are bounded by those, one bitmap transfer per direction per connection.
+
+use super::rng::Rng;
+use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
+use crate::request::{OutOfSync, SECTOR};
+use crate::resync::{
+    Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput,
+    Target, TargetConfig, TargetOutput, TickInput, SLEEP_TIME_MS,
+};
+use crate::state::uuid::{
+    sync_handshake, AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx,
+    HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
+};
+use crate::state::DiskState;
+use crate::wire::{decode_frame, encode, ff, BitmapReceiver, BitmapSender, Packet, WireCtx};
+use std::collections::{BTreeMap, VecDeque};
+
+/// The version (write id) of the promoted Secondary's own writes: far above every request
+/// id, so that its data is recognisable and never taken for the Primary's.
+const SB_ID: u64 = 1 << 62;
+
+/// The agreed protocol of the simulated connection.
+const AGREED: u32 = 101;
+
+/// Resync and split-brain settings a seed chose.
+#[derive(Debug, Clone)]
+pub struct ResyncParams {
+    /// The SyncTarget's rate settings (fixed or dynamic, sometimes `c-min-rate`).
+    pub rate: RateConfig,
+    /// Largest resync request.
+    pub max_bio_size: u32,
+    /// Checksum-based resync, and its largest request.
+    pub csums: Option<u32>,
+    /// `rs-discard-granularity` (thin requests and `P_RS_DEALLOCATED`), 0 = off.
+    pub thin_granularity: u32,
+    /// SyncTarget: requests in flight.
+    pub max_requests: usize,
+    /// SyncSource: requests queued / reads in flight.
+    pub source_queue: usize,
+    /// SyncSource: local reads in flight.
+    pub source_reads: usize,
+    /// Failure rate (per million) of resync reads on both disks.
+    pub read_fail_ppm: u64,
+    /// `use-rle` for the bitmap exchange.
+    pub use_rle: bool,
+    /// The split-brain fault comes once this many requests were issued (at the first
+    /// moment the replicas are in sync after that).
+    pub split_brain_after_ops: Option<u32>,
+    /// Writes the promoted Secondary makes.
+    pub split_brain_writes: u64,
+    /// The Primary's after-split-brain policies (the Secondary's are the same, with
+    /// discard-local and discard-remote swapped).
+    pub policy: SplitBrainPolicy,
+}
+
+impl ResyncParams {
+    pub(super) fn draw(rng: &mut Rng, max_ops: u32) -> Self {
+        let fixed = rng.chance(600_000);
+        let rate = RateConfig {
+            // Fixed: 10 … 200 blocks per 100 ms step on the 256-block volume.
+            resync_rate: u32::try_from(rng.range(400, 8000)).unwrap_or(400),
+            c_plan_ahead: if fixed {
+                0
+            } else {
+                u32::try_from(rng.range(1, 20)).unwrap_or(1)
+            },
+            c_delay_target: u32::try_from(rng.range(1, 20)).unwrap_or(1),
+            c_fill_target: if rng.chance(500_000) {
+                0
+            } else {
+                u32::try_from(rng.range(8, 2048)).unwrap_or(8)
+            },
+            c_max_rate: u32::try_from(rng.range(250, 100_000)).unwrap_or(250),
+            c_min_rate: if rng.chance(300_000) {
+                u32::try_from(rng.range(1, 4000)).unwrap_or(1)
+            } else {
+                0
+            },
+            max_buffers: u32::try_from(rng.range(32, 512)).unwrap_or(32),
+        };
+        let max_bio_size: u32 = 4096 << rng.below(9);
+        let csums = rng
+            .chance(300_000)
+            .then(|| 4096u32 << rng.below(u64::from((max_bio_size / 4096).trailing_zeros()) + 1));
+        let thin_granularity = if rng.chance(300_000) {
+            4096u32 << rng.below(4)
+        } else {
+            0
+        };
+        let policy = if rng.chance(350_000) {
+            SplitBrainPolicy::default()
+        } else {
+            let p0 = AfterSb0Pri::ALL;
+            let p1 = AfterSb1Pri::ALL;
+            SplitBrainPolicy {
+                after_sb_0pri: p0
+                    .get(usize::try_from(rng.below(p0.len() as u64)).unwrap_or(0))
+                    .copied()
+                    .unwrap_or_default(),
+                after_sb_1pri: p1
+                    .get(usize::try_from(rng.below(p1.len() as u64)).unwrap_or(0))
+                    .copied()
+                    .unwrap_or_default(),
+                ..SplitBrainPolicy::default()
+            }
+        };
+        ResyncParams {
+            rate,
+            max_bio_size,
+            csums,
+            thin_granularity,
+            max_requests: usize::try_from(rng.range(1, 64)).unwrap_or(1),
+            source_queue: usize::try_from(rng.range(1, 64)).unwrap_or(1),
+            source_reads: usize::try_from(rng.range(1, 16)).unwrap_or(1),
+            read_fail_ppm: if rng.chance(500_000) {
+                0
+            } else {
+                rng.range(1_000, 15_000)
+            },
+            use_rle: rng.chance(800_000),
+            split_brain_after_ops: rng
+                .chance(300_000)
+                .then(|| u32::try_from(rng.range(1, u64::from(max_ops))).unwrap_or(1)),
+            split_brain_writes: rng.range(1, 6),
+            policy,
+        }
+    }
+
+    /// The Secondary's policies: the Primary's, with discard-local/remote swapped
+    /// (`P_PROTOCOL` requires that pairing).
+    fn peer_policy(&self) -> SplitBrainPolicy {
+        let mut p = self.policy;
+        p.after_sb_0pri = match p.after_sb_0pri {
+            AfterSb0Pri::DiscardLocal => AfterSb0Pri::DiscardRemote,
+            AfterSb0Pri::DiscardRemote => AfterSb0Pri::DiscardLocal,
+            other => other,
+        };
+        p
+    }
+}
+
+/// A SyncSource read of the Primary's disk (`Ev::PRead`).
+#[derive(Debug)]
+pub(super) struct ReadEv {
+    tag: u64,
+    sector: u64,
+    len: u32,
+    digest: bool,
+    zero_check: bool,
+    fail: bool,
+    pub(super) inc: u64,
+    /// Incarnation of the SyncSource that asked.
+    src: u64,
+}
+
+/// A SyncTarget write of reply data (`data`) or zeroes (`None`), with the versions the
+/// SyncSource read (`Ev::SRsWrite`).
+#[derive(Debug)]
+pub(super) struct RsWriteEv {
+    tag: u64,
+    sector: u64,
+    data: Option<Vec<u8>>,
+    vers: Vec<u64>,
+    fail: bool,
+    /// Incarnation of the SyncTarget that asked.
+    tgen: u64,
+}
+
+/// An entry of the mirror of the Primary core's transfer log.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Tl {
+    Write {
+        block_id: u64,
+        sector: u64,
+        len: u32,
+    },
+    Barrier(u32),
+}
+
+/// A message of the Secondary→Primary data stream.
+#[derive(Debug)]
+pub(super) enum BackMsg {
+    /// The SyncTarget's (merged) bitmap.
+    Bitmap(Packet),
+    /// `P_RS_DATA_REQUEST`, `P_RS_THIN_REQ` or `P_CSUM_RS_REQUEST`.
+    Rs(Packet),
+}
+
+/// The split-brain fault's progress.
+#[derive(Debug, PartialEq, Eq)]
+enum Sb {
+    NotYet,
+    Scheduled,
+    /// The Secondary is Primary on its own; writes still to come.
+    Writing {
+        left: u64,
+    },
+    /// Demoted again; the next handshake sees the split brain.
+    Happened,
+    /// A handshake refused it; the Secondary's disk as it was then (checker 8). The
+    /// operator then connects the Secondary with discard-my-data, or, if the UUIDs no
+    /// longer share a generation (`unrelated`), re-creates its metadata.
+    Refused {
+        snap: Vec<u8>,
+        unrelated: bool,
+    },
+    /// Connecting with discard-my-data until the Secondary is SyncTarget.
+    Resolving,
+    /// The Secondary's metadata was re-created (create-md): a full sync follows.
+    Recreated,
+    /// The Secondary became SyncTarget: its generation is the Primary's again.
+    Resolved,
+}
+
+/// Who loses a split brain (becomes SyncTarget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loser {
+    Primary,
+    Secondary,
+}
+
+/// What a handshake decided for the connection.
+enum Decision {
+    Refused { unrelated: bool },
+    Connected,
+    Sync { full: bool },
+}
+
+/// Both nodes' resync state.
+pub(super) struct Rs {
+    rng: Rng,
+    params: ResyncParams,
+    ctx: WireCtx,
+    // ---- the Primary's node
+    p_uuids: UuidSet,
+    /// The crashed-primary flag: set at a restart, cleared once both disks are UpToDate.
+    p_crashed: bool,
+    /// The node's bitmap (see the module docs).
+    pub(super) p_bm: OutOfSync,
+    /// Bits the SyncSource set in sync since the core's bitmap was loaded.
+    p_cleared: OutOfSync,
+    /// Blocks whose local write failed since this connection's handshake. A resync ack
+    /// does not clear them: its reply may have been read before the failure left garbage
+    /// there, which the peer does not know of (DRBD detaches the disk instead). They are
+    /// resynced after the next handshake.
+    pub(super) p_failed: OutOfSync,
+    /// Mirror of the core's transfer log.
+    pub(super) p_tl: VecDeque<Tl>,
+    source: Option<Source>,
+    /// Incarnation of `source`.
+    src_gen: u64,
+    /// The bitmap transfer the Primary receives.
+    p_rx: Option<(BitmapReceiver, Vec<u64>)>,
+    /// Read buffers of the SyncSource: tag → data and the versions it was read at.
+    p_reads: BTreeMap<u64, (Vec<u8>, Vec<u64>)>,
+    /// Versions of the read being answered (for `P_RS_DEALLOCATED`).
+    read_ctx: Option<Vec<u64>>,
+    /// Sectors of application writes submitted on the Primary's disk (c-min-rate).
+    p_app_sectors: u64,
+    // ---- the Secondary's node
+    s_uuids: UuidSet,
+    s_disk: DiskState,
+    /// The node's bitmap while no Target owns it.
+    s_bm: OutOfSync,
+    /// Where the next Target starts (an interrupted run's resume position).
+    s_resume: u64,
+    target: Option<Target>,
+    /// Incarnation of `target`.
+    pub(super) tgen: u64,
+    /// The bitmap transfer the Secondary receives.
+    s_rx: Option<(BitmapReceiver, Vec<u64>)>,
+    /// The Primary's UUIDs as the Secondary received them at the handshake.
+    s_peer: UuidSet,
+    /// Versions of the zeroes of the `P_RS_DEALLOCATED` being handled.
+    zero_vers: Option<Vec<u64>>,
+    /// Sectors of replicated writes received (c-min-rate).
+    s_app_sectors: u64,
+    /// The finish flush is in flight.
+    finishing: bool,
+    /// Blocks the Secondary holds out of sync that the Primary core never marked: its
+    /// split-brain writes, and a full sync after its metadata was re-created. (Every
+    /// other bit of either bitmap goes back to a mark of the core, which never clears
+    /// its bits.) Checker 6 accepts these too.
+    s_only: OutOfSync,
+    /// Per sector: the Secondary's content may be newer than the Primary's and still be
+    /// discarded by resync (the Primary lost it in a crash, or it is the promoted
+    /// Secondary's own write). Cleared when a write from the Primary lands there.
+    pub(super) s_disc: Vec<bool>,
+    // ---- the connection
+    back: VecDeque<BackMsg>,
+    back_ready: u64,
+    back_parked: u64,
+    fwd: VecDeque<Packet>,
+    fwd_ready: u64,
+    sb: Sb,
+    #[cfg(test)]
+    sabotage: super::Sabotage,
+}
+
+/// A random generation UUID (never 0 or `JUST_CREATED` with bit 0 masked).
+fn uuid(rng: &mut Rng) -> u64 {
+    loop {
+        let v = rng.next_u64();
+        let m = v & !1;
+        if m != 0 && m != UUID_JUST_CREATED {
+            return v;
+        }
+    }
+}
+
+impl Rs {
+    pub(super) fn new(mut rng: Rng, params: &SimParams) -> Result<Self, String> {
+        // Day 0: both disks hold one generation (after the initial sync), the Primary is
+        // promoted while connected (no new UUID, bit 0 set).
+        let g = uuid(&mut rng) & !1;
+        let s_uuids = UuidSet {
+            current: g,
+            bitmap: 0,
+            history: [0; 2],
+        };
+        let mut p_uuids = s_uuids;
+        let r = uuid(&mut rng);
+        p_uuids.promote(r, true, false);
+        Ok(Rs {
+            rng,
+            params: params.resync.clone(),
+            ctx: WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?,
+            p_uuids,
+            p_crashed: false,
+            p_bm: OutOfSync::new(SECTORS as u64),
+            p_cleared: OutOfSync::new(SECTORS as u64),
+            p_failed: OutOfSync::new(SECTORS as u64),
+            p_tl: VecDeque::new(),
+            source: None,
+            src_gen: 0,
+            p_rx: None,
+            p_reads: BTreeMap::new(),
+            read_ctx: None,
+            p_app_sectors: 0,
+            s_uuids,
+            s_disk: DiskState::UpToDate,
+            s_bm: OutOfSync::new(SECTORS as u64),
+            s_resume: 0,
+            target: None,
+            tgen: 0,
+            s_rx: None,
+            s_peer: p_uuids,
+            zero_vers: None,
+            s_app_sectors: 0,
+            finishing: false,
+            s_only: OutOfSync::new(SECTORS as u64),
+            s_disc: vec![false; SECTORS],
+            back: VecDeque::new(),
+            back_ready: 0,
+            back_parked: 0,
+            fwd: VecDeque::new(),
+            fwd_ready: 0,
+            sb: Sb::NotYet,
+            #[cfg(test)]
+            sabotage: super::Sabotage::default(),
+        })
+    }
+
+    #[cfg(test)]
+    pub(super) fn set_sabotage(&mut self, s: super::Sabotage) {
+        self.sabotage = s;
+    }
+
+    /// The write `block_id` in the transfer log (a `P_NEG_ACK` names it).
+    pub(super) fn tl_write(&self, block_id: u64) -> Result<(u64, u32), String> {
+        self.p_tl
+            .iter()
+            .find_map(|t| match *t {
+                Tl::Write {
+                    block_id: b,
+                    sector,
+                    len,
+                } if b == block_id => Some((sector, len)),
+                _ => None,
+            })
+            .ok_or_else(|| format!("P_NEG_ACK for {block_id:#x}, not in the transfer log"))
+    }
+
+    /// `P_BARRIER_ACK(nr)`: the epoch's writes leave the transfer log.
+    pub(super) fn tl_barrier_ack(&mut self, nr: u32, size: u32) -> Result<(), String> {
+        let mut n = 0u32;
+        while let Some(t) = self.p_tl.pop_front() {
+            match t {
+                Tl::Write { .. } => n += 1,
+                Tl::Barrier(b) if b == nr && n == size => return Ok(()),
+                Tl::Barrier(b) => {
+                    return Err(format!(
+                        "P_BARRIER_ACK({nr}, {size}) but the transfer log has barrier {b} after {n} writes"
+                    ))
+                }
+            }
+        }
+        Err(format!("P_BARRIER_ACK({nr}) with no such barrier sent"))
+    }
+
+    /// A connection loss: the core marks every write of its transfer log.
+    pub(super) fn tl_lost(&mut self) {
+        for t in self.p_tl.drain(..) {
+            if let Tl::Write { sector, len, .. } = t {
+                self.p_bm.mark(sector, len);
+            }
+        }
+    }
+
+    /// Power loss of the Primary's node: its SyncSource and reads are gone.
+    pub(super) fn primary_crashed(&mut self) {
+        self.p_tl.clear();
+        self.source = None;
+        self.p_reads.clear();
+        self.p_rx = None;
+    }
+
+    /// The restarted Primary: its bitmap is the one attach loaded, its UUIDs are promoted
+    /// (a new current UUID unless a bitmap UUID is set), and it crashed while Primary.
+    pub(super) fn primary_restarted(&mut self, bitmap: &OutOfSync) {
+        self.p_bm = bitmap.clone();
+        self.p_cleared = OutOfSync::new(SECTORS as u64);
+        let r = uuid(&mut self.rng);
+        self.p_uuids.promote(r, false, false);
+        self.p_crashed = true;
+    }
+
+    /// The Secondary's disk is UpToDate (not a SyncTarget, no resync left undone).
+    pub(super) fn s_up_to_date(&self) -> bool {
+        self.s_disk == DiskState::UpToDate
+    }
+
+    /// No resync IO of the Secondary in flight.
+    pub(super) fn s_local_idle(&self) -> bool {
+        self.target
+            .as_ref()
+            .is_none_or(|t| t.progress().requests_in_flight == 0)
+            && !self.finishing
+    }
+
+    /// Whether block `b` differs for a reason the Primary core never marked (checker 6).
+    pub(super) fn s_only(&self, b: u64) -> bool {
+        self.s_only.is_set(b)
+    }
+
+    /// Whether block `b` is set in the Secondary's bitmap (its Target's while one runs).
+    pub(super) fn s_marked(&self, b: u64) -> bool {
+        match &self.target {
+            Some(t) => t.bitmap().is_set(b),
+            None => self.s_bm.is_set(b),
+        }
+    }
+
+    /// Blocks out of sync on either node.
+    pub(super) fn out_of_sync(&self) -> OutOfSync {
+        let mut bm = self.p_bm.clone();
+        let s = match &self.target {
+            Some(t) => t.bitmap(),
+            None => &self.s_bm,
+        };
+        or_bits(&mut bm, s.words().iter().copied());
+        bm
+    }
+
+    fn mark_s(&mut self, sector: u64, len: u32) {
+        match &mut self.target {
+            Some(t) => t.mark_out_of_sync(sector, len),
+            None => self.s_bm.mark(sector, len),
+        }
+    }
+
+    /// The SyncSource says `[sector, sector + len)` is in sync: clear it in the node's
+    /// bitmap, and remember what was cleared (for the mirror check).
+    fn p_set_in_sync(&mut self, sector: u64, len: u32) {
+        let before: Vec<u64> = self.p_bm.words().to_vec();
+        self.p_bm.clear(sector, len);
+        #[cfg(test)]
+        if self.sabotage.ack_clears_failed_blocks {
+            self.p_failed = OutOfSync::new(SECTORS as u64);
+        }
+        // Blocks that failed locally stay set.
+        or_bits(
+            &mut self.p_bm,
+            before.iter().zip(self.p_failed.words()).map(|(b, f)| b & f),
+        );
+        or_bits(
+            &mut self.p_cleared,
+            before.iter().zip(self.p_bm.words()).map(|(b, a)| b & !a),
+        );
+    }
+}
+
+/// ORs the bits of `words` (64 blocks each, LSB first) into `bm`.
+fn or_bits(bm: &mut OutOfSync, words: impl Iterator<Item = u64>) {
+    for (i, mut w) in words.enumerate() {
+        while w != 0 {
+            let bit = u64::from(w.trailing_zeros());
+            w &= w - 1;
+            bm.mark_blocks(i as u64 * 64 + bit, 1);
+        }
+    }
+}
+
+/// What the after-sb policies decide for a split brain between the Primary (Primary
+/// before and after the split, `cp` changes) and the Secondary (promoted during it,
+/// demoted again, `cs` changes), written from the policy table of `state/uuid.rs`
+/// independently of its code. `rc_p`: the Primary holds `RESOLVE_CONFLICTS` (the holder
+/// loses a tie). `None`: no decision (split brain, disconnect).
+fn expected_loser(policy: &SplitBrainPolicy, cp: u64, cs: u64, rc_p: bool) -> Option<Loser> {
+    let tie = if rc_p {
+        Loser::Primary
+    } else {
+        Loser::Secondary
+    };
+    let zero = || match (cp == 0, cs == 0) {
+        (true, true) => Some(tie),
+        (_, true) => Some(Loser::Secondary),
+        (true, _) => Some(Loser::Primary),
+        _ => None,
+    };
+    let least = || match cp.cmp(&cs) {
+        std::cmp::Ordering::Less => Loser::Primary,
+        std::cmp::Ordering::Greater => Loser::Secondary,
+        std::cmp::Ordering::Equal => tie,
+    };
+    // The Primary was Primary before the split, the Secondary was not.
+    let p0 = match policy.after_sb_0pri {
+        AfterSb0Pri::Disconnect => None,
+        AfterSb0Pri::DiscardYoungerPrimary => Some(Loser::Secondary),
+        AfterSb0Pri::DiscardOlderPrimary => Some(Loser::Primary),
+        AfterSb0Pri::DiscardZeroChanges => zero(),
+        AfterSb0Pri::DiscardLeastChanges => Some(least()),
+        AfterSb0Pri::DiscardLocal => Some(Loser::Primary),
+        AfterSb0Pri::DiscardRemote => Some(Loser::Secondary),
+    };
+    // One Primary now.
+    match policy.after_sb_1pri {
+        AfterSb1Pri::Disconnect | AfterSb1Pri::CallPriLostAfterSb => None,
+        AfterSb1Pri::DiscardSecondary => Some(Loser::Secondary),
+        AfterSb1Pri::Consensus => p0.filter(|&l| l == Loser::Secondary),
+        AfterSb1Pri::ViolentlyAs0p => p0,
+    }
+}
+
+impl Sim {
+    // ----- connection up: the handshake -------------------------------------------------
+
+    /// The previous connection's resync IO, the Secondary's writes and the split-brain
+    /// writer are done (DRBD, too, waits for the old connection's requests before it
+    /// connects again).
+    fn connect_ready(&self) -> bool {
+        !matches!(self.rs.sb, Sb::Writing { .. })
+            && self.rs.s_local_idle()
+            && self
+                .rs
+                .source
+                .as_ref()
+                .is_none_or(|s| s.stats().reading == 0)
+            && self.secondary.stats().active_writes == 0
+    }
+
+    /// The connection comes up: both nodes' handshake, then the bitmap exchange if they
+    /// agree on a resync (see the module docs).
+    pub(super) fn connect(&mut self) -> Result<(), String> {
+        if !self.connect_ready() {
+            self.reconnect_pending = true;
+            let d = self.rs.rng.range(5, 30);
+            self.at(d, Ev::Reconnect);
+            return Ok(());
+        }
+        if let Some(t) = self.rs.target.take() {
+            self.retire_target(t, None);
+        }
+        self.report.handshakes += 1;
+        // Checker 8: a refused connection changed neither disk (the Primary's only takes
+        // its application's writes, checker 1; nothing else may touch the Secondary's).
+        let mut recreate = false;
+        let resolving = if let Sb::Refused { snap, unrelated } = &self.rs.sb {
+            recreate = *unrelated;
+            if *snap != self.sdisk.cache {
+                let b = snap
+                    .chunks(4096)
+                    .zip(self.sdisk.cache.chunks(4096))
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "checker 8: the secondary's disk changed after a refused handshake (block {b})"
+                ));
+            }
+            true
+        } else {
+            false
+        };
+        if recreate {
+            // DRBD 8.4 keeps two history UUIDs: a split brain whose resolution was cut
+            // twice after the Primary's sync UUID (each rotates its history) leaves no
+            // shared generation, "unrelated data". The operator runs create-md on the
+            // Secondary: a just-created disk, fully synced from the Primary.
+            self.report.sb_recreated += 1;
+            self.rs.s_uuids = UuidSet::JUST_CREATED;
+            self.rs.s_disk = DiskState::Inconsistent;
+            self.rs.s_bm = OutOfSync::new(SECTORS as u64);
+            self.rs.s_resume = 0;
+            self.rs.sb = Sb::Recreated;
+        }
+        let resolving = !recreate && (resolving || self.rs.sb == Sb::Resolving);
+        let split = resolving || self.rs.sb == Sb::Happened;
+        self.rs.p_failed = OutOfSync::new(SECTORS as u64);
+        // The operator resolves a refused split brain: the Secondary connects with
+        // discard-my-data, the default policies.
+        let (pol_p, pol_s) = if resolving {
+            (SplitBrainPolicy::default(), SplitBrainPolicy::default())
+        } else {
+            (self.rs.params.policy, self.rs.params.peer_policy())
+        };
+        let rc_p = self.rs.rng.chance(500_000);
+        let (cp, cs) = (self.rs.p_bm.count(), self.rs.s_bm.count());
+        let me_p = HandshakeSide {
+            uuids: self.rs.p_uuids,
+            dirty_bits: cp,
+            primary: true,
+            disk: DiskState::UpToDate,
+            crashed_primary: self.rs.p_crashed,
+            discard_my_data: false,
+        };
+        let me_s = HandshakeSide {
+            uuids: self.rs.s_uuids,
+            dirty_bits: cs,
+            primary: false,
+            disk: self.rs.s_disk,
+            crashed_primary: false,
+            discard_my_data: resolving,
+        };
+        let ctx = |rc| HandshakeCtx {
+            agreed_version: AGREED,
+            wsame: true,
+            resolve_conflicts: rc,
+        };
+        let hp = sync_handshake(&me_p, &me_s, &ctx(rc_p), &pol_p);
+        let hs = sync_handshake(&me_s, &me_p, &ctx(!rc_p), &pol_s);
+        let what = || {
+            format!(
+                "primary {} {:?} ({}), secondary {} {:?} ({}); changes {cp} / {cs}, policy {:?}, primary holds RESOLVE_CONFLICTS: {rc_p}",
+                me_p.uuids, hp.outcome, hp.comparison, me_s.uuids, hs.outcome, hs.comparison, pol_p
+            )
+        };
+        #[cfg(test)]
+        if self.trace {
+            eprintln!("handshake: {}", what());
+        }
+        let decision = if split {
+            self.judge_split_brain(&hp, &hs, resolving, &pol_p, cp, cs, rc_p)
+                .map_err(|e| format!("checker 8: {e}: {}", what()))?
+        } else {
+            match (hp.outcome, hs.outcome) {
+                (HandshakeOutcome::Connected, HandshakeOutcome::Connected) => Decision::Connected,
+                (
+                    HandshakeOutcome::SyncSource { full: a },
+                    HandshakeOutcome::SyncTarget { full: b },
+                ) if a == b => Decision::Sync { full: a },
+                _ => {
+                    return Err(format!(
+                        "handshake without a split brain did not make the primary SyncSource: {}",
+                        what()
+                    ))
+                }
+            }
+        };
+        if let Decision::Refused { unrelated } = decision {
+            self.report.sb_refused += 1;
+            self.rs.sb = Sb::Refused {
+                snap: self.sdisk.cache.clone(),
+                unrelated,
+            };
+            self.reconnect_pending = true;
+            let d = self.rs.rng.range(1, self.params.reconnect_delay);
+            self.at(d, Ev::Reconnect);
+            return Ok(());
+        }
+        // The UUID fix-ups: each node persists its own; the Secondary keeps the
+        // Primary's as it received them (corrected as it computed) for the finish.
+        for (h, own) in [(&hp, &mut self.rs.p_uuids), (&hs, &mut self.rs.s_uuids)] {
+            if let Some(c) = h.comparison.correction.filter(|c| c.side == UuidSide::Mine) {
+                *own = c.uuids;
+                self.report.uuid_corrections += 1;
+            }
+        }
+        self.rs.s_peer = match hs.comparison.correction {
+            Some(c) if c.side == UuidSide::Peer => c.uuids,
+            _ => me_p.uuids,
+        };
+        if resolving {
+            // Until the Secondary is SyncTarget (a loss before `P_SYNC_UUID` leaves the
+            // split brain in the UUIDs).
+            self.rs.sb = Sb::Resolving;
+        }
+        self.up = true;
+        self.primary
+            .connected()
+            .map_err(|e| format!("primary connected: {e}"))?;
+        self.pump_primary()?;
+        match decision {
+            Decision::Sync { full } => {
+                if full {
+                    self.report.full_resyncs += 1;
+                    for bm in [&mut self.rs.p_bm, &mut self.rs.s_bm, &mut self.rs.s_only] {
+                        bm.mark_blocks(0, bm.blocks());
+                    }
+                }
+                let rx = |ctx: &WireCtx| -> Result<_, String> {
+                    let r =
+                        BitmapReceiver::new(SECTORS as u64 / 8, ctx).map_err(|e| e.to_string())?;
+                    Ok((r, vec![0u64; SECTORS.div_ceil(8 * 64)]))
+                };
+                self.rs.s_rx = Some(rx(&self.rs.ctx)?);
+                self.rs.p_rx = Some(rx(&self.rs.ctx)?);
+                // WFBitMapS: the SyncSource sends its bitmap first.
+                for pkt in self.bitmap_packets(true)? {
+                    self.send_data(DataMsg::Bitmap(pkt));
+                }
+            }
+            Decision::Connected => {
+                if self.rs.s_disk == DiskState::UpToDate {
+                    self.rs.p_crashed = false;
+                }
+            }
+            Decision::Refused { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Checker 8 at a handshake after a split brain: the decision is the one the policy
+    /// table gives, both nodes agree on it, and the Primary never becomes SyncTarget.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_split_brain(
+        &self,
+        hp: &Handshake,
+        hs: &Handshake,
+        resolving: bool,
+        policy: &SplitBrainPolicy,
+        cp: u64,
+        cs: u64,
+        rc_p: bool,
+    ) -> Result<Decision, String> {
+        let unrelated = matches!(
+            (hp.outcome, hs.outcome),
+            (
+                HandshakeOutcome::Disconnect(DisconnectReason::UnrelatedData),
+                HandshakeOutcome::Disconnect(DisconnectReason::UnrelatedData)
+            )
+        );
+        if !unrelated && (!hp.split_brain || !hs.split_brain) {
+            return Err("the split brain was not detected".into());
+        }
+        let loser = if resolving {
+            // discard-my-data on the Secondary.
+            Some(Loser::Secondary)
+        } else if hp.comparison.hg == 100 && hs.comparison.hg == 100 {
+            // Rule 90 (the bitmap UUIDs match): the after-sb policies decide.
+            expected_loser(policy, cp, cs, rc_p)
+        } else {
+            // Rule 100 (only the histories match: a resolved split brain whose resync
+            // was cut before `P_SYNC_UUID`): without always-asbp nothing decides.
+            None
+        };
+        use HandshakeOutcome as O;
+        match (loser, hp.outcome, hs.outcome) {
+            (
+                Some(Loser::Secondary),
+                O::SyncSource { full: false },
+                O::SyncTarget { full: false },
+            ) => Ok(Decision::Sync { full: false }),
+            (
+                Some(Loser::Primary),
+                O::Disconnect(DisconnectReason::TargetPrimary),
+                O::SyncSource { .. },
+            )
+            | (
+                None,
+                O::Disconnect(DisconnectReason::SplitBrain),
+                O::Disconnect(DisconnectReason::SplitBrain),
+            ) => Ok(Decision::Refused { unrelated: false }),
+            // See `Sb::Recreated`.
+            (
+                _,
+                O::Disconnect(DisconnectReason::UnrelatedData),
+                O::Disconnect(DisconnectReason::UnrelatedData),
+            ) => Ok(Decision::Refused { unrelated: true }),
+            _ => Err(format!(
+                "after the split brain the policy table expects {} to lose, the handshake decided otherwise",
+                match loser {
+                    None => "nobody (disconnect)",
+                    Some(Loser::Primary) => "the primary (rr-conflict: disconnect)",
+                    Some(Loser::Secondary) => "the secondary",
+                }
+            )),
+        }
+    }
+
+    /// The packets of one bitmap transfer (the Primary's or the Secondary's bitmap),
+    /// through the codec.
+    fn bitmap_packets(&mut self, primary: bool) -> Result<Vec<Packet>, String> {
+        let bm = if primary {
+            &self.rs.p_bm
+        } else {
+            &self.rs.s_bm
+        };
+        let words = bm.words().to_vec();
+        let bits = bm.blocks();
+        let mut sender = BitmapSender::new(&words, bits, &self.rs.ctx, self.rs.params.use_rle)
+            .map_err(|e| format!("bitmap sender: {e}"))?;
+        let mut out = Vec::new();
+        while let Some(pkt) = sender.next_packet() {
+            out.push(self.wire(&pkt, &[])?);
+        }
+        self.report.bitmap_packets += out.len() as u64;
+        Ok(out)
+    }
+
+    /// Encodes `pkt` (+ `data`) with the real codec and decodes it back, as the peer's
+    /// receiver would.
+    fn wire(&self, pkt: &Packet, data: &[u8]) -> Result<Packet, String> {
+        let mut buf = Vec::new();
+        encode(pkt, &self.rs.ctx, 0, &mut buf).map_err(|e| format!("encode {pkt:?}: {e}"))?;
+        buf.extend_from_slice(data);
+        let f = decode_frame(&buf, &self.rs.ctx)
+            .map_err(|e| format!("decode: {e}"))?
+            .ok_or("decode: short frame")?;
+        if f.len != buf.len() || f.data.len() != data.len() {
+            return Err(format!("codec round trip of {pkt:?} lost bytes"));
+        }
+        Ok(f.packet)
+    }
+
+    /// One bitmap packet on the Secondary: OR-merged; at the end it sends its own.
+    pub(super) fn s_bitmap_packet(&mut self, pkt: &Packet) -> Result<(), String> {
+        let (rx, words) = self
+            .rs
+            .s_rx
+            .as_mut()
+            .ok_or("bitmap packet outside a bitmap exchange")?;
+        let done = rx
+            .receive_packet(words, pkt)
+            .map_err(|e| format!("secondary bitmap receive: {e}"))?;
+        if !done {
+            return Ok(());
+        }
+        let (_, words) = self.rs.s_rx.take().ok_or("bitmap exchange vanished")?;
+        #[cfg(test)]
+        let skip = self.rs.sabotage.skip_bitmap_merge;
+        #[cfg(not(test))]
+        let skip = false;
+        if !skip {
+            or_bits(&mut self.rs.s_bm, words.into_iter());
+        }
+        // WFBitMapT: the SyncTarget answers with its (merged) bitmap.
+        for pkt in self.bitmap_packets(false)? {
+            self.send_back(BackMsg::Bitmap(pkt));
+        }
+        Ok(())
+    }
+
+    /// The Secondary's bitmap is in: the Primary merges it, sends `P_SYNC_UUID` and
+    /// becomes SyncSource.
+    fn p_bitmap_packet(&mut self, pkt: &Packet) -> Result<(), String> {
+        let (rx, words) = self
+            .rs
+            .p_rx
+            .as_mut()
+            .ok_or("bitmap packet outside a bitmap exchange")?;
+        let done = rx
+            .receive_packet(words, pkt)
+            .map_err(|e| format!("primary bitmap receive: {e}"))?;
+        if !done {
+            return Ok(());
+        }
+        let (_, words) = self.rs.p_rx.take().ok_or("bitmap exchange vanished")?;
+        or_bits(&mut self.rs.p_bm, words.into_iter());
+        let r = uuid(&mut self.rs.rng);
+        let sync_uuid = self.rs.p_uuids.start_sync_source(r);
+        self.send_data(DataMsg::SyncUuid(sync_uuid));
+        let p = &self.rs.params;
+        let cfg = SourceConfig {
+            sectors: SECTORS as u64,
+            thin: p.thin_granularity != 0,
+            max_queue: p.source_queue,
+            max_reads: p.source_reads,
+            max_app_writes: 4096,
+            c_min_rate: p.rate.c_min_rate,
+        };
+        let mut src =
+            Source::new(cfg, &self.tick_input(true)).map_err(|e| format!("source: {e}"))?;
+        // The writes in flight on this disk.
+        for (&tag, &(sector, len)) in &self.p_tags {
+            src.app_write_begin(tag, sector, len)
+                .map_err(|e| format!("source app_write_begin: {e}"))?;
+        }
+        self.rs.source = Some(src);
+        self.rs.src_gen += 1;
+        Ok(())
+    }
+
+    /// `P_SYNC_UUID` on the Secondary: it becomes SyncTarget over its merged bitmap.
+    pub(super) fn start_target(&mut self, sync_uuid: u64) -> Result<(), String> {
+        if self.rs.sb == Sb::Happened {
+            self.report.sb_auto_resolved += 1;
+        }
+        if matches!(self.rs.sb, Sb::Happened | Sb::Resolving | Sb::Recreated) {
+            self.rs.sb = Sb::Resolved;
+        }
+        self.rs.s_uuids.start_sync_target(sync_uuid, false);
+        self.rs.s_disk = DiskState::Inconsistent;
+        let bm = std::mem::replace(&mut self.rs.s_bm, OutOfSync::new(SECTORS as u64));
+        self.report.resyncs += 1;
+        self.report.out_of_sync_bytes = self.report.out_of_sync_bytes.max(bm.bytes());
+        let p = &self.rs.params;
+        let mut cfg = TargetConfig::new(SECTORS as u64);
+        cfg.max_bio_size = p.max_bio_size;
+        cfg.csums = p.csums.is_some();
+        cfg.csums_max_bio_size = p.csums.unwrap_or(4096);
+        cfg.thin_granularity = p.thin_granularity;
+        cfg.rate = p.rate;
+        cfg.max_requests = p.max_requests;
+        cfg.start_block = self.rs.s_resume;
+        let mut t =
+            Target::new(cfg, bm, &self.tick_input(false)).map_err(|e| format!("target: {e}"))?;
+        #[cfg(test)]
+        {
+            t.sabotage.no_void = self.rs.sabotage.target_no_void;
+            t.sabotage.no_hold = self.rs.sabotage.target_no_hold;
+        }
+        self.rs.tgen += 1;
+        let tgen = self.rs.tgen;
+        // The replicated writes that arrived and are not on the disk yet.
+        for (&token, b) in self.s_bufs.iter_mut() {
+            if !t
+                .app_write_begin(token, b.w.sector, b.w.len)
+                .map_err(|e| format!("target app_write_begin: {e}"))?
+            {
+                return Err("a new target held a write".into());
+            }
+            b.tgen = Some(tgen);
+        }
+        self.rs.target = Some(t);
+        self.at(1, Ev::RsTick { tgen });
+        Ok(())
+    }
+
+    fn tick_input(&self, primary: bool) -> TickInput {
+        TickInput {
+            now_ms: self.now,
+            app_io_sectors: if primary {
+                self.rs.p_app_sectors
+            } else {
+                self.rs.s_app_sectors
+            },
+            app_waiting: false,
+            congested: false,
+        }
+    }
+
+    /// A controller step on both nodes while the Target runs.
+    pub(super) fn rs_tick(&mut self, tgen: u64) -> Result<(), String> {
+        if tgen != self.rs.tgen || !self.up {
+            return Ok(());
+        }
+        let (ts, tp) = (self.tick_input(false), self.tick_input(true));
+        let Some(t) = self.rs.target.as_mut() else {
+            return Ok(());
+        };
+        t.tick(&ts);
+        self.pump_target()?;
+        if let Some(src) = self.rs.source.as_mut() {
+            src.tick(&tp);
+            self.pump_source()?;
+        }
+        if self.rs.target.is_some() {
+            self.at(SLEEP_TIME_MS, Ev::RsTick { tgen });
+        }
+        Ok(())
+    }
+
+    // ----- connection down ----------------------------------------------------------------
+
+    /// Resync's part of a connection loss (`net`: both nodes live; else the Primary
+    /// crashed): the machines are told, the streams emptied, the UUID life cycle runs.
+    pub(super) fn resync_connection_lost(&mut self, net: bool) -> Result<(), String> {
+        self.rs.back.clear();
+        self.rs.fwd.clear();
+        self.rs.back_parked = 0;
+        self.rs.s_rx = None;
+        self.rs.p_rx = None;
+        if let Some(t) = self.rs.target.as_mut() {
+            t.connection_lost();
+            self.report.resyncs_cut += 1;
+            self.pump_target()?;
+        }
+        if net {
+            if let Some(src) = self.rs.source.as_mut() {
+                src.connection_lost();
+                self.pump_source()?;
+            }
+            // The Primary loses its peer's disk: a new generation unless a bitmap UUID
+            // already marks one.
+            let r = uuid(&mut self.rs.rng);
+            self.rs
+                .p_uuids
+                .lost_peer_disk(r, true, false, DiskState::UpToDate);
+        }
+        let r = uuid(&mut self.rs.rng);
+        let disk = self.rs.s_disk;
+        self.rs.s_uuids.lost_peer_disk(r, false, false, disk);
+        Ok(())
+    }
+
+    // ----- streams ----------------------------------------------------------------------
+
+    fn send_back(&mut self, m: BackMsg) {
+        let d = self.rs.rng.range(1, self.params.net_delay);
+        self.rs.back_ready = self.rs.back_ready.max(self.now + d);
+        self.rs.back.push_back(m);
+        let (ready, gen) = (self.rs.back_ready, self.gen);
+        self.at(ready - self.now, Ev::DeliverBack { gen });
+    }
+
+    fn send_fwd(&mut self, pkt: Packet) {
+        let d = self.rs.rng.range(1, self.params.net_delay);
+        self.rs.fwd_ready = self.rs.fwd_ready.max(self.now + d);
+        self.rs.fwd.push_back(pkt);
+        let (ready, gen) = (self.rs.fwd_ready, self.gen);
+        self.at(ready - self.now, Ev::DeliverFwd { gen });
+    }
+
+    /// The Secondary→Primary data stream: its bitmap, resync requests (not read off the
+    /// socket while the SyncSource's queue is full).
+    pub(super) fn deliver_back(&mut self, gen: u64) -> Result<(), String> {
+        if gen != self.gen {
+            return Ok(());
+        }
+        if matches!(self.rs.back.front(), Some(BackMsg::Rs(_)))
+            && self.rs.source.as_ref().is_some_and(|s| !s.can_accept())
+        {
+            self.rs.back_parked += 1;
+            return Ok(());
+        }
+        match self.rs.back.pop_front() {
+            None => Err("back stream delivery with nothing queued".into()),
+            Some(BackMsg::Bitmap(pkt)) => self.p_bitmap_packet(&pkt),
+            Some(BackMsg::Rs(pkt)) => {
+                let src = self
+                    .rs
+                    .source
+                    .as_mut()
+                    .ok_or("resync request with no SyncSource")?;
+                match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
+                    Some(Inbound::RsRequest { sector, len, kind }) => src
+                        .request(sector, len, kind)
+                        .map_err(|e| format!("source request: {e}"))?,
+                    other => return Err(format!("SyncSource got {other:?} on the data stream")),
+                }
+                self.pump_source()
+            }
+        }
+    }
+
+    /// The Primary→Secondary meta stream: answers without data.
+    pub(super) fn deliver_fwd(&mut self, gen: u64) -> Result<(), String> {
+        if gen != self.gen {
+            return Ok(());
+        }
+        let pkt = self
+            .rs
+            .fwd
+            .pop_front()
+            .ok_or("meta stream delivery with nothing queued")?;
+        let t = self
+            .rs
+            .target
+            .as_mut()
+            .ok_or("resync answer with no SyncTarget")?;
+        let r = match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
+            Some(Inbound::RsIsInSync { sector, len }) => {
+                self.report.rs_in_sync += 1;
+                t.in_sync_reply(sector, len)
+            }
+            Some(Inbound::NegRsDReply { sector, len }) => t.neg_reply(sector, len),
+            other => return Err(format!("SyncTarget got {other:?} on the meta stream")),
+        };
+        r.map_err(|e| format!("target refused {pkt:?}: {e}"))?;
+        self.pump_target()
+    }
+
+    /// `P_RS_DATA_REPLY` / `P_RS_DEALLOCATED` on the Secondary's data stream.
+    pub(super) fn target_reply(
+        &mut self,
+        pkt: &Packet,
+        data: Vec<u8>,
+        vers: Vec<u64>,
+    ) -> Result<(), String> {
+        let tgen = self.rs.tgen;
+        let t = self
+            .rs
+            .target
+            .as_mut()
+            .ok_or("resync reply with no SyncTarget")?;
+        match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
+            Some(Inbound::RsDataReply { sector, len }) => {
+                let tag = t
+                    .data_reply(sector, len)
+                    .map_err(|e| format!("target data_reply: {e}"))?;
+                if let Some(tag) = tag {
+                    self.report.rs_bytes += u64::from(len);
+                    let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
+                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
+                    self.at(
+                        d,
+                        Ev::SRsWrite(Box::new(RsWriteEv {
+                            tag,
+                            sector,
+                            data: Some(data),
+                            vers,
+                            fail,
+                            tgen,
+                        })),
+                    );
+                }
+            }
+            Some(Inbound::RsDeallocated { sector, len }) => {
+                self.report.rs_deallocated += 1;
+                self.rs.zero_vers = Some(vers);
+                t.deallocated(sector, len)
+                    .map_err(|e| format!("target deallocated: {e}"))?;
+            }
+            other => return Err(format!("SyncTarget got {other:?} on the data stream")),
+        }
+        self.pump_target()
+    }
+
+    /// `P_RS_WRITE_ACK` / `P_NEG_ACK` (ID_SYNCER) on the Primary's meta stream.
+    pub(super) fn source_meta(&mut self, pkt: &Packet) -> Result<(), String> {
+        let src = self
+            .rs
+            .source
+            .as_mut()
+            .ok_or("resync ack with no SyncSource")?;
+        let r = match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
+            Some(Inbound::RsWriteAck { sector, len }) => src.rs_write_ack(sector, len),
+            Some(Inbound::RsNegAck { sector, len }) => src.neg_ack(sector, len),
+            other => return Err(format!("SyncSource got {other:?} on the meta stream")),
+        };
+        r.map_err(|e| format!("source refused {pkt:?}: {e}"))?;
+        self.pump_source()
+    }
+
+    /// The SyncTarget finished and is UpToDate: the SyncSource finishes too.
+    pub(super) fn sync_done(&mut self) -> Result<(), String> {
+        self.rs.p_uuids.finish_sync_source();
+        self.rs.p_crashed = false;
+        Ok(())
+    }
+
+    // ----- the SyncSource ---------------------------------------------------------------
+
+    fn pump_source(&mut self) -> Result<(), String> {
+        let Some(src) = self.rs.source.as_mut() else {
+            return Ok(());
+        };
+        let outs: Vec<SourceOutput> = src.drain_outputs().collect();
+        let can_accept = src.can_accept();
+        for o in outs {
+            let send = o.packet();
+            if send.is_some() && !self.up {
+                return Err(format!("SyncSource sent {o:?} while disconnected"));
+            }
+            match o {
+                SourceOutput::ReadLocal {
+                    tag,
+                    sector,
+                    len,
+                    digest,
+                    zero_check,
+                } => {
+                    let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
+                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
+                    let (inc, src) = (self.inc, self.rs.src_gen);
+                    self.at(
+                        d,
+                        Ev::PRead(Box::new(ReadEv {
+                            tag,
+                            sector,
+                            len,
+                            digest,
+                            zero_check,
+                            fail,
+                            inc,
+                            src,
+                        })),
+                    );
+                }
+                // (`sector` and `len` serve a test-only sabotage.)
+                #[cfg_attr(not(test), allow(unused_variables))]
+                SourceOutput::SendRsDataReply { tag, sector, len } => {
+                    let (data, vers) = self
+                        .rs
+                        .p_reads
+                        .remove(&tag)
+                        .ok_or("data reply without a read buffer")?;
+                    #[cfg(test)]
+                    if self.rs.sabotage.source_claims_in_sync {
+                        self.rs.p_set_in_sync(sector, len);
+                        let lie = SourceOutput::SendRsIsInSync { sector, len };
+                        let pkt = self.wire(&lie.packet().ok_or("no packet")?, &[])?;
+                        self.send_fwd(pkt);
+                        continue;
+                    }
+                    let pkt = self.wire(&send.ok_or("no packet")?, &data)?;
+                    self.send_data(DataMsg::Rs { pkt, data, vers });
+                }
+                SourceOutput::SendRsDeallocated { .. } => {
+                    let vers = self
+                        .rs
+                        .read_ctx
+                        .clone()
+                        .ok_or("P_RS_DEALLOCATED outside a read")?;
+                    let pkt = self.wire(&send.ok_or("no packet")?, &[])?;
+                    self.send_data(DataMsg::Rs {
+                        pkt,
+                        data: Vec::new(),
+                        vers,
+                    });
+                }
+                SourceOutput::SendRsIsInSync { .. } | SourceOutput::SendNegRsDReply { .. } => {
+                    let pkt = self.wire(&send.ok_or("no packet")?, &[])?;
+                    self.send_fwd(pkt);
+                }
+                SourceOutput::SetInSync { sector, len } => self.rs.p_set_in_sync(sector, len),
+            }
+        }
+        if self.rs.back_parked > 0 && can_accept {
+            let gen = self.gen;
+            for _ in 0..std::mem::take(&mut self.rs.back_parked) {
+                self.at(0, Ev::DeliverBack { gen });
+            }
+        }
+        Ok(())
+    }
+
+    /// A SyncSource read of the Primary's disk completed.
+    pub(super) fn source_read_done(&mut self, r: &ReadEv) -> Result<(), String> {
+        let &ReadEv {
+            tag,
+            sector,
+            len,
+            digest,
+            zero_check,
+            fail,
+            src,
+            ..
+        } = r;
+        if src != self.rs.src_gen {
+            return Err("a read of an earlier SyncSource completed".into());
+        }
+        let first = usize::try_from(sector).map_err(|e| e.to_string())?;
+        let n = len as usize / SECTOR as usize;
+        let data =
+            self.pdisk.cache[first * SECTOR as usize..(first + n) * SECTOR as usize].to_vec();
+        let vers = self.pdisk.cache_ver[first..first + n].to_vec();
+        let outcome = if fail {
+            ReadOutcome::Failed
+        } else {
+            ReadOutcome::Ok {
+                all_zero: zero_check && data.iter().all(|&b| b == 0),
+                digest: digest.then(|| Digest::of(&data)),
+            }
+        };
+        self.rs.read_ctx = Some(vers.clone());
+        self.rs.p_reads.insert(tag, (data, vers));
+        let src = self
+            .rs
+            .source
+            .as_mut()
+            .ok_or("read completion with no SyncSource")?;
+        src.read_done(tag, outcome)
+            .map_err(|e| format!("source read_done: {e}"))?;
+        self.pump_source()?;
+        self.rs.p_reads.remove(&tag);
+        self.rs.read_ctx = None;
+        Ok(())
+    }
+
+    pub(super) fn source_app_write_begin(
+        &mut self,
+        tag: u64,
+        sector: u64,
+        len: u32,
+    ) -> Result<(), String> {
+        self.rs.p_app_sectors += u64::from(len / SECTOR);
+        if let Some(src) = self.rs.source.as_mut() {
+            src.app_write_begin(tag, sector, len)
+                .map_err(|e| format!("source app_write_begin: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn source_app_write_end(&mut self, tag: u64) -> Result<(), String> {
+        if let Some(src) = self.rs.source.as_mut() {
+            src.app_write_end(tag)
+                .map_err(|e| format!("source app_write_end: {e}"))?;
+            self.pump_source()?;
+        }
+        Ok(())
+    }
+
+    // ----- the SyncTarget ---------------------------------------------------------------
+
+    fn pump_target(&mut self) -> Result<(), String> {
+        let tgen = self.rs.tgen;
+        let Some(t) = self.rs.target.as_mut() else {
+            return Ok(());
+        };
+        let outs: Vec<TargetOutput> = t.drain_outputs().collect();
+        // The bound, when requests were issued.
+        if outs.iter().any(|o| {
+            matches!(
+                o,
+                TargetOutput::SendRsDataRequest { .. } | TargetOutput::ReadForDigest { .. }
+            )
+        }) {
+            let in_flight = t.progress().requests_in_flight;
+            if in_flight > self.rs.params.max_requests {
+                return Err(format!("target has {in_flight} requests in flight"));
+            }
+        }
+        for o in outs {
+            if let Some(pkt) = o.packet() {
+                if !self.up {
+                    return Err(format!("SyncTarget sent {o:?} while disconnected"));
+                }
+                let pkt = self.wire(&pkt, &[])?;
+                match o {
+                    TargetOutput::SendRsDataRequest { .. }
+                    | TargetOutput::SendCsumRsRequest { .. } => {
+                        self.report.rs_requests += 1;
+                        self.send_back(BackMsg::Rs(pkt));
+                    }
+                    _ => self.send_meta(MetaMsg::Rs(pkt))?,
+                }
+                continue;
+            }
+            match o {
+                TargetOutput::ReadForDigest { tag, sector, len } => {
+                    let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
+                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
+                    self.at(
+                        d,
+                        Ev::SRead {
+                            tag,
+                            sector,
+                            len,
+                            fail,
+                            tgen,
+                        },
+                    );
+                }
+                TargetOutput::WriteZeroes { tag, sector, len } => {
+                    let vers = self
+                        .rs
+                        .zero_vers
+                        .take()
+                        .ok_or("WriteZeroes outside P_RS_DEALLOCATED")?;
+                    if vers.len() != len as usize / SECTOR as usize {
+                        return Err("WriteZeroes of another size than the reply".into());
+                    }
+                    let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
+                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
+                    self.at(
+                        d,
+                        Ev::SRsWrite(Box::new(RsWriteEv {
+                            tag,
+                            sector,
+                            data: None,
+                            vers,
+                            fail,
+                            tgen,
+                        })),
+                    );
+                }
+                TargetOutput::AppWriteReady { id } => {
+                    let b = self
+                        .s_bufs
+                        .get_mut(&id)
+                        .filter(|b| b.held)
+                        .ok_or_else(|| format!("AppWriteReady for {id:#x}, not held"))?;
+                    b.held = false;
+                    if b.submitted {
+                        self.submit_peer_write(id);
+                    }
+                }
+                TargetOutput::Finished(sum) => self.target_finished(sum)?,
+                other => return Err(format!("unexpected target output {other:?}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds a Target that is done (finished, or cut and drained) into the Secondary's
+    /// bitmap; `sum` for a finished one.
+    fn retire_target(&mut self, t: Target, sum: Option<&ResyncSummary>) {
+        let pr = t.progress();
+        self.report.void_replies += pr.void_replies;
+        self.rs.s_resume = match sum {
+            Some(_) => 0,
+            None => t.resume_position(),
+        };
+        self.rs.s_bm = t.into_bitmap();
+    }
+
+    fn target_finished(&mut self, sum: ResyncSummary) -> Result<(), String> {
+        let t = self.rs.target.take().ok_or("finished without a target")?;
+        self.retire_target(t, Some(&sum));
+        if sum.left_blocks == 0 {
+            self.report.resyncs_done += 1;
+            // The copied data is made durable before the disk is declared UpToDate.
+            self.rs.finishing = true;
+            let covers = self.sdisk.completions;
+            let fail = self.rs.rng.chance(self.params.fail_ppm[3]);
+            let d = self.rs.rng.range(1, self.params.disk_delay.1);
+            let gen = self.gen;
+            self.at(d, Ev::SFinishFlush { covers, fail, gen });
+        } else {
+            // The disk stays Inconsistent with the failed blocks set.
+            self.report.resyncs_failed += 1;
+        }
+        Ok(())
+    }
+
+    pub(super) fn finish_flush_done(
+        &mut self,
+        covers: u64,
+        fail: bool,
+        gen: u64,
+    ) -> Result<(), String> {
+        self.rs.finishing = false;
+        if fail {
+            return Ok(()); // stays Inconsistent; the next handshake resyncs again
+        }
+        self.sdisk.flush(covers);
+        let peer = self.rs.s_peer;
+        self.rs.s_uuids.finish_sync_target(&peer, false);
+        self.rs.s_disk = DiskState::UpToDate;
+        if self.up && gen == self.gen {
+            self.send_meta(MetaMsg::SyncDone)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn target_digest_done(
+        &mut self,
+        tag: u64,
+        sector: u64,
+        len: u32,
+        fail: bool,
+        tgen: u64,
+    ) -> Result<(), String> {
+        let first = usize::try_from(sector).map_err(|e| e.to_string())? * SECTOR as usize;
+        let digest = (!fail).then(|| Digest::of(&self.sdisk.cache[first..first + len as usize]));
+        let t = self
+            .rs
+            .target
+            .as_mut()
+            .filter(|_| tgen == self.rs.tgen)
+            .ok_or("digest read of an earlier SyncTarget")?;
+        t.digest_done(tag, digest)
+            .map_err(|e| format!("target digest_done: {e}"))?;
+        self.pump_target()
+    }
+
+    /// A resync write landed on the Secondary's disk. Checker 7, during the run: it
+    /// never puts an older version of a sector over a newer one.
+    pub(super) fn target_write_done(&mut self, w: RsWriteEv) -> Result<(), String> {
+        let RsWriteEv {
+            tag,
+            sector,
+            data,
+            vers,
+            fail,
+            tgen,
+        } = w;
+        let vers = &vers[..];
+        let first = usize::try_from(sector).map_err(|e| e.to_string())?;
+        if !fail {
+            for (s, &v) in (first..).zip(vers) {
+                let cur = self.sdisk.cache_ver[s];
+                if v < cur && !self.rs.s_disc[s] {
+                    return Err(format!(
+                        "checker 7: a resync write put version {v} over version {cur} at secondary sector {s} (older data over newer)"
+                    ));
+                }
+            }
+        }
+        self.sdisk.complete_copy(first, data.as_deref(), vers, fail);
+        if !fail {
+            for d in &mut self.rs.s_disc[first..first + vers.len()] {
+                *d = false;
+            }
+        }
+        let t = self
+            .rs
+            .target
+            .as_mut()
+            .filter(|_| tgen == self.rs.tgen)
+            .ok_or("resync write of an earlier SyncTarget")?;
+        t.write_done(tag, !fail)
+            .map_err(|e| format!("target write_done: {e}"))?;
+        self.pump_target()
+    }
+
+    /// A replicated write arrived on the Secondary: reported to the Target.
+    pub(super) fn target_app_write_begin(&mut self, token: u64) -> Result<(), String> {
+        let tgen = self.rs.tgen;
+        let b = self
+            .s_bufs
+            .get_mut(&token)
+            .ok_or("begin of an unknown write")?;
+        self.rs.s_app_sectors += u64::from(b.w.len / SECTOR);
+        if let Some(t) = self.rs.target.as_mut() {
+            let go = t
+                .app_write_begin(token, b.w.sector, b.w.len)
+                .map_err(|e| format!("target app_write_begin: {e}"))?;
+            b.tgen = Some(tgen);
+            b.held = !go;
+            if !go {
+                self.report.held_by_resync += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A replicated write is done on the Secondary (landed, or discarded).
+    pub(super) fn target_app_write_end(&mut self, token: u64, b: &SBuf) -> Result<(), String> {
+        if b.tgen != Some(self.rs.tgen) {
+            return Ok(());
+        }
+        if let Some(t) = self.rs.target.as_mut() {
+            t.app_write_end(token)
+                .map_err(|e| format!("target app_write_end: {e}"))?;
+            self.pump_target()?;
+        }
+        Ok(())
+    }
+
+    /// A replicated write landed on the Secondary's disk (`fail`: garbage there, the
+    /// blocks go out of sync on this side too).
+    pub(super) fn peer_write_landed(
+        &mut self,
+        token: u64,
+        b: &SBuf,
+        fail: bool,
+    ) -> Result<(), String> {
+        if fail {
+            self.rs.mark_s(b.w.sector, b.w.len);
+        } else {
+            let first = usize::try_from(b.w.sector).map_err(|e| e.to_string())?;
+            let n = b.w.len as usize / SECTOR as usize;
+            for d in &mut self.rs.s_disc[first..first + n] {
+                *d = false;
+            }
+        }
+        self.target_app_write_end(token, b)
+    }
+
+    // ----- split brain ------------------------------------------------------------------
+
+    pub(super) fn maybe_schedule_split_brain(&mut self) {
+        if self.rs.sb == Sb::NotYet
+            && self
+                .rs
+                .params
+                .split_brain_after_ops
+                .is_some_and(|k| self.issued >= k)
+        {
+            self.rs.sb = Sb::Scheduled;
+            let d = self.rs.rng.range(0, 300);
+            self.at(d, Ev::SbFault);
+        }
+    }
+
+    /// The split-brain fault, at a moment the replicas are in sync (same generation, no
+    /// bitmap UUID, the Secondary UpToDate): the connection drops, and the Secondary is
+    /// promoted on its own and written.
+    pub(super) fn sb_fault(&mut self) -> Result<(), String> {
+        if self.rs.sb != Sb::Scheduled {
+            return Ok(());
+        }
+        let (p, s) = (&self.rs.p_uuids, &self.rs.s_uuids);
+        let eligible = self.up
+            && !self.primary_down
+            && self.check6.is_none()
+            && p.bitmap == 0
+            && s.bitmap == 0
+            && p.current & !1 == s.current & !1
+            && self.rs.s_disk == DiskState::UpToDate
+            && self.rs.target.is_none()
+            && !self.rs.finishing;
+        if !eligible {
+            if !self.workload_done() {
+                let d = self.rs.rng.range(20, 200);
+                self.at(d, Ev::SbFault);
+            }
+            return Ok(());
+        }
+        self.drop_connection()?;
+        self.report.split_brains += 1;
+        let r = uuid(&mut self.rs.rng);
+        #[cfg(test)]
+        let keep = self.rs.sabotage.promote_keeps_uuid;
+        #[cfg(not(test))]
+        let keep = false;
+        if keep {
+            self.rs.s_uuids.current |= 1;
+        } else if !self.rs.s_uuids.promote(r, false, false) {
+            return Err("the Secondary promoted without its peer made no new UUID".into());
+        }
+        let n = self.rs.params.split_brain_writes;
+        self.rs.sb = Sb::Writing { left: n };
+        for i in 0..n {
+            let d = self.rs.rng.range(1, 200);
+            self.at(d, Ev::SbWrite { n: i });
+        }
+        Ok(())
+    }
+
+    /// One write of the promoted Secondary's application: on its disk, in its bitmap.
+    pub(super) fn sb_write(&mut self, n: u64) -> Result<(), String> {
+        let Sb::Writing { left } = self.rs.sb else {
+            return Err("split-brain write outside the split brain".into());
+        };
+        let sectors = self.rs.rng.range(1, 16);
+        let sector = self.rs.rng.below(SECTORS as u64 - sectors + 1);
+        let len = u32::try_from(sectors).map_err(|e| e.to_string())? * SECTOR;
+        let id = SB_ID | n;
+        let data = pattern(id, sector, len);
+        let first = usize::try_from(sector).map_err(|e| e.to_string())?;
+        self.sdisk
+            .complete_write(first, Some(&data), len as usize, id, false, false);
+        self.rs.s_bm.mark(sector, len);
+        self.rs.s_only.mark(sector, len);
+        for d in &mut self.rs.s_disc[first..first + len as usize / SECTOR as usize] {
+            *d = true;
+        }
+        self.rs.sb = if left > 1 {
+            Sb::Writing { left: left - 1 }
+        } else {
+            self.rs.s_uuids.demote();
+            Sb::Happened
+        };
+        Ok(())
+    }
+
+    // ----- checkers -----------------------------------------------------------------------
+
+    /// Resync bounds, and the mirror of the Primary core's bitmap.
+    pub(super) fn check_resync_bounds(&self) -> Result<(), String> {
+        // (The SyncTarget's bound is checked where its requests change, in `pump_target`.)
+        if let Some(src) = &self.rs.source {
+            let st = src.stats();
+            if st.queued + st.reading > self.rs.params.source_queue
+                || st.reading > self.rs.params.source_reads
+            {
+                return Err(format!("source exceeded its bounds: {st:?}"));
+            }
+        }
+        if !self.primary_down {
+            let core = self.primary.out_of_sync().words();
+            let (mine, cleared) = (self.rs.p_bm.words(), self.rs.p_cleared.words());
+            for (i, ((&c, &m), &x)) in core.iter().zip(mine).zip(cleared).enumerate() {
+                let w = c & !(m | x);
+                if w != 0 {
+                    return Err(format!(
+                        "the primary core marked block {} that the simulator's bitmap misses",
+                        i as u64 * 64 + u64::from(w.trailing_zeros())
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the replicas are not in sync now, if they are not: connected, no exchange or
+    /// resync running, the Secondary UpToDate, both bitmaps empty, the same UUIDs.
+    pub(super) fn not_in_sync(&self) -> Option<String> {
+        let (p, s) = (&self.rs.p_uuids, &self.rs.s_uuids);
+        Some(if !self.up {
+            "connection down".into()
+        } else if self.rs.p_rx.is_some() || self.rs.s_rx.is_some() {
+            "bitmap exchange unfinished".into()
+        } else if self.rs.target.is_some() || self.rs.finishing {
+            "resync unfinished".into()
+        } else if self.rs.s_disk != DiskState::UpToDate {
+            "the secondary is Inconsistent (its last resync failed)".into()
+        } else if self.rs.p_bm.count() + self.rs.s_bm.count() != 0 {
+            format!(
+                "bitmaps not empty: primary {} bits, secondary {} bits",
+                self.rs.p_bm.count(),
+                self.rs.s_bm.count()
+            )
+        } else if [p.current, p.bitmap, p.history[0], p.history[1]]
+            .iter()
+            .zip([s.current, s.bitmap, s.history[0], s.history[1]])
+            .any(|(&a, b)| a & !1 != b & !1)
+        {
+            format!("UUIDs differ: primary {p}, secondary {s}")
+        } else {
+            return None;
+        })
+    }
+
+    /// Checkers 3 and 7 at quiescence: in sync, every block byte-identical on both disks
+    /// and durable on the Secondary.
+    pub(super) fn check_in_sync(&self) -> Result<(), String> {
+        if let Some(why) = self.not_in_sync() {
+            return Err(format!("checker 7: not in sync at the end: {why}"));
+        }
+        let block = SECTORS_PER_BLOCK * SECTOR as usize;
+        if self.pdisk.cache != self.sdisk.cache {
+            let b = (0..SECTORS / SECTORS_PER_BLOCK)
+                .find(|&b| {
+                    self.pdisk.cache[b * block..(b + 1) * block]
+                        != self.sdisk.cache[b * block..(b + 1) * block]
+                })
+                .unwrap_or(0);
+            let sec = (b * SECTORS_PER_BLOCK..(b + 1) * SECTORS_PER_BLOCK)
+                .find(|&s| self.pdisk.cache_sector(s) != self.sdisk.cache_sector(s))
+                .unwrap_or(b * SECTORS_PER_BLOCK);
+            return Err(format!(
+                "checker 7: block {b} differs with both bitmaps empty: sector {sec} primary version {}, secondary version {}",
+                self.pdisk.cache_ver[sec], self.sdisk.cache_ver[sec]
+            ));
+        }
+        if self.sdisk.durable != self.sdisk.cache {
+            let sec = (0..SECTORS)
+                .find(|&s| self.sdisk.durable_sector(s) != self.sdisk.cache_sector(s))
+                .unwrap_or(0);
+            return Err(format!(
+                "checker 3: sector {sec} is in sync but not durable on the secondary: durable version {}, cached {}",
+                self.sdisk.durable_ver[sec], self.sdisk.cache_ver[sec]
+            ));
+        }
+        Ok(())
+    }
+}
