@@ -88,6 +88,19 @@ fn seeds_pass_every_checker() {
             "of those, covered only by the activity log",
             sum(|r| r.al_only_blocks),
         ),
+        ("resyncs", sum(|r| r.resyncs)),
+        ("resyncs finished", sum(|r| r.resyncs_done)),
+        ("resync replies voided by a write", sum(|r| r.void_replies)),
+        (
+            "writes held behind a resync write",
+            sum(|r| r.held_by_resync),
+        ),
+        ("split brains", sum(|r| r.split_brains)),
+        ("split brains refused", sum(|r| r.sb_refused)),
+        (
+            "split brains resolved by a policy",
+            sum(|r| r.sb_auto_resolved),
+        ),
     ];
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();
     eprintln!(
