@@ -94,6 +94,27 @@ fn protocol_a_fio_randwrite_replicas_identical() {
     fio_then_compare("repl-a", Protocol::A);
 }
 
+/// Protocol A completes a write once it is in the socket, long before its epoch is
+/// barrier-acked; with a small `max-buffers` (32: at most 64 writes may wait for their
+/// barrier ack) a QD32 writer outruns the acks. The writes must wait for room, never
+/// fail (the bench saw EIO here before the driver waited).
+#[test]
+fn protocol_a_writer_outrunning_the_barrier_acks_waits_instead_of_failing() {
+    let mut c = Cluster::new(
+        ClusterOpts::new("repl-a-room")
+            .protocol(Protocol::A)
+            .net("max-buffers", "32"),
+    );
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+    Fio::randwrite_verify(&uri, "4k", "64M")
+        .run(c.dir())
+        .assert_ok();
+    let size = quiescent(&c).u64_at("/size_bytes");
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
 /// `qemu-img convert` of a random 32 MiB image into the export, `qemu-img compare` of the
 /// image with the export, then the Secondary's backing file holds the image and both
 /// replicas are identical after a clean stop.

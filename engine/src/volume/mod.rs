@@ -277,6 +277,8 @@ pub struct Volume {
     peer_reads: Arc<Semaphore>,
     accept: Notify,
     conn_changed: Notify,
+    /// A write retired: the core may accept again (see `core_request`).
+    core_room: Notify,
     inner: Mutex<Inner>,
 }
 
@@ -377,6 +379,7 @@ impl Volume {
             peer_reads: Arc::new(Semaphore::new(sync::MAX_PEER_READS)),
             accept: Notify::new(),
             conn_changed: Notify::new(),
+            core_room: Notify::new(),
             inner: Mutex::new(Inner {
                 role: Role::Secondary,
                 disk,
@@ -1166,6 +1169,7 @@ impl Volume {
                     }
                 }
                 PrimaryOutput::Retired { tag, .. } => {
+                    self.core_room.notify_waiters();
                     if let Some(r) = inner.target.as_mut() {
                         // A SyncTarget Primary's write: tracked until retired (target.rs).
                         let _ = r.t.app_write_end(sync::primary_app_id(tag));
@@ -1554,6 +1558,20 @@ impl Volume {
             } else {
                 Err(BlockError::Io)
             };
+        }
+        loop {
+            // Completed writes stay in the core until their epoch is barrier-acked
+            // (≤ 2 × max-buffers); under protocol A the application can outrun the acks.
+            // Then the request waits for room (a retirement, or the connection's end,
+            // which retires everything) instead of failing.
+            let room = self.core_room.notified();
+            {
+                let g = self.lock();
+                if g.role != Role::Primary || g.primary.can_accept() || g.shutting_down {
+                    break;
+                }
+            }
+            room.await;
         }
         {
             let mut g = self.lock();
