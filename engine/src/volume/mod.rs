@@ -1559,47 +1559,46 @@ impl Volume {
                 Err(BlockError::Io)
             };
         }
+        let (mut tx, mut buf) = (Some(tx), buf);
         loop {
             // Completed writes stay in the core until their epoch is barrier-acked
             // (≤ 2 × max-buffers); under protocol A the application can outrun the acks.
             // Then the request waits for room (a retirement, or the connection's end,
-            // which retires everything) instead of failing.
+            // which retires everything) instead of failing. The common case takes the
+            // lock once.
             let room = self.core_room.notified();
             {
-                let g = self.lock();
-                if g.role != Role::Primary || g.primary.can_accept() || g.shutting_down {
+                let mut g = self.lock();
+                let inner = &mut *g;
+                if inner.role != Role::Primary {
+                    return Err(BlockError::ReadOnly);
+                }
+                if inner.primary.can_accept() || inner.shutting_down {
+                    let id = inner.next_id;
+                    inner.next_id += 1;
+                    inner.pending.insert(
+                        id,
+                        Pending {
+                            buf: buf.take(),
+                            done: tx.take(),
+                        },
+                    );
+                    let r = match kind {
+                        Some((k, fua)) => inner.primary.write(id, sector, len, k, fua),
+                        None => inner.primary.flush(id),
+                    };
+                    if let Err(e) = r {
+                        inner.pending.remove(&id);
+                        return Err(match e {
+                            CoreError::Busy => BlockError::Busy,
+                            CoreError::Invalid(_) | CoreError::Protocol(_) => BlockError::Invalid,
+                        });
+                    }
+                    self.drain_primary(inner, &mut fx);
                     break;
                 }
             }
             room.await;
-        }
-        {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            if inner.role != Role::Primary {
-                return Err(BlockError::ReadOnly);
-            }
-            let id = inner.next_id;
-            inner.next_id += 1;
-            inner.pending.insert(
-                id,
-                Pending {
-                    buf,
-                    done: Some(tx),
-                },
-            );
-            let r = match kind {
-                Some((k, fua)) => inner.primary.write(id, sector, len, k, fua),
-                None => inner.primary.flush(id),
-            };
-            if let Err(e) = r {
-                inner.pending.remove(&id);
-                return Err(match e {
-                    CoreError::Busy => BlockError::Busy,
-                    CoreError::Invalid(_) | CoreError::Protocol(_) => BlockError::Invalid,
-                });
-            }
-            self.drain_primary(inner, &mut fx);
         }
         self.run(fx);
         rx.await.map_err(|_| BlockError::Io)?
