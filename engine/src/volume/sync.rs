@@ -618,20 +618,13 @@ impl Volume {
         let Some(r) = inner.target.as_mut() else {
             return Vec::new();
         };
-        let bm = r.t.bitmap_mut();
-        let pages = bm.take_all_dirty();
-        let bm = r.t.bitmap();
+        let pages = r.t.bitmap_mut().take_all_dirty();
         let held = inner.primary.out_of_sync();
-        pages
+        let placeholder = pages
             .into_iter()
-            .filter_map(|p| {
-                let (offset, mut data) = inner.primary.bitmap_page_of(bm, p)?;
-                for (d, h) in data.iter_mut().zip(held.page_bytes(p).iter()) {
-                    *d |= *h;
-                }
-                Some((offset, data))
-            })
-            .collect()
+            .filter_map(|p| inner.primary.bitmap_page_of(held, p))
+            .collect();
+        Self::pages_with_target(inner, placeholder)
     }
 
     /// A local write of the Primary core failed: its blocks stay out of sync for the rest
@@ -891,50 +884,47 @@ impl Volume {
         let Some(run) = inner.source.as_ref().map(|r| r.run) else {
             return;
         };
-        {
-            for o in outputs {
-                match o {
-                    SourceOutput::ReadLocal {
+        for o in outputs {
+            match o {
+                SourceOutput::ReadLocal {
+                    tag,
+                    sector,
+                    len,
+                    digest,
+                    zero_check,
+                } => {
+                    inner.sync_io_in_flight += 1;
+                    fx.push(Effect::SyncRead {
+                        run,
                         tag,
                         sector,
                         len,
-                        digest,
-                        zero_check,
-                    } => {
-                        inner.sync_io_in_flight += 1;
-                        fx.push(Effect::SyncRead {
-                            run,
-                            tag,
-                            sector,
-                            len,
-                            purpose: ReadFor::Source { digest, zero_check },
-                        });
-                    }
-                    SourceOutput::SendRsDataReply { tag, .. } => {
-                        let data = inner.source.as_mut().and_then(|r| r.bufs.remove(&tag));
-                        if let Some(pkt) = o.packet() {
-                            if data.is_some() {
-                                Self::send_sync_packet(inner, &pkt, data);
-                            }
+                        purpose: ReadFor::Source { digest, zero_check },
+                    });
+                }
+                SourceOutput::SendRsDataReply { tag, .. } => {
+                    let data = inner.source.as_mut().and_then(|r| r.bufs.remove(&tag));
+                    if let Some(pkt) = o.packet() {
+                        if data.is_some() {
+                            Self::send_sync_packet(inner, &pkt, data);
                         }
                     }
-                    SourceOutput::SetInSync { sector, len } => {
-                        let oos = inner.primary.out_of_sync_mut();
-                        oos.clear(sector, len);
-                        // A block whose local write failed stays out of sync: the ack
-                        // may be for data read before the failure (the simulator's seed
-                        // 30 without this rule).
-                        for &(s, l) in &inner.failed_local {
-                            if s < sector + u64::from(len / 512) && sector < s + u64::from(l / 512)
-                            {
-                                oos.mark(s, l);
-                            }
+                }
+                SourceOutput::SetInSync { sector, len } => {
+                    let oos = inner.primary.out_of_sync_mut();
+                    oos.clear(sector, len);
+                    // A block whose local write failed stays out of sync: the ack
+                    // may be for data read before the failure (the simulator's seed
+                    // 30 without this rule).
+                    for &(s, l) in &inner.failed_local {
+                        if s < sector + u64::from(len / 512) && sector < s + u64::from(l / 512) {
+                            oos.mark(s, l);
                         }
                     }
-                    other => {
-                        if let Some(pkt) = other.packet() {
-                            Self::send_sync_packet(inner, &pkt, None);
-                        }
+                }
+                other => {
+                    if let Some(pkt) = other.packet() {
+                        Self::send_sync_packet(inner, &pkt, None);
                     }
                 }
             }
