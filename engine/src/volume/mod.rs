@@ -46,7 +46,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 mod sync;
 
-pub use sync::{PeerSide, SyncRole, SyncSettings, BITMAP_WRITEOUT_MS, SYNC_IO_DRAIN};
+pub use sync::{SyncRole, SyncSettings, BITMAP_WRITEOUT_MS, SYNC_IO_DRAIN};
 
 /// Largest write handed to the core (and sent as one `P_DATA`): DRBD_MAX_BIO_SIZE.
 pub const MAX_WRITE_CHUNK: usize = 1 << 20;
@@ -709,7 +709,6 @@ impl Volume {
     /// A connection finished its handshake. Returns the notify that kills it.
     pub fn connection_up(&self, link: Link, peer: &PeerParams) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
-        let link_thin = link.ctx.has(wire::ff::DRBD_FF_THIN_RESYNC);
         let mut effects = Vec::new();
         {
             let mut g = self.lock();
@@ -744,12 +743,7 @@ impl Volume {
                 );
             }
             if let Some(role) = role {
-                let side = PeerSide {
-                    uuids: peer.uuids,
-                    max_bio_size: peer.max_bio_size,
-                    thin: link_thin,
-                };
-                self.start_run(inner, role, &side);
+                self.start_run(inner, role, peer);
             }
             inner.discard_my_data = false;
             inner.peer_verify = peer.verify;

@@ -42,6 +42,7 @@
 //! [`super::PEER_DATA_BUDGET`]; held application writes ≤ the receiver's `max-buffers`.
 
 use super::{log_refusal, Effect, Inner, PeerData, Volume};
+use crate::net::handshake::PeerParams;
 use crate::request::OutOfSync;
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
@@ -97,20 +98,6 @@ pub struct SyncSettings {
     pub rs_discard_granularity: u32,
     /// The after-split-brain policies.
     pub policy: crate::state::uuid::SplitBrainPolicy,
-}
-
-impl Default for SyncSettings {
-    fn default() -> Self {
-        SyncSettings {
-            rate: crate::resync::RateConfig::TANDEM,
-            csums: false,
-            csums_after_crash_only: false,
-            verify: false,
-            use_rle: true,
-            rs_discard_granularity: 0,
-            policy: crate::state::uuid::SplitBrainPolicy::default(),
-        }
-    }
 }
 
 impl SyncSettings {
@@ -283,7 +270,7 @@ impl Volume {
     }
 
     /// Step 4, from `connection_up`: starts the run.
-    pub(super) fn start_run(&self, inner: &mut Inner, role: SyncRole, peer: &PeerSide) {
+    pub(super) fn start_run(&self, inner: &mut Inner, role: SyncRole, peer: &PeerParams) {
         inner.sync_run += 1;
         let run = inner.sync_run;
         let sectors = self.size_bytes / SECTOR_SIZE as u64;
@@ -301,7 +288,11 @@ impl Volume {
                 let cfg = TargetConfig {
                     max_bio_size: peer.max_bio_size & !4095,
                     csums,
-                    thin_granularity: if peer.thin { thin } else { 0 },
+                    thin_granularity: if peer.ctx.has(crate::wire::ff::DRBD_FF_THIN_RESYNC) {
+                        thin
+                    } else {
+                        0
+                    },
                     rate: self.sync.rate,
                     // The peer's writes in flight (≤ max-buffers) or, as Primary, this
                     // node's until retired (≤ 2 × max-buffers).
@@ -1516,15 +1507,4 @@ impl Volume {
             None => serde_json::Value::Null,
         }
     }
-}
-
-/// What `start_run` needs to know about the peer.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerSide {
-    /// Its UUIDs from the handshake.
-    pub uuids: UuidSet,
-    /// Its largest bio.
-    pub max_bio_size: u32,
-    /// `DRBD_FF_THIN_RESYNC` agreed.
-    pub thin: bool,
 }
