@@ -78,6 +78,28 @@ fn wait_in_sync(n: &Node) -> serde_json::Value {
     })
 }
 
+/// A connected pair whose resync runs at a fixed `rate_kib` KiB/s (`c-plan-ahead 0`),
+/// slow enough for a test to act while it runs.
+fn slow_resync_pair(label: &str, size: &str, rate_kib: u32) -> Cluster {
+    let c = Cluster::new(
+        ClusterOpts::new(label)
+            .size(size)
+            .disk("c-plan-ahead", "0")
+            .disk("resync-rate", &rate_kib.to_string()),
+    );
+    c.wait_connected();
+    c
+}
+
+/// `invalidate` on the Secondary, then waits until it is SyncTarget.
+fn invalidate_secondary(c: &Cluster) {
+    tandem(&["invalidate", "--socket", &sock(c.secondary())]).assert_success("invalidate");
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "SyncTarget", |s| {
+            s.opt_str("/connection") == Some("SyncTarget")
+        });
+}
+
 /// Issue 5's outage test: disconnect, write a known random set of blocks, reconnect:
 /// the bytes both nodes put on the wire for the resync are within 5% of the dirty
 /// blocks, and the replicas end byte-identical.
@@ -327,21 +349,11 @@ fn invalidate_resyncs_the_whole_device() {
 /// `pause-sync` holds a running resync (nothing moves), `resume-sync` lets it finish.
 #[test]
 fn pause_and_resume_sync() {
-    let mut c = Cluster::new(
-        ClusterOpts::new("rs-pause")
-            .size("64MiB")
-            // Slow enough to catch it running: fixed rate, 16 MiB/s (4 s for the volume).
-            .disk("c-plan-ahead", "0")
-            .disk("resync-rate", "16384"),
-    );
-    c.wait_connected();
+    // Slow enough to catch it running: 16 MiB/s (4 s for the volume).
+    let mut c = slow_resync_pair("rs-pause", "64MiB", 16384);
     let size = c.primary().status().u64_at("/size_bytes");
     let sec = sock(c.secondary());
-    tandem(&["invalidate", "--socket", &sec]).assert_success("invalidate");
-    c.secondary()
-        .wait_status(CONNECT_TIMEOUT, "SyncTarget", |s| {
-            s.opt_str("/connection") == Some("SyncTarget")
-        });
+    invalidate_secondary(&c);
     tandem(&["pause-sync", "--socket", &sec]).assert_success("pause");
     // Let requests in flight drain, then nothing may move.
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -409,20 +421,10 @@ fn verify_finds_exactly_the_corrupted_block_and_the_next_resync_repairs_it() {
 /// Secondary; at the end both replicas are identical.
 #[test]
 fn application_writes_during_resync_end_identical() {
-    let mut c = Cluster::new(
-        ClusterOpts::new("rs-appwrites")
-            .size("256MiB")
-            // A fixed 32 MiB/s, so that the resync (8 s) outlasts the writes.
-            .disk("c-plan-ahead", "0")
-            .disk("resync-rate", "32768"),
-    );
-    c.wait_connected();
+    // 32 MiB/s, so that the resync (8 s) outlasts the writes.
+    let mut c = slow_resync_pair("rs-appwrites", "256MiB", 32768);
     let size = c.primary().status().u64_at("/size_bytes");
-    tandem(&["invalidate", "--socket", &sock(c.secondary())]).assert_success("invalidate");
-    c.secondary()
-        .wait_status(CONNECT_TIMEOUT, "SyncTarget", |s| {
-            s.opt_str("/connection") == Some("SyncTarget")
-        });
+    invalidate_secondary(&c);
     tandem_tests::tools::Fio::randwrite_verify(&c.primary().nbd_unix_uri(), "4k-64k", "240M")
         .arg("--io_size=48M")
         .run(c.dir())
@@ -462,14 +464,8 @@ fn read_block(node: &Node, b: u64) -> Vec<u8> {
 /// resync finishes with identical replicas.
 #[test]
 fn a_sync_target_primary_reads_unsynced_blocks_from_the_peer() {
-    let mut c = Cluster::new(
-        ClusterOpts::new("rs-target-primary")
-            .size("64MiB")
-            // A fixed 8 MiB/s: the resync lasts ~8 s, the reads come long before.
-            .disk("c-plan-ahead", "0")
-            .disk("resync-rate", "8192"),
-    );
-    c.wait_connected();
+    // 8 MiB/s: the resync lasts ~8 s, the reads come long before.
+    let mut c = slow_resync_pair("rs-target-primary", "64MiB", 8192);
     let size = c.primary().status().u64_at("/size_bytes");
     let far = size / 4096 - 10;
     write_blocks(c.primary(), &[far, far + 1], 0x44);
@@ -483,11 +479,7 @@ fn a_sync_target_primary_reads_unsynced_blocks_from_the_peer() {
         .expect("open")
         .write_all_at(&[0x77; 4096], far * 4096)
         .expect("damage");
-    tandem(&["invalidate", "--socket", &b]).assert_success("invalidate");
-    c.secondary()
-        .wait_status(CONNECT_TIMEOUT, "SyncTarget", |s| {
-            s.opt_str("/connection") == Some("SyncTarget")
-        });
+    invalidate_secondary(&c);
     tandem(&["secondary", "--socket", &a]).assert_success("demote the source");
     let refused = tandem(&["primary", "--socket", &b]);
     if !refused.status.success() {
@@ -574,14 +566,8 @@ fn thin_resync_sends_holes_as_deallocated() {
 /// identical replicas.
 #[test]
 fn an_interrupted_resync_resumes_where_it_stopped() {
-    let mut c = Cluster::new(
-        ClusterOpts::new("rs-resume")
-            .size("64MiB")
-            // A fixed 16 MiB/s: ~4 s for the volume.
-            .disk("c-plan-ahead", "0")
-            .disk("resync-rate", "16384"),
-    );
-    c.wait_connected();
+    // 16 MiB/s: ~4 s for the volume.
+    let mut c = slow_resync_pair("rs-resume", "64MiB", 16384);
     let size = c.primary().status().u64_at("/size_bytes");
     let sec = sock(c.secondary());
     let total = size.div_ceil(4096);

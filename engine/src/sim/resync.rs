@@ -882,18 +882,9 @@ impl Sim {
 
     /// One bitmap packet on the Secondary: OR-merged; at the end it sends its own.
     pub(super) fn s_bitmap_packet(&mut self, pkt: &Packet) -> Result<(), String> {
-        let (rx, words) = self
-            .rs
-            .s_rx
-            .as_mut()
-            .ok_or("bitmap packet outside a bitmap exchange")?;
-        let done = rx
-            .receive_packet(words, pkt)
-            .map_err(|e| format!("secondary bitmap receive: {e}"))?;
-        if !done {
+        let Some(words) = receive_bitmap(&mut self.rs.s_rx, pkt, "secondary")? else {
             return Ok(());
-        }
-        let (_, words) = self.rs.s_rx.take().ok_or("bitmap exchange vanished")?;
+        };
         #[cfg(test)]
         let skip = self.rs.sabotage.skip_bitmap_merge;
         #[cfg(not(test))]
@@ -911,18 +902,9 @@ impl Sim {
     /// The Secondary's bitmap is in: the Primary merges it, sends `P_SYNC_UUID` and
     /// becomes SyncSource.
     fn p_bitmap_packet(&mut self, pkt: &Packet) -> Result<(), String> {
-        let (rx, words) = self
-            .rs
-            .p_rx
-            .as_mut()
-            .ok_or("bitmap packet outside a bitmap exchange")?;
-        let done = rx
-            .receive_packet(words, pkt)
-            .map_err(|e| format!("primary bitmap receive: {e}"))?;
-        if !done {
+        let Some(words) = receive_bitmap(&mut self.rs.p_rx, pkt, "primary")? else {
             return Ok(());
-        }
-        let (_, words) = self.rs.p_rx.take().ok_or("bitmap exchange vanished")?;
+        };
         or_bits(&mut self.rs.p_bm, words.into_iter());
         let r = uuid(&mut self.rs.rng);
         let sync_uuid = self.rs.p_uuids.start_sync_source(r);
@@ -1796,4 +1778,23 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// One bitmap packet into a node's receiving transfer; the merged words once it is
+/// complete (the transfer then ends).
+fn receive_bitmap(
+    slot: &mut Option<(BitmapReceiver, Vec<u64>)>,
+    pkt: &Packet,
+    who: &str,
+) -> Result<Option<Vec<u64>>, String> {
+    let (rx, words) = slot
+        .as_mut()
+        .ok_or("bitmap packet outside a bitmap exchange")?;
+    let done = rx
+        .receive_packet(words, pkt)
+        .map_err(|e| format!("{who} bitmap receive: {e}"))?;
+    if !done {
+        return Ok(None);
+    }
+    Ok(slot.take().map(|(_, words)| words))
 }
