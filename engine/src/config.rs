@@ -187,6 +187,40 @@ pub struct DiskConfig {
     /// 4096..=1 MiB, the size of a thin resync request (`P_RS_THIN_REQ`) when the peer
     /// agrees to `DRBD_FF_THIN_RESYNC`.
     pub rs_discard_granularity: u32,
+    /// What a failed write to the local disk does (DRBD `on-io-error`).
+    pub on_io_error: OnIoError,
+}
+
+/// DRBD's `on-io-error`: what a node does when a write to its own disk fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnIoError {
+    /// `detach` (default): the disk leaves service (`Failed`): later writes are not
+    /// applied to it, it is never UpToDate again without a resync, and it cannot be
+    /// promoted. A restart attaches it again; the resync from the peer repairs it.
+    #[default]
+    Detach,
+    /// `pass_on`: the disk stays in service but becomes `Inconsistent`; the failed blocks
+    /// are marked out of sync and resynced from the peer at once (the connection is
+    /// renewed so that the handshake starts that resync).
+    PassOn,
+}
+
+impl OnIoError {
+    /// DRBD's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnIoError::Detach => "detach",
+            OnIoError::PassOn => "pass_on",
+        }
+    }
+}
+
+/// `[startup]` (DRBD's `startup` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupConfig {
+    /// How long a node whose `role` is `"primary"` waits for its peer at start before it
+    /// decides alone (DRBD `wfc-timeout`); `Duration::ZERO` waits forever.
+    pub wfc_timeout: Duration,
 }
 
 /// Where a node keeps its DRBD 9 metadata (DRBD's `meta-disk`).
@@ -228,6 +262,8 @@ pub struct Config {
     pub net: NetConfig,
     /// `[disk]`.
     pub disk: DiskConfig,
+    /// `[startup]`.
+    pub startup: StartupConfig,
     /// The two nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -240,6 +276,8 @@ struct RawFile {
     net: RawNet,
     #[serde(default)]
     disk: RawDisk,
+    #[serde(default)]
+    startup: RawStartup,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
 }
@@ -290,6 +328,13 @@ struct RawDisk {
     c_max_rate: Option<toml::Value>,
     c_min_rate: Option<toml::Value>,
     rs_discard_granularity: Option<toml::Value>,
+    on_io_error: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawStartup {
+    wfc_timeout: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -729,6 +774,26 @@ impl Config {
                 "disk.rs-discard-granularity",
                 d.rs_discard_granularity.as_ref(),
             )?,
+            on_io_error: match d.on_io_error.as_deref() {
+                None | Some("detach") => OnIoError::Detach,
+                Some("pass_on") => OnIoError::PassOn,
+                Some(other) => {
+                    return Err(invalid(
+                        "disk.on-io-error",
+                        format!("{other:?} is not supported; use \"detach\" or \"pass_on\""),
+                    ))
+                }
+            },
+        };
+        let startup = StartupConfig {
+            wfc_timeout: Duration::from_secs(ranged(
+                "startup.wfc-timeout",
+                raw.startup.wfc_timeout,
+                10,
+                0,
+                300000,
+                "seconds, 0 = wait forever",
+            )?),
         };
         if net.ping_timeout >= net.ping_interval {
             return Err(invalid(
@@ -849,6 +914,7 @@ impl Config {
             },
             net,
             disk,
+            startup,
             nodes,
         })
     }

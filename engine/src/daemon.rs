@@ -84,10 +84,12 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
     rt.block_on(async move {
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let volume = Volume::new(&config, &me, &peer, store, md, attach)?;
-        if me.role == InitialRole::Primary {
-            volume.set_primary(true).map_err(anyhow::Error::msg)?;
-        }
         let mut tasks = tokio::task::JoinSet::new();
+        if me.role == InitialRole::Primary {
+            let v = volume.clone();
+            let wfc = config.startup.wfc_timeout;
+            tokio::spawn(async move { v.become_primary_at_start(wfc).await });
+        }
 
         let listener = mgmt::bind(&me.mgmt_socket).with_context(|| {
             format!("cannot bind management socket {}", me.mgmt_socket.display())
@@ -544,17 +546,31 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
 }
 
 impl mgmt::Handler for Volume {
-    fn handle(&self, req: mgmt::Request) -> Result<serde_json::Value, String> {
+    fn handle(&self, req: mgmt::Request) -> mgmt::Reply<'_> {
+        Box::pin(async move {
+            if let mgmt::Request::Primary { force } = req {
+                return self.promote(force).await.map(|()| serde_json::json!({}));
+            }
+            self.handle_now(req)
+        })
+    }
+}
+
+impl Volume {
+    /// The management requests that need no wait.
+    fn handle_now(&self, req: mgmt::Request) -> Result<serde_json::Value, String> {
         match req {
             mgmt::Request::Status => Ok(serde_json::json!({ "status": self.status() })),
-            mgmt::Request::Primary { force } => self
-                .set_primary_forced(true, force)
-                .map(|()| serde_json::json!({})),
+            mgmt::Request::Primary { .. } => Err("promotion is handled above".into()),
             mgmt::Request::Secondary => self.set_primary(false).map(|()| serde_json::json!({})),
             mgmt::Request::Disconnect => {
                 self.set_standalone(true);
                 Ok(serde_json::json!({}))
             }
+            mgmt::Request::Connect { .. } if self.disk_failed() => Err(
+                "the disk failed and is detached; fix it and restart the node to attach it again"
+                    .into(),
+            ),
             mgmt::Request::Connect { discard_my_data } => {
                 self.set_discard_my_data(discard_my_data);
                 self.set_standalone(false);

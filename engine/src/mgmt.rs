@@ -98,10 +98,16 @@ impl Request {
     }
 }
 
+/// The outcome of one request, as a future: a request may wait for the peer (a
+/// promotion asks it first, see `state::change`).
+pub type Reply<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
+>;
+
 /// Executes requests; implemented by the daemon.
 pub trait Handler: Send + Sync + 'static {
     /// Runs one request; `Ok` is merged into the reply object, `Err` becomes `error`.
-    fn handle(&self, req: Request) -> Result<serde_json::Value, String>;
+    fn handle(&self, req: Request) -> Reply<'_>;
 }
 
 /// Parses one request line into a request or an error message for the reply.
@@ -268,7 +274,7 @@ async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) {
             continue;
         }
         let result = match parse_request(&line) {
-            Ok(req) => handler.handle(req),
+            Ok(req) => handler.handle(req).await,
             Err(e) => {
                 tracing::warn!("mgmt: refused malformed request: {e}");
                 Err(e)

@@ -689,12 +689,22 @@ impl Cluster {
         }
     }
 
-    /// Waits until every running node reports `connection == "Connected"`, then until the
-    /// Primary's NBD export completes a handshake.
+    /// Waits until every running node reports `connection == "Connected"` and the node
+    /// configured as Primary is Primary (it promotes itself once connected: the peer
+    /// agrees first), then until the Primary's NBD export completes a handshake.
     pub fn wait_connected(&self) {
         for n in &self.nodes {
             if n.child.is_some() {
                 n.wait_connected();
+            }
+        }
+        for n in &self.nodes {
+            if n.child.is_some() && n.primary {
+                n.wait_status(CONNECT_TIMEOUT, "configured Primary promoted", |s| {
+                    s.opt_str("/role") == Some("Primary")
+                        || s.opt_str("/startup_role")
+                            .is_some_and(|r| r.starts_with("not promoted"))
+                });
             }
         }
         for n in &self.nodes {

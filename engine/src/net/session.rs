@@ -85,7 +85,7 @@ pub async fn run(
         ctx.version(),
         params.sync
     );
-    let kill = volume.connection_up(link, &params);
+    let kill = volume.connection_up(link, &params, resolve_conflicts);
 
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
@@ -98,7 +98,6 @@ pub async fn run(
         BufReader::with_capacity(READ_BUFFER, data_rd),
         ctx,
         volume.clone(),
-        meta_tx.clone(),
         session,
     ));
     tasks.spawn(meta_receiver(
@@ -346,7 +345,6 @@ async fn data_receiver(
     mut rd: Reader,
     ctx: WireCtx,
     volume: Arc<Volume>,
-    meta: mpsc::Sender<Outgoing>,
     session: u64,
 ) -> Result<(), NetError> {
     let mut head = Vec::with_capacity(64);
@@ -439,23 +437,7 @@ async fn data_receiver(
                 .await
                 .map_err(NetError::Protocol)?,
             Packet::State(word) => volume.peer_state(session, word),
-            Packet::ReqState { cmd, .. } => {
-                // A graceful state change request (e.g. the peer disconnecting): agree.
-                let reply_cmd = if cmd == Command::P_CONN_ST_CHG_REQ {
-                    Command::P_CONN_ST_CHG_REPLY
-                } else {
-                    Command::P_STATE_CHG_REPLY
-                };
-                let out = encode_to(
-                    &Packet::ReqStateReply {
-                        cmd: reply_cmd,
-                        retcode: 1,
-                    },
-                    &ctx,
-                )?;
-                meta.try_send(out)
-                    .map_err(|_| NetError::Protocol("meta queue full".into()))?;
-            }
+            Packet::ReqState { cmd, req } => volume.peer_state_request(session, cmd, req),
             Packet::Empty(c) if c == Command::P_UNPLUG_REMOTE => {}
             Packet::Uuids(u) => volume.peer_uuids(session, u.into()),
             Packet::DelayProbe(_)
@@ -513,7 +495,8 @@ async fn meta_receiver(
             Packet::BarrierAck(b) => volume
                 .barrier_ack(session, b.barrier, b.set_size)
                 .map_err(NetError::Protocol)?,
-            Packet::ReqStateReply { .. } | Packet::DelayProbe(_) => {}
+            Packet::ReqStateReply { retcode, .. } => volume.state_reply(session, retcode),
+            Packet::DelayProbe(_) => {}
             _ => {
                 return Err(NetError::Protocol(format!(
                     "unexpected {} on the meta socket",

@@ -51,6 +51,7 @@ macro_rules! named_enum_impls {
     };
 }
 
+pub mod change;
 pub mod uuid;
 
 /// A string that names none of an enum's values.

@@ -34,6 +34,7 @@ use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, PrimaryOutput,
     Receiver, ReceiverConfig, ReceiverOutput, WriteKind,
 };
+use crate::state::change;
 use crate::state::uuid::HandshakeOutcome;
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{ConnState, DiskState, Protocol, Role};
@@ -168,6 +169,17 @@ struct Inner {
     events: std::collections::VecDeque<serde_json::Value>,
     /// Sequence number of the next event.
     event_seq: u64,
+    /// This node's state change request waiting for the peer's reply: its connection
+    /// and where the reply code goes (see `state::change`).
+    own_request: Option<(u64, oneshot::Sender<i32>)>,
+    /// This node holds `RESOLVE_CONFLICTS` on the live connection.
+    resolve_conflicts: bool,
+    /// What the configured `role` did at start (status `startup_role`).
+    startup_role: Option<String>,
+    /// Why the peer's disk left service while connected (status `peer_disk_failure`).
+    peer_disk_failure: Option<String>,
+    /// Why this node's disk left service (status `disk_failure`).
+    disk_failure: Option<String>,
 }
 
 /// Events kept for `tandem events`.
@@ -279,6 +291,17 @@ pub struct Volume {
     conn_changed: Notify,
     /// A write retired: the core may accept again (see `core_request`).
     core_room: Notify,
+    /// A connection finished its handshake.
+    link_up: Notify,
+    /// How long a state change request waits for the peer (DRBD's `timeout`).
+    state_timeout: Duration,
+    /// What a failed local write does (`disk.on-io-error`).
+    on_io_error: crate::config::OnIoError,
+    /// The first failed local write has been recorded in the metadata (see
+    /// `record_disk_failure`): later failures wait for the same record.
+    failure_recorded: tokio::sync::OnceCell<()>,
+    /// Serialises the bitmap page writes of failed writes on a Secondary.
+    failure_pages: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
 }
 
@@ -380,6 +403,11 @@ impl Volume {
             accept: Notify::new(),
             conn_changed: Notify::new(),
             core_room: Notify::new(),
+            link_up: Notify::new(),
+            state_timeout: config.net.timeout.max(Duration::from_millis(100)),
+            on_io_error: config.disk.on_io_error,
+            failure_recorded: tokio::sync::OnceCell::new(),
+            failure_pages: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 role: Role::Secondary,
                 disk,
@@ -422,6 +450,11 @@ impl Volume {
                 failed_local: Vec::new(),
                 events: std::collections::VecDeque::new(),
                 event_seq: 0,
+                own_request: None,
+                resolve_conflicts: false,
+                startup_role: None,
+                peer_disk_failure: None,
+                disk_failure: None,
             }),
         }))
     }
@@ -447,16 +480,193 @@ impl Volume {
 
     // ----- role and connection state --------------------------------------------------
 
-    /// Makes this node Primary (`true`) or Secondary.
+    /// Makes this node Secondary (`false`), or Primary while no peer is connected
+    /// (`true`; a connected node asks its peer first: [`Self::promote`]).
     pub fn set_primary(&self, primary: bool) -> Result<(), String> {
-        self.set_primary_forced(primary, false)
+        self.change_role(primary, false, None)
     }
 
-    /// Makes this node Primary or Secondary; `force` promotes a disk that is not
-    /// UpToDate (DRBD's `primary --force`): its data becomes the good copy, in a new
-    /// generation, and a connected peer is resynced from it (the connection is renewed
-    /// so that the handshake decides that resync).
-    pub fn set_primary_forced(&self, primary: bool, force: bool) -> Result<(), String> {
+    /// `primary [--force]`: becomes Primary. While connected the peer is asked first
+    /// (DRBD's cluster-wide state change, `state::change`): the promotion happens only
+    /// if it agrees, so two nodes told `primary` at the same instant never both become
+    /// Primary. `force` promotes a disk that is not UpToDate (DRBD's `primary --force`):
+    /// its data becomes the good copy, in a new generation, and a connected peer is
+    /// resynced from it (the connection is renewed so that the handshake decides it).
+    pub async fn promote(&self, force: bool) -> Result<(), String> {
+        let asked = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if inner.role == Role::Primary {
+                return Ok(());
+            }
+            Self::promotion_refusal(inner, force)?;
+            match &inner.link {
+                None => None,
+                Some(l) => {
+                    if inner.own_request.is_some() {
+                        return Err(
+                            "another state change with the peer is in progress; retry".into()
+                        );
+                    }
+                    let session = l.session;
+                    let (mask, val) = change::promote_request(force);
+                    let pkt = Packet::ReqState {
+                        cmd: Command::P_STATE_CHG_REQ,
+                        req: wire::ReqState { mask, val },
+                    };
+                    let (tx, rx) = oneshot::channel();
+                    if let Some(bytes) = Self::encode(&inner.link, &pkt) {
+                        Self::queue(inner, true, bytes, None, None);
+                    }
+                    inner.own_request = Some((session, tx));
+                    Some((session, rx))
+                }
+            }
+        };
+        let Some((session, rx)) = asked else {
+            return self.change_role(true, force, None);
+        };
+        let code = match tokio::time::timeout(self.state_timeout, rx).await {
+            Ok(Ok(code)) => code,
+            Ok(Err(_)) => {
+                return Err(
+                    "the connection was lost while the peer considered the promotion; retry".into(),
+                )
+            }
+            Err(_) => {
+                // DRBD's `timeout`: a peer that does not answer in time is dead.
+                let mut g = self.lock();
+                if g.own_request.as_ref().is_some_and(|(s, _)| *s == session) {
+                    g.own_request = None;
+                    if let Some(k) = &g.kill {
+                        k.notify_one();
+                    }
+                }
+                return Err(format!(
+                    "the peer did not answer the promotion request within {:?}; the connection \
+                     is dropped (retry to promote without it)",
+                    self.state_timeout
+                ));
+            }
+        };
+        let rv = change::StateRv::from_code(code);
+        if !rv.is_success() {
+            return Err(format!(
+                "the peer refused the promotion: {} ({})",
+                rv.describe(),
+                rv.code()
+            ));
+        }
+        let r = self.change_role(true, force, Some(session));
+        if r.is_err() {
+            // The peer granted it and counts this node as Primary: tell it the truth.
+            let mut g = self.lock();
+            self.send_state(&mut g);
+        }
+        r
+    }
+
+    /// The configured `role = "primary"` at start (DRBD's `become-primary-on` intent,
+    /// made safe). The node starts Secondary and waits up to `wfc_timeout` (DRBD's
+    /// `wfc-timeout`; zero = forever) for its peer:
+    ///
+    /// - connected: it asks the peer to become Primary ([`Self::promote`]); a peer that
+    ///   is Primary now (a switchover happened while this node was down) keeps its role
+    ///   and this node stays Secondary;
+    /// - no peer in time: it promotes alone only if its UUIDs say it wrote last without
+    ///   its peer (a bitmap UUID: it was a Primary that lost its peer, so the peer never
+    ///   had these writes and cannot have taken over from them); otherwise it stays
+    ///   Secondary, since the peer may be Primary now, and the operator decides.
+    ///
+    /// Decided once; the outcome is in status (`startup_role`), the log and the events.
+    pub async fn become_primary_at_start(&self, wfc_timeout: Duration) {
+        let deadline = (!wfc_timeout.is_zero()).then(|| tokio::time::Instant::now() + wfc_timeout);
+        let connected = loop {
+            let up = self.link_up.notified();
+            if self.lock().link.is_some() {
+                break true;
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, up).await.is_err() {
+                        break false;
+                    }
+                }
+                None => up.await,
+            }
+        };
+        let (peer_primary, wrote_alone) = {
+            let g = self.lock();
+            (
+                g.link.is_some() && g.peer_role == Role::Primary,
+                g.uuids.bitmap != 0,
+            )
+        };
+        let outcome = if connected && peer_primary {
+            Err(
+                "the peer is Primary now; staying Secondary (`tandem primary` after it \
+                 is demoted)"
+                    .to_string(),
+            )
+        } else if !connected && !wrote_alone {
+            Err(format!(
+                "no peer within wfc-timeout ({wfc_timeout:?}) and this node's UUIDs do not \
+                 say it was the last Primary (the peer may be Primary now); staying \
+                 Secondary: `tandem primary` promotes it if the peer is gone"
+            ))
+        } else {
+            self.promote(false).await
+        };
+        let text = match &outcome {
+            Ok(()) if connected => "promoted: connected, the peer agreed".to_string(),
+            Ok(()) => "promoted alone after wfc-timeout: this node wrote last".to_string(),
+            Err(e) => format!("not promoted: {e}"),
+        };
+        match &outcome {
+            Ok(()) => tracing::info!("configured role primary: {text}"),
+            Err(_) => tracing::warn!("configured role primary: {text}"),
+        }
+        let mut g = self.lock();
+        g.event("startup-role", serde_json::json!({ "outcome": text }));
+        g.startup_role = Some(text);
+    }
+
+    /// Why this node may not become Primary now, if it may not.
+    fn promotion_refusal(inner: &Inner, force: bool) -> Result<(), String> {
+        if inner.link.is_some() && inner.peer_role == Role::Primary {
+            return Err(
+                "the peer is Primary; make it Secondary first (tandem allows one Primary)".into(),
+            );
+        }
+        if inner.disk <= DiskState::Failed {
+            return Err(format!(
+                "the disk is {} (a write to it failed): it cannot be Primary; restart the node \
+                 to attach it again (a resync from the peer then repairs it)",
+                inner.disk
+            ));
+        }
+        if inner.receiver.stats().active_writes > 0 {
+            return Err("peer writes are still being applied; retry".into());
+        }
+        // A SyncTarget may serve as Primary while its peer is UpToDate: reads of blocks
+        // not yet resynced come from the peer (DESIGN.md §3 "Reads").
+        let sync_target = inner.target.is_some();
+        if sync_target && !(inner.link.is_some() && inner.peer_disk == DiskState::UpToDate) {
+            return Err("a resync into this disk is running and the peer is not UpToDate".into());
+        }
+        if inner.disk != DiskState::UpToDate && !sync_target && !force {
+            return Err(format!(
+                "the disk is {}: only an UpToDate disk may become Primary (wait for \
+                 the resync, or `primary --force` to declare this data the good copy)",
+                inner.disk
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes this node Primary or Secondary. A promotion while connected needs the
+    /// peer's grant for this connection (`granted`, see [`Self::promote`]).
+    fn change_role(&self, primary: bool, force: bool, granted: Option<u64>) -> Result<(), String> {
         let mut effects = Vec::new();
         {
             let mut g = self.lock();
@@ -465,32 +675,18 @@ impl Volume {
                 if inner.role == Role::Primary {
                     return Ok(());
                 }
-                if inner.link.is_some() && inner.peer_role == Role::Primary {
-                    return Err(
-                        "the peer is Primary; make it Secondary first (tandem allows one Primary)"
-                            .into(),
-                    );
+                Self::promotion_refusal(inner, force)?;
+                if let Some(l) = &inner.link {
+                    if granted != Some(l.session) {
+                        return Err(
+                            "the connection changed while the peer considered the promotion; \
+                             retry"
+                                .into(),
+                        );
+                    }
                 }
-                if inner.receiver.stats().active_writes > 0 {
-                    return Err("peer writes are still being applied; retry".into());
-                }
-                // A SyncTarget may serve as Primary while its peer is UpToDate: reads of
-                // blocks not yet resynced come from the peer (DESIGN.md §3 "Reads").
                 let sync_target = inner.target.is_some();
-                if sync_target && !(inner.link.is_some() && inner.peer_disk == DiskState::UpToDate)
-                {
-                    return Err(
-                        "a resync into this disk is running and the peer is not UpToDate".into(),
-                    );
-                }
                 let forced = inner.disk != DiskState::UpToDate && !sync_target;
-                if forced && !force {
-                    return Err(format!(
-                        "the disk is {}: only an UpToDate disk may become Primary (wait for \
-                         the resync, or `primary --force` to declare this data the good copy)",
-                        inner.disk
-                    ));
-                }
                 if forced {
                     self.md_lock()
                         .set_consistent_blocking(true)
@@ -505,8 +701,15 @@ impl Volume {
                     .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
                 // A Primary without its peer's disk starts a new data generation
                 // (drbd_uuid_new_current): the UUIDs then tell a later handshake that
-                // this node has writes the peer lacks, or a split brain.
-                let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
+                // this node has writes the peer lacks, or a split brain. So does the
+                // first Primary of a pair whose UUIDs are still the just-created value
+                // (two files `tandem up` created, consistent without a first sync): if
+                // both stayed just-created, a crash of this Primary would meet DRBD's
+                // rule 10 (both just created: no resync) and its activity log's extents
+                // would never be resynced.
+                let reachable = inner.link.is_some()
+                    && inner.peer_disk >= DiskState::Inconsistent
+                    && !inner.uuids.is_just_created();
                 let mut uuids = inner.uuids;
                 uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, forced);
                 self.persist_uuids(inner, uuids)?;
@@ -707,13 +910,19 @@ impl Volume {
     }
 
     /// A connection finished its handshake. Returns the notify that kills it.
-    pub fn connection_up(&self, link: Link, peer: &PeerParams) -> Arc<Notify> {
+    pub fn connection_up(
+        &self,
+        link: Link,
+        peer: &PeerParams,
+        resolve_conflicts: bool,
+    ) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
         let mut effects = Vec::new();
         {
             let mut g = self.lock();
             let inner = &mut *g;
             inner.link = Some(link);
+            inner.resolve_conflicts = resolve_conflicts;
             inner.kill = Some(kill.clone());
             inner.peer_role = peer.role;
             inner.peer_disk = peer.disk;
@@ -757,6 +966,7 @@ impl Volume {
             }
         }
         self.run(effects);
+        self.link_up.notify_waiters();
         kill
     }
 
@@ -771,6 +981,8 @@ impl Volume {
             }
             inner.link = None;
             inner.kill = None;
+            // A request of ours dies with its connection (the waiter sees the drop).
+            inner.own_request = None;
             inner.peer_role = Role::Unknown;
             inner.peer_disk = DiskState::DUnknown;
             inner.conn = if inner.standalone {
@@ -905,7 +1117,11 @@ impl Volume {
         let _ = self.with_session(session, |v, inner, _| {
             let s = wire::StateBits::unpack(word);
             inner.peer_role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
-            inner.peer_disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
+            let disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
+            if disk <= DiskState::Failed && inner.peer_disk > DiskState::Failed {
+                v.peer_disk_failed(inner, disk);
+            }
+            inner.peer_disk = disk;
             if let Some(r) = inner.source.as_mut() {
                 r.s.set_peer_primary(inner.peer_role == Role::Primary);
             }
@@ -913,6 +1129,226 @@ impl Volume {
             v.source_peer_state(inner, conn);
             Ok(())
         });
+    }
+
+    /// The peer's disk failed (or was detached) while connected: everything this node
+    /// writes from now on is out of sync there (the peer answers each write with
+    /// `P_NEG_ACK`), and a Primary starts a generation the peer lacks, as after losing
+    /// the peer (DRBD's `after_state_ch`).
+    fn peer_disk_failed(&self, inner: &mut Inner, disk: DiskState) {
+        tracing::error!(
+            "peer {}'s disk is {disk}: its copy is out of date from here on",
+            self.peer_node
+        );
+        inner.event(
+            "peer-disk-failed",
+            serde_json::json!({ "peer": self.peer_node, "disk": disk }),
+        );
+        inner.peer_disk_failure = Some(format!(
+            "{}'s disk reported {disk} at {}: its copy lacks every write since",
+            self.peer_node,
+            unix_time_string()
+        ));
+        let mut uuids = inner.uuids;
+        let random = random_uuid(&mut rand::thread_rng());
+        if uuids.lost_peer_disk(random, inner.role == Role::Primary, false, inner.disk) {
+            if let Err(e) = self.persist_uuids(inner, uuids) {
+                tracing::error!("{e}; the disk goes out of use");
+                inner.primary.fail_disk();
+            }
+        }
+    }
+
+    /// A write to the local disk failed (DRBD's `on-io-error`). In memory at once: the
+    /// block is out of sync in this node's bitmap and the disk leaves UpToDate —
+    /// `Failed` with `detach` (no more writes reach it; a Primary fails all IO from now
+    /// on, as after a metadata failure; tandem has no diskless mode), `Inconsistent`
+    /// with `pass_on`. Durably, before the caller completes the write (so before a
+    /// Secondary's `P_NEG_ACK` lets the Primary count the block as only its own):
+    /// `MDF_CONSISTENT` is cleared (a restart comes back Inconsistent, not promotable
+    /// without `--force`), and a Secondary writes the bitmap pages with the new bits.
+    /// Then the peer is told (`P_STATE`); a detached Secondary goes StandAlone (a
+    /// restart attaches the disk again), a `pass_on` node renews the connection so that
+    /// the handshake resyncs the failed blocks from the peer at once.
+    async fn record_disk_failure(&self, side: Side, sector: u64, len: u32) {
+        let detach = self.on_io_error == crate::config::OnIoError::Detach;
+        let first = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if matches!(side, Side::Receiver(_)) {
+                // A Primary's core marks its own failed writes (`local_done`).
+                inner.primary.out_of_sync_mut().mark(sector, len);
+            }
+            let first = inner.disk > DiskState::Failed && inner.disk_failure.is_none();
+            if first {
+                let why = format!(
+                    "a write of {len} bytes at sector {sector} failed at {} (on-io-error {})",
+                    unix_time_string(),
+                    self.on_io_error.name()
+                );
+                tracing::error!("local disk: {why}");
+                inner.event("disk-failed", serde_json::json!({ "why": why }));
+                inner.disk_failure = Some(why);
+                inner.disk = if detach {
+                    DiskState::Failed
+                } else {
+                    DiskState::Inconsistent
+                };
+                if detach && inner.role == Role::Primary {
+                    inner.primary.fail_disk();
+                }
+            }
+            first
+        };
+        self.failure_recorded
+            .get_or_init(|| async {
+                let Some(me) = self.me.upgrade() else { return };
+                let r = tokio::task::spawn_blocking(move || {
+                    me.md_lock().set_consistent_blocking(false)
+                })
+                .await;
+                if !matches!(r, Ok(Ok(()))) {
+                    tracing::error!(
+                        "cannot record the failed disk as Inconsistent in the metadata ({r:?}); \
+                         do not promote this node before a resync"
+                    );
+                }
+            })
+            .await;
+        if matches!(side, Side::Receiver(_)) {
+            let _order = self.failure_pages.lock().await;
+            let pages = self.lock().primary.take_dirty_bitmap_pages();
+            if let Err(e) = self.write_bitmap_pages_async(pages).await {
+                tracing::error!("failed disk: {e}");
+            }
+        }
+        if !first {
+            return;
+        }
+        let kill = {
+            let mut g = self.lock();
+            self.send_state(&mut g);
+            g.kill.clone()
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            // Let the P_NEG_ACK and the P_STATE leave before the connection goes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if detach {
+                if me.lock().role != Role::Primary {
+                    tracing::error!(
+                        "the disk is detached: staying StandAlone; fix the disk and restart \
+                         the node to attach it again (a resync from the peer repairs it)"
+                    );
+                    me.set_standalone(true);
+                }
+            } else if let Some(k) = kill {
+                tracing::warn!("pass_on: renewing the connection to resync the failed blocks");
+                k.notify_one();
+            }
+        });
+    }
+
+    /// True when a failed write took the disk out of service (`on-io-error detach`).
+    pub fn disk_failed(&self) -> bool {
+        self.lock().disk <= DiskState::Failed
+    }
+
+    /// A peer's `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ`: decided by `state::change`,
+    /// answered on the meta socket, then applied.
+    pub fn peer_state_request(&self, session: u64, cmd: Command, req: wire::ReqState) {
+        let granted = self.with_session(session, |v, inner, _| {
+            let local = change::Local {
+                role: inner.role,
+                disk: inner.disk,
+                conn: inner.conn,
+                peer_disk: inner.peer_disk,
+                own_request_pending: inner.own_request.is_some(),
+                resolve_conflicts: inner.resolve_conflicts,
+            };
+            let d = change::decide(&local, req.mask, req.val);
+            let reply = Packet::ReqStateReply {
+                cmd: if cmd == Command::P_CONN_ST_CHG_REQ {
+                    Command::P_CONN_ST_CHG_REPLY
+                } else {
+                    Command::P_STATE_CHG_REPLY
+                },
+                retcode: d.rv.code(),
+            };
+            if let Some(bytes) = Self::encode(&inner.link, &reply) {
+                Self::queue(inner, false, bytes, None, None);
+            }
+            if !d.rv.is_success() {
+                tracing::warn!(
+                    "refused the peer's state change request (mask {:#x}, val {:#x}): {}",
+                    req.mask,
+                    req.val,
+                    d.rv.describe()
+                );
+                return Ok(None);
+            }
+            let g = d.grant;
+            if let Some(disk) = g.peer_disk {
+                if disk <= DiskState::Failed && inner.peer_disk > DiskState::Failed {
+                    v.peer_disk_failed(inner, disk);
+                }
+                inner.peer_disk = disk;
+            }
+            if let Some(role) = g.peer_role {
+                // From now on this node refuses its own promotion: the peer is Primary.
+                inner.peer_role = role;
+            }
+            Ok(Some(g))
+        });
+        if let Ok(Some(Some(g))) = granted {
+            if g.sync_source || g.sync_target {
+                self.renew_for_resync(session, g.sync_target);
+            }
+        }
+    }
+
+    /// The peer asked for a full resync (its `invalidate` or `invalidate-remote`): tandem
+    /// starts a resync only at a handshake, so once the reply has left, a target marks
+    /// every block out of sync (as `invalidate` does) and the connection is renewed; the
+    /// handshake then decides the resync from the disk states and bitmaps.
+    fn renew_for_resync(&self, session: u64, target: bool) {
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            // Let the reply reach the socket before the connection goes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let kill = {
+                let g = me.lock();
+                match &g.link {
+                    Some(l) if l.session == session => g.kill.clone(),
+                    _ => return,
+                }
+            };
+            tracing::warn!(
+                "the peer asked for a full resync {} this node; renewing the connection",
+                if target { "into" } else { "from" }
+            );
+            if target {
+                if let Err(e) = me.invalidate() {
+                    tracing::error!("cannot invalidate for the peer's resync: {e}");
+                }
+            } else if let Some(k) = kill {
+                k.notify_one();
+            }
+        });
+    }
+
+    /// The peer's `P_STATE_CHG_REPLY` / `P_CONN_ST_CHG_REPLY` to this node's request.
+    pub fn state_reply(&self, session: u64, retcode: i32) {
+        let mut g = self.lock();
+        match g.own_request.take() {
+            Some((s, tx)) if s == session => {
+                let _ = tx.send(retcode);
+            }
+            other => {
+                g.own_request = other;
+                tracing::warn!("state change reply {retcode} without a request; ignored");
+            }
+        }
     }
 
     /// A buffer for `len` bytes of peer data; waits until the Secondary's buffer budget
@@ -1270,7 +1706,14 @@ impl Volume {
                     buf,
                 } => {
                     tokio::spawn(async move {
-                        let ok = v.local_io(sector, len, kind, fua, buf).await;
+                        // A detached disk takes no more writes (`on-io-error detach`).
+                        let detached = v.lock().disk <= DiskState::Failed;
+                        let ok = !detached && v.local_io(sector, len, kind, fua, buf).await;
+                        if !ok {
+                            // Recorded before the write completes (and before a Secondary
+                            // answers P_NEG_ACK): never UpToDate again without a resync.
+                            v.record_disk_failure(side, sector, len).await;
+                        }
                         v.feed(|v, inner, fx| {
                             inner.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
                             match side {
@@ -1750,6 +2193,10 @@ impl Volume {
             "activity_log": pstats.al,
             "al_waiting_writes": pstats.al_waiting,
             "crashed_primary": g.crashed_primary,
+            "startup_role": g.startup_role,
+            "disk_failure": g.disk_failure,
+            "peer_disk_failure": g.peer_disk_failure,
+            "on_io_error": self.on_io_error.name(),
             "uuids": g.uuids.to_string(),
             "split_brain": g.split_brain,
             "split_brain_resolved": g.split_brain_resolved,
@@ -1767,6 +2214,14 @@ impl Volume {
 
 /// A core refusing a local completion is a driver bug (unknown or duplicate tag): logged,
 /// never fatal, since the core's state is unchanged when it refuses.
+/// Seconds since the epoch, for messages an operator reads beside logs.
+fn unix_time_string() -> String {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("unix time {s}")
+}
+
 fn log_refusal(r: Result<(), CoreError>) {
     if let Err(e) = r {
         tracing::error!("replication core refused a local completion: {e}");

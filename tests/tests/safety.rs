@@ -1,0 +1,255 @@
+//! Operations that must not lose an acknowledged write (issue 10): a disk that failed a
+//! write is never promoted without a resync, two `primary` commands racing on both
+//! nodes make one Primary, and a node restarted after a switchover does not take the
+//! Primary role back.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use tandem_tests::loopdev::tandem;
+use tandem_tests::mgmt::MgmtConn;
+use tandem_tests::tools::{nbd_roundtrip, run_cmd, Fio};
+use tandem_tests::{Cluster, ClusterOpts, Node, StatusExt, CONNECT_TIMEOUT};
+
+fn sock(n: &Node) -> String {
+    n.mgmt_socket().to_string_lossy().into_owned()
+}
+
+/// A tmpfs of `mib` MiB mounted for the life of the value (lazily unmounted on drop).
+struct SmallFs {
+    path: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(path: &Path, mib: u32) -> SmallFs {
+        std::fs::create_dir_all(path).expect("mount point");
+        run_cmd(
+            std::process::Command::new("mount").args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m"),
+                "tmpfs",
+                &path.to_string_lossy(),
+            ]),
+            std::time::Duration::from_secs(10),
+            "mount",
+        )
+        .expect("run mount")
+        .assert_success("mount a small tmpfs (the tests run as root)");
+        SmallFs {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Issue 10, failure 1: the Secondary's disk runs out of space under replicated writes.
+/// The Primary acknowledges every write (its own disk has them) and goes on; the
+/// Secondary records the failure (disk `Failed`, StandAlone, MDF_CONSISTENT cleared) and
+/// the Primary shows it. After the Primary is lost, the Secondary refuses promotion —
+/// also with `--force`, and, after a restart, as an Inconsistent disk without `--force`.
+#[test]
+fn a_secondary_whose_disk_failed_cannot_be_promoted() {
+    let mut c = Cluster::new(ClusterOpts::new("safety-enospc").autostart(false));
+    let fs = SmallFs::mount(&c.dir().join("small"), 24);
+    // beta's backing file lives on the small tmpfs (the daemon creates it there).
+    let beta_disk = c.node(1).disk().to_string_lossy().into_owned();
+    let small = fs.path.join("beta.img").to_string_lossy().into_owned();
+    let text = c.config_text().replace(&beta_disk, &small);
+    std::fs::write(c.config_path(), text).expect("config");
+    c.start_all();
+    c.wait_connected();
+    let uri = c.node(0).nbd_unix_uri();
+    // 48 MiB of data into a 24 MiB filesystem: the Secondary fails half way.
+    let r = Fio::nbd(&uri)
+        .arg("--rw=write")
+        .arg("--bs=1M")
+        .arg("--iodepth=4")
+        .arg("--size=48M")
+        .arg("--verify=crc32c")
+        .run(c.dir());
+    r.assert_ok();
+    let beta = c
+        .node(1)
+        .wait_status(CONNECT_TIMEOUT, "Secondary disk Failed", |s| {
+            s.opt_str("/disk") == Some("Failed")
+        });
+    assert!(beta.opt_str("/disk_failure").is_some(), "{beta}");
+    c.node(1)
+        .wait_status(CONNECT_TIMEOUT, "Secondary StandAlone", |s| {
+            s.opt_str("/connection") == Some("StandAlone")
+        });
+    let alpha = c.node(0).status();
+    assert_eq!(alpha.str_at("/role"), "Primary", "{alpha}");
+    assert!(alpha.u64_at("/out_of_sync_bytes") > 0, "{alpha}");
+    assert!(alpha.opt_str("/peer_disk_failure").is_some(), "{alpha}");
+
+    // The Primary is lost; the operator tries to fail over to the Secondary.
+    c.node_mut(0).kill9();
+    let b = sock(c.node(1));
+    for args in [
+        &["primary", "--socket", &b][..],
+        &["primary", "--force", "--socket", &b],
+    ] {
+        let out = tandem(args);
+        assert!(
+            !out.status.success(),
+            "{args:?} promoted a node whose disk failed:\n{}",
+            out.stdout
+        );
+        assert!(out.stderr.contains("Failed"), "{args:?}: {}", out.stderr);
+    }
+    // A restart re-attaches the disk: it comes back Inconsistent, still not promotable.
+    c.node_mut(1).restart();
+    let st = c.node(1).status();
+    assert_eq!(st.str_at("/disk"), "Inconsistent", "{st}");
+    let out = tandem(&["primary", "--socket", &b]);
+    assert!(!out.status.success(), "promoted an Inconsistent disk");
+    assert!(out.stderr.contains("Inconsistent"), "{}", out.stderr);
+    assert_eq!(c.node(1).status().str_at("/role"), "Secondary");
+    c.node_mut(1).stop();
+    drop(fs);
+}
+
+/// Issue 10, failure 2: `primary` given to both connected nodes at the same instant.
+/// Today's local check let both win; the cluster-wide request lets exactly one.
+#[test]
+fn racing_primary_commands_make_exactly_one_primary() {
+    let mut c = Cluster::new(ClusterOpts::new("safety-race"));
+    c.wait_connected();
+    let socks = [sock(c.node(0)), sock(c.node(1))];
+    for round in 0..12 {
+        // Both Secondary.
+        for s in &socks {
+            tandem(&["secondary", "--socket", s]).assert_success("demote");
+        }
+        let barrier = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = socks
+            .iter()
+            .map(|s| {
+                let mut conn = MgmtConn::connect(Path::new(s)).expect("mgmt connect");
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    conn.request_line(r#"{"cmd":"primary"}"#)
+                        .expect("primary reply")
+                })
+            })
+            .collect();
+        let replies: Vec<serde_json::Value> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        let won: Vec<bool> = replies
+            .iter()
+            .map(|r| r.get("ok").and_then(serde_json::Value::as_bool) == Some(true))
+            .collect();
+        let roles: Vec<String> = (0..2)
+            .map(|i| c.node(i).status().str_at("/role").to_string())
+            .collect();
+        let primaries = roles.iter().filter(|r| *r == "Primary").count();
+        assert!(
+            primaries <= 1,
+            "round {round}: two Primaries: {roles:?}, replies {replies:?}"
+        );
+        assert!(
+            won.iter().filter(|w| **w).count() <= 1,
+            "round {round}: both promotions reported success: {replies:?}"
+        );
+        // A refusal says why (the peer's refusal or the crossing).
+        for r in replies.iter().filter(|r| r.get("ok") != Some(&true.into())) {
+            let e = r["error"].as_str().unwrap_or_default();
+            assert!(
+                e.contains("peer") || e.contains("Concurrent"),
+                "round {round}: refusal without a reason: {r}"
+            );
+        }
+        // Both still connected: nothing was broken by the race.
+        for i in 0..2 {
+            c.node(i).wait_connected();
+        }
+    }
+    // The pair still replicates: make node 0 Primary and write.
+    for s in &socks {
+        tandem(&["secondary", "--socket", s]).assert_success("demote");
+    }
+    tandem(&["primary", "--socket", &socks[0]]).assert_success("promote alpha");
+    nbd_roundtrip(&c.node(0).nbd_unix_uri(), 4 << 20);
+    let size = c.node(0).status().u64_at("/size_bytes");
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
+/// Issue 10, failure 4: after a switchover (alpha demoted, beta promoted), alpha — whose
+/// config still says `role = "primary"` — is restarted. It must stay Secondary and say
+/// why, instead of promoting itself and refusing the Primary peer forever.
+#[test]
+fn restart_after_a_switchover_keeps_the_new_primary() {
+    let mut c = Cluster::new(ClusterOpts::new("safety-switchover"));
+    c.wait_connected();
+    let (a, b) = (sock(c.node(0)), sock(c.node(1)));
+    tandem(&["secondary", "--socket", &a]).assert_success("demote alpha");
+    tandem(&["primary", "--socket", &b]).assert_success("promote beta");
+    c.node_mut(0).stop();
+    nbd_roundtrip(&c.node(1).nbd_unix_uri(), 4 << 20);
+    c.node_mut(0).start();
+    c.node(0).wait_connected();
+    let st = c
+        .node(0)
+        .wait_status(CONNECT_TIMEOUT, "alpha decided its start role", |s| {
+            s.opt_str("/startup_role").is_some()
+        });
+    assert_eq!(st.str_at("/role"), "Secondary", "{st}");
+    assert!(
+        st.str_at("/startup_role").contains("peer is Primary"),
+        "{st}"
+    );
+    let bs = c.node(1).status();
+    assert_eq!(bs.str_at("/role"), "Primary", "{bs}");
+    assert_eq!(bs.str_at("/connection"), "Connected", "{bs}");
+    // beta keeps serving writes, and they reach alpha.
+    nbd_roundtrip(&c.node(1).nbd_unix_uri(), 4 << 20);
+    let size = bs.u64_at("/size_bytes");
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
+/// The configured Primary starts alone (no peer within `wfc-timeout`): it promotes only
+/// if its UUIDs say it wrote last without its peer.
+#[test]
+fn a_lone_configured_primary_promotes_only_if_it_wrote_last() {
+    let mut c = Cluster::new(ClusterOpts::new("safety-wfc").autostart(false));
+    // A short wfc-timeout for the test (default 10 s).
+    let text = format!("{}\n[startup]\nwfc-timeout = 1\n", c.config_text());
+    std::fs::write(c.config_path(), text).expect("config");
+    c.node_mut(0).start();
+    // A fresh pair: alpha never wrote without beta; it stays Secondary.
+    let st = c
+        .node(0)
+        .wait_status(CONNECT_TIMEOUT, "alpha decided its start role", |s| {
+            s.opt_str("/startup_role").is_some()
+        });
+    assert_eq!(st.str_at("/role"), "Secondary", "{st}");
+    assert!(st.str_at("/startup_role").contains("wfc-timeout"), "{st}");
+    // The operator promotes it; it writes alone (a new generation, bitmap UUID set).
+    tandem(&["primary", "--socket", &sock(c.node(0))]).assert_success("promote alpha");
+    nbd_roundtrip(&c.node(0).nbd_unix_uri(), 1 << 20);
+    c.node_mut(0).stop();
+    // Restarted alone again: its UUIDs say it was the last Primary.
+    c.node_mut(0).start();
+    let st = c
+        .node(0)
+        .wait_status(CONNECT_TIMEOUT, "alpha promoted alone", |s| {
+            s.opt_str("/role") == Some("Primary")
+        });
+    assert!(st.str_at("/startup_role").contains("alone"), "{st}");
+    c.node_mut(0).stop();
+}
