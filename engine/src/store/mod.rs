@@ -61,6 +61,7 @@ mod buf;
 mod device;
 mod error;
 mod handle;
+mod lock;
 mod ring;
 
 #[cfg(test)]
@@ -75,3 +76,4 @@ pub use buf::{
 pub use device::{DeviceKind, StoreInfo};
 pub use error::{StoreError, StoreOp};
 pub use handle::{Store, StoreOptions, CLOSE_TIMEOUT, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH};
+pub use lock::{flock_holder, DeviceLock, LockError, MAX_PROC_LOCKS_BYTES};

@@ -26,7 +26,7 @@
 //! socket's reader stops reading, which back-pressures the peer through TCP.
 
 use crate::config::{Config, NodeConfig};
-use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
+use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, TargetInfo};
 use crate::meta::disk::{Attach, MetaDevice};
 use crate::net::handshake::{LocalParams, PeerParams};
 use crate::net::{Link, Outgoing};
@@ -279,6 +279,9 @@ pub struct Volume {
     conn_changed: Notify,
     /// A write retired: the core may accept again (see `core_request`).
     core_room: Notify,
+    /// The frontends' clients that have the volume open for writing (`secondary` refuses
+    /// while there are any, unless forced).
+    openers: Arc<Openers>,
     inner: Mutex<Inner>,
 }
 
@@ -380,6 +383,7 @@ impl Volume {
             accept: Notify::new(),
             conn_changed: Notify::new(),
             core_room: Notify::new(),
+            openers: Arc::new(Openers::default()),
             inner: Mutex::new(Inner {
                 role: Role::Secondary,
                 disk,
@@ -455,7 +459,8 @@ impl Volume {
     /// Makes this node Primary or Secondary; `force` promotes a disk that is not
     /// UpToDate (DRBD's `primary --force`): its data becomes the good copy, in a new
     /// generation, and a connected peer is resynced from it (the connection is renewed
-    /// so that the handshake decides that resync).
+    /// so that the handshake decides that resync). A demotion is refused while a frontend
+    /// client has the device open for writing (DRBD's "held open"); `force` demotes anyway.
     pub fn set_primary_forced(&self, primary: bool, force: bool) -> Result<(), String> {
         let mut effects = Vec::new();
         {
@@ -523,6 +528,13 @@ impl Volume {
             } else {
                 if inner.role == Role::Secondary {
                     return Ok(());
+                }
+                // DRBD's "held open" (SS_DEVICE_IN_USE): a client could still write.
+                if let Some(held) = self.openers.held_open().filter(|_| !force) {
+                    return Err(format!(
+                        "the device is {held}; disconnect them first, or `secondary --force` \
+                         (their next writes then fail with EPERM)"
+                    ));
                 }
                 if inner.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
                     return Err("writes are in flight; stop the application first".into());
@@ -1761,6 +1773,8 @@ impl Volume {
             "resync_hole_reads_skipped": g.hole_reads_skipped,
             "net_tx_bytes": self.net_tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
             "app_io_sectors": g.app_io_sectors,
+            "open_writers": self.openers.count(),
+            "opened_by": self.openers.describe(),
         })
     }
 }
@@ -1796,6 +1810,10 @@ impl BlockTarget for Volume {
             writable: g.role == Role::Primary,
             discard: true,
         }
+    }
+
+    fn openers(&self) -> Option<Arc<Openers>> {
+        Some(Arc::clone(&self.openers))
     }
 
     async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
