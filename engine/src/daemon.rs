@@ -1,6 +1,8 @@
 //! The daemon: wires one resource's pieces together and runs them until SIGTERM.
 //!
-//! `tandem up` loads and validates the config, opens the backing device, attaches its
+//! `tandem up` loads and validates the config, takes the node's lock file
+//! (`<mgmt-socket>.lock`, [`lock_node`]: a second process of the same node stops there,
+//! naming the running pid), opens and locks the backing device, attaches its
 //! DRBD 9 metadata ([`attach_disk`]: apply the activity log after a crash, mark the
 //! metadata unclean, load the bitmap — before any IO is served), starts the
 //! volume driver ([`crate::volume`]), the replication connection ([`crate::net`]), the NBD
@@ -12,6 +14,10 @@
 //! disk, then closes the connection, flushes the backing device and exits 0; each step is
 //! bounded by [`SHUTDOWN_GRACE`].
 //! `tandem demo` runs two such nodes as child processes on loopback.
+//!
+//! CLI output goes through [`out_line`]: a reader that closed the pipe (EPIPE) ends the
+//! command with exit status 0 ([`StdoutClosed`]) instead of a panic; the log writer drops
+//! lines it cannot write.
 
 use crate::config::{Config, InitialRole, MetaDisk, NodeConfig};
 use crate::frontend::nbd::{NbdListener, NbdOptions};

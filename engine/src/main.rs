@@ -148,7 +148,8 @@ enum Cmd {
     DumpMd {
         #[command(flatten)]
         target: MetaTarget,
-        /// Dump unclean metadata too (its bitmap does not include the activity log yet).
+        /// Dump unclean metadata too (its bitmap does not include the activity log yet),
+        /// and read a device that a running node holds (it may be changing meanwhile).
         #[arg(long)]
         force: bool,
         /// One JSON object instead of drbdmeta-style text.

@@ -9,6 +9,10 @@
 //! `# bits-set`), so the two can be compared field by field; the bitmap itself is not
 //! printed (a 1 PiB device has 32 GiB of it), only its set-bit count. `--json` gives the
 //! same fields as one object for scripts and tests.
+//!
+//! Every command locks its device(s) first as a running node does
+//! ([`crate::store::DeviceLock`]) and refuses a device in use, naming the holder's pid
+//! (drbdmeta refuses a device in use too); `dump-md --force` only reads and goes on.
 
 use super::al::AlGeometry;
 use super::disk::{ApplyAlReport, CreateOptions, MetaDevice, MetaLocation};
