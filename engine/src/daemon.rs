@@ -1,6 +1,8 @@
 //! The daemon: wires one resource's pieces together and runs them until SIGTERM.
 //!
-//! `tandem up` loads and validates the config, opens the backing device, attaches its
+//! `tandem up` loads and validates the config, takes the node's lock file
+//! (`<mgmt-socket>.lock`, [`lock_node`]: a second process of the same node stops there,
+//! naming the running pid), opens and locks the backing device, attaches its
 //! DRBD 9 metadata ([`attach_disk`]: apply the activity log after a crash, mark the
 //! metadata unclean, load the bitmap — before any IO is served), starts the
 //! volume driver ([`crate::volume`]), the replication connection ([`crate::net`]), the NBD
@@ -12,6 +14,10 @@
 //! disk, then closes the connection, flushes the backing device and exits 0; each step is
 //! bounded by [`SHUTDOWN_GRACE`].
 //! `tandem demo` runs two such nodes as child processes on loopback.
+//!
+//! CLI output goes through [`out_line`]: a reader that closed the pipe (EPIPE) ends the
+//! command with exit status 0 ([`StdoutClosed`]) instead of a panic; the log writer drops
+//! lines it cannot write.
 
 use crate::config::{Config, InitialRole, MetaDisk, NodeConfig};
 use crate::frontend::nbd::{NbdListener, NbdOptions};
@@ -20,7 +26,7 @@ use crate::meta::al::AlGeometry;
 use crate::meta::disk::{Attach, CreateOptions, MetaDevice, MetaLocation};
 use crate::meta::layout::{bitmap_bytes, MIN_META_BYTES};
 use crate::mgmt;
-use crate::store::{Store, StoreOptions};
+use crate::store::{DeviceLock, LockError, Store, StoreOptions};
 use crate::volume::Volume;
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -32,12 +38,64 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of a CLI call to the management socket.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The log's writer: standard error, where a write that fails (a closed pipe, a full
+/// disk) drops the line instead of failing. tracing-subscriber reports a failed write with
+/// `eprintln!`, which panics when standard error itself is the closed pipe.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// A CLI command's standard output was closed by its reader (`tandem status | head -1`,
+/// EPIPE): the command stops quietly and exits 0, as a filter whose reader is done.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes one line to standard output. A closed pipe gives [`StdoutClosed`]; another
+/// write error (a full disk) an error that says so. Never panics, unlike `println!`.
+pub fn out_line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let written = o
+        .write_fmt(args)
+        .and_then(|()| o.write_all(b"\n"))
+        .and_then(|()| o.flush());
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::anyhow!("cannot write to standard output: {e}")),
+    }
+}
+
+/// `println!` for CLI commands: returns from the function on a closed stdout.
+macro_rules! outln {
+    () => { out_line(format_args!(""))? };
+    ($($t:tt)*) => { out_line(format_args!($($t)*))? };
+}
+
+/// `println!` for the demo's banner: a closed stdout is ignored (the demo must still stop
+/// its nodes on Ctrl-C).
+macro_rules! sayln {
+    () => { let _ = out_line(format_args!("")); };
+    ($($t:tt)*) => { let _ = out_line(format_args!($($t)*)); };
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
@@ -79,7 +137,9 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
     };
     let (me, peer) = config.split(&me_name)?;
     let (me, peer) = (me.clone(), peer.clone());
-    let (store, md, attach) = attach_disk(&config, &me)?;
+    // Held until the process exits: one process per node and per device.
+    let mut locks = vec![lock_node(&config, &me)?];
+    let (store, md, attach) = attach_disk(&config, &me, &mut locks)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -174,7 +234,68 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
         }
         volume.shutdown(SHUTDOWN_GRACE).await;
         tracing::info!("stopped cleanly");
+        drop(locks);
         anyhow::Ok(())
+    })
+}
+
+/// The lock file of a node: its management socket's path with `.lock` appended.
+pub fn node_lock_path(me: &NodeConfig) -> PathBuf {
+    let mut p = me.mgmt_socket.clone().into_os_string();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Takes the node's lock file (see [`node_lock_path`]) and writes this process's pid into
+/// it: a second `tandem up` of the same node fails here, naming the running one, before
+/// it reads or writes anything else.
+pub fn lock_node(config: &Config, me: &NodeConfig) -> anyhow::Result<DeviceLock> {
+    use std::io::Write as _;
+    let path = node_lock_path(me);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the directory of {}", path.display()))?;
+    }
+    let lock = match DeviceLock::acquire(&path, true) {
+        Ok(l) => l,
+        Err(e @ LockError::Held { .. }) => {
+            // /proc/locks names the holder; the pid it wrote is the fallback.
+            let pid = e.holder().or_else(|| {
+                std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+            });
+            bail!(
+                "node {} of resource {} is already running{} (it holds {}): stop it first, \
+                 or query it with `tandem status --socket {}`; this process changed nothing",
+                me.name,
+                config.resource.name,
+                pid.map_or_else(String::new, |p| format!(" as process {p}")),
+                path.display(),
+                me.mgmt_socket.display()
+            );
+        }
+        Err(e) => return Err(e).context(format!("node {}: cannot take its lock file", me.name)),
+    };
+    let mut f = lock.file();
+    let written = f
+        .set_len(0)
+        .and_then(|()| writeln!(f, "{}", std::process::id()));
+    if let Err(e) = written {
+        tracing::warn!("cannot write the pid into {}: {e}", path.display());
+    }
+    Ok(lock)
+}
+
+/// Locks one of the node's devices (see [`DeviceLock`]); `what` is "disk" or "meta-disk".
+fn lock_device(me: &NodeConfig, path: &Path, what: &str) -> anyhow::Result<DeviceLock> {
+    DeviceLock::acquire(path, false).map_err(|e| match e {
+        LockError::Held { .. } => anyhow::anyhow!(
+            "node {}: {what} {e} (another tandem using the same {what}, or a `tandem` \
+             metadata command): stop it first; this process changed nothing",
+            me.name
+        ),
+        other => anyhow::anyhow!("node {}: {what}: {other}", me.name),
     })
 }
 
@@ -184,9 +305,12 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
 /// consistent (the file is all zeroes); an existing device without metadata is refused
 /// with the `create-md` command to run. Metadata made by `create-md` is Inconsistent
 /// until a resync, `primary --force` or `new-current-uuid --clear-bitmap`.
+/// Each device is locked ([`DeviceLock`], pushed to `locks`) right after it is opened and
+/// before any metadata is read or written.
 pub fn attach_disk(
     config: &Config,
     me: &NodeConfig,
+    locks: &mut Vec<DeviceLock>,
 ) -> anyhow::Result<(Store, MetaDevice, Attach)> {
     let fresh = !me.disk.exists();
     let open = |path: &Path, size: Option<u64>| {
@@ -200,6 +324,7 @@ pub fn attach_disk(
         .with_context(|| format!("node {}: cannot open {}", me.name, path.display()))
     };
     let store = open(&me.disk, config.resource.size_bytes)?;
+    locks.push(lock_device(me, &me.disk, "disk")?);
     let node_id = config
         .nodes
         .iter()
@@ -220,6 +345,7 @@ pub fn attach_disk(
             let need = bitmap_bytes(data_bytes / 512)
                 .map(|b| (4096 + AlGeometry::default_ring().bytes() + b).max(MIN_META_BYTES));
             let meta = open(path, if fresh_md { need } else { None })?;
+            locks.push(lock_device(me, path, "meta-disk")?);
             (meta, MetaLocation::FlexExternal { data_bytes }, fresh_md)
         }
     };
@@ -346,26 +472,28 @@ pub fn cli_status(
     let reply = call(&socket, &mgmt::Request::Status.canonical())?;
     let s = &reply["status"];
     if json {
-        println!("{s}");
+        outln!("{s}");
         return Ok(());
     }
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
-    println!("{} role:{}", str_of(&s["resource"]), str_of(&s["role"]));
-    println!(
+    outln!("{} role:{}", str_of(&s["resource"]), str_of(&s["role"]));
+    outln!(
         "  disk:{} size:{} protocol:{}",
         str_of(&s["disk"]),
         s["size_bytes"],
         str_of(&s["protocol"])
     );
-    println!(
+    outln!(
         "  in-flight-writes:{} bytes-replicated:{} out-of-sync:{}",
-        s["in_flight_writes"], s["bytes_replicated"], s["out_of_sync_bytes"]
+        s["in_flight_writes"],
+        s["bytes_replicated"],
+        s["out_of_sync_bytes"]
     );
     let peer = &s["peer"];
     if peer.is_null() {
-        println!("  peer connection:{}", str_of(&s["connection"]));
+        outln!("  peer connection:{}", str_of(&s["connection"]));
     } else {
-        println!(
+        outln!(
             "  {} connection:{} role:{} disk:{}",
             str_of(&peer["node"]),
             str_of(&s["connection"]),
@@ -382,7 +510,8 @@ pub fn cli_command(socket: &Path, req: &mgmt::Request) -> anyhow::Result<()> {
 }
 
 /// `tandem events`: prints the recorded events, one JSON object per line; with
-/// `follow`, keeps polling (every 500 ms) and prints new ones until interrupted.
+/// `follow`, keeps polling (every 500 ms) and prints new ones until interrupted or until
+/// a line cannot be written (the reader of a pipe went away: exit 0, see [`StdoutClosed`]).
 pub fn cli_events(socket: &Path, follow: bool) -> anyhow::Result<()> {
     let mut next = 0u64;
     loop {
@@ -390,7 +519,7 @@ pub fn cli_events(socket: &Path, follow: bool) -> anyhow::Result<()> {
         for e in reply["events"].as_array().into_iter().flatten() {
             let seq = e["seq"].as_u64().unwrap_or(0);
             if seq >= next {
-                println!("{e}");
+                outln!("{e}");
                 next = seq + 1;
             }
         }
@@ -422,20 +551,21 @@ pub fn cli_verify(socket: &Path, json: bool) -> anyhow::Result<u64> {
     };
     let oos = result["out_of_sync_blocks"].as_u64().unwrap_or(0);
     if json {
-        println!("{result}");
+        outln!("{result}");
     } else {
         if result["finished"] != true {
             bail!("verify was interrupted (the connection dropped): {result}");
         }
-        println!(
+        outln!(
             "verified {} blocks: {} out of sync",
-            result["total_blocks"], oos
+            result["total_blocks"],
+            oos
         );
         for r in result["ranges"].as_array().into_iter().flatten() {
-            println!("  out of sync: sector {} + {} sectors", r[0], r[1]);
+            outln!("  out of sync: sector {} + {} sectors", r[0], r[1]);
         }
         if result["ranges_truncated"] == true {
-            println!("  (more ranges than listed)");
+            outln!("  (more ranges than listed)");
         }
     }
     Ok(oos)
@@ -492,21 +622,21 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    println!(
+    sayln!(
         "tandem demo: resource \"demo\", {size}, protocol {protocol}, files and logs in {}",
         dir.display()
     );
-    println!(
+    sayln!(
         "  alpha (Primary)   disk {}/alpha.img  mgmt {}",
         dir.display(),
         primary.mgmt_socket.display()
     );
-    println!(
+    sayln!(
         "  beta  (Secondary) disk {}/beta.img   mgmt {}",
         dir.display(),
         config.nodes[1].mgmt_socket.display()
     );
-    println!(
+    sayln!(
         "  replication: {}",
         if connected {
             "Connected"
@@ -514,17 +644,17 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
             "not connected yet (see the logs)"
         }
     );
-    println!();
-    println!("Point a client at the Primary's NBD export:");
-    println!("  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
-    println!("  qemu-system-x86_64 ... -drive file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none");
-    println!("  nbdinfo 'nbd://127.0.0.1:10809/demo'");
-    println!(
+    sayln!();
+    sayln!("Point a client at the Primary's NBD export:");
+    sayln!("  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
+    sayln!("  qemu-system-x86_64 ... -drive file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none");
+    sayln!("  nbdinfo 'nbd://127.0.0.1:10809/demo'");
+    sayln!(
         "  {} status --socket {}",
         exe.display(),
         primary.mgmt_socket.display()
     );
-    println!("Ctrl-C stops both nodes.");
+    sayln!("Ctrl-C stops both nodes.");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -541,11 +671,15 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
     for child in &mut children {
         let _ = child.wait();
     }
-    println!("tandem demo stopped; the replicas are in {}", dir.display());
+    sayln!("tandem demo stopped; the replicas are in {}", dir.display());
     Ok(())
 }
 
 impl mgmt::Handler for Volume {
+    fn open_writers(&self) -> usize {
+        BlockTarget::openers(self).map_or(0, |o| o.count())
+    }
+
     fn handle(&self, req: mgmt::Request) -> mgmt::Reply<'_> {
         Box::pin(async move {
             if let mgmt::Request::Primary { force } = req {
@@ -562,7 +696,9 @@ impl Volume {
         match req {
             mgmt::Request::Status => Ok(serde_json::json!({ "status": self.status() })),
             mgmt::Request::Primary { .. } => Err("promotion is handled above".into()),
-            mgmt::Request::Secondary => self.set_primary(false).map(|()| serde_json::json!({})),
+            mgmt::Request::Secondary { force } => {
+                self.demote(force).map(|()| serde_json::json!({}))
+            }
             mgmt::Request::Disconnect => {
                 self.set_standalone(true);
                 Ok(serde_json::json!({}))

@@ -12,6 +12,7 @@
 //! | [`frontend`] | how applications reach a volume: NBD (ublk later) |
 //! | [`mgmt`] | the management socket (newline-delimited JSON) |
 //! | [`config`] | the TOML resource file |
+//! | [`sockfile`] | Unix socket files: a live listener's path is never replaced |
 //! | [`volume`] | the driver: runs the sans-IO core against real disks and sockets |
 //! | [`sim`] | the seeded simulator of two replicas with faulty disks and networks |
 
@@ -25,6 +26,7 @@ pub mod net;
 pub mod request;
 pub mod resync;
 pub mod sim;
+pub mod sockfile;
 pub mod state;
 pub mod store;
 pub mod volume;

@@ -53,9 +53,16 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Make a node Secondary.
+    /// Make a node Secondary. Refused while an NBD client has the export open for writing
+    /// (DRBD's "held open"); the refusal names the clients.
     #[command(name = "secondary")]
-    Secondary(SocketArg),
+    Secondary {
+        #[command(flatten)]
+        s: SocketArg,
+        /// Demote anyway: the open clients' next writes fail with EPERM.
+        #[arg(long)]
+        force: bool,
+    },
     /// Drop the replication connection and stay StandAlone.
     Disconnect(SocketArg),
     /// Connect again after `disconnect` (or after a split brain).
@@ -141,7 +148,8 @@ enum Cmd {
     DumpMd {
         #[command(flatten)]
         target: MetaTarget,
-        /// Dump unclean metadata too (its bitmap does not include the activity log yet).
+        /// Dump unclean metadata too (its bitmap does not include the activity log yet),
+        /// and read a device that a running node holds (it may be changing meanwhile).
         #[arg(long)]
         force: bool,
         /// One JSON object instead of drbdmeta-style text.
@@ -181,8 +189,7 @@ impl MetaTarget {
 /// Runs a metadata command and prints what it returns.
 fn meta_cmd(f: impl FnOnce() -> Result<String, meta::MetaError>) -> anyhow::Result<()> {
     let out = f()?;
-    print!("{out}");
-    Ok(())
+    tandem_engine::daemon::out_line(format_args!("{}", out.trim_end_matches('\n')))
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,7 +214,7 @@ fn main() -> ExitCode {
             json,
         } => tandem_engine::daemon::cli_status(socket, config, node.as_deref(), json),
         Cmd::Primary { s, force } => send(&s, Request::Primary { force }),
-        Cmd::Secondary(s) => send(&s, Request::Secondary),
+        Cmd::Secondary { s, force } => send(&s, Request::Secondary { force }),
         Cmd::Disconnect(s) => send(&s, Request::Disconnect),
         Cmd::Connect { s, discard_my_data } => send(&s, Request::Connect { discard_my_data }),
         Cmd::PauseSync(s) => send(&s, Request::PauseSync),
@@ -249,8 +256,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that closed our stdout (`tandem status | head -1`) has what it wanted.
+        Err(e) if e.is::<tandem_engine::daemon::StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tandem: {e:#}");
+            // Not eprintln!: it panics when stderr is a closed pipe.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "tandem: {e:#}");
             ExitCode::FAILURE
         }
     }

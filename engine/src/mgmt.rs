@@ -7,7 +7,9 @@
 //! back, `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Input is hostile: a line longer
 //! than [`MAX_LINE_BYTES`] (64 KiB) closes that connection; a malformed line gets an error
 //! reply and the connection stays usable; at most [`MAX_CONNECTIONS`] clients at once; an
-//! idle client is dropped after [`IDLE_TIMEOUT`].
+//! idle client is dropped after [`IDLE_TIMEOUT`]. An unforced `secondary` waits up to
+//! [`HELD_OPEN_SETTLE`] (1 s) for clients holding the device open to go away before the
+//! volume refuses it as "held open".
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -23,6 +25,9 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 32;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long `secondary` (unforced) waits for clients that hold the device open to go
+/// away before it is refused as "held open".
+pub const HELD_OPEN_SETTLE: Duration = Duration::from_secs(1);
 
 /// A management request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +41,13 @@ pub enum Request {
         /// `--force`.
         force: bool,
     },
-    /// Become Secondary (stop serving writes).
-    Secondary,
+    /// Become Secondary (stop serving writes). Refused while a frontend client has the
+    /// device open for writing (DRBD's "held open"), unless `force` (`"force":true`):
+    /// then the clients' next writes fail with EPERM.
+    Secondary {
+        /// `--force`.
+        force: bool,
+    },
     /// Drop the replication connection and stay StandAlone.
     Disconnect,
     /// Leave StandAlone and connect to the peer again. `discard_my_data`
@@ -76,7 +86,7 @@ impl Request {
         let (cmd, flag) = match *self {
             Request::Status => ("status", None),
             Request::Primary { force } => ("primary", force.then_some("force")),
-            Request::Secondary => ("secondary", None),
+            Request::Secondary { force } => ("secondary", force.then_some("force")),
             Request::Disconnect => ("disconnect", None),
             Request::Connect { discard_my_data } => {
                 ("connect", discard_my_data.then_some("discard-my-data"))
@@ -108,6 +118,21 @@ pub type Reply<'a> = std::pin::Pin<
 pub trait Handler: Send + Sync + 'static {
     /// Runs one request; `Ok` is merged into the reply object, `Err` becomes `error`.
     fn handle(&self, req: Request) -> Reply<'_>;
+    /// How many frontend clients have the device open for writing (see
+    /// [`HELD_OPEN_SETTLE`]).
+    fn open_writers(&self) -> usize {
+        0
+    }
+}
+
+/// Waits (at most [`HELD_OPEN_SETTLE`]) for writers that are going away: a client that
+/// just closed its NBD connection is only noticed when the server reads the close, which
+/// may come after a `secondary` sent right after it.
+async fn settle_open_writers(handler: &dyn Handler) {
+    let deadline = tokio::time::Instant::now() + HELD_OPEN_SETTLE;
+    while handler.open_writers() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Parses one request line into a request or an error message for the reply.
@@ -125,7 +150,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         .ok_or_else(|| format!("no \"cmd\" string; {HINT}"))?;
     // The one optional flag each command takes, if any.
     let flag_name = match cmd {
-        "primary" => Some("force"),
+        "primary" | "secondary" => Some("force"),
         "connect" => Some("discard-my-data"),
         "new-current-uuid" => Some("clear-bitmap"),
         _ => None,
@@ -152,7 +177,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     Ok(match cmd {
         "status" => Request::Status,
         "primary" => Request::Primary { force: flag },
-        "secondary" => Request::Secondary,
+        "secondary" => Request::Secondary { force: flag },
         "disconnect" => Request::Disconnect,
         "connect" => Request::Connect {
             discard_my_data: flag,
@@ -181,21 +206,10 @@ fn reply_line(result: Result<serde_json::Value, String>) -> Vec<u8> {
     out
 }
 
-/// Binds the socket (replacing a stale socket file, refusing to replace anything else).
+/// Binds the socket. A stale socket file is replaced; a socket that a live server still
+/// answers on, or a file that is not a socket, is refused ([`crate::sockfile`]).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; remove it or choose another mgmt-socket",
-                    path.display()
-                ),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
+    crate::sockfile::clear_stale(path, "mgmt-socket")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -212,6 +226,10 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let owner_uid = std::fs::metadata(&path).map(|m| m.uid()).unwrap_or(0);
+    // (device, inode) of the socket file bound: at the end only that file is removed.
+    let own = std::fs::symlink_metadata(&path)
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -250,7 +268,12 @@ pub async fn serve(
             drop(permit);
         });
     }
-    let _ = std::fs::remove_file(&path);
+    let current = std::fs::symlink_metadata(&path)
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
+    if current.is_some() && current == own {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) {
@@ -274,7 +297,12 @@ async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) {
             continue;
         }
         let result = match parse_request(&line) {
-            Ok(req) => handler.handle(req).await,
+            Ok(req) => {
+                if req == (Request::Secondary { force: false }) {
+                    settle_open_writers(&*handler).await;
+                }
+                handler.handle(req).await
+            }
             Err(e) => {
                 tracing::warn!("mgmt: refused malformed request: {e}");
                 Err(e)

@@ -5,10 +5,17 @@
 //! frontend tests. The target owns replication semantics (DESIGN.md §3); the frontend only
 //! owns its protocol, its sockets and its bounds (in-flight requests per connection).
 //!
+//! A frontend registers every client that has the target open for writing with the
+//! target's [`Openers`] (DRBD's open count), so that `secondary` can refuse while the
+//! device is held open.
+//!
 //! Offsets and lengths are bytes, multiples of [`crate::store::SECTOR_SIZE`]; a frontend
 //! refuses unaligned requests with `EINVAL` before they reach the target.
 
 pub mod nbd;
+pub mod openers;
+
+pub use openers::{OpenGuard, Openers};
 
 use crate::store::AlignedBuf;
 use std::future::Future;
@@ -101,4 +108,9 @@ pub trait BlockTarget: Send + Sync + 'static {
     fn info(&self) -> TargetInfo;
     /// Serve one request; many may be in flight at once and complete in any order.
     fn submit(&self, io: BlockIo) -> impl Future<Output = Result<BlockReply, BlockError>> + Send;
+    /// The registry a frontend registers its writers with (the volume refuses to demote
+    /// while it is not empty); `None`: the target does not track them.
+    fn openers(&self) -> Option<Arc<Openers>> {
+        None
+    }
 }

@@ -133,6 +133,17 @@ pub enum MetaError {
     /// A command-line value is outside DRBD's limits.
     #[error("{0}")]
     Usage(String),
+    /// The device is in use (a running node holds its lock, or it is claimed exclusively).
+    #[error(
+        "{reason}; refusing to touch it while in use: stop the node that uses it first \
+         (its mgmt socket answers `tandem status`){hint}"
+    )]
+    InUse {
+        /// Which device, by whom.
+        reason: String,
+        /// `, or pass --force to …` where forcing is possible.
+        hint: &'static str,
+    },
     /// An IO on the metadata device failed.
     #[error("{device}: {what} at byte {offset}: {source}")]
     Io {

@@ -9,13 +9,17 @@
 //! `# bits-set`), so the two can be compared field by field; the bitmap itself is not
 //! printed (a 1 PiB device has 32 GiB of it), only its set-bit count. `--json` gives the
 //! same fields as one object for scripts and tests.
+//!
+//! Every command locks its device(s) first as a running node does
+//! ([`crate::store::DeviceLock`]) and refuses a device in use, naming the holder's pid
+//! (drbdmeta refuses a device in use too); `dump-md --force` only reads and goes on.
 
 use super::al::AlGeometry;
 use super::disk::{ApplyAlReport, CreateOptions, MetaDevice, MetaLocation};
 use super::layout::SECTOR;
 use super::superblock::{flag_names, mdf, mdf_peer};
 use super::MetaError;
-use crate::store::{Store, StoreOptions};
+use crate::store::{DeviceLock, LockError, Store, StoreOptions};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -61,6 +65,40 @@ fn open_store(path: &Path) -> Result<Store, MetaError> {
         offset: 0,
         source,
     })
+}
+
+/// Locks `target`'s devices as a running node locks them ([`DeviceLock`]): a metadata
+/// command on a device that a running node (or anything else) holds is refused, as
+/// drbdmeta refuses a device in use. `read_anyway` (`dump-md --force`, which only reads)
+/// goes on without the lock, with a warning on stderr.
+fn lock_target(
+    target: &Target,
+    read_anyway: bool,
+    hint: &'static str,
+) -> Result<Vec<DeviceLock>, MetaError> {
+    let mut locks = Vec::new();
+    for path in std::iter::once(&target.device).chain(target.meta_device.as_ref()) {
+        match DeviceLock::acquire(path, false) {
+            Ok(l) => locks.push(l),
+            Err(e @ (LockError::Held { .. } | LockError::Busy { .. })) if read_anyway => {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tandem: warning: {e}; dumping anyway (--force), the running node may \
+                     change it meanwhile"
+                );
+            }
+            Err(e @ (LockError::Held { .. } | LockError::Busy { .. })) => {
+                return Err(MetaError::InUse {
+                    reason: e.to_string(),
+                    hint,
+                })
+            }
+            // A missing device: opening it says so with the usual message.
+            Err(LockError::Io { .. }) => {}
+        }
+    }
+    Ok(locks)
 }
 
 /// Opens the metadata store of `target` and says where the metadata is.
@@ -115,6 +153,7 @@ pub fn create_md(target: &Target, args: &CreateArgs) -> Result<String, MetaError
     if let Some(n) = args.al_extents {
         opts.al_extents = n;
     }
+    let _locks = lock_target(target, false, "")?;
     let (store, location) = open_target(target)?;
     let dev = MetaDevice::create(store, location, &opts)?;
     let l = dev.layout();
@@ -157,6 +196,11 @@ fn hex32(v: u32) -> String {
 /// `tandem dump-md`: the superblock fields and the bitmap's set-bit count, as text close
 /// to drbdmeta's or (`json`) as one JSON object.
 pub fn dump_md(target: &Target, force: bool, json: bool) -> Result<String, MetaError> {
+    let _locks = lock_target(
+        target,
+        force,
+        ", or pass --force to dump it anyway (read only; it may be changing)",
+    )?;
     let dev = open_clean(target, force)?;
     let bits_set = dev.count_bits_blocking()?;
     Ok(if json {
@@ -284,6 +328,7 @@ fn dump_text(dev: &MetaDevice, bits_set: u64, target: &Target) -> String {
 /// `tandem apply-al`: drbdmeta's `apply-al` (see [`MetaDevice::apply_al_blocking`]).
 /// Returns what to print: a summary, or (`json`) the report as JSON.
 pub fn apply_al(target: &Target, json: bool) -> Result<String, MetaError> {
+    let _locks = lock_target(target, false, "")?;
     let (store, location) = open_target(target)?;
     let mut dev = MetaDevice::open(store, location)?;
     let r = dev.apply_al_blocking()?;

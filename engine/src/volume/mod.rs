@@ -26,7 +26,7 @@
 //! socket's reader stops reading, which back-pressures the peer through TCP.
 
 use crate::config::{Config, NodeConfig};
-use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
+use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, TargetInfo};
 use crate::meta::disk::{Attach, MetaDevice};
 use crate::net::handshake::{LocalParams, PeerParams};
 use crate::net::{Link, Outgoing};
@@ -302,6 +302,9 @@ pub struct Volume {
     failure_recorded: tokio::sync::OnceCell<()>,
     /// Serialises the bitmap page writes of failed writes on a Secondary.
     failure_pages: tokio::sync::Mutex<()>,
+    /// The frontends' clients that have the volume open for writing (`secondary` refuses
+    /// while there are any, unless forced).
+    openers: Arc<Openers>,
     inner: Mutex<Inner>,
 }
 
@@ -408,6 +411,7 @@ impl Volume {
             on_io_error: config.disk.on_io_error,
             failure_recorded: tokio::sync::OnceCell::new(),
             failure_pages: tokio::sync::Mutex::new(()),
+            openers: Arc::new(Openers::default()),
             inner: Mutex::new(Inner {
                 role: Role::Secondary,
                 disk,
@@ -484,6 +488,12 @@ impl Volume {
     /// (`true`; a connected node asks its peer first: [`Self::promote`]).
     pub fn set_primary(&self, primary: bool) -> Result<(), String> {
         self.change_role(primary, false, None)
+    }
+
+    /// `secondary [--force]`: refused while a frontend client has the device open for
+    /// writing (DRBD's "held open"), unless `force`.
+    pub fn demote(&self, force: bool) -> Result<(), String> {
+        self.change_role(false, force, None)
     }
 
     /// `primary [--force]`: becomes Primary. While connected the peer is asked first
@@ -665,7 +675,8 @@ impl Volume {
     }
 
     /// Makes this node Primary or Secondary. A promotion while connected needs the
-    /// peer's grant for this connection (`granted`, see [`Self::promote`]).
+    /// peer's grant for this connection (`granted`, see [`Self::promote`]); `force`
+    /// promotes a disk that is not UpToDate, or demotes while the device is held open.
     fn change_role(&self, primary: bool, force: bool, granted: Option<u64>) -> Result<(), String> {
         let mut effects = Vec::new();
         {
@@ -701,18 +712,43 @@ impl Volume {
                     .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
                 // A Primary without its peer's disk starts a new data generation
                 // (drbd_uuid_new_current): the UUIDs then tell a later handshake that
-                // this node has writes the peer lacks, or a split brain. So does the
-                // first Primary of a pair whose UUIDs are still the just-created value
-                // (two files `tandem up` created, consistent without a first sync): if
-                // both stayed just-created, a crash of this Primary would meet DRBD's
-                // rule 10 (both just created: no resync) and its activity log's extents
-                // would never be resynced.
-                let reachable = inner.link.is_some()
-                    && inner.peer_disk >= DiskState::Inconsistent
-                    && !inner.uuids.is_just_created();
+                // this node has writes the peer lacks, or a split brain.
+                let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
                 let mut uuids = inner.uuids;
+                let version = inner.link.as_ref().map_or(0, |l| l.ctx.version());
+                let fresh_pair = uuids.may_skip_initial_sync(reachable, version)
+                    && inner.disk == DiskState::UpToDate
+                    && inner.peer_disk == DiskState::UpToDate
+                    && inner.source.is_none();
+                let mut announce = None;
+                if fresh_pair && !forced {
+                    // Both disks UpToDate with just-created UUIDs (two files `tandem up`
+                    // created, all zeroes): the first Primary starts the pair's first
+                    // generation and announces it as a skipped initial sync (`P_UUIDS`
+                    // flag 8, what `new-current-uuid --clear-bitmap` sends), which the
+                    // peer adopts. Left just-created, a crash of this Primary would meet
+                    // DRBD's rule 10 (both just created: no resync) and its activity
+                    // log's extents would never be resynced.
+                    announce = uuids.new_current_uuid_cmd(
+                        random_uuid(&mut rand::thread_rng()),
+                        true,
+                        true,
+                    );
+                }
                 uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, forced);
                 self.persist_uuids(inner, uuids)?;
+                if let Some(a) = announce {
+                    let pkt = Packet::Uuids(wire::Uuids {
+                        current: a.current,
+                        bitmap: a.bitmap,
+                        history: a.history,
+                        dirty_bits: 0,
+                        uuid_flags: wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
+                    });
+                    if let Some(bytes) = Self::encode(&inner.link, &pkt) {
+                        Self::queue(inner, true, bytes, None, None);
+                    }
+                }
                 inner.role = Role::Primary;
                 if forced {
                     // The peer resyncs from the new generation: a new handshake decides it.
@@ -726,6 +762,13 @@ impl Volume {
             } else {
                 if inner.role == Role::Secondary {
                     return Ok(());
+                }
+                // DRBD's "held open" (SS_DEVICE_IN_USE): a client could still write.
+                if let Some(held) = self.openers.held_open().filter(|_| !force) {
+                    return Err(format!(
+                        "the device is {held}; disconnect them first, or `secondary --force` \
+                         (their next writes then fail with EPERM)"
+                    ));
                 }
                 if inner.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
                     return Err("writes are in flight; stop the application first".into());
@@ -2208,6 +2251,8 @@ impl Volume {
             "resync_hole_reads_skipped": g.hole_reads_skipped,
             "net_tx_bytes": self.net_tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
             "app_io_sectors": g.app_io_sectors,
+            "open_writers": self.openers.count(),
+            "opened_by": self.openers.describe(),
         })
     }
 }
@@ -2251,6 +2296,10 @@ impl BlockTarget for Volume {
             writable: g.role == Role::Primary,
             discard: true,
         }
+    }
+
+    fn openers(&self) -> Option<Arc<Openers>> {
+        Some(Arc::clone(&self.openers))
     }
 
     async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {

@@ -29,7 +29,7 @@ use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,28 +138,7 @@ impl NbdListener {
     /// a live server still accepts on, or any file that is not a socket, is refused.
     /// Must be called inside a tokio runtime.
     pub fn bind_unix(path: &Path) -> io::Result<Self> {
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!("{}: another server is listening there", path.display()),
-                    ));
-                }
-                std::fs::remove_file(path)?;
-            }
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{} exists and is not a socket; refusing to replace it",
-                        path.display()
-                    ),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        crate::sockfile::clear_stale(path, "nbd-socket")?;
         let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
         socket.bind(&socket2::SockAddr::unix(path)?)?;
         let meta = std::fs::symlink_metadata(path)?;
@@ -374,6 +353,13 @@ where
         )),
         Ok(Ok(Step::Transmit)) => {
             tracing::debug!(%peer, size = info.size_bytes, writable = info.writable, "NBD transmission");
+            // A client of a writable export holds the device open for writing until the
+            // connection is over (its requests answered): `secondary` refuses meanwhile.
+            let _open = info
+                .writable
+                .then(|| target.openers())
+                .flatten()
+                .map(|o| o.register(format!("NBD client {}", opener_name(peer))));
             transmission(
                 reader,
                 writer,
@@ -403,6 +389,14 @@ where
         other => tracing::debug!(%peer, "NBD connection ended: {other:?}"),
     }
     end
+}
+
+/// How a connection is named to the operator: `unix /path (#3)` or `tcp 127.0.0.1:4567`.
+fn opener_name(peer: &str) -> String {
+    match peer.strip_prefix("unix:") {
+        Some(rest) => format!("unix {rest}"),
+        None => format!("tcp {peer}"),
+    }
 }
 
 enum HsError {
