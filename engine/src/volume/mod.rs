@@ -605,14 +605,20 @@ impl Volume {
                 None => up.await,
             }
         };
-        let (peer_primary, wrote_alone) = {
+        let (peer_primary, wrote_alone, split_brain) = {
             let g = self.lock();
             (
                 g.link.is_some() && g.peer_role == Role::Primary,
                 g.uuids.bitmap != 0,
+                g.split_brain.clone(),
             )
         };
-        let outcome = if connected && peer_primary {
+        let outcome = if let Some(why) = split_brain.filter(|_| !connected) {
+            Err(format!(
+                "the peer was met and the handshake found a split brain ({why}); staying \
+                 Secondary until the operator resolves it"
+            ))
+        } else if connected && peer_primary {
             Err(
                 "the peer is Primary now; staying Secondary (`tandem primary` after it \
                  is demoted)"
