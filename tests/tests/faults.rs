@@ -1,12 +1,14 @@
-//! Faults: kill -9 of either node in the middle of a write job, and restart.
+//! Faults: kill -9 of either node in the middle of a write job, and restart; a Secondary
+//! that stops answering (SIGSTOP) and comes back.
 //!
 //! The fio job is 32 MiB of verified 4 KiB random writes limited to 2000 IOPS (about 4 s
 //! on any machine that runs the suite), so the kill lands while writes are being issued:
 //! the kill is triggered once 4 MiB have been replicated, and the test checks fio was still
 //! running then. Nothing here asserts a duration; every wait has a deadline.
 
+use std::time::Duration;
 use tandem_tests::tools::{self, Fio};
-use tandem_tests::{Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
+use tandem_tests::{scaled, Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
 
 /// Bytes that must have been replicated before the kill.
 const KILL_AFTER: u64 = 4 << 20;
@@ -170,4 +172,74 @@ fn primary_kill9_during_writes_then_restart() {
     assert_eq!(st.str_at("/role"), "Primary", "{st}");
     assert_eq!(st.str_at("/peer/role"), "Secondary", "{st}");
     tools::nbd_roundtrip(&c.primary().nbd_unix_uri(), 40 << 20);
+}
+
+/// `timeout` of the SIGSTOP test, tenths of a second (2 s). `ping-int` stays at its
+/// default 10 s, so a node that only noticed a silent peer by the idle ping would stall
+/// the application for 10.5 s.
+const STOP_TIMEOUT_DS: u64 = 20;
+/// DRBD's default `ping-timeout`, 0.5 s.
+const PING_TIMEOUT_MS: u64 = 500;
+
+/// A Secondary that stops answering (SIGSTOP: its kernel still ACKs TCP, so neither a
+/// reset nor TCP_USER_TIMEOUT tells the Primary): the Primary declares it dead within
+/// `timeout + ping-timeout` of the write it left waiting — DRBD's meaning of `timeout` —
+/// and goes on alone; fio's longest write (QD1) shows the stall. Status shows the peer
+/// gone and the blocks it missed; after SIGCONT the pair reconnects, resyncs, and the
+/// replicas are identical.
+#[test]
+fn stopped_secondary_is_declared_dead_within_timeout() {
+    let mut c = Cluster::new(
+        ClusterOpts::new("sigstop-secondary").net("timeout", &STOP_TIMEOUT_DS.to_string()),
+    );
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+    // QD1 at 500 IOPS: 2048 verified writes, about 4 s without the stall.
+    let mut fio = Fio::randwrite_verify(&uri, "4k", "8M")
+        .arg("--iodepth=1")
+        .arg("--rate_iops=500")
+        .spawn(c.dir());
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "1 MiB replicated", |s| {
+            s.opt_u64("/bytes_replicated").is_some_and(|b| b >= 1 << 20)
+        });
+    assert!(fio.is_running(), "fio finished before the stop");
+    let pid = c.secondary().pid().expect("secondary running");
+    tools::send_signal(pid, "STOP").expect("SIGSTOP the Secondary");
+
+    let st = c
+        .primary()
+        .wait_status(CONNECT_TIMEOUT, "the stopped peer dropped", |s| {
+            s.opt_str("/connection").is_some_and(|c| c != "Connected")
+                && s.opt_u64("/out_of_sync_bytes").is_some_and(|b| b > 0)
+        });
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    let r = fio.wait();
+    r.assert_ok();
+    let max_ns = r
+        .json
+        .as_ref()
+        .and_then(|j| j.pointer("/jobs/0/write/clat_ns/max"))
+        .and_then(serde_json::Value::as_f64)
+        .expect("fio's write clat max");
+    let stall = Duration::from_secs_f64(max_ns / 1e9);
+    let bound = Duration::from_millis(STOP_TIMEOUT_DS * 100 + PING_TIMEOUT_MS)
+        + scaled(Duration::from_millis(2500));
+    eprintln!("longest write while the Secondary was stopped: {stall:?} (bound {bound:?})");
+    assert!(
+        stall <= bound,
+        "a write waited {stall:?} for the stopped peer; timeout + ping-timeout + margin is {bound:?}\n{}",
+        c.primary().log_tail(20)
+    );
+
+    tools::send_signal(pid, "CONT").expect("SIGCONT the Secondary");
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "Connected again and resynced", |s| {
+            s.opt_str("/connection") == Some("Connected")
+                && s.opt_u64("/out_of_sync_bytes") == Some(0)
+                && s.opt_str("/peer/disk") == Some("UpToDate")
+        });
+    let size = c.primary().status().u64_at("/size_bytes");
+    c.stop_all();
+    c.assert_replicas_identical(size);
 }
