@@ -18,8 +18,9 @@ set -euo pipefail
 #   drbd-utils     drbdmeta, the reference that reads and writes tandem's DRBD 9 metadata
 #                  in the interop tests (tests/tests/drbdmeta.rs)
 #   build-essential, pkg-config   C toolchain for crates that build C code
+#   e2fsprogs      mkfs.ext4: the ko-count test freezes (fsfreeze) an ext4 loop mount
 PACKAGES=(fio qemu-utils libnbd-bin python3-libnbd nbdkit tshark tcpdump iperf3
-          drbd-utils build-essential pkg-config)
+          drbd-utils build-essential pkg-config e2fsprogs)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'

@@ -1,7 +1,7 @@
 //! The resource configuration: one TOML file per resource, shared by both nodes.
 //!
 //! Option names are DRBD's (`protocol`, `ping-int`, `ping-timeout`, `connect-int`,
-//! `timeout`, `max-buffers`, `max-epoch-size`, `sndbuf-size`, `rcvbuf-size`, the
+//! `timeout`, `ko-count`, `max-buffers`, `max-epoch-size`, `sndbuf-size`, `rcvbuf-size`, the
 //! split-brain policies and digests of `net`, the resync-rate controller of `disk`) with
 //! DRBD's units, limits and (except for the rate controller, whose defaults are
 //! [`RateConfig::TANDEM`], tuned for a 10 Gbit/s link) DRBD's defaults, so an operator who
@@ -18,10 +18,11 @@
 //! size = "64MiB"            # optional: create backing files of this size when missing
 //!
 //! [net]                     # optional; DRBD's names, units and defaults
-//! ping-int = 10             # seconds of silence before a P_PING
-//! ping-timeout = 5          # tenths of a second to wait for P_PING_ACK
+//! ping-int = 10             # seconds of meta-socket silence before a P_PING
+//! ping-timeout = 5          # tenths of a second to wait for P_PING_ACK, else the peer is dead
 //! connect-int = 10          # seconds, upper bound of the reconnect back-off
-//! timeout = 60              # tenths of a second: a peer that acks nothing for this long is dead
+//! timeout = 60              # tenths of a second: a write unanswered this long sends a P_PING
+//! ko-count = 7              # a write unanswered ko-count × timeout drops the peer (0 = never)
 //! max-buffers = 2048        # replicated writes in flight, per peer
 //! max-epoch-size = 2048     # writes per epoch (between two barriers)
 //! after-sb-0pri = "disconnect"  # split-brain policies (DRBD's names); default: resolve nothing
@@ -144,8 +145,13 @@ pub struct NetConfig {
     pub ping_timeout: Duration,
     /// Upper bound of the reconnect back-off (DRBD `connect-int`, s).
     pub connect_interval: Duration,
-    /// A peer that has not answered for this long is declared dead (DRBD `timeout`, 0.1 s).
+    /// DRBD `timeout` (0.1 s): a write (or barrier) the peer has not answered for this
+    /// long, or a send blocked this long, makes the node ping the peer at once; no answer
+    /// within `ping_timeout` and the peer is dead (see `net::liveness`).
     pub timeout: Duration,
+    /// DRBD `ko-count`: a peer that answers pings but leaves a write unanswered for
+    /// `ko_count × timeout` (or a send blocked that long) is dropped; 0 = never.
+    pub ko_count: u32,
     /// Replicated writes in flight per peer (DRBD `max-buffers`).
     pub max_buffers: u32,
     /// Writes per epoch (DRBD `max-epoch-size`).
@@ -302,6 +308,7 @@ struct RawNet {
     ping_timeout: Option<i64>,
     connect_int: Option<i64>,
     timeout: Option<i64>,
+    ko_count: Option<i64>,
     max_buffers: Option<i64>,
     max_epoch_size: Option<i64>,
     sndbuf_size: Option<toml::Value>,
@@ -660,6 +667,8 @@ impl Config {
             timeout: Duration::from_millis(
                 100 * ranged("net.timeout", n.timeout, 60, 1, 600, "tenths of a second")?,
             ),
+            ko_count: u32::try_from(ranged("net.ko-count", n.ko_count, 7, 0, 200, "timeouts")?)
+                .map_err(|_| invalid("net.ko-count", "too large"))?,
             max_buffers: u32::try_from(ranged(
                 "net.max-buffers",
                 n.max_buffers,
@@ -996,6 +1005,7 @@ mod tests {
         assert_eq!(c.net.ping_interval, Duration::from_secs(10));
         assert_eq!(c.net.ping_timeout, Duration::from_millis(500));
         assert_eq!(c.net.timeout, Duration::from_secs(6));
+        assert_eq!(c.net.ko_count, 7);
         assert_eq!(c.net.max_buffers, 2048);
         assert_eq!(c.net.max_epoch_size, 2048);
         let (me, peer) = c.split("b").expect("b");
@@ -1237,6 +1247,10 @@ mod tests {
         assert!(err(&two_nodes("size = 1000", "")).contains("multiple of 4KiB"));
         assert!(err(&two_nodes("", "ping-timeout = 0")).contains("net.ping-timeout"));
         assert!(err(&two_nodes("", "pingint = 3")).contains("pingint"));
+        assert!(err(&two_nodes("", "ko-count = 201")).contains("net.ko-count"));
+        assert!(err(&two_nodes("", "ko-count = -1")).contains("0..=200"));
+        let ko0 = Config::parse(&two_nodes("", "ko-count = 0"), "t").expect("ko-count 0");
+        assert_eq!(ko0.net.ko_count, 0);
         assert!(err("[resource]\nname=\"r\"\n").contains("exactly two"));
         let bad_addr = two_nodes("", "").replace("127.0.0.1:7790", "nowhere");
         assert!(err(&bad_addr).contains("node[1].address"));

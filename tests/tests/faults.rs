@@ -1,12 +1,16 @@
-//! Faults: kill -9 of either node in the middle of a write job, and restart.
+//! Faults: kill -9 of either node in the middle of a write job, and restart; a Secondary
+//! that stops answering (SIGSTOP) and comes back; a Secondary whose disk hangs (its
+//! backing file on an ext4 loop mount frozen with `fsfreeze`: needs root, as the suite
+//! runs) while it still answers pings.
 //!
 //! The fio job is 32 MiB of verified 4 KiB random writes limited to 2000 IOPS (about 4 s
 //! on any machine that runs the suite), so the kill lands while writes are being issued:
 //! the kill is triggered once 4 MiB have been replicated, and the test checks fio was still
 //! running then. Nothing here asserts a duration; every wait has a deadline.
 
+use std::time::Duration;
 use tandem_tests::tools::{self, Fio};
-use tandem_tests::{Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
+use tandem_tests::{scaled, Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
 
 /// Bytes that must have been replicated before the kill.
 const KILL_AFTER: u64 = 4 << 20;
@@ -170,4 +174,203 @@ fn primary_kill9_during_writes_then_restart() {
     assert_eq!(st.str_at("/role"), "Primary", "{st}");
     assert_eq!(st.str_at("/peer/role"), "Secondary", "{st}");
     tools::nbd_roundtrip(&c.primary().nbd_unix_uri(), 40 << 20);
+}
+
+/// `timeout` of the SIGSTOP test, tenths of a second (2 s). `ping-int` stays at its
+/// default 10 s, so a node that only noticed a silent peer by the idle ping would stall
+/// the application for 10.5 s.
+const STOP_TIMEOUT_DS: u64 = 20;
+/// DRBD's default `ping-timeout`, 0.5 s.
+const PING_TIMEOUT_MS: u64 = 500;
+
+/// A Secondary that stops answering (SIGSTOP: its kernel still ACKs TCP, so neither a
+/// reset nor TCP_USER_TIMEOUT tells the Primary): the Primary declares it dead within
+/// `timeout + ping-timeout` of the write it left waiting — DRBD's meaning of `timeout` —
+/// and goes on alone; fio's longest write (QD1) shows the stall. Status shows the peer
+/// gone and the blocks it missed; after SIGCONT the pair reconnects, resyncs, and the
+/// replicas are identical.
+#[test]
+fn stopped_secondary_is_declared_dead_within_timeout() {
+    let mut c = Cluster::new(
+        ClusterOpts::new("sigstop-secondary").net("timeout", &STOP_TIMEOUT_DS.to_string()),
+    );
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+    // QD1 at 500 IOPS: 2048 verified writes, about 4 s without the stall.
+    let mut fio = Fio::randwrite_verify(&uri, "4k", "8M")
+        .arg("--iodepth=1")
+        .arg("--rate_iops=500")
+        .spawn(c.dir());
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "1 MiB replicated", |s| {
+            s.opt_u64("/bytes_replicated").is_some_and(|b| b >= 1 << 20)
+        });
+    assert!(fio.is_running(), "fio finished before the stop");
+    let pid = c.secondary().pid().expect("secondary running");
+    tools::send_signal(pid, "STOP").expect("SIGSTOP the Secondary");
+
+    let st = c
+        .primary()
+        .wait_status(CONNECT_TIMEOUT, "the stopped peer dropped", |s| {
+            s.opt_str("/connection").is_some_and(|c| c != "Connected")
+                && s.opt_u64("/out_of_sync_bytes").is_some_and(|b| b > 0)
+        });
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    let r = fio.wait();
+    r.assert_ok();
+    let max_ns = r
+        .json
+        .as_ref()
+        .and_then(|j| j.pointer("/jobs/0/write/clat_ns/max"))
+        .and_then(serde_json::Value::as_f64)
+        .expect("fio's write clat max");
+    let stall = Duration::from_secs_f64(max_ns / 1e9);
+    let bound = Duration::from_millis(STOP_TIMEOUT_DS * 100 + PING_TIMEOUT_MS)
+        + scaled(Duration::from_millis(2500));
+    eprintln!("longest write while the Secondary was stopped: {stall:?} (bound {bound:?})");
+    assert!(
+        stall <= bound,
+        "a write waited {stall:?} for the stopped peer; timeout + ping-timeout + margin is {bound:?}\n{}",
+        c.primary().log_tail(20)
+    );
+
+    tools::send_signal(pid, "CONT").expect("SIGCONT the Secondary");
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "Connected again and resynced", |s| {
+            s.opt_str("/connection") == Some("Connected")
+                && s.opt_u64("/out_of_sync_bytes") == Some(0)
+                && s.opt_str("/peer/disk") == Some("UpToDate")
+        });
+    let size = c.primary().status().u64_at("/size_bytes");
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
+/// A frozen filesystem under a file: writes to it block in the kernel until it is thawed.
+/// The Secondary's backing file is bind-mounted from an ext4 image on a loop device.
+/// Dropped: thawed and unmounted (before the cluster, whose node could not die while a
+/// write of it is blocked on the frozen filesystem).
+struct FrozenDisk {
+    mnt: std::path::PathBuf,
+    target: std::path::PathBuf,
+    frozen: bool,
+}
+
+fn sh(cmd: &str) {
+    let out = tools::run_cmd(
+        std::process::Command::new("/bin/sh").args(["-c", cmd]),
+        Duration::from_secs(30),
+        cmd,
+    )
+    .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    out.assert_success(cmd);
+}
+
+impl FrozenDisk {
+    /// Moves `disk` (a stopped node's backing file) onto a fresh ext4 filesystem in `dir`
+    /// and bind-mounts it back in place.
+    fn new(dir: &std::path::Path, disk: &std::path::Path) -> FrozenDisk {
+        let img = dir.join("fs.img");
+        let mnt = dir.join("fs");
+        // Built first, so that a failure below still unmounts what was mounted.
+        let f = FrozenDisk {
+            mnt: mnt.clone(),
+            target: disk.to_path_buf(),
+            frozen: false,
+        };
+        sh(&format!(
+            "truncate -s 160M {img} && mkfs.ext4 -q -F {img} && mkdir -p {mnt} && mount -o loop {img} {mnt}",
+            img = img.display(),
+            mnt = mnt.display()
+        ));
+        sh(&format!(
+            "cp --sparse=always {disk} {mnt}/disk.img && mount --bind {mnt}/disk.img {disk}",
+            disk = disk.display(),
+            mnt = mnt.display()
+        ));
+        f
+    }
+
+    fn freeze(&mut self, on: bool) {
+        let flag = if on { "-f" } else { "-u" };
+        sh(&format!("fsfreeze {flag} {}", self.mnt.display()));
+        self.frozen = on;
+    }
+}
+
+impl Drop for FrozenDisk {
+    fn drop(&mut self) {
+        if self.frozen {
+            let _ = std::process::Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.mnt)
+                .status();
+        }
+        for p in [&self.target, &self.mnt] {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(p)
+                .status();
+        }
+    }
+}
+
+/// `ko-count`: a Secondary that answers pings but whose disk hangs (its filesystem is
+/// frozen) is dropped once a write has waited `ko-count × timeout` (DRBD's request
+/// timer); the Primary completes the write alone. Thawed, the pair reconnects and
+/// resyncs. Before ko-count the write waited as long as the disk hung.
+#[test]
+fn secondary_with_hung_disk_is_dropped_after_ko_count_timeouts() {
+    tools::require("fsfreeze");
+    tools::require("mkfs.ext4");
+    // timeout 1 s, ko-count 3: dropped 3 s after the write.
+    let mut c = Cluster::new(
+        ClusterOpts::new("ko-count")
+            .net("timeout", "10")
+            .net("ko-count", "3"),
+    );
+    c.wait_connected();
+    c.secondary_mut().stop();
+    let disk = c.secondary().disk().to_path_buf();
+    let mut fs = FrozenDisk::new(c.dir(), &disk);
+    c.secondary_mut().start();
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+    fs.freeze(true);
+    let r = Fio::randwrite_verify(&uri, "4k", "64k")
+        .arg("--iodepth=1")
+        .timeout(Duration::from_secs(60))
+        .run(c.dir());
+    r.assert_ok();
+    let max_ns = r
+        .json
+        .as_ref()
+        .and_then(|j| j.pointer("/jobs/0/write/clat_ns/max"))
+        .and_then(serde_json::Value::as_f64)
+        .expect("fio's write clat max");
+    let stall = Duration::from_secs_f64(max_ns / 1e9);
+    let log = c.primary().log_tail(40);
+    eprintln!("longest write with the Secondary's disk frozen: {stall:?}");
+    assert!(
+        log.contains("ko-count (3)"),
+        "the Primary must drop the peer for ko-count:\n{log}"
+    );
+    assert!(
+        stall <= Duration::from_secs(3) + scaled(Duration::from_secs(3)),
+        "a write waited {stall:?}; ko-count × timeout is 3 s\n{log}"
+    );
+    let st = c.primary().status();
+    assert_ne!(st.str_at("/connection"), "Connected", "{st}");
+    assert!(st.u64_at("/out_of_sync_bytes") > 0, "{st}");
+
+    fs.freeze(false);
+    c.primary()
+        .wait_status(CONNECT_TIMEOUT, "Connected again and resynced", |s| {
+            s.opt_str("/connection") == Some("Connected")
+                && s.opt_u64("/out_of_sync_bytes") == Some(0)
+                && s.opt_str("/peer/disk") == Some("UpToDate")
+        });
+    let size = c.primary().status().u64_at("/size_bytes");
+    c.stop_all();
+    c.assert_replicas_identical(size);
 }

@@ -29,6 +29,7 @@
 //! `ping-timeout` without an answer, DRBD's defaults 10 s and 0.5 s.
 
 pub mod handshake;
+pub mod liveness;
 mod session;
 pub mod socket;
 

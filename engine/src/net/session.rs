@@ -1,7 +1,17 @@
-//! A live connection: the handshake, then four tasks (data/meta × send/receive) until
-//! one fails.
+//! A live connection: the handshake, then four tasks (data/meta × send/receive) and a
+//! watchdog until one fails.
+//!
+//! Liveness (DRBD 8.4's `timeout`, `ko-count`, `ping-int`, `ping-timeout`; the rules are in
+//! [`super::liveness`]): the watchdog pings the peer when the meta socket is idle for
+//! `ping-int`, when a write has waited `timeout` for the peer, or when a sender has been
+//! blocked `timeout` on a full socket, and drops the connection when a ping goes
+//! unanswered for `ping-timeout` or a write waits `ko-count × timeout`. Each socket write
+//! is bounded by `timeout`: on the meta socket one expiry drops the connection, on the data
+//! socket each expiry requests a ping and `ko-count` expiries in one batch drop it (DRBD's
+//! `drbd_send` and `we_should_drop_the_connection`).
 
 use super::handshake::{self, PeerParams};
+use super::liveness::{Dead, Liveness, LivenessConfig, Observation, Step};
 use super::{read_exact, Link, NetError, Outgoing};
 use crate::config::{Config, NodeConfig};
 use crate::resync::{Inbound, SLEEP_TIME_MS};
@@ -9,13 +19,13 @@ use crate::state::uuid::HandshakeOutcome;
 use crate::volume::{PeerWrite, PeerWriteKind, Volume};
 use crate::wire::{self, dp, BitmapReceiver, BitmapSender, Command, Header, Packet, WireCtx};
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 /// Packets a sender task writes with one `writev`.
@@ -89,11 +99,28 @@ pub async fn run(
 
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
-    let last_meta_rx = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let live = Arc::new(Live::new());
+    let limits = |meta| SendLimits {
+        timeout: config.net.timeout,
+        ko_count: config.net.ko_count,
+        meta,
+        live: live.clone(),
+    };
     let mut tasks: JoinSet<Result<(), NetError>> = JoinSet::new();
-    tasks.spawn(sender(data_wr, data_rx, volume.clone(), session));
-    tasks.spawn(sender(meta_wr, meta_rx, volume.clone(), session));
+    tasks.spawn(sender(
+        data_wr,
+        data_rx,
+        volume.clone(),
+        session,
+        limits(false),
+    ));
+    tasks.spawn(sender(
+        meta_wr,
+        meta_rx,
+        volume.clone(),
+        session,
+        limits(true),
+    ));
     tasks.spawn(data_receiver(
         BufReader::with_capacity(READ_BUFFER, data_rd),
         ctx,
@@ -105,17 +132,20 @@ pub async fn run(
         ctx,
         volume.clone(),
         meta_tx.clone(),
-        last_meta_rx.clone(),
-        started,
+        live.clone(),
         session,
     ));
-    tasks.spawn(pinger(
+    tasks.spawn(watchdog(
         ctx,
         meta_tx,
-        last_meta_rx,
-        started,
-        config.net.ping_interval,
-        config.net.ping_timeout,
+        live,
+        volume.clone(),
+        LivenessConfig {
+            ping_int: config.net.ping_interval,
+            ping_timeout: config.net.ping_timeout,
+            timeout: config.net.timeout,
+            ko_count: config.net.ko_count,
+        },
     ));
     tasks.spawn(ticker(volume.clone(), session));
     // The volume asks for the connection to go (disconnect, a failed flush, a full queue).
@@ -248,19 +278,69 @@ async fn ticker(volume: Arc<Volume>, session: u64) -> Result<(), NetError> {
     }
 }
 
+/// What the connection's tasks share for the watchdog.
+struct Live {
+    started: Instant,
+    /// Milliseconds from `started` to the last packet on the meta socket.
+    last_rx_ms: AtomicU64,
+    /// `P_PING_ACK`s received.
+    ping_acks: AtomicU64,
+    /// A sender was blocked for `timeout` and asks for a ping.
+    ping_wanted: AtomicBool,
+    wake: Notify,
+}
+
+impl Live {
+    fn new() -> Self {
+        Live {
+            started: Instant::now(),
+            last_rx_ms: AtomicU64::new(0),
+            ping_acks: AtomicU64::new(0),
+            ping_wanted: AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+
+    fn received(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_rx_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_rx(&self) -> Instant {
+        self.started + Duration::from_millis(self.last_rx_ms.load(Ordering::Relaxed))
+    }
+
+    /// DRBD's `request_ping`.
+    fn request_ping(&self) {
+        self.ping_wanted.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+}
+
+/// How long one socket write may block, and what an expiry does (DRBD's `sk_sndtimeo` =
+/// `timeout` and `we_should_drop_the_connection`).
+struct SendLimits {
+    timeout: Duration,
+    ko_count: u32,
+    /// The meta socket: one expiry drops the connection.
+    meta: bool,
+    live: Arc<Live>,
+}
+
 /// Writes queued packets, batching up to [`MAX_BATCH`] per `writev`.
 async fn sender(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Outgoing>,
     volume: Arc<Volume>,
     session: u64,
+    limits: SendLimits,
 ) -> Result<(), NetError> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     loop {
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return Err(NetError::Shutdown);
         }
-        write_batch(&mut wr, &batch).await?;
+        write_batch(&mut wr, &batch, &limits).await?;
         let bytes: usize = batch
             .iter()
             .map(|i| i.bytes.len() + i.data.as_ref().map_or(0, |d| d.len()))
@@ -274,11 +354,15 @@ async fn sender(
     }
 }
 
-/// Writes every packet of `batch` (header + optional data) with vectored writes.
+/// Writes every packet of `batch` (header + optional data) with vectored writes, each
+/// bounded by `limits.timeout`.
 async fn write_batch<W: AsyncWrite + Unpin>(
     wr: &mut W,
     batch: &[Outgoing],
+    limits: &SendLimits,
 ) -> Result<(), NetError> {
+    // DRBD resets ko to ko-count for every send on the data socket; 0 never drops.
+    let mut ko = limits.ko_count;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
     for item in batch {
         parts.push(&item.bytes);
@@ -294,7 +378,39 @@ async fn write_batch<W: AsyncWrite + Unpin>(
             .map(|(i, p)| IoSlice::new(if i == 0 { &p[off..] } else { p }))
             .take(1024)
             .collect();
-        let mut n = wr.write_vectored(&slices).await?;
+        // A write that has not started when the timeout fires has written nothing
+        // (tokio's socket writes are cancel-safe), so it is simply retried.
+        let mut n = match tokio::time::timeout(limits.timeout, wr.write_vectored(&slices)).await {
+            Ok(r) => r?,
+            Err(_) if limits.meta => {
+                tracing::warn!(
+                    "meta socket send blocked for {:?} (`timeout`): the peer is not reading",
+                    limits.timeout
+                );
+                return Err(NetError::Timeout("meta socket send blocked for `timeout`"));
+            }
+            Err(_) => {
+                limits.live.request_ping();
+                if ko > 0 {
+                    ko -= 1;
+                    if ko == 0 {
+                        tracing::warn!(
+                            "data socket send blocked for ko-count ({}) × timeout ({:?})",
+                            limits.ko_count,
+                            limits.timeout
+                        );
+                        return Err(NetError::Timeout(
+                            "data socket send blocked for ko-count × timeout",
+                        ));
+                    }
+                }
+                tracing::warn!(
+                    "data socket send blocked for {:?} (`timeout`), ko = {ko}; pinging the peer",
+                    limits.timeout
+                );
+                continue;
+            }
+        };
         if n == 0 {
             return Err(NetError::Closed);
         }
@@ -463,21 +579,22 @@ async fn meta_receiver(
     ctx: WireCtx,
     volume: Arc<Volume>,
     meta: mpsc::Sender<Outgoing>,
-    last_rx: Arc<AtomicU64>,
-    started: Instant,
+    live: Arc<Live>,
     session: u64,
 ) -> Result<(), NetError> {
     let mut head = Vec::with_capacity(32);
     loop {
         let (hdr, pkt, _) = next_packet(&mut rd, &ctx, &mut head).await?;
-        last_rx.store(elapsed_ms(started), Ordering::Relaxed);
+        live.received();
         match pkt {
             Packet::Empty(c) if c == Command::P_PING => {
                 let out = encode_to(&Packet::Empty(Command::P_PING_ACK), &ctx)?;
                 meta.try_send(out)
                     .map_err(|_| NetError::Protocol("meta queue full".into()))?;
             }
-            Packet::Empty(c) if c == Command::P_PING_ACK => {}
+            Packet::Empty(c) if c == Command::P_PING_ACK => {
+                live.ping_acks.fetch_add(1, Ordering::Relaxed);
+            }
             p @ Packet::BlockAck { .. } => match Inbound::from_packet(&p) {
                 Ok(Some(inbound)) => volume
                     .sync_inbound(session, inbound)
@@ -507,32 +624,56 @@ async fn meta_receiver(
     }
 }
 
-fn elapsed_ms(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Pings after `interval` of meta silence; fails if nothing arrives within `timeout`.
-async fn pinger(
+/// Runs [`Liveness`] on the connection: pings when it says so, drops the connection
+/// when it declares the peer dead.
+async fn watchdog(
     ctx: WireCtx,
     meta: mpsc::Sender<Outgoing>,
-    last_rx: Arc<AtomicU64>,
-    started: Instant,
-    interval: Duration,
-    timeout: Duration,
+    live: Arc<Live>,
+    volume: Arc<Volume>,
+    cfg: LivenessConfig,
 ) -> Result<(), NetError> {
+    let mut l = Liveness::new(cfg);
     loop {
-        let last = Duration::from_millis(last_rx.load(Ordering::Relaxed));
-        let idle = started.elapsed().saturating_sub(last);
-        if idle < interval {
-            tokio::time::sleep(interval - idle).await;
-            continue;
-        }
-        let sent_at = elapsed_ms(started);
-        meta.try_send(encode_to(&Packet::Empty(Command::P_PING), &ctx)?)
-            .map_err(|_| NetError::Protocol("meta queue full".into()))?;
-        tokio::time::sleep(timeout).await;
-        if last_rx.load(Ordering::Relaxed) < sent_at {
-            return Err(NetError::Timeout("no P_PING_ACK within ping-timeout"));
+        let o = Observation {
+            now: Instant::now(),
+            last_rx: live.last_rx(),
+            ping_acks: live.ping_acks.load(Ordering::Relaxed),
+            oldest_wait: volume.oldest_peer_wait(),
+            ping_requested: live.ping_wanted.swap(false, Ordering::Relaxed),
+        };
+        let wait = match l.step(&o) {
+            Step::Wait(d) => d,
+            Step::Ping(reason, d) => {
+                tracing::debug!("P_PING: {}", reason.describe());
+                meta.try_send(encode_to(&Packet::Empty(Command::P_PING), &ctx)?)
+                    .map_err(|_| NetError::Protocol("meta queue full".into()))?;
+                d
+            }
+            Step::Dead(Dead::NoPingAck { reason }) => {
+                tracing::warn!(
+                    "the peer did not answer a P_PING within ping-timeout ({:?}; pinged because {}): \
+                     declaring it dead",
+                    cfg.ping_timeout,
+                    reason.describe()
+                );
+                return Err(NetError::Timeout("no P_PING_ACK within ping-timeout"));
+            }
+            Step::Dead(Dead::KoCount { waited }) => {
+                tracing::warn!(
+                    "the peer left a write unanswered for {waited:?} > ko-count ({}) × timeout \
+                     ({:?}): dropping it",
+                    cfg.ko_count,
+                    cfg.timeout
+                );
+                return Err(NetError::Timeout(
+                    "a write unanswered for ko-count × timeout",
+                ));
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = live.wake.notified() => {}
         }
     }
 }
@@ -540,6 +681,38 @@ async fn pinger(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that stops reading: the data sender asks for a ping at every `timeout` and
+    /// gives up after `ko-count` of them; the meta sender gives up at the first.
+    #[tokio::test]
+    async fn a_blocked_send_pings_then_gives_up_after_ko_count() {
+        let batch = vec![Outgoing {
+            bytes: vec![7; 4096],
+            data: None,
+            sent_id: None,
+        }];
+        for (meta, ko, want_expiries) in [(false, 3u32, 3u32), (true, 3, 1)] {
+            // Nobody reads `_b`: after 64 bytes every write blocks.
+            let (mut a, _b) = tokio::io::duplex(64);
+            let live = Arc::new(Live::new());
+            let limits = SendLimits {
+                timeout: Duration::from_millis(50),
+                ko_count: ko,
+                meta,
+                live: live.clone(),
+            };
+            let t = Instant::now();
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                write_batch(&mut a, &batch, &limits),
+            )
+            .await
+            .expect("bounded");
+            assert!(matches!(r, Err(NetError::Timeout(_))), "{r:?}");
+            assert!(t.elapsed() >= Duration::from_millis(50) * want_expiries);
+            assert_eq!(live.ping_wanted.load(Ordering::Relaxed), !meta);
+        }
+    }
 
     #[tokio::test]
     async fn vectored_batches_survive_short_writes() {
@@ -568,7 +741,13 @@ mod tests {
             let _ = tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got).await;
             got
         });
-        write_batch(&mut a, &batch).await.expect("write");
+        let limits = SendLimits {
+            timeout: Duration::from_secs(5),
+            ko_count: 7,
+            meta: false,
+            live: Arc::new(Live::new()),
+        };
+        write_batch(&mut a, &batch, &limits).await.expect("write");
         drop(a);
         let got = reader.await.expect("join");
         let mut want = vec![1, 2, 3];

@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+mod peer_wait;
 mod sync;
 
 pub use sync::{SyncRole, SyncSettings, BITMAP_WRITEOUT_MS, SYNC_IO_DRAIN};
@@ -180,6 +181,8 @@ struct Inner {
     peer_disk_failure: Option<String>,
     /// Why this node's disk left service (status `disk_failure`).
     disk_failure: Option<String>,
+    /// When each write still awaiting the peer was queued (`net::liveness`).
+    peer_waits: peer_wait::PeerWaits,
 }
 
 /// Events kept for `tandem events`.
@@ -459,6 +462,7 @@ impl Volume {
                 startup_role: None,
                 peer_disk_failure: None,
                 disk_failure: None,
+                peer_waits: peer_wait::PeerWaits::default(),
             }),
         }))
     }
@@ -1044,6 +1048,7 @@ impl Volume {
             effects.extend(self.sync_connection_lost(inner));
             inner.primary.connection_lost();
             self.drain_primary(inner, &mut effects);
+            inner.peer_waits.clear();
             inner.receiver.connection_lost();
             self.drain_receiver(inner, &mut effects);
             // A Primary that lost its peer's disk writes a generation the peer lacks.
@@ -1093,6 +1098,12 @@ impl Volume {
         };
         self.run(effects);
         out.map(Some)
+    }
+
+    /// When the oldest write still awaiting the peer (its ack or its epoch's barrier ack)
+    /// was queued to it; `None` when none waits (`net::liveness`).
+    pub fn oldest_peer_wait(&self) -> Option<Instant> {
+        self.lock().peer_waits.oldest()
     }
 
     /// Protocol A: a packet of request `block_id` is in the socket.
@@ -1625,6 +1636,7 @@ impl Volume {
                     let sent_id = (self.protocol == Protocol::A).then_some(block_id);
                     if Self::queue(inner, true, bytes, data, sent_id) {
                         inner.bytes_replicated += u64::from(len);
+                        inner.peer_waits.sent(block_id, Instant::now());
                     }
                 }
                 PrimaryOutput::SendBarrier { nr } => {
@@ -1648,6 +1660,7 @@ impl Volume {
                     }
                 }
                 PrimaryOutput::Retired { tag, .. } => {
+                    inner.peer_waits.retired(tag);
                     self.core_room.notify_waiters();
                     if let Some(r) = inner.target.as_mut() {
                         // A SyncTarget Primary's write: tracked until retired (target.rs).
