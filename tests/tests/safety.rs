@@ -253,3 +253,78 @@ fn a_lone_configured_primary_promotes_only_if_it_wrote_last() {
     assert!(st.str_at("/startup_role").contains("alone"), "{st}");
     c.node_mut(0).stop();
 }
+
+/// Issue 10, failure 1, the Primary's side with `on-io-error pass_on`: a write to the
+/// Primary's own disk fails (its filesystem is full). The application gets the error,
+/// the disk becomes Inconsistent, and while still connected the failed block is resynced
+/// from the peer (which applied the write) once space is back; the replicas end equal.
+#[test]
+fn a_primary_s_failed_block_is_resynced_from_its_peer_while_connected() {
+    use std::io::Write;
+    let mut c = Cluster::new(
+        ClusterOpts::new("safety-passon")
+            .autostart(false)
+            .disk("on-io-error", "\"pass_on\""),
+    );
+    let fs = SmallFs::mount(&c.dir().join("small"), 24);
+    let filler = fs.path.join("filler");
+    std::fs::write(&filler, vec![0x5a; 8 << 20]).expect("filler");
+    let alpha_disk = c.node(0).disk().to_string_lossy().into_owned();
+    let small = fs.path.join("alpha.img");
+    let text = c
+        .config_text()
+        .replace(&alpha_disk, &small.to_string_lossy());
+    std::fs::write(c.config_path(), text).expect("config");
+    c.start_all();
+    c.wait_connected();
+    let path = c.node(0).nbd_socket().expect("NBD socket").to_path_buf();
+    let mut s = std::os::unix::net::UnixStream::connect(&path).expect("NBD connect");
+    tandem_tests::nbd_raw::handshake_go(&mut s, "").expect("NBD handshake");
+    // 1 MiB writes until one fails: 16 MiB of room is left on the tmpfs.
+    let mut failed_at = None;
+    for i in 0..40u64 {
+        let data = vec![u8::try_from(i % 251).unwrap_or(0) | 1; 1 << 20];
+        s.write_all(&tandem_tests::nbd_raw::request(
+            tandem_tests::nbd_raw::CMD_WRITE,
+            i,
+            i << 20,
+            1 << 20,
+        ))
+        .expect("send");
+        s.write_all(&data).expect("data");
+        let (err, _) = tandem_tests::nbd_raw::read_simple_reply(&mut s).expect("reply");
+        if err != 0 {
+            failed_at = Some(i);
+            break;
+        }
+    }
+    let failed_at = failed_at.expect("a write failed on the full filesystem");
+    // Room again: the resync that follows can write the block.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    drop(s);
+    let st = c
+        .node(0)
+        .wait_status(CONNECT_TIMEOUT, "the failure recorded", |s| {
+            !s["disk_failure"].is_null()
+        });
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    let st = c
+        .node(0)
+        .wait_status(CONNECT_TIMEOUT * 2, "resynced from the peer", |s| {
+            s.opt_str("/disk") == Some("UpToDate")
+                && s.opt_str("/connection") == Some("Connected")
+                && s.opt_u64("/out_of_sync_bytes") == Some(0)
+                && !s["last_resync"].is_null()
+        });
+    assert!(
+        st["last_resync"]["total_blocks"].as_u64().unwrap_or(0) >= 1,
+        "the failed block was resynced: {st}"
+    );
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    let size = st.u64_at("/size_bytes");
+    c.stop_all();
+    // alpha's image is on the small tmpfs: compare it with beta's.
+    tandem_tests::assert_same_content(&small, c.node(1).disk(), Some(size));
+    eprintln!("write {failed_at} failed; resynced: {}", st["last_resync"]);
+    drop(fs);
+}

@@ -305,6 +305,9 @@ pub struct Volume {
     failure_recorded: tokio::sync::OnceCell<()>,
     /// Serialises the bitmap page writes of failed writes on a Secondary.
     failure_pages: tokio::sync::Mutex<()>,
+    /// The disk is detached (`on-io-error detach` after a failed write): no write is
+    /// submitted to it any more. An atomic, so the write path takes no extra lock.
+    detached: std::sync::atomic::AtomicBool,
     /// The frontends' clients that have the volume open for writing (`secondary` refuses
     /// while there are any, unless forced).
     openers: Arc<Openers>,
@@ -414,6 +417,7 @@ impl Volume {
             on_io_error: config.disk.on_io_error,
             failure_recorded: tokio::sync::OnceCell::new(),
             failure_pages: tokio::sync::Mutex::new(()),
+            detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
             inner: Mutex::new(Inner {
                 role: Role::Secondary,
@@ -1250,6 +1254,8 @@ impl Volume {
                 inner.event("disk-failed", serde_json::json!({ "why": why }));
                 inner.disk_failure = Some(why);
                 inner.disk = if detach {
+                    self.detached
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     DiskState::Failed
                 } else {
                     DiskState::Inconsistent
@@ -1769,7 +1775,7 @@ impl Volume {
                 } => {
                     tokio::spawn(async move {
                         // A detached disk takes no more writes (`on-io-error detach`).
-                        let detached = v.lock().disk <= DiskState::Failed;
+                        let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
                         let ok = !detached && v.local_io(sector, len, kind, fua, buf).await;
                         if !ok {
                             // Recorded before the write completes (and before a Secondary

@@ -1,0 +1,272 @@
+//! A peer's cluster-wide state change requests, as a kernel DRBD 8.4 node sends them
+//! (issue 10): a scripted peer built from the engine's own codec and handshake does the
+//! 8.4 handshake with a real `tandem` node, then sends `P_STATE_CHG_REQ` /
+//! `P_CONN_ST_CHG_REQ` and reads the `P_STATE_CHG_REPLY` codes; it also answers the
+//! node's own promotion request. The node plays `beta`; the script plays `alpha`.
+
+use std::time::Duration;
+use tandem_engine::net::handshake::{self, LocalParams};
+use tandem_engine::resync::RateConfig;
+use tandem_engine::state::change::{promote_request, StateRv};
+use tandem_engine::state::uuid::{SplitBrainPolicy, UuidSet, UUID_JUST_CREATED};
+use tandem_engine::state::{ConnState, DiskState, Protocol, Role};
+use tandem_engine::wire::{self, Command, Header, Packet, ReqState, StateBits, WireCtx};
+use tandem_tests::loopdev::tandem;
+use tandem_tests::{Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Bound on every read of the script.
+const IO: Duration = Duration::from_secs(20);
+
+struct Peer {
+    data: TcpStream,
+    meta: TcpStream,
+    ctx: WireCtx,
+}
+
+async fn send(s: &mut TcpStream, ctx: &WireCtx, pkt: &Packet) {
+    let mut out = Vec::new();
+    wire::encode(pkt, ctx, 0, &mut out).expect("encode");
+    s.write_all(&out).await.expect("send");
+}
+
+/// The next packet on `s` (data parts are read and dropped).
+async fn recv(s: &mut TcpStream, ctx: &WireCtx) -> Packet {
+    let read = async {
+        let mut h = vec![0u8; ctx.header_len()];
+        s.read_exact(&mut h).await.expect("header");
+        let hdr = Header::decode(&h, ctx).expect("header decodes");
+        let layout = wire::payload_layout(&hdr, ctx).expect("layout");
+        let mut head = vec![0u8; layout.head];
+        s.read_exact(&mut head).await.expect("payload");
+        let mut data = vec![0u8; layout.data];
+        s.read_exact(&mut data).await.expect("data");
+        wire::decode(&hdr, &head, ctx).expect("packet decodes")
+    };
+    tokio::time::timeout(IO, read)
+        .await
+        .expect("a packet in time")
+}
+
+/// The next reply on the meta socket, answering pings on the way.
+async fn reply(p: &mut Peer) -> i32 {
+    loop {
+        match recv(&mut p.meta, &p.ctx).await {
+            Packet::ReqStateReply { retcode, .. } => return retcode,
+            Packet::Empty(Command::P_PING) => {
+                let ctx = p.ctx;
+                send(&mut p.meta, &ctx, &Packet::Empty(Command::P_PING_ACK)).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn state_word(role: Role, conn: ConnState, disk: DiskState) -> u32 {
+    let b = |v: u32| u8::try_from(v).unwrap_or(0);
+    StateBits {
+        role: b(role.as_u32()),
+        conn: b(conn.as_u32()),
+        disk: b(disk.as_u32()),
+        ..StateBits::default()
+    }
+    .pack()
+    .expect("state word")
+}
+
+/// Connects to `port` as the active node and does the 8.4 handshake as a Secondary with
+/// an UpToDate, just-created disk of `sectors` (so the pair is Connected, no resync).
+async fn connect(port: u16, sectors: u64) -> Peer {
+    let pre = WireCtx::pre_features();
+    let mut data = TcpStream::connect(("127.0.0.1", port)).await.expect("data");
+    send(&mut data, &pre, &Packet::Empty(Command::P_INITIAL_DATA)).await;
+    let mut meta = TcpStream::connect(("127.0.0.1", port)).await.expect("meta");
+    send(&mut meta, &pre, &Packet::Empty(Command::P_INITIAL_META)).await;
+    let local = LocalParams {
+        protocol: Protocol::C,
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        size_sectors: sectors,
+        dirty_bits: 0,
+        uuids: UuidSet {
+            current: UUID_JUST_CREATED,
+            bitmap: 0,
+            history: [0, 0],
+        },
+        crashed_primary: false,
+        resolve_conflicts: false,
+        discard_my_data: false,
+        policy: SplitBrainPolicy::default(),
+        csums: false,
+        verify: false,
+        rate: RateConfig::TANDEM,
+    };
+    let params = tokio::time::timeout(IO, handshake::run(&mut data, local))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    Peer {
+        data,
+        meta,
+        ctx: params.ctx,
+    }
+}
+
+async fn request(p: &mut Peer, cmd: Command, mask: u32, val: u32) -> i32 {
+    let ctx = p.ctx;
+    send(
+        &mut p.data,
+        &ctx,
+        &Packet::ReqState {
+            cmd,
+            req: ReqState { mask, val },
+        },
+    )
+    .await;
+    reply(p).await
+}
+
+fn conn_request(c: ConnState) -> (u32, u32) {
+    let mask = StateBits {
+        conn: 0x1f,
+        ..StateBits::default()
+    };
+    let val = StateBits {
+        conn: u8::try_from(c.as_u32()).unwrap_or(0),
+        ..StateBits::default()
+    };
+    (mask.pack().expect("mask"), val.pack().expect("val"))
+}
+
+#[test]
+fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() {
+    let mut c = Cluster::new(ClusterOpts::new("peer-requests").autostart(false));
+    c.node_mut(1).start();
+    let beta = c.node(1).status();
+    let sectors = beta.u64_at("/size_bytes") / 512;
+    let port = c.node(1).address().port();
+    let sock = c.node(1).mgmt_socket().to_string_lossy().into_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut p = connect(port, sectors).await;
+        c.node(1).wait_connected();
+
+        // The peer's promotion: granted; beta now counts it as Primary and refuses its
+        // own promotion locally.
+        let (mask, val) = promote_request(false);
+        let rv = request(&mut p, Command::P_STATE_CHG_REQ, mask, val).await;
+        assert_eq!(StateRv::from_code(rv), StateRv::Success);
+        c.node(1).wait_status(CONNECT_TIMEOUT, "peer Primary", |s| {
+            s.opt_str("/peer/role") == Some("Primary")
+        });
+        let out = tandem(&["primary", "--socket", &sock]);
+        assert!(
+            !out.status.success(),
+            "beta promoted next to a Primary peer"
+        );
+
+        // The peer demotes (its P_STATE says so); beta's own promotion now asks the
+        // script, which refuses it: beta stays Secondary and says why.
+        let ctx = p.ctx;
+        let word = state_word(Role::Secondary, ConnState::Connected, DiskState::UpToDate);
+        send(&mut p.data, &ctx, &Packet::State(word)).await;
+        c.node(1)
+            .wait_status(CONNECT_TIMEOUT, "peer Secondary", |s| {
+                s.opt_str("/peer/role") == Some("Secondary")
+            });
+        let sock2 = sock.clone();
+        let promote = std::thread::spawn(move || tandem(&["primary", "--socket", &sock2]));
+        let asked = loop {
+            match recv(&mut p.data, &ctx).await {
+                Packet::ReqState { cmd, req } => break (cmd, req),
+                _ => continue,
+            }
+        };
+        assert_eq!(asked.0, Command::P_STATE_CHG_REQ);
+        assert_eq!((asked.1.mask, asked.1.val), promote_request(false));
+        send(
+            &mut p.meta,
+            &ctx,
+            &Packet::ReqStateReply {
+                cmd: Command::P_STATE_CHG_REPLY,
+                retcode: StateRv::TwoPrimaries.code(),
+            },
+        )
+        .await;
+        let out = promote.join().expect("thread");
+        assert!(!out.status.success(), "promoted against the peer's refusal");
+        assert!(out.stderr.contains("Multiple primaries"), "{}", out.stderr);
+        assert_eq!(c.node(1).status().str_at("/role"), "Secondary");
+
+        // Asked again, the script grants it: beta is Primary; the script's own
+        // promotion is then refused with SS_TWO_PRIMARIES.
+        let sock2 = sock.clone();
+        let promote = std::thread::spawn(move || tandem(&["primary", "--socket", &sock2]));
+        loop {
+            if let Packet::ReqState { .. } = recv(&mut p.data, &ctx).await {
+                break;
+            }
+        }
+        send(
+            &mut p.meta,
+            &ctx,
+            &Packet::ReqStateReply {
+                cmd: Command::P_STATE_CHG_REPLY,
+                retcode: StateRv::Success.code(),
+            },
+        )
+        .await;
+        promote
+            .join()
+            .expect("thread")
+            .assert_success("promotion granted");
+        assert_eq!(c.node(1).status().str_at("/role"), "Primary");
+        let rv = request(&mut p, Command::P_STATE_CHG_REQ, mask, val).await;
+        assert_eq!(StateRv::from_code(rv), StateRv::TwoPrimaries);
+        // An online verify request is fine; an invalidate-remote of a Primary is not.
+        let (m, v) = conn_request(ConnState::VerifyS);
+        assert_eq!(
+            StateRv::from_code(request(&mut p, Command::P_CONN_ST_CHG_REQ, m, v).await),
+            StateRv::Success
+        );
+        let (m, v) = conn_request(ConnState::StartingSyncS);
+        assert_eq!(
+            StateRv::from_code(request(&mut p, Command::P_STATE_CHG_REQ, m, v).await),
+            StateRv::NotSupported
+        );
+        tandem(&["secondary", "--socket", &sock]).assert_success("demote beta");
+
+        // The peer's invalidate-remote (StartingSyncS there): beta becomes the target of
+        // a full resync: granted, then every block is out of sync, the disk Inconsistent,
+        // and the connection is renewed (the handshake runs the resync).
+        let rv = request(&mut p, Command::P_STATE_CHG_REQ, m, v).await;
+        assert_eq!(StateRv::from_code(rv), StateRv::Success);
+        let st = c
+            .node(1)
+            .wait_status(CONNECT_TIMEOUT, "beta invalidated", |s| {
+                s.opt_str("/disk") == Some("Inconsistent")
+            });
+        assert_eq!(
+            st.u64_at("/out_of_sync_bytes"),
+            st.u64_at("/size_bytes"),
+            "{st}"
+        );
+        // The renewal closes the script's sockets.
+        let mut buf = [0u8; 4096];
+        let closed = tokio::time::timeout(IO, async {
+            loop {
+                match p.data.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the connection was not renewed");
+    });
+    c.node_mut(1).stop();
+}
