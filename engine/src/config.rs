@@ -1036,6 +1036,25 @@ mod tests {
     }
 
     #[test]
+    fn on_io_error_and_startup_options() {
+        let c = Config::parse(&two_nodes("", ""), "t").expect("valid");
+        assert_eq!(c.disk.on_io_error, OnIoError::Detach);
+        assert_eq!(c.startup.wfc_timeout, Duration::from_secs(10));
+        let with = |extra: &str| format!("{}\n{extra}\n", two_nodes("", ""));
+        let c = Config::parse(&with("[disk]\non-io-error = \"pass_on\""), "t").expect("valid");
+        assert_eq!(c.disk.on_io_error, OnIoError::PassOn);
+        let e = err(&with("[disk]\non-io-error = \"call-local-io-error\""));
+        assert!(
+            e.contains("disk.on-io-error") && e.contains("pass_on"),
+            "{e}"
+        );
+        let c = Config::parse(&with("[startup]\nwfc-timeout = 0"), "t").expect("valid");
+        assert_eq!(c.startup.wfc_timeout, Duration::ZERO);
+        assert!(err(&with("[startup]\nwfc-timeout = -1")).contains("startup.wfc-timeout"));
+        assert!(err(&with("[startup]\nbecome-primary-on = \"a\"")).contains("become-primary-on"));
+    }
+
+    #[test]
     fn resync_and_split_brain_defaults() {
         let c = Config::parse(&two_nodes("", ""), "t").expect("valid");
         assert_eq!(c.disk.rate, RateConfig::TANDEM);
