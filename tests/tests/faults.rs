@@ -235,15 +235,7 @@ fn stopped_secondary_is_declared_dead_within_timeout() {
     );
 
     tools::send_signal(pid, "CONT").expect("SIGCONT the Secondary");
-    c.primary()
-        .wait_status(CONNECT_TIMEOUT, "Connected again and resynced", |s| {
-            s.opt_str("/connection") == Some("Connected")
-                && s.opt_u64("/out_of_sync_bytes") == Some(0)
-                && s.opt_str("/peer/disk") == Some("UpToDate")
-        });
-    let size = c.primary().status().u64_at("/size_bytes");
-    c.stop_all();
-    c.assert_replicas_identical(size);
+    resynced_and_identical(&mut c);
 }
 
 /// A frozen filesystem under a file: writes to it block in the kernel until it is thawed.
@@ -364,6 +356,12 @@ fn secondary_with_hung_disk_is_dropped_after_ko_count_timeouts() {
     assert!(st.u64_at("/out_of_sync_bytes") > 0, "{st}");
 
     fs.freeze(false);
+    resynced_and_identical(&mut c);
+}
+
+/// Waits until the Primary is Connected again with nothing out of sync and its peer
+/// UpToDate, then stops both nodes and compares the replicas.
+fn resynced_and_identical(c: &mut Cluster) {
     c.primary()
         .wait_status(CONNECT_TIMEOUT, "Connected again and resynced", |s| {
             s.opt_str("/connection") == Some("Connected")
