@@ -76,8 +76,8 @@ fn state_word(role: Role, conn: ConnState, disk: DiskState) -> u32 {
 }
 
 /// Connects to `port` as the active node and does the 8.4 handshake as a Secondary with
-/// an UpToDate, just-created disk of `sectors` (so the pair is Connected, no resync).
-async fn connect(port: u16, sectors: u64) -> Peer {
+/// a `disk` of `sectors` and generation `uuids`.
+async fn connect(port: u16, sectors: u64, disk: DiskState, uuids: UuidSet) -> Peer {
     let pre = WireCtx::pre_features();
     let mut data = TcpStream::connect(("127.0.0.1", port)).await.expect("data");
     send(&mut data, &pre, &Packet::Empty(Command::P_INITIAL_DATA)).await;
@@ -86,14 +86,10 @@ async fn connect(port: u16, sectors: u64) -> Peer {
     let local = LocalParams {
         protocol: Protocol::C,
         role: Role::Secondary,
-        disk: DiskState::UpToDate,
+        disk,
         size_sectors: sectors,
         dirty_bits: 0,
-        uuids: UuidSet {
-            current: UUID_JUST_CREATED,
-            bitmap: 0,
-            history: [0, 0],
-        },
+        uuids,
         crashed_primary: false,
         resolve_conflicts: false,
         discard_my_data: false,
@@ -127,6 +123,20 @@ async fn request(p: &mut Peer, cmd: Command, mask: u32, val: u32) -> i32 {
     reply(p).await
 }
 
+/// `current:bitmap:history0:history1` in hex, as status shows the UUIDs.
+fn parse_uuids(s: &str) -> UuidSet {
+    let v: Vec<u64> = s
+        .split(':')
+        .map(|x| u64::from_str_radix(x, 16).expect("hex UUID"))
+        .collect();
+    assert_eq!(v.len(), 4, "{s}");
+    UuidSet {
+        current: v[0],
+        bitmap: v[1],
+        history: [v[2], v[3]],
+    }
+}
+
 fn conn_request(c: ConnState) -> (u32, u32) {
     let mask = StateBits {
         conn: 0x1f,
@@ -152,7 +162,13 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut p = connect(port, sectors).await;
+        let fresh = UuidSet {
+            current: UUID_JUST_CREATED,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        // An UpToDate just-created disk, like beta's: Connected, no resync.
+        let mut p = connect(port, sectors, DiskState::UpToDate, fresh).await;
         c.node(1).wait_connected();
 
         // The peer's promotion: granted; beta now counts it as Primary and refuses its
@@ -267,6 +283,32 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
         })
         .await;
         assert!(closed.is_ok(), "the connection was not renewed");
+
+        // The peer comes back with beta's generation and an Inconsistent disk (a pair
+        // that never synced): Connected, no resync. Its forced promotion is granted and
+        // declares its disk UpToDate: beta renews the connection for the resync.
+        let uuids = parse_uuids(c.node(1).status().str_at("/uuids"));
+        let mut p = connect(port, sectors, DiskState::Inconsistent, uuids).await;
+        let st = c.node(1).wait_connected();
+        assert_eq!(st.str_at("/disk"), "Inconsistent", "{st}");
+        let (mask, val) = promote_request(true);
+        let rv = request(&mut p, Command::P_STATE_CHG_REQ, mask, val).await;
+        assert_eq!(StateRv::from_code(rv), StateRv::Success);
+        let closed = tokio::time::timeout(IO, async {
+            loop {
+                match p.data.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "no renewal for the resync after a forced promotion"
+        );
+        let log = c.node(1).log_tail(40);
+        assert!(log.contains("resync with this node is due"), "{log}");
     });
     c.node_mut(1).stop();
 }

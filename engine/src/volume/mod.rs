@@ -1182,10 +1182,11 @@ impl Volume {
             let s = wire::StateBits::unpack(word);
             inner.peer_role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
             let disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
-            if disk <= DiskState::Failed && inner.peer_disk > DiskState::Failed {
-                v.peer_disk_failed(inner, disk);
+            if v.peer_disk_changed(inner, disk) {
+                if let Some(k) = &inner.kill {
+                    k.notify_one();
+                }
             }
-            inner.peer_disk = disk;
             if let Some(r) = inner.source.as_mut() {
                 r.s.set_peer_primary(inner.peer_role == Role::Primary);
             }
@@ -1193,6 +1194,33 @@ impl Volume {
             v.source_peer_state(inner, conn);
             Ok(())
         });
+    }
+
+    /// The peer reports a new disk state (in `P_STATE`, or in a state change request this
+    /// node granted). A disk that failed is [`Self::peer_disk_failed`]. A peer whose
+    /// disk becomes UpToDate while this node's is Inconsistent with no resync running
+    /// (a kernel peer's `primary --force` on a pair that never synced) means a resync
+    /// is due: DRBD 8.4 runs its sync handshake again (`receive_state`); tandem renews
+    /// the connection so that the handshake does.
+    /// Returns whether that resync is due; the caller renews the connection.
+    fn peer_disk_changed(&self, inner: &mut Inner, disk: DiskState) -> bool {
+        let was = inner.peer_disk;
+        inner.peer_disk = disk;
+        if disk <= DiskState::Failed && was > DiskState::Failed {
+            self.peer_disk_failed(inner, disk);
+        }
+        let resync_due = disk == DiskState::UpToDate
+            && was < DiskState::UpToDate
+            && inner.disk == DiskState::Inconsistent
+            && inner.target.is_none()
+            && inner.source.is_none();
+        if resync_due {
+            tracing::warn!(
+                "the peer's disk is UpToDate now and this one is Inconsistent: renewing the \
+                 connection for the resync"
+            );
+        }
+        resync_due
     }
 
     /// The peer's disk failed (or was detached) while connected: everything this node
@@ -1354,20 +1382,18 @@ impl Volume {
                 return Ok(None);
             }
             let g = d.grant;
-            if let Some(disk) = g.peer_disk {
-                if disk <= DiskState::Failed && inner.peer_disk > DiskState::Failed {
-                    v.peer_disk_failed(inner, disk);
-                }
-                inner.peer_disk = disk;
-            }
+            // A resync due now starts after the reply has left, as for `invalidate`.
+            let resync_due = g
+                .peer_disk
+                .is_some_and(|disk| v.peer_disk_changed(inner, disk));
             if let Some(role) = g.peer_role {
                 // From now on this node refuses its own promotion: the peer is Primary.
                 inner.peer_role = role;
             }
-            Ok(Some(g))
+            Ok(Some((g, resync_due)))
         });
-        if let Ok(Some(Some(g))) = granted {
-            if g.sync_source || g.sync_target {
+        if let Ok(Some(Some((g, resync_due)))) = granted {
+            if g.sync_source || g.sync_target || resync_due {
                 self.renew_for_resync(session, g.sync_target);
             }
         }
@@ -1390,8 +1416,8 @@ impl Volume {
                 }
             };
             tracing::warn!(
-                "the peer asked for a full resync {} this node; renewing the connection",
-                if target { "into" } else { "from" }
+                "a resync {} this node is due; renewing the connection",
+                if target { "into" } else { "with" }
             );
             if target {
                 if let Err(e) = me.invalidate() {
