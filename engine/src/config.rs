@@ -44,6 +44,10 @@
 //! c-min-rate = 25600        # KiB/s resync keeps while the application uses the disk
 //! rs-discard-granularity = 0  # bytes; thin resync requests (P_RS_THIN_REQ), 0 = off
 //!
+//! [nbd]                     # optional; limits of the NBD exports
+//! idle-timeout = 60         # seconds without a request before a connection may lose its slot
+//! data-budget = "256MiB"    # READ/WRITE data in flight over all NBD connections
+//!
 //! [[node]]
 //! name = "alpha"
 //! address = "127.0.0.1:7789"
@@ -171,6 +175,16 @@ pub struct NetConfig {
     pub use_rle: bool,
 }
 
+/// `[nbd]`: limits of the NBD exports (both listeners of a node share them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdConfig {
+    /// A connection with no request for this long may lose its slot to a new client
+    /// (`idle-timeout`, s).
+    pub idle_timeout: Duration,
+    /// READ/WRITE data in flight over all NBD connections (`data-budget`, bytes).
+    pub data_budget: u64,
+}
+
 /// `[disk]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -228,6 +242,8 @@ pub struct Config {
     pub net: NetConfig,
     /// `[disk]`.
     pub disk: DiskConfig,
+    /// `[nbd]`.
+    pub nbd: NbdConfig,
     /// The two nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -240,6 +256,8 @@ struct RawFile {
     net: RawNet,
     #[serde(default)]
     disk: RawDisk,
+    #[serde(default)]
+    nbd: RawNbd,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
 }
@@ -290,6 +308,13 @@ struct RawDisk {
     c_max_rate: Option<toml::Value>,
     c_min_rate: Option<toml::Value>,
     rs_discard_granularity: Option<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNbd {
+    idle_timeout: Option<i64>,
+    data_budget: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -841,6 +866,31 @@ impl Config {
                 "both nodes are primary; only one node may start as primary",
             ));
         }
+        let nbd = NbdConfig {
+            idle_timeout: Duration::from_secs(ranged(
+                "nbd.idle-timeout",
+                raw.nbd.idle_timeout,
+                60,
+                1,
+                86400,
+                "seconds",
+            )?),
+            data_budget: match &raw.nbd.data_budget {
+                None => 256 << 20,
+                Some(v) => {
+                    let b = parse_size("nbd.data-budget", v)?;
+                    if !(32 << 20..=16 << 30).contains(&b) {
+                        return Err(invalid(
+                            "nbd.data-budget",
+                            format!(
+                                "{b} bytes is out of range; use 32MiB..=16GiB (default 256MiB)"
+                            ),
+                        ));
+                    }
+                    b
+                }
+            },
+        };
         Ok(Config {
             resource: ResourceConfig {
                 name,
@@ -849,6 +899,7 @@ impl Config {
             },
             net,
             disk,
+            nbd,
             nodes,
         })
     }

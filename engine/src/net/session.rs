@@ -39,6 +39,7 @@ pub async fn run(
     sockets: (TcpStream, TcpStream),
     resolve_conflicts: bool,
     session: u64,
+    established: &mut bool,
 ) -> Result<(), NetError> {
     let (mut data, meta) = sockets;
     let local = volume.handshake_params(resolve_conflicts);
@@ -85,6 +86,8 @@ pub async fn run(
         ctx.version(),
         params.sync
     );
+    *established = true;
+    volume.set_connection_error(None);
     let kill = volume.connection_up(link, &params);
 
     let (data_rd, data_wr) = data.into_split();
