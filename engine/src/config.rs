@@ -1234,6 +1234,26 @@ mod tests {
     }
 
     #[test]
+    fn nbd_limits() {
+        let c = Config::parse(&two_nodes("", ""), "t").expect("valid");
+        assert_eq!(c.nbd.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.nbd.data_budget, 256 << 20);
+        let text = two_nodes("", "") + "[nbd]\nidle-timeout = 2\ndata-budget = \"1GiB\"\n";
+        let c = Config::parse(&text, "t").expect("valid");
+        assert_eq!(c.nbd.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.nbd.data_budget, 1 << 30);
+        for bad in [
+            "idle-timeout = 0",
+            "data-budget = \"1MiB\"",
+            "max-clients = 3",
+        ] {
+            let text = two_nodes("", "") + "[nbd]\n" + bad + "\n";
+            let e = err(&text);
+            assert!(e.contains("nbd") || e.contains("max-clients"), "{e}");
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size_str("64MiB"), Some(64 << 20));
         assert_eq!(parse_size_str("8G"), Some(8 << 30));

@@ -376,6 +376,9 @@ pub fn cli_status(
             str_of(&peer["disk"])
         );
     }
+    if let Some(why) = s["connection_error"].as_str() {
+        println!("  last connection error: {why}");
+    }
     Ok(())
 }
 
