@@ -29,7 +29,8 @@
 //! not permanent: they are retried with the back-off.
 //!
 //! Bounds: the first packet of an accepted socket must arrive within
-//! [`FIRST_PACKET_TIMEOUT`] (3 s); at most [`MAX_UNCLASSIFIED_SOCKETS`] (16) wait for it,
+//! [`FIRST_PACKET_TIMEOUT`] (3 s) (one already there when the socket is accepted, as a
+//! peer's is, is read at once and the socket never waits); at most [`MAX_UNCLASSIFIED_SOCKETS`] (16) wait for it,
 //! [`MAX_UNCLASSIFIED_PER_SOURCE`] (8) per source address, and a new socket is never
 //! refused for lack of room: the oldest waiting one (of its own source first) is closed
 //! instead, so squatters cannot keep the peer out. Classified sockets wait for their
@@ -56,6 +57,7 @@ use crate::state::ConnState;
 use crate::store::AlignedBuf;
 use crate::volume::Volume;
 use crate::wire::{self, Command, Header, WireCtx};
+use futures_util::FutureExt;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -249,9 +251,12 @@ pub async fn run(
             // An accepted pair must start talking (the peer sends its features at once);
             // a newer pair arriving first replaces a silent one, so a squatter's fake pair
             // cannot hold the door while the real peer waits.
+            let mut first_byte = [0u8; 1];
             tokio::select! {
                 biased;
-                r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, data.readable()) => {
+                // `peek`, not `readable`: the readiness left over from the first packet
+                // would answer at once.
+                r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, data.peek(&mut first_byte)) => {
                     if r.is_err() {
                         crate::warn_limited!(
                             "refused an accepted replication socket pair: no handshake within {FIRST_PACKET_TIMEOUT:?}"
@@ -412,6 +417,19 @@ async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc
             tracing::debug!("closed replication socket from {from}: StandAlone");
             continue;
         }
+        // Fast path: a peer sends its first packet right after connecting, so it is
+        // usually here already; such a socket never enters the waiting room (where a
+        // flood from the same address could evict it before it is read).
+        let mut peek = [0u8; 8];
+        if matches!(stream.peek(&mut peek).now_or_never(), Some(Ok(n)) if n >= peek.len()) {
+            let first = read_control(&mut stream, &WireCtx::pre_features())
+                .now_or_never()
+                .unwrap_or(Err(NetError::Protocol(
+                    "first packet incomplete (P_INITIAL_DATA/META have no payload)".into(),
+                )));
+            file_socket(first, stream, from, &accepted, &volume);
+            continue;
+        }
         let mut t = lock(&table);
         if let Some(evicted) = t.make_room(from.ip()) {
             crate::warn_limited!(
@@ -434,37 +452,45 @@ async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc
                 FIRST_PACKET_TIMEOUT,
                 read_control(&mut stream, &WireCtx::pre_features()),
             )
-            .await;
-            let cmd = match first {
-                Err(_) => {
-                    crate::warn_limited!("refused replication socket from {from}: no first packet within {FIRST_PACKET_TIMEOUT:?}");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    crate::warn_limited!("refused replication socket from {from}: {e}");
-                    return;
-                }
-                Ok(Ok((_, wire::Packet::Empty(cmd))))
-                    if cmd == Command::P_INITIAL_DATA || cmd == Command::P_INITIAL_META =>
-                {
-                    cmd
-                }
-                Ok(Ok((hdr, _))) => {
-                    crate::warn_limited!(
-                        "refused replication socket from {from}: protocol error, first packet is {} (expected P_INITIAL_DATA or P_INITIAL_META)",
-                        hdr.command.name()
-                    );
-                    return;
-                }
-            };
-            if volume.conn_state() >= ConnState::Connected {
-                crate::warn_limited!("refused replication socket from {from}: already connected");
-                return;
-            }
-            accepted.put(cmd, stream);
+            .await
+            .unwrap_or(Err(NetError::Timeout("no first packet within 3 s")));
+            file_socket(first, stream, from, &accepted, &volume);
         });
         t.live.insert(id, (from.ip(), task.abort_handle()));
     }
+}
+
+/// Files an accepted socket by its first packet, or refuses it (rate-limited warning).
+fn file_socket(
+    first: Result<(Header, wire::Packet), NetError>,
+    stream: TcpStream,
+    from: SocketAddr,
+    accepted: &Accepted,
+    volume: &Volume,
+) {
+    let cmd = match first {
+        Err(e) => {
+            crate::warn_limited!("refused replication socket from {from}: {e}");
+            return;
+        }
+        Ok((_, wire::Packet::Empty(cmd)))
+            if cmd == Command::P_INITIAL_DATA || cmd == Command::P_INITIAL_META =>
+        {
+            cmd
+        }
+        Ok((hdr, _)) => {
+            crate::warn_limited!(
+                "refused replication socket from {from}: protocol error, first packet is {} (expected P_INITIAL_DATA or P_INITIAL_META)",
+                hdr.command.name()
+            );
+            return;
+        }
+    };
+    if volume.conn_state() >= ConnState::Connected {
+        crate::warn_limited!("refused replication socket from {from}: already connected");
+        return;
+    }
+    accepted.put(cmd, stream);
 }
 
 /// A classified socket waiting for its partner, and since when.

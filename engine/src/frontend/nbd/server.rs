@@ -18,9 +18,21 @@
 //! stops, every request already started runs to completion and is answered, then the
 //! socket is closed. A client that stops reading replies cannot hold the connection
 //! forever: after [`DRAIN_GRACE`] blocked reply writes are abandoned (the target's
-//! operations still finish). Connections beyond [`NbdOptions::max_connections`] are
-//! accepted and closed at once with a warning; a handshake has
-//! [`NbdOptions::handshake_timeout`].
+//! operations still finish). A handshake has [`NbdOptions::handshake_timeout`] (10 s).
+//!
+//! Neighbours: a listener holds [`NbdOptions::max_connections`] (64) connections, at most
+//! [`NbdOptions::max_per_source`] (32) from one TCP source address. When a new client
+//! finds no room, the connection idle longest — no request in flight and none received
+//! for [`NbdOptions::idle_timeout`] (60 s, `[nbd] idle-timeout`) — is closed for it;
+//! otherwise the new one is closed at once (rate-limited warning). Idle connections are
+//! never closed while nobody needs their slot (qemu and the kernel's nbd-client keep a
+//! quiet guest's connection open). READ/WRITE data in flight is bounded per connection
+//! ([`MAX_BYTES_IN_FLIGHT`], 64 MiB) and over all connections of every listener sharing a
+//! [`DataBudget`] ([`DEFAULT_DATA_BUDGET`], 256 MiB, `[nbd] data-budget`): N slow readers
+//! hold at most the budget, not N × 64 MiB. A reply write or a WRITE payload that takes
+//! longer than [`REPLY_TIMEOUT`] (30 s) closes the connection, so no client pins its share
+//! forever; when the budget drains after a burst of ≥ 64 MiB the freed heap is given back
+//! to the kernel (`malloc_trim`, at most once per second).
 
 use super::proto::{self, Action, Export, Handshake, HandshakeError, Step, REQUEST_LEN};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
@@ -59,8 +71,9 @@ pub const DEFAULT_MAX_PER_SOURCE: usize = DEFAULT_MAX_CONNECTIONS / 2;
 /// Default bytes of READ/WRITE data in flight over all connections sharing a
 /// [`DataBudget`] (the daemon shares one between its listeners).
 pub const DEFAULT_DATA_BUDGET: usize = 256 << 20;
-/// Time one reply may take to be written (after it got the socket); a client that reads
-/// nothing for this long is disconnected, so it cannot pin its share of the budget.
+/// Time one reply may take to be written (after it got the socket), and a WRITE's payload
+/// to arrive after its header; a client that reads (or sends) nothing for this long is
+/// disconnected, so it cannot pin its share of the budget.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most one `malloc_trim` per this interval when the budget has drained.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -954,8 +967,15 @@ where
                     Ok(b) => b,
                     Err(e) => return ConnectionEnd::Protocol(format!("WRITE buffer: {e}")),
                 };
-                if let Err(e) = reader.read_exact(&mut buf).await {
-                    return read_error(e, "WRITE payload");
+                // The payload holds its share of the budget: it must come in time.
+                match tokio::time::timeout(REPLY_TIMEOUT, reader.read_exact(&mut buf)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return read_error(e, "WRITE payload"),
+                    Err(_) => {
+                        return ConnectionEnd::Protocol(format!(
+                            "WRITE payload of {len} bytes not received within {REPLY_TIMEOUT:?}"
+                        ))
+                    }
                 }
                 BlockIo::Write {
                     offset,
