@@ -612,3 +612,40 @@ async fn connect(peer: SocketAddr) -> Result<TcpStream, NetError> {
         .map_err(|_| NetError::Timeout("connect"))?
         .map_err(NetError::Io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_waiting_room_closes_the_oldest_socket_of_the_same_source_first() {
+        let mut t = Unclassified::default();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let mut tasks = Vec::new();
+        let mut add = |t: &mut Unclassified, ip: IpAddr| {
+            let task = tokio::spawn(std::future::pending::<()>());
+            t.live.insert(t.next, (ip, task.abort_handle()));
+            t.next += 1;
+            tasks.push(task);
+        };
+        add(&mut t, b);
+        for _ in 0..MAX_UNCLASSIFIED_PER_SOURCE {
+            assert_eq!(t.make_room(a), None);
+            add(&mut t, a);
+        }
+        // `a` is at its limit: its oldest (id 1) goes, not `b`'s older socket (id 0).
+        assert_eq!(t.make_room(a), Some(a));
+        assert!(t.live.contains_key(&0) && !t.live.contains_key(&1));
+        // The room is full with other sources: the oldest of all goes.
+        while t.live.len() < MAX_UNCLASSIFIED_SOCKETS {
+            let ip = IpAddr::from([10, 0, 1, u8::try_from(t.next % 200).unwrap_or(0)]);
+            add(&mut t, ip);
+        }
+        assert_eq!(t.make_room([10, 9, 9, 9].into()), Some(b));
+        assert!(!t.live.contains_key(&0));
+        for task in tasks {
+            task.abort();
+        }
+    }
+}

@@ -1067,3 +1067,60 @@ fn read_error(e: io::Error, what: &str) -> ConnectionEnd {
         ConnectionEnd::Io(e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        s.parse().ok()
+    }
+
+    #[test]
+    fn a_full_listener_gives_the_slot_of_the_longest_idle_connection() {
+        let opts = NbdOptions {
+            max_connections: 3,
+            max_per_source: 2,
+            idle_timeout: Duration::ZERO,
+            ..NbdOptions::default()
+        };
+        let mut t = ConnTable::default();
+        let a1 = t.admit(ip("10.0.0.1"), &opts).expect("room");
+        let a2 = t.admit(ip("10.0.0.1"), &opts).expect("room");
+        // The source is full: its idle connection (a2; a1 is busy) gives its slot.
+        a1.busy.store(1, Ordering::Release);
+        let a3 = t.admit(ip("10.0.0.1"), &opts).expect("a2 evicted");
+        assert!(t.conns.contains_key(&a1.id) && t.conns.contains_key(&a3.id));
+        assert!(!t.conns.contains_key(&a2.id));
+        // Another source fills the listener; then everything busy: refused.
+        let b1 = t.admit(ip("10.0.0.2"), &opts).expect("room");
+        for a in [&a3, &b1] {
+            a.busy.store(1, Ordering::Release);
+        }
+        let why = t.admit(ip("10.0.0.3"), &opts).err().expect("full and busy");
+        assert!(why.contains("3 connections already open"), "{why}");
+        // Unix sockets have no source limit, only the listener's.
+        b1.busy.store(0, Ordering::Release);
+        assert!(t.admit(None, &opts).is_ok());
+        assert!(!t.conns.contains_key(&b1.id));
+    }
+
+    #[test]
+    fn idle_but_not_long_enough_keeps_its_slot() {
+        let opts = NbdOptions {
+            max_connections: 1,
+            idle_timeout: Duration::from_secs(3600),
+            ..NbdOptions::default()
+        };
+        let mut t = ConnTable::default();
+        let _a = t.admit(ip("10.0.0.1"), &opts).expect("room");
+        let why = t.admit(ip("10.0.0.2"), &opts).err().expect("refused");
+        assert!(why.contains("none idle for"), "{why}");
+    }
+
+    #[test]
+    fn the_budget_holds_at_least_one_largest_request() {
+        assert_eq!(DataBudget::new(1).bytes(), proto::MAX_BLOCK as usize);
+        assert_eq!(DataBudget::new(256 << 20).bytes(), 256 << 20);
+    }
+}
