@@ -45,6 +45,10 @@
 //! c-min-rate = 25600        # KiB/s resync keeps while the application uses the disk
 //! rs-discard-granularity = 0  # bytes; thin resync requests (P_RS_THIN_REQ), 0 = off
 //!
+//! [nbd]                     # optional; limits of the NBD exports
+//! idle-timeout = 60         # seconds without a request before a connection may lose its slot
+//! data-budget = "256MiB"    # READ/WRITE data in flight over all NBD connections
+//!
 //! [[node]]
 //! name = "alpha"
 //! address = "127.0.0.1:7789"
@@ -177,6 +181,16 @@ pub struct NetConfig {
     pub use_rle: bool,
 }
 
+/// `[nbd]`: limits of the NBD exports (both listeners of a node share them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdConfig {
+    /// A connection with no request for this long may lose its slot to a new client
+    /// (`idle-timeout`, s).
+    pub idle_timeout: Duration,
+    /// READ/WRITE data in flight over all NBD connections (`data-budget`, bytes).
+    pub data_budget: u64,
+}
+
 /// `[disk]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -270,6 +284,8 @@ pub struct Config {
     pub disk: DiskConfig,
     /// `[startup]`.
     pub startup: StartupConfig,
+    /// `[nbd]`.
+    pub nbd: NbdConfig,
     /// The two nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -284,6 +300,7 @@ struct RawFile {
     disk: RawDisk,
     #[serde(default)]
     startup: RawStartup,
+    nbd: RawNbd,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
 }
@@ -342,6 +359,13 @@ struct RawDisk {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawStartup {
     wfc_timeout: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNbd {
+    idle_timeout: Option<i64>,
+    data_budget: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -915,6 +939,31 @@ impl Config {
                 "both nodes are primary; only one node may start as primary",
             ));
         }
+        let nbd = NbdConfig {
+            idle_timeout: Duration::from_secs(ranged(
+                "nbd.idle-timeout",
+                raw.nbd.idle_timeout,
+                60,
+                1,
+                86400,
+                "seconds",
+            )?),
+            data_budget: match &raw.nbd.data_budget {
+                None => 256 << 20,
+                Some(v) => {
+                    let b = parse_size("nbd.data-budget", v)?;
+                    if !(32 << 20..=16 << 30).contains(&b) {
+                        return Err(invalid(
+                            "nbd.data-budget",
+                            format!(
+                                "{b} bytes is out of range; use 32MiB..=16GiB (default 256MiB)"
+                            ),
+                        ));
+                    }
+                    b
+                }
+            },
+        };
         Ok(Config {
             resource: ResourceConfig {
                 name,
@@ -924,6 +973,7 @@ impl Config {
             net,
             disk,
             startup,
+            nbd,
             nodes,
         })
     }
@@ -1279,6 +1329,26 @@ mod tests {
             .expect_err("must fail")
             .to_string()
             .contains("\"a\" and \"b\""));
+    }
+
+    #[test]
+    fn nbd_limits() {
+        let c = Config::parse(&two_nodes("", ""), "t").expect("valid");
+        assert_eq!(c.nbd.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.nbd.data_budget, 256 << 20);
+        let text = two_nodes("", "") + "[nbd]\nidle-timeout = 2\ndata-budget = \"1GiB\"\n";
+        let c = Config::parse(&text, "t").expect("valid");
+        assert_eq!(c.nbd.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.nbd.data_budget, 1 << 30);
+        for bad in [
+            "idle-timeout = 0",
+            "data-budget = \"1MiB\"",
+            "max-clients = 3",
+        ] {
+            let text = two_nodes("", "") + "[nbd]\n" + bad + "\n";
+            let e = err(&text);
+            assert!(e.contains("nbd") || e.contains("max-clients"), "{e}");
+        }
     }
 
     #[test]

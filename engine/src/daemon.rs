@@ -20,7 +20,7 @@
 //! lines it cannot write.
 
 use crate::config::{Config, InitialRole, MetaDisk, NodeConfig};
-use crate::frontend::nbd::{NbdListener, NbdOptions};
+use crate::frontend::nbd::{DataBudget, NbdListener, NbdOptions};
 use crate::frontend::{BlockIo, BlockTarget};
 use crate::meta::al::AlGeometry;
 use crate::meta::disk::{Attach, CreateOptions, MetaDevice, MetaLocation};
@@ -161,13 +161,16 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ));
 
+        // One budget of NBD data in flight for both listeners.
+        let nbd_budget =
+            DataBudget::new(usize::try_from(config.nbd.data_budget).unwrap_or(usize::MAX));
         if let Some(path) = &me.nbd_socket {
             let l = NbdListener::bind_unix(path)
                 .with_context(|| format!("cannot bind NBD socket {}", path.display()))?;
             tasks.spawn(serve_nbd(
                 l,
                 volume.clone(),
-                nbd_options(&config),
+                nbd_options(&config, &nbd_budget),
                 shutdown_rx.clone(),
             ));
         }
@@ -178,7 +181,7 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
             tasks.spawn(serve_nbd(
                 l,
                 volume.clone(),
-                nbd_options(&config),
+                nbd_options(&config, &nbd_budget),
                 shutdown_rx.clone(),
             ));
         }
@@ -382,9 +385,11 @@ pub fn attach_disk(
     Ok((store, md, attach))
 }
 
-fn nbd_options(config: &Config) -> NbdOptions {
+fn nbd_options(config: &Config, budget: &Arc<DataBudget>) -> NbdOptions {
     NbdOptions {
         export_name: config.resource.name.clone(),
+        idle_timeout: config.nbd.idle_timeout,
+        data_budget: Arc::clone(budget),
         ..Default::default()
     }
 }
@@ -500,6 +505,9 @@ pub fn cli_status(
             str_of(&peer["role"]),
             str_of(&peer["disk"])
         );
+    }
+    if let Some(why) = s["connection_error"].as_str() {
+        println!("  last connection error: {why}");
     }
     Ok(())
 }

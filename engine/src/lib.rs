@@ -23,6 +23,7 @@ pub mod fuzz;
 pub mod meta;
 pub mod mgmt;
 pub mod net;
+pub mod ratelog;
 pub mod request;
 pub mod resync;
 pub mod sim;

@@ -6,25 +6,29 @@
 //! Primary. Requests are one JSON object per line, `{"cmd":"status"}`; each gets one line
 //! back, `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Input is hostile: a line longer
 //! than [`MAX_LINE_BYTES`] (64 KiB) closes that connection; a malformed line gets an error
-//! reply and the connection stays usable; at most [`MAX_CONNECTIONS`] clients at once; an
-//! idle client is dropped after [`IDLE_TIMEOUT`]. An unforced `secondary` waits up to
-//! [`HELD_OPEN_SETTLE`] (1 s) for clients holding the device open to go away before the
-//! volume refuses it as "held open".
+//! reply and the connection stays usable; at most [`MAX_CONNECTIONS`] (32) clients at
+//! once, and when all are taken a new client takes the slot of the one idle longest
+//! (waiting for a request line), so idle squatters never lock out `tandem status`; an idle
+//! client is dropped after [`IDLE_TIMEOUT`] (10 s without a full request line; `tandem`
+//! itself opens one connection per request, `events --follow` too). Warnings a client can
+//! cause are rate-limited ([`crate::ratelog`]).
+//! An unforced `secondary` waits up to [`HELD_OPEN_SETTLE`] (1 s) for clients holding
+//! the device open to go away before the volume refuses it as "held open".
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// Longest request line, bytes.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Concurrent management connections.
 pub const MAX_CONNECTIONS: usize = 32;
-/// A connection that sends nothing for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A connection that sends no full request line for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `secondary` (unforced) waits for clients that hold the device open to go
 /// away before it is refused as "held open".
 pub const HELD_OPEN_SETTLE: Duration = Duration::from_secs(1);
@@ -230,7 +234,7 @@ pub async fn serve(
     let own = std::fs::symlink_metadata(&path)
         .map(|m| (m.dev(), m.ino()))
         .ok();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let table = Arc::new(std::sync::Mutex::new(Clients::default()));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -239,7 +243,7 @@ pub async fn serve(
         let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
-                tracing::warn!("mgmt: accept failed: {e}");
+                crate::warn_limited!("mgmt: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -247,25 +251,56 @@ pub async fn serve(
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == 0 || cred.uid() == owner_uid => {}
             Ok(cred) => {
-                tracing::warn!(
+                crate::warn_limited!(
                     "mgmt: refused connection from uid {} (only root or uid {owner_uid})",
                     cred.uid()
                 );
                 continue;
             }
             Err(e) => {
-                tracing::warn!("mgmt: refused connection without peer credentials: {e}");
+                crate::warn_limited!("mgmt: refused connection without peer credentials: {e}");
                 continue;
             }
         }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("mgmt: refused connection: {MAX_CONNECTIONS} clients already connected");
-            continue;
+        let client = {
+            let mut t = lock(&table);
+            if t.clients.len() >= MAX_CONNECTIONS {
+                // Full: the client idle longest gives its slot.
+                let victim = t
+                    .clients
+                    .iter()
+                    .filter_map(|(id, c)| (*lock(&c.idle_since)).map(|since| (since, *id)))
+                    .min();
+                match victim.and_then(|(_, id)| t.clients.remove(&id)) {
+                    Some(c) => {
+                        crate::warn_limited!(
+                            "mgmt: {MAX_CONNECTIONS} clients connected; closed the one idle longest"
+                        );
+                        c.evict.notify_one();
+                    }
+                    None => {
+                        crate::warn_limited!(
+                            "mgmt: refused connection: {MAX_CONNECTIONS} clients busy"
+                        );
+                        continue;
+                    }
+                }
+            }
+            let id = t.next;
+            t.next += 1;
+            let c = Arc::new(Client {
+                id,
+                idle_since: std::sync::Mutex::new(Some(Instant::now())),
+                evict: tokio::sync::Notify::new(),
+            });
+            t.clients.insert(id, c.clone());
+            c
         };
         let handler = handler.clone();
+        let table = table.clone();
         tokio::spawn(async move {
-            serve_conn(stream, handler).await;
-            drop(permit);
+            serve_conn(stream, handler, &client).await;
+            lock(&table).clients.remove(&client.id);
         });
     }
     let current = std::fs::symlink_metadata(&path)
@@ -276,23 +311,48 @@ pub async fn serve(
     }
 }
 
-async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) {
+/// One connected management client.
+struct Client {
+    id: u64,
+    /// Since when it waits for a request line (None while a request runs).
+    idle_since: std::sync::Mutex<Option<Instant>>,
+    /// Asks it to close (its slot went to a new client).
+    evict: tokio::sync::Notify,
+}
+
+/// The connected clients.
+#[derive(Default)]
+struct Clients {
+    next: u64,
+    clients: std::collections::BTreeMap<u64, Arc<Client>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>, client: &Client) {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(8192, rd);
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
-        let read = tokio::time::timeout(IDLE_TIMEOUT, read_line_bounded(&mut rd, &mut line)).await;
+        *lock(&client.idle_since) = Some(Instant::now());
+        let read = tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT, read_line_bounded(&mut rd, &mut line)) => r,
+            () = client.evict.notified() => return,
+        };
         match read {
             Err(_) => return,
             Ok(Err(reason)) => {
                 if !reason.is_empty() {
-                    tracing::warn!("mgmt: dropping connection: {reason}");
+                    crate::warn_limited!("mgmt: dropping connection: {reason}");
                 }
                 return;
             }
             Ok(Ok(())) => {}
         }
+        *lock(&client.idle_since) = None;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -304,7 +364,7 @@ async fn serve_conn(stream: UnixStream, handler: Arc<dyn Handler>) {
                 handler.handle(req).await
             }
             Err(e) => {
-                tracing::warn!("mgmt: refused malformed request: {e}");
+                crate::warn_limited!("mgmt: refused malformed request: {e}");
                 Err(e)
             }
         };

@@ -87,7 +87,12 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     let pre = WireCtx::pre_features();
     let ours = ConnectionFeatures::drbd84(OFFERED_FEATURES);
     send_packet(data, &Packet::Features(ours), &pre).await?;
-    let theirs = match read_control(data, &pre).await? {
+    // A socket pair that does not even answer with its features (a squatter's fake
+    // P_INITIAL pair) is given up quickly, so the real peer's pair is tried next.
+    let first = tokio::time::timeout(super::FIRST_PACKET_TIMEOUT, read_control(data, &pre))
+        .await
+        .map_err(|_| NetError::Timeout("no P_CONNECTION_FEATURES from the peer"))??;
+    let theirs = match first {
         (_, Packet::Features(f)) => f,
         (hdr, _) => {
             return Err(NetError::Protocol(format!(

@@ -16,12 +16,32 @@
 //! four tasks run until any of them fails: data sender, data receiver, meta sender, meta
 //! receiver (which also pings). Any failure drops the whole connection, the volume is told
 //! (its core marks every write not yet barrier-acked out of sync), and the manager
-//! reconnects with exponential back-off (100 ms doubling up to `connect-int`).
+//! reconnects with exponential back-off (100 ms doubling up to `connect-int`); the delay
+//! starts again at 100 ms only after a connection that got through the handshake, so a
+//! peer that fails the handshake every time is retried at most every `connect-int`.
+//! Every failure is in status (`connection_error`, `connection_error_at`).
+//!
+//! A peer refused for a permanent reason ([`NetError::Refused`]: different wire protocol,
+//! a disk smaller than this node's, both Primary, an unsupported option) puts the node
+//! StandAlone, as DRBD's `C_DISCONNECTING` does: one error line, status says why, and the
+//! operator runs `tandem connect` after fixing it. A StandAlone node closes every
+//! replication socket at once (DRBD does not even listen). Timeouts and lost sockets are
+//! not permanent: they are retried with the back-off.
 //!
 //! Bounds: the first packet of an accepted socket must arrive within
-//! [`FIRST_PACKET_TIMEOUT`], and at most [`MAX_UNCLASSIFIED_SOCKETS`] wait for it; the
-//! handshake must complete within [`HANDSHAKE_TIMEOUT`];
-//! at most [`MAX_PENDING_SOCKETS`] accepted sockets wait for the manager; the send queues
+//! [`FIRST_PACKET_TIMEOUT`] (3 s) (one already there when the socket is accepted, as a
+//! peer's is, is read at once and the socket never waits); at most [`MAX_UNCLASSIFIED_SOCKETS`] (16) wait for it,
+//! [`MAX_UNCLASSIFIED_PER_SOURCE`] (8) per source address, and a new socket is never
+//! refused for lack of room: the oldest waiting one (of its own source first) is closed
+//! instead, so squatters cannot keep the peer out. Classified sockets wait for their
+//! partner in one slot per role (a newer socket replaces an older one, as DRBD's "initial
+//! packet crossed") for at most [`PENDING_TIMEOUT`] (10 s). An accepted pair must send
+//! its first handshake bytes within [`FIRST_PACKET_TIMEOUT`], and a newer complete pair
+//! arriving before that replaces it (the real peer sends its features at once); a pair
+//! that fails the handshake is dropped and the next pair is taken. The peer's first handshake packet
+//! must arrive within [`FIRST_PACKET_TIMEOUT`], the whole handshake within
+//! [`HANDSHAKE_TIMEOUT`] (10 s). Every warning a remote party can cause is rate-limited
+//! ([`crate::ratelog`]). The send queues
 //! hold at most `max-buffers` × 4 + 64 packets (more than the core can have in flight,
 //! so a full queue is a bug and drops the connection); a packet is at most 1 MiB of data
 //! plus its sub-header (the codec refuses larger lengths before anything is read).
@@ -38,21 +58,26 @@ use crate::state::ConnState;
 use crate::store::AlignedBuf;
 use crate::volume::Volume;
 use crate::wire::{self, Command, Header, WireCtx};
-use std::net::SocketAddr;
+use futures_util::FutureExt;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 /// Time an accepted socket has to send its first packet.
 pub const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time the whole handshake (features … state) may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Accepted, classified sockets waiting for the connection manager.
-pub const MAX_PENDING_SOCKETS: usize = 4;
-/// Accepted sockets whose first packet is still awaited; more are closed at once.
+/// Accepted sockets whose first packet is still awaited; one more closes the oldest.
 pub const MAX_UNCLASSIFIED_SOCKETS: usize = 16;
+/// Of those, from one source address; one more closes that source's oldest.
+pub const MAX_UNCLASSIFIED_PER_SOURCE: usize = 8;
+/// A classified socket (`P_INITIAL_DATA` or `P_INITIAL_META`) waits this long for its
+/// partner; older ones are closed. One of each role waits; a newer one replaces it.
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a `connect()` to the peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// First reconnect delay; doubles up to `connect-int`.
@@ -173,7 +198,7 @@ pub async fn run(
         match bind(me.address) {
             Ok(l) => break l,
             Err(e) => {
-                tracing::error!(
+                crate::warn_limited!(
                     "cannot listen for the peer on {}: {e}; retrying",
                     me.address
                 );
@@ -184,24 +209,26 @@ pub async fn run(
             }
         }
     };
-    let (incoming_tx, mut incoming) = mpsc::channel(MAX_PENDING_SOCKETS);
-    let acceptor = tokio::spawn(accept_loop(listener, incoming_tx, volume.clone()));
+    let accepted = Arc::new(Accepted::default());
+    let acceptor = tokio::spawn(accept_loop(listener, accepted.clone(), volume.clone()));
     let active = is_active(me.address, peer.address);
     let mut backoff = BACKOFF_START;
     let mut session_no = 0u64;
-    let mut accepted = Accepted::default();
     while !*shutdown.borrow() {
         if volume.is_standalone() {
             volume.set_conn_state(ConnState::StandAlone);
+            accepted.clear();
             tokio::select! {
                 _ = volume.wait_connect_allowed() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
+            // `connect`: a fresh start, with the shortest delay.
+            backoff = BACKOFF_START;
             continue;
         }
         volume.set_conn_state(ConnState::WFConnection);
         let sockets = tokio::select! {
-            s = establish(active, peer.address, &mut incoming, &mut accepted, &config) => s,
+            s = establish(active, peer.address, &accepted, &config) => s,
             _ = shutdown.wait_for(|s| *s) => break,
             _ = volume.wait_standalone() => continue,
         };
@@ -209,27 +236,65 @@ pub async fn run(
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!("no connection to {} yet: {e}", peer.name);
+                volume.set_connection_error(Some(format!("no connection to {}: {e}", peer.name)));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    // The peer connecting to us ends the wait at once.
-                    Some((cmd, s)) = incoming.recv() => accepted.put(cmd, s),
+                    // A pair the peer opened to us ends the wait at once.
+                    _ = accepted.wait_pair() => {}
                     _ = shutdown.wait_for(|s| *s) => break,
+                    _ = volume.wait_standalone() => {}
                 }
                 backoff = (backoff * 2).min(config.net.connect_interval);
                 continue;
             }
         };
+        if resolve_conflicts {
+            // An accepted pair must start talking (the peer sends its features at once);
+            // a newer pair arriving first replaces a silent one, so a squatter's fake pair
+            // cannot hold the door while the real peer waits.
+            let mut first_byte = [0u8; 1];
+            tokio::select! {
+                biased;
+                // `peek`, not `readable`: the readiness left over from the first packet
+                // would answer at once.
+                r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, data.peek(&mut first_byte)) => {
+                    if r.is_err() {
+                        crate::warn_limited!(
+                            "refused an accepted replication socket pair: no handshake within {FIRST_PACKET_TIMEOUT:?}"
+                        );
+                        continue;
+                    }
+                }
+                _ = accepted.wait_pair() => {
+                    crate::warn_limited!(
+                        "refused an accepted replication socket pair: silent, and a newer pair arrived"
+                    );
+                    continue;
+                }
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
         session_no += 1;
         volume.set_conn_state(ConnState::WFReportParams);
+        let mut established = false;
         let result = tokio::select! {
-            r = session::run(volume.clone(), &config, &peer, (data, meta), resolve_conflicts, session_no) => r,
+            r = session::run(volume.clone(), &config, &peer, (data, meta), resolve_conflicts, session_no, &mut established) => r,
             _ = shutdown.wait_for(|s| *s) => Err(NetError::Shutdown),
         };
         volume.connection_lost(session_no);
+        let stage = if established {
+            "connection to"
+        } else {
+            "handshake with"
+        };
         match result {
             Ok(()) | Err(NetError::Shutdown) => {}
             Err(NetError::Closed) => {
-                tracing::warn!("connection to {} lost: peer closed it", peer.name)
+                crate::warn_limited!("{stage} {} lost: peer closed it", peer.name);
+                volume.set_connection_error(Some(format!(
+                    "{stage} {}: peer closed the connection",
+                    peer.name
+                )));
             }
             Err(NetError::SplitBrain(why)) => {
                 // DRBD: "Split-Brain detected, dropping connection!" and StandAlone;
@@ -238,17 +303,38 @@ pub async fn run(
                     "split brain with {}: {why}; staying StandAlone (resolve it, then `tandem connect`)",
                     peer.name
                 );
+                volume.set_connection_error(Some(format!("split brain: {why}")));
                 volume.split_brain(why);
             }
-            Err(e) => tracing::warn!("connection to {} dropped: {e}", peer.name),
+            Err(NetError::Refused(why)) => {
+                // DRBD: an incompatible peer (protocol, size, roles) is a permanent
+                // refusal: C_DISCONNECTING, then StandAlone until the operator connects.
+                tracing::error!(
+                    "refused peer {}: {why}; staying StandAlone (fix it, then `tandem connect`)",
+                    peer.name
+                );
+                volume.set_connection_error(Some(format!("refused peer {}: {why}", peer.name)));
+                volume.set_standalone(true);
+            }
+            Err(e) => {
+                crate::warn_limited!("{stage} {} failed: {e}", peer.name);
+                volume.set_connection_error(Some(format!("{stage} {}: {e}", peer.name)));
+            }
         }
         if *shutdown.borrow() {
             break;
         }
-        backoff = BACKOFF_START;
+        // Only a connection that got through the handshake starts the back-off afresh: a
+        // peer that fails the handshake every time is retried ever more slowly.
+        backoff = if established {
+            BACKOFF_START
+        } else {
+            (backoff * 2).min(config.net.connect_interval)
+        };
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = volume.wait_standalone() => {}
         }
     }
     acceptor.abort();
@@ -268,95 +354,210 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
+/// Accepted sockets whose first packet is still awaited: id → (source, task).
+#[derive(Default)]
+struct Unclassified {
+    next: u64,
+    live: BTreeMap<u64, (IpAddr, tokio::task::AbortHandle)>,
+}
+
+impl Unclassified {
+    /// Makes room for one more socket from `ip`: the oldest socket of that source when it
+    /// has [`MAX_UNCLASSIFIED_PER_SOURCE`], else the oldest of all when there are
+    /// [`MAX_UNCLASSIFIED_SOCKETS`]. Returns the evicted socket's source.
+    fn make_room(&mut self, ip: IpAddr) -> Option<IpAddr> {
+        let same = self.live.values().filter(|(i, _)| *i == ip).count();
+        let victim = if same >= MAX_UNCLASSIFIED_PER_SOURCE {
+            self.live
+                .iter()
+                .find(|(_, (i, _))| *i == ip)
+                .map(|(id, _)| *id)
+        } else if self.live.len() >= MAX_UNCLASSIFIED_SOCKETS {
+            self.live.keys().next().copied()
+        } else {
+            None
+        }?;
+        let (from, task) = self.live.remove(&victim)?;
+        task.abort();
+        Some(from)
+    }
+}
+
+/// Removes an unclassified socket's entry when its task ends (or is aborted).
+struct Unlist {
+    table: Arc<std::sync::Mutex<Unclassified>>,
+    id: u64,
+}
+
+impl Drop for Unlist {
+    fn drop(&mut self) {
+        lock(&self.table).live.remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Accepts sockets forever; each must send `P_INITIAL_DATA` or `P_INITIAL_META` first.
-async fn accept_loop(
-    listener: TcpListener,
-    tx: mpsc::Sender<(Command, TcpStream)>,
-    volume: Arc<Volume>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UNCLASSIFIED_SOCKETS));
+/// A new socket never finds the door shut: when the waiting room is full, the oldest
+/// unclassified socket (of the same source first) is closed instead (see the module docs).
+async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc<Volume>) {
+    let table = Arc::new(std::sync::Mutex::new(Unclassified::default()));
     loop {
         let (mut stream, from) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!("replication accept failed: {e}");
+                crate::warn_limited!("replication accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("refused replication socket from {from}: {MAX_UNCLASSIFIED_SOCKETS} sockets already awaiting their first packet");
+        if volume.is_standalone() {
+            // DRBD does not listen while StandAlone; closing at once is the same to a peer.
+            tracing::debug!("closed replication socket from {from}: StandAlone");
             continue;
+        }
+        // Fast path: a peer sends its first packet right after connecting, so it is
+        // usually here already; such a socket never enters the waiting room (where a
+        // flood from the same address could evict it before it is read).
+        let mut peek = [0u8; 8];
+        if matches!(stream.peek(&mut peek).now_or_never(), Some(Ok(n)) if n >= peek.len()) {
+            let first = read_control(&mut stream, &WireCtx::pre_features())
+                .now_or_never()
+                .unwrap_or(Err(NetError::Protocol(
+                    "first packet incomplete (P_INITIAL_DATA/META have no payload)".into(),
+                )));
+            file_socket(first, stream, from, &accepted, &volume);
+            continue;
+        }
+        let mut t = lock(&table);
+        if let Some(evicted) = t.make_room(from.ip()) {
+            crate::warn_limited!(
+                "refused replication socket from {evicted}: closed to make room for {from} \
+                 (at most {MAX_UNCLASSIFIED_SOCKETS} sockets, {MAX_UNCLASSIFIED_PER_SOURCE} per \
+                 source, may await their first packet)"
+            );
+        }
+        let id = t.next;
+        t.next += 1;
+        let unlist = Unlist {
+            table: table.clone(),
+            id,
         };
-        let tx = tx.clone();
+        let accepted = accepted.clone();
         let volume = volume.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        let task = tokio::spawn(async move {
+            let _unlist = unlist;
             let first = tokio::time::timeout(
                 FIRST_PACKET_TIMEOUT,
                 read_control(&mut stream, &WireCtx::pre_features()),
             )
-            .await;
-            let cmd = match first {
-                Err(_) => {
-                    tracing::warn!("refused replication socket from {from}: no first packet within {FIRST_PACKET_TIMEOUT:?}");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!("refused replication socket from {from}: {e}");
-                    return;
-                }
-                Ok(Ok((_, wire::Packet::Empty(cmd))))
-                    if cmd == Command::P_INITIAL_DATA || cmd == Command::P_INITIAL_META =>
-                {
-                    cmd
-                }
-                Ok(Ok((hdr, _))) => {
-                    tracing::warn!(
-                        "refused replication socket from {from}: protocol error, first packet is {} (expected P_INITIAL_DATA or P_INITIAL_META)",
-                        hdr.command.name()
-                    );
-                    return;
-                }
-            };
-            if volume.conn_state() >= ConnState::WFReportParams {
-                tracing::warn!("refused replication socket from {from}: already connected");
-                return;
-            }
-            if tx.try_send((cmd, stream)).is_err() {
-                tracing::warn!("refused replication socket from {from}: too many pending sockets");
-            }
+            .await
+            .unwrap_or(Err(NetError::Timeout("no first packet within 3 s")));
+            file_socket(first, stream, from, &accepted, &volume);
         });
+        t.live.insert(id, (from.ip(), task.abort_handle()));
     }
 }
 
-/// Accepted sockets, sorted by their first packet, waiting to form a pair.
+/// Files an accepted socket by its first packet, or refuses it (rate-limited warning).
+fn file_socket(
+    first: Result<(Header, wire::Packet), NetError>,
+    stream: TcpStream,
+    from: SocketAddr,
+    accepted: &Accepted,
+    volume: &Volume,
+) {
+    let cmd = match first {
+        Err(e) => {
+            crate::warn_limited!("refused replication socket from {from}: {e}");
+            return;
+        }
+        Ok((_, wire::Packet::Empty(cmd)))
+            if cmd == Command::P_INITIAL_DATA || cmd == Command::P_INITIAL_META =>
+        {
+            cmd
+        }
+        Ok((hdr, _)) => {
+            crate::warn_limited!(
+                "refused replication socket from {from}: protocol error, first packet is {} (expected P_INITIAL_DATA or P_INITIAL_META)",
+                hdr.command.name()
+            );
+            return;
+        }
+    };
+    if volume.conn_state() >= ConnState::Connected {
+        crate::warn_limited!("refused replication socket from {from}: already connected");
+        return;
+    }
+    accepted.put(cmd, stream);
+}
+
+/// A classified socket waiting for its partner, and since when.
+type Waiting = Option<(TcpStream, Instant)>;
+
+/// Accepted sockets, sorted by their first packet, waiting to form a pair. Shared by the
+/// accept tasks (which file sockets) and the manager (which takes pairs).
 #[derive(Debug, Default)]
 struct Accepted {
-    data: Option<TcpStream>,
-    meta: Option<TcpStream>,
+    slots: std::sync::Mutex<(Waiting, Waiting)>,
+    /// A complete pair may be there.
+    paired: Notify,
 }
 
 impl Accepted {
     /// Files one accepted socket; a role arriving twice replaces the older socket (DRBD:
-    /// "initial packet crossed").
-    fn put(&mut self, cmd: Command, s: TcpStream) {
-        if cmd == Command::P_INITIAL_DATA {
-            self.data = Some(s);
+    /// "initial packet crossed"), so a squatter's lone socket never blocks the real pair.
+    fn put(&self, cmd: Command, s: TcpStream) {
+        let mut g = lock(&self.slots);
+        let slot = if cmd == Command::P_INITIAL_DATA {
+            &mut g.0
         } else {
-            self.meta = Some(s);
+            &mut g.1
+        };
+        *slot = Some((s, Instant::now()));
+        if g.0.is_some() && g.1.is_some() {
+            self.paired.notify_one();
         }
     }
 
-    fn take_pair(&mut self) -> Option<(TcpStream, TcpStream)> {
-        match (self.data.take(), self.meta.take()) {
-            (Some(d), Some(m)) => Some((d, m)),
+    /// Takes a complete pair; a socket that waited more than [`PENDING_TIMEOUT`] for its
+    /// partner is dropped first.
+    fn take_pair(&self) -> Option<(TcpStream, TcpStream)> {
+        let mut guard = lock(&self.slots);
+        let g = &mut *guard;
+        for slot in [&mut g.0, &mut g.1] {
+            if slot
+                .as_ref()
+                .is_some_and(|(_, t)| t.elapsed() > PENDING_TIMEOUT)
+            {
+                *slot = None;
+            }
+        }
+        match (g.0.take(), g.1.take()) {
+            (Some((d, _)), Some((m, _))) => Some((d, m)),
             (d, m) => {
-                self.data = d;
-                self.meta = m;
+                *g = (d, m);
                 None
             }
         }
+    }
+
+    fn has_pair(&self) -> bool {
+        let g = lock(&self.slots);
+        g.0.is_some() && g.1.is_some()
+    }
+
+    /// Resolves when a complete pair is waiting.
+    async fn wait_pair(&self) {
+        while !self.has_pair() {
+            self.paired.notified().await;
+        }
+    }
+
+    fn clear(&self) {
+        *lock(&self.slots) = (None, None);
     }
 }
 
@@ -367,13 +568,9 @@ impl Accepted {
 async fn establish(
     active: bool,
     peer: SocketAddr,
-    incoming: &mut mpsc::Receiver<(Command, TcpStream)>,
-    accepted: &mut Accepted,
+    accepted: &Accepted,
     config: &Config,
 ) -> Result<(TcpStream, TcpStream, bool), NetError> {
-    while let Ok((cmd, s)) = incoming.try_recv() {
-        accepted.put(cmd, s);
-    }
     let (data, meta, accepted_meta) = if let Some((d, m)) = accepted.take_pair() {
         (d, m, true)
     } else if active {
@@ -397,11 +594,9 @@ async fn establish(
         let deadline =
             tokio::time::Instant::now() + config.net.connect_interval.max(Duration::from_secs(1));
         loop {
-            let (cmd, s) = tokio::time::timeout_at(deadline, incoming.recv())
+            tokio::time::timeout_at(deadline, accepted.wait_pair())
                 .await
-                .map_err(|_| NetError::Timeout("waiting for the peer to connect"))?
-                .ok_or(NetError::Shutdown)?;
-            accepted.put(cmd, s);
+                .map_err(|_| NetError::Timeout("waiting for the peer to connect"))?;
             if let Some((d, m)) = accepted.take_pair() {
                 break (d, m, true);
             }
@@ -417,4 +612,41 @@ async fn connect(peer: SocketAddr) -> Result<TcpStream, NetError> {
         .await
         .map_err(|_| NetError::Timeout("connect"))?
         .map_err(NetError::Io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_waiting_room_closes_the_oldest_socket_of_the_same_source_first() {
+        let mut t = Unclassified::default();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let mut tasks = Vec::new();
+        let mut add = |t: &mut Unclassified, ip: IpAddr| {
+            let task = tokio::spawn(std::future::pending::<()>());
+            t.live.insert(t.next, (ip, task.abort_handle()));
+            t.next += 1;
+            tasks.push(task);
+        };
+        add(&mut t, b);
+        for _ in 0..MAX_UNCLASSIFIED_PER_SOURCE {
+            assert_eq!(t.make_room(a), None);
+            add(&mut t, a);
+        }
+        // `a` is at its limit: its oldest (id 1) goes, not `b`'s older socket (id 0).
+        assert_eq!(t.make_room(a), Some(a));
+        assert!(t.live.contains_key(&0) && !t.live.contains_key(&1));
+        // The room is full with other sources: the oldest of all goes.
+        while t.live.len() < MAX_UNCLASSIFIED_SOCKETS {
+            let ip = IpAddr::from([10, 0, 1, u8::try_from(t.next % 200).unwrap_or(0)]);
+            add(&mut t, ip);
+        }
+        assert_eq!(t.make_room([10, 9, 9, 9].into()), Some(b));
+        assert!(!t.live.contains_key(&0));
+        for task in tasks {
+            task.abort();
+        }
+    }
 }

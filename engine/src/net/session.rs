@@ -49,6 +49,7 @@ pub async fn run(
     sockets: (TcpStream, TcpStream),
     resolve_conflicts: bool,
     session: u64,
+    established: &mut bool,
 ) -> Result<(), NetError> {
     let (mut data, meta) = sockets;
     let local = volume.handshake_params(resolve_conflicts);
@@ -95,6 +96,8 @@ pub async fn run(
         ctx.version(),
         params.sync
     );
+    *established = true;
+    volume.set_connection_error(None);
     let kill = volume.connection_up(link, &params, resolve_conflicts);
 
     let (data_rd, data_wr) = data.into_split();

@@ -74,8 +74,8 @@ pub(crate) mod testdir;
 mod tests;
 
 pub use buf::{
-    tune_allocator, AlignedBuf, BufError, ALLOC_MMAP_THRESHOLD, ALLOC_TRIM_THRESHOLD, BUF_ALIGN,
-    MAX_BUF_LEN, SECTOR_SIZE,
+    release_free_memory, tune_allocator, AlignedBuf, BufError, ALLOC_MMAP_THRESHOLD,
+    ALLOC_TRIM_THRESHOLD, BUF_ALIGN, MAX_BUF_LEN, SECTOR_SIZE,
 };
 pub use device::{DeviceKind, StoreInfo};
 pub use error::{StoreError, StoreOp};

@@ -286,6 +286,9 @@ pub struct Volume {
     started: Instant,
     /// Bytes written to the replication sockets after the handshake (all connections).
     net_tx_bytes: std::sync::atomic::AtomicU64,
+    /// Why the last connection attempt failed, and when (Unix seconds); see
+    /// [`Volume::set_connection_error`].
+    conn_error: std::sync::Mutex<Option<(String, u64)>>,
     slots: Arc<Semaphore>,
     peer_data: Arc<Semaphore>,
     /// Reads the peer asked for (`P_DATA_REQUEST`) in flight here.
@@ -406,6 +409,7 @@ impl Volume {
             max_buffers,
             started: Instant::now(),
             net_tx_bytes: std::sync::atomic::AtomicU64::new(0),
+            conn_error: std::sync::Mutex::new(None),
             slots: Arc::new(Semaphore::new(max_buffers)),
             peer_data: Arc::new(Semaphore::new(PEER_DATA_BUDGET / SECTOR_SIZE)),
             peer_reads: Arc::new(Semaphore::new(sync::MAX_PEER_READS)),
@@ -2241,8 +2245,25 @@ impl Volume {
         }
     }
 
+    /// Records why the last connection attempt failed (`None`: a handshake succeeded);
+    /// shown as `connection_error` and `connection_error_at` (Unix seconds) in status.
+    pub fn set_connection_error(&self, why: Option<String>) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        *self
+            .conn_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why.map(|w| (w, at));
+    }
+
     /// The status object of the management API.
     pub fn status(&self) -> serde_json::Value {
+        let conn_error = self
+            .conn_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let g = self.lock();
         // While a resync runs on this node its target holds the bitmap.
         let oos = g
@@ -2292,6 +2313,8 @@ impl Volume {
             "peer_disk_failure": g.peer_disk_failure,
             "on_io_error": self.on_io_error.name(),
             "uuids": g.uuids.to_string(),
+            "connection_error": conn_error.as_ref().map(|e| &e.0),
+            "connection_error_at": conn_error.as_ref().map(|e| e.1),
             "split_brain": g.split_brain,
             "split_brain_resolved": g.split_brain_resolved,
             "resync": self.sync_status(&g),

@@ -18,9 +18,21 @@
 //! stops, every request already started runs to completion and is answered, then the
 //! socket is closed. A client that stops reading replies cannot hold the connection
 //! forever: after [`DRAIN_GRACE`] blocked reply writes are abandoned (the target's
-//! operations still finish). Connections beyond [`NbdOptions::max_connections`] are
-//! accepted and closed at once with a warning; a handshake has
-//! [`NbdOptions::handshake_timeout`].
+//! operations still finish). A handshake has [`NbdOptions::handshake_timeout`] (10 s).
+//!
+//! Neighbours: a listener holds [`NbdOptions::max_connections`] (64) connections, at most
+//! [`NbdOptions::max_per_source`] (32) from one TCP source address. When a new client
+//! finds no room, the connection idle longest — no request in flight and none received
+//! for [`NbdOptions::idle_timeout`] (60 s, `[nbd] idle-timeout`) — is closed for it;
+//! otherwise the new one is closed at once (rate-limited warning). Idle connections are
+//! never closed while nobody needs their slot (qemu and the kernel's nbd-client keep a
+//! quiet guest's connection open). READ/WRITE data in flight is bounded per connection
+//! ([`MAX_BYTES_IN_FLIGHT`], 64 MiB) and over all connections of every listener sharing a
+//! [`DataBudget`] ([`DEFAULT_DATA_BUDGET`], 256 MiB, `[nbd] data-budget`): N slow readers
+//! hold at most the budget, not N × 64 MiB. A reply write or a WRITE payload that takes
+//! longer than [`REPLY_TIMEOUT`] (30 s) closes the connection, so no client pins its share
+//! forever; when the budget drains after a burst of ≥ 64 MiB the freed heap is given back
+//! to the kernel (`malloc_trim`, at most once per second).
 
 use super::proto::{self, Action, Export, Handshake, HandshakeError, Step, REQUEST_LEN};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
@@ -28,11 +40,11 @@ use crate::store::AlignedBuf;
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -52,6 +64,22 @@ pub const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
 const BUDGET_UNIT: usize = 4096;
 /// Default time a client has to finish option haggling.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle time after which a connection may lose its slot to a new client.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default bound on open connections per source address (TCP; half the listener's).
+pub const DEFAULT_MAX_PER_SOURCE: usize = DEFAULT_MAX_CONNECTIONS / 2;
+/// Default bytes of READ/WRITE data in flight over all connections sharing a
+/// [`DataBudget`] (the daemon shares one between its listeners).
+pub const DEFAULT_DATA_BUDGET: usize = 256 << 20;
+/// Time one reply may take to be written (after it got the socket), and a WRITE's payload
+/// to arrive after its header; a client that reads (or sends) nothing for this long is
+/// disconnected, so it cannot pin its share of the budget.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most one `malloc_trim` per this interval when the budget has drained.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// A burst is trimmed after it drained only if its peak use of the shared budget reached
+/// this (smaller ones are what glibc keeps for reuse on purpose: see `tune_allocator`).
+const TRIM_AFTER: usize = 64 << 20;
 /// How long a closing connection waits for blocked reply writes before abandoning them.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// Read buffer per connection: holds many pipelined headers; payloads larger than this
@@ -75,6 +103,80 @@ pub struct NbdOptions {
     pub max_in_flight: u32,
     /// Time limit for the handshake.
     pub handshake_timeout: Duration,
+    /// A connection with no request in flight and none received for this long is closed
+    /// when a new client needs its slot (listener or source full). Not closed otherwise:
+    /// qemu and the kernel's nbd-client keep a quiet guest's connection open.
+    pub idle_timeout: Duration,
+    /// Open TCP connections per source address (Unix sockets: no limit beyond the
+    /// listener's).
+    pub max_per_source: usize,
+    /// READ/WRITE data in flight, shared by every connection of every listener given
+    /// the same budget.
+    pub data_budget: Arc<DataBudget>,
+}
+
+/// A byte budget for READ/WRITE data in flight, shared by connections (and listeners):
+/// a request waits for its share before its buffer exists, so N slow clients hold at
+/// most the budget, not N × [`MAX_BYTES_IN_FLIGHT`]. When it drains completely after use,
+/// freed memory is given back to the kernel (`malloc_trim`, at most once per second).
+#[derive(Debug)]
+pub struct DataBudget {
+    sem: Semaphore,
+    units: u32,
+    /// Milliseconds since `origin` of the last trim.
+    last_trim: std::sync::atomic::AtomicU64,
+    /// Peak units in use since the last trim.
+    peak: AtomicU32,
+    origin: std::time::Instant,
+}
+
+impl DataBudget {
+    /// A budget of `bytes` (at least one largest request, 32 MiB).
+    pub fn new(bytes: usize) -> Arc<Self> {
+        let bytes = bytes.max(proto::MAX_BLOCK as usize);
+        let units = u32::try_from(bytes / BUDGET_UNIT).unwrap_or(u32::MAX >> 3);
+        Arc::new(Self {
+            sem: Semaphore::new(units as usize),
+            units,
+            last_trim: std::sync::atomic::AtomicU64::new(0),
+            peak: AtomicU32::new(0),
+            origin: std::time::Instant::now(),
+        })
+    }
+
+    /// Bytes the budget holds.
+    pub fn bytes(&self) -> usize {
+        self.units as usize * BUDGET_UNIT
+    }
+
+    /// Notes the use after an acquire (for the trim after a burst).
+    fn note_use(&self) {
+        let free = u32::try_from(self.sem.available_permits()).unwrap_or(self.units);
+        self.peak
+            .fetch_max(self.units.saturating_sub(free), Ordering::Relaxed);
+    }
+
+    /// Gives freed memory back if the budget is entirely free again after a burst.
+    fn trim_if_drained(&self) {
+        if self.sem.available_permits() != self.units as usize
+            || (self.peak.load(Ordering::Relaxed) as usize) * BUDGET_UNIT < TRIM_AFTER
+        {
+            return;
+        }
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_trim.load(Ordering::Relaxed);
+        let interval = u64::try_from(TRIM_INTERVAL.as_millis()).unwrap_or(1000);
+        if now.saturating_sub(last) < interval
+            || self
+                .last_trim
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.peak.store(0, Ordering::Relaxed);
+        crate::store::release_free_memory();
+    }
 }
 
 impl Default for NbdOptions {
@@ -85,6 +187,9 @@ impl Default for NbdOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_per_source: DEFAULT_MAX_PER_SOURCE,
+            data_budget: DataBudget::new(DEFAULT_DATA_BUDGET),
         }
     }
 }
@@ -172,7 +277,7 @@ impl NbdListener {
         mut shutdown: watch::Receiver<bool>,
     ) -> io::Result<()> {
         let opts = Arc::new(opts);
-        let slots = Arc::new(Semaphore::new(opts.max_connections));
+        let table = Arc::new(std::sync::Mutex::new(ConnTable::default()));
         let mut conns: JoinSet<()> = JoinSet::new();
         let mut seq: u64 = 0;
         let local = self.local_addr()?;
@@ -186,21 +291,24 @@ impl NbdListener {
                 }
                 a = self.accept(&mut seq) => a,
             };
-            let (stream, peer) = match accepted {
+            let (stream, peer, ip) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(listen = %local, "accept failed: {e}");
+                    crate::warn_limited!("NBD {local}: accept failed: {e}");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                tracing::warn!(
-                    %peer,
-                    "refusing connection: {} connections already open",
-                    opts.max_connections
-                );
-                continue;
+            let activity = match lock(&table).admit(ip, &opts) {
+                Ok(a) => a,
+                Err(why) => {
+                    crate::warn_limited!("NBD {local}: refused connection from {peer}: {why}");
+                    continue;
+                }
+            };
+            let unlist = Unlist {
+                table: Arc::clone(&table),
+                id: activity.id,
             };
             let (target, opts, shutdown) =
                 (Arc::clone(&target), Arc::clone(&opts), shutdown.clone());
@@ -208,15 +316,15 @@ impl NbdListener {
                 Accepted::Tcp(s) => {
                     let (r, w) = s.into_split();
                     conns.spawn(async move {
-                        serve_connection(r, w, &peer, target, &opts, shutdown).await;
-                        drop(slot);
+                        serve_tracked(r, w, &peer, target, &opts, shutdown, &activity).await;
+                        drop(unlist);
                     });
                 }
                 Accepted::Unix(s) => {
                     let (r, w) = s.into_split();
                     conns.spawn(async move {
-                        serve_connection(r, w, &peer, target, &opts, shutdown).await;
-                        drop(slot);
+                        serve_tracked(r, w, &peer, target, &opts, shutdown, &activity).await;
+                        drop(unlist);
                     });
                 }
             }
@@ -228,19 +336,23 @@ impl NbdListener {
         Ok(())
     }
 
-    async fn accept(&self, seq: &mut u64) -> io::Result<(Accepted, String)> {
+    async fn accept(&self, seq: &mut u64) -> io::Result<(Accepted, String, Option<IpAddr>)> {
         match &self.inner {
             Inner::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 if let Err(e) = s.set_nodelay(true) {
-                    tracing::warn!(%peer, "cannot set TCP_NODELAY: {e}");
+                    crate::warn_limited!("NBD {peer}: cannot set TCP_NODELAY: {e}");
                 }
-                Ok((Accepted::Tcp(s), peer.to_string()))
+                Ok((Accepted::Tcp(s), peer.to_string(), Some(peer.ip())))
             }
             Inner::Unix { listener, path, .. } => {
                 let (s, _) = listener.accept().await?;
                 *seq += 1;
-                Ok((Accepted::Unix(s), format!("unix:{}#{seq}", path.display())))
+                Ok((
+                    Accepted::Unix(s),
+                    format!("unix:{}#{seq}", path.display()),
+                    None,
+                ))
             }
         }
     }
@@ -261,6 +373,105 @@ impl Drop for NbdListener {
 enum Accepted {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the listener knows of one open connection, to pick an idle one to close.
+struct Activity {
+    id: u64,
+    /// When the connection was opened or last received a request.
+    last: std::sync::Mutex<std::time::Instant>,
+    /// Requests started and not yet answered.
+    busy: std::sync::atomic::AtomicU32,
+    /// Asks the connection to close (it lost its slot).
+    evict: Notify,
+}
+
+impl Activity {
+    fn new(id: u64) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+            busy: std::sync::atomic::AtomicU32::new(0),
+            evict: Notify::new(),
+        })
+    }
+
+    fn touch(&self) {
+        *lock(&self.last) = std::time::Instant::now();
+    }
+
+    /// How long it has been idle (no request in flight), or None while busy.
+    fn idle_for(&self) -> Option<Duration> {
+        (self.busy.load(Ordering::Acquire) == 0).then(|| lock(&self.last).elapsed())
+    }
+}
+
+/// The open connections of one listener.
+#[derive(Default)]
+struct ConnTable {
+    next: u64,
+    conns: std::collections::BTreeMap<u64, (Option<IpAddr>, Arc<Activity>)>,
+}
+
+impl ConnTable {
+    /// Admits a new connection from `ip`: when the listener (or the source) is full, the
+    /// connection idle longest, if idle for at least `idle_timeout`, is told to close and
+    /// gives its slot; otherwise the new one is refused with the reason.
+    fn admit(&mut self, ip: Option<IpAddr>, opts: &NbdOptions) -> Result<Arc<Activity>, String> {
+        let same = |e: &(Option<IpAddr>, Arc<Activity>)| ip.is_some() && e.0 == ip;
+        let from_source = self.conns.values().filter(|e| same(e)).count();
+        let full = if ip.is_some() && from_source >= opts.max_per_source {
+            Some(format!(
+                "{} connections from this address already open",
+                opts.max_per_source
+            ))
+        } else if self.conns.len() >= opts.max_connections {
+            Some(format!("{} connections already open", opts.max_connections))
+        } else {
+            None
+        };
+        if let Some(why) = full {
+            let source_full = ip.is_some() && from_source >= opts.max_per_source;
+            let victim = self
+                .conns
+                .iter()
+                .filter(|(_, e)| !source_full || same(e))
+                .filter_map(|(id, (_, a))| a.idle_for().map(|d| (d, *id)))
+                .filter(|(d, _)| *d >= opts.idle_timeout)
+                .max();
+            let Some((idle, id)) = victim else {
+                return Err(format!("{why}, none idle for {:?}", opts.idle_timeout));
+            };
+            if let Some((_, a)) = self.conns.remove(&id) {
+                tracing::info!(
+                    "NBD: closing a connection idle for {} s to make room ({why})",
+                    idle.as_secs()
+                );
+                a.evict.notify_one();
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let a = Activity::new(id);
+        self.conns.insert(id, (ip, Arc::clone(&a)));
+        Ok(a)
+    }
+}
+
+/// Removes a connection from its listener's table when its task ends.
+struct Unlist {
+    table: Arc<std::sync::Mutex<ConnTable>>,
+    id: u64,
+}
+
+impl Drop for Unlist {
+    fn drop(&mut self) {
+        lock(&self.table).conns.remove(&self.id);
+    }
 }
 
 fn reap(joined: Result<(), tokio::task::JoinError>) {
@@ -318,17 +529,46 @@ pub enum ConnectionEnd {
     Protocol(String),
     /// A socket error.
     Io(String),
+    /// The connection was idle and a new client needed its slot.
+    Evicted,
 }
 
 /// Serves one already-accepted connection (the handshake and transmission) and returns
 /// how it ended, after logging it (`warn` for protocol violations, with `peer`).
 pub async fn serve_connection<T, R, W>(
     reader: R,
+    writer: W,
+    peer: &str,
+    target: Arc<T>,
+    opts: &NbdOptions,
+    shutdown: watch::Receiver<bool>,
+) -> ConnectionEnd
+where
+    T: BlockTarget,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    serve_tracked(
+        reader,
+        writer,
+        peer,
+        target,
+        opts,
+        shutdown,
+        &Activity::new(0),
+    )
+    .await
+}
+
+/// [`serve_connection`] with the listener's view of the connection (idle time, eviction).
+async fn serve_tracked<T, R, W>(
+    reader: R,
     mut writer: W,
     peer: &str,
     target: Arc<T>,
     opts: &NbdOptions,
     mut shutdown: watch::Receiver<bool>,
+    activity: &Arc<Activity>,
 ) -> ConnectionEnd
 where
     T: BlockTarget,
@@ -345,6 +585,7 @@ where
     let handshake = tokio::select! {
         r = tokio::time::timeout(opts.handshake_timeout, handshake(&mut reader, &mut writer, export)) => r,
         _ = wait_shutdown(&mut shutdown) => Ok(Err(HsError::Shutdown)),
+        () = activity.evict.notified() => Ok(Err(HsError::Evicted)),
     };
     let end = match handshake {
         Err(_) => ConnectionEnd::HandshakeFailed(format!(
@@ -360,19 +601,12 @@ where
                 .then(|| target.openers())
                 .flatten()
                 .map(|o| o.register(format!("NBD client {}", opener_name(peer))));
-            transmission(
-                reader,
-                writer,
-                peer,
-                target,
-                info,
-                opts.max_in_flight.max(1),
-                shutdown,
-            )
-            .await
+            activity.touch();
+            transmission(reader, writer, peer, target, info, opts, shutdown, activity).await
         }
         Ok(Ok(_)) => ConnectionEnd::Aborted,
         Ok(Err(HsError::Shutdown)) => ConnectionEnd::Shutdown,
+        Ok(Err(HsError::Evicted)) => ConnectionEnd::Evicted,
         Ok(Err(HsError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
             ConnectionEnd::HandshakeFailed(
                 "client closed the connection during the handshake".into(),
@@ -383,11 +617,12 @@ where
     };
     match &end {
         ConnectionEnd::HandshakeFailed(why) | ConnectionEnd::Protocol(why) => {
-            tracing::warn!(%peer, "NBD connection dropped, refused malformed input: {why}");
+            crate::warn_limited!("NBD connection {peer} dropped, refused malformed input: {why}");
         }
         ConnectionEnd::Io(why) => tracing::info!(%peer, "NBD connection dropped: {why}"),
         other => tracing::debug!(%peer, "NBD connection ended: {other:?}"),
     }
+    opts.data_budget.trim_if_drained();
     end
 }
 
@@ -403,6 +638,7 @@ enum HsError {
     Io(io::Error),
     Proto(HandshakeError),
     Shutdown,
+    Evicted,
 }
 
 impl From<io::Error> for HsError {
@@ -499,7 +735,14 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             biased;
             r = async {
                 let mut w = self.writer.lock().await;
-                write_reply(&mut *w, &header, data).await
+                tokio::time::timeout(REPLY_TIMEOUT, write_reply(&mut *w, &header, data))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("client read no reply data for {REPLY_TIMEOUT:?}"),
+                        ))
+                    })
             } => r,
             _ = self.closed.raised() => return,
         };
@@ -562,14 +805,17 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
+// The connection's parts, as the handshake left them: grouping them would only rename.
+#[allow(clippy::too_many_arguments)]
 async fn transmission<T, R, W>(
     mut reader: BufReader<R>,
     writer: W,
     peer: &str,
     target: Arc<T>,
     info: TargetInfo,
-    max_in_flight: u32,
+    opts: &NbdOptions,
     mut shutdown: watch::Receiver<bool>,
+    activity: &Arc<Activity>,
 ) -> ConnectionEnd
 where
     T: BlockTarget,
@@ -581,13 +827,19 @@ where
         closed: Flag::default(),
         peer: Arc::from(peer),
     });
+    let max_in_flight = opts.max_in_flight.max(1);
     let window = Arc::new(Semaphore::new(max_in_flight as usize));
-    let bytes = Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT / BUDGET_UNIT));
+    let budgets = Budgets {
+        conn: Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT / BUDGET_UNIT)),
+        shared: Arc::clone(&opts.data_budget),
+        activity: Arc::clone(activity),
+    };
     let mut inline: Option<InlineRequest> = None;
     let end = tokio::select! {
-        end = read_requests(&mut reader, &replies, &window, &bytes, &target, &info, &mut inline) => end,
+        end = read_requests(&mut reader, &replies, &window, &budgets, &target, &info, &mut inline) => end,
         _ = wait_shutdown(&mut shutdown) => ConnectionEnd::Shutdown,
         _ = replies.closed.raised() => ConnectionEnd::ReplyFailed,
+        () = activity.evict.notified() => ConnectionEnd::Evicted,
     };
     // A request the reader was running itself is started like the others: it must finish.
     if let Some(request) = inline.take() {
@@ -598,13 +850,23 @@ where
     // abandoned after the grace; the target's operations themselves always finish.
     let drained = tokio::time::timeout(DRAIN_GRACE, window.acquire_many(max_in_flight)).await;
     if drained.is_err() {
-        tracing::warn!(%peer, "replies not drained within {DRAIN_GRACE:?}; abandoning them");
+        crate::warn_limited!(
+            "NBD {peer}: replies not drained within {DRAIN_GRACE:?}; abandoning them"
+        );
         replies.closed.raise();
         let _ = window.acquire_many(max_in_flight).await;
     }
     let mut w = replies.writer.lock().await;
     let _ = w.shutdown().await;
     end
+}
+
+/// The byte budgets a READ/WRITE takes its share of (the connection's and the shared
+/// one), and the connection's activity record.
+struct Budgets {
+    conn: Arc<Semaphore>,
+    shared: Arc<DataBudget>,
+    activity: Arc<Activity>,
 }
 
 /// A started request (target call + reply) that the reader task runs itself.
@@ -620,7 +882,7 @@ async fn read_requests<T, R, W>(
     reader: &mut BufReader<R>,
     replies: &Arc<Replies<W>>,
     window: &Arc<Semaphore>,
-    bytes: &Arc<Semaphore>,
+    budgets: &Budgets,
     target: &Arc<T>,
     info: &TargetInfo,
     inline: &mut Option<InlineRequest>,
@@ -659,6 +921,7 @@ where
         if let Err(e) = reader.read_exact(&mut header).await {
             return read_error(e, "request header");
         }
+        budgets.activity.touch();
         let req = match proto::parse_request(&header) {
             Ok(r) => r,
             Err(e) => return ConnectionEnd::Protocol(e.to_string()),
@@ -670,12 +933,24 @@ where
             Action::Read { len, .. } | Action::Write { len, .. } => len as usize,
             _ => 0,
         };
+        // The connection's share first, then the one shared by all connections (so one
+        // client never waits on the shared budget for more than its own cap).
         let budget = if data_len > 0 {
             let units = u32::try_from(data_len.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
-            match Arc::clone(bytes).acquire_many_owned(units).await {
-                Ok(b) => Some(b),
-                Err(_) => return ConnectionEnd::Shutdown,
-            }
+            let Ok(own) = Arc::clone(&budgets.conn).acquire_many_owned(units).await else {
+                return ConnectionEnd::Shutdown;
+            };
+            let Ok(shared) = budgets.shared.sem.acquire_many(units).await else {
+                return ConnectionEnd::Shutdown;
+            };
+            // Given back by `Held`'s drop (the permit borrows the budget).
+            shared.forget();
+            budgets.shared.note_use();
+            Some(Held {
+                _own: own,
+                units,
+                shared: Arc::clone(&budgets.shared),
+            })
         } else {
             None
         };
@@ -686,8 +961,15 @@ where
                     Ok(b) => b,
                     Err(e) => return ConnectionEnd::Protocol(format!("WRITE buffer: {e}")),
                 };
-                if let Err(e) = reader.read_exact(&mut buf).await {
-                    return read_error(e, "WRITE payload");
+                // The payload holds its share of the budget: it must come in time.
+                match tokio::time::timeout(REPLY_TIMEOUT, reader.read_exact(&mut buf)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return read_error(e, "WRITE payload"),
+                    Err(_) => {
+                        return ConnectionEnd::Protocol(format!(
+                            "WRITE payload of {len} bytes not received within {REPLY_TIMEOUT:?}"
+                        ))
+                    }
                 }
                 BlockIo::Write {
                     offset,
@@ -720,9 +1002,11 @@ where
                     tracing::debug!(%peer, ?req, errno, "NBD request refused: {why}");
                 } else {
                     warnings += 1;
-                    tracing::warn!(%peer, ?req, errno, "NBD request refused: {why}");
+                    crate::warn_limited!(
+                        "NBD {peer}: request refused (errno {errno}): {why}; {req:?}"
+                    );
                     if warnings == WARN_BUDGET {
-                        tracing::warn!(%peer, "further refusals on this connection are logged at debug level");
+                        tracing::info!(%peer, "further refusals on this connection are logged at debug level");
                     }
                 }
                 if skip > 0 {
@@ -742,12 +1026,31 @@ where
             _ => None,
         };
         let (target, replies) = (Arc::clone(target), Arc::clone(replies));
+        let activity = Arc::clone(&budgets.activity);
+        activity.busy.fetch_add(1, Ordering::AcqRel);
         *inline = Some(Box::pin(async move {
             let result = target.submit(io).await;
             replies.complete(req.cookie, read_len, result).await;
             drop(budget);
+            activity.busy.fetch_sub(1, Ordering::AcqRel);
+            activity.touch();
             drop(permit);
         }));
+    }
+}
+
+/// A request's share of both budgets, given back when it is dropped (reply sent or
+/// request abandoned).
+struct Held {
+    _own: tokio::sync::OwnedSemaphorePermit,
+    units: u32,
+    shared: Arc<DataBudget>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.sem.add_permits(self.units as usize);
+        self.shared.trim_if_drained();
     }
 }
 
@@ -756,5 +1059,62 @@ fn read_error(e: io::Error, what: &str) -> ConnectionEnd {
         ConnectionEnd::Protocol(format!("truncated {what}"))
     } else {
         ConnectionEnd::Io(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        s.parse().ok()
+    }
+
+    #[test]
+    fn a_full_listener_gives_the_slot_of_the_longest_idle_connection() {
+        let opts = NbdOptions {
+            max_connections: 3,
+            max_per_source: 2,
+            idle_timeout: Duration::ZERO,
+            ..NbdOptions::default()
+        };
+        let mut t = ConnTable::default();
+        let a1 = t.admit(ip("10.0.0.1"), &opts).expect("room");
+        let a2 = t.admit(ip("10.0.0.1"), &opts).expect("room");
+        // The source is full: its idle connection (a2; a1 is busy) gives its slot.
+        a1.busy.store(1, Ordering::Release);
+        let a3 = t.admit(ip("10.0.0.1"), &opts).expect("a2 evicted");
+        assert!(t.conns.contains_key(&a1.id) && t.conns.contains_key(&a3.id));
+        assert!(!t.conns.contains_key(&a2.id));
+        // Another source fills the listener; then everything busy: refused.
+        let b1 = t.admit(ip("10.0.0.2"), &opts).expect("room");
+        for a in [&a3, &b1] {
+            a.busy.store(1, Ordering::Release);
+        }
+        let why = t.admit(ip("10.0.0.3"), &opts).err().expect("full and busy");
+        assert!(why.contains("3 connections already open"), "{why}");
+        // Unix sockets have no source limit, only the listener's.
+        b1.busy.store(0, Ordering::Release);
+        assert!(t.admit(None, &opts).is_ok());
+        assert!(!t.conns.contains_key(&b1.id));
+    }
+
+    #[test]
+    fn idle_but_not_long_enough_keeps_its_slot() {
+        let opts = NbdOptions {
+            max_connections: 1,
+            idle_timeout: Duration::from_secs(3600),
+            ..NbdOptions::default()
+        };
+        let mut t = ConnTable::default();
+        let _a = t.admit(ip("10.0.0.1"), &opts).expect("room");
+        let why = t.admit(ip("10.0.0.2"), &opts).err().expect("refused");
+        assert!(why.contains("none idle for"), "{why}");
+    }
+
+    #[test]
+    fn the_budget_holds_at_least_one_largest_request() {
+        assert_eq!(DataBudget::new(1).bytes(), proto::MAX_BLOCK as usize);
+        assert_eq!(DataBudget::new(256 << 20).bytes(), 256 << 20);
     }
 }
