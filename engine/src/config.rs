@@ -300,6 +300,7 @@ struct RawFile {
     disk: RawDisk,
     #[serde(default)]
     startup: RawStartup,
+    #[serde(default)]
     nbd: RawNbd,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
