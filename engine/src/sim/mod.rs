@@ -62,6 +62,20 @@
 //!   checker 6 ran. Not modelled: a crash of the Secondary, a crash inside the attach
 //!   (its write-back and ring reset are one step), metadata sectors that read back
 //!   with an error, a clean stop (dirty bitmap pages written back).
+//! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
+//!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
+//!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
+//!   `P_NEG_ACK` leaves, it is `Failed` (every later peer write is answered `P_NEG_ACK`
+//!   without disk IO), tells the Primary (`P_STATE`) and leaves the connection 20 ticks
+//!   later. The operator re-attaches it 50 … 1500 ticks after that (a restart of its
+//!   daemon: a new Receiver, the disk Inconsistent), and the handshake makes it
+//!   SyncTarget (an Inconsistent disk decides over a split brain's UUIDs, as in DRBD).
+//! - **Failover** (`failover.rs`), on every seed: the Primary's node dies for good, on
+//!   about a third of the seeds at a random moment, on the others at the end of the
+//!   run after checkers 1 … 8; the operator then runs `primary` on the Secondary.
+//! - **Promotion races** (`race.rs`), 8 rounds per seed, its own random stream: two
+//!   connected Secondaries told `primary` at nearly the same moment, the requests and
+//!   replies through the real `state::change::decide` / `promote_request` and codec.
 //! - **Workload**: up to `max_ops` requests at a random queue depth: writes of 512 B …
 //!   64 KiB (discards up to 252 KiB, 64 blocks: one transaction can add at most 64
 //!   extents) at random sector-aligned offsets, 90 %, 50 % or none of them inside a
@@ -105,6 +119,17 @@
 //!    to the Primary's data); one that discards the Primary is refused by the Primary
 //!    (rr-conflict). A refused connection changes neither disk: the Secondary's is
 //!    byte-identical at the next attempt.
+//! 9. Failover (`failover.rs`). The Secondary is promoted only if its disk is not
+//!    Failed, is UpToDate (not SyncTarget or waiting for its resync, not re-attached
+//!    after a failure, not left Inconsistent by a resync) and it was connected when the
+//!    Primary died (the model's operator: tandem has no fencing, see `failover.rs`); a
+//!    refusal must name its rule and the facts behind it, and at the end of a run it
+//!    must not be refused. Promoted, its disk holds every sector's last write the
+//!    application got success for (or one whose outcome the death made unknown);
+//!    protocols A and B may lose the writes in flight to the Secondary at the death.
+//! 10. Promotion races (`race.rs`): never two Primaries, at most one promotion request
+//!     granted per round, a node becomes Primary only on a success reply of the current
+//!     connection with an UpToDate disk, and without a drop someone wins.
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
