@@ -101,12 +101,47 @@ fn seeds_pass_every_checker() {
             "split brains resolved by a policy",
             sum(|r| r.sb_auto_resolved),
         ),
+        ("secondary disks detached", sum(|r| r.s_detaches)),
+        ("detached secondaries re-attached", sum(|r| r.s_reattaches)),
+        (
+            "failovers promoting the secondary",
+            sum(|r| r.failover_promoted),
+        ),
+        (
+            "failovers refused: secondary Failed",
+            sum(|r| r.failover_refused_failed),
+        ),
+        (
+            "failovers refused: secondary not UpToDate",
+            sum(|r| r.failover_refused_inconsistent),
+        ),
+        (
+            "failovers refused: secondary disconnected",
+            sum(|r| r.failover_refused_disconnected),
+        ),
+        ("crossing promotion requests", sum(|r| r.race_crossing)),
+        (
+            "promotion requests refused as concurrent",
+            sum(|r| r.race_concurrent_refusals),
+        ),
+        (
+            "promotion requests lost with the connection",
+            sum(|r| r.race_dropped),
+        ),
     ];
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();
     eprintln!(
-        "coverage over {count} seeds: {coverage:?}; seeds that evict: {}, that crash: {}",
+        "coverage over {count} seeds: {coverage:?}; seeds that evict: {}, that crash: {}; \
+         failovers that would have lost acknowledged writes if the disconnected secondary \
+         had been promoted (no fencing): {}",
         seeds(|r| r.al.evictions > 0),
-        seeds(|r| r.crashes > 0)
+        seeds(|r| r.crashes > 0),
+        sum(|r| r.failover_stale_if_promoted)
+    );
+    assert_eq!(
+        sum(|r| r.failovers),
+        count,
+        "every seed ends with a failover"
     );
     for (what, n) in coverage {
         assert!(n > 0, "no seed exercised {what}");

@@ -62,6 +62,20 @@
 //!   checker 6 ran. Not modelled: a crash of the Secondary, a crash inside the attach
 //!   (its write-back and ring reset are one step), metadata sectors that read back
 //!   with an error, a clean stop (dirty bitmap pages written back).
+//! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
+//!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
+//!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
+//!   `P_NEG_ACK` leaves, it is `Failed` (every later peer write is answered `P_NEG_ACK`
+//!   without disk IO), tells the Primary (`P_STATE`) and leaves the connection 20 ticks
+//!   later. The operator re-attaches it 50 … 1500 ticks after that (a restart of its
+//!   daemon: a new Receiver, the disk Inconsistent), and the handshake makes it
+//!   SyncTarget (an Inconsistent disk decides over a split brain's UUIDs, as in DRBD).
+//! - **Failover** (`failover.rs`), on every seed: the Primary's node dies for good, on
+//!   about a third of the seeds at a random moment, on the others at the end of the
+//!   run after checkers 1 … 8; the operator then runs `primary` on the Secondary.
+//! - **Promotion races** (`race.rs`), 8 rounds per seed, its own random stream: two
+//!   connected Secondaries told `primary` at nearly the same moment, the requests and
+//!   replies through the real `state::change::decide` / `promote_request` and codec.
 //! - **Workload**: up to `max_ops` requests at a random queue depth: writes of 512 B …
 //!   64 KiB (discards up to 252 KiB, 64 blocks: one transaction can add at most 64
 //!   extents) at random sector-aligned offsets, 90 %, 50 % or none of them inside a
@@ -105,6 +119,17 @@
 //!    to the Primary's data); one that discards the Primary is refused by the Primary
 //!    (rr-conflict). A refused connection changes neither disk: the Secondary's is
 //!    byte-identical at the next attempt.
+//! 9. Failover (`failover.rs`). The Secondary is promoted only if its disk is not
+//!    Failed, is UpToDate (not SyncTarget or waiting for its resync, not re-attached
+//!    after a failure, not left Inconsistent by a resync) and it was connected when the
+//!    Primary died (the model's operator: tandem has no fencing, see `failover.rs`); a
+//!    refusal must name its rule and the facts behind it, and at the end of a run it
+//!    must not be refused. Promoted, its disk holds every sector's last write the
+//!    application got success for (or one whose outcome the death made unknown);
+//!    protocols A and B may lose the writes in flight to the Secondary at the death.
+//! 10. Promotion races (`race.rs`): never two Primaries, at most one promotion request
+//!     granted per round, a node becomes Primary only on a success reply of the current
+//!     connection with an UpToDate disk, and without a drop someone wins.
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -122,7 +147,9 @@
 //! `max_steps` events (liveness).
 
 mod disk;
+mod failover;
 mod meta;
+mod race;
 mod resync;
 pub(crate) mod rng;
 
@@ -211,6 +238,12 @@ pub(crate) struct Sabotage {
     /// A resync ack clears a block whose local write failed on the Primary during the
     /// connection (the driver rule `p_failed` in `resync.rs` off).
     pub ack_clears_failed_blocks: bool,
+    /// A peer write that fails on the Secondary leaves it UpToDate and connected (no
+    /// `on-io-error detach`: the bug before the detach).
+    pub secondary_stays_up_to_date: bool,
+    /// The node holding `RESOLVE_CONFLICTS` answers a promotion request normally while
+    /// its own is pending (checker 10).
+    pub resolver_ignores_pending: bool,
 }
 
 /// The parameters a seed chose.
@@ -485,6 +518,32 @@ pub struct SimReport {
     /// Disconnect/reconnect cycles by the "operator" at the end of a run that was not in
     /// sync (failed blocks, a bitmap left non-empty).
     pub operator_cycles: u64,
+    /// Secondary disk failures that detached it (`on-io-error detach`).
+    pub s_detaches: u64,
+    /// Re-attaches of the detached Secondary by the operator.
+    pub s_reattaches: u64,
+    /// Deaths of the Primary (one per run: mid-run or at the end).
+    pub failovers: u64,
+    /// Of those, the Secondary promoted (then checker 9 compared its disk).
+    pub failover_promoted: u64,
+    /// Refused: the Secondary's disk was Failed.
+    pub failover_refused_failed: u64,
+    /// Refused: the Secondary's disk was not UpToDate (resync, re-attached).
+    pub failover_refused_inconsistent: u64,
+    /// Refused: the Secondary was disconnected at the death (no fencing).
+    pub failover_refused_disconnected: u64,
+    /// Of those, promoting it anyway would have lost acknowledged writes (the hole of
+    /// a failover without fencing).
+    pub failover_stale_if_promoted: u64,
+    /// Checker 10: promotion race rounds, rounds with crossing requests, requests
+    /// refused with `SS_CONCURRENT_ST_CHG`, requests lost with the connection.
+    pub races: u64,
+    /// See `races`.
+    pub race_crossing: u64,
+    /// See `races`.
+    pub race_concurrent_refusals: u64,
+    /// See `races`.
+    pub race_dropped: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -535,7 +594,7 @@ pub fn run_with(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
             })
         }
     };
-    match sim.run() {
+    match sim.run().and_then(|()| sim.races(cfg.seed)) {
         Ok(()) => Ok(sim.report()),
         Err(message) => Err(SimFailure {
             seed: cfg.seed,
@@ -582,11 +641,15 @@ enum Ev {
     SDiskWrite {
         token: u64,
         fail: bool,
+        /// False on a detached disk: the write fails without IO.
+        io: bool,
     },
     SDiskFlush {
         token: u64,
         covers: u64,
         fail: bool,
+        /// The Secondary daemon's incarnation (a re-attach starts a new one).
+        sinc: u64,
     },
     DeliverData {
         gen: u64,
@@ -641,6 +704,12 @@ enum Ev {
     SbWrite {
         n: u64,
     },
+    /// The Primary's node dies for good (checker 9 follows).
+    Failover,
+    /// The detached Secondary leaves the connection (StandAlone).
+    SLeave,
+    /// The operator re-attaches the Secondary's disk (restarts its daemon).
+    SReattach,
 }
 
 impl Ev {
@@ -670,6 +739,9 @@ impl Ev {
             Ev::RsTick { .. } => 22,
             Ev::SbFault => 23,
             Ev::SbWrite { .. } => 24,
+            Ev::Failover => 25,
+            Ev::SLeave => 26,
+            Ev::SReattach => 27,
         }
     }
 }
@@ -731,6 +803,8 @@ enum MetaMsg {
     /// The SyncTarget finished without failures and is UpToDate (DRBD: its state change,
     /// on which the SyncSource runs `drbd_resync_finished`).
     SyncDone,
+    /// `P_STATE` with the Secondary's disk Failed.
+    DiskFailed,
 }
 
 #[derive(Debug, Clone)]
@@ -861,6 +935,8 @@ struct Sim {
 
     /// Both nodes' resync state (UUIDs, bitmaps, SyncSource, SyncTarget, split brain).
     rs: Rs,
+    /// The Secondary's disk failures and the failover (`failover.rs`).
+    fo: failover::Fo,
 
     report: SimReport,
 }
@@ -945,6 +1021,7 @@ impl Sim {
             #[cfg(test)]
             trace: cfg.trace,
             rs,
+            fo: failover::Fo::new(cfg.seed, cfg.max_ops),
             params,
             report,
         })
@@ -987,6 +1064,10 @@ impl Sim {
         }
         loop {
             self.run_events()?;
+            if self.fo.dead {
+                // The Primary died mid-run: the Secondary's promotion is what is left.
+                return self.check_failover();
+            }
             // Quiescent. A run that is not in sync (failed blocks, a bitmap left over)
             // gets what an operator would do: disconnect and connect again, which starts
             // a new resync.
@@ -1003,7 +1084,11 @@ impl Sim {
                 _ => break,
             }
         }
-        self.check_quiescence()
+        self.check_quiescence()?;
+        // Every seed ends with the Primary's death.
+        self.failover(true)?;
+        self.run_events()?;
+        self.check_failover()
     }
 
     fn run_events(&mut self) -> Result<(), String> {
@@ -1143,20 +1228,28 @@ impl Sim {
                     .map_err(|e| format!("primary meta_write_done: {e}"))?;
                 self.pump_primary()
             }
+            Ev::Crash | Ev::Restart if self.fo.dead => Ok(()), // gone for good
             Ev::Crash => self.crash(),
             Ev::Restart => self.restart(),
-            Ev::SDiskWrite { token, fail } => {
+            Ev::SDiskWrite { token, fail, io } => {
                 let b = self.s_bufs.remove(&token).ok_or_else(|| {
                     format!("secondary disk completion for unknown token {token:#x}")
                 })?;
-                self.sdisk.complete_write(
-                    usize::try_from(b.w.sector).map_err(|e| e.to_string())?,
-                    b.data.as_deref(),
-                    b.w.len as usize,
-                    b.origin,
-                    b.w.dp_flags & dp::DP_FUA != 0,
-                    fail,
-                );
+                if io {
+                    self.sdisk.complete_write(
+                        usize::try_from(b.w.sector).map_err(|e| e.to_string())?,
+                        b.data.as_deref(),
+                        b.w.len as usize,
+                        b.origin,
+                        b.w.dp_flags & dp::DP_FUA != 0,
+                        fail,
+                    );
+                }
+                self.fo.to_s.remove(&b.origin);
+                if fail {
+                    // on-io-error detach, recorded before the P_NEG_ACK.
+                    self.secondary_write_failed()?;
+                }
                 self.secondary
                     .local_done(token, !fail)
                     .map_err(|e| format!("secondary local_done: {e}"))?;
@@ -1167,9 +1260,13 @@ impl Sim {
                 token,
                 covers,
                 fail,
+                sinc,
             } => {
                 if !fail {
                     self.sdisk.flush(covers);
+                }
+                if sinc != self.fo.s_inc {
+                    return Ok(()); // a flush of the daemon before the re-attach
                 }
                 self.secondary
                     .local_flush_done(token, !fail)
@@ -1243,6 +1340,10 @@ impl Sim {
                     }
                     MetaMsg::Rs(ref pkt) => return self.source_meta(pkt),
                     MetaMsg::SyncDone => return self.sync_done(),
+                    MetaMsg::DiskFailed => {
+                        self.peer_disk_failed();
+                        return Ok(());
+                    }
                 };
                 r.map_err(|e| format!("primary refused {m:?}: {e}"))?;
                 self.pump_primary()
@@ -1267,6 +1368,9 @@ impl Sim {
             Ev::RsTick { tgen } => self.rs_tick(tgen),
             Ev::SbFault => self.sb_fault(),
             Ev::SbWrite { n } => self.sb_write(n),
+            Ev::Failover => self.failover(false),
+            Ev::SLeave => self.s_leave(),
+            Ev::SReattach => self.s_reattach(),
             Ev::Handed { block_id, gen } => {
                 if gen == self.gen && self.up {
                     self.primary.handed_to_network(block_id);
@@ -1275,7 +1379,7 @@ impl Sim {
                 Ok(())
             }
             Ev::Fault => {
-                if self.workload_done() {
+                if self.workload_done() || self.fo.dead {
                     return Ok(());
                 }
                 if self.up {
@@ -1296,8 +1400,15 @@ impl Sim {
             }
             Ev::Reconnect => {
                 self.reconnect_pending = false;
-                // A crashed Primary reconnects after its restart and checker 6.
-                if !self.up && !self.primary_down && self.check6.is_none() {
+                // A crashed Primary reconnects after its restart and checker 6, a detached
+                // Secondary after its re-attach, a dead Primary never.
+                if !self.up
+                    && !self.primary_down
+                    && self.check6.is_none()
+                    && !self.fo.standalone
+                    && self.s_disk_usable()
+                    && !self.fo.dead
+                {
                     self.connect()?;
                 }
                 Ok(())
@@ -1430,6 +1541,7 @@ impl Sim {
             self.at(d, Ev::Crash);
         }
         self.maybe_schedule_split_brain();
+        self.maybe_schedule_failover();
         if self.issued < self.max_ops {
             let d = self.rng.range(1, 10);
             self.at(d, Ev::Workload);
@@ -1724,6 +1836,7 @@ impl Sim {
                         sector,
                         len,
                     });
+                    self.fo.to_s.insert(id);
                     self.send_data(DataMsg::Write {
                         w,
                         origin: id,
@@ -1791,12 +1904,14 @@ impl Sim {
                     let covers = self.sdisk.completions;
                     let fail = self.rng.chance(self.params.fail_ppm[3]);
                     let d = self.rng.range(1, self.params.disk_delay.1);
+                    let sinc = self.fo.s_inc;
                     self.at(
                         d,
                         Ev::SDiskFlush {
                             token,
                             covers,
                             fail,
+                            sinc,
                         },
                     );
                 }
@@ -1833,9 +1948,28 @@ impl Sim {
 
     /// The Secondary's disk write of peer write `token`.
     fn submit_peer_write(&mut self, token: u64) {
+        if !self.s_disk_usable() {
+            // Detached: answered P_NEG_ACK without disk IO.
+            self.at(
+                1,
+                Ev::SDiskWrite {
+                    token,
+                    fail: true,
+                    io: false,
+                },
+            );
+            return;
+        }
         let fail = self.rng.chance(self.params.fail_ppm[2]);
         let d = self.rng.range(1, self.params.disk_delay.0);
-        self.at(d, Ev::SDiskWrite { token, fail });
+        self.at(
+            d,
+            Ev::SDiskWrite {
+                token,
+                fail,
+                io: true,
+            },
+        );
     }
 
     fn issue_meta(&mut self, tag: u64) {
@@ -2234,7 +2368,16 @@ mod tests {
         sabotage: Sabotage,
         pick: impl Fn(&SimParams) -> bool,
     ) -> Option<SimFailure> {
-        (0..300u64).find_map(|seed| {
+        first_failure_in(sabotage, pick, 300)
+    }
+
+    /// As [`first_failure_where`], over the first `seeds` seeds.
+    fn first_failure_in(
+        sabotage: Sabotage,
+        pick: impl Fn(&SimParams) -> bool,
+        seeds: u64,
+    ) -> Option<SimFailure> {
+        (0..seeds).find_map(|seed| {
             let mut cfg = SimConfig::new(seed);
             if !pick(&SimParams::for_seed(seed, cfg.max_ops).2) {
                 return None;
@@ -2334,7 +2477,11 @@ mod tests {
         };
         let f = first_failure(s).expect("the simulator must catch an unmerged bitmap");
         eprintln!("caught: {f}");
-        assert!(f.message.contains("not in sync"), "{f}");
+        // (Checker 9 may see it first: a promoted Secondary lacks the blocks.)
+        assert!(
+            f.message.contains("not in sync") || f.message.contains("checker 9"),
+            "{f}"
+        );
     }
 
     #[test]
@@ -2358,8 +2505,10 @@ mod tests {
             ack_clears_failed_blocks: true,
             ..Sabotage::default()
         };
-        // (Only seeds where the Primary's writes fail can show it.)
-        let f = first_failure_where(s, |p| p.fail_ppm[0] > 0)
+        // (Only seeds where the Primary's writes fail can show it. Since a failed write
+        // on the Secondary detaches it, which renews the connection and starts a resync,
+        // the first seed that shows it is 968.)
+        let f = first_failure_in(s, |p| p.fail_ppm[0] > 0, 1200)
             .expect("the simulator must catch a failed block set in sync");
         eprintln!("caught: {f}");
         assert!(f.message.contains("not out of sync"), "{f}");
@@ -2379,6 +2528,72 @@ mod tests {
             Err(f) => panic!("{f}"),
         }
     }
+
+    // ----- detach, failover and promotion races (checkers 9 and 10) ---------------------
+
+    /// Today's bug before the detach: a Secondary whose disk failed a write stays
+    /// UpToDate and connected; a failover promotes it and an acknowledged write is gone.
+    #[test]
+    fn a_secondary_that_stays_up_to_date_after_a_failed_write_is_caught() {
+        let s = Sabotage {
+            secondary_stays_up_to_date: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a failed disk promoted");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 9"), "{f}");
+    }
+
+    #[test]
+    fn a_resolver_that_ignores_its_pending_request_is_caught() {
+        let s = Sabotage {
+            resolver_ignores_pending: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch two granted promotions");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 10"), "{f}");
+    }
+
+    /// Every failover outcome and every race path happens (no checker passes vacuously).
+    #[test]
+    fn failover_and_race_paths_are_exercised() {
+        let reports: Vec<SimReport> = (0..FAILOVER_SEEDS).map(|s| run(s).unwrap()).collect();
+        let sum = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
+        let coverage = [
+            ("secondary detaches", sum(|r| r.s_detaches)),
+            ("secondary re-attaches", sum(|r| r.s_reattaches)),
+            ("failovers", sum(|r| r.failovers)),
+            ("promoted", sum(|r| r.failover_promoted)),
+            ("refused: Failed", sum(|r| r.failover_refused_failed)),
+            (
+                "refused: not UpToDate",
+                sum(|r| r.failover_refused_inconsistent),
+            ),
+            (
+                "refused: disconnected",
+                sum(|r| r.failover_refused_disconnected),
+            ),
+            ("race rounds", sum(|r| r.races)),
+            ("crossing requests", sum(|r| r.race_crossing)),
+            ("SS_CONCURRENT_ST_CHG", sum(|r| r.race_concurrent_refusals)),
+            ("requests lost with the connection", sum(|r| r.race_dropped)),
+        ];
+        eprintln!(
+            "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",
+            sum(|r| r.failover_stale_if_promoted)
+        );
+        assert_eq!(
+            sum(|r| r.failovers),
+            FAILOVER_SEEDS,
+            "one failover per seed"
+        );
+        for (what, n) in coverage {
+            assert!(n > 0, "no seed exercised {what}");
+        }
+    }
+
+    const FAILOVER_SEEDS: u64 = 100;
 
     // ----- regressions: failed metadata writes (found by the crash fault) ---------------
     //

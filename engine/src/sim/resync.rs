@@ -473,6 +473,17 @@ impl Rs {
         self.p_crashed = true;
     }
 
+    /// The Secondary's disk state.
+    pub(super) fn s_disk(&self) -> DiskState {
+        self.s_disk
+    }
+
+    /// Sets the Secondary's disk state (a failure detaches it, a re-attach makes it
+    /// Inconsistent).
+    pub(super) fn set_s_disk(&mut self, d: DiskState) {
+        self.s_disk = d;
+    }
+
     /// The Secondary's disk is UpToDate (not a SyncTarget, no resync left undone).
     pub(super) fn s_up_to_date(&self) -> bool {
         self.s_disk == DiskState::UpToDate
@@ -743,12 +754,15 @@ impl Sim {
             self.rs.sb = Sb::Resolving;
         }
         self.up = true;
+        // Writes in flight before are the resync's now (their blocks are marked).
+        self.fo.to_s.clear();
         self.primary
             .connected()
             .map_err(|e| format!("primary connected: {e}"))?;
         self.pump_primary()?;
         match decision {
             Decision::Sync { full } => {
+                self.fo.wf_sync = true;
                 if full {
                     self.report.full_resyncs += 1;
                     for bm in [&mut self.rs.p_bm, &mut self.rs.s_bm, &mut self.rs.s_only] {
@@ -797,6 +811,20 @@ impl Sim {
                 HandshakeOutcome::Disconnect(DisconnectReason::UnrelatedData)
             )
         );
+        if !unrelated && self.rs.s_disk == DiskState::Inconsistent {
+            // DRBD: an Inconsistent disk makes its node SyncTarget whatever the UUIDs say
+            // ("Becoming sync target due to disk states"): the split-brain writes of a
+            // Secondary whose disk failed and was re-attached are discarded.
+            return match (hp.outcome, hs.outcome) {
+                (
+                    HandshakeOutcome::SyncSource { full: a },
+                    HandshakeOutcome::SyncTarget { full: b },
+                ) if a == b => Ok(Decision::Sync { full: a }),
+                _ => Err(
+                    "the secondary is Inconsistent: the disk states must make it SyncTarget".into(),
+                ),
+            };
+        }
         if !unrelated && (!hp.split_brain || !hs.split_brain) {
             return Err("the split brain was not detected".into());
         }
@@ -938,8 +966,11 @@ impl Sim {
         if matches!(self.rs.sb, Sb::Happened | Sb::Resolving | Sb::Recreated) {
             self.rs.sb = Sb::Resolved;
         }
+        self.fo.wf_sync = false;
         self.rs.s_uuids.start_sync_target(sync_uuid, false);
-        self.rs.s_disk = DiskState::Inconsistent;
+        if self.rs.s_disk != DiskState::Failed {
+            self.rs.s_disk = DiskState::Inconsistent;
+        }
         let bm = std::mem::replace(&mut self.rs.s_bm, OutOfSync::new(SECTORS as u64));
         self.report.resyncs += 1;
         self.report.out_of_sync_bytes = self.report.out_of_sync_bytes.max(bm.bytes());
@@ -1015,6 +1046,7 @@ impl Sim {
     /// Resync's part of a connection loss (`net`: both nodes live; else the Primary
     /// crashed): the machines are told, the streams emptied, the UUID life cycle runs.
     pub(super) fn resync_connection_lost(&mut self, net: bool) -> Result<(), String> {
+        self.fo.wf_sync = false;
         self.rs.back.clear();
         self.rs.fwd.clear();
         self.rs.back_parked = 0;
@@ -1041,6 +1073,15 @@ impl Sim {
         let disk = self.rs.s_disk;
         self.rs.s_uuids.lost_peer_disk(r, false, false, disk);
         Ok(())
+    }
+
+    /// `P_STATE` from the Secondary says its disk failed: the Primary starts a
+    /// generation the Secondary lacks (`Volume::peer_disk_failed`).
+    pub(super) fn peer_disk_failed(&mut self) {
+        let r = uuid(&mut self.rs.rng);
+        self.rs
+            .p_uuids
+            .lost_peer_disk(r, true, false, DiskState::UpToDate);
     }
 
     // ----- streams ----------------------------------------------------------------------
@@ -1471,13 +1512,15 @@ impl Sim {
         gen: u64,
     ) -> Result<(), String> {
         self.rs.finishing = false;
-        if fail {
-            return Ok(()); // stays Inconsistent; the next handshake resyncs again
+        if fail || self.rs.s_disk == DiskState::Failed {
+            // Stays Inconsistent (the next handshake resyncs again) or Failed (detached).
+            return Ok(());
         }
         self.sdisk.flush(covers);
         let peer = self.rs.s_peer;
         self.rs.s_uuids.finish_sync_target(&peer, false);
         self.rs.s_disk = DiskState::UpToDate;
+        self.s_consistent_again();
         if self.up && gen == self.gen {
             self.send_meta(MetaMsg::SyncDone)?;
         }
@@ -1633,7 +1676,7 @@ impl Sim {
             && self.rs.target.is_none()
             && !self.rs.finishing;
         if !eligible {
-            if !self.workload_done() {
+            if !self.workload_done() && !self.fo.dead {
                 let d = self.rs.rng.range(20, 200);
                 self.at(d, Ev::SbFault);
             }

@@ -1,0 +1,352 @@
+//! The Secondary's `on-io-error detach` and the failover (checker 9).
+//!
+//! **Detach.** When a replicated write fails on the Secondary's disk, the Secondary (as
+//! `Volume::record_disk_failure` does) marks the blocks in its bitmap, records the
+//! failure durably (its metadata says Inconsistent: a restart comes back Inconsistent)
+//! and goes `Failed` before its `P_NEG_ACK` leaves; from then on every peer write is
+//! answered `P_NEG_ACK` without disk IO. It tells the Primary (`P_STATE`, on the meta
+//! stream: the Primary starts a generation the Secondary lacks) and, after
+//! [`LEAVE_DELAY`] ticks, leaves the connection (StandAlone). The operator re-attaches it
+//! (a restart of the node's daemon, 50 … 1500 ticks later, once its local writes are
+//! done): a new Receiver, the disk Inconsistent, and the next handshake makes it
+//! SyncTarget. The Primary completes a write whose peer part got `P_NEG_ACK` from its
+//! own disk and marks it out of sync (its core's rule). A failed resync write is the
+//! resync's business (failed blocks, the operator reconnects), as in the daemon.
+//!
+//! **Failover.** On every seed the Primary's node dies for good: on about a third of
+//! the seeds at a random moment (a random time after a drawn request count), on the
+//! others at the end, after checkers 1 … 8 passed. Its IO never completes, the
+//! connection goes, requests in flight have an unknown outcome; the Secondary's own
+//! local writes finish. Then the operator runs `primary` on the Secondary, which is
+//! promoted only if:
+//!
+//! 1. its disk is not `Failed` (refusal [`Refusal::Failed`]);
+//! 2. its disk is UpToDate: not a SyncTarget or a node whose handshake decided a resync
+//!    (DRBD: WFBitMapT / WFSyncUUID / SyncTarget clamp the disk to ≤ Outdated), not
+//!    re-attached after a failure, not left Inconsistent by a resync with failed blocks
+//!    ([`Refusal::NotUpToDate`]);
+//! 3. it was connected when the Primary died ([`Refusal::Disconnected`]). This is the
+//!    model's operator, not a rule of tandem: tandem has no fencing, so a Secondary
+//!    that was disconnected while the Primary went on writing still says UpToDate and
+//!    tandem (like DRBD without fencing) would promote it, losing the writes the
+//!    Primary made alone. The model never promotes a disconnected Secondary; it counts
+//!    how often promoting it would have lost acknowledged writes
+//!    (`failover_stale_if_promoted`), which is the size of that hole.
+//!
+//! Checker 9: a promoted Secondary's disk holds, in every sector, the last write the
+//! application got success for (the reference image; or a write whose outcome the death
+//! made unknown; sectors whose last write failed locally are not checked). Protocol C:
+//! every sector. Protocols A and B complete a write before the Secondary has it; what
+//! was in flight to the Secondary when the Primary died (sent on this connection, not
+//! landed on its disk) may be lost, as DRBD's protocols A and B lose it by design. A
+//! refusal must name one of the three rules, with the facts behind it, and at the end
+//! of a run (everything in sync) the Secondary must be promoted.
+
+use super::rng::{mix, Rng};
+use super::{Ev, MetaMsg, Sim, SECTORS, UNKNOWN};
+use crate::request::{Receiver, ReceiverConfig};
+use crate::state::{DiskState, Protocol};
+use std::collections::BTreeSet;
+
+/// Ticks from a Secondary's disk failure to its leaving the connection (the daemon
+/// waits 200 ms for its `P_NEG_ACK` and `P_STATE` to leave).
+const LEAVE_DELAY: u64 = 20;
+
+/// Why the operator's `primary` on the Secondary was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    Failed,
+    NotUpToDate,
+    Disconnected,
+}
+
+/// What the Primary's death left to judge.
+#[derive(Debug)]
+struct Death {
+    connected: bool,
+    wf_sync: bool,
+    /// Requests in flight at the death (outcome unknown).
+    unknown: BTreeSet<u64>,
+    /// Writes sent on this connection that had not landed on the Secondary.
+    to_s: BTreeSet<u64>,
+    at_end: bool,
+}
+
+/// The Secondary's failure state and the failover (see the module docs).
+pub(super) struct Fo {
+    rng: Rng,
+    /// The Primary dies this long after this many requests were issued; None: at the end.
+    after_ops: Option<u32>,
+    scheduled: bool,
+    /// The Primary's node is gone for good.
+    pub(super) dead: bool,
+    death: Option<Death>,
+    /// The Secondary's metadata says Inconsistent (a failure was recorded).
+    md_inconsistent: bool,
+    /// Peer writes that failed on the Secondary since it was last attached.
+    failed_since_attach: u64,
+    /// The Secondary left the connection after a failure and waits to be re-attached.
+    pub(super) standalone: bool,
+    /// The handshake made the Secondary SyncTarget and its `P_SYNC_UUID` has not come
+    /// (DRBD: WFBitMapT / WFSyncUUID; its disk is ≤ Outdated from the handshake on).
+    pub(super) wf_sync: bool,
+    /// Writes (request ids) sent on this connection that have not landed on the
+    /// Secondary's disk.
+    pub(super) to_s: BTreeSet<u64>,
+    /// The Secondary daemon's incarnation (+1 per re-attach).
+    pub(super) s_inc: u64,
+}
+
+impl Fo {
+    /// Drawn from a stream of its own, so the other parameters stay what they were.
+    pub(super) fn new(seed: u64, max_ops: u32) -> Self {
+        let mut rng = Rng::new(mix(seed ^ 0x6661_696c_6f76));
+        let after_ops = rng
+            .chance(333_333)
+            .then(|| u32::try_from(rng.range(1, u64::from(max_ops.max(1)))).unwrap_or(1));
+        Fo {
+            rng,
+            after_ops,
+            scheduled: false,
+            dead: false,
+            death: None,
+            md_inconsistent: false,
+            failed_since_attach: 0,
+            standalone: false,
+            wf_sync: false,
+            to_s: BTreeSet::new(),
+            s_inc: 0,
+        }
+    }
+}
+
+impl Sim {
+    fn sabotaged_stays_up_to_date(&self) -> bool {
+        #[cfg(test)]
+        return self.sabotage.secondary_stays_up_to_date;
+        #[cfg(not(test))]
+        false
+    }
+
+    /// Whether the Secondary's disk takes IO (not detached).
+    pub(super) fn s_disk_usable(&self) -> bool {
+        self.rs.s_disk() != DiskState::Failed
+    }
+
+    /// A peer write failed on the Secondary's disk (or was refused by a detached one):
+    /// the failure is recorded before the caller lets the core answer `P_NEG_ACK`.
+    pub(super) fn secondary_write_failed(&mut self) -> Result<(), String> {
+        self.fo.failed_since_attach += 1;
+        if self.sabotaged_stays_up_to_date() || self.rs.s_disk() == DiskState::Failed {
+            return Ok(());
+        }
+        self.report.s_detaches += 1;
+        // Durable first (MDF_CONSISTENT cleared), then Failed in memory.
+        self.fo.md_inconsistent = true;
+        self.rs.set_s_disk(DiskState::Failed);
+        if self.up {
+            self.send_meta(MetaMsg::DiskFailed)?;
+        }
+        self.at(LEAVE_DELAY, Ev::SLeave);
+        Ok(())
+    }
+
+    /// The detached Secondary leaves the connection and stays StandAlone until the
+    /// operator re-attaches it.
+    pub(super) fn s_leave(&mut self) -> Result<(), String> {
+        self.fo.standalone = true;
+        if self.up {
+            self.drop_connection()?;
+        }
+        let d = self.fo.rng.range(50, 1500);
+        self.at(d, Ev::SReattach);
+        Ok(())
+    }
+
+    /// The operator restarts the Secondary's daemon: the disk attaches again,
+    /// Inconsistent (its metadata says so), and the node connects.
+    pub(super) fn s_reattach(&mut self) -> Result<(), String> {
+        if self.fo.dead {
+            return Ok(()); // the operator is busy with the failover: it stays as it is
+        }
+        if self.secondary.stats().active_writes != 0 || !self.s_bufs.is_empty() {
+            self.at(10, Ev::SReattach); // the old daemon's writes finish first
+            return Ok(());
+        }
+        if !self.fo.md_inconsistent {
+            return Err("re-attach of a disk whose failure was not recorded".into());
+        }
+        #[allow(unused_mut)]
+        let mut secondary = Receiver::new(ReceiverConfig {
+            sectors: SECTORS as u64,
+            max_active: self.params.rx_max_active,
+            max_held: self.params.rx_max_held,
+        })
+        .map_err(|e| e.to_string())?;
+        #[cfg(test)]
+        {
+            secondary.sabotage = self.sabotage.receiver;
+        }
+        self.secondary = secondary;
+        self.fo.s_inc += 1;
+        self.rs.set_s_disk(DiskState::Inconsistent);
+        self.fo.standalone = false;
+        self.fo.failed_since_attach = 0;
+        self.report.s_reattaches += 1;
+        if !self.reconnect_pending && !self.fo.dead {
+            self.reconnect_pending = true;
+            self.at(1, Ev::Reconnect);
+        }
+        Ok(())
+    }
+
+    /// A resync finished on the Secondary and made it UpToDate: its metadata says
+    /// consistent again.
+    pub(super) fn s_consistent_again(&mut self) {
+        self.fo.md_inconsistent = false;
+    }
+
+    /// Schedules the mid-run death once its request count is reached.
+    pub(super) fn maybe_schedule_failover(&mut self) {
+        if !self.fo.scheduled && self.fo.after_ops.is_some_and(|k| self.issued >= k) {
+            self.fo.scheduled = true;
+            let d = self.fo.rng.range(0, 300);
+            self.at(d, Ev::Failover);
+        }
+    }
+
+    /// The Primary's node dies for good.
+    pub(super) fn failover(&mut self, at_end: bool) -> Result<(), String> {
+        if self.fo.dead {
+            return Ok(());
+        }
+        self.fo.dead = true;
+        self.report.failovers += 1;
+        let mut unknown = BTreeSet::new();
+        for (i, op) in self.ops.iter_mut().enumerate() {
+            if !op.done {
+                op.done = true;
+                op.snapshot = None;
+                unknown.insert(i as u64);
+            }
+        }
+        self.outstanding = 0;
+        self.fo.death = Some(Death {
+            connected: self.up,
+            wf_sync: self.fo.wf_sync,
+            unknown,
+            to_s: std::mem::take(&mut self.fo.to_s),
+            at_end,
+        });
+        // Its IO never completes (the incarnation changes), its resync machines go.
+        self.inc += 1;
+        self.primary_down = true;
+        self.p_tags.clear();
+        self.meta_io.clear();
+        self.rs.primary_crashed();
+        if self.up {
+            self.up = false;
+            self.gen += 1;
+            self.data.clear();
+            self.meta.clear();
+            self.parked = 0;
+            self.secondary.connection_lost();
+            self.pump_secondary()?;
+            self.resync_connection_lost(false)?;
+        }
+        Ok(())
+    }
+
+    /// The Secondary's promotion after the death, by the rules in the module docs.
+    fn judge(&self, d: &Death) -> Result<(), Refusal> {
+        let disk = self.rs.s_disk();
+        if disk == DiskState::Failed {
+            return Err(Refusal::Failed);
+        }
+        if disk != DiskState::UpToDate || d.wf_sync {
+            return Err(Refusal::NotUpToDate);
+        }
+        if !d.connected {
+            return Err(Refusal::Disconnected);
+        }
+        Ok(())
+    }
+
+    /// Checker 9, once the Secondary's local writes are done.
+    pub(super) fn check_failover(&mut self) -> Result<(), String> {
+        let d = self.fo.death.take().ok_or("checker 9 without a failover")?;
+        if self.secondary.stats().active_writes != 0 || !self.rs.s_local_idle() {
+            return Err("checker 9: the secondary is not idle after the failover".into());
+        }
+        match self.judge(&d) {
+            Ok(()) => {
+                self.report.failover_promoted += 1;
+                self.lost_by_promotion(&d).map_or(Ok(()), |e| {
+                    Err(format!(
+                        "checker 9: the promoted secondary lost an acknowledged write ({} failover): {e}",
+                        if d.at_end { "end-of-run" } else { "mid-run" }
+                    ))
+                })
+            }
+            Err(why) => {
+                // The facts behind the refusal.
+                let disk = self.rs.s_disk();
+                let holds = match why {
+                    Refusal::Failed => disk == DiskState::Failed && self.fo.failed_since_attach > 0,
+                    Refusal::NotUpToDate => {
+                        (disk != DiskState::UpToDate && disk != DiskState::Failed) || d.wf_sync
+                    }
+                    Refusal::Disconnected => !d.connected,
+                };
+                if !holds || d.at_end {
+                    return Err(format!(
+                        "checker 9: promotion refused ({why:?}) {}: disk {disk}, connected {}, resync pending {}",
+                        if d.at_end { "at the end of a run in sync" } else { "without its facts" },
+                        d.connected,
+                        d.wf_sync
+                    ));
+                }
+                match why {
+                    Refusal::Failed => self.report.failover_refused_failed += 1,
+                    Refusal::NotUpToDate => self.report.failover_refused_inconsistent += 1,
+                    Refusal::Disconnected => {
+                        self.report.failover_refused_disconnected += 1;
+                        if self.lost_by_promotion(&d).is_some() {
+                            self.report.failover_stale_if_promoted += 1;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The first sector whose acknowledged content the Secondary's disk lacks, if any.
+    fn lost_by_promotion(&self, d: &Death) -> Option<String> {
+        let ab = self.params.protocol != Protocol::C;
+        for s in 0..SECTORS {
+            let v = self.ref_ver[s];
+            if v == UNKNOWN || (ab && d.to_s.contains(&v)) {
+                continue;
+            }
+            let have = self.sdisk.cache_ver[s];
+            // By content: a checksum resync leaves equal data under another version.
+            let ok = |w: u64| {
+                super::sector_is(
+                    self.sdisk.cache_sector(s),
+                    w,
+                    s,
+                    w == 0 || !self.write_has_data(w),
+                )
+            };
+            if ok(v) || (d.unknown.contains(&have) && ok(have)) {
+                continue;
+            }
+            return Some(format!(
+                "sector {s}: the last completed write is {v}, the secondary holds version {have}{}",
+                if ok(have) { "" } else { " (with other bytes)" }
+            ));
+        }
+        None
+    }
+}
