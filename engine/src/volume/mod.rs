@@ -1900,22 +1900,30 @@ impl Volume {
                     data,
                 } => {
                     tokio::spawn(async move {
-                        let ok = match data {
-                            Some(d) => {
-                                v.local_io(sector, len, WriteKind::Data, false, Some(Buf::Owned(d)))
+                        let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
+                        let ok = !detached
+                            && match data {
+                                Some(d) => {
+                                    v.local_io(
+                                        sector,
+                                        len,
+                                        WriteKind::Data,
+                                        false,
+                                        Some(Buf::Owned(d)),
+                                    )
                                     .await
-                            }
-                            None => {
-                                v.local_io(
-                                    sector,
-                                    len,
-                                    WriteKind::Zeroes { unmap: true },
-                                    false,
-                                    None,
-                                )
-                                .await
-                            }
-                        };
+                                }
+                                None => {
+                                    v.local_io(
+                                        sector,
+                                        len,
+                                        WriteKind::Zeroes { unmap: true },
+                                        false,
+                                        None,
+                                    )
+                                    .await
+                                }
+                            };
                         v.feed(|v, inner, fx| {
                             v.sync_write_done(inner, run, tag, ok);
                             v.drain_sync(inner, fx);
