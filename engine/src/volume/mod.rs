@@ -496,12 +496,6 @@ impl Volume {
 
     // ----- role and connection state --------------------------------------------------
 
-    /// Makes this node Secondary (`false`), or Primary while no peer is connected
-    /// (`true`; a connected node asks its peer first: [`Self::promote`]).
-    pub fn set_primary(&self, primary: bool) -> Result<(), String> {
-        self.change_role(primary, false, None)
-    }
-
     /// `secondary [--force]`: refused while a frontend client has the device open for
     /// writing (DRBD's "held open"), unless `force`.
     pub fn demote(&self, force: bool) -> Result<(), String> {
@@ -984,6 +978,10 @@ impl Volume {
             let inner = &mut *g;
             inner.link = Some(link);
             inner.resolve_conflicts = resolve_conflicts;
+            if peer.disk > DiskState::Failed {
+                // The peer's disk is back (re-attached): its failure is history (events).
+                inner.peer_disk_failure = None;
+            }
             inner.kill = Some(kill.clone());
             inner.peer_role = peer.role;
             inner.peer_disk = peer.disk;
