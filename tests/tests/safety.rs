@@ -377,7 +377,8 @@ fn nbd_io(
 /// fills up (its backing file is on a small tmpfs). The write that hit the failure
 /// fails; every later write succeeds, served by the peer (protocol C: acknowledged only
 /// once the peer has it), reads of every block written before and after come back
-/// right (from the peer), a flush succeeds, and status says `Diskless`. The peer marks
+/// right (from the peer), a flush succeeds, and status says `Diskless`; disconnected,
+/// writes, flushes and reads fail, and `connect` brings the peer back. The peer marks
 /// the blocks its Diskless Primary lacks. Restarted with room again, the node
 /// attaches Inconsistent, takes a full resync from its peer, and the replicas end
 /// byte-identical.
@@ -437,6 +438,33 @@ fn a_primary_whose_disk_fails_goes_diskless_and_serves_through_its_peer() {
     assert_eq!(err, 0, "rewrite of block {first} on the Diskless Primary");
     let (err, _) = nbd_io(&mut s, CMD_FLUSH, 101, 0, 0, &[]);
     assert_eq!(err, 0, "flush on the Diskless Primary");
+    // Without its peer a Diskless Primary has no disk at all: writes, flushes and reads
+    // fail. `connect` brings the peer back (no resync with a Diskless side).
+    let a = sock(c.node(0));
+    tandem(&["disconnect", "--socket", &a]).assert_success("disconnect");
+    c.node(0)
+        .wait_status(CONNECT_TIMEOUT, "alpha StandAlone", |s| {
+            s.opt_str("/connection") == Some("StandAlone")
+        });
+    let (err, _) = nbd_io(&mut s, CMD_WRITE, 102, 0, MIB, &pattern(0));
+    assert_ne!(
+        err, 0,
+        "a Diskless Primary acknowledged a write without its peer"
+    );
+    let (err, _) = nbd_io(&mut s, CMD_FLUSH, 103, 0, 0, &[]);
+    assert_ne!(
+        err, 0,
+        "a Diskless Primary acknowledged a flush without its peer"
+    );
+    let (err, _) = nbd_io(&mut s, CMD_READ, 104, 0, MIB, &[]);
+    assert_ne!(err, 0, "a Diskless Primary served a read without its peer");
+    tandem(&["connect", "--socket", &a]).assert_success("connect the Diskless Primary");
+    let st = c.node(0).wait_connected();
+    assert_eq!(st.str_at("/disk"), "Diskless", "{st}");
+    // Block 0's failed write may have reached neither disk: the application writes it
+    // again, now through the peer.
+    let (err, _) = nbd_io(&mut s, CMD_WRITE, 105, 0, MIB, &pattern(0));
+    assert_eq!(err, 0, "a write after the reconnect");
     // Every block reads back right, from before and after the failure (from the peer).
     for i in 0..BLOCKS {
         let (err, got) = nbd_io(&mut s, CMD_READ, 200 + i, i << 20, MIB, &[]);
