@@ -214,9 +214,11 @@ pub struct DiskConfig {
 /// DRBD's `on-io-error`: what a node does when a write to its own disk fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnIoError {
-    /// `detach` (default): the disk leaves service (`Failed`): later writes are not
-    /// applied to it, it is never UpToDate again without a resync, and it cannot be
-    /// promoted. A restart attaches it again; the resync from the peer repairs it.
+    /// `detach` (default): the disk leaves service (`Failed`; a Primary becomes
+    /// `Diskless` and serves through its peer): later writes are not applied to it, it
+    /// is never UpToDate again without a resync, and it cannot be promoted. A restart
+    /// attaches it again; the resync from the peer repairs it (a full one after
+    /// Diskless).
     #[default]
     Detach,
     /// `pass_on`: the disk stays in service but becomes `Inconsistent`; the failed blocks

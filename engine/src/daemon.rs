@@ -711,7 +711,8 @@ impl Volume {
                 self.set_standalone(true);
                 Ok(serde_json::json!({}))
             }
-            mgmt::Request::Connect { .. } if self.disk_failed() => Err(
+            // A Diskless Primary serves through its peer: it may connect again.
+            mgmt::Request::Connect { .. } if self.disk_failed() && !self.is_diskless() => Err(
                 "the disk failed and is detached; fix it and restart the node to attach it again"
                     .into(),
             ),

@@ -1,7 +1,7 @@
 //! Operations that must not lose an acknowledged write (issue 10): a disk that failed a
 //! write is never promoted without a resync, two `primary` commands racing on both
-//! nodes make one Primary, and a node restarted after a switchover does not take the
-//! Primary role back.
+//! nodes make one Primary, a node restarted after a switchover does not take the
+//! Primary role back, and a Primary whose disk fails goes on as a Diskless Primary.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
@@ -39,6 +39,23 @@ impl SmallFs {
         SmallFs {
             path: path.to_path_buf(),
         }
+    }
+}
+
+impl SmallFs {
+    /// Gives the filesystem `mib` MiB (`mount -o remount,size=`), keeping its files.
+    fn resize(&self, mib: u32) {
+        run_cmd(
+            std::process::Command::new("mount").args([
+                "-o",
+                &format!("remount,size={mib}m"),
+                &self.path.to_string_lossy(),
+            ]),
+            std::time::Duration::from_secs(10),
+            "remount",
+        )
+        .expect("run mount")
+        .assert_success("remount the small tmpfs bigger");
     }
 }
 
@@ -326,5 +343,165 @@ fn a_primary_s_failed_block_is_resynced_from_its_peer_while_connected() {
     // alpha's image is on the small tmpfs: compare it with beta's.
     tandem_tests::assert_same_content(&small, c.node(1).disk(), Some(size));
     eprintln!("write {failed_at} failed; resynced: {}", st["last_resync"]);
+    drop(fs);
+}
+
+/// One NBD request on a raw socket: writes `data` (WRITE) or reads `len` bytes (READ),
+/// or flushes; returns the NBD error and the data read.
+fn nbd_io(
+    s: &mut std::os::unix::net::UnixStream,
+    typ: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    data: &[u8],
+) -> (u32, Vec<u8>) {
+    use std::io::{Read, Write};
+    use tandem_tests::nbd_raw;
+    s.write_all(&nbd_raw::request(typ, handle, offset, len))
+        .expect("send");
+    if typ == nbd_raw::CMD_WRITE {
+        s.write_all(data).expect("data");
+    }
+    let (err, h) = nbd_raw::read_simple_reply(s).expect("reply");
+    assert_eq!(h, handle, "reply for another request");
+    let mut out = Vec::new();
+    if typ == nbd_raw::CMD_READ && err == 0 {
+        out = vec![0u8; len as usize];
+        s.read_exact(&mut out).expect("read data");
+    }
+    (err, out)
+}
+
+/// DRBD's diskless Primary (`on-io-error detach`, the default): the Primary's own disk
+/// fills up (its backing file is on a small tmpfs). The write that hit the failure
+/// fails; every later write succeeds, served by the peer (protocol C: acknowledged only
+/// once the peer has it), reads of every block written before and after come back
+/// right (from the peer), a flush succeeds, and status says `Diskless`; disconnected,
+/// writes, flushes and reads fail, and `connect` brings the peer back. The peer marks
+/// the blocks its Diskless Primary lacks. Restarted with room again, the node
+/// attaches Inconsistent, takes a full resync from its peer, and the replicas end
+/// byte-identical.
+#[test]
+fn a_primary_whose_disk_fails_goes_diskless_and_serves_through_its_peer() {
+    use tandem_tests::nbd_raw::{CMD_READ, CMD_WRITE};
+    const CMD_FLUSH: u16 = 3;
+    const MIB: u32 = 1 << 20;
+    const BLOCKS: u64 = 40;
+    let mut c = Cluster::new(ClusterOpts::new("safety-diskless").autostart(false));
+    let fs = SmallFs::mount(&c.dir().join("small"), 24);
+    let filler = fs.path.join("filler");
+    std::fs::write(&filler, vec![0x5a; 8 << 20]).expect("filler");
+    let alpha_disk = c.node(0).disk().to_string_lossy().into_owned();
+    let small = fs.path.join("alpha.img");
+    let text = c
+        .config_text()
+        .replace(&alpha_disk, &small.to_string_lossy());
+    std::fs::write(c.config_path(), text).expect("config");
+    c.start_all();
+    c.wait_connected();
+    let path = c.node(0).nbd_socket().expect("NBD socket").to_path_buf();
+    let mut s = std::os::unix::net::UnixStream::connect(&path).expect("NBD connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    tandem_tests::nbd_raw::handshake_go(&mut s, "").expect("NBD handshake");
+    let pattern = |i: u64| {
+        let mut d = vec![u8::try_from(i % 251).unwrap_or(0) | 1; MIB as usize];
+        d[..8].copy_from_slice(&i.to_le_bytes());
+        d
+    };
+    // 40 MiB of 1 MiB writes; about 16 MiB of room is left on the tmpfs.
+    let mut failed = Vec::new();
+    for i in 0..BLOCKS {
+        let (err, _) = nbd_io(&mut s, CMD_WRITE, i, i << 20, MIB, &pattern(i));
+        if err != 0 {
+            failed.push(i);
+        }
+    }
+    assert!(!failed.is_empty(), "no write failed on the full filesystem");
+    let first = failed[0];
+    assert_eq!(
+        failed,
+        vec![first],
+        "only the write that hit the failure may fail; later ones go to the peer"
+    );
+    let st = c
+        .node(0)
+        .wait_status(CONNECT_TIMEOUT, "alpha Diskless", |s| {
+            s.opt_str("/disk") == Some("Diskless")
+        });
+    assert_eq!(st.str_at("/role"), "Primary", "{st}");
+    assert_eq!(st.str_at("/connection"), "Connected", "{st}");
+    assert!(st.opt_str("/disk_failure").is_some(), "{st}");
+    // The application writes the failed block again: it succeeds now (on the peer).
+    let (err, _) = nbd_io(&mut s, CMD_WRITE, 100, first << 20, MIB, &pattern(first));
+    assert_eq!(err, 0, "rewrite of block {first} on the Diskless Primary");
+    let (err, _) = nbd_io(&mut s, CMD_FLUSH, 101, 0, 0, &[]);
+    assert_eq!(err, 0, "flush on the Diskless Primary");
+    // Without its peer a Diskless Primary has no disk at all: writes, flushes and reads
+    // fail. `connect` brings the peer back (no resync with a Diskless side).
+    let a = sock(c.node(0));
+    tandem(&["disconnect", "--socket", &a]).assert_success("disconnect");
+    c.node(0)
+        .wait_status(CONNECT_TIMEOUT, "alpha StandAlone", |s| {
+            s.opt_str("/connection") == Some("StandAlone")
+        });
+    let (err, _) = nbd_io(&mut s, CMD_WRITE, 102, 0, MIB, &pattern(0));
+    assert_ne!(
+        err, 0,
+        "a Diskless Primary acknowledged a write without its peer"
+    );
+    let (err, _) = nbd_io(&mut s, CMD_FLUSH, 103, 0, 0, &[]);
+    assert_ne!(
+        err, 0,
+        "a Diskless Primary acknowledged a flush without its peer"
+    );
+    let (err, _) = nbd_io(&mut s, CMD_READ, 104, 0, MIB, &[]);
+    assert_ne!(err, 0, "a Diskless Primary served a read without its peer");
+    tandem(&["connect", "--socket", &a]).assert_success("connect the Diskless Primary");
+    let st = c.node(0).wait_connected();
+    assert_eq!(st.str_at("/disk"), "Diskless", "{st}");
+    // Block 0's failed write may have reached neither disk: the application writes it
+    // again, now through the peer.
+    let (err, _) = nbd_io(&mut s, CMD_WRITE, 105, 0, MIB, &pattern(0));
+    assert_eq!(err, 0, "a write after the reconnect");
+    // Every block reads back right, from before and after the failure (from the peer).
+    for i in 0..BLOCKS {
+        let (err, got) = nbd_io(&mut s, CMD_READ, 200 + i, i << 20, MIB, &[]);
+        assert_eq!(err, 0, "read of block {i} on the Diskless Primary");
+        assert!(got == pattern(i), "block {i} read back wrong");
+    }
+    drop(s);
+    // The peer knows its Primary is Diskless and marked what that one's disk lacks.
+    let beta = c.node(1).status();
+    assert_eq!(beta.str_at("/peer/disk"), "Diskless", "{beta}");
+    let after = (BLOCKS - first) << 20;
+    assert!(
+        beta.u64_at("/out_of_sync_bytes") >= after,
+        "the Secondary marks the writes of its Diskless Primary: {beta}"
+    );
+    // Stop the Diskless Primary, give it room, start it: it attaches Inconsistent (the
+    // failure record) and takes a full resync from beta.
+    c.node_mut(0).stop();
+    std::fs::remove_file(&filler).expect("remove the filler");
+    fs.resize(160);
+    c.node_mut(0).start();
+    let st = c
+        .node(0)
+        .wait_status(CONNECT_TIMEOUT * 4, "alpha resynced from beta", |s| {
+            s.opt_str("/disk") == Some("UpToDate")
+                && s.opt_str("/connection") == Some("Connected")
+                && s.opt_u64("/out_of_sync_bytes") == Some(0)
+                && !s["last_resync"].is_null()
+        });
+    let size = st.u64_at("/size_bytes");
+    assert_eq!(
+        st["last_resync"]["total_blocks"].as_u64(),
+        Some(size / 4096),
+        "a full sync: {st}"
+    );
+    c.stop_all();
+    tandem_tests::assert_same_content(&small, c.node(1).disk(), Some(size));
+    eprintln!("write {first} failed; resync: {}", st["last_resync"]);
     drop(fs);
 }

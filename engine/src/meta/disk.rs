@@ -21,7 +21,7 @@
 use super::al::{self, AlGeometry, AL_EXTENTS_DEFAULT, AL_EXTENTS_MAX, AL_EXTENTS_MIN};
 use super::layout::{bitmap_bytes, Layout, LayoutError, MetaKind, BLOCK};
 use super::superblock::{
-    magic_format, mdf, Placement, Superblock, SuperblockError, MAGIC_09, SUPERBLOCK_BYTES,
+    magic_format, mdf, mdf_peer, Placement, Superblock, SuperblockError, MAGIC_09, SUPERBLOCK_BYTES,
 };
 use super::MetaError;
 use crate::store::{AlignedBuf, Store};
@@ -128,6 +128,10 @@ pub struct Attach {
     /// What apply-al did, when it ran: the metadata was not clean (the node stopped
     /// without a clean stop).
     pub apply: Option<ApplyAlReport>,
+    /// The peer slot asked for a full sync (`MDF_PEER_FULL_SYNC`, set when a Primary's
+    /// disk failed and was detached): every bit of the data area was set, on disk, and
+    /// the flag cleared.
+    pub full_sync: bool,
 }
 
 impl Attach {
@@ -641,6 +645,9 @@ impl MetaDevice {
     ///    needs apply-al), `MDF_CRASHED_PRIMARY` if step 1 found a Primary, not Primary
     ///    (promotion sets that again), `la-size` = `data_sectors`, `al-extents`.
     /// 4. Read the bitmap of the data area.
+    /// 5. If the peer slot says `MDF_PEER_FULL_SYNC` (a detached Primary's failure
+    ///    record, see [`Self::record_failure_blocking`]): set every bit of the data area,
+    ///    write the bitmap, then clear the flag.
     ///
     /// Every step is durable before the next: a crash in between repeats the attach.
     pub fn attach_blocking(
@@ -681,7 +688,19 @@ impl MetaDevice {
         self.write_superblock_blocking(sb)?;
         let mut bitmap = vec![0u8; to_usize(self.bitmap_bytes())];
         self.read_bitmap_blocking(0, &mut bitmap)?;
-        Ok(Attach { bitmap, apply })
+        let full_sync = self.sb.peers[0].flags & mdf_peer::FULL_SYNC != 0;
+        if full_sync {
+            set_all_bits(&mut bitmap, data_sectors);
+            self.write_bitmap_blocking(0, &bitmap, true)?;
+            let mut sb = self.sb.clone();
+            sb.peers[0].flags &= !mdf_peer::FULL_SYNC;
+            self.write_superblock_blocking(sb)?;
+        }
+        Ok(Attach {
+            bitmap,
+            apply,
+            full_sync,
+        })
     }
 
     /// Sets or clears `MDF_PRIMARY_IND` (promotion / demotion), durably. On promotion it
@@ -728,6 +747,28 @@ impl MetaDevice {
             return Ok(());
         }
         self.write_superblock_blocking(sb)
+    }
+
+    /// The failure record of a disk whose write failed, durably, in one superblock
+    /// write: `MDF_CONSISTENT` (and `MDF_WAS_UP_TO_DATE`) cleared, and with `full_sync`
+    /// the peer slot's `MDF_PEER_FULL_SYNC` set, so that the next attach marks every
+    /// block out of sync (see [`Self::attach_blocking`]). A detached Primary asks for
+    /// that: the bitmap of what it missed while diskless lives only in memory.
+    pub fn record_failure_blocking(&mut self, full_sync: bool) -> Result<(), MetaError> {
+        let mut sb = self.sb.clone();
+        sb.flags &= !(mdf::CONSISTENT | mdf::WAS_UP_TO_DATE);
+        if full_sync {
+            sb.peers[0].flags |= mdf_peer::FULL_SYNC;
+        }
+        if sb == self.sb {
+            return Ok(());
+        }
+        self.write_superblock_blocking(sb)
+    }
+
+    /// Whether the peer slot asks for a full sync at the next attach.
+    pub fn full_sync_pending(&self) -> bool {
+        self.sb.peers[0].flags & mdf_peer::FULL_SYNC != 0
     }
 
     /// Whether the superblock says the last Primary crashed (`MDF_CRASHED_PRIMARY`): set
@@ -828,6 +869,25 @@ fn check_create_options(opts: &CreateOptions) -> Result<(), MetaError> {
         )));
     }
     Ok(())
+}
+
+/// Sets the bit of every 4 KiB block of a data area of `data_sectors` sectors in an
+/// on-disk bitmap (little-endian words: block `i` is bit `i % 8` of byte `i / 8`); bits
+/// past the data area stay as they are.
+fn set_all_bits(bitmap: &mut [u8], data_sectors: u64) {
+    let blocks = data_sectors.div_ceil(8);
+    let full = usize::try_from(blocks / 8)
+        .unwrap_or(usize::MAX)
+        .min(bitmap.len());
+    for b in &mut bitmap[..full] {
+        *b = 0xff;
+    }
+    let rest = blocks % 8;
+    if rest != 0 {
+        if let Some(b) = bitmap.get_mut(full) {
+            *b |= (1u8 << rest) - 1;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1234,5 +1294,42 @@ mod tests {
         assert!(dev.superblock().is_clean());
         let ring = dev.read_al_blocking().unwrap();
         assert_eq!(al::replay(&ring, &dev.layout().al).unwrap().valid, 8);
+    }
+
+    #[test]
+    fn a_failure_record_with_full_sync_marks_every_block_at_the_next_attach() {
+        let dir = TempDir::new("fullsync");
+        let s = store(&dir, "d", 64 << 20);
+        let mut dev =
+            MetaDevice::create(s.clone(), MetaLocation::Internal, &default_opts()).unwrap();
+        dev.set_consistent_blocking(true).unwrap();
+        // 1001 sectors: 126 blocks, the last one partial.
+        let a = dev.attach_blocking(1001, AL_EXTENTS_DEFAULT).unwrap();
+        assert!(!a.full_sync && a.bitmap.iter().all(|b| *b == 0));
+        dev.record_failure_blocking(true).unwrap();
+        assert!(dev.full_sync_pending() && !dev.is_consistent());
+        let mut dev = MetaDevice::open(s.clone(), MetaLocation::Internal).unwrap();
+        assert!(dev.full_sync_pending() && !dev.is_consistent());
+        let a = dev.attach_blocking(1001, AL_EXTENTS_DEFAULT).unwrap();
+        assert!(a.full_sync);
+        assert!(
+            !dev.full_sync_pending(),
+            "the flag is cleared once the bits are set"
+        );
+        assert_eq!(dev.count_bits_blocking().unwrap(), 126);
+        let oos = crate::request::OutOfSync::from_disk(1001, &a.bitmap);
+        assert_eq!(oos.count(), 126);
+        // The next attach finds the bits, not the flag; still Inconsistent.
+        let mut dev = MetaDevice::open(s, MetaLocation::Internal).unwrap();
+        let a = dev.attach_blocking(1001, AL_EXTENTS_DEFAULT).unwrap();
+        assert!(!a.full_sync && !dev.is_consistent());
+        assert_eq!(
+            crate::request::OutOfSync::from_disk(1001, &a.bitmap).count(),
+            126
+        );
+        // Without full_sync the record only clears MDF_CONSISTENT.
+        dev.set_consistent_blocking(true).unwrap();
+        dev.record_failure_blocking(false).unwrap();
+        assert!(!dev.full_sync_pending() && !dev.is_consistent());
     }
 }

@@ -329,6 +329,11 @@ fn decide(
         peer_role == Role::Primary,
         real_peer_disk(peer_disk, peer.flags),
     );
+    if me.disk <= DiskState::Failed || them.disk <= DiskState::Failed {
+        // A Diskless side (a detached Primary) has nothing to sync: DRBD runs the sync
+        // handshake only when both nodes have a disk.
+        return Ok((HandshakeOutcome::Connected, None));
+    }
     let hs = sync_handshake(
         &me,
         &them,

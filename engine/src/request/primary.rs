@@ -35,6 +35,21 @@
 //! With several data streams the epoch number (or a sequence number) must travel in each
 //! data packet and the peer must reorder by it.
 //!
+//! **Diskless (detached) Primary** ([`Primary::detach_local`], DRBD's `on-io-error detach`
+//! on a Primary): the local disk is gone, the peer serves. Writes started after the
+//! detach emit no [`PrimaryOutput::SubmitLocal`] and take no activity-log reference (the
+//! metadata is on the failed disk: no transaction is written again; the log is dropped
+//! once the transaction in flight, if any, is done — writes waiting for it get EIO if it
+//! fails, as before). Their blocks are marked out of sync (the local disk lacks them).
+//! Such a write completes `Ok` only if the peer's part succeeded for the protocol (C:
+//! `P_WRITE_ACK`, B: `P_RECV_ACK`, A: handed to TCP, or its epoch's barrier ack); a
+//! `P_NEG_ACK`, a connection loss or not being sent at all (disconnected) completes it
+//! with [`RequestError::IoFailed`]: an acknowledged write must be on the peer. Flushes
+//! need no local flush: they complete on the barrier acks of the epochs before them, and
+//! fail if disconnected (or the connection is lost before the acks). Writes and flushes
+//! already submitted locally at the detach keep the usual rules (the driver fails their
+//! local part).
+//!
 //! Bounds: `max_in_flight` requests (writes incl. those waiting on an overlap, plus
 //! flushes), `max_unacked_writes` write slots (not completed, or sent and not barrier
 //! acked), hence at most that many epochs un-acked. The overlap check is a linear scan of
@@ -242,8 +257,11 @@ pub struct PrimaryStats {
     pub al_waiting: usize,
     /// Activity-log counters (None without one).
     pub al: Option<AlStats>,
-    /// A metadata write failed: every write fails with EIO until a restart.
+    /// A metadata write failed: every write fails with EIO until a restart (or until a
+    /// detach makes the Primary diskless).
     pub meta_failed: bool,
+    /// The local disk is detached: writes go to the peer only.
+    pub detached: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +269,8 @@ enum Local {
     Pending,
     Ok,
     Failed,
+    /// Diskless: no local part; the result is the peer's.
+    Skipped,
 }
 
 /// What the peer's part of a write still needs.
@@ -292,6 +312,9 @@ struct WriteSlot {
     local: Local,
     net: Net,
     ack: AckKind,
+    /// The peer's part succeeded (its protocol event or the barrier ack was seen); a
+    /// neg-ack, a connection loss or not sending leave it false.
+    net_ok: bool,
     completed: bool,
     in_tl: bool,
     epoch_seq: u64,
@@ -317,6 +340,7 @@ impl WriteSlot {
             local: Local::Pending,
             net: Net::NotSent,
             ack: AckKind::Handed,
+            net_ok: false,
             completed: false,
             in_tl: false,
             epoch_seq: 0,
@@ -416,6 +440,11 @@ pub struct Primary {
     meta_failed: bool,
     /// log2 of sectors per activity-log extent.
     ext_shift: u32,
+    /// The local disk is detached (see the module docs).
+    detached: bool,
+    /// Diskless writes that completed at start (disconnected), to complete in
+    /// [`Primary::pump_al`]'s loop rather than recursively.
+    complete_now: Vec<u32>,
     #[cfg(test)]
     pub(crate) sabotage: PrimarySabotage,
 }
@@ -484,6 +513,8 @@ impl Primary {
                 .as_ref()
                 .map_or(AL_EXTENT_SHIFT, |m| m.extent_shift)
                 - 9,
+            detached: false,
+            complete_now: Vec::new(),
             cfg,
             #[cfg(test)]
             sabotage: PrimarySabotage::default(),
@@ -535,6 +566,7 @@ impl Primary {
             al_waiting: self.al_wait.len(),
             al: self.al.as_ref().map(ActivityLog::stats),
             meta_failed: self.meta_failed,
+            detached: self.detached,
             ..self.stats
         }
     }
@@ -667,6 +699,14 @@ impl Primary {
         if !self.can_accept() {
             return Err(Error::Busy);
         }
+        if self.detached && !self.connected {
+            // No disk and no peer: nothing can make earlier writes durable.
+            self.out.push(PrimaryOutput::Complete {
+                id,
+                result: Err(RequestError::IoFailed),
+            });
+            return Ok(());
+        }
         let wait_epoch = if self.connected {
             self.close_epoch();
             self.unacked.back().map(|e| e.seq)
@@ -687,17 +727,27 @@ impl Primary {
                 i
             }
         };
+        let detached = self.detached;
         let f = &mut self.flushes[idx as usize];
         f.live = true;
         f.id = id;
-        f.local = Local::Pending;
+        f.local = if detached {
+            Local::Skipped
+        } else {
+            Local::Pending
+        };
         f.wait_epoch = wait_epoch;
         let tag = make_handle(idx as usize, f.gen);
         self.flushes_live += 1;
         if wait_epoch.is_some() {
             self.stats.flushes_waited_for_peer += 1;
         }
-        self.out.push(PrimaryOutput::SubmitLocalFlush { tag });
+        if detached {
+            // Complete on the barrier acks alone (at once if none is outstanding).
+            self.try_complete_flush(idx as usize);
+        } else {
+            self.out.push(PrimaryOutput::SubmitLocalFlush { tag });
+        }
         Ok(())
     }
 
@@ -729,6 +779,19 @@ impl Primary {
     pub fn fail_disk(&mut self) {
         self.al_failed();
         self.pump_al();
+    }
+
+    /// The local disk failed and is detached (DRBD's `on-io-error detach` on a Primary):
+    /// from now on writes and flushes are served by the peer alone (see the module
+    /// docs). Writes already submitted locally keep their rules. Idempotent.
+    pub fn detach_local(&mut self) {
+        self.detached = true;
+        self.pump_al();
+    }
+
+    /// Whether the local disk is detached ([`Primary::detach_local`]).
+    pub fn is_detached(&self) -> bool {
+        self.detached
     }
 
     /// The metadata write `tag` finished. A failure undoes the transaction and fails
@@ -799,6 +862,7 @@ impl Primary {
             let s = &mut self.slots[idx as usize];
             if s.in_tl && s.net == Net::Pending && s.ack == AckKind::Handed {
                 s.net = Net::Done;
+                s.net_ok = true;
                 self.try_complete(idx);
                 self.pump_al();
             }
@@ -868,6 +932,7 @@ impl Primary {
             if s.net == Net::Pending {
                 // Protocol A: the ack proves the peer had it, whatever the driver says.
                 s.net = Net::Done;
+                s.net_ok = true;
             }
             if s.completed {
                 self.retire(i);
@@ -918,6 +983,10 @@ impl Primary {
             }
         }
         for f in &mut self.flushes {
+            if f.live && f.local == Local::Skipped && f.wait_epoch.is_some() {
+                // Diskless: the peer was the only place its writes could be made durable.
+                f.local = Local::Failed;
+            }
             f.wait_epoch = None;
         }
         self.check_flushes();
@@ -973,6 +1042,10 @@ impl Primary {
     /// for a transaction ([`Primary::pump_al`] releases it).
     fn start(&mut self, idx: u32) {
         let (first, last) = self.extents(idx);
+        if self.detached {
+            // No activity log for a detached disk: its metadata is on the failed disk.
+            return self.submit(idx);
+        }
         let Some(al) = self.al.as_mut() else {
             return self.submit(idx);
         };
@@ -1008,6 +1081,45 @@ impl Primary {
     /// before (in order, stopping at the first that still finds none), and starts the
     /// next transaction when none is being written. Called after every input.
     fn pump_al(&mut self) {
+        loop {
+            while let Some(idx) = self.complete_now.pop() {
+                self.try_complete(idx);
+            }
+            if self.detached && matches!(self.meta_phase, MetaPhase::Idle) {
+                self.drop_al();
+            } else {
+                self.pump_al_once();
+            }
+            if self.complete_now.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Detached and no transaction in flight: the activity log goes out of use. Writes
+    /// still waiting for it start diskless, in arrival order; held references are
+    /// forgotten (no transaction will ever record them).
+    fn drop_al(&mut self) {
+        if self.al.take().is_none() {
+            return;
+        }
+        self.al_unheld = 0;
+        let waiting: Vec<u32> = self.al_wait.drain(..).collect();
+        for &idx in &waiting {
+            self.slots[idx as usize].al_held = false;
+        }
+        for &s in &self.tl {
+            self.slots[s as usize].al_held = false;
+        }
+        for r in &self.active {
+            self.slots[r.slot as usize].al_held = false;
+        }
+        for idx in waiting {
+            self.submit(idx);
+        }
+    }
+
+    fn pump_al_once(&mut self) {
         let Some(al) = self.al.as_mut() else {
             return;
         };
@@ -1170,20 +1282,31 @@ impl Primary {
         let tag = self.tag(idx);
         let protocol = self.cfg.protocol;
         let connected = self.connected;
+        let detached = self.detached;
         let s = &mut self.slots[idx as usize];
         s.started = true;
         let (id, sector, len, kind, fua) = (s.id, s.sector, s.len, s.kind, s.fua);
-        self.out.push(PrimaryOutput::SubmitLocal {
-            tag,
-            id,
-            sector,
-            len,
-            kind,
-            fua,
-        });
+        if detached {
+            // The local disk lacks the block from now on.
+            s.local = Local::Skipped;
+            self.oos.mark(sector, len);
+        } else {
+            self.out.push(PrimaryOutput::SubmitLocal {
+                tag,
+                id,
+                sector,
+                len,
+                kind,
+                fua,
+            });
+        }
         if !connected {
             s.net = Net::NotSent;
             self.oos.mark(sector, len);
+            if detached {
+                // Neither disk has it: fails at once (from pump_al, not recursively).
+                self.complete_now.push(idx);
+            }
             return;
         }
         let (ack, ack_flag) = match protocol {
@@ -1244,6 +1367,7 @@ impl Primary {
             return Err(Error::Protocol("duplicate ack"));
         }
         s.net = Net::Done;
+        s.net_ok = true;
         self.try_complete(idx);
         self.pump_al();
         Ok(())
@@ -1257,7 +1381,12 @@ impl Primary {
             return;
         }
         s.completed = true;
-        let result = if s.local == Local::Ok {
+        let ok = match s.local {
+            Local::Ok => true,
+            Local::Skipped => s.net_ok,
+            Local::Pending | Local::Failed => false,
+        };
+        let result = if ok {
             Ok(())
         } else {
             Err(RequestError::IoFailed)
@@ -1341,7 +1470,9 @@ impl Primary {
                 return;
             }
         }
-        let result = if f.local == Local::Ok {
+        // A diskless flush that got here waited for its barrier acks (a connection loss
+        // turned it Failed).
+        let result = if matches!(f.local, Local::Ok | Local::Skipped) {
             Ok(())
         } else {
             Err(RequestError::IoFailed)
@@ -2040,5 +2171,215 @@ mod tests {
         ));
         p.write(2, 0, 64 * 4 * 1024 * 1024, WriteKind::Discard, false)
             .unwrap();
+    }
+
+    // ----- diskless (detached) Primary -------------------------------------------------
+
+    fn sent_ids(o: &[O]) -> Vec<(u64, u64)> {
+        o.iter()
+            .filter_map(|x| match x {
+                O::SendWrite { id, block_id, .. } => Some((*id, *block_id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn detached_writes_skip_the_disk_and_the_log_and_complete_on_the_peer_s_ack() {
+        let mut p = primary_al(Protocol::C, true);
+        p.detach_local();
+        assert!(p.is_detached() && p.stats().detached);
+        for (id, ext) in [(1u64, 0u64), (2, 9)] {
+            p.write(id, ext * EXT, 4096, WriteKind::Data, false)
+                .unwrap();
+        }
+        p.write(3, 20 * EXT, 8192, WriteKind::Discard, false)
+            .unwrap();
+        p.write(4, 30 * EXT, 4096, WriteKind::Zeroes { unmap: true }, true)
+            .unwrap();
+        let o = outs(&mut p);
+        assert!(
+            submitted(&o).is_empty(),
+            "a detached disk got a write: {o:?}"
+        );
+        assert!(meta_writes(&o).is_empty(), "an AL transaction after detach");
+        assert!(p.active_extents().is_empty());
+        assert_eq!(p.stats().al, None);
+        let sent = sent_ids(&o);
+        assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        // The local disk lacks every block written.
+        assert_eq!(p.out_of_sync_bytes(), 4096 + 4096 + 8192 + 4096);
+        assert!(completed(&o).is_empty(), "completed before the peer's ack");
+        for &(_, bid) in &sent {
+            p.peer_write_ack(bid).unwrap();
+        }
+        let o = outs(&mut p);
+        assert_eq!(
+            completed(&o),
+            vec![(1, true), (2, true), (3, true), (4, true)]
+        );
+    }
+
+    #[test]
+    fn a_detached_write_fails_on_neg_ack_connection_loss_or_when_disconnected() {
+        let mut p = primary(Protocol::C);
+        p.detach_local();
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        p.write(2, 64, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let sent = sent_ids(&o);
+        // Neg-ack: the peer does not have it, neither does the local disk.
+        p.peer_neg_ack(sent[0].1).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(1, false)]);
+        // Connection lost before the ack.
+        p.connection_lost();
+        assert_eq!(completed(&outs(&mut p)), vec![(2, false)]);
+        // Disconnected: not sent at all, fails at once (no SubmitLocal either).
+        p.write(3, 128, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        assert!(submitted(&o).is_empty() && sent_ids(&o).is_empty());
+        assert_eq!(completed(&o), vec![(3, false)]);
+        // A chain of overlapping writes each fails in turn (iteratively).
+        for id in 10..18u64 {
+            p.write(id, 0, 4096, WriteKind::Data, false).unwrap();
+        }
+        let o = outs(&mut p);
+        assert_eq!(completed(&o).len(), 8);
+        assert!(completed(&o).iter().all(|c| !c.1));
+        assert_eq!(p.stats().slots_used, 0);
+        assert_eq!(p.stats().in_flight_writes, 0);
+    }
+
+    #[test]
+    fn a_detached_write_under_protocols_b_and_a_completes_on_their_events() {
+        let mut p = primary(Protocol::B);
+        p.detach_local();
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let bid = sent_ids(&outs(&mut p))[0].1;
+        p.peer_recv_ack(bid).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(1, true)]);
+
+        let mut p = primary(Protocol::A);
+        p.detach_local();
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        p.write(2, 64, 4096, WriteKind::Data, false).unwrap();
+        let sent = sent_ids(&outs(&mut p));
+        p.handed_to_network(sent[0].1);
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, true)]);
+        // Write 2 was never reported handed over; its epoch's barrier ack proves the
+        // peer has it.
+        let nr = barriers(&o)[0];
+        p.barrier_ack(nr, 2).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(2, true)]);
+    }
+
+    #[test]
+    fn a_detached_flush_needs_no_local_flush_and_the_peer_s_barrier_acks() {
+        let mut p = primary(Protocol::C);
+        p.detach_local();
+        // Nothing outstanding: completes at once, without a local flush.
+        p.flush(1).unwrap();
+        let o = outs(&mut p);
+        assert!(!o.iter().any(|x| matches!(x, O::SubmitLocalFlush { .. })));
+        assert_eq!(completed(&o), vec![(1, true)]);
+        // After a write: waits for its epoch's barrier ack.
+        p.write(2, 0, 4096, WriteKind::Data, false).unwrap();
+        let bid = sent_ids(&outs(&mut p))[0].1;
+        p.peer_write_ack(bid).unwrap();
+        let o = outs(&mut p);
+        let nr = barriers(&o)[0];
+        p.flush(3).unwrap();
+        let o = outs(&mut p);
+        assert!(!o.iter().any(|x| matches!(x, O::SubmitLocalFlush { .. })));
+        assert!(completed(&o).is_empty());
+        p.barrier_ack(nr, 1).unwrap();
+        assert!(completed(&outs(&mut p)).contains(&(3, true)));
+        // The connection is lost while a flush waits: it fails.
+        p.write(4, 0, 4096, WriteKind::Data, false).unwrap();
+        let bid = sent_ids(&outs(&mut p))[0].1;
+        p.peer_write_ack(bid).unwrap();
+        let _ = outs(&mut p);
+        p.flush(5).unwrap();
+        p.connection_lost();
+        assert!(completed(&outs(&mut p)).contains(&(5, false)));
+        // Disconnected: fails at once.
+        p.flush(6).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(6, false)]);
+        assert_eq!(p.stats().in_flight_flushes, 0);
+    }
+
+    #[test]
+    fn writes_in_flight_at_the_detach_keep_their_local_rules() {
+        let mut p = primary(Protocol::C);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        p.flush(2).unwrap();
+        let o = outs(&mut p);
+        let (tag, bid) = handles(&o, 1);
+        let ftag = flush_tag(&o);
+        let nr = barriers(&o)[0];
+        p.detach_local();
+        // Its local write fails (the driver fails it on the detached disk): EIO, even
+        // though the peer acked.
+        p.peer_write_ack(bid.unwrap()).unwrap();
+        p.local_done(tag, false).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, false)]);
+        // The flush submitted before the detach waits for its local flush.
+        p.local_flush_done(ftag, false).unwrap();
+        p.barrier_ack(nr, 1).unwrap();
+        assert!(completed(&outs(&mut p)).contains(&(2, false)));
+        // A write that waited on write 1's overlap starts after the detach: diskless.
+        let mut p = primary(Protocol::C);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        p.write(2, 0, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        let (tag, bid) = handles(&o, 1);
+        p.detach_local();
+        p.peer_write_ack(bid.unwrap()).unwrap();
+        p.local_done(tag, true).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, true)]);
+        assert!(submitted(&o).is_empty());
+        let sent = sent_ids(&o);
+        assert_eq!(sent.len(), 1);
+        p.peer_write_ack(sent[0].1).unwrap();
+        assert_eq!(completed(&outs(&mut p)), vec![(2, true)]);
+    }
+
+    #[test]
+    fn writes_waiting_for_the_log_at_the_detach_follow_its_transaction() {
+        // The transaction fails: its waiters get EIO as before; later writes go diskless.
+        let mut p = primary_al(Protocol::C, true);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let t = meta_writes(&outs(&mut p))[0].0;
+        p.detach_local();
+        p.write(2, 9 * EXT, 4096, WriteKind::Data, false).unwrap();
+        let o = outs(&mut p);
+        assert!(meta_writes(&o).is_empty() && submitted(&o).is_empty());
+        p.meta_write_done(t, false).unwrap();
+        let o = outs(&mut p);
+        assert_eq!(completed(&o), vec![(1, false)]);
+        assert!(meta_writes(&o).is_empty());
+        assert_eq!(p.stats().al, None);
+        // The transaction succeeds: its waiters start diskless, and no further
+        // transaction is written for writes that found no room or wait on it.
+        let mut p = primary_al(Protocol::C, true);
+        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let t = meta_writes(&outs(&mut p))[0].0;
+        p.write(2, 9 * EXT, 4096, WriteKind::Data, false).unwrap();
+        let _ = outs(&mut p);
+        p.detach_local();
+        p.meta_write_done(t, true).unwrap();
+        let o = outs(&mut p);
+        assert!(meta_writes(&o).is_empty(), "a transaction after the detach");
+        assert!(submitted(&o).is_empty());
+        let sent = sent_ids(&o);
+        assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2]);
+        for &(_, bid) in &sent {
+            p.peer_write_ack(bid).unwrap();
+        }
+        assert_eq!(completed(&outs(&mut p)), vec![(1, true), (2, true)]);
+        assert_eq!(p.stats().al_waiting, 0);
     }
 }

@@ -18,6 +18,26 @@
 //! Resync, online verify and the reads of a SyncTarget Primary from its peer are in
 //! `sync.rs`: the same pattern, with the `resync` machines instead of the cores.
 //!
+//! **Diskless Primary** (`on-io-error detach` on a Primary, DRBD's diskless Primary): a
+//! failed local write makes the Primary `Diskless` ([`Primary::detach_local`]): writes go
+//! to the peer only and succeed only once the peer has them; reads go to the peer
+//! (`P_DATA_REQUEST`, ≤ `MAX_REMOTE_READS` = 1,024 in flight) while it is connected and
+//! UpToDate, else EIO. Re-attaching must resync everything it missed. Two records do
+//! that, and both are kept:
+//! - the failure record sets the peer slot's `MDF_PEER_FULL_SYNC` (with `MDF_CONSISTENT`
+//!   cleared), and the next attach sets every bit: the only record that covers the writes
+//!   sent before the peer learned of the detach (the peer applied them as ordinary
+//!   writes, and the Diskless node's own bitmap lives in memory only — its metadata is
+//!   on the failed disk). It is best effort: that disk just failed a write;
+//! - the peer marks out of sync every write it applies while this node's disk is below
+//!   Inconsistent (DRBD's `receive_Data`): cheap, it keeps the peer's bitmap and status
+//!   honest (the blocks the Diskless node lacks), and if the full-sync flag could not be
+//!   written it still covers every write after the `P_STATE` (the attach also comes back
+//!   without `MDF_CONSISTENT` only if that write landed; a disk that takes no metadata
+//!   write at all needs `create-md` and a full sync anyway). Those bits reach the peer's
+//!   disk at its clean stop or a later bitmap write-back (no activity log on a
+//!   Secondary), so alone they would not survive a crash of the peer.
+//!
 //! Bounds: requests from frontends in flight ≤ `max-buffers` (a semaphore in front of
 //! the core, so the core never says Busy); a frontend write larger than
 //! [`MAX_WRITE_CHUNK`] (1 MiB, DRBD's largest bio) is split into 1 MiB requests; a
@@ -801,16 +821,29 @@ impl Volume {
                         .set_primary_blocking(false)
                         .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))
                 });
-                if let Err(e) = demoted {
-                    inner.primary.fail_disk();
-                    self.drain_primary(inner, &mut effects);
-                    drop(g);
-                    self.run(effects);
-                    return Err(e);
+                let diskless = inner.primary.is_detached();
+                match demoted {
+                    // A Diskless Primary's metadata is on the failed disk: best effort
+                    // (its failure record already asks for a full sync at re-attach).
+                    Err(e) if diskless => tracing::warn!("diskless demotion: {e}"),
+                    Err(e) => {
+                        inner.primary.fail_disk();
+                        self.drain_primary(inner, &mut effects);
+                        drop(g);
+                        self.run(effects);
+                        return Err(e);
+                    }
+                    Ok(()) => {}
                 }
                 let mut uuids = inner.uuids;
                 uuids.demote();
-                self.persist_uuids(inner, uuids)?;
+                match self.persist_uuids(inner, uuids) {
+                    Err(e) if diskless => {
+                        tracing::warn!("diskless demotion: {e}");
+                        inner.uuids = uuids;
+                    }
+                    r => r?,
+                }
             }
             self.send_state(inner);
             tracing::info!("role is now {}", inner.role);
@@ -1255,18 +1288,22 @@ impl Volume {
 
     /// A write to the local disk failed (DRBD's `on-io-error`). In memory at once: the
     /// block is out of sync in this node's bitmap and the disk leaves UpToDate —
-    /// `Failed` with `detach` (no more writes reach it; a Primary fails all IO from now
-    /// on, as after a metadata failure; tandem has no diskless mode), `Inconsistent`
-    /// with `pass_on`. Durably, before the caller completes the write (so before a
-    /// Secondary's `P_NEG_ACK` lets the Primary count the block as only its own):
-    /// `MDF_CONSISTENT` is cleared (a restart comes back Inconsistent, not promotable
-    /// without `--force`), and a Secondary writes the bitmap pages with the new bits.
+    /// with `detach` no more writes reach it: a Secondary's disk is `Failed`, a
+    /// Primary becomes `Diskless` and serves through its peer (writes need the peer's
+    /// ack, reads come from the peer: [`Primary::detach_local`], `sync.rs`
+    /// `read_from_peer`); `Inconsistent` with `pass_on`. Durably, before the caller
+    /// completes the write (so before a Secondary's `P_NEG_ACK` lets the Primary count
+    /// the block as only its own): `MDF_CONSISTENT` is cleared (a restart comes back
+    /// Inconsistent, not promotable without `--force`) and, for a detached Primary,
+    /// `MDF_PEER_FULL_SYNC` is set (its bitmap of what it missed cannot be kept on the
+    /// failed disk, so the next attach marks every block: a full sync from the peer);
+    /// a Secondary writes the bitmap pages with the new bits.
     /// Then the peer is told (`P_STATE`); a detached Secondary goes StandAlone (a
     /// restart attaches the disk again), a `pass_on` node renews the connection so that
     /// the handshake resyncs the failed blocks from the peer at once.
     async fn record_disk_failure(&self, side: Side, sector: u64, len: u32) {
         let detach = self.on_io_error == crate::config::OnIoError::Detach;
-        let first = {
+        let (first, full_sync) = {
             let mut g = self.lock();
             let inner = &mut *g;
             if matches!(side, Side::Receiver(_)) {
@@ -1283,24 +1320,37 @@ impl Volume {
                 tracing::error!("local disk: {why}");
                 inner.event("disk-failed", serde_json::json!({ "why": why }));
                 inner.disk_failure = Some(why);
-                inner.disk = if detach {
-                    self.detached
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                let diskless = detach && inner.role == Role::Primary;
+                inner.disk = if diskless {
+                    DiskState::Diskless
+                } else if detach {
                     DiskState::Failed
                 } else {
                     DiskState::Inconsistent
                 };
-                if detach && inner.role == Role::Primary {
-                    inner.primary.fail_disk();
+                if detach {
+                    self.detached
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if diskless {
+                    // DRBD's diskless Primary: writes and reads go to the peer from now
+                    // on (the caller's completion drains the core's outputs).
+                    inner.primary.detach_local();
+                    tracing::error!(
+                        "the disk is detached: this Primary is Diskless and serves through peer {} \
+                         (writes fail while it is not connected)",
+                        self.peer_node
+                    );
+                    inner.event("diskless", serde_json::json!({ "peer": self.peer_node }));
                 }
             }
-            first
+            (first, detach && inner.role == Role::Primary)
         };
         self.failure_recorded
             .get_or_init(|| async {
                 let Some(me) = self.me.upgrade() else { return };
                 let r = tokio::task::spawn_blocking(move || {
-                    me.md_lock().set_consistent_blocking(false)
+                    me.md_lock().record_failure_blocking(full_sync)
                 })
                 .await;
                 if !matches!(r, Ok(Ok(()))) {
@@ -1348,6 +1398,11 @@ impl Volume {
     /// True when a failed write took the disk out of service (`on-io-error detach`).
     pub fn disk_failed(&self) -> bool {
         self.lock().disk <= DiskState::Failed
+    }
+
+    /// True for a detached Primary (or one demoted since): Diskless, served by the peer.
+    pub fn is_diskless(&self) -> bool {
+        self.lock().primary.is_detached()
     }
 
     /// A peer's `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ`: decided by `state::change`,
@@ -1478,6 +1533,11 @@ impl Volume {
                     return Ok(false);
                 }
                 let Some(pw) = w.take() else { return Ok(true) };
+                if inner.peer_disk < DiskState::Inconsistent {
+                    // DRBD's `receive_Data`: the peer (a Diskless Primary) does not keep
+                    // this block; the bitmap says so, whatever else records it.
+                    inner.primary.out_of_sync_mut().mark(pw.sector, pw.len);
+                }
                 let (kind, buf) = match pw.kind {
                     PeerWriteKind::Data(b) => (WriteKind::Data, Some(b)),
                     PeerWriteKind::Discard => (WriteKind::Discard, None),
@@ -2279,7 +2339,8 @@ impl Volume {
         let peer = if g.link.is_some() {
             // A peer that missed writes (blocks out of sync here) is not UpToDate, whatever
             // it believes; until resync it is Outdated.
-            let disk = if oos > 0 && g.role == Role::Primary {
+            // A Diskless Primary's bits are blocks its own (failed) disk lacks.
+            let disk = if oos > 0 && g.role == Role::Primary && !g.primary.is_detached() {
                 DiskState::Outdated
             } else {
                 g.peer_disk
@@ -2290,8 +2351,9 @@ impl Volume {
         };
         let pstats = g.primary.stats();
         let rstats = g.receiver.stats();
-        // A failed metadata write takes the disk out of use (DRBD's detach).
-        let disk = if pstats.meta_failed {
+        // A failed metadata write takes the disk out of use (DRBD's detach); a detached
+        // Primary is Diskless (`g.disk`).
+        let disk = if pstats.meta_failed && !pstats.detached {
             DiskState::Failed
         } else {
             g.disk

@@ -415,9 +415,12 @@ impl Volume {
     // ----- reads on a SyncTarget Primary ---------------------------------------------
 
     /// Whether a read must come from the peer: this node is a SyncTarget and a block of
-    /// the range is not yet resynced.
+    /// the range is not yet resynced, or it is a Diskless (detached) Primary.
     pub(super) fn read_from_peer(&self, offset: u64, len: u32) -> bool {
         let g = self.lock();
+        if g.primary.is_detached() {
+            return true;
+        }
         g.target
             .as_ref()
             .is_some_and(|r| r.t.bitmap().any_in(offset / SECTOR_SIZE as u64, len))
@@ -439,6 +442,10 @@ impl Volume {
                 let mut g = self.lock();
                 let inner = &mut *g;
                 if inner.link.is_none() {
+                    return Err(BlockError::Io);
+                }
+                if inner.primary.is_detached() && inner.peer_disk != DiskState::UpToDate {
+                    // Diskless: only an UpToDate peer has every block.
                     return Err(BlockError::Io);
                 }
                 if inner.remote_reads.len() >= MAX_REMOTE_READS {
