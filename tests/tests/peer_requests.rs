@@ -123,6 +123,21 @@ async fn request(p: &mut Peer, cmd: Command, mask: u32, val: u32) -> i32 {
     reply(p).await
 }
 
+/// Whether the node closes `s` (reads until EOF or an error) within [`IO`].
+async fn closed_in_time(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(IO, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// `current:bitmap:history0:history1` in hex, as status shows the UUIDs.
 fn parse_uuids(s: &str) -> UuidSet {
     let v: Vec<u64> = s
@@ -272,17 +287,8 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
             "{st}"
         );
         // The renewal closes the script's sockets.
-        let mut buf = [0u8; 4096];
-        let closed = tokio::time::timeout(IO, async {
-            loop {
-                match p.data.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-        assert!(closed.is_ok(), "the connection was not renewed");
+        let closed = closed_in_time(&mut p.data).await;
+        assert!(closed, "the connection was not renewed");
 
         // The peer comes back with beta's generation and an Inconsistent disk (a pair
         // that never synced): Connected, no resync. Its forced promotion is granted and
@@ -294,19 +300,8 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
         let (mask, val) = promote_request(true);
         let rv = request(&mut p, Command::P_STATE_CHG_REQ, mask, val).await;
         assert_eq!(StateRv::from_code(rv), StateRv::Success);
-        let closed = tokio::time::timeout(IO, async {
-            loop {
-                match p.data.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-        assert!(
-            closed.is_ok(),
-            "no renewal for the resync after a forced promotion"
-        );
+        let closed = closed_in_time(&mut p.data).await;
+        assert!(closed, "no renewal for the resync after a forced promotion");
         let log = c.node(1).log_tail(40);
         assert!(log.contains("resync with this node is due"), "{log}");
     });

@@ -68,6 +68,33 @@ impl Drop for SmallFs {
     }
 }
 
+/// Moves node `i`'s backing file onto `fs` (the config names the new path; the daemon
+/// creates the file there) and returns the new path.
+fn disk_on(c: &Cluster, i: usize, fs: &SmallFs) -> PathBuf {
+    let old = c.node(i).disk().to_string_lossy().into_owned();
+    let name = c
+        .node(i)
+        .disk()
+        .file_name()
+        .expect("disk file name")
+        .to_owned();
+    let new = fs.path.join(name);
+    let text = c.config_text().replace(&old, &new.to_string_lossy());
+    std::fs::write(c.config_path(), text).expect("config");
+    new
+}
+
+/// A cluster (not started) whose Primary's disk is on a 24 MiB tmpfs holding an 8 MiB
+/// filler file (16 MiB of room left): the tmpfs, the filler's path and the disk's path.
+fn primary_on_small_fs(opts: ClusterOpts) -> (Cluster, SmallFs, PathBuf, PathBuf) {
+    let c = Cluster::new(opts.autostart(false));
+    let fs = SmallFs::mount(&c.dir().join("small"), 24);
+    let filler = fs.path.join("filler");
+    std::fs::write(&filler, vec![0x5a; 8 << 20]).expect("filler");
+    let small = disk_on(&c, 0, &fs);
+    (c, fs, filler, small)
+}
+
 /// Issue 10, failure 1: the Secondary's disk runs out of space under replicated writes.
 /// The Primary acknowledges every write (its own disk has them) and goes on; the
 /// Secondary records the failure (disk `Failed`, StandAlone, MDF_CONSISTENT cleared) and
@@ -78,10 +105,7 @@ fn a_secondary_whose_disk_failed_cannot_be_promoted() {
     let mut c = Cluster::new(ClusterOpts::new("safety-enospc").autostart(false));
     let fs = SmallFs::mount(&c.dir().join("small"), 24);
     // beta's backing file lives on the small tmpfs (the daemon creates it there).
-    let beta_disk = c.node(1).disk().to_string_lossy().into_owned();
-    let small = fs.path.join("beta.img").to_string_lossy().into_owned();
-    let text = c.config_text().replace(&beta_disk, &small);
-    std::fs::write(c.config_path(), text).expect("config");
+    disk_on(&c, 1, &fs);
     c.start_all();
     c.wait_connected();
     let uri = c.node(0).nbd_unix_uri();
@@ -278,20 +302,8 @@ fn a_lone_configured_primary_promotes_only_if_it_wrote_last() {
 #[test]
 fn a_primary_s_failed_block_is_resynced_from_its_peer_while_connected() {
     use std::io::Write;
-    let mut c = Cluster::new(
-        ClusterOpts::new("safety-passon")
-            .autostart(false)
-            .disk("on-io-error", "\"pass_on\""),
-    );
-    let fs = SmallFs::mount(&c.dir().join("small"), 24);
-    let filler = fs.path.join("filler");
-    std::fs::write(&filler, vec![0x5a; 8 << 20]).expect("filler");
-    let alpha_disk = c.node(0).disk().to_string_lossy().into_owned();
-    let small = fs.path.join("alpha.img");
-    let text = c
-        .config_text()
-        .replace(&alpha_disk, &small.to_string_lossy());
-    std::fs::write(c.config_path(), text).expect("config");
+    let (mut c, fs, filler, small) =
+        primary_on_small_fs(ClusterOpts::new("safety-passon").disk("on-io-error", "\"pass_on\""));
     c.start_all();
     c.wait_connected();
     let path = c.node(0).nbd_socket().expect("NBD socket").to_path_buf();
@@ -388,16 +400,7 @@ fn a_primary_whose_disk_fails_goes_diskless_and_serves_through_its_peer() {
     const CMD_FLUSH: u16 = 3;
     const MIB: u32 = 1 << 20;
     const BLOCKS: u64 = 40;
-    let mut c = Cluster::new(ClusterOpts::new("safety-diskless").autostart(false));
-    let fs = SmallFs::mount(&c.dir().join("small"), 24);
-    let filler = fs.path.join("filler");
-    std::fs::write(&filler, vec![0x5a; 8 << 20]).expect("filler");
-    let alpha_disk = c.node(0).disk().to_string_lossy().into_owned();
-    let small = fs.path.join("alpha.img");
-    let text = c
-        .config_text()
-        .replace(&alpha_disk, &small.to_string_lossy());
-    std::fs::write(c.config_path(), text).expect("config");
+    let (mut c, fs, filler, small) = primary_on_small_fs(ClusterOpts::new("safety-diskless"));
     c.start_all();
     c.wait_connected();
     let path = c.node(0).nbd_socket().expect("NBD socket").to_path_buf();
