@@ -218,13 +218,7 @@ fn stopped_secondary_is_declared_dead_within_timeout() {
     assert_eq!(st.str_at("/role"), "Primary", "{st}");
     let r = fio.wait();
     r.assert_ok();
-    let max_ns = r
-        .json
-        .as_ref()
-        .and_then(|j| j.pointer("/jobs/0/write/clat_ns/max"))
-        .and_then(serde_json::Value::as_f64)
-        .expect("fio's write clat max");
-    let stall = Duration::from_secs_f64(max_ns / 1e9);
+    let stall = longest_write(&r);
     let bound = Duration::from_millis(STOP_TIMEOUT_DS * 100 + PING_TIMEOUT_MS)
         + scaled(Duration::from_millis(2500));
     eprintln!("longest write while the Secondary was stopped: {stall:?} (bound {bound:?})");
@@ -334,13 +328,7 @@ fn secondary_with_hung_disk_is_dropped_after_ko_count_timeouts() {
         .timeout(Duration::from_secs(60))
         .run(c.dir());
     r.assert_ok();
-    let max_ns = r
-        .json
-        .as_ref()
-        .and_then(|j| j.pointer("/jobs/0/write/clat_ns/max"))
-        .and_then(serde_json::Value::as_f64)
-        .expect("fio's write clat max");
-    let stall = Duration::from_secs_f64(max_ns / 1e9);
+    let stall = longest_write(&r);
     let log = c.primary().log_tail(40);
     eprintln!("longest write with the Secondary's disk frozen: {stall:?}");
     assert!(
@@ -371,4 +359,15 @@ fn resynced_and_identical(c: &mut Cluster) {
     let size = c.primary().status().u64_at("/size_bytes");
     c.stop_all();
     c.assert_replicas_identical(size);
+}
+
+/// The longest completion latency of fio's writes (its JSON report's clat max).
+fn longest_write(r: &tools::FioResult) -> Duration {
+    let max_ns = r
+        .json
+        .as_ref()
+        .and_then(|j| j.pointer("/jobs/0/write/clat_ns/max"))
+        .and_then(serde_json::Value::as_f64)
+        .expect("fio's write clat max");
+    Duration::from_secs_f64(max_ns / 1e9)
 }
