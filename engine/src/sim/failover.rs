@@ -244,16 +244,7 @@ impl Sim {
         self.p_tags.clear();
         self.meta_io.clear();
         self.rs.primary_crashed();
-        if self.up {
-            self.up = false;
-            self.gen += 1;
-            self.data.clear();
-            self.meta.clear();
-            self.parked = 0;
-            self.secondary.connection_lost();
-            self.pump_secondary()?;
-            self.resync_connection_lost(false)?;
-        }
+        self.connection_gone_with_primary()?;
         Ok(())
     }
 

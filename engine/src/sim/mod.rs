@@ -1416,6 +1416,22 @@ impl Sim {
         }
     }
 
+    /// The Primary's node died: its connection goes with it (everything in flight is
+    /// lost); the Secondary sees the loss and its local writes go on.
+    fn connection_gone_with_primary(&mut self) -> Result<(), String> {
+        if self.up {
+            self.up = false;
+            self.gen += 1;
+            self.data.clear();
+            self.meta.clear();
+            self.parked = 0;
+            self.secondary.connection_lost();
+            self.pump_secondary()?;
+            self.resync_connection_lost(false)?;
+        }
+        Ok(())
+    }
+
     fn drop_connection(&mut self) -> Result<(), String> {
         self.report.drops += 1;
         self.up = false;
@@ -1607,17 +1623,7 @@ impl Sim {
                 .is_some_and(|o| v != 0 && o.local_failed);
             self.ref_ver[s] = if garbage { UNKNOWN } else { v };
         }
-        // The connection goes with the node; the Secondary's local writes go on.
-        if self.up {
-            self.up = false;
-            self.gen += 1;
-            self.data.clear();
-            self.meta.clear();
-            self.parked = 0;
-            self.secondary.connection_lost();
-            self.pump_secondary()?;
-            self.resync_connection_lost(false)?;
-        }
+        self.connection_gone_with_primary()?;
         let d = self.rng.range(1, self.params.restart_delay);
         self.at(d, Ev::Restart);
         Ok(())

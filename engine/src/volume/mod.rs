@@ -208,6 +208,11 @@ struct Inner {
 /// Events kept for `tandem events`.
 pub const MAX_EVENTS: usize = 256;
 
+/// How long a connection that this node ends on purpose right after queueing packets
+/// (a state change reply, a `P_NEG_ACK`, a `P_STATE`) lets them reach the socket first.
+/// A local socket write takes microseconds; 200 ms also covers a busy runtime.
+const QUEUED_PACKETS_LEAVE: Duration = Duration::from_millis(200);
+
 impl Inner {
     /// Records a state event: `kind` (a word like `split-brain`) and its details.
     fn event(&mut self, kind: &str, detail: serde_json::Value) {
@@ -1371,26 +1376,26 @@ impl Volume {
         if !first {
             return;
         }
-        let kill = {
+        let session = {
             let mut g = self.lock();
             self.send_state(&mut g);
-            g.kill.clone()
+            g.link.as_ref().map(|l| l.session)
         };
-        let Some(me) = self.me.upgrade() else { return };
-        tokio::spawn(async move {
-            // Let the P_NEG_ACK and the P_STATE leave before the connection goes.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if detach {
-                if me.lock().role != Role::Primary {
-                    tracing::error!(
-                        "the disk is detached: staying StandAlone; fix the disk and restart \
-                         the node to attach it again (a resync from the peer repairs it)"
-                    );
-                    me.set_standalone(true);
-                }
-            } else if let Some(k) = kill {
-                tracing::warn!("pass_on: renewing the connection to resync the failed blocks");
-                k.notify_one();
+        if !detach {
+            // pass_on: the handshake of a renewed connection resyncs the failed blocks.
+            if let Some(session) = session {
+                self.renew_for_resync(session, false);
+            }
+            return;
+        }
+        // The P_NEG_ACK and the P_STATE leave before the connection goes.
+        self.after_queued_packets_leave(|me| {
+            if me.lock().role != Role::Primary {
+                tracing::error!(
+                    "the disk is detached: staying StandAlone; fix the disk and restart \
+                     the node to attach it again (a resync from the peer repairs it)"
+                );
+                me.set_standalone(true);
             }
         });
     }
@@ -1461,10 +1466,7 @@ impl Volume {
     /// every block out of sync (as `invalidate` does) and the connection is renewed; the
     /// handshake then decides the resync from the disk states and bitmaps.
     fn renew_for_resync(&self, session: u64, target: bool) {
-        let Some(me) = self.me.upgrade() else { return };
-        tokio::spawn(async move {
-            // Let the reply reach the socket before the connection goes.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        self.after_queued_packets_leave(move |me| {
             let kill = {
                 let g = me.lock();
                 match &g.link {
@@ -1483,6 +1485,17 @@ impl Volume {
             } else if let Some(k) = kill {
                 k.notify_one();
             }
+        });
+    }
+
+    /// Runs `f` once the packets queued so far (a state change reply, a `P_NEG_ACK`, a
+    /// `P_STATE`) have had [`QUEUED_PACKETS_LEAVE`] to reach the socket: ending the
+    /// connection at once aborts its sender tasks, which may not have written them yet.
+    fn after_queued_packets_leave(&self, f: impl FnOnce(Arc<Volume>) + Send + 'static) {
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            tokio::time::sleep(QUEUED_PACKETS_LEAVE).await;
+            f(me);
         });
     }
 
