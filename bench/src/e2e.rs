@@ -5,7 +5,7 @@
 //! resync against the loopback limit, crash resync against full resync on 8 GiB, and
 //! application IO during a full resync), then one [`Report`].
 //!
-//! Setup (DESIGN.md §11): the Primary's backing is a file in the work dir (on the machine's
+//! Setup (docs/design.md §11): the Primary's backing is a file in the work dir (on the machine's
 //! disk); the Secondary's is a loop device over a file on a tmpfs this runner mounts, so
 //! the two replicas do not share one disk. Every target is filled once (1 MiB sequential
 //! writes over the whole volume) before its first measured job.

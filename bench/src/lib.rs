@@ -6,7 +6,7 @@
 //!   activity log's cost and resync (full and crash resync times, IO during a resync).
 //! - [`fio`]: the job command lines and the parser of fio's JSON.
 //! - [`report`]: the result as a markdown table, JSON and an SVG chart, with the
-//!   DESIGN.md §11 ratios marked met or not met.
+//!   docs/design.md §11 ratios marked met or not met.
 
 pub mod e2e;
 pub mod fio;

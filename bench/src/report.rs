@@ -1,5 +1,5 @@
 //! The result of one end-to-end run and its three renderings: a markdown table (rows are
-//! jobs, columns are targets, then the DESIGN.md §11 ratios marked met / not met), JSON
+//! jobs, columns are targets, then the docs/design.md §11 ratios marked met / not met), JSON
 //! (the same data, serde), and an SVG chart (QD1 latency percentiles and QD32 IOPS per
 //! target), drawn by hand so no plotting crate is needed.
 //!
@@ -186,7 +186,7 @@ pub struct Limits {
     pub tcp_bw_mib_s: f64,
 }
 
-/// One DESIGN.md §11 target, evaluated.
+/// One docs/design.md §11 target, evaluated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ratio {
     /// What is compared.
@@ -547,7 +547,10 @@ impl Report {
         if let Some(r) = &self.resync {
             resync_markdown(&mut s, r, self.meta.runtime_s);
         }
-        let _ = writeln!(s, "| DESIGN.md §11 target | measured | bound | result |");
+        let _ = writeln!(
+            s,
+            "| docs/design.md §11 target | measured | bound | result |"
+        );
         let _ = writeln!(s, "|---|---:|---|---|");
         for r in &self.ratios {
             let verdict = match r.met {
@@ -1088,7 +1091,7 @@ mod tests {
         assert!(md.contains("- resync note"), "{md}");
         // The section sits before the §11 table, which still renders.
         let at = |needle: &str| md.find(needle).unwrap();
-        assert!(at("| resync | volume") < at("| DESIGN.md §11 target"));
+        assert!(at("| resync | volume") < at("| docs/design.md §11 target"));
         // No section without data.
         let mut r = report();
         r.resync = None;

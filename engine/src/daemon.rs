@@ -712,7 +712,7 @@ impl Volume {
                 Ok(serde_json::json!({}))
             }
             // A Diskless Primary serves through its peer: it may connect again.
-            mgmt::Request::Connect { .. } if self.disk_failed() && !self.is_diskless() => Err(
+            mgmt::Request::Connect { .. } if self.disk_failed() => Err(
                 "the disk failed and is detached; fix it and restart the node to attach it again"
                     .into(),
             ),

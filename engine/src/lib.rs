@@ -1,6 +1,6 @@
 //! tandem-engine: a userspace block replication engine with a DRBD-compatible data path.
 //!
-//! One module per concept (DESIGN.md §1), each opaque outside its small surface:
+//! One module per concept (docs/design.md §1), each opaque outside its small surface:
 //!
 //! | module | owns |
 //! |---|---|

@@ -1,6 +1,6 @@
 //! DRBD packet headers, built by hand to send malformed traffic on purpose.
 //!
-//! Layouts from `shared/research/drbd-protocol.md` (all big-endian): h80 = `u32 magic
+//! Layouts from `docs/protocol.md` and DRBD's `drbd_protocol.h` (all big-endian): h80 = `u32 magic
 //! 0x83740267, u16 command, u16 length` (8 bytes), h95 = `u16 magic 0x835a, u16 command,
 //! u32 length` (8 bytes), h100 = `u32 magic 0x8620ec20, u16 volume, u16 command, u32
 //! length, u32 pad` (16 bytes). The first packet on a new socket is an h80

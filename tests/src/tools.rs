@@ -1,6 +1,6 @@
 //! External programs the tests drive, each run with a time limit and its output captured.
 //!
-//! Real clients are the point of the integration tests (DESIGN.md §10): fio's `nbd` engine,
+//! Real clients are the point of the integration tests (docs/design.md §10): fio's `nbd` engine,
 //! `qemu-img`, `nbdsh`, `tcpdump`, `tshark`. A program that is not installed panics with the
 //! Debian package that provides it ([`require`]), so a bare machine fails with the fix in
 //! the message. Captured output is capped at [`OUTPUT_LIMIT`] per stream.

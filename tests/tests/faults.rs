@@ -69,7 +69,7 @@ fn secondary_kill9_during_writes_then_reconnect() {
     assert_eq!(st.str_at("/peer/role"), "Secondary", "{st}");
 }
 
-/// Secondary outage (DESIGN.md §3 "Disconnected"): writes made while the peer is away
+/// Secondary outage (docs/design.md §3 "Disconnected"): writes made while the peer is away
 /// complete on the Primary and their blocks are counted out of sync; when the peer
 /// returns, the resync moves exactly those blocks (the resync tests measure that) and the
 /// peer is UpToDate again; writes after the reconnect replicate again.

@@ -2,7 +2,7 @@
 //! management socket. After each attack the node must still be alive, still answer
 //! status, still serve its volume (an nbdsh write + read-back through the Primary's export
 //! succeeds) and still be (or get back) Connected to its peer — and its log must contain a
-//! line, written after the attack, that explains the refusal (DESIGN.md §9: a malformed
+//! line, written after the attack, that explains the refusal (docs/design.md §9: a malformed
 //! packet drops that connection with a logged reason, never the process). The refusal
 //! vocabulary is `tandem_tests::logs::REFUSAL_WORDS`.
 //!

@@ -416,7 +416,7 @@ fn verify_finds_exactly_the_corrupted_block_and_the_next_resync_repairs_it() {
     c.assert_replicas_identical(size);
 }
 
-/// Application writes during a resync (DESIGN.md §3: neither may overwrite the other's
+/// Application writes during a resync (docs/design.md §3: neither may overwrite the other's
 /// newer data): fio writes and verifies on the Primary while a full resync runs to the
 /// Secondary; at the end both replicas are identical.
 #[test]
@@ -459,7 +459,7 @@ fn read_block(node: &Node, b: u64) -> Vec<u8> {
     data
 }
 
-/// A SyncTarget may become Primary while its peer is UpToDate (DESIGN.md §3 "Reads"):
+/// A SyncTarget may become Primary while its peer is UpToDate (docs/design.md §3 "Reads"):
 /// blocks not yet resynced are read from the peer, its own writes replicate, and the
 /// resync finishes with identical replicas.
 #[test]

@@ -2,7 +2,7 @@
 //!
 //! A frontend (NBD now, ublk later) turns its own requests into [`BlockIo`] and hands them
 //! to a [`BlockTarget`] — the replicated volume in the daemon, an in-memory target in
-//! frontend tests. The target owns replication semantics (DESIGN.md §3); the frontend only
+//! frontend tests. The target owns replication semantics (docs/design.md §3); the frontend only
 //! owns its protocol, its sockets and its bounds (in-flight requests per connection).
 //!
 //! A frontend registers every client that has the target open for writing with the

@@ -47,7 +47,7 @@ pub fn tune(stream: &TcpStream, role: Role, net: &NetConfig) -> std::io::Result<
         sock.set_recv_buffer_size(net.rcvbuf_size as usize)?;
     }
     // SO_PRIORITY (DRBD: 4 data, 6 meta) and DSCP marking need setsockopt calls socket2
-    // 0.5 does not wrap; they come with the QoS work (DESIGN.md §5).
+    // 0.5 does not wrap; they come with the QoS work (docs/design.md §5).
     let _ = role;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The sans-IO write pipeline: what a Primary does with application writes and flushes
 //! ([`Primary`]), and what a Secondary does with the writes its peer sends ([`Receiver`]).
 //!
-//! Both are plain state machines (DESIGN.md §1, §3). They own no socket, file, clock,
+//! Both are plain state machines (docs/design.md §1, §3). They own no socket, file, clock,
 //! thread or buffer: a driver calls a method for each event (a request from the frontend,
 //! a local disk completion, a packet from the peer, a connection change) and then drains
 //! the IO the core wants done (submit to the local disk, send to the peer, complete to the

@@ -30,7 +30,7 @@
 //! ranges: if bits remain behind the cursor (set while the walk was past them), the walk
 //! goes round again from block 0 before it reports [`TargetOutput::Finished`].
 //!
-//! **Application writes** (`DESIGN.md` §3: neither may overwrite the other's newer data).
+//! **Application writes** (`docs/design.md` §3: neither may overwrite the other's newer data).
 //! The driver reports every write to this disk that is not resync's — the application's
 //! own writes when this node is Primary, and the peer's replicated writes when it is
 //! Secondary — with [`Target::app_write_begin`] / [`Target::app_write_end`]. The rule has
@@ -94,7 +94,7 @@ pub struct TargetConfig {
     /// merges csum requests up to the max bio size, so one differing 4 KiB block moves a
     /// whole 1 MiB request. After a crash the blocks that differ are the few writes that
     /// were in flight, scattered one by one over the activity log's extents; tandem's
-    /// default of 4 KiB moves exactly those (DESIGN.md's target: data ≤ 1.1× the blocks
+    /// default of 4 KiB moves exactly those (docs/design.md's target: data ≤ 1.1× the blocks
     /// that differ) for one 108-byte request/answer pair per 4 KiB checked — 136 MB of
     /// packets for a full default activity log (4.8 GiB), 0.1 s of a 10 Gbit/s link,
     /// against ≥ 2 s to read those 4.8 GiB.

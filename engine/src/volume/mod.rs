@@ -696,7 +696,7 @@ impl Volume {
             return Err("peer writes are still being applied; retry".into());
         }
         // A SyncTarget may serve as Primary while its peer is UpToDate: reads of blocks
-        // not yet resynced come from the peer (DESIGN.md §3 "Reads").
+        // not yet resynced come from the peer (docs/design.md §3 "Reads").
         let sync_target = inner.target.is_some();
         if sync_target && !(inner.link.is_some() && inner.peer_disk == DiskState::UpToDate) {
             return Err("a resync into this disk is running and the peer is not UpToDate".into());
@@ -1306,7 +1306,7 @@ impl Volume {
     /// Then the peer is told (`P_STATE`); a detached Secondary goes StandAlone (a
     /// restart attaches the disk again), a `pass_on` node renews the connection so that
     /// the handshake resyncs the failed blocks from the peer at once.
-    async fn record_disk_failure(&self, side: Side, sector: u64, len: u32) {
+    async fn record_disk_failure(&self, side: Side, sector: u64, len: u32, attempted: bool) {
         let detach = self.on_io_error == crate::config::OnIoError::Detach;
         let (first, full_sync) = {
             let mut g = self.lock();
@@ -1366,7 +1366,10 @@ impl Volume {
                 }
             })
             .await;
-        if matches!(side, Side::Receiver(_)) {
+        // A write skipped because the disk is already detached adds only its bit in
+        // memory (the Primary has it too, from the P_NEG_ACK): no more metadata IO to a
+        // disk that already failed.
+        if attempted && matches!(side, Side::Receiver(_)) {
             let _order = self.failure_pages.lock().await;
             let pages = self.lock().primary.take_dirty_bitmap_pages();
             if let Err(e) = self.write_bitmap_pages_async(pages).await {
@@ -1400,14 +1403,11 @@ impl Volume {
         });
     }
 
-    /// True when a failed write took the disk out of service (`on-io-error detach`).
+    /// True when a failed write took the disk out of service on a Secondary (`Failed`);
+    /// a detached Primary is `Diskless` instead and still connects: it serves through
+    /// its peer.
     pub fn disk_failed(&self) -> bool {
-        self.lock().disk <= DiskState::Failed
-    }
-
-    /// True for a detached Primary (or one demoted since): Diskless, served by the peer.
-    pub fn is_diskless(&self) -> bool {
-        self.lock().primary.is_detached()
+        self.lock().disk == DiskState::Failed
     }
 
     /// A peer's `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ`: decided by `state::change`,
@@ -1881,7 +1881,7 @@ impl Volume {
                         if !ok {
                             // Recorded before the write completes (and before a Secondary
                             // answers P_NEG_ACK): never UpToDate again without a resync.
-                            v.record_disk_failure(side, sector, len).await;
+                            v.record_disk_failure(side, sector, len, !detached).await;
                         }
                         v.feed(|v, inner, fx| {
                             inner.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;

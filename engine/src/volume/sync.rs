@@ -25,7 +25,7 @@
 //! ([`Volume::wait_sync_io_idle`], ≤ [`SYNC_IO_DRAIN`]), so an old resync write can never
 //! land over a newer write of the next connection.
 //!
-//! Application writes and resync (`DESIGN.md` §3): the Primary's local writes are reported
+//! Application writes and resync (`docs/design.md` §3): the Primary's local writes are reported
 //! to the [`Source`] (it holds back reads of ranges being written); the peer's writes on a
 //! SyncTarget are reported to the [`Target`] from arrival to local completion, and a write
 //! it holds waits in [`TargetRun::held`] until `AppWriteReady`.
