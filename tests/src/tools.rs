@@ -78,6 +78,26 @@ impl CmdOutput {
         );
         self
     }
+
+    /// Panics with the output unless the command failed with every one of `needles` in
+    /// its stderr (a refusal that says why).
+    pub fn assert_refused(&self, what: &str, needles: &[&str]) -> &Self {
+        assert!(
+            !self.status.success(),
+            "{what} must fail, exited {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status,
+            crate::bin::tail_lines(&self.stdout, 80),
+            crate::bin::tail_lines(&self.stderr, 80)
+        );
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "{what}: stderr must contain {n:?}\n--- stderr ---\n{}",
+                self.stderr
+            );
+        }
+        self
+    }
 }
 
 fn reader_thread(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {

@@ -730,19 +730,7 @@ fn apply_al_refuses_an_unusable_log_like_drbdmeta() {
 fn refused(args: &[&str], words: &[&str]) {
     let mut all = vec!["dump-md"];
     all.extend_from_slice(args);
-    let out = tandem(&all);
-    assert!(
-        !out.status.success(),
-        "tandem {all:?} accepted it:\n{}",
-        out.stdout
-    );
-    for w in words {
-        assert!(
-            out.stderr.contains(w),
-            "tandem {all:?}: no {w:?} in: {}",
-            out.stderr
-        );
-    }
+    tandem(&all).assert_refused(&format!("tandem {all:?}"), words);
     // And apply-al refuses too without touching anything.
     let mut all = vec!["apply-al"];
     all.extend_from_slice(args);

@@ -14,49 +14,13 @@
 //!   clients of the read-only export, and `--force` demotes anyway (the client's next
 //!   write gets EPERM).
 //!
-//! Every run of the CLI is bounded by [`RUN_TIMEOUT`]: a second daemon that starts
+//! Every run of the CLI is bounded (`loopdev::TIMEOUT`): a second daemon that starts
 //! instead of refusing fails the test by timing out.
 
 use serde_json::Value;
-use std::process::Command;
-use std::time::Duration;
-use tandem_tests::tools::{run_cmd, CmdOutput, Fio};
-use tandem_tests::{nbd_raw, tandem_bin, Cluster, ClusterOpts, StatusExt};
-
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn tandem(args: &[&str]) -> CmdOutput {
-    let out = run_cmd(
-        Command::new(tandem_bin()).args(args).env("NO_COLOR", "1"),
-        RUN_TIMEOUT,
-        &format!("tandem {}", args.join(" ")),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        !out.stderr.contains("panicked"),
-        "tandem {args:?} panicked:\n{}",
-        out.stderr
-    );
-    out
-}
-
-/// Asserts `out` failed and its stderr contains every one of `needles`.
-fn assert_refused(out: &CmdOutput, what: &str, needles: &[&str]) {
-    assert!(
-        !out.status.success(),
-        "{what} must fail, exited {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        out.stdout,
-        out.stderr
-    );
-    for n in needles {
-        assert!(
-            out.stderr.contains(n),
-            "{what}: stderr must contain {n:?}\n--- stderr ---\n{}",
-            out.stderr
-        );
-    }
-}
+use tandem_tests::loopdev::tandem;
+use tandem_tests::tools::Fio;
+use tandem_tests::{nbd_raw, Cluster, ClusterOpts, StatusExt};
 
 fn dump_forced(disk: &str) -> Value {
     let out = tandem(&["dump-md", "--force", "--json", disk]);
@@ -76,11 +40,7 @@ fn a_second_up_of_a_running_node_is_refused_and_changes_nothing() {
 
     // The same node again, from the same config.
     let out = tandem(&["up", "--config", &cfg, "--node", "alpha"]);
-    assert_refused(
-        &out,
-        "a second `tandem up` of alpha",
-        &["already running", &pid],
-    );
+    out.assert_refused("a second `tandem up` of alpha", &["already running", &pid]);
 
     // The metadata commands refuse the device too (drbdmeta refuses a device in use).
     for args in [
@@ -89,7 +49,7 @@ fn a_second_up_of_a_running_node_is_refused_and_changes_nothing() {
         vec!["dump-md", disk.as_str()],
     ] {
         let out = tandem(&args);
-        assert_refused(&out, &format!("tandem {args:?}"), &["in use", &pid]);
+        out.assert_refused(&format!("tandem {args:?}"), &["in use", &pid]);
     }
 
     // Nothing changed: same UUIDs and flags, no crashed-primary, the socket answers.
@@ -136,8 +96,7 @@ fn another_disk_with_the_same_mgmt_socket_is_refused_and_stale_sockets_are_repla
         "--node",
         "alpha",
     ]);
-    assert_refused(
-        &out,
+    out.assert_refused(
         "a second alpha with another disk",
         &["already running", &pid],
     );
@@ -166,8 +125,7 @@ fn a_live_listener_on_the_mgmt_socket_path_is_never_replaced() {
     let squatter = std::os::unix::net::UnixListener::bind(&path).expect("bind squatter");
     let cfg = c.config_path().to_string_lossy().into_owned();
     let out = tandem(&["up", "--config", &cfg, "--node", "alpha"]);
-    assert_refused(
-        &out,
+    out.assert_refused(
         "tandem up with a live listener on its mgmt-socket",
         &["is in use", &std::process::id().to_string(), "mgmt-socket"],
     );
@@ -219,8 +177,7 @@ fn secondary_is_refused_while_an_nbd_client_holds_the_export_open() {
     assert_eq!(st["open_writers"], 2, "{st}");
 
     let out = tandem(&["secondary", "--socket", &sock]);
-    assert_refused(
-        &out,
+    out.assert_refused(
         "secondary while two NBD clients hold the export open",
         &[
             "held open by 2 writers",
@@ -258,8 +215,7 @@ fn secondary_is_refused_while_an_nbd_client_holds_the_export_open() {
     tandem(&["primary", "--socket", &sock]).assert_success("promote again");
     let mut w = nbd_unix_client(c.primary());
     let out = tandem(&["secondary", "--socket", &sock]);
-    assert_refused(
-        &out,
+    out.assert_refused(
         "secondary with one writer",
         &["held open by 1 writer: NBD client unix "],
     );

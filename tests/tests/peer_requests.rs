@@ -194,11 +194,8 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
         c.node(1).wait_status(CONNECT_TIMEOUT, "peer Primary", |s| {
             s.opt_str("/peer/role") == Some("Primary")
         });
-        let out = tandem(&["primary", "--socket", &sock]);
-        assert!(
-            !out.status.success(),
-            "beta promoted next to a Primary peer"
-        );
+        tandem(&["primary", "--socket", &sock])
+            .assert_refused("beta's promotion next to a Primary peer", &[]);
 
         // The peer demotes (its P_STATE says so); beta's own promotion now asks the
         // script, which refuses it: beta stays Secondary and says why.
@@ -228,9 +225,10 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
             },
         )
         .await;
-        let out = promote.join().expect("thread");
-        assert!(!out.status.success(), "promoted against the peer's refusal");
-        assert!(out.stderr.contains("Multiple primaries"), "{}", out.stderr);
+        promote.join().expect("thread").assert_refused(
+            "promotion against the peer's refusal",
+            &["Multiple primaries"],
+        );
         assert_eq!(c.node(1).status().str_at("/role"), "Secondary");
 
         // Asked again, the script grants it: beta is Primary; the script's own
