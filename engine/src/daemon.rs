@@ -5,7 +5,7 @@
 //! naming the running pid), opens and locks the backing device, attaches its
 //! DRBD 9 metadata ([`attach_disk`]: apply the activity log after a crash, mark the
 //! metadata unclean, load the bitmap — before any IO is served), starts the
-//! volume driver ([`crate::volume`]), the replication connection ([`crate::net`]), the NBD
+//! volume driver (`crate::volume`), the replication connection ([`crate::net`]), the NBD
 //! exports ([`crate::frontend::nbd`]) and the management socket ([`crate::mgmt`]) on one
 //! current-thread tokio runtime (see `runtime` for the measurement; the backing
 //! device's io_uring completions arrive through that runtime's epoll), then waits for

@@ -11,7 +11,7 @@
 //! (waiting for a request line), so idle squatters never lock out `tandem status`; an idle
 //! client is dropped after [`IDLE_TIMEOUT`] (10 s without a full request line; `tandem`
 //! itself opens one connection per request, `events --follow` too). Warnings a client can
-//! cause are rate-limited ([`crate::ratelog`]).
+//! cause are rate-limited (`crate::ratelog`).
 //! An unforced `secondary` waits up to [`HELD_OPEN_SETTLE`] (1 s) for clients holding
 //! the device open to go away before the volume refuses it as "held open".
 
@@ -70,7 +70,7 @@ pub enum Request {
     /// the status (`verify`, `last_verify`).
     Verify,
     /// The recorded state events (connections, roles, resync, verify, split brain), the
-    /// last [`crate::volume::MAX_EVENTS`], each with a sequence number.
+    /// last `crate::volume::MAX_EVENTS`, each with a sequence number.
     Events,
     /// Start a new data generation (`new-current-uuid`); with `clear_bitmap`
     /// (`"clear-bitmap":true`) on a connected just-created pair, skip the initial sync.
@@ -211,7 +211,7 @@ fn reply_line(result: Result<serde_json::Value, String>) -> Vec<u8> {
 }
 
 /// Binds the socket. A stale socket file is replaced; a socket that a live server still
-/// answers on, or a file that is not a socket, is refused ([`crate::sockfile`]).
+/// answers on, or a file that is not a socket, is refused (`crate::sockfile`).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     crate::sockfile::clear_stale(path, "mgmt-socket")?;
     if let Some(dir) = path.parent() {

@@ -102,7 +102,7 @@ impl Default for RateLimit {
     }
 }
 
-/// `tracing::warn!` with a per-call-site limit (see [`crate::ratelog`]): format arguments
+/// `tracing::warn!` with a per-call-site limit (see `crate::ratelog`): format arguments
 /// only, no structured fields.
 #[macro_export]
 macro_rules! warn_limited {

@@ -119,7 +119,7 @@ pub fn parse_stripe_size(text: &str) -> Result<u32, MetaError> {
     let bytes = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
         t.parse::<u64>().ok().and_then(|k| k.checked_mul(1024))
     } else {
-        crate::config::parse_size_str(t)
+        crate::units::parse_size(t)
     };
     let bad = || {
         MetaError::Usage(format!(

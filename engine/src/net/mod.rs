@@ -14,7 +14,7 @@
 //! `P_UUIDS`, `P_STATE` — sent by both sides, no request/response — and the checks DRBD
 //! makes on them (same wire protocol, peer large enough, at most one Primary). After that
 //! four tasks run until any of them fails: data sender, data receiver, meta sender, meta
-//! receiver (which also pings). Any failure drops the whole connection, the volume is told
+//! receiver (which also pings). Any failure drops the whole connection, the replica is told
 //! (its core marks every write not yet barrier-acked out of sync), and the manager
 //! reconnects with exponential back-off (100 ms doubling up to `connect-int`); the delay
 //! starts again at 100 ms only after a connection that got through the handshake, so a
@@ -41,7 +41,7 @@
 //! that fails the handshake is dropped and the next pair is taken. The peer's first handshake packet
 //! must arrive within [`FIRST_PACKET_TIMEOUT`], the whole handshake within
 //! [`HANDSHAKE_TIMEOUT`] (10 s). Every warning a remote party can cause is rate-limited
-//! ([`crate::ratelog`]). The send queues
+//! (`crate::ratelog`). The send queues
 //! hold at most `max-buffers` × 4 + 64 packets (more than the core can have in flight,
 //! so a full queue is a bug and drops the connection); a packet is at most 1 MiB of data
 //! plus its sub-header (the codec refuses larger lengths before anything is read).
@@ -49,14 +49,17 @@
 //! `ping-timeout` without an answer, DRBD's defaults 10 s and 0.5 s.
 
 pub mod handshake;
+mod link;
 pub mod liveness;
+mod port;
 mod session;
 pub mod socket;
 
+pub use link::{Link, Outgoing, SendError, Stream};
+pub use port::{LinkEvent, PeerData, PeerEvent, PeerWrite, PeerWriteKind, Replica};
+
 use crate::config::{Config, NodeConfig};
 use crate::state::ConnState;
-use crate::store::AlignedBuf;
-use crate::volume::Volume;
 use crate::wire::{self, Command, Header, WireCtx};
 use futures_util::FutureExt;
 use std::collections::BTreeMap;
@@ -65,7 +68,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 /// Time an accepted socket has to send its first packet.
 pub const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(3);
@@ -82,31 +85,6 @@ pub const PENDING_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// First reconnect delay; doubles up to `connect-int`.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
-
-/// A packet queued for a socket's sender task: encoded header (+ sub-header), optional
-/// data that follows it, and the request to report as handed to the network (protocol A).
-#[derive(Debug)]
-pub struct Outgoing {
-    /// Header and fixed payload.
-    pub bytes: Vec<u8>,
-    /// Data bytes following the header (P_DATA), shared with the local write.
-    pub data: Option<Arc<AlignedBuf>>,
-    /// Request id to report once the packet is in the socket (protocol A completion).
-    pub sent_id: Option<u64>,
-}
-
-/// The sending side of a live connection, handed to the volume driver.
-#[derive(Debug, Clone)]
-pub struct Link {
-    /// Agreed protocol version and features.
-    pub ctx: WireCtx,
-    /// Data socket queue.
-    pub data: mpsc::Sender<Outgoing>,
-    /// Meta socket queue.
-    pub meta: mpsc::Sender<Outgoing>,
-    /// Connection number, so a late event of an old connection is ignored.
-    pub session: u64,
-}
 
 /// Why a connection ended or could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -187,8 +165,8 @@ pub fn is_active(me: SocketAddr, peer: SocketAddr) -> bool {
 
 /// Runs the connection manager until `shutdown`: listen, connect or accept, handshake,
 /// serve, and reconnect with back-off after any failure.
-pub async fn run(
-    volume: Arc<Volume>,
+pub async fn run<R: Replica>(
+    replica: Arc<R>,
     config: Config,
     me: NodeConfig,
     peer: NodeConfig,
@@ -210,39 +188,42 @@ pub async fn run(
         }
     };
     let accepted = Arc::new(Accepted::default());
-    let acceptor = tokio::spawn(accept_loop(listener, accepted.clone(), volume.clone()));
+    let acceptor = tokio::spawn(accept_loop(listener, accepted.clone(), replica.clone()));
     let active = is_active(me.address, peer.address);
     let mut backoff = BACKOFF_START;
     let mut session_no = 0u64;
     while !*shutdown.borrow() {
-        if volume.is_standalone() {
-            volume.set_conn_state(ConnState::StandAlone);
+        if replica.is_standalone() {
+            replica.link_event(LinkEvent::State(ConnState::StandAlone));
             accepted.clear();
             tokio::select! {
-                _ = volume.wait_connect_allowed() => {}
+                _ = replica.wait_connect_allowed() => {}
                 _ = shutdown.wait_for(|s| *s) => break,
             }
             // `connect`: a fresh start, with the shortest delay.
             backoff = BACKOFF_START;
             continue;
         }
-        volume.set_conn_state(ConnState::WFConnection);
+        replica.link_event(LinkEvent::State(ConnState::WFConnection));
         let sockets = tokio::select! {
             s = establish(active, peer.address, &accepted, &config) => s,
             _ = shutdown.wait_for(|s| *s) => break,
-            _ = volume.wait_standalone() => continue,
+            _ = replica.wait_standalone() => continue,
         };
         let (data, meta, resolve_conflicts) = match sockets {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!("no connection to {} yet: {e}", peer.name);
-                volume.set_connection_error(Some(format!("no connection to {}: {e}", peer.name)));
+                replica.link_event(LinkEvent::Error(Some(format!(
+                    "no connection to {}: {e}",
+                    peer.name
+                ))));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     // A pair the peer opened to us ends the wait at once.
                     _ = accepted.wait_pair() => {}
                     _ = shutdown.wait_for(|s| *s) => break,
-                    _ = volume.wait_standalone() => {}
+                    _ = replica.wait_standalone() => {}
                 }
                 backoff = (backoff * 2).min(config.net.connect_interval);
                 continue;
@@ -275,13 +256,13 @@ pub async fn run(
             }
         }
         session_no += 1;
-        volume.set_conn_state(ConnState::WFReportParams);
+        replica.link_event(LinkEvent::State(ConnState::WFReportParams));
         let mut established = false;
         let result = tokio::select! {
-            r = session::run(volume.clone(), &config, &peer, (data, meta), resolve_conflicts, session_no, &mut established) => r,
+            r = session::run(replica.clone(), &config, &peer, (data, meta), resolve_conflicts, session_no, &mut established) => r,
             _ = shutdown.wait_for(|s| *s) => Err(NetError::Shutdown),
         };
-        volume.connection_lost(session_no);
+        replica.link_event(LinkEvent::Lost(session_no));
         let stage = if established {
             "connection to"
         } else {
@@ -291,10 +272,10 @@ pub async fn run(
             Ok(()) | Err(NetError::Shutdown) => {}
             Err(NetError::Closed) => {
                 crate::warn_limited!("{stage} {} lost: peer closed it", peer.name);
-                volume.set_connection_error(Some(format!(
+                replica.link_event(LinkEvent::Error(Some(format!(
                     "{stage} {}: peer closed the connection",
                     peer.name
-                )));
+                ))));
             }
             Err(NetError::SplitBrain(why)) => {
                 // DRBD: "Split-Brain detected, dropping connection!" and StandAlone;
@@ -303,8 +284,8 @@ pub async fn run(
                     "split brain with {}: {why}; staying StandAlone (resolve it, then `tandem connect`)",
                     peer.name
                 );
-                volume.set_connection_error(Some(format!("split brain: {why}")));
-                volume.split_brain(why);
+                replica.link_event(LinkEvent::Error(Some(format!("split brain: {why}"))));
+                replica.link_event(LinkEvent::SplitBrain(why));
             }
             Err(NetError::Refused(why)) => {
                 // DRBD: an incompatible peer (protocol, size, roles) is a permanent
@@ -313,12 +294,18 @@ pub async fn run(
                     "refused peer {}: {why}; staying StandAlone (fix it, then `tandem connect`)",
                     peer.name
                 );
-                volume.set_connection_error(Some(format!("refused peer {}: {why}", peer.name)));
-                volume.set_standalone(true);
+                replica.link_event(LinkEvent::Error(Some(format!(
+                    "refused peer {}: {why}",
+                    peer.name
+                ))));
+                replica.link_event(LinkEvent::Refused);
             }
             Err(e) => {
                 crate::warn_limited!("{stage} {} failed: {e}", peer.name);
-                volume.set_connection_error(Some(format!("{stage} {}: {e}", peer.name)));
+                replica.link_event(LinkEvent::Error(Some(format!(
+                    "{stage} {}: {e}",
+                    peer.name
+                ))));
             }
         }
         if *shutdown.borrow() {
@@ -334,11 +321,11 @@ pub async fn run(
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait_for(|s| *s) => break,
-            _ = volume.wait_standalone() => {}
+            _ = replica.wait_standalone() => {}
         }
     }
     acceptor.abort();
-    volume.set_conn_state(ConnState::StandAlone);
+    replica.link_event(LinkEvent::State(ConnState::StandAlone));
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -402,7 +389,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Accepts sockets forever; each must send `P_INITIAL_DATA` or `P_INITIAL_META` first.
 /// A new socket never finds the door shut: when the waiting room is full, the oldest
 /// unclassified socket (of the same source first) is closed instead (see the module docs).
-async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc<Volume>) {
+async fn accept_loop<R: Replica>(listener: TcpListener, accepted: Arc<Accepted>, replica: Arc<R>) {
     let table = Arc::new(std::sync::Mutex::new(Unclassified::default()));
     loop {
         let (mut stream, from) = match listener.accept().await {
@@ -413,7 +400,7 @@ async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc
                 continue;
             }
         };
-        if volume.is_standalone() {
+        if replica.is_standalone() {
             // DRBD does not listen while StandAlone; closing at once is the same to a peer.
             tracing::debug!("closed replication socket from {from}: StandAlone");
             continue;
@@ -428,7 +415,7 @@ async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc
                 .unwrap_or(Err(NetError::Protocol(
                     "first packet incomplete (P_INITIAL_DATA/META have no payload)".into(),
                 )));
-            file_socket(first, stream, from, &accepted, &volume);
+            file_socket(first, stream, from, &accepted, &*replica);
             continue;
         }
         let mut t = lock(&table);
@@ -446,7 +433,7 @@ async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc
             id,
         };
         let accepted = accepted.clone();
-        let volume = volume.clone();
+        let replica = replica.clone();
         let task = tokio::spawn(async move {
             let _unlist = unlist;
             let first = tokio::time::timeout(
@@ -455,19 +442,19 @@ async fn accept_loop(listener: TcpListener, accepted: Arc<Accepted>, volume: Arc
             )
             .await
             .unwrap_or(Err(NetError::Timeout("no first packet within 3 s")));
-            file_socket(first, stream, from, &accepted, &volume);
+            file_socket(first, stream, from, &accepted, &*replica);
         });
         t.live.insert(id, (from.ip(), task.abort_handle()));
     }
 }
 
 /// Files an accepted socket by its first packet, or refuses it (rate-limited warning).
-fn file_socket(
+fn file_socket<R: Replica>(
     first: Result<(Header, wire::Packet), NetError>,
     stream: TcpStream,
     from: SocketAddr,
     accepted: &Accepted,
-    volume: &Volume,
+    replica: &R,
 ) {
     let cmd = match first {
         Err(e) => {
@@ -487,7 +474,7 @@ fn file_socket(
             return;
         }
     };
-    if volume.conn_state() >= ConnState::Connected {
+    if replica.conn_state() >= ConnState::Connected {
         crate::warn_limited!("refused replication socket from {from}: already connected");
         return;
     }

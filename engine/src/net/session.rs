@@ -12,11 +12,12 @@
 
 use super::handshake::{self, PeerParams};
 use super::liveness::{Dead, Liveness, LivenessConfig, Observation, Step};
-use super::{read_exact, Link, NetError, Outgoing};
+use super::{
+    read_exact, Link, LinkEvent, NetError, Outgoing, PeerEvent, PeerWrite, PeerWriteKind, Replica,
+};
 use crate::config::{Config, NodeConfig};
 use crate::resync::{Inbound, SLEEP_TIME_MS};
 use crate::state::uuid::HandshakeOutcome;
-use crate::volume::{PeerWrite, PeerWriteKind, Volume};
 use crate::wire::{self, dp, BitmapReceiver, BitmapSender, Command, Header, Packet, WireCtx};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,8 +43,8 @@ const READ_BUFFER: usize = 16 << 10;
 type Reader = BufReader<OwnedReadHalf>;
 
 /// Handshake, then serve the connection until it fails. Returns why it ended.
-pub async fn run(
-    volume: Arc<Volume>,
+pub async fn run<R: Replica>(
+    replica: Arc<R>,
     config: &Config,
     peer: &NodeConfig,
     sockets: (TcpStream, TcpStream),
@@ -52,7 +53,7 @@ pub async fn run(
     established: &mut bool,
 ) -> Result<(), NetError> {
     let (mut data, meta) = sockets;
-    let local = volume.handshake_params(resolve_conflicts);
+    let local = replica.handshake_params(resolve_conflicts);
     let params: PeerParams =
         tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake::run(&mut data, local))
             .await
@@ -60,17 +61,17 @@ pub async fn run(
     let ctx = params.ctx;
     if let Some(why) = &params.split_brain_resolved {
         tracing::warn!("{why}");
-        volume.split_brain_resolved(why.clone());
+        replica.link_event(LinkEvent::SplitBrainResolved(why.clone()));
     }
     // An old run's resync write must not land after this connection's writes.
-    volume.wait_sync_io_idle().await;
+    replica.wait_sync_io_idle().await;
     if let HandshakeOutcome::SyncSource { full } | HandshakeOutcome::SyncTarget { full } =
         params.sync
     {
         let source = matches!(params.sync, HandshakeOutcome::SyncSource { .. });
         tokio::time::timeout(
             EXCHANGE_TIMEOUT,
-            exchange(&mut data, &volume, &ctx, source, full, volume.use_rle()),
+            exchange(&mut data, &*replica, &ctx, source, full, replica.use_rle()),
         )
         .await
         .map_err(|_| NetError::Timeout("bitmap exchange"))??;
@@ -80,12 +81,7 @@ pub async fn run(
     let queue = config.net.max_buffers as usize * 4 + 64;
     let (data_tx, data_rx) = mpsc::channel(queue);
     let (meta_tx, meta_rx) = mpsc::channel(queue);
-    let link = Link {
-        ctx,
-        data: data_tx,
-        meta: meta_tx.clone(),
-        session,
-    };
+    let link = Link::new(ctx, data_tx, meta_tx.clone(), session);
     tracing::info!(
         "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}, sync decision {:?}",
         peer.name,
@@ -97,8 +93,8 @@ pub async fn run(
         params.sync
     );
     *established = true;
-    volume.set_connection_error(None);
-    let kill = volume.connection_up(link, &params, resolve_conflicts);
+    replica.link_event(LinkEvent::Error(None));
+    let kill = replica.connection_up(link, &params, resolve_conflicts);
 
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
@@ -113,27 +109,27 @@ pub async fn run(
     tasks.spawn(sender(
         data_wr,
         data_rx,
-        volume.clone(),
+        replica.clone(),
         session,
         limits(false),
     ));
     tasks.spawn(sender(
         meta_wr,
         meta_rx,
-        volume.clone(),
+        replica.clone(),
         session,
         limits(true),
     ));
     tasks.spawn(data_receiver(
         BufReader::with_capacity(READ_BUFFER, data_rd),
         ctx,
-        volume.clone(),
+        replica.clone(),
         session,
     ));
     tasks.spawn(meta_receiver(
         BufReader::with_capacity(READ_BUFFER, meta_rd),
         ctx,
-        volume.clone(),
+        replica.clone(),
         meta_tx.clone(),
         live.clone(),
         session,
@@ -142,7 +138,7 @@ pub async fn run(
         ctx,
         meta_tx,
         live,
-        volume.clone(),
+        replica.clone(),
         LivenessConfig {
             ping_int: config.net.ping_interval,
             ping_timeout: config.net.ping_timeout,
@@ -150,8 +146,8 @@ pub async fn run(
             ko_count: config.net.ko_count,
         },
     ));
-    tasks.spawn(ticker(volume.clone(), session));
-    // The volume asks for the connection to go (disconnect, a failed flush, a full queue).
+    tasks.spawn(ticker(replica.clone(), session));
+    // The replica asks for the connection to go (disconnect, a failed flush, a full queue).
     tasks.spawn(async move {
         kill.notified().await;
         Err(NetError::Shutdown)
@@ -165,21 +161,21 @@ pub async fn run(
     }
 }
 
-/// Time the bitmap exchange and the sync UUID may take (a 1 TiB volume's uncompressed
+/// Time the bitmap exchange and the sync UUID may take (a 1 TiB replica's uncompressed
 /// bitmap is 32 MiB).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The bitmap exchange and the sync UUID (see `volume::sync`): WFBitMapS sends first,
+/// The bitmap exchange and the sync UUID (see `replica::sync`): WFBitMapS sends first,
 /// WFBitMapT receives first; both OR-merge; then the source sends `P_SYNC_UUID`.
-async fn exchange(
+async fn exchange<R: Replica>(
     data: &mut TcpStream,
-    volume: &Volume,
+    replica: &R,
     ctx: &WireCtx,
     source: bool,
     full: bool,
     use_rle: bool,
 ) -> Result<(), NetError> {
-    let (words, bm_bits) = volume.exchange_snapshot(full);
+    let (words, bm_bits) = replica.exchange_snapshot(full);
     let mut peer = vec![0u64; words.len()];
     if source {
         send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
@@ -188,10 +184,10 @@ async fn exchange(
         receive_bitmap(data, &mut peer, bm_bits, ctx).await?;
         send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
     }
-    let added = volume.merge_peer_bitmap(&peer);
+    let added = replica.merge_peer_bitmap(&peer);
     tracing::info!("bitmap exchange: the peer's bitmap added {added} out-of-sync blocks");
     if source {
-        let uuid = volume.begin_sync_source().map_err(NetError::Protocol)?;
+        let uuid = replica.begin_sync_source().map_err(NetError::Protocol)?;
         super::send_packet(data, &Packet::SyncUuid(uuid), ctx).await
     } else {
         let uuid = loop {
@@ -206,7 +202,7 @@ async fn exchange(
                 }
             }
         };
-        volume
+        replica
             .begin_sync_target(uuid)
             .await
             .map_err(NetError::Protocol)
@@ -272,12 +268,12 @@ async fn receive_bitmap(
 }
 
 /// The resync controller's clock: a step every 100 ms.
-async fn ticker(volume: Arc<Volume>, session: u64) -> Result<(), NetError> {
+async fn ticker<R: Replica>(replica: Arc<R>, session: u64) -> Result<(), NetError> {
     let mut iv = tokio::time::interval(Duration::from_millis(SLEEP_TIME_MS));
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         iv.tick().await;
-        volume.sync_tick(session);
+        replica.tick(session);
     }
 }
 
@@ -331,10 +327,10 @@ struct SendLimits {
 }
 
 /// Writes queued packets, batching up to [`MAX_BATCH`] per `writev`.
-async fn sender(
+async fn sender<R: Replica>(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Outgoing>,
-    volume: Arc<Volume>,
+    replica: Arc<R>,
     session: u64,
     limits: SendLimits,
 ) -> Result<(), NetError> {
@@ -348,10 +344,10 @@ async fn sender(
             .iter()
             .map(|i| i.bytes.len() + i.data.as_ref().map_or(0, |d| d.len()))
             .sum();
-        volume.count_tx(bytes as u64);
+        replica.count_tx(bytes as u64);
         for item in batch.drain(..) {
             if let Some(id) = item.sent_id {
-                volume.handed_to_network(session, id);
+                replica.handed_to_network(session, id);
             }
         }
     }
@@ -459,11 +455,19 @@ fn encode_to(pkt: &Packet, ctx: &WireCtx) -> Result<Outgoing, NetError> {
     })
 }
 
+/// Hands one decoded packet to the replica; its refusal ends the connection.
+async fn deliver<R: Replica>(replica: &R, session: u64, ev: PeerEvent) -> Result<(), NetError> {
+    replica
+        .peer_event(session, ev)
+        .await
+        .map_err(NetError::Protocol)
+}
+
 /// The data socket: writes, trims, barriers, state.
-async fn data_receiver(
+async fn data_receiver<R: Replica>(
     mut rd: Reader,
     ctx: WireCtx,
-    volume: Arc<Volume>,
+    replica: Arc<R>,
     session: u64,
 ) -> Result<(), NetError> {
     let mut head = Vec::with_capacity(64);
@@ -486,26 +490,30 @@ async fn data_receiver(
                         cmd.name()
                     )));
                 }
-                let mut data = volume
+                let mut data = replica
                     .receive_buffer(size)
                     .await
                     .map_err(|e| NetError::Protocol(format!("{}: {e}", cmd.name())))?;
                 read_exact(&mut rd, data.buf.as_mut_slice()).await?;
-                match cmd {
-                    Command::P_RS_DATA_REPLY => volume.rs_data_reply(session, dh.sector, len, data),
-                    Command::P_DATA_REPLY => volume.data_reply(session, dh.block_id, data),
-                    _ => {
-                        let w = PeerWrite {
-                            block_id: dh.block_id,
-                            sector: dh.sector,
-                            len,
-                            dp_flags: dh.dp_flags,
-                            kind: PeerWriteKind::Data(data),
-                        };
-                        volume.peer_write(session, w).await
-                    }
-                }
-                .map_err(NetError::Protocol)?;
+                let ev = match cmd {
+                    Command::P_RS_DATA_REPLY => PeerEvent::ResyncData {
+                        sector: dh.sector,
+                        len,
+                        data,
+                    },
+                    Command::P_DATA_REPLY => PeerEvent::ReadReply {
+                        block_id: dh.block_id,
+                        data,
+                    },
+                    _ => PeerEvent::Write(PeerWrite {
+                        block_id: dh.block_id,
+                        sector: dh.sector,
+                        len,
+                        dp_flags: dh.dp_flags,
+                        kind: PeerWriteKind::Data(data),
+                    }),
+                };
+                deliver(&*replica, session, ev).await?;
             }
             Packet::Trim {
                 cmd,
@@ -527,21 +535,21 @@ async fn data_receiver(
                     dp_flags: dh.dp_flags,
                     kind,
                 };
-                volume
-                    .peer_write(session, w)
-                    .await
-                    .map_err(NetError::Protocol)?;
+                deliver(&*replica, session, PeerEvent::Write(w)).await?;
             }
-            Packet::BlockReq { cmd, req, .. } if cmd == Command::P_DATA_REQUEST => volume
-                .peer_read_request(session, req.sector, req.blksize, req.block_id)
-                .await
-                .map_err(NetError::Protocol)?,
+            Packet::BlockReq { cmd, req, .. } if cmd == Command::P_DATA_REQUEST => {
+                let ev = PeerEvent::ReadRequest {
+                    sector: req.sector,
+                    len: req.blksize,
+                    block_id: req.block_id,
+                };
+                deliver(&*replica, session, ev).await?;
+            }
             p @ (Packet::BlockReq { .. } | Packet::BlockDesc { .. }) => {
                 match Inbound::from_packet(&p) {
-                    Ok(Some(inbound)) => volume
-                        .sync_inbound(session, inbound)
-                        .await
-                        .map_err(NetError::Protocol)?,
+                    Ok(Some(inbound)) => {
+                        deliver(&*replica, session, PeerEvent::Resync(inbound)).await?;
+                    }
                     Ok(None) => {
                         return Err(NetError::Protocol(format!(
                             "unexpected {} on the data socket",
@@ -551,14 +559,15 @@ async fn data_receiver(
                     Err(e) => return Err(NetError::Protocol(e.to_string())),
                 }
             }
-            Packet::Barrier(b) => volume
-                .peer_barrier(session, b.barrier)
-                .await
-                .map_err(NetError::Protocol)?,
-            Packet::State(word) => volume.peer_state(session, word),
-            Packet::ReqState { cmd, req } => volume.peer_state_request(session, cmd, req),
+            Packet::Barrier(b) => {
+                deliver(&*replica, session, PeerEvent::Barrier(b.barrier)).await?
+            }
+            Packet::State(word) => deliver(&*replica, session, PeerEvent::State(word)).await?,
+            Packet::ReqState { cmd, req } => {
+                deliver(&*replica, session, PeerEvent::StateRequest { cmd, req }).await?;
+            }
             Packet::Empty(c) if c == Command::P_UNPLUG_REMOTE => {}
-            Packet::Uuids(u) => volume.peer_uuids(session, u.into()),
+            Packet::Uuids(u) => deliver(&*replica, session, PeerEvent::Uuids(u.into())).await?,
             Packet::DelayProbe(_)
             | Packet::Sizes(_)
             | Packet::SyncParam { .. }
@@ -577,10 +586,10 @@ async fn data_receiver(
 }
 
 /// The meta socket: acks, barrier acks, pings.
-async fn meta_receiver(
+async fn meta_receiver<R: Replica>(
     mut rd: Reader,
     ctx: WireCtx,
-    volume: Arc<Volume>,
+    replica: Arc<R>,
     meta: mpsc::Sender<Outgoing>,
     live: Arc<Live>,
     session: u64,
@@ -599,23 +608,26 @@ async fn meta_receiver(
                 live.ping_acks.fetch_add(1, Ordering::Relaxed);
             }
             p @ Packet::BlockAck { .. } => match Inbound::from_packet(&p) {
-                Ok(Some(inbound)) => volume
-                    .sync_inbound(session, inbound)
-                    .await
-                    .map_err(NetError::Protocol)?,
+                Ok(Some(inbound)) => {
+                    deliver(&*replica, session, PeerEvent::Resync(inbound)).await?;
+                }
                 Ok(None) => {
                     if let Packet::BlockAck { cmd, ack } = p {
-                        volume
-                            .peer_ack(session, cmd, ack)
-                            .map_err(NetError::Protocol)?;
+                        deliver(&*replica, session, PeerEvent::Ack { cmd, ack }).await?;
                     }
                 }
                 Err(e) => return Err(NetError::Protocol(e.to_string())),
             },
-            Packet::BarrierAck(b) => volume
-                .barrier_ack(session, b.barrier, b.set_size)
-                .map_err(NetError::Protocol)?,
-            Packet::ReqStateReply { retcode, .. } => volume.state_reply(session, retcode),
+            Packet::BarrierAck(b) => {
+                let ev = PeerEvent::BarrierAck {
+                    barrier: b.barrier,
+                    set_size: b.set_size,
+                };
+                deliver(&*replica, session, ev).await?;
+            }
+            Packet::ReqStateReply { retcode, .. } => {
+                deliver(&*replica, session, PeerEvent::StateReply(retcode)).await?;
+            }
             Packet::DelayProbe(_) => {}
             _ => {
                 return Err(NetError::Protocol(format!(
@@ -629,11 +641,11 @@ async fn meta_receiver(
 
 /// Runs [`Liveness`] on the connection: pings when it says so, drops the connection
 /// when it declares the peer dead.
-async fn watchdog(
+async fn watchdog<R: Replica>(
     ctx: WireCtx,
     meta: mpsc::Sender<Outgoing>,
     live: Arc<Live>,
-    volume: Arc<Volume>,
+    replica: Arc<R>,
     cfg: LivenessConfig,
 ) -> Result<(), NetError> {
     let mut l = Liveness::new(cfg);
@@ -642,7 +654,7 @@ async fn watchdog(
             now: Instant::now(),
             last_rx: live.last_rx(),
             ping_acks: live.ping_acks.load(Ordering::Relaxed),
-            oldest_wait: volume.oldest_peer_wait(),
+            oldest_wait: replica.oldest_peer_wait(),
             ping_requested: live.ping_wanted.swap(false, Ordering::Relaxed),
         };
         let wait = match l.step(&o) {

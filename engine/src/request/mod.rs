@@ -6,7 +6,7 @@
 //! a local disk completion, a packet from the peer, a connection change) and then drains
 //! the IO the core wants done (submit to the local disk, send to the peer, complete to the
 //! application). Data buffers stay with the driver, keyed by the ids and tags that the
-//! outputs carry. The seeded simulator ([`crate::sim`]) drives the same two machines
+//! outputs carry. The seeded simulator (`crate::sim`) drives the same two machines
 //! against faulty in-memory disks and networks, which is how their rules are tested.
 //!
 //! The rules (research/drbd-protocol.md §4) and where they live:

@@ -49,7 +49,7 @@ use crate::config::{Config, NodeConfig};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, TargetInfo};
 use crate::meta::disk::{Attach, MetaDevice};
 use crate::net::handshake::{LocalParams, PeerParams};
-use crate::net::{Link, Outgoing};
+use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, PrimaryOutput,
     Receiver, ReceiverConfig, ReceiverOutput, WriteKind,
@@ -63,12 +63,13 @@ use crate::wire::{self, Command, Packet};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 mod peer_wait;
+mod port;
 mod sync;
 
-pub use sync::{SyncRole, SyncSettings, BITMAP_WRITEOUT_MS, SYNC_IO_DRAIN};
+pub use sync::{SyncRole, SyncSettings};
 
 /// Largest write handed to the core (and sent as one `P_DATA`): DRBD_MAX_BIO_SIZE.
 pub const MAX_WRITE_CHUNK: usize = 1 << 20;
@@ -79,43 +80,6 @@ pub const MAX_BATCH_CHUNK: u64 = 128 << 20;
 /// the Secondary's buffer bound. A data packet waits for room before it is read, which
 /// back-pressures the peer through TCP.
 pub const PEER_DATA_BUDGET: usize = 64 << 20;
-
-/// The data of one peer write, holding its share of [`PEER_DATA_BUDGET`] until dropped.
-#[derive(Debug)]
-pub struct PeerData {
-    /// The bytes, read straight from the socket.
-    pub buf: AlignedBuf,
-    _budget: OwnedSemaphorePermit,
-}
-
-/// A write received from the peer, with its data.
-#[derive(Debug)]
-pub struct PeerWrite {
-    /// Echoed in the acks.
-    pub block_id: u64,
-    /// First sector.
-    pub sector: u64,
-    /// Bytes.
-    pub len: u32,
-    /// The packet's `dp_flags`.
-    pub dp_flags: u32,
-    /// What to do.
-    pub kind: PeerWriteKind,
-}
-
-/// What a peer write does.
-#[derive(Debug)]
-pub enum PeerWriteKind {
-    /// `P_DATA`.
-    Data(PeerData),
-    /// `P_TRIM` with discard semantics.
-    Discard,
-    /// `P_ZEROES` (or `P_TRIM` without `DRBD_FF_WZEROES`).
-    Zeroes {
-        /// May deallocate.
-        unmap: bool,
-    },
-}
 
 struct Pending {
     buf: Option<Arc<AlignedBuf>>,
@@ -508,12 +472,6 @@ impl Volume {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Counts bytes a connection's sender wrote (status `net_tx_bytes`).
-    pub fn count_tx(&self, bytes: u64) {
-        self.net_tx_bytes
-            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Exported size, bytes.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -549,16 +507,14 @@ impl Volume {
                             "another state change with the peer is in progress; retry".into()
                         );
                     }
-                    let session = l.session;
+                    let session = l.session();
                     let (mask, val) = change::promote_request(force);
                     let pkt = Packet::ReqState {
                         cmd: Command::P_STATE_CHG_REQ,
                         req: wire::ReqState { mask, val },
                     };
                     let (tx, rx) = oneshot::channel();
-                    if let Some(bytes) = Self::encode(&inner.link, &pkt) {
-                        Self::queue(inner, true, bytes, None, None);
-                    }
+                    Self::send(inner, Stream::Data, &pkt, None);
                     inner.own_request = Some((session, tx));
                     Some((session, rx))
                 }
@@ -725,7 +681,7 @@ impl Volume {
                 }
                 Self::promotion_refusal(inner, force)?;
                 if let Some(l) = &inner.link {
-                    if granted != Some(l.session) {
+                    if granted != Some(l.session()) {
                         return Err(
                             "the connection changed while the peer considered the promotion; \
                              retry"
@@ -752,7 +708,7 @@ impl Volume {
                 // this node has writes the peer lacks, or a split brain.
                 let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
                 let mut uuids = inner.uuids;
-                let version = inner.link.as_ref().map_or(0, |l| l.ctx.version());
+                let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
                 let fresh_pair = uuids.may_skip_initial_sync(reachable, version)
                     && inner.disk == DiskState::UpToDate
                     && inner.peer_disk == DiskState::UpToDate
@@ -782,9 +738,7 @@ impl Volume {
                         dirty_bits: 0,
                         uuid_flags: wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
                     });
-                    if let Some(bytes) = Self::encode(&inner.link, &pkt) {
-                        Self::queue(inner, true, bytes, None, None);
-                    }
+                    Self::send(inner, Stream::Data, &pkt, None);
                 }
                 inner.role = Role::Primary;
                 if forced {
@@ -900,7 +854,7 @@ impl Volume {
 
     /// The handshake found a split brain (or unrelated data): stay StandAlone until the
     /// operator connects again, and show why in status.
-    pub fn split_brain(&self, why: String) {
+    fn split_brain(&self, why: String) {
         {
             let mut g = self.lock();
             g.event("split-brain", serde_json::json!({ "why": why }));
@@ -951,7 +905,7 @@ impl Volume {
     }
 
     /// Resolves when a `connect` leaves StandAlone.
-    pub async fn wait_connect_allowed(&self) {
+    async fn wait_connect_allowed(&self) {
         loop {
             let n = self.conn_changed.notified();
             if !self.is_standalone() {
@@ -962,7 +916,7 @@ impl Volume {
     }
 
     /// Resolves when a `disconnect` asks for StandAlone.
-    pub async fn wait_standalone(&self) {
+    async fn wait_standalone(&self) {
         loop {
             let n = self.conn_changed.notified();
             if self.is_standalone() {
@@ -973,17 +927,12 @@ impl Volume {
     }
 
     /// Records the connection manager's state.
-    pub fn set_conn_state(&self, state: ConnState) {
+    fn set_conn_state(&self, state: ConnState) {
         self.lock().conn = state;
     }
 
-    /// The connection state.
-    pub fn conn_state(&self) -> ConnState {
-        self.lock().conn
-    }
-
     /// What the handshake says about this node.
-    pub fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
+    fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
         let g = self.lock();
         LocalParams {
             protocol: self.protocol,
@@ -1003,12 +952,7 @@ impl Volume {
     }
 
     /// A connection finished its handshake. Returns the notify that kills it.
-    pub fn connection_up(
-        &self,
-        link: Link,
-        peer: &PeerParams,
-        resolve_conflicts: bool,
-    ) -> Arc<Notify> {
+    fn connection_up(&self, link: Link, peer: &PeerParams, resolve_conflicts: bool) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
         let mut effects = Vec::new();
         {
@@ -1068,12 +1012,12 @@ impl Volume {
     }
 
     /// The connection `session` is gone: writes not barrier-acked become out of sync.
-    pub fn connection_lost(&self, session: u64) {
+    fn connection_lost(&self, session: u64) {
         let mut effects = Vec::new();
         {
             let mut g = self.lock();
             let inner = &mut *g;
-            if inner.link.as_ref().is_none_or(|l| l.session != session) {
+            if inner.link.as_ref().is_none_or(|l| l.session() != session) {
                 return;
             }
             inner.link = None;
@@ -1135,19 +1079,13 @@ impl Volume {
         let out = {
             let mut g = self.lock();
             let inner = &mut *g;
-            if inner.link.as_ref().is_none_or(|l| l.session != session) {
+            if inner.link.as_ref().is_none_or(|l| l.session() != session) {
                 return Ok(None);
             }
             f(self, inner, &mut effects)
         };
         self.run(effects);
         out.map(Some)
-    }
-
-    /// When the oldest write still awaiting the peer (its ack or its epoch's barrier ack)
-    /// was queued to it; `None` when none waits (`net::liveness`).
-    pub fn oldest_peer_wait(&self) -> Option<Instant> {
-        self.lock().peer_waits.oldest()
     }
 
     /// Protocol A: a packet of request `block_id` is in the socket.
@@ -1382,7 +1320,7 @@ impl Volume {
         let session = {
             let mut g = self.lock();
             self.send_state(&mut g);
-            g.link.as_ref().map(|l| l.session)
+            g.link.as_ref().map(|l| l.session())
         };
         if !detach {
             // pass_on: the handshake of a renewed connection resyncs the failed blocks.
@@ -1431,9 +1369,7 @@ impl Volume {
                 },
                 retcode: d.rv.code(),
             };
-            if let Some(bytes) = Self::encode(&inner.link, &reply) {
-                Self::queue(inner, false, bytes, None, None);
-            }
+            Self::send(inner, Stream::Meta, &reply, None);
             if !d.rv.is_success() {
                 tracing::warn!(
                     "refused the peer's state change request (mask {:#x}, val {:#x}): {}",
@@ -1470,7 +1406,7 @@ impl Volume {
             let kill = {
                 let g = me.lock();
                 match &g.link {
-                    Some(l) if l.session == session => g.kill.clone(),
+                    Some(l) if l.session() == session => g.kill.clone(),
                     _ => return,
                 }
             };
@@ -1515,7 +1451,7 @@ impl Volume {
 
     /// A buffer for `len` bytes of peer data; waits until the Secondary's buffer budget
     /// ([`PEER_DATA_BUDGET`]) has room.
-    pub async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {
+    async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {
         let units =
             u32::try_from(len.div_ceil(SECTOR_SIZE)).map_err(|_| format!("{len}-byte write"))?;
         let budget = self
@@ -1525,10 +1461,7 @@ impl Volume {
             .await
             .map_err(|e| e.to_string())?;
         let buf = AlignedBuf::new(len).map_err(|e| e.to_string())?;
-        Ok(PeerData {
-            buf,
-            _budget: budget,
-        })
+        Ok(PeerData::new(buf, budget))
     }
 
     /// A write from the peer; waits while the receiver is full (back-pressure).
@@ -1581,26 +1514,24 @@ impl Volume {
 
     // ----- turning core outputs into IO -----------------------------------------------
 
-    /// Queues a packet on the live connection's data or meta socket. A full queue means a
-    /// bound was miscomputed: the connection is dropped (its writes become out of sync)
-    /// rather than the queue grown. Returns whether the packet was queued.
-    fn queue(
-        inner: &Inner,
-        data_socket: bool,
-        bytes: Vec<u8>,
-        data: Option<Arc<AlignedBuf>>,
-        sent_id: Option<u64>,
-    ) -> bool {
+    /// Queues `pkt` (and `data` after it) on the live connection's `stream`; returns
+    /// whether it was queued.
+    fn send(inner: &Inner, stream: Stream, pkt: &Packet, data: Option<Arc<AlignedBuf>>) -> bool {
         let Some(l) = &inner.link else { return false };
-        let q = if data_socket { &l.data } else { &l.meta };
-        match q.try_send(Outgoing {
-            bytes,
-            data,
-            sent_id,
-        }) {
+        Self::queued(inner, l.send(stream, pkt, data))
+    }
+
+    /// Whether a send was queued. A full queue means a bound was miscomputed: the
+    /// connection is dropped (its writes become out of sync) rather than the queue grown.
+    fn queued(inner: &Inner, sent: Result<(), SendError>) -> bool {
+        match sent {
             Ok(()) => true,
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+            Err(SendError::Closed) => false,
+            Err(e @ SendError::Encode(_)) => {
+                tracing::error!("{e}");
+                false
+            }
+            Err(SendError::Full) => {
                 tracing::error!(
                     "send queue full (a bound was miscomputed); dropping the connection"
                 );
@@ -1608,18 +1539,6 @@ impl Volume {
                     k.notify_one();
                 }
                 false
-            }
-        }
-    }
-
-    fn encode(link: &Option<Link>, pkt: &Packet) -> Option<Vec<u8>> {
-        let l = link.as_ref()?;
-        let mut bytes = Vec::with_capacity(48);
-        match wire::encode(pkt, &l.ctx, 0, &mut bytes) {
-            Ok(()) => Some(bytes),
-            Err(e) => {
-                tracing::error!("cannot encode {}: {e}", pkt.command().name());
-                None
             }
         }
     }
@@ -1634,9 +1553,7 @@ impl Volume {
             ..wire::StateBits::default()
         };
         if let Ok(word) = bits.pack() {
-            if let Some(bytes) = Self::encode(&inner.link, &Packet::State(word)) {
-                Self::queue(inner, true, bytes, None, None);
-            }
+            Self::send(inner, Stream::Data, &Packet::State(word), None);
         }
     }
 
@@ -1695,67 +1612,24 @@ impl Volume {
                         seq_num: 0,
                         dp_flags,
                     };
-                    let mut bytes = Vec::with_capacity(48);
-                    let (encoded, data) = match kind {
-                        WriteKind::Data => {
-                            let data = inner.pending.get(&id).and_then(|p| p.buf.clone());
-                            (
-                                wire::encode_data_header(
-                                    Command::P_DATA,
-                                    &head,
-                                    &[],
-                                    len,
-                                    &link.ctx,
-                                    0,
-                                    &mut bytes,
-                                ),
-                                data,
-                            )
-                        }
-                        WriteKind::Discard | WriteKind::Zeroes { .. } => {
-                            let zeroes = matches!(kind, WriteKind::Zeroes { .. });
-                            let cmd = if zeroes && link.ctx.has(wire::ff::DRBD_FF_WZEROES) {
-                                Command::P_ZEROES
-                            } else {
-                                Command::P_TRIM
-                            };
-                            (
-                                wire::encode(
-                                    &Packet::Trim {
-                                        cmd,
-                                        head,
-                                        size: len,
-                                    },
-                                    &link.ctx,
-                                    0,
-                                    &mut bytes,
-                                ),
-                                None,
-                            )
-                        }
+                    let data = match kind {
+                        WriteKind::Data => inner.pending.get(&id).and_then(|p| p.buf.clone()),
+                        WriteKind::Discard | WriteKind::Zeroes { .. } => None,
                     };
-                    if let Err(e) = encoded {
-                        tracing::error!(
-                            "cannot encode a write of {len} bytes at sector {sector}: {e}"
-                        );
-                        continue;
-                    }
+                    let zeroes = matches!(kind, WriteKind::Zeroes { .. });
                     let sent_id = (self.protocol == Protocol::A).then_some(block_id);
-                    if Self::queue(inner, true, bytes, data, sent_id) {
+                    let sent = link.send_write(head, len, data, zeroes, sent_id);
+                    if Self::queued(inner, sent) {
                         inner.bytes_replicated += u64::from(len);
                         inner.peer_waits.sent(block_id, Instant::now());
                     }
                 }
                 PrimaryOutput::SendBarrier { nr } => {
-                    if let Some(bytes) = Self::encode(
-                        &inner.link,
-                        &Packet::Barrier(wire::Barrier {
-                            barrier: nr,
-                            pad: 0,
-                        }),
-                    ) {
-                        Self::queue(inner, true, bytes, None, None);
-                    }
+                    let barrier = Packet::Barrier(wire::Barrier {
+                        barrier: nr,
+                        pad: 0,
+                    });
+                    Self::send(inner, Stream::Data, &barrier, None);
                 }
                 PrimaryOutput::Complete { id, result } => {
                     if let Some(p) = inner.pending.remove(&id) {
@@ -1849,9 +1723,7 @@ impl Volume {
                     })
                 }
             };
-            if let Some(bytes) = Self::encode(&inner.link, &pkt) {
-                Self::queue(inner, false, bytes, None, None);
-            }
+            Self::send(inner, Stream::Meta, &pkt, None);
         }
     }
 
@@ -2080,7 +1952,8 @@ impl Volume {
         let offset = sector * SECTOR_SIZE as u64;
         let r = match (kind, buf) {
             (WriteKind::Data, Some(Buf::Shared(b))) => self.store.write(offset, b, fua).await,
-            (WriteKind::Data, Some(Buf::Owned(PeerData { buf, _budget }))) => {
+            (WriteKind::Data, Some(Buf::Owned(d))) => {
+                let (buf, _budget) = d.into_parts();
                 // `_budget` is held until the write is done.
                 self.store.write(offset, Arc::new(buf), fua).await
             }
@@ -2326,7 +2199,7 @@ impl Volume {
 
     /// Records why the last connection attempt failed (`None`: a handshake succeeded);
     /// shown as `connection_error` and `connection_error_at` (Unix seconds) in status.
-    pub fn set_connection_error(&self, why: Option<String>) {
+    fn set_connection_error(&self, why: Option<String>) {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

@@ -41,8 +41,9 @@
 //! of ≤ 1 MiB) as in [`crate::resync`]; reply data is read under the receiver's
 //! [`super::PEER_DATA_BUDGET`]; held application writes ≤ the receiver's `max-buffers`.
 
-use super::{log_refusal, Effect, Inner, PeerData, Volume};
+use super::{log_refusal, Effect, Inner, Volume};
 use crate::net::handshake::PeerParams;
+use crate::net::{PeerData, Stream};
 use crate::request::OutOfSync;
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
@@ -203,7 +204,7 @@ impl Volume {
         let congested = inner
             .link
             .as_ref()
-            .is_some_and(|l| l.data.capacity() < l.data.max_capacity() / 2);
+            .is_some_and(|l| l.congested(Stream::Resync));
         TickInput {
             now_ms: self.now_ms(),
             app_io_sectors: inner.app_io_sectors,
@@ -217,7 +218,7 @@ impl Volume {
 
     /// Step 1: the bitmap to send, as words, and its bit count. A full sync sets every
     /// bit first.
-    pub fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64) {
+    pub(super) fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64) {
         let mut g = self.lock();
         let oos = g.primary.out_of_sync_mut();
         if full {
@@ -226,14 +227,9 @@ impl Volume {
         (oos.words().to_vec(), oos.blocks())
     }
 
-    /// Step 2: OR-merges the peer's bitmap. Returns the bits it added.
-    pub fn merge_peer_bitmap(&self, words: &[u64]) -> u64 {
-        self.lock().primary.out_of_sync_mut().merge_words(words)
-    }
-
     /// Step 3 on the SyncSource: the new bitmap UUID, durably; returns the `P_SYNC_UUID`
     /// value.
-    pub fn begin_sync_source(&self) -> Result<u64, String> {
+    pub(super) fn begin_sync_source(&self) -> Result<u64, String> {
         let mut g = self.lock();
         let mut uuids = g.uuids;
         let sync_uuid = uuids.start_sync_source(random_uuid(&mut rand::thread_rng()));
@@ -243,7 +239,7 @@ impl Volume {
 
     /// Step 3 on the SyncTarget: bitmap pages, then "not consistent", then the sync
     /// UUID, each durable before the next.
-    pub async fn begin_sync_target(&self, sync_uuid: u64) -> Result<(), String> {
+    pub(super) async fn begin_sync_target(&self, sync_uuid: u64) -> Result<(), String> {
         let pages = self.lock().primary.take_dirty_bitmap_pages();
         self.write_bitmap_pages_async(pages).await?;
         self.md_lock()
@@ -258,7 +254,7 @@ impl Volume {
 
     /// Waits (≤ [`SYNC_IO_DRAIN`]) until no resync read or write of an earlier
     /// connection is in flight.
-    pub async fn wait_sync_io_idle(&self) {
+    pub(super) async fn wait_sync_io_idle(&self) {
         let deadline = tokio::time::Instant::now() + SYNC_IO_DRAIN;
         while self.lock().sync_io_in_flight > 0 {
             if tokio::time::Instant::now() > deadline {
@@ -360,7 +356,7 @@ impl Volume {
             thin: inner
                 .link
                 .as_ref()
-                .is_some_and(|l| l.ctx.has(crate::wire::ff::DRBD_FF_THIN_RESYNC)),
+                .is_some_and(|l| l.ctx().has(crate::wire::ff::DRBD_FF_THIN_RESYNC)),
             max_app_writes: inner.primary.config().max_in_flight + 64,
             c_min_rate: self.sync.rate.c_min_rate,
             ..SourceConfig::new(sectors)
@@ -463,11 +459,10 @@ impl Volume {
                     },
                     digest: Vec::new(),
                 };
-                let Some(bytes) = Self::encode(&inner.link, &pkt) else {
+                if !Self::send(inner, Stream::Data, &pkt, None) {
                     return Err(BlockError::Io);
-                };
+                }
                 inner.remote_reads.insert(id, tx);
-                Self::queue(inner, true, bytes, None, None);
             }
             parts.push(rx);
             done += n;
@@ -487,7 +482,12 @@ impl Volume {
     }
 
     /// `P_DATA_REPLY` for one of this node's reads.
-    pub fn data_reply(&self, session: u64, block_id: u64, data: PeerData) -> Result<(), String> {
+    pub(super) fn data_reply(
+        &self,
+        session: u64,
+        block_id: u64,
+        data: PeerData,
+    ) -> Result<(), String> {
         self.with_session(session, |_, inner, _| {
             let tx = inner
                 .remote_reads
@@ -510,7 +510,7 @@ impl Volume {
     /// The peer's `P_DATA_REQUEST`: read locally and answer `P_DATA_REPLY` (or
     /// `P_NEG_DREPLY`). At most `MAX_PEER_READS` (64) at once: the caller (the data socket's
     /// reader) waits here beyond that.
-    pub async fn peer_read_request(
+    pub(super) async fn peer_read_request(
         &self,
         session: u64,
         sector: u64,
@@ -540,7 +540,7 @@ impl Volume {
                 .read(sector * SECTOR_SIZE as u64, len as usize)
                 .await;
             let _ = me.with_session(session, |_, inner, _| {
-                let (pkt, data, data_socket) = match r {
+                let (pkt, data, stream) = match r {
                     Ok(buf) => (
                         Packet::Data {
                             cmd: crate::wire::Command::P_DATA_REPLY,
@@ -554,7 +554,7 @@ impl Volume {
                             data_len: len,
                         },
                         Some(Arc::new(buf)),
-                        true,
+                        Stream::Data,
                     ),
                     Err(e) => {
                         tracing::warn!("read for the peer at sector {sector} failed: {e}");
@@ -569,13 +569,11 @@ impl Volume {
                                 },
                             },
                             None,
-                            false,
+                            Stream::Meta,
                         )
                     }
                 };
-                if let Some(bytes) = Self::encode(&inner.link, &pkt) {
-                    Self::queue(inner, data_socket, bytes, data, None);
-                }
+                Self::send(inner, stream, &pkt, data);
                 Ok(())
             });
             drop(permit);
@@ -586,7 +584,7 @@ impl Volume {
     // ----- the run ---------------------------------------------------------------------
 
     /// One controller step (every 100 ms while connected).
-    pub fn sync_tick(&self, session: u64) {
+    pub(super) fn sync_tick(&self, session: u64) {
         let _ = self.with_session(session, |v, inner, fx| {
             let input = v.tick_input(inner);
             if let Some(r) = inner.target.as_mut() {
@@ -710,7 +708,7 @@ impl Volume {
 
     /// A resync or verify packet without data, from either socket. Requests wait while
     /// the source's queue is full.
-    pub async fn sync_inbound(&self, session: u64, inbound: Inbound) -> Result<(), String> {
+    pub(super) async fn sync_inbound(&self, session: u64, inbound: Inbound) -> Result<(), String> {
         loop {
             let notified = self.accept.notified();
             let done = self.with_session(session, |v, inner, fx| {
@@ -798,7 +796,7 @@ impl Volume {
     }
 
     /// `P_RS_DATA_REPLY` with its data.
-    pub fn rs_data_reply(
+    pub(super) fn rs_data_reply(
         &self,
         session: u64,
         sector: u64,
@@ -1077,14 +1075,16 @@ impl Volume {
         Ok(())
     }
 
-    /// Acks go on the meta socket, requests and data on the data socket.
+    /// Acks go on the meta stream, requests and data on the resync stream.
     fn send_sync_packet(inner: &mut Inner, pkt: &Packet, data: Option<Arc<AlignedBuf>>) {
-        let meta = matches!(pkt, Packet::BlockAck { .. });
-        if let Some(bytes) = Self::encode(&inner.link, pkt) {
-            if let Some(d) = &data {
-                inner.resync_bytes_sent += d.len() as u64;
-            }
-            Self::queue(inner, !meta, bytes, data, None);
+        let stream = if matches!(pkt, Packet::BlockAck { .. }) {
+            Stream::Meta
+        } else {
+            Stream::Resync
+        };
+        let bytes = data.as_ref().map_or(0, |d| d.len() as u64);
+        if Self::send(inner, stream, pkt, data) {
+            inner.resync_bytes_sent += bytes;
         }
     }
 
@@ -1371,7 +1371,7 @@ impl Volume {
             uuids.new_current_uuid_cmd(random, primary, false);
             return self.persist_uuids(inner, uuids);
         }
-        let version = inner.link.as_ref().map_or(0, |l| l.ctx.version());
+        let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
         if !uuids.may_skip_initial_sync(inner.link.is_some(), version) {
             return Err("--clear-bitmap skips the initial sync only on a connected pair whose metadata was just created (current UUID still the create-md value)".into());
         }
@@ -1386,9 +1386,7 @@ impl Volume {
             dirty_bits: 0,
             uuid_flags: crate::wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
         });
-        if let Some(bytes) = Self::encode(&inner.link, &pkt) {
-            Self::queue(inner, true, bytes, None, None);
-        }
+        Self::send(inner, Stream::Data, &pkt, None);
         self.send_state(inner);
         Ok(())
     }
@@ -1411,9 +1409,9 @@ impl Volume {
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync
     /// (`new-current-uuid --clear-bitmap`); anything else is ignored, as DRBD 8.4 does
     /// outside the handshake.
-    pub fn peer_uuids(&self, session: u64, p: crate::state::uuid::UuidPacket) {
+    pub(super) fn peer_uuids(&self, session: u64, p: crate::state::uuid::UuidPacket) {
         let _ = self.with_session(session, |v, inner, _| {
-            let version = inner.link.as_ref().map_or(0, |l| l.ctx.version());
+            let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
             let mut uuids = inner.uuids;
             let primary = inner.role == Role::Primary;
             if uuids.accept_skip_initial_sync(&p, true, version, primary) {
@@ -1427,14 +1425,9 @@ impl Volume {
         });
     }
 
-    /// `use-rle`: compress the bitmap exchange.
-    pub fn use_rle(&self) -> bool {
-        self.sync.use_rle
-    }
-
     /// The handshake resolved a split brain (by policy or discard-my-data): shown in
     /// status (`split_brain_resolved`, the last one) and as an event.
-    pub fn split_brain_resolved(&self, why: String) {
+    pub(super) fn split_brain_resolved(&self, why: String) {
         let mut g = self.lock();
         g.event("split-brain-resolved", serde_json::json!({ "how": why }));
         g.split_brain_resolved = Some(why);

@@ -1,0 +1,213 @@
+//! The transport seam: a live connection as one object that owns its streams.
+//!
+//! A [`Link`] is what the replica holds while connected. It owns one meta stream and a
+//! *set* of data streams (one today, as DRBD 8.4 has one data socket), accepts packets
+//! tagged with a [`Stream`] class, encodes them (the replica never builds bytes and never
+//! names a socket) and queues them for the stream's sender task, and reports congestion
+//! per class. Each queue holds at most `max-buffers` × 4 + 64 packets (see
+//! `net::session`): more than the replica can have in flight, so a full queue is a bug
+//! the caller answers by dropping the connection ([`SendError::Full`]), never by growing
+//! the queue.
+//!
+//! The one rule that ties the replica to a single ordered data stream lives in
+//! [`Link::queue_for`]: see its doc. Multi-stream work changes that function and the
+//! peer-side reordering it implies, nothing else in the replica.
+
+use crate::store::AlignedBuf;
+use crate::wire::{self, Command, DataHeader, Packet, WireCtx};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Which stream class a packet travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Application writes, barriers, state, read requests and replies.
+    Data,
+    /// Acks, barrier acks, state-change replies, pings: never queued behind data.
+    Meta,
+    /// Resync requests and replies (the resync's data rides here).
+    Resync,
+}
+
+/// A packet queued for a socket's sender task: encoded header (+ sub-header), optional
+/// data that follows it, and the request to report as handed to the network (protocol A).
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Header and fixed payload.
+    pub bytes: Vec<u8>,
+    /// Data bytes following the header (P_DATA), shared with the local write.
+    pub data: Option<Arc<AlignedBuf>>,
+    /// Request id to report once the packet is in the socket (protocol A completion).
+    pub sent_id: Option<u64>,
+}
+
+/// Why a packet was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection's sender task is gone: the connection is ending.
+    #[error("connection closed")]
+    Closed,
+    /// The stream's queue is full: a bound was miscomputed (drop the connection).
+    #[error("send queue full")]
+    Full,
+    /// The codec refused the packet (a programmer error: the replica built it).
+    #[error("cannot encode: {0}")]
+    Encode(#[from] wire::WireError),
+}
+
+/// The sending side of a live connection.
+#[derive(Debug, Clone)]
+pub struct Link {
+    ctx: WireCtx,
+    /// Never empty; exactly one today.
+    data: Vec<mpsc::Sender<Outgoing>>,
+    meta: mpsc::Sender<Outgoing>,
+    session: u64,
+}
+
+impl Link {
+    /// A link over one data and one meta queue for connection number `session`.
+    pub(crate) fn new(
+        ctx: WireCtx,
+        data: mpsc::Sender<Outgoing>,
+        meta: mpsc::Sender<Outgoing>,
+        session: u64,
+    ) -> Self {
+        Link {
+            ctx,
+            data: vec![data],
+            meta,
+            session,
+        }
+    }
+
+    /// Agreed protocol version and features.
+    pub fn ctx(&self) -> &WireCtx {
+        &self.ctx
+    }
+
+    /// Connection number, so a late event of an old connection is ignored.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// The queue a packet of `stream` goes to.
+    ///
+    /// **The one place that relies on one ordered data stream.** The Primary's epochs
+    /// (`request/primary.rs`, module doc) are only correct if the peer sees every
+    /// `P_DATA` of an epoch before that epoch's `P_BARRIER`, and a resync reply after
+    /// the application write it must not overtake (DRBD 8.4's single data socket gives
+    /// both). With several data streams this function must pin an epoch's writes and its
+    /// barrier to one stream (or the peer must reorder by epoch number) — the change the
+    /// multi-stream work makes here.
+    fn queue_for(&self, stream: Stream) -> &mpsc::Sender<Outgoing> {
+        match stream {
+            Stream::Meta => &self.meta,
+            Stream::Data | Stream::Resync => &self.data[0],
+        }
+    }
+
+    fn push(&self, stream: Stream, out: Outgoing) -> Result<(), SendError> {
+        self.queue_for(stream).try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+        })
+    }
+
+    /// Encodes `pkt` and queues it (with `data` after it, if any) on `stream`.
+    pub fn send(
+        &self,
+        stream: Stream,
+        pkt: &Packet,
+        data: Option<Arc<AlignedBuf>>,
+    ) -> Result<(), SendError> {
+        let mut bytes = Vec::with_capacity(48);
+        wire::encode(pkt, &self.ctx, 0, &mut bytes)?;
+        self.push(
+            stream,
+            Outgoing {
+                bytes,
+                data,
+                sent_id: None,
+            },
+        )
+    }
+
+    /// Queues an application write: `P_DATA` with `len` bytes of `data` after it, or a
+    /// `P_TRIM` / `P_ZEROES` when `data` is `None` (`zeroes` picks which, as the agreed
+    /// features allow). `sent_id`: reported through `Replica::handed_to_network` once
+    /// the packet is in the socket (protocol A).
+    pub fn send_write(
+        &self,
+        head: DataHeader,
+        len: u32,
+        data: Option<Arc<AlignedBuf>>,
+        zeroes: bool,
+        sent_id: Option<u64>,
+    ) -> Result<(), SendError> {
+        let mut bytes = Vec::with_capacity(48);
+        if data.is_some() {
+            wire::encode_data_header(Command::P_DATA, &head, &[], len, &self.ctx, 0, &mut bytes)?;
+        } else {
+            let cmd = if zeroes && self.ctx.has(wire::ff::DRBD_FF_WZEROES) {
+                Command::P_ZEROES
+            } else {
+                Command::P_TRIM
+            };
+            let pkt = Packet::Trim {
+                cmd,
+                head,
+                size: len,
+            };
+            wire::encode(&pkt, &self.ctx, 0, &mut bytes)?;
+        }
+        self.push(
+            Stream::Data,
+            Outgoing {
+                bytes,
+                data,
+                sent_id,
+            },
+        )
+    }
+
+    /// Whether `stream`'s queue is more than half full (the resync controller's
+    /// congestion input).
+    pub fn congested(&self, stream: Stream) -> bool {
+        let q = self.queue_for(stream);
+        q.capacity() < q.max_capacity() / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_go_to_their_class_and_a_full_queue_is_reported() {
+        let (dtx, mut drx) = mpsc::channel(2);
+        let (mtx, mut mrx) = mpsc::channel(2);
+        let link = Link::new(WireCtx::new(101, 0).expect("ctx"), dtx, mtx, 7);
+        let ping = Packet::Empty(Command::P_PING);
+        link.send(Stream::Meta, &ping, None).expect("meta");
+        link.send(Stream::Resync, &ping, None).expect("resync");
+        assert!(mrx.try_recv().is_ok());
+        assert!(
+            drx.try_recv().is_ok(),
+            "resync shares the data stream today"
+        );
+        link.send(Stream::Data, &ping, None).expect("1");
+        assert!(!link.congested(Stream::Data));
+        link.send(Stream::Data, &ping, None).expect("2");
+        assert!(link.congested(Stream::Data));
+        assert!(matches!(
+            link.send(Stream::Data, &ping, None),
+            Err(SendError::Full)
+        ));
+        drop(drx);
+        assert!(matches!(
+            link.send(Stream::Data, &ping, None),
+            Err(SendError::Closed)
+        ));
+    }
+}

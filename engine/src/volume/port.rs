@@ -1,0 +1,129 @@
+//! The volume as the replica a connection serves ([`crate::net::Replica`]): the one
+//! place where `net`'s events enter the volume, dispatched to the methods that own them.
+
+use super::Volume;
+use crate::net::handshake::{LocalParams, PeerParams};
+use crate::net::{Link, LinkEvent, PeerData, PeerEvent, Replica};
+use crate::state::ConnState;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Notify;
+
+impl Replica for Volume {
+    fn link_event(&self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::State(s) => self.set_conn_state(s),
+            LinkEvent::Error(why) => self.set_connection_error(why),
+            LinkEvent::Refused => self.set_standalone(true),
+            LinkEvent::SplitBrain(why) => self.split_brain(why),
+            LinkEvent::SplitBrainResolved(why) => self.split_brain_resolved(why),
+            LinkEvent::Lost(session) => self.connection_lost(session),
+        }
+    }
+
+    fn conn_state(&self) -> ConnState {
+        self.lock().conn
+    }
+
+    fn is_standalone(&self) -> bool {
+        Volume::is_standalone(self)
+    }
+
+    async fn wait_standalone(&self) {
+        Volume::wait_standalone(self).await;
+    }
+
+    async fn wait_connect_allowed(&self) {
+        Volume::wait_connect_allowed(self).await;
+    }
+
+    fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
+        Volume::handshake_params(self, resolve_conflicts)
+    }
+
+    async fn wait_sync_io_idle(&self) {
+        Volume::wait_sync_io_idle(self).await;
+    }
+
+    fn use_rle(&self) -> bool {
+        self.sync.use_rle
+    }
+
+    fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64) {
+        Volume::exchange_snapshot(self, full)
+    }
+
+    fn merge_peer_bitmap(&self, words: &[u64]) -> u64 {
+        self.lock().primary.out_of_sync_mut().merge_words(words)
+    }
+
+    fn begin_sync_source(&self) -> Result<u64, String> {
+        Volume::begin_sync_source(self)
+    }
+
+    async fn begin_sync_target(&self, sync_uuid: u64) -> Result<(), String> {
+        Volume::begin_sync_target(self, sync_uuid).await
+    }
+
+    fn connection_up(&self, link: Link, peer: &PeerParams, resolve_conflicts: bool) -> Arc<Notify> {
+        Volume::connection_up(self, link, peer, resolve_conflicts)
+    }
+
+    async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {
+        Volume::receive_buffer(self, len).await
+    }
+
+    async fn peer_event(&self, session: u64, ev: PeerEvent) -> Result<(), String> {
+        match ev {
+            PeerEvent::Write(w) => self.peer_write(session, w).await,
+            PeerEvent::ResyncData { sector, len, data } => {
+                self.rs_data_reply(session, sector, len, data)
+            }
+            PeerEvent::ReadReply { block_id, data } => self.data_reply(session, block_id, data),
+            PeerEvent::ReadRequest {
+                sector,
+                len,
+                block_id,
+            } => self.peer_read_request(session, sector, len, block_id).await,
+            PeerEvent::Resync(inbound) => self.sync_inbound(session, inbound).await,
+            PeerEvent::Barrier(nr) => self.peer_barrier(session, nr).await,
+            PeerEvent::State(word) => {
+                self.peer_state(session, word);
+                Ok(())
+            }
+            PeerEvent::StateRequest { cmd, req } => {
+                self.peer_state_request(session, cmd, req);
+                Ok(())
+            }
+            PeerEvent::Uuids(u) => {
+                self.peer_uuids(session, u);
+                Ok(())
+            }
+            PeerEvent::Ack { cmd, ack } => self.peer_ack(session, cmd, ack),
+            PeerEvent::BarrierAck { barrier, set_size } => {
+                self.barrier_ack(session, barrier, set_size)
+            }
+            PeerEvent::StateReply(retcode) => {
+                self.state_reply(session, retcode);
+                Ok(())
+            }
+        }
+    }
+
+    fn count_tx(&self, bytes: u64) {
+        self.net_tx_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn handed_to_network(&self, session: u64, block_id: u64) {
+        Volume::handed_to_network(self, session, block_id);
+    }
+
+    fn oldest_peer_wait(&self) -> Option<Instant> {
+        self.lock().peer_waits.oldest()
+    }
+
+    fn tick(&self, session: u64) {
+        self.sync_tick(session);
+    }
+}
