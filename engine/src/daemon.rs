@@ -33,6 +33,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Makes every panic of the daemon stop the process (SIGABRT) after logging it.
+///
+/// Inputs (packets, NBD requests, commands, metadata) are checked and answered with
+/// errors, never asserted; so a panic is a bug on this node — a broken contract between
+/// the driver and a core, an invariant that does not hold. Without this hook tokio would
+/// catch it in the task, and the node would go on serving from a state that no longer
+/// describes its disk. Stopping is safe: the activity log and the bitmap make the
+/// restart resync whatever may differ, and nothing unacknowledged was promised.
+fn crash_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!("BUG: {info}; stopping the daemon");
+        default(info);
+        std::process::abort();
+    }));
+}
+
 /// How long shutdown waits for in-flight requests and the final flush.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of a CLI call to the management socket.
@@ -129,6 +146,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `tandem up`: runs one node in the foreground until SIGTERM/SIGINT.
 pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
     init_logging();
+    crash_on_panic();
     crate::store::tune_allocator();
     let config = Config::load(config_path)?;
     let me_name = match node {

@@ -1632,12 +1632,13 @@ impl Volume {
                     Self::send(inner, Stream::Data, &barrier, None);
                 }
                 PrimaryOutput::Complete { id, result } => {
-                    if let Some(p) = inner.pending.remove(&id) {
-                        inner.writes_completed += 1;
-                        if let Some(done) = p.done {
-                            let result = result.map_err(|_| BlockError::Io);
-                            fx.push(Effect::Complete { done, result });
-                        }
+                    let Some(p) = inner.pending.remove(&id) else {
+                        panic!("BUG: the core completed request {id}, unknown or completed twice");
+                    };
+                    inner.writes_completed += 1;
+                    if let Some(done) = p.done {
+                        let result = result.map_err(|_| BlockError::Io);
+                        fx.push(Effect::Complete { done, result });
                     }
                 }
                 PrimaryOutput::Retired { tag, .. } => {
@@ -1763,12 +1764,12 @@ impl Volume {
                                     if !ok {
                                         v.local_write_failed(inner, sector, len);
                                     }
-                                    log_refusal(inner.primary.local_done(tag, ok));
+                                    contract(inner.primary.local_done(tag, ok));
                                     v.drain_primary(inner, fx);
                                 }
                                 Side::Receiver(token) => {
                                     Self::sync_write_ended(inner, None, Some(token));
-                                    log_refusal(inner.receiver.local_done(token, ok));
+                                    contract(inner.receiver.local_done(token, ok));
                                     v.drain_receiver(inner, fx);
                                 }
                             }
@@ -1780,7 +1781,7 @@ impl Volume {
                     tokio::spawn(async move {
                         let ok = v.flush_local().await;
                         v.feed(|v, inner, fx| {
-                            log_refusal(inner.primary.local_flush_done(tag, ok));
+                            contract(inner.primary.local_flush_done(tag, ok));
                             v.drain_primary(inner, fx);
                         });
                     });
@@ -1794,7 +1795,7 @@ impl Volume {
                     tokio::spawn(async move {
                         let ok = v.meta_write(offset, &data, preflush).await;
                         v.feed(|v, inner, fx| {
-                            log_refusal(inner.primary.meta_write_done(tag, ok));
+                            contract(inner.primary.meta_write_done(tag, ok));
                             v.drain_primary(inner, fx);
                         });
                     });
@@ -1820,7 +1821,7 @@ impl Volume {
                             sync::ReadResult::Hole
                         } else {
                             match v.store.read(offset, len as usize).await {
-                                Ok(b) => sync::ReadResult::Data(b),
+                                Ok(b) => sync::ReadResult::Data(sync::ReadData::new(b, purpose)),
                                 Err(e) => {
                                     tracing::warn!(
                                         "resync read of {len} bytes at sector {sector} failed: {e}"
@@ -1922,7 +1923,7 @@ impl Volume {
             let ok = self.flush_local().await;
             self.feed(|v, inner, fx| {
                 for token in batch {
-                    log_refusal(inner.receiver.local_flush_done(token, ok));
+                    contract(inner.receiver.local_flush_done(token, ok));
                 }
                 v.drain_receiver(inner, fx);
             });
@@ -2295,9 +2296,18 @@ fn unix_time_string() -> String {
     format!("unix time {s}")
 }
 
-fn log_refusal(r: Result<(), CoreError>) {
-    if let Err(e) = r {
-        tracing::error!("replication core refused a local completion: {e}");
+/// Checks a core's answer to a completion this driver fed it. `Invalid` is a broken
+/// contract between driver and core (an unknown handle, a completion that arrives twice,
+/// an output out of order): a bug on this node, never an input error, so the assertion
+/// stays on in release and the daemon stops (see `daemon::crash_on_panic`) rather than
+/// go on with a state that no longer describes the disk. Other refusals are operating
+/// conditions and are logged.
+#[track_caller]
+fn contract(r: Result<(), CoreError>) {
+    match r {
+        Ok(()) => {}
+        Err(e @ CoreError::Invalid(_)) => panic!("BUG: driver/core contract broken: {e}"),
+        Err(e) => tracing::error!("replication core refused a local completion: {e}"),
     }
 }
 

@@ -41,7 +41,7 @@
 //! of ≤ 1 MiB) as in [`crate::resync`]; reply data is read under the receiver's
 //! [`super::PEER_DATA_BUDGET`]; held application writes ≤ the receiver's `max-buffers`.
 
-use super::{log_refusal, Effect, Inner, Volume};
+use super::{contract, Effect, Inner, Volume};
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
 use crate::request::OutOfSync;
@@ -176,12 +176,36 @@ impl VerifyRun {
 
 /// How a resync read ended.
 pub(super) enum ReadResult {
-    /// The data.
-    Data(AlignedBuf),
+    /// The data, with what its purpose needs computed from it.
+    Data(ReadData),
     /// A hole of a file backend: zeroes, not read.
     Hole,
     /// The read failed.
     Failed,
+}
+
+/// A resync read's data and the CPU work on it — the digest and the all-zero scan, each
+/// a pass over up to 1 MiB — done in the IO task before the result enters the volume's
+/// lock, never under it.
+pub(super) struct ReadData {
+    buf: AlignedBuf,
+    digest: Option<Digest>,
+    all_zero: bool,
+}
+
+impl ReadData {
+    /// Computes what `purpose` needs from `buf`.
+    pub(super) fn new(buf: AlignedBuf, purpose: ReadFor) -> Self {
+        let (digest, zero_check) = match purpose {
+            ReadFor::Verify | ReadFor::TargetDigest => (true, false),
+            ReadFor::Source { digest, zero_check } => (digest, zero_check),
+        };
+        ReadData {
+            digest: digest.then(|| Digest::of(&buf)),
+            all_zero: zero_check && buf.iter().all(|&x| x == 0),
+            buf,
+        }
+    }
 }
 
 /// What a resync read is for.
@@ -1197,42 +1221,33 @@ impl Volume {
         fx: &mut Vec<Effect>,
     ) {
         let hole = matches!(read, ReadResult::Hole);
-        let buf = match read {
-            ReadResult::Data(b) => Some(b),
-            ReadResult::Hole | ReadResult::Failed => None,
+        let (buf, digest, all_zero) = match read {
+            ReadResult::Data(d) => (Some(d.buf), d.digest, d.all_zero),
+            ReadResult::Hole => (None, None, true),
+            ReadResult::Failed => (None, None, false),
         };
         inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
         match purpose {
-            ReadFor::Verify => {
-                let digest = buf.as_deref().map(Digest::of);
-                match inner.verify.as_mut().filter(|v| v.run() == run) {
-                    Some(VerifyRun::Source(v, _)) => log_refusal(v.digest_done(tag, digest)),
-                    Some(VerifyRun::Peer(v, _)) => log_refusal(v.digest_done(tag, digest)),
-                    None => {}
-                }
-            }
+            ReadFor::Verify => match inner.verify.as_mut().filter(|v| v.run() == run) {
+                Some(VerifyRun::Source(v, _)) => contract(v.digest_done(tag, digest)),
+                Some(VerifyRun::Peer(v, _)) => contract(v.digest_done(tag, digest)),
+                None => {}
+            },
             ReadFor::TargetDigest => {
                 if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
-                    let digest = buf.as_deref().map(Digest::of);
-                    log_refusal(r.t.digest_done(tag, digest));
+                    contract(r.t.digest_done(tag, digest));
                 }
             }
-            ReadFor::Source { digest, zero_check } => {
+            ReadFor::Source { .. } => {
                 let Some(r) = inner.source.as_mut().filter(|r| r.run == run) else {
                     return;
                 };
-                let outcome = match &buf {
-                    None if hole => ReadOutcome::Ok {
-                        all_zero: true,
-                        digest: None,
-                    },
-                    None => ReadOutcome::Failed,
-                    Some(b) => ReadOutcome::Ok {
-                        all_zero: zero_check && b.iter().all(|&x| x == 0),
-                        digest: digest.then(|| Digest::of(b)),
-                    },
+                let outcome = if buf.is_some() || hole {
+                    ReadOutcome::Ok { all_zero, digest }
+                } else {
+                    ReadOutcome::Failed
                 };
-                log_refusal(r.s.read_done(tag, outcome));
+                contract(r.s.read_done(tag, outcome));
                 // The buffer is kept only if the source answers with it.
                 let outputs: Vec<SourceOutput> = r.s.drain_outputs().collect();
                 if let Some(b) = buf {
@@ -1255,7 +1270,7 @@ impl Volume {
     pub(super) fn sync_write_done(&self, inner: &mut Inner, run: u64, tag: u64, ok: bool) {
         inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
         if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
-            log_refusal(r.t.write_done(tag, ok));
+            contract(r.t.write_done(tag, ok));
         }
     }
 
