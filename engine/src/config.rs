@@ -503,7 +503,8 @@ fn scaled_u32(
                 return Err(invalid(
                     key,
                     format!(
-                        "\"{}\" is {bytes} bytes, not a whole number of {unit_bytes}-byte units ({unit})",
+                        "\"{}\" is {bytes} bytes, not a whole number of {unit_bytes}-byte units \
+                         ({unit})",
                         s.trim()
                     ),
                 ));
@@ -559,7 +560,8 @@ fn digest_alg(key: &str, value: Option<&str>) -> Result<Option<String>, ConfigEr
         Some(other) => Err(invalid(
             key,
             format!(
-                "\"{other}\" is not supported; tandem computes only \"{DIGEST_ALG}\" (or leave it out for none)"
+                "\"{other}\" is not supported; tandem computes only \"{DIGEST_ALG}\" (or leave it \
+                 out for none)"
             ),
         )),
     }
@@ -575,7 +577,8 @@ fn discard_granularity(key: &str, value: Option<&toml::Value>) -> Result<u32, Co
         return Err(invalid(
             key,
             format!(
-                "{bytes} bytes: use 0 (off) or a power of two from 4096 (4KiB) to {DRBD_MAX_BIO_SIZE} (1MiB)"
+                "{bytes} bytes: use 0 (off) or a power of two from 4096 (4KiB) to \
+                 {DRBD_MAX_BIO_SIZE} (1MiB)"
             ),
         ));
     }
@@ -1039,8 +1042,9 @@ mod tests {
     fn two_nodes(extra_res: &str, extra_net: &str) -> String {
         format!(
             "[resource]\nname = \"r0\"\n{extra_res}\n[net]\n{extra_net}\n\
-             [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"/tmp/a\"\nrole = \"primary\"\n\
-             [[node]]\nname = \"b\"\naddress = \"127.0.0.1:7790\"\ndisk = \"/tmp/b\"\n"
+             [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"/tmp/a\"\nrole = \
+             \"primary\"\n[[node]]\nname = \"b\"\naddress = \"127.0.0.1:7790\"\ndisk = \
+             \"/tmp/b\"\n"
         )
     }
 

@@ -375,9 +375,14 @@ pub fn attach_disk(
     let attach = md.attach_blocking(data_sectors, config.disk.al_extents)?;
     if let Some(r) = &attach.apply {
         tracing::warn!(
-            "{} was not stopped cleanly{}: activity log applied ({} hot extents, {} bits newly set)",
+            "{} was not stopped cleanly{}: activity log applied ({} hot extents, {} bits newly \
+             set)",
             me.disk.display(),
-            if attach.crashed_primary() { " while Primary" } else { "" },
+            if attach.crashed_primary() {
+                " while Primary"
+            } else {
+                ""
+            },
             r.hot_extents.len(),
             r.bits_newly_set
         );
@@ -654,8 +659,14 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
     );
     sayln!();
     sayln!("Point a client at the Primary's NBD export:");
-    sayln!("  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
-    sayln!("  qemu-system-x86_64 ... -drive file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none");
+    sayln!(
+        "  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite \
+         --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based"
+    );
+    sayln!(
+        "  qemu-system-x86_64 ... -drive \
+         file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none"
+    );
     sayln!("  nbdinfo 'nbd://127.0.0.1:10809/demo'");
     sayln!(
         "  {} status --socket {}",

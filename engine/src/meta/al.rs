@@ -310,7 +310,10 @@ pub struct Replay {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayError {
     /// Not one valid block (drbdmeta: -ENODATA).
-    #[error("no usable activity log found (not one valid transaction block); was create-md run on this device?")]
+    #[error(
+        "no usable activity log found (not one valid transaction block); was create-md run on \
+         this device?"
+    )]
     NoValidTransaction,
     /// Some valid initialised blocks, some corrupt ones, and no update transaction
     /// (drbdmeta: -EINVAL).
@@ -526,7 +529,10 @@ impl ActivityLog {
             return Err("al-extents must be within 67..=65534");
         }
         if al_extents > geo.max_al_extents() {
-            return Err("al-extents is larger than the activity log ring can describe (raise al-stripe-size)");
+            return Err(
+                "al-extents is larger than the activity log ring can describe (raise \
+                 al-stripe-size)",
+            );
         }
         let n = al_extents;
         let slots = (0..n)

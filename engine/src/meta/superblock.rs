@@ -3,29 +3,28 @@
 //!
 //! Layout (drbd-headers `drbd_meta_data.h`; offsets in bytes):
 //!
-//! | offset | field |
-//! |---|---|
-//! | 0 | u64 effective_size (la-size-sect, the last agreed size) |
-//! | 8 | u64 current_uuid |
-//! | 16 | u64 members (DRBD ≥ 9.2; reserved before) |
-//! | 24 | u64 reserved\[3\] |
-//! | 48 | u64 device_uuid |
-//! | 56 | u32 flags (`MDF_*`) |
-//! | 60 | u32 magic (`DRBD_MD_MAGIC_09` 0x8374026d; same place as v07/v08) |
-//! | 64 | u32 md_size_sect |
-//! | 68 | s32 al_offset (sectors, relative to the superblock) |
-//! | 72 | u32 al_nr_extents |
-//! | 76 | s32 bm_offset (sectors, relative to the superblock) |
-//! | 80 | u32 bm_bytes_per_bit (4096) |
-//! | 84 | u32 la_peer_max_bio_size |
-//! | 88 | u32 bm_max_peers |
-//! | 92 | s32 node_id (-1: not yet known) |
-//! | 96 | u32 al_stripes |
-//! | 100 | u32 al_stripe_size_4k |
-//! | 104 | u32 reserved\[2\] |
-//! | 112 | peers\[32\] × 32 bytes: u64 bitmap_uuid, u64 bitmap_dagtag, u32 flags, s32 bitmap_index, u32 reserved\[2\] |
-//! | 1136 | u64 history_uuids\[32\] |
-//! | 1392..4096 | zero |
+//! - 0: u64 effective_size (la-size-sect, the last agreed size)
+//! - 8: u64 current_uuid
+//! - 16: u64 members (DRBD ≥ 9.2; reserved before)
+//! - 24: u64 reserved\[3\]
+//! - 48: u64 device_uuid
+//! - 56: u32 flags (`MDF_*`)
+//! - 60: u32 magic (`DRBD_MD_MAGIC_09` 0x8374026d; same place as v07/v08)
+//! - 64: u32 md_size_sect
+//! - 68: s32 al_offset (sectors, relative to the superblock)
+//! - 72: u32 al_nr_extents
+//! - 76: s32 bm_offset (sectors, relative to the superblock)
+//! - 80: u32 bm_bytes_per_bit (4096)
+//! - 84: u32 la_peer_max_bio_size
+//! - 88: u32 bm_max_peers
+//! - 92: s32 node_id (-1: not yet known)
+//! - 96: u32 al_stripes
+//! - 100: u32 al_stripe_size_4k
+//! - 104: u32 reserved\[2\]
+//! - 112: peers\[32\] × 32 bytes: u64 bitmap_uuid, u64 bitmap_dagtag, u32 flags, s32 bitmap_index,
+//!   u32 reserved\[2\]
+//! - 1136: u64 history_uuids\[32\]
+//! - 1392..4096: zero
 //!
 //! Decoding never fails on content ([`Superblock::decode`] takes any 4096 bytes); deciding
 //! whether the content is usable is [`Superblock::validate`], which checks what the kernel
@@ -244,10 +243,10 @@ pub enum SuperblockError {
 /// (size) or damaged.
 const FIX_RECREATE: &str = "if the device was resized, resize it back; otherwise recreate the \
     metadata with `tandem create-md --force` (this forgets the UUIDs and the bitmap, so the \
-    next connection does a full sync)";
+                            next connection does a full sync)";
 /// Fix for metadata tandem does not support but DRBD does.
 const FIX_ONE_PEER: &str = "tandem uses exactly one bitmap slot: recreate the metadata with \
-    `tandem create-md` or `drbdmeta … v09 … create-md 1`";
+                            `tandem create-md` or `drbdmeta … v09 … create-md 1`";
 
 fn be64(b: &[u8; SUPERBLOCK_BYTES], at: usize) -> u64 {
     let mut a = [0u8; 8];

@@ -87,7 +87,8 @@ pub async fn run(
         session,
     };
     tracing::info!(
-        "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}, sync decision {:?}",
+        "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}, sync decision \
+         {:?}",
         peer.name,
         peer.address,
         params.role,
@@ -655,8 +656,8 @@ async fn watchdog(
             }
             Step::Dead(Dead::NoPingAck { reason }) => {
                 tracing::warn!(
-                    "the peer did not answer a P_PING within ping-timeout ({:?}; pinged because {}): \
-                     declaring it dead",
+                    "the peer did not answer a P_PING within ping-timeout ({:?}; pinged because \
+                     {}): declaring it dead",
                     cfg.ping_timeout,
                     reason.describe()
                 );

@@ -554,7 +554,8 @@ mod tests {
         // Idle application: never.
         assert!(!t.should_throttle(250, 1000, false, 100_000));
         assert!(!t.should_throttle(250, 1064, false, 100_000)); // 64 sectors: not > 64
-                                                                // Busy (> 64 sectors since last): throttle if resync runs faster than c-min-rate.
+
+        // Busy (> 64 sectors since last): throttle if resync runs faster than c-min-rate.
         assert!(t.should_throttle(250, 1065, false, 251));
         // The counter moved on: the same total is not busy again.
         assert!(!t.should_throttle(250, 1065, false, 100_000));

@@ -7,13 +7,17 @@
 //! drains the outputs (send this packet, read or write this range, let that application
 //! write go). Data stays in the driver's buffers, keyed by the tags the outputs carry.
 //!
-//! | piece | role | DRBD |
-//! |---|---|---|
-//! | [`Controller`] | sectors to request per 100 ms step | `drbd_rs_controller`, `drbd_rs_number_requests` |
-//! | [`MinRateThrottle`] | hold resync back to `c-min-rate` while the application uses the disk | `drbd_rs_c_min_rate_throttle` |
-//! | [`Target`] | the SyncTarget: walks its bitmap, requests, writes replies, acks | `make_resync_request`, `receive_RSDataReply`, `e_end_resync_block`, `got_IsInSync`, `got_NegRSDReply`, `receive_rs_deallocated` |
-//! | [`Source`] | the SyncSource: reads, compares digests, replies | `receive_DataRequest`, `w_e_end_rsdata_req`, `w_e_end_csum_rs_req`, `got_BlockAck` (`ID_SYNCER`) |
-//! | [`VerifySource`], [`VerifyPeer`] | online verify | `make_ov_request`, `w_e_end_ov_req`, `w_e_end_ov_reply`, `got_OVResult` |
+//! - [`Controller`]: sectors to request per 100 ms step (DRBD: `drbd_rs_controller`,
+//!   `drbd_rs_number_requests`)
+//! - [`MinRateThrottle`]: hold resync back to `c-min-rate` while the application uses the disk
+//!   (DRBD: `drbd_rs_c_min_rate_throttle`)
+//! - [`Target`]: the SyncTarget: walks its bitmap, requests, writes replies, acks (DRBD:
+//!   `make_resync_request`, `receive_RSDataReply`, `e_end_resync_block`, `got_IsInSync`,
+//!   `got_NegRSDReply`, `receive_rs_deallocated`)
+//! - [`Source`]: the SyncSource: reads, compares digests, replies (DRBD: `receive_DataRequest`,
+//!   `w_e_end_rsdata_req`, `w_e_end_csum_rs_req`, `got_BlockAck` (`ID_SYNCER`))
+//! - [`VerifySource`], [`VerifyPeer`]: online verify (DRBD: `make_ov_request`, `w_e_end_ov_req`,
+//!   `w_e_end_ov_reply`, `got_OVResult`)
 //!
 //! Directions (who sends what):
 //!

@@ -1,10 +1,11 @@
 //! The three DRBD packet headers (all fields big-endian).
 //!
-//! | header | size | layout | used when |
-//! |---|---|---|---|
-//! | `p_header80` | 8 | u32 magic 0x83740267, u16 command, u16 length | agreed < 100 (and before the feature exchange) |
-//! | `p_header95` | 8 | u16 magic 0x835a, u16 command, u32 length | agreed 95..=99, payload > 32 KiB |
-//! | `p_header100` | 16 | u32 magic 0x8620ec20, u16 volume, u16 command, u32 length, u32 pad = 0 | agreed ≥ 100 |
+//! - `p_header80` (size 8): u32 magic 0x83740267, u16 command, u16 length; used when agreed < 100
+//!   (and before the feature exchange)
+//! - `p_header95` (size 8): u16 magic 0x835a, u16 command, u32 length; used when agreed 95..=99,
+//!   payload > 32 KiB
+//! - `p_header100` (size 16): u32 magic 0x8620ec20, u16 volume, u16 command, u32 length, u32 pad =
+//!   0; used when agreed ≥ 100
 //!
 //! `length` counts the payload bytes after the header.
 //!
