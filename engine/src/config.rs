@@ -76,11 +76,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Largest config file read, bytes.
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Nodes per resource: tandem replicates between exactly two.
-pub const MAX_NODES: usize = 2;
+pub(crate) const MAX_NODES: usize = 2;
 /// Largest volume, bytes: DRBD's `DRBD_MAX_SECTORS_FLEX`, 1 PiB.
-pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+pub(crate) const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 /// A configuration error; the message names the key and what to change.
 #[derive(Debug, thiserror::Error)]

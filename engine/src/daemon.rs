@@ -34,9 +34,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long shutdown waits for in-flight requests and the final flush.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of a CLI call to the management socket.
-pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The log's writer: standard error, where a write that fails (a closed pipe, a full
 /// disk) drops the line instead of failing. tracing-subscriber reports a failed write with
@@ -243,7 +243,7 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// The lock file of a node: its management socket's path with `.lock` appended.
-pub fn node_lock_path(me: &NodeConfig) -> PathBuf {
+pub(crate) fn node_lock_path(me: &NodeConfig) -> PathBuf {
     let mut p = me.mgmt_socket.clone().into_os_string();
     p.push(".lock");
     PathBuf::from(p)
@@ -252,7 +252,7 @@ pub fn node_lock_path(me: &NodeConfig) -> PathBuf {
 /// Takes the node's lock file (see [`node_lock_path`]) and writes this process's pid into
 /// it: a second `tandem up` of the same node fails here, naming the running one, before
 /// it reads or writes anything else.
-pub fn lock_node(config: &Config, me: &NodeConfig) -> anyhow::Result<DeviceLock> {
+pub(crate) fn lock_node(config: &Config, me: &NodeConfig) -> anyhow::Result<DeviceLock> {
     use std::io::Write as _;
     let path = node_lock_path(me);
     if let Some(dir) = path.parent() {
@@ -310,7 +310,7 @@ fn lock_device(me: &NodeConfig, path: &Path, what: &str) -> anyhow::Result<Devic
 /// until a resync, `primary --force` or `new-current-uuid --clear-bitmap`.
 /// Each device is locked ([`DeviceLock`], pushed to `locks`) right after it is opened and
 /// before any metadata is read or written.
-pub fn attach_disk(
+pub(crate) fn attach_disk(
     config: &Config,
     me: &NodeConfig,
     locks: &mut Vec<DeviceLock>,

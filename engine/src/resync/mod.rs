@@ -110,13 +110,13 @@ use crate::request::{BLOCK_SIZE, SECTOR};
 pub const DIGEST_ALG: &str = "crc32c";
 
 /// Digest bytes on the wire (crc32c).
-pub const DIGEST_LEN: usize = 4;
+pub(crate) const DIGEST_LEN: usize = 4;
 
 /// log2 of the resync extent in bytes (DRBD's `BM_EXT_SHIFT`, 16 MiB).
-pub const EXTENT_SHIFT: u32 = 24;
+pub(crate) const EXTENT_SHIFT: u32 = 24;
 
 /// Bitmap blocks per resync extent (4096 × 4 KiB = 16 MiB).
-pub const EXTENT_BLOCKS: u64 = 1 << (EXTENT_SHIFT - 12);
+pub(crate) const EXTENT_BLOCKS: u64 = 1 << (EXTENT_SHIFT - 12);
 
 /// Sectors per bitmap block.
 const SECT_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR as u64;

@@ -183,7 +183,7 @@ const MAX_OPERATOR_CYCLES: u64 = 8;
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct SimConfig {
+pub(crate) struct SimConfig {
     /// The seed every random choice derives from.
     pub seed: u64,
     /// Requests the workload issues.
@@ -248,7 +248,7 @@ pub(crate) struct Sabotage {
 
 /// The parameters a seed chose.
 #[derive(Debug, Clone)]
-pub struct SimParams {
+pub(crate) struct SimParams {
     /// Replication protocol.
     pub protocol: Protocol,
     /// Primary: requests in flight.
@@ -582,7 +582,7 @@ pub fn run(seed: u64) -> Result<SimReport, SimFailure> {
 }
 
 /// Runs one configuration.
-pub fn run_with(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
+pub(crate) fn run_with(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
     let mut sim = match Sim::new(cfg) {
         Ok(s) => s,
         Err(message) => {

@@ -231,14 +231,14 @@ pub const UUID_JUST_CREATED: u64 = 4;
 /// (`UUID_NEW_BM_OFFSET`, 2^48).
 pub const UUID_NEW_BM_OFFSET: u64 = 1 << 48;
 /// Bit 0 of the current UUID: this node was Primary in this generation.
-pub const UUID_PRIMARY: u64 = 1;
+pub(crate) const UUID_PRIMARY: u64 = 1;
 /// History slots tandem keeps: what `P_UUIDS` and the v08 superblock carry.
-pub const HISTORY_UUIDS: usize = 2;
+pub(crate) const HISTORY_UUIDS: usize = 2;
 /// History slots of the DRBD 9 (v09) superblock, for reference. tandem keeps
 /// [`HISTORY_UUIDS`], since an 8.4 peer never sees more.
 pub const V09_HISTORY_UUIDS: usize = 32;
 /// `PRO_VERSION_MAX` of DRBD 8.4, which rule 41 puts into its "needs feature" result.
-pub const DRBD84_PRO_VERSION_MAX: u32 = 101;
+pub(crate) const DRBD84_PRO_VERSION_MAX: u32 = 101;
 
 /// Bit 0 masked off: the form in which DRBD compares UUIDs.
 fn m(uuid: u64) -> u64 {
@@ -606,7 +606,7 @@ pub fn real_peer_disk(reported: DiskState, peer_flags: u64) -> DiskState {
 
 /// What [`uuid_compare`] needs besides the two UUID sets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CompareCtx {
+pub(crate) struct CompareCtx {
     /// The agreed protocol version (86..=101).
     pub agreed_version: u32,
     /// `DRBD_FF_WSAME` is agreed. Rule 41 uses it as "the peer is new enough".
@@ -758,7 +758,7 @@ fn cmp_result(hg: i32, rule: u32, correction: Option<Correction>) -> Comparison 
 /// `drbd_uuid_compare`: which side has the newer data, by DRBD 8.4's rule table (see
 /// the module docs). `me` and `peer` are the UUID sets as received (`peer` from its
 /// `P_UUIDS`).
-pub fn uuid_compare(me: &UuidSet, peer: &UuidSet, ctx: &CompareCtx) -> Comparison {
+pub(crate) fn uuid_compare(me: &UuidSet, peer: &UuidSet, ctx: &CompareCtx) -> Comparison {
     let this = m(me.current);
     let that = m(peer.current);
 

@@ -24,11 +24,11 @@ use super::error::WireError;
 use super::{WireCtx, DRBD_MAGIC, DRBD_MAGIC_100, DRBD_MAGIC_BIG, DRBD_MAX_SIZE_H80_PACKET};
 
 /// Size of `p_header80`.
-pub const H80_LEN: usize = 8;
+pub(crate) const H80_LEN: usize = 8;
 /// Size of `p_header95`.
-pub const H95_LEN: usize = 8;
+pub(crate) const H95_LEN: usize = 8;
 /// Size of `p_header100`.
-pub const H100_LEN: usize = 16;
+pub(crate) const H100_LEN: usize = 16;
 
 // Field offsets; the last field ends exactly at the struct size.
 const _: () = assert!(4 + 2 + 2 == H80_LEN);
