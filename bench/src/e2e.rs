@@ -172,13 +172,17 @@ pub fn ensure_tools(no_install: bool) -> anyhow::Result<()> {
         .collect();
     if !still.is_empty() {
         bail!(
-            "missing tools: {}; install them (apt-get install ...) or run without --no-install as root",
+            "missing tools: {}; install them (apt-get install ...) or run without --no-install as \
+             root",
             still.join(", ")
         );
     }
     let eng = run_capture(Command::new("fio").arg("--enghelp"))?;
     if !eng.lines().any(|l| l.trim() == "nbd") {
-        bail!("this fio has no `nbd` engine (Debian's fio 3.33 has it): `fio --enghelp` lists {eng:?}");
+        bail!(
+            "this fio has no `nbd` engine (Debian's fio 3.33 has it): `fio --enghelp` lists \
+             {eng:?}"
+        );
     }
     Ok(())
 }
@@ -275,7 +279,8 @@ impl Setup {
                 };
                 s.secondary_disk = img.clone();
                 s.secondary_note.push_str(&format!(
-                    "NOTE: losetup unavailable ({why}); the Secondary uses the tmpfs file {} directly",
+                    "NOTE: losetup unavailable ({why}); the Secondary uses the tmpfs file {} \
+                     directly",
                     img.display()
                 ));
             }
@@ -1077,28 +1082,39 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         Target {
             key: "file".into(),
             label: "backing file".into(),
-            note: "the Primary's backing file (on this machine's disk) driven by fio io_uring, direct=1; no server".into(),
+            note: "the Primary's backing file (on this machine's disk) driven by fio io_uring, \
+                   direct=1; no server"
+                .into(),
             unavailable: None,
             results: file_results,
         },
         Target {
             key: "nbdkit".into(),
             label: "nbdkit file".into(),
-            note: "nbdkit's file plugin (Debian's nbdkit, default cache: page cache, no O_DIRECT) on the same file, fio nbd engine over a Unix socket; no replication".into(),
+            note: "nbdkit's file plugin (Debian's nbdkit, default cache: page cache, no O_DIRECT) \
+                   on the same file, fio nbd engine over a Unix socket; no replication"
+                .into(),
             unavailable: None,
             results: nbdkit_results,
         },
         Target {
             key: "standalone".into(),
             label: "tandem disconnected".into(),
-            note: "tandem Primary after `tandem disconnect` (serves alone, marks out-of-sync), fio nbd engine over its nbd-socket".into(),
+            note:
+                "tandem Primary after `tandem disconnect` (serves alone, marks out-of-sync), fio \
+                 nbd engine over its nbd-socket"
+                    .into(),
             unavailable: None,
             results: sa_results,
         },
         Target {
             key: "protocol-c".into(),
             label: "tandem C".into(),
-            note: format!("tandem protocol C, Primary on the file, Secondary on a {}; server CPU is both daemons", setup.secondary_note),
+            note: format!(
+                "tandem protocol C, Primary on the file, Secondary on a {}; server CPU is both \
+                 daemons",
+                setup.secondary_note
+            ),
             unavailable: None,
             results: c_results,
         },
@@ -1112,7 +1128,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
         Target {
             key: "ublk".into(),
             label: "tandem ublk".into(),
-            note: "tandem through ublk: needs the kernel's ublk_drv and tandem's ublk frontend".into(),
+            note: "tandem through ublk: needs the kernel's ublk_drv and tandem's ublk frontend"
+                .into(),
             unavailable: Some(ublk_unavailable()),
             results: Vec::new(),
         },
@@ -1120,11 +1137,12 @@ pub fn run(opts: &Opts) -> anyhow::Result<Report> {
     let ratios = report::ratios(&targets, &limits);
     let notes = vec![
         format!("Secondary backing: {}.", setup.secondary_note),
-        "Every target is filled (1 MiB sequential writes over the whole volume) before its first job; \
-         `tandem disconnected` runs on the filled volume right after `tandem C`."
+        "Every target is filled (1 MiB sequential writes over the whole volume) before its first \
+         job; `tandem disconnected` runs on the filled volume right after `tandem C`."
             .into(),
-        "Latency is fio's total latency (submission to completion). CPU µs/IO = fio usr+sys × runtime / IOs \
-         + the server processes' utime+stime over the job / IOs; fio and both daemons share the cores."
+        "Latency is fio's total latency (submission to completion). CPU µs/IO = fio usr+sys × \
+         runtime / IOs + the server processes' utime+stime over the job / IOs; fio and both \
+         daemons share the cores."
             .into(),
     ];
     drop(setup);

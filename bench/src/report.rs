@@ -524,7 +524,8 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| working set | al-extents (reach) | IOPS | p50 µs | p99 µs | CPU µs/IO | AL transactions | evictions |"
+                "| working set | al-extents (reach) | IOPS | p50 µs | p99 µs | CPU µs/IO | AL \
+                 transactions | evictions |"
             );
             let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
             for a in &self.al_cost {
@@ -598,7 +599,8 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"#
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 \
+             {w} {h}\" font-family=\"sans-serif\" font-size=\"11\">"
         );
         let _ = writeln!(
             s,
@@ -680,7 +682,8 @@ fn resync_markdown(s: &mut String, r: &ResyncReport, runtime_s: f64) {
     );
     let _ = writeln!(
         s,
-        "| resync | volume | replicas | time s | active s | out of sync MiB | MiB/s | × loopback | data sent MiB | equal by csum MiB | CPU s source + target |"
+        "| resync | volume | replicas | time s | active s | out of sync MiB | MiB/s | × loopback | \
+         data sent MiB | equal by csum MiB | CPU s source + target |"
     );
     let _ = writeln!(s, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for x in &r.runs {
@@ -711,7 +714,9 @@ fn resync_markdown(s: &mut String, r: &ResyncReport, runtime_s: f64) {
         );
         let _ = writeln!(
             s,
-            "| while | IOPS | p50 µs | p99 µs | p99.9 µs | CPU µs/IO | resync during the job | resync MiB/s during the job | mean reported rate MiB/s | throttled steps target / source | resync total s |"
+            "| while | IOPS | p50 µs | p99 µs | p99.9 µs | CPU µs/IO | resync during the job | \
+             resync MiB/s during the job | mean reported rate MiB/s | throttled steps target / \
+             source | resync total s |"
         );
         let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for x in &r.io {
@@ -828,7 +833,8 @@ fn panel(
     // Axes and grid.
     let _ = writeln!(
         s,
-        r##"<line x1="{x0}" y1="{top}" x2="{x0}" y2="{base}" stroke="#333"/><line x1="{x0}" y1="{base}" x2="{}" y2="{base}" stroke="#333"/>"##,
+        "<line x1=\"{x0}\" y1=\"{top}\" x2=\"{x0}\" y2=\"{base}\" stroke=\"#333\"/><line \
+         x1=\"{x0}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"#333\"/>",
         x0 + pw
     );
     let ticks: Vec<f64> = if log {
@@ -844,7 +850,8 @@ fn panel(
         let y = base - scale(t).max(0.0);
         let _ = writeln!(
             s,
-            r##"<line x1="{x0}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text \
+             x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
             x0 + pw,
             x0 - 4.0,
             y + 4.0,
@@ -866,7 +873,8 @@ fn panel(
             let x = gx + bar_w * si as f64;
             let _ = writeln!(
                 s,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{color}"><title>{}: {} {}</title></rect>"#,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" \
+                 fill=\"{color}\"><title>{}: {} {}</title></rect>",
                 base - bh,
                 bar_w - 1.0,
                 xml_escape(&t.label),
@@ -878,7 +886,8 @@ fn panel(
         let (first, rest) = t.label.split_once(' ').unwrap_or((t.label.as_str(), ""));
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}<tspan x="{:.1}" dy="12">{}</tspan></text>"#,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}<tspan x=\"{:.1}\" \
+             dy=\"12\">{}</tspan></text>",
             gx + group_w * 0.4,
             base + 14.0,
             xml_escape(first),
@@ -892,7 +901,8 @@ fn panel(
         let ly = base + 44.0;
         let _ = writeln!(
             s,
-            r#"<rect x="{lx}" y="{}" width="10" height="10" fill="{color}"/><text x="{}" y="{ly}">{name}</text>"#,
+            "<rect x=\"{lx}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" \
+             y=\"{ly}\">{name}</text>",
             ly - 9.0,
             lx + 14.0
         );
@@ -1076,17 +1086,32 @@ mod tests {
         let md = report().to_markdown();
         // Full row: 8192 MiB in 16 s = 512 MiB/s, everything sent, nothing equal by csum.
         assert!(
-            md.contains("| full row | 8192 MiB | file → file | 16.0 | 15.5 | 8192 | 512 | 0.25 | 8192 | 0.00 | 3.50 + 4.25 |"),
+            md.contains(
+                "| full row | 8192 MiB | file → file | 16.0 | 15.5 | 8192 | 512 | 0.25 | \
+                 8192 | 0.00 | 3.50 + 4.25 |"
+            ),
             "{md}"
         );
         // Checksum row: 1 MiB sent, the rest equal by checksum.
-        assert!(md.contains("| crash-csums row | 8192 MiB | file → file | 16.0 | 15.5 | 4948 | 309 | 0.25 | 1.00 | 4947 |"), "{md}");
+        assert!(
+            md.contains(
+                "| crash-csums row | 8192 MiB | file → file | 16.0 | 15.5 | 4948 | 309 | 0.25 | \
+                 1.00 | 4947 |"
+            ),
+            "{md}"
+        );
         // IO rows: in sync has dashes, the resync row its numbers.
         assert!(
             md.contains("| in sync | 10000 | 50.0 | 120 | 400 | 12.5 | – | – | – | – | – |"),
             "{md}"
         );
-        assert!(md.contains("| resyncing | 5000 | 100 | 240 | 800 | 12.5 | 50.0 MiB in 2.00 s | 25.0 | 30.0 | 17 / 3 | 30.0 |"), "{md}");
+        assert!(
+            md.contains(
+                "| resyncing | 5000 | 100 | 240 | 800 | 12.5 | 50.0 MiB in 2.00 s | 25.0 | 30.0 | \
+                 17 / 3 | 30.0 |"
+            ),
+            "{md}"
+        );
         assert!(md.contains("over the 8192 MiB volume, 2.00 s"), "{md}");
         assert!(md.contains("- resync note"), "{md}");
         // The section sits before the §11 table, which still renders.

@@ -76,11 +76,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Largest config file read, bytes.
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Nodes per resource: tandem replicates between exactly two.
-pub const MAX_NODES: usize = 2;
+pub(crate) const MAX_NODES: usize = 2;
 /// Largest volume, bytes: DRBD's `DRBD_MAX_SECTORS_FLEX`, 1 PiB.
-pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+pub(crate) const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 /// A configuration error; the message names the key and what to change.
 #[derive(Debug, thiserror::Error)]
@@ -485,7 +485,8 @@ fn scaled_u32(
                 return Err(invalid(
                     key,
                     format!(
-                        "\"{}\" is {bytes} bytes, not a whole number of {unit_bytes}-byte units ({unit})",
+                        "\"{}\" is {bytes} bytes, not a whole number of {unit_bytes}-byte units \
+                         ({unit})",
                         s.trim()
                     ),
                 ));
@@ -541,7 +542,8 @@ fn digest_alg(key: &str, value: Option<&str>) -> Result<Option<String>, ConfigEr
         Some(other) => Err(invalid(
             key,
             format!(
-                "\"{other}\" is not supported; tandem computes only \"{DIGEST_ALG}\" (or leave it out for none)"
+                "\"{other}\" is not supported; tandem computes only \"{DIGEST_ALG}\" (or leave it \
+                 out for none)"
             ),
         )),
     }
@@ -557,7 +559,8 @@ fn discard_granularity(key: &str, value: Option<&toml::Value>) -> Result<u32, Co
         return Err(invalid(
             key,
             format!(
-                "{bytes} bytes: use 0 (off) or a power of two from 4096 (4KiB) to {DRBD_MAX_BIO_SIZE} (1MiB)"
+                "{bytes} bytes: use 0 (off) or a power of two from 4096 (4KiB) to \
+                 {DRBD_MAX_BIO_SIZE} (1MiB)"
             ),
         ));
     }
@@ -1021,8 +1024,9 @@ mod tests {
     fn two_nodes(extra_res: &str, extra_net: &str) -> String {
         format!(
             "[resource]\nname = \"r0\"\n{extra_res}\n[net]\n{extra_net}\n\
-             [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"/tmp/a\"\nrole = \"primary\"\n\
-             [[node]]\nname = \"b\"\naddress = \"127.0.0.1:7790\"\ndisk = \"/tmp/b\"\n"
+             [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"/tmp/a\"\nrole = \
+             \"primary\"\n[[node]]\nname = \"b\"\naddress = \"127.0.0.1:7790\"\ndisk = \
+             \"/tmp/b\"\n"
         )
     }
 

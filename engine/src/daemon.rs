@@ -51,9 +51,9 @@ fn crash_on_panic() {
 }
 
 /// How long shutdown waits for in-flight requests and the final flush.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of a CLI call to the management socket.
-pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The log's writer: standard error, where a write that fails (a closed pipe, a full
 /// disk) drops the line instead of failing. tracing-subscriber reports a failed write with
@@ -261,7 +261,7 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// The lock file of a node: its management socket's path with `.lock` appended.
-pub fn node_lock_path(me: &NodeConfig) -> PathBuf {
+pub(crate) fn node_lock_path(me: &NodeConfig) -> PathBuf {
     let mut p = me.mgmt_socket.clone().into_os_string();
     p.push(".lock");
     PathBuf::from(p)
@@ -270,7 +270,7 @@ pub fn node_lock_path(me: &NodeConfig) -> PathBuf {
 /// Takes the node's lock file (see [`node_lock_path`]) and writes this process's pid into
 /// it: a second `tandem up` of the same node fails here, naming the running one, before
 /// it reads or writes anything else.
-pub fn lock_node(config: &Config, me: &NodeConfig) -> anyhow::Result<DeviceLock> {
+pub(crate) fn lock_node(config: &Config, me: &NodeConfig) -> anyhow::Result<DeviceLock> {
     use std::io::Write as _;
     let path = node_lock_path(me);
     if let Some(dir) = path.parent() {
@@ -328,7 +328,7 @@ fn lock_device(me: &NodeConfig, path: &Path, what: &str) -> anyhow::Result<Devic
 /// until a resync, `primary --force` or `new-current-uuid --clear-bitmap`.
 /// Each device is locked ([`DeviceLock`], pushed to `locks`) right after it is opened and
 /// before any metadata is read or written.
-pub fn attach_disk(
+pub(crate) fn attach_disk(
     config: &Config,
     me: &NodeConfig,
     locks: &mut Vec<DeviceLock>,
@@ -393,9 +393,14 @@ pub fn attach_disk(
     let attach = md.attach_blocking(data_sectors, config.disk.al_extents)?;
     if let Some(r) = &attach.apply {
         tracing::warn!(
-            "{} was not stopped cleanly{}: activity log applied ({} hot extents, {} bits newly set)",
+            "{} was not stopped cleanly{}: activity log applied ({} hot extents, {} bits newly \
+             set)",
             me.disk.display(),
-            if attach.crashed_primary() { " while Primary" } else { "" },
+            if attach.crashed_primary() {
+                " while Primary"
+            } else {
+                ""
+            },
             r.hot_extents.len(),
             r.bits_newly_set
         );
@@ -672,8 +677,14 @@ pub fn run_demo(dir: &Path, size: &str, protocol: &str) -> anyhow::Result<()> {
     );
     sayln!();
     sayln!("Point a client at the Primary's NBD export:");
-    sayln!("  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based");
-    sayln!("  qemu-system-x86_64 ... -drive file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none");
+    sayln!(
+        "  fio --name=w --ioengine=nbd --uri='nbd+unix:///demo?socket={nbd}' --rw=randwrite \
+         --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based"
+    );
+    sayln!(
+        "  qemu-system-x86_64 ... -drive \
+         file=nbd+unix:///demo?socket={nbd},format=raw,if=virtio,cache=none"
+    );
     sayln!("  nbdinfo 'nbd://127.0.0.1:10809/demo'");
     sayln!(
         "  {} status --socket {}",

@@ -24,14 +24,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 /// Longest request line, bytes.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Concurrent management connections.
-pub const MAX_CONNECTIONS: usize = 32;
+pub(crate) const MAX_CONNECTIONS: usize = 32;
 /// A connection that sends no full request line for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `secondary` (unforced) waits for clients that hold the device open to go
 /// away before it is refused as "held open".
-pub const HELD_OPEN_SETTLE: Duration = Duration::from_secs(1);
+pub(crate) const HELD_OPEN_SETTLE: Duration = Duration::from_secs(1);
 
 /// A management request.
 #[derive(Debug, Clone, PartialEq, Eq)]

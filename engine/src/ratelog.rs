@@ -13,13 +13,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Length of one rate window.
-pub const WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 /// Lines one call site logs per window.
-pub const BURST: u32 = 5;
+pub(crate) const BURST: u32 = 5;
 
 /// One call site's limiter.
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     state: Mutex<State>,
 }
 
@@ -37,7 +37,7 @@ struct State {
 
 /// What the caller does with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Log it; `suppressed` events were left out before it, over `secs` seconds.
     Log {
         /// Events left out since the last logged line.

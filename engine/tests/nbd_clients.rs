@@ -796,7 +796,8 @@ fn disconnect_finishes_requests_in_flight() {
     go(&mut s);
     request(&mut s, 0, 1, GATE_OFFSET, 512, &[]);
     request(&mut s, 2, 2, 0, 0, &[]); // NBD_CMD_DISC while the read is held
-                                      // The server waits for the held read, answers it, then closes.
+
+    // The server waits for the held read, answers it, then closes.
     let releaser = {
         let target = Arc::clone(&target);
         std::thread::spawn(move || {

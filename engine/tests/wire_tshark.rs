@@ -899,7 +899,8 @@ fn tshark_decodes_what_the_encoder_writes() {
         }
         assert!(
             start.elapsed() < WAIT,
-            "tcpdump did not capture everything within {WAIT:?}: (ports, sent, captured) {missing:?}"
+            "tcpdump did not capture everything within {WAIT:?}: (ports, sent, captured) \
+             {missing:?}"
         );
         thread::sleep(Duration::from_millis(50));
     }

@@ -525,7 +525,8 @@ impl Node {
     pub fn log_report(&self) -> String {
         self.log_shown.set(true);
         format!(
-            "--- log of node {} ({}), last {LOG_TAIL_LINES} lines ---\n{}\n--- end of log of {} ---",
+            "--- log of node {} ({}), last {LOG_TAIL_LINES} lines ---\n{}\n--- end of log of {} \
+             ---",
             self.name,
             self.log.display(),
             self.log_tail(LOG_TAIL_LINES),

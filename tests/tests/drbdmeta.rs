@@ -121,7 +121,8 @@ fn assert_same_fields(drbdmeta_text: &str, tandem_text: &str) {
         assert_eq!(
             t.get(k),
             Some(v),
-            "field {k}: drbdmeta says {v}, tandem says {:?}\n--- drbdmeta ---\n{drbdmeta_text}\n--- tandem ---\n{tandem_text}",
+            "field {k}: drbdmeta says {v}, tandem says {:?}\n--- drbdmeta \
+             ---\n{drbdmeta_text}\n--- tandem ---\n{tandem_text}",
             t.get(k)
         );
     }

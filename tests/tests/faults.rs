@@ -224,7 +224,8 @@ fn stopped_secondary_is_declared_dead_within_timeout() {
     eprintln!("longest write while the Secondary was stopped: {stall:?} (bound {bound:?})");
     assert!(
         stall <= bound,
-        "a write waited {stall:?} for the stopped peer; timeout + ping-timeout + margin is {bound:?}\n{}",
+        "a write waited {stall:?} for the stopped peer; timeout + ping-timeout + margin is \
+         {bound:?}\n{}",
         c.primary().log_tail(20)
     );
 
@@ -265,7 +266,8 @@ impl FrozenDisk {
             frozen: false,
         };
         sh(&format!(
-            "truncate -s 160M {img} && mkfs.ext4 -q -F {img} && mkdir -p {mnt} && mount -o loop {img} {mnt}",
+            "truncate -s 160M {img} && mkfs.ext4 -q -F {img} && mkdir -p {mnt} && mount -o loop \
+             {img} {mnt}",
             img = img.display(),
             mnt = mnt.display()
         ));

@@ -143,7 +143,8 @@ fn replication_squatters_do_not_keep_the_peer_out() {
     );
     assert!(
         loud <= 150,
-        "{loud} warning lines during the attack ({churn} garbage connections): not rate-limited\n{}",
+        "{loud} warning lines during the attack ({churn} garbage connections): not \
+         rate-limited\n{}",
         c.node(victim).log_tail(40)
     );
     if churn > 1000 {

@@ -194,7 +194,8 @@ pub(super) fn full(
         &before,
     );
     run.log(&format!(
-        "resync {label}: {} MiB in {:.2} s = {:.0} MiB/s ({:.2} × loopback), target {}, CPU {:.1} + {:.1} s",
+        "resync {label}: {} MiB in {:.2} s = {:.0} MiB/s ({:.2} × loopback), target {}, CPU {:.1} \
+         + {:.1} s",
         r.resynced_bytes >> 20,
         r.wall_s,
         r.mib_s,
@@ -320,7 +321,8 @@ fn io_during_resync(run: &Run, c: &Cluster, size: u64) -> anyhow::Result<ResyncI
         resync_wall_s,
     };
     run.log(&format!(
-        "during a full resync: {:.0} IOPS, p99 {:.1} µs; resync {} MiB in {:.1} s of the job ({:.1} MiB/s), throttled steps {} / {}, whole resync {:.1} s",
+        "during a full resync: {:.0} IOPS, p99 {:.1} µs; resync {} MiB in {:.1} s of the job \
+         ({:.1} MiB/s), throttled steps {} / {}, whole resync {:.1} s",
         io.result.iops,
         io.result.p99_us,
         io.resync_bytes >> 20,
@@ -398,7 +400,8 @@ fn crash(
         &before,
     );
     run.log(&format!(
-        "resync {label}: {} MiB out of sync ({} AL extents active at the kill), {:.2} s from restart, target {}, {} MiB sent, {} MiB equal by checksum",
+        "resync {label}: {} MiB out of sync ({} AL extents active at the kill), {:.2} s from \
+         restart, target {}, {} MiB sent, {} MiB equal by checksum",
         r.resynced_bytes >> 20,
         al_active.map_or("?".into(), |n| n.to_string()),
         r.wall_s,
@@ -459,7 +462,8 @@ pub(super) fn section(
     if let Some(free) = free_bytes(&run.work) {
         if free < need {
             bail!(
-                "the resync section needs {} MiB free under {} (two {} MiB replicas on disk); {} MiB are",
+                "the resync section needs {} MiB free under {} (two {} MiB replicas on disk); {} \
+                 MiB are",
                 need >> 20,
                 run.work.display(),
                 size >> 20,
@@ -533,43 +537,47 @@ pub(super) fn section(
         bw_mib_s,
     )?;
     c.stop(setup);
-    let notes = vec![
+    let notes =
+        vec![
         format!(
-            "The first row is the main pair of this run (protocol C, after its jobs). The others use a {} MiB volume \
-             whose two replicas are files on this machine's disk under the work dir (two 8 GiB \
-             replicas would not fit in RAM beside the rest): alpha's filled with random data by fio before \
-             the pair was created, beta's sparse until the first full resync copied alpha onto it.",
+            "The first row is the main pair of this run (protocol C, after its jobs). The others \
+             use a {} MiB volume whose two replicas are files on this machine's disk under the \
+             work dir (two 8 GiB replicas would not fit in RAM beside the rest): alpha's filled \
+             with random data by fio before the pair was created, beta's sparse until the first \
+             full resync copied alpha onto it.",
             size >> 20
         ),
-        "Resync settings: tandem's defaults (c-plan-ahead 1 s, c-fill-target 32 MiB, c-max-rate 1200 MiB/s, \
-         c-min-rate 25 MiB/s, max-buffers 81920); no rs-discard-granularity, so the SyncSource answers \
-         every request with data."
+        "Resync settings: tandem's defaults (c-plan-ahead 1 s, c-fill-target 32 MiB, c-max-rate \
+         1200 MiB/s, c-min-rate 25 MiB/s, max-buffers 81920); no rs-discard-granularity, so the \
+         SyncSource answers every request with data."
             .into(),
         format!(
-            "Crash rows: fio 4K randwrite QD32 on the Primary for {} s, SIGKILL of the Primary while fio runs, \
-             fio stopped, the Primary restarted with the same config (it comes back Secondary and replays \
-             its activity log: al-extents {DEFAULT_AL}, at most {} MiB out of sync); the time includes \
-             its start, the connect and the handshake. Activity-log extents active at the kill: {} and {}. \
-             The checksum run is a fresh pair (create-md, skip-initial-sync) on the same replicas with \
-             `csums-alg = \"crc32c\"` and `csums-after-crash-only = true`: every out-of-sync block is read on \
-             both nodes and only blocks whose crc32c differ are sent.",
+            "Crash rows: fio 4K randwrite QD32 on the Primary for {} s, SIGKILL of the Primary \
+             while fio runs, fio stopped, the Primary restarted with the same config (it comes \
+             back Secondary and replays its activity log: al-extents {DEFAULT_AL}, at most {} MiB \
+             out of sync); the time includes its start, the connect and the handshake. \
+             Activity-log extents active at the kill: {} and {}. The checksum run is a fresh pair \
+             (create-md, skip-initial-sync) on the same replicas with `csums-alg = \"crc32c\"` and \
+             `csums-after-crash-only = true`: every out-of-sync block is read on both nodes and \
+             only blocks whose crc32c differ are sent.",
             crate::report::fmt_num(fio_s),
             u64::from(DEFAULT_AL) * 4,
             crash_plain.al_active_extents.map_or("?".into(), |n| n.to_string()),
             crash_csums.al_active_extents.map_or("?".into(), |n| n.to_string()),
         ),
         "MiB/s = out-of-sync bytes / time. Data sent = the SyncSource's resync data bytes \
-         (`resync_bytes_sent`). CPU = each daemon's utime+stime from /proc over the time; for a crash \
-         the restarted daemon's since its start."
+         (`resync_bytes_sent`). CPU = each daemon's utime+stime from /proc over the time; for a \
+         crash the restarted daemon's since its start."
             .into(),
         format!(
-            "IO rows: fio's 4K randwrite QD32 job over the whole {} MiB volume, protocol C. The job's IO \
-             window is the last runtime seconds before fio exits; status is sampled every 100 ms inside it. \
-             \"Resync during the job\" = the SyncTarget's out-of-sync bytes at the window's first sample minus \
-             at its last (all of them if the resync ended first), over the seconds they overlapped; throttled \
-             steps = 100 ms steps in which the c-min-rate check held the resync back inside the window; \
-             mean reported rate = the SyncTarget's `rate_kib` averaged over the samples; resync total = \
-             invalidate until in sync.",
+            "IO rows: fio's 4K randwrite QD32 job over the whole {} MiB volume, protocol C. The \
+             job's IO window is the last runtime seconds before fio exits; status is sampled every \
+             100 ms inside it. \"Resync during the job\" = the SyncTarget's out-of-sync bytes at \
+             the window's first sample minus at its last (all of them if the resync ended first), \
+             over the seconds they overlapped; throttled steps = 100 ms steps in which the \
+             c-min-rate check held the resync back inside the window; mean reported rate = the \
+             SyncTarget's `rate_kib` averaged over the samples; resync total = invalidate until in \
+             sync.",
             size >> 20
         ),
     ];

@@ -57,7 +57,7 @@ pub fn run(data: &[u8]) {
 
 /// [`run`], returning how many packets were accepted (receive mode) or exchanged (round
 /// trip), so tests can check inputs get far.
-pub fn run_counted(data: &[u8]) -> usize {
+pub(crate) fn run_counted(data: &[u8]) -> usize {
     outcome(data).0
 }
 

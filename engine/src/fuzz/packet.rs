@@ -49,7 +49,7 @@ pub fn run(data: &[u8]) {
 
 /// [`run`], returning how many decodes succeeded (so tests can check the round-trip
 /// oracle was exercised).
-pub fn run_counted(data: &[u8]) -> usize {
+pub(crate) fn run_counted(data: &[u8]) -> usize {
     let [sel0, sel1, bytes @ ..] = data else {
         return 0;
     };

@@ -14,7 +14,7 @@ use crate::meta::layout::{bitmap_bytes, Layout, MetaKind, BLOCK, SECTOR};
 use crate::meta::superblock::{Placement, Superblock, SUPERBLOCK_BYTES};
 
 /// Header bytes before the superblock: selector and two sizes.
-pub const HEADER: usize = 17;
+pub(crate) const HEADER: usize = 17;
 
 fn size(bytes: &[u8]) -> u64 {
     let mut a = [0u8; 8];

@@ -34,35 +34,35 @@ use std::collections::HashMap;
 /// log2 of an AL extent's size (4 MiB).
 pub const AL_EXTENT_SHIFT: u32 = 22;
 /// Bytes per AL extent.
-pub const AL_EXTENT_BYTES: u64 = 1 << AL_EXTENT_SHIFT;
+pub(crate) const AL_EXTENT_BYTES: u64 = 1 << AL_EXTENT_SHIFT;
 /// 512-byte sectors per AL extent.
 pub const AL_EXTENT_SECTORS: u64 = AL_EXTENT_BYTES >> 9;
 /// Bitmap bits (4 KiB blocks) per AL extent.
-pub const BITS_PER_EXTENT: u64 = AL_EXTENT_BYTES >> 12;
+pub(crate) const BITS_PER_EXTENT: u64 = AL_EXTENT_BYTES >> 12;
 /// Slot changes carried by one transaction.
 pub const AL_UPDATES_PER_TRANSACTION: usize = 64;
 /// Slots of context carried by one transaction: (4096 − 36 − 6 × 64) / 4.
-pub const AL_CONTEXT_PER_TRANSACTION: usize = AL_CONTEXT_U32 as usize;
+pub(crate) const AL_CONTEXT_PER_TRANSACTION: usize = AL_CONTEXT_U32 as usize;
 const AL_CONTEXT_U32: u32 = 919;
 /// `DRBD_AL_MAGIC`.
-pub const AL_MAGIC: u32 = 0x69cb_65a2;
+pub(crate) const AL_MAGIC: u32 = 0x69cb_65a2;
 /// `AL_TR_UPDATE`: a transaction with updates.
-pub const AL_TR_UPDATE: u16 = 0;
+pub(crate) const AL_TR_UPDATE: u16 = 0;
 /// `AL_TR_INITIALIZED`: a block written by create-md / apply-al.
 pub const AL_TR_INITIALIZED: u16 = 0xffff;
 /// `LC_FREE`: an unused slot's extent number.
 pub const LC_FREE: u32 = u32::MAX;
 /// Smallest `al-extents` (DRBD_AL_EXTENTS_MIN).
-pub const AL_EXTENTS_MIN: u32 = 67;
+pub(crate) const AL_EXTENTS_MIN: u32 = 67;
 /// Largest `al-extents` (DRBD_AL_EXTENTS_MAX; slot numbers are u16, 0xffff means free).
 pub const AL_EXTENTS_MAX: u32 = 0xfffe;
 /// Default `al-extents` (DRBD_AL_EXTENTS_DEF).
-pub const AL_EXTENTS_DEFAULT: u32 = 1237;
+pub(crate) const AL_EXTENTS_DEFAULT: u32 = 1237;
 /// Size of one transaction block.
 pub const AL_BLOCK: usize = 4096;
 /// Largest ring drbdmeta can read in one buffer (32 MiB): tandem refuses larger ones so
 /// that `drbdmeta apply-al` can always replay what tandem wrote.
-pub const AL_MAX_BLOCKS: u32 = 8192;
+pub(crate) const AL_MAX_BLOCKS: u32 = 8192;
 
 // Field offsets in a transaction block.
 const OFF_UPDATE_SLOTS: usize = 36;
@@ -150,7 +150,7 @@ pub fn extent_range(sector: u64, len: u32, shift: u32) -> (u32, u32) {
 /// The ring block (0-based, in 4 KiB blocks from the ring's start) that holds
 /// transaction `tr_number` (`al_tr_number_to_on_disk_sector`): transactions go round
 /// the stripes, so consecutive ones land on different stripes.
-pub fn al_block_of(geo: &AlGeometry, tr_number: u32) -> u32 {
+pub(crate) fn al_block_of(geo: &AlGeometry, tr_number: u32) -> u32 {
     let t = tr_number % geo.blocks();
     (t % geo.stripes) * geo.stripe_size_4k + t / geo.stripes
 }
@@ -160,7 +160,7 @@ pub fn al_block_of(geo: &AlGeometry, tr_number: u32) -> u32 {
 /// block and the newer transaction would overwrite the one before it, so the number
 /// jumps to the one that lands in the next block instead (still newer by serial-number
 /// arithmetic, which is all replay compares).
-pub fn next_tr_number(geo: &AlGeometry, t: u32) -> u32 {
+pub(crate) fn next_tr_number(geo: &AlGeometry, t: u32) -> u32 {
     match t.checked_add(1) {
         Some(n) => n,
         None => (t % geo.blocks() + 1) % geo.blocks(),
@@ -310,7 +310,10 @@ pub struct Replay {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayError {
     /// Not one valid block (drbdmeta: -ENODATA).
-    #[error("no usable activity log found (not one valid transaction block); was create-md run on this device?")]
+    #[error(
+        "no usable activity log found (not one valid transaction block); was create-md run on \
+         this device?"
+    )]
     NoValidTransaction,
     /// Some valid initialised blocks, some corrupt ones, and no update transaction
     /// (drbdmeta: -EINVAL).
@@ -526,7 +529,10 @@ impl ActivityLog {
             return Err("al-extents must be within 67..=65534");
         }
         if al_extents > geo.max_al_extents() {
-            return Err("al-extents is larger than the activity log ring can describe (raise al-stripe-size)");
+            return Err(
+                "al-extents is larger than the activity log ring can describe (raise \
+                 al-stripe-size)",
+            );
         }
         let n = al_extents;
         let slots = (0..n)

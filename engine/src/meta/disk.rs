@@ -28,7 +28,7 @@ use crate::store::{AlignedBuf, Store};
 use std::sync::Arc;
 
 /// Most bitmap bytes moved by one read or write.
-pub const BITMAP_CHUNK: usize = 1 << 20;
+pub(crate) const BITMAP_CHUNK: usize = 1 << 20;
 /// Bitmap bits of one 4 MiB activity-log extent.
 const BITS_PER_EXTENT: u64 = al::BITS_PER_EXTENT;
 

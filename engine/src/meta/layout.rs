@@ -34,22 +34,22 @@ pub const SECTOR: u64 = 512;
 /// The superblock, an AL transaction and a bitmap page are all one 4 KiB block.
 pub const BLOCK: u64 = 4096;
 /// Sectors per 4 KiB block (`MD_4kB_SECT`).
-pub const BLOCK_SECT: u64 = BLOCK / SECTOR;
+pub(crate) const BLOCK_SECT: u64 = BLOCK / SECTOR;
 /// Bytes of data per bitmap bit (`BM_BLOCK_SIZE`); the only value DRBD 9.x accepts.
-pub const BYTES_PER_BIT: u32 = 4096;
+pub(crate) const BYTES_PER_BIT: u32 = 4096;
 /// Sectors of data per bitmap bit.
 pub const SECT_PER_BIT: u64 = BYTES_PER_BIT as u64 / SECTOR;
 /// Bytes of data per bitmap byte (32 KiB).
 pub const BYTES_PER_BM_BYTE: u64 = BYTES_PER_BIT as u64 * 8;
 /// A bitmap page: the unit of bitmap IO (DRBD writes the bitmap in 4 KiB pages).
-pub const BM_PAGE: u64 = BLOCK;
+pub(crate) const BM_PAGE: u64 = BLOCK;
 /// Largest data area DRBD supports with flexible metadata: 1 PiB (2^38 bits of 4 KiB;
 /// the kernel's `DRBD_MAX_SECTORS_FLEX` comment, drbdmeta's `MD_BM_MAX_BYTE_FLEX`).
-pub const MAX_DATA_SECTORS: u64 = 1 << 41;
+pub(crate) const MAX_DATA_SECTORS: u64 = 1 << 41;
 /// Smallest metadata device the kernel attaches (`min_md_device_sectors`, 1 MiB).
 pub const MIN_META_BYTES: u64 = 1 << 20;
 /// Largest flex-external metadata device: `md_size_sect` is a u32 sector count.
-pub const MAX_EXTERNAL_META_BYTES: u64 = (u32::MAX as u64) * SECTOR;
+pub(crate) const MAX_EXTERNAL_META_BYTES: u64 = (u32::MAX as u64) * SECTOR;
 
 /// Where the metadata is, relative to the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +91,7 @@ pub enum LayoutError {
 }
 
 /// Bits in the bitmap of a data area of `sectors` sectors: one per started 4 KiB.
-pub fn bitmap_bits(sectors: u64) -> u64 {
+pub(crate) fn bitmap_bits(sectors: u64) -> u64 {
     sectors.div_ceil(SECT_PER_BIT)
 }
 

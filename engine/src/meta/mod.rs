@@ -6,13 +6,12 @@
 //! `drbdmeta` can read and repair tandem's metadata and tandem can attach metadata
 //! `drbdmeta` created (docs/metadata.md has the format and the procedures).
 //!
-//! | module | owns |
-//! |---|---|
-//! | [`layout`] | where superblock, activity log and bitmap are, by DRBD's formulas (pure) |
-//! | [`superblock`] | the 4 KiB `meta_data_on_disk_9` codec and its validation (pure) |
-//! | [`al`] | the activity-log transaction format, ring placement, replay, runtime LRU |
-//! | [`disk`] | [`MetaDevice`]: metadata on a [`crate::store::Store`]: create, open, bitmap IO, apply-al, the daemon's attach / role flags / UUIDs / clean stop |
-//! | [`tool`] | the offline commands `create-md`, `dump-md`, `apply-al` and their output |
+//! - [`layout`]: where superblock, activity log and bitmap are, by DRBD's formulas (pure)
+//! - [`superblock`]: the 4 KiB `meta_data_on_disk_9` codec and its validation (pure)
+//! - [`al`]: the activity-log transaction format, ring placement, replay, runtime LRU
+//! - [`disk`]: [`MetaDevice`]: metadata on a [`crate::store::Store`]: create, open, bitmap IO,
+//!   apply-al, the daemon's attach / role flags / UUIDs / clean stop
+//! - [`tool`]: the offline commands `create-md`, `dump-md`, `apply-al` and their output
 //!
 //! At run time the sans-IO [`crate::request::Primary`] drives the activity log and asks
 //! for its metadata writes (transactions, evicted extents' bitmap pages) as outputs; the

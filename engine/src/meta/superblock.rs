@@ -3,29 +3,28 @@
 //!
 //! Layout (drbd-headers `drbd_meta_data.h`; offsets in bytes):
 //!
-//! | offset | field |
-//! |---|---|
-//! | 0 | u64 effective_size (la-size-sect, the last agreed size) |
-//! | 8 | u64 current_uuid |
-//! | 16 | u64 members (DRBD ≥ 9.2; reserved before) |
-//! | 24 | u64 reserved\[3\] |
-//! | 48 | u64 device_uuid |
-//! | 56 | u32 flags (`MDF_*`) |
-//! | 60 | u32 magic (`DRBD_MD_MAGIC_09` 0x8374026d; same place as v07/v08) |
-//! | 64 | u32 md_size_sect |
-//! | 68 | s32 al_offset (sectors, relative to the superblock) |
-//! | 72 | u32 al_nr_extents |
-//! | 76 | s32 bm_offset (sectors, relative to the superblock) |
-//! | 80 | u32 bm_bytes_per_bit (4096) |
-//! | 84 | u32 la_peer_max_bio_size |
-//! | 88 | u32 bm_max_peers |
-//! | 92 | s32 node_id (-1: not yet known) |
-//! | 96 | u32 al_stripes |
-//! | 100 | u32 al_stripe_size_4k |
-//! | 104 | u32 reserved\[2\] |
-//! | 112 | peers\[32\] × 32 bytes: u64 bitmap_uuid, u64 bitmap_dagtag, u32 flags, s32 bitmap_index, u32 reserved\[2\] |
-//! | 1136 | u64 history_uuids\[32\] |
-//! | 1392..4096 | zero |
+//! - 0: u64 effective_size (la-size-sect, the last agreed size)
+//! - 8: u64 current_uuid
+//! - 16: u64 members (DRBD ≥ 9.2; reserved before)
+//! - 24: u64 reserved\[3\]
+//! - 48: u64 device_uuid
+//! - 56: u32 flags (`MDF_*`)
+//! - 60: u32 magic (`DRBD_MD_MAGIC_09` 0x8374026d; same place as v07/v08)
+//! - 64: u32 md_size_sect
+//! - 68: s32 al_offset (sectors, relative to the superblock)
+//! - 72: u32 al_nr_extents
+//! - 76: s32 bm_offset (sectors, relative to the superblock)
+//! - 80: u32 bm_bytes_per_bit (4096)
+//! - 84: u32 la_peer_max_bio_size
+//! - 88: u32 bm_max_peers
+//! - 92: s32 node_id (-1: not yet known)
+//! - 96: u32 al_stripes
+//! - 100: u32 al_stripe_size_4k
+//! - 104: u32 reserved\[2\]
+//! - 112: peers\[32\] × 32 bytes: u64 bitmap_uuid, u64 bitmap_dagtag, u32 flags, s32 bitmap_index,
+//!   u32 reserved\[2\]
+//! - 1136: u64 history_uuids\[32\]
+//! - 1392..4096: zero
 //!
 //! Decoding never fails on content ([`Superblock::decode`] takes any 4096 bytes); deciding
 //! whether the content is usable is [`Superblock::validate`], which checks what the kernel
@@ -40,18 +39,18 @@ use super::layout::{Layout, LayoutError, MetaKind, BYTES_PER_BIT, SECTOR};
 /// Size of the superblock on disk.
 pub const SUPERBLOCK_BYTES: usize = 4096;
 /// Peer slots (`DRBD_PEERS_MAX`) and history UUIDs (`HISTORY_UUIDS`) in the superblock.
-pub const PEERS: usize = 32;
+pub(crate) const PEERS: usize = 32;
 
 /// `DRBD_MAGIC` (0x83740267) + 2: DRBD 0.6.
-pub const MAGIC_06: u32 = 0x8374_0269;
+pub(crate) const MAGIC_06: u32 = 0x8374_0269;
 /// `DRBD_MAGIC` + 3: DRBD 0.7.
-pub const MAGIC_07: u32 = 0x8374_026a;
+pub(crate) const MAGIC_07: u32 = 0x8374_026a;
 /// `DRBD_MAGIC` + 4: DRBD 8.0–8.4, clean.
-pub const MAGIC_08: u32 = 0x8374_026b;
+pub(crate) const MAGIC_08: u32 = 0x8374_026b;
 /// `DRBD_MAGIC` + 5: DRBD 8.4 while attached or after a crash.
-pub const MAGIC_84_UNCLEAN: u32 = 0x8374_026c;
+pub(crate) const MAGIC_84_UNCLEAN: u32 = 0x8374_026c;
 /// `DRBD_MAGIC` + 6: DRBD 9 (`v09`), the format tandem reads and writes.
-pub const MAGIC_09: u32 = 0x8374_026d;
+pub(crate) const MAGIC_09: u32 = 0x8374_026d;
 
 /// The current UUID of metadata no node has used yet (drbdmeta create-md).
 pub const UUID_JUST_CREATED: u64 = 4;
@@ -63,26 +62,26 @@ pub mod mdf {
     /// The node is (or was, when it crashed) Primary.
     pub const PRIMARY_IND: u32 = 1 << 1;
     /// DRBD 8.4 only: was connected.
-    pub const CONNECTED_IND: u32 = 1 << 2;
+    pub(crate) const CONNECTED_IND: u32 = 1 << 2;
     /// DRBD 8.4 only: a full sync is pending.
-    pub const FULL_SYNC: u32 = 1 << 3;
+    pub(crate) const FULL_SYNC: u32 = 1 << 3;
     /// The data was UpToDate.
     pub const WAS_UP_TO_DATE: u32 = 1 << 4;
     /// DRBD 8.4 only: the peer was outdated.
-    pub const PEER_OUT_DATED: u32 = 1 << 5;
+    pub(crate) const PEER_OUT_DATED: u32 = 1 << 5;
     /// The node crashed while Primary (set at the next attach).
-    pub const CRASHED_PRIMARY: u32 = 1 << 6;
+    pub(crate) const CRASHED_PRIMARY: u32 = 1 << 6;
     /// The activity log is clean: nothing to apply, the bitmap is authoritative.
     pub const AL_CLEAN: u32 = 1 << 7;
     /// The activity log is disabled (`al-updates no`, or during a resize).
-    pub const AL_DISABLED: u32 = 1 << 8;
+    pub(crate) const AL_DISABLED: u32 = 1 << 8;
     /// DRBD 9: a Primary lost quorum.
-    pub const PRIMARY_LOST_QUORUM: u32 = 1 << 9;
+    pub(crate) const PRIMARY_LOST_QUORUM: u32 = 1 << 9;
     /// DRBD 9: had quorum.
-    pub const HAVE_QUORUM: u32 = 1 << 10;
+    pub(crate) const HAVE_QUORUM: u32 = 1 << 10;
 
     /// Name of each device flag bit, as the kernel's enum names it.
-    pub const NAMES: [(u32, &str); 11] = [
+    pub(crate) const NAMES: [(u32, &str); 11] = [
         (CONSISTENT, "consistent"),
         (PRIMARY_IND, "primary-ind"),
         (CONNECTED_IND, "connected-ind"),
@@ -98,22 +97,22 @@ pub mod mdf {
 }
 
 /// Per-peer flags (`peers[i].flags`).
-pub mod mdf_peer {
+pub(crate) mod mdf_peer {
     /// Connected to this peer.
-    pub const CONNECTED: u32 = 1 << 0;
+    pub(crate) const CONNECTED: u32 = 1 << 0;
     /// The peer's disk is outdated.
-    pub const OUTDATED: u32 = 1 << 1;
+    pub(crate) const OUTDATED: u32 = 1 << 1;
     /// Fencing is configured for this peer.
-    pub const FENCING: u32 = 1 << 2;
+    pub(crate) const FENCING: u32 = 1 << 2;
     /// A full sync to this peer is pending.
-    pub const FULL_SYNC: u32 = 1 << 3;
+    pub(crate) const FULL_SYNC: u32 = 1 << 3;
     /// This peer was seen with a disk.
-    pub const DEVICE_SEEN: u32 = 1 << 4;
+    pub(crate) const DEVICE_SEEN: u32 = 1 << 4;
     /// This node id exists in the configuration.
-    pub const NODE_EXISTS: u32 = 1 << 16;
+    pub(crate) const NODE_EXISTS: u32 = 1 << 16;
 
     /// Name of each peer flag bit, as drbdmeta's `dump-md` prints it.
-    pub const NAMES: [(u32, &str); 6] = [
+    pub(crate) const NAMES: [(u32, &str); 6] = [
         (CONNECTED, "connected"),
         (OUTDATED, "<=outdated"),
         (FENCING, "fencing"),
@@ -124,29 +123,29 @@ pub mod mdf_peer {
 }
 
 /// Largest node id (`DRBD_NODE_ID_MAX` − 1).
-pub const MAX_NODE_ID: i32 = 31;
+pub(crate) const MAX_NODE_ID: i32 = 31;
 
 /// Offsets of the fields inside the 4096-byte block.
 mod off {
-    pub const EFFECTIVE_SIZE: usize = 0;
-    pub const CURRENT_UUID: usize = 8;
-    pub const MEMBERS: usize = 16;
-    pub const DEVICE_UUID: usize = 48;
-    pub const FLAGS: usize = 56;
-    pub const MAGIC: usize = 60;
-    pub const MD_SIZE_SECT: usize = 64;
-    pub const AL_OFFSET: usize = 68;
-    pub const AL_NR_EXTENTS: usize = 72;
-    pub const BM_OFFSET: usize = 76;
-    pub const BM_BYTES_PER_BIT: usize = 80;
-    pub const LA_PEER_MAX_BIO_SIZE: usize = 84;
-    pub const BM_MAX_PEERS: usize = 88;
-    pub const NODE_ID: usize = 92;
-    pub const AL_STRIPES: usize = 96;
-    pub const AL_STRIPE_SIZE_4K: usize = 100;
-    pub const PEERS: usize = 112;
-    pub const PEER_LEN: usize = 32;
-    pub const HISTORY: usize = 1136;
+    pub(crate) const EFFECTIVE_SIZE: usize = 0;
+    pub(crate) const CURRENT_UUID: usize = 8;
+    pub(crate) const MEMBERS: usize = 16;
+    pub(crate) const DEVICE_UUID: usize = 48;
+    pub(crate) const FLAGS: usize = 56;
+    pub(crate) const MAGIC: usize = 60;
+    pub(crate) const MD_SIZE_SECT: usize = 64;
+    pub(crate) const AL_OFFSET: usize = 68;
+    pub(crate) const AL_NR_EXTENTS: usize = 72;
+    pub(crate) const BM_OFFSET: usize = 76;
+    pub(crate) const BM_BYTES_PER_BIT: usize = 80;
+    pub(crate) const LA_PEER_MAX_BIO_SIZE: usize = 84;
+    pub(crate) const BM_MAX_PEERS: usize = 88;
+    pub(crate) const NODE_ID: usize = 92;
+    pub(crate) const AL_STRIPES: usize = 96;
+    pub(crate) const AL_STRIPE_SIZE_4K: usize = 100;
+    pub(crate) const PEERS: usize = 112;
+    pub(crate) const PEER_LEN: usize = 32;
+    pub(crate) const HISTORY: usize = 1136;
 }
 
 /// One peer slot of the superblock (`struct peer_dev_md_on_disk_9`).
@@ -244,10 +243,10 @@ pub enum SuperblockError {
 /// (size) or damaged.
 const FIX_RECREATE: &str = "if the device was resized, resize it back; otherwise recreate the \
     metadata with `tandem create-md --force` (this forgets the UUIDs and the bitmap, so the \
-    next connection does a full sync)";
+                            next connection does a full sync)";
 /// Fix for metadata tandem does not support but DRBD does.
 const FIX_ONE_PEER: &str = "tandem uses exactly one bitmap slot: recreate the metadata with \
-    `tandem create-md` or `drbdmeta … v09 … create-md 1`";
+                            `tandem create-md` or `drbdmeta … v09 … create-md 1`";
 
 fn be64(b: &[u8; SUPERBLOCK_BYTES], at: usize) -> u64 {
     let mut a = [0u8; 8];
@@ -276,7 +275,7 @@ fn put(b: &mut [u8; SUPERBLOCK_BYTES], at: usize, v: &[u8]) {
 }
 
 /// drbdmeta's name for a magic, if it is one of DRBD's.
-pub fn magic_format(magic: u32) -> Option<&'static str> {
+pub(crate) fn magic_format(magic: u32) -> Option<&'static str> {
     match magic {
         MAGIC_06 => Some("DRBD 0.6 (v06)"),
         MAGIC_07 => Some("DRBD 0.7 (v07)"),
@@ -549,7 +548,7 @@ impl Superblock {
 }
 
 /// Names of the set bits of `flags` per `names`; unknown bits as `0x…=?` (drbdmeta style).
-pub fn flag_names(flags: u32, names: &[(u32, &'static str)]) -> Vec<String> {
+pub(crate) fn flag_names(flags: u32, names: &[(u32, &'static str)]) -> Vec<String> {
     (0..32)
         .map(|i| 1u32 << i)
         .filter(|bit| flags & bit != 0)

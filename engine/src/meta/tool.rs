@@ -114,7 +114,7 @@ fn open_target(target: &Target) -> Result<(Store, MetaLocation), MetaError> {
 
 /// Parses `--al-stripe-size`: `32k`, `64KiB`, `1M`; a bare number is KiB. Returns 4 KiB
 /// blocks.
-pub fn parse_stripe_size(text: &str) -> Result<u32, MetaError> {
+pub(crate) fn parse_stripe_size(text: &str) -> Result<u32, MetaError> {
     let t = text.trim();
     let bytes = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
         t.parse::<u64>().ok().and_then(|k| k.checked_mul(1024))

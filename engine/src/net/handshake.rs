@@ -251,7 +251,8 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
                 };
                 if peer_size < local.size_sectors {
                     return Err(NetError::Refused(format!(
-                        "peer's disk has {peer_size} sectors, this node exports {}; give the peer a disk at least as large",
+                        "peer's disk has {peer_size} sectors, this node exports {}; give the peer \
+                         a disk at least as large",
                         local.size_sectors
                     )));
                 }

@@ -30,7 +30,8 @@
 //!
 //! Bounds: the first packet of an accepted socket must arrive within
 //! [`FIRST_PACKET_TIMEOUT`] (3 s) (one already there when the socket is accepted, as a
-//! peer's is, is read at once and the socket never waits); at most [`MAX_UNCLASSIFIED_SOCKETS`] (16) wait for it,
+//! peer's is, is read at once and the socket never waits); at most
+//! [`MAX_UNCLASSIFIED_SOCKETS`] (16) wait for it,
 //! [`MAX_UNCLASSIFIED_PER_SOURCE`] (8) per source address, and a new socket is never
 //! refused for lack of room: the oldest waiting one (of its own source first) is closed
 //! instead, so squatters cannot keep the peer out. Classified sockets wait for their
@@ -38,7 +39,8 @@
 //! packet crossed") for at most [`PENDING_TIMEOUT`] (10 s). An accepted pair must send
 //! its first handshake bytes within [`FIRST_PACKET_TIMEOUT`], and a newer complete pair
 //! arriving before that replaces it (the real peer sends its features at once); a pair
-//! that fails the handshake is dropped and the next pair is taken. The peer's first handshake packet
+//! that fails the handshake is dropped and the next pair is taken. The peer's first
+//! handshake packet
 //! must arrive within [`FIRST_PACKET_TIMEOUT`], the whole handshake within
 //! [`HANDSHAKE_TIMEOUT`] (10 s). Every warning a remote party can cause is rate-limited
 //! (`crate::ratelog`). The send queues
@@ -241,14 +243,16 @@ pub async fn run<R: Replica>(
                 r = tokio::time::timeout(FIRST_PACKET_TIMEOUT, data.peek(&mut first_byte)) => {
                     if r.is_err() {
                         crate::warn_limited!(
-                            "refused an accepted replication socket pair: no handshake within {FIRST_PACKET_TIMEOUT:?}"
+                            "refused an accepted replication socket pair: no handshake within \
+                             {FIRST_PACKET_TIMEOUT:?}"
                         );
                         continue;
                     }
                 }
                 _ = accepted.wait_pair() => {
                     crate::warn_limited!(
-                        "refused an accepted replication socket pair: silent, and a newer pair arrived"
+                        "refused an accepted replication socket pair: silent, and a newer pair \
+                         arrived"
                     );
                     continue;
                 }
@@ -259,7 +263,10 @@ pub async fn run<R: Replica>(
         replica.link_event(LinkEvent::State(ConnState::WFReportParams));
         let mut established = false;
         let result = tokio::select! {
-            r = session::run(replica.clone(), &config, &peer, (data, meta), resolve_conflicts, session_no, &mut established) => r,
+            r = session::run(
+                replica.clone(), &config, &peer, (data, meta), resolve_conflicts, session_no,
+                &mut established,
+            ) => r,
             _ = shutdown.wait_for(|s| *s) => Err(NetError::Shutdown),
         };
         replica.link_event(LinkEvent::Lost(session_no));
@@ -281,7 +288,8 @@ pub async fn run<R: Replica>(
                 // DRBD: "Split-Brain detected, dropping connection!" and StandAlone;
                 // nothing is overwritten until an operator decides.
                 tracing::error!(
-                    "split brain with {}: {why}; staying StandAlone (resolve it, then `tandem connect`)",
+                    "split brain with {}: {why}; staying StandAlone (resolve it, then `tandem \
+                     connect`)",
                     peer.name
                 );
                 replica.link_event(LinkEvent::Error(Some(format!("split brain: {why}"))));
@@ -468,7 +476,8 @@ fn file_socket<R: Replica>(
         }
         Ok((hdr, _)) => {
             crate::warn_limited!(
-                "refused replication socket from {from}: protocol error, first packet is {} (expected P_INITIAL_DATA or P_INITIAL_META)",
+                "refused replication socket from {from}: protocol error, first packet is {} \
+                 (expected P_INITIAL_DATA or P_INITIAL_META)",
                 hdr.command.name()
             );
             return;

@@ -83,7 +83,8 @@ pub async fn run<R: Replica>(
     let (meta_tx, meta_rx) = mpsc::channel(queue);
     let link = Link::new(ctx, data_tx, meta_tx.clone(), session);
     tracing::info!(
-        "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}, sync decision {:?}",
+        "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}, sync decision \
+         {:?}",
         peer.name,
         peer.address,
         params.role,
@@ -667,8 +668,8 @@ async fn watchdog<R: Replica>(
             }
             Step::Dead(Dead::NoPingAck { reason }) => {
                 tracing::warn!(
-                    "the peer did not answer a P_PING within ping-timeout ({:?}; pinged because {}): \
-                     declaring it dead",
+                    "the peer did not answer a P_PING within ping-timeout ({:?}; pinged because \
+                     {}): declaring it dead",
                     cfg.ping_timeout,
                     reason.describe()
                 );

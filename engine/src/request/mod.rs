@@ -11,15 +11,14 @@
 //!
 //! The rules (research/drbd-protocol.md §4) and where they live:
 //!
-//! | rule | where |
-//! |---|---|
-//! | overlapping writes are serialised (interval set) | [`Primary::write`] |
-//! | epochs, lazy/at-close `P_BARRIER`, `max_epoch_size` (2048) | `primary.rs` |
-//! | completion: A = local + handed to TCP, B = + `P_RECV_ACK`, C = + `P_WRITE_ACK` | [`Primary`] |
-//! | `P_BARRIER_ACK` must match the oldest epoch and its size | [`Primary::barrier_ack`] |
-//! | flush = barrier + local flush + barrier acks up to it (peer flushed before acking) | [`Primary::flush`] |
-//! | disconnected writes and un-acked writes at connection loss become out of sync | [`OutOfSync`] |
-//! | the peer drains an epoch, then flushes, then acks the barrier | [`Receiver`] |
+//! - overlapping writes are serialised (interval set) — [`Primary::write`]
+//! - epochs, lazy/at-close `P_BARRIER`, `max_epoch_size` (2048) — `primary.rs`
+//! - completion: A = local + handed to TCP, B = + `P_RECV_ACK`, C = + `P_WRITE_ACK` — [`Primary`]
+//! - `P_BARRIER_ACK` must match the oldest epoch and its size — [`Primary::barrier_ack`]
+//! - flush = barrier + local flush + barrier acks up to it (peer flushed before acking) —
+//!   [`Primary::flush`]
+//! - disconnected writes and un-acked writes at connection loss become out of sync — [`OutOfSync`]
+//! - the peer drains an epoch, then flushes, then acks the barrier — [`Receiver`]
 //!
 //! Everything is bounded at construction: in-flight requests, the transfer log of sent
 //! but not barrier-acked writes, the Secondary's held queue and active local writes. The

@@ -48,7 +48,7 @@ pub mod limits {
     /// `c-min-rate` (KiB/s; 0 = never throttle for application IO).
     pub const C_MIN_RATE: (u32, u32, u32) = (0, 4 << 20, 250);
     /// `max-buffers` (4 KiB pages).
-    pub const MAX_BUFFERS: (u32, u32, u32) = (32, 131_072, 2048);
+    pub(crate) const MAX_BUFFERS: (u32, u32, u32) = (32, 131_072, 2048);
 }
 
 /// The resync-rate settings (DRBD's `disk_conf` / `net_conf` names and units).
@@ -296,7 +296,7 @@ pub struct SyncMarks {
 
 const MARKS: usize = 8;
 /// Milliseconds between two sync marks (`DRBD_SYNC_MARK_STEP`, 3 s).
-pub const SYNC_MARK_STEP_MS: u64 = 3000;
+pub(crate) const SYNC_MARK_STEP_MS: u64 = 3000;
 
 impl SyncMarks {
     /// All marks at `left` blocks, `now_ms`.
@@ -366,7 +366,7 @@ pub struct MinRateThrottle {
 }
 
 /// Sectors of application IO since the last check above which the device counts as busy.
-pub const APP_IO_THRESHOLD_SECTORS: u64 = 64;
+pub(crate) const APP_IO_THRESHOLD_SECTORS: u64 = 64;
 
 impl MinRateThrottle {
     /// Starts counting from `app_io_sectors` (DRBD resets `rs_last_events` when a resync
@@ -554,7 +554,8 @@ mod tests {
         // Idle application: never.
         assert!(!t.should_throttle(250, 1000, false, 100_000));
         assert!(!t.should_throttle(250, 1064, false, 100_000)); // 64 sectors: not > 64
-                                                                // Busy (> 64 sectors since last): throttle if resync runs faster than c-min-rate.
+
+        // Busy (> 64 sectors since last): throttle if resync runs faster than c-min-rate.
         assert!(t.should_throttle(250, 1065, false, 251));
         // The counter moved on: the same total is not busy again.
         assert!(!t.should_throttle(250, 1065, false, 100_000));

@@ -7,13 +7,17 @@
 //! drains the outputs (send this packet, read or write this range, let that application
 //! write go). Data stays in the driver's buffers, keyed by the tags the outputs carry.
 //!
-//! | piece | role | DRBD |
-//! |---|---|---|
-//! | [`Controller`] | sectors to request per 100 ms step | `drbd_rs_controller`, `drbd_rs_number_requests` |
-//! | [`MinRateThrottle`] | hold resync back to `c-min-rate` while the application uses the disk | `drbd_rs_c_min_rate_throttle` |
-//! | [`Target`] | the SyncTarget: walks its bitmap, requests, writes replies, acks | `make_resync_request`, `receive_RSDataReply`, `e_end_resync_block`, `got_IsInSync`, `got_NegRSDReply`, `receive_rs_deallocated` |
-//! | [`Source`] | the SyncSource: reads, compares digests, replies | `receive_DataRequest`, `w_e_end_rsdata_req`, `w_e_end_csum_rs_req`, `got_BlockAck` (`ID_SYNCER`) |
-//! | [`VerifySource`], [`VerifyPeer`] | online verify | `make_ov_request`, `w_e_end_ov_req`, `w_e_end_ov_reply`, `got_OVResult` |
+//! - [`Controller`]: sectors to request per 100 ms step (DRBD: `drbd_rs_controller`,
+//!   `drbd_rs_number_requests`)
+//! - [`MinRateThrottle`]: hold resync back to `c-min-rate` while the application uses the disk
+//!   (DRBD: `drbd_rs_c_min_rate_throttle`)
+//! - [`Target`]: the SyncTarget: walks its bitmap, requests, writes replies, acks (DRBD:
+//!   `make_resync_request`, `receive_RSDataReply`, `e_end_resync_block`, `got_IsInSync`,
+//!   `got_NegRSDReply`, `receive_rs_deallocated`)
+//! - [`Source`]: the SyncSource: reads, compares digests, replies (DRBD: `receive_DataRequest`,
+//!   `w_e_end_rsdata_req`, `w_e_end_csum_rs_req`, `got_BlockAck` (`ID_SYNCER`))
+//! - [`VerifySource`], [`VerifyPeer`]: online verify (DRBD: `make_ov_request`, `w_e_end_ov_req`,
+//!   `w_e_end_ov_reply`, `got_OVResult`)
 //!
 //! Directions (who sends what):
 //!
@@ -106,13 +110,13 @@ use crate::request::{BLOCK_SIZE, SECTOR};
 pub const DIGEST_ALG: &str = "crc32c";
 
 /// Digest bytes on the wire (crc32c).
-pub const DIGEST_LEN: usize = 4;
+pub(crate) const DIGEST_LEN: usize = 4;
 
 /// log2 of the resync extent in bytes (DRBD's `BM_EXT_SHIFT`, 16 MiB).
-pub const EXTENT_SHIFT: u32 = 24;
+pub(crate) const EXTENT_SHIFT: u32 = 24;
 
 /// Bitmap blocks per resync extent (4096 × 4 KiB = 16 MiB).
-pub const EXTENT_BLOCKS: u64 = 1 << (EXTENT_SHIFT - 12);
+pub(crate) const EXTENT_BLOCKS: u64 = 1 << (EXTENT_SHIFT - 12);
 
 /// Sectors per bitmap block.
 const SECT_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR as u64;

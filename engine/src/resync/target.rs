@@ -113,8 +113,8 @@ pub struct TargetConfig {
 }
 
 impl TargetConfig {
-    /// Defaults: 1 MiB requests (4 KiB with csums), no csums, no thin requests, tandem's rate settings,
-    /// 8192 requests and 4096 application writes, start at block 0.
+    /// Defaults: 1 MiB requests (4 KiB with csums), no csums, no thin requests, tandem's rate
+    /// settings, 8192 requests and 4096 application writes, start at block 0.
     pub fn new(sectors: u64) -> Self {
         TargetConfig {
             sectors,

@@ -274,7 +274,8 @@ impl Sim {
                 self.report.failover_promoted += 1;
                 self.lost_by_promotion(&d).map_or(Ok(()), |e| {
                     Err(format!(
-                        "checker 9: the promoted secondary lost an acknowledged write ({} failover): {e}",
+                        "checker 9: the promoted secondary lost an acknowledged write ({} \
+                         failover): {e}",
                         if d.at_end { "end-of-run" } else { "mid-run" }
                     ))
                 })
@@ -291,8 +292,13 @@ impl Sim {
                 };
                 if !holds || d.at_end {
                     return Err(format!(
-                        "checker 9: promotion refused ({why:?}) {}: disk {disk}, connected {}, resync pending {}",
-                        if d.at_end { "at the end of a run in sync" } else { "without its facts" },
+                        "checker 9: promotion refused ({why:?}) {}: disk {disk}, connected {}, \
+                         resync pending {}",
+                        if d.at_end {
+                            "at the end of a run in sync"
+                        } else {
+                            "without its facts"
+                        },
                         d.connected,
                         d.wf_sync
                     ));

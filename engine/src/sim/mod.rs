@@ -183,7 +183,7 @@ const MAX_OPERATOR_CYCLES: u64 = 8;
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct SimConfig {
+pub(crate) struct SimConfig {
     /// The seed every random choice derives from.
     pub seed: u64,
     /// Requests the workload issues.
@@ -248,7 +248,7 @@ pub(crate) struct Sabotage {
 
 /// The parameters a seed chose.
 #[derive(Debug, Clone)]
-pub struct SimParams {
+pub(crate) struct SimParams {
     /// Replication protocol.
     pub protocol: Protocol,
     /// Primary: requests in flight.
@@ -567,7 +567,8 @@ impl fmt::Display for SimFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "simulation seed {} failed at step {} (t={}): {}\n  params: {}\n  replay: TANDEM_SIM_SEED={} cargo test -p tandem-engine --test sim",
+            "simulation seed {} failed at step {} (t={}): {}\n  params: {}\n  replay: \
+             TANDEM_SIM_SEED={} cargo test -p tandem-engine --test sim",
             self.seed, self.step, self.time, self.message, self.params, self.seed
         )
     }
@@ -581,7 +582,7 @@ pub fn run(seed: u64) -> Result<SimReport, SimFailure> {
 }
 
 /// Runs one configuration.
-pub fn run_with(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
+pub(crate) fn run_with(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
     let mut sim = match Sim::new(cfg) {
         Ok(s) => s,
         Err(message) => {
@@ -1096,7 +1097,8 @@ impl Sim {
             self.steps += 1;
             if self.steps > self.max_steps {
                 return Err(format!(
-                    "no quiescence after {} events (liveness): primary {:?}, secondary {:?}, outstanding {}",
+                    "no quiescence after {} events (liveness): primary {:?}, secondary {:?}, \
+                     outstanding {}",
                     self.max_steps,
                     self.primary.stats(),
                     self.secondary.stats(),
@@ -1642,7 +1644,8 @@ impl Sim {
         let hot = a.hot.len() as u64;
         if hot > al_extents || a.added > al_extents * bpe {
             return Err(format!(
-                "restart: {hot} hot extents added {} bits, more than al-extents {al_extents} × {bpe}",
+                "restart: {hot} hot extents added {} bits, more than al-extents {al_extents} × \
+                 {bpe}",
                 a.added
             ));
         }
@@ -1784,8 +1787,11 @@ impl Sim {
                         .ops
                         .get_mut(usize::try_from(id).map_err(|e| e.to_string())?)
                         .ok_or("submit of an unknown request")?;
-                    let matches = matches!(op.kind, OpKind::Write { sector: s, len: l, kind: k, fua: f }
-                        if (s, l, k, f) == (sector, len, kind, fua));
+                    let matches = matches!(
+                        op.kind,
+                        OpKind::Write { sector: s, len: l, kind: k, fua: f }
+                            if (s, l, k, f) == (sector, len, kind, fua)
+                    );
                     if !matches || op.done || op.submitted {
                         return Err(format!("SubmitLocal {id} does not match the request"));
                     }
@@ -2072,13 +2078,15 @@ impl Sim {
                             || !sector_is(self.sdisk.cache_sector(s), id, s, zero)
                         {
                             return Err(format!(
-                                "protocol C write {id} completed but secondary sector {s} holds version {}",
+                                "protocol C write {id} completed but secondary sector {s} holds \
+                                 version {}",
                                 self.sdisk.cache_ver[s]
                             ));
                         }
                         if fua && self.sdisk.durable_ver[s] != id {
                             return Err(format!(
-                                "protocol C FUA write {id} not durable on the secondary (sector {s})"
+                                "protocol C FUA write {id} not durable on the secondary (sector \
+                                 {s})"
                             ));
                         }
                     }
@@ -2098,7 +2106,8 @@ impl Sim {
                     }
                     if self.pdisk.durable_ver[s] < v {
                         return Err(format!(
-                            "flush {id} completed but primary sector {s} is durable at version {} < {v}",
+                            "flush {id} completed but primary sector {s} is durable at version {} \
+                             < {v}",
                             self.pdisk.durable_ver[s]
                         ));
                     }
@@ -2113,7 +2122,8 @@ impl Sim {
                         && !sector_is(self.sdisk.durable_sector(s), v, s, !self.write_has_data(v))
                     {
                         return Err(format!(
-                            "flush {id} completed but secondary sector {s} is durable at version {} < {v} (cached: {})",
+                            "flush {id} completed but secondary sector {s} is durable at version \
+                             {} < {v} (cached: {})",
                             self.sdisk.durable_ver[s], self.sdisk.cache_ver[s]
                         ));
                     }
@@ -2165,7 +2175,8 @@ impl Sim {
         let s = self.secondary.stats();
         if !self.workload_done() || self.pending.is_some() {
             return Err(format!(
-                "events ran out before the workload finished: issued {}, outstanding {}, primary {p:?}",
+                "events ran out before the workload finished: issued {}, outstanding {}, primary \
+                 {p:?}",
                 self.issued, self.outstanding
             ));
         }

@@ -438,7 +438,8 @@ impl Rs {
                 Tl::Barrier(b) if b == nr && n == size => return Ok(()),
                 Tl::Barrier(b) => {
                     return Err(format!(
-                        "P_BARRIER_ACK({nr}, {size}) but the transfer log has barrier {b} after {n} writes"
+                        "P_BARRIER_ACK({nr}, {size}) but the transfer log has barrier {b} after \
+                         {n} writes"
                     ))
                 }
             }
@@ -699,7 +700,8 @@ impl Sim {
         let hs = sync_handshake(&me_s, &me_p, &ctx(!rc_p), &pol_s);
         let what = || {
             format!(
-                "primary {} {:?} ({}), secondary {} {:?} ({}); changes {cp} / {cs}, policy {:?}, primary holds RESOLVE_CONFLICTS: {rc_p}",
+                "primary {} {:?} ({}), secondary {} {:?} ({}); changes {cp} / {cs}, policy {:?}, \
+                 primary holds RESOLVE_CONFLICTS: {rc_p}",
                 me_p.uuids, hp.outcome, hp.comparison, me_s.uuids, hs.outcome, hs.comparison, pol_p
             )
         };
@@ -863,7 +865,8 @@ impl Sim {
                 O::Disconnect(DisconnectReason::UnrelatedData),
             ) => Ok(Decision::Refused { unrelated: true }),
             _ => Err(format!(
-                "after the split brain the policy table expects {} to lose, the handshake decided otherwise",
+                "after the split brain the policy table expects {} to lose, the handshake decided \
+                 otherwise",
                 match loser {
                     None => "nobody (disconnect)",
                     Some(Loser::Primary) => "the primary (rr-conflict: disconnect)",
@@ -1566,7 +1569,8 @@ impl Sim {
                 let cur = self.sdisk.cache_ver[s];
                 if v < cur && !self.rs.s_disc[s] {
                     return Err(format!(
-                        "checker 7: a resync write put version {v} over version {cur} at secondary sector {s} (older data over newer)"
+                        "checker 7: a resync write put version {v} over version {cur} at secondary \
+                         sector {s} (older data over newer)"
                     ));
                 }
             }
@@ -1806,7 +1810,8 @@ impl Sim {
                 .find(|&s| self.pdisk.cache_sector(s) != self.sdisk.cache_sector(s))
                 .unwrap_or(b * SECTORS_PER_BLOCK);
             return Err(format!(
-                "checker 7: block {b} differs with both bitmaps empty: sector {sec} primary version {}, secondary version {}",
+                "checker 7: block {b} differs with both bitmaps empty: sector {sec} primary \
+                 version {}, secondary version {}",
                 self.pdisk.cache_ver[sec], self.sdisk.cache_ver[sec]
             ));
         }
@@ -1815,7 +1820,8 @@ impl Sim {
                 .find(|&s| self.sdisk.durable_sector(s) != self.sdisk.cache_sector(s))
                 .unwrap_or(0);
             return Err(format!(
-                "checker 3: sector {sec} is in sync but not durable on the secondary: durable version {}, cached {}",
+                "checker 3: sector {sec} is in sync but not durable on the secondary: durable \
+                 version {}, cached {}",
                 self.sdisk.durable_ver[sec], self.sdisk.cache_ver[sec]
             ));
         }

@@ -125,7 +125,7 @@ impl StateRv {
 /// A `union drbd_state` word seen from the other node (`convert_state` of DRBD 8.4):
 /// role ↔ peer, disk ↔ pdsk, the connection states a request may carry mapped to their
 /// mirror (any other connection value becomes 0), `peer_isp` = `aftr_isp | user_isp`.
-pub fn convert_state(word: u32) -> u32 {
+pub(crate) fn convert_state(word: u32) -> u32 {
     let s = StateBits::unpack(word);
     let c = |c: ConnState| u8::try_from(c.as_u32()).unwrap_or(0);
     let conn = match ConnState::from_u32(u32::from(s.conn)) {

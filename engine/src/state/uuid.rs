@@ -23,13 +23,14 @@
 //!
 //! # The UUID set
 //!
-//! | `P_UUIDS` offset | Field | Meaning |
-//! |---|---|---|
-//! | 0 | `current` | the generation of the data on this disk; bit 0 = "was Primary" |
-//! | 8 | `bitmap` | the generation the bitmap counts changes against (0: none) |
-//! | 16, 24 | `history[0..2]` | older generations, newest first |
-//! | 32 | `dirty_bits` | bits set in the bitmap when the packet was sent (`comm_bm_set`) |
-//! | 40 | `uuid_flags` | 1 discard-my-data, 2 crashed primary, 4 disk Inconsistent, 8 skip initial sync |
+//! `P_UUIDS` offset, field: meaning.
+//!
+//! - 0, `current`: the generation of the data on this disk; bit 0 = "was Primary"
+//! - 8, `bitmap`: the generation the bitmap counts changes against (0: none)
+//! - 16, 24, `history[0..2]`: older generations, newest first
+//! - 32, `dirty_bits`: bits set in the bitmap when the packet was sent (`comm_bm_set`)
+//! - 40, `uuid_flags`: 1 discard-my-data, 2 crashed primary, 4 disk Inconsistent, 8 skip initial
+//!   sync
 //!
 //! [`UuidSet`] is the four UUIDs and [`UuidPacket`] the whole payload. It converts to
 //! and from [`crate::wire::Uuids`] and the `[u64; 6]` array DRBD uses (`p_uuid[]`, indexed by
@@ -50,18 +51,28 @@
 //!
 //! # Life cycle ([`UuidSet`] methods)
 //!
-//! | Method | DRBD | Effect |
-//! |---|---|---|
-//! | [`UuidSet::new_current`] | `drbd_uuid_new_current` | bitmap ← current (the old bitmap UUID is overwritten, DRBD only warns), current ← random, bit 0 ← role |
-//! | [`UuidSet::promote`] | `drbd_set_role` (Primary) | new current if forced, or if the peer's disk is unreachable and bitmap = 0; then bit 0 ← 1 |
-//! | [`UuidSet::demote`] | `drbd_set_role` (Secondary) | bit 0 ← 0 |
-//! | [`UuidSet::lost_peer_disk`] | `after_state_ch`, `lost_contact_to_peer_data` | new current if either side is Primary, bitmap = 0 and the local disk is UpToDate |
-//! | [`UuidSet::start_sync_source`] | `drbd_gen_and_send_sync_uuid` | bitmap ← bitmap + 2^48 (random if it was 0 or `JUST_CREATED`); the old bitmap rotates into history; the result is sent in `P_SYNC_UUID` |
-//! | [`UuidSet::start_sync_target`] | `receive_sync_uuid` | current ← the received sync UUID (bit 0 ← role), bitmap ← 0 (no rotation) |
-//! | [`UuidSet::finish_sync_source`] | `drbd_resync_finished` | bitmap rotates into history (`drbd_uuid_set_bm(0)`) |
-//! | [`UuidSet::finish_sync_target`] | `drbd_resync_finished` | bitmap, history ← the peer's; then its own current rotates in as bitmap; current ← the peer's current; then the bitmap rotates into history |
-//! | [`UuidSet::new_current_uuid_cmd`] | `drbd_adm_new_c_uuid` | the bitmap rotates into history, then a new current; with `--clear-bitmap` on a fresh connected pair, the bitmap UUID is zeroed after `P_UUIDS` with flag 8 is sent |
-//! | [`UuidSet::accept_skip_initial_sync`] | `receive_uuids` | a just-created disk adopts the peer's current and bitmap 0 when flag 8 arrives |
+//! - [`UuidSet::new_current`] (DRBD: `drbd_uuid_new_current`): bitmap ← current (the old bitmap
+//!   UUID is overwritten, DRBD only warns), current ← random, bit 0 ← role
+//! - [`UuidSet::promote`] (DRBD: `drbd_set_role` (Primary)): new current if forced, or if the
+//!   peer's disk is unreachable and bitmap = 0; then bit 0 ← 1
+//! - [`UuidSet::demote`] (DRBD: `drbd_set_role` (Secondary)): bit 0 ← 0
+//! - [`UuidSet::lost_peer_disk`] (DRBD: `after_state_ch`, `lost_contact_to_peer_data`): new current
+//!   if either side is Primary, bitmap = 0 and the local disk is UpToDate
+//! - [`UuidSet::start_sync_source`] (DRBD: `drbd_gen_and_send_sync_uuid`): bitmap ← bitmap + 2^48
+//!   (random if it was 0 or `JUST_CREATED`); the old bitmap rotates into history; the result is
+//!   sent in `P_SYNC_UUID`
+//! - [`UuidSet::start_sync_target`] (DRBD: `receive_sync_uuid`): current ← the received sync UUID
+//!   (bit 0 ← role), bitmap ← 0 (no rotation)
+//! - [`UuidSet::finish_sync_source`] (DRBD: `drbd_resync_finished`): bitmap rotates into history
+//!   (`drbd_uuid_set_bm(0)`)
+//! - [`UuidSet::finish_sync_target`] (DRBD: `drbd_resync_finished`): bitmap, history ← the peer's;
+//!   then its own current rotates in as bitmap; current ← the peer's current; then the bitmap
+//!   rotates into history
+//! - [`UuidSet::new_current_uuid_cmd`] (DRBD: `drbd_adm_new_c_uuid`): the bitmap rotates into
+//!   history, then a new current; with `--clear-bitmap` on a fresh connected pair, the bitmap UUID
+//!   is zeroed after `P_UUIDS` with flag 8 is sent
+//! - [`UuidSet::accept_skip_initial_sync`] (DRBD: `receive_uuids`): a just-created disk adopts the
+//!   peer's current and bitmap 0 when flag 8 arrives
 //!
 //! After a successful resync both sides hold the same four UUIDs. On the source,
 //! `(X, S, [B, h0])` becomes `(X, 0, [S, B])`, where S = B + 2^48 is the sync UUID. The
@@ -72,28 +83,35 @@
 //! The result is DRBD's integer `hg`: > 0 means this node becomes SyncSource, ±1 means
 //! use the bitmap, ±2 means a full sync. UUIDs are compared with bit 0 masked off.
 //!
-//! | Rule | Condition (me vs. peer) | hg |
-//! |---|---|---|
-//! | 10 | both currents `JUST_CREATED` | 0 |
-//! | 20 | mine `JUST_CREATED` or 0, the peer's not `JUST_CREATED` | −2 |
-//! | 30 | the peer's `JUST_CREATED` or 0, mine not | +2 |
-//! | 34 | currents equal, my bitmap ≠ 0, the peer's 0, and my bitmap = peer h0 and my h0 = peer h1: I missed "resync finished". **Correction (mine):** the bitmap rotates into history | +1 |
-//! | 36 | as 34 without the history match (the peer failed to write the sync UUID) | +1 |
-//! | 35 | currents equal, my bitmap 0, the peer's ≠ 0, and my h0 = peer bitmap and my h1 = peer h0: the peer missed it. **Correction (peer):** its bitmap rotates into history | −1 |
-//! | 37 | as 35 without the history match | −1 |
-//! | 34–37, agreed < 91 | | −1091 (reported with rule 30, as DRBD does) |
-//! | 40 | currents equal, neither side crashed while Primary | 0 |
-//! | 41 | currents equal, a crashed-primary flag set, someone Primary now: needs `FF_WSAME` (else −(0x10000 \| 101 \| 4≪8) = −66661); both Primary: −100; else the Primary is source | ±1 / −100 |
-//! | 40 (rct) | both Secondary: only I crashed +1, only the peer −1, both: −1 if I hold `RESOLVE_CONFLICTS`, else +1 | ±1 |
-//! | 50 | my current = peer bitmap | −1 |
-//! | 51 | my current = peer h0, and (agreed < 96: my h0 = peer h1; ≥ 96: peer h0 + 2^48 = peer bitmap). The peer's `P_SYNC_UUID` was lost. **Correction (peer):** bitmap ← h0, h0 ← h1 (h1 stays); < 91: −1091 | −1 |
-//! | 60 | my current ∈ peer history | −2 |
-//! | 70 | my bitmap = peer current | +1 |
-//! | 71 | my h0 = peer current, and (< 96: my h1 = peer h0; ≥ 96: my h0 + 2^48 = my bitmap). My `P_SYNC_UUID` was lost. **Correction (mine):** bitmap ← h0, h0 ← h1; < 91: −1091 | +1 |
-//! | 80 | peer current ∈ my history | +2 |
-//! | 90 | bitmaps equal and ≠ 0 | 100 (split brain, auto-recovery possible) |
-//! | 100 | any history UUID of mine = any of the peer's | −100 (split brain) |
-//! | – | nothing matched | −1000 (unrelated data) |
+//! Rule: condition (me vs. peer) → hg.
+//!
+//! - 10: both currents `JUST_CREATED` → 0
+//! - 20: mine `JUST_CREATED` or 0, the peer's not `JUST_CREATED` → −2
+//! - 30: the peer's `JUST_CREATED` or 0, mine not → +2
+//! - 34: currents equal, my bitmap ≠ 0, the peer's 0, and my bitmap = peer h0 and my h0 = peer h1:
+//!   I missed "resync finished". **Correction (mine):** the bitmap rotates into history → +1
+//! - 36: as 34 without the history match (the peer failed to write the sync UUID) → +1
+//! - 35: currents equal, my bitmap 0, the peer's ≠ 0, and my h0 = peer bitmap and my h1 = peer h0:
+//!   the peer missed it. **Correction (peer):** its bitmap rotates into history → −1
+//! - 37: as 35 without the history match → −1
+//! - 34–37, agreed < 91 → −1091 (reported with rule 30, as DRBD does)
+//! - 40: currents equal, neither side crashed while Primary → 0
+//! - 41: currents equal, a crashed-primary flag set, someone Primary now: needs `FF_WSAME` (else
+//!   −(0x10000 | 101 | 4≪8) = −66661); both Primary: −100; else the Primary is source → ±1 / −100
+//! - 40 (rct): both Secondary: only I crashed +1, only the peer −1, both: −1 if I hold
+//!   `RESOLVE_CONFLICTS`, else +1 → ±1
+//! - 50: my current = peer bitmap → −1
+//! - 51: my current = peer h0, and (agreed < 96: my h0 = peer h1; ≥ 96: peer h0 + 2^48 = peer
+//!   bitmap). The peer's `P_SYNC_UUID` was lost. **Correction (peer):** bitmap ← h0, h0 ← h1 (h1
+//!   stays); < 91: −1091 → −1
+//! - 60: my current ∈ peer history → −2
+//! - 70: my bitmap = peer current → +1
+//! - 71: my h0 = peer current, and (< 96: my h1 = peer h0; ≥ 96: my h0 + 2^48 = my bitmap). My
+//!   `P_SYNC_UUID` was lost. **Correction (mine):** bitmap ← h0, h0 ← h1; < 91: −1091 → +1
+//! - 80: peer current ∈ my history → +2
+//! - 90: bitmaps equal and ≠ 0 → 100 (split brain, auto-recovery possible)
+//! - 100: any history UUID of mine = any of the peer's → −100 (split brain)
+//! - –: nothing matched → −1000 (unrelated data)
 //!
 //! −1096 ("needs protocol 96") appears in DRBD's comment table, but no 8.4 code path
 //! returns it. [`SyncDecision::from_drbd`] still decodes it. DRBD applies the corrections
@@ -128,26 +146,38 @@
 //! "Changes" are the `dirty_bits` each side reported. "Was Primary" is bit 0 of its
 //! bitmap UUID. A tie goes to the side without `RESOLVE_CONFLICTS` as SyncSource.
 //!
-//! | Option | Value | Decision (the loser becomes SyncTarget) |
-//! |---|---|---|
-//! | after-sb-0pri | `disconnect` (default) | none: split brain |
-//! | | `discard-younger-primary` | discard the side that was not Primary before the split. Undecided: zero-changes, then least-changes |
-//! | | `discard-older-primary` | discard the side that was Primary before the split. Undecided: as above |
-//! | | `discard-zero-changes` | a side without changes is discarded (both without: tie). Both changed: split brain |
-//! | | `discard-least-changes` | the side with fewer changes is discarded. Equal: tie |
-//! | | `discard-local` / `discard-remote` | this node's / the peer's data is discarded |
-//! | after-sb-1pri | `disconnect` (default) | none |
-//! | | `consensus` | the after-sb-0pri decision, if it discards the Secondary. Otherwise none |
-//! | | `violently-as0p` | the after-sb-0pri decision, even if it discards the Primary's data |
-//! | | `discard-secondary` | the Secondary's data is discarded |
-//! | | `call-pri-lost-after-sb` | tandem: none (DRBD: 0pri's decision, demoting the Primary if it loses) |
-//! | after-sb-2pri | `disconnect` (default) | none |
-//! | | `violently-as0p` | the after-sb-0pri decision |
-//! | | `call-pri-lost-after-sb` | tandem: none (DRBD: as for 1pri) |
-//! | `always-asbp` | off (default) | on: also apply the policies to rule 100 (−100), with a full sync |
-//! | rr-conflict | `disconnect` (default) / `call-pri-lost` | a Primary that would become SyncTarget drops the connection |
-//! | | `violently` | it becomes SyncTarget anyway |
-//! | discard-my-data | per connect, either side | decides a split brain left unresolved: that side becomes SyncTarget |
+//! Option: value → decision (the loser becomes SyncTarget).
+//!
+//! - after-sb-0pri
+//!   - `disconnect` (default) → none: split brain
+//!   - `discard-younger-primary` → discard the side that was not Primary before the split.
+//!     Undecided: zero-changes, then least-changes
+//!   - `discard-older-primary` → discard the side that was Primary before the split. Undecided: as
+//!     above
+//!   - `discard-zero-changes` → a side without changes is discarded (both without: tie). Both
+//!     changed: split brain
+//!   - `discard-least-changes` → the side with fewer changes is discarded. Equal: tie
+//!   - `discard-local` / `discard-remote` → this node's / the peer's data is discarded
+//! - after-sb-1pri
+//!   - `disconnect` (default) → none
+//!   - `consensus` → the after-sb-0pri decision, if it discards the Secondary. Otherwise none
+//!   - `violently-as0p` → the after-sb-0pri decision, even if it discards the Primary's data
+//!   - `discard-secondary` → the Secondary's data is discarded
+//!   - `call-pri-lost-after-sb` → tandem: none (DRBD: 0pri's decision, demoting the Primary if it
+//!     loses)
+//! - after-sb-2pri
+//!   - `disconnect` (default) → none
+//!   - `violently-as0p` → the after-sb-0pri decision
+//!   - `call-pri-lost-after-sb` → tandem: none (DRBD: as for 1pri)
+//! - `always-asbp`
+//!   - off (default) → on: also apply the policies to rule 100 (−100), with a full sync
+//! - rr-conflict
+//!   - `disconnect` (default) / `call-pri-lost` → a Primary that would become SyncTarget drops the
+//!     connection
+//!   - `violently` → it becomes SyncTarget anyway
+//! - discard-my-data
+//!   - per connect, either side → decides a split brain left unresolved: that side becomes
+//!     SyncTarget
 //!
 //! A 0pri policy that is not one of its values (and likewise for 1pri and 2pri) is a
 //! "Configuration error" in DRBD that acts as disconnect. The types here cannot express
@@ -201,14 +231,14 @@ pub const UUID_JUST_CREATED: u64 = 4;
 /// (`UUID_NEW_BM_OFFSET`, 2^48).
 pub const UUID_NEW_BM_OFFSET: u64 = 1 << 48;
 /// Bit 0 of the current UUID: this node was Primary in this generation.
-pub const UUID_PRIMARY: u64 = 1;
+pub(crate) const UUID_PRIMARY: u64 = 1;
 /// History slots tandem keeps: what `P_UUIDS` and the v08 superblock carry.
-pub const HISTORY_UUIDS: usize = 2;
+pub(crate) const HISTORY_UUIDS: usize = 2;
 /// History slots of the DRBD 9 (v09) superblock, for reference. tandem keeps
 /// [`HISTORY_UUIDS`], since an 8.4 peer never sees more.
 pub const V09_HISTORY_UUIDS: usize = 32;
 /// `PRO_VERSION_MAX` of DRBD 8.4, which rule 41 puts into its "needs feature" result.
-pub const DRBD84_PRO_VERSION_MAX: u32 = 101;
+pub(crate) const DRBD84_PRO_VERSION_MAX: u32 = 101;
 
 /// Bit 0 masked off: the form in which DRBD compares UUIDs.
 fn m(uuid: u64) -> u64 {
@@ -303,9 +333,9 @@ impl UuidSet {
 
     /// Promotion (`drbd_set_role` to Primary). A new current UUID is made when `forced`
     /// (`primary --force`), or when the peer's disk cannot be reached and no bitmap UUID
-    /// is set yet. `peer_disk_reachable` = connected and the peer's disk > Failed. Either way bit 0 is set
-    /// afterwards. Returns whether a new UUID was made. DRBD then sends `P_UUIDS` if
-    /// forced while connected.
+    /// is set yet. `peer_disk_reachable` = connected and the peer's disk > Failed. Either way bit 0
+    /// is set afterwards. Returns whether a new UUID was made. DRBD then sends `P_UUIDS` if forced
+    /// while connected.
     pub fn promote(&mut self, random: u64, peer_disk_reachable: bool, forced: bool) -> bool {
         let new = (!peer_disk_reachable && self.bitmap == 0) || forced;
         if new {
@@ -576,7 +606,7 @@ pub fn real_peer_disk(reported: DiskState, peer_flags: u64) -> DiskState {
 
 /// What [`uuid_compare`] needs besides the two UUID sets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CompareCtx {
+pub(crate) struct CompareCtx {
     /// The agreed protocol version (86..=101).
     pub agreed_version: u32,
     /// `DRBD_FF_WSAME` is agreed. Rule 41 uses it as "the peer is new enough".
@@ -728,7 +758,7 @@ fn cmp_result(hg: i32, rule: u32, correction: Option<Correction>) -> Comparison 
 /// `drbd_uuid_compare`: which side has the newer data, by DRBD 8.4's rule table (see
 /// the module docs). `me` and `peer` are the UUID sets as received (`peer` from its
 /// `P_UUIDS`).
-pub fn uuid_compare(me: &UuidSet, peer: &UuidSet, ctx: &CompareCtx) -> Comparison {
+pub(crate) fn uuid_compare(me: &UuidSet, peer: &UuidSet, ctx: &CompareCtx) -> Comparison {
     let this = m(me.current);
     let that = m(peer.current);
 
@@ -2623,7 +2653,10 @@ mod tests {
         let json = serde_json::to_string(&SplitBrainPolicy::default()).unwrap();
         assert_eq!(
             json,
-            r#"{"after-sb-0pri":"disconnect","after-sb-1pri":"disconnect","after-sb-2pri":"disconnect","always-asbp":false,"rr-conflict":"disconnect"}"#
+            concat!(
+                r#"{"after-sb-0pri":"disconnect","after-sb-1pri":"disconnect","#,
+                r#""after-sb-2pri":"disconnect","always-asbp":false,"rr-conflict":"disconnect"}"#
+            )
         );
         assert!(
             serde_json::from_str::<SplitBrainPolicy>(r#"{"after-sb-2pri":"consensus"}"#).is_err()

@@ -56,9 +56,9 @@ pub struct StoreInfo {
     target_arch = "sparc64"
 ))]
 mod ioc {
-    pub const NONE: u32 = 1;
-    pub const READ: u32 = 2;
-    pub const DIR_SHIFT: u32 = 29;
+    pub(crate) const NONE: u32 = 1;
+    pub(crate) const READ: u32 = 2;
+    pub(crate) const DIR_SHIFT: u32 = 29;
 }
 #[cfg(not(any(
     target_arch = "powerpc",
@@ -69,9 +69,9 @@ mod ioc {
     target_arch = "sparc64"
 )))]
 mod ioc {
-    pub const NONE: u32 = 0;
-    pub const READ: u32 = 2;
-    pub const DIR_SHIFT: u32 = 30;
+    pub(crate) const NONE: u32 = 0;
+    pub(crate) const READ: u32 = 2;
+    pub(crate) const DIR_SHIFT: u32 = 30;
 }
 
 const fn blk_ioc(dir: u32, nr: u32, size: u32) -> u32 {

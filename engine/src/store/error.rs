@@ -99,7 +99,10 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// An existing backing device is smaller than `create_size_bytes`.
-    #[error("backing device {} is {size} bytes, smaller than the {wanted} bytes asked for", .path.display())]
+    #[error(
+        "backing device {} is {size} bytes, smaller than the {wanted} bytes asked for",
+        .path.display()
+    )]
     TooSmall {
         /// The path.
         path: PathBuf,

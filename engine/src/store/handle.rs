@@ -300,7 +300,10 @@ impl Store {
         if !offset.is_multiple_of(lbs) || !len.is_multiple_of(lbs) {
             return Err(StoreError::invalid(
                 op,
-                format!("offset {offset} or length {len} is not a multiple of the {lbs}-byte logical block"),
+                format!(
+                    "offset {offset} or length {len} is not a multiple of the {lbs}-byte \
+                     logical block"
+                ),
             ));
         }
         match offset.checked_add(len) {

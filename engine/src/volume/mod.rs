@@ -335,7 +335,8 @@ impl Volume {
         let size_bytes = sectors * SECTOR_SIZE as u64;
         if size_bytes == 0 || size_bytes > store.size_bytes() {
             anyhow::bail!(
-                "disk {}: the metadata's data area ({size_bytes} bytes) does not fit the {} byte device",
+                "disk {}: the metadata's data area ({size_bytes} bytes) does not fit the {} byte \
+                 device",
                 me.disk.display(),
                 store.size_bytes()
             );
@@ -2177,7 +2178,10 @@ impl Volume {
             let mut g = self.lock();
             let s = g.primary.stats();
             if s.in_flight_writes > 0 || s.al_waiting > 0 || s.meta_failed {
-                tracing::warn!("writes still in flight or a metadata write failed: metadata left unclean (the next start applies the activity log)");
+                tracing::warn!(
+                    "writes still in flight or a metadata write failed: metadata left \
+                     unclean (the next start applies the activity log)"
+                );
                 return;
             }
             let pages = g.primary.take_dirty_bitmap_pages();

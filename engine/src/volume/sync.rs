@@ -345,7 +345,11 @@ impl Volume {
                         inner.peer_disk = DiskState::UpToDate;
                         inner.event(
                             "resync-started",
-                            serde_json::json!({"role": "SyncTarget", "out_of_sync_bytes": total * 4096, "csums": csums}),
+                            serde_json::json!({
+                                "role": "SyncTarget",
+                                "out_of_sync_bytes": total * 4096,
+                                "csums": csums
+                            }),
                         );
                     }
                     Err(e) => {
@@ -1029,7 +1033,10 @@ impl Volume {
                 );
                 inner.event(
                     "verify-finished",
-                    serde_json::json!({"out_of_sync_blocks": p.out_of_sync_blocks, "ranges": p.ranges}),
+                    serde_json::json!({
+                        "out_of_sync_blocks": p.out_of_sync_blocks,
+                        "ranges": p.ranges
+                    }),
                 );
                 inner.last_verify = Some(p);
                 inner.verify = None;
@@ -1116,7 +1123,8 @@ impl Volume {
     /// flushed, bitmap written, UUIDs adopted, consistent) before the disk says UpToDate.
     fn target_finished(&self, inner: &mut Inner, summary: ResyncSummary, fx: &mut Vec<Effect>) {
         tracing::info!(
-            "resync finished: {} KiB total, {} KiB failed, {} KiB left, {} KiB equal by checksum, {} s at {} KiB/s",
+            "resync finished: {} KiB total, {} KiB failed, {} KiB left, {} KiB equal by checksum, \
+             {} s at {} KiB/s",
             summary.total_blocks * 4,
             summary.failed_blocks * 4,
             summary.left_blocks * 4,
@@ -1381,14 +1389,21 @@ impl Volume {
         let random = random_uuid(&mut rand::thread_rng());
         if !clear_bitmap {
             if inner.link.is_some() {
-                return Err("new-current-uuid needs StandAlone (disconnect first), or --clear-bitmap on a new pair".into());
+                return Err("new-current-uuid needs StandAlone (disconnect first), or \
+                            --clear-bitmap on a new pair"
+                    .into());
             }
             uuids.new_current_uuid_cmd(random, primary, false);
             return self.persist_uuids(inner, uuids);
         }
         let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
         if !uuids.may_skip_initial_sync(inner.link.is_some(), version) {
-            return Err("--clear-bitmap skips the initial sync only on a connected pair whose metadata was just created (current UUID still the create-md value)".into());
+            return Err(
+                "--clear-bitmap skips the initial sync only on a connected pair whose \
+                 metadata was just created (current UUID still the create-md \
+                 value)"
+                    .into(),
+            );
         }
         let Some(announce) = uuids.new_current_uuid_cmd(random, primary, true) else {
             return Err("no UUIDs to announce".into());

@@ -42,10 +42,10 @@ use thiserror::Error;
 use super::{Command, CompressedBitmap, Packet, WireCtx, DRBD_SOCKET_BUFFER_SIZE, RLE_VLI_BITS};
 
 /// Largest value the VLI code can carry (`0x100000400202130`, 2^56 + the lower levels).
-pub const VLI_MAX: u64 = 0x0100_0004_0020_2130;
+pub(crate) const VLI_MAX: u64 = 0x0100_0004_0020_2130;
 
 /// Largest bitmap (in bits) this codec handles: 2^56, so every run length is VLI-encodable.
-pub const MAX_BM_BITS: u64 = 1 << 56;
+pub(crate) const MAX_BM_BITS: u64 = 1 << 56;
 
 /// `p_compressed_bm.encoding` bit 7: the first run is of set bits.
 const START_SET: u8 = 0x80;
@@ -167,7 +167,7 @@ pub fn vli_encode(v: u64) -> Result<(u64, u32), BitmapError> {
 /// (`vli_decode_bits`). Every bit pattern is some level's prefix (the last level's prefix
 /// 0xff completes the table), so this cannot fail; the value is ≥ 1 and ≤ [`VLI_MAX`].
 /// The caller checks the consumed bits were really there.
-pub fn vli_decode(input: u64) -> (u64, u32) {
+pub(crate) fn vli_decode(input: u64) -> (u64, u32) {
     let mut adj = 1u64;
     for &(total, prefix_bits, prefix) in &LEVELS {
         if input & ((1u64 << prefix_bits) - 1) == prefix {
@@ -257,7 +257,7 @@ impl<'a> BitWriter<'a> {
 /// DRBD's input bitstream: `buf.len() × 8 − pad_bits` valid bits, read least significant
 /// first (`bitstream_get_bits`).
 #[derive(Debug)]
-pub struct BitReader<'a> {
+pub(crate) struct BitReader<'a> {
     buf: &'a [u8],
     pos: usize,
     end: usize,

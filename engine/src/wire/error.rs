@@ -42,7 +42,8 @@ pub enum WireError {
     },
     /// The first bytes are no DRBD header magic of the expected size.
     #[error(
-        "bad header magic: first bytes {found:#010x} are not a {expected} (agreed protocol {version})"
+        "bad header magic: first bytes {found:#010x} are not a {expected} (agreed protocol \
+         {version})"
     )]
     BadMagic {
         /// The first four bytes, big-endian.

@@ -225,7 +225,8 @@ fn unknown_and_unsupported_commands_are_named() {
     rejects(
         &c101(),
         &h100(0, 0x0005, 0),
-        "P_BECOME_SYNC_TARGET (0x0005) is not part of the DRBD 8.4 protocol: named in DRBD's enum but never sent",
+        "P_BECOME_SYNC_TARGET (0x0005) is not part of the DRBD 8.4 protocol: named in DRBD's enum \
+         but never sent",
     );
     assert_eq!(sub_header_len(Command::P_UUIDS110, &c101()), None);
 }

@@ -1,10 +1,11 @@
 //! The three DRBD packet headers (all fields big-endian).
 //!
-//! | header | size | layout | used when |
-//! |---|---|---|---|
-//! | `p_header80` | 8 | u32 magic 0x83740267, u16 command, u16 length | agreed < 100 (and before the feature exchange) |
-//! | `p_header95` | 8 | u16 magic 0x835a, u16 command, u32 length | agreed 95..=99, payload > 32 KiB |
-//! | `p_header100` | 16 | u32 magic 0x8620ec20, u16 volume, u16 command, u32 length, u32 pad = 0 | agreed ≥ 100 |
+//! - `p_header80` (size 8): u32 magic 0x83740267, u16 command, u16 length; used when agreed < 100
+//!   (and before the feature exchange)
+//! - `p_header95` (size 8): u16 magic 0x835a, u16 command, u32 length; used when agreed 95..=99,
+//!   payload > 32 KiB
+//! - `p_header100` (size 16): u32 magic 0x8620ec20, u16 volume, u16 command, u32 length, u32 pad =
+//!   0; used when agreed ≥ 100
 //!
 //! `length` counts the payload bytes after the header.
 //!
@@ -23,11 +24,11 @@ use super::error::WireError;
 use super::{WireCtx, DRBD_MAGIC, DRBD_MAGIC_100, DRBD_MAGIC_BIG, DRBD_MAX_SIZE_H80_PACKET};
 
 /// Size of `p_header80`.
-pub const H80_LEN: usize = 8;
+pub(crate) const H80_LEN: usize = 8;
 /// Size of `p_header95`.
-pub const H95_LEN: usize = 8;
+pub(crate) const H95_LEN: usize = 8;
 /// Size of `p_header100`.
-pub const H100_LEN: usize = 16;
+pub(crate) const H100_LEN: usize = 16;
 
 // Field offsets; the last field ends exactly at the struct size.
 const _: () = assert!(4 + 2 + 2 == H80_LEN);

@@ -54,37 +54,37 @@ pub use packet::{
 pub use payload::*;
 
 /// `DRBD_MAGIC`, the magic of `p_header80`.
-pub const DRBD_MAGIC: u32 = 0x8374_0267;
+pub(crate) const DRBD_MAGIC: u32 = 0x8374_0267;
 /// `DRBD_MAGIC_BIG`, the 16-bit magic of `p_header95`.
-pub const DRBD_MAGIC_BIG: u16 = 0x835a;
+pub(crate) const DRBD_MAGIC_BIG: u16 = 0x835a;
 /// `DRBD_MAGIC_100`, the magic of `p_header100`.
-pub const DRBD_MAGIC_100: u32 = 0x8620_ec20;
+pub(crate) const DRBD_MAGIC_100: u32 = 0x8620_ec20;
 
 /// Oldest protocol version DRBD 8.4 (and tandem) speaks.
-pub const PRO_VERSION_MIN: u32 = 86;
+pub(crate) const PRO_VERSION_MIN: u32 = 86;
 /// Newest protocol version of DRBD 8.4 (and tandem).
-pub const PRO_VERSION_MAX: u32 = 101;
+pub(crate) const PRO_VERSION_MAX: u32 = 101;
 /// The version DRBD assumes before the feature exchange (h80 headers only).
-pub const PRO_VERSION_PRE_FEATURES: u32 = 80;
+pub(crate) const PRO_VERSION_PRE_FEATURES: u32 = 80;
 
 /// Largest payload a `p_header80` is used for when h95 is available (32 KiB).
-pub const DRBD_MAX_SIZE_H80_PACKET: u32 = 1 << 15;
+pub(crate) const DRBD_MAX_SIZE_H80_PACKET: u32 = 1 << 15;
 /// Largest data payload of one packet / one resync request (1 MiB).
 pub const DRBD_MAX_BIO_SIZE: u32 = 1 << 20;
 /// Largest bio DRBD sends at agreed 95..=99 (128 KiB).
-pub const DRBD_MAX_BIO_SIZE_P95: u32 = 1 << 17;
+pub(crate) const DRBD_MAX_BIO_SIZE_P95: u32 = 1 << 17;
 /// Largest trim / zeroes / write-same extent (64/2 × 4 MiB = 128 MiB).
-pub const DRBD_MAX_BATCH_BIO_SIZE: u32 = 128 << 20;
+pub(crate) const DRBD_MAX_BATCH_BIO_SIZE: u32 = 128 << 20;
 /// Bitmap packets, header included, fit in this (4096).
-pub const DRBD_SOCKET_BUFFER_SIZE: usize = 4096;
+pub(crate) const DRBD_SOCKET_BUFFER_SIZE: usize = 4096;
 /// Size of DRBD's algorithm-name fields, NUL included (64).
-pub const SHARED_SECRET_MAX: usize = 64;
+pub(crate) const SHARED_SECRET_MAX: usize = 64;
 /// Bytes of an auth challenge DRBD sends (64); 8.4 accepts up to twice that.
-pub const CHALLENGE_LEN: usize = 64;
+pub(crate) const CHALLENGE_LEN: usize = 64;
 /// Largest digest accepted (64 bytes, SHA-512/HMAC-SHA-512; crc32c is 4, sha256 32).
-pub const MAX_DIGEST_LEN: usize = 64;
+pub(crate) const MAX_DIGEST_LEN: usize = 64;
 /// Largest write-same data block (one logical block, at most 4096).
-pub const MAX_WSAME_DATA: u32 = 4096;
+pub(crate) const MAX_WSAME_DATA: u32 = 4096;
 
 /// `dp_flags` bits of `p_data` (`DP_*`). Before 95 only `DP_RW_SYNC` is sent.
 pub mod dp {

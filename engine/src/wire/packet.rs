@@ -18,11 +18,11 @@ use super::{
 };
 
 /// Commands whose payload is `p_data` + (digest) + data.
-pub const DATA_COMMANDS: &[Command] = &[C::P_DATA, C::P_DATA_REPLY, C::P_RS_DATA_REPLY];
+pub(crate) const DATA_COMMANDS: &[Command] = &[C::P_DATA, C::P_DATA_REPLY, C::P_RS_DATA_REPLY];
 /// Commands whose payload is `p_trim` and no data.
-pub const TRIM_COMMANDS: &[Command] = &[C::P_TRIM, C::P_ZEROES];
+pub(crate) const TRIM_COMMANDS: &[Command] = &[C::P_TRIM, C::P_ZEROES];
 /// Commands whose payload is `p_block_ack` (all on the meta socket).
-pub const ACK_COMMANDS: &[Command] = &[
+pub(crate) const ACK_COMMANDS: &[Command] = &[
     C::P_RECV_ACK,
     C::P_WRITE_ACK,
     C::P_RS_WRITE_ACK,
@@ -36,26 +36,26 @@ pub const ACK_COMMANDS: &[Command] = &[
     C::P_RETRY_WRITE,
 ];
 /// Commands whose payload is `p_block_req` and nothing else.
-pub const REQ_COMMANDS: &[Command] = &[
+pub(crate) const REQ_COMMANDS: &[Command] = &[
     C::P_DATA_REQUEST,
     C::P_RS_DATA_REQUEST,
     C::P_OV_REQUEST,
     C::P_RS_THIN_REQ,
 ];
 /// Commands whose payload is `p_block_req` + a digest.
-pub const REQ_DIGEST_COMMANDS: &[Command] = &[C::P_OV_REPLY, C::P_CSUM_RS_REQUEST];
+pub(crate) const REQ_DIGEST_COMMANDS: &[Command] = &[C::P_OV_REPLY, C::P_CSUM_RS_REQUEST];
 /// Commands whose payload is `p_block_desc`.
-pub const DESC_COMMANDS: &[Command] = &[C::P_OUT_OF_SYNC, C::P_RS_DEALLOCATED];
+pub(crate) const DESC_COMMANDS: &[Command] = &[C::P_OUT_OF_SYNC, C::P_RS_DEALLOCATED];
 /// Commands whose payload is `p_protocol` (+ integrity_alg).
-pub const PROTOCOL_COMMANDS: &[Command] = &[C::P_PROTOCOL, C::P_PROTOCOL_UPDATE];
+pub(crate) const PROTOCOL_COMMANDS: &[Command] = &[C::P_PROTOCOL, C::P_PROTOCOL_UPDATE];
 /// Commands whose payload is a `p_rs_param*` (layout by agreed version).
-pub const SYNC_PARAM_COMMANDS: &[Command] = &[C::P_SYNC_PARAM, C::P_SYNC_PARAM89];
+pub(crate) const SYNC_PARAM_COMMANDS: &[Command] = &[C::P_SYNC_PARAM, C::P_SYNC_PARAM89];
 /// Commands whose payload is `p_req_state`.
-pub const REQ_STATE_COMMANDS: &[Command] = &[C::P_STATE_CHG_REQ, C::P_CONN_ST_CHG_REQ];
+pub(crate) const REQ_STATE_COMMANDS: &[Command] = &[C::P_STATE_CHG_REQ, C::P_CONN_ST_CHG_REQ];
 /// Commands whose payload is `p_req_state_reply`.
-pub const REPLY_COMMANDS: &[Command] = &[C::P_STATE_CHG_REPLY, C::P_CONN_ST_CHG_REPLY];
+pub(crate) const REPLY_COMMANDS: &[Command] = &[C::P_STATE_CHG_REPLY, C::P_CONN_ST_CHG_REPLY];
 /// Commands without payload.
-pub const EMPTY_COMMANDS: &[Command] = &[
+pub(crate) const EMPTY_COMMANDS: &[Command] = &[
     C::P_UNPLUG_REMOTE,
     C::P_PING,
     C::P_PING_ACK,

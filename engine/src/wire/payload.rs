@@ -10,45 +10,45 @@ use super::error::WireError;
 use super::SHARED_SECRET_MAX;
 
 /// `sizeof(struct p_data)`.
-pub const P_DATA_LEN: usize = 24;
+pub(crate) const P_DATA_LEN: usize = 24;
 /// `sizeof(struct p_trim)` (= `p_wsame`).
-pub const P_TRIM_LEN: usize = 28;
+pub(crate) const P_TRIM_LEN: usize = 28;
 /// `sizeof(struct p_block_ack)`.
-pub const P_BLOCK_ACK_LEN: usize = 24;
+pub(crate) const P_BLOCK_ACK_LEN: usize = 24;
 /// `sizeof(struct p_block_req)`.
-pub const P_BLOCK_REQ_LEN: usize = 24;
+pub(crate) const P_BLOCK_REQ_LEN: usize = 24;
 /// `sizeof(struct p_block_desc)`.
-pub const P_BLOCK_DESC_LEN: usize = 16;
+pub(crate) const P_BLOCK_DESC_LEN: usize = 16;
 /// `sizeof(struct p_barrier)`.
-pub const P_BARRIER_LEN: usize = 8;
+pub(crate) const P_BARRIER_LEN: usize = 8;
 /// `sizeof(struct p_barrier_ack)`.
-pub const P_BARRIER_ACK_LEN: usize = 8;
+pub(crate) const P_BARRIER_ACK_LEN: usize = 8;
 /// `sizeof(struct p_connection_features)`.
-pub const P_CONNECTION_FEATURES_LEN: usize = 72;
+pub(crate) const P_CONNECTION_FEATURES_LEN: usize = 72;
 /// `sizeof(struct p_protocol)` without the integrity_alg string.
-pub const P_PROTOCOL_LEN: usize = 24;
+pub(crate) const P_PROTOCOL_LEN: usize = 24;
 /// `sizeof(struct p_rs_param)` (agreed ≤ 88) without the verify_alg string.
-pub const P_RS_PARAM_LEN: usize = 4;
+pub(crate) const P_RS_PARAM_LEN: usize = 4;
 /// `sizeof(struct p_rs_param_89)` (agreed 89..=94).
-pub const P_RS_PARAM_89_LEN: usize = 132;
+pub(crate) const P_RS_PARAM_89_LEN: usize = 132;
 /// `sizeof(struct p_rs_param_95)` (agreed ≥ 95).
-pub const P_RS_PARAM_95_LEN: usize = 148;
+pub(crate) const P_RS_PARAM_95_LEN: usize = 148;
 /// `sizeof(struct p_uuids)`.
-pub const P_UUIDS_LEN: usize = 48;
+pub(crate) const P_UUIDS_LEN: usize = 48;
 /// `sizeof(struct p_sizes)`.
-pub const P_SIZES_LEN: usize = 32;
+pub(crate) const P_SIZES_LEN: usize = 32;
 /// `sizeof(struct o_qlim)`, appended to `p_sizes` iff `DRBD_FF_WSAME` is agreed.
-pub const O_QLIM_LEN: usize = 24;
+pub(crate) const O_QLIM_LEN: usize = 24;
 /// `sizeof(struct p_state)`.
-pub const P_STATE_LEN: usize = 4;
+pub(crate) const P_STATE_LEN: usize = 4;
 /// `sizeof(struct p_req_state)`.
-pub const P_REQ_STATE_LEN: usize = 8;
+pub(crate) const P_REQ_STATE_LEN: usize = 8;
 /// `sizeof(struct p_req_state_reply)`.
-pub const P_REQ_STATE_REPLY_LEN: usize = 4;
+pub(crate) const P_REQ_STATE_REPLY_LEN: usize = 4;
 /// `sizeof(struct p_rs_uuid)`.
-pub const P_RS_UUID_LEN: usize = 8;
+pub(crate) const P_RS_UUID_LEN: usize = 8;
 /// `sizeof(struct p_delay_probe93)`.
-pub const P_DELAY_PROBE_LEN: usize = 8;
+pub(crate) const P_DELAY_PROBE_LEN: usize = 8;
 
 // Each struct's last field ends exactly at its size (offset of the last field + width).
 const _: () = assert!(20 + 4 == P_DATA_LEN); // dp_flags at 20

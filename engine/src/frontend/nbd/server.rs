@@ -4,15 +4,15 @@
 //! Per connection, one reader (the connection's task) decodes requests and starts each;
 //! the newest one runs inside the reader task while it waits for the next header, and
 //! moves to its own tokio task only when more input arrives first (so QD1 costs no task
-//! spawn, QD>1 pipelines as before); a semaphore of [`NbdOptions::max_in_flight`] (default 128) permits
-//! bounds them, and so does a budget of [`MAX_BYTES_IN_FLIGHT`] (64 MiB) of READ/WRITE
-//! data per connection; when either is exhausted the reader stops reading, which
-//! back-pressures the client through TCP. Each finished request writes its reply (header and data in one
-//! vectored write) through a mutex-guarded writer, so replies leave in completion order
-//! with no extra task hop on the latency path. WRITE payloads are read into an
-//! [`AlignedBuf`]; payload bytes that arrived together with a header sit in the 16 KiB
-//! read buffer and are copied from there (this batches small requests into one `read`),
-//! the rest of a large payload is read straight into the `AlignedBuf`.
+//! spawn, QD>1 pipelines as before); a semaphore of [`NbdOptions::max_in_flight`] (default 128)
+//! permits bounds them, and so does a budget of [`MAX_BYTES_IN_FLIGHT`] (64 MiB) of READ/WRITE data
+//! per connection; when either is exhausted the reader stops reading, which back-pressures the
+//! client through TCP. Each finished request writes its reply (header and data in one vectored
+//! write) through a mutex-guarded writer, so replies leave in completion order with no extra task
+//! hop on the latency path. WRITE payloads are read into an [`AlignedBuf`]; payload bytes that
+//! arrived together with a header sit in the 16 KiB read buffer and are copied from there (this
+//! batches small requests into one `read`), the rest of a large payload is read straight into the
+//! `AlignedBuf`.
 //!
 //! On `NBD_CMD_DISC`, a protocol error, EOF, a failed reply or server shutdown the reader
 //! stops, every request already started runs to completion and is answered, then the
@@ -329,7 +329,11 @@ impl NbdListener {
                 }
             }
         }
-        tracing::info!(listen = %local, "NBD server stopping; draining {} connections", conns.len());
+        tracing::info!(
+            listen = %local,
+            "NBD server stopping; draining {} connections",
+            conns.len()
+        );
         while let Some(joined) = conns.join_next().await {
             reap(joined);
         }
@@ -583,7 +587,10 @@ where
         info,
     };
     let handshake = tokio::select! {
-        r = tokio::time::timeout(opts.handshake_timeout, handshake(&mut reader, &mut writer, export)) => r,
+        r = tokio::time::timeout(
+            opts.handshake_timeout,
+            handshake(&mut reader, &mut writer, export),
+        ) => r,
         _ = wait_shutdown(&mut shutdown) => Ok(Err(HsError::Shutdown)),
         () = activity.evict.notified() => Ok(Err(HsError::Evicted)),
     };
@@ -593,7 +600,12 @@ where
             opts.handshake_timeout
         )),
         Ok(Ok(Step::Transmit)) => {
-            tracing::debug!(%peer, size = info.size_bytes, writable = info.writable, "NBD transmission");
+            tracing::debug!(
+                %peer,
+                size = info.size_bytes,
+                writable = info.writable,
+                "NBD transmission"
+            );
             // A client of a writable export holds the device open for writing until the
             // connection is over (its requests answered): `secondary` refuses meanwhile.
             let _open = info
@@ -765,7 +777,10 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
                 self.send(cookie, 0, &buf).await;
             }
             (Ok(reply), Some(len)) => {
-                tracing::error!(peer = %self.peer, "target answered a {len}-byte read with {reply:?}");
+                tracing::error!(
+                    peer = %self.peer,
+                    "target answered a {len}-byte read with {reply:?}"
+                );
                 self.send(cookie, proto::NBD_EIO, &[]).await;
             }
             (Ok(_), None) => self.send(cookie, 0, &[]).await,
@@ -836,7 +851,9 @@ where
     };
     let mut inline: Option<InlineRequest> = None;
     let end = tokio::select! {
-        end = read_requests(&mut reader, &replies, &window, &budgets, &target, &info, &mut inline) => end,
+        end = read_requests(
+            &mut reader, &replies, &window, &budgets, &target, &info, &mut inline,
+        ) => end,
         _ = wait_shutdown(&mut shutdown) => ConnectionEnd::Shutdown,
         _ = replies.closed.raised() => ConnectionEnd::ReplyFailed,
         () = activity.evict.notified() => ConnectionEnd::Evicted,
@@ -1006,7 +1023,10 @@ where
                         "NBD {peer}: request refused (errno {errno}): {why}; {req:?}"
                     );
                     if warnings == WARN_BUDGET {
-                        tracing::info!(%peer, "further refusals on this connection are logged at debug level");
+                        tracing::info!(
+                            %peer,
+                            "further refusals on this connection are logged at debug level"
+                        );
                     }
                 }
                 if skip > 0 {
