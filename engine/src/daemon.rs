@@ -33,6 +33,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What a daemon process sets up before anything else: logging, the crash-stop on a
+/// bug, the allocator's tuning.
+fn init_process() {
+    init_logging();
+    crash_on_panic();
+    crate::store::tune_allocator();
+}
+
 /// Makes every panic of the daemon stop the process (SIGABRT) after logging it.
 ///
 /// Inputs (packets, NBD requests, commands, metadata) are checked and answered with
@@ -145,9 +153,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `tandem up`: runs one node in the foreground until SIGTERM/SIGINT.
 pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
-    init_logging();
-    crash_on_panic();
-    crate::store::tune_allocator();
+    init_process();
     let config = Config::load(config_path)?;
     let me_name = match node {
         Some(n) => n.to_string(),

@@ -32,13 +32,13 @@ pub enum Stream {
 /// A packet queued for a socket's sender task: encoded header (+ sub-header), optional
 /// data that follows it, and the request to report as handed to the network (protocol A).
 #[derive(Debug)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     /// Header and fixed payload.
-    pub bytes: Vec<u8>,
+    pub(crate) bytes: Vec<u8>,
     /// Data bytes following the header (P_DATA), shared with the local write.
-    pub data: Option<Arc<AlignedBuf>>,
+    pub(crate) data: Option<Arc<AlignedBuf>>,
     /// Request id to report once the packet is in the socket (protocol A completion).
-    pub sent_id: Option<u64>,
+    pub(crate) sent_id: Option<u64>,
 }
 
 /// Why a packet was not queued.

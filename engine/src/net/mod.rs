@@ -57,7 +57,8 @@ mod port;
 mod session;
 pub mod socket;
 
-pub use link::{Link, Outgoing, SendError, Stream};
+use link::Outgoing;
+pub use link::{Link, SendError, Stream};
 pub use port::{LinkEvent, PeerData, PeerEvent, PeerWrite, PeerWriteKind, Replica};
 
 use crate::config::{Config, NodeConfig};
@@ -270,52 +271,7 @@ pub async fn run<R: Replica>(
             _ = shutdown.wait_for(|s| *s) => Err(NetError::Shutdown),
         };
         replica.link_event(LinkEvent::Lost(session_no));
-        let stage = if established {
-            "connection to"
-        } else {
-            "handshake with"
-        };
-        match result {
-            Ok(()) | Err(NetError::Shutdown) => {}
-            Err(NetError::Closed) => {
-                crate::warn_limited!("{stage} {} lost: peer closed it", peer.name);
-                replica.link_event(LinkEvent::Error(Some(format!(
-                    "{stage} {}: peer closed the connection",
-                    peer.name
-                ))));
-            }
-            Err(NetError::SplitBrain(why)) => {
-                // DRBD: "Split-Brain detected, dropping connection!" and StandAlone;
-                // nothing is overwritten until an operator decides.
-                tracing::error!(
-                    "split brain with {}: {why}; staying StandAlone (resolve it, then `tandem \
-                     connect`)",
-                    peer.name
-                );
-                replica.link_event(LinkEvent::Error(Some(format!("split brain: {why}"))));
-                replica.link_event(LinkEvent::SplitBrain(why));
-            }
-            Err(NetError::Refused(why)) => {
-                // DRBD: an incompatible peer (protocol, size, roles) is a permanent
-                // refusal: C_DISCONNECTING, then StandAlone until the operator connects.
-                tracing::error!(
-                    "refused peer {}: {why}; staying StandAlone (fix it, then `tandem connect`)",
-                    peer.name
-                );
-                replica.link_event(LinkEvent::Error(Some(format!(
-                    "refused peer {}: {why}",
-                    peer.name
-                ))));
-                replica.link_event(LinkEvent::Refused);
-            }
-            Err(e) => {
-                crate::warn_limited!("{stage} {} failed: {e}", peer.name);
-                replica.link_event(LinkEvent::Error(Some(format!(
-                    "{stage} {}: {e}",
-                    peer.name
-                ))));
-            }
-        }
+        report_end(&*replica, &peer, established, result);
         if *shutdown.borrow() {
             break;
         }
@@ -392,6 +348,62 @@ impl Drop for Unlist {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reports how connection attempt `result` ended: log, status error, and the permanent
+/// refusals (split brain, an incompatible peer) that make the node StandAlone.
+fn report_end<R: Replica>(
+    replica: &R,
+    peer: &NodeConfig,
+    established: bool,
+    result: Result<(), NetError>,
+) {
+    let stage = if established {
+        "connection to"
+    } else {
+        "handshake with"
+    };
+    match result {
+        Ok(()) | Err(NetError::Shutdown) => {}
+        Err(NetError::Closed) => {
+            crate::warn_limited!("{stage} {} lost: peer closed it", peer.name);
+            replica.link_event(LinkEvent::Error(Some(format!(
+                "{stage} {}: peer closed the connection",
+                peer.name
+            ))));
+        }
+        Err(NetError::SplitBrain(why)) => {
+            // DRBD: "Split-Brain detected, dropping connection!" and StandAlone;
+            // nothing is overwritten until an operator decides.
+            tracing::error!(
+                "split brain with {}: {why}; staying StandAlone (resolve it, then `tandem \
+                 connect`)",
+                peer.name
+            );
+            replica.link_event(LinkEvent::Error(Some(format!("split brain: {why}"))));
+            replica.link_event(LinkEvent::SplitBrain(why));
+        }
+        Err(NetError::Refused(why)) => {
+            // DRBD: an incompatible peer (protocol, size, roles) is a permanent
+            // refusal: C_DISCONNECTING, then StandAlone until the operator connects.
+            tracing::error!(
+                "refused peer {}: {why}; staying StandAlone (fix it, then `tandem connect`)",
+                peer.name
+            );
+            replica.link_event(LinkEvent::Error(Some(format!(
+                "refused peer {}: {why}",
+                peer.name
+            ))));
+            replica.link_event(LinkEvent::Refused);
+        }
+        Err(e) => {
+            crate::warn_limited!("{stage} {} failed: {e}", peer.name);
+            replica.link_event(LinkEvent::Error(Some(format!(
+                "{stage} {}: {e}",
+                peer.name
+            ))));
+        }
+    }
 }
 
 /// Accepts sockets forever; each must send `P_INITIAL_DATA` or `P_INITIAL_META` first.

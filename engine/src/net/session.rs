@@ -464,6 +464,26 @@ async fn deliver<R: Replica>(replica: &R, session: u64, ev: PeerEvent) -> Result
         .map_err(NetError::Protocol)
 }
 
+/// `P_TRIM` / `P_ZEROES` as the write it asks for: zeroes unless the peer agreed
+/// `DRBD_FF_WZEROES` and sent a plain discard.
+fn trim_write(cmd: Command, dh: &wire::DataHeader, size: u32, ctx: &WireCtx) -> PeerEvent {
+    let zero = cmd == Command::P_ZEROES || !ctx.has(wire::ff::DRBD_FF_WZEROES);
+    let kind = if zero {
+        PeerWriteKind::Zeroes {
+            unmap: dh.dp_flags & dp::DP_DISCARD != 0 || cmd == Command::P_TRIM,
+        }
+    } else {
+        PeerWriteKind::Discard
+    };
+    PeerEvent::Write(PeerWrite {
+        block_id: dh.block_id,
+        sector: dh.sector,
+        len: size,
+        dp_flags: dh.dp_flags,
+        kind,
+    })
+}
+
 /// The data socket: writes, trims, barriers, state.
 async fn data_receiver<R: Replica>(
     mut rd: Reader,
@@ -520,24 +540,7 @@ async fn data_receiver<R: Replica>(
                 cmd,
                 head: dh,
                 size,
-            } => {
-                let zero = cmd == Command::P_ZEROES || !ctx.has(wire::ff::DRBD_FF_WZEROES);
-                let kind = if zero {
-                    PeerWriteKind::Zeroes {
-                        unmap: dh.dp_flags & dp::DP_DISCARD != 0 || cmd == Command::P_TRIM,
-                    }
-                } else {
-                    PeerWriteKind::Discard
-                };
-                let w = PeerWrite {
-                    block_id: dh.block_id,
-                    sector: dh.sector,
-                    len: size,
-                    dp_flags: dh.dp_flags,
-                    kind,
-                };
-                deliver(&*replica, session, PeerEvent::Write(w)).await?;
-            }
+            } => deliver(&*replica, session, trim_write(cmd, &dh, size, &ctx)).await?,
             Packet::BlockReq { cmd, req, .. } if cmd == Command::P_DATA_REQUEST => {
                 let ev = PeerEvent::ReadRequest {
                     sector: req.sector,
