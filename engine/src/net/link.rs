@@ -16,7 +16,7 @@
 use crate::store::AlignedBuf;
 use crate::wire::{self, Command, DataHeader, Packet, WireCtx};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Which stream class a packet travels on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,20 @@ pub(crate) struct Outgoing {
     pub(crate) data: Option<Arc<AlignedBuf>>,
     /// Request id to report once the packet is in the socket (protocol A completion).
     pub(crate) sent_id: Option<u64>,
+    /// Fired once this packet (and so everything queued before it) is in the socket.
+    pub(crate) written: Option<oneshot::Sender<()>>,
+}
+
+impl Outgoing {
+    /// A packet without data or completion.
+    pub(crate) fn bytes(bytes: Vec<u8>) -> Self {
+        Outgoing {
+            bytes,
+            data: None,
+            sent_id: None,
+            written: None,
+        }
+    }
 }
 
 /// Why a packet was not queued.
@@ -126,11 +140,35 @@ impl Link {
         self.push(
             stream,
             Outgoing {
-                bytes,
                 data,
-                sent_id: None,
+                ..Outgoing::bytes(bytes)
             },
         )
+    }
+
+    /// Resolves once every packet queued so far on the data and meta streams is in its
+    /// socket, or the connection is gone. An empty marker rides behind them on each
+    /// queue; the sender task fires it after the `writev` that carried what preceded
+    /// it. Used before a connection is ended on purpose right after queueing a reply,
+    /// so that ending it does not drop the reply.
+    pub fn sent(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut markers = Vec::with_capacity(self.data.len() + 1);
+        for q in self.data.iter().chain(std::iter::once(&self.meta)) {
+            let (tx, rx) = oneshot::channel();
+            let marker = Outgoing {
+                written: Some(tx),
+                ..Outgoing::bytes(Vec::new())
+            };
+            if q.try_send(marker).is_ok() {
+                markers.push(rx);
+            }
+        }
+        async move {
+            for m in markers {
+                // An error: the sender task ended, so nothing more will be written.
+                let _ = m.await;
+            }
+        }
     }
 
     /// Queues an application write: `P_DATA` with `len` bytes of `data` after it, or a
@@ -164,9 +202,9 @@ impl Link {
         self.push(
             Stream::Data,
             Outgoing {
-                bytes,
                 data,
                 sent_id,
+                ..Outgoing::bytes(bytes)
             },
         )
     }

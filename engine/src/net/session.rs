@@ -14,6 +14,7 @@ use super::handshake::{self, PeerParams};
 use super::liveness::{Dead, Liveness, LivenessConfig, Observation, Step};
 use super::{
     read_exact, Link, LinkEvent, NetError, Outgoing, PeerEvent, PeerWrite, PeerWriteKind, Replica,
+    Stream,
 };
 use crate::config::{Config, NodeConfig};
 use crate::resync::{Inbound, SLEEP_TIME_MS};
@@ -81,7 +82,7 @@ pub async fn run<R: Replica>(
     let queue = config.net.max_buffers as usize * 4 + 64;
     let (data_tx, data_rx) = mpsc::channel(queue);
     let (meta_tx, meta_rx) = mpsc::channel(queue);
-    let link = Link::new(ctx, data_tx, meta_tx.clone(), session);
+    let link = Link::new(ctx, data_tx, meta_tx, session);
     tracing::info!(
         "connected to {} ({}): role {}, disk {}, protocol {}, agreed version {}, sync decision \
          {:?}",
@@ -95,7 +96,7 @@ pub async fn run<R: Replica>(
     );
     *established = true;
     replica.link_event(LinkEvent::Error(None));
-    let kill = replica.connection_up(link, &params, resolve_conflicts);
+    let kill = replica.connection_up(link.clone(), &params, resolve_conflicts);
 
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
@@ -131,13 +132,12 @@ pub async fn run<R: Replica>(
         BufReader::with_capacity(READ_BUFFER, meta_rd),
         ctx,
         replica.clone(),
-        meta_tx.clone(),
+        link.clone(),
         live.clone(),
         session,
     ));
     tasks.spawn(watchdog(
-        ctx,
-        meta_tx,
+        link.clone(),
         live,
         replica.clone(),
         LivenessConfig {
@@ -350,6 +350,9 @@ async fn sender<R: Replica>(
             if let Some(id) = item.sent_id {
                 replica.handed_to_network(session, id);
             }
+            if let Some(w) = item.written {
+                let _ = w.send(());
+            }
         }
     }
 }
@@ -446,14 +449,11 @@ async fn next_packet(
     Ok((hdr, pkt, layout.data))
 }
 
-fn encode_to(pkt: &Packet, ctx: &WireCtx) -> Result<Outgoing, NetError> {
-    let mut bytes = Vec::with_capacity(48);
-    wire::encode(pkt, ctx, 0, &mut bytes)?;
-    Ok(Outgoing {
-        bytes,
-        data: None,
-        sent_id: None,
-    })
+/// Queues a ping or ping ack on the meta stream; a full or closed queue ends the
+/// connection.
+fn send_meta(link: &Link, cmd: Command) -> Result<(), NetError> {
+    link.send(Stream::Meta, &Packet::Empty(cmd), None)
+        .map_err(|e| NetError::Protocol(format!("meta queue: {e}")))
 }
 
 /// Hands one decoded packet to the replica; its refusal ends the connection.
@@ -594,7 +594,7 @@ async fn meta_receiver<R: Replica>(
     mut rd: Reader,
     ctx: WireCtx,
     replica: Arc<R>,
-    meta: mpsc::Sender<Outgoing>,
+    link: Link,
     live: Arc<Live>,
     session: u64,
 ) -> Result<(), NetError> {
@@ -604,9 +604,7 @@ async fn meta_receiver<R: Replica>(
         live.received();
         match pkt {
             Packet::Empty(c) if c == Command::P_PING => {
-                let out = encode_to(&Packet::Empty(Command::P_PING_ACK), &ctx)?;
-                meta.try_send(out)
-                    .map_err(|_| NetError::Protocol("meta queue full".into()))?;
+                send_meta(&link, Command::P_PING_ACK)?;
             }
             Packet::Empty(c) if c == Command::P_PING_ACK => {
                 live.ping_acks.fetch_add(1, Ordering::Relaxed);
@@ -646,8 +644,7 @@ async fn meta_receiver<R: Replica>(
 /// Runs [`Liveness`] on the connection: pings when it says so, drops the connection
 /// when it declares the peer dead.
 async fn watchdog<R: Replica>(
-    ctx: WireCtx,
-    meta: mpsc::Sender<Outgoing>,
+    link: Link,
     live: Arc<Live>,
     replica: Arc<R>,
     cfg: LivenessConfig,
@@ -665,8 +662,7 @@ async fn watchdog<R: Replica>(
             Step::Wait(d) => d,
             Step::Ping(reason, d) => {
                 tracing::debug!("P_PING: {}", reason.describe());
-                meta.try_send(encode_to(&Packet::Empty(Command::P_PING), &ctx)?)
-                    .map_err(|_| NetError::Protocol("meta queue full".into()))?;
+                send_meta(&link, Command::P_PING)?;
                 d
             }
             Step::Dead(Dead::NoPingAck { reason }) => {
@@ -705,11 +701,7 @@ mod tests {
     /// gives up after `ko-count` of them; the meta sender gives up at the first.
     #[tokio::test]
     async fn a_blocked_send_pings_then_gives_up_after_ko_count() {
-        let batch = vec![Outgoing {
-            bytes: vec![7; 4096],
-            data: None,
-            sent_id: None,
-        }];
+        let batch = vec![Outgoing::bytes(vec![7; 4096])];
         for (meta, ko, want_expiries) in [(false, 3u32, 3u32), (true, 3, 1)] {
             // Nobody reads `_b`: after 64 bytes every write blocks.
             let (mut a, _b) = tokio::io::duplex(64);
@@ -740,19 +732,14 @@ mod tests {
         let data = Arc::new(crate::store::AlignedBuf::from_slice(&[9u8; 1024]).expect("buf"));
         let batch = vec![
             Outgoing {
-                bytes: vec![1, 2, 3],
                 data: Some(data.clone()),
-                sent_id: None,
+                ..Outgoing::bytes(vec![1, 2, 3])
             },
+            Outgoing::bytes(vec![4; 100]),
             Outgoing {
-                bytes: vec![4; 100],
-                data: None,
-                sent_id: None,
-            },
-            Outgoing {
-                bytes: vec![5],
                 data: Some(data),
                 sent_id: Some(3),
+                ..Outgoing::bytes(vec![5])
             },
         ];
         let reader = tokio::spawn(async move {

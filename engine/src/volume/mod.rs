@@ -172,9 +172,10 @@ struct Inner {
 /// Events kept for `tandem events`.
 pub const MAX_EVENTS: usize = 256;
 
-/// How long a connection that this node ends on purpose right after queueing packets
-/// (a state change reply, a `P_NEG_ACK`, a `P_STATE`) lets them reach the socket first.
-/// A local socket write takes microseconds; 200 ms also covers a busy runtime.
+/// The longest a connection that this node ends on purpose right after queueing packets
+/// (a state change reply, a `P_NEG_ACK`, a `P_STATE`) waits for them to reach the
+/// socket (`Link::sent` says when; a local socket write takes microseconds, a peer that
+/// stopped reading is bounded here).
 const QUEUED_PACKETS_LEAVE: Duration = Duration::from_millis(200);
 
 impl Inner {
@@ -288,6 +289,8 @@ pub struct Volume {
     core_room: Notify,
     /// A connection finished its handshake.
     link_up: Notify,
+    /// The last resync read or write in flight ended (see `wait_sync_io_idle`).
+    sync_io_idle: Notify,
     /// How long a state change request waits for the peer (DRBD's `timeout`).
     state_timeout: Duration,
     /// What a failed local write does (`disk.on-io-error`).
@@ -407,6 +410,7 @@ impl Volume {
             conn_changed: Notify::new(),
             core_room: Notify::new(),
             link_up: Notify::new(),
+            sync_io_idle: Notify::new(),
             state_timeout: config.net.timeout.max(Duration::from_millis(100)),
             on_io_error: config.disk.on_io_error,
             failure_recorded: tokio::sync::OnceCell::new(),
@@ -1426,12 +1430,16 @@ impl Volume {
     }
 
     /// Runs `f` once the packets queued so far (a state change reply, a `P_NEG_ACK`, a
-    /// `P_STATE`) have had [`QUEUED_PACKETS_LEAVE`] to reach the socket: ending the
-    /// connection at once aborts its sender tasks, which may not have written them yet.
+    /// `P_STATE`) are in their sockets (`Link::sent`), at most [`QUEUED_PACKETS_LEAVE`]
+    /// later: ending the connection at once aborts its sender tasks, which may not have
+    /// written them yet. Called without the volume's lock.
     fn after_queued_packets_leave(&self, f: impl FnOnce(Arc<Volume>) + Send + 'static) {
         let Some(me) = self.me.upgrade() else { return };
+        let sent = self.lock().link.as_ref().map(Link::sent);
         tokio::spawn(async move {
-            tokio::time::sleep(QUEUED_PACKETS_LEAVE).await;
+            if let Some(sent) = sent {
+                let _ = tokio::time::timeout(QUEUED_PACKETS_LEAVE, sent).await;
+            }
             f(me);
         });
     }
@@ -2147,14 +2155,17 @@ impl Volume {
 
     /// Stops accepting requests, waits (≤ `grace`) for in-flight ones, flushes the disk.
     pub async fn shutdown(&self, grace: Duration) {
-        self.lock().shutting_down = true;
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.slots.available_permits() < self.lock().primary.config().max_in_flight {
-            if tokio::time::Instant::now() > deadline {
-                tracing::warn!("requests still in flight at shutdown");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let slots = {
+            let mut g = self.lock();
+            g.shutting_down = true;
+            u32::try_from(g.primary.config().max_in_flight).unwrap_or(u32::MAX)
+        };
+        // Every request holds a slot: holding them all means none is in flight.
+        if tokio::time::timeout(grace, self.slots.acquire_many(slots))
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still in flight at shutdown");
         }
         if let Err(e) = self.store.flush().await {
             tracing::error!("final flush failed: {e}");

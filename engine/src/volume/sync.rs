@@ -279,13 +279,25 @@ impl Volume {
     /// Waits (≤ [`SYNC_IO_DRAIN`]) until no resync read or write of an earlier
     /// connection is in flight.
     pub(super) async fn wait_sync_io_idle(&self) {
-        let deadline = tokio::time::Instant::now() + SYNC_IO_DRAIN;
-        while self.lock().sync_io_in_flight > 0 {
-            if tokio::time::Instant::now() > deadline {
-                tracing::warn!("resync IO of the previous connection still in flight");
-                return;
+        let idle = async {
+            loop {
+                let ended = self.sync_io_idle.notified();
+                if self.lock().sync_io_in_flight == 0 {
+                    return;
+                }
+                ended.await;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if tokio::time::timeout(SYNC_IO_DRAIN, idle).await.is_err() {
+            tracing::warn!("resync IO of the previous connection still in flight");
+        }
+    }
+
+    /// A resync read or write ended; the last one wakes `wait_sync_io_idle`.
+    fn sync_io_ended(&self, inner: &mut Inner) {
+        inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
+        if inner.sync_io_in_flight == 0 {
+            self.sync_io_idle.notify_waiters();
         }
     }
 
@@ -1234,7 +1246,7 @@ impl Volume {
             ReadResult::Hole => (None, None, true),
             ReadResult::Failed => (None, None, false),
         };
-        inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
+        self.sync_io_ended(inner);
         match purpose {
             ReadFor::Verify => match inner.verify.as_mut().filter(|v| v.run() == run) {
                 Some(VerifyRun::Source(v, _)) => contract(v.digest_done(tag, digest)),
@@ -1276,7 +1288,7 @@ impl Volume {
 
     /// A resync write completed.
     pub(super) fn sync_write_done(&self, inner: &mut Inner, run: u64, tag: u64, ok: bool) {
-        inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
+        self.sync_io_ended(inner);
         if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
             contract(r.t.write_done(tag, ok));
         }
