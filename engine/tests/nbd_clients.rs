@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_engine::frontend::nbd::{ListenAddr, NbdListener, NbdOptions};
-use tandem_engine::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
-use tandem_engine::store::AlignedBuf;
+use tandem_engine::frontend::{
+    BlockError, BlockIo, BlockReply, BlockRequest, BlockTarget, TargetInfo,
+};
 use tokio::sync::{watch, Semaphore};
 
 const MIB: usize = 1 << 20;
@@ -87,12 +88,10 @@ impl MemTarget {
     fn apply(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
         let s = &self.stats;
         match io {
-            BlockIo::Read { offset, len } => {
-                let r = self.range(offset, u64::from(len))?;
-                let data = self.data.lock().unwrap();
-                Ok(BlockReply::Data(
-                    AlignedBuf::from_slice(&data[r]).map_err(|_| BlockError::Invalid)?,
-                ))
+            BlockIo::Read { offset, mut buf } => {
+                let r = self.range(offset, buf.len() as u64)?;
+                buf.copy_from_slice(&self.data.lock().unwrap()[r]);
+                Ok(BlockReply::Data(buf))
             }
             BlockIo::Write { offset, data, fua } => {
                 if !self.writable {
@@ -138,18 +137,15 @@ impl MemTarget {
 
 impl BlockTarget for MemTarget {
     fn info(&self) -> TargetInfo {
-        TargetInfo {
-            size_bytes: self.data.lock().unwrap().len() as u64,
-            writable: self.writable,
-            discard: true,
-        }
+        TargetInfo::simple(self.data.lock().unwrap().len() as u64, self.writable)
     }
 
-    async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
+    async fn submit(&self, req: BlockRequest) -> Result<BlockReply, BlockError> {
+        let io = req.io;
         let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let bytes = match &io {
-            BlockIo::Read { len, .. } => *len as usize,
+            BlockIo::Read { buf, .. } => buf.len(),
             BlockIo::Write { data, .. } => data.len(),
             _ => 0,
         };
