@@ -18,23 +18,30 @@
 //!   one thread each; NBD connection `n` uses queue `n mod 64` (see
 //!   [`nbd::server`]). The volume ignores it today; it is there for per-queue threads
 //!   and per-queue stats without changing the seam again.
-//! - **The target describes itself** in [`TargetInfo`]: logical and physical block size
-//!   (from the backing device: `BLKSSZGET`/`BLKPBSZGET`, or for a file the O_DIRECT
-//!   alignment the store probed, 512 or 4096, and 4096), the largest READ/WRITE (32 MiB),
-//!   discard granularity and the discard / write-zeroes limits (the volume's 128 MiB,
-//!   DRBD's batch limit), and whether it has a volatile cache (flush needed) and FUA.
+//! - **The target describes itself** in [`TargetInfo`]: logical block size (a block
+//!   device's `BLKSSZGET`; for a file the O_DIRECT alignment the store probed, 512 or
+//!   4096), physical block size (`BLKPBSZGET`; 4096 for a file), the largest READ/WRITE
+//!   (32 MiB; the volume splits a write over 1 MiB into 1 MiB replicated writes, one copy
+//!   each), discard granularity (the physical block) and the discard / write-zeroes
+//!   limits (the volume's 128 MiB, DRBD's batch limit), and whether it has a volatile
+//!   cache (flush needed) and FUA (the volume: both).
 //!   A frontend advertises exactly that (NBD: `NBD_INFO_BLOCK_SIZE` and the transmission
 //!   flags; ublk: its basic and discard parameters), refuses requests not aligned to the
 //!   logical block size and READ/WRITEs over the limit with `EINVAL` before they reach
 //!   the target, and splits a discard or write-zeroes over its limit (the kernel splits
 //!   them for ublk; the NBD server does it itself: qemu sends 2 GiB discards).
 //! - **Completion needs no runtime of the caller's.** The future [`BlockTarget::submit`]
-//!   returns is `Send`, needs no tokio context and no task per request: a ublk queue
-//!   thread can poll it with its own tiny executor and is woken from whichever thread
-//!   finishes the IO. The volume keeps a handle to its runtime for the work it does in
-//!   the background (the store's completion reaper, the local write of a replicated
-//!   write), so a submit from a foreign thread spawns nothing on that thread and needs no
-//!   timer (test `frontend::tests::a_volume_serves_a_thread_outside_any_runtime`).
+//!   returns is `Send`, needs no tokio context, no timer and no task per request: a ublk
+//!   queue thread can poll it with its own tiny executor and is woken from whichever
+//!   thread finishes the IO (test
+//!   `frontend::tests::a_volume_serves_a_thread_outside_any_runtime`). The volume keeps a
+//!   handle to its runtime for what runs in the background: the store's completion
+//!   reaper (`Store::set_runtime`) and the local half of a replicated write (a task, as
+//!   for NBD). So from a foreign thread a read submits its io_uring op on that thread and
+//!   costs two cross-thread wake-ups (the runtime's epoll sees the CQE, its reaper wakes
+//!   the queue thread); a write one more (starting its local-write task). On the
+//!   daemon's one runtime thread, as NBD runs, none of these cross threads. Letting a
+//!   queue thread reap its own ring is the next step for ublk, not taken here.
 //!
 //! A frontend registers every client that has the target open for writing with the
 //! target's [`Openers`] (DRBD's open count), so that `secondary` can refuse while the
