@@ -21,7 +21,7 @@
 
 use crate::config::{Config, InitialRole, MetaDisk, NodeConfig};
 use crate::frontend::nbd::{DataBudget, NbdListener, NbdOptions};
-use crate::frontend::{BlockIo, BlockTarget};
+use crate::frontend::{BlockIo, BlockRequest, BlockTarget};
 use crate::meta::al::AlGeometry;
 use crate::meta::disk::{Attach, CreateOptions, MetaDevice, MetaLocation};
 use crate::meta::layout::{bitmap_bytes, MIN_META_BYTES};
@@ -244,7 +244,12 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
         //    while connected, completes only when the peer has acked every epoch after
         //    flushing its disk. Without it a protocol A (or B) Primary would drop the
         //    connection with writes the peer has not yet applied, leaving it behind.
-        match tokio::time::timeout(SHUTDOWN_GRACE, volume.submit(BlockIo::Flush)).await {
+        match tokio::time::timeout(
+            SHUTDOWN_GRACE,
+            volume.submit(BlockRequest::new(0, BlockIo::Flush)),
+        )
+        .await
+        {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!("final flush failed: {e}"),
             Err(_) => {

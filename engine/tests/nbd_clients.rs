@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_engine::frontend::nbd::{ListenAddr, NbdListener, NbdOptions};
-use tandem_engine::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
-use tandem_engine::store::AlignedBuf;
+use tandem_engine::frontend::{
+    BlockError, BlockIo, BlockReply, BlockRequest, BlockTarget, TargetInfo,
+};
 use tokio::sync::{watch, Semaphore};
 
 const MIB: usize = 1 << 20;
@@ -42,6 +43,8 @@ struct Stats {
 
 struct MemTarget {
     data: Mutex<Vec<u8>>,
+    /// What `info` answers instead of [`TargetInfo::simple`], when set.
+    shape: Mutex<Option<TargetInfo>>,
     writable: bool,
     delay: Duration,
     gated: AtomicBool,
@@ -53,6 +56,7 @@ impl MemTarget {
     fn new(size: usize, writable: bool, delay: Duration) -> Arc<Self> {
         Arc::new(Self {
             data: Mutex::new(vec![0u8; size]),
+            shape: Mutex::new(None),
             writable,
             delay,
             gated: AtomicBool::new(false),
@@ -87,12 +91,10 @@ impl MemTarget {
     fn apply(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
         let s = &self.stats;
         match io {
-            BlockIo::Read { offset, len } => {
-                let r = self.range(offset, u64::from(len))?;
-                let data = self.data.lock().unwrap();
-                Ok(BlockReply::Data(
-                    AlignedBuf::from_slice(&data[r]).map_err(|_| BlockError::Invalid)?,
-                ))
+            BlockIo::Read { offset, mut buf } => {
+                let r = self.range(offset, buf.len() as u64)?;
+                buf.copy_from_slice(&self.data.lock().unwrap()[r]);
+                Ok(BlockReply::Data(buf))
             }
             BlockIo::Write { offset, data, fua } => {
                 if !self.writable {
@@ -138,18 +140,16 @@ impl MemTarget {
 
 impl BlockTarget for MemTarget {
     fn info(&self) -> TargetInfo {
-        TargetInfo {
-            size_bytes: self.data.lock().unwrap().len() as u64,
-            writable: self.writable,
-            discard: true,
-        }
+        let simple = TargetInfo::simple(self.data.lock().unwrap().len() as u64, self.writable);
+        self.shape.lock().unwrap().unwrap_or(simple)
     }
 
-    async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
+    async fn submit(&self, req: BlockRequest) -> Result<BlockReply, BlockError> {
+        let io = req.io;
         let now = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let bytes = match &io {
-            BlockIo::Read { len, .. } => *len as usize,
+            BlockIo::Read { buf, .. } => buf.len(),
             BlockIo::Write { data, .. } => data.len(),
             _ => 0,
         };
@@ -694,6 +694,55 @@ fn read_ok(s: &mut UnixStream, cookie: u64, offset: u64, want: &[u8]) {
     let mut data = vec![0u8; want.len()];
     s.read_exact(&mut data).unwrap();
     assert!(data == want);
+}
+
+/// A target with 4096-byte blocks, a 1 MiB READ/WRITE limit and small discard and
+/// write-zeroes limits: the server advertises them, refuses what breaks them before the
+/// target sees it, and splits long TRIM / WRITE_ZEROES into pieces within the limits.
+#[test]
+fn the_target_shape_is_advertised_and_enforced() {
+    const MIB32: u32 = 1 << 20;
+    let target = MemTarget::new(4 * MIB, true, Duration::ZERO);
+    let mut shape = TargetInfo::simple(4 * MIB as u64, true);
+    shape.logical_block_size = 4096;
+    shape.max_io_bytes = MIB32;
+    shape.max_discard_bytes = 64 * 1024;
+    shape.max_write_zeroes_bytes = 128 * 1024;
+    *target.shape.lock().unwrap() = Some(shape);
+    target.data.lock().unwrap().fill(0x55);
+    let server = Server::start(Arc::clone(&target), true, opts());
+    let v = nbdinfo(&["--json", &server.uri()]);
+    let e = &v["exports"][0];
+    assert_eq!(e["block_size_minimum"], 4096, "{v}");
+    assert_eq!(e["block_size_preferred"], 4096, "{v}");
+    assert_eq!(e["block_size_maximum"], MIB as u64, "{v}");
+
+    let mut s = connect(server.socket());
+    go(&mut s);
+    // 512-aligned on a 4096-byte target: EINVAL from the server.
+    request(&mut s, 0, 1, 512, 4096, &[]);
+    assert_eq!(reply(&mut s), (22, 1));
+    request(&mut s, 0, 2, 4096, 512, &[]);
+    assert_eq!(reply(&mut s), (22, 2));
+    // Over the READ/WRITE limit: EINVAL, a WRITE's payload skipped, the stream in sync.
+    request(&mut s, 0, 3, 0, 2 * MIB32, &[]);
+    assert_eq!(reply(&mut s), (22, 3));
+    request(&mut s, 1, 4, 0, 2 * MIB32, &vec![0xee; 2 * MIB]);
+    assert_eq!(reply(&mut s), (22, 4));
+    read_ok(&mut s, 5, 4096, &[0x55; 4096]);
+    assert_eq!(MemTarget::count(&target.stats.writes), 0);
+    // A 1 MiB TRIM and a 1 MiB WRITE_ZEROES arrive as 16 and 8 pieces.
+    request(&mut s, 4, 6, 0, MIB32, &[]);
+    assert_eq!(reply(&mut s), (0, 6));
+    assert_eq!(MemTarget::count(&target.stats.discards), 16);
+    request(&mut s, 6, 7, MIB as u64, MIB32, &[]);
+    assert_eq!(reply(&mut s), (0, 7));
+    assert_eq!(MemTarget::count(&target.stats.zeroes_unmap), 8);
+    let data = target.snapshot();
+    assert!(data[..2 * MIB].iter().all(|&b| b == 0));
+    assert!(data[2 * MIB..].iter().all(|&b| b == 0x55));
+    request(&mut s, 2, 8, 0, 0, &[]);
+    expect_closed(&mut s, "after NBD_CMD_DISC");
 }
 
 #[test]

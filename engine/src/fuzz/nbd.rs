@@ -3,19 +3,24 @@
 //! `run` feeds the same bytes to (1) a [`Handshake`] in the chunk sizes it asks for, as
 //! the server does, and (2) the transmission-phase decoder: 28-byte headers through
 //! [`parse_request`] and [`classify`], skipping WRITE payloads like the server. Byte 0
-//! picks the export's properties. Beyond "no panic", it asserts the invariants the
-//! server relies on: every action it would submit is aligned, non-empty, inside the
-//! export, within 32 MiB for READ/WRITE, and a write only on a writable export.
+//! picks the export's properties (size, writable, discard, 512/4096 logical blocks,
+//! 1/32 MiB READ/WRITE limit, cache and FUA). Beyond "no panic", it asserts the
+//! invariants the server relies on: every action it would submit is aligned to the
+//! advertised minimum block size, non-empty, inside the export, within the advertised
+//! maximum for READ/WRITE, a write only on a writable export, and only advertised
+//! commands and flags.
 
 use crate::frontend::nbd::proto::{
-    classify, parse_request, Action, Export, Handshake, Step, MAX_BLOCK, MAX_OPTIONS,
-    MAX_OPTION_DATA, REQUEST_LEN,
+    block_sizes, classify, parse_request, Action, Export, Handshake, Step, CMD_FLAG_FUA, MAX_BLOCK,
+    MAX_OPTIONS, MAX_OPTION_DATA, REQUEST_LEN,
 };
 use crate::frontend::TargetInfo;
 
 /// Runs the NBD decoders on arbitrary bytes; panics only on a broken invariant.
 pub fn run(data: &[u8]) {
     let (selector, rest) = data.split_first().map_or((0, data), |(s, r)| (*s, r));
+    let discard = if selector & 0b1000 != 0 { 128 << 20 } else { 0 };
+    let cache = selector & 0b100_0000 == 0;
     let info = TargetInfo {
         // 0 (an empty export), 512 and odd-ish sizes, 1 MiB, and u64::MAX rounded down.
         size_bytes: match selector & 0b11 {
@@ -25,7 +30,18 @@ pub fn run(data: &[u8]) {
             _ => u64::MAX - 511,
         },
         writable: selector & 0b100 != 0,
-        discard: selector & 0b1000 != 0,
+        logical_block_size: if selector & 0b1_0000 != 0 { 4096 } else { 512 },
+        physical_block_size: 4096,
+        max_io_bytes: if selector & 0b10_0000 != 0 {
+            1 << 20
+        } else {
+            32 << 20
+        },
+        discard_granularity: 4096,
+        max_discard_bytes: discard,
+        max_write_zeroes_bytes: discard,
+        volatile_cache: cache,
+        fua: cache,
     };
     handshake(rest, info);
     requests(rest, &info);
@@ -72,20 +88,32 @@ fn requests(mut input: &[u8], info: &TargetInfo) {
             return; // the server drops the connection
         };
         let action = classify(&req, info);
+        let (_, _, max) = block_sizes(info);
+        if !info.fua && !matches!(action, Action::Refuse { .. } | Action::Close { .. }) {
+            assert!(
+                req.flags & CMD_FLAG_FUA == 0,
+                "FUA not advertised: {action:?}"
+            );
+        }
         let payload = match action {
             Action::Read { offset, len } => {
                 check_range(offset, u64::from(len), info);
-                assert!(len <= MAX_BLOCK);
+                assert!(len <= max && max <= MAX_BLOCK);
                 0
             }
             Action::Write { offset, len, .. } => {
                 assert!(info.writable);
-                assert!(len <= MAX_BLOCK);
+                assert!(len <= max && max <= MAX_BLOCK);
                 check_range(offset, u64::from(len), info);
                 len
             }
-            Action::Trim { offset, len, .. } | Action::WriteZeroes { offset, len, .. } => {
-                assert!(info.writable && info.discard);
+            Action::Trim { offset, len, .. } => {
+                assert!(info.writable && info.max_discard_bytes > 0);
+                check_range(offset, u64::from(len), info);
+                0
+            }
+            Action::WriteZeroes { offset, len, .. } => {
+                assert!(info.writable && info.max_write_zeroes_bytes > 0);
                 check_range(offset, u64::from(len), info);
                 0
             }
@@ -95,7 +123,10 @@ fn requests(mut input: &[u8], info: &TargetInfo) {
                 assert!(skip <= MAX_BLOCK);
                 skip
             }
-            Action::Flush => 0,
+            Action::Flush => {
+                assert!(info.volatile_cache);
+                0
+            }
             Action::Disconnect | Action::Close { .. } => return,
         };
         let Some(rest) = input.get(payload as usize..) else {
@@ -106,7 +137,9 @@ fn requests(mut input: &[u8], info: &TargetInfo) {
 }
 
 fn check_range(offset: u64, len: u64, info: &TargetInfo) {
-    assert!(len > 0 && offset.is_multiple_of(512) && len.is_multiple_of(512));
+    let min = u64::from(block_sizes(info).0);
+    assert!(min >= u64::from(info.logical_block_size) && min >= 512);
+    assert!(len > 0 && offset.is_multiple_of(min) && len.is_multiple_of(min));
     let end = offset.checked_add(len).expect("range overflows");
     assert!(
         end <= info.size_bytes,
@@ -168,7 +201,13 @@ mod tests {
         request(&mut reqs, CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 512, 1024);
         request(&mut reqs, 0, CMD_FLUSH, 0, 0);
         request(&mut reqs, 0, CMD_WRITE, 3, 100);
-        vec![hs, reqs]
+        // The same stream against 4096-byte logical blocks, and against an export with a
+        // 1 MiB limit and neither a cache (no FLUSH) nor FUA.
+        let mut reqs_4k = reqs.clone();
+        reqs_4k[0] = 0x1e;
+        let mut reqs_no_cache = reqs.clone();
+        reqs_no_cache[0] = 0x6e;
+        vec![hs, reqs, reqs_4k, reqs_no_cache]
     }
 
     #[test]
@@ -191,7 +230,7 @@ mod tests {
                 let len = rng.gen_range(0..600);
                 (0..len).map(|_| rng.gen()).collect::<Vec<u8>>()
             } else {
-                let mut v = seeds[i % seeds.len()].clone();
+                let mut v = seeds[(i / 2) % seeds.len()].clone();
                 for _ in 0..rng.gen_range(1..8) {
                     let pos = rng.gen_range(0..v.len().max(1));
                     match rng.gen_range(0..5) {

@@ -1,7 +1,7 @@
 //! Opening a backing device and the synchronous syscalls around it.
 //!
 //! Owns everything that is a plain syscall on the backing fd: `open`, `fstat`, the block
-//! ioctls (`BLKGETSIZE64`, `BLKSSZGET`, `BLKDISCARD`, `BLKZEROOUT`), the O_DIRECT alignment
+//! ioctls (`BLKGETSIZE64`, `BLKSSZGET`, `BLKPBSZGET`, `BLKDISCARD`, `BLKZEROOUT`), the O_DIRECT alignment
 //! probe for regular files, and blocking `pread`/`pwritev2` for start-up metadata. The
 //! ring thread ([`super::ring`]) does the data path.
 //!
@@ -43,7 +43,17 @@ pub struct StoreInfo {
     /// Alignment every offset and length must have: `BLKSSZGET` for block devices, the
     /// smallest O_DIRECT transfer that works (512 or 4096) for files.
     pub logical_block_size: u32,
+    /// The unit below which a write costs the device a read-modify-write: `BLKPBSZGET`
+    /// for block devices (the logical size if that fails or is smaller), 4096 for files
+    /// (the page and file system block an O_DIRECT write of less only partly covers).
+    /// A power of two in `logical_block_size..=65536`.
+    pub physical_block_size: u32,
 }
+
+/// The physical block size of regular files (see [`StoreInfo::physical_block_size`]).
+pub const FILE_PHYSICAL_BLOCK_SIZE: u32 = 4096;
+/// Largest physical block size reported; larger or odd values become the logical size.
+const MAX_PHYSICAL_BLOCK_SIZE: u32 = 65536;
 
 // Linux ioctl numbers for the block layer (include/uapi/linux/fs.h), which libc does not
 // all export. The encoding of direction and size differs on a few architectures.
@@ -80,6 +90,8 @@ const fn blk_ioc(dir: u32, nr: u32, size: u32) -> u32 {
 
 /// `_IOR(0x12, 114, size_t)`: size in bytes as u64.
 const BLKGETSIZE64: u32 = blk_ioc(ioc::READ, 114, 8);
+/// `_IO(0x12, 123)`: physical block size as an unsigned int.
+const BLKPBSZGET: u32 = blk_ioc(ioc::NONE, 123, 0);
 /// `_IO(0x12, 119)`: discard a `[start, len]` u64 range.
 const BLKDISCARD: u32 = blk_ioc(ioc::NONE, 119, 0);
 /// `_IO(0x12, 127)`: zero a `[start, len]` u64 range.
@@ -226,6 +238,15 @@ pub(crate) fn open_device(
             });
         }
     }
+    let pbs = match kind {
+        DeviceKind::BlockDevice => blk_physical_block_size(&file).unwrap_or(lbs),
+        DeviceKind::File => FILE_PHYSICAL_BLOCK_SIZE,
+    };
+    let pbs = if pbs.is_power_of_two() && (lbs..=MAX_PHYSICAL_BLOCK_SIZE).contains(&pbs) {
+        pbs
+    } else {
+        lbs
+    };
     Ok((
         file,
         StoreInfo {
@@ -233,6 +254,7 @@ pub(crate) fn open_device(
             kind,
             size_bytes: size,
             logical_block_size: lbs,
+            physical_block_size: pbs,
         },
     ))
 }
@@ -270,6 +292,24 @@ fn blk_logical_block_size(file: &File) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     u32::try_from(lbs).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn blk_physical_block_size(file: &File) -> io::Result<u32> {
+    let mut pbs: libc::c_uint = 0;
+    // SAFETY: BLKPBSZGET writes one unsigned int through the pointer, which points to
+    // `pbs`, alive and exclusively borrowed for the call; the fd is open for `file`'s
+    // lifetime.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            req(BLKPBSZGET),
+            std::ptr::from_mut(&mut pbs),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pbs)
 }
 
 /// The smallest O_DIRECT read size and alignment that works on this file's file system:

@@ -91,7 +91,9 @@ impl fmt::Debug for Store {
 
 impl Store {
     /// Open `path` (a regular file or a block device) `O_RDWR | O_DIRECT | O_CLOEXEC` and
-    /// set up its ring. May be called outside a runtime; the IO methods need tokio.
+    /// set up its ring. May be called outside a runtime. The IO methods' futures need no
+    /// runtime context, but their completions arrive through a tokio runtime: the
+    /// current one, or the one given to [`Store::set_runtime`].
     pub fn open(path: impl AsRef<Path>, options: &StoreOptions) -> Result<Store, StoreError> {
         let qd = options.queue_depth;
         if !(1..=MAX_QUEUE_DEPTH).contains(&qd) {
@@ -128,6 +130,19 @@ impl Store {
         self.inner.info.logical_block_size
     }
 
+    /// The device's physical block size, bytes (see [`StoreInfo::physical_block_size`]).
+    pub fn physical_block_size(&self) -> u32 {
+        self.inner.info.physical_block_size
+    }
+
+    /// The runtime whose epoll watches this store's completions when an op is submitted
+    /// from a thread outside any tokio runtime (a ublk queue thread). Without it such an
+    /// op waits for a runtime thread to start the reaper; inside a runtime the current
+    /// one is used. The first call wins.
+    pub fn set_runtime(&self, rt: &tokio::runtime::Handle) {
+        self.inner.ring.set_home(rt);
+    }
+
     /// File or block device.
     pub fn kind(&self) -> DeviceKind {
         self.inner.info.kind
@@ -142,6 +157,14 @@ impl Store {
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {
         self.check_data(StoreOp::Read, offset, len)?;
         let buf = AlignedBuf::new(len)?;
+        self.call(|done| Request::Read { offset, buf, done }).await
+    }
+
+    /// Read `buf.len()` bytes at `offset` into the caller's `buf` (no allocation) and
+    /// give it back filled. The buffer belongs to the op until it completes; on an error
+    /// it is dropped.
+    pub async fn read_into(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, StoreError> {
+        self.check_data(StoreOp::Read, offset, buf.len())?;
         self.call(|done| Request::Read { offset, buf, done }).await
     }
 

@@ -9,7 +9,9 @@
 //!
 //! Completion: an eventfd is registered with the ring (`IORING_REGISTER_EVENTFD`), so
 //! the kernel signals it for every CQE. One reaper task per store (started in the
-//! caller's runtime by the first submit, restarted if that runtime dropped it) waits on
+//! caller's runtime by the first submit — or in the store's home runtime when the caller
+//! is a thread outside any runtime, such as a ublk queue thread — restarted if that
+//! runtime dropped it) waits on
 //! it through `tokio::io::unix::AsyncFd`, i.e. tokio's own epoll: a completion wakes a
 //! runtime worker exactly as a readable socket does, the reaper drains the CQ under the
 //! lock and completes each caller's `oneshot`, which schedules the caller's task on that
@@ -104,6 +106,9 @@ pub(crate) struct Ring {
     /// A reaper task is alive (cleared by the task itself when it ends, also when its
     /// runtime drops it).
     reaper: AtomicBool,
+    /// Where a submit from a thread outside any runtime starts the reaper
+    /// (`Store::set_runtime`).
+    home: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl fmt::Debug for Ring {
@@ -142,6 +147,7 @@ impl Ring {
             eventfd,
             closed: AtomicBool::new(false),
             reaper: AtomicBool::new(false),
+            home: std::sync::OnceLock::new(),
         })
     }
 
@@ -151,9 +157,10 @@ impl Ring {
         self.worker.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Submit `env` from the calling task: push its SQE and `io_uring_enter` it, so the
-    /// kernel starts the IO before this returns. Needs a tokio runtime (the first call
-    /// starts the reaper task in it). Refused with `Closed` after [`Ring::close`].
+    /// Submit `env` from the calling task or thread: push its SQE and `io_uring_enter`
+    /// it, so the kernel starts the IO before this returns. The first call starts the
+    /// reaper task in the current runtime, or from a thread outside any runtime in the
+    /// home one (`set_home`). Refused with `Closed` after [`Ring::close`].
     pub(crate) fn submit(self: &Arc<Self>, env: Envelope) -> Result<(), Envelope> {
         if !self.reaper.load(Ordering::Acquire) {
             self.start_reaper();
@@ -169,13 +176,27 @@ impl Ring {
         Ok(())
     }
 
-    /// Start a reaper task in the current runtime unless one is alive.
+    /// The runtime a submit from outside any runtime starts the reaper in (the first
+    /// call wins).
+    pub(crate) fn set_home(&self, rt: &tokio::runtime::Handle) {
+        let _ = self.home.set(rt.clone());
+    }
+
+    /// Start a reaper task in the current runtime (or, from a thread outside any
+    /// runtime, in the home one) unless one is alive.
     fn start_reaper(self: &Arc<Self>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            // Unreachable from `Store`'s async methods (tokio futures need a runtime);
-            // `close` reaps what is in flight in any case.
-            tracing::error!("store used outside a tokio runtime; completions wait for close");
-            return;
+        let rt = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt,
+            Err(_) => match self.home.get() {
+                Some(rt) => rt.clone(),
+                None => {
+                    // `close` reaps what is in flight in any case.
+                    tracing::error!(
+                        "store used outside a tokio runtime and given none (Store::set_runtime); completions wait for close"
+                    );
+                    return;
+                }
+            },
         };
         if self
             .reaper

@@ -67,6 +67,7 @@ fn open_create_and_size_rules() {
     assert_eq!(s.kind(), DeviceKind::File);
     let lbs = s.logical_block_size();
     assert!(lbs == 512 || lbs == 4096, "lbs {lbs}");
+    assert_eq!(s.physical_block_size(), 4096);
     assert_eq!(std::fs::metadata(&p).expect("stat").len(), MIB);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&p).expect("stat").permissions(),
@@ -547,6 +548,15 @@ impl Drop for LoopDev {
     }
 }
 
+/// What the kernel says a block device's physical block size is (what `BLKPBSZGET`
+/// returns, read another way).
+fn sysfs_physical_block_size(dev: &Path) -> u32 {
+    let name = dev.file_name().expect("device name").to_string_lossy();
+    let text = std::fs::read_to_string(format!("/sys/block/{name}/queue/physical_block_size"))
+        .expect("sysfs physical_block_size");
+    text.trim().parse().expect("a number")
+}
+
 fn loop_available() -> bool {
     if Path::new("/dev/loop-control").exists() {
         true
@@ -572,6 +582,7 @@ async fn block_device_size_block_size_and_range_ops() {
         assert_eq!(s.kind(), DeviceKind::BlockDevice);
         assert_eq!(s.size_bytes(), 64 * MIB);
         assert_eq!(s.logical_block_size(), 512);
+        assert_eq!(s.physical_block_size(), sysfs_physical_block_size(&lo.dev));
         // create_size_bytes larger than the device is refused, never "created".
         assert!(matches!(
             Store::open(&lo.dev, &opts(128 * MIB)),
@@ -627,6 +638,7 @@ async fn block_device_size_block_size_and_range_ops() {
     let lo4k = LoopDev::attach(&img, &["--sector-size", "4096"]);
     let s = Store::open(&lo4k.dev, &StoreOptions::default()).expect("open 4K loop");
     assert_eq!(s.logical_block_size(), 4096);
+    assert_eq!(s.physical_block_size(), 4096);
     assert_invalid(s.read(512, 4096).await, "512-aligned offset on 4K device");
     assert_invalid(s.read(0, 512).await, "512 length on 4K device");
     let d = Arc::new(pattern(8192, 12));

@@ -306,6 +306,10 @@ pub struct Volume {
     /// The frontends' clients that have the volume open for writing (`secondary` refuses
     /// while there are any, unless forced).
     openers: Arc<Openers>,
+    /// The runtime the volume's background IO runs on (store completions, the local
+    /// part of a write): a frontend request submitted from a thread outside any runtime
+    /// (a ublk queue thread) starts its tasks here.
+    rt: tokio::runtime::Handle,
     inner: Mutex<Inner>,
 }
 
@@ -369,6 +373,11 @@ impl Volume {
             .load_bitmap(OutOfSync::from_disk(sectors, &attach.bitmap))
             .map_err(|e| anyhow::anyhow!("loading the bitmap: {e}"))?;
         let meta_store = md.store().clone();
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+            anyhow::anyhow!("Volume::new runs inside the tokio runtime its IO will use")
+        })?;
+        store.set_runtime(&rt);
+        meta_store.set_runtime(&rt);
         // Set by this attach's log replay, or still set from an earlier one whose resync
         // did not complete.
         let crashed_primary = attach.crashed_primary() || md.is_crashed_primary();
@@ -417,6 +426,7 @@ impl Volume {
             failure_pages: tokio::sync::Mutex::new(()),
             detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
+            rt,
             inner: Mutex::new(Inner {
                 role: Role::Secondary,
                 disk,
@@ -1737,6 +1747,8 @@ impl Volume {
         }
     }
 
+    /// Starts the effects' IO, each as a task on the volume's runtime (`rt`, not the
+    /// caller's: a frontend request from a thread outside any runtime passes here too).
     fn run(&self, effects: Vec<Effect>) {
         if effects.is_empty() {
             return;
@@ -1756,7 +1768,7 @@ impl Volume {
                     fua,
                     buf,
                 } => {
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         // A detached disk takes no more writes (`on-io-error detach`).
                         let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
                         let ok = !detached && v.local_io(sector, len, kind, fua, buf).await;
@@ -1787,7 +1799,7 @@ impl Volume {
                     });
                 }
                 Effect::PrimaryFlush { tag } => {
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let ok = v.flush_local().await;
                         v.feed(|v, inner, fx| {
                             contract(inner.primary.local_flush_done(tag, ok));
@@ -1801,7 +1813,7 @@ impl Volume {
                     data,
                     preflush,
                 } => {
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let ok = v.meta_write(offset, &data, preflush).await;
                         v.feed(|v, inner, fx| {
                             contract(inner.primary.meta_write_done(tag, ok));
@@ -1816,7 +1828,7 @@ impl Volume {
                     len,
                     purpose,
                 } => {
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let offset = sector * SECTOR_SIZE as u64;
                         // A thin request over a hole of a file backend: zeroes, unread.
                         let hole = matches!(
@@ -1852,7 +1864,7 @@ impl Volume {
                     len,
                     data,
                 } => {
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
                         let ok = !detached
                             && match data {
@@ -1884,7 +1896,7 @@ impl Volume {
                     });
                 }
                 Effect::SyncBitmap { pages } => {
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         // The data the cleared bits describe must be durable first.
                         let r = if v.flush_local().await {
                             v.write_bitmap_pages_async(pages).await
@@ -1898,7 +1910,8 @@ impl Volume {
                     });
                 }
                 Effect::SyncFinish { run, pages, uuids } => {
-                    tokio::spawn(async move { v.finish_target(run, pages, uuids).await });
+                    self.rt
+                        .spawn(async move { v.finish_target(run, pages, uuids).await });
                 }
                 Effect::ReceiverFlush { token } => {
                     // Epoch flushes are merged: while one flush is in flight, later ones
@@ -1910,7 +1923,7 @@ impl Volume {
                         !std::mem::replace(&mut g.flush_running, true)
                     };
                     if start {
-                        tokio::spawn(async move { v.merged_flushes().await });
+                        self.rt.spawn(async move { v.merged_flushes().await });
                     }
                 }
             }
@@ -2342,12 +2355,26 @@ async fn join_all<F: std::future::Future<Output = Result<(), BlockError>>>(
 }
 
 impl BlockTarget for Volume {
+    /// Block sizes from the backing device (the store's `BLKSSZGET` / O_DIRECT probe and
+    /// `BLKPBSZGET`, 4096 for files); READ/WRITE up to 32 MiB (a write over
+    /// [`MAX_WRITE_CHUNK`] is split into 1 MiB replicated writes, one copy each);
+    /// discard and write-zeroes up to [`MAX_BATCH_CHUNK`] (128 MiB, DRBD's batch limit)
+    /// per request; a volatile cache (a flush is a barrier on both replicas) and FUA.
     fn info(&self) -> TargetInfo {
         let g = self.lock();
+        let lbs = self.store.logical_block_size();
+        let pbs = self.store.physical_block_size().max(lbs);
         TargetInfo {
             size_bytes: self.size_bytes,
             writable: g.role == Role::Primary,
-            discard: true,
+            logical_block_size: lbs,
+            physical_block_size: pbs,
+            max_io_bytes: crate::frontend::MAX_IO_BYTES,
+            discard_granularity: pbs,
+            max_discard_bytes: MAX_BATCH_CHUNK,
+            max_write_zeroes_bytes: MAX_BATCH_CHUNK,
+            volatile_cache: true,
+            fua: true,
         }
     }
 
@@ -2355,9 +2382,25 @@ impl BlockTarget for Volume {
         Some(Arc::clone(&self.openers))
     }
 
-    async fn submit(&self, io: BlockIo) -> Result<BlockReply, BlockError> {
-        match io {
-            BlockIo::Read { offset, len } => {
+    /// Runs on the caller's thread up to the first wait; needs no runtime there (see
+    /// `frontend`): locks, tokio's runtime-free semaphores, `oneshot`s and `Notify`, a
+    /// store submit, and effects spawned on the volume's own runtime. `req.queue` is not
+    /// used yet.
+    async fn submit(&self, req: crate::frontend::BlockRequest) -> Result<BlockReply, BlockError> {
+        let lbs = u64::from(self.store.logical_block_size());
+        let aligned = |offset: u64, len: u64| {
+            offset.is_multiple_of(lbs)
+                && len.is_multiple_of(lbs)
+                && offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= self.size_bytes)
+        };
+        match req.io {
+            BlockIo::Read { offset, buf } => {
+                let len = u32::try_from(buf.len()).map_err(|_| BlockError::Invalid)?;
+                if !aligned(offset, u64::from(len)) {
+                    return Err(BlockError::Invalid);
+                }
                 {
                     let mut g = self.lock();
                     if g.shutting_down {
@@ -2366,35 +2409,47 @@ impl BlockTarget for Volume {
                     g.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
                 }
                 if self.read_from_peer(offset, len) {
-                    return self.remote_read(offset, len).await.map(BlockReply::Data);
+                    return self.remote_read(offset, buf).await.map(BlockReply::Data);
                 }
-                let buf = self.store.read(offset, len as usize).await.map_err(|e| {
+                let buf = self.store.read_into(offset, buf).await.map_err(|e| {
                     tracing::warn!("read of {len} bytes at {offset} failed: {e}");
                     BlockError::Io
                 })?;
                 Ok(BlockReply::Data(buf))
             }
-            BlockIo::Write { offset, data, fua } => self
-                .write(offset, data, fua)
-                .await
-                .map(|()| BlockReply::Done),
+            BlockIo::Write { offset, data, fua } => {
+                if !aligned(offset, data.len() as u64) {
+                    return Err(BlockError::Invalid);
+                }
+                self.write(offset, data, fua)
+                    .await
+                    .map(|()| BlockReply::Done)
+            }
             BlockIo::Flush => self
                 .core_request(0, 0, None, None)
                 .await
                 .map(|()| BlockReply::Done),
-            BlockIo::Discard { offset, len, fua } => self
-                .batch(offset, len, WriteKind::Discard, fua)
-                .await
-                .map(|()| BlockReply::Done),
+            BlockIo::Discard { offset, len, fua } => {
+                if len > MAX_BATCH_CHUNK || !aligned(offset, len) {
+                    return Err(BlockError::Invalid);
+                }
+                self.batch(offset, len, WriteKind::Discard, fua)
+                    .await
+                    .map(|()| BlockReply::Done)
+            }
             BlockIo::WriteZeroes {
                 offset,
                 len,
                 may_unmap,
                 fua,
-            } => self
-                .batch(offset, len, WriteKind::Zeroes { unmap: may_unmap }, fua)
-                .await
-                .map(|()| BlockReply::Done),
+            } => {
+                if len > MAX_BATCH_CHUNK || !aligned(offset, len) {
+                    return Err(BlockError::Invalid);
+                }
+                self.batch(offset, len, WriteKind::Zeroes { unmap: may_unmap }, fua)
+                    .await
+                    .map(|()| BlockReply::Done)
+            }
         }
     }
 }

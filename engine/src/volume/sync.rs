@@ -462,13 +462,15 @@ impl Volume {
             .is_some_and(|r| r.t.bitmap().any_in(offset / SECTOR_SIZE as u64, len))
     }
 
-    /// Reads `[offset, offset + len)` from the peer in ≤ 1 MiB `P_DATA_REQUEST`s.
+    /// Reads `out.len()` bytes at `offset` from the peer in ≤ 1 MiB `P_DATA_REQUEST`s,
+    /// into the caller's `out` (each reply is copied in), and gives it back filled.
     pub(super) async fn remote_read(
         &self,
         offset: u64,
-        len: u32,
+        mut out: AlignedBuf,
     ) -> Result<AlignedBuf, crate::frontend::BlockError> {
         use crate::frontend::BlockError;
+        let len = u32::try_from(out.len()).map_err(|_| BlockError::Invalid)?;
         let mut parts = Vec::new();
         let mut done = 0u32;
         while done < len {
@@ -507,7 +509,6 @@ impl Volume {
             parts.push(rx);
             done += n;
         }
-        let mut out = AlignedBuf::new(len as usize).map_err(|_| BlockError::Invalid)?;
         let mut at = 0usize;
         for rx in parts {
             let buf = rx.await.map_err(|_| BlockError::Io)??;

@@ -9,9 +9,12 @@
 //!
 //! Input is hostile. Bounds: option data ≤ [`MAX_OPTION_DATA`] bytes (an export name is at
 //! most 4096 bytes by the spec, plus the `NBD_OPT_GO` framing and info requests); at most
-//! [`MAX_OPTIONS`] options per handshake; READ/WRITE payloads ≤ [`MAX_BLOCK`] (32 MiB).
-//! TRIM and WRITE_ZEROES carry no payload, so their length is only bounded by the export
-//! (qemu sends discards of up to 2 GiB). Only simple replies are spoken: structured
+//! [`MAX_OPTIONS`] options per handshake; READ/WRITE payloads ≤ [`MAX_BLOCK`] (32 MiB)
+//! and ≤ the target's `max_io_bytes`. What is advertised comes from the target's
+//! [`TargetInfo`] ([`block_sizes`], [`transmission_flags`]); requests are checked against
+//! it (alignment to its logical block size, 512 or 4096). TRIM and WRITE_ZEROES carry no
+//! payload, so their length is only bounded by the export (qemu sends discards of up to
+//! 2 GiB; the server splits them by the target's limits). Only simple replies are spoken: structured
 //! replies, meta contexts, TLS and extended headers are answered `NBD_REP_ERR_UNSUP`.
 
 use crate::frontend::{BlockError, TargetInfo};
@@ -117,13 +120,22 @@ pub const NBD_ENOSPC: u32 = 28;
 /// NBD error value: the server is shutting down.
 pub const NBD_ESHUTDOWN: u32 = 108;
 
-/// Advertised minimum block size (and required alignment of offsets and lengths).
-pub const MIN_BLOCK: u32 = 512;
-/// Advertised preferred block size.
-pub const PREFERRED_BLOCK: u32 = 4096;
-/// Advertised maximum READ/WRITE payload, bytes (32 MiB, the largest `AlignedBuf`).
+/// Largest READ/WRITE payload the server handles whatever the target says, bytes (32 MiB,
+/// the largest `AlignedBuf`): a WRITE up to this is skipped when refused, a longer one
+/// closes the connection.
 pub const MAX_BLOCK: u32 = 32 << 20;
 const _: () = assert!(MAX_BLOCK as usize == MAX_BUF_LEN);
+
+/// What `NBD_INFO_BLOCK_SIZE` advertises for a target: minimum = its logical block size
+/// (512 or 4096; offsets and lengths must be multiples of it), preferred = its physical
+/// block size, maximum = its largest READ/WRITE (≤ [`MAX_BLOCK`]), rounded down to a
+/// multiple of the minimum and never below the preferred size.
+pub fn block_sizes(info: &TargetInfo) -> (u32, u32, u32) {
+    let min = info.logical_block_size.max(512);
+    let preferred = info.physical_block_size.max(min);
+    let max = info.max_io_bytes.min(MAX_BLOCK) / min * min;
+    (min, preferred.min(max.max(min)), max.max(min))
+}
 
 /// Longest export name the spec allows, bytes.
 pub const MAX_NAME_LEN: usize = 4096;
@@ -148,13 +160,23 @@ pub fn greeting() -> [u8; GREETING_LEN] {
     g
 }
 
-/// The transmission flags for a target: flush, FUA and multi-conn always (the target's
-/// flush is a barrier over every connection), trim and write-zeroes when the target
-/// supports them, read-only when it is not writable.
+/// The transmission flags for a target: multi-conn always (the target's flush is a
+/// barrier over every connection), flush when it has a volatile cache, FUA when it
+/// supports FUA, trim and write-zeroes when their limits are not 0, read-only when it is
+/// not writable.
 pub fn transmission_flags(info: &TargetInfo) -> u16 {
-    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
-    if info.discard {
-        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_CAN_MULTI_CONN;
+    if info.volatile_cache {
+        f |= TFLAG_SEND_FLUSH;
+    }
+    if info.fua {
+        f |= TFLAG_SEND_FUA;
+    }
+    if info.max_discard_bytes > 0 {
+        f |= TFLAG_SEND_TRIM;
+    }
+    if info.max_write_zeroes_bytes > 0 {
+        f |= TFLAG_SEND_WRITE_ZEROES;
     }
     if !info.writable {
         f |= TFLAG_READ_ONLY;
@@ -426,11 +448,12 @@ impl Handshake {
         buf[2..10].copy_from_slice(&info.size_bytes.to_be_bytes());
         buf[10..12].copy_from_slice(&transmission_flags(info).to_be_bytes());
         option_reply(out, option, REP_INFO, &buf[..12]);
-        // Block sizes always: tandem needs 512-byte alignment whatever the client asked.
+        // Block sizes always: the target needs its alignment whatever the client asked.
+        let (min, preferred, max) = block_sizes(info);
         buf[0..2].copy_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        buf[2..6].copy_from_slice(&MIN_BLOCK.to_be_bytes());
-        buf[6..10].copy_from_slice(&PREFERRED_BLOCK.to_be_bytes());
-        buf[10..14].copy_from_slice(&MAX_BLOCK.to_be_bytes());
+        buf[2..6].copy_from_slice(&min.to_be_bytes());
+        buf[6..10].copy_from_slice(&preferred.to_be_bytes());
+        buf[10..14].copy_from_slice(&max.to_be_bytes());
         option_reply(out, option, REP_INFO, &buf);
         let (mut sent_name, mut sent_description) = (false, false);
         for kind in request.infos() {
@@ -530,7 +553,7 @@ pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<Request, BadRequestMagic> 
 /// What the server does with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Read `len` bytes at `offset` (aligned, inside the export, ≤ 32 MiB).
+    /// Read `len` bytes at `offset` (aligned, inside the export, ≤ the maximum block).
     Read {
         /// Byte offset.
         offset: u64,
@@ -548,7 +571,8 @@ pub enum Action {
     },
     /// Flush.
     Flush,
-    /// Discard.
+    /// Discard (of any length inside the export: the server splits one over the
+    /// target's `max_discard_bytes`).
     Trim {
         /// Byte offset.
         offset: u64,
@@ -557,7 +581,7 @@ pub enum Action {
         /// Force unit access.
         fua: bool,
     },
-    /// Write zeroes.
+    /// Write zeroes (split like a discard, by `max_write_zeroes_bytes`).
     WriteZeroes {
         /// Byte offset.
         offset: u64,
@@ -588,9 +612,13 @@ pub enum Action {
 
 /// Decides what to do with a request against an export of `info`.
 ///
-/// Offsets and lengths must be multiples of 512, non-zero and inside the export
-/// (`EINVAL`; `ENOSPC` for writes past the end, as the spec asks); READ and WRITE at most
-/// 32 MiB. Flags other than FUA (any command) and NO_HOLE (WRITE_ZEROES) get `EINVAL`.
+/// Offsets and lengths must be multiples of the target's logical block size (the
+/// advertised minimum block size), non-zero and inside the export (`EINVAL`; `ENOSPC` for
+/// writes past the end, as the spec asks); READ and WRITE at most the advertised maximum
+/// block size (a WRITE over [`MAX_BLOCK`] closes the connection: its payload is not
+/// skipped). Flags other than FUA (any command) and NO_HOLE (WRITE_ZEROES) get `EINVAL`,
+/// and so do commands and flags the export does not advertise (FLUSH without a volatile
+/// cache, FUA, TRIM, WRITE_ZEROES).
 pub fn classify(req: &Request, info: &TargetInfo) -> Action {
     let refuse = |errno, why| Action::Refuse {
         errno,
@@ -598,14 +626,19 @@ pub fn classify(req: &Request, info: &TargetInfo) -> Action {
         why,
     };
     let fua = req.flags & CMD_FLAG_FUA != 0;
-    let extra_flags = req.flags & !CMD_FLAG_FUA;
+    let extra_flags = if info.fua {
+        req.flags & !CMD_FLAG_FUA
+    } else {
+        req.flags
+    };
+    let (_, _, max_block) = block_sizes(info);
     match req.kind {
         CMD_READ => {
             if extra_flags != 0 {
                 return refuse(NBD_EINVAL, "unsupported flags on READ");
             }
-            if req.len > MAX_BLOCK {
-                return refuse(NBD_EINVAL, "READ longer than 32 MiB");
+            if req.len > max_block {
+                return refuse(NBD_EINVAL, "READ longer than the maximum block size");
             }
             match check_range(req, info, NBD_EINVAL) {
                 Ok(()) => Action::Read {
@@ -629,6 +662,9 @@ pub fn classify(req: &Request, info: &TargetInfo) -> Action {
             if extra_flags != 0 {
                 return skip(NBD_EINVAL, "unsupported flags on WRITE");
             }
+            if req.len > max_block {
+                return skip(NBD_EINVAL, "WRITE longer than the maximum block size");
+            }
             if !info.writable {
                 return skip(NBD_EPERM, "WRITE to a read-only export");
             }
@@ -646,13 +682,16 @@ pub fn classify(req: &Request, info: &TargetInfo) -> Action {
             if extra_flags != 0 {
                 return refuse(NBD_EINVAL, "unsupported flags on FLUSH");
             }
+            if !info.volatile_cache {
+                return refuse(NBD_EINVAL, "FLUSH not advertised");
+            }
             Action::Flush
         }
         CMD_TRIM => {
             if extra_flags != 0 {
                 return refuse(NBD_EINVAL, "unsupported flags on TRIM");
             }
-            if !info.discard {
+            if info.max_discard_bytes == 0 {
                 return refuse(NBD_EINVAL, "TRIM not advertised");
             }
             if !info.writable {
@@ -671,7 +710,7 @@ pub fn classify(req: &Request, info: &TargetInfo) -> Action {
             if extra_flags & !CMD_FLAG_NO_HOLE != 0 {
                 return refuse(NBD_EINVAL, "unsupported flags on WRITE_ZEROES");
             }
-            if !info.discard {
+            if info.max_write_zeroes_bytes == 0 {
                 return refuse(NBD_EINVAL, "WRITE_ZEROES not advertised");
             }
             if !info.writable {
@@ -696,8 +735,12 @@ fn check_range(req: &Request, info: &TargetInfo, past_end: u32) -> Result<(), (u
     if req.len == 0 {
         return Err((NBD_EINVAL, "zero-length request"));
     }
-    if !req.offset.is_multiple_of(u64::from(MIN_BLOCK)) || !req.len.is_multiple_of(MIN_BLOCK) {
-        return Err((NBD_EINVAL, "offset or length not a multiple of 512"));
+    let min = u64::from(block_sizes(info).0);
+    if !req.offset.is_multiple_of(min) || !u64::from(req.len).is_multiple_of(min) {
+        return Err((
+            NBD_EINVAL,
+            "offset or length not a multiple of the minimum block size",
+        ));
     }
     match req.offset.checked_add(u64::from(req.len)) {
         Some(end) if end <= info.size_bytes => Ok(()),
@@ -754,11 +797,7 @@ mod tests {
         Export {
             name: "vol0".into(),
             description: "tandem test".into(),
-            info: TargetInfo {
-                size_bytes: SIZE,
-                writable,
-                discard: true,
-            },
+            info: TargetInfo::simple(SIZE, writable),
         }
     }
 
@@ -832,8 +871,101 @@ mod tests {
         let ro = transmission_flags(&export(false).info);
         assert_eq!(ro, rw | TFLAG_READ_ONLY);
         let mut no_discard = export(true).info;
-        no_discard.discard = false;
+        no_discard.max_discard_bytes = 0;
+        no_discard.max_write_zeroes_bytes = 0;
         assert_eq!(transmission_flags(&no_discard), 0b1_0000_1101);
+        let mut trim_only = export(true).info;
+        trim_only.max_write_zeroes_bytes = 0;
+        assert_eq!(transmission_flags(&trim_only), 0b1_0010_1101);
+        let mut no_cache = export(true).info;
+        no_cache.volatile_cache = false;
+        no_cache.fua = false;
+        assert_eq!(transmission_flags(&no_cache), 0b1_0110_0001);
+    }
+
+    #[test]
+    fn block_sizes_follow_target() {
+        let mut info = export(true).info;
+        assert_eq!(block_sizes(&info), (512, 4096, 32 << 20));
+        info.logical_block_size = 4096;
+        info.physical_block_size = 4096;
+        info.max_io_bytes = 1 << 20;
+        assert_eq!(block_sizes(&info), (4096, 4096, 1 << 20));
+        // A bigger limit than the server's buffers is capped; odd values are made sane.
+        info.max_io_bytes = u32::MAX;
+        info.physical_block_size = 512;
+        assert_eq!(block_sizes(&info), (4096, 4096, MAX_BLOCK));
+        info.max_io_bytes = 6000;
+        assert_eq!(block_sizes(&info), (4096, 4096, 4096));
+        // GO answers with them.
+        let mut hs = Handshake::new(Export {
+            info,
+            ..export(true)
+        });
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(option(OPT_GO, &go_data(b"vol0", &[])));
+        let (out, step) = drive(&mut hs, &input);
+        assert_eq!(step, Ok(Step::Transmit));
+        let sizes = rep(
+            OPT_GO,
+            REP_INFO,
+            &[0, 3, 0, 0, 0x10, 0, 0, 0, 0x10, 0, 0, 0, 0x10, 0],
+        );
+        assert!(out.windows(sizes.len()).any(|w| w == &sizes[..]));
+    }
+
+    #[test]
+    fn requests_are_checked_against_the_target() {
+        let refused = |a: Action| match a {
+            Action::Refuse { errno, skip, .. } => (errno, skip),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let mut info = export(true).info;
+        info.logical_block_size = 4096;
+        info.max_io_bytes = 1 << 20;
+        // 512-aligned requests on a 4096-byte device: EINVAL before the target.
+        assert_eq!(
+            refused(classify_raw(&info, 0, CMD_READ, 512, 4096)),
+            (NBD_EINVAL, 0)
+        );
+        assert_eq!(
+            refused(classify_raw(&info, 0, CMD_WRITE, 0, 512)),
+            (NBD_EINVAL, 512)
+        );
+        assert_eq!(
+            refused(classify_raw(&info, 0, CMD_TRIM, 4096, 512)),
+            (NBD_EINVAL, 0)
+        );
+        assert!(matches!(
+            classify_raw(&info, 0, CMD_READ, 4096, 8192),
+            Action::Read { .. }
+        ));
+        // Over the target's READ/WRITE limit: refused, the WRITE payload skipped.
+        assert_eq!(
+            refused(classify_raw(&info, 0, CMD_READ, 0, 2 << 20)),
+            (NBD_EINVAL, 0)
+        );
+        assert_eq!(
+            refused(classify_raw(&info, 0, CMD_WRITE, 0, 2 << 20)),
+            (NBD_EINVAL, 2 << 20)
+        );
+        // A discard over the target's limit is accepted (the server splits it).
+        info.max_discard_bytes = 4096;
+        assert!(matches!(
+            classify_raw(&info, 0, CMD_TRIM, 0, 1 << 20),
+            Action::Trim { len, .. } if len == 1 << 20
+        ));
+        // No volatile cache and no FUA: neither is accepted.
+        info.volatile_cache = false;
+        info.fua = false;
+        assert_eq!(
+            refused(classify_raw(&info, 0, CMD_FLUSH, 0, 0)),
+            (NBD_EINVAL, 0)
+        );
+        assert_eq!(
+            refused(classify_raw(&info, CMD_FLAG_FUA, CMD_WRITE, 0, 4096)),
+            (NBD_EINVAL, 4096)
+        );
     }
 
     #[test]
@@ -1146,7 +1278,7 @@ mod tests {
             (NBD_EINVAL, 0)
         );
         let mut no_discard = info;
-        no_discard.discard = false;
+        no_discard.max_discard_bytes = 0;
         assert_eq!(
             refused(classify_raw(&no_discard, 0, CMD_TRIM, 0, 512)),
             (NBD_EINVAL, 0)

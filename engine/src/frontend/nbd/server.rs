@@ -4,15 +4,19 @@
 //! Per connection, one reader (the connection's task) decodes requests and starts each;
 //! the newest one runs inside the reader task while it waits for the next header, and
 //! moves to its own tokio task only when more input arrives first (so QD1 costs no task
-//! spawn, QD>1 pipelines as before); a semaphore of [`NbdOptions::max_in_flight`] (default 128)
-//! permits bounds them, and so does a budget of [`MAX_BYTES_IN_FLIGHT`] (64 MiB) of READ/WRITE data
-//! per connection; when either is exhausted the reader stops reading, which back-pressures the
-//! client through TCP. Each finished request writes its reply (header and data in one vectored
-//! write) through a mutex-guarded writer, so replies leave in completion order with no extra task
-//! hop on the latency path. WRITE payloads are read into an [`AlignedBuf`]; payload bytes that
-//! arrived together with a header sit in the 16 KiB read buffer and are copied from there (this
-//! batches small requests into one `read`), the rest of a large payload is read straight into the
-//! `AlignedBuf`.
+//! spawn, QD>1 pipelines as before); a semaphore of [`NbdOptions::max_in_flight`]
+//! (default 128) permits bounds them, and so does a budget of [`MAX_BYTES_IN_FLIGHT`]
+//! (64 MiB) of READ/WRITE data per connection; when either is exhausted the reader stops
+//! reading, which back-pressures the client through TCP. Each finished request writes its
+//! reply (header and data in one vectored write) through a mutex-guarded writer, so
+//! replies leave in completion order with no extra task hop on the latency path. WRITE
+//! payloads are read into an [`AlignedBuf`]; payload bytes that arrived together with a
+//! header sit in the 16 KiB read buffer and are copied from there (this batches small
+//! requests into one `read`), the rest of a large payload is read straight into the
+//! `AlignedBuf`. A READ gets a fresh `AlignedBuf` of its length, which the target fills
+//! and returns for the reply (the target allocates nothing). A TRIM or WRITE_ZEROES
+//! longer than the target's limit is split (`submit_split`). Every request is submitted
+//! on queue `connection number mod` [`NBD_QUEUES`].
 //!
 //! On `NBD_CMD_DISC`, a protocol error, EOF, a failed reply or server shutdown the reader
 //! stops, every request already started runs to completion and is answered, then the
@@ -35,7 +39,7 @@
 //! to the kernel (`malloc_trim`, at most once per second).
 
 use super::proto::{self, Action, Export, Handshake, HandshakeError, Step, REQUEST_LEN};
-use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, TargetInfo};
+use crate::frontend::{BlockError, BlockIo, BlockReply, BlockRequest, BlockTarget, TargetInfo};
 use crate::store::AlignedBuf;
 use std::fmt;
 use std::future::Future;
@@ -89,6 +93,10 @@ const READ_BUF_LEN: usize = 16 * 1024;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Protocol-violation warnings logged per connection before the rest go to `debug`.
 const WARN_BUDGET: u32 = 16;
+/// Queue indexes NBD connections use: connection `n` of a listener submits on queue
+/// `n mod NBD_QUEUES` (the default connection limit), so per-queue stats would tell
+/// connections apart; [`serve_connection`] uses queue 0.
+pub const NBD_QUEUES: u64 = DEFAULT_MAX_CONNECTIONS as u64;
 
 /// Serving parameters.
 #[derive(Debug, Clone)]
@@ -850,9 +858,10 @@ where
         activity: Arc::clone(activity),
     };
     let mut inline: Option<InlineRequest> = None;
+    let queue = u16::try_from(activity.id % NBD_QUEUES).unwrap_or(0);
     let end = tokio::select! {
         end = read_requests(
-            &mut reader, &replies, &window, &budgets, &target, &info, &mut inline,
+            &mut reader, &replies, &window, &budgets, &target, &info, queue, &mut inline,
         ) => end,
         _ = wait_shutdown(&mut shutdown) => ConnectionEnd::Shutdown,
         _ = replies.closed.raised() => ConnectionEnd::ReplyFailed,
@@ -895,6 +904,9 @@ type InlineRequest = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// arrives while it is unfinished, it moves to its own task (a boxed future moves without
 /// being disturbed) and pipelining continues as before. `inline` lives in the caller so
 /// that a reader stopped from outside (shutdown) leaves it to be spawned, never dropped.
+/// Every request is submitted on `queue`.
+// The connection's parts again; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn read_requests<T, R, W>(
     reader: &mut BufReader<R>,
     replies: &Arc<Replies<W>>,
@@ -902,6 +914,7 @@ async fn read_requests<T, R, W>(
     budgets: &Budgets,
     target: &Arc<T>,
     info: &TargetInfo,
+    queue: u16,
     inline: &mut Option<InlineRequest>,
 ) -> ConnectionEnd
 where
@@ -972,7 +985,11 @@ where
             None
         };
         let io = match action {
-            Action::Read { offset, len } => BlockIo::Read { offset, len },
+            // The READ's buffer is this frontend's, filled and handed back by the target.
+            Action::Read { offset, len } => match AlignedBuf::new(len as usize) {
+                Ok(buf) => BlockIo::Read { offset, buf },
+                Err(e) => return ConnectionEnd::Protocol(format!("READ buffer: {e}")),
+            },
             Action::Write { offset, len, fua } => {
                 let mut buf = match AlignedBuf::new(len as usize) {
                     Ok(b) => b,
@@ -1041,15 +1058,16 @@ where
                 continue;
             }
         };
-        let read_len = match io {
-            BlockIo::Read { len, .. } => Some(len),
+        let read_len = match &io {
+            BlockIo::Read { buf, .. } => u32::try_from(buf.len()).ok(),
             _ => None,
         };
         let (target, replies) = (Arc::clone(target), Arc::clone(replies));
         let activity = Arc::clone(&budgets.activity);
         activity.busy.fetch_add(1, Ordering::AcqRel);
+        let info = *info;
         *inline = Some(Box::pin(async move {
-            let result = target.submit(io).await;
+            let result = submit_split(&*target, &info, queue, io).await;
             replies.complete(req.cookie, read_len, result).await;
             drop(budget);
             activity.busy.fetch_sub(1, Ordering::AcqRel);
@@ -1057,6 +1075,63 @@ where
             drop(permit);
         }));
     }
+}
+
+/// Submits `io`; a discard or write-zeroes longer than the target's limit for it goes as
+/// pieces of at most that limit (rounded down to the logical block size), all in flight
+/// at once; the first error is the request's. NBD has no way to advertise such a limit
+/// and qemu sends discards of up to 2 GiB, so the server splits them, as the kernel's
+/// block layer does for ublk.
+async fn submit_split<T: BlockTarget>(
+    target: &T,
+    info: &TargetInfo,
+    queue: u16,
+    io: BlockIo,
+) -> Result<BlockReply, BlockError> {
+    // `zeroes`: None for a discard, Some(may_unmap) for a write-zeroes.
+    let (offset, len, fua, zeroes, limit) = match io {
+        BlockIo::Discard { offset, len, fua } => (offset, len, fua, None, info.max_discard_bytes),
+        BlockIo::WriteZeroes {
+            offset,
+            len,
+            may_unmap,
+            fua,
+        } => (
+            offset,
+            len,
+            fua,
+            Some(may_unmap),
+            info.max_write_zeroes_bytes,
+        ),
+        other => return target.submit(BlockRequest::new(queue, other)).await,
+    };
+    let make = |offset, len| match zeroes {
+        None => BlockIo::Discard { offset, len, fua },
+        Some(may_unmap) => BlockIo::WriteZeroes {
+            offset,
+            len,
+            may_unmap,
+            fua,
+        },
+    };
+    let lbs = u64::from(info.logical_block_size.max(1));
+    let piece = (limit / lbs * lbs).max(lbs);
+    if len <= piece {
+        return target
+            .submit(BlockRequest::new(queue, make(offset, len)))
+            .await;
+    }
+    let mut parts = Vec::new();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(piece);
+        parts.push(target.submit(BlockRequest::new(queue, make(offset + done, n))));
+        done += n;
+    }
+    for r in futures_util::future::join_all(parts).await {
+        r?;
+    }
+    Ok(BlockReply::Done)
 }
 
 /// A request's share of both budgets, given back when it is dropped (reply sent or
@@ -1130,6 +1205,98 @@ mod tests {
         let _a = t.admit(ip("10.0.0.1"), &opts).expect("room");
         let why = t.admit(ip("10.0.0.2"), &opts).err().expect("refused");
         assert!(why.contains("none idle for"), "{why}");
+    }
+
+    /// Records the requests it gets; fails a discard at `fail_at`.
+    struct Recorder {
+        info: TargetInfo,
+        seen: std::sync::Mutex<Vec<(u16, String)>>,
+        fail_at: u64,
+    }
+
+    impl BlockTarget for Recorder {
+        fn info(&self) -> TargetInfo {
+            self.info
+        }
+
+        async fn submit(&self, req: BlockRequest) -> Result<BlockReply, BlockError> {
+            let fail = matches!(req.io, BlockIo::Discard { offset, .. } if offset == self.fail_at);
+            let what = match req.io {
+                BlockIo::Discard { offset, len, fua } => format!("D {offset}+{len} {fua}"),
+                BlockIo::WriteZeroes {
+                    offset,
+                    len,
+                    may_unmap,
+                    fua,
+                } => format!("Z {offset}+{len} {may_unmap} {fua}"),
+                BlockIo::Read { offset, buf } => format!("R {offset}+{}", buf.len()),
+                other => format!("{other:?}"),
+            };
+            lock(&self.seen).push((req.queue, what));
+            if fail {
+                Err(BlockError::Io)
+            } else {
+                Ok(BlockReply::Done)
+            }
+        }
+    }
+
+    #[test]
+    fn long_discards_and_write_zeroes_are_split_by_the_target_limits() {
+        let mut info = TargetInfo::simple(1 << 30, true);
+        info.logical_block_size = 4096;
+        info.max_discard_bytes = 8192 + 100; // rounded down to the logical block
+        info.max_write_zeroes_bytes = 12288;
+        let t = Recorder {
+            info,
+            seen: std::sync::Mutex::new(Vec::new()),
+            fail_at: u64::MAX,
+        };
+        let run = |io| {
+            crate::frontend::tests::block_on(submit_split(&t, &info, 7, io), Duration::from_secs(5))
+        };
+        let discard = |offset, len| BlockIo::Discard {
+            offset,
+            len,
+            fua: true,
+        };
+        assert!(run(discard(4096, 20480)).is_ok());
+        assert!(run(discard(0, 8192)).is_ok());
+        let zeroes = BlockIo::WriteZeroes {
+            offset: 0,
+            len: 20480,
+            may_unmap: false,
+            fua: false,
+        };
+        assert!(run(zeroes).is_ok());
+        let read = BlockIo::Read {
+            offset: 0,
+            buf: AlignedBuf::new(4096).expect("buffer"),
+        };
+        assert!(run(read).is_ok());
+        let seen = std::mem::take(&mut *lock(&t.seen));
+        let want = [
+            "D 4096+8192 true",
+            "D 12288+8192 true",
+            "D 20480+4096 true",
+            "D 0+8192 true",
+            "Z 0+12288 false false",
+            "Z 12288+8192 false false",
+            "R 0+4096",
+        ];
+        assert_eq!(seen.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), want);
+        assert!(seen.iter().all(|s| s.0 == 7), "{seen:?}");
+        // One failed piece fails the request.
+        let t = Recorder {
+            fail_at: 12288,
+            ..t
+        };
+        let r = crate::frontend::tests::block_on(
+            submit_split(&t, &info, 0, discard(4096, 20480)),
+            Duration::from_secs(5),
+        );
+        assert_eq!(r.err(), Some(BlockError::Io));
+        assert_eq!(lock(&t.seen).len(), 3, "every piece was still submitted");
     }
 
     #[test]
