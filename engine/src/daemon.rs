@@ -230,45 +230,58 @@ pub fn run_node(config_path: &Path, node: Option<&str>) -> anyhow::Result<()> {
             peer.address
         );
         wait_for_signal().await;
-        tracing::info!("shutting down");
-        // 1. Frontends and management stop; requests in flight finish.
-        let _ = shutdown_tx.send(true);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!("frontends did not stop within {SHUTDOWN_GRACE:?}; going on");
-        }
-        // 2. A final flush through the replication core: it closes the last epoch and,
-        //    while connected, completes only when the peer has acked every epoch after
-        //    flushing its disk. Without it a protocol A (or B) Primary would drop the
-        //    connection with writes the peer has not yet applied, leaving it behind.
-        match tokio::time::timeout(
-            SHUTDOWN_GRACE,
-            volume.submit(BlockRequest::new(0, BlockIo::Flush)),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("final flush failed: {e}"),
-            Err(_) => {
-                tracing::warn!("the peer did not ack the final flush within {SHUTDOWN_GRACE:?}")
-            }
-        }
-        // 3. Then the connection.
-        let _ = net_stop_tx.send(true);
-        if tokio::time::timeout(SHUTDOWN_GRACE, net_task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the connection did not stop within {SHUTDOWN_GRACE:?}");
-        }
-        volume.shutdown(SHUTDOWN_GRACE).await;
+        stop_node(&volume, tasks, &shutdown_tx, &net_stop_tx, net_task).await;
         tracing::info!("stopped cleanly");
         drop(locks);
         anyhow::Ok(())
     })
+}
+
+/// The clean stop, in order: frontends and management, a final flush through the
+/// replication core, the connection, then the volume (each step bounded by
+/// [`SHUTDOWN_GRACE`]).
+async fn stop_node(
+    volume: &Arc<Volume>,
+    mut tasks: tokio::task::JoinSet<()>,
+    shutdown_tx: &tokio::sync::watch::Sender<bool>,
+    net_stop_tx: &tokio::sync::watch::Sender<bool>,
+    net_task: tokio::task::JoinHandle<()>,
+) {
+    tracing::info!("shutting down");
+    // 1. Frontends and management stop; requests in flight finish.
+    let _ = shutdown_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("frontends did not stop within {SHUTDOWN_GRACE:?}; going on");
+    }
+    // 2. A final flush through the replication core: it closes the last epoch and,
+    //    while connected, completes only when the peer has acked every epoch after
+    //    flushing its disk. Without it a protocol A (or B) Primary would drop the
+    //    connection with writes the peer has not yet applied, leaving it behind.
+    match tokio::time::timeout(
+        SHUTDOWN_GRACE,
+        volume.submit(BlockRequest::new(0, BlockIo::Flush)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("final flush failed: {e}"),
+        Err(_) => {
+            tracing::warn!("the peer did not ack the final flush within {SHUTDOWN_GRACE:?}")
+        }
+    }
+    // 3. Then the connection.
+    let _ = net_stop_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, net_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the connection did not stop within {SHUTDOWN_GRACE:?}");
+    }
+    volume.shutdown(SHUTDOWN_GRACE).await;
 }
 
 /// The lock file of a node: its management socket's path with `.lock` appended.

@@ -55,7 +55,8 @@ fn a_volume_serves_a_thread_outside_any_runtime() {
     let disk = dir.path("a.img");
     let text = format!(
         "[resource]\nname = \"r0\"\nsize = \"16MiB\"\n\
-         [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"{}\"\nmgmt-socket = \"{}\"\n\
+         [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"{}\"\n\
+         mgmt-socket = \"{}\"\n\
          [[node]]\nname = \"b\"\naddress = \"127.0.0.1:7790\"\ndisk = \"/nonexistent/b.img\"\n",
         disk.display(),
         dir.path("a.sock").display()
@@ -98,84 +99,7 @@ fn a_volume_serves_a_thread_outside_any_runtime() {
     assert!(info.volatile_cache && info.fua);
 
     let v = Arc::clone(&volume);
-    let queue_thread = std::thread::spawn(move || {
-        assert!(
-            tokio::runtime::Handle::try_current().is_err(),
-            "the queue thread must be outside any runtime"
-        );
-        let submit = |io| block_on(v.submit(BlockRequest::new(3, io)), LIMIT);
-        let data = Arc::new(pattern(64 * 1024, 0x5a));
-        let r = submit(BlockIo::Write {
-            offset: MIB,
-            data: Arc::clone(&data),
-            fua: false,
-        });
-        assert!(matches!(r, Ok(BlockReply::Done)), "write: {r:?}");
-        // A 2 MiB FUA write: two replicated 1 MiB pieces.
-        let big = Arc::new(pattern(2 * MIB_USIZE, 0xc3));
-        let r = submit(BlockIo::Write {
-            offset: 4 * MIB,
-            data: Arc::clone(&big),
-            fua: true,
-        });
-        assert!(matches!(r, Ok(BlockReply::Done)), "FUA write: {r:?}");
-        assert!(matches!(submit(BlockIo::Flush), Ok(BlockReply::Done)));
-
-        // The read fills the caller's buffer and hands that same buffer back.
-        let buf = AlignedBuf::new(64 * 1024).expect("buffer");
-        let at = buf.as_ptr();
-        match submit(BlockIo::Read { offset: MIB, buf }) {
-            Ok(BlockReply::Data(b)) => {
-                assert_eq!(b.as_ptr(), at, "not the caller's buffer");
-                assert!(b[..] == data[..], "read back differs");
-            }
-            other => panic!("read: {other:?}"),
-        }
-        match submit(BlockIo::Read {
-            offset: 4 * MIB,
-            buf: AlignedBuf::new(2 * MIB_USIZE).expect("buffer"),
-        }) {
-            Ok(BlockReply::Data(b)) => assert!(b[..] == big[..], "2 MiB read back differs"),
-            other => panic!("read: {other:?}"),
-        }
-
-        // Discard and write-zeroes, then the range reads as zeroes.
-        let r = submit(BlockIo::WriteZeroes {
-            offset: MIB,
-            len: 4096,
-            may_unmap: false,
-            fua: false,
-        });
-        assert!(matches!(r, Ok(BlockReply::Done)), "write-zeroes: {r:?}");
-        let r = submit(BlockIo::Discard {
-            offset: MIB + 4096,
-            len: 4096,
-            fua: false,
-        });
-        assert!(matches!(r, Ok(BlockReply::Done)), "discard: {r:?}");
-        match submit(BlockIo::Read {
-            offset: MIB,
-            buf: pattern(8192, 0xff),
-        }) {
-            Ok(BlockReply::Data(b)) => assert!(b.iter().all(|&x| x == 0), "not zeroes"),
-            other => panic!("read: {other:?}"),
-        }
-
-        // Out of the limits: refused, not served.
-        let r = submit(BlockIo::Discard {
-            offset: 0,
-            len: 128 * MIB + u64::from(lbs),
-            fua: false,
-        });
-        assert_eq!(r.err(), Some(BlockError::Invalid));
-        let r = submit(BlockIo::Read {
-            offset: 16 * MIB,
-            buf: AlignedBuf::new(4096).expect("buffer"),
-        });
-        assert_eq!(r.err(), Some(BlockError::Invalid), "read past the end");
-        assert!(matches!(submit(BlockIo::Flush), Ok(BlockReply::Done)));
-        (data, big)
-    });
+    let queue_thread = std::thread::spawn(move || queue_thread_io(&v, lbs));
     let (data, big) = queue_thread.join().expect("queue thread");
 
     let _ = stop_tx.send(());
@@ -188,4 +112,86 @@ fn a_volume_serves_a_thread_outside_any_runtime() {
     assert!(file[mib..mib + 8192].iter().all(|&x| x == 0));
     assert!(file[mib + 8192..mib + data.len()] == data[8192..]);
     assert!(file[4 * mib..6 * mib] == big[..]);
+}
+
+/// What the queue thread of `a_volume_serves_a_thread_outside_any_runtime` does, outside
+/// any runtime: writes, a flush, reads into its own buffers, discard and write-zeroes,
+/// refusals. Returns the data it wrote at 1 MiB and at 4 MiB.
+fn queue_thread_io(v: &Arc<Volume>, lbs: u32) -> (Arc<AlignedBuf>, Arc<AlignedBuf>) {
+    assert!(
+        tokio::runtime::Handle::try_current().is_err(),
+        "the queue thread must be outside any runtime"
+    );
+    let submit = |io| block_on(v.submit(BlockRequest::new(3, io)), LIMIT);
+    let data = Arc::new(pattern(64 * 1024, 0x5a));
+    let r = submit(BlockIo::Write {
+        offset: MIB,
+        data: Arc::clone(&data),
+        fua: false,
+    });
+    assert!(matches!(r, Ok(BlockReply::Done)), "write: {r:?}");
+    // A 2 MiB FUA write: two replicated 1 MiB pieces.
+    let big = Arc::new(pattern(2 * MIB_USIZE, 0xc3));
+    let r = submit(BlockIo::Write {
+        offset: 4 * MIB,
+        data: Arc::clone(&big),
+        fua: true,
+    });
+    assert!(matches!(r, Ok(BlockReply::Done)), "FUA write: {r:?}");
+    assert!(matches!(submit(BlockIo::Flush), Ok(BlockReply::Done)));
+
+    // The read fills the caller's buffer and hands that same buffer back.
+    let buf = AlignedBuf::new(64 * 1024).expect("buffer");
+    let at = buf.as_ptr();
+    match submit(BlockIo::Read { offset: MIB, buf }) {
+        Ok(BlockReply::Data(b)) => {
+            assert_eq!(b.as_ptr(), at, "not the caller's buffer");
+            assert!(b[..] == data[..], "read back differs");
+        }
+        other => panic!("read: {other:?}"),
+    }
+    match submit(BlockIo::Read {
+        offset: 4 * MIB,
+        buf: AlignedBuf::new(2 * MIB_USIZE).expect("buffer"),
+    }) {
+        Ok(BlockReply::Data(b)) => assert!(b[..] == big[..], "2 MiB read back differs"),
+        other => panic!("read: {other:?}"),
+    }
+
+    // Discard and write-zeroes, then the range reads as zeroes.
+    let r = submit(BlockIo::WriteZeroes {
+        offset: MIB,
+        len: 4096,
+        may_unmap: false,
+        fua: false,
+    });
+    assert!(matches!(r, Ok(BlockReply::Done)), "write-zeroes: {r:?}");
+    let r = submit(BlockIo::Discard {
+        offset: MIB + 4096,
+        len: 4096,
+        fua: false,
+    });
+    assert!(matches!(r, Ok(BlockReply::Done)), "discard: {r:?}");
+    match submit(BlockIo::Read {
+        offset: MIB,
+        buf: pattern(8192, 0xff),
+    }) {
+        Ok(BlockReply::Data(b)) => assert!(b.iter().all(|&x| x == 0), "not zeroes"),
+        other => panic!("read: {other:?}"),
+    }
+
+    // Out of the limits: refused, not served.
+    let r = submit(BlockIo::Discard {
+        offset: 0,
+        len: 128 * MIB + u64::from(lbs),
+        fua: false,
+    });
+    assert_eq!(r.err(), Some(BlockError::Invalid));
+    let r = submit(BlockIo::Read {
+        offset: 16 * MIB,
+        buf: AlignedBuf::new(4096).expect("buffer"),
+    });
+    assert_eq!(r.err(), Some(BlockError::Invalid), "read past the end");
+    assert!(matches!(submit(BlockIo::Flush), Ok(BlockReply::Done)));
+    (data, big)
 }

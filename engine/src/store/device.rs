@@ -1,8 +1,9 @@
 //! Opening a backing device and the synchronous syscalls around it.
 //!
 //! Owns everything that is a plain syscall on the backing fd: `open`, `fstat`, the block
-//! ioctls (`BLKGETSIZE64`, `BLKSSZGET`, `BLKPBSZGET`, `BLKDISCARD`, `BLKZEROOUT`), the O_DIRECT alignment
-//! probe for regular files, and blocking `pread`/`pwritev2` for start-up metadata. The
+//! ioctls (`BLKGETSIZE64`, `BLKSSZGET`, `BLKPBSZGET`, `BLKDISCARD`, `BLKZEROOUT`), the
+//! O_DIRECT alignment probe for regular files, and blocking `pread`/`pwritev2` for
+//! start-up metadata. The
 //! ring thread ([`super::ring`]) does the data path.
 //!
 //! Bounds: a device is refused when its size is 0, not a multiple of 512 or above
@@ -51,7 +52,7 @@ pub struct StoreInfo {
 }
 
 /// The physical block size of regular files (see [`StoreInfo::physical_block_size`]).
-pub const FILE_PHYSICAL_BLOCK_SIZE: u32 = 4096;
+pub(crate) const FILE_PHYSICAL_BLOCK_SIZE: u32 = 4096;
 /// Largest physical block size reported; larger or odd values become the logical size.
 const MAX_PHYSICAL_BLOCK_SIZE: u32 = 65536;
 
@@ -156,6 +157,21 @@ fn open_err(path: &Path, source: io::Error) -> StoreError {
 
 /// Open (and if asked, create) the backing device `O_RDWR | O_DIRECT | O_CLOEXEC` and
 /// learn its kind, size and logical block size.
+/// The physical block size of a device whose logical one is `lbs`: the kernel's for a
+/// block device, [`FILE_PHYSICAL_BLOCK_SIZE`] for a file; `lbs` when the value is not a
+/// power of two in `lbs..=`[`MAX_PHYSICAL_BLOCK_SIZE`].
+fn physical_block_size(file: &File, kind: DeviceKind, lbs: u32) -> u32 {
+    let pbs = match kind {
+        DeviceKind::BlockDevice => blk_physical_block_size(file).unwrap_or(lbs),
+        DeviceKind::File => FILE_PHYSICAL_BLOCK_SIZE,
+    };
+    if pbs.is_power_of_two() && (lbs..=MAX_PHYSICAL_BLOCK_SIZE).contains(&pbs) {
+        pbs
+    } else {
+        lbs
+    }
+}
+
 pub(crate) fn open_device(
     path: &Path,
     create_size_bytes: Option<u64>,
@@ -238,15 +254,7 @@ pub(crate) fn open_device(
             });
         }
     }
-    let pbs = match kind {
-        DeviceKind::BlockDevice => blk_physical_block_size(&file).unwrap_or(lbs),
-        DeviceKind::File => FILE_PHYSICAL_BLOCK_SIZE,
-    };
-    let pbs = if pbs.is_power_of_two() && (lbs..=MAX_PHYSICAL_BLOCK_SIZE).contains(&pbs) {
-        pbs
-    } else {
-        lbs
-    };
+    let pbs = physical_block_size(&file, kind, lbs);
     Ok((
         file,
         StoreInfo {

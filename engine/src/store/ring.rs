@@ -192,7 +192,8 @@ impl Ring {
                 None => {
                     // `close` reaps what is in flight in any case.
                     tracing::error!(
-                        "store used outside a tokio runtime and given none (Store::set_runtime); completions wait for close"
+                        "store used outside a tokio runtime and given none (Store::set_runtime); \
+                         completions wait for close"
                     );
                     return;
                 }

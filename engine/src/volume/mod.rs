@@ -326,6 +326,94 @@ fn core_err(e: CoreError) -> String {
     e.to_string()
 }
 
+/// The Primary core of a volume of `sectors` with the metadata `layout`.
+fn primary_core(
+    config: &Config,
+    sectors: u64,
+    layout: &crate::meta::Layout,
+) -> anyhow::Result<Primary> {
+    let ring_offset = layout
+        .al_block_offset(0)
+        .ok_or_else(|| anyhow::anyhow!("metadata layout without an activity log"))?;
+    let bitmap_offset = layout
+        .bm_page_offset(0)
+        .ok_or_else(|| anyhow::anyhow!("metadata layout without a bitmap"))?;
+    let max_buffers = config.net.max_buffers as usize;
+    let mut pcfg = PrimaryConfig::new(config.resource.protocol, sectors);
+    pcfg.max_in_flight = max_buffers;
+    pcfg.max_unacked_writes = max_buffers * 2;
+    pcfg.max_epoch_size = config.net.max_epoch_size;
+    pcfg.first_barrier_nr = rand::random::<u32>().max(1);
+    pcfg.meta = Some(MetaConfig::new(
+        layout.al,
+        config.disk.al_extents,
+        ring_offset,
+        bitmap_offset,
+    ));
+    Primary::new(pcfg).map_err(|e| anyhow::anyhow!("replication core: {e}"))
+}
+
+impl Inner {
+    /// A Secondary's state, not connected, over its cores and what the metadata says.
+    fn new(
+        primary: Primary,
+        receiver: Receiver,
+        disk: DiskState,
+        uuids: UuidSet,
+        crashed_primary: bool,
+    ) -> Self {
+        Inner {
+            role: Role::Secondary,
+            disk,
+            conn: ConnState::StandAlone,
+            standalone: false,
+            shutting_down: false,
+            peer_role: Role::Unknown,
+            peer_disk: DiskState::DUnknown,
+            link: None,
+            kill: None,
+            primary,
+            receiver,
+            next_id: 1,
+            pending: HashMap::new(),
+            peer_bufs: HashMap::new(),
+            bytes_replicated: 0,
+            flush_waiting: Vec::new(),
+            flush_running: false,
+            writes_completed: 0,
+            uuids,
+            crashed_primary,
+            split_brain: None,
+            target: None,
+            source: None,
+            sync_run: 0,
+            sync_io_in_flight: 0,
+            resume_block: 0,
+            sync_paused: false,
+            last_sync: None,
+            app_io_sectors: 0,
+            resync_bytes_sent: 0,
+            discard_my_data: false,
+            split_brain_resolved: None,
+            verify: None,
+            last_verify: None,
+            peer_verify: false,
+            remote_reads: HashMap::new(),
+            next_read_id: 1,
+            hole_reads_skipped: 0,
+            failed_local: Vec::new(),
+            events: std::collections::VecDeque::new(),
+            event_seq: 0,
+            own_request: None,
+            resolve_conflicts: false,
+            startup_role: None,
+            peer_disk_failure: None,
+            disk_failure: None,
+            peer_waits: peer_wait::PeerWaits::default(),
+        }
+    }
+}
+
 impl Volume {
     /// A volume over `store` with its attached metadata `md` (see
     /// [`MetaDevice::attach_blocking`]), Secondary and not connected. The data area is the
@@ -348,27 +436,8 @@ impl Volume {
                 store.size_bytes()
             );
         }
-        let layout = md.layout();
-        let ring_offset = layout
-            .al_block_offset(0)
-            .ok_or_else(|| anyhow::anyhow!("metadata layout without an activity log"))?;
-        let bitmap_offset = layout
-            .bm_page_offset(0)
-            .ok_or_else(|| anyhow::anyhow!("metadata layout without a bitmap"))?;
         let max_buffers = config.net.max_buffers as usize;
-        let mut pcfg = PrimaryConfig::new(config.resource.protocol, sectors);
-        pcfg.max_in_flight = max_buffers;
-        pcfg.max_unacked_writes = max_buffers * 2;
-        pcfg.max_epoch_size = config.net.max_epoch_size;
-        pcfg.first_barrier_nr = rand::random::<u32>().max(1);
-        pcfg.meta = Some(MetaConfig::new(
-            layout.al,
-            config.disk.al_extents,
-            ring_offset,
-            bitmap_offset,
-        ));
-        let mut primary =
-            Primary::new(pcfg).map_err(|e| anyhow::anyhow!("replication core: {e}"))?;
+        let mut primary = primary_core(config, sectors, md.layout())?;
         primary
             .load_bitmap(OutOfSync::from_disk(sectors, &attach.bitmap))
             .map_err(|e| anyhow::anyhow!("loading the bitmap: {e}"))?;
@@ -427,55 +496,7 @@ impl Volume {
             detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
             rt,
-            inner: Mutex::new(Inner {
-                role: Role::Secondary,
-                disk,
-                conn: ConnState::StandAlone,
-                standalone: false,
-                shutting_down: false,
-                peer_role: Role::Unknown,
-                peer_disk: DiskState::DUnknown,
-                link: None,
-                kill: None,
-                primary,
-                receiver,
-                next_id: 1,
-                pending: HashMap::new(),
-                peer_bufs: HashMap::new(),
-                bytes_replicated: 0,
-                flush_waiting: Vec::new(),
-                flush_running: false,
-                writes_completed: 0,
-                uuids,
-                crashed_primary,
-                split_brain: None,
-                target: None,
-                source: None,
-                sync_run: 0,
-                sync_io_in_flight: 0,
-                resume_block: 0,
-                sync_paused: false,
-                last_sync: None,
-                app_io_sectors: 0,
-                resync_bytes_sent: 0,
-                discard_my_data: false,
-                split_brain_resolved: None,
-                verify: None,
-                last_verify: None,
-                peer_verify: false,
-                remote_reads: HashMap::new(),
-                next_read_id: 1,
-                hole_reads_skipped: 0,
-                failed_local: Vec::new(),
-                events: std::collections::VecDeque::new(),
-                event_seq: 0,
-                own_request: None,
-                resolve_conflicts: false,
-                startup_role: None,
-                peer_disk_failure: None,
-                disk_failure: None,
-                peer_waits: peer_wait::PeerWaits::default(),
-            }),
+            inner: Mutex::new(Inner::new(primary, receiver, disk, uuids, crashed_primary)),
         }))
     }
 
@@ -1829,28 +1850,7 @@ impl Volume {
                     purpose,
                 } => {
                     self.rt.spawn(async move {
-                        let offset = sector * SECTOR_SIZE as u64;
-                        // A thin request over a hole of a file backend: zeroes, unread.
-                        let hole = matches!(
-                            purpose,
-                            sync::ReadFor::Source {
-                                zero_check: true,
-                                digest: false
-                            }
-                        ) && v.store.is_hole(offset, u64::from(len));
-                        let read = if hole {
-                            sync::ReadResult::Hole
-                        } else {
-                            match v.store.read(offset, len as usize).await {
-                                Ok(b) => sync::ReadResult::Data(sync::ReadData::new(b, purpose)),
-                                Err(e) => {
-                                    tracing::warn!(
-                                        "resync read of {len} bytes at sector {sector} failed: {e}"
-                                    );
-                                    sync::ReadResult::Failed
-                                }
-                            }
-                        };
+                        let read = v.sync_read(sector, len, purpose).await;
                         v.feed(|v, inner, fx| {
                             v.sync_read_done(inner, (run, tag, purpose), read, fx);
                             v.drain_sync(inner, fx);
@@ -1926,6 +1926,29 @@ impl Volume {
                         self.rt.spawn(async move { v.merged_flushes().await });
                     }
                 }
+            }
+        }
+    }
+
+    /// A resync or verify read, and the CPU work its purpose needs, outside the lock.
+    async fn sync_read(&self, sector: u64, len: u32, purpose: sync::ReadFor) -> sync::ReadResult {
+        let offset = sector * SECTOR_SIZE as u64;
+        // A thin request over a hole of a file backend: zeroes, unread.
+        let thin = matches!(
+            purpose,
+            sync::ReadFor::Source {
+                zero_check: true,
+                digest: false
+            }
+        );
+        if thin && self.store.is_hole(offset, u64::from(len)) {
+            return sync::ReadResult::Hole;
+        }
+        match self.store.read(offset, len as usize).await {
+            Ok(b) => sync::ReadResult::Data(sync::ReadData::new(b, purpose)),
+            Err(e) => {
+                tracing::warn!("resync read of {len} bytes at sector {sector} failed: {e}");
+                sync::ReadResult::Failed
             }
         }
     }

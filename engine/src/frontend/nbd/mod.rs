@@ -33,5 +33,5 @@ pub mod server;
 
 pub use server::{
     serve_connection, serve_tcp, serve_unix, DataBudget, ListenAddr, NbdListener, NbdOptions,
-    MAX_BYTES_IN_FLIGHT, NBD_QUEUES,
+    MAX_BYTES_IN_FLIGHT,
 };

@@ -14,8 +14,9 @@
 //! [`TargetInfo`] ([`block_sizes`], [`transmission_flags`]); requests are checked against
 //! it (alignment to its logical block size, 512 or 4096). TRIM and WRITE_ZEROES carry no
 //! payload, so their length is only bounded by the export (qemu sends discards of up to
-//! 2 GiB; the server splits them by the target's limits). Only simple replies are spoken: structured
-//! replies, meta contexts, TLS and extended headers are answered `NBD_REP_ERR_UNSUP`.
+//! 2 GiB; the server splits them by the target's limits). Only simple replies are spoken:
+//! structured replies, meta contexts, TLS and extended headers are answered
+//! `NBD_REP_ERR_UNSUP`.
 
 use crate::frontend::{BlockError, TargetInfo};
 use crate::store::MAX_BUF_LEN;
@@ -648,35 +649,7 @@ pub fn classify(req: &Request, info: &TargetInfo) -> Action {
                 Err((errno, why)) => refuse(errno, why),
             }
         }
-        CMD_WRITE => {
-            if req.len > MAX_BLOCK {
-                return Action::Close {
-                    why: "WRITE payload longer than 32 MiB",
-                };
-            }
-            let skip = |errno, why| Action::Refuse {
-                errno,
-                skip: req.len,
-                why,
-            };
-            if extra_flags != 0 {
-                return skip(NBD_EINVAL, "unsupported flags on WRITE");
-            }
-            if req.len > max_block {
-                return skip(NBD_EINVAL, "WRITE longer than the maximum block size");
-            }
-            if !info.writable {
-                return skip(NBD_EPERM, "WRITE to a read-only export");
-            }
-            match check_range(req, info, NBD_ENOSPC) {
-                Ok(()) => Action::Write {
-                    offset: req.offset,
-                    len: req.len,
-                    fua,
-                },
-                Err((errno, why)) => skip(errno, why),
-            }
-        }
+        CMD_WRITE => classify_write(req, info, extra_flags, fua, max_block),
         CMD_DISC => Action::Disconnect,
         CMD_FLUSH => {
             if extra_flags != 0 {
@@ -727,6 +700,44 @@ pub fn classify(req: &Request, info: &TargetInfo) -> Action {
             }
         }
         _ => refuse(NBD_EINVAL, "unsupported command"),
+    }
+}
+
+/// [`classify`] of a WRITE: a payload over [`MAX_BLOCK`] closes the connection; any
+/// other refusal skips the payload.
+fn classify_write(
+    req: &Request,
+    info: &TargetInfo,
+    extra_flags: u16,
+    fua: bool,
+    max_block: u32,
+) -> Action {
+    if req.len > MAX_BLOCK {
+        return Action::Close {
+            why: "WRITE payload longer than 32 MiB",
+        };
+    }
+    let skip = |errno, why| Action::Refuse {
+        errno,
+        skip: req.len,
+        why,
+    };
+    if extra_flags != 0 {
+        return skip(NBD_EINVAL, "unsupported flags on WRITE");
+    }
+    if req.len > max_block {
+        return skip(NBD_EINVAL, "WRITE longer than the maximum block size");
+    }
+    if !info.writable {
+        return skip(NBD_EPERM, "WRITE to a read-only export");
+    }
+    match check_range(req, info, NBD_ENOSPC) {
+        Ok(()) => Action::Write {
+            offset: req.offset,
+            len: req.len,
+            fua,
+        },
+        Err((errno, why)) => skip(errno, why),
     }
 }
 

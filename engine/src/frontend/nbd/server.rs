@@ -96,7 +96,7 @@ const WARN_BUDGET: u32 = 16;
 /// Queue indexes NBD connections use: connection `n` of a listener submits on queue
 /// `n mod NBD_QUEUES` (the default connection limit), so per-queue stats would tell
 /// connections apart; [`serve_connection`] uses queue 0.
-pub const NBD_QUEUES: u64 = DEFAULT_MAX_CONNECTIONS as u64;
+pub(crate) const NBD_QUEUES: u64 = DEFAULT_MAX_CONNECTIONS as u64;
 
 /// Serving parameters.
 #[derive(Debug, Clone)]
@@ -963,26 +963,8 @@ where
             Action::Read { len, .. } | Action::Write { len, .. } => len as usize,
             _ => 0,
         };
-        // The connection's share first, then the one shared by all connections (so one
-        // client never waits on the shared budget for more than its own cap).
-        let budget = if data_len > 0 {
-            let units = u32::try_from(data_len.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
-            let Ok(own) = Arc::clone(&budgets.conn).acquire_many_owned(units).await else {
-                return ConnectionEnd::Shutdown;
-            };
-            let Ok(shared) = budgets.shared.sem.acquire_many(units).await else {
-                return ConnectionEnd::Shutdown;
-            };
-            // Given back by `Held`'s drop (the permit borrows the budget).
-            shared.forget();
-            budgets.shared.note_use();
-            Some(Held {
-                _own: own,
-                units,
-                shared: Arc::clone(&budgets.shared),
-            })
-        } else {
-            None
+        let Some(budget) = take_budget(budgets, data_len).await else {
+            return ConnectionEnd::Shutdown;
         };
         let io = match action {
             // The READ's buffer is this frontend's, filled and handed back by the target.
@@ -1075,6 +1057,29 @@ where
             drop(permit);
         }));
     }
+}
+
+/// Takes `data_len` bytes of READ/WRITE budget: the connection's share first, then the
+/// one shared by all connections (so one client never waits on the shared budget for
+/// more than its own cap). `Some(None)`: no data, no budget; `None`: shutting down.
+async fn take_budget(budgets: &Budgets, data_len: usize) -> Option<Option<Held>> {
+    if data_len == 0 {
+        return Some(None);
+    }
+    let units = u32::try_from(data_len.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
+    let own = Arc::clone(&budgets.conn)
+        .acquire_many_owned(units)
+        .await
+        .ok()?;
+    let shared = budgets.shared.sem.acquire_many(units).await.ok()?;
+    // Given back by `Held`'s drop (the permit borrows the budget).
+    shared.forget();
+    budgets.shared.note_use();
+    Some(Some(Held {
+        _own: own,
+        units,
+        shared: Arc::clone(&budgets.shared),
+    }))
 }
 
 /// Submits `io`; a discard or write-zeroes longer than the target's limit for it goes as
