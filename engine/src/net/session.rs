@@ -367,11 +367,15 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     // DRBD resets ko to ko-count for every send on the data socket; 0 never drops.
     let mut ko = limits.ko_count;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+    // Empty parts (a `Link::sent` marker) are skipped: a write of nothing but empty
+    // slices returns 0, which would read as a closed socket.
     for item in batch {
-        parts.push(&item.bytes);
-        if let Some(d) = &item.data {
-            parts.push(d.as_slice());
-        }
+        let data = item.data.as_ref().map(|d| d.as_slice());
+        parts.extend(
+            std::iter::once(&item.bytes[..])
+                .chain(data)
+                .filter(|p| !p.is_empty()),
+        );
     }
     let (mut idx, mut off) = (0usize, 0usize);
     while idx < parts.len() {
@@ -736,11 +740,14 @@ mod tests {
                 ..Outgoing::bytes(vec![1, 2, 3])
             },
             Outgoing::bytes(vec![4; 100]),
+            // A `Link::sent` marker, in the middle and last: nothing to write.
+            Outgoing::bytes(Vec::new()),
             Outgoing {
                 data: Some(data),
                 sent_id: Some(3),
                 ..Outgoing::bytes(vec![5])
             },
+            Outgoing::bytes(Vec::new()),
         ];
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
