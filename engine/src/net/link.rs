@@ -29,12 +29,69 @@ pub enum Stream {
     Resync,
 }
 
+/// Bytes of an encoded header kept inline in [`Head`]: every packet the replica sends
+/// through a link fits (a `P_DATA` header is 40 bytes with h100, `P_UUIDS` 64, a
+/// checksum resync request 44 + its digest), so a packet costs no heap allocation.
+const HEAD_INLINE: usize = 96;
+
+/// An encoded header and fixed payload: inline up to [`HEAD_INLINE`] bytes, on the heap
+/// beyond.
+pub(crate) enum Head {
+    Inline { buf: [u8; HEAD_INLINE], len: u8 },
+    Heap(Vec<u8>),
+}
+
+impl Head {
+    /// Encodes with `f` into a per-thread scratch buffer, then keeps the bytes inline
+    /// when they fit (the scratch buffer's allocation is reused).
+    fn encode(f: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>) -> Result<Self, wire::WireError> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|s| {
+            let mut out = s.borrow_mut();
+            out.clear();
+            f(&mut out)?;
+            Ok(Head::from(&out[..]))
+        })
+    }
+}
+
+impl From<&[u8]> for Head {
+    fn from(bytes: &[u8]) -> Self {
+        match u8::try_from(bytes.len()) {
+            Ok(len) if bytes.len() <= HEAD_INLINE => {
+                let mut buf = [0u8; HEAD_INLINE];
+                buf[..bytes.len()].copy_from_slice(bytes);
+                Head::Inline { buf, len }
+            }
+            _ => Head::Heap(bytes.to_vec()),
+        }
+    }
+}
+
+impl std::ops::Deref for Head {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Head::Inline { buf, len } => &buf[..usize::from(*len)],
+            Head::Heap(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Head({} bytes)", self.len())
+    }
+}
+
 /// A packet queued for a socket's sender task: encoded header (+ sub-header), optional
 /// data that follows it, and the request to report as handed to the network (protocol A).
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     /// Header and fixed payload.
-    pub(crate) bytes: Vec<u8>,
+    pub(crate) bytes: Head,
     /// Data bytes following the header (P_DATA), shared with the local write.
     pub(crate) data: Option<Arc<AlignedBuf>>,
     /// Request id to report once the packet is in the socket (protocol A completion).
@@ -45,9 +102,9 @@ pub(crate) struct Outgoing {
 
 impl Outgoing {
     /// A packet without data or completion.
-    pub(crate) fn bytes(bytes: Vec<u8>) -> Self {
+    pub(crate) fn bytes(bytes: &[u8]) -> Self {
         Outgoing {
-            bytes,
+            bytes: Head::from(bytes),
             data: None,
             sent_id: None,
             written: None,
@@ -135,13 +192,14 @@ impl Link {
         pkt: &Packet,
         data: Option<Arc<AlignedBuf>>,
     ) -> Result<(), SendError> {
-        let mut bytes = Vec::with_capacity(48);
-        wire::encode(pkt, &self.ctx, 0, &mut bytes)?;
+        let bytes = Head::encode(|out| wire::encode(pkt, &self.ctx, 0, out))?;
         self.push(
             stream,
             Outgoing {
+                bytes,
                 data,
-                ..Outgoing::bytes(bytes)
+                sent_id: None,
+                written: None,
             },
         )
     }
@@ -157,7 +215,7 @@ impl Link {
             let (tx, rx) = oneshot::channel();
             let marker = Outgoing {
                 written: Some(tx),
-                ..Outgoing::bytes(Vec::new())
+                ..Outgoing::bytes(&[])
             };
             if q.try_send(marker).is_ok() {
                 markers.push(rx);
@@ -183,28 +241,30 @@ impl Link {
         zeroes: bool,
         sent_id: Option<u64>,
     ) -> Result<(), SendError> {
-        let mut bytes = Vec::with_capacity(48);
-        if data.is_some() {
-            wire::encode_data_header(Command::P_DATA, &head, &[], len, &self.ctx, 0, &mut bytes)?;
-        } else {
-            let cmd = if zeroes && self.ctx.has(wire::ff::DRBD_FF_WZEROES) {
-                Command::P_ZEROES
+        let bytes = Head::encode(|out| {
+            if data.is_some() {
+                wire::encode_data_header(Command::P_DATA, &head, &[], len, &self.ctx, 0, out)
             } else {
-                Command::P_TRIM
-            };
-            let pkt = Packet::Trim {
-                cmd,
-                head,
-                size: len,
-            };
-            wire::encode(&pkt, &self.ctx, 0, &mut bytes)?;
-        }
+                let cmd = if zeroes && self.ctx.has(wire::ff::DRBD_FF_WZEROES) {
+                    Command::P_ZEROES
+                } else {
+                    Command::P_TRIM
+                };
+                let pkt = Packet::Trim {
+                    cmd,
+                    head,
+                    size: len,
+                };
+                wire::encode(&pkt, &self.ctx, 0, out)
+            }
+        })?;
         self.push(
             Stream::Data,
             Outgoing {
+                bytes,
                 data,
                 sent_id,
-                ..Outgoing::bytes(bytes)
+                written: None,
             },
         )
     }
@@ -220,6 +280,27 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heads_stay_inline_up_to_their_limit() {
+        let small = Head::from(&[7u8; HEAD_INLINE][..]);
+        assert!(matches!(small, Head::Inline { .. }));
+        assert_eq!(&small[..], &[7u8; HEAD_INLINE][..]);
+        let big = Head::from(&[9u8; HEAD_INLINE + 1][..]);
+        assert!(matches!(big, Head::Heap(_)));
+        assert_eq!(big.len(), HEAD_INLINE + 1);
+        // The largest packet a replica sends through a link is inline.
+        let uuids = Packet::Uuids(wire::Uuids {
+            current: 1,
+            bitmap: 2,
+            history: [3, 4],
+            dirty_bits: 5,
+            uuid_flags: 6,
+        });
+        let ctx = WireCtx::new(101, 0).expect("ctx");
+        let h = Head::encode(|out| wire::encode(&uuids, &ctx, 0, out)).expect("encode");
+        assert!(matches!(h, Head::Inline { .. }), "{h:?}");
+    }
 
     #[test]
     fn packets_go_to_their_class_and_a_full_queue_is_reported() {

@@ -203,6 +203,10 @@ pub trait Replica: Send + Sync + 'static {
     fn handed_to_network(&self, session: u64, block_id: u64);
     /// When the oldest write still awaiting the peer was queued (liveness input).
     fn oldest_peer_wait(&self) -> Option<Instant>;
-    /// The resync controller's clock, every 100 ms while `session` is up.
-    fn tick(&self, session: u64);
+    /// The resync controller's clock, every 100 ms while `session` is up and a resync or
+    /// verify run needs it; returns whether one still does.
+    fn tick(&self, session: u64) -> bool;
+    /// Resolves when a resync or verify run starts (at once if one started since the
+    /// last call): the clock sleeps in between instead of ticking for nothing.
+    fn wait_sync_run(&self) -> impl Future<Output = ()> + Send;
 }

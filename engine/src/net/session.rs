@@ -268,13 +268,17 @@ async fn receive_bitmap(
     Ok(())
 }
 
-/// The resync controller's clock: a step every 100 ms.
+/// The resync controller's clock: a step every 100 ms while a run needs it.
 async fn ticker<R: Replica>(replica: Arc<R>, session: u64) -> Result<(), NetError> {
     let mut iv = tokio::time::interval(Duration::from_millis(SLEEP_TIME_MS));
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         iv.tick().await;
-        replica.tick(session);
+        if !replica.tick(session) {
+            // No run: no clock until one starts (an idle connection makes no wake-ups).
+            replica.wait_sync_run().await;
+            iv.reset();
+        }
     }
 }
 
@@ -366,28 +370,32 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 ) -> Result<(), NetError> {
     // DRBD resets ko to ko-count for every send on the data socket; 0 never drops.
     let mut ko = limits.ko_count;
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+    // At most MAX_BATCH packets of two parts each, on the stack (no allocation per batch).
     // Empty parts (a `Link::sent` marker) are skipped: a write of nothing but empty
     // slices returns 0, which would read as a closed socket.
+    assert!(batch.len() <= MAX_BATCH, "a batch is at most MAX_BATCH packets");
+    let mut store: [&[u8]; 2 * MAX_BATCH] = [&[]; 2 * MAX_BATCH];
+    let mut count = 0;
     for item in batch {
         let data = item.data.as_ref().map(|d| d.as_slice());
-        parts.extend(
-            std::iter::once(&item.bytes[..])
-                .chain(data)
-                .filter(|p| !p.is_empty()),
-        );
+        for part in std::iter::once(&item.bytes[..]).chain(data) {
+            if !part.is_empty() {
+                store[count] = part;
+                count += 1;
+            }
+        }
     }
+    let parts = &store[..count];
     let (mut idx, mut off) = (0usize, 0usize);
     while idx < parts.len() {
-        let slices: Vec<IoSlice<'_>> = parts[idx..]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| IoSlice::new(if i == 0 { &p[off..] } else { p }))
-            .take(1024)
-            .collect();
+        let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
+        for (i, (s, p)) in slices.iter_mut().zip(&parts[idx..]).enumerate() {
+            *s = IoSlice::new(if i == 0 { &p[off..] } else { p });
+        }
+        let slices = &slices[..parts.len() - idx];
         // A write that has not started when the timeout fires has written nothing
         // (tokio's socket writes are cancel-safe), so it is simply retried.
-        let mut n = match tokio::time::timeout(limits.timeout, wr.write_vectored(&slices)).await {
+        let mut n = match tokio::time::timeout(limits.timeout, wr.write_vectored(slices)).await {
             Ok(r) => r?,
             Err(_) if limits.meta => {
                 tracing::warn!(
@@ -705,7 +713,7 @@ mod tests {
     /// gives up after `ko-count` of them; the meta sender gives up at the first.
     #[tokio::test]
     async fn a_blocked_send_pings_then_gives_up_after_ko_count() {
-        let batch = vec![Outgoing::bytes(vec![7; 4096])];
+        let batch = vec![Outgoing::bytes(&[7; 4096])];
         for (meta, ko, want_expiries) in [(false, 3u32, 3u32), (true, 3, 1)] {
             // Nobody reads `_b`: after 64 bytes every write blocks.
             let (mut a, _b) = tokio::io::duplex(64);
@@ -737,17 +745,17 @@ mod tests {
         let batch = vec![
             Outgoing {
                 data: Some(data.clone()),
-                ..Outgoing::bytes(vec![1, 2, 3])
+                ..Outgoing::bytes(&[1, 2, 3])
             },
-            Outgoing::bytes(vec![4; 100]),
+            Outgoing::bytes(&[4; 100]),
             // A `Link::sent` marker, in the middle and last: nothing to write.
-            Outgoing::bytes(Vec::new()),
+            Outgoing::bytes(&[]),
             Outgoing {
                 data: Some(data),
                 sent_id: Some(3),
-                ..Outgoing::bytes(vec![5])
+                ..Outgoing::bytes(&[5])
             },
-            Outgoing::bytes(Vec::new()),
+            Outgoing::bytes(&[]),
         ];
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();

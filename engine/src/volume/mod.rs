@@ -167,6 +167,9 @@ struct Inner {
     disk_failure: Option<String>,
     /// When each write still awaiting the peer was queued (`net::liveness`).
     peer_waits: peer_wait::PeerWaits,
+    /// Reused buffers the cores' outputs are drained into (no allocation per event).
+    primary_out: Vec<PrimaryOutput>,
+    receiver_out: Vec<ReceiverOutput>,
 }
 
 /// Events kept for `tandem events`.
@@ -291,6 +294,8 @@ pub struct Volume {
     link_up: Notify,
     /// The last resync read or write in flight ended (see `wait_sync_io_idle`).
     sync_io_idle: Notify,
+    /// A resync or verify run started: the connection's resync clock runs again.
+    sync_run_started: Notify,
     /// How long a state change request waits for the peer (DRBD's `timeout`).
     state_timeout: Duration,
     /// What a failed local write does (`disk.on-io-error`).
@@ -410,6 +415,8 @@ impl Inner {
             peer_disk_failure: None,
             disk_failure: None,
             peer_waits: peer_wait::PeerWaits::default(),
+            primary_out: Vec::new(),
+            receiver_out: Vec::new(),
         }
     }
 }
@@ -489,6 +496,7 @@ impl Volume {
             core_room: Notify::new(),
             link_up: Notify::new(),
             sync_io_idle: Notify::new(),
+            sync_run_started: Notify::new(),
             state_timeout: config.net.timeout.max(Duration::from_millis(100)),
             on_io_error: config.disk.on_io_error,
             failure_recorded: tokio::sync::OnceCell::new(),
@@ -1598,8 +1606,9 @@ impl Volume {
     }
 
     fn drain_primary(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        let outputs: Vec<PrimaryOutput> = inner.primary.drain_outputs().collect();
-        for o in outputs {
+        let mut outputs = std::mem::take(&mut inner.primary_out);
+        outputs.extend(inner.primary.drain_outputs());
+        for o in outputs.drain(..) {
             match o {
                 PrimaryOutput::SubmitLocal {
                     tag,
@@ -1691,11 +1700,13 @@ impl Volume {
                 }
             }
         }
+        inner.primary_out = outputs;
     }
 
     fn drain_receiver(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        let outputs: Vec<ReceiverOutput> = inner.receiver.drain_outputs().collect();
-        for o in outputs {
+        let mut outputs = std::mem::take(&mut inner.receiver_out);
+        outputs.extend(inner.receiver.drain_outputs());
+        for o in outputs.drain(..) {
             let ack = |cmd: Command, block_id: u64, sector: u64, len: u32| Packet::BlockAck {
                 cmd,
                 ack: wire::BlockAck {
@@ -1766,6 +1777,7 @@ impl Volume {
             };
             Self::send(inner, Stream::Meta, &pkt, None);
         }
+        inner.receiver_out = outputs;
     }
 
     /// Starts the effects' IO, each as a task on the volume's runtime (`rt`, not the

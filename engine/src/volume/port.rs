@@ -123,7 +123,11 @@ impl Replica for Volume {
         self.lock().peer_waits.oldest()
     }
 
-    fn tick(&self, session: u64) {
-        self.sync_tick(session);
+    fn tick(&self, session: u64) -> bool {
+        self.sync_tick(session)
+    }
+
+    async fn wait_sync_run(&self) {
+        self.sync_run_started.notified().await;
     }
 }

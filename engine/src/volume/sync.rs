@@ -353,6 +353,7 @@ impl Volume {
                             bitmap_written_ms: tick.now_ms,
                             finishing: false,
                         });
+                        self.sync_run_started.notify_one();
                         inner.conn = ConnState::SyncTarget;
                         inner.peer_disk = DiskState::UpToDate;
                         inner.event(
@@ -411,6 +412,7 @@ impl Volume {
                     run: inner.sync_run,
                     bufs: HashMap::new(),
                 });
+                self.sync_run_started.notify_one();
             }
             Err(e) => tracing::error!("cannot start the resync source: {e}"),
         }
@@ -625,8 +627,10 @@ impl Volume {
     // ----- the run ---------------------------------------------------------------------
 
     /// One controller step (every 100 ms while connected).
-    pub(super) fn sync_tick(&self, session: u64) {
-        let _ = self.with_session(session, |v, inner, fx| {
+    /// One step of the resync clock; returns whether a run still needs it (a target, a
+    /// source, or this node's verify), so the ticker sleeps until the next run starts.
+    pub(super) fn sync_tick(&self, session: u64) -> bool {
+        let running = self.with_session(session, |v, inner, fx| {
             let input = v.tick_input(inner);
             if let Some(r) = inner.target.as_mut() {
                 r.t.tick(&input);
@@ -645,8 +649,11 @@ impl Volume {
                 vs.tick(&input);
             }
             v.drain_sync(inner, fx);
-            Ok(())
+            Ok(inner.target.is_some()
+                || inner.source.is_some()
+                || matches!(inner.verify, Some(VerifyRun::Source(..))))
         });
+        matches!(running, Ok(Some(true)))
     }
 
     /// The resync's dirty bitmap pages (taken), each the union with the Primary core's
@@ -1089,6 +1096,7 @@ impl Volume {
             let v = VerifySource::new(cfg, &tick).map_err(|e| e.to_string())?;
             inner.sync_run += 1;
             inner.verify = Some(VerifyRun::Source(Box::new(v), inner.sync_run));
+            self.sync_run_started.notify_one();
             inner.conn = ConnState::VerifyS;
             self.send_state(inner);
             tracing::info!("online verify started");
