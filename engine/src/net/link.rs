@@ -44,9 +44,12 @@ pub(crate) enum Head {
 impl Head {
     /// Encodes with `f` into a per-thread scratch buffer, then keeps the bytes inline
     /// when they fit (the scratch buffer's allocation is reused).
-    fn encode(f: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>) -> Result<Self, wire::WireError> {
+    fn encode(
+        f: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>,
+    ) -> Result<Self, wire::WireError> {
+        use std::cell::RefCell;
         thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
         SCRATCH.with(|s| {
             let mut out = s.borrow_mut();

@@ -373,7 +373,10 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     // At most MAX_BATCH packets of two parts each, on the stack (no allocation per batch).
     // Empty parts (a `Link::sent` marker) are skipped: a write of nothing but empty
     // slices returns 0, which would read as a closed socket.
-    assert!(batch.len() <= MAX_BATCH, "a batch is at most MAX_BATCH packets");
+    assert!(
+        batch.len() <= MAX_BATCH,
+        "a batch is at most MAX_BATCH packets"
+    );
     let mut store: [&[u8]; 2 * MAX_BATCH] = [&[]; 2 * MAX_BATCH];
     let mut count = 0;
     for item in batch {
