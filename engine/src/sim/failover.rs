@@ -49,7 +49,8 @@ use crate::state::{DiskState, Protocol};
 use std::collections::BTreeSet;
 
 /// Ticks from a Secondary's disk failure to its leaving the connection (the daemon
-/// waits 200 ms for its `P_NEG_ACK` and `P_STATE` to leave).
+/// waits until its `P_NEG_ACK` and `P_STATE` are in the socket, `Link::sent`, at most
+/// 200 ms).
 const LEAVE_DELAY: u64 = 20;
 
 /// Why the operator's `primary` on the Secondary was refused.

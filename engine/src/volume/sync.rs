@@ -17,8 +17,9 @@
 //! 4. `connection_up` starts a [`Target`] over the merged bitmap (lent by the Primary
 //!    core, which keeps the node's bitmap otherwise) or a [`Source`].
 //!
-//! While it runs: every 100 ms [`Volume::sync_tick`]; resync packets from both sockets go
-//! to [`Volume::sync_inbound`] / [`Volume::rs_data_reply`]; resync reads and writes are
+//! While it runs: every 100 ms [`Volume::sync_tick`] (the clock sleeps while no run needs
+//! it); resync packets from both sockets go to [`Volume::sync_inbound`] /
+//! [`Volume::rs_data_reply`] (through `net::Replica::peer_event`); resync reads and writes are
 //! effects like any other local IO, tagged with the run they belong to, so a completion
 //! from an earlier run (the connection dropped meanwhile) is dropped and its bits stay
 //! set (safe: a set bit only costs a resync). A new connection waits for that IO to drain
