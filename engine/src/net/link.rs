@@ -15,8 +15,9 @@
 
 use crate::store::AlignedBuf;
 use crate::wire::{self, Command, DataHeader, Packet, WireCtx};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Which stream class a packet travels on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +130,32 @@ pub enum SendError {
     Encode(#[from] wire::WireError),
 }
 
+/// How the connection's watchdog (`net::liveness`) learns of what can bring a deadline
+/// closer while it sleeps: a write that starts waiting for the peer when none did (the
+/// link tells it) and a blocked sender (the sender tells it). One atomic load per write.
+#[derive(Debug, Default)]
+pub(crate) struct Watch {
+    /// The watchdog's last look saw no write waiting.
+    idle: AtomicBool,
+    /// Wakes the watchdog.
+    pub(crate) wake: Notify,
+}
+
+impl Watch {
+    /// Set to `true` before the watchdog looks, `false` when the look found a waiting
+    /// write (its deadline is then known).
+    pub(crate) fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::SeqCst);
+    }
+
+    /// A write was queued for the peer: wake the watchdog if it sleeps with none waiting.
+    fn write_queued(&self) {
+        if self.idle.load(Ordering::SeqCst) && self.idle.swap(false, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+}
+
 /// The sending side of a live connection.
 #[derive(Debug, Clone)]
 pub struct Link {
@@ -137,6 +164,7 @@ pub struct Link {
     data: Vec<mpsc::Sender<Outgoing>>,
     meta: mpsc::Sender<Outgoing>,
     session: u64,
+    watch: Arc<Watch>,
 }
 
 impl Link {
@@ -152,7 +180,13 @@ impl Link {
             data: vec![data],
             meta,
             session,
+            watch: Arc::default(),
         }
+    }
+
+    /// What wakes this connection's watchdog (shared with it).
+    pub(crate) fn watch(&self) -> Arc<Watch> {
+        Arc::clone(&self.watch)
     }
 
     /// Agreed protocol version and features.
@@ -269,7 +303,9 @@ impl Link {
                 sent_id,
                 written: None,
             },
-        )
+        )?;
+        self.watch.write_queued();
+        Ok(())
     }
 
     /// Whether `stream`'s queue is more than half full (the resync controller's
@@ -283,6 +319,7 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
 
     #[test]
     fn heads_stay_inline_up_to_their_limit() {
@@ -303,6 +340,35 @@ mod tests {
         let ctx = WireCtx::new(101, 0).expect("ctx");
         let h = Head::encode(|out| wire::encode(&uuids, &ctx, 0, out)).expect("encode");
         assert!(matches!(h, Head::Inline { .. }), "{h:?}");
+    }
+
+    /// The watchdog sleeping with no write waiting is woken by the first write queued,
+    /// once; a watchdog that knows of a waiting write is not.
+    #[tokio::test]
+    async fn a_write_wakes_an_idle_watchdog_once() {
+        let (dtx, _drx) = mpsc::channel(8);
+        let (mtx, _mrx) = mpsc::channel(8);
+        let link = Link::new(WireCtx::new(101, 0).expect("ctx"), dtx, mtx, 1);
+        let watch = link.watch();
+        let head = DataHeader {
+            sector: 0,
+            block_id: 1,
+            seq_num: 0,
+            dp_flags: 0,
+        };
+        let data = Arc::new(crate::store::AlignedBuf::new(4096).expect("buf"));
+        let woken = || watch.wake.notified().now_or_never().is_some();
+        watch.set_idle(false);
+        link.send_write(head, 4096, Some(data.clone()), false, None)
+            .expect("write");
+        assert!(!woken(), "not idle: no wake");
+        watch.set_idle(true);
+        link.send_write(head, 4096, Some(data.clone()), false, None)
+            .expect("write");
+        link.send_write(head, 4096, Some(data), false, None)
+            .expect("write");
+        assert!(woken(), "the first write wakes the idle watchdog");
+        assert!(!woken(), "only once");
     }
 
     #[test]

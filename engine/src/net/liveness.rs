@@ -15,13 +15,22 @@
 //! - `ko-count`: a peer that answers pings but leaves one write unanswered for
 //!   `ko-count × timeout` is dropped (DRBD's `request_timer_fn`); 0 disables it.
 //!
-//! Bounds: the watchdog wakes at least every [`TICK`] (100 ms), so every deadline above is
-//! met within 100 ms; one ping is outstanding at a time.
+//! Bounds: the watchdog sleeps until the earliest moment the decision can change
+//! ([`Liveness::step`]'s wait): `ping-int` after the last meta packet, the oldest waiting
+//! write's `timeout` (or the next `timeout` after the ping it caused) and its ko limit.
+//! What can bring a deadline closer wakes it instead: a write that starts waiting while
+//! none did (`net::Link`'s watch) and a blocked sender. While a ping is outstanding it
+//! looks every [`TICK`] (100 ms). So every deadline above is met within 100 ms, an idle
+//! connection wakes once per `ping-int`, and one ping is outstanding at a time.
 
 use std::time::{Duration, Instant};
 
-/// Longest sleep of the watchdog between two looks.
+/// Longest sleep of the watchdog while a ping is outstanding.
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// Shortest sleep between two looks (a deadline that is due now is looked at again soon,
+/// never in a busy loop).
+const MIN_LOOK: Duration = Duration::from_millis(1);
 
 /// The four options, as durations (see `config::NetConfig`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,8 +180,30 @@ impl Liveness {
                 self.last_ping = Some(now);
                 Step::Ping(r, TICK.min(self.cfg.ping_timeout))
             }
-            None => Step::Wait(TICK),
+            None => Step::Wait(self.next_look(o)),
         }
+    }
+
+    /// How long nothing can change unless something wakes the watchdog: until `ping-int`
+    /// of meta silence, and, while a write waits, until it has waited `timeout` since it
+    /// was queued and since the last ping, and until its ko limit. Later packets and
+    /// completions only move these later; a write that starts waiting wakes the watchdog.
+    fn next_look(&self, o: &Observation) -> Duration {
+        let until =
+            |t: Option<Instant>| t.map_or(Duration::MAX, |t| t.saturating_duration_since(o.now));
+        let mut wait = until(o.last_rx.checked_add(self.cfg.ping_int));
+        if let Some(w) = o.oldest_wait {
+            let ping_at = w.checked_add(self.cfg.timeout).map(|at| {
+                self.last_ping
+                    .and_then(|p| p.checked_add(self.cfg.timeout))
+                    .map_or(at, |again| at.max(again))
+            });
+            wait = wait.min(until(ping_at));
+            if let Some(limit) = self.cfg.ko_limit() {
+                wait = wait.min(until(w.checked_add(limit)));
+            }
+        }
+        wait.clamp(MIN_LOOK, self.cfg.ping_int.max(MIN_LOOK))
     }
 }
 
@@ -335,6 +366,45 @@ mod tests {
                 Step::Wait(_) => {}
             }
         }
+    }
+
+    #[test]
+    fn the_watchdog_sleeps_until_the_next_deadline() {
+        let mut s = Sim::new(CFG);
+        // Idle: until ping-int after the last meta packet.
+        assert_eq!(
+            s.step(2_500, false),
+            Step::Wait(Duration::from_millis(7_500))
+        );
+        // A write waiting since 3 s: its `timeout` (2 s) comes first.
+        s.oldest = Some(s.at(3_000));
+        assert_eq!(
+            s.step(4_000, false),
+            Step::Wait(Duration::from_millis(1_000))
+        );
+        assert!(matches!(
+            s.step(5_000, false),
+            Step::Ping(PingReason::WriteWaiting, _)
+        ));
+        s.last_rx = s.at(5_010); // the ping ack
+        s.acks += 1;
+        // Still waiting: the next ping one `timeout` after this one.
+        assert_eq!(
+            s.step(5_100, false),
+            Step::Wait(Duration::from_millis(1_900))
+        );
+        assert_eq!(
+            s.step(7_000, false),
+            Step::Ping(PingReason::WriteWaiting, TICK)
+        );
+        // Nothing waits any more: back to ping-int after the last meta packet.
+        s.oldest = None;
+        s.last_rx = s.at(7_005);
+        s.acks += 1;
+        assert_eq!(
+            s.step(7_105, false),
+            Step::Wait(Duration::from_millis(9_900))
+        );
     }
 
     #[test]

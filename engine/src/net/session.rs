@@ -11,6 +11,7 @@
 //! `drbd_send` and `we_should_drop_the_connection`).
 
 use super::handshake::{self, PeerParams};
+use super::link::Watch;
 use super::liveness::{Dead, Liveness, LivenessConfig, Observation, Step};
 use super::{
     read_exact, Link, LinkEvent, NetError, Outgoing, PeerEvent, PeerWrite, PeerWriteKind, Replica,
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 /// Packets a sender task writes with one `writev`.
@@ -100,7 +101,7 @@ pub async fn run<R: Replica>(
 
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
-    let live = Arc::new(Live::new());
+    let live = Arc::new(Live::new(link.watch()));
     let limits = |meta| SendLimits {
         timeout: config.net.timeout,
         ko_count: config.net.ko_count,
@@ -291,17 +292,18 @@ struct Live {
     ping_acks: AtomicU64,
     /// A sender was blocked for `timeout` and asks for a ping.
     ping_wanted: AtomicBool,
-    wake: Notify,
+    /// Wakes the watchdog (a blocked sender; the link for a write that starts waiting).
+    watch: Arc<Watch>,
 }
 
 impl Live {
-    fn new() -> Self {
+    fn new(watch: Arc<Watch>) -> Self {
         Live {
             started: Instant::now(),
             last_rx_ms: AtomicU64::new(0),
             ping_acks: AtomicU64::new(0),
             ping_wanted: AtomicBool::new(false),
-            wake: Notify::new(),
+            watch,
         }
     }
 
@@ -317,7 +319,7 @@ impl Live {
     /// DRBD's `request_ping`.
     fn request_ping(&self) {
         self.ping_wanted.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
+        self.watch.wake.notify_one();
     }
 }
 
@@ -666,6 +668,9 @@ async fn watchdog<R: Replica>(
 ) -> Result<(), NetError> {
     let mut l = Liveness::new(cfg);
     loop {
+        // Idle before looking: a write queued after this is either seen by the look or
+        // wakes the sleep that follows it (`Watch`).
+        live.watch.set_idle(true);
         let o = Observation {
             now: Instant::now(),
             last_rx: live.last_rx(),
@@ -673,6 +678,9 @@ async fn watchdog<R: Replica>(
             oldest_wait: replica.oldest_peer_wait(),
             ping_requested: live.ping_wanted.swap(false, Ordering::Relaxed),
         };
+        if o.oldest_wait.is_some() {
+            live.watch.set_idle(false);
+        }
         let wait = match l.step(&o) {
             Step::Wait(d) => d,
             Step::Ping(reason, d) => {
@@ -703,7 +711,7 @@ async fn watchdog<R: Replica>(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = live.wake.notified() => {}
+            _ = live.watch.wake.notified() => {}
         }
     }
 }
@@ -720,7 +728,7 @@ mod tests {
         for (meta, ko, want_expiries) in [(false, 3u32, 3u32), (true, 3, 1)] {
             // Nobody reads `_b`: after 64 bytes every write blocks.
             let (mut a, _b) = tokio::io::duplex(64);
-            let live = Arc::new(Live::new());
+            let live = Arc::new(Live::new(Arc::default()));
             let limits = SendLimits {
                 timeout: Duration::from_millis(50),
                 ko_count: ko,
@@ -769,7 +777,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             ko_count: 7,
             meta: false,
-            live: Arc::new(Live::new()),
+            live: Arc::new(Live::new(Arc::default())),
         };
         write_batch(&mut a, &batch, &limits).await.expect("write");
         drop(a);
