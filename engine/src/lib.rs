@@ -22,6 +22,10 @@
 //! | `units` | size syntax (`64MiB`) shared by the config and the metadata tool |
 //! | `sim` | the seeded simulator of two replicas with faulty disks and networks (tests only) |
 
+// The docs are written for this crate's developers (`cargo doc --document-private-items`)
+// and link to crate-private items on purpose.
+#![allow(rustdoc::private_intra_doc_links)]
+
 mod config;
 pub mod daemon;
 pub mod frontend;
