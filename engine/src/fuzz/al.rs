@@ -1,5 +1,5 @@
 //! Fuzz body for the activity log's on-disk format: any bytes as a ring of transaction
-//! blocks, replayed as `apply-al` replays them (research/drbd-protocol.md §5).
+//! blocks, replayed as `apply-al` replays them (docs/drbd-reference.md §5).
 //!
 //! Input: byte 0 picks the ring's shape (1..=4 stripes of 2..=17 blocks, at least 8
 //! blocks), the rest is the ring (cut or zero-padded to its size). Beyond "no panic",

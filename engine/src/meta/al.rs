@@ -3,7 +3,7 @@
 //!
 //! Two halves, both pure (no IO):
 //!
-//! - **The on-disk format** (research/drbd-protocol.md §5): a ring of
+//! - **The on-disk format** (docs/drbd-reference.md §5): a ring of
 //!   `al_stripes × al_stripe_size_4k` 4 KiB transaction blocks (default 1 × 8 = 32 KiB),
 //!   each a big-endian `al_transaction_on_disk`: magic, transaction number, crc32c, up to
 //!   [`AL_UPDATES_PER_TRANSACTION`] (64) slot updates, and a rolling window of

@@ -8,7 +8,7 @@
 //! ([`OutOfSync::clear`], only whole blocks, DRBD's `drbd_set_in_sync` rounding).
 //!
 //! On disk the bitmap is the same bits, little-endian, in 4 KiB pages (DRBD's format,
-//! research/drbd-protocol.md §6): page `p` holds blocks `p × 32768 ..`. A page whose
+//! docs/drbd-reference.md §6): page `p` holds blocks `p × 32768 ..`. A page whose
 //! bits changed since it was last written is *dirty*; only dirty pages are written back
 //! (when an activity-log extent is evicted, and at a clean stop).
 

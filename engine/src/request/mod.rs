@@ -9,7 +9,7 @@
 //! outputs carry. The seeded simulator (`crate::sim`) drives the same two machines
 //! against faulty in-memory disks and networks, which is how their rules are tested.
 //!
-//! The rules (research/drbd-protocol.md §4) and where they live:
+//! The rules (docs/drbd-reference.md §4) and where they live:
 //!
 //! - overlapping writes are serialised (interval set) — [`Primary::write`]
 //! - epochs, lazy/at-close `P_BARRIER`, `max_epoch_size` (2048) — `primary.rs`
@@ -41,7 +41,7 @@ pub(crate) use receiver::ReceiverSabotage;
 /// Bytes per sector: offsets on the wire and in these APIs are 512-byte sectors.
 pub const SECTOR: u32 = 512;
 
-/// `dp_flags` bits (research/drbd-protocol.md §2.3); the core computes the set of agreed
+/// `dp_flags` bits (docs/drbd-reference.md §2.3); the core computes the set of agreed
 /// protocol ≥ 100, where the ack type travels in the flags. The constants are the codec's:
 /// the wire module is pure too, so the core depends on nothing with IO.
 pub use crate::wire::dp;

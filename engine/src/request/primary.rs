@@ -1,7 +1,7 @@
 //! The Primary's write pipeline: serialisation of overlapping writes, epochs and barriers,
 //! completion per protocol A/B/C, flushes, and what a connection loss does.
 //!
-//! Life of a write (DRBD's `drbd_req.c`, research/drbd-protocol.md §4.1):
+//! Life of a write (DRBD's `drbd_req.c`, docs/drbd-reference.md §4.1):
 //!
 //! 1. [`Primary::write`] admits it, or refuses with [`Error::Busy`] when `max_in_flight`
 //!    requests are not completed or `max_unacked_writes` write slots are taken.

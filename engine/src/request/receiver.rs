@@ -1,6 +1,6 @@
 //! The Secondary's side of replication: it applies the peer's writes epoch by epoch,
 //! acknowledges them as asked, and acknowledges each barrier only after the epoch's writes
-//! are on its disk and flushed (research/drbd-protocol.md §4.2, DRBD 9 semantics).
+//! are on its disk and flushed (docs/drbd-reference.md §4.2, DRBD 9 semantics).
 //!
 //! Every message from the peer (write or barrier) enters a FIFO (the *held* queue, at most
 //! `max_held` entries) and is applied from its head:

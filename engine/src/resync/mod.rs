@@ -1,5 +1,5 @@
 //! The resync core: sans-IO state machines for bitmap-based resync, checksum resync and
-//! online verify, with DRBD's dynamic rate controller (research/drbd-protocol.md §6, §9).
+//! online verify, with DRBD's dynamic rate controller (docs/drbd-reference.md §6, §9).
 //!
 //! Like [`crate::request`], nothing here owns a socket, a file, a clock or a data buffer.
 //! A driver calls a method per event (a controller step every 100 ms, a packet from the

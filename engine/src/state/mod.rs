@@ -2,7 +2,7 @@
 //! and numbers.
 //!
 //! The numbers are the ones DRBD packs into `P_STATE` (`union drbd_state`: role 2 bits,
-//! conn 5 bits, disk 4 bits) and `P_PROTOCOL` (research/drbd-protocol.md §2.2), so the wire
+//! conn 5 bits, disk 4 bits) and `P_PROTOCOL` (docs/drbd-reference.md §2.2), so the wire
 //! codec converts with [`Role::from_u32`] / [`Role::as_u32`] and friends and never keeps a
 //! second table. `Display` and serde use DRBD's spelling ("Primary", "WFConnection",
 //! "UpToDate", "C") because that is what `drbdsetup status` prints and what operators and

@@ -16,7 +16,7 @@
 //! `drbd_uuid_set`, `drbd_uuid_new_current`, `drbd_uuid_set_bm`,
 //! `drbd_gen_and_send_sync_uuid`), `drbd_worker.c` (`drbd_resync_finished`),
 //! `drbd_state.c` (`after_state_ch`), `drbd_nl.c` (`drbd_set_role`,
-//! `drbd_adm_new_c_uuid`). The in-tree 8.4.11 receiver (research/drbd-protocol.md, source \[L\])
+//! `drbd_adm_new_c_uuid`). The in-tree 8.4.11 receiver (docs/drbd-reference.md, source \[L\])
 //! has the same two decision functions, rule 41 included, and `tests/uuid_captures.rs`
 //! checks the decisions against the Linux 6.12 kernel's. The config names come from
 //! drbd-utils `user/v84/config_flags.c`.

@@ -2,7 +2,7 @@
 //! and the SyncTarget / SyncSource machines of [`crate::resync`] run against the real
 //! disk and the live connection.
 //!
-//! The sequence (research/drbd-protocol.md §6.3, §8.2, §9.1), driven by
+//! The sequence (docs/drbd-reference.md §6.3, §8.2, §9.1), driven by
 //! `net::session` on the data socket before the connection's tasks start:
 //!
 //! 1. [`Volume::exchange_snapshot`]: a full sync sets every bit first; the bitmap's words

@@ -1,5 +1,5 @@
 //! Golden byte vectors: every header kind and every payload, written out byte by byte
-//! from the offsets in `research/drbd-protocol.md` §1–2 (never produced by the encoder),
+//! from the offsets in `docs/drbd-reference.md` §1–2 (never produced by the encoder),
 //! decoded to the expected value and re-encoded to the same bytes; plus the length and
 //! field rules, each with the error message it must give.
 

@@ -3,7 +3,7 @@
 //! beyond the decoded values; never panics on any input (fuzzed by
 //! [`crate::fuzz::packet`]).
 //!
-//! What it owns, with the numbers (sources in `research/drbd-protocol.md` §1–2):
+//! What it owns, with the numbers (sources in `docs/drbd-reference.md` §1–2):
 //! - Headers ([`header`]): `p_header80` (8 bytes, magic 0x83740267, u16 length),
 //!   `p_header95` (8 bytes, magic 0x835a, u32 length), `p_header100` (16 bytes, magic
 //!   0x8620ec20, volume, pad 0). Before the feature exchange every packet is h80; after
