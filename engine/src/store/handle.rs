@@ -156,8 +156,7 @@ impl Store {
     /// Read `len` bytes at `offset` into a new buffer.
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {
         self.check_data(StoreOp::Read, offset, len)?;
-        let buf = AlignedBuf::new(len)?;
-        self.call(|done| Request::Read { offset, buf, done }).await
+        self.read_into(offset, AlignedBuf::new(len)?).await
     }
 
     /// Read `buf.len()` bytes at `offset` into the caller's `buf` (no allocation) and

@@ -41,14 +41,15 @@
 //! Bounds: requests from frontends in flight ≤ `max-buffers` (a semaphore in front of
 //! the core, so the core never says Busy); a frontend write larger than
 //! [`MAX_WRITE_CHUNK`] (1 MiB, DRBD's largest bio) is split into 1 MiB requests; a
-//! discard or write-zeroes into ≤ [`MAX_BATCH_CHUNK`] (128 MiB, DRBD's batch limit). The
+//! discard or write-zeroes over [`MAX_BATCH_CHUNK`] (128 MiB, DRBD's batch limit) is
+//! refused (frontends split them, as `TargetInfo` tells them). The
 //! Secondary's held writes are bounded by the core (`max_held`); when it is full the data
 //! socket's reader stops reading, which back-pressures the peer through TCP.
 
 use crate::config::{Config, NodeConfig};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, TargetInfo};
 use crate::meta::disk::{Attach, MetaDevice};
-use crate::net::handshake::{LocalParams, PeerParams};
+use crate::net::handshake::PeerParams;
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, PrimaryOutput,
@@ -948,53 +949,6 @@ impl Volume {
         self.lock().standalone
     }
 
-    /// Resolves when a `connect` leaves StandAlone.
-    async fn wait_connect_allowed(&self) {
-        loop {
-            let n = self.conn_changed.notified();
-            if !self.is_standalone() {
-                return;
-            }
-            n.await;
-        }
-    }
-
-    /// Resolves when a `disconnect` asks for StandAlone.
-    async fn wait_standalone(&self) {
-        loop {
-            let n = self.conn_changed.notified();
-            if self.is_standalone() {
-                return;
-            }
-            n.await;
-        }
-    }
-
-    /// Records the connection manager's state.
-    fn set_conn_state(&self, state: ConnState) {
-        self.lock().conn = state;
-    }
-
-    /// What the handshake says about this node.
-    fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
-        let g = self.lock();
-        LocalParams {
-            protocol: self.protocol,
-            role: g.role,
-            disk: g.disk,
-            size_sectors: self.size_bytes / SECTOR_SIZE as u64,
-            dirty_bits: g.primary.out_of_sync().count(),
-            uuids: g.uuids,
-            crashed_primary: g.crashed_primary,
-            resolve_conflicts,
-            discard_my_data: g.discard_my_data,
-            policy: self.sync.policy,
-            csums: self.sync.csums,
-            verify: self.sync.verify,
-            rate: self.sync.rate,
-        }
-    }
-
     /// A connection finished its handshake. Returns the notify that kills it.
     fn connection_up(&self, link: Link, peer: &PeerParams, resolve_conflicts: bool) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
@@ -1130,15 +1084,6 @@ impl Volume {
         };
         self.run(effects);
         out.map(Some)
-    }
-
-    /// Protocol A: a packet of request `block_id` is in the socket.
-    pub fn handed_to_network(&self, session: u64, block_id: u64) {
-        let _ = self.with_session(session, |v, inner, fx| {
-            inner.primary.handed_to_network(block_id);
-            v.drain_primary(inner, fx);
-            Ok(())
-        });
     }
 
     /// An ack from the meta socket.
@@ -1495,21 +1440,6 @@ impl Volume {
                 tracing::warn!("state change reply {retcode} without a request; ignored");
             }
         }
-    }
-
-    /// A buffer for `len` bytes of peer data; waits until the Secondary's buffer budget
-    /// ([`PEER_DATA_BUDGET`]) has room.
-    async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {
-        let units =
-            u32::try_from(len.div_ceil(SECTOR_SIZE)).map_err(|_| format!("{len}-byte write"))?;
-        let budget = self
-            .peer_data
-            .clone()
-            .acquire_many_owned(units)
-            .await
-            .map_err(|e| e.to_string())?;
-        let buf = AlignedBuf::new(len).map_err(|e| e.to_string())?;
-        Ok(PeerData::new(buf, budget))
     }
 
     /// A write from the peer; waits while the receiver is full (back-pressure).
@@ -2178,27 +2108,19 @@ impl Volume {
         join_all(parts).await
     }
 
-    async fn batch(
+    /// A discard or write-zeroes: one core request. At most [`MAX_BATCH_CHUNK`] (128 MiB,
+    /// DRBD's batch limit) arrives here; a longer one is refused and the frontend splits
+    /// it (`TargetInfo::max_discard_bytes`).
+    async fn range_request(
         &self,
         offset: u64,
         len: u64,
         kind: WriteKind,
         fua: bool,
     ) -> Result<(), BlockError> {
-        let mut parts = Vec::new();
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(MAX_BATCH_CHUNK);
-            let n32 = u32::try_from(n).map_err(|_| BlockError::Invalid)?;
-            parts.push(self.core_request(
-                (offset + done) / SECTOR_SIZE as u64,
-                n32,
-                Some((kind, fua)),
-                None,
-            ));
-            done += n;
-        }
-        join_all(parts).await
+        let len = u32::try_from(len).map_err(|_| BlockError::Invalid)?;
+        self.core_request(offset / SECTOR_SIZE as u64, len, Some((kind, fua)), None)
+            .await
     }
 
     /// Stops accepting requests, waits (≤ `grace`) for in-flight ones, flushes the disk.
@@ -2468,7 +2390,7 @@ impl BlockTarget for Volume {
                 if len > MAX_BATCH_CHUNK || !aligned(offset, len) {
                     return Err(BlockError::Invalid);
                 }
-                self.batch(offset, len, WriteKind::Discard, fua)
+                self.range_request(offset, len, WriteKind::Discard, fua)
                     .await
                     .map(|()| BlockReply::Done)
             }
@@ -2481,7 +2403,7 @@ impl BlockTarget for Volume {
                 if len > MAX_BATCH_CHUNK || !aligned(offset, len) {
                     return Err(BlockError::Invalid);
                 }
-                self.batch(offset, len, WriteKind::Zeroes { unmap: may_unmap }, fua)
+                self.range_request(offset, len, WriteKind::Zeroes { unmap: may_unmap }, fua)
                     .await
                     .map(|()| BlockReply::Done)
             }

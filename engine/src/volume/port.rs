@@ -5,6 +5,7 @@ use super::Volume;
 use crate::net::handshake::{LocalParams, PeerParams};
 use crate::net::{Link, LinkEvent, PeerData, PeerEvent, Replica};
 use crate::state::ConnState;
+use crate::store::{AlignedBuf, SECTOR_SIZE};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
@@ -12,7 +13,7 @@ use tokio::sync::Notify;
 impl Replica for Volume {
     fn link_event(&self, ev: LinkEvent) {
         match ev {
-            LinkEvent::State(s) => self.set_conn_state(s),
+            LinkEvent::State(s) => self.lock().conn = s,
             LinkEvent::Error(why) => self.set_connection_error(why),
             LinkEvent::Refused => self.set_standalone(true),
             LinkEvent::SplitBrain(why) => self.split_brain(why),
@@ -30,15 +31,42 @@ impl Replica for Volume {
     }
 
     async fn wait_standalone(&self) {
-        Volume::wait_standalone(self).await;
+        loop {
+            let n = self.conn_changed.notified();
+            if self.is_standalone() {
+                return;
+            }
+            n.await;
+        }
     }
 
     async fn wait_connect_allowed(&self) {
-        Volume::wait_connect_allowed(self).await;
+        loop {
+            let n = self.conn_changed.notified();
+            if !self.is_standalone() {
+                return;
+            }
+            n.await;
+        }
     }
 
     fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
-        Volume::handshake_params(self, resolve_conflicts)
+        let g = self.lock();
+        LocalParams {
+            protocol: self.protocol,
+            role: g.role,
+            disk: g.disk,
+            size_sectors: self.size_bytes / SECTOR_SIZE as u64,
+            dirty_bits: g.primary.out_of_sync().count(),
+            uuids: g.uuids,
+            crashed_primary: g.crashed_primary,
+            resolve_conflicts,
+            discard_my_data: g.discard_my_data,
+            policy: self.sync.policy,
+            csums: self.sync.csums,
+            verify: self.sync.verify,
+            rate: self.sync.rate,
+        }
     }
 
     async fn wait_sync_io_idle(&self) {
@@ -70,7 +98,16 @@ impl Replica for Volume {
     }
 
     async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {
-        Volume::receive_buffer(self, len).await
+        let units =
+            u32::try_from(len.div_ceil(SECTOR_SIZE)).map_err(|_| format!("{len}-byte write"))?;
+        let budget = self
+            .peer_data
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|e| e.to_string())?;
+        let buf = AlignedBuf::new(len).map_err(|e| e.to_string())?;
+        Ok(PeerData::new(buf, budget))
     }
 
     async fn peer_event(&self, session: u64, ev: PeerEvent) -> Result<(), String> {
@@ -116,7 +153,11 @@ impl Replica for Volume {
     }
 
     fn handed_to_network(&self, session: u64, block_id: u64) {
-        Volume::handed_to_network(self, session, block_id);
+        let _ = self.with_session(session, |v, inner, fx| {
+            inner.primary.handed_to_network(block_id);
+            v.drain_primary(inner, fx);
+            Ok(())
+        });
     }
 
     fn oldest_peer_wait(&self) -> Option<Instant> {
