@@ -743,10 +743,16 @@ impl mgmt::Handler for Volume {
 
     fn handle(&self, req: mgmt::Request) -> mgmt::Reply<'_> {
         Box::pin(async move {
-            if let mgmt::Request::Primary { force } = req {
-                return self.promote(force).await.map(|()| serde_json::json!({}));
+            let done = |r: Result<(), String>| r.map(|()| serde_json::json!({}));
+            match req {
+                mgmt::Request::Primary { force } => done(self.promote(force).await),
+                mgmt::Request::Secondary { force } => done(self.demote(force).await),
+                mgmt::Request::Invalidate => done(self.invalidate().await),
+                mgmt::Request::NewCurrentUuid { clear_bitmap } => {
+                    done(self.new_current_uuid(clear_bitmap).await)
+                }
+                req => self.handle_now(req),
             }
-            self.handle_now(req)
         })
     }
 }
@@ -756,10 +762,10 @@ impl Volume {
     fn handle_now(&self, req: mgmt::Request) -> Result<serde_json::Value, String> {
         match req {
             mgmt::Request::Status => Ok(serde_json::json!({ "status": self.status() })),
-            mgmt::Request::Primary { .. } => Err("promotion is handled above".into()),
-            mgmt::Request::Secondary { force } => {
-                self.demote(force).map(|()| serde_json::json!({}))
-            }
+            mgmt::Request::Primary { .. }
+            | mgmt::Request::Secondary { .. }
+            | mgmt::Request::Invalidate
+            | mgmt::Request::NewCurrentUuid { .. } => Err("handled above (they wait)".into()),
             mgmt::Request::Disconnect => {
                 self.set_standalone(true);
                 Ok(serde_json::json!({}))
@@ -782,12 +788,8 @@ impl Volume {
                 self.set_sync_paused(false);
                 Ok(serde_json::json!({}))
             }
-            mgmt::Request::Invalidate => self.invalidate().map(|()| serde_json::json!({})),
             mgmt::Request::Verify => self.start_verify().map(|()| serde_json::json!({})),
             mgmt::Request::Events => Ok(serde_json::json!({ "events": self.events(0) })),
-            mgmt::Request::NewCurrentUuid { clear_bitmap } => self
-                .new_current_uuid(clear_bitmap)
-                .map(|()| serde_json::json!({})),
         }
     }
 }

@@ -142,6 +142,59 @@ impl Attach {
     }
 }
 
+/// A change of the superblock's state: what the daemon records as roles, disk states
+/// and generations change. [`MetaDevice::change_blocking`] writes it at once;
+/// [`MetaDevice::stage`] applies it in memory for a writer that makes it durable later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SbChange {
+    /// Set or clear `MDF_PRIMARY_IND` (promotion / demotion). On promotion it must be on
+    /// disk before the first write as Primary: it is what makes the next attach after a
+    /// crash apply the activity log.
+    Primary(bool),
+    /// Whether the data is consistent (`MDF_CONSISTENT`, with `MDF_WAS_UP_TO_DATE`). A
+    /// SyncTarget clears it before the first resync write, so a restart in the middle of
+    /// a resync comes back Inconsistent (and may not be promoted); the end of a complete
+    /// resync sets it again.
+    Consistent(bool),
+    /// The failure record of a disk whose write failed: `MDF_CONSISTENT` (and
+    /// `MDF_WAS_UP_TO_DATE`) cleared, and with `full_sync` the peer slot's
+    /// `MDF_PEER_FULL_SYNC` set, so that the next attach marks every block out of sync
+    /// (see [`MetaDevice::attach_blocking`]). A detached Primary asks for that: the bitmap
+    /// of what it missed while diskless lives only in memory.
+    Failure {
+        /// Ask for a full sync at the next attach.
+        full_sync: bool,
+    },
+    /// Clear `MDF_CRASHED_PRIMARY`: the resync after the crash is complete.
+    ClearCrashedPrimary,
+    /// New generation UUIDs (current, the peer slot's bitmap UUID, history[0..2]): a new
+    /// generation must be on disk before anything is written in it.
+    Uuids(crate::state::uuid::UuidSet),
+}
+
+impl SbChange {
+    fn apply(&self, sb: &mut Superblock) {
+        match *self {
+            SbChange::Primary(true) => sb.flags |= mdf::PRIMARY_IND,
+            SbChange::Primary(false) => sb.flags &= !mdf::PRIMARY_IND,
+            SbChange::Consistent(true) => sb.flags |= mdf::CONSISTENT | mdf::WAS_UP_TO_DATE,
+            SbChange::Consistent(false) => sb.flags &= !(mdf::CONSISTENT | mdf::WAS_UP_TO_DATE),
+            SbChange::Failure { full_sync } => {
+                sb.flags &= !(mdf::CONSISTENT | mdf::WAS_UP_TO_DATE);
+                if full_sync {
+                    sb.peers[0].flags |= mdf_peer::FULL_SYNC;
+                }
+            }
+            SbChange::ClearCrashedPrimary => sb.flags &= !mdf::CRASHED_PRIMARY,
+            SbChange::Uuids(u) => {
+                sb.current_uuid = u.current;
+                sb.peers[0].bitmap_uuid = u.bitmap;
+                sb.history_uuids[..u.history.len()].copy_from_slice(&u.history);
+            }
+        }
+    }
+}
+
 /// DRBD 9 metadata on an open store.
 #[derive(Debug)]
 pub struct MetaDevice {
@@ -703,23 +756,6 @@ impl MetaDevice {
         })
     }
 
-    /// Sets or clears `MDF_PRIMARY_IND` (promotion / demotion), durably. On promotion it
-    /// must be on disk before the first write as Primary: it is what makes the next
-    /// attach after a crash apply the activity log. Blocking: one 4 KiB FUA write on a
-    /// management command, not on the data path.
-    pub fn set_primary_blocking(&mut self, primary: bool) -> Result<(), MetaError> {
-        let mut sb = self.sb.clone();
-        if primary {
-            sb.flags |= mdf::PRIMARY_IND;
-        } else {
-            sb.flags &= !mdf::PRIMARY_IND;
-        }
-        if sb.flags == self.sb.flags {
-            return Ok(());
-        }
-        self.write_superblock_blocking(sb)
-    }
-
     /// A clean stop, after the caller wrote every dirty bitmap page and flushed the data:
     /// re-initialises the ring and marks the metadata clean and not Primary
     /// (`drbdmeta apply-al` then has nothing to do). Blocking, once, at the end.
@@ -733,37 +769,44 @@ impl MetaDevice {
     }
 
     /// Records whether the data is consistent (`MDF_CONSISTENT`, with
-    /// `MDF_WAS_UP_TO_DATE`), durably. A SyncTarget clears it before the first resync
-    /// write, so a restart in the middle of a resync comes back Inconsistent (and may not
-    /// be promoted); the end of a complete resync sets it again.
+    /// `MDF_WAS_UP_TO_DATE`), durably (see [`SbChange::Consistent`]).
     pub fn set_consistent_blocking(&mut self, consistent: bool) -> Result<(), MetaError> {
-        let mut sb = self.sb.clone();
-        if consistent {
-            sb.flags |= mdf::CONSISTENT | mdf::WAS_UP_TO_DATE;
-        } else {
-            sb.flags &= !(mdf::CONSISTENT | mdf::WAS_UP_TO_DATE);
-        }
-        if sb.flags == self.sb.flags {
-            return Ok(());
-        }
-        self.write_superblock_blocking(sb)
+        self.change_blocking(&[SbChange::Consistent(consistent)])
     }
 
-    /// The failure record of a disk whose write failed, durably, in one superblock
-    /// write: `MDF_CONSISTENT` (and `MDF_WAS_UP_TO_DATE`) cleared, and with `full_sync`
-    /// the peer slot's `MDF_PEER_FULL_SYNC` set, so that the next attach marks every
-    /// block out of sync (see [`Self::attach_blocking`]). A detached Primary asks for
-    /// that: the bitmap of what it missed while diskless lives only in memory.
+    /// The failure record of a disk whose write failed, durably (see
+    /// [`SbChange::Failure`]).
     pub fn record_failure_blocking(&mut self, full_sync: bool) -> Result<(), MetaError> {
+        self.change_blocking(&[SbChange::Failure { full_sync }])
+    }
+
+    /// Applies `changes` to a copy of the superblock and writes it (FUA) if it differs.
+    pub fn change_blocking(&mut self, changes: &[SbChange]) -> Result<(), MetaError> {
         let mut sb = self.sb.clone();
-        sb.flags &= !(mdf::CONSISTENT | mdf::WAS_UP_TO_DATE);
-        if full_sync {
-            sb.peers[0].flags |= mdf_peer::FULL_SYNC;
+        for c in changes {
+            c.apply(&mut sb);
         }
         if sb == self.sb {
             return Ok(());
         }
         self.write_superblock_blocking(sb)
+    }
+
+    /// Applies `changes` to the superblock in memory only and returns whether it changed.
+    /// From then on [`Self::superblock`] and the flag queries say the new state; the
+    /// caller makes it durable by writing [`Self::superblock_image`] (the daemon's
+    /// metadata writer does, off its locks).
+    pub fn stage(&mut self, changes: &[SbChange]) -> bool {
+        let before = self.sb.clone();
+        for c in changes {
+            c.apply(&mut self.sb);
+        }
+        self.sb != before
+    }
+
+    /// The superblock as it goes to disk: its byte offset and its encoded 4 KiB block.
+    pub fn superblock_image(&self) -> (u64, Box<[u8; SUPERBLOCK_BYTES]>) {
+        (self.layout.md_offset, Box::new(self.sb.encode()))
     }
 
     /// Whether the peer slot asks for a full sync at the next attach.
@@ -773,40 +816,14 @@ impl MetaDevice {
 
     /// Whether the superblock says the last Primary crashed (`MDF_CRASHED_PRIMARY`): set
     /// by the attach that applied a crashed Primary's log, kept across restarts until
-    /// the resync that follows completes ([`Self::clear_crashed_primary_blocking`]).
+    /// the resync that follows completes ([`SbChange::ClearCrashedPrimary`]).
     pub fn is_crashed_primary(&self) -> bool {
         self.sb.flags & mdf::CRASHED_PRIMARY != 0
-    }
-
-    /// Clears `MDF_CRASHED_PRIMARY`, durably: the resync after the crash is complete.
-    pub fn clear_crashed_primary_blocking(&mut self) -> Result<(), MetaError> {
-        let mut sb = self.sb.clone();
-        sb.flags &= !mdf::CRASHED_PRIMARY;
-        if sb.flags == self.sb.flags {
-            return Ok(());
-        }
-        self.write_superblock_blocking(sb)
     }
 
     /// Whether the superblock says the data is consistent (`MDF_CONSISTENT`).
     pub fn is_consistent(&self) -> bool {
         self.sb.flags & mdf::CONSISTENT != 0
-    }
-
-    /// Writes new generation UUIDs (current, the peer slot's bitmap UUID, history[0..2]),
-    /// durably: a new generation must be on disk before anything is written in it.
-    pub fn set_uuids_blocking(
-        &mut self,
-        uuids: &crate::state::uuid::UuidSet,
-    ) -> Result<(), MetaError> {
-        let mut sb = self.sb.clone();
-        sb.current_uuid = uuids.current;
-        sb.peers[0].bitmap_uuid = uuids.bitmap;
-        sb.history_uuids[..uuids.history.len()].copy_from_slice(&uuids.history);
-        if sb == self.sb {
-            return Ok(());
-        }
-        self.write_superblock_blocking(sb)
     }
 
     /// Gives the store back.

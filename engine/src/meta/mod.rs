@@ -32,7 +32,7 @@ pub mod layout;
 pub mod superblock;
 pub mod tool;
 
-pub use disk::{ApplyAlReport, CreateOptions, MetaDevice, MetaLocation};
+pub use disk::{ApplyAlReport, CreateOptions, MetaDevice, MetaLocation, SbChange};
 pub use layout::{Layout, MetaKind};
 pub use superblock::Superblock;
 

@@ -180,8 +180,8 @@ pub trait Replica: Send + Sync + 'static {
     fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64);
     /// ORs the peer's bitmap in; returns the blocks it added.
     fn merge_peer_bitmap(&self, words: &[u64]) -> u64;
-    /// This node is SyncSource: returns the sync UUID to send.
-    fn begin_sync_source(&self) -> Result<u64, String>;
+    /// This node is SyncSource: returns the sync UUID to send, made durable first.
+    fn begin_sync_source(&self) -> impl Future<Output = Result<u64, String>> + Send;
     /// This node is SyncTarget of `sync_uuid`: made durable before it returns.
     fn begin_sync_target(&self, sync_uuid: u64) -> impl Future<Output = Result<(), String>> + Send;
     /// The handshake is done; `link` carries every packet from now on. Returns the notify

@@ -189,7 +189,10 @@ async fn exchange<R: Replica>(
     let added = replica.merge_peer_bitmap(&peer);
     tracing::info!("bitmap exchange: the peer's bitmap added {added} out-of-sync blocks");
     if source {
-        let uuid = replica.begin_sync_source().map_err(NetError::Protocol)?;
+        let uuid = replica
+            .begin_sync_source()
+            .await
+            .map_err(NetError::Protocol)?;
         super::send_packet(data, &Packet::SyncUuid(uuid), ctx).await
     } else {
         let uuid = loop {

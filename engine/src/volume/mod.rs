@@ -18,6 +18,12 @@
 //! Resync, online verify and the reads of a SyncTarget Primary from its peer are in
 //! `sync.rs`: the same pattern, with the `resync` machines instead of the cores.
 //!
+//! **Metadata** (roles, UUIDs, disk-state flags) changes in memory under the lock and is
+//! made durable by the metadata writer (`durable.rs`) off the lock and off the runtime
+//! thread; what must not happen before it is durable waits for its ticket (a promotion
+//! takes the role after, application writes wait at the core's door), so no disk IO
+//! ever runs under the lock.
+//!
 //! **Diskless Primary** (`on-io-error detach` on a Primary, DRBD's diskless Primary): a
 //! failed local write makes the Primary `Diskless` ([`Primary::detach_local`]): writes go
 //! to the peer only and succeed only once the peer has them; reads go to the peer
@@ -49,6 +55,7 @@
 use crate::config::{Config, NodeConfig};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, TargetInfo};
 use crate::meta::disk::{Attach, MetaDevice};
+use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
 use crate::request::{
@@ -61,11 +68,13 @@ use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
 use crate::wire::{self, Command, Packet};
+use durable::{Gate, MetaWriter, Ticket};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
+mod durable;
 mod peer_wait;
 mod port;
 mod sync;
@@ -108,7 +117,7 @@ struct Inner {
     /// A merged flush round is running.
     flush_running: bool,
     writes_completed: u64,
-    /// Generation UUIDs (persisted in the superblock on every change).
+    /// Generation UUIDs (staged in the superblock on every change, see `durable.rs`).
     uuids: UuidSet,
     /// The last Primary crashed and its resync has not completed (`MDF_CRASHED_PRIMARY`).
     crashed_primary: bool,
@@ -158,6 +167,9 @@ struct Inner {
     /// This node's state change request waiting for the peer's reply: its connection
     /// and where the reply code goes (see `state::change`).
     own_request: Option<(u64, oneshot::Sender<i32>)>,
+    /// A promotion waits for its metadata to be durable: the peer's own promotion
+    /// request is refused meanwhile, as while `own_request` is pending.
+    promoting: bool,
     /// This node holds `RESOLVE_CONFLICTS` on the live connection.
     resolve_conflicts: bool,
     /// What the configured `role` did at start (status `startup_role`).
@@ -270,8 +282,9 @@ pub struct Volume {
     store: Store,
     /// The metadata's device: `store` itself for internal metadata.
     meta_store: Store,
-    /// The superblock and layout (role flags, the clean stop).
-    md: Mutex<MetaDevice>,
+    /// The superblock and layout (role flags, UUIDs, the clean stop), made durable by
+    /// its writer off the lock (`durable.rs`).
+    meta: Arc<MetaWriter>,
     /// Resync settings.
     sync: SyncSettings,
     /// `max-buffers`.
@@ -304,8 +317,11 @@ pub struct Volume {
     /// The first failed local write has been recorded in the metadata (see
     /// `record_disk_failure`): later failures wait for the same record.
     failure_recorded: tokio::sync::OnceCell<()>,
-    /// Serialises the bitmap page writes of failed writes on a Secondary.
-    failure_pages: tokio::sync::Mutex<()>,
+    /// One role change at a time (its metadata is written between two locks).
+    role_change: tokio::sync::Mutex<()>,
+    /// Serialises the bitmap page writes outside the Primary core's activity log (failed
+    /// writes on a Secondary, management commands): pages taken in one order land in it.
+    page_writes: tokio::sync::Mutex<()>,
     /// The disk is detached (`on-io-error detach` after a failed write): no write is
     /// submitted to it any more. An atomic, so the write path takes no extra lock.
     detached: std::sync::atomic::AtomicBool,
@@ -411,6 +427,7 @@ impl Inner {
             events: std::collections::VecDeque::new(),
             event_seq: 0,
             own_request: None,
+            promoting: false,
             resolve_conflicts: false,
             startup_role: None,
             peer_disk_failure: None,
@@ -483,7 +500,7 @@ impl Volume {
             size_bytes,
             store,
             meta_store,
-            md: Mutex::new(md),
+            meta: MetaWriter::new(md, rt.clone()),
             sync: SyncSettings::from_config(config),
             max_buffers,
             started: Instant::now(),
@@ -501,7 +518,8 @@ impl Volume {
             state_timeout: config.net.timeout.max(Duration::from_millis(100)),
             on_io_error: config.disk.on_io_error,
             failure_recorded: tokio::sync::OnceCell::new(),
-            failure_pages: tokio::sync::Mutex::new(()),
+            page_writes: tokio::sync::Mutex::new(()),
+            role_change: tokio::sync::Mutex::new(()),
             detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
             rt,
@@ -526,8 +544,9 @@ impl Volume {
 
     /// `secondary [--force]`: refused while a frontend client has the device open for
     /// writing (DRBD's "held open"), unless `force`.
-    pub fn demote(&self, force: bool) -> Result<(), String> {
-        self.change_role(false, force, None)
+    pub async fn demote(&self, force: bool) -> Result<(), String> {
+        let _one = self.role_change.lock().await;
+        self.take_secondary(force).await
     }
 
     /// `primary [--force]`: becomes Primary. While connected the peer is asked first
@@ -566,7 +585,7 @@ impl Volume {
             }
         };
         let Some((session, rx)) = asked else {
-            return self.change_role(true, force, None);
+            return self.change_role_to_primary(force, None).await;
         };
         let code = match tokio::time::timeout(self.state_timeout, rx).await {
             Ok(Ok(code)) => code,
@@ -599,7 +618,7 @@ impl Volume {
                 rv.code()
             ));
         }
-        let r = self.change_role(true, force, Some(session));
+        let r = self.change_role_to_primary(force, Some(session)).await;
         if r.is_err() {
             // The peer granted it and counts this node as Primary: tell it the truth.
             let mut g = self.lock();
@@ -712,161 +731,202 @@ impl Volume {
         Ok(())
     }
 
-    /// Makes this node Primary or Secondary. A promotion while connected needs the
-    /// peer's grant for this connection (`granted`, see [`Self::promote`]); `force`
-    /// promotes a disk that is not UpToDate, or demotes while the device is held open.
-    fn change_role(&self, primary: bool, force: bool, granted: Option<u64>) -> Result<(), String> {
-        let mut effects = Vec::new();
-        {
+    /// Makes this node Primary. While connected it needs the peer's grant for this
+    /// connection (`granted`, see [`Self::promote`]); `force` promotes a disk that is not
+    /// UpToDate. One role change at a time (`role_change`).
+    async fn change_role_to_primary(
+        &self,
+        force: bool,
+        granted: Option<u64>,
+    ) -> Result<(), String> {
+        let _one = self.role_change.lock().await;
+        let (t, forced, announce, undo) = {
             let mut g = self.lock();
             let inner = &mut *g;
-            if primary {
-                if inner.role == Role::Primary {
-                    return Ok(());
-                }
-                Self::promotion_refusal(inner, force)?;
-                if let Some(l) = &inner.link {
-                    if granted != Some(l.session()) {
-                        return Err(
-                            "the connection changed while the peer considered the promotion; \
-                             retry"
-                                .into(),
-                        );
+            if inner.role == Role::Primary {
+                return Ok(());
+            }
+            Self::may_take_primary(inner, force, granted)?;
+            let forced = inner.disk != DiskState::UpToDate && inner.target.is_none();
+            let old = inner.uuids;
+            let (uuids, announce) = Self::promoted_uuids(inner, forced);
+            // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
+            // makes the next attach after a crash apply the activity log.
+            let flags: &[SbChange] = if forced {
+                &[SbChange::Consistent(true), SbChange::Primary(true)]
+            } else {
+                &[SbChange::Primary(true)]
+            };
+            let _ = self.meta.stage(flags);
+            let t = self.stage_uuids(inner, uuids);
+            inner.promoting = true;
+            (t, forced, announce, (old, uuids))
+        };
+        let durable = self.meta.durable(t).await;
+        let mut fx = Vec::new();
+        let r = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            inner.promoting = false;
+            let r = durable
+                .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))
+                .and_then(|()| Self::may_take_primary(inner, force, granted));
+            match r {
+                Err(e) => {
+                    // Nothing was written as Primary: the old generation stands.
+                    if inner.uuids == undo.1 {
+                        let _ = self.stage_uuids(inner, undo.0);
                     }
+                    let _ = self.meta.stage(&[SbChange::Primary(false)]);
+                    Err(e)
                 }
-                let sync_target = inner.target.is_some();
-                let forced = inner.disk != DiskState::UpToDate && !sync_target;
-                if forced {
-                    self.md_lock()
-                        .set_consistent_blocking(true)
-                        .map_err(|e| format!("cannot mark the disk consistent: {e}"))?;
-                    inner.disk = DiskState::UpToDate;
-                    tracing::warn!("forced promotion: this disk's data is now the good copy");
+                Ok(()) => {
+                    self.became_primary(inner, forced, announce);
+                    self.role_changed(inner);
+                    self.drain_primary(inner, &mut fx);
+                    Ok(())
                 }
-                // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
-                // makes the next attach after a crash apply the activity log.
-                self.md_lock()
-                    .set_primary_blocking(true)
-                    .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
-                // A Primary without its peer's disk starts a new data generation
-                // (drbd_uuid_new_current): the UUIDs then tell a later handshake that
-                // this node has writes the peer lacks, or a split brain.
-                let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
-                let mut uuids = inner.uuids;
-                let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
-                let fresh_pair = uuids.may_skip_initial_sync(reachable, version)
-                    && inner.disk == DiskState::UpToDate
-                    && inner.peer_disk == DiskState::UpToDate
-                    && inner.source.is_none();
-                let mut announce = None;
-                if fresh_pair && !forced {
-                    // Both disks UpToDate with just-created UUIDs (two files `tandem up`
-                    // created, all zeroes): the first Primary starts the pair's first
-                    // generation and announces it as a skipped initial sync (`P_UUIDS`
-                    // flag 8, what `new-current-uuid --clear-bitmap` sends), which the
-                    // peer adopts. Left just-created, a crash of this Primary would meet
-                    // DRBD's rule 10 (both just created: no resync) and its activity
-                    // log's extents would never be resynced.
-                    announce = uuids.new_current_uuid_cmd(
-                        random_uuid(&mut rand::thread_rng()),
-                        true,
-                        true,
-                    );
-                }
-                uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, forced);
-                self.persist_uuids(inner, uuids)?;
-                if let Some(a) = announce {
-                    let pkt = Packet::Uuids(wire::Uuids {
+            }
+        };
+        self.run(fx);
+        r
+    }
+
+    /// Whether this node may become Primary now (see [`Self::change_role_to_primary`]).
+    fn may_take_primary(inner: &Inner, force: bool, granted: Option<u64>) -> Result<(), String> {
+        Self::promotion_refusal(inner, force)?;
+        match &inner.link {
+            Some(l) if granted != Some(l.session()) => {
+                Err("the connection changed while the peer considered the promotion; retry".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The generation a promotion starts, and the `P_UUIDS` that announces a skipped
+    /// initial sync, if it is one.
+    fn promoted_uuids(inner: &Inner, forced: bool) -> (UuidSet, Option<Packet>) {
+        // A Primary without its peer's disk starts a new data generation
+        // (drbd_uuid_new_current): the UUIDs then tell a later handshake that this node
+        // has writes the peer lacks, or a split brain.
+        let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
+        let mut uuids = inner.uuids;
+        let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
+        let fresh_pair = uuids.may_skip_initial_sync(reachable, version)
+            && inner.disk == DiskState::UpToDate
+            && inner.peer_disk == DiskState::UpToDate
+            && inner.source.is_none();
+        let mut announce = None;
+        if fresh_pair && !forced {
+            // Both disks UpToDate with just-created UUIDs (two files `tandem up` created,
+            // all zeroes): the first Primary starts the pair's first generation and
+            // announces it as a skipped initial sync (`P_UUIDS` flag 8, what
+            // `new-current-uuid --clear-bitmap` sends), which the peer adopts. Left
+            // just-created, a crash of this Primary would meet DRBD's rule 10 (both just
+            // created: no resync) and its activity log's extents would never be resynced.
+            announce = uuids
+                .new_current_uuid_cmd(random_uuid(&mut rand::thread_rng()), true, true)
+                .map(|a| {
+                    Packet::Uuids(wire::Uuids {
                         current: a.current,
                         bitmap: a.bitmap,
                         history: a.history,
                         dirty_bits: 0,
                         uuid_flags: wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
-                    });
-                    Self::send(inner, Stream::Data, &pkt, None);
-                }
-                inner.role = Role::Primary;
-                if forced {
-                    // The peer resyncs from the new generation: a new handshake decides it.
-                    if let Some(k) = &inner.kill {
-                        k.notify_one();
-                    }
-                }
-                if inner.link.is_some() {
-                    inner.primary.connected().map_err(core_err)?;
-                }
-            } else {
-                if inner.role == Role::Secondary {
-                    return Ok(());
-                }
-                // DRBD's "held open" (SS_DEVICE_IN_USE): a client could still write.
-                if let Some(held) = self.openers.held_open().filter(|_| !force) {
-                    return Err(format!(
-                        "the device is {held}; disconnect them first, or `secondary --force` \
-                         (their next writes then fail with EPERM)"
-                    ));
-                }
-                if inner.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
-                    return Err("writes are in flight; stop the application first".into());
-                }
-                inner.role = Role::Secondary;
-                inner.primary.connection_lost();
-                self.drain_primary(inner, &mut effects);
-                // Writes the peer has not acked are now only in the bitmap: it must be on
-                // disk before the superblock stops saying Primary (after which a crash
-                // no longer applies the activity log).
-                // On failure the superblock keeps saying Primary (a crash then applies the
-                // activity log, which covers every bit not yet written) and the disk goes
-                // out of use, so that no clean stop can mark it clean later.
-                let pages = inner.primary.take_dirty_bitmap_pages();
-                let pages = Self::pages_with_target(inner, pages);
-                let demoted = self.write_bitmap_pages(pages).and_then(|()| {
-                    self.md_lock()
-                        .set_primary_blocking(false)
-                        .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))
+                    })
                 });
-                let diskless = inner.primary.is_detached();
-                match demoted {
-                    // A Diskless Primary's metadata is on the failed disk: best effort
-                    // (its failure record already asks for a full sync at re-attach).
-                    Err(e) if diskless => tracing::warn!("diskless demotion: {e}"),
-                    Err(e) => {
-                        inner.primary.fail_disk();
-                        self.drain_primary(inner, &mut effects);
-                        drop(g);
-                        self.run(effects);
-                        return Err(e);
-                    }
-                    Ok(()) => {}
-                }
-                let mut uuids = inner.uuids;
-                uuids.demote();
-                match self.persist_uuids(inner, uuids) {
-                    Err(e) if diskless => {
-                        tracing::warn!("diskless demotion: {e}");
-                        inner.uuids = uuids;
-                    }
-                    r => r?,
-                }
-            }
-            self.send_state(inner);
-            tracing::info!("role is now {}", inner.role);
-            let role = inner.role;
-            inner.event("role", serde_json::json!({ "role": role }));
         }
-        self.run(effects);
-        Ok(())
+        uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, forced);
+        (uuids, announce)
     }
 
-    /// Writes bitmap pages `(offset, bytes)` durably, one 4 KiB FUA write each. Blocking:
-    /// only on a demotion and at the clean stop, never on the data path.
-    fn write_bitmap_pages(&self, pages: Vec<(u64, Box<[u8; 4096]>)>) -> Result<(), String> {
-        for (offset, page) in pages {
-            let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
-            self.meta_store
-                .write_blocking(offset, &buf, true)
-                .map_err(|e| format!("cannot write the bitmap page at byte {offset}: {e}"))?;
+    /// The promotion is on disk: take the role.
+    fn became_primary(&self, inner: &mut Inner, forced: bool, announce: Option<Packet>) {
+        if forced {
+            inner.disk = DiskState::UpToDate;
+            tracing::warn!("forced promotion: this disk's data is now the good copy");
         }
+        if let Some(pkt) = announce {
+            Self::send(inner, Stream::Data, &pkt, None);
+        }
+        inner.role = Role::Primary;
+        if forced {
+            // The peer resyncs from the new generation: a new handshake decides it.
+            if let Some(k) = &inner.kill {
+                k.notify_one();
+            }
+        }
+        if inner.link.is_some() {
+            contract(inner.primary.connected());
+        }
+    }
+
+    /// Tells the peer, the log and the events of a new role.
+    fn role_changed(&self, inner: &mut Inner) {
+        self.send_state(inner);
+        tracing::info!("role is now {}", inner.role);
+        let role = inner.role;
+        inner.event("role", serde_json::json!({ "role": role }));
+    }
+
+    /// Makes this node Secondary; `force` demotes while the device is held open. The role
+    /// changes at once (no write enters the core after); the metadata follows: the
+    /// bitmap pages (writes the peer has not acked are now only in the bitmap), then, in
+    /// one superblock write, "not Primary" and the demoted UUIDs. On a failure the
+    /// superblock keeps saying Primary (a crash then applies the activity log, which
+    /// covers every bit not yet written) and the disk goes out of use, so that no clean
+    /// stop can mark it clean later. A Diskless Primary's metadata is on the failed disk:
+    /// best effort (its failure record already asks for a full sync at re-attach).
+    async fn take_secondary(&self, force: bool) -> Result<(), String> {
+        let mut fx = Vec::new();
+        let diskless = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            if inner.role == Role::Secondary {
+                return Ok(());
+            }
+            // DRBD's "held open" (SS_DEVICE_IN_USE): a client could still write.
+            if let Some(held) = self.openers.held_open().filter(|_| !force) {
+                return Err(format!(
+                    "the device is {held}; disconnect them first, or `secondary --force` \
+                     (their next writes then fail with EPERM)"
+                ));
+            }
+            if inner.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
+                return Err("writes are in flight; stop the application first".into());
+            }
+            inner.role = Role::Secondary;
+            inner.primary.connection_lost();
+            self.drain_primary(inner, &mut fx);
+            inner.primary.is_detached()
+        };
+        self.run(std::mem::take(&mut fx));
+        let demoted = match self.write_dirty_pages().await {
+            Ok(()) => {
+                let t = {
+                    let mut g = self.lock();
+                    let mut uuids = g.uuids;
+                    uuids.demote();
+                    let _ = self.meta.stage(&[SbChange::Primary(false)]);
+                    self.stage_uuids(&mut g, uuids)
+                };
+                self.meta.durable(t).await
+            }
+            Err(e) => Err(e),
+        };
+        let mut g = self.lock();
+        match demoted {
+            Err(e) if diskless => tracing::warn!("diskless demotion: {e}"),
+            Err(e) => {
+                g.primary.fail_disk();
+                self.drain_primary(&mut g, &mut fx);
+                drop(g);
+                self.run(fx);
+                return Err(format!("cannot record the demotion in the metadata: {e}"));
+            }
+            Ok(()) => {}
+        }
+        self.role_changed(&mut g);
         Ok(())
     }
 
@@ -885,16 +945,45 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes new UUIDs to the superblock, then adopts them.
-    fn persist_uuids(&self, inner: &mut Inner, uuids: UuidSet) -> Result<(), String> {
+    /// The Primary core's dirty bitmap pages, taken and written (FUA) in the order taken
+    /// (see `page_writes`).
+    async fn write_dirty_pages(&self) -> Result<(), String> {
+        let _order = self.page_writes.lock().await;
+        let pages = {
+            let mut g = self.lock();
+            let pages = g.primary.take_dirty_bitmap_pages();
+            Self::pages_with_target(&g, pages)
+        };
+        self.write_bitmap_pages_async(pages).await
+    }
+
+    /// Adopts new UUIDs in memory and stages them for the metadata writer: they are
+    /// durable once the ticket is (and no application write enters the core before).
+    fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
         if uuids != inner.uuids {
-            self.md_lock()
-                .set_uuids_blocking(&uuids)
-                .map_err(|e| format!("cannot write the generation UUIDs: {e}"))?;
             tracing::info!("generation UUIDs {} (were {})", uuids, inner.uuids);
             inner.uuids = uuids;
         }
-        Ok(())
+        self.meta.stage(&[SbChange::Uuids(uuids)])
+    }
+
+    /// A change staged on a path that cannot wait for it (a connection's event): if it
+    /// cannot be made durable, the disk goes out of use, as writing on in a generation
+    /// that is not on disk would hide a split brain later.
+    fn fail_disk_unless_durable(&self, t: Ticket) {
+        let Some(me) = self.me.upgrade() else { return };
+        self.rt.spawn(async move {
+            if let Err(e) = me.meta.durable(t).await {
+                tracing::error!("{e}; the disk goes out of use");
+                let mut fx = Vec::new();
+                {
+                    let mut g = me.lock();
+                    g.primary.fail_disk();
+                    me.drain_primary(&mut g, &mut fx);
+                }
+                me.run(fx);
+            }
+        });
     }
 
     /// The handshake found a split brain (or unrelated data): stay StandAlone until the
@@ -916,12 +1005,6 @@ impl Volume {
             .filter(|e| e["seq"].as_u64().is_some_and(|s| s >= since))
             .cloned()
             .collect()
-    }
-
-    fn md_lock(&self) -> MutexGuard<'_, MetaDevice> {
-        self.md
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Enters or leaves StandAlone (`disconnect` / `connect`).
@@ -1045,12 +1128,9 @@ impl Volume {
                 false,
                 inner.disk,
             ) {
-                if let Err(e) = self.persist_uuids(inner, uuids) {
-                    // Writing on in the old generation would hide a split brain later.
-                    tracing::error!("{e}; the disk goes out of use");
-                    inner.primary.fail_disk();
-                    self.drain_primary(inner, &mut effects);
-                }
+                // No application write enters the core before it is on disk.
+                let t = self.stage_uuids(inner, uuids);
+                self.fail_disk_unless_durable(t);
             }
             let oos = inner.primary.out_of_sync_bytes();
             if oos > 0 {
@@ -1211,10 +1291,8 @@ impl Volume {
         let mut uuids = inner.uuids;
         let random = random_uuid(&mut rand::thread_rng());
         if uuids.lost_peer_disk(random, inner.role == Role::Primary, false, inner.disk) {
-            if let Err(e) = self.persist_uuids(inner, uuids) {
-                tracing::error!("{e}; the disk goes out of use");
-                inner.primary.fail_disk();
-            }
+            let t = self.stage_uuids(inner, uuids);
+            self.fail_disk_unless_durable(t);
         }
     }
 
@@ -1280,14 +1358,10 @@ impl Volume {
         };
         self.failure_recorded
             .get_or_init(|| async {
-                let Some(me) = self.me.upgrade() else { return };
-                let r = tokio::task::spawn_blocking(move || {
-                    me.md_lock().record_failure_blocking(full_sync)
-                })
-                .await;
-                if !matches!(r, Ok(Ok(()))) {
+                let t = self.meta.stage(&[SbChange::Failure { full_sync }]);
+                if let Err(e) = self.meta.durable(t).await {
                     tracing::error!(
-                        "cannot record the failed disk as Inconsistent in the metadata ({r:?}); \
+                        "cannot record the failed disk as Inconsistent in the metadata ({e}); \
                          do not promote this node before a resync"
                     );
                 }
@@ -1297,9 +1371,7 @@ impl Volume {
         // memory (the Primary has it too, from the P_NEG_ACK): no more metadata IO to a
         // disk that already failed.
         if attempted && matches!(side, Side::Receiver(_)) {
-            let _order = self.failure_pages.lock().await;
-            let pages = self.lock().primary.take_dirty_bitmap_pages();
-            if let Err(e) = self.write_bitmap_pages_async(pages).await {
+            if let Err(e) = self.write_dirty_pages().await {
                 tracing::error!("failed disk: {e}");
             }
         }
@@ -1319,7 +1391,7 @@ impl Volume {
             return;
         }
         // The P_NEG_ACK and the P_STATE leave before the connection goes.
-        self.after_queued_packets_leave(|me| {
+        self.after_queued_packets_leave(|me| async move {
             if me.lock().role != Role::Primary {
                 tracing::error!(
                     "the disk is detached: staying StandAlone; fix the disk and restart \
@@ -1346,7 +1418,7 @@ impl Volume {
                 disk: inner.disk,
                 conn: inner.conn,
                 peer_disk: inner.peer_disk,
-                own_request_pending: inner.own_request.is_some(),
+                own_request_pending: inner.own_request.is_some() || inner.promoting,
                 resolve_conflicts: inner.resolve_conflicts,
             };
             let d = change::decide(&local, req.mask, req.val);
@@ -1391,7 +1463,7 @@ impl Volume {
     /// every block out of sync (as `invalidate` does) and the connection is renewed; the
     /// handshake then decides the resync from the disk states and bitmaps.
     fn renew_for_resync(&self, session: u64, target: bool) {
-        self.after_queued_packets_leave(move |me| {
+        self.after_queued_packets_leave(move |me| async move {
             let kill = {
                 let g = me.lock();
                 match &g.link {
@@ -1404,7 +1476,7 @@ impl Volume {
                 if target { "into" } else { "with" }
             );
             if target {
-                if let Err(e) = me.invalidate() {
+                if let Err(e) = me.invalidate().await {
                     tracing::error!("cannot invalidate for the peer's resync: {e}");
                 }
             } else if let Some(k) = kill {
@@ -1417,14 +1489,18 @@ impl Volume {
     /// `P_STATE`) are in their sockets (`Link::sent`), at most [`QUEUED_PACKETS_LEAVE`]
     /// later: ending the connection at once aborts its sender tasks, which may not have
     /// written them yet. Called without the volume's lock.
-    fn after_queued_packets_leave(&self, f: impl FnOnce(Arc<Volume>) + Send + 'static) {
+    fn after_queued_packets_leave<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<Volume>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let Some(me) = self.me.upgrade() else { return };
         let sent = self.lock().link.as_ref().map(Link::sent);
         tokio::spawn(async move {
             if let Some(sent) = sent {
                 let _ = tokio::time::timeout(QUEUED_PACKETS_LEAVE, sent).await;
             }
-            f(me);
+            f(me).await;
         });
     }
 
@@ -2042,13 +2118,22 @@ impl Volume {
             // which retires everything) instead of failing. The common case takes the
             // lock once.
             let room = self.core_room.notified();
+            let gate_closed;
             {
                 let mut g = self.lock();
                 let inner = &mut *g;
                 if inner.role != Role::Primary {
                     return Err(BlockError::ReadOnly);
                 }
-                if inner.primary.can_accept() || inner.shutting_down {
+                // A staged generation or role flag reaches the disk before any write
+                // made in it (`durable.rs`); checked under the lock that stages them.
+                let gate = self.meta.write_gate();
+                let detached = self.detached.load(std::sync::atomic::Ordering::Relaxed);
+                if gate == Gate::Failed && !detached {
+                    return Err(BlockError::Io);
+                }
+                gate_closed = gate == Gate::Wait;
+                if !gate_closed && (inner.primary.can_accept() || inner.shutting_down) {
                     let id = inner.next_id;
                     inner.next_id += 1;
                     inner.pending.insert(
@@ -2073,7 +2158,12 @@ impl Volume {
                     break;
                 }
             }
-            room.await;
+            if gate_closed {
+                // Err: the next look finds the gate Failed.
+                let _ = self.meta.settled().await;
+            } else {
+                room.await;
+            }
         }
         self.run(fx);
         rx.await.map_err(|_| BlockError::Io)?
@@ -2140,7 +2230,7 @@ impl Volume {
         if let Err(e) = self.store.flush().await {
             tracing::error!("final flush failed: {e}");
         }
-        self.write_back_metadata();
+        self.write_back_metadata().await;
         // close() waits for the ring thread (bounded by the store's CLOSE_TIMEOUT).
         let store = self.store.clone();
         let meta = self.meta_store.clone();
@@ -2154,7 +2244,7 @@ impl Volume {
     /// The clean stop's metadata: every dirty bitmap page, then a clean superblock. Only
     /// when nothing is in flight: otherwise the metadata stays unclean and the next attach
     /// applies the activity log, which is what a crash would get.
-    fn write_back_metadata(&self) {
+    async fn write_back_metadata(&self) {
         let pages = {
             let mut g = self.lock();
             let s = g.primary.stats();
@@ -2172,13 +2262,20 @@ impl Volume {
             pages
         };
         let n = pages.len();
-        if let Err(e) = self.write_bitmap_pages(pages) {
+        if let Err(e) = self.write_bitmap_pages_async(pages).await {
             tracing::error!("{e}: metadata left unclean");
             return;
         }
-        // A 32 KiB ring and a superblock, once, at the very end.
-        match self.md_lock().mark_clean_blocking() {
-            Ok(()) => tracing::info!("metadata clean ({n} bitmap pages written)"),
+        if let Err(e) = self.meta.settled().await {
+            tracing::error!("{e}: metadata left unclean");
+            return;
+        }
+        // A 32 KiB ring and a superblock, once, at the very end, off the runtime's
+        // threads (nothing else writes the metadata now).
+        let meta = self.meta.clone();
+        match tokio::task::spawn_blocking(move || meta.md().mark_clean_blocking()).await {
+            Ok(Ok(())) => tracing::info!("metadata clean ({n} bitmap pages written)"),
+            Ok(Err(e)) => tracing::error!("cannot mark the metadata clean: {e}"),
             Err(e) => tracing::error!("cannot mark the metadata clean: {e}"),
         }
     }

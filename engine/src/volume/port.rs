@@ -85,8 +85,8 @@ impl Replica for Volume {
         self.lock().primary.out_of_sync_mut().merge_words(words)
     }
 
-    fn begin_sync_source(&self) -> Result<u64, String> {
-        Volume::begin_sync_source(self)
+    async fn begin_sync_source(&self) -> Result<u64, String> {
+        Volume::begin_sync_source(self).await
     }
 
     async fn begin_sync_target(&self, sync_uuid: u64) -> Result<(), String> {

@@ -42,7 +42,9 @@
 //! of ≤ 1 MiB) as in [`crate::resync`]; reply data is read under the receiver's
 //! [`super::PEER_DATA_BUDGET`]; held application writes ≤ the receiver's `max-buffers`.
 
+use super::durable::Ticket;
 use super::{contract, Effect, Inner, Volume};
+use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
 use crate::request::OutOfSync;
@@ -254,27 +256,33 @@ impl Volume {
 
     /// Step 3 on the SyncSource: the new bitmap UUID, durably; returns the `P_SYNC_UUID`
     /// value.
-    pub(super) fn begin_sync_source(&self) -> Result<u64, String> {
-        let mut g = self.lock();
-        let mut uuids = g.uuids;
-        let sync_uuid = uuids.start_sync_source(random_uuid(&mut rand::thread_rng()));
-        self.persist_uuids(&mut g, uuids)?;
+    pub(super) async fn begin_sync_source(&self) -> Result<u64, String> {
+        let (t, sync_uuid) = {
+            let mut g = self.lock();
+            let mut uuids = g.uuids;
+            let sync_uuid = uuids.start_sync_source(random_uuid(&mut rand::thread_rng()));
+            (self.stage_uuids(&mut g, uuids), sync_uuid)
+        };
+        self.meta.durable(t).await?;
         Ok(sync_uuid)
     }
 
-    /// Step 3 on the SyncTarget: bitmap pages, then "not consistent", then the sync
-    /// UUID, each durable before the next.
+    /// Step 3 on the SyncTarget: bitmap pages, then, in one superblock write, "not
+    /// consistent" and the sync UUID, durable before the first resync write.
     pub(super) async fn begin_sync_target(&self, sync_uuid: u64) -> Result<(), String> {
-        let pages = self.lock().primary.take_dirty_bitmap_pages();
-        self.write_bitmap_pages_async(pages).await?;
-        self.md_lock()
-            .set_consistent_blocking(false)
-            .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
-        let mut g = self.lock();
-        g.disk = DiskState::Inconsistent;
-        let mut uuids = g.uuids;
-        uuids.start_sync_target(sync_uuid, g.role == Role::Primary);
-        self.persist_uuids(&mut g, uuids)
+        self.write_dirty_pages().await?;
+        let t = {
+            let mut g = self.lock();
+            g.disk = DiskState::Inconsistent;
+            let mut uuids = g.uuids;
+            uuids.start_sync_target(sync_uuid, g.role == Role::Primary);
+            let _ = self.meta.stage(&[SbChange::Consistent(false)]);
+            self.stage_uuids(&mut g, uuids)
+        };
+        self.meta
+            .durable(t)
+            .await
+            .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))
     }
 
     /// Waits (≤ [`SYNC_IO_DRAIN`]) until no resync read or write of an earlier
@@ -1185,14 +1193,18 @@ impl Volume {
                 return Err("the flush before recording the end of the resync failed".into());
             }
             self.write_bitmap_pages_async(pages).await?;
-            if let Some(u) = &uuids {
-                let mut md = self.md_lock();
-                md.set_uuids_blocking(u)
-                    .map_err(|e| format!("cannot write the generation UUIDs: {e}"))?;
-                md.set_consistent_blocking(true)
-                    .map_err(|e| format!("cannot mark the disk consistent: {e}"))?;
-                md.clear_crashed_primary_blocking()
-                    .map_err(|e| format!("cannot clear the crashed-primary flag: {e}"))?;
+            if let Some(u) = uuids {
+                // Staged here, adopted below: the UUIDs in memory are the ones on disk
+                // until the end of the run is.
+                let t = self.meta.stage(&[
+                    SbChange::Uuids(u),
+                    SbChange::Consistent(true),
+                    SbChange::ClearCrashedPrimary,
+                ]);
+                self.meta
+                    .durable(t)
+                    .await
+                    .map_err(|e| format!("cannot record the end of the resync: {e}"))?;
             }
             Ok::<(), String>(())
         }
@@ -1201,6 +1213,12 @@ impl Volume {
         let inner = &mut *g;
         if let Err(e) = &recorded {
             tracing::error!("{e}; the disk stays Inconsistent");
+            if uuids.is_some() {
+                // What was staged is not the state: stage it back.
+                let _ = self
+                    .meta
+                    .stage(&[SbChange::Uuids(inner.uuids), SbChange::Consistent(false)]);
+            }
         }
         if inner.target.as_ref().is_some_and(|r| r.run == run) {
             if let Some(r) = inner.target.take() {
@@ -1229,14 +1247,11 @@ impl Volume {
         if inner.peer_disk == DiskState::UpToDate {
             let mut uuids = inner.uuids;
             uuids.finish_sync_source();
-            if let Err(e) = self.persist_uuids(inner, uuids) {
-                tracing::error!("{e}");
-            }
-            // The crash (if this node was the crashed Primary) is fully repaired.
-            match self.md_lock().clear_crashed_primary_blocking() {
-                Ok(()) => inner.crashed_primary = false,
-                Err(e) => tracing::error!("cannot clear the crashed-primary flag: {e}"),
-            }
+            // The crash (if this node was the crashed Primary) is fully repaired. Durable
+            // in the background (application writes wait for it at the core's door).
+            let _ = self.meta.stage(&[SbChange::ClearCrashedPrimary]);
+            let _ = self.stage_uuids(inner, uuids);
+            inner.crashed_primary = false;
             tracing::info!("resync finished (this node was SyncSource)");
             inner.event("resync-finished", serde_json::json!({"role": "SyncSource"}));
         }
@@ -1371,8 +1386,8 @@ impl Volume {
     /// `invalidate`: this Secondary's data is declared invalid. Every bit is set and
     /// written, the disk becomes Inconsistent (durably), and the connection is renewed:
     /// the handshake then makes this node the SyncTarget of a full resync.
-    pub fn invalidate(&self) -> Result<(), String> {
-        let pages = {
+    pub async fn invalidate(&self) -> Result<(), String> {
+        {
             let mut g = self.lock();
             if g.role == Role::Primary {
                 return Err("invalidate works on a Secondary; demote this node first".into());
@@ -1384,11 +1399,12 @@ impl Volume {
                 return Err("not connected: there is no peer to resync from".into());
             }
             g.primary.out_of_sync_mut().mark_all();
-            g.primary.take_dirty_bitmap_pages()
-        };
-        self.write_bitmap_pages(pages)?;
-        self.md_lock()
-            .set_consistent_blocking(false)
+        }
+        self.write_dirty_pages().await?;
+        let t = self.meta.stage(&[SbChange::Consistent(false)]);
+        self.meta
+            .durable(t)
+            .await
             .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
         let mut g = self.lock();
         g.disk = DiskState::Inconsistent;
@@ -1403,21 +1419,44 @@ impl Volume {
     /// (StandAlone only). With it, on a connected pair whose metadata is just created:
     /// both disks are declared equal (the initial sync is skipped), announced to the peer
     /// in `P_UUIDS` with the skip-initial-sync flag.
-    pub fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), String> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let primary = inner.role == Role::Primary;
-        let mut uuids = inner.uuids;
-        let random = random_uuid(&mut rand::thread_rng());
-        if !clear_bitmap {
-            if inner.link.is_some() {
-                return Err("new-current-uuid needs StandAlone (disconnect first), or \
-                            --clear-bitmap on a new pair"
-                    .into());
+    pub async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), String> {
+        let _one = self.role_change.lock().await;
+        let (t, announce) = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let primary = inner.role == Role::Primary;
+            let mut uuids = inner.uuids;
+            let random = random_uuid(&mut rand::thread_rng());
+            if clear_bitmap {
+                let pkt = Self::skip_initial_sync(inner, &mut uuids, random)?;
+                (self.declare_in_sync(inner, uuids), Some(pkt))
+            } else {
+                if inner.link.is_some() {
+                    return Err("new-current-uuid needs StandAlone (disconnect first), or \
+                                --clear-bitmap on a new pair"
+                        .into());
+                }
+                uuids.new_current_uuid_cmd(random, primary, false);
+                (self.stage_uuids(inner, uuids), None)
             }
-            uuids.new_current_uuid_cmd(random, primary, false);
-            return self.persist_uuids(inner, uuids);
+        };
+        self.meta.durable(t).await?;
+        if let Some(pkt) = announce {
+            self.write_dirty_pages().await?;
+            let mut g = self.lock();
+            Self::send(&g, Stream::Data, &pkt, None);
+            self.send_state(&mut g);
         }
+        Ok(())
+    }
+
+    /// The `P_UUIDS` of `new-current-uuid --clear-bitmap`, with `uuids` turned into the
+    /// pair's first generation; refused unless the pair is connected and just created.
+    fn skip_initial_sync(
+        inner: &Inner,
+        uuids: &mut UuidSet,
+        random: u64,
+    ) -> Result<Packet, String> {
         let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
         if !uuids.may_skip_initial_sync(inner.link.is_some(), version) {
             return Err(
@@ -1427,35 +1466,30 @@ impl Volume {
                     .into(),
             );
         }
+        let primary = inner.role == Role::Primary;
         let Some(announce) = uuids.new_current_uuid_cmd(random, primary, true) else {
             return Err("no UUIDs to announce".into());
         };
-        self.declare_in_sync(inner, uuids)?;
-        let pkt = Packet::Uuids(crate::wire::Uuids {
+        Ok(Packet::Uuids(crate::wire::Uuids {
             current: announce.current,
             bitmap: announce.bitmap,
             history: announce.history,
             dirty_bits: 0,
             uuid_flags: crate::wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
-        });
-        Self::send(inner, Stream::Data, &pkt, None);
-        self.send_state(inner);
-        Ok(())
+        }))
     }
 
-    /// Skip-initial-sync: an empty bitmap, consistent, `uuids`, UpToDate.
-    fn declare_in_sync(&self, inner: &mut Inner, uuids: UuidSet) -> Result<(), String> {
+    /// Skip-initial-sync: an empty bitmap, consistent, `uuids`, UpToDate — in memory at
+    /// once; the superblock is durable with the ticket, the bitmap pages are the caller's
+    /// to write ([`Self::write_dirty_pages`]; either order is safe: a crash between
+    /// the two resyncs more, never less).
+    fn declare_in_sync(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
         let blocks = inner.primary.out_of_sync().blocks();
         inner.primary.out_of_sync_mut().clear_blocks(0, blocks);
-        let pages = inner.primary.take_dirty_bitmap_pages();
-        self.write_bitmap_pages(pages)?;
-        self.md_lock()
-            .set_consistent_blocking(true)
-            .map_err(|e| format!("cannot mark the disk consistent: {e}"))?;
-        self.persist_uuids(inner, uuids)?;
+        let _ = self.meta.stage(&[SbChange::Consistent(true)]);
         inner.disk = DiskState::UpToDate;
         inner.peer_disk = DiskState::UpToDate;
-        Ok(())
+        self.stage_uuids(inner, uuids)
     }
 
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync
@@ -1467,11 +1501,24 @@ impl Volume {
             let mut uuids = inner.uuids;
             let primary = inner.role == Role::Primary;
             if uuids.accept_skip_initial_sync(&p, true, version, primary) {
-                match v.declare_in_sync(inner, uuids) {
-                    Ok(()) => tracing::info!("the peer skipped the initial sync: UpToDate"),
-                    Err(e) => tracing::error!("{e}"),
+                let t = v.declare_in_sync(inner, uuids);
+                tracing::info!("the peer skipped the initial sync: UpToDate");
+                // P_STATE says UpToDate once the superblock and the pages do.
+                if let Some(me) = v.me.upgrade() {
+                    v.rt.spawn(async move {
+                        let done = match me.meta.durable(t).await {
+                            Ok(()) => me.write_dirty_pages().await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = done {
+                            tracing::error!("skipped initial sync: {e}");
+                        }
+                        let mut g = me.lock();
+                        if g.link.as_ref().is_some_and(|l| l.session() == session) {
+                            me.send_state(&mut g);
+                        }
+                    });
                 }
-                v.send_state(inner);
             }
             Ok(())
         });
