@@ -11,6 +11,19 @@
 //! docs/drbd-reference.md §6): page `p` holds blocks `p × 32768 ..`. A page whose
 //! bits changed since it was last written is *dirty*; only dirty pages are written back
 //! (when an activity-log extent is evicted, and at a clean stop).
+//!
+//! **A bit cleared by a write that may still be in a volatile cache stays set on disk.**
+//! A SyncTarget clears a block's bit when the resync write *completed*
+//! ([`OutOfSync::clear_unflushed`]), which is before that data is durable. If a page
+//! with the bit clear reached the disk first (an activity-log eviction writes pages
+//! without a flush before them), a crash would lose the data and keep the bit clear: a
+//! stale block the next resync never fetches. So such clears are remembered per page
+//! until a flush issued after them completes ([`OutOfSync::begin_flush`] /
+//! [`OutOfSync::flush_done`]), and a page's disk image ([`OutOfSync::page_bytes`]) is
+//! its bits OR those clears. In memory the bits are clear at once (the walk, the
+//! status and the exchange see the truth). Memory: one 4 KiB record per page with such
+//! clears (a page covers 128 MiB; a resync between two flushes touches few), and at
+//! most [`MAX_FLUSHES`] flushes in flight.
 
 use super::SECTOR;
 
@@ -25,6 +38,13 @@ pub const PAGE_BYTES: usize = 4096;
 pub const PAGE_BITS: u64 = PAGE_BYTES as u64 * 8;
 const WORDS_PER_PAGE: usize = PAGE_BYTES / 8;
 
+/// Flushes that may cover unflushed clears at once; past it a flush covers none (its
+/// clears wait for the next one: more resync after a crash, never less).
+pub(crate) const MAX_FLUSHES: usize = 64;
+
+/// Cleared bits of some pages, by page.
+type PageBits = std::collections::BTreeMap<u32, Box<[u64; WORDS_PER_PAGE]>>;
+
 /// Out-of-sync blocks of one volume.
 #[derive(Debug, Clone)]
 pub struct OutOfSync {
@@ -35,6 +55,13 @@ pub struct OutOfSync {
     set: u64,
     /// One bit per page: changed since last written.
     dirty: Vec<u64>,
+    /// Bits cleared by writes not yet covered by a flush (see the module docs).
+    unflushed: PageBits,
+    /// Those a flush in flight covers, by flush id.
+    flushing: Vec<(u64, PageBits)>,
+    /// Deliberate bug: disk images leave the unflushed clears out.
+    #[cfg(test)]
+    pub(crate) sabotage_image_without_unflushed: bool,
 }
 
 impl OutOfSync {
@@ -49,6 +76,10 @@ impl OutOfSync {
             sectors,
             set: 0,
             dirty: vec![0; pages.div_ceil(64)],
+            unflushed: PageBits::new(),
+            flushing: Vec::new(),
+            #[cfg(test)]
+            sabotage_image_without_unflushed: false,
         }
     }
 
@@ -80,15 +111,100 @@ impl OutOfSync {
         u32::try_from(self.words.len().div_ceil(WORDS_PER_PAGE)).unwrap_or(u32::MAX)
     }
 
-    /// Page `page` as it goes to disk (little-endian; zero past the end).
+    /// Page `page` as it goes to disk (little-endian; zero past the end): its bits, and
+    /// set again those cleared by writes no completed flush covers yet.
     pub fn page_bytes(&self, page: u32) -> Box<[u8; PAGE_BYTES]> {
         let mut out = Box::new([0u8; PAGE_BYTES]);
         let first = page as usize * WORDS_PER_PAGE;
         let words = self.words.get(first..).unwrap_or(&[]);
-        for (dst, w) in out.chunks_exact_mut(8).zip(words.iter()) {
+        let unflushed = std::iter::once(&self.unflushed)
+            .chain(self.flushing.iter().map(|(_, p)| p))
+            .filter_map(|p| p.get(&page));
+        #[cfg(test)]
+        let unflushed = unflushed.filter(|_| !self.sabotage_image_without_unflushed);
+        let unflushed: Vec<&[u64; WORDS_PER_PAGE]> = unflushed.map(|b| &**b).collect();
+        for (i, (dst, w)) in out.chunks_exact_mut(8).zip(words.iter()).enumerate() {
+            let w = unflushed.iter().fold(*w, |w, u| w | u[i]);
             dst.copy_from_slice(&w.to_le_bytes());
         }
         out
+    }
+
+    /// Clears the bits of the blocks wholly inside the range, as [`OutOfSync::clear`],
+    /// for data a local write just put on this disk (a resync reply): until a flush
+    /// issued after this call completes, the disk image keeps them set (module docs).
+    pub fn clear_unflushed(&mut self, sector: u64, len: u32) -> u64 {
+        let Some((first, end_block)) = self.whole_blocks(sector, len) else {
+            return 0;
+        };
+        let mut cleared = 0;
+        for (w, mask) in word_masks(first, end_block - 1) {
+            let Some(word) = self.words.get_mut(w) else {
+                continue;
+            };
+            let gone = mask & *word;
+            if gone == 0 {
+                continue;
+            }
+            cleared += u64::from(gone.count_ones());
+            *word &= !mask;
+            let page = u32::try_from(w / WORDS_PER_PAGE).unwrap_or(u32::MAX);
+            let rec = self
+                .unflushed
+                .entry(page)
+                .or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
+            rec[w % WORDS_PER_PAGE] |= gone;
+        }
+        self.set -= cleared;
+        cleared
+    }
+
+    /// A flush of the data device is about to be issued: it will cover every clear made
+    /// so far. Returns its id for [`OutOfSync::flush_done`]; `None` past
+    /// [`MAX_FLUSHES`] in flight (the clears then wait for a later flush).
+    pub fn begin_flush(&mut self) -> Option<u64> {
+        if self.flushing.len() >= MAX_FLUSHES {
+            return None;
+        }
+        // Unique across bitmaps: a driver that swaps bitmaps may report a flush to the
+        // wrong one, which then ignores it.
+        static FLUSH_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = FLUSH_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pages = std::mem::take(&mut self.unflushed);
+        self.flushing.push((id, pages));
+        Some(id)
+    }
+
+    /// The flush `id` completed (`ok`) or failed. Completed: its clears may reach the
+    /// disk, and their pages become dirty so that they do. Failed: they wait for the next
+    /// flush. An unknown id is ignored.
+    pub fn flush_done(&mut self, id: u64, ok: bool) {
+        let Some(i) = self.flushing.iter().position(|(f, _)| *f == id) else {
+            return;
+        };
+        let (_, pages) = self.flushing.remove(i);
+        for (page, bits) in pages {
+            if ok {
+                self.set_dirty(page);
+            } else {
+                let rec = self
+                    .unflushed
+                    .entry(page)
+                    .or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
+                for (r, b) in rec.iter_mut().zip(bits.iter()) {
+                    *r |= b;
+                }
+            }
+        }
+    }
+
+    /// Pages whose disk image still keeps clears set (waiting for a flush).
+    pub fn unflushed_pages(&self) -> usize {
+        let mut pages: Vec<u32> = self.unflushed.keys().copied().collect();
+        pages.extend(self.flushing.iter().flat_map(|(_, p)| p.keys().copied()));
+        pages.sort_unstable();
+        pages.dedup();
+        pages.len()
     }
 
     /// Whether page `page` changed since it was last taken.
@@ -217,12 +333,18 @@ impl OutOfSync {
     /// the last sector of the volume also clears the partial last block). Returns the
     /// number of bits that were set and are now clear.
     pub fn clear(&mut self, sector: u64, len: u32) -> u64 {
-        if len == 0 || self.blocks == 0 {
-            return 0;
+        match self.whole_blocks(sector, len) {
+            Some((first, end_block)) => self.clear_block_range(first, end_block - 1),
+            None => 0,
         }
-        let Some(end) = sector.checked_add(u64::from(len / SECTOR)) else {
-            return 0;
-        };
+    }
+
+    /// The blocks `[first, end)` wholly inside a range (see [`OutOfSync::clear`]), if any.
+    fn whole_blocks(&self, sector: u64, len: u32) -> Option<(u64, u64)> {
+        if len == 0 || self.blocks == 0 {
+            return None;
+        }
+        let end = sector.checked_add(u64::from(len / SECTOR))?;
         let first = sector.div_ceil(SECTORS_PER_BLOCK);
         // Blocks that end at or before `end`; the volume's partial last block counts as
         // whole when the range reaches the volume's last sector.
@@ -231,10 +353,7 @@ impl OutOfSync {
         } else {
             end / SECTORS_PER_BLOCK
         };
-        if first >= end_block {
-            return 0;
-        }
-        self.clear_block_range(first, end_block - 1)
+        (first < end_block).then_some((first, end_block))
     }
 
     /// Clears the bits of blocks `[first, first + count)`, clipped to the volume; returns
@@ -364,6 +483,64 @@ fn word_masks(first: u64, last: u64) -> impl Iterator<Item = (usize, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bit_on_disk(bm: &OutOfSync, block: u64) -> bool {
+        let page = bm.page_bytes(u32::try_from(block / PAGE_BITS).expect("page"));
+        let b = usize::try_from(block % PAGE_BITS).expect("bit");
+        page[b / 8] & (1 << (b % 8)) != 0
+    }
+
+    #[test]
+    fn an_unflushed_clear_stays_set_on_disk_until_a_later_flush_completes() {
+        // 2 pages' worth of blocks.
+        let mut bm = OutOfSync::new(2 * PAGE_BITS * 8);
+        bm.mark_blocks(0, 4);
+        bm.mark_blocks(PAGE_BITS + 7, 1);
+        let _ = bm.take_all_dirty();
+        // Cleared in memory at once, kept set in the disk image.
+        assert_eq!(bm.clear_unflushed(0, 8192), 2);
+        assert_eq!(bm.clear_unflushed(8 * (PAGE_BITS + 7), 4096), 1);
+        assert_eq!(bm.count(), 2);
+        assert!(!bm.is_set(0));
+        assert!(bit_on_disk(&bm, 0) && bit_on_disk(&bm, 1) && bit_on_disk(&bm, PAGE_BITS + 7));
+        assert_eq!(bm.unflushed_pages(), 2);
+        // A flush issued before a clear does not cover it.
+        let f1 = bm.begin_flush().expect("flush");
+        assert_eq!(bm.clear_unflushed(16, 4096), 1);
+        // A failed flush covers nothing.
+        bm.flush_done(f1, false);
+        assert!(bit_on_disk(&bm, 0));
+        let f2 = bm.begin_flush().expect("flush");
+        assert!(bit_on_disk(&bm, 0), "in flight is not done");
+        bm.flush_done(f2, true);
+        for b in [0, 1, 2, PAGE_BITS + 7] {
+            assert!(!bit_on_disk(&bm, b), "block {b}");
+        }
+        assert!(bit_on_disk(&bm, 3));
+        // Their pages are dirty so that the clears reach the disk.
+        assert_eq!(bm.take_all_dirty(), vec![0, 1]);
+        assert_eq!(bm.unflushed_pages(), 0);
+        bm.flush_done(f2, true); // unknown now: ignored
+                                 // An ordinary clear (the peer has the data) is on disk at once.
+        bm.clear(24, 4096);
+        assert!(!bit_on_disk(&bm, 3));
+    }
+
+    #[test]
+    fn flushes_in_flight_are_bounded() {
+        let mut bm = OutOfSync::new(1 << 20);
+        let ids: Vec<u64> = (0..MAX_FLUSHES).filter_map(|_| bm.begin_flush()).collect();
+        assert_eq!(ids.len(), MAX_FLUSHES);
+        bm.mark_blocks(5, 1);
+        bm.clear_unflushed(40, 4096);
+        assert_eq!(bm.begin_flush(), None);
+        // The clear waits for a flush begun later.
+        bm.flush_done(ids[0], true);
+        assert!(bit_on_disk(&bm, 5));
+        let f = bm.begin_flush().expect("flush");
+        bm.flush_done(f, true);
+        assert!(!bit_on_disk(&bm, 5));
+    }
 
     #[test]
     fn partial_blocks_mark_whole_blocks_and_count_once() {

@@ -1620,6 +1620,36 @@ fn target_refuses_replies_it_did_not_ask_for() {
     assert!(t.app_write_begin(1, (1 << 16) - 4, 4096).is_err());
 }
 
+/// Whether block 0's bit is still set in its page's disk image after a resync write of it
+/// completed (`flushed`: and a flush issued after it completed).
+fn resynced_block_on_disk(sabotage: bool, flushed: bool) -> bool {
+    let mut bm = OutOfSync::new(1 << 16);
+    bm.mark(0, 8192);
+    bm.sabotage_image_without_unflushed = sabotage;
+    let mut t = Target::new(TargetConfig::new(1 << 16), bm, &TickInput::default()).unwrap();
+    t.tick(&TickInput::default());
+    let _ = t.drain_outputs().count();
+    let tag = t.data_reply(0, 8192).unwrap().unwrap();
+    t.write_done(tag, true).unwrap();
+    assert_eq!(t.bitmap().count(), 0, "clear in memory at once");
+    if flushed {
+        let id = t.bitmap_mut().begin_flush().unwrap();
+        t.bitmap_mut().flush_done(id, true);
+    }
+    t.bitmap().page_bytes(0)[0] & 1 != 0
+}
+
+/// A resync write completes before its data is durable: until a flush covers it, every
+/// bitmap page written (an activity-log eviction writes pages without a flush first)
+/// keeps its bit set, or a crash would leave a stale block no resync fetches again.
+#[test]
+fn a_resynced_block_stays_out_of_sync_on_disk_until_flushed() {
+    assert!(resynced_block_on_disk(false, false));
+    assert!(!resynced_block_on_disk(false, true));
+    // Sabotage: an image without the unflushed clears is caught.
+    assert!(!resynced_block_on_disk(true, false));
+}
+
 /// Hostile or buggy input never panics and never corrupts a machine's bounds: random calls
 /// with random ranges, tags and ids, interleaved with ticks.
 #[test]

@@ -21,9 +21,12 @@
 //! write → `P_NEG_ACK`, failed too. `P_RS_CANCEL` → the bits stay and the range is asked
 //! for again later.
 //!
-//! **Resuming.** Bits are cleared only when a block is on this disk, and the bitmap is the
-//! driver's to persist (dirty pages, [`Target::bitmap_mut`]). [`Target::resume_position`]
-//! is the lowest block that may still need a request (the cursor, or an earlier block that
+//! **Resuming.** Bits are cleared only when a block is on this disk (a completed local
+//! write, possibly still in a volatile cache: [`OutOfSync::clear_unflushed`], so the
+//! pages' disk images keep those bits set until a flush issued after them completed),
+//! and the bitmap is the driver's to persist (dirty pages, [`Target::bitmap_mut`]).
+//! [`Target::resume_position`] is the lowest block that may still need a request (the
+//! cursor, or an earlier block that
 //! was skipped or whose request is still in flight); the driver persists it with the
 //! bitmap and passes it as `start_block` to the next run, which starts there instead of at
 //! block 0. Whatever happens, a run ends only when no set bit is left outside the failed
@@ -776,7 +779,7 @@ impl Target {
             self.void_replies += 1;
             self.push_rewind(sector);
         } else {
-            let cleared = self.bm.clear(sector, len);
+            let cleared = self.bm.clear_unflushed(sector, len);
             self.same_csum_blocks += cleared;
         }
         self.maybe_finish();
@@ -853,7 +856,7 @@ impl Target {
         if ok {
             // The data came from the source and reached this disk before any overlapping
             // application write (rule 3 held those): the blocks are in sync.
-            self.bm.clear(r.sector, r.len);
+            self.bm.clear_unflushed(r.sector, r.len);
             if !r.orphan {
                 self.outputs.push(TargetOutput::SendRsWriteAck {
                     sector: r.sector,
@@ -986,7 +989,7 @@ impl Target {
     /// The peer confirmed an application write with `P_RS_WRITE_ACK` (`DP_MAY_SET_IN_SYNC`):
     /// its whole blocks are in sync.
     pub fn set_in_sync(&mut self, sector: u64, len: u32) {
-        self.bm.clear(sector, len);
+        self.bm.clear_unflushed(sector, len);
         self.maybe_finish();
     }
 

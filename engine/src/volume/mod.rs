@@ -257,12 +257,9 @@ enum Effect {
         /// `None`: write zeroes.
         data: Option<PeerData>,
     },
-    SyncBitmap {
-        pages: Vec<(u64, Box<[u8; 4096]>)>,
-    },
+    SyncBitmap,
     SyncFinish {
         run: u64,
-        pages: Vec<(u64, Box<[u8; 4096]>)>,
         uuids: Option<UuidSet>,
     },
     Complete {
@@ -1913,23 +1910,17 @@ impl Volume {
                         });
                     });
                 }
-                Effect::SyncBitmap { pages } => {
+                Effect::SyncBitmap => {
                     self.rt.spawn(async move {
-                        // The data the cleared bits describe must be durable first.
-                        let r = if v.flush_local().await {
-                            v.write_bitmap_pages_async(pages).await
-                        } else {
-                            Err("flush failed".into())
-                        };
-                        if let Err(e) = r {
+                        if let Err(e) = v.write_target_pages().await {
                             // The on-disk bits stay set: a restart resyncs more, never less.
                             tracing::warn!("lazy bitmap write-out during resync: {e}");
                         }
                     });
                 }
-                Effect::SyncFinish { run, pages, uuids } => {
+                Effect::SyncFinish { run, uuids } => {
                     self.rt
-                        .spawn(async move { v.finish_target(run, pages, uuids).await });
+                        .spawn(async move { v.finish_target(run, uuids).await });
                 }
                 Effect::ReceiverFlush { token } => {
                     // Epoch flushes are merged: while one flush is in flight, later ones
@@ -2227,8 +2218,8 @@ impl Volume {
         {
             tracing::warn!("requests still in flight at shutdown");
         }
-        if let Err(e) = self.store.flush().await {
-            tracing::error!("final flush failed: {e}");
+        if !self.flush_clears().await {
+            tracing::error!("final flush failed");
         }
         self.write_back_metadata().await;
         // close() waits for the ring thread (bounded by the store's CLOSE_TIMEOUT).

@@ -645,10 +645,7 @@ impl Volume {
                 r.t.tick(&input);
                 if !r.finishing && input.now_ms >= r.bitmap_written_ms + BITMAP_WRITEOUT_MS {
                     r.bitmap_written_ms = input.now_ms;
-                    let pages = v.dirty_target_pages(inner);
-                    if !pages.is_empty() {
-                        fx.push(Effect::SyncBitmap { pages });
-                    }
+                    fx.push(Effect::SyncBitmap);
                 }
             }
             if let Some(r) = inner.source.as_mut() {
@@ -663,6 +660,42 @@ impl Volume {
                 || matches!(inner.verify, Some(VerifyRun::Source(..))))
         });
         matches!(running, Ok(Some(true)))
+    }
+
+    /// The resync's cleared bits on disk: a flush that covers them, then the target's
+    /// dirty pages (their images now leave those bits clear), written in the order taken.
+    /// If the flush fails nothing is taken: the pages keep the bits set on disk.
+    pub(super) async fn write_target_pages(&self) -> Result<(), String> {
+        let _order = self.page_writes.lock().await;
+        if !self.flush_clears().await {
+            return Err("the flush before writing the resync's bitmap pages failed".into());
+        }
+        let pages = self.dirty_target_pages(&mut self.lock());
+        self.write_bitmap_pages_async(pages).await
+    }
+
+    /// Flushes the data device; the bitmaps' clears made before it may then reach the
+    /// disk ([`OutOfSync::begin_flush`]). The flush ids are unique, so a bitmap lent or
+    /// given back meanwhile ignores an id that is not its own.
+    pub(super) async fn flush_clears(&self) -> bool {
+        let ids = {
+            let mut g = self.lock();
+            let mine = g.primary.out_of_sync_mut().begin_flush();
+            let lent = g
+                .target
+                .as_mut()
+                .and_then(|r| r.t.bitmap_mut().begin_flush());
+            [mine, lent]
+        };
+        let ok = self.flush_local().await;
+        let mut g = self.lock();
+        for id in ids.into_iter().flatten() {
+            g.primary.out_of_sync_mut().flush_done(id, ok);
+            if let Some(r) = g.target.as_mut() {
+                r.t.bitmap_mut().flush_done(id, ok);
+            }
+        }
+        ok
     }
 
     /// The resync's dirty bitmap pages (taken), each the union with the Primary core's
@@ -1164,7 +1197,6 @@ impl Volume {
         );
         inner.last_sync = Some(summary);
         inner.event("resync-finished", serde_json::json!(summary));
-        let pages = self.dirty_target_pages(inner);
         let Some(r) = inner.target.as_mut() else {
             return;
         };
@@ -1176,23 +1208,14 @@ impl Volume {
         }
         fx.push(Effect::SyncFinish {
             run: r.run,
-            pages,
             uuids: complete.then_some(uuids),
         });
     }
 
     /// The recorded end of a target run (see [`Self::target_finished`]).
-    pub(super) async fn finish_target(
-        &self,
-        run: u64,
-        pages: Vec<(u64, Box<[u8; 4096]>)>,
-        uuids: Option<UuidSet>,
-    ) {
+    pub(super) async fn finish_target(&self, run: u64, uuids: Option<UuidSet>) {
         let recorded = async {
-            if !self.flush_local().await {
-                return Err("the flush before recording the end of the resync failed".into());
-            }
-            self.write_bitmap_pages_async(pages).await?;
+            self.write_target_pages().await?;
             if let Some(u) = uuids {
                 // Staged here, adopted below: the UUIDs in memory are the ones on disk
                 // until the end of the run is.
