@@ -34,6 +34,7 @@ pub mod meta;
 pub mod mgmt;
 pub mod net;
 mod ratelog;
+mod replica;
 pub mod request;
 pub mod resync;
 #[cfg(any(test, feature = "sim"))]

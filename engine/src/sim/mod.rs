@@ -236,7 +236,7 @@ pub(crate) struct Sabotage {
     /// The promoted Secondary keeps its generation UUIDs (no new current UUID).
     pub promote_keeps_uuid: bool,
     /// A resync ack clears a block whose local write failed on the Primary during the
-    /// connection (the driver rule `p_failed` in `resync.rs` off).
+    /// connection (the daemon's rule, `replica::FailedLocal`, off).
     pub ack_clears_failed_blocks: bool,
     /// A peer write that fails on the Secondary leaves it UpToDate and connected (no
     /// `on-io-error detach`: the bug before the detach).
@@ -1165,9 +1165,7 @@ impl Sim {
                     fail,
                 );
                 if fail {
-                    // The core marks a failed local write out of sync.
-                    self.rs.p_bm.mark(sector, len);
-                    self.rs.p_failed.mark(sector, len);
+                    self.primary_write_failed(sector, len)?;
                 }
                 self.source_app_write_end(tag)?;
                 self.primary
@@ -1420,6 +1418,17 @@ impl Sim {
 
     /// The Primary's node died: its connection goes with it (everything in flight is
     /// lost); the Secondary sees the loss and its local writes go on.
+    /// A local write of the Primary failed: the core marks it out of sync, and the
+    /// daemon's rule keeps it so through resync acks (`replica::FailedLocal`), renewing
+    /// the connection rather than forgetting one.
+    fn primary_write_failed(&mut self, sector: u64, len: u32) -> Result<(), String> {
+        self.rs.p_bm.mark(sector, len);
+        if !self.rs.p_failed.record(sector, len) {
+            self.drop_connection()?;
+        }
+        Ok(())
+    }
+
     fn connection_gone_with_primary(&mut self) -> Result<(), String> {
         if self.up {
             self.up = false;

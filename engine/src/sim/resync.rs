@@ -23,10 +23,11 @@
 //! checks that every bit the core set is in `p_bm` or was set in sync since (`p_cleared`).
 //! A restart reloads both from the metadata device. One driver rule the simulator found
 //! necessary: a block whose local write failed on the Primary during this connection is
-//! not cleared by a resync ack (`p_failed`): the reply may have been read before the
-//! failure left garbage there, and the SyncTarget does not know of the failure (DRBD
-//! detaches the disk on such an error; the Primary core marks the block and goes on). It
-//! is resynced after the next handshake.
+//! not cleared by a resync ack (`p_failed`, the daemon's own rule,
+//! [`crate::replica::FailedLocal`]): the reply may have been read before the failure left
+//! garbage there, and the SyncTarget does not know of the failure (DRBD detaches the disk
+//! on such an error; the Primary core marks the block and goes on). It is resynced after
+//! the next handshake.
 //!
 //! Application writes during a resync: on the Primary every local write is reported to
 //! the [`Source`] from its submission to its local completion; on the Secondary every
@@ -50,6 +51,7 @@
 
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
+use crate::replica::FailedLocal;
 use crate::request::{OutOfSync, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput,
@@ -287,11 +289,9 @@ pub(super) struct Rs {
     pub(super) p_bm: OutOfSync,
     /// Bits the SyncSource set in sync since the core's bitmap was loaded.
     p_cleared: OutOfSync,
-    /// Blocks whose local write failed since this connection's handshake. A resync ack
-    /// does not clear them: its reply may have been read before the failure left garbage
-    /// there, which the peer does not know of (DRBD detaches the disk instead). They are
-    /// resynced after the next handshake.
-    pub(super) p_failed: OutOfSync,
+    /// Blocks whose local write failed since this connection's handshake: the daemon's
+    /// rule ([`FailedLocal`]), so a resync ack does not clear them.
+    pub(super) p_failed: FailedLocal,
     /// Mirror of the core's transfer log.
     pub(super) p_tl: VecDeque<Tl>,
     source: Option<Source>,
@@ -377,7 +377,7 @@ impl Rs {
             p_crashed: false,
             p_bm: OutOfSync::new(SECTORS as u64),
             p_cleared: OutOfSync::new(SECTORS as u64),
-            p_failed: OutOfSync::new(SECTORS as u64),
+            p_failed: FailedLocal::default(),
             p_tl: VecDeque::new(),
             source: None,
             src_gen: 0,
@@ -412,6 +412,10 @@ impl Rs {
     #[cfg(test)]
     pub(super) fn set_sabotage(&mut self, s: super::Sabotage) {
         self.sabotage = s;
+        #[cfg(test)]
+        {
+            self.p_failed.sabotage_ack_clears = s.ack_clears_failed_blocks;
+        }
     }
 
     /// The write `block_id` in the transfer log (a `P_NEG_ACK` names it).
@@ -533,16 +537,7 @@ impl Rs {
     /// bitmap, and remember what was cleared (for the mirror check).
     fn p_set_in_sync(&mut self, sector: u64, len: u32) {
         let before: Vec<u64> = self.p_bm.words().to_vec();
-        self.p_bm.clear(sector, len);
-        #[cfg(test)]
-        if self.sabotage.ack_clears_failed_blocks {
-            self.p_failed = OutOfSync::new(SECTORS as u64);
-        }
-        // Blocks that failed locally stay set.
-        or_bits(
-            &mut self.p_bm,
-            before.iter().zip(self.p_failed.words()).map(|(b, f)| b & f),
-        );
+        self.p_failed.set_in_sync(&mut self.p_bm, sector, len);
         or_bits(
             &mut self.p_cleared,
             before.iter().zip(self.p_bm.words()).map(|(b, a)| b & !a),
@@ -665,7 +660,7 @@ impl Sim {
         }
         let resolving = !recreate && (resolving || self.rs.sb == Sb::Resolving);
         let split = resolving || self.rs.sb == Sb::Happened;
-        self.rs.p_failed = OutOfSync::new(SECTORS as u64);
+        self.rs.p_failed.connection_lost();
         // The operator resolves a refused split brain: the Secondary connects with
         // discard-my-data, the default policies.
         let (pol_p, pol_s) = if resolving {

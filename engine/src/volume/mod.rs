@@ -159,7 +159,7 @@ struct Inner {
     hole_reads_skipped: u64,
     /// Ranges whose local write failed during this connection: a resync ack must not
     /// clear them (see `sync.rs`).
-    failed_local: Vec<(u64, u32)>,
+    failed_local: crate::replica::FailedLocal,
     /// The last [`MAX_EVENTS`] state events (DRBD's `events2`, in short).
     events: std::collections::VecDeque<serde_json::Value>,
     /// Sequence number of the next event.
@@ -420,7 +420,7 @@ impl Inner {
             remote_reads: HashMap::new(),
             next_read_id: 1,
             hole_reads_skipped: 0,
-            failed_local: Vec::new(),
+            failed_local: crate::replica::FailedLocal::default(),
             events: std::collections::VecDeque::new(),
             event_seq: 0,
             own_request: None,

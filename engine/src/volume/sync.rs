@@ -69,10 +69,6 @@ pub const BITMAP_WRITEOUT_MS: u64 = 5_000;
 /// How long a new connection waits for the resync IO of the previous one to complete.
 pub const SYNC_IO_DRAIN: Duration = Duration::from_secs(30);
 
-/// Failed local write ranges remembered per connection (see
-/// `Volume::local_write_failed`).
-pub const MAX_FAILED_LOCAL: usize = 1024;
-
 /// Reads of the peer (`P_DATA_REQUEST`) a SyncTarget Primary has outstanding at once.
 pub const MAX_REMOTE_READS: usize = 1024;
 
@@ -433,7 +429,7 @@ impl Volume {
     /// waited for, whose completion no longer clears its bits, so the next resync
     /// fetches that block again. Reads waiting for the peer fail.
     pub(super) fn sync_connection_lost(&self, inner: &mut Inner) -> Vec<Effect> {
-        inner.failed_local.clear();
+        inner.failed_local.connection_lost();
         for (_, tx) in inner.remote_reads.drain() {
             let _ = tx.send(Err(crate::frontend::BlockError::Io));
         }
@@ -714,16 +710,14 @@ impl Volume {
     }
 
     /// A local write of the Primary core failed: its blocks stay out of sync for the rest
-    /// of the connection, whatever resync acks arrive. Past [`MAX_FAILED_LOCAL`] ranges
-    /// the connection is renewed (the list starts empty; the bits stay in the bitmap).
+    /// of the connection, whatever resync acks arrive ([`crate::replica::FailedLocal`]).
+    /// Past its `MAX` ranges the connection is renewed (the bits stay in the bitmap).
     pub(super) fn local_write_failed(&self, inner: &mut Inner, sector: u64, len: u32) {
-        if inner.failed_local.len() >= MAX_FAILED_LOCAL {
+        if !inner.failed_local.record(sector, len) {
             if let Some(k) = &inner.kill {
                 k.notify_one();
             }
-            return;
         }
-        inner.failed_local.push((sector, len));
     }
 
     /// Gives the target's bitmap back to the Primary core. Bits the core set in the
@@ -997,16 +991,9 @@ impl Volume {
                     }
                 }
                 SourceOutput::SetInSync { sector, len } => {
+                    // Failed local writes stay out of sync (seed 30).
                     let oos = inner.primary.out_of_sync_mut();
-                    oos.clear(sector, len);
-                    // A block whose local write failed stays out of sync: the ack
-                    // may be for data read before the failure (the simulator's seed
-                    // 30 without this rule).
-                    for &(s, l) in &inner.failed_local {
-                        if s < sector + u64::from(len / 512) && sector < s + u64::from(l / 512) {
-                            oos.mark(s, l);
-                        }
-                    }
+                    inner.failed_local.set_in_sync(oos, sector, len);
                 }
                 other => {
                     if let Some(pkt) = other.packet() {
