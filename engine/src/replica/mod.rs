@@ -7,8 +7,14 @@
 //! and `sim/` keeps its own glue for them). What has moved:
 //!
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
-//!   resync acks arrive (the simulator's seed 30).
+//!   resync acks arrive (the simulator's seed 30);
+//! - [`may_promote`]: who may become Primary (the daemon's `primary`, the simulator's
+//!   failover and promotion races).
 
 mod failed;
+mod roles;
 
 pub(crate) use failed::FailedLocal;
+#[cfg(any(test, feature = "sim"))]
+pub(crate) use roles::Refusal;
+pub(crate) use roles::{may_promote, PromotionFacts};

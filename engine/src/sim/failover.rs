@@ -18,7 +18,8 @@
 //! others at the end, after checkers 1 … 8 passed. Its IO never completes, the
 //! connection goes, requests in flight have an unknown outcome; the Secondary's own
 //! local writes finish. Then the operator runs `primary` on the Secondary, which is
-//! promoted only if:
+//! promoted only if the daemon's rules allow it ([`crate::replica::may_promote`], run
+//! here with the facts of the model) and the model's operator agrees:
 //!
 //! 1. its disk is not `Failed` (refusal [`Refusal::Failed`]);
 //! 2. its disk is UpToDate: not a SyncTarget or a node whose handshake decided a resync
@@ -249,19 +250,29 @@ impl Sim {
         Ok(())
     }
 
-    /// The Secondary's promotion after the death, by the rules in the module docs.
+    /// The Secondary's promotion after the death, by the rules in the module docs: the
+    /// daemon's, then the model operator's.
     fn judge(&self, d: &Death) -> Result<(), Refusal> {
-        let disk = self.rs.s_disk();
-        if disk == DiskState::Failed {
-            return Err(Refusal::Failed);
+        // A handshake that decided a resync clamps the disk to ≤ Outdated.
+        let disk = match self.rs.s_disk() {
+            DiskState::UpToDate if d.wf_sync => DiskState::Outdated,
+            disk => disk,
+        };
+        let facts = crate::replica::PromotionFacts {
+            connected: false, // its peer is dead
+            peer_role: crate::state::Role::Unknown,
+            disk,
+            peer_disk: DiskState::DUnknown,
+            peer_writes_active: false, // judged once its local writes are done
+            sync_target: false,
+            force: false,
+        };
+        match crate::replica::may_promote(&facts) {
+            Err(crate::replica::Refusal::DiskFailed(_)) => Err(Refusal::Failed),
+            Err(_) => Err(Refusal::NotUpToDate),
+            Ok(()) if !d.connected => Err(Refusal::Disconnected),
+            Ok(()) => Ok(()),
         }
-        if disk != DiskState::UpToDate || d.wf_sync {
-            return Err(Refusal::NotUpToDate);
-        }
-        if !d.connected {
-            return Err(Refusal::Disconnected);
-        }
-        Ok(())
     }
 
     /// Checker 9, once the Secondary's local writes are done.

@@ -249,16 +249,21 @@ impl Round<'_> {
         Ok(())
     }
 
-    /// The daemon's `promotion_refusal` (the parts this model has).
-    fn refusal(&self, i: usize) -> Option<&'static str> {
+    /// The daemon's promotion rules ([`crate::replica::may_promote`]) with the facts
+    /// this model has.
+    fn refusal(&self, i: usize) -> Option<crate::replica::Refusal> {
         let n = &self.nodes[i];
-        if self.up && n.peer_role == Role::Primary {
-            Some("the peer is Primary")
-        } else if n.disk != DiskState::UpToDate {
-            Some("the disk is not UpToDate")
-        } else {
-            None
-        }
+        let peer = &self.nodes[1 - i];
+        crate::replica::may_promote(&crate::replica::PromotionFacts {
+            connected: self.up,
+            peer_role: n.peer_role,
+            disk: n.disk,
+            peer_disk: peer.disk,
+            peer_writes_active: false,
+            sync_target: false,
+            force: false,
+        })
+        .err()
     }
 
     fn step(&mut self, ev: Ev) -> Result<(), String> {

@@ -695,37 +695,19 @@ impl Volume {
         g.startup_role = Some(text);
     }
 
-    /// Why this node may not become Primary now, if it may not.
+    /// Why this node may not become Primary now, if it may not ([`crate::replica`]'s
+    /// rules).
     fn promotion_refusal(inner: &Inner, force: bool) -> Result<(), String> {
-        if inner.link.is_some() && inner.peer_role == Role::Primary {
-            return Err(
-                "the peer is Primary; make it Secondary first (tandem allows one Primary)".into(),
-            );
-        }
-        if inner.disk <= DiskState::Failed {
-            return Err(format!(
-                "the disk is {} (a write to it failed): it cannot be Primary; restart the node \
-                 to attach it again (a resync from the peer then repairs it)",
-                inner.disk
-            ));
-        }
-        if inner.receiver.stats().active_writes > 0 {
-            return Err("peer writes are still being applied; retry".into());
-        }
-        // A SyncTarget may serve as Primary while its peer is UpToDate: reads of blocks
-        // not yet resynced come from the peer (docs/design.md §3 "Reads").
-        let sync_target = inner.target.is_some();
-        if sync_target && !(inner.link.is_some() && inner.peer_disk == DiskState::UpToDate) {
-            return Err("a resync into this disk is running and the peer is not UpToDate".into());
-        }
-        if inner.disk != DiskState::UpToDate && !sync_target && !force {
-            return Err(format!(
-                "the disk is {}: only an UpToDate disk may become Primary (wait for \
-                 the resync, or `primary --force` to declare this data the good copy)",
-                inner.disk
-            ));
-        }
-        Ok(())
+        crate::replica::may_promote(&crate::replica::PromotionFacts {
+            connected: inner.link.is_some(),
+            peer_role: inner.peer_role,
+            disk: inner.disk,
+            peer_disk: inner.peer_disk,
+            peer_writes_active: inner.receiver.stats().active_writes > 0,
+            sync_target: inner.target.is_some(),
+            force,
+        })
+        .map_err(|r| r.to_string())
     }
 
     /// Makes this node Primary. While connected it needs the peer's grant for this
