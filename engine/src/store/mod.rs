@@ -79,5 +79,8 @@ pub use buf::{
 };
 pub use device::{DeviceKind, StoreInfo};
 pub use error::{StoreError, StoreOp};
-pub use handle::{Store, StoreOptions, CLOSE_TIMEOUT, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH};
+pub use handle::{
+    SinkOp, Store, StoreOptions, CLOSE_TIMEOUT, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH,
+};
 pub use lock::{flock_holder, DeviceLock, LockError, MAX_PROC_LOCKS_BYTES};
+pub use ring::{Completions, WriteData};
