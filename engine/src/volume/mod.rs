@@ -12,8 +12,12 @@
 //!   queues *while the lock is held*, so they reach each socket in the order the core
 //!   emitted them (a barrier between two epochs' writes; a write ack before its epoch's
 //!   barrier ack);
-//! - **disk IO** and **completions** run after the lock is released: each store
-//!   operation is a task that re-enters the core with its result.
+//! - **disk IO** and **completions** run after the lock is released. A data write, a
+//!   flush and a metadata write are submitted to the store from the thread that ran the
+//!   core (no task), and the store's reaper feeds the result back to the core from its
+//!   thread (`io.rs`: a completion sink, a preallocated table of the ops in flight);
+//!   the rest (discards, resync IO, the failure record) are tasks that re-enter the core
+//!   with their result.
 //!
 //! Resync, online verify and the reads of a SyncTarget Primary from its peer are in
 //! `sync.rs`: the same pattern, with the `resync` machines instead of the cores.
@@ -66,6 +70,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
+mod io;
 mod peer_wait;
 mod port;
 mod sync;
@@ -103,8 +108,10 @@ struct Inner {
     pending: HashMap<u64, Pending>,
     peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
-    /// Secondary epoch flushes requested and not yet issued (see `merged_flushes`).
+    /// Secondary epoch flushes requested and not yet issued (see `io.rs`).
     flush_waiting: Vec<u64>,
+    /// The flushes the running merged flush round covers.
+    flush_batch: Vec<u64>,
     /// A merged flush round is running.
     flush_running: bool,
     writes_completed: u64,
@@ -230,6 +237,8 @@ enum Effect {
     ReceiverFlush {
         token: u64,
     },
+    /// Start the merged flush round `Inner::flush_batch` (see `io.rs`).
+    FlushRound,
     SyncRead {
         run: u64,
         tag: u64,
@@ -316,6 +325,8 @@ pub struct Volume {
     /// part of a write): a frontend request submitted from a thread outside any runtime
     /// (a ublk queue thread) starts its tasks here.
     rt: tokio::runtime::Handle,
+    /// The local IO in flight through the store's completion sink (`io.rs`).
+    io_ops: Mutex<io::IoTable>,
     inner: Mutex<Inner>,
 }
 
@@ -385,6 +396,7 @@ impl Inner {
             peer_bufs: HashMap::new(),
             bytes_replicated: 0,
             flush_waiting: Vec::new(),
+            flush_batch: Vec::new(),
             flush_running: false,
             writes_completed: 0,
             uuids,
@@ -505,6 +517,7 @@ impl Volume {
             detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
             rt,
+            io_ops: Mutex::new(io::IoTable::new(max_buffers)),
             inner: Mutex::new(Inner::new(primary, receiver, disk, uuids, crashed_primary)),
         }))
     }
@@ -1073,7 +1086,7 @@ impl Volume {
         session: u64,
         f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>) -> Result<T, String>,
     ) -> Result<Option<T>, String> {
-        let mut effects = Vec::new();
+        let mut effects = io::fx_vec();
         let out = {
             let mut g = self.lock();
             let inner = &mut *g;
@@ -1710,15 +1723,15 @@ impl Volume {
         inner.receiver_out = outputs;
     }
 
-    /// Starts the effects' IO, each as a task on the volume's runtime (`rt`, not the
-    /// caller's: a frontend request from a thread outside any runtime passes here too).
-    fn run(&self, effects: Vec<Effect>) {
+    /// Starts the effects' IO: local writes, flushes and metadata writes through the
+    /// store's completion sink (`io.rs`), the rest as tasks on the volume's runtime
+    /// (`rt`, not the caller's: a frontend request from a thread outside any runtime
+    /// passes here too). Called without the volume lock.
+    fn run(&self, mut effects: Vec<Effect>) {
         if effects.is_empty() {
             return;
         }
-        let Some(me) = self.me.upgrade() else { return };
-        for e in effects {
-            let v = me.clone();
+        for e in effects.drain(..) {
             match e {
                 Effect::Complete { done, result } => {
                     let _ = done.send(result);
@@ -1730,145 +1743,104 @@ impl Volume {
                     kind,
                     fua,
                     buf,
-                } => {
-                    self.rt.spawn(async move {
-                        // A detached disk takes no more writes (`on-io-error detach`).
-                        let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
-                        let ok = !detached && v.local_io(sector, len, kind, fua, buf).await;
-                        if !ok {
-                            // Recorded before the write completes (and before a Secondary
-                            // answers P_NEG_ACK): never UpToDate again without a resync.
-                            v.record_disk_failure(side, sector, len, !detached).await;
-                        }
-                        v.feed(|v, inner, fx| {
-                            inner.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
-                            match side {
-                                Side::Primary(tag) => {
-                                    Self::sync_write_ended(inner, Some(tag), None);
-                                    if !ok {
-                                        v.local_write_failed(inner, sector, len);
-                                    }
-                                    contract(inner.primary.local_done(tag, ok));
-                                    v.drain_primary(inner, fx);
-                                }
-                                Side::Receiver(token) => {
-                                    Self::sync_write_ended(inner, None, Some(token));
-                                    contract(inner.receiver.local_done(token, ok));
-                                    v.drain_receiver(inner, fx);
-                                }
-                            }
-                            v.drain_sync(inner, fx);
-                        });
-                    });
-                }
-                Effect::PrimaryFlush { tag } => {
-                    self.rt.spawn(async move {
-                        let ok = v.flush_local().await;
-                        v.feed(|v, inner, fx| {
-                            contract(inner.primary.local_flush_done(tag, ok));
-                            v.drain_primary(inner, fx);
-                        });
-                    });
-                }
+                } => self.start_local_write(side, sector, len, kind, fua, buf),
+                Effect::PrimaryFlush { tag } => self.start_flush(io::IoCtx::PrimaryFlush { tag }),
                 Effect::MetaWrite {
                     tag,
                     offset,
                     data,
                     preflush,
                 } => {
-                    self.rt.spawn(async move {
-                        let ok = v.meta_write(offset, &data, preflush).await;
-                        v.feed(|v, inner, fx| {
-                            contract(inner.primary.meta_write_done(tag, ok));
-                            v.drain_primary(inner, fx);
-                        });
-                    });
-                }
-                Effect::SyncRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose,
-                } => {
-                    self.rt.spawn(async move {
-                        let read = v.sync_read(sector, len, purpose).await;
-                        v.feed(|v, inner, fx| {
-                            v.sync_read_done(inner, (run, tag, purpose), read, fx);
-                            v.drain_sync(inner, fx);
-                        });
-                    });
-                }
-                Effect::SyncWrite {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    data,
-                } => {
-                    self.rt.spawn(async move {
-                        let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
-                        let ok = !detached
-                            && match data {
-                                Some(d) => {
-                                    v.local_io(
-                                        sector,
-                                        len,
-                                        WriteKind::Data,
-                                        false,
-                                        Some(Buf::Owned(d)),
-                                    )
-                                    .await
-                                }
-                                None => {
-                                    v.local_io(
-                                        sector,
-                                        len,
-                                        WriteKind::Zeroes { unmap: true },
-                                        false,
-                                        None,
-                                    )
-                                    .await
-                                }
-                            };
-                        v.feed(|v, inner, fx| {
-                            v.sync_write_done(inner, run, tag, ok);
-                            v.drain_sync(inner, fx);
-                        });
-                    });
-                }
-                Effect::SyncBitmap { pages } => {
-                    self.rt.spawn(async move {
-                        // The data the cleared bits describe must be durable first.
-                        let r = if v.flush_local().await {
-                            v.write_bitmap_pages_async(pages).await
-                        } else {
-                            Err("flush failed".into())
-                        };
-                        if let Err(e) = r {
-                            // The on-disk bits stay set: a restart resyncs more, never less.
-                            tracing::warn!("lazy bitmap write-out during resync: {e}");
-                        }
-                    });
-                }
-                Effect::SyncFinish { run, pages, uuids } => {
-                    self.rt
-                        .spawn(async move { v.finish_target(run, pages, uuids).await });
+                    if preflush {
+                        self.start_flush(io::IoCtx::MetaPreflush { tag, offset, data });
+                    } else {
+                        self.start_meta_write(tag, offset, &data);
+                    }
                 }
                 Effect::ReceiverFlush { token } => {
                     // Epoch flushes are merged: while one flush is in flight, later ones
                     // wait and are all satisfied by the single flush issued after it
                     // completes (every write they cover completed before it was issued).
                     let start = {
-                        let mut g = v.lock();
+                        let mut g = self.lock();
                         g.flush_waiting.push(token);
-                        !std::mem::replace(&mut g.flush_running, true)
+                        !g.flush_running && Self::next_flush_round(&mut g)
                     };
                     if start {
-                        self.rt.spawn(async move { v.merged_flushes().await });
+                        self.start_flush(io::IoCtx::ReceiverFlush);
                     }
                 }
+                Effect::FlushRound => self.start_flush(io::IoCtx::ReceiverFlush),
+                e => self.spawn_sync_effect(e),
             }
+        }
+        io::recycle(effects);
+    }
+
+    /// The resync effects, each a task on the volume's runtime.
+    fn spawn_sync_effect(&self, e: Effect) {
+        let Some(v) = self.me.upgrade() else { return };
+        match e {
+            Effect::SyncRead {
+                run,
+                tag,
+                sector,
+                len,
+                purpose,
+            } => {
+                self.rt.spawn(async move {
+                    let read = v.sync_read(sector, len, purpose).await;
+                    v.feed(|v, inner, fx| {
+                        v.sync_read_done(inner, (run, tag, purpose), read, fx);
+                        v.drain_sync(inner, fx);
+                    });
+                });
+            }
+            Effect::SyncWrite {
+                run,
+                tag,
+                sector,
+                len,
+                data,
+            } => {
+                self.rt.spawn(async move {
+                    let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
+                    let (kind, buf) = match data {
+                        Some(d) => (WriteKind::Data, Some(Buf::Owned(d))),
+                        None => (WriteKind::Zeroes { unmap: true }, None),
+                    };
+                    let ok = !detached && v.local_io(sector, len, kind, false, buf).await;
+                    v.feed(|v, inner, fx| {
+                        v.sync_write_done(inner, run, tag, ok);
+                        v.drain_sync(inner, fx);
+                    });
+                });
+            }
+            Effect::SyncBitmap { pages } => {
+                self.rt.spawn(async move {
+                    // The data the cleared bits describe must be durable first.
+                    let r = if v.flush_local().await {
+                        v.write_bitmap_pages_async(pages).await
+                    } else {
+                        Err("flush failed".into())
+                    };
+                    if let Err(e) = r {
+                        // The on-disk bits stay set: a restart resyncs more, never less.
+                        tracing::warn!("lazy bitmap write-out during resync: {e}");
+                    }
+                });
+            }
+            Effect::SyncFinish { run, pages, uuids } => {
+                self.rt
+                    .spawn(async move { v.finish_target(run, pages, uuids).await });
+            }
+            // `run` handles the others.
+            Effect::Complete { .. }
+            | Effect::LocalWrite { .. }
+            | Effect::PrimaryFlush { .. }
+            | Effect::MetaWrite { .. }
+            | Effect::ReceiverFlush { .. }
+            | Effect::FlushRound => {}
         }
     }
 
@@ -1895,32 +1867,10 @@ impl Volume {
         }
     }
 
-    /// Runs merged Secondary flushes until none is waiting: each round takes every flush
-    /// requested so far, issues one disk flush, and reports them all, oldest first.
-    async fn merged_flushes(&self) {
-        loop {
-            let batch = {
-                let mut g = self.lock();
-                if g.flush_waiting.is_empty() {
-                    g.flush_running = false;
-                    return;
-                }
-                std::mem::take(&mut g.flush_waiting)
-            };
-            let ok = self.flush_local().await;
-            self.feed(|v, inner, fx| {
-                for token in batch {
-                    contract(inner.receiver.local_flush_done(token, ok));
-                }
-                v.drain_receiver(inner, fx);
-            });
-        }
-    }
-
     /// Feeds a local IO result to a core under the lock, then runs what it asks for. A
     /// completion may free room in the receiver, so the data socket's reader is woken.
     fn feed(&self, f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>)) {
-        let mut fx = Vec::new();
+        let mut fx = io::fx_vec();
         {
             let mut g = self.lock();
             f(self, &mut g, &mut fx);
@@ -1964,27 +1914,6 @@ impl Volume {
         r.is_ok()
     }
 
-    /// A metadata block, durably; with `preflush` the data device is flushed first.
-    async fn meta_write(&self, offset: u64, data: &[u8; 4096], preflush: bool) -> bool {
-        if preflush && !self.flush_local().await {
-            return false;
-        }
-        let buf = match AlignedBuf::from_slice(data) {
-            Ok(b) => Arc::new(b),
-            Err(e) => {
-                tracing::error!("metadata buffer: {e}");
-                return false;
-            }
-        };
-        match self.meta_store.write(offset, buf, true).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!("metadata write at byte {offset} failed: {e}");
-                false
-            }
-        }
-    }
-
     async fn flush_local(&self) -> bool {
         match self.store.flush().await {
             Ok(()) => true,
@@ -2011,7 +1940,7 @@ impl Volume {
             .await
             .map_err(|_| BlockError::Shutdown)?;
         let (tx, rx) = oneshot::channel();
-        let mut fx = Vec::new();
+        let mut fx = io::fx_vec();
         let secondary_flush = {
             let mut g = self.lock();
             let inner = &mut *g;

@@ -973,7 +973,9 @@ where
                 Err(e) => return ConnectionEnd::Protocol(format!("READ buffer: {e}")),
             },
             Action::Write { offset, len, fua } => {
-                let mut buf = match AlignedBuf::new(len as usize) {
+                // From the IO buffer pool: not zeroed, but the payload overwrites it all
+                // before anyone reads it (a short payload ends the connection).
+                let mut buf = match AlignedBuf::from_pool(len as usize) {
                     Ok(b) => b,
                     Err(e) => return ConnectionEnd::Protocol(format!("WRITE buffer: {e}")),
                 };
