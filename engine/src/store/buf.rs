@@ -16,8 +16,10 @@
 //! class: the powers of two from [`POOL_MIN_CLASS`] (4 KiB) to [`POOL_MAX_CLASS`] (1 MiB,
 //! DRBD's largest bio); a request takes the smallest class that holds it (a 12 KiB write
 //! uses a 16 KiB block, its `len()` is 12 KiB). A pooled buffer goes back to its pool when
-//! it is dropped, unless the pool already holds [`POOL_CAP_BYTES`] (8 MiB) of free
-//! buffers: then it is freed. Buffers over 1 MiB and buffers made by [`AlignedBuf::new`]
+//! it is dropped; the pool keeps at most [`POOL_CAP_BYTES`] (8 MiB) of free blocks: past
+//! that, blocks of other classes are freed to make room (largest first, so a resync's
+//! 1 MiB blocks do not keep the 4 KiB writes after it out), and a block whose own class
+//! fills the pool is freed. Buffers over 1 MiB and buffers made by [`AlignedBuf::new`]
 //! (any size) are never pooled. A buffer taken from the pool is not zeroed: it holds
 //! another request's bytes until the caller overwrites them, so the callers are the
 //! paths that fill the whole buffer (a socket read, a disk read) before anyone sees it.
@@ -166,14 +168,28 @@ impl BufPool {
     }
 
     /// Keeps the block `ptr` of `cap` bytes; false (the caller frees it) when `cap` is not
-    /// a class or the pool is full.
+    /// a class or blocks of its own class fill the pool. Blocks of other classes make
+    /// room, largest first: the sizes in use now win over a burst's (a resync's 1 MiB
+    /// replies must not keep the 4 KiB writes that follow out of the pool).
     fn put(&self, ptr: NonNull<u8>, cap: usize) -> bool {
         let Some(class) = class_of(cap).filter(|&c| POOL_MIN_CLASS << c == cap) else {
             return false;
         };
-        let mut g = self.lock();
-        if g.bytes + cap > self.cap_bytes {
+        if cap > self.cap_bytes {
             return false;
+        }
+        let mut g = self.lock();
+        while g.bytes + cap > self.cap_bytes {
+            let victim = (0..CLASSES)
+                .rev()
+                .filter(|&c| c != class)
+                .find_map(|c| Some((c, g.free.get_mut(c)?.pop()?)));
+            let Some((c, FreeBlock(old))) = victim else {
+                return false;
+            };
+            let old_cap = POOL_MIN_CLASS << c;
+            g.bytes -= old_cap;
+            free_block(old, old_cap);
         }
         let Some(list) = g.free.get_mut(class) else {
             return false;
@@ -416,10 +432,16 @@ mod tests {
         let bufs: Vec<_> = (0..3).map(|_| p.take(4096).expect("take")).collect();
         drop(bufs);
         assert_eq!(p.free_bytes(), 8192, "the third block is freed, not kept");
-        // A class that does not fit the rest of the cap is freed too.
+        // A block larger than the whole cap is freed.
         let big = p.take(1 << 20).expect("1 MiB");
         drop(big);
         assert_eq!(p.free_bytes(), 8192);
+        // A block of another class takes the room of the largest blocks kept.
+        let p = pool(32 << 10);
+        drop(p.take(32 << 10).expect("32 KiB"));
+        assert_eq!(p.free_bytes(), 32 << 10);
+        drop(p.take(4096).expect("4 KiB"));
+        assert_eq!(p.free_bytes(), 4096, "the 32 KiB block made room");
     }
 
     #[test]
