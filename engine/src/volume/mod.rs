@@ -1728,9 +1728,6 @@ impl Volume {
     /// (`rt`, not the caller's: a frontend request from a thread outside any runtime
     /// passes here too). Called without the volume lock.
     fn run(&self, mut effects: Vec<Effect>) {
-        if effects.is_empty() {
-            return;
-        }
         for e in effects.drain(..) {
             match e {
                 Effect::Complete { done, result } => {
