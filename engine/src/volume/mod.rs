@@ -73,6 +73,7 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 mod io;
 mod peer_wait;
 mod port;
+mod reply;
 mod sync;
 
 pub use sync::{SyncRole, SyncSettings};
@@ -89,7 +90,22 @@ pub const PEER_DATA_BUDGET: usize = 64 << 20;
 
 struct Pending {
     buf: Option<Arc<AlignedBuf>>,
-    done: Option<oneshot::Sender<Result<(), BlockError>>>,
+    /// Where the result goes; a `Pending` leaves `Inner::pending` only when the core
+    /// completes it (or when the core refused it at once, see `core_request`).
+    done: Option<Done>,
+}
+
+/// Where a frontend request's result goes: a preallocated reply slot (`reply.rs`), or a
+/// `oneshot` when all slots are taken.
+enum Done {
+    Slot(u32),
+    Oneshot(oneshot::Sender<Result<(), BlockError>>),
+}
+
+/// The waiting side of [`Done`].
+enum Waiter {
+    Slot(u32),
+    Oneshot(oneshot::Receiver<Result<(), BlockError>>),
 }
 
 struct Inner {
@@ -263,7 +279,7 @@ enum Effect {
         uuids: Option<UuidSet>,
     },
     Complete {
-        done: oneshot::Sender<Result<(), BlockError>>,
+        done: Done,
         result: Result<(), BlockError>,
     },
 }
@@ -327,6 +343,8 @@ pub struct Volume {
     rt: tokio::runtime::Handle,
     /// The local IO in flight through the store's completion sink (`io.rs`).
     io_ops: Mutex<io::IoTable>,
+    /// Frontend requests' results (`reply.rs`).
+    replies: reply::Replies,
     inner: Mutex<Inner>,
 }
 
@@ -518,6 +536,7 @@ impl Volume {
             openers: Arc::new(Openers::default()),
             rt,
             io_ops: Mutex::new(io::IoTable::new(max_buffers)),
+            replies: reply::Replies::new(max_buffers.saturating_mul(2)),
             inner: Mutex::new(Inner::new(primary, receiver, disk, uuids, crashed_primary)),
         }))
     }
@@ -1730,9 +1749,12 @@ impl Volume {
     fn run(&self, mut effects: Vec<Effect>) {
         for e in effects.drain(..) {
             match e {
-                Effect::Complete { done, result } => {
-                    let _ = done.send(result);
-                }
+                Effect::Complete { done, result } => match done {
+                    Done::Slot(id) => self.replies.complete(id, result),
+                    Done::Oneshot(tx) => {
+                        let _ = tx.send(result);
+                    }
+                },
                 Effect::LocalWrite {
                     side,
                     sector,
@@ -1936,7 +1958,6 @@ impl Volume {
             .acquire()
             .await
             .map_err(|_| BlockError::Shutdown)?;
-        let (tx, rx) = oneshot::channel();
         let mut fx = io::fx_vec();
         let secondary_flush = {
             let mut g = self.lock();
@@ -1960,8 +1981,8 @@ impl Volume {
                 Err(BlockError::Io)
             };
         }
-        let (mut tx, mut buf) = (Some(tx), buf);
-        loop {
+        let mut buf = buf;
+        let waiter = loop {
             // Completed writes stay in the core until their epoch is barrier-acked
             // (≤ 2 × max-buffers); under protocol A the application can outrun the acks.
             // Then the request waits for room (a retirement, or the connection's end,
@@ -1977,11 +1998,18 @@ impl Volume {
                 if inner.primary.can_accept() || inner.shutting_down {
                     let id = inner.next_id;
                     inner.next_id += 1;
+                    let (done, w) = match self.replies.take() {
+                        Some(slot) => (Done::Slot(slot), Waiter::Slot(slot)),
+                        None => {
+                            let (tx, rx) = oneshot::channel();
+                            (Done::Oneshot(tx), Waiter::Oneshot(rx))
+                        }
+                    };
                     inner.pending.insert(
                         id,
                         Pending {
                             buf: buf.take(),
-                            done: tx.take(),
+                            done: Some(done),
                         },
                     );
                     let r = match kind {
@@ -1989,20 +2017,29 @@ impl Volume {
                         None => inner.primary.flush(id),
                     };
                     if let Err(e) = r {
-                        inner.pending.remove(&id);
+                        if let Some(Pending {
+                            done: Some(Done::Slot(slot)),
+                            ..
+                        }) = inner.pending.remove(&id)
+                        {
+                            self.replies.release(slot);
+                        }
                         return Err(match e {
                             CoreError::Busy => BlockError::Busy,
                             CoreError::Invalid(_) | CoreError::Protocol(_) => BlockError::Invalid,
                         });
                     }
                     self.drain_primary(inner, &mut fx);
-                    break;
+                    break w;
                 }
             }
             room.await;
-        }
+        };
         self.run(fx);
-        rx.await.map_err(|_| BlockError::Io)?
+        match waiter {
+            Waiter::Slot(slot) => self.replies.wait(slot).await,
+            Waiter::Oneshot(rx) => rx.await.map_err(|_| BlockError::Io)?,
+        }
     }
 
     async fn write(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> Result<(), BlockError> {
