@@ -14,8 +14,11 @@
 //! runtime dropped it) waits on
 //! it through `tokio::io::unix::AsyncFd`, i.e. tokio's own epoll: a completion wakes a
 //! runtime worker exactly as a readable socket does, the reaper drains the CQ under the
-//! lock and completes each caller's `oneshot`, which schedules the caller's task on that
-//! same worker. Per op that is one wake-up (the completion), where the former dedicated
+//! lock, then releases it and delivers each result: a caller's `oneshot`, which
+//! schedules the caller's task on that same worker, or a [`Completions`] sink, called
+//! right there (it may lock its owner and submit again: nothing holds the ring's lock).
+//! Results wait for delivery in a list of `queue_depth` places (two such lists swap, so
+//! delivering allocates nothing). Per op that is one wake-up (the completion), where the former dedicated
 //! IO thread cost three (caller → IO thread, completion → IO thread, IO thread → worker).
 //!
 //! Ownership: an op's buffer (`AlignedBuf` for reads, `Arc<AlignedBuf>` for writes) lives

@@ -175,12 +175,11 @@ mod tests {
         assert!(r.take().is_none(), "two slots only");
         r.complete(b, Err(BlockError::Io));
         assert_eq!(r.wait(b).await, Err(BlockError::Io));
-        let (wait, done) = tokio::join!(r.wait(a), async {
+        let (wait, ()) = tokio::join!(r.wait(a), async {
             tokio::task::yield_now().await;
             r.complete(a, Ok(()));
         });
         assert_eq!(wait, Ok(()));
-        let _ = done;
         // Both are free again.
         let c = r.take().expect("c");
         let d = r.take().expect("d");
