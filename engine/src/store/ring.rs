@@ -18,10 +18,12 @@
 //! schedules the caller's task on that same worker, or a [`Completions`] sink, called
 //! right there (it may lock its owner and submit again: nothing holds the ring's lock).
 //! Results wait for delivery in a list of `queue_depth` places (two such lists swap, so
-//! delivering allocates nothing). Per op that is one wake-up (the completion), where the former dedicated
-//! IO thread cost three (caller → IO thread, completion → IO thread, IO thread → worker).
+//! delivering allocates nothing). Per op that is one wake-up (the completion), where
+//! the former dedicated IO thread cost three (caller → IO thread, completion → IO thread,
+//! IO thread → worker).
 //!
-//! Ownership: an op's buffer (`AlignedBuf` for reads, `Arc<AlignedBuf>` for writes) lives
+//! Ownership: an op's buffer (`AlignedBuf` for reads; for writes an `Arc<AlignedBuf>`
+//! shared with others, or an `AlignedBuf` the op owns, `WriteData`) lives
 //! in the slot `slots[user_data]` from the SQE push until its CQE is reaped; a caller that
 //! dropped its future only loses the result. Short transfers are resubmitted for the rest
 //! at most [`MAX_SHORT_RETRIES`] times, `EINTR`/`EAGAIN` likewise; `EOPNOTSUPP` on a
