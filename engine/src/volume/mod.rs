@@ -1998,13 +1998,7 @@ impl Volume {
                 if inner.primary.can_accept() || inner.shutting_down {
                     let id = inner.next_id;
                     inner.next_id += 1;
-                    let (done, w) = match self.replies.take() {
-                        Some(slot) => (Done::Slot(slot), Waiter::Slot(slot)),
-                        None => {
-                            let (tx, rx) = oneshot::channel();
-                            (Done::Oneshot(tx), Waiter::Oneshot(rx))
-                        }
-                    };
+                    let (done, w) = self.reply_slot();
                     inner.pending.insert(
                         id,
                         Pending {
@@ -2035,6 +2029,27 @@ impl Volume {
             }
             room.await;
         };
+        self.start_and_wait(fx, waiter, alone).await
+    }
+
+    /// Where a new request's result will go: a reply slot, or a `oneshot` if none is free.
+    fn reply_slot(&self) -> (Done, Waiter) {
+        match self.replies.take() {
+            Some(slot) => (Done::Slot(slot), Waiter::Slot(slot)),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                (Done::Oneshot(tx), Waiter::Oneshot(rx))
+            }
+        }
+    }
+
+    /// Runs a request's core step's effects, then waits for its result.
+    async fn start_and_wait(
+        &self,
+        fx: Vec<Effect>,
+        waiter: Waiter,
+        alone: bool,
+    ) -> Result<(), BlockError> {
         if alone && fx.iter().any(|e| matches!(e, Effect::LocalWrite { .. })) {
             // The step queued the P_DATA; let the sender task put it on the socket before
             // the local write's io_uring_enter (~20 µs in a VM), as when the local write
