@@ -4,21 +4,27 @@
 //! inside the device, data length ≤ [`MAX_BUF_LEN`]) before anything is queued, takes one
 //! of `queue_depth` semaphore permits (async back-pressure: a full queue makes the caller
 //! wait, never blocks a tokio worker), submits the request to the ring from the calling
-//! task and awaits a `tokio::sync::oneshot` that the ring's reaper completes. Closing
-//! (explicit or by dropping the last handle) waits at most [`CLOSE_TIMEOUT`] for the
-//! in-flight ops.
+//! task and awaits a `tokio::sync::oneshot` that the ring's reaper completes.
+//!
+//! [`Store::submit_to`] is the path without a future: a write or a flush whose result the
+//! reaper hands to a [`Completions`] sink the caller registered (no task, no `oneshot`, no
+//! allocation per op). It takes a permit without waiting; when all `queue_depth` are
+//! taken it falls back to one task per such op that waits for a permit, then submits
+//! (the callers bound how many ops they have outstanding, so those tasks are bounded
+//! too: the volume's are by `max-buffers` per core). Closing (explicit or by dropping
+//! the last handle) waits at most [`CLOSE_TIMEOUT`] for the in-flight ops.
 
 use super::buf::{AlignedBuf, MAX_BUF_LEN};
 use super::device::{self, DeviceKind, RangeIoctl, StoreInfo};
 use super::error::{StoreError, StoreOp};
-use super::ring::{Done, Envelope, Request, Ring, Step};
+use super::ring::{Completions, Done, Envelope, Reply, Request, Ring, Step, WriteData};
 use std::fmt;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore, TryAcquireError};
 
 /// Default ring size and in-flight bound.
 pub const DEFAULT_QUEUE_DEPTH: u32 = 128;
@@ -45,6 +51,22 @@ const BLK_ZERO_UNMAP: &[Step] = &[
     Step::Ioctl(RangeIoctl::ZeroOut),
 ];
 const BLK_ZERO: &[Step] = &[Step::Fallocate(ZERO), Step::Ioctl(RangeIoctl::ZeroOut)];
+
+/// A write or a flush whose result goes to a [`Completions`] sink ([`Store::submit_to`]).
+#[derive(Debug)]
+pub enum SinkOp {
+    /// Write `data` at `offset` (`RWF_DSYNC` with `fua`).
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The bytes; an owned buffer is freed (or pooled) when the op ends.
+        data: WriteData,
+        /// Durable on completion.
+        fua: bool,
+    },
+    /// `fdatasync`.
+    Flush,
+}
 
 /// How to open a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +100,8 @@ struct Inner {
     file: Arc<File>,
     ring: Arc<Ring>,
     permits: Arc<Semaphore>,
+    #[cfg(test)]
+    queue_depth: usize,
 }
 
 impl fmt::Debug for Store {
@@ -111,6 +135,8 @@ impl Store {
                 file,
                 ring,
                 permits: Arc::new(Semaphore::new(qd as usize)),
+                #[cfg(test)]
+                queue_depth: qd as usize,
             }),
         })
     }
@@ -178,16 +204,80 @@ impl Store {
         self.check_data(StoreOp::Write, offset, data.len())?;
         self.call(|done| Request::Write {
             offset,
-            buf: data,
+            buf: WriteData::Shared(data),
             fua,
-            done,
+            done: Reply::Waiter(done),
         })
         .await
     }
 
     /// Make every write completed before this call durable (`fdatasync` semantics).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.call(|done| Request::Flush { done }).await
+        self.call(|done| Request::Flush {
+            done: Reply::Waiter(done),
+        })
+        .await
+    }
+
+    /// Submit `op` now, from this thread, without a future: its result goes to
+    /// `sink.done(token, …)` exactly once, on the thread that reaps it (see
+    /// [`Completions`]). With no free permit the op waits for one in a task of the
+    /// current (or the home, [`Store::set_runtime`]) runtime. An `Err` (invalid request,
+    /// store closed, no runtime to wait in) means the op was not taken and the sink will
+    /// not be called for it.
+    pub fn submit_to(
+        &self,
+        op: SinkOp,
+        sink: &Arc<dyn Completions>,
+        token: u64,
+    ) -> Result<(), StoreError> {
+        if let SinkOp::Write { offset, data, .. } = &op {
+            self.check_data(StoreOp::Write, *offset, data.len())?;
+        }
+        self.check_open()?;
+        let done = Reply::Sink(Arc::clone(sink), token);
+        let req = match op {
+            SinkOp::Write { offset, data, fua } => Request::Write {
+                offset,
+                buf: data,
+                fua,
+                done,
+            },
+            SinkOp::Flush => Request::Flush { done },
+        };
+        match Arc::clone(&self.inner.permits).try_acquire_owned() {
+            Ok(permit) => self
+                .inner
+                .ring
+                .submit(Envelope { req, permit })
+                .map_err(|_| StoreError::Closed),
+            Err(TryAcquireError::Closed) => Err(StoreError::Closed),
+            Err(TryAcquireError::NoPermits) => {
+                let rt = tokio::runtime::Handle::try_current()
+                    .ok()
+                    .or_else(|| self.inner.ring.home())
+                    .ok_or(StoreError::Closed)?;
+                let store = self.clone();
+                rt.spawn(async move { store.submit_when_free(req).await });
+                Ok(())
+            }
+        }
+    }
+
+    /// Ops queued or in flight (permits taken).
+    #[cfg(test)]
+    pub(crate) fn ops_in_flight(&self) -> usize {
+        self.inner.queue_depth - self.inner.permits.available_permits()
+    }
+
+    /// The queue-full fallback of [`Store::submit_to`]: waits for a permit, then submits.
+    async fn submit_when_free(&self, req: Request) {
+        let Ok(permit) = Arc::clone(&self.inner.permits).acquire_owned().await else {
+            return req.fail(StoreError::Closed);
+        };
+        if let Err(env) = self.inner.ring.submit(Envelope { req, permit }) {
+            env.req.fail(StoreError::Closed);
+        }
     }
 
     /// Discard `len` bytes at `offset`. On files the range reads as zeroes afterwards
@@ -290,7 +380,7 @@ impl Store {
             offset,
             len,
             steps,
-            done,
+            done: Reply::Waiter(done),
         })
         .await
     }

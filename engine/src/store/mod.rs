@@ -11,8 +11,15 @@
 //!   kernel starts the IO on the caller's thread with no hand-off.
 //! - Completions: an eventfd registered with the ring (`IORING_REGISTER_EVENTFD`) is
 //!   watched by one reaper task per store through `tokio::io::unix::AsyncFd`, i.e. the
-//!   runtime's own epoll; the reaper drains the CQ and completes each caller's `oneshot`,
-//!   which schedules the caller on the same worker. One wake-up per op (the completion).
+//!   runtime's own epoll; the reaper drains the CQ and, once it has released the ring's
+//!   lock, completes each caller's `oneshot` (which schedules the caller on the same
+//!   worker) or, for an op submitted with [`Store::submit_to`], calls the [`Completions`]
+//!   sink the caller registered, on the reaper's thread: no task, no `oneshot`, no
+//!   allocation per op. One wake-up per op (the completion). `submit_to` takes a permit
+//!   without waiting; with none free it queues the op in one task per op until a permit
+//!   frees (bounded by what its caller has outstanding).
+//! - Buffers: [`AlignedBuf::from_pool`] takes a buffer from a process-wide pool (size
+//!   classes 4 KiB–1 MiB, at most 8 MiB of free blocks kept) — see `buf.rs`.
 //! - Buffers belong to the in-flight op until its CQE is reaped; dropping a caller's
 //!   future never frees memory the kernel still uses.
 //! - Every op is validated (aligned to the logical block size, inside the device, data
@@ -79,5 +86,8 @@ pub use buf::{
 };
 pub use device::{DeviceKind, StoreInfo};
 pub use error::{StoreError, StoreOp};
-pub use handle::{Store, StoreOptions, CLOSE_TIMEOUT, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH};
+pub use handle::{
+    SinkOp, Store, StoreOptions, CLOSE_TIMEOUT, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH,
+};
 pub use lock::{flock_holder, DeviceLock, LockError, MAX_PROC_LOCKS_BYTES};
+pub use ring::{Completions, WriteData};

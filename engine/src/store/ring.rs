@@ -14,11 +14,16 @@
 //! runtime dropped it) waits on
 //! it through `tokio::io::unix::AsyncFd`, i.e. tokio's own epoll: a completion wakes a
 //! runtime worker exactly as a readable socket does, the reaper drains the CQ under the
-//! lock and completes each caller's `oneshot`, which schedules the caller's task on that
-//! same worker. Per op that is one wake-up (the completion), where the former dedicated
-//! IO thread cost three (caller → IO thread, completion → IO thread, IO thread → worker).
+//! lock, then releases it and delivers each result: a caller's `oneshot`, which
+//! schedules the caller's task on that same worker, or a [`Completions`] sink, called
+//! right there (it may lock its owner and submit again: nothing holds the ring's lock).
+//! Results wait for delivery in a list of `queue_depth` places (two such lists swap, so
+//! delivering allocates nothing). Per op that is one wake-up (the completion), where
+//! the former dedicated IO thread cost three (caller → IO thread, completion → IO thread,
+//! IO thread → worker).
 //!
-//! Ownership: an op's buffer (`AlignedBuf` for reads, `Arc<AlignedBuf>` for writes) lives
+//! Ownership: an op's buffer (`AlignedBuf` for reads; for writes an `Arc<AlignedBuf>`
+//! shared with others, or an `AlignedBuf` the op owns, `WriteData`) lives
 //! in the slot `slots[user_data]` from the SQE push until its CQE is reaped; a caller that
 //! dropped its future only loses the result. Short transfers are resubmitted for the rest
 //! at most [`MAX_SHORT_RETRIES`] times, `EINTR`/`EAGAIN` likewise; `EOPNOTSUPP` on a
@@ -49,8 +54,74 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-/// Where an op's result goes.
+/// Where a read's result goes.
 pub(crate) type Done<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Receives the results of ops submitted with a sink ([`crate::store::Store::submit_to`]).
+/// Registered once by its owner (an `Arc` clone per op, no allocation) and called once
+/// per op with the token the op was submitted with, on the thread that reaped it (the
+/// reaper task's runtime worker; the ioctl helper thread for a `BLKDISCARD` /
+/// `BLKZEROOUT` step; the closing thread in `Store::close`) — never under the ring's
+/// lock, so it may submit again.
+pub trait Completions: Send + Sync {
+    /// Op `token` ended with `result`.
+    fn done(&self, token: u64, result: Result<(), StoreError>);
+}
+
+/// Where the result of a write, flush or range op goes: a waiting caller, or a sink.
+pub(crate) enum Reply {
+    Waiter(Done<()>),
+    Sink(Arc<dyn Completions>, u64),
+}
+
+impl Reply {
+    fn send(self, result: Result<(), StoreError>) {
+        match self {
+            // A send error means the caller dropped its future: nothing to do.
+            Reply::Waiter(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Sink(sink, token) => sink.done(token, result),
+        }
+    }
+}
+
+/// A write's data: shared with other users (the peer's send queue) or the op's own
+/// (freed, or given back to its pool, when the op ends).
+#[derive(Debug)]
+pub enum WriteData {
+    /// Shared read-only.
+    Shared(Arc<AlignedBuf>),
+    /// Owned by the op.
+    Owned(AlignedBuf),
+}
+
+impl std::ops::Deref for WriteData {
+    type Target = AlignedBuf;
+    fn deref(&self) -> &AlignedBuf {
+        match self {
+            WriteData::Shared(b) => b,
+            WriteData::Owned(b) => b,
+        }
+    }
+}
+
+/// An op's result waiting to be delivered once the ring's lock is released.
+enum Finished {
+    Read(Done<AlignedBuf>, Result<AlignedBuf, StoreError>),
+    Other(Reply, Result<(), StoreError>),
+}
+
+impl Finished {
+    fn deliver(self) {
+        match self {
+            Finished::Read(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Finished::Other(reply, r) => reply.send(r),
+        }
+    }
+}
 
 /// One step of a discard / write-zeroes fallback chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,12 +141,12 @@ pub(crate) enum Request {
     },
     Write {
         offset: u64,
-        buf: Arc<AlignedBuf>,
+        buf: WriteData,
         fua: bool,
-        done: Done<()>,
+        done: Reply,
     },
     Flush {
-        done: Done<()>,
+        done: Reply,
     },
     /// Discard or write-zeroes: try `steps` in order while they fail with EOPNOTSUPP.
     Range {
@@ -83,8 +154,22 @@ pub(crate) enum Request {
         offset: u64,
         len: u64,
         steps: &'static [Step],
-        done: Done<()>,
+        done: Reply,
     },
+}
+
+impl Request {
+    /// Ends a request that was never submitted with `err`.
+    pub(crate) fn fail(self, err: StoreError) {
+        match self {
+            Request::Read { done, .. } => {
+                let _ = done.send(Err(err));
+            }
+            Request::Write { done, .. } | Request::Flush { done } | Request::Range { done, .. } => {
+                done.send(Err(err));
+            }
+        }
+    }
 }
 
 /// A request and its share of the queue depth.
@@ -143,6 +228,8 @@ impl Ring {
                 in_ring: 0,
                 helper: None,
                 cqes: Vec::with_capacity(qd),
+                finished: Vec::with_capacity(qd),
+                spare: Vec::with_capacity(qd),
             }),
             eventfd,
             closed: AtomicBool::new(false),
@@ -173,7 +260,34 @@ impl Ring {
         }
         w.start(env);
         w.submit();
+        self.deliver(w);
         Ok(())
+    }
+
+    /// Releases the lock, then delivers the results that finished under it (a sink may
+    /// submit again, which takes the lock). The list's memory is reused: two lists of
+    /// `queue_depth` places swap, so a delivery allocates nothing.
+    fn deliver(&self, mut w: MutexGuard<'_, Worker>) {
+        if w.finished.is_empty() {
+            return;
+        }
+        let spare = std::mem::take(&mut w.spare);
+        let mut list = std::mem::replace(&mut w.finished, spare);
+        drop(w);
+        for f in list.drain(..) {
+            f.deliver();
+        }
+        // Give the emptied list back as the spare, unless a concurrent delivery already
+        // did (then this one is dropped; the worker keeps at most two lists).
+        let mut w = self.lock();
+        if w.spare.capacity() < list.capacity() {
+            w.spare = list;
+        }
+    }
+
+    /// The runtime given to [`Ring::set_home`], if any.
+    pub(crate) fn home(&self) -> Option<tokio::runtime::Handle> {
+        self.home.get().cloned()
     }
 
     /// The runtime a submit from outside any runtime starts the reaper in (the first
@@ -213,6 +327,7 @@ impl Ring {
         let mut w = self.lock();
         w.reap();
         w.submit();
+        self.deliver(w);
     }
 
     /// Write the eventfd (wakes the reaper so it can notice `closed`).
@@ -262,6 +377,7 @@ impl Ring {
             w.submit();
             if w.in_ring == 0 {
                 emptied = true;
+                self.deliver(w);
                 break;
             }
             // Wait (briefly, holding the lock: at most 10 ms of a reaper that wants it)
@@ -269,6 +385,7 @@ impl Ring {
             let ts = types::Timespec::new().nsec(10_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = w.ring.submitter().submit_with_args(1, &args);
+            self.deliver(w);
         }
         // The helper finishes its queued ioctls and completes them itself.
         let helper = self.lock().helper.take();
@@ -358,18 +475,16 @@ impl Slot {
         }
     }
 
-    /// Complete the caller's future; the permit is released first so a caller that
-    /// reacts to the completion by submitting again finds a free one.
-    fn finish(self, result: Result<(), StoreError>) {
+    /// The op's result, to deliver once the lock is released; the permit is released
+    /// now so a caller that reacts to the completion by submitting again finds a free
+    /// one. A write's own buffer is freed (or pooled) here.
+    fn finish(self, result: Result<(), StoreError>) -> Finished {
         let Slot { req, permit, .. } = self;
         drop(permit);
-        // A send error means the caller dropped its future: nothing to do.
         match req {
-            Request::Read { buf, done, .. } => {
-                let _ = done.send(result.map(|()| buf));
-            }
+            Request::Read { buf, done, .. } => Finished::Read(done, result.map(|()| buf)),
             Request::Write { done, .. } | Request::Flush { done } | Request::Range { done, .. } => {
-                let _ = done.send(result);
+                Finished::Other(done, result)
             }
         }
     }
@@ -386,7 +501,7 @@ struct HelperJob {
     op: StoreOp,
     offset: u64,
     len: u64,
-    done: Done<()>,
+    done: Reply,
     permit: OwnedSemaphorePermit,
 }
 
@@ -406,6 +521,10 @@ struct Worker {
     in_ring: usize,
     helper: Option<Helper>,
     cqes: Vec<(u64, i32)>,
+    /// Results to deliver when the lock is released (`Ring::deliver`), and the list
+    /// that takes their place meanwhile; both hold `queue_depth`, the most ops there are.
+    finished: Vec<Finished>,
+    spare: Vec<Finished>,
 }
 
 impl Worker {
@@ -452,10 +571,11 @@ impl Worker {
             // Unreachable: callers hold one of `queue_depth` permits, one per slot.
             None => {
                 let op = slot.op();
-                slot.finish(Err(StoreError::Io {
+                let f = slot.finish(Err(StoreError::Io {
                     op,
                     errno: libc::EBUSY,
                 }));
+                self.finished.push(f);
             }
         }
     }
@@ -520,10 +640,11 @@ impl Worker {
         let entry = entry.user_data(idx as u64);
         // Park the slot first: from the push on, the kernel may use its buffer.
         let Some(place) = self.slots.get_mut(idx) else {
-            return slot.finish(Err(StoreError::Io {
+            let f = slot.finish(Err(StoreError::Io {
                 op: StoreOp::Read,
                 errno: libc::EFAULT,
             }));
+            return self.finished.push(f);
         };
         *place = Some(slot);
         // SAFETY: the entry references the fd (kept open by `self.file` until the worker
@@ -548,7 +669,8 @@ impl Worker {
 
     fn finish_free(&mut self, idx: usize, slot: Slot, result: Result<(), StoreError>) {
         self.free.push(idx);
-        slot.finish(result);
+        let f = slot.finish(result);
+        self.finished.push(f);
     }
 
     fn hand_to_helper(
@@ -567,8 +689,10 @@ impl Worker {
             match spawn_helper(Arc::clone(&self.file), self.queue_depth) {
                 Ok(h) => self.helper = Some(h),
                 Err(e) => {
-                    let _ = done.send(Err(StoreError::Setup(e)));
-                    return;
+                    drop(permit);
+                    return self
+                        .finished
+                        .push(Finished::Other(done, Err(StoreError::Setup(e))));
                 }
             }
         }
@@ -585,10 +709,12 @@ impl Worker {
             match h.tx.try_send(job) {
                 Ok(()) => {}
                 Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
-                    let _ = job.done.send(Err(StoreError::Io {
+                    drop(job.permit);
+                    let err = Err(StoreError::Io {
                         op,
                         errno: libc::EBUSY,
-                    }));
+                    });
+                    self.finished.push(Finished::Other(job.done, err));
                 }
             }
         }
@@ -628,9 +754,12 @@ impl Drop for Worker {
     /// After a clean [`Ring::close`] nothing is in the kernel's hands. If the ring is
     /// dropped with ops in flight (close timed out, or a bug), the kernel may still write
     /// into their buffers after the ring fd closes (it cancels asynchronously), so those
-    /// are leaked, never freed; their callers are completed with `Closed` by dropping the
-    /// senders.
+    /// are leaked, never freed; their callers are completed with `Closed` (a waiter by
+    /// dropping its sender, a sink by a call).
     fn drop(&mut self) {
+        for f in self.finished.drain(..) {
+            f.deliver();
+        }
         if self.in_ring == 0 {
             return;
         }
@@ -641,8 +770,13 @@ impl Drop for Worker {
         for slot in self.slots.iter_mut().filter_map(Option::take) {
             match slot.req {
                 Request::Read { buf, .. } => std::mem::forget(buf),
-                Request::Write { buf, .. } => std::mem::forget(buf),
-                Request::Flush { .. } | Request::Range { .. } => {}
+                Request::Write { buf, done, .. } => {
+                    std::mem::forget(buf);
+                    done.send(Err(StoreError::Closed));
+                }
+                Request::Flush { done } | Request::Range { done, .. } => {
+                    done.send(Err(StoreError::Closed));
+                }
             }
         }
     }
@@ -712,7 +846,7 @@ fn spawn_helper(file: Arc<File>, queue_depth: usize) -> io::Result<Helper> {
                     .map_err(|errno| StoreError::from_errno(op, errno));
                 // Release the queue slot before waking the caller (see Slot::finish).
                 drop(permit);
-                let _ = done.send(result);
+                done.send(result);
             }
         })?;
     Ok(Helper { tx, handle })

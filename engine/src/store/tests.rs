@@ -700,3 +700,216 @@ async fn full_device_reports_no_space() {
         .expect("write after freeing");
     s.close();
 }
+
+// ----- the completion-sink path (`Store::submit_to`) -----------------------------------
+
+/// Records every completion it gets, and the ops in flight at that moment.
+struct Recorder {
+    store: std::sync::OnceLock<Store>,
+    seen: std::sync::Mutex<Vec<(u64, Result<(), String>)>>,
+    max_in_flight: std::sync::atomic::AtomicUsize,
+    more: tokio::sync::Notify,
+}
+
+impl Recorder {
+    fn new() -> Arc<Recorder> {
+        Arc::new(Recorder {
+            store: std::sync::OnceLock::new(),
+            seen: std::sync::Mutex::new(Vec::new()),
+            max_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            more: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn seen(&self) -> Vec<(u64, Result<(), String>)> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (≤ 10 s) until `n` completions arrived.
+    async fn wait_for(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let more = self.more.notified();
+            if self.seen.lock().unwrap().len() >= n {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, more).await.is_err() {
+                panic!("{} of {n} completions after 10 s", self.seen().len());
+            }
+        }
+    }
+}
+
+impl Completions for Recorder {
+    fn done(&self, token: u64, result: Result<(), StoreError>) {
+        if let Some(s) = self.store.get() {
+            // Ops holding a permit now (this one released its own before the call).
+            self.max_in_flight
+                .fetch_max(s.ops_in_flight(), std::sync::atomic::Ordering::SeqCst);
+        }
+        self.seen
+            .lock()
+            .unwrap()
+            .push((token, result.map_err(|e| e.to_string())));
+        self.more.notify_one();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_is_called_once_per_op_within_the_queue_depth() {
+    let dir = TempDir::new("sink");
+    let qd = 4u32;
+    let s = Store::open(
+        dir.path("d.img"),
+        &StoreOptions {
+            create_size_bytes: Some(MIB),
+            queue_depth: qd,
+        },
+    )
+    .expect("open");
+    let rec = Recorder::new();
+    rec.store.set(s.clone()).expect("once");
+    let sink: Arc<dyn Completions> = rec.clone();
+    // 64 writes (owned and shared buffers, some FUA) and 8 flushes, far more than the
+    // queue depth: the ones without a permit wait in the store's fallback.
+    let mut tokens = Vec::new();
+    for i in 0..64u64 {
+        let data = if i % 2 == 0 {
+            WriteData::Owned(pattern(4096, i))
+        } else {
+            WriteData::Shared(Arc::new(pattern(4096, i)))
+        };
+        let op = SinkOp::Write {
+            offset: i * 4096,
+            data,
+            fua: i % 5 == 0,
+        };
+        s.submit_to(op, &sink, i).expect("submit");
+        assert!(s.ops_in_flight() <= qd as usize);
+        tokens.push(i);
+        if i % 8 == 7 {
+            s.submit_to(SinkOp::Flush, &sink, 1000 + i).expect("flush");
+            tokens.push(1000 + i);
+        }
+    }
+    rec.wait_for(tokens.len()).await;
+    // Nothing more arrives: each op completed exactly once.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut seen = rec.seen();
+    assert_eq!(seen.len(), tokens.len(), "one completion per op");
+    seen.sort_by_key(|(t, _)| *t);
+    let got: Vec<u64> = seen.iter().map(|(t, _)| *t).collect();
+    tokens.sort_unstable();
+    assert_eq!(got, tokens);
+    assert!(seen.iter().all(|(_, r)| r.is_ok()), "{seen:?}");
+    let max = rec.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(max <= qd as usize, "{max} ops in flight at once");
+    assert_eq!(s.ops_in_flight(), 0);
+    for i in 0..64u64 {
+        let back = s.read(i * 4096, 4096).await.expect("read");
+        assert!(back[..] == pattern(4096, i)[..], "block {i}");
+    }
+}
+
+#[test]
+fn sink_gets_errors_and_refusals_are_not_delivered() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = TempDir::new("sinkerr");
+    let s = Store::open(
+        dir.path("d.img"),
+        &StoreOptions {
+            create_size_bytes: Some(MIB),
+            queue_depth: 1,
+        },
+    )
+    .expect("open");
+    let rec = Recorder::new();
+    let sink: Arc<dyn Completions> = rec.clone();
+    rt.block_on(async {
+        // An invalid request is refused at once; the sink never hears of it.
+        let bad = SinkOp::Write {
+            offset: 100,
+            data: WriteData::Owned(pattern(4096, 1)),
+            fua: false,
+        };
+        assert_invalid(s.submit_to(bad, &sink, 9), "unaligned sink write");
+        // Op 1 takes the only permit; op 2 waits for it in a task that has not run yet
+        // (one thread, no await in between).
+        let w = |seed| SinkOp::Write {
+            offset: 0,
+            data: WriteData::Owned(pattern(4096, seed)),
+            fua: false,
+        };
+        s.submit_to(w(1), &sink, 1).expect("op 1");
+        s.submit_to(w(2), &sink, 2).expect("op 2 (queued)");
+        assert_eq!(s.ops_in_flight(), 1, "the queued op holds no permit");
+        // Closing reaps op 1 (its sink is called from the closing thread) and refuses
+        // the waiting op 2, which gets `Closed` through the sink.
+        s.close();
+        assert_eq!(rec.seen(), vec![(1, Ok(()))]);
+        rec.wait_for(2).await;
+        let seen = rec.seen();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[1].0, 2);
+        assert_eq!(seen[1].1, Err(StoreError::Closed.to_string()));
+        // After close: refused at once, not delivered.
+        assert!(matches!(
+            s.submit_to(SinkOp::Flush, &sink, 3),
+            Err(StoreError::Closed)
+        ));
+        tokio::task::yield_now().await;
+        assert_eq!(rec.seen().len(), 2);
+    });
+}
+
+#[tokio::test]
+async fn sink_gets_kernel_errors() {
+    if !is_root() {
+        eprintln!("SKIPPED: sink_gets_kernel_errors needs root to mount a 1 MiB tmpfs");
+        return;
+    }
+    let dir = TempDir::new("sinknospc");
+    let mnt = dir.path("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tandem-test"])
+        .arg(&mnt)
+        .status()
+        .expect("mount(8) is needed");
+    assert!(st.success(), "mounting a tmpfs failed");
+    let _m = Mount(mnt.clone());
+    let s = match Store::open(mnt.join("d.img"), &opts(8 * MIB)) {
+        Ok(s) => s,
+        Err(StoreError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("SKIPPED: this kernel's tmpfs has no O_DIRECT (Linux < 6.6)");
+            return;
+        }
+        Err(e) => panic!("open on tmpfs: {e}"),
+    };
+    let rec = Recorder::new();
+    let sink: Arc<dyn Completions> = rec.clone();
+    let data = Arc::new(pattern(MIB_USIZE, 1));
+    for i in 0..8u64 {
+        let op = SinkOp::Write {
+            offset: i * MIB,
+            data: WriteData::Shared(Arc::clone(&data)),
+            fua: false,
+        };
+        s.submit_to(op, &sink, i).expect("submit");
+    }
+    rec.wait_for(8).await;
+    let seen = rec.seen();
+    let nospace = StoreError::NoSpace {
+        op: StoreOp::Write,
+        errno: libc::ENOSPC,
+    }
+    .to_string();
+    assert!(
+        seen.iter().any(|(_, r)| r.as_ref().err() == Some(&nospace)),
+        "8 MiB of sink writes fit into a 1 MiB tmpfs: {seen:?}"
+    );
+    s.close();
+}

@@ -12,8 +12,12 @@
 //!   queues *while the lock is held*, so they reach each socket in the order the core
 //!   emitted them (a barrier between two epochs' writes; a write ack before its epoch's
 //!   barrier ack);
-//! - **disk IO** and **completions** run after the lock is released: each store
-//!   operation is a task that re-enters the core with its result.
+//! - **disk IO** and **completions** run after the lock is released. A data write, a
+//!   flush and a metadata write are submitted to the store from the thread that ran the
+//!   core (no task), and the store's reaper feeds the result back to the core from its
+//!   thread (`io.rs`: a completion sink, a preallocated table of the ops in flight);
+//!   the rest (discards, resync IO, the failure record) are tasks that re-enter the core
+//!   with their result.
 //!
 //! Resync, online verify and the reads of a SyncTarget Primary from its peer are in
 //! `sync.rs`: the same pattern, with the `resync` machines instead of the cores.
@@ -75,8 +79,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
 mod durable;
+mod io;
 mod peer_wait;
 mod port;
+mod reply;
 mod sync;
 
 pub use sync::{SyncRole, SyncSettings};
@@ -93,7 +99,22 @@ pub const PEER_DATA_BUDGET: usize = 64 << 20;
 
 struct Pending {
     buf: Option<Arc<AlignedBuf>>,
-    done: Option<oneshot::Sender<Result<(), BlockError>>>,
+    /// Where the result goes; a `Pending` leaves `Inner::pending` only when the core
+    /// completes it (or when the core refused it at once, see `core_request`).
+    done: Option<Done>,
+}
+
+/// Where a frontend request's result goes: a preallocated reply slot (`reply.rs`), or a
+/// `oneshot` when all slots are taken.
+enum Done {
+    Slot(u32),
+    Oneshot(oneshot::Sender<Result<(), BlockError>>),
+}
+
+/// The waiting side of [`Done`].
+enum Waiter {
+    Slot(u32),
+    Oneshot(oneshot::Receiver<Result<(), BlockError>>),
 }
 
 struct Inner {
@@ -112,8 +133,10 @@ struct Inner {
     pending: HashMap<u64, Pending>,
     peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
-    /// Secondary epoch flushes requested and not yet issued (see `merged_flushes`).
+    /// Secondary epoch flushes requested and not yet issued (see `io.rs`).
     flush_waiting: Vec<u64>,
+    /// The flushes the running merged flush round covers.
+    flush_batch: Vec<u64>,
     /// A merged flush round is running.
     flush_running: bool,
     writes_completed: u64,
@@ -242,6 +265,8 @@ enum Effect {
     ReceiverFlush {
         token: u64,
     },
+    /// Start the merged flush round `Inner::flush_batch` (see `io.rs`).
+    FlushRound,
     SyncRead {
         run: u64,
         tag: u64,
@@ -263,7 +288,7 @@ enum Effect {
         uuids: Option<UuidSet>,
     },
     Complete {
-        done: oneshot::Sender<Result<(), BlockError>>,
+        done: Done,
         result: Result<(), BlockError>,
     },
 }
@@ -329,6 +354,10 @@ pub struct Volume {
     /// part of a write): a frontend request submitted from a thread outside any runtime
     /// (a ublk queue thread) starts its tasks here.
     rt: tokio::runtime::Handle,
+    /// The local IO in flight through the store's completion sink (`io.rs`).
+    io_ops: Mutex<io::IoTable>,
+    /// Frontend requests' results (`reply.rs`).
+    replies: reply::Replies,
     inner: Mutex<Inner>,
 }
 
@@ -398,6 +427,7 @@ impl Inner {
             peer_bufs: HashMap::new(),
             bytes_replicated: 0,
             flush_waiting: Vec::new(),
+            flush_batch: Vec::new(),
             flush_running: false,
             writes_completed: 0,
             uuids,
@@ -520,6 +550,8 @@ impl Volume {
             detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
             rt,
+            io_ops: Mutex::new(io::IoTable::new(max_buffers)),
+            replies: reply::Replies::new(max_buffers.saturating_mul(2)),
             inner: Mutex::new(Inner::new(primary, receiver, disk, uuids, crashed_primary)),
         }))
     }
@@ -1132,7 +1164,7 @@ impl Volume {
         session: u64,
         f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>) -> Result<T, String>,
     ) -> Result<Option<T>, String> {
-        let mut effects = Vec::new();
+        let mut effects = io::fx_vec();
         let out = {
             let mut g = self.lock();
             let inner = &mut *g;
@@ -1765,19 +1797,19 @@ impl Volume {
         inner.receiver_out = outputs;
     }
 
-    /// Starts the effects' IO, each as a task on the volume's runtime (`rt`, not the
-    /// caller's: a frontend request from a thread outside any runtime passes here too).
-    fn run(&self, effects: Vec<Effect>) {
-        if effects.is_empty() {
-            return;
-        }
-        let Some(me) = self.me.upgrade() else { return };
-        for e in effects {
-            let v = me.clone();
+    /// Starts the effects' IO: local writes, flushes and metadata writes through the
+    /// store's completion sink (`io.rs`), the rest as tasks on the volume's runtime
+    /// (`rt`, not the caller's: a frontend request from a thread outside any runtime
+    /// passes here too). Called without the volume lock.
+    fn run(&self, mut effects: Vec<Effect>) {
+        for e in effects.drain(..) {
             match e {
-                Effect::Complete { done, result } => {
-                    let _ = done.send(result);
-                }
+                Effect::Complete { done, result } => match done {
+                    Done::Slot(id) => self.replies.complete(id, result),
+                    Done::Oneshot(tx) => {
+                        let _ = tx.send(result);
+                    }
+                },
                 Effect::LocalWrite {
                     side,
                     sector,
@@ -1785,139 +1817,98 @@ impl Volume {
                     kind,
                     fua,
                     buf,
-                } => {
-                    self.rt.spawn(async move {
-                        // A detached disk takes no more writes (`on-io-error detach`).
-                        let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
-                        let ok = !detached && v.local_io(sector, len, kind, fua, buf).await;
-                        if !ok {
-                            // Recorded before the write completes (and before a Secondary
-                            // answers P_NEG_ACK): never UpToDate again without a resync.
-                            v.record_disk_failure(side, sector, len, !detached).await;
-                        }
-                        v.feed(|v, inner, fx| {
-                            inner.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
-                            match side {
-                                Side::Primary(tag) => {
-                                    Self::sync_write_ended(inner, Some(tag), None);
-                                    if !ok {
-                                        v.local_write_failed(inner, sector, len);
-                                    }
-                                    contract(inner.primary.local_done(tag, ok));
-                                    v.drain_primary(inner, fx);
-                                }
-                                Side::Receiver(token) => {
-                                    Self::sync_write_ended(inner, None, Some(token));
-                                    contract(inner.receiver.local_done(token, ok));
-                                    v.drain_receiver(inner, fx);
-                                }
-                            }
-                            v.drain_sync(inner, fx);
-                        });
-                    });
-                }
-                Effect::PrimaryFlush { tag } => {
-                    self.rt.spawn(async move {
-                        let ok = v.flush_local().await;
-                        v.feed(|v, inner, fx| {
-                            contract(inner.primary.local_flush_done(tag, ok));
-                            v.drain_primary(inner, fx);
-                        });
-                    });
-                }
+                } => self.start_local_write(side, sector, len, kind, fua, buf),
+                Effect::PrimaryFlush { tag } => self.start_flush(io::IoCtx::PrimaryFlush { tag }),
                 Effect::MetaWrite {
                     tag,
                     offset,
                     data,
                     preflush,
                 } => {
-                    self.rt.spawn(async move {
-                        let ok = v.meta_write(offset, &data, preflush).await;
-                        v.feed(|v, inner, fx| {
-                            contract(inner.primary.meta_write_done(tag, ok));
-                            v.drain_primary(inner, fx);
-                        });
-                    });
-                }
-                Effect::SyncRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose,
-                } => {
-                    self.rt.spawn(async move {
-                        let read = v.sync_read(sector, len, purpose).await;
-                        v.feed(|v, inner, fx| {
-                            v.sync_read_done(inner, (run, tag, purpose), read, fx);
-                            v.drain_sync(inner, fx);
-                        });
-                    });
-                }
-                Effect::SyncWrite {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    data,
-                } => {
-                    self.rt.spawn(async move {
-                        let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
-                        let ok = !detached
-                            && match data {
-                                Some(d) => {
-                                    v.local_io(
-                                        sector,
-                                        len,
-                                        WriteKind::Data,
-                                        false,
-                                        Some(Buf::Owned(d)),
-                                    )
-                                    .await
-                                }
-                                None => {
-                                    v.local_io(
-                                        sector,
-                                        len,
-                                        WriteKind::Zeroes { unmap: true },
-                                        false,
-                                        None,
-                                    )
-                                    .await
-                                }
-                            };
-                        v.feed(|v, inner, fx| {
-                            v.sync_write_done(inner, run, tag, ok);
-                            v.drain_sync(inner, fx);
-                        });
-                    });
-                }
-                Effect::SyncBitmap => {
-                    self.rt.spawn(async move {
-                        if let Err(e) = v.write_target_pages().await {
-                            // The on-disk bits stay set: a restart resyncs more, never less.
-                            tracing::warn!("lazy bitmap write-out during resync: {e}");
-                        }
-                    });
-                }
-                Effect::SyncFinish { run, uuids } => {
-                    self.rt
-                        .spawn(async move { v.finish_target(run, uuids).await });
+                    if preflush {
+                        self.start_flush(io::IoCtx::MetaPreflush { tag, offset, data });
+                    } else {
+                        self.start_meta_write(tag, offset, &data);
+                    }
                 }
                 Effect::ReceiverFlush { token } => {
                     // Epoch flushes are merged: while one flush is in flight, later ones
                     // wait and are all satisfied by the single flush issued after it
                     // completes (every write they cover completed before it was issued).
                     let start = {
-                        let mut g = v.lock();
+                        let mut g = self.lock();
                         g.flush_waiting.push(token);
-                        !std::mem::replace(&mut g.flush_running, true)
+                        !g.flush_running && Self::next_flush_round(&mut g)
                     };
                     if start {
-                        self.rt.spawn(async move { v.merged_flushes().await });
+                        self.start_flush(io::IoCtx::ReceiverFlush);
                     }
                 }
+                Effect::FlushRound => self.start_flush(io::IoCtx::ReceiverFlush),
+                e => self.spawn_sync_effect(e),
             }
+        }
+        io::recycle(effects);
+    }
+
+    /// The resync effects, each a task on the volume's runtime.
+    fn spawn_sync_effect(&self, e: Effect) {
+        let Some(v) = self.me.upgrade() else { return };
+        match e {
+            Effect::SyncRead {
+                run,
+                tag,
+                sector,
+                len,
+                purpose,
+            } => {
+                self.rt.spawn(async move {
+                    let read = v.sync_read(sector, len, purpose).await;
+                    v.feed(|v, inner, fx| {
+                        v.sync_read_done(inner, (run, tag, purpose), read, fx);
+                        v.drain_sync(inner, fx);
+                    });
+                });
+            }
+            Effect::SyncWrite {
+                run,
+                tag,
+                sector,
+                len,
+                data,
+            } => {
+                self.rt.spawn(async move {
+                    let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
+                    let (kind, buf) = match data {
+                        Some(d) => (WriteKind::Data, Some(Buf::Owned(d))),
+                        None => (WriteKind::Zeroes { unmap: true }, None),
+                    };
+                    let ok = !detached && v.local_io(sector, len, kind, false, buf).await;
+                    v.feed(|v, inner, fx| {
+                        v.sync_write_done(inner, run, tag, ok);
+                        v.drain_sync(inner, fx);
+                    });
+                });
+            }
+            Effect::SyncBitmap => {
+                self.rt.spawn(async move {
+                    if let Err(e) = v.write_target_pages().await {
+                        // The on-disk bits stay set: a restart resyncs more, never less.
+                        tracing::warn!("lazy bitmap write-out during resync: {e}");
+                    }
+                });
+            }
+            Effect::SyncFinish { run, uuids } => {
+                self.rt
+                    .spawn(async move { v.finish_target(run, uuids).await });
+            }
+            // `run` handles the others.
+            Effect::Complete { .. }
+            | Effect::LocalWrite { .. }
+            | Effect::PrimaryFlush { .. }
+            | Effect::MetaWrite { .. }
+            | Effect::ReceiverFlush { .. }
+            | Effect::FlushRound => {}
         }
     }
 
@@ -1944,32 +1935,10 @@ impl Volume {
         }
     }
 
-    /// Runs merged Secondary flushes until none is waiting: each round takes every flush
-    /// requested so far, issues one disk flush, and reports them all, oldest first.
-    async fn merged_flushes(&self) {
-        loop {
-            let batch = {
-                let mut g = self.lock();
-                if g.flush_waiting.is_empty() {
-                    g.flush_running = false;
-                    return;
-                }
-                std::mem::take(&mut g.flush_waiting)
-            };
-            let ok = self.flush_local().await;
-            self.feed(|v, inner, fx| {
-                for token in batch {
-                    contract(inner.receiver.local_flush_done(token, ok));
-                }
-                v.drain_receiver(inner, fx);
-            });
-        }
-    }
-
     /// Feeds a local IO result to a core under the lock, then runs what it asks for. A
     /// completion may free room in the receiver, so the data socket's reader is woken.
     fn feed(&self, f: impl FnOnce(&Self, &mut Inner, &mut Vec<Effect>)) {
-        let mut fx = Vec::new();
+        let mut fx = io::fx_vec();
         {
             let mut g = self.lock();
             f(self, &mut g, &mut fx);
@@ -2013,27 +1982,6 @@ impl Volume {
         r.is_ok()
     }
 
-    /// A metadata block, durably; with `preflush` the data device is flushed first.
-    async fn meta_write(&self, offset: u64, data: &[u8; 4096], preflush: bool) -> bool {
-        if preflush && !self.flush_local().await {
-            return false;
-        }
-        let buf = match AlignedBuf::from_slice(data) {
-            Ok(b) => Arc::new(b),
-            Err(e) => {
-                tracing::error!("metadata buffer: {e}");
-                return false;
-            }
-        };
-        match self.meta_store.write(offset, buf, true).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!("metadata write at byte {offset} failed: {e}");
-                false
-            }
-        }
-    }
-
     async fn flush_local(&self) -> bool {
         match self.store.flush().await {
             Ok(()) => true,
@@ -2059,8 +2007,7 @@ impl Volume {
             .acquire()
             .await
             .map_err(|_| BlockError::Shutdown)?;
-        let (tx, rx) = oneshot::channel();
-        let mut fx = Vec::new();
+        let mut fx = io::fx_vec();
         let secondary_flush = {
             let mut g = self.lock();
             let inner = &mut *g;
@@ -2083,8 +2030,8 @@ impl Volume {
                 Err(BlockError::Io)
             };
         }
-        let (mut tx, mut buf) = (Some(tx), buf);
-        loop {
+        let mut buf = buf;
+        let (waiter, alone) = loop {
             // Completed writes stay in the core until their epoch is barrier-acked
             // (≤ 2 × max-buffers); under protocol A the application can outrun the acks.
             // Then the request waits for room (a retirement, or the connection's end,
@@ -2109,11 +2056,12 @@ impl Volume {
                 if !gate_closed && (inner.primary.can_accept() || inner.shutting_down) {
                     let id = inner.next_id;
                     inner.next_id += 1;
+                    let (done, w) = self.reply_slot();
                     inner.pending.insert(
                         id,
                         Pending {
                             buf: buf.take(),
-                            done: tx.take(),
+                            done: Some(done),
                         },
                     );
                     let r = match kind {
@@ -2121,14 +2069,20 @@ impl Volume {
                         None => inner.primary.flush(id),
                     };
                     if let Err(e) = r {
-                        inner.pending.remove(&id);
+                        if let Some(Pending {
+                            done: Some(Done::Slot(slot)),
+                            ..
+                        }) = inner.pending.remove(&id)
+                        {
+                            self.replies.release(slot);
+                        }
                         return Err(match e {
                             CoreError::Busy => BlockError::Busy,
                             CoreError::Invalid(_) | CoreError::Protocol(_) => BlockError::Invalid,
                         });
                     }
                     self.drain_primary(inner, &mut fx);
-                    break;
+                    break (w, inner.pending.len() == 1 && inner.link.is_some());
                 }
             }
             if gate_closed {
@@ -2137,9 +2091,41 @@ impl Volume {
             } else {
                 room.await;
             }
+        };
+        self.start_and_wait(fx, waiter, alone).await
+    }
+
+    /// Where a new request's result will go: a reply slot, or a `oneshot` if none is free.
+    fn reply_slot(&self) -> (Done, Waiter) {
+        match self.replies.take() {
+            Some(slot) => (Done::Slot(slot), Waiter::Slot(slot)),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                (Done::Oneshot(tx), Waiter::Oneshot(rx))
+            }
+        }
+    }
+
+    /// Runs a request's core step's effects, then waits for its result.
+    async fn start_and_wait(
+        &self,
+        fx: Vec<Effect>,
+        waiter: Waiter,
+        alone: bool,
+    ) -> Result<(), BlockError> {
+        if alone && fx.iter().any(|e| matches!(e, Effect::LocalWrite { .. })) {
+            // The step queued the P_DATA; let the sender task put it on the socket before
+            // the local write's io_uring_enter (~20 µs in a VM), as when the local write
+            // was a task of its own: the peer's round trip overlaps the local IO. Only
+            // for a request alone in the core (QD1): with more, the sender is busy anyway
+            // and a yield would push the NBD reader's queued requests into tasks.
+            tokio::task::yield_now().await;
         }
         self.run(fx);
-        rx.await.map_err(|_| BlockError::Io)?
+        match waiter {
+            Waiter::Slot(slot) => self.replies.wait(slot).await,
+            Waiter::Oneshot(rx) => rx.await.map_err(|_| BlockError::Io)?,
+        }
     }
 
     async fn write(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> Result<(), BlockError> {

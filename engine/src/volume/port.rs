@@ -106,7 +106,9 @@ impl Replica for Volume {
             .acquire_many_owned(units)
             .await
             .map_err(|e| e.to_string())?;
-        let buf = AlignedBuf::new(len).map_err(|e| e.to_string())?;
+        // From the IO buffer pool (no allocation for a 4 KiB write once warm): not
+        // zeroed, the receiver reads the whole payload into it before using it.
+        let buf = AlignedBuf::from_pool(len).map_err(|e| e.to_string())?;
         Ok(PeerData::new(buf, budget))
     }
 

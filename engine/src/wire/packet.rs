@@ -848,17 +848,18 @@ fn encode_inner(
             ),
         });
     }
-    let mut hdr = Vec::with_capacity(hl);
-    header.encode(&mut hdr)?;
-    match out.get_mut(start..start + hl) {
-        Some(slot) if slot.len() == hdr.len() => slot.copy_from_slice(&hdr),
-        _ => {
-            return Err(WireError::Encode {
-                cmd,
-                problem: "header size does not match the context".into(),
-            })
-        }
+    // Encoded after the payload, then moved into its place: no buffer of its own (an
+    // `out` that is reused, like `net::link`'s scratch, allocates nothing here).
+    let end = out.len();
+    header.encode(out)?;
+    if out.len() - end != hl {
+        return Err(WireError::Encode {
+            cmd,
+            problem: "header size does not match the context".into(),
+        });
     }
+    out.copy_within(end.., start);
+    out.truncate(end);
     Ok(())
 }
 

@@ -904,7 +904,9 @@ type InlineRequest = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// arrives while it is unfinished, it moves to its own task (a boxed future moves without
 /// being disturbed) and pipelining continues as before. `inline` lives in the caller so
 /// that a reader stopped from outside (shutdown) leaves it to be spawned, never dropped.
-/// Every request is submitted on `queue`.
+/// Every request is submitted on `queue`. A WRITE's payload buffer comes from the IO
+/// buffer pool (`AlignedBuf::from_pool`): not zeroed, but the payload overwrites all of
+/// it before anyone reads it (a short payload ends the connection).
 // The connection's parts again; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 async fn read_requests<T, R, W>(
@@ -973,7 +975,7 @@ where
                 Err(e) => return ConnectionEnd::Protocol(format!("READ buffer: {e}")),
             },
             Action::Write { offset, len, fua } => {
-                let mut buf = match AlignedBuf::new(len as usize) {
+                let mut buf = match AlignedBuf::from_pool(len as usize) {
                     Ok(b) => b,
                     Err(e) => return ConnectionEnd::Protocol(format!("WRITE buffer: {e}")),
                 };
