@@ -84,6 +84,8 @@ mod peer_wait;
 mod port;
 mod reply;
 mod sync;
+#[cfg(test)]
+mod tests;
 
 pub use sync::{SyncRole, SyncSettings};
 
