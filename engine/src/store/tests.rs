@@ -654,13 +654,11 @@ impl Drop for Mount {
     }
 }
 
-#[tokio::test]
-async fn full_device_reports_no_space() {
-    if !is_root() {
-        eprintln!("SKIPPED: full_device_reports_no_space needs root to mount a 1 MiB tmpfs");
-        return;
-    }
-    let dir = TempDir::new("nospc");
+/// A sparse 8 MiB store on a 1 MiB tmpfs mounted for the test (unmounted when the
+/// `Mount` drops); `None` (and a SKIPPED line) where this kernel's tmpfs has no O_DIRECT
+/// (Linux < 6.6). Needs root.
+fn store_on_a_full_tmpfs(name: &str) -> Option<(TempDir, Mount, Store)> {
+    let dir = TempDir::new(name);
     let mnt = dir.path("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
     let st = Command::new("mount")
@@ -669,15 +667,25 @@ async fn full_device_reports_no_space() {
         .status()
         .expect("mount(8) is needed");
     assert!(st.success(), "mounting a tmpfs failed");
-    let _m = Mount(mnt.clone());
-    // A sparse 8 MiB file on a 1 MiB file system (tmpfs has O_DIRECT since Linux 6.6).
-    let s = match Store::open(mnt.join("d.img"), &opts(8 * MIB)) {
-        Ok(s) => s,
+    let m = Mount(mnt.clone());
+    match Store::open(mnt.join("d.img"), &opts(8 * MIB)) {
+        Ok(s) => Some((dir, m, s)),
         Err(StoreError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
             eprintln!("SKIPPED: this kernel's tmpfs has no O_DIRECT (Linux < 6.6)");
-            return;
+            None
         }
         Err(e) => panic!("open on tmpfs: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn full_device_reports_no_space() {
+    if !is_root() {
+        eprintln!("SKIPPED: full_device_reports_no_space needs root to mount a 1 MiB tmpfs");
+        return;
+    }
+    let Some((_dir, _m, s)) = store_on_a_full_tmpfs("nospc") else {
+        return;
     };
     let data = Arc::new(pattern(MIB_USIZE, 1));
     let mut saw_nospace = false;
@@ -871,23 +879,8 @@ async fn sink_gets_kernel_errors() {
         eprintln!("SKIPPED: sink_gets_kernel_errors needs root to mount a 1 MiB tmpfs");
         return;
     }
-    let dir = TempDir::new("sinknospc");
-    let mnt = dir.path("mnt");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tandem-test"])
-        .arg(&mnt)
-        .status()
-        .expect("mount(8) is needed");
-    assert!(st.success(), "mounting a tmpfs failed");
-    let _m = Mount(mnt.clone());
-    let s = match Store::open(mnt.join("d.img"), &opts(8 * MIB)) {
-        Ok(s) => s,
-        Err(StoreError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
-            eprintln!("SKIPPED: this kernel's tmpfs has no O_DIRECT (Linux < 6.6)");
-            return;
-        }
-        Err(e) => panic!("open on tmpfs: {e}"),
+    let Some((_dir, _m, s)) = store_on_a_full_tmpfs("sinknospc") else {
+        return;
     };
     let rec = Recorder::new();
     let sink: Arc<dyn Completions> = rec.clone();
