@@ -287,7 +287,8 @@ enum Effect {
     SyncBitmap,
     SyncFinish {
         run: u64,
-        uuids: Option<UuidSet>,
+        /// The generation when the run ended, and the one that completes it.
+        uuids: Option<(UuidSet, UuidSet)>,
     },
     Complete {
         done: Done,

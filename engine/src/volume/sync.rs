@@ -1195,22 +1195,33 @@ impl Volume {
         }
         fx.push(Effect::SyncFinish {
             run: r.run,
-            uuids: complete.then_some(uuids),
+            uuids: complete.then_some((inner.uuids, uuids)),
         });
     }
 
     /// The recorded end of a target run (see [`Self::target_finished`]).
-    pub(super) async fn finish_target(&self, run: u64, uuids: Option<UuidSet>) {
+    /// `uuids`: the generation when the run ended and the one that completes it. The
+    /// data is flushed and the pages written first; then "consistent", the new UUIDs and
+    /// the crashed-primary flag cleared go in one superblock write, adopted in memory when
+    /// staged — unless the UUIDs changed meanwhile (the connection was lost), when the
+    /// next handshake decides instead. A failed superblock write is the disk's error (the
+    /// data is in sync; the writes wait at the gate).
+    pub(super) async fn finish_target(&self, run: u64, uuids: Option<(UuidSet, UuidSet)>) {
         let recorded = async {
             self.write_target_pages().await?;
-            if let Some(u) = uuids {
-                // Staged here, adopted below: the UUIDs in memory are the ones on disk
-                // until the end of the run is.
-                let t = self.meta.stage(&[
-                    SbChange::Uuids(u),
-                    SbChange::Consistent(true),
-                    SbChange::ClearCrashedPrimary,
-                ]);
+            if let Some((base, u)) = uuids {
+                let t = {
+                    let mut g = self.lock();
+                    if g.uuids != base {
+                        return Err("the generation UUIDs changed while the end of the resync \
+                                    was recorded; the next handshake decides"
+                            .to_string());
+                    }
+                    let _ = self
+                        .meta
+                        .stage(&[SbChange::Consistent(true), SbChange::ClearCrashedPrimary]);
+                    self.stage_uuids(&mut g, u)
+                };
                 self.meta
                     .durable(t)
                     .await
@@ -1223,12 +1234,6 @@ impl Volume {
         let inner = &mut *g;
         if let Err(e) = &recorded {
             tracing::error!("{e}; the disk stays Inconsistent");
-            if uuids.is_some() {
-                // What was staged is not the state: stage it back.
-                let _ = self
-                    .meta
-                    .stage(&[SbChange::Uuids(inner.uuids), SbChange::Consistent(false)]);
-            }
         }
         if inner.target.as_ref().is_some_and(|r| r.run == run) {
             if let Some(r) = inner.target.take() {
@@ -1237,9 +1242,7 @@ impl Volume {
             inner.resume_block = 0;
             inner.conn = ConnState::Connected;
         }
-        if let (Ok(()), Some(u)) = (recorded, uuids) {
-            tracing::info!("generation UUIDs {} (were {})", u, inner.uuids);
-            inner.uuids = u;
+        if let (Ok(()), Some(_)) = (recorded, uuids) {
             inner.disk = DiskState::UpToDate;
             inner.crashed_primary = false;
         }
