@@ -177,7 +177,7 @@ struct Inner {
     /// The peer's `verify-alg` is crc32c.
     peer_verify: bool,
     /// Reads sent to the peer (`P_DATA_REQUEST`), by block id.
-    remote_reads: HashMap<u64, oneshot::Sender<Result<AlignedBuf, BlockError>>>,
+    remote_reads: HashMap<u64, RemoteRead>,
     /// Next `P_DATA_REQUEST` block id.
     next_read_id: u64,
     /// Thin resync requests answered from a file hole without reading.
@@ -294,6 +294,31 @@ enum Effect {
         done: Done,
         result: Result<(), BlockError>,
     },
+}
+
+/// A read this node asked its peer for (`P_DATA_REQUEST`): the bytes it asked for, and
+/// where the reply goes.
+struct RemoteRead {
+    len: u32,
+    done: oneshot::Sender<Result<AlignedBuf, BlockError>>,
+}
+
+impl RemoteRead {
+    /// Its `P_DATA_REPLY` arrived with `buf`: handed to the reader if it is exactly the
+    /// bytes asked for; otherwise the read fails (EIO) and the error says why (a short
+    /// reply would reach the application as if read).
+    fn complete(self, buf: AlignedBuf) -> Result<(), String> {
+        if buf.len() != self.len as usize {
+            let _ = self.done.send(Err(BlockError::Io));
+            return Err(format!(
+                "P_DATA_REPLY of {} bytes for a read of {}",
+                buf.len(),
+                self.len
+            ));
+        }
+        let _ = self.done.send(Ok(buf));
+        Ok(())
+    }
 }
 
 /// One replicated volume.

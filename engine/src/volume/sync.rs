@@ -430,8 +430,8 @@ impl Volume {
     /// fetches that block again. Reads waiting for the peer fail.
     pub(super) fn sync_connection_lost(&self, inner: &mut Inner) -> Vec<Effect> {
         inner.failed_local.connection_lost();
-        for (_, tx) in inner.remote_reads.drain() {
-            let _ = tx.send(Err(crate::frontend::BlockError::Io));
+        for (_, r) in inner.remote_reads.drain() {
+            let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
         let mut released = Vec::new();
         if let Some(mut r) = inner.target.take() {
@@ -511,7 +511,9 @@ impl Volume {
                 if !Self::send(inner, Stream::Data, &pkt, None) {
                     return Err(BlockError::Io);
                 }
-                inner.remote_reads.insert(id, tx);
+                inner
+                    .remote_reads
+                    .insert(id, super::RemoteRead { len: n, done: tx });
             }
             parts.push(rx);
             done += n;
@@ -537,21 +539,20 @@ impl Volume {
         data: PeerData,
     ) -> Result<(), String> {
         self.with_session(session, |_, inner, _| {
-            let tx = inner
+            let r = inner
                 .remote_reads
                 .remove(&block_id)
                 .ok_or_else(|| format!("P_DATA_REPLY for unknown read {block_id:#x}"))?;
-            let _ = tx.send(Ok(data.buf));
-            Ok(())
+            r.complete(data.buf)
         })
         .map(|_| ())
     }
 
     /// `P_NEG_DREPLY`: the peer could not read.
     pub(super) fn remote_read_failed(&self, inner: &mut Inner, block_id: u64) {
-        if let Some(tx) = inner.remote_reads.remove(&block_id) {
+        if let Some(r) = inner.remote_reads.remove(&block_id) {
             tracing::warn!("the peer failed a read for this node");
-            let _ = tx.send(Err(crate::frontend::BlockError::Io));
+            let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
     }
 

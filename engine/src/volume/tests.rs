@@ -80,3 +80,20 @@ async fn writes_wait_for_a_staged_superblock_and_fail_when_it_cannot_be_written(
     v.shutdown(Duration::from_secs(5)).await;
     drop(locks);
 }
+
+#[test]
+fn a_peer_read_reply_of_the_wrong_length_fails_the_read() {
+    for (asked, got, ok) in [(8192, 8192, true), (8192, 4096, false), (4096, 8192, false)] {
+        let (tx, mut rx) = oneshot::channel();
+        let r = RemoteRead {
+            len: asked,
+            done: tx,
+        };
+        let buf = AlignedBuf::new(got).expect("buffer");
+        assert_eq!(r.complete(buf).is_ok(), ok, "{asked} asked, {got} got");
+        match rx.try_recv().expect("answered") {
+            Ok(b) => assert!(ok && b.len() == 8192),
+            Err(e) => assert!(!ok && e == BlockError::Io, "{e:?}"),
+        }
+    }
+}
