@@ -50,7 +50,7 @@ impl FailedLocal {
     /// many bits it cleared.
     pub(crate) fn set_in_sync(&self, oos: &mut OutOfSync, sector: u64, len: u32) -> u64 {
         let end = sector.saturating_add(u64::from(len / 512));
-        let keep: Vec<u64> = self
+        let mut keep: Vec<u64> = self
             .ranges
             .iter()
             .filter(|&&(s, l)| s < end && sector < s.saturating_add(u64::from(l / 512)))
@@ -61,6 +61,9 @@ impl FailedLocal {
             })
             .filter(|&b| oos.is_set(b))
             .collect();
+        // Failed ranges may overlap: a block counts once.
+        keep.sort_unstable();
+        keep.dedup();
         #[cfg(test)]
         let keep = if self.sabotage_ack_clears {
             Vec::new()
@@ -72,7 +75,7 @@ impl FailedLocal {
         for b in keep {
             oos.mark_blocks(b, 1);
         }
-        cleared - kept
+        cleared.saturating_sub(kept)
     }
 }
 
@@ -97,6 +100,11 @@ mod tests {
         let mut clean = OutOfSync::new(1 << 16);
         assert_eq!(f.set_in_sync(&mut clean, 0, 4096 * 2), 0);
         assert_eq!(clean.count(), 0);
+        // Overlapping failed ranges keep a block once.
+        assert!(f.record(8, 4096)); // block 1 again
+        oos.mark(0, 8192);
+        assert_eq!(f.set_in_sync(&mut oos, 0, 8192), 1);
+        assert!(oos.is_set(1) && !oos.is_set(0));
         // The next connection forgets them.
         f.connection_lost();
         assert_eq!(f.set_in_sync(&mut oos, 0, 128 << 10), 3);
