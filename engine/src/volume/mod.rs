@@ -801,32 +801,47 @@ impl Volume {
             inner.promoting = true;
             (t, forced, announce, (old, uuids))
         };
+        // Until the role is taken: on an error, or dropped while it waits (its caller
+        // went away), the peer's requests are refused no longer and the old generation
+        // stands (nothing was written as Primary).
+        struct Pending<'a> {
+            v: &'a Volume,
+            undo: Option<(UuidSet, UuidSet)>,
+        }
+        impl Drop for Pending<'_> {
+            fn drop(&mut self) {
+                let mut g = self.v.lock();
+                g.promoting = false;
+                if let Some((old, new)) = self.undo {
+                    if g.uuids == new {
+                        let _ = self.v.stage_uuids(&mut g, old);
+                    }
+                    let _ = self.v.meta.stage(&[SbChange::Primary(false)]);
+                }
+            }
+        }
+        let mut pending = Pending {
+            v: self,
+            undo: Some(undo),
+        };
         let durable = self.meta.durable(t).await;
         let mut fx = Vec::new();
         let r = {
             let mut g = self.lock();
             let inner = &mut *g;
-            inner.promoting = false;
             let r = durable
                 .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))
                 .and_then(|()| Self::may_take_primary(inner, force, granted));
-            match r {
-                Err(e) => {
-                    // Nothing was written as Primary: the old generation stands.
-                    if inner.uuids == undo.1 {
-                        let _ = self.stage_uuids(inner, undo.0);
-                    }
-                    let _ = self.meta.stage(&[SbChange::Primary(false)]);
-                    Err(e)
-                }
-                Ok(()) => {
-                    self.became_primary(inner, forced, announce);
-                    self.role_changed(inner);
-                    self.drain_primary(inner, &mut fx);
-                    Ok(())
-                }
+            if r.is_ok() {
+                inner.promoting = false;
+                pending.undo = None;
+                self.became_primary(inner, forced, announce);
+                self.role_changed(inner);
+                self.drain_primary(inner, &mut fx);
             }
+            r
         };
+        drop(pending); // after the lock: it takes it
         self.run(fx);
         r
     }

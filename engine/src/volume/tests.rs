@@ -97,3 +97,41 @@ fn a_peer_read_reply_of_the_wrong_length_fails_the_read() {
         }
     }
 }
+
+/// A promotion waiting for its superblock refuses the peer's own promotion requests
+/// (`promoting`); dropped while it waits, it must not leave them refused for good.
+#[tokio::test(flavor = "current_thread")]
+async fn a_promotion_dropped_while_it_waits_leaves_no_trace() {
+    let dir = TempDir::new("volume-promoting");
+    let text = format!(
+        "[resource]\nname = \"r0\"\nsize = \"16MiB\"\n\
+         [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"{}\"\n\
+         mgmt-socket = \"{}\"\n\
+         [[node]]\nname = \"b\"\naddress = \"127.0.0.1:7790\"\ndisk = \"/nonexistent/b.img\"\n",
+        dir.path("a.img").display(),
+        dir.path("a.sock").display()
+    );
+    let config = Config::parse(&text, "promoting test").expect("config");
+    let (me, peer) = config.split("a").expect("node a");
+    let mut locks = Vec::new();
+    let (store, md, attach) = crate::daemon::attach_disk(&config, me, &mut locks).expect("attach");
+    let v = Volume::new(&config, me, peer, store, md, attach).expect("volume");
+    {
+        let mut p = std::pin::pin!(v.promote(false));
+        let first = std::future::poll_fn(|cx| Poll::Ready(p.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "waits for its superblock");
+        assert!(v.lock().promoting);
+    }
+    assert!(!v.lock().promoting);
+    assert_eq!(v.lock().role, Role::Secondary);
+    assert_eq!(
+        v.meta.md().superblock().flags & crate::meta::superblock::mdf::PRIMARY_IND,
+        0,
+        "a Secondary's superblock does not say Primary"
+    );
+    // And it can be done again.
+    v.promote(false).await.expect("promoted");
+    assert_eq!(v.lock().role, Role::Primary);
+    v.shutdown(Duration::from_secs(5)).await;
+    drop(locks);
+}
