@@ -1,4 +1,4 @@
-//! The seeded simulator over many seeds (DESIGN.md §10): a Primary and a Secondary core
+//! The seeded simulator over many seeds (docs/design.md §10): a Primary and a Secondary core
 //! with faulty disks and networks; see `tandem_engine::sim` for what is checked.
 //!
 //! `TANDEM_SIM_SEED=<n>` replays exactly one seed; `TANDEM_SIM_SEEDS=<count>` runs seeds

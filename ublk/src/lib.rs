@@ -2,4 +2,4 @@
 //!
 //! Not built yet: the ublk frontend is its own issue. Hosts without `ublk_drv` (the
 //! development machine among them) serve volumes over NBD; this crate exists now so the
-//! workspace layout of DESIGN.md §1 holds and the crate boundary is fixed.
+//! workspace layout of docs/design.md §1 holds and the crate boundary is fixed.
