@@ -33,7 +33,7 @@
 //! Effects vectors: `fx_vec` / `recycle` keep up to 4 emptied `Vec<Effect>` per thread
 //! (capacity ≤ 64 each), so a volume step that has effects allocates nothing.
 
-use super::{contract, Buf, Effect, Inner, Side, Volume};
+use super::{contract, Buf, Effect, Inner, LocalWrite, Side, Volume};
 use crate::request::WriteKind;
 use crate::store::{
     AlignedBuf, Completions, SinkOp, Store, StoreError, StoreOp, WriteData, SECTOR_SIZE,
@@ -154,19 +154,18 @@ impl Volume {
 
     /// A core's local write: through a sink when it is a data write with its buffer to a
     /// disk in service, else the async path in a task.
-    pub(super) fn start_local_write(
-        &self,
-        side: Side,
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        fua: bool,
-        buf: Option<Buf>,
-    ) {
+    pub(super) fn start_local_write(&self, w: LocalWrite) {
         let detached = self.detached.load(std::sync::atomic::Ordering::Relaxed);
-        let data = match buf {
-            Some(b) if kind == WriteKind::Data && !detached => b,
-            buf => return self.spawn_local_write(side, sector, len, kind, fua, buf),
+        let (side, sector, len, fua, data) = match w {
+            LocalWrite {
+                side,
+                sector,
+                len,
+                kind: WriteKind::Data,
+                fua,
+                buf: Some(b),
+            } if !detached => (side, sector, len, fua, b),
+            w => return self.spawn_local_write(w),
         };
         let (data, budget) = match data {
             Buf::Shared(b) => (WriteData::Shared(b), None),
@@ -361,16 +360,16 @@ impl Volume {
     }
 
     /// The async path of a local write (discard, write-zeroes, a detached disk).
-    fn spawn_local_write(
-        &self,
-        side: Side,
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        fua: bool,
-        buf: Option<Buf>,
-    ) {
+    fn spawn_local_write(&self, w: LocalWrite) {
         let Some(v) = self.me.upgrade() else { return };
+        let LocalWrite {
+            side,
+            sector,
+            len,
+            kind,
+            fua,
+            buf,
+        } = w;
         self.rt.spawn(async move {
             // A detached disk takes no more writes (`on-io-error detach`).
             let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);

@@ -252,16 +252,19 @@ enum Side {
     Receiver(u64),
 }
 
+/// A core's write to the local disk.
+struct LocalWrite {
+    side: Side,
+    sector: u64,
+    len: u32,
+    kind: WriteKind,
+    fua: bool,
+    buf: Option<Buf>,
+}
+
 /// IO to start after the lock is released.
 enum Effect {
-    LocalWrite {
-        side: Side,
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        fua: bool,
-        buf: Option<Buf>,
-    },
+    LocalWrite(LocalWrite),
     PrimaryFlush {
         tag: u64,
     },
@@ -1689,14 +1692,14 @@ impl Volume {
                 } => {
                     let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
                     Self::source_track(inner, tag, sector, len);
-                    let e = Effect::LocalWrite {
+                    let e = Effect::LocalWrite(LocalWrite {
                         side: Side::Primary(tag),
                         sector,
                         len,
                         kind,
                         fua,
                         buf: buf.map(Buf::Shared),
-                    };
+                    });
                     if let Some(e) = self.target_gate(inner, sync::primary_app_id(tag), e) {
                         fx.push(e);
                     }
@@ -1794,14 +1797,14 @@ impl Volume {
                     fua,
                 } => {
                     let buf = inner.peer_bufs.remove(&token);
-                    let e = Effect::LocalWrite {
+                    let e = Effect::LocalWrite(LocalWrite {
                         side: Side::Receiver(token),
                         sector,
                         len,
                         kind,
                         fua,
                         buf: buf.map(Buf::Owned),
-                    };
+                    });
                     if let Some(e) = self.target_gate(inner, token, e) {
                         fx.push(e);
                     }
@@ -1862,14 +1865,7 @@ impl Volume {
                         let _ = tx.send(result);
                     }
                 },
-                Effect::LocalWrite {
-                    side,
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                    buf,
-                } => self.start_local_write(side, sector, len, kind, fua, buf),
+                Effect::LocalWrite(w) => self.start_local_write(w),
                 Effect::PrimaryFlush { tag } => self.start_flush(io::IoCtx::PrimaryFlush { tag }),
                 Effect::MetaWrite {
                     tag,
@@ -1956,7 +1952,7 @@ impl Volume {
             }
             // `run` handles the others.
             Effect::Complete { .. }
-            | Effect::LocalWrite { .. }
+            | Effect::LocalWrite(_)
             | Effect::PrimaryFlush { .. }
             | Effect::MetaWrite { .. }
             | Effect::ReceiverFlush { .. }
@@ -2165,7 +2161,7 @@ impl Volume {
         waiter: Waiter,
         alone: bool,
     ) -> Result<(), BlockError> {
-        if alone && fx.iter().any(|e| matches!(e, Effect::LocalWrite { .. })) {
+        if alone && fx.iter().any(|e| matches!(e, Effect::LocalWrite(_))) {
             // The step queued the P_DATA; let the sender task put it on the socket before
             // the local write's io_uring_enter (~20 µs in a VM), as when the local write
             // was a task of its own: the peer's round trip overlaps the local IO. Only

@@ -1336,7 +1336,7 @@ impl Volume {
     /// A peer write is about to be submitted on this node: the target may hold it.
     /// Returns the effect back if it may go now.
     pub(super) fn target_gate(&self, inner: &mut Inner, token: u64, e: Effect) -> Option<Effect> {
-        let Effect::LocalWrite { sector, len, .. } = &e else {
+        let Effect::LocalWrite(super::LocalWrite { sector, len, .. }) = &e else {
             return Some(e);
         };
         let (sector, len) = (*sector, *len);

@@ -21,11 +21,10 @@ fn request(offset: u64, seed: u8) -> BlockRequest {
     }
 }
 
-/// A Primary alone, with its metadata on a file of its own (flex-external), so that the
-/// metadata store can fail while the data store works.
-#[tokio::test(flavor = "current_thread")]
-async fn writes_wait_for_a_staged_superblock_and_fail_when_it_cannot_be_written() {
-    let dir = TempDir::new("volume-gate");
+/// Node `a` of a pair whose peer never comes, Secondary, over files in `dir`, with its
+/// metadata on a file of its own (flex-external, so that the metadata store can fail
+/// while the data store works): the volume, the metadata store and the device locks.
+fn lone_node(dir: &TempDir) -> (Arc<Volume>, Store, Vec<crate::store::DeviceLock>) {
     let text = format!(
         "[resource]\nname = \"r0\"\nsize = \"16MiB\"\n\
          [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"{}\"\n\
@@ -35,12 +34,20 @@ async fn writes_wait_for_a_staged_superblock_and_fail_when_it_cannot_be_written(
         dir.path("a.md").display(),
         dir.path("a.sock").display()
     );
-    let config = Config::parse(&text, "gate test").expect("config");
+    let config = Config::parse(&text, "volume test").expect("config");
     let (me, peer) = config.split("a").expect("node a");
     let mut locks = Vec::new();
     let (store, md, attach) = crate::daemon::attach_disk(&config, me, &mut locks).expect("attach");
     let meta_store = md.store().clone();
     let v = Volume::new(&config, me, peer, store, md, attach).expect("volume");
+    (v, meta_store, locks)
+}
+
+/// A Primary alone: the gate at the core's door.
+#[tokio::test(flavor = "current_thread")]
+async fn writes_wait_for_a_staged_superblock_and_fail_when_it_cannot_be_written() {
+    let dir = TempDir::new("volume-gate");
+    let (v, meta_store, locks) = lone_node(&dir);
     v.promote(false).await.expect("alone, UpToDate: Primary");
     // The promotion's superblock is on disk: the gate is open.
     assert_eq!(v.meta.write_gate(), Gate::Open);
@@ -103,19 +110,7 @@ fn a_peer_read_reply_of_the_wrong_length_fails_the_read() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_promotion_dropped_while_it_waits_leaves_no_trace() {
     let dir = TempDir::new("volume-promoting");
-    let text = format!(
-        "[resource]\nname = \"r0\"\nsize = \"16MiB\"\n\
-         [[node]]\nname = \"a\"\naddress = \"127.0.0.1:7789\"\ndisk = \"{}\"\n\
-         mgmt-socket = \"{}\"\n\
-         [[node]]\nname = \"b\"\naddress = \"127.0.0.1:7790\"\ndisk = \"/nonexistent/b.img\"\n",
-        dir.path("a.img").display(),
-        dir.path("a.sock").display()
-    );
-    let config = Config::parse(&text, "promoting test").expect("config");
-    let (me, peer) = config.split("a").expect("node a");
-    let mut locks = Vec::new();
-    let (store, md, attach) = crate::daemon::attach_disk(&config, me, &mut locks).expect("attach");
-    let v = Volume::new(&config, me, peer, store, md, attach).expect("volume");
+    let (v, _meta_store, locks) = lone_node(&dir);
     {
         let mut p = std::pin::pin!(v.promote(false));
         let first = std::future::poll_fn(|cx| Poll::Ready(p.as_mut().poll(cx))).await;
