@@ -584,28 +584,23 @@ impl Primary {
         Ok(())
     }
 
-    /// The bitmap, for resync: the SyncSource clears what the target acknowledged
-    /// (`SourceOutput::SetInSync`), the bitmap exchange merges the peer's bits in. Only
-    /// ever more bits cleared for blocks known equal on both disks, or more bits set.
+    /// The node's one bitmap, for resync: the SyncSource clears what the target
+    /// acknowledged (`SourceOutput::SetInSync`), a SyncTarget's run clears what it wrote
+    /// (`resync::Target` borrows it per call), the bitmap exchange merges the peer's bits
+    /// in. Only ever more bits cleared for blocks known equal on both disks, or more bits
+    /// set.
     pub fn out_of_sync_mut(&mut self) -> &mut OutOfSync {
         &mut self.oos
     }
 
-    /// Swaps the bitmap for `oos` (same size): a SyncTarget lends its bitmap to the
-    /// resync for the run and takes it back. Writes in flight meanwhile mark the bitmap
-    /// the core holds then (the caller merges a placeholder's bits back).
-    pub fn swap_bitmap(&mut self, oos: OutOfSync) -> Result<OutOfSync, Error> {
-        if oos.blocks() != self.oos.blocks() {
-            return Err(Error::Invalid("bitmap of another size"));
-        }
-        Ok(std::mem::replace(&mut self.oos, oos))
-    }
-
-    /// Bitmap page `p` of `oos` as it goes to disk: `(byte offset on the metadata
-    /// device, bytes)`; `None` without metadata. For a bitmap lent to a resync.
-    pub fn bitmap_page_of(&self, oos: &OutOfSync, p: u32) -> Option<(u64, Box<[u8; 4096]>)> {
+    /// Bitmap page `p` as it goes to disk: `(byte offset on the metadata device,
+    /// bytes)`; `None` without metadata.
+    fn bitmap_page(&self, p: u32) -> Option<(u64, Box<[u8; 4096]>)> {
         let base = self.cfg.meta.as_ref()?.bitmap_offset;
-        Some((base + u64::from(p) * PAGE_BYTES as u64, oos.page_bytes(p)))
+        Some((
+            base + u64::from(p) * PAGE_BYTES as u64,
+            self.oos.page_bytes(p),
+        ))
     }
 
     /// Every dirty bitmap page as `(byte offset on the metadata device, bytes)`, clearing
@@ -617,7 +612,7 @@ impl Primary {
         self.oos
             .take_all_dirty()
             .into_iter()
-            .filter_map(|p| self.bitmap_page_of(&self.oos, p))
+            .filter_map(|p| self.bitmap_page(p))
             .collect()
     }
 
@@ -881,7 +876,8 @@ impl Primary {
 
     /// `P_NEG_ACK` for `block_id`: the peer failed to write it. Its blocks become out of
     /// sync; the request still completes successfully if the local write did (DRBD).
-    pub fn peer_neg_ack(&mut self, block_id: u64) -> Result<(), Error> {
+    /// Returns the range (first sector, bytes): the peer lacks it.
+    pub fn peer_neg_ack(&mut self, block_id: u64) -> Result<(u64, u32), Error> {
         let idx = self
             .lookup(block_id)
             .filter(|&i| self.slots[i as usize].in_tl)
@@ -892,7 +888,7 @@ impl Primary {
         self.oos.mark(sector, len);
         self.try_complete(idx);
         self.pump_al();
-        Ok(())
+        Ok((sector, len))
     }
 
     /// `P_BARRIER_ACK(nr, set_size)`: the peer wrote and flushed every write of epoch `nr`.
@@ -1198,7 +1194,7 @@ impl Primary {
         let mut inflight = Vec::new();
         for p in pages {
             if self.oos.take_dirty(p) {
-                let Some((offset, data)) = self.bitmap_page_of(&self.oos, p) else {
+                let Some((offset, data)) = self.bitmap_page(p) else {
                     continue;
                 };
                 let tag = self.next_meta_tag();

@@ -150,6 +150,8 @@ struct Pair {
     sdisk: Disk,
     /// The source's bitmap (the driver's; the source only says what became in sync).
     sbm: OutOfSync,
+    /// The target's bitmap (the driver's; the target borrows it per call).
+    tbm: OutOfSync,
     sbufs: HashMap<u64, (Vec<u8>, Vec<u64>)>,
     connected: bool,
     net_max: u64,
@@ -207,7 +209,7 @@ impl Pair {
         let tdisk = tdisk.unwrap_or_else(|| base.clone());
         let sdisk = sdisk.unwrap_or(base);
         let start = TickInput::default();
-        let target = Target::new(s.tcfg, dirty.clone(), &start).unwrap();
+        let target = Target::new(s.tcfg, dirty, &start).unwrap();
         let source = Source::new(s.scfg, &start).unwrap();
         let mut p = Pair {
             rng,
@@ -220,6 +222,7 @@ impl Pair {
             tdisk,
             sdisk,
             sbm: dirty.clone(),
+            tbm: dirty.clone(),
             sbufs: HashMap::new(),
             connected: true,
             net_max: 30,
@@ -365,7 +368,7 @@ impl Pair {
         match ev {
             Ev::Tick => {
                 let input = self.tick_input();
-                self.target.tick(&input);
+                self.target.tick(&self.tbm, &input);
                 self.pump_target();
                 self.source.tick(&input);
                 self.pump_source(None);
@@ -391,63 +394,11 @@ impl Pair {
                 }
                 other => panic!("source got {other:?}"),
             },
-            Ev::ToTarget(p, data, vers) => {
-                match Inbound::from_packet(&p).unwrap() {
-                    Some(Inbound::RsDataReply { sector, len }) => {
-                        assert_eq!(data.len(), len as usize);
-                        if let Some(tag) = self.target.data_reply(sector, len).unwrap() {
-                            let d = self.disk_delay();
-                            self.schedule(
-                                d,
-                                Ev::TWrite {
-                                    tag,
-                                    sector,
-                                    data,
-                                    vers,
-                                },
-                            );
-                        }
-                    }
-                    Some(Inbound::RsDeallocated { sector, len }) => {
-                        self.target.deallocated(sector, len).unwrap();
-                        let outs: Vec<TargetOutput> = self.target.drain_outputs().collect();
-                        for o in outs {
-                            match o {
-                                TargetOutput::WriteZeroes { tag, sector, len } => {
-                                    let d = self.disk_delay();
-                                    let vers = vers.clone();
-                                    self.schedule(
-                                        d,
-                                        Ev::TZero {
-                                            tag,
-                                            sector,
-                                            len,
-                                            vers,
-                                        },
-                                    );
-                                }
-                                TargetOutput::SendRsWriteAck { .. } => {
-                                    let p = o.packet().unwrap();
-                                    self.send_to_source(p);
-                                }
-                                other => panic!("after deallocated: {other:?}"),
-                            }
-                        }
-                    }
-                    Some(Inbound::RsIsInSync { sector, len }) => {
-                        self.target.in_sync_reply(sector, len).unwrap();
-                    }
-                    Some(Inbound::NegRsDReply { sector, len }) => {
-                        self.target.neg_reply(sector, len).unwrap();
-                    }
-                    other => panic!("target got {other:?}"),
-                }
-                self.pump_target();
-            }
+            Ev::ToTarget(p, data, vers) => self.answer_target(&p, data, vers),
             Ev::TDigest { tag, sector, len } => {
                 let (data, _) = self.tdisk.read(sector, len);
                 self.target
-                    .digest_done(tag, Some(Digest::of(&data)))
+                    .digest_done(&self.tbm, tag, Some(Digest::of(&data)))
                     .unwrap();
                 self.pump_target();
             }
@@ -458,7 +409,7 @@ impl Pair {
                 vers,
             } => {
                 self.resync_write(sector, &data, &vers);
-                self.target.write_done(tag, true).unwrap();
+                self.target.write_done(&mut self.tbm, tag, true).unwrap();
                 self.pump_target();
             }
             Ev::TZero {
@@ -468,7 +419,7 @@ impl Pair {
                 vers,
             } => {
                 self.resync_write(sector, &vec![0u8; len as usize], &vers);
-                self.target.write_done(tag, true).unwrap();
+                self.target.write_done(&mut self.tbm, tag, true).unwrap();
                 self.pump_target();
             }
             Ev::SRead { tag, sector, len } => {
@@ -666,7 +617,7 @@ impl Pair {
                 self.write_app(true, id);
                 // DP_MAY_SET_IN_SYNC: the target clears the blocks it wrote and acks with
                 // P_RS_WRITE_ACK, on which the source clears them too.
-                self.target.set_in_sync(w.sector, len);
+                self.target.set_in_sync(&mut self.tbm, w.sector, len);
                 self.target.app_write_end(id).unwrap();
                 self.pump_target();
             }
@@ -702,10 +653,67 @@ impl Pair {
         let (sector, len) = (w.sector, w.data.len() as u32);
         self.app_writes.remove(&id);
         if self.apps == Apps::OnTarget {
-            self.target.set_in_sync(sector, len);
+            self.target.set_in_sync(&mut self.tbm, sector, len);
             self.target.app_write_end(id).unwrap();
             self.pump_target();
         }
+    }
+
+    /// A resync answer reaches the target.
+    fn answer_target(&mut self, p: &Packet, data: Vec<u8>, vers: Vec<u64>) {
+        match Inbound::from_packet(p).unwrap() {
+            Some(Inbound::RsDataReply { sector, len }) => {
+                assert_eq!(data.len(), len as usize);
+                if let Some(tag) = self.target.data_reply(&self.tbm, sector, len).unwrap() {
+                    let d = self.disk_delay();
+                    self.schedule(
+                        d,
+                        Ev::TWrite {
+                            tag,
+                            sector,
+                            data,
+                            vers,
+                        },
+                    );
+                }
+            }
+            Some(Inbound::RsDeallocated { sector, len }) => {
+                self.target.deallocated(&self.tbm, sector, len).unwrap();
+                let outs: Vec<TargetOutput> = self.target.drain_outputs().collect();
+                for o in outs {
+                    match o {
+                        TargetOutput::WriteZeroes { tag, sector, len } => {
+                            let d = self.disk_delay();
+                            let vers = vers.clone();
+                            self.schedule(
+                                d,
+                                Ev::TZero {
+                                    tag,
+                                    sector,
+                                    len,
+                                    vers,
+                                },
+                            );
+                        }
+                        TargetOutput::SendRsWriteAck { .. } => {
+                            let p = o.packet().unwrap();
+                            self.send_to_source(p);
+                        }
+                        other => panic!("after deallocated: {other:?}"),
+                    }
+                }
+            }
+            Some(Inbound::RsIsInSync { sector, len }) => {
+                self.target
+                    .in_sync_reply(&mut self.tbm, sector, len)
+                    .unwrap();
+            }
+            Some(Inbound::NegRsDReply { sector, len }) => {
+                self.target.neg_reply(&self.tbm, sector, len).unwrap();
+            }
+            other => panic!("target got {other:?}"),
+        }
+        self.pump_target();
     }
 
     // ---- running ----------------------------------------------------------------------
@@ -715,7 +723,7 @@ impl Pair {
             assert!(
                 self.now < limit_ms,
                 "no finish by {limit_ms} ms: {:?}",
-                self.target.progress()
+                self.target.progress(&self.tbm)
             );
             assert!(self.step(), "ran out of events");
         }
@@ -752,7 +760,7 @@ impl Pair {
                 .take(10)
                 .collect::<Vec<_>>()
         );
-        assert_eq!(self.target.bitmap().count(), 0);
+        assert_eq!(self.tbm.count(), 0);
         assert_eq!(
             self.sbm.count(),
             0,
@@ -813,7 +821,7 @@ fn outage_resync_copies_exactly_the_dirty_blocks_within_5_percent() {
         }
         let mut dirty = dirty;
         dirty.mark(SECTORS - 1, 512);
-        p.target.mark_out_of_sync(SECTORS - 1, 512);
+        p.target.mark_out_of_sync(&mut p.tbm, SECTORS - 1, 512);
         p.sbm.mark(SECTORS - 1, 512);
         p.run_to_finish(600_000);
         p.assert_clean(&dirty);
@@ -865,8 +873,8 @@ fn walk_merges_aligned_within_extents_and_max_bio() {
     cfg.rate.c_plan_ahead = 0;
     cfg.rate.resync_rate = 8 << 20; // budget far above what is set
     cfg.rate.max_buffers = 131_072;
-    let mut t = Target::new(cfg.clone(), bm.clone(), &TickInput::default()).unwrap();
-    t.tick(&TickInput::default());
+    let mut t = Target::new(cfg.clone(), &bm, &TickInput::default()).unwrap();
+    t.tick(&bm, &TickInput::default());
     let got: Vec<(u64, u64)> = t
         .drain_outputs()
         .map(|o| match o {
@@ -894,8 +902,8 @@ fn walk_merges_aligned_within_extents_and_max_bio() {
     );
     // Thin: requests stop at exactly the granularity (8 KiB) and go as P_RS_THIN_REQ.
     cfg.thin_granularity = 8192;
-    let mut t = Target::new(cfg.clone(), bm.clone(), &TickInput::default()).unwrap();
-    t.tick(&TickInput::default());
+    let mut t = Target::new(cfg.clone(), &bm, &TickInput::default()).unwrap();
+    t.tick(&bm, &TickInput::default());
     let outs: Vec<TargetOutput> = t.drain_outputs().collect();
     assert!(outs.iter().all(|o| match o {
         TargetOutput::SendRsDataRequest { len, thin, .. } => *thin == (*len == 8192),
@@ -907,11 +915,11 @@ fn walk_merges_aligned_within_extents_and_max_bio() {
     // A budget of 3 blocks: 1 + 2.
     cfg.thin_granularity = 0;
     cfg.rate.resync_rate = 120; // 3 blocks per step
-    let mut t = Target::new(cfg, bm, &TickInput::default()).unwrap();
-    t.tick(&TickInput::default());
+    let mut t = Target::new(cfg, &bm, &TickInput::default()).unwrap();
+    t.tick(&bm, &TickInput::default());
     assert_eq!(t.drain_outputs().count(), 2);
     assert_eq!(t.resume_position(), 1);
-    assert_eq!(t.progress().sectors_in_flight, 24);
+    assert_eq!(t.progress(&bm).sectors_in_flight, 24);
 }
 
 #[test]
@@ -974,12 +982,12 @@ fn interrupted_resync_resumes_from_the_persisted_position() {
         let (mut p, dirty) = outage_pair(seed, 300, |_| {});
         let total = dirty.count();
         // Run a while (~40% of the blocks at 100 blocks per step), then cut everything.
-        while p.target.bitmap().count() > total * 6 / 10 {
+        while p.tbm.count() > total * 6 / 10 {
             assert!(p.step());
         }
         p.disconnect();
         let pos = p.target.resume_position();
-        let mut bm = p.target.bitmap().clone();
+        let mut bm = p.tbm.clone();
         // Nothing below the persisted position still needs a request.
         assert!(
             bm.next_set(0).is_some_and(|b| b >= pos),
@@ -1004,7 +1012,8 @@ fn interrupted_resync_resumes_from_the_persisted_position() {
             now_ms: p.now,
             ..TickInput::default()
         };
-        p.target = Target::new(s.tcfg, bm, &start).unwrap();
+        p.target = Target::new(s.tcfg, &bm, &start).unwrap();
+        p.tbm = bm;
         p.source = Source::new(s.scfg, &start).unwrap();
         p.connected = true;
         p.data_bytes = 0;
@@ -1043,7 +1052,7 @@ fn application_writes_on_the_source_are_never_overwritten_by_older_resync_data()
         p.run_to_finish(3_000_000);
         p.assert_clean(&dirty);
         assert!(p.app_count > 100);
-        voids += p.target.progress().void_replies;
+        voids += p.target.progress(&p.tbm).void_replies;
         holds += p.holds;
     }
     assert!(
@@ -1066,7 +1075,7 @@ fn application_writes_on_the_target_are_never_overwritten_by_older_resync_data()
         p.net_max = 60;
         p.run_to_finish(3_000_000);
         p.assert_clean(&dirty);
-        voids += p.target.progress().void_replies;
+        voids += p.target.progress(&p.tbm).void_replies;
         holds += p.holds;
     }
     assert!(
@@ -1143,7 +1152,7 @@ fn thin_resync_sends_zero_ranges_as_deallocated() {
     p.run_to_finish(600_000);
     p.assert_clean(&dirty);
     assert_eq!(p.data_bytes, 64 * BS);
-    assert_eq!(p.target.progress().deallocated_bytes, 64 * BS);
+    assert_eq!(p.target.progress(&p.tbm).deallocated_bytes, 64 * BS);
     assert_eq!(p.source.stats().deallocated_bytes, 64 * BS);
 }
 
@@ -1160,11 +1169,11 @@ fn source_read_errors_fail_their_blocks_and_the_run_still_ends() {
     let s = p.finished.unwrap();
     assert!(s.failed_blocks >= bad.len() as u64);
     assert_eq!(s.left_blocks, s.failed_blocks);
-    assert_eq!(p.target.bitmap().count(), s.failed_blocks);
+    assert_eq!(p.tbm.count(), s.failed_blocks);
     assert!(p.source.stats().read_failures > 0);
     // Every block outside the failed requests is in sync.
     for b in 0..dirty.blocks() as usize {
-        if !p.target.bitmap().is_set(b as u64) {
+        if !p.tbm.is_set(b as u64) {
             let r = b * 4096..((b + 1) * 4096).min(p.tdisk.data.len());
             assert!(p.tdisk.data[r.clone()] == p.sdisk.data[r], "block {b}");
         }
@@ -1189,8 +1198,8 @@ fn pause_stops_requests_and_resume_continues() {
         assert!(p.step());
     }
     assert_eq!(p.requests.len(), n, "no requests while paused");
-    assert!(p.target.progress().paused);
-    assert_eq!(p.target.progress().requests_in_flight, 0);
+    assert!(p.target.progress(&p.tbm).paused);
+    assert_eq!(p.target.progress(&p.tbm).requests_in_flight, 0);
     p.target.resume(p.now);
     p.run_to_finish(p.now + 600_000);
     p.assert_clean(&dirty);
@@ -1203,7 +1212,7 @@ fn progress_reports_rate_and_eta() {
     while p.now < 30_000 {
         assert!(p.step());
     }
-    let pr = p.target.progress();
+    let pr = p.target.progress(&p.tbm);
     assert_eq!(pr.total_blocks, dirty.count());
     assert!(pr.left_blocks > 0 && pr.permille > 0 && pr.permille < 1000);
     // 10 blocks per step = 400 KiB/s (fixed mode).
@@ -1231,13 +1240,13 @@ fn the_c_min_rate_check_holds_resync_back_while_the_application_is_busy() {
     while p.now < 5_000 {
         assert!(p.step());
     }
-    let before = p.target.bitmap().count();
+    let before = p.tbm.count();
     while p.now < 15_000 {
         p.app_io_sectors += 1000;
         assert!(p.step());
     }
-    let moved = before - p.target.bitmap().count();
-    assert!(p.target.progress().throttled_steps > 50);
+    let moved = before - p.tbm.count();
+    assert!(p.target.progress(&p.tbm).throttled_steps > 50);
     // Unthrottled it would have moved 10 s × 500 blocks.
     assert!(
         moved < 1500,
@@ -1596,17 +1605,20 @@ fn source_holds_reads_behind_local_writes_and_answers_by_kind() {
 fn target_refuses_replies_it_did_not_ask_for() {
     let mut bm = OutOfSync::new(1 << 16);
     bm.mark(0, 8192);
-    let mut t = Target::new(TargetConfig::new(1 << 16), bm, &TickInput::default()).unwrap();
-    assert!(t.data_reply(0, 8192).is_err());
-    t.tick(&TickInput::default());
+    let mut t = Target::new(TargetConfig::new(1 << 16), &bm, &TickInput::default()).unwrap();
+    assert!(t.data_reply(&bm, 0, 8192).is_err());
+    t.tick(&bm, &TickInput::default());
     assert_eq!(t.drain_outputs().count(), 1);
-    assert!(t.data_reply(0, 4096).is_err(), "wrong length");
-    assert!(t.in_sync_reply(8, 4096).is_err(), "wrong sector");
-    let tag = t.data_reply(0, 8192).unwrap().unwrap();
-    assert!(t.data_reply(0, 8192).is_err(), "answered twice");
-    assert!(t.write_done(tag ^ (1 << 40), true).is_err(), "forged tag");
-    t.write_done(tag, true).unwrap();
-    assert!(t.write_done(tag, true).is_err(), "stale tag");
+    assert!(t.data_reply(&bm, 0, 4096).is_err(), "wrong length");
+    assert!(t.in_sync_reply(&mut bm, 8, 4096).is_err(), "wrong sector");
+    let tag = t.data_reply(&bm, 0, 8192).unwrap().unwrap();
+    assert!(t.data_reply(&bm, 0, 8192).is_err(), "answered twice");
+    assert!(
+        t.write_done(&mut bm, tag ^ (1 << 40), true).is_err(),
+        "forged tag"
+    );
+    t.write_done(&mut bm, tag, true).unwrap();
+    assert!(t.write_done(&mut bm, tag, true).is_err(), "stale tag");
     let outs: Vec<TargetOutput> = t.drain_outputs().collect();
     assert_eq!(
         outs[0],
@@ -1620,23 +1632,72 @@ fn target_refuses_replies_it_did_not_ask_for() {
     assert!(t.app_write_begin(1, (1 << 16) - 4, 4096).is_err());
 }
 
+/// A SyncTarget Primary's write that the peer failed (`P_NEG_ACK`): this side has the
+/// newer data, so the run neither fetches the range nor sends reads of it to the peer,
+/// and it ends as a success with the bits still set (this node resyncs them to the peer
+/// later). Without `peer_lacks` the walk would fetch the peer's older block over it.
+#[test]
+fn a_range_the_peer_lacks_is_not_fetched_and_outlives_the_run() {
+    let mut bm = OutOfSync::new(1 << 16);
+    bm.mark(0, 8192); // blocks 0, 1: to fetch
+    let mut t = Target::new(TargetConfig::new(1 << 16), &bm, &TickInput::default()).unwrap();
+    // The application writes block 10; the peer answers P_NEG_ACK: the core marks it.
+    bm.mark(80, 4096);
+    assert!(
+        t.must_read_remotely(&bm, 80, 4096),
+        "before the peer is known to lack it"
+    );
+    t.peer_lacks(80, 4096);
+    assert!(!t.must_read_remotely(&bm, 80, 4096));
+    assert!(t.must_read_remotely(&bm, 0, 4096));
+    assert!(
+        t.must_read_remotely(&bm, 0, 128 << 10),
+        "a read spanning both"
+    );
+    assert_eq!(t.progress(&bm).left_blocks, 2);
+    t.tick(&bm, &TickInput::default());
+    let asked: Vec<TargetOutput> = t.drain_outputs().collect();
+    assert_eq!(
+        asked,
+        vec![TargetOutput::SendRsDataRequest {
+            sector: 0,
+            len: 8192,
+            thin: false
+        }]
+    );
+    let tag = t.data_reply(&bm, 0, 8192).unwrap().unwrap();
+    t.write_done(&mut bm, tag, true).unwrap();
+    let outs: Vec<TargetOutput> = t.drain_outputs().collect();
+    let Some(TargetOutput::Finished(sum)) = outs.last() else {
+        panic!("{outs:?}");
+    };
+    assert_eq!((sum.left_blocks, sum.failed_blocks), (0, 0));
+    assert!(
+        bm.is_set(10) && bm.count() == 1,
+        "the lacking block stays out of sync"
+    );
+    // A second tick asks for nothing more.
+    t.tick(&bm, &TickInput::default());
+    assert_eq!(t.drain_outputs().count(), 0);
+}
+
 /// Whether block 0's bit is still set in its page's disk image after a resync write of it
 /// completed (`flushed`: and a flush issued after it completed).
 fn resynced_block_on_disk(sabotage: bool, flushed: bool) -> bool {
     let mut bm = OutOfSync::new(1 << 16);
     bm.mark(0, 8192);
     bm.sabotage_image_without_unflushed = sabotage;
-    let mut t = Target::new(TargetConfig::new(1 << 16), bm, &TickInput::default()).unwrap();
-    t.tick(&TickInput::default());
+    let mut t = Target::new(TargetConfig::new(1 << 16), &bm, &TickInput::default()).unwrap();
+    t.tick(&bm, &TickInput::default());
     let _ = t.drain_outputs().count();
-    let tag = t.data_reply(0, 8192).unwrap().unwrap();
-    t.write_done(tag, true).unwrap();
-    assert_eq!(t.bitmap().count(), 0, "clear in memory at once");
+    let tag = t.data_reply(&bm, 0, 8192).unwrap().unwrap();
+    t.write_done(&mut bm, tag, true).unwrap();
+    assert_eq!(bm.count(), 0, "clear in memory at once");
     if flushed {
-        let id = t.bitmap_mut().begin_flush().unwrap();
-        t.bitmap_mut().flush_done(id, true);
+        let id = bm.begin_flush().unwrap();
+        bm.flush_done(id, true);
     }
-    t.bitmap().page_bytes(0)[0] & 1 != 0
+    bm.page_bytes(0)[0] & 1 != 0
 }
 
 /// A resync write completes before its data is durable: until a flush covers it, every
@@ -1673,7 +1734,7 @@ fn random_inputs_return_errors_never_panic() {
         cfg.csums = round % 2 == 0;
         cfg.max_requests = 64;
         cfg.max_app_writes = 16;
-        let mut t = Target::new(cfg, bm, &TickInput::default()).unwrap();
+        let mut t = Target::new(cfg, &bm, &TickInput::default()).unwrap();
         let mut s = Source::new(
             SourceConfig {
                 max_queue: 8,
@@ -1698,28 +1759,29 @@ fn random_inputs_return_errors_never_panic() {
             let tag = tags[rng.gen_range(0..tags.len())] ^ rng.gen_range(0..2);
             let d = Digest(rng.gen());
             let now = i * 10;
+            let input = TickInput {
+                now_ms: now,
+                ..TickInput::default()
+            };
             match rng.gen_range(0..22) {
-                0 => t.tick(&TickInput {
-                    now_ms: now,
-                    ..TickInput::default()
-                }),
+                0 => t.tick(&bm, &input),
                 1 => {
-                    let _ = t.data_reply(sec, len);
+                    let _ = t.data_reply(&bm, sec, len);
                 }
                 2 => {
-                    let _ = t.deallocated(sec, len);
+                    let _ = t.deallocated(&bm, sec, len);
                 }
                 3 => {
-                    let _ = t.in_sync_reply(sec, len);
+                    let _ = t.in_sync_reply(&mut bm, sec, len);
                 }
                 4 => {
-                    let _ = t.neg_reply(sec, len);
+                    let _ = t.neg_reply(&bm, sec, len);
                 }
                 5 => {
-                    let _ = t.write_done(tag, rng.gen());
+                    let _ = t.write_done(&mut bm, tag, rng.gen());
                 }
                 6 => {
-                    let _ = t.digest_done(tag, rng.gen::<bool>().then_some(d));
+                    let _ = t.digest_done(&bm, tag, rng.gen::<bool>().then_some(d));
                 }
                 7 => {
                     let _ = t.app_write_begin(rng.gen_range(0..32), sec, len);
@@ -1728,8 +1790,10 @@ fn random_inputs_return_errors_never_panic() {
                     let _ = t.app_write_end(rng.gen_range(0..32));
                 }
                 9 => {
-                    t.set_in_sync(sec, len);
-                    t.mark_out_of_sync(sec, len);
+                    t.set_in_sync(&mut bm, sec, len);
+                    t.mark_out_of_sync(&mut bm, sec, len);
+                    t.peer_lacks(sec, len);
+                    let _ = t.must_read_remotely(&bm, sec, len);
                 }
                 10 => {
                     let kind = [RequestKind::Data, RequestKind::Thin, RequestKind::Csum(d)]
@@ -1759,10 +1823,7 @@ fn random_inputs_return_errors_never_panic() {
                     app_io_sectors: i * 100,
                     ..TickInput::default()
                 }),
-                15 => vs.tick(&TickInput {
-                    now_ms: now,
-                    ..TickInput::default()
-                }),
+                15 => vs.tick(&input),
                 16 => {
                     let _ = vs.ov_reply(sec, len, d);
                     let _ = vs.digest_done(tag, Some(d));
@@ -1773,7 +1834,7 @@ fn random_inputs_return_errors_never_panic() {
                     let _ = vp.digest_done(tag, None);
                 }
                 18 => {
-                    let _ = t.cancel_reply(sec, len);
+                    let _ = t.cancel_reply(&bm, sec, len);
                     if rng.gen_range(0..50) == 0 {
                         t.pause(now);
                     } else {
@@ -1799,7 +1860,7 @@ fn random_inputs_return_errors_never_panic() {
                     tags.push(tag);
                 }
                 if let TargetOutput::SendRsDataRequest { sector, len, .. } = o {
-                    if let Ok(Some(tag)) = t.data_reply(sector, len) {
+                    if let Ok(Some(tag)) = t.data_reply(&bm, sector, len) {
                         tags.push(tag);
                     }
                 }
@@ -1822,7 +1883,7 @@ fn random_inputs_return_errors_never_panic() {
             if tags.len() > 256 {
                 tags.drain(..128);
             }
-            let p = t.progress();
+            let p = t.progress(&bm);
             assert!(p.requests_in_flight <= 64);
             assert!(s.stats().queued + s.stats().reading <= 8 && s.stats().reading <= 4);
         }
@@ -1831,17 +1892,13 @@ fn random_inputs_return_errors_never_panic() {
 
 #[test]
 fn marks_outside_the_device_leave_the_position_inside() {
-    let mut t = Target::new(
-        TargetConfig::new(800),
-        OutOfSync::new(800),
-        &TickInput::default(),
-    )
-    .unwrap();
-    t.tick(&TickInput::default());
+    let mut bm = OutOfSync::new(800);
+    let mut t = Target::new(TargetConfig::new(800), &bm, &TickInput::default()).unwrap();
+    t.tick(&bm, &TickInput::default());
     assert!(t.is_finished());
-    t.mark_out_of_sync(u64::MAX - 7, 4096);
+    t.mark_out_of_sync(&mut bm, u64::MAX - 7, 4096);
     assert_eq!(t.resume_position(), 100);
-    assert_eq!(t.bitmap().count(), 0);
+    assert_eq!(bm.count(), 0);
 }
 
 /// The source's c-min-rate check: once resync runs faster than c-min-rate and the

@@ -1,5 +1,15 @@
-//! The SyncTarget: it owns the out-of-sync bitmap while the resync runs, walks it, asks the
-//! SyncSource for the set blocks, writes what comes back, and clears the bits.
+//! The SyncTarget: it walks the node's out-of-sync bitmap, asks the SyncSource for the set
+//! blocks, writes what comes back, and clears the bits.
+//!
+//! **The bitmap is not the target's.** The node has one bitmap, owned by its driver (the
+//! Primary core holds it); every call that reads or changes it borrows it (`bm`). So a
+//! bit set by anyone during the run — a failed local write, a write the peer did not
+//! get — is in the one bitmap the pages on disk are written from; nothing is lent, merged
+//! back or written as a union. The target's own state is its requests, its cursor and its
+//! skipped ranges: the ranges that failed, and the ranges the peer lacks
+//! ([`Target::peer_lacks`]: a SyncTarget Primary's write the peer answered with
+//! `P_NEG_ACK`; this side has the newer data, so they are neither fetched nor read from
+//! the peer, and their bits outlive the run).
 //!
 //! **The walk** (DRBD's `make_resync_request`). Every controller step ([`Target::tick`],
 //! 100 ms) the [`Controller`] grants a number of 4 KiB blocks. From the cursor the target
@@ -24,7 +34,7 @@
 //! **Resuming.** Bits are cleared only when a block is on this disk (a completed local
 //! write, possibly still in a volatile cache: [`OutOfSync::clear_unflushed`], so the
 //! pages' disk images keep those bits set until a flush issued after them completed),
-//! and the bitmap is the driver's to persist (dirty pages, [`Target::bitmap_mut`]).
+//! and the bitmap is the driver's to persist (its dirty pages).
 //! [`Target::resume_position`] is the lowest block that may still need a request (the
 //! cursor, or an earlier block that
 //! was skipped or whose request is still in flight); the driver persists it with the
@@ -293,7 +303,8 @@ struct AppWrite {
 #[derive(Debug)]
 pub struct Target {
     cfg: TargetConfig,
-    bm: OutOfSync,
+    /// The bitmap's size in blocks.
+    blocks: u64,
     ctl: Controller,
     marks: SyncMarks,
     throttle: MinRateThrottle,
@@ -308,6 +319,10 @@ pub struct Target {
     rewind: Option<u64>,
     /// Failed ranges, start block → end block (exclusive), merged when adjacent.
     failed: BTreeMap<u64, u64>,
+    /// Ranges the peer failed to write during the run (a SyncTarget Primary's write it
+    /// answered with `P_NEG_ACK`): this side has the newer data, so they are neither
+    /// fetched nor read from the peer; their bits stay set. Same shape as `failed`.
+    lacking: BTreeMap<u64, u64>,
     failed_overflow: bool,
     sect_in: u64,
     in_flight_sectors: u64,
@@ -341,8 +356,9 @@ pub(crate) struct TargetSabotage {
 }
 
 impl Target {
-    /// A run over `bitmap` (its set bits are what to fetch), starting at `start`.
-    pub fn new(cfg: TargetConfig, bitmap: OutOfSync, start: &TickInput) -> Result<Self, Error> {
+    /// A run over the node's bitmap (its set bits are what to fetch), starting at `start`.
+    /// The bitmap stays the caller's; every call that reads or changes it borrows it.
+    pub fn new(cfg: TargetConfig, bitmap: &OutOfSync, start: &TickInput) -> Result<Self, Error> {
         let blocks = cfg.sectors.div_ceil(SECT_PER_BLOCK);
         if bitmap.blocks() != blocks {
             return Err(Error::Invalid("bitmap size differs from the volume"));
@@ -380,6 +396,7 @@ impl Target {
             cursor: cfg.start_block.min(blocks),
             rewind: None,
             failed: BTreeMap::new(),
+            lacking: BTreeMap::new(),
             failed_overflow: false,
             sect_in: 0,
             in_flight_sectors: 0,
@@ -400,7 +417,7 @@ impl Target {
             outputs: Vec::new(),
             #[cfg(test)]
             sabotage: TargetSabotage::default(),
-            bm: bitmap,
+            blocks,
             ctl,
             cfg,
         })
@@ -409,22 +426,6 @@ impl Target {
     /// The outputs of the last calls, in order.
     pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, TargetOutput> {
         self.outputs.drain(..)
-    }
-
-    /// The bitmap (authoritative while the run lasts).
-    pub fn bitmap(&self) -> &OutOfSync {
-        &self.bm
-    }
-
-    /// The bitmap, to take and write its dirty pages. Set bits with
-    /// [`Target::mark_out_of_sync`] so the walk knows to come back.
-    pub fn bitmap_mut(&mut self) -> &mut OutOfSync {
-        &mut self.bm
-    }
-
-    /// Ends the machine and hands back the bitmap.
-    pub fn into_bitmap(self) -> OutOfSync {
-        self.bm
     }
 
     /// The run is over ([`TargetOutput::Finished`] was emitted).
@@ -470,8 +471,8 @@ impl Target {
     }
 
     /// Progress for status.
-    pub fn progress(&self) -> TargetProgress {
-        let left = self.bm.count();
+    pub fn progress(&self, bm: &OutOfSync) -> TargetProgress {
+        let left = self.left(bm);
         let permille = if self.total_blocks == 0 {
             1000
         } else {
@@ -482,7 +483,7 @@ impl Target {
             total_blocks: self.total_blocks,
             left_blocks: left,
             permille,
-            failed_blocks: self.failed_set_blocks(),
+            failed_blocks: Self::set_in(&self.failed, bm),
             same_csum_blocks: self.same_csum_blocks,
             requests_in_flight: self.reqs.len(),
             sectors_in_flight: self.in_flight_sectors,
@@ -502,10 +503,10 @@ impl Target {
 
     /// One controller step (every [`super::SLEEP_TIME_MS`]): requests what the controller,
     /// `max-buffers`, the c-min-rate check and congestion allow.
-    pub fn tick(&mut self, input: &TickInput) {
+    pub fn tick(&mut self, bm: &OutOfSync, input: &TickInput) {
         self.last_now = input.now_ms;
         let paused = self.paused_since.is_some();
-        self.marks.advance(self.bm.count(), input.now_ms, paused);
+        self.marks.advance(self.left(bm), input.now_ms, paused);
         // Paused, DRBD's resync timer does not run (PausedSyncT): no step at all.
         if self.finished || !self.connected || paused {
             return;
@@ -515,7 +516,7 @@ impl Target {
         let sect_in = std::mem::take(&mut self.sect_in);
         let step = self.ctl.step(sect_in, self.in_flight_sectors);
         self.planned_rate_kib = step.rate_kib;
-        let left = self.bm.count();
+        let left = self.left(bm);
         let throttled = self.throttle.should_throttle(
             self.cfg.rate.c_min_rate,
             input.app_io_sectors,
@@ -526,14 +527,14 @@ impl Target {
             self.throttled_steps += 1;
         }
         if !throttled && !input.congested && step.blocks > 0 {
-            self.walk(u64::from(step.blocks));
+            self.walk(bm, u64::from(step.blocks));
         }
-        self.maybe_finish();
+        self.maybe_finish(bm);
     }
 
     /// The walk: issue requests for up to `budget` blocks.
-    fn walk(&mut self, mut budget: u64) {
-        let blocks = self.bm.blocks();
+    fn walk(&mut self, bm: &OutOfSync, mut budget: u64) {
+        let blocks = self.blocks;
         let max_bytes = if self.cfg.csums {
             self.cfg.csums_max_bio_size
         } else {
@@ -559,11 +560,11 @@ impl Target {
                     None => break,
                 }
             }
-            let Some(b) = self.bm.next_set(self.cursor) else {
+            let Some(b) = bm.next_set(self.cursor) else {
                 self.cursor = blocks;
                 continue;
             };
-            if let Some(end) = self.failed_end(b) {
+            if let Some(end) = self.skipped_end(b) {
                 self.cursor = end;
                 continue;
             }
@@ -593,10 +594,10 @@ impl Target {
                     break;
                 }
                 let next = last + 1;
-                if next.is_multiple_of(EXTENT_BLOCKS) || next >= blocks || !self.bm.is_set(next) {
+                if next.is_multiple_of(EXTENT_BLOCKS) || next >= blocks || !bm.is_set(next) {
                     break;
                 }
-                if self.failed_end(next).is_some() || self.in_flight_end(next).is_some() {
+                if self.skipped_end(next).is_some() || self.in_flight_end(next).is_some() {
                     break;
                 }
                 last = next;
@@ -644,12 +645,17 @@ impl Target {
         }
     }
 
-    /// End block of the failed range holding block `b`.
-    fn failed_end(&self, b: u64) -> Option<u64> {
-        self.failed
+    /// End block of the range of `ranges` holding block `b`.
+    fn range_end(ranges: &BTreeMap<u64, u64>, b: u64) -> Option<u64> {
+        ranges
             .range(..=b)
             .next_back()
             .and_then(|(_, &end)| (end > b).then_some(end))
+    }
+
+    /// End block of the failed or lacking range holding block `b`: the walk skips it.
+    fn skipped_end(&self, b: u64) -> Option<u64> {
+        Self::range_end(&self.failed, b).or_else(|| Self::range_end(&self.lacking, b))
     }
 
     /// End block of the in-flight request holding block `b`.
@@ -664,36 +670,50 @@ impl Target {
         (end > s).then(|| end.div_ceil(SECT_PER_BLOCK))
     }
 
-    fn failed_set_blocks(&self) -> u64 {
-        self.failed
+    /// Set bits of `bm` inside `ranges`.
+    fn set_in(ranges: &BTreeMap<u64, u64>, bm: &OutOfSync) -> u64 {
+        ranges
             .iter()
-            .map(|(&a, &b)| self.bm.count_blocks(a, b - a))
+            .map(|(&a, &b)| bm.count_blocks(a, b - a))
             .sum()
     }
 
+    /// Set bits the run is to fetch: all but the ranges the peer lacks.
+    fn left(&self, bm: &OutOfSync) -> u64 {
+        bm.count().saturating_sub(Self::set_in(&self.lacking, bm))
+    }
+
     fn record_failed(&mut self, sector: u64, len: u32) {
+        if !Self::add_range(&mut self.failed, sector, len) {
+            self.failed_overflow = true;
+        }
+    }
+
+    /// Adds the blocks of `[sector, sector + len bytes)` to `ranges`, merged with its
+    /// neighbours. `false` when `ranges` holds [`MAX_FAILED_RANGES`] or more.
+    fn add_range(ranges: &mut BTreeMap<u64, u64>, sector: u64, len: u32) -> bool {
         let mut a = sector / SECT_PER_BLOCK;
-        let mut b = (sector + u64::from(len / SECTOR)).div_ceil(SECT_PER_BLOCK);
-        // Merge with neighbours.
-        if let Some((&s, &e)) = self.failed.range(..=a).next_back() {
+        let mut b = sector
+            .saturating_add(u64::from(len / SECTOR))
+            .div_ceil(SECT_PER_BLOCK);
+        if let Some((&s, &e)) = ranges.range(..=a).next_back() {
             if e >= a {
                 a = s;
                 b = b.max(e);
-                self.failed.remove(&s);
+                ranges.remove(&s);
             }
         }
-        while let Some((&s, &e)) = self.failed.range(a..=b).next() {
+        while let Some((&s, &e)) = ranges.range(a..=b).next() {
             b = b.max(e);
-            self.failed.remove(&s);
+            ranges.remove(&s);
         }
-        if self.failed.len() >= MAX_FAILED_RANGES {
-            self.failed_overflow = true;
-        }
-        self.failed.insert(a, b);
+        let room = ranges.len() < MAX_FAILED_RANGES;
+        ranges.insert(a, b);
+        room
     }
 
     fn push_rewind(&mut self, sector: u64) {
-        let b = (sector / SECT_PER_BLOCK).min(self.bm.blocks());
+        let b = (sector / SECT_PER_BLOCK).min(self.blocks);
         self.rewind = Some(self.rewind.map_or(b, |r| r.min(b)));
     }
 
@@ -740,11 +760,16 @@ impl Target {
     /// `P_RS_DATA_REPLY` for `[sector, sector + len)` arrived (its data read by the
     /// driver). `Some(tag)`: write the data, report [`Target::write_done`]. `None`: drop
     /// the data (an application write overtook the request).
-    pub fn data_reply(&mut self, sector: u64, len: u32) -> Result<Option<u64>, Error> {
+    pub fn data_reply(
+        &mut self,
+        bm: &OutOfSync,
+        sector: u64,
+        len: u32,
+    ) -> Result<Option<u64>, Error> {
         let (tag, r) = self.answered(sector, len)?;
         if r.void {
             self.void_reply(tag, &r);
-            self.maybe_finish();
+            self.maybe_finish(bm);
             return Ok(None);
         }
         self.data_bytes += u64::from(len);
@@ -755,11 +780,11 @@ impl Target {
     }
 
     /// `P_RS_DEALLOCATED`: the range reads as zeroes on the source.
-    pub fn deallocated(&mut self, sector: u64, len: u32) -> Result<(), Error> {
+    pub fn deallocated(&mut self, bm: &OutOfSync, sector: u64, len: u32) -> Result<(), Error> {
         let (tag, r) = self.answered(sector, len)?;
         if r.void {
             self.void_reply(tag, &r);
-            self.maybe_finish();
+            self.maybe_finish(bm);
             return Ok(());
         }
         self.deallocated_bytes += u64::from(len);
@@ -772,41 +797,51 @@ impl Target {
     }
 
     /// `P_RS_IS_IN_SYNC`: the source's digest matched ours.
-    pub fn in_sync_reply(&mut self, sector: u64, len: u32) -> Result<(), Error> {
+    pub fn in_sync_reply(
+        &mut self,
+        bm: &mut OutOfSync,
+        sector: u64,
+        len: u32,
+    ) -> Result<(), Error> {
         let (tag, r) = self.answered(sector, len)?;
         self.free(tag);
         if r.void {
             self.void_replies += 1;
             self.push_rewind(sector);
         } else {
-            let cleared = self.bm.clear_unflushed(sector, len);
+            let cleared = bm.clear_unflushed(sector, len);
             self.same_csum_blocks += cleared;
         }
-        self.maybe_finish();
+        self.maybe_finish(bm);
         Ok(())
     }
 
     /// `P_NEG_RS_DREPLY`: the source could not read the range.
-    pub fn neg_reply(&mut self, sector: u64, len: u32) -> Result<(), Error> {
+    pub fn neg_reply(&mut self, bm: &OutOfSync, sector: u64, len: u32) -> Result<(), Error> {
         let (tag, _) = self.answered(sector, len)?;
         self.free(tag);
         self.record_failed(sector, len);
-        self.maybe_finish();
+        self.maybe_finish(bm);
         Ok(())
     }
 
     /// `P_RS_CANCEL`: the source declined (Ahead mode); ask again later.
-    pub fn cancel_reply(&mut self, sector: u64, len: u32) -> Result<(), Error> {
+    pub fn cancel_reply(&mut self, bm: &OutOfSync, sector: u64, len: u32) -> Result<(), Error> {
         let (tag, _) = self.answered(sector, len)?;
         self.free(tag);
         self.push_rewind(sector);
-        self.maybe_finish();
+        self.maybe_finish(bm);
         Ok(())
     }
 
     /// The local digest read for `tag` finished: `Some(digest)`, or `None` when the read
     /// failed (then the range is asked for as plain data).
-    pub fn digest_done(&mut self, tag: u64, digest: Option<Digest>) -> Result<(), Error> {
+    pub fn digest_done(
+        &mut self,
+        bm: &OutOfSync,
+        tag: u64,
+        digest: Option<Digest>,
+    ) -> Result<(), Error> {
         let r = self
             .reqs
             .get(tag)
@@ -822,7 +857,7 @@ impl Target {
             if !r.orphan {
                 self.push_rewind(r.sector);
             }
-            self.maybe_finish();
+            self.maybe_finish(bm);
             return Ok(());
         }
         if let Some(req) = self.reqs.get_mut(tag) {
@@ -845,7 +880,7 @@ impl Target {
     }
 
     /// The local write (data or zeroes) for `tag` finished.
-    pub fn write_done(&mut self, tag: u64, ok: bool) -> Result<(), Error> {
+    pub fn write_done(&mut self, bm: &mut OutOfSync, tag: u64, ok: bool) -> Result<(), Error> {
         let r = self
             .reqs
             .get(tag)
@@ -856,7 +891,7 @@ impl Target {
         if ok {
             // The data came from the source and reached this disk before any overlapping
             // application write (rule 3 held those): the blocks are in sync.
-            self.bm.clear_unflushed(r.sector, r.len);
+            bm.clear_unflushed(r.sector, r.len);
             if !r.orphan {
                 self.outputs.push(TargetOutput::SendRsWriteAck {
                     sector: r.sector,
@@ -873,7 +908,7 @@ impl Target {
             }
         }
         self.release_held();
-        self.maybe_finish();
+        self.maybe_finish(bm);
         Ok(())
     }
 
@@ -988,16 +1023,41 @@ impl Target {
 
     /// The peer confirmed an application write with `P_RS_WRITE_ACK` (`DP_MAY_SET_IN_SYNC`):
     /// its whole blocks are in sync.
-    pub fn set_in_sync(&mut self, sector: u64, len: u32) {
-        self.bm.clear_unflushed(sector, len);
-        self.maybe_finish();
+    pub fn set_in_sync(&mut self, bm: &mut OutOfSync, sector: u64, len: u32) {
+        bm.clear_unflushed(sector, len);
+        self.maybe_finish(bm);
     }
 
-    /// Blocks became out of sync during the run (a write that did not reach the peer, a
-    /// verify result): set them, and make the walk come back for them.
-    pub fn mark_out_of_sync(&mut self, sector: u64, len: u32) {
-        self.bm.mark(sector, len);
+    /// Blocks became out of sync during the run (a local write failed, a write the
+    /// target could not track): set them, and make the walk come back for them.
+    pub fn mark_out_of_sync(&mut self, bm: &mut OutOfSync, sector: u64, len: u32) {
+        bm.mark(sector, len);
         self.push_rewind(sector);
+    }
+
+    /// The peer failed to write `[sector, sector + len bytes)` (`P_NEG_ACK` for a
+    /// SyncTarget Primary's write): this side has the newer data. The caller set the bits;
+    /// the run neither fetches the range nor reads it from the peer, and a run that ends
+    /// with only such bits left has succeeded (the bits stay: this node resyncs them to
+    /// the peer later). Past [`MAX_FAILED_RANGES`] ranges the run stops with failures.
+    pub fn peer_lacks(&mut self, sector: u64, len: u32) {
+        if !Self::add_range(&mut self.lacking, sector, len) {
+            self.failed_overflow = true;
+        }
+    }
+
+    /// Whether a read of `[sector, sector + len bytes)` must go to the peer: a block in
+    /// it is still to be fetched (set, and not one the peer lacks).
+    pub fn must_read_remotely(&self, bm: &OutOfSync, sector: u64, len: u32) -> bool {
+        if self.lacking.is_empty() {
+            return bm.any_in(sector, len);
+        }
+        let first = sector / SECT_PER_BLOCK;
+        let end = sector
+            .saturating_add(u64::from(len / SECTOR))
+            .div_ceil(SECT_PER_BLOCK)
+            .min(self.blocks);
+        (first..end).any(|b| bm.is_set(b) && Self::range_end(&self.lacking, b).is_none())
     }
 
     /// The connection is gone: unanswered requests are dropped (their bits stay set),
@@ -1036,37 +1096,36 @@ impl Target {
         self.in_flight_sectors = 0;
     }
 
-    fn maybe_finish(&mut self) {
+    fn maybe_finish(&mut self, bm: &OutOfSync) {
         if self.finished || !self.connected || self.reqs.len() > 0 {
             return;
         }
-        let blocks = self.bm.blocks();
         if self.failed_overflow {
-            self.finish();
+            self.finish(bm);
             return;
         }
-        if self.cursor < blocks || self.rewind.is_some() {
+        if self.cursor < self.blocks || self.rewind.is_some() {
             return;
         }
-        let failed = self.failed_set_blocks();
-        if self.bm.count() > failed {
+        if self.left(bm) > Self::set_in(&self.failed, bm) {
             // Bits behind the cursor (set after the walk passed): go round again.
             self.cursor = 0;
             return;
         }
-        self.finish();
+        self.finish(bm);
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, bm: &OutOfSync) {
         self.finished = true;
         let now = self.last_now;
         let paused = self.paused_ms + self.paused_since.map_or(0, |t| now.saturating_sub(t));
         let active = now.saturating_sub(self.start_ms).saturating_sub(paused);
-        let done = self.total_blocks.saturating_sub(self.bm.count());
+        let left = self.left(bm);
+        let done = self.total_blocks.saturating_sub(left);
         self.outputs.push(TargetOutput::Finished(ResyncSummary {
             total_blocks: self.total_blocks,
-            failed_blocks: self.failed_set_blocks(),
-            left_blocks: self.bm.count(),
+            failed_blocks: Self::set_in(&self.failed, bm),
+            left_blocks: left,
             same_csum_blocks: self.same_csum_blocks,
             active_ms: active,
             paused_ms: paused,

@@ -1332,7 +1332,7 @@ impl Sim {
                         // The core marks the write out of sync.
                         let (sector, len) = self.rs.tl_write(b)?;
                         self.rs.p_bm.mark(sector, len);
-                        self.primary.peer_neg_ack(b)
+                        self.primary.peer_neg_ack(b).map(|_| ())
                     }
                     MetaMsg::Barrier(nr, n) => {
                         self.rs.tl_barrier_ack(nr, n)?;

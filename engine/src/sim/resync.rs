@@ -308,7 +308,7 @@ pub(super) struct Rs {
     // ---- the Secondary's node
     s_uuids: UuidSet,
     s_disk: DiskState,
-    /// The node's bitmap while no Target owns it.
+    /// The node's bitmap; a running Target borrows it per call.
     s_bm: OutOfSync,
     /// Where the next Target starts (an interrupted run's resume position).
     s_resume: u64,
@@ -498,7 +498,7 @@ impl Rs {
     pub(super) fn s_local_idle(&self) -> bool {
         self.target
             .as_ref()
-            .is_none_or(|t| t.progress().requests_in_flight == 0)
+            .is_none_or(|t| t.progress(&self.s_bm).requests_in_flight == 0)
             && !self.finishing
     }
 
@@ -507,28 +507,21 @@ impl Rs {
         self.s_only.is_set(b)
     }
 
-    /// Whether block `b` is set in the Secondary's bitmap (its Target's while one runs).
+    /// Whether block `b` is set in the Secondary's bitmap.
     pub(super) fn s_marked(&self, b: u64) -> bool {
-        match &self.target {
-            Some(t) => t.bitmap().is_set(b),
-            None => self.s_bm.is_set(b),
-        }
+        self.s_bm.is_set(b)
     }
 
     /// Blocks out of sync on either node.
     pub(super) fn out_of_sync(&self) -> OutOfSync {
         let mut bm = self.p_bm.clone();
-        let s = match &self.target {
-            Some(t) => t.bitmap(),
-            None => &self.s_bm,
-        };
-        or_bits(&mut bm, s.words().iter().copied());
+        or_bits(&mut bm, self.s_bm.words().iter().copied());
         bm
     }
 
     fn mark_s(&mut self, sector: u64, len: u32) {
         match &mut self.target {
-            Some(t) => t.mark_out_of_sync(sector, len),
+            Some(t) => t.mark_out_of_sync(&mut self.s_bm, sector, len),
             None => self.s_bm.mark(sector, len),
         }
     }
@@ -969,7 +962,7 @@ impl Sim {
         if self.rs.s_disk != DiskState::Failed {
             self.rs.s_disk = DiskState::Inconsistent;
         }
-        let bm = std::mem::replace(&mut self.rs.s_bm, OutOfSync::new(SECTORS as u64));
+        let bm = &self.rs.s_bm;
         self.report.resyncs += 1;
         self.report.out_of_sync_bytes = self.report.out_of_sync_bytes.max(bm.bytes());
         let p = &self.rs.params;
@@ -1027,7 +1020,7 @@ impl Sim {
         let Some(t) = self.rs.target.as_mut() else {
             return Ok(());
         };
-        t.tick(&ts);
+        t.tick(&self.rs.s_bm, &ts);
         self.pump_target()?;
         if let Some(src) = self.rs.source.as_mut() {
             src.tick(&tp);
@@ -1150,9 +1143,9 @@ impl Sim {
         let r = match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
             Some(Inbound::RsIsInSync { sector, len }) => {
                 self.report.rs_in_sync += 1;
-                t.in_sync_reply(sector, len)
+                t.in_sync_reply(&mut self.rs.s_bm, sector, len)
             }
-            Some(Inbound::NegRsDReply { sector, len }) => t.neg_reply(sector, len),
+            Some(Inbound::NegRsDReply { sector, len }) => t.neg_reply(&self.rs.s_bm, sector, len),
             other => return Err(format!("SyncTarget got {other:?} on the meta stream")),
         };
         r.map_err(|e| format!("target refused {pkt:?}: {e}"))?;
@@ -1175,7 +1168,7 @@ impl Sim {
         match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
             Some(Inbound::RsDataReply { sector, len }) => {
                 let tag = t
-                    .data_reply(sector, len)
+                    .data_reply(&self.rs.s_bm, sector, len)
                     .map_err(|e| format!("target data_reply: {e}"))?;
                 if let Some(tag) = tag {
                     self.report.rs_bytes += u64::from(len);
@@ -1197,7 +1190,7 @@ impl Sim {
             Some(Inbound::RsDeallocated { sector, len }) => {
                 self.report.rs_deallocated += 1;
                 self.rs.zero_vers = Some(vers);
-                t.deallocated(sector, len)
+                t.deallocated(&self.rs.s_bm, sector, len)
                     .map_err(|e| format!("target deallocated: {e}"))?;
             }
             other => return Err(format!("SyncTarget got {other:?} on the data stream")),
@@ -1395,7 +1388,7 @@ impl Sim {
                 TargetOutput::SendRsDataRequest { .. } | TargetOutput::ReadForDigest { .. }
             )
         }) {
-            let in_flight = t.progress().requests_in_flight;
+            let in_flight = t.progress(&self.rs.s_bm).requests_in_flight;
             if in_flight > self.rs.params.max_requests {
                 return Err(format!("target has {in_flight} requests in flight"));
             }
@@ -1472,16 +1465,15 @@ impl Sim {
         Ok(())
     }
 
-    /// Folds a Target that is done (finished, or cut and drained) into the Secondary's
-    /// bitmap; `sum` for a finished one.
+    /// Retires a Target that is done (finished, or cut and drained); `sum` for a
+    /// finished one.
     fn retire_target(&mut self, t: Target, sum: Option<&ResyncSummary>) {
-        let pr = t.progress();
+        let pr = t.progress(&self.rs.s_bm);
         self.report.void_replies += pr.void_replies;
         self.rs.s_resume = match sum {
             Some(_) => 0,
             None => t.resume_position(),
         };
-        self.rs.s_bm = t.into_bitmap();
     }
 
     fn target_finished(&mut self, sum: ResyncSummary) -> Result<(), String> {
@@ -1541,7 +1533,7 @@ impl Sim {
             .as_mut()
             .filter(|_| tgen == self.rs.tgen)
             .ok_or("digest read of an earlier SyncTarget")?;
-        t.digest_done(tag, digest)
+        t.digest_done(&self.rs.s_bm, tag, digest)
             .map_err(|e| format!("target digest_done: {e}"))?;
         self.pump_target()
     }
@@ -1582,7 +1574,7 @@ impl Sim {
             .as_mut()
             .filter(|_| tgen == self.rs.tgen)
             .ok_or("resync write of an earlier SyncTarget")?;
-        t.write_done(tag, !fail)
+        t.write_done(&mut self.rs.s_bm, tag, !fail)
             .map_err(|e| format!("target write_done: {e}"))?;
         self.pump_target()
     }

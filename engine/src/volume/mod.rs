@@ -1013,11 +1013,7 @@ impl Volume {
     /// (see `page_writes`).
     async fn write_dirty_pages(&self) -> Result<(), String> {
         let _order = self.page_writes.lock().await;
-        let pages = {
-            let mut g = self.lock();
-            let pages = g.primary.take_dirty_bitmap_pages();
-            Self::pages_with_target(&g, pages)
-        };
+        let pages = self.lock().primary.take_dirty_bitmap_pages();
         self.write_bitmap_pages_async(pages).await
     }
 
@@ -1245,7 +1241,13 @@ impl Volume {
                 Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => {
                     inner.primary.peer_write_ack(ack.block_id)
                 }
-                Command::P_NEG_ACK => inner.primary.peer_neg_ack(ack.block_id),
+                Command::P_NEG_ACK => inner.primary.peer_neg_ack(ack.block_id).map(|(s, l)| {
+                    // A SyncTarget Primary: this side has the newer data (see
+                    // `Target::peer_lacks`).
+                    if let Some(r) = inner.target.as_mut() {
+                        r.t.peer_lacks(s, l);
+                    }
+                }),
                 other => return Err(format!("unexpected {} on the meta socket", other.name())),
             };
             r.map_err(core_err)?;
@@ -1713,7 +1715,7 @@ impl Volume {
                 } => fx.push(Effect::MetaWrite {
                     tag,
                     offset,
-                    data: Self::with_target_page(inner, offset, data),
+                    data,
                     preflush,
                 }),
                 PrimaryOutput::SendWrite {
@@ -2262,11 +2264,9 @@ impl Volume {
                 );
                 return;
             }
-            let pages = g.primary.take_dirty_bitmap_pages();
-            let mut pages = Self::pages_with_target(&g, pages);
-            // A resync in progress: what it cleared so far, so a restart resumes there.
-            pages.extend(self.dirty_target_pages(&mut g));
-            pages
+            // With a resync in progress: what it cleared so far, so a restart resumes
+            // there.
+            g.primary.take_dirty_bitmap_pages()
         };
         let n = pages.len();
         if let Err(e) = self.write_bitmap_pages_async(pages).await {
@@ -2307,11 +2307,7 @@ impl Volume {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let g = self.lock();
-        // While a resync runs on this node its target holds the bitmap.
-        let oos = g
-            .target
-            .as_ref()
-            .map_or_else(|| g.primary.out_of_sync_bytes(), |r| r.t.bitmap().bytes());
+        let oos = g.primary.out_of_sync_bytes();
         let peer = if g.link.is_some() {
             // A peer that missed writes (blocks out of sync here) is not UpToDate, whatever
             // it believes; until resync it is Outdated.

@@ -14,8 +14,8 @@
 //!    clears `MDF_CONSISTENT` and adopts the sync UUID — all durably, in that order, so a
 //!    crash from here on restarts Inconsistent with a bitmap that covers everything the
 //!    resync has not yet written.
-//! 4. `connection_up` starts a [`Target`] over the merged bitmap (lent by the Primary
-//!    core, which keeps the node's bitmap otherwise) or a [`Source`].
+//! 4. `connection_up` starts a [`Target`] over the merged bitmap or a [`Source`]. The
+//!    bitmap stays the Primary core's (the node has one); the target borrows it per call.
 //!
 //! While it runs: every 100 ms [`Volume::sync_tick`] (the clock sleeps while no run needs
 //! it); resync packets from both sockets go to [`Volume::sync_inbound`] /
@@ -47,7 +47,6 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::request::OutOfSync;
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
     TargetConfig, TargetOutput, TickInput, VerifyConfig, VerifyPeer, VerifyPeerOutput,
@@ -314,13 +313,6 @@ impl Volume {
         let tick = self.tick_input(inner);
         match role {
             SyncRole::Target { csums } => {
-                let bm = match inner.primary.swap_bitmap(OutOfSync::new(sectors)) {
-                    Ok(bm) => bm,
-                    Err(e) => {
-                        tracing::error!("cannot start the resync: {e}");
-                        return;
-                    }
-                };
                 let thin = self.sync.rs_discard_granularity;
                 let cfg = TargetConfig {
                     max_bio_size: peer.max_bio_size & !4095,
@@ -337,9 +329,8 @@ impl Volume {
                     start_block: inner.resume_block,
                     ..TargetConfig::new(sectors)
                 };
+                let bm = inner.primary.out_of_sync();
                 let total = bm.count();
-                // The target takes the bitmap; if it refuses, the copy goes back.
-                let backup = bm.clone();
                 match Target::new(cfg, bm, &tick) {
                     Ok(mut t) => {
                         if inner.sync_paused {
@@ -370,10 +361,7 @@ impl Volume {
                             }),
                         );
                     }
-                    Err(e) => {
-                        tracing::error!("cannot start the resync: {e}");
-                        let _ = inner.primary.swap_bitmap(backup);
-                    }
+                    Err(e) => tracing::error!("cannot start the resync: {e}"),
                 }
             }
             SyncRole::Source => {
@@ -438,7 +426,6 @@ impl Volume {
             r.t.connection_lost();
             inner.resume_block = r.t.resume_position();
             released.extend(r.held.drain().map(|(_, e)| e));
-            Self::return_bitmap(inner, r.t.into_bitmap());
         }
         inner.source = None;
         if let Some(v) = inner.verify.take() {
@@ -464,9 +451,9 @@ impl Volume {
         if g.primary.is_detached() {
             return true;
         }
-        g.target
-            .as_ref()
-            .is_some_and(|r| r.t.bitmap().any_in(offset / SECTOR_SIZE as u64, len))
+        g.target.as_ref().is_some_and(|r| {
+            r.t.must_read_remotely(g.primary.out_of_sync(), offset / SECTOR_SIZE as u64, len)
+        })
     }
 
     /// Reads `out.len()` bytes at `offset` from the peer in ≤ 1 MiB `P_DATA_REQUEST`s,
@@ -639,7 +626,7 @@ impl Volume {
         let running = self.with_session(session, |v, inner, fx| {
             let input = v.tick_input(inner);
             if let Some(r) = inner.target.as_mut() {
-                r.t.tick(&input);
+                r.t.tick(inner.primary.out_of_sync(), &input);
                 if !r.finishing && input.now_ms >= r.bitmap_written_ms + BITMAP_WRITEOUT_MS {
                     r.bitmap_written_ms = input.now_ms;
                     fx.push(Effect::SyncBitmap);
@@ -667,47 +654,19 @@ impl Volume {
         if !self.flush_clears().await {
             return Err("the flush before writing the resync's bitmap pages failed".into());
         }
-        let pages = self.dirty_target_pages(&mut self.lock());
+        let pages = self.lock().primary.take_dirty_bitmap_pages();
         self.write_bitmap_pages_async(pages).await
     }
 
-    /// Flushes the data device; the bitmaps' clears made before it may then reach the
-    /// disk ([`OutOfSync::begin_flush`]). The flush ids are unique, so a bitmap lent or
-    /// given back meanwhile ignores an id that is not its own.
+    /// Flushes the data device; the bitmap's clears made before it may then reach the
+    /// disk ([`OutOfSync::begin_flush`]).
     pub(super) async fn flush_clears(&self) -> bool {
-        let ids = {
-            let mut g = self.lock();
-            let mine = g.primary.out_of_sync_mut().begin_flush();
-            let lent = g
-                .target
-                .as_mut()
-                .and_then(|r| r.t.bitmap_mut().begin_flush());
-            [mine, lent]
-        };
+        let id = self.lock().primary.out_of_sync_mut().begin_flush();
         let ok = self.flush_local().await;
-        let mut g = self.lock();
-        for id in ids.into_iter().flatten() {
-            g.primary.out_of_sync_mut().flush_done(id, ok);
-            if let Some(r) = g.target.as_mut() {
-                r.t.bitmap_mut().flush_done(id, ok);
-            }
+        if let Some(id) = id {
+            self.lock().primary.out_of_sync_mut().flush_done(id, ok);
         }
         ok
-    }
-
-    /// The resync's dirty bitmap pages (taken), each the union with the Primary core's
-    /// placeholder (bits set meanwhile), as they go to disk.
-    pub(super) fn dirty_target_pages(&self, inner: &mut Inner) -> Vec<(u64, Box<[u8; 4096]>)> {
-        let Some(r) = inner.target.as_mut() else {
-            return Vec::new();
-        };
-        let pages = r.t.bitmap_mut().take_all_dirty();
-        let held = inner.primary.out_of_sync();
-        let placeholder = pages
-            .into_iter()
-            .filter_map(|p| inner.primary.bitmap_page_of(held, p))
-            .collect();
-        Self::pages_with_target(inner, placeholder)
     }
 
     /// A local write of the Primary core failed: its blocks stay out of sync for the rest
@@ -719,70 +678,6 @@ impl Volume {
                 k.notify_one();
             }
         }
-    }
-
-    /// Gives the target's bitmap back to the Primary core. Bits the core set in the
-    /// placeholder meanwhile (a SyncTarget Primary's writes the peer did not get) are
-    /// merged in.
-    fn return_bitmap(inner: &mut Inner, bm: OutOfSync) {
-        match inner.primary.swap_bitmap(bm) {
-            Ok(placeholder) => {
-                inner
-                    .primary
-                    .out_of_sync_mut()
-                    .merge_words(placeholder.words());
-            }
-            Err(e) => tracing::error!("cannot take the bitmap back from the resync: {e}"),
-        }
-    }
-
-    /// A bitmap page the Primary core writes while a resync holds the real bitmap: the
-    /// core holds only a placeholder (the bits it set meanwhile), so the page on disk must
-    /// be the union with the resync's page, or the placeholder's zeroes would erase the
-    /// resync's set bits. Anything that is not a bitmap page passes unchanged.
-    pub(super) fn with_target_page(
-        inner: &Inner,
-        offset: u64,
-        mut data: Box<[u8; 4096]>,
-    ) -> Box<[u8; 4096]> {
-        let (Some(r), Some(base)) = (
-            inner.target.as_ref(),
-            inner
-                .primary
-                .config()
-                .meta
-                .as_ref()
-                .map(|m| m.bitmap_offset),
-        ) else {
-            return data;
-        };
-        let Some(rel) = offset.checked_sub(base) else {
-            return data;
-        };
-        let bm = r.t.bitmap();
-        let page = rel / 4096;
-        if rel % 4096 != 0 || page >= u64::from(bm.pages()) {
-            return data;
-        }
-        let Ok(page) = u32::try_from(page) else {
-            return data;
-        };
-        let theirs = bm.page_bytes(page);
-        for (d, t) in data.iter_mut().zip(theirs.iter()) {
-            *d |= *t;
-        }
-        data
-    }
-
-    /// [`Self::with_target_page`] over a list of pages.
-    pub(super) fn pages_with_target(
-        inner: &Inner,
-        pages: Vec<(u64, Box<[u8; 4096]>)>,
-    ) -> Vec<(u64, Box<[u8; 4096]>)> {
-        pages
-            .into_iter()
-            .map(|(o, d)| (o, Self::with_target_page(inner, o, d)))
-            .collect()
     }
 
     /// Whether the source can take another request (the data socket's reader waits
@@ -825,6 +720,7 @@ impl Volume {
     fn sync_input(&self, inner: &mut Inner, inbound: Inbound) -> Result<(), String> {
         let e = |e: crate::resync::Error| e.to_string();
         let target = inner.target.as_mut().map(|r| &mut r.t);
+        let bm = inner.primary.out_of_sync_mut();
         match inbound {
             Inbound::RsRequest { sector, len, kind } => {
                 let Some(r) = inner.source.as_mut() else {
@@ -841,19 +737,19 @@ impl Volume {
                 None => Ok(()),
             },
             Inbound::RsDeallocated { sector, len } => match target {
-                Some(t) => t.deallocated(sector, len).map_err(e),
+                Some(t) => t.deallocated(bm, sector, len).map_err(e),
                 None => Err("P_RS_DEALLOCATED while not SyncTarget".into()),
             },
             Inbound::RsIsInSync { sector, len } => match target {
-                Some(t) => t.in_sync_reply(sector, len).map_err(e),
+                Some(t) => t.in_sync_reply(bm, sector, len).map_err(e),
                 None => Err("P_RS_IS_IN_SYNC while not SyncTarget".into()),
             },
             Inbound::NegRsDReply { sector, len } => match target {
-                Some(t) => t.neg_reply(sector, len).map_err(e),
+                Some(t) => t.neg_reply(bm, sector, len).map_err(e),
                 None => Err("P_NEG_RS_DREPLY while not SyncTarget".into()),
             },
             Inbound::RsCancel { sector, len } => match target {
-                Some(t) => t.cancel_reply(sector, len).map_err(e),
+                Some(t) => t.cancel_reply(bm, sector, len).map_err(e),
                 None => Err("P_RS_CANCEL while not SyncTarget".into()),
             },
             Inbound::RsDataReply { .. } => Err("P_RS_DATA_REPLY without its data".into()),
@@ -892,7 +788,8 @@ impl Volume {
             let Some(r) = inner.target.as_mut() else {
                 return Err("P_RS_DATA_REPLY while not SyncTarget".into());
             };
-            if let Some(tag) = r.t.data_reply(sector, len).map_err(|e| e.to_string())? {
+            let bm = inner.primary.out_of_sync();
+            if let Some(tag) = r.t.data_reply(bm, sector, len).map_err(|e| e.to_string())? {
                 inner.sync_io_in_flight += 1;
                 fx.push(Effect::SyncWrite {
                     run: r.run,
@@ -1237,9 +1134,7 @@ impl Volume {
             tracing::error!("{e}; the disk stays Inconsistent");
         }
         if inner.target.as_ref().is_some_and(|r| r.run == run) {
-            if let Some(r) = inner.target.take() {
-                Self::return_bitmap(inner, r.t.into_bitmap());
-            }
+            inner.target = None;
             inner.resume_block = 0;
             inner.conn = ConnState::Connected;
         }
@@ -1294,7 +1189,7 @@ impl Volume {
             },
             ReadFor::TargetDigest => {
                 if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
-                    contract(r.t.digest_done(tag, digest));
+                    contract(r.t.digest_done(inner.primary.out_of_sync(), tag, digest));
                 }
             }
             ReadFor::Source { .. } => {
@@ -1329,7 +1224,7 @@ impl Volume {
     pub(super) fn sync_write_done(&self, inner: &mut Inner, run: u64, tag: u64, ok: bool) {
         self.sync_io_ended(inner);
         if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
-            contract(r.t.write_done(tag, ok));
+            contract(r.t.write_done(inner.primary.out_of_sync_mut(), tag, ok));
         }
     }
 
@@ -1354,7 +1249,7 @@ impl Volume {
                 tracing::warn!(
                     "resync cannot track a peer write ({err}); its range is resynced again"
                 );
-                r.t.mark_out_of_sync(sector, len);
+                r.t.mark_out_of_sync(inner.primary.out_of_sync_mut(), sector, len);
                 Some(e)
             }
         }
@@ -1569,7 +1464,7 @@ impl Volume {
     /// The `resync` object of the status.
     pub(super) fn sync_status(&self, inner: &Inner) -> serde_json::Value {
         if let Some(r) = &inner.target {
-            let p = r.t.progress();
+            let p = r.t.progress(inner.primary.out_of_sync());
             return serde_json::json!({
                 "role": "SyncTarget",
                 "paused": p.paused,
