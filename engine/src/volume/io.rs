@@ -63,12 +63,21 @@ pub(super) enum IoCtx {
     ReceiverFlush,
     /// The data flush before metadata block `data` is written at `offset`.
     MetaPreflush {
-        tag: u64,
+        tag: MetaTag,
         offset: u64,
         data: Box<[u8; 4096]>,
     },
     /// A metadata block write (FUA).
-    Meta { tag: u64, offset: u64 },
+    Meta { tag: MetaTag, offset: u64 },
+}
+
+/// Whose metadata write it is.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum MetaTag {
+    /// The Primary core's activity-log transaction `tag`.
+    Core(u64),
+    /// The page writer's write of bitmap page `page` (`pages.rs`).
+    Page(u32),
 }
 
 /// The sink ops in flight: a token is a slot index.
@@ -195,7 +204,7 @@ impl Volume {
     }
 
     /// A metadata block, FUA, on the metadata device (after its preflush, if any).
-    pub(super) fn start_meta_write(&self, tag: u64, offset: u64, data: &[u8; 4096]) {
+    pub(super) fn start_meta_write(&self, tag: MetaTag, offset: u64, data: &[u8; 4096]) {
         let buf = match AlignedBuf::from_pool(data.len()) {
             Ok(mut b) => {
                 b.copy_from_slice(data);
@@ -304,7 +313,10 @@ impl Volume {
                     tracing::error!("metadata write at byte {offset} failed: {e}");
                 }
                 self.feed(|v, inner, fx| {
-                    contract(inner.primary.meta_write_done(tag, ok));
+                    match tag {
+                        MetaTag::Core(tag) => contract(inner.primary.meta_write_done(tag, ok)),
+                        MetaTag::Page(page) => Self::page_write_done(inner, fx, page, ok),
+                    }
                     v.drain_primary(inner, fx);
                 });
             }

@@ -26,7 +26,10 @@
 //! made durable by the metadata writer (`durable.rs`) off the lock and off the runtime
 //! thread; what must not happen before it is durable waits for its ticket (a promotion
 //! takes the role after, application writes wait at the core's door), so no disk IO
-//! ever runs under the lock.
+//! ever runs under the lock. The node has **one bitmap**, in the Primary core; a
+//! SyncTarget's run borrows it per call, and every page of it that is written goes
+//! through the page writer (`pages.rs`: images staged under the lock, one write per
+//! page in flight, the newest image next), so no older image lands after a newer one.
 //!
 //! **Diskless Primary** (`on-io-error detach` on a Primary, DRBD's diskless Primary): a
 //! failed local write makes the Primary `Diskless` ([`Primary::detach_local`]): writes go
@@ -80,6 +83,7 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 
 mod durable;
 mod io;
+mod pages;
 mod peer_wait;
 mod port;
 mod reply;
@@ -120,6 +124,8 @@ enum Waiter {
 }
 
 struct Inner {
+    /// Every bitmap page write goes through it (`pages.rs`).
+    pages: pages::PageWriter,
     role: Role,
     disk: DiskState,
     conn: ConnState,
@@ -262,6 +268,18 @@ struct LocalWrite {
     buf: Option<Buf>,
 }
 
+impl Effect {
+    /// A bitmap page write of the page writer.
+    fn page_write(job: pages::PageJob) -> Effect {
+        Effect::MetaWrite {
+            tag: io::MetaTag::Page(job.page),
+            offset: job.offset,
+            data: job.data,
+            preflush: job.preflush,
+        }
+    }
+}
+
 /// IO to start after the lock is released.
 enum Effect {
     LocalWrite(LocalWrite),
@@ -269,7 +287,7 @@ enum Effect {
         tag: u64,
     },
     MetaWrite {
-        tag: u64,
+        tag: io::MetaTag,
         offset: u64,
         data: Box<[u8; 4096]>,
         preflush: bool,
@@ -379,9 +397,6 @@ pub struct Volume {
     failure_recorded: tokio::sync::OnceCell<()>,
     /// One role change at a time (its metadata is written between two locks).
     role_change: tokio::sync::Mutex<()>,
-    /// Serialises the bitmap page writes outside the Primary core's activity log (failed
-    /// writes on a Secondary, management commands): pages taken in one order land in it.
-    page_writes: tokio::sync::Mutex<()>,
     /// The disk is detached (`on-io-error detach` after a failed write): no write is
     /// submitted to it any more. An atomic, so the write path takes no extra lock.
     detached: std::sync::atomic::AtomicBool,
@@ -448,7 +463,18 @@ impl Inner {
         uuids: UuidSet,
         crashed_primary: bool,
     ) -> Self {
+        let base = primary
+            .config()
+            .meta
+            .as_ref()
+            .map_or(0, |m| m.bitmap_offset);
+        let npages = if primary.config().meta.is_some() {
+            primary.out_of_sync().pages()
+        } else {
+            0
+        };
         Inner {
+            pages: pages::PageWriter::new(base, npages),
             role: Role::Secondary,
             disk,
             conn: ConnState::StandAlone,
@@ -583,7 +609,6 @@ impl Volume {
             state_timeout: config.net.timeout.max(Duration::from_millis(100)),
             on_io_error: config.disk.on_io_error,
             failure_recorded: tokio::sync::OnceCell::new(),
-            page_writes: tokio::sync::Mutex::new(()),
             role_change: tokio::sync::Mutex::new(()),
             detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
@@ -994,27 +1019,88 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes bitmap pages `(offset, bytes)` durably (FUA), from a task.
-    async fn write_bitmap_pages_async(
-        &self,
-        pages: Vec<(u64, Box<[u8; 4096]>)>,
-    ) -> Result<(), String> {
-        for (offset, page) in pages {
-            let buf = AlignedBuf::from_slice(&page[..]).map_err(|e| e.to_string())?;
-            self.meta_store
-                .write(offset, Arc::new(buf), true)
-                .await
-                .map_err(|e| format!("cannot write the bitmap page at byte {offset}: {e}"))?;
-        }
-        Ok(())
+    /// The Primary core's dirty bitmap pages, taken and written (FUA) through the page
+    /// writer (`pages.rs`); done when each is durable.
+    async fn write_dirty_pages(&self) -> Result<(), String> {
+        let (waits, fx) = Self::stage_dirty_pages(&mut self.lock());
+        self.run(fx);
+        Self::pages_durable(waits).await
     }
 
-    /// The Primary core's dirty bitmap pages, taken and written (FUA) in the order taken
-    /// (see `page_writes`).
-    async fn write_dirty_pages(&self) -> Result<(), String> {
-        let _order = self.page_writes.lock().await;
-        let pages = self.lock().primary.take_dirty_bitmap_pages();
-        self.write_bitmap_pages_async(pages).await
+    /// Takes the dirty bitmap pages and stages them with the page writer (under the
+    /// lock, so the images go to disk in the order they were taken): the waits, and the
+    /// writes to start.
+    fn stage_dirty_pages(inner: &mut Inner) -> (Vec<oneshot::Receiver<bool>>, Vec<Effect>) {
+        let mut waits = Vec::new();
+        let mut fx = Vec::new();
+        for (offset, data) in inner.primary.take_dirty_bitmap_pages() {
+            let Some(page) = inner.pages.page_at(offset) else {
+                panic!("BUG: the core's bitmap page at byte {offset} is outside the bitmap");
+            };
+            let (tx, rx) = oneshot::channel();
+            waits.push(rx);
+            let w = pages::PageWaiter::Task(tx);
+            if let Some(job) = inner.pages.stage(page, data, false, w) {
+                fx.push(Effect::page_write(job));
+            }
+        }
+        (waits, fx)
+    }
+
+    /// Waits until every staged page is durable.
+    async fn pages_durable(waits: Vec<oneshot::Receiver<bool>>) -> Result<(), String> {
+        let mut failed = 0;
+        for rx in waits {
+            if !rx.await.unwrap_or(false) {
+                failed += 1;
+            }
+        }
+        match failed {
+            0 => Ok(()),
+            n => Err(format!("{n} bitmap page write(s) failed")),
+        }
+    }
+
+    /// A metadata write of the Primary core: a bitmap page goes through the page writer,
+    /// an activity-log transaction straight to the disk.
+    fn core_meta_write(
+        inner: &mut Inner,
+        fx: &mut Vec<Effect>,
+        tag: u64,
+        offset: u64,
+        data: Box<[u8; 4096]>,
+        preflush: bool,
+    ) {
+        match inner.pages.page_at(offset) {
+            Some(page) => {
+                let w = pages::PageWaiter::Core(tag);
+                if let Some(job) = inner.pages.stage(page, data, preflush, w) {
+                    fx.push(Effect::page_write(job));
+                }
+            }
+            None => fx.push(Effect::MetaWrite {
+                tag: io::MetaTag::Core(tag),
+                offset,
+                data,
+                preflush,
+            }),
+        }
+    }
+
+    /// A bitmap page write ended: its waiters are told, the page's next image goes.
+    fn page_write_done(inner: &mut Inner, fx: &mut Vec<Effect>, page: u32, ok: bool) {
+        let (waiters, next) = inner.pages.done(page);
+        for w in waiters {
+            match w {
+                pages::PageWaiter::Core(tag) => contract(inner.primary.meta_write_done(tag, ok)),
+                pages::PageWaiter::Task(tx) => {
+                    let _ = tx.send(ok);
+                }
+            }
+        }
+        if let Some(job) = next {
+            fx.push(Effect::page_write(job));
+        }
     }
 
     /// Adopts new UUIDs in memory and stages them for the metadata writer: they are
@@ -1712,12 +1798,7 @@ impl Volume {
                     offset,
                     data,
                     preflush,
-                } => fx.push(Effect::MetaWrite {
-                    tag,
-                    offset,
-                    data,
-                    preflush,
-                }),
+                } => Self::core_meta_write(inner, fx, tag, offset, data, preflush),
                 PrimaryOutput::SendWrite {
                     block_id,
                     id,
@@ -2254,7 +2335,7 @@ impl Volume {
     /// when nothing is in flight: otherwise the metadata stays unclean and the next attach
     /// applies the activity log, which is what a crash would get.
     async fn write_back_metadata(&self) {
-        let pages = {
+        let (waits, fx) = {
             let mut g = self.lock();
             let s = g.primary.stats();
             if s.in_flight_writes > 0 || s.al_waiting > 0 || s.meta_failed {
@@ -2266,10 +2347,11 @@ impl Volume {
             }
             // With a resync in progress: what it cleared so far, so a restart resumes
             // there.
-            g.primary.take_dirty_bitmap_pages()
+            Self::stage_dirty_pages(&mut g)
         };
-        let n = pages.len();
-        if let Err(e) = self.write_bitmap_pages_async(pages).await {
+        let n = waits.len();
+        self.run(fx);
+        if let Err(e) = Self::pages_durable(waits).await {
             tracing::error!("{e}: metadata left unclean");
             return;
         }

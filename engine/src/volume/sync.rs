@@ -650,12 +650,10 @@ impl Volume {
     /// dirty pages (their images now leave those bits clear), written in the order taken.
     /// If the flush fails nothing is taken: the pages keep the bits set on disk.
     pub(super) async fn write_target_pages(&self) -> Result<(), String> {
-        let _order = self.page_writes.lock().await;
         if !self.flush_clears().await {
             return Err("the flush before writing the resync's bitmap pages failed".into());
         }
-        let pages = self.lock().primary.take_dirty_bitmap_pages();
-        self.write_bitmap_pages_async(pages).await
+        self.write_dirty_pages().await
     }
 
     /// Flushes the data device; the bitmap's clears made before it may then reach the
