@@ -9,6 +9,11 @@
 //! is bounded by `timeout`: on the meta socket one expiry drops the connection, on the data
 //! socket each expiry requests a ping and `ko-count` expiries in one batch drop it (DRBD's
 //! `drbd_send` and `we_should_drop_the_connection`).
+//!
+//! The end: the first task to end stops the others; the sockets then send their FIN
+//! and read (and drop) what the peer still sends until it closes too, at most 2 s and
+//! 64 MiB ([`linger`]), so the peer reads this side's last packets (a `P_STATE`, a
+//! `P_NEG_ACK`) instead of failing a write on a reset connection first.
 
 use super::handshake::{self, PeerParams};
 use super::link::Watch;
@@ -22,10 +27,11 @@ use crate::resync::{Inbound, SLEEP_TIME_MS};
 use crate::state::uuid::HandshakeOutcome;
 use crate::wire::{self, dp, BitmapReceiver, BitmapSender, Command, Header, Packet, WireCtx};
 use std::io::IoSlice;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -99,6 +105,7 @@ pub async fn run<R: Replica>(
     replica.link_event(LinkEvent::Error(None));
     let kill = replica.connection_up(link.clone(), &params, resolve_conflicts);
 
+    let kept = [keep(&data), keep(&meta)];
     let (data_rd, data_wr) = data.into_split();
     let (meta_rd, meta_wr) = meta.into_split();
     let live = Arc::new(Live::new(link.watch()));
@@ -154,13 +161,64 @@ pub async fn run<R: Replica>(
         kill.notified().await;
         Err(NetError::Shutdown)
     });
+    end(tasks, kept).await
+}
+
+/// The first task to end ends the connection: the others are stopped, the sockets
+/// linger ([`linger`]). Returns why it ended.
+async fn end(
+    mut tasks: JoinSet<Result<(), NetError>>,
+    kept: [Option<OwnedFd>; 2],
+) -> Result<(), NetError> {
     let first = tasks.join_next().await;
-    tasks.abort_all();
+    tasks.shutdown().await;
+    tokio::spawn(linger(kept));
     match first {
         Some(Ok(r)) => r,
         Some(Err(e)) => Err(NetError::Protocol(format!("connection task failed: {e}"))),
         None => Ok(()),
     }
+}
+
+/// How long an ended connection's sockets stay open for the peer to close its side.
+const LINGER: Duration = Duration::from_secs(2);
+/// What an ended connection reads (and drops) at most while it lingers.
+const LINGER_BYTES: usize = 64 << 20;
+
+/// A second descriptor of `s`, so the socket outlives the connection's tasks (see
+/// [`linger`]). `None` if the process is out of descriptors: then the socket closes with
+/// the tasks, as it did before.
+fn keep(s: &TcpStream) -> Option<OwnedFd> {
+    s.as_fd().try_clone_to_owned().ok()
+}
+
+/// The graceful end of a connection: each socket sends its FIN after what is queued,
+/// then reads and drops what the peer still sends until the peer closes too, at most
+/// [`LINGER`] and [`LINGER_BYTES`]. Closing a socket with unread data makes the kernel
+/// reset the connection, and a reset drops what the peer had received but not yet read
+/// — the last `P_STATE` (this disk failed), a `P_NEG_ACK`, a state change reply. Seen:
+/// 2 of 8 runs of `a_secondary_whose_disk_failed_cannot_be_promoted` lost that
+/// `P_STATE` when the connection ended at once.
+async fn linger(kept: [Option<OwnedFd>; 2]) {
+    let one = |fd: Option<OwnedFd>| async move {
+        let std = std::net::TcpStream::from(fd?);
+        let _ = std.shutdown(std::net::Shutdown::Write);
+        let mut s = TcpStream::from_std(std).ok()?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut read = 0usize;
+        let drain = async {
+            while read < LINGER_BYTES {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+        Some(())
+    };
+    let [a, b] = kept;
+    let _ = tokio::join!(one(a), one(b));
 }
 
 /// Time the bitmap exchange and the sync UUID may take (a 1 TiB replica's uncompressed
@@ -722,6 +780,46 @@ async fn watchdog<R: Replica>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This side sends its last packet and ends the connection while the peer is still
+    /// sending (its `P_DATA` stream); `graceful` is [`linger`]. What the peer sees: its
+    /// next 4 MiB of writes, then its read of the last packet and of the end.
+    async fn peer_after_the_end(graceful: bool) -> std::io::Result<(Vec<u8>, usize)> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut peer = TcpStream::connect(l.local_addr()?).await?;
+        let (mut mine, _) = l.accept().await?;
+        peer.write_all(&[1u8; 64 << 10]).await?;
+        mine.write_all(b"last").await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let kept = [graceful.then(|| keep(&mine)).flatten(), None];
+        drop(mine);
+        tokio::spawn(linger(kept));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let bounded = |e| std::io::Error::other(format!("{e}"));
+        // A peer's connection ends at its first failed write, before it reads more.
+        tokio::time::timeout(Duration::from_secs(5), peer.write_all(&vec![2u8; 4 << 20]))
+            .await
+            .map_err(bounded)??;
+        let mut last = vec![0u8; 4];
+        peer.read_exact(&mut last).await?;
+        let after = peer.read(&mut [0u8; 16]).await?;
+        Ok((last, after))
+    }
+
+    /// Closing a socket with the peer's data unread resets the connection: the peer's
+    /// next write fails and it ends its connection without reading this side's last
+    /// packet (seen: a lost `P_STATE`). The graceful end keeps reading until the peer is
+    /// done: it reads the last packet, then the end.
+    #[tokio::test]
+    async fn an_ended_connection_lets_the_peer_read_its_last_packet() {
+        let abrupt = peer_after_the_end(false).await;
+        assert!(
+            abrupt.is_err(),
+            "the peer's writes went on after a reset: {abrupt:?}"
+        );
+        let (last, after) = peer_after_the_end(true).await.expect("the graceful end");
+        assert_eq!((&last[..], after), (&b"last"[..], 0));
+    }
 
     /// A peer that stops reading: the data sender asks for a ping at every `timeout` and
     /// gives up after `ko-count` of them; the meta sender gives up at the first.

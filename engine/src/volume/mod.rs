@@ -225,13 +225,6 @@ pub const MAX_EVENTS: usize = 256;
 /// stopped reading is bounded here).
 const QUEUED_PACKETS_LEAVE: Duration = Duration::from_millis(200);
 
-/// After those packets are in the socket, how long the connection still stays so that
-/// the peer reads them: closing a socket with unread data (the peer's `P_DATA` still
-/// arriving) makes the kernel reset the connection, and a reset drops what the peer had
-/// received but not yet read — the `P_STATE` that says this disk failed among it (seen:
-/// 2 of 8 runs of `a_secondary_whose_disk_failed_cannot_be_promoted` without it).
-const PEER_READS_THEM: Duration = Duration::from_millis(50);
-
 impl Inner {
     /// Records a state event: `kind` (a word like `split-brain`) and its details.
     fn event(&mut self, kind: &str, detail: serde_json::Value) {
@@ -1639,9 +1632,9 @@ impl Volume {
 
     /// Runs `f` once the packets queued so far (a state change reply, a `P_NEG_ACK`, a
     /// `P_STATE`) are in their sockets (`Link::sent`), at most [`QUEUED_PACKETS_LEAVE`]
-    /// later, and the peer had [`PEER_READS_THEM`] to read them: ending the connection at
-    /// once aborts its sender tasks, which may not have written them yet. Called without
-    /// the volume's lock.
+    /// later: ending the connection at once aborts its sender tasks, which may not have
+    /// written them yet (the connection's end then lets the peer read them:
+    /// `net::session::linger`). Called without the volume's lock.
     fn after_queued_packets_leave<F, Fut>(&self, f: F)
     where
         F: FnOnce(Arc<Volume>) -> Fut + Send + 'static,
@@ -1652,7 +1645,6 @@ impl Volume {
         tokio::spawn(async move {
             if let Some(sent) = sent {
                 let _ = tokio::time::timeout(QUEUED_PACKETS_LEAVE, sent).await;
-                tokio::time::sleep(PEER_READS_THEM).await;
             }
             f(me).await;
         });
