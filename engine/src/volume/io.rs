@@ -144,6 +144,10 @@ impl Completions for Volume {
             None => panic!("BUG: a store completion for unknown volume op {token}"),
         }
     }
+
+    fn read_done(&self, token: u64, _result: Result<AlignedBuf, StoreError>) {
+        panic!("BUG: a store read completion for volume op {token}; the volume submits none");
+    }
 }
 
 impl Volume {
@@ -235,6 +239,8 @@ impl Volume {
                             store.write(offset, data, fua).await
                         }
                         SinkOp::Flush => store.flush().await,
+                        // The volume submits no other sink op (yet).
+                        _ => Err(StoreError::Closed),
                     };
                     me.io_done(ctx, r);
                 });
