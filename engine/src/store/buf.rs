@@ -11,18 +11,19 @@
 //! tandem advertises); allocation of a larger one is refused, never attempted.
 //!
 //! **Pool.** The data paths that take a buffer per request — an NBD WRITE's payload or
-//! READ's reply, a peer's `P_DATA` — take it from [`BufPool`] ([`AlignedBuf::from_pool`],
-//! the process-wide pool) instead of the allocator. The pool keeps freed buffers by size
-//! class: the powers of two from [`POOL_MIN_CLASS`] (4 KiB) to [`POOL_MAX_CLASS`] (1 MiB,
-//! DRBD's largest bio); a request takes the smallest class that holds it (a 12 KiB write
-//! uses a 16 KiB block, its `len()` is 12 KiB). A pooled buffer goes back to its pool when
-//! it is dropped; the pool keeps at most [`POOL_CAP_BYTES`] (8 MiB) of free blocks: past
-//! that, blocks of other classes are freed to make room (largest first, so a resync's
-//! 1 MiB blocks do not keep the 4 KiB writes after it out), and a block whose own class
-//! fills the pool is freed. Buffers over 1 MiB and buffers made by [`AlignedBuf::new`]
-//! (any size) are never pooled. A buffer taken from the pool is not zeroed: it holds
-//! another request's bytes until the caller overwrites them, so the callers are the
-//! paths that fill the whole buffer (a socket read, a disk read) before anyone sees it.
+//! READ's reply, a peer's `P_DATA`, a resync or verify read — take it from [`BufPool`]
+//! ([`AlignedBuf::from_pool`], the process-wide pool) instead of the allocator. The pool
+//! keeps freed buffers by size class: the powers of two from [`POOL_MIN_CLASS`] (4 KiB) to
+//! [`POOL_MAX_CLASS`] (1 MiB, DRBD's largest bio); a request takes the smallest class
+//! that holds it (a 12 KiB write uses a 16 KiB block, its `len()` is 12 KiB). A pooled
+//! buffer goes back to its pool when it is dropped; the pool keeps at most
+//! [`POOL_CAP_BYTES`] (8 MiB) of free blocks: past that, blocks of other classes are
+//! freed to make room (largest first, so a resync's 1 MiB blocks do not keep the 4 KiB
+//! writes after it out), and a block whose own class fills the pool is freed. Buffers
+//! over 1 MiB and buffers made by [`AlignedBuf::new`] (any size) are never pooled. A
+//! buffer taken from the pool is not zeroed: it holds another request's bytes until the
+//! caller overwrites them, so the callers are the paths that fill the whole buffer (a
+//! socket read, a disk read) before anyone sees it.
 //! One `std::sync::Mutex` per pool, held for a push or a pop.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};

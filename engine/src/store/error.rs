@@ -24,6 +24,8 @@ pub enum StoreOp {
     Discard,
     /// A write-zeroes (zero range / BLKZEROOUT).
     WriteZeroes,
+    /// A no-op (`IORING_OP_NOP`, [`crate::store::SinkOp::Nop`]).
+    Nop,
 }
 
 impl fmt::Display for StoreOp {
@@ -35,6 +37,7 @@ impl fmt::Display for StoreOp {
             StoreOp::Flush => "flush",
             StoreOp::Discard => "discard",
             StoreOp::WriteZeroes => "write-zeroes",
+            StoreOp::Nop => "no-op",
         })
     }
 }

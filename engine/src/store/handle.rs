@@ -6,13 +6,15 @@
 //! wait, never blocks a tokio worker), submits the request to the ring from the calling
 //! task and awaits a `tokio::sync::oneshot` that the ring's reaper completes.
 //!
-//! [`Store::submit_to`] is the path without a future: a write or a flush whose result the
-//! reaper hands to a [`Completions`] sink the caller registered (no task, no `oneshot`, no
-//! allocation per op). It takes a permit without waiting; when all `queue_depth` are
-//! taken it falls back to one task per such op that waits for a permit, then submits
-//! (the callers bound how many ops they have outstanding, so those tasks are bounded
-//! too: the volume's are by `max-buffers` per core). Closing (explicit or by dropping
-//! the last handle) waits at most [`CLOSE_TIMEOUT`] for the in-flight ops.
+//! [`Store::submit_to`] is the path without a future: an op ([`SinkOp`]: read, write,
+//! flush, discard, write-zeroes — their fallback chains included — or a no-op) whose
+//! result the reaper hands to a [`Completions`] sink the caller registered, a read's with
+//! its filled buffer (no task, no `oneshot`, no allocation per op). It takes a permit
+//! without waiting; when all `queue_depth` are taken it falls back to one task per such
+//! op that waits for a permit, then submits (the callers bound how many ops they have
+//! outstanding, so those tasks are bounded too: the volume's by its table,
+//! `volume/io.rs`). Closing (explicit or by dropping the last handle) waits at most
+//! [`CLOSE_TIMEOUT`] for the in-flight ops.
 
 use super::buf::{AlignedBuf, MAX_BUF_LEN};
 use super::device::{self, DeviceKind, RangeIoctl, StoreInfo};
@@ -52,7 +54,8 @@ const BLK_ZERO_UNMAP: &[Step] = &[
 ];
 const BLK_ZERO: &[Step] = &[Step::Fallocate(ZERO), Step::Ioctl(RangeIoctl::ZeroOut)];
 
-/// A write or a flush whose result goes to a [`Completions`] sink ([`Store::submit_to`]).
+/// An op whose result goes to a [`Completions`] sink ([`Store::submit_to`]): a read's to
+/// [`Completions::read_done`] with its buffer, every other's to [`Completions::done`].
 #[derive(Debug)]
 pub enum SinkOp {
     /// Write `data` at `offset` (`RWF_DSYNC` with `fua`).
@@ -66,6 +69,35 @@ pub enum SinkOp {
     },
     /// `fdatasync`.
     Flush,
+    /// Read `buf.len()` bytes at `offset` into `buf`, handed back filled (as
+    /// [`Store::read_into`]).
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Where the bytes go; dropped if the read fails.
+        buf: AlignedBuf,
+    },
+    /// Discard `len` bytes at `offset` (as [`Store::discard`], its fallback chain
+    /// included).
+    Discard {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Make `len` bytes at `offset` read as zeroes (as [`Store::write_zeroes`]).
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The range may be deallocated.
+        may_unmap: bool,
+    },
+    /// No IO (`IORING_OP_NOP`): its `Ok(())` reaches the sink from the reaper, like any
+    /// completion — a result the caller has without IO, delivered later and off its
+    /// own stack, without a task.
+    Nop,
 }
 
 /// How to open a store.
@@ -190,7 +222,12 @@ impl Store {
     /// it is dropped.
     pub async fn read_into(&self, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, StoreError> {
         self.check_data(StoreOp::Read, offset, buf.len())?;
-        self.call(|done| Request::Read { offset, buf, done }).await
+        self.call(|done| Request::Read {
+            offset,
+            buf,
+            done: Reply::Waiter(done),
+        })
+        .await
     }
 
     /// Write `data` at `offset`; with `fua` the data is durable when this returns
@@ -220,31 +257,19 @@ impl Store {
     }
 
     /// Submit `op` now, from this thread, without a future: its result goes to
-    /// `sink.done(token, …)` exactly once, on the thread that reaps it (see
-    /// [`Completions`]). With no free permit the op waits for one in a task of the
-    /// current (or the home, [`Store::set_runtime`]) runtime. An `Err` (invalid request,
-    /// store closed, no runtime to wait in) means the op was not taken and the sink will
-    /// not be called for it.
+    /// `sink.done(token, …)` (`sink.read_done(token, …)` for a read) exactly once, on the
+    /// thread that reaps it (see [`Completions`]). With no free permit the op waits for
+    /// one in a task of the current (or the home, [`Store::set_runtime`]) runtime. An
+    /// `Err` (invalid request, store closed, no runtime to wait in) means the op was not
+    /// taken and the sink will not be called for it.
     pub fn submit_to(
         &self,
         op: SinkOp,
         sink: &Arc<dyn Completions>,
         token: u64,
     ) -> Result<(), StoreError> {
-        if let SinkOp::Write { offset, data, .. } = &op {
-            self.check_data(StoreOp::Write, *offset, data.len())?;
-        }
         self.check_open()?;
-        let done = Reply::Sink(Arc::clone(sink), token);
-        let req = match op {
-            SinkOp::Write { offset, data, fua } => Request::Write {
-                offset,
-                buf: data,
-                fua,
-                done,
-            },
-            SinkOp::Flush => Request::Flush { done },
-        };
+        let req = self.sink_request(op, Arc::clone(sink), token)?;
         match Arc::clone(&self.inner.permits).try_acquire_owned() {
             Ok(permit) => self
                 .inner
@@ -262,6 +287,64 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// The request of a sink op, validated as its awaited form is.
+    fn sink_request(
+        &self,
+        op: SinkOp,
+        sink: Arc<dyn Completions>,
+        token: u64,
+    ) -> Result<Request, StoreError> {
+        Ok(match op {
+            SinkOp::Write { offset, data, fua } => {
+                self.check_data(StoreOp::Write, offset, data.len())?;
+                Request::Write {
+                    offset,
+                    buf: data,
+                    fua,
+                    done: Reply::Sink(sink, token),
+                }
+            }
+            SinkOp::Flush => Request::Flush {
+                done: Reply::Sink(sink, token),
+            },
+            SinkOp::Nop => Request::Nop {
+                done: Reply::Sink(sink, token),
+            },
+            SinkOp::Read { offset, buf } => {
+                self.check_data(StoreOp::Read, offset, buf.len())?;
+                Request::Read {
+                    offset,
+                    buf,
+                    done: Reply::Sink(sink, token),
+                }
+            }
+            SinkOp::Discard { offset, len } => {
+                self.check_range(StoreOp::Discard, offset, len)?;
+                Request::Range {
+                    op: StoreOp::Discard,
+                    offset,
+                    len,
+                    steps: self.discard_steps(),
+                    done: Reply::Sink(sink, token),
+                }
+            }
+            SinkOp::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+            } => {
+                self.check_range(StoreOp::WriteZeroes, offset, len)?;
+                Request::Range {
+                    op: StoreOp::WriteZeroes,
+                    offset,
+                    len,
+                    steps: self.zero_steps(may_unmap),
+                    done: Reply::Sink(sink, token),
+                }
+            }
+        })
     }
 
     /// Ops queued or in flight (permits taken).
@@ -284,11 +367,15 @@ impl Store {
     /// (punch hole); on block devices it does when the device supports write-zeroes with
     /// unmap, otherwise `BLKDISCARD` is used and the content is unspecified.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        let steps = match self.kind() {
+        self.range(StoreOp::Discard, offset, len, self.discard_steps())
+            .await
+    }
+
+    fn discard_steps(&self) -> &'static [Step] {
+        match self.kind() {
             DeviceKind::File => FILE_DISCARD,
             DeviceKind::BlockDevice => BLK_DISCARD,
-        };
-        self.range(StoreOp::Discard, offset, len, steps).await
+        }
     }
 
     /// Make `len` bytes at `offset` read as zeroes; `may_unmap` lets the range be
@@ -299,13 +386,17 @@ impl Store {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), StoreError> {
-        let steps = match (self.kind(), may_unmap) {
+        let steps = self.zero_steps(may_unmap);
+        self.range(StoreOp::WriteZeroes, offset, len, steps).await
+    }
+
+    fn zero_steps(&self, may_unmap: bool) -> &'static [Step] {
+        match (self.kind(), may_unmap) {
             (DeviceKind::File, true) => FILE_ZERO_UNMAP,
             (DeviceKind::File, false) => FILE_ZERO,
             (DeviceKind::BlockDevice, true) => BLK_ZERO_UNMAP,
             (DeviceKind::BlockDevice, false) => BLK_ZERO,
-        };
-        self.range(StoreOp::WriteZeroes, offset, len, steps).await
+        }
     }
 
     /// Whether the range is a hole of a regular file (reads as zeroes): resync answers

@@ -13,9 +13,11 @@
 //!   watched by one reaper task per store through `tokio::io::unix::AsyncFd`, i.e. the
 //!   runtime's own epoll; the reaper drains the CQ and, once it has released the ring's
 //!   lock, completes each caller's `oneshot` (which schedules the caller on the same
-//!   worker) or, for an op submitted with [`Store::submit_to`], calls the [`Completions`]
-//!   sink the caller registered, on the reaper's thread: no task, no `oneshot`, no
-//!   allocation per op. One wake-up per op (the completion). `submit_to` takes a permit
+//!   worker) or, for an op submitted with [`Store::submit_to`] ([`SinkOp`]: a read, a
+//!   write, a flush, a discard, a write-zeroes or a no-op), calls the [`Completions`]
+//!   sink the caller registered, on the reaper's thread (`read_done` with the filled
+//!   buffer for a read, `done` for the others): no task, no `oneshot`, no allocation per
+//!   op. One wake-up per op (the completion). `submit_to` takes a permit
 //!   without waiting; with none free it queues the op in one task per op until a permit
 //!   frees (bounded by what its caller has outstanding).
 //! - Buffers: [`AlignedBuf::from_pool`] takes a buffer from a process-wide pool (size

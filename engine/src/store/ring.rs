@@ -54,34 +54,54 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-/// Where a read's result goes.
+/// Where an awaited op's result goes.
 pub(crate) type Done<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// Receives the results of ops submitted with a sink ([`crate::store::Store::submit_to`]).
 /// Registered once by its owner (an `Arc` clone per op, no allocation) and called once
-/// per op with the token the op was submitted with, on the thread that reaped it (the
-/// reaper task's runtime worker; the ioctl helper thread for a `BLKDISCARD` /
-/// `BLKZEROOUT` step; the closing thread in `Store::close`) — never under the ring's
-/// lock, so it may submit again.
+/// per op with the token the op was submitted with — `read_done` for a read (with the
+/// filled buffer), `done` for every other op — on the thread that reaped it (the reaper
+/// task's runtime worker; the ioctl helper thread for a `BLKDISCARD` / `BLKZEROOUT`
+/// step; the closing thread in `Store::close`) — never under the ring's lock, so it may
+/// submit again.
 pub trait Completions: Send + Sync {
-    /// Op `token` ended with `result`.
+    /// Op `token` (a write, flush, discard, write-zeroes or no-op) ended with `result`.
     fn done(&self, token: u64, result: Result<(), StoreError>);
+    /// Read `token` ended: its buffer, filled, or why it failed (the buffer is dropped).
+    fn read_done(&self, token: u64, result: Result<AlignedBuf, StoreError>);
 }
 
-/// Where the result of a write, flush or range op goes: a waiting caller, or a sink.
-pub(crate) enum Reply {
-    Waiter(Done<()>),
+/// What an op hands back: nothing, or a read's buffer; each goes to its own sink call.
+pub(crate) trait SinkResult: Sized {
+    fn to_sink(sink: &dyn Completions, token: u64, result: Result<Self, StoreError>);
+}
+
+impl SinkResult for () {
+    fn to_sink(sink: &dyn Completions, token: u64, result: Result<(), StoreError>) {
+        sink.done(token, result);
+    }
+}
+
+impl SinkResult for AlignedBuf {
+    fn to_sink(sink: &dyn Completions, token: u64, result: Result<AlignedBuf, StoreError>) {
+        sink.read_done(token, result);
+    }
+}
+
+/// Where an op's result goes: a waiting caller, or a sink.
+pub(crate) enum Reply<T = ()> {
+    Waiter(Done<T>),
     Sink(Arc<dyn Completions>, u64),
 }
 
-impl Reply {
-    fn send(self, result: Result<(), StoreError>) {
+impl<T: SinkResult> Reply<T> {
+    fn send(self, result: Result<T, StoreError>) {
         match self {
             // A send error means the caller dropped its future: nothing to do.
             Reply::Waiter(tx) => {
                 let _ = tx.send(result);
             }
-            Reply::Sink(sink, token) => sink.done(token, result),
+            Reply::Sink(sink, token) => T::to_sink(&*sink, token, result),
         }
     }
 }
@@ -108,16 +128,14 @@ impl std::ops::Deref for WriteData {
 
 /// An op's result waiting to be delivered once the ring's lock is released.
 enum Finished {
-    Read(Done<AlignedBuf>, Result<AlignedBuf, StoreError>),
+    Read(Reply<AlignedBuf>, Result<AlignedBuf, StoreError>),
     Other(Reply, Result<(), StoreError>),
 }
 
 impl Finished {
     fn deliver(self) {
         match self {
-            Finished::Read(tx, r) => {
-                let _ = tx.send(r);
-            }
+            Finished::Read(reply, r) => reply.send(r),
             Finished::Other(reply, r) => reply.send(r),
         }
     }
@@ -137,7 +155,7 @@ pub(crate) enum Request {
     Read {
         offset: u64,
         buf: AlignedBuf,
-        done: Done<AlignedBuf>,
+        done: Reply<AlignedBuf>,
     },
     Write {
         offset: u64,
@@ -146,6 +164,10 @@ pub(crate) enum Request {
         done: Reply,
     },
     Flush {
+        done: Reply,
+    },
+    /// `IORING_OP_NOP`: no IO, completed through the reaper like any op.
+    Nop {
         done: Reply,
     },
     /// Discard or write-zeroes: try `steps` in order while they fail with EOPNOTSUPP.
@@ -162,12 +184,11 @@ impl Request {
     /// Ends a request that was never submitted with `err`.
     pub(crate) fn fail(self, err: StoreError) {
         match self {
-            Request::Read { done, .. } => {
-                let _ = done.send(Err(err));
-            }
-            Request::Write { done, .. } | Request::Flush { done } | Request::Range { done, .. } => {
-                done.send(Err(err));
-            }
+            Request::Read { done, .. } => done.send(Err(err)),
+            Request::Write { done, .. }
+            | Request::Flush { done }
+            | Request::Nop { done }
+            | Request::Range { done, .. } => done.send(Err(err)),
         }
     }
 }
@@ -471,6 +492,7 @@ impl Slot {
             Request::Read { .. } => StoreOp::Read,
             Request::Write { .. } => StoreOp::Write,
             Request::Flush { .. } => StoreOp::Flush,
+            Request::Nop { .. } => StoreOp::Nop,
             Request::Range { op, .. } => *op,
         }
     }
@@ -483,9 +505,10 @@ impl Slot {
         drop(permit);
         match req {
             Request::Read { buf, done, .. } => Finished::Read(done, result.map(|()| buf)),
-            Request::Write { done, .. } | Request::Flush { done } | Request::Range { done, .. } => {
-                Finished::Other(done, result)
-            }
+            Request::Write { done, .. }
+            | Request::Flush { done }
+            | Request::Nop { done }
+            | Request::Range { done, .. } => Finished::Other(done, result),
         }
     }
 }
@@ -608,6 +631,7 @@ impl Worker {
             Request::Flush { .. } => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            Request::Nop { .. } => opcode::Nop::new().build(),
             Request::Range {
                 op,
                 offset,
@@ -754,8 +778,7 @@ impl Drop for Worker {
     /// After a clean [`Ring::close`] nothing is in the kernel's hands. If the ring is
     /// dropped with ops in flight (close timed out, or a bug), the kernel may still write
     /// into their buffers after the ring fd closes (it cancels asynchronously), so those
-    /// are leaked, never freed; their callers are completed with `Closed` (a waiter by
-    /// dropping its sender, a sink by a call).
+    /// are leaked, never freed; their callers (waiters and sinks) get `Closed`.
     fn drop(&mut self) {
         for f in self.finished.drain(..) {
             f.deliver();
@@ -769,12 +792,15 @@ impl Drop for Worker {
         );
         for slot in self.slots.iter_mut().filter_map(Option::take) {
             match slot.req {
-                Request::Read { buf, .. } => std::mem::forget(buf),
+                Request::Read { buf, done, .. } => {
+                    std::mem::forget(buf);
+                    done.send(Err(StoreError::Closed));
+                }
                 Request::Write { buf, done, .. } => {
                     std::mem::forget(buf);
                     done.send(Err(StoreError::Closed));
                 }
-                Request::Flush { done } | Request::Range { done, .. } => {
+                Request::Flush { done } | Request::Nop { done } | Request::Range { done, .. } => {
                     done.send(Err(StoreError::Closed));
                 }
             }
@@ -808,7 +834,9 @@ fn advance(slot: &mut Slot, res: i32) -> Next {
     let total = match &slot.req {
         Request::Read { buf, .. } => buf.len(),
         Request::Write { buf, .. } => buf.len(),
-        Request::Flush { .. } | Request::Range { .. } => return Next::Finish(Ok(())),
+        Request::Flush { .. } | Request::Nop { .. } | Request::Range { .. } => {
+            return Next::Finish(Ok(()))
+        }
     };
     // `res` is non-negative here.
     let n = usize::try_from(res).unwrap_or(0);

@@ -625,6 +625,26 @@ async fn block_device_size_block_size_and_range_ops() {
         let back = s.read(5 * MIB, MIB_USIZE).await.expect("read");
         assert!(back[..16384].iter().all(|&b| b == 0), "BLKZEROOUT");
         assert!(back[16384..65536] == data[16384..65536], "untouched");
+        // The same chains through a completion sink.
+        let rec = Recorder::new();
+        let sink: Arc<dyn Completions> = rec.clone();
+        let zeroes = SinkOp::WriteZeroes {
+            offset: 5 * MIB + 131072,
+            len: 8192,
+            may_unmap: false,
+        };
+        s.submit_to(zeroes, &sink, 1).expect("sink zeroes");
+        let discard = SinkOp::Discard {
+            offset: 5 * MIB + 262144,
+            len: 65536,
+        };
+        s.submit_to(discard, &sink, 2).expect("sink discard");
+        rec.wait_for(2).await;
+        assert_eq!(rec.seen().iter().filter(|(_, r)| r.is_ok()).count(), 2);
+        let back = s.read(5 * MIB, MIB_USIZE).await.expect("read");
+        assert!(back[131072..139264].iter().all(|&b| b == 0), "sink zeroes");
+        assert!(back[139264..262144] == data[139264..262144], "untouched");
+        assert!(back[262144..327680].iter().all(|&b| b == 0), "sink discard");
         // The kernel rejects an ioctl range beyond the device; the error keeps its errno.
         let e = s
             .range_ioctl_for_test(RangeIoctl::ZeroOut, 0, 128 * MIB)
@@ -711,10 +731,12 @@ async fn full_device_reports_no_space() {
 
 // ----- the completion-sink path (`Store::submit_to`) -----------------------------------
 
-/// Records every completion it gets, and the ops in flight at that moment.
+/// Records every completion it gets (a read's buffer apart), and the ops in flight at
+/// that moment.
 struct Recorder {
     store: std::sync::OnceLock<Store>,
     seen: std::sync::Mutex<Vec<(u64, Result<(), String>)>>,
+    bufs: std::sync::Mutex<std::collections::HashMap<u64, AlignedBuf>>,
     max_in_flight: std::sync::atomic::AtomicUsize,
     more: tokio::sync::Notify,
 }
@@ -724,6 +746,7 @@ impl Recorder {
         Arc::new(Recorder {
             store: std::sync::OnceLock::new(),
             seen: std::sync::Mutex::new(Vec::new()),
+            bufs: std::sync::Mutex::new(std::collections::HashMap::new()),
             max_in_flight: std::sync::atomic::AtomicUsize::new(0),
             more: tokio::sync::Notify::new(),
         })
@@ -761,6 +784,24 @@ impl Completions for Recorder {
             .push((token, result.map_err(|e| e.to_string())));
         self.more.notify_one();
     }
+
+    fn read_done(&self, token: u64, result: Result<AlignedBuf, StoreError>) {
+        let result = result.map(|buf| {
+            self.bufs.lock().unwrap().insert(token, buf);
+        });
+        self.done(token, result);
+    }
+}
+
+/// The result recorded for `token`.
+fn result_of(rec: &Recorder, token: u64) -> Result<(), String> {
+    let seen = rec.seen();
+    let mut found = seen.iter().filter(|(t, _)| *t == token);
+    let r = found
+        .next()
+        .unwrap_or_else(|| panic!("no completion for {token}"));
+    assert!(found.next().is_none(), "two completions for {token}");
+    r.1.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -904,5 +945,182 @@ async fn sink_gets_kernel_errors() {
         seen.iter().any(|(_, r)| r.as_ref().err() == Some(&nospace)),
         "8 MiB of sink writes fit into a 1 MiB tmpfs: {seen:?}"
     );
+    // Zeroes that must stay allocated, in a hole of the full tmpfs: no room for them
+    // (or no ZERO_RANGE on tmpfs at all); the error reaches the sink either way.
+    let zeroes = SinkOp::WriteZeroes {
+        offset: 7 * MIB,
+        len: MIB,
+        may_unmap: false,
+    };
+    s.submit_to(zeroes, &sink, 8).expect("submit");
+    rec.wait_for(9).await;
+    let e = result_of(&rec, 8).expect_err("zero range on a full tmpfs");
+    assert!(e.contains("write-zeroes"), "{e}");
     s.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_reads_hand_back_the_filled_buffer() {
+    let dir = TempDir::new("sinkread");
+    let p = dir.path("d.img");
+    let s = Store::open(&p, &opts(4 * MIB)).expect("open");
+    let data = Arc::new(pattern(2 * MIB_USIZE, 21));
+    s.write(0, Arc::clone(&data), false).await.expect("fill");
+    let rec = Recorder::new();
+    let sink: Arc<dyn Completions> = rec.clone();
+    // Pooled buffers hold stale bytes: the read must overwrite every one.
+    let reads: [(u64, u64, usize); 4] = [
+        (1, 0, 4096),
+        (2, 12288, 8192),
+        (3, MIB, MIB_USIZE),
+        (4, 2 * MIB - 512, 512),
+    ];
+    for (token, offset, len) in reads {
+        let mut buf = AlignedBuf::from_pool(len).expect("buffer");
+        buf.fill(0xA5);
+        s.submit_to(SinkOp::Read { offset, buf }, &sink, token)
+            .expect("submit read");
+    }
+    // A no-op comes back through `done` too.
+    s.submit_to(SinkOp::Nop, &sink, 5).expect("nop");
+    // Refused at once, never delivered: unaligned, beyond the end.
+    let buf = || AlignedBuf::new(4096).expect("buffer");
+    assert_invalid(
+        s.submit_to(
+            SinkOp::Read {
+                offset: 100,
+                buf: buf(),
+            },
+            &sink,
+            90,
+        ),
+        "unaligned sink read",
+    );
+    assert_invalid(
+        s.submit_to(
+            SinkOp::Read {
+                offset: 4 * MIB,
+                buf: buf(),
+            },
+            &sink,
+            91,
+        ),
+        "sink read beyond the end",
+    );
+    rec.wait_for(5).await;
+    for (token, offset, len) in reads {
+        assert_eq!(result_of(&rec, token), Ok(()), "read {token}");
+        let got = rec
+            .bufs
+            .lock()
+            .unwrap()
+            .remove(&token)
+            .expect("buffer back");
+        assert_eq!(got.len(), len);
+        let at = usize::try_from(offset).unwrap();
+        assert!(
+            got[..] == data[at..at + len],
+            "read {token} has the written bytes"
+        );
+    }
+    assert_eq!(result_of(&rec, 5), Ok(()), "nop");
+    // A read the kernel cuts short (the file shrank under the store) fails through the
+    // sink, without its buffer.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .and_then(|f| f.set_len(MIB))
+        .expect("shrink");
+    s.submit_to(
+        SinkOp::Read {
+            offset: MIB,
+            buf: buf(),
+        },
+        &sink,
+        6,
+    )
+    .expect("submit");
+    rec.wait_for(6).await;
+    let err = result_of(&rec, 6).expect_err("read past the shrunk end");
+    assert!(err.contains("short"), "{err}");
+    assert!(rec.bufs.lock().unwrap().is_empty());
+    assert_eq!(s.ops_in_flight(), 0);
+    s.close();
+    // After close: refused at once.
+    assert!(matches!(
+        s.submit_to(
+            SinkOp::Read {
+                offset: 0,
+                buf: buf()
+            },
+            &sink,
+            7
+        ),
+        Err(StoreError::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_discard_and_write_zeroes_read_back_zeros() {
+    let dir = TempDir::new("sinkzero");
+    let s = Store::open(dir.path("d.img"), &opts(MIB)).expect("open");
+    let data = Arc::new(pattern(256 * 1024, 22));
+    s.write(0, Arc::clone(&data), false).await.expect("write");
+    let rec = Recorder::new();
+    let sink: Arc<dyn Completions> = rec.clone();
+    let ops = [
+        SinkOp::Discard {
+            offset: 16 * 1024,
+            len: 32 * 1024,
+        },
+        SinkOp::WriteZeroes {
+            offset: 64 * 1024,
+            len: 8 * 1024,
+            may_unmap: false,
+        },
+        SinkOp::WriteZeroes {
+            offset: 128 * 1024,
+            len: 64 * 1024,
+            may_unmap: true,
+        },
+        SinkOp::Discard {
+            offset: 200 * 1024 + 512,
+            len: 1024,
+        },
+    ];
+    let zeroed: Vec<(u64, u64)> = ops
+        .iter()
+        .map(|op| match op {
+            SinkOp::Discard { offset, len } | SinkOp::WriteZeroes { offset, len, .. } => {
+                (*offset, *len)
+            }
+            _ => unreachable!(),
+        })
+        .collect();
+    for (token, op) in (0u64..).zip(ops) {
+        s.submit_to(op, &sink, token).expect("submit");
+    }
+    // Refused at once: a range beyond the device, a zero length.
+    let beyond = SinkOp::Discard {
+        offset: MIB - 4096,
+        len: 8192,
+    };
+    assert_invalid(s.submit_to(beyond, &sink, 90), "discard beyond the end");
+    let empty = SinkOp::WriteZeroes {
+        offset: 0,
+        len: 0,
+        may_unmap: true,
+    };
+    assert_invalid(s.submit_to(empty, &sink, 91), "empty write-zeroes");
+    rec.wait_for(4).await;
+    for token in 0..4 {
+        assert_eq!(result_of(&rec, token), Ok(()), "op {token}");
+    }
+    let back = s.read(0, data.len()).await.expect("read");
+    for (i, (&got, &orig)) in back.iter().zip(data.iter()).enumerate() {
+        let i = i as u64;
+        let z = zeroed.iter().any(|&(o, l)| i >= o && i < o + l);
+        assert_eq!(got, if z { 0 } else { orig }, "byte {i}");
+    }
+    assert_eq!(rec.seen().len(), 4, "refused ops are not delivered");
 }

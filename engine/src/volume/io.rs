@@ -1,52 +1,78 @@
-//! Local IO without a task per op: the volume's data writes, flushes and metadata writes
-//! go to the store with a completion sink ([`Completions`], implemented by [`Volume`]),
-//! and the store's reaper feeds the result to the core from its own thread.
+//! Local IO without a task per op: the volume's data writes, discards, write-zeroes,
+//! flushes, metadata writes and resync IO go to the store with a completion sink
+//! ([`Completions`], implemented by [`Volume`]), and the store's reaper feeds the result
+//! to the core (or the resync machines) from its own thread.
 //!
-//! What takes this path (the IO of every application and peer write):
-//! - a core's local data write (Primary `SubmitLocal`, Receiver `SubmitLocal`) with its
-//!   buffer, on a disk that is not detached: one `Store::submit_to`, the peer's buffer
-//!   moved into the op (no `Arc`), its receive budget kept here until the write ends;
+//! What takes this path:
+//! - a core's local write (Primary `SubmitLocal`, Receiver `SubmitLocal`) to a disk that
+//!   is not detached: a data write with its buffer (the peer's buffer moved into the op,
+//!   no `Arc`, its receive budget kept here until the write ends), a discard or a
+//!   write-zeroes (the store runs their fallback chains, e.g. punch hole → zero range →
+//!   `BLKZEROOUT`); a FUA discard / write-zeroes is two sink ops, the flush submitted by
+//!   the first one's completion;
 //! - the Primary's epoch flush and the Secondary's merged epoch flushes (one round at a
 //!   time: the flushes requested while a round runs wait in `Inner::flush_waiting` and
 //!   the next round takes them all, as `merged_flushes` did);
 //! - the Primary core's metadata writes (activity log, bitmap pages), a preflush first
-//!   when asked: two sink ops in a row, the second submitted by the first's completion.
+//!   when asked: two sink ops in a row, the second submitted by the first's completion;
+//! - resync and verify IO (`Effect::SyncRead`, `Effect::SyncWrite`): a read into a
+//!   pooled buffer that the completion hands back (its digest or all-zero scan is
+//!   computed on the reaper's thread, before the volume lock), a thin request over a
+//!   file's hole as a no-op (`SinkOp::Nop`: answered as zeroes, unread, and still
+//!   delivered by the reaper, never inline), the peer's data or zeroes written.
 //!
-//! What still runs as a task (rare, or a chain that waits): discard and write-zeroes
-//! (fallback chains, a flush after a FUA one), writes to a detached disk, resync IO
-//! (`sync.rs`), the disk-failure record after a failed write (`record_disk_failure`,
-//! blocking metadata IO), and the fallbacks below.
+//! What still runs as a task (rare): writes to a detached disk (they fail without IO),
+//! the disk-failure record after a failed local write (`record_disk_failure`, blocking
+//! metadata IO), the lazy bitmap write-out and the end of a resync run (`mod.rs`), and
+//! the fallbacks below.
 //!
-//! Bounds: the table of ops in flight on this path has [`IoTable`] slots, `2 ×
-//! max-buffers + 64`, allocated once (both cores together have at most `2 × max-buffers`
-//! writes in flight; flushes and metadata writes are a few). When it is full, or the store
-//! refuses the op (closed, invalid), the op runs as a task on the old async path (a full
-//! table) or completes as failed from a task (a refusal) — never inline, so a completion
-//! never re-enters `feed` from inside `run`. When the store's `queue_depth` permits are
-//! all taken the store itself queues the op in a task until one frees (`store::handle`).
+//! Bounds: the table of ops in flight on this path has [`IoTable`] slots, allocated
+//! once: `2 × max-buffers + 64` for the cores (both together have at most `2 ×
+//! max-buffers` writes in flight; flushes and metadata writes are a few) and 256 more
+//! that only resync and verify IO may take (`SYNC_SLOTS`), so resync never takes a
+//! core's slot. Resync IO in flight is at most 64 source reads (`Source` `max_reads`),
+//! 64 reads of the peer's verify (`VerifyPeer`), or a target's requests being read or
+//! written: ≤ 160 at 1 MiB requests (the controller keeps `max-buffers/2` = 40,960
+//! blocks in flight), up to the target's `max_requests` (8192) at 4 KiB checksum
+//! requests — as for a verify source's 4 KiB reads. Past 256 such ops the rest take the
+//! task path below; by then the store's 128 permits (`queue_depth`) are all taken, and
+//! the store itself would queue them in a task each. When the table (or its resync
+//! share) is full, the op runs as a task on the store's async path; when the store
+//! refuses it (closed, invalid) it completes as failed from a task — never inline, so a
+//! completion never re-enters `feed` from inside `run`. When the store's `queue_depth`
+//! permits are all taken the store itself queues the op in a task until one frees
+//! (`store::handle`).
 //!
 //! Lock order: the table's mutex is a leaf (held for an insert or a take, nothing is
-//! called under it). The store calls `done` after releasing the ring's lock, so `feed`
-//! (volume lock) and new submissions (ring lock) from there cannot deadlock; nothing
-//! waits for the reaper while holding the volume lock.
+//! called under it). The store calls `done` / `read_done` after releasing the ring's
+//! lock, so `feed` (volume lock) and new submissions (ring lock) from there cannot
+//! deadlock; nothing waits for the reaper while holding the volume lock.
 //!
 //! Effects vectors: `fx_vec` / `recycle` keep up to 4 emptied `Vec<Effect>` per thread
 //! (capacity ≤ 64 each), so a volume step that has effects allocates nothing.
 
+use super::sync::{ReadData, ReadFor, ReadResult};
 use super::{contract, Buf, Effect, Inner, LocalWrite, Side, Volume};
+use crate::net::PeerData;
 use crate::request::WriteKind;
 use crate::store::{
     AlignedBuf, Completions, SinkOp, Store, StoreError, StoreOp, WriteData, SECTOR_SIZE,
 };
 use std::cell::RefCell;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use tokio::sync::OwnedSemaphorePermit;
 
-/// Slots of the table beyond `2 × max-buffers` (flushes, metadata writes).
+/// Slots of the table beyond `2 × max-buffers` for the cores (flushes, metadata writes).
 const EXTRA_SLOTS: usize = 64;
+/// Slots of the table for resync and verify IO (at most this many of them in the table).
+const SYNC_SLOTS: usize = 256;
 /// Emptied effect vectors kept per thread, and the largest capacity kept.
 const SPARE_FX: usize = 4;
 const SPARE_FX_CAP: usize = 64;
+
+/// A sink op's result: a read's buffer, `None` for the other ops.
+type IoResult = Result<Option<AlignedBuf>, StoreError>;
 
 /// What a sink op was, for its completion.
 pub(super) enum IoCtx {
@@ -56,6 +82,15 @@ pub(super) enum IoCtx {
         sector: u64,
         len: u32,
         budget: Option<OwnedSemaphorePermit>,
+    },
+    /// A core's local discard or write-zeroes (`kind`); with `then_flush` (FUA) its
+    /// completion submits a flush with the same context, `then_flush` cleared.
+    Range {
+        side: Side,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        then_flush: bool,
     },
     /// The Primary core's local flush.
     PrimaryFlush { tag: u64 },
@@ -80,40 +115,98 @@ pub(super) enum MetaTag {
     Page(u32),
 }
 
+/// What a resync or verify sink op was, for its completion.
+pub(super) enum SyncIo {
+    /// A read (`Effect::SyncRead`) of run `run`.
+    Read {
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+        purpose: ReadFor,
+    },
+    /// A thin request over a hole of a file: a no-op, answered as zeroes unread.
+    Hole {
+        run: u64,
+        tag: u64,
+        purpose: ReadFor,
+    },
+    /// A write (`Effect::SyncWrite`): the peer's data, its receive budget held until it
+    /// ends, or zeroes.
+    Write {
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+        budget: Option<OwnedSemaphorePermit>,
+    },
+}
+
+/// An op in the table: a core's, or resync IO (at most [`SYNC_SLOTS`] of those).
+enum TableOp {
+    Core(IoCtx),
+    Sync(SyncIo),
+}
+
+impl From<IoCtx> for TableOp {
+    fn from(c: IoCtx) -> Self {
+        TableOp::Core(c)
+    }
+}
+
+impl From<SyncIo> for TableOp {
+    fn from(s: SyncIo) -> Self {
+        TableOp::Sync(s)
+    }
+}
+
 /// The sink ops in flight: a token is a slot index.
 pub(super) struct IoTable {
-    slots: Vec<Option<IoCtx>>,
+    slots: Vec<Option<TableOp>>,
     free: Vec<usize>,
+    /// Resync and verify ops in the table (≤ [`SYNC_SLOTS`]).
+    sync: usize,
 }
 
 impl IoTable {
     /// A table for a volume of `max_buffers`.
     pub(super) fn new(max_buffers: usize) -> Self {
-        let n = max_buffers.saturating_mul(2).saturating_add(EXTRA_SLOTS);
+        let n = max_buffers
+            .saturating_mul(2)
+            .saturating_add(EXTRA_SLOTS + SYNC_SLOTS);
         IoTable {
             slots: (0..n).map(|_| None).collect(),
             free: (0..n).rev().collect(),
+            sync: 0,
         }
     }
 
-    fn insert(&mut self, ctx: IoCtx) -> Result<u64, IoCtx> {
+    fn insert(&mut self, op: TableOp) -> Result<u64, TableOp> {
+        let sync = matches!(op, TableOp::Sync(_));
+        if sync && self.sync >= SYNC_SLOTS {
+            return Err(op);
+        }
         let Some(idx) = self.free.pop() else {
-            return Err(ctx);
+            return Err(op);
         };
         match self.slots.get_mut(idx) {
             Some(place) => {
-                *place = Some(ctx);
+                *place = Some(op);
+                self.sync += usize::from(sync);
                 Ok(idx as u64)
             }
-            None => Err(ctx),
+            None => Err(op),
         }
     }
 
-    fn take(&mut self, token: u64) -> Option<IoCtx> {
+    fn take(&mut self, token: u64) -> Option<TableOp> {
         let idx = usize::try_from(token).ok()?;
-        let ctx = self.slots.get_mut(idx)?.take()?;
+        let op = self.slots.get_mut(idx)?.take()?;
         self.free.push(idx);
-        Some(ctx)
+        if let TableOp::Sync(_) = op {
+            self.sync = self.sync.saturating_sub(1);
+        }
+        Some(op)
     }
 }
 
@@ -147,11 +240,34 @@ pub(super) fn recycle(mut v: Vec<Effect>) {
 
 impl Completions for Volume {
     fn done(&self, token: u64, result: Result<(), StoreError>) {
-        let ctx = self.io_table().take(token);
-        match ctx {
-            Some(ctx) => self.io_done(ctx, result),
-            None => panic!("BUG: a store completion for unknown volume op {token}"),
+        self.sink_done(token, result.map(|()| None));
+    }
+
+    fn read_done(&self, token: u64, result: Result<AlignedBuf, StoreError>) {
+        self.sink_done(token, result.map(Some));
+    }
+}
+
+/// A sink op on the async path (the table-full fallback, in a task).
+async fn run_async(store: &Store, op: SinkOp) -> IoResult {
+    let none = |r: Result<(), StoreError>| r.map(|()| None);
+    match op {
+        SinkOp::Write { offset, data, fua } => {
+            let data = match data {
+                WriteData::Shared(b) => b,
+                WriteData::Owned(b) => Arc::new(b),
+            };
+            none(store.write(offset, data, fua).await)
         }
+        SinkOp::Flush => none(store.flush().await),
+        SinkOp::Read { offset, buf } => store.read_into(offset, buf).await.map(Some),
+        SinkOp::Discard { offset, len } => none(store.discard(offset, len).await),
+        SinkOp::WriteZeroes {
+            offset,
+            len,
+            may_unmap,
+        } => none(store.write_zeroes(offset, len, may_unmap).await),
+        SinkOp::Nop => Ok(None),
     }
 }
 
@@ -161,44 +277,85 @@ impl Volume {
         self.io_ops.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A core's local write: through a sink when it is a data write with its buffer to a
-    /// disk in service, else the async path in a task.
+    fn sink_done(&self, token: u64, result: IoResult) {
+        let op = self.io_table().take(token);
+        match op {
+            Some(op) => self.op_done(op, result),
+            None => panic!("BUG: a store completion for unknown volume op {token}"),
+        }
+    }
+
+    /// A table op ended (or was refused): feed its core, or the resync machines.
+    fn op_done(&self, op: TableOp, result: IoResult) {
+        match op {
+            TableOp::Core(ctx) => self.io_done(ctx, result.map(drop)),
+            TableOp::Sync(io) => self.sync_io_done(io, result),
+        }
+    }
+
+    /// A core's local write through a sink: a data write with its buffer, a discard or a
+    /// write-zeroes. A disk that is detached (or a data write without its buffer, a bug)
+    /// fails it without IO, from a task.
     pub(super) fn start_local_write(&self, w: LocalWrite) {
-        let detached = self.detached.load(std::sync::atomic::Ordering::Relaxed);
-        let (side, sector, len, fua, data) = match w {
-            LocalWrite {
-                side,
-                sector,
-                len,
-                kind: WriteKind::Data,
-                fua,
-                buf: Some(b),
-            } if !detached => (side, sector, len, fua, b),
-            w => return self.spawn_local_write(w),
-        };
-        let (data, budget) = match data {
-            Buf::Shared(b) => (WriteData::Shared(b), None),
-            Buf::Owned(d) => {
-                let (b, budget) = d.into_parts();
-                (WriteData::Owned(b), Some(budget))
-            }
-        };
-        let op = SinkOp::Write {
-            offset: sector * SECTOR_SIZE as u64,
-            data,
-            fua,
-        };
-        let ctx = IoCtx::Write {
+        let LocalWrite {
             side,
             sector,
             len,
-            budget,
+            kind,
+            fua,
+            buf,
+        } = w;
+        if self.detached.load(Ordering::Relaxed) {
+            return self.fail_local_write(side, sector, len, false);
+        }
+        let offset = sector * SECTOR_SIZE as u64;
+        let range = |op| {
+            let ctx = IoCtx::Range {
+                side,
+                sector,
+                len,
+                kind,
+                then_flush: fua,
+            };
+            (op, ctx)
+        };
+        let (op, ctx) = match (kind, buf) {
+            (WriteKind::Data, Some(data)) => {
+                let (data, budget) = match data {
+                    Buf::Shared(b) => (WriteData::Shared(b), None),
+                    Buf::Owned(d) => {
+                        let (b, budget) = d.into_parts();
+                        (WriteData::Owned(b), Some(budget))
+                    }
+                };
+                let op = SinkOp::Write { offset, data, fua };
+                let ctx = IoCtx::Write {
+                    side,
+                    sector,
+                    len,
+                    budget,
+                };
+                (op, ctx)
+            }
+            (WriteKind::Data, None) => {
+                tracing::error!("a write at sector {sector} has no data buffer");
+                return self.fail_local_write(side, sector, len, true);
+            }
+            (WriteKind::Discard, _) => range(SinkOp::Discard {
+                offset,
+                len: u64::from(len),
+            }),
+            (WriteKind::Zeroes { unmap }, _) => range(SinkOp::WriteZeroes {
+                offset,
+                len: u64::from(len),
+                may_unmap: unmap,
+            }),
         };
         self.submit_sink(&self.store, op, ctx);
     }
 
-    /// The Primary core's flush, a merged Secondary flush round, or a metadata write's
-    /// preflush, on the data device.
+    /// The Primary core's flush, a merged Secondary flush round, a metadata write's
+    /// preflush, or the flush after a FUA discard / write-zeroes, on the data device.
     pub(super) fn start_flush(&self, ctx: IoCtx) {
         self.submit_sink(&self.store, SinkOp::Flush, ctx);
     }
@@ -227,44 +384,117 @@ impl Volume {
         self.submit_sink(&self.meta_store, op, IoCtx::Meta { tag, offset });
     }
 
-    fn submit_sink(&self, store: &Store, op: SinkOp, ctx: IoCtx) {
+    /// A resync or verify read into a pooled buffer (the read fills all of it). A thin
+    /// request over a hole of a file backend is answered as zeroes without reading, by a
+    /// no-op through the same sink.
+    pub(super) fn start_sync_read(
+        &self,
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+        purpose: ReadFor,
+    ) {
+        let offset = sector * SECTOR_SIZE as u64;
+        let thin = matches!(
+            purpose,
+            ReadFor::Source {
+                zero_check: true,
+                digest: false
+            }
+        );
+        if thin && self.store.is_hole(offset, u64::from(len)) {
+            let io = SyncIo::Hole { run, tag, purpose };
+            return self.submit_sink(&self.store, SinkOp::Nop, io);
+        }
+        let io = SyncIo::Read {
+            run,
+            tag,
+            sector,
+            len,
+            purpose,
+        };
+        match AlignedBuf::from_pool(len as usize) {
+            Ok(buf) => self.submit_sink(&self.store, SinkOp::Read { offset, buf }, io),
+            Err(e) => self.io_done_later(io, Err(e.into())),
+        }
+    }
+
+    /// A resync write of the peer's data, or of zeroes (`None`, deallocating). On a
+    /// detached disk it fails without IO, from a task.
+    pub(super) fn start_sync_write(
+        &self,
+        (run, tag): (u64, u64),
+        sector: u64,
+        len: u32,
+        data: Option<PeerData>,
+    ) {
+        if self.detached.load(Ordering::Relaxed) {
+            let Some(v) = self.me.upgrade() else { return };
+            self.rt
+                .spawn(async move { v.resync_write_done(run, tag, false) });
+            return;
+        }
+        let offset = sector * SECTOR_SIZE as u64;
+        let (op, budget) = match data {
+            Some(d) => {
+                let (b, budget) = d.into_parts();
+                let op = SinkOp::Write {
+                    offset,
+                    data: WriteData::Owned(b),
+                    fua: false,
+                };
+                (op, Some(budget))
+            }
+            None => {
+                let op = SinkOp::WriteZeroes {
+                    offset,
+                    len: u64::from(len),
+                    may_unmap: true,
+                };
+                (op, None)
+            }
+        };
+        let io = SyncIo::Write {
+            run,
+            tag,
+            sector,
+            len,
+            budget,
+        };
+        self.submit_sink(&self.store, op, io);
+    }
+
+    fn submit_sink(&self, store: &Store, op: SinkOp, what: impl Into<TableOp>) {
         let Some(me) = self.me.upgrade() else { return };
-        let token = match self.io_table().insert(ctx) {
+        let token = match self.io_table().insert(what.into()) {
             Ok(t) => t,
-            Err(ctx) => {
+            Err(what) => {
                 // The table is full: the async path, in a task.
                 let store = store.clone();
                 self.rt.spawn(async move {
-                    let r = match op {
-                        SinkOp::Write { offset, data, fua } => {
-                            let data = match data {
-                                WriteData::Shared(b) => b,
-                                WriteData::Owned(b) => Arc::new(b),
-                            };
-                            store.write(offset, data, fua).await
-                        }
-                        SinkOp::Flush => store.flush().await,
-                    };
-                    me.io_done(ctx, r);
+                    let r = run_async(&store, op).await;
+                    me.op_done(what, r);
                 });
                 return;
             }
         };
         let sink: Arc<dyn Completions> = me;
         if let Err(e) = store.submit_to(op, &sink, token) {
-            if let Some(ctx) = self.io_table().take(token) {
-                self.io_done_later(ctx, Err(e));
+            if let Some(what) = self.io_table().take(token) {
+                self.io_done_later(what, Err(e));
             }
         }
     }
 
-    /// Completes `ctx` from a task (never inline in `run`).
-    fn io_done_later(&self, ctx: IoCtx, result: Result<(), StoreError>) {
+    /// Completes `what` from a task (never inline in `run`).
+    fn io_done_later(&self, what: impl Into<TableOp>, result: IoResult) {
         let Some(me) = self.me.upgrade() else { return };
-        self.rt.spawn(async move { me.io_done(ctx, result) });
+        let what = what.into();
+        self.rt.spawn(async move { me.op_done(what, result) });
     }
 
-    /// A sink op ended: feed its core.
+    /// A core's sink op ended: feed its core.
     fn io_done(&self, ctx: IoCtx, result: Result<(), StoreError>) {
         let ok = result.is_ok();
         match ctx {
@@ -275,16 +505,27 @@ impl Volume {
                 budget,
             } => {
                 drop(budget);
-                let Err(e) = result else {
-                    return self.local_write_done(side, sector, len, true);
-                };
-                tracing::warn!("local write of {len} bytes at sector {sector} failed: {e}");
-                let Some(me) = self.me.upgrade() else { return };
-                // Recorded before the write completes (see `spawn_local_write`).
-                self.rt.spawn(async move {
-                    me.record_disk_failure(side, sector, len, true).await;
-                    me.local_write_done(side, sector, len, false);
-                });
+                self.local_write_ended(side, sector, len, WriteKind::Data, result);
+            }
+            IoCtx::Range {
+                side,
+                sector,
+                len,
+                kind,
+                then_flush,
+            } => {
+                if then_flush && ok {
+                    let then_flush = false;
+                    let ctx = IoCtx::Range {
+                        side,
+                        sector,
+                        len,
+                        kind,
+                        then_flush,
+                    };
+                    return self.start_flush(ctx);
+                }
+                self.local_write_ended(side, sector, len, kind, result);
             }
             IoCtx::PrimaryFlush { tag } => {
                 if let Err(e) = &result {
@@ -321,6 +562,88 @@ impl Volume {
                 });
             }
         }
+    }
+
+    /// A core's local write (`kind`) ended with `result`: a success feeds the core at
+    /// once; a failure is recorded first, from a task (`record_disk_failure` waits for
+    /// metadata IO).
+    fn local_write_ended(
+        &self,
+        side: Side,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        result: Result<(), StoreError>,
+    ) {
+        let Err(e) = result else {
+            return self.local_write_done(side, sector, len, true);
+        };
+        tracing::warn!("local {kind:?} of {len} bytes at sector {sector} failed: {e}");
+        let Some(me) = self.me.upgrade() else { return };
+        // Recorded before the write completes (and before a Secondary answers
+        // P_NEG_ACK): never UpToDate again without a resync.
+        self.rt.spawn(async move {
+            me.record_disk_failure(side, sector, len, true).await;
+            me.local_write_done(side, sector, len, false);
+        });
+    }
+
+    /// A resync or verify read or write ended: feed the resync machines. The CPU work a
+    /// read's purpose needs (a digest, the all-zero scan) is done here, on the thread
+    /// that reaped it, before the volume's lock is taken.
+    fn sync_io_done(&self, io: SyncIo, result: IoResult) {
+        let (run, tag, purpose, read) = match io {
+            SyncIo::Write {
+                run,
+                tag,
+                sector,
+                len,
+                budget,
+            } => {
+                drop(budget);
+                if let Err(e) = &result {
+                    tracing::warn!("resync write of {len} bytes at sector {sector} failed: {e}");
+                }
+                return self.resync_write_done(run, tag, result.is_ok());
+            }
+            SyncIo::Hole { run, tag, purpose } => {
+                let read = match result {
+                    Ok(_) => ReadResult::Hole,
+                    Err(_) => ReadResult::Failed,
+                };
+                (run, tag, purpose, read)
+            }
+            SyncIo::Read {
+                run,
+                tag,
+                sector,
+                len,
+                purpose,
+            } => {
+                let read = match result {
+                    Ok(Some(buf)) => ReadResult::Data(ReadData::new(buf, purpose)),
+                    // A read always hands its buffer back.
+                    Ok(None) => ReadResult::Failed,
+                    Err(e) => {
+                        tracing::warn!("resync read of {len} bytes at sector {sector} failed: {e}");
+                        ReadResult::Failed
+                    }
+                };
+                (run, tag, purpose, read)
+            }
+        };
+        self.feed(|v, inner, fx| {
+            v.sync_read_done(inner, (run, tag, purpose), read, fx);
+            v.drain_sync(inner, fx);
+        });
+    }
+
+    /// A resync write ended (`ok`): feed the target.
+    fn resync_write_done(&self, run: u64, tag: u64, ok: bool) {
+        self.feed(|v, inner, fx| {
+            v.sync_write_done(inner, run, tag, ok);
+            v.drain_sync(inner, fx);
+        });
     }
 
     /// A merged flush round ended: report every flush it covered, oldest first; start
@@ -371,27 +694,61 @@ impl Volume {
         });
     }
 
-    /// The async path of a local write (discard, write-zeroes, a detached disk).
-    fn spawn_local_write(&self, w: LocalWrite) {
+    /// A local write that is not submitted (a detached disk; `attempted`: a data write
+    /// without its buffer) fails as a failed write does, from a task.
+    fn fail_local_write(&self, side: Side, sector: u64, len: u32, attempted: bool) {
         let Some(v) = self.me.upgrade() else { return };
-        let LocalWrite {
-            side,
-            sector,
-            len,
-            kind,
-            fua,
-            buf,
-        } = w;
         self.rt.spawn(async move {
-            // A detached disk takes no more writes (`on-io-error detach`).
-            let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
-            let ok = !detached && v.local_io(sector, len, kind, fua, buf).await;
-            if !ok {
-                // Recorded before the write completes (and before a Secondary answers
-                // P_NEG_ACK): never UpToDate again without a resync.
-                v.record_disk_failure(side, sector, len, !detached).await;
-            }
-            v.local_write_done(side, sector, len, ok);
+            // A detached disk takes no more writes (`on-io-error detach`); the failure is
+            // recorded before the write completes, as for a failed write.
+            v.record_disk_failure(side, sector, len, attempted).await;
+            v.local_write_done(side, sector, len, false);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hole() -> SyncIo {
+        SyncIo::Hole {
+            run: 1,
+            tag: 2,
+            purpose: ReadFor::Verify,
+        }
+    }
+
+    /// Resync IO takes at most `SYNC_SLOTS` slots, so the cores' `2 × max-buffers + 64`
+    /// stay theirs; a take gives the slot (and the resync share) back.
+    #[test]
+    fn resync_ops_take_at_most_their_share_of_the_table() {
+        let max_buffers = 32;
+        let core = 2 * max_buffers + EXTRA_SLOTS;
+        let mut t = IoTable::new(max_buffers);
+        let sync: Vec<u64> = (0..SYNC_SLOTS)
+            .map(|_| t.insert(hole().into()).ok().expect("a resync slot"))
+            .collect();
+        assert!(t.insert(hole().into()).is_err(), "past the resync share");
+        let cores: Vec<u64> = (0..core)
+            .map(|_| {
+                t.insert(IoCtx::ReceiverFlush.into())
+                    .ok()
+                    .expect("a core slot")
+            })
+            .collect();
+        assert!(
+            t.insert(IoCtx::ReceiverFlush.into()).is_err(),
+            "the table is full"
+        );
+        assert!(matches!(t.take(sync[0]), Some(TableOp::Sync(_))));
+        assert!(
+            t.insert(IoCtx::ReceiverFlush.into()).is_ok(),
+            "the freed slot"
+        );
+        assert!(t.insert(hole().into()).is_err(), "the table is full again");
+        assert!(matches!(t.take(cores[0]), Some(TableOp::Core(_))));
+        assert!(t.take(cores[0]).is_none(), "taken once");
+        assert!(t.insert(hole().into()).is_ok(), "a resync op fits again");
     }
 }

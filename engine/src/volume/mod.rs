@@ -1927,10 +1927,10 @@ impl Volume {
         inner.receiver_out = outputs;
     }
 
-    /// Starts the effects' IO: local writes, flushes and metadata writes through the
-    /// store's completion sink (`io.rs`), the rest as tasks on the volume's runtime
-    /// (`rt`, not the caller's: a frontend request from a thread outside any runtime
-    /// passes here too). Called without the volume lock.
+    /// Starts the effects' IO: local writes, flushes, metadata writes and resync reads
+    /// and writes through the store's completion sink (`io.rs`), the rest as tasks on
+    /// the volume's runtime (`rt`, not the caller's: a frontend request from a thread
+    /// outside any runtime passes here too). Called without the volume lock.
     fn run(&self, mut effects: Vec<Effect>) {
         for e in effects.drain(..) {
             match e {
@@ -1968,51 +1968,32 @@ impl Volume {
                     }
                 }
                 Effect::FlushRound => self.start_flush(io::IoCtx::ReceiverFlush),
+                Effect::SyncRead {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    purpose,
+                } => self.start_sync_read(run, tag, sector, len, purpose),
+                Effect::SyncWrite {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    data,
+                } => self.start_sync_write((run, tag), sector, len, data),
                 e => self.spawn_sync_effect(e),
             }
         }
         io::recycle(effects);
     }
 
-    /// The resync effects, each a task on the volume's runtime.
+    /// The resync effects that run as tasks on the volume's runtime (rare: the lazy
+    /// bitmap write-out, the end of a run); resync reads and writes go through the
+    /// store's completion sink (`io.rs`).
     fn spawn_sync_effect(&self, e: Effect) {
         let Some(v) = self.me.upgrade() else { return };
         match e {
-            Effect::SyncRead {
-                run,
-                tag,
-                sector,
-                len,
-                purpose,
-            } => {
-                self.rt.spawn(async move {
-                    let read = v.sync_read(sector, len, purpose).await;
-                    v.feed(|v, inner, fx| {
-                        v.sync_read_done(inner, (run, tag, purpose), read, fx);
-                        v.drain_sync(inner, fx);
-                    });
-                });
-            }
-            Effect::SyncWrite {
-                run,
-                tag,
-                sector,
-                len,
-                data,
-            } => {
-                self.rt.spawn(async move {
-                    let detached = v.detached.load(std::sync::atomic::Ordering::Relaxed);
-                    let (kind, buf) = match data {
-                        Some(d) => (WriteKind::Data, Some(Buf::Owned(d))),
-                        None => (WriteKind::Zeroes { unmap: true }, None),
-                    };
-                    let ok = !detached && v.local_io(sector, len, kind, false, buf).await;
-                    v.feed(|v, inner, fx| {
-                        v.sync_write_done(inner, run, tag, ok);
-                        v.drain_sync(inner, fx);
-                    });
-                });
-            }
             Effect::SyncBitmap => {
                 self.rt.spawn(async move {
                     if let Err(e) = v.write_target_pages().await {
@@ -2031,30 +2012,9 @@ impl Volume {
             | Effect::PrimaryFlush { .. }
             | Effect::MetaWrite { .. }
             | Effect::ReceiverFlush { .. }
-            | Effect::FlushRound => {}
-        }
-    }
-
-    /// A resync or verify read, and the CPU work its purpose needs, outside the lock.
-    async fn sync_read(&self, sector: u64, len: u32, purpose: sync::ReadFor) -> sync::ReadResult {
-        let offset = sector * SECTOR_SIZE as u64;
-        // A thin request over a hole of a file backend: zeroes, unread.
-        let thin = matches!(
-            purpose,
-            sync::ReadFor::Source {
-                zero_check: true,
-                digest: false
-            }
-        );
-        if thin && self.store.is_hole(offset, u64::from(len)) {
-            return sync::ReadResult::Hole;
-        }
-        match self.store.read(offset, len as usize).await {
-            Ok(b) => sync::ReadResult::Data(sync::ReadData::new(b, purpose)),
-            Err(e) => {
-                tracing::warn!("resync read of {len} bytes at sector {sector} failed: {e}");
-                sync::ReadResult::Failed
-            }
+            | Effect::FlushRound
+            | Effect::SyncRead { .. }
+            | Effect::SyncWrite { .. } => {}
         }
     }
 
@@ -2068,41 +2028,6 @@ impl Volume {
         }
         self.accept.notify_one();
         self.run(fx);
-    }
-
-    async fn local_io(
-        &self,
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        fua: bool,
-        buf: Option<Buf>,
-    ) -> bool {
-        let offset = sector * SECTOR_SIZE as u64;
-        let r = match (kind, buf) {
-            (WriteKind::Data, Some(Buf::Shared(b))) => self.store.write(offset, b, fua).await,
-            (WriteKind::Data, Some(Buf::Owned(d))) => {
-                let (buf, _budget) = d.into_parts();
-                // `_budget` is held until the write is done.
-                self.store.write(offset, Arc::new(buf), fua).await
-            }
-            (WriteKind::Data, None) => {
-                tracing::error!("a write at sector {sector} has no data buffer");
-                return false;
-            }
-            (WriteKind::Discard, _) => self.store.discard(offset, u64::from(len)).await,
-            (WriteKind::Zeroes { unmap }, _) => {
-                self.store.write_zeroes(offset, u64::from(len), unmap).await
-            }
-        };
-        let r = match r {
-            Ok(()) if fua && kind != WriteKind::Data => self.store.flush().await,
-            other => other,
-        };
-        if let Err(e) = &r {
-            tracing::warn!("local {kind:?} of {len} bytes at sector {sector} failed: {e}");
-        }
-        r.is_ok()
     }
 
     async fn flush_local(&self) -> bool {

@@ -183,7 +183,7 @@ pub(super) enum ReadResult {
 }
 
 /// A resync read's data and the CPU work on it — the digest and the all-zero scan, each
-/// a pass over up to 1 MiB — done in the IO task before the result enters the volume's
+/// a pass over up to 1 MiB — done in the read's completion before it enters the volume's
 /// lock, never under it.
 pub(super) struct ReadData {
     buf: AlignedBuf,

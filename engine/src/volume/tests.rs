@@ -130,3 +130,115 @@ async fn a_promotion_dropped_while_it_waits_leaves_no_trace() {
     v.shutdown(Duration::from_secs(5)).await;
     drop(locks);
 }
+
+/// A Primary alone: discards and write-zeroes (FUA or not) go through the store's
+/// completion sink and read back as zeroes, the blocks around them untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discards_and_write_zeroes_read_back_as_zeroes() {
+    let dir = TempDir::new("volume-zeroes");
+    let (v, _meta_store, locks) = lone_node(&dir);
+    v.promote(false).await.expect("alone, UpToDate: Primary");
+    for i in 0..16u8 {
+        v.submit(request(u64::from(i) * 4096, 0x40 + i))
+            .await
+            .expect("a write");
+    }
+    let ranges = [
+        (
+            4096,
+            4096,
+            BlockIo::Discard {
+                offset: 4096,
+                len: 4096,
+                fua: false,
+            },
+        ),
+        (
+            12288,
+            8192,
+            BlockIo::Discard {
+                offset: 12288,
+                len: 8192,
+                fua: true,
+            },
+        ),
+        (
+            28672,
+            4096,
+            BlockIo::WriteZeroes {
+                offset: 28672,
+                len: 4096,
+                may_unmap: false,
+                fua: false,
+            },
+        ),
+        (
+            40960,
+            12288,
+            BlockIo::WriteZeroes {
+                offset: 40960,
+                len: 12288,
+                may_unmap: true,
+                fua: true,
+            },
+        ),
+    ];
+    let mut zeroed = Vec::new();
+    for (offset, len, io) in ranges {
+        match v.submit(BlockRequest { queue: 0, io }).await {
+            Ok(BlockReply::Done) => {}
+            other => panic!("range at {offset}: {other:?}"),
+        }
+        zeroed.push((offset, len));
+    }
+    let buf = AlignedBuf::new(16 * 4096).expect("buffer");
+    let back = match v
+        .submit(BlockRequest {
+            queue: 0,
+            io: BlockIo::Read { offset: 0, buf },
+        })
+        .await
+    {
+        Ok(BlockReply::Data(b)) => b,
+        other => panic!("read: {other:?}"),
+    };
+    for (i, block) in (0u8..).zip(back.chunks(4096)) {
+        let at = u64::from(i) * 4096;
+        let z = zeroed.iter().any(|&(o, l)| at >= o && at < o + l);
+        let want = if z { 0 } else { 0x40 + i };
+        assert!(block.iter().all(|&b| b == want), "block {i}");
+    }
+    v.shutdown(Duration::from_secs(5)).await;
+    drop(locks);
+}
+
+/// A discard the disk refuses fails as a failed write does: recorded in the metadata
+/// first (`record_disk_failure`), then the request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_discard_is_recorded_as_a_disk_failure() {
+    let dir = TempDir::new("volume-discard-fails");
+    let (v, _meta_store, locks) = lone_node(&dir);
+    v.promote(false).await.expect("alone, UpToDate: Primary");
+    // Its activity-log extent is active now: the discard needs no metadata write (whose
+    // preflush would fail first, on the closed data device).
+    v.submit(request(4096, 1)).await.expect("a write");
+    v.store.close();
+    let io = BlockIo::Discard {
+        offset: 0,
+        len: 4096,
+        fua: false,
+    };
+    match v.submit(BlockRequest { queue: 0, io }).await {
+        Err(BlockError::Io) => {}
+        other => panic!("a discard on a closed disk: {other:?}"),
+    }
+    let failure = v.lock().disk_failure.clone();
+    assert!(
+        failure
+            .as_ref()
+            .is_some_and(|w| w.contains("4096 bytes at sector 0")),
+        "{failure:?}"
+    );
+    v.shutdown(Duration::from_secs(5)).await;
+    drop(locks);
+}
