@@ -347,6 +347,12 @@ impl Store {
         })
     }
 
+    /// Test hook: every SQE push of the ring fails (`on`) or works again.
+    #[cfg(test)]
+    pub(crate) fn refuse_pushes(&self, on: bool) {
+        self.inner.ring.refuse_pushes(on);
+    }
+
     /// Ops queued or in flight (permits taken).
     #[cfg(test)]
     pub(crate) fn ops_in_flight(&self) -> usize {

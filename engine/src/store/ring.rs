@@ -251,6 +251,8 @@ impl Ring {
                 cqes: Vec::with_capacity(qd),
                 finished: Vec::with_capacity(qd),
                 spare: Vec::with_capacity(qd),
+                #[cfg(test)]
+                refuse_push: false,
             }),
             eventfd,
             closed: AtomicBool::new(false),
@@ -281,7 +283,15 @@ impl Ring {
         }
         w.start(env);
         w.submit();
-        self.deliver(w);
+        // A request that failed at once (no free slot, a refused SQE push, no helper
+        // thread: none happens in practice) is delivered by the reaper, which the kick
+        // wakes, never from inside this call: a sink's completion never runs inside the
+        // submit that started it (the volume relies on it, `volume/io.rs`).
+        let failed_now = !w.finished.is_empty();
+        drop(w);
+        if failed_now {
+            self.kick();
+        }
         Ok(())
     }
 
@@ -304,6 +314,12 @@ impl Ring {
         if w.spare.capacity() < list.capacity() {
             w.spare = list;
         }
+    }
+
+    /// Test hook: make every SQE push fail (`on`) or work again.
+    #[cfg(test)]
+    pub(crate) fn refuse_pushes(&self, on: bool) {
+        self.lock().refuse_push = on;
     }
 
     /// The runtime given to [`Ring::set_home`], if any.
@@ -548,6 +564,9 @@ struct Worker {
     /// that takes their place meanwhile; both hold `queue_depth`, the most ops there are.
     finished: Vec<Finished>,
     spare: Vec<Finished>,
+    /// Test hook: every SQE push fails (the path no real ring takes).
+    #[cfg(test)]
+    refuse_push: bool,
 }
 
 impl Worker {
@@ -571,6 +590,10 @@ impl Worker {
     /// # Safety
     /// Every buffer and fd the entry references must stay valid until its CQE is reaped.
     unsafe fn push(&mut self, entry: &squeue::Entry) -> Result<(), ()> {
+        #[cfg(test)]
+        if self.refuse_push {
+            return Err(());
+        }
         for _ in 0..2 {
             // SAFETY: the caller guarantees the entry's buffers and fds outlive its CQE.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {

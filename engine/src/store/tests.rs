@@ -860,6 +860,44 @@ async fn sink_is_called_once_per_op_within_the_queue_depth() {
     }
 }
 
+/// An op that fails at its submission (here a refused SQE push, which a real ring never
+/// does) is delivered by the reaper, never from inside `submit_to`: the volume submits
+/// from a step whose completion must not re-enter it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failure_at_submission_is_not_delivered_inline() {
+    let dir = TempDir::new("sinkinline");
+    let s = Store::open(
+        dir.path("d.img"),
+        &StoreOptions {
+            create_size_bytes: Some(MIB),
+            queue_depth: 4,
+        },
+    )
+    .expect("open");
+    let rec = Recorder::new();
+    let sink: Arc<dyn Completions> = rec.clone();
+    s.refuse_pushes(true);
+    let op = SinkOp::Write {
+        offset: 0,
+        data: WriteData::Owned(pattern(4096, 1)),
+        fua: false,
+    };
+    s.submit_to(op, &sink, 7).expect("submit");
+    assert!(rec.seen().is_empty(), "delivered inside submit_to");
+    rec.wait_for(1).await;
+    let r = result_of(&rec, 7);
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("EBUSY") || e.contains("busy")),
+        "{r:?}"
+    );
+    s.refuse_pushes(false);
+    s.submit_to(SinkOp::Flush, &sink, 8).expect("submit");
+    rec.wait_for(2).await;
+    assert_eq!(result_of(&rec, 8), Ok(()));
+    assert_eq!(s.ops_in_flight(), 0);
+}
+
 #[test]
 fn sink_gets_errors_and_refusals_are_not_delivered() {
     let rt = tokio::runtime::Builder::new_current_thread()
