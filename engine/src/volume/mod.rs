@@ -262,6 +262,16 @@ struct LocalWrite {
 }
 
 impl Effect {
+    /// A metadata write of the Primary core that is not a bitmap page.
+    fn core_meta(m: pages::HeldMeta) -> Effect {
+        Effect::MetaWrite {
+            tag: io::MetaTag::Core(m.tag),
+            offset: m.offset,
+            data: m.data,
+            preflush: m.preflush,
+        }
+    }
+
     /// A bitmap page write of the page writer.
     fn page_write(job: pages::PageJob) -> Effect {
         Effect::MetaWrite {
@@ -1055,7 +1065,8 @@ impl Volume {
     }
 
     /// A metadata write of the Primary core: a bitmap page goes through the page writer,
-    /// an activity-log transaction straight to the disk.
+    /// an activity-log transaction to the disk once no page write is in flight
+    /// (`pages.rs`).
     fn core_meta_write(
         inner: &mut Inner,
         fx: &mut Vec<Effect>,
@@ -1071,18 +1082,38 @@ impl Volume {
                     fx.push(Effect::page_write(job));
                 }
             }
-            None => fx.push(Effect::MetaWrite {
-                tag: io::MetaTag::Core(tag),
-                offset,
-                data,
-                preflush,
-            }),
+            None => {
+                let m = pages::HeldMeta {
+                    tag,
+                    offset,
+                    data,
+                    preflush,
+                };
+                if let Some(m) = inner.pages.after_pages(m) {
+                    fx.push(Effect::core_meta(m));
+                }
+            }
         }
     }
 
     /// A bitmap page write ended: its waiters are told, the page's next image goes.
     fn page_write_done(inner: &mut Inner, fx: &mut Vec<Effect>, page: u32, ok: bool) {
-        let (waiters, next) = inner.pages.done(page);
+        if !ok {
+            // Its image is not on disk: the next writer of the page writes it again.
+            inner.primary.out_of_sync_mut().set_dirty(page);
+        }
+        let d = inner.pages.done(page, ok);
+        for m in d.released {
+            if d.released_ok {
+                fx.push(Effect::core_meta(m));
+            } else {
+                tracing::error!(
+                    "a bitmap page write failed: the activity-log write after it fails"
+                );
+                contract(inner.primary.meta_write_done(m.tag, false));
+            }
+        }
+        let (waiters, next) = (d.waiters, d.next);
         for w in waiters {
             match w {
                 pages::PageWaiter::Core(tag) => contract(inner.primary.meta_write_done(tag, ok)),

@@ -13,12 +13,23 @@
 //! an image is told when an image at least as new is durable: the core's eviction by its
 //! metadata tag, a task by a oneshot channel.
 //!
+//! **The activity log waits for the pages.** The core writes the pages of an extent it
+//! evicts only if they are dirty, then a transaction that makes the log forget the
+//! extent. Another writer (the resync's write-out on a SyncTarget Primary, a demotion)
+//! may have taken a page's dirty flag and still have its write in flight: the core,
+//! finding the page clean, writes nothing for it. So a transaction of the core waits
+//! until no page write is in flight or waiting ([`PageWriter::after_pages`]); the core
+//! has one metadata write in flight at a time, and the other writers stage bursts, so
+//! the wait ends. If a page write failed meanwhile, the transaction fails too, as the
+//! core's own page write failing would fail it.
+//!
 //! The writer is sans IO: [`PageWriter::stage`] and [`PageWriter::done`] run under the
 //! volume lock and return the writes to start ([`PageJob`]); the driver submits each as
 //! a FUA metadata write and reports its end with `done`. Staging under the lock is what
 //! makes "staged later" mean "taken later".
 //!
-//! Bounds: per page one image in flight and one waiting (4 KiB each); pages are the
+//! Bounds: per page one image in flight and one waiting (4 KiB each); one held
+//! transaction (the core's one metadata write); pages are the
 //! bitmap's (one per 128 MiB of volume, e.g. 8,192 for 1 TiB). The waiters of one image
 //! are those that staged it while it waited: at most one core eviction per page at a
 //! time, and the tasks of the few page writers above.
@@ -62,6 +73,26 @@ struct Slot {
     next: Option<Waiting>,
 }
 
+/// A metadata write of the core (an activity-log transaction) held until no page write
+/// is in flight.
+#[derive(Debug)]
+pub(super) struct HeldMeta {
+    pub(super) tag: u64,
+    pub(super) offset: u64,
+    pub(super) data: Box<[u8; 4096]>,
+    pub(super) preflush: bool,
+}
+
+/// What a page write's end releases: its waiters, the page's next write, and the held
+/// transactions (with whether they may go, `false`: a page write failed meanwhile).
+#[derive(Debug, Default)]
+pub(super) struct PageDone {
+    pub(super) waiters: Vec<PageWaiter>,
+    pub(super) next: Option<PageJob>,
+    pub(super) released: Vec<HeldMeta>,
+    pub(super) released_ok: bool,
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub(super) struct PageWriter {
@@ -71,6 +102,10 @@ pub(super) struct PageWriter {
     pages: u32,
     /// Pages with a write in flight.
     slots: HashMap<u32, Slot>,
+    /// Transactions waiting for no page write in flight.
+    held: Vec<HeldMeta>,
+    /// A page write failed while a transaction was held.
+    held_failed: bool,
 }
 
 impl PageWriter {
@@ -79,6 +114,8 @@ impl PageWriter {
             base,
             pages,
             slots: HashMap::new(),
+            held: Vec::new(),
+            held_failed: false,
         }
     }
 
@@ -129,23 +166,43 @@ impl PageWriter {
         }
     }
 
-    /// The write of page `page` ended (`ok`): its waiters, and the next write of the page
-    /// if an image waited.
-    pub(super) fn done(&mut self, page: u32) -> (Vec<PageWaiter>, Option<PageJob>) {
+    /// A transaction of the core: `Some` (back) to write now, `None` while a page write
+    /// is in flight or waiting — [`PageWriter::done`] releases it (see the module docs).
+    pub(super) fn after_pages(&mut self, m: HeldMeta) -> Option<HeldMeta> {
+        if self.slots.is_empty() {
+            return Some(m);
+        }
+        self.held.push(m);
+        None
+    }
+
+    /// The write of page `page` ended (`ok`): see [`PageDone`].
+    pub(super) fn done(&mut self, page: u32, ok: bool) -> PageDone {
         let Some(slot) = self.slots.get_mut(&page) else {
             panic!("BUG: a bitmap page write ended for page {page}, which had none in flight");
         };
+        if !ok && !self.held.is_empty() {
+            self.held_failed = true;
+        }
+        let mut d = PageDone::default();
         match slot.next.take() {
             Some(w) => {
-                let ended = std::mem::replace(&mut slot.writing, w.waiters);
-                let job = self.job(page, w.data, w.preflush);
-                (ended, Some(job))
+                d.waiters = std::mem::replace(&mut slot.writing, w.waiters);
+                d.next = Some(self.job(page, w.data, w.preflush));
             }
             None => {
-                let ended = self.slots.remove(&page).map(|s| s.writing);
-                (ended.unwrap_or_default(), None)
+                d.waiters = self
+                    .slots
+                    .remove(&page)
+                    .map(|s| s.writing)
+                    .unwrap_or_default();
             }
         }
+        if self.slots.is_empty() && !self.held.is_empty() {
+            d.released = std::mem::take(&mut self.held);
+            d.released_ok = !std::mem::take(&mut self.held_failed);
+        }
+        d
     }
 
     fn job(&self, page: u32, data: Box<[u8; 4096]>, preflush: bool) -> PageJob {
@@ -191,7 +248,11 @@ mod tests {
         assert!(pw.stage(1, img(2), false, PageWaiter::Core(11)).is_none());
         let (tx, mut rx) = oneshot::channel();
         assert!(pw.stage(1, img(3), true, PageWaiter::Task(tx)).is_none());
-        let (ended, next) = pw.done(1);
+        let PageDone {
+            waiters: ended,
+            next,
+            ..
+        } = pw.done(1, true);
         assert_eq!(core_tags(&ended), vec![10]);
         let next = next.unwrap();
         assert_eq!(
@@ -200,17 +261,66 @@ mod tests {
             "the newest, preflush kept"
         );
         assert!(rx.try_recv().is_err(), "not durable yet");
-        let (ended, next) = pw.done(1);
+        let PageDone {
+            waiters: ended,
+            next,
+            ..
+        } = pw.done(1, true);
         assert!(next.is_none());
         assert_eq!(core_tags(&ended), vec![11, u64::MAX]);
         // The page is idle again: the next image goes at once.
         assert!(pw.stage(1, img(4), false, PageWaiter::Core(12)).is_some());
     }
 
+    fn tx(tag: u64) -> HeldMeta {
+        HeldMeta {
+            tag,
+            offset: 0,
+            data: img(9),
+            preflush: true,
+        }
+    }
+
+    /// A transaction waits until no page write is in flight or waiting, and fails if
+    /// one of them failed meanwhile.
+    #[test]
+    fn a_transaction_waits_for_every_page_write_staged_before_it() {
+        let mut pw = PageWriter::new(0, 4);
+        assert_eq!(
+            pw.after_pages(tx(1)).map(|m| m.tag),
+            Some(1),
+            "idle: at once"
+        );
+        // A task's page write is in flight (it took the page's dirty flag).
+        let (tx0, _rx0) = oneshot::channel();
+        assert!(pw.stage(0, img(1), false, PageWaiter::Task(tx0)).is_some());
+        assert!(pw.after_pages(tx(2)).is_none(), "held");
+        // Page 2 is staged too before page 0 ends: still held after page 0.
+        assert!(pw.stage(2, img(1), false, PageWaiter::Core(5)).is_some());
+        let d = pw.done(0, true);
+        assert!(d.released.is_empty());
+        let d = pw.done(2, true);
+        assert_eq!(
+            d.released.iter().map(|m| m.tag).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert!(d.released_ok && d.released[0].preflush);
+        // A failed page write fails the held transaction.
+        assert!(pw.stage(1, img(1), false, PageWaiter::Core(6)).is_some());
+        assert!(pw.after_pages(tx(3)).is_none());
+        let d = pw.done(1, false);
+        assert_eq!(d.released.len(), 1);
+        assert!(!d.released_ok);
+        // And the next one is not failed by it.
+        assert!(pw.stage(1, img(1), false, PageWaiter::Core(7)).is_some());
+        assert!(pw.after_pages(tx(4)).is_none());
+        assert!(pw.done(1, true).released_ok);
+    }
+
     #[test]
     #[should_panic(expected = "BUG")]
     fn an_end_without_a_write_is_a_driver_bug() {
         let mut pw = PageWriter::new(0, 4);
-        let _ = pw.done(0);
+        let _ = pw.done(0, true);
     }
 }
