@@ -1416,8 +1416,6 @@ impl Sim {
         }
     }
 
-    /// The Primary's node died: its connection goes with it (everything in flight is
-    /// lost); the Secondary sees the loss and its local writes go on.
     /// A local write of the Primary failed: the core marks it out of sync, and the
     /// daemon's rule keeps it so through resync acks (`replica::FailedLocal`), renewing
     /// the connection rather than forgetting one.
@@ -1429,6 +1427,8 @@ impl Sim {
         Ok(())
     }
 
+    /// The Primary's node died: its connection goes with it (everything in flight is
+    /// lost); the Secondary sees the loss and its local writes go on.
     fn connection_gone_with_primary(&mut self) -> Result<(), String> {
         if self.up {
             self.up = false;

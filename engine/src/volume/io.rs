@@ -107,12 +107,22 @@ pub(super) enum IoCtx {
 }
 
 /// Whose metadata write it is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum MetaTag {
     /// The Primary core's activity-log transaction `tag`.
     Core(u64),
     /// The page writer's write of bitmap page `page` (`pages.rs`).
     Page(u32),
+}
+
+/// A metadata write to start: 4 KiB `data` at byte `offset` of the metadata device, FUA,
+/// after a flush of the data device when `preflush`.
+#[derive(Debug)]
+pub(super) struct MetaJob {
+    pub(super) tag: MetaTag,
+    pub(super) offset: u64,
+    pub(super) data: Box<[u8; 4096]>,
+    pub(super) preflush: bool,
 }
 
 /// What a resync or verify sink op was, for its completion.

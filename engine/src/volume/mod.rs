@@ -261,40 +261,13 @@ struct LocalWrite {
     buf: Option<Buf>,
 }
 
-impl Effect {
-    /// A metadata write of the Primary core that is not a bitmap page.
-    fn core_meta(m: pages::HeldMeta) -> Effect {
-        Effect::MetaWrite {
-            tag: io::MetaTag::Core(m.tag),
-            offset: m.offset,
-            data: m.data,
-            preflush: m.preflush,
-        }
-    }
-
-    /// A bitmap page write of the page writer.
-    fn page_write(job: pages::PageJob) -> Effect {
-        Effect::MetaWrite {
-            tag: io::MetaTag::Page(job.page),
-            offset: job.offset,
-            data: job.data,
-            preflush: job.preflush,
-        }
-    }
-}
-
 /// IO to start after the lock is released.
 enum Effect {
     LocalWrite(LocalWrite),
     PrimaryFlush {
         tag: u64,
     },
-    MetaWrite {
-        tag: io::MetaTag,
-        offset: u64,
-        data: Box<[u8; 4096]>,
-        preflush: bool,
-    },
+    MetaWrite(io::MetaJob),
     ReceiverFlush {
         token: u64,
     },
@@ -1044,7 +1017,7 @@ impl Volume {
             waits.push(rx);
             let w = pages::PageWaiter::Task(tx);
             if let Some(job) = inner.pages.stage(page, data, false, w) {
-                fx.push(Effect::page_write(job));
+                fx.push(Effect::MetaWrite(job));
             }
         }
         (waits, fx)
@@ -1079,18 +1052,18 @@ impl Volume {
             Some(page) => {
                 let w = pages::PageWaiter::Core(tag);
                 if let Some(job) = inner.pages.stage(page, data, preflush, w) {
-                    fx.push(Effect::page_write(job));
+                    fx.push(Effect::MetaWrite(job));
                 }
             }
             None => {
-                let m = pages::HeldMeta {
-                    tag,
+                let m = io::MetaJob {
+                    tag: io::MetaTag::Core(tag),
                     offset,
                     data,
                     preflush,
                 };
                 if let Some(m) = inner.pages.after_pages(m) {
-                    fx.push(Effect::core_meta(m));
+                    fx.push(Effect::MetaWrite(m));
                 }
             }
         }
@@ -1105,12 +1078,15 @@ impl Volume {
         let d = inner.pages.done(page, ok);
         for m in d.released {
             if d.released_ok {
-                fx.push(Effect::core_meta(m));
+                fx.push(Effect::MetaWrite(m));
             } else {
                 tracing::error!(
                     "a bitmap page write failed: the activity-log write after it fails"
                 );
-                contract(inner.primary.meta_write_done(m.tag, false));
+                let io::MetaTag::Core(tag) = m.tag else {
+                    panic!("BUG: a bitmap page write was held as a transaction");
+                };
+                contract(inner.primary.meta_write_done(tag, false));
             }
         }
         let (waiters, next) = (d.waiters, d.next);
@@ -1123,7 +1099,7 @@ impl Volume {
             }
         }
         if let Some(job) = next {
-            fx.push(Effect::page_write(job));
+            fx.push(Effect::MetaWrite(job));
         }
     }
 
@@ -1973,12 +1949,12 @@ impl Volume {
                 },
                 Effect::LocalWrite(w) => self.start_local_write(w),
                 Effect::PrimaryFlush { tag } => self.start_flush(io::IoCtx::PrimaryFlush { tag }),
-                Effect::MetaWrite {
+                Effect::MetaWrite(io::MetaJob {
                     tag,
                     offset,
                     data,
                     preflush,
-                } => {
+                }) => {
                     if preflush {
                         self.start_flush(io::IoCtx::MetaPreflush { tag, offset, data });
                     } else {
@@ -2041,7 +2017,7 @@ impl Volume {
             Effect::Complete { .. }
             | Effect::LocalWrite(_)
             | Effect::PrimaryFlush { .. }
-            | Effect::MetaWrite { .. }
+            | Effect::MetaWrite(_)
             | Effect::ReceiverFlush { .. }
             | Effect::FlushRound
             | Effect::SyncRead { .. }

@@ -24,7 +24,7 @@
 //! core's own page write failing would fail it.
 //!
 //! The writer is sans IO: [`PageWriter::stage`] and [`PageWriter::done`] run under the
-//! volume lock and return the writes to start ([`PageJob`]); the driver submits each as
+//! volume lock and return the writes to start ([`MetaJob`]s); the driver submits each as
 //! a FUA metadata write and reports its end with `done`. Staging under the lock is what
 //! makes "staged later" mean "taken later".
 //!
@@ -36,6 +36,7 @@
 //!
 //! Contract: `done` for a page with no write in flight is a driver bug and panics.
 
+use super::io::{MetaJob, MetaTag};
 use std::collections::HashMap;
 use tokio::sync::oneshot;
 
@@ -46,16 +47,6 @@ pub(super) enum PageWaiter {
     Core(u64),
     /// A task: `true` when durable, `false` when the write failed.
     Task(oneshot::Sender<bool>),
-}
-
-/// A page write to start: `data` at byte `offset` of the metadata device, FUA, after a
-/// flush of the data device when `preflush`.
-#[derive(Debug)]
-pub(super) struct PageJob {
-    pub(super) page: u32,
-    pub(super) offset: u64,
-    pub(super) data: Box<[u8; 4096]>,
-    pub(super) preflush: bool,
 }
 
 #[derive(Debug)]
@@ -73,23 +64,13 @@ struct Slot {
     next: Option<Waiting>,
 }
 
-/// A metadata write of the core (an activity-log transaction) held until no page write
-/// is in flight.
-#[derive(Debug)]
-pub(super) struct HeldMeta {
-    pub(super) tag: u64,
-    pub(super) offset: u64,
-    pub(super) data: Box<[u8; 4096]>,
-    pub(super) preflush: bool,
-}
-
 /// What a page write's end releases: its waiters, the page's next write, and the held
 /// transactions (with whether they may go, `false`: a page write failed meanwhile).
 #[derive(Debug, Default)]
 pub(super) struct PageDone {
     pub(super) waiters: Vec<PageWaiter>,
-    pub(super) next: Option<PageJob>,
-    pub(super) released: Vec<HeldMeta>,
+    pub(super) next: Option<MetaJob>,
+    pub(super) released: Vec<MetaJob>,
     pub(super) released_ok: bool,
 }
 
@@ -103,7 +84,7 @@ pub(super) struct PageWriter {
     /// Pages with a write in flight.
     slots: HashMap<u32, Slot>,
     /// Transactions waiting for no page write in flight.
-    held: Vec<HeldMeta>,
+    held: Vec<MetaJob>,
     /// A page write failed while a transaction was held.
     held_failed: bool,
 }
@@ -134,7 +115,7 @@ impl PageWriter {
         data: Box<[u8; 4096]>,
         preflush: bool,
         waiter: PageWaiter,
-    ) -> Option<PageJob> {
+    ) -> Option<MetaJob> {
         match self.slots.get_mut(&page) {
             Some(slot) => {
                 match &mut slot.next {
@@ -168,7 +149,7 @@ impl PageWriter {
 
     /// A transaction of the core: `Some` (back) to write now, `None` while a page write
     /// is in flight or waiting — [`PageWriter::done`] releases it (see the module docs).
-    pub(super) fn after_pages(&mut self, m: HeldMeta) -> Option<HeldMeta> {
+    pub(super) fn after_pages(&mut self, m: MetaJob) -> Option<MetaJob> {
         if self.slots.is_empty() {
             return Some(m);
         }
@@ -205,9 +186,9 @@ impl PageWriter {
         d
     }
 
-    fn job(&self, page: u32, data: Box<[u8; 4096]>, preflush: bool) -> PageJob {
-        PageJob {
-            page,
+    fn job(&self, page: u32, data: Box<[u8; 4096]>, preflush: bool) -> MetaJob {
+        MetaJob {
+            tag: MetaTag::Page(page),
             offset: self.base + u64::from(page) * 4096,
             data,
             preflush,
@@ -241,7 +222,10 @@ mod tests {
         assert_eq!(pw.page_at((1 << 20) + 10), None, "not a page boundary");
         assert_eq!(pw.page_at(4096), None, "before the bitmap");
         let j = pw.stage(1, img(1), false, PageWaiter::Core(10)).unwrap();
-        assert_eq!((j.page, j.offset, j.data[0]), (1, (1 << 20) + 4096, 1));
+        assert_eq!(
+            (j.tag, j.offset, j.data[0]),
+            (MetaTag::Page(1), (1 << 20) + 4096, 1)
+        );
         // Another page is independent.
         assert!(pw.stage(2, img(7), false, PageWaiter::Core(20)).is_some());
         // Page 1 is busy: two later images wait, the newest replaces the older.
@@ -272,9 +256,9 @@ mod tests {
         assert!(pw.stage(1, img(4), false, PageWaiter::Core(12)).is_some());
     }
 
-    fn tx(tag: u64) -> HeldMeta {
-        HeldMeta {
-            tag,
+    fn tx(tag: u64) -> MetaJob {
+        MetaJob {
+            tag: MetaTag::Core(tag),
             offset: 0,
             data: img(9),
             preflush: true,
@@ -288,7 +272,7 @@ mod tests {
         let mut pw = PageWriter::new(0, 4);
         assert_eq!(
             pw.after_pages(tx(1)).map(|m| m.tag),
-            Some(1),
+            Some(MetaTag::Core(1)),
             "idle: at once"
         );
         // A task's page write is in flight (it took the page's dirty flag).
@@ -302,7 +286,7 @@ mod tests {
         let d = pw.done(2, true);
         assert_eq!(
             d.released.iter().map(|m| m.tag).collect::<Vec<_>>(),
-            vec![2]
+            vec![MetaTag::Core(2)]
         );
         assert!(d.released_ok && d.released[0].preflush);
         // A failed page write fails the held transaction.
