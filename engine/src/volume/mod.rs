@@ -807,8 +807,7 @@ impl Volume {
             } else {
                 &[SbChange::Primary(true)]
             };
-            let _ = self.meta.stage(flags);
-            let t = self.stage_uuids(inner, uuids);
+            let t = self.stage_uuids(inner, uuids, flags);
             inner.promoting = true;
             (t, forced, announce, (old, uuids))
         };
@@ -824,10 +823,12 @@ impl Volume {
                 let mut g = self.v.lock();
                 g.promoting = false;
                 if let Some((old, new)) = self.undo {
+                    let flag = [SbChange::Primary(false)];
                     if g.uuids == new {
-                        let _ = self.v.stage_uuids(&mut g, old);
+                        let _ = self.v.stage_uuids(&mut g, old, &flag);
+                    } else {
+                        let _ = self.v.meta.stage(&flag);
                     }
-                    let _ = self.v.meta.stage(&[SbChange::Primary(false)]);
                 }
             }
         }
@@ -972,8 +973,7 @@ impl Volume {
                     let mut g = self.lock();
                     let mut uuids = g.uuids;
                     uuids.demote();
-                    let _ = self.meta.stage(&[SbChange::Primary(false)]);
-                    self.stage_uuids(&mut g, uuids)
+                    self.stage_uuids(&mut g, uuids, &[SbChange::Primary(false)])
                 };
                 self.meta.durable(t).await
             }
@@ -1103,14 +1103,17 @@ impl Volume {
         }
     }
 
-    /// Adopts new UUIDs in memory and stages them for the metadata writer: they are
+    /// Adopts new UUIDs in memory and stages them, with the flags `also`, in one change
+    /// for the metadata writer, so they reach the disk in the same superblock write:
     /// durable once the ticket is (and no application write enters the core before).
-    fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
+    fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet, also: &[SbChange]) -> Ticket {
         if uuids != inner.uuids {
             tracing::info!("generation UUIDs {} (were {})", uuids, inner.uuids);
             inner.uuids = uuids;
         }
-        self.meta.stage(&[SbChange::Uuids(uuids)])
+        let mut changes = also.to_vec();
+        changes.push(SbChange::Uuids(uuids));
+        self.meta.stage(&changes)
     }
 
     /// A change staged on a path that cannot wait for it (a connection's event): if it
@@ -1275,7 +1278,7 @@ impl Volume {
                 inner.disk,
             ) {
                 // No application write enters the core before it is on disk.
-                let t = self.stage_uuids(inner, uuids);
+                let t = self.stage_uuids(inner, uuids, &[]);
                 self.fail_disk_unless_durable(t);
             }
             let oos = inner.primary.out_of_sync_bytes();
@@ -1443,7 +1446,7 @@ impl Volume {
         let mut uuids = inner.uuids;
         let random = random_uuid(&mut rand::thread_rng());
         if uuids.lost_peer_disk(random, inner.role == Role::Primary, false, inner.disk) {
-            let t = self.stage_uuids(inner, uuids);
+            let t = self.stage_uuids(inner, uuids, &[]);
             self.fail_disk_unless_durable(t);
         }
     }

@@ -256,7 +256,7 @@ impl Volume {
             let mut g = self.lock();
             let mut uuids = g.uuids;
             let sync_uuid = uuids.start_sync_source(random_uuid(&mut rand::thread_rng()));
-            (self.stage_uuids(&mut g, uuids), sync_uuid)
+            (self.stage_uuids(&mut g, uuids, &[]), sync_uuid)
         };
         self.meta.durable(t).await?;
         Ok(sync_uuid)
@@ -271,8 +271,7 @@ impl Volume {
             g.disk = DiskState::Inconsistent;
             let mut uuids = g.uuids;
             uuids.start_sync_target(sync_uuid, g.role == Role::Primary);
-            let _ = self.meta.stage(&[SbChange::Consistent(false)]);
-            self.stage_uuids(&mut g, uuids)
+            self.stage_uuids(&mut g, uuids, &[SbChange::Consistent(false)])
         };
         self.meta
             .durable(t)
@@ -1113,10 +1112,8 @@ impl Volume {
                                     was recorded; the next handshake decides"
                             .to_string());
                     }
-                    let _ = self
-                        .meta
-                        .stage(&[SbChange::Consistent(true), SbChange::ClearCrashedPrimary]);
-                    self.stage_uuids(&mut g, u)
+                    let flags = [SbChange::Consistent(true), SbChange::ClearCrashedPrimary];
+                    self.stage_uuids(&mut g, u, &flags)
                 };
                 self.meta
                     .durable(t)
@@ -1156,8 +1153,7 @@ impl Volume {
             uuids.finish_sync_source();
             // The crash (if this node was the crashed Primary) is fully repaired. Durable
             // in the background (application writes wait for it at the core's door).
-            let _ = self.meta.stage(&[SbChange::ClearCrashedPrimary]);
-            let _ = self.stage_uuids(inner, uuids);
+            let _ = self.stage_uuids(inner, uuids, &[SbChange::ClearCrashedPrimary]);
             inner.crashed_primary = false;
             tracing::info!("resync finished (this node was SyncSource)");
             inner.event("resync-finished", serde_json::json!({"role": "SyncSource"}));
@@ -1344,7 +1340,7 @@ impl Volume {
                         .into());
                 }
                 uuids.new_current_uuid_cmd(random, primary, false);
-                (self.stage_uuids(inner, uuids), None)
+                (self.stage_uuids(inner, uuids, &[]), None)
             }
         };
         self.meta.durable(t).await?;
@@ -1393,10 +1389,9 @@ impl Volume {
     fn declare_in_sync(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
         let blocks = inner.primary.out_of_sync().blocks();
         inner.primary.out_of_sync_mut().clear_blocks(0, blocks);
-        let _ = self.meta.stage(&[SbChange::Consistent(true)]);
         inner.disk = DiskState::UpToDate;
         inner.peer_disk = DiskState::UpToDate;
-        self.stage_uuids(inner, uuids)
+        self.stage_uuids(inner, uuids, &[SbChange::Consistent(true)])
     }
 
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync
