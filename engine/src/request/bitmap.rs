@@ -207,6 +207,12 @@ impl OutOfSync {
         pages.len()
     }
 
+    /// Whether a write-back has anything to do: a dirty page, or a clear that waits for a
+    /// flush (whose page becomes dirty when it completes).
+    pub fn needs_write_back(&self) -> bool {
+        !self.unflushed.is_empty() || self.dirty.iter().any(|&d| d != 0)
+    }
+
     /// Whether page `page` changed since it was last taken.
     pub fn is_dirty(&self, page: u32) -> bool {
         let p = page as usize;
@@ -496,7 +502,9 @@ mod tests {
         let mut bm = OutOfSync::new(2 * PAGE_BITS * 8);
         bm.mark_blocks(0, 4);
         bm.mark_blocks(PAGE_BITS + 7, 1);
+        assert!(bm.needs_write_back(), "dirty pages");
         let _ = bm.take_all_dirty();
+        assert!(!bm.needs_write_back());
         // Cleared in memory at once, kept set in the disk image.
         assert_eq!(bm.clear_unflushed(0, 8192), 2);
         assert_eq!(bm.clear_unflushed(8 * (PAGE_BITS + 7), 4096), 1);
@@ -504,6 +512,7 @@ mod tests {
         assert!(!bm.is_set(0));
         assert!(bit_on_disk(&bm, 0) && bit_on_disk(&bm, 1) && bit_on_disk(&bm, PAGE_BITS + 7));
         assert_eq!(bm.unflushed_pages(), 2);
+        assert!(bm.needs_write_back(), "clears waiting for a flush");
         // A flush issued before a clear does not cover it.
         let f1 = bm.begin_flush().expect("flush");
         assert_eq!(bm.clear_unflushed(16, 4096), 1);
@@ -520,6 +529,7 @@ mod tests {
         // Their pages are dirty so that the clears reach the disk.
         assert_eq!(bm.take_all_dirty(), vec![0, 1]);
         assert_eq!(bm.unflushed_pages(), 0);
+        assert!(!bm.needs_write_back());
         bm.flush_done(f2, true); // unknown now: ignored
                                  // An ordinary clear (the peer has the data) is on disk at once.
         bm.clear(24, 4096);

@@ -625,10 +625,14 @@ impl Volume {
         let running = self.with_session(session, |v, inner, fx| {
             let input = v.tick_input(inner);
             if let Some(r) = inner.target.as_mut() {
-                r.t.tick(inner.primary.out_of_sync(), &input);
+                let bm = inner.primary.out_of_sync();
+                r.t.tick(bm, &input);
                 if !r.finishing && input.now_ms >= r.bitmap_written_ms + BITMAP_WRITEOUT_MS {
                     r.bitmap_written_ms = input.now_ms;
-                    fx.push(Effect::SyncBitmap);
+                    // A stalled or paused run has nothing to write: no flush, no task.
+                    if bm.needs_write_back() {
+                        fx.push(Effect::SyncBitmap);
+                    }
                 }
             }
             if let Some(r) = inner.source.as_mut() {
