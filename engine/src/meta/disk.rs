@@ -699,7 +699,7 @@ impl MetaDevice {
     ///    (promotion sets that again), `la-size` = `data_sectors`, `al-extents`.
     /// 4. Read the bitmap of the data area.
     /// 5. If the peer slot says `MDF_PEER_FULL_SYNC` (a detached Primary's failure
-    ///    record, see [`Self::record_failure_blocking`]): set every bit of the data area,
+    ///    record, [`SbChange::Failure`]): set every bit of the data area,
     ///    write the bitmap, then clear the flag.
     ///
     /// Every step is durable before the next: a crash in between repeats the attach.
@@ -772,12 +772,6 @@ impl MetaDevice {
     /// `MDF_WAS_UP_TO_DATE`), durably (see [`SbChange::Consistent`]).
     pub fn set_consistent_blocking(&mut self, consistent: bool) -> Result<(), MetaError> {
         self.change_blocking(&[SbChange::Consistent(consistent)])
-    }
-
-    /// The failure record of a disk whose write failed, durably (see
-    /// [`SbChange::Failure`]).
-    pub fn record_failure_blocking(&mut self, full_sync: bool) -> Result<(), MetaError> {
-        self.change_blocking(&[SbChange::Failure { full_sync }])
     }
 
     /// Applies `changes` to a copy of the superblock and writes it (FUA) if it differs.
@@ -1323,7 +1317,8 @@ mod tests {
         // 1001 sectors: 126 blocks, the last one partial.
         let a = dev.attach_blocking(1001, AL_EXTENTS_DEFAULT).unwrap();
         assert!(!a.full_sync && a.bitmap.iter().all(|b| *b == 0));
-        dev.record_failure_blocking(true).unwrap();
+        dev.change_blocking(&[SbChange::Failure { full_sync: true }])
+            .unwrap();
         assert!(dev.full_sync_pending() && !dev.is_consistent());
         let mut dev = MetaDevice::open(s.clone(), MetaLocation::Internal).unwrap();
         assert!(dev.full_sync_pending() && !dev.is_consistent());
@@ -1346,7 +1341,8 @@ mod tests {
         );
         // Without full_sync the record only clears MDF_CONSISTENT.
         dev.set_consistent_blocking(true).unwrap();
-        dev.record_failure_blocking(false).unwrap();
+        dev.change_blocking(&[SbChange::Failure { full_sync: false }])
+            .unwrap();
         assert!(!dev.full_sync_pending() && !dev.is_consistent());
     }
 }

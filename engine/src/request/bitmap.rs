@@ -59,6 +59,8 @@ pub struct OutOfSync {
     unflushed: PageBits,
     /// Those a flush in flight covers, by flush id.
     flushing: Vec<(u64, PageBits)>,
+    /// The next flush id.
+    next_flush: u64,
     /// Deliberate bug: disk images leave the unflushed clears out.
     #[cfg(test)]
     pub(crate) sabotage_image_without_unflushed: bool,
@@ -78,6 +80,7 @@ impl OutOfSync {
             dirty: vec![0; pages.div_ceil(64)],
             unflushed: PageBits::new(),
             flushing: Vec::new(),
+            next_flush: 1,
             #[cfg(test)]
             sabotage_image_without_unflushed: false,
         }
@@ -166,10 +169,8 @@ impl OutOfSync {
         if self.flushing.len() >= MAX_FLUSHES {
             return None;
         }
-        // Unique across bitmaps: a driver that swaps bitmaps may report a flush to the
-        // wrong one, which then ignores it.
-        static FLUSH_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = FLUSH_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next_flush;
+        self.next_flush += 1;
         let pages = std::mem::take(&mut self.unflushed);
         self.flushing.push((id, pages));
         Some(id)

@@ -12,12 +12,12 @@
 //!   queues *while the lock is held*, so they reach each socket in the order the core
 //!   emitted them (a barrier between two epochs' writes; a write ack before its epoch's
 //!   barrier ack);
-//! - **disk IO** and **completions** run after the lock is released. A data write, a
-//!   flush and a metadata write are submitted to the store from the thread that ran the
-//!   core (no task), and the store's reaper feeds the result back to the core from its
-//!   thread (`io.rs`: a completion sink, a preallocated table of the ops in flight);
-//!   the rest (discards, resync IO, the failure record) are tasks that re-enter the core
-//!   with their result.
+//! - **disk IO** and **completions** run after the lock is released. Local writes,
+//!   discards, flushes, metadata writes and resync IO are submitted to the store from
+//!   the thread that ran the core (no task), and the store's reaper feeds the result
+//!   back from its thread (`io.rs`: a completion sink, a preallocated table of the ops
+//!   in flight); the rare rest (the failure record, writes to a detached disk) are
+//!   tasks that re-enter the core with their result.
 //!
 //! Resync, online verify and the reads of a SyncTarget Primary from its peer are in
 //! `sync.rs`: the same pattern, with the `resync` machines instead of the cores.
