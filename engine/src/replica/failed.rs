@@ -15,7 +15,7 @@
 //! connection (the bits stay in the bitmap and the next handshake resyncs them) rather
 //! than forget one.
 
-use crate::request::OutOfSync;
+use crate::request::{OutOfSync, BLOCK_SIZE, SECTOR};
 
 /// This connection's failed local writes (see the module docs).
 #[derive(Debug, Default, Clone)]
@@ -49,33 +49,33 @@ impl FailedLocal {
     /// its whole blocks in `oos`, except the failed blocks that were set. Returns how
     /// many bits it cleared.
     pub(crate) fn set_in_sync(&self, oos: &mut OutOfSync, sector: u64, len: u32) -> u64 {
-        let end = sector.saturating_add(u64::from(len / 512));
-        let mut keep: Vec<u64> = self
+        let sectors = |l: u32| u64::from(l / SECTOR);
+        let per_block = BLOCK_SIZE / u64::from(SECTOR);
+        let end = sector.saturating_add(sectors(len));
+        // The failed blocks inside the ack's range that are set now (re-marking one twice,
+        // for overlapping failed ranges, changes nothing).
+        let keep: Vec<u64> = self
             .ranges
             .iter()
-            .filter(|&&(s, l)| s < end && sector < s.saturating_add(u64::from(l / 512)))
-            .flat_map(|&(s, l)| {
-                let first = s.max(sector) / 8;
-                let last = (s.saturating_add(u64::from(l / 512)).min(end) - 1) / 8;
-                first..=last
+            .filter_map(|&(s, l)| {
+                let (a, e) = (s.max(sector), s.saturating_add(sectors(l)).min(end));
+                (a < e).then(|| a / per_block..=(e - 1) / per_block)
             })
+            .flatten()
             .filter(|&b| oos.is_set(b))
             .collect();
-        // Failed ranges may overlap: a block counts once.
-        keep.sort_unstable();
-        keep.dedup();
         #[cfg(test)]
         let keep = if self.sabotage_ack_clears {
             Vec::new()
         } else {
             keep
         };
-        let cleared = oos.clear(sector, len);
-        let kept = keep.iter().filter(|&&b| !oos.is_set(b)).count() as u64;
+        let before = oos.count();
+        oos.clear(sector, len);
         for b in keep {
             oos.mark_blocks(b, 1);
         }
-        cleared.saturating_sub(kept)
+        before - oos.count()
     }
 }
 
