@@ -662,23 +662,19 @@ impl Volume {
         for token in inner.flush_batch.drain(..) {
             contract(inner.receiver.local_flush_done(token, ok));
         }
+        // The flushes the core asks for now start the next round (with those waiting);
+        // if it asked for none, the waiting ones do.
         self.drain_receiver(inner, fx);
-        if Self::next_flush_round(inner) {
-            fx.push(Effect::FlushRound);
-        }
+        Self::start_flush_round(inner, fx);
     }
 
-    /// Takes the waiting flushes as the next round (`flush_running` stays set); false
-    /// (and `flush_running` cleared) when none waits. The two lists swap, so a round
-    /// allocates nothing.
-    pub(super) fn next_flush_round(inner: &mut Inner) -> bool {
-        if inner.flush_waiting.is_empty() {
-            inner.flush_running = false;
-            return false;
+    /// Unless a round runs, the waiting flushes become the next round
+    /// (`Effect::FlushRound`). The two lists swap, so a round allocates nothing.
+    pub(super) fn start_flush_round(inner: &mut Inner, fx: &mut Vec<Effect>) {
+        if inner.flush_batch.is_empty() && !inner.flush_waiting.is_empty() {
+            std::mem::swap(&mut inner.flush_waiting, &mut inner.flush_batch);
+            fx.push(Effect::FlushRound);
         }
-        std::mem::swap(&mut inner.flush_waiting, &mut inner.flush_batch);
-        inner.flush_running = true;
-        true
     }
 
     /// A core's local write ended (`ok`): feed the core, then the resync machines.

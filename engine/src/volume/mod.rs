@@ -143,10 +143,8 @@ struct Inner {
     bytes_replicated: u64,
     /// Secondary epoch flushes requested and not yet issued (see `io.rs`).
     flush_waiting: Vec<u64>,
-    /// The flushes the running merged flush round covers.
+    /// The flushes the running merged flush round covers; empty: no round runs.
     flush_batch: Vec<u64>,
-    /// A merged flush round is running.
-    flush_running: bool,
     writes_completed: u64,
     /// Generation UUIDs (staged in the superblock on every change, see `durable.rs`).
     uuids: UuidSet,
@@ -268,9 +266,6 @@ enum Effect {
         tag: u64,
     },
     MetaWrite(io::MetaJob),
-    ReceiverFlush {
-        token: u64,
-    },
     /// Start the merged flush round `Inner::flush_batch` (see `io.rs`).
     FlushRound,
     SyncRead {
@@ -468,7 +463,6 @@ impl Inner {
             bytes_replicated: 0,
             flush_waiting: Vec::new(),
             flush_batch: Vec::new(),
-            flush_running: false,
             writes_completed: 0,
             uuids,
             crashed_primary,
@@ -1896,7 +1890,11 @@ impl Volume {
                     continue;
                 }
                 ReceiverOutput::SubmitLocalFlush { token } => {
-                    fx.push(Effect::ReceiverFlush { token });
+                    // Epoch flushes are merged: while one flush is in flight, later ones
+                    // wait and are all satisfied by the single flush issued after it
+                    // completes (every write they cover completed before it was issued).
+                    inner.flush_waiting.push(token);
+                    Self::start_flush_round(inner, fx);
                     continue;
                 }
                 ReceiverOutput::Discard { token } => {
@@ -1964,19 +1962,6 @@ impl Volume {
                         self.start_meta_write(tag, offset, &data);
                     }
                 }
-                Effect::ReceiverFlush { token } => {
-                    // Epoch flushes are merged: while one flush is in flight, later ones
-                    // wait and are all satisfied by the single flush issued after it
-                    // completes (every write they cover completed before it was issued).
-                    let start = {
-                        let mut g = self.lock();
-                        g.flush_waiting.push(token);
-                        !g.flush_running && Self::next_flush_round(&mut g)
-                    };
-                    if start {
-                        self.start_flush(io::IoCtx::ReceiverFlush);
-                    }
-                }
                 Effect::FlushRound => self.start_flush(io::IoCtx::ReceiverFlush),
                 Effect::SyncRead {
                     run,
@@ -2021,7 +2006,6 @@ impl Volume {
             | Effect::LocalWrite(_)
             | Effect::PrimaryFlush { .. }
             | Effect::MetaWrite(_)
-            | Effect::ReceiverFlush { .. }
             | Effect::FlushRound
             | Effect::SyncRead { .. }
             | Effect::SyncWrite { .. } => {}
