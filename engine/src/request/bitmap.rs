@@ -45,6 +45,12 @@ pub(crate) const MAX_FLUSHES: usize = 64;
 /// Cleared bits of some pages, by page.
 type PageBits = std::collections::BTreeMap<u32, Box<[u64; WORDS_PER_PAGE]>>;
 
+/// Page `page`'s record in `bits`, made empty if it has none.
+fn page_record(bits: &mut PageBits, page: u32) -> &mut [u64; WORDS_PER_PAGE] {
+    bits.entry(page)
+        .or_insert_with(|| Box::new([0; WORDS_PER_PAGE]))
+}
+
 /// Out-of-sync blocks of one volume.
 #[derive(Debug, Clone)]
 pub struct OutOfSync {
@@ -137,29 +143,10 @@ impl OutOfSync {
     /// for data a local write just put on this disk (a resync reply): until a flush
     /// issued after this call completes, the disk image keeps them set (module docs).
     pub fn clear_unflushed(&mut self, sector: u64, len: u32) -> u64 {
-        let Some((first, end_block)) = self.whole_blocks(sector, len) else {
-            return 0;
-        };
-        let mut cleared = 0;
-        for (w, mask) in word_masks(first, end_block - 1) {
-            let Some(word) = self.words.get_mut(w) else {
-                continue;
-            };
-            let gone = mask & *word;
-            if gone == 0 {
-                continue;
-            }
-            cleared += u64::from(gone.count_ones());
-            *word &= !mask;
-            let page = u32::try_from(w / WORDS_PER_PAGE).unwrap_or(u32::MAX);
-            let rec = self
-                .unflushed
-                .entry(page)
-                .or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
-            rec[w % WORDS_PER_PAGE] |= gone;
+        match self.whole_blocks(sector, len) {
+            Some((first, end_block)) => self.clear_block_range(first, end_block - 1, true),
+            None => 0,
         }
-        self.set -= cleared;
-        cleared
     }
 
     /// A flush of the data device is about to be issued: it will cover every clear made
@@ -188,10 +175,7 @@ impl OutOfSync {
             if ok {
                 self.set_dirty(page);
             } else {
-                let rec = self
-                    .unflushed
-                    .entry(page)
-                    .or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
+                let rec = page_record(&mut self.unflushed, page);
                 for (r, b) in rec.iter_mut().zip(bits.iter()) {
                     *r |= b;
                 }
@@ -341,7 +325,7 @@ impl OutOfSync {
     /// number of bits that were set and are now clear.
     pub fn clear(&mut self, sector: u64, len: u32) -> u64 {
         match self.whole_blocks(sector, len) {
-            Some((first, end_block)) => self.clear_block_range(first, end_block - 1),
+            Some((first, end_block)) => self.clear_block_range(first, end_block - 1, false),
             None => 0,
         }
     }
@@ -370,7 +354,7 @@ impl OutOfSync {
             return 0;
         }
         let last = first.saturating_add(count - 1).min(self.blocks - 1);
-        self.clear_block_range(first, last)
+        self.clear_block_range(first, last, false)
     }
 
     /// OR-merges `words` (the peer's bitmap after the exchange, DRBD's
@@ -416,16 +400,25 @@ impl OutOfSync {
             .sum()
     }
 
-    fn clear_block_range(&mut self, first: u64, last: u64) -> u64 {
+    /// Clears blocks `first..=last`; `unflushed`: the clears wait for a flush before
+    /// they reach the disk image (recorded, the page not dirtied), else the page is dirty.
+    fn clear_block_range(&mut self, first: u64, last: u64, unflushed: bool) -> u64 {
         let mut cleared = 0;
         for (w, mask) in word_masks(first, last) {
-            if let Some(word) = self.words.get_mut(w) {
-                let gone = mask & *word;
-                if gone != 0 {
-                    cleared += u64::from(gone.count_ones());
-                    *word &= !mask;
-                    self.set_word_dirty(w);
-                }
+            let Some(word) = self.words.get_mut(w) else {
+                continue;
+            };
+            let gone = mask & *word;
+            if gone == 0 {
+                continue;
+            }
+            cleared += u64::from(gone.count_ones());
+            *word &= !mask;
+            if unflushed {
+                let page = u32::try_from(w / WORDS_PER_PAGE).unwrap_or(u32::MAX);
+                page_record(&mut self.unflushed, page)[w % WORDS_PER_PAGE] |= gone;
+            } else {
+                self.set_word_dirty(w);
             }
         }
         self.set -= cleared;
