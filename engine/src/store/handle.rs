@@ -278,10 +278,7 @@ impl Store {
                 .map_err(|_| StoreError::Closed),
             Err(TryAcquireError::Closed) => Err(StoreError::Closed),
             Err(TryAcquireError::NoPermits) => {
-                let rt = tokio::runtime::Handle::try_current()
-                    .ok()
-                    .or_else(|| self.inner.ring.home())
-                    .ok_or(StoreError::Closed)?;
+                let rt = self.inner.ring.runtime().ok_or(StoreError::Closed)?;
                 let store = self.clone();
                 rt.spawn(async move { store.submit_when_free(req).await });
                 Ok(())

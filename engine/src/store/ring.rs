@@ -322,9 +322,12 @@ impl Ring {
         self.lock().refuse_push = on;
     }
 
-    /// The runtime given to [`Ring::set_home`], if any.
-    pub(crate) fn home(&self) -> Option<tokio::runtime::Handle> {
-        self.home.get().cloned()
+    /// The runtime the store's tasks run in: the caller's, or from a thread outside any
+    /// runtime the one given to [`Ring::set_home`], if any.
+    pub(crate) fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.home.get().cloned())
     }
 
     /// The runtime a submit from outside any runtime starts the reaper in (the first
@@ -333,22 +336,15 @@ impl Ring {
         let _ = self.home.set(rt.clone());
     }
 
-    /// Start a reaper task in the current runtime (or, from a thread outside any
-    /// runtime, in the home one) unless one is alive.
+    /// Start a reaper task in [`Ring::runtime`] unless one is alive.
     fn start_reaper(self: &Arc<Self>) {
-        let rt = match tokio::runtime::Handle::try_current() {
-            Ok(rt) => rt,
-            Err(_) => match self.home.get() {
-                Some(rt) => rt.clone(),
-                None => {
-                    // `close` reaps what is in flight in any case.
-                    tracing::error!(
-                        "store used outside a tokio runtime and given none (Store::set_runtime); \
-                         completions wait for close"
-                    );
-                    return;
-                }
-            },
+        let Some(rt) = self.runtime() else {
+            // `close` reaps what is in flight in any case.
+            tracing::error!(
+                "store used outside a tokio runtime and given none (Store::set_runtime); \
+                 completions wait for close"
+            );
+            return;
         };
         if self
             .reaper
