@@ -213,7 +213,19 @@ mod tests {
         assert_eq!(err.holder(), Some(std::process::id()), "{err}");
         assert!(err.to_string().contains(&std::process::id().to_string()));
         drop(first);
-        DeviceLock::acquire(&path, true).expect("free again after drop");
+        // A test running beside this one may fork (losetup) while `first` is open: the
+        // child shares its open file, and so the flock, until it execs (O_CLOEXEC). So the
+        // lock is free again once that exec happened: retry for up to 2 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match DeviceLock::acquire(&path, true) {
+                Ok(_) => break,
+                Err(LockError::Held { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("free again after drop: {e}"),
+            }
+        }
         let missing = dir.path("missing");
         assert!(matches!(
             DeviceLock::acquire(&missing, false),
