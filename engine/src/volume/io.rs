@@ -76,22 +76,8 @@ type IoResult = Result<Option<AlignedBuf>, StoreError>;
 
 /// What a sink op was, for its completion.
 pub(super) enum IoCtx {
-    /// A core's local data write; the peer data's receive budget is held until it ends.
-    Write {
-        side: Side,
-        sector: u64,
-        len: u32,
-        budget: Option<OwnedSemaphorePermit>,
-    },
-    /// A core's local discard or write-zeroes (`kind`); with `then_flush` (FUA) its
-    /// completion submits a flush with the same context, `then_flush` cleared.
-    Range {
-        side: Side,
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        then_flush: bool,
-    },
+    /// A core's local write, discard or write-zeroes.
+    Local(LocalIo),
     /// The Primary core's local flush.
     PrimaryFlush { tag: u64 },
     /// A round of merged Secondary epoch flushes (`Inner::flush_batch`).
@@ -104,6 +90,18 @@ pub(super) enum IoCtx {
     },
     /// A metadata block write (FUA).
     Meta { tag: MetaTag, offset: u64 },
+}
+
+/// A core's local write in flight: the peer data's receive budget is held until it
+/// ends; with `then_flush` (a FUA discard / write-zeroes) its completion submits a flush
+/// with the same context, `then_flush` cleared.
+pub(super) struct LocalIo {
+    side: Side,
+    sector: u64,
+    len: u32,
+    kind: WriteKind,
+    then_flush: bool,
+    budget: Option<OwnedSemaphorePermit>,
 }
 
 /// Whose metadata write it is.
@@ -319,48 +317,48 @@ impl Volume {
             return self.fail_local_write(side, sector, len, false);
         }
         let offset = sector * SECTOR_SIZE as u64;
-        let range = |op| {
-            let ctx = IoCtx::Range {
-                side,
-                sector,
-                len,
-                kind,
-                then_flush: fua,
-            };
-            (op, ctx)
-        };
-        let (op, ctx) = match (kind, buf) {
+        let mut budget = None;
+        // A data write is FUA itself; a FUA discard / write-zeroes flushes after it.
+        let (op, then_flush) = match (kind, buf) {
             (WriteKind::Data, Some(data)) => {
-                let (data, budget) = match data {
-                    Buf::Shared(b) => (WriteData::Shared(b), None),
+                let data = match data {
+                    Buf::Shared(b) => WriteData::Shared(b),
                     Buf::Owned(d) => {
-                        let (b, budget) = d.into_parts();
-                        (WriteData::Owned(b), Some(budget))
+                        let (b, permit) = d.into_parts();
+                        budget = Some(permit);
+                        WriteData::Owned(b)
                     }
                 };
-                let op = SinkOp::Write { offset, data, fua };
-                let ctx = IoCtx::Write {
-                    side,
-                    sector,
-                    len,
-                    budget,
-                };
-                (op, ctx)
+                (SinkOp::Write { offset, data, fua }, false)
             }
             (WriteKind::Data, None) => {
                 tracing::error!("a write at sector {sector} has no data buffer");
                 return self.fail_local_write(side, sector, len, true);
             }
-            (WriteKind::Discard, _) => range(SinkOp::Discard {
-                offset,
-                len: u64::from(len),
-            }),
-            (WriteKind::Zeroes { unmap }, _) => range(SinkOp::WriteZeroes {
-                offset,
-                len: u64::from(len),
-                may_unmap: unmap,
-            }),
+            (WriteKind::Discard, _) => {
+                let len = u64::from(len);
+                (SinkOp::Discard { offset, len }, fua)
+            }
+            (WriteKind::Zeroes { unmap }, _) => {
+                let len = u64::from(len);
+                (
+                    SinkOp::WriteZeroes {
+                        offset,
+                        len,
+                        may_unmap: unmap,
+                    },
+                    fua,
+                )
+            }
         };
+        let ctx = IoCtx::Local(LocalIo {
+            side,
+            sector,
+            len,
+            kind,
+            then_flush,
+            budget,
+        });
         self.submit_sink(&self.store, op, ctx);
     }
 
@@ -508,34 +506,13 @@ impl Volume {
     fn io_done(&self, ctx: IoCtx, result: Result<(), StoreError>) {
         let ok = result.is_ok();
         match ctx {
-            IoCtx::Write {
-                side,
-                sector,
-                len,
-                budget,
-            } => {
-                drop(budget);
-                self.local_write_ended(side, sector, len, WriteKind::Data, result);
-            }
-            IoCtx::Range {
-                side,
-                sector,
-                len,
-                kind,
-                then_flush,
-            } => {
-                if then_flush && ok {
-                    let then_flush = false;
-                    let ctx = IoCtx::Range {
-                        side,
-                        sector,
-                        len,
-                        kind,
-                        then_flush,
-                    };
-                    return self.start_flush(ctx);
+            IoCtx::Local(mut l) => {
+                if l.then_flush && ok {
+                    l.then_flush = false;
+                    return self.start_flush(IoCtx::Local(l));
                 }
-                self.local_write_ended(side, sector, len, kind, result);
+                drop(l.budget);
+                self.local_write_ended(l.side, l.sector, l.len, l.kind, result);
             }
             IoCtx::PrimaryFlush { tag } => {
                 if let Err(e) = &result {
