@@ -6,6 +6,10 @@
 //! still decides roles, connection and disk states and the order of metadata writes,
 //! and `sim/` keeps its own glue for them). What has moved:
 //!
+//! - [`SyncRuns`]: the node's resync target and source — run ids, held writes, writes in
+//!   flight when a run starts, a run cut by a connection loss, the end of a run, the
+//!   stream class of each packet — taking one event at a time and returning
+//!   [`SyncAction`]s; `volume/sync.rs` and `sim/resync.rs` only perform them;
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
 //!   resync acks arrive (the simulator's seed 30);
 //! - [`may_promote`]: who may become Primary (the daemon's `primary`, the simulator's
@@ -13,8 +17,10 @@
 
 mod failed;
 mod roles;
+mod sync;
 
 pub(crate) use failed::FailedLocal;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;
 pub(crate) use roles::{may_promote, PromotionFacts};
+pub(crate) use sync::{stream_of, ReadFor, SyncAction, SyncRuns};

@@ -616,6 +616,18 @@ impl Primary {
             .collect()
     }
 
+    /// The writes whose local part was submitted and that are not retired yet, as
+    /// `(tag, sector, len, on_disk)`: what a resync starting now must be told of.
+    pub fn submitted_writes(&self) -> impl Iterator<Item = (u64, u64, u32, bool)> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            let submitted = s.live && s.started && !matches!(s.local, Local::Skipped);
+            submitted.then(|| {
+                let tag = make_handle(i, s.gen);
+                (tag, s.sector, s.len, !matches!(s.local, Local::Pending))
+            })
+        })
+    }
+
     /// The extents in the activity log (committed or being added), sorted.
     pub fn active_extents(&self) -> Vec<u32> {
         self.al

@@ -94,6 +94,8 @@ pub use controller::{
 };
 pub use packets::Inbound;
 pub use source::{ReadOutcome, RequestKind, Source, SourceConfig, SourceOutput, SourceStats};
+#[cfg(test)]
+pub(crate) use target::TargetSabotage;
 pub use target::{
     ResyncSummary, Target, TargetConfig, TargetOutput, TargetProgress, MAX_FAILED_RANGES,
 };

@@ -470,6 +470,11 @@ impl Target {
         }
     }
 
+    /// Requests not yet done (outstanding at the peer, digesting, or being written).
+    pub fn requests_in_flight(&self) -> usize {
+        self.reqs.len()
+    }
+
     /// Progress for status.
     pub fn progress(&self, bm: &OutOfSync) -> TargetProgress {
         let left = self.left(bm);

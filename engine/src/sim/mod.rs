@@ -685,7 +685,7 @@ enum Ev {
         sector: u64,
         len: u32,
         fail: bool,
-        tgen: u64,
+        run: u64,
     },
     /// A SyncTarget write (reply data, or zeroes) on the Secondary's disk completed.
     SRsWrite(Box<resync::RsWriteEv>),
@@ -697,7 +697,7 @@ enum Ev {
     },
     /// A resync controller step on both nodes (every `SLEEP_TIME_MS`).
     RsTick {
-        tgen: u64,
+        run: u64,
     },
     /// The split-brain fault: drop the connection and promote the Secondary.
     SbFault,
@@ -862,9 +862,7 @@ struct SBuf {
     origin: u64,
     data: Option<Vec<u8>>,
     submitted: bool,
-    /// Reported to the SyncTarget of this generation (`app_write_begin`).
-    tgen: Option<u64>,
-    /// The SyncTarget holds it (rule 3) until `AppWriteReady`.
+    /// The SyncTarget holds it (rule 3) until released.
     held: bool,
 }
 
@@ -1295,7 +1293,6 @@ impl Sim {
                             origin,
                             data,
                             submitted: false,
-                            tgen: None,
                             held: false,
                         };
                         if self.s_bufs.insert(token, b).is_some() {
@@ -1361,11 +1358,11 @@ impl Sim {
                 sector,
                 len,
                 fail,
-                tgen,
-            } => self.target_digest_done(tag, sector, len, fail, tgen),
+                run,
+            } => self.target_digest_done(tag, sector, len, fail, run),
             Ev::SRsWrite(w) => self.target_write_done(*w),
             Ev::SFinishFlush { covers, fail, gen } => self.finish_flush_done(covers, fail, gen),
-            Ev::RsTick { tgen } => self.rs_tick(tgen),
+            Ev::RsTick { run } => self.rs_tick(run),
             Ev::SbFault => self.sb_fault(),
             Ev::SbWrite { n } => self.sb_write(n),
             Ev::Failover => self.failover(false),
@@ -1421,7 +1418,7 @@ impl Sim {
     /// the connection rather than forgetting one.
     fn primary_write_failed(&mut self, sector: u64, len: u32) -> Result<(), String> {
         self.rs.p_bm.mark(sector, len);
-        if !self.rs.p_failed.record(sector, len) {
+        if !self.rs.p_runs.local_write_failed(sector, len) {
             self.drop_connection()?;
         }
         Ok(())
@@ -1812,7 +1809,7 @@ impl Sim {
                         // The core marks a write it does not send.
                         self.rs.p_bm.mark(sector, len);
                     }
-                    self.source_app_write_begin(tag, sector, len)?;
+                    self.source_app_write_begin(tag, sector, len);
                     let fail = self.rng.chance(self.params.fail_ppm[0]);
                     let d = self.rng.range(1, self.params.disk_delay.0);
                     let inc = self.inc;
@@ -1956,7 +1953,7 @@ impl Sim {
                     if b.submitted {
                         return Err("secondary discarded a submitted write".into());
                     }
-                    self.target_app_write_end(token, &b)?;
+                    self.target_app_write_end(token)?;
                 }
                 ReceiverOutput::DropConnection { .. } => {
                     let gen = self.gen;

@@ -8,11 +8,16 @@
 //! (who holds `RESOLVE_CONFLICTS` is drawn per connection). If they agree on a resync,
 //! the SyncSource's bitmap goes to the SyncTarget through the real [`BitmapSender`] /
 //! [`BitmapReceiver`] and the codec, is OR-merged, and the merged bitmap comes back; the
-//! SyncSource then sends `P_SYNC_UUID` and runs a [`Source`], the SyncTarget a [`Target`].
-//! Every resync packet goes through the codec and travels one of four ordered streams
-//! (Primary→Secondary data and meta, Secondary→Primary data and meta) with the network's
-//! delays; a connection loss drops what is in flight and the next connection resumes
-//! from the bitmaps and [`Target::resume_position`].
+//! SyncSource then sends `P_SYNC_UUID` and starts a source, the SyncTarget a target —
+//! each node in its own [`SyncRuns`], the daemon's type: its rules (run ids, held writes,
+//! writes in flight at the start, the failed-write rule, the end of a run, stream
+//! classes) are the daemon's, and this file only performs its actions (`p_actions`,
+//! `s_actions`) with the simulated disks and streams. Every resync packet goes through
+//! the codec and travels one of four ordered streams (Primary→Secondary data and meta,
+//! Secondary→Primary data and meta) by its stream class, with the network's delays; a
+//! connection loss drops what is in flight, ends both runs (their IO completes into
+//! nothing) and the next connection resumes from the bitmaps and the target's resume
+//! position.
 //!
 //! The Primary node's bitmap. The Primary core keeps one (`Primary::out_of_sync`) but has
 //! no call to clear bits, so the simulator keeps the node's bitmap itself (`p_bm`): it
@@ -20,23 +25,24 @@
 //! write, a `P_NEG_ACK`, every write not barrier-acked at a connection loss — the last
 //! through a mirror of the transfer log, `p_tl`), OR-merges the peer's bitmap at the
 //! exchange and clears what [`SourceOutput::SetInSync`] says. After every event it
-//! checks that every bit the core set is in `p_bm` or was set in sync since (`p_cleared`).
-//! A restart reloads both from the metadata device. One driver rule the simulator found
-//! necessary: a block whose local write failed on the Primary during this connection is
-//! not cleared by a resync ack (`p_failed`, the daemon's own rule,
-//! [`crate::replica::FailedLocal`]): the reply may have been read before the failure left
-//! garbage there, and the SyncTarget does not know of the failure (DRBD detaches the disk
-//! on such an error; the Primary core marks the block and goes on). It is resynced after
-//! the next handshake.
+//! checks that every bit the core set is in `p_bm` or was set in sync since (`p_cleared`,
+//! what each call of the Primary's runs cleared, `p_call`). A restart reloads both from
+//! the metadata device. One rule the simulator found necessary: a block whose local
+//! write failed on the Primary during this connection is not cleared by a resync ack
+//! ([`crate::replica::FailedLocal`], inside the runs): the reply may have been read before
+//! the failure left garbage there, and the SyncTarget does not know of the failure (DRBD
+//! detaches the disk on such an error; the Primary core marks the block and goes on). It
+//! is resynced after the next handshake.
 //!
 //! Application writes during a resync: on the Primary every local write is reported to
-//! the [`Source`] from its submission to its local completion; on the Secondary every
-//! replicated write to the [`Target`] from its arrival to its local completion, and one
-//! the Target holds is submitted on [`TargetOutput::AppWriteReady`]. (Neither core sends
+//! the source from its submission to its local completion; on the Secondary every
+//! replicated write to the target from its arrival to its local completion, and one the
+//! target holds is submitted when the runs release it. (Neither core sends
 //! `DP_MAY_SET_IN_SYNC`, so replicated writes clear no bits: a block stays out of sync
-//! until resync copies it.) When the Target finishes with no failed block, the
-//! Secondary flushes its disk, finishes its UUIDs (UpToDate) and tells the Primary
-//! (`SyncDone` on the meta stream; DRBD's state change), which finishes its own. Lost,
+//! until resync copies it.) When the target finishes with no failed block, the
+//! Secondary flushes its disk, finishes its UUIDs (UpToDate), ends the run
+//! (`SyncRuns::end_recorded`) and tells the Primary (`SyncDone` on the meta stream;
+//! DRBD's state change), which finishes its own. Lost,
 //! that notice leaves the Primary's bitmap UUID set, and the next handshake corrects it
 //! (rule 34).
 //!
@@ -44,18 +50,19 @@
 //! (both handshakes run at the connection-up event); the Primary core replicates from the
 //! handshake on, also during the bitmap exchange (DRBD sends `P_OUT_OF_SYNC` instead
 //! while WFBitMapS), so the writes that arrived and the local writes in flight are
-//! reported to the Target and Source when those are built; the connection waits until
-//! the previous connection's resync IO and the Secondary's writes are done. Bounds: the
+//! reported to the target and source when those are built; the connection waits until
+//! both nodes' runs are idle and the Secondary's writes are done. Bounds: the
 //! machines' own (drawn: ≤ 64 requests, ≤ 64 queued, ≤ 16 reads), four streams whose
 //! contents are bounded by those, one bitmap transfer per direction per connection.
 
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
-use crate::replica::FailedLocal;
+use crate::net::Stream;
+use crate::replica::{ReadFor, SyncAction, SyncRuns};
 use crate::request::{OutOfSync, SECTOR};
 use crate::resync::{
-    Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput,
-    Target, TargetConfig, TargetOutput, TickInput, SLEEP_TIME_MS,
+    Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
+    SLEEP_TIME_MS,
 };
 use crate::state::uuid::{
     sync_handshake, AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx,
@@ -199,8 +206,8 @@ pub(super) struct ReadEv {
     zero_check: bool,
     fail: bool,
     pub(super) inc: u64,
-    /// Incarnation of the SyncSource that asked.
-    src: u64,
+    /// The run of the SyncSource that asked.
+    run: u64,
 }
 
 /// A SyncTarget write of reply data (`data`) or zeroes (`None`), with the versions the
@@ -212,8 +219,8 @@ pub(super) struct RsWriteEv {
     data: Option<Vec<u8>>,
     vers: Vec<u64>,
     fail: bool,
-    /// Incarnation of the SyncTarget that asked.
-    tgen: u64,
+    /// The run of the SyncTarget that asked.
+    run: u64,
 }
 
 /// An entry of the mirror of the Primary core's transfer log.
@@ -289,18 +296,16 @@ pub(super) struct Rs {
     pub(super) p_bm: OutOfSync,
     /// Bits the SyncSource set in sync since the core's bitmap was loaded.
     p_cleared: OutOfSync,
-    /// Blocks whose local write failed since this connection's handshake: the daemon's
-    /// rule ([`FailedLocal`]), so a resync ack does not clear them.
-    pub(super) p_failed: FailedLocal,
     /// Mirror of the core's transfer log.
     pub(super) p_tl: VecDeque<Tl>,
-    source: Option<Source>,
-    /// Incarnation of `source`.
-    src_gen: u64,
+    /// The Primary node's resync runs (the daemon's rules, [`SyncRuns`]); it is only
+    /// ever SyncSource here.
+    pub(super) p_runs: SyncRuns<u64>,
     /// The bitmap transfer the Primary receives.
     p_rx: Option<(BitmapReceiver, Vec<u64>)>,
-    /// Read buffers of the SyncSource: tag → data and the versions it was read at.
-    p_reads: BTreeMap<u64, (Vec<u8>, Vec<u64>)>,
+    /// Read buffers of the SyncSource: tag → first sector, data and the versions it was
+    /// read at.
+    p_reads: BTreeMap<u64, (u64, Vec<u8>, Vec<u64>)>,
     /// Versions of the read being answered (for `P_RS_DEALLOCATED`).
     read_ctx: Option<Vec<u64>>,
     /// Sectors of application writes submitted on the Primary's disk (c-min-rate).
@@ -308,23 +313,21 @@ pub(super) struct Rs {
     // ---- the Secondary's node
     s_uuids: UuidSet,
     s_disk: DiskState,
-    /// The node's bitmap; a running Target borrows it per call.
+    /// The node's bitmap; a running target borrows it per call.
     s_bm: OutOfSync,
-    /// Where the next Target starts (an interrupted run's resume position).
-    s_resume: u64,
-    target: Option<Target>,
-    /// Incarnation of `target`.
-    pub(super) tgen: u64,
+    /// The Secondary node's resync runs; it is only ever SyncTarget here. A held write
+    /// waits in it as its token.
+    s_runs: SyncRuns<u64>,
     /// The bitmap transfer the Secondary receives.
     s_rx: Option<(BitmapReceiver, Vec<u64>)>,
     /// The Primary's UUIDs as the Secondary received them at the handshake.
     s_peer: UuidSet,
+    /// The finished run whose end is being made durable, and the UUIDs it adopts.
+    s_finish: Option<(u64, UuidSet)>,
     /// Versions of the zeroes of the `P_RS_DEALLOCATED` being handled.
     zero_vers: Option<Vec<u64>>,
     /// Sectors of replicated writes received (c-min-rate).
     s_app_sectors: u64,
-    /// The finish flush is in flight.
-    finishing: bool,
     /// Blocks the Secondary holds out of sync that the Primary core never marked: its
     /// split-brain writes, and a full sync after its metadata was re-created. (Every
     /// other bit of either bitmap goes back to a mark of the core, which never clears
@@ -377,10 +380,8 @@ impl Rs {
             p_crashed: false,
             p_bm: OutOfSync::new(SECTORS as u64),
             p_cleared: OutOfSync::new(SECTORS as u64),
-            p_failed: FailedLocal::default(),
             p_tl: VecDeque::new(),
-            source: None,
-            src_gen: 0,
+            p_runs: SyncRuns::default(),
             p_rx: None,
             p_reads: BTreeMap::new(),
             read_ctx: None,
@@ -388,14 +389,12 @@ impl Rs {
             s_uuids,
             s_disk: DiskState::UpToDate,
             s_bm: OutOfSync::new(SECTORS as u64),
-            s_resume: 0,
-            target: None,
-            tgen: 0,
+            s_runs: SyncRuns::default(),
             s_rx: None,
             s_peer: p_uuids,
+            s_finish: None,
             zero_vers: None,
             s_app_sectors: 0,
-            finishing: false,
             s_only: OutOfSync::new(SECTORS as u64),
             s_disc: vec![false; SECTORS],
             back: VecDeque::new(),
@@ -412,10 +411,11 @@ impl Rs {
     #[cfg(test)]
     pub(super) fn set_sabotage(&mut self, s: super::Sabotage) {
         self.sabotage = s;
-        #[cfg(test)]
-        {
-            self.p_failed.sabotage_ack_clears = s.ack_clears_failed_blocks;
-        }
+        self.p_runs.failed_mut().sabotage_ack_clears = s.ack_clears_failed_blocks;
+        self.s_runs.target_sabotage = crate::resync::TargetSabotage {
+            no_void: s.target_no_void,
+            no_hold: s.target_no_hold,
+        };
     }
 
     /// The write `block_id` in the transfer log (a `P_NEG_ACK` names it).
@@ -460,10 +460,15 @@ impl Rs {
         }
     }
 
-    /// Power loss of the Primary's node: its SyncSource and reads are gone.
+    /// Power loss of the Primary's node: its SyncSource and reads are gone (the runs
+    /// start afresh; the reads in flight never complete).
     pub(super) fn primary_crashed(&mut self) {
         self.p_tl.clear();
-        self.source = None;
+        self.p_runs = SyncRuns::default();
+        #[cfg(test)]
+        {
+            self.p_runs.failed_mut().sabotage_ack_clears = self.sabotage.ack_clears_failed_blocks;
+        }
         self.p_reads.clear();
         self.p_rx = None;
     }
@@ -494,12 +499,9 @@ impl Rs {
         self.s_disk == DiskState::UpToDate
     }
 
-    /// No resync IO of the Secondary in flight.
+    /// No resync IO of the Secondary in flight, no end of a run being recorded.
     pub(super) fn s_local_idle(&self) -> bool {
-        self.target
-            .as_ref()
-            .is_none_or(|t| t.progress(&self.s_bm).requests_in_flight == 0)
-            && !self.finishing
+        self.s_runs.idle()
     }
 
     /// Whether block `b` differs for a reason the Primary core never marked (checker 6).
@@ -519,22 +521,16 @@ impl Rs {
         bm
     }
 
-    fn mark_s(&mut self, sector: u64, len: u32) {
-        match &mut self.target {
-            Some(t) => t.mark_out_of_sync(&mut self.s_bm, sector, len),
-            None => self.s_bm.mark(sector, len),
-        }
-    }
-
-    /// The SyncSource says `[sector, sector + len)` is in sync: clear it in the node's
-    /// bitmap, and remember what was cleared (for the mirror check).
-    fn p_set_in_sync(&mut self, sector: u64, len: u32) {
+    /// A call of the Primary's runs with its bitmap; what the call cleared (the
+    /// source's `SetInSync`) is remembered for the mirror check.
+    fn p_call<R>(&mut self, f: impl FnOnce(&mut SyncRuns<u64>, &mut OutOfSync) -> R) -> R {
         let before: Vec<u64> = self.p_bm.words().to_vec();
-        self.p_failed.set_in_sync(&mut self.p_bm, sector, len);
+        let r = f(&mut self.p_runs, &mut self.p_bm);
         or_bits(
             &mut self.p_cleared,
             before.iter().zip(self.p_bm.words()).map(|(b, a)| b & !a),
         );
+        r
     }
 }
 
@@ -599,11 +595,7 @@ impl Sim {
     fn connect_ready(&self) -> bool {
         !matches!(self.rs.sb, Sb::Writing { .. })
             && self.rs.s_local_idle()
-            && self
-                .rs
-                .source
-                .as_ref()
-                .is_none_or(|s| s.stats().reading == 0)
+            && self.rs.p_runs.idle()
             && self.secondary.stats().active_writes == 0
     }
 
@@ -615,9 +607,6 @@ impl Sim {
             let d = self.rs.rng.range(5, 30);
             self.at(d, Ev::Reconnect);
             return Ok(());
-        }
-        if let Some(t) = self.rs.target.take() {
-            self.retire_target(t, None);
         }
         self.report.handshakes += 1;
         // Checker 8: a refused connection changed neither disk (the Primary's only takes
@@ -648,12 +637,11 @@ impl Sim {
             self.rs.s_uuids = UuidSet::JUST_CREATED;
             self.rs.s_disk = DiskState::Inconsistent;
             self.rs.s_bm = OutOfSync::new(SECTORS as u64);
-            self.rs.s_resume = 0;
+            self.rs.s_runs.forget_resume_position();
             self.rs.sb = Sb::Recreated;
         }
         let resolving = !recreate && (resolving || self.rs.sb == Sb::Resolving);
         let split = resolving || self.rs.sb == Sb::Happened;
-        self.rs.p_failed.connection_lost();
         // The operator resolves a refused split brain: the Secondary connects with
         // discard-my-data, the default policies.
         let (pol_p, pol_s) = if resolving {
@@ -937,16 +925,13 @@ impl Sim {
             max_app_writes: 4096,
             c_min_rate: p.rate.c_min_rate,
         };
-        let mut src =
-            Source::new(cfg, &self.tick_input(true)).map_err(|e| format!("source: {e}"))?;
+        let tick = self.tick_input(true);
         // The writes in flight on this disk.
-        for (&tag, &(sector, len)) in &self.p_tags {
-            src.app_write_begin(tag, sector, len)
-                .map_err(|e| format!("source app_write_begin: {e}"))?;
-        }
-        self.rs.source = Some(src);
-        self.rs.src_gen += 1;
-        Ok(())
+        let in_flight = self.p_tags.iter().map(|(&t, &(s, l))| (t, s, l));
+        self.rs
+            .p_runs
+            .ensure_source(cfg, &tick, false, in_flight)
+            .map_err(|e| format!("source: {e}"))
     }
 
     /// `P_SYNC_UUID` on the Secondary: it becomes SyncTarget over its merged bitmap.
@@ -973,28 +958,15 @@ impl Sim {
         cfg.thin_granularity = p.thin_granularity;
         cfg.rate = p.rate;
         cfg.max_requests = p.max_requests;
-        cfg.start_block = self.rs.s_resume;
-        let mut t =
-            Target::new(cfg, bm, &self.tick_input(false)).map_err(|e| format!("target: {e}"))?;
-        #[cfg(test)]
-        {
-            t.sabotage.no_void = self.rs.sabotage.target_no_void;
-            t.sabotage.no_hold = self.rs.sabotage.target_no_hold;
-        }
-        self.rs.tgen += 1;
-        let tgen = self.rs.tgen;
+        let tick = self.tick_input(false);
         // The replicated writes that arrived and are not on the disk yet.
-        for (&token, b) in self.s_bufs.iter_mut() {
-            if !t
-                .app_write_begin(token, b.w.sector, b.w.len)
-                .map_err(|e| format!("target app_write_begin: {e}"))?
-            {
-                return Err("a new target held a write".into());
-            }
-            b.tgen = Some(tgen);
-        }
-        self.rs.target = Some(t);
-        self.at(1, Ev::RsTick { tgen });
+        let in_flight = self.s_bufs.iter().map(|(&t, b)| (t, b.w.sector, b.w.len));
+        let run = self
+            .rs
+            .s_runs
+            .start_target(cfg, &self.rs.s_bm, &tick, self.rs.s_peer, in_flight)
+            .map_err(|e| format!("target: {e}"))?;
+        self.at(1, Ev::RsTick { run });
         Ok(())
     }
 
@@ -1011,23 +983,18 @@ impl Sim {
         }
     }
 
-    /// A controller step on both nodes while the Target runs.
-    pub(super) fn rs_tick(&mut self, tgen: u64) -> Result<(), String> {
-        if tgen != self.rs.tgen || !self.up {
+    /// A controller step on both nodes while the target runs.
+    pub(super) fn rs_tick(&mut self, run: u64) -> Result<(), String> {
+        if self.rs.s_runs.target_run() != Some(run) || !self.up {
             return Ok(());
         }
         let (ts, tp) = (self.tick_input(false), self.tick_input(true));
-        let Some(t) = self.rs.target.as_mut() else {
-            return Ok(());
-        };
-        t.tick(&self.rs.s_bm, &ts);
-        self.pump_target()?;
-        if let Some(src) = self.rs.source.as_mut() {
-            src.tick(&tp);
-            self.pump_source()?;
-        }
-        if self.rs.target.is_some() {
-            self.at(SLEEP_TIME_MS, Ev::RsTick { tgen });
+        self.rs.s_runs.tick(&mut self.rs.s_bm, &ts);
+        self.s_actions()?;
+        self.rs.p_call(|r, bm| r.tick(bm, &tp));
+        self.p_actions()?;
+        if self.rs.s_runs.target_run() == Some(run) {
+            self.at(SLEEP_TIME_MS, Ev::RsTick { run });
         }
         Ok(())
     }
@@ -1035,7 +1002,8 @@ impl Sim {
     // ----- connection down ----------------------------------------------------------------
 
     /// Resync's part of a connection loss (`net`: both nodes live; else the Primary
-    /// crashed): the machines are told, the streams emptied, the UUID life cycle runs.
+    /// crashed): the runs end (held writes go), the streams are emptied, the UUID life
+    /// cycle runs.
     pub(super) fn resync_connection_lost(&mut self, net: bool) -> Result<(), String> {
         self.fo.wf_sync = false;
         self.rs.back.clear();
@@ -1043,16 +1011,19 @@ impl Sim {
         self.rs.back_parked = 0;
         self.rs.s_rx = None;
         self.rs.p_rx = None;
-        if let Some(t) = self.rs.target.as_mut() {
-            t.connection_lost();
+        if let Some(t) = self
+            .rs
+            .s_runs
+            .target()
+            .filter(|_| !self.rs.s_runs.finishing())
+        {
+            self.report.void_replies += t.progress(&self.rs.s_bm).void_replies;
             self.report.resyncs_cut += 1;
-            self.pump_target()?;
         }
+        self.rs.s_runs.connection_lost();
+        self.s_actions()?;
         if net {
-            if let Some(src) = self.rs.source.as_mut() {
-                src.connection_lost();
-                self.pump_source()?;
-            }
+            self.rs.p_runs.connection_lost();
             // The Primary loses its peer's disk: a new generation unless a bitmap UUID
             // already marks one.
             let r = uuid(&mut self.rs.rng);
@@ -1100,7 +1071,7 @@ impl Sim {
             return Ok(());
         }
         if matches!(self.rs.back.front(), Some(BackMsg::Rs(_)))
-            && self.rs.source.as_ref().is_some_and(|s| !s.can_accept())
+            && !self.rs.p_runs.source_can_accept()
         {
             self.rs.back_parked += 1;
             return Ok(());
@@ -1109,18 +1080,14 @@ impl Sim {
             None => Err("back stream delivery with nothing queued".into()),
             Some(BackMsg::Bitmap(pkt)) => self.p_bitmap_packet(&pkt),
             Some(BackMsg::Rs(pkt)) => {
-                let src = self
-                    .rs
-                    .source
-                    .as_mut()
-                    .ok_or("resync request with no SyncSource")?;
-                match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
-                    Some(Inbound::RsRequest { sector, len, kind }) => src
-                        .request(sector, len, kind)
-                        .map_err(|e| format!("source request: {e}"))?,
+                let inbound = match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
+                    Some(i @ Inbound::RsRequest { .. }) => i,
                     other => return Err(format!("SyncSource got {other:?} on the data stream")),
-                }
-                self.pump_source()
+                };
+                self.rs
+                    .p_call(|r, bm| r.inbound(bm, inbound))
+                    .map_err(|e| format!("source request: {e}"))?;
+                self.p_actions()
             }
         }
     }
@@ -1135,21 +1102,22 @@ impl Sim {
             .fwd
             .pop_front()
             .ok_or("meta stream delivery with nothing queued")?;
-        let t = self
-            .rs
-            .target
-            .as_mut()
-            .ok_or("resync answer with no SyncTarget")?;
-        let r = match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
-            Some(Inbound::RsIsInSync { sector, len }) => {
+        if self.rs.s_runs.target().is_none() {
+            return Err("resync answer with no SyncTarget".into());
+        }
+        let inbound = match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
+            Some(i @ Inbound::RsIsInSync { .. }) => {
                 self.report.rs_in_sync += 1;
-                t.in_sync_reply(&mut self.rs.s_bm, sector, len)
+                i
             }
-            Some(Inbound::NegRsDReply { sector, len }) => t.neg_reply(&self.rs.s_bm, sector, len),
+            Some(i @ Inbound::NegRsDReply { .. }) => i,
             other => return Err(format!("SyncTarget got {other:?} on the meta stream")),
         };
-        r.map_err(|e| format!("target refused {pkt:?}: {e}"))?;
-        self.pump_target()
+        self.rs
+            .s_runs
+            .inbound(&mut self.rs.s_bm, inbound)
+            .map_err(|e| format!("target refused {pkt:?}: {e}"))?;
+        self.s_actions()
     }
 
     /// `P_RS_DATA_REPLY` / `P_RS_DEALLOCATED` on the Secondary's data stream.
@@ -1159,18 +1127,17 @@ impl Sim {
         data: Vec<u8>,
         vers: Vec<u64>,
     ) -> Result<(), String> {
-        let tgen = self.rs.tgen;
-        let t = self
-            .rs
-            .target
-            .as_mut()
-            .ok_or("resync reply with no SyncTarget")?;
+        if self.rs.s_runs.target().is_none() {
+            return Err("resync reply with no SyncTarget".into());
+        }
         match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
             Some(Inbound::RsDataReply { sector, len }) => {
-                let tag = t
-                    .data_reply(&self.rs.s_bm, sector, len)
+                let write = self
+                    .rs
+                    .s_runs
+                    .data_reply(&mut self.rs.s_bm, sector, len)
                     .map_err(|e| format!("target data_reply: {e}"))?;
-                if let Some(tag) = tag {
+                if let Some((run, tag)) = write {
                     self.report.rs_bytes += u64::from(len);
                     let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
@@ -1182,36 +1149,37 @@ impl Sim {
                             data: Some(data),
                             vers,
                             fail,
-                            tgen,
+                            run,
                         })),
                     );
                 }
             }
-            Some(Inbound::RsDeallocated { sector, len }) => {
+            Some(i @ Inbound::RsDeallocated { .. }) => {
                 self.report.rs_deallocated += 1;
                 self.rs.zero_vers = Some(vers);
-                t.deallocated(&self.rs.s_bm, sector, len)
+                self.rs
+                    .s_runs
+                    .inbound(&mut self.rs.s_bm, i)
                     .map_err(|e| format!("target deallocated: {e}"))?;
             }
             other => return Err(format!("SyncTarget got {other:?} on the data stream")),
         }
-        self.pump_target()
+        self.s_actions()
     }
 
     /// `P_RS_WRITE_ACK` / `P_NEG_ACK` (ID_SYNCER) on the Primary's meta stream.
     pub(super) fn source_meta(&mut self, pkt: &Packet) -> Result<(), String> {
-        let src = self
-            .rs
-            .source
-            .as_mut()
-            .ok_or("resync ack with no SyncSource")?;
-        let r = match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
-            Some(Inbound::RsWriteAck { sector, len }) => src.rs_write_ack(sector, len),
-            Some(Inbound::RsNegAck { sector, len }) => src.neg_ack(sector, len),
+        if self.rs.p_runs.source().is_none() {
+            return Err("resync ack with no SyncSource".into());
+        }
+        let inbound = match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
+            Some(i @ (Inbound::RsWriteAck { .. } | Inbound::RsNegAck { .. })) => i,
             other => return Err(format!("SyncSource got {other:?} on the meta stream")),
         };
-        r.map_err(|e| format!("source refused {pkt:?}: {e}"))?;
-        self.pump_source()
+        self.rs
+            .p_call(|r, bm| r.inbound(bm, inbound))
+            .map_err(|e| format!("source refused {pkt:?}: {e}"))?;
+        self.p_actions()
     }
 
     /// The SyncTarget finished and is UpToDate: the SyncSource finishes too.
@@ -1223,28 +1191,68 @@ impl Sim {
 
     // ----- the SyncSource ---------------------------------------------------------------
 
-    fn pump_source(&mut self) -> Result<(), String> {
-        let Some(src) = self.rs.source.as_mut() else {
-            return Ok(());
-        };
-        let outs: Vec<SourceOutput> = src.drain_outputs().collect();
-        let can_accept = src.can_accept();
-        for o in outs {
-            let send = o.packet();
-            if send.is_some() && !self.up {
-                return Err(format!("SyncSource sent {o:?} while disconnected"));
-            }
-            match o {
-                SourceOutput::ReadLocal {
+    /// Performs the Primary's runs' actions (it is only ever SyncSource).
+    fn p_actions(&mut self) -> Result<(), String> {
+        for a in self.rs.p_runs.take_actions() {
+            match a {
+                SyncAction::Send { pkt, .. } if !self.up => {
+                    return Err(format!("SyncSource sent {pkt:?} while disconnected"));
+                }
+                SyncAction::Send {
+                    pkt,
+                    reply: Some(tag),
+                    ..
+                } => {
+                    let (sector, data, vers) = self
+                        .rs
+                        .p_reads
+                        .remove(&tag)
+                        .ok_or("data reply without a read buffer")?;
+                    #[cfg(test)]
+                    if self.rs.sabotage.source_claims_in_sync {
+                        let len = u32::try_from(data.len()).map_err(|e| e.to_string())?;
+                        self.rs.p_call(|r, bm| r.set_in_sync(bm, sector, len));
+                        let lie = crate::resync::SourceOutput::SendRsIsInSync { sector, len };
+                        let pkt = self.wire(&lie.packet().ok_or("no packet")?, &[])?;
+                        self.send_fwd(pkt);
+                        continue;
+                    }
+                    let _ = sector;
+                    let pkt = self.wire(&pkt, &data)?;
+                    self.send_data(DataMsg::Rs { pkt, data, vers });
+                }
+                SyncAction::Send {
+                    stream: Stream::Meta,
+                    pkt,
+                    ..
+                } => {
+                    let pkt = self.wire(&pkt, &[])?;
+                    self.send_fwd(pkt);
+                }
+                SyncAction::Send { pkt, .. } => {
+                    // `P_RS_DEALLOCATED`, answering the read being handled.
+                    let vers = self
+                        .rs
+                        .read_ctx
+                        .clone()
+                        .ok_or("P_RS_DEALLOCATED outside a read")?;
+                    let pkt = self.wire(&pkt, &[])?;
+                    self.send_data(DataMsg::Rs {
+                        pkt,
+                        data: Vec::new(),
+                        vers,
+                    });
+                }
+                SyncAction::Read {
+                    run,
                     tag,
                     sector,
                     len,
-                    digest,
-                    zero_check,
+                    purpose: ReadFor::Source { digest, zero_check },
                 } => {
                     let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
-                    let (inc, src) = (self.inc, self.rs.src_gen);
+                    let inc = self.inc;
                     self.at(
                         d,
                         Ev::PRead(Box::new(ReadEv {
@@ -1255,50 +1263,14 @@ impl Sim {
                             zero_check,
                             fail,
                             inc,
-                            src,
+                            run,
                         })),
                     );
                 }
-                // (`sector` and `len` serve a test-only sabotage.)
-                #[cfg_attr(not(test), allow(unused_variables))]
-                SourceOutput::SendRsDataReply { tag, sector, len } => {
-                    let (data, vers) = self
-                        .rs
-                        .p_reads
-                        .remove(&tag)
-                        .ok_or("data reply without a read buffer")?;
-                    #[cfg(test)]
-                    if self.rs.sabotage.source_claims_in_sync {
-                        self.rs.p_set_in_sync(sector, len);
-                        let lie = SourceOutput::SendRsIsInSync { sector, len };
-                        let pkt = self.wire(&lie.packet().ok_or("no packet")?, &[])?;
-                        self.send_fwd(pkt);
-                        continue;
-                    }
-                    let pkt = self.wire(&send.ok_or("no packet")?, &data)?;
-                    self.send_data(DataMsg::Rs { pkt, data, vers });
-                }
-                SourceOutput::SendRsDeallocated { .. } => {
-                    let vers = self
-                        .rs
-                        .read_ctx
-                        .clone()
-                        .ok_or("P_RS_DEALLOCATED outside a read")?;
-                    let pkt = self.wire(&send.ok_or("no packet")?, &[])?;
-                    self.send_data(DataMsg::Rs {
-                        pkt,
-                        data: Vec::new(),
-                        vers,
-                    });
-                }
-                SourceOutput::SendRsIsInSync { .. } | SourceOutput::SendNegRsDReply { .. } => {
-                    let pkt = self.wire(&send.ok_or("no packet")?, &[])?;
-                    self.send_fwd(pkt);
-                }
-                SourceOutput::SetInSync { sector, len } => self.rs.p_set_in_sync(sector, len),
+                other => return Err(format!("unexpected action of the SyncSource: {other:?}")),
             }
         }
-        if self.rs.back_parked > 0 && can_accept {
+        if self.rs.back_parked > 0 && self.rs.p_runs.source_can_accept() {
             let gen = self.gen;
             for _ in 0..std::mem::take(&mut self.rs.back_parked) {
                 self.at(0, Ev::DeliverBack { gen });
@@ -1316,12 +1288,9 @@ impl Sim {
             digest,
             zero_check,
             fail,
-            src,
+            run,
             ..
         } = r;
-        if src != self.rs.src_gen {
-            return Err("a read of an earlier SyncSource completed".into());
-        }
         let first = usize::try_from(sector).map_err(|e| e.to_string())?;
         let n = len as usize / SECTOR as usize;
         let data =
@@ -1336,81 +1305,59 @@ impl Sim {
             }
         };
         self.rs.read_ctx = Some(vers.clone());
-        self.rs.p_reads.insert(tag, (data, vers));
-        let src = self
-            .rs
-            .source
-            .as_mut()
-            .ok_or("read completion with no SyncSource")?;
-        src.read_done(tag, outcome)
+        self.rs.p_reads.insert(tag, (sector, data, vers));
+        self.rs
+            .p_call(|r, bm| r.source_read_done(bm, run, tag, outcome))
             .map_err(|e| format!("source read_done: {e}"))?;
-        self.pump_source()?;
+        self.p_actions()?;
         self.rs.p_reads.remove(&tag);
         self.rs.read_ctx = None;
         Ok(())
     }
 
-    pub(super) fn source_app_write_begin(
-        &mut self,
-        tag: u64,
-        sector: u64,
-        len: u32,
-    ) -> Result<(), String> {
+    pub(super) fn source_app_write_begin(&mut self, tag: u64, sector: u64, len: u32) {
         self.rs.p_app_sectors += u64::from(len / SECTOR);
-        if let Some(src) = self.rs.source.as_mut() {
-            src.app_write_begin(tag, sector, len)
-                .map_err(|e| format!("source app_write_begin: {e}"))?;
-        }
-        Ok(())
+        self.rs.p_runs.source_write_begin(tag, sector, len);
     }
 
     pub(super) fn source_app_write_end(&mut self, tag: u64) -> Result<(), String> {
-        if let Some(src) = self.rs.source.as_mut() {
-            src.app_write_end(tag)
-                .map_err(|e| format!("source app_write_end: {e}"))?;
-            self.pump_source()?;
-        }
-        Ok(())
+        self.rs.p_call(|r, bm| r.source_write_end(bm, tag));
+        self.p_actions()
     }
 
     // ----- the SyncTarget ---------------------------------------------------------------
 
-    fn pump_target(&mut self) -> Result<(), String> {
-        let tgen = self.rs.tgen;
-        let Some(t) = self.rs.target.as_mut() else {
-            return Ok(());
-        };
-        let outs: Vec<TargetOutput> = t.drain_outputs().collect();
-        // The bound, when requests were issued.
-        if outs.iter().any(|o| {
-            matches!(
-                o,
-                TargetOutput::SendRsDataRequest { .. } | TargetOutput::ReadForDigest { .. }
-            )
-        }) {
-            let in_flight = t.progress(&self.rs.s_bm).requests_in_flight;
-            if in_flight > self.rs.params.max_requests {
-                return Err(format!("target has {in_flight} requests in flight"));
-            }
-        }
-        for o in outs {
-            if let Some(pkt) = o.packet() {
-                if !self.up {
-                    return Err(format!("SyncTarget sent {o:?} while disconnected"));
+    /// Performs the Secondary's runs' actions (it is only ever SyncTarget). Checks the
+    /// target's request bound whenever it asked for more.
+    fn s_actions(&mut self) -> Result<(), String> {
+        let mut asked = false;
+        for a in self.rs.s_runs.take_actions() {
+            match a {
+                SyncAction::Send { pkt, .. } if !self.up => {
+                    return Err(format!("SyncTarget sent {pkt:?} while disconnected"));
                 }
-                let pkt = self.wire(&pkt, &[])?;
-                match o {
-                    TargetOutput::SendRsDataRequest { .. }
-                    | TargetOutput::SendCsumRsRequest { .. } => {
-                        self.report.rs_requests += 1;
-                        self.send_back(BackMsg::Rs(pkt));
-                    }
-                    _ => self.send_meta(MetaMsg::Rs(pkt))?,
+                SyncAction::Send {
+                    stream: Stream::Resync,
+                    pkt,
+                    ..
+                } => {
+                    asked = true;
+                    self.report.rs_requests += 1;
+                    let pkt = self.wire(&pkt, &[])?;
+                    self.send_back(BackMsg::Rs(pkt));
                 }
-                continue;
-            }
-            match o {
-                TargetOutput::ReadForDigest { tag, sector, len } => {
+                SyncAction::Send { pkt, .. } => {
+                    let pkt = self.wire(&pkt, &[])?;
+                    self.send_meta(MetaMsg::Rs(pkt))?;
+                }
+                SyncAction::Read {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    purpose: ReadFor::TargetDigest,
+                } => {
+                    asked = true;
                     let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
                     self.at(
@@ -1420,11 +1367,16 @@ impl Sim {
                             sector,
                             len,
                             fail,
-                            tgen,
+                            run,
                         },
                     );
                 }
-                TargetOutput::WriteZeroes { tag, sector, len } => {
+                SyncAction::WriteZeroes {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                } => {
                     let vers = self
                         .rs
                         .zero_vers
@@ -1443,56 +1395,69 @@ impl Sim {
                             data: None,
                             vers,
                             fail,
-                            tgen,
+                            run,
                         })),
                     );
                 }
-                TargetOutput::AppWriteReady { id } => {
-                    let b = self
-                        .s_bufs
-                        .get_mut(&id)
-                        .filter(|b| b.held)
-                        .ok_or_else(|| format!("AppWriteReady for {id:#x}, not held"))?;
-                    b.held = false;
-                    if b.submitted {
-                        self.submit_peer_write(id);
-                    }
+                SyncAction::Release { write, .. } => self.release(write)?,
+                // The simulator does not model the bitmap's pages on the Secondary.
+                SyncAction::WriteBack => {}
+                SyncAction::Finished {
+                    run,
+                    summary,
+                    adopt,
+                } => self.target_finished(run, &summary, adopt),
+                other => return Err(format!("unexpected action of the SyncTarget: {other:?}")),
+            }
+        }
+        if asked {
+            if let Some(t) = self.rs.s_runs.target() {
+                let in_flight = t.progress(&self.rs.s_bm).requests_in_flight;
+                if in_flight > self.rs.params.max_requests {
+                    return Err(format!("target has {in_flight} requests in flight"));
                 }
-                TargetOutput::Finished(sum) => self.target_finished(sum)?,
-                other => return Err(format!("unexpected target output {other:?}")),
             }
         }
         Ok(())
     }
 
-    /// Retires a Target that is done (finished, or cut and drained); `sum` for a
-    /// finished one.
-    fn retire_target(&mut self, t: Target, sum: Option<&ResyncSummary>) {
-        let pr = t.progress(&self.rs.s_bm);
-        self.report.void_replies += pr.void_replies;
-        self.rs.s_resume = match sum {
-            Some(_) => 0,
-            None => t.resume_position(),
-        };
-    }
-
-    fn target_finished(&mut self, sum: ResyncSummary) -> Result<(), String> {
-        let t = self.rs.target.take().ok_or("finished without a target")?;
-        self.retire_target(t, Some(&sum));
-        if sum.left_blocks == 0 {
-            self.report.resyncs_done += 1;
-            // The copied data is made durable before the disk is declared UpToDate.
-            self.rs.finishing = true;
-            let covers = self.sdisk.completions;
-            let fail = self.rs.rng.chance(self.params.fail_ppm[3]);
-            let d = self.rs.rng.range(1, self.params.disk_delay.1);
-            let gen = self.gen;
-            self.at(d, Ev::SFinishFlush { covers, fail, gen });
-        } else {
-            // The disk stays Inconsistent with the failed blocks set.
-            self.report.resyncs_failed += 1;
+    /// A replicated write the target held may go.
+    fn release(&mut self, token: u64) -> Result<(), String> {
+        let b = self
+            .s_bufs
+            .get_mut(&token)
+            .filter(|b| b.held)
+            .ok_or_else(|| format!("released {token:#x}, not held"))?;
+        b.held = false;
+        if b.submitted {
+            self.submit_peer_write(token);
         }
         Ok(())
+    }
+
+    /// The target finished: with nothing left, the Secondary's data is made durable
+    /// before the disk is declared UpToDate (`finish_flush_done`); otherwise the disk
+    /// stays Inconsistent with the failed blocks set, and the run is over at once.
+    fn target_finished(&mut self, run: u64, sum: &ResyncSummary, adopt: Option<UuidSet>) {
+        if let Some(t) = self.rs.s_runs.target() {
+            self.report.void_replies += t.progress(&self.rs.s_bm).void_replies;
+        }
+        match adopt {
+            Some(peer) => {
+                self.report.resyncs_done += 1;
+                self.rs.s_finish = Some((run, peer));
+                let covers = self.sdisk.completions;
+                let fail = self.rs.rng.chance(self.params.fail_ppm[3]);
+                let d = self.rs.rng.range(1, self.params.disk_delay.1);
+                let gen = self.gen;
+                self.at(d, Ev::SFinishFlush { covers, fail, gen });
+            }
+            None => {
+                debug_assert!(sum.left_blocks > 0);
+                self.report.resyncs_failed += 1;
+                self.rs.s_runs.end_recorded(run);
+            }
+        }
     }
 
     pub(super) fn finish_flush_done(
@@ -1501,13 +1466,13 @@ impl Sim {
         fail: bool,
         gen: u64,
     ) -> Result<(), String> {
-        self.rs.finishing = false;
+        let (run, peer) = self.rs.s_finish.take().ok_or("finish flush of no run")?;
+        self.rs.s_runs.end_recorded(run);
         if fail || self.rs.s_disk == DiskState::Failed {
             // Stays Inconsistent (the next handshake resyncs again) or Failed (detached).
             return Ok(());
         }
         self.sdisk.flush(covers);
-        let peer = self.rs.s_peer;
         self.rs.s_uuids.finish_sync_target(&peer, false);
         self.rs.s_disk = DiskState::UpToDate;
         self.s_consistent_again();
@@ -1523,19 +1488,15 @@ impl Sim {
         sector: u64,
         len: u32,
         fail: bool,
-        tgen: u64,
+        run: u64,
     ) -> Result<(), String> {
         let first = usize::try_from(sector).map_err(|e| e.to_string())? * SECTOR as usize;
         let digest = (!fail).then(|| Digest::of(&self.sdisk.cache[first..first + len as usize]));
-        let t = self
-            .rs
-            .target
-            .as_mut()
-            .filter(|_| tgen == self.rs.tgen)
-            .ok_or("digest read of an earlier SyncTarget")?;
-        t.digest_done(&self.rs.s_bm, tag, digest)
+        self.rs
+            .s_runs
+            .digest_done(&mut self.rs.s_bm, run, tag, digest)
             .map_err(|e| format!("target digest_done: {e}"))?;
-        self.pump_target()
+        self.s_actions()
     }
 
     /// A resync write landed on the Secondary's disk. Checker 7, during the run: it
@@ -1547,7 +1508,7 @@ impl Sim {
             data,
             vers,
             fail,
-            tgen,
+            run,
         } = w;
         let vers = &vers[..];
         let first = usize::try_from(sector).map_err(|e| e.to_string())?;
@@ -1568,49 +1529,37 @@ impl Sim {
                 *d = false;
             }
         }
-        let t = self
-            .rs
-            .target
-            .as_mut()
-            .filter(|_| tgen == self.rs.tgen)
-            .ok_or("resync write of an earlier SyncTarget")?;
-        t.write_done(&mut self.rs.s_bm, tag, !fail)
+        self.rs
+            .s_runs
+            .write_done(&mut self.rs.s_bm, run, tag, !fail)
             .map_err(|e| format!("target write_done: {e}"))?;
-        self.pump_target()
+        self.s_actions()
     }
 
-    /// A replicated write arrived on the Secondary: reported to the Target.
+    /// A replicated write arrived on the Secondary: reported to the target.
     pub(super) fn target_app_write_begin(&mut self, token: u64) -> Result<(), String> {
-        let tgen = self.rs.tgen;
         let b = self
             .s_bufs
             .get_mut(&token)
             .ok_or("begin of an unknown write")?;
         self.rs.s_app_sectors += u64::from(b.w.len / SECTOR);
-        if let Some(t) = self.rs.target.as_mut() {
-            let go = t
-                .app_write_begin(token, b.w.sector, b.w.len)
-                .map_err(|e| format!("target app_write_begin: {e}"))?;
-            b.tgen = Some(tgen);
-            b.held = !go;
-            if !go {
-                self.report.held_by_resync += 1;
-            }
+        let (sector, len) = (b.w.sector, b.w.len);
+        let go = self
+            .rs
+            .s_runs
+            .app_write_begin(&mut self.rs.s_bm, token, sector, len, token)
+            .is_some();
+        b.held = !go;
+        if !go {
+            self.report.held_by_resync += 1;
         }
         Ok(())
     }
 
     /// A replicated write is done on the Secondary (landed, or discarded).
-    pub(super) fn target_app_write_end(&mut self, token: u64, b: &SBuf) -> Result<(), String> {
-        if b.tgen != Some(self.rs.tgen) {
-            return Ok(());
-        }
-        if let Some(t) = self.rs.target.as_mut() {
-            t.app_write_end(token)
-                .map_err(|e| format!("target app_write_end: {e}"))?;
-            self.pump_target()?;
-        }
-        Ok(())
+    pub(super) fn target_app_write_end(&mut self, token: u64) -> Result<(), String> {
+        self.rs.s_runs.app_write_end(&mut self.rs.s_bm, token);
+        self.s_actions()
     }
 
     /// A replicated write landed on the Secondary's disk (`fail`: garbage there, the
@@ -1622,7 +1571,7 @@ impl Sim {
         fail: bool,
     ) -> Result<(), String> {
         if fail {
-            self.rs.mark_s(b.w.sector, b.w.len);
+            self.rs.s_runs.mark(&mut self.rs.s_bm, b.w.sector, b.w.len);
         } else {
             let first = usize::try_from(b.w.sector).map_err(|e| e.to_string())?;
             let n = b.w.len as usize / SECTOR as usize;
@@ -1630,7 +1579,7 @@ impl Sim {
                 *d = false;
             }
         }
-        self.target_app_write_end(token, b)
+        self.target_app_write_end(token)
     }
 
     // ----- split brain ------------------------------------------------------------------
@@ -1664,8 +1613,8 @@ impl Sim {
             && s.bitmap == 0
             && p.current & !1 == s.current & !1
             && self.rs.s_disk == DiskState::UpToDate
-            && self.rs.target.is_none()
-            && !self.rs.finishing;
+            && self.rs.s_runs.target().is_none()
+            && !self.rs.s_runs.finishing();
         if !eligible {
             if !self.workload_done() && !self.fo.dead {
                 let d = self.rs.rng.range(20, 200);
@@ -1726,7 +1675,10 @@ impl Sim {
     /// Resync bounds, and the mirror of the Primary core's bitmap.
     pub(super) fn check_resync_bounds(&self) -> Result<(), String> {
         // (The SyncTarget's bound is checked where its requests change, in `pump_target`.)
-        if let Some(src) = &self.rs.source {
+        if self.rs.p_runs.untracked() + self.rs.s_runs.untracked() != 0 {
+            return Err("a resync machine could not track an application write".into());
+        }
+        if let Some(src) = self.rs.p_runs.source() {
             let st = src.stats();
             if st.queued + st.reading > self.rs.params.source_queue
                 || st.reading > self.rs.params.source_reads
@@ -1758,7 +1710,7 @@ impl Sim {
             "connection down".into()
         } else if self.rs.p_rx.is_some() || self.rs.s_rx.is_some() {
             "bitmap exchange unfinished".into()
-        } else if self.rs.target.is_some() || self.rs.finishing {
+        } else if self.rs.s_runs.target().is_some() || self.rs.s_runs.finishing() {
             "resync unfinished".into()
         } else if self.rs.s_disk != DiskState::UpToDate {
             "the secondary is Inconsistent (its last resync failed)".into()

@@ -51,9 +51,10 @@
 //! Effects vectors: `fx_vec` / `recycle` keep up to 4 emptied `Vec<Effect>` per thread
 //! (capacity ≤ 64 each), so a volume step that has effects allocates nothing.
 
-use super::sync::{ReadData, ReadFor, ReadResult};
+use super::sync::{ReadData, ReadResult};
 use super::{contract, Buf, Effect, Inner, LocalWrite, Side, Volume};
 use crate::net::PeerData;
+use crate::replica::ReadFor;
 use crate::request::WriteKind;
 use crate::store::{
     AlignedBuf, Completions, SinkOp, Store, StoreError, StoreOp, WriteData, SECTOR_SIZE,

@@ -152,16 +152,11 @@ struct Inner {
     crashed_primary: bool,
     /// Why the last handshake found a split brain (cleared by `connect`).
     split_brain: Option<String>,
-    /// The SyncTarget run of the live connection.
-    target: Option<sync::TargetRun>,
-    /// The SyncSource of the live connection.
-    source: Option<sync::SourceRun>,
-    /// Run counter: IO of an earlier run is recognised by it.
-    sync_run: u64,
-    /// Resync reads and writes in flight (of any run).
-    sync_io_in_flight: u64,
-    /// Where the next SyncTarget run starts its walk.
-    resume_block: u64,
+    /// The resync runs of the live connection (the rules are `replica::SyncRuns`'s);
+    /// a held peer or Primary write waits in it as its effect.
+    runs: crate::replica::SyncRuns<Effect>,
+    /// Source read buffers waiting for their `P_RS_DATA_REPLY`, by tag.
+    rs_bufs: HashMap<u64, Arc<AlignedBuf>>,
     /// `pause-sync` is in effect.
     sync_paused: bool,
     /// The last finished SyncTarget run.
@@ -186,9 +181,6 @@ struct Inner {
     next_read_id: u64,
     /// Thin resync requests answered from a file hole without reading.
     hole_reads_skipped: u64,
-    /// Ranges whose local write failed during this connection: a resync ack must not
-    /// clear them (see `sync.rs`).
-    failed_local: crate::replica::FailedLocal,
     /// The last [`MAX_EVENTS`] state events (DRBD's `events2`, in short).
     events: std::collections::VecDeque<serde_json::Value>,
     /// Sequence number of the next event.
@@ -273,7 +265,7 @@ enum Effect {
         tag: u64,
         sector: u64,
         len: u32,
-        purpose: sync::ReadFor,
+        purpose: crate::replica::ReadFor,
     },
     SyncWrite {
         run: u64,
@@ -467,11 +459,8 @@ impl Inner {
             uuids,
             crashed_primary,
             split_brain: None,
-            target: None,
-            source: None,
-            sync_run: 0,
-            sync_io_in_flight: 0,
-            resume_block: 0,
+            runs: crate::replica::SyncRuns::default(),
+            rs_bufs: HashMap::new(),
             sync_paused: false,
             last_sync: None,
             app_io_sectors: 0,
@@ -484,7 +473,6 @@ impl Inner {
             remote_reads: HashMap::new(),
             next_read_id: 1,
             hole_reads_skipped: 0,
-            failed_local: crate::replica::FailedLocal::default(),
             events: std::collections::VecDeque::new(),
             event_seq: 0,
             own_request: None,
@@ -769,7 +757,7 @@ impl Volume {
             disk: inner.disk,
             peer_disk: inner.peer_disk,
             peer_writes_active: inner.receiver.stats().active_writes > 0,
-            sync_target: inner.target.is_some(),
+            sync_target: inner.runs.target().is_some(),
             force,
         })
         .map_err(|r| r.to_string())
@@ -791,7 +779,7 @@ impl Volume {
                 return Ok(());
             }
             Self::may_take_primary(inner, force, granted)?;
-            let forced = inner.disk != DiskState::UpToDate && inner.target.is_none();
+            let forced = inner.disk != DiskState::UpToDate && inner.runs.target().is_none();
             let old = inner.uuids;
             let (uuids, announce) = Self::promoted_uuids(inner, forced);
             // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
@@ -875,7 +863,7 @@ impl Volume {
         let fresh_pair = uuids.may_skip_initial_sync(reachable, version)
             && inner.disk == DiskState::UpToDate
             && inner.peer_disk == DiskState::UpToDate
-            && inner.source.is_none();
+            && inner.runs.source().is_none();
         let mut announce = None;
         if fresh_pair && !forced {
             // Both disks UpToDate with just-created UUIDs (two files `tandem up` created,
@@ -1255,9 +1243,7 @@ impl Volume {
             } else {
                 ConnState::NetworkFailure
             };
-            // The resync gives the bitmap back first, so that the writes the peer did not
-            // ack are marked in it.
-            effects.extend(self.sync_connection_lost(inner));
+            self.sync_connection_lost(inner, &mut effects);
             inner.primary.connection_lost();
             self.drain_primary(inner, &mut effects);
             inner.peer_waits.clear();
@@ -1327,9 +1313,7 @@ impl Volume {
                 Command::P_NEG_ACK => inner.primary.peer_neg_ack(ack.block_id).map(|(s, l)| {
                     // A SyncTarget Primary: this side has the newer data (see
                     // `Target::peer_lacks`).
-                    if let Some(r) = inner.target.as_mut() {
-                        r.t.peer_lacks(s, l);
-                    }
+                    inner.runs.peer_lacks(s, l);
                 }),
                 other => return Err(format!("unexpected {} on the meta socket", other.name())),
             };
@@ -1383,9 +1367,9 @@ impl Volume {
                     k.notify_one();
                 }
             }
-            if let Some(r) = inner.source.as_mut() {
-                r.s.set_peer_primary(inner.peer_role == Role::Primary);
-            }
+            inner
+                .runs
+                .set_peer_primary(inner.peer_role == Role::Primary);
             let conn = ConnState::from_u32(u32::from(s.conn)).unwrap_or(ConnState::StandAlone);
             v.source_peer_state(inner, conn);
             Ok(())
@@ -1408,8 +1392,8 @@ impl Volume {
         let resync_due = disk == DiskState::UpToDate
             && was < DiskState::UpToDate
             && inner.disk == DiskState::Inconsistent
-            && inner.target.is_none()
-            && inner.source.is_none();
+            && inner.runs.target().is_none()
+            && inner.runs.source().is_none();
         if resync_due {
             tracing::warn!(
                 "the peer's disk is UpToDate now and this one is Inconsistent: renewing the \
@@ -1784,7 +1768,7 @@ impl Volume {
                         fua,
                         buf: buf.map(Buf::Shared),
                     });
-                    if let Some(e) = self.target_gate(inner, sync::primary_app_id(tag), e) {
+                    if let Some(e) = Self::target_gate(inner, sync::primary_app_id(tag), e) {
                         fx.push(e);
                     }
                 }
@@ -1844,10 +1828,9 @@ impl Volume {
                 PrimaryOutput::Retired { tag, .. } => {
                     inner.peer_waits.retired(tag);
                     self.core_room.notify_waiters();
-                    if let Some(r) = inner.target.as_mut() {
-                        // A SyncTarget Primary's write: tracked until retired (target.rs).
-                        let _ = r.t.app_write_end(sync::primary_app_id(tag));
-                    }
+                    // A SyncTarget Primary's write: tracked until retired (target.rs).
+                    let bm = inner.primary.out_of_sync_mut();
+                    inner.runs.app_write_end(bm, sync::primary_app_id(tag));
                 }
             }
         }
@@ -1884,7 +1867,7 @@ impl Volume {
                         fua,
                         buf: buf.map(Buf::Owned),
                     });
-                    if let Some(e) = self.target_gate(inner, token, e) {
+                    if let Some(e) = Self::target_gate(inner, token, e) {
                         fx.push(e);
                     }
                     continue;

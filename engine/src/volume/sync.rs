@@ -14,29 +14,34 @@
 //!    clears `MDF_CONSISTENT` and adopts the sync UUID — all durably, in that order, so a
 //!    crash from here on restarts Inconsistent with a bitmap that covers everything the
 //!    resync has not yet written.
-//! 4. `connection_up` starts a [`Target`] over the merged bitmap or a [`Source`]. The
-//!    bitmap stays the Primary core's (the node has one); the target borrows it per call.
+//! 4. `connection_up` starts a target over the merged bitmap or a source, in
+//!    [`crate::replica::SyncRuns`] — the runs' rules (run ids, held writes, writes in
+//!    flight at the start, the failed-local-write rule, the end of a run, stream classes)
+//!    live there, shared with the simulator. The bitmap stays the Primary core's (the
+//!    node has one); the runs borrow it per call.
 //!
-//! While it runs: every 100 ms [`Volume::sync_tick`] (the clock sleeps while no run needs
-//! it); resync packets from both sockets go to [`Volume::sync_inbound`] /
-//! [`Volume::rs_data_reply`] (through `net::Replica::peer_event`); resync reads and writes are
-//! effects like any other local IO, tagged with the run they belong to, so a completion
-//! from an earlier run (the connection dropped meanwhile) is dropped and its bits stay
-//! set (safe: a set bit only costs a resync). A new connection waits for that IO to drain
-//! ([`Volume::wait_sync_io_idle`], ≤ [`SYNC_IO_DRAIN`]), so an old resync write can never
-//! land over a newer write of the next connection.
+//! This file is the runs' IO driver: every 100 ms [`Volume::sync_tick`] (the clock
+//! sleeps while no run needs it); resync packets from both sockets go to
+//! [`Volume::sync_inbound`] / [`Volume::rs_data_reply`] (through `net::Replica::peer_event`);
+//! [`Volume::drain_sync`] performs the runs' actions: packets on their stream class,
+//! reads and writes as effects like any other local IO, tagged with their run (a
+//! completion from an earlier run is dropped by the runs and its bits stay set), the
+//! lazy bitmap write-out, the end of a run. A new connection waits until the runs are
+//! idle ([`Volume::wait_sync_io_idle`], ≤ [`SYNC_IO_DRAIN`]), so an old resync write can
+//! never land over a newer write of the next connection.
 //!
-//! Application writes and resync (`docs/design.md` §3): the Primary's local writes are reported
-//! to the [`Source`] (it holds back reads of ranges being written); the peer's writes on a
-//! SyncTarget are reported to the [`Target`] from arrival to local completion, and a write
-//! it holds waits in [`TargetRun::held`] until `AppWriteReady`.
+//! Application writes and resync (`docs/design.md` §3): the Primary's local writes are
+//! reported to the source (it holds back reads of ranges being written); the peer's
+//! writes on a SyncTarget, and a SyncTarget Primary's own until retired, go through
+//! [`Volume::target_gate`], and a write the target holds waits in the runs as its effect
+//! until released.
 //!
 //! The end: the target's `Finished` with nothing left flushes the data, writes the bitmap,
 //! adopts the source's UUIDs and sets `MDF_CONSISTENT` (disk UpToDate), then says so in
 //! `P_STATE`; the source ends its run when the peer's `P_STATE` says Connected/UpToDate.
-//! During the run the target's cleared bits reach the disk lazily, every
-//! [`BITMAP_WRITEOUT_MS`], after a flush of the data they describe, so a restart resumes
-//! near where it stopped instead of from the start.
+//! During the run the target's cleared bits reach the disk lazily, every 5 s, after a
+//! flush of the data they describe, so a restart resumes near where it stopped instead
+//! of from the start.
 //!
 //! Bounds: the target's requests (8192) and the source's queue (1024 requests, 64 reads
 //! of ≤ 1 MiB) as in [`crate::resync`]; reply data is read under the receiver's
@@ -47,23 +52,17 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
+use crate::replica::{stream_of, ReadFor, SyncAction};
 use crate::resync::{
-    Digest, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
-    TargetConfig, TargetOutput, TickInput, VerifyConfig, VerifyPeer, VerifyPeerOutput,
-    VerifyProgress, VerifySource, VerifySourceOutput,
+    Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
+    VerifyConfig, VerifyPeer, VerifyPeerOutput, VerifyProgress, VerifySource, VerifySourceOutput,
 };
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{ConnState, DiskState, Role};
 use crate::store::{AlignedBuf, SECTOR_SIZE};
 use crate::wire::Packet;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Cleared target bits reach the disk at most this often (DRBD writes its bitmap lazily
-/// during resync, too): what a restart in the middle of a resync redoes is at most this
-/// much of resync.
-pub const BITMAP_WRITEOUT_MS: u64 = 5_000;
 
 /// How long a new connection waits for the resync IO of the previous one to complete.
 pub const SYNC_IO_DRAIN: Duration = Duration::from_secs(30);
@@ -127,28 +126,6 @@ pub enum SyncRole {
     },
 }
 
-/// A running SyncTarget.
-pub(super) struct TargetRun {
-    pub(super) t: Target,
-    pub(super) run: u64,
-    /// The peer's UUIDs from the handshake (adopted at the end).
-    pub(super) peer_uuids: UuidSet,
-    /// Peer writes the target holds (rule 3), by receiver token.
-    pub(super) held: HashMap<u64, Effect>,
-    /// When the cleared bits were last written (ms).
-    pub(super) bitmap_written_ms: u64,
-    /// The end is being recorded on disk.
-    pub(super) finishing: bool,
-}
-
-/// A running SyncSource (lives as long as the connection: late acks still clear bits).
-pub(super) struct SourceRun {
-    pub(super) s: Source,
-    pub(super) run: u64,
-    /// Read buffers waiting for their `P_RS_DATA_REPLY`, by tag.
-    pub(super) bufs: HashMap<u64, Arc<AlignedBuf>>,
-}
-
 /// A running online verify: this node's side of it.
 pub(super) enum VerifyRun {
     /// This node ran `verify` (VerifyS).
@@ -206,17 +183,6 @@ impl ReadData {
     }
 }
 
-/// What a resync read is for.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum ReadFor {
-    /// The source answers a request.
-    Source { digest: bool, zero_check: bool },
-    /// The target digests its own range for a checksum request.
-    TargetDigest,
-    /// Online verify digests a block (either side).
-    Verify,
-}
-
 impl Volume {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -230,8 +196,7 @@ impl Volume {
         TickInput {
             now_ms: self.now_ms(),
             app_io_sectors: inner.app_io_sectors,
-            app_waiting: inner.primary.stats().al_waiting > 0
-                || inner.target.as_ref().is_some_and(|r| !r.held.is_empty()),
+            app_waiting: inner.primary.stats().al_waiting > 0 || inner.runs.held() > 0,
             congested,
         }
     }
@@ -285,7 +250,7 @@ impl Volume {
         let idle = async {
             loop {
                 let ended = self.sync_io_idle.notified();
-                if self.lock().sync_io_in_flight == 0 {
+                if self.lock().runs.idle() {
                     return;
                 }
                 ended.await;
@@ -296,18 +261,16 @@ impl Volume {
         }
     }
 
-    /// A resync read or write ended; the last one wakes `wait_sync_io_idle`.
-    fn sync_io_ended(&self, inner: &mut Inner) {
-        inner.sync_io_in_flight = inner.sync_io_in_flight.saturating_sub(1);
-        if inner.sync_io_in_flight == 0 {
+    /// Wakes `wait_sync_io_idle` when the runs are idle (after a resync IO or the end of
+    /// a run).
+    fn wake_if_idle(&self, inner: &Inner) {
+        if inner.runs.idle() {
             self.sync_io_idle.notify_waiters();
         }
     }
 
     /// Step 4, from `connection_up`: starts the run.
     pub(super) fn start_run(&self, inner: &mut Inner, role: SyncRole, peer: &PeerParams) {
-        inner.sync_run += 1;
-        let run = inner.sync_run;
         let sectors = self.size_bytes / SECTOR_SIZE as u64;
         let tick = self.tick_input(inner);
         match role {
@@ -325,29 +288,29 @@ impl Volume {
                     // The peer's writes in flight (≤ max-buffers) or, as Primary, this
                     // node's until retired (≤ 2 × max-buffers).
                     max_app_writes: 2 * self.max_buffers + 64,
-                    start_block: inner.resume_block,
                     ..TargetConfig::new(sectors)
                 };
                 let bm = inner.primary.out_of_sync();
                 let total = bm.count();
-                match Target::new(cfg, bm, &tick) {
-                    Ok(mut t) => {
+                // A SyncTarget Primary's writes on the disk now are tracked until retired.
+                let in_flight: Vec<(u64, u64, u32)> = inner
+                    .primary
+                    .submitted_writes()
+                    .map(|(tag, sector, len, _)| (primary_app_id(tag), sector, len))
+                    .collect();
+                match inner
+                    .runs
+                    .start_target(cfg, bm, &tick, peer.uuids, in_flight)
+                {
+                    Ok(_) => {
                         if inner.sync_paused {
-                            t.pause(tick.now_ms);
+                            inner.runs.set_paused(true, tick.now_ms);
                         }
                         tracing::info!(
                             "resync started as SyncTarget: {} KiB out of sync{}",
                             total * 4,
                             if csums { ", checksum-based" } else { "" }
                         );
-                        inner.target = Some(TargetRun {
-                            t,
-                            run,
-                            peer_uuids: peer.uuids,
-                            held: HashMap::new(),
-                            bitmap_written_ms: tick.now_ms,
-                            finishing: false,
-                        });
                         self.sync_run_started.notify_one();
                         inner.conn = ConnState::SyncTarget;
                         inner.peer_disk = DiskState::UpToDate;
@@ -374,14 +337,14 @@ impl Volume {
                 );
                 tracing::info!(
                     "resync started as SyncSource: {} KiB out of sync",
-                    inner.primary.out_of_sync().count() * 4
+                    oos / 1024
                 );
             }
         }
     }
 
     fn ensure_source(&self, inner: &mut Inner) {
-        if inner.source.is_some() {
+        if inner.runs.source().is_some() {
             return;
         }
         let sectors = self.size_bytes / SECTOR_SIZE as u64;
@@ -395,38 +358,32 @@ impl Volume {
             ..SourceConfig::new(sectors)
         };
         let tick = self.tick_input(inner);
-        match Source::new(cfg, &tick) {
-            Ok(mut s) => {
-                s.set_peer_primary(inner.peer_role == Role::Primary);
-                inner.sync_run += 1;
-                inner.source = Some(SourceRun {
-                    s,
-                    run: inner.sync_run,
-                    bufs: HashMap::new(),
-                });
-                self.sync_run_started.notify_one();
-            }
+        // This node's writes not yet on the disk hold the reads of their ranges.
+        let in_flight: Vec<(u64, u64, u32)> = inner
+            .primary
+            .submitted_writes()
+            .filter(|&(.., on_disk)| !on_disk)
+            .map(|(tag, sector, len, _)| (tag, sector, len))
+            .collect();
+        let peer_primary = inner.peer_role == Role::Primary;
+        match inner
+            .runs
+            .ensure_source(cfg, &tick, peer_primary, in_flight)
+        {
+            Ok(()) => self.sync_run_started.notify_one(),
             Err(e) => tracing::error!("cannot start the resync source: {e}"),
         }
     }
 
-    /// The connection is gone: the target keeps its bitmap's cleared bits (they are on
-    /// disk), the walk's position is remembered for the next run. Writes the target held
-    /// are released (returned): one may now land in any order with the resync write it
-    /// waited for, whose completion no longer clears its bits, so the next resync
-    /// fetches that block again. Reads waiting for the peer fail.
-    pub(super) fn sync_connection_lost(&self, inner: &mut Inner) -> Vec<Effect> {
-        inner.failed_local.connection_lost();
+    /// The connection is gone: the source ends, the target is cut
+    /// ([`crate::replica::SyncRuns::connection_lost`]; writes it holds go once the resync
+    /// write they wait for is done). Reads waiting for the peer fail.
+    pub(super) fn sync_connection_lost(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
         for (_, r) in inner.remote_reads.drain() {
             let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
-        let mut released = Vec::new();
-        if let Some(mut r) = inner.target.take() {
-            r.t.connection_lost();
-            inner.resume_block = r.t.resume_position();
-            released.extend(r.held.drain().map(|(_, e)| e));
-        }
-        inner.source = None;
+        inner.runs.connection_lost();
+        inner.rs_bufs.clear();
         if let Some(v) = inner.verify.take() {
             let p = v.progress();
             tracing::warn!(
@@ -438,7 +395,8 @@ impl Volume {
             );
             inner.last_verify = Some(p);
         }
-        released
+        self.drain_sync(inner, fx);
+        self.wake_if_idle(inner);
     }
 
     // ----- reads on a SyncTarget Primary ---------------------------------------------
@@ -447,12 +405,9 @@ impl Volume {
     /// the range is not yet resynced, or it is a Diskless (detached) Primary.
     pub(super) fn read_from_peer(&self, offset: u64, len: u32) -> bool {
         let g = self.lock();
-        if g.primary.is_detached() {
-            return true;
-        }
-        g.target.as_ref().is_some_and(|r| {
-            r.t.must_read_remotely(g.primary.out_of_sync(), offset / SECTOR_SIZE as u64, len)
-        })
+        g.primary.is_detached()
+            || g.runs
+                .must_read_remotely(g.primary.out_of_sync(), offset / SECTOR_SIZE as u64, len)
     }
 
     /// Reads `out.len()` bytes at `offset` from the peer in ≤ 1 MiB `P_DATA_REQUEST`s,
@@ -618,33 +573,20 @@ impl Volume {
 
     // ----- the run ---------------------------------------------------------------------
 
-    /// One controller step (every 100 ms while connected).
-    /// One step of the resync clock; returns whether a run still needs it (a target, a
-    /// source, or this node's verify), so the ticker sleeps until the next run starts.
+    /// One step of the resync clock (every 100 ms); returns whether a run still needs it
+    /// (a target, a source, or this node's verify), so the ticker sleeps until the next
+    /// run starts.
     pub(super) fn sync_tick(&self, session: u64) -> bool {
         let running = self.with_session(session, |v, inner, fx| {
             let input = v.tick_input(inner);
-            if let Some(r) = inner.target.as_mut() {
-                let bm = inner.primary.out_of_sync();
-                r.t.tick(bm, &input);
-                if !r.finishing && input.now_ms >= r.bitmap_written_ms + BITMAP_WRITEOUT_MS {
-                    r.bitmap_written_ms = input.now_ms;
-                    // A stalled or paused run has nothing to write: no flush, no task.
-                    if bm.needs_write_back() {
-                        fx.push(Effect::SyncBitmap);
-                    }
-                }
-            }
-            if let Some(r) = inner.source.as_mut() {
-                r.s.tick(&input);
-            }
+            let bm = inner.primary.out_of_sync_mut();
+            let mut running = inner.runs.tick(bm, &input);
             if let Some(VerifyRun::Source(vs, _)) = inner.verify.as_mut() {
                 vs.tick(&input);
+                running = true;
             }
             v.drain_sync(inner, fx);
-            Ok(inner.target.is_some()
-                || inner.source.is_some()
-                || matches!(inner.verify, Some(VerifyRun::Source(..))))
+            Ok(running)
         });
         matches!(running, Ok(Some(true)))
     }
@@ -674,17 +616,11 @@ impl Volume {
     /// of the connection, whatever resync acks arrive ([`crate::replica::FailedLocal`]).
     /// Past its `MAX` ranges the connection is renewed (the bits stay in the bitmap).
     pub(super) fn local_write_failed(&self, inner: &mut Inner, sector: u64, len: u32) {
-        if !inner.failed_local.record(sector, len) {
+        if !inner.runs.local_write_failed(sector, len) {
             if let Some(k) = &inner.kill {
                 k.notify_one();
             }
         }
-    }
-
-    /// Whether the source can take another request (the data socket's reader waits
-    /// otherwise).
-    fn source_can_accept(inner: &Inner) -> bool {
-        inner.source.as_ref().is_none_or(|r| r.s.can_accept())
     }
 
     /// A resync or verify packet without data, from either socket. Requests wait while
@@ -693,19 +629,22 @@ impl Volume {
         loop {
             let notified = self.accept.notified();
             let done = self.with_session(session, |v, inner, fx| {
-                if matches!(inbound, Inbound::RsRequest { .. }) {
-                    v.ensure_source(inner);
-                    if !Self::source_can_accept(inner) {
-                        return Ok(false);
-                    }
-                }
-                if let Inbound::OvRequest { sector, .. } = inbound {
-                    v.ensure_verify_peer(inner, sector)?;
-                    if let Some(VerifyRun::Peer(p, _)) = &inner.verify {
-                        if !p.can_accept() {
+                match inbound {
+                    Inbound::RsRequest { .. } => {
+                        v.ensure_source(inner);
+                        if !inner.runs.source_can_accept() {
                             return Ok(false);
                         }
                     }
+                    Inbound::OvRequest { sector, .. } => {
+                        v.ensure_verify_peer(inner, sector)?;
+                        if let Some(VerifyRun::Peer(p, _)) = &inner.verify {
+                            if !p.can_accept() {
+                                return Ok(false);
+                            }
+                        }
+                    }
+                    _ => {}
                 }
                 v.sync_input(inner, inbound)?;
                 v.drain_sync(inner, fx);
@@ -720,40 +659,7 @@ impl Volume {
 
     fn sync_input(&self, inner: &mut Inner, inbound: Inbound) -> Result<(), String> {
         let e = |e: crate::resync::Error| e.to_string();
-        let target = inner.target.as_mut().map(|r| &mut r.t);
-        let bm = inner.primary.out_of_sync_mut();
         match inbound {
-            Inbound::RsRequest { sector, len, kind } => {
-                let Some(r) = inner.source.as_mut() else {
-                    return Err("resync request without a source".into());
-                };
-                r.s.request(sector, len, kind).map_err(e)
-            }
-            Inbound::RsWriteAck { sector, len } => match inner.source.as_mut() {
-                Some(r) => r.s.rs_write_ack(sector, len).map_err(e),
-                None => Ok(()),
-            },
-            Inbound::RsNegAck { sector, len } => match inner.source.as_mut() {
-                Some(r) => r.s.neg_ack(sector, len).map_err(e),
-                None => Ok(()),
-            },
-            Inbound::RsDeallocated { sector, len } => match target {
-                Some(t) => t.deallocated(bm, sector, len).map_err(e),
-                None => Err("P_RS_DEALLOCATED while not SyncTarget".into()),
-            },
-            Inbound::RsIsInSync { sector, len } => match target {
-                Some(t) => t.in_sync_reply(bm, sector, len).map_err(e),
-                None => Err("P_RS_IS_IN_SYNC while not SyncTarget".into()),
-            },
-            Inbound::NegRsDReply { sector, len } => match target {
-                Some(t) => t.neg_reply(bm, sector, len).map_err(e),
-                None => Err("P_NEG_RS_DREPLY while not SyncTarget".into()),
-            },
-            Inbound::RsCancel { sector, len } => match target {
-                Some(t) => t.cancel_reply(bm, sector, len).map_err(e),
-                None => Err("P_RS_CANCEL while not SyncTarget".into()),
-            },
-            Inbound::RsDataReply { .. } => Err("P_RS_DATA_REPLY without its data".into()),
             Inbound::OvRequest { sector, len } => match inner.verify.as_mut() {
                 Some(VerifyRun::Peer(p, _)) => p.ov_request(sector, len).map_err(e),
                 _ => Err("P_OV_REQUEST while this node runs its own verify".into()),
@@ -774,6 +680,7 @@ impl Volume {
                 Some(VerifyRun::Peer(p, _)) => p.ov_result(sector, len, in_sync).map_err(e),
                 _ => Err("P_OV_RESULT without the peer's verify".into()),
             },
+            other => inner.runs.inbound(inner.primary.out_of_sync_mut(), other),
         }
     }
 
@@ -786,14 +693,10 @@ impl Volume {
         data: PeerData,
     ) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            let Some(r) = inner.target.as_mut() else {
-                return Err("P_RS_DATA_REPLY while not SyncTarget".into());
-            };
-            let bm = inner.primary.out_of_sync();
-            if let Some(tag) = r.t.data_reply(bm, sector, len).map_err(|e| e.to_string())? {
-                inner.sync_io_in_flight += 1;
+            let bm = inner.primary.out_of_sync_mut();
+            if let Some((run, tag)) = inner.runs.data_reply(bm, sector, len)? {
                 fx.push(Effect::SyncWrite {
-                    run: r.run,
+                    run,
                     tag,
                     sector,
                     len,
@@ -806,101 +709,55 @@ impl Volume {
         .map(|_| ())
     }
 
-    /// Turns the target's and the source's outputs into sends and IO.
+    /// Performs the runs' actions and drains online verify.
     pub(super) fn drain_sync(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        let mut finished = None;
-        if let Some(r) = inner.target.as_mut() {
-            let outputs: Vec<TargetOutput> = r.t.drain_outputs().collect();
-            let run = r.run;
-            for o in outputs {
-                if let Some(pkt) = o.packet() {
-                    Self::send_sync_packet(inner, &pkt, None);
-                    continue;
+        for a in inner.runs.take_actions() {
+            match a {
+                SyncAction::Send { stream, pkt, reply } => {
+                    let data = match reply {
+                        Some(tag) => match inner.rs_bufs.remove(&tag) {
+                            Some(b) => Some(b),
+                            None => continue,
+                        },
+                        None => None,
+                    };
+                    Self::send_sync_packet(inner, stream, &pkt, data);
                 }
-                match o {
-                    TargetOutput::ReadForDigest { tag, sector, len } => {
-                        inner.sync_io_in_flight += 1;
-                        fx.push(Effect::SyncRead {
-                            run,
-                            tag,
-                            sector,
-                            len,
-                            purpose: ReadFor::TargetDigest,
-                        });
-                    }
-                    TargetOutput::WriteZeroes { tag, sector, len } => {
-                        inner.sync_io_in_flight += 1;
-                        fx.push(Effect::SyncWrite {
-                            run,
-                            tag,
-                            sector,
-                            len,
-                            data: None,
-                        });
-                    }
-                    TargetOutput::AppWriteReady { id } => {
-                        if let Some(e) = inner.target.as_mut().and_then(|r| r.held.remove(&id)) {
-                            fx.push(e);
-                        }
-                    }
-                    TargetOutput::Finished(summary) => finished = Some(summary),
-                    _ => {}
-                }
-            }
-        }
-        if let Some(summary) = finished {
-            self.target_finished(inner, summary, fx);
-        }
-        if let Some(r) = inner.source.as_mut() {
-            let outputs: Vec<SourceOutput> = r.s.drain_outputs().collect();
-            self.source_outputs(inner, outputs, fx);
-        }
-        self.drain_verify(inner, fx);
-    }
-
-    /// Turns the source's outputs into sends, reads and bitmap clears.
-    fn source_outputs(&self, inner: &mut Inner, outputs: Vec<SourceOutput>, fx: &mut Vec<Effect>) {
-        let Some(run) = inner.source.as_ref().map(|r| r.run) else {
-            return;
-        };
-        for o in outputs {
-            match o {
-                SourceOutput::ReadLocal {
+                SyncAction::Read {
+                    run,
                     tag,
                     sector,
                     len,
-                    digest,
-                    zero_check,
-                } => {
-                    inner.sync_io_in_flight += 1;
-                    fx.push(Effect::SyncRead {
-                        run,
-                        tag,
-                        sector,
-                        len,
-                        purpose: ReadFor::Source { digest, zero_check },
-                    });
-                }
-                SourceOutput::SendRsDataReply { tag, .. } => {
-                    let data = inner.source.as_mut().and_then(|r| r.bufs.remove(&tag));
-                    if let Some(pkt) = o.packet() {
-                        if data.is_some() {
-                            Self::send_sync_packet(inner, &pkt, data);
-                        }
-                    }
-                }
-                SourceOutput::SetInSync { sector, len } => {
-                    // Failed local writes stay out of sync (seed 30).
-                    let oos = inner.primary.out_of_sync_mut();
-                    inner.failed_local.set_in_sync(oos, sector, len);
-                }
-                other => {
-                    if let Some(pkt) = other.packet() {
-                        Self::send_sync_packet(inner, &pkt, None);
-                    }
-                }
+                    purpose,
+                } => fx.push(Effect::SyncRead {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    purpose,
+                }),
+                SyncAction::WriteZeroes {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                } => fx.push(Effect::SyncWrite {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    data: None,
+                }),
+                SyncAction::Release { write, .. } => fx.push(write),
+                SyncAction::WriteBack => fx.push(Effect::SyncBitmap),
+                SyncAction::Finished {
+                    run,
+                    summary,
+                    adopt,
+                } => self.target_finished(inner, run, summary, adopt, fx),
             }
         }
+        self.drain_verify(inner, fx);
     }
 
     /// Turns online verify's outputs (either side) into sends, reads and bitmap marks.
@@ -952,10 +809,10 @@ impl Volume {
         };
         for (pkt, read, oos, finished) in steps {
             if let Some(p) = pkt {
-                Self::send_sync_packet(inner, &p, None);
+                Self::send_sync_packet(inner, stream_of(&p), &p, None);
             }
             if let Some((tag, sector, len)) = read {
-                inner.sync_io_in_flight += 1;
+                inner.runs.io_started();
                 fx.push(Effect::SyncRead {
                     run,
                     tag,
@@ -1022,8 +879,8 @@ impl Volume {
             };
             let tick = self.tick_input(inner);
             let v = VerifySource::new(cfg, &tick).map_err(|e| e.to_string())?;
-            inner.sync_run += 1;
-            inner.verify = Some(VerifyRun::Source(Box::new(v), inner.sync_run));
+            let run = inner.runs.new_run();
+            inner.verify = Some(VerifyRun::Source(Box::new(v), run));
             self.sync_run_started.notify_one();
             inner.conn = ConnState::VerifyS;
             self.send_state(inner);
@@ -1048,20 +905,20 @@ impl Volume {
             ..VerifyConfig::new(self.size_bytes / SECTOR_SIZE as u64)
         };
         let p = VerifyPeer::new(cfg).map_err(|e| e.to_string())?;
-        inner.sync_run += 1;
-        inner.verify = Some(VerifyRun::Peer(Box::new(p), inner.sync_run));
+        let run = inner.runs.new_run();
+        inner.verify = Some(VerifyRun::Peer(Box::new(p), run));
         inner.conn = ConnState::VerifyT;
         tracing::info!("online verify started by the peer at sector {sector}");
         Ok(())
     }
 
-    /// Acks go on the meta stream, requests and data on the resync stream.
-    fn send_sync_packet(inner: &mut Inner, pkt: &Packet, data: Option<Arc<AlignedBuf>>) {
-        let stream = if matches!(pkt, Packet::BlockAck { .. }) {
-            Stream::Meta
-        } else {
-            Stream::Resync
-        };
+    /// Sends a resync or verify packet; counts the resync data sent.
+    fn send_sync_packet(
+        inner: &mut Inner,
+        stream: Stream,
+        pkt: &Packet,
+        data: Option<Arc<AlignedBuf>>,
+    ) {
         let bytes = data.as_ref().map_or(0, |d| d.len() as u64);
         if Self::send(inner, stream, pkt, data) {
             inner.resync_bytes_sent += bytes;
@@ -1070,7 +927,14 @@ impl Volume {
 
     /// The target's run is over. With nothing left, the end is recorded on disk (data
     /// flushed, bitmap written, UUIDs adopted, consistent) before the disk says UpToDate.
-    fn target_finished(&self, inner: &mut Inner, summary: ResyncSummary, fx: &mut Vec<Effect>) {
+    fn target_finished(
+        &self,
+        inner: &mut Inner,
+        run: u64,
+        summary: ResyncSummary,
+        adopt: Option<UuidSet>,
+        fx: &mut Vec<Effect>,
+    ) {
         tracing::info!(
             "resync finished: {} KiB total, {} KiB failed, {} KiB left, {} KiB equal by checksum, \
              {} s at {} KiB/s",
@@ -1083,19 +947,12 @@ impl Volume {
         );
         inner.last_sync = Some(summary);
         inner.event("resync-finished", serde_json::json!(summary));
-        let Some(r) = inner.target.as_mut() else {
-            return;
-        };
-        r.finishing = true;
-        let complete = summary.left_blocks == 0;
-        let mut uuids = inner.uuids;
-        if complete {
-            uuids.finish_sync_target(&r.peer_uuids, inner.role == Role::Primary);
-        }
-        fx.push(Effect::SyncFinish {
-            run: r.run,
-            uuids: complete.then_some((inner.uuids, uuids)),
+        let uuids = adopt.map(|peer| {
+            let mut uuids = inner.uuids;
+            uuids.finish_sync_target(&peer, inner.role == Role::Primary);
+            (inner.uuids, uuids)
         });
+        fx.push(Effect::SyncFinish { run, uuids });
     }
 
     /// The recorded end of a target run (see [`Self::target_finished`]).
@@ -1132,11 +989,10 @@ impl Volume {
         if let Err(e) = &recorded {
             tracing::error!("{e}; the disk stays Inconsistent");
         }
-        if inner.target.as_ref().is_some_and(|r| r.run == run) {
-            inner.target = None;
-            inner.resume_block = 0;
+        if inner.runs.end_recorded(run) {
             inner.conn = ConnState::Connected;
         }
+        self.wake_if_idle(inner);
         if let (Ok(()), Some(_)) = (recorded, uuids) {
             inner.disk = DiskState::UpToDate;
             inner.crashed_primary = false;
@@ -1178,79 +1034,56 @@ impl Volume {
             ReadResult::Hole => (None, None, true),
             ReadResult::Failed => (None, None, false),
         };
-        self.sync_io_ended(inner);
+        let bm = inner.primary.out_of_sync_mut();
         match purpose {
-            ReadFor::Verify => match inner.verify.as_mut().filter(|v| v.run() == run) {
-                Some(VerifyRun::Source(v, _)) => contract(v.digest_done(tag, digest)),
-                Some(VerifyRun::Peer(v, _)) => contract(v.digest_done(tag, digest)),
-                None => {}
-            },
-            ReadFor::TargetDigest => {
-                if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
-                    contract(r.t.digest_done(inner.primary.out_of_sync(), tag, digest));
+            ReadFor::Verify => {
+                inner.runs.io_ended();
+                match inner.verify.as_mut().filter(|v| v.run() == run) {
+                    Some(VerifyRun::Source(v, _)) => contract(v.digest_done(tag, digest)),
+                    Some(VerifyRun::Peer(v, _)) => contract(v.digest_done(tag, digest)),
+                    None => {}
                 }
             }
+            ReadFor::TargetDigest => contract(inner.runs.digest_done(bm, run, tag, digest)),
             ReadFor::Source { .. } => {
-                let Some(r) = inner.source.as_mut().filter(|r| r.run == run) else {
-                    return;
-                };
                 let outcome = if buf.is_some() || hole {
                     ReadOutcome::Ok { all_zero, digest }
                 } else {
                     ReadOutcome::Failed
                 };
-                contract(r.s.read_done(tag, outcome));
-                // The buffer is kept only if the source answers with it.
-                let outputs: Vec<SourceOutput> = r.s.drain_outputs().collect();
                 if let Some(b) = buf {
-                    let replies = outputs.iter().any(
-                        |o| matches!(o, SourceOutput::SendRsDataReply { tag: t, .. } if *t == tag),
-                    );
-                    if replies {
-                        r.bufs.insert(tag, Arc::new(b));
-                    }
+                    // Taken by the `P_RS_DATA_REPLY` this read may answer, dropped below
+                    // otherwise.
+                    inner.rs_bufs.insert(tag, Arc::new(b));
                 }
+                contract(inner.runs.source_read_done(bm, run, tag, outcome));
                 if hole {
                     inner.hole_reads_skipped += 1;
                 }
-                self.source_outputs(inner, outputs, fx);
+                self.drain_sync(inner, fx);
+                inner.rs_bufs.remove(&tag);
             }
         }
+        self.wake_if_idle(inner);
     }
 
     /// A resync write completed.
     pub(super) fn sync_write_done(&self, inner: &mut Inner, run: u64, tag: u64, ok: bool) {
-        self.sync_io_ended(inner);
-        if let Some(r) = inner.target.as_mut().filter(|r| r.run == run) {
-            contract(r.t.write_done(inner.primary.out_of_sync_mut(), tag, ok));
-        }
+        let bm = inner.primary.out_of_sync_mut();
+        contract(inner.runs.write_done(bm, run, tag, ok));
+        self.wake_if_idle(inner);
     }
 
-    /// A peer write is about to be submitted on this node: the target may hold it.
-    /// Returns the effect back if it may go now.
-    pub(super) fn target_gate(&self, inner: &mut Inner, token: u64, e: Effect) -> Option<Effect> {
+    /// A write of a core is about to be submitted on this node: the target may hold it
+    /// (`id`: the receiver's token, or [`primary_app_id`]). Returns the effect back if it
+    /// may go now.
+    pub(super) fn target_gate(inner: &mut Inner, id: u64, e: Effect) -> Option<Effect> {
         let Effect::LocalWrite(super::LocalWrite { sector, len, .. }) = &e else {
             return Some(e);
         };
         let (sector, len) = (*sector, *len);
-        let Some(r) = inner.target.as_mut() else {
-            return Some(e);
-        };
-        match r.t.app_write_begin(token, sector, len) {
-            Ok(true) => Some(e),
-            Ok(false) => {
-                r.held.insert(token, e);
-                None
-            }
-            Err(err) => {
-                // Untracked, it could race a resync write: resync that range again.
-                tracing::warn!(
-                    "resync cannot track a peer write ({err}); its range is resynced again"
-                );
-                r.t.mark_out_of_sync(inner.primary.out_of_sync_mut(), sector, len);
-                Some(e)
-            }
-        }
+        let bm = inner.primary.out_of_sync_mut();
+        inner.runs.app_write_begin(bm, id, sector, len, e)
     }
 
     /// A local write of a core ended: the resync machines stop tracking it.
@@ -1259,24 +1092,21 @@ impl Volume {
         primary_tag: Option<u64>,
         token: Option<u64>,
     ) {
-        if let (Some(tag), Some(r)) = (primary_tag, inner.source.as_mut()) {
-            let _ = r.s.app_write_end(tag);
+        let bm = inner.primary.out_of_sync_mut();
+        if let Some(tag) = primary_tag {
+            inner.runs.source_write_end(bm, tag);
+            if let Some(VerifyRun::Source(v, _)) = inner.verify.as_mut() {
+                let _ = v.app_write_end(tag);
+            }
         }
-        if let (Some(tag), Some(VerifyRun::Source(v, _))) = (primary_tag, inner.verify.as_mut()) {
-            let _ = v.app_write_end(tag);
-        }
-        if let (Some(token), Some(r)) = (token, inner.target.as_mut()) {
-            let _ = r.t.app_write_end(token);
+        if let Some(token) = token {
+            inner.runs.app_write_end(bm, token);
         }
     }
 
     /// A Primary write is about to be submitted: the source holds reads of its range.
     pub(super) fn source_track(inner: &mut Inner, tag: u64, sector: u64, len: u32) {
-        if let Some(r) = inner.source.as_mut() {
-            if let Err(e) = r.s.app_write_begin(tag, sector, len) {
-                tracing::warn!("resync source cannot track a write: {e}");
-            }
-        }
+        inner.runs.source_write_begin(tag, sector, len);
         if let Some(VerifyRun::Source(v, _)) = inner.verify.as_mut() {
             if let Err(e) = v.app_write_begin(tag, sector, len) {
                 tracing::warn!("online verify cannot track a write: {e}");
@@ -1299,7 +1129,7 @@ impl Volume {
             if g.role == Role::Primary {
                 return Err("invalidate works on a Secondary; demote this node first".into());
             }
-            if g.target.is_some() || g.conn == ConnState::SyncSource {
+            if g.runs.target().is_some() || g.conn == ConnState::SyncSource {
                 return Err("a resync is running; wait for it, or pause it".into());
             }
             if g.link.is_none() {
@@ -1445,14 +1275,7 @@ impl Volume {
             let mut g = self.lock();
             let inner = &mut *g;
             inner.sync_paused = paused;
-            let now = self.now_ms();
-            if let Some(r) = inner.target.as_mut() {
-                if paused {
-                    r.t.pause(now);
-                } else {
-                    r.t.resume(now);
-                }
-            }
+            inner.runs.set_paused(paused, self.now_ms());
             self.drain_sync(inner, &mut fx);
         }
         self.run(fx);
@@ -1460,8 +1283,8 @@ impl Volume {
 
     /// The `resync` object of the status.
     pub(super) fn sync_status(&self, inner: &Inner) -> serde_json::Value {
-        if let Some(r) = &inner.target {
-            let p = r.t.progress(inner.primary.out_of_sync());
+        if let Some(t) = inner.runs.target() {
+            let p = t.progress(inner.primary.out_of_sync());
             return serde_json::json!({
                 "role": "SyncTarget",
                 "paused": p.paused,
@@ -1479,8 +1302,8 @@ impl Volume {
                 "throttled_steps": p.throttled_steps,
             });
         }
-        if let (Some(r), ConnState::SyncSource) = (&inner.source, inner.conn) {
-            let s = r.s.stats();
+        if let (Some(src), ConnState::SyncSource) = (inner.runs.source(), inner.conn) {
+            let s = src.stats();
             return serde_json::json!({
                 "role": "SyncSource",
                 "paused": inner.sync_paused,

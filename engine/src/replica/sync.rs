@@ -1,0 +1,928 @@
+//! The node's resync runs: which [`Target`] and [`Source`] run, under which run id, the
+//! application writes a target holds, the end of a run, and how the machines' outputs
+//! become actions. The daemon (`volume/sync.rs`) and the simulator (`sim/resync.rs`)
+//! both drive this type; each only performs the actions and feeds completions back, so
+//! the rules below are checked by the simulator's seeds, not only by integration tests.
+//!
+//! The rules that live here:
+//!
+//! - **One bitmap.** The node's out-of-sync bitmap stays its driver's (the Primary core
+//!   owns it in the daemon); every call that reads or changes it borrows it.
+//! - **Run ids.** Each run gets an id; its reads and writes carry it. A connection loss
+//!   ends the source at once (its reads complete into nothing) and *cuts* the target:
+//!   the walk's position is kept for the next run ([`Target::resume_position`]), nothing
+//!   more is sent, and the cut target stays only while its reads and writes are in
+//!   flight. Those complete but clear no bit (a set bit only costs a resync; a cleared
+//!   one could hide a write this node took meanwhile), and application writes that
+//!   overlap a resync write still in flight wait for it, so the disk never takes an old
+//!   resync write after a newer one. [`SyncRuns::idle`] says when no resync IO is left; a
+//!   driver connects again only then.
+//! - **Held writes.** An application write the target must hold (its rule 3) waits here
+//!   with the driver's payload `H` until [`SyncAction::Release`] — also across a
+//!   connection loss, until the resync write it waits for is done. A write the target
+//!   cannot track (its bound) goes at once and its range is resynced again.
+//! - **Writes in flight at the start.** A target or source that starts while application
+//!   writes are on the disk is told of them first (the simulator found that a resync
+//!   write could otherwise overtake one).
+//! - **Failed local writes** ([`FailedLocal`], seed 30): a source's `SetInSync` never
+//!   clears a block whose local write failed during the connection.
+//! - **The end.** A target's `Finished` keeps the run (finishing) until the driver has
+//!   made the end durable ([`SyncRuns::end_recorded`]); [`SyncAction::Finished`] carries
+//!   the peer's UUIDs to adopt when nothing is left.
+//! - **Stream classes.** Acks travel on the meta stream, requests and data on the
+//!   resync stream ([`SyncAction::Send`]).
+//! - **Lazy bitmap write-out.** Every [`BITMAP_WRITEOUT_MS`] of a target run with cleared
+//!   bits not yet on disk, [`SyncAction::WriteBack`].
+//!
+//! Contract (programmer errors, asserted by the caller with the core's `Invalid`
+//! errors): a completion for a tag the machine does not know; operating errors (a bad
+//! packet, a full queue) are `Err` for the driver to drop the connection.
+//!
+//! Bounds: the machines' own (the target's requests, the source's queue and reads), the
+//! held writes ≤ the target's `max_app_writes`, [`FailedLocal::MAX`] failed ranges.
+
+use super::FailedLocal;
+use crate::net::Stream;
+use crate::request::OutOfSync;
+use crate::resync::{
+    Digest, Error, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
+    TargetConfig, TargetOutput, TickInput,
+};
+use crate::state::uuid::UuidSet;
+use crate::wire::Packet;
+use std::collections::HashMap;
+
+/// Cleared target bits reach the disk at most this often (DRBD writes its bitmap lazily
+/// during resync, too): what a restart in the middle of a resync redoes is at most this
+/// much of resync.
+pub(crate) const BITMAP_WRITEOUT_MS: u64 = 5_000;
+
+/// What a resync read is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadFor {
+    /// The source answers a request.
+    Source { digest: bool, zero_check: bool },
+    /// The target digests its own range for a checksum request.
+    TargetDigest,
+    /// Online verify digests a block (either side).
+    Verify,
+}
+
+/// What the driver must do for the runs.
+#[derive(Debug)]
+pub(crate) enum SyncAction<H> {
+    /// Send `pkt` on `stream`. `reply`: the tag of the source read whose data is the
+    /// packet's payload (`P_RS_DATA_REPLY`); the driver frees that buffer.
+    Send {
+        stream: Stream,
+        pkt: Packet,
+        reply: Option<u64>,
+    },
+    /// Read the range of the local disk; report it to [`SyncRuns::digest_done`] or
+    /// [`SyncRuns::source_read_done`] with `run` and `tag`.
+    Read {
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+        purpose: ReadFor,
+    },
+    /// Write zeroes over the range; report [`SyncRuns::write_done`].
+    WriteZeroes {
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+    },
+    /// A held application write may go now.
+    Release { write: H },
+    /// The target's cleared bits should reach the disk (flush the data first).
+    WriteBack,
+    /// The target's run ended: make it durable (flush, bitmap pages, and with `adopt`
+    /// the UUIDs and "consistent"), then call [`SyncRuns::end_recorded`].
+    Finished {
+        run: u64,
+        summary: ResyncSummary,
+        /// The peer's UUIDs from the handshake, when nothing is left to fetch.
+        adopt: Option<UuidSet>,
+    },
+}
+
+/// A running SyncTarget.
+struct TargetRun<H> {
+    t: Target,
+    run: u64,
+    peer_uuids: UuidSet,
+    held: HashMap<u64, H>,
+    /// When the cleared bits were last written (ms).
+    written_ms: u64,
+    finishing: bool,
+    /// The connection ended; kept while its IO is in flight (see the module docs).
+    cut: bool,
+}
+
+/// A running SyncSource (lives as long as the connection: late acks still clear bits).
+struct SourceRun {
+    s: Source,
+    run: u64,
+}
+
+/// The node's resync runs (see the module docs). `H`: the driver's payload of a held
+/// application write.
+pub(crate) struct SyncRuns<H> {
+    target: Option<TargetRun<H>>,
+    source: Option<SourceRun>,
+    /// The last run id handed out (runs of online verify take theirs here too).
+    last_run: u64,
+    /// Where the next target starts.
+    resume_block: u64,
+    /// Reads and writes of any run in flight.
+    io_in_flight: u64,
+    /// A target's end being recorded (outlives a connection loss).
+    finishing: Option<u64>,
+    failed: FailedLocal,
+    /// Application writes the target could not track (their ranges resync again).
+    untracked: u64,
+    out: Vec<SyncAction<H>>,
+    /// Deliberate bugs for the simulator's sabotage tests, given to each new target.
+    #[cfg(test)]
+    pub(crate) target_sabotage: crate::resync::TargetSabotage,
+}
+
+impl<H> Default for SyncRuns<H> {
+    fn default() -> Self {
+        SyncRuns {
+            target: None,
+            source: None,
+            last_run: 0,
+            resume_block: 0,
+            io_in_flight: 0,
+            finishing: None,
+            failed: FailedLocal::default(),
+            untracked: 0,
+            out: Vec::new(),
+            #[cfg(test)]
+            target_sabotage: Default::default(),
+        }
+    }
+}
+
+impl<H> SyncRuns<H> {
+    /// A new run id (online verify's runs take theirs here, so ids never repeat).
+    pub(crate) fn new_run(&mut self) -> u64 {
+        self.last_run += 1;
+        self.last_run
+    }
+
+    /// A read or write of a run started outside these machines (online verify).
+    pub(crate) fn io_started(&mut self) {
+        self.io_in_flight += 1;
+    }
+
+    /// A read or write of any run ended; `true` when none is left.
+    pub(crate) fn io_ended(&mut self) -> bool {
+        self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        self.idle()
+    }
+
+    /// No resync IO in flight and no end being recorded: a new connection may start.
+    pub(crate) fn idle(&self) -> bool {
+        self.io_in_flight == 0 && self.finishing.is_none()
+    }
+
+    /// The actions the last calls produced, in order.
+    pub(crate) fn take_actions(&mut self) -> Vec<SyncAction<H>> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The running target, if any (not one the connection cut).
+    pub(crate) fn target(&self) -> Option<&Target> {
+        self.live_ref().map(|r| &r.t)
+    }
+
+    /// The running target's run id.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn target_run(&self) -> Option<u64> {
+        self.live_ref().map(|r| r.run)
+    }
+
+    fn live_ref(&self) -> Option<&TargetRun<H>> {
+        self.target.as_ref().filter(|r| !r.cut)
+    }
+
+    fn live(&mut self) -> Option<&mut TargetRun<H>> {
+        self.target.as_mut().filter(|r| !r.cut)
+    }
+
+    /// The running source, if any.
+    pub(crate) fn source(&self) -> Option<&Source> {
+        self.source.as_ref().map(|r| &r.s)
+    }
+
+    /// Application writes held by the target.
+    pub(crate) fn held(&self) -> usize {
+        self.target.as_ref().map_or(0, |r| r.held.len())
+    }
+
+    /// Application writes the target could not track since this value was created.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn untracked(&self) -> u64 {
+        self.untracked
+    }
+
+    /// The failed-local-write rule, for the simulator's sabotage.
+    #[cfg(test)]
+    pub(crate) fn failed_mut(&mut self) -> &mut FailedLocal {
+        &mut self.failed
+    }
+
+    /// Starts a target over `bm` (its set bits are what to fetch), at the previous run's
+    /// resume position. `in_flight`: application writes on the disk now, `(id, sector,
+    /// len)`, each ended later with [`Self::app_write_end`]. Returns the run id.
+    pub(crate) fn start_target(
+        &mut self,
+        mut cfg: TargetConfig,
+        bm: &OutOfSync,
+        tick: &TickInput,
+        peer_uuids: UuidSet,
+        in_flight: impl IntoIterator<Item = (u64, u64, u32)>,
+    ) -> Result<u64, Error> {
+        cfg.start_block = self.resume_block;
+        #[allow(unused_mut)]
+        let mut t = Target::new(cfg, bm, tick)?;
+        if let Some(old) = self.target.take() {
+            // A cut run whose IO outlived the driver's wait: its completions are dropped
+            // from now on and the writes it held go.
+            self.out.extend(
+                old.held
+                    .into_values()
+                    .map(|write| SyncAction::Release { write }),
+            );
+        }
+        #[cfg(test)]
+        {
+            t.sabotage = self.target_sabotage;
+        }
+        for (id, sector, len) in in_flight {
+            // A new target holds nothing: nothing of it is being written yet.
+            t.app_write_begin(id, sector, len)?;
+        }
+        let run = self.new_run();
+        self.target = Some(TargetRun {
+            t,
+            run,
+            peer_uuids,
+            held: HashMap::new(),
+            written_ms: tick.now_ms,
+            finishing: false,
+            cut: false,
+        });
+        Ok(run)
+    }
+
+    /// Starts the source unless one runs (a peer's first request, or the handshake).
+    /// `in_flight`: application writes on the disk now, `(tag, sector, len)`.
+    pub(crate) fn ensure_source(
+        &mut self,
+        cfg: SourceConfig,
+        tick: &TickInput,
+        peer_primary: bool,
+        in_flight: impl IntoIterator<Item = (u64, u64, u32)>,
+    ) -> Result<(), Error> {
+        if self.source.is_some() {
+            return Ok(());
+        }
+        let mut s = Source::new(cfg, tick)?;
+        s.set_peer_primary(peer_primary);
+        for (tag, sector, len) in in_flight {
+            s.app_write_begin(tag, sector, len)?;
+        }
+        let run = self.new_run();
+        self.source = Some(SourceRun { s, run });
+        Ok(())
+    }
+
+    /// The peer's role changed (a Primary peer's requests are not throttled).
+    pub(crate) fn set_peer_primary(&mut self, primary: bool) {
+        if let Some(r) = self.source.as_mut() {
+            r.s.set_peer_primary(primary);
+        }
+    }
+
+    /// Pauses or resumes the target.
+    pub(crate) fn set_paused(&mut self, paused: bool, now_ms: u64) {
+        if let Some(r) = self.live() {
+            if paused {
+                r.t.pause(now_ms);
+            } else {
+                r.t.resume(now_ms);
+            }
+        }
+    }
+
+    /// The connection is gone (see the module docs): the source ends, the target is cut
+    /// (its position kept for the next run), failed writes are forgotten (the next
+    /// handshake resyncs their bits).
+    pub(crate) fn connection_lost(&mut self) {
+        self.failed.connection_lost();
+        self.source = None;
+        let Some(r) = self.live() else {
+            return;
+        };
+        if r.finishing {
+            self.target = None;
+            self.resume_block = 0;
+            return;
+        }
+        r.t.connection_lost();
+        r.cut = true;
+        self.resume_block = r.t.resume_position();
+        self.retire_cut();
+    }
+
+    /// Drops a cut target once nothing of it is in flight (it then holds no write).
+    fn retire_cut(&mut self) {
+        if self
+            .target
+            .as_ref()
+            .is_some_and(|r| r.cut && r.t.requests_in_flight() == 0)
+        {
+            if let Some(r) = self.target.take() {
+                debug_assert!(r.held.is_empty());
+                self.out.extend(
+                    r.held
+                        .into_values()
+                        .map(|write| SyncAction::Release { write }),
+                );
+            }
+        }
+    }
+
+    /// One step of the rate controllers; returns whether a run still needs the clock.
+    pub(crate) fn tick(&mut self, bm: &mut OutOfSync, input: &TickInput) -> bool {
+        if let Some(r) = self.live() {
+            r.t.tick(bm, input);
+            if !r.finishing && input.now_ms >= r.written_ms + BITMAP_WRITEOUT_MS {
+                r.written_ms = input.now_ms;
+                // A stalled or paused run has nothing to write.
+                if bm.needs_write_back() {
+                    self.out.push(SyncAction::WriteBack);
+                }
+            }
+        }
+        if let Some(r) = self.source.as_mut() {
+            r.s.tick(input);
+        }
+        self.pump(bm);
+        self.live_ref().is_some() || self.source.is_some()
+    }
+
+    /// Whether the source takes another request now (the driver stops reading the
+    /// stream otherwise). No source yet: it will be started with room.
+    pub(crate) fn source_can_accept(&self) -> bool {
+        self.source.as_ref().is_none_or(|r| r.s.can_accept())
+    }
+
+    /// A resync packet without data (not online verify's, not `P_RS_DATA_REPLY`). A
+    /// request needs a source ([`Self::ensure_source`]) with room.
+    pub(crate) fn inbound(&mut self, bm: &mut OutOfSync, inbound: Inbound) -> Result<(), String> {
+        let e = |e: Error| e.to_string();
+        let target = self.target.as_mut().filter(|r| !r.cut).map(|r| &mut r.t);
+        let r = match inbound {
+            Inbound::RsRequest { sector, len, kind } => match self.source.as_mut() {
+                Some(r) => r.s.request(sector, len, kind).map_err(e),
+                None => Err("resync request without a source".into()),
+            },
+            Inbound::RsWriteAck { sector, len } => match self.source.as_mut() {
+                Some(r) => r.s.rs_write_ack(sector, len).map_err(e),
+                None => Ok(()),
+            },
+            Inbound::RsNegAck { sector, len } => match self.source.as_mut() {
+                Some(r) => r.s.neg_ack(sector, len).map_err(e),
+                None => Ok(()),
+            },
+            Inbound::RsDeallocated { sector, len } => match target {
+                Some(t) => t.deallocated(bm, sector, len).map_err(e),
+                None => Err("P_RS_DEALLOCATED while not SyncTarget".into()),
+            },
+            Inbound::RsIsInSync { sector, len } => match target {
+                Some(t) => t.in_sync_reply(bm, sector, len).map_err(e),
+                None => Err("P_RS_IS_IN_SYNC while not SyncTarget".into()),
+            },
+            Inbound::NegRsDReply { sector, len } => match target {
+                Some(t) => t.neg_reply(bm, sector, len).map_err(e),
+                None => Err("P_NEG_RS_DREPLY while not SyncTarget".into()),
+            },
+            Inbound::RsCancel { sector, len } => match target {
+                Some(t) => t.cancel_reply(bm, sector, len).map_err(e),
+                None => Err("P_RS_CANCEL while not SyncTarget".into()),
+            },
+            Inbound::RsDataReply { .. } => Err("P_RS_DATA_REPLY without its data".into()),
+            Inbound::OvRequest { .. } | Inbound::OvReply { .. } | Inbound::OvResult { .. } => {
+                Err("online verify's packet given to the resync".into())
+            }
+        };
+        self.pump(bm);
+        r
+    }
+
+    /// `P_RS_DATA_REPLY`: `Some((run, tag))` when its data must be written (report
+    /// [`Self::write_done`]); `None` when it is void (an application write overtook it).
+    pub(crate) fn data_reply(
+        &mut self,
+        bm: &mut OutOfSync,
+        sector: u64,
+        len: u32,
+    ) -> Result<Option<(u64, u64)>, String> {
+        let Some(r) = self.live() else {
+            return Err("P_RS_DATA_REPLY while not SyncTarget".into());
+        };
+        let tag = r.t.data_reply(bm, sector, len).map_err(|e| e.to_string())?;
+        let run = r.run;
+        if tag.is_some() {
+            self.io_in_flight += 1;
+        }
+        self.pump(bm);
+        Ok(tag.map(|tag| (run, tag)))
+    }
+
+    /// A target's digest read ended (`None`: it failed).
+    pub(crate) fn digest_done(
+        &mut self,
+        bm: &mut OutOfSync,
+        run: u64,
+        tag: u64,
+        digest: Option<Digest>,
+    ) -> Result<(), Error> {
+        self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        let r = match self.target.as_mut().filter(|r| r.run == run) {
+            Some(r) => r.t.digest_done(bm, tag, digest),
+            None => Ok(()),
+        };
+        self.pump(bm);
+        self.retire_cut();
+        r
+    }
+
+    /// A source's read ended.
+    pub(crate) fn source_read_done(
+        &mut self,
+        bm: &mut OutOfSync,
+        run: u64,
+        tag: u64,
+        outcome: ReadOutcome,
+    ) -> Result<(), Error> {
+        self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        let r = match self.source.as_mut().filter(|r| r.run == run) {
+            Some(r) => r.s.read_done(tag, outcome),
+            None => Ok(()),
+        };
+        self.pump(bm);
+        r
+    }
+
+    /// A target's write (data or zeroes) ended.
+    pub(crate) fn write_done(
+        &mut self,
+        bm: &mut OutOfSync,
+        run: u64,
+        tag: u64,
+        ok: bool,
+    ) -> Result<(), Error> {
+        self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        let r = match self.target.as_mut().filter(|r| r.run == run) {
+            // A cut run's write clears nothing (see the module docs).
+            Some(r) => r.t.write_done(bm, tag, ok && !r.cut),
+            None => Ok(()),
+        };
+        self.pump(bm);
+        self.retire_cut();
+        r
+    }
+
+    /// This node's application write `tag` is about to be submitted: the source holds
+    /// reads of its range until [`Self::source_write_end`].
+    pub(crate) fn source_write_begin(&mut self, tag: u64, sector: u64, len: u32) {
+        if let Some(r) = self.source.as_mut() {
+            if let Err(e) = r.s.app_write_begin(tag, sector, len) {
+                tracing::warn!("resync source cannot track a write: {e}");
+                self.untracked += 1;
+            }
+        }
+    }
+
+    /// This node's application write `tag` is on the disk.
+    pub(crate) fn source_write_end(&mut self, bm: &mut OutOfSync, tag: u64) {
+        if let Some(r) = self.source.as_mut() {
+            let _ = r.s.app_write_end(tag);
+            self.pump(bm);
+        }
+    }
+
+    /// An application write `id` is about to be submitted on a SyncTarget: `Some(write)`
+    /// to submit it now, `None` when the target holds it ([`SyncAction::Release`] gives
+    /// it back). Either way end it with [`Self::app_write_end`] when it is on the disk.
+    pub(crate) fn app_write_begin(
+        &mut self,
+        bm: &mut OutOfSync,
+        id: u64,
+        sector: u64,
+        len: u32,
+        write: H,
+    ) -> Option<H> {
+        let Some(r) = self.target.as_mut() else {
+            return Some(write);
+        };
+        match r.t.app_write_begin(id, sector, len) {
+            Ok(true) => Some(write),
+            Ok(false) => {
+                r.held.insert(id, write);
+                None
+            }
+            Err(err) => {
+                // Untracked, it could race a resync write: resync that range again.
+                tracing::warn!("resync cannot track a write ({err}); its range is resynced again");
+                r.t.mark_out_of_sync(bm, sector, len);
+                self.untracked += 1;
+                Some(write)
+            }
+        }
+    }
+
+    /// The application write `id` is on the disk, or dropped (a held one is then
+    /// forgotten): the target stops tracking it (unknown ids — writes from before the
+    /// run — are ignored).
+    pub(crate) fn app_write_end(&mut self, bm: &mut OutOfSync, id: u64) {
+        if let Some(r) = self.target.as_mut() {
+            r.held.remove(&id);
+            let _ = r.t.app_write_end(id);
+            self.pump(bm);
+        }
+    }
+
+    /// A local write failed: its blocks stay out of sync for the rest of the connection,
+    /// whatever resync acks arrive. `false`: the list is full; renew the connection.
+    pub(crate) fn local_write_failed(&mut self, sector: u64, len: u32) -> bool {
+        self.failed.record(sector, len)
+    }
+
+    /// Marks a range out of sync on this node (a failed write here, where the disk is not
+    /// detached — the simulator's Secondary): the running target fetches it again.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn mark(&mut self, bm: &mut OutOfSync, sector: u64, len: u32) {
+        match self.live() {
+            Some(r) => r.t.mark_out_of_sync(bm, sector, len),
+            None => bm.mark(sector, len),
+        }
+    }
+
+    /// The peer refused a write of a SyncTarget Primary (`P_NEG_ACK`): this side has the
+    /// newer data ([`Target::peer_lacks`]).
+    pub(crate) fn peer_lacks(&mut self, sector: u64, len: u32) {
+        if let Some(r) = self.live() {
+            r.t.peer_lacks(sector, len);
+        }
+    }
+
+    /// Whether a read of the range must come from the peer (a block not yet resynced).
+    pub(crate) fn must_read_remotely(&self, bm: &OutOfSync, sector: u64, len: u32) -> bool {
+        self.live_ref()
+            .is_some_and(|r| r.t.must_read_remotely(bm, sector, len))
+    }
+
+    /// The end of target run `run` is recorded (or failed to be): the run is over and the
+    /// next one starts from the beginning. `false`: the run had already ended (the
+    /// connection was lost meanwhile).
+    pub(crate) fn end_recorded(&mut self, run: u64) -> bool {
+        if self.finishing == Some(run) {
+            self.finishing = None;
+        }
+        if self.live_ref().is_some_and(|r| r.run == run) {
+            self.target = None;
+            self.resume_block = 0;
+            return true;
+        }
+        false
+    }
+
+    /// New metadata (`create-md`): the next target walks from the beginning.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn forget_resume_position(&mut self) {
+        self.resume_block = 0;
+    }
+
+    /// Whether a target's end is being recorded.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn finishing(&self) -> bool {
+        self.finishing.is_some()
+    }
+
+    /// A source's `SetInSync`, applied through the failed-write rule (the simulator's
+    /// sabotage of a source that claims a block in sync).
+    #[cfg(test)]
+    pub(crate) fn set_in_sync(&self, bm: &mut OutOfSync, sector: u64, len: u32) {
+        self.failed.set_in_sync(bm, sector, len);
+    }
+
+    /// Turns the machines' outputs into actions.
+    fn pump(&mut self, bm: &mut OutOfSync) {
+        if let Some(r) = self.target.as_mut() {
+            for o in r.t.drain_outputs() {
+                if r.cut && !matches!(o, TargetOutput::AppWriteReady { .. }) {
+                    // Nothing more goes out for a cut run.
+                    continue;
+                }
+                if let Some(pkt) = o.packet() {
+                    self.out.push(send(pkt, None));
+                    continue;
+                }
+                match o {
+                    TargetOutput::ReadForDigest { tag, sector, len } => {
+                        self.io_in_flight += 1;
+                        self.out.push(SyncAction::Read {
+                            run: r.run,
+                            tag,
+                            sector,
+                            len,
+                            purpose: ReadFor::TargetDigest,
+                        });
+                    }
+                    TargetOutput::WriteZeroes { tag, sector, len } => {
+                        self.io_in_flight += 1;
+                        self.out.push(SyncAction::WriteZeroes {
+                            run: r.run,
+                            tag,
+                            sector,
+                            len,
+                        });
+                    }
+                    TargetOutput::AppWriteReady { id } => {
+                        if let Some(write) = r.held.remove(&id) {
+                            self.out.push(SyncAction::Release { write });
+                        }
+                    }
+                    TargetOutput::Finished(summary) => {
+                        r.finishing = true;
+                        self.finishing = Some(r.run);
+                        let adopt = (summary.left_blocks == 0).then_some(r.peer_uuids);
+                        self.out.push(SyncAction::Finished {
+                            run: r.run,
+                            summary,
+                            adopt,
+                        });
+                    }
+                    // The packets went above.
+                    _ => {}
+                }
+            }
+        }
+        if let Some(r) = self.source.as_mut() {
+            for o in r.s.drain_outputs() {
+                match o {
+                    SourceOutput::ReadLocal {
+                        tag,
+                        sector,
+                        len,
+                        digest,
+                        zero_check,
+                    } => {
+                        self.io_in_flight += 1;
+                        self.out.push(SyncAction::Read {
+                            run: r.run,
+                            tag,
+                            sector,
+                            len,
+                            purpose: ReadFor::Source { digest, zero_check },
+                        });
+                    }
+                    SourceOutput::SetInSync { sector, len } => {
+                        self.failed.set_in_sync(bm, sector, len);
+                    }
+                    SourceOutput::SendRsDataReply { tag, .. } => {
+                        if let Some(pkt) = o.packet() {
+                            self.out.push(send(pkt, Some(tag)));
+                        }
+                    }
+                    other => {
+                        if let Some(pkt) = other.packet() {
+                            self.out.push(send(pkt, None));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The stream class of a resync or verify packet: acks go on the meta stream, requests
+/// and data on the resync stream.
+pub(crate) fn stream_of(pkt: &Packet) -> Stream {
+    if matches!(pkt, Packet::BlockAck { .. }) {
+        Stream::Meta
+    } else {
+        Stream::Resync
+    }
+}
+
+fn send<H>(pkt: Packet, reply: Option<u64>) -> SyncAction<H> {
+    SyncAction::Send {
+        stream: stream_of(&pkt),
+        pkt,
+        reply,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::resync::RequestKind;
+
+    /// 64 blocks of 4 KiB.
+    const SECTORS: u64 = 64 * 8;
+
+    fn tick(now_ms: u64) -> TickInput {
+        TickInput {
+            now_ms,
+            ..TickInput::default()
+        }
+    }
+
+    fn peer() -> UuidSet {
+        UuidSet {
+            current: 0x1234,
+            bitmap: 0,
+            history: [0; 2],
+        }
+    }
+
+    /// A target over a bitmap with block 0 set, its first request sent: returns the runs,
+    /// the bitmap and the run id.
+    fn target_with_request(
+        in_flight: &[(u64, u64, u32)],
+    ) -> (SyncRuns<&'static str>, OutOfSync, u64) {
+        let mut bm = OutOfSync::new(SECTORS);
+        bm.mark(0, 4096);
+        let mut runs = SyncRuns::default();
+        let cfg = TargetConfig::new(SECTORS);
+        let run = runs
+            .start_target(cfg, &bm, &tick(0), peer(), in_flight.iter().copied())
+            .unwrap();
+        assert!(runs.tick(&mut bm, &tick(100)));
+        (runs, bm, run)
+    }
+
+    /// The `(sector, len)` of the resync requests among `actions`, checking their class.
+    fn requests(actions: &[SyncAction<&str>]) -> Vec<(u64, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                SyncAction::Send { stream, pkt, .. } => match Inbound::from_packet(pkt) {
+                    Ok(Some(Inbound::RsRequest { sector, len, .. })) => {
+                        assert_eq!(*stream, Stream::Resync, "a request rides the resync stream");
+                        Some((sector, len))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_end_of_a_run_waits_until_it_is_recorded() {
+        let (mut runs, mut bm, run) = target_with_request(&[]);
+        assert_eq!(requests(&runs.take_actions()), vec![(0, 4096)]);
+        let (r, tag) = runs.data_reply(&mut bm, 0, 4096).unwrap().unwrap();
+        assert_eq!(r, run);
+        assert!(!runs.idle(), "the resync write is in flight");
+        runs.write_done(&mut bm, run, tag, true).unwrap();
+        assert_eq!(bm.count(), 0);
+        let actions = runs.take_actions();
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            SyncAction::Send {
+                stream: Stream::Meta,
+                pkt: Packet::BlockAck { .. },
+                ..
+            }
+        )));
+        let adopt = actions.iter().find_map(|a| match a {
+            SyncAction::Finished { run: r, adopt, .. } if *r == run => Some(*adopt),
+            _ => None,
+        });
+        assert_eq!(
+            adopt,
+            Some(Some(peer())),
+            "nothing left: the peer's UUIDs are adopted"
+        );
+        assert!(!runs.idle(), "the end is not recorded yet");
+        assert!(runs.end_recorded(run));
+        assert!(runs.idle() && runs.target().is_none());
+    }
+
+    #[test]
+    fn a_completion_of_a_run_the_connection_cut_clears_nothing() {
+        let (mut runs, mut bm, run) = target_with_request(&[]);
+        runs.take_actions();
+        let (_, tag) = runs.data_reply(&mut bm, 0, 4096).unwrap().unwrap();
+        runs.connection_lost();
+        assert!(runs.target().is_none(), "a cut run is not running");
+        assert!(!runs.idle(), "its write is still in flight");
+        runs.write_done(&mut bm, run, tag, true).unwrap();
+        assert!(bm.is_set(0), "the cut run's write cleared its bit");
+        assert!(runs.idle());
+        assert!(
+            runs.take_actions().is_empty(),
+            "nothing is sent for a cut run"
+        );
+    }
+
+    #[test]
+    fn a_held_write_waits_for_its_resync_write_even_across_a_connection_loss() {
+        for lose in [false, true] {
+            let (mut runs, mut bm, run) = target_with_request(&[]);
+            runs.take_actions();
+            let (_, tag) = runs.data_reply(&mut bm, 0, 4096).unwrap().unwrap();
+            assert_eq!(runs.app_write_begin(&mut bm, 9, 0, 4096, "w"), None, "held");
+            if lose {
+                runs.connection_lost();
+                assert!(runs.take_actions().is_empty(), "still held");
+                assert_eq!(runs.held(), 1);
+                // A write this node takes meanwhile waits too.
+                assert_eq!(runs.app_write_begin(&mut bm, 10, 0, 4096, "x"), None);
+            }
+            runs.write_done(&mut bm, run, tag, true).unwrap();
+            let mut released: Vec<_> = runs
+                .take_actions()
+                .into_iter()
+                .filter_map(|a| match a {
+                    SyncAction::Release { write } => Some(write),
+                    _ => None,
+                })
+                .collect();
+            released.sort_unstable();
+            let want = if lose { vec!["w", "x"] } else { vec!["w"] };
+            assert_eq!(released, want);
+            assert_eq!(runs.held(), 0);
+            assert_eq!(bm.is_set(0), lose, "only a live run's write clears its bit");
+        }
+    }
+
+    #[test]
+    fn a_write_on_the_disk_when_the_target_starts_is_not_overwritten_by_resync() {
+        // Without it, the reply's data is written over the block.
+        let (mut runs, mut bm, _) = target_with_request(&[]);
+        runs.take_actions();
+        assert!(runs.data_reply(&mut bm, 0, 4096).unwrap().is_some());
+        // With the write on the disk and told at the start, the reply is void.
+        let (mut runs, mut bm, _) = target_with_request(&[(7, 0, 4096)]);
+        for (sector, len) in requests(&runs.take_actions()) {
+            assert_eq!(runs.data_reply(&mut bm, sector, len).unwrap(), None);
+        }
+        assert!(bm.is_set(0), "the block is still to be fetched");
+    }
+
+    #[test]
+    fn a_resync_ack_does_not_clear_a_block_whose_local_write_failed() {
+        for failed in [false, true] {
+            let mut bm = OutOfSync::new(SECTORS);
+            bm.mark(0, 4096);
+            let mut runs: SyncRuns<()> = SyncRuns::default();
+            runs.ensure_source(SourceConfig::new(SECTORS), &tick(0), false, [])
+                .unwrap();
+            if failed {
+                assert!(runs.local_write_failed(0, 4096));
+            }
+            let req = Inbound::RsRequest {
+                sector: 0,
+                len: 4096,
+                kind: RequestKind::Data,
+            };
+            runs.inbound(&mut bm, req).unwrap();
+            let read = runs.take_actions().into_iter().find_map(|a| match a {
+                SyncAction::Read { run, tag, .. } => Some((run, tag)),
+                _ => None,
+            });
+            let (run, tag) = read.expect("the source reads the block");
+            let ok = ReadOutcome::Ok {
+                all_zero: false,
+                digest: None,
+            };
+            runs.source_read_done(&mut bm, run, tag, ok).unwrap();
+            let reply = runs.take_actions().into_iter().any(|a| match a {
+                SyncAction::Send { stream, reply, .. } => {
+                    stream == Stream::Resync && reply == Some(tag)
+                }
+                _ => false,
+            });
+            assert!(reply, "the data reply carries the read's buffer");
+            let ack = Inbound::RsWriteAck {
+                sector: 0,
+                len: 4096,
+            };
+            runs.inbound(&mut bm, ack).unwrap();
+            assert_eq!(bm.is_set(0), failed);
+        }
+    }
+}
