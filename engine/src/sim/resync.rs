@@ -19,15 +19,13 @@
 //! nothing) and the next connection resumes from the bitmaps and the target's resume
 //! position.
 //!
-//! The Primary node's bitmap. The Primary core keeps one (`Primary::out_of_sync`) but has
-//! no call to clear bits, so the simulator keeps the node's bitmap itself (`p_bm`): it
-//! marks exactly what the core marks (a write started while disconnected, a failed local
-//! write, a `P_NEG_ACK`, every write not barrier-acked at a connection loss — the last
-//! through a mirror of the transfer log, `p_tl`), OR-merges the peer's bitmap at the
-//! exchange and clears what [`SourceOutput::SetInSync`] says. After every event it
-//! checks that every bit the core set is in `p_bm` or was set in sync since (`p_cleared`,
-//! what each call of the Primary's runs cleared, `p_call`). A restart reloads both from
-//! the metadata device. One rule the simulator found necessary: a block whose local
+//! The Primary node's bitmap is its core's (`Primary::out_of_sync`), as in the daemon:
+//! the core marks (a write started while disconnected, a failed local write, a
+//! `P_NEG_ACK`, every write not barrier-acked at a connection loss), the exchange
+//! OR-merges the peer's bitmap into it, and the runs clear what the source's acks say
+//! (`p_call` lends it to them). A restart loads it from the metadata device. A mirror of
+//! the transfer log (`p_tl`) checks the Secondary's barrier acks and `P_NEG_ACK`s
+//! against what was sent. One rule the simulator found necessary: a block whose local
 //! write failed on the Primary during this connection is not cleared by a resync ack
 //! ([`crate::replica::FailedLocal`], inside the runs): the reply may have been read before
 //! the failure left garbage there, and the SyncTarget does not know of the failure (DRBD
@@ -226,11 +224,7 @@ pub(super) struct RsWriteEv {
 /// An entry of the mirror of the Primary core's transfer log.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Tl {
-    Write {
-        block_id: u64,
-        sector: u64,
-        len: u32,
-    },
+    Write { block_id: u64 },
     Barrier(u32),
 }
 
@@ -292,11 +286,7 @@ pub(super) struct Rs {
     p_uuids: UuidSet,
     /// The crashed-primary flag: set at a restart, cleared once both disks are UpToDate.
     p_crashed: bool,
-    /// The node's bitmap (see the module docs).
-    pub(super) p_bm: OutOfSync,
-    /// Bits the SyncSource set in sync since the core's bitmap was loaded.
-    p_cleared: OutOfSync,
-    /// Mirror of the core's transfer log.
+    /// Mirror of the core's transfer log (checks barrier acks and negative acks).
     pub(super) p_tl: VecDeque<Tl>,
     /// The Primary node's resync runs (the daemon's rules, [`SyncRuns`]); it is only
     /// ever SyncSource here.
@@ -378,8 +368,6 @@ impl Rs {
             ctx: WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?,
             p_uuids,
             p_crashed: false,
-            p_bm: OutOfSync::new(SECTORS as u64),
-            p_cleared: OutOfSync::new(SECTORS as u64),
             p_tl: VecDeque::new(),
             p_runs: SyncRuns::default(),
             p_rx: None,
@@ -418,19 +406,18 @@ impl Rs {
         };
     }
 
-    /// The write `block_id` in the transfer log (a `P_NEG_ACK` names it).
-    pub(super) fn tl_write(&self, block_id: u64) -> Result<(u64, u32), String> {
-        self.p_tl
+    /// A `P_NEG_ACK` names a write of the transfer log.
+    pub(super) fn tl_neg_ack(&self, block_id: u64) -> Result<(), String> {
+        if self
+            .p_tl
             .iter()
-            .find_map(|t| match *t {
-                Tl::Write {
-                    block_id: b,
-                    sector,
-                    len,
-                } if b == block_id => Some((sector, len)),
-                _ => None,
-            })
-            .ok_or_else(|| format!("P_NEG_ACK for {block_id:#x}, not in the transfer log"))
+            .any(|t| matches!(*t, Tl::Write { block_id: b } if b == block_id))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "P_NEG_ACK for {block_id:#x}, not in the transfer log"
+        ))
     }
 
     /// `P_BARRIER_ACK(nr)`: the epoch's writes leave the transfer log.
@@ -451,15 +438,6 @@ impl Rs {
         Err(format!("P_BARRIER_ACK({nr}) with no such barrier sent"))
     }
 
-    /// A connection loss: the core marks every write of its transfer log.
-    pub(super) fn tl_lost(&mut self) {
-        for t in self.p_tl.drain(..) {
-            if let Tl::Write { sector, len, .. } = t {
-                self.p_bm.mark(sector, len);
-            }
-        }
-    }
-
     /// Power loss of the Primary's node: its SyncSource and reads are gone (the runs
     /// start afresh; the reads in flight never complete).
     pub(super) fn primary_crashed(&mut self) {
@@ -473,11 +451,10 @@ impl Rs {
         self.p_rx = None;
     }
 
-    /// The restarted Primary: its bitmap is the one attach loaded, its UUIDs are promoted
-    /// (a new current UUID unless a bitmap UUID is set), and it crashed while Primary.
-    pub(super) fn primary_restarted(&mut self, bitmap: &OutOfSync) {
-        self.p_bm = bitmap.clone();
-        self.p_cleared = OutOfSync::new(SECTORS as u64);
+    /// The restarted Primary (its core loaded the bitmap attach read): its UUIDs are
+    /// promoted (a new current UUID unless a bitmap UUID is set), and it crashed while
+    /// Primary.
+    pub(super) fn primary_restarted(&mut self) {
         let r = uuid(&mut self.rng);
         self.p_uuids.promote(r, false, false);
         self.p_crashed = true;
@@ -514,23 +491,11 @@ impl Rs {
         self.s_bm.is_set(b)
     }
 
-    /// Blocks out of sync on either node.
-    pub(super) fn out_of_sync(&self) -> OutOfSync {
-        let mut bm = self.p_bm.clone();
+    /// Blocks out of sync on either node (`p_bm`: the Primary core's bitmap).
+    pub(super) fn out_of_sync(&self, p_bm: &OutOfSync) -> OutOfSync {
+        let mut bm = p_bm.clone();
         or_bits(&mut bm, self.s_bm.words().iter().copied());
         bm
-    }
-
-    /// A call of the Primary's runs with its bitmap; what the call cleared (the
-    /// source's `SetInSync`) is remembered for the mirror check.
-    fn p_call<R>(&mut self, f: impl FnOnce(&mut SyncRuns<u64>, &mut OutOfSync) -> R) -> R {
-        let before: Vec<u64> = self.p_bm.words().to_vec();
-        let r = f(&mut self.p_runs, &mut self.p_bm);
-        or_bits(
-            &mut self.p_cleared,
-            before.iter().zip(self.p_bm.words()).map(|(b, a)| b & !a),
-        );
-        r
     }
 }
 
@@ -587,6 +552,11 @@ fn expected_loser(policy: &SplitBrainPolicy, cp: u64, cs: u64, rc_p: bool) -> Op
 }
 
 impl Sim {
+    /// A call of the Primary's runs with its bitmap, the core's.
+    fn p_call<R>(&mut self, f: impl FnOnce(&mut SyncRuns<u64>, &mut OutOfSync) -> R) -> R {
+        f(&mut self.rs.p_runs, self.primary.out_of_sync_mut())
+    }
+
     // ----- connection up: the handshake -------------------------------------------------
 
     /// The previous connection's resync IO, the Secondary's writes and the split-brain
@@ -650,7 +620,7 @@ impl Sim {
             (self.rs.params.policy, self.rs.params.peer_policy())
         };
         let rc_p = self.rs.rng.chance(500_000);
-        let (cp, cs) = (self.rs.p_bm.count(), self.rs.s_bm.count());
+        let (cp, cs) = (self.primary.out_of_sync().count(), self.rs.s_bm.count());
         let me_p = HandshakeSide {
             uuids: self.rs.p_uuids,
             dirty_bits: cp,
@@ -743,8 +713,9 @@ impl Sim {
                 self.fo.wf_sync = true;
                 if full {
                     self.report.full_resyncs += 1;
-                    for bm in [&mut self.rs.p_bm, &mut self.rs.s_bm, &mut self.rs.s_only] {
-                        bm.mark_blocks(0, bm.blocks());
+                    self.primary.out_of_sync_mut().mark_all();
+                    for bm in [&mut self.rs.s_bm, &mut self.rs.s_only] {
+                        bm.mark_all();
                     }
                 }
                 let rx = |ctx: &WireCtx| -> Result<_, String> {
@@ -856,7 +827,7 @@ impl Sim {
     /// through the codec.
     fn bitmap_packets(&mut self, primary: bool) -> Result<Vec<Packet>, String> {
         let bm = if primary {
-            &self.rs.p_bm
+            self.primary.out_of_sync()
         } else {
             &self.rs.s_bm
         };
@@ -912,7 +883,7 @@ impl Sim {
         let Some(words) = receive_bitmap(&mut self.rs.p_rx, pkt, "primary")? else {
             return Ok(());
         };
-        or_bits(&mut self.rs.p_bm, words.into_iter());
+        or_bits(self.primary.out_of_sync_mut(), words.into_iter());
         let r = uuid(&mut self.rs.rng);
         let sync_uuid = self.rs.p_uuids.start_sync_source(r);
         self.send_data(DataMsg::SyncUuid(sync_uuid));
@@ -991,7 +962,7 @@ impl Sim {
         let (ts, tp) = (self.tick_input(false), self.tick_input(true));
         self.rs.s_runs.tick(&mut self.rs.s_bm, &ts);
         self.s_actions()?;
-        self.rs.p_call(|r, bm| r.tick(bm, &tp));
+        self.p_call(|r, bm| r.tick(bm, &tp));
         self.p_actions()?;
         if self.rs.s_runs.target_run() == Some(run) {
             self.at(SLEEP_TIME_MS, Ev::RsTick { run });
@@ -1084,8 +1055,7 @@ impl Sim {
                     Some(i @ Inbound::RsRequest { .. }) => i,
                     other => return Err(format!("SyncSource got {other:?} on the data stream")),
                 };
-                self.rs
-                    .p_call(|r, bm| r.inbound(bm, inbound))
+                self.p_call(|r, bm| r.inbound(bm, inbound))
                     .map_err(|e| format!("source request: {e}"))?;
                 self.p_actions()
             }
@@ -1176,8 +1146,7 @@ impl Sim {
             Some(i @ (Inbound::RsWriteAck { .. } | Inbound::RsNegAck { .. })) => i,
             other => return Err(format!("SyncSource got {other:?} on the meta stream")),
         };
-        self.rs
-            .p_call(|r, bm| r.inbound(bm, inbound))
+        self.p_call(|r, bm| r.inbound(bm, inbound))
             .map_err(|e| format!("source refused {pkt:?}: {e}"))?;
         self.p_actions()
     }
@@ -1211,7 +1180,7 @@ impl Sim {
                     #[cfg(test)]
                     if self.rs.sabotage.source_claims_in_sync {
                         let len = u32::try_from(data.len()).map_err(|e| e.to_string())?;
-                        self.rs.p_call(|r, bm| r.set_in_sync(bm, sector, len));
+                        self.p_call(|r, bm| r.set_in_sync(bm, sector, len));
                         let lie = crate::resync::SourceOutput::SendRsIsInSync { sector, len };
                         let pkt = self.wire(&lie.packet().ok_or("no packet")?, &[])?;
                         self.send_fwd(pkt);
@@ -1306,8 +1275,7 @@ impl Sim {
         };
         self.rs.read_ctx = Some(vers.clone());
         self.rs.p_reads.insert(tag, (sector, data, vers));
-        self.rs
-            .p_call(|r, bm| r.source_read_done(bm, run, tag, outcome))
+        self.p_call(|r, bm| r.source_read_done(bm, run, tag, outcome))
             .map_err(|e| format!("source read_done: {e}"))?;
         self.p_actions()?;
         self.rs.p_reads.remove(&tag);
@@ -1321,7 +1289,7 @@ impl Sim {
     }
 
     pub(super) fn source_app_write_end(&mut self, tag: u64) -> Result<(), String> {
-        self.rs.p_call(|r, bm| r.source_write_end(bm, tag));
+        self.p_call(|r, bm| r.source_write_end(bm, tag));
         self.p_actions()
     }
 
@@ -1686,19 +1654,6 @@ impl Sim {
                 return Err(format!("source exceeded its bounds: {st:?}"));
             }
         }
-        if !self.primary_down {
-            let core = self.primary.out_of_sync().words();
-            let (mine, cleared) = (self.rs.p_bm.words(), self.rs.p_cleared.words());
-            for (i, ((&c, &m), &x)) in core.iter().zip(mine).zip(cleared).enumerate() {
-                let w = c & !(m | x);
-                if w != 0 {
-                    return Err(format!(
-                        "the primary core marked block {} that the simulator's bitmap misses",
-                        i as u64 * 64 + u64::from(w.trailing_zeros())
-                    ));
-                }
-            }
-        }
         Ok(())
     }
 
@@ -1714,10 +1669,10 @@ impl Sim {
             "resync unfinished".into()
         } else if self.rs.s_disk != DiskState::UpToDate {
             "the secondary is Inconsistent (its last resync failed)".into()
-        } else if self.rs.p_bm.count() + self.rs.s_bm.count() != 0 {
+        } else if self.primary.out_of_sync().count() + self.rs.s_bm.count() != 0 {
             format!(
                 "bitmaps not empty: primary {} bits, secondary {} bits",
-                self.rs.p_bm.count(),
+                self.primary.out_of_sync().count(),
                 self.rs.s_bm.count()
             )
         } else if [p.current, p.bitmap, p.history[0], p.history[1]]
