@@ -10,16 +10,20 @@
 //!   flight when a run starts, a run cut by a connection loss, the end of a run, the
 //!   stream class of each packet — taking one event at a time and returning
 //!   [`SyncAction`]s; `volume/sync.rs` and `sim/resync.rs` only perform them;
+//! - [`FlushRounds`]: a Secondary's epoch flushes merged into rounds, each request
+//!   satisfied only by a flush issued after it;
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
 //!   resync acks arrive (the simulator's seed 30);
 //! - [`may_promote`]: who may become Primary (the daemon's `primary`, the simulator's
 //!   failover and promotion races).
 
 mod failed;
+mod flush;
 mod roles;
 mod sync;
 
 pub(crate) use failed::FailedLocal;
+pub(crate) use flush::FlushRounds;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;
 pub(crate) use roles::{may_promote, PromotionFacts};

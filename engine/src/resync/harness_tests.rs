@@ -8,6 +8,9 @@
 //! write, the newest highest). Resync data carries the versions the source read, so a
 //! resync write that lands on a block holding a newer version is caught the moment it
 //! happens ("older resync data overwrote an application write"), not only at the end.
+//! When the target is Primary its application may also read: each read goes to the peer
+//! or to the local disk as [`Target::must_read_remotely`] says, and must return the
+//! source's (up-to-date) data.
 
 // Sizes here are a 32 MiB test volume: every cast fits.
 #![allow(
@@ -175,6 +178,12 @@ struct Pair {
     next_ver: u64,
     app_io_sectors: u64,
     app_count: u64,
+    /// The target is Primary and its application reads: each read goes to the peer when
+    /// [`Target::must_read_remotely`] says so, to its own disk otherwise.
+    app_reads: bool,
+    /// Reads served by the peer / by the target's disk.
+    remote_reads: u64,
+    local_reads: u64,
 }
 
 struct Setup {
@@ -243,6 +252,9 @@ impl Pair {
             next_ver: 1,
             app_io_sectors: 0,
             app_count: 0,
+            app_reads: false,
+            remote_reads: 0,
+            local_reads: 0,
         };
         p.schedule(100, Ev::Tick);
         p
@@ -373,6 +385,7 @@ impl Pair {
                 self.source.tick(&input);
                 self.pump_source(None);
                 self.start_app_writes();
+                self.app_reads();
                 self.schedule(SLEEP_TIME_MS, Ev::Tick);
             }
             Ev::ToSource(p) => match Inbound::from_packet(&p).unwrap() {
@@ -530,6 +543,46 @@ impl Pair {
                     }
                 }
                 Apps::None => {}
+            }
+        }
+    }
+
+    /// Reads of a SyncTarget Primary's application, each at once: from the peer (the
+    /// source's disk) when the target says a block of it is still to be fetched, from its
+    /// own disk otherwise. Either way the data must be the source's — the up-to-date
+    /// copy — except under an application write still in flight (not read here; the
+    /// write pipeline orders a read after an overlapping write).
+    fn app_reads(&mut self) {
+        if !self.app_reads || self.apps != Apps::OnTarget || !self.connected {
+            return;
+        }
+        let blocks = self.tdisk.ver.len() as u64;
+        for _ in 0..self.rng.gen_range(0..=16) {
+            let nb = self.rng.gen_range(1..=4u64);
+            let sector = self.rng.gen_range(0..blocks - nb) * 8;
+            let len = (nb * BS) as u32;
+            if self
+                .app_writes
+                .values()
+                .any(|w| overlaps(w.sector, w.data.len() as u32, sector, len))
+            {
+                continue;
+            }
+            let remote = self.target.must_read_remotely(&self.tbm, sector, len);
+            let (disk, n) = if remote {
+                (&self.sdisk, &mut self.remote_reads)
+            } else {
+                (&self.tdisk, &mut self.local_reads)
+            };
+            *n += 1;
+            let (got, _) = disk.read(sector, len);
+            let (want, _) = self.sdisk.read(sector, len);
+            if got != want {
+                self.violations.push(format!(
+                    "t={} a read of sectors {sector}+{len}B on the SyncTarget Primary returned \
+                     data older than the source's",
+                    self.now
+                ));
             }
         }
     }
@@ -1084,6 +1137,51 @@ fn application_writes_on_the_target_are_never_overwritten_by_older_resync_data()
     );
 }
 
+/// A SyncTarget Primary's application reads while the resync runs and its own writes
+/// replicate: every read returns the source's data (blocks still to be fetched come from
+/// the peer), and both kinds of read happen.
+#[test]
+fn reads_on_a_sync_target_primary_return_the_up_to_date_data() {
+    let (mut remote, mut local) = (0, 0);
+    for seed in 90..=93 {
+        let (mut p, dirty) = outage_pair(seed, 400, |s| {
+            s.tcfg.rate.resync_rate = 2000;
+        });
+        p.apps = Apps::OnTarget;
+        p.app_rate = 0.5;
+        p.app_reads = true;
+        p.run_to_finish(3_000_000);
+        p.assert_clean(&dirty);
+        remote += p.remote_reads;
+        local += p.local_reads;
+    }
+    assert!(
+        remote > 0 && local > 0,
+        "{remote} remote and {local} local reads"
+    );
+}
+
+/// With the read-routing rule off (every read answered from the SyncTarget Primary's
+/// own disk), a read returns a block not yet fetched: caught.
+#[test]
+fn the_harness_catches_a_sync_target_primary_that_reads_stale_blocks_locally() {
+    let (mut p, _) = outage_pair(94, 400, |s| {
+        s.tcfg.rate.resync_rate = 2000;
+    });
+    p.target.sabotage.read_locally = true;
+    p.apps = Apps::OnTarget;
+    p.app_rate = 0.5;
+    p.app_reads = true;
+    p.run_to_finish(3_000_000);
+    assert!(
+        p.violations
+            .iter()
+            .any(|v| v.contains("returned data older")),
+        "a stale local read went unnoticed ({} reads)",
+        p.local_reads
+    );
+}
+
 /// The harness catches what the rules prevent: with rule 2 or 3 switched off, older
 /// resync data lands on newer application data (or the disks end different).
 #[test]
@@ -1091,11 +1189,11 @@ fn the_harness_catches_a_resync_that_ignores_application_writes() {
     for sabotage in [
         TargetSabotage {
             no_void: true,
-            no_hold: false,
+            ..TargetSabotage::default()
         },
         TargetSabotage {
-            no_void: false,
             no_hold: true,
+            ..TargetSabotage::default()
         },
     ] {
         let mut caught = false;

@@ -353,6 +353,8 @@ pub(crate) struct TargetSabotage {
     pub no_void: bool,
     /// Rule 3 off: never hold an application write.
     pub no_hold: bool,
+    /// A SyncTarget Primary reads every block locally, also those still to be fetched.
+    pub read_locally: bool,
 }
 
 impl Target {
@@ -1054,6 +1056,10 @@ impl Target {
     /// Whether a read of `[sector, sector + len bytes)` must go to the peer: a block in
     /// it is still to be fetched (set, and not one the peer lacks).
     pub fn must_read_remotely(&self, bm: &OutOfSync, sector: u64, len: u32) -> bool {
+        #[cfg(test)]
+        if self.sabotage.read_locally {
+            return false;
+        }
         if self.lacking.is_empty() {
             return bm.any_in(sector, len);
         }

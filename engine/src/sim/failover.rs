@@ -45,6 +45,7 @@
 
 use super::rng::{mix, Rng};
 use super::{Ev, MetaMsg, Sim, SECTORS, UNKNOWN};
+use crate::replica::FlushRounds;
 use crate::request::{Receiver, ReceiverConfig};
 use crate::state::{DiskState, Protocol};
 use std::collections::BTreeSet;
@@ -190,6 +191,11 @@ impl Sim {
             secondary.sabotage = self.sabotage.receiver;
         }
         self.secondary = secondary;
+        self.s_flushes = FlushRounds::default();
+        #[cfg(test)]
+        {
+            self.s_flushes.sabotage_join_running = self.sabotage.flush_round_takes_late_requests;
+        }
         self.fo.s_inc += 1;
         self.rs.set_s_disk(DiskState::Inconsistent);
         self.fo.standalone = false;

@@ -159,6 +159,7 @@ pub(crate) mod rng;
 pub use resync::ResyncParams;
 
 use crate::meta::al::{AlGeometry, AlStats};
+use crate::replica::FlushRounds;
 use crate::request::{
     dp, Error, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, PrimaryOutput, Receiver,
     ReceiverConfig, ReceiverOutput, WriteKind, BLOCK_SIZE, SECTOR,
@@ -241,6 +242,9 @@ pub(crate) struct Sabotage {
     /// A resync ack clears a block whose local write failed on the Primary during the
     /// connection (the daemon's rule, `replica::FailedLocal`, off).
     pub ack_clears_failed_blocks: bool,
+    /// A Secondary epoch flush requested while a round's flush is in flight joins that
+    /// round (the daemon's rule, `replica::FlushRounds`, off).
+    pub flush_round_takes_late_requests: bool,
     /// A peer write that fails on the Secondary leaves it UpToDate and connected (no
     /// `on-io-error detach`: the bug before the detach).
     pub secondary_stays_up_to_date: bool,
@@ -648,8 +652,8 @@ enum Ev {
         /// False on a detached disk: the write fails without IO.
         io: bool,
     },
+    /// A flush of the Secondary's disk for a round of merged epoch flushes.
     SDiskFlush {
-        token: u64,
         covers: u64,
         fail: bool,
         /// The Secondary daemon's incarnation (a re-attach starts a new one).
@@ -882,6 +886,8 @@ struct Sim {
 
     primary: Primary,
     secondary: Receiver,
+    /// The Secondary's epoch flushes, merged into rounds (the daemon's rule).
+    s_flushes: FlushRounds,
     pdisk: Disk,
     sdisk: Disk,
 
@@ -966,6 +972,12 @@ impl Sim {
             secondary.sabotage = cfg.sabotage.receiver;
         }
         #[allow(unused_mut)]
+        let mut s_flushes = FlushRounds::default();
+        #[cfg(test)]
+        {
+            s_flushes.sabotage_join_running = cfg.sabotage.flush_round_takes_late_requests;
+        }
+        #[allow(unused_mut)]
         let mut rs = Rs::new(rs_rng, &params)?;
         #[cfg(test)]
         rs.set_sabotage(cfg.sabotage);
@@ -985,6 +997,7 @@ impl Sim {
             events: BinaryHeap::new(),
             primary,
             secondary,
+            s_flushes,
             pdisk: Disk::new(SECTORS),
             sdisk: Disk::new(SECTORS),
             up: false,
@@ -1257,22 +1270,24 @@ impl Sim {
                 self.pump_secondary()?;
                 self.peer_write_landed(token, &b, fail)
             }
-            Ev::SDiskFlush {
-                token,
-                covers,
-                fail,
-                sinc,
-            } => {
+            Ev::SDiskFlush { covers, fail, sinc } => {
                 if !fail {
                     self.sdisk.flush(covers);
                 }
                 if sinc != self.fo.s_inc {
                     return Ok(()); // a flush of the daemon before the re-attach
                 }
-                self.secondary
-                    .local_flush_done(token, !fail)
-                    .map_err(|e| format!("secondary local_flush_done: {e}"))?;
-                self.pump_secondary()
+                let round: Vec<u64> = self.s_flushes.round_done().collect();
+                for token in round {
+                    self.secondary
+                        .local_flush_done(token, !fail)
+                        .map_err(|e| format!("secondary local_flush_done: {e}"))?;
+                }
+                self.pump_secondary()?;
+                if self.s_flushes.next_round() {
+                    self.flush_secondary();
+                }
+                Ok(())
             }
             Ev::DeliverData { gen } => {
                 if gen != self.gen {
@@ -1918,19 +1933,9 @@ impl Sim {
                     }
                 }
                 ReceiverOutput::SubmitLocalFlush { token } => {
-                    let covers = self.sdisk.completions;
-                    let fail = self.rng.chance(self.params.fail_ppm[3]);
-                    let d = self.rng.range(1, self.params.disk_delay.1);
-                    let sinc = self.fo.s_inc;
-                    self.at(
-                        d,
-                        Ev::SDiskFlush {
-                            token,
-                            covers,
-                            fail,
-                            sinc,
-                        },
-                    );
+                    if self.s_flushes.request(token) {
+                        self.flush_secondary();
+                    }
                 }
                 ReceiverOutput::SendRecvAck { block_id, .. } => {
                     self.send_meta(MetaMsg::Recv(block_id))?
@@ -1964,6 +1969,15 @@ impl Sim {
     }
 
     /// The Secondary's disk write of peer write `token`.
+    /// Flushes the Secondary's disk for the running round of epoch flushes.
+    fn flush_secondary(&mut self) {
+        let covers = self.sdisk.completions;
+        let fail = self.rng.chance(self.params.fail_ppm[3]);
+        let d = self.rng.range(1, self.params.disk_delay.1);
+        let sinc = self.fo.s_inc;
+        self.at(d, Ev::SDiskFlush { covers, fail, sinc });
+    }
+
     fn submit_peer_write(&mut self, token: u64) {
         if !self.s_disk_usable() {
             // Detached: answered P_NEG_ACK without disk IO.
@@ -2332,7 +2346,7 @@ mod tests {
                 p.resync.split_brain_after_ops.is_some()
                     && p.resync.policy.after_sb_1pri == AfterSb1Pri::DiscardSecondary
             })
-            .take(4);
+            .take(8);
         let reports: Vec<SimReport> = (0..COVERAGE_SEEDS)
             .chain(discards_secondary)
             .map(|s| run(s).unwrap())
@@ -2535,8 +2549,8 @@ mod tests {
         };
         // (Only seeds where the Primary's writes fail can show it. Since a failed write
         // on the Secondary detaches it, which renews the connection and starts a resync,
-        // the first seed that shows it is 968.)
-        let f = first_failure_in(s, |p| p.fail_ppm[0] > 0, 1200)
+        // the first seed that shows it is 2206.)
+        let f = first_failure_in(s, |p| p.fail_ppm[0] > 0, 2500)
             .expect("the simulator must catch a failed block set in sync");
         eprintln!("caught: {f}");
         assert!(f.message.contains("not out of sync"), "{f}");
@@ -2555,6 +2569,20 @@ mod tests {
             Ok(r) => assert_eq!((r.sb_recreated, r.full_resyncs), (1, 1), "{r:?}"),
             Err(f) => panic!("{f}"),
         }
+    }
+
+    /// The daemon's merged epoch flushes with their rule off: a request made while a
+    /// round's flush is in flight is satisfied by that flush, which may not cover its
+    /// writes; the barrier ack then goes out before they are durable.
+    #[test]
+    fn a_flush_round_that_takes_late_requests_is_caught() {
+        let s = Sabotage {
+            flush_round_takes_late_requests: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a flush round too wide");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("secondary sector"), "{f}");
     }
 
     // ----- detach, failover and promotion races (checkers 9 and 10) ---------------------

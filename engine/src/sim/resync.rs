@@ -403,6 +403,7 @@ impl Rs {
         self.s_runs.target_sabotage = crate::resync::TargetSabotage {
             no_void: s.target_no_void,
             no_hold: s.target_no_hold,
+            read_locally: false,
         };
     }
 

@@ -11,8 +11,8 @@
 //!   `BLKZEROOUT`); a FUA discard / write-zeroes is two sink ops, the flush submitted by
 //!   the first one's completion;
 //! - the Primary's epoch flush and the Secondary's merged epoch flushes (one round at a
-//!   time: the flushes requested while a round runs wait in `Inner::flush_waiting` and
-//!   the next round takes them all, as `merged_flushes` did);
+//!   time, `replica::FlushRounds`: the flushes requested while a round runs wait and the
+//!   next round takes them all);
 //! - the Primary core's metadata writes (activity log, bitmap pages), a preflush first
 //!   when asked: two sink ops in a row, the second submitted by the first's completion;
 //! - resync and verify IO (`Effect::SyncRead`, `Effect::SyncWrite`): a read into a
@@ -81,7 +81,7 @@ pub(super) enum IoCtx {
     Local(LocalIo),
     /// The Primary core's local flush.
     PrimaryFlush { tag: u64 },
-    /// A round of merged Secondary epoch flushes (`Inner::flush_batch`).
+    /// A round of merged Secondary epoch flushes (`Inner::flushes`).
     ReceiverFlush,
     /// The data flush before metadata block `data` is written at `offset`.
     MetaPreflush {
@@ -637,20 +637,13 @@ impl Volume {
     /// A merged flush round ended: report every flush it covered, oldest first; start
     /// the next round if more were requested meanwhile.
     fn flush_round_done(&self, inner: &mut Inner, fx: &mut Vec<Effect>, ok: bool) {
-        for token in inner.flush_batch.drain(..) {
+        for token in inner.flushes.round_done() {
             contract(inner.receiver.local_flush_done(token, ok));
         }
         // The flushes the core asks for now start the next round (with those waiting);
         // if it asked for none, the waiting ones do.
         self.drain_receiver(inner, fx);
-        Self::start_flush_round(inner, fx);
-    }
-
-    /// Unless a round runs, the waiting flushes become the next round
-    /// (`Effect::FlushRound`). The two lists swap, so a round allocates nothing.
-    pub(super) fn start_flush_round(inner: &mut Inner, fx: &mut Vec<Effect>) {
-        if inner.flush_batch.is_empty() && !inner.flush_waiting.is_empty() {
-            std::mem::swap(&mut inner.flush_waiting, &mut inner.flush_batch);
+        if inner.flushes.next_round() {
             fx.push(Effect::FlushRound);
         }
     }

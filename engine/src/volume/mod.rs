@@ -141,10 +141,8 @@ struct Inner {
     pending: HashMap<u64, Pending>,
     peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
-    /// Secondary epoch flushes requested and not yet issued (see `io.rs`).
-    flush_waiting: Vec<u64>,
-    /// The flushes the running merged flush round covers; empty: no round runs.
-    flush_batch: Vec<u64>,
+    /// The Secondary's epoch flushes, merged into rounds (`replica::FlushRounds`).
+    flushes: crate::replica::FlushRounds,
     writes_completed: u64,
     /// Generation UUIDs (staged in the superblock on every change, see `durable.rs`).
     uuids: UuidSet,
@@ -258,7 +256,7 @@ enum Effect {
         tag: u64,
     },
     MetaWrite(io::MetaJob),
-    /// Start the merged flush round `Inner::flush_batch` (see `io.rs`).
+    /// Flush the disk for a round of merged Secondary epoch flushes (`Inner::flushes`).
     FlushRound,
     SyncRead {
         run: u64,
@@ -453,8 +451,7 @@ impl Inner {
             pending: HashMap::new(),
             peer_bufs: HashMap::new(),
             bytes_replicated: 0,
-            flush_waiting: Vec::new(),
-            flush_batch: Vec::new(),
+            flushes: crate::replica::FlushRounds::default(),
             writes_completed: 0,
             uuids,
             crashed_primary,
@@ -1873,11 +1870,10 @@ impl Volume {
                     continue;
                 }
                 ReceiverOutput::SubmitLocalFlush { token } => {
-                    // Epoch flushes are merged: while one flush is in flight, later ones
-                    // wait and are all satisfied by the single flush issued after it
-                    // completes (every write they cover completed before it was issued).
-                    inner.flush_waiting.push(token);
-                    Self::start_flush_round(inner, fx);
+                    // Merged into rounds (`replica::FlushRounds`).
+                    if inner.flushes.request(token) {
+                        fx.push(Effect::FlushRound);
+                    }
                     continue;
                 }
                 ReceiverOutput::Discard { token } => {
