@@ -1,4 +1,5 @@
-//! The node's resync runs: which [`Target`] and [`Source`] run, under which run id, the
+//! The node's resync runs: which [`Target`] and [`Source`] run — and this node's side of
+//! an online verify ([`VerifySource`] or [`VerifyPeer`]) — under which run id, the
 //! application writes a target holds, the end of a run, and how the machines' outputs
 //! become actions. The daemon (`volume/sync.rs`) and the simulator (`sim/resync.rs`)
 //! both drive this type; each only performs the actions and feeds completions back, so
@@ -33,6 +34,9 @@
 //!   resync stream ([`SyncAction::Send`]).
 //! - **Lazy bitmap write-out.** Every [`BITMAP_WRITEOUT_MS`] of a target run with cleared
 //!   bits not yet on disk, [`SyncAction::WriteBack`].
+//! - **Online verify.** One side at a time (this node's `verify`, or the peer's first
+//!   `P_OV_REQUEST`); a block found different is marked in the bitmap (a later
+//!   disconnect/connect resyncs it); a connection loss interrupts it and reports where.
 //!
 //! Contract (programmer errors, asserted by the caller with the core's `Invalid`
 //! errors): a completion for a tag the machine does not know; operating errors (a bad
@@ -46,7 +50,8 @@ use crate::net::Stream;
 use crate::request::OutOfSync;
 use crate::resync::{
     Digest, Error, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
-    TargetConfig, TargetOutput, TickInput,
+    TargetConfig, TargetOutput, TickInput, VerifyConfig, VerifyPeer, VerifyPeerOutput,
+    VerifyProgress, VerifySource, VerifySourceOutput,
 };
 use crate::state::uuid::UuidSet;
 use crate::wire::Packet;
@@ -106,6 +111,25 @@ pub(crate) enum SyncAction<H> {
         /// The peer's UUIDs from the handshake, when nothing is left to fetch.
         adopt: Option<UuidSet>,
     },
+    /// The online verify (either side) is over; its blocks found different are marked.
+    VerifyFinished(VerifyProgress),
+}
+
+/// This node's side of an online verify.
+enum Verify {
+    /// This node ran `verify` (VerifyS).
+    Source(Box<VerifySource>),
+    /// The peer did (VerifyT).
+    Peer(Box<VerifyPeer>),
+}
+
+impl Verify {
+    fn progress(&self) -> VerifyProgress {
+        match self {
+            Verify::Source(v) => v.progress(),
+            Verify::Peer(v) => v.progress(),
+        }
+    }
 }
 
 /// A running SyncTarget.
@@ -132,7 +156,9 @@ struct SourceRun {
 pub(crate) struct SyncRuns<H> {
     target: Option<TargetRun<H>>,
     source: Option<SourceRun>,
-    /// The last run id handed out (runs of online verify take theirs here too).
+    /// Online verify and its run id.
+    verify: Option<(Verify, u64)>,
+    /// The last run id handed out.
     last_run: u64,
     /// Where the next target starts.
     resume_block: u64,
@@ -154,6 +180,7 @@ impl<H> Default for SyncRuns<H> {
         SyncRuns {
             target: None,
             source: None,
+            verify: None,
             last_run: 0,
             resume_block: 0,
             io_in_flight: 0,
@@ -168,21 +195,9 @@ impl<H> Default for SyncRuns<H> {
 }
 
 impl<H> SyncRuns<H> {
-    /// A new run id (online verify's runs take theirs here, so ids never repeat).
-    pub(crate) fn new_run(&mut self) -> u64 {
+    fn new_run(&mut self) -> u64 {
         self.last_run += 1;
         self.last_run
-    }
-
-    /// A read or write of a run started outside these machines (online verify).
-    pub(crate) fn io_started(&mut self) {
-        self.io_in_flight += 1;
-    }
-
-    /// A read or write of any run ended; `true` when none is left.
-    pub(crate) fn io_ended(&mut self) -> bool {
-        self.io_in_flight = self.io_in_flight.saturating_sub(1);
-        self.idle()
     }
 
     /// No resync IO in flight and no end being recorded: a new connection may start.
@@ -322,22 +337,90 @@ impl<H> SyncRuns<H> {
 
     /// The connection is gone (see the module docs): the source ends, the target is cut
     /// (its position kept for the next run), failed writes are forgotten (the next
-    /// handshake resyncs their bits).
-    pub(crate) fn connection_lost(&mut self) {
+    /// handshake resyncs their bits). Returns where an online verify was interrupted.
+    pub(crate) fn connection_lost(&mut self) -> Option<VerifyProgress> {
         self.failed.connection_lost();
         self.source = None;
+        let verify = self.verify.take().map(|(v, _)| v.progress());
         let Some(r) = self.live() else {
-            return;
+            return verify;
         };
         if r.finishing {
             self.target = None;
             self.resume_block = 0;
-            return;
+            return verify;
         }
         r.t.connection_lost();
         r.cut = true;
         self.resume_block = r.t.resume_position();
         self.retire_cut();
+        verify
+    }
+
+    /// Starts this node's online verify (VerifyS).
+    pub(crate) fn start_verify(
+        &mut self,
+        cfg: VerifyConfig,
+        tick: &TickInput,
+    ) -> Result<(), Error> {
+        if self.verify.is_some() {
+            return Err(Error::Invalid("an online verify is already running"));
+        }
+        let v = VerifySource::new(cfg, tick)?;
+        let run = self.new_run();
+        self.verify = Some((Verify::Source(Box::new(v)), run));
+        Ok(())
+    }
+
+    /// Whether an online verify runs (either side).
+    pub(crate) fn verify_running(&self) -> bool {
+        self.verify.is_some()
+    }
+
+    /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT) at its sector.
+    pub(crate) fn start_verify_peer(&mut self, cfg: VerifyConfig) -> Result<(), Error> {
+        if self.verify.is_some() {
+            return Err(Error::Invalid("an online verify is already running"));
+        }
+        let p = VerifyPeer::new(cfg)?;
+        let run = self.new_run();
+        self.verify = Some((Verify::Peer(Box::new(p)), run));
+        Ok(())
+    }
+
+    /// Whether the peer's verify may send another request now (the driver stops reading
+    /// the stream otherwise).
+    pub(crate) fn verify_can_accept(&self) -> bool {
+        match &self.verify {
+            Some((Verify::Peer(p), _)) => p.can_accept(),
+            _ => true,
+        }
+    }
+
+    /// The running verify's side (`VerifyS` or `VerifyT`) and progress.
+    pub(crate) fn verify_progress(&self) -> Option<(&'static str, VerifyProgress)> {
+        self.verify.as_ref().map(|(v, _)| match v {
+            Verify::Source(s) => ("VerifyS", s.progress()),
+            Verify::Peer(p) => ("VerifyT", p.progress()),
+        })
+    }
+
+    /// A verify digest read ended (`None`: it failed).
+    pub(crate) fn verify_digest_done(
+        &mut self,
+        bm: &mut OutOfSync,
+        run: u64,
+        tag: u64,
+        digest: Option<Digest>,
+    ) -> Result<(), Error> {
+        self.io_in_flight = self.io_in_flight.saturating_sub(1);
+        let r = match self.verify.as_mut().filter(|(_, r)| *r == run) {
+            Some((Verify::Source(v), _)) => v.digest_done(tag, digest),
+            Some((Verify::Peer(v), _)) => v.digest_done(tag, digest),
+            None => Ok(()),
+        };
+        self.pump(bm);
+        r
     }
 
     /// Drops a cut target once nothing of it is in flight (it then holds no write).
@@ -373,8 +456,15 @@ impl<H> SyncRuns<H> {
         if let Some(r) = self.source.as_mut() {
             r.s.tick(input);
         }
+        let verifying = match self.verify.as_mut() {
+            Some((Verify::Source(v), _)) => {
+                v.tick(input);
+                true
+            }
+            _ => false,
+        };
         self.pump(bm);
-        self.live_ref().is_some() || self.source.is_some()
+        self.live_ref().is_some() || self.source.is_some() || verifying
     }
 
     /// Whether the source takes another request now (the driver stops reading the
@@ -418,9 +508,26 @@ impl<H> SyncRuns<H> {
                 None => Err("P_RS_CANCEL while not SyncTarget".into()),
             },
             Inbound::RsDataReply { .. } => Err("P_RS_DATA_REPLY without its data".into()),
-            Inbound::OvRequest { .. } | Inbound::OvReply { .. } | Inbound::OvResult { .. } => {
-                Err("online verify's packet given to the resync".into())
-            }
+            Inbound::OvRequest { sector, len } => match self.verify.as_mut() {
+                Some((Verify::Peer(p), _)) => p.ov_request(sector, len).map_err(e),
+                _ => Err("P_OV_REQUEST while this node runs its own verify".into()),
+            },
+            Inbound::OvReply {
+                sector,
+                len,
+                digest,
+            } => match self.verify.as_mut() {
+                Some((Verify::Source(v), _)) => v.ov_reply(sector, len, digest).map_err(e),
+                _ => Err("P_OV_REPLY without a verify of this node".into()),
+            },
+            Inbound::OvResult {
+                sector,
+                len,
+                in_sync,
+            } => match self.verify.as_mut() {
+                Some((Verify::Peer(p), _)) => p.ov_result(sector, len, in_sync).map_err(e),
+                _ => Err("P_OV_RESULT without the peer's verify".into()),
+            },
         };
         self.pump(bm);
         r
@@ -500,8 +607,8 @@ impl<H> SyncRuns<H> {
         r
     }
 
-    /// This node's application write `tag` is about to be submitted: the source holds
-    /// reads of its range until [`Self::source_write_end`].
+    /// This node's application write `tag` is about to be submitted: the source (and
+    /// this node's verify) hold reads of its range until [`Self::source_write_end`].
     pub(crate) fn source_write_begin(&mut self, tag: u64, sector: u64, len: u32) {
         if let Some(r) = self.source.as_mut() {
             if let Err(e) = r.s.app_write_begin(tag, sector, len) {
@@ -509,10 +616,18 @@ impl<H> SyncRuns<H> {
                 self.untracked += 1;
             }
         }
+        if let Some((Verify::Source(v), _)) = self.verify.as_mut() {
+            if let Err(e) = v.app_write_begin(tag, sector, len) {
+                tracing::warn!("online verify cannot track a write: {e}");
+            }
+        }
     }
 
     /// This node's application write `tag` is on the disk.
     pub(crate) fn source_write_end(&mut self, bm: &mut OutOfSync, tag: u64) {
+        if let Some((Verify::Source(v), _)) = self.verify.as_mut() {
+            let _ = v.app_write_end(tag);
+        }
         if let Some(r) = self.source.as_mut() {
             let _ = r.s.app_write_end(tag);
             self.pump(bm);
@@ -711,12 +826,80 @@ impl<H> SyncRuns<H> {
                 }
             }
         }
+        self.pump_verify(bm);
+    }
+
+    /// Turns online verify's outputs (either side) into actions and bitmap marks.
+    fn pump_verify(&mut self, bm: &mut OutOfSync) {
+        let Some((v, run)) = self.verify.as_mut() else {
+            return;
+        };
+        let run = *run;
+        // (packet, read, out of sync, finished) per output, in order.
+        type Step = (
+            Option<Packet>,
+            Option<(u64, u64, u32)>,
+            Option<(u64, u32)>,
+            Option<VerifyProgress>,
+        );
+        let steps: Vec<Step> = match v {
+            Verify::Source(vs) => vs
+                .drain_outputs()
+                .map(|o| match o {
+                    VerifySourceOutput::ReadForDigest { tag, sector, len } => {
+                        (None, Some((tag, sector, len)), None, None)
+                    }
+                    VerifySourceOutput::OutOfSync { sector, len } => {
+                        (None, None, Some((sector, len)), None)
+                    }
+                    VerifySourceOutput::Finished(p) => (None, None, None, Some(p)),
+                    other => (other.packet(), None, None, None),
+                })
+                .collect(),
+            Verify::Peer(vp) => vp
+                .drain_outputs()
+                .map(|o| match o {
+                    VerifyPeerOutput::ReadForDigest { tag, sector, len } => {
+                        (None, Some((tag, sector, len)), None, None)
+                    }
+                    VerifyPeerOutput::OutOfSync { sector, len } => {
+                        (None, None, Some((sector, len)), None)
+                    }
+                    VerifyPeerOutput::Finished(p) => (None, None, None, Some(p)),
+                    other => (other.packet(), None, None, None),
+                })
+                .collect(),
+        };
+        for (pkt, read, oos, finished) in steps {
+            if let Some(pkt) = pkt {
+                self.out.push(send(pkt, None));
+            }
+            if let Some((tag, sector, len)) = read {
+                self.io_in_flight += 1;
+                self.out.push(SyncAction::Read {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    purpose: ReadFor::Verify,
+                });
+            }
+            if let Some((sector, len)) = oos {
+                tracing::warn!("online verify: {len} bytes at sector {sector} differ");
+                bm.mark(sector, len);
+            }
+            if let Some(p) = finished {
+                self.verify = None;
+                self.out.push(SyncAction::VerifyFinished(p));
+                return;
+            }
+        }
     }
 }
 
 /// The stream class of a resync or verify packet: acks go on the meta stream, requests
 /// and data on the resync stream.
-pub(crate) fn stream_of(pkt: &Packet) -> Stream {
+fn stream_of(pkt: &Packet) -> Stream {
     if matches!(pkt, Packet::BlockAck { .. }) {
         Stream::Meta
     } else {
@@ -881,6 +1064,56 @@ mod tests {
             assert_eq!(runs.data_reply(&mut bm, sector, len).unwrap(), None);
         }
         assert!(bm.is_set(0), "the block is still to be fetched");
+    }
+
+    #[test]
+    fn the_peers_verify_marks_a_differing_block_and_a_loss_reports_where_it_stopped() {
+        let mut bm = OutOfSync::new(SECTORS);
+        let mut runs: SyncRuns<()> = SyncRuns::default();
+        runs.start_verify_peer(VerifyConfig::new(SECTORS)).unwrap();
+        let req = Inbound::OvRequest {
+            sector: 0,
+            len: 4096,
+        };
+        runs.inbound(&mut bm, req).unwrap();
+        let read = runs.take_actions().into_iter().find_map(|a| match a {
+            SyncAction::Read {
+                run,
+                tag,
+                purpose: ReadFor::Verify,
+                ..
+            } => Some((run, tag)),
+            _ => None,
+        });
+        let (run, tag) = read.expect("the block is read for its digest");
+        assert!(!runs.idle());
+        runs.verify_digest_done(&mut bm, run, tag, Some(Digest::of(&[1; 4096])))
+            .unwrap();
+        assert!(runs.idle());
+        let replied = runs.take_actions().into_iter().any(|a| {
+            matches!(
+                a,
+                SyncAction::Send {
+                    stream: Stream::Resync,
+                    ..
+                }
+            )
+        });
+        assert!(replied, "P_OV_REPLY goes out with the digest");
+        let result = Inbound::OvResult {
+            sector: 0,
+            len: 4096,
+            in_sync: false,
+        };
+        runs.inbound(&mut bm, result).unwrap();
+        assert!(bm.is_set(0), "a block found different is marked");
+        let (side, _) = runs.verify_progress().unwrap();
+        assert_eq!(side, "VerifyT");
+        assert!(
+            runs.connection_lost().is_some(),
+            "the interrupted verify is reported"
+        );
+        assert!(!runs.verify_running());
     }
 
     #[test]

@@ -167,8 +167,6 @@ struct Inner {
     discard_my_data: bool,
     /// How the last split brain was resolved.
     split_brain_resolved: Option<String>,
-    /// Online verify of the live connection (either side).
-    verify: Option<sync::VerifyRun>,
     /// The last finished (or interrupted) verify.
     last_verify: Option<crate::resync::VerifyProgress>,
     /// The peer's `verify-alg` is crc32c.
@@ -464,7 +462,6 @@ impl Inner {
             resync_bytes_sent: 0,
             discard_my_data: false,
             split_brain_resolved: None,
-            verify: None,
             last_verify: None,
             peer_verify: false,
             remote_reads: HashMap::new(),

@@ -16,9 +16,9 @@
 //!    resync has not yet written.
 //! 4. `connection_up` starts a target over the merged bitmap or a source, in
 //!    [`crate::replica::SyncRuns`] — the runs' rules (run ids, held writes, writes in
-//!    flight at the start, the failed-local-write rule, the end of a run, stream classes)
-//!    live there, shared with the simulator. The bitmap stays the Primary core's (the
-//!    node has one); the runs borrow it per call.
+//!    flight at the start, the failed-local-write rule, the end of a run, stream classes,
+//!    online verify's side) live there, shared with the simulator. The bitmap stays the
+//!    Primary core's (the node has one); the runs borrow it per call.
 //!
 //! This file is the runs' IO driver: every 100 ms [`Volume::sync_tick`] (the clock
 //! sleeps while no run needs it); resync packets from both sockets go to
@@ -52,10 +52,10 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::replica::{stream_of, ReadFor, SyncAction};
+use crate::replica::{ReadFor, SyncAction};
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
-    VerifyConfig, VerifyPeer, VerifyPeerOutput, VerifyProgress, VerifySource, VerifySourceOutput,
+    VerifyConfig, VerifyProgress,
 };
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{ConnState, DiskState, Role};
@@ -124,29 +124,6 @@ pub enum SyncRole {
         /// after-crash-only without a crash).
         csums: bool,
     },
-}
-
-/// A running online verify: this node's side of it.
-pub(super) enum VerifyRun {
-    /// This node ran `verify` (VerifyS).
-    Source(Box<VerifySource>, u64),
-    /// The peer did (VerifyT).
-    Peer(Box<VerifyPeer>, u64),
-}
-
-impl VerifyRun {
-    fn run(&self) -> u64 {
-        match self {
-            VerifyRun::Source(_, r) | VerifyRun::Peer(_, r) => *r,
-        }
-    }
-
-    fn progress(&self) -> VerifyProgress {
-        match self {
-            VerifyRun::Source(v, _) => v.progress(),
-            VerifyRun::Peer(v, _) => v.progress(),
-        }
-    }
 }
 
 /// How a resync read ended.
@@ -382,10 +359,9 @@ impl Volume {
         for (_, r) in inner.remote_reads.drain() {
             let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
-        inner.runs.connection_lost();
+        let verify = inner.runs.connection_lost();
         inner.rs_bufs.clear();
-        if let Some(v) = inner.verify.take() {
-            let p = v.progress();
+        if let Some(p) = verify {
             tracing::warn!(
                 "online verify interrupted at sector {} ({} of {} blocks, {} out of sync)",
                 p.resume_sector,
@@ -579,12 +555,7 @@ impl Volume {
     pub(super) fn sync_tick(&self, session: u64) -> bool {
         let running = self.with_session(session, |v, inner, fx| {
             let input = v.tick_input(inner);
-            let bm = inner.primary.out_of_sync_mut();
-            let mut running = inner.runs.tick(bm, &input);
-            if let Some(VerifyRun::Source(vs, _)) = inner.verify.as_mut() {
-                vs.tick(&input);
-                running = true;
-            }
+            let running = inner.runs.tick(inner.primary.out_of_sync_mut(), &input);
             v.drain_sync(inner, fx);
             Ok(running)
         });
@@ -638,15 +609,15 @@ impl Volume {
                     }
                     Inbound::OvRequest { sector, .. } => {
                         v.ensure_verify_peer(inner, sector)?;
-                        if let Some(VerifyRun::Peer(p, _)) = &inner.verify {
-                            if !p.can_accept() {
-                                return Ok(false);
-                            }
+                        if !inner.runs.verify_can_accept() {
+                            return Ok(false);
                         }
                     }
                     _ => {}
                 }
-                v.sync_input(inner, inbound)?;
+                inner
+                    .runs
+                    .inbound(inner.primary.out_of_sync_mut(), inbound)?;
                 v.drain_sync(inner, fx);
                 Ok(true)
             })?;
@@ -654,33 +625,6 @@ impl Volume {
                 None | Some(true) => return Ok(()),
                 Some(false) => notified.await,
             }
-        }
-    }
-
-    fn sync_input(&self, inner: &mut Inner, inbound: Inbound) -> Result<(), String> {
-        let e = |e: crate::resync::Error| e.to_string();
-        match inbound {
-            Inbound::OvRequest { sector, len } => match inner.verify.as_mut() {
-                Some(VerifyRun::Peer(p, _)) => p.ov_request(sector, len).map_err(e),
-                _ => Err("P_OV_REQUEST while this node runs its own verify".into()),
-            },
-            Inbound::OvReply {
-                sector,
-                len,
-                digest,
-            } => match inner.verify.as_mut() {
-                Some(VerifyRun::Source(v, _)) => v.ov_reply(sector, len, digest).map_err(e),
-                _ => Err("P_OV_REPLY without a verify of this node".into()),
-            },
-            Inbound::OvResult {
-                sector,
-                len,
-                in_sync,
-            } => match inner.verify.as_mut() {
-                Some(VerifyRun::Peer(p, _)) => p.ov_result(sector, len, in_sync).map_err(e),
-                _ => Err("P_OV_RESULT without the peer's verify".into()),
-            },
-            other => inner.runs.inbound(inner.primary.out_of_sync_mut(), other),
         }
     }
 
@@ -709,7 +653,7 @@ impl Volume {
         .map(|_| ())
     }
 
-    /// Performs the runs' actions and drains online verify.
+    /// Performs the runs' actions (resync and online verify).
     pub(super) fn drain_sync(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
         for a in inner.runs.take_actions() {
             match a {
@@ -755,103 +699,36 @@ impl Volume {
                     summary,
                     adopt,
                 } => self.target_finished(inner, run, summary, adopt, fx),
+                SyncAction::VerifyFinished(p) => self.verify_finished(inner, p),
             }
         }
-        self.drain_verify(inner, fx);
     }
 
-    /// Turns online verify's outputs (either side) into sends, reads and bitmap marks.
-    fn drain_verify(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        let Some(v) = inner.verify.as_mut() else {
-            return;
-        };
-        let run = v.run();
-        // (packet, read, out of sync, finished) per output, in order.
-        type Step = (
-            Option<Packet>,
-            Option<(u64, u64, u32)>,
-            Option<(u64, u32)>,
-            Option<VerifyProgress>,
+    /// Online verify ended (either side): reported, and the connection is Connected
+    /// again.
+    fn verify_finished(&self, inner: &mut Inner, p: VerifyProgress) {
+        tracing::info!(
+            "online verify finished: {} of {} blocks out of sync{}",
+            p.out_of_sync_blocks,
+            p.total_blocks,
+            if p.out_of_sync_blocks > 0 {
+                " (marked; a disconnect/connect with a Primary resyncs them)"
+            } else {
+                ""
+            }
         );
-        let steps: Vec<Step> = match v {
-            VerifyRun::Source(vs, _) => vs
-                .drain_outputs()
-                .map(|o| {
-                    let pkt = o.packet();
-                    match o {
-                        VerifySourceOutput::ReadForDigest { tag, sector, len } => {
-                            (None, Some((tag, sector, len)), None, None)
-                        }
-                        VerifySourceOutput::OutOfSync { sector, len } => {
-                            (None, None, Some((sector, len)), None)
-                        }
-                        VerifySourceOutput::Finished(p) => (None, None, None, Some(p)),
-                        _ => (pkt, None, None, None),
-                    }
-                })
-                .collect(),
-            VerifyRun::Peer(vp, _) => vp
-                .drain_outputs()
-                .map(|o| {
-                    let pkt = o.packet();
-                    match o {
-                        VerifyPeerOutput::ReadForDigest { tag, sector, len } => {
-                            (None, Some((tag, sector, len)), None, None)
-                        }
-                        VerifyPeerOutput::OutOfSync { sector, len } => {
-                            (None, None, Some((sector, len)), None)
-                        }
-                        VerifyPeerOutput::Finished(p) => (None, None, None, Some(p)),
-                        VerifyPeerOutput::SendOvReply { .. } => (pkt, None, None, None),
-                    }
-                })
-                .collect(),
-        };
-        for (pkt, read, oos, finished) in steps {
-            if let Some(p) = pkt {
-                Self::send_sync_packet(inner, stream_of(&p), &p, None);
-            }
-            if let Some((tag, sector, len)) = read {
-                inner.runs.io_started();
-                fx.push(Effect::SyncRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose: ReadFor::Verify,
-                });
-            }
-            if let Some((sector, len)) = oos {
-                tracing::warn!("online verify: {len} bytes at sector {sector} differ");
-                inner.primary.out_of_sync_mut().mark(sector, len);
-            }
-            if let Some(p) = finished {
-                tracing::info!(
-                    "online verify finished: {} of {} blocks out of sync{}",
-                    p.out_of_sync_blocks,
-                    p.total_blocks,
-                    if p.out_of_sync_blocks > 0 {
-                        " (marked; a disconnect/connect with a Primary resyncs them)"
-                    } else {
-                        ""
-                    }
-                );
-                inner.event(
-                    "verify-finished",
-                    serde_json::json!({
-                        "out_of_sync_blocks": p.out_of_sync_blocks,
-                        "ranges": p.ranges
-                    }),
-                );
-                inner.last_verify = Some(p);
-                inner.verify = None;
-                if matches!(inner.conn, ConnState::VerifyS | ConnState::VerifyT) {
-                    inner.conn = ConnState::Connected;
-                }
-                self.send_state(inner);
-                return;
-            }
+        inner.event(
+            "verify-finished",
+            serde_json::json!({
+                "out_of_sync_blocks": p.out_of_sync_blocks,
+                "ranges": p.ranges
+            }),
+        );
+        inner.last_verify = Some(p);
+        if matches!(inner.conn, ConnState::VerifyS | ConnState::VerifyT) {
+            inner.conn = ConnState::Connected;
         }
+        self.send_state(inner);
     }
 
     /// `verify`: compares every block with the peer's by digest (this node is VerifyS).
@@ -878,9 +755,10 @@ impl Volume {
                 ..VerifyConfig::new(sectors)
             };
             let tick = self.tick_input(inner);
-            let v = VerifySource::new(cfg, &tick).map_err(|e| e.to_string())?;
-            let run = inner.runs.new_run();
-            inner.verify = Some(VerifyRun::Source(Box::new(v), run));
+            inner
+                .runs
+                .start_verify(cfg, &tick)
+                .map_err(|e| e.to_string())?;
             self.sync_run_started.notify_one();
             inner.conn = ConnState::VerifyS;
             self.send_state(inner);
@@ -893,7 +771,7 @@ impl Volume {
 
     /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT) at its sector.
     fn ensure_verify_peer(&self, inner: &mut Inner, sector: u64) -> Result<(), String> {
-        if inner.verify.is_some() {
+        if inner.runs.verify_running() {
             return Ok(());
         }
         if !self.sync.verify {
@@ -904,9 +782,10 @@ impl Volume {
             rate: self.sync.rate,
             ..VerifyConfig::new(self.size_bytes / SECTOR_SIZE as u64)
         };
-        let p = VerifyPeer::new(cfg).map_err(|e| e.to_string())?;
-        let run = inner.runs.new_run();
-        inner.verify = Some(VerifyRun::Peer(Box::new(p), run));
+        inner
+            .runs
+            .start_verify_peer(cfg)
+            .map_err(|e| e.to_string())?;
         inner.conn = ConnState::VerifyT;
         tracing::info!("online verify started by the peer at sector {sector}");
         Ok(())
@@ -1036,14 +915,7 @@ impl Volume {
         };
         let bm = inner.primary.out_of_sync_mut();
         match purpose {
-            ReadFor::Verify => {
-                inner.runs.io_ended();
-                match inner.verify.as_mut().filter(|v| v.run() == run) {
-                    Some(VerifyRun::Source(v, _)) => contract(v.digest_done(tag, digest)),
-                    Some(VerifyRun::Peer(v, _)) => contract(v.digest_done(tag, digest)),
-                    None => {}
-                }
-            }
+            ReadFor::Verify => contract(inner.runs.verify_digest_done(bm, run, tag, digest)),
             ReadFor::TargetDigest => contract(inner.runs.digest_done(bm, run, tag, digest)),
             ReadFor::Source { .. } => {
                 let outcome = if buf.is_some() || hole {
@@ -1095,23 +967,16 @@ impl Volume {
         let bm = inner.primary.out_of_sync_mut();
         if let Some(tag) = primary_tag {
             inner.runs.source_write_end(bm, tag);
-            if let Some(VerifyRun::Source(v, _)) = inner.verify.as_mut() {
-                let _ = v.app_write_end(tag);
-            }
         }
         if let Some(token) = token {
             inner.runs.app_write_end(bm, token);
         }
     }
 
-    /// A Primary write is about to be submitted: the source holds reads of its range.
+    /// A Primary write is about to be submitted: the source (and this node's verify)
+    /// hold reads of its range.
     pub(super) fn source_track(inner: &mut Inner, tag: u64, sector: u64, len: u32) {
         inner.runs.source_write_begin(tag, sector, len);
-        if let Some(VerifyRun::Source(v, _)) = inner.verify.as_mut() {
-            if let Err(e) = v.app_write_begin(tag, sector, len) {
-                tracing::warn!("online verify cannot track a write: {e}");
-            }
-        }
     }
 
     /// `connect --discard-my-data`: the next handshake says this node loses a split
@@ -1320,13 +1185,9 @@ impl Volume {
 
     /// The `verify` object of the status (the running one, either side).
     pub(super) fn verify_status(inner: &Inner) -> serde_json::Value {
-        match &inner.verify {
-            Some(v) => {
-                let role = match v {
-                    VerifyRun::Source(..) => "VerifyS",
-                    VerifyRun::Peer(..) => "VerifyT",
-                };
-                let mut j = serde_json::to_value(v.progress()).unwrap_or_default();
+        match inner.runs.verify_progress() {
+            Some((role, p)) => {
+                let mut j = serde_json::to_value(p).unwrap_or_default();
                 if let Some(m) = j.as_object_mut() {
                     m.insert("role".into(), role.into());
                 }
