@@ -366,6 +366,16 @@ impl Receiver {
         Ok(())
     }
 
+    /// The writes submitted to the disk and not completed yet, as `(token, sector, len)`,
+    /// of this connection or an earlier one: what a resync starting now must be told of.
+    pub fn submitted_writes(&self) -> impl Iterator<Item = (u64, u64, u32)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live && s.submitted)
+            .map(|(i, s)| (make_handle(i, s.gen), s.w.sector, s.w.len))
+    }
+
     /// The local flush `token` finished. On success every epoch whose flush was issued no
     /// later than this one is acknowledged, oldest first.
     pub fn local_flush_done(&mut self, token: u64, ok: bool) -> Result<(), Error> {
@@ -539,6 +549,23 @@ mod tests {
             O::SubmitLocalFlush { token } => Some(*token),
             _ => None,
         })
+    }
+
+    #[test]
+    fn submitted_writes_are_those_on_the_disk_across_a_connection_loss() {
+        let mut r = rx(8, 8);
+        let t1 = r.peer_write(w(1, 0, dp::DP_SEND_WRITE_ACK)).unwrap();
+        let t2 = r.peer_write(w(2, 8, dp::DP_SEND_WRITE_ACK)).unwrap();
+        assert_eq!(submitted(&outs(&mut r)), vec![t1, t2]);
+        r.local_done(t1, true).unwrap();
+        r.connection_lost();
+        // The write of the lost connection still on the disk is one.
+        assert_eq!(
+            r.submitted_writes().collect::<Vec<_>>(),
+            vec![(t2, 8, 4096)]
+        );
+        r.local_done(t2, true).unwrap();
+        assert_eq!(r.submitted_writes().count(), 0);
     }
 
     #[test]

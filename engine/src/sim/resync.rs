@@ -562,7 +562,7 @@ impl Sim {
 
     /// The previous connection's resync IO, the Secondary's writes and the split-brain
     /// writer are done (DRBD, too, waits for the old connection's requests before it
-    /// connects again).
+    /// connects again; so does the daemon, `Volume::wait_sync_io_idle`).
     fn connect_ready(&self) -> bool {
         !matches!(self.rs.sb, Sb::Writing { .. })
             && self.rs.s_local_idle()

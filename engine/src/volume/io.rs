@@ -439,9 +439,7 @@ impl Volume {
         data: Option<PeerData>,
     ) {
         if self.detached.load(Ordering::Relaxed) {
-            let Some(v) = self.me.upgrade() else { return };
-            self.rt
-                .spawn(async move { v.resync_write_done(run, tag, false) });
+            self.spawn_task(move |v| async move { v.resync_write_done(run, tag, false) });
             return;
         }
         let offset = sector * SECTOR_SIZE as u64;
@@ -498,9 +496,8 @@ impl Volume {
 
     /// Completes `what` from a task (never inline in `run`).
     fn io_done_later(&self, what: impl Into<TableOp>, result: IoResult) {
-        let Some(me) = self.me.upgrade() else { return };
         let what = what.into();
-        self.rt.spawn(async move { me.op_done(what, result) });
+        self.spawn_task(move |v| async move { v.op_done(what, result) });
     }
 
     /// A core's sink op ended: feed its core.
@@ -567,12 +564,11 @@ impl Volume {
             return self.local_write_done(side, sector, len, true);
         };
         tracing::warn!("local {kind:?} of {len} bytes at sector {sector} failed: {e}");
-        let Some(me) = self.me.upgrade() else { return };
         // Recorded before the write completes (and before a Secondary answers
         // P_NEG_ACK): never UpToDate again without a resync.
-        self.rt.spawn(async move {
-            me.record_disk_failure(side, sector, len, true).await;
-            me.local_write_done(side, sector, len, false);
+        self.spawn_task(move |v| async move {
+            v.record_disk_failure(side, sector, len, true).await;
+            v.local_write_done(side, sector, len, false);
         });
     }
 
@@ -665,6 +661,7 @@ impl Volume {
                     Self::sync_write_ended(inner, None, Some(token));
                     contract(inner.receiver.local_done(token, ok));
                     v.drain_receiver(inner, fx);
+                    v.wake_if_idle(inner);
                 }
             }
             v.drain_sync(inner, fx);
@@ -674,8 +671,7 @@ impl Volume {
     /// A local write that is not submitted (a detached disk; `attempted`: a data write
     /// without its buffer) fails as a failed write does, from a task.
     fn fail_local_write(&self, side: Side, sector: u64, len: u32, attempted: bool) {
-        let Some(v) = self.me.upgrade() else { return };
-        self.rt.spawn(async move {
+        self.spawn_task(move |v| async move {
             // A detached disk takes no more writes (`on-io-error detach`); the failure is
             // recorded before the write completes, as for a failed write.
             v.record_disk_failure(side, sector, len, attempted).await;

@@ -343,8 +343,12 @@ pub struct Volume {
     core_room: Notify,
     /// A connection finished its handshake.
     link_up: Notify,
-    /// The last resync read or write in flight ended (see `wait_sync_io_idle`).
+    /// The resync runs and the peer's writes on the disk became idle (see
+    /// `wait_sync_io_idle`), notified only while `idle_wanted`.
     sync_io_idle: Notify,
+    /// A new connection waits for `sync_io_idle` (so a peer write's completion costs one
+    /// atomic load, not a notify, the rest of the time).
+    idle_wanted: std::sync::atomic::AtomicBool,
     /// A resync or verify run started: the connection's resync clock runs again.
     sync_run_started: Notify,
     /// How long a state change request waits for the peer (DRBD's `timeout`).
@@ -557,6 +561,7 @@ impl Volume {
             core_room: Notify::new(),
             link_up: Notify::new(),
             sync_io_idle: Notify::new(),
+            idle_wanted: std::sync::atomic::AtomicBool::new(false),
             sync_run_started: Notify::new(),
             state_timeout: config.net.timeout.max(Duration::from_millis(100)),
             on_io_error: config.disk.on_io_error,
@@ -1096,8 +1101,7 @@ impl Volume {
     /// cannot be made durable, the disk goes out of use, as writing on in a generation
     /// that is not on disk would hide a split brain later.
     fn fail_disk_unless_durable(&self, t: Ticket) {
-        let Some(me) = self.me.upgrade() else { return };
-        self.rt.spawn(async move {
+        self.spawn_task(move |me| async move {
             if let Err(e) = me.meta.durable(t).await {
                 tracing::error!("{e}; the disk goes out of use");
                 let mut fx = Vec::new();
@@ -1953,38 +1957,29 @@ impl Volume {
                     len,
                     data,
                 } => self.start_sync_write((run, tag), sector, len, data),
-                e => self.spawn_sync_effect(e),
+                // Rare (every 5 s of a resync, once at its end): tasks on the runtime.
+                Effect::SyncBitmap => self.spawn_task(|v| async move {
+                    if let Err(e) = v.write_target_pages().await {
+                        // The on-disk bits stay set: a restart resyncs more, never less.
+                        tracing::warn!("lazy bitmap write-out during resync: {e}");
+                    }
+                }),
+                Effect::SyncFinish { run, uuids } => {
+                    self.spawn_task(move |v| async move { v.finish_target(run, uuids).await });
+                }
             }
         }
         io::recycle(effects);
     }
 
-    /// The resync effects that run as tasks on the volume's runtime (rare: the lazy
-    /// bitmap write-out, the end of a run); resync reads and writes go through the
-    /// store's completion sink (`io.rs`).
-    fn spawn_sync_effect(&self, e: Effect) {
-        let Some(v) = self.me.upgrade() else { return };
-        match e {
-            Effect::SyncBitmap => {
-                self.rt.spawn(async move {
-                    if let Err(e) = v.write_target_pages().await {
-                        // The on-disk bits stay set: a restart resyncs more, never less.
-                        tracing::warn!("lazy bitmap write-out during resync: {e}");
-                    }
-                });
-            }
-            Effect::SyncFinish { run, uuids } => {
-                self.rt
-                    .spawn(async move { v.finish_target(run, uuids).await });
-            }
-            // `run` handles the others.
-            Effect::Complete { .. }
-            | Effect::LocalWrite(_)
-            | Effect::PrimaryFlush { .. }
-            | Effect::MetaWrite(_)
-            | Effect::FlushRound
-            | Effect::SyncRead { .. }
-            | Effect::SyncWrite { .. } => {}
+    /// Runs `f` on the volume as a task of its runtime (not after the volume is gone).
+    fn spawn_task<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<Volume>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if let Some(v) = self.me.upgrade() {
+            self.rt.spawn(f(v));
         }
     }
 

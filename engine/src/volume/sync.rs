@@ -222,26 +222,38 @@ impl Volume {
     }
 
     /// Waits (≤ [`SYNC_IO_DRAIN`]) until no resync read or write of an earlier
-    /// connection is in flight.
+    /// connection is in flight, no end of a run is being recorded and none of the peer's
+    /// writes is on the disk (DRBD, too, waits for the old connection's requests; a new
+    /// target is told of any still there after the wait, `SyncRuns::start_target`).
     pub(super) async fn wait_sync_io_idle(&self) {
+        use std::sync::atomic::Ordering;
+        // Set before each check under the lock: a completion that makes the volume idle
+        // after the check sees it and notifies.
+        self.idle_wanted.store(true, Ordering::SeqCst);
         let idle = async {
             loop {
                 let ended = self.sync_io_idle.notified();
-                if self.lock().runs.idle() {
+                if Self::io_idle(&self.lock()) {
                     return;
                 }
                 ended.await;
             }
         };
-        if tokio::time::timeout(SYNC_IO_DRAIN, idle).await.is_err() {
-            tracing::warn!("resync IO of the previous connection still in flight");
+        let drained = tokio::time::timeout(SYNC_IO_DRAIN, idle).await.is_ok();
+        self.idle_wanted.store(false, Ordering::SeqCst);
+        if !drained {
+            tracing::warn!("resync IO or peer writes of the previous connection still in flight");
         }
     }
 
-    /// Wakes `wait_sync_io_idle` when the runs are idle (after a resync IO or the end of
-    /// a run).
-    fn wake_if_idle(&self, inner: &Inner) {
-        if inner.runs.idle() {
+    fn io_idle(inner: &Inner) -> bool {
+        inner.runs.idle() && inner.receiver.stats().active_writes == 0
+    }
+
+    /// Wakes `wait_sync_io_idle` when it waits and the volume is idle (after a resync IO,
+    /// the end of a run, a peer write's completion).
+    pub(super) fn wake_if_idle(&self, inner: &Inner) {
+        if self.idle_wanted.load(std::sync::atomic::Ordering::SeqCst) && Self::io_idle(inner) {
             self.sync_io_idle.notify_waiters();
         }
     }
@@ -269,11 +281,14 @@ impl Volume {
                 };
                 let bm = inner.primary.out_of_sync();
                 let total = bm.count();
-                // A SyncTarget Primary's writes on the disk now are tracked until retired.
+                // The writes on the disk now: a SyncTarget Primary's (tracked until
+                // retired) and the peer's, of the previous connection too — a resync write
+                // must not land under one of them.
                 let in_flight: Vec<(u64, u64, u32)> = inner
                     .primary
                     .submitted_writes()
                     .map(|(tag, sector, len, _)| (primary_app_id(tag), sector, len))
+                    .chain(inner.receiver.submitted_writes())
                     .collect();
                 match inner
                     .runs
@@ -1105,21 +1120,19 @@ impl Volume {
                 let t = v.declare_in_sync(inner, uuids);
                 tracing::info!("the peer skipped the initial sync: UpToDate");
                 // P_STATE says UpToDate once the superblock and the pages do.
-                if let Some(me) = v.me.upgrade() {
-                    v.rt.spawn(async move {
-                        let done = match me.meta.durable(t).await {
-                            Ok(()) => me.write_dirty_pages().await,
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = done {
-                            tracing::error!("skipped initial sync: {e}");
-                        }
-                        let mut g = me.lock();
-                        if g.link.as_ref().is_some_and(|l| l.session() == session) {
-                            me.send_state(&mut g);
-                        }
-                    });
-                }
+                v.spawn_task(move |me| async move {
+                    let done = match me.meta.durable(t).await {
+                        Ok(()) => me.write_dirty_pages().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = done {
+                        tracing::error!("skipped initial sync: {e}");
+                    }
+                    let mut g = me.lock();
+                    if g.link.as_ref().is_some_and(|l| l.session() == session) {
+                        me.send_state(&mut g);
+                    }
+                });
             }
             Ok(())
         });
