@@ -252,16 +252,25 @@ impl<H> SyncRuns<H> {
     }
 
     /// Starts a target over `bm` (its set bits are what to fetch), at the previous run's
-    /// resume position. `in_flight`: application writes on the disk now, `(id, sector,
-    /// len)`, each ended later with [`Self::app_write_end`]. Returns the run id.
+    /// resume position, told of the writes on the disk now as `(tag or token, sector,
+    /// len)`: this node's (submitted, not retired; each ended with
+    /// [`Self::primary_write_retired`]) and the peer's (each ended with
+    /// [`Self::peer_write_end`]). Returns the run id.
     pub(crate) fn start_target(
         &mut self,
         mut cfg: TargetConfig,
         bm: &OutOfSync,
         tick: &TickInput,
         peer_uuids: UuidSet,
-        in_flight: impl IntoIterator<Item = (u64, u64, u32)>,
+        (primary, peer): (
+            impl IntoIterator<Item = (u64, u64, u32)>,
+            impl IntoIterator<Item = (u64, u64, u32)>,
+        ),
     ) -> Result<u64, Error> {
+        let primary = primary
+            .into_iter()
+            .map(|(tag, sector, len)| (primary_id(tag), sector, len));
+        let in_flight = primary.chain(peer);
         cfg.start_block = self.resume_block;
         #[allow(unused_mut)]
         let mut t = Target::new(cfg, bm, tick)?;
@@ -607,9 +616,32 @@ impl<H> SyncRuns<H> {
         r
     }
 
-    /// This node's application write `tag` is about to be submitted: the source (and
-    /// this node's verify) hold reads of its range until [`Self::source_write_end`].
-    pub(crate) fn source_write_begin(&mut self, tag: u64, sector: u64, len: u32) {
+    /// This node's application write `tag` (a Primary core's) is about to be submitted:
+    /// the source and this node's verify hold reads of its range until
+    /// [`Self::primary_write_on_disk`]; a target (a SyncTarget Primary) may hold the write
+    /// itself — `Some(write)`: submit it now, `None`: [`SyncAction::Release`] gives it
+    /// back — and tracks it until [`Self::primary_write_retired`].
+    pub(crate) fn primary_write_begin(
+        &mut self,
+        bm: &mut OutOfSync,
+        (tag, sector, len): (u64, u64, u32),
+        write: H,
+    ) -> Option<H> {
+        self.source_write_begin(tag, sector, len);
+        self.peer_write_begin(bm, (primary_id(tag), sector, len), write)
+    }
+
+    /// This node's application write `tag` is on the disk.
+    pub(crate) fn primary_write_on_disk(&mut self, bm: &mut OutOfSync, tag: u64) {
+        self.source_write_end(bm, tag);
+    }
+
+    /// This node's application write `tag` is retired (both copies done).
+    pub(crate) fn primary_write_retired(&mut self, bm: &mut OutOfSync, tag: u64) {
+        self.peer_write_end(bm, primary_id(tag));
+    }
+
+    fn source_write_begin(&mut self, tag: u64, sector: u64, len: u32) {
         if let Some(r) = self.source.as_mut() {
             if let Err(e) = r.s.app_write_begin(tag, sector, len) {
                 tracing::warn!("resync source cannot track a write: {e}");
@@ -623,8 +655,7 @@ impl<H> SyncRuns<H> {
         }
     }
 
-    /// This node's application write `tag` is on the disk.
-    pub(crate) fn source_write_end(&mut self, bm: &mut OutOfSync, tag: u64) {
+    fn source_write_end(&mut self, bm: &mut OutOfSync, tag: u64) {
         if let Some((Verify::Source(v), _)) = self.verify.as_mut() {
             let _ = v.app_write_end(tag);
         }
@@ -634,15 +665,13 @@ impl<H> SyncRuns<H> {
         }
     }
 
-    /// An application write `id` is about to be submitted on a SyncTarget: `Some(write)`
-    /// to submit it now, `None` when the target holds it ([`SyncAction::Release`] gives
-    /// it back). Either way end it with [`Self::app_write_end`] when it is on the disk.
-    pub(crate) fn app_write_begin(
+    /// The peer's write `token` is about to be submitted on this node: a target may hold
+    /// it — `Some(write)`: submit it now, `None`: [`SyncAction::Release`] gives it back.
+    /// Either way end it with [`Self::peer_write_end`] when it is on the disk.
+    pub(crate) fn peer_write_begin(
         &mut self,
         bm: &mut OutOfSync,
-        id: u64,
-        sector: u64,
-        len: u32,
+        (id, sector, len): (u64, u64, u32),
         write: H,
     ) -> Option<H> {
         let Some(r) = self.target.as_mut() else {
@@ -664,10 +693,10 @@ impl<H> SyncRuns<H> {
         }
     }
 
-    /// The application write `id` is on the disk, or dropped (a held one is then
+    /// The peer's write `token` is on the disk, or dropped (a held one is then
     /// forgotten): the target stops tracking it (unknown ids — writes from before the
     /// run — are ignored).
-    pub(crate) fn app_write_end(&mut self, bm: &mut OutOfSync, id: u64) {
+    pub(crate) fn peer_write_end(&mut self, bm: &mut OutOfSync, id: u64) {
         if let Some(r) = self.target.as_mut() {
             r.held.remove(&id);
             let _ = r.t.app_write_end(id);
@@ -897,6 +926,12 @@ impl<H> SyncRuns<H> {
     }
 }
 
+/// A Primary write's id in the target: the peer's writes use the receiver's tokens, all
+/// below 2^63.
+fn primary_id(tag: u64) -> u64 {
+    tag | 1 << 63
+}
+
 /// The stream class of a resync or verify packet: acks go on the meta stream, requests
 /// and data on the resync stream.
 fn stream_of(pkt: &Packet) -> Stream {
@@ -949,7 +984,13 @@ mod tests {
         let mut runs = SyncRuns::default();
         let cfg = TargetConfig::new(SECTORS);
         let run = runs
-            .start_target(cfg, &bm, &tick(0), peer(), in_flight.iter().copied())
+            .start_target(
+                cfg,
+                &bm,
+                &tick(0),
+                peer(),
+                (std::iter::empty(), in_flight.iter().copied()),
+            )
             .unwrap();
         assert!(runs.tick(&mut bm, &tick(100)));
         (runs, bm, run)
@@ -1027,13 +1068,17 @@ mod tests {
             let (mut runs, mut bm, run) = target_with_request(&[]);
             runs.take_actions();
             let (_, tag) = runs.data_reply(&mut bm, 0, 4096).unwrap().unwrap();
-            assert_eq!(runs.app_write_begin(&mut bm, 9, 0, 4096, "w"), None, "held");
+            assert_eq!(
+                runs.peer_write_begin(&mut bm, (9, 0, 4096), "w"),
+                None,
+                "held"
+            );
             if lose {
                 runs.connection_lost();
                 assert!(runs.take_actions().is_empty(), "still held");
                 assert_eq!(runs.held(), 1);
                 // A write this node takes meanwhile waits too.
-                assert_eq!(runs.app_write_begin(&mut bm, 10, 0, 4096, "x"), None);
+                assert_eq!(runs.peer_write_begin(&mut bm, (10, 0, 4096), "x"), None);
             }
             runs.write_done(&mut bm, run, tag, true).unwrap();
             let mut released: Vec<_> = runs

@@ -1181,7 +1181,7 @@ impl Sim {
                 if fail {
                     self.primary_write_failed(sector, len)?;
                 }
-                self.source_app_write_end(tag)?;
+                self.primary_write_on_disk(tag)?;
                 self.primary
                     .local_done(tag, !fail)
                     .map_err(|e| format!("primary local_done: {e}"))?;
@@ -1827,7 +1827,7 @@ impl Sim {
                     if self.p_tags.insert(tag, (sector, len)).is_some() {
                         return Err(format!("tag {tag:#x} submitted twice"));
                     }
-                    self.source_app_write_begin(tag, sector, len);
+                    self.primary_write_begin(tag, sector, len)?;
                     let fail = self.rng.chance(self.params.fail_ppm[0]);
                     let d = self.rng.range(1, self.params.disk_delay.0);
                     let inc = self.inc;
@@ -1888,11 +1888,12 @@ impl Sim {
                     self.send_data(DataMsg::Barrier(nr));
                 }
                 PrimaryOutput::Complete { id, result } => self.on_complete(id, result.is_ok())?,
-                PrimaryOutput::Retired { .. } => {
+                PrimaryOutput::Retired { tag, .. } => {
                     self.retired += 1;
                     if self.retired > self.admitted {
                         return Err("more writes retired than admitted".into());
                     }
+                    self.primary_write_retired(tag)?;
                 }
             }
         }

@@ -936,7 +936,13 @@ impl Sim {
         let run = self
             .rs
             .s_runs
-            .start_target(cfg, &self.rs.s_bm, &tick, self.rs.s_peer, in_flight)
+            .start_target(
+                cfg,
+                &self.rs.s_bm,
+                &tick,
+                self.rs.s_peer,
+                (std::iter::empty(), in_flight),
+            )
             .map_err(|e| format!("target: {e}"))?;
         self.at(1, Ev::RsTick { run });
         Ok(())
@@ -1284,13 +1290,31 @@ impl Sim {
         Ok(())
     }
 
-    pub(super) fn source_app_write_begin(&mut self, tag: u64, sector: u64, len: u32) {
+    /// The Primary's write `tag` is submitted to its disk: the runs track it (the
+    /// daemon's `SyncRuns::primary_write_begin`; the simulated Primary is never a
+    /// SyncTarget, so nothing holds it).
+    pub(super) fn primary_write_begin(
+        &mut self,
+        tag: u64,
+        sector: u64,
+        len: u32,
+    ) -> Result<(), String> {
         self.rs.p_app_sectors += u64::from(len / SECTOR);
-        self.rs.p_runs.source_write_begin(tag, sector, len);
+        match self.p_call(|r, bm| r.primary_write_begin(bm, (tag, sector, len), tag)) {
+            Some(_) => Ok(()),
+            None => Err(format!("the Primary's write {tag:#x} was held by a resync")),
+        }
     }
 
-    pub(super) fn source_app_write_end(&mut self, tag: u64) -> Result<(), String> {
-        self.p_call(|r, bm| r.source_write_end(bm, tag));
+    /// The Primary's write `tag` is on its disk.
+    pub(super) fn primary_write_on_disk(&mut self, tag: u64) -> Result<(), String> {
+        self.p_call(|r, bm| r.primary_write_on_disk(bm, tag));
+        self.p_actions()
+    }
+
+    /// The Primary's write `tag` is retired.
+    pub(super) fn primary_write_retired(&mut self, tag: u64) -> Result<(), String> {
+        self.p_call(|r, bm| r.primary_write_retired(bm, tag));
         self.p_actions()
     }
 
@@ -1516,7 +1540,7 @@ impl Sim {
         let go = self
             .rs
             .s_runs
-            .app_write_begin(&mut self.rs.s_bm, token, sector, len, token)
+            .peer_write_begin(&mut self.rs.s_bm, (token, sector, len), token)
             .is_some();
         b.held = !go;
         if !go {
@@ -1527,7 +1551,7 @@ impl Sim {
 
     /// A replicated write is done on the Secondary (landed, or discarded).
     pub(super) fn target_app_write_end(&mut self, token: u64) -> Result<(), String> {
-        self.rs.s_runs.app_write_end(&mut self.rs.s_bm, token);
+        self.rs.s_runs.peer_write_end(&mut self.rs.s_bm, token);
         self.s_actions()
     }
 

@@ -1757,7 +1757,6 @@ impl Volume {
                     fua,
                 } => {
                     let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
-                    Self::source_track(inner, tag, sector, len);
                     let e = Effect::LocalWrite(LocalWrite {
                         side: Side::Primary(tag),
                         sector,
@@ -1766,7 +1765,9 @@ impl Volume {
                         fua,
                         buf: buf.map(Buf::Shared),
                     });
-                    if let Some(e) = Self::target_gate(inner, sync::primary_app_id(tag), e) {
+                    // The resync runs track it (and a SyncTarget Primary's may hold it).
+                    let bm = inner.primary.out_of_sync_mut();
+                    if let Some(e) = inner.runs.primary_write_begin(bm, (tag, sector, len), e) {
                         fx.push(e);
                     }
                 }
@@ -1828,7 +1829,7 @@ impl Volume {
                     self.core_room.notify_waiters();
                     // A SyncTarget Primary's write: tracked until retired (target.rs).
                     let bm = inner.primary.out_of_sync_mut();
-                    inner.runs.app_write_end(bm, sync::primary_app_id(tag));
+                    inner.runs.primary_write_retired(bm, tag);
                 }
             }
         }
@@ -1865,7 +1866,9 @@ impl Volume {
                         fua,
                         buf: buf.map(Buf::Owned),
                     });
-                    if let Some(e) = Self::target_gate(inner, token, e) {
+                    // A SyncTarget may hold it.
+                    let bm = inner.primary.out_of_sync_mut();
+                    if let Some(e) = inner.runs.peer_write_begin(bm, (token, sector, len), e) {
                         fx.push(e);
                     }
                     continue;

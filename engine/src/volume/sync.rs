@@ -32,9 +32,9 @@
 //!
 //! Application writes and resync (`docs/design.md` §3): the Primary's local writes are
 //! reported to the source (it holds back reads of ranges being written); the peer's
-//! writes on a SyncTarget, and a SyncTarget Primary's own until retired, go through
-//! [`Volume::target_gate`], and a write the target holds waits in the runs as its effect
-//! until released.
+//! writes on a SyncTarget, and a SyncTarget Primary's own until retired, are gated by
+//! the runs (`SyncRuns::peer_write_begin`, `primary_write_begin`), and a write the target
+//! holds waits in the runs as its effect until released.
 //!
 //! The end: the target's `Finished` with nothing left flushes the data, writes the bitmap,
 //! adopts the source's UUIDs and sets `MDF_CONSISTENT` (disk UpToDate), then says so in
@@ -72,12 +72,6 @@ pub const MAX_REMOTE_READS: usize = 1024;
 
 /// Reads this node serves for its peer at once; the data socket waits beyond it.
 pub const MAX_PEER_READS: usize = 64;
-
-/// The Target's id for a Primary write (peer writes use the receiver's token, below
-/// 2^63).
-pub(super) fn primary_app_id(tag: u64) -> u64 {
-    tag | 1 << 63
-}
 
 /// Resync settings from the configuration.
 #[derive(Debug, Clone)]
@@ -284,12 +278,13 @@ impl Volume {
                 // The writes on the disk now: a SyncTarget Primary's (tracked until
                 // retired) and the peer's, of the previous connection too — a resync write
                 // must not land under one of them.
-                let in_flight: Vec<(u64, u64, u32)> = inner
-                    .primary
-                    .submitted_writes()
-                    .map(|(tag, sector, len, _)| (primary_app_id(tag), sector, len))
-                    .chain(inner.receiver.submitted_writes())
-                    .collect();
+                let in_flight = (
+                    inner
+                        .primary
+                        .submitted_writes()
+                        .map(|(tag, sector, len, _)| (tag, sector, len)),
+                    inner.receiver.submitted_writes(),
+                );
                 match inner
                     .runs
                     .start_target(cfg, bm, &tick, peer.uuids, in_flight)
@@ -961,18 +956,6 @@ impl Volume {
         self.wake_if_idle(inner);
     }
 
-    /// A write of a core is about to be submitted on this node: the target may hold it
-    /// (`id`: the receiver's token, or [`primary_app_id`]). Returns the effect back if it
-    /// may go now.
-    pub(super) fn target_gate(inner: &mut Inner, id: u64, e: Effect) -> Option<Effect> {
-        let Effect::LocalWrite(super::LocalWrite { sector, len, .. }) = &e else {
-            return Some(e);
-        };
-        let (sector, len) = (*sector, *len);
-        let bm = inner.primary.out_of_sync_mut();
-        inner.runs.app_write_begin(bm, id, sector, len, e)
-    }
-
     /// A local write of a core ended: the resync machines stop tracking it.
     pub(super) fn sync_write_ended(
         inner: &mut Inner,
@@ -981,17 +964,11 @@ impl Volume {
     ) {
         let bm = inner.primary.out_of_sync_mut();
         if let Some(tag) = primary_tag {
-            inner.runs.source_write_end(bm, tag);
+            inner.runs.primary_write_on_disk(bm, tag);
         }
         if let Some(token) = token {
-            inner.runs.app_write_end(bm, token);
+            inner.runs.peer_write_end(bm, token);
         }
-    }
-
-    /// A Primary write is about to be submitted: the source (and this node's verify)
-    /// hold reads of its range.
-    pub(super) fn source_track(inner: &mut Inner, tag: u64, sector: u64, len: u32) {
-        inner.runs.source_write_begin(tag, sector, len);
     }
 
     /// `connect --discard-my-data`: the next handshake says this node loses a split
