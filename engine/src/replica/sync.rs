@@ -50,8 +50,8 @@ use crate::net::Stream;
 use crate::request::OutOfSync;
 use crate::resync::{
     Digest, Error, Inbound, ReadOutcome, ResyncSummary, Source, SourceConfig, SourceOutput, Target,
-    TargetConfig, TargetOutput, TickInput, VerifyConfig, VerifyPeer, VerifyPeerOutput,
-    VerifyProgress, VerifySource, VerifySourceOutput,
+    TargetConfig, TargetOutput, TickInput, VerifyConfig, VerifyOutput, VerifyPeer, VerifyProgress,
+    VerifySource,
 };
 use crate::state::uuid::UuidSet;
 use crate::wire::Packet;
@@ -864,63 +864,37 @@ impl<H> SyncRuns<H> {
             return;
         };
         let run = *run;
-        // (packet, read, out of sync, finished) per output, in order.
-        type Step = (
-            Option<Packet>,
-            Option<(u64, u64, u32)>,
-            Option<(u64, u32)>,
-            Option<VerifyProgress>,
-        );
-        let steps: Vec<Step> = match v {
-            Verify::Source(vs) => vs
-                .drain_outputs()
-                .map(|o| match o {
-                    VerifySourceOutput::ReadForDigest { tag, sector, len } => {
-                        (None, Some((tag, sector, len)), None, None)
-                    }
-                    VerifySourceOutput::OutOfSync { sector, len } => {
-                        (None, None, Some((sector, len)), None)
-                    }
-                    VerifySourceOutput::Finished(p) => (None, None, None, Some(p)),
-                    other => (other.packet(), None, None, None),
-                })
-                .collect(),
-            Verify::Peer(vp) => vp
-                .drain_outputs()
-                .map(|o| match o {
-                    VerifyPeerOutput::ReadForDigest { tag, sector, len } => {
-                        (None, Some((tag, sector, len)), None, None)
-                    }
-                    VerifyPeerOutput::OutOfSync { sector, len } => {
-                        (None, None, Some((sector, len)), None)
-                    }
-                    VerifyPeerOutput::Finished(p) => (None, None, None, Some(p)),
-                    other => (other.packet(), None, None, None),
-                })
-                .collect(),
+        let outputs: Vec<VerifyOutput> = match v {
+            Verify::Source(vs) => vs.drain_outputs().collect(),
+            Verify::Peer(vp) => vp.drain_outputs().collect(),
         };
-        for (pkt, read, oos, finished) in steps {
-            if let Some(pkt) = pkt {
+        for o in outputs {
+            if let Some(pkt) = o.packet() {
                 self.out.push(send(pkt, None));
+                continue;
             }
-            if let Some((tag, sector, len)) = read {
-                self.io_in_flight += 1;
-                self.out.push(SyncAction::Read {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose: ReadFor::Verify,
-                });
-            }
-            if let Some((sector, len)) = oos {
-                tracing::warn!("online verify: {len} bytes at sector {sector} differ");
-                bm.mark(sector, len);
-            }
-            if let Some(p) = finished {
-                self.verify = None;
-                self.out.push(SyncAction::VerifyFinished(p));
-                return;
+            match o {
+                VerifyOutput::ReadForDigest { tag, sector, len } => {
+                    self.io_in_flight += 1;
+                    self.out.push(SyncAction::Read {
+                        run,
+                        tag,
+                        sector,
+                        len,
+                        purpose: ReadFor::Verify,
+                    });
+                }
+                VerifyOutput::OutOfSync { sector, len } => {
+                    tracing::warn!("online verify: {len} bytes at sector {sector} differ");
+                    bm.mark(sector, len);
+                }
+                VerifyOutput::Finished(p) => {
+                    self.verify = None;
+                    self.out.push(SyncAction::VerifyFinished(p));
+                    return;
+                }
+                // The sends went above.
+                _ => {}
             }
         }
     }

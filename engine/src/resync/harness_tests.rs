@@ -1480,7 +1480,7 @@ impl VerifyHarness {
     }
 
     fn pump(&mut self) {
-        let outs: Vec<VerifySourceOutput> = self.vs.drain_outputs().collect();
+        let outs: Vec<VerifyOutput> = self.vs.drain_outputs().collect();
         for o in outs {
             if let Some(p) = o.packet() {
                 let p = self.wire(&p);
@@ -1489,16 +1489,16 @@ impl VerifyHarness {
                 continue;
             }
             match o {
-                VerifySourceOutput::ReadForDigest { tag, sector, len } => {
+                VerifyOutput::ReadForDigest { tag, sector, len } => {
                     let d = self.rng.gen_range(0..5);
                     self.at(d, VEv::ARead(tag, sector, len));
                 }
-                VerifySourceOutput::OutOfSync { sector, len } => self.abm.mark(sector, len),
-                VerifySourceOutput::Finished(_) => self.done = true,
+                VerifyOutput::OutOfSync { sector, len } => self.abm.mark(sector, len),
+                VerifyOutput::Finished(_) => self.done = true,
                 _ => unreachable!(),
             }
         }
-        let outs: Vec<VerifyPeerOutput> = self.vp.drain_outputs().collect();
+        let outs: Vec<VerifyOutput> = self.vp.drain_outputs().collect();
         for o in outs {
             if let Some(p) = o.packet() {
                 let p = self.wire(&p);
@@ -1507,12 +1507,12 @@ impl VerifyHarness {
                 continue;
             }
             match o {
-                VerifyPeerOutput::ReadForDigest { tag, sector, len } => {
+                VerifyOutput::ReadForDigest { tag, sector, len } => {
                     let d = self.rng.gen_range(0..5);
                     self.at(d, VEv::BRead(tag, sector, len));
                 }
-                VerifyPeerOutput::OutOfSync { sector, len } => self.bbm.mark(sector, len),
-                VerifyPeerOutput::Finished(_) => {}
+                VerifyOutput::OutOfSync { sector, len } => self.bbm.mark(sector, len),
+                VerifyOutput::Finished(_) => {}
                 _ => unreachable!(),
             }
         }
@@ -1969,12 +1969,12 @@ fn random_inputs_return_errors_never_panic() {
                 }
             }
             for o in vs.drain_outputs() {
-                if let VerifySourceOutput::ReadForDigest { tag, .. } = o {
+                if let VerifyOutput::ReadForDigest { tag, .. } = o {
                     tags.push(tag);
                 }
             }
             for o in vp.drain_outputs() {
-                if let VerifyPeerOutput::ReadForDigest { tag, .. } = o {
+                if let VerifyOutput::ReadForDigest { tag, .. } = o {
                     tags.push(tag);
                 }
             }
@@ -2082,11 +2082,11 @@ fn verify_waits_at_an_extent_with_a_write_in_flight() {
         now_ms: 100,
         ..TickInput::default()
     });
-    let outs: Vec<VerifySourceOutput> = v.drain_outputs().collect();
+    let outs: Vec<VerifyOutput> = v.drain_outputs().collect();
     assert!(!outs.is_empty());
     assert_eq!(
         outs[0],
-        VerifySourceOutput::SendOvRequest {
+        VerifyOutput::SendOvRequest {
             sector: 0,
             len: 4096
         }

@@ -71,11 +71,12 @@
 //!   [`TargetOutput::AppWriteReady`]. Writes acked with `P_RS_WRITE_ACK`
 //!   (`DP_MAY_SET_IN_SYNC`) clear bits through [`Target::set_in_sync`]; blocks that go out
 //!   of sync during the run are reported with [`Target::mark_out_of_sync`].
-//! - The target owns the bitmap for the run: the driver writes its dirty pages
-//!   ([`Target::bitmap_mut`]) lazily, and on disconnect persists them with the resume
-//!   position. On [`TargetOutput::Finished`] with `left_blocks` 0 the disk becomes
-//!   UpToDate. The source's bitmap stays the driver's; [`SourceOutput::SetInSync`] says
-//!   what to clear in it.
+//! - Neither machine owns a bitmap: the node has one (the driver's), and every call that
+//!   reads or changes it borrows it. The driver writes the target's cleared bits lazily,
+//!   and on disconnect keeps [`Target::resume_position`]. On [`TargetOutput::Finished`]
+//!   with `left_blocks` 0 the disk becomes UpToDate. [`SourceOutput::SetInSync`] says
+//!   what to clear on the source's side. The runs of a node (ids, held writes, the end,
+//!   a connection loss) are `replica::SyncRuns`'s.
 //! - `pause-sync`/`resume-sync`: [`Target::pause`], [`Target::resume`]; status:
 //!   [`Target::progress`], [`Source::stats`], [`VerifySource::progress`].
 
@@ -100,8 +101,7 @@ pub use target::{
     ResyncSummary, Target, TargetConfig, TargetOutput, TargetProgress, MAX_FAILED_RANGES,
 };
 pub use verify::{
-    VerifyConfig, VerifyPeer, VerifyPeerOutput, VerifyProgress, VerifySource, VerifySourceOutput,
-    MAX_REPORTED_RANGES,
+    VerifyConfig, VerifyOutput, VerifyPeer, VerifyProgress, VerifySource, MAX_REPORTED_RANGES,
 };
 
 pub use crate::request::Error;

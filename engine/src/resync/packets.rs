@@ -1,16 +1,13 @@
 //! The packets of resync and verify: what each send output puts on the wire
-//! ([`TargetOutput::packet`], [`SourceOutput::packet`], [`VerifySourceOutput::packet`],
-//! [`VerifyPeerOutput::packet`]) and which machine input a received packet is
-//! ([`Inbound::from_packet`]).
+//! ([`TargetOutput::packet`], [`SourceOutput::packet`], [`VerifyOutput::packet`]) and
+//! which machine input a received packet is ([`Inbound::from_packet`]).
 //!
 //! Every resync request and its answers carry `block_id` = `ID_SYNCER` (all ones); a
 //! `P_RS_WRITE_ACK` or `P_NEG_ACK` with any other `block_id` acknowledges an application
 //! write and belongs to the write pipeline, not here (DRBD's `got_BlockAck`,
 //! `got_NegAck`). `P_OV_RESULT` says in sync with `block_id` 4711, out of sync with 4712.
 
-use super::{
-    Digest, Error, RequestKind, SourceOutput, TargetOutput, VerifyPeerOutput, VerifySourceOutput,
-};
+use super::{Digest, Error, RequestKind, SourceOutput, TargetOutput, VerifyOutput};
 use crate::wire::{
     BlockAck, BlockDesc, BlockReq, Command, DataHeader, Packet, ID_IN_SYNC, ID_OUT_OF_SYNC,
     ID_SYNCER,
@@ -104,14 +101,19 @@ impl SourceOutput {
     }
 }
 
-impl VerifySourceOutput {
+impl VerifyOutput {
     /// The packet this output sends, if it is a send.
     pub fn packet(&self) -> Option<Packet> {
         Some(match *self {
-            VerifySourceOutput::SendOvRequest { sector, len } => {
+            VerifyOutput::SendOvRequest { sector, len } => {
                 req(Command::P_OV_REQUEST, sector, len, &[])
             }
-            VerifySourceOutput::SendOvResult {
+            VerifyOutput::SendOvReply {
+                sector,
+                len,
+                digest,
+            } => req(Command::P_OV_REPLY, sector, len, digest.as_bytes()),
+            VerifyOutput::SendOvResult {
                 sector,
                 len,
                 in_sync,
@@ -121,20 +123,6 @@ impl VerifySourceOutput {
             }
             _ => return None,
         })
-    }
-}
-
-impl VerifyPeerOutput {
-    /// The packet this output sends, if it is a send.
-    pub fn packet(&self) -> Option<Packet> {
-        match *self {
-            VerifyPeerOutput::SendOvReply {
-                sector,
-                len,
-                digest,
-            } => Some(req(Command::P_OV_REPLY, sector, len, digest.as_bytes())),
-            _ => None,
-        }
     }
 }
 
@@ -415,7 +403,7 @@ mod tests {
                 },
             ),
             (
-                VerifySourceOutput::SendOvRequest {
+                VerifyOutput::SendOvRequest {
                     sector: 0,
                     len: 4096,
                 }
@@ -426,7 +414,7 @@ mod tests {
                 },
             ),
             (
-                VerifySourceOutput::SendOvResult {
+                VerifyOutput::SendOvResult {
                     sector: 0,
                     len: 4096,
                     in_sync: false,
@@ -439,7 +427,7 @@ mod tests {
                 },
             ),
             (
-                VerifyPeerOutput::SendOvReply {
+                VerifyOutput::SendOvReply {
                     sector: 0,
                     len: 4096,
                     digest: d,

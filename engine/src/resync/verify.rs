@@ -134,58 +134,19 @@ pub struct VerifyProgress {
     pub finished: bool,
 }
 
-/// What VerifyS asks its driver to do.
+/// What a verify machine asks its driver to do. VerifyS ([`VerifySource`]) sends
+/// `P_OV_REQUEST` and `P_OV_RESULT`, VerifyT ([`VerifyPeer`]) `P_OV_REPLY`; both read,
+/// mark and finish.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VerifySourceOutput {
-    /// Send `P_OV_REQUEST` (`block_id` = `ID_SYNCER`).
+pub enum VerifyOutput {
+    /// VerifyS: send `P_OV_REQUEST` (`block_id` = `ID_SYNCER`).
     SendOvRequest {
         /// First sector.
         sector: u64,
         /// Bytes (4 KiB, less at the device's end).
         len: u32,
     },
-    /// Read the local block and compute its digest; report [`VerifySource::digest_done`].
-    ReadForDigest {
-        /// Handle to pass back.
-        tag: u64,
-        /// First sector.
-        sector: u64,
-        /// Bytes.
-        len: u32,
-    },
-    /// Send `P_OV_RESULT` (meta socket; `block_id` 4711 if `in_sync`, else 4712).
-    SendOvResult {
-        /// First sector.
-        sector: u64,
-        /// Bytes.
-        len: u32,
-        /// The digests matched.
-        in_sync: bool,
-    },
-    /// Mark the range out of sync in this node's bitmap (and log it).
-    OutOfSync {
-        /// First sector.
-        sector: u64,
-        /// Bytes.
-        len: u32,
-    },
-    /// The run is over (emitted once).
-    Finished(VerifyProgress),
-}
-
-/// What VerifyT asks its driver to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VerifyPeerOutput {
-    /// Read the local block and compute its digest; report [`VerifyPeer::digest_done`].
-    ReadForDigest {
-        /// Handle to pass back.
-        tag: u64,
-        /// First sector.
-        sector: u64,
-        /// Bytes.
-        len: u32,
-    },
-    /// Send `P_OV_REPLY` (`block_id` = `ID_SYNCER`) with the digest.
+    /// VerifyT: send `P_OV_REPLY` (`block_id` = `ID_SYNCER`) with the digest.
     SendOvReply {
         /// First sector.
         sector: u64,
@@ -194,6 +155,25 @@ pub enum VerifyPeerOutput {
         /// The block's digest ([`Digest::READ_FAILED`] if the read failed).
         digest: Digest,
     },
+    /// VerifyS: send `P_OV_RESULT` (meta socket; `block_id` 4711 if `in_sync`, else
+    /// 4712).
+    SendOvResult {
+        /// First sector.
+        sector: u64,
+        /// Bytes.
+        len: u32,
+        /// The digests matched.
+        in_sync: bool,
+    },
+    /// Read the local block and compute its digest; report `digest_done` of the machine.
+    ReadForDigest {
+        /// Handle to pass back.
+        tag: u64,
+        /// First sector.
+        sector: u64,
+        /// Bytes.
+        len: u32,
+    },
     /// Mark the range out of sync in this node's bitmap (and log it).
     OutOfSync {
         /// First sector.
@@ -201,7 +181,8 @@ pub enum VerifyPeerOutput {
         /// Bytes.
         len: u32,
     },
-    /// Every block from the start sector on has its result (emitted once).
+    /// The run is over (emitted once): VerifyS when every block has its result, VerifyT
+    /// when every block from its start sector on has.
     Finished(VerifyProgress),
 }
 
@@ -239,7 +220,7 @@ pub struct VerifySource {
     connected: bool,
     finished: bool,
     last_now: u64,
-    outputs: Vec<VerifySourceOutput>,
+    outputs: Vec<VerifyOutput>,
 }
 
 impl VerifySource {
@@ -275,7 +256,7 @@ impl VerifySource {
     }
 
     /// The outputs of the last calls, in order.
-    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, VerifySourceOutput> {
+    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, VerifyOutput> {
         self.outputs.drain(..)
     }
 
@@ -371,7 +352,7 @@ impl VerifySource {
             self.in_flight_sectors += u64::from(len / SECTOR);
             self.position = end;
             self.outputs
-                .push(VerifySourceOutput::SendOvRequest { sector, len });
+                .push(VerifyOutput::SendOvRequest { sector, len });
         }
         self.maybe_finish();
     }
@@ -392,7 +373,7 @@ impl VerifySource {
         self.sect_in += sectors;
         self.in_flight_sectors = self.in_flight_sectors.saturating_sub(sectors);
         self.outputs
-            .push(VerifySourceOutput::ReadForDigest { tag, sector, len });
+            .push(VerifyOutput::ReadForDigest { tag, sector, len });
         Ok(())
     }
 
@@ -415,12 +396,12 @@ impl VerifySource {
         self.done_blocks += 1;
         if !in_sync {
             self.found.add(r.sector, r.len);
-            self.outputs.push(VerifySourceOutput::OutOfSync {
+            self.outputs.push(VerifyOutput::OutOfSync {
                 sector: r.sector,
                 len: r.len,
             });
         }
-        self.outputs.push(VerifySourceOutput::SendOvResult {
+        self.outputs.push(VerifyOutput::SendOvResult {
             sector: r.sector,
             len: r.len,
             in_sync,
@@ -455,7 +436,7 @@ impl VerifySource {
         if !self.finished && self.position >= self.stop && self.reqs.len() == 0 {
             self.finished = true;
             let p = self.progress();
-            self.outputs.push(VerifySourceOutput::Finished(p));
+            self.outputs.push(VerifyOutput::Finished(p));
         }
     }
 }
@@ -477,7 +458,7 @@ pub struct VerifyPeer {
     total_blocks: u64,
     found: Found,
     finished: bool,
-    outputs: Vec<VerifyPeerOutput>,
+    outputs: Vec<VerifyOutput>,
 }
 
 impl VerifyPeer {
@@ -499,7 +480,7 @@ impl VerifyPeer {
     }
 
     /// The outputs of the last calls, in order.
-    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, VerifyPeerOutput> {
+    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, VerifyOutput> {
         self.outputs.drain(..)
     }
 
@@ -548,7 +529,7 @@ impl VerifyPeer {
                 self.queue.push_front(p);
                 return;
             };
-            self.outputs.push(VerifyPeerOutput::ReadForDigest {
+            self.outputs.push(VerifyOutput::ReadForDigest {
                 tag,
                 sector: p.sector,
                 len: p.len,
@@ -562,7 +543,7 @@ impl VerifyPeer {
             .reads
             .remove(tag)
             .ok_or(Error::Invalid("digest_done: unknown tag"))?;
-        self.outputs.push(VerifyPeerOutput::SendOvReply {
+        self.outputs.push(VerifyOutput::SendOvReply {
             sector: p.sector,
             len: p.len,
             digest: digest.unwrap_or(Digest::READ_FAILED),
@@ -576,15 +557,14 @@ impl VerifyPeer {
         check_peer_range(sector, len, self.cfg.sectors)?;
         if !in_sync {
             self.found.add(sector, len);
-            self.outputs
-                .push(VerifyPeerOutput::OutOfSync { sector, len });
+            self.outputs.push(VerifyOutput::OutOfSync { sector, len });
         }
         if let Some(left) = self.left.as_mut() {
             *left = left.saturating_sub(1);
             if *left == 0 && !self.finished {
                 self.finished = true;
                 let p = self.progress();
-                self.outputs.push(VerifyPeerOutput::Finished(p));
+                self.outputs.push(VerifyOutput::Finished(p));
             }
         }
         Ok(())
@@ -595,7 +575,7 @@ impl VerifyPeer {
         if !self.finished {
             self.finished = true;
             let p = self.progress();
-            self.outputs.push(VerifyPeerOutput::Finished(p));
+            self.outputs.push(VerifyOutput::Finished(p));
         }
     }
 }
