@@ -1316,9 +1316,8 @@ impl Sim {
                         if self.s_bufs.insert(token, b).is_some() {
                             return Err(format!("secondary reused live token {token:#x}"));
                         }
-                        // Reported to the SyncTarget from its arrival (before the
-                        // Secondary core may submit it).
-                        self.target_app_write_begin(token)?;
+                        // (Reported to a SyncTarget when the Secondary core submits it,
+                        // as the daemon does.)
                         self.pump_secondary()
                     }
                     Some(DataMsg::Bitmap(pkt)) => self.s_bitmap_packet(&pkt),
@@ -1928,8 +1927,9 @@ impl Sim {
                         return Err(format!("secondary SubmitLocal {token:#x} does not match"));
                     }
                     b.submitted = true;
-                    // A write the SyncTarget holds goes on `AppWriteReady`.
-                    if !b.held {
+                    // Gated by the runs at submission, as in the daemon: a write the
+                    // SyncTarget holds goes when released.
+                    if self.target_app_write_begin(token)? {
                         self.submit_peer_write(token);
                     }
                 }
@@ -2550,8 +2550,8 @@ mod tests {
         };
         // (Only seeds where the Primary's writes fail can show it. Since a failed write
         // on the Secondary detaches it, which renews the connection and starts a resync,
-        // the first seed that shows it is 2206.)
-        let f = first_failure_in(s, |p| p.fail_ppm[0] > 0, 2500)
+        // the first seed that shows it is 2810.)
+        let f = first_failure_in(s, |p| p.fail_ppm[0] > 0, 3200)
             .expect("the simulator must catch a failed block set in sync");
         eprintln!("caught: {f}");
         assert!(f.message.contains("not out of sync"), "{f}");

@@ -34,8 +34,9 @@
 //!
 //! Application writes during a resync: on the Primary every local write is reported to
 //! the source from its submission to its local completion; on the Secondary every
-//! replicated write to the target from its arrival to its local completion, and one the
-//! target holds is submitted when the runs release it. (Neither core sends
+//! replicated write to the target from its submission by the Secondary core (where the
+//! daemon gates it) to its local completion, and one the target holds is submitted when
+//! the runs release it. (Neither core sends
 //! `DP_MAY_SET_IN_SYNC`, so replicated writes clear no bits: a block stays out of sync
 //! until resync copies it.) When the target finishes with no failed block, the
 //! Secondary flushes its disk, finishes its UUIDs (UpToDate), ends the run
@@ -931,8 +932,13 @@ impl Sim {
         cfg.rate = p.rate;
         cfg.max_requests = p.max_requests;
         let tick = self.tick_input(false);
-        // The replicated writes that arrived and are not on the disk yet.
-        let in_flight = self.s_bufs.iter().map(|(&t, b)| (t, b.w.sector, b.w.len));
+        // The replicated writes submitted and not on the disk yet (those not submitted
+        // are gated when they are).
+        let in_flight = self
+            .s_bufs
+            .iter()
+            .filter(|(_, b)| b.submitted)
+            .map(|(&t, b)| (t, b.w.sector, b.w.len));
         let run = self
             .rs
             .s_runs
@@ -1529,8 +1535,10 @@ impl Sim {
         self.s_actions()
     }
 
-    /// A replicated write arrived on the Secondary: reported to the target.
-    pub(super) fn target_app_write_begin(&mut self, token: u64) -> Result<(), String> {
+    /// The Secondary core submits a replicated write: the runs gate it
+    /// (`SyncRuns::peer_write_begin`). `true`: submit it now; `false`: the target holds
+    /// it until released.
+    pub(super) fn target_app_write_begin(&mut self, token: u64) -> Result<bool, String> {
         let b = self
             .s_bufs
             .get_mut(&token)
@@ -1546,7 +1554,7 @@ impl Sim {
         if !go {
             self.report.held_by_resync += 1;
         }
-        Ok(())
+        Ok(go)
     }
 
     /// A replicated write is done on the Secondary (landed, or discarded).
