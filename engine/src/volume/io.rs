@@ -618,7 +618,6 @@ impl Volume {
         };
         self.feed(|v, inner, fx| {
             v.sync_read_done(inner, (run, tag, purpose), read, fx);
-            v.drain_sync(inner, fx);
         });
     }
 

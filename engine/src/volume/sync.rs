@@ -909,7 +909,7 @@ impl Volume {
         }
     }
 
-    /// A resync read completed.
+    /// A resync read completed; the runs' actions are performed.
     pub(super) fn sync_read_done(
         &self,
         inner: &mut Inner,
@@ -942,9 +942,13 @@ impl Volume {
                 if hole {
                     inner.hole_reads_skipped += 1;
                 }
-                self.drain_sync(inner, fx);
-                inner.rs_bufs.remove(&tag);
             }
+        }
+        // A source's reply to this read takes its buffer in the drain; an unused buffer is
+        // dropped after it (`rs_bufs` holds buffers only during this call).
+        self.drain_sync(inner, fx);
+        if matches!(purpose, ReadFor::Source { .. }) {
+            inner.rs_bufs.remove(&tag);
         }
         self.wake_if_idle(inner);
     }
