@@ -482,8 +482,9 @@ impl<H> SyncRuns<H> {
         self.source.as_ref().is_none_or(|r| r.s.can_accept())
     }
 
-    /// A resync packet without data (not online verify's, not `P_RS_DATA_REPLY`). A
-    /// request needs a source ([`Self::ensure_source`]) with room.
+    /// A resync or online-verify packet without data (not `P_RS_DATA_REPLY`). A request
+    /// needs a source ([`Self::ensure_source`]) with room, a `P_OV_REQUEST` the peer's
+    /// verify ([`Self::start_verify_peer`]).
     pub(crate) fn inbound(&mut self, bm: &mut OutOfSync, inbound: Inbound) -> Result<(), String> {
         let e = |e: Error| e.to_string();
         let target = self.target.as_mut().filter(|r| !r.cut).map(|r| &mut r.t);
@@ -607,7 +608,10 @@ impl<H> SyncRuns<H> {
     ) -> Result<(), Error> {
         self.io_in_flight = self.io_in_flight.saturating_sub(1);
         let r = match self.target.as_mut().filter(|r| r.run == run) {
-            // A cut run's write clears nothing (see the module docs).
+            // A cut run's write clears nothing (see the module docs). The target's own
+            // rule for its orphans clears their bits (its resume position counts on it),
+            // so the run reports the write as failed: the target records it, and is
+            // dropped with that record once idle.
             Some(r) => r.t.write_done(bm, tag, ok && !r.cut),
             None => Ok(()),
         };

@@ -1140,16 +1140,22 @@ fn application_writes_on_the_target_are_never_overwritten_by_older_resync_data()
 /// A SyncTarget Primary's application reads while the resync runs and its own writes
 /// replicate: every read returns the source's data (blocks still to be fetched come from
 /// the peer), and both kinds of read happen.
+/// An outage pair whose target is Primary and whose application writes and reads.
+fn reading_target_primary(seed: u64) -> (Pair, OutOfSync) {
+    let (mut p, dirty) = outage_pair(seed, 400, |s| {
+        s.tcfg.rate.resync_rate = 2000;
+    });
+    p.apps = Apps::OnTarget;
+    p.app_rate = 0.5;
+    p.app_reads = true;
+    (p, dirty)
+}
+
 #[test]
 fn reads_on_a_sync_target_primary_return_the_up_to_date_data() {
     let (mut remote, mut local) = (0, 0);
     for seed in 90..=93 {
-        let (mut p, dirty) = outage_pair(seed, 400, |s| {
-            s.tcfg.rate.resync_rate = 2000;
-        });
-        p.apps = Apps::OnTarget;
-        p.app_rate = 0.5;
-        p.app_reads = true;
+        let (mut p, dirty) = reading_target_primary(seed);
         p.run_to_finish(3_000_000);
         p.assert_clean(&dirty);
         remote += p.remote_reads;
@@ -1165,13 +1171,8 @@ fn reads_on_a_sync_target_primary_return_the_up_to_date_data() {
 /// own disk), a read returns a block not yet fetched: caught.
 #[test]
 fn the_harness_catches_a_sync_target_primary_that_reads_stale_blocks_locally() {
-    let (mut p, _) = outage_pair(94, 400, |s| {
-        s.tcfg.rate.resync_rate = 2000;
-    });
+    let (mut p, _) = reading_target_primary(94);
     p.target.sabotage.read_locally = true;
-    p.apps = Apps::OnTarget;
-    p.app_rate = 0.5;
-    p.app_reads = true;
     p.run_to_finish(3_000_000);
     assert!(
         p.violations
