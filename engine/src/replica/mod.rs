@@ -27,4 +27,4 @@ pub(crate) use flush::FlushRounds;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;
 pub(crate) use roles::{may_promote, PromotionFacts};
-pub(crate) use sync::{ReadFor, SyncAction, SyncRuns};
+pub(crate) use sync::{ReadFor, RunRead, SyncAction, SyncRuns};

@@ -73,6 +73,16 @@ pub(crate) enum ReadFor {
     Verify,
 }
 
+/// A read a run asks for, carried as it is through the driver's IO to its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RunRead {
+    pub(crate) run: u64,
+    pub(crate) tag: u64,
+    pub(crate) sector: u64,
+    pub(crate) len: u32,
+    pub(crate) purpose: ReadFor,
+}
+
 /// What the driver must do for the runs.
 #[derive(Debug)]
 pub(crate) enum SyncAction<H> {
@@ -83,15 +93,10 @@ pub(crate) enum SyncAction<H> {
         pkt: Packet,
         reply: Option<u64>,
     },
-    /// Read the range of the local disk; report it to [`SyncRuns::digest_done`] or
-    /// [`SyncRuns::source_read_done`] with `run` and `tag`.
-    Read {
-        run: u64,
-        tag: u64,
-        sector: u64,
-        len: u32,
-        purpose: ReadFor,
-    },
+    /// Read the range of the local disk; report it to [`SyncRuns::digest_done`],
+    /// [`SyncRuns::source_read_done`] or [`SyncRuns::verify_digest_done`] (by its
+    /// purpose) with its `run` and `tag`.
+    Read(RunRead),
     /// Write zeroes over the range; report [`SyncRuns::write_done`].
     WriteZeroes {
         run: u64,
@@ -787,13 +792,13 @@ impl<H> SyncRuns<H> {
                 match o {
                     TargetOutput::ReadForDigest { tag, sector, len } => {
                         self.io_in_flight += 1;
-                        self.out.push(SyncAction::Read {
+                        self.out.push(SyncAction::Read(RunRead {
                             run: r.run,
                             tag,
                             sector,
                             len,
                             purpose: ReadFor::TargetDigest,
-                        });
+                        }));
                     }
                     TargetOutput::WriteZeroes { tag, sector, len } => {
                         self.io_in_flight += 1;
@@ -835,13 +840,13 @@ impl<H> SyncRuns<H> {
                         zero_check,
                     } => {
                         self.io_in_flight += 1;
-                        self.out.push(SyncAction::Read {
+                        self.out.push(SyncAction::Read(RunRead {
                             run: r.run,
                             tag,
                             sector,
                             len,
                             purpose: ReadFor::Source { digest, zero_check },
-                        });
+                        }));
                     }
                     SourceOutput::SetInSync { sector, len } => {
                         self.failed.set_in_sync(bm, sector, len);
@@ -880,13 +885,13 @@ impl<H> SyncRuns<H> {
             match o {
                 VerifyOutput::ReadForDigest { tag, sector, len } => {
                     self.io_in_flight += 1;
-                    self.out.push(SyncAction::Read {
+                    self.out.push(SyncAction::Read(RunRead {
                         run,
                         tag,
                         sector,
                         len,
                         purpose: ReadFor::Verify,
-                    });
+                    }));
                 }
                 VerifyOutput::OutOfSync { sector, len } => {
                     tracing::warn!("online verify: {len} bytes at sector {sector} differ");
@@ -1100,12 +1105,12 @@ mod tests {
         };
         runs.inbound(&mut bm, req).unwrap();
         let read = runs.take_actions().into_iter().find_map(|a| match a {
-            SyncAction::Read {
+            SyncAction::Read(RunRead {
                 run,
                 tag,
                 purpose: ReadFor::Verify,
                 ..
-            } => Some((run, tag)),
+            }) => Some((run, tag)),
             _ => None,
         });
         let (run, tag) = read.expect("the block is read for its digest");
@@ -1157,7 +1162,7 @@ mod tests {
             };
             runs.inbound(&mut bm, req).unwrap();
             let read = runs.take_actions().into_iter().find_map(|a| match a {
-                SyncAction::Read { run, tag, .. } => Some((run, tag)),
+                SyncAction::Read(RunRead { run, tag, .. }) => Some((run, tag)),
                 _ => None,
             });
             let (run, tag) = read.expect("the source reads the block");

@@ -57,7 +57,7 @@
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
-use crate::replica::{ReadFor, SyncAction, SyncRuns};
+use crate::replica::{ReadFor, RunRead, SyncAction, SyncRuns};
 use crate::request::{OutOfSync, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -1225,13 +1225,13 @@ impl Sim {
                         vers,
                     });
                 }
-                SyncAction::Read {
+                SyncAction::Read(RunRead {
                     run,
                     tag,
                     sector,
                     len,
                     purpose: ReadFor::Source { digest, zero_check },
-                } => {
+                }) => {
                     let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
                     let inc = self.inc;
@@ -1349,13 +1349,13 @@ impl Sim {
                     let pkt = self.wire(&pkt, &[])?;
                     self.send_meta(MetaMsg::Rs(pkt))?;
                 }
-                SyncAction::Read {
+                SyncAction::Read(RunRead {
                     run,
                     tag,
                     sector,
                     len,
                     purpose: ReadFor::TargetDigest,
-                } => {
+                }) => {
                     asked = true;
                     let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);

@@ -54,7 +54,7 @@
 use super::sync::{ReadData, ReadResult};
 use super::{contract, Buf, Effect, Inner, LocalWrite, Side, Volume};
 use crate::net::PeerData;
-use crate::replica::ReadFor;
+use crate::replica::{ReadFor, RunRead};
 use crate::request::WriteKind;
 use crate::store::{
     AlignedBuf, Completions, SinkOp, Store, StoreError, StoreOp, WriteData, SECTOR_SIZE,
@@ -126,14 +126,8 @@ pub(super) struct MetaJob {
 
 /// What a resync or verify sink op was, for its completion.
 pub(super) enum SyncIo {
-    /// A read (`Effect::SyncRead`) of run `run`.
-    Read {
-        run: u64,
-        tag: u64,
-        sector: u64,
-        len: u32,
-        purpose: ReadFor,
-    },
+    /// A read (`Effect::SyncRead`).
+    Read(RunRead),
     /// A thin request over a hole of a file: a no-op, answered as zeroes unread.
     Hole {
         run: u64,
@@ -396,14 +390,14 @@ impl Volume {
     /// A resync or verify read into a pooled buffer (the read fills all of it). A thin
     /// request over a hole of a file backend is answered as zeroes without reading, by a
     /// no-op through the same sink.
-    pub(super) fn start_sync_read(
-        &self,
-        run: u64,
-        tag: u64,
-        sector: u64,
-        len: u32,
-        purpose: ReadFor,
-    ) {
+    pub(super) fn start_sync_read(&self, r: RunRead) {
+        let RunRead {
+            run,
+            tag,
+            sector,
+            len,
+            purpose,
+        } = r;
         let offset = sector * SECTOR_SIZE as u64;
         let thin = matches!(
             purpose,
@@ -416,13 +410,7 @@ impl Volume {
             let io = SyncIo::Hole { run, tag, purpose };
             return self.submit_sink(&self.store, SinkOp::Nop, io);
         }
-        let io = SyncIo::Read {
-            run,
-            tag,
-            sector,
-            len,
-            purpose,
-        };
+        let io = SyncIo::Read(r);
         match AlignedBuf::from_pool(len as usize) {
             Ok(buf) => self.submit_sink(&self.store, SinkOp::Read { offset, buf }, io),
             Err(e) => self.io_done_later(io, Err(e.into())),
@@ -597,13 +585,13 @@ impl Volume {
                 };
                 (run, tag, purpose, read)
             }
-            SyncIo::Read {
+            SyncIo::Read(RunRead {
                 run,
                 tag,
                 sector,
                 len,
                 purpose,
-            } => {
+            }) => {
                 let read = match result {
                     Ok(Some(buf)) => ReadResult::Data(ReadData::new(buf, purpose)),
                     // A read always hands its buffer back.

@@ -256,13 +256,7 @@ enum Effect {
     MetaWrite(io::MetaJob),
     /// Flush the disk for a round of merged Secondary epoch flushes (`Inner::flushes`).
     FlushRound,
-    SyncRead {
-        run: u64,
-        tag: u64,
-        sector: u64,
-        len: u32,
-        purpose: crate::replica::ReadFor,
-    },
+    SyncRead(crate::replica::RunRead),
     SyncWrite {
         run: u64,
         tag: u64,
@@ -1946,13 +1940,7 @@ impl Volume {
                     }
                 }
                 Effect::FlushRound => self.start_flush(io::IoCtx::ReceiverFlush),
-                Effect::SyncRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose,
-                } => self.start_sync_read(run, tag, sector, len, purpose),
+                Effect::SyncRead(r) => self.start_sync_read(r),
                 Effect::SyncWrite {
                     run,
                     tag,

@@ -677,19 +677,7 @@ impl Volume {
                     };
                     Self::send_sync_packet(inner, stream, &pkt, data);
                 }
-                SyncAction::Read {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose,
-                } => fx.push(Effect::SyncRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose,
-                }),
+                SyncAction::Read(r) => fx.push(Effect::SyncRead(r)),
                 SyncAction::WriteZeroes {
                     run,
                     tag,
