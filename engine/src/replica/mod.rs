@@ -19,11 +19,13 @@
 
 mod failed;
 mod flush;
+mod node;
 mod roles;
 mod sync;
 
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
+pub(crate) use node::{Action, LocalWrite, Node, Side};
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;
 pub(crate) use roles::{may_promote, PromotionFacts};

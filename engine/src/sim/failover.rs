@@ -46,7 +46,6 @@
 use super::rng::{mix, Rng};
 use super::{Ev, MetaMsg, Sim, SECTORS, UNKNOWN};
 use crate::replica::FlushRounds;
-use crate::request::{Receiver, ReceiverConfig};
 use crate::state::{DiskState, Protocol};
 use std::collections::BTreeSet;
 
@@ -172,7 +171,7 @@ impl Sim {
         if self.fo.dead {
             return Ok(()); // the operator is busy with the failover: it stays as it is
         }
-        if self.secondary.stats().active_writes != 0 || !self.s_bufs.is_empty() {
+        if self.sn.receiver.stats().active_writes != 0 || !self.s_bufs.is_empty() {
             self.at(10, Ev::SReattach); // the old daemon's writes finish first
             return Ok(());
         }
@@ -180,21 +179,16 @@ impl Sim {
             return Err("re-attach of a disk whose failure was not recorded".into());
         }
         #[allow(unused_mut)]
-        let mut secondary = Receiver::new(ReceiverConfig {
-            sectors: SECTORS as u64,
-            max_active: self.params.rx_max_active,
-            max_held: self.params.rx_max_held,
-        })
-        .map_err(|e| e.to_string())?;
+        let mut secondary = self.params.receiver()?;
         #[cfg(test)]
         {
             secondary.sabotage = self.sabotage.receiver;
         }
-        self.secondary = secondary;
-        self.s_flushes = FlushRounds::default();
+        self.sn.receiver = secondary;
+        self.sn.flushes = FlushRounds::default();
         #[cfg(test)]
         {
-            self.s_flushes.sabotage_join_running = self.sabotage.flush_round_takes_late_requests;
+            self.sn.flushes.sabotage_join_running = self.sabotage.flush_round_takes_late_requests;
         }
         self.fo.s_inc += 1;
         self.rs.set_s_disk(DiskState::Inconsistent);
@@ -251,7 +245,7 @@ impl Sim {
         self.primary_down = true;
         self.p_tags.clear();
         self.meta_io.clear();
-        self.rs.primary_crashed();
+        self.primary_crashed();
         self.connection_gone_with_primary()?;
         Ok(())
     }
@@ -284,7 +278,7 @@ impl Sim {
     /// Checker 9, once the Secondary's local writes are done.
     pub(super) fn check_failover(&mut self) -> Result<(), String> {
         let d = self.fo.death.take().ok_or("checker 9 without a failover")?;
-        if self.secondary.stats().active_writes != 0 || !self.rs.s_local_idle() {
+        if self.sn.receiver.stats().active_writes != 0 || !self.sn.runs.idle() {
             return Err("checker 9: the secondary is not idle after the failover".into());
         }
         match self.judge(&d) {

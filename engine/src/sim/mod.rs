@@ -1,7 +1,15 @@
-//! The seeded simulator: a Primary core and a Secondary core, driven single-threaded and
-//! deterministically from one u64 seed against in-memory disks with write-back caches, a
-//! metadata device, and a network that delays, interleaves and drops (TigerBeetle's VOPR
-//! idea).
+//! The seeded simulator: a Primary's node and a Secondary's node, driven single-threaded
+//! and deterministically from one u64 seed against in-memory disks with write-back
+//! caches, a metadata device, and a network that delays, interleaves and drops
+//! (TigerBeetle's VOPR idea).
+//!
+//! Each node is the daemon's own [`crate::replica::Node`] (both cores, the resync runs,
+//! the flush rounds, the drain of their outputs into actions): the simulator performs
+//! the actions (`pump_primary`, `pump_secondary`) and feeds completions back, as the
+//! daemon's driver does, so the drain's rules (a write a SyncTarget holds, one flush per
+//! round, the stream class of each packet, a failed write kept out of sync) are checked
+//! here. The roles stay fixed: the Primary's node only writes, the Secondary's only
+//! receives (its Primary core takes no writes but owns its bitmap, as in the daemon).
 //!
 //! What is simulated (all parameters drawn from the seed, see [`SimParams`]):
 //!
@@ -159,13 +167,14 @@ pub(crate) mod rng;
 pub use resync::ResyncParams;
 
 use crate::meta::al::{AlGeometry, AlStats};
-use crate::replica::FlushRounds;
+use crate::net::Stream;
+use crate::replica::{Action, LocalWrite, Node, Side};
 use crate::request::{
-    dp, Error, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, PrimaryOutput, Receiver,
-    ReceiverConfig, ReceiverOutput, WriteKind, BLOCK_SIZE, SECTOR,
+    dp, Error, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, Receiver, ReceiverConfig,
+    WriteKind, BLOCK_SIZE, SECTOR,
 };
 use crate::state::Protocol;
-use crate::wire::Packet;
+use crate::wire::{Command, Packet};
 use disk::Disk;
 use meta::{MetaDev, MetaLayout};
 use resync::{Rs, Tl};
@@ -419,6 +428,16 @@ impl SimParams {
             max_epoch_size: self.max_epoch_size,
             first_barrier_nr: self.first_barrier_nr,
         }
+    }
+
+    /// A Secondary's Receiver core.
+    fn receiver(&self) -> Result<Receiver, String> {
+        Receiver::new(ReceiverConfig {
+            sectors: SECTORS as u64,
+            max_active: self.rx_max_active,
+            max_held: self.rx_max_held,
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// 4 KiB blocks per activity-log extent.
@@ -869,8 +888,6 @@ struct SBuf {
     origin: u64,
     data: Option<Vec<u8>>,
     submitted: bool,
-    /// The SyncTarget holds it (rule 3) until released.
-    held: bool,
 }
 
 struct Sim {
@@ -884,10 +901,15 @@ struct Sim {
     digest: u64,
     events: BinaryHeap<Scheduled>,
 
-    primary: Primary,
-    secondary: Receiver,
-    /// The Secondary's epoch flushes, merged into rounds (the daemon's rule).
-    s_flushes: FlushRounds,
+    /// The Primary's node, the daemon's type (`replica::Node`): its Primary core writes,
+    /// its runs are only ever SyncSource here; its Receiver takes nothing.
+    pn: Node,
+    /// The Secondary's node: its Receiver takes the Primary's writes; its Primary core
+    /// takes none but owns the node's bitmap, as in the daemon; its runs are only ever
+    /// SyncTarget here.
+    sn: Node,
+    /// Reused buffer the nodes' actions are drained into.
+    actions: Vec<Action>,
     pdisk: Disk,
     sdisk: Disk,
 
@@ -960,22 +982,28 @@ impl Sim {
         #[allow(unused_mut)]
         let mut primary = Primary::new(pcfg).map_err(|e| e.to_string())?;
         #[allow(unused_mut)]
-        let mut secondary = Receiver::new(ReceiverConfig {
-            sectors: SECTORS as u64,
-            max_active: params.rx_max_active,
-            max_held: params.rx_max_held,
-        })
-        .map_err(|e| e.to_string())?;
+        let mut secondary = params.receiver()?;
         #[cfg(test)]
         {
             primary.sabotage = cfg.sabotage.primary;
             secondary.sabotage = cfg.sabotage.receiver;
         }
+        // The Secondary's Primary core only owns its bitmap (no metadata in the model).
+        let s_primary = Primary::new(PrimaryConfig::new(params.protocol, SECTORS as u64))
+            .map_err(|e| e.to_string())?;
         #[allow(unused_mut)]
-        let mut s_flushes = FlushRounds::default();
+        let mut pn = Node::new(primary, params.receiver()?);
+        #[allow(unused_mut)]
+        let mut sn = Node::new(s_primary, secondary);
         #[cfg(test)]
         {
-            s_flushes.sabotage_join_running = cfg.sabotage.flush_round_takes_late_requests;
+            sn.flushes.sabotage_join_running = cfg.sabotage.flush_round_takes_late_requests;
+            pn.runs.failed_mut().sabotage_ack_clears = cfg.sabotage.ack_clears_failed_blocks;
+            sn.runs.target_sabotage = crate::resync::TargetSabotage {
+                no_void: cfg.sabotage.target_no_void,
+                no_hold: cfg.sabotage.target_no_hold,
+                read_locally: false,
+            };
         }
         #[allow(unused_mut)]
         let mut rs = Rs::new(rs_rng, &params)?;
@@ -995,9 +1023,9 @@ impl Sim {
             steps: 0,
             digest: 0,
             events: BinaryHeap::new(),
-            primary,
-            secondary,
-            s_flushes,
+            pn,
+            sn,
+            actions: Vec::new(),
             pdisk: Disk::new(SECTORS),
             sdisk: Disk::new(SECTORS),
             up: false,
@@ -1043,7 +1071,7 @@ impl Sim {
     }
 
     fn report(&self) -> SimReport {
-        let ps = self.primary.stats();
+        let ps = self.pn.primary.stats();
         SimReport {
             al: add_al(self.report.al, ps.al.unwrap_or_default()),
             steps: self.steps,
@@ -1051,7 +1079,7 @@ impl Sim {
             flushes_waited_for_peer: self.report.flushes_waited_for_peer
                 + ps.flushes_waited_for_peer,
             barrier_acks: self.report.barrier_acks + ps.barrier_acks,
-            writes_held: self.secondary.stats().writes_held,
+            writes_held: self.sn.receiver.stats().writes_held,
             digest: self.digest,
             ..self.report.clone()
         }
@@ -1114,8 +1142,8 @@ impl Sim {
                     "no quiescence after {} events (liveness): primary {:?}, secondary {:?}, \
                      outstanding {}",
                     self.max_steps,
-                    self.primary.stats(),
-                    self.secondary.stats(),
+                    self.pn.primary.stats(),
+                    self.sn.receiver.stats(),
                     self.outstanding
                 ));
             }
@@ -1145,55 +1173,15 @@ impl Sim {
             {
                 Ok(()) // IO of a crashed Primary: never completes
             }
-            Ev::PDiskWrite { tag, id, fail, .. } => {
-                if self.p_tags.remove(&tag).is_none() {
-                    return Err(format!("primary disk completion for unknown tag {tag:#x}"));
-                }
-                let op = usize::try_from(id).ok().and_then(|i| self.ops.get(i));
-                let Some(&Op {
-                    kind:
-                        OpKind::Write {
-                            sector,
-                            len,
-                            kind,
-                            fua,
-                        },
-                    ..
-                }) = op
-                else {
-                    return Err(format!("disk write for request {id}, not a write"));
-                };
-                if let Some(op) = self
-                    .ops
-                    .get_mut(usize::try_from(id).map_err(|e| e.to_string())?)
-                {
-                    op.local_failed = fail;
-                }
-                let data = kind.has_data().then(|| pattern(id, sector, len));
-                self.pdisk.complete_write(
-                    usize::try_from(sector).map_err(|e| e.to_string())?,
-                    data.as_deref(),
-                    len as usize,
-                    id,
-                    fua,
-                    fail,
-                );
-                if fail {
-                    self.primary_write_failed(sector, len)?;
-                }
-                self.primary_write_on_disk(tag)?;
-                self.primary
-                    .local_done(tag, !fail)
-                    .map_err(|e| format!("primary local_done: {e}"))?;
-                self.pump_primary()
-            }
+            Ev::PDiskWrite { tag, id, fail, .. } => self.primary_write_done(tag, id, fail),
             Ev::PDiskFlush {
                 tag, covers, fail, ..
             } => {
                 if !fail {
                     self.pdisk.flush(covers);
                 }
-                self.primary
+                self.pn
+                    .primary
                     .local_flush_done(tag, !fail)
                     .map_err(|e| format!("primary local_flush_done: {e}"))?;
                 self.pump_primary()
@@ -1204,7 +1192,8 @@ impl Sim {
                 if fail {
                     self.meta_io.remove(&tag);
                     self.report.meta_writes_failed += 1;
-                    self.primary
+                    self.pn
+                        .primary
                         .meta_write_done(tag, false)
                         .map_err(|e| format!("primary meta_write_done: {e}"))?;
                     return self.pump_primary();
@@ -1237,7 +1226,8 @@ impl Sim {
                     mask
                 };
                 self.meta_dev.write(io.offset, &io.data, mask)?;
-                self.primary
+                self.pn
+                    .primary
                     .meta_write_done(tag, !fail)
                     .map_err(|e| format!("primary meta_write_done: {e}"))?;
                 self.pump_primary()
@@ -1264,10 +1254,6 @@ impl Sim {
                     // on-io-error detach, recorded before the P_NEG_ACK.
                     self.secondary_write_failed()?;
                 }
-                self.secondary
-                    .local_done(token, !fail)
-                    .map_err(|e| format!("secondary local_done: {e}"))?;
-                self.pump_secondary()?;
                 self.peer_write_landed(token, &b, fail)
             }
             Ev::SDiskFlush { covers, fail, sinc } => {
@@ -1277,23 +1263,17 @@ impl Sim {
                 if sinc != self.fo.s_inc {
                     return Ok(()); // a flush of the daemon before the re-attach
                 }
-                let round: Vec<u64> = self.s_flushes.round_done().collect();
-                for token in round {
-                    self.secondary
-                        .local_flush_done(token, !fail)
-                        .map_err(|e| format!("secondary local_flush_done: {e}"))?;
-                }
-                self.pump_secondary()?;
-                if self.s_flushes.next_round() {
-                    self.flush_secondary();
-                }
-                Ok(())
+                // The round's actions (the next round among them) go first.
+                self.sn
+                    .flush_round_done(!fail, &mut self.actions)
+                    .map_err(|e| format!("secondary local_flush_done: {e}"))?;
+                self.pump_secondary()
             }
             Ev::DeliverData { gen } => {
                 if gen != self.gen {
                     return Ok(());
                 }
-                if !self.secondary.can_accept() {
+                if !self.sn.receiver.can_accept() {
                     // The driver stops reading the socket until the Secondary has room
                     // again (see `pump_secondary`).
                     self.parked += 1;
@@ -1303,7 +1283,8 @@ impl Sim {
                     None => Err("data stream delivery with nothing queued".into()),
                     Some(DataMsg::Write { w, origin, data }) => {
                         let token = self
-                            .secondary
+                            .sn
+                            .receiver
                             .peer_write(w)
                             .map_err(|e| format!("secondary peer_write: {e}"))?;
                         let b = SBuf {
@@ -1311,7 +1292,6 @@ impl Sim {
                             origin,
                             data,
                             submitted: false,
-                            held: false,
                         };
                         if self.s_bufs.insert(token, b).is_some() {
                             return Err(format!("secondary reused live token {token:#x}"));
@@ -1324,7 +1304,8 @@ impl Sim {
                     Some(DataMsg::SyncUuid(u)) => self.start_target(u),
                     Some(DataMsg::Rs { pkt, data, vers }) => self.target_reply(&pkt, data, vers),
                     Some(DataMsg::Barrier(nr)) => {
-                        self.secondary
+                        self.sn
+                            .receiver
                             .peer_barrier(nr)
                             .map_err(|e| format!("secondary peer_barrier: {e}"))?;
                         self.pump_secondary()
@@ -1340,16 +1321,16 @@ impl Sim {
                     .pop_front()
                     .ok_or("meta stream delivery with nothing queued")?;
                 let r = match m {
-                    MetaMsg::Recv(b) => self.primary.peer_recv_ack(b),
-                    MetaMsg::Write(b) => self.primary.peer_write_ack(b),
+                    MetaMsg::Recv(b) => self.pn.primary.peer_recv_ack(b),
+                    MetaMsg::Write(b) => self.pn.primary.peer_write_ack(b),
                     MetaMsg::Neg(b) => {
                         // The core marks the write out of sync.
                         self.rs.tl_neg_ack(b)?;
-                        self.primary.peer_neg_ack(b).map(|_| ())
+                        self.pn.primary.peer_neg_ack(b).map(|_| ())
                     }
                     MetaMsg::Barrier(nr, n) => {
                         self.rs.tl_barrier_ack(nr, n)?;
-                        self.primary.barrier_ack(nr, n)
+                        self.pn.primary.barrier_ack(nr, n)
                     }
                     MetaMsg::Rs(ref pkt) => return self.source_meta(pkt),
                     MetaMsg::SyncDone => return self.sync_done(),
@@ -1386,7 +1367,7 @@ impl Sim {
             Ev::SReattach => self.s_reattach(),
             Ev::Handed { block_id, gen } => {
                 if gen == self.gen && self.up {
-                    self.primary.handed_to_network(block_id);
+                    self.pn.primary.handed_to_network(block_id);
                     self.pump_primary()?;
                 }
                 Ok(())
@@ -1429,14 +1410,57 @@ impl Sim {
         }
     }
 
-    /// A local write of the Primary failed: the core marks it out of sync, and the
-    /// daemon's rule keeps it so through resync acks (`replica::FailedLocal`), renewing
-    /// the connection rather than forgetting one.
-    fn primary_write_failed(&mut self, sector: u64, len: u32) -> Result<(), String> {
-        if !self.rs.p_runs.local_write_failed(sector, len) {
+    /// The Primary's disk completed write `tag` of request `id` (`fail`: garbage there).
+    fn primary_write_done(&mut self, tag: u64, id: u64, fail: bool) -> Result<(), String> {
+        if self.p_tags.remove(&tag).is_none() {
+            return Err(format!("primary disk completion for unknown tag {tag:#x}"));
+        }
+        let op = usize::try_from(id).ok().and_then(|i| self.ops.get(i));
+        let Some(&Op {
+            kind:
+                OpKind::Write {
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                },
+            ..
+        }) = op
+        else {
+            return Err(format!("disk write for request {id}, not a write"));
+        };
+        if let Some(op) = self
+            .ops
+            .get_mut(usize::try_from(id).map_err(|e| e.to_string())?)
+        {
+            op.local_failed = fail;
+        }
+        let data = kind.has_data().then(|| pattern(id, sector, len));
+        self.pdisk.complete_write(
+            usize::try_from(sector).map_err(|e| e.to_string())?,
+            data.as_deref(),
+            len as usize,
+            id,
+            fua,
+            fail,
+        );
+        let w = LocalWrite {
+            side: Side::Primary { tag, id },
+            sector,
+            len,
+            kind,
+            fua,
+        };
+        let recorded = self
+            .pn
+            .write_done(&w, !fail)
+            .map_err(|e| format!("primary local_done: {e}"))?;
+        if !recorded {
+            // The failed blocks must stay out of sync (`replica::FailedLocal`).
             self.drop_connection()?;
         }
-        Ok(())
+        self.p_actions()?;
+        self.pump_primary()
     }
 
     /// The Primary's node died: its connection goes with it (everything in flight is
@@ -1448,7 +1472,7 @@ impl Sim {
             self.data.clear();
             self.meta.clear();
             self.parked = 0;
-            self.secondary.connection_lost();
+            self.sn.receiver.connection_lost();
             self.pump_secondary()?;
             self.resync_connection_lost(false)?;
         }
@@ -1464,9 +1488,9 @@ impl Sim {
         self.parked = 0;
         // The core marks every write it sent and did not see barrier-acked.
         self.rs.p_tl.clear();
-        self.primary.connection_lost();
+        self.pn.primary.connection_lost();
         self.pump_primary()?;
-        self.secondary.connection_lost();
+        self.sn.receiver.connection_lost();
         self.pump_secondary()?;
         self.resync_connection_lost(true)?;
         if !self.reconnect_pending {
@@ -1536,15 +1560,18 @@ impl Sim {
                     len,
                     kind,
                     fua,
-                } => self.primary.write(id, sector, len, kind, fua),
-                OpKind::Flush => self.primary.flush(id),
+                } => self.pn.primary.write(id, sector, len, kind, fua),
+                OpKind::Flush => self.pn.primary.flush(id),
             };
             match r {
                 Ok(()) => {
                     let snapshot = matches!(op, OpKind::Flush).then(|| {
                         (
                             self.ref_ver.clone(),
-                            self.rs.out_of_sync(self.primary.out_of_sync()),
+                            Rs::out_of_sync(
+                                self.pn.primary.out_of_sync(),
+                                self.sn.primary.out_of_sync(),
+                            ),
                         )
                     });
                     if matches!(op, OpKind::Write { .. }) {
@@ -1556,7 +1583,7 @@ impl Sim {
                     });
                     self.issued += 1;
                     self.outstanding += 1;
-                    if self.primary.stats().waiting_on_overlap > 0
+                    if self.pn.primary.stats().waiting_on_overlap > 0
                         && matches!(
                             self.ops.last(),
                             Some(Op {
@@ -1598,7 +1625,7 @@ impl Sim {
     fn crash(&mut self) -> Result<(), String> {
         self.crash_scheduled = false;
         self.report.crashes += 1;
-        let ps = self.primary.stats();
+        let ps = self.pn.primary.stats();
         self.report.al = add_al(self.report.al, ps.al.unwrap_or_default());
         self.report.flushes_waited_for_peer += ps.flushes_waited_for_peer;
         self.report.barrier_acks += ps.barrier_acks;
@@ -1631,7 +1658,7 @@ impl Sim {
         }
         self.pdisk.crash();
         self.p_tags.clear();
-        self.rs.primary_crashed();
+        self.primary_crashed();
         // Requests in flight are gone with the application: outcome unknown.
         for op in self.ops.iter_mut().filter(|o| !o.done) {
             op.done = true;
@@ -1693,7 +1720,7 @@ impl Sim {
         primary
             .load_bitmap(a.bitmap)
             .map_err(|e| format!("restart: load_bitmap: {e}"))?;
-        self.primary = primary;
+        self.pn.primary = primary;
         self.primary_down = false;
         self.check6 = Some(a.on_disk);
         Ok(())
@@ -1705,8 +1732,8 @@ impl Sim {
     /// connection comes back.
     fn try_check6(&mut self) -> Result<(), String> {
         if self.check6.is_none()
-            || self.secondary.stats().active_writes != 0
-            || !self.rs.s_local_idle()
+            || self.sn.receiver.stats().active_writes != 0
+            || !self.sn.runs.idle()
         {
             return Ok(());
         }
@@ -1725,7 +1752,7 @@ impl Sim {
             }
         }
         let bytes = SECTORS_PER_BLOCK * SECTOR as usize;
-        let oos = self.primary.out_of_sync();
+        let oos = self.pn.primary.out_of_sync();
         for b in 0..VOLUME_BYTES / bytes {
             let r = b * bytes..(b + 1) * bytes;
             if self.pdisk.cache[r.clone()] == self.sdisk.cache[r] {
@@ -1736,7 +1763,10 @@ impl Sim {
             // of: a split-brain write of the Secondary, a full sync after its metadata
             // was re-created.)
             let b64 = b as u64;
-            if !oos.is_set(b64) && !self.rs.s_marked(b64) && !self.rs.s_only(b64) {
+            if !oos.is_set(b64)
+                && !self.sn.primary.out_of_sync().is_set(b64)
+                && !self.rs.s_only(b64)
+            {
                 let sec = (b * SECTORS_PER_BLOCK..(b + 1) * SECTORS_PER_BLOCK)
                     .find(|&s| self.pdisk.cache_sector(s) != self.sdisk.cache_sector(s))
                     .unwrap_or(b * SECTORS_PER_BLOCK);
@@ -1763,207 +1793,243 @@ impl Sim {
 
     // ----- the "drivers" -------------------------------------------------------------------
 
+    /// Performs the Primary node's actions (`replica::Node::drain`, the daemon's drain).
     fn pump_primary(&mut self) -> Result<(), String> {
-        let outs: Vec<PrimaryOutput> = self.primary.drain_outputs().collect();
-        for o in outs {
-            match o {
-                PrimaryOutput::MetaWrite {
-                    tag,
-                    offset,
-                    data,
-                    preflush,
-                } => {
-                    self.meta_dev.check(offset)?;
-                    self.report.meta_writes += 1;
-                    let io = MetaIo {
-                        offset,
-                        data,
-                        issued: !preflush,
-                    };
-                    if self.meta_io.insert(tag, io).is_some() {
-                        return Err(format!("metadata tag {tag} submitted twice"));
-                    }
-                    if preflush {
-                        // The data disk's flush completes before the write is issued.
-                        let covers = self.pdisk.completions;
-                        let fail = self.rng.chance(self.params.fail_ppm[1]);
-                        let d = self.rng.range(1, self.params.disk_delay.1);
-                        let inc = self.inc;
-                        self.at(
-                            d,
-                            Ev::MetaFlush {
-                                tag,
-                                covers,
-                                fail,
-                                inc,
-                            },
-                        );
-                    } else {
-                        self.issue_meta(tag);
-                    }
+        let mut actions = std::mem::take(&mut self.actions);
+        self.pn.drain(&mut actions);
+        let mut r = Ok(());
+        for a in actions.drain(..) {
+            if r.is_ok() {
+                r = self.primary_action(a);
+            }
+        }
+        self.actions = actions;
+        if self.pn.runs.held() != 0 {
+            return Err("a resync held the Primary's write (it is never SyncTarget)".into());
+        }
+        r
+    }
+
+    fn primary_action(&mut self, a: Action) -> Result<(), String> {
+        match a {
+            Action::MetaWrite {
+                tag,
+                offset,
+                data,
+                preflush,
+            } => self.primary_meta_write(tag, offset, data, preflush)?,
+            Action::LocalWrite(
+                w @ LocalWrite {
+                    side: Side::Primary { .. },
+                    ..
+                },
+            ) => self.primary_local_write(w)?,
+            Action::PrimaryFlush { tag } => {
+                let covers = self.pdisk.completions;
+                let fail = self.rng.chance(self.params.fail_ppm[1]);
+                let d = self.rng.range(1, self.params.disk_delay.1);
+                let inc = self.inc;
+                self.at(
+                    d,
+                    Ev::PDiskFlush {
+                        tag,
+                        covers,
+                        fail,
+                        inc,
+                    },
+                );
+            }
+            Action::SendWrite {
+                block_id,
+                id,
+                sector,
+                len,
+                kind,
+                dp_flags,
+            } => {
+                if !self.up {
+                    return Err("primary sent a write while disconnected".into());
                 }
-                PrimaryOutput::SubmitLocal {
-                    tag,
-                    id,
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                } => {
-                    let op = self
-                        .ops
-                        .get_mut(usize::try_from(id).map_err(|e| e.to_string())?)
-                        .ok_or("submit of an unknown request")?;
-                    let matches = matches!(
-                        op.kind,
-                        OpKind::Write { sector: s, len: l, kind: k, fua: f }
-                            if (s, l, k, f) == (sector, len, kind, fua)
-                    );
-                    if !matches || op.done || op.submitted {
-                        return Err(format!("SubmitLocal {id} does not match the request"));
-                    }
-                    op.submitted = true;
-                    if self.p_tags.insert(tag, (sector, len)).is_some() {
-                        return Err(format!("tag {tag:#x} submitted twice"));
-                    }
-                    self.primary_write_begin(tag, sector, len)?;
-                    let fail = self.rng.chance(self.params.fail_ppm[0]);
-                    let d = self.rng.range(1, self.params.disk_delay.0);
-                    let inc = self.inc;
-                    self.at(d, Ev::PDiskWrite { tag, id, fail, inc });
-                }
-                PrimaryOutput::SubmitLocalFlush { tag } => {
-                    let covers = self.pdisk.completions;
-                    let fail = self.rng.chance(self.params.fail_ppm[1]);
-                    let d = self.rng.range(1, self.params.disk_delay.1);
-                    let inc = self.inc;
-                    self.at(
-                        d,
-                        Ev::PDiskFlush {
-                            tag,
-                            covers,
-                            fail,
-                            inc,
-                        },
-                    );
-                }
-                PrimaryOutput::SendWrite {
+                let data = kind.has_data().then(|| pattern(id, sector, len));
+                let w = PeerWrite {
                     block_id,
-                    id,
                     sector,
                     len,
                     kind,
                     dp_flags,
-                } => {
-                    if !self.up {
-                        return Err("primary sent a write while disconnected".into());
-                    }
-                    let data = kind.has_data().then(|| pattern(id, sector, len));
-                    let w = PeerWrite {
-                        block_id,
-                        sector,
-                        len,
-                        kind,
-                        dp_flags,
-                    };
-                    self.rs.p_tl.push_back(Tl::Write { block_id });
-                    self.fo.to_s.insert(id);
-                    self.send_data(DataMsg::Write {
-                        w,
-                        origin: id,
-                        data,
-                    });
-                    if self.params.protocol == Protocol::A {
-                        let d = self.rng.range(0, 4);
-                        let gen = self.gen;
-                        self.at(d, Ev::Handed { block_id, gen });
-                    }
+                };
+                self.rs.p_tl.push_back(Tl::Write { block_id });
+                self.fo.to_s.insert(id);
+                self.send_data(DataMsg::Write {
+                    w,
+                    origin: id,
+                    data,
+                });
+                if self.params.protocol == Protocol::A {
+                    let d = self.rng.range(0, 4);
+                    let gen = self.gen;
+                    self.at(d, Ev::Handed { block_id, gen });
                 }
-                PrimaryOutput::SendBarrier { nr } => {
-                    if !self.up {
-                        return Err("primary sent a barrier while disconnected".into());
-                    }
-                    self.rs.p_tl.push_back(Tl::Barrier(nr));
-                    self.send_data(DataMsg::Barrier(nr));
+            }
+            Action::Send {
+                stream: Stream::Data,
+                pkt: Packet::Barrier(b),
+            } => {
+                if !self.up {
+                    return Err("primary sent a barrier while disconnected".into());
                 }
-                PrimaryOutput::Complete { id, result } => self.on_complete(id, result.is_ok())?,
-                PrimaryOutput::Retired { tag, .. } => {
-                    self.retired += 1;
-                    if self.retired > self.admitted {
-                        return Err("more writes retired than admitted".into());
-                    }
-                    self.primary_write_retired(tag)?;
+                self.rs.p_tl.push_back(Tl::Barrier(b.barrier));
+                self.send_data(DataMsg::Barrier(b.barrier));
+            }
+            Action::Complete { id, ok } => self.on_complete(id, ok)?,
+            Action::Retired { .. } => {
+                self.retired += 1;
+                if self.retired > self.admitted {
+                    return Err("more writes retired than admitted".into());
                 }
+                // The node told the runs; perform what they do next.
+                self.p_actions()?;
+            }
+            other => {
+                return Err(format!(
+                    "unexpected action of the Primary's node: {other:?}"
+                ))
             }
         }
         Ok(())
     }
 
+    /// The Primary core's metadata write (after a flush of the data disk with
+    /// `preflush`).
+    fn primary_meta_write(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        data: Box<[u8; 4096]>,
+        preflush: bool,
+    ) -> Result<(), String> {
+        self.meta_dev.check(offset)?;
+        self.report.meta_writes += 1;
+        let io = MetaIo {
+            offset,
+            data,
+            issued: !preflush,
+        };
+        if self.meta_io.insert(tag, io).is_some() {
+            return Err(format!("metadata tag {tag} submitted twice"));
+        }
+        if preflush {
+            // The data disk's flush completes before the write is issued.
+            let covers = self.pdisk.completions;
+            let fail = self.rng.chance(self.params.fail_ppm[1]);
+            let d = self.rng.range(1, self.params.disk_delay.1);
+            let inc = self.inc;
+            self.at(
+                d,
+                Ev::MetaFlush {
+                    tag,
+                    covers,
+                    fail,
+                    inc,
+                },
+            );
+        } else {
+            self.issue_meta(tag);
+        }
+        Ok(())
+    }
+
+    /// The Primary core's write to its disk: it matches its request, once.
+    fn primary_local_write(&mut self, w: LocalWrite) -> Result<(), String> {
+        let LocalWrite {
+            side: Side::Primary { tag, id },
+            sector,
+            len,
+            kind,
+            fua,
+        } = w
+        else {
+            return Err(format!("the Primary's node wrote for its Receiver: {w:?}"));
+        };
+        let op = self
+            .ops
+            .get_mut(usize::try_from(id).map_err(|e| e.to_string())?)
+            .ok_or("submit of an unknown request")?;
+        let matches = matches!(
+            op.kind,
+            OpKind::Write { sector: s, len: l, kind: k, fua: f }
+                if (s, l, k, f) == (sector, len, kind, fua)
+        );
+        if !matches || op.done || op.submitted {
+            return Err(format!("SubmitLocal {id} does not match the request"));
+        }
+        op.submitted = true;
+        if self.p_tags.insert(tag, (sector, len)).is_some() {
+            return Err(format!("tag {tag:#x} submitted twice"));
+        }
+        self.primary_write_submitted(len);
+        let fail = self.rng.chance(self.params.fail_ppm[0]);
+        let d = self.rng.range(1, self.params.disk_delay.0);
+        let inc = self.inc;
+        self.at(d, Ev::PDiskWrite { tag, id, fail, inc });
+        Ok(())
+    }
+
+    /// Performs the Secondary node's actions (with those already in `self.actions`, a
+    /// flush round's).
     fn pump_secondary(&mut self) -> Result<(), String> {
-        if self.parked > 0 && self.secondary.can_accept() {
+        if self.parked > 0 && self.sn.receiver.can_accept() {
             let gen = self.gen;
             for _ in 0..std::mem::take(&mut self.parked) {
                 self.at(0, Ev::DeliverData { gen });
             }
         }
-        let outs: Vec<ReceiverOutput> = self.secondary.drain_outputs().collect();
-        for o in outs {
-            match o {
-                ReceiverOutput::SubmitLocal {
-                    token,
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                } => {
-                    let b = self
-                        .s_bufs
-                        .get_mut(&token)
-                        .ok_or_else(|| format!("secondary submitted unknown token {token:#x}"))?;
-                    let w = b.w;
-                    let same = (w.sector, w.len, w.kind, w.dp_flags & dp::DP_FUA != 0)
-                        == (sector, len, kind, fua);
-                    if !same || b.submitted {
-                        return Err(format!("secondary SubmitLocal {token:#x} does not match"));
-                    }
-                    b.submitted = true;
-                    // Gated by the runs at submission, as in the daemon: a write the
-                    // SyncTarget holds goes when released.
-                    if self.target_app_write_begin(token)? {
-                        self.submit_peer_write(token);
-                    }
+        let mut actions = std::mem::take(&mut self.actions);
+        self.sn.drain(&mut actions);
+        let mut r = Ok(());
+        for a in actions.drain(..) {
+            if r.is_ok() {
+                r = self.secondary_action(a);
+            }
+        }
+        self.actions = actions;
+        r
+    }
+
+    fn secondary_action(&mut self, a: Action) -> Result<(), String> {
+        match a {
+            Action::LocalWrite(w) => self.peer_local_write(w)?,
+            Action::FlushRound => self.flush_secondary(),
+            Action::Send {
+                stream: Stream::Meta,
+                pkt: Packet::BlockAck { cmd, ack },
+            } => self.send_meta(match cmd {
+                Command::P_RECV_ACK => MetaMsg::Recv(ack.block_id),
+                Command::P_WRITE_ACK => MetaMsg::Write(ack.block_id),
+                Command::P_NEG_ACK => MetaMsg::Neg(ack.block_id),
+                other => return Err(format!("the Secondary acked with {other:?}")),
+            })?,
+            Action::Send {
+                stream: Stream::Meta,
+                pkt: Packet::BarrierAck(b),
+            } => self.send_meta(MetaMsg::Barrier(b.barrier, b.set_size))?,
+            Action::DiscardPeerWrite { token } => {
+                let b = self
+                    .s_bufs
+                    .remove(&token)
+                    .ok_or_else(|| format!("secondary discarded unknown token {token:#x}"))?;
+                if b.submitted {
+                    return Err("secondary discarded a submitted write".into());
                 }
-                ReceiverOutput::SubmitLocalFlush { token } => {
-                    if self.s_flushes.request(token) {
-                        self.flush_secondary();
-                    }
-                }
-                ReceiverOutput::SendRecvAck { block_id, .. } => {
-                    self.send_meta(MetaMsg::Recv(block_id))?
-                }
-                ReceiverOutput::SendWriteAck { block_id, .. } => {
-                    self.send_meta(MetaMsg::Write(block_id))?
-                }
-                ReceiverOutput::SendNegAck { block_id, .. } => {
-                    self.send_meta(MetaMsg::Neg(block_id))?
-                }
-                ReceiverOutput::SendBarrierAck { nr, set_size } => {
-                    self.send_meta(MetaMsg::Barrier(nr, set_size))?
-                }
-                ReceiverOutput::Discard { token } => {
-                    let b = self
-                        .s_bufs
-                        .remove(&token)
-                        .ok_or_else(|| format!("secondary discarded unknown token {token:#x}"))?;
-                    if b.submitted {
-                        return Err("secondary discarded a submitted write".into());
-                    }
-                    self.target_app_write_end(token)?;
-                }
-                ReceiverOutput::DropConnection { .. } => {
-                    let gen = self.gen;
-                    self.at(0, Ev::Drop { gen });
-                }
+            }
+            Action::DropConnection { .. } => {
+                let gen = self.gen;
+                self.at(0, Ev::Drop { gen });
+            }
+            other => {
+                return Err(format!(
+                    "unexpected action of the Secondary's node: {other:?}"
+                ))
             }
         }
         Ok(())
@@ -2159,12 +2225,12 @@ impl Sim {
     /// is acked too, and the bitmaps are OR-merged at the next handshake).
     fn oos_sector(&self, s: usize) -> bool {
         let b = (s / SECTORS_PER_BLOCK) as u64;
-        self.primary.out_of_sync().is_set(b) || self.rs.s_marked(b)
+        self.pn.primary.out_of_sync().is_set(b) || self.sn.primary.out_of_sync().is_set(b)
     }
 
     fn check_bounds(&self) -> Result<(), String> {
-        let p = self.primary.stats();
-        let s = self.secondary.stats();
+        let p = self.pn.primary.stats();
+        let s = self.sn.receiver.stats();
         let pa = &self.params;
         if p.in_flight_writes + p.in_flight_flushes > pa.max_in_flight
             || p.slots_used > pa.max_unacked_writes
@@ -2191,8 +2257,8 @@ impl Sim {
     }
 
     fn check_quiescence(&self) -> Result<(), String> {
-        let p = self.primary.stats();
-        let s = self.secondary.stats();
+        let p = self.pn.primary.stats();
+        let s = self.sn.receiver.stats();
         if !self.workload_done() || self.pending.is_some() {
             return Err(format!(
                 "events ran out before the workload finished: issued {}, outstanding {}, primary \

@@ -57,7 +57,7 @@
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
-use crate::replica::{ReadFor, RunRead, SyncAction, SyncRuns};
+use crate::replica::{LocalWrite, ReadFor, RunRead, Side, SyncAction, SyncRuns};
 use crate::request::{OutOfSync, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -68,6 +68,7 @@ use crate::state::uuid::{
     HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
 };
 use crate::state::DiskState;
+use crate::wire::dp;
 use crate::wire::{decode_frame, encode, ff, BitmapReceiver, BitmapSender, Packet, WireCtx};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -289,9 +290,6 @@ pub(super) struct Rs {
     p_crashed: bool,
     /// Mirror of the core's transfer log (checks barrier acks and negative acks).
     pub(super) p_tl: VecDeque<Tl>,
-    /// The Primary node's resync runs (the daemon's rules, [`SyncRuns`]); it is only
-    /// ever SyncSource here.
-    pub(super) p_runs: SyncRuns<u64>,
     /// The bitmap transfer the Primary receives.
     p_rx: Option<(BitmapReceiver, Vec<u64>)>,
     /// Read buffers of the SyncSource: tag → first sector, data and the versions it was
@@ -304,11 +302,6 @@ pub(super) struct Rs {
     // ---- the Secondary's node
     s_uuids: UuidSet,
     s_disk: DiskState,
-    /// The node's bitmap; a running target borrows it per call.
-    s_bm: OutOfSync,
-    /// The Secondary node's resync runs; it is only ever SyncTarget here. A held write
-    /// waits in it as its token.
-    s_runs: SyncRuns<u64>,
     /// The bitmap transfer the Secondary receives.
     s_rx: Option<(BitmapReceiver, Vec<u64>)>,
     /// The Primary's UUIDs as the Secondary received them at the handshake.
@@ -370,15 +363,12 @@ impl Rs {
             p_uuids,
             p_crashed: false,
             p_tl: VecDeque::new(),
-            p_runs: SyncRuns::default(),
             p_rx: None,
             p_reads: BTreeMap::new(),
             read_ctx: None,
             p_app_sectors: 0,
             s_uuids,
             s_disk: DiskState::UpToDate,
-            s_bm: OutOfSync::new(SECTORS as u64),
-            s_runs: SyncRuns::default(),
             s_rx: None,
             s_peer: p_uuids,
             s_finish: None,
@@ -400,12 +390,6 @@ impl Rs {
     #[cfg(test)]
     pub(super) fn set_sabotage(&mut self, s: super::Sabotage) {
         self.sabotage = s;
-        self.p_runs.failed_mut().sabotage_ack_clears = s.ack_clears_failed_blocks;
-        self.s_runs.target_sabotage = crate::resync::TargetSabotage {
-            no_void: s.target_no_void,
-            no_hold: s.target_no_hold,
-            read_locally: false,
-        };
     }
 
     /// A `P_NEG_ACK` names a write of the transfer log.
@@ -440,15 +424,10 @@ impl Rs {
         Err(format!("P_BARRIER_ACK({nr}) with no such barrier sent"))
     }
 
-    /// Power loss of the Primary's node: its SyncSource and reads are gone (the runs
-    /// start afresh; the reads in flight never complete).
-    pub(super) fn primary_crashed(&mut self) {
+    /// Power loss of the Primary's node: its SyncSource and reads are gone (the reads in
+    /// flight never complete; the node's runs start afresh, `Sim::primary_crashed`).
+    pub(super) fn forget_primary_io(&mut self) {
         self.p_tl.clear();
-        self.p_runs = SyncRuns::default();
-        #[cfg(test)]
-        {
-            self.p_runs.failed_mut().sabotage_ack_clears = self.sabotage.ack_clears_failed_blocks;
-        }
         self.p_reads.clear();
         self.p_rx = None;
     }
@@ -478,25 +457,15 @@ impl Rs {
         self.s_disk == DiskState::UpToDate
     }
 
-    /// No resync IO of the Secondary in flight, no end of a run being recorded.
-    pub(super) fn s_local_idle(&self) -> bool {
-        self.s_runs.idle()
-    }
-
     /// Whether block `b` differs for a reason the Primary core never marked (checker 6).
     pub(super) fn s_only(&self, b: u64) -> bool {
         self.s_only.is_set(b)
     }
 
-    /// Whether block `b` is set in the Secondary's bitmap.
-    pub(super) fn s_marked(&self, b: u64) -> bool {
-        self.s_bm.is_set(b)
-    }
-
-    /// Blocks out of sync on either node (`p_bm`: the Primary core's bitmap).
-    pub(super) fn out_of_sync(&self, p_bm: &OutOfSync) -> OutOfSync {
+    /// Blocks out of sync on either node (each node's bitmap is its Primary core's).
+    pub(super) fn out_of_sync(p_bm: &OutOfSync, s_bm: &OutOfSync) -> OutOfSync {
         let mut bm = p_bm.clone();
-        or_bits(&mut bm, self.s_bm.words().iter().copied());
+        or_bits(&mut bm, s_bm.words().iter().copied());
         bm
     }
 }
@@ -555,8 +524,9 @@ fn expected_loser(policy: &SplitBrainPolicy, cp: u64, cs: u64, rc_p: bool) -> Op
 
 impl Sim {
     /// A call of the Primary's runs with its bitmap, the core's.
-    fn p_call<R>(&mut self, f: impl FnOnce(&mut SyncRuns<u64>, &mut OutOfSync) -> R) -> R {
-        f(&mut self.rs.p_runs, self.primary.out_of_sync_mut())
+    fn p_call<R>(&mut self, f: impl FnOnce(&mut SyncRuns<LocalWrite>, &mut OutOfSync) -> R) -> R {
+        let (runs, bm) = self.pn.runs_and_bitmap();
+        f(runs, bm)
     }
 
     // ----- connection up: the handshake -------------------------------------------------
@@ -566,9 +536,9 @@ impl Sim {
     /// connects again; so does the daemon, `Volume::wait_sync_io_idle`).
     fn connect_ready(&self) -> bool {
         !matches!(self.rs.sb, Sb::Writing { .. })
-            && self.rs.s_local_idle()
-            && self.rs.p_runs.idle()
-            && self.secondary.stats().active_writes == 0
+            && self.sn.runs.idle()
+            && self.pn.runs.idle()
+            && self.sn.receiver.stats().active_writes == 0
     }
 
     /// The connection comes up: both nodes' handshake, then the bitmap exchange if they
@@ -608,8 +578,8 @@ impl Sim {
             self.report.sb_recreated += 1;
             self.rs.s_uuids = UuidSet::JUST_CREATED;
             self.rs.s_disk = DiskState::Inconsistent;
-            self.rs.s_bm = OutOfSync::new(SECTORS as u64);
-            self.rs.s_runs.forget_resume_position();
+            *self.sn.primary.out_of_sync_mut() = OutOfSync::new(SECTORS as u64);
+            self.sn.runs.forget_resume_position();
             self.rs.sb = Sb::Recreated;
         }
         let resolving = !recreate && (resolving || self.rs.sb == Sb::Resolving);
@@ -622,7 +592,8 @@ impl Sim {
             (self.rs.params.policy, self.rs.params.peer_policy())
         };
         let rc_p = self.rs.rng.chance(500_000);
-        let (cp, cs) = (self.primary.out_of_sync().count(), self.rs.s_bm.count());
+        let cp = self.pn.primary.out_of_sync().count();
+        let cs = self.sn.primary.out_of_sync().count();
         let me_p = HandshakeSide {
             uuids: self.rs.p_uuids,
             dirty_bits: cp,
@@ -706,7 +677,8 @@ impl Sim {
         self.up = true;
         // Writes in flight before are the resync's now (their blocks are marked).
         self.fo.to_s.clear();
-        self.primary
+        self.pn
+            .primary
             .connected()
             .map_err(|e| format!("primary connected: {e}"))?;
         self.pump_primary()?;
@@ -715,8 +687,8 @@ impl Sim {
                 self.fo.wf_sync = true;
                 if full {
                     self.report.full_resyncs += 1;
-                    self.primary.out_of_sync_mut().mark_all();
-                    for bm in [&mut self.rs.s_bm, &mut self.rs.s_only] {
+                    self.pn.primary.out_of_sync_mut().mark_all();
+                    for bm in [self.sn.primary.out_of_sync_mut(), &mut self.rs.s_only] {
                         bm.mark_all();
                     }
                 }
@@ -829,9 +801,9 @@ impl Sim {
     /// through the codec.
     fn bitmap_packets(&mut self, primary: bool) -> Result<Vec<Packet>, String> {
         let bm = if primary {
-            self.primary.out_of_sync()
+            self.pn.primary.out_of_sync()
         } else {
-            &self.rs.s_bm
+            self.sn.primary.out_of_sync()
         };
         let words = bm.words().to_vec();
         let bits = bm.blocks();
@@ -870,7 +842,7 @@ impl Sim {
         #[cfg(not(test))]
         let skip = false;
         if !skip {
-            or_bits(&mut self.rs.s_bm, words.into_iter());
+            or_bits(self.sn.primary.out_of_sync_mut(), words.into_iter());
         }
         // WFBitMapT: the SyncTarget answers with its (merged) bitmap.
         for pkt in self.bitmap_packets(false)? {
@@ -885,7 +857,7 @@ impl Sim {
         let Some(words) = receive_bitmap(&mut self.rs.p_rx, pkt, "primary")? else {
             return Ok(());
         };
-        or_bits(self.primary.out_of_sync_mut(), words.into_iter());
+        or_bits(self.pn.primary.out_of_sync_mut(), words.into_iter());
         let r = uuid(&mut self.rs.rng);
         let sync_uuid = self.rs.p_uuids.start_sync_source(r);
         self.send_data(DataMsg::SyncUuid(sync_uuid));
@@ -901,8 +873,8 @@ impl Sim {
         let tick = self.tick_input(true);
         // The writes in flight on this disk.
         let in_flight = self.p_tags.iter().map(|(&t, &(s, l))| (t, s, l));
-        self.rs
-            .p_runs
+        self.pn
+            .runs
             .ensure_source(cfg, &tick, false, in_flight)
             .map_err(|e| format!("source: {e}"))
     }
@@ -920,7 +892,7 @@ impl Sim {
         if self.rs.s_disk != DiskState::Failed {
             self.rs.s_disk = DiskState::Inconsistent;
         }
-        let bm = &self.rs.s_bm;
+        let bm = self.sn.primary.out_of_sync();
         self.report.resyncs += 1;
         self.report.out_of_sync_bytes = self.report.out_of_sync_bytes.max(bm.bytes());
         let p = &self.rs.params;
@@ -940,11 +912,11 @@ impl Sim {
             .filter(|(_, b)| b.submitted)
             .map(|(&t, b)| (t, b.w.sector, b.w.len));
         let run = self
-            .rs
-            .s_runs
+            .sn
+            .runs
             .start_target(
                 cfg,
-                &self.rs.s_bm,
+                self.sn.primary.out_of_sync(),
                 &tick,
                 self.rs.s_peer,
                 (std::iter::empty(), in_flight),
@@ -969,15 +941,15 @@ impl Sim {
 
     /// A controller step on both nodes while the target runs.
     pub(super) fn rs_tick(&mut self, run: u64) -> Result<(), String> {
-        if self.rs.s_runs.target_run() != Some(run) || !self.up {
+        if self.sn.runs.target_run() != Some(run) || !self.up {
             return Ok(());
         }
         let (ts, tp) = (self.tick_input(false), self.tick_input(true));
-        self.rs.s_runs.tick(&mut self.rs.s_bm, &ts);
+        self.sn.runs.tick(self.sn.primary.out_of_sync_mut(), &ts);
         self.s_actions()?;
         self.p_call(|r, bm| r.tick(bm, &tp));
         self.p_actions()?;
-        if self.rs.s_runs.target_run() == Some(run) {
+        if self.sn.runs.target_run() == Some(run) {
             self.at(SLEEP_TIME_MS, Ev::RsTick { run });
         }
         Ok(())
@@ -995,19 +967,14 @@ impl Sim {
         self.rs.back_parked = 0;
         self.rs.s_rx = None;
         self.rs.p_rx = None;
-        if let Some(t) = self
-            .rs
-            .s_runs
-            .target()
-            .filter(|_| !self.rs.s_runs.finishing())
-        {
-            self.report.void_replies += t.progress(&self.rs.s_bm).void_replies;
+        if let Some(t) = self.sn.runs.target().filter(|_| !self.sn.runs.finishing()) {
+            self.report.void_replies += t.progress(self.sn.primary.out_of_sync()).void_replies;
             self.report.resyncs_cut += 1;
         }
-        self.rs.s_runs.connection_lost();
+        self.sn.runs.connection_lost();
         self.s_actions()?;
         if net {
-            self.rs.p_runs.connection_lost();
+            self.pn.runs.connection_lost();
             // The Primary loses its peer's disk: a new generation unless a bitmap UUID
             // already marks one.
             let r = uuid(&mut self.rs.rng);
@@ -1054,8 +1021,7 @@ impl Sim {
         if gen != self.gen {
             return Ok(());
         }
-        if matches!(self.rs.back.front(), Some(BackMsg::Rs(_)))
-            && !self.rs.p_runs.source_can_accept()
+        if matches!(self.rs.back.front(), Some(BackMsg::Rs(_))) && !self.pn.runs.source_can_accept()
         {
             self.rs.back_parked += 1;
             return Ok(());
@@ -1085,7 +1051,7 @@ impl Sim {
             .fwd
             .pop_front()
             .ok_or("meta stream delivery with nothing queued")?;
-        if self.rs.s_runs.target().is_none() {
+        if self.sn.runs.target().is_none() {
             return Err("resync answer with no SyncTarget".into());
         }
         let inbound = match Inbound::from_packet(&pkt).map_err(|e| e.to_string())? {
@@ -1096,9 +1062,9 @@ impl Sim {
             Some(i @ Inbound::NegRsDReply { .. }) => i,
             other => return Err(format!("SyncTarget got {other:?} on the meta stream")),
         };
-        self.rs
-            .s_runs
-            .inbound(&mut self.rs.s_bm, inbound)
+        self.sn
+            .runs
+            .inbound(self.sn.primary.out_of_sync_mut(), inbound)
             .map_err(|e| format!("target refused {pkt:?}: {e}"))?;
         self.s_actions()
     }
@@ -1110,15 +1076,15 @@ impl Sim {
         data: Vec<u8>,
         vers: Vec<u64>,
     ) -> Result<(), String> {
-        if self.rs.s_runs.target().is_none() {
+        if self.sn.runs.target().is_none() {
             return Err("resync reply with no SyncTarget".into());
         }
         match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
             Some(Inbound::RsDataReply { sector, len }) => {
                 let write = self
-                    .rs
-                    .s_runs
-                    .data_reply(&mut self.rs.s_bm, sector, len)
+                    .sn
+                    .runs
+                    .data_reply(self.sn.primary.out_of_sync_mut(), sector, len)
                     .map_err(|e| format!("target data_reply: {e}"))?;
                 if let Some((run, tag)) = write {
                     self.report.rs_bytes += u64::from(len);
@@ -1140,9 +1106,9 @@ impl Sim {
             Some(i @ Inbound::RsDeallocated { .. }) => {
                 self.report.rs_deallocated += 1;
                 self.rs.zero_vers = Some(vers);
-                self.rs
-                    .s_runs
-                    .inbound(&mut self.rs.s_bm, i)
+                self.sn
+                    .runs
+                    .inbound(self.sn.primary.out_of_sync_mut(), i)
                     .map_err(|e| format!("target deallocated: {e}"))?;
             }
             other => return Err(format!("SyncTarget got {other:?} on the data stream")),
@@ -1152,7 +1118,7 @@ impl Sim {
 
     /// `P_RS_WRITE_ACK` / `P_NEG_ACK` (ID_SYNCER) on the Primary's meta stream.
     pub(super) fn source_meta(&mut self, pkt: &Packet) -> Result<(), String> {
-        if self.rs.p_runs.source().is_none() {
+        if self.pn.runs.source().is_none() {
             return Err("resync ack with no SyncSource".into());
         }
         let inbound = match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
@@ -1174,8 +1140,8 @@ impl Sim {
     // ----- the SyncSource ---------------------------------------------------------------
 
     /// Performs the Primary's runs' actions (it is only ever SyncSource).
-    fn p_actions(&mut self) -> Result<(), String> {
-        for a in self.rs.p_runs.take_actions() {
+    pub(super) fn p_actions(&mut self) -> Result<(), String> {
+        for a in self.pn.runs.take_actions() {
             match a {
                 SyncAction::Send { pkt, .. } if !self.up => {
                     return Err(format!("SyncSource sent {pkt:?} while disconnected"));
@@ -1252,7 +1218,7 @@ impl Sim {
                 other => return Err(format!("unexpected action of the SyncSource: {other:?}")),
             }
         }
-        if self.rs.back_parked > 0 && self.rs.p_runs.source_can_accept() {
+        if self.rs.back_parked > 0 && self.pn.runs.source_can_accept() {
             let gen = self.gen;
             for _ in 0..std::mem::take(&mut self.rs.back_parked) {
                 self.at(0, Ev::DeliverBack { gen });
@@ -1296,32 +1262,20 @@ impl Sim {
         Ok(())
     }
 
-    /// The Primary's write `tag` is submitted to its disk: the runs track it (the
-    /// daemon's `SyncRuns::primary_write_begin`; the simulated Primary is never a
-    /// SyncTarget, so nothing holds it).
-    pub(super) fn primary_write_begin(
-        &mut self,
-        tag: u64,
-        sector: u64,
-        len: u32,
-    ) -> Result<(), String> {
-        self.rs.p_app_sectors += u64::from(len / SECTOR);
-        match self.p_call(|r, bm| r.primary_write_begin(bm, (tag, sector, len), tag)) {
-            Some(_) => Ok(()),
-            None => Err(format!("the Primary's write {tag:#x} was held by a resync")),
+    /// Power loss of the Primary's node: its resync state is gone with it (the runs start
+    /// afresh; the reads and writes in flight never complete).
+    pub(super) fn primary_crashed(&mut self) {
+        self.pn.runs = SyncRuns::default();
+        #[cfg(test)]
+        {
+            self.pn.runs.failed_mut().sabotage_ack_clears = self.sabotage.ack_clears_failed_blocks;
         }
+        self.rs.forget_primary_io();
     }
 
-    /// The Primary's write `tag` is on its disk.
-    pub(super) fn primary_write_on_disk(&mut self, tag: u64) -> Result<(), String> {
-        self.p_call(|r, bm| r.primary_write_on_disk(bm, tag));
-        self.p_actions()
-    }
-
-    /// The Primary's write `tag` is retired.
-    pub(super) fn primary_write_retired(&mut self, tag: u64) -> Result<(), String> {
-        self.p_call(|r, bm| r.primary_write_retired(bm, tag));
-        self.p_actions()
+    /// The Primary's write of `len` bytes is submitted to its disk (c-min-rate).
+    pub(super) fn primary_write_submitted(&mut self, len: u32) {
+        self.rs.p_app_sectors += u64::from(len / SECTOR);
     }
 
     // ----- the SyncTarget ---------------------------------------------------------------
@@ -1330,7 +1284,7 @@ impl Sim {
     /// target's request bound whenever it asked for more.
     fn s_actions(&mut self) -> Result<(), String> {
         let mut asked = false;
-        for a in self.rs.s_runs.take_actions() {
+        for a in self.sn.runs.take_actions() {
             match a {
                 SyncAction::Send { pkt, .. } if !self.up => {
                     return Err(format!("SyncTarget sent {pkt:?} while disconnected"));
@@ -1398,7 +1352,10 @@ impl Sim {
                         })),
                     );
                 }
-                SyncAction::Release { write, .. } => self.release(write)?,
+                SyncAction::Release { write } => {
+                    self.report.held_by_resync += 1;
+                    self.peer_local_write(write)?;
+                }
                 // The simulator does not model the bitmap's pages on the Secondary.
                 SyncAction::WriteBack => {}
                 SyncAction::Finished {
@@ -1410,8 +1367,8 @@ impl Sim {
             }
         }
         if asked {
-            if let Some(t) = self.rs.s_runs.target() {
-                let in_flight = t.progress(&self.rs.s_bm).requests_in_flight;
+            if let Some(t) = self.sn.runs.target() {
+                let in_flight = t.progress(self.sn.primary.out_of_sync()).requests_in_flight;
                 if in_flight > self.rs.params.max_requests {
                     return Err(format!("target has {in_flight} requests in flight"));
                 }
@@ -1420,26 +1377,12 @@ impl Sim {
         Ok(())
     }
 
-    /// A replicated write the target held may go.
-    fn release(&mut self, token: u64) -> Result<(), String> {
-        let b = self
-            .s_bufs
-            .get_mut(&token)
-            .filter(|b| b.held)
-            .ok_or_else(|| format!("released {token:#x}, not held"))?;
-        b.held = false;
-        if b.submitted {
-            self.submit_peer_write(token);
-        }
-        Ok(())
-    }
-
     /// The target finished: with nothing left, the Secondary's data is made durable
     /// before the disk is declared UpToDate (`finish_flush_done`); otherwise the disk
     /// stays Inconsistent with the failed blocks set, and the run is over at once.
     fn target_finished(&mut self, run: u64, sum: &ResyncSummary, adopt: Option<UuidSet>) {
-        if let Some(t) = self.rs.s_runs.target() {
-            self.report.void_replies += t.progress(&self.rs.s_bm).void_replies;
+        if let Some(t) = self.sn.runs.target() {
+            self.report.void_replies += t.progress(self.sn.primary.out_of_sync()).void_replies;
         }
         match adopt {
             Some(peer) => {
@@ -1454,7 +1397,7 @@ impl Sim {
             None => {
                 debug_assert!(sum.left_blocks > 0);
                 self.report.resyncs_failed += 1;
-                self.rs.s_runs.end_recorded(run);
+                self.sn.runs.end_recorded(run);
             }
         }
     }
@@ -1466,7 +1409,7 @@ impl Sim {
         gen: u64,
     ) -> Result<(), String> {
         let (run, peer) = self.rs.s_finish.take().ok_or("finish flush of no run")?;
-        self.rs.s_runs.end_recorded(run);
+        self.sn.runs.end_recorded(run);
         if fail || self.rs.s_disk == DiskState::Failed {
             // Stays Inconsistent (the next handshake resyncs again) or Failed (detached).
             return Ok(());
@@ -1491,9 +1434,9 @@ impl Sim {
     ) -> Result<(), String> {
         let first = usize::try_from(sector).map_err(|e| e.to_string())? * SECTOR as usize;
         let digest = (!fail).then(|| Digest::of(&self.sdisk.cache[first..first + len as usize]));
-        self.rs
-            .s_runs
-            .digest_done(&mut self.rs.s_bm, run, tag, digest)
+        self.sn
+            .runs
+            .digest_done(self.sn.primary.out_of_sync_mut(), run, tag, digest)
             .map_err(|e| format!("target digest_done: {e}"))?;
         self.s_actions()
     }
@@ -1528,51 +1471,48 @@ impl Sim {
                 *d = false;
             }
         }
-        self.rs
-            .s_runs
-            .write_done(&mut self.rs.s_bm, run, tag, !fail)
+        self.sn
+            .runs
+            .write_done(self.sn.primary.out_of_sync_mut(), run, tag, !fail)
             .map_err(|e| format!("target write_done: {e}"))?;
         self.s_actions()
     }
 
-    /// The Secondary core submits a replicated write: the runs gate it
-    /// (`SyncRuns::peer_write_begin`). `true`: submit it now; `false`: the target holds
-    /// it until released.
-    pub(super) fn target_app_write_begin(&mut self, token: u64) -> Result<bool, String> {
+    /// The Secondary's disk write of a replicated write, as the node's drain (or a
+    /// release of the target) asks for it: it matches what the Primary sent, once.
+    pub(super) fn peer_local_write(&mut self, w: LocalWrite) -> Result<(), String> {
+        let Side::Peer { token } = w.side else {
+            return Err(format!(
+                "the Secondary's node wrote for its Primary core: {w:?}"
+            ));
+        };
         let b = self
             .s_bufs
             .get_mut(&token)
-            .ok_or("begin of an unknown write")?;
-        self.rs.s_app_sectors += u64::from(b.w.len / SECTOR);
-        let (sector, len) = (b.w.sector, b.w.len);
-        let go = self
-            .rs
-            .s_runs
-            .peer_write_begin(&mut self.rs.s_bm, (token, sector, len), token)
-            .is_some();
-        b.held = !go;
-        if !go {
-            self.report.held_by_resync += 1;
+            .ok_or_else(|| format!("secondary submitted unknown token {token:#x}"))?;
+        let pw = b.w;
+        let same = (pw.sector, pw.len, pw.kind, pw.dp_flags & dp::DP_FUA != 0)
+            == (w.sector, w.len, w.kind, w.fua);
+        if !same || b.submitted {
+            return Err(format!("secondary write {token:#x} does not match {w:?}"));
         }
-        Ok(go)
-    }
-
-    /// A replicated write is done on the Secondary (landed, or discarded).
-    pub(super) fn target_app_write_end(&mut self, token: u64) -> Result<(), String> {
-        self.rs.s_runs.peer_write_end(&mut self.rs.s_bm, token);
-        self.s_actions()
+        b.submitted = true;
+        self.rs.s_app_sectors += u64::from(w.len / SECTOR);
+        self.submit_peer_write(token);
+        Ok(())
     }
 
     /// A replicated write landed on the Secondary's disk (`fail`: garbage there, the
-    /// blocks go out of sync on this side too).
+    /// blocks go out of sync on this side too); the node learns it.
     pub(super) fn peer_write_landed(
         &mut self,
         token: u64,
         b: &SBuf,
         fail: bool,
     ) -> Result<(), String> {
+        let (runs, bm) = self.sn.runs_and_bitmap();
         if fail {
-            self.rs.s_runs.mark(&mut self.rs.s_bm, b.w.sector, b.w.len);
+            runs.mark(bm, b.w.sector, b.w.len);
         } else {
             let first = usize::try_from(b.w.sector).map_err(|e| e.to_string())?;
             let n = b.w.len as usize / SECTOR as usize;
@@ -1580,7 +1520,18 @@ impl Sim {
                 *d = false;
             }
         }
-        self.target_app_write_end(token)
+        let w = LocalWrite {
+            side: Side::Peer { token },
+            sector: b.w.sector,
+            len: b.w.len,
+            kind: b.w.kind,
+            fua: b.w.dp_flags & dp::DP_FUA != 0,
+        };
+        self.sn
+            .write_done(&w, !fail)
+            .map_err(|e| format!("secondary local_done: {e}"))?;
+        self.pump_secondary()?;
+        self.s_actions()
     }
 
     // ----- split brain ------------------------------------------------------------------
@@ -1614,8 +1565,8 @@ impl Sim {
             && s.bitmap == 0
             && p.current & !1 == s.current & !1
             && self.rs.s_disk == DiskState::UpToDate
-            && self.rs.s_runs.target().is_none()
-            && !self.rs.s_runs.finishing();
+            && self.sn.runs.target().is_none()
+            && !self.sn.runs.finishing();
         if !eligible {
             if !self.workload_done() && !self.fo.dead {
                 let d = self.rs.rng.range(20, 200);
@@ -1657,7 +1608,7 @@ impl Sim {
         let first = usize::try_from(sector).map_err(|e| e.to_string())?;
         self.sdisk
             .complete_write(first, Some(&data), len as usize, id, false, false);
-        self.rs.s_bm.mark(sector, len);
+        self.sn.primary.out_of_sync_mut().mark(sector, len);
         self.rs.s_only.mark(sector, len);
         for d in &mut self.rs.s_disc[first..first + len as usize / SECTOR as usize] {
             *d = true;
@@ -1676,10 +1627,10 @@ impl Sim {
     /// Resync bounds, and the mirror of the Primary core's bitmap.
     pub(super) fn check_resync_bounds(&self) -> Result<(), String> {
         // (The SyncTarget's bound is checked where its requests change, in `pump_target`.)
-        if self.rs.p_runs.untracked() + self.rs.s_runs.untracked() != 0 {
+        if self.pn.runs.untracked() + self.sn.runs.untracked() != 0 {
             return Err("a resync machine could not track an application write".into());
         }
-        if let Some(src) = self.rs.p_runs.source() {
+        if let Some(src) = self.pn.runs.source() {
             let st = src.stats();
             if st.queued + st.reading > self.rs.params.source_queue
                 || st.reading > self.rs.params.source_reads
@@ -1698,15 +1649,16 @@ impl Sim {
             "connection down".into()
         } else if self.rs.p_rx.is_some() || self.rs.s_rx.is_some() {
             "bitmap exchange unfinished".into()
-        } else if self.rs.s_runs.target().is_some() || self.rs.s_runs.finishing() {
+        } else if self.sn.runs.target().is_some() || self.sn.runs.finishing() {
             "resync unfinished".into()
         } else if self.rs.s_disk != DiskState::UpToDate {
             "the secondary is Inconsistent (its last resync failed)".into()
-        } else if self.primary.out_of_sync().count() + self.rs.s_bm.count() != 0 {
+        } else if self.pn.primary.out_of_sync().count() + self.sn.primary.out_of_sync().count() != 0
+        {
             format!(
                 "bitmaps not empty: primary {} bits, secondary {} bits",
-                self.primary.out_of_sync().count(),
-                self.rs.s_bm.count()
+                self.pn.primary.out_of_sync().count(),
+                self.sn.primary.out_of_sync().count()
             )
         } else if [p.current, p.bitmap, p.history[0], p.history[1]]
             .iter()

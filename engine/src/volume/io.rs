@@ -52,8 +52,9 @@
 //! (capacity ≤ 64 each), so a volume step that has effects allocates nothing.
 
 use super::sync::{ReadData, ReadResult};
-use super::{contract, Buf, Effect, Inner, LocalWrite, Side, Volume};
+use super::{contract, Buf, Effect, Volume};
 use crate::net::PeerData;
+use crate::replica::{LocalWrite, Side};
 use crate::replica::{ReadFor, RunRead};
 use crate::request::WriteKind;
 use crate::store::{
@@ -97,10 +98,7 @@ pub(super) enum IoCtx {
 /// ends; with `then_flush` (a FUA discard / write-zeroes) its completion submits a flush
 /// with the same context, `then_flush` cleared.
 pub(super) struct LocalIo {
-    side: Side,
-    sector: u64,
-    len: u32,
-    kind: WriteKind,
+    w: LocalWrite,
     then_flush: bool,
     budget: Option<OwnedSemaphorePermit>,
 }
@@ -299,17 +297,16 @@ impl Volume {
     /// A core's local write through a sink: a data write with its buffer, a discard or a
     /// write-zeroes. A disk that is detached (or a data write without its buffer, a bug)
     /// fails it without IO, from a task.
-    pub(super) fn start_local_write(&self, w: LocalWrite) {
+    pub(super) fn start_local_write(&self, w: LocalWrite, buf: Option<Buf>) {
         let LocalWrite {
-            side,
             sector,
             len,
             kind,
             fua,
-            buf,
+            ..
         } = w;
         if self.detached.load(Ordering::Relaxed) {
-            return self.fail_local_write(side, sector, len, false);
+            return self.fail_local_write(w, false);
         }
         let offset = sector * SECTOR_SIZE as u64;
         let mut budget = None;
@@ -328,7 +325,7 @@ impl Volume {
             }
             (WriteKind::Data, None) => {
                 tracing::error!("a write at sector {sector} has no data buffer");
-                return self.fail_local_write(side, sector, len, true);
+                return self.fail_local_write(w, true);
             }
             (WriteKind::Discard, _) => {
                 let len = u64::from(len);
@@ -347,10 +344,7 @@ impl Volume {
             }
         };
         let ctx = IoCtx::Local(LocalIo {
-            side,
-            sector,
-            len,
-            kind,
+            w,
             then_flush,
             budget,
         });
@@ -498,22 +492,27 @@ impl Volume {
                     return self.start_flush(IoCtx::Local(l));
                 }
                 drop(l.budget);
-                self.local_write_ended(l.side, l.sector, l.len, l.kind, result);
+                self.local_write_ended(l.w, result);
             }
             IoCtx::PrimaryFlush { tag } => {
                 if let Err(e) = &result {
                     tracing::warn!("local flush failed: {e}");
                 }
                 self.feed(|v, inner, fx| {
-                    contract(inner.primary.local_flush_done(tag, ok));
-                    v.drain_primary(inner, fx);
+                    contract(inner.node.primary.local_flush_done(tag, ok));
+                    v.drain(inner, fx);
                 });
             }
             IoCtx::ReceiverFlush => {
                 if let Err(e) = &result {
                     tracing::warn!("local flush failed: {e}");
                 }
-                self.feed(|v, inner, fx| Self::flush_round_done(v, inner, fx, ok));
+                self.feed(|v, inner, fx| {
+                    let mut actions = std::mem::take(&mut inner.actions);
+                    contract(inner.node.flush_round_done(ok, &mut actions));
+                    inner.actions = actions;
+                    v.drain(inner, fx);
+                });
             }
             IoCtx::MetaPreflush { tag, offset, data } => match result {
                 Ok(()) => self.start_meta_write(tag, offset, &data),
@@ -528,35 +527,31 @@ impl Volume {
                 }
                 self.feed(|v, inner, fx| {
                     match tag {
-                        MetaTag::Core(tag) => contract(inner.primary.meta_write_done(tag, ok)),
+                        MetaTag::Core(tag) => contract(inner.node.primary.meta_write_done(tag, ok)),
                         MetaTag::Page(page) => Self::page_write_done(inner, fx, page, ok),
                     }
-                    v.drain_primary(inner, fx);
+                    v.drain(inner, fx);
                 });
             }
         }
     }
 
-    /// A core's local write (`kind`) ended with `result`: a success feeds the core at
-    /// once; a failure is recorded first, from a task (`record_disk_failure` waits for
-    /// metadata IO).
-    fn local_write_ended(
-        &self,
-        side: Side,
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        result: Result<(), StoreError>,
-    ) {
+    /// A core's local write ended with `result`: a success feeds the core at once; a
+    /// failure is recorded first, from a task (`record_disk_failure` waits for metadata
+    /// IO).
+    fn local_write_ended(&self, w: LocalWrite, result: Result<(), StoreError>) {
         let Err(e) = result else {
-            return self.local_write_done(side, sector, len, true);
+            return self.local_write_done(w, true);
         };
+        let LocalWrite {
+            sector, len, kind, ..
+        } = w;
         tracing::warn!("local {kind:?} of {len} bytes at sector {sector} failed: {e}");
         // Recorded before the write completes (and before a Secondary answers
         // P_NEG_ACK): never UpToDate again without a resync.
         self.spawn_task(move |v| async move {
-            v.record_disk_failure(side, sector, len, true).await;
-            v.local_write_done(side, sector, len, false);
+            v.record_disk_failure(&w, true).await;
+            v.local_write_done(w, false);
         });
     }
 
@@ -617,39 +612,24 @@ impl Volume {
         });
     }
 
-    /// A merged flush round ended: report every flush it covered, oldest first; start
-    /// the next round if more were requested meanwhile.
-    fn flush_round_done(&self, inner: &mut Inner, fx: &mut Vec<Effect>, ok: bool) {
-        for token in inner.flushes.round_done() {
-            contract(inner.receiver.local_flush_done(token, ok));
-        }
-        // The flushes the core asks for now start the next round (with those waiting);
-        // if it asked for none, the waiting ones do.
-        self.drain_receiver(inner, fx);
-        if inner.flushes.next_round() {
-            fx.push(Effect::FlushRound);
-        }
-    }
-
-    /// A core's local write ended (`ok`): feed the core, then the resync machines.
-    pub(super) fn local_write_done(&self, side: Side, sector: u64, len: u32, ok: bool) {
+    /// A core's local write ended (`ok`): feed the node, then the resync machines.
+    pub(super) fn local_write_done(&self, w: LocalWrite, ok: bool) {
         self.feed(|v, inner, fx| {
-            inner.app_io_sectors += u64::from(len) / SECTOR_SIZE as u64;
-            match side {
-                Side::Primary(tag) => {
-                    Self::sync_write_ended(inner, Some(tag), None);
-                    if !ok {
-                        v.local_write_failed(inner, sector, len);
+            inner.app_io_sectors += u64::from(w.len) / SECTOR_SIZE as u64;
+            match inner.node.write_done(&w, ok) {
+                Ok(true) => {}
+                // The failed blocks must stay out of sync: renew the connection rather
+                // than forget one (`replica::FailedLocal`).
+                Ok(false) => {
+                    if let Some(k) = &inner.kill {
+                        k.notify_one();
                     }
-                    contract(inner.primary.local_done(tag, ok));
-                    v.drain_primary(inner, fx);
                 }
-                Side::Receiver(token) => {
-                    Self::sync_write_ended(inner, None, Some(token));
-                    contract(inner.receiver.local_done(token, ok));
-                    v.drain_receiver(inner, fx);
-                    v.wake_if_idle(inner);
-                }
+                Err(e) => contract(Err(e)),
+            }
+            v.drain(inner, fx);
+            if matches!(w.side, Side::Peer { .. }) {
+                v.wake_if_idle(inner);
             }
             v.drain_sync(inner, fx);
         });
@@ -657,12 +637,12 @@ impl Volume {
 
     /// A local write that is not submitted (a detached disk; `attempted`: a data write
     /// without its buffer) fails as a failed write does, from a task.
-    fn fail_local_write(&self, side: Side, sector: u64, len: u32, attempted: bool) {
+    fn fail_local_write(&self, w: LocalWrite, attempted: bool) {
         self.spawn_task(move |v| async move {
             // A detached disk takes no more writes (`on-io-error detach`); the failure is
             // recorded before the write completes, as for a failed write.
-            v.record_disk_failure(side, sector, len, attempted).await;
-            v.local_write_done(side, sector, len, false);
+            v.record_disk_failure(&w, attempted).await;
+            v.local_write_done(w, false);
         });
     }
 }

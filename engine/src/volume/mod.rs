@@ -65,9 +65,10 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
+use crate::replica::{Action, LocalWrite, Node, Side};
 use crate::request::{
-    self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, PrimaryOutput,
-    Receiver, ReceiverConfig, ReceiverOutput, WriteKind,
+    self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
+    ReceiverConfig, WriteKind,
 };
 use crate::state::change;
 use crate::state::uuid::HandshakeOutcome;
@@ -135,14 +136,15 @@ struct Inner {
     peer_disk: DiskState,
     link: Option<Link>,
     kill: Option<Arc<Notify>>,
-    primary: Primary,
-    receiver: Receiver,
+    /// The write pipelines: both cores, the resync runs, the flush rounds (the rules of
+    /// their drain are `replica::Node`'s).
+    node: Node,
+    /// Reused buffer the node's actions are drained into (no allocation per event).
+    actions: Vec<Action>,
     next_id: u64,
     pending: HashMap<u64, Pending>,
     peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
-    /// The Secondary's epoch flushes, merged into rounds (`replica::FlushRounds`).
-    flushes: crate::replica::FlushRounds,
     writes_completed: u64,
     /// Generation UUIDs (staged in the superblock on every change, see `durable.rs`).
     uuids: UuidSet,
@@ -150,9 +152,6 @@ struct Inner {
     crashed_primary: bool,
     /// Why the last handshake found a split brain (cleared by `connect`).
     split_brain: Option<String>,
-    /// The resync runs of the live connection (the rules are `replica::SyncRuns`'s);
-    /// a held peer or Primary write waits in it as its effect.
-    runs: crate::replica::SyncRuns<Effect>,
     /// Source read buffers waiting for their `P_RS_DATA_REPLY`, by tag.
     rs_bufs: HashMap<u64, Arc<AlignedBuf>>,
     /// `pause-sync` is in effect.
@@ -197,9 +196,6 @@ struct Inner {
     disk_failure: Option<String>,
     /// When each write still awaiting the peer was queued (`net::liveness`).
     peer_waits: peer_wait::PeerWaits,
-    /// Reused buffers the cores' outputs are drained into (no allocation per event).
-    primary_out: Vec<PrimaryOutput>,
-    receiver_out: Vec<ReceiverOutput>,
 }
 
 /// Events kept for `tandem events`.
@@ -230,26 +226,13 @@ impl Inner {
     }
 }
 
-/// Which core a local write belongs to, with the handle that core gave it.
-#[derive(Clone, Copy)]
-enum Side {
-    Primary(u64),
-    Receiver(u64),
-}
-
-/// A core's write to the local disk.
-struct LocalWrite {
-    side: Side,
-    sector: u64,
-    len: u32,
-    kind: WriteKind,
-    fua: bool,
-    buf: Option<Buf>,
-}
-
 /// IO to start after the lock is released.
 enum Effect {
-    LocalWrite(LocalWrite),
+    /// A core's write to the local disk, with its data.
+    LocalWrite {
+        w: LocalWrite,
+        buf: Option<Buf>,
+    },
     PrimaryFlush {
         tag: u64,
     },
@@ -441,18 +424,16 @@ impl Inner {
             peer_disk: DiskState::DUnknown,
             link: None,
             kill: None,
-            primary,
-            receiver,
+            node: Node::new(primary, receiver),
+            actions: Vec::new(),
             next_id: 1,
             pending: HashMap::new(),
             peer_bufs: HashMap::new(),
             bytes_replicated: 0,
-            flushes: crate::replica::FlushRounds::default(),
             writes_completed: 0,
             uuids,
             crashed_primary,
             split_brain: None,
-            runs: crate::replica::SyncRuns::default(),
             rs_bufs: HashMap::new(),
             sync_paused: false,
             last_sync: None,
@@ -474,8 +455,6 @@ impl Inner {
             peer_disk_failure: None,
             disk_failure: None,
             peer_waits: peer_wait::PeerWaits::default(),
-            primary_out: Vec::new(),
-            receiver_out: Vec::new(),
         }
     }
 }
@@ -749,8 +728,8 @@ impl Volume {
             peer_role: inner.peer_role,
             disk: inner.disk,
             peer_disk: inner.peer_disk,
-            peer_writes_active: inner.receiver.stats().active_writes > 0,
-            sync_target: inner.runs.target().is_some(),
+            peer_writes_active: inner.node.receiver.stats().active_writes > 0,
+            sync_target: inner.node.runs.target().is_some(),
             force,
         })
         .map_err(|r| r.to_string())
@@ -772,7 +751,7 @@ impl Volume {
                 return Ok(());
             }
             Self::may_take_primary(inner, force, granted)?;
-            let forced = inner.disk != DiskState::UpToDate && inner.runs.target().is_none();
+            let forced = inner.disk != DiskState::UpToDate && inner.node.runs.target().is_none();
             let old = inner.uuids;
             let (uuids, announce) = Self::promoted_uuids(inner, forced);
             // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
@@ -824,7 +803,7 @@ impl Volume {
                 pending.undo = None;
                 self.became_primary(inner, forced, announce);
                 self.role_changed(inner);
-                self.drain_primary(inner, &mut fx);
+                self.drain(inner, &mut fx);
             }
             r
         };
@@ -856,7 +835,7 @@ impl Volume {
         let fresh_pair = uuids.may_skip_initial_sync(reachable, version)
             && inner.disk == DiskState::UpToDate
             && inner.peer_disk == DiskState::UpToDate
-            && inner.runs.source().is_none();
+            && inner.node.runs.source().is_none();
         let mut announce = None;
         if fresh_pair && !forced {
             // Both disks UpToDate with just-created UUIDs (two files `tandem up` created,
@@ -898,7 +877,7 @@ impl Volume {
             }
         }
         if inner.link.is_some() {
-            contract(inner.primary.connected());
+            contract(inner.node.primary.connected());
         }
     }
 
@@ -933,13 +912,13 @@ impl Volume {
                      (their next writes then fail with EPERM)"
                 ));
             }
-            if inner.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
+            if inner.node.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
                 return Err("writes are in flight; stop the application first".into());
             }
             inner.role = Role::Secondary;
-            inner.primary.connection_lost();
-            self.drain_primary(inner, &mut fx);
-            inner.primary.is_detached()
+            inner.node.primary.connection_lost();
+            self.drain(inner, &mut fx);
+            inner.node.primary.is_detached()
         };
         self.run(std::mem::take(&mut fx));
         let demoted = match self.write_dirty_pages().await {
@@ -958,8 +937,8 @@ impl Volume {
         match demoted {
             Err(e) if diskless => tracing::warn!("diskless demotion: {e}"),
             Err(e) => {
-                g.primary.fail_disk();
-                self.drain_primary(&mut g, &mut fx);
+                g.node.primary.fail_disk();
+                self.drain(&mut g, &mut fx);
                 drop(g);
                 self.run(fx);
                 return Err(format!("cannot record the demotion in the metadata: {e}"));
@@ -984,7 +963,7 @@ impl Volume {
     fn stage_dirty_pages(inner: &mut Inner) -> (Vec<oneshot::Receiver<bool>>, Vec<Effect>) {
         let mut waits = Vec::new();
         let mut fx = Vec::new();
-        for (offset, data) in inner.primary.take_dirty_bitmap_pages() {
+        for (offset, data) in inner.node.primary.take_dirty_bitmap_pages() {
             let Some(page) = inner.pages.page_at(offset) else {
                 panic!("BUG: the core's bitmap page at byte {offset} is outside the bitmap");
             };
@@ -1048,7 +1027,7 @@ impl Volume {
     fn page_write_done(inner: &mut Inner, fx: &mut Vec<Effect>, page: u32, ok: bool) {
         if !ok {
             // Its image is not on disk: the next writer of the page writes it again.
-            inner.primary.out_of_sync_mut().set_dirty(page);
+            inner.node.primary.out_of_sync_mut().set_dirty(page);
         }
         let d = inner.pages.done(page, ok);
         for m in d.released {
@@ -1061,13 +1040,15 @@ impl Volume {
                 let io::MetaTag::Core(tag) = m.tag else {
                     panic!("BUG: a bitmap page write was held as a transaction");
                 };
-                contract(inner.primary.meta_write_done(tag, false));
+                contract(inner.node.primary.meta_write_done(tag, false));
             }
         }
         let (waiters, next) = (d.waiters, d.next);
         for w in waiters {
             match w {
-                pages::PageWaiter::Core(tag) => contract(inner.primary.meta_write_done(tag, ok)),
+                pages::PageWaiter::Core(tag) => {
+                    contract(inner.node.primary.meta_write_done(tag, ok))
+                }
                 pages::PageWaiter::Task(tx) => {
                     let _ = tx.send(ok);
                 }
@@ -1101,8 +1082,8 @@ impl Volume {
                 let mut fx = Vec::new();
                 {
                     let mut g = me.lock();
-                    g.primary.fail_disk();
-                    me.drain_primary(&mut g, &mut fx);
+                    g.node.primary.fail_disk();
+                    me.drain(&mut g, &mut fx);
                 }
                 me.run(fx);
             }
@@ -1187,7 +1168,7 @@ impl Volume {
                 "connected",
                 serde_json::json!({ "peer": self.peer_node, "sync": format!("{:?}", peer.sync) }),
             );
-            let bits = inner.primary.out_of_sync().count();
+            let bits = inner.node.primary.out_of_sync().count();
             if role.is_none() && bits > 0 {
                 // DRBD's "No resync, but N bits in bitmap!": the UUIDs say equal (e.g.
                 // verify marked blocks and no Primary started a new generation).
@@ -1204,10 +1185,10 @@ impl Volume {
             self.send_state(inner);
             self.drain_sync(inner, &mut effects);
             if inner.role == Role::Primary {
-                if let Err(e) = inner.primary.connected() {
+                if let Err(e) = inner.node.primary.connected() {
                     tracing::error!("replication core refused the connection: {e}");
                 }
-                self.drain_primary(inner, &mut effects);
+                self.drain(inner, &mut effects);
             }
         }
         self.run(effects);
@@ -1236,11 +1217,11 @@ impl Volume {
                 ConnState::NetworkFailure
             };
             self.sync_connection_lost(inner, &mut effects);
-            inner.primary.connection_lost();
-            self.drain_primary(inner, &mut effects);
+            inner.node.primary.connection_lost();
+            self.drain(inner, &mut effects);
             inner.peer_waits.clear();
-            inner.receiver.connection_lost();
-            self.drain_receiver(inner, &mut effects);
+            inner.node.receiver.connection_lost();
+            self.drain(inner, &mut effects);
             // A Primary that lost its peer's disk writes a generation the peer lacks.
             let mut uuids = inner.uuids;
             if uuids.lost_peer_disk(
@@ -1253,7 +1234,7 @@ impl Volume {
                 let t = self.stage_uuids(inner, uuids, &[]);
                 self.fail_disk_unless_durable(t);
             }
-            let oos = inner.primary.out_of_sync_bytes();
+            let oos = inner.node.primary.out_of_sync_bytes();
             if oos > 0 {
                 tracing::warn!(
                     "peer {} disconnected; {oos} bytes out of sync",
@@ -1298,19 +1279,21 @@ impl Volume {
                     v.remote_read_failed(inner, ack.block_id);
                     return Ok(());
                 }
-                Command::P_RECV_ACK => inner.primary.peer_recv_ack(ack.block_id),
+                Command::P_RECV_ACK => inner.node.primary.peer_recv_ack(ack.block_id),
                 Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => {
-                    inner.primary.peer_write_ack(ack.block_id)
+                    inner.node.primary.peer_write_ack(ack.block_id)
                 }
-                Command::P_NEG_ACK => inner.primary.peer_neg_ack(ack.block_id).map(|(s, l)| {
-                    // A SyncTarget Primary: this side has the newer data (see
-                    // `Target::peer_lacks`).
-                    inner.runs.peer_lacks(s, l);
-                }),
+                Command::P_NEG_ACK => {
+                    inner.node.primary.peer_neg_ack(ack.block_id).map(|(s, l)| {
+                        // A SyncTarget Primary: this side has the newer data (see
+                        // `Target::peer_lacks`).
+                        inner.node.runs.peer_lacks(s, l);
+                    })
+                }
                 other => return Err(format!("unexpected {} on the meta socket", other.name())),
             };
             r.map_err(core_err)?;
-            v.drain_primary(inner, fx);
+            v.drain(inner, fx);
             Ok(())
         })
         .map(|_| ())
@@ -1319,8 +1302,12 @@ impl Volume {
     /// `P_BARRIER_ACK`.
     pub fn barrier_ack(&self, session: u64, nr: u32, set_size: u32) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            inner.primary.barrier_ack(nr, set_size).map_err(core_err)?;
-            v.drain_primary(inner, fx);
+            inner
+                .node
+                .primary
+                .barrier_ack(nr, set_size)
+                .map_err(core_err)?;
+            v.drain(inner, fx);
             Ok(())
         })
         .map(|_| ())
@@ -1334,11 +1321,11 @@ impl Volume {
                 if inner.role == Role::Primary {
                     return Err("P_BARRIER received while Primary".into());
                 }
-                if !inner.receiver.can_accept() {
+                if !inner.node.receiver.can_accept() {
                     return Ok(false);
                 }
-                inner.receiver.peer_barrier(nr).map_err(core_err)?;
-                v.drain_receiver(inner, fx);
+                inner.node.receiver.peer_barrier(nr).map_err(core_err)?;
+                v.drain(inner, fx);
                 Ok(true)
             })?;
             match outcome {
@@ -1360,6 +1347,7 @@ impl Volume {
                 }
             }
             inner
+                .node
                 .runs
                 .set_peer_primary(inner.peer_role == Role::Primary);
             let conn = ConnState::from_u32(u32::from(s.conn)).unwrap_or(ConnState::StandAlone);
@@ -1384,8 +1372,8 @@ impl Volume {
         let resync_due = disk == DiskState::UpToDate
             && was < DiskState::UpToDate
             && inner.disk == DiskState::Inconsistent
-            && inner.runs.target().is_none()
-            && inner.runs.source().is_none();
+            && inner.node.runs.target().is_none()
+            && inner.node.runs.source().is_none();
         if resync_due {
             tracing::warn!(
                 "the peer's disk is UpToDate now and this one is Inconsistent: renewing the \
@@ -1436,14 +1424,15 @@ impl Volume {
     /// Then the peer is told (`P_STATE`); a detached Secondary goes StandAlone (a
     /// restart attaches the disk again), a `pass_on` node renews the connection so that
     /// the handshake resyncs the failed blocks from the peer at once.
-    async fn record_disk_failure(&self, side: Side, sector: u64, len: u32, attempted: bool) {
+    async fn record_disk_failure(&self, w: &LocalWrite, attempted: bool) {
+        let (sector, len) = (w.sector, w.len);
         let detach = self.on_io_error == crate::config::OnIoError::Detach;
         let (first, full_sync) = {
             let mut g = self.lock();
             let inner = &mut *g;
-            if matches!(side, Side::Receiver(_)) {
+            if matches!(w.side, Side::Peer { .. }) {
                 // A Primary's core marks its own failed writes (`local_done`).
-                inner.primary.out_of_sync_mut().mark(sector, len);
+                inner.node.primary.out_of_sync_mut().mark(sector, len);
             }
             let first = inner.disk > DiskState::Failed && inner.disk_failure.is_none();
             if first {
@@ -1470,7 +1459,7 @@ impl Volume {
                 if diskless {
                     // DRBD's diskless Primary: writes and reads go to the peer from now
                     // on (the caller's completion drains the core's outputs).
-                    inner.primary.detach_local();
+                    inner.node.primary.detach_local();
                     tracing::error!(
                         "the disk is detached: this Primary is Diskless and serves through peer {} \
                          (writes fail while it is not connected)",
@@ -1495,7 +1484,7 @@ impl Volume {
         // A write skipped because the disk is already detached adds only its bit in
         // memory (the Primary has it too, from the P_NEG_ACK): no more metadata IO to a
         // disk that already failed.
-        if attempted && matches!(side, Side::Receiver(_)) {
+        if attempted && matches!(w.side, Side::Peer { .. }) {
             if let Err(e) = self.write_dirty_pages().await {
                 tracing::error!("failed disk: {e}");
             }
@@ -1655,14 +1644,14 @@ impl Volume {
                         "the peer sent a write but this node is Primary (two primaries)".into(),
                     );
                 }
-                if !inner.receiver.can_accept() {
+                if !inner.node.receiver.can_accept() {
                     return Ok(false);
                 }
                 let Some(pw) = w.take() else { return Ok(true) };
                 if inner.peer_disk < DiskState::Inconsistent {
                     // DRBD's `receive_Data`: the peer (a Diskless Primary) does not keep
                     // this block; the bitmap says so, whatever else records it.
-                    inner.primary.out_of_sync_mut().mark(pw.sector, pw.len);
+                    inner.node.primary.out_of_sync_mut().mark(pw.sector, pw.len);
                 }
                 let (kind, buf) = match pw.kind {
                     PeerWriteKind::Data(b) => (WriteKind::Data, Some(b)),
@@ -1670,6 +1659,7 @@ impl Volume {
                     PeerWriteKind::Zeroes { unmap } => (WriteKind::Zeroes { unmap }, None),
                 };
                 let token = inner
+                    .node
                     .receiver
                     .peer_write(request::PeerWrite {
                         block_id: pw.block_id,
@@ -1682,7 +1672,7 @@ impl Volume {
                 if let Some(b) = buf {
                     inner.peer_bufs.insert(token, b);
                 }
-                v.drain_receiver(inner, fx);
+                v.drain(inner, fx);
                 Ok(true)
             })?;
             match outcome {
@@ -1737,42 +1727,24 @@ impl Volume {
         }
     }
 
-    fn drain_primary(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        let mut outputs = std::mem::take(&mut inner.primary_out);
-        outputs.extend(inner.primary.drain_outputs());
-        for o in outputs.drain(..) {
-            match o {
-                PrimaryOutput::SubmitLocal {
-                    tag,
-                    id,
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                } => {
-                    let buf = inner.pending.get(&id).and_then(|p| p.buf.clone());
-                    let e = Effect::LocalWrite(LocalWrite {
-                        side: Side::Primary(tag),
-                        sector,
-                        len,
-                        kind,
-                        fua,
-                        buf: buf.map(Buf::Shared),
-                    });
-                    // The resync runs track it (and a SyncTarget Primary's may hold it).
-                    let bm = inner.primary.out_of_sync_mut();
-                    if let Some(e) = inner.runs.primary_write_begin(bm, (tag, sector, len), e) {
-                        fx.push(e);
-                    }
-                }
-                PrimaryOutput::SubmitLocalFlush { tag } => fx.push(Effect::PrimaryFlush { tag }),
-                PrimaryOutput::MetaWrite {
+    /// Performs the node's actions (`replica::Node::drain`): sends are queued on the
+    /// connection now, under the lock, in the order the cores emitted them; IO and
+    /// completions become effects, started after the lock is released.
+    fn drain(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
+        let mut actions = std::mem::take(&mut inner.actions);
+        inner.node.drain(&mut actions);
+        for a in actions.drain(..) {
+            match a {
+                Action::LocalWrite(w) => fx.push(Self::local_write(inner, w)),
+                Action::PrimaryFlush { tag } => fx.push(Effect::PrimaryFlush { tag }),
+                Action::FlushRound => fx.push(Effect::FlushRound),
+                Action::MetaWrite {
                     tag,
                     offset,
                     data,
                     preflush,
                 } => Self::core_meta_write(inner, fx, tag, offset, data, preflush),
-                PrimaryOutput::SendWrite {
+                Action::SendWrite {
                     block_id,
                     id,
                     sector,
@@ -1801,115 +1773,49 @@ impl Volume {
                         inner.peer_waits.sent(block_id, Instant::now());
                     }
                 }
-                PrimaryOutput::SendBarrier { nr } => {
-                    let barrier = Packet::Barrier(wire::Barrier {
-                        barrier: nr,
-                        pad: 0,
-                    });
-                    Self::send(inner, Stream::Data, &barrier, None);
+                Action::Send { stream, pkt } => {
+                    Self::send(inner, stream, &pkt, None);
                 }
-                PrimaryOutput::Complete { id, result } => {
+                Action::Complete { id, ok } => {
                     let Some(p) = inner.pending.remove(&id) else {
                         panic!("BUG: the core completed request {id}, unknown or completed twice");
                     };
                     inner.writes_completed += 1;
                     if let Some(done) = p.done {
-                        let result = result.map_err(|_| BlockError::Io);
+                        let result = if ok { Ok(()) } else { Err(BlockError::Io) };
                         fx.push(Effect::Complete { done, result });
                     }
                 }
-                PrimaryOutput::Retired { tag, .. } => {
+                Action::Retired { tag } => {
                     inner.peer_waits.retired(tag);
                     self.core_room.notify_waiters();
-                    // A SyncTarget Primary's write: tracked until retired (target.rs).
-                    let bm = inner.primary.out_of_sync_mut();
-                    inner.runs.primary_write_retired(bm, tag);
                 }
-            }
-        }
-        inner.primary_out = outputs;
-    }
-
-    fn drain_receiver(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        let mut outputs = std::mem::take(&mut inner.receiver_out);
-        outputs.extend(inner.receiver.drain_outputs());
-        for o in outputs.drain(..) {
-            let ack = |cmd: Command, block_id: u64, sector: u64, len: u32| Packet::BlockAck {
-                cmd,
-                ack: wire::BlockAck {
-                    sector,
-                    block_id,
-                    blksize: len,
-                    seq_num: 0,
-                },
-            };
-            let pkt = match o {
-                ReceiverOutput::SubmitLocal {
-                    token,
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                } => {
-                    let buf = inner.peer_bufs.remove(&token);
-                    let e = Effect::LocalWrite(LocalWrite {
-                        side: Side::Receiver(token),
-                        sector,
-                        len,
-                        kind,
-                        fua,
-                        buf: buf.map(Buf::Owned),
-                    });
-                    // A SyncTarget may hold it.
-                    let bm = inner.primary.out_of_sync_mut();
-                    if let Some(e) = inner.runs.peer_write_begin(bm, (token, sector, len), e) {
-                        fx.push(e);
-                    }
-                    continue;
-                }
-                ReceiverOutput::SubmitLocalFlush { token } => {
-                    // Merged into rounds (`replica::FlushRounds`).
-                    if inner.flushes.request(token) {
-                        fx.push(Effect::FlushRound);
-                    }
-                    continue;
-                }
-                ReceiverOutput::Discard { token } => {
+                Action::DiscardPeerWrite { token } => {
                     inner.peer_bufs.remove(&token);
-                    continue;
                 }
-                ReceiverOutput::DropConnection { reason } => {
+                Action::DropConnection { reason } => {
                     tracing::warn!("dropping the connection: {reason}");
                     if let Some(k) = &inner.kill {
                         k.notify_one();
                     }
-                    continue;
                 }
-                ReceiverOutput::SendRecvAck {
-                    block_id,
-                    sector,
-                    len,
-                } => ack(Command::P_RECV_ACK, block_id, sector, len),
-                ReceiverOutput::SendWriteAck {
-                    block_id,
-                    sector,
-                    len,
-                } => ack(Command::P_WRITE_ACK, block_id, sector, len),
-                ReceiverOutput::SendNegAck {
-                    block_id,
-                    sector,
-                    len,
-                } => ack(Command::P_NEG_ACK, block_id, sector, len),
-                ReceiverOutput::SendBarrierAck { nr, set_size } => {
-                    Packet::BarrierAck(wire::BarrierAck {
-                        barrier: nr,
-                        set_size,
-                    })
-                }
-            };
-            Self::send(inner, Stream::Meta, &pkt, None);
+            }
         }
-        inner.receiver_out = outputs;
+        inner.actions = actions;
+    }
+
+    /// A core's write to the local disk with its data: the request's buffer (shared with
+    /// the send to the peer), or the peer's.
+    fn local_write(inner: &mut Inner, w: LocalWrite) -> Effect {
+        let buf = match w.side {
+            Side::Primary { id, .. } => inner
+                .pending
+                .get(&id)
+                .and_then(|p| p.buf.clone())
+                .map(Buf::Shared),
+            Side::Peer { token } => inner.peer_bufs.remove(&token).map(Buf::Owned),
+        };
+        Effect::LocalWrite { w, buf }
     }
 
     /// Starts the effects' IO: local writes, flushes, metadata writes and resync reads
@@ -1925,7 +1831,7 @@ impl Volume {
                         let _ = tx.send(result);
                     }
                 },
-                Effect::LocalWrite(w) => self.start_local_write(w),
+                Effect::LocalWrite { w, buf } => self.start_local_write(w, buf),
                 Effect::PrimaryFlush { tag } => self.start_flush(io::IoCtx::PrimaryFlush { tag }),
                 Effect::MetaWrite(io::MetaJob {
                     tag,
@@ -2057,7 +1963,7 @@ impl Volume {
                     return Err(BlockError::Io);
                 }
                 gate_closed = gate == Gate::Wait;
-                if !gate_closed && (inner.primary.can_accept() || inner.shutting_down) {
+                if !gate_closed && (inner.node.primary.can_accept() || inner.shutting_down) {
                     let id = inner.next_id;
                     inner.next_id += 1;
                     let (done, w) = self.reply_slot();
@@ -2069,8 +1975,8 @@ impl Volume {
                         },
                     );
                     let r = match kind {
-                        Some((k, fua)) => inner.primary.write(id, sector, len, k, fua),
-                        None => inner.primary.flush(id),
+                        Some((k, fua)) => inner.node.primary.write(id, sector, len, k, fua),
+                        None => inner.node.primary.flush(id),
                     };
                     if let Err(e) = r {
                         if let Some(Pending {
@@ -2085,7 +1991,7 @@ impl Volume {
                             CoreError::Invalid(_) | CoreError::Protocol(_) => BlockError::Invalid,
                         });
                     }
-                    self.drain_primary(inner, &mut fx);
+                    self.drain(inner, &mut fx);
                     break (w, inner.pending.len() == 1 && inner.link.is_some());
                 }
             }
@@ -2117,7 +2023,7 @@ impl Volume {
         waiter: Waiter,
         alone: bool,
     ) -> Result<(), BlockError> {
-        if alone && fx.iter().any(|e| matches!(e, Effect::LocalWrite(_))) {
+        if alone && fx.iter().any(|e| matches!(e, Effect::LocalWrite { .. })) {
             // The step queued the P_DATA; let the sender task put it on the socket before
             // the local write's io_uring_enter (~20 µs in a VM), as when the local write
             // was a task of its own: the peer's round trip overlaps the local IO. Only
@@ -2181,7 +2087,7 @@ impl Volume {
         let slots = {
             let mut g = self.lock();
             g.shutting_down = true;
-            u32::try_from(g.primary.config().max_in_flight).unwrap_or(u32::MAX)
+            u32::try_from(g.node.primary.config().max_in_flight).unwrap_or(u32::MAX)
         };
         // Every request holds a slot: holding them all means none is in flight.
         if tokio::time::timeout(grace, self.slots.acquire_many(slots))
@@ -2210,7 +2116,7 @@ impl Volume {
     async fn write_back_metadata(&self) {
         let (waits, fx) = {
             let mut g = self.lock();
-            let s = g.primary.stats();
+            let s = g.node.primary.stats();
             if s.in_flight_writes > 0 || s.al_waiting > 0 || s.meta_failed {
                 tracing::warn!(
                     "writes still in flight or a metadata write failed: metadata left \
@@ -2262,12 +2168,12 @@ impl Volume {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let g = self.lock();
-        let oos = g.primary.out_of_sync_bytes();
+        let oos = g.node.primary.out_of_sync_bytes();
         let peer = if g.link.is_some() {
             // A peer that missed writes (blocks out of sync here) is not UpToDate, whatever
             // it believes; until resync it is Outdated.
             // A Diskless Primary's bits are blocks its own (failed) disk lacks.
-            let disk = if oos > 0 && g.role == Role::Primary && !g.primary.is_detached() {
+            let disk = if oos > 0 && g.role == Role::Primary && !g.node.primary.is_detached() {
                 DiskState::Outdated
             } else {
                 g.peer_disk
@@ -2276,8 +2182,8 @@ impl Volume {
         } else {
             serde_json::Value::Null
         };
-        let pstats = g.primary.stats();
-        let rstats = g.receiver.stats();
+        let pstats = g.node.primary.stats();
+        let rstats = g.node.receiver.stats();
         // A failed metadata write takes the disk out of use (DRBD's detach); a detached
         // Primary is Diskless (`g.disk`).
         let disk = if pstats.meta_failed && !pstats.detached {

@@ -57,7 +57,7 @@ impl Replica for Volume {
             role: g.role,
             disk: g.disk,
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
-            dirty_bits: g.primary.out_of_sync().count(),
+            dirty_bits: g.node.primary.out_of_sync().count(),
             uuids: g.uuids,
             crashed_primary: g.crashed_primary,
             resolve_conflicts,
@@ -82,7 +82,11 @@ impl Replica for Volume {
     }
 
     fn merge_peer_bitmap(&self, words: &[u64]) -> u64 {
-        self.lock().primary.out_of_sync_mut().merge_words(words)
+        self.lock()
+            .node
+            .primary
+            .out_of_sync_mut()
+            .merge_words(words)
     }
 
     async fn begin_sync_source(&self) -> Result<u64, String> {
@@ -156,8 +160,8 @@ impl Replica for Volume {
 
     fn handed_to_network(&self, session: u64, block_id: u64) {
         let _ = self.with_session(session, |v, inner, fx| {
-            inner.primary.handed_to_network(block_id);
-            v.drain_primary(inner, fx);
+            inner.node.primary.handed_to_network(block_id);
+            v.drain(inner, fx);
             Ok(())
         });
     }

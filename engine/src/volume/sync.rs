@@ -8,7 +8,7 @@
 //! 1. [`Volume::exchange_snapshot`]: a full sync sets every bit first; the bitmap's words
 //!    are copied for the sender.
 //! 2. WFBitMapS sends its bitmap, then receives the peer's; WFBitMapT the other way
-//!    round. [`Volume::merge_peer_bitmap`] OR-merges what arrived.
+//!    round. `merge_peer_bitmap` (`port.rs`) OR-merges what arrived.
 //! 3. The SyncSource makes the sync UUID ([`Volume::begin_sync_source`]) and sends
 //!    `P_SYNC_UUID`; the SyncTarget ([`Volume::begin_sync_target`]) writes its bitmap,
 //!    clears `MDF_CONSISTENT` and adopts the sync UUID — all durably, in that order, so a
@@ -167,7 +167,7 @@ impl Volume {
         TickInput {
             now_ms: self.now_ms(),
             app_io_sectors: inner.app_io_sectors,
-            app_waiting: inner.primary.stats().al_waiting > 0 || inner.runs.held() > 0,
+            app_waiting: inner.node.primary.stats().al_waiting > 0 || inner.node.runs.held() > 0,
             congested,
         }
     }
@@ -178,7 +178,7 @@ impl Volume {
     /// bit first.
     pub(super) fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64) {
         let mut g = self.lock();
-        let oos = g.primary.out_of_sync_mut();
+        let oos = g.node.primary.out_of_sync_mut();
         if full {
             oos.mark_all();
         }
@@ -241,7 +241,7 @@ impl Volume {
     }
 
     fn io_idle(inner: &Inner) -> bool {
-        inner.runs.idle() && inner.receiver.stats().active_writes == 0
+        inner.node.runs.idle() && inner.node.receiver.stats().active_writes == 0
     }
 
     /// Wakes `wait_sync_io_idle` when it waits and the volume is idle (after a resync IO,
@@ -273,25 +273,27 @@ impl Volume {
                     max_app_writes: 2 * self.max_buffers + 64,
                     ..TargetConfig::new(sectors)
                 };
-                let bm = inner.primary.out_of_sync();
+                let bm = inner.node.primary.out_of_sync();
                 let total = bm.count();
                 // The writes on the disk now: a SyncTarget Primary's (tracked until
                 // retired) and the peer's, of the previous connection too — a resync write
                 // must not land under one of them.
                 let in_flight = (
                     inner
+                        .node
                         .primary
                         .submitted_writes()
                         .map(|(tag, sector, len, _)| (tag, sector, len)),
-                    inner.receiver.submitted_writes(),
+                    inner.node.receiver.submitted_writes(),
                 );
                 match inner
+                    .node
                     .runs
                     .start_target(cfg, bm, &tick, peer.uuids, in_flight)
                 {
                     Ok(_) => {
                         if inner.sync_paused {
-                            inner.runs.set_paused(true, tick.now_ms);
+                            inner.node.runs.set_paused(true, tick.now_ms);
                         }
                         tracing::info!(
                             "resync started as SyncTarget: {} KiB out of sync{}",
@@ -317,7 +319,7 @@ impl Volume {
                 self.ensure_source(inner);
                 inner.conn = ConnState::SyncSource;
                 inner.peer_disk = DiskState::Inconsistent;
-                let oos = inner.primary.out_of_sync_bytes();
+                let oos = inner.node.primary.out_of_sync_bytes();
                 inner.event(
                     "resync-started",
                     serde_json::json!({"role": "SyncSource", "out_of_sync_bytes": oos}),
@@ -331,7 +333,7 @@ impl Volume {
     }
 
     fn ensure_source(&self, inner: &mut Inner) {
-        if inner.runs.source().is_some() {
+        if inner.node.runs.source().is_some() {
             return;
         }
         let sectors = self.size_bytes / SECTOR_SIZE as u64;
@@ -340,13 +342,14 @@ impl Volume {
                 .link
                 .as_ref()
                 .is_some_and(|l| l.ctx().has(crate::wire::ff::DRBD_FF_THIN_RESYNC)),
-            max_app_writes: inner.primary.config().max_in_flight + 64,
+            max_app_writes: inner.node.primary.config().max_in_flight + 64,
             c_min_rate: self.sync.rate.c_min_rate,
             ..SourceConfig::new(sectors)
         };
         let tick = self.tick_input(inner);
         // This node's writes not yet on the disk hold the reads of their ranges.
         let in_flight: Vec<(u64, u64, u32)> = inner
+            .node
             .primary
             .submitted_writes()
             .filter(|&(.., on_disk)| !on_disk)
@@ -354,6 +357,7 @@ impl Volume {
             .collect();
         let peer_primary = inner.peer_role == Role::Primary;
         match inner
+            .node
             .runs
             .ensure_source(cfg, &tick, peer_primary, in_flight)
         {
@@ -369,7 +373,7 @@ impl Volume {
         for (_, r) in inner.remote_reads.drain() {
             let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
-        let verify = inner.runs.connection_lost();
+        let verify = inner.node.runs.connection_lost();
         inner.rs_bufs.clear();
         if let Some(p) = verify {
             tracing::warn!(
@@ -391,9 +395,12 @@ impl Volume {
     /// the range is not yet resynced, or it is a Diskless (detached) Primary.
     pub(super) fn read_from_peer(&self, offset: u64, len: u32) -> bool {
         let g = self.lock();
-        g.primary.is_detached()
-            || g.runs
-                .must_read_remotely(g.primary.out_of_sync(), offset / SECTOR_SIZE as u64, len)
+        g.node.primary.is_detached()
+            || g.node.runs.must_read_remotely(
+                g.node.primary.out_of_sync(),
+                offset / SECTOR_SIZE as u64,
+                len,
+            )
     }
 
     /// Reads `out.len()` bytes at `offset` from the peer in ≤ 1 MiB `P_DATA_REQUEST`s,
@@ -416,7 +423,7 @@ impl Volume {
                 if inner.link.is_none() {
                     return Err(BlockError::Io);
                 }
-                if inner.primary.is_detached() && inner.peer_disk != DiskState::UpToDate {
+                if inner.node.primary.is_detached() && inner.peer_disk != DiskState::UpToDate {
                     // Diskless: only an UpToDate peer has every block.
                     return Err(BlockError::Io);
                 }
@@ -565,7 +572,10 @@ impl Volume {
     pub(super) fn sync_tick(&self, session: u64) -> bool {
         let running = self.with_session(session, |v, inner, fx| {
             let input = v.tick_input(inner);
-            let running = inner.runs.tick(inner.primary.out_of_sync_mut(), &input);
+            let running = inner
+                .node
+                .runs
+                .tick(inner.node.primary.out_of_sync_mut(), &input);
             v.drain_sync(inner, fx);
             Ok(running)
         });
@@ -583,25 +593,18 @@ impl Volume {
     }
 
     /// Flushes the data device; the bitmap's clears made before it may then reach the
-    /// disk ([`OutOfSync::begin_flush`]).
+    /// disk ([`crate::request::OutOfSync::begin_flush`]).
     pub(super) async fn flush_clears(&self) -> bool {
-        let id = self.lock().primary.out_of_sync_mut().begin_flush();
+        let id = self.lock().node.primary.out_of_sync_mut().begin_flush();
         let ok = self.flush_local().await;
         if let Some(id) = id {
-            self.lock().primary.out_of_sync_mut().flush_done(id, ok);
+            self.lock()
+                .node
+                .primary
+                .out_of_sync_mut()
+                .flush_done(id, ok);
         }
         ok
-    }
-
-    /// A local write of the Primary core failed: its blocks stay out of sync for the rest
-    /// of the connection, whatever resync acks arrive ([`crate::replica::FailedLocal`]).
-    /// Past its `MAX` ranges the connection is renewed (the bits stay in the bitmap).
-    pub(super) fn local_write_failed(&self, inner: &mut Inner, sector: u64, len: u32) {
-        if !inner.runs.local_write_failed(sector, len) {
-            if let Some(k) = &inner.kill {
-                k.notify_one();
-            }
-        }
     }
 
     /// A resync or verify packet without data, from either socket. Requests wait while
@@ -613,21 +616,22 @@ impl Volume {
                 match inbound {
                     Inbound::RsRequest { .. } => {
                         v.ensure_source(inner);
-                        if !inner.runs.source_can_accept() {
+                        if !inner.node.runs.source_can_accept() {
                             return Ok(false);
                         }
                     }
                     Inbound::OvRequest { sector, .. } => {
                         v.ensure_verify_peer(inner, sector)?;
-                        if !inner.runs.verify_can_accept() {
+                        if !inner.node.runs.verify_can_accept() {
                             return Ok(false);
                         }
                     }
                     _ => {}
                 }
                 inner
+                    .node
                     .runs
-                    .inbound(inner.primary.out_of_sync_mut(), inbound)?;
+                    .inbound(inner.node.primary.out_of_sync_mut(), inbound)?;
                 v.drain_sync(inner, fx);
                 Ok(true)
             })?;
@@ -647,8 +651,8 @@ impl Volume {
         data: PeerData,
     ) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            let bm = inner.primary.out_of_sync_mut();
-            if let Some((run, tag)) = inner.runs.data_reply(bm, sector, len)? {
+            let (runs, bm) = inner.node.runs_and_bitmap();
+            if let Some((run, tag)) = runs.data_reply(bm, sector, len)? {
                 fx.push(Effect::SyncWrite {
                     run,
                     tag,
@@ -665,7 +669,7 @@ impl Volume {
 
     /// Performs the runs' actions (resync and online verify).
     pub(super) fn drain_sync(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        for a in inner.runs.take_actions() {
+        for a in inner.node.runs.take_actions() {
             match a {
                 SyncAction::Send { stream, pkt, reply } => {
                     let data = match reply {
@@ -690,7 +694,7 @@ impl Volume {
                     len,
                     data: None,
                 }),
-                SyncAction::Release { write, .. } => fx.push(write),
+                SyncAction::Release { write } => fx.push(Self::local_write(inner, write)),
                 SyncAction::WriteBack => fx.push(Effect::SyncBitmap),
                 SyncAction::Finished {
                     run,
@@ -754,6 +758,7 @@ impl Volume {
             };
             let tick = self.tick_input(inner);
             inner
+                .node
                 .runs
                 .start_verify(cfg, &tick)
                 .map_err(|e| e.to_string())?;
@@ -769,7 +774,7 @@ impl Volume {
 
     /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT) at its sector.
     fn ensure_verify_peer(&self, inner: &mut Inner, sector: u64) -> Result<(), String> {
-        if inner.runs.verify_running() {
+        if inner.node.runs.verify_running() {
             return Ok(());
         }
         if !self.sync.verify {
@@ -781,6 +786,7 @@ impl Volume {
             ..VerifyConfig::new(self.size_bytes / SECTOR_SIZE as u64)
         };
         inner
+            .node
             .runs
             .start_verify_peer(cfg)
             .map_err(|e| e.to_string())?;
@@ -866,7 +872,7 @@ impl Volume {
         if let Err(e) = &recorded {
             tracing::error!("{e}; the disk stays Inconsistent");
         }
-        if inner.runs.end_recorded(run) {
+        if inner.node.runs.end_recorded(run) {
             inner.conn = ConnState::Connected;
         }
         self.wake_if_idle(inner);
@@ -911,10 +917,10 @@ impl Volume {
             ReadResult::Hole => (None, None, true),
             ReadResult::Failed => (None, None, false),
         };
-        let bm = inner.primary.out_of_sync_mut();
+        let (runs, bm) = inner.node.runs_and_bitmap();
         match purpose {
-            ReadFor::Verify => contract(inner.runs.verify_digest_done(bm, run, tag, digest)),
-            ReadFor::TargetDigest => contract(inner.runs.digest_done(bm, run, tag, digest)),
+            ReadFor::Verify => contract(runs.verify_digest_done(bm, run, tag, digest)),
+            ReadFor::TargetDigest => contract(runs.digest_done(bm, run, tag, digest)),
             ReadFor::Source { .. } => {
                 let outcome = if buf.is_some() || hole {
                     ReadOutcome::Ok { all_zero, digest }
@@ -926,7 +932,7 @@ impl Volume {
                     // otherwise.
                     inner.rs_bufs.insert(tag, Arc::new(b));
                 }
-                contract(inner.runs.source_read_done(bm, run, tag, outcome));
+                contract(runs.source_read_done(bm, run, tag, outcome));
                 if hole {
                     inner.hole_reads_skipped += 1;
                 }
@@ -943,24 +949,9 @@ impl Volume {
 
     /// A resync write completed.
     pub(super) fn sync_write_done(&self, inner: &mut Inner, run: u64, tag: u64, ok: bool) {
-        let bm = inner.primary.out_of_sync_mut();
-        contract(inner.runs.write_done(bm, run, tag, ok));
+        let (runs, bm) = inner.node.runs_and_bitmap();
+        contract(runs.write_done(bm, run, tag, ok));
         self.wake_if_idle(inner);
-    }
-
-    /// A local write of a core ended: the resync machines stop tracking it.
-    pub(super) fn sync_write_ended(
-        inner: &mut Inner,
-        primary_tag: Option<u64>,
-        token: Option<u64>,
-    ) {
-        let bm = inner.primary.out_of_sync_mut();
-        if let Some(tag) = primary_tag {
-            inner.runs.primary_write_on_disk(bm, tag);
-        }
-        if let Some(token) = token {
-            inner.runs.peer_write_end(bm, token);
-        }
     }
 
     /// `connect --discard-my-data`: the next handshake says this node loses a split
@@ -978,13 +969,13 @@ impl Volume {
             if g.role == Role::Primary {
                 return Err("invalidate works on a Secondary; demote this node first".into());
             }
-            if g.runs.target().is_some() || g.conn == ConnState::SyncSource {
+            if g.node.runs.target().is_some() || g.conn == ConnState::SyncSource {
                 return Err("a resync is running; wait for it, or pause it".into());
             }
             if g.link.is_none() {
                 return Err("not connected: there is no peer to resync from".into());
             }
-            g.primary.out_of_sync_mut().mark_all();
+            g.node.primary.out_of_sync_mut().mark_all();
         }
         self.write_dirty_pages().await?;
         let t = self.meta.stage(&[SbChange::Consistent(false)]);
@@ -1070,8 +1061,8 @@ impl Volume {
     /// to write ([`Self::write_dirty_pages`]; either order is safe: a crash between
     /// the two resyncs more, never less).
     fn declare_in_sync(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
-        let blocks = inner.primary.out_of_sync().blocks();
-        inner.primary.out_of_sync_mut().clear_blocks(0, blocks);
+        let blocks = inner.node.primary.out_of_sync().blocks();
+        inner.node.primary.out_of_sync_mut().clear_blocks(0, blocks);
         inner.disk = DiskState::UpToDate;
         inner.peer_disk = DiskState::UpToDate;
         self.stage_uuids(inner, uuids, &[SbChange::Consistent(true)])
@@ -1122,7 +1113,7 @@ impl Volume {
             let mut g = self.lock();
             let inner = &mut *g;
             inner.sync_paused = paused;
-            inner.runs.set_paused(paused, self.now_ms());
+            inner.node.runs.set_paused(paused, self.now_ms());
             self.drain_sync(inner, &mut fx);
         }
         self.run(fx);
@@ -1130,8 +1121,8 @@ impl Volume {
 
     /// The `resync` object of the status.
     pub(super) fn sync_status(&self, inner: &Inner) -> serde_json::Value {
-        if let Some(t) = inner.runs.target() {
-            let p = t.progress(inner.primary.out_of_sync());
+        if let Some(t) = inner.node.runs.target() {
+            let p = t.progress(inner.node.primary.out_of_sync());
             return serde_json::json!({
                 "role": "SyncTarget",
                 "paused": p.paused,
@@ -1149,12 +1140,12 @@ impl Volume {
                 "throttled_steps": p.throttled_steps,
             });
         }
-        if let (Some(src), ConnState::SyncSource) = (inner.runs.source(), inner.conn) {
+        if let (Some(src), ConnState::SyncSource) = (inner.node.runs.source(), inner.conn) {
             let s = src.stats();
             return serde_json::json!({
                 "role": "SyncSource",
                 "paused": inner.sync_paused,
-                "out_of_sync_bytes": inner.primary.out_of_sync_bytes(),
+                "out_of_sync_bytes": inner.node.primary.out_of_sync_bytes(),
                 "data_bytes_sent": s.data_bytes,
                 "same_csum_bytes": s.same_csum_bytes,
                 "deallocated_bytes": s.deallocated_bytes,
@@ -1167,7 +1158,7 @@ impl Volume {
 
     /// The `verify` object of the status (the running one, either side).
     pub(super) fn verify_status(inner: &Inner) -> serde_json::Value {
-        match inner.runs.verify_progress() {
+        match inner.node.runs.verify_progress() {
             Some((role, p)) => {
                 let mut j = serde_json::to_value(p).unwrap_or_default();
                 if let Some(m) = j.as_object_mut() {

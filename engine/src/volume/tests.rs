@@ -63,7 +63,7 @@ async fn writes_wait_for_a_staged_superblock_and_fail_when_it_cannot_be_written(
     let first = std::future::poll_fn(|cx| Poll::Ready(w.as_mut().poll(cx))).await;
     assert!(first.is_pending());
     assert_eq!(
-        v.lock().primary.stats().in_flight_writes,
+        v.lock().node.primary.stats().in_flight_writes,
         0,
         "a write entered the core before the staged superblock was on disk"
     );

@@ -1,0 +1,526 @@
+//! One node's write pipelines and what their outputs become: the [`Primary`] core (this
+//! node's application writes, and the node's one out-of-sync bitmap), the [`Receiver`]
+//! (the peer's writes), the resync runs ([`SyncRuns`]) and the Secondary's merged flush
+//! rounds ([`FlushRounds`]). The daemon (`volume/`) and both nodes of the simulator
+//! (`sim/`) hold a [`Node`] and call [`Node::drain`] after feeding a core; each only
+//! performs the [`Action`]s that come out, so the rules of the drain are one code:
+//!
+//! - **Writes the runs hold.** Every local write of either core is shown to the runs
+//!   before it is submitted ([`SyncRuns::primary_write_begin`] /
+//!   [`SyncRuns::peer_write_begin`]); a SyncTarget holds an overlapping one, which then
+//!   comes back as [`super::SyncAction::Release`] carrying the same [`LocalWrite`]. A retired
+//!   write of this node ends its tracking ([`SyncRuns::primary_write_retired`]).
+//! - **Flush rounds.** The Receiver's epoch flushes are merged ([`FlushRounds`]): one
+//!   [`Action::FlushRound`] per round, not one flush per epoch.
+//! - **Stream classes.** A barrier goes on the data stream behind its epoch's writes;
+//!   acks and barrier acks on the meta stream ([`Action::Send`]).
+//! - **Order.** Actions come out in the order the cores emitted them; a driver performs
+//!   sends in that order (a barrier sits between two epochs' writes; a write ack goes
+//!   before its epoch's barrier ack).
+//!
+//! The bitmap has one owner, the Primary core; the runs borrow it inside each call
+//! ([`Node::runs_and_bitmap`]), never across one.
+//!
+//! Contract: a driver feeds each completion once, with the handle an action carried
+//! (the cores assert it); the driver's own buffers (request data, peer data) are keyed by
+//! the ids in [`LocalWrite::side`].
+//!
+//! Bounds: the output buffers are reused (no allocation per drain once grown); the
+//! actions of one drain are at most the cores' outputs since the last one (bounded by
+//! their in-flight limits).
+
+use super::{FlushRounds, SyncRuns};
+use crate::net::Stream;
+use crate::request::{
+    Error, OutOfSync, Primary, PrimaryOutput, Receiver, ReceiverOutput, WriteKind,
+};
+use crate::wire::{self, Command, Packet};
+
+/// Which core a local write belongs to, with the handles that core gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// This node's application write: the Primary's `tag`, and the frontend request `id`
+    /// whose buffer holds the data.
+    Primary { tag: u64, id: u64 },
+    /// The peer's write: the Receiver's `token` (the driver's key for the data).
+    Peer { token: u64 },
+}
+
+/// A write to the local disk that a core asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LocalWrite {
+    pub(crate) side: Side,
+    pub(crate) sector: u64,
+    pub(crate) len: u32,
+    pub(crate) kind: WriteKind,
+    pub(crate) fua: bool,
+}
+
+/// What the driver must do for the write pipelines, in order.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Write to the local disk; report the result to the core of its side. Never a write
+    /// the runs hold: that one comes later as [`super::SyncAction::Release`].
+    LocalWrite(LocalWrite),
+    /// Flush the local disk for the Primary; report [`Primary::local_flush_done`].
+    PrimaryFlush { tag: u64 },
+    /// Flush the local disk for a round of the Receiver's epoch flushes; report
+    /// [`FlushRounds::round_done`].
+    FlushRound,
+    /// Write a 4 KiB metadata block durably, after a flush of the data disk with
+    /// `preflush`; report [`Primary::meta_write_done`].
+    MetaWrite {
+        tag: u64,
+        offset: u64,
+        data: Box<[u8; 4096]>,
+        preflush: bool,
+    },
+    /// Send the Primary's write (`P_DATA`, `P_TRIM` or `P_ZEROES`) on the data stream;
+    /// its data is request `id`'s buffer.
+    SendWrite {
+        block_id: u64,
+        id: u64,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        dp_flags: u32,
+    },
+    /// Send a packet without payload on `stream` (barriers, acks, barrier acks).
+    Send { stream: Stream, pkt: Packet },
+    /// Complete the frontend's request `id`.
+    Complete { id: u64, ok: bool },
+    /// The Primary's write `tag` left the pipeline (room for the next one).
+    Retired { tag: u64 },
+    /// The peer's write `token` will never be written: free its data.
+    DiscardPeerWrite { token: u64 },
+    /// The peer broke the protocol: drop the connection.
+    DropConnection { reason: &'static str },
+}
+
+/// One node's write pipelines (see the module docs).
+pub(crate) struct Node {
+    /// This node's application writes; owner of the node's out-of-sync bitmap.
+    pub(crate) primary: Primary,
+    /// The peer's writes.
+    pub(crate) receiver: Receiver,
+    /// The resync runs; a held write waits in them as its [`LocalWrite`].
+    pub(crate) runs: SyncRuns<LocalWrite>,
+    /// The Receiver's epoch flushes, merged into rounds.
+    pub(crate) flushes: FlushRounds,
+    primary_out: Vec<PrimaryOutput>,
+    receiver_out: Vec<ReceiverOutput>,
+}
+
+impl Node {
+    pub(crate) fn new(primary: Primary, receiver: Receiver) -> Self {
+        Node {
+            primary,
+            receiver,
+            runs: SyncRuns::default(),
+            flushes: FlushRounds::default(),
+            primary_out: Vec::new(),
+            receiver_out: Vec::new(),
+        }
+    }
+
+    /// The runs and the bitmap they may change, for one call.
+    pub(crate) fn runs_and_bitmap(&mut self) -> (&mut SyncRuns<LocalWrite>, &mut OutOfSync) {
+        (&mut self.runs, self.primary.out_of_sync_mut())
+    }
+
+    /// The local write `w` ended (`ok`): the runs stop tracking it, then its core learns
+    /// the result (a Primary write that failed stays out of sync through resync acks,
+    /// [`super::FailedLocal`]). `Ok(false)`: the runs' list of failed writes is full;
+    /// the driver renews the connection rather than forget one. `Err`: a contract
+    /// violation (an unknown handle, a second completion).
+    pub(crate) fn write_done(&mut self, w: &LocalWrite, ok: bool) -> Result<bool, Error> {
+        let bm = self.primary.out_of_sync_mut();
+        match w.side {
+            Side::Primary { tag, .. } => {
+                self.runs.primary_write_on_disk(bm, tag);
+                let recorded = ok || self.runs.local_write_failed(w.sector, w.len);
+                self.primary.local_done(tag, ok)?;
+                Ok(recorded)
+            }
+            Side::Peer { token } => {
+                self.runs.peer_write_end(bm, token);
+                self.receiver.local_done(token, ok)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The running flush round ended (`ok`): every flush it covered is reported, oldest
+    /// first, and the next round starts if flushes were asked for meanwhile (the actions,
+    /// with what the Receiver does next, are appended to `out`).
+    pub(crate) fn flush_round_done(
+        &mut self,
+        ok: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Error> {
+        for token in self.flushes.round_done() {
+            self.receiver.local_flush_done(token, ok)?;
+        }
+        // The flushes the Receiver asks for now start the next round (with those
+        // waiting); if it asked for none, the waiting ones do.
+        self.drain(out);
+        if self.flushes.next_round() {
+            out.push(Action::FlushRound);
+        }
+        Ok(())
+    }
+
+    /// Turns both cores' outputs since the last call into actions, appended to `out`.
+    pub(crate) fn drain(&mut self, out: &mut Vec<Action>) {
+        self.drain_primary(out);
+        self.drain_receiver(out);
+    }
+
+    fn drain_primary(&mut self, out: &mut Vec<Action>) {
+        let mut outputs = std::mem::take(&mut self.primary_out);
+        outputs.extend(self.primary.drain_outputs());
+        for o in outputs.drain(..) {
+            out.push(match o {
+                PrimaryOutput::SubmitLocal {
+                    tag,
+                    id,
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                } => {
+                    let w = LocalWrite {
+                        side: Side::Primary { tag, id },
+                        sector,
+                        len,
+                        kind,
+                        fua,
+                    };
+                    // The runs track it (and a SyncTarget Primary's may hold it).
+                    let bm = self.primary.out_of_sync_mut();
+                    match self.runs.primary_write_begin(bm, (tag, sector, len), w) {
+                        Some(w) => Action::LocalWrite(w),
+                        None => continue,
+                    }
+                }
+                PrimaryOutput::SubmitLocalFlush { tag } => Action::PrimaryFlush { tag },
+                PrimaryOutput::MetaWrite {
+                    tag,
+                    offset,
+                    data,
+                    preflush,
+                } => Action::MetaWrite {
+                    tag,
+                    offset,
+                    data,
+                    preflush,
+                },
+                PrimaryOutput::SendWrite {
+                    block_id,
+                    id,
+                    sector,
+                    len,
+                    kind,
+                    dp_flags,
+                } => Action::SendWrite {
+                    block_id,
+                    id,
+                    sector,
+                    len,
+                    kind,
+                    dp_flags,
+                },
+                PrimaryOutput::SendBarrier { nr } => Action::Send {
+                    stream: Stream::Data,
+                    pkt: Packet::Barrier(wire::Barrier {
+                        barrier: nr,
+                        pad: 0,
+                    }),
+                },
+                PrimaryOutput::Complete { id, result } => Action::Complete {
+                    id,
+                    ok: result.is_ok(),
+                },
+                PrimaryOutput::Retired { tag, .. } => {
+                    let bm = self.primary.out_of_sync_mut();
+                    self.runs.primary_write_retired(bm, tag);
+                    Action::Retired { tag }
+                }
+            });
+        }
+        self.primary_out = outputs;
+    }
+
+    fn drain_receiver(&mut self, out: &mut Vec<Action>) {
+        let mut outputs = std::mem::take(&mut self.receiver_out);
+        outputs.extend(self.receiver.drain_outputs());
+        for o in outputs.drain(..) {
+            let ack = |cmd: Command, block_id: u64, sector: u64, len: u32| Action::Send {
+                stream: Stream::Meta,
+                pkt: Packet::BlockAck {
+                    cmd,
+                    ack: wire::BlockAck {
+                        sector,
+                        block_id,
+                        blksize: len,
+                        seq_num: 0,
+                    },
+                },
+            };
+            out.push(match o {
+                ReceiverOutput::SubmitLocal {
+                    token,
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                } => {
+                    let w = LocalWrite {
+                        side: Side::Peer { token },
+                        sector,
+                        len,
+                        kind,
+                        fua,
+                    };
+                    // A SyncTarget may hold it.
+                    let bm = self.primary.out_of_sync_mut();
+                    match self.runs.peer_write_begin(bm, (token, sector, len), w) {
+                        Some(w) => Action::LocalWrite(w),
+                        None => continue,
+                    }
+                }
+                ReceiverOutput::SubmitLocalFlush { token } => {
+                    if !self.flushes.request(token) {
+                        continue;
+                    }
+                    Action::FlushRound
+                }
+                ReceiverOutput::Discard { token } => Action::DiscardPeerWrite { token },
+                ReceiverOutput::DropConnection { reason } => Action::DropConnection { reason },
+                ReceiverOutput::SendRecvAck {
+                    block_id,
+                    sector,
+                    len,
+                } => ack(Command::P_RECV_ACK, block_id, sector, len),
+                ReceiverOutput::SendWriteAck {
+                    block_id,
+                    sector,
+                    len,
+                } => ack(Command::P_WRITE_ACK, block_id, sector, len),
+                ReceiverOutput::SendNegAck {
+                    block_id,
+                    sector,
+                    len,
+                } => ack(Command::P_NEG_ACK, block_id, sector, len),
+                ReceiverOutput::SendBarrierAck { nr, set_size } => Action::Send {
+                    stream: Stream::Meta,
+                    pkt: Packet::BarrierAck(wire::BarrierAck {
+                        barrier: nr,
+                        set_size,
+                    }),
+                },
+            });
+        }
+        self.receiver_out = outputs;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::replica::SyncAction;
+    use crate::request::{PeerWrite, PrimaryConfig, ReceiverConfig};
+    use crate::resync::{TargetConfig, TickInput};
+    use crate::state::uuid::UuidSet;
+    use crate::state::Protocol;
+
+    /// 64 blocks of 4 KiB.
+    const SECTORS: u64 = 64 * 8;
+
+    fn node() -> Node {
+        sized_node(SECTORS)
+    }
+
+    fn sized_node(sectors: u64) -> Node {
+        let primary = Primary::new(PrimaryConfig::new(Protocol::C, sectors)).unwrap();
+        let receiver = Receiver::new(ReceiverConfig::new(sectors)).unwrap();
+        Node::new(primary, receiver)
+    }
+
+    fn drained(n: &mut Node) -> Vec<Action> {
+        let mut out = Vec::new();
+        n.drain(&mut out);
+        out
+    }
+
+    fn local_writes(actions: &[Action]) -> Vec<LocalWrite> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::LocalWrite(w) => Some(*w),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn peer_write(block_id: u64, sector: u64) -> PeerWrite {
+        PeerWrite {
+            block_id,
+            sector,
+            len: 4096,
+            kind: WriteKind::Data,
+            dp_flags: crate::request::dp::DP_SEND_WRITE_ACK,
+        }
+    }
+
+    /// A target run on the node over block 0 with its resync write in flight.
+    fn node_with_resync_write() -> (Node, u64, u64) {
+        let mut n = node();
+        n.primary.out_of_sync_mut().mark(0, 4096);
+        let peer = UuidSet {
+            current: 0x1234,
+            bitmap: 0,
+            history: [0; 2],
+        };
+        let cfg = TargetConfig::new(SECTORS);
+        let (runs, bm) = n.runs_and_bitmap();
+        let none = std::iter::empty::<(u64, u64, u32)>();
+        let run = runs
+            .start_target(cfg, bm, &TickInput::default(), peer, (none.clone(), none))
+            .unwrap();
+        let later = TickInput {
+            now_ms: 100,
+            ..TickInput::default()
+        };
+        assert!(runs.tick(bm, &later));
+        runs.take_actions();
+        let (_, tag) = runs.data_reply(bm, 0, 4096).unwrap().unwrap();
+        (n, run, tag)
+    }
+
+    #[test]
+    fn a_primary_write_goes_to_the_disk_and_the_peer_and_completes_once() {
+        let mut n = node();
+        n.primary.connected().unwrap();
+        n.primary.write(7, 8, 4096, WriteKind::Data, false).unwrap();
+        let actions = drained(&mut n);
+        let w = local_writes(&actions);
+        assert_eq!(w.len(), 1);
+        let Side::Primary { id, .. } = w[0].side else {
+            panic!("a Primary write's side: {:?}", w[0].side)
+        };
+        assert_eq!((id, w[0].sector, w[0].len), (7, 8, 4096));
+        let block_id = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::SendWrite {
+                    block_id, id: 7, ..
+                } => Some(*block_id),
+                _ => None,
+            })
+            .expect("the write is sent to the peer");
+        assert!(n.write_done(&w[0], true).unwrap());
+        assert!(drained(&mut n).is_empty(), "protocol C waits for the peer");
+        n.primary.peer_write_ack(block_id).unwrap();
+        let done = drained(&mut n);
+        assert!(
+            matches!(done[0], Action::Complete { id: 7, ok: true }),
+            "{done:?}"
+        );
+        assert!(
+            done[1..].iter().all(|a| matches!(
+                a,
+                Action::Send {
+                    stream: Stream::Data,
+                    pkt: Packet::Barrier(_)
+                }
+            )),
+            "then only the epoch's barrier, on the data stream: {done:?}"
+        );
+        assert!(n.write_done(&w[0], true).is_err(), "a second completion");
+    }
+
+    #[test]
+    fn a_failed_primary_write_asks_for_a_new_connection_only_past_the_bound() {
+        // Disconnected: each write completes at its local failure. Apart: no two merge.
+        let writes = super::super::FailedLocal::MAX as u64 + 1;
+        let mut n = sized_node(writes * 16);
+        let mut renewals = 0;
+        for i in 0..writes {
+            let id = i + 1;
+            n.primary
+                .write(id, i * 16, 4096, WriteKind::Data, false)
+                .unwrap();
+            let w = local_writes(&drained(&mut n))[0];
+            if !n.write_done(&w, false).unwrap() {
+                renewals += 1;
+            }
+        }
+        assert_eq!(renewals, 1, "only the write past the list's bound");
+    }
+
+    #[test]
+    fn a_peer_write_the_target_holds_comes_back_as_a_release() {
+        let (mut n, run, tag) = node_with_resync_write();
+        let token = n.receiver.peer_write(peer_write(1, 0)).unwrap();
+        let actions = drained(&mut n);
+        assert!(
+            local_writes(&actions).is_empty(),
+            "held behind the resync write: {actions:?}"
+        );
+        let (runs, bm) = n.runs_and_bitmap();
+        runs.write_done(bm, run, tag, true).unwrap();
+        let released: Vec<LocalWrite> = runs
+            .take_actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                SyncAction::Release { write } => Some(write),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].side, Side::Peer { token });
+        assert_eq!(n.runs.held(), 0);
+        assert!(n.write_done(&released[0], true).unwrap());
+    }
+
+    #[test]
+    fn epoch_flushes_merge_into_rounds_each_issued_after_its_request() {
+        let mut n = node();
+        let mut actions = Vec::new();
+        for (epoch, block) in [(1u32, 0u64), (2, 8)] {
+            let token = n
+                .receiver
+                .peer_write(peer_write(epoch.into(), block))
+                .unwrap();
+            let w = local_writes(&drained(&mut n))[0];
+            assert_eq!(w.side, Side::Peer { token });
+            assert!(n.write_done(&w, true).unwrap());
+            n.receiver.peer_barrier(epoch).unwrap();
+            n.drain(&mut actions);
+        }
+        let rounds = |a: &[Action]| a.iter().filter(|a| matches!(a, Action::FlushRound)).count();
+        assert_eq!(rounds(&actions), 1, "the second request waits: {actions:?}");
+        let mut out = Vec::new();
+        n.flush_round_done(true, &mut out).unwrap();
+        assert_eq!(rounds(&out), 1, "the next round: {out:?}");
+        let acks = |a: &[Action]| {
+            a.iter()
+                .filter(|a| {
+                    matches!(
+                        a,
+                        Action::Send {
+                            stream: Stream::Meta,
+                            pkt: Packet::BarrierAck(_)
+                        }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(acks(&out), 1, "the first epoch is acked: {out:?}");
+        let mut last = Vec::new();
+        n.flush_round_done(true, &mut last).unwrap();
+        assert_eq!((rounds(&last), acks(&last)), (0, 1), "{last:?}");
+    }
+}
