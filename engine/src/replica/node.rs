@@ -34,6 +34,7 @@ use crate::net::Stream;
 use crate::request::{
     Error, OutOfSync, Primary, PrimaryOutput, Receiver, ReceiverOutput, WriteKind,
 };
+use crate::resync::VerifyProgress;
 use crate::wire::{self, Command, Packet};
 
 /// Which core a local write belongs to, with the handles that core gave it.
@@ -168,6 +169,19 @@ impl Node {
             out.push(Action::FlushRound);
         }
         Ok(())
+    }
+
+    /// The connection is gone. The runs go first: a source ends at once, a target is cut
+    /// (kept while its IO is in flight, its held writes still held). Then both cores: the
+    /// Primary marks out of sync every write the peer may lack and retires it (the runs
+    /// learn of each retirement), the Receiver drops the writes it had not submitted.
+    /// Their actions are appended to `out`; an online verify it interrupted is returned.
+    pub(crate) fn connection_lost(&mut self, out: &mut Vec<Action>) -> Option<VerifyProgress> {
+        let verify = self.runs.connection_lost();
+        self.primary.connection_lost();
+        self.receiver.connection_lost();
+        self.drain(out);
+        verify
     }
 
     /// Turns both cores' outputs since the last call into actions, appended to `out`.
@@ -522,5 +536,35 @@ mod tests {
         let mut last = Vec::new();
         n.flush_round_done(true, &mut last).unwrap();
         assert_eq!((rounds(&last), acks(&last)), (0, 1), "{last:?}");
+    }
+
+    #[test]
+    fn a_connection_loss_cuts_the_run_and_completes_what_waited_for_the_peer() {
+        let (mut n, _, _) = node_with_resync_write();
+        n.receiver.peer_write(peer_write(1, 0)).unwrap();
+        assert!(local_writes(&drained(&mut n)).is_empty(), "held");
+        n.primary.connected().unwrap();
+        n.primary
+            .write(7, 64, 4096, WriteKind::Data, false)
+            .unwrap();
+        let w = local_writes(&drained(&mut n))[0];
+        n.write_done(&w, true).unwrap();
+        let mut out = Vec::new();
+        assert!(n.connection_lost(&mut out).is_none(), "no verify ran");
+        assert!(n.runs.target().is_none(), "the target is cut");
+        assert_eq!(
+            n.runs.held(),
+            1,
+            "the held write waits for its resync write"
+        );
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::Complete { id: 7, ok: true })),
+            "the write that waited for the peer completes: {out:?}"
+        );
+        assert!(
+            n.primary.out_of_sync().is_set(8),
+            "and the peer may lack it"
+        );
     }
 }

@@ -1472,8 +1472,6 @@ impl Sim {
             self.data.clear();
             self.meta.clear();
             self.parked = 0;
-            self.sn.receiver.connection_lost();
-            self.pump_secondary()?;
             self.resync_connection_lost(false)?;
         }
         Ok(())
@@ -1488,10 +1486,6 @@ impl Sim {
         self.parked = 0;
         // The core marks every write it sent and did not see barrier-acked.
         self.rs.p_tl.clear();
-        self.pn.primary.connection_lost();
-        self.pump_primary()?;
-        self.sn.receiver.connection_lost();
-        self.pump_secondary()?;
         self.resync_connection_lost(true)?;
         if !self.reconnect_pending {
             self.reconnect_pending = true;

@@ -971,10 +971,11 @@ impl Sim {
             self.report.void_replies += t.progress(self.sn.primary.out_of_sync()).void_replies;
             self.report.resyncs_cut += 1;
         }
-        self.sn.runs.connection_lost();
-        self.s_actions()?;
         if net {
-            self.pn.runs.connection_lost();
+            // Both nodes' runs and cores (`replica::Node::connection_lost`).
+            let _ = self.pn.connection_lost(&mut self.actions);
+            self.pump_primary()?;
+            self.p_actions()?;
             // The Primary loses its peer's disk: a new generation unless a bitmap UUID
             // already marks one.
             let r = uuid(&mut self.rs.rng);
@@ -982,6 +983,10 @@ impl Sim {
                 .p_uuids
                 .lost_peer_disk(r, true, false, DiskState::UpToDate);
         }
+        // The Secondary's node (alone when the Primary's died with its node).
+        let _ = self.sn.connection_lost(&mut self.actions);
+        self.pump_secondary()?;
+        self.s_actions()?;
         let r = uuid(&mut self.rs.rng);
         let disk = self.rs.s_disk;
         self.rs.s_uuids.lost_peer_disk(r, false, false, disk);

@@ -1216,12 +1216,7 @@ impl Volume {
             } else {
                 ConnState::NetworkFailure
             };
-            self.sync_connection_lost(inner, &mut effects);
-            inner.node.primary.connection_lost();
-            self.drain(inner, &mut effects);
-            inner.peer_waits.clear();
-            inner.node.receiver.connection_lost();
-            self.drain(inner, &mut effects);
+            self.node_connection_lost(inner, &mut effects);
             // A Primary that lost its peer's disk writes a generation the peer lacks.
             let mut uuids = inner.uuids;
             if uuids.lost_peer_disk(

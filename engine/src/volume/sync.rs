@@ -366,14 +366,19 @@ impl Volume {
         }
     }
 
-    /// The connection is gone: the source ends, the target is cut
-    /// ([`crate::replica::SyncRuns::connection_lost`]; writes it holds go once the resync
-    /// write they wait for is done). Reads waiting for the peer fail.
-    pub(super) fn sync_connection_lost(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
+    /// The connection is gone: the node learns it ([`crate::replica::Node::connection_lost`]:
+    /// the source ends, the target is cut — writes it holds go once the resync write they
+    /// wait for is done — and both cores let go of the peer). Reads waiting for the peer
+    /// fail.
+    pub(super) fn node_connection_lost(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
         for (_, r) in inner.remote_reads.drain() {
             let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
-        let verify = inner.node.runs.connection_lost();
+        let mut actions = std::mem::take(&mut inner.actions);
+        let verify = inner.node.connection_lost(&mut actions);
+        inner.actions = actions;
+        self.drain(inner, fx);
+        inner.peer_waits.clear();
         inner.rs_bufs.clear();
         if let Some(p) = verify {
             tracing::warn!(
