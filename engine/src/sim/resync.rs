@@ -57,7 +57,9 @@
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
-use crate::replica::{LocalWrite, ReadFor, RunRead, Side, SyncAction, SyncRuns};
+use crate::replica::{
+    promoted_uuids, GenerationFacts, LocalWrite, ReadFor, RunRead, Side, SyncAction, SyncRuns,
+};
 use crate::request::{OutOfSync, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -332,6 +334,25 @@ pub(super) struct Rs {
     sabotage: super::Sabotage,
 }
 
+/// The generation a promotion of an UpToDate node starts, by the daemon's rule
+/// ([`promoted_uuids`]); `connected`: its peer's disk takes the writes.
+fn promoted(uuids: UuidSet, connected: bool, rng: &mut Rng) -> UuidSet {
+    let facts = GenerationFacts {
+        peer_disk_reachable: connected,
+        agreed_version: if connected { AGREED } else { 0 },
+        disk: DiskState::UpToDate,
+        peer_disk: if connected {
+            DiskState::UpToDate
+        } else {
+            DiskState::DUnknown
+        },
+        source_running: false,
+        force: false,
+    };
+    // Never a pair just created here: no announcement.
+    promoted_uuids(uuids, &facts, || uuid(rng)).0
+}
+
 /// A random generation UUID (never 0 or `JUST_CREATED` with bit 0 masked).
 fn uuid(rng: &mut Rng) -> u64 {
     loop {
@@ -353,9 +374,7 @@ impl Rs {
             bitmap: 0,
             history: [0; 2],
         };
-        let mut p_uuids = s_uuids;
-        let r = uuid(&mut rng);
-        p_uuids.promote(r, true, false);
+        let p_uuids = promoted(s_uuids, true, &mut rng);
         Ok(Rs {
             rng,
             params: params.resync.clone(),
@@ -436,8 +455,7 @@ impl Rs {
     /// promoted (a new current UUID unless a bitmap UUID is set), and it crashed while
     /// Primary.
     pub(super) fn primary_restarted(&mut self) {
-        let r = uuid(&mut self.rng);
-        self.p_uuids.promote(r, false, false);
+        self.p_uuids = promoted(self.p_uuids, false, &mut self.rng);
         self.p_crashed = true;
     }
 
@@ -1581,15 +1599,18 @@ impl Sim {
         }
         self.drop_connection()?;
         self.report.split_brains += 1;
-        let r = uuid(&mut self.rs.rng);
+        let old = self.rs.s_uuids;
         #[cfg(test)]
         let keep = self.rs.sabotage.promote_keeps_uuid;
         #[cfg(not(test))]
         let keep = false;
         if keep {
             self.rs.s_uuids.current |= 1;
-        } else if !self.rs.s_uuids.promote(r, false, false) {
-            return Err("the Secondary promoted without its peer made no new UUID".into());
+        } else {
+            self.rs.s_uuids = promoted(old, false, &mut self.rs.rng);
+            if self.rs.s_uuids.current & !1 == old.current & !1 {
+                return Err("the Secondary promoted without its peer made no new UUID".into());
+            }
         }
         let n = self.rs.params.split_brain_writes;
         self.rs.sb = Sb::Writing { left: n };

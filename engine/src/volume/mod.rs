@@ -65,7 +65,7 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
-use crate::replica::{Action, LocalWrite, Node, Side};
+use crate::replica::{promoted_uuids, Action, GenerationFacts, LocalWrite, Node, Side};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
@@ -824,40 +824,19 @@ impl Volume {
     }
 
     /// The generation a promotion starts, and the `P_UUIDS` that announces a skipped
-    /// initial sync, if it is one.
+    /// initial sync, if it is one (`replica::promoted_uuids`).
     fn promoted_uuids(inner: &Inner, forced: bool) -> (UuidSet, Option<Packet>) {
-        // A Primary without its peer's disk starts a new data generation
-        // (drbd_uuid_new_current): the UUIDs then tell a later handshake that this node
-        // has writes the peer lacks, or a split brain.
-        let reachable = inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent;
-        let mut uuids = inner.uuids;
-        let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
-        let fresh_pair = uuids.may_skip_initial_sync(reachable, version)
-            && inner.disk == DiskState::UpToDate
-            && inner.peer_disk == DiskState::UpToDate
-            && inner.node.runs.source().is_none();
-        let mut announce = None;
-        if fresh_pair && !forced {
-            // Both disks UpToDate with just-created UUIDs (two files `tandem up` created,
-            // all zeroes): the first Primary starts the pair's first generation and
-            // announces it as a skipped initial sync (`P_UUIDS` flag 8, what
-            // `new-current-uuid --clear-bitmap` sends), which the peer adopts. Left
-            // just-created, a crash of this Primary would meet DRBD's rule 10 (both just
-            // created: no resync) and its activity log's extents would never be resynced.
-            announce = uuids
-                .new_current_uuid_cmd(random_uuid(&mut rand::thread_rng()), true, true)
-                .map(|a| {
-                    Packet::Uuids(wire::Uuids {
-                        current: a.current,
-                        bitmap: a.bitmap,
-                        history: a.history,
-                        dirty_bits: 0,
-                        uuid_flags: wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
-                    })
-                });
-        }
-        uuids.promote(random_uuid(&mut rand::thread_rng()), reachable, forced);
-        (uuids, announce)
+        let facts = GenerationFacts {
+            peer_disk_reachable: inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent,
+            agreed_version: inner.link.as_ref().map_or(0, |l| l.ctx().version()),
+            disk: inner.disk,
+            peer_disk: inner.peer_disk,
+            source_running: inner.node.runs.source().is_some(),
+            force: forced,
+        };
+        let (uuids, announce) =
+            promoted_uuids(inner.uuids, &facts, || random_uuid(&mut rand::thread_rng()));
+        (uuids, announce.map(Packet::Uuids))
     }
 
     /// The promotion is on disk: take the role.
