@@ -35,6 +35,8 @@ use crate::request::{
     Error, OutOfSync, Primary, PrimaryOutput, Receiver, ReceiverOutput, WriteKind,
 };
 use crate::resync::VerifyProgress;
+use crate::state::uuid::UuidSet;
+use crate::state::{DiskState, Role};
 use crate::wire::{self, Command, Packet};
 
 /// Which core a local write belongs to, with the handles that core gave it.
@@ -108,17 +110,34 @@ pub(crate) struct Node {
     pub(crate) runs: SyncRuns<LocalWrite>,
     /// The Receiver's epoch flushes, merged into rounds.
     pub(crate) flushes: FlushRounds,
+    /// This node's role.
+    pub(crate) role: Role,
+    /// This node's disk state.
+    pub(crate) disk: DiskState,
+    /// This node's generation UUIDs. Each change is made durable by the driver before
+    /// what depends on it (the daemon stages it in the superblock, and the next
+    /// application write waits for it).
+    pub(crate) uuids: UuidSet,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
 }
 
 impl Node {
-    pub(crate) fn new(primary: Primary, receiver: Receiver) -> Self {
+    /// A Secondary over its cores, with the UUIDs and disk state its metadata says.
+    pub(crate) fn new(
+        primary: Primary,
+        receiver: Receiver,
+        uuids: UuidSet,
+        disk: DiskState,
+    ) -> Self {
         Node {
             primary,
             receiver,
             runs: SyncRuns::default(),
             flushes: FlushRounds::default(),
+            role: Role::Secondary,
+            disk,
+            uuids,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
         }
@@ -182,6 +201,18 @@ impl Node {
         self.receiver.connection_lost();
         self.drain(out);
         verify
+    }
+
+    /// This node lost its peer's disk (the connection went, or the peer's disk failed):
+    /// DRBD's `after_state_ch`. A Primary with an UpToDate disk starts a generation the
+    /// peer lacks (`random` is its new current UUID) unless a bitmap UUID already marks
+    /// one. `Some`: the new UUIDs, which the driver makes durable (and assigns) before
+    /// the next application write.
+    pub(crate) fn lost_peer_disk(&self, random: u64) -> Option<UuidSet> {
+        let mut uuids = self.uuids;
+        uuids
+            .lost_peer_disk(random, self.role == Role::Primary, false, self.disk)
+            .then_some(uuids)
     }
 
     /// Turns both cores' outputs since the last call into actions, appended to `out`.
@@ -359,7 +390,12 @@ mod tests {
     fn sized_node(sectors: u64) -> Node {
         let primary = Primary::new(PrimaryConfig::new(Protocol::C, sectors)).unwrap();
         let receiver = Receiver::new(ReceiverConfig::new(sectors)).unwrap();
-        Node::new(primary, receiver)
+        Node::new(
+            primary,
+            receiver,
+            UuidSet::JUST_CREATED,
+            DiskState::UpToDate,
+        )
     }
 
     fn drained(n: &mut Node) -> Vec<Action> {
@@ -565,6 +601,37 @@ mod tests {
         assert!(
             n.primary.out_of_sync().is_set(8),
             "and the peer may lack it"
+        );
+    }
+
+    #[test]
+    fn only_a_primary_that_loses_its_peers_disk_starts_a_generation() {
+        let mut n = node();
+        n.uuids = UuidSet {
+            current: 0xaa01,
+            bitmap: 0,
+            history: [0; 2],
+        };
+        assert_eq!(
+            n.lost_peer_disk(0xcc00),
+            None,
+            "a Secondary keeps its generation"
+        );
+        n.role = Role::Primary;
+        let new = n.lost_peer_disk(0xcc00).expect("a Primary starts one");
+        assert_eq!((new.current & !1, new.bitmap & !1), (0xcc00, 0xaa00));
+        assert_eq!(
+            n.uuids.current, 0xaa01,
+            "the driver assigns it once durable"
+        );
+        n.disk = DiskState::Inconsistent;
+        assert_eq!(n.lost_peer_disk(0xcc00), None, "not UpToDate");
+        n.disk = DiskState::UpToDate;
+        n.uuids = new;
+        assert_eq!(
+            n.lost_peer_disk(0xdd00),
+            None,
+            "a bitmap UUID already marks one"
         );
     }
 }

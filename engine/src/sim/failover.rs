@@ -132,20 +132,20 @@ impl Sim {
 
     /// Whether the Secondary's disk takes IO (not detached).
     pub(super) fn s_disk_usable(&self) -> bool {
-        self.rs.s_disk() != DiskState::Failed
+        self.sn.disk != DiskState::Failed
     }
 
     /// A peer write failed on the Secondary's disk (or was refused by a detached one):
     /// the failure is recorded before the caller lets the core answer `P_NEG_ACK`.
     pub(super) fn secondary_write_failed(&mut self) -> Result<(), String> {
         self.fo.failed_since_attach += 1;
-        if self.sabotaged_stays_up_to_date() || self.rs.s_disk() == DiskState::Failed {
+        if self.sabotaged_stays_up_to_date() || self.sn.disk == DiskState::Failed {
             return Ok(());
         }
         self.report.s_detaches += 1;
         // Durable first (MDF_CONSISTENT cleared), then Failed in memory.
         self.fo.md_inconsistent = true;
-        self.rs.set_s_disk(DiskState::Failed);
+        self.sn.disk = DiskState::Failed;
         if self.up {
             self.send_meta(MetaMsg::DiskFailed)?;
         }
@@ -191,7 +191,7 @@ impl Sim {
             self.sn.flushes.sabotage_join_running = self.sabotage.flush_round_takes_late_requests;
         }
         self.fo.s_inc += 1;
-        self.rs.set_s_disk(DiskState::Inconsistent);
+        self.sn.disk = DiskState::Inconsistent;
         self.fo.standalone = false;
         self.fo.failed_since_attach = 0;
         self.report.s_reattaches += 1;
@@ -254,7 +254,7 @@ impl Sim {
     /// daemon's, then the model operator's.
     fn judge(&self, d: &Death) -> Result<(), Refusal> {
         // A handshake that decided a resync clamps the disk to ≤ Outdated.
-        let disk = match self.rs.s_disk() {
+        let disk = match self.sn.disk {
             DiskState::UpToDate if d.wf_sync => DiskState::Outdated,
             disk => disk,
         };
@@ -294,7 +294,7 @@ impl Sim {
             }
             Err(why) => {
                 // The facts behind the refusal.
-                let disk = self.rs.s_disk();
+                let disk = self.sn.disk;
                 let holds = match why {
                     Refusal::Failed => disk == DiskState::Failed && self.fo.failed_since_attach > 0,
                     Refusal::NotUpToDate => {

@@ -173,7 +173,7 @@ use crate::request::{
     dp, Error, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, Receiver, ReceiverConfig,
     WriteKind, BLOCK_SIZE, SECTOR,
 };
-use crate::state::Protocol;
+use crate::state::{DiskState, Protocol, Role};
 use crate::wire::{Command, Packet};
 use disk::Disk;
 use meta::{MetaDev, MetaLayout};
@@ -973,7 +973,8 @@ struct Sim {
 
 impl Sim {
     fn new(cfg: &SimConfig) -> Result<Self, String> {
-        let (rng, rs_rng, params) = SimParams::for_seed(cfg.seed, cfg.max_ops);
+        let (rng, mut rs_rng, params) = SimParams::for_seed(cfg.seed, cfg.max_ops);
+        let (p_uuids, s_uuids) = resync::day0(&mut rs_rng);
         let geo = AlGeometry::new(params.al_ring.0, params.al_ring.1)?;
         let pages = OutOfSync::new(SECTORS as u64).pages();
         let layout = MetaLayout::new(geo, u64::from(pages), params.bitmap_first);
@@ -992,9 +993,10 @@ impl Sim {
         let s_primary = Primary::new(PrimaryConfig::new(params.protocol, SECTORS as u64))
             .map_err(|e| e.to_string())?;
         #[allow(unused_mut)]
-        let mut pn = Node::new(primary, params.receiver()?);
+        let mut pn = Node::new(primary, params.receiver()?, p_uuids, DiskState::UpToDate);
+        pn.role = Role::Primary;
         #[allow(unused_mut)]
-        let mut sn = Node::new(s_primary, secondary);
+        let mut sn = Node::new(s_primary, secondary, s_uuids, DiskState::UpToDate);
         #[cfg(test)]
         {
             sn.flushes.sabotage_join_running = cfg.sabotage.flush_round_takes_late_requests;
@@ -1006,7 +1008,7 @@ impl Sim {
             };
         }
         #[allow(unused_mut)]
-        let mut rs = Rs::new(rs_rng, &params)?;
+        let mut rs = Rs::new(rs_rng, &params, p_uuids)?;
         #[cfg(test)]
         rs.set_sabotage(cfg.sabotage);
         let report = SimReport {
@@ -1710,7 +1712,7 @@ impl Sim {
         {
             primary.sabotage = self.sabotage.primary;
         }
-        self.rs.primary_restarted();
+        self.primary_restarted();
         primary
             .load_bitmap(a.bitmap)
             .map_err(|e| format!("restart: load_bitmap: {e}"))?;
@@ -2195,7 +2197,7 @@ impl Sim {
                     // (A SyncTarget is no replica yet: resync writes become durable
                     // with the flush before it is UpToDate.)
                     if self.sdisk.durable_ver[s] < v
-                        && self.rs.s_up_to_date()
+                        && self.sn.disk == DiskState::UpToDate
                         && !oos_then.is_set((s / SECTORS_PER_BLOCK) as u64)
                         && !self.oos_sector(s)
                         // (A checksum resync leaves equal data with the older version.)

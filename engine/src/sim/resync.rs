@@ -287,7 +287,6 @@ pub(super) struct Rs {
     params: ResyncParams,
     ctx: WireCtx,
     // ---- the Primary's node
-    p_uuids: UuidSet,
     /// The crashed-primary flag: set at a restart, cleared once both disks are UpToDate.
     p_crashed: bool,
     /// Mirror of the core's transfer log (checks barrier acks and negative acks).
@@ -302,8 +301,6 @@ pub(super) struct Rs {
     /// Sectors of application writes submitted on the Primary's disk (c-min-rate).
     p_app_sectors: u64,
     // ---- the Secondary's node
-    s_uuids: UuidSet,
-    s_disk: DiskState,
     /// The bitmap transfer the Secondary receives.
     s_rx: Option<(BitmapReceiver, Vec<u64>)>,
     /// The Primary's UUIDs as the Secondary received them at the handshake.
@@ -332,6 +329,19 @@ pub(super) struct Rs {
     sb: Sb,
     #[cfg(test)]
     sabotage: super::Sabotage,
+}
+
+/// Day 0: both disks hold one generation (after the initial sync), the Primary is
+/// promoted while connected (no new UUID, bit 0 set). The Primary's UUIDs, then the
+/// Secondary's.
+pub(super) fn day0(rng: &mut Rng) -> (UuidSet, UuidSet) {
+    let g = uuid(rng) & !1;
+    let s_uuids = UuidSet {
+        current: g,
+        bitmap: 0,
+        history: [0; 2],
+    };
+    (promoted(s_uuids, true, rng), s_uuids)
 }
 
 /// The generation a promotion of an UpToDate node starts, by the daemon's rule
@@ -365,29 +375,19 @@ fn uuid(rng: &mut Rng) -> u64 {
 }
 
 impl Rs {
-    pub(super) fn new(mut rng: Rng, params: &SimParams) -> Result<Self, String> {
-        // Day 0: both disks hold one generation (after the initial sync), the Primary is
-        // promoted while connected (no new UUID, bit 0 set).
-        let g = uuid(&mut rng) & !1;
-        let s_uuids = UuidSet {
-            current: g,
-            bitmap: 0,
-            history: [0; 2],
-        };
-        let p_uuids = promoted(s_uuids, true, &mut rng);
+    /// The resync state of both nodes; `p_uuids`: the Primary's UUIDs on day 0, as the
+    /// Secondary knows them.
+    pub(super) fn new(rng: Rng, params: &SimParams, p_uuids: UuidSet) -> Result<Self, String> {
         Ok(Rs {
             rng,
             params: params.resync.clone(),
             ctx: WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?,
-            p_uuids,
             p_crashed: false,
             p_tl: VecDeque::new(),
             p_rx: None,
             p_reads: BTreeMap::new(),
             read_ctx: None,
             p_app_sectors: 0,
-            s_uuids,
-            s_disk: DiskState::UpToDate,
             s_rx: None,
             s_peer: p_uuids,
             s_finish: None,
@@ -449,30 +449,6 @@ impl Rs {
         self.p_tl.clear();
         self.p_reads.clear();
         self.p_rx = None;
-    }
-
-    /// The restarted Primary (its core loaded the bitmap attach read): its UUIDs are
-    /// promoted (a new current UUID unless a bitmap UUID is set), and it crashed while
-    /// Primary.
-    pub(super) fn primary_restarted(&mut self) {
-        self.p_uuids = promoted(self.p_uuids, false, &mut self.rng);
-        self.p_crashed = true;
-    }
-
-    /// The Secondary's disk state.
-    pub(super) fn s_disk(&self) -> DiskState {
-        self.s_disk
-    }
-
-    /// Sets the Secondary's disk state (a failure detaches it, a re-attach makes it
-    /// Inconsistent).
-    pub(super) fn set_s_disk(&mut self, d: DiskState) {
-        self.s_disk = d;
-    }
-
-    /// The Secondary's disk is UpToDate (not a SyncTarget, no resync left undone).
-    pub(super) fn s_up_to_date(&self) -> bool {
-        self.s_disk == DiskState::UpToDate
     }
 
     /// Whether block `b` differs for a reason the Primary core never marked (checker 6).
@@ -594,8 +570,8 @@ impl Sim {
             // shared generation, "unrelated data". The operator runs create-md on the
             // Secondary: a just-created disk, fully synced from the Primary.
             self.report.sb_recreated += 1;
-            self.rs.s_uuids = UuidSet::JUST_CREATED;
-            self.rs.s_disk = DiskState::Inconsistent;
+            self.sn.uuids = UuidSet::JUST_CREATED;
+            self.sn.disk = DiskState::Inconsistent;
             *self.sn.primary.out_of_sync_mut() = OutOfSync::new(SECTORS as u64);
             self.sn.runs.forget_resume_position();
             self.rs.sb = Sb::Recreated;
@@ -613,7 +589,7 @@ impl Sim {
         let cp = self.pn.primary.out_of_sync().count();
         let cs = self.sn.primary.out_of_sync().count();
         let me_p = HandshakeSide {
-            uuids: self.rs.p_uuids,
+            uuids: self.pn.uuids,
             dirty_bits: cp,
             primary: true,
             disk: DiskState::UpToDate,
@@ -621,10 +597,10 @@ impl Sim {
             discard_my_data: false,
         };
         let me_s = HandshakeSide {
-            uuids: self.rs.s_uuids,
+            uuids: self.sn.uuids,
             dirty_bits: cs,
             primary: false,
-            disk: self.rs.s_disk,
+            disk: self.sn.disk,
             crashed_primary: false,
             discard_my_data: resolving,
         };
@@ -677,7 +653,7 @@ impl Sim {
         }
         // The UUID fix-ups: each node persists its own; the Secondary keeps the
         // Primary's as it received them (corrected as it computed) for the finish.
-        for (h, own) in [(&hp, &mut self.rs.p_uuids), (&hs, &mut self.rs.s_uuids)] {
+        for (h, own) in [(&hp, &mut self.pn.uuids), (&hs, &mut self.sn.uuids)] {
             if let Some(c) = h.comparison.correction.filter(|c| c.side == UuidSide::Mine) {
                 *own = c.uuids;
                 self.report.uuid_corrections += 1;
@@ -723,7 +699,7 @@ impl Sim {
                 }
             }
             Decision::Connected => {
-                if self.rs.s_disk == DiskState::UpToDate {
+                if self.sn.disk == DiskState::UpToDate {
                     self.rs.p_crashed = false;
                 }
             }
@@ -752,7 +728,7 @@ impl Sim {
                 HandshakeOutcome::Disconnect(DisconnectReason::UnrelatedData)
             )
         );
-        if !unrelated && self.rs.s_disk == DiskState::Inconsistent {
+        if !unrelated && self.sn.disk == DiskState::Inconsistent {
             // DRBD: an Inconsistent disk makes its node SyncTarget whatever the UUIDs say
             // ("Becoming sync target due to disk states"): the split-brain writes of a
             // Secondary whose disk failed and was re-attached are discarded.
@@ -877,7 +853,7 @@ impl Sim {
         };
         or_bits(self.pn.primary.out_of_sync_mut(), words.into_iter());
         let r = uuid(&mut self.rs.rng);
-        let sync_uuid = self.rs.p_uuids.start_sync_source(r);
+        let sync_uuid = self.pn.uuids.start_sync_source(r);
         self.send_data(DataMsg::SyncUuid(sync_uuid));
         let p = &self.rs.params;
         let cfg = SourceConfig {
@@ -906,9 +882,9 @@ impl Sim {
             self.rs.sb = Sb::Resolved;
         }
         self.fo.wf_sync = false;
-        self.rs.s_uuids.start_sync_target(sync_uuid, false);
-        if self.rs.s_disk != DiskState::Failed {
-            self.rs.s_disk = DiskState::Inconsistent;
+        self.sn.uuids.start_sync_target(sync_uuid, false);
+        if self.sn.disk != DiskState::Failed {
+            self.sn.disk = DiskState::Inconsistent;
         }
         let bm = self.sn.primary.out_of_sync();
         self.report.resyncs += 1;
@@ -996,28 +972,31 @@ impl Sim {
             self.p_actions()?;
             // The Primary loses its peer's disk: a new generation unless a bitmap UUID
             // already marks one.
-            let r = uuid(&mut self.rs.rng);
-            self.rs
-                .p_uuids
-                .lost_peer_disk(r, true, false, DiskState::UpToDate);
+            self.lost_peer_disk(true);
         }
         // The Secondary's node (alone when the Primary's died with its node).
         let _ = self.sn.connection_lost(&mut self.actions);
         self.pump_secondary()?;
         self.s_actions()?;
-        let r = uuid(&mut self.rs.rng);
-        let disk = self.rs.s_disk;
-        self.rs.s_uuids.lost_peer_disk(r, false, false, disk);
+        self.lost_peer_disk(false);
         Ok(())
+    }
+
+    /// The daemon's rule of a lost peer disk on the Primary's node (`primary`) or the
+    /// Secondary's (`replica::Node::lost_peer_disk`); the model has no superblock to
+    /// make it durable in.
+    fn lost_peer_disk(&mut self, primary: bool) {
+        let r = uuid(&mut self.rs.rng);
+        let node = if primary { &mut self.pn } else { &mut self.sn };
+        if let Some(uuids) = node.lost_peer_disk(r) {
+            node.uuids = uuids;
+        }
     }
 
     /// `P_STATE` from the Secondary says its disk failed: the Primary starts a
     /// generation the Secondary lacks (`Volume::peer_disk_failed`).
     pub(super) fn peer_disk_failed(&mut self) {
-        let r = uuid(&mut self.rs.rng);
-        self.rs
-            .p_uuids
-            .lost_peer_disk(r, true, false, DiskState::UpToDate);
+        self.lost_peer_disk(true);
     }
 
     // ----- streams ----------------------------------------------------------------------
@@ -1155,7 +1134,7 @@ impl Sim {
 
     /// The SyncTarget finished and is UpToDate: the SyncSource finishes too.
     pub(super) fn sync_done(&mut self) -> Result<(), String> {
-        self.rs.p_uuids.finish_sync_source();
+        self.pn.uuids.finish_sync_source();
         self.rs.p_crashed = false;
         Ok(())
     }
@@ -1283,6 +1262,14 @@ impl Sim {
         self.rs.p_reads.remove(&tag);
         self.rs.read_ctx = None;
         Ok(())
+    }
+
+    /// The restarted Primary (its core loaded the bitmap attach read): its UUIDs are
+    /// promoted (a new current UUID unless a bitmap UUID is set), and it crashed while
+    /// Primary.
+    pub(super) fn primary_restarted(&mut self) {
+        self.pn.uuids = promoted(self.pn.uuids, false, &mut self.rs.rng);
+        self.rs.p_crashed = true;
     }
 
     /// Power loss of the Primary's node: its resync state is gone with it (the runs start
@@ -1433,13 +1420,13 @@ impl Sim {
     ) -> Result<(), String> {
         let (run, peer) = self.rs.s_finish.take().ok_or("finish flush of no run")?;
         self.sn.runs.end_recorded(run);
-        if fail || self.rs.s_disk == DiskState::Failed {
+        if fail || self.sn.disk == DiskState::Failed {
             // Stays Inconsistent (the next handshake resyncs again) or Failed (detached).
             return Ok(());
         }
         self.sdisk.flush(covers);
-        self.rs.s_uuids.finish_sync_target(&peer, false);
-        self.rs.s_disk = DiskState::UpToDate;
+        self.sn.uuids.finish_sync_target(&peer, false);
+        self.sn.disk = DiskState::UpToDate;
         self.s_consistent_again();
         if self.up && gen == self.gen {
             self.send_meta(MetaMsg::SyncDone)?;
@@ -1580,14 +1567,14 @@ impl Sim {
         if self.rs.sb != Sb::Scheduled {
             return Ok(());
         }
-        let (p, s) = (&self.rs.p_uuids, &self.rs.s_uuids);
+        let (p, s) = (&self.pn.uuids, &self.sn.uuids);
         let eligible = self.up
             && !self.primary_down
             && self.check6.is_none()
             && p.bitmap == 0
             && s.bitmap == 0
             && p.current & !1 == s.current & !1
-            && self.rs.s_disk == DiskState::UpToDate
+            && self.sn.disk == DiskState::UpToDate
             && self.sn.runs.target().is_none()
             && !self.sn.runs.finishing();
         if !eligible {
@@ -1599,16 +1586,16 @@ impl Sim {
         }
         self.drop_connection()?;
         self.report.split_brains += 1;
-        let old = self.rs.s_uuids;
+        let old = self.sn.uuids;
         #[cfg(test)]
         let keep = self.rs.sabotage.promote_keeps_uuid;
         #[cfg(not(test))]
         let keep = false;
         if keep {
-            self.rs.s_uuids.current |= 1;
+            self.sn.uuids.current |= 1;
         } else {
-            self.rs.s_uuids = promoted(old, false, &mut self.rs.rng);
-            if self.rs.s_uuids.current & !1 == old.current & !1 {
+            self.sn.uuids = promoted(old, false, &mut self.rs.rng);
+            if self.sn.uuids.current & !1 == old.current & !1 {
                 return Err("the Secondary promoted without its peer made no new UUID".into());
             }
         }
@@ -1642,7 +1629,7 @@ impl Sim {
         self.rs.sb = if left > 1 {
             Sb::Writing { left: left - 1 }
         } else {
-            self.rs.s_uuids.demote();
+            self.sn.uuids.demote();
             Sb::Happened
         };
         Ok(())
@@ -1670,14 +1657,14 @@ impl Sim {
     /// Why the replicas are not in sync now, if they are not: connected, no exchange or
     /// resync running, the Secondary UpToDate, both bitmaps empty, the same UUIDs.
     pub(super) fn not_in_sync(&self) -> Option<String> {
-        let (p, s) = (&self.rs.p_uuids, &self.rs.s_uuids);
+        let (p, s) = (&self.pn.uuids, &self.sn.uuids);
         Some(if !self.up {
             "connection down".into()
         } else if self.rs.p_rx.is_some() || self.rs.s_rx.is_some() {
             "bitmap exchange unfinished".into()
         } else if self.sn.runs.target().is_some() || self.sn.runs.finishing() {
             "resync unfinished".into()
-        } else if self.rs.s_disk != DiskState::UpToDate {
+        } else if self.sn.disk != DiskState::UpToDate {
             "the secondary is Inconsistent (its last resync failed)".into()
         } else if self.pn.primary.out_of_sync().count() + self.sn.primary.out_of_sync().count() != 0
         {

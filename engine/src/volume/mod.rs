@@ -127,8 +127,6 @@ enum Waiter {
 struct Inner {
     /// Every bitmap page write goes through it (`pages.rs`).
     pages: pages::PageWriter,
-    role: Role,
-    disk: DiskState,
     conn: ConnState,
     standalone: bool,
     shutting_down: bool,
@@ -146,8 +144,6 @@ struct Inner {
     peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
     writes_completed: u64,
-    /// Generation UUIDs (staged in the superblock on every change, see `durable.rs`).
-    uuids: UuidSet,
     /// The last Primary crashed and its resync has not completed (`MDF_CRASHED_PRIMARY`).
     crashed_primary: bool,
     /// Why the last handshake found a split brain (cleared by `connect`).
@@ -415,8 +411,6 @@ impl Inner {
         };
         Inner {
             pages: pages::PageWriter::new(base, npages),
-            role: Role::Secondary,
-            disk,
             conn: ConnState::StandAlone,
             standalone: false,
             shutting_down: false,
@@ -424,14 +418,13 @@ impl Inner {
             peer_disk: DiskState::DUnknown,
             link: None,
             kill: None,
-            node: Node::new(primary, receiver),
+            node: Node::new(primary, receiver, uuids, disk),
             actions: Vec::new(),
             next_id: 1,
             pending: HashMap::new(),
             peer_bufs: HashMap::new(),
             bytes_replicated: 0,
             writes_completed: 0,
-            uuids,
             crashed_primary,
             split_brain: None,
             rs_bufs: HashMap::new(),
@@ -581,7 +574,7 @@ impl Volume {
         let asked = {
             let mut g = self.lock();
             let inner = &mut *g;
-            if inner.role == Role::Primary {
+            if inner.node.role == Role::Primary {
                 return Ok(());
             }
             Self::promotion_refusal(inner, force)?;
@@ -682,7 +675,7 @@ impl Volume {
             let g = self.lock();
             (
                 g.link.is_some() && g.peer_role == Role::Primary,
-                g.uuids.bitmap != 0,
+                g.node.uuids.bitmap != 0,
                 g.split_brain.clone(),
             )
         };
@@ -726,7 +719,7 @@ impl Volume {
         crate::replica::may_promote(&crate::replica::PromotionFacts {
             connected: inner.link.is_some(),
             peer_role: inner.peer_role,
-            disk: inner.disk,
+            disk: inner.node.disk,
             peer_disk: inner.peer_disk,
             peer_writes_active: inner.node.receiver.stats().active_writes > 0,
             sync_target: inner.node.runs.target().is_some(),
@@ -747,12 +740,13 @@ impl Volume {
         let (t, forced, announce, undo) = {
             let mut g = self.lock();
             let inner = &mut *g;
-            if inner.role == Role::Primary {
+            if inner.node.role == Role::Primary {
                 return Ok(());
             }
             Self::may_take_primary(inner, force, granted)?;
-            let forced = inner.disk != DiskState::UpToDate && inner.node.runs.target().is_none();
-            let old = inner.uuids;
+            let forced =
+                inner.node.disk != DiskState::UpToDate && inner.node.runs.target().is_none();
+            let old = inner.node.uuids;
             let (uuids, announce) = Self::promoted_uuids(inner, forced);
             // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
             // makes the next attach after a crash apply the activity log.
@@ -778,7 +772,7 @@ impl Volume {
                 g.promoting = false;
                 if let Some((old, new)) = self.undo {
                     let flag = [SbChange::Primary(false)];
-                    if g.uuids == new {
+                    if g.node.uuids == new {
                         let _ = self.v.stage_uuids(&mut g, old, &flag);
                     } else {
                         let _ = self.v.meta.stage(&flag);
@@ -829,26 +823,27 @@ impl Volume {
         let facts = GenerationFacts {
             peer_disk_reachable: inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent,
             agreed_version: inner.link.as_ref().map_or(0, |l| l.ctx().version()),
-            disk: inner.disk,
+            disk: inner.node.disk,
             peer_disk: inner.peer_disk,
             source_running: inner.node.runs.source().is_some(),
             force: forced,
         };
-        let (uuids, announce) =
-            promoted_uuids(inner.uuids, &facts, || random_uuid(&mut rand::thread_rng()));
+        let (uuids, announce) = promoted_uuids(inner.node.uuids, &facts, || {
+            random_uuid(&mut rand::thread_rng())
+        });
         (uuids, announce.map(Packet::Uuids))
     }
 
     /// The promotion is on disk: take the role.
     fn became_primary(&self, inner: &mut Inner, forced: bool, announce: Option<Packet>) {
         if forced {
-            inner.disk = DiskState::UpToDate;
+            inner.node.disk = DiskState::UpToDate;
             tracing::warn!("forced promotion: this disk's data is now the good copy");
         }
         if let Some(pkt) = announce {
             Self::send(inner, Stream::Data, &pkt, None);
         }
-        inner.role = Role::Primary;
+        inner.node.role = Role::Primary;
         if forced {
             // The peer resyncs from the new generation: a new handshake decides it.
             if let Some(k) = &inner.kill {
@@ -863,8 +858,8 @@ impl Volume {
     /// Tells the peer, the log and the events of a new role.
     fn role_changed(&self, inner: &mut Inner) {
         self.send_state(inner);
-        tracing::info!("role is now {}", inner.role);
-        let role = inner.role;
+        tracing::info!("role is now {}", inner.node.role);
+        let role = inner.node.role;
         inner.event("role", serde_json::json!({ "role": role }));
     }
 
@@ -881,7 +876,7 @@ impl Volume {
         let diskless = {
             let mut g = self.lock();
             let inner = &mut *g;
-            if inner.role == Role::Secondary {
+            if inner.node.role == Role::Secondary {
                 return Ok(());
             }
             // DRBD's "held open" (SS_DEVICE_IN_USE): a client could still write.
@@ -894,7 +889,7 @@ impl Volume {
             if inner.node.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
                 return Err("writes are in flight; stop the application first".into());
             }
-            inner.role = Role::Secondary;
+            inner.node.role = Role::Secondary;
             inner.node.primary.connection_lost();
             self.drain(inner, &mut fx);
             inner.node.primary.is_detached()
@@ -904,7 +899,7 @@ impl Volume {
             Ok(()) => {
                 let t = {
                     let mut g = self.lock();
-                    let mut uuids = g.uuids;
+                    let mut uuids = g.node.uuids;
                     uuids.demote();
                     self.stage_uuids(&mut g, uuids, &[SbChange::Primary(false)])
                 };
@@ -1042,9 +1037,9 @@ impl Volume {
     /// for the metadata writer, so they reach the disk in the same superblock write:
     /// durable once the ticket is (and no application write enters the core before).
     fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet, also: &[SbChange]) -> Ticket {
-        if uuids != inner.uuids {
-            tracing::info!("generation UUIDs {} (were {})", uuids, inner.uuids);
-            inner.uuids = uuids;
+        if uuids != inner.node.uuids {
+            tracing::info!("generation UUIDs {} (were {})", uuids, inner.node.uuids);
+            inner.node.uuids = uuids;
         }
         let mut changes = also.to_vec();
         changes.push(SbChange::Uuids(uuids));
@@ -1163,7 +1158,7 @@ impl Volume {
             inner.peer_verify = peer.verify;
             self.send_state(inner);
             self.drain_sync(inner, &mut effects);
-            if inner.role == Role::Primary {
+            if inner.node.role == Role::Primary {
                 if let Err(e) = inner.node.primary.connected() {
                     tracing::error!("replication core refused the connection: {e}");
                 }
@@ -1197,17 +1192,7 @@ impl Volume {
             };
             self.node_connection_lost(inner, &mut effects);
             // A Primary that lost its peer's disk writes a generation the peer lacks.
-            let mut uuids = inner.uuids;
-            if uuids.lost_peer_disk(
-                random_uuid(&mut rand::thread_rng()),
-                inner.role == Role::Primary,
-                false,
-                inner.disk,
-            ) {
-                // No application write enters the core before it is on disk.
-                let t = self.stage_uuids(inner, uuids, &[]);
-                self.fail_disk_unless_durable(t);
-            }
+            self.lost_peer_disk(inner);
             let oos = inner.node.primary.out_of_sync_bytes();
             if oos > 0 {
                 tracing::warn!(
@@ -1245,7 +1230,7 @@ impl Volume {
     /// An ack from the meta socket.
     pub fn peer_ack(&self, session: u64, cmd: Command, ack: wire::BlockAck) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            if inner.role != Role::Primary {
+            if inner.node.role != Role::Primary {
                 return Err(format!("{} received while Secondary", cmd.name()));
             }
             let r = match cmd {
@@ -1292,7 +1277,7 @@ impl Volume {
         loop {
             let notified = self.accept.notified();
             let outcome = self.with_session(session, |v, inner, fx| {
-                if inner.role == Role::Primary {
+                if inner.node.role == Role::Primary {
                     return Err("P_BARRIER received while Primary".into());
                 }
                 if !inner.node.receiver.can_accept() {
@@ -1345,7 +1330,7 @@ impl Volume {
         }
         let resync_due = disk == DiskState::UpToDate
             && was < DiskState::UpToDate
-            && inner.disk == DiskState::Inconsistent
+            && inner.node.disk == DiskState::Inconsistent
             && inner.node.runs.target().is_none()
             && inner.node.runs.source().is_none();
         if resync_due {
@@ -1375,9 +1360,17 @@ impl Volume {
             self.peer_node,
             unix_time_string()
         ));
-        let mut uuids = inner.uuids;
-        let random = random_uuid(&mut rand::thread_rng());
-        if uuids.lost_peer_disk(random, inner.role == Role::Primary, false, inner.disk) {
+        self.lost_peer_disk(inner);
+    }
+
+    /// The generation rule of a lost peer disk (`replica::Node::lost_peer_disk`): a new
+    /// generation is durable before any application write enters the core (the write
+    /// gate waits for it; a failure takes the disk out of use).
+    fn lost_peer_disk(&self, inner: &mut Inner) {
+        if let Some(uuids) = inner
+            .node
+            .lost_peer_disk(random_uuid(&mut rand::thread_rng()))
+        {
             let t = self.stage_uuids(inner, uuids, &[]);
             self.fail_disk_unless_durable(t);
         }
@@ -1408,7 +1401,7 @@ impl Volume {
                 // A Primary's core marks its own failed writes (`local_done`).
                 inner.node.primary.out_of_sync_mut().mark(sector, len);
             }
-            let first = inner.disk > DiskState::Failed && inner.disk_failure.is_none();
+            let first = inner.node.disk > DiskState::Failed && inner.disk_failure.is_none();
             if first {
                 let why = format!(
                     "a write of {len} bytes at sector {sector} failed at {} (on-io-error {})",
@@ -1418,8 +1411,8 @@ impl Volume {
                 tracing::error!("local disk: {why}");
                 inner.event("disk-failed", serde_json::json!({ "why": why }));
                 inner.disk_failure = Some(why);
-                let diskless = detach && inner.role == Role::Primary;
-                inner.disk = if diskless {
+                let diskless = detach && inner.node.role == Role::Primary;
+                inner.node.disk = if diskless {
                     DiskState::Diskless
                 } else if detach {
                     DiskState::Failed
@@ -1442,7 +1435,7 @@ impl Volume {
                     inner.event("diskless", serde_json::json!({ "peer": self.peer_node }));
                 }
             }
-            (first, detach && inner.role == Role::Primary)
+            (first, detach && inner.node.role == Role::Primary)
         };
         self.failure_recorded
             .get_or_init(|| async {
@@ -1480,7 +1473,7 @@ impl Volume {
         }
         // The P_NEG_ACK and the P_STATE leave before the connection goes.
         self.after_queued_packets_leave(|me| async move {
-            if me.lock().role != Role::Primary {
+            if me.lock().node.role != Role::Primary {
                 tracing::error!(
                     "the disk is detached: staying StandAlone; fix the disk and restart \
                      the node to attach it again (a resync from the peer repairs it)"
@@ -1494,7 +1487,7 @@ impl Volume {
     /// a detached Primary is `Diskless` instead and still connects: it serves through
     /// its peer.
     pub fn disk_failed(&self) -> bool {
-        self.lock().disk == DiskState::Failed
+        self.lock().node.disk == DiskState::Failed
     }
 
     /// A peer's `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ`: decided by `state::change`,
@@ -1502,8 +1495,8 @@ impl Volume {
     pub fn peer_state_request(&self, session: u64, cmd: Command, req: wire::ReqState) {
         let granted = self.with_session(session, |v, inner, _| {
             let local = change::Local {
-                role: inner.role,
-                disk: inner.disk,
+                role: inner.node.role,
+                disk: inner.node.disk,
                 conn: inner.conn,
                 peer_disk: inner.peer_disk,
                 own_request_pending: inner.own_request.is_some() || inner.promoting,
@@ -1613,7 +1606,7 @@ impl Volume {
         loop {
             let notified = self.accept.notified();
             let outcome = self.with_session(session, |v, inner, fx| {
-                if inner.role == Role::Primary {
+                if inner.node.role == Role::Primary {
                     return Err(
                         "the peer sent a write but this node is Primary (two primaries)".into(),
                     );
@@ -1689,10 +1682,10 @@ impl Volume {
 
     fn send_state(&self, inner: &mut Inner) {
         let bits = wire::StateBits {
-            role: u8::try_from(inner.role.as_u32()).unwrap_or(0),
+            role: u8::try_from(inner.node.role.as_u32()).unwrap_or(0),
             peer: u8::try_from(inner.peer_role.as_u32()).unwrap_or(0),
             conn: u8::try_from(inner.conn.as_u32()).unwrap_or(0),
-            disk: u8::try_from(inner.disk.as_u32()).unwrap_or(0),
+            disk: u8::try_from(inner.node.disk.as_u32()).unwrap_or(0),
             pdsk: u8::try_from(inner.peer_disk.as_u32()).unwrap_or(0),
             ..wire::StateBits::default()
         };
@@ -1898,7 +1891,7 @@ impl Volume {
             if inner.shutting_down {
                 return Err(BlockError::Shutdown);
             }
-            if inner.role != Role::Primary {
+            if inner.node.role != Role::Primary {
                 if kind.is_some() {
                     return Err(BlockError::ReadOnly);
                 }
@@ -1926,7 +1919,7 @@ impl Volume {
             {
                 let mut g = self.lock();
                 let inner = &mut *g;
-                if inner.role != Role::Primary {
+                if inner.node.role != Role::Primary {
                     return Err(BlockError::ReadOnly);
                 }
                 // A staged generation or role flag reaches the disk before any write
@@ -2147,7 +2140,7 @@ impl Volume {
             // A peer that missed writes (blocks out of sync here) is not UpToDate, whatever
             // it believes; until resync it is Outdated.
             // A Diskless Primary's bits are blocks its own (failed) disk lacks.
-            let disk = if oos > 0 && g.role == Role::Primary && !g.node.primary.is_detached() {
+            let disk = if oos > 0 && g.node.role == Role::Primary && !g.node.primary.is_detached() {
                 DiskState::Outdated
             } else {
                 g.peer_disk
@@ -2159,16 +2152,16 @@ impl Volume {
         let pstats = g.node.primary.stats();
         let rstats = g.node.receiver.stats();
         // A failed metadata write takes the disk out of use (DRBD's detach); a detached
-        // Primary is Diskless (`g.disk`).
+        // Primary is Diskless (`g.node.disk`).
         let disk = if pstats.meta_failed && !pstats.detached {
             DiskState::Failed
         } else {
-            g.disk
+            g.node.disk
         };
         serde_json::json!({
             "resource": self.resource,
             "node": self.node,
-            "role": g.role,
+            "role": g.node.role,
             "disk": disk,
             "connection": g.conn,
             "protocol": self.protocol,
@@ -2187,7 +2180,7 @@ impl Volume {
             "disk_failure": g.disk_failure,
             "peer_disk_failure": g.peer_disk_failure,
             "on_io_error": self.on_io_error.name(),
-            "uuids": g.uuids.to_string(),
+            "uuids": g.node.uuids.to_string(),
             "connection_error": conn_error.as_ref().map(|e| &e.0),
             "connection_error_at": conn_error.as_ref().map(|e| e.1),
             "split_brain": g.split_brain,
@@ -2258,7 +2251,7 @@ impl BlockTarget for Volume {
         let pbs = self.store.physical_block_size().max(lbs);
         TargetInfo {
             size_bytes: self.size_bytes,
-            writable: g.role == Role::Primary,
+            writable: g.node.role == Role::Primary,
             logical_block_size: lbs,
             physical_block_size: pbs,
             max_io_bytes: crate::frontend::MAX_IO_BYTES,

@@ -54,11 +54,11 @@ impl Replica for Volume {
         let g = self.lock();
         LocalParams {
             protocol: self.protocol,
-            role: g.role,
-            disk: g.disk,
+            role: g.node.role,
+            disk: g.node.disk,
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
             dirty_bits: g.node.primary.out_of_sync().count(),
-            uuids: g.uuids,
+            uuids: g.node.uuids,
             crashed_primary: g.crashed_primary,
             resolve_conflicts,
             discard_my_data: g.discard_my_data,

@@ -190,7 +190,7 @@ impl Volume {
     pub(super) async fn begin_sync_source(&self) -> Result<u64, String> {
         let (t, sync_uuid) = {
             let mut g = self.lock();
-            let mut uuids = g.uuids;
+            let mut uuids = g.node.uuids;
             let sync_uuid = uuids.start_sync_source(random_uuid(&mut rand::thread_rng()));
             (self.stage_uuids(&mut g, uuids, &[]), sync_uuid)
         };
@@ -204,9 +204,9 @@ impl Volume {
         self.write_dirty_pages().await?;
         let t = {
             let mut g = self.lock();
-            g.disk = DiskState::Inconsistent;
-            let mut uuids = g.uuids;
-            uuids.start_sync_target(sync_uuid, g.role == Role::Primary);
+            g.node.disk = DiskState::Inconsistent;
+            let mut uuids = g.node.uuids;
+            uuids.start_sync_target(sync_uuid, g.node.role == Role::Primary);
             self.stage_uuids(&mut g, uuids, &[SbChange::Consistent(false)])
         };
         self.meta
@@ -836,9 +836,9 @@ impl Volume {
         inner.last_sync = Some(summary);
         inner.event("resync-finished", serde_json::json!(summary));
         let uuids = adopt.map(|peer| {
-            let mut uuids = inner.uuids;
-            uuids.finish_sync_target(&peer, inner.role == Role::Primary);
-            (inner.uuids, uuids)
+            let mut uuids = inner.node.uuids;
+            uuids.finish_sync_target(&peer, inner.node.role == Role::Primary);
+            (inner.node.uuids, uuids)
         });
         fx.push(Effect::SyncFinish { run, uuids });
     }
@@ -856,7 +856,7 @@ impl Volume {
             if let Some((base, u)) = uuids {
                 let t = {
                     let mut g = self.lock();
-                    if g.uuids != base {
+                    if g.node.uuids != base {
                         return Err("the generation UUIDs changed while the end of the resync \
                                     was recorded; the next handshake decides"
                             .to_string());
@@ -882,7 +882,7 @@ impl Volume {
         }
         self.wake_if_idle(inner);
         if let (Ok(()), Some(_)) = (recorded, uuids) {
-            inner.disk = DiskState::UpToDate;
+            inner.node.disk = DiskState::UpToDate;
             inner.crashed_primary = false;
         }
         self.send_state(inner);
@@ -897,7 +897,7 @@ impl Volume {
         }
         inner.conn = ConnState::Connected;
         if inner.peer_disk == DiskState::UpToDate {
-            let mut uuids = inner.uuids;
+            let mut uuids = inner.node.uuids;
             uuids.finish_sync_source();
             // The crash (if this node was the crashed Primary) is fully repaired. Durable
             // in the background (application writes wait for it at the core's door).
@@ -971,7 +971,7 @@ impl Volume {
     pub async fn invalidate(&self) -> Result<(), String> {
         {
             let mut g = self.lock();
-            if g.role == Role::Primary {
+            if g.node.role == Role::Primary {
                 return Err("invalidate works on a Secondary; demote this node first".into());
             }
             if g.node.runs.target().is_some() || g.conn == ConnState::SyncSource {
@@ -989,7 +989,7 @@ impl Volume {
             .await
             .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
         let mut g = self.lock();
-        g.disk = DiskState::Inconsistent;
+        g.node.disk = DiskState::Inconsistent;
         tracing::warn!("invalidated: a full resync from the peer follows");
         if let Some(k) = &g.kill {
             k.notify_one();
@@ -1006,8 +1006,8 @@ impl Volume {
         let (t, announce) = {
             let mut g = self.lock();
             let inner = &mut *g;
-            let primary = inner.role == Role::Primary;
-            let mut uuids = inner.uuids;
+            let primary = inner.node.role == Role::Primary;
+            let mut uuids = inner.node.uuids;
             let random = random_uuid(&mut rand::thread_rng());
             if clear_bitmap {
                 let pkt = Self::skip_initial_sync(inner, &mut uuids, random)?;
@@ -1048,7 +1048,7 @@ impl Volume {
                     .into(),
             );
         }
-        let primary = inner.role == Role::Primary;
+        let primary = inner.node.role == Role::Primary;
         let Some(announce) = uuids.new_current_uuid_cmd(random, primary, true) else {
             return Err("no UUIDs to announce".into());
         };
@@ -1068,7 +1068,7 @@ impl Volume {
     fn declare_in_sync(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
         let blocks = inner.node.primary.out_of_sync().blocks();
         inner.node.primary.out_of_sync_mut().clear_blocks(0, blocks);
-        inner.disk = DiskState::UpToDate;
+        inner.node.disk = DiskState::UpToDate;
         inner.peer_disk = DiskState::UpToDate;
         self.stage_uuids(inner, uuids, &[SbChange::Consistent(true)])
     }
@@ -1079,8 +1079,8 @@ impl Volume {
     pub(super) fn peer_uuids(&self, session: u64, p: crate::state::uuid::UuidPacket) {
         let _ = self.with_session(session, |v, inner, _| {
             let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
-            let mut uuids = inner.uuids;
-            let primary = inner.role == Role::Primary;
+            let mut uuids = inner.node.uuids;
+            let primary = inner.node.role == Role::Primary;
             if uuids.accept_skip_initial_sync(&p, true, version, primary) {
                 let t = v.declare_in_sync(inner, uuids);
                 tracing::info!("the peer skipped the initial sync: UpToDate");

@@ -118,7 +118,7 @@ async fn a_promotion_dropped_while_it_waits_leaves_no_trace() {
         assert!(v.lock().promoting);
     }
     assert!(!v.lock().promoting);
-    assert_eq!(v.lock().role, Role::Secondary);
+    assert_eq!(v.lock().node.role, Role::Secondary);
     assert_eq!(
         v.meta.md().superblock().flags & crate::meta::superblock::mdf::PRIMARY_IND,
         0,
@@ -126,7 +126,7 @@ async fn a_promotion_dropped_while_it_waits_leaves_no_trace() {
     );
     // And it can be done again.
     v.promote(false).await.expect("promoted");
-    assert_eq!(v.lock().role, Role::Primary);
+    assert_eq!(v.lock().node.role, Role::Primary);
     v.shutdown(Duration::from_secs(5)).await;
     drop(locks);
 }
