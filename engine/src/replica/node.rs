@@ -34,7 +34,7 @@ use crate::net::Stream;
 use crate::request::{
     Error, OutOfSync, Primary, PrimaryOutput, Receiver, ReceiverOutput, WriteKind,
 };
-use crate::resync::VerifyProgress;
+use crate::resync::{Error as ResyncError, SourceConfig, TargetConfig, TickInput, VerifyProgress};
 use crate::state::uuid::UuidSet;
 use crate::state::{DiskState, Role};
 use crate::wire::{self, Command, Packet};
@@ -201,6 +201,41 @@ impl Node {
         self.receiver.connection_lost();
         self.drain(out);
         verify
+    }
+
+    /// Starts a target over the node's bitmap (its set bits are what to fetch), told of
+    /// every write on the disk now — this node's, submitted and not retired, and the
+    /// peer's, submitted and not completed, of an earlier connection too — so that no
+    /// resync write lands under one (the simulator found that one could). Returns the run.
+    pub(crate) fn start_target(
+        &mut self,
+        cfg: TargetConfig,
+        tick: &TickInput,
+        peer_uuids: UuidSet,
+    ) -> Result<u64, ResyncError> {
+        let primary = self.primary.submitted_writes();
+        let in_flight = (
+            primary.map(|(tag, sector, len, _)| (tag, sector, len)),
+            self.receiver.submitted_writes(),
+        );
+        let bm = self.primary.out_of_sync();
+        self.runs.start_target(cfg, bm, tick, peer_uuids, in_flight)
+    }
+
+    /// Starts the source unless one runs, told of this node's writes not yet on the disk
+    /// (each holds the reads of its range until it is).
+    pub(crate) fn ensure_source(
+        &mut self,
+        cfg: SourceConfig,
+        tick: &TickInput,
+        peer_primary: bool,
+    ) -> Result<(), ResyncError> {
+        let in_flight = self
+            .primary
+            .submitted_writes()
+            .filter(|&(.., on_disk)| !on_disk)
+            .map(|(tag, sector, len, _)| (tag, sector, len));
+        self.runs.ensure_source(cfg, tick, peer_primary, in_flight)
     }
 
     /// This node lost its peer's disk (the connection went, or the peer's disk failed):
@@ -376,7 +411,7 @@ mod tests {
     use super::*;
     use crate::replica::SyncAction;
     use crate::request::{PeerWrite, PrimaryConfig, ReceiverConfig};
-    use crate::resync::{TargetConfig, TickInput};
+    use crate::resync::{Inbound, TargetConfig, TickInput};
     use crate::state::uuid::UuidSet;
     use crate::state::Protocol;
 
@@ -633,5 +668,47 @@ mod tests {
             None,
             "a bitmap UUID already marks one"
         );
+    }
+
+    #[test]
+    fn a_target_is_told_of_the_writes_already_on_the_disk() {
+        for peer_side in [true, false] {
+            let mut n = node();
+            if peer_side {
+                n.receiver.peer_write(peer_write(1, 0)).unwrap();
+            } else {
+                n.primary.write(7, 0, 4096, WriteKind::Data, false).unwrap();
+            }
+            let w = local_writes(&drained(&mut n));
+            assert_eq!(w.len(), 1, "submitted, not completed");
+            n.primary.out_of_sync_mut().mark(0, 4096);
+            let peer = UuidSet {
+                current: 0x1234,
+                bitmap: 0,
+                history: [0; 2],
+            };
+            let cfg = TargetConfig::new(SECTORS);
+            n.start_target(cfg, &TickInput::default(), peer).unwrap();
+            let (runs, bm) = n.runs_and_bitmap();
+            let later = TickInput {
+                now_ms: 100,
+                ..TickInput::default()
+            };
+            runs.tick(bm, &later);
+            for a in runs.take_actions() {
+                let SyncAction::Send { pkt, .. } = a else {
+                    continue;
+                };
+                if let Ok(Some(Inbound::RsRequest { sector, len, .. })) = Inbound::from_packet(&pkt)
+                {
+                    assert_eq!(
+                        runs.data_reply(bm, sector, len).unwrap(),
+                        None,
+                        "a reply would land under the write on the disk (peer's: {peer_side})"
+                    );
+                }
+            }
+            assert!(bm.is_set(0), "the block is still to be fetched");
+        }
     }
 }

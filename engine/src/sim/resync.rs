@@ -865,11 +865,8 @@ impl Sim {
             c_min_rate: p.rate.c_min_rate,
         };
         let tick = self.tick_input(true);
-        // The writes in flight on this disk.
-        let in_flight = self.p_tags.iter().map(|(&t, &(s, l))| (t, s, l));
         self.pn
-            .runs
-            .ensure_source(cfg, &tick, false, in_flight)
+            .ensure_source(cfg, &tick, false)
             .map_err(|e| format!("source: {e}"))
     }
 
@@ -898,23 +895,9 @@ impl Sim {
         cfg.rate = p.rate;
         cfg.max_requests = p.max_requests;
         let tick = self.tick_input(false);
-        // The replicated writes submitted and not on the disk yet (those not submitted
-        // are gated when they are).
-        let in_flight = self
-            .s_bufs
-            .iter()
-            .filter(|(_, b)| b.submitted)
-            .map(|(&t, b)| (t, b.w.sector, b.w.len));
         let run = self
             .sn
-            .runs
-            .start_target(
-                cfg,
-                self.sn.primary.out_of_sync(),
-                &tick,
-                self.rs.s_peer,
-                (std::iter::empty(), in_flight),
-            )
+            .start_target(cfg, &tick, self.rs.s_peer)
             .map_err(|e| format!("target: {e}"))?;
         self.at(1, Ev::RsTick { run });
         Ok(())

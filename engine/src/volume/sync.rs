@@ -273,24 +273,8 @@ impl Volume {
                     max_app_writes: 2 * self.max_buffers + 64,
                     ..TargetConfig::new(sectors)
                 };
-                let bm = inner.node.primary.out_of_sync();
-                let total = bm.count();
-                // The writes on the disk now: a SyncTarget Primary's (tracked until
-                // retired) and the peer's, of the previous connection too — a resync write
-                // must not land under one of them.
-                let in_flight = (
-                    inner
-                        .node
-                        .primary
-                        .submitted_writes()
-                        .map(|(tag, sector, len, _)| (tag, sector, len)),
-                    inner.node.receiver.submitted_writes(),
-                );
-                match inner
-                    .node
-                    .runs
-                    .start_target(cfg, bm, &tick, peer.uuids, in_flight)
-                {
+                let total = inner.node.primary.out_of_sync().count();
+                match inner.node.start_target(cfg, &tick, peer.uuids) {
                     Ok(_) => {
                         if inner.sync_paused {
                             inner.node.runs.set_paused(true, tick.now_ms);
@@ -347,20 +331,8 @@ impl Volume {
             ..SourceConfig::new(sectors)
         };
         let tick = self.tick_input(inner);
-        // This node's writes not yet on the disk hold the reads of their ranges.
-        let in_flight: Vec<(u64, u64, u32)> = inner
-            .node
-            .primary
-            .submitted_writes()
-            .filter(|&(.., on_disk)| !on_disk)
-            .map(|(tag, sector, len, _)| (tag, sector, len))
-            .collect();
         let peer_primary = inner.peer_role == Role::Primary;
-        match inner
-            .node
-            .runs
-            .ensure_source(cfg, &tick, peer_primary, in_flight)
-        {
+        match inner.node.ensure_source(cfg, &tick, peer_primary) {
             Ok(()) => self.sync_run_started.notify_one(),
             Err(e) => tracing::error!("cannot start the resync source: {e}"),
         }
