@@ -32,7 +32,7 @@ mod sync;
 
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
-pub(crate) use node::{Action, LocalWrite, Node, Side};
+pub(crate) use node::{Action, LocalWrite, Node, Side, TargetEnd};
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;
 pub(crate) use roles::{may_promote, promoted_uuids, GenerationFacts, PromotionFacts};

@@ -100,6 +100,15 @@ pub(crate) enum Action {
     DropConnection { reason: &'static str },
 }
 
+/// The end of a target run, from [`super::SyncAction::Finished`] until it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TargetEnd {
+    pub(crate) run: u64,
+    /// With nothing left to fetch: the node's generation when the run ended, and the one
+    /// that completes it (DRBD's `drbd_resync_finished` on the target).
+    pub(crate) uuids: Option<(UuidSet, UuidSet)>,
+}
+
 /// One node's write pipelines (see the module docs).
 pub(crate) struct Node {
     /// This node's application writes; owner of the node's out-of-sync bitmap.
@@ -236,6 +245,45 @@ impl Node {
             .filter(|&(.., on_disk)| !on_disk)
             .map(|(tag, sector, len, _)| (tag, sector, len));
         self.runs.ensure_source(cfg, tick, peer_primary, in_flight)
+    }
+
+    /// A target run ended ([`super::SyncAction::Finished`]; `adopt`: the peer's UUIDs
+    /// when nothing is left). Recording its end is, in this order: the data flushed and
+    /// the bitmap written; then, with UUIDs, [`Self::target_end_uuids`] made durable
+    /// together with "consistent"; then [`Self::target_end_recorded`].
+    pub(crate) fn target_end(&self, run: u64, adopt: Option<UuidSet>) -> TargetEnd {
+        let uuids = adopt.map(|peer| {
+            let mut done = self.uuids;
+            done.finish_sync_target(&peer, self.role == Role::Primary);
+            (self.uuids, done)
+        });
+        TargetEnd { run, uuids }
+    }
+
+    /// The generation that completes `end`, to make durable and assign — unless this
+    /// node's UUIDs changed since the run ended (a connection loss started a
+    /// generation): then `Err`, the disk stays Inconsistent and the next handshake
+    /// decides.
+    pub(crate) fn target_end_uuids(&self, end: &TargetEnd) -> Result<Option<UuidSet>, String> {
+        match end.uuids {
+            Some((base, _)) if base != self.uuids => Err("the generation UUIDs changed while \
+                                                          the end of the resync was recorded; \
+                                                          the next handshake decides"
+                .into()),
+            Some((_, done)) => Ok(Some(done)),
+            None => Ok(None),
+        }
+    }
+
+    /// The end of `end` is recorded (`durable`: its UUIDs and "consistent" are on the
+    /// disk): the run is over, and with them the disk is UpToDate. `true`: it was the
+    /// run finishing (the connection is no longer syncing).
+    pub(crate) fn target_end_recorded(&mut self, end: &TargetEnd, durable: bool) -> bool {
+        let over = self.runs.end_recorded(end.run);
+        if durable && end.uuids.is_some() {
+            self.disk = DiskState::UpToDate;
+        }
+        over
     }
 
     /// This node lost its peer's disk (the connection went, or the peer's disk failed):
@@ -710,5 +758,50 @@ mod tests {
             }
             assert!(bm.is_set(0), "the block is still to be fetched");
         }
+    }
+
+    #[test]
+    fn the_end_of_a_target_run_adopts_its_generation_only_if_nothing_changed_meanwhile() {
+        let (mut n, run, tag) = node_with_resync_write();
+        n.disk = DiskState::Inconsistent;
+        let (runs, bm) = n.runs_and_bitmap();
+        runs.write_done(bm, run, tag, true).unwrap();
+        let adopt = runs.take_actions().into_iter().find_map(|a| match a {
+            SyncAction::Finished { adopt, .. } => adopt,
+            _ => None,
+        });
+        let peer = adopt.expect("nothing left: the peer's UUIDs");
+        let end = n.target_end(run, Some(peer));
+        let done = n
+            .target_end_uuids(&end)
+            .unwrap()
+            .expect("a generation to adopt");
+        assert_eq!(
+            done.current & !1,
+            peer.current & !1,
+            "the peer's generation"
+        );
+        let mut changed = n.uuids;
+        changed.current ^= 0x100;
+        let before = std::mem::replace(&mut n.uuids, changed);
+        assert!(
+            n.target_end_uuids(&end).is_err(),
+            "the UUIDs changed meanwhile"
+        );
+        n.uuids = before;
+        assert!(!n.target_end_recorded(
+            &TargetEnd {
+                run: run + 1,
+                ..end
+            },
+            false
+        ));
+        assert!(!n.runs.idle(), "another run's end records nothing");
+        assert!(n.target_end_recorded(&end, false), "the run is over");
+        assert_eq!(n.disk, DiskState::Inconsistent, "not durable: not UpToDate");
+        assert!(n.runs.idle());
+        let later = n.target_end(run, Some(peer));
+        n.target_end_recorded(&later, true);
+        assert_eq!(n.disk, DiskState::UpToDate);
     }
 }

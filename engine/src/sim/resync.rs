@@ -59,6 +59,7 @@ use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTOR
 use crate::net::Stream;
 use crate::replica::{
     promoted_uuids, GenerationFacts, LocalWrite, ReadFor, RunRead, Side, SyncAction, SyncRuns,
+    TargetEnd,
 };
 use crate::request::{OutOfSync, SECTOR};
 use crate::resync::{
@@ -305,8 +306,8 @@ pub(super) struct Rs {
     s_rx: Option<(BitmapReceiver, Vec<u64>)>,
     /// The Primary's UUIDs as the Secondary received them at the handshake.
     s_peer: UuidSet,
-    /// The finished run whose end is being made durable, and the UUIDs it adopts.
-    s_finish: Option<(u64, UuidSet)>,
+    /// The finished run whose end is being made durable.
+    s_finish: Option<TargetEnd>,
     /// Versions of the zeroes of the `P_RS_DEALLOCATED` being handled.
     zero_vers: Option<Vec<u64>>,
     /// Sectors of replicated writes received (c-min-rate).
@@ -1377,10 +1378,11 @@ impl Sim {
         if let Some(t) = self.sn.runs.target() {
             self.report.void_replies += t.progress(self.sn.primary.out_of_sync()).void_replies;
         }
+        let end = self.sn.target_end(run, adopt);
         match adopt {
-            Some(peer) => {
+            Some(_) => {
                 self.report.resyncs_done += 1;
-                self.rs.s_finish = Some((run, peer));
+                self.rs.s_finish = Some(end);
                 let covers = self.sdisk.completions;
                 let fail = self.rs.rng.chance(self.params.fail_ppm[3]);
                 let d = self.rs.rng.range(1, self.params.disk_delay.1);
@@ -1390,7 +1392,7 @@ impl Sim {
             None => {
                 debug_assert!(sum.left_blocks > 0);
                 self.report.resyncs_failed += 1;
-                self.sn.runs.end_recorded(run);
+                self.sn.target_end_recorded(&end, false);
             }
         }
     }
@@ -1401,15 +1403,22 @@ impl Sim {
         fail: bool,
         gen: u64,
     ) -> Result<(), String> {
-        let (run, peer) = self.rs.s_finish.take().ok_or("finish flush of no run")?;
-        self.sn.runs.end_recorded(run);
+        let end = self.rs.s_finish.take().ok_or("finish flush of no run")?;
         if fail || self.sn.disk == DiskState::Failed {
             // Stays Inconsistent (the next handshake resyncs again) or Failed (detached).
+            self.sn.target_end_recorded(&end, false);
             return Ok(());
         }
         self.sdisk.flush(covers);
-        self.sn.uuids.finish_sync_target(&peer, false);
-        self.sn.disk = DiskState::UpToDate;
+        // The daemon's order (`replica::Node::target_end`), without a superblock.
+        let adopted = self.sn.target_end_uuids(&end).ok().flatten();
+        if let Some(u) = adopted {
+            self.sn.uuids = u;
+        }
+        self.sn.target_end_recorded(&end, adopted.is_some());
+        if adopted.is_none() {
+            return Ok(());
+        }
         self.s_consistent_again();
         if self.up && gen == self.gen {
             self.send_meta(MetaMsg::SyncDone)?;

@@ -245,11 +245,8 @@ enum Effect {
         data: Option<PeerData>,
     },
     SyncBitmap,
-    SyncFinish {
-        run: u64,
-        /// The generation when the run ended, and the one that completes it.
-        uuids: Option<(UuidSet, UuidSet)>,
-    },
+    /// Record the end of a target run (`replica::Node::target_end`).
+    SyncFinish(crate::replica::TargetEnd),
     Complete {
         done: Done,
         result: Result<(), BlockError>,
@@ -1828,8 +1825,8 @@ impl Volume {
                         tracing::warn!("lazy bitmap write-out during resync: {e}");
                     }
                 }),
-                Effect::SyncFinish { run, uuids } => {
-                    self.spawn_task(move |v| async move { v.finish_target(run, uuids).await });
+                Effect::SyncFinish(end) => {
+                    self.spawn_task(move |v| async move { v.finish_target(end).await });
                 }
             }
         }

@@ -52,7 +52,7 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::replica::{ReadFor, SyncAction};
+use crate::replica::{ReadFor, SyncAction, TargetEnd};
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
     VerifyConfig, VerifyProgress,
@@ -807,32 +807,24 @@ impl Volume {
         );
         inner.last_sync = Some(summary);
         inner.event("resync-finished", serde_json::json!(summary));
-        let uuids = adopt.map(|peer| {
-            let mut uuids = inner.node.uuids;
-            uuids.finish_sync_target(&peer, inner.node.role == Role::Primary);
-            (inner.node.uuids, uuids)
-        });
-        fx.push(Effect::SyncFinish { run, uuids });
+        fx.push(Effect::SyncFinish(inner.node.target_end(run, adopt)));
     }
 
-    /// The recorded end of a target run (see [`Self::target_finished`]).
-    /// `uuids`: the generation when the run ended and the one that completes it. The
-    /// data is flushed and the pages written first; then "consistent", the new UUIDs and
-    /// the crashed-primary flag cleared go in one superblock write, adopted in memory when
-    /// staged — unless the UUIDs changed meanwhile (the connection was lost), when the
-    /// next handshake decides instead. A failed superblock write is the disk's error (the
-    /// data is in sync; the writes wait at the gate).
-    pub(super) async fn finish_target(&self, run: u64, uuids: Option<(UuidSet, UuidSet)>) {
+    /// Records the end of a target run in `replica::Node::target_end`'s order: the data
+    /// is flushed and the pages written first; then "consistent", the completing UUIDs
+    /// and the crashed-primary flag cleared go in one superblock write, adopted in memory
+    /// when staged — unless the UUIDs changed meanwhile (the connection was lost), when
+    /// the next handshake decides instead. A failed superblock write is the disk's error
+    /// (the data is in sync; the writes wait at the gate).
+    pub(super) async fn finish_target(&self, end: TargetEnd) {
         let recorded = async {
             self.write_target_pages().await?;
-            if let Some((base, u)) = uuids {
+            if end.uuids.is_some() {
                 let t = {
                     let mut g = self.lock();
-                    if g.node.uuids != base {
-                        return Err("the generation UUIDs changed while the end of the resync \
-                                    was recorded; the next handshake decides"
-                            .to_string());
-                    }
+                    let Some(u) = g.node.target_end_uuids(&end)? else {
+                        return Ok(());
+                    };
                     let flags = [SbChange::Consistent(true), SbChange::ClearCrashedPrimary];
                     self.stage_uuids(&mut g, u, &flags)
                 };
@@ -849,12 +841,12 @@ impl Volume {
         if let Err(e) = &recorded {
             tracing::error!("{e}; the disk stays Inconsistent");
         }
-        if inner.node.runs.end_recorded(run) {
+        let durable = recorded.is_ok() && end.uuids.is_some();
+        if inner.node.target_end_recorded(&end, durable) {
             inner.conn = ConnState::Connected;
         }
         self.wake_if_idle(inner);
-        if let (Ok(()), Some(_)) = (recorded, uuids) {
-            inner.node.disk = DiskState::UpToDate;
+        if durable {
             inner.crashed_primary = false;
         }
         self.send_state(inner);
