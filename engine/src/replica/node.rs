@@ -304,6 +304,32 @@ impl Node {
         self.drain_receiver(out);
     }
 
+    /// A core's local write, shown to the runs before it is submitted: its action, or
+    /// `None` while a SyncTarget holds it (a SyncTarget Primary's target may hold this
+    /// node's writes too).
+    fn gate(
+        &mut self,
+        side: Side,
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+    ) -> Option<Action> {
+        let w = LocalWrite {
+            side,
+            sector,
+            len,
+            kind,
+            fua,
+        };
+        let bm = self.primary.out_of_sync_mut();
+        let w = match side {
+            Side::Primary { tag, .. } => self.runs.primary_write_begin(bm, (tag, sector, len), w),
+            Side::Peer { token } => self.runs.peer_write_begin(bm, (token, sector, len), w),
+        }?;
+        Some(Action::LocalWrite(w))
+    }
+
     fn drain_primary(&mut self, out: &mut Vec<Action>) {
         let mut outputs = std::mem::take(&mut self.primary_out);
         outputs.extend(self.primary.drain_outputs());
@@ -317,17 +343,9 @@ impl Node {
                     kind,
                     fua,
                 } => {
-                    let w = LocalWrite {
-                        side: Side::Primary { tag, id },
-                        sector,
-                        len,
-                        kind,
-                        fua,
-                    };
-                    // The runs track it (and a SyncTarget Primary's may hold it).
-                    let bm = self.primary.out_of_sync_mut();
-                    match self.runs.primary_write_begin(bm, (tag, sector, len), w) {
-                        Some(w) => Action::LocalWrite(w),
+                    let side = Side::Primary { tag, id };
+                    match self.gate(side, sector, len, kind, fua) {
+                        Some(a) => a,
                         None => continue,
                     }
                 }
@@ -402,21 +420,10 @@ impl Node {
                     len,
                     kind,
                     fua,
-                } => {
-                    let w = LocalWrite {
-                        side: Side::Peer { token },
-                        sector,
-                        len,
-                        kind,
-                        fua,
-                    };
-                    // A SyncTarget may hold it.
-                    let bm = self.primary.out_of_sync_mut();
-                    match self.runs.peer_write_begin(bm, (token, sector, len), w) {
-                        Some(w) => Action::LocalWrite(w),
-                        None => continue,
-                    }
-                }
+                } => match self.gate(Side::Peer { token }, sector, len, kind, fua) {
+                    Some(a) => a,
+                    None => continue,
+                },
                 ReceiverOutput::SubmitLocalFlush { token } => {
                     if !self.flushes.request(token) {
                         continue;

@@ -1791,15 +1791,7 @@ impl Sim {
 
     /// Performs the Primary node's actions (`replica::Node::drain`, the daemon's drain).
     fn pump_primary(&mut self) -> Result<(), String> {
-        let mut actions = std::mem::take(&mut self.actions);
-        self.pn.drain(&mut actions);
-        let mut r = Ok(());
-        for a in actions.drain(..) {
-            if r.is_ok() {
-                r = self.primary_action(a);
-            }
-        }
-        self.actions = actions;
+        let r = self.perform(true);
         if self.pn.runs.held() != 0 {
             return Err("a resync held the Primary's write (it is never SyncTarget)".into());
         }
@@ -1980,12 +1972,24 @@ impl Sim {
                 self.at(0, Ev::DeliverData { gen });
             }
         }
+        self.perform(false)
+    }
+
+    /// Drains the Primary's node (`primary`) or the Secondary's into `self.actions` (after
+    /// those already there, a flush round's) and performs them in order; the first error
+    /// is the result (the rest are dropped: the run has failed).
+    fn perform(&mut self, primary: bool) -> Result<(), String> {
         let mut actions = std::mem::take(&mut self.actions);
-        self.sn.drain(&mut actions);
+        let node = if primary { &mut self.pn } else { &mut self.sn };
+        node.drain(&mut actions);
         let mut r = Ok(());
         for a in actions.drain(..) {
             if r.is_ok() {
-                r = self.secondary_action(a);
+                r = if primary {
+                    self.primary_action(a)
+                } else {
+                    self.secondary_action(a)
+                };
             }
         }
         self.actions = actions;

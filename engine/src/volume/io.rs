@@ -54,8 +54,7 @@
 use super::sync::{ReadData, ReadResult};
 use super::{contract, Buf, Effect, Volume};
 use crate::net::PeerData;
-use crate::replica::{LocalWrite, Side};
-use crate::replica::{ReadFor, RunRead};
+use crate::replica::{LocalWrite, ReadFor, RunRead, Side};
 use crate::request::WriteKind;
 use crate::store::{
     AlignedBuf, Completions, SinkOp, Store, StoreError, StoreOp, WriteData, SECTOR_SIZE,

@@ -1,12 +1,13 @@
 //! The volume driver: runs the sans-IO replication core against the real disk and the
 //! real connection.
 //!
-//! One [`Volume`] per resource. It owns the [`Primary`] write pipeline and the
-//! [`Receiver`] (which one is used depends on the role), the backing [`Store`], and the
-//! sending side of the current connection ([`Link`]). There is no actor task: whichever
-//! task has an event (an NBD request, a store completion, a packet from the peer) locks
-//! the volume for a few microseconds, feeds the event to the core, and turns the core's
-//! outputs into IO:
+//! One [`Volume`] per resource. It holds the replica's [`Node`] (`replica::Node`: the
+//! [`Primary`] write pipeline and the [`Receiver`] — which one is used depends on the
+//! role —, the resync runs, the flush rounds, the role, disk state and UUIDs), the
+//! backing [`Store`], and the sending side of the current connection ([`Link`]). There
+//! is no actor task: whichever task has an event (an NBD request, a store completion, a
+//! packet from the peer) locks the volume for a few microseconds, feeds the event to the
+//! node, and turns the node's actions (`Volume::drain`) into IO:
 //!
 //! - **sends** (`P_DATA`, `P_BARRIER`, acks) are queued on the connection's bounded send
 //!   queues *while the lock is held*, so they reach each socket in the order the core
@@ -134,8 +135,10 @@ struct Inner {
     peer_disk: DiskState,
     link: Option<Link>,
     kill: Option<Arc<Notify>>,
-    /// The write pipelines: both cores, the resync runs, the flush rounds (the rules of
-    /// their drain are `replica::Node`'s).
+    /// The replica node: both cores (the Primary's holds the one bitmap), the resync
+    /// runs, the flush rounds, the role, the disk state and the generation UUIDs (each
+    /// UUID change staged in the superblock, see `durable.rs`). Its rules are
+    /// `replica::Node`'s; this driver performs its actions.
     node: Node,
     /// Reused buffer the node's actions are drained into (no allocation per event).
     actions: Vec<Action>,
