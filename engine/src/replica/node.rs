@@ -127,6 +127,10 @@ pub(crate) struct Node {
     /// what depends on it (the daemon stages it in the superblock, and the next
     /// application write waits for it).
     pub(crate) uuids: UuidSet,
+    /// This node was Primary when it crashed and the crash is not repaired yet (DRBD's
+    /// `CRASHED_PRIMARY`; the handshake's UUID flag 2). Set from the metadata at attach;
+    /// cleared when the connection reaches Connected ([`Self::reached_connected`]).
+    pub(crate) crashed_primary: bool,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
 }
@@ -147,6 +151,7 @@ impl Node {
             role: Role::Secondary,
             disk,
             uuids,
+            crashed_primary: false,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
         }
@@ -281,9 +286,30 @@ impl Node {
     pub(crate) fn target_end_recorded(&mut self, end: &TargetEnd, durable: bool) -> bool {
         let over = self.runs.end_recorded(end.run);
         if durable && end.uuids.is_some() {
+            // The superblock write that made it durable cleared the flag too.
             self.disk = DiskState::UpToDate;
+            self.crashed_primary = false;
         }
         over
+    }
+
+    /// The connection reached Connected: after a handshake that needs no resync, or at
+    /// the end of a resync or an online verify (either side). A crash of this node as
+    /// Primary is repaired then: DRBD's `after_state_ch` clears `CRASHED_PRIMARY` on every
+    /// transition to Connected (the handshake already weighed the flag, and a resync that
+    /// left blocks behind keeps them in the bitmap and the UUIDs). `true`: the flag was
+    /// set; the driver records its clear durably.
+    pub(crate) fn reached_connected(&mut self) -> bool {
+        std::mem::replace(&mut self.crashed_primary, false)
+    }
+
+    /// The SyncSource's run is over and the peer's disk is UpToDate: the generation that
+    /// completes it (the bitmap UUID rotates into history, DRBD's `drbd_resync_finished`
+    /// on the source), which the driver makes durable and assigns.
+    pub(crate) fn source_end_uuids(&self) -> UuidSet {
+        let mut uuids = self.uuids;
+        uuids.finish_sync_source();
+        uuids
     }
 
     /// This node lost its peer's disk (the connection went, or the peer's disk failed):
@@ -810,5 +836,14 @@ mod tests {
         let later = n.target_end(run, Some(peer));
         n.target_end_recorded(&later, true);
         assert_eq!(n.disk, DiskState::UpToDate);
+    }
+
+    #[test]
+    fn reaching_connected_repairs_a_crash_as_primary_once() {
+        let mut n = node();
+        assert!(!n.reached_connected(), "nothing to repair");
+        n.crashed_primary = true;
+        assert!(n.reached_connected(), "the driver records the clear");
+        assert!(!n.crashed_primary && !n.reached_connected(), "once");
     }
 }

@@ -288,8 +288,6 @@ pub(super) struct Rs {
     params: ResyncParams,
     ctx: WireCtx,
     // ---- the Primary's node
-    /// The crashed-primary flag: set at a restart, cleared once both disks are UpToDate.
-    p_crashed: bool,
     /// Mirror of the core's transfer log (checks barrier acks and negative acks).
     pub(super) p_tl: VecDeque<Tl>,
     /// The bitmap transfer the Primary receives.
@@ -383,7 +381,6 @@ impl Rs {
             rng,
             params: params.resync.clone(),
             ctx: WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?,
-            p_crashed: false,
             p_tl: VecDeque::new(),
             p_rx: None,
             p_reads: BTreeMap::new(),
@@ -594,7 +591,7 @@ impl Sim {
             dirty_bits: cp,
             primary: true,
             disk: DiskState::UpToDate,
-            crashed_primary: self.rs.p_crashed,
+            crashed_primary: self.pn.crashed_primary,
             discard_my_data: false,
         };
         let me_s = HandshakeSide {
@@ -699,10 +696,10 @@ impl Sim {
                     self.send_data(DataMsg::Bitmap(pkt));
                 }
             }
+            // Both nodes reach Connected (`replica::Node::reached_connected`).
             Decision::Connected => {
-                if self.sn.disk == DiskState::UpToDate {
-                    self.rs.p_crashed = false;
-                }
+                self.pn.reached_connected();
+                self.sn.reached_connected();
             }
             Decision::Refused { .. } => {}
         }
@@ -1118,8 +1115,8 @@ impl Sim {
 
     /// The SyncTarget finished and is UpToDate: the SyncSource finishes too.
     pub(super) fn sync_done(&mut self) -> Result<(), String> {
-        self.pn.uuids.finish_sync_source();
-        self.rs.p_crashed = false;
+        self.pn.uuids = self.pn.source_end_uuids();
+        self.pn.reached_connected();
         Ok(())
     }
 
@@ -1253,7 +1250,7 @@ impl Sim {
     /// Primary.
     pub(super) fn primary_restarted(&mut self) {
         self.pn.uuids = promoted(self.pn.uuids, false, &mut self.rs.rng);
-        self.rs.p_crashed = true;
+        self.pn.crashed_primary = true;
     }
 
     /// Power loss of the Primary's node: its resync state is gone with it (the runs start

@@ -147,8 +147,6 @@ struct Inner {
     peer_bufs: HashMap<u64, PeerData>,
     bytes_replicated: u64,
     writes_completed: u64,
-    /// The last Primary crashed and its resync has not completed (`MDF_CRASHED_PRIMARY`).
-    crashed_primary: bool,
     /// Why the last handshake found a split brain (cleared by `connect`).
     split_brain: Option<String>,
     /// Source read buffers waiting for their `P_RS_DATA_REPLY`, by tag.
@@ -409,6 +407,8 @@ impl Inner {
         } else {
             0
         };
+        let mut node = Node::new(primary, receiver, uuids, disk);
+        node.crashed_primary = crashed_primary;
         Inner {
             pages: pages::PageWriter::new(base, npages),
             conn: ConnState::StandAlone,
@@ -418,14 +418,13 @@ impl Inner {
             peer_disk: DiskState::DUnknown,
             link: None,
             kill: None,
-            node: Node::new(primary, receiver, uuids, disk),
+            node,
             actions: Vec::new(),
             next_id: 1,
             pending: HashMap::new(),
             peer_bufs: HashMap::new(),
             bytes_replicated: 0,
             writes_completed: 0,
-            crashed_primary,
             split_brain: None,
             rs_bufs: HashMap::new(),
             sync_paused: false,
@@ -1133,7 +1132,7 @@ impl Volume {
                     csums: self.sync.csums
                         && peer.csums
                         && (!self.sync.csums_after_crash_only
-                            || inner.crashed_primary
+                            || inner.node.crashed_primary
                             || peer.crashed_primary),
                 }),
                 HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
@@ -1151,8 +1150,9 @@ impl Volume {
                      of a Primary resyncs them"
                 );
             }
-            if let Some(role) = role {
-                self.start_run(inner, role, peer);
+            match role {
+                Some(role) => self.start_run(inner, role, peer),
+                None => self.reached_connected(inner),
             }
             inner.discard_my_data = false;
             inner.peer_verify = peer.verify;
@@ -2175,7 +2175,7 @@ impl Volume {
             "out_of_sync_bytes": oos,
             "activity_log": pstats.al,
             "al_waiting_writes": pstats.al_waiting,
-            "crashed_primary": g.crashed_primary,
+            "crashed_primary": g.node.crashed_primary,
             "startup_role": g.startup_role,
             "disk_failure": g.disk_failure,
             "peer_disk_failure": g.peer_disk_failure,

@@ -59,7 +59,7 @@ impl Replica for Volume {
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
             dirty_bits: g.node.primary.out_of_sync().count(),
             uuids: g.node.uuids,
-            crashed_primary: g.crashed_primary,
+            crashed_primary: g.node.crashed_primary,
             resolve_conflicts,
             discard_my_data: g.discard_my_data,
             policy: self.sync.policy,

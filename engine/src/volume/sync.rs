@@ -706,6 +706,7 @@ impl Volume {
         inner.last_verify = Some(p);
         if matches!(inner.conn, ConnState::VerifyS | ConnState::VerifyT) {
             inner.conn = ConnState::Connected;
+            self.reached_connected(inner);
         }
         self.send_state(inner);
     }
@@ -844,11 +845,9 @@ impl Volume {
         let durable = recorded.is_ok() && end.uuids.is_some();
         if inner.node.target_end_recorded(&end, durable) {
             inner.conn = ConnState::Connected;
+            self.reached_connected(inner);
         }
         self.wake_if_idle(inner);
-        if durable {
-            inner.crashed_primary = false;
-        }
         self.send_state(inner);
     }
 
@@ -861,14 +860,24 @@ impl Volume {
         }
         inner.conn = ConnState::Connected;
         if inner.peer_disk == DiskState::UpToDate {
-            let mut uuids = inner.node.uuids;
-            uuids.finish_sync_source();
-            // The crash (if this node was the crashed Primary) is fully repaired. Durable
-            // in the background (application writes wait for it at the core's door).
+            let uuids = inner.node.source_end_uuids();
+            // Durable in the background (application writes wait for it at the core's
+            // door), with the crash repaired in the same superblock write.
             let _ = self.stage_uuids(inner, uuids, &[SbChange::ClearCrashedPrimary]);
-            inner.crashed_primary = false;
+            inner.node.crashed_primary = false;
             tracing::info!("resync finished (this node was SyncSource)");
             inner.event("resync-finished", serde_json::json!({"role": "SyncSource"}));
+        }
+        self.reached_connected(inner);
+    }
+
+    /// The connection reached Connected (`replica::Node::reached_connected`): a crash
+    /// of this node as Primary is repaired, and the superblock says so (in the
+    /// background, like every superblock change).
+    pub(super) fn reached_connected(&self, inner: &mut Inner) {
+        if inner.node.reached_connected() {
+            tracing::info!("the crash of this node as Primary is repaired");
+            let _ = self.meta.stage(&[SbChange::ClearCrashedPrimary]);
         }
     }
 
