@@ -17,13 +17,25 @@
 //! - **Order.** Actions come out in the order the cores emitted them; a driver performs
 //!   sends in that order (a barrier sits between two epochs' writes; a write ack goes
 //!   before its epoch's barrier ack).
+//! - **The node's state.** Its role, disk state, generation UUIDs and crashed-Primary
+//!   flag, and the rules that change them: a connection loss (the runs are cut before
+//!   the cores let go, [`Node::connection_lost`]), a lost peer disk (a Primary starts a
+//!   generation, [`Node::lost_peer_disk`]), the start of a run (told of every write on
+//!   the disk, [`Node::start_target`], [`Node::ensure_source`]), its end ([`TargetEnd`],
+//!   [`Node::source_end_uuids`]) and the transition to Connected
+//!   ([`Node::reached_connected`]). A UUID or flag change is returned, not hidden: the
+//!   daemon makes it durable in its superblock before what depends on it; the
+//!   simulator, which has no superblock, assigns it.
 //!
 //! The bitmap has one owner, the Primary core; the runs borrow it inside each call
 //! ([`Node::runs_and_bitmap`]), never across one.
 //!
-//! Contract: a driver feeds each completion once, with the handle an action carried
-//! (the cores assert it); the driver's own buffers (request data, peer data) are keyed by
-//! the ids in [`LocalWrite::side`].
+//! Contract: a driver feeds each completion once, with the handle an action carried;
+//! the driver's own buffers (request data, peer data) are keyed by the ids in
+//! [`LocalWrite::side`]. A violation is a programmer error: the cores answer it with
+//! `Error::Invalid`, which the daemon's `contract` turns into a panic and the simulator
+//! into a failed seed. Operating errors — a peer that breaks the protocol — are
+//! actions ([`Action::DropConnection`]), never errors.
 //!
 //! Bounds: the output buffers are reused (no allocation per drain once grown); the
 //! actions of one drain are at most the cores' outputs since the last one (bounded by
