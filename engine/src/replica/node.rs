@@ -552,9 +552,9 @@ mod tests {
         }
     }
 
-    /// A target run on the node over block 0 with its resync write in flight.
-    fn node_with_resync_write() -> (Node, u64, u64) {
-        let mut n = node();
+    /// Starts a target on `n` over block 0 and steps it once: the run, whether the step
+    /// asked for more, and the runs' actions.
+    fn target_over_block_0(n: &mut Node) -> (u64, bool, Vec<SyncAction<LocalWrite>>) {
         n.primary.out_of_sync_mut().mark(0, 4096);
         let peer = UuidSet {
             current: 0x1234,
@@ -562,17 +562,22 @@ mod tests {
             history: [0; 2],
         };
         let cfg = TargetConfig::new(SECTORS);
-        let (runs, bm) = n.runs_and_bitmap();
-        let none = std::iter::empty::<(u64, u64, u32)>();
-        let run = runs
-            .start_target(cfg, bm, &TickInput::default(), peer, (none.clone(), none))
-            .unwrap();
+        let run = n.start_target(cfg, &TickInput::default(), peer).unwrap();
         let later = TickInput {
             now_ms: 100,
             ..TickInput::default()
         };
-        assert!(runs.tick(bm, &later));
-        runs.take_actions();
+        let (runs, bm) = n.runs_and_bitmap();
+        let asked = runs.tick(bm, &later);
+        (run, asked, runs.take_actions())
+    }
+
+    /// A target run on the node over block 0 with its resync write in flight.
+    fn node_with_resync_write() -> (Node, u64, u64) {
+        let mut n = node();
+        let (run, asked, _) = target_over_block_0(&mut n);
+        assert!(asked);
+        let (runs, bm) = n.runs_and_bitmap();
         let (_, tag) = runs.data_reply(bm, 0, 4096).unwrap().unwrap();
         (n, run, tag)
     }
@@ -774,21 +779,9 @@ mod tests {
             }
             let w = local_writes(&drained(&mut n));
             assert_eq!(w.len(), 1, "submitted, not completed");
-            n.primary.out_of_sync_mut().mark(0, 4096);
-            let peer = UuidSet {
-                current: 0x1234,
-                bitmap: 0,
-                history: [0; 2],
-            };
-            let cfg = TargetConfig::new(SECTORS);
-            n.start_target(cfg, &TickInput::default(), peer).unwrap();
+            let (_, _, actions) = target_over_block_0(&mut n);
             let (runs, bm) = n.runs_and_bitmap();
-            let later = TickInput {
-                now_ms: 100,
-                ..TickInput::default()
-            };
-            runs.tick(bm, &later);
-            for a in runs.take_actions() {
+            for a in actions {
                 let SyncAction::Send { pkt, .. } = a else {
                     continue;
                 };

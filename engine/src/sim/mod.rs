@@ -1813,10 +1813,7 @@ impl Sim {
                 },
             ) => self.primary_local_write(w)?,
             Action::PrimaryFlush { tag } => {
-                let covers = self.pdisk.completions;
-                let fail = self.rng.chance(self.params.fail_ppm[1]);
-                let d = self.rng.range(1, self.params.disk_delay.1);
-                let inc = self.inc;
+                let (d, covers, fail, inc) = self.primary_flush_draw();
                 self.at(
                     d,
                     Ev::PDiskFlush {
@@ -1887,6 +1884,15 @@ impl Sim {
         Ok(())
     }
 
+    /// A flush of the Primary's data disk, drawn: its delay, the completions it covers,
+    /// whether it fails, and the incarnation it belongs to.
+    fn primary_flush_draw(&mut self) -> (u64, u64, bool, u64) {
+        let covers = self.pdisk.completions;
+        let fail = self.rng.chance(self.params.fail_ppm[1]);
+        let d = self.rng.range(1, self.params.disk_delay.1);
+        (d, covers, fail, self.inc)
+    }
+
     /// The Primary core's metadata write (after a flush of the data disk with
     /// `preflush`).
     fn primary_meta_write(
@@ -1908,10 +1914,7 @@ impl Sim {
         }
         if preflush {
             // The data disk's flush completes before the write is issued.
-            let covers = self.pdisk.completions;
-            let fail = self.rng.chance(self.params.fail_ppm[1]);
-            let d = self.rng.range(1, self.params.disk_delay.1);
-            let inc = self.inc;
+            let (d, covers, fail, inc) = self.primary_flush_draw();
             self.at(
                 d,
                 Ev::MetaFlush {
