@@ -3,14 +3,23 @@
 //! so the simulator's properties and sabotage tests check the daemon's rule, not a copy.
 //!
 //! This module is where the sans-IO replica core of issue 11 grows (today `volume/`
-//! still decides roles, connection and disk states and the order of metadata writes,
-//! and `sim/` keeps its own glue for them). What has moved:
+//! still holds the connection's IO and the order of bitmap-page and superblock writes,
+//! and the management commands' drivers). What has moved:
 //!
 //! - [`Node`]: one node's write pipelines — the `Primary` and `Receiver` cores, the
 //!   runs, the flush rounds — whose outputs it drains into [`Action`]s (a local write
 //!   only once the runs let it go, one flush per round, sends tagged with a stream
 //!   class, completions), and which takes local-write, flush-round and connection-loss
 //!   events; the daemon holds one, the simulator one per node;
+//! - the node's state: its role, disk state and UUIDs, the connection's state (DRBD's
+//!   `cstate`), the peer's role and disk as last reported and what a change of them
+//!   means ([`PeerDisk`]), the decision on the peer's state change requests, and this
+//!   node's `P_STATE`;
+//! - role changes ([`Promotion`], in `roles.rs`): who may become Primary (the daemon's
+//!   `primary`, the simulator's failover, split brains, restarts and promotion races),
+//!   the generation a promotion starts, what is made durable before the role is taken,
+//!   when a durable promotion is still taken (the rules again, the same connection)
+//!   and what an abandoned one restores; the demotion's steps;
 //! - [`SyncRuns`]: the node's resync target and source — run ids, held writes, writes in
 //!   flight when a run starts, a run cut by a connection loss, the end of a run, the
 //!   stream class of each packet — taking one event at a time and returning
@@ -18,11 +27,7 @@
 //! - [`FlushRounds`]: a Secondary's epoch flushes merged into rounds, each request
 //!   satisfied only by a flush issued after it;
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
-//!   resync acks arrive (the simulator's seed 30);
-//! - [`may_promote`]: who may become Primary (the daemon's `primary`, the simulator's
-//!   failover and promotion races), and [`promoted_uuids`]: the generation a promotion
-//!   starts (the daemon's promotions, the simulator's Primary restarts and split-brain
-//!   promotions).
+//!   resync acks arrive (the simulator's seed 30).
 
 mod failed;
 mod flush;
@@ -32,8 +37,10 @@ mod sync;
 
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
-pub(crate) use node::{Action, LocalWrite, Node, Side, TargetEnd};
+pub(crate) use node::{Action, LocalWrite, Node, PeerDisk, Side, TargetEnd};
+pub(crate) use roles::Promotion;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;
-pub(crate) use roles::{may_promote, promoted_uuids, GenerationFacts, PromotionFacts};
+#[cfg(any(test, feature = "sim"))]
+pub(crate) use roles::{promoted_uuids, GenerationFacts};
 pub(crate) use sync::{ReadFor, RunRead, SyncAction, SyncRuns};

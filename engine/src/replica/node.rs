@@ -23,9 +23,14 @@
 //!   generation, [`Node::lost_peer_disk`]), the start of a run (told of every write on
 //!   the disk, [`Node::start_target`], [`Node::ensure_source`]), its end ([`TargetEnd`],
 //!   [`Node::source_end_uuids`]) and the transition to Connected
-//!   ([`Node::reached_connected`]). A UUID or flag change is returned, not hidden: the
-//!   daemon makes it durable in its superblock before what depends on it; the
-//!   simulator, which has no superblock, assigns it.
+//!   ([`Node::reached_connected`]); role changes (`roles.rs`). A UUID or flag change is
+//!   returned, not hidden: the daemon makes it durable in its superblock before what
+//!   depends on it; the simulator, which has no superblock, assigns it.
+//! - **The connection and the peer.** The connection's state, the agreed protocol
+//!   version while connected ([`Node::connection_up`] … [`Node::connection_lost`]), the
+//!   peer's role and disk and what a change of them means ([`Node::peer_reported`],
+//!   [`PeerDisk`]), the decision on the peer's state change requests
+//!   ([`Node::peer_request`]) and this node's `P_STATE` ([`Node::state_packet`]).
 //!
 //! The bitmap has one owner, the Primary core; the runs borrow it inside each call
 //! ([`Node::runs_and_bitmap`]), never across one.
@@ -47,8 +52,9 @@ use crate::request::{
     Error, OutOfSync, Primary, PrimaryOutput, Receiver, ReceiverOutput, WriteKind,
 };
 use crate::resync::{Error as ResyncError, SourceConfig, TargetConfig, TickInput, VerifyProgress};
+use crate::state::change;
 use crate::state::uuid::UuidSet;
-use crate::state::{DiskState, Role};
+use crate::state::{ConnState, DiskState, Role};
 use crate::wire::{self, Command, Packet};
 
 /// Which core a local write belongs to, with the handles that core gave it.
@@ -108,8 +114,25 @@ pub(crate) enum Action {
     Retired { tag: u64 },
     /// The peer's write `token` will never be written: free its data.
     DiscardPeerWrite { token: u64 },
-    /// The peer broke the protocol: drop the connection.
+    /// Drop the connection: the peer broke the protocol, or a new handshake must decide
+    /// (a forced promotion).
     DropConnection { reason: &'static str },
+}
+
+/// What the peer's new disk state means for this node ([`Node::peer_reported`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerDisk {
+    Unchanged,
+    /// It failed (or was detached): everything this node writes from now on is out of
+    /// sync there (the peer answers each write `P_NEG_ACK`), and a Primary starts a
+    /// generation the peer lacks ([`Node::lost_peer_disk`]), as after losing the peer
+    /// (DRBD's `after_state_ch`).
+    Failed,
+    /// It became UpToDate while this disk is Inconsistent and no run is going (a kernel
+    /// peer's `primary --force` on a pair that never synced): a resync is due. DRBD 8.4
+    /// runs its sync handshake again (`receive_state`); the driver renews the
+    /// connection so that the handshake does.
+    ResyncDue,
 }
 
 /// The end of a target run, from [`super::SyncAction::Finished`] until it is durable.
@@ -143,6 +166,25 @@ pub(crate) struct Node {
     /// `CRASHED_PRIMARY`; the handshake's UUID flag 2). Set from the metadata at attach;
     /// cleared when the connection reaches Connected ([`Self::reached_connected`]).
     pub(crate) crashed_primary: bool,
+    /// The connection's state (DRBD's `cstate`): set by the driver as its handshake
+    /// goes, Connected at [`Self::connection_up`], a sync or verify state while one runs.
+    pub(crate) conn: ConnState,
+    /// The operator wants no connection (`disconnect`): a lost connection ends
+    /// StandAlone, not NetworkFailure.
+    pub(crate) standalone: bool,
+    /// The protocol version agreed with the peer, from [`Self::connection_up`] until
+    /// [`Self::connection_lost`]; `None`: not connected.
+    pub(crate) agreed: Option<u32>,
+    /// How many connections reached [`Self::connection_up`]: a promotion granted on one
+    /// connection is not taken on the next ([`super::Promotion`]).
+    pub(crate) connections: u64,
+    /// The peer's role and disk as last reported (Unknown / DUnknown while not
+    /// connected).
+    pub(crate) peer_role: Role,
+    pub(crate) peer_disk: DiskState,
+    /// A promotion waits for its metadata ([`Self::begin_promotion`]): the peer's own
+    /// promotion request is refused meanwhile.
+    pub(crate) promoting: bool,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
 }
@@ -164,6 +206,13 @@ impl Node {
             disk,
             uuids,
             crashed_primary: false,
+            conn: ConnState::StandAlone,
+            standalone: false,
+            agreed: None,
+            connections: 0,
+            peer_role: Role::Unknown,
+            peer_disk: DiskState::DUnknown,
+            promoting: false,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
         }
@@ -216,12 +265,32 @@ impl Node {
         Ok(())
     }
 
-    /// The connection is gone. The runs go first: a source ends at once, a target is cut
-    /// (kept while its IO is in flight, its held writes still held). Then both cores: the
-    /// Primary marks out of sync every write the peer may lack and retires it (the runs
-    /// learn of each retirement), the Receiver drops the writes it had not submitted.
-    /// Their actions are appended to `out`; an online verify it interrupted is returned.
+    /// A connection finished its handshake at protocol `version` with a peer of `role`
+    /// and `disk`: Connected (a run the handshake decided changes that).
+    pub(crate) fn connection_up(&mut self, version: u32, role: Role, disk: DiskState) {
+        self.agreed = Some(version);
+        self.connections += 1;
+        self.peer_role = role;
+        self.peer_disk = disk;
+        self.conn = ConnState::Connected;
+    }
+
+    /// The connection is gone: the peer is unknown, and the connection NetworkFailure
+    /// (StandAlone if the operator wants none). The runs go first: a source ends at once,
+    /// a target is cut (kept while its IO is in flight, its held writes still held). Then
+    /// both cores: the Primary marks out of sync every write the peer may lack and
+    /// retires it (the runs learn of each retirement), the Receiver drops the writes it
+    /// had not submitted. Their actions are appended to `out`; an online verify it
+    /// interrupted is returned.
     pub(crate) fn connection_lost(&mut self, out: &mut Vec<Action>) -> Option<VerifyProgress> {
+        self.agreed = None;
+        self.peer_role = Role::Unknown;
+        self.peer_disk = DiskState::DUnknown;
+        self.conn = if self.standalone {
+            ConnState::StandAlone
+        } else {
+            ConnState::NetworkFailure
+        };
         let verify = self.runs.connection_lost();
         self.primary.connection_lost();
         self.receiver.connection_lost();
@@ -334,6 +403,75 @@ impl Node {
         uuids
             .lost_peer_disk(random, self.role == Role::Primary, false, self.disk)
             .then_some(uuids)
+    }
+
+    /// The peer reported its role and disk (`P_STATE`): what the new disk state means
+    /// here ([`PeerDisk`]).
+    pub(crate) fn peer_reported(&mut self, role: Role, disk: DiskState) -> PeerDisk {
+        // A Primary peer refuses this node's promotion; a SyncSource serves its reads.
+        self.peer_role = role;
+        self.runs.set_peer_primary(role == Role::Primary);
+        self.peer_disk_reported(disk)
+    }
+
+    fn peer_disk_reported(&mut self, disk: DiskState) -> PeerDisk {
+        let was = std::mem::replace(&mut self.peer_disk, disk);
+        if disk <= DiskState::Failed && was > DiskState::Failed {
+            PeerDisk::Failed
+        } else if disk == DiskState::UpToDate
+            && was < DiskState::UpToDate
+            && self.disk == DiskState::Inconsistent
+            && self.runs.target().is_none()
+            && self.runs.source().is_none()
+        {
+            PeerDisk::ResyncDue
+        } else {
+            PeerDisk::Unchanged
+        }
+    }
+
+    /// Decides the peer's state change request (`state::change::decide`, over this
+    /// node's state; `own_request`: this node waits for the reply to a request of its
+    /// own) and, if granted, applies what it changes of the peer's role and disk.
+    pub(crate) fn peer_request(
+        &mut self,
+        req: wire::ReqState,
+        own_request: bool,
+        resolve_conflicts: bool,
+    ) -> (change::Decision, PeerDisk) {
+        let local = change::Local {
+            role: self.role,
+            disk: self.disk,
+            conn: self.conn,
+            peer_disk: self.peer_disk,
+            own_request_pending: own_request || self.promoting,
+            resolve_conflicts,
+        };
+        let d = change::decide(&local, req.mask, req.val);
+        let mut seen = PeerDisk::Unchanged;
+        if d.rv.is_success() {
+            if let Some(disk) = d.grant.peer_disk {
+                seen = self.peer_disk_reported(disk);
+            }
+            if let Some(role) = d.grant.peer_role {
+                // From now on this node refuses its own promotion: the peer is Primary.
+                self.peer_role = role;
+            }
+        }
+        (d, seen)
+    }
+
+    /// This node's state as the peer sees it (`P_STATE`, on the data stream).
+    pub(crate) fn state_packet(&self) -> Option<Packet> {
+        let bits = wire::StateBits {
+            role: u8::try_from(self.role.as_u32()).unwrap_or(0),
+            peer: u8::try_from(self.peer_role.as_u32()).unwrap_or(0),
+            conn: u8::try_from(self.conn.as_u32()).unwrap_or(0),
+            disk: u8::try_from(self.disk.as_u32()).unwrap_or(0),
+            pdsk: u8::try_from(self.peer_disk.as_u32()).unwrap_or(0),
+            ..wire::StateBits::default()
+        };
+        bits.pack().ok().map(Packet::State)
     }
 
     /// Turns both cores' outputs since the last call into actions, appended to `out`.

@@ -1,6 +1,7 @@
-//! Who may become Primary: the promotion rules, once, for the daemon's `primary`
-//! command and for the simulator's operator (its failover after a Primary's death and
-//! its promotion races).
+//! Who may become Primary and how a node changes its role: the promotion rules and the
+//! promotion and demotion sequences, once, for the daemon's `primary` and `secondary`
+//! commands and for the simulator's operator (its failover after a Primary's death, its
+//! split brains, its restarted Primaries and its promotion races).
 //!
 //! A node is refused promotion when (in this order, the first one is reported):
 //!
@@ -18,13 +19,35 @@
 //! of a pair that was just created starts the pair's first generation and announces it
 //! as a skipped initial sync.
 //!
+//! The sequences, as [`Node`] methods both drivers run:
+//!
+//! - **Promotion**: [`Node::begin_promotion`] (the rules; the new UUIDs assigned; the
+//!   peer's promotion requests refused from now on) → the driver makes the UUIDs, the
+//!   Primary flag and, when forced, "consistent" durable in one superblock write →
+//!   [`Node::may_take_primary`] (the rules again, on the same connection: the state
+//!   may have changed during the write) → [`Node::take_primary`] (the role; to the
+//!   peer the skipped-initial-sync announcement and `P_STATE`; a forced promotion
+//!   drops the connection so that a handshake resyncs the peer), or
+//!   [`Node::abandon_promotion`] (the old UUIDs back unless they changed meanwhile,
+//!   and the flag cleared). While connected, the daemon asks the peer first
+//!   (`state::change`); the grant belongs to that connection.
+//! - **Demotion**: [`Node::begin_demotion`] (refused while writes are in flight; the
+//!   role at once, the core lets go of the connection: every write the peer may lack
+//!   is out of sync) → the driver writes the dirty bitmap pages, then
+//!   [`Node::demoted_uuids`] and "not Primary" in one superblock write; on a failure,
+//!   [`Node::demotion_failed`] takes the disk out of use (the superblock still says
+//!   Primary: a crash applies the activity log).
+//!
 //! What the rules do not know: whether a disconnected, UpToDate Secondary missed writes
 //! its peer made alone. Without fencing tandem (like DRBD without fencing) promotes it;
 //! the simulator's operator does not, and counts how often that would lose writes.
 
+use super::{Action, Node};
+use crate::net::Stream;
+use crate::request::Error;
 use crate::state::uuid::UuidSet;
 use crate::state::{DiskState, Role};
-use crate::wire;
+use crate::wire::{self, Packet};
 use std::fmt;
 
 /// What the promotion rules look at.
@@ -151,9 +174,175 @@ pub(crate) fn promoted_uuids(
     (uuids, announce)
 }
 
+/// A promotion the rules allowed, waiting for its metadata ([`Node::begin_promotion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Promotion {
+    /// The generation before the promotion (restored if it is abandoned).
+    pub(crate) old: UuidSet,
+    /// The generation it starts.
+    pub(crate) uuids: UuidSet,
+    /// A disk that is not UpToDate (and not a SyncTarget) becomes the good copy
+    /// (`primary --force`): "consistent" is recorded with the role flag.
+    pub(crate) forced: bool,
+    force: bool,
+    /// The connection it was decided on ([`Node::connections`]); `None`: not connected.
+    connection: Option<u64>,
+    /// The `P_UUIDS` announcing a skipped initial sync.
+    announce: Option<wire::Uuids>,
+}
+
+impl Node {
+    /// Whether this node may become Primary now ([`may_promote`] over its state).
+    pub(crate) fn may_promote(&self, force: bool) -> Result<(), Refusal> {
+        may_promote(&PromotionFacts {
+            connected: self.agreed.is_some(),
+            peer_role: self.peer_role,
+            disk: self.disk,
+            peer_disk: self.peer_disk,
+            peer_writes_active: self.receiver.stats().active_writes > 0,
+            sync_target: self.runs.target().is_some(),
+            force,
+        })
+    }
+
+    /// Starts a promotion (`force`: `primary --force`; `random` draws new UUIDs): the
+    /// rules, then the generation it starts ([`promoted_uuids`]), assigned now. The
+    /// driver makes [`Promotion::uuids`] durable together with the role flag (and "consistent" when
+    /// [`Promotion::forced`]) — `MDF_PRIMARY_IND` on disk before the first write as
+    /// Primary is what makes the next attach after a crash apply the activity log — and
+    /// then calls [`Self::take_primary`] or [`Self::abandon_promotion`]. Meanwhile the
+    /// peer's own promotion request is refused (`promoting`).
+    pub(crate) fn begin_promotion(
+        &mut self,
+        force: bool,
+        random: impl FnMut() -> u64,
+    ) -> Result<Promotion, Refusal> {
+        self.may_promote(force)?;
+        let forced = self.disk != DiskState::UpToDate && self.runs.target().is_none();
+        let facts = GenerationFacts {
+            peer_disk_reachable: self.agreed.is_some() && self.peer_disk >= DiskState::Inconsistent,
+            agreed_version: self.agreed.unwrap_or(0),
+            disk: self.disk,
+            peer_disk: self.peer_disk,
+            source_running: self.runs.source().is_some(),
+            force: forced,
+        };
+        let (uuids, announce) = promoted_uuids(self.uuids, &facts, random);
+        self.promoting = true;
+        let old = std::mem::replace(&mut self.uuids, uuids);
+        Ok(Promotion {
+            old,
+            uuids,
+            forced,
+            force,
+            connection: self.agreed.map(|_| self.connections),
+            announce,
+        })
+    }
+
+    /// Whether `p`, now durable, may still be taken: the rules again (the state may have
+    /// changed while its metadata was written), on the connection it was decided on.
+    pub(crate) fn may_take_primary(&self, p: &Promotion) -> Result<(), String> {
+        self.may_promote(p.force).map_err(|r| r.to_string())?;
+        if self.agreed.map(|_| self.connections) != p.connection {
+            return Err("the connection changed while the promotion was decided; retry".into());
+        }
+        Ok(())
+    }
+
+    /// Takes the role of `p` (durable, [`Self::may_take_primary`] passed): a forced disk
+    /// becomes UpToDate; the announcement of a skipped initial sync and this node's new
+    /// state go to the peer; a forced promotion drops the connection (the peer resyncs
+    /// from the new generation: a new handshake decides it); while connected, new writes
+    /// replicate. `Err`: a contract violation.
+    pub(crate) fn take_primary(
+        &mut self,
+        p: &Promotion,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Error> {
+        self.promoting = false;
+        if p.forced {
+            self.disk = DiskState::UpToDate;
+        }
+        self.role = Role::Primary;
+        if self.agreed.is_some() {
+            if let Some(u) = p.announce {
+                out.push(Action::Send {
+                    stream: Stream::Data,
+                    pkt: Packet::Uuids(u),
+                });
+            }
+            self.push_state(out);
+            if p.forced {
+                out.push(Action::DropConnection {
+                    reason: "forced promotion: the peer resyncs from the new generation",
+                });
+            }
+            self.primary.connected()?;
+        }
+        Ok(())
+    }
+
+    /// `p` will not be taken (refused after its metadata was written, or its caller went
+    /// away): the peer's requests are refused no longer, and the old generation stands
+    /// (nothing was written as Primary). `Some`: it was restored, to make durable with
+    /// "not Primary"; `None`: the UUIDs changed meanwhile (only the flag is cleared).
+    pub(crate) fn abandon_promotion(&mut self, p: &Promotion) -> Option<UuidSet> {
+        self.promoting = false;
+        if self.uuids != p.uuids {
+            return None;
+        }
+        self.uuids = p.old;
+        Some(p.old)
+    }
+
+    /// Starts a demotion (`secondary`): refused while this node's writes are in flight.
+    /// The role changes at once, so no write enters the core after; the core lets go of
+    /// the connection (every write the peer may lack is out of sync in the bitmap, see
+    /// [`Self::connection_lost`]), its actions appended to `out`. The driver then makes
+    /// durable the dirty bitmap pages, then [`Self::demoted_uuids`] with "not Primary" in
+    /// one superblock write; on a failure, [`Self::demotion_failed`].
+    pub(crate) fn begin_demotion(&mut self, out: &mut Vec<Action>) -> Result<(), &'static str> {
+        if self.primary.stats().in_flight_writes > 0 {
+            return Err("writes are in flight; stop the application first");
+        }
+        self.role = Role::Secondary;
+        self.primary.connection_lost();
+        self.drain(out);
+        Ok(())
+    }
+
+    /// The generation a demotion records (bit 0, Primary, cleared).
+    pub(crate) fn demoted_uuids(&self) -> UuidSet {
+        let mut uuids = self.uuids;
+        uuids.demote();
+        uuids
+    }
+
+    /// The demotion's metadata could not be written: the superblock keeps saying Primary
+    /// (a crash then applies the activity log, which covers every bit not yet written)
+    /// and the disk goes out of use, so that no clean stop can mark it clean later.
+    pub(crate) fn demotion_failed(&mut self, out: &mut Vec<Action>) {
+        self.primary.fail_disk();
+        self.drain(out);
+    }
+
+    /// Queues this node's state for the peer.
+    pub(crate) fn push_state(&self, out: &mut Vec<Action>) {
+        if let Some(pkt) = self.state_packet() {
+            out.push(Action::Send {
+                stream: Stream::Data,
+                pkt,
+            });
+        }
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::replica::PeerDisk;
 
     fn up_to_date() -> PromotionFacts {
         PromotionFacts {
@@ -332,5 +521,213 @@ mod tests {
         ] {
             assert_eq!(promoted_uuids(fresh, &not, draws()).1, None, "{not:?}");
         }
+    }
+
+    // ----- the node's promotion and demotion sequences -------------------------------
+
+    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
+    use crate::state::change::{promote_request, StateRv};
+    use crate::state::{ConnState, Protocol};
+
+    const GEN: UuidSet = UuidSet {
+        current: 0xA000,
+        bitmap: 0,
+        history: [0; 2],
+    };
+
+    fn node(disk: DiskState) -> Node {
+        let primary = Primary::new(PrimaryConfig::new(Protocol::C, 64)).unwrap();
+        let receiver = Receiver::new(ReceiverConfig::new(64)).unwrap();
+        Node::new(primary, receiver, GEN, disk)
+    }
+
+    fn counter() -> impl FnMut() -> u64 {
+        let mut n = 0xB000;
+        move || {
+            n += 0x10;
+            n
+        }
+    }
+
+    #[test]
+    fn a_promotion_alone_starts_a_generation_and_takes_the_role_only_when_durable() {
+        let mut n = node(DiskState::UpToDate);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        // Assigned at once (the driver stages it); the role waits for the metadata.
+        assert_eq!(n.uuids, p.uuids);
+        assert_eq!(p.old, GEN);
+        assert_ne!(p.uuids.current & !1, GEN.current, "a new current UUID");
+        assert_eq!(
+            p.uuids.bitmap, GEN.current,
+            "the old one becomes the bitmap UUID"
+        );
+        assert_eq!(n.role, Role::Secondary);
+        assert!(n.promoting && !p.forced);
+        n.may_take_primary(&p).unwrap();
+        let mut out = Vec::new();
+        n.take_primary(&p, &mut out).unwrap();
+        assert!(out.is_empty(), "nothing to send without a peer: {out:?}");
+        assert_eq!(n.role, Role::Primary);
+        assert!(!n.promoting);
+        // Demotion: the role at once, the UUIDs to record after the bitmap pages.
+        n.begin_demotion(&mut out).unwrap();
+        assert_eq!(n.role, Role::Secondary);
+        assert_eq!(n.demoted_uuids().current & 1, 0);
+    }
+
+    #[test]
+    fn an_abandoned_promotion_restores_the_old_generation_unless_it_changed() {
+        let mut n = node(DiskState::UpToDate);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        assert_eq!(n.abandon_promotion(&p), Some(GEN));
+        assert_eq!(n.uuids, GEN);
+        assert!(!n.promoting);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        n.uuids.current = 0xC000; // a resync's end recorded meanwhile
+        assert_eq!(n.abandon_promotion(&p), None);
+        assert_eq!(n.uuids.current, 0xC000);
+    }
+
+    #[test]
+    fn a_promotion_is_not_taken_on_another_connection_or_after_the_rules_changed() {
+        let mut n = node(DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        // The connection that granted it went, and another came.
+        let mut out = Vec::new();
+        let _ = n.connection_lost(&mut out);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert!(n
+            .may_take_primary(&p)
+            .unwrap_err()
+            .contains("connection changed"));
+        // Decided alone, but connected meanwhile.
+        let _ = n.connection_lost(&mut out);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert!(n.may_take_primary(&p).is_err());
+        // The peer became Primary meanwhile.
+        let mut n = node(DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        n.peer_reported(Role::Primary, DiskState::UpToDate);
+        assert!(n
+            .may_take_primary(&p)
+            .unwrap_err()
+            .contains("peer is Primary"));
+    }
+
+    #[test]
+    fn a_connected_promotion_tells_the_peer_and_replicates_a_forced_one_renews() {
+        let mut n = node(DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        assert_eq!(
+            p.uuids.current & !1,
+            GEN.current,
+            "the peer takes the writes: same"
+        );
+        let mut out = Vec::new();
+        n.take_primary(&p, &mut out).unwrap();
+        let state = match out.as_slice() {
+            [Action::Send {
+                stream: Stream::Data,
+                pkt: Packet::State(w),
+            }] => wire::StateBits::unpack(*w),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(u32::from(state.role), Role::Primary.as_u32());
+        assert_eq!(u32::from(state.conn), ConnState::Connected.as_u32());
+        // The core replicates: connected once, a second time is a contract violation.
+        assert!(n.primary.connected().is_err());
+
+        let mut n = node(DiskState::Inconsistent);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert_eq!(
+            n.begin_promotion(false, counter()).unwrap_err(),
+            Refusal::NotUpToDate(DiskState::Inconsistent)
+        );
+        let p = n.begin_promotion(true, counter()).unwrap();
+        assert!(p.forced);
+        let mut out = Vec::new();
+        n.take_primary(&p, &mut out).unwrap();
+        assert_eq!(n.disk, DiskState::UpToDate);
+        assert!(
+            matches!(out.last(), Some(Action::DropConnection { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn the_peer_s_promotion_is_refused_while_this_node_promotes_and_after_it_is_primary() {
+        let mut n = node(DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        let (mask, val) = promote_request(false);
+        let req = wire::ReqState { mask, val };
+        let p = n.begin_promotion(false, counter()).unwrap();
+        // This node holds RESOLVE_CONFLICTS: its own pending promotion wins.
+        let (d, _) = n.peer_request(req, false, true);
+        assert_eq!(d.rv, StateRv::ConcurrentStChg);
+        n.take_primary(&p, &mut Vec::new()).unwrap();
+        let (d, _) = n.peer_request(req, false, true);
+        assert!(!d.rv.is_success(), "{:?}", d.rv);
+        // Granted to a Secondary: the peer is Primary, this node may not promote.
+        let mut n = node(DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        let (d, _) = n.peer_request(req, false, false);
+        assert!(d.rv.is_success());
+        assert_eq!(n.peer_role, Role::Primary);
+        assert_eq!(n.may_promote(false), Err(Refusal::PeerPrimary));
+    }
+
+    #[test]
+    fn a_peer_disk_that_fails_or_comes_up_to_date_over_an_inconsistent_one_is_reported() {
+        let mut n = node(DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert_eq!(
+            n.peer_reported(Role::Secondary, DiskState::UpToDate),
+            PeerDisk::Unchanged
+        );
+        assert_eq!(
+            n.peer_reported(Role::Secondary, DiskState::Failed),
+            PeerDisk::Failed
+        );
+        assert_eq!(
+            n.peer_reported(Role::Secondary, DiskState::Diskless),
+            PeerDisk::Unchanged
+        );
+        let mut n = node(DiskState::Inconsistent);
+        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        assert_eq!(
+            n.peer_reported(Role::Primary, DiskState::UpToDate),
+            PeerDisk::ResyncDue
+        );
+        assert_eq!(
+            n.peer_reported(Role::Primary, DiskState::UpToDate),
+            PeerDisk::Unchanged
+        );
+    }
+
+    #[test]
+    fn a_demotion_waits_for_writes_in_flight_and_a_failed_record_takes_the_disk_out() {
+        let mut n = node(DiskState::UpToDate);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        let mut out = Vec::new();
+        n.take_primary(&p, &mut out).unwrap();
+        n.primary
+            .write(1, 0, 4096, crate::request::WriteKind::Data, false)
+            .unwrap();
+        assert!(n.begin_demotion(&mut out).is_err());
+        assert_eq!(n.role, Role::Primary);
+        let mut n = node(DiskState::UpToDate);
+        let p = n.begin_promotion(false, counter()).unwrap();
+        n.take_primary(&p, &mut out).unwrap();
+        n.begin_demotion(&mut out).unwrap();
+        assert!(!n.primary.stats().meta_failed);
+        n.demotion_failed(&mut out);
+        assert!(
+            n.primary.stats().meta_failed,
+            "no clean stop may mark it clean"
+        );
     }
 }

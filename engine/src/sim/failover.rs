@@ -18,8 +18,10 @@
 //! others at the end, after checkers 1 … 8 passed. Its IO never completes, the
 //! connection goes, requests in flight have an unknown outcome; the Secondary's own
 //! local writes finish. Then the operator runs `primary` on the Secondary, which is
-//! promoted only if the daemon's rules allow it ([`crate::replica::may_promote`], run
-//! here with the facts of the model) and the model's operator agrees:
+//! promoted only if the daemon's rules allow it (its node's
+//! [`crate::replica::Node::may_promote`]) and the model's operator agrees; a promotion
+//! runs the daemon's sequence (`Node::begin_promotion`, `Node::take_primary`) and must
+//! start a generation the dead Primary never had:
 //!
 //! 1. its disk is not `Failed` (refusal [`Refusal::Failed`]);
 //! 2. its disk is UpToDate: not a SyncTarget or a node whose handshake decided a resync
@@ -251,23 +253,15 @@ impl Sim {
     }
 
     /// The Secondary's promotion after the death, by the rules in the module docs: the
-    /// daemon's, then the model operator's.
+    /// daemon's (its node's [`crate::replica::Node::may_promote`]: not connected, its
+    /// local writes done), then the model operator's.
     fn judge(&self, d: &Death) -> Result<(), Refusal> {
-        // A handshake that decided a resync clamps the disk to ≤ Outdated.
-        let disk = match self.sn.disk {
-            DiskState::UpToDate if d.wf_sync => DiskState::Outdated,
-            disk => disk,
-        };
-        let facts = crate::replica::PromotionFacts {
-            connected: false, // its peer is dead
-            peer_role: crate::state::Role::Unknown,
-            disk,
-            peer_disk: DiskState::DUnknown,
-            peer_writes_active: false, // judged once its local writes are done
-            sync_target: false,
-            force: false,
-        };
-        match crate::replica::may_promote(&facts) {
+        // A handshake that decided a resync clamps the disk to ≤ Outdated (DRBD's
+        // WFBitMapT / WFSyncUUID; the daemon decides and starts a run in one step).
+        if d.wf_sync && self.sn.disk == DiskState::UpToDate {
+            return Err(Refusal::NotUpToDate);
+        }
+        match self.sn.may_promote(false) {
             Err(crate::replica::Refusal::DiskFailed(_)) => Err(Refusal::Failed),
             Err(_) => Err(Refusal::NotUpToDate),
             Ok(()) if !d.connected => Err(Refusal::Disconnected),
@@ -284,6 +278,14 @@ impl Sim {
         match self.judge(&d) {
             Ok(()) => {
                 self.report.failover_promoted += 1;
+                // The operator's `primary`, by the daemon's sequence: a generation the
+                // dead Primary never had.
+                let old = self.sn.uuids;
+                super::resync::promote_alone(&mut self.sn, &mut self.fo.rng, &mut self.actions)
+                    .map_err(|e| format!("checker 9: the promotion the rules allow: {e}"))?;
+                if old.bitmap == 0 && self.sn.uuids.current & !1 == old.current & !1 {
+                    return Err("checker 9: the promoted secondary kept its generation".into());
+                }
                 self.lost_by_promotion(&d).map_or(Ok(()), |e| {
                     Err(format!(
                         "checker 9: the promoted secondary lost an acknowledged write ({} \

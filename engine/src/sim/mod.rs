@@ -8,8 +8,12 @@
 //! the actions (`pump_primary`, `pump_secondary`) and feeds completions back, as the
 //! daemon's driver does, so the drain's rules (a write a SyncTarget holds, one flush per
 //! round, the stream class of each packet, a failed write kept out of sync) are checked
-//! here. The roles stay fixed: the Primary's node only writes, the Secondary's only
-//! receives (its Primary core takes no writes but owns its bitmap, as in the daemon).
+//! here. Both nodes learn each connection (`Node::connection_up`) and lose it
+//! (`Node::connection_lost`); every promotion and demotion runs the node's sequences
+//! (`replica/roles.rs`): the split brain's, a restarted Primary's (a new `Node`, as a
+//! restarted daemon), the failover's. The roles of the write paths stay fixed during a
+//! run: the Primary's node only writes, the Secondary's only receives (its Primary core
+//! takes no writes but owns its bitmap, as in the daemon).
 //!
 //! What is simulated (all parameters drawn from the seed, see [`SimParams`]):
 //!
@@ -48,8 +52,9 @@
 //!   (failed blocks, a flush that failed) gets an operator's disconnect/connect, at most
 //!   8 times.
 //! - **Split brain** (on about 30 % of seeds, once, at a moment the replicas are in
-//!   sync): the connection drops, the Secondary is promoted on its own (a new current
-//!   UUID), 1 … 6 writes of its own land on its disk and in its bitmap, it is demoted,
+//!   sync, with no peer write on the Secondary's disk): the connection drops, the
+//!   Secondary is promoted on its own (a new current UUID), 1 … 6 writes of its own
+//!   land on its disk and in its bitmap, it is demoted,
 //!   and the connection comes back. The roles of the cores stay: the Primary core is
 //!   Primary at every handshake, so the after-sb-1pri policy applies (drawn: default
 //!   disconnect on about a third of the seeds, else any after-sb-0pri × after-sb-1pri).
@@ -1712,11 +1717,10 @@ impl Sim {
         {
             primary.sabotage = self.sabotage.primary;
         }
-        self.primary_restarted();
         primary
             .load_bitmap(a.bitmap)
             .map_err(|e| format!("restart: load_bitmap: {e}"))?;
-        self.pn.primary = primary;
+        self.primary_restarted(primary)?;
         self.primary_down = false;
         self.check6 = Some(a.on_disk);
         Ok(())

@@ -3,16 +3,17 @@
 //!
 //! Two connected Secondaries, A and B; exactly one holds `RESOLVE_CONFLICTS` (drawn).
 //! Each is told `primary` at a random moment within a few network delays of the other
-//! (so the requests often cross). A node applies the daemon's local rules
-//! (`Volume::promote` / `promotion_refusal`): it refuses when it knows its peer is
-//! Primary, when its disk is not UpToDate (drawn Inconsistent on about a fifth of the
-//! nodes), or while a request of its own is pending; otherwise it sends
-//! `P_STATE_CHG_REQ` with [`promote_request`] (through the real codec) and waits. The
-//! receiver answers with the real [`decide`] (its `own_request_pending`, its
-//! `resolve_conflicts`); a grant makes it record the peer's role and disk. A success
-//! reply for the same connection makes the requester re-check its local rules and
-//! become Primary (then it sends `P_STATE`); a grant it cannot use makes it send
-//! `P_STATE` (still Secondary), as the daemon does. A node refused with
+//! (so the requests often cross). Each node is the daemon's [`Node`]: it refuses by its
+//! rules ([`Node::may_promote`]) when it knows its peer is Primary or its disk is not
+//! UpToDate (drawn Inconsistent on about a fifth of the nodes), and the driver refuses
+//! while a request of its own is pending; otherwise it sends `P_STATE_CHG_REQ` with
+//! [`promote_request`] (through the real codec) and waits. The receiver answers with
+//! [`Node::peer_request`] (the real `state::change::decide` over its state, its pending
+//! request, its `resolve_conflicts`); a grant makes it record the peer's role and disk.
+//! A success reply for the same connection makes the requester run the daemon's
+//! promotion ([`Node::begin_promotion`], [`Node::take_primary`]: the rules again, then
+//! the role and its `P_STATE`); a grant it cannot use makes it send `P_STATE` (still
+//! Secondary), as the daemon does. A node refused with
 //! `SS_CONCURRENT_ST_CHG` retries once on about half of the rounds. Each direction is
 //! one ordered stream with random delays; on about a third of the rounds the connection
 //! drops at a random moment: what is in flight is lost, a pending request fails, the
@@ -26,9 +27,12 @@
 //! 6 messages in flight, 16 events a round.
 
 use super::rng::Rng;
-use crate::state::change::{decide, promote_request, Local, StateRv};
-use crate::state::{ConnState, DiskState, Role};
-use crate::wire::{decode_frame, encode, ff, Command, Packet, ReqState, WireCtx};
+use crate::replica::{Action, Node};
+use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
+use crate::state::change::{promote_request, StateRv};
+use crate::state::uuid::UuidSet;
+use crate::state::{DiskState, Protocol, Role};
+use crate::wire::{decode_frame, encode, ff, Command, Packet, ReqState, StateBits, WireCtx};
 
 /// Rounds per seed.
 pub(super) const ROUNDS: u32 = 8;
@@ -53,16 +57,41 @@ pub(super) struct RaceStats {
     pub promoted: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Node {
-    role: Role,
-    disk: DiskState,
-    peer_role: Role,
-    peer_disk: DiskState,
+/// One of the two nodes: the daemon's [`Node`] (its role, disk, view of the peer and
+/// promotion sequence), and what the model's operator and driver keep.
+struct Peer {
+    node: Node,
     /// The connection generation of its pending request.
     own: Option<u64>,
     resolve: bool,
     retried: bool,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = &self.node;
+        write!(
+            f,
+            "{}/{} (peer {}/{}, own request {:?})",
+            n.role, n.disk, n.peer_role, n.peer_disk, self.own
+        )
+    }
+}
+
+/// A Secondary's node over tiny cores (the race needs only its state), connected to a
+/// Secondary peer whose disk is `peer`.
+fn node(disk: DiskState, peer: DiskState) -> Result<Node, String> {
+    let primary = Primary::new(PrimaryConfig::new(Protocol::C, 8)).map_err(|e| e.to_string())?;
+    let receiver = Receiver::new(ReceiverConfig::new(8)).map_err(|e| e.to_string())?;
+    // A generation after the initial sync (a pair just created would announce it).
+    let uuids = UuidSet {
+        current: 0x5EED_0000,
+        bitmap: 0,
+        history: [0; 2],
+    };
+    let mut n = Node::new(primary, receiver, uuids, disk);
+    n.connection_up(101, Role::Secondary, peer);
+    Ok(n)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -87,7 +116,7 @@ enum Ev {
 struct Round<'a> {
     rng: &'a mut Rng,
     ctx: WireCtx,
-    nodes: [Node; 2],
+    nodes: [Peer; 2],
     up: bool,
     gen: u64,
     now: u64,
@@ -132,19 +161,18 @@ fn round(rng: &mut Rng, ctx: WireCtx, sabotage_resolver: bool) -> Result<RaceSta
     };
     let (d0, d1) = (disk(rng), disk(rng));
     let resolver = usize::from(rng.chance(500_000));
-    let node = |i: usize, own: DiskState, peer: DiskState| Node {
-        role: Role::Secondary,
-        disk: own,
-        peer_role: Role::Secondary,
-        peer_disk: peer,
-        own: None,
-        resolve: i == resolver,
-        retried: false,
+    let peer = |i: usize, own: DiskState, other: DiskState| -> Result<Peer, String> {
+        Ok(Peer {
+            node: node(own, other)?,
+            own: None,
+            resolve: i == resolver,
+            retried: false,
+        })
     };
     let delay = rng.range(1, 40);
     let mut r = Round {
         ctx,
-        nodes: [node(0, d0, d1), node(1, d1, d0)],
+        nodes: [peer(0, d0, d1)?, peer(1, d1, d0)?],
         up: true,
         gen: 1,
         now: 0,
@@ -178,7 +206,11 @@ fn round(rng: &mut Rng, ctx: WireCtx, sabotage_resolver: bool) -> Result<RaceSta
         let (at, _, ev) = r.events.swap_remove(i);
         r.now = at;
         r.step(ev)?;
-        let primaries = r.nodes.iter().filter(|n| n.role == Role::Primary).count();
+        let primaries = r
+            .nodes
+            .iter()
+            .filter(|n| n.node.role == Role::Primary)
+            .count();
         if primaries > 1 {
             return Err(format!("two Primaries after {ev:?}: {:?}", r.nodes));
         }
@@ -189,7 +221,11 @@ fn round(rng: &mut Rng, ctx: WireCtx, sabotage_resolver: bool) -> Result<RaceSta
             ));
         }
     }
-    let primaries = r.nodes.iter().filter(|n| n.role == Role::Primary).count();
+    let primaries = r
+        .nodes
+        .iter()
+        .filter(|n| n.node.role == Role::Primary)
+        .count();
     if !drop && d0.max(d1) == DiskState::UpToDate && primaries != 1 {
         return Err(format!(
             "no drop, an UpToDate node, and {primaries} Primaries at the end: {:?}",
@@ -249,30 +285,13 @@ impl Round<'_> {
         Ok(())
     }
 
-    /// The daemon's promotion rules ([`crate::replica::may_promote`]) with the facts
-    /// this model has.
-    fn refusal(&self, i: usize) -> Option<crate::replica::Refusal> {
-        let n = &self.nodes[i];
-        let peer = &self.nodes[1 - i];
-        crate::replica::may_promote(&crate::replica::PromotionFacts {
-            connected: self.up,
-            peer_role: n.peer_role,
-            disk: n.disk,
-            peer_disk: peer.disk,
-            peer_writes_active: false,
-            sync_target: false,
-            force: false,
-        })
-        .err()
-    }
-
     fn step(&mut self, ev: Ev) -> Result<(), String> {
         match ev {
             Ev::Cmd(i) => {
-                if self.nodes[i].role == Role::Primary || !self.up {
+                if self.nodes[i].node.role == Role::Primary || !self.up {
                     return Ok(());
                 }
-                if self.refusal(i).is_some() || self.nodes[i].own.is_some() {
+                if self.nodes[i].node.may_promote(false).is_err() || self.nodes[i].own.is_some() {
                     self.stats.local_refusals += 1;
                     return Ok(());
                 }
@@ -290,7 +309,11 @@ impl Round<'_> {
                     if n.own.take().is_some() {
                         self.stats.dropped += 1;
                     }
-                    n.peer_role = Role::Unknown;
+                    let mut out = Vec::new();
+                    let _ = n.node.connection_lost(&mut out);
+                    if let Some(a) = out.first() {
+                        return Err(format!("a connection loss without writes asked for {a:?}"));
+                    }
                 }
                 Ok(())
             }
@@ -305,32 +328,21 @@ impl Round<'_> {
     }
 
     fn deliver(&mut self, to: usize, msg: Msg) -> Result<(), String> {
-        let n = self.nodes[to];
         match msg {
             Msg::Req { mask, val } => {
-                let local = Local {
-                    role: n.role,
-                    disk: n.disk,
-                    conn: ConnState::Connected,
-                    peer_disk: n.peer_disk,
-                    own_request_pending: n.own.is_some(),
-                    resolve_conflicts: n.resolve && !self.sabotage_resolver,
-                };
-                let d = decide(&local, mask, val);
+                let n = &mut self.nodes[to];
+                let resolve = n.resolve && !self.sabotage_resolver;
+                let (d, _) = n
+                    .node
+                    .peer_request(ReqState { mask, val }, n.own.is_some(), resolve);
                 if d.rv.is_success() {
                     self.granted += 1;
-                    let node = &mut self.nodes[to];
-                    if let Some(disk) = d.grant.peer_disk {
-                        node.peer_disk = disk;
-                    }
-                    if let Some(role) = d.grant.peer_role {
-                        node.peer_role = role;
-                    }
                 }
                 self.send(1 - to, Msg::Reply(d.rv.code()))
             }
             Msg::Reply(code) => {
-                if n.own != Some(self.gen) {
+                let (own, retried) = (self.nodes[to].own, self.nodes[to].retried);
+                if own != Some(self.gen) {
                     return Err(format!("node {to} got a reply without a pending request"));
                 }
                 self.nodes[to].own = None;
@@ -338,7 +350,7 @@ impl Round<'_> {
                 if !rv.is_success() {
                     if rv == StateRv::ConcurrentStChg {
                         self.stats.concurrent_refusals += 1;
-                        if !n.retried && self.rng.chance(500_000) {
+                        if !retried && self.rng.chance(500_000) {
                             self.nodes[to].retried = true;
                             let d = self.rng.range(1, 2 * self.delay_max);
                             self.at(d, Ev::Cmd(to));
@@ -348,22 +360,50 @@ impl Round<'_> {
                     }
                     return Ok(());
                 }
-                // `change_role` re-checks the local rules; the peer is told either way.
-                if self.refusal(to).is_some() {
-                    self.stats.local_refusals += 1;
-                    return self.send(1 - to, Msg::State(Role::Secondary));
-                }
-                if n.disk != DiskState::UpToDate {
-                    return Err(format!("node {to} became Primary with a {} disk", n.disk));
-                }
-                self.nodes[to].role = Role::Primary;
-                self.send(1 - to, Msg::State(Role::Primary))
+                self.promote(to)
             }
             Msg::State(role) => {
-                self.nodes[to].peer_role = role;
+                let n = &mut self.nodes[to].node;
+                let disk = n.peer_disk;
+                n.peer_reported(role, disk);
                 Ok(())
             }
         }
+    }
+
+    /// The daemon's promotion after the peer's grant ([`Node::begin_promotion`], the
+    /// metadata durable at once, [`Node::take_primary`]): the rules again; the peer is
+    /// told the node's state either way (the `P_STATE` of its actions, or, refused, the
+    /// driver's).
+    fn promote(&mut self, to: usize) -> Result<(), String> {
+        let n = &mut self.nodes[to].node;
+        let rng = &mut *self.rng;
+        let p = match n.begin_promotion(false, || rng.next_u64() | 2) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.local_refusals += 1;
+                return self.send(1 - to, Msg::State(Role::Secondary));
+            }
+        };
+        n.may_take_primary(&p)?;
+        if n.disk != DiskState::UpToDate {
+            return Err(format!("node {to} became Primary with a {} disk", n.disk));
+        }
+        let mut out = Vec::new();
+        n.take_primary(&p, &mut out).map_err(|e| e.to_string())?;
+        for a in out {
+            let Action::Send {
+                pkt: Packet::State(word),
+                ..
+            } = a
+            else {
+                return Err(format!("node {to}'s promotion asked for {a:?}"));
+            };
+            let role = StateBits::unpack(word).role;
+            let role = Role::from_u32(u32::from(role)).ok_or("P_STATE with a bad role")?;
+            self.send(1 - to, Msg::State(role))?;
+        }
+        Ok(())
     }
 }
 

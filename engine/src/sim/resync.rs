@@ -58,10 +58,10 @@ use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
 use crate::replica::{
-    promoted_uuids, GenerationFacts, LocalWrite, ReadFor, RunRead, Side, SyncAction, SyncRuns,
-    TargetEnd,
+    promoted_uuids, Action, GenerationFacts, LocalWrite, Node, ReadFor, RunRead, Side, SyncAction,
+    SyncRuns, TargetEnd,
 };
-use crate::request::{OutOfSync, SECTOR};
+use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
     SLEEP_TIME_MS,
@@ -70,7 +70,7 @@ use crate::state::uuid::{
     sync_handshake, AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx,
     HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
 };
-use crate::state::DiskState;
+use crate::state::{DiskState, Role};
 use crate::wire::dp;
 use crate::wire::{decode_frame, encode, ff, BitmapReceiver, BitmapSender, Packet, WireCtx};
 use std::collections::{BTreeMap, VecDeque};
@@ -340,26 +340,40 @@ pub(super) fn day0(rng: &mut Rng) -> (UuidSet, UuidSet) {
         bitmap: 0,
         history: [0; 2],
     };
-    (promoted(s_uuids, true, rng), s_uuids)
+    (promoted(s_uuids, rng), s_uuids)
 }
 
-/// The generation a promotion of an UpToDate node starts, by the daemon's rule
-/// ([`promoted_uuids`]); `connected`: its peer's disk takes the writes.
-fn promoted(uuids: UuidSet, connected: bool, rng: &mut Rng) -> UuidSet {
+/// Day 0's promotion of the Primary while connected, by the daemon's rule
+/// ([`promoted_uuids`]; the pair is not just created: no announcement).
+fn promoted(uuids: UuidSet, rng: &mut Rng) -> UuidSet {
     let facts = GenerationFacts {
-        peer_disk_reachable: connected,
-        agreed_version: if connected { AGREED } else { 0 },
+        peer_disk_reachable: true,
+        agreed_version: AGREED,
         disk: DiskState::UpToDate,
-        peer_disk: if connected {
-            DiskState::UpToDate
-        } else {
-            DiskState::DUnknown
-        },
+        peer_disk: DiskState::UpToDate,
         source_running: false,
         force: false,
     };
-    // Never a pair just created here: no announcement.
     promoted_uuids(uuids, &facts, || uuid(rng)).0
+}
+
+/// The operator's `primary` on a node that is not connected, through the daemon's
+/// sequence: [`Node::begin_promotion`], its metadata durable (the model has no
+/// superblock: the UUIDs it assigned are the durable ones), [`Node::take_primary`].
+pub(super) fn promote_alone(
+    node: &mut Node,
+    rng: &mut Rng,
+    out: &mut Vec<Action>,
+) -> Result<(), String> {
+    let p = node
+        .begin_promotion(false, || uuid(rng))
+        .map_err(|r| format!("promotion refused: {r}"))?;
+    node.may_take_primary(&p)?;
+    node.take_primary(&p, out).map_err(|e| e.to_string())?;
+    match out.drain(..).next() {
+        Some(a) => Err(format!("a promotion without a peer asked for {a:?}")),
+        None => Ok(()),
+    }
 }
 
 /// A random generation UUID (never 0 or `JUST_CREATED` with bit 0 masked).
@@ -666,9 +680,18 @@ impl Sim {
             // split brain in the UUIDs).
             self.rs.sb = Sb::Resolving;
         }
+        self.connected(decision)
+    }
+
+    /// The handshake decided `decision` (not a refusal): both nodes are connected, and
+    /// the SyncSource's bitmap goes first, or both reach Connected.
+    fn connected(&mut self, decision: Decision) -> Result<(), String> {
         self.up = true;
         // Writes in flight before are the resync's now (their blocks are marked).
         self.fo.to_s.clear();
+        // Both nodes learn the connection and each other (`replica::Node::connection_up`).
+        self.pn.connection_up(AGREED, self.sn.role, self.sn.disk);
+        self.sn.connection_up(AGREED, self.pn.role, self.pn.disk);
         self.pn
             .primary
             .connected()
@@ -1245,12 +1268,22 @@ impl Sim {
         Ok(())
     }
 
-    /// The restarted Primary (its core loaded the bitmap attach read): its UUIDs are
-    /// promoted (a new current UUID unless a bitmap UUID is set), and it crashed while
-    /// Primary.
-    pub(super) fn primary_restarted(&mut self) {
-        self.pn.uuids = promoted(self.pn.uuids, false, &mut self.rs.rng);
-        self.pn.crashed_primary = true;
+    /// The restarted Primary's node: a new node over its core (which loaded the bitmap
+    /// attach read), Secondary and not connected as the daemon starts, crashed while
+    /// Primary, then promoted alone by the operator (a new current UUID unless a bitmap
+    /// UUID is set).
+    pub(super) fn primary_restarted(&mut self, primary: Primary) -> Result<(), String> {
+        let receiver = self.params.receiver()?;
+        let mut node = Node::new(primary, receiver, self.pn.uuids, self.pn.disk);
+        node.crashed_primary = true;
+        #[cfg(test)]
+        {
+            node.runs.failed_mut().sabotage_ack_clears = self.sabotage.ack_clears_failed_blocks;
+        }
+        promote_alone(&mut node, &mut self.rs.rng, &mut self.actions)
+            .map_err(|e| format!("restarted primary: {e}"))?;
+        self.pn = node;
+        Ok(())
     }
 
     /// Power loss of the Primary's node: its resync state is gone with it (the runs start
@@ -1565,7 +1598,9 @@ impl Sim {
             && p.current & !1 == s.current & !1
             && self.sn.disk == DiskState::UpToDate
             && self.sn.runs.target().is_none()
-            && !self.sn.runs.finishing();
+            && !self.sn.runs.finishing()
+            // The operator's `primary` is refused while peer writes are on the disk.
+            && self.sn.receiver.stats().active_writes == 0;
         if !eligible {
             if !self.workload_done() && !self.fo.dead {
                 let d = self.rs.rng.range(20, 200);
@@ -1582,8 +1617,10 @@ impl Sim {
         let keep = false;
         if keep {
             self.sn.uuids.current |= 1;
+            self.sn.role = Role::Primary;
         } else {
-            self.sn.uuids = promoted(old, false, &mut self.rs.rng);
+            promote_alone(&mut self.sn, &mut self.rs.rng, &mut self.actions)
+                .map_err(|e| format!("split brain: the lone Secondary: {e}"))?;
             if self.sn.uuids.current & !1 == old.current & !1 {
                 return Err("the Secondary promoted without its peer made no new UUID".into());
             }
@@ -1618,7 +1655,13 @@ impl Sim {
         self.rs.sb = if left > 1 {
             Sb::Writing { left: left - 1 }
         } else {
-            self.sn.uuids.demote();
+            // The operator's `secondary`, by the daemon's sequence (the bitmap pages
+            // and the UUIDs have no superblock here: assigned).
+            self.sn
+                .begin_demotion(&mut self.actions)
+                .map_err(|e| format!("split brain: demotion: {e}"))?;
+            self.pump_secondary()?;
+            self.sn.uuids = self.sn.demoted_uuids();
             Sb::Happened
         };
         Ok(())

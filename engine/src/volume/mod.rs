@@ -66,7 +66,7 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
-use crate::replica::{promoted_uuids, Action, GenerationFacts, LocalWrite, Node, Side};
+use crate::replica::{Action, LocalWrite, Node, PeerDisk, Side};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
@@ -128,11 +128,7 @@ enum Waiter {
 struct Inner {
     /// Every bitmap page write goes through it (`pages.rs`).
     pages: pages::PageWriter,
-    conn: ConnState,
-    standalone: bool,
     shutting_down: bool,
-    peer_role: Role,
-    peer_disk: DiskState,
     link: Option<Link>,
     kill: Option<Arc<Notify>>,
     /// The replica node: both cores (the Primary's holds the one bitmap), the resync
@@ -180,9 +176,6 @@ struct Inner {
     /// This node's state change request waiting for the peer's reply: its connection
     /// and where the reply code goes (see `state::change`).
     own_request: Option<(u64, oneshot::Sender<i32>)>,
-    /// A promotion waits for its metadata to be durable: the peer's own promotion
-    /// request is refused meanwhile, as while `own_request` is pending.
-    promoting: bool,
     /// This node holds `RESOLVE_CONFLICTS` on the live connection.
     resolve_conflicts: bool,
     /// What the configured `role` did at start (status `startup_role`).
@@ -411,11 +404,7 @@ impl Inner {
         node.crashed_primary = crashed_primary;
         Inner {
             pages: pages::PageWriter::new(base, npages),
-            conn: ConnState::StandAlone,
-            standalone: false,
             shutting_down: false,
-            peer_role: Role::Unknown,
-            peer_disk: DiskState::DUnknown,
             link: None,
             kill: None,
             node,
@@ -441,7 +430,6 @@ impl Inner {
             events: std::collections::VecDeque::new(),
             event_seq: 0,
             own_request: None,
-            promoting: false,
             resolve_conflicts: false,
             startup_role: None,
             peer_disk_failure: None,
@@ -673,7 +661,7 @@ impl Volume {
         let (peer_primary, wrote_alone, split_brain) = {
             let g = self.lock();
             (
-                g.link.is_some() && g.peer_role == Role::Primary,
+                g.link.is_some() && g.node.peer_role == Role::Primary,
                 g.node.uuids.bitmap != 0,
                 g.split_brain.clone(),
             )
@@ -715,65 +703,55 @@ impl Volume {
     /// Why this node may not become Primary now, if it may not ([`crate::replica`]'s
     /// rules).
     fn promotion_refusal(inner: &Inner, force: bool) -> Result<(), String> {
-        crate::replica::may_promote(&crate::replica::PromotionFacts {
-            connected: inner.link.is_some(),
-            peer_role: inner.peer_role,
-            disk: inner.node.disk,
-            peer_disk: inner.peer_disk,
-            peer_writes_active: inner.node.receiver.stats().active_writes > 0,
-            sync_target: inner.node.runs.target().is_some(),
-            force,
-        })
-        .map_err(|r| r.to_string())
+        inner.node.may_promote(force).map_err(|r| r.to_string())
     }
 
     /// Makes this node Primary. While connected it needs the peer's grant for this
     /// connection (`granted`, see [`Self::promote`]); `force` promotes a disk that is not
-    /// UpToDate. One role change at a time (`role_change`).
+    /// UpToDate. One role change at a time (`role_change`). The sequence is
+    /// `replica::Node`'s: [`Node::begin_promotion`], its metadata made durable, then
+    /// [`Node::take_primary`] or [`Node::abandon_promotion`].
     async fn change_role_to_primary(
         &self,
         force: bool,
         granted: Option<u64>,
     ) -> Result<(), String> {
         let _one = self.role_change.lock().await;
-        let (t, forced, announce, undo) = {
+        let (t, p) = {
             let mut g = self.lock();
             let inner = &mut *g;
             if inner.node.role == Role::Primary {
                 return Ok(());
             }
-            Self::may_take_primary(inner, force, granted)?;
-            let forced =
-                inner.node.disk != DiskState::UpToDate && inner.node.runs.target().is_none();
-            let old = inner.node.uuids;
-            let (uuids, announce) = Self::promoted_uuids(inner, forced);
-            // MDF_PRIMARY_IND on disk before the first write as Primary: it is what
-            // makes the next attach after a crash apply the activity log.
-            let flags: &[SbChange] = if forced {
+            Self::granted_here(inner, granted)?;
+            let p = inner
+                .node
+                .begin_promotion(force, || random_uuid(&mut rand::thread_rng()))
+                .map_err(|r| r.to_string())?;
+            tracing::info!("generation UUIDs {} (were {})", p.uuids, p.old);
+            let flags: &[SbChange] = if p.forced {
                 &[SbChange::Consistent(true), SbChange::Primary(true)]
             } else {
                 &[SbChange::Primary(true)]
             };
-            let t = self.stage_uuids(inner, uuids, flags);
-            inner.promoting = true;
-            (t, forced, announce, (old, uuids))
+            (self.stage_uuids(inner, p.uuids, flags), p)
         };
         // Until the role is taken: on an error, or dropped while it waits (its caller
-        // went away), the peer's requests are refused no longer and the old generation
-        // stands (nothing was written as Primary).
+        // went away), the promotion is abandoned.
         struct Pending<'a> {
             v: &'a Volume,
-            undo: Option<(UuidSet, UuidSet)>,
+            p: Option<crate::replica::Promotion>,
         }
         impl Drop for Pending<'_> {
             fn drop(&mut self) {
+                let Some(p) = self.p else { return };
                 let mut g = self.v.lock();
-                g.promoting = false;
-                if let Some((old, new)) = self.undo {
-                    let flag = [SbChange::Primary(false)];
-                    if g.node.uuids == new {
+                let flag = [SbChange::Primary(false)];
+                match g.node.abandon_promotion(&p) {
+                    Some(old) => {
                         let _ = self.v.stage_uuids(&mut g, old, &flag);
-                    } else {
+                    }
+                    None => {
                         let _ = self.v.meta.stage(&flag);
                     }
                 }
@@ -781,7 +759,7 @@ impl Volume {
         }
         let mut pending = Pending {
             v: self,
-            undo: Some(undo),
+            p: Some(p),
         };
         let durable = self.meta.durable(t).await;
         let mut fx = Vec::new();
@@ -790,13 +768,16 @@ impl Volume {
             let inner = &mut *g;
             let r = durable
                 .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))
-                .and_then(|()| Self::may_take_primary(inner, force, granted));
+                .and_then(|()| Self::granted_here(inner, granted))
+                .and_then(|()| inner.node.may_take_primary(&p));
             if r.is_ok() {
-                inner.promoting = false;
-                pending.undo = None;
-                self.became_primary(inner, forced, announce);
-                self.role_changed(inner);
+                pending.p = None;
+                if p.forced {
+                    tracing::warn!("forced promotion: this disk's data is now the good copy");
+                }
+                contract(inner.node.take_primary(&p, &mut inner.actions));
                 self.drain(inner, &mut fx);
+                Self::role_logged(inner);
             }
             r
         };
@@ -805,9 +786,8 @@ impl Volume {
         r
     }
 
-    /// Whether this node may become Primary now (see [`Self::change_role_to_primary`]).
-    fn may_take_primary(inner: &Inner, force: bool, granted: Option<u64>) -> Result<(), String> {
-        Self::promotion_refusal(inner, force)?;
+    /// A promotion while connected needs the peer's grant on this connection.
+    fn granted_here(inner: &Inner, granted: Option<u64>) -> Result<(), String> {
         match &inner.link {
             Some(l) if granted != Some(l.session()) => {
                 Err("the connection changed while the peer considered the promotion; retry".into())
@@ -816,54 +796,22 @@ impl Volume {
         }
     }
 
-    /// The generation a promotion starts, and the `P_UUIDS` that announces a skipped
-    /// initial sync, if it is one (`replica::promoted_uuids`).
-    fn promoted_uuids(inner: &Inner, forced: bool) -> (UuidSet, Option<Packet>) {
-        let facts = GenerationFacts {
-            peer_disk_reachable: inner.link.is_some() && inner.peer_disk >= DiskState::Inconsistent,
-            agreed_version: inner.link.as_ref().map_or(0, |l| l.ctx().version()),
-            disk: inner.node.disk,
-            peer_disk: inner.peer_disk,
-            source_running: inner.node.runs.source().is_some(),
-            force: forced,
-        };
-        let (uuids, announce) = promoted_uuids(inner.node.uuids, &facts, || {
-            random_uuid(&mut rand::thread_rng())
-        });
-        (uuids, announce.map(Packet::Uuids))
-    }
-
-    /// The promotion is on disk: take the role.
-    fn became_primary(&self, inner: &mut Inner, forced: bool, announce: Option<Packet>) {
-        if forced {
-            inner.node.disk = DiskState::UpToDate;
-            tracing::warn!("forced promotion: this disk's data is now the good copy");
-        }
-        if let Some(pkt) = announce {
-            Self::send(inner, Stream::Data, &pkt, None);
-        }
-        inner.node.role = Role::Primary;
-        if forced {
-            // The peer resyncs from the new generation: a new handshake decides it.
-            if let Some(k) = &inner.kill {
-                k.notify_one();
-            }
-        }
-        if inner.link.is_some() {
-            contract(inner.node.primary.connected());
-        }
-    }
-
     /// Tells the peer, the log and the events of a new role.
     fn role_changed(&self, inner: &mut Inner) {
         self.send_state(inner);
+        Self::role_logged(inner);
+    }
+
+    /// Tells the log and the events of a new role.
+    fn role_logged(inner: &mut Inner) {
         tracing::info!("role is now {}", inner.node.role);
         let role = inner.node.role;
         inner.event("role", serde_json::json!({ "role": role }));
     }
 
-    /// Makes this node Secondary; `force` demotes while the device is held open. The role
-    /// changes at once (no write enters the core after); the metadata follows: the
+    /// Makes this node Secondary; `force` demotes while the device is held open. The
+    /// sequence is `replica::Node`'s ([`Node::begin_demotion`]): the role changes at once
+    /// (no write enters the core after); the metadata follows: the
     /// bitmap pages (writes the peer has not acked are now only in the bitmap), then, in
     /// one superblock write, "not Primary" and the demoted UUIDs. On a failure the
     /// superblock keeps saying Primary (a crash then applies the activity log, which
@@ -885,11 +833,10 @@ impl Volume {
                      (their next writes then fail with EPERM)"
                 ));
             }
-            if inner.node.primary.stats().in_flight_writes > 0 || !inner.pending.is_empty() {
+            if !inner.pending.is_empty() {
                 return Err("writes are in flight; stop the application first".into());
             }
-            inner.node.role = Role::Secondary;
-            inner.node.primary.connection_lost();
+            inner.node.begin_demotion(&mut inner.actions)?;
             self.drain(inner, &mut fx);
             inner.node.primary.is_detached()
         };
@@ -898,8 +845,7 @@ impl Volume {
             Ok(()) => {
                 let t = {
                     let mut g = self.lock();
-                    let mut uuids = g.node.uuids;
-                    uuids.demote();
+                    let uuids = g.node.demoted_uuids();
                     self.stage_uuids(&mut g, uuids, &[SbChange::Primary(false)])
                 };
                 self.meta.durable(t).await
@@ -910,8 +856,9 @@ impl Volume {
         match demoted {
             Err(e) if diskless => tracing::warn!("diskless demotion: {e}"),
             Err(e) => {
-                g.node.primary.fail_disk();
-                self.drain(&mut g, &mut fx);
+                let inner = &mut *g;
+                inner.node.demotion_failed(&mut inner.actions);
+                self.drain(inner, &mut fx);
                 drop(g);
                 self.run(fx);
                 return Err(format!("cannot record the demotion in the metadata: {e}"));
@@ -1088,7 +1035,7 @@ impl Volume {
     pub fn set_standalone(&self, standalone: bool) {
         let kill = {
             let mut g = self.lock();
-            g.standalone = standalone;
+            g.node.standalone = standalone;
             if !standalone {
                 g.split_brain = None;
             }
@@ -1106,7 +1053,7 @@ impl Volume {
 
     /// True while the operator wants no connection.
     pub fn is_standalone(&self) -> bool {
-        self.lock().standalone
+        self.lock().node.standalone
     }
 
     /// A connection finished its handshake. Returns the notify that kills it.
@@ -1123,9 +1070,8 @@ impl Volume {
                 inner.peer_disk_failure = None;
             }
             inner.kill = Some(kill.clone());
-            inner.peer_role = peer.role;
-            inner.peer_disk = peer.disk;
-            inner.conn = ConnState::Connected;
+            let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
+            inner.node.connection_up(version, peer.role, peer.disk);
             let role = match peer.sync {
                 HandshakeOutcome::SyncSource { .. } => Some(SyncRole::Source),
                 HandshakeOutcome::SyncTarget { .. } => Some(SyncRole::Target {
@@ -1183,13 +1129,6 @@ impl Volume {
             inner.kill = None;
             // A request of ours dies with its connection (the waiter sees the drop).
             inner.own_request = None;
-            inner.peer_role = Role::Unknown;
-            inner.peer_disk = DiskState::DUnknown;
-            inner.conn = if inner.standalone {
-                ConnState::StandAlone
-            } else {
-                ConnState::NetworkFailure
-            };
             self.node_connection_lost(inner, &mut effects);
             // A Primary that lost its peer's disk writes a generation the peer lacks.
             self.lost_peer_disk(inner);
@@ -1298,55 +1237,46 @@ impl Volume {
     pub fn peer_state(&self, session: u64, word: u32) {
         let _ = self.with_session(session, |v, inner, _| {
             let s = wire::StateBits::unpack(word);
-            inner.peer_role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
+            let role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
             let disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
-            if v.peer_disk_changed(inner, disk) {
+            let seen = inner.node.peer_reported(role, disk);
+            if v.peer_disk_changed(inner, seen) {
                 if let Some(k) = &inner.kill {
                     k.notify_one();
                 }
             }
-            inner
-                .node
-                .runs
-                .set_peer_primary(inner.peer_role == Role::Primary);
             let conn = ConnState::from_u32(u32::from(s.conn)).unwrap_or(ConnState::StandAlone);
             v.source_peer_state(inner, conn);
             Ok(())
         });
     }
 
-    /// The peer reports a new disk state (in `P_STATE`, or in a state change request this
-    /// node granted). A disk that failed is [`Self::peer_disk_failed`]. A peer whose
-    /// disk becomes UpToDate while this node's is Inconsistent with no resync running
-    /// (a kernel peer's `primary --force` on a pair that never synced) means a resync
-    /// is due: DRBD 8.4 runs its sync handshake again (`receive_state`); tandem renews
-    /// the connection so that the handshake does.
-    /// Returns whether that resync is due; the caller renews the connection.
-    fn peer_disk_changed(&self, inner: &mut Inner, disk: DiskState) -> bool {
-        let was = inner.peer_disk;
-        inner.peer_disk = disk;
-        if disk <= DiskState::Failed && was > DiskState::Failed {
-            self.peer_disk_failed(inner, disk);
+    /// What a new peer disk state means here (`replica::PeerDisk`): a disk that failed is
+    /// [`Self::peer_disk_failed`]; a resync that is due is logged and returned (`true`),
+    /// the caller renews the connection.
+    fn peer_disk_changed(&self, inner: &mut Inner, seen: PeerDisk) -> bool {
+        match seen {
+            PeerDisk::Unchanged => false,
+            PeerDisk::Failed => {
+                self.peer_disk_failed(inner);
+                false
+            }
+            PeerDisk::ResyncDue => {
+                tracing::warn!(
+                    "the peer's disk is UpToDate now and this one is Inconsistent: renewing \
+                     the connection for the resync"
+                );
+                true
+            }
         }
-        let resync_due = disk == DiskState::UpToDate
-            && was < DiskState::UpToDate
-            && inner.node.disk == DiskState::Inconsistent
-            && inner.node.runs.target().is_none()
-            && inner.node.runs.source().is_none();
-        if resync_due {
-            tracing::warn!(
-                "the peer's disk is UpToDate now and this one is Inconsistent: renewing the \
-                 connection for the resync"
-            );
-        }
-        resync_due
     }
 
     /// The peer's disk failed (or was detached) while connected: everything this node
     /// writes from now on is out of sync there (the peer answers each write with
     /// `P_NEG_ACK`), and a Primary starts a generation the peer lacks, as after losing
     /// the peer (DRBD's `after_state_ch`).
-    fn peer_disk_failed(&self, inner: &mut Inner, disk: DiskState) {
+    fn peer_disk_failed(&self, inner: &mut Inner) {
+        let disk = inner.node.peer_disk;
         tracing::error!(
             "peer {}'s disk is {disk}: its copy is out of date from here on",
             self.peer_node
@@ -1494,15 +1424,10 @@ impl Volume {
     /// answered on the meta socket, then applied.
     pub fn peer_state_request(&self, session: u64, cmd: Command, req: wire::ReqState) {
         let granted = self.with_session(session, |v, inner, _| {
-            let local = change::Local {
-                role: inner.node.role,
-                disk: inner.node.disk,
-                conn: inner.conn,
-                peer_disk: inner.peer_disk,
-                own_request_pending: inner.own_request.is_some() || inner.promoting,
-                resolve_conflicts: inner.resolve_conflicts,
-            };
-            let d = change::decide(&local, req.mask, req.val);
+            let (d, seen) =
+                inner
+                    .node
+                    .peer_request(req, inner.own_request.is_some(), inner.resolve_conflicts);
             let reply = Packet::ReqStateReply {
                 cmd: if cmd == Command::P_CONN_ST_CHG_REQ {
                     Command::P_CONN_ST_CHG_REPLY
@@ -1523,13 +1448,7 @@ impl Volume {
             }
             let g = d.grant;
             // A resync due now starts after the reply has left, as for `invalidate`.
-            let resync_due = g
-                .peer_disk
-                .is_some_and(|disk| v.peer_disk_changed(inner, disk));
-            if let Some(role) = g.peer_role {
-                // From now on this node refuses its own promotion: the peer is Primary.
-                inner.peer_role = role;
-            }
+            let resync_due = v.peer_disk_changed(inner, seen);
             Ok(Some((g, resync_due)))
         });
         if let Ok(Some(Some((g, resync_due)))) = granted {
@@ -1615,7 +1534,7 @@ impl Volume {
                     return Ok(false);
                 }
                 let Some(pw) = w.take() else { return Ok(true) };
-                if inner.peer_disk < DiskState::Inconsistent {
+                if inner.node.peer_disk < DiskState::Inconsistent {
                     // DRBD's `receive_Data`: the peer (a Diskless Primary) does not keep
                     // this block; the bitmap says so, whatever else records it.
                     inner.node.primary.out_of_sync_mut().mark(pw.sector, pw.len);
@@ -1681,16 +1600,8 @@ impl Volume {
     }
 
     fn send_state(&self, inner: &mut Inner) {
-        let bits = wire::StateBits {
-            role: u8::try_from(inner.node.role.as_u32()).unwrap_or(0),
-            peer: u8::try_from(inner.peer_role.as_u32()).unwrap_or(0),
-            conn: u8::try_from(inner.conn.as_u32()).unwrap_or(0),
-            disk: u8::try_from(inner.node.disk.as_u32()).unwrap_or(0),
-            pdsk: u8::try_from(inner.peer_disk.as_u32()).unwrap_or(0),
-            ..wire::StateBits::default()
-        };
-        if let Ok(word) = bits.pack() {
-            Self::send(inner, Stream::Data, &Packet::State(word), None);
+        if let Some(pkt) = inner.node.state_packet() {
+            Self::send(inner, Stream::Data, &pkt, None);
         }
     }
 
@@ -2143,9 +2054,9 @@ impl Volume {
             let disk = if oos > 0 && g.node.role == Role::Primary && !g.node.primary.is_detached() {
                 DiskState::Outdated
             } else {
-                g.peer_disk
+                g.node.peer_disk
             };
-            serde_json::json!({ "node": self.peer_node, "role": g.peer_role, "disk": disk })
+            serde_json::json!({ "node": self.peer_node, "role": g.node.peer_role, "disk": disk })
         } else {
             serde_json::Value::Null
         };
@@ -2163,7 +2074,7 @@ impl Volume {
             "node": self.node,
             "role": g.node.role,
             "disk": disk,
-            "connection": g.conn,
+            "connection": g.node.conn,
             "protocol": self.protocol,
             "peer": peer,
             "size_bytes": self.size_bytes,

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 impl Replica for Volume {
     fn link_event(&self, ev: LinkEvent) {
         match ev {
-            LinkEvent::State(s) => self.lock().conn = s,
+            LinkEvent::State(s) => self.lock().node.conn = s,
             LinkEvent::Error(why) => self.set_connection_error(why),
             LinkEvent::Refused => self.set_standalone(true),
             LinkEvent::SplitBrain(why) => self.split_brain(why),
@@ -23,7 +23,7 @@ impl Replica for Volume {
     }
 
     fn conn_state(&self) -> ConnState {
-        self.lock().conn
+        self.lock().node.conn
     }
 
     fn is_standalone(&self) -> bool {

@@ -285,8 +285,8 @@ impl Volume {
                             if csums { ", checksum-based" } else { "" }
                         );
                         self.sync_run_started.notify_one();
-                        inner.conn = ConnState::SyncTarget;
-                        inner.peer_disk = DiskState::UpToDate;
+                        inner.node.conn = ConnState::SyncTarget;
+                        inner.node.peer_disk = DiskState::UpToDate;
                         inner.event(
                             "resync-started",
                             serde_json::json!({
@@ -301,8 +301,8 @@ impl Volume {
             }
             SyncRole::Source => {
                 self.ensure_source(inner);
-                inner.conn = ConnState::SyncSource;
-                inner.peer_disk = DiskState::Inconsistent;
+                inner.node.conn = ConnState::SyncSource;
+                inner.node.peer_disk = DiskState::Inconsistent;
                 let oos = inner.node.primary.out_of_sync_bytes();
                 inner.event(
                     "resync-started",
@@ -331,7 +331,7 @@ impl Volume {
             ..SourceConfig::new(sectors)
         };
         let tick = self.tick_input(inner);
-        let peer_primary = inner.peer_role == Role::Primary;
+        let peer_primary = inner.node.peer_role == Role::Primary;
         match inner.node.ensure_source(cfg, &tick, peer_primary) {
             Ok(()) => self.sync_run_started.notify_one(),
             Err(e) => tracing::error!("cannot start the resync source: {e}"),
@@ -400,7 +400,7 @@ impl Volume {
                 if inner.link.is_none() {
                     return Err(BlockError::Io);
                 }
-                if inner.node.primary.is_detached() && inner.peer_disk != DiskState::UpToDate {
+                if inner.node.primary.is_detached() && inner.node.peer_disk != DiskState::UpToDate {
                     // Diskless: only an UpToDate peer has every block.
                     return Err(BlockError::Io);
                 }
@@ -704,8 +704,8 @@ impl Volume {
             }),
         );
         inner.last_verify = Some(p);
-        if matches!(inner.conn, ConnState::VerifyS | ConnState::VerifyT) {
-            inner.conn = ConnState::Connected;
+        if matches!(inner.node.conn, ConnState::VerifyS | ConnState::VerifyT) {
+            inner.node.conn = ConnState::Connected;
             self.reached_connected(inner);
         }
         self.send_state(inner);
@@ -717,10 +717,10 @@ impl Volume {
         {
             let mut g = self.lock();
             let inner = &mut *g;
-            if inner.link.is_none() || inner.conn != ConnState::Connected {
+            if inner.link.is_none() || inner.node.conn != ConnState::Connected {
                 return Err(format!(
                     "verify needs a Connected peer (the connection is {})",
-                    inner.conn
+                    inner.node.conn
                 ));
             }
             if !self.sync.verify {
@@ -741,7 +741,7 @@ impl Volume {
                 .start_verify(cfg, &tick)
                 .map_err(|e| e.to_string())?;
             self.sync_run_started.notify_one();
-            inner.conn = ConnState::VerifyS;
+            inner.node.conn = ConnState::VerifyS;
             self.send_state(inner);
             tracing::info!("online verify started");
             self.drain_sync(inner, &mut fx);
@@ -768,7 +768,7 @@ impl Volume {
             .runs
             .start_verify_peer(cfg)
             .map_err(|e| e.to_string())?;
-        inner.conn = ConnState::VerifyT;
+        inner.node.conn = ConnState::VerifyT;
         tracing::info!("online verify started by the peer at sector {sector}");
         Ok(())
     }
@@ -844,7 +844,7 @@ impl Volume {
         }
         let durable = recorded.is_ok() && end.uuids.is_some();
         if inner.node.target_end_recorded(&end, durable) {
-            inner.conn = ConnState::Connected;
+            inner.node.conn = ConnState::Connected;
             self.reached_connected(inner);
         }
         self.wake_if_idle(inner);
@@ -855,11 +855,11 @@ impl Volume {
     /// Connected; complete when its disk is UpToDate (the bitmap UUID then rotates into
     /// history, DRBD's `drbd_resync_finished` on the source).
     pub(super) fn source_peer_state(&self, inner: &mut Inner, conn: ConnState) {
-        if inner.conn != ConnState::SyncSource || conn != ConnState::Connected {
+        if inner.node.conn != ConnState::SyncSource || conn != ConnState::Connected {
             return;
         }
-        inner.conn = ConnState::Connected;
-        if inner.peer_disk == DiskState::UpToDate {
+        inner.node.conn = ConnState::Connected;
+        if inner.node.peer_disk == DiskState::UpToDate {
             let uuids = inner.node.source_end_uuids();
             // Durable in the background (application writes wait for it at the core's
             // door), with the crash repaired in the same superblock write.
@@ -947,7 +947,7 @@ impl Volume {
             if g.node.role == Role::Primary {
                 return Err("invalidate works on a Secondary; demote this node first".into());
             }
-            if g.node.runs.target().is_some() || g.conn == ConnState::SyncSource {
+            if g.node.runs.target().is_some() || g.node.conn == ConnState::SyncSource {
                 return Err("a resync is running; wait for it, or pause it".into());
             }
             if g.link.is_none() {
@@ -1042,7 +1042,7 @@ impl Volume {
         let blocks = inner.node.primary.out_of_sync().blocks();
         inner.node.primary.out_of_sync_mut().clear_blocks(0, blocks);
         inner.node.disk = DiskState::UpToDate;
-        inner.peer_disk = DiskState::UpToDate;
+        inner.node.peer_disk = DiskState::UpToDate;
         self.stage_uuids(inner, uuids, &[SbChange::Consistent(true)])
     }
 
@@ -1118,7 +1118,7 @@ impl Volume {
                 "throttled_steps": p.throttled_steps,
             });
         }
-        if let (Some(src), ConnState::SyncSource) = (inner.node.runs.source(), inner.conn) {
+        if let (Some(src), ConnState::SyncSource) = (inner.node.runs.source(), inner.node.conn) {
             let s = src.stats();
             return serde_json::json!({
                 "role": "SyncSource",

@@ -115,9 +115,9 @@ async fn a_promotion_dropped_while_it_waits_leaves_no_trace() {
         let mut p = std::pin::pin!(v.promote(false));
         let first = std::future::poll_fn(|cx| Poll::Ready(p.as_mut().poll(cx))).await;
         assert!(first.is_pending(), "waits for its superblock");
-        assert!(v.lock().promoting);
+        assert!(v.lock().node.promoting);
     }
-    assert!(!v.lock().promoting);
+    assert!(!v.lock().node.promoting);
     assert_eq!(v.lock().node.role, Role::Secondary);
     assert_eq!(
         v.meta.md().superblock().flags & crate::meta::superblock::mdf::PRIMARY_IND,
