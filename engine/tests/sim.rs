@@ -44,16 +44,20 @@ fn seeds_pass_every_checker() {
     if count < 100 {
         return; // too few seeds for the coverage assertions below
     }
-    // The runs must have exercised what the checkers are about; a simulator that never
-    // drops a connection, never overlaps writes, never evicts an activity-log extent or
-    // never crashes with a difference only the log knows of would pass vacuously.
-    let sum = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     for p in [Protocol::A, Protocol::B, Protocol::C] {
         assert!(
             reports.iter().any(|r| r.protocol == Some(p)),
             "no seed ran protocol {p}"
         );
     }
+    assert_coverage(&reports, count);
+}
+
+/// The runs must have exercised what the checkers are about; a simulator that never
+/// drops a connection, never overlaps writes, never evicts an activity-log extent or
+/// never crashes with a difference only the log knows of would pass vacuously.
+fn assert_coverage(reports: &[SimReport], count: u64) {
+    let sum = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     let coverage = [
         ("connection drops", sum(|r| r.drops)),
         (
@@ -128,6 +132,7 @@ fn seeds_pass_every_checker() {
             "promotion requests lost with the connection",
             sum(|r| r.race_dropped),
         ),
+        ("switchovers", sum(|r| r.switchovers)),
     ];
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();
     eprintln!(

@@ -33,7 +33,9 @@
 //!   (`state::change`); the grant belongs to that connection.
 //! - **Demotion**: [`Node::begin_demotion`] (refused while writes are in flight; the
 //!   role at once, the core lets go of the connection: every write the peer may lack
-//!   is out of sync) → the driver writes the dirty bitmap pages, then
+//!   is out of sync) → the driver flushes the data disk (what this Primary completed
+//!   unflushed would otherwise stay volatile on the next Secondary), writes the dirty
+//!   bitmap pages, then
 //!   [`Node::demoted_uuids`] and "not Primary" in one superblock write; on a failure,
 //!   [`Node::demotion_failed`] takes the disk out of use (the superblock still says
 //!   Primary: a crash applies the activity log).
@@ -299,9 +301,13 @@ impl Node {
     /// Starts a demotion (`secondary`): refused while this node's writes are in flight.
     /// The role changes at once, so no write enters the core after; the core lets go of
     /// the connection (every write the peer may lack is out of sync in the bitmap, see
-    /// [`Self::connection_lost`]), its actions appended to `out`. The driver then makes
-    /// durable the dirty bitmap pages, then [`Self::demoted_uuids`] with "not Primary" in
-    /// one superblock write; on a failure, [`Self::demotion_failed`].
+    /// [`Self::connection_lost`]), its actions appended to `out`. The driver then flushes
+    /// the data disk (DRBD's metadata writes carry a preflush: the writes this Primary
+    /// completed and no flush made durable must not stay volatile on what becomes the
+    /// Secondary, since the next Primary's flush promises them on both nodes — the
+    /// simulator's switchover found it), makes durable the dirty bitmap pages, then
+    /// [`Self::demoted_uuids`] with "not Primary" in one superblock write; on a failure,
+    /// [`Self::demotion_failed`].
     pub(crate) fn begin_demotion(&mut self, out: &mut Vec<Action>) -> Result<(), &'static str> {
         if self.primary.stats().in_flight_writes > 0 {
             return Err("writes are in flight; stop the application first");

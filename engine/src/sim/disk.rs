@@ -122,6 +122,20 @@ impl Disk {
         self.dirty.clear();
     }
 
+    /// Sector `s` holds the content of write `ver` in the images where `holds` says so
+    /// (by its bytes): it is labelled `ver` there. A checksum resync keeps equal data
+    /// under an older version, and two zero writes look alike; the simulator relabels
+    /// once the replicas are equal (a switchover), so that the new Primary's disk is
+    /// checked by version like one that took every write itself.
+    pub(crate) fn relabel(&mut self, s: usize, ver: u64, holds: impl Fn(&[u8]) -> bool) {
+        if holds(self.cache_sector(s)) {
+            self.cache_ver[s] = ver;
+        }
+        if holds(self.durable_sector(s)) {
+            self.durable_ver[s] = ver;
+        }
+    }
+
     pub(crate) fn cache_sector(&self, s: usize) -> &[u8] {
         &self.cache[s * SECTOR_BYTES..(s + 1) * SECTOR_BYTES]
     }

@@ -124,6 +124,18 @@ impl Fo {
     }
 }
 
+impl Fo {
+    /// The nodes traded places (a switchover, at quiescence): the new Secondary's disk
+    /// has no failure on record and nothing is in flight to it.
+    pub(super) fn trade_places(&mut self) {
+        self.md_inconsistent = false;
+        self.failed_since_attach = 0;
+        self.standalone = false;
+        self.wf_sync = false;
+        self.to_s.clear();
+    }
+}
+
 impl Sim {
     fn sabotaged_stays_up_to_date(&self) -> bool {
         #[cfg(test)]

@@ -87,8 +87,15 @@
 //!   about a third of the seeds at a random moment, on the others at the end of the
 //!   run after checkers 1 … 8; the operator then runs `primary` on the Secondary.
 //! - **Promotion races** (`race.rs`), 8 rounds per seed, its own random stream: two
-//!   connected Secondaries told `primary` at nearly the same moment, the requests and
-//!   replies through the real `state::change::decide` / `promote_request` and codec.
+//!   connected Secondaries told `primary` at nearly the same moment, each a
+//!   `replica::Node`, the requests and replies through the codec.
+//! - **Switchover** (`switchover.rs`), on about half of the seeds, its own random
+//!   stream: once the first workload is done and in sync, `secondary` on the Primary
+//!   (its data disk flushed, its bitmap pages written, its UUIDs demoted) and `primary`
+//!   on the Secondary (asked of the peer, granted, taken), then the two nodes trade
+//!   places and a second workload of half the size runs the other way, with the same
+//!   faults and, on half of those seeds, a crash of the new Primary (its own activity
+//!   log on its own metadata device).
 //! - **Workload**: up to `max_ops` requests at a random queue depth: writes of 512 B …
 //!   64 KiB (discards up to 252 KiB, 64 blocks: one transaction can add at most 64
 //!   extents) at random sector-aligned offsets, 90 %, 50 % or none of them inside a
@@ -146,6 +153,10 @@
 //! 10. Promotion races (`race.rs`): never two Primaries, at most one promotion request
 //!     granted per round, a node becomes Primary only on a success reply of the current
 //!     connection with an UpToDate disk, and without a drop someone wins.
+//! 11. Switchover (`switchover.rs`): the demotion and the promotion are allowed and
+//!     taken, only `P_STATE` leaves either node, both then hold the same generation and
+//!     know each other's role; checkers 1 … 10 hold through the second workload with
+//!     the roles reversed (a demotion that skips its flush fails checker 4 there).
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -168,6 +179,7 @@ mod meta;
 mod race;
 mod resync;
 pub(crate) mod rng;
+mod switchover;
 
 pub use resync::ResyncParams;
 
@@ -265,6 +277,9 @@ pub(crate) struct Sabotage {
     /// The node holding `RESOLVE_CONFLICTS` answers a promotion request normally while
     /// its own is pending (checker 10).
     pub resolver_ignores_pending: bool,
+    /// A demotion records "not Primary" without flushing the data disk first (checker
+    /// 11's switchover; the daemon's rule in `replica::Node::begin_demotion`).
+    pub demotion_skips_flush: bool,
 }
 
 /// The parameters a seed chose.
@@ -575,6 +590,8 @@ pub struct SimReport {
     pub race_concurrent_refusals: u64,
     /// See `races`.
     pub race_dropped: u64,
+    /// Checker 11: switchovers (the roles traded, a second workload the other way).
+    pub switchovers: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -948,6 +965,9 @@ struct Sim {
 
     /// The Primary's metadata device and its writes in flight.
     meta_dev: MetaDev,
+    /// The Secondary's metadata device: its core has the same activity-log geometry and
+    /// takes no writes here; it becomes the Primary's at a switchover (`switchover.rs`).
+    s_meta_dev: MetaDev,
     meta_io: BTreeMap<u64, MetaIo>,
     /// The Primary node's incarnation (+1 per crash).
     inc: u64,
@@ -972,6 +992,8 @@ struct Sim {
     rs: Rs,
     /// The Secondary's disk failures and the failover (`failover.rs`).
     fo: failover::Fo,
+    /// The switchover (`switchover.rs`).
+    sw: switchover::Switch,
 
     report: SimReport,
 }
@@ -984,34 +1006,7 @@ impl Sim {
         let pages = OutOfSync::new(SECTORS as u64).pages();
         let layout = MetaLayout::new(geo, u64::from(pages), params.bitmap_first);
         let meta_dev = MetaDev::create(layout)?;
-        let pcfg = params.primary_config(&layout, params.first_tr_number);
-        #[allow(unused_mut)]
-        let mut primary = Primary::new(pcfg).map_err(|e| e.to_string())?;
-        #[allow(unused_mut)]
-        let mut secondary = params.receiver()?;
-        #[cfg(test)]
-        {
-            primary.sabotage = cfg.sabotage.primary;
-            secondary.sabotage = cfg.sabotage.receiver;
-        }
-        // The Secondary's Primary core only owns its bitmap (no metadata in the model).
-        let s_primary = Primary::new(PrimaryConfig::new(params.protocol, SECTORS as u64))
-            .map_err(|e| e.to_string())?;
-        #[allow(unused_mut)]
-        let mut pn = Node::new(primary, params.receiver()?, p_uuids, DiskState::UpToDate);
-        pn.role = Role::Primary;
-        #[allow(unused_mut)]
-        let mut sn = Node::new(s_primary, secondary, s_uuids, DiskState::UpToDate);
-        #[cfg(test)]
-        {
-            sn.flushes.sabotage_join_running = cfg.sabotage.flush_round_takes_late_requests;
-            pn.runs.failed_mut().sabotage_ack_clears = cfg.sabotage.ack_clears_failed_blocks;
-            sn.runs.target_sabotage = crate::resync::TargetSabotage {
-                no_void: cfg.sabotage.target_no_void,
-                no_hold: cfg.sabotage.target_no_hold,
-                read_locally: false,
-            };
-        }
+        let (pn, sn) = Self::nodes(cfg, &params, &layout, p_uuids, s_uuids)?;
         #[allow(unused_mut)]
         let mut rs = Rs::new(rs_rng, &params, p_uuids)?;
         #[cfg(test)]
@@ -1056,6 +1051,7 @@ impl Sim {
             s_bufs: BTreeMap::new(),
             admitted: 0,
             retired: 0,
+            s_meta_dev: meta_dev.clone(),
             meta_dev,
             meta_io: BTreeMap::new(),
             inc: 0,
@@ -1072,9 +1068,57 @@ impl Sim {
             trace: cfg.trace,
             rs,
             fo: failover::Fo::new(cfg.seed, cfg.max_ops),
+            sw: switchover::Switch::new(cfg.seed, cfg.max_ops),
             params,
             report,
         })
+    }
+
+    /// Day 0's two nodes: the Primary's and the Secondary's, each the daemon's `Node`
+    /// over cores with the same configuration (the Secondary's Primary core takes no
+    /// writes while Secondary but owns the node's bitmap, and is the Primary's after a
+    /// switchover), with the sabotages of `cfg`.
+    #[cfg_attr(not(test), allow(unused_variables))] // `cfg` holds the sabotages
+    fn nodes(
+        cfg: &SimConfig,
+        params: &SimParams,
+        layout: &MetaLayout,
+        p_uuids: crate::state::uuid::UuidSet,
+        s_uuids: crate::state::uuid::UuidSet,
+    ) -> Result<(Node, Node), String> {
+        let pcfg = params.primary_config(layout, params.first_tr_number);
+        #[allow(unused_mut)]
+        let mut primary = Primary::new(pcfg).map_err(|e| e.to_string())?;
+        #[allow(unused_mut)]
+        let mut secondary = params.receiver()?;
+        #[cfg(test)]
+        {
+            primary.sabotage = cfg.sabotage.primary;
+            secondary.sabotage = cfg.sabotage.receiver;
+        }
+        #[allow(unused_mut)]
+        let mut s_primary = Primary::new(params.primary_config(layout, params.first_tr_number))
+            .map_err(|e| e.to_string())?;
+        #[cfg(test)]
+        {
+            s_primary.sabotage = cfg.sabotage.primary;
+        }
+        #[allow(unused_mut)]
+        let mut pn = Node::new(primary, params.receiver()?, p_uuids, DiskState::UpToDate);
+        pn.role = Role::Primary;
+        #[allow(unused_mut)]
+        let mut sn = Node::new(s_primary, secondary, s_uuids, DiskState::UpToDate);
+        #[cfg(test)]
+        {
+            sn.flushes.sabotage_join_running = cfg.sabotage.flush_round_takes_late_requests;
+            pn.runs.failed_mut().sabotage_ack_clears = cfg.sabotage.ack_clears_failed_blocks;
+            sn.runs.target_sabotage = crate::resync::TargetSabotage {
+                no_void: cfg.sabotage.target_no_void,
+                no_hold: cfg.sabotage.target_no_hold,
+                read_locally: false,
+            };
+        }
+        Ok((pn, sn))
     }
 
     fn report(&self) -> SimReport {
@@ -1086,7 +1130,7 @@ impl Sim {
             flushes_waited_for_peer: self.report.flushes_waited_for_peer
                 + ps.flushes_waited_for_peer,
             barrier_acks: self.report.barrier_acks + ps.barrier_acks,
-            writes_held: self.sn.receiver.stats().writes_held,
+            writes_held: self.report.writes_held + self.sn.receiver.stats().writes_held,
             digest: self.digest,
             ..self.report.clone()
         }
@@ -1113,14 +1157,32 @@ impl Sim {
             self.at(d, Ev::Fault);
         }
         loop {
-            self.run_events()?;
-            if self.fo.dead {
+            if self.until_quiescent()? {
                 // The Primary died mid-run: the Secondary's promotion is what is left.
                 return self.check_failover();
             }
-            // Quiescent. A run that is not in sync (failed blocks, a bitmap left over)
-            // gets what an operator would do: disconnect and connect again, which starts
-            // a new resync.
+            self.check_quiescence()?;
+            // On some seeds the roles trade places and a second workload runs.
+            match self.sw.ops.take() {
+                Some(ops) => self.switchover(ops)?,
+                None => break,
+            }
+        }
+        // Every seed ends with the Primary's death.
+        self.failover(true)?;
+        self.run_events()?;
+        self.check_failover()
+    }
+
+    /// Runs the events until none is left. A run that is quiescent but not in sync
+    /// (failed blocks, a bitmap left over) gets what an operator would do: disconnect
+    /// and connect again, which starts a new resync. `true`: the Primary died mid-run.
+    fn until_quiescent(&mut self) -> Result<bool, String> {
+        loop {
+            self.run_events()?;
+            if self.fo.dead {
+                return Ok(true);
+            }
             match self.not_in_sync() {
                 Some(why) if self.workload_done() && self.up => {
                     if self.report.operator_cycles >= MAX_OPERATOR_CYCLES {
@@ -1131,14 +1193,9 @@ impl Sim {
                     self.report.operator_cycles += 1;
                     self.drop_connection()?;
                 }
-                _ => break,
+                _ => return Ok(false),
             }
         }
-        self.check_quiescence()?;
-        // Every seed ends with the Primary's death.
-        self.failover(true)?;
-        self.run_events()?;
-        self.check_failover()
     }
 
     fn run_events(&mut self) -> Result<(), String> {
@@ -2611,6 +2668,20 @@ mod tests {
         assert!(f.message.contains("checker 8"), "{f}");
     }
 
+    /// Found by checker 11: a demotion that records "not Primary" without flushing the
+    /// data disk leaves the old Primary's last unflushed writes volatile on what is now
+    /// the Secondary, and the new Primary's flush then promises them on both nodes.
+    #[test]
+    fn a_demotion_without_a_flush_is_caught() {
+        let s = Sabotage {
+            demotion_skips_flush: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a demotion without a flush");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("flush"), "{f}");
+    }
+
     /// Found by the resync simulation: a resync ack may clear a block whose local write
     /// failed on the Primary after the reply was read (the SyncTarget never learns of
     /// the garbage). Without the driver rule that keeps such blocks set, a failed write
@@ -2708,6 +2779,7 @@ mod tests {
             ("crossing requests", sum(|r| r.race_crossing)),
             ("SS_CONCURRENT_ST_CHG", sum(|r| r.race_concurrent_refusals)),
             ("requests lost with the connection", sum(|r| r.race_dropped)),
+            ("switchovers", sum(|r| r.switchovers)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",

@@ -423,6 +423,16 @@ impl Rs {
         self.sabotage = s;
     }
 
+    /// The nodes traded places (a switchover, at quiescence: the streams, the transfer
+    /// log and the runs are empty): each node keeps its application IO count; what the
+    /// Secondary alone knew (its split-brain writes, the versions resync discarded) is
+    /// history once the disks are equal, and the new Secondary has none.
+    pub(super) fn trade_places(&mut self) {
+        std::mem::swap(&mut self.p_app_sectors, &mut self.s_app_sectors);
+        self.s_only = OutOfSync::new(SECTORS as u64);
+        self.s_disc.fill(false);
+    }
+
     /// A `P_NEG_ACK` names a write of the transfer log.
     pub(super) fn tl_neg_ack(&self, block_id: u64) -> Result<(), String> {
         if self
@@ -834,7 +844,7 @@ impl Sim {
 
     /// Encodes `pkt` (+ `data`) with the real codec and decodes it back, as the peer's
     /// receiver would.
-    fn wire(&self, pkt: &Packet, data: &[u8]) -> Result<Packet, String> {
+    pub(super) fn wire(&self, pkt: &Packet, data: &[u8]) -> Result<Packet, String> {
         let mut buf = Vec::new();
         encode(pkt, &self.rs.ctx, 0, &mut buf).map_err(|e| format!("encode {pkt:?}: {e}"))?;
         buf.extend_from_slice(data);

@@ -811,8 +811,8 @@ impl Volume {
 
     /// Makes this node Secondary; `force` demotes while the device is held open. The
     /// sequence is `replica::Node`'s ([`Node::begin_demotion`]): the role changes at once
-    /// (no write enters the core after); the metadata follows: the
-    /// bitmap pages (writes the peer has not acked are now only in the bitmap), then, in
+    /// (no write enters the core after); the data disk is flushed; the metadata follows:
+    /// the bitmap pages (writes the peer has not acked are now only in the bitmap), then, in
     /// one superblock write, "not Primary" and the demoted UUIDs. On a failure the
     /// superblock keeps saying Primary (a crash then applies the activity log, which
     /// covers every bit not yet written) and the disk goes out of use, so that no clean
@@ -841,7 +841,15 @@ impl Volume {
             inner.node.primary.is_detached()
         };
         self.run(std::mem::take(&mut fx));
-        let demoted = match self.write_dirty_pages().await {
+        // The data disk first (`replica::Node::begin_demotion`): writes no flush made
+        // durable must not stay volatile on what becomes the Secondary.
+        let flushed = diskless || self.flush_clears().await;
+        let pages = if flushed {
+            self.write_dirty_pages().await
+        } else {
+            Err("the flush of the data disk failed".to_string())
+        };
+        let demoted = match pages {
             Ok(()) => {
                 let t = {
                     let mut g = self.lock();

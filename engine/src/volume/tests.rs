@@ -242,3 +242,29 @@ async fn a_failed_discard_is_recorded_as_a_disk_failure() {
     v.shutdown(Duration::from_secs(5)).await;
     drop(locks);
 }
+
+/// A demotion flushes the data disk before its metadata says "not Primary": the writes
+/// this Primary completed unflushed would otherwise stay volatile on what becomes the
+/// Secondary (the simulator's switchover found it). A flush that fails keeps the
+/// superblock saying Primary (a crash then applies the activity log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demotion_flushes_the_data_disk_before_its_metadata() {
+    let dir = TempDir::new("volume-demotion-flush");
+    let (v, _meta_store, locks) = lone_node(&dir);
+    v.promote(false).await.expect("alone, UpToDate: Primary");
+    v.submit(request(0, 1)).await.expect("a write");
+    // The data disk fails; the metadata (a file of its own) still works.
+    v.store.close();
+    let e = v
+        .demote(false)
+        .await
+        .expect_err("the data disk cannot be flushed");
+    assert!(e.contains("flush"), "{e}");
+    assert_ne!(
+        v.meta.md().superblock().flags & crate::meta::superblock::mdf::PRIMARY_IND,
+        0,
+        "the superblock says Primary until the data is durable"
+    );
+    v.shutdown(Duration::from_secs(5)).await;
+    drop(locks);
+}
