@@ -51,6 +51,10 @@ fn seeds_pass_every_checker() {
         );
     }
     assert_coverage(&reports, count);
+    // Some runs must end fully in sync, or checker 3 never compares anything.
+    assert!(reports
+        .iter()
+        .any(|r| r.out_of_sync_bytes == 0 && r.writes_ok > 0));
 }
 
 /// The runs must have exercised what the checkers are about; a simulator that never
@@ -133,6 +137,8 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
             sum(|r| r.race_dropped),
         ),
         ("switchovers", sum(|r| r.switchovers)),
+        ("secondary stops", sum(|r| r.s_stops)),
+        ("secondary power losses", sum(|r| r.s_power_losses)),
     ];
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();
     eprintln!(
@@ -151,8 +157,4 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
     for (what, n) in coverage {
         assert!(n > 0, "no seed exercised {what}");
     }
-    // Some runs must end fully in sync, or checker 3 never compares anything.
-    assert!(reports
-        .iter()
-        .any(|r| r.out_of_sync_bytes == 0 && r.writes_ok > 0));
 }

@@ -115,6 +115,12 @@ impl MetaDev {
         Ok(())
     }
 
+    /// A clean stop's last step (the daemon's `mark_clean`): the ring re-initialised, so
+    /// that the next attach applies no activity log.
+    pub(crate) fn mark_clean(&mut self) -> Result<(), String> {
+        self.init_ring()
+    }
+
     fn init_ring(&mut self) -> Result<(), String> {
         let l = self.layout;
         let r = self.range(l.ring_offset, l.geo.bytes())?;

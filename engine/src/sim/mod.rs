@@ -72,9 +72,10 @@
 //!   the daemon attaches: replay the ring, set every hot extent's blocks in the on-disk
 //!   bitmap, write that bitmap back and re-initialise the ring, start a new Primary
 //!   (transaction 0) with that bitmap. The workload and the reconnect wait until
-//!   checker 6 ran. Not modelled: a crash of the Secondary, a crash inside the attach
-//!   (its write-back and ring reset are one step), metadata sectors that read back
-//!   with an error, a clean stop (dirty bitmap pages written back).
+//!   checker 6 ran. Not modelled: a crash inside the attach (its write-back and ring
+//!   reset are one step), metadata sectors that read back with an error, a clean stop
+//!   of the Primary (the Secondary's is, below), a Secondary's crash outside its first
+//!   resync.
 //! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
 //!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
 //!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
@@ -96,6 +97,12 @@
 //!   places and a second workload of half the size runs the other way, with the same
 //!   faults and, on half of those seeds, a crash of the new Primary (its own activity
 //!   log on its own metadata device).
+//! - **Secondary stop** (`s_stop.rs`), on about a quarter of the seeds, during the first
+//!   resync: a clean stop or a power loss of the Secondary's node (right after one of
+//!   its bitmap page write-backs), then its restart from its metadata device and a
+//!   reconnect. The Secondary writes its bitmap pages where the daemon does: the merged
+//!   bitmap before the first resync write, write-backs after a flush that covers the
+//!   clears, the end of a run after its flush, the clean stop.
 //! - **Workload**: up to `max_ops` requests at a random queue depth: writes of 512 B …
 //!   64 KiB (discards up to 252 KiB, 64 blocks: one transaction can add at most 64
 //!   extents) at random sector-aligned offsets, 90 %, 50 % or none of them inside a
@@ -157,6 +164,10 @@
 //!     taken, only `P_STATE` leaves either node, both then hold the same generation and
 //!     know each other's role; checkers 1 … 10 hold through the second workload with
 //!     the roles reversed (a demotion that skips its flush fails checker 4 there).
+//! 12. Secondary stop (`s_stop.rs`): at its restart every block that differs between
+//!     the disks is set in one of the two bitmaps (a page image that persists a resync
+//!     clear before a flush covers its data fails it); after a clean stop the restarted
+//!     bitmap is the one at the stop (the resync resumes, it does not start over).
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -179,6 +190,7 @@ mod meta;
 mod race;
 mod resync;
 pub(crate) mod rng;
+mod s_stop;
 mod switchover;
 
 pub use resync::ResyncParams;
@@ -280,6 +292,25 @@ pub(crate) struct Sabotage {
     /// A demotion records "not Primary" without flushing the data disk first (checker
     /// 11's switchover; the daemon's rule in `replica::Node::begin_demotion`).
     pub demotion_skips_flush: bool,
+    /// The Secondary's bitmap page images leave out the clears no flush covers yet
+    /// (`OutOfSync`'s rule off; checker 12).
+    pub s_images_forget_unflushed: bool,
+    /// The Secondary's clean stop does not write its dirty bitmap pages (checker 12).
+    pub clean_stop_skips_pages: bool,
+}
+
+/// The sabotages of the Secondary's node (its flush rounds, its target, its bitmap).
+#[cfg(test)]
+fn sabotage_secondary_node(s: &Sabotage, node: &mut Node) {
+    node.flushes.sabotage_join_running = s.flush_round_takes_late_requests;
+    node.runs.target_sabotage = crate::resync::TargetSabotage {
+        no_void: s.target_no_void,
+        no_hold: s.target_no_hold,
+        read_locally: false,
+    };
+    node.primary
+        .out_of_sync_mut()
+        .sabotage_image_without_unflushed = s.s_images_forget_unflushed;
 }
 
 /// The parameters a seed chose.
@@ -592,6 +623,10 @@ pub struct SimReport {
     pub race_dropped: u64,
     /// Checker 11: switchovers (the roles traded, a second workload the other way).
     pub switchovers: u64,
+    /// Checker 12: stops of the Secondary during a resync, and of those power losses.
+    pub s_stops: u64,
+    /// See `s_stops`.
+    pub s_power_losses: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -742,6 +777,19 @@ enum Ev {
         covers: u64,
         fail: bool,
         gen: u64,
+        /// The bitmap's flush id (`OutOfSync::begin_flush`).
+        id: Option<u64>,
+    },
+    /// The flush before a SyncTarget's bitmap write-back (`SyncAction::WriteBack`)
+    /// completed; the pages follow.
+    SWriteBack {
+        covers: u64,
+        fail: bool,
+    },
+    /// The Secondary's node stops (checker 12, `s_stop.rs`).
+    SStop {
+        clean: bool,
+        tries: u32,
     },
     /// A resync controller step on both nodes (every `SLEEP_TIME_MS`).
     RsTick {
@@ -791,6 +839,8 @@ impl Ev {
             Ev::Failover => 25,
             Ev::SLeave => 26,
             Ev::SReattach => 27,
+            Ev::SWriteBack { .. } => 28,
+            Ev::SStop { .. } => 29,
         }
     }
 }
@@ -994,6 +1044,10 @@ struct Sim {
     fo: failover::Fo,
     /// The switchover (`switchover.rs`).
     sw: switchover::Switch,
+    /// The Secondary's stop (`s_stop.rs`).
+    ss: s_stop::SStop,
+    /// The bitmap's flush id of the Secondary's write-back flush in flight.
+    s_writeback: Option<Option<u64>>,
 
     report: SimReport,
 }
@@ -1069,6 +1123,8 @@ impl Sim {
             rs,
             fo: failover::Fo::new(cfg.seed, cfg.max_ops),
             sw: switchover::Switch::new(cfg.seed, cfg.max_ops),
+            ss: s_stop::SStop::new(cfg.seed),
+            s_writeback: None,
             params,
             report,
         })
@@ -1110,13 +1166,8 @@ impl Sim {
         let mut sn = Node::new(s_primary, secondary, s_uuids, DiskState::UpToDate);
         #[cfg(test)]
         {
-            sn.flushes.sabotage_join_running = cfg.sabotage.flush_round_takes_late_requests;
+            sabotage_secondary_node(&cfg.sabotage, &mut sn);
             pn.runs.failed_mut().sabotage_ack_clears = cfg.sabotage.ack_clears_failed_blocks;
-            sn.runs.target_sabotage = crate::resync::TargetSabotage {
-                no_void: cfg.sabotage.target_no_void,
-                no_hold: cfg.sabotage.target_no_hold,
-                read_locally: false,
-            };
         }
         Ok((pn, sn))
     }
@@ -1422,33 +1473,22 @@ impl Sim {
                 run,
             } => self.target_digest_done(tag, sector, len, fail, run),
             Ev::SRsWrite(w) => self.target_write_done(*w),
-            Ev::SFinishFlush { covers, fail, gen } => self.finish_flush_done(covers, fail, gen),
+            Ev::SFinishFlush {
+                covers,
+                fail,
+                gen,
+                id,
+            } => self.finish_flush_done(covers, fail, gen, id),
+            Ev::SWriteBack { covers, fail } => self.s_write_back_done(covers, fail),
+            Ev::SStop { clean, tries } => self.s_stop(clean, tries),
             Ev::RsTick { run } => self.rs_tick(run),
             Ev::SbFault => self.sb_fault(),
             Ev::SbWrite { n } => self.sb_write(n),
             Ev::Failover => self.failover(false),
             Ev::SLeave => self.s_leave(),
             Ev::SReattach => self.s_reattach(),
-            Ev::Handed { block_id, gen } => {
-                if gen == self.gen && self.up {
-                    self.pn.primary.handed_to_network(block_id);
-                    self.pump_primary()?;
-                }
-                Ok(())
-            }
-            Ev::Fault => {
-                if self.workload_done() || self.fo.dead {
-                    return Ok(());
-                }
-                if self.up {
-                    self.drop_connection()?;
-                }
-                if let Some(every) = self.params.fault_every {
-                    let d = self.rng.range(1, 2 * every);
-                    self.at(d, Ev::Fault);
-                }
-                Ok(())
-            }
+            Ev::Handed { block_id, gen } => self.handed(block_id, gen),
+            Ev::Fault => self.fault(),
             Ev::Drop { gen } => {
                 if gen == self.gen && self.up {
                     self.report.secondary_drops += 1;
@@ -1555,6 +1595,30 @@ impl Sim {
             self.reconnect_pending = true;
             let d = self.rng.range(1, self.params.reconnect_delay);
             self.at(d, Ev::Reconnect);
+        }
+        Ok(())
+    }
+
+    /// The periodic fault: the connection drops (while the workload runs).
+    fn fault(&mut self) -> Result<(), String> {
+        if self.workload_done() || self.fo.dead {
+            return Ok(());
+        }
+        if self.up {
+            self.drop_connection()?;
+        }
+        if let Some(every) = self.params.fault_every {
+            let d = self.rng.range(1, 2 * every);
+            self.at(d, Ev::Fault);
+        }
+        Ok(())
+    }
+
+    /// Protocol A: write `block_id` was handed to the network on connection `gen`.
+    fn handed(&mut self, block_id: u64, gen: u64) -> Result<(), String> {
+        if gen == self.gen && self.up {
+            self.pn.primary.handed_to_network(block_id);
+            self.pump_primary()?;
         }
         Ok(())
     }
@@ -2668,6 +2732,34 @@ mod tests {
         assert!(f.message.contains("checker 8"), "{f}");
     }
 
+    /// Checker 12: without `OutOfSync`'s rule (a page image keeps a resync clear set until
+    /// a flush issued after its write completed), a power loss of the SyncTarget after a
+    /// write-back loses a block that no bitmap marks.
+    #[test]
+    fn secondary_page_images_without_unflushed_clears_are_caught() {
+        let s = Sabotage {
+            s_images_forget_unflushed: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure_in(s, |_| true, 3000)
+            .expect("the simulator must catch a resync clear persisted before its data");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 12"), "{f}");
+    }
+
+    /// Checker 12: a clean stop that does not write the pages the resync cleared makes
+    /// the restart start over (the restarted bitmap is not the one at the stop).
+    #[test]
+    fn a_clean_stop_without_its_pages_is_caught() {
+        let s = Sabotage {
+            clean_stop_skips_pages: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a clean stop without pages");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 12"), "{f}");
+    }
+
     /// Found by checker 11: a demotion that records "not Primary" without flushing the
     /// data disk leaves the old Primary's last unflushed writes volatile on what is now
     /// the Secondary, and the new Primary's flush then promises them on both nodes.
@@ -2780,6 +2872,8 @@ mod tests {
             ("SS_CONCURRENT_ST_CHG", sum(|r| r.race_concurrent_refusals)),
             ("requests lost with the connection", sum(|r| r.race_dropped)),
             ("switchovers", sum(|r| r.switchovers)),
+            ("secondary stops", sum(|r| r.s_stops)),
+            ("secondary power losses", sum(|r| r.s_power_losses)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",

@@ -305,7 +305,7 @@ pub(super) struct Rs {
     /// The Primary's UUIDs as the Secondary received them at the handshake.
     s_peer: UuidSet,
     /// The finished run whose end is being made durable.
-    s_finish: Option<TargetEnd>,
+    pub(super) s_finish: Option<TargetEnd>,
     /// Versions of the zeroes of the `P_RS_DEALLOCATED` being handled.
     zero_vers: Option<Vec<u64>>,
     /// Sectors of replicated writes received (c-min-rate).
@@ -910,6 +910,8 @@ impl Sim {
             self.rs.sb = Sb::Resolved;
         }
         self.fo.wf_sync = false;
+        // The daemon's step 3: the merged bitmap on disk before the first resync write.
+        self.write_s_pages()?;
         self.sn.uuids.start_sync_target(sync_uuid, false);
         if self.sn.disk != DiskState::Failed {
             self.sn.disk = DiskState::Inconsistent;
@@ -931,6 +933,7 @@ impl Sim {
             .start_target(cfg, &tick, self.rs.s_peer)
             .map_err(|e| format!("target: {e}"))?;
         self.at(1, Ev::RsTick { run });
+        self.maybe_schedule_s_stop();
         Ok(())
     }
 
@@ -1390,8 +1393,7 @@ impl Sim {
                     self.report.held_by_resync += 1;
                     self.peer_local_write(write)?;
                 }
-                // The simulator does not model the bitmap's pages on the Secondary.
-                SyncAction::WriteBack => {}
+                SyncAction::WriteBack => self.s_write_back(),
                 SyncAction::Finished {
                     run,
                     summary,
@@ -1423,11 +1425,20 @@ impl Sim {
             Some(_) => {
                 self.report.resyncs_done += 1;
                 self.rs.s_finish = Some(end);
+                let id = self.sn.primary.out_of_sync_mut().begin_flush();
                 let covers = self.sdisk.completions;
                 let fail = self.rs.rng.chance(self.params.fail_ppm[3]);
                 let d = self.rs.rng.range(1, self.params.disk_delay.1);
                 let gen = self.gen;
-                self.at(d, Ev::SFinishFlush { covers, fail, gen });
+                self.at(
+                    d,
+                    Ev::SFinishFlush {
+                        covers,
+                        fail,
+                        gen,
+                        id,
+                    },
+                );
             }
             None => {
                 debug_assert!(sum.left_blocks > 0);
@@ -1442,14 +1453,22 @@ impl Sim {
         covers: u64,
         fail: bool,
         gen: u64,
+        id: Option<u64>,
     ) -> Result<(), String> {
         let end = self.rs.s_finish.take().ok_or("finish flush of no run")?;
+        if !fail {
+            self.sdisk.flush(covers);
+        }
+        if let Some(id) = id {
+            self.sn.primary.out_of_sync_mut().flush_done(id, !fail);
+        }
         if fail || self.sn.disk == DiskState::Failed {
             // Stays Inconsistent (the next handshake resyncs again) or Failed (detached).
             self.sn.target_end_recorded(&end, false);
             return Ok(());
         }
-        self.sdisk.flush(covers);
+        // The run's clears on disk, then its UUIDs.
+        self.write_s_pages()?;
         // The daemon's order (`replica::Node::target_end`), without a superblock.
         let adopted = self.sn.target_end_uuids(&end).ok().flatten();
         if let Some(u) = adopted {
