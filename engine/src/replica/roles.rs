@@ -688,30 +688,36 @@ mod tests {
 
     #[test]
     fn a_peer_disk_that_fails_or_comes_up_to_date_over_an_inconsistent_one_is_reported() {
-        let mut n = node(DiskState::UpToDate);
-        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
-        assert_eq!(
-            n.peer_reported(Role::Secondary, DiskState::UpToDate),
-            PeerDisk::Unchanged
-        );
-        assert_eq!(
-            n.peer_reported(Role::Secondary, DiskState::Failed),
-            PeerDisk::Failed
-        );
-        assert_eq!(
-            n.peer_reported(Role::Secondary, DiskState::Diskless),
-            PeerDisk::Unchanged
-        );
-        let mut n = node(DiskState::Inconsistent);
-        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
-        assert_eq!(
-            n.peer_reported(Role::Primary, DiskState::UpToDate),
-            PeerDisk::ResyncDue
-        );
-        assert_eq!(
-            n.peer_reported(Role::Primary, DiskState::UpToDate),
-            PeerDisk::Unchanged
-        );
+        use DiskState::{Diskless, Failed, Inconsistent, UpToDate};
+        // (own disk, the peer's reports in order, what each one yields)
+        let cases = [
+            (
+                UpToDate,
+                &[
+                    (Role::Secondary, UpToDate, PeerDisk::Unchanged),
+                    (Role::Secondary, Failed, PeerDisk::Failed),
+                    (Role::Secondary, Diskless, PeerDisk::Unchanged),
+                ][..],
+            ),
+            (
+                Inconsistent,
+                &[
+                    (Role::Primary, UpToDate, PeerDisk::ResyncDue),
+                    (Role::Primary, UpToDate, PeerDisk::Unchanged),
+                ][..],
+            ),
+        ];
+        for (own, reports) in cases {
+            let mut n = node(own);
+            n.connection_up(101, Role::Secondary, own);
+            for &(role, disk, want) in reports {
+                assert_eq!(
+                    n.peer_reported(role, disk),
+                    want,
+                    "{own:?}: {role:?}/{disk:?}"
+                );
+            }
+        }
     }
 
     #[test]

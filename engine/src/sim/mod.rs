@@ -1847,6 +1847,17 @@ impl Sim {
         Ok(())
     }
 
+    /// Where the Secondary's disk holds a newer version than the Primary's (writes a
+    /// Primary's crash took from its cache, which an earlier resync had overwritten on
+    /// the Secondary), a resync may put the older version back: mark those sectors as
+    /// allowed to go back.
+    fn allow_secondary_ahead(&mut self) {
+        let ahead = self.sdisk.cache_ver.iter().zip(&self.pdisk.cache_ver);
+        for (d, (&sv, &pv)) in self.rs.s_disc.iter_mut().zip(ahead) {
+            *d |= sv > pv;
+        }
+    }
+
     /// Checker 6, once the restarted Primary is up and the Secondary's local writes
     /// (replicated and resync) are done: every block that differs between the replicas is
     /// out of sync in the Primary's bitmap. Then the application resumes and the
@@ -1861,17 +1872,7 @@ impl Sim {
         let on_disk = self.check6.take().ok_or("checker 6 without a bitmap")?;
         // Where the Secondary holds a newer version than the restarted Primary (writes
         // the crash took from the Primary's cache), a resync may put the older one back.
-        for (s, (&sv, &pv)) in self
-            .sdisk
-            .cache_ver
-            .iter()
-            .zip(&self.pdisk.cache_ver)
-            .enumerate()
-        {
-            if sv > pv {
-                self.rs.s_disc[s] = true;
-            }
-        }
+        self.allow_secondary_ahead();
         let bytes = SECTORS_PER_BLOCK * SECTOR as usize;
         let oos = self.pn.primary.out_of_sync();
         for b in 0..VOLUME_BYTES / bytes {

@@ -143,20 +143,8 @@ impl Sim {
         } else {
             self.report.s_power_losses += 1;
             self.sdisk.crash();
-            // What comes back may be ahead of the Primary (writes a Primary's crash took
-            // from its cache, which an earlier resync had overwritten here): a resync
-            // may put the older version back, as after that crash (checker 6).
-            for (s, (&sv, &pv)) in self
-                .sdisk
-                .cache_ver
-                .iter()
-                .zip(&self.pdisk.cache_ver)
-                .enumerate()
-            {
-                if sv > pv {
-                    self.rs.s_disc[s] = true;
-                }
-            }
+            // What comes back may be ahead of the Primary, as after that crash (checker 6).
+            self.allow_secondary_ahead();
             None
         };
         self.s_restarted()?;
