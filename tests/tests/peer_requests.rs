@@ -305,3 +305,132 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
     });
     c.node_mut(1).stop();
 }
+
+/// The next `P_STATE` on the data socket (other packets are skipped).
+async fn next_state(p: &mut Peer) -> StateBits {
+    loop {
+        if let Packet::State(word) = recv(&mut p.data, &p.ctx).await {
+            return StateBits::unpack(word);
+        }
+    }
+}
+
+/// Starts beta on metadata from `tandem create-md` (what an operator prepares a device
+/// with): a just-created, Inconsistent disk.
+fn start_inconsistent_beta(c: &mut Cluster) {
+    c.node_mut(1).start();
+    c.node_mut(1).stop();
+    let disk = c.node(1).disk().to_string_lossy().into_owned();
+    tandem(&["create-md", &disk, "--force"]).assert_success("tandem create-md");
+    c.node_mut(1).start();
+    assert_eq!(c.node(1).status().str_at("/disk"), "Inconsistent");
+}
+
+/// `new-current-uuid --clear-bitmap` on a connected pair whose metadata was just created
+/// skips the initial sync: beta and the script both Inconsistent, beta starts the pair's
+/// first generation, sends it in `P_UUIDS` with the skip-initial-sync flag (8), then a
+/// `P_STATE` with both disks UpToDate. Without the flag, a connected node refuses a new
+/// generation, and the skip is refused once the metadata is no longer just created.
+#[test]
+fn new_current_uuid_clear_bitmap_skips_the_initial_sync_of_a_new_pair() {
+    let mut c = Cluster::new(ClusterOpts::new("skip-sync").autostart(false));
+    start_inconsistent_beta(&mut c);
+    let sectors = c.node(1).status().u64_at("/size_bytes") / 512;
+    let port = c.node(1).address().port();
+    let sock = c.node(1).mgmt_socket().to_string_lossy().into_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let fresh = UuidSet {
+            current: UUID_JUST_CREATED,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        let mut p = connect(port, sectors, DiskState::Inconsistent, fresh).await;
+        c.node(1).wait_connected();
+        tandem(&["new-current-uuid", "--socket", &sock])
+            .assert_refused("a new generation while connected", &["StandAlone"]);
+        tandem(&["new-current-uuid", "--clear-bitmap", "--socket", &sock])
+            .assert_success("skip the initial sync");
+        let announced = loop {
+            if let Packet::Uuids(u) = recv(&mut p.data, &p.ctx).await {
+                break u;
+            }
+        };
+        assert_eq!(
+            announced.uuid_flags & wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
+            wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
+            "{announced:?}"
+        );
+        assert_ne!(announced.current & !1, UUID_JUST_CREATED);
+        let state = next_state(&mut p).await;
+        let up = u8::try_from(DiskState::UpToDate.as_u32()).unwrap_or(0);
+        assert_eq!((state.disk, state.pdsk), (up, up), "{state:?}");
+        let st = c.node(1).status();
+        assert_eq!(parse_uuids(st.str_at("/uuids")).current, announced.current);
+        assert_eq!(st.u64_at("/out_of_sync_bytes"), 0, "{st}");
+        assert_eq!(st.str_at("/disk"), "UpToDate", "{st}");
+        assert_eq!(st.str_at("/peer/disk"), "UpToDate", "{st}");
+        tandem(&["new-current-uuid", "--clear-bitmap", "--socket", &sock])
+            .assert_refused("a second skip", &["just created"]);
+    });
+    c.node_mut(1).stop();
+}
+
+/// The peer's side of a skipped initial sync: a just-created, Inconsistent beta adopts
+/// the generation of a `P_UUIDS` with flag 8 (and ignores one without it): both disks
+/// are UpToDate, which its `P_STATE` says once that is durable.
+#[test]
+fn a_peer_s_skipped_initial_sync_is_adopted() {
+    let mut c = Cluster::new(ClusterOpts::new("skip-sync-peer").autostart(false));
+    start_inconsistent_beta(&mut c);
+    let sectors = c.node(1).status().u64_at("/size_bytes") / 512;
+    let port = c.node(1).address().port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let fresh = UuidSet {
+            current: UUID_JUST_CREATED,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        let mut p = connect(port, sectors, DiskState::Inconsistent, fresh).await;
+        c.node(1).wait_connected();
+        let ctx = p.ctx;
+        let uuids = |current: u64, uuid_flags: u64| {
+            Packet::Uuids(wire::Uuids {
+                current,
+                bitmap: 0,
+                history: [0, 0],
+                dirty_bits: 0,
+                uuid_flags,
+            })
+        };
+        // Without the flag: ignored outside the handshake.
+        send(&mut p.data, &ctx, &uuids(0xAB00_0000_0000_0000, 0)).await;
+        let skip = wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC;
+        send(&mut p.data, &ctx, &uuids(0xCD00_0000_0000_0000, skip)).await;
+        let up = u8::try_from(DiskState::UpToDate.as_u32()).unwrap_or(0);
+        loop {
+            let state = next_state(&mut p).await;
+            if state.pdsk == up {
+                assert_eq!(state.disk, up, "{state:?}");
+                break;
+            }
+        }
+        let st = c.node(1).status();
+        assert_eq!(
+            parse_uuids(st.str_at("/uuids")).current & !1,
+            0xCD00_0000_0000_0000,
+            "{st}"
+        );
+        assert_eq!(st.str_at("/disk"), "UpToDate", "{st}");
+        assert_eq!(st.str_at("/peer/disk"), "UpToDate", "{st}");
+        assert_eq!(st.u64_at("/out_of_sync_bytes"), 0, "{st}");
+    });
+    c.node_mut(1).stop();
+}

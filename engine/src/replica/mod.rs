@@ -4,7 +4,7 @@
 //!
 //! This module is where the sans-IO replica core of issue 11 grows (today `volume/`
 //! still holds the connection's IO and the order of bitmap-page and superblock writes,
-//! and the management commands' drivers). What has moved:
+//! and the management commands' IO). What has moved:
 //!
 //! - [`Node`]: one node's write pipelines — the `Primary` and `Receiver` cores, the
 //!   runs, the flush rounds — whose outputs it drains into [`Action`]s (a local write
@@ -26,9 +26,14 @@
 //!   [`SyncAction`]s; `volume/sync.rs` and `sim/resync.rs` only perform them;
 //! - [`FlushRounds`]: a Secondary's epoch flushes merged into rounds, each request
 //!   satisfied only by a flush issued after it;
+//! - the management commands that change the node's state (`admin.rs`): `invalidate`,
+//!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
+//!   skipped initial sync, online verify's start on both sides and its end — each a
+//!   check, a change in memory and the order of what the driver makes durable;
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
 //!   resync acks arrive (the simulator's seed 30).
 
+mod admin;
 mod failed;
 mod flush;
 mod node;

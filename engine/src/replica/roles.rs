@@ -164,13 +164,7 @@ pub(crate) fn promoted_uuids(
     if fresh_pair && !f.force {
         announce = uuids
             .new_current_uuid_cmd(random(), true, true)
-            .map(|a| wire::Uuids {
-                current: a.current,
-                bitmap: a.bitmap,
-                history: a.history,
-                dirty_bits: 0,
-                uuid_flags: wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
-            });
+            .map(super::admin::skip_announcement);
     }
     uuids.promote(random(), f.peer_disk_reachable, f.force);
     (uuids, announce)

@@ -47,7 +47,6 @@
 //! of ≤ 1 MiB) as in [`crate::resync`]; reply data is read under the receiver's
 //! [`super::PEER_DATA_BUDGET`]; held application writes ≤ the receiver's `max-buffers`.
 
-use super::durable::Ticket;
 use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
@@ -704,44 +703,23 @@ impl Volume {
             }),
         );
         inner.last_verify = Some(p);
-        if matches!(inner.node.conn, ConnState::VerifyS | ConnState::VerifyT) {
-            inner.node.conn = ConnState::Connected;
-            self.reached_connected(inner);
+        if inner.node.verify_ended() {
+            self.crash_repaired();
         }
         self.send_state(inner);
     }
 
-    /// `verify`: compares every block with the peer's by digest (this node is VerifyS).
+    /// `verify`: compares every block with the peer's by digest (this node is VerifyS;
+    /// the checks are `replica::Node::start_verify`'s).
     pub fn start_verify(&self) -> Result<(), String> {
         let mut fx = Vec::new();
         {
             let mut g = self.lock();
             let inner = &mut *g;
-            if inner.link.is_none() || inner.node.conn != ConnState::Connected {
-                return Err(format!(
-                    "verify needs a Connected peer (the connection is {})",
-                    inner.node.conn
-                ));
-            }
-            if !self.sync.verify {
-                return Err("verify-alg is not set in [net]; set verify-alg = \"crc32c\"".into());
-            }
-            if !inner.peer_verify {
-                return Err("the peer has no verify-alg crc32c".into());
-            }
-            let sectors = self.size_bytes / SECTOR_SIZE as u64;
-            let cfg = VerifyConfig {
-                rate: self.sync.rate,
-                ..VerifyConfig::new(sectors)
-            };
             let tick = self.tick_input(inner);
-            inner
-                .node
-                .runs
-                .start_verify(cfg, &tick)
-                .map_err(|e| e.to_string())?;
+            let cfg = self.verify_config(0);
+            inner.node.start_verify(cfg, inner.peer_verify, &tick)?;
             self.sync_run_started.notify_one();
-            inner.node.conn = ConnState::VerifyS;
             self.send_state(inner);
             tracing::info!("online verify started");
             self.drain_sync(inner, &mut fx);
@@ -750,26 +728,20 @@ impl Volume {
         Ok(())
     }
 
-    /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT) at its sector.
-    fn ensure_verify_peer(&self, inner: &mut Inner, sector: u64) -> Result<(), String> {
-        if inner.node.runs.verify_running() {
-            return Ok(());
-        }
-        if !self.sync.verify {
-            return Err("the peer runs online verify but verify-alg is not set here".into());
-        }
-        let cfg = VerifyConfig {
+    /// The verify run's configuration from `sector`; `None` without verify-alg.
+    fn verify_config(&self, sector: u64) -> Option<VerifyConfig> {
+        self.sync.verify.then(|| VerifyConfig {
             start_sector: sector,
             rate: self.sync.rate,
             ..VerifyConfig::new(self.size_bytes / SECTOR_SIZE as u64)
-        };
-        inner
-            .node
-            .runs
-            .start_verify_peer(cfg)
-            .map_err(|e| e.to_string())?;
-        inner.node.conn = ConnState::VerifyT;
-        tracing::info!("online verify started by the peer at sector {sector}");
+        })
+    }
+
+    /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT) at its sector.
+    fn ensure_verify_peer(&self, inner: &mut Inner, sector: u64) -> Result<(), String> {
+        if inner.node.ensure_verify_peer(self.verify_config(sector))? {
+            tracing::info!("online verify started by the peer at sector {sector}");
+        }
         Ok(())
     }
 
@@ -876,9 +848,14 @@ impl Volume {
     /// background, like every superblock change).
     pub(super) fn reached_connected(&self, inner: &mut Inner) {
         if inner.node.reached_connected() {
-            tracing::info!("the crash of this node as Primary is repaired");
-            let _ = self.meta.stage(&[SbChange::ClearCrashedPrimary]);
+            self.crash_repaired();
         }
+    }
+
+    /// The crashed-Primary flag was cleared (`replica::Node::reached_connected`).
+    fn crash_repaired(&self) {
+        tracing::info!("the crash of this node as Primary is repaired");
+        let _ = self.meta.stage(&[SbChange::ClearCrashedPrimary]);
     }
 
     /// A resync read completed; the runs' actions are performed.
@@ -942,31 +919,21 @@ impl Volume {
     /// written, the disk becomes Inconsistent (durably), and the connection is renewed:
     /// the handshake then makes this node the SyncTarget of a full resync.
     pub async fn invalidate(&self) -> Result<(), String> {
-        {
-            let mut g = self.lock();
-            if g.node.role == Role::Primary {
-                return Err("invalidate works on a Secondary; demote this node first".into());
-            }
-            if g.node.runs.target().is_some() || g.node.conn == ConnState::SyncSource {
-                return Err("a resync is running; wait for it, or pause it".into());
-            }
-            if g.link.is_none() {
-                return Err("not connected: there is no peer to resync from".into());
-            }
-            g.node.primary.out_of_sync_mut().mark_all();
-        }
+        self.lock().node.begin_invalidate()?;
         self.write_dirty_pages().await?;
         let t = self.meta.stage(&[SbChange::Consistent(false)]);
         self.meta
             .durable(t)
             .await
             .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
-        let mut g = self.lock();
-        g.node.disk = DiskState::Inconsistent;
-        tracing::warn!("invalidated: a full resync from the peer follows");
-        if let Some(k) = &g.kill {
-            k.notify_one();
+        let mut fx = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            inner.node.invalidated(&mut inner.actions);
+            self.drain(inner, &mut fx);
         }
+        self.run(fx);
         Ok(())
     }
 
@@ -976,74 +943,32 @@ impl Volume {
     /// in `P_UUIDS` with the skip-initial-sync flag.
     pub async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), String> {
         let _one = self.role_change.lock().await;
-        let (t, announce) = {
+        let (t, skipped) = {
             let mut g = self.lock();
             let inner = &mut *g;
-            let primary = inner.node.role == Role::Primary;
-            let mut uuids = inner.node.uuids;
             let random = random_uuid(&mut rand::thread_rng());
             if clear_bitmap {
-                let pkt = Self::skip_initial_sync(inner, &mut uuids, random)?;
-                (self.declare_in_sync(inner, uuids), Some(pkt))
+                let s = inner.node.skip_initial_sync(random)?;
+                let t = self.stage_uuids(inner, s.uuids, &[SbChange::Consistent(true)]);
+                (t, Some(s))
             } else {
-                if inner.link.is_some() {
-                    return Err("new-current-uuid needs StandAlone (disconnect first), or \
-                                --clear-bitmap on a new pair"
-                        .into());
-                }
-                uuids.new_current_uuid_cmd(random, primary, false);
+                let uuids = inner.node.new_current_uuid(random)?;
                 (self.stage_uuids(inner, uuids, &[]), None)
             }
         };
         self.meta.durable(t).await?;
-        if let Some(pkt) = announce {
+        if let Some(s) = skipped {
             self.write_dirty_pages().await?;
-            let mut g = self.lock();
-            Self::send(&g, Stream::Data, &pkt, None);
-            self.send_state(&mut g);
+            let mut fx = Vec::new();
+            {
+                let mut g = self.lock();
+                let inner = &mut *g;
+                inner.node.announce_skipped_sync(&s, &mut inner.actions);
+                self.drain(inner, &mut fx);
+            }
+            self.run(fx);
         }
         Ok(())
-    }
-
-    /// The `P_UUIDS` of `new-current-uuid --clear-bitmap`, with `uuids` turned into the
-    /// pair's first generation; refused unless the pair is connected and just created.
-    fn skip_initial_sync(
-        inner: &Inner,
-        uuids: &mut UuidSet,
-        random: u64,
-    ) -> Result<Packet, String> {
-        let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
-        if !uuids.may_skip_initial_sync(inner.link.is_some(), version) {
-            return Err(
-                "--clear-bitmap skips the initial sync only on a connected pair whose \
-                 metadata was just created (current UUID still the create-md \
-                 value)"
-                    .into(),
-            );
-        }
-        let primary = inner.node.role == Role::Primary;
-        let Some(announce) = uuids.new_current_uuid_cmd(random, primary, true) else {
-            return Err("no UUIDs to announce".into());
-        };
-        Ok(Packet::Uuids(crate::wire::Uuids {
-            current: announce.current,
-            bitmap: announce.bitmap,
-            history: announce.history,
-            dirty_bits: 0,
-            uuid_flags: crate::wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
-        }))
-    }
-
-    /// Skip-initial-sync: an empty bitmap, consistent, `uuids`, UpToDate — in memory at
-    /// once; the superblock is durable with the ticket, the bitmap pages are the caller's
-    /// to write ([`Self::write_dirty_pages`]; either order is safe: a crash between
-    /// the two resyncs more, never less).
-    fn declare_in_sync(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
-        let blocks = inner.node.primary.out_of_sync().blocks();
-        inner.node.primary.out_of_sync_mut().clear_blocks(0, blocks);
-        inner.node.disk = DiskState::UpToDate;
-        inner.node.peer_disk = DiskState::UpToDate;
-        self.stage_uuids(inner, uuids, &[SbChange::Consistent(true)])
     }
 
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync
@@ -1051,11 +976,8 @@ impl Volume {
     /// outside the handshake.
     pub(super) fn peer_uuids(&self, session: u64, p: crate::state::uuid::UuidPacket) {
         let _ = self.with_session(session, |v, inner, _| {
-            let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
-            let mut uuids = inner.node.uuids;
-            let primary = inner.node.role == Role::Primary;
-            if uuids.accept_skip_initial_sync(&p, true, version, primary) {
-                let t = v.declare_in_sync(inner, uuids);
+            if let Some(uuids) = inner.node.peer_skipped_initial_sync(&p) {
+                let t = v.stage_uuids(inner, uuids, &[SbChange::Consistent(true)]);
                 tracing::info!("the peer skipped the initial sync: UpToDate");
                 // P_STATE says UpToDate once the superblock and the pages do.
                 v.spawn_task(move |me| async move {

@@ -1,0 +1,367 @@
+//! The management commands that change a node's state, as [`Node`] methods the driver
+//! runs: `invalidate`, `new-current-uuid` (with `--clear-bitmap`: the initial sync
+//! skipped, and the peer's side of that), and online verify (`verify`, the peer's start,
+//! the end). `primary` and `secondary` are in `roles.rs`.
+//!
+//! Each command is a check, a change of the node's state in memory, and what the driver
+//! makes durable, in this order:
+//!
+//! - **invalidate**: [`Node::begin_invalidate`] (a Secondary, connected, no run going:
+//!   every block marked out of sync) → the driver writes every bitmap page, then
+//!   "inconsistent" in the superblock → [`Node::invalidated`] (the disk Inconsistent, the
+//!   connection dropped: the next handshake makes this node the SyncTarget of a full
+//!   resync, as DRBD 8.4's `invalidate` does). A crash between the two writes leaves a
+//!   full bitmap on a consistent disk: more to resync, never less.
+//! - **new-current-uuid**: [`Node::new_current_uuid`] (StandAlone only): the new
+//!   generation, which the driver makes durable and assigns.
+//! - **new-current-uuid --clear-bitmap**: [`Node::skip_initial_sync`] (connected at
+//!   protocol ≥ 90, metadata just created): the pair's first generation; the bitmap is
+//!   cleared and both disks are UpToDate in memory at once → the driver makes the UUIDs
+//!   and "consistent" durable, then the bitmap pages (either order is safe: a crash
+//!   between resyncs more) → [`Node::announce_skipped_sync`] (`P_UUIDS` with the
+//!   skip-initial-sync flag, then `P_STATE`). The peer's side is
+//!   [`Node::peer_skipped_initial_sync`], with the same durable order before its
+//!   `P_STATE` says UpToDate.
+//! - **verify**: [`Node::start_verify`] (Connected, verify-alg here and on the peer):
+//!   VerifyS; the peer's first request starts its side, [`Node::ensure_verify_peer`]:
+//!   VerifyT; [`Node::verify_ended`] returns to Connected.
+//!
+//! A refusal is an operating error: a message for the operator, the node unchanged.
+//! The simulator's operator runs none of these yet (it promotes, demotes, switches over
+//! and restarts); they are checked by the unit tests below and the daemon's integration
+//! tests (`invalidate` and `verify` in `tests/tests/resync.rs`, `new-current-uuid` and
+//! the peer's skipped initial sync in `tests/tests/peer_requests.rs`).
+
+use super::{Action, Node};
+use crate::net::Stream;
+use crate::resync::{TickInput, VerifyConfig};
+use crate::state::uuid::{UuidPacket, UuidSet};
+use crate::state::{ConnState, DiskState, Role};
+use crate::wire::{self, Packet};
+
+/// The `P_UUIDS` that announces a skipped initial sync (flag 8): `new-current-uuid
+/// --clear-bitmap`, and the first promotion of a pair just created (`roles.rs`).
+pub(super) fn skip_announcement(a: UuidSet) -> wire::Uuids {
+    wire::Uuids {
+        current: a.current,
+        bitmap: a.bitmap,
+        history: a.history,
+        dirty_bits: 0,
+        uuid_flags: wire::uuid_flags::UUID_FLAG_SKIP_INITIAL_SYNC,
+    }
+}
+
+/// `new-current-uuid --clear-bitmap`, declared in memory ([`Node::skip_initial_sync`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SkippedSync {
+    /// The pair's first generation: the driver makes it durable (with "consistent").
+    pub(crate) uuids: UuidSet,
+    /// What the peer is told once it is.
+    pub(crate) announce: wire::Uuids,
+}
+
+impl Node {
+    /// `invalidate`: refused on a Primary, during a run, or without a peer to resync
+    /// from; otherwise every block is marked out of sync (the driver writes the pages).
+    pub(crate) fn begin_invalidate(&mut self) -> Result<(), &'static str> {
+        if self.role == Role::Primary {
+            return Err("invalidate works on a Secondary; demote this node first");
+        }
+        if self.runs.target().is_some()
+            || self.runs.source().is_some()
+            || self.conn == ConnState::SyncSource
+        {
+            return Err("a resync is running; wait for it, or pause it");
+        }
+        if self.agreed.is_none() {
+            return Err("not connected: there is no peer to resync from");
+        }
+        self.primary.out_of_sync_mut().mark_all();
+        Ok(())
+    }
+
+    /// The full bitmap and "inconsistent" are durable: the disk is Inconsistent and the
+    /// connection is dropped, so that a new handshake starts the full resync.
+    pub(crate) fn invalidated(&mut self, out: &mut Vec<Action>) {
+        self.disk = DiskState::Inconsistent;
+        out.push(Action::DropConnection {
+            reason: "invalidated: a full resync from the peer follows",
+        });
+    }
+
+    /// `new-current-uuid` without `--clear-bitmap`: a new generation (`random` is its
+    /// current UUID), refused while connected.
+    pub(crate) fn new_current_uuid(&self, random: u64) -> Result<UuidSet, &'static str> {
+        if self.agreed.is_some() {
+            return Err("new-current-uuid needs StandAlone (disconnect first), or \
+                        --clear-bitmap on a new pair");
+        }
+        let mut uuids = self.uuids;
+        uuids.new_current_uuid_cmd(random, self.role == Role::Primary, false);
+        Ok(uuids)
+    }
+
+    /// `new-current-uuid --clear-bitmap`: refused unless the pair is connected at ≥ 90
+    /// and its metadata just created; otherwise declared in sync at once.
+    pub(crate) fn skip_initial_sync(&mut self, random: u64) -> Result<SkippedSync, &'static str> {
+        let mut uuids = self.uuids;
+        let version = self.agreed.unwrap_or(0);
+        let announce = uuids
+            .may_skip_initial_sync(self.agreed.is_some(), version)
+            .then(|| uuids.new_current_uuid_cmd(random, self.role == Role::Primary, true))
+            .flatten()
+            .ok_or(
+                "--clear-bitmap skips the initial sync only on a connected pair whose \
+                 metadata was just created (current UUID still the create-md value)",
+            )?;
+        self.declare_in_sync();
+        Ok(SkippedSync {
+            uuids,
+            announce: skip_announcement(announce),
+        })
+    }
+
+    /// The skipped sync is durable: the peer is told (`P_UUIDS`, then `P_STATE`).
+    pub(crate) fn announce_skipped_sync(&self, s: &SkippedSync, out: &mut Vec<Action>) {
+        out.push(Action::Send {
+            stream: Stream::Data,
+            pkt: Packet::Uuids(s.announce),
+        });
+        self.push_state(out);
+    }
+
+    /// `P_UUIDS` on a live connection: the peer skipped the initial sync. `Some`: this
+    /// node adopts its generation (declared in sync; the driver makes the UUIDs,
+    /// "consistent" and the pages durable before its `P_STATE`); anything else is
+    /// ignored, as DRBD 8.4 does outside the handshake.
+    pub(crate) fn peer_skipped_initial_sync(&mut self, p: &UuidPacket) -> Option<UuidSet> {
+        let mut uuids = self.uuids;
+        let version = self.agreed.unwrap_or(0);
+        let primary = self.role == Role::Primary;
+        if !uuids.accept_skip_initial_sync(p, self.agreed.is_some(), version, primary) {
+            return None;
+        }
+        self.declare_in_sync();
+        Some(uuids)
+    }
+
+    /// Both disks are equal: an empty bitmap, both UpToDate.
+    fn declare_in_sync(&mut self) {
+        let blocks = self.primary.out_of_sync().blocks();
+        self.primary.out_of_sync_mut().clear_blocks(0, blocks);
+        self.disk = DiskState::UpToDate;
+        self.peer_disk = DiskState::UpToDate;
+    }
+
+    /// `verify`: compares every block with the peer's by digest; this node is VerifyS.
+    /// `cfg` is `None` when verify-alg is not set here; `peer_verify`: the peer's is.
+    pub(crate) fn start_verify(
+        &mut self,
+        cfg: Option<VerifyConfig>,
+        peer_verify: bool,
+        tick: &TickInput,
+    ) -> Result<(), String> {
+        if self.agreed.is_none() || self.conn != ConnState::Connected {
+            return Err(format!(
+                "verify needs a Connected peer (the connection is {})",
+                self.conn
+            ));
+        }
+        let Some(cfg) = cfg else {
+            return Err("verify-alg is not set in [net]; set verify-alg = \"crc32c\"".into());
+        };
+        if !peer_verify {
+            return Err("the peer has no verify-alg crc32c".into());
+        }
+        self.runs
+            .start_verify(cfg, tick)
+            .map_err(|e| e.to_string())?;
+        self.conn = ConnState::VerifyS;
+        Ok(())
+    }
+
+    /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT); `cfg` starts
+    /// at its sector (`None`: verify-alg is not set here). `true`: it started now.
+    pub(crate) fn ensure_verify_peer(&mut self, cfg: Option<VerifyConfig>) -> Result<bool, String> {
+        if self.runs.verify_running() {
+            return Ok(false);
+        }
+        let Some(cfg) = cfg else {
+            return Err("the peer runs online verify but verify-alg is not set here".into());
+        };
+        self.runs
+            .start_verify_peer(cfg)
+            .map_err(|e| e.to_string())?;
+        self.conn = ConnState::VerifyT;
+        Ok(true)
+    }
+
+    /// The online verify ended: back to Connected. `true`: the crashed-Primary flag was
+    /// cleared by that ([`Node::reached_connected`]); the driver records it durably.
+    pub(crate) fn verify_ended(&mut self) -> bool {
+        if matches!(self.conn, ConnState::VerifyS | ConnState::VerifyT) {
+            self.conn = ConnState::Connected;
+            return self.reached_connected();
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
+    use crate::state::uuid::UUID_JUST_CREATED;
+    use crate::state::Protocol;
+
+    const GEN: UuidSet = UuidSet {
+        current: 0xA000,
+        bitmap: 0,
+        history: [0, 0],
+    };
+
+    /// A node over a 1 MiB volume (256 blocks).
+    fn node(uuids: UuidSet, disk: DiskState) -> Node {
+        let primary = Primary::new(PrimaryConfig::new(Protocol::C, 2048)).unwrap();
+        let receiver = Receiver::new(ReceiverConfig::new(2048)).unwrap();
+        Node::new(primary, receiver, uuids, disk)
+    }
+
+    fn tick() -> TickInput {
+        TickInput::default()
+    }
+
+    #[test]
+    fn invalidate_marks_every_block_then_drops_the_connection_once_durable() {
+        let mut n = node(GEN, DiskState::UpToDate);
+        assert!(n.begin_invalidate().is_err(), "no peer to resync from");
+        n.connection_up(101, Role::Primary, DiskState::UpToDate);
+        n.begin_invalidate().unwrap();
+        let oos = n.primary.out_of_sync();
+        assert_eq!(oos.count(), oos.blocks(), "every block");
+        assert_eq!(n.disk, DiskState::UpToDate, "not before it is durable");
+        let mut out = Vec::new();
+        n.invalidated(&mut out);
+        assert_eq!(n.disk, DiskState::Inconsistent);
+        assert!(
+            matches!(out[..], [Action::DropConnection { .. }]),
+            "{out:?}"
+        );
+        n.role = Role::Primary;
+        assert!(
+            n.begin_invalidate().is_err(),
+            "a Primary's data is not invalidated"
+        );
+    }
+
+    #[test]
+    fn a_new_generation_needs_standalone() {
+        let mut n = node(GEN, DiskState::UpToDate);
+        let u = n.new_current_uuid(0xC000).unwrap();
+        assert_eq!(u.current & !1, 0xC000);
+        assert_eq!(u.bitmap, GEN.current, "the old one becomes the bitmap UUID");
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert!(n.new_current_uuid(0xC000).is_err());
+    }
+
+    #[test]
+    fn skipping_the_initial_sync_needs_a_new_connected_pair_and_declares_it_in_sync() {
+        let fresh = UuidSet {
+            current: UUID_JUST_CREATED,
+            ..GEN
+        };
+        let mut n = node(fresh, DiskState::Inconsistent);
+        n.primary.out_of_sync_mut().mark_all();
+        assert!(n.skip_initial_sync(0xC000).is_err(), "not connected");
+        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        let s = n.skip_initial_sync(0xC000).unwrap();
+        assert_eq!(s.uuids.current & !1, 0xC000);
+        assert_eq!(s.announce.current, s.uuids.current);
+        assert_eq!(n.primary.out_of_sync().count(), 0);
+        assert_eq!(
+            (n.disk, n.peer_disk),
+            (DiskState::UpToDate, DiskState::UpToDate)
+        );
+        assert_eq!(n.uuids, fresh, "the driver assigns them as it stages them");
+        let mut out = Vec::new();
+        n.announce_skipped_sync(&s, &mut out);
+        assert!(
+            matches!(
+                &out[..],
+                [
+                    Action::Send {
+                        pkt: Packet::Uuids(_),
+                        ..
+                    },
+                    Action::Send {
+                        pkt: Packet::State(_),
+                        ..
+                    }
+                ]
+            ),
+            "{out:?}"
+        );
+        let mut old = node(GEN, DiskState::UpToDate);
+        old.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert!(
+            old.skip_initial_sync(0xC000).is_err(),
+            "metadata not just created"
+        );
+
+        // The peer's side adopts the announced generation, and only that.
+        let mut peer = node(fresh, DiskState::Inconsistent);
+        peer.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        peer.primary.out_of_sync_mut().mark_all();
+        let plain = UuidPacket::from(wire::Uuids {
+            uuid_flags: 0,
+            ..s.announce
+        });
+        assert_eq!(peer.peer_skipped_initial_sync(&plain), None);
+        assert_eq!(peer.disk, DiskState::Inconsistent);
+        let u = peer
+            .peer_skipped_initial_sync(&UuidPacket::from(s.announce))
+            .unwrap();
+        assert_eq!(u.current & !1, 0xC000);
+        assert_eq!(peer.primary.out_of_sync().count(), 0);
+        assert_eq!(peer.disk, DiskState::UpToDate);
+    }
+
+    #[test]
+    fn verify_runs_only_connected_with_verify_alg_on_both_sides() {
+        let cfg = || Some(VerifyConfig::new(2048));
+        let mut n = node(GEN, DiskState::UpToDate);
+        assert!(
+            n.start_verify(cfg(), true, &tick()).is_err(),
+            "not connected"
+        );
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert!(
+            n.start_verify(None, true, &tick()).is_err(),
+            "no verify-alg here"
+        );
+        assert!(
+            n.start_verify(cfg(), false, &tick()).is_err(),
+            "none on the peer"
+        );
+        assert_eq!(n.conn, ConnState::Connected);
+        n.start_verify(cfg(), true, &tick()).unwrap();
+        assert_eq!(n.conn, ConnState::VerifyS);
+        assert!(
+            n.start_verify(cfg(), true, &tick()).is_err(),
+            "one at a time"
+        );
+        assert!(!n.verify_ended(), "no crashed-Primary flag to clear");
+        assert_eq!(n.conn, ConnState::Connected);
+
+        let mut t = node(GEN, DiskState::UpToDate);
+        t.crashed_primary = true;
+        t.connection_up(101, Role::Primary, DiskState::UpToDate);
+        assert!(t.ensure_verify_peer(None).is_err());
+        assert!(t.ensure_verify_peer(cfg()).unwrap());
+        assert!(!t.ensure_verify_peer(cfg()).unwrap(), "already running");
+        assert_eq!(t.conn, ConnState::VerifyT);
+        assert!(t.verify_ended(), "the flag ends as at Connected");
+        assert!(!t.verify_ended());
+    }
+}
