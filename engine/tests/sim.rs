@@ -139,6 +139,7 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("switchovers", sum(|r| r.switchovers)),
         ("secondary stops", sum(|r| r.s_stops)),
         ("secondary power losses", sum(|r| r.s_power_losses)),
+        ("invalidates", sum(|r| r.invalidates)),
     ];
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();
     eprintln!(

@@ -27,10 +27,11 @@
 //!   VerifyT; [`Node::verify_ended`] returns to Connected.
 //!
 //! A refusal is an operating error: a message for the operator, the node unchanged.
-//! The simulator's operator runs none of these yet (it promotes, demotes, switches over
-//! and restarts); they are checked by the unit tests below and the daemon's integration
-//! tests (`invalidate` and `verify` in `tests/tests/resync.rs`, `new-current-uuid` and
-//! the peer's skipped initial sync in `tests/tests/peer_requests.rs`).
+//! The simulator's operator runs `invalidate` (its checker 13, with a sabotage of the
+//! marking caught); the others are checked by the unit tests below and the daemon's
+//! integration tests (`invalidate` and `verify` in `tests/tests/resync.rs`,
+//! `new-current-uuid` and the peer's skipped initial sync in
+//! `tests/tests/peer_requests.rs`).
 
 use super::{Action, Node};
 use crate::net::Stream;
@@ -75,6 +76,10 @@ impl Node {
         }
         if self.agreed.is_none() {
             return Err("not connected: there is no peer to resync from");
+        }
+        #[cfg(test)]
+        if self.sabotage_invalidate_marks_nothing {
+            return Ok(());
         }
         self.primary.out_of_sync_mut().mark_all();
         Ok(())

@@ -187,6 +187,9 @@ pub(crate) struct Node {
     pub(crate) promoting: bool,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
+    /// Deliberate bug for the simulator's sabotage test: `invalidate` marks nothing.
+    #[cfg(test)]
+    pub(crate) sabotage_invalidate_marks_nothing: bool,
 }
 
 impl Node {
@@ -215,6 +218,8 @@ impl Node {
             promoting: false,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
+            #[cfg(test)]
+            sabotage_invalidate_marks_nothing: false,
         }
     }
 

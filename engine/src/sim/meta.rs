@@ -115,6 +115,14 @@ impl MetaDev {
         Ok(())
     }
 
+    /// The bitmap on the device, as an attach would read it before applying the
+    /// activity log.
+    pub(crate) fn bitmap(&self, sectors: u64) -> Result<OutOfSync, String> {
+        let l = self.layout;
+        let area = self.range(l.bitmap_offset, l.pages * PAGE_BYTES as u64)?;
+        Ok(OutOfSync::from_disk(sectors, &self.bytes[area]))
+    }
+
     /// A clean stop's last step (the daemon's `mark_clean`): the ring re-initialised, so
     /// that the next attach applies no activity log.
     pub(crate) fn mark_clean(&mut self) -> Result<(), String> {

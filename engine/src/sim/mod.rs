@@ -103,6 +103,10 @@
 //!   reconnect. The Secondary writes its bitmap pages where the daemon does: the merged
 //!   bitmap before the first resync write, write-backs after a flush that covers the
 //!   clears, the end of a run after its flush, the clean stop.
+//! - **Invalidate** (`invalidate.rs`), on about one seed in eight, its own random
+//!   stream: the operator finds a few of the Secondary's blocks damaged behind tandem's
+//!   back and runs `invalidate` there, through `replica::Node`'s sequence (every block
+//!   marked, the pages written, the connection dropped): a full resync follows.
 //! - **Workload**: up to `max_ops` requests at a random queue depth: writes of 512 B …
 //!   64 KiB (discards up to 252 KiB, 64 blocks: one transaction can add at most 64
 //!   extents) at random sector-aligned offsets, 90 %, 50 % or none of them inside a
@@ -168,6 +172,9 @@
 //!     the disks is set in one of the two bitmaps (a page image that persists a resync
 //!     clear before a flush covers its data fails it); after a clean stop the restarted
 //!     bitmap is the one at the stop (the resync resumes, it does not start over).
+//! 13. Invalidate (`invalidate.rs`): when the connection drops, the Secondary's bitmap
+//!     on its metadata device holds every block, and the next target run starts with
+//!     every block to fetch; checker 7 then finds the damaged blocks repaired.
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -186,6 +193,7 @@
 
 mod disk;
 mod failover;
+mod invalidate;
 mod meta;
 mod race;
 mod resync;
@@ -297,6 +305,9 @@ pub(crate) struct Sabotage {
     pub s_images_forget_unflushed: bool,
     /// The Secondary's clean stop does not write its dirty bitmap pages (checker 12).
     pub clean_stop_skips_pages: bool,
+    /// `invalidate` marks no block out of sync (`replica::Node::begin_invalidate`'s
+    /// rule off; checker 13).
+    pub invalidate_marks_nothing: bool,
 }
 
 /// The sabotages of the Secondary's node (its flush rounds, its target, its bitmap).
@@ -311,6 +322,7 @@ fn sabotage_secondary_node(s: &Sabotage, node: &mut Node) {
     node.primary
         .out_of_sync_mut()
         .sabotage_image_without_unflushed = s.s_images_forget_unflushed;
+    node.sabotage_invalidate_marks_nothing = s.invalidate_marks_nothing;
 }
 
 /// The parameters a seed chose.
@@ -627,6 +639,8 @@ pub struct SimReport {
     pub s_stops: u64,
     /// See `s_stops`.
     pub s_power_losses: u64,
+    /// Checker 13: the operator's invalidates of the Secondary.
+    pub invalidates: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -791,6 +805,10 @@ enum Ev {
         clean: bool,
         tries: u32,
     },
+    /// The operator invalidates the Secondary (checker 13, `invalidate.rs`).
+    SInvalidate {
+        tries: u32,
+    },
     /// A resync controller step on both nodes (every `SLEEP_TIME_MS`).
     RsTick {
         run: u64,
@@ -841,6 +859,7 @@ impl Ev {
             Ev::SReattach => 27,
             Ev::SWriteBack { .. } => 28,
             Ev::SStop { .. } => 29,
+            Ev::SInvalidate { .. } => 30,
         }
     }
 }
@@ -1046,6 +1065,8 @@ struct Sim {
     sw: switchover::Switch,
     /// The Secondary's stop (`s_stop.rs`).
     ss: s_stop::SStop,
+    /// The operator's invalidate (`invalidate.rs`).
+    inv: invalidate::Invalidate,
     /// The bitmap's flush id of the Secondary's write-back flush in flight.
     s_writeback: Option<Option<u64>>,
 
@@ -1124,6 +1145,7 @@ impl Sim {
             fo: failover::Fo::new(cfg.seed, cfg.max_ops),
             sw: switchover::Switch::new(cfg.seed, cfg.max_ops),
             ss: s_stop::SStop::new(cfg.seed),
+            inv: invalidate::Invalidate::new(cfg.seed),
             s_writeback: None,
             params,
             report,
@@ -1203,6 +1225,7 @@ impl Sim {
     fn run(&mut self) -> Result<(), String> {
         self.connect()?;
         self.at(0, Ev::Workload);
+        self.maybe_schedule_invalidate();
         if let Some(every) = self.params.fault_every {
             let d = self.rng.range(1, 2 * every);
             self.at(d, Ev::Fault);
@@ -1481,6 +1504,7 @@ impl Sim {
             } => self.finish_flush_done(covers, fail, gen, id),
             Ev::SWriteBack { covers, fail } => self.s_write_back_done(covers, fail),
             Ev::SStop { clean, tries } => self.s_stop(clean, tries),
+            Ev::SInvalidate { tries } => self.s_invalidate(tries),
             Ev::RsTick { run } => self.rs_tick(run),
             Ev::SbFault => self.sb_fault(),
             Ev::SbWrite { n } => self.sb_write(n),
@@ -1496,22 +1520,24 @@ impl Sim {
                 }
                 Ok(())
             }
-            Ev::Reconnect => {
-                self.reconnect_pending = false;
-                // A crashed Primary reconnects after its restart and checker 6, a detached
-                // Secondary after its re-attach, a dead Primary never.
-                if !self.up
-                    && !self.primary_down
-                    && self.check6.is_none()
-                    && !self.fo.standalone
-                    && self.s_disk_usable()
-                    && !self.fo.dead
-                {
-                    self.connect()?;
-                }
-                Ok(())
-            }
+            Ev::Reconnect => self.reconnect(),
         }
+    }
+
+    /// The reconnect timer: a crashed Primary reconnects after its restart and checker 6,
+    /// a detached Secondary after its re-attach, a dead Primary never.
+    fn reconnect(&mut self) -> Result<(), String> {
+        self.reconnect_pending = false;
+        if !self.up
+            && !self.primary_down
+            && self.check6.is_none()
+            && !self.fo.standalone
+            && self.s_disk_usable()
+            && !self.fo.dead
+        {
+            self.connect()?;
+        }
+        Ok(())
     }
 
     /// The Primary's disk completed write `tag` of request `id` (`fail`: garbage there).
@@ -2761,6 +2787,19 @@ mod tests {
         assert!(f.message.contains("checker 12"), "{f}");
     }
 
+    /// Checker 13: an invalidate that does not mark every block resyncs only part of a
+    /// damaged disk.
+    #[test]
+    fn an_invalidate_that_marks_nothing_is_caught() {
+        let s = Sabotage {
+            invalidate_marks_nothing: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a partial invalidate");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 13"), "{f}");
+    }
+
     /// Found by checker 11: a demotion that records "not Primary" without flushing the
     /// data disk leaves the old Primary's last unflushed writes volatile on what is now
     /// the Secondary, and the new Primary's flush then promises them on both nodes.
@@ -2875,6 +2914,7 @@ mod tests {
             ("switchovers", sum(|r| r.switchovers)),
             ("secondary stops", sum(|r| r.s_stops)),
             ("secondary power losses", sum(|r| r.s_power_losses)),
+            ("invalidates", sum(|r| r.invalidates)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",

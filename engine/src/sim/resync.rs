@@ -910,6 +910,7 @@ impl Sim {
             self.rs.sb = Sb::Resolved;
         }
         self.fo.wf_sync = false;
+        self.check13_target_start()?;
         // The daemon's step 3: the merged bitmap on disk before the first resync write.
         self.write_s_pages()?;
         self.sn.uuids.start_sync_target(sync_uuid, false);

@@ -1156,6 +1156,23 @@ impl Volume {
         self.run(effects);
     }
 
+    /// One step of the node that appends actions (a management command's), under the
+    /// lock; the actions are then performed as the cores' are ([`Self::drain`]).
+    fn node_step<T>(&self, f: impl FnOnce(&mut Node, &mut Vec<Action>) -> T) -> T {
+        let mut fx = Vec::new();
+        let out = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let out = f(&mut inner.node, &mut inner.actions);
+            self.drain(inner, &mut fx);
+            out
+        };
+        self.run(fx);
+        out
+    }
+
+    /// Runs `f` under the lock if connection `session` is still the current one
+    /// (`None` otherwise), then performs its effects.
     fn with_session<T>(
         &self,
         session: u64,

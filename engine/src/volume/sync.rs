@@ -926,14 +926,7 @@ impl Volume {
             .durable(t)
             .await
             .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
-        let mut fx = Vec::new();
-        {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            inner.node.invalidated(&mut inner.actions);
-            self.drain(inner, &mut fx);
-        }
-        self.run(fx);
+        self.node_step(|node, out| node.invalidated(out));
         Ok(())
     }
 
@@ -959,14 +952,7 @@ impl Volume {
         self.meta.durable(t).await?;
         if let Some(s) = skipped {
             self.write_dirty_pages().await?;
-            let mut fx = Vec::new();
-            {
-                let mut g = self.lock();
-                let inner = &mut *g;
-                inner.node.announce_skipped_sync(&s, &mut inner.actions);
-                self.drain(inner, &mut fx);
-            }
-            self.run(fx);
+            self.node_step(|node, out| node.announce_skipped_sync(&s, out));
         }
         Ok(())
     }
