@@ -20,10 +20,13 @@
 //! - **The node's state.** Its role, disk state, generation UUIDs and crashed-Primary
 //!   flag, and the rules that change them: a connection loss (the runs are cut before
 //!   the cores let go, [`Node::connection_lost`]), a lost peer disk (a Primary starts a
-//!   generation, [`Node::lost_peer_disk`]), the start of a run (told of every write on
-//!   the disk, [`Node::start_target`], [`Node::ensure_source`]), its end ([`TargetEnd`],
-//!   [`Node::source_end_uuids`]) and the transition to Connected
-//!   ([`Node::reached_connected`]); role changes (`roles.rs`). A UUID or flag change is
+//!   generation, [`Node::lost_peer_disk`]), the start of a run (its UUIDs,
+//!   [`Node::begin_sync_source`] / [`Node::begin_sync_target`]; the run told of every
+//!   write on the disk and the connection SyncSource or SyncTarget, [`Node::start_source`]
+//!   / [`Node::start_target`]), its end ([`TargetEnd`] on the target,
+//!   [`Node::peer_sync_ended`] on the source) and the transition to Connected
+//!   ([`Node::reached_connected`]); role changes (`roles.rs`); management commands
+//!   (`admin.rs`). A UUID or flag change is
 //!   returned, not hidden: the daemon makes it durable in its superblock before what
 //!   depends on it; the simulator, which has no superblock, assigns it.
 //! - **The connection and the peer.** The connection's state, the agreed protocol
@@ -142,6 +145,18 @@ pub(crate) struct TargetEnd {
     /// With nothing left to fetch: the node's generation when the run ended, and the one
     /// that completes it (DRBD's `drbd_resync_finished` on the target).
     pub(crate) uuids: Option<(UuidSet, UuidSet)>,
+}
+
+/// The end of a SyncSource's run ([`Node::peer_sync_ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SourceEnd {
+    /// The peer's disk is UpToDate: the generation that completes the run
+    /// ([`Node::source_end_uuids`]), which the driver makes durable (with the
+    /// crashed-Primary flag cleared in the same write) and assigns.
+    pub(crate) uuids: Option<UuidSet>,
+    /// Reaching Connected cleared the crashed-Primary flag ([`Node::reached_connected`]):
+    /// the driver records that.
+    pub(crate) crash_repaired: bool,
 }
 
 /// One node's write pipelines (see the module docs).
@@ -303,10 +318,32 @@ impl Node {
         verify
     }
 
+    /// The handshake made this node SyncSource (step 3): the generation of the run (a
+    /// new bitmap UUID, `random`), which the driver makes durable and assigns before it
+    /// sends `P_SYNC_UUID` with the returned value.
+    pub(crate) fn begin_sync_source(&self, random: u64) -> (UuidSet, u64) {
+        let mut uuids = self.uuids;
+        let sync_uuid = uuids.start_sync_source(random);
+        (uuids, sync_uuid)
+    }
+
+    /// `P_SYNC_UUID` on the SyncTarget (step 3), once the merged bitmap's pages are
+    /// written: the disk is Inconsistent (a Failed one stays Failed), and the UUIDs
+    /// returned are made durable with "not consistent" before the first resync write.
+    pub(crate) fn begin_sync_target(&mut self, sync_uuid: u64) -> UuidSet {
+        if self.disk != DiskState::Failed {
+            self.disk = DiskState::Inconsistent;
+        }
+        let mut uuids = self.uuids;
+        uuids.start_sync_target(sync_uuid, self.role == Role::Primary);
+        uuids
+    }
+
     /// Starts a target over the node's bitmap (its set bits are what to fetch), told of
     /// every write on the disk now — this node's, submitted and not retired, and the
     /// peer's, submitted and not completed, of an earlier connection too — so that no
-    /// resync write lands under one (the simulator found that one could). Returns the run.
+    /// resync write lands under one (the simulator found that one could). The connection
+    /// is SyncTarget, the peer's disk UpToDate. Returns the run.
     pub(crate) fn start_target(
         &mut self,
         cfg: TargetConfig,
@@ -319,22 +356,40 @@ impl Node {
             self.receiver.submitted_writes(),
         );
         let bm = self.primary.out_of_sync();
-        self.runs.start_target(cfg, bm, tick, peer_uuids, in_flight)
+        let run = self
+            .runs
+            .start_target(cfg, bm, tick, peer_uuids, in_flight)?;
+        self.conn = ConnState::SyncTarget;
+        self.peer_disk = DiskState::UpToDate;
+        Ok(run)
     }
 
-    /// Starts the source unless one runs, told of this node's writes not yet on the disk
-    /// (each holds the reads of its range until it is).
+    /// The handshake made this node SyncSource: the source starts (unless one runs), the
+    /// connection is SyncSource, the peer's disk Inconsistent.
+    pub(crate) fn start_source(
+        &mut self,
+        cfg: SourceConfig,
+        tick: &TickInput,
+    ) -> Result<(), ResyncError> {
+        self.conn = ConnState::SyncSource;
+        self.peer_disk = DiskState::Inconsistent;
+        self.ensure_source(cfg, tick)
+    }
+
+    /// Starts the source unless one runs (a peer's resync request may come first), told
+    /// of this node's writes not yet on the disk (each holds the reads of its range until
+    /// it is).
     pub(crate) fn ensure_source(
         &mut self,
         cfg: SourceConfig,
         tick: &TickInput,
-        peer_primary: bool,
     ) -> Result<(), ResyncError> {
         let in_flight = self
             .primary
             .submitted_writes()
             .filter(|&(.., on_disk)| !on_disk)
             .map(|(tag, sector, len, _)| (tag, sector, len));
+        let peer_primary = self.peer_role == Role::Primary;
         self.runs.ensure_source(cfg, tick, peer_primary, in_flight)
     }
 
@@ -367,8 +422,9 @@ impl Node {
     }
 
     /// The end of `end` is recorded (`durable`: its UUIDs and "consistent" are on the
-    /// disk): the run is over, and with them the disk is UpToDate. `true`: it was the
-    /// run finishing (the connection is no longer syncing).
+    /// disk): the run is over, and with them the disk is UpToDate. If it was the run
+    /// finishing, the connection is Connected again ([`Self::reached_connected`]);
+    /// `true`: that cleared the crashed-Primary flag, which the driver records.
     pub(crate) fn target_end_recorded(&mut self, end: &TargetEnd, durable: bool) -> bool {
         let over = self.runs.end_recorded(end.run);
         if durable && end.uuids.is_some() {
@@ -376,7 +432,28 @@ impl Node {
             self.disk = DiskState::UpToDate;
             self.crashed_primary = false;
         }
-        over
+        if !over {
+            return false;
+        }
+        self.conn = ConnState::Connected;
+        self.reached_connected()
+    }
+
+    /// The peer's `P_STATE` says `conn` while this node is SyncSource: at Connected the
+    /// run is over here too (`None`: it is not). See [`SourceEnd`].
+    pub(crate) fn peer_sync_ended(&mut self, conn: ConnState) -> Option<SourceEnd> {
+        if self.conn != ConnState::SyncSource || conn != ConnState::Connected {
+            return None;
+        }
+        self.conn = ConnState::Connected;
+        let uuids = (self.peer_disk == DiskState::UpToDate).then(|| self.source_end_uuids());
+        if uuids.is_some() {
+            self.crashed_primary = false;
+        }
+        Some(SourceEnd {
+            uuids,
+            crash_repaired: self.reached_connected(),
+        })
     }
 
     /// The connection reached Connected: after a handshake that needs no resync, or at
@@ -978,7 +1055,13 @@ mod tests {
             false
         ));
         assert!(!n.runs.idle(), "another run's end records nothing");
-        assert!(n.target_end_recorded(&end, false), "the run is over");
+        assert_eq!(n.conn, ConnState::SyncTarget);
+        n.crashed_primary = true;
+        assert!(
+            n.target_end_recorded(&end, false),
+            "the run is over: Connected, which repairs the crash"
+        );
+        assert_eq!(n.conn, ConnState::Connected);
         assert_eq!(n.disk, DiskState::Inconsistent, "not durable: not UpToDate");
         assert!(n.runs.idle());
         let later = n.target_end(run, Some(peer));
@@ -993,5 +1076,47 @@ mod tests {
         n.crashed_primary = true;
         assert!(n.reached_connected(), "the driver records the clear");
         assert!(!n.crashed_primary && !n.reached_connected(), "once");
+    }
+
+    #[test]
+    fn a_source_run_ends_when_the_peer_says_connected_and_completes_if_it_is_up_to_date() {
+        let mut n = node();
+        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        let (uuids, sync_uuid) = n.begin_sync_source(0xC000);
+        assert_eq!(uuids.bitmap, sync_uuid, "the run's bitmap UUID");
+        n.uuids = uuids;
+        n.start_source(SourceConfig::new(SECTORS), &TickInput::default())
+            .unwrap();
+        assert_eq!(
+            (n.conn, n.peer_disk),
+            (ConnState::SyncSource, DiskState::Inconsistent)
+        );
+        assert_eq!(
+            n.peer_sync_ended(ConnState::SyncTarget),
+            None,
+            "still syncing"
+        );
+        n.crashed_primary = true;
+        let end = n.peer_sync_ended(ConnState::Connected).unwrap();
+        assert_eq!(
+            end.uuids, None,
+            "the peer is not UpToDate: nothing completes"
+        );
+        assert!(end.crash_repaired);
+        assert_eq!(n.conn, ConnState::Connected);
+        assert_eq!(n.peer_sync_ended(ConnState::Connected), None, "once");
+
+        n.conn = ConnState::SyncSource;
+        n.peer_reported(Role::Secondary, DiskState::UpToDate);
+        n.crashed_primary = true;
+        let end = n.peer_sync_ended(ConnState::Connected).unwrap();
+        let done = end.uuids.expect("the generation that completes the run");
+        assert_eq!(done.bitmap, 0, "the bitmap UUID rotates into history");
+        assert_eq!(done.history[0], sync_uuid);
+        assert!(
+            !end.crash_repaired,
+            "cleared with the completing UUIDs instead"
+        );
+        assert!(!n.crashed_primary);
     }
 }

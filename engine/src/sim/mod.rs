@@ -144,8 +144,9 @@
 //!    of a restarted Primary, or holds its own split-brain writes, which resync must
 //!    discard). At quiescence (workload done, connection up, the last resync finished
 //!    with no failed block): the Secondary is UpToDate, both bitmaps are empty, both
-//!    nodes hold the same UUIDs, and every block is byte-identical on both disks (no
-//!    "or out of sync" exception); with checker 1 both equal the reference image.
+//!    nodes hold the same UUIDs and say Connected with an UpToDate peer, and every
+//!    block is byte-identical on both disks (no "or out of sync" exception); with
+//!    checker 1 both equal the reference image.
 //! 8. Split brain. At every handshake after one: both nodes see it, and decide what the
 //!    after-sb policy table (written out independently in `resync.rs`) says: no policy
 //!    (default: disconnect) or an undecided one refuses on both sides; a policy that

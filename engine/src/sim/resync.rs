@@ -70,7 +70,7 @@ use crate::state::uuid::{
     sync_handshake, AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx,
     HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
 };
-use crate::state::{DiskState, Role};
+use crate::state::{ConnState, DiskState, Role};
 use crate::wire::dp;
 use crate::wire::{decode_frame, encode, ff, BitmapReceiver, BitmapSender, Packet, WireCtx};
 use std::collections::{BTreeMap, VecDeque};
@@ -884,7 +884,8 @@ impl Sim {
         };
         or_bits(self.pn.primary.out_of_sync_mut(), words.into_iter());
         let r = uuid(&mut self.rs.rng);
-        let sync_uuid = self.pn.uuids.start_sync_source(r);
+        let (uuids, sync_uuid) = self.pn.begin_sync_source(r);
+        self.pn.uuids = uuids;
         self.send_data(DataMsg::SyncUuid(sync_uuid));
         let p = &self.rs.params;
         let cfg = SourceConfig {
@@ -897,7 +898,7 @@ impl Sim {
         };
         let tick = self.tick_input(true);
         self.pn
-            .ensure_source(cfg, &tick, false)
+            .start_source(cfg, &tick)
             .map_err(|e| format!("source: {e}"))
     }
 
@@ -913,10 +914,7 @@ impl Sim {
         self.check13_target_start()?;
         // The daemon's step 3: the merged bitmap on disk before the first resync write.
         self.write_s_pages()?;
-        self.sn.uuids.start_sync_target(sync_uuid, false);
-        if self.sn.disk != DiskState::Failed {
-            self.sn.disk = DiskState::Inconsistent;
-        }
+        self.sn.uuids = self.sn.begin_sync_target(sync_uuid);
         let bm = self.sn.primary.out_of_sync();
         self.report.resyncs += 1;
         self.report.out_of_sync_bytes = self.report.out_of_sync_bytes.max(bm.bytes());
@@ -1150,10 +1148,18 @@ impl Sim {
         self.p_actions()
     }
 
-    /// The SyncTarget finished and is UpToDate: the SyncSource finishes too.
+    /// The SyncTarget finished and is UpToDate (its `P_STATE`: Secondary, UpToDate,
+    /// Connected): the SyncSource finishes too.
     pub(super) fn sync_done(&mut self) -> Result<(), String> {
-        self.pn.uuids = self.pn.source_end_uuids();
-        self.pn.reached_connected();
+        self.pn.peer_reported(Role::Secondary, DiskState::UpToDate);
+        let end = self
+            .pn
+            .peer_sync_ended(ConnState::Connected)
+            .ok_or_else(|| format!("the end of a resync on a {} Primary", self.pn.conn))?;
+        let uuids = end
+            .uuids
+            .ok_or("the end of a resync with the peer not UpToDate")?;
+        self.pn.uuids = uuids;
         Ok(())
     }
 
@@ -1751,6 +1757,15 @@ impl Sim {
     pub(super) fn check_in_sync(&self) -> Result<(), String> {
         if let Some(why) = self.not_in_sync() {
             return Err(format!("checker 7: not in sync at the end: {why}"));
+        }
+        // Each node's own view (`replica::Node`'s transitions at a run's start and end).
+        for (who, n) in [("primary", &self.pn), ("secondary", &self.sn)] {
+            if n.conn != ConnState::Connected || n.peer_disk != DiskState::UpToDate {
+                return Err(format!(
+                    "checker 7: in sync, but the {who} node says {} with a {} peer disk",
+                    n.conn, n.peer_disk
+                ));
+            }
         }
         let block = SECTORS_PER_BLOCK * SECTOR as usize;
         if self.pdisk.cache != self.sdisk.cache {

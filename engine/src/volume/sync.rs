@@ -57,7 +57,7 @@ use crate::resync::{
     VerifyConfig, VerifyProgress,
 };
 use crate::state::uuid::{random_uuid, UuidSet};
-use crate::state::{ConnState, DiskState, Role};
+use crate::state::{ConnState, DiskState};
 use crate::store::{AlignedBuf, SECTOR_SIZE};
 use crate::wire::Packet;
 use std::sync::Arc;
@@ -189,8 +189,8 @@ impl Volume {
     pub(super) async fn begin_sync_source(&self) -> Result<u64, String> {
         let (t, sync_uuid) = {
             let mut g = self.lock();
-            let mut uuids = g.node.uuids;
-            let sync_uuid = uuids.start_sync_source(random_uuid(&mut rand::thread_rng()));
+            let random = random_uuid(&mut rand::thread_rng());
+            let (uuids, sync_uuid) = g.node.begin_sync_source(random);
             (self.stage_uuids(&mut g, uuids, &[]), sync_uuid)
         };
         self.meta.durable(t).await?;
@@ -203,9 +203,7 @@ impl Volume {
         self.write_dirty_pages().await?;
         let t = {
             let mut g = self.lock();
-            g.node.disk = DiskState::Inconsistent;
-            let mut uuids = g.node.uuids;
-            uuids.start_sync_target(sync_uuid, g.node.role == Role::Primary);
+            let uuids = g.node.begin_sync_target(sync_uuid);
             self.stage_uuids(&mut g, uuids, &[SbChange::Consistent(false)])
         };
         self.meta
@@ -284,8 +282,6 @@ impl Volume {
                             if csums { ", checksum-based" } else { "" }
                         );
                         self.sync_run_started.notify_one();
-                        inner.node.conn = ConnState::SyncTarget;
-                        inner.node.peer_disk = DiskState::UpToDate;
                         inner.event(
                             "resync-started",
                             serde_json::json!({
@@ -299,9 +295,9 @@ impl Volume {
                 }
             }
             SyncRole::Source => {
-                self.ensure_source(inner);
-                inner.node.conn = ConnState::SyncSource;
-                inner.node.peer_disk = DiskState::Inconsistent;
+                let cfg = self.source_config(inner);
+                let r = inner.node.start_source(cfg, &tick);
+                self.source_started(r);
                 let oos = inner.node.primary.out_of_sync_bytes();
                 inner.event(
                     "resync-started",
@@ -315,23 +311,31 @@ impl Volume {
         }
     }
 
+    /// A peer's resync request before the source runs starts it.
     fn ensure_source(&self, inner: &mut Inner) {
         if inner.node.runs.source().is_some() {
             return;
         }
-        let sectors = self.size_bytes / SECTOR_SIZE as u64;
-        let cfg = SourceConfig {
+        let cfg = self.source_config(inner);
+        let tick = self.tick_input(inner);
+        let r = inner.node.ensure_source(cfg, &tick);
+        self.source_started(r);
+    }
+
+    fn source_config(&self, inner: &Inner) -> SourceConfig {
+        SourceConfig {
             thin: inner
                 .link
                 .as_ref()
                 .is_some_and(|l| l.ctx().has(crate::wire::ff::DRBD_FF_THIN_RESYNC)),
             max_app_writes: inner.node.primary.config().max_in_flight + 64,
             c_min_rate: self.sync.rate.c_min_rate,
-            ..SourceConfig::new(sectors)
-        };
-        let tick = self.tick_input(inner);
-        let peer_primary = inner.node.peer_role == Role::Primary;
-        match inner.node.ensure_source(cfg, &tick, peer_primary) {
+            ..SourceConfig::new(self.size_bytes / SECTOR_SIZE as u64)
+        }
+    }
+
+    fn source_started(&self, r: Result<(), crate::resync::Error>) {
+        match r {
             Ok(()) => self.sync_run_started.notify_one(),
             Err(e) => tracing::error!("cannot start the resync source: {e}"),
         }
@@ -816,8 +820,7 @@ impl Volume {
         }
         let durable = recorded.is_ok() && end.uuids.is_some();
         if inner.node.target_end_recorded(&end, durable) {
-            inner.node.conn = ConnState::Connected;
-            self.reached_connected(inner);
+            self.crash_repaired();
         }
         self.wake_if_idle(inner);
         self.send_state(inner);
@@ -827,20 +830,19 @@ impl Volume {
     /// Connected; complete when its disk is UpToDate (the bitmap UUID then rotates into
     /// history, DRBD's `drbd_resync_finished` on the source).
     pub(super) fn source_peer_state(&self, inner: &mut Inner, conn: ConnState) {
-        if inner.node.conn != ConnState::SyncSource || conn != ConnState::Connected {
+        let Some(end) = inner.node.peer_sync_ended(conn) else {
             return;
-        }
-        inner.node.conn = ConnState::Connected;
-        if inner.node.peer_disk == DiskState::UpToDate {
-            let uuids = inner.node.source_end_uuids();
+        };
+        if let Some(uuids) = end.uuids {
             // Durable in the background (application writes wait for it at the core's
             // door), with the crash repaired in the same superblock write.
             let _ = self.stage_uuids(inner, uuids, &[SbChange::ClearCrashedPrimary]);
-            inner.node.crashed_primary = false;
             tracing::info!("resync finished (this node was SyncSource)");
             inner.event("resync-finished", serde_json::json!({"role": "SyncSource"}));
         }
-        self.reached_connected(inner);
+        if end.crash_repaired {
+            self.crash_repaired();
+        }
     }
 
     /// The connection reached Connected (`replica::Node::reached_connected`): a crash
