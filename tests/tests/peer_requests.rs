@@ -138,6 +138,17 @@ async fn closed_in_time(s: &mut TcpStream) -> bool {
     .is_ok()
 }
 
+/// beta's size in sectors and port, and a runtime for the script.
+fn script_for(c: &Cluster) -> (u64, u16, tokio::runtime::Runtime) {
+    let sectors = c.node(1).status().u64_at("/size_bytes") / 512;
+    let port = c.node(1).address().port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    (sectors, port, rt)
+}
+
 /// `current:bitmap:history0:history1` in hex, as status shows the UUIDs.
 fn parse_uuids(s: &str) -> UuidSet {
     let v: Vec<u64> = s
@@ -168,20 +179,10 @@ fn conn_request(c: ConnState) -> (u32, u32) {
 fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() {
     let mut c = Cluster::new(ClusterOpts::new("peer-requests").autostart(false));
     c.node_mut(1).start();
-    let beta = c.node(1).status();
-    let sectors = beta.u64_at("/size_bytes") / 512;
-    let port = c.node(1).address().port();
+    let (sectors, port, rt) = script_for(&c);
     let sock = c.node(1).mgmt_socket().to_string_lossy().into_owned();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     rt.block_on(async {
-        let fresh = UuidSet {
-            current: UUID_JUST_CREATED,
-            bitmap: 0,
-            history: [0, 0],
-        };
+        let fresh = UuidSet::JUST_CREATED;
         // An UpToDate just-created disk, like beta's: Connected, no resync.
         let mut p = connect(port, sectors, DiskState::UpToDate, fresh).await;
         c.node(1).wait_connected();
@@ -335,19 +336,10 @@ fn start_inconsistent_beta(c: &mut Cluster) {
 fn new_current_uuid_clear_bitmap_skips_the_initial_sync_of_a_new_pair() {
     let mut c = Cluster::new(ClusterOpts::new("skip-sync").autostart(false));
     start_inconsistent_beta(&mut c);
-    let sectors = c.node(1).status().u64_at("/size_bytes") / 512;
-    let port = c.node(1).address().port();
+    let (sectors, port, rt) = script_for(&c);
     let sock = c.node(1).mgmt_socket().to_string_lossy().into_owned();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     rt.block_on(async {
-        let fresh = UuidSet {
-            current: UUID_JUST_CREATED,
-            bitmap: 0,
-            history: [0, 0],
-        };
+        let fresh = UuidSet::JUST_CREATED;
         let mut p = connect(port, sectors, DiskState::Inconsistent, fresh).await;
         c.node(1).wait_connected();
         tandem(&["new-current-uuid", "--socket", &sock])
@@ -386,18 +378,9 @@ fn new_current_uuid_clear_bitmap_skips_the_initial_sync_of_a_new_pair() {
 fn a_peer_s_skipped_initial_sync_is_adopted() {
     let mut c = Cluster::new(ClusterOpts::new("skip-sync-peer").autostart(false));
     start_inconsistent_beta(&mut c);
-    let sectors = c.node(1).status().u64_at("/size_bytes") / 512;
-    let port = c.node(1).address().port();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (sectors, port, rt) = script_for(&c);
     rt.block_on(async {
-        let fresh = UuidSet {
-            current: UUID_JUST_CREATED,
-            bitmap: 0,
-            history: [0, 0],
-        };
+        let fresh = UuidSet::JUST_CREATED;
         let mut p = connect(port, sectors, DiskState::Inconsistent, fresh).await;
         c.node(1).wait_connected();
         let ctx = p.ctx;

@@ -27,10 +27,11 @@
 //!   VerifyT; [`Node::verify_ended`] returns to Connected.
 //!
 //! A refusal is an operating error: a message for the operator, the node unchanged.
-//! The simulator's operator runs `invalidate` (its checker 13, with a sabotage of the
-//! marking caught); the others are checked by the unit tests below and the daemon's
-//! integration tests (`invalidate` and `verify` in `tests/tests/resync.rs`,
-//! `new-current-uuid` and the peer's skipped initial sync in
+//! The simulator's operator runs `invalidate` (its checker 13) and, on a fresh pair's
+//! day 0, `new-current-uuid --clear-bitmap` with the peer's side (checker 14), each with
+//! a sabotage caught; verify and plain `new-current-uuid` are checked by the unit tests
+//! below and the daemon's integration tests (`invalidate` and `verify` in
+//! `tests/tests/resync.rs`, `new-current-uuid` and the peer's skipped initial sync in
 //! `tests/tests/peer_requests.rs`).
 
 use super::{Action, Node};
@@ -140,6 +141,10 @@ impl Node {
     /// "consistent" and the pages durable before its `P_STATE`); anything else is
     /// ignored, as DRBD 8.4 does outside the handshake.
     pub(crate) fn peer_skipped_initial_sync(&mut self, p: &UuidPacket) -> Option<UuidSet> {
+        #[cfg(test)]
+        if self.sabotage_ignore_peer_skip {
+            return None;
+        }
         let mut uuids = self.uuids;
         let version = self.agreed.unwrap_or(0);
         let primary = self.role == Role::Primary;

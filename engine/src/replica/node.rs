@@ -202,9 +202,12 @@ pub(crate) struct Node {
     pub(crate) promoting: bool,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
-    /// Deliberate bug for the simulator's sabotage test: `invalidate` marks nothing.
+    /// Deliberate bugs for the simulator's sabotage tests: `invalidate` marks nothing;
+    /// a peer's skipped initial sync is ignored.
     #[cfg(test)]
     pub(crate) sabotage_invalidate_marks_nothing: bool,
+    #[cfg(test)]
+    pub(crate) sabotage_ignore_peer_skip: bool,
 }
 
 impl Node {
@@ -235,6 +238,8 @@ impl Node {
             receiver_out: Vec::new(),
             #[cfg(test)]
             sabotage_invalidate_marks_nothing: false,
+            #[cfg(test)]
+            sabotage_ignore_peer_skip: false,
         }
     }
 

@@ -107,6 +107,10 @@
 //!   stream: the operator finds a few of the Secondary's blocks damaged behind tandem's
 //!   back and runs `invalidate` there, through `replica::Node`'s sequence (every block
 //!   marked, the pages written, the connection dropped): a full resync follows.
+//! - **Fresh pair** (`fresh.rs`), on about one seed in eight, its own random stream:
+//!   day 0 is two nodes on `create-md` metadata (just created, Inconsistent) whose
+//!   operator runs `new-current-uuid --clear-bitmap` and then `primary`, through the
+//!   node's commands and the codec.
 //! - **Workload**: up to `max_ops` requests at a random queue depth: writes of 512 B …
 //!   64 KiB (discards up to 252 KiB, 64 blocks: one transaction can add at most 64
 //!   extents) at random sector-aligned offsets, 90 %, 50 % or none of them inside a
@@ -176,6 +180,9 @@
 //! 13. Invalidate (`invalidate.rs`): when the connection drops, the Secondary's bitmap
 //!     on its metadata device holds every block, and the next target run starts with
 //!     every block to fetch; checker 7 then finds the damaged blocks repaired.
+//! 14. Fresh pair (`fresh.rs`): after the skipped initial sync both nodes are UpToDate
+//!     with empty bitmaps in one generation, and the first handshake connects without
+//!     a resync.
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -194,6 +201,7 @@
 
 mod disk;
 mod failover;
+mod fresh;
 mod invalidate;
 mod meta;
 mod race;
@@ -309,6 +317,9 @@ pub(crate) struct Sabotage {
     /// `invalidate` marks no block out of sync (`replica::Node::begin_invalidate`'s
     /// rule off; checker 13).
     pub invalidate_marks_nothing: bool,
+    /// The Secondary ignores a peer's skipped initial sync (`P_UUIDS` flag 8;
+    /// `replica::Node::peer_skipped_initial_sync` off; checker 14).
+    pub ignore_peer_skip: bool,
 }
 
 /// The sabotages of the Secondary's node (its flush rounds, its target, its bitmap).
@@ -324,6 +335,7 @@ fn sabotage_secondary_node(s: &Sabotage, node: &mut Node) {
         .out_of_sync_mut()
         .sabotage_image_without_unflushed = s.s_images_forget_unflushed;
     node.sabotage_invalidate_marks_nothing = s.invalidate_marks_nothing;
+    node.sabotage_ignore_peer_skip = s.ignore_peer_skip;
 }
 
 /// The parameters a seed chose.
@@ -642,6 +654,8 @@ pub struct SimReport {
     pub s_power_losses: u64,
     /// Checker 13: the operator's invalidates of the Secondary.
     pub invalidates: u64,
+    /// Checker 14: seeds whose day 0 is a fresh pair's skipped initial sync.
+    pub fresh_pairs: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -1068,6 +1082,9 @@ struct Sim {
     ss: s_stop::SStop,
     /// The operator's invalidate (`invalidate.rs`).
     inv: invalidate::Invalidate,
+    /// Day 0 was a fresh pair's skipped initial sync; its first handshake is to come
+    /// (`fresh.rs`).
+    fresh_pending: bool,
     /// The bitmap's flush id of the Secondary's write-back flush in flight.
     s_writeback: Option<Option<u64>>,
 
@@ -1082,14 +1099,20 @@ impl Sim {
         let pages = OutOfSync::new(SECTORS as u64).pages();
         let layout = MetaLayout::new(geo, u64::from(pages), params.bitmap_first);
         let meta_dev = MetaDev::create(layout)?;
-        let (pn, sn) = Self::nodes(cfg, &params, &layout, p_uuids, s_uuids)?;
+        let (mut pn, mut sn) = Self::nodes(cfg, &params, &layout, p_uuids, s_uuids)?;
+        // On some seeds, day 0 is a fresh pair's skipped initial sync instead (checker 14).
+        let fresh_pair = fresh::drawn(cfg.seed);
+        if let Some(mut r) = fresh_pair.clone() {
+            fresh::day0(&mut pn, &mut sn, &mut r)?;
+        }
         #[allow(unused_mut)]
-        let mut rs = Rs::new(rs_rng, &params, p_uuids)?;
+        let mut rs = Rs::new(rs_rng, &params, pn.uuids)?;
         #[cfg(test)]
         rs.set_sabotage(cfg.sabotage);
         let report = SimReport {
             seed: cfg.seed,
             protocol: Some(params.protocol),
+            fresh_pairs: u64::from(fresh_pair.is_some()),
             ..SimReport::default()
         };
         Ok(Sim {
@@ -1147,6 +1170,7 @@ impl Sim {
             sw: switchover::Switch::new(cfg.seed, cfg.max_ops),
             ss: s_stop::SStop::new(cfg.seed),
             inv: invalidate::Invalidate::new(cfg.seed),
+            fresh_pending: fresh_pair.is_some(),
             s_writeback: None,
             params,
             report,
@@ -2801,6 +2825,19 @@ mod tests {
         assert!(f.message.contains("checker 13"), "{f}");
     }
 
+    /// Checker 14: a Secondary that ignores the peer's skipped initial sync stays
+    /// Inconsistent in a generation of its own.
+    #[test]
+    fn ignoring_a_peer_s_skipped_initial_sync_is_caught() {
+        let s = Sabotage {
+            ignore_peer_skip: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch an ignored skip");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 14"), "{f}");
+    }
+
     /// Found by checker 11: a demotion that records "not Primary" without flushing the
     /// data disk leaves the old Primary's last unflushed writes volatile on what is now
     /// the Secondary, and the new Primary's flush then promises them on both nodes.
@@ -2916,6 +2953,7 @@ mod tests {
             ("secondary stops", sum(|r| r.s_stops)),
             ("secondary power losses", sum(|r| r.s_power_losses)),
             ("invalidates", sum(|r| r.invalidates)),
+            ("fresh pairs", sum(|r| r.fresh_pairs)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",

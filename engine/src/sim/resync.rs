@@ -377,7 +377,7 @@ pub(super) fn promote_alone(
 }
 
 /// A random generation UUID (never 0 or `JUST_CREATED` with bit 0 masked).
-fn uuid(rng: &mut Rng) -> u64 {
+pub(super) fn uuid(rng: &mut Rng) -> u64 {
     loop {
         let v = rng.next_u64();
         let m = v & !1;
@@ -567,6 +567,7 @@ impl Sim {
             return Ok(());
         }
         self.report.handshakes += 1;
+        self.check14_before_handshake()?;
         // Checker 8: a refused connection changed neither disk (the Primary's only takes
         // its application's writes, checker 1; nothing else may touch the Secondary's).
         let mut recreate = false;
@@ -662,6 +663,7 @@ impl Sim {
                 }
             }
         };
+        self.check14_first_handshake(matches!(decision, Decision::Connected), &what)?;
         if let Decision::Refused { unrelated } = decision {
             self.report.sb_refused += 1;
             self.rs.sb = Sb::Refused {
@@ -673,9 +675,19 @@ impl Sim {
             self.at(d, Ev::Reconnect);
             return Ok(());
         }
-        // The UUID fix-ups: each node persists its own; the Secondary keeps the
-        // Primary's as it received them (corrected as it computed) for the finish.
-        for (h, own) in [(&hp, &mut self.pn.uuids), (&hs, &mut self.sn.uuids)] {
+        self.uuid_fixups(&hp, &hs, me_p.uuids);
+        if resolving {
+            // Until the Secondary is SyncTarget (a loss before `P_SYNC_UUID` leaves the
+            // split brain in the UUIDs).
+            self.rs.sb = Sb::Resolving;
+        }
+        self.connected(decision)
+    }
+
+    /// The handshake's UUID fix-ups: each node persists its own; the Secondary keeps the
+    /// Primary's as it received them (`sent`, corrected as it computed) for the finish.
+    fn uuid_fixups(&mut self, hp: &Handshake, hs: &Handshake, sent: UuidSet) {
+        for (h, own) in [(hp, &mut self.pn.uuids), (hs, &mut self.sn.uuids)] {
             if let Some(c) = h.comparison.correction.filter(|c| c.side == UuidSide::Mine) {
                 *own = c.uuids;
                 self.report.uuid_corrections += 1;
@@ -683,14 +695,8 @@ impl Sim {
         }
         self.rs.s_peer = match hs.comparison.correction {
             Some(c) if c.side == UuidSide::Peer => c.uuids,
-            _ => me_p.uuids,
+            _ => sent,
         };
-        if resolving {
-            // Until the Secondary is SyncTarget (a loss before `P_SYNC_UUID` leaves the
-            // split brain in the UUIDs).
-            self.rs.sb = Sb::Resolving;
-        }
-        self.connected(decision)
     }
 
     /// The handshake decided `decision` (not a refusal): both nodes are connected, and

@@ -1,0 +1,135 @@
+//! Day 0 of a pair prepared with `create-md` (checker 14), through the node's own
+//! commands (`replica/admin.rs`, `replica/roles.rs`).
+//!
+//! On about one seed in eight both nodes start from just-created metadata: the current
+//! UUID `UUID_JUST_CREATED`, the disks Inconsistent, every block marked out of sync —
+//! and both disks all zeroes, so known to be equal (fresh thin volumes). While they are
+//! connected, the operator runs `new-current-uuid --clear-bitmap` on the node that will
+//! be Primary: `Node::skip_initial_sync` declares the pair in sync and returns its first
+//! generation (the model has no superblock: durable when assigned, the pages with it);
+//! `Node::announce_skipped_sync` sends `P_UUIDS` with the skip-initial-sync flag,
+//! through the codec; the peer adopts it (`Node::peer_skipped_initial_sync`). Then
+//! `primary` on the first node (`Node::begin_promotion` … `Node::take_primary`) and the
+//! run starts as on every seed, with its first handshake.
+//!
+//! Checked (checker 14): before that handshake both nodes are UpToDate with empty
+//! bitmaps and one generation, and the handshake connects without a resync (an
+//! initial sync that was skipped does not run anyway).
+
+use super::resync::uuid;
+use super::rng::{mix, Rng};
+use super::Sim;
+use crate::replica::{Action, Node};
+use crate::state::uuid::{UuidPacket, UuidSet};
+use crate::state::{DiskState, Role};
+use crate::wire::{decode_frame, encode, ff, Packet, WireCtx};
+
+/// The protocol version both nodes agree on.
+const AGREED: u32 = 101;
+
+/// A seed's draw (a stream of its own, so that the other seeds run as before).
+pub(super) fn drawn(seed: u64) -> Option<Rng> {
+    let mut rng = Rng::new(mix(seed ^ 0x6672_6573_6870));
+    rng.chance(125_000).then_some(rng)
+}
+
+/// Day 0 of a fresh pair (see the module docs): `pn` becomes Primary, `sn` its
+/// Secondary, both UpToDate in one generation.
+pub(super) fn day0(pn: &mut Node, sn: &mut Node, rng: &mut Rng) -> Result<(), String> {
+    for n in [&mut *pn, &mut *sn] {
+        n.role = Role::Secondary;
+        n.uuids = UuidSet::JUST_CREATED;
+        n.disk = DiskState::Inconsistent;
+        n.primary.out_of_sync_mut().mark_all();
+    }
+    pn.connection_up(AGREED, Role::Secondary, DiskState::Inconsistent);
+    sn.connection_up(AGREED, Role::Secondary, DiskState::Inconsistent);
+    let skipped = pn
+        .skip_initial_sync(uuid(rng))
+        .map_err(|e| format!("checker 14: --clear-bitmap refused on a fresh pair: {e}"))?;
+    pn.uuids = skipped.uuids;
+    let mut out = Vec::new();
+    pn.announce_skipped_sync(&skipped, &mut out);
+    let ctx = WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?;
+    for a in out.drain(..) {
+        match a {
+            Action::Send { pkt, .. } => match through_codec(&pkt, &ctx)? {
+                Packet::Uuids(u) => {
+                    if let Some(adopted) = sn.peer_skipped_initial_sync(&UuidPacket::from(u)) {
+                        sn.uuids = adopted;
+                    }
+                }
+                Packet::State(_) => {}
+                p => return Err(format!("checker 14: --clear-bitmap sent {p:?}")),
+            },
+            a => return Err(format!("checker 14: --clear-bitmap asked for {a:?}")),
+        }
+    }
+    let p = pn
+        .begin_promotion(false, || uuid(rng))
+        .map_err(|r| format!("checker 14: the first promotion refused: {r}"))?;
+    pn.may_take_primary(&p)?;
+    pn.take_primary(&p, &mut out).map_err(|e| e.to_string())?;
+    // (Its `P_STATE` reaches a peer that the run's first handshake informs anyway.)
+    for n in [&mut *pn, &mut *sn] {
+        n.connection_lost(&mut out);
+    }
+    if let Some(a) = out.iter().find(|a| !matches!(a, Action::Send { .. })) {
+        return Err(format!("checker 14: day 0 asked for {a:?}"));
+    }
+    Ok(())
+}
+
+/// A packet as the peer's receiver reads it.
+fn through_codec(pkt: &Packet, ctx: &WireCtx) -> Result<Packet, String> {
+    let mut buf = Vec::new();
+    encode(pkt, ctx, 0, &mut buf).map_err(|e| format!("encode {pkt:?}: {e}"))?;
+    Ok(decode_frame(&buf, ctx)
+        .map_err(|e| format!("decode: {e}"))?
+        .ok_or("decode: short frame")?
+        .packet)
+}
+
+impl Sim {
+    /// Checker 14 before the first handshake of a fresh pair (on other seeds, nothing).
+    pub(super) fn check14_before_handshake(&self) -> Result<(), String> {
+        if !self.fresh_pending {
+            return Ok(());
+        }
+        for (who, n) in [("primary", &self.pn), ("secondary", &self.sn)] {
+            if n.disk != DiskState::UpToDate || n.primary.out_of_sync().count() != 0 {
+                return Err(format!(
+                    "checker 14: after the skipped initial sync the {who} is {} with {} \
+                     blocks out of sync",
+                    n.disk,
+                    n.primary.out_of_sync().count()
+                ));
+            }
+        }
+        if self.pn.uuids.current & !1 != self.sn.uuids.current & !1 {
+            return Err(format!(
+                "checker 14: the skipped initial sync left two generations: primary {}, \
+                 secondary {}",
+                self.pn.uuids, self.sn.uuids
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checker 14 at the first handshake of a fresh pair: it `connected` without a
+    /// resync or a refusal (`what`: the handshake, for the message).
+    pub(super) fn check14_first_handshake(
+        &mut self,
+        connected: bool,
+        what: &dyn Fn() -> String,
+    ) -> Result<(), String> {
+        if std::mem::take(&mut self.fresh_pending) && !connected {
+            return Err(format!(
+                "checker 14: the first handshake after a skipped initial sync did not \
+                 connect without a resync: {}",
+                what()
+            ));
+        }
+        Ok(())
+    }
+}
