@@ -1158,17 +1158,15 @@ impl Volume {
 
     /// One step of the node that appends actions (a management command's), under the
     /// lock; the actions are then performed as the cores' are ([`Self::drain`]).
-    fn node_step<T>(&self, f: impl FnOnce(&mut Node, &mut Vec<Action>) -> T) -> T {
+    fn node_step(&self, f: impl FnOnce(&mut Node, &mut Vec<Action>)) {
         let mut fx = Vec::new();
-        let out = {
+        {
             let mut g = self.lock();
             let inner = &mut *g;
-            let out = f(&mut inner.node, &mut inner.actions);
+            f(&mut inner.node, &mut inner.actions);
             self.drain(inner, &mut fx);
-            out
-        };
+        }
         self.run(fx);
-        out
     }
 
     /// Runs `f` under the lock if connection `session` is still the current one
