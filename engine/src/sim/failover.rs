@@ -198,6 +198,8 @@ impl Sim {
         {
             secondary.sabotage = self.sabotage.receiver;
         }
+        // (The old receiver's count goes to the report first.)
+        self.report.writes_held += self.sn.receiver.stats().writes_held;
         self.sn.receiver = secondary;
         self.sn.flushes = FlushRounds::default();
         #[cfg(test)]
