@@ -121,6 +121,7 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("secondary power losses", |r| r.s_power_losses),
         ("invalidates", |r| r.invalidates),
         ("fresh pairs with a skipped initial sync", |r| r.fresh_pairs),
+        ("primary clean stops", |r| r.p_clean_stops),
     ];
     let coverage: Vec<(&str, u64)> = counters.iter().map(|&(n, f)| (n, sum(f))).collect();
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();

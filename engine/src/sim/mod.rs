@@ -73,9 +73,13 @@
 //!   bitmap, write that bitmap back and re-initialise the ring, start a new Primary
 //!   (transaction 0) with that bitmap. The workload and the reconnect wait until
 //!   checker 6 ran. Not modelled: a crash inside the attach (its write-back and ring
-//!   reset are one step), metadata sectors that read back with an error, a clean stop
-//!   of the Primary (the Secondary's is, below), a Secondary's crash outside its first
-//!   resync.
+//!   reset are one step), metadata sectors that read back with an error, a Secondary's
+//!   crash outside its first resync.
+//! - **Primary clean stop** (`p_stop.rs`), on about one seed in eight, its own random
+//!   stream: the application stops, the stop waits until nothing is in flight, then the
+//!   connection drops, the data disk is flushed, the bitmap pages are written and the
+//!   metadata marked clean; the restart applies no activity log and is not a crashed
+//!   Primary.
 //! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
 //!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
 //!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
@@ -183,6 +187,9 @@
 //! 14. Fresh pair (`fresh.rs`): after the skipped initial sync both nodes are UpToDate
 //!     with empty bitmaps in one generation, and the first handshake connects without
 //!     a resync.
+//! 15. Primary clean stop (`p_stop.rs`): the restarted bitmap is exactly the one at the
+//!     stop, no activity log is left to apply, the node does not say it crashed as
+//!     Primary; then checker 6.
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -204,6 +211,7 @@ mod failover;
 mod fresh;
 mod invalidate;
 mod meta;
+mod p_stop;
 mod race;
 mod resync;
 pub(crate) mod rng;
@@ -317,6 +325,8 @@ pub(crate) struct Sabotage {
     /// `invalidate` marks no block out of sync (`replica::Node::begin_invalidate`'s
     /// rule off; checker 13).
     pub invalidate_marks_nothing: bool,
+    /// The Primary's clean stop does not write its dirty bitmap pages (checker 15).
+    pub p_clean_stop_skips_pages: bool,
     /// The Secondary ignores a peer's skipped initial sync (`P_UUIDS` flag 8;
     /// `replica::Node::peer_skipped_initial_sync` off; checker 14).
     pub ignore_peer_skip: bool,
@@ -656,6 +666,8 @@ pub struct SimReport {
     pub invalidates: u64,
     /// Checker 14: seeds whose day 0 is a fresh pair's skipped initial sync.
     pub fresh_pairs: u64,
+    /// Checker 15: clean stops of the Primary.
+    pub p_clean_stops: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -824,6 +836,10 @@ enum Ev {
     SInvalidate {
         tries: u32,
     },
+    /// The Primary's node stops cleanly (checker 15, `p_stop.rs`).
+    PStop {
+        tries: u32,
+    },
     /// A resync controller step on both nodes (every `SLEEP_TIME_MS`).
     RsTick {
         run: u64,
@@ -875,6 +891,7 @@ impl Ev {
             Ev::SWriteBack { .. } => 28,
             Ev::SStop { .. } => 29,
             Ev::SInvalidate { .. } => 30,
+            Ev::PStop { .. } => 31,
         }
     }
 }
@@ -1082,6 +1099,8 @@ struct Sim {
     ss: s_stop::SStop,
     /// The operator's invalidate (`invalidate.rs`).
     inv: invalidate::Invalidate,
+    /// The Primary's clean stop (`p_stop.rs`).
+    ps: p_stop::PStop,
     /// Day 0 was a fresh pair's skipped initial sync; its first handshake is to come
     /// (`fresh.rs`).
     fresh_pending: bool,
@@ -1170,6 +1189,7 @@ impl Sim {
             sw: switchover::Switch::new(cfg.seed, cfg.max_ops),
             ss: s_stop::SStop::new(cfg.seed),
             inv: invalidate::Invalidate::new(cfg.seed),
+            ps: p_stop::PStop::new(cfg.seed),
             fresh_pending: fresh_pair.is_some(),
             s_writeback: None,
             params,
@@ -1251,6 +1271,7 @@ impl Sim {
         self.connect()?;
         self.at(0, Ev::Workload);
         self.maybe_schedule_invalidate();
+        self.maybe_schedule_p_stop();
         if let Some(every) = self.params.fault_every {
             let d = self.rng.range(1, 2 * every);
             self.at(d, Ev::Fault);
@@ -1530,6 +1551,7 @@ impl Sim {
             Ev::SWriteBack { covers, fail } => self.s_write_back_done(covers, fail),
             Ev::SStop { clean, tries } => self.s_stop(clean, tries),
             Ev::SInvalidate { tries } => self.s_invalidate(tries),
+            Ev::PStop { tries } => self.p_stop(tries),
             Ev::RsTick { run } => self.rs_tick(run),
             Ev::SbFault => self.sb_fault(),
             Ev::SbWrite { n } => self.sb_write(n),
@@ -1538,15 +1560,18 @@ impl Sim {
             Ev::SReattach => self.s_reattach(),
             Ev::Handed { block_id, gen } => self.handed(block_id, gen),
             Ev::Fault => self.fault(),
-            Ev::Drop { gen } => {
-                if gen == self.gen && self.up {
-                    self.report.secondary_drops += 1;
-                    self.drop_connection()?;
-                }
-                Ok(())
-            }
+            Ev::Drop { gen } => self.secondary_drop(gen),
             Ev::Reconnect => self.reconnect(),
         }
+    }
+
+    /// The Secondary's node asked to drop connection `gen` (`Action::DropConnection`).
+    fn secondary_drop(&mut self, gen: u64) -> Result<(), String> {
+        if gen == self.gen && self.up {
+            self.report.secondary_drops += 1;
+            self.drop_connection()?;
+        }
+        Ok(())
     }
 
     /// The reconnect timer: a crashed Primary reconnects after its restart and checker 6,
@@ -1712,8 +1737,9 @@ impl Sim {
     }
 
     fn workload(&mut self) -> Result<(), String> {
-        if self.primary_down || self.check6.is_some() {
-            // The application waits for the device; checker 6 resumes it.
+        if self.primary_down || self.check6.is_some() || self.ps.stopping {
+            // The application waits for the device; checker 6 (or a dropped stop)
+            // resumes it.
             self.workload_parked = true;
             return Ok(());
         }
@@ -1798,10 +1824,7 @@ impl Sim {
     fn crash(&mut self) -> Result<(), String> {
         self.crash_scheduled = false;
         self.report.crashes += 1;
-        let ps = self.pn.primary.stats();
-        self.report.al = add_al(self.report.al, ps.al.unwrap_or_default());
-        self.report.flushes_waited_for_peer += ps.flushes_waited_for_peer;
-        self.report.barrier_acks += ps.barrier_acks;
+        self.account_primary_stats();
         self.inc += 1;
         self.primary_down = true;
         // Metadata writes the device was doing land, tear or vanish.
@@ -1892,10 +1915,27 @@ impl Sim {
         primary
             .load_bitmap(a.bitmap)
             .map_err(|e| format!("restart: load_bitmap: {e}"))?;
-        self.primary_restarted(primary)?;
+        self.primary_restarted(primary, true)?;
         self.primary_down = false;
         self.check6 = Some(a.on_disk);
         Ok(())
+    }
+
+    /// The Primary node's counters go to the report before the node is replaced.
+    fn account_primary_stats(&mut self) {
+        let ps = self.pn.primary.stats();
+        self.report.al = add_al(self.report.al, ps.al.unwrap_or_default());
+        self.report.flushes_waited_for_peer += ps.flushes_waited_for_peer;
+        self.report.barrier_acks += ps.barrier_acks;
+    }
+
+    /// The application issues again, if it waited.
+    fn resume_workload(&mut self) {
+        if self.workload_parked {
+            self.workload_parked = false;
+            let d = self.rng.range(1, 10);
+            self.at(d, Ev::Workload);
+        }
     }
 
     /// Where the Secondary's disk holds a newer version than the Primary's (writes a
@@ -1953,11 +1993,7 @@ impl Sim {
                 self.report.al_only_blocks += 1;
             }
         }
-        if self.workload_parked {
-            self.workload_parked = false;
-            let d = self.rng.range(1, 10);
-            self.at(d, Ev::Workload);
-        }
+        self.resume_workload();
         self.reconnect_pending = true;
         let d = self.rng.range(1, self.params.reconnect_delay);
         self.at(d, Ev::Reconnect);
@@ -2825,6 +2861,19 @@ mod tests {
         assert!(f.message.contains("checker 13"), "{f}");
     }
 
+    /// Checker 15: a clean stop of the Primary that does not write its pages loses the
+    /// blocks the peer lacks from the restarted bitmap.
+    #[test]
+    fn a_primary_clean_stop_without_its_pages_is_caught() {
+        let s = Sabotage {
+            p_clean_stop_skips_pages: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a clean stop without pages");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 15"), "{f}");
+    }
+
     /// Checker 14: a Secondary that ignores the peer's skipped initial sync stays
     /// Inconsistent in a generation of its own.
     #[test]
@@ -2954,6 +3003,7 @@ mod tests {
             ("secondary power losses", sum(|r| r.s_power_losses)),
             ("invalidates", sum(|r| r.invalidates)),
             ("fresh pairs", sum(|r| r.fresh_pairs)),
+            ("primary clean stops", sum(|r| r.p_clean_stops)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",

@@ -1295,13 +1295,17 @@ impl Sim {
     }
 
     /// The restarted Primary's node: a new node over its core (which loaded the bitmap
-    /// attach read), Secondary and not connected as the daemon starts, crashed while
-    /// Primary, then promoted alone by the operator (a new current UUID unless a bitmap
-    /// UUID is set).
-    pub(super) fn primary_restarted(&mut self, primary: Primary) -> Result<(), String> {
+    /// attach read), Secondary and not connected as the daemon starts, `crashed` while
+    /// Primary (not after a clean stop), then promoted alone by the operator (a new
+    /// current UUID unless a bitmap UUID is set).
+    pub(super) fn primary_restarted(
+        &mut self,
+        primary: Primary,
+        crashed: bool,
+    ) -> Result<(), String> {
         let receiver = self.params.receiver()?;
         let mut node = Node::new(primary, receiver, self.pn.uuids, self.pn.disk);
-        node.crashed_primary = true;
+        node.crashed_primary = crashed;
         #[cfg(test)]
         {
             node.runs.failed_mut().sabotage_ack_clears = self.sabotage.ack_clears_failed_blocks;

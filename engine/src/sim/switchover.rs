@@ -185,10 +185,7 @@ impl Sim {
     /// with its disk and its metadata device; the bookkeeping of the first workload's
     /// roles (all of it idle or empty at quiescence) starts afresh.
     fn trade_places(&mut self) {
-        let ps = self.pn.primary.stats();
-        self.report.al = super::add_al(self.report.al, ps.al.unwrap_or_default());
-        self.report.flushes_waited_for_peer += ps.flushes_waited_for_peer;
-        self.report.barrier_acks += ps.barrier_acks;
+        self.account_primary_stats();
         self.report.writes_held += self.sn.receiver.stats().writes_held;
         // Both disks hold the reference image (checkers 1 and 7 passed): each sector is
         // labelled with the write whose bytes it holds.

@@ -1,0 +1,154 @@
+//! A clean stop of the Primary's node and its restart (checker 15).
+//!
+//! On about one seed in eight, a random time (1 … 3,000 ticks) into the run, the
+//! operator stops the Primary's daemon cleanly (`Volume::shutdown`): the application
+//! stops issuing, and the stop waits until every request has completed and the node has
+//! no IO in flight (tried again every few ticks, at most [`MAX_TRIES`] times; then the
+//! stop is dropped and the application resumes). Then the connection drops (the core
+//! marks every write the peer has not barrier-acked), the data disk is flushed under the
+//! bitmap's flush protocol, every dirty bitmap page is written and the metadata is
+//! marked clean (the activity log re-initialised). The restart is the daemon's attach:
+//! no activity log to apply, a node that did not crash as Primary, promoted alone by
+//! the operator; then checker 6 and the reconnect, as after a crash.
+//!
+//! Checked (checker 15): the restarted bitmap is exactly the one at the stop (a clean
+//! stop keeps every block the peer may lack and, with no log to replay, adds none), and
+//! the restarted node does not say it crashed as Primary. Checker 6 then finds every
+//! block that differs in a bitmap.
+
+use super::rng::{mix, Rng};
+use super::{Ev, Sim, SECTORS};
+use crate::request::Primary;
+use crate::state::Role;
+
+/// Attempts to find the Primary with nothing in flight.
+const MAX_TRIES: u32 = 40;
+
+/// The stop's draw for one seed (a stream of its own).
+#[derive(Debug)]
+pub(super) struct PStop {
+    rng: Rng,
+    due: bool,
+    /// The application waits for the stop.
+    pub(super) stopping: bool,
+}
+
+impl PStop {
+    pub(super) fn new(seed: u64) -> Self {
+        let mut rng = Rng::new(mix(seed ^ 0x7073_746f_7021));
+        let due = rng.chance(125_000);
+        PStop {
+            rng,
+            due,
+            stopping: false,
+        }
+    }
+}
+
+impl Sim {
+    /// At the start of the run: the stop, if this seed has one.
+    pub(super) fn maybe_schedule_p_stop(&mut self) {
+        if std::mem::take(&mut self.ps.due) {
+            let d = self.ps.rng.range(1, 3000);
+            self.at(d, Ev::PStop { tries: 0 });
+        }
+    }
+
+    /// The stop event (see the module docs).
+    pub(super) fn p_stop(&mut self, tries: u32) -> Result<(), String> {
+        let possible = !self.primary_down
+            && self.check6.is_none()
+            && !self.fo.dead
+            && !self.crash_scheduled
+            && self.pn.role == Role::Primary
+            && self.issued < self.max_ops;
+        let p = self.pn.primary.stats();
+        let idle = self.outstanding == 0
+            && p.in_flight_writes == 0
+            && p.in_flight_flushes == 0
+            && p.al_waiting == 0
+            && self.meta_io.is_empty()
+            && self.p_tags.is_empty()
+            && self.pn.runs.idle();
+        if possible && idle {
+            self.ps.stopping = false;
+            return self.p_stop_now();
+        }
+        if possible && tries < MAX_TRIES {
+            self.ps.stopping = true;
+            let d = self.ps.rng.range(1, 20);
+            self.at(d, Ev::PStop { tries: tries + 1 });
+            return Ok(());
+        }
+        // Dropped: the application goes on.
+        self.ps.stopping = false;
+        self.resume_workload();
+        Ok(())
+    }
+
+    /// The clean stop, the restart and checker 15.
+    fn p_stop_now(&mut self) -> Result<(), String> {
+        self.report.p_clean_stops += 1;
+        self.account_primary_stats();
+        if self.up {
+            self.drop_connection()?;
+        }
+        // The daemon's shutdown: a flush under the bitmap's flush protocol, the pages,
+        // the metadata marked clean.
+        let id = self.pn.primary.out_of_sync_mut().begin_flush();
+        let covers = self.pdisk.completions;
+        self.pdisk.flush(covers);
+        if let Some(id) = id {
+            self.pn.primary.out_of_sync_mut().flush_done(id, true);
+        }
+        #[cfg(test)]
+        let skip = self.sabotage.p_clean_stop_skips_pages;
+        #[cfg(not(test))]
+        let skip = false;
+        if !skip {
+            for (offset, data) in self.pn.primary.take_dirty_bitmap_pages() {
+                self.meta_dev.write(offset, &data, 0xff)?;
+            }
+        }
+        self.meta_dev.mark_clean()?;
+        let at_stop = self.pn.primary.out_of_sync().clone();
+        // The old node's IO is gone with it (there is none: it was idle).
+        self.inc += 1;
+        self.primary_crashed();
+        self.admitted = 0;
+        self.retired = 0;
+        let a = self
+            .meta_dev
+            .attach(SECTORS as u64, self.params.extent_shift)?;
+        if !a.hot.is_empty() {
+            return Err(format!(
+                "checker 15: a clean stop left {} hot extents to apply",
+                a.hot.len()
+            ));
+        }
+        if let Some(b) = (0..at_stop.blocks()).find(|&b| at_stop.is_set(b) != a.bitmap.is_set(b)) {
+            return Err(format!(
+                "checker 15: block {b} is {} in the bitmap at the clean stop and {} in the \
+                 restarted one",
+                at_stop.is_set(b),
+                a.bitmap.is_set(b)
+            ));
+        }
+        let pcfg = self.params.primary_config(&self.meta_dev.layout, 0);
+        #[allow(unused_mut)]
+        let mut primary = Primary::new(pcfg).map_err(|e| format!("restart: {e}"))?;
+        #[cfg(test)]
+        {
+            primary.sabotage = self.sabotage.primary;
+        }
+        primary
+            .load_bitmap(a.bitmap)
+            .map_err(|e| format!("restart: load_bitmap: {e}"))?;
+        self.primary_restarted(primary, false)?;
+        if self.pn.crashed_primary {
+            return Err("checker 15: a cleanly stopped Primary says it crashed".into());
+        }
+        self.check6 = Some(a.on_disk);
+        Ok(())
+    }
+}
