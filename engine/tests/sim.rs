@@ -122,6 +122,7 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("invalidates", |r| r.invalidates),
         ("fresh pairs with a skipped initial sync", |r| r.fresh_pairs),
         ("primary clean stops", |r| r.p_clean_stops),
+        ("online verifies of a damaged secondary", |r| r.verifies),
     ];
     let coverage: Vec<(&str, u64)> = counters.iter().map(|&(n, f)| (n, sum(f))).collect();
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();

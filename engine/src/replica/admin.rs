@@ -27,11 +27,12 @@
 //!   VerifyT; [`Node::verify_ended`] returns to Connected.
 //!
 //! A refusal is an operating error: a message for the operator, the node unchanged.
-//! The simulator's operator runs `invalidate` (its checker 13) and, on a fresh pair's
-//! day 0, `new-current-uuid --clear-bitmap` with the peer's side (checker 14), each with
-//! a sabotage caught; verify and plain `new-current-uuid` are checked by the unit tests
-//! below and the daemon's integration tests (`invalidate` and `verify` in
-//! `tests/tests/resync.rs`, `new-current-uuid` and the peer's skipped initial sync in
+//! The simulator's operator runs `invalidate` (its checker 13), on a fresh pair's day 0
+//! `new-current-uuid --clear-bitmap` with the peer's side (checker 14), and `verify`
+//! with the peer's side (checker 16), each with a sabotage caught; plain
+//! `new-current-uuid` is checked by the unit tests below. The daemon's integration tests
+//! run them all (`invalidate` and `verify` in `tests/tests/resync.rs`,
+//! `new-current-uuid` and the peer's skipped initial sync in
 //! `tests/tests/peer_requests.rs`).
 
 use super::{Action, Node};

@@ -178,6 +178,9 @@ pub(crate) struct SyncRuns<H> {
     /// Deliberate bugs for the simulator's sabotage tests, given to each new target.
     #[cfg(test)]
     pub(crate) target_sabotage: crate::resync::TargetSabotage,
+    /// Online verify reports the blocks it finds different but marks none.
+    #[cfg(test)]
+    pub(crate) sabotage_verify_marks_nothing: bool,
 }
 
 impl<H> Default for SyncRuns<H> {
@@ -195,6 +198,8 @@ impl<H> Default for SyncRuns<H> {
             out: Vec::new(),
             #[cfg(test)]
             target_sabotage: Default::default(),
+            #[cfg(test)]
+            sabotage_verify_marks_nothing: false,
         }
     }
 }
@@ -895,6 +900,10 @@ impl<H> SyncRuns<H> {
                 }
                 VerifyOutput::OutOfSync { sector, len } => {
                     tracing::warn!("online verify: {len} bytes at sector {sector} differ");
+                    #[cfg(test)]
+                    if self.sabotage_verify_marks_nothing {
+                        continue;
+                    }
                     bm.mark(sector, len);
                 }
                 VerifyOutput::Finished(p) => {

@@ -81,7 +81,7 @@ pub(super) fn day0(pn: &mut Node, sn: &mut Node, rng: &mut Rng) -> Result<(), St
 }
 
 /// A packet as the peer's receiver reads it.
-fn through_codec(pkt: &Packet, ctx: &WireCtx) -> Result<Packet, String> {
+pub(super) fn through_codec(pkt: &Packet, ctx: &WireCtx) -> Result<Packet, String> {
     let mut buf = Vec::new();
     encode(pkt, ctx, 0, &mut buf).map_err(|e| format!("encode {pkt:?}: {e}"))?;
     Ok(decode_frame(&buf, ctx)

@@ -17,6 +17,7 @@
 //! Checker 7 at the end then finds the damaged blocks repaired: a resync that left one
 //! out leaves the disks different.
 
+use super::disk::Disk;
 use super::rng::{mix, Rng};
 use super::{Ev, Sim, SECTORS, SECTORS_PER_BLOCK};
 use crate::request::SECTOR;
@@ -53,6 +54,24 @@ impl Invalidate {
     }
 }
 
+/// A few blocks of a disk overwritten behind tandem's back, on the platter (cache and
+/// durable); returns them, sorted, each once.
+pub(super) fn damage(disk: &mut Disk, rng: &mut Rng) -> Vec<u64> {
+    let block = SECTORS_PER_BLOCK * SECTOR as usize;
+    let mut damaged: Vec<u64> = (0..DAMAGED).map(|_| rng.range(0, BLOCKS - 1)).collect();
+    damaged.sort_unstable();
+    damaged.dedup();
+    for &b in &damaged {
+        let b = usize::try_from(b).unwrap_or(0);
+        let r = b * block..(b + 1) * block;
+        for (c, d) in disk.cache[r.clone()].iter_mut().zip(&mut disk.durable[r]) {
+            *c ^= 0xA5;
+            *d = *c;
+        }
+    }
+    damaged
+}
+
 impl Sim {
     /// At the start of the run: the invalidate, if this seed has one.
     pub(super) fn maybe_schedule_invalidate(&mut self) {
@@ -81,7 +100,7 @@ impl Sim {
             return Ok(());
         }
         self.report.invalidates += 1;
-        self.damage_secondary();
+        damage(&mut self.sdisk, &mut self.inv.rng);
         self.write_s_pages()?;
         let on_disk = self.s_meta_dev.bitmap(SECTORS as u64)?;
         if on_disk.count() != on_disk.blocks() {
@@ -95,22 +114,6 @@ impl Sim {
         self.inv.awaiting_target = true;
         self.sn.invalidated(&mut self.actions);
         self.perform(false)
-    }
-
-    /// A few blocks of the Secondary's disk overwritten behind tandem's back.
-    fn damage_secondary(&mut self) {
-        let block = SECTORS_PER_BLOCK * SECTOR as usize;
-        for _ in 0..DAMAGED {
-            let b = usize::try_from(self.inv.rng.range(0, BLOCKS - 1)).unwrap_or(0);
-            let r = b * block..(b + 1) * block;
-            for (c, d) in self.sdisk.cache[r.clone()]
-                .iter_mut()
-                .zip(&mut self.sdisk.durable[r])
-            {
-                *c ^= 0xA5;
-                *d = *c;
-            }
-        }
     }
 
     /// Checker 13 at the start of a target run: the first one after an invalidate

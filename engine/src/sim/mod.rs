@@ -80,6 +80,10 @@
 //!   connection drops, the data disk is flushed, the bitmap pages are written and the
 //!   metadata marked clean; the restart applies no activity log and is not a crashed
 //!   Primary.
+//! - **Online verify** (`verify.rs`), on about one seed in eight, its own random stream,
+//!   at the end of the run once in sync: a few of the Secondary's blocks damaged behind
+//!   tandem's back, then `verify` on the Primary through the node's commands and runs
+//!   (no application IO or fault meanwhile), then a disconnect/connect.
 //! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
 //!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
 //!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
@@ -190,6 +194,9 @@
 //! 15. Primary clean stop (`p_stop.rs`): the restarted bitmap is exactly the one at the
 //!     stop, no activity log is left to apply, the node does not say it crashed as
 //!     Primary; then checker 6.
+//! 16. Online verify (`verify.rs`): it ends on both nodes, both Connected again, and
+//!     the blocks it reports and marks on each node are exactly the damaged ones; the
+//!     resync after the disconnect/connect repairs them (checker 7).
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -217,6 +224,7 @@ mod resync;
 pub(crate) mod rng;
 mod s_stop;
 mod switchover;
+mod verify;
 
 pub use resync::ResyncParams;
 
@@ -327,6 +335,9 @@ pub(crate) struct Sabotage {
     pub invalidate_marks_nothing: bool,
     /// The Primary's clean stop does not write its dirty bitmap pages (checker 15).
     pub p_clean_stop_skips_pages: bool,
+    /// Online verify marks no block it finds different (`replica::SyncRuns`' rule off;
+    /// checker 16).
+    pub verify_marks_nothing: bool,
     /// The Secondary ignores a peer's skipped initial sync (`P_UUIDS` flag 8;
     /// `replica::Node::peer_skipped_initial_sync` off; checker 14).
     pub ignore_peer_skip: bool,
@@ -346,6 +357,7 @@ fn sabotage_secondary_node(s: &Sabotage, node: &mut Node) {
         .sabotage_image_without_unflushed = s.s_images_forget_unflushed;
     node.sabotage_invalidate_marks_nothing = s.invalidate_marks_nothing;
     node.sabotage_ignore_peer_skip = s.ignore_peer_skip;
+    node.runs.sabotage_verify_marks_nothing = s.verify_marks_nothing;
 }
 
 /// The parameters a seed chose.
@@ -668,6 +680,8 @@ pub struct SimReport {
     pub fresh_pairs: u64,
     /// Checker 15: clean stops of the Primary.
     pub p_clean_stops: u64,
+    /// Checker 16: online verifies of a damaged Secondary.
+    pub verifies: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -1101,6 +1115,8 @@ struct Sim {
     inv: invalidate::Invalidate,
     /// The Primary's clean stop (`p_stop.rs`).
     ps: p_stop::PStop,
+    /// The online verify at the end of the run, if this seed has one (`verify.rs`).
+    verify_due: Option<rng::Rng>,
     /// Day 0 was a fresh pair's skipped initial sync; its first handshake is to come
     /// (`fresh.rs`).
     fresh_pending: bool,
@@ -1190,6 +1206,7 @@ impl Sim {
             ss: s_stop::SStop::new(cfg.seed),
             inv: invalidate::Invalidate::new(cfg.seed),
             ps: p_stop::PStop::new(cfg.seed),
+            verify_due: verify::drawn(cfg.seed),
             fresh_pending: fresh_pair.is_some(),
             s_writeback: None,
             params,
@@ -1287,6 +1304,9 @@ impl Sim {
                 Some(ops) => self.switchover(ops)?,
                 None => break,
             }
+        }
+        if let Some(rng) = self.verify_due.take() {
+            self.verify_at_end(rng)?;
         }
         // Every seed ends with the Primary's death.
         self.failover(true)?;
@@ -2861,6 +2881,19 @@ mod tests {
         assert!(f.message.contains("checker 13"), "{f}");
     }
 
+    /// Checker 16: a verify that reports the damaged blocks without marking them leaves
+    /// them for no resync to repair.
+    #[test]
+    fn a_verify_that_marks_nothing_is_caught() {
+        let s = Sabotage {
+            verify_marks_nothing: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a verify that marks nothing");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 16"), "{f}");
+    }
+
     /// Checker 15: a clean stop of the Primary that does not write its pages loses the
     /// blocks the peer lacks from the restarted bitmap.
     #[test]
@@ -3004,6 +3037,7 @@ mod tests {
             ("invalidates", sum(|r| r.invalidates)),
             ("fresh pairs", sum(|r| r.fresh_pairs)),
             ("primary clean stops", sum(|r| r.p_clean_stops)),
+            ("verifies", sum(|r| r.verifies)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",

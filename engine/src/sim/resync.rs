@@ -942,7 +942,7 @@ impl Sim {
         Ok(())
     }
 
-    fn tick_input(&self, primary: bool) -> TickInput {
+    pub(super) fn tick_input(&self, primary: bool) -> TickInput {
         TickInput {
             now_ms: self.now,
             app_io_sectors: if primary {

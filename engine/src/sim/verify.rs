@@ -1,0 +1,202 @@
+//! Online verify at the end of a run (checker 16), through the node's own commands and
+//! runs (`replica/admin.rs`, `replica/sync.rs`).
+//!
+//! On about one seed in eight, once the run is in sync (checkers 1 … 8 passed) and
+//! before the Primary's death, the operator finds a few of the Secondary's blocks
+//! damaged behind tandem's back and runs `verify` on the Primary: `Node::start_verify`
+//! (VerifyS); the Secondary's side starts at the first request
+//! (`Node::ensure_verify_peer`, VerifyT). The runs' actions are performed in a loop of
+//! their own: each packet through the codec to the other node, in order per direction;
+//! each digest read from the node's disk at once; a controller step on both nodes every
+//! [`TICK_MS`] of model time, at most [`MAX_STEPS`] of them. No application IO and no
+//! fault runs meanwhile.
+//!
+//! Checked (checker 16): verify ends on both nodes, both Connected again; the blocks it
+//! reports and marks out of sync on each node are exactly the damaged ones (no fewer,
+//! and no more: the rest is identical). Then the operator's disconnect/connect resyncs
+//! them, and checker 7 finds the disks identical again.
+
+use super::fresh::through_codec;
+use super::invalidate::damage;
+use super::rng::{mix, Rng};
+use super::{Sim, SECTORS};
+use crate::replica::{ReadFor, RunRead, SyncAction};
+use crate::request::SECTOR;
+use crate::resync::{Digest, Inbound, VerifyConfig, VerifyProgress};
+use crate::state::ConnState;
+use crate::wire::{ff, Packet, WireCtx};
+use std::collections::VecDeque;
+
+/// Model time between two controller steps.
+const TICK_MS: u64 = 100;
+
+/// Controller steps before verify must have ended.
+const MAX_STEPS: u32 = 1000;
+
+/// A seed's draw (a stream of its own, so that the other seeds run as before).
+pub(super) fn drawn(seed: u64) -> Option<Rng> {
+    let mut rng = Rng::new(mix(seed ^ 0x7665_7269_6679));
+    rng.chance(125_000).then_some(rng)
+}
+
+/// One node's side of the loop.
+#[derive(Default)]
+struct Side {
+    /// Packets on their way to the other node.
+    out: VecDeque<Packet>,
+    done: Option<VerifyProgress>,
+}
+
+impl Sim {
+    /// The damage, the verify and checker 16, then the resync that repairs the blocks.
+    pub(super) fn verify_at_end(&mut self, mut rng: Rng) -> Result<(), String> {
+        self.report.verifies += 1;
+        let damaged = damage(&mut self.sdisk, &mut rng);
+        let ctx = WireCtx::new(101, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?;
+        let tick = self.tick_input(true);
+        self.pn
+            .start_verify(Some(VerifyConfig::new(SECTORS as u64)), true, &tick)
+            .map_err(|e| format!("checker 16: verify refused: {e}"))?;
+        let (mut p, mut s) = (Side::default(), Side::default());
+        for _ in 0..MAX_STEPS {
+            self.now += TICK_MS;
+            let (tp, ts) = (self.tick_input(true), self.tick_input(false));
+            self.pn.runs.tick(self.pn.primary.out_of_sync_mut(), &tp);
+            self.sn.runs.tick(self.sn.primary.out_of_sync_mut(), &ts);
+            loop {
+                let mut moved = self.verify_actions(true, &mut p, &ctx)?;
+                moved |= self.verify_actions(false, &mut s, &ctx)?;
+                if let Some(pkt) = p.out.pop_front() {
+                    self.verify_inbound(false, &pkt)?;
+                    moved = true;
+                }
+                if let Some(pkt) = s.out.pop_front() {
+                    self.verify_inbound(true, &pkt)?;
+                    moved = true;
+                }
+                if !moved {
+                    break;
+                }
+            }
+            if p.done.is_some() && s.done.is_some() {
+                break;
+            }
+        }
+        let (Some(pd), Some(_)) = (&p.done, &s.done) else {
+            return Err(format!(
+                "checker 16: verify did not end within {MAX_STEPS} steps (VerifyS {}, \
+                 VerifyT {})",
+                p.done.is_some(),
+                s.done.is_some()
+            ));
+        };
+        self.check16(&damaged, pd)?;
+        // The operator's disconnect/connect: the Primary starts a generation, the
+        // handshake a resync of the marked blocks.
+        self.drop_connection()?;
+        if self.until_quiescent()? {
+            return Err("checker 16: the Primary died during the repair".into());
+        }
+        self.check_in_sync()
+    }
+
+    /// Performs one node's verify actions (`primary`: the Primary's); `true`: there
+    /// were some.
+    fn verify_actions(
+        &mut self,
+        primary: bool,
+        side: &mut Side,
+        ctx: &WireCtx,
+    ) -> Result<bool, String> {
+        let node = if primary { &mut self.pn } else { &mut self.sn };
+        let actions = node.runs.take_actions();
+        let any = !actions.is_empty();
+        for a in actions {
+            match a {
+                SyncAction::Send { pkt, .. } => side.out.push_back(through_codec(&pkt, ctx)?),
+                SyncAction::Read(RunRead {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    purpose: ReadFor::Verify,
+                }) => {
+                    let (node, disk) = if primary {
+                        (&mut self.pn, &self.pdisk)
+                    } else {
+                        (&mut self.sn, &self.sdisk)
+                    };
+                    let first = usize::try_from(sector * u64::from(SECTOR)).unwrap_or(0);
+                    let len = len as usize;
+                    let digest = Digest::of(&disk.cache[first..first + len]);
+                    let (runs, bm) = node.runs_and_bitmap();
+                    runs.verify_digest_done(bm, run, tag, Some(digest))
+                        .map_err(|e| format!("checker 16: verify digest: {e}"))?;
+                }
+                SyncAction::VerifyFinished(progress) => {
+                    side.done = Some(progress);
+                    node_of(self, primary).verify_ended();
+                }
+                other => return Err(format!("checker 16: verify asked for {other:?}")),
+            }
+        }
+        Ok(any)
+    }
+
+    /// A verify packet arrives at a node (`primary`: the Primary).
+    fn verify_inbound(&mut self, primary: bool, pkt: &Packet) -> Result<(), String> {
+        let inbound = Inbound::from_packet(pkt)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("checker 16: {pkt:?} is no verify packet"))?;
+        let node = node_of(self, primary);
+        if let Inbound::OvRequest { sector, .. } = inbound {
+            let cfg = VerifyConfig {
+                start_sector: sector,
+                ..VerifyConfig::new(SECTORS as u64)
+            };
+            node.ensure_verify_peer(Some(cfg))?;
+            if !node.runs.verify_can_accept() {
+                return Err("checker 16: VerifyT's queue is full with its reads done".into());
+            }
+        }
+        let (runs, bm) = node.runs_and_bitmap();
+        runs.inbound(bm, inbound)
+            .map_err(|e| format!("checker 16: {pkt:?} refused: {e}"))
+    }
+
+    /// Checker 16 at the end of verify.
+    fn check16(&self, damaged: &[u64], found: &VerifyProgress) -> Result<(), String> {
+        for (who, n) in [("primary", &self.pn), ("secondary", &self.sn)] {
+            if n.conn != ConnState::Connected {
+                return Err(format!(
+                    "checker 16: after verify the {who} says {}",
+                    n.conn
+                ));
+            }
+            let bm = n.primary.out_of_sync();
+            let marked: Vec<u64> = (0..bm.blocks()).filter(|&b| bm.is_set(b)).collect();
+            if marked != damaged {
+                return Err(format!(
+                    "checker 16: verify marked blocks {marked:?} on the {who}, the damaged \
+                     ones are {damaged:?}"
+                ));
+            }
+        }
+        if found.out_of_sync_blocks != damaged.len() as u64 {
+            return Err(format!(
+                "checker 16: verify reports {} blocks out of sync, {} were damaged",
+                found.out_of_sync_blocks,
+                damaged.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn node_of(sim: &mut Sim, primary: bool) -> &mut crate::replica::Node {
+    if primary {
+        &mut sim.pn
+    } else {
+        &mut sim.sn
+    }
+}
