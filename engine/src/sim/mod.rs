@@ -1926,19 +1926,27 @@ impl Sim {
         }
         self.report.max_hot_extents = self.report.max_hot_extents.max(hot);
         self.report.max_al_bits = self.report.max_al_bits.max(a.added);
+        let primary = self.restarted_core(a.bitmap)?;
+        self.primary_restarted(primary, true)?;
+        self.primary_down = false;
+        self.check6 = Some(a.on_disk);
+        Ok(())
+    }
+
+    /// The restarted Primary's core over its metadata device, with the bitmap the attach
+    /// read.
+    fn restarted_core(&self, bitmap: OutOfSync) -> Result<Primary, String> {
         let pcfg = self.params.primary_config(&self.meta_dev.layout, 0);
+        #[allow(unused_mut)]
         let mut primary = Primary::new(pcfg).map_err(|e| format!("restart: {e}"))?;
         #[cfg(test)]
         {
             primary.sabotage = self.sabotage.primary;
         }
         primary
-            .load_bitmap(a.bitmap)
+            .load_bitmap(bitmap)
             .map_err(|e| format!("restart: load_bitmap: {e}"))?;
-        self.primary_restarted(primary, true)?;
-        self.primary_down = false;
-        self.check6 = Some(a.on_disk);
-        Ok(())
+        Ok(primary)
     }
 
     /// The Primary node's counters go to the report before the node is replaced.

@@ -17,8 +17,8 @@
 //! block that differs in a bitmap.
 
 use super::rng::{mix, Rng};
+use super::s_stop::clean_stop;
 use super::{Ev, Sim, SECTORS};
-use crate::request::Primary;
 use crate::state::Role;
 
 /// Attempts to find the Primary with nothing in flight.
@@ -93,24 +93,11 @@ impl Sim {
         if self.up {
             self.drop_connection()?;
         }
-        // The daemon's shutdown: a flush under the bitmap's flush protocol, the pages,
-        // the metadata marked clean.
-        let id = self.pn.primary.out_of_sync_mut().begin_flush();
-        let covers = self.pdisk.completions;
-        self.pdisk.flush(covers);
-        if let Some(id) = id {
-            self.pn.primary.out_of_sync_mut().flush_done(id, true);
-        }
         #[cfg(test)]
         let skip = self.sabotage.p_clean_stop_skips_pages;
         #[cfg(not(test))]
         let skip = false;
-        if !skip {
-            for (offset, data) in self.pn.primary.take_dirty_bitmap_pages() {
-                self.meta_dev.write(offset, &data, 0xff)?;
-            }
-        }
-        self.meta_dev.mark_clean()?;
+        clean_stop(&mut self.pn, &mut self.pdisk, &mut self.meta_dev, skip)?;
         let at_stop = self.pn.primary.out_of_sync().clone();
         // The old node's IO is gone with it (there is none: it was idle).
         self.inc += 1;
@@ -134,16 +121,7 @@ impl Sim {
                 a.bitmap.is_set(b)
             ));
         }
-        let pcfg = self.params.primary_config(&self.meta_dev.layout, 0);
-        #[allow(unused_mut)]
-        let mut primary = Primary::new(pcfg).map_err(|e| format!("restart: {e}"))?;
-        #[cfg(test)]
-        {
-            primary.sabotage = self.sabotage.primary;
-        }
-        primary
-            .load_bitmap(a.bitmap)
-            .map_err(|e| format!("restart: load_bitmap: {e}"))?;
+        let primary = self.restarted_core(a.bitmap)?;
         self.primary_restarted(primary, false)?;
         if self.pn.crashed_primary {
             return Err("checker 15: a cleanly stopped Primary says it crashed".into());

@@ -27,6 +27,8 @@
 //! exactly the one at the stop (the stop wrote what the resync cleared: the restart
 //! resumes there, it does not start over).
 
+use super::disk::Disk;
+use super::meta::MetaDev;
 use super::rng::{mix, Rng};
 use super::{Ev, Sim, SECTORS, SECTORS_PER_BLOCK, VOLUME_BYTES};
 use crate::replica::Node;
@@ -57,6 +59,28 @@ impl SStop {
             armed: false,
         }
     }
+}
+
+/// `Volume::shutdown` of a node: a flush of its data disk under the bitmap's flush
+/// protocol, every dirty bitmap page (unless `skip_pages`, a sabotage), the metadata
+/// marked clean.
+pub(super) fn clean_stop(
+    node: &mut Node,
+    disk: &mut Disk,
+    meta: &mut MetaDev,
+    skip_pages: bool,
+) -> Result<(), String> {
+    let id = node.primary.out_of_sync_mut().begin_flush();
+    disk.flush(disk.completions);
+    if let Some(id) = id {
+        node.primary.out_of_sync_mut().flush_done(id, true);
+    }
+    if !skip_pages {
+        for (offset, data) in node.primary.take_dirty_bitmap_pages() {
+            meta.write(offset, &data, 0xff)?;
+        }
+    }
+    meta.mark_clean()
 }
 
 impl Sim {
@@ -151,23 +175,13 @@ impl Sim {
         self.check12(at_stop.as_ref(), clean)
     }
 
-    /// `Volume::shutdown` on the Secondary: a flush under the bitmap's flush protocol,
-    /// every dirty page, the metadata marked clean.
+    /// `Volume::shutdown` on the Secondary ([`clean_stop`]).
     fn s_clean_stop(&mut self) -> Result<(), String> {
-        let id = self.sn.primary.out_of_sync_mut().begin_flush();
-        let covers = self.sdisk.completions;
-        self.sdisk.flush(covers);
-        if let Some(id) = id {
-            self.sn.primary.out_of_sync_mut().flush_done(id, true);
-        }
         #[cfg(test)]
         let skip = self.sabotage.clean_stop_skips_pages;
         #[cfg(not(test))]
         let skip = false;
-        if !skip {
-            self.write_s_pages()?;
-        }
-        self.s_meta_dev.mark_clean()
+        clean_stop(&mut self.sn, &mut self.sdisk, &mut self.s_meta_dev, skip)
     }
 
     /// The target asks for its cleared bits on disk (`SyncAction::WriteBack`): a flush
