@@ -78,8 +78,8 @@
 //! - **Primary clean stop** (`p_stop.rs`), on about one seed in eight, its own random
 //!   stream: the application stops, the stop waits until nothing is in flight, then the
 //!   connection drops, the data disk is flushed, the bitmap pages are written and the
-//!   metadata marked clean; the restart applies no activity log and is not a crashed
-//!   Primary.
+//!   metadata marked clean; the restart applies no activity log and records no new
+//!   crash of a Primary.
 //! - **Online verify** (`verify.rs`), on about one seed in eight, its own random stream,
 //!   at the end of the run once in sync: a few of the Secondary's blocks damaged behind
 //!   tandem's back, then `verify` on the Primary through the node's commands and runs
@@ -192,8 +192,7 @@
 //!     with empty bitmaps in one generation, and the first handshake connects without
 //!     a resync.
 //! 15. Primary clean stop (`p_stop.rs`): the restarted bitmap is exactly the one at the
-//!     stop, no activity log is left to apply, the node does not say it crashed as
-//!     Primary; then checker 6.
+//!     stop and no activity log is left to apply; then checker 6.
 //! 16. Online verify (`verify.rs`): it ends on both nodes, both Connected again, and
 //!     the blocks it reports and marks on each node are exactly the damaged ones; the
 //!     resync after the disconnect/connect repairs them (checker 7).

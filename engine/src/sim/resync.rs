@@ -1295,8 +1295,9 @@ impl Sim {
     }
 
     /// The restarted Primary's node: a new node over its core (which loaded the bitmap
-    /// attach read), Secondary and not connected as the daemon starts, `crashed` while
-    /// Primary (not after a clean stop), then promoted alone by the operator (a new
+    /// attach read), Secondary and not connected as the daemon starts, with the
+    /// crashed-Primary flag the attach found (`crashed`: set after a crash; after a clean
+    /// stop, the one not yet repaired), then promoted alone by the operator (a new
     /// current UUID unless a bitmap UUID is set).
     pub(super) fn primary_restarted(
         &mut self,

@@ -65,6 +65,10 @@ impl Sim {
     /// quiescent, connected, in-sync pair.
     pub(super) fn switchover(&mut self, ops: u32) -> Result<(), String> {
         self.report.switchovers += 1;
+        #[cfg(test)]
+        if self.trace {
+            eprintln!("t={} switchover, then {ops} requests", self.now);
+        }
         // 1. `secondary` on the Primary.
         self.pn
             .begin_demotion(&mut self.actions)
