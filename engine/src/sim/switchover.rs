@@ -195,6 +195,11 @@ impl Sim {
         // labelled with the write whose bytes it holds.
         for (s, &v) in self.ref_ver.iter().enumerate() {
             if v == super::UNKNOWN {
+                // No reference (a failed write, a request lost in a crash): the
+                // Secondary's sector takes the Primary's label where it holds the same
+                // bytes (two zero writes look alike).
+                let (p, v) = (self.pdisk.cache_sector(s).to_vec(), self.pdisk.cache_ver[s]);
+                self.sdisk.relabel(s, v, |b| b == p.as_slice());
                 continue;
             }
             let zero = v == 0 || !self.write_has_data(v);
