@@ -150,9 +150,10 @@ pub(crate) struct TargetEnd {
 /// The end of a SyncSource's run ([`Node::peer_sync_ended`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SourceEnd {
-    /// The peer's disk is UpToDate: the generation that completes the run
-    /// ([`Node::source_end_uuids`]), which the driver makes durable (with the
-    /// crashed-Primary flag cleared in the same write) and assigns.
+    /// The peer's disk is UpToDate: the generation that completes the run (the bitmap
+    /// UUID rotates into history, DRBD's `drbd_resync_finished` on the source), which
+    /// the driver makes durable (with the crashed-Primary flag cleared in the same
+    /// write) and assigns.
     pub(crate) uuids: Option<UuidSet>,
     /// Reaching Connected cleared the crashed-Primary flag ([`Node::reached_connected`]):
     /// the driver records that.
@@ -451,7 +452,11 @@ impl Node {
             return None;
         }
         self.conn = ConnState::Connected;
-        let uuids = (self.peer_disk == DiskState::UpToDate).then(|| self.source_end_uuids());
+        let uuids = (self.peer_disk == DiskState::UpToDate).then(|| {
+            let mut done = self.uuids;
+            done.finish_sync_source();
+            done
+        });
         if uuids.is_some() {
             self.crashed_primary = false;
         }
@@ -469,15 +474,6 @@ impl Node {
     /// set; the driver records its clear durably.
     pub(crate) fn reached_connected(&mut self) -> bool {
         std::mem::replace(&mut self.crashed_primary, false)
-    }
-
-    /// The SyncSource's run is over and the peer's disk is UpToDate: the generation that
-    /// completes it (the bitmap UUID rotates into history, DRBD's `drbd_resync_finished`
-    /// on the source), which the driver makes durable and assigns.
-    pub(crate) fn source_end_uuids(&self) -> UuidSet {
-        let mut uuids = self.uuids;
-        uuids.finish_sync_source();
-        uuids
     }
 
     /// This node lost its peer's disk (the connection went, or the peer's disk failed):

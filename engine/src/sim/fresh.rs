@@ -17,7 +17,7 @@
 //! initial sync that was skipped does not run anyway).
 
 use super::resync::uuid;
-use super::rng::{mix, Rng};
+use super::rng::Rng;
 use super::Sim;
 use crate::replica::{Action, Node};
 use crate::state::uuid::{UuidPacket, UuidSet};
@@ -29,8 +29,8 @@ const AGREED: u32 = 101;
 
 /// A seed's draw (a stream of its own, so that the other seeds run as before).
 pub(super) fn drawn(seed: u64) -> Option<Rng> {
-    let mut rng = Rng::new(mix(seed ^ 0x6672_6573_6870));
-    rng.chance(125_000).then_some(rng)
+    let (rng, happens) = Rng::scenario(seed, 0x6672_6573_6870, 125_000);
+    happens.then_some(rng)
 }
 
 /// Day 0 of a fresh pair (see the module docs): `pn` becomes Primary, `sn` its

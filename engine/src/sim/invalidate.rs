@@ -18,7 +18,7 @@
 //! out leaves the disks different.
 
 use super::disk::Disk;
-use super::rng::{mix, Rng};
+use super::rng::Rng;
 use super::{Ev, Sim, SECTORS, SECTORS_PER_BLOCK};
 use crate::request::SECTOR;
 use crate::state::{DiskState, Role};
@@ -44,8 +44,7 @@ pub(super) struct Invalidate {
 
 impl Invalidate {
     pub(super) fn new(seed: u64) -> Self {
-        let mut rng = Rng::new(mix(seed ^ 0x696e_7661_6c69));
-        let due = rng.chance(125_000);
+        let (rng, due) = Rng::scenario(seed, 0x696e_7661_6c69, 125_000);
         Invalidate {
             rng,
             due,

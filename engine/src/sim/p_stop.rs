@@ -17,7 +17,7 @@
 //! with no log to replay, adds none). Checker 6 then finds every block that differs in a
 //! bitmap.
 
-use super::rng::{mix, Rng};
+use super::rng::Rng;
 use super::s_stop::clean_stop;
 use super::{Ev, Sim, SECTORS};
 use crate::state::Role;
@@ -36,8 +36,7 @@ pub(super) struct PStop {
 
 impl PStop {
     pub(super) fn new(seed: u64) -> Self {
-        let mut rng = Rng::new(mix(seed ^ 0x7073_746f_7021));
-        let due = rng.chance(125_000);
+        let (rng, due) = Rng::scenario(seed, 0x7073_746f_7021, 125_000);
         PStop {
             rng,
             due,

@@ -20,6 +20,15 @@ impl Rng {
         Rng { state: seed }
     }
 
+    /// A scenario's own stream for `seed` (`tag` names the scenario, so that adding one
+    /// leaves every other stream as it was) and whether the scenario happens on this
+    /// seed (with probability `ppm` per million, the stream's first draw).
+    pub(crate) fn scenario(seed: u64, tag: u64, ppm: u64) -> (Rng, bool) {
+        let mut rng = Rng::new(mix(seed ^ tag));
+        let happens = rng.chance(ppm);
+        (rng, happens)
+    }
+
     pub(crate) fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         mix(self.state.wrapping_sub(0x9E37_79B9_7F4A_7C15))

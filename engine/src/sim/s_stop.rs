@@ -29,7 +29,7 @@
 
 use super::disk::Disk;
 use super::meta::MetaDev;
-use super::rng::{mix, Rng};
+use super::rng::Rng;
 use super::{Ev, Sim, SECTORS, SECTORS_PER_BLOCK, VOLUME_BYTES};
 use crate::replica::Node;
 use crate::request::{OutOfSync, Primary, SECTOR};
@@ -51,8 +51,8 @@ pub(super) struct SStop {
 
 impl SStop {
     pub(super) fn new(seed: u64) -> Self {
-        let mut rng = Rng::new(mix(seed ^ 0x0073_7374_6f70));
-        let due = rng.chance(250_000).then(|| rng.chance(500_000));
+        let (mut rng, happens) = Rng::scenario(seed, 0x0073_7374_6f70, 250_000);
+        let due = happens.then(|| rng.chance(500_000));
         SStop {
             rng,
             due,

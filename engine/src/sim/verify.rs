@@ -18,7 +18,7 @@
 
 use super::fresh::through_codec;
 use super::invalidate::damage;
-use super::rng::{mix, Rng};
+use super::rng::Rng;
 use super::{Sim, SECTORS};
 use crate::replica::{ReadFor, RunRead, SyncAction};
 use crate::request::SECTOR;
@@ -35,8 +35,8 @@ const MAX_STEPS: u32 = 1000;
 
 /// A seed's draw (a stream of its own, so that the other seeds run as before).
 pub(super) fn drawn(seed: u64) -> Option<Rng> {
-    let mut rng = Rng::new(mix(seed ^ 0x7665_7269_6679));
-    rng.chance(125_000).then_some(rng)
+    let (rng, happens) = Rng::scenario(seed, 0x7665_7269_6679, 125_000);
+    happens.then_some(rng)
 }
 
 /// One node's side of the loop.
