@@ -1,10 +1,12 @@
 //! The handshake on the data socket: features, protocol, sync parameters, sizes, UUIDs,
 //! state (drbd-protocol.md §3, steps 3–8), with DRBD's checks on what the peer sends.
+//! What the two sides' UUIDs and states decide is not decided here: the replica does it
+//! ([`super::Replica::agree`], `replica::Node::agree` in the daemon), so the daemon and
+//! the simulator run one decision.
 
 use super::{read_control, send_packet, NetError};
 use crate::state::uuid::{
-    real_peer_disk, sync_handshake, HandshakeCtx, HandshakeOutcome, HandshakeSide,
-    SplitBrainPolicy, SplitBrainResolution, UuidPacket, UuidSet,
+    HandshakeCtx, HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidPacket, UuidSet,
 };
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::wire::{self, ff, AlgName, Command, ConnectionFeatures, Packet, StateBits, WireCtx};
@@ -64,25 +66,50 @@ pub struct PeerParams {
     pub disk: DiskState,
     /// The peer's largest accepted bio, bytes.
     pub max_bio_size: u32,
-    /// Out-of-sync 4 KiB blocks the peer reported (P_UUIDS dirty_bits).
-    pub dirty_bits: u64,
-    /// What DRBD's sync handshake decided from both sides' UUIDs (`Connected`, or which
-    /// side would be SyncSource and whether fully). Split brain and unrelated data never
-    /// get here: the handshake refuses them unless a policy resolved them.
-    pub sync: HandshakeOutcome,
-    /// How a split brain was resolved, if there was one.
-    pub split_brain_resolved: Option<String>,
-    /// The peer's generation UUIDs.
-    pub uuids: UuidSet,
-    /// The peer crashed while Primary.
-    pub crashed_primary: bool,
+    /// The peer as DRBD's sync handshake sees it: its `P_UUIDS` (UUIDs, changes, flags)
+    /// and its role and disk from `P_STATE` (a Negotiating disk resolved).
+    pub side: HandshakeSide,
     /// The peer's `csums-alg` is crc32c too.
     pub csums: bool,
     /// The peer's `verify-alg` is crc32c too.
     pub verify: bool,
 }
 
-/// Runs the handshake on the data socket.
+impl LocalParams {
+    /// This node as DRBD's sync handshake sees it: what it sent.
+    pub fn side(&self) -> HandshakeSide {
+        HandshakeSide {
+            uuids: self.uuids,
+            dirty_bits: self.dirty_bits,
+            primary: self.role == Role::Primary,
+            disk: self.disk,
+            crashed_primary: self.crashed_primary,
+            discard_my_data: self.discard_my_data,
+        }
+    }
+
+    /// The facts of the connection `ctx` that DRBD's sync handshake weighs.
+    pub fn handshake_ctx(&self, ctx: &WireCtx) -> HandshakeCtx {
+        HandshakeCtx {
+            agreed_version: ctx.version(),
+            wsame: ctx.has(ff::DRBD_FF_WSAME),
+            resolve_conflicts: self.resolve_conflicts,
+        }
+    }
+}
+
+/// What the replica decided from both sides of the handshake ([`super::Replica::agree`]).
+#[derive(Debug, Clone)]
+pub struct Agreed {
+    /// `Connected`, or which side is SyncSource and whether fully. Split brain and
+    /// unrelated data never get here: they are refused unless a policy resolved them.
+    pub sync: HandshakeOutcome,
+    /// How a split brain was resolved, if there was one.
+    pub split_brain_resolved: Option<String>,
+}
+
+/// Runs the handshake on the data socket (the decision is the replica's:
+/// [`super::Replica::agree`]).
 pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams, NetError> {
     let pre = WireCtx::pre_features();
     let ours = ConnectionFeatures::drbd84(OFFERED_FEATURES);
@@ -207,7 +234,6 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     let mut got_protocol = false;
     let mut peer_algs = (false, false);
     let mut got_sizes = None;
-    let mut dirty_bits = 0;
     let mut peer_uuids = None;
     let peer_state = loop {
         match read_control(data, &ctx).await? {
@@ -240,7 +266,6 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
                 peer_algs = (is_ours(&param.csums_alg), is_ours(&param.verify_alg));
             }
             (_, Packet::Uuids(u)) => {
-                dirty_bits = u.dirty_bits;
                 peer_uuids = Some(UuidPacket::from(u));
             }
             (_, Packet::Sizes(s)) => {
@@ -290,112 +315,15 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
             "peer sent P_STATE before P_UUIDS".into(),
         ));
     };
-    let (sync, split_brain_resolved) = decide(&local, &peer_uuids, role, disk, &ctx)?;
     Ok(PeerParams {
         ctx,
         role,
         disk,
         max_bio_size: sizes.max_bio_size.clamp(4096, MAX_BIO_SIZE),
-        dirty_bits,
-        sync,
-        split_brain_resolved,
-        uuids: peer_uuids.uuids,
-        crashed_primary: peer_uuids.crashed_primary(),
+        side: HandshakeSide::peer(&peer_uuids, role == Role::Primary, disk),
         csums: peer_algs.0,
         verify: peer_algs.1,
     })
-}
-
-/// DRBD's sync handshake on both sides' UUIDs (`drbd_sync_handshake`, with the
-/// configured after-sb policies and discard-my-data). A split brain they do not resolve,
-/// or unrelated data, is refused with [`NetError::SplitBrain`]: nothing is overwritten,
-/// the node goes StandAlone. A resolved split brain returns how it was resolved.
-fn decide(
-    local: &LocalParams,
-    peer: &UuidPacket,
-    peer_role: Role,
-    peer_disk: DiskState,
-    ctx: &WireCtx,
-) -> Result<(HandshakeOutcome, Option<String>), NetError> {
-    let me = HandshakeSide {
-        uuids: local.uuids,
-        dirty_bits: local.dirty_bits,
-        primary: local.role == Role::Primary,
-        disk: local.disk,
-        crashed_primary: local.crashed_primary,
-        discard_my_data: local.discard_my_data,
-    };
-    let them = HandshakeSide::peer(
-        peer,
-        peer_role == Role::Primary,
-        real_peer_disk(peer_disk, peer.flags),
-    );
-    if me.disk <= DiskState::Failed || them.disk <= DiskState::Failed {
-        // A Diskless side (a detached Primary) has nothing to sync: DRBD runs the sync
-        // handshake only when both nodes have a disk.
-        return Ok((HandshakeOutcome::Connected, None));
-    }
-    let hs = sync_handshake(
-        &me,
-        &them,
-        &HandshakeCtx {
-            agreed_version: ctx.version(),
-            wsame: ctx.has(ff::DRBD_FF_WSAME),
-            resolve_conflicts: local.resolve_conflicts,
-        },
-        &local.policy,
-    );
-    let mut outcome = hs.outcome;
-    // Rules 20/30 ask for a full sync of a just-created disk. tandem refines one case: a
-    // just-created disk that is consistent (a backing file `tandem up` created, all
-    // zeroes) facing a node whose bitmap UUID is still the just-created value (it left
-    // that generation by writing without this peer, so every block it wrote since is in
-    // its bitmap): the bitmap is the whole difference, exactly as rule 50 would say.
-    let zero_fresh = |side: &HandshakeSide, other: &HandshakeSide| {
-        side.uuids.is_just_created()
-            && side.disk == DiskState::UpToDate
-            && other.uuids.bitmap & !1 == crate::state::uuid::UUID_JUST_CREATED
-    };
-    outcome = match (outcome, hs.comparison.rule) {
-        (HandshakeOutcome::SyncTarget { full: true }, 20) if zero_fresh(&me, &them) => {
-            HandshakeOutcome::SyncTarget { full: false }
-        }
-        (HandshakeOutcome::SyncSource { full: true }, 30) if zero_fresh(&them, &me) => {
-            HandshakeOutcome::SyncSource { full: false }
-        }
-        (o, _) => o,
-    };
-    let why = || {
-        format!(
-            "UUIDs here {}, peer {}; rule {}, {}",
-            local.uuids, peer.uuids, hs.comparison.rule, hs.hg
-        )
-    };
-    match outcome {
-        HandshakeOutcome::Disconnect(reason) => {
-            Err(NetError::SplitBrain(format!("{reason} ({})", why())))
-        }
-        other => {
-            let resolved = hs.split_brain.then(|| {
-                let how = match hs.resolution {
-                    Some(SplitBrainResolution::AfterSbPolicy { primaries }) => {
-                        format!("by the after-sb-{primaries}pri policy")
-                    }
-                    Some(SplitBrainResolution::DiscardMyData) => "by discard-my-data".into(),
-                    None => "by the disk states".into(),
-                };
-                let loser = match other {
-                    HandshakeOutcome::SyncTarget { .. } => "this node's",
-                    _ => "the peer's",
-                };
-                format!(
-                    "split brain resolved {how}: {loser} changes are discarded ({})",
-                    why()
-                )
-            });
-            Ok((other, resolved))
-        }
-    }
 }
 
 /// A state enum's number as the bitfield byte (every DRBD state value fits 5 bits).

@@ -108,6 +108,10 @@ pub enum NetError {
     /// history: the connection is dropped and the node stays StandAlone.
     #[error("split brain: {0}")]
     SplitBrain(String),
+    /// This node's UUIDs, role or disk changed during the handshake (the peer decided
+    /// on what it had sent): the connection is made again.
+    #[error("{0}")]
+    Changed(String),
     /// A deadline passed.
     #[error("timed out: {0}")]
     Timeout(&'static str),

@@ -12,8 +12,9 @@
 //! violation by the peer (or a local failure that must end the connection): the
 //! connection is dropped with that text as its error.
 
-use super::handshake::{LocalParams, PeerParams};
+use super::handshake::{Agreed, LocalParams, PeerParams};
 use super::Link;
+use super::NetError;
 use crate::resync::Inbound;
 use crate::state::uuid::UuidPacket;
 use crate::state::ConnState;
@@ -172,6 +173,10 @@ pub trait Replica: Send + Sync + 'static {
 
     /// What this node announces in the handshake.
     fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams;
+    /// The handshake's decision: this node sent `sent`, the peer answered `peer`.
+    /// [`NetError::SplitBrain`]: refused (a split brain no policy resolves, unrelated
+    /// data); [`NetError::Changed`]: this node changed since `sent`, connect again.
+    fn agree(&self, sent: &LocalParams, peer: &PeerParams) -> Result<Agreed, NetError>;
     /// Resolves when the resync IO of an older connection has drained.
     fn wait_sync_io_idle(&self) -> impl Future<Output = ()> + Send;
     /// Whether the bitmap may be sent run-length encoded.
@@ -186,7 +191,13 @@ pub trait Replica: Send + Sync + 'static {
     fn begin_sync_target(&self, sync_uuid: u64) -> impl Future<Output = Result<(), String>> + Send;
     /// The handshake is done; `link` carries every packet from now on. Returns the notify
     /// with which the replica asks for the connection to be dropped.
-    fn connection_up(&self, link: Link, peer: &PeerParams, resolve_conflicts: bool) -> Arc<Notify>;
+    fn connection_up(
+        &self,
+        link: Link,
+        peer: &PeerParams,
+        agreed: &Agreed,
+        resolve_conflicts: bool,
+    ) -> Arc<Notify>;
 
     /// A buffer for `len` received data bytes, waiting for room in the receive budget
     /// (which back-pressures the peer through TCP).

@@ -15,7 +15,7 @@
 //! 64 MiB ([`linger`]), so the peer reads this side's last packets (a `P_STATE`, a
 //! `P_NEG_ACK`) instead of failing a write on a reset connection first.
 
-use super::handshake::{self, PeerParams};
+use super::handshake::{self, Agreed, PeerParams};
 use super::link::Watch;
 use super::liveness::{Dead, Liveness, LivenessConfig, Observation, Step};
 use super::{
@@ -61,22 +61,14 @@ pub async fn run<R: Replica>(
     established: &mut bool,
 ) -> Result<(), NetError> {
     let (mut data, meta) = sockets;
-    let local = replica.handshake_params(resolve_conflicts);
-    let params: PeerParams =
-        tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake::run(&mut data, local))
-            .await
-            .map_err(|_| NetError::Timeout("handshake"))??;
+    let (params, agreed) = handshake(&*replica, &mut data, resolve_conflicts).await?;
     let ctx = params.ctx;
-    if let Some(why) = &params.split_brain_resolved {
-        tracing::warn!("{why}");
-        replica.link_event(LinkEvent::SplitBrainResolved(why.clone()));
-    }
     // An old run's resync write must not land after this connection's writes.
     replica.wait_sync_io_idle().await;
     if let HandshakeOutcome::SyncSource { full } | HandshakeOutcome::SyncTarget { full } =
-        params.sync
+        agreed.sync
     {
-        let source = matches!(params.sync, HandshakeOutcome::SyncSource { .. });
+        let source = matches!(agreed.sync, HandshakeOutcome::SyncSource { .. });
         tokio::time::timeout(
             EXCHANGE_TIMEOUT,
             exchange(&mut data, &*replica, &ctx, source, full, replica.use_rle()),
@@ -99,11 +91,11 @@ pub async fn run<R: Replica>(
         params.disk,
         config.resource.protocol,
         ctx.version(),
-        params.sync
+        agreed.sync
     );
     *established = true;
     replica.link_event(LinkEvent::Error(None));
-    let kill = replica.connection_up(link.clone(), &params, resolve_conflicts);
+    let kill = replica.connection_up(link.clone(), &params, &agreed, resolve_conflicts);
 
     let kept = [keep(&data), keep(&meta)];
     let (data_rd, data_wr) = data.into_split();
@@ -162,6 +154,24 @@ pub async fn run<R: Replica>(
         Err(NetError::Shutdown)
     });
     end(tasks, kept).await
+}
+
+/// The handshake on `data`, then the replica's decision on it.
+async fn handshake<R: Replica>(
+    replica: &R,
+    data: &mut TcpStream,
+    resolve_conflicts: bool,
+) -> Result<(PeerParams, Agreed), NetError> {
+    let local = replica.handshake_params(resolve_conflicts);
+    let params = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, handshake::run(data, local))
+        .await
+        .map_err(|_| NetError::Timeout("handshake"))??;
+    let agreed = replica.agree(&local, &params)?;
+    if let Some(why) = &agreed.split_brain_resolved {
+        tracing::warn!("{why}");
+        replica.link_event(LinkEvent::SplitBrainResolved(why.clone()));
+    }
+    Ok((params, agreed))
 }
 
 /// The first task to end ends the connection: the others are stopped, the sockets

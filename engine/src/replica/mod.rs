@@ -26,6 +26,9 @@
 //!   [`SyncAction`]s; `volume/sync.rs` and `sim/resync.rs` only perform them;
 //! - [`FlushRounds`]: a Secondary's epoch flushes merged into rounds, each request
 //!   satisfied only by a flush issued after it;
+//! - the handshake's decision (`handshake.rs`): what this node says of itself and what
+//!   DRBD's sync handshake makes of the peer's answer, with the UUID corrections that
+//!   only the simulator used to apply;
 //! - the management commands that change the node's state (`admin.rs`): `invalidate`,
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
@@ -36,6 +39,7 @@
 mod admin;
 mod failed;
 mod flush;
+mod handshake;
 mod node;
 mod roles;
 mod sync;

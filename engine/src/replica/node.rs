@@ -25,8 +25,8 @@
 //!   write on the disk and the connection SyncSource or SyncTarget, [`Node::start_source`]
 //!   / [`Node::start_target`]), its end ([`TargetEnd`] on the target,
 //!   [`Node::peer_sync_ended`] on the source) and the transition to Connected
-//!   ([`Node::reached_connected`]); role changes (`roles.rs`); management commands
-//!   (`admin.rs`). A UUID or flag change is
+//!   ([`Node::reached_connected`]); the handshake's decision (`handshake.rs`); role
+//!   changes (`roles.rs`); management commands (`admin.rs`). A UUID or flag change is
 //!   returned, not hidden: the daemon makes it durable in its superblock before what
 //!   depends on it; the simulator, which has no superblock, assigns it.
 //! - **The connection and the peer.** The connection's state, the agreed protocol
@@ -201,6 +201,12 @@ pub(crate) struct Node {
     /// A promotion waits for its metadata ([`Self::begin_promotion`]): the peer's own
     /// promotion request is refused meanwhile.
     pub(crate) promoting: bool,
+    /// `connect --discard-my-data`: this node loses a split brain at the next handshake
+    /// (`P_UUIDS` flag 1); it holds until a connection is up.
+    pub(crate) discard_my_data: bool,
+    /// The peer's UUIDs as the last handshake agreed them (corrected, `handshake.rs`):
+    /// the generation a target run completes with.
+    pub(crate) peer_uuids: UuidSet,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
     /// Deliberate bugs for the simulator's sabotage tests: `invalidate` marks nothing;
@@ -235,6 +241,8 @@ impl Node {
             peer_role: Role::Unknown,
             peer_disk: DiskState::DUnknown,
             promoting: false,
+            discard_my_data: false,
+            peer_uuids: UuidSet::default(),
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
             #[cfg(test)]
@@ -299,6 +307,7 @@ impl Node {
         self.peer_role = role;
         self.peer_disk = disk;
         self.conn = ConnState::Connected;
+        self.discard_my_data = false;
     }
 
     /// The connection is gone: the peer is unknown, and the connection NetworkFailure
@@ -349,12 +358,12 @@ impl Node {
     /// every write on the disk now — this node's, submitted and not retired, and the
     /// peer's, submitted and not completed, of an earlier connection too — so that no
     /// resync write lands under one (the simulator found that one could). The connection
-    /// is SyncTarget, the peer's disk UpToDate. Returns the run.
+    /// is SyncTarget, the peer's disk UpToDate. The run completes with the peer's UUIDs
+    /// as the handshake agreed them ([`Self::peer_uuids`]). Returns the run.
     pub(crate) fn start_target(
         &mut self,
         cfg: TargetConfig,
         tick: &TickInput,
-        peer_uuids: UuidSet,
     ) -> Result<u64, ResyncError> {
         let primary = self.primary.submitted_writes();
         let in_flight = (
@@ -364,7 +373,7 @@ impl Node {
         let bm = self.primary.out_of_sync();
         let run = self
             .runs
-            .start_target(cfg, bm, tick, peer_uuids, in_flight)?;
+            .start_target(cfg, bm, tick, self.peer_uuids, in_flight)?;
         self.conn = ConnState::SyncTarget;
         self.peer_disk = DiskState::UpToDate;
         Ok(run)
@@ -777,13 +786,13 @@ mod tests {
     /// asked for more, and the runs' actions.
     fn target_over_block_0(n: &mut Node) -> (u64, bool, Vec<SyncAction<LocalWrite>>) {
         n.primary.out_of_sync_mut().mark(0, 4096);
-        let peer = UuidSet {
+        n.peer_uuids = UuidSet {
             current: 0x1234,
             bitmap: 0,
             history: [0; 2],
         };
         let cfg = TargetConfig::new(SECTORS);
-        let run = n.start_target(cfg, &TickInput::default(), peer).unwrap();
+        let run = n.start_target(cfg, &TickInput::default()).unwrap();
         let later = TickInput {
             now_ms: 100,
             ..TickInput::default()

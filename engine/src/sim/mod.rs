@@ -1140,7 +1140,7 @@ impl Sim {
             fresh::day0(&mut pn, &mut sn, &mut r)?;
         }
         #[allow(unused_mut)]
-        let mut rs = Rs::new(rs_rng, &params, pn.uuids)?;
+        let mut rs = Rs::new(rs_rng, &params)?;
         #[cfg(test)]
         rs.set_sabotage(cfg.sabotage);
         let report = SimReport {

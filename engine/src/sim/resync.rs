@@ -67,8 +67,8 @@ use crate::resync::{
     SLEEP_TIME_MS,
 };
 use crate::state::uuid::{
-    sync_handshake, AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx,
-    HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
+    AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx, HandshakeOutcome,
+    SplitBrainPolicy, UuidSet, UUID_JUST_CREATED,
 };
 use crate::state::{ConnState, DiskState, Role};
 use crate::wire::dp;
@@ -302,8 +302,6 @@ pub(super) struct Rs {
     // ---- the Secondary's node
     /// The bitmap transfer the Secondary receives.
     s_rx: Option<(BitmapReceiver, Vec<u64>)>,
-    /// The Primary's UUIDs as the Secondary received them at the handshake.
-    s_peer: UuidSet,
     /// The finished run whose end is being made durable.
     pub(super) s_finish: Option<TargetEnd>,
     /// Versions of the zeroes of the `P_RS_DEALLOCATED` being handled.
@@ -388,9 +386,8 @@ pub(super) fn uuid(rng: &mut Rng) -> u64 {
 }
 
 impl Rs {
-    /// The resync state of both nodes; `p_uuids`: the Primary's UUIDs on day 0, as the
-    /// Secondary knows them.
-    pub(super) fn new(rng: Rng, params: &SimParams, p_uuids: UuidSet) -> Result<Self, String> {
+    /// The resync state of both nodes.
+    pub(super) fn new(rng: Rng, params: &SimParams) -> Result<Self, String> {
         Ok(Rs {
             rng,
             params: params.resync.clone(),
@@ -401,7 +398,6 @@ impl Rs {
             read_ctx: None,
             p_app_sectors: 0,
             s_rx: None,
-            s_peer: p_uuids,
             s_finish: None,
             zero_vers: None,
             s_app_sectors: 0,
@@ -557,19 +553,11 @@ impl Sim {
             && self.sn.receiver.stats().active_writes == 0
     }
 
-    /// The connection comes up: both nodes' handshake, then the bitmap exchange if they
-    /// agree on a resync (see the module docs).
-    pub(super) fn connect(&mut self) -> Result<(), String> {
-        if !self.connect_ready() {
-            self.reconnect_pending = true;
-            let d = self.rs.rng.range(5, 30);
-            self.at(d, Ev::Reconnect);
-            return Ok(());
-        }
-        self.report.handshakes += 1;
-        self.check14_before_handshake()?;
-        // Checker 8: a refused connection changed neither disk (the Primary's only takes
-        // its application's writes, checker 1; nothing else may touch the Secondary's).
+    /// Before a handshake that follows a refused one: checker 8 (a refused connection
+    /// changed neither disk: the Primary's only takes its application's writes, checker
+    /// 1; nothing else may touch the Secondary's), and the operator's resolution.
+    /// `true`: the Secondary connects with discard-my-data.
+    fn after_refusal(&mut self) -> Result<bool, String> {
         let mut recreate = false;
         let resolving = if let Sb::Refused { snap, unrelated } = &self.rs.sb {
             recreate = *unrelated;
@@ -599,7 +587,21 @@ impl Sim {
             self.sn.runs.forget_resume_position();
             self.rs.sb = Sb::Recreated;
         }
-        let resolving = !recreate && (resolving || self.rs.sb == Sb::Resolving);
+        Ok(!recreate && (resolving || self.rs.sb == Sb::Resolving))
+    }
+
+    /// The connection comes up: both nodes' handshake, then the bitmap exchange if they
+    /// agree on a resync (see the module docs).
+    pub(super) fn connect(&mut self) -> Result<(), String> {
+        if !self.connect_ready() {
+            self.reconnect_pending = true;
+            let d = self.rs.rng.range(5, 30);
+            self.at(d, Ev::Reconnect);
+            return Ok(());
+        }
+        self.report.handshakes += 1;
+        self.check14_before_handshake()?;
+        let resolving = self.after_refusal()?;
         let split = resolving || self.rs.sb == Sb::Happened;
         // The operator resolves a refused split brain: the Secondary connects with
         // discard-my-data, the default policies.
@@ -609,36 +611,32 @@ impl Sim {
             (self.rs.params.policy, self.rs.params.peer_policy())
         };
         let rc_p = self.rs.rng.chance(500_000);
-        let cp = self.pn.primary.out_of_sync().count();
-        let cs = self.sn.primary.out_of_sync().count();
-        let me_p = HandshakeSide {
-            uuids: self.pn.uuids,
-            dirty_bits: cp,
-            primary: true,
-            disk: DiskState::UpToDate,
-            crashed_primary: self.pn.crashed_primary,
-            discard_my_data: false,
-        };
-        let me_s = HandshakeSide {
-            uuids: self.sn.uuids,
-            dirty_bits: cs,
-            primary: false,
-            disk: self.sn.disk,
-            crashed_primary: false,
-            discard_my_data: resolving,
-        };
+        // Both nodes' handshake (`replica::Node::hello`, then `agree` on what each sent).
+        self.sn.discard_my_data = resolving;
+        let (me_p, me_s) = (self.pn.hello(), self.sn.hello());
         let ctx = |rc| HandshakeCtx {
             agreed_version: AGREED,
             wsame: true,
             resolve_conflicts: rc,
         };
-        let hp = sync_handshake(&me_p, &me_s, &ctx(rc_p), &pol_p);
-        let hs = sync_handshake(&me_s, &me_p, &ctx(!rc_p), &pol_s);
+        let ap = self.pn.agree(&me_p, &me_s, &ctx(rc_p), &pol_p)?;
+        let as_ = self.sn.agree(&me_s, &me_p, &ctx(!rc_p), &pol_s)?;
+        let (Some(hp), Some(hs)) = (&ap.handshake, &as_.handshake) else {
+            return Err("a node without a disk connected: no sync handshake ran".into());
+        };
         let what = || {
             format!(
-                "primary {} {:?} ({}), secondary {} {:?} ({}); changes {cp} / {cs}, policy {:?}, \
+                "primary {} {:?} ({}), secondary {} {:?} ({}); changes {} / {}, policy {:?}, \
                  primary holds RESOLVE_CONFLICTS: {rc_p}",
-                me_p.uuids, hp.outcome, hp.comparison, me_s.uuids, hs.outcome, hs.comparison, pol_p
+                me_p.uuids,
+                ap.outcome,
+                hp.comparison,
+                me_s.uuids,
+                as_.outcome,
+                hs.comparison,
+                me_p.dirty_bits,
+                me_s.dirty_bits,
+                pol_p
             )
         };
         #[cfg(test)]
@@ -646,10 +644,18 @@ impl Sim {
             eprintln!("handshake: {}", what());
         }
         let decision = if split {
-            self.judge_split_brain(&hp, &hs, resolving, &pol_p, cp, cs, rc_p)
-                .map_err(|e| format!("checker 8: {e}: {}", what()))?
+            self.judge_split_brain(
+                hp,
+                hs,
+                resolving,
+                &pol_p,
+                me_p.dirty_bits,
+                me_s.dirty_bits,
+                rc_p,
+            )
+            .map_err(|e| format!("checker 8: {e}: {}", what()))?
         } else {
-            match (hp.outcome, hs.outcome) {
+            match (ap.outcome, as_.outcome) {
                 (HandshakeOutcome::Connected, HandshakeOutcome::Connected) => Decision::Connected,
                 (
                     HandshakeOutcome::SyncSource { full: a },
@@ -675,28 +681,13 @@ impl Sim {
             self.at(d, Ev::Reconnect);
             return Ok(());
         }
-        self.uuid_fixups(&hp, &hs, me_p.uuids);
+        self.report.uuid_corrections += u64::from(ap.corrected) + u64::from(as_.corrected);
         if resolving {
             // Until the Secondary is SyncTarget (a loss before `P_SYNC_UUID` leaves the
             // split brain in the UUIDs).
             self.rs.sb = Sb::Resolving;
         }
         self.connected(decision)
-    }
-
-    /// The handshake's UUID fix-ups: each node persists its own; the Secondary keeps the
-    /// Primary's as it received them (`sent`, corrected as it computed) for the finish.
-    fn uuid_fixups(&mut self, hp: &Handshake, hs: &Handshake, sent: UuidSet) {
-        for (h, own) in [(hp, &mut self.pn.uuids), (hs, &mut self.sn.uuids)] {
-            if let Some(c) = h.comparison.correction.filter(|c| c.side == UuidSide::Mine) {
-                *own = c.uuids;
-                self.report.uuid_corrections += 1;
-            }
-        }
-        self.rs.s_peer = match hs.comparison.correction {
-            Some(c) if c.side == UuidSide::Peer => c.uuids,
-            _ => sent,
-        };
     }
 
     /// The handshake decided `decision` (not a refusal): both nodes are connected, and
@@ -935,7 +926,7 @@ impl Sim {
         let tick = self.tick_input(false);
         let run = self
             .sn
-            .start_target(cfg, &tick, self.rs.s_peer)
+            .start_target(cfg, &tick)
             .map_err(|e| format!("target: {e}"))?;
         self.at(1, Ev::RsTick { run });
         self.maybe_schedule_s_stop();

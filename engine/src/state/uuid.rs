@@ -589,7 +589,7 @@ impl From<UuidPacket> for wire::Uuids {
 /// The disk state the handshake uses for the peer (`receive_state`'s
 /// `real_peer_disk`). A peer still Negotiating (attaching) counts as Inconsistent if its
 /// `P_UUIDS` had flag 4, and as Consistent otherwise.
-pub fn real_peer_disk(reported: DiskState, peer_flags: u64) -> DiskState {
+fn real_peer_disk(reported: DiskState, peer_flags: u64) -> DiskState {
     if reported == DiskState::Negotiating {
         if peer_flags & UUID_FLAG_INCONSISTENT != 0 {
             DiskState::Inconsistent

@@ -64,7 +64,7 @@ use crate::config::{Config, NodeConfig};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, TargetInfo};
 use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
-use crate::net::handshake::PeerParams;
+use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
 use crate::replica::{Action, LocalWrite, Node, PeerDisk, Side};
 use crate::request::{
@@ -155,8 +155,6 @@ struct Inner {
     app_io_sectors: u64,
     /// Resync data bytes sent (`P_RS_DATA_REPLY`).
     resync_bytes_sent: u64,
-    /// The next handshake says discard-my-data (`connect --discard-my-data`).
-    discard_my_data: bool,
     /// How the last split brain was resolved.
     split_brain_resolved: Option<String>,
     /// The last finished (or interrupted) verify.
@@ -420,7 +418,6 @@ impl Inner {
             last_sync: None,
             app_io_sectors: 0,
             resync_bytes_sent: 0,
-            discard_my_data: false,
             split_brain_resolved: None,
             last_verify: None,
             peer_verify: false,
@@ -1065,7 +1062,13 @@ impl Volume {
     }
 
     /// A connection finished its handshake. Returns the notify that kills it.
-    fn connection_up(&self, link: Link, peer: &PeerParams, resolve_conflicts: bool) -> Arc<Notify> {
+    fn connection_up(
+        &self,
+        link: Link,
+        peer: &PeerParams,
+        agreed: &Agreed,
+        resolve_conflicts: bool,
+    ) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
         let mut effects = Vec::new();
         {
@@ -1080,20 +1083,20 @@ impl Volume {
             inner.kill = Some(kill.clone());
             let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
             inner.node.connection_up(version, peer.role, peer.disk);
-            let role = match peer.sync {
+            let role = match agreed.sync {
                 HandshakeOutcome::SyncSource { .. } => Some(SyncRole::Source),
                 HandshakeOutcome::SyncTarget { .. } => Some(SyncRole::Target {
                     csums: self.sync.csums
                         && peer.csums
                         && (!self.sync.csums_after_crash_only
                             || inner.node.crashed_primary
-                            || peer.crashed_primary),
+                            || peer.side.crashed_primary),
                 }),
                 HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
             };
             inner.event(
                 "connected",
-                serde_json::json!({ "peer": self.peer_node, "sync": format!("{:?}", peer.sync) }),
+                serde_json::json!({ "peer": self.peer_node, "sync": format!("{:?}", agreed.sync) }),
             );
             let bits = inner.node.primary.out_of_sync().count();
             if role.is_none() && bits > 0 {
@@ -1108,7 +1111,6 @@ impl Volume {
                 Some(role) => self.start_run(inner, role, peer),
                 None => self.reached_connected(inner),
             }
-            inner.discard_my_data = false;
             inner.peer_verify = peer.verify;
             self.send_state(inner);
             self.drain_sync(inner, &mut effects);

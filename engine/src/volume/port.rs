@@ -2,9 +2,10 @@
 //! place where `net`'s events enter the volume, dispatched to the methods that own them.
 
 use super::Volume;
-use crate::net::handshake::{LocalParams, PeerParams};
+use crate::net::handshake::{Agreed, LocalParams, PeerParams};
+use crate::net::NetError;
 use crate::net::{Link, LinkEvent, PeerData, PeerEvent, Replica};
-use crate::state::ConnState;
+use crate::state::{ConnState, Role};
 use crate::store::{AlignedBuf, SECTOR_SIZE};
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,17 +52,21 @@ impl Replica for Volume {
     }
 
     fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
-        let g = self.lock();
+        let hello = self.lock().node.hello();
         LocalParams {
             protocol: self.protocol,
-            role: g.node.role,
-            disk: g.node.disk,
+            role: if hello.primary {
+                Role::Primary
+            } else {
+                Role::Secondary
+            },
+            disk: hello.disk,
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
-            dirty_bits: g.node.primary.out_of_sync().count(),
-            uuids: g.node.uuids,
-            crashed_primary: g.node.crashed_primary,
+            dirty_bits: hello.dirty_bits,
+            uuids: hello.uuids,
+            crashed_primary: hello.crashed_primary,
             resolve_conflicts,
-            discard_my_data: g.discard_my_data,
+            discard_my_data: hello.discard_my_data,
             policy: self.sync.policy,
             csums: self.sync.csums,
             verify: self.sync.verify,
@@ -97,8 +102,34 @@ impl Replica for Volume {
         Volume::begin_sync_target(self, sync_uuid).await
     }
 
-    fn connection_up(&self, link: Link, peer: &PeerParams, resolve_conflicts: bool) -> Arc<Notify> {
-        Volume::connection_up(self, link, peer, resolve_conflicts)
+    fn agree(&self, sent: &LocalParams, peer: &PeerParams) -> Result<Agreed, NetError> {
+        let a = self
+            .lock()
+            .node
+            .agree(
+                &sent.side(),
+                &peer.side,
+                &sent.handshake_ctx(&peer.ctx),
+                &sent.policy,
+            )
+            .map_err(NetError::Changed)?;
+        if let Some(why) = a.refusal() {
+            return Err(NetError::SplitBrain(why));
+        }
+        Ok(Agreed {
+            sync: a.outcome,
+            split_brain_resolved: a.resolved(),
+        })
+    }
+
+    fn connection_up(
+        &self,
+        link: Link,
+        peer: &PeerParams,
+        agreed: &Agreed,
+        resolve_conflicts: bool,
+    ) -> Arc<Notify> {
+        Volume::connection_up(self, link, peer, agreed, resolve_conflicts)
     }
 
     async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {

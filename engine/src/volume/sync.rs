@@ -177,10 +177,7 @@ impl Volume {
     /// bit first.
     pub(super) fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64) {
         let mut g = self.lock();
-        let oos = g.node.primary.out_of_sync_mut();
-        if full {
-            oos.mark_all();
-        }
+        let oos = g.node.exchange_bitmap(full);
         (oos.words().to_vec(), oos.blocks())
     }
 
@@ -271,7 +268,7 @@ impl Volume {
                     ..TargetConfig::new(sectors)
                 };
                 let total = inner.node.primary.out_of_sync().count();
-                match inner.node.start_target(cfg, &tick, peer.uuids) {
+                match inner.node.start_target(cfg, &tick) {
                     Ok(_) => {
                         if inner.sync_paused {
                             inner.node.runs.set_paused(true, tick.now_ms);
@@ -914,7 +911,7 @@ impl Volume {
     /// `connect --discard-my-data`: the next handshake says this node loses a split
     /// brain (P_UUIDS flag 1). Cleared when a connection is made.
     pub fn set_discard_my_data(&self, discard: bool) {
-        self.lock().discard_my_data = discard;
+        self.lock().node.discard_my_data = discard;
     }
 
     /// `invalidate`: this Secondary's data is declared invalid. Every bit is set and

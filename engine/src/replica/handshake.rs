@@ -1,0 +1,378 @@
+//! The node's side of the connection handshake: what it says of itself
+//! ([`Node::hello`], sent in `P_UUIDS` and `P_STATE`) and what the peer's answer makes
+//! of the connection ([`Node::agree`]) — DRBD's `drbd_sync_handshake` over this node's
+//! state, then what DRBD does with the result before the bitmap exchange:
+//!
+//! - **The decision.** [`sync_handshake`] on both sides' UUIDs, disks, roles and flags,
+//!   with the after-sb policies: Connected, SyncSource or SyncTarget (fully or from the
+//!   bitmap), or a refusal (split brain, unrelated data, a Primary that would become
+//!   SyncTarget). A Diskless side has nothing to sync: Connected (DRBD runs the sync
+//!   handshake only when both nodes have a disk).
+//! - **tandem's one refinement.** Rules 20/30 ask for a full sync of a just-created disk.
+//!   A just-created disk that is consistent (a backing file `tandem up` created, all
+//!   zeroes) facing a node whose bitmap UUID is still the just-created value (it left
+//!   that generation by writing without this peer, so every block it wrote since is in
+//!   its bitmap) needs only the bitmap, as rule 50 would say.
+//! - **UUID corrections** (rules 34, 35, 51 and 71: a `P_SYNC_UUID` or the end of a
+//!   resync that one side missed). A correction of this node's UUIDs is applied to
+//!   [`Node::uuids`] when the connection is not refused; every outcome that carries one
+//!   is a resync, whose first step makes the UUIDs durable
+//!   ([`Node::begin_sync_source`] / [`Node::begin_sync_target`]). A correction of the
+//!   peer's is kept in [`Node::peer_uuids`], the generation a target completes at its
+//!   end ([`Node::start_target`]). Before this module both drivers decided on their
+//!   own, and only the simulator applied corrections.
+//! - **A changed node.** The peer decides on what this node sent. If this node's UUIDs,
+//!   role, disk or flags changed since (a promotion raced the handshake), the two
+//!   decisions could differ: [`Node::agree`] refuses, and the driver connects again.
+//!
+//! Bounds: one call per handshake; the messages are a few hundred bytes.
+
+use super::Node;
+use crate::request::OutOfSync;
+use crate::state::uuid::{
+    sync_handshake, Handshake, HandshakeCtx, HandshakeOutcome, HandshakeSide, SplitBrainPolicy,
+    SplitBrainResolution, UuidSide, UUID_JUST_CREATED,
+};
+use crate::state::{DiskState, Role};
+
+/// What the handshake made of a connection ([`Node::agree`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Agreement {
+    /// What the connection does; `Disconnect` is a refusal ([`Self::refusal`]).
+    pub(crate) outcome: HandshakeOutcome,
+    /// DRBD's sync handshake (`None`: a side is Diskless and it did not run); its
+    /// `outcome` is before tandem's refinement.
+    pub(crate) handshake: Option<Handshake>,
+    /// This node's UUIDs were corrected (rules 34 and 71).
+    pub(crate) corrected: bool,
+    /// Both sides' UUIDs and the rule, for the log.
+    why: String,
+}
+
+impl Agreement {
+    /// Why the connection is refused (`None`: it is not).
+    pub(crate) fn refusal(&self) -> Option<String> {
+        match self.outcome {
+            HandshakeOutcome::Disconnect(reason) => Some(format!("{reason} ({})", self.why)),
+            _ => None,
+        }
+    }
+
+    /// How a split brain was resolved (`None`: there was none, or it was not resolved).
+    pub(crate) fn resolved(&self) -> Option<String> {
+        let h = self.handshake.as_ref().filter(|h| h.split_brain)?;
+        let how = match h.resolution {
+            Some(SplitBrainResolution::AfterSbPolicy { primaries }) => {
+                format!("by the after-sb-{primaries}pri policy")
+            }
+            Some(SplitBrainResolution::DiscardMyData) => "by discard-my-data".into(),
+            None => "by the disk states".into(),
+        };
+        let loser = match self.outcome {
+            HandshakeOutcome::SyncTarget { .. } => "this node's",
+            HandshakeOutcome::Disconnect(_) => return None,
+            _ => "the peer's",
+        };
+        Some(format!(
+            "split brain resolved {how}: {loser} changes are discarded ({})",
+            self.why
+        ))
+    }
+}
+
+impl Node {
+    /// This node as its `P_UUIDS` and `P_STATE` describe it now (the bitmap weight is
+    /// DRBD's `dirty_bits`).
+    pub(crate) fn hello(&self) -> HandshakeSide {
+        HandshakeSide {
+            uuids: self.uuids,
+            dirty_bits: self.primary.out_of_sync().count(),
+            primary: self.role == Role::Primary,
+            disk: self.disk,
+            crashed_primary: self.crashed_primary,
+            discard_my_data: self.discard_my_data,
+        }
+    }
+
+    /// The peer answered this node's `sent` hello with `peer` (see the module docs).
+    /// `Err`: this node changed since it sent `sent`; nothing is applied and the driver
+    /// connects again. A refusal is an [`Agreement`] whose [`Agreement::refusal`] says
+    /// why; it changes nothing either.
+    pub(crate) fn agree(
+        &mut self,
+        sent: &HandshakeSide,
+        peer: &HandshakeSide,
+        ctx: &HandshakeCtx,
+        policy: &SplitBrainPolicy,
+    ) -> Result<Agreement, String> {
+        let now = self.hello();
+        if (
+            now.uuids,
+            now.primary,
+            now.disk,
+            now.crashed_primary,
+            now.discard_my_data,
+        ) != (
+            sent.uuids,
+            sent.primary,
+            sent.disk,
+            sent.crashed_primary,
+            sent.discard_my_data,
+        ) {
+            return Err(format!(
+                "this node changed during the handshake (sent UUIDs {}, {}, {}; now {}, {}, {}): \
+                 connecting again",
+                sent.uuids, sent.primary, sent.disk, now.uuids, now.primary, now.disk
+            ));
+        }
+        if sent.disk <= DiskState::Failed || peer.disk <= DiskState::Failed {
+            self.peer_uuids = peer.uuids;
+            return Ok(Agreement {
+                outcome: HandshakeOutcome::Connected,
+                handshake: None,
+                corrected: false,
+                why: "a Diskless side".into(),
+            });
+        }
+        let h = sync_handshake(sent, peer, ctx, policy);
+        let outcome = refined(h.outcome, h.comparison.rule, sent, peer);
+        let why = format!(
+            "UUIDs here {}, peer {}; rule {}, {}",
+            sent.uuids, peer.uuids, h.comparison.rule, h.hg
+        );
+        let mut corrected = false;
+        if !matches!(outcome, HandshakeOutcome::Disconnect(_)) {
+            self.peer_uuids = peer.uuids;
+            match h.comparison.correction {
+                Some(c) if c.side == UuidSide::Mine => {
+                    self.uuids = c.uuids;
+                    corrected = true;
+                }
+                Some(c) => self.peer_uuids = c.uuids,
+                None => {}
+            }
+        }
+        Ok(Agreement {
+            outcome,
+            handshake: Some(h),
+            corrected,
+            why,
+        })
+    }
+
+    /// The bitmap this node sends in the exchange after a handshake that decided a
+    /// resync; a full one marks every block first.
+    pub(crate) fn exchange_bitmap(&mut self, full: bool) -> &OutOfSync {
+        let oos = self.primary.out_of_sync_mut();
+        if full {
+            oos.mark_all();
+        }
+        oos
+    }
+}
+
+/// tandem's refinement of rules 20/30 (see the module docs).
+fn refined(
+    outcome: HandshakeOutcome,
+    rule: u32,
+    me: &HandshakeSide,
+    peer: &HandshakeSide,
+) -> HandshakeOutcome {
+    let zero_fresh = |side: &HandshakeSide, other: &HandshakeSide| {
+        side.uuids.is_just_created()
+            && side.disk == DiskState::UpToDate
+            && other.uuids.bitmap & !1 == UUID_JUST_CREATED
+    };
+    match (outcome, rule) {
+        (HandshakeOutcome::SyncTarget { full: true }, 20) if zero_fresh(me, peer) => {
+            HandshakeOutcome::SyncTarget { full: false }
+        }
+        (HandshakeOutcome::SyncSource { full: true }, 30) if zero_fresh(peer, me) => {
+            HandshakeOutcome::SyncSource { full: false }
+        }
+        (o, _) => o,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
+    use crate::resync::{TargetConfig, TickInput};
+    use crate::state::uuid::UuidSet;
+    use crate::state::Protocol;
+
+    const VERSION: u32 = 101;
+
+    fn node(uuids: UuidSet, disk: DiskState) -> Node {
+        let primary = Primary::new(PrimaryConfig::new(Protocol::C, 2048)).unwrap();
+        let receiver = Receiver::new(ReceiverConfig::new(2048)).unwrap();
+        Node::new(primary, receiver, uuids, disk)
+    }
+
+    fn ctx() -> HandshakeCtx {
+        HandshakeCtx {
+            agreed_version: VERSION,
+            wsame: true,
+            resolve_conflicts: false,
+        }
+    }
+
+    fn peer(uuids: UuidSet, disk: DiskState) -> HandshakeSide {
+        HandshakeSide {
+            uuids,
+            dirty_bits: 0,
+            primary: false,
+            disk,
+            crashed_primary: false,
+            discard_my_data: false,
+        }
+    }
+
+    fn set(current: u64, bitmap: u64, h0: u64, h1: u64) -> UuidSet {
+        UuidSet {
+            current,
+            bitmap,
+            history: [h0, h1],
+        }
+    }
+
+    /// Rule 34: the SyncSource missed the end of the last resync (its bitmap UUID is
+    /// still set; the peer rotated it into history). The correction rotates it here too,
+    /// so the run's sync UUID is a new one, as on a kernel DRBD node.
+    #[test]
+    fn rule_34_corrects_this_node_s_uuids_before_the_run() {
+        let mut n = node(set(0xA0, 0xB0, 0xC0, 0), DiskState::UpToDate);
+        let sent = n.hello();
+        let them = peer(set(0xA0, 0, 0xB0, 0xC0), DiskState::UpToDate);
+        let a = n
+            .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
+            .unwrap();
+        assert_eq!(a.outcome, HandshakeOutcome::SyncSource { full: false });
+        assert!(a.corrected && a.refusal().is_none() && a.resolved().is_none());
+        assert_eq!(n.uuids, set(0xA0, 0, 0xB0, 0xC0));
+        let (uuids, sync_uuid) = n.begin_sync_source(0x1234);
+        assert_eq!(sync_uuid, 0x1234, "not the stale bitmap UUID + 2^48");
+        assert_eq!(uuids, set(0xA0, 0x1234, 0xB0, 0xC0));
+    }
+
+    /// Rule 35: the peer missed the end of the last resync; its corrected UUIDs are what
+    /// this node's target run completes with.
+    #[test]
+    fn rule_35_corrects_the_peer_s_uuids_that_the_target_completes_with() {
+        let mut n = node(set(0xA0, 0, 0xB0, 0xC0), DiskState::UpToDate);
+        let sent = n.hello();
+        let them = peer(set(0xA0, 0xB0, 0xC0, 0), DiskState::UpToDate);
+        let a = n
+            .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
+            .unwrap();
+        assert_eq!(a.outcome, HandshakeOutcome::SyncTarget { full: false });
+        assert!(!a.corrected);
+        assert_eq!(n.uuids, sent.uuids, "this node's UUIDs are unchanged");
+        assert_eq!(n.peer_uuids, set(0xA0, 0, 0xB0, 0xC0));
+        n.connection_up(VERSION, Role::Secondary, DiskState::UpToDate);
+        n.begin_sync_target(0xB0 + (1 << 48));
+        let cfg = TargetConfig::new(2048);
+        let run = n.start_target(cfg, &TickInput::default()).unwrap();
+        let end = n.target_end(run, Some(n.peer_uuids));
+        let (_, done) = end.uuids.unwrap();
+        assert_eq!(done.current & !1, 0xA0);
+        assert_eq!(done.bitmap, 0);
+    }
+
+    /// The peer decided on what this node sent: a node that changed since refuses, and
+    /// applies nothing.
+    #[test]
+    fn a_node_that_changed_since_its_hello_refuses() {
+        let mut n = node(set(0xA0, 0xB0, 0xC0, 0), DiskState::UpToDate);
+        let sent = n.hello();
+        n.uuids.current = 0xD0;
+        let them = peer(set(0xA0, 0, 0xB0, 0xC0), DiskState::UpToDate);
+        let err = n.agree(&sent, &them, &ctx(), &SplitBrainPolicy::default());
+        assert!(err.unwrap_err().contains("changed during the handshake"));
+        assert_eq!(n.uuids.current, 0xD0);
+        assert_eq!(n.uuids.bitmap, 0xB0, "no correction applied");
+    }
+
+    /// An unresolved split brain is refused with DRBD's reason; no correction, no peer
+    /// UUIDs kept.
+    #[test]
+    fn an_unresolved_split_brain_is_refused_and_changes_nothing() {
+        let mine = set(0xA0, 0xB0, 0, 0);
+        let mut n = node(mine, DiskState::UpToDate);
+        let sent = n.hello();
+        let them = peer(set(0xE0, 0xB0, 0, 0), DiskState::UpToDate);
+        let a = n
+            .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
+            .unwrap();
+        assert!(
+            matches!(a.outcome, HandshakeOutcome::Disconnect(_)),
+            "{a:?}"
+        );
+        assert!(
+            a.refusal().unwrap().contains("rule 90"),
+            "{:?}",
+            a.refusal()
+        );
+        assert!(a.resolved().is_none());
+        assert_eq!(n.uuids, mine);
+        assert_ne!(n.peer_uuids, them.uuids);
+    }
+
+    /// discard-my-data resolves it: this node's changes are discarded.
+    #[test]
+    fn discard_my_data_resolves_a_split_brain_here() {
+        let mut n = node(set(0xA0, 0xB0, 0, 0), DiskState::UpToDate);
+        n.discard_my_data = true;
+        let sent = n.hello();
+        assert!(sent.discard_my_data);
+        let them = peer(set(0xE0, 0xB0, 0, 0), DiskState::UpToDate);
+        let a = n
+            .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
+            .unwrap();
+        assert_eq!(a.outcome, HandshakeOutcome::SyncTarget { full: false });
+        let why = a.resolved().unwrap();
+        assert!(
+            why.contains("by discard-my-data: this node's changes"),
+            "{why}"
+        );
+        n.connection_up(VERSION, Role::Secondary, DiskState::UpToDate);
+        assert!(!n.discard_my_data, "it holds until a connection");
+    }
+
+    /// tandem's refinement: a consistent just-created disk facing a node that left the
+    /// just-created generation by writing without it syncs the bitmap only; a
+    /// Diskless side connects without the sync handshake.
+    #[test]
+    fn a_zeroed_new_disk_syncs_the_bitmap_and_a_diskless_side_just_connects() {
+        let fresh = set(UUID_JUST_CREATED, 0, 0, 0);
+        let mut n = node(fresh, DiskState::UpToDate);
+        let sent = n.hello();
+        let them = peer(set(0xA0, UUID_JUST_CREATED, 0, 0), DiskState::UpToDate);
+        let a = n
+            .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
+            .unwrap();
+        assert_eq!(
+            a.handshake.unwrap().outcome,
+            HandshakeOutcome::SyncTarget { full: true }
+        );
+        assert_eq!(a.outcome, HandshakeOutcome::SyncTarget { full: false });
+        let mut inc = node(fresh, DiskState::Inconsistent);
+        let sent = inc.hello();
+        let a = inc
+            .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
+            .unwrap();
+        assert_eq!(a.outcome, HandshakeOutcome::SyncTarget { full: true });
+        let mut gone = node(set(0xA0, 0, 0, 0), DiskState::Diskless);
+        let sent = gone.hello();
+        let them = peer(set(0xE0, 0xB0, 0, 0), DiskState::UpToDate);
+        let a = gone
+            .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
+            .unwrap();
+        assert_eq!(
+            (a.outcome, a.handshake),
+            (HandshakeOutcome::Connected, None)
+        );
+    }
+}
