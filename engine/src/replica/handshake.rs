@@ -43,8 +43,6 @@ pub(crate) struct Agreement {
     /// DRBD's sync handshake (`None`: a side is Diskless and it did not run); its
     /// `outcome` is before tandem's refinement.
     pub(crate) handshake: Option<Handshake>,
-    /// This node's UUIDs were corrected (rules 34 and 71).
-    pub(crate) corrected: bool,
     /// Both sides' UUIDs and the rule, for the log.
     why: String,
 }
@@ -56,6 +54,18 @@ impl Agreement {
             HandshakeOutcome::Disconnect(reason) => Some(format!("{reason} ({})", self.why)),
             _ => None,
         }
+    }
+
+    /// DRBD's log line for a UUID correction the handshake made (`None`: none).
+    pub(crate) fn correction(&self) -> Option<&'static str> {
+        let h = self.handshake.as_ref()?;
+        h.comparison.correction?;
+        Some(match h.comparison.rule {
+            34 => "was SyncSource, missed the resync finished event, corrected myself",
+            35 => "was SyncTarget, peer missed the resync finished event, corrected peer",
+            51 => "lost last syncUUID packet, corrected peer",
+            _ => "last syncUUID did not get through, corrected myself",
+        })
     }
 
     /// How a split brain was resolved (`None`: there was none, or it was not resolved).
@@ -130,7 +140,6 @@ impl Node {
             return Ok(Agreement {
                 outcome: HandshakeOutcome::Connected,
                 handshake: None,
-                corrected: false,
                 why: "a Diskless side".into(),
             });
         }
@@ -140,14 +149,10 @@ impl Node {
             "UUIDs here {}, peer {}; rule {}, {}",
             sent.uuids, peer.uuids, h.comparison.rule, h.hg
         );
-        let mut corrected = false;
         if !matches!(outcome, HandshakeOutcome::Disconnect(_)) {
             self.peer_uuids = peer.uuids;
             match h.comparison.correction {
-                Some(c) if c.side == UuidSide::Mine => {
-                    self.uuids = c.uuids;
-                    corrected = true;
-                }
+                Some(c) if c.side == UuidSide::Mine => self.uuids = c.uuids,
                 Some(c) => self.peer_uuids = c.uuids,
                 None => {}
             }
@@ -155,7 +160,6 @@ impl Node {
         Ok(Agreement {
             outcome,
             handshake: Some(h),
-            corrected,
             why,
         })
     }
@@ -250,7 +254,8 @@ mod tests {
             .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
             .unwrap();
         assert_eq!(a.outcome, HandshakeOutcome::SyncSource { full: false });
-        assert!(a.corrected && a.refusal().is_none() && a.resolved().is_none());
+        assert!(a.refusal().is_none() && a.resolved().is_none());
+        assert!(a.correction().unwrap().contains("corrected myself"));
         assert_eq!(n.uuids, set(0xA0, 0, 0xB0, 0xC0));
         let (uuids, sync_uuid) = n.begin_sync_source(0x1234);
         assert_eq!(sync_uuid, 0x1234, "not the stale bitmap UUID + 2^48");
@@ -268,7 +273,7 @@ mod tests {
             .agree(&sent, &them, &ctx(), &SplitBrainPolicy::default())
             .unwrap();
         assert_eq!(a.outcome, HandshakeOutcome::SyncTarget { full: false });
-        assert!(!a.corrected);
+        assert!(a.correction().unwrap().contains("corrected peer"));
         assert_eq!(n.uuids, sent.uuids, "this node's UUIDs are unchanged");
         assert_eq!(n.peer_uuids, set(0xA0, 0, 0xB0, 0xC0));
         n.connection_up(VERSION, Role::Secondary, DiskState::UpToDate);

@@ -33,10 +33,13 @@
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
 //!   check, a change in memory and the order of what the driver makes durable;
+//! - a failed local write (`disk.rs`, [`Node::local_write_failed`]): DRBD's
+//!   `on-io-error`, what leaves service and what the driver records;
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
 //!   resync acks arrive (the simulator's seed 30).
 
 mod admin;
+mod disk;
 mod failed;
 mod flush;
 mod handshake;
@@ -44,6 +47,7 @@ mod node;
 mod roles;
 mod sync;
 
+pub(crate) use disk::DiskFailure;
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
 pub(crate) use node::{Action, LocalWrite, Node, PeerDisk, Side, TargetEnd};

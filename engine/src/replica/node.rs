@@ -207,12 +207,18 @@ pub(crate) struct Node {
     /// The peer's UUIDs as the last handshake agreed them (corrected, `handshake.rs`):
     /// the generation a target run completes with.
     pub(crate) peer_uuids: UuidSet,
+    /// A local write failed since the disk was attached: the disk left service
+    /// ([`Self::local_write_failed`]).
+    pub(crate) disk_failed: bool,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
     /// Deliberate bugs for the simulator's sabotage tests: `invalidate` marks nothing;
-    /// a peer's skipped initial sync is ignored.
+    /// a peer's skipped initial sync is ignored; a failed local write leaves the disk in
+    /// service and UpToDate.
     #[cfg(test)]
     pub(crate) sabotage_invalidate_marks_nothing: bool,
+    #[cfg(test)]
+    pub(crate) sabotage_failed_disk_stays_up_to_date: bool,
     #[cfg(test)]
     pub(crate) sabotage_ignore_peer_skip: bool,
 }
@@ -243,10 +249,13 @@ impl Node {
             promoting: false,
             discard_my_data: false,
             peer_uuids: UuidSet::default(),
+            disk_failed: false,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
             #[cfg(test)]
             sabotage_invalidate_marks_nothing: false,
+            #[cfg(test)]
+            sabotage_failed_disk_stays_up_to_date: false,
             #[cfg(test)]
             sabotage_ignore_peer_skip: false,
         }
@@ -495,6 +504,18 @@ impl Node {
         uuids
             .lost_peer_disk(random, self.role == Role::Primary, false, self.disk)
             .then_some(uuids)
+    }
+
+    /// The peer's `P_STATE` (`word`): its role and disk as [`Self::peer_reported`]
+    /// takes them, and its connection state (which ends a SyncSource's run,
+    /// [`Self::peer_sync_ended`]). An unknown value reads as Unknown / DUnknown /
+    /// StandAlone.
+    pub(crate) fn peer_state(&mut self, word: u32) -> (PeerDisk, ConnState) {
+        let s = wire::StateBits::unpack(word);
+        let role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
+        let disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
+        let conn = ConnState::from_u32(u32::from(s.conn)).unwrap_or(ConnState::StandAlone);
+        (self.peer_reported(role, disk), conn)
     }
 
     /// The peer reported its role and disk (`P_STATE`): what the new disk state means

@@ -724,9 +724,8 @@ impl<H> SyncRuns<H> {
         self.failed.record(sector, len)
     }
 
-    /// Marks a range out of sync on this node (a failed write here, where the disk is not
-    /// detached — the simulator's Secondary): the running target fetches it again.
-    #[cfg(any(test, feature = "sim"))]
+    /// Marks a range out of sync on this node (a failed write of the peer's here,
+    /// [`super::Node::local_write_failed`]): the running target fetches it again.
     pub(crate) fn mark(&mut self, bm: &mut OutOfSync, sector: u64, len: u32) {
         match self.live() {
             Some(r) => r.t.mark_out_of_sync(bm, sector, len),

@@ -47,7 +47,7 @@
 
 use super::rng::{mix, Rng};
 use super::{Ev, MetaMsg, Sim, SECTORS, UNKNOWN};
-use crate::replica::FlushRounds;
+use crate::replica::{FlushRounds, LocalWrite};
 use crate::state::{DiskState, Protocol};
 use std::collections::BTreeSet;
 
@@ -137,31 +137,28 @@ impl Fo {
 }
 
 impl Sim {
-    fn sabotaged_stays_up_to_date(&self) -> bool {
-        #[cfg(test)]
-        return self.sabotage.secondary_stays_up_to_date;
-        #[cfg(not(test))]
-        false
-    }
-
     /// Whether the Secondary's disk takes IO (not detached).
     pub(super) fn s_disk_usable(&self) -> bool {
         self.sn.disk != DiskState::Failed
     }
 
-    /// A peer write failed on the Secondary's disk (or was refused by a detached one):
-    /// the failure is recorded before the caller lets the core answer `P_NEG_ACK`.
-    pub(super) fn secondary_write_failed(&mut self) -> Result<(), String> {
+    /// A peer write `w` failed on the Secondary's disk (or was refused by a detached
+    /// one): `Node::local_write_failed` with on-io-error detach; the first failure is
+    /// recorded (durable first, `MDF_CONSISTENT` cleared) before the caller lets the
+    /// core answer `P_NEG_ACK`, and the Primary learns the disk state.
+    pub(super) fn secondary_write_failed(&mut self, w: &LocalWrite) -> Result<(), String> {
         self.fo.failed_since_attach += 1;
-        if self.sabotaged_stays_up_to_date() || self.sn.disk == DiskState::Failed {
+        let Some(f) = self.sn.local_write_failed(w, true) else {
             return Ok(());
+        };
+        if f.disk != DiskState::Failed || f.full_sync {
+            return Err(format!("a Secondary's failed write made its disk {f:?}"));
         }
         self.report.s_detaches += 1;
-        // Durable first (MDF_CONSISTENT cleared), then Failed in memory.
         self.fo.md_inconsistent = true;
-        self.sn.disk = DiskState::Failed;
         if self.up {
-            self.send_meta(MetaMsg::DiskFailed)?;
+            let pkt = self.sn.state_packet().ok_or("the Secondary's P_STATE")?;
+            self.send_meta(MetaMsg::State(pkt))?;
         }
         self.at(LEAVE_DELAY, Ev::SLeave);
         Ok(())
@@ -207,7 +204,7 @@ impl Sim {
             self.sn.flushes.sabotage_join_running = self.sabotage.flush_round_takes_late_requests;
         }
         self.fo.s_inc += 1;
-        self.sn.disk = DiskState::Inconsistent;
+        self.sn.disk_attached(DiskState::Inconsistent);
         self.fo.standalone = false;
         self.fo.failed_since_attach = 0;
         self.report.s_reattaches += 1;

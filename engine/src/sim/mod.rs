@@ -355,6 +355,7 @@ fn sabotage_secondary_node(s: &Sabotage, node: &mut Node) {
         .out_of_sync_mut()
         .sabotage_image_without_unflushed = s.s_images_forget_unflushed;
     node.sabotage_invalidate_marks_nothing = s.invalidate_marks_nothing;
+    node.sabotage_failed_disk_stays_up_to_date = s.secondary_stays_up_to_date;
     node.sabotage_ignore_peer_skip = s.ignore_peer_skip;
     node.runs.sabotage_verify_marks_nothing = s.verify_marks_nothing;
 }
@@ -966,8 +967,8 @@ enum MetaMsg {
     /// The SyncTarget finished without failures and is UpToDate (DRBD: its state change,
     /// on which the SyncSource runs `drbd_resync_finished`).
     SyncDone,
-    /// `P_STATE` with the Secondary's disk Failed.
-    DiskFailed,
+    /// The Secondary's `P_STATE` (sent when its disk failed).
+    State(Packet),
 }
 
 #[derive(Debug, Clone)]
@@ -1024,6 +1025,19 @@ struct SBuf {
     origin: u64,
     data: Option<Vec<u8>>,
     submitted: bool,
+}
+
+impl SBuf {
+    /// The Secondary's local write of it, as its node knows it.
+    fn local_write(&self, token: u64) -> LocalWrite {
+        LocalWrite {
+            side: Side::Peer { token },
+            sector: self.w.sector,
+            len: self.w.len,
+            kind: self.w.kind,
+            fua: self.w.dp_flags & dp::DP_FUA != 0,
+        }
+    }
 }
 
 struct Sim {
@@ -1455,7 +1469,7 @@ impl Sim {
                 self.fo.to_s.remove(&b.origin);
                 if fail {
                     // on-io-error detach, recorded before the P_NEG_ACK.
-                    self.secondary_write_failed()?;
+                    self.secondary_write_failed(&b.local_write(token))?;
                 }
                 self.peer_write_landed(token, &b, fail)
             }
@@ -1537,10 +1551,7 @@ impl Sim {
                     }
                     MetaMsg::Rs(ref pkt) => return self.source_meta(pkt),
                     MetaMsg::SyncDone => return self.sync_done(),
-                    MetaMsg::DiskFailed => {
-                        self.peer_disk_failed();
-                        return Ok(());
-                    }
+                    MetaMsg::State(ref pkt) => return self.primary_peer_state(pkt),
                 };
                 r.map_err(|e| format!("primary refused {m:?}: {e}"))?;
                 self.pump_primary()

@@ -58,8 +58,8 @@ use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
 use crate::replica::{
-    promoted_uuids, Action, GenerationFacts, LocalWrite, Node, ReadFor, RunRead, Side, SyncAction,
-    SyncRuns, TargetEnd,
+    promoted_uuids, Action, GenerationFacts, LocalWrite, Node, PeerDisk, ReadFor, RunRead, Side,
+    SyncAction, SyncRuns, TargetEnd,
 };
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
@@ -68,7 +68,7 @@ use crate::resync::{
 };
 use crate::state::uuid::{
     AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx, HandshakeOutcome,
-    SplitBrainPolicy, UuidSet, UUID_JUST_CREATED,
+    SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
 };
 use crate::state::{ConnState, DiskState, Role};
 use crate::wire::dp;
@@ -590,6 +590,17 @@ impl Sim {
         Ok(!recreate && (resolving || self.rs.sb == Sb::Resolving))
     }
 
+    /// The after-sb policies of the Primary and the Secondary: the operator resolves a
+    /// refused split brain (`resolving`) with discard-my-data on the Secondary and the
+    /// default policies.
+    fn policies(&self, resolving: bool) -> (SplitBrainPolicy, SplitBrainPolicy) {
+        if resolving {
+            (SplitBrainPolicy::default(), SplitBrainPolicy::default())
+        } else {
+            (self.rs.params.policy, self.rs.params.peer_policy())
+        }
+    }
+
     /// The connection comes up: both nodes' handshake, then the bitmap exchange if they
     /// agree on a resync (see the module docs).
     pub(super) fn connect(&mut self) -> Result<(), String> {
@@ -603,13 +614,7 @@ impl Sim {
         self.check14_before_handshake()?;
         let resolving = self.after_refusal()?;
         let split = resolving || self.rs.sb == Sb::Happened;
-        // The operator resolves a refused split brain: the Secondary connects with
-        // discard-my-data, the default policies.
-        let (pol_p, pol_s) = if resolving {
-            (SplitBrainPolicy::default(), SplitBrainPolicy::default())
-        } else {
-            (self.rs.params.policy, self.rs.params.peer_policy())
-        };
+        let (pol_p, pol_s) = self.policies(resolving);
         let rc_p = self.rs.rng.chance(500_000);
         // Both nodes' handshake (`replica::Node::hello`, then `agree` on what each sent).
         self.sn.discard_my_data = resolving;
@@ -681,7 +686,12 @@ impl Sim {
             self.at(d, Ev::Reconnect);
             return Ok(());
         }
-        self.report.uuid_corrections += u64::from(ap.corrected) + u64::from(as_.corrected);
+        let mine = |h: &Handshake| {
+            h.comparison
+                .correction
+                .is_some_and(|c| c.side == UuidSide::Mine)
+        };
+        self.report.uuid_corrections += u64::from(mine(hp)) + u64::from(mine(hs));
         if resolving {
             // Until the Secondary is SyncTarget (a loss before `P_SYNC_UUID` leaves the
             // split brain in the UUIDs).
@@ -1006,10 +1016,21 @@ impl Sim {
         }
     }
 
-    /// `P_STATE` from the Secondary says its disk failed: the Primary starts a
-    /// generation the Secondary lacks (`Volume::peer_disk_failed`).
-    pub(super) fn peer_disk_failed(&mut self) {
-        self.lost_peer_disk(true);
+    /// `P_STATE` from the Secondary, through the codec: what the Primary's node makes of
+    /// it (`Node::peer_state`, as in `Volume::peer_state`): a failed disk starts a
+    /// generation the Secondary lacks.
+    pub(super) fn primary_peer_state(&mut self, pkt: &Packet) -> Result<(), String> {
+        let Packet::State(word) = self.wire(pkt, &[])? else {
+            return Err(format!("the secondary's P_STATE decoded as {pkt:?}"));
+        };
+        match self.pn.peer_state(word).0 {
+            PeerDisk::Failed => self.lost_peer_disk(true),
+            PeerDisk::Unchanged => {}
+            PeerDisk::ResyncDue => {
+                return Err("a failed secondary disk made a resync due on the primary".into())
+            }
+        }
+        Ok(())
     }
 
     // ----- streams ----------------------------------------------------------------------
@@ -1580,23 +1601,15 @@ impl Sim {
         b: &SBuf,
         fail: bool,
     ) -> Result<(), String> {
-        let (runs, bm) = self.sn.runs_and_bitmap();
-        if fail {
-            runs.mark(bm, b.w.sector, b.w.len);
-        } else {
+        // (A failed one is marked out of sync by `Node::local_write_failed`.)
+        if !fail {
             let first = usize::try_from(b.w.sector).map_err(|e| e.to_string())?;
             let n = b.w.len as usize / SECTOR as usize;
             for d in &mut self.rs.s_disc[first..first + n] {
                 *d = false;
             }
         }
-        let w = LocalWrite {
-            side: Side::Peer { token },
-            sector: b.w.sector,
-            len: b.w.len,
-            kind: b.w.kind,
-            fua: b.w.dp_flags & dp::DP_FUA != 0,
-        };
+        let w = b.local_write(token);
         self.sn
             .write_done(&w, !fail)
             .map_err(|e| format!("secondary local_done: {e}"))?;

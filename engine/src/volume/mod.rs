@@ -66,7 +66,7 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
-use crate::replica::{Action, LocalWrite, Node, PeerDisk, Side};
+use crate::replica::{Action, DiskFailure, LocalWrite, Node, PeerDisk, Side};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
@@ -74,7 +74,7 @@ use crate::request::{
 use crate::state::change;
 use crate::state::uuid::HandshakeOutcome;
 use crate::state::uuid::{random_uuid, UuidSet};
-use crate::state::{ConnState, DiskState, Protocol, Role};
+use crate::state::{DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
 use crate::wire::{self, Command, Packet};
 use durable::{Gate, MetaWriter, Ticket};
@@ -1261,16 +1261,12 @@ impl Volume {
     /// `P_STATE` from the peer.
     pub fn peer_state(&self, session: u64, word: u32) {
         let _ = self.with_session(session, |v, inner, _| {
-            let s = wire::StateBits::unpack(word);
-            let role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
-            let disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);
-            let seen = inner.node.peer_reported(role, disk);
+            let (seen, conn) = inner.node.peer_state(word);
             if v.peer_disk_changed(inner, seen) {
                 if let Some(k) = &inner.kill {
                     k.notify_one();
                 }
             }
-            let conn = ConnState::from_u32(u32::from(s.conn)).unwrap_or(ConnState::StandAlone);
             v.source_peer_state(inner, conn);
             Ok(())
         });
@@ -1331,66 +1327,28 @@ impl Volume {
         }
     }
 
-    /// A write to the local disk failed (DRBD's `on-io-error`). In memory at once: the
-    /// block is out of sync in this node's bitmap and the disk leaves UpToDate —
-    /// with `detach` no more writes reach it: a Secondary's disk is `Failed`, a
-    /// Primary becomes `Diskless` and serves through its peer (writes need the peer's
-    /// ack, reads come from the peer: [`Primary::detach_local`], `sync.rs`
-    /// `read_from_peer`); `Inconsistent` with `pass_on`. Durably, before the caller
-    /// completes the write (so before a Secondary's `P_NEG_ACK` lets the Primary count
-    /// the block as only its own): `MDF_CONSISTENT` is cleared (a restart comes back
-    /// Inconsistent, not promotable without `--force`) and, for a detached Primary,
-    /// `MDF_PEER_FULL_SYNC` is set (its bitmap of what it missed cannot be kept on the
-    /// failed disk, so the next attach marks every block: a full sync from the peer);
-    /// a Secondary writes the bitmap pages with the new bits.
-    /// Then the peer is told (`P_STATE`); a detached Secondary goes StandAlone (a
-    /// restart attaches the disk again), a `pass_on` node renews the connection so that
-    /// the handshake resyncs the failed blocks from the peer at once.
+    /// A write to the local disk failed (DRBD's `on-io-error`): the node decides what
+    /// leaves service ([`crate::replica::Node::local_write_failed`], whose module docs
+    /// have the rules); this records it durably before the caller completes the write —
+    /// `MDF_CONSISTENT` cleared (a restart comes back Inconsistent, not promotable
+    /// without `--force`), `MDF_PEER_FULL_SYNC` set for a Diskless Primary, and a
+    /// Secondary's bitmap pages with the new bits. Then the peer is told (`P_STATE`); a
+    /// detached Secondary goes StandAlone (a restart attaches the disk again), a
+    /// `pass_on` node renews the connection so that the handshake resyncs the failed
+    /// blocks from the peer at once.
     async fn record_disk_failure(&self, w: &LocalWrite, attempted: bool) {
-        let (sector, len) = (w.sector, w.len);
         let detach = self.on_io_error == crate::config::OnIoError::Detach;
         let (first, full_sync) = {
             let mut g = self.lock();
             let inner = &mut *g;
-            if matches!(w.side, Side::Peer { .. }) {
-                // A Primary's core marks its own failed writes (`local_done`).
-                inner.node.primary.out_of_sync_mut().mark(sector, len);
+            let failure = inner.node.local_write_failed(w, detach);
+            if let Some(f) = failure {
+                self.disk_left_service(inner, w, f);
             }
-            let first = inner.node.disk > DiskState::Failed && inner.disk_failure.is_none();
-            if first {
-                let why = format!(
-                    "a write of {len} bytes at sector {sector} failed at {} (on-io-error {})",
-                    unix_time_string(),
-                    self.on_io_error.name()
-                );
-                tracing::error!("local disk: {why}");
-                inner.event("disk-failed", serde_json::json!({ "why": why }));
-                inner.disk_failure = Some(why);
-                let diskless = detach && inner.node.role == Role::Primary;
-                inner.node.disk = if diskless {
-                    DiskState::Diskless
-                } else if detach {
-                    DiskState::Failed
-                } else {
-                    DiskState::Inconsistent
-                };
-                if detach {
-                    self.detached
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                if diskless {
-                    // DRBD's diskless Primary: writes and reads go to the peer from now
-                    // on (the caller's completion drains the core's outputs).
-                    inner.node.primary.detach_local();
-                    tracing::error!(
-                        "the disk is detached: this Primary is Diskless and serves through peer {} \
-                         (writes fail while it is not connected)",
-                        self.peer_node
-                    );
-                    inner.event("diskless", serde_json::json!({ "peer": self.peer_node }));
-                }
-            }
-            (first, detach && inner.node.role == Role::Primary)
+            (
+                failure.is_some(),
+                detach && inner.node.role == Role::Primary,
+            )
         };
         self.failure_recorded
             .get_or_init(|| async {
@@ -1436,6 +1394,33 @@ impl Volume {
                 me.set_standalone(true);
             }
         });
+    }
+
+    /// The first failed write took the disk out of service (`f`): logged, an event, the
+    /// reason for status; a detached disk takes no more IO.
+    fn disk_left_service(&self, inner: &mut Inner, w: &LocalWrite, f: DiskFailure) {
+        let why = format!(
+            "a write of {} bytes at sector {} failed at {} (on-io-error {})",
+            w.len,
+            w.sector,
+            unix_time_string(),
+            self.on_io_error.name()
+        );
+        tracing::error!("local disk: {why}, now {}", f.disk);
+        inner.event("disk-failed", serde_json::json!({ "why": why }));
+        inner.disk_failure = Some(why);
+        if f.disk <= DiskState::Failed {
+            self.detached
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if f.disk == DiskState::Diskless {
+            tracing::error!(
+                "the disk is detached: this Primary is Diskless and serves through peer {} \
+                 (writes fail while it is not connected)",
+                self.peer_node
+            );
+            inner.event("diskless", serde_json::json!({ "peer": self.peer_node }));
+        }
     }
 
     /// True when a failed write took the disk out of service on a Secondary (`Failed`);

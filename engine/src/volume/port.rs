@@ -116,6 +116,9 @@ impl Replica for Volume {
         if let Some(why) = a.refusal() {
             return Err(NetError::SplitBrain(why));
         }
+        if let Some(note) = a.correction() {
+            tracing::info!("{note}");
+        }
         Ok(Agreed {
             sync: a.outcome,
             split_brain_resolved: a.resolved(),
