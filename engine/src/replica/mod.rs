@@ -33,11 +33,14 @@
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
 //!   check, a change in memory and the order of what the driver makes durable;
+//! - the peer's acks of this node's writes (`acks.rs`): dispatched to the Primary core,
+//!   with the SyncTarget Primary's `P_NEG_ACK` rule;
 //! - a failed local write (`disk.rs`, [`Node::local_write_failed`]): DRBD's
 //!   `on-io-error`, what leaves service and what the driver records;
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
 //!   resync acks arrive (the simulator's seed 30).
 
+mod acks;
 mod admin;
 mod disk;
 mod failed;

@@ -958,9 +958,8 @@ enum DataMsg {
 
 #[derive(Debug)]
 enum MetaMsg {
-    Recv(u64),
-    Write(u64),
-    Neg(u64),
+    /// `P_RECV_ACK` / `P_WRITE_ACK` / `P_NEG_ACK` of a block id.
+    Ack(Command, u64),
     Barrier(u32, u32),
     /// `P_RS_WRITE_ACK` / `P_NEG_ACK` with `ID_SYNCER`.
     Rs(Packet),
@@ -1538,16 +1537,16 @@ impl Sim {
                     .pop_front()
                     .ok_or("meta stream delivery with nothing queued")?;
                 let r = match m {
-                    MetaMsg::Recv(b) => self.pn.primary.peer_recv_ack(b),
-                    MetaMsg::Write(b) => self.pn.primary.peer_write_ack(b),
-                    MetaMsg::Neg(b) => {
-                        // The core marks the write out of sync.
-                        self.rs.tl_neg_ack(b)?;
-                        self.pn.primary.peer_neg_ack(b).map(|_| ())
+                    MetaMsg::Ack(cmd, b) => {
+                        if cmd == Command::P_NEG_ACK {
+                            // The core marks the write out of sync.
+                            self.rs.tl_neg_ack(b)?;
+                        }
+                        self.pn.peer_ack(cmd, b)
                     }
                     MetaMsg::Barrier(nr, n) => {
                         self.rs.tl_barrier_ack(nr, n)?;
-                        self.pn.primary.barrier_ack(nr, n)
+                        self.pn.barrier_ack(nr, n)
                     }
                     MetaMsg::Rs(ref pkt) => return self.source_meta(pkt),
                     MetaMsg::SyncDone => return self.sync_done(),
@@ -2257,12 +2256,7 @@ impl Sim {
             Action::Send {
                 stream: Stream::Meta,
                 pkt: Packet::BlockAck { cmd, ack },
-            } => self.send_meta(match cmd {
-                Command::P_RECV_ACK => MetaMsg::Recv(ack.block_id),
-                Command::P_WRITE_ACK => MetaMsg::Write(ack.block_id),
-                Command::P_NEG_ACK => MetaMsg::Neg(ack.block_id),
-                other => return Err(format!("the Secondary acked with {other:?}")),
-            })?,
+            } => self.send_meta(MetaMsg::Ack(cmd, ack.block_id))?,
             Action::Send {
                 stream: Stream::Meta,
                 pkt: Packet::BarrierAck(b),

@@ -1191,31 +1191,15 @@ impl Volume {
         out.map(Some)
     }
 
-    /// An ack from the meta socket.
+    /// An ack from the meta socket ([`crate::replica::Node::peer_ack`]; a read the peer
+    /// could not serve fails here).
     pub fn peer_ack(&self, session: u64, cmd: Command, ack: wire::BlockAck) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            if inner.node.role != Role::Primary {
-                return Err(format!("{} received while Secondary", cmd.name()));
+            if cmd == Command::P_NEG_DREPLY && inner.node.role == Role::Primary {
+                v.remote_read_failed(inner, ack.block_id);
+                return Ok(());
             }
-            let r = match cmd {
-                Command::P_NEG_DREPLY => {
-                    v.remote_read_failed(inner, ack.block_id);
-                    return Ok(());
-                }
-                Command::P_RECV_ACK => inner.node.primary.peer_recv_ack(ack.block_id),
-                Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => {
-                    inner.node.primary.peer_write_ack(ack.block_id)
-                }
-                Command::P_NEG_ACK => {
-                    inner.node.primary.peer_neg_ack(ack.block_id).map(|(s, l)| {
-                        // A SyncTarget Primary: this side has the newer data (see
-                        // `Target::peer_lacks`).
-                        inner.node.runs.peer_lacks(s, l);
-                    })
-                }
-                other => return Err(format!("unexpected {} on the meta socket", other.name())),
-            };
-            r.map_err(core_err)?;
+            inner.node.peer_ack(cmd, ack.block_id)?;
             v.drain(inner, fx);
             Ok(())
         })
@@ -1225,11 +1209,7 @@ impl Volume {
     /// `P_BARRIER_ACK`.
     pub fn barrier_ack(&self, session: u64, nr: u32, set_size: u32) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            inner
-                .node
-                .primary
-                .barrier_ack(nr, set_size)
-                .map_err(core_err)?;
+            inner.node.barrier_ack(nr, set_size)?;
             v.drain(inner, fx);
             Ok(())
         })
