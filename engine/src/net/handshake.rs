@@ -204,21 +204,9 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
         }),
     };
     wire::encode(&Packet::Sizes(sizes), &ctx, 0, &mut out)?;
-    let uuids = wire::Uuids {
-        current: local.uuids.current,
-        bitmap: local.uuids.bitmap,
-        history: local.uuids.history,
-        dirty_bits: local.dirty_bits,
-        uuid_flags: (if local.crashed_primary {
-            wire::uuid_flags::UUID_FLAG_CRASHED_PRIMARY
-        } else {
-            0
-        }) | if local.discard_my_data {
-            wire::uuid_flags::UUID_FLAG_DISCARD_MY_DATA
-        } else {
-            0
-        },
-    };
+    // Flags 1 (discard-my-data), 2 (crashed Primary) and 4 (Inconsistent), as DRBD's
+    // `_drbd_send_uuids` sets them.
+    let uuids = wire::Uuids::from(local.side().packet());
     wire::encode(&Packet::Uuids(uuids), &ctx, 0, &mut out)?;
     let state = StateBits {
         role: b(local.role.as_u32()),

@@ -68,7 +68,7 @@ use crate::resync::{
 };
 use crate::state::uuid::{
     AfterSb0Pri, AfterSb1Pri, DisconnectReason, Handshake, HandshakeCtx, HandshakeOutcome,
-    SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
+    HandshakeSide, SplitBrainPolicy, UuidSet, UuidSide, UUID_JUST_CREATED,
 };
 use crate::state::{ConnState, DiskState, Role};
 use crate::wire::dp;
@@ -624,8 +624,9 @@ impl Sim {
             wsame: true,
             resolve_conflicts: rc,
         };
-        let ap = self.pn.agree(&me_p, &me_s, &ctx(rc_p), &pol_p)?;
-        let as_ = self.sn.agree(&me_s, &me_p, &ctx(!rc_p), &pol_s)?;
+        let (to_s, to_p) = (self.hello_read(&me_p)?, self.hello_read(&me_s)?);
+        let ap = self.pn.agree(&me_p, &to_p, &ctx(rc_p), &pol_p)?;
+        let as_ = self.sn.agree(&me_s, &to_s, &ctx(!rc_p), &pol_s)?;
         let (Some(hp), Some(hs)) = (&ap.handshake, &as_.handshake) else {
             return Err("a node without a disk connected: no sync handshake ran".into());
         };
@@ -698,6 +699,15 @@ impl Sim {
             self.rs.sb = Sb::Resolving;
         }
         self.connected(decision)
+    }
+
+    /// A node's hello as the other node reads it: its `P_UUIDS` through the codec (the
+    /// role and disk of its `P_STATE` as they are).
+    fn hello_read(&self, hello: &HandshakeSide) -> Result<HandshakeSide, String> {
+        let Packet::Uuids(u) = self.wire(&Packet::Uuids(hello.packet().into()), &[])? else {
+            return Err("P_UUIDS decoded as another packet".into());
+        };
+        Ok(HandshakeSide::peer(&u.into(), hello.primary, hello.disk))
     }
 
     /// The handshake decided `decision` (not a refusal): both nodes are connected, and

@@ -1089,6 +1089,18 @@ pub struct HandshakeSide {
 }
 
 impl HandshakeSide {
+    /// The `P_UUIDS` this side sends ([`UuidPacket::local`]); [`Self::peer`] of it (with
+    /// the role and disk of its `P_STATE`) is this side again.
+    pub fn packet(&self) -> UuidPacket {
+        UuidPacket::local(
+            self.uuids,
+            self.dirty_bits,
+            self.discard_my_data,
+            self.crashed_primary,
+            self.disk,
+        )
+    }
+
     /// The peer as its `P_UUIDS` and `P_STATE` describe it (`role_primary` and `disk`
     /// from `P_STATE`; a Negotiating disk is resolved with [`real_peer_disk`]).
     pub fn peer(p: &UuidPacket, primary: bool, disk: DiskState) -> Self {
@@ -2607,6 +2619,23 @@ mod tests {
             real_peer_disk(DiskState::Outdated, UUID_FLAG_INCONSISTENT),
             DiskState::Outdated
         );
+        // A side's P_UUIDS, as the peer reads it with the role and disk of its P_STATE,
+        // is that side again, every flag included.
+        for (disk, discard_my_data, crashed_primary) in [
+            (DiskState::Inconsistent, true, false),
+            (DiskState::UpToDate, false, true),
+        ] {
+            let side = HandshakeSide {
+                uuids: set(A, B, C, D),
+                dirty_bits: 9,
+                primary: crashed_primary,
+                disk,
+                crashed_primary,
+                discard_my_data,
+            };
+            let read = UuidPacket::from(wire::Uuids::from(side.packet()));
+            assert_eq!(HandshakeSide::peer(&read, side.primary, disk), side);
+        }
     }
 
     #[test]
