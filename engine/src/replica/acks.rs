@@ -54,18 +54,16 @@ impl Node {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use crate::replica::{Action, Node};
-    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig, WriteKind};
+    use crate::request::WriteKind;
     use crate::resync::{TargetConfig, TickInput};
     use crate::state::uuid::UuidSet;
-    use crate::state::{DiskState, Protocol, Role};
+    use crate::state::{DiskState, Role};
     use crate::wire::Command;
 
     const SECTORS: u64 = 2048;
 
     fn primary() -> Node {
-        let primary = Primary::new(PrimaryConfig::new(Protocol::C, SECTORS)).unwrap();
-        let receiver = Receiver::new(ReceiverConfig::new(SECTORS)).unwrap();
-        let mut n = Node::new(primary, receiver, UuidSet::default(), DiskState::UpToDate);
+        let mut n = Node::for_test(SECTORS, UuidSet::default(), DiskState::UpToDate);
         n.role = Role::Primary;
         n
     }

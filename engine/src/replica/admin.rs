@@ -222,9 +222,7 @@ impl Node {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
     use crate::state::uuid::UUID_JUST_CREATED;
-    use crate::state::Protocol;
 
     const GEN: UuidSet = UuidSet {
         current: 0xA000,
@@ -234,9 +232,7 @@ mod tests {
 
     /// A node over a 1 MiB volume (256 blocks).
     fn node(uuids: UuidSet, disk: DiskState) -> Node {
-        let primary = Primary::new(PrimaryConfig::new(Protocol::C, 2048)).unwrap();
-        let receiver = Receiver::new(ReceiverConfig::new(2048)).unwrap();
-        Node::new(primary, receiver, uuids, disk)
+        Node::for_test(2048, uuids, disk)
     }
 
     fn tick() -> TickInput {

@@ -84,14 +84,11 @@ impl Node {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig, WriteKind};
+    use crate::request::WriteKind;
     use crate::state::uuid::UuidSet;
-    use crate::state::Protocol;
 
     fn node(role: Role) -> Node {
-        let primary = Primary::new(PrimaryConfig::new(Protocol::C, 2048)).unwrap();
-        let receiver = Receiver::new(ReceiverConfig::new(2048)).unwrap();
-        let mut n = Node::new(primary, receiver, UuidSet::default(), DiskState::UpToDate);
+        let mut n = Node::for_test(2048, UuidSet::default(), DiskState::UpToDate);
         n.role = role;
         n
     }

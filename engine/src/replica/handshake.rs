@@ -202,17 +202,13 @@ fn refined(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
     use crate::resync::{TargetConfig, TickInput};
     use crate::state::uuid::UuidSet;
-    use crate::state::Protocol;
 
     const VERSION: u32 = 101;
 
     fn node(uuids: UuidSet, disk: DiskState) -> Node {
-        let primary = Primary::new(PrimaryConfig::new(Protocol::C, 2048)).unwrap();
-        let receiver = Receiver::new(ReceiverConfig::new(2048)).unwrap();
-        Node::new(primary, receiver, uuids, disk)
+        Node::for_test(2048, uuids, disk)
     }
 
     fn ctx() -> HandshakeCtx {

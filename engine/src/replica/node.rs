@@ -749,15 +749,29 @@ impl Node {
     }
 }
 
+/// A protocol-C node over `sectors` with `uuids` and `disk`, for the core's unit tests.
+#[cfg(test)]
+impl Node {
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn for_test(sectors: u64, uuids: UuidSet, disk: DiskState) -> Node {
+        let primary = Primary::new(crate::request::PrimaryConfig::new(
+            crate::state::Protocol::C,
+            sectors,
+        ))
+        .unwrap();
+        let receiver = Receiver::new(crate::request::ReceiverConfig::new(sectors)).unwrap();
+        Node::new(primary, receiver, uuids, disk)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::replica::SyncAction;
-    use crate::request::{PeerWrite, PrimaryConfig, ReceiverConfig};
+    use crate::request::PeerWrite;
     use crate::resync::{Inbound, TargetConfig, TickInput};
     use crate::state::uuid::UuidSet;
-    use crate::state::Protocol;
 
     /// 64 blocks of 4 KiB.
     const SECTORS: u64 = 64 * 8;
@@ -767,14 +781,7 @@ mod tests {
     }
 
     fn sized_node(sectors: u64) -> Node {
-        let primary = Primary::new(PrimaryConfig::new(Protocol::C, sectors)).unwrap();
-        let receiver = Receiver::new(ReceiverConfig::new(sectors)).unwrap();
-        Node::new(
-            primary,
-            receiver,
-            UuidSet::JUST_CREATED,
-            DiskState::UpToDate,
-        )
+        Node::for_test(sectors, UuidSet::JUST_CREATED, DiskState::UpToDate)
     }
 
     fn drained(n: &mut Node) -> Vec<Action> {

@@ -525,9 +525,8 @@ mod tests {
 
     // ----- the node's promotion and demotion sequences -------------------------------
 
-    use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
     use crate::state::change::{promote_request, StateRv};
-    use crate::state::{ConnState, Protocol};
+    use crate::state::ConnState;
 
     const GEN: UuidSet = UuidSet {
         current: 0xA000,
@@ -536,9 +535,7 @@ mod tests {
     };
 
     fn node(disk: DiskState) -> Node {
-        let primary = Primary::new(PrimaryConfig::new(Protocol::C, 64)).unwrap();
-        let receiver = Receiver::new(ReceiverConfig::new(64)).unwrap();
-        Node::new(primary, receiver, GEN, disk)
+        Node::for_test(64, GEN, disk)
     }
 
     fn counter() -> impl FnMut() -> u64 {

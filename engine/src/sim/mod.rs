@@ -39,7 +39,8 @@
 //!   the other one (back-pressure).
 //! - **Resync** (`resync.rs`), after every connection-up, so after every reconnect and
 //!   every crash restart: both nodes keep generation UUIDs with DRBD's life cycle and run
-//!   `sync_handshake`; the SyncSource's bitmap and then the SyncTarget's merged one go
+//!   the daemon's handshake decision (`replica::Node::agree` on the other's `P_UUIDS`,
+//!   read through the codec); the SyncSource's bitmap and then the SyncTarget's merged one go
 //!   through the real `BitmapSender` / `BitmapReceiver` and codec; then the Primary runs a
 //!   `resync::Source` and the Secondary a `resync::Target` over its merged bitmap
 //!   (starting at the last run's resume position), every resync packet through the codec
