@@ -21,6 +21,9 @@
 //!   peer's is kept in [`Node::peer_uuids`], the generation a target completes at its
 //!   end ([`Node::start_target`]). Before this module both drivers decided on their
 //!   own, and only the simulator applied corrections.
+//! - **What follows.** A full sync marks every block before the exchange
+//!   ([`Node::exchange_bitmap`]); the run the connection starts and whether a target
+//!   compares checksums first ([`Node::sync_role`]).
 //! - **A changed node.** The peer decides on what this node sent. If this node's UUIDs,
 //!   role, disk or flags changed since (a promotion raced the handshake), the two
 //!   decisions could differ: [`Node::agree`] refuses, and the driver connects again.
@@ -34,6 +37,15 @@ use crate::state::uuid::{
     SplitBrainResolution, UuidSide, UUID_JUST_CREATED,
 };
 use crate::state::{DiskState, Role};
+
+/// The run a connection starts after the handshake ([`Node::sync_role`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncRole {
+    /// This node sends data.
+    Source,
+    /// This node receives data; `csums`: it compares checksums first.
+    Target { csums: bool },
+}
 
 /// What the handshake made of a connection ([`Node::agree`]).
 #[derive(Debug, Clone)]
@@ -162,6 +174,26 @@ impl Node {
             handshake: Some(h),
             why,
         })
+    }
+
+    /// The run the agreed `outcome` starts (`None`: none, Connected). A target compares
+    /// checksums before it fetches a block when both nodes use crc32c (`csums`); with
+    /// `csums-after-crash-only`, only when either node crashed as Primary
+    /// (`peer_crashed`: the peer's flag), the case where most blocks are still equal.
+    pub(crate) fn sync_role(
+        &self,
+        outcome: HandshakeOutcome,
+        csums: bool,
+        after_crash_only: bool,
+        peer_crashed: bool,
+    ) -> Option<SyncRole> {
+        match outcome {
+            HandshakeOutcome::SyncSource { .. } => Some(SyncRole::Source),
+            HandshakeOutcome::SyncTarget { .. } => Some(SyncRole::Target {
+                csums: csums && (!after_crash_only || self.crashed_primary || peer_crashed),
+            }),
+            HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
+        }
     }
 
     /// The bitmap this node sends in the exchange after a handshake that decided a
@@ -340,6 +372,27 @@ mod tests {
         );
         n.connection_up(VERSION, Role::Secondary, DiskState::UpToDate);
         assert!(!n.discard_my_data, "it holds until a connection");
+    }
+
+    /// The run an agreement starts; checksums only when both nodes use them, and with
+    /// csums-after-crash-only only after a crash of either node as Primary.
+    #[test]
+    fn the_run_and_its_checksums_follow_the_agreement_and_the_crash_flags() {
+        let mut n = node(set(0xA0, 0, 0, 0), DiskState::UpToDate);
+        let target = HandshakeOutcome::SyncTarget { full: false };
+        let src = HandshakeOutcome::SyncSource { full: true };
+        assert_eq!(n.sync_role(src, true, true, true), Some(SyncRole::Source));
+        assert_eq!(
+            n.sync_role(HandshakeOutcome::Connected, true, false, false),
+            None
+        );
+        let csums = |csums| Some(SyncRole::Target { csums });
+        assert_eq!(n.sync_role(target, false, false, true), csums(false));
+        assert_eq!(n.sync_role(target, true, false, false), csums(true));
+        assert_eq!(n.sync_role(target, true, true, false), csums(false));
+        assert_eq!(n.sync_role(target, true, true, true), csums(true));
+        n.crashed_primary = true;
+        assert_eq!(n.sync_role(target, true, true, false), csums(true));
     }
 
     /// tandem's refinement: a consistent just-created disk facing a node that left the

@@ -53,6 +53,7 @@ mod sync;
 pub(crate) use disk::DiskFailure;
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
+pub(crate) use handshake::SyncRole;
 pub(crate) use node::{Action, LocalWrite, Node, PeerDisk, Side, TargetEnd};
 pub(crate) use roles::Promotion;
 #[cfg(any(test, feature = "sim"))]

@@ -59,7 +59,7 @@ use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTOR
 use crate::net::Stream;
 use crate::replica::{
     promoted_uuids, Action, GenerationFacts, LocalWrite, Node, PeerDisk, ReadFor, RunRead, Side,
-    SyncAction, SyncRuns, TargetEnd,
+    SyncAction, SyncRole, SyncRuns, TargetEnd,
 };
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
@@ -302,6 +302,8 @@ pub(super) struct Rs {
     // ---- the Secondary's node
     /// The bitmap transfer the Secondary receives.
     s_rx: Option<(BitmapReceiver, Vec<u64>)>,
+    /// The run the Secondary's last agreement chose (`Node::sync_role`).
+    s_role: Option<SyncRole>,
     /// The finished run whose end is being made durable.
     pub(super) s_finish: Option<TargetEnd>,
     /// Versions of the zeroes of the `P_RS_DEALLOCATED` being handled.
@@ -398,6 +400,7 @@ impl Rs {
             read_ctx: None,
             p_app_sectors: 0,
             s_rx: None,
+            s_role: None,
             s_finish: None,
             zero_vers: None,
             s_app_sectors: 0,
@@ -698,7 +701,7 @@ impl Sim {
             // split brain in the UUIDs).
             self.rs.sb = Sb::Resolving;
         }
-        self.connected(decision)
+        self.connected(decision, as_.outcome)
     }
 
     /// A node's hello as the other node reads it: its `P_UUIDS` through the codec (the
@@ -710,9 +713,10 @@ impl Sim {
         Ok(HandshakeSide::peer(&u.into(), hello.primary, hello.disk))
     }
 
-    /// The handshake decided `decision` (not a refusal): both nodes are connected, and
-    /// the SyncSource's bitmap goes first, or both reach Connected.
-    fn connected(&mut self, decision: Decision) -> Result<(), String> {
+    /// The handshake decided `decision` (not a refusal; `s_outcome`: the Secondary's
+    /// agreement): both nodes are connected, and the SyncSource's bitmap goes first, or
+    /// both reach Connected.
+    fn connected(&mut self, decision: Decision, s_outcome: HandshakeOutcome) -> Result<(), String> {
         self.up = true;
         // Writes in flight before are the resync's now (their blocks are marked).
         self.fo.to_s.clear();
@@ -727,12 +731,17 @@ impl Sim {
         match decision {
             Decision::Sync { full } => {
                 self.fo.wf_sync = true;
+                // The Secondary's run as its node chooses it (`Node::sync_role`: checksums
+                // as the seed drew them, never after-crash-only here).
+                let csums = self.rs.params.csums.is_some();
+                self.rs.s_role =
+                    self.sn
+                        .sync_role(s_outcome, csums, false, self.pn.crashed_primary);
                 if full {
                     self.report.full_resyncs += 1;
-                    self.pn.primary.out_of_sync_mut().mark_all();
-                    for bm in [self.sn.primary.out_of_sync_mut(), &mut self.rs.s_only] {
-                        bm.mark_all();
-                    }
+                    self.pn.exchange_bitmap(true);
+                    self.sn.exchange_bitmap(true);
+                    self.rs.s_only.mark_all();
                 }
                 let rx = |ctx: &WireCtx| -> Result<_, String> {
                     let r =
@@ -938,7 +947,13 @@ impl Sim {
         let p = &self.rs.params;
         let mut cfg = TargetConfig::new(SECTORS as u64);
         cfg.max_bio_size = p.max_bio_size;
-        cfg.csums = p.csums.is_some();
+        let Some(SyncRole::Target { csums }) = self.rs.s_role else {
+            return Err(format!(
+                "P_SYNC_UUID, but the secondary chose {:?}",
+                self.rs.s_role
+            ));
+        };
+        cfg.csums = csums;
         cfg.csums_max_bio_size = p.csums.unwrap_or(4096);
         cfg.thin_granularity = p.thin_granularity;
         cfg.rate = p.rate;

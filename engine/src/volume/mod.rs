@@ -72,7 +72,6 @@ use crate::request::{
     ReceiverConfig, WriteKind,
 };
 use crate::state::change;
-use crate::state::uuid::HandshakeOutcome;
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
@@ -93,7 +92,7 @@ mod sync;
 #[cfg(test)]
 mod tests;
 
-pub use sync::{SyncRole, SyncSettings};
+pub use sync::SyncSettings;
 
 /// Largest write handed to the core (and sent as one `P_DATA`): DRBD_MAX_BIO_SIZE.
 pub const MAX_WRITE_CHUNK: usize = 1 << 20;
@@ -1083,17 +1082,12 @@ impl Volume {
             inner.kill = Some(kill.clone());
             let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
             inner.node.connection_up(version, peer.role, peer.disk);
-            let role = match agreed.sync {
-                HandshakeOutcome::SyncSource { .. } => Some(SyncRole::Source),
-                HandshakeOutcome::SyncTarget { .. } => Some(SyncRole::Target {
-                    csums: self.sync.csums
-                        && peer.csums
-                        && (!self.sync.csums_after_crash_only
-                            || inner.node.crashed_primary
-                            || peer.side.crashed_primary),
-                }),
-                HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
-            };
+            let role = inner.node.sync_role(
+                agreed.sync,
+                self.sync.csums && peer.csums,
+                self.sync.csums_after_crash_only,
+                peer.side.crashed_primary,
+            );
             inner.event(
                 "connected",
                 serde_json::json!({ "peer": self.peer_node, "sync": format!("{:?}", agreed.sync) }),

@@ -51,7 +51,7 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::replica::{ReadFor, SyncAction, TargetEnd};
+use crate::replica::{ReadFor, SyncAction, SyncRole, TargetEnd};
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
     VerifyConfig, VerifyProgress,
@@ -104,19 +104,6 @@ impl SyncSettings {
             policy: config.net.split_brain,
         }
     }
-}
-
-/// Which way the connection resyncs, as the handshake decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncRole {
-    /// This node sends data.
-    Source,
-    /// This node receives data.
-    Target {
-        /// Use checksum-based resync (csums configured on both sides, and not
-        /// after-crash-only without a crash).
-        csums: bool,
-    },
 }
 
 /// How a resync read ended.
