@@ -556,7 +556,7 @@ impl Sim {
             && self.sn.receiver.stats().active_writes == 0
     }
 
-    /// Before a handshake that follows a refused one: checker 8 (a refused connection
+    /// Before each handshake, after a refused one: checker 8 (a refused connection
     /// changed neither disk: the Primary's only takes its application's writes, checker
     /// 1; nothing else may touch the Secondary's), and the operator's resolution.
     /// `true`: the Secondary connects with discard-my-data.
