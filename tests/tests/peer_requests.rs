@@ -2,7 +2,9 @@
 //! (issue 10): a scripted peer built from the engine's own codec and handshake does the
 //! 8.4 handshake with a real `tandem` node, then sends `P_STATE_CHG_REQ` /
 //! `P_CONN_ST_CHG_REQ` and reads the `P_STATE_CHG_REPLY` codes; it also answers the
-//! node's own promotion request. The node plays `beta`; the script plays `alpha`.
+//! node's own promotion request. The node plays `beta`; the script plays `alpha`. The same
+//! script checks a handshake decision a kernel peer relies on: DRBD's UUID correction of
+//! a missed end of resync (rule 34), on metadata that `drbdmeta set-gi` wrote.
 
 use std::time::Duration;
 use tandem_engine::net::handshake::{self, LocalParams};
@@ -414,6 +416,75 @@ fn a_peer_s_skipped_initial_sync_is_adopted() {
         assert_eq!(st.str_at("/disk"), "UpToDate", "{st}");
         assert_eq!(st.str_at("/peer/disk"), "UpToDate", "{st}");
         assert_eq!(st.u64_at("/out_of_sync_bytes"), 0, "{st}");
+    });
+    c.node_mut(1).stop();
+}
+
+/// DRBD's rule 34 on a live daemon: beta (the SyncSource) missed the end of the last
+/// resync — its bitmap UUID is still set, and the peer already rotated it into history.
+/// The handshake corrects beta's UUIDs first (as a kernel DRBD node does), so the run's
+/// `P_SYNC_UUID` is a new one, not the stale bitmap UUID + 2^48, and beta logs DRBD's line.
+/// Before the correction moved into `replica::Node::agree`, the daemon ignored it.
+#[test]
+fn a_missed_end_of_resync_is_corrected_before_the_sync_uuid() {
+    const A: u64 = 0xA000_0000_0000_0000;
+    const B: u64 = 0xB000_0000_0000_0000;
+    const C: u64 = 0xC000_0000_0000_0000;
+    let mut c = Cluster::new(ClusterOpts::new("rule-34").autostart(false));
+    c.node_mut(1).start();
+    c.node_mut(1).stop();
+    let disk = c.node(1).disk().to_string_lossy().into_owned();
+    tandem(&["create-md", &disk, "--force"]).assert_success("tandem create-md");
+    // Current A, bitmap B (for peer slot 0, alpha), history C; consistent, was
+    // UpToDate, activity log clean.
+    let minor = tandem_tests::loopdev::Minor::new();
+    let gi = format!("{A:X}:{B:X}:{C:X}:0:1:1:0:0:1:0:0:0");
+    tandem_tests::loopdev::drbdmeta(&minor, &disk, "internal", &["set-gi", "--node-id=0", &gi])
+        .assert_success("drbdmeta set-gi");
+    c.node_mut(1).start();
+    let st = c.node(1).status();
+    assert_eq!(st.str_at("/disk"), "UpToDate", "{st}");
+    assert_eq!(
+        parse_uuids(st.str_at("/uuids")),
+        UuidSet {
+            current: A,
+            bitmap: B,
+            history: [C, 0]
+        }
+    );
+    let (sectors, port, rt) = script_for(&c);
+    rt.block_on(async {
+        // alpha finished the resync: B rotated into its history.
+        let done = UuidSet {
+            current: A,
+            bitmap: 0,
+            history: [B, C],
+        };
+        let mut p = connect(port, sectors, DiskState::UpToDate, done).await;
+        // beta is SyncSource: its bitmap first, then alpha's (empty) one, then
+        // P_SYNC_UUID.
+        let ctx = p.ctx;
+        let bits = sectors / 8;
+        let words = vec![0u64; usize::try_from(bits.div_ceil(64)).expect("words")];
+        let mut tx = wire::BitmapSender::new(&words, bits, &ctx, true).expect("sender");
+        while let Some(pkt) = tx.next_packet() {
+            send(&mut p.data, &ctx, &pkt).await;
+        }
+        let sync_uuid = loop {
+            if let Packet::SyncUuid(u) = recv(&mut p.data, &ctx).await {
+                break u;
+            }
+        };
+        assert_ne!(
+            sync_uuid,
+            B + (1 << 48),
+            "the stale bitmap UUID was not corrected"
+        );
+        let log = c.node(1).log_tail(40);
+        assert!(
+            log.contains("missed the resync finished event, corrected myself"),
+            "{log}"
+        );
     });
     c.node_mut(1).stop();
 }
