@@ -3,8 +3,9 @@
 //! 8.4 handshake with a real `tandem` node, then sends `P_STATE_CHG_REQ` /
 //! `P_CONN_ST_CHG_REQ` and reads the `P_STATE_CHG_REPLY` codes; it also answers the
 //! node's own promotion request. The node plays `beta`; the script plays `alpha`. The same
-//! script checks a handshake decision a kernel peer relies on: DRBD's UUID correction of
-//! a missed end of resync (rule 34), on metadata that `drbdmeta set-gi` wrote.
+//! script checks handshake decisions a kernel peer relies on: DRBD's UUID corrections of
+//! a missed end of resync (rule 34) and of a lost `P_SYNC_UUID` (rule 71), on metadata
+//! that `drbdmeta set-gi` wrote.
 
 use std::time::Duration;
 use tandem_engine::net::handshake::{self, LocalParams};
@@ -420,6 +421,50 @@ fn a_peer_s_skipped_initial_sync_is_adopted() {
     c.node_mut(1).stop();
 }
 
+/// Writes `uuids` into beta's metadata with `drbdmeta set-gi` (peer slot 0, alpha;
+/// consistent, was UpToDate, activity log clean), starts beta, connects the script as an
+/// UpToDate Secondary alpha with `alpha`, does the bitmap exchange (beta is SyncSource)
+/// and returns the `P_SYNC_UUID` beta sends, with the tail of beta's log.
+fn sync_uuid_from(name: &str, uuids: UuidSet, alpha: UuidSet) -> (u64, String) {
+    let mut c = Cluster::new(ClusterOpts::new(name).autostart(false));
+    c.node_mut(1).start();
+    c.node_mut(1).stop();
+    let disk = c.node(1).disk().to_string_lossy().into_owned();
+    tandem(&["create-md", &disk, "--force"]).assert_success("tandem create-md");
+    let minor = tandem_tests::loopdev::Minor::new();
+    let [h0, h1] = uuids.history;
+    let gi = format!(
+        "{:X}:{:X}:{h0:X}:{h1:X}:1:1:0:0:1:0:0:0",
+        uuids.current, uuids.bitmap
+    );
+    tandem_tests::loopdev::drbdmeta(&minor, &disk, "internal", &["set-gi", "--node-id=0", &gi])
+        .assert_success("drbdmeta set-gi");
+    c.node_mut(1).start();
+    let st = c.node(1).status();
+    assert_eq!(st.str_at("/disk"), "UpToDate", "{st}");
+    assert_eq!(parse_uuids(st.str_at("/uuids")), uuids, "{st}");
+    let (sectors, port, rt) = script_for(&c);
+    let sync_uuid = rt.block_on(async {
+        let mut p = connect(port, sectors, DiskState::UpToDate, alpha).await;
+        // beta's bitmap comes first, then alpha's (empty) one, then P_SYNC_UUID.
+        let ctx = p.ctx;
+        let bits = sectors / 8;
+        let words = vec![0u64; usize::try_from(bits.div_ceil(64)).expect("words")];
+        let mut tx = wire::BitmapSender::new(&words, bits, &ctx, true).expect("sender");
+        while let Some(pkt) = tx.next_packet() {
+            send(&mut p.data, &ctx, &pkt).await;
+        }
+        loop {
+            if let Packet::SyncUuid(u) = recv(&mut p.data, &ctx).await {
+                break u;
+            }
+        }
+    });
+    let log = c.node(1).log_tail(40);
+    c.node_mut(1).stop();
+    (sync_uuid, log)
+}
+
 /// DRBD's rule 34 on a live daemon: beta (the SyncSource) missed the end of the last
 /// resync — its bitmap UUID is still set, and the peer already rotated it into history.
 /// The handshake corrects beta's UUIDs first (as a kernel DRBD node does), so the run's
@@ -430,61 +475,56 @@ fn a_missed_end_of_resync_is_corrected_before_the_sync_uuid() {
     const A: u64 = 0xA000_0000_0000_0000;
     const B: u64 = 0xB000_0000_0000_0000;
     const C: u64 = 0xC000_0000_0000_0000;
-    let mut c = Cluster::new(ClusterOpts::new("rule-34").autostart(false));
-    c.node_mut(1).start();
-    c.node_mut(1).stop();
-    let disk = c.node(1).disk().to_string_lossy().into_owned();
-    tandem(&["create-md", &disk, "--force"]).assert_success("tandem create-md");
-    // Current A, bitmap B (for peer slot 0, alpha), history C; consistent, was
-    // UpToDate, activity log clean.
-    let minor = tandem_tests::loopdev::Minor::new();
-    let gi = format!("{A:X}:{B:X}:{C:X}:0:1:1:0:0:1:0:0:0");
-    tandem_tests::loopdev::drbdmeta(&minor, &disk, "internal", &["set-gi", "--node-id=0", &gi])
-        .assert_success("drbdmeta set-gi");
-    c.node_mut(1).start();
-    let st = c.node(1).status();
-    assert_eq!(st.str_at("/disk"), "UpToDate", "{st}");
-    assert_eq!(
-        parse_uuids(st.str_at("/uuids")),
-        UuidSet {
-            current: A,
-            bitmap: B,
-            history: [C, 0]
-        }
+    let beta = UuidSet {
+        current: A,
+        bitmap: B,
+        history: [C, 0],
+    };
+    // alpha finished the resync: B rotated into its history.
+    let alpha = UuidSet {
+        current: A,
+        bitmap: 0,
+        history: [B, C],
+    };
+    let (sync_uuid, log) = sync_uuid_from("rule-34", beta, alpha);
+    assert_ne!(
+        sync_uuid,
+        B + (1 << 48),
+        "the stale bitmap UUID was not corrected"
     );
-    let (sectors, port, rt) = script_for(&c);
-    rt.block_on(async {
-        // alpha finished the resync: B rotated into its history.
-        let done = UuidSet {
-            current: A,
-            bitmap: 0,
-            history: [B, C],
-        };
-        let mut p = connect(port, sectors, DiskState::UpToDate, done).await;
-        // beta is SyncSource: its bitmap first, then alpha's (empty) one, then
-        // P_SYNC_UUID.
-        let ctx = p.ctx;
-        let bits = sectors / 8;
-        let words = vec![0u64; usize::try_from(bits.div_ceil(64)).expect("words")];
-        let mut tx = wire::BitmapSender::new(&words, bits, &ctx, true).expect("sender");
-        while let Some(pkt) = tx.next_packet() {
-            send(&mut p.data, &ctx, &pkt).await;
-        }
-        let sync_uuid = loop {
-            if let Packet::SyncUuid(u) = recv(&mut p.data, &ctx).await {
-                break u;
-            }
-        };
-        assert_ne!(
-            sync_uuid,
-            B + (1 << 48),
-            "the stale bitmap UUID was not corrected"
-        );
-        let log = c.node(1).log_tail(40);
-        assert!(
-            log.contains("missed the resync finished event, corrected myself"),
-            "{log}"
-        );
-    });
-    c.node_mut(1).stop();
+    assert!(
+        log.contains("missed the resync finished event, corrected myself"),
+        "{log}"
+    );
+}
+
+/// DRBD's rule 71 on a live daemon: beta's last `P_SYNC_UUID` (its history generation
+/// plus 2^48, now its bitmap UUID) never reached alpha, which is still at that history
+/// generation. The correction takes the sync UUID back (bitmap ← history\[0\]), so this
+/// run's sync UUID is that generation plus 2^48 again, not plus 2^49 as the old daemon
+/// sent.
+#[test]
+fn a_lost_sync_uuid_is_taken_back_before_the_next_one() {
+    const P: u64 = 0xD000_0000_0000_0000;
+    const X: u64 = 0xE000_0000_0000_0000;
+    let beta = UuidSet {
+        current: X,
+        bitmap: P + (1 << 48),
+        history: [P, 0],
+    };
+    let alpha = UuidSet {
+        current: P,
+        bitmap: 0,
+        history: [0, 0],
+    };
+    let (sync_uuid, log) = sync_uuid_from("rule-71", beta, alpha);
+    assert_eq!(
+        sync_uuid,
+        P + (1 << 48),
+        "the lost sync UUID was not taken back"
+    );
+    assert!(
+        log.contains("did not get through, corrected myself"),
+        "{log}"
+    );
 }
