@@ -11,7 +11,7 @@ use std::time::Duration;
 use tandem_engine::net::handshake::{self, LocalParams};
 use tandem_engine::resync::RateConfig;
 use tandem_engine::state::change::{promote_request, StateRv};
-use tandem_engine::state::uuid::{SplitBrainPolicy, UuidSet, UUID_JUST_CREATED};
+use tandem_engine::state::uuid::{HandshakeSide, SplitBrainPolicy, UuidSet, UUID_JUST_CREATED};
 use tandem_engine::state::{ConnState, DiskState, Protocol, Role};
 use tandem_engine::wire::{self, Command, Header, Packet, ReqState, StateBits, WireCtx};
 use tandem_tests::loopdev::tandem;
@@ -88,14 +88,16 @@ async fn connect(port: u16, sectors: u64, disk: DiskState, uuids: UuidSet) -> Pe
     send(&mut meta, &pre, &Packet::Empty(Command::P_INITIAL_META)).await;
     let local = LocalParams {
         protocol: Protocol::C,
-        role: Role::Secondary,
-        disk,
         size_sectors: sectors,
-        dirty_bits: 0,
-        uuids,
-        crashed_primary: false,
+        side: HandshakeSide {
+            uuids,
+            dirty_bits: 0,
+            primary: false,
+            disk,
+            crashed_primary: false,
+            discard_my_data: false,
+        },
         resolve_conflicts: false,
-        discard_my_data: false,
         policy: SplitBrainPolicy::default(),
         csums: false,
         verify: false,

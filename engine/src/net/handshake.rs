@@ -6,7 +6,7 @@
 
 use super::{read_control, send_packet, NetError};
 use crate::state::uuid::{
-    HandshakeCtx, HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidPacket, UuidSet,
+    HandshakeCtx, HandshakeOutcome, HandshakeSide, SplitBrainPolicy, UuidPacket,
 };
 use crate::state::{ConnState, DiskState, Protocol, Role};
 use crate::wire::{self, ff, AlgName, Command, ConnectionFeatures, Packet, StateBits, WireCtx};
@@ -28,23 +28,15 @@ pub const MAX_BIO_SIZE: u32 = wire::DRBD_MAX_BIO_SIZE;
 pub struct LocalParams {
     /// Wire protocol.
     pub protocol: Protocol,
-    /// Role now.
-    pub role: Role,
-    /// Local disk state.
-    pub disk: DiskState,
     /// Exported size, sectors.
     pub size_sectors: u64,
-    /// Out-of-sync 4 KiB blocks.
-    pub dirty_bits: u64,
-    /// Generation UUIDs, as the metadata holds them.
-    pub uuids: UuidSet,
-    /// This node crashed while Primary (P_UUIDS flag 2).
-    pub crashed_primary: bool,
+    /// This node as its `P_UUIDS` and `P_STATE` say: generation UUIDs, out-of-sync
+    /// blocks, role, disk, the crashed-Primary and discard-my-data flags (the replica's
+    /// `Node::hello`).
+    pub side: HandshakeSide,
     /// This node accepted the meta socket, so it holds DRBD's `RESOLVE_CONFLICTS` (what
     /// breaks ties in the sync decision; it is not "the higher address").
     pub resolve_conflicts: bool,
-    /// `connect --discard-my-data` (P_UUIDS flag 1): lose a split brain.
-    pub discard_my_data: bool,
     /// The after-split-brain policies.
     pub policy: SplitBrainPolicy,
     /// `csums-alg` (crc32c) configured.
@@ -76,15 +68,12 @@ pub struct PeerParams {
 }
 
 impl LocalParams {
-    /// This node as DRBD's sync handshake sees it: what it sent.
-    pub fn side(&self) -> HandshakeSide {
-        HandshakeSide {
-            uuids: self.uuids,
-            dirty_bits: self.dirty_bits,
-            primary: self.role == Role::Primary,
-            disk: self.disk,
-            crashed_primary: self.crashed_primary,
-            discard_my_data: self.discard_my_data,
+    /// This node's role in its `P_STATE`.
+    fn role(&self) -> Role {
+        if self.side.primary {
+            Role::Primary
+        } else {
+            Role::Secondary
         }
     }
 
@@ -206,13 +195,13 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     wire::encode(&Packet::Sizes(sizes), &ctx, 0, &mut out)?;
     // Flags 1 (discard-my-data), 2 (crashed Primary) and 4 (Inconsistent), as DRBD's
     // `_drbd_send_uuids` sets them.
-    let uuids = wire::Uuids::from(local.side().packet());
+    let uuids = wire::Uuids::from(local.side.packet());
     wire::encode(&Packet::Uuids(uuids), &ctx, 0, &mut out)?;
     let state = StateBits {
-        role: b(local.role.as_u32()),
+        role: b(local.role().as_u32()),
         peer: b(Role::Unknown.as_u32()),
         conn: b(ConnState::WFReportParams.as_u32()),
-        disk: b(local.disk.as_u32()),
+        disk: b(local.side.disk.as_u32()),
         pdsk: b(DiskState::DUnknown.as_u32()),
         ..StateBits::default()
     };
@@ -293,7 +282,7 @@ pub async fn run(data: &mut TcpStream, local: LocalParams) -> Result<PeerParams,
     }
     let role = Role::from_u32(u32::from(peer_state.role)).unwrap_or(Role::Unknown);
     let disk = DiskState::from_u32(u32::from(peer_state.disk)).unwrap_or(DiskState::DUnknown);
-    if role == Role::Primary && local.role == Role::Primary {
+    if role == Role::Primary && local.side.primary {
         return Err(NetError::Refused(
             "both nodes are Primary; demote one (tandem secondary)".into(),
         ));

@@ -1319,10 +1319,9 @@ impl Volume {
             if let Some(f) = failure {
                 self.disk_left_service(inner, w, f);
             }
-            (
-                failure.is_some(),
-                detach && inner.node.role == Role::Primary,
-            )
+            // The node's rule (`DiskFailure::full_sync`): a Diskless Primary's record asks
+            // for a full sync; later failures find the disk as the first one left it.
+            (failure.is_some(), inner.node.disk == DiskState::Diskless)
         };
         self.failure_recorded
             .get_or_init(|| async {

@@ -5,7 +5,7 @@ use super::Volume;
 use crate::net::handshake::{Agreed, LocalParams, PeerParams};
 use crate::net::NetError;
 use crate::net::{Link, LinkEvent, PeerData, PeerEvent, Replica};
-use crate::state::{ConnState, Role};
+use crate::state::ConnState;
 use crate::store::{AlignedBuf, SECTOR_SIZE};
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,21 +52,11 @@ impl Replica for Volume {
     }
 
     fn handshake_params(&self, resolve_conflicts: bool) -> LocalParams {
-        let hello = self.lock().node.hello();
         LocalParams {
             protocol: self.protocol,
-            role: if hello.primary {
-                Role::Primary
-            } else {
-                Role::Secondary
-            },
-            disk: hello.disk,
             size_sectors: self.size_bytes / SECTOR_SIZE as u64,
-            dirty_bits: hello.dirty_bits,
-            uuids: hello.uuids,
-            crashed_primary: hello.crashed_primary,
+            side: self.lock().node.hello(),
             resolve_conflicts,
-            discard_my_data: hello.discard_my_data,
             policy: self.sync.policy,
             csums: self.sync.csums,
             verify: self.sync.verify,
@@ -107,7 +97,7 @@ impl Replica for Volume {
             .lock()
             .node
             .agree(
-                &sent.side(),
+                &sent.side,
                 &peer.side,
                 &sent.handshake_ctx(&peer.ctx),
                 &sent.policy,
