@@ -123,6 +123,8 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("fresh pairs with a skipped initial sync", |r| r.fresh_pairs),
         ("primary clean stops", |r| r.p_clean_stops),
         ("online verifies of a damaged secondary", |r| r.verifies),
+        ("SyncTarget primaries", |r| r.st_primaries),
+        ("their reads answered by the peer", |r| r.st_remote_reads),
     ];
     let coverage: Vec<(&str, u64)> = counters.iter().map(|&(n, f)| (n, sum(f))).collect();
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();

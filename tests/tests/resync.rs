@@ -346,6 +346,35 @@ fn invalidate_resyncs_the_whole_device() {
     c.assert_replicas_identical(size);
 }
 
+/// `invalidate` on the old Primary after a switchover, on the connection where it was
+/// SyncSource: the source of that finished run stays until the connection ends and must
+/// not refuse it (DRBD's rule is the connection's state; the simulator's seed 98 found
+/// the refusal "a resync is running").
+#[test]
+fn invalidate_on_the_old_source_after_a_switchover() {
+    let mut c = Cluster::new(ClusterOpts::new("rs-inv-switch").size("8MiB"));
+    c.wait_connected();
+    let size = c.primary().status().u64_at("/size_bytes");
+    invalidate_secondary(&c);
+    wait_in_sync(c.secondary());
+    let (a, b) = (sock(c.primary()), sock(c.secondary()));
+    tandem(&["secondary", "--socket", &a]).assert_success("demote the old source");
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "peer Secondary", |s| {
+            s.opt_str("/peer/role") == Some("Secondary")
+        });
+    tandem(&["primary", "--socket", &b]).assert_success("promote the old target");
+    tandem(&["invalidate", "--socket", &a]).assert_success("invalidate the old source");
+    let st = wait_in_sync(c.primary());
+    assert_eq!(
+        st["last_resync"]["total_blocks"].as_u64(),
+        Some(size / 4096),
+        "a full resync into the old source: {st}"
+    );
+    c.stop_all();
+    c.assert_replicas_identical(size);
+}
+
 /// `pause-sync` holds a running resync (nothing moves), `resume-sync` lets it finish.
 #[test]
 fn pause_and_resume_sync() {

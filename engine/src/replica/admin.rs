@@ -35,7 +35,8 @@
 //! `new-current-uuid` and the peer's skipped initial sync in
 //! `tests/tests/peer_requests.rs`).
 
-use super::{Action, Node};
+use super::{Action, Durable, Node};
+use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::resync::{TickInput, VerifyConfig};
 use crate::state::uuid::{UuidPacket, UuidSet};
@@ -57,34 +58,51 @@ pub(super) fn skip_announcement(a: UuidSet) -> wire::Uuids {
 /// `new-current-uuid --clear-bitmap`, declared in memory ([`Node::skip_initial_sync`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SkippedSync {
-    /// The pair's first generation: the driver makes it durable (with "consistent").
+    /// The pair's first generation.
     pub(crate) uuids: UuidSet,
-    /// What the peer is told once it is.
+    /// What the peer is told once it is durable.
     pub(crate) announce: wire::Uuids,
+}
+
+/// A skipped initial sync's plan, on either side: the generation with "consistent",
+/// then the cleared bitmap pages, before the peer is told (`P_UUIDS`, `P_STATE`).
+pub(crate) fn skipped_sync_durable(uuids: UuidSet) -> Vec<Durable> {
+    vec![
+        Durable::Superblock(vec![SbChange::Consistent(true), SbChange::Uuids(uuids)]),
+        Durable::Pages,
+    ]
 }
 
 impl Node {
     /// `invalidate`: refused on a Primary, during a run, or without a peer to resync
-    /// from; otherwise every block is marked out of sync (the driver writes the pages).
-    pub(crate) fn begin_invalidate(&mut self) -> Result<(), &'static str> {
+    /// from; otherwise every block is marked out of sync. The driver makes the plan
+    /// durable (the pages, then "inconsistent"), then calls [`Self::invalidated`].
+    pub(crate) fn begin_invalidate(&mut self) -> Result<Vec<Durable>, &'static str> {
         if self.role == Role::Primary {
             return Err("invalidate works on a Secondary; demote this node first");
         }
+        // DRBD's rule: a connected node must be Connected (no resync or verify going). A
+        // source that served a finished run stays in the runs until the connection ends;
+        // it does not count (the simulator found `invalidate` refused on the old
+        // Primary after a switchover).
         if self.runs.target().is_some()
-            || self.runs.source().is_some()
-            || self.conn == ConnState::SyncSource
+            || (self.agreed.is_some() && self.conn != ConnState::Connected)
         {
             return Err("a resync is running; wait for it, or pause it");
         }
         if self.agreed.is_none() {
             return Err("not connected: there is no peer to resync from");
         }
+        let plan = vec![
+            Durable::Pages,
+            Durable::Superblock(vec![SbChange::Consistent(false)]),
+        ];
         #[cfg(test)]
         if self.sabotage_invalidate_marks_nothing {
-            return Ok(());
+            return Ok(plan);
         }
         self.primary.out_of_sync_mut().mark_all();
-        Ok(())
+        Ok(plan)
     }
 
     /// The full bitmap and "inconsistent" are durable: the disk is Inconsistent and the
@@ -138,8 +156,8 @@ impl Node {
     }
 
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync. `Some`: this
-    /// node adopts its generation (declared in sync; the driver makes the UUIDs,
-    /// "consistent" and the pages durable before its `P_STATE`); anything else is
+    /// node adopts its generation (declared in sync; the driver makes
+    /// [`skipped_sync_durable`] durable before its `P_STATE`); anything else is
     /// ignored, as DRBD 8.4 does outside the handshake.
     pub(crate) fn peer_skipped_initial_sync(&mut self, p: &UuidPacket) -> Option<UuidSet> {
         #[cfg(test)]
@@ -244,7 +262,14 @@ mod tests {
         let mut n = node(GEN, DiskState::UpToDate);
         assert!(n.begin_invalidate().is_err(), "no peer to resync from");
         n.connection_up(101, Role::Primary, DiskState::UpToDate);
-        n.begin_invalidate().unwrap();
+        assert_eq!(
+            n.begin_invalidate().unwrap(),
+            [
+                Durable::Pages,
+                Durable::Superblock(vec![SbChange::Consistent(false)])
+            ],
+            "every bit on disk before \"inconsistent\""
+        );
         let oos = n.primary.out_of_sync();
         assert_eq!(oos.count(), oos.blocks(), "every block");
         assert_eq!(n.disk, DiskState::UpToDate, "not before it is durable");
@@ -260,6 +285,21 @@ mod tests {
             n.begin_invalidate().is_err(),
             "a Primary's data is not invalidated"
         );
+    }
+
+    /// DRBD's rule: refused while a resync runs, taken once it ended although its
+    /// source stays in the runs until the connection goes (an old Primary after a
+    /// switchover; the simulator found it refused).
+    #[test]
+    fn invalidate_waits_for_a_running_resync_but_not_for_an_idle_source() {
+        let mut n = node(GEN, DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        n.start_source(crate::resync::SourceConfig::new(2048), &tick())
+            .unwrap();
+        assert!(n.begin_invalidate().is_err(), "SyncSource");
+        assert!(n.peer_sync_ended(ConnState::Connected).is_some());
+        assert!(n.runs.source().is_some(), "the source stays");
+        n.begin_invalidate().unwrap();
     }
 
     #[test]

@@ -29,6 +29,9 @@
 //! - the handshake's decision (`handshake.rs`): what this node says of itself and what
 //!   DRBD's sync handshake makes of the peer's answer, with the UUID corrections that
 //!   only the simulator used to apply;
+//! - the order in which each of those sequences makes its state durable
+//!   ([`Durable`] plans, `durable.rs`: data flush, bitmap pages, superblock), which
+//!   both drivers perform step by step;
 //! - the management commands that change the node's state (`admin.rs`): `invalidate`,
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
@@ -43,6 +46,7 @@
 mod acks;
 mod admin;
 mod disk;
+mod durable;
 mod failed;
 mod flush;
 mod handshake;
@@ -50,7 +54,9 @@ mod node;
 mod roles;
 mod sync;
 
+pub(crate) use admin::skipped_sync_durable;
 pub(crate) use disk::DiskFailure;
+pub(crate) use durable::Durable;
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
 pub(crate) use handshake::SyncRole;

@@ -388,6 +388,27 @@ impl Node {
         Ok(run)
     }
 
+    /// Whether an application read of `[sector, sector + len bytes)` must be answered by
+    /// the peer (`P_DATA_REQUEST`), DRBD's `drbd_may_do_local_read`: an UpToDate disk
+    /// answers every read; an Inconsistent one only a range with no block out of sync
+    /// (still to be fetched by a running target, or left over by a run that ended with
+    /// failed blocks: the simulator's checker 17 found that the daemon read those
+    /// locally); a detached or Failed one none. The driver fails a read the peer cannot
+    /// answer (not connected, or its disk not UpToDate).
+    pub(crate) fn reads_from_peer(&self, sector: u64, len: u32) -> bool {
+        if self.primary.is_detached() {
+            return true;
+        }
+        match self.disk {
+            DiskState::UpToDate => false,
+            DiskState::Inconsistent => {
+                self.runs
+                    .must_read_remotely(self.primary.out_of_sync(), sector, len)
+            }
+            _ => true,
+        }
+    }
+
     /// The handshake made this node SyncSource: the source starts (unless one runs), the
     /// connection is SyncSource, the peer's disk Inconsistent.
     pub(crate) fn start_source(
@@ -1156,5 +1177,21 @@ mod tests {
             "cleared with the completing UUIDs instead"
         );
         assert!(!n.crashed_primary);
+    }
+
+    /// DRBD's `drbd_may_do_local_read`: an Inconsistent disk answers only ranges with no
+    /// block out of sync, with or without a running target (the simulator's seed 76: a
+    /// run that ended with failed blocks left a SyncTarget Primary reading stale blocks
+    /// locally); an UpToDate one every range; a detached one none.
+    #[test]
+    fn reads_go_to_the_peer_where_the_disk_lacks_blocks() {
+        let mut n = Node::for_test(SECTORS, UuidSet::default(), DiskState::UpToDate);
+        n.primary.out_of_sync_mut().mark(8, 4096);
+        assert!(!n.reads_from_peer(8, 4096), "UpToDate reads locally");
+        n.disk = DiskState::Inconsistent;
+        assert!(n.reads_from_peer(0, 8192), "a block out of sync, no run");
+        assert!(!n.reads_from_peer(16, 4096), "in sync");
+        n.disk = DiskState::Failed;
+        assert!(n.reads_from_peer(16, 4096));
     }
 }

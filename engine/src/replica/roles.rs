@@ -44,7 +44,8 @@
 //! its peer made alone. Without fencing tandem (like DRBD without fencing) promotes it;
 //! the simulator's operator does not, and counts how often that would lose writes.
 
-use super::{Action, Node};
+use super::{Action, Durable, Node};
+use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::Error;
 use crate::state::uuid::UuidSet;
@@ -187,6 +188,21 @@ pub(crate) struct Promotion {
     announce: Option<wire::Uuids>,
 }
 
+impl Promotion {
+    /// What the driver stages with the promotion and makes durable before
+    /// [`Node::may_take_primary`]: the new generation with `MDF_PRIMARY_IND` (and
+    /// "consistent" when forced), one superblock write.
+    pub(crate) fn durable(&self) -> Vec<SbChange> {
+        let mut changes = Vec::with_capacity(3);
+        if self.forced {
+            changes.push(SbChange::Consistent(true));
+        }
+        changes.push(SbChange::Primary(true));
+        changes.push(SbChange::Uuids(self.uuids));
+        changes
+    }
+}
+
 impl Node {
     /// Whether this node may become Primary now ([`may_promote`] over its state).
     pub(crate) fn may_promote(&self, force: bool) -> Result<(), Refusal> {
@@ -281,35 +297,44 @@ impl Node {
 
     /// `p` will not be taken (refused after its metadata was written, or its caller went
     /// away): the peer's requests are refused no longer, and the old generation stands
-    /// (nothing was written as Primary). `Some`: it was restored, to make durable with
-    /// "not Primary"; `None`: the UUIDs changed meanwhile (only the flag is cleared).
-    pub(crate) fn abandon_promotion(&mut self, p: &Promotion) -> Option<UuidSet> {
+    /// (nothing was written as Primary): restored, and staged with "not Primary" (one
+    /// superblock write) — unless the UUIDs changed meanwhile (only the flag then).
+    pub(crate) fn abandon_promotion(&mut self, p: &Promotion) -> Vec<SbChange> {
         self.promoting = false;
-        if self.uuids != p.uuids {
-            return None;
+        let mut changes = vec![SbChange::Primary(false)];
+        if self.uuids == p.uuids {
+            self.uuids = p.old;
+            changes.push(SbChange::Uuids(p.old));
         }
-        self.uuids = p.old;
-        Some(p.old)
+        changes
     }
 
     /// Starts a demotion (`secondary`): refused while this node's writes are in flight.
     /// The role changes at once, so no write enters the core after; the core lets go of
     /// the connection (every write the peer may lack is out of sync in the bitmap, see
-    /// [`Self::connection_lost`]), its actions appended to `out`. The driver then flushes
-    /// the data disk (DRBD's metadata writes carry a preflush: the writes this Primary
-    /// completed and no flush made durable must not stay volatile on what becomes the
-    /// Secondary, since the next Primary's flush promises them on both nodes — the
-    /// simulator's switchover found it), makes durable the dirty bitmap pages, then
-    /// [`Self::demoted_uuids`] with "not Primary" in one superblock write; on a failure,
-    /// [`Self::demotion_failed`].
-    pub(crate) fn begin_demotion(&mut self, out: &mut Vec<Action>) -> Result<(), &'static str> {
+    /// [`Self::connection_lost`]), its actions appended to `out`. The driver then performs
+    /// the plan: the data disk flushed (DRBD's metadata writes carry a preflush: the
+    /// writes this Primary completed and no flush made durable must not stay volatile on
+    /// what becomes the Secondary, since the next Primary's flush promises them on both
+    /// nodes — the simulator's switchover found it; a detached disk has nothing to
+    /// flush), the dirty bitmap pages, then [`Self::demoted_uuids`] with "not Primary" in
+    /// one superblock write; on a failure, [`Self::demotion_failed`].
+    pub(crate) fn begin_demotion(
+        &mut self,
+        out: &mut Vec<Action>,
+    ) -> Result<Vec<Durable>, &'static str> {
         if self.primary.stats().in_flight_writes > 0 {
             return Err("writes are in flight; stop the application first");
         }
         self.role = Role::Secondary;
         self.primary.connection_lost();
         self.drain(out);
-        Ok(())
+        let mut plan = Vec::with_capacity(3);
+        if !self.primary.is_detached() {
+            plan.push(Durable::FlushData);
+        }
+        plan.extend([Durable::Pages, Durable::Demoted]);
+        Ok(plan)
     }
 
     /// The generation a demotion records (bit 0, Primary, cleared).
@@ -576,12 +601,15 @@ mod tests {
     fn an_abandoned_promotion_restores_the_old_generation_unless_it_changed() {
         let mut n = node(DiskState::UpToDate);
         let p = n.begin_promotion(false, counter()).unwrap();
-        assert_eq!(n.abandon_promotion(&p), Some(GEN));
+        assert_eq!(
+            n.abandon_promotion(&p),
+            [SbChange::Primary(false), SbChange::Uuids(GEN)]
+        );
         assert_eq!(n.uuids, GEN);
         assert!(!n.promoting);
         let p = n.begin_promotion(false, counter()).unwrap();
         n.uuids.current = 0xC000; // a resync's end recorded meanwhile
-        assert_eq!(n.abandon_promotion(&p), None);
+        assert_eq!(n.abandon_promotion(&p), [SbChange::Primary(false)]);
         assert_eq!(n.uuids.current, 0xC000);
     }
 
@@ -624,6 +652,10 @@ mod tests {
             GEN.current,
             "the peer takes the writes: same"
         );
+        assert_eq!(
+            p.durable(),
+            [SbChange::Primary(true), SbChange::Uuids(p.uuids)]
+        );
         let mut out = Vec::new();
         n.take_primary(&p, &mut out).unwrap();
         let state = match out.as_slice() {
@@ -645,6 +677,15 @@ mod tests {
             Refusal::NotUpToDate(DiskState::Inconsistent)
         );
         let p = n.begin_promotion(true, counter()).unwrap();
+        assert_eq!(
+            p.durable(),
+            [
+                SbChange::Consistent(true),
+                SbChange::Primary(true),
+                SbChange::Uuids(p.uuids)
+            ],
+            "forced: the disk becomes the good copy, in the same write"
+        );
         assert!(p.forced);
         let mut out = Vec::new();
         n.take_primary(&p, &mut out).unwrap();
@@ -725,7 +766,11 @@ mod tests {
         let mut n = node(DiskState::UpToDate);
         let p = n.begin_promotion(false, counter()).unwrap();
         n.take_primary(&p, &mut out).unwrap();
-        n.begin_demotion(&mut out).unwrap();
+        assert_eq!(
+            n.begin_demotion(&mut out).unwrap(),
+            [Durable::FlushData, Durable::Pages, Durable::Demoted],
+            "the data disk, then the pages, then the superblock"
+        );
         assert!(!n.primary.stats().meta_failed);
         n.demotion_failed(&mut out);
         assert!(

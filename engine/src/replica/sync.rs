@@ -741,10 +741,14 @@ impl<H> SyncRuns<H> {
         }
     }
 
-    /// Whether a read of the range must come from the peer (a block not yet resynced).
+    /// Whether a read of the range on an Inconsistent disk must come from the peer: a
+    /// block of it is out of sync (during a run, the target's rule: not one the peer
+    /// lacks).
     pub(crate) fn must_read_remotely(&self, bm: &OutOfSync, sector: u64, len: u32) -> bool {
-        self.live_ref()
-            .is_some_and(|r| r.t.must_read_remotely(bm, sector, len))
+        match self.live_ref() {
+            Some(r) => r.t.must_read_remotely(bm, sector, len),
+            None => bm.any_in(sector, len),
+        }
     }
 
     /// The end of target run `run` is recorded (or failed to be): the run is over and the

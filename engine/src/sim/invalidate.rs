@@ -20,6 +20,7 @@
 use super::disk::Disk;
 use super::rng::Rng;
 use super::{Ev, Sim, SECTORS, SECTORS_PER_BLOCK};
+use crate::replica::Durable;
 use crate::request::SECTOR;
 use crate::state::{DiskState, Role};
 
@@ -30,7 +31,7 @@ const MAX_TRIES: u32 = 20;
 const BLOCKS: u64 = (SECTORS / SECTORS_PER_BLOCK) as u64;
 
 /// Blocks the operator finds damaged.
-const DAMAGED: usize = 4;
+pub(super) const DAMAGED: usize = 4;
 
 /// The invalidate's draw for one seed (a stream of its own).
 #[derive(Debug)]
@@ -53,11 +54,11 @@ impl Invalidate {
     }
 }
 
-/// A few blocks of a disk overwritten behind tandem's back, on the platter (cache and
-/// durable); returns them, sorted, each once.
-pub(super) fn damage(disk: &mut Disk, rng: &mut Rng) -> Vec<u64> {
+/// `n` blocks of a disk drawn and overwritten behind tandem's back, on the platter (cache
+/// and durable); returns them, sorted, each once.
+pub(super) fn damage(disk: &mut Disk, rng: &mut Rng, n: usize) -> Vec<u64> {
     let block = SECTORS_PER_BLOCK * SECTOR as usize;
-    let mut damaged: Vec<u64> = (0..DAMAGED).map(|_| rng.range(0, BLOCKS - 1)).collect();
+    let mut damaged: Vec<u64> = (0..n).map(|_| rng.range(0, BLOCKS - 1)).collect();
     damaged.sort_unstable();
     damaged.dedup();
     for &b in &damaged {
@@ -89,18 +90,30 @@ impl Sim {
             && self.sn.role == Role::Secondary
             && self.sn.disk == DiskState::UpToDate
             && !self.sn.runs.finishing();
-        let begun = eligible && self.sn.begin_invalidate().is_ok();
-        if !begun {
+        let plan = if eligible {
+            self.sn.begin_invalidate().ok()
+        } else {
+            None
+        };
+        let Some(plan) = plan else {
             if tries < MAX_TRIES && !self.workload_done() {
                 let d = self.inv.rng.range(20, 200);
                 let tries = tries + 1;
                 self.at(d, Ev::SInvalidate { tries });
             }
             return Ok(());
-        }
+        };
+        damage(&mut self.sdisk, &mut self.inv.rng, DAMAGED);
+        self.invalidated_now(&plan)
+    }
+
+    /// The daemon's steps after a begun invalidate (every block marked): its plan
+    /// performed (every bitmap page written, checker 13 reads them back, then
+    /// "inconsistent"), then `Node::invalidated`, whose `DropConnection` renews the
+    /// connection.
+    pub(super) fn invalidated_now(&mut self, plan: &[Durable]) -> Result<(), String> {
         self.report.invalidates += 1;
-        damage(&mut self.sdisk, &mut self.inv.rng);
-        self.write_s_pages()?;
+        self.persist(false, plan)?;
         let on_disk = self.s_meta_dev.bitmap(SECTORS as u64)?;
         if on_disk.count() != on_disk.blocks() {
             return Err(format!(

@@ -13,7 +13,8 @@
 //! (`replica/roles.rs`): the split brain's, a restarted Primary's (a new `Node`, as a
 //! restarted daemon), the failover's. The roles of the write paths stay fixed during a
 //! run: the Primary's node only writes, the Secondary's only receives (its Primary core
-//! takes no writes but owns its bitmap, as in the daemon).
+//! takes no writes but owns its bitmap, as in the daemon; promoted as a SyncTarget in
+//! `st_reads.rs`, it only reads).
 //!
 //! What is simulated (all parameters drawn from the seed, see [`SimParams`]):
 //!
@@ -85,6 +86,14 @@
 //!   at the end of the run once in sync: a few of the Secondary's blocks damaged behind
 //!   tandem's back, then `verify` on the Primary through the node's commands and runs
 //!   (no application IO or fault meanwhile), then a disconnect/connect.
+//! - **SyncTarget Primary** (`st_reads.rs`), on about one seed in eight, its own random
+//!   stream, at the end of the run once in sync (after the verify): 32 of the
+//!   Secondary's blocks damaged behind tandem's back, `invalidate` there; when the full
+//!   resync's target starts, the roles trade (`secondary`, then `primary` on the
+//!   SyncTarget, whose source is UpToDate), its application reads 16 ranges while the
+//!   resync runs (half over a damaged block), each where `Node::reads_from_peer` says
+//!   (`P_DATA_REQUEST` / `P_DATA_REPLY` through the codec, or its own disk); after the
+//!   last read the roles trade back.
 //! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
 //!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
 //!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
@@ -197,6 +206,10 @@
 //! 16. Online verify (`verify.rs`): it ends on both nodes, both Connected again, and
 //!     the blocks it reports and marks on each node are exactly the damaged ones; the
 //!     resync after the disconnect/connect repairs them (checker 7).
+//! 17. SyncTarget Primary (`st_reads.rs`): every read of its application returns the
+//!     SyncSource's bytes (a block still to fetch, or left over by a run that ended with
+//!     failed blocks, is read from the peer); the roles trade and trade back; checker 7
+//!     then finds the damaged blocks repaired.
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -223,6 +236,7 @@ mod race;
 mod resync;
 pub(crate) mod rng;
 mod s_stop;
+mod st_reads;
 mod switchover;
 mod verify;
 
@@ -230,7 +244,7 @@ pub use resync::ResyncParams;
 
 use crate::meta::al::{AlGeometry, AlStats};
 use crate::net::Stream;
-use crate::replica::{Action, LocalWrite, Node, Side};
+use crate::replica::{Action, Durable, LocalWrite, Node, Side};
 use crate::request::{
     dp, Error, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, Receiver, ReceiverConfig,
     WriteKind, BLOCK_SIZE, SECTOR,
@@ -335,6 +349,9 @@ pub(crate) struct Sabotage {
     pub invalidate_marks_nothing: bool,
     /// The Primary's clean stop does not write its dirty bitmap pages (checker 15).
     pub p_clean_stop_skips_pages: bool,
+    /// A SyncTarget reads every block from its own disk, also those still to be fetched
+    /// (`resync::Target::must_read_remotely`'s rule off; checker 17).
+    pub target_reads_locally: bool,
     /// Online verify marks no block it finds different (`replica::SyncRuns`' rule off;
     /// checker 16).
     pub verify_marks_nothing: bool,
@@ -350,7 +367,7 @@ fn sabotage_secondary_node(s: &Sabotage, node: &mut Node) {
     node.runs.target_sabotage = crate::resync::TargetSabotage {
         no_void: s.target_no_void,
         no_hold: s.target_no_hold,
-        read_locally: false,
+        read_locally: s.target_reads_locally,
     };
     node.primary
         .out_of_sync_mut()
@@ -683,6 +700,13 @@ pub struct SimReport {
     pub p_clean_stops: u64,
     /// Checker 16: online verifies of a damaged Secondary.
     pub verifies: u64,
+    /// Checker 17: SyncTarget Primaries (a switchover at the start of a full resync),
+    /// and their application's reads answered by the peer / by their own disk.
+    pub st_primaries: u64,
+    /// See `st_primaries`.
+    pub st_remote_reads: u64,
+    /// See `st_primaries`.
+    pub st_local_reads: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -852,6 +876,8 @@ enum Ev {
         tries: u32,
     },
     /// The Primary's node stops cleanly (checker 15, `p_stop.rs`).
+    /// A read of the SyncTarget Primary's application (`st_reads.rs`).
+    StRead,
     PStop {
         tries: u32,
     },
@@ -907,6 +933,7 @@ impl Ev {
             Ev::SStop { .. } => 29,
             Ev::SInvalidate { .. } => 30,
             Ev::PStop { .. } => 31,
+            Ev::StRead => 32,
         }
     }
 }
@@ -1133,6 +1160,10 @@ struct Sim {
     /// Day 0 was a fresh pair's skipped initial sync; its first handshake is to come
     /// (`fresh.rs`).
     fresh_pending: bool,
+    /// The SyncTarget Primary's reads at the end of the run, if this seed has them
+    /// (`st_reads.rs`); `st` while they run.
+    st_due: Option<st_reads::StReads>,
+    st: Option<st_reads::StReads>,
     /// The bitmap's flush id of the Secondary's write-back flush in flight.
     s_writeback: Option<Option<u64>>,
 
@@ -1220,6 +1251,8 @@ impl Sim {
             inv: invalidate::Invalidate::new(cfg.seed),
             ps: p_stop::PStop::new(cfg.seed),
             verify_due: verify::drawn(cfg.seed),
+            st_due: st_reads::drawn(cfg.seed),
+            st: None,
             fresh_pending: fresh_pair.is_some(),
             s_writeback: None,
             params,
@@ -1265,6 +1298,8 @@ impl Sim {
         {
             sabotage_secondary_node(&cfg.sabotage, &mut sn);
             pn.runs.failed_mut().sabotage_ack_clears = cfg.sabotage.ack_clears_failed_blocks;
+            // The nodes trade places at a switchover: either may be the SyncTarget then.
+            pn.runs.target_sabotage.read_locally = cfg.sabotage.target_reads_locally;
         }
         Ok((pn, sn))
     }
@@ -1320,6 +1355,10 @@ impl Sim {
         }
         if let Some(rng) = self.verify_due.take() {
             self.verify_at_end(rng)?;
+        }
+        if let Some(st) = self.st_due.take() {
+            self.st_reads_at_end(st)?;
+            self.check_quiescence()?;
         }
         // Every seed ends with the Primary's death.
         self.failover(true)?;
@@ -1582,6 +1621,7 @@ impl Sim {
             Ev::SStop { clean, tries } => self.s_stop(clean, tries),
             Ev::SInvalidate { tries } => self.s_invalidate(tries),
             Ev::PStop { tries } => self.p_stop(tries),
+            Ev::StRead => self.st_read(),
             Ev::RsTick { run } => self.rs_tick(run),
             Ev::SbFault => self.sb_fault(),
             Ev::SbWrite { n } => self.sb_write(n),
@@ -2250,6 +2290,35 @@ impl Sim {
         r
     }
 
+    /// Performs one node's durable plan (`primary_node`: the Primary's node), each step
+    /// complete before the next, as the daemon's `volume/plan.rs` does: the data disk
+    /// flushed, the dirty bitmap pages on the node's metadata device, the superblock's
+    /// generation assigned (the model keeps the superblock's flags in the node).
+    fn persist(&mut self, primary_node: bool, plan: &[Durable]) -> Result<(), String> {
+        let (node, disk, meta) = if primary_node {
+            (&mut self.pn, &mut self.pdisk, &mut self.meta_dev)
+        } else {
+            (&mut self.sn, &mut self.sdisk, &mut self.s_meta_dev)
+        };
+        for step in plan {
+            match step {
+                Durable::FlushData => disk.flush(disk.completions),
+                Durable::Pages => {
+                    for (offset, data) in node.primary.take_dirty_bitmap_pages() {
+                        meta.write(offset, &data, 0xff)?;
+                    }
+                }
+                Durable::Superblock(changes) => {
+                    if let Some(u) = Durable::uuids(changes) {
+                        node.uuids = u;
+                    }
+                }
+                Durable::Demoted => node.uuids = node.demoted_uuids(),
+            }
+        }
+        Ok(())
+    }
+
     fn secondary_action(&mut self, a: Action) -> Result<(), String> {
         match a {
             Action::LocalWrite(w) => self.peer_local_write(w)?,
@@ -2907,6 +2976,19 @@ mod tests {
         assert!(f.message.contains("checker 16"), "{f}");
     }
 
+    /// Checker 17: a SyncTarget Primary that answers a read of a block still to be
+    /// fetched from its own disk returns stale bytes.
+    #[test]
+    fn a_sync_target_primary_reading_locally_is_caught() {
+        let s = Sabotage {
+            target_reads_locally: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a SyncTarget's local read");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 17"), "{f}");
+    }
+
     /// Checker 15: a clean stop of the Primary that does not write its pages loses the
     /// blocks the peer lacks from the restarted bitmap.
     #[test]
@@ -3051,6 +3133,9 @@ mod tests {
             ("fresh pairs", sum(|r| r.fresh_pairs)),
             ("primary clean stops", sum(|r| r.p_clean_stops)),
             ("verifies", sum(|r| r.verifies)),
+            ("SyncTarget Primaries", sum(|r| r.st_primaries)),
+            ("their reads of the peer", sum(|r| r.st_remote_reads)),
+            ("their local reads", sum(|r| r.st_local_reads)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",
@@ -3067,6 +3152,20 @@ mod tests {
     }
 
     const FAILOVER_SEEDS: u64 = 100;
+
+    /// Checker 17's first finds. Seed 76: the resync run of a SyncTarget Primary ends
+    /// with failed blocks (a source read failed) and its later reads of those blocks were
+    /// answered from its own stale disk (`Node::reads_from_peer` followed only a live
+    /// target; DRBD's rule counts the bits of an Inconsistent disk). Seed 98: `invalidate`
+    /// on the old Primary after a switchover was refused as "a resync is running" (an
+    /// idle source of a finished run). Both also have unit tests in `replica`.
+    #[test]
+    fn regression_sync_target_primary_reads_and_invalidate_after_a_switchover() {
+        for seed in [76, 98] {
+            let r = run(seed);
+            assert!(r.as_ref().is_ok_and(|r| r.st_primaries == 1), "{r:?}");
+        }
+    }
 
     // ----- regressions: failed metadata writes (found by the crash fault) ---------------
     //

@@ -965,7 +965,7 @@ impl Sim {
             .map_err(|e| format!("target: {e}"))?;
         self.at(1, Ev::RsTick { run });
         self.maybe_schedule_s_stop();
-        Ok(())
+        self.st_target_start()
     }
 
     pub(super) fn tick_input(&self, primary: bool) -> TickInput {
@@ -1731,13 +1731,13 @@ impl Sim {
         self.rs.sb = if left > 1 {
             Sb::Writing { left: left - 1 }
         } else {
-            // The operator's `secondary`, by the daemon's sequence (the bitmap pages
-            // and the UUIDs have no superblock here: assigned).
-            self.sn
+            // The operator's `secondary`, by the daemon's sequence and plan.
+            let plan = self
+                .sn
                 .begin_demotion(&mut self.actions)
                 .map_err(|e| format!("split brain: demotion: {e}"))?;
             self.pump_secondary()?;
-            self.sn.uuids = self.sn.demoted_uuids();
+            self.persist(false, &plan)?;
             Sb::Happened
         };
         Ok(())

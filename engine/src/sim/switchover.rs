@@ -30,6 +30,8 @@
 use super::rng::{mix, Rng};
 use super::Sim;
 use crate::replica::Action;
+#[cfg(test)]
+use crate::replica::Durable;
 use crate::state::change::promote_request;
 use crate::state::{DiskState, Role};
 use crate::wire::{Packet, ReqState, StateBits};
@@ -69,59 +71,12 @@ impl Sim {
         if self.trace {
             eprintln!("t={} switchover, then {ops} requests", self.now);
         }
-        // 1. `secondary` on the Primary.
-        self.pn
-            .begin_demotion(&mut self.actions)
-            .map_err(|e| format!("the Primary's demotion: {e}"))?;
-        self.pump_primary()?;
-        // The data disk is flushed before the metadata says "not Primary" (DRBD's
-        // metadata writes carry a preflush): the writes it completed and no flush made
-        // durable are the new Primary's to promise after the switch.
-        #[cfg(test)]
-        let skip = self.sabotage.demotion_skips_flush;
-        #[cfg(not(test))]
-        let skip = false;
-        if !skip {
-            let covers = self.pdisk.completions;
-            self.pdisk.flush(covers);
-        }
-        for (offset, data) in self.pn.primary.take_dirty_bitmap_pages() {
-            self.meta_dev.write(offset, &data, 0xff)?;
-        }
-        self.pn.uuids = self.pn.demoted_uuids();
-        self.pn.push_state(&mut self.actions);
-        let states = self.states_sent()?;
-        self.receive_states(&states, false)?;
-        // 2. `primary` on the Secondary: the peer is asked first.
-        let (mask, val) = promote_request(false);
-        let req = match self.wire(
-            &Packet::ReqState {
-                cmd: crate::wire::Command::P_STATE_CHG_REQ,
-                req: ReqState { mask, val },
-            },
-            &[],
-        )? {
-            Packet::ReqState { req, .. } => req,
-            other => return Err(format!("the codec turned the request into {other:?}")),
-        };
-        let (d, _) = self.pn.peer_request(req, false, false);
-        if !d.rv.is_success() {
-            return Err(format!(
-                "the old Primary refused the promotion: {}",
-                d.rv.describe()
-            ));
-        }
-        let rng = &mut self.sw.rng;
-        let p = self
-            .sn
-            .begin_promotion(false, || rng.next_u64())
-            .map_err(|r| format!("the Secondary's promotion: {r}"))?;
-        self.sn.may_take_primary(&p)?;
-        self.sn
-            .take_primary(&p, &mut self.actions)
-            .map_err(|e| format!("the Secondary's promotion: {e}"))?;
-        let states = self.states_sent()?;
-        self.receive_states(&states, true)?;
+        // 1. `secondary` on the Primary; 2. `primary` on the Secondary.
+        self.demote(true)?;
+        let mut rng = std::mem::replace(&mut self.sw.rng, Rng::new(0));
+        let promoted = self.promote_connected(false, &mut rng);
+        self.sw.rng = rng;
+        promoted?;
         if self.pn.uuids.current & !1 != self.sn.uuids.current & !1
             || self.pn.uuids.bitmap != self.sn.uuids.bitmap
         {
@@ -142,6 +97,85 @@ impl Sim {
             self.at(d, super::Ev::Fault);
         }
         Ok(())
+    }
+
+    /// `secondary` on a node (`primary_node`: the simulator's Primary's node) while
+    /// connected and idle: the role at once (the core lets go of the peer), its data disk
+    /// flushed, its dirty bitmap pages written to its metadata device, its demoted UUIDs;
+    /// its `P_STATE` tells the other node.
+    pub(super) fn demote(&mut self, primary_node: bool) -> Result<(), String> {
+        let node = if primary_node {
+            &mut self.pn
+        } else {
+            &mut self.sn
+        };
+        #[allow(unused_mut)]
+        let mut plan = node
+            .begin_demotion(&mut self.actions)
+            .map_err(|e| format!("the demotion: {e}"))?;
+        if primary_node {
+            self.pump_primary()?;
+        } else {
+            self.pump_secondary()?;
+        }
+        // The plan flushes the data disk before the metadata says "not Primary" (DRBD's
+        // metadata writes carry a preflush): the writes it completed and no flush made
+        // durable are the new Primary's to promise after the switch.
+        #[cfg(test)]
+        if self.sabotage.demotion_skips_flush {
+            plan.retain(|s| *s != Durable::FlushData);
+        }
+        self.persist(primary_node, &plan)?;
+        let node = if primary_node {
+            &mut self.pn
+        } else {
+            &mut self.sn
+        };
+        node.push_state(&mut self.actions);
+        let states = self.states_sent()?;
+        self.receive_states(&states, !primary_node)
+    }
+
+    /// `primary` on a node while connected: the other node is asked first
+    /// (`P_STATE_CHG_REQ`, decided by its `peer_request`); on the grant, the promotion
+    /// (the metadata durable at once in the model) and its `P_STATE`, which the other
+    /// node records.
+    pub(super) fn promote_connected(
+        &mut self,
+        primary_node: bool,
+        rng: &mut Rng,
+    ) -> Result<(), String> {
+        let (mask, val) = promote_request(false);
+        let req = match self.wire(
+            &Packet::ReqState {
+                cmd: crate::wire::Command::P_STATE_CHG_REQ,
+                req: ReqState { mask, val },
+            },
+            &[],
+        )? {
+            Packet::ReqState { req, .. } => req,
+            other => return Err(format!("the codec turned the request into {other:?}")),
+        };
+        let (node, other) = if primary_node {
+            (&mut self.pn, &mut self.sn)
+        } else {
+            (&mut self.sn, &mut self.pn)
+        };
+        let (d, _) = other.peer_request(req, false, false);
+        if !d.rv.is_success() {
+            return Err(format!(
+                "the peer refused the promotion: {}",
+                d.rv.describe()
+            ));
+        }
+        let p = node
+            .begin_promotion(false, || rng.next_u64())
+            .map_err(|r| format!("the promotion: {r}"))?;
+        node.may_take_primary(&p)?;
+        node.take_primary(&p, &mut self.actions)
+            .map_err(|e| format!("the promotion: {e}"))?;
+        let states = self.states_sent()?;
+        self.receive_states(&states, !primary_node)
     }
 
     /// The `P_STATE` words among the actions drained into `self.actions` (anything else

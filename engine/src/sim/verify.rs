@@ -51,7 +51,7 @@ impl Sim {
     /// The damage, the verify and checker 16, then the resync that repairs the blocks.
     pub(super) fn verify_at_end(&mut self, mut rng: Rng) -> Result<(), String> {
         self.report.verifies += 1;
-        let damaged = damage(&mut self.sdisk, &mut rng);
+        let damaged = damage(&mut self.sdisk, &mut rng, super::invalidate::DAMAGED);
         let ctx = WireCtx::new(101, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?;
         let tick = self.tick_input(true);
         self.pn

@@ -86,6 +86,7 @@ mod durable;
 mod io;
 mod pages;
 mod peer_wait;
+mod plan;
 mod port;
 mod reply;
 mod sync;
@@ -725,12 +726,7 @@ impl Volume {
                 .begin_promotion(force, || random_uuid(&mut rand::thread_rng()))
                 .map_err(|r| r.to_string())?;
             tracing::info!("generation UUIDs {} (were {})", p.uuids, p.old);
-            let flags: &[SbChange] = if p.forced {
-                &[SbChange::Consistent(true), SbChange::Primary(true)]
-            } else {
-                &[SbChange::Primary(true)]
-            };
-            (self.stage_uuids(inner, p.uuids, flags), p)
+            (self.stage_changes(inner, &p.durable()), p)
         };
         // Until the role is taken: on an error, or dropped while it waits (its caller
         // went away), the promotion is abandoned.
@@ -742,15 +738,8 @@ impl Volume {
             fn drop(&mut self) {
                 let Some(p) = self.p else { return };
                 let mut g = self.v.lock();
-                let flag = [SbChange::Primary(false)];
-                match g.node.abandon_promotion(&p) {
-                    Some(old) => {
-                        let _ = self.v.stage_uuids(&mut g, old, &flag);
-                    }
-                    None => {
-                        let _ = self.v.meta.stage(&flag);
-                    }
-                }
+                let changes = g.node.abandon_promotion(&p);
+                let _ = self.v.stage_changes(&mut g, &changes);
             }
         }
         let mut pending = Pending {
@@ -832,30 +821,13 @@ impl Volume {
             if !inner.pending.is_empty() {
                 return Err("writes are in flight; stop the application first".into());
             }
-            inner.node.begin_demotion(&mut inner.actions)?;
+            let plan = inner.node.begin_demotion(&mut inner.actions)?;
             self.drain(inner, &mut fx);
-            inner.node.primary.is_detached()
+            (inner.node.primary.is_detached(), plan)
         };
+        let (diskless, plan) = diskless;
         self.run(std::mem::take(&mut fx));
-        // The data disk first (`replica::Node::begin_demotion`): writes no flush made
-        // durable must not stay volatile on what becomes the Secondary.
-        let flushed = diskless || self.flush_clears().await;
-        let pages = if flushed {
-            self.write_dirty_pages().await
-        } else {
-            Err("the flush of the data disk failed".to_string())
-        };
-        let demoted = match pages {
-            Ok(()) => {
-                let t = {
-                    let mut g = self.lock();
-                    let uuids = g.node.demoted_uuids();
-                    self.stage_uuids(&mut g, uuids, &[SbChange::Primary(false)])
-                };
-                self.meta.durable(t).await
-            }
-            Err(e) => Err(e),
-        };
+        let demoted = self.persist(plan).await;
         let mut g = self.lock();
         match demoted {
             Err(e) if diskless => tracing::warn!("diskless demotion: {e}"),
@@ -987,13 +959,9 @@ impl Volume {
     /// for the metadata writer, so they reach the disk in the same superblock write:
     /// durable once the ticket is (and no application write enters the core before).
     fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet, also: &[SbChange]) -> Ticket {
-        if uuids != inner.node.uuids {
-            tracing::info!("generation UUIDs {} (were {})", uuids, inner.node.uuids);
-            inner.node.uuids = uuids;
-        }
         let mut changes = also.to_vec();
         changes.push(SbChange::Uuids(uuids));
-        self.meta.stage(&changes)
+        self.stage_changes(inner, &changes)
     }
 
     /// A change staged on a path that cannot wait for it (a connection's event): if it

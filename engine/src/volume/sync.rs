@@ -355,16 +355,11 @@ impl Volume {
 
     // ----- reads on a SyncTarget Primary ---------------------------------------------
 
-    /// Whether a read must come from the peer: this node is a SyncTarget and a block of
-    /// the range is not yet resynced, or it is a Diskless (detached) Primary.
+    /// Whether a read must come from the peer ([`crate::replica::Node::reads_from_peer`]).
     pub(super) fn read_from_peer(&self, offset: u64, len: u32) -> bool {
-        let g = self.lock();
-        g.node.primary.is_detached()
-            || g.node.runs.must_read_remotely(
-                g.node.primary.out_of_sync(),
-                offset / SECTOR_SIZE as u64,
-                len,
-            )
+        self.lock()
+            .node
+            .reads_from_peer(offset / SECTOR_SIZE as u64, len)
     }
 
     /// Reads `out.len()` bytes at `offset` from the peer in ≤ 1 MiB `P_DATA_REQUEST`s,
@@ -387,8 +382,8 @@ impl Volume {
                 if inner.link.is_none() {
                     return Err(BlockError::Io);
                 }
-                if inner.node.primary.is_detached() && inner.node.peer_disk != DiskState::UpToDate {
-                    // Diskless: only an UpToDate peer has every block.
+                if inner.node.peer_disk != DiskState::UpToDate {
+                    // Only an UpToDate peer has the blocks this node lacks.
                     return Err(BlockError::Io);
                 }
                 if inner.remote_reads.len() >= MAX_REMOTE_READS {
@@ -905,13 +900,10 @@ impl Volume {
     /// written, the disk becomes Inconsistent (durably), and the connection is renewed:
     /// the handshake then makes this node the SyncTarget of a full resync.
     pub async fn invalidate(&self) -> Result<(), String> {
-        self.lock().node.begin_invalidate()?;
-        self.write_dirty_pages().await?;
-        let t = self.meta.stage(&[SbChange::Consistent(false)]);
-        self.meta
-            .durable(t)
+        let plan = self.lock().node.begin_invalidate()?;
+        self.persist(plan)
             .await
-            .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
+            .map_err(|e| format!("cannot record the invalidate: {e}"))?;
         self.node_step(|node, out| node.invalidated(out));
         Ok(())
     }
@@ -922,25 +914,26 @@ impl Volume {
     /// in `P_UUIDS` with the skip-initial-sync flag.
     pub async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), String> {
         let _one = self.role_change.lock().await;
-        let (t, skipped) = {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            let random = random_uuid(&mut rand::thread_rng());
-            if clear_bitmap {
-                let s = inner.node.skip_initial_sync(random)?;
-                let t = self.stage_uuids(inner, s.uuids, &[SbChange::Consistent(true)]);
-                (t, Some(s))
-            } else {
-                let uuids = inner.node.new_current_uuid(random)?;
-                (self.stage_uuids(inner, uuids, &[]), None)
-            }
-        };
-        self.meta.durable(t).await?;
-        if let Some(s) = skipped {
-            self.write_dirty_pages().await?;
+        let random = random_uuid(&mut rand::thread_rng());
+        if clear_bitmap {
+            let (staged, s) = {
+                let mut g = self.lock();
+                let s = g.node.skip_initial_sync(random)?;
+                (
+                    self.stage_plan(&mut g, crate::replica::skipped_sync_durable(s.uuids)),
+                    s,
+                )
+            };
+            self.persist_staged(staged).await?;
             self.node_step(|node, out| node.announce_skipped_sync(&s, out));
+            return Ok(());
         }
-        Ok(())
+        let t = {
+            let mut g = self.lock();
+            let uuids = g.node.new_current_uuid(random)?;
+            self.stage_uuids(&mut g, uuids, &[])
+        };
+        self.meta.durable(t).await
     }
 
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync
@@ -949,15 +942,11 @@ impl Volume {
     pub(super) fn peer_uuids(&self, session: u64, p: crate::state::uuid::UuidPacket) {
         let _ = self.with_session(session, |v, inner, _| {
             if let Some(uuids) = inner.node.peer_skipped_initial_sync(&p) {
-                let t = v.stage_uuids(inner, uuids, &[SbChange::Consistent(true)]);
                 tracing::info!("the peer skipped the initial sync: UpToDate");
                 // P_STATE says UpToDate once the superblock and the pages do.
+                let staged = v.stage_plan(inner, crate::replica::skipped_sync_durable(uuids));
                 v.spawn_task(move |me| async move {
-                    let done = match me.meta.durable(t).await {
-                        Ok(()) => me.write_dirty_pages().await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = done {
+                    if let Err(e) = me.persist_staged(staged).await {
                         tracing::error!("skipped initial sync: {e}");
                     }
                     let mut g = me.lock();

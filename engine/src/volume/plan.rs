@@ -1,0 +1,84 @@
+//! Performs the replica core's durable plans ([`Durable`], `replica/durable.rs`): the
+//! order is the core's, the IO is this driver's — the data disk's flush, the page writer
+//! (`pages.rs`), the superblock's writer (`durable.rs`).
+//!
+//! A plan's leading superblock step is staged at once, under the caller's lock
+//! ([`Volume::stage_plan`]), so that the in-memory change and the write gate close
+//! together (no write can enter a generation that is not staged); the rest runs in
+//! order off the lock ([`Volume::persist`]), each step durable before the next is
+//! issued. Bounds: a plan has at most 3 steps; one superblock write and the dirty pages
+//! (≤ the bitmap's pages) are in flight at a time.
+
+use super::durable::Ticket;
+use super::{Inner, Volume};
+use crate::meta::SbChange;
+use crate::replica::Durable;
+
+/// A plan whose leading superblock write is staged.
+pub(super) struct Staged {
+    first: Option<Ticket>,
+    rest: Vec<Durable>,
+}
+
+impl Volume {
+    /// Stages `plan`'s leading superblock step now (see the module docs).
+    pub(super) fn stage_plan(&self, inner: &mut Inner, mut plan: Vec<Durable>) -> Staged {
+        let first = match plan.first() {
+            Some(Durable::Superblock(changes)) => {
+                let t = self.stage_changes(inner, changes);
+                plan.remove(0);
+                Some(t)
+            }
+            _ => None,
+        };
+        Staged { first, rest: plan }
+    }
+
+    /// Stages `plan` and performs it (see the module docs); the first failure ends it.
+    pub(super) async fn persist(&self, plan: Vec<Durable>) -> Result<(), String> {
+        let staged = self.stage_plan(&mut self.lock(), plan);
+        self.persist_staged(staged).await
+    }
+
+    /// Performs a staged plan.
+    pub(super) async fn persist_staged(&self, staged: Staged) -> Result<(), String> {
+        if let Some(t) = staged.first {
+            self.meta.durable(t).await?;
+        }
+        for step in staged.rest {
+            match step {
+                Durable::FlushData => {
+                    if !self.flush_clears().await {
+                        return Err("the flush of the data disk failed".into());
+                    }
+                }
+                Durable::Pages => self.write_dirty_pages().await?,
+                Durable::Superblock(changes) => {
+                    let t = self.stage_changes(&mut self.lock(), &changes);
+                    self.meta.durable(t).await?;
+                }
+                Durable::Demoted => {
+                    let t = {
+                        let mut g = self.lock();
+                        let uuids = g.node.demoted_uuids();
+                        self.stage_uuids(&mut g, uuids, &[SbChange::Primary(false)])
+                    };
+                    self.meta.durable(t).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages one superblock write of `changes`; a generation among them becomes the
+    /// node's (logged when it changes).
+    pub(super) fn stage_changes(&self, inner: &mut Inner, changes: &[SbChange]) -> Ticket {
+        if let Some(uuids) = Durable::uuids(changes) {
+            if uuids != inner.node.uuids {
+                tracing::info!("generation UUIDs {} (were {})", uuids, inner.node.uuids);
+                inner.node.uuids = uuids;
+            }
+        }
+        self.meta.stage(changes)
+    }
+}
