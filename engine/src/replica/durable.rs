@@ -1,8 +1,13 @@
 //! What a sequence of the node makes durable, and in which order: each sequence that
-//! changes the node's state on disk (a demotion, a promotion and its abandonment,
-//! `invalidate`, a skipped initial sync) returns a plan of [`Durable`] steps; the driver
-//! performs them one after the other — each complete before the next is issued — and
-//! then makes the sequence's next call (`Node::invalidated`, `Node::take_primary`, …).
+//! changes the node's state on disk through several writes (a demotion, `invalidate`, a
+//! skipped initial sync, the start and the end of a SyncTarget's run) returns a plan of
+//! [`Durable`] steps; the driver performs them one after the other — each complete
+//! before the next is issued — and then makes the sequence's next call
+//! (`Node::invalidated`, `Node::target_end_recorded`, …). A superblock write whose
+//! content depends on the node's state when it is reached ([`Deferred`]) is computed
+//! then, by [`Node::superblock_at`]. (A promotion and its abandonment are one superblock
+//! write each, staged with the change: `Promotion::durable`,
+//! `Node::abandon_promotion`.)
 //!
 //! The order is the rule, so it lives here once: the daemon (`volume/`) performs a plan
 //! on its data disk, its page writer and its superblock; the simulator on its in-memory
@@ -20,9 +25,18 @@
 //!   the next attach after a crash apply the activity log;
 //! - `invalidate`: every bit on disk before "inconsistent" (a power loss in between
 //!   still resyncs everything), both before the connection drops;
+//! - a SyncTarget's start: the merged bitmap's pages, then "not consistent" with the
+//!   sync UUID, before the first resync write (a restart mid-run comes back
+//!   Inconsistent with every block still to fetch);
+//! - a SyncTarget's end: the data flushed (the resync writes durable), then the pages
+//!   (their images leave the run's clears out only once a flush covers them), then
+//!   "consistent", the completed generation and the crash repaired in one write —
+//!   unless the UUIDs changed meanwhile (a connection loss): then the disk stays
+//!   Inconsistent and the next handshake decides;
 //! - a skipped initial sync: the generation with "consistent", then the cleared pages,
 //!   before the peer is told.
 
+use super::{Node, TargetEnd};
 use crate::meta::disk::SbChange;
 use crate::state::uuid::UuidSet;
 
@@ -36,9 +50,65 @@ pub(crate) enum Durable {
     /// One superblock write of these changes; a [`SbChange::Uuids`] among them is the
     /// node's generation from this step on.
     Superblock(Vec<SbChange>),
-    /// One superblock write of "not Primary" with the node's UUIDs demoted at this step
-    /// ([`super::Node::demoted_uuids`]).
+    /// One superblock write computed when the step is reached ([`Node::superblock_at`]).
+    At(Deferred),
+}
+
+/// A superblock write that depends on the node's state when it is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deferred {
+    /// "Not Primary" with the node's UUIDs demoted then (a handshake may have changed
+    /// them while the pages were written).
     Demoted,
+    /// A SyncTarget's "not consistent" and its UUIDs with the peer's sync UUID.
+    SyncTarget { sync_uuid: u64 },
+    /// The end of a target run: "consistent", the completed generation, the crash
+    /// repaired.
+    TargetEnd(TargetEnd),
+}
+
+impl Node {
+    /// The superblock write of a deferred step, computed now (the node's state moves
+    /// with it: a SyncTarget's disk becomes Inconsistent). `Ok(None)`: nothing to write;
+    /// `Err`: the sequence stops here (an operating outcome: the UUIDs changed while the
+    /// end of a run was recorded).
+    pub(crate) fn superblock_at(&mut self, d: Deferred) -> Result<Option<Vec<SbChange>>, String> {
+        Ok(match d {
+            Deferred::Demoted => Some(vec![
+                SbChange::Primary(false),
+                SbChange::Uuids(self.demoted_uuids()),
+            ]),
+            Deferred::SyncTarget { sync_uuid } => Some(vec![
+                SbChange::Consistent(false),
+                SbChange::Uuids(self.begin_sync_target(sync_uuid)),
+            ]),
+            Deferred::TargetEnd(end) => self.target_end_uuids(&end)?.map(|u| {
+                vec![
+                    SbChange::Consistent(true),
+                    SbChange::ClearCrashedPrimary,
+                    SbChange::Uuids(u),
+                ]
+            }),
+        })
+    }
+
+    /// A SyncTarget's start, once `P_SYNC_UUID` arrived (see the module docs).
+    pub(crate) fn sync_target_plan(sync_uuid: u64) -> Vec<Durable> {
+        vec![
+            Durable::Pages,
+            Durable::At(Deferred::SyncTarget { sync_uuid }),
+        ]
+    }
+
+    /// Recording the end of a target run (see the module docs); the driver then calls
+    /// [`Node::target_end_recorded`], durable if the plan completed and `end` had UUIDs.
+    pub(crate) fn target_end_plan(end: TargetEnd) -> Vec<Durable> {
+        vec![
+            Durable::FlushData,
+            Durable::Pages,
+            Durable::At(Deferred::TargetEnd(end)),
+        ]
+    }
 }
 
 impl Durable {
@@ -48,5 +118,61 @@ impl Durable {
             SbChange::Uuids(u) => Some(*u),
             _ => None,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::state::DiskState;
+
+    const GEN: UuidSet = UuidSet {
+        current: 0xA000,
+        bitmap: 0,
+        history: [0, 0],
+    };
+
+    /// The deferred writes are computed when reached: a SyncTarget's disk becomes
+    /// Inconsistent with the sync UUID; the end of a run writes the completed generation
+    /// with "consistent" and the crash repaired, or nothing without UUIDs, or stops the
+    /// plan if the node's UUIDs changed since the run ended.
+    #[test]
+    fn deferred_superblock_writes_follow_the_node_s_state_when_reached() {
+        let mut n = Node::for_test(2048, GEN, DiskState::UpToDate);
+        assert_eq!(
+            Node::sync_target_plan(0xB000)[0],
+            Durable::Pages,
+            "the merged bitmap first"
+        );
+        let w = n
+            .superblock_at(Deferred::SyncTarget { sync_uuid: 0xB000 })
+            .unwrap()
+            .unwrap();
+        assert_eq!(w[0], SbChange::Consistent(false));
+        assert_eq!(Durable::uuids(&w).unwrap().current & !1, 0xB000);
+        assert_eq!(n.disk, DiskState::Inconsistent);
+
+        n.uuids = Durable::uuids(&w).unwrap();
+        let end = n.target_end(
+            1,
+            Some(UuidSet {
+                current: 0xB000,
+                ..GEN
+            }),
+        );
+        let plan = Node::target_end_plan(end);
+        assert_eq!(plan[..2], [Durable::FlushData, Durable::Pages]);
+        let w = n.superblock_at(Deferred::TargetEnd(end)).unwrap().unwrap();
+        assert_eq!(
+            w[..2],
+            [SbChange::Consistent(true), SbChange::ClearCrashedPrimary]
+        );
+        assert_eq!(Durable::uuids(&w), end.uuids.map(|(_, done)| done));
+
+        let none = n.target_end(2, None);
+        assert_eq!(n.superblock_at(Deferred::TargetEnd(none)).unwrap(), None);
+        n.uuids.current = 0xC000; // a connection loss started a generation meanwhile
+        assert!(n.superblock_at(Deferred::TargetEnd(end)).is_err());
     }
 }

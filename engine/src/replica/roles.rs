@@ -44,6 +44,7 @@
 //! its peer made alone. Without fencing tandem (like DRBD without fencing) promotes it;
 //! the simulator's operator does not, and counts how often that would lose writes.
 
+use super::durable::Deferred;
 use super::{Action, Durable, Node};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
@@ -333,7 +334,7 @@ impl Node {
         if !self.primary.is_detached() {
             plan.push(Durable::FlushData);
         }
-        plan.extend([Durable::Pages, Durable::Demoted]);
+        plan.extend([Durable::Pages, Durable::At(Deferred::Demoted)]);
         Ok(plan)
     }
 
@@ -768,7 +769,11 @@ mod tests {
         n.take_primary(&p, &mut out).unwrap();
         assert_eq!(
             n.begin_demotion(&mut out).unwrap(),
-            [Durable::FlushData, Durable::Pages, Durable::Demoted],
+            [
+                Durable::FlushData,
+                Durable::Pages,
+                Durable::At(Deferred::Demoted)
+            ],
             "the data disk, then the pages, then the superblock"
         );
         assert!(!n.primary.stats().meta_failed);

@@ -2292,31 +2292,44 @@ impl Sim {
 
     /// Performs one node's durable plan (`primary_node`: the Primary's node), each step
     /// complete before the next, as the daemon's `volume/plan.rs` does: the data disk
-    /// flushed, the dirty bitmap pages on the node's metadata device, the superblock's
-    /// generation assigned (the model keeps the superblock's flags in the node).
-    fn persist(&mut self, primary_node: bool, plan: &[Durable]) -> Result<(), String> {
+    /// flushed (the bitmap told, as `Volume::flush_clears` does), the dirty bitmap pages
+    /// on the node's metadata device, the superblock's generation assigned (the model
+    /// keeps the superblock's flags in the node). `false`: the node stopped the plan at a
+    /// deferred step (an operating outcome, `Node::superblock_at`).
+    fn persist(&mut self, primary_node: bool, plan: &[Durable]) -> Result<bool, String> {
         let (node, disk, meta) = if primary_node {
             (&mut self.pn, &mut self.pdisk, &mut self.meta_dev)
         } else {
             (&mut self.sn, &mut self.sdisk, &mut self.s_meta_dev)
         };
         for step in plan {
-            match step {
-                Durable::FlushData => disk.flush(disk.completions),
+            let changes = match step {
+                Durable::FlushData => {
+                    let id = node.primary.out_of_sync_mut().begin_flush();
+                    disk.flush(disk.completions);
+                    if let Some(id) = id {
+                        node.primary.out_of_sync_mut().flush_done(id, true);
+                    }
+                    continue;
+                }
                 Durable::Pages => {
                     for (offset, data) in node.primary.take_dirty_bitmap_pages() {
                         meta.write(offset, &data, 0xff)?;
                     }
+                    continue;
                 }
-                Durable::Superblock(changes) => {
-                    if let Some(u) = Durable::uuids(changes) {
-                        node.uuids = u;
-                    }
-                }
-                Durable::Demoted => node.uuids = node.demoted_uuids(),
+                Durable::Superblock(changes) => changes.clone(),
+                Durable::At(d) => match node.superblock_at(*d) {
+                    Ok(Some(changes)) => changes,
+                    Ok(None) => continue,
+                    Err(_) => return Ok(false),
+                },
+            };
+            if let Some(u) = Durable::uuids(&changes) {
+                node.uuids = u;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn secondary_action(&mut self, a: Action) -> Result<(), String> {

@@ -58,8 +58,8 @@ use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
 use crate::replica::{
-    promoted_uuids, Action, GenerationFacts, LocalWrite, Node, PeerDisk, ReadFor, RunRead, Side,
-    SyncAction, SyncRole, SyncRuns, TargetEnd,
+    promoted_uuids, Action, Durable, GenerationFacts, LocalWrite, Node, PeerDisk, ReadFor, RunRead,
+    Side, SyncAction, SyncRole, SyncRuns, TargetEnd,
 };
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
@@ -938,9 +938,9 @@ impl Sim {
         }
         self.fo.wf_sync = false;
         self.check13_target_start()?;
-        // The daemon's step 3: the merged bitmap on disk before the first resync write.
-        self.write_s_pages()?;
-        self.sn.uuids = self.sn.begin_sync_target(sync_uuid);
+        // The daemon's step 3: the merged bitmap on disk, then "not consistent" and the
+        // sync UUID, before the first resync write.
+        self.persist(false, &Node::sync_target_plan(sync_uuid))?;
         let bm = self.sn.primary.out_of_sync();
         self.report.resyncs += 1;
         self.report.out_of_sync_bytes = self.report.out_of_sync_bytes.max(bm.bytes());
@@ -1511,6 +1511,12 @@ impl Sim {
         id: Option<u64>,
     ) -> Result<(), String> {
         let end = self.rs.s_finish.take().ok_or("finish flush of no run")?;
+        // The plan's first step is this flush (an event of its own here: it takes time
+        // and may fail); the rest follows at once.
+        let plan = Node::target_end_plan(end);
+        if plan.first() != Some(&Durable::FlushData) {
+            return Err(format!("the end of a run flushes first: {plan:?}"));
+        }
         if !fail {
             self.sdisk.flush(covers);
         }
@@ -1523,14 +1529,9 @@ impl Sim {
             return Ok(());
         }
         // The run's clears on disk, then its UUIDs.
-        self.write_s_pages()?;
-        // The daemon's order (`replica::Node::target_end`), without a superblock.
-        let adopted = self.sn.target_end_uuids(&end).ok().flatten();
-        if let Some(u) = adopted {
-            self.sn.uuids = u;
-        }
-        self.sn.target_end_recorded(&end, adopted.is_some());
-        if adopted.is_none() {
+        let durable = self.persist(false, &plan[1..])? && end.uuids.is_some();
+        self.sn.target_end_recorded(&end, durable);
+        if !durable {
             return Ok(());
         }
         self.s_consistent_again();

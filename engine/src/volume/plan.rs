@@ -57,11 +57,13 @@ impl Volume {
                     let t = self.stage_changes(&mut self.lock(), &changes);
                     self.meta.durable(t).await?;
                 }
-                Durable::Demoted => {
+                Durable::At(d) => {
                     let t = {
                         let mut g = self.lock();
-                        let uuids = g.node.demoted_uuids();
-                        self.stage_uuids(&mut g, uuids, &[SbChange::Primary(false)])
+                        let Some(changes) = g.node.superblock_at(d)? else {
+                            continue;
+                        };
+                        self.stage_changes(&mut g, &changes)
                     };
                     self.meta.durable(t).await?;
                 }

@@ -51,7 +51,7 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::replica::{ReadFor, SyncAction, SyncRole, TargetEnd};
+use crate::replica::{Node, ReadFor, SyncAction, SyncRole, TargetEnd};
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
     VerifyConfig, VerifyProgress,
@@ -181,19 +181,13 @@ impl Volume {
         Ok(sync_uuid)
     }
 
-    /// Step 3 on the SyncTarget: bitmap pages, then, in one superblock write, "not
-    /// consistent" and the sync UUID, durable before the first resync write.
+    /// Step 3 on the SyncTarget: `replica::Node::sync_target_plan` (bitmap pages, then,
+    /// in one superblock write, "not consistent" and the sync UUID), durable before the
+    /// first resync write.
     pub(super) async fn begin_sync_target(&self, sync_uuid: u64) -> Result<(), String> {
-        self.write_dirty_pages().await?;
-        let t = {
-            let mut g = self.lock();
-            let uuids = g.node.begin_sync_target(sync_uuid);
-            self.stage_uuids(&mut g, uuids, &[SbChange::Consistent(false)])
-        };
-        self.meta
-            .durable(t)
+        self.persist(Node::sync_target_plan(sync_uuid))
             .await
-            .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))
+            .map_err(|e| format!("cannot start the resync on this disk: {e}"))
     }
 
     /// Waits (≤ [`SYNC_IO_DRAIN`]) until no resync read or write of an earlier
@@ -766,32 +760,16 @@ impl Volume {
         fx.push(Effect::SyncFinish(inner.node.target_end(run, adopt)));
     }
 
-    /// Records the end of a target run in `replica::Node::target_end`'s order: the data
-    /// is flushed and the pages written first; then "consistent", the completing UUIDs
-    /// and the crashed-primary flag cleared go in one superblock write, adopted in memory
-    /// when staged — unless the UUIDs changed meanwhile (the connection was lost), when
-    /// the next handshake decides instead. A failed superblock write is the disk's error
-    /// (the data is in sync; the writes wait at the gate).
+    /// Records the end of a target run: `replica::Node::target_end_plan` (the data
+    /// flushed, the pages, then "consistent", the completing UUIDs and the crash repaired
+    /// in one superblock write, adopted in memory when staged — unless the UUIDs changed
+    /// meanwhile, when the next handshake decides instead). A failed superblock write is
+    /// the disk's error (the data is in sync; the writes wait at the gate).
     pub(super) async fn finish_target(&self, end: TargetEnd) {
-        let recorded = async {
-            self.write_target_pages().await?;
-            if end.uuids.is_some() {
-                let t = {
-                    let mut g = self.lock();
-                    let Some(u) = g.node.target_end_uuids(&end)? else {
-                        return Ok(());
-                    };
-                    let flags = [SbChange::Consistent(true), SbChange::ClearCrashedPrimary];
-                    self.stage_uuids(&mut g, u, &flags)
-                };
-                self.meta
-                    .durable(t)
-                    .await
-                    .map_err(|e| format!("cannot record the end of the resync: {e}"))?;
-            }
-            Ok::<(), String>(())
-        }
-        .await;
+        let recorded = self
+            .persist(Node::target_end_plan(end))
+            .await
+            .map_err(|e| format!("cannot record the end of the resync: {e}"));
         let mut g = self.lock();
         let inner = &mut *g;
         if let Err(e) = &recorded {
