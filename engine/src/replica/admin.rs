@@ -242,11 +242,7 @@ mod tests {
     use super::*;
     use crate::state::uuid::UUID_JUST_CREATED;
 
-    const GEN: UuidSet = UuidSet {
-        current: 0xA000,
-        bitmap: 0,
-        history: [0, 0],
-    };
+    use crate::replica::node::TEST_GEN as GEN;
 
     /// A node over a 1 MiB volume (256 blocks).
     fn node(uuids: UuidSet, disk: DiskState) -> Node {

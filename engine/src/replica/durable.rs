@@ -127,11 +127,7 @@ mod tests {
     use super::*;
     use crate::state::DiskState;
 
-    const GEN: UuidSet = UuidSet {
-        current: 0xA000,
-        bitmap: 0,
-        history: [0, 0],
-    };
+    use crate::replica::node::TEST_GEN as GEN;
 
     /// The deferred writes are computed when reached: a SyncTarget's disk becomes
     /// Inconsistent with the sync UUID; the end of a run writes the completed generation

@@ -50,6 +50,7 @@
 //! their in-flight limits).
 
 use super::{FlushRounds, SyncRuns};
+use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::{
     Error, OutOfSync, Primary, PrimaryOutput, Receiver, ReceiverOutput, WriteKind,
@@ -158,6 +159,16 @@ pub(crate) struct SourceEnd {
     /// Reaching Connected cleared the crashed-Primary flag ([`Node::reached_connected`]):
     /// the driver records that.
     pub(crate) crash_repaired: bool,
+}
+
+impl SourceEnd {
+    /// What the driver stages: with [`Self::uuids`], the completed generation and the
+    /// crash repaired in one superblock write (empty: nothing to write).
+    pub(crate) fn durable(&self) -> Vec<SbChange> {
+        self.uuids
+            .map(|u| vec![SbChange::ClearCrashedPrimary, SbChange::Uuids(u)])
+            .unwrap_or_default()
+    }
 }
 
 /// One node's write pipelines (see the module docs).
@@ -770,6 +781,14 @@ impl Node {
     }
 }
 
+/// A generation for the core's unit tests.
+#[cfg(test)]
+pub(crate) const TEST_GEN: UuidSet = UuidSet {
+    current: 0xA000,
+    bitmap: 0,
+    history: [0, 0],
+};
+
 /// A protocol-C node over `sectors` with `uuids` and `disk`, for the core's unit tests.
 #[cfg(test)]
 impl Node {
@@ -1161,6 +1180,7 @@ mod tests {
             end.uuids, None,
             "the peer is not UpToDate: nothing completes"
         );
+        assert!(end.durable().is_empty());
         assert!(end.crash_repaired);
         assert_eq!(n.conn, ConnState::Connected);
         assert_eq!(n.peer_sync_ended(ConnState::Connected), None, "once");
@@ -1172,6 +1192,10 @@ mod tests {
         let done = end.uuids.expect("the generation that completes the run");
         assert_eq!(done.bitmap, 0, "the bitmap UUID rotates into history");
         assert_eq!(done.history[0], sync_uuid);
+        assert_eq!(
+            end.durable(),
+            [SbChange::ClearCrashedPrimary, SbChange::Uuids(done)]
+        );
         assert!(
             !end.crash_repaired,
             "cleared with the completing UUIDs instead"

@@ -554,11 +554,7 @@ mod tests {
     use crate::state::change::{promote_request, StateRv};
     use crate::state::ConnState;
 
-    const GEN: UuidSet = UuidSet {
-        current: 0xA000,
-        bitmap: 0,
-        history: [0; 2],
-    };
+    use crate::replica::node::TEST_GEN as GEN;
 
     fn node(disk: DiskState) -> Node {
         Node::for_test(64, GEN, disk)

@@ -1199,10 +1199,10 @@ impl Sim {
             .pn
             .peer_sync_ended(ConnState::Connected)
             .ok_or_else(|| format!("the end of a resync on a {} Primary", self.pn.conn))?;
-        let uuids = end
-            .uuids
-            .ok_or("the end of a resync with the peer not UpToDate")?;
-        self.pn.uuids = uuids;
+        if end.uuids.is_none() {
+            return Err("the end of a resync with the peer not UpToDate".into());
+        }
+        self.persist(true, &[Durable::Superblock(end.durable())])?;
         Ok(())
     }
 

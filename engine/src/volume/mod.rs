@@ -805,7 +805,7 @@ impl Volume {
     /// best effort (its failure record already asks for a full sync at re-attach).
     async fn take_secondary(&self, force: bool) -> Result<(), String> {
         let mut fx = Vec::new();
-        let diskless = {
+        let (diskless, plan) = {
             let mut g = self.lock();
             let inner = &mut *g;
             if inner.node.role == Role::Secondary {
@@ -825,7 +825,6 @@ impl Volume {
             self.drain(inner, &mut fx);
             (inner.node.primary.is_detached(), plan)
         };
-        let (diskless, plan) = diskless;
         self.run(std::mem::take(&mut fx));
         let demoted = self.persist(plan).await;
         let mut g = self.lock();

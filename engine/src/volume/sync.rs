@@ -790,10 +790,10 @@ impl Volume {
         let Some(end) = inner.node.peer_sync_ended(conn) else {
             return;
         };
-        if let Some(uuids) = end.uuids {
+        if end.uuids.is_some() {
             // Durable in the background (application writes wait for it at the core's
             // door), with the crash repaired in the same superblock write.
-            let _ = self.stage_uuids(inner, uuids, &[SbChange::ClearCrashedPrimary]);
+            let _ = self.stage_changes(inner, &end.durable());
             tracing::info!("resync finished (this node was SyncSource)");
             inner.event("resync-finished", serde_json::json!({"role": "SyncSource"}));
         }
