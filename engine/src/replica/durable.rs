@@ -1,6 +1,7 @@
 //! What a sequence of the node makes durable, and in which order: each sequence that
 //! changes the node's state on disk through several writes (a demotion, `invalidate`, a
-//! skipped initial sync, the start and the end of a SyncTarget's run) returns a plan of
+//! skipped initial sync, the start and the end of a SyncTarget's run, a clean stop)
+//! returns a plan of
 //! [`Durable`] steps; the driver performs them one after the other — each complete
 //! before the next is issued — and then makes the sequence's next call
 //! (`Node::invalidated`, `Node::target_end_recorded`, …). A superblock write whose
@@ -33,6 +34,10 @@
 //!   "consistent", the completed generation and the crash repaired in one write —
 //!   unless the UUIDs changed meanwhile (a connection loss): then the disk stays
 //!   Inconsistent and the next handshake decides;
+//! - a clean stop: the data flushed, the pages (what a running resync cleared, so that
+//!   a restart resumes there), then the activity log's ring and the superblock marked
+//!   clean (the next attach applies no activity log) — only when no write is in flight
+//!   and no metadata write failed, else the metadata stays as after a crash;
 //! - a skipped initial sync: the generation with "consistent", then the cleared pages,
 //!   before the peer is told.
 
@@ -52,6 +57,9 @@ pub(crate) enum Durable {
     Superblock(Vec<SbChange>),
     /// One superblock write computed when the step is reached ([`Node::superblock_at`]).
     At(Deferred),
+    /// The activity log's ring re-initialised and the superblock marked clean (no
+    /// "Primary"), after every staged superblock write.
+    MarkClean,
 }
 
 /// A superblock write that depends on the node's state when it is reached.
@@ -90,6 +98,16 @@ impl Node {
                 ]
             }),
         })
+    }
+
+    /// A clean stop (see the module docs); `Err`: the metadata stays unclean (the next
+    /// attach applies the activity log, as after a crash) and only the data is flushed.
+    pub(crate) fn clean_stop_plan(&self) -> Result<Vec<Durable>, &'static str> {
+        let s = self.primary.stats();
+        if s.in_flight_writes > 0 || s.al_waiting > 0 || s.meta_failed {
+            return Err("writes still in flight or a metadata write failed");
+        }
+        Ok(vec![Durable::FlushData, Durable::Pages, Durable::MarkClean])
     }
 
     /// A SyncTarget's start, once `P_SYNC_UUID` arrived (see the module docs).
@@ -170,5 +188,20 @@ mod tests {
         assert_eq!(n.superblock_at(Deferred::TargetEnd(none)).unwrap(), None);
         n.uuids.current = 0xC000; // a connection loss started a generation meanwhile
         assert!(n.superblock_at(Deferred::TargetEnd(end)).is_err());
+    }
+
+    /// A clean stop flushes, writes the pages and marks the metadata clean, in that
+    /// order; with a write in flight it is refused (the metadata stays as after a crash).
+    #[test]
+    fn a_clean_stop_only_when_idle() {
+        let mut n = Node::for_test(2048, GEN, DiskState::UpToDate);
+        assert_eq!(
+            n.clean_stop_plan().unwrap(),
+            [Durable::FlushData, Durable::Pages, Durable::MarkClean]
+        );
+        n.primary
+            .write(1, 0, 4096, crate::request::WriteKind::Data, false)
+            .unwrap();
+        assert!(n.clean_stop_plan().is_err());
     }
 }

@@ -80,8 +80,9 @@
 //! - **Primary clean stop** (`p_stop.rs`), on about one seed in eight, its own random
 //!   stream: the application stops, the stop waits until nothing is in flight, then the
 //!   connection drops, the data disk is flushed, the bitmap pages are written and the
-//!   metadata marked clean; the restart applies no activity log and records no new
-//!   crash of a Primary.
+//!   metadata marked clean (the node's plan); the restart applies no activity log and
+//!   records no new crash of a Primary — unless a metadata write had failed, when the
+//!   metadata stays unclean, as in the daemon.
 //! - **Online verify** (`verify.rs`), on about one seed in eight, its own random stream,
 //!   at the end of the run once in sync: a few of the Secondary's blocks damaged behind
 //!   tandem's back, then `verify` on the Primary through the node's commands and runs
@@ -698,6 +699,9 @@ pub struct SimReport {
     pub fresh_pairs: u64,
     /// Checker 15: clean stops of the Primary.
     pub p_clean_stops: u64,
+    /// Of those, stops after a failed metadata write: the metadata stays unclean (the
+    /// daemon's rule) and the restart applies the activity log (checker 6 only).
+    pub p_unclean_stops: u64,
     /// Checker 16: online verifies of a damaged Secondary.
     pub verifies: u64,
     /// Checker 17: SyncTarget Primaries (a switchover at the start of a full resync),
@@ -2324,6 +2328,10 @@ impl Sim {
                     Ok(None) => continue,
                     Err(_) => return Ok(false),
                 },
+                Durable::MarkClean => {
+                    meta.mark_clean()?;
+                    continue;
+                }
             };
             if let Some(u) = Durable::uuids(&changes) {
                 node.uuids = u;

@@ -10,7 +10,11 @@
 //! marked clean (the activity log re-initialised, the Primary indicator cleared). The
 //! restart is the daemon's attach: no activity log to apply, no new crash of a Primary
 //! (an earlier one not yet repaired stays recorded), promoted alone by the operator;
-//! then checker 6 and the reconnect, as after a crash.
+//! then checker 6 and the reconnect, as after a crash. All of that is the node's plan
+//! (`Node::clean_stop_plan`); after a failed metadata write the node refuses it, as the
+//! daemon does: only the data is flushed, the metadata stays as after a crash, and the
+//! restart applies the activity log and records a crash (checker 6 only; before the
+//! plan, the simulator marked such metadata clean where the daemon does not).
 //!
 //! Checked (checker 15): no activity log is left to apply, and the restarted bitmap is
 //! exactly the one at the stop (a clean stop keeps every block the peer may lack and,
@@ -18,8 +22,8 @@
 //! bitmap.
 
 use super::rng::Rng;
-use super::s_stop::clean_stop;
 use super::{Ev, Sim, SECTORS};
+use crate::replica::Durable;
 use crate::state::Role;
 
 /// Attempts to find the Primary with nothing in flight.
@@ -97,11 +101,20 @@ impl Sim {
         let skip = self.sabotage.p_clean_stop_skips_pages;
         #[cfg(not(test))]
         let skip = false;
-        clean_stop(&mut self.pn, &mut self.pdisk, &mut self.meta_dev, skip)?;
+        // The daemon's rule (`Node::clean_stop_plan`): after a failed metadata write the
+        // metadata stays unclean and only the data is flushed; the restart then applies
+        // the activity log and records a crash, as after a power loss (checker 6, not 15).
+        let clean = self.pn.clean_stop_plan().is_ok();
+        if clean {
+            self.clean_stop(true, skip)?;
+        } else {
+            self.report.p_unclean_stops += 1;
+            self.persist(true, &[Durable::FlushData])?;
+        }
         let at_stop = self.pn.primary.out_of_sync().clone();
         // `mark_clean` clears the Primary indicator, so the attach sees no crash; a crash
         // flag not yet repaired stays (`MDF_CRASHED_PRIMARY` is not touched).
-        let crashed_before = self.pn.crashed_primary;
+        let crashed_before = self.pn.crashed_primary || !clean;
         // The old node's IO is gone with it (there is none: it was idle).
         self.inc += 1;
         self.primary_crashed();
@@ -110,13 +123,14 @@ impl Sim {
         let a = self
             .meta_dev
             .attach(SECTORS as u64, self.params.extent_shift)?;
-        if !a.hot.is_empty() {
+        if clean && !a.hot.is_empty() {
             return Err(format!(
                 "checker 15: a clean stop left {} hot extents to apply",
                 a.hot.len()
             ));
         }
-        if let Some(b) = (0..at_stop.blocks()).find(|&b| at_stop.is_set(b) != a.bitmap.is_set(b)) {
+        let differs = (0..at_stop.blocks()).find(|&b| at_stop.is_set(b) != a.bitmap.is_set(b));
+        if let Some(b) = differs.filter(|_| clean) {
             return Err(format!(
                 "checker 15: block {b} is {} in the bitmap at the clean stop and {} in the \
                  restarted one",

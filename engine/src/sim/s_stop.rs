@@ -27,11 +27,9 @@
 //! exactly the one at the stop (the stop wrote what the resync cleared: the restart
 //! resumes there, it does not start over).
 
-use super::disk::Disk;
-use super::meta::MetaDev;
 use super::rng::Rng;
 use super::{Ev, Sim, SECTORS, SECTORS_PER_BLOCK, VOLUME_BYTES};
-use crate::replica::Node;
+use crate::replica::{Durable, Node};
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::state::{DiskState, Role};
 
@@ -61,29 +59,27 @@ impl SStop {
     }
 }
 
-/// `Volume::shutdown` of a node: a flush of its data disk under the bitmap's flush
-/// protocol, every dirty bitmap page (unless `skip_pages`, a sabotage), the metadata
-/// marked clean.
-pub(super) fn clean_stop(
-    node: &mut Node,
-    disk: &mut Disk,
-    meta: &mut MetaDev,
-    skip_pages: bool,
-) -> Result<(), String> {
-    let id = node.primary.out_of_sync_mut().begin_flush();
-    disk.flush(disk.completions);
-    if let Some(id) = id {
-        node.primary.out_of_sync_mut().flush_done(id, true);
-    }
-    if !skip_pages {
-        for (offset, data) in node.primary.take_dirty_bitmap_pages() {
-            meta.write(offset, &data, 0xff)?;
-        }
-    }
-    meta.mark_clean()
-}
-
 impl Sim {
+    /// `Volume::shutdown` of a node (`primary_node`: the Primary's): its clean-stop plan
+    /// (`Node::clean_stop_plan`: a flush of its data disk under the bitmap's flush
+    /// protocol, every dirty bitmap page unless `skip_pages` (a sabotage), the metadata
+    /// marked clean).
+    pub(super) fn clean_stop(
+        &mut self,
+        primary_node: bool,
+        skip_pages: bool,
+    ) -> Result<(), String> {
+        let node = if primary_node { &self.pn } else { &self.sn };
+        let mut plan = node
+            .clean_stop_plan()
+            .map_err(|e| format!("a clean stop of an idle node refused: {e}"))?;
+        if skip_pages {
+            plan.retain(|s| *s != Durable::Pages);
+        }
+        self.persist(primary_node, &plan)?;
+        Ok(())
+    }
+
     /// A target run started: the stop, if one is due, is scheduled.
     pub(super) fn maybe_schedule_s_stop(&mut self) {
         if let Some(clean) = self.ss.due.take() {
@@ -161,9 +157,15 @@ impl Sim {
             self.s_bufs.clear();
             self.rs.s_finish = None;
         }
-        let at_stop = if clean {
+        let at_stop = if clean && self.sn.clean_stop_plan().is_ok() {
             self.s_clean_stop()?;
             Some(self.sn.primary.out_of_sync().clone())
+        } else if clean {
+            // The node refuses a clean stop after a failed metadata write (from its days
+            // as Primary): as in the daemon, only the data is flushed and the metadata
+            // stays unclean; the restart applies its activity log.
+            self.persist(false, &[Durable::FlushData])?;
+            None
         } else {
             self.report.s_power_losses += 1;
             self.sdisk.crash();
@@ -175,13 +177,13 @@ impl Sim {
         self.check12(at_stop.as_ref(), clean)
     }
 
-    /// `Volume::shutdown` on the Secondary ([`clean_stop`]).
+    /// `Volume::shutdown` on the Secondary ([`Self::clean_stop`]).
     fn s_clean_stop(&mut self) -> Result<(), String> {
         #[cfg(test)]
         let skip = self.sabotage.clean_stop_skips_pages;
         #[cfg(not(test))]
         let skip = false;
-        clean_stop(&mut self.sn, &mut self.sdisk, &mut self.s_meta_dev, skip)
+        self.clean_stop(false, skip)
     }
 
     /// The target asks for its cleared bits on disk (`SyncAction::WriteBack`): a flush

@@ -1910,7 +1910,12 @@ impl Volume {
             .await
     }
 
-    /// Stops accepting requests, waits (≤ `grace`) for in-flight ones, flushes the disk.
+    /// Stops accepting requests, waits (≤ `grace`) for in-flight ones, then the clean
+    /// stop's plan (`replica::Node::clean_stop_plan`: the data flushed, every dirty bitmap
+    /// page, a clean superblock); with writes still in flight or a failed metadata write,
+    /// only the data is flushed and the metadata stays unclean (the next attach applies
+    /// the activity log, which is what a crash would get). A failed step leaves it
+    /// unclean too.
     pub async fn shutdown(&self, grace: Duration) {
         let slots = {
             let mut g = self.lock();
@@ -1924,10 +1929,21 @@ impl Volume {
         {
             tracing::warn!("requests still in flight at shutdown");
         }
-        if !self.flush_clears().await {
-            tracing::error!("final flush failed");
+        let plan = self.lock().node.clean_stop_plan();
+        match plan {
+            Ok(plan) => match self.persist(plan).await {
+                Ok(()) => tracing::info!("metadata clean"),
+                Err(e) => tracing::error!("{e}: metadata left unclean"),
+            },
+            Err(why) => {
+                tracing::warn!(
+                    "{why}: metadata left unclean (the next start applies the activity log)"
+                );
+                if !self.flush_clears().await {
+                    tracing::error!("final flush failed");
+                }
+            }
         }
-        self.write_back_metadata().await;
         // close() waits for the ring thread (bounded by the store's CLOSE_TIMEOUT).
         let store = self.store.clone();
         let meta = self.meta_store.clone();
@@ -1936,44 +1952,6 @@ impl Volume {
             meta.close();
         })
         .await;
-    }
-
-    /// The clean stop's metadata: every dirty bitmap page, then a clean superblock. Only
-    /// when nothing is in flight: otherwise the metadata stays unclean and the next attach
-    /// applies the activity log, which is what a crash would get.
-    async fn write_back_metadata(&self) {
-        let (waits, fx) = {
-            let mut g = self.lock();
-            let s = g.node.primary.stats();
-            if s.in_flight_writes > 0 || s.al_waiting > 0 || s.meta_failed {
-                tracing::warn!(
-                    "writes still in flight or a metadata write failed: metadata left \
-                     unclean (the next start applies the activity log)"
-                );
-                return;
-            }
-            // With a resync in progress: what it cleared so far, so a restart resumes
-            // there.
-            Self::stage_dirty_pages(&mut g)
-        };
-        let n = waits.len();
-        self.run(fx);
-        if let Err(e) = Self::pages_durable(waits).await {
-            tracing::error!("{e}: metadata left unclean");
-            return;
-        }
-        if let Err(e) = self.meta.settled().await {
-            tracing::error!("{e}: metadata left unclean");
-            return;
-        }
-        // A 32 KiB ring and a superblock, once, at the very end, off the runtime's
-        // threads (nothing else writes the metadata now).
-        let meta = self.meta.clone();
-        match tokio::task::spawn_blocking(move || meta.md().mark_clean_blocking()).await {
-            Ok(Ok(())) => tracing::info!("metadata clean ({n} bitmap pages written)"),
-            Ok(Err(e)) => tracing::error!("cannot mark the metadata clean: {e}"),
-            Err(e) => tracing::error!("cannot mark the metadata clean: {e}"),
-        }
     }
 
     /// Records why the last connection attempt failed (`None`: a handshake succeeded);

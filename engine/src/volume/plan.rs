@@ -6,7 +6,7 @@
 //! ([`Volume::stage_plan`]), so that the in-memory change and the write gate close
 //! together (no write can enter a generation that is not staged); the rest runs in
 //! order off the lock ([`Volume::persist`]), each step durable before the next is
-//! issued. Bounds: a plan has at most 3 steps; one superblock write and the dirty pages
+//! issued. Bounds: a plan has at most 3 steps; one metadata write and the dirty pages
 //! (≤ the bitmap's pages) are in flight at a time.
 
 use super::durable::Ticket;
@@ -66,6 +66,16 @@ impl Volume {
                         self.stage_changes(&mut g, &changes)
                     };
                     self.meta.durable(t).await?;
+                }
+                Durable::MarkClean => {
+                    self.meta.settled().await?;
+                    // A 32 KiB ring and a superblock, once, at the very end, off the
+                    // runtime's threads (nothing else writes the metadata now).
+                    let meta = self.meta.clone();
+                    tokio::task::spawn_blocking(move || meta.md().mark_clean_blocking())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("cannot mark the metadata clean: {e}"))?;
                 }
             }
         }
