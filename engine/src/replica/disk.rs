@@ -20,6 +20,7 @@
 //! did not).
 
 use super::{LocalWrite, Node, Side};
+use crate::meta::disk::SbChange;
 use crate::state::{DiskState, Role};
 
 /// What a node's first failed local write changed ([`Node::local_write_failed`]).
@@ -28,8 +29,13 @@ pub(crate) struct DiskFailure {
     /// The disk state it left UpToDate (or Inconsistent) for: `Failed`, `Diskless` or,
     /// with `pass_on`, `Inconsistent`.
     pub(crate) disk: DiskState,
-    /// The record sets "full sync from the peer" too (a Diskless Primary).
-    pub(crate) full_sync: bool,
+}
+
+impl DiskFailure {
+    /// The record sets "full sync from the peer" too: a Diskless Primary.
+    pub(crate) fn full_sync(&self) -> bool {
+        self.disk == DiskState::Diskless
+    }
 }
 
 impl Node {
@@ -64,10 +70,17 @@ impl Node {
         if diskless {
             self.primary.detach_local();
         }
-        Some(DiskFailure {
-            disk: self.disk,
-            full_sync: diskless,
-        })
+        Some(DiskFailure { disk: self.disk })
+    }
+
+    /// The failure record the driver makes durable (once) before a failed write
+    /// completes: "consistent" cleared, and "full sync from the peer" for a Diskless
+    /// Primary ([`DiskFailure::full_sync`]; later failures find the disk as the first
+    /// one left it).
+    pub(crate) fn failure_record(&self) -> SbChange {
+        SbChange::Failure {
+            full_sync: DiskFailure { disk: self.disk }.full_sync(),
+        }
     }
 
     /// The disk is attached again (the simulator's operator restarts a Secondary whose
@@ -109,9 +122,10 @@ mod tests {
         let f = n.local_write_failed(&write(Side::Peer { token: 1 }, 8), true);
         let want = DiskFailure {
             disk: DiskState::Failed,
-            full_sync: false,
         };
         assert_eq!(f, Some(want));
+        assert!(!want.full_sync());
+        assert_eq!(n.failure_record(), SbChange::Failure { full_sync: false });
         assert_eq!(n.disk, DiskState::Failed);
         assert_eq!(
             n.local_write_failed(&write(Side::Peer { token: 2 }, 16), true),
@@ -130,9 +144,10 @@ mod tests {
         let f = n.local_write_failed(&write(Side::Primary { tag: 1, id: 1 }, 0), true);
         let want = DiskFailure {
             disk: DiskState::Diskless,
-            full_sync: true,
         };
         assert_eq!(f, Some(want));
+        assert!(want.full_sync());
+        assert_eq!(n.failure_record(), SbChange::Failure { full_sync: true });
         assert!(n.primary.is_detached());
         assert_eq!(
             n.primary.out_of_sync().count(),
@@ -148,8 +163,8 @@ mod tests {
         let f = n.local_write_failed(&write(Side::Peer { token: 1 }, 0), false);
         let want = DiskFailure {
             disk: DiskState::Inconsistent,
-            full_sync: false,
         };
+        assert!(!want.full_sync());
         assert_eq!(
             f,
             Some(want),

@@ -1,14 +1,16 @@
 //! What a sequence of the node makes durable, and in which order: each sequence that
 //! changes the node's state on disk through several writes (a demotion, `invalidate`, a
-//! skipped initial sync, the start and the end of a SyncTarget's run, a clean stop)
+//! skipped initial sync, the start, the write-backs and the end of a SyncTarget's run, a
+//! clean stop)
 //! returns a plan of
 //! [`Durable`] steps; the driver performs them one after the other — each complete
 //! before the next is issued — and then makes the sequence's next call
 //! (`Node::invalidated`, `Node::target_end_recorded`, …). A superblock write whose
 //! content depends on the node's state when it is reached ([`Deferred`]) is computed
-//! then, by [`Node::superblock_at`]. (A promotion and its abandonment are one superblock
-//! write each, staged with the change: `Promotion::durable`,
-//! `Node::abandon_promotion`.)
+//! then, by [`Node::superblock_at`]. (A promotion, its abandonment, a SyncSource's end
+//! and a failure record are one superblock write each, staged with the change:
+//! `Promotion::durable`, `Node::abandon_promotion`, `SourceEnd::durable`,
+//! `Node::failure_record`.)
 //!
 //! The order is the rule, so it lives here once: the daemon (`volume/`) performs a plan
 //! on its data disk, its page writer and its superblock; the simulator on its in-memory
@@ -108,6 +110,15 @@ impl Node {
             return Err("writes still in flight or a metadata write failed");
         }
         Ok(vec![Durable::FlushData, Durable::Pages, Durable::MarkClean])
+    }
+
+    /// A SyncTarget's write-back during a run (`SyncAction::WriteBack`): the resync's
+    /// cleared bits on disk — a flush that covers them, then the dirty pages, whose
+    /// images leave those bits clear only once a flush covers them. If the flush fails
+    /// nothing is taken: the pages keep the bits set on disk (a restart resyncs more,
+    /// never less).
+    pub(crate) fn write_back_plan() -> Vec<Durable> {
+        vec![Durable::FlushData, Durable::Pages]
     }
 
     /// A SyncTarget's start, once `P_SYNC_UUID` arrived (see the module docs).

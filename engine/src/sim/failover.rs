@@ -151,7 +151,7 @@ impl Sim {
         let Some(f) = self.sn.local_write_failed(w, true) else {
             return Ok(());
         };
-        if f.disk != DiskState::Failed || f.full_sync {
+        if f.disk != DiskState::Failed || f.full_sync() {
             return Err(format!("a Secondary's failed write made its disk {f:?}"));
         }
         self.report.s_detaches += 1;

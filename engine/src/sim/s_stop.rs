@@ -217,17 +217,14 @@ impl Sim {
         if fail {
             return Ok(());
         }
-        self.write_s_pages()?;
-        self.s_pages_written()
-    }
-
-    /// The Secondary's dirty bitmap pages, written to its metadata device (durable at
-    /// once in the model).
-    pub(super) fn write_s_pages(&mut self) -> Result<(), String> {
-        for (offset, data) in self.sn.primary.take_dirty_bitmap_pages() {
-            self.s_meta_dev.write(offset, &data, 0xff)?;
+        // The plan's first step is the flush above (an event of its own: it takes time
+        // and may fail); the pages follow.
+        let plan = Node::write_back_plan();
+        if plan.first() != Some(&Durable::FlushData) {
+            return Err(format!("a write-back flushes first: {plan:?}"));
         }
-        Ok(())
+        self.persist(false, &plan[1..])?;
+        self.s_pages_written()
     }
 
     /// The restarted Secondary's node: its core loaded the bitmap the attach read.

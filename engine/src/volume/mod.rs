@@ -957,10 +957,8 @@ impl Volume {
     /// Adopts new UUIDs in memory and stages them, with the flags `also`, in one change
     /// for the metadata writer, so they reach the disk in the same superblock write:
     /// durable once the ticket is (and no application write enters the core before).
-    fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet, also: &[SbChange]) -> Ticket {
-        let mut changes = also.to_vec();
-        changes.push(SbChange::Uuids(uuids));
-        self.stage_changes(inner, &changes)
+    fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
+        self.stage_changes(inner, &[SbChange::Uuids(uuids)])
     }
 
     /// A change staged on a path that cannot wait for it (a connection's event): if it
@@ -1263,7 +1261,7 @@ impl Volume {
             .node
             .lost_peer_disk(random_uuid(&mut rand::thread_rng()))
         {
-            let t = self.stage_uuids(inner, uuids, &[]);
+            let t = self.stage_uuids(inner, uuids);
             self.fail_disk_unless_durable(t);
         }
     }
@@ -1279,20 +1277,18 @@ impl Volume {
     /// blocks from the peer at once.
     async fn record_disk_failure(&self, w: &LocalWrite, attempted: bool) {
         let detach = self.on_io_error == crate::config::OnIoError::Detach;
-        let (first, full_sync) = {
+        let (first, record) = {
             let mut g = self.lock();
             let inner = &mut *g;
             let failure = inner.node.local_write_failed(w, detach);
             if let Some(f) = failure {
                 self.disk_left_service(inner, w, f);
             }
-            // The node's rule (`DiskFailure::full_sync`): a Diskless Primary's record asks
-            // for a full sync; later failures find the disk as the first one left it.
-            (failure.is_some(), inner.node.disk == DiskState::Diskless)
+            (failure.is_some(), inner.node.failure_record())
         };
         self.failure_recorded
             .get_or_init(|| async {
-                let t = self.meta.stage(&[SbChange::Failure { full_sync }]);
+                let t = self.meta.stage(&[record]);
                 if let Err(e) = self.meta.durable(t).await {
                     tracing::error!(
                         "cannot record the failed disk as Inconsistent in the metadata ({e}); \
@@ -1684,7 +1680,7 @@ impl Volume {
                 } => self.start_sync_write((run, tag), sector, len, data),
                 // Rare (every 5 s of a resync, once at its end): tasks on the runtime.
                 Effect::SyncBitmap => self.spawn_task(|v| async move {
-                    if let Err(e) = v.write_target_pages().await {
+                    if let Err(e) = v.persist(Node::write_back_plan()).await {
                         // The on-disk bits stay set: a restart resyncs more, never less.
                         tracing::warn!("lazy bitmap write-out during resync: {e}");
                     }

@@ -175,7 +175,7 @@ impl Volume {
             let mut g = self.lock();
             let random = random_uuid(&mut rand::thread_rng());
             let (uuids, sync_uuid) = g.node.begin_sync_source(random);
-            (self.stage_uuids(&mut g, uuids, &[]), sync_uuid)
+            (self.stage_uuids(&mut g, uuids), sync_uuid)
         };
         self.meta.durable(t).await?;
         Ok(sync_uuid)
@@ -533,16 +533,6 @@ impl Volume {
             Ok(running)
         });
         matches!(running, Ok(Some(true)))
-    }
-
-    /// The resync's cleared bits on disk: a flush that covers them, then the target's
-    /// dirty pages (their images now leave those bits clear), written in the order taken.
-    /// If the flush fails nothing is taken: the pages keep the bits set on disk.
-    pub(super) async fn write_target_pages(&self) -> Result<(), String> {
-        if !self.flush_clears().await {
-            return Err("the flush before writing the resync's bitmap pages failed".into());
-        }
-        self.write_dirty_pages().await
     }
 
     /// Flushes the data device; the bitmap's clears made before it may then reach the
@@ -909,7 +899,7 @@ impl Volume {
         let t = {
             let mut g = self.lock();
             let uuids = g.node.new_current_uuid(random)?;
-            self.stage_uuids(&mut g, uuids, &[])
+            self.stage_uuids(&mut g, uuids)
         };
         self.meta.durable(t).await
     }
