@@ -349,6 +349,59 @@ fn secondary_with_hung_disk_is_dropped_after_ko_count_timeouts() {
     resynced_and_identical(&mut c);
 }
 
+/// A Primary's writes while the bitmaps cross reach the target. The Secondary's disk is
+/// frozen with a replicated write stuck on it, so after the ko-count drop the next
+/// connection's target waits for that write before it answers the Primary's bitmap
+/// (≤ 30 s); meanwhile the Primary writes a second region, marked after its bitmap was
+/// sent. DRBD tells such blocks by `P_OUT_OF_SYNC` before `P_SYNC_UUID`; without that
+/// they stayed out of sync on a Connected pair that no resync repaired (CI saw it once
+/// as a timeout of the test above, when the thaw came late).
+#[test]
+fn writes_while_the_bitmaps_cross_are_resynced() {
+    tools::require("fsfreeze");
+    tools::require("mkfs.ext4");
+    let mut c = Cluster::new(
+        ClusterOpts::new("exchange-writes")
+            .net("timeout", "10")
+            .net("ko-count", "3"),
+    );
+    c.wait_connected();
+    c.secondary_mut().stop();
+    let disk = c.secondary().disk().to_path_buf();
+    let mut fs = FrozenDisk::new(c.dir(), &disk);
+    c.secondary_mut().start();
+    c.wait_connected();
+    let uri = c.primary().nbd_unix_uri();
+    let before = c.primary().log_len();
+    fs.freeze(true);
+    // One write: stuck on the Secondary's disk, dropped after ko-count × timeout.
+    Fio::randwrite_verify(&uri, "4k", "4k")
+        .arg("--iodepth=1")
+        .timeout(Duration::from_secs(60))
+        .run(c.dir())
+        .assert_ok();
+    let sent = "send bitmap stats";
+    tandem_tests::wait_until(CONNECT_TIMEOUT, "the Primary sent its bitmap again", || {
+        c.primary().log_since(before).contains(sent)
+    });
+    let exchanged = c.primary().log_len();
+    Fio::randwrite_verify(&uri, "4k", "256k")
+        .arg("--offset=1M")
+        .timeout(Duration::from_secs(60))
+        .run(c.dir())
+        .assert_ok();
+    let during = c.primary().log_since(exchanged);
+    assert!(
+        !during.contains("connected to beta"),
+        "the writes must fall inside the exchange (the target waits for its stuck write):\n\
+         {during}"
+    );
+    fs.freeze(false);
+    resynced_and_identical(&mut c);
+    let log = c.primary().log_since(exchanged);
+    assert!(log.contains("told by P_OUT_OF_SYNC"), "{log}");
+}
+
 /// Waits until the Primary is Connected again with nothing out of sync and its peer
 /// UpToDate, then stops both nodes and compares the replicas.
 fn resynced_and_identical(c: &mut Cluster) {

@@ -241,6 +241,17 @@ impl Link {
         )
     }
 
+    /// Encodes `pkts` back to back and queues them on `stream` as one item (one slot of
+    /// the queue however many they are: a SyncSource's `P_OUT_OF_SYNC` list, bounded by
+    /// the blocks written during the bitmap exchange).
+    pub fn send_all(&self, stream: Stream, pkts: &[Packet]) -> Result<(), SendError> {
+        let mut out = Vec::new();
+        for pkt in pkts {
+            wire::encode(pkt, &self.ctx, 0, &mut out)?;
+        }
+        self.push(stream, Outgoing::bytes(&out))
+    }
+
     /// Resolves once every packet queued so far on the data and meta streams is in its
     /// socket, or the connection is gone. An empty marker rides behind them on each
     /// queue; the sender task fires it after the `writev` that carried what preceded

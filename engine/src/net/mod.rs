@@ -59,7 +59,7 @@ pub mod socket;
 
 use link::Outgoing;
 pub use link::{Link, SendError, Stream};
-pub use port::{LinkEvent, PeerData, PeerEvent, PeerWrite, PeerWriteKind, Replica};
+pub use port::{LinkEvent, PeerData, PeerEvent, PeerWrite, PeerWriteKind, Replica, SourceStart};
 
 use crate::config::{Config, NodeConfig};
 use crate::state::ConnState;

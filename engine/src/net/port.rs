@@ -49,6 +49,19 @@ impl PeerData {
     }
 }
 
+/// How a SyncSource's run begins, handed to [`Replica::connection_up`] once the bitmaps
+/// have crossed: the replica queues `P_OUT_OF_SYNC` for every block it marked that
+/// `known` lacks (written while the exchange ran), then `P_SYNC_UUID`, ahead of its
+/// first replicated write and in the step that starts replicating, so that no write
+/// falls between what the target learns and what the Primary sends it.
+#[derive(Debug)]
+pub struct SourceStart {
+    /// The bitmap the peer holds, word for word: the one this node sent OR the peer's.
+    pub known: Vec<u64>,
+    /// The sync UUID to send (already durable: [`Replica::begin_sync_source`]).
+    pub sync_uuid: u64,
+}
+
 /// A write received from the peer, with its data.
 #[derive(Debug)]
 pub struct PeerWrite {
@@ -185,18 +198,21 @@ pub trait Replica: Send + Sync + 'static {
     fn exchange_snapshot(&self, full: bool) -> (Vec<u64>, u64);
     /// ORs the peer's bitmap in; returns the blocks it added.
     fn merge_peer_bitmap(&self, words: &[u64]) -> u64;
-    /// This node is SyncSource: returns the sync UUID to send, made durable first.
+    /// This node is SyncSource: returns the sync UUID, made durable first (sent by
+    /// [`Replica::connection_up`], see [`SourceStart`]).
     fn begin_sync_source(&self) -> impl Future<Output = Result<u64, String>> + Send;
     /// This node is SyncTarget of `sync_uuid`: made durable before it returns.
     fn begin_sync_target(&self, sync_uuid: u64) -> impl Future<Output = Result<(), String>> + Send;
-    /// The handshake is done; `link` carries every packet from now on. Returns the notify
-    /// with which the replica asks for the connection to be dropped.
+    /// The handshake is done; `link` carries every packet from now on (a SyncSource's
+    /// first are those of `source`). Returns the notify with which the replica asks for
+    /// the connection to be dropped.
     fn connection_up(
         &self,
         link: Link,
         peer: &PeerParams,
         agreed: &Agreed,
         resolve_conflicts: bool,
+        source: Option<SourceStart>,
     ) -> Arc<Notify>;
 
     /// A buffer for `len` received data bytes, waiting for room in the receive budget

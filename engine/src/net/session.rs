@@ -20,7 +20,7 @@ use super::link::Watch;
 use super::liveness::{Dead, Liveness, LivenessConfig, Observation, Step};
 use super::{
     read_exact, Link, LinkEvent, NetError, Outgoing, PeerEvent, PeerWrite, PeerWriteKind, Replica,
-    Stream,
+    SourceStart, Stream,
 };
 use crate::config::{Config, NodeConfig};
 use crate::resync::{Inbound, SLEEP_TIME_MS};
@@ -65,17 +65,7 @@ pub async fn run<R: Replica>(
     let ctx = params.ctx;
     // An old run's resync write must not land after this connection's writes.
     replica.wait_sync_io_idle().await;
-    if let HandshakeOutcome::SyncSource { full } | HandshakeOutcome::SyncTarget { full } =
-        agreed.sync
-    {
-        let source = matches!(agreed.sync, HandshakeOutcome::SyncSource { .. });
-        tokio::time::timeout(
-            EXCHANGE_TIMEOUT,
-            exchange(&mut data, &*replica, &ctx, source, full, replica.use_rle()),
-        )
-        .await
-        .map_err(|_| NetError::Timeout("bitmap exchange"))??;
-    }
+    let start = exchange(&mut data, &*replica, &ctx, agreed.sync).await?;
     // Sends in a queue: at most every un-acked write (2 × max-buffers) plus one barrier
     // per epoch among them, so 4 × max-buffers (+ pings, state) never fills it.
     let queue = config.net.max_buffers as usize * 4 + 64;
@@ -95,7 +85,7 @@ pub async fn run<R: Replica>(
     );
     *established = true;
     replica.link_event(LinkEvent::Error(None));
-    let kill = replica.connection_up(link.clone(), &params, &agreed, resolve_conflicts);
+    let kill = replica.connection_up(link.clone(), &params, &agreed, resolve_conflicts, start);
 
     let kept = [keep(&data), keep(&meta)];
     let (data_rd, data_wr) = data.into_split();
@@ -236,50 +226,122 @@ async fn linger(kept: [Option<OwnedFd>; 2]) {
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The bitmap exchange and the sync UUID (see `replica::sync`): WFBitMapS sends first,
-/// WFBitMapT receives first; both OR-merge; then the source sends `P_SYNC_UUID`.
+/// WFBitMapT receives first; both OR-merge. The source's sync UUID is made durable here
+/// and sent by `connection_up`, after `P_OUT_OF_SYNC` for the blocks the Primary marked
+/// while the bitmaps crossed ([`SourceStart`]). The target takes those wherever they
+/// come before `P_SYNC_UUID` (DRBD sends them while WFBitMapS, so possibly before its
+/// bitmap) and merges them with the source's bitmap.
+/// Nothing when the handshake decided no resync; bounded by [`EXCHANGE_TIMEOUT`].
 async fn exchange<R: Replica>(
+    data: &mut TcpStream,
+    replica: &R,
+    ctx: &WireCtx,
+    sync: HandshakeOutcome,
+) -> Result<Option<SourceStart>, NetError> {
+    let (source, full) = match sync {
+        HandshakeOutcome::SyncSource { full } => (true, full),
+        HandshakeOutcome::SyncTarget { full } => (false, full),
+        HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => return Ok(None),
+    };
+    tokio::time::timeout(
+        EXCHANGE_TIMEOUT,
+        exchange_bitmaps(data, replica, ctx, source, full),
+    )
+    .await
+    .map_err(|_| NetError::Timeout("bitmap exchange"))?
+}
+
+async fn exchange_bitmaps<R: Replica>(
     data: &mut TcpStream,
     replica: &R,
     ctx: &WireCtx,
     source: bool,
     full: bool,
-    use_rle: bool,
-) -> Result<(), NetError> {
+) -> Result<Option<SourceStart>, NetError> {
+    let use_rle = replica.use_rle();
     let (words, bm_bits) = replica.exchange_snapshot(full);
     let mut peer = vec![0u64; words.len()];
     if source {
         send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
-        receive_bitmap(data, &mut peer, bm_bits, ctx).await?;
-    } else {
-        receive_bitmap(data, &mut peer, bm_bits, ctx).await?;
-        send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
-    }
-    let added = replica.merge_peer_bitmap(&peer);
-    tracing::info!("bitmap exchange: the peer's bitmap added {added} out-of-sync blocks");
-    if source {
-        let uuid = replica
+        receive_bitmap(data, &mut peer, bm_bits, ctx, None).await?;
+        merged(replica, &peer, 0);
+        let sync_uuid = replica
             .begin_sync_source()
             .await
             .map_err(NetError::Protocol)?;
-        super::send_packet(data, &Packet::SyncUuid(uuid), ctx).await
-    } else {
-        let uuid = loop {
-            match super::read_control(data, ctx).await? {
-                (_, Packet::SyncUuid(u)) => break u,
-                (_, Packet::State(_)) => {}
-                (hdr, _) => {
-                    return Err(NetError::Protocol(format!(
-                        "expected P_SYNC_UUID, got {}",
-                        hdr.command.name()
-                    )))
-                }
-            }
-        };
-        replica
-            .begin_sync_target(uuid)
-            .await
-            .map_err(NetError::Protocol)
+        for (k, sent) in peer.iter_mut().zip(&words) {
+            *k |= sent;
+        }
+        return Ok(Some(SourceStart {
+            known: peer,
+            sync_uuid,
+        }));
     }
+    let mut told = vec![0u64; words.len()];
+    receive_bitmap(data, &mut peer, bm_bits, ctx, Some(&mut told)).await?;
+    send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
+    let uuid = loop {
+        match super::read_control(data, ctx).await? {
+            (_, Packet::SyncUuid(u)) => break u,
+            (_, Packet::State(_)) => {}
+            (_, Packet::BlockDesc { cmd, desc }) if cmd == Command::P_OUT_OF_SYNC => {
+                mark_told(&mut told, bm_bits, &desc)?;
+            }
+            (hdr, _) => {
+                return Err(NetError::Protocol(format!(
+                    "expected P_SYNC_UUID, got {}",
+                    hdr.command.name()
+                )))
+            }
+        }
+    };
+    let told_blocks = told.iter().map(|w| u64::from(w.count_ones())).sum();
+    for (p, t) in peer.iter_mut().zip(&told) {
+        *p |= t;
+    }
+    merged(replica, &peer, told_blocks);
+    replica
+        .begin_sync_target(uuid)
+        .await
+        .map_err(NetError::Protocol)?;
+    Ok(None)
+}
+
+/// ORs the peer's bitmap (with the blocks it told, `told` of them) into the replica's.
+fn merged<R: Replica>(replica: &R, peer: &[u64], told: u64) {
+    let added = replica.merge_peer_bitmap(peer);
+    tracing::info!(
+        "bitmap exchange: the peer's bitmap added {added} out-of-sync blocks ({told} told by \
+         P_OUT_OF_SYNC)"
+    );
+}
+
+/// A `P_OUT_OF_SYNC` before `P_SYNC_UUID`: marks its blocks in `told` (`bm_bits` bits).
+/// A range that is empty, not whole sectors, longer than DRBD_MAX_BIO_SIZE or past the
+/// bitmap is a protocol error (DRBD's `drbd_set_out_of_sync` refuses the same).
+fn mark_told(told: &mut [u64], bm_bits: u64, desc: &wire::BlockDesc) -> Result<(), NetError> {
+    let bad = || {
+        NetError::Protocol(format!(
+            "P_OUT_OF_SYNC of {} bytes at sector {} is not a range of this volume",
+            desc.blksize, desc.sector
+        ))
+    };
+    let len = desc.blksize;
+    if len == 0 || !len.is_multiple_of(512) || len > wire::DRBD_MAX_BIO_SIZE {
+        return Err(bad());
+    }
+    let end = desc
+        .sector
+        .checked_add(u64::from(len / 512))
+        .ok_or_else(bad)?;
+    if end > bm_bits.saturating_mul(8) {
+        return Err(bad());
+    }
+    for block in desc.sector / 8..=(end - 1) / 8 {
+        let word = usize::try_from(block / 64).map_err(|_| bad())?;
+        *told.get_mut(word).ok_or_else(bad)? |= 1 << (block % 64);
+    }
+    Ok(())
 }
 
 async fn send_bitmap(
@@ -306,11 +368,14 @@ async fn send_bitmap(
     Ok(())
 }
 
+/// Receives the peer's bitmap into `peer`; a target (`told`: where) also takes the
+/// source's `P_OUT_OF_SYNC` packets, which may precede it.
 async fn receive_bitmap(
     data: &mut TcpStream,
     peer: &mut [u64],
     bm_bits: u64,
     ctx: &WireCtx,
+    mut told: Option<&mut Vec<u64>>,
 ) -> Result<(), NetError> {
     let mut rx = BitmapReceiver::new(bm_bits, ctx)
         .map_err(|e| NetError::Protocol(format!("bitmap: {e}")))?;
@@ -318,6 +383,11 @@ async fn receive_bitmap(
         let (hdr, pkt) = super::read_control(data, ctx).await?;
         match pkt {
             Packet::State(_) => {}
+            Packet::BlockDesc { cmd, desc } if cmd == Command::P_OUT_OF_SYNC && told.is_some() => {
+                if let Some(t) = told.as_deref_mut() {
+                    mark_told(t, bm_bits, &desc)?;
+                }
+            }
             Packet::Bitmap(_) | Packet::CompressedBitmap(_) => {
                 if rx
                     .receive_packet(peer, &pkt)
@@ -899,5 +969,38 @@ mod tests {
         want.push(5);
         want.extend_from_slice(&[9u8; 1024]);
         assert_eq!(got, want);
+    }
+
+    /// A target takes a `P_OUT_OF_SYNC` before `P_SYNC_UUID` as whole blocks; a range
+    /// that is empty, not whole sectors, over 1 MiB or past the volume is refused.
+    #[test]
+    fn told_ranges_are_marked_or_refused() {
+        let desc = |sector, blksize| wire::BlockDesc {
+            sector,
+            blksize,
+            pad: 0,
+        };
+        // 130 blocks: three words.
+        let mut told = vec![0u64; 3];
+        for (sector, len) in [(4, 4096), (8 * 63, 2 * 4096), (8 * 129 + 7, 512)] {
+            mark_told(&mut told, 130, &desc(sector, len)).expect("a range of the volume");
+        }
+        assert_eq!(told, vec![0b11 | 1 << 63, 1, 1 << 1]);
+        for (sector, len) in [
+            (0, 0),
+            (0, 100),
+            (0, wire::DRBD_MAX_BIO_SIZE + 4096),
+            (8 * 130, 512),
+            (8 * 129 + 7, 1024),
+            (u64::MAX - 1, 4096),
+        ] {
+            let e = mark_told(&mut told, 130, &desc(sector, len)).expect_err("refused");
+            assert!(e.to_string().contains("not a range of this volume"), "{e}");
+        }
+        assert_eq!(
+            told,
+            vec![0b11 | 1 << 63, 1, 1 << 1],
+            "refused ranges mark nothing"
+        );
     }
 }

@@ -24,6 +24,14 @@
 //! - **What follows.** A full sync marks every block before the exchange
 //!   ([`Node::exchange_bitmap`]); the run the connection starts and whether a target
 //!   compares checksums first ([`Node::sync_role`]).
+//! - **Writes during the exchange.** A Primary SyncSource keeps writing while the
+//!   bitmaps cross; a block it marks after its snapshot is in neither bitmap the target
+//!   holds, and a target resyncs only what it knows. DRBD sends such a block as
+//!   `P_OUT_OF_SYNC` while WFBitMapS, before `P_SYNC_UUID`; tandem tells them all at
+//!   once ([`Node::untold`]) at the moment it starts replicating, so that no write falls
+//!   between the two (the driver queues them, then `P_SYNC_UUID`, ahead of every
+//!   replicated write, under the one lock). Before this, a write in that window stayed
+//!   out of sync on a Connected pair with no resync to repair it.
 //! - **A changed node.** The peer decides on what this node sent. If this node's UUIDs,
 //!   role, disk or flags changed since (a promotion raced the handshake), the two
 //!   decisions could differ: [`Node::agree`] refuses, and the driver connects again.
@@ -31,12 +39,13 @@
 //! Bounds: one call per handshake; the messages are a few hundred bytes.
 
 use super::Node;
-use crate::request::OutOfSync;
+use crate::request::{OutOfSync, BLOCK_SIZE, SECTOR};
 use crate::state::uuid::{
     sync_handshake, Handshake, HandshakeCtx, HandshakeOutcome, HandshakeSide, SplitBrainPolicy,
     SplitBrainResolution, UuidSide, UUID_JUST_CREATED,
 };
 use crate::state::{DiskState, Role};
+use crate::wire::DRBD_MAX_BIO_SIZE;
 
 /// The run a connection starts after the handshake ([`Node::sync_role`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +203,28 @@ impl Node {
             }),
             HandshakeOutcome::Connected | HandshakeOutcome::Disconnect(_) => None,
         }
+    }
+
+    /// The blocks out of sync here that `known` lacks (`known`: the bitmap this node
+    /// sent in the exchange OR the peer's, word for word): those marked since the
+    /// snapshot. As `(sector, bytes)` ranges of at most `DRBD_MAX_BIO_SIZE` (what DRBD's
+    /// `drbd_set_out_of_sync` accepts), the last clipped to the volume, in order. Each
+    /// range is one `P_OUT_OF_SYNC`; there are at most as many as blocks written while
+    /// the exchange ran.
+    pub(crate) fn untold(&self, known: &[u64]) -> Vec<(u64, u32)> {
+        let max_blocks = u64::from(DRBD_MAX_BIO_SIZE) / BLOCK_SIZE;
+        let oos = self.primary.out_of_sync();
+        let sectors = oos.sectors();
+        let per_block = BLOCK_SIZE / u64::from(SECTOR);
+        oos.runs_not_in(known, max_blocks)
+            .into_iter()
+            .filter_map(|(first, count)| {
+                let sector = first * per_block;
+                let end = ((first + count) * per_block).min(sectors);
+                let bytes = u32::try_from(end.checked_sub(sector)? * u64::from(SECTOR)).ok()?;
+                (bytes > 0).then_some((sector, bytes))
+            })
+            .collect()
     }
 
     /// The bitmap this node sends in the exchange after a handshake that decided a
@@ -427,6 +458,26 @@ mod tests {
         assert_eq!(
             (a.outcome, a.handshake),
             (HandshakeOutcome::Connected, None)
+        );
+    }
+
+    /// The blocks a SyncSource marked after its exchange snapshot are told in ranges of
+    /// at most 1 MiB, the last one clipped to the volume's odd end.
+    #[test]
+    fn blocks_marked_after_the_snapshot_are_told_in_bounded_ranges() {
+        // 2 MiB + 3 sectors: 513 blocks, the last one partial.
+        let mut n = Node::for_test(4096 + 3, set(0xA0, 0, 0, 0), DiskState::UpToDate);
+        let oos = n.primary.out_of_sync_mut();
+        oos.mark(0, 8192);
+        let known = oos.words().to_vec();
+        assert!(n.untold(&known).is_empty(), "everything was sent");
+        let oos = n.primary.out_of_sync_mut();
+        oos.mark(8, 4096); // block 1: known already
+        oos.mark(16, 300 * 4096); // blocks 2..302
+        oos.mark(4096, 1536); // the last, partial block
+        assert_eq!(
+            n.untold(&known),
+            vec![(16, 1 << 20), (16 + 2048, 44 * 4096), (4096, 1536)]
         );
     }
 }

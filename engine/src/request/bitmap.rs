@@ -241,6 +241,31 @@ impl OutOfSync {
         out
     }
 
+    /// The blocks set here and clear in `known` (a bitmap the peer holds, word for word;
+    /// missing words count as clear), as runs `(first block, count)` of at most
+    /// `max_blocks` each, in block order. A SyncSource tells these to its target with
+    /// `P_OUT_OF_SYNC` (see `replica::handshake`).
+    pub fn runs_not_in(&self, known: &[u64], max_blocks: u64) -> Vec<(u64, u64)> {
+        let max_blocks = max_blocks.max(1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (w, &mine) in self.words.iter().enumerate() {
+            let mut new = mine & !known.get(w).copied().unwrap_or(0);
+            let Ok(base) = u64::try_from(w) else { break };
+            while new != 0 {
+                let bit = u64::from(new.trailing_zeros());
+                new &= new - 1;
+                let block = base * 64 + bit;
+                match runs.last_mut() {
+                    Some((first, count)) if *first + *count == block && *count < max_blocks => {
+                        *count += 1;
+                    }
+                    _ => runs.push((block, 1)),
+                }
+            }
+        }
+        runs
+    }
+
     /// Sets the bits of blocks `[first, first + count)` (whole activity-log extents after
     /// a crash); clipped to the volume.
     pub fn mark_blocks(&mut self, first: u64, count: u64) {
@@ -249,6 +274,11 @@ impl OutOfSync {
         }
         let last = first.saturating_add(count - 1).min(self.blocks - 1);
         self.mark_block_range(first, last);
+    }
+
+    /// The volume's size in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
     }
 
     /// Number of 4 KiB blocks (bits).
@@ -645,5 +675,28 @@ mod tests {
         assert_eq!(bm.next_set(131), Some(999));
         assert_eq!(bm.next_set(1000), None);
         assert_eq!(bm.next_set(u64::MAX), None);
+    }
+
+    #[test]
+    fn runs_not_in_a_known_bitmap_cross_words_and_are_capped() {
+        let mut bm = OutOfSync::new(1000 * 8);
+        bm.mark_blocks(3, 2); // known below
+        bm.mark_blocks(60, 10); // crosses words 0 and 1
+        bm.mark_blocks(200, 5);
+        bm.mark_blocks(999, 1); // the last block
+        let mut known = vec![0u64; 2];
+        known[0] = 0b11 << 3;
+        assert_eq!(
+            bm.runs_not_in(&known, 256),
+            vec![(60, 10), (200, 5), (999, 1)]
+        );
+        assert_eq!(
+            bm.runs_not_in(&known, 4),
+            vec![(60, 4), (64, 4), (68, 2)]
+                .into_iter()
+                .chain([(200, 4), (204, 1), (999, 1)])
+                .collect::<Vec<_>>()
+        );
+        assert!(bm.runs_not_in(bm.words(), 256).is_empty(), "all known");
     }
 }

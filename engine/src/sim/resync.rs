@@ -47,9 +47,11 @@
 //!
 //! Simplifications against DRBD: the `P_UUIDS`/`P_STATE` exchange is instantaneous
 //! (both handshakes run at the connection-up event); the Primary core replicates from the
-//! handshake on, also during the bitmap exchange (DRBD sends `P_OUT_OF_SYNC` instead
-//! while WFBitMapS), so the writes that arrived and the local writes in flight are
-//! reported to the target and source when those are built; the connection waits until
+//! handshake on, also during the bitmap exchange, so the writes that arrived and the
+//! local writes in flight are reported to the target and source when those are built
+//! (the daemon's exchange takes time: its source tells the blocks written meanwhile by
+//! `P_OUT_OF_SYNC`, `Node::untold`, tested against real processes in
+//! `tests/tests/faults.rs`, not here); the connection waits until
 //! both nodes' runs are idle and the Secondary's writes are done. Bounds: the
 //! machines' own (drawn: ≤ 64 requests, ≤ 64 queued, ≤ 16 reads), four streams whose
 //! contents are bounded by those, one bitmap transfer per direction per connection.

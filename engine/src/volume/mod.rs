@@ -65,7 +65,7 @@ use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, Tar
 use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
-use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, Stream};
+use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
 use crate::replica::{Action, DiskFailure, LocalWrite, Node, PeerDisk, Side};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
@@ -75,7 +75,7 @@ use crate::state::change;
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
-use crate::wire::{self, Command, Packet};
+use crate::wire::{self, BlockDesc, Command, Packet};
 use durable::{Gate, MetaWriter, Ticket};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -1025,19 +1025,46 @@ impl Volume {
         self.lock().node.standalone
     }
 
-    /// A connection finished its handshake. Returns the notify that kills it.
+    /// A connection finished its handshake. Returns the notify that kills it. A
+    /// SyncSource's first packets are those of `source` (`replica::Node::untold`), queued
+    /// under the same lock as the step that makes the Primary replicate.
     fn connection_up(
         &self,
         link: Link,
         peer: &PeerParams,
         agreed: &Agreed,
         resolve_conflicts: bool,
+        source: Option<SourceStart>,
     ) -> Arc<Notify> {
         let kill = Arc::new(Notify::new());
         let mut effects = Vec::new();
         {
             let mut g = self.lock();
             let inner = &mut *g;
+            if let Some(start) = source {
+                let mut pkts: Vec<Packet> = (inner.node.untold(&start.known).into_iter())
+                    .map(|(sector, blksize)| Packet::BlockDesc {
+                        cmd: Command::P_OUT_OF_SYNC,
+                        desc: BlockDesc {
+                            sector,
+                            blksize,
+                            pad: 0,
+                        },
+                    })
+                    .collect();
+                if !pkts.is_empty() {
+                    tracing::info!(
+                        "{} ranges written during the bitmap exchange told by P_OUT_OF_SYNC",
+                        pkts.len()
+                    );
+                }
+                pkts.push(Packet::SyncUuid(start.sync_uuid));
+                if let Err(e) = link.send_all(Stream::Data, &pkts) {
+                    // The connection is ending; the next one exchanges bitmaps again.
+                    tracing::warn!("cannot start the resync: {e}");
+                    kill.notify_one();
+                }
+            }
             inner.link = Some(link);
             inner.resolve_conflicts = resolve_conflicts;
             if peer.disk > DiskState::Failed {

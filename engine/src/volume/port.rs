@@ -4,7 +4,7 @@
 use super::Volume;
 use crate::net::handshake::{Agreed, LocalParams, PeerParams};
 use crate::net::NetError;
-use crate::net::{Link, LinkEvent, PeerData, PeerEvent, Replica};
+use crate::net::{Link, LinkEvent, PeerData, PeerEvent, Replica, SourceStart};
 use crate::state::ConnState;
 use crate::store::{AlignedBuf, SECTOR_SIZE};
 use std::sync::Arc;
@@ -121,8 +121,9 @@ impl Replica for Volume {
         peer: &PeerParams,
         agreed: &Agreed,
         resolve_conflicts: bool,
+        source: Option<SourceStart>,
     ) -> Arc<Notify> {
-        Volume::connection_up(self, link, peer, agreed, resolve_conflicts)
+        Volume::connection_up(self, link, peer, agreed, resolve_conflicts, source)
     }
 
     async fn receive_buffer(&self, len: usize) -> Result<PeerData, String> {

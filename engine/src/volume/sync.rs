@@ -9,11 +9,15 @@
 //!    are copied for the sender.
 //! 2. WFBitMapS sends its bitmap, then receives the peer's; WFBitMapT the other way
 //!    round. `merge_peer_bitmap` (`port.rs`) OR-merges what arrived.
-//! 3. The SyncSource makes the sync UUID ([`Volume::begin_sync_source`]) and sends
-//!    `P_SYNC_UUID`; the SyncTarget ([`Volume::begin_sync_target`]) writes its bitmap,
-//!    clears `MDF_CONSISTENT` and adopts the sync UUID — all durably, in that order, so a
-//!    crash from here on restarts Inconsistent with a bitmap that covers everything the
-//!    resync has not yet written.
+//! 3. The SyncSource makes the sync UUID durable ([`Volume::begin_sync_source`]); its
+//!    `connection_up` queues `P_OUT_OF_SYNC` for every block its application marked
+//!    after the snapshot (`replica::Node::untold`), then `P_SYNC_UUID`, under the lock
+//!    in which the Primary starts replicating — so every write is either told or
+//!    replicated. The SyncTarget ORs those blocks into the source's bitmap, then
+//!    ([`Volume::begin_sync_target`]) writes its bitmap, clears `MDF_CONSISTENT` and
+//!    adopts the sync UUID — all durably, in that order, so a crash from here on
+//!    restarts Inconsistent with a bitmap that covers everything the resync has not yet
+//!    written.
 //! 4. `connection_up` starts a target over the merged bitmap or a source, in
 //!    [`crate::replica::SyncRuns`] — the runs' rules (run ids, held writes, writes in
 //!    flight at the start, the failed-local-write rule, the end of a run, stream classes,
