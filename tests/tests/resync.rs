@@ -355,7 +355,14 @@ fn invalidate_on_the_old_source_after_a_switchover() {
     let mut c = Cluster::new(ClusterOpts::new("rs-inv-switch").size("8MiB"));
     c.wait_connected();
     let size = c.primary().status().u64_at("/size_bytes");
-    invalidate_secondary(&c);
+    // An 8 MiB resync ends within milliseconds: wait for its record, not its state.
+    tandem(&["invalidate", "--socket", &sock(c.secondary())]).assert_success("invalidate");
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "the full resync into the Secondary", |s| {
+            s.pointer("/last_resync/total_blocks")
+                .and_then(serde_json::Value::as_u64)
+                == Some(size / 4096)
+        });
     wait_in_sync(c.secondary());
     let (a, b) = (sock(c.primary()), sock(c.secondary()));
     tandem(&["secondary", "--socket", &a]).assert_success("demote the old source");
