@@ -92,6 +92,9 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         }),
         ("resyncs", |r| r.resyncs),
         ("resyncs finished", |r| r.resyncs_done),
+        ("blocks written while the bitmaps crossed, told", |r| {
+            r.exchange_told
+        }),
         ("resync replies voided by a write", |r| r.void_replies),
         ("writes held behind a resync write", |r| r.held_by_resync),
         ("split brains", |r| r.split_brains),

@@ -165,11 +165,14 @@
 //! 7. Resync. During the run: a resync write never puts an older version of a sector
 //!    over a newer one on the SyncTarget (exempt: sectors where the Secondary is ahead
 //!    of a restarted Primary, or holds its own split-brain writes, which resync must
-//!    discard). At quiescence (workload done, connection up, the last resync finished
-//!    with no failed block): the Secondary is UpToDate, both bitmaps are empty, both
-//!    nodes hold the same UUIDs and say Connected with an UpToDate peer, and every
-//!    block is byte-identical on both disks (no "or out of sync" exception); with
-//!    checker 1 both equal the reference image.
+//!    discard). At its start (`P_SYNC_UUID`) the SyncTarget's bitmap holds every block
+//!    the SyncSource's holds once that replicates: the bitmaps crossed, and the blocks
+//!    the Primary wrote meanwhile were told by `P_OUT_OF_SYNC` (`Node::untold`; DRBD's
+//!    two bitmaps are equal after the exchange). At quiescence (workload done,
+//!    connection up, the last resync finished with no failed block): the Secondary is
+//!    UpToDate, both bitmaps are empty, both nodes hold the same UUIDs and say Connected
+//!    with an UpToDate peer, and every block is byte-identical on both disks (no "or out
+//!    of sync" exception); with checker 1 both equal the reference image.
 //! 8. Split brain. At every handshake after one: both nodes see it, and decide what the
 //!    after-sb policy table (written out independently in `resync.rs`) says: no policy
 //!    (default: disconnect) or an undecided one refuses on both sides; a policy that
@@ -359,6 +362,9 @@ pub(crate) struct Sabotage {
     /// The Secondary ignores a peer's skipped initial sync (`P_UUIDS` flag 8;
     /// `replica::Node::peer_skipped_initial_sync` off; checker 14).
     pub ignore_peer_skip: bool,
+    /// The SyncSource does not tell the blocks it marked while the bitmaps crossed
+    /// (`replica::Node::untold` off).
+    pub skip_untold: bool,
 }
 
 /// The sabotages of the Secondary's node (its flush rounds, its target, its bitmap).
@@ -646,6 +652,8 @@ pub struct SimReport {
     pub rs_deallocated: u64,
     /// Bitmap packets exchanged.
     pub bitmap_packets: u64,
+    /// `P_OUT_OF_SYNC` ranges a SyncSource told: written while the bitmaps crossed.
+    pub exchange_told: u64,
     /// The finished-resync notice was lost and a handshake corrected the UUIDs (rule 34
     /// or 71).
     pub uuid_corrections: u64,
@@ -979,6 +987,8 @@ enum DataMsg {
     Bitmap(Packet),
     /// `P_SYNC_UUID`.
     SyncUuid(u64),
+    /// `P_OUT_OF_SYNC`: a block the SyncSource marked during the exchange.
+    OutOfSync(Packet),
     /// `P_RS_DATA_REPLY` (with its data and the versions it was read at) or
     /// `P_RS_DEALLOCATED` (with the versions of the zeroes it stands for).
     Rs {
@@ -1562,6 +1572,7 @@ impl Sim {
                     }
                     Some(DataMsg::Bitmap(pkt)) => self.s_bitmap_packet(&pkt),
                     Some(DataMsg::SyncUuid(u)) => self.start_target(u),
+                    Some(DataMsg::OutOfSync(pkt)) => self.s_out_of_sync(&pkt),
                     Some(DataMsg::Rs { pkt, data, vers }) => self.target_reply(&pkt, data, vers),
                     Some(DataMsg::Barrier(nr)) => {
                         self.sn
@@ -2771,6 +2782,7 @@ mod tests {
             ("P_RS_IS_IN_SYNC", sum(|r| r.rs_in_sync)),
             ("P_RS_DEALLOCATED", sum(|r| r.rs_deallocated)),
             ("bitmap packets", sum(|r| r.bitmap_packets)),
+            ("P_OUT_OF_SYNC in the exchange", sum(|r| r.exchange_told)),
             ("UUID corrections", sum(|r| r.uuid_corrections)),
             ("split brains", sum(|r| r.split_brains)),
             ("split brains refused", sum(|r| r.sb_refused)),
@@ -2909,10 +2921,13 @@ mod tests {
         let f = first_failure(s).expect("the simulator must catch blocks never copied");
         eprintln!("caught: {f}");
         // (Checker 6 may see it first: the lie's clears reach the Primary's bitmap on
-        // disk, and a crash then leaves a differing block in neither bitmap.)
+        // disk, and a crash then leaves a differing block in neither bitmap. So may
+        // checker 4: a block written while the bitmaps crossed, told and then claimed in
+        // sync, is older on the UpToDate Secondary than a flush says.)
         assert!(
             f.message.contains("checker 7: block")
-                || f.message.contains("differs and is not out of sync"),
+                || f.message.contains("differs and is not out of sync")
+                || f.message.contains("completed but secondary sector"),
             "{f}"
         );
     }
@@ -2925,9 +2940,12 @@ mod tests {
         };
         let f = first_failure(s).expect("the simulator must catch an unmerged bitmap");
         eprintln!("caught: {f}");
-        // (Checker 9 may see it first: a promoted Secondary lacks the blocks.)
+        // (Checker 7 sees it at the target's start, or later; checker 9 may see it first:
+        // a promoted Secondary lacks the blocks.)
         assert!(
-            f.message.contains("not in sync") || f.message.contains("checker 9"),
+            f.message.contains("not in sync")
+                || f.message.contains("the SyncTarget starts without")
+                || f.message.contains("checker 9"),
             "{f}"
         );
     }
@@ -3008,6 +3026,24 @@ mod tests {
         let f = first_failure(s).expect("the simulator must catch a SyncTarget's local read");
         eprintln!("caught: {f}");
         assert!(f.message.contains("checker 17"), "{f}");
+    }
+
+    /// A SyncSource that does not tell the blocks it wrote while the bitmaps crossed
+    /// leaves them out of sync on a pair that reports in sync (the daemon's bug that CI's
+    /// ko-count test found; `replica::Node::untold`).
+    #[test]
+    fn a_source_that_does_not_tell_its_exchange_writes_is_caught() {
+        let s = Sabotage {
+            skip_untold: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch untold exchange writes");
+        eprintln!("caught: {f}");
+        assert!(
+            f.message
+                .contains("checker 7: the SyncTarget starts without"),
+            "{f}"
+        );
     }
 
     /// Checker 15: a clean stop of the Primary that does not write its pages loses the

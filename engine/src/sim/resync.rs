@@ -45,16 +45,19 @@
 //! that notice leaves the Primary's bitmap UUID set, and the next handshake corrects it
 //! (rule 34).
 //!
+//! The bitmap exchange takes the deliveries of its packets. A Primary SyncSource writes on
+//! meanwhile, locally (its core replicates only once the Secondary's bitmap is in, as in
+//! the daemon); the blocks it marks after its own bitmap went out are told by
+//! `P_OUT_OF_SYNC` (`Node::untold`) ahead of `P_SYNC_UUID`, and checker 7 asks that the
+//! target start with every block the source then marks (CI found the daemon without
+//! this rule; `sim::tests::a_source_that_does_not_tell_its_exchange_writes_is_caught`).
+//!
 //! Simplifications against DRBD: the `P_UUIDS`/`P_STATE` exchange is instantaneous
-//! (both handshakes run at the connection-up event); the Primary core replicates from the
-//! handshake on, also during the bitmap exchange, so the writes that arrived and the
-//! local writes in flight are reported to the target and source when those are built
-//! (the daemon's exchange takes time: its source tells the blocks written meanwhile by
-//! `P_OUT_OF_SYNC`, `Node::untold`, tested against real processes in
-//! `tests/tests/faults.rs`, not here); the connection waits until
-//! both nodes' runs are idle and the Secondary's writes are done. Bounds: the
-//! machines' own (drawn: ≤ 64 requests, ≤ 64 queued, ≤ 16 reads), four streams whose
-//! contents are bounded by those, one bitmap transfer per direction per connection.
+//! (both handshakes run at the connection-up event); the connection waits until both
+//! nodes' runs are idle and the Secondary's writes are done. Bounds: the machines' own
+//! (drawn: ≤ 64 requests, ≤ 64 queued, ≤ 16 reads), four streams whose contents are
+//! bounded by those (plus one `P_OUT_OF_SYNC` per block at most), one bitmap transfer
+//! per direction per connection.
 
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
@@ -74,7 +77,9 @@ use crate::state::uuid::{
 };
 use crate::state::{ConnState, DiskState, Role};
 use crate::wire::dp;
-use crate::wire::{decode_frame, encode, ff, BitmapReceiver, BitmapSender, Packet, WireCtx};
+use crate::wire::{
+    decode_frame, encode, ff, BitmapReceiver, BitmapSender, BlockDesc, Command, Packet, WireCtx,
+};
 use std::collections::{BTreeMap, VecDeque};
 
 /// The version (write id) of the promoted Secondary's own writes: far above every request
@@ -294,6 +299,12 @@ pub(super) struct Rs {
     pub(super) p_tl: VecDeque<Tl>,
     /// The bitmap transfer the Primary receives.
     p_rx: Option<(BitmapReceiver, Vec<u64>)>,
+    /// The bitmap the Primary sent in this connection's exchange: its writes from then
+    /// until it starts replicating are told by `P_OUT_OF_SYNC` (`Node::untold`).
+    p_sent: Vec<u64>,
+    /// The SyncSource's bitmap when it starts replicating: the SyncTarget's must hold
+    /// it at its start (checker 7).
+    p_at_sync: Vec<u64>,
     /// Read buffers of the SyncSource: tag → first sector, data and the versions it was
     /// read at.
     p_reads: BTreeMap<u64, (u64, Vec<u8>, Vec<u64>)>,
@@ -398,6 +409,8 @@ impl Rs {
             ctx: WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?,
             p_tl: VecDeque::new(),
             p_rx: None,
+            p_sent: Vec::new(),
+            p_at_sync: Vec::new(),
             p_reads: BTreeMap::new(),
             read_ctx: None,
             p_app_sectors: 0,
@@ -725,11 +738,6 @@ impl Sim {
         // Both nodes learn the connection and each other (`replica::Node::connection_up`).
         self.pn.connection_up(AGREED, self.sn.role, self.sn.disk);
         self.sn.connection_up(AGREED, self.pn.role, self.pn.disk);
-        self.pn
-            .primary
-            .connected()
-            .map_err(|e| format!("primary connected: {e}"))?;
-        self.pump_primary()?;
         match decision {
             Decision::Sync { full } => {
                 self.fo.wf_sync = true;
@@ -752,13 +760,16 @@ impl Sim {
                 };
                 self.rs.s_rx = Some(rx(&self.rs.ctx)?);
                 self.rs.p_rx = Some(rx(&self.rs.ctx)?);
-                // WFBitMapS: the SyncSource sends its bitmap first.
+                // WFBitMapS: the SyncSource sends its bitmap first. Its application
+                // writes on, locally, until it replicates (`p_bitmap_packet`).
+                self.rs.p_sent = self.pn.primary.out_of_sync().words().to_vec();
                 for pkt in self.bitmap_packets(true)? {
                     self.send_data(DataMsg::Bitmap(pkt));
                 }
             }
             // Both nodes reach Connected (`replica::Node::reached_connected`).
             Decision::Connected => {
+                self.p_replicates()?;
                 self.pn.reached_connected();
                 self.sn.reached_connected();
             }
@@ -904,16 +915,51 @@ impl Sim {
         Ok(())
     }
 
-    /// The Secondary's bitmap is in: the Primary merges it, sends `P_SYNC_UUID` and
-    /// becomes SyncSource.
+    /// The Primary core replicates from now on (`Primary::connected`).
+    fn p_replicates(&mut self) -> Result<(), String> {
+        self.pn
+            .primary
+            .connected()
+            .map_err(|e| format!("primary connected: {e}"))?;
+        self.pump_primary()
+    }
+
+    /// The Secondary's bitmap is in: the Primary merges it, tells the blocks it marked
+    /// since it sent its own (`P_OUT_OF_SYNC`), sends `P_SYNC_UUID`, becomes SyncSource
+    /// and replicates — the daemon's `connection_up` in one step.
     fn p_bitmap_packet(&mut self, pkt: &Packet) -> Result<(), String> {
         let Some(words) = receive_bitmap(&mut self.rs.p_rx, pkt, "primary")? else {
             return Ok(());
         };
+        let known: Vec<u64> = (self.rs.p_sent.iter().zip(&words))
+            .map(|(a, b)| a | b)
+            .collect();
         or_bits(self.pn.primary.out_of_sync_mut(), words.into_iter());
         let r = uuid(&mut self.rs.rng);
         let (uuids, sync_uuid) = self.pn.begin_sync_source(r);
         self.pn.uuids = uuids;
+        #[cfg(test)]
+        let skip = self.rs.sabotage.skip_untold;
+        #[cfg(not(test))]
+        let skip = false;
+        for (sector, blksize) in self.pn.untold(&known) {
+            if skip {
+                break;
+            }
+            let desc = BlockDesc {
+                sector,
+                blksize,
+                pad: 0,
+            };
+            let pkt = Packet::BlockDesc {
+                cmd: Command::P_OUT_OF_SYNC,
+                desc,
+            };
+            self.report.exchange_told += 1;
+            let pkt = self.wire(&pkt, &[])?;
+            self.send_data(DataMsg::OutOfSync(pkt));
+        }
+        self.rs.p_at_sync = self.pn.primary.out_of_sync().words().to_vec();
         self.send_data(DataMsg::SyncUuid(sync_uuid));
         let p = &self.rs.params;
         let cfg = SourceConfig {
@@ -927,7 +973,28 @@ impl Sim {
         let tick = self.tick_input(true);
         self.pn
             .start_source(cfg, &tick)
-            .map_err(|e| format!("source: {e}"))
+            .map_err(|e| format!("source: {e}"))?;
+        self.p_replicates()
+    }
+
+    /// `P_OUT_OF_SYNC` before `P_SYNC_UUID` on the Secondary: its blocks join the
+    /// bitmap the target will fetch (the daemon's `mark_told`).
+    pub(super) fn s_out_of_sync(&mut self, pkt: &Packet) -> Result<(), String> {
+        let Packet::BlockDesc { cmd, desc } = pkt else {
+            return Err(format!("P_OUT_OF_SYNC decoded as {pkt:?}"));
+        };
+        let end = desc.sector.checked_add(u64::from(desc.blksize / SECTOR));
+        if *cmd != Command::P_OUT_OF_SYNC || desc.blksize == 0 || end > Some(SECTORS as u64) {
+            return Err(format!("bad P_OUT_OF_SYNC {desc:?}"));
+        }
+        if self.sn.runs.target_run().is_some() {
+            return Err("P_OUT_OF_SYNC after P_SYNC_UUID".into());
+        }
+        self.sn
+            .primary
+            .out_of_sync_mut()
+            .mark(desc.sector, desc.blksize);
+        Ok(())
     }
 
     /// `P_SYNC_UUID` on the Secondary: it becomes SyncTarget over its merged bitmap.
@@ -940,6 +1007,15 @@ impl Sim {
         }
         self.fo.wf_sync = false;
         self.check13_target_start()?;
+        let s_words = self.sn.primary.out_of_sync().words();
+        let lacks = (self.rs.p_at_sync.iter().zip(s_words)).position(|(p, s)| p & !s != 0);
+        if let Some(w) = lacks {
+            return Err(format!(
+                "checker 7: the SyncTarget starts without blocks the SyncSource marks (word \
+                 {w}: source {:#x}, target {:#x})",
+                self.rs.p_at_sync[w], s_words[w]
+            ));
+        }
         // The daemon's step 3: the merged bitmap on disk, then "not consistent" and the
         // sync UUID, before the first resync write.
         self.persist(false, &Node::sync_target_plan(sync_uuid))?;
