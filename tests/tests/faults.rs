@@ -303,26 +303,33 @@ impl Drop for FrozenDisk {
     }
 }
 
-/// `ko-count`: a Secondary that answers pings but whose disk hangs (its filesystem is
-/// frozen) is dropped once a write has waited `ko-count × timeout` (DRBD's request
-/// timer); the Primary completes the write alone. Thawed, the pair reconnects and
-/// resyncs. Before ko-count the write waited as long as the disk hung.
-#[test]
-fn secondary_with_hung_disk_is_dropped_after_ko_count_timeouts() {
+/// A connected pair with timeout 1 s and ko-count 3 (a write is dropped 3 s after it was
+/// sent) whose Secondary's backing file is on a filesystem the test can freeze. The
+/// disk is declared after the cluster, so it is thawed and unmounted first.
+fn ko_count_pair(label: &str) -> (Cluster, FrozenDisk) {
     tools::require("fsfreeze");
     tools::require("mkfs.ext4");
-    // timeout 1 s, ko-count 3: dropped 3 s after the write.
     let mut c = Cluster::new(
-        ClusterOpts::new("ko-count")
+        ClusterOpts::new(label)
             .net("timeout", "10")
             .net("ko-count", "3"),
     );
     c.wait_connected();
     c.secondary_mut().stop();
     let disk = c.secondary().disk().to_path_buf();
-    let mut fs = FrozenDisk::new(c.dir(), &disk);
+    let fs = FrozenDisk::new(c.dir(), &disk);
     c.secondary_mut().start();
     c.wait_connected();
+    (c, fs)
+}
+
+/// `ko-count`: a Secondary that answers pings but whose disk hangs (its filesystem is
+/// frozen) is dropped once a write has waited `ko-count × timeout` (DRBD's request
+/// timer); the Primary completes the write alone. Thawed, the pair reconnects and
+/// resyncs. Before ko-count the write waited as long as the disk hung.
+#[test]
+fn secondary_with_hung_disk_is_dropped_after_ko_count_timeouts() {
+    let (mut c, mut fs) = ko_count_pair("ko-count");
     let uri = c.primary().nbd_unix_uri();
     fs.freeze(true);
     let r = Fio::randwrite_verify(&uri, "4k", "64k")
@@ -358,19 +365,7 @@ fn secondary_with_hung_disk_is_dropped_after_ko_count_timeouts() {
 /// as a timeout of the test above, when the thaw came late).
 #[test]
 fn writes_while_the_bitmaps_cross_are_resynced() {
-    tools::require("fsfreeze");
-    tools::require("mkfs.ext4");
-    let mut c = Cluster::new(
-        ClusterOpts::new("exchange-writes")
-            .net("timeout", "10")
-            .net("ko-count", "3"),
-    );
-    c.wait_connected();
-    c.secondary_mut().stop();
-    let disk = c.secondary().disk().to_path_buf();
-    let mut fs = FrozenDisk::new(c.dir(), &disk);
-    c.secondary_mut().start();
-    c.wait_connected();
+    let (mut c, mut fs) = ko_count_pair("exchange-writes");
     let uri = c.primary().nbd_unix_uri();
     let before = c.primary().log_len();
     fs.freeze(true);
