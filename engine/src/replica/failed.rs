@@ -45,6 +45,27 @@ impl FailedLocal {
         self.ranges.clear();
     }
 
+    /// The blocks set in `oos` that no failed range touches: at the end of a run whose
+    /// target is UpToDate there must be none (DRBD asserts `n_oos == rs_failed` in
+    /// `drbd_resync_finished`). Free when `oos` is clear; otherwise one pass over its
+    /// set bits, each checked against ≤ [`Self::MAX`] ranges.
+    pub(crate) fn blocks_outside(&self, oos: &OutOfSync) -> u64 {
+        let per_block = BLOCK_SIZE / u64::from(SECTOR);
+        let touches = |block: u64, &(s, l): &(u64, u32)| {
+            let end = s.saturating_add(u64::from(l / SECTOR));
+            s < (block + 1) * per_block && end > block * per_block
+        };
+        let mut n = 0;
+        let mut next = (oos.count() > 0).then(|| oos.next_set(0)).flatten();
+        while let Some(block) = next {
+            if !self.ranges.iter().any(|r| touches(block, r)) {
+                n += 1;
+            }
+            next = oos.next_set(block + 1);
+        }
+        n
+    }
+
     /// A resync ack says `[sector, sector + len bytes)` is in sync on the peer: clears
     /// its whole blocks in `oos`, except the failed blocks that were set. Returns how
     /// many bits it cleared.
@@ -96,6 +117,11 @@ mod tests {
         // Over blocks 8..16: 8 and 9 stay.
         assert_eq!(f.set_in_sync(&mut oos, 64, 32 << 10), 6);
         assert!(oos.is_set(8) && oos.is_set(9) && !oos.is_set(10));
+        // Blocks 1, 8 and 9 are failed ones; 16 is not.
+        oos.mark_blocks(16, 1);
+        assert_eq!(f.blocks_outside(&oos), 1);
+        assert_eq!(FailedLocal::default().blocks_outside(&oos), 4);
+        oos.clear_blocks(16, 1);
         // A failed block that was already clear is not set by an ack.
         let mut clean = OutOfSync::new(1 << 16);
         assert_eq!(f.set_in_sync(&mut clean, 0, 4096 * 2), 0);

@@ -159,6 +159,12 @@ pub(crate) struct SourceEnd {
     /// Reaching Connected cleared the crashed-Primary flag ([`Node::reached_connected`]):
     /// the driver records that.
     pub(crate) crash_repaired: bool,
+    /// With the peer UpToDate: blocks still out of sync here that no failed local write
+    /// explains. DRBD asserts there are none (`n_oos == rs_failed` in
+    /// `drbd_resync_finished`): the target ended without blocks this node marks, so the
+    /// peer is UpToDate without them. The simulator fails on one; the daemon logs it as
+    /// a bug (a disconnect/connect of the Primary resyncs them).
+    pub(crate) unfetched: u64,
 }
 
 impl SourceEnd {
@@ -507,12 +513,15 @@ impl Node {
             done.finish_sync_source();
             done
         });
+        let mut unfetched = 0;
         if uuids.is_some() {
             self.crashed_primary = false;
+            unfetched = self.runs.unexplained(self.primary.out_of_sync());
         }
         Some(SourceEnd {
             uuids,
             crash_repaired: self.reached_connected(),
+            unfetched,
         })
     }
 
@@ -1201,6 +1210,14 @@ mod tests {
             "cleared with the completing UUIDs instead"
         );
         assert!(!n.crashed_primary);
+        assert_eq!(end.unfetched, 0);
+
+        // Blocks still marked here that the UpToDate peer never fetched: DRBD's
+        // `n_oos == rs_failed` assertion, reported to the driver.
+        n.conn = ConnState::SyncSource;
+        n.primary.out_of_sync_mut().mark(64, 3 * 4096);
+        let end = n.peer_sync_ended(ConnState::Connected).unwrap();
+        assert_eq!(end.unfetched, 3);
     }
 
     /// DRBD's `drbd_may_do_local_read`: an Inconsistent disk answers only ranges with no

@@ -255,6 +255,12 @@ impl<H> SyncRuns<H> {
         self.untracked
     }
 
+    /// The blocks set in `bm` that no failed local write of this connection explains
+    /// ([`FailedLocal::blocks_outside`]).
+    pub(crate) fn unexplained(&self, bm: &OutOfSync) -> u64 {
+        self.failed.blocks_outside(bm)
+    }
+
     /// The failed-local-write rule, for the simulator's sabotage.
     #[cfg(test)]
     pub(crate) fn failed_mut(&mut self) -> &mut FailedLocal {

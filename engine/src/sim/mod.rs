@@ -168,11 +168,14 @@
 //!    discard). At its start (`P_SYNC_UUID`) the SyncTarget's bitmap holds every block
 //!    the SyncSource's holds once that replicates: the bitmaps crossed, and the blocks
 //!    the Primary wrote meanwhile were told by `P_OUT_OF_SYNC` (`Node::untold`; DRBD's
-//!    two bitmaps are equal after the exchange). At quiescence (workload done,
-//!    connection up, the last resync finished with no failed block): the Secondary is
-//!    UpToDate, both bitmaps are empty, both nodes hold the same UUIDs and say Connected
-//!    with an UpToDate peer, and every block is byte-identical on both disks (no "or out
-//!    of sync" exception); with checker 1 both equal the reference image.
+//!    two bitmaps are equal after the exchange). When the target reports UpToDate, the
+//!    source holds no block out of sync that no failed local write explains
+//!    (`SourceEnd::unfetched`; DRBD asserts `n_oos == rs_failed`). At quiescence
+//!    (workload done, connection up, the last resync finished with no failed block):
+//!    the Secondary is UpToDate, both bitmaps are empty, both nodes hold the same UUIDs
+//!    and say Connected with an UpToDate peer, and every block is byte-identical on
+//!    both disks (no "or out of sync" exception); with checker 1 both equal the
+//!    reference image.
 //! 8. Split brain. At every handshake after one: both nodes see it, and decide what the
 //!    after-sb policy table (written out independently in `resync.rs`) says: no policy
 //!    (default: disconnect) or an undecided one refuses on both sides; a policy that

@@ -1280,6 +1280,13 @@ impl Sim {
         if end.uuids.is_none() {
             return Err("the end of a resync with the peer not UpToDate".into());
         }
+        if end.unfetched > 0 {
+            return Err(format!(
+                "checker 7: the SyncTarget ended UpToDate without {} blocks the SyncSource \
+                 marks (no failed local write explains them)",
+                end.unfetched
+            ));
+        }
         self.persist(true, &[Durable::Superblock(end.durable())])?;
         Ok(())
     }

@@ -789,6 +789,18 @@ impl Volume {
             // door), with the crash repaired in the same superblock write.
             let _ = self.stage_changes(inner, &end.durable());
             tracing::info!("resync finished (this node was SyncSource)");
+            if end.unfetched > 0 {
+                tracing::error!(
+                    "BUG: the peer ended its resync UpToDate, but {} blocks are still out of \
+                     sync here that it never fetched; a disconnect/connect of the Primary \
+                     resyncs them",
+                    end.unfetched
+                );
+                inner.event(
+                    "resync-unfetched",
+                    serde_json::json!({ "blocks": end.unfetched }),
+                );
+            }
             inner.event("resync-finished", serde_json::json!({"role": "SyncSource"}));
         }
         if end.crash_repaired {
