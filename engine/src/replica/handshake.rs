@@ -28,7 +28,7 @@
 //!   bitmaps cross; a block it marks after its snapshot is in neither bitmap the target
 //!   holds, and a target resyncs only what it knows. DRBD sends such a block as
 //!   `P_OUT_OF_SYNC` while WFBitMapS, before `P_SYNC_UUID`; tandem tells them all at
-//!   once ([`Node::untold`]) at the moment it starts replicating, so that no write falls
+//!   once ([`Node::source_start`]) at the moment it starts replicating, so that no write falls
 //!   between the two (the driver queues them, then `P_SYNC_UUID`, ahead of every
 //!   replicated write, under the one lock). Before this, a write in that window stayed
 //!   out of sync on a Connected pair with no resync to repair it.
@@ -45,7 +45,7 @@ use crate::state::uuid::{
     SplitBrainResolution, UuidSide, UUID_JUST_CREATED,
 };
 use crate::state::{DiskState, Role};
-use crate::wire::DRBD_MAX_BIO_SIZE;
+use crate::wire::{BlockDesc, Command, Packet, DRBD_MAX_BIO_SIZE};
 
 /// The run a connection starts after the handshake ([`Node::sync_role`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +211,7 @@ impl Node {
     /// `drbd_set_out_of_sync` accepts), the last clipped to the volume, in order. Each
     /// range is one `P_OUT_OF_SYNC`; there are at most as many as blocks written while
     /// the exchange ran.
-    pub(crate) fn untold(&self, known: &[u64]) -> Vec<(u64, u32)> {
+    fn untold(&self, known: &[u64]) -> Vec<(u64, u32)> {
         let max_blocks = u64::from(DRBD_MAX_BIO_SIZE) / BLOCK_SIZE;
         let oos = self.primary.out_of_sync();
         let sectors = oos.sectors();
@@ -225,6 +225,25 @@ impl Node {
                 (bytes > 0).then_some((sector, bytes))
             })
             .collect()
+    }
+
+    /// What a SyncSource sends first once the bitmaps have crossed (`known` as for
+    /// [`Self::untold`]): a `P_OUT_OF_SYNC` per untold range, then `P_SYNC_UUID` of
+    /// `sync_uuid`. The driver queues them ahead of every other data packet, in the step
+    /// that makes the Primary core replicate.
+    pub(crate) fn source_start(&self, known: &[u64], sync_uuid: u64) -> Vec<Packet> {
+        let mut pkts: Vec<Packet> = (self.untold(known).into_iter())
+            .map(|(sector, blksize)| Packet::BlockDesc {
+                cmd: Command::P_OUT_OF_SYNC,
+                desc: BlockDesc {
+                    sector,
+                    blksize,
+                    pad: 0,
+                },
+            })
+            .collect();
+        pkts.push(Packet::SyncUuid(sync_uuid));
+        pkts
     }
 
     /// The bitmap this node sends in the exchange after a handshake that decided a
@@ -479,5 +498,12 @@ mod tests {
             n.untold(&known),
             vec![(16, 1 << 20), (16 + 2048, 44 * 4096), (4096, 1536)]
         );
+        let pkts = n.source_start(&known, 0x77);
+        assert_eq!(pkts.len(), 4);
+        assert!(matches!(
+            pkts[1],
+            Packet::BlockDesc { cmd: Command::P_OUT_OF_SYNC, desc } if desc.sector == 16 + 2048
+        ));
+        assert_eq!(pkts[3], Packet::SyncUuid(0x77), "P_SYNC_UUID last");
     }
 }

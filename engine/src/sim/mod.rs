@@ -167,7 +167,7 @@
 //!    of a restarted Primary, or holds its own split-brain writes, which resync must
 //!    discard). At its start (`P_SYNC_UUID`) the SyncTarget's bitmap holds every block
 //!    the SyncSource's holds once that replicates: the bitmaps crossed, and the blocks
-//!    the Primary wrote meanwhile were told by `P_OUT_OF_SYNC` (`Node::untold`; DRBD's
+//!    the Primary wrote meanwhile were told by `P_OUT_OF_SYNC` (`Node::source_start`; DRBD's
 //!    two bitmaps are equal after the exchange). When the target reports UpToDate, the
 //!    source holds no block out of sync that no failed local write explains
 //!    (`SourceEnd::unfetched`; DRBD asserts `n_oos == rs_failed`). At quiescence
@@ -366,7 +366,7 @@ pub(crate) struct Sabotage {
     /// `replica::Node::peer_skipped_initial_sync` off; checker 14).
     pub ignore_peer_skip: bool,
     /// The SyncSource does not tell the blocks it marked while the bitmaps crossed
-    /// (`replica::Node::untold` off).
+    /// (`replica::Node::source_start` off).
     pub skip_untold: bool,
 }
 
@@ -3033,7 +3033,7 @@ mod tests {
 
     /// A SyncSource that does not tell the blocks it wrote while the bitmaps crossed
     /// leaves them out of sync on a pair that reports in sync (the daemon's bug that CI's
-    /// ko-count test found; `replica::Node::untold`).
+    /// ko-count test found; `replica::Node::source_start`).
     #[test]
     fn a_source_that_does_not_tell_its_exchange_writes_is_caught() {
         let s = Sabotage {

@@ -48,7 +48,7 @@
 //! The bitmap exchange takes the deliveries of its packets. A Primary SyncSource writes on
 //! meanwhile, locally (its core replicates only once the Secondary's bitmap is in, as in
 //! the daemon); the blocks it marks after its own bitmap went out are told by
-//! `P_OUT_OF_SYNC` (`Node::untold`) ahead of `P_SYNC_UUID`, and checker 7 asks that the
+//! `P_OUT_OF_SYNC` (`Node::source_start`) ahead of `P_SYNC_UUID`, and checker 7 asks that the
 //! target start with every block the source then marks (CI found the daemon without
 //! this rule; `sim::tests::a_source_that_does_not_tell_its_exchange_writes_is_caught`).
 //!
@@ -78,7 +78,7 @@ use crate::state::uuid::{
 use crate::state::{ConnState, DiskState, Role};
 use crate::wire::dp;
 use crate::wire::{
-    decode_frame, encode, ff, BitmapReceiver, BitmapSender, BlockDesc, Command, Packet, WireCtx,
+    decode_frame, encode, ff, BitmapReceiver, BitmapSender, Command, Packet, WireCtx,
 };
 use std::collections::{BTreeMap, VecDeque};
 
@@ -300,7 +300,7 @@ pub(super) struct Rs {
     /// The bitmap transfer the Primary receives.
     p_rx: Option<(BitmapReceiver, Vec<u64>)>,
     /// The bitmap the Primary sent in this connection's exchange: its writes from then
-    /// until it starts replicating are told by `P_OUT_OF_SYNC` (`Node::untold`).
+    /// until it starts replicating are told by `P_OUT_OF_SYNC` (`Node::source_start`).
     p_sent: Vec<u64>,
     /// The SyncSource's bitmap when it starts replicating: the SyncTarget's must hold
     /// it at its start (checker 7).
@@ -942,25 +942,17 @@ impl Sim {
         let skip = self.rs.sabotage.skip_untold;
         #[cfg(not(test))]
         let skip = false;
-        for (sector, blksize) in self.pn.untold(&known) {
-            if skip {
-                break;
-            }
-            let desc = BlockDesc {
-                sector,
-                blksize,
-                pad: 0,
-            };
-            let pkt = Packet::BlockDesc {
-                cmd: Command::P_OUT_OF_SYNC,
-                desc,
-            };
-            self.report.exchange_told += 1;
-            let pkt = self.wire(&pkt, &[])?;
-            self.send_data(DataMsg::OutOfSync(pkt));
-        }
         self.rs.p_at_sync = self.pn.primary.out_of_sync().words().to_vec();
-        self.send_data(DataMsg::SyncUuid(sync_uuid));
+        for pkt in self.pn.source_start(&known, sync_uuid) {
+            match self.wire(&pkt, &[])? {
+                Packet::SyncUuid(u) => self.send_data(DataMsg::SyncUuid(u)),
+                _ if skip => {}
+                pkt => {
+                    self.report.exchange_told += 1;
+                    self.send_data(DataMsg::OutOfSync(pkt));
+                }
+            }
+        }
         let p = &self.rs.params;
         let cfg = SourceConfig {
             sectors: SECTORS as u64,

@@ -75,7 +75,7 @@ use crate::state::change;
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
-use crate::wire::{self, BlockDesc, Command, Packet};
+use crate::wire::{self, Command, Packet};
 use durable::{Gate, MetaWriter, Ticket};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -1026,7 +1026,7 @@ impl Volume {
     }
 
     /// A connection finished its handshake. Returns the notify that kills it. A
-    /// SyncSource's first packets are those of `source` (`replica::Node::untold`), queued
+    /// SyncSource's first packets are those of `source` (`replica::Node::source_start`), queued
     /// under the same lock as the step that makes the Primary replicate.
     fn connection_up(
         &self,
@@ -1042,23 +1042,13 @@ impl Volume {
             let mut g = self.lock();
             let inner = &mut *g;
             if let Some(start) = source {
-                let mut pkts: Vec<Packet> = (inner.node.untold(&start.known).into_iter())
-                    .map(|(sector, blksize)| Packet::BlockDesc {
-                        cmd: Command::P_OUT_OF_SYNC,
-                        desc: BlockDesc {
-                            sector,
-                            blksize,
-                            pad: 0,
-                        },
-                    })
-                    .collect();
-                if !pkts.is_empty() {
+                let pkts = inner.node.source_start(&start.known, start.sync_uuid);
+                if pkts.len() > 1 {
                     tracing::info!(
                         "{} ranges written during the bitmap exchange told by P_OUT_OF_SYNC",
-                        pkts.len()
+                        pkts.len() - 1
                     );
                 }
-                pkts.push(Packet::SyncUuid(start.sync_uuid));
                 if let Err(e) = link.send_all(Stream::Data, &pkts) {
                     // The connection is ending; the next one exchanges bitmaps again.
                     tracing::warn!("cannot start the resync: {e}");

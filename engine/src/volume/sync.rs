@@ -11,7 +11,7 @@
 //!    round. `merge_peer_bitmap` (`port.rs`) OR-merges what arrived.
 //! 3. The SyncSource makes the sync UUID durable ([`Volume::begin_sync_source`]); its
 //!    `connection_up` queues `P_OUT_OF_SYNC` for every block its application marked
-//!    after the snapshot (`replica::Node::untold`), then `P_SYNC_UUID`, under the lock
+//!    after the snapshot (`replica::Node::source_start`), then `P_SYNC_UUID`, under the lock
 //!    in which the Primary starts replicating — so every write is either told or
 //!    replicated. The SyncTarget ORs those blocks into the source's bitmap, then
 //!    ([`Volume::begin_sync_target`]) writes its bitmap, clears `MDF_CONSISTENT` and
