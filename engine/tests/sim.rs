@@ -128,6 +128,11 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("online verifies of a damaged secondary", |r| r.verifies),
         ("SyncTarget primaries", |r| r.st_primaries),
         ("their reads answered by the peer", |r| r.st_remote_reads),
+        ("Diskless primaries (a failed local write)", |r| {
+            r.p_detaches
+        }),
+        ("their writes, on the peer only", |r| r.p_diskless_writes),
+        ("their reads, answered by the peer", |r| r.p_diskless_reads),
     ];
     let coverage: Vec<(&str, u64)> = counters.iter().map(|&(n, f)| (n, sum(f))).collect();
     let seeds = |f: fn(&SimReport) -> bool| reports.iter().filter(|r| f(r)).count();

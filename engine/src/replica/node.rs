@@ -231,9 +231,11 @@ pub(crate) struct Node {
     receiver_out: Vec<ReceiverOutput>,
     /// Deliberate bugs for the simulator's sabotage tests: `invalidate` marks nothing;
     /// a peer's skipped initial sync is ignored; a failed local write leaves the disk in
-    /// service and UpToDate.
+    /// service and UpToDate; a Diskless Primary reads its own disk.
     #[cfg(test)]
     pub(crate) sabotage_invalidate_marks_nothing: bool,
+    #[cfg(test)]
+    pub(crate) sabotage_diskless_reads_locally: bool,
     #[cfg(test)]
     pub(crate) sabotage_failed_disk_stays_up_to_date: bool,
     #[cfg(test)]
@@ -271,6 +273,8 @@ impl Node {
             receiver_out: Vec::new(),
             #[cfg(test)]
             sabotage_invalidate_marks_nothing: false,
+            #[cfg(test)]
+            sabotage_diskless_reads_locally: false,
             #[cfg(test)]
             sabotage_failed_disk_stays_up_to_date: false,
             #[cfg(test)]
@@ -414,6 +418,10 @@ impl Node {
     /// answer (not connected, or its disk not UpToDate).
     pub(crate) fn reads_from_peer(&self, sector: u64, len: u32) -> bool {
         if self.primary.is_detached() {
+            #[cfg(test)]
+            if self.sabotage_diskless_reads_locally {
+                return false;
+            }
             return true;
         }
         match self.disk {

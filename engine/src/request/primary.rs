@@ -41,10 +41,15 @@
 //! metadata is on the failed disk: no transaction is written again; the log is dropped
 //! once the transaction in flight, if any, is done — writes waiting for it get EIO if it
 //! fails, as before). Their blocks are marked out of sync (the local disk lacks them).
-//! Such a write completes `Ok` only if the peer's part succeeded for the protocol (C:
-//! `P_WRITE_ACK`, B: `P_RECV_ACK`, A: handed to TCP, or its epoch's barrier ack); a
+//! Such a write is sent as under protocol C whatever the configured protocol
+//! (`DP_SEND_WRITE_ACK`) and completes `Ok` only on its `P_WRITE_ACK` (or its epoch's
+//! barrier ack): the peer's disk is its only copy, and a `P_RECV_ACK` says only that the
+//! peer received it — a peer that still held it when the connection went drops it
+//! (`Receiver::connection_lost`), and with no local copy and no bit to resync from, an
+//! acknowledged write would be gone. (The simulator's checker 18 found this under
+//! protocol B; DRBD's receiver submits on receipt and holds nothing back.) A
 //! `P_NEG_ACK`, a connection loss or not being sent at all (disconnected) completes it
-//! with [`RequestError::IoFailed`]: an acknowledged write must be on the peer. Flushes
+//! with [`RequestError::IoFailed`]: an acknowledged write must be on the peer's disk. Flushes
 //! need no local flush: they complete on the barrier acks of the epochs before them, and
 //! fail if disconnected (or the connection is lost before the acks). Writes and flushes
 //! already submitted locally at the detach keep the usual rules (the driver fails their
@@ -402,6 +407,9 @@ pub(crate) struct PrimarySabotage {
     pub flush_ignores_peer: bool,
     /// Evict extents without writing their bitmap pages first.
     pub skip_evicted_pages: bool,
+    /// A detached write completes on the configured protocol's event (a `P_RECV_ACK`
+    /// under B) instead of the peer's `P_WRITE_ACK`.
+    pub detached_keeps_protocol: bool,
 }
 
 /// The Primary's write pipeline for one volume and one peer. See the module docs.
@@ -1288,9 +1296,19 @@ impl Primary {
 
     fn submit(&mut self, idx: u32) {
         let tag = self.tag(idx);
-        let protocol = self.cfg.protocol;
         let connected = self.connected;
         let detached = self.detached;
+        // A detached write exists only on the peer: it completes when the peer's disk has
+        // it, whatever the protocol (see the module docs).
+        #[cfg(test)]
+        let keep = self.sabotage.detached_keeps_protocol;
+        #[cfg(not(test))]
+        let keep = false;
+        let protocol = if detached && !keep {
+            Protocol::C
+        } else {
+            self.cfg.protocol
+        };
         let s = &mut self.slots[idx as usize];
         s.started = true;
         let (id, sector, len, kind, fua) = (s.id, s.sector, s.len, s.kind, s.fua);
@@ -2258,28 +2276,41 @@ mod tests {
         assert_eq!(p.stats().in_flight_writes, 0);
     }
 
+    /// Under protocols B and A a detached write is sent as under C and completes only on
+    /// the peer's `P_WRITE_ACK`: its disk is the only copy.
     #[test]
-    fn a_detached_write_under_protocols_b_and_a_completes_on_their_events() {
+    fn a_detached_write_under_protocols_b_and_a_waits_for_the_peer_s_disk() {
+        for protocol in [Protocol::B, Protocol::A] {
+            let mut p = primary(protocol);
+            p.detach_local();
+            p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+            let o = outs(&mut p);
+            let Some(&O::SendWrite {
+                block_id, dp_flags, ..
+            }) = o.iter().find(|x| matches!(x, O::SendWrite { .. }))
+            else {
+                panic!("not sent: {o:?}");
+            };
+            assert_eq!(
+                dp_flags & (dp::DP_SEND_WRITE_ACK | dp::DP_SEND_RECEIVE_ACK),
+                dp::DP_SEND_WRITE_ACK,
+                "{protocol:?}"
+            );
+            p.handed_to_network(block_id);
+            assert!(p.peer_recv_ack(block_id).is_err(), "not what it asked for");
+            assert!(
+                completed(&outs(&mut p)).is_empty(),
+                "{protocol:?}: only received"
+            );
+            p.peer_write_ack(block_id).unwrap();
+            assert_eq!(completed(&outs(&mut p)), vec![(1, true)]);
+        }
+        // Before the detach the configured protocol holds.
         let mut p = primary(Protocol::B);
-        p.detach_local();
         p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
-        let bid = sent_ids(&outs(&mut p))[0].1;
-        p.peer_recv_ack(bid).unwrap();
-        assert_eq!(completed(&outs(&mut p)), vec![(1, true)]);
-
-        let mut p = primary(Protocol::A);
-        p.detach_local();
-        p.write(1, 0, 4096, WriteKind::Data, false).unwrap();
-        p.write(2, 64, 4096, WriteKind::Data, false).unwrap();
-        let sent = sent_ids(&outs(&mut p));
-        p.handed_to_network(sent[0].1);
         let o = outs(&mut p);
-        assert_eq!(completed(&o), vec![(1, true)]);
-        // Write 2 was never reported handed over; its epoch's barrier ack proves the
-        // peer has it.
-        let nr = barriers(&o)[0];
-        p.barrier_ack(nr, 2).unwrap();
-        assert_eq!(completed(&outs(&mut p)), vec![(2, true)]);
+        assert!(o.iter().any(|x| matches!(x, O::SendWrite { dp_flags, .. }
+            if dp_flags & dp::DP_SEND_RECEIVE_ACK != 0)));
     }
 
     #[test]

@@ -95,6 +95,13 @@
 //!   resync runs (half over a damaged block), each where `Node::reads_from_peer` says
 //!   (`P_DATA_REQUEST` / `P_DATA_REPLY` through the codec, or its own disk); after the
 //!   last read the roles trade back.
+//! - **Primary disk failure** (`p_detach.rs`), on about one seed in eight, its own
+//!   random stream, at the end of the run once in sync (before the Primary's death): its
+//!   next local write fails and the node detaches the disk as the daemon does
+//!   (`on-io-error detach`: Diskless, the core serves through the peer, the failure
+//!   record durable first); 24 more requests, one connection drop among them, then 16
+//!   reads through `Node::reads_from_peer`. (Elsewhere the simulator's Primary still
+//!   marks a failed write's blocks and keeps its disk, as neither daemon policy does.)
 //! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
 //!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
 //!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
@@ -217,6 +224,10 @@
 //!     SyncSource's bytes (a block still to fetch, or left over by a run that ended with
 //!     failed blocks, is read from the peer); the roles trade and trade back; checker 7
 //!     then finds the damaged blocks repaired.
+//! 18. Primary disk failure (`p_detach.rs`): the first failed write takes the disk out
+//!     of service (Diskless); every later write completes only once the Secondary's disk
+//!     holds it, whatever the protocol; every read returns the reference image, from the
+//!     peer; checker 9 then finds every acknowledged write on the promoted Secondary.
 //!
 //! The reference image is, per sector, the last write completed successfully (0 at the
 //! start; unknown after a failed local write). A crash replaces it with what the
@@ -238,6 +249,7 @@ mod failover;
 mod fresh;
 mod invalidate;
 mod meta;
+mod p_detach;
 mod p_stop;
 mod race;
 mod resync;
@@ -365,6 +377,9 @@ pub(crate) struct Sabotage {
     /// The Secondary ignores a peer's skipped initial sync (`P_UUIDS` flag 8;
     /// `replica::Node::peer_skipped_initial_sync` off; checker 14).
     pub ignore_peer_skip: bool,
+    /// A Diskless Primary reads its own (failed) disk (`replica::Node::reads_from_peer`'s
+    /// rule off; checker 18).
+    pub diskless_reads_locally: bool,
     /// The SyncSource does not tell the blocks it marked while the bitmaps crossed
     /// (`replica::Node::source_start` off).
     pub skip_untold: bool,
@@ -722,6 +737,16 @@ pub struct SimReport {
     pub st_remote_reads: u64,
     /// See `st_primaries`.
     pub st_local_reads: u64,
+    /// Checker 18: Primaries whose disk failed (Diskless), their writes after it and their
+    /// application's reads.
+    pub p_detaches: u64,
+    /// See `p_detaches`.
+    pub p_diskless_writes: u64,
+    /// See `p_detaches`.
+    pub p_diskless_reads: u64,
+    /// Sectors whose last write lived only on the failed disk (written before the
+    /// failure, possibly not on the peer when the connection dropped).
+    pub p_diskless_lost_sectors: u64,
     /// Hash of the event trace (equal for equal seeds).
     pub digest: u64,
 }
@@ -1181,6 +1206,10 @@ struct Sim {
     /// (`st_reads.rs`); `st` while they run.
     st_due: Option<st_reads::StReads>,
     st: Option<st_reads::StReads>,
+    /// The Primary's disk failure at the end of the run, if this seed has one
+    /// (`p_detach.rs`); `pd` while it runs.
+    pd_due: Option<p_detach::PDetach>,
+    pd: Option<p_detach::PDetach>,
     /// The bitmap's flush id of the Secondary's write-back flush in flight.
     s_writeback: Option<Option<u64>>,
 
@@ -1269,6 +1298,8 @@ impl Sim {
             ps: p_stop::PStop::new(cfg.seed),
             verify_due: verify::drawn(cfg.seed),
             st_due: st_reads::drawn(cfg.seed),
+            pd_due: p_detach::drawn(cfg.seed),
+            pd: None,
             st: None,
             fresh_pending: fresh_pair.is_some(),
             s_writeback: None,
@@ -1317,6 +1348,7 @@ impl Sim {
             pn.runs.failed_mut().sabotage_ack_clears = cfg.sabotage.ack_clears_failed_blocks;
             // The nodes trade places at a switchover: either may be the SyncTarget then.
             pn.runs.target_sabotage.read_locally = cfg.sabotage.target_reads_locally;
+            pn.sabotage_diskless_reads_locally = cfg.sabotage.diskless_reads_locally;
         }
         Ok((pn, sn))
     }
@@ -1376,6 +1408,11 @@ impl Sim {
         if let Some(st) = self.st_due.take() {
             self.st_reads_at_end(st)?;
             self.check_quiescence()?;
+        }
+        if let Some(pd) = self.pd_due.take() {
+            if self.p_detach_at_end(pd)? {
+                return self.check_failover();
+            }
         }
         // Every seed ends with the Primary's death.
         self.failover(true)?;
@@ -1719,6 +1756,10 @@ impl Sim {
             kind,
             fua,
         };
+        if fail {
+            // The daemon's `on-io-error detach` (only in `p_detach.rs`'s scenario).
+            self.p_disk_failed(&w)?;
+        }
         let recorded = self
             .pn
             .write_done(&w, !fail)
@@ -2268,7 +2309,7 @@ impl Sim {
             return Err(format!("tag {tag:#x} submitted twice"));
         }
         self.primary_write_submitted(len);
-        let fail = self.rng.chance(self.params.fail_ppm[0]);
+        let fail = self.p_write_fails();
         let d = self.rng.range(1, self.params.disk_delay.0);
         let inc = self.inc;
         self.at(d, Ev::PDiskWrite { tag, id, fail, inc });
@@ -2475,7 +2516,8 @@ impl Sim {
             } => {
                 let first = usize::try_from(sector).map_err(|e| e.to_string())?;
                 let range = first..first + len as usize / SECTOR as usize;
-                if !ok && !submitted {
+                let diskless = self.pn.disk == DiskState::Diskless && !submitted;
+                if !ok && !submitted && !diskless {
                     // Its activity-log transaction failed: the disk never saw it.
                     self.report.writes_failed_by_al += 1;
                     return Ok(());
@@ -2492,17 +2534,22 @@ impl Sim {
                 }
                 self.report.writes_ok += 1;
                 let zero = !kind.has_data();
+                // A Diskless Primary's write is on the Secondary only (`p_detach.rs`); one
+                // submitted to its disk before the failure keeps the usual rules. (A failed
+                // one may have reached the Secondary: its outcome is unknown, as above.)
+                self.report.p_diskless_writes += u64::from(diskless);
                 for s in range {
                     // Checker 1: the Primary's disk holds the completed write.
-                    if self.pdisk.cache_ver[s] != id
-                        || !sector_is(self.pdisk.cache_sector(s), id, s, zero)
+                    if !diskless
+                        && (self.pdisk.cache_ver[s] != id
+                            || !sector_is(self.pdisk.cache_sector(s), id, s, zero))
                     {
                         return Err(format!(
                             "write {id} completed but primary sector {s} holds version {}",
                             self.pdisk.cache_ver[s]
                         ));
                     }
-                    if fua && self.pdisk.durable_ver[s] != id {
+                    if fua && !diskless && self.pdisk.durable_ver[s] != id {
                         return Err(format!(
                             "FUA write {id} not durable on the primary (sector {s})"
                         ));
@@ -2512,13 +2559,21 @@ impl Sim {
                     }
                     self.ref_ver[s] = id;
                     // Checker 2: protocol C means the Secondary's disk has it too.
-                    if self.params.protocol == Protocol::C && !self.oos_sector(s) {
+                    // (A Diskless Primary's write waits for the peer's disk whatever the
+                    // protocol: `request/primary.rs`.)
+                    let on_peer = self.params.protocol == Protocol::C || diskless;
+                    if on_peer && (diskless || !self.oos_sector(s)) {
                         if self.sdisk.cache_ver[s] != id
                             || !sector_is(self.sdisk.cache_sector(s), id, s, zero)
                         {
                             return Err(format!(
-                                "protocol C write {id} completed but secondary sector {s} holds \
-                                 version {}",
+                                "{} write {id} completed but secondary sector {s} holds version \
+                                 {}",
+                                if diskless {
+                                    "checker 18: a Diskless"
+                                } else {
+                                    "protocol C"
+                                },
                                 self.sdisk.cache_ver[s]
                             ));
                         }
@@ -2531,42 +2586,52 @@ impl Sim {
                     }
                 }
             }
-            OpKind::Flush => {
-                if !ok {
-                    self.report.flushes_failed += 1;
-                    return Ok(());
-                }
-                self.report.flushes_ok += 1;
-                let (snap, oos_then) = snapshot.ok_or("flush without snapshot")?;
-                // Checker 4: writes completed before the flush are durable on both sides.
-                for (s, &v) in snap.iter().enumerate() {
-                    if v == 0 || v == UNKNOWN {
-                        continue;
-                    }
-                    if self.pdisk.durable_ver[s] < v {
-                        return Err(format!(
-                            "flush {id} completed but primary sector {s} is durable at version {} \
-                             < {v}",
-                            self.pdisk.durable_ver[s]
-                        ));
-                    }
-                    self.must_survive[s] = self.must_survive[s].max(v);
-                    // (A SyncTarget is no replica yet: resync writes become durable
-                    // with the flush before it is UpToDate.)
-                    if self.sdisk.durable_ver[s] < v
-                        && self.sn.disk == DiskState::UpToDate
-                        && !oos_then.is_set((s / SECTORS_PER_BLOCK) as u64)
-                        && !self.oos_sector(s)
-                        // (A checksum resync leaves equal data with the older version.)
-                        && !sector_is(self.sdisk.durable_sector(s), v, s, !self.write_has_data(v))
-                    {
-                        return Err(format!(
-                            "flush {id} completed but secondary sector {s} is durable at version \
-                             {} < {v} (cached: {})",
-                            self.sdisk.durable_ver[s], self.sdisk.cache_ver[s]
-                        ));
-                    }
-                }
+            OpKind::Flush => self.flush_completed(id, ok, snapshot)?,
+        }
+        Ok(())
+    }
+
+    /// Checker 4 at a flush's completion (`snapshot`: the reference versions and the
+    /// blocks out of sync when it was issued).
+    fn flush_completed(
+        &mut self,
+        id: u64,
+        ok: bool,
+        snapshot: Option<(Vec<u64>, OutOfSync)>,
+    ) -> Result<(), String> {
+        if !ok {
+            self.report.flushes_failed += 1;
+            return Ok(());
+        }
+        self.report.flushes_ok += 1;
+        let (snap, oos_then) = snapshot.ok_or("flush without snapshot")?;
+        // Checker 4: writes completed before the flush are durable on both sides.
+        for (s, &v) in snap.iter().enumerate() {
+            if v == 0 || v == UNKNOWN {
+                continue;
+            }
+            if self.pdisk.durable_ver[s] < v && self.pn.disk != DiskState::Diskless {
+                return Err(format!(
+                    "flush {id} completed but primary sector {s} is durable at version {} \
+                     < {v}",
+                    self.pdisk.durable_ver[s]
+                ));
+            }
+            self.must_survive[s] = self.must_survive[s].max(v);
+            // (A SyncTarget is no replica yet: resync writes become durable
+            // with the flush before it is UpToDate.)
+            if self.sdisk.durable_ver[s] < v
+                && self.sn.disk == DiskState::UpToDate
+                && !oos_then.is_set((s / SECTORS_PER_BLOCK) as u64)
+                && !self.oos_sector(s)
+                // (A checksum resync leaves equal data with the older version.)
+                && !sector_is(self.sdisk.durable_sector(s), v, s, !self.write_has_data(v))
+            {
+                return Err(format!(
+                    "flush {id} completed but secondary sector {s} is durable at version \
+                     {} < {v} (cached: {})",
+                    self.sdisk.durable_ver[s], self.sdisk.cache_ver[s]
+                ));
             }
         }
         Ok(())
@@ -2882,6 +2947,18 @@ mod tests {
         assert!(f.message.contains("after the restart"), "{f}");
     }
 
+    /// Checker 18: a Diskless Primary's write completed on `P_RECV_ACK` (protocol B) or
+    /// once handed to the network (A) is lost when the connection drops while the
+    /// Secondary still holds it: such a write must wait for the peer's disk.
+    #[test]
+    fn a_diskless_write_acked_on_receipt_is_caught() {
+        let mut s = Sabotage::default();
+        s.primary.detached_keeps_protocol = true;
+        let f = first_failure(s).expect("the simulator must catch a Diskless write on B's ack");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 18"), "{f}");
+    }
+
     #[test]
     fn a_flush_that_ignores_the_peer_is_caught() {
         let mut s = Sabotage::default();
@@ -3018,6 +3095,18 @@ mod tests {
         assert!(f.message.contains("checker 16"), "{f}");
     }
 
+    /// Checker 18: a Diskless Primary that reads its own disk returns what it lacks.
+    #[test]
+    fn a_diskless_primary_reading_its_own_disk_is_caught() {
+        let s = Sabotage {
+            diskless_reads_locally: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch a Diskless local read");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 18"), "{f}");
+    }
+
     /// Checker 17: a SyncTarget Primary that answers a read of a block still to be
     /// fetched from its own disk returns stale bytes.
     #[test]
@@ -3149,7 +3238,12 @@ mod tests {
         };
         let f = first_failure(s).expect("the simulator must catch a failed disk promoted");
         eprintln!("caught: {f}");
-        assert!(f.message.contains("checker 9"), "{f}");
+        // (Checker 18 may see it first: after a switchover the sabotaged node is the
+        // Primary, whose failed disk must leave service too.)
+        assert!(
+            f.message.contains("checker 9") || f.message.contains("checker 18"),
+            "{f}"
+        );
     }
 
     #[test]
@@ -3196,6 +3290,9 @@ mod tests {
             ("SyncTarget Primaries", sum(|r| r.st_primaries)),
             ("their reads of the peer", sum(|r| r.st_remote_reads)),
             ("their local reads", sum(|r| r.st_local_reads)),
+            ("Diskless Primaries", sum(|r| r.p_detaches)),
+            ("their writes", sum(|r| r.p_diskless_writes)),
+            ("their reads", sum(|r| r.p_diskless_reads)),
         ];
         eprintln!(
             "failover coverage over {FAILOVER_SEEDS} seeds: {coverage:?}, stale if promoted {}",

@@ -646,7 +646,7 @@ impl Sim {
         let ap = self.pn.agree(&me_p, &to_p, &ctx(rc_p), &pol_p)?;
         let as_ = self.sn.agree(&me_s, &to_s, &ctx(!rc_p), &pol_s)?;
         let (Some(hp), Some(hs)) = (&ap.handshake, &as_.handshake) else {
-            return Err("a node without a disk connected: no sync handshake ran".into());
+            return self.connected_diskless(ap.outcome, as_.outcome);
         };
         let what = || {
             format!(
@@ -717,6 +717,23 @@ impl Sim {
             self.rs.sb = Sb::Resolving;
         }
         self.connected(decision, as_.outcome)
+    }
+
+    /// A handshake that ran no sync handshake: only a Diskless Primary's (`p_detach.rs`),
+    /// which DRBD connects at once (Connected on both sides).
+    fn connected_diskless(
+        &mut self,
+        p: HandshakeOutcome,
+        s: HandshakeOutcome,
+    ) -> Result<(), String> {
+        let both = (HandshakeOutcome::Connected, HandshakeOutcome::Connected);
+        if self.pn.disk != DiskState::Diskless || (p, s) != both {
+            return Err(format!(
+                "no sync handshake ran ({p:?} / {s:?}) with the Primary's disk {}",
+                self.pn.disk
+            ));
+        }
+        self.connected(Decision::Connected, s)
     }
 
     /// A node's hello as the other node reads it: its `P_UUIDS` through the codec (the

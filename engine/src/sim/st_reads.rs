@@ -143,7 +143,7 @@ impl Sim {
         let range = at..at + len as usize;
         let got = if self.sn.reads_from_peer(sector, len) {
             self.report.st_remote_reads += 1;
-            self.peer_read(sector, len)?
+            self.peer_read(sector, len, true)?
         } else {
             self.report.st_local_reads += 1;
             self.sdisk.cache[range.clone()].to_vec()
@@ -168,9 +168,15 @@ impl Sim {
         Ok(())
     }
 
-    /// A read of the peer (`P_DATA_REQUEST`), answered from the SyncSource's disk
-    /// (`P_DATA_REPLY`), both through the codec.
-    fn peer_read(&mut self, sector: u64, len: u32) -> Result<Vec<u8>, String> {
+    /// A read of the peer (`P_DATA_REQUEST`), answered from its disk (`P_DATA_REPLY`),
+    /// both through the codec; `from_primary`: the Primary's node answers (the
+    /// SyncSource here), else the Secondary's (`p_detach.rs`).
+    pub(super) fn peer_read(
+        &mut self,
+        sector: u64,
+        len: u32,
+        from_primary: bool,
+    ) -> Result<Vec<u8>, String> {
         let req = Packet::BlockReq {
             cmd: Command::P_DATA_REQUEST,
             req: BlockReq {
@@ -185,7 +191,12 @@ impl Sim {
             return Err("the codec changed a P_DATA_REQUEST".into());
         };
         let at = usize::try_from(req.sector).map_err(|e| e.to_string())? * SECTOR as usize;
-        let data = self.pdisk.cache[at..at + req.blksize as usize].to_vec();
+        let disk = if from_primary {
+            &self.pdisk
+        } else {
+            &self.sdisk
+        };
+        let data = disk.cache[at..at + req.blksize as usize].to_vec();
         let reply = Packet::Data {
             cmd: Command::P_DATA_REPLY,
             head: DataHeader {
