@@ -1787,6 +1787,7 @@ impl Sim {
     }
 
     fn drop_connection(&mut self) -> Result<(), String> {
+        self.p_detach_connection_dropped();
         self.report.drops += 1;
         self.up = false;
         self.gen += 1;

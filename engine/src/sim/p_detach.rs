@@ -37,6 +37,7 @@ use super::{sector_is, Ev, Sim, SECTORS, SECTORS_PER_BLOCK, UNKNOWN};
 use crate::replica::{Durable, LocalWrite};
 use crate::request::SECTOR;
 use crate::state::{DiskState, Role};
+use std::collections::BTreeSet;
 
 /// Requests the application issues after the failure.
 const WRITES: u32 = 24;
@@ -55,6 +56,9 @@ pub(super) struct PDetach {
     pub(super) fail_next: bool,
     /// The failure took the disk out of service.
     pub(super) detached: bool,
+    /// Writes sent to the Secondary that had not landed there when the connection
+    /// dropped (it may have dropped them).
+    pub(super) unlanded: BTreeSet<u64>,
 }
 
 /// A seed's draw: `Some` if it runs the scenario.
@@ -64,6 +68,7 @@ pub(super) fn drawn(seed: u64) -> Option<PDetach> {
         rng,
         fail_next: false,
         detached: false,
+        unlanded: BTreeSet::new(),
     })
 }
 
@@ -103,7 +108,7 @@ impl Sim {
         if self.outstanding != 0 || !self.up {
             return Err("checker 18: the Diskless Primary's writes did not all end".into());
         }
-        self.forget_failed_disk_only();
+        self.forget_failed_disk_only(&pd.unlanded);
         let written: Vec<(u64, u64)> = self.ops[usize::try_from(first).unwrap_or(0)..]
             .iter()
             .filter_map(|op| match op.kind {
@@ -117,25 +122,26 @@ impl Sim {
         Ok(false)
     }
 
-    /// A write on the Primary's disk before it failed that the peer may lack (its block
-    /// marked: a protocol A or B write in flight at the drop) lived only on the failed
-    /// disk — a double failure, lost as in DRBD: its sectors' outcome is unknown from now
-    /// on (for the reads and for checker 9). (A block marked for another sector's write
-    /// after the failure makes this coarser than it need be, never wrong.)
-    fn forget_failed_disk_only(&mut self) {
+    /// A write completed on the Primary's disk before it failed and still on its way to
+    /// the Secondary when the connection dropped (`unlanded`: a protocol A or B write
+    /// acknowledged early, or one whose local part completed it as the connection went)
+    /// lived only on the failed disk — a double failure, lost as in DRBD: its sectors'
+    /// outcome is unknown from now on (for the reads and for checker 9). A write of the
+    /// Diskless Primary is never among them: it completes only once it landed.
+    fn forget_failed_disk_only(&mut self, unlanded: &BTreeSet<u64>) {
         for s in 0..SECTORS {
-            let v = self.ref_ver[s];
-            let before = v != UNKNOWN
-                && v != 0
-                && usize::try_from(v)
-                    .ok()
-                    .and_then(|i| self.ops.get(i))
-                    .is_some_and(|op| op.submitted);
-            let block = (s / SECTORS_PER_BLOCK) as u64;
-            if before && self.pn.primary.out_of_sync().is_set(block) {
+            if unlanded.contains(&self.ref_ver[s]) {
                 self.ref_ver[s] = UNKNOWN;
                 self.report.p_diskless_lost_sectors += 1;
             }
+        }
+    }
+
+    /// The connection dropped while the scenario runs: the writes not landed on the
+    /// Secondary are remembered.
+    pub(super) fn p_detach_connection_dropped(&mut self) {
+        if let Some(pd) = self.pd.as_mut() {
+            pd.unlanded.extend(self.fo.to_s.iter().copied());
         }
     }
 
