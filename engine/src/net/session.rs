@@ -264,7 +264,7 @@ async fn exchange_bitmaps<R: Replica>(
     if source {
         send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
         receive_bitmap(data, &mut peer, bm_bits, ctx, None).await?;
-        merged(replica, &peer, 0);
+        merged(replica, &peer, None);
         let sync_uuid = replica
             .begin_sync_source()
             .await
@@ -299,7 +299,7 @@ async fn exchange_bitmaps<R: Replica>(
     for (p, t) in peer.iter_mut().zip(&told) {
         *p |= t;
     }
-    merged(replica, &peer, told_blocks);
+    merged(replica, &peer, Some(told_blocks));
     replica
         .begin_sync_target(uuid)
         .await
@@ -307,13 +307,12 @@ async fn exchange_bitmaps<R: Replica>(
     Ok(None)
 }
 
-/// ORs the peer's bitmap (with the blocks it told, `told` of them) into the replica's.
-fn merged<R: Replica>(replica: &R, peer: &[u64], told: u64) {
+/// ORs the peer's bitmap (on a target with the blocks the source told, `told` of them)
+/// into the replica's.
+fn merged<R: Replica>(replica: &R, peer: &[u64], told: Option<u64>) {
     let added = replica.merge_peer_bitmap(peer);
-    tracing::info!(
-        "bitmap exchange: the peer's bitmap added {added} out-of-sync blocks ({told} told by \
-         P_OUT_OF_SYNC)"
-    );
+    let told = told.map_or(String::new(), |n| format!(" ({n} told by P_OUT_OF_SYNC)"));
+    tracing::info!("bitmap exchange: the peer's bitmap added {added} out-of-sync blocks{told}");
 }
 
 /// A `P_OUT_OF_SYNC` before `P_SYNC_UUID`: marks its blocks in `told` (`bm_bits` bits).
