@@ -23,6 +23,7 @@ use super::{
     SourceStart, Stream,
 };
 use crate::config::{Config, NodeConfig};
+use crate::request::OutOfSync;
 use crate::resync::{Inbound, SLEEP_TIME_MS};
 use crate::state::uuid::HandshakeOutcome;
 use crate::wire::{self, dp, BitmapReceiver, BitmapSender, Command, Header, Packet, WireCtx};
@@ -277,7 +278,7 @@ async fn exchange_bitmaps<R: Replica>(
             sync_uuid,
         }));
     }
-    let mut told = vec![0u64; words.len()];
+    let mut told = OutOfSync::new(bm_bits.saturating_mul(8));
     receive_bitmap(data, &mut peer, bm_bits, ctx, Some(&mut told)).await?;
     send_bitmap(data, &words, bm_bits, ctx, use_rle).await?;
     let uuid = loop {
@@ -285,7 +286,7 @@ async fn exchange_bitmaps<R: Replica>(
             (_, Packet::SyncUuid(u)) => break u,
             (_, Packet::State(_)) => {}
             (_, Packet::BlockDesc { cmd, desc }) if cmd == Command::P_OUT_OF_SYNC => {
-                mark_told(&mut told, bm_bits, &desc)?;
+                mark_told(&mut told, &desc)?;
             }
             (hdr, _) => {
                 return Err(NetError::Protocol(format!(
@@ -295,11 +296,10 @@ async fn exchange_bitmaps<R: Replica>(
             }
         }
     };
-    let told_blocks = told.iter().map(|w| u64::from(w.count_ones())).sum();
-    for (p, t) in peer.iter_mut().zip(&told) {
+    for (p, t) in peer.iter_mut().zip(told.words()) {
         *p |= t;
     }
-    merged(replica, &peer, Some(told_blocks));
+    merged(replica, &peer, Some(told.count()));
     replica
         .begin_sync_target(uuid)
         .await
@@ -315,32 +315,15 @@ fn merged<R: Replica>(replica: &R, peer: &[u64], told: Option<u64>) {
     tracing::info!("bitmap exchange: the peer's bitmap added {added} out-of-sync blocks{told}");
 }
 
-/// A `P_OUT_OF_SYNC` before `P_SYNC_UUID`: marks its blocks in `told` (`bm_bits` bits).
-/// A range that is empty, not whole sectors, longer than DRBD_MAX_BIO_SIZE or past the
-/// bitmap is a protocol error (DRBD's `drbd_set_out_of_sync` refuses the same).
-fn mark_told(told: &mut [u64], bm_bits: u64, desc: &wire::BlockDesc) -> Result<(), NetError> {
-    let bad = || {
+/// A `P_OUT_OF_SYNC` before `P_SYNC_UUID`: marks its blocks in `told`
+/// ([`OutOfSync::mark_checked`]); a range it refuses is a protocol error.
+fn mark_told(told: &mut OutOfSync, desc: &wire::BlockDesc) -> Result<(), NetError> {
+    told.mark_checked(desc.sector, desc.blksize).map_err(|e| {
         NetError::Protocol(format!(
-            "P_OUT_OF_SYNC of {} bytes at sector {} is not a range of this volume",
+            "P_OUT_OF_SYNC of {} bytes at sector {} is not a range of this volume ({e})",
             desc.blksize, desc.sector
         ))
-    };
-    let len = desc.blksize;
-    if len == 0 || !len.is_multiple_of(512) || len > wire::DRBD_MAX_BIO_SIZE {
-        return Err(bad());
-    }
-    let end = desc
-        .sector
-        .checked_add(u64::from(len / 512))
-        .ok_or_else(bad)?;
-    if end > bm_bits.saturating_mul(8) {
-        return Err(bad());
-    }
-    for block in desc.sector / 8..=(end - 1) / 8 {
-        let word = usize::try_from(block / 64).map_err(|_| bad())?;
-        *told.get_mut(word).ok_or_else(bad)? |= 1 << (block % 64);
-    }
-    Ok(())
+    })
 }
 
 async fn send_bitmap(
@@ -374,7 +357,7 @@ async fn receive_bitmap(
     peer: &mut [u64],
     bm_bits: u64,
     ctx: &WireCtx,
-    mut told: Option<&mut Vec<u64>>,
+    mut told: Option<&mut OutOfSync>,
 ) -> Result<(), NetError> {
     let mut rx = BitmapReceiver::new(bm_bits, ctx)
         .map_err(|e| NetError::Protocol(format!("bitmap: {e}")))?;
@@ -384,7 +367,7 @@ async fn receive_bitmap(
             Packet::State(_) => {}
             Packet::BlockDesc { cmd, desc } if cmd == Command::P_OUT_OF_SYNC && told.is_some() => {
                 if let Some(t) = told.as_deref_mut() {
-                    mark_told(t, bm_bits, &desc)?;
+                    mark_told(t, &desc)?;
                 }
             }
             Packet::Bitmap(_) | Packet::CompressedBitmap(_) => {
@@ -980,11 +963,11 @@ mod tests {
             pad: 0,
         };
         // 130 blocks: three words.
-        let mut told = vec![0u64; 3];
+        let mut told = OutOfSync::new(130 * 8);
         for (sector, len) in [(4, 4096), (8 * 63, 2 * 4096), (8 * 129 + 7, 512)] {
-            mark_told(&mut told, 130, &desc(sector, len)).expect("a range of the volume");
+            mark_told(&mut told, &desc(sector, len)).expect("a range of the volume");
         }
-        assert_eq!(told, vec![0b11 | 1 << 63, 1, 1 << 1]);
+        assert_eq!(told.words(), vec![0b11 | 1 << 63, 1, 1 << 1]);
         for (sector, len) in [
             (0, 0),
             (0, 100),
@@ -993,11 +976,11 @@ mod tests {
             (8 * 129 + 7, 1024),
             (u64::MAX - 1, 4096),
         ] {
-            let e = mark_told(&mut told, 130, &desc(sector, len)).expect_err("refused");
+            let e = mark_told(&mut told, &desc(sector, len)).expect_err("refused");
             assert!(e.to_string().contains("not a range of this volume"), "{e}");
         }
         assert_eq!(
-            told,
+            told.words(),
             vec![0b11 | 1 << 63, 1, 1 << 1],
             "refused ranges mark nothing"
         );

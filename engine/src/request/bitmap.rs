@@ -349,6 +349,22 @@ impl OutOfSync {
         self.mark_block_range(first, last);
     }
 
+    /// A peer's range to mark (`P_OUT_OF_SYNC`), checked first: empty, not whole sectors,
+    /// over `DRBD_MAX_BIO_SIZE` or past the volume is refused and marks nothing (DRBD's
+    /// `drbd_set_out_of_sync` refuses the same); otherwise as [`Self::mark`].
+    pub fn mark_checked(&mut self, sector: u64, len: u32) -> Result<(), &'static str> {
+        if len == 0 || !len.is_multiple_of(SECTOR) || len > crate::wire::DRBD_MAX_BIO_SIZE {
+            return Err("empty, not whole sectors or over 1 MiB");
+        }
+        match sector.checked_add(u64::from(len / SECTOR)) {
+            Some(end) if end <= self.sectors => {
+                self.mark(sector, len);
+                Ok(())
+            }
+            _ => Err("past the end of the volume"),
+        }
+    }
+
     /// Clears the bits of the blocks *wholly* inside `[sector, sector + len bytes)` (DRBD's
     /// `drbd_set_in_sync`: start rounded up, end rounded down to 4 KiB; a range ending at
     /// the last sector of the volume also clears the partial last block). Returns the

@@ -992,18 +992,14 @@ impl Sim {
         let Packet::BlockDesc { cmd, desc } = pkt else {
             return Err(format!("P_OUT_OF_SYNC decoded as {pkt:?}"));
         };
-        let end = desc.sector.checked_add(u64::from(desc.blksize / SECTOR));
-        if *cmd != Command::P_OUT_OF_SYNC || desc.blksize == 0 || end > Some(SECTORS as u64) {
-            return Err(format!("bad P_OUT_OF_SYNC {desc:?}"));
-        }
-        if self.sn.runs.target_run().is_some() {
-            return Err("P_OUT_OF_SYNC after P_SYNC_UUID".into());
+        if *cmd != Command::P_OUT_OF_SYNC || self.sn.runs.target_run().is_some() {
+            return Err(format!("{cmd:?} on a SyncTarget or not P_OUT_OF_SYNC"));
         }
         self.sn
             .primary
             .out_of_sync_mut()
-            .mark(desc.sector, desc.blksize);
-        Ok(())
+            .mark_checked(desc.sector, desc.blksize)
+            .map_err(|e| format!("bad P_OUT_OF_SYNC {desc:?}: {e}"))
     }
 
     /// `P_SYNC_UUID` on the Secondary: it becomes SyncTarget over its merged bitmap.
