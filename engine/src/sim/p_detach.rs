@@ -33,6 +33,7 @@
 //! waits for `P_WRITE_ACK` (`request/primary.rs`).
 
 use super::rng::Rng;
+use super::st_reads::read_range;
 use super::{sector_is, Ev, Sim, SECTORS, SECTORS_PER_BLOCK, UNKNOWN};
 use crate::replica::{Durable, LocalWrite};
 use crate::request::SECTOR;
@@ -45,17 +46,12 @@ const WRITES: u32 = 24;
 /// Reads of the Diskless Primary's application.
 const READS: u32 = 16;
 
-/// Longest read, in sectors (64 KiB).
-const MAX_READ_SECTORS: u64 = 128;
-
 /// The scenario's state for one seed (a stream of its own).
 #[derive(Debug)]
 pub(super) struct PDetach {
     rng: Rng,
     /// The next local write of the Primary fails.
     pub(super) fail_next: bool,
-    /// The failure took the disk out of service.
-    pub(super) detached: bool,
     /// Writes sent to the Secondary that had not landed there when the connection
     /// dropped (it may have dropped them).
     pub(super) unlanded: BTreeSet<u64>,
@@ -67,7 +63,6 @@ pub(super) fn drawn(seed: u64) -> Option<PDetach> {
     happens.then_some(PDetach {
         rng,
         fail_next: false,
-        detached: false,
         unlanded: BTreeSet::new(),
     })
 }
@@ -99,20 +94,20 @@ impl Sim {
         let Some(mut pd) = self.pd.take() else {
             return Err("checker 18: the scenario's state went away".into());
         };
-        if !pd.detached || self.pn.disk != DiskState::Diskless {
+        if self.pn.disk != DiskState::Diskless {
             return Err(format!(
-                "checker 18: the failed write left the Primary's disk {} (detached: {})",
-                self.pn.disk, pd.detached
+                "checker 18: the failed write left the Primary's disk {}",
+                self.pn.disk
             ));
         }
         if self.outstanding != 0 || !self.up {
             return Err("checker 18: the Diskless Primary's writes did not all end".into());
         }
         self.forget_failed_disk_only(&pd.unlanded);
-        let written: Vec<(u64, u64)> = self.ops[usize::try_from(first).unwrap_or(0)..]
+        let written: Vec<u64> = self.ops[usize::try_from(first).unwrap_or(0)..]
             .iter()
             .filter_map(|op| match op.kind {
-                super::OpKind::Write { sector, len, .. } => Some((sector, u64::from(len / SECTOR))),
+                super::OpKind::Write { sector, .. } => Some(sector),
                 super::OpKind::Flush => None,
             })
             .collect();
@@ -152,18 +147,16 @@ impl Sim {
         let Some(pd) = self.pd.as_mut() else {
             return Ok(());
         };
-        let first = self.pn.local_write_failed(w, true);
-        if pd.detached == first.is_some() {
-            return Err(format!(
-                "checker 18: the disk left service {} (failure: {first:?})",
-                if pd.detached {
-                    "twice"
-                } else {
-                    "not at the first failure"
-                }
-            ));
+        let detached = self.pn.disk == DiskState::Diskless;
+        match (detached, self.pn.local_write_failed(w, true)) {
+            // A later failure (a write submitted before the first ended) changes nothing.
+            (true, None) => return Ok(()),
+            (false, Some(_)) => {}
+            (true, Some(_)) => return Err("checker 18: the disk left service twice".into()),
+            (false, None) => {
+                return Err("checker 18: the first failure left the disk in service".into())
+            }
         }
-        pd.detached = true;
         // The connection drop, while the Diskless Primary's writes run.
         let d = pd.rng.range(1, 200);
         let gen = self.gen;
@@ -185,17 +178,9 @@ impl Sim {
     }
 
     /// One read of the Diskless Primary's application (checker 18).
-    fn diskless_read(&mut self, rng: &mut Rng, written: &[(u64, u64)]) -> Result<(), String> {
-        let sectors = rng.range(1, MAX_READ_SECTORS);
-        let sector = match written.len() {
-            n if n > 0 && rng.chance(500_000) => {
-                let i = usize::try_from(rng.below(n as u64)).unwrap_or(0);
-                written.get(i).map_or(0, |w| w.0)
-            }
-            _ => rng.below(SECTORS as u64),
-        };
-        let sector = sector.min(SECTORS as u64 - sectors);
-        let len = u32::try_from(sectors).map_err(|e| e.to_string())? * SECTOR;
+    fn diskless_read(&mut self, rng: &mut Rng, written: &[u64]) -> Result<(), String> {
+        let (sector, len) = read_range(rng, written)?;
+        let sectors = len / SECTOR;
         self.report.p_diskless_reads += 1;
         let got = if self.pn.reads_from_peer(sector, len) {
             self.peer_read(sector, len, false)?

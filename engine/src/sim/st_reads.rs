@@ -42,7 +42,7 @@ const MAX_READ_SECTORS: u64 = 128;
 #[derive(Debug)]
 pub(super) struct StReads {
     rng: Rng,
-    /// The damaged blocks, once damaged.
+    /// The first sectors of the damaged blocks, once damaged.
     damaged: Vec<u64>,
     /// Invalidated; the roles trade when the full resync's target starts.
     awaiting_target: bool,
@@ -61,12 +61,31 @@ pub(super) fn drawn(seed: u64) -> Option<StReads> {
     })
 }
 
+/// An application read of up to [`MAX_READ_SECTORS`]: on half of the draws over one of
+/// the sectors `near` (ending at or after it), else anywhere. `(first sector, bytes)`.
+pub(super) fn read_range(rng: &mut Rng, near: &[u64]) -> Result<(u64, u32), String> {
+    let sectors = rng.range(1, MAX_READ_SECTORS);
+    let sector = match near.len() {
+        n if n > 0 && rng.chance(500_000) => {
+            let i = usize::try_from(rng.below(n as u64)).unwrap_or(0);
+            let s = near.get(i).copied().unwrap_or(0);
+            s.saturating_sub(rng.below(sectors))
+        }
+        _ => rng.below(SECTORS as u64),
+    };
+    let len = u32::try_from(sectors).map_err(|e| e.to_string())? * SECTOR;
+    Ok((sector.min(SECTORS as u64 - sectors), len))
+}
+
 impl Sim {
     /// The damage, the invalidate, the reads while the resync runs (see the module
     /// docs), then the run to quiescence; checker 7 follows in the caller.
     pub(super) fn st_reads_at_end(&mut self, mut st: StReads) -> Result<(), String> {
         self.report.st_primaries += 1;
-        st.damaged = damage(&mut self.sdisk, &mut st.rng, DAMAGED);
+        st.damaged = damage(&mut self.sdisk, &mut st.rng, DAMAGED)
+            .into_iter()
+            .map(|b| b * SECTORS_PER_BLOCK as u64)
+            .collect();
         let plan = self
             .sn
             .begin_invalidate()
@@ -123,22 +142,13 @@ impl Sim {
         let Some(st) = self.st.as_mut() else {
             return Err("a SyncTarget Primary's read outside its scenario".into());
         };
-        let sectors = st.rng.range(1, MAX_READ_SECTORS);
-        let sector = match st.damaged.len() {
-            n if n > 0 && st.rng.chance(500_000) => {
-                let i = usize::try_from(st.rng.below(n as u64)).unwrap_or(0);
-                let b = st.damaged.get(i).copied().unwrap_or(0);
-                (b * SECTORS_PER_BLOCK as u64).saturating_sub(st.rng.below(sectors))
-            }
-            _ => st.rng.below(SECTORS as u64),
-        };
-        let sector = sector.min(SECTORS as u64 - sectors);
+        let (sector, len) = read_range(&mut st.rng, &st.damaged)?;
+        let sectors = u64::from(len / SECTOR);
         st.left -= 1;
         let last = st.left == 0;
         if self.sn.role != Role::Primary || !self.up {
             return Err("checker 17: the SyncTarget is no Primary at its read".into());
         }
-        let len = u32::try_from(sectors).map_err(|e| e.to_string())? * SECTOR;
         let at = usize::try_from(sector).map_err(|e| e.to_string())? * SECTOR as usize;
         let range = at..at + len as usize;
         let got = if self.sn.reads_from_peer(sector, len) {
