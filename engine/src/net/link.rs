@@ -74,6 +74,17 @@ impl From<&[u8]> for Head {
     }
 }
 
+impl From<Vec<u8>> for Head {
+    /// Inline when it fits, else the vector itself (no copy).
+    fn from(bytes: Vec<u8>) -> Self {
+        if bytes.len() <= HEAD_INLINE {
+            Head::from(&bytes[..])
+        } else {
+            Head::Heap(bytes)
+        }
+    }
+}
+
 impl std::ops::Deref for Head {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -249,7 +260,13 @@ impl Link {
         for pkt in pkts {
             wire::encode(pkt, &self.ctx, 0, &mut out)?;
         }
-        self.push(stream, Outgoing::bytes(&out))
+        self.push(
+            stream,
+            Outgoing {
+                bytes: Head::from(out),
+                ..Outgoing::bytes(&[])
+            },
+        )
     }
 
     /// Resolves once every packet queued so far on the data and meta streams is in its
@@ -339,6 +356,14 @@ mod tests {
         assert_eq!(&small[..], &[7u8; HEAD_INLINE][..]);
         let big = Head::from(&[9u8; HEAD_INLINE + 1][..]);
         assert!(matches!(big, Head::Heap(_)));
+        // From a vector: inline when small, the vector itself when not.
+        assert!(matches!(
+            Head::from(vec![1u8; 8]),
+            Head::Inline { len: 8, .. }
+        ));
+        let v = vec![2u8; HEAD_INLINE + 1];
+        let at = v.as_ptr();
+        assert!(matches!(Head::from(v), Head::Heap(h) if h.as_ptr() == at));
         assert_eq!(big.len(), HEAD_INLINE + 1);
         // The largest packet a replica sends through a link is inline.
         let uuids = Packet::Uuids(wire::Uuids {
