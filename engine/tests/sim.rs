@@ -67,7 +67,7 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
     let sum = |f: fn(&SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     let counters: &[(&str, Counter)] = &[
         ("connection drops", |r| r.drops),
-        ("drops asked for by the secondary", |r| r.secondary_drops),
+        ("drops asked for by a node", |r| r.node_drops),
         ("writes waiting on an overlap", |r| r.overlap_waits),
         ("secondary writes held (drain)", |r| r.writes_held),
         ("busy refusals", |r| r.busy),

@@ -36,14 +36,16 @@
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
 //!   check, a change in memory and the order of what the driver makes durable;
-//! - the peer's acks of this node's writes (`acks.rs`): dispatched to the Primary core,
-//!   with the SyncTarget Primary's `P_NEG_ACK` rule;
+//! - [`Node::step`] (`step.rs`): the one entry point for the write path's events — the
+//!   peer's writes, barriers, acks and barrier acks, protocol A's hand-off, a local
+//!   write or a flush round that ended — with who may send what, the Receiver's
+//!   back-pressure, the marks for a Diskless peer's writes and the SyncTarget Primary's
+//!   `P_NEG_ACK` rule; its errors say whether the peer or the driver broke a rule;
 //! - a failed local write (`disk.rs`, [`Node::local_write_failed`]): DRBD's
 //!   `on-io-error`, what leaves service and what the driver records;
 //! - [`FailedLocal`]: a SyncSource's failed local writes stay out of sync whatever
 //!   resync acks arrive (the simulator's seed 30).
 
-mod acks;
 mod admin;
 mod disk;
 mod durable;
@@ -52,6 +54,7 @@ mod flush;
 mod handshake;
 mod node;
 mod roles;
+mod step;
 mod sync;
 
 pub(crate) use admin::skipped_sync_durable;
@@ -66,4 +69,5 @@ pub(crate) use roles::Promotion;
 pub(crate) use roles::Refusal;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::{promoted_uuids, GenerationFacts};
+pub(crate) use step::{Event, Outcome, StepError};
 pub(crate) use sync::{ReadFor, RunRead, SyncAction, SyncRuns};

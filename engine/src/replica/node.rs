@@ -231,7 +231,8 @@ pub(crate) struct Node {
     receiver_out: Vec<ReceiverOutput>,
     /// Deliberate bugs for the simulator's sabotage tests: `invalidate` marks nothing;
     /// a peer's skipped initial sync is ignored; a failed local write leaves the disk in
-    /// service and UpToDate; a Diskless Primary reads its own disk.
+    /// service and UpToDate; a Diskless Primary reads its own disk; a Diskless peer's
+    /// writes are not marked out of sync.
     #[cfg(test)]
     pub(crate) sabotage_invalidate_marks_nothing: bool,
     #[cfg(test)]
@@ -240,6 +241,8 @@ pub(crate) struct Node {
     pub(crate) sabotage_failed_disk_stays_up_to_date: bool,
     #[cfg(test)]
     pub(crate) sabotage_ignore_peer_skip: bool,
+    #[cfg(test)]
+    pub(crate) sabotage_diskless_peer_unmarked: bool,
 }
 
 impl Node {
@@ -279,6 +282,8 @@ impl Node {
             sabotage_failed_disk_stays_up_to_date: false,
             #[cfg(test)]
             sabotage_ignore_peer_skip: false,
+            #[cfg(test)]
+            sabotage_diskless_peer_unmarked: false,
         }
     }
 
@@ -292,7 +297,7 @@ impl Node {
     /// [`super::FailedLocal`]). `Ok(false)`: the runs' list of failed writes is full;
     /// the driver renews the connection rather than forget one. `Err`: a contract
     /// violation (an unknown handle, a second completion).
-    pub(crate) fn write_done(&mut self, w: &LocalWrite, ok: bool) -> Result<bool, Error> {
+    pub(super) fn write_done(&mut self, w: &LocalWrite, ok: bool) -> Result<bool, Error> {
         let bm = self.primary.out_of_sync_mut();
         match w.side {
             Side::Primary { tag, .. } => {
@@ -312,7 +317,7 @@ impl Node {
     /// The running flush round ended (`ok`): every flush it covered is reported, oldest
     /// first, and the next round starts if flushes were asked for meanwhile (the actions,
     /// with what the Receiver does next, are appended to `out`).
-    pub(crate) fn flush_round_done(
+    pub(super) fn flush_round_done(
         &mut self,
         ok: bool,
         out: &mut Vec<Action>,

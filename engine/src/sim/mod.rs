@@ -263,7 +263,7 @@ pub use resync::ResyncParams;
 
 use crate::meta::al::{AlGeometry, AlStats};
 use crate::net::Stream;
-use crate::replica::{Action, Durable, LocalWrite, Node, Side};
+use crate::replica::{Action, Durable, Event, LocalWrite, Node, Outcome, Side};
 use crate::request::{
     dp, Error, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, Receiver, ReceiverConfig,
     WriteKind, BLOCK_SIZE, SECTOR,
@@ -383,6 +383,9 @@ pub(crate) struct Sabotage {
     /// The SyncSource does not tell the blocks it marked while the bitmaps crossed
     /// (`replica::Node::source_start` off).
     pub skip_untold: bool,
+    /// The Secondary does not mark the writes of a Diskless Primary out of sync
+    /// (`replica::Node::step`'s rule off; checker 18).
+    pub diskless_peer_unmarked: bool,
 }
 
 /// The sabotages of the Secondary's node (its flush rounds, its target, its bitmap).
@@ -400,6 +403,7 @@ fn sabotage_secondary_node(s: &Sabotage, node: &mut Node) {
     node.sabotage_invalidate_marks_nothing = s.invalidate_marks_nothing;
     node.sabotage_failed_disk_stays_up_to_date = s.secondary_stays_up_to_date;
     node.sabotage_ignore_peer_skip = s.ignore_peer_skip;
+    node.sabotage_diskless_peer_unmarked = s.diskless_peer_unmarked;
     node.runs.sabotage_verify_marks_nothing = s.verify_marks_nothing;
 }
 
@@ -613,7 +617,7 @@ pub struct SimReport {
     /// Connection drops.
     pub drops: u64,
     /// Drops asked for by the Secondary (failed flush).
-    pub secondary_drops: u64,
+    pub node_drops: u64,
     /// Secondary writes that waited (drain or bounds).
     pub writes_held: u64,
     /// Writes that waited on an overlapping write at the Primary.
@@ -1574,9 +1578,7 @@ impl Sim {
                     return Ok(()); // a flush of the daemon before the re-attach
                 }
                 // The round's actions (the next round among them) go first.
-                self.sn
-                    .flush_round_done(!fail, &mut self.actions)
-                    .map_err(|e| format!("secondary local_flush_done: {e}"))?;
+                self.node_step(false, Event::FlushRoundDone { ok: !fail })?;
                 self.pump_secondary()
             }
             Ev::DeliverData { gen } => {
@@ -1592,11 +1594,10 @@ impl Sim {
                 match self.data.pop_front() {
                     None => Err("data stream delivery with nothing queued".into()),
                     Some(DataMsg::Write { w, origin, data }) => {
-                        let token = self
-                            .sn
-                            .receiver
-                            .peer_write(w)
-                            .map_err(|e| format!("secondary peer_write: {e}"))?;
+                        let Outcome::Taken(token) = self.node_step(false, Event::PeerWrite(w))?
+                        else {
+                            return Err("the Secondary refused a write it could accept".into());
+                        };
                         let b = SBuf {
                             w,
                             origin,
@@ -1615,10 +1616,9 @@ impl Sim {
                     Some(DataMsg::OutOfSync(pkt)) => self.s_out_of_sync(&pkt),
                     Some(DataMsg::Rs { pkt, data, vers }) => self.target_reply(&pkt, data, vers),
                     Some(DataMsg::Barrier(nr)) => {
-                        self.sn
-                            .receiver
-                            .peer_barrier(nr)
-                            .map_err(|e| format!("secondary peer_barrier: {e}"))?;
+                        if self.node_step(false, Event::PeerBarrier(nr))? != Outcome::Done {
+                            return Err("the Secondary refused a barrier it could accept".into());
+                        }
                         self.pump_secondary()
                     }
                 }
@@ -1631,23 +1631,23 @@ impl Sim {
                     .meta
                     .pop_front()
                     .ok_or("meta stream delivery with nothing queued")?;
-                let r = match m {
-                    MetaMsg::Ack(cmd, b) => {
+                let ev = match m {
+                    MetaMsg::Ack(cmd, block_id) => {
                         if cmd == Command::P_NEG_ACK {
                             // The core marks the write out of sync.
-                            self.rs.tl_neg_ack(b)?;
+                            self.rs.tl_neg_ack(block_id)?;
                         }
-                        self.pn.peer_ack(cmd, b)
+                        Event::PeerAck { cmd, block_id }
                     }
-                    MetaMsg::Barrier(nr, n) => {
-                        self.rs.tl_barrier_ack(nr, n)?;
-                        self.pn.barrier_ack(nr, n)
+                    MetaMsg::Barrier(nr, set_size) => {
+                        self.rs.tl_barrier_ack(nr, set_size)?;
+                        Event::BarrierAck { nr, set_size }
                     }
                     MetaMsg::Rs(ref pkt) => return self.source_meta(pkt),
                     MetaMsg::SyncDone => return self.sync_done(),
                     MetaMsg::State(ref pkt) => return self.primary_peer_state(pkt),
                 };
-                r.map_err(|e| format!("primary refused {m:?}: {e}"))?;
+                self.node_step(true, ev)?;
                 self.pump_primary()
             }
             Ev::DeliverBack { gen } => self.deliver_back(gen),
@@ -1685,15 +1685,15 @@ impl Sim {
             Ev::SReattach => self.s_reattach(),
             Ev::Handed { block_id, gen } => self.handed(block_id, gen),
             Ev::Fault => self.fault(),
-            Ev::Drop { gen } => self.secondary_drop(gen),
+            Ev::Drop { gen } => self.node_drop(gen),
             Ev::Reconnect => self.reconnect(),
         }
     }
 
-    /// The Secondary's node asked to drop connection `gen` (`Action::DropConnection`).
-    fn secondary_drop(&mut self, gen: u64) -> Result<(), String> {
+    /// A node asked to drop connection `gen` (`Action::DropConnection`).
+    fn node_drop(&mut self, gen: u64) -> Result<(), String> {
         if gen == self.gen && self.up {
-            self.report.secondary_drops += 1;
+            self.report.node_drops += 1;
             self.drop_connection()?;
         }
         Ok(())
@@ -1760,14 +1760,7 @@ impl Sim {
             // The daemon's `on-io-error detach` (only in `p_detach.rs`'s scenario).
             self.p_disk_failed(&w)?;
         }
-        let recorded = self
-            .pn
-            .write_done(&w, !fail)
-            .map_err(|e| format!("primary local_done: {e}"))?;
-        if !recorded {
-            // The failed blocks must stay out of sync (`replica::FailedLocal`).
-            self.drop_connection()?;
-        }
+        self.node_step(true, Event::WriteDone { w, ok: !fail })?;
         self.p_actions()?;
         self.pump_primary()
     }
@@ -1823,7 +1816,7 @@ impl Sim {
     /// Protocol A: write `block_id` was handed to the network on connection `gen`.
     fn handed(&mut self, block_id: u64, gen: u64) -> Result<(), String> {
         if gen == self.gen && self.up {
-            self.pn.primary.handed_to_network(block_id);
+            self.node_step(true, Event::Handed { block_id })?;
             self.pump_primary()?;
         }
         Ok(())
@@ -2218,6 +2211,11 @@ impl Sim {
                 self.send_data(DataMsg::Barrier(b.barrier));
             }
             Action::Complete { id, ok } => self.on_complete(id, ok)?,
+            // (Its runs' list of failed writes is full, `Event::WriteDone`.)
+            Action::DropConnection { .. } => {
+                let gen = self.gen;
+                self.at(0, Ev::Drop { gen });
+            }
             Action::Retired { .. } => {
                 self.retired += 1;
                 if self.retired > self.admitted {
@@ -2315,6 +2313,19 @@ impl Sim {
         let inc = self.inc;
         self.at(d, Ev::PDiskWrite { tag, id, fail, inc });
         Ok(())
+    }
+
+    /// Feeds `ev` to the Primary's node (`primary`) or the Secondary's ([`Node::step`]),
+    /// its actions into `self.actions` for [`Self::perform`]. Any error fails the seed:
+    /// the model's peer never breaks the protocol, its driver never the contract.
+    fn node_step(&mut self, primary: bool, ev: Event) -> Result<Outcome, String> {
+        let (node, name) = if primary {
+            (&mut self.pn, "Primary")
+        } else {
+            (&mut self.sn, "Secondary")
+        };
+        node.step(ev, &mut self.actions)
+            .map_err(|e| format!("the {name}'s node refused {ev:?}: {e}"))
     }
 
     /// Performs the Secondary node's actions (with those already in `self.actions`, a
@@ -3104,6 +3115,19 @@ mod tests {
             ..Sabotage::default()
         };
         let f = first_failure(s).expect("the simulator must catch a Diskless local read");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 18"), "{f}");
+    }
+
+    /// Checker 18: a Secondary that does not mark a Diskless Primary's writes forgets
+    /// that the Primary's disk lacks them.
+    #[test]
+    fn a_diskless_primary_s_unmarked_writes_are_caught() {
+        let s = Sabotage {
+            diskless_peer_unmarked: true,
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch unmarked Diskless writes");
         eprintln!("caught: {f}");
         assert!(f.message.contains("checker 18"), "{f}");
     }

@@ -22,8 +22,10 @@
 //! Checked (checker 18): the failure takes the disk out of service once (Diskless), the
 //! Diskless Primary's writes complete and
 //! (protocol C) are on the Secondary's disk when they do, every read returns the
-//! reference image (the last write completed per sector); then checker 9 finds every
-//! acknowledged write on the promoted Secondary.
+//! reference image (the last write completed per sector), and the Secondary marks out of
+//! sync every block it holds from a write issued after it learned of the failure (the
+//! Primary's disk lacks it: DRBD's `receive_Data`, [`crate::replica::Node::step`]); then
+//! checker 9 finds every acknowledged write on the promoted Secondary.
 //!
 //! Before this scenario the simulator's Primary kept using a disk whose write had failed
 //! (it marked the block and went on), which neither of the daemon's `on-io-error`
@@ -55,6 +57,9 @@ pub(super) struct PDetach {
     /// Writes sent to the Secondary that had not landed there when the connection
     /// dropped (it may have dropped them).
     pub(super) unlanded: BTreeSet<u64>,
+    /// The first request id issued after the Secondary learned that the Primary is
+    /// Diskless.
+    told_from: u64,
 }
 
 /// A seed's draw: `Some` if it runs the scenario.
@@ -64,6 +69,7 @@ pub(super) fn drawn(seed: u64) -> Option<PDetach> {
         rng,
         fail_next: false,
         unlanded: BTreeSet::new(),
+        told_from: u64::MAX,
     })
 }
 
@@ -104,6 +110,7 @@ impl Sim {
             return Err("checker 18: the Diskless Primary's writes did not all end".into());
         }
         self.forget_failed_disk_only(&pd.unlanded);
+        self.diskless_writes_marked(pd.told_from)?;
         let written: Vec<u64> = self.ops[usize::try_from(first).unwrap_or(0)..]
             .iter()
             .filter_map(|op| match op.kind {
@@ -163,6 +170,25 @@ impl Sim {
         self.at(d, Ev::Drop { gen });
         self.persist(true, &[Durable::Superblock(vec![self.pn.failure_record()])])?;
         self.sn.peer_reported(Role::Primary, self.pn.disk);
+        if let Some(pd) = self.pd.as_mut() {
+            pd.told_from = self.ops.len() as u64 + 1;
+        }
+        Ok(())
+    }
+
+    /// Every block the Secondary holds from a request issued since it learned that the
+    /// Primary is Diskless (id ≥ `told_from`) is out of sync there (checker 18).
+    fn diskless_writes_marked(&self, told_from: u64) -> Result<(), String> {
+        let bm = self.sn.primary.out_of_sync();
+        for (s, &v) in self.sdisk.cache_ver.iter().enumerate() {
+            let block = (s / SECTORS_PER_BLOCK) as u64;
+            if v >= told_from && v != UNKNOWN && !bm.is_set(block) {
+                return Err(format!(
+                    "checker 18: the Secondary holds write {v} of the Diskless Primary at \
+                     sector {s} (block {block}) and does not mark it out of sync"
+                ));
+            }
+        }
         Ok(())
     }
 

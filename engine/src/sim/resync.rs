@@ -62,6 +62,7 @@
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
+use crate::replica::Event;
 use crate::replica::{
     promoted_uuids, Action, Durable, GenerationFacts, LocalWrite, Node, PeerDisk, ReadFor, RunRead,
     Side, SyncAction, SyncRole, SyncRuns, TargetEnd,
@@ -1726,9 +1727,7 @@ impl Sim {
             }
         }
         let w = b.local_write(token);
-        self.sn
-            .write_done(&w, !fail)
-            .map_err(|e| format!("secondary local_done: {e}"))?;
+        self.node_step(false, Event::WriteDone { w, ok: !fail })?;
         self.pump_secondary()?;
         self.s_actions()
     }

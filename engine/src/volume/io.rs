@@ -54,7 +54,7 @@
 use super::sync::{ReadData, ReadResult};
 use super::{contract, Buf, Effect, Volume};
 use crate::net::PeerData;
-use crate::replica::{LocalWrite, ReadFor, RunRead, Side};
+use crate::replica::{Event, LocalWrite, ReadFor, RunRead, Side};
 use crate::request::WriteKind;
 use crate::store::{
     AlignedBuf, Completions, SinkOp, Store, StoreError, StoreOp, WriteData, SECTOR_SIZE,
@@ -507,9 +507,7 @@ impl Volume {
                     tracing::warn!("local flush failed: {e}");
                 }
                 self.feed(|v, inner, fx| {
-                    let mut actions = std::mem::take(&mut inner.actions);
-                    contract(inner.node.flush_round_done(ok, &mut actions));
-                    inner.actions = actions;
+                    Self::completion(inner, Event::FlushRoundDone { ok });
                     v.drain(inner, fx);
                 });
             }
@@ -615,17 +613,7 @@ impl Volume {
     pub(super) fn local_write_done(&self, w: LocalWrite, ok: bool) {
         self.feed(|v, inner, fx| {
             inner.app_io_sectors += u64::from(w.len) / SECTOR_SIZE as u64;
-            match inner.node.write_done(&w, ok) {
-                Ok(true) => {}
-                // The failed blocks must stay out of sync: renew the connection rather
-                // than forget one (`replica::FailedLocal`).
-                Ok(false) => {
-                    if let Some(k) = &inner.kill {
-                        k.notify_one();
-                    }
-                }
-                Err(e) => contract(Err(e)),
-            }
+            Self::completion(inner, Event::WriteDone { w, ok });
             v.drain(inner, fx);
             if matches!(w.side, Side::Peer { .. }) {
                 v.wake_if_idle(inner);

@@ -66,7 +66,9 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
-use crate::replica::{Action, DiskFailure, LocalWrite, Node, PeerDisk, Side};
+use crate::replica::{
+    Action, DiskFailure, Event, LocalWrite, Node, Outcome, PeerDisk, Side, StepError,
+};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
@@ -346,10 +348,6 @@ impl std::fmt::Debug for Volume {
             .field("node", &self.node)
             .finish()
     }
-}
-
-fn core_err(e: CoreError) -> String {
-    e.to_string()
 }
 
 /// The Primary core of a volume of `sectors` with the metadata `layout`.
@@ -1175,7 +1173,8 @@ impl Volume {
                 v.remote_read_failed(inner, ack.block_id);
                 return Ok(());
             }
-            inner.node.peer_ack(cmd, ack.block_id)?;
+            let block_id = ack.block_id;
+            Self::step(inner, Event::PeerAck { cmd, block_id })?;
             v.drain(inner, fx);
             Ok(())
         })
@@ -1185,7 +1184,7 @@ impl Volume {
     /// `P_BARRIER_ACK`.
     pub fn barrier_ack(&self, session: u64, nr: u32, set_size: u32) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            inner.node.barrier_ack(nr, set_size)?;
+            Self::step(inner, Event::BarrierAck { nr, set_size })?;
             v.drain(inner, fx);
             Ok(())
         })
@@ -1197,13 +1196,9 @@ impl Volume {
         loop {
             let notified = self.accept.notified();
             let outcome = self.with_session(session, |v, inner, fx| {
-                if inner.node.role == Role::Primary {
-                    return Err("P_BARRIER received while Primary".into());
-                }
-                if !inner.node.receiver.can_accept() {
+                if Self::step(inner, Event::PeerBarrier(nr))? == Outcome::Full {
                     return Ok(false);
                 }
-                inner.node.receiver.peer_barrier(nr).map_err(core_err)?;
                 v.drain(inner, fx);
                 Ok(true)
             })?;
@@ -1484,41 +1479,25 @@ impl Volume {
 
     /// A write from the peer; waits while the receiver is full (back-pressure).
     pub async fn peer_write(&self, session: u64, w: PeerWrite) -> Result<(), String> {
-        let mut w = Some(w);
+        let (kind, mut buf) = match w.kind {
+            PeerWriteKind::Data(b) => (WriteKind::Data, Some(b)),
+            PeerWriteKind::Discard => (WriteKind::Discard, None),
+            PeerWriteKind::Zeroes { unmap } => (WriteKind::Zeroes { unmap }, None),
+        };
+        let ev = Event::PeerWrite(request::PeerWrite {
+            block_id: w.block_id,
+            sector: w.sector,
+            len: w.len,
+            kind,
+            dp_flags: w.dp_flags,
+        });
         loop {
             let notified = self.accept.notified();
             let outcome = self.with_session(session, |v, inner, fx| {
-                if inner.node.role == Role::Primary {
-                    return Err(
-                        "the peer sent a write but this node is Primary (two primaries)".into(),
-                    );
-                }
-                if !inner.node.receiver.can_accept() {
+                let Outcome::Taken(token) = Self::step(inner, ev)? else {
                     return Ok(false);
-                }
-                let Some(pw) = w.take() else { return Ok(true) };
-                if inner.node.peer_disk < DiskState::Inconsistent {
-                    // DRBD's `receive_Data`: the peer (a Diskless Primary) does not keep
-                    // this block; the bitmap says so, whatever else records it.
-                    inner.node.primary.out_of_sync_mut().mark(pw.sector, pw.len);
-                }
-                let (kind, buf) = match pw.kind {
-                    PeerWriteKind::Data(b) => (WriteKind::Data, Some(b)),
-                    PeerWriteKind::Discard => (WriteKind::Discard, None),
-                    PeerWriteKind::Zeroes { unmap } => (WriteKind::Zeroes { unmap }, None),
                 };
-                let token = inner
-                    .node
-                    .receiver
-                    .peer_write(request::PeerWrite {
-                        block_id: pw.block_id,
-                        sector: pw.sector,
-                        len: pw.len,
-                        kind,
-                        dp_flags: pw.dp_flags,
-                    })
-                    .map_err(core_err)?;
-                if let Some(b) = buf {
+                if let Some(b) = buf.take() {
                     inner.peer_bufs.insert(token, b);
                 }
                 v.drain(inner, fx);
@@ -1532,6 +1511,25 @@ impl Volume {
     }
 
     // ----- turning core outputs into IO -----------------------------------------------
+
+    /// Feeds `ev` to the node ([`Node::step`]); its actions wait in `inner.actions` for
+    /// [`Self::drain`]. The peer's error is returned (the caller drops the connection);
+    /// a broken contract is a bug on this node and panics.
+    fn step(inner: &mut Inner, ev: Event) -> Result<Outcome, String> {
+        match inner.node.step(ev, &mut inner.actions) {
+            Ok(outcome) => Ok(outcome),
+            Err(StepError::Peer(why)) => Err(why),
+            Err(e @ StepError::Contract(_)) => panic!("{e}"),
+        }
+    }
+
+    /// Feeds a local completion to the node ([`Self::step`]): no peer is involved, so
+    /// an error of the peer's kind is logged, not answered.
+    fn completion(inner: &mut Inner, ev: Event) {
+        if let Err(why) = Self::step(inner, ev) {
+            tracing::error!("replication core refused a local completion: {why}");
+        }
+    }
 
     /// Queues `pkt` (and `data` after it) on the live connection's `stream`; returns
     /// whether it was queued.

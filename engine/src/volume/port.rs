@@ -5,6 +5,7 @@ use super::Volume;
 use crate::net::handshake::{Agreed, LocalParams, PeerParams};
 use crate::net::NetError;
 use crate::net::{Link, LinkEvent, PeerData, PeerEvent, Replica, SourceStart};
+use crate::replica::Event;
 use crate::state::ConnState;
 use crate::store::{AlignedBuf, SECTOR_SIZE};
 use std::sync::Arc;
@@ -185,7 +186,7 @@ impl Replica for Volume {
 
     fn handed_to_network(&self, session: u64, block_id: u64) {
         let _ = self.with_session(session, |v, inner, fx| {
-            inner.node.primary.handed_to_network(block_id);
+            Volume::step(inner, Event::Handed { block_id })?;
             v.drain(inner, fx);
             Ok(())
         });

@@ -1,0 +1,377 @@
+//! The node's one entry point for the events of the write path: [`Node::step`] takes one
+//! [`Event`] — a packet of the peer's write path (its writes and barriers on the data
+//! stream, its acks and barrier acks on the meta stream), protocol A's hand-off to the
+//! network, a local write or a flush round that ended — and appends the [`Action`]s it
+//! leads to. The daemon (`volume/`) and both nodes of the simulator (`sim/`) feed these
+//! events through it and nothing else, so the rules on them are one code:
+//!
+//! - **Who takes what.** A write or barrier from the peer while this node is Primary
+//!   (two primaries), an ack while it is Secondary, a command that is not an ack: the
+//!   peer's error.
+//! - **Back-pressure.** While the Receiver holds [`crate::request::ReceiverConfig`]'s
+//!   `max_held` writes and barriers, a peer write or barrier is not taken
+//!   ([`Outcome::Full`]); the driver stops reading the data stream (TCP pushes back on
+//!   the peer) and feeds the same event again after a local write or flush ends.
+//! - **A Diskless peer.** Every write applied while the peer's disk is below
+//!   Inconsistent is marked out of sync (DRBD's `receive_Data`): the peer lacks it (see
+//!   `volume/`'s module docs on the Diskless Primary).
+//! - **A SyncTarget Primary's `P_NEG_ACK`.** The peer lacks that range and this node has
+//!   the newer data: the core keeps its bits set and the running target is told
+//!   ([`crate::resync::Target::peer_lacks`]); it neither fetches the range nor reads it
+//!   from the peer.
+//! - **A failed local write the runs cannot record** (their list is full,
+//!   [`super::FailedLocal`]): the connection is renewed ([`Action::DropConnection`])
+//!   rather than a failed block forgotten.
+//!
+//! Errors ([`StepError`]) say whose they are. The peer's (a protocol violation) are
+//! operating errors: the driver drops the connection with the reason, never panics. The
+//! driver's (an unknown handle, a second completion: a broken contract between driver and
+//! core) are programmer errors: the daemon panics, the simulator fails the seed.
+//!
+//! Bounds: one event's actions are what the cores emit for it (a write ack and a
+//! barrier ack at most for a peer write; for a completion, the writes it frees — at most
+//! the cores' in-flight limits).
+
+use super::{Action, LocalWrite, Node};
+use crate::request::{Error, PeerWrite};
+use crate::state::{DiskState, Role};
+use crate::wire::Command;
+
+/// One event of the write path (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Event {
+    /// `P_DATA` / `P_TRIM` / `P_ZEROES` from the peer. Its data stays with the driver,
+    /// keyed by the token of [`Outcome::Taken`].
+    PeerWrite(PeerWrite),
+    /// `P_BARRIER` from the peer.
+    PeerBarrier(u32),
+    /// The peer's `P_RECV_ACK`, `P_WRITE_ACK`, `P_RS_WRITE_ACK` or `P_NEG_ACK` of this
+    /// node's write `block_id`.
+    PeerAck { cmd: Command, block_id: u64 },
+    /// The peer's `P_BARRIER_ACK` of epoch `nr` with `set_size` writes.
+    BarrierAck { nr: u32, set_size: u32 },
+    /// Protocol A: this node's write `block_id` left for the network.
+    Handed { block_id: u64 },
+    /// The local write `w` an action asked for ended (`ok`).
+    WriteDone { w: LocalWrite, ok: bool },
+    /// The running flush round ended (`ok`).
+    FlushRoundDone { ok: bool },
+}
+
+/// What [`Node::step`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Done,
+    /// The peer's write was taken as this token: the driver keeps its data under it
+    /// until [`Action::LocalWrite`] or [`Action::DiscardPeerWrite`] names it.
+    Taken(u64),
+    /// The Receiver is full: nothing changed (see the module docs).
+    Full,
+}
+
+/// Whose error an event revealed (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StepError {
+    /// The peer broke the protocol: drop the connection with this reason.
+    Peer(String),
+    /// The driver broke its contract with the core: a bug on this node.
+    Contract(String),
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Peer(why) => write!(f, "the peer broke the protocol: {why}"),
+            StepError::Contract(why) => write!(f, "BUG: driver/core contract broken: {why}"),
+        }
+    }
+}
+
+impl StepError {
+    /// A core's error on `what`: `Invalid` is the driver's, the rest the peer's.
+    fn core(what: &str, e: Error) -> StepError {
+        match e {
+            Error::Invalid(_) => StepError::Contract(format!("{what}: {e}")),
+            Error::Busy | Error::Protocol(_) => StepError::Peer(format!("{what}: {e}")),
+        }
+    }
+}
+
+impl Node {
+    /// Feeds one event (see the module docs); the actions it leads to are appended to
+    /// `out`, in the order the cores emitted them.
+    pub(crate) fn step(&mut self, ev: Event, out: &mut Vec<Action>) -> Result<Outcome, StepError> {
+        let outcome = match ev {
+            Event::PeerWrite(w) => {
+                self.not_primary("the peer sent a write but this node is Primary (two primaries)")?;
+                if !self.receiver.can_accept() {
+                    return Ok(Outcome::Full);
+                }
+                let token = self
+                    .receiver
+                    .peer_write(w)
+                    .map_err(|e| StepError::core("peer write", e))?;
+                if self.peer_disk < DiskState::Inconsistent && !self.sabotaged_diskless_peer() {
+                    self.primary.out_of_sync_mut().mark(w.sector, w.len);
+                }
+                Outcome::Taken(token)
+            }
+            Event::PeerBarrier(nr) => {
+                self.not_primary("P_BARRIER received while Primary")?;
+                if !self.receiver.can_accept() {
+                    return Ok(Outcome::Full);
+                }
+                self.receiver
+                    .peer_barrier(nr)
+                    .map_err(|e| StepError::core("P_BARRIER", e))?;
+                Outcome::Done
+            }
+            Event::PeerAck { cmd, block_id } => {
+                self.peer_ack(cmd, block_id)?;
+                Outcome::Done
+            }
+            Event::BarrierAck { nr, set_size } => {
+                self.primary_only(Command::P_BARRIER_ACK)?;
+                self.primary
+                    .barrier_ack(nr, set_size)
+                    .map_err(|e| StepError::core("P_BARRIER_ACK", e))?;
+                Outcome::Done
+            }
+            Event::Handed { block_id } => {
+                self.primary.handed_to_network(block_id);
+                Outcome::Done
+            }
+            Event::WriteDone { w, ok } => {
+                let recorded = self
+                    .write_done(&w, ok)
+                    .map_err(|e| StepError::core("local write done", e))?;
+                if !recorded {
+                    out.push(Action::DropConnection {
+                        reason: "too many failed local writes to record during the connection",
+                    });
+                }
+                Outcome::Done
+            }
+            Event::FlushRoundDone { ok } => {
+                self.flush_round_done(ok, out)
+                    .map_err(|e| StepError::core("flush round done", e))?;
+                Outcome::Done
+            }
+        };
+        self.drain(out);
+        Ok(outcome)
+    }
+
+    /// The peer's ack `cmd` of this node's write `block_id`.
+    fn peer_ack(&mut self, cmd: Command, block_id: u64) -> Result<(), StepError> {
+        self.primary_only(cmd)?;
+        let r = match cmd {
+            Command::P_RECV_ACK => self.primary.peer_recv_ack(block_id),
+            Command::P_WRITE_ACK | Command::P_RS_WRITE_ACK => self.primary.peer_write_ack(block_id),
+            Command::P_NEG_ACK => self
+                .primary
+                .peer_neg_ack(block_id)
+                .map(|(sector, len)| self.runs.peer_lacks(sector, len)),
+            other => {
+                return Err(StepError::Peer(format!(
+                    "unexpected {} on the meta stream",
+                    other.name()
+                )))
+            }
+        };
+        r.map_err(|e| StepError::core(cmd.name(), e))
+    }
+
+    fn primary_only(&self, cmd: Command) -> Result<(), StepError> {
+        if self.role == Role::Primary {
+            Ok(())
+        } else {
+            Err(StepError::Peer(format!(
+                "{} received while Secondary",
+                cmd.name()
+            )))
+        }
+    }
+
+    fn not_primary(&self, why: &str) -> Result<(), StepError> {
+        if self.role == Role::Primary {
+            Err(StepError::Peer(why.to_owned()))
+        } else {
+            Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    fn sabotaged_diskless_peer(&self) -> bool {
+        self.sabotage_diskless_peer_unmarked
+    }
+
+    #[cfg(not(test))]
+    fn sabotaged_diskless_peer(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::{Event, Outcome, StepError};
+    use crate::replica::{Action, Node};
+    use crate::request::{PeerWrite, WriteKind};
+    use crate::resync::{TargetConfig, TickInput};
+    use crate::state::uuid::UuidSet;
+    use crate::state::{DiskState, Role};
+    use crate::wire::{dp, Command};
+
+    const SECTORS: u64 = 2048;
+
+    fn node(role: Role) -> Node {
+        let mut n = Node::for_test(SECTORS, UuidSet::default(), DiskState::UpToDate);
+        n.role = role;
+        n
+    }
+
+    fn write(block_id: u64, sector: u64) -> Event {
+        Event::PeerWrite(PeerWrite {
+            block_id,
+            sector,
+            len: 4096,
+            kind: WriteKind::Data,
+            dp_flags: dp::DP_SEND_WRITE_ACK,
+        })
+    }
+
+    fn peer_error(r: Result<Outcome, StepError>) -> String {
+        match r {
+            Err(StepError::Peer(why)) => why,
+            other => panic!("expected the peer's error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn acks_while_secondary_and_non_acks_are_the_peer_s_errors() {
+        let mut n = node(Role::Secondary);
+        let mut out = Vec::new();
+        let ack = |cmd, block_id| Event::PeerAck { cmd, block_id };
+        let e = peer_error(n.step(ack(Command::P_WRITE_ACK, 1), &mut out));
+        assert!(e.contains("while Secondary"), "{e}");
+        let barrier_ack = Event::BarrierAck { nr: 1, set_size: 1 };
+        assert!(peer_error(n.step(barrier_ack, &mut out)).contains("while Secondary"));
+        n.role = Role::Primary;
+        let e = peer_error(n.step(ack(Command::P_DATA, 1), &mut out));
+        assert!(e.contains("unexpected P_DATA"), "{e}");
+        let e = peer_error(n.step(ack(Command::P_WRITE_ACK, 77), &mut out));
+        assert!(e.contains("unknown block_id"), "an unknown id: {e}");
+    }
+
+    #[test]
+    fn writes_and_barriers_to_a_primary_are_the_peer_s_errors() {
+        let mut n = node(Role::Primary);
+        let mut out = Vec::new();
+        assert!(peer_error(n.step(write(1, 0), &mut out)).contains("two primaries"));
+        let e = peer_error(n.step(Event::PeerBarrier(1), &mut out));
+        assert!(e.contains("P_BARRIER received while Primary"), "{e}");
+        assert!(out.is_empty());
+    }
+
+    /// A second completion of the same write is the driver's bug, not the peer's.
+    #[test]
+    fn a_completion_fed_twice_breaks_the_contract() {
+        let mut n = node(Role::Secondary);
+        let mut out = Vec::new();
+        let Ok(Outcome::Taken(_)) = n.step(write(1, 0), &mut out) else {
+            panic!("not taken");
+        };
+        let w = out
+            .iter()
+            .find_map(|a| match a {
+                Action::LocalWrite(w) => Some(*w),
+                _ => None,
+            })
+            .unwrap();
+        let done = Event::WriteDone { w, ok: true };
+        n.step(done, &mut out).unwrap();
+        assert!(matches!(
+            n.step(done, &mut out),
+            Err(StepError::Contract(_))
+        ));
+    }
+
+    /// A full Receiver takes nothing; the same event is taken once a write ends.
+    #[test]
+    fn a_full_receiver_takes_the_event_again_after_a_completion() {
+        let mut n = node(Role::Secondary);
+        let mut out = Vec::new();
+        let mut first = None;
+        let mut id = 0;
+        loop {
+            id += 1;
+            match n.step(write(id, (id % 64) * 8), &mut out).unwrap() {
+                Outcome::Taken(_) => {}
+                Outcome::Full => break,
+                Outcome::Done => panic!("a write is taken or not"),
+            }
+            assert!(id < 100_000, "never full");
+        }
+        for a in out.drain(..) {
+            if let (Action::LocalWrite(w), None) = (a, first) {
+                first = Some(w);
+            }
+        }
+        assert_eq!(n.step(Event::PeerBarrier(1), &mut out), Ok(Outcome::Full));
+        let w = first.unwrap();
+        n.step(Event::WriteDone { w, ok: true }, &mut out).unwrap();
+        assert!(matches!(
+            n.step(write(id, 0), &mut out),
+            Ok(Outcome::Taken(_))
+        ));
+    }
+
+    /// Writes applied while the peer is Diskless are out of sync here; before, not.
+    #[test]
+    fn writes_from_a_diskless_peer_are_marked() {
+        let mut n = node(Role::Secondary);
+        n.connection_up(101, Role::Primary, DiskState::UpToDate);
+        let mut out = Vec::new();
+        n.step(write(1, 0), &mut out).unwrap();
+        assert!(!n.primary.out_of_sync().is_set(0));
+        n.peer_reported(Role::Primary, DiskState::Diskless);
+        n.step(write(2, 8), &mut out).unwrap();
+        assert!(n.primary.out_of_sync().is_set(1), "block 1");
+        assert!(!n.primary.out_of_sync().is_set(0));
+    }
+
+    /// A SyncTarget Primary's write refused by the peer: the bits stay and the target
+    /// learns that the peer lacks the range (it does not fetch it from the peer).
+    #[test]
+    fn a_neg_ack_on_a_sync_target_primary_tells_the_target() {
+        let mut n = node(Role::Primary);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        n.primary.connected().unwrap();
+        n.primary.out_of_sync_mut().mark(0, 8192);
+        n.start_target(TargetConfig::new(SECTORS), &TickInput::default())
+            .unwrap();
+        let remote = |n: &Node| {
+            let t = n.runs.target().unwrap();
+            t.must_read_remotely(n.primary.out_of_sync(), 0, 4096)
+        };
+        assert!(remote(&n), "block 0 is still to be fetched");
+        n.primary.write(1, 0, 4096, WriteKind::Data, false).unwrap();
+        let mut out = Vec::new();
+        n.drain(&mut out);
+        let block_id = out
+            .iter()
+            .find_map(|a| match a {
+                Action::SendWrite { block_id, .. } => Some(*block_id),
+                _ => None,
+            })
+            .unwrap();
+        let neg = Event::PeerAck {
+            cmd: Command::P_NEG_ACK,
+            block_id,
+        };
+        n.step(neg, &mut out).unwrap();
+        assert!(n.primary.out_of_sync().is_set(0), "the bits stay");
+        assert!(!remote(&n), "the target knows the peer lacks block 0");
+    }
+}
