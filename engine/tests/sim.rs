@@ -95,6 +95,9 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("blocks written while the bitmaps crossed, told", |r| {
             r.exchange_told
         }),
+        ("source runs a failed target disk ended", |r| {
+            r.source_ends_incomplete
+        }),
         ("resync replies voided by a write", |r| r.void_replies),
         ("writes held behind a resync write", |r| r.held_by_resync),
         ("split brains", |r| r.split_brains),

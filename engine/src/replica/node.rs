@@ -119,8 +119,20 @@ pub(crate) enum Action {
     /// The peer's write `token` will never be written: free its data.
     DiscardPeerWrite { token: u64 },
     /// Drop the connection: the peer broke the protocol, or a new handshake must decide
-    /// (a forced promotion).
+    /// (a forced promotion, a resync that became due).
     DropConnection { reason: &'static str },
+    /// This node starts a generation the peer lacks ([`Node::lost_peer_disk`]): make the
+    /// UUIDs durable before the next application write enters the core, and assign
+    /// them; if they cannot be made durable the disk goes out of use (writing on in a
+    /// generation that is not on disk would hide a split brain later).
+    NewGeneration(UuidSet),
+    /// The peer's disk failed (or was detached) while connected and is now `disk`:
+    /// everything this node writes from now on is out of sync there (report it).
+    PeerDiskFailed { disk: DiskState },
+    /// The peer ended the run this node served as SyncSource ([`SourceEnd`]): make
+    /// [`SourceEnd::durable`] durable (in the background: application writes wait for
+    /// it at the core's door) and report the end.
+    SourceEnded(SourceEnd),
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).

@@ -19,6 +19,12 @@
 //!   the newer data: the core keeps its bits set and the running target is told
 //!   ([`crate::resync::Target::peer_lacks`]); it neither fetches the range nor reads it
 //!   from the peer.
+//! - **The peer's `P_STATE`.** Its disk failing while connected makes a Primary start a
+//!   generation the peer lacks ([`Action::NewGeneration`], DRBD's `after_state_ch`);
+//!   its disk becoming UpToDate while this one is Inconsistent and no run goes renews
+//!   the connection, so that the handshake resyncs (DRBD 8.4's `receive_state` runs its
+//!   sync handshake again); its Connected ends this node's SyncSource run
+//!   ([`Action::SourceEnded`]).
 //! - **A failed local write the runs cannot record** (their list is full,
 //!   [`super::FailedLocal`]): the connection is renewed ([`Action::DropConnection`])
 //!   rather than a failed block forgotten.
@@ -32,7 +38,7 @@
 //! barrier ack at most for a peer write; for a completion, the writes it frees — at most
 //! the cores' in-flight limits).
 
-use super::{Action, LocalWrite, Node};
+use super::{Action, LocalWrite, Node, PeerDisk};
 use crate::request::{Error, PeerWrite};
 use crate::state::{DiskState, Role};
 use crate::wire::Command;
@@ -56,6 +62,9 @@ pub(crate) enum Event {
     WriteDone { w: LocalWrite, ok: bool },
     /// The running flush round ended (`ok`).
     FlushRoundDone { ok: bool },
+    /// The peer's `P_STATE` (`word`); `random` is the current UUID of a generation it
+    /// may start ([`Node::lost_peer_disk`]).
+    PeerState { word: u32, random: u64 },
 }
 
 /// What [`Node::step`] did with an event.
@@ -157,9 +166,42 @@ impl Node {
                     .map_err(|e| StepError::core("flush round done", e))?;
                 Outcome::Done
             }
+            Event::PeerState { word, random } => {
+                self.peer_state_changed(word, random, out);
+                Outcome::Done
+            }
         };
         self.drain(out);
         Ok(outcome)
+    }
+
+    /// The peer's `P_STATE`: its role, disk and connection state as
+    /// [`Node::peer_state`] reads them, and what they lead to here.
+    fn peer_state_changed(&mut self, word: u32, random: u64, out: &mut Vec<Action>) {
+        let (seen, conn) = self.peer_state(word);
+        match seen {
+            PeerDisk::Unchanged => {}
+            PeerDisk::Failed => self.peer_disk_lost(random, out),
+            PeerDisk::ResyncDue => out.push(Action::DropConnection {
+                reason: "the peer's disk is UpToDate now and this one is Inconsistent: \
+                         renewing the connection for the resync",
+            }),
+        }
+        if let Some(end) = self.peer_sync_ended(conn) {
+            out.push(Action::SourceEnded(end));
+        }
+    }
+
+    /// The peer's disk failed while connected ([`PeerDisk::Failed`], from its `P_STATE`
+    /// or a state change request the driver granted): reported, and a Primary starts a
+    /// generation the peer lacks (`random` its current UUID).
+    pub(crate) fn peer_disk_lost(&self, random: u64, out: &mut Vec<Action>) {
+        out.push(Action::PeerDiskFailed {
+            disk: self.peer_disk,
+        });
+        if let Some(uuids) = self.lost_peer_disk(random) {
+            out.push(Action::NewGeneration(uuids));
+        }
     }
 
     /// The peer's ack `cmd` of this node's write `block_id`.
@@ -220,8 +262,8 @@ mod tests {
     use crate::request::{PeerWrite, WriteKind};
     use crate::resync::{TargetConfig, TickInput};
     use crate::state::uuid::UuidSet;
-    use crate::state::{DiskState, Role};
-    use crate::wire::{dp, Command};
+    use crate::state::{ConnState, DiskState, Role};
+    use crate::wire::{self, dp, Command};
 
     const SECTORS: u64 = 2048;
 
@@ -339,6 +381,87 @@ mod tests {
         n.step(write(2, 8), &mut out).unwrap();
         assert!(n.primary.out_of_sync().is_set(1), "block 1");
         assert!(!n.primary.out_of_sync().is_set(0));
+    }
+
+    fn state(role: Role, disk: DiskState, conn: ConnState) -> Event {
+        let bits = wire::StateBits {
+            role: u8::try_from(role.as_u32()).unwrap(),
+            conn: u8::try_from(conn.as_u32()).unwrap(),
+            disk: u8::try_from(disk.as_u32()).unwrap(),
+            ..wire::StateBits::default()
+        };
+        Event::PeerState {
+            word: bits.pack().unwrap(),
+            random: 0xcc00,
+        }
+    }
+
+    /// The peer's disk fails while connected: reported, and a Primary starts a
+    /// generation; a second report of it changes nothing.
+    #[test]
+    fn a_peer_disk_that_fails_starts_a_generation_once() {
+        let mut n = node(Role::Primary);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        let mut out = Vec::new();
+        let failed = state(Role::Secondary, DiskState::Failed, ConnState::Connected);
+        n.step(failed, &mut out).unwrap();
+        assert!(
+            matches!(
+                out[..],
+                [
+                    Action::PeerDiskFailed {
+                        disk: DiskState::Failed
+                    },
+                    Action::NewGeneration(u)
+                ] if u.current != n.uuids.current
+            ),
+            "{out:?}"
+        );
+        out.clear();
+        n.step(failed, &mut out).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    /// An Inconsistent node without a run whose peer becomes UpToDate renews the
+    /// connection, so that the handshake resyncs.
+    #[test]
+    fn a_peer_that_becomes_up_to_date_makes_a_resync_due() {
+        let mut n = Node::for_test(SECTORS, UuidSet::default(), DiskState::Inconsistent);
+        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        let mut out = Vec::new();
+        let up = state(Role::Primary, DiskState::UpToDate, ConnState::Connected);
+        n.step(up, &mut out).unwrap();
+        assert!(
+            matches!(out[..], [Action::DropConnection { .. }]),
+            "{out:?}"
+        );
+    }
+
+    /// A SyncSource's run ends when the peer says Connected: complete if it is UpToDate
+    /// (the bitmap UUID rotates into history), incomplete if its disk failed.
+    #[test]
+    fn a_peer_that_says_connected_ends_the_source_run() {
+        for (disk, complete) in [(DiskState::UpToDate, true), (DiskState::Failed, false)] {
+            let gen = UuidSet {
+                current: 0xA000,
+                bitmap: 0xB000,
+                history: [0, 0],
+            };
+            let mut n = Node::for_test(SECTORS, gen, DiskState::UpToDate);
+            n.role = Role::Primary;
+            n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+            n.conn = ConnState::SyncSource;
+            let mut out = Vec::new();
+            n.step(state(Role::Secondary, disk, ConnState::Connected), &mut out)
+                .unwrap();
+            let end = out.iter().find_map(|a| match a {
+                Action::SourceEnded(end) => Some(*end),
+                _ => None,
+            });
+            let end = end.unwrap_or_else(|| panic!("no end with {disk}: {out:?}"));
+            assert_eq!(end.uuids.is_some(), complete, "{disk}");
+            assert_eq!(n.conn, ConnState::Connected);
+        }
     }
 
     /// A SyncTarget Primary's write refused by the peer: the bits stay and the target

@@ -676,6 +676,8 @@ pub struct SimReport {
     pub bitmap_packets: u64,
     /// `P_OUT_OF_SYNC` ranges a SyncSource told: written while the bitmaps crossed.
     pub exchange_told: u64,
+    /// SyncSource runs the Secondary's failed disk ended incomplete (its `P_STATE`).
+    pub source_ends_incomplete: u64,
     /// The finished-resync notice was lost and a handshake corrected the UUIDs (rule 34
     /// or 71).
     pub uuid_corrections: u64,
@@ -1037,9 +1039,9 @@ enum MetaMsg {
     Barrier(u32, u32),
     /// `P_RS_WRITE_ACK` / `P_NEG_ACK` with `ID_SYNCER`.
     Rs(Packet),
-    /// The SyncTarget finished without failures and is UpToDate (DRBD: its state change,
-    /// on which the SyncSource runs `drbd_resync_finished`).
-    SyncDone,
+    /// The SyncTarget finished without failures and is UpToDate: its `P_STATE` (DRBD:
+    /// its state change, on which the SyncSource runs `drbd_resync_finished`).
+    SyncDone(Packet),
     /// The Secondary's `P_STATE` (sent when its disk failed).
     State(Packet),
 }
@@ -1644,7 +1646,7 @@ impl Sim {
                         Event::BarrierAck { nr, set_size }
                     }
                     MetaMsg::Rs(ref pkt) => return self.source_meta(pkt),
-                    MetaMsg::SyncDone => return self.sync_done(),
+                    MetaMsg::SyncDone(ref pkt) => return self.sync_done(pkt),
                     MetaMsg::State(ref pkt) => return self.primary_peer_state(pkt),
                 };
                 self.node_step(true, ev)?;
@@ -2216,6 +2218,10 @@ impl Sim {
                 let gen = self.gen;
                 self.at(0, Ev::Drop { gen });
             }
+            // The model has no superblock: the generation is assigned at once.
+            Action::NewGeneration(uuids) => self.pn.uuids = uuids,
+            Action::PeerDiskFailed { .. } => {}
+            Action::SourceEnded(end) => self.source_ended(&end)?,
             Action::Retired { .. } => {
                 self.retired += 1;
                 if self.retired > self.admitted {
@@ -2863,6 +2869,10 @@ mod tests {
             ("P_RS_DEALLOCATED", sum(|r| r.rs_deallocated)),
             ("bitmap packets", sum(|r| r.bitmap_packets)),
             ("P_OUT_OF_SYNC in the exchange", sum(|r| r.exchange_told)),
+            (
+                "source runs ended incomplete",
+                sum(|r| r.source_ends_incomplete),
+            ),
             ("UUID corrections", sum(|r| r.uuid_corrections)),
             ("split brains", sum(|r| r.split_brains)),
             ("split brains refused", sum(|r| r.sb_refused)),

@@ -62,11 +62,11 @@
 use super::rng::Rng;
 use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTORS_PER_BLOCK};
 use crate::net::Stream;
-use crate::replica::Event;
 use crate::replica::{
-    promoted_uuids, Action, Durable, GenerationFacts, LocalWrite, Node, PeerDisk, ReadFor, RunRead,
-    Side, SyncAction, SyncRole, SyncRuns, TargetEnd,
+    promoted_uuids, Action, Durable, GenerationFacts, LocalWrite, Node, ReadFor, RunRead, Side,
+    SyncAction, SyncRole, SyncRuns, TargetEnd,
 };
+use crate::replica::{Event, SourceEnd};
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -1125,21 +1125,26 @@ impl Sim {
         }
     }
 
-    /// `P_STATE` from the Secondary, through the codec: what the Primary's node makes of
-    /// it (`Node::peer_state`, as in `Volume::peer_state`): a failed disk starts a
-    /// generation the Secondary lacks.
+    /// `P_STATE` from the Secondary, through the codec, fed to the Primary's node
+    /// ([`Event::PeerState`], as `Volume::peer_state` does): a failed disk starts a
+    /// generation the Secondary lacks; Connected ends a SyncSource's run.
     pub(super) fn primary_peer_state(&mut self, pkt: &Packet) -> Result<(), String> {
         let Packet::State(word) = self.wire(pkt, &[])? else {
             return Err(format!("the secondary's P_STATE decoded as {pkt:?}"));
         };
-        match self.pn.peer_state(word).0 {
-            PeerDisk::Failed => self.lost_peer_disk(true),
-            PeerDisk::Unchanged => {}
-            PeerDisk::ResyncDue => {
-                return Err("a failed secondary disk made a resync due on the primary".into())
-            }
+        // The generation a lost peer disk starts: drawn for good only if one is, so a
+        // `P_STATE` that starts none leaves the seed's stream as it was.
+        let mut draw = self.rs.rng.clone();
+        let random = uuid(&mut draw);
+        self.node_step(true, Event::PeerState { word, random })?;
+        if self
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::NewGeneration(_)))
+        {
+            self.rs.rng = draw;
         }
-        Ok(())
+        self.pump_primary()
     }
 
     // ----- streams ----------------------------------------------------------------------
@@ -1277,14 +1282,28 @@ impl Sim {
 
     /// The SyncTarget finished and is UpToDate (its `P_STATE`: Secondary, UpToDate,
     /// Connected): the SyncSource finishes too.
-    pub(super) fn sync_done(&mut self) -> Result<(), String> {
-        self.pn.peer_reported(Role::Secondary, DiskState::UpToDate);
-        let end = self
-            .pn
-            .peer_sync_ended(ConnState::Connected)
-            .ok_or_else(|| format!("the end of a resync on a {} Primary", self.pn.conn))?;
+    pub(super) fn sync_done(&mut self, pkt: &Packet) -> Result<(), String> {
+        if self.pn.conn != ConnState::SyncSource {
+            return Err(format!("the end of a resync on a {} Primary", self.pn.conn));
+        }
+        self.primary_peer_state(pkt)?;
+        if self.pn.conn != ConnState::Connected {
+            return Err(format!(
+                "the end of a resync left the Primary {}",
+                self.pn.conn
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Primary's node ended its SyncSource run ([`Action::SourceEnded`]). Complete
+    /// (the Secondary said UpToDate): every block it marks was fetched (checker 7), and
+    /// its generation is made durable. Incomplete (the Secondary's disk failed): its
+    /// blocks stay marked.
+    pub(super) fn source_ended(&mut self, end: &SourceEnd) -> Result<(), String> {
         if end.uuids.is_none() {
-            return Err("the end of a resync with the peer not UpToDate".into());
+            self.report.source_ends_incomplete += 1;
+            return Ok(());
         }
         if end.unfetched > 0 {
             return Err(format!(
@@ -1627,7 +1646,17 @@ impl Sim {
         }
         self.s_consistent_again();
         if self.up && gen == self.gen {
-            self.send_meta(MetaMsg::SyncDone)?;
+            if self.sn.disk != DiskState::UpToDate || self.sn.conn != ConnState::Connected {
+                return Err(format!(
+                    "a SyncTarget ended {} / {}, not UpToDate / Connected",
+                    self.sn.disk, self.sn.conn
+                ));
+            }
+            let pkt = self
+                .sn
+                .state_packet()
+                .ok_or("a SyncTarget with no P_STATE to send")?;
+            self.send_meta(MetaMsg::SyncDone(pkt))?;
         }
         Ok(())
     }

@@ -1209,28 +1209,27 @@ impl Volume {
         }
     }
 
-    /// `P_STATE` from the peer.
-    pub fn peer_state(&self, session: u64, word: u32) {
-        let _ = self.with_session(session, |v, inner, _| {
-            let (seen, conn) = inner.node.peer_state(word);
-            if v.peer_disk_changed(inner, seen) {
-                if let Some(k) = &inner.kill {
-                    k.notify_one();
-                }
-            }
-            v.source_peer_state(inner, conn);
+    /// `P_STATE` from the peer ([`Event::PeerState`]).
+    pub fn peer_state(&self, session: u64, word: u32) -> Result<(), String> {
+        let random = random_uuid(&mut rand::thread_rng());
+        self.with_session(session, |v, inner, fx| {
+            Self::step(inner, Event::PeerState { word, random })?;
+            v.drain(inner, fx);
             Ok(())
-        });
+        })
+        .map(|_| ())
     }
 
-    /// What a new peer disk state means here (`replica::PeerDisk`): a disk that failed is
-    /// [`Self::peer_disk_failed`]; a resync that is due is logged and returned (`true`),
-    /// the caller renews the connection.
-    fn peer_disk_changed(&self, inner: &mut Inner, seen: PeerDisk) -> bool {
+    /// What a new peer disk state granted by a state change request means here
+    /// (`replica::PeerDisk`): a disk that failed is [`Node::peer_disk_lost`]'s actions; a
+    /// resync that is due is logged and returned (`true`), the caller renews the
+    /// connection.
+    fn peer_disk_changed(inner: &mut Inner, seen: PeerDisk) -> bool {
         match seen {
             PeerDisk::Unchanged => false,
             PeerDisk::Failed => {
-                self.peer_disk_failed(inner);
+                let random = random_uuid(&mut rand::thread_rng());
+                inner.node.peer_disk_lost(random, &mut inner.actions);
                 false
             }
             PeerDisk::ResyncDue => {
@@ -1243,12 +1242,9 @@ impl Volume {
         }
     }
 
-    /// The peer's disk failed (or was detached) while connected: everything this node
-    /// writes from now on is out of sync there (the peer answers each write with
-    /// `P_NEG_ACK`), and a Primary starts a generation the peer lacks, as after losing
-    /// the peer (DRBD's `after_state_ch`).
-    fn peer_disk_failed(&self, inner: &mut Inner) {
-        let disk = inner.node.peer_disk;
+    /// The peer's disk failed (or was detached) while connected
+    /// ([`Action::PeerDiskFailed`]): reported in the log, the events and status.
+    fn peer_disk_failed(&self, inner: &mut Inner, disk: DiskState) {
         tracing::error!(
             "peer {}'s disk is {disk}: its copy is out of date from here on",
             self.peer_node
@@ -1262,7 +1258,6 @@ impl Volume {
             self.peer_node,
             unix_time_string()
         ));
-        self.lost_peer_disk(inner);
     }
 
     /// The generation rule of a lost peer disk (`replica::Node::lost_peer_disk`): a new
@@ -1273,9 +1268,14 @@ impl Volume {
             .node
             .lost_peer_disk(random_uuid(&mut rand::thread_rng()))
         {
-            let t = self.stage_uuids(inner, uuids);
-            self.fail_disk_unless_durable(t);
+            self.new_generation(inner, uuids);
         }
+    }
+
+    /// [`Action::NewGeneration`].
+    fn new_generation(&self, inner: &mut Inner, uuids: UuidSet) {
+        let t = self.stage_uuids(inner, uuids);
+        self.fail_disk_unless_durable(t);
     }
 
     /// A write to the local disk failed (DRBD's `on-io-error`): the node decides what
@@ -1381,7 +1381,7 @@ impl Volume {
     /// A peer's `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ`: decided by `state::change`,
     /// answered on the meta socket, then applied.
     pub fn peer_state_request(&self, session: u64, cmd: Command, req: wire::ReqState) {
-        let granted = self.with_session(session, |v, inner, _| {
+        let granted = self.with_session(session, |v, inner, fx| {
             let (d, seen) =
                 inner
                     .node
@@ -1406,7 +1406,8 @@ impl Volume {
             }
             let g = d.grant;
             // A resync due now starts after the reply has left, as for `invalidate`.
-            let resync_due = v.peer_disk_changed(inner, seen);
+            let resync_due = Self::peer_disk_changed(inner, seen);
+            v.drain(inner, fx);
             Ok(Some((g, resync_due)))
         });
         if let Ok(Some(Some((g, resync_due)))) = granted {
@@ -1638,6 +1639,9 @@ impl Volume {
                         k.notify_one();
                     }
                 }
+                Action::NewGeneration(uuids) => self.new_generation(inner, uuids),
+                Action::PeerDiskFailed { disk } => self.peer_disk_failed(inner, disk),
+                Action::SourceEnded(end) => self.source_ended(inner, end),
             }
         }
         inner.actions = actions;

@@ -55,7 +55,7 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::replica::{Node, ReadFor, SyncAction, SyncRole, TargetEnd};
+use crate::replica::{Node, ReadFor, SourceEnd, SyncAction, SyncRole, TargetEnd};
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
     VerifyConfig, VerifyProgress,
@@ -777,13 +777,11 @@ impl Volume {
         self.send_state(inner);
     }
 
-    /// The peer's `P_STATE` while this node is SyncSource: its resync is over when it says
-    /// Connected; complete when its disk is UpToDate (the bitmap UUID then rotates into
-    /// history, DRBD's `drbd_resync_finished` on the source).
-    pub(super) fn source_peer_state(&self, inner: &mut Inner, conn: ConnState) {
-        let Some(end) = inner.node.peer_sync_ended(conn) else {
-            return;
-        };
+    /// The peer ended the run this node served as SyncSource
+    /// ([`crate::replica::Action::SourceEnded`]): complete when its disk is UpToDate
+    /// (the bitmap UUID then rotates into history, DRBD's `drbd_resync_finished` on the
+    /// source), durable in the background.
+    pub(super) fn source_ended(&self, inner: &mut Inner, end: SourceEnd) {
         if end.uuids.is_some() {
             // Durable in the background (application writes wait for it at the core's
             // door), with the crash repaired in the same superblock write.
