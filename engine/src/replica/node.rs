@@ -2,8 +2,10 @@
 //! node's application writes, and the node's one out-of-sync bitmap), the [`Receiver`]
 //! (the peer's writes), the resync runs ([`SyncRuns`]) and the Secondary's merged flush
 //! rounds ([`FlushRounds`]). The daemon (`volume/`) and both nodes of the simulator
-//! (`sim/`) hold a [`Node`] and call [`Node::drain`] after feeding a core; each only
-//! performs the [`Action`]s that come out, so the rules of the drain are one code:
+//! (`sim/`) hold a [`Node`], feed it the write path's events through [`Node::step`]
+//! (`step.rs`) and the rest through the calls below, and call [`Node::drain`] after
+//! feeding a core; each only performs the [`Action`]s that come out, so the rules of
+//! the drain are one code:
 //!
 //! - **Writes the runs hold.** Every local write of either core is shown to the runs
 //!   before it is submitted ([`SyncRuns::primary_write_begin`] /
@@ -84,13 +86,13 @@ pub(crate) struct LocalWrite {
 /// What the driver must do for the write pipelines, in order.
 #[derive(Debug)]
 pub(crate) enum Action {
-    /// Write to the local disk; report the result to the core of its side. Never a write
-    /// the runs hold: that one comes later as [`super::SyncAction::Release`].
+    /// Write to the local disk; report [`super::Event::WriteDone`]. Never a write the
+    /// runs hold: that one comes later as [`super::SyncAction::Release`].
     LocalWrite(LocalWrite),
     /// Flush the local disk for the Primary; report [`Primary::local_flush_done`].
     PrimaryFlush { tag: u64 },
     /// Flush the local disk for a round of the Receiver's epoch flushes; report
-    /// [`FlushRounds::round_done`].
+    /// [`super::Event::FlushRoundDone`].
     FlushRound,
     /// Write a 4 KiB metadata block durably, after a flush of the data disk with
     /// `preflush`; report [`Primary::meta_write_done`].
@@ -133,6 +135,9 @@ pub(crate) enum Action {
     /// [`SourceEnd::durable`] durable (in the background: application writes wait for
     /// it at the core's door) and report the end.
     SourceEnded(SourceEnd),
+    /// A connection loss interrupted an online verify at this point: report it (status
+    /// shows it, and `verify --start` may resume there).
+    VerifyInterrupted(VerifyProgress),
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).

@@ -25,6 +25,10 @@
 //!   the connection, so that the handshake resyncs (DRBD 8.4's `receive_state` runs its
 //!   sync handshake again); its Connected ends this node's SyncSource run
 //!   ([`Action::SourceEnded`]).
+//! - **A connection loss.** The runs are cut before the cores let go of the peer
+//!   ([`Node::connection_lost`]); an online verify it interrupts is reported
+//!   ([`Action::VerifyInterrupted`]); a Primary that loses its peer's disk starts a
+//!   generation the peer lacks ([`Action::NewGeneration`]).
 //! - **A failed local write the runs cannot record** (their list is full,
 //!   [`super::FailedLocal`]): the connection is renewed ([`Action::DropConnection`])
 //!   rather than a failed block forgotten.
@@ -65,6 +69,9 @@ pub(crate) enum Event {
     /// The peer's `P_STATE` (`word`); `random` is the current UUID of a generation it
     /// may start ([`Node::lost_peer_disk`]).
     PeerState { word: u32, random: u64 },
+    /// The connection is gone ([`Node::connection_lost`]); `random` as for
+    /// [`Event::PeerState`]: a Primary that loses its peer's disk starts a generation.
+    ConnectionLost { random: u64 },
 }
 
 /// What [`Node::step`] did with an event.
@@ -168,6 +175,15 @@ impl Node {
             }
             Event::PeerState { word, random } => {
                 self.peer_state_changed(word, random, out);
+                Outcome::Done
+            }
+            Event::ConnectionLost { random } => {
+                if let Some(progress) = self.connection_lost(out) {
+                    out.push(Action::VerifyInterrupted(progress));
+                }
+                if let Some(uuids) = self.lost_peer_disk(random) {
+                    out.push(Action::NewGeneration(uuids));
+                }
                 Outcome::Done
             }
         };

@@ -2220,7 +2220,7 @@ impl Sim {
             }
             // The model has no superblock: the generation is assigned at once.
             Action::NewGeneration(uuids) => self.pn.uuids = uuids,
-            Action::PeerDiskFailed { .. } => {}
+            Action::PeerDiskFailed { .. } | Action::VerifyInterrupted(_) => {}
             Action::SourceEnded(end) => self.source_ended(&end)?,
             Action::Retired { .. } => {
                 self.retired += 1;
@@ -2438,6 +2438,9 @@ impl Sim {
                 let gen = self.gen;
                 self.at(0, Ev::Drop { gen });
             }
+            // The model has no superblock: the generation is assigned at once.
+            Action::NewGeneration(uuids) => self.sn.uuids = uuids,
+            Action::VerifyInterrupted(_) => {}
             other => {
                 return Err(format!(
                     "unexpected action of the Secondary's node: {other:?}"

@@ -40,8 +40,9 @@
 //! `DP_MAY_SET_IN_SYNC`, so replicated writes clear no bits: a block stays out of sync
 //! until resync copies it.) When the target finishes with no failed block, the
 //! Secondary flushes its disk, finishes its UUIDs (UpToDate), ends the run
-//! (`SyncRuns::end_recorded`) and tells the Primary (`SyncDone` on the meta stream;
-//! DRBD's state change), which finishes its own. Lost,
+//! (`SyncRuns::end_recorded`) and tells the Primary (its `P_STATE`, UpToDate and
+//! Connected, through the codec on the meta stream: DRBD's state change), whose node
+//! finishes its own run on it (`Event::PeerState`, as in the daemon). Lost,
 //! that notice leaves the Primary's bitmap UUID set, and the next handshake corrects it
 //! (rule 34).
 //!
@@ -1097,32 +1098,19 @@ impl Sim {
             self.report.void_replies += t.progress(self.sn.primary.out_of_sync()).void_replies;
             self.report.resyncs_cut += 1;
         }
+        // Both nodes' runs and cores, and the generation a Primary that loses its peer's
+        // disk starts (`Event::ConnectionLost`); the Secondary's alone when the
+        // Primary's died with its node.
         if net {
-            // Both nodes' runs and cores (`replica::Node::connection_lost`).
-            let _ = self.pn.connection_lost(&mut self.actions);
+            let random = uuid(&mut self.rs.rng);
+            self.node_step(true, Event::ConnectionLost { random })?;
             self.pump_primary()?;
             self.p_actions()?;
-            // The Primary loses its peer's disk: a new generation unless a bitmap UUID
-            // already marks one.
-            self.lost_peer_disk(true);
         }
-        // The Secondary's node (alone when the Primary's died with its node).
-        let _ = self.sn.connection_lost(&mut self.actions);
+        let random = uuid(&mut self.rs.rng);
+        self.node_step(false, Event::ConnectionLost { random })?;
         self.pump_secondary()?;
-        self.s_actions()?;
-        self.lost_peer_disk(false);
-        Ok(())
-    }
-
-    /// The daemon's rule of a lost peer disk on the Primary's node (`primary`) or the
-    /// Secondary's (`replica::Node::lost_peer_disk`); the model has no superblock to
-    /// make it durable in.
-    fn lost_peer_disk(&mut self, primary: bool) {
-        let r = uuid(&mut self.rs.rng);
-        let node = if primary { &mut self.pn } else { &mut self.sn };
-        if let Some(uuids) = node.lost_peer_disk(r) {
-            node.uuids = uuids;
-        }
+        self.s_actions()
     }
 
     /// `P_STATE` from the Secondary, through the codec, fed to the Primary's node

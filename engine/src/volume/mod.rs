@@ -1113,9 +1113,8 @@ impl Volume {
             inner.kill = None;
             // A request of ours dies with its connection (the waiter sees the drop).
             inner.own_request = None;
+            // (A Primary that lost its peer's disk writes a generation the peer lacks.)
             self.node_connection_lost(inner, &mut effects);
-            // A Primary that lost its peer's disk writes a generation the peer lacks.
-            self.lost_peer_disk(inner);
             let oos = inner.node.primary.out_of_sync_bytes();
             if oos > 0 {
                 tracing::warn!(
@@ -1165,7 +1164,7 @@ impl Volume {
         out.map(Some)
     }
 
-    /// An ack from the meta socket ([`crate::replica::Node::peer_ack`]; a read the peer
+    /// An ack from the meta socket ([`crate::replica::Event::PeerAck`]; a read the peer
     /// could not serve fails here).
     pub fn peer_ack(&self, session: u64, cmd: Command, ack: wire::BlockAck) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
@@ -1260,19 +1259,10 @@ impl Volume {
         ));
     }
 
-    /// The generation rule of a lost peer disk (`replica::Node::lost_peer_disk`): a new
-    /// generation is durable before any application write enters the core (the write
-    /// gate waits for it; a failure takes the disk out of use).
-    fn lost_peer_disk(&self, inner: &mut Inner) {
-        if let Some(uuids) = inner
-            .node
-            .lost_peer_disk(random_uuid(&mut rand::thread_rng()))
-        {
-            self.new_generation(inner, uuids);
-        }
-    }
-
-    /// [`Action::NewGeneration`].
+    /// [`Action::NewGeneration`], the generation rule of a lost peer disk
+    /// (`replica::Node::lost_peer_disk`): a new generation is durable before any
+    /// application write enters the core (the write gate waits for it; a failure takes
+    /// the disk out of use).
     fn new_generation(&self, inner: &mut Inner, uuids: UuidSet) {
         let t = self.stage_uuids(inner, uuids);
         self.fail_disk_unless_durable(t);
@@ -1642,6 +1632,7 @@ impl Volume {
                 Action::NewGeneration(uuids) => self.new_generation(inner, uuids),
                 Action::PeerDiskFailed { disk } => self.peer_disk_failed(inner, disk),
                 Action::SourceEnded(end) => self.source_ended(inner, end),
+                Action::VerifyInterrupted(p) => Self::verify_interrupted(inner, p),
             }
         }
         inner.actions = actions;

@@ -55,7 +55,7 @@ use super::{contract, Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::replica::{Node, ReadFor, SourceEnd, SyncAction, SyncRole, TargetEnd};
+use crate::replica::{Event, Node, ReadFor, SourceEnd, SyncAction, SyncRole, TargetEnd};
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
     VerifyConfig, VerifyProgress,
@@ -331,22 +331,11 @@ impl Volume {
         for (_, r) in inner.remote_reads.drain() {
             let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
-        let mut actions = std::mem::take(&mut inner.actions);
-        let verify = inner.node.connection_lost(&mut actions);
-        inner.actions = actions;
+        let random = random_uuid(&mut rand::thread_rng());
+        Self::completion(inner, Event::ConnectionLost { random });
         self.drain(inner, fx);
         inner.peer_waits.clear();
         inner.rs_bufs.clear();
-        if let Some(p) = verify {
-            tracing::warn!(
-                "online verify interrupted at sector {} ({} of {} blocks, {} out of sync)",
-                p.resume_sector,
-                p.done_blocks,
-                p.total_blocks,
-                p.out_of_sync_blocks
-            );
-            inner.last_verify = Some(p);
-        }
         self.drain_sync(inner, fx);
         self.wake_if_idle(inner);
     }
@@ -775,6 +764,19 @@ impl Volume {
         }
         self.wake_if_idle(inner);
         self.send_state(inner);
+    }
+
+    /// A connection loss interrupted an online verify
+    /// ([`crate::replica::Action::VerifyInterrupted`]).
+    pub(super) fn verify_interrupted(inner: &mut Inner, p: VerifyProgress) {
+        tracing::warn!(
+            "online verify interrupted at sector {} ({} of {} blocks, {} out of sync)",
+            p.resume_sector,
+            p.done_blocks,
+            p.total_blocks,
+            p.out_of_sync_blocks
+        );
+        inner.last_verify = Some(p);
     }
 
     /// The peer ended the run this node served as SyncSource
