@@ -138,6 +138,11 @@ pub(crate) enum Action {
     /// A connection loss interrupted an online verify at this point: report it (status
     /// shows it, and `verify --start` may resume there).
     VerifyInterrupted(VerifyProgress),
+    /// A resync is due that only a handshake can start (the peer's `invalidate` or
+    /// `invalidate-remote` granted, or its disk UpToDate over this Inconsistent one):
+    /// once the packets queued so far have left, renew the connection — as `target`,
+    /// mark every block out of sync first, as `invalidate` does.
+    RenewForResync { target: bool },
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).
@@ -533,7 +538,7 @@ impl Node {
 
     /// The peer's `P_STATE` says `conn` while this node is SyncSource: at Connected the
     /// run is over here too (`None`: it is not). See [`SourceEnd`].
-    pub(crate) fn peer_sync_ended(&mut self, conn: ConnState) -> Option<SourceEnd> {
+    pub(super) fn peer_sync_ended(&mut self, conn: ConnState) -> Option<SourceEnd> {
         if self.conn != ConnState::SyncSource || conn != ConnState::Connected {
             return None;
         }
@@ -570,7 +575,7 @@ impl Node {
     /// peer lacks (`random` is its new current UUID) unless a bitmap UUID already marks
     /// one. `Some`: the new UUIDs, which the driver makes durable (and assigns) before
     /// the next application write.
-    pub(crate) fn lost_peer_disk(&self, random: u64) -> Option<UuidSet> {
+    pub(super) fn lost_peer_disk(&self, random: u64) -> Option<UuidSet> {
         let mut uuids = self.uuids;
         uuids
             .lost_peer_disk(random, self.role == Role::Primary, false, self.disk)
@@ -581,7 +586,7 @@ impl Node {
     /// takes them, and its connection state (which ends a SyncSource's run,
     /// [`Self::peer_sync_ended`]). An unknown value reads as Unknown / DUnknown /
     /// StandAlone.
-    pub(crate) fn peer_state(&mut self, word: u32) -> (PeerDisk, ConnState) {
+    pub(super) fn peer_state(&mut self, word: u32) -> (PeerDisk, ConnState) {
         let s = wire::StateBits::unpack(word);
         let role = Role::from_u32(u32::from(s.role)).unwrap_or(Role::Unknown);
         let disk = DiskState::from_u32(u32::from(s.disk)).unwrap_or(DiskState::DUnknown);

@@ -25,6 +25,11 @@
 //!   the connection, so that the handshake resyncs (DRBD 8.4's `receive_state` runs its
 //!   sync handshake again); its Connected ends this node's SyncSource run
 //!   ([`Action::SourceEnded`]).
+//! - **The peer's state change requests.** Decided over this node's state
+//!   ([`Node::peer_request`]); the reply goes first, then what a grant changes: a failed
+//!   peer disk as from its `P_STATE`, a full resync (the peer's `invalidate` or
+//!   `invalidate-remote`) or one that became due renews the connection once the reply
+//!   has left ([`Action::RenewForResync`]: tandem decides a resync at the handshake).
 //! - **A connection loss.** The runs are cut before the cores let go of the peer
 //!   ([`Node::connection_lost`]); an online verify it interrupts is reported
 //!   ([`Action::VerifyInterrupted`]); a Primary that loses its peer's disk starts a
@@ -43,9 +48,11 @@
 //! the cores' in-flight limits).
 
 use super::{Action, LocalWrite, Node, PeerDisk};
+use crate::net::Stream;
 use crate::request::{Error, PeerWrite};
+use crate::state::change::StateRv;
 use crate::state::{DiskState, Role};
-use crate::wire::Command;
+use crate::wire::{self, Command, Packet};
 
 /// One event of the write path (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +79,17 @@ pub(crate) enum Event {
     /// The connection is gone ([`Node::connection_lost`]); `random` as for
     /// [`Event::PeerState`]: a Primary that loses its peer's disk starts a generation.
     ConnectionLost { random: u64 },
+    /// The peer's `P_STATE_CHG_REQ` or `P_CONN_ST_CHG_REQ` (`cmd`, `req`), decided
+    /// over this node's state ([`Node::peer_request`]; `own_request`: this node waits
+    /// for the reply to a request of its own; `resolve_conflicts`: this node wins a
+    /// crossing); `random` as for [`Event::PeerState`].
+    StateRequest {
+        cmd: Command,
+        req: wire::ReqState,
+        own_request: bool,
+        resolve_conflicts: bool,
+        random: u64,
+    },
 }
 
 /// What [`Node::step`] did with an event.
@@ -83,6 +101,9 @@ pub(crate) enum Outcome {
     Taken(u64),
     /// The Receiver is full: nothing changed (see the module docs).
     Full,
+    /// The peer's state change request was answered with this code (a refusal is the
+    /// driver's to log).
+    Answered(StateRv),
 }
 
 /// Whose error an event revealed (see the module docs).
@@ -177,6 +198,17 @@ impl Node {
                 self.peer_state_changed(word, random, out);
                 Outcome::Done
             }
+            Event::StateRequest {
+                cmd,
+                req,
+                own_request,
+                resolve_conflicts,
+                random,
+            } => {
+                let rv =
+                    self.state_request(cmd, req, (own_request, resolve_conflicts), random, out);
+                Outcome::Answered(rv)
+            }
             Event::ConnectionLost { random } => {
                 if let Some(progress) = self.connection_lost(out) {
                     out.push(Action::VerifyInterrupted(progress));
@@ -208,10 +240,50 @@ impl Node {
         }
     }
 
+    /// The peer's state change request: the reply (on the meta stream, before anything
+    /// it leads to) and, if granted, what the grant changes here — a failed peer disk
+    /// ([`Self::peer_disk_lost`]), a full resync either way or one that became due
+    /// ([`Action::RenewForResync`], after the reply).
+    fn state_request(
+        &mut self,
+        cmd: Command,
+        req: wire::ReqState,
+        (own_request, resolve_conflicts): (bool, bool),
+        random: u64,
+        out: &mut Vec<Action>,
+    ) -> StateRv {
+        let (d, seen) = self.peer_request(req, own_request, resolve_conflicts);
+        let reply = if cmd == Command::P_CONN_ST_CHG_REQ {
+            Command::P_CONN_ST_CHG_REPLY
+        } else {
+            Command::P_STATE_CHG_REPLY
+        };
+        out.push(Action::Send {
+            stream: Stream::Meta,
+            pkt: Packet::ReqStateReply {
+                cmd: reply,
+                retcode: d.rv.code(),
+            },
+        });
+        if !d.rv.is_success() {
+            return d.rv;
+        }
+        if seen == PeerDisk::Failed {
+            self.peer_disk_lost(random, out);
+        }
+        let g = d.grant;
+        if g.sync_source || g.sync_target || seen == PeerDisk::ResyncDue {
+            out.push(Action::RenewForResync {
+                target: g.sync_target,
+            });
+        }
+        d.rv
+    }
+
     /// The peer's disk failed while connected ([`PeerDisk::Failed`], from its `P_STATE`
     /// or a state change request the driver granted): reported, and a Primary starts a
     /// generation the peer lacks (`random` its current UUID).
-    pub(crate) fn peer_disk_lost(&self, random: u64, out: &mut Vec<Action>) {
+    fn peer_disk_lost(&self, random: u64, out: &mut Vec<Action>) {
         out.push(Action::PeerDiskFailed {
             disk: self.peer_disk,
         });
@@ -367,7 +439,7 @@ mod tests {
             match n.step(write(id, (id % 64) * 8), &mut out).unwrap() {
                 Outcome::Taken(_) => {}
                 Outcome::Full => break,
-                Outcome::Done => panic!("a write is taken or not"),
+                other => panic!("a write is taken or not: {other:?}"),
             }
             assert!(id < 100_000, "never full");
         }
@@ -478,6 +550,58 @@ mod tests {
             assert_eq!(end.uuids.is_some(), complete, "{disk}");
             assert_eq!(n.conn, ConnState::Connected);
         }
+    }
+
+    /// The peer's `invalidate-remote` (StartingSyncS there): granted, the reply goes
+    /// first and the connection is renewed with this node as target; refused while a
+    /// resync runs, only the refusal goes.
+    #[test]
+    fn a_granted_invalidate_remote_answers_then_renews_as_target() {
+        let bits = |conn: u8| wire::StateBits {
+            conn,
+            ..wire::StateBits::default()
+        };
+        let starting = u8::try_from(ConnState::StartingSyncS.as_u32()).unwrap();
+        let ev = Event::StateRequest {
+            cmd: Command::P_CONN_ST_CHG_REQ,
+            req: wire::ReqState {
+                mask: bits(0x1f).pack().unwrap(),
+                val: bits(starting).pack().unwrap(),
+            },
+            own_request: false,
+            resolve_conflicts: false,
+            random: 0,
+        };
+        let mut n = node(Role::Secondary);
+        n.connection_up(101, Role::Primary, DiskState::UpToDate);
+        let mut out = Vec::new();
+        let Ok(Outcome::Answered(rv)) = n.step(ev, &mut out) else {
+            panic!("not answered");
+        };
+        assert!(rv.is_success());
+        assert!(
+            matches!(
+                out[..],
+                [
+                    Action::Send {
+                        pkt: wire::Packet::ReqStateReply {
+                            cmd: Command::P_CONN_ST_CHG_REPLY,
+                            retcode: 1
+                        },
+                        ..
+                    },
+                    Action::RenewForResync { target: true }
+                ]
+            ),
+            "{out:?}"
+        );
+        out.clear();
+        n.conn = ConnState::SyncTarget;
+        let Ok(Outcome::Answered(rv)) = n.step(ev, &mut out) else {
+            panic!("not answered");
+        };
+        assert!(!rv.is_success());
+        assert!(matches!(out[..], [Action::Send { .. }]), "{out:?}");
     }
 
     /// A SyncTarget Primary's write refused by the peer: the bits stay and the target

@@ -8,8 +8,9 @@
 //! UpToDate (drawn Inconsistent on about a fifth of the nodes), and the driver refuses
 //! while a request of its own is pending; otherwise it sends `P_STATE_CHG_REQ` with
 //! [`promote_request`] (through the real codec) and waits. The receiver answers with
-//! [`Node::peer_request`] (the real `state::change::decide` over its state, its pending
-//! request, its `resolve_conflicts`); a grant makes it record the peer's role and disk.
+//! [`Node::step`] (`Event::StateRequest`: the real `state::change::decide` over its
+//! state, its pending request, its `resolve_conflicts`, and the reply it sends, as the
+//! daemon's); a grant makes it record the peer's role and disk.
 //! A success reply for the same connection makes the requester run the daemon's
 //! promotion ([`Node::begin_promotion`], [`Node::take_primary`]: the rules again, then
 //! the role and its `P_STATE`); a grant it cannot use makes it send `P_STATE` (still
@@ -27,7 +28,7 @@
 //! 6 messages in flight, 16 events a round.
 
 use super::rng::Rng;
-use crate::replica::{Action, Node};
+use crate::replica::{Action, Event, Node, Outcome};
 use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
 use crate::state::change::{promote_request, StateRv};
 use crate::state::uuid::UuidSet;
@@ -331,14 +332,35 @@ impl Round<'_> {
         match msg {
             Msg::Req { mask, val } => {
                 let n = &mut self.nodes[to];
-                let resolve = n.resolve && !self.sabotage_resolver;
-                let (d, _) = n
-                    .node
-                    .peer_request(ReqState { mask, val }, n.own.is_some(), resolve);
-                if d.rv.is_success() {
+                let ev = Event::StateRequest {
+                    cmd: Command::P_STATE_CHG_REQ,
+                    req: ReqState { mask, val },
+                    own_request: n.own.is_some(),
+                    resolve_conflicts: n.resolve && !self.sabotage_resolver,
+                    random: 0,
+                };
+                let mut out = Vec::new();
+                let answered = n.node.step(ev, &mut out).map_err(|e| e.to_string())?;
+                let Outcome::Answered(rv) = answered else {
+                    return Err(format!(
+                        "node {to} did not answer the request: {answered:?}"
+                    ));
+                };
+                // Only the reply: a promotion request grants the peer's role, nothing
+                // that resyncs or starts a generation.
+                let [Action::Send {
+                    pkt: Packet::ReqStateReply { retcode, .. },
+                    ..
+                }] = out[..]
+                else {
+                    return Err(format!(
+                        "node {to} answered a promotion request with {out:?}"
+                    ));
+                };
+                if rv.is_success() {
                     self.granted += 1;
                 }
-                self.send(1 - to, Msg::Reply(d.rv.code()))
+                self.send(1 - to, Msg::Reply(retcode))
             }
             Msg::Reply(code) => {
                 let (own, retried) = (self.nodes[to].own, self.nodes[to].retried);

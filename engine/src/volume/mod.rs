@@ -66,9 +66,7 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
-use crate::replica::{
-    Action, DiskFailure, Event, LocalWrite, Node, Outcome, PeerDisk, Side, StepError,
-};
+use crate::replica::{Action, DiskFailure, Event, LocalWrite, Node, Outcome, Side, StepError};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
@@ -241,6 +239,11 @@ enum Effect {
     SyncBitmap,
     /// Record the end of a target run (`replica::Node::target_end`).
     SyncFinish(crate::replica::TargetEnd),
+    /// [`Action::RenewForResync`] on connection `session`.
+    RenewForResync {
+        session: u64,
+        target: bool,
+    },
     Complete {
         done: Done,
         result: Result<(), BlockError>,
@@ -1219,28 +1222,6 @@ impl Volume {
         .map(|_| ())
     }
 
-    /// What a new peer disk state granted by a state change request means here
-    /// (`replica::PeerDisk`): a disk that failed is [`Node::peer_disk_lost`]'s actions; a
-    /// resync that is due is logged and returned (`true`), the caller renews the
-    /// connection.
-    fn peer_disk_changed(inner: &mut Inner, seen: PeerDisk) -> bool {
-        match seen {
-            PeerDisk::Unchanged => false,
-            PeerDisk::Failed => {
-                let random = random_uuid(&mut rand::thread_rng());
-                inner.node.peer_disk_lost(random, &mut inner.actions);
-                false
-            }
-            PeerDisk::ResyncDue => {
-                tracing::warn!(
-                    "the peer's disk is UpToDate now and this one is Inconsistent: renewing \
-                     the connection for the resync"
-                );
-                true
-            }
-        }
-    }
-
     /// The peer's disk failed (or was detached) while connected
     /// ([`Action::PeerDiskFailed`]): reported in the log, the events and status.
     fn peer_disk_failed(&self, inner: &mut Inner, disk: DiskState) {
@@ -1368,49 +1349,38 @@ impl Volume {
         self.lock().node.disk == DiskState::Failed
     }
 
-    /// A peer's `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ`: decided by `state::change`,
-    /// answered on the meta socket, then applied.
+    /// A peer's `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ` ([`Event::StateRequest`]):
+    /// decided by the node, answered on the meta socket, then applied.
     pub fn peer_state_request(&self, session: u64, cmd: Command, req: wire::ReqState) {
-        let granted = self.with_session(session, |v, inner, fx| {
-            let (d, seen) =
-                inner
-                    .node
-                    .peer_request(req, inner.own_request.is_some(), inner.resolve_conflicts);
-            let reply = Packet::ReqStateReply {
-                cmd: if cmd == Command::P_CONN_ST_CHG_REQ {
-                    Command::P_CONN_ST_CHG_REPLY
-                } else {
-                    Command::P_STATE_CHG_REPLY
-                },
-                retcode: d.rv.code(),
+        let random = random_uuid(&mut rand::thread_rng());
+        let _ = self.with_session(session, |v, inner, fx| {
+            let ev = Event::StateRequest {
+                cmd,
+                req,
+                own_request: inner.own_request.is_some(),
+                resolve_conflicts: inner.resolve_conflicts,
+                random,
             };
-            Self::send(inner, Stream::Meta, &reply, None);
-            if !d.rv.is_success() {
-                tracing::warn!(
-                    "refused the peer's state change request (mask {:#x}, val {:#x}): {}",
-                    req.mask,
-                    req.val,
-                    d.rv.describe()
-                );
-                return Ok(None);
+            if let Outcome::Answered(rv) = Self::step(inner, ev)? {
+                if !rv.is_success() {
+                    tracing::warn!(
+                        "refused the peer's state change request (mask {:#x}, val {:#x}): {}",
+                        req.mask,
+                        req.val,
+                        rv.describe()
+                    );
+                }
             }
-            let g = d.grant;
-            // A resync due now starts after the reply has left, as for `invalidate`.
-            let resync_due = Self::peer_disk_changed(inner, seen);
             v.drain(inner, fx);
-            Ok(Some((g, resync_due)))
+            Ok(())
         });
-        if let Ok(Some(Some((g, resync_due)))) = granted {
-            if g.sync_source || g.sync_target || resync_due {
-                self.renew_for_resync(session, g.sync_target);
-            }
-        }
     }
 
     /// The peer asked for a full resync (its `invalidate` or `invalidate-remote`): tandem
     /// starts a resync only at a handshake, so once the reply has left, a target marks
     /// every block out of sync (as `invalidate` does) and the connection is renewed; the
     /// handshake then decides the resync from the disk states and bitmaps.
+    /// ([`Action::RenewForResync`]; called without the lock.)
     fn renew_for_resync(&self, session: u64, target: bool) {
         self.after_queued_packets_leave(move |me| async move {
             let kill = {
@@ -1633,6 +1603,12 @@ impl Volume {
                 Action::PeerDiskFailed { disk } => self.peer_disk_failed(inner, disk),
                 Action::SourceEnded(end) => self.source_ended(inner, end),
                 Action::VerifyInterrupted(p) => Self::verify_interrupted(inner, p),
+                Action::RenewForResync { target } => {
+                    if let Some(l) = &inner.link {
+                        let session = l.session();
+                        fx.push(Effect::RenewForResync { session, target });
+                    }
+                }
             }
         }
         inner.actions = actions;
@@ -1697,6 +1673,9 @@ impl Volume {
                 }),
                 Effect::SyncFinish(end) => {
                     self.spawn_task(move |v| async move { v.finish_target(end).await });
+                }
+                Effect::RenewForResync { session, target } => {
+                    self.renew_for_resync(session, target);
                 }
             }
         }
