@@ -118,8 +118,6 @@ pub(crate) enum Action {
     Complete { id: u64, ok: bool },
     /// The Primary's write `tag` left the pipeline (room for the next one).
     Retired { tag: u64 },
-    /// The peer's write `token` will never be written: free its data.
-    DiscardPeerWrite { token: u64 },
     /// Drop the connection: the peer broke the protocol, or a new handshake must decide
     /// (a forced promotion, a resync that became due).
     DropConnection { reason: &'static str },
@@ -795,7 +793,6 @@ impl Node {
                     }
                     Action::FlushRound
                 }
-                ReceiverOutput::Discard { token } => Action::DiscardPeerWrite { token },
                 ReceiverOutput::DropConnection { reason } => Action::DropConnection { reason },
                 ReceiverOutput::SendRecvAck {
                     block_id,

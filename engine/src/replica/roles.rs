@@ -62,7 +62,7 @@ pub(crate) struct PromotionFacts {
     pub peer_role: Role,
     pub disk: DiskState,
     pub peer_disk: DiskState,
-    /// Peer writes are in flight to this disk.
+    /// Peer writes are in flight to this disk, or received and not yet applied.
     pub peer_writes_active: bool,
     /// A resync into this disk runs (SyncTarget).
     pub sync_target: bool,
@@ -212,7 +212,10 @@ impl Node {
             peer_role: self.peer_role,
             disk: self.disk,
             peer_disk: self.peer_disk,
-            peer_writes_active: self.receiver.stats().active_writes > 0,
+            peer_writes_active: {
+                let rx = self.receiver.stats();
+                rx.active_writes > 0 || rx.held > 0
+            },
             sync_target: self.runs.target().is_some(),
             force,
         })

@@ -97,7 +97,8 @@ pub(crate) enum Event {
 pub(crate) enum Outcome {
     Done,
     /// The peer's write was taken as this token: the driver keeps its data under it
-    /// until [`Action::LocalWrite`] or [`Action::DiscardPeerWrite`] names it.
+    /// until [`Action::LocalWrite`] names it (a write is never dropped, not even when
+    /// its connection is lost: `request::Receiver`'s module docs).
     Taken(u64),
     /// The Receiver is full: nothing changed (see the module docs).
     Full,

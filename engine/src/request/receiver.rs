@@ -23,13 +23,20 @@
 //! dropped: an epoch that cannot be made durable must not be acknowledged, and the
 //! Primary marks every un-acked write out of sync when the connection goes.
 //!
-//! On connection loss held messages are discarded and nothing more is acknowledged for
-//! the old connection; local writes already submitted still complete, and the next
-//! connection's writes are not applied before they did (DRBD waits for them too).
+//! On connection loss nothing more is acknowledged for the old connection, but what it
+//! delivered is still applied: the held messages go on draining in order (epochs,
+//! drains and flushes as before), and a marker at the end of the queue
+//! ([`Held::Lost`]) makes the next connection's first epoch start only once all of
+//! them are on the disk. DRBD 8.4 submits a write when it arrives, so a write its peer
+//! received survives the Primary's death: protocol B's `P_RECV_ACK` promises that, and
+//! protocol A's peer keeps what it received. Dropping the held writes instead (as this
+//! core did before) lost such a write when the Primary died with the connection and
+//! this node was promoted.
 //!
 //! Bounds: `max_held` queued messages (the driver stops reading the data socket while
-//! [`Receiver::can_accept`] is false), `max_active` local writes in flight, and at most
-//! `max_held` epochs flushed but not yet acked.
+//! [`Receiver::can_accept`] is false) plus one connection marker per lost connection that
+//! delivered something (consecutive losses share one), `max_active` local writes in
+//! flight, and at most `max_held` epochs flushed but not yet acked.
 
 use super::{check_range, dp, make_handle, split_handle, Error, WriteKind};
 use std::collections::VecDeque;
@@ -127,12 +134,6 @@ pub enum ReceiverOutput {
         /// Writes in the epoch.
         set_size: u32,
     },
-    /// The write stored under `token` will never be submitted (connection lost while it
-    /// was held): free its buffer.
-    Discard {
-        /// The dropped write's token.
-        token: u64,
-    },
     /// Drop the connection (a local flush failed; its epochs must not be acked).
     DropConnection {
         /// For the log.
@@ -175,6 +176,9 @@ struct RxSlot {
 enum Held {
     Write(u32),
     Barrier(u32),
+    /// The connection that delivered what is ahead was lost; what follows came on
+    /// connection `.0` (see the module docs).
+    Lost(u32),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -182,6 +186,8 @@ struct Flushing {
     nr: u32,
     size: u32,
     flush: u64,
+    /// The connection whose epoch it is: only the current one is acked.
+    conn: u32,
 }
 
 /// Deliberate bugs for proving that the simulator's checkers can fail.
@@ -193,6 +199,9 @@ pub(crate) struct ReceiverSabotage {
     pub skip_drain: bool,
     /// Send the barrier ack when the epoch drained, before its flush completed.
     pub ack_before_flush: bool,
+    /// Drop the held messages at a connection loss (the rule before DRBD 8.4's:
+    /// a received write is lost if the Primary dies with the connection).
+    pub drop_held_at_loss: bool,
 }
 
 /// The Secondary's receiver for one volume. See the module docs.
@@ -202,12 +211,16 @@ pub struct Receiver {
     slots: Vec<RxSlot>,
     free: Vec<u32>,
     conn: u32,
+    /// The connection whose messages are at the head of `held` (behind the current one
+    /// while a lost connection's messages still drain).
+    head_conn: u32,
     held: VecDeque<Held>,
     /// Writes applied to the current epoch.
     epoch_size: u32,
     /// `Some(nr)`: `P_BARRIER(nr)` closed the current epoch; draining.
     epoch_barrier: Option<u32>,
-    /// The connection was lost while the epoch had local writes; draining, no ack.
+    /// A lost connection's messages are all applied ([`Held::Lost`]): draining its
+    /// local writes before the next connection's first epoch, no ack.
     epoch_lost: bool,
     active: usize,
     flushing: VecDeque<Flushing>,
@@ -236,6 +249,7 @@ impl Receiver {
             slots: Vec::new(),
             free: Vec::new(),
             conn: 0,
+            head_conn: 0,
             held: VecDeque::with_capacity(cfg.max_held),
             epoch_size: 0,
             epoch_barrier: None,
@@ -276,7 +290,7 @@ impl Receiver {
 
     /// A write from the peer. Returns the token under which the driver keeps its data
     /// until [`ReceiverOutput::SubmitLocal`] (then until [`Receiver::local_done`]) or
-    /// [`ReceiverOutput::Discard`].
+    /// (never dropped: a lost connection's writes are applied too).
     pub fn peer_write(&mut self, w: PeerWrite) -> Result<u64, Error> {
         check_range(w.sector, w.len, self.cfg.sectors).ok_or(Error::Protocol(
             "peer write empty, unaligned or past the end",
@@ -383,11 +397,18 @@ impl Receiver {
             return Err(Error::Invalid("local_flush_done for an unknown token"));
         }
         if !ok {
-            if self.flushing.iter().any(|f| f.flush == token) {
+            let current = |f: &Flushing| f.flush == token && f.conn == self.conn;
+            if self.flushing.iter().any(current) {
                 self.out.push(ReceiverOutput::DropConnection {
                     reason: "local flush failed; cannot acknowledge the epoch",
                 });
+                return Ok(());
             }
+            // A lost connection's epochs: nobody waits for their acks (the Primary
+            // marked their writes out of sync); the next epochs go on.
+            let conn = self.conn;
+            self.flushing.retain(|f| f.flush > token || f.conn == conn);
+            self.pump();
             return Ok(());
         }
         while let Some(f) = self.flushing.front().copied() {
@@ -395,33 +416,55 @@ impl Receiver {
                 break;
             }
             self.flushing.pop_front();
-            self.send_barrier_ack(f.nr, f.size);
+            if f.conn == self.conn {
+                self.send_barrier_ack(f.nr, f.size);
+            }
         }
         self.pump();
         Ok(())
     }
 
-    /// The connection is gone: held messages are dropped ([`ReceiverOutput::Discard`]),
-    /// no ack of the old connection will be sent, local writes in flight still complete
-    /// and the next connection's writes wait for them.
+    /// The connection is gone: no ack of it will be sent; what it delivered is still
+    /// applied, and the next connection's writes wait until all of it is on the disk
+    /// (see the module docs).
     pub fn connection_lost(&mut self) {
         self.conn = self.conn.wrapping_add(1);
-        while let Some(h) = self.held.pop_front() {
-            if let Held::Write(i) = h {
-                let s = &mut self.slots[i as usize];
-                let token = make_handle(i as usize, s.gen);
-                s.live = false;
-                s.gen = s.gen.wrapping_add(1);
-                self.free.push(i);
-                self.out.push(ReceiverOutput::Discard { token });
-            }
+        match self.held.back_mut() {
+            // Nothing came between two losses: one marker serves both.
+            Some(Held::Lost(c)) => *c = self.conn,
+            _ => self.held.push_back(Held::Lost(self.conn)),
         }
+        // The epochs flushing now are the lost connection's: never acked; their flushes
+        // still complete (`local_flush_done`).
         self.flushing.clear();
         #[cfg(test)]
-        self.sabotaged_epochs.clear();
-        self.epoch_size = 0;
-        self.epoch_barrier = None;
-        self.epoch_lost = self.active > 0;
+        {
+            self.sabotaged_epochs.clear();
+            if self.sabotage.drop_held_at_loss {
+                self.drop_held();
+            }
+        }
+        self.pump();
+    }
+
+    /// Sabotage `drop_held_at_loss`: the held writes are forgotten (their buffers stay
+    /// with the driver, which the simulator does not check).
+    #[cfg(test)]
+    fn drop_held(&mut self) {
+        let mut kept = VecDeque::new();
+        while let Some(h) = self.held.pop_front() {
+            match h {
+                Held::Write(i) => {
+                    let s = &mut self.slots[i as usize];
+                    s.live = false;
+                    s.gen = s.gen.wrapping_add(1);
+                    self.free.push(i);
+                }
+                Held::Barrier(_) => {}
+                Held::Lost(_) => kept.push_back(h),
+            }
+        }
+        self.held = kept;
     }
 
     fn send_barrier_ack(&mut self, nr: u32, set_size: u32) {
@@ -439,10 +482,17 @@ impl Receiver {
             .push(ReceiverOutput::SubmitLocalFlush { token: flush });
         #[cfg(test)]
         if self.sabotage.ack_before_flush {
-            self.send_barrier_ack(nr, size);
+            if self.head_conn == self.conn {
+                self.send_barrier_ack(nr, size);
+            }
             return;
         }
-        self.flushing.push_back(Flushing { nr, size, flush });
+        self.flushing.push_back(Flushing {
+            nr,
+            size,
+            flush,
+            conn: self.head_conn,
+        });
     }
 
     /// Applies held messages from the head as far as the drain and the bounds allow.
@@ -481,6 +531,11 @@ impl Receiver {
                 Some(Held::Barrier(nr)) => {
                     self.held.pop_front();
                     self.epoch_barrier = Some(nr);
+                }
+                Some(Held::Lost(conn)) => {
+                    self.held.pop_front();
+                    self.head_conn = conn;
+                    self.epoch_lost = true;
                 }
                 Some(Held::Write(i)) => {
                     if self.active >= self.cfg.max_active {
@@ -715,20 +770,34 @@ mod tests {
     }
 
     #[test]
-    fn connection_loss_discards_held_and_silences_old_acks() {
+    fn connection_loss_applies_held_writes_and_silences_old_acks() {
         let mut r = rx(8, 8);
         let a = r.peer_write(w(1, 0, dp::DP_SEND_WRITE_ACK)).unwrap();
         r.peer_barrier(3).unwrap();
         let b = r.peer_write(w(2, 0, dp::DP_SEND_WRITE_ACK)).unwrap();
         outs(&mut r);
         r.connection_lost();
-        assert_eq!(outs(&mut r), vec![O::Discard { token: b }]);
-        // New connection: its write waits for the old connection's local write.
+        assert!(outs(&mut r).is_empty(), "b waits for epoch 3's drain");
+        // New connection: its write waits for the old connection's writes, b included.
         let c = r.peer_write(w(7, 0, dp::DP_SEND_WRITE_ACK)).unwrap();
         assert!(submitted(&outs(&mut r)).is_empty());
         r.local_done(a, true).unwrap();
         let o = outs(&mut r);
-        assert_eq!(submitted(&o), vec![c]);
+        // Epoch 3 is flushed (the order on the disk still holds), not acked; b goes on.
+        assert_eq!(submitted(&o), vec![b]);
+        let flush = flush_token(&o).expect("epoch 3's flush");
+        r.local_flush_done(flush, true).unwrap();
+        assert!(
+            outs(&mut r).is_empty(),
+            "no ack to the new connection for epoch 3"
+        );
+        r.local_done(b, true).unwrap();
+        let o = outs(&mut r);
+        assert_eq!(
+            submitted(&o),
+            vec![c],
+            "c after the lost connection's writes"
+        );
         assert!(!o.iter().any(|x| matches!(
             x,
             O::SendWriteAck { .. } | O::SubmitLocalFlush { .. } | O::SendBarrierAck { .. }
@@ -737,6 +806,37 @@ mod tests {
         assert!(matches!(
             outs(&mut r)[..],
             [O::SendWriteAck { block_id: 7, .. }]
+        ));
+        // The new connection's first epoch counts only its own write.
+        r.peer_barrier(1).unwrap();
+        let flush = flush_token(&outs(&mut r)).unwrap();
+        r.local_flush_done(flush, true).unwrap();
+        assert_eq!(outs(&mut r), vec![O::SendBarrierAck { nr: 1, set_size: 1 }]);
+    }
+
+    /// Losses with nothing received between them share one marker; the next
+    /// connection's acks still go out.
+    #[test]
+    fn repeated_losses_share_a_marker() {
+        let mut r = rx(8, 4);
+        let a = r.peer_write(w(1, 0, dp::DP_SEND_WRITE_ACK)).unwrap();
+        r.peer_barrier(3).unwrap();
+        let x = r.peer_write(w(2, 0, dp::DP_SEND_WRITE_ACK)).unwrap();
+        outs(&mut r);
+        for _ in 0..5 {
+            r.connection_lost();
+        }
+        assert_eq!(r.stats().held, 2, "x and one marker");
+        r.local_done(a, true).unwrap();
+        assert_eq!(submitted(&outs(&mut r)), vec![x]);
+        r.local_done(x, true).unwrap();
+        assert_eq!(r.stats().held, 0);
+        let b = r.peer_write(w(9, 8, dp::DP_SEND_WRITE_ACK)).unwrap();
+        assert_eq!(submitted(&outs(&mut r)), vec![b]);
+        r.local_done(b, true).unwrap();
+        assert!(matches!(
+            outs(&mut r)[..],
+            [O::SendWriteAck { block_id: 9, .. }]
         ));
     }
 }

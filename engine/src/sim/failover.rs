@@ -40,8 +40,11 @@
 //! application got success for (the reference image; or a write whose outcome the death
 //! made unknown; sectors whose last write failed locally are not checked). Protocol C:
 //! every sector. Protocols A and B complete a write before the Secondary has it; what
-//! was in flight to the Secondary when the Primary died (sent on this connection, not
-//! landed on its disk) may be lost, as DRBD's protocols A and B lose it by design. A
+//! was still in the network when the Primary died (sent on this connection, not
+//! received by the Secondary) may be lost, as DRBD's protocols A and B lose it by
+//! design. What the Secondary received it applies, also after the connection is gone
+//! (DRBD 8.4 submits on receipt; `request::Receiver`): a protocol B write acked with
+//! `P_RECV_ACK` survives the Primary's death. A
 //! refusal must name one of the three rules, with the facts behind it, and at the end
 //! of a run (everything in sync) the Secondary must be promoted.
 
@@ -71,8 +74,8 @@ struct Death {
     wf_sync: bool,
     /// Requests in flight at the death (outcome unknown).
     unknown: BTreeSet<u64>,
-    /// Writes sent on this connection that had not landed on the Secondary.
-    to_s: BTreeSet<u64>,
+    /// Writes sent on this connection that the Secondary had not received.
+    in_net: BTreeSet<u64>,
     at_end: bool,
 }
 
@@ -97,6 +100,10 @@ pub(super) struct Fo {
     /// Writes (request ids) sent on this connection that have not landed on the
     /// Secondary's disk.
     pub(super) to_s: BTreeSet<u64>,
+    /// Of those, the ones the Secondary has not received yet (still in the network):
+    /// the only ones a Primary's death may take from it under protocols A and B (a
+    /// received write is applied even after the connection is lost).
+    pub(super) in_net: BTreeSet<u64>,
     /// The Secondary daemon's incarnation (+1 per re-attach).
     pub(super) s_inc: u64,
 }
@@ -119,6 +126,7 @@ impl Fo {
             standalone: false,
             wf_sync: false,
             to_s: BTreeSet::new(),
+            in_net: BTreeSet::new(),
             s_inc: 0,
         }
     }
@@ -133,10 +141,18 @@ impl Fo {
         self.standalone = false;
         self.wf_sync = false;
         self.to_s.clear();
+        self.in_net.clear();
     }
 }
 
 impl Sim {
+    /// The Secondary's peer writes are not all on its disk: some in flight, or received
+    /// and not applied yet (a lost connection's too, `request::Receiver`).
+    pub(super) fn s_writes_pending(&self) -> bool {
+        let rx = self.sn.receiver.stats();
+        rx.active_writes != 0 || rx.held != 0
+    }
+
     /// Whether the Secondary's disk takes IO (not detached).
     pub(super) fn s_disk_usable(&self) -> bool {
         self.sn.disk != DiskState::Failed
@@ -182,7 +198,7 @@ impl Sim {
         if self.fo.dead {
             return Ok(()); // the operator is busy with the failover: it stays as it is
         }
-        if self.sn.receiver.stats().active_writes != 0 || !self.s_bufs.is_empty() {
+        if self.s_writes_pending() || !self.s_bufs.is_empty() {
             self.at(10, Ev::SReattach); // the old daemon's writes finish first
             return Ok(());
         }
@@ -250,7 +266,7 @@ impl Sim {
             connected: self.up,
             wf_sync: self.fo.wf_sync,
             unknown,
-            to_s: std::mem::take(&mut self.fo.to_s),
+            in_net: std::mem::take(&mut self.fo.in_net),
             at_end,
         });
         // Its IO never completes (the incarnation changes), its resync machines go.
@@ -283,7 +299,7 @@ impl Sim {
     /// Checker 9, once the Secondary's local writes are done.
     pub(super) fn check_failover(&mut self) -> Result<(), String> {
         let d = self.fo.death.take().ok_or("checker 9 without a failover")?;
-        if self.sn.receiver.stats().active_writes != 0 || !self.sn.runs.idle() {
+        if self.s_writes_pending() || !self.sn.runs.idle() {
             return Err("checker 9: the secondary is not idle after the failover".into());
         }
         match self.judge(&d) {
@@ -348,7 +364,7 @@ impl Sim {
         let ab = self.params.protocol != Protocol::C;
         for s in 0..SECTORS {
             let v = self.ref_ver[s];
-            if v == UNKNOWN || (ab && d.to_s.contains(&v)) {
+            if v == UNKNOWN || (ab && d.in_net.contains(&v)) {
                 continue;
             }
             let have = self.sdisk.cache_ver[s];

@@ -1596,6 +1596,7 @@ impl Sim {
                 match self.data.pop_front() {
                     None => Err("data stream delivery with nothing queued".into()),
                     Some(DataMsg::Write { w, origin, data }) => {
+                        self.fo.in_net.remove(&origin);
                         let Outcome::Taken(token) = self.node_step(false, Event::PeerWrite(w))?
                         else {
                             return Err("the Secondary refused a write it could accept".into());
@@ -2087,10 +2088,7 @@ impl Sim {
     /// out of sync in the Primary's bitmap. Then the application resumes and the
     /// connection comes back.
     fn try_check6(&mut self) -> Result<(), String> {
-        if self.check6.is_none()
-            || self.sn.receiver.stats().active_writes != 0
-            || !self.sn.runs.idle()
-        {
+        if self.check6.is_none() || self.s_writes_pending() || !self.sn.runs.idle() {
             return Ok(());
         }
         let on_disk = self.check6.take().ok_or("checker 6 without a bitmap")?;
@@ -2191,6 +2189,7 @@ impl Sim {
                 };
                 self.rs.p_tl.push_back(Tl::Write { block_id });
                 self.fo.to_s.insert(id);
+                self.fo.in_net.insert(id);
                 self.send_data(DataMsg::Write {
                     w,
                     origin: id,
@@ -2425,15 +2424,6 @@ impl Sim {
                 stream: Stream::Meta,
                 pkt: Packet::BarrierAck(b),
             } => self.send_meta(MetaMsg::Barrier(b.barrier, b.set_size))?,
-            Action::DiscardPeerWrite { token } => {
-                let b = self
-                    .s_bufs
-                    .remove(&token)
-                    .ok_or_else(|| format!("secondary discarded unknown token {token:#x}"))?;
-                if b.submitted {
-                    return Err("secondary discarded a submitted write".into());
-                }
-            }
             Action::DropConnection { .. } => {
                 let gen = self.gen;
                 self.at(0, Ev::Drop { gen });
@@ -2677,7 +2667,8 @@ impl Sim {
         {
             return Err(format!("primary exceeded its bounds: {p:?}"));
         }
-        if s.held > pa.rx_max_held || s.active_writes > pa.rx_max_active {
+        // (+1: the marker of a lost connection whose messages still drain.)
+        if s.held > pa.rx_max_held + 1 || s.active_writes > pa.rx_max_active {
             return Err(format!("secondary exceeded its bounds: {s:?}"));
         }
         if self.meta_io.len() as u64 > self.meta_dev.layout.pages.max(1) {
@@ -3143,6 +3134,22 @@ mod tests {
         let f = first_failure(s).expect("the simulator must catch unmarked Diskless writes");
         eprintln!("caught: {f}");
         assert!(f.message.contains("checker 18"), "{f}");
+    }
+
+    /// Checker 9: a Secondary that drops the writes it received when the connection
+    /// goes loses a protocol A or B write the Primary completed, once it is promoted.
+    #[test]
+    fn dropping_received_writes_at_a_connection_loss_is_caught() {
+        let s = Sabotage {
+            receiver: crate::request::ReceiverSabotage {
+                drop_held_at_loss: true,
+                ..Default::default()
+            },
+            ..Sabotage::default()
+        };
+        let f = first_failure(s).expect("the simulator must catch dropped received writes");
+        eprintln!("caught: {f}");
+        assert!(f.message.contains("checker 9"), "{f}");
     }
 
     /// Checker 17: a SyncTarget Primary that answers a read of a block still to be

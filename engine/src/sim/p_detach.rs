@@ -14,7 +14,7 @@
 //! failure; the node decides where each read goes ([`crate::replica::Node::reads_from_peer`]),
 //! a peer read is `P_DATA_REQUEST` / `P_DATA_REPLY` through the codec, answered from the
 //! Secondary's disk. One connection drop comes at a random moment after the failure (the
-//! writes in flight fail; the Secondary drops the writes it holds; the reconnect runs no sync
+//! writes in flight fail; the Secondary applies what it received; the reconnect runs no sync
 //! handshake with a Diskless side and is Connected at once); no other fault runs
 //! meanwhile (no crash, no disk failure). Then the Primary dies as on every seed and the
 //! failover promotes the Secondary.
@@ -54,8 +54,8 @@ pub(super) struct PDetach {
     rng: Rng,
     /// The next local write of the Primary fails.
     pub(super) fail_next: bool,
-    /// Writes sent to the Secondary that had not landed there when the connection
-    /// dropped (it may have dropped them).
+    /// Writes sent to the Secondary that it had not received when the connection
+    /// dropped (lost with the connection).
     pub(super) unlanded: BTreeSet<u64>,
     /// The first request id issued after the Secondary learned that the Primary is
     /// Diskless.
@@ -84,7 +84,7 @@ impl Sim {
         // No crash of the Diskless Primary (its restart would attach the failed disk) and
         // no other disk failure (a Secondary that failed too would leave no UpToDate
         // data); one connection drop while the writes run (those in flight fail, the
-        // Secondary drops what it holds, the reconnect is Connected at once).
+        // Secondary applies what it received, the reconnect is Connected at once).
         self.crashes_left.clear();
         self.params.fail_ppm = [0; 4];
         self.report.p_detaches += 1;
@@ -124,9 +124,9 @@ impl Sim {
         Ok(false)
     }
 
-    /// A write completed on the Primary's disk before it failed and still on its way to
-    /// the Secondary when the connection dropped (`unlanded`: a protocol A or B write
-    /// acknowledged early, or one whose local part completed it as the connection went)
+    /// A write completed on the Primary's disk before it failed and still in the network
+    /// when the connection dropped (`unlanded`: a protocol A or B write acknowledged
+    /// early, or one whose local part completed it as the connection went)
     /// lived only on the failed disk — a double failure, lost as in DRBD: its sectors'
     /// outcome is unknown from now on (for the reads and for checker 9). A write of the
     /// Diskless Primary is never among them: it completes only once it landed.
@@ -143,7 +143,7 @@ impl Sim {
     /// Secondary are remembered.
     pub(super) fn p_detach_connection_dropped(&mut self) {
         if let Some(pd) = self.pd.as_mut() {
-            pd.unlanded.extend(self.fo.to_s.iter().copied());
+            pd.unlanded.extend(self.fo.in_net.iter().copied());
         }
     }
 

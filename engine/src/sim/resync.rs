@@ -570,7 +570,7 @@ impl Sim {
         !matches!(self.rs.sb, Sb::Writing { .. })
             && self.sn.runs.idle()
             && self.pn.runs.idle()
-            && self.sn.receiver.stats().active_writes == 0
+            && !self.s_writes_pending()
     }
 
     /// Before each handshake, after a refused one: checker 8 (a refused connection
@@ -1109,6 +1109,11 @@ impl Sim {
         }
         let random = uuid(&mut self.rs.rng);
         self.node_step(false, Event::ConnectionLost { random })?;
+        // The sabotaged Receiver forgot its held writes: so does the driver.
+        #[cfg(test)]
+        if self.sabotage.receiver.drop_held_at_loss {
+            self.s_bufs.retain(|_, b| b.submitted);
+        }
         self.pump_secondary()?;
         self.s_actions()
     }
@@ -1783,7 +1788,7 @@ impl Sim {
             && self.sn.runs.target().is_none()
             && !self.sn.runs.finishing()
             // The operator's `primary` is refused while peer writes are on the disk.
-            && self.sn.receiver.stats().active_writes == 0;
+            && !self.s_writes_pending();
         if !eligible {
             if !self.workload_done() && !self.fo.dead {
                 let d = self.rs.rng.range(20, 200);

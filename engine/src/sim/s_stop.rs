@@ -113,7 +113,7 @@ impl Sim {
             }
             return self.s_stop_now(false);
         }
-        if self.s_io_in_flight() || self.sn.receiver.stats().active_writes != 0 {
+        if self.s_io_in_flight() || self.s_writes_pending() {
             if tries < MAX_TRIES {
                 let d = self.ss.rng.range(1, 20);
                 let tries = tries + 1;

@@ -1590,9 +1590,6 @@ impl Volume {
                     inner.peer_waits.retired(tag);
                     self.core_room.notify_waiters();
                 }
-                Action::DiscardPeerWrite { token } => {
-                    inner.peer_bufs.remove(&token);
-                }
                 Action::DropConnection { reason } => {
                     tracing::warn!("dropping the connection: {reason}");
                     if let Some(k) = &inner.kill {
@@ -1914,6 +1911,9 @@ impl Volume {
         {
             tracing::warn!("requests still in flight at shutdown");
         }
+        // The peer writes received before the connection went are applied first
+        // (`request::Receiver`), so that the clean stop records them.
+        self.wait_sync_io_idle().await;
         let plan = self.lock().node.clean_stop_plan();
         match plan {
             Ok(plan) => match self.persist(plan).await {

@@ -219,8 +219,11 @@ impl Volume {
         }
     }
 
+    /// No resync IO in flight, and every peer write received is on the disk (a lost
+    /// connection's too: `request::Receiver` applies them after the loss).
     fn io_idle(inner: &Inner) -> bool {
-        inner.node.runs.idle() && inner.node.receiver.stats().active_writes == 0
+        let rx = inner.node.receiver.stats();
+        inner.node.runs.idle() && rx.active_writes == 0 && rx.held == 0
     }
 
     /// Wakes `wait_sync_io_idle` when it waits and the volume is idle (after a resync IO,
