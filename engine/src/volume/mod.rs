@@ -96,14 +96,14 @@ mod tests;
 pub use sync::SyncSettings;
 
 /// Largest write handed to the core (and sent as one `P_DATA`): DRBD_MAX_BIO_SIZE.
-pub const MAX_WRITE_CHUNK: usize = 1 << 20;
+pub(crate) const MAX_WRITE_CHUNK: usize = 1 << 20;
 /// Largest discard / write-zeroes handed to the core: DRBD_MAX_BATCH_BIO_SIZE.
-pub const MAX_BATCH_CHUNK: u64 = 128 << 20;
+pub(crate) const MAX_BATCH_CHUNK: u64 = 128 << 20;
 
 /// Bytes of peer write data held in memory at once (received and not yet on disk):
 /// the Secondary's buffer bound. A data packet waits for room before it is read, which
 /// back-pressures the peer through TCP.
-pub const PEER_DATA_BUDGET: usize = 64 << 20;
+pub(crate) const PEER_DATA_BUDGET: usize = 64 << 20;
 
 struct Pending {
     buf: Option<Arc<AlignedBuf>>,

@@ -68,13 +68,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a new connection waits for the resync IO of the previous one to complete.
-pub const SYNC_IO_DRAIN: Duration = Duration::from_secs(30);
+pub(crate) const SYNC_IO_DRAIN: Duration = Duration::from_secs(30);
 
 /// Reads of the peer (`P_DATA_REQUEST`) a SyncTarget Primary has outstanding at once.
-pub const MAX_REMOTE_READS: usize = 1024;
+pub(crate) const MAX_REMOTE_READS: usize = 1024;
 
 /// Reads this node serves for its peer at once; the data socket waits beyond it.
-pub const MAX_PEER_READS: usize = 64;
+pub(crate) const MAX_PEER_READS: usize = 64;
 
 /// Resync settings from the configuration.
 #[derive(Debug, Clone)]
