@@ -1,7 +1,8 @@
 //! Faults: kill -9 of either node in the middle of a write job, and restart; a Secondary
 //! that stops answering (SIGSTOP) and comes back; a Secondary whose disk hangs (its
 //! backing file on an ext4 loop mount frozen with `fsfreeze`: needs root, as the suite
-//! runs) while it still answers pings.
+//! runs) while it still answers pings, or holds the writes it received when the
+//! Primary dies (protocol B).
 //!
 //! The fio job is 32 MiB of verified 4 KiB random writes limited to 2000 IOPS (about 4 s
 //! on any machine that runs the suite), so the kill lands while writes are being issued:
@@ -9,8 +10,9 @@
 //! running then. Nothing here asserts a duration; every wait has a deadline.
 
 use std::time::Duration;
+use tandem_tests::loopdev::tandem;
 use tandem_tests::tools::{self, Fio};
-use tandem_tests::{scaled, Cluster, ClusterOpts, StatusExt, CONNECT_TIMEOUT};
+use tandem_tests::{scaled, Cluster, ClusterOpts, Protocol, StatusExt, CONNECT_TIMEOUT};
 
 /// Bytes that must have been replicated before the kill.
 const KILL_AFTER: u64 = 4 << 20;
@@ -395,6 +397,51 @@ fn writes_while_the_bitmaps_cross_are_resynced() {
     resynced_and_identical(&mut c);
     let log = c.primary().log_since(exchanged);
     assert!(log.contains("told by P_OUT_OF_SYNC"), "{log}");
+}
+
+/// Protocol B: a write the Secondary received (`P_RECV_ACK`, the application told it is
+/// done) survives the Primary's death, also while the Secondary held it behind an
+/// epoch's drain. The Secondary's disk is frozen, so the first write sticks on it and the
+/// next ones wait behind its epoch's barrier; the Primary is killed, the disk thawed, the
+/// Secondary promoted: fio's verify finds every write on it. Before, the Secondary
+/// dropped the writes it held when the connection went (DRBD 8.4 submits on receipt).
+#[test]
+fn protocol_b_writes_held_by_the_secondary_survive_the_primary_s_death() {
+    tools::require("fsfreeze");
+    tools::require("mkfs.ext4");
+    let mut c = Cluster::new(ClusterOpts::new("held-writes").protocol(Protocol::B));
+    c.wait_connected();
+    c.secondary_mut().stop();
+    let disk = c.secondary().disk().to_path_buf();
+    let mut fs = FrozenDisk::new(c.dir(), &disk);
+    c.secondary_mut().start();
+    c.wait_connected();
+    let job = |uri: &str| {
+        Fio::randwrite_verify(uri, "4k", "256k")
+            .arg("--iodepth=1")
+            .timeout(Duration::from_secs(60))
+    };
+    fs.freeze(true);
+    job(&c.primary().nbd_unix_uri()).run(c.dir()).assert_ok();
+    let held = c.secondary().status().u64_at("/peer_writes_held");
+    assert!(
+        held > 0,
+        "the Secondary must hold writes behind its frozen disk"
+    );
+    c.primary_mut().kill9();
+    c.secondary()
+        .wait_status(CONNECT_TIMEOUT, "Secondary notices the loss", |s| {
+            s.opt_str("/connection").is_some_and(|c| c != "Connected")
+        });
+    fs.freeze(false);
+    let sock = c.secondary().mgmt_socket().to_string_lossy().into_owned();
+    tandem_tests::wait_until(CONNECT_TIMEOUT, "the Secondary promoted", || {
+        tandem(&["primary", "--socket", &sock]).status.success()
+    });
+    job(&c.secondary().nbd_unix_uri())
+        .arg("--verify_only")
+        .run(c.dir())
+        .assert_ok();
 }
 
 /// Waits until the Primary is Connected again with nothing out of sync and its peer

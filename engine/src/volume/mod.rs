@@ -1994,6 +1994,7 @@ impl Volume {
             "in_flight_writes": pstats.in_flight_writes,
             "unacked_writes": pstats.unacked_writes,
             "peer_writes_in_flight": rstats.active_writes,
+            "peer_writes_held": rstats.held,
             "bytes_replicated": g.bytes_replicated,
             "writes_completed": g.writes_completed,
             "out_of_sync_bytes": oos,
