@@ -158,8 +158,9 @@
 //!    up from the barrier to the completion"; a SyncTarget's resync writes become durable
 //!    with the flush before it is UpToDate). A crash loses no write that a completed
 //!    flush or a FUA write made durable on the Primary.
-//! 5. Bounds: requests in flight, write slots, held messages, local writes in flight,
-//!    metadata writes in flight (one bitmap page or one transaction).
+//! 5. Bounds: requests in flight, write slots, held messages (plus one marker of a lost
+//!    connection), local writes in flight, metadata writes in flight (one bitmap page or
+//!    one transaction).
 //! 6. The activity-log bound, after each restart once the Secondary's local writes
 //!    (replicated and resync) are done: every 4 KiB block whose content differs between
 //!    the two disks is set in the restarted Primary's bitmap (on-disk bitmap + hot
@@ -238,7 +239,8 @@
 //!
 //! Plus bookkeeping: every request completes exactly once (or is lost in a crash), every
 //! write a Primary admitted is retired exactly once by it, every Secondary token is
-//! submitted or discarded exactly once, no send happens while disconnected, no protocol
+//! submitted exactly once (a lost connection's too), no send happens while disconnected,
+//! no protocol
 //! error between two correct machines, a handshake without a split brain makes the
 //! Primary SyncSource (or both Connected), the simulator's copy of the Primary node's
 //! bitmap holds every bit the core set (see `resync.rs`), and the run quiesces within
@@ -616,7 +618,7 @@ pub struct SimReport {
     pub busy: u64,
     /// Connection drops.
     pub drops: u64,
-    /// Drops asked for by the Secondary (failed flush).
+    /// Drops a node asked for (a failed flush; its list of failed writes full).
     pub node_drops: u64,
     /// Secondary writes that waited (drain or bounds).
     pub writes_held: u64,

@@ -507,7 +507,7 @@ impl Volume {
                     tracing::warn!("local flush failed: {e}");
                 }
                 self.feed(|v, inner, fx| {
-                    Self::completion(inner, Event::FlushRoundDone { ok });
+                    Self::feed_local(inner, Event::FlushRoundDone { ok });
                     v.drain(inner, fx);
                 });
             }
@@ -613,7 +613,7 @@ impl Volume {
     pub(super) fn local_write_done(&self, w: LocalWrite, ok: bool) {
         self.feed(|v, inner, fx| {
             inner.app_io_sectors += u64::from(w.len) / SECTOR_SIZE as u64;
-            Self::completion(inner, Event::WriteDone { w, ok });
+            Self::feed_local(inner, Event::WriteDone { w, ok });
             v.drain(inner, fx);
             if matches!(w.side, Side::Peer { .. }) {
                 v.wake_if_idle(inner);

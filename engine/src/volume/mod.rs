@@ -1484,11 +1484,11 @@ impl Volume {
         }
     }
 
-    /// Feeds a local completion to the node ([`Self::step`]): no peer is involved, so
-    /// an error of the peer's kind is logged, not answered.
-    fn completion(inner: &mut Inner, ev: Event) {
+    /// Feeds an event no peer sent (a local completion, the connection's loss) to the
+    /// node ([`Self::step`]): an error of the peer's kind is logged, not answered.
+    fn feed_local(inner: &mut Inner, ev: Event) {
         if let Err(why) = Self::step(inner, ev) {
-            tracing::error!("replication core refused a local completion: {why}");
+            tracing::error!("replication core refused a local event: {why}");
         }
     }
 

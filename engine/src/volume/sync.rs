@@ -335,7 +335,7 @@ impl Volume {
             let _ = r.done.send(Err(crate::frontend::BlockError::Io));
         }
         let random = random_uuid(&mut rand::thread_rng());
-        Self::completion(inner, Event::ConnectionLost { random });
+        Self::feed_local(inner, Event::ConnectionLost { random });
         self.drain(inner, fx);
         inner.peer_waits.clear();
         inner.rs_bufs.clear();
