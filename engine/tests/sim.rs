@@ -70,6 +70,9 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("drops asked for by a node", |r| r.node_drops),
         ("writes waiting on an overlap", |r| r.overlap_waits),
         ("secondary writes held (drain)", |r| r.writes_held),
+        ("writes applied after their connection's loss", |r| {
+            r.writes_after_loss
+        }),
         ("busy refusals", |r| r.busy),
         ("failed writes", |r| r.writes_failed),
         ("failed flushes", |r| r.flushes_failed),

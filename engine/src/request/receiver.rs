@@ -154,6 +154,8 @@ pub struct ReceiverStats {
     pub writes_received: u64,
     /// Writes that could not be applied on receipt (waited behind a drain or a bound).
     pub writes_held: u64,
+    /// Writes a lost connection delivered, applied after the loss.
+    pub writes_after_loss: u64,
     /// Barriers received.
     pub barriers_received: u64,
     /// Barrier acks sent.
@@ -548,6 +550,9 @@ impl Receiver {
                     let s = &mut self.slots[i as usize];
                     s.submitted = true;
                     let w = s.w;
+                    if s.conn != self.conn {
+                        self.stats.writes_after_loss += 1;
+                    }
                     self.out.push(ReceiverOutput::SubmitLocal {
                         token,
                         sector: w.sector,

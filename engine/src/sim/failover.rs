@@ -146,6 +146,13 @@ impl Fo {
 }
 
 impl Sim {
+    /// The Secondary's Receiver is replaced: its counts go to the report.
+    pub(super) fn account_receiver_stats(&mut self) {
+        let rx = self.sn.receiver.stats();
+        self.report.writes_held += rx.writes_held;
+        self.report.writes_after_loss += rx.writes_after_loss;
+    }
+
     /// The Secondary's peer writes are not all on its disk: some in flight, or received
     /// and not applied yet (a lost connection's too, `request::Receiver`).
     pub(super) fn s_writes_pending(&self) -> bool {
@@ -211,8 +218,8 @@ impl Sim {
         {
             secondary.sabotage = self.sabotage.receiver;
         }
-        // (The old receiver's count goes to the report first.)
-        self.report.writes_held += self.sn.receiver.stats().writes_held;
+        // (The old receiver's counts go to the report first.)
+        self.account_receiver_stats();
         self.sn.receiver = secondary;
         self.sn.flushes = FlushRounds::default();
         #[cfg(test)]

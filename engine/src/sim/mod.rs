@@ -622,6 +622,8 @@ pub struct SimReport {
     pub node_drops: u64,
     /// Secondary writes that waited (drain or bounds).
     pub writes_held: u64,
+    /// Secondary writes a lost connection delivered, applied after the loss.
+    pub writes_after_loss: u64,
     /// Writes that waited on an overlapping write at the Primary.
     pub overlap_waits: u64,
     /// Barrier acks received by the Primary.
@@ -1363,6 +1365,7 @@ impl Sim {
 
     fn report(&self) -> SimReport {
         let ps = self.pn.primary.stats();
+        let rx = self.sn.receiver.stats();
         SimReport {
             al: add_al(self.report.al, ps.al.unwrap_or_default()),
             steps: self.steps,
@@ -1370,7 +1373,8 @@ impl Sim {
             flushes_waited_for_peer: self.report.flushes_waited_for_peer
                 + ps.flushes_waited_for_peer,
             barrier_acks: self.report.barrier_acks + ps.barrier_acks,
-            writes_held: self.report.writes_held + self.sn.receiver.stats().writes_held,
+            writes_held: self.report.writes_held + rx.writes_held,
+            writes_after_loss: self.report.writes_after_loss + rx.writes_after_loss,
             digest: self.digest,
             ..self.report.clone()
         }
@@ -2865,6 +2869,10 @@ mod tests {
             ("P_RS_DEALLOCATED", sum(|r| r.rs_deallocated)),
             ("bitmap packets", sum(|r| r.bitmap_packets)),
             ("P_OUT_OF_SYNC in the exchange", sum(|r| r.exchange_told)),
+            (
+                "writes applied after their connection's loss",
+                sum(|r| r.writes_after_loss),
+            ),
             (
                 "source runs ended incomplete",
                 sum(|r| r.source_ends_incomplete),

@@ -249,7 +249,7 @@ impl Sim {
         let mut node = Node::new(primary, receiver, self.sn.uuids, self.sn.disk);
         #[cfg(test)]
         super::sabotage_secondary_node(&self.sabotage, &mut node);
-        self.report.writes_held += self.sn.receiver.stats().writes_held;
+        self.account_receiver_stats();
         self.sn = node;
         self.fo.s_inc += 1;
         self.s_writeback = None;

@@ -224,7 +224,7 @@ impl Sim {
     /// roles (all of it idle or empty at quiescence) starts afresh.
     fn trade_places(&mut self) {
         self.account_primary_stats();
-        self.report.writes_held += self.sn.receiver.stats().writes_held;
+        self.account_receiver_stats();
         // Both disks hold the reference image (checkers 1 and 7 passed): each sector is
         // labelled with the write whose bytes it holds.
         for (s, &v) in self.ref_ver.iter().enumerate() {
