@@ -312,6 +312,44 @@ fn a_kernel_style_peer_s_state_change_requests_are_answered_with_drbd_s_codes() 
     c.node_mut(1).stop();
 }
 
+/// `P_OUT_OF_SYNC` on a live connection, as a kernel peer in DRBD's Ahead mode sends it
+/// instead of a write: beta marks the range, as DRBD's `receive_out_of_sync` does, and
+/// stays connected (before, it dropped the connection as for an unknown packet); a range
+/// past the end of the volume is the peer's protocol error.
+#[test]
+fn out_of_sync_on_a_live_connection_is_marked() {
+    let mut c = Cluster::new(ClusterOpts::new("peer-oos").autostart(false));
+    c.node_mut(1).start();
+    let (sectors, port, rt) = script_for(&c);
+    rt.block_on(async {
+        let fresh = UuidSet::JUST_CREATED;
+        let mut p = connect(port, sectors, DiskState::UpToDate, fresh).await;
+        c.node(1).wait_connected();
+        let ctx = p.ctx;
+        let oos = |sector, blksize| Packet::BlockDesc {
+            cmd: Command::P_OUT_OF_SYNC,
+            desc: wire::BlockDesc {
+                sector,
+                blksize,
+                pad: 0,
+            },
+        };
+        send(&mut p.data, &ctx, &oos(8, 8192)).await;
+        c.node(1)
+            .wait_status(CONNECT_TIMEOUT, "two blocks out of sync", |s| {
+                s.opt_u64("/out_of_sync_bytes") == Some(8192)
+            });
+        assert_eq!(c.node(1).status().str_at("/connection"), "Connected");
+        send(&mut p.data, &ctx, &oos(sectors, 4096)).await;
+        assert!(
+            closed_in_time(&mut p.data).await,
+            "a range past the end must drop the connection"
+        );
+    });
+    let log = c.node(1).log_tail(40);
+    assert!(log.contains("P_OUT_OF_SYNC at sector 8"), "{log}");
+}
+
 /// The next `P_STATE` on the data socket (other packets are skipped).
 async fn next_state(p: &mut Peer) -> StateBits {
     loop {

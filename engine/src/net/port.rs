@@ -125,6 +125,13 @@ pub enum PeerEvent {
     Resync(Inbound),
     /// `P_BARRIER`: the peer closed an epoch.
     Barrier(u32),
+    /// `P_OUT_OF_SYNC` on a live connection (a kernel peer in DRBD's Ahead mode).
+    OutOfSync {
+        /// First sector.
+        sector: u64,
+        /// Bytes.
+        len: u32,
+    },
     /// `P_STATE`: the peer's packed state word.
     State(u32),
     /// `P_STATE_CHG_REQ` / `P_CONN_ST_CHG_REQ`.

@@ -624,6 +624,35 @@ fn trim_write(cmd: Command, dh: &wire::DataHeader, size: u32, ctx: &WireCtx) -> 
     })
 }
 
+/// A request or block description on the data socket: a read of this node
+/// (`P_DATA_REQUEST`), a range the peer did not send (`P_OUT_OF_SYNC`, DRBD's Ahead
+/// mode), or a resync / verify packet.
+fn block_event(p: &Packet) -> Result<PeerEvent, NetError> {
+    Ok(match *p {
+        Packet::BlockReq { cmd, req, .. } if cmd == Command::P_DATA_REQUEST => {
+            PeerEvent::ReadRequest {
+                sector: req.sector,
+                len: req.blksize,
+                block_id: req.block_id,
+            }
+        }
+        Packet::BlockDesc { cmd, desc } if cmd == Command::P_OUT_OF_SYNC => PeerEvent::OutOfSync {
+            sector: desc.sector,
+            len: desc.blksize,
+        },
+        _ => match Inbound::from_packet(p) {
+            Ok(Some(inbound)) => PeerEvent::Resync(inbound),
+            Ok(None) => {
+                return Err(NetError::Protocol(format!(
+                    "unexpected {} on the data socket",
+                    p.command().name()
+                )))
+            }
+            Err(e) => return Err(NetError::Protocol(e.to_string())),
+        },
+    })
+}
+
 /// The data socket: writes, trims, barriers, state.
 async fn data_receiver<R: Replica>(
     mut rd: Reader,
@@ -681,27 +710,8 @@ async fn data_receiver<R: Replica>(
                 head: dh,
                 size,
             } => deliver(&*replica, session, trim_write(cmd, &dh, size, &ctx)).await?,
-            Packet::BlockReq { cmd, req, .. } if cmd == Command::P_DATA_REQUEST => {
-                let ev = PeerEvent::ReadRequest {
-                    sector: req.sector,
-                    len: req.blksize,
-                    block_id: req.block_id,
-                };
-                deliver(&*replica, session, ev).await?;
-            }
             p @ (Packet::BlockReq { .. } | Packet::BlockDesc { .. }) => {
-                match Inbound::from_packet(&p) {
-                    Ok(Some(inbound)) => {
-                        deliver(&*replica, session, PeerEvent::Resync(inbound)).await?;
-                    }
-                    Ok(None) => {
-                        return Err(NetError::Protocol(format!(
-                            "unexpected {} on the data socket",
-                            hdr.command.name()
-                        )))
-                    }
-                    Err(e) => return Err(NetError::Protocol(e.to_string())),
-                }
+                deliver(&*replica, session, block_event(&p)?).await?;
             }
             Packet::Barrier(b) => {
                 deliver(&*replica, session, PeerEvent::Barrier(b.barrier)).await?

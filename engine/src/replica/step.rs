@@ -12,6 +12,10 @@
 //!   `max_held` writes and barriers, a peer write or barrier is not taken
 //!   ([`Outcome::Full`]); the driver stops reading the data stream (TCP pushes back on
 //!   the peer) and feeds the same event again after a local write or flush ends.
+//! - **The peer's `P_OUT_OF_SYNC` on a live connection** (a kernel peer in DRBD's Ahead
+//!   mode sends it instead of a write): its range is marked, as DRBD's
+//!   `receive_out_of_sync` does in any state (it only logs a state other than Behind);
+//!   a range that is not one of this volume is the peer's error.
 //! - **A Diskless peer.** Every write applied while the peer's disk is below
 //!   Inconsistent is marked out of sync (DRBD's `receive_Data`): the peer lacks it (see
 //!   `volume/`'s module docs on the Diskless Primary).
@@ -73,6 +77,9 @@ pub(crate) enum Event {
     WriteDone { w: LocalWrite, ok: bool },
     /// The running flush round ended (`ok`).
     FlushRoundDone { ok: bool },
+    /// The peer's `P_OUT_OF_SYNC` on a live connection: it did not send the write of
+    /// this range (DRBD's Ahead mode).
+    PeerOutOfSync { sector: u64, len: u32 },
     /// The peer's `P_STATE` (`word`); `random` is the current UUID of a generation it
     /// may start ([`Node::lost_peer_disk`]).
     PeerState { word: u32, random: u64 },
@@ -193,6 +200,17 @@ impl Node {
             Event::FlushRoundDone { ok } => {
                 self.flush_round_done(ok, out)
                     .map_err(|e| StepError::core("flush round done", e))?;
+                Outcome::Done
+            }
+            Event::PeerOutOfSync { sector, len } => {
+                self.primary
+                    .out_of_sync_mut()
+                    .mark_checked(sector, len)
+                    .map_err(|e| {
+                        StepError::Peer(format!(
+                            "P_OUT_OF_SYNC of {len} bytes at sector {sector}: {e}"
+                        ))
+                    })?;
                 Outcome::Done
             }
             Event::PeerState { word, random } => {
@@ -603,6 +621,23 @@ mod tests {
         };
         assert!(!rv.is_success());
         assert!(matches!(out[..], [Action::Send { .. }]), "{out:?}");
+    }
+
+    /// A live connection's `P_OUT_OF_SYNC` marks its range; one that is not a range of
+    /// the volume is the peer's error and marks nothing.
+    #[test]
+    fn out_of_sync_on_a_live_connection_marks_the_range() {
+        let mut n = node(Role::Secondary);
+        n.connection_up(101, Role::Primary, DiskState::UpToDate);
+        let mut out = Vec::new();
+        let oos = |sector, len| Event::PeerOutOfSync { sector, len };
+        n.step(oos(8, 8192), &mut out).unwrap();
+        assert_eq!(n.primary.out_of_sync().count(), 2);
+        for bad in [oos(SECTORS, 4096), oos(0, 0), oos(0, 100), oos(0, 2 << 20)] {
+            assert!(peer_error(n.step(bad, &mut out)).contains("P_OUT_OF_SYNC"));
+        }
+        assert_eq!(n.primary.out_of_sync().count(), 2);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     /// A SyncTarget Primary's write refused by the peer: the bits stay and the target

@@ -1211,6 +1211,23 @@ impl Volume {
         }
     }
 
+    /// `P_OUT_OF_SYNC` on a live connection ([`Event::PeerOutOfSync`]): marked; its
+    /// connection state is logged as DRBD does (rate-limited: an Ahead peer sends one
+    /// per write).
+    pub fn peer_out_of_sync(&self, session: u64, sector: u64, len: u32) -> Result<(), String> {
+        self.with_session(session, |v, inner, fx| {
+            Self::step(inner, Event::PeerOutOfSync { sector, len })?;
+            crate::warn_limited!(
+                "P_OUT_OF_SYNC at sector {sector} (+{len} bytes) while {}: marked out of \
+                 sync (DRBD expects it only while Behind)",
+                inner.node.conn
+            );
+            v.drain(inner, fx);
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
     /// `P_STATE` from the peer ([`Event::PeerState`]).
     pub fn peer_state(&self, session: u64, word: u32) -> Result<(), String> {
         let random = random_uuid(&mut rand::thread_rng());

@@ -156,6 +156,7 @@ impl Replica for Volume {
             } => self.peer_read_request(session, sector, len, block_id).await,
             PeerEvent::Resync(inbound) => self.sync_inbound(session, inbound).await,
             PeerEvent::Barrier(nr) => self.peer_barrier(session, nr).await,
+            PeerEvent::OutOfSync { sector, len } => self.peer_out_of_sync(session, sector, len),
             PeerEvent::State(word) => self.peer_state(session, word),
             PeerEvent::StateRequest { cmd, req } => {
                 self.peer_state_request(session, cmd, req);
