@@ -69,5 +69,5 @@ pub(crate) use roles::Promotion;
 pub(crate) use roles::Refusal;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::{promoted_uuids, GenerationFacts};
-pub(crate) use step::{Event, Outcome, StepError};
+pub(crate) use step::{Event, Io, Outcome, StepError};
 pub(crate) use sync::{ReadFor, RunRead, SyncAction, SyncRuns};

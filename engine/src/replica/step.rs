@@ -1,10 +1,14 @@
 //! The node's one entry point for the events of the write path: [`Node::step`] takes one
-//! [`Event`] — a packet of the peer's write path (its writes and barriers on the data
-//! stream, its acks and barrier acks on the meta stream), protocol A's hand-off to the
-//! network, a local write or a flush round that ended — and appends the [`Action`]s it
-//! leads to. The daemon (`volume/`) and both nodes of the simulator (`sim/`) feed these
-//! events through it and nothing else, so the rules on them are one code:
+//! [`Event`] — a request of the application, a packet of the peer's write path (its
+//! writes and barriers on the data stream, its acks and barrier acks on the meta stream),
+//! protocol A's hand-off to the network, a local write or a flush round that ended — and
+//! appends the [`Action`]s it leads to. The daemon (`volume/`) and both nodes of the
+//! simulator (`sim/`) feed these events through it and nothing else, so the rules on
+//! them are one code:
 //!
+//! - **Admission.** The application's requests are taken only by a Primary
+//!   ([`Outcome::ReadOnly`]) and only while the core has room ([`Outcome::Full`]: the
+//!   driver waits for a retirement, which frees room, and feeds the request again).
 //! - **Who takes what.** A write or barrier from the peer while this node is Primary
 //!   (two primaries), an ack while it is Secondary, a command that is not an ack: the
 //!   peer's error.
@@ -53,14 +57,32 @@
 
 use super::{Action, LocalWrite, Node, PeerDisk};
 use crate::net::Stream;
-use crate::request::{Error, PeerWrite};
+use crate::request::{Error, PeerWrite, WriteKind};
 use crate::state::change::StateRv;
 use crate::state::{DiskState, Role};
 use crate::wire::{self, Command, Packet};
 
+/// What a request of this node's application asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Io {
+    /// Write (or discard, or zero) `len` bytes at `sector`; `fua`: durable on completion.
+    Write {
+        sector: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+    },
+    /// Make every write completed before it durable.
+    Flush,
+}
+
 /// One event of the write path (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Event {
+    /// A request of this node's application, under the driver's handle `id` (a write's
+    /// data stays with the driver, keyed by `id`, until [`Action::SendWrite`] and
+    /// [`Action::LocalWrite`] have used it and [`Action::Complete`] names `id`).
+    Request { id: u64, io: Io },
     /// `P_DATA` / `P_TRIM` / `P_ZEROES` from the peer. Its data stays with the driver,
     /// keyed by the token of [`Outcome::Taken`].
     PeerWrite(PeerWrite),
@@ -112,6 +134,8 @@ pub(crate) enum Outcome {
     /// The peer's state change request was answered with this code (a refusal is the
     /// driver's to log).
     Answered(StateRv),
+    /// A request while this node is not Primary: refused, nothing changed.
+    ReadOnly,
 }
 
 /// Whose error an event revealed (see the module docs).
@@ -121,6 +145,9 @@ pub(crate) enum StepError {
     Peer(String),
     /// The driver broke its contract with the core: a bug on this node.
     Contract(String),
+    /// The application's request is not one the core takes (a range past the end, a
+    /// write over more activity-log extents than one transaction holds): refuse it.
+    Request(String),
 }
 
 impl std::fmt::Display for StepError {
@@ -128,6 +155,7 @@ impl std::fmt::Display for StepError {
         match self {
             StepError::Peer(why) => write!(f, "the peer broke the protocol: {why}"),
             StepError::Contract(why) => write!(f, "BUG: driver/core contract broken: {why}"),
+            StepError::Request(why) => write!(f, "request refused: {why}"),
         }
     }
 }
@@ -147,20 +175,8 @@ impl Node {
     /// `out`, in the order the cores emitted them.
     pub(crate) fn step(&mut self, ev: Event, out: &mut Vec<Action>) -> Result<Outcome, StepError> {
         let outcome = match ev {
-            Event::PeerWrite(w) => {
-                self.not_primary("the peer sent a write but this node is Primary (two primaries)")?;
-                if !self.receiver.can_accept() {
-                    return Ok(Outcome::Full);
-                }
-                let token = self
-                    .receiver
-                    .peer_write(w)
-                    .map_err(|e| StepError::core("peer write", e))?;
-                if self.peer_disk < DiskState::Inconsistent && !self.sabotaged_diskless_peer() {
-                    self.primary.out_of_sync_mut().mark(w.sector, w.len);
-                }
-                Outcome::Taken(token)
-            }
+            Event::Request { id, io } => self.request(id, io)?,
+            Event::PeerWrite(w) => self.peer_write(w)?,
             Event::PeerBarrier(nr) => {
                 self.not_primary("P_BARRIER received while Primary")?;
                 if !self.receiver.can_accept() {
@@ -240,6 +256,43 @@ impl Node {
         };
         self.drain(out);
         Ok(outcome)
+    }
+
+    /// A request of the application (see the module docs: admission).
+    fn request(&mut self, id: u64, io: Io) -> Result<Outcome, StepError> {
+        if self.role != Role::Primary {
+            return Ok(Outcome::ReadOnly);
+        }
+        if !self.primary.can_accept() {
+            return Ok(Outcome::Full);
+        }
+        let r = match io {
+            Io::Write {
+                sector,
+                len,
+                kind,
+                fua,
+            } => self.primary.write(id, sector, len, kind, fua),
+            Io::Flush => self.primary.flush(id),
+        };
+        r.map_err(|e| StepError::Request(e.to_string()))?;
+        Ok(Outcome::Done)
+    }
+
+    /// A write from the peer: taken under a token, or not while the Receiver is full.
+    fn peer_write(&mut self, w: PeerWrite) -> Result<Outcome, StepError> {
+        self.not_primary("the peer sent a write but this node is Primary (two primaries)")?;
+        if !self.receiver.can_accept() {
+            return Ok(Outcome::Full);
+        }
+        let token = self
+            .receiver
+            .peer_write(w)
+            .map_err(|e| StepError::core("peer write", e))?;
+        if self.peer_disk < DiskState::Inconsistent && !self.sabotaged_diskless_peer() {
+            self.primary.out_of_sync_mut().mark(w.sector, w.len);
+        }
+        Ok(Outcome::Taken(token))
     }
 
     /// The peer's `P_STATE`: its role, disk and connection state as
@@ -364,7 +417,7 @@ impl Node {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{Event, Outcome, StepError};
+    use super::{Event, Io, Outcome, StepError};
     use crate::replica::{Action, Node};
     use crate::request::{PeerWrite, WriteKind};
     use crate::resync::{TargetConfig, TickInput};
@@ -621,6 +674,42 @@ mod tests {
         };
         assert!(!rv.is_success());
         assert!(matches!(out[..], [Action::Send { .. }]), "{out:?}");
+    }
+
+    /// The application's requests: refused on a Secondary, not taken while the core is
+    /// full, refused when the core cannot take the range; taken, a write goes to the
+    /// disk.
+    #[test]
+    fn requests_are_taken_only_by_a_primary_with_room() {
+        let write = |id, sector| Event::Request {
+            id,
+            io: Io::Write {
+                sector,
+                len: 4096,
+                kind: WriteKind::Data,
+                fua: false,
+            },
+        };
+        let mut out = Vec::new();
+        let mut n = node(Role::Secondary);
+        assert_eq!(n.step(write(1, 0), &mut out), Ok(Outcome::ReadOnly));
+        n.role = Role::Primary;
+        let e = n.step(write(1, SECTORS), &mut out).unwrap_err();
+        assert!(matches!(e, StepError::Request(_)), "{e}");
+        assert!(out.is_empty(), "{out:?}");
+        let mut id = 0;
+        loop {
+            id += 1;
+            match n.step(write(id, (id % 64) * 8), &mut out).unwrap() {
+                Outcome::Done => {}
+                Outcome::Full => break,
+                other => panic!("{other:?}"),
+            }
+            assert!(id < 100_000, "never full");
+        }
+        assert!(out.iter().any(|a| matches!(a, Action::LocalWrite(_))));
+        let flush = Event::Request { id, io: Io::Flush };
+        assert_eq!(n.step(flush, &mut out), Ok(Outcome::Full));
     }
 
     /// A live connection's `P_OUT_OF_SYNC` marks its range; one that is not a range of

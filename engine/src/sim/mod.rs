@@ -265,9 +265,9 @@ pub use resync::ResyncParams;
 
 use crate::meta::al::{AlGeometry, AlStats};
 use crate::net::Stream;
-use crate::replica::{Action, Durable, Event, LocalWrite, Node, Outcome, Side};
+use crate::replica::{Action, Durable, Event, Io, LocalWrite, Node, Outcome, Side};
 use crate::request::{
-    dp, Error, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, Receiver, ReceiverConfig,
+    dp, MetaConfig, OutOfSync, PeerWrite, Primary, PrimaryConfig, Receiver, ReceiverConfig,
     WriteKind, BLOCK_SIZE, SECTOR,
 };
 use crate::state::{DiskState, Protocol, Role};
@@ -1885,17 +1885,22 @@ impl Sim {
                 None => self.gen_op(),
             };
             let id = self.ops.len() as u64;
-            let r = match op {
+            let io = match op {
                 OpKind::Write {
                     sector,
                     len,
                     kind,
                     fua,
-                } => self.pn.primary.write(id, sector, len, kind, fua),
-                OpKind::Flush => self.pn.primary.flush(id),
+                } => Io::Write {
+                    sector,
+                    len,
+                    kind,
+                    fua,
+                },
+                OpKind::Flush => Io::Flush,
             };
-            match r {
-                Ok(()) => {
+            match self.node_step(true, Event::Request { id, io })? {
+                Outcome::Done => {
                     let snapshot = matches!(op, OpKind::Flush).then(|| {
                         (
                             self.ref_ver.clone(),
@@ -1926,12 +1931,12 @@ impl Sim {
                         self.report.overlap_waits += 1;
                     }
                 }
-                Err(Error::Busy) => {
+                Outcome::Full => {
                     self.report.busy += 1;
                     self.pending = Some(op);
                     break;
                 }
-                Err(e) => return Err(format!("primary refused request {id}: {e}")),
+                other => return Err(format!("primary refused request {id}: {other:?}")),
             }
             self.pump_primary()?;
         }

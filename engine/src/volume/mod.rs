@@ -66,7 +66,7 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
-use crate::replica::{Action, DiskFailure, Event, LocalWrite, Node, Outcome, Side, StepError};
+use crate::replica::{Action, DiskFailure, Event, Io, LocalWrite, Node, Outcome, Side, StepError};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
@@ -1497,7 +1497,8 @@ impl Volume {
         match inner.node.step(ev, &mut inner.actions) {
             Ok(outcome) => Ok(outcome),
             Err(StepError::Peer(why)) => Err(why),
-            Err(e @ StepError::Contract(_)) => panic!("{e}"),
+            // (A request's error comes only from `Event::Request`: `core_request`.)
+            Err(e @ (StepError::Contract(_) | StepError::Request(_))) => panic!("{e}"),
         }
     }
 
@@ -1767,6 +1768,15 @@ impl Volume {
                 Err(BlockError::Io)
             };
         }
+        let io = match kind {
+            Some((kind, fua)) => Io::Write {
+                sector,
+                len,
+                kind,
+                fua,
+            },
+            None => Io::Flush,
+        };
         let mut buf = buf;
         let (waiter, alone) = loop {
             // Completed writes stay in the core until their epoch is barrier-acked
@@ -1779,9 +1789,6 @@ impl Volume {
             {
                 let mut g = self.lock();
                 let inner = &mut *g;
-                if inner.node.role != Role::Primary {
-                    return Err(BlockError::ReadOnly);
-                }
                 // A staged generation or role flag reaches the disk before any write
                 // made in it (`durable.rs`); checked under the lock that stages them.
                 let gate = self.meta.write_gate();
@@ -1790,36 +1797,10 @@ impl Volume {
                     return Err(BlockError::Io);
                 }
                 gate_closed = gate == Gate::Wait;
-                if !gate_closed && (inner.node.primary.can_accept() || inner.shutting_down) {
-                    let id = inner.next_id;
-                    inner.next_id += 1;
-                    let (done, w) = self.reply_slot();
-                    inner.pending.insert(
-                        id,
-                        Pending {
-                            buf: buf.take(),
-                            done: Some(done),
-                        },
-                    );
-                    let r = match kind {
-                        Some((k, fua)) => inner.node.primary.write(id, sector, len, k, fua),
-                        None => inner.node.primary.flush(id),
-                    };
-                    if let Err(e) = r {
-                        if let Some(Pending {
-                            done: Some(Done::Slot(slot)),
-                            ..
-                        }) = inner.pending.remove(&id)
-                        {
-                            self.replies.release(slot);
-                        }
-                        return Err(match e {
-                            CoreError::Busy => BlockError::Busy,
-                            CoreError::Invalid(_) | CoreError::Protocol(_) => BlockError::Invalid,
-                        });
+                if !gate_closed {
+                    if let Some(taken) = self.admit(inner, io, &mut buf, &mut fx)? {
+                        break taken;
                     }
-                    self.drain(inner, &mut fx);
-                    break (w, inner.pending.len() == 1 && inner.link.is_some());
                 }
             }
             if gate_closed {
@@ -1830,6 +1811,48 @@ impl Volume {
             }
         };
         self.start_and_wait(fx, waiter, alone).await
+    }
+
+    /// Feeds a request to the node ([`Event::Request`]) under the lock, with its buffer
+    /// (`buf`, kept under the request's id) and a reply slot: `Some` (its waiter, and
+    /// whether it is the only request in flight on a connection) once taken, `None` while
+    /// the core has no room (the buffer stays with the caller, which waits for room).
+    fn admit(
+        &self,
+        inner: &mut Inner,
+        io: Io,
+        buf: &mut Option<Arc<AlignedBuf>>,
+        fx: &mut Vec<Effect>,
+    ) -> Result<Option<(Waiter, bool)>, BlockError> {
+        let id = inner.next_id;
+        let (done, w) = self.reply_slot();
+        let pending = Pending {
+            buf: buf.take(),
+            done: Some(done),
+        };
+        inner.pending.insert(id, pending);
+        let outcome = inner
+            .node
+            .step(Event::Request { id, io }, &mut inner.actions);
+        if outcome == Ok(Outcome::Done) {
+            inner.next_id += 1;
+            self.drain(inner, fx);
+            return Ok(Some((w, inner.pending.len() == 1 && inner.link.is_some())));
+        }
+        // Not taken: the request keeps its buffer, the reply slot goes back.
+        if let Some(p) = inner.pending.remove(&id) {
+            *buf = p.buf;
+            if let Some(Done::Slot(slot)) = p.done {
+                self.replies.release(slot);
+            }
+        }
+        match outcome {
+            Ok(Outcome::Full) if !inner.shutting_down => Ok(None),
+            Ok(Outcome::ReadOnly) => Err(BlockError::ReadOnly),
+            Ok(_) => Err(BlockError::Busy),
+            Err(StepError::Request(_)) => Err(BlockError::Invalid),
+            Err(e) => panic!("{e}"),
+        }
     }
 
     /// Where a new request's result will go: a reply slot, or a `oneshot` if none is free.
