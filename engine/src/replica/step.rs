@@ -1,8 +1,9 @@
 //! The node's one entry point for the events of the write path: [`Node::step`] takes one
 //! [`Event`] — a request of the application, a packet of the peer's write path (its
 //! writes and barriers on the data stream, its acks and barrier acks on the meta stream),
-//! protocol A's hand-off to the network, a local write or a flush round that ended — and
-//! appends the [`Action`]s it leads to. The daemon (`volume/`) and both nodes of the
+//! the peer's state, state change requests and live `P_OUT_OF_SYNC`, protocol A's
+//! hand-off to the network, a local write or a flush round that ended, the connection's
+//! loss — and appends the [`Action`]s it leads to. The daemon (`volume/`) and both nodes of the
 //! simulator (`sim/`) feed these events through it and nothing else, so the rules on
 //! them are one code:
 //!
@@ -48,6 +49,7 @@
 //!
 //! Errors ([`StepError`]) say whose they are. The peer's (a protocol violation) are
 //! operating errors: the driver drops the connection with the reason, never panics. The
+//! application's (a request the core cannot take) are refused to the frontend. The
 //! driver's (an unknown handle, a second completion: a broken contract between driver and
 //! core) are programmer errors: the daemon panics, the simulator fails the seed.
 //!
@@ -129,7 +131,8 @@ pub(crate) enum Outcome {
     /// until [`Action::LocalWrite`] names it (a write is never dropped, not even when
     /// its connection is lost: `request::Receiver`'s module docs).
     Taken(u64),
-    /// The Receiver is full: nothing changed (see the module docs).
+    /// Not taken, nothing changed: the Receiver (a peer write or barrier) or the Primary
+    /// core (a request) has no room (see the module docs).
     Full,
     /// The peer's state change request was answered with this code (a refusal is the
     /// driver's to log).
