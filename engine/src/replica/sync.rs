@@ -713,9 +713,9 @@ impl<H> SyncRuns<H> {
         }
     }
 
-    /// The peer's write `token` is on the disk, or dropped (a held one is then
-    /// forgotten): the target stops tracking it (unknown ids — writes from before the
-    /// run — are ignored).
+    /// The write `id` (the peer's token, or this node's tag as [`primary_id`]) is on the
+    /// disk or retired (a held one is then forgotten): the target stops tracking it
+    /// (unknown ids — writes from before the run — are ignored).
     pub(crate) fn peer_write_end(&mut self, bm: &mut OutOfSync, id: u64) {
         if let Some(r) = self.target.as_mut() {
             r.held.remove(&id);
