@@ -1050,20 +1050,9 @@ enum MetaMsg {
     State(Packet),
 }
 
-#[derive(Debug, Clone)]
-enum OpKind {
-    Write {
-        sector: u64,
-        len: u32,
-        kind: WriteKind,
-        fua: bool,
-    },
-    Flush,
-}
-
 #[derive(Debug)]
 struct Op {
-    kind: OpKind,
+    kind: Io,
     /// Completed, or lost in a crash.
     done: bool,
     /// For flushes: the reference versions when it was issued, and the blocks out of
@@ -1077,7 +1066,7 @@ struct Op {
 }
 
 impl Op {
-    fn new(kind: OpKind) -> Self {
+    fn new(kind: Io) -> Self {
         Op {
             kind,
             done: false,
@@ -1156,7 +1145,7 @@ struct Sim {
     ops: Vec<Op>,
     issued: u32,
     outstanding: u64,
-    pending: Option<OpKind>,
+    pending: Option<Io>,
     /// Per sector: id of the last write completed successfully, 0 initial, UNKNOWN.
     /// After a crash: the version the Primary's disk kept.
     ref_ver: Vec<u64>,
@@ -1274,7 +1263,7 @@ impl Sim {
             meta_ready: 0,
             ops: vec![Op {
                 done: true,
-                ..Op::new(OpKind::Flush)
+                ..Op::new(Io::Flush)
             }],
             issued: 0,
             outstanding: 0,
@@ -1732,7 +1721,7 @@ impl Sim {
         let op = usize::try_from(id).ok().and_then(|i| self.ops.get(i));
         let Some(&Op {
             kind:
-                OpKind::Write {
+                Io::Write {
                     sector,
                     len,
                     kind,
@@ -1833,9 +1822,9 @@ impl Sim {
 
     // ----- workload ----------------------------------------------------------------------
 
-    fn gen_op(&mut self) -> OpKind {
+    fn gen_op(&mut self) -> Io {
         if self.rng.chance(80_000) {
-            return OpKind::Flush;
+            return Io::Flush;
         }
         let roll = self.rng.below(100);
         let kind = match roll {
@@ -1860,7 +1849,7 @@ impl Sim {
             self.params.hot_sectors.max(n)
         };
         let sector = self.rng.below(region - n + 1);
-        OpKind::Write {
+        Io::Write {
             sector,
             len: u32::try_from(n).unwrap_or(1) * SECTOR,
             kind,
@@ -1885,23 +1874,9 @@ impl Sim {
                 None => self.gen_op(),
             };
             let id = self.ops.len() as u64;
-            let io = match op {
-                OpKind::Write {
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                } => Io::Write {
-                    sector,
-                    len,
-                    kind,
-                    fua,
-                },
-                OpKind::Flush => Io::Flush,
-            };
-            match self.node_step(true, Event::Request { id, io })? {
+            match self.node_step(true, Event::Request { id, io: op })? {
                 Outcome::Done => {
-                    let snapshot = matches!(op, OpKind::Flush).then(|| {
+                    let snapshot = matches!(op, Io::Flush).then(|| {
                         (
                             self.ref_ver.clone(),
                             Rs::out_of_sync(
@@ -1910,7 +1885,7 @@ impl Sim {
                             ),
                         )
                     });
-                    if matches!(op, OpKind::Write { .. }) {
+                    if matches!(op, Io::Write { .. }) {
                         self.admitted += 1;
                     }
                     self.ops.push(Op {
@@ -1923,7 +1898,7 @@ impl Sim {
                         && matches!(
                             self.ops.last(),
                             Some(Op {
-                                kind: OpKind::Write { .. },
+                                kind: Io::Write { .. },
                                 ..
                             })
                         )
@@ -2313,7 +2288,7 @@ impl Sim {
             .ok_or("submit of an unknown request")?;
         let matches = matches!(
             op.kind,
-            OpKind::Write { sector: s, len: l, kind: k, fua: f }
+            Io::Write { sector: s, len: l, kind: k, fua: f }
                 if (s, l, k, f) == (sector, len, kind, fua)
         );
         if !matches || op.done || op.submitted {
@@ -2526,11 +2501,11 @@ impl Sim {
         }
         op.done = true;
         self.outstanding -= 1;
-        let kind = op.kind.clone();
+        let kind = op.kind;
         let snapshot = op.snapshot.take();
         let submitted = op.submitted;
         match kind {
-            OpKind::Write {
+            Io::Write {
                 sector,
                 len,
                 kind,
@@ -2608,7 +2583,7 @@ impl Sim {
                     }
                 }
             }
-            OpKind::Flush => self.flush_completed(id, ok, snapshot)?,
+            Io::Flush => self.flush_completed(id, ok, snapshot)?,
         }
         Ok(())
     }
@@ -2766,7 +2741,7 @@ impl Sim {
             .is_some_and(|op| {
                 matches!(
                     op.kind,
-                    OpKind::Write {
+                    Io::Write {
                         kind: WriteKind::Data,
                         ..
                     }

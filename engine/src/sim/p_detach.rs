@@ -37,7 +37,7 @@
 use super::rng::Rng;
 use super::st_reads::read_range;
 use super::{sector_is, Ev, Sim, SECTORS, SECTORS_PER_BLOCK, UNKNOWN};
-use crate::replica::{Durable, LocalWrite};
+use crate::replica::{Durable, Io, LocalWrite};
 use crate::request::SECTOR;
 use crate::state::{DiskState, Role};
 use std::collections::BTreeSet;
@@ -114,8 +114,8 @@ impl Sim {
         let written: Vec<u64> = self.ops[usize::try_from(first).unwrap_or(0)..]
             .iter()
             .filter_map(|op| match op.kind {
-                super::OpKind::Write { sector, .. } => Some(sector),
-                super::OpKind::Flush => None,
+                Io::Write { sector, .. } => Some(sector),
+                Io::Flush => None,
             })
             .collect();
         for _ in 0..READS {
