@@ -25,7 +25,7 @@
 //! clears (a page covers 128 MiB; a resync between two flushes touches few), and at
 //! most [`MAX_FLUSHES`] flushes in flight.
 
-use super::SECTOR;
+use super::{check_range, SECTOR};
 
 /// Bytes covered by one bitmap bit.
 pub const BLOCK_SIZE: u64 = 4096;
@@ -353,16 +353,13 @@ impl OutOfSync {
     /// over `DRBD_MAX_BIO_SIZE` or past the volume is refused and marks nothing (DRBD's
     /// `drbd_set_out_of_sync` refuses the same); otherwise as [`Self::mark`].
     pub fn mark_checked(&mut self, sector: u64, len: u32) -> Result<(), &'static str> {
-        if len == 0 || !len.is_multiple_of(SECTOR) || len > crate::wire::DRBD_MAX_BIO_SIZE {
-            return Err("empty, not whole sectors or over 1 MiB");
+        if len > crate::wire::DRBD_MAX_BIO_SIZE {
+            return Err("over 1 MiB");
         }
-        match sector.checked_add(u64::from(len / SECTOR)) {
-            Some(end) if end <= self.sectors => {
-                self.mark(sector, len);
-                Ok(())
-            }
-            _ => Err("past the end of the volume"),
-        }
+        check_range(sector, len, self.sectors)
+            .ok_or("empty, not whole sectors or past the end of the volume")?;
+        self.mark(sector, len);
+        Ok(())
     }
 
     /// Clears the bits of the blocks *wholly* inside `[sector, sector + len bytes)` (DRBD's
