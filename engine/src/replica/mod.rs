@@ -63,7 +63,9 @@ pub(crate) use durable::Durable;
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
 pub(crate) use handshake::SyncRole;
-pub(crate) use node::{Action, LocalWrite, Node, PeerDisk, Side, SourceEnd, TargetEnd};
+pub(crate) use node::{
+    Action, LocalWrite, Node, PeerDisk, PeerStartedRuns, Side, SourceEnd, TargetEnd,
+};
 pub(crate) use roles::Promotion;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;

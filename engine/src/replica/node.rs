@@ -51,13 +51,15 @@
 //! actions of one drain are at most the cores' outputs since the last one (bounded by
 //! their in-flight limits).
 
-use super::{FlushRounds, SyncRuns};
+use super::{FlushRounds, RunRead, SyncAction, SyncRuns};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::{
     Error, OutOfSync, Primary, PrimaryOutput, Receiver, ReceiverOutput, WriteKind,
 };
-use crate::resync::{Error as ResyncError, SourceConfig, TargetConfig, TickInput, VerifyProgress};
+use crate::resync::{
+    Error as ResyncError, ResyncSummary, SourceConfig, TargetConfig, TickInput, VerifyProgress,
+};
 use crate::state::change;
 use crate::state::uuid::UuidSet;
 use crate::state::{ConnState, DiskState, Role};
@@ -141,6 +143,42 @@ pub(crate) enum Action {
     /// once the packets queued so far have left, renew the connection — as `target`,
     /// mark every block out of sync first, as `invalidate` does.
     RenewForResync { target: bool },
+    /// Send a resync or online-verify packet on `stream` (acks on the meta stream,
+    /// requests and data on the resync stream). `reply`: the tag of the source read
+    /// whose data is the payload (`P_RS_DATA_REPLY`); the driver frees that buffer.
+    SendSync {
+        stream: Stream,
+        pkt: Packet,
+        reply: Option<u64>,
+    },
+    /// Read the range for a run; report [`super::Event::SyncReadDone`] with it.
+    SyncRead(RunRead),
+    /// Write zeroes over the range for a run (`P_RS_DEALLOCATED`); report
+    /// [`super::Event::SyncWriteDone`].
+    SyncZeroes {
+        run: u64,
+        tag: u64,
+        sector: u64,
+        len: u32,
+    },
+    /// The target's cleared bits should reach the disk: flush the data, then write the
+    /// dirty bitmap pages.
+    BitmapWriteBack,
+    /// The target's run ended: record its end ([`Node::target_end`]; `adopt`: the
+    /// peer's UUIDs, when nothing is left to fetch).
+    TargetFinished {
+        run: u64,
+        summary: ResyncSummary,
+        adopt: Option<UuidSet>,
+    },
+    /// The online verify (either side) ended and the connection is Connected again; the
+    /// blocks it found different are marked. `crash_repaired`: reaching Connected
+    /// cleared the crashed-Primary flag ([`Node::reached_connected`]), which the driver
+    /// records durably.
+    VerifyFinished {
+        progress: VerifyProgress,
+        crash_repaired: bool,
+    },
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).
@@ -197,6 +235,18 @@ impl SourceEnd {
     }
 }
 
+/// The configuration of the runs the peer's first packet starts
+/// ([`super::Event::SyncPacket`]): a source for a resync request that comes before the
+/// handshake's start (a kernel peer may send one first), this node's side of the peer's
+/// online verify. `None`: such a packet is the peer's error (a verify: verify-alg is
+/// not set here).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerStartedRuns {
+    pub(crate) source: Option<SourceConfig>,
+    /// Its `start_sector` is the peer's first request's.
+    pub(crate) verify: Option<crate::resync::VerifyConfig>,
+}
+
 /// One node's write pipelines (see the module docs).
 pub(crate) struct Node {
     /// This node's application writes; owner of the node's out-of-sync bitmap.
@@ -247,6 +297,12 @@ pub(crate) struct Node {
     /// A local write failed since the disk was attached: the disk left service
     /// ([`Self::local_write_failed`]).
     pub(crate) disk_failed: bool,
+    /// How a run the peer starts is configured; the driver sets it when a connection
+    /// comes up (it depends on the features agreed).
+    pub(crate) peer_started: PeerStartedRuns,
+    /// Local writes the runs held and then released (a count the driver may take and
+    /// reset: the simulator's report).
+    pub(crate) released: u64,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
     /// Deliberate bugs for the simulator's sabotage tests: `invalidate` marks nothing;
@@ -292,6 +348,8 @@ impl Node {
             discard_my_data: false,
             peer_uuids: UuidSet::default(),
             disk_failed: false,
+            peer_started: PeerStartedRuns::default(),
+            released: 0,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
             #[cfg(test)]
@@ -661,10 +719,56 @@ impl Node {
         bits.pack().ok().map(Packet::State)
     }
 
-    /// Turns both cores' outputs since the last call into actions, appended to `out`.
+    /// Turns the cores' and the runs' outputs since the last call into actions, appended
+    /// to `out`: the cores' first (their retirements and completions may release writes
+    /// the runs hold), then the runs'.
     pub(crate) fn drain(&mut self, out: &mut Vec<Action>) {
         self.drain_primary(out);
         self.drain_receiver(out);
+        self.drain_runs(out);
+    }
+
+    /// The runs' outputs as actions. A write they held and release is an ordinary
+    /// [`Action::LocalWrite`] now; the end of a verify brings the connection back to
+    /// Connected here, not in the driver.
+    fn drain_runs(&mut self, out: &mut Vec<Action>) {
+        let mut actions = self.runs.take_actions();
+        for a in actions.drain(..) {
+            out.push(match a {
+                SyncAction::Send { stream, pkt, reply } => Action::SendSync { stream, pkt, reply },
+                SyncAction::Read(r) => Action::SyncRead(r),
+                SyncAction::WriteZeroes {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                } => Action::SyncZeroes {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                },
+                SyncAction::Release { write } => {
+                    self.released += 1;
+                    Action::LocalWrite(write)
+                }
+                SyncAction::WriteBack => Action::BitmapWriteBack,
+                SyncAction::Finished {
+                    run,
+                    summary,
+                    adopt,
+                } => Action::TargetFinished {
+                    run,
+                    summary,
+                    adopt,
+                },
+                SyncAction::VerifyFinished(progress) => Action::VerifyFinished {
+                    progress,
+                    crash_repaired: self.verify_ended(),
+                },
+            });
+        }
+        self.runs.give_back(actions);
     }
 
     /// A core's local write, shown to the runs before it is submitted: its action, or

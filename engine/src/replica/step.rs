@@ -57,9 +57,10 @@
 //! barrier ack at most for a peer write; for a completion, the writes it frees — at most
 //! the cores' in-flight limits).
 
-use super::{Action, LocalWrite, Node, PeerDisk};
+use super::{Action, LocalWrite, Node, PeerDisk, ReadFor};
 use crate::net::Stream;
 use crate::request::{Error, PeerWrite, WriteKind};
+use crate::resync::{Inbound, ReadOutcome, TickInput, VerifyConfig};
 use crate::state::change::StateRv;
 use crate::state::{DiskState, Role};
 use crate::wire::{self, Command, Packet};
@@ -121,6 +122,27 @@ pub(crate) enum Event {
         resolve_conflicts: bool,
         random: u64,
     },
+    /// A resync or online-verify packet without data (not `P_RS_DATA_REPLY`) from
+    /// either stream, read at `tick`: a request the peer sends first starts the run that
+    /// answers it ([`super::PeerStartedRuns`]); one the run has no room for is not taken
+    /// ([`Outcome::Full`]).
+    SyncPacket { inbound: Inbound, tick: TickInput },
+    /// `P_RS_DATA_REPLY` of `len` bytes at `sector`: its data stays with the driver
+    /// until the write [`Outcome::SyncWrite`] names takes it (none: a newer write
+    /// overtook it, the data is dropped).
+    SyncDataReply { sector: u64, len: u32 },
+    /// A step of the resync clock ([`crate::replica::SyncRuns::tick`];
+    /// [`Outcome::Ticked`] says whether a run still needs it).
+    SyncTick(TickInput),
+    /// A run's read ([`Action::SyncRead`]: its `run`, `tag` and `purpose`) ended.
+    SyncReadDone {
+        run: u64,
+        tag: u64,
+        purpose: ReadFor,
+        outcome: ReadOutcome,
+    },
+    /// A run's write ([`Action::SyncZeroes`], or [`Outcome::SyncWrite`]'s) ended.
+    SyncWriteDone { run: u64, tag: u64, ok: bool },
 }
 
 /// What [`Node::step`] did with an event.
@@ -139,6 +161,17 @@ pub(crate) enum Outcome {
     Answered(StateRv),
     /// A request while this node is not Primary: refused, nothing changed.
     ReadOnly,
+    /// Write the `P_RS_DATA_REPLY`'s data; report [`Event::SyncWriteDone`] with this
+    /// run and tag.
+    SyncWrite {
+        run: u64,
+        tag: u64,
+    },
+    /// A step of the resync clock: whether a run (a target, a source, this node's
+    /// verify) still needs the clock.
+    Ticked {
+        running: bool,
+    },
 }
 
 /// Whose error an event revealed (see the module docs).
@@ -180,16 +213,7 @@ impl Node {
         let outcome = match ev {
             Event::Request { id, io } => self.request(id, io)?,
             Event::PeerWrite(w) => self.peer_write(w)?,
-            Event::PeerBarrier(nr) => {
-                self.not_primary("P_BARRIER received while Primary")?;
-                if !self.receiver.can_accept() {
-                    return Ok(Outcome::Full);
-                }
-                self.receiver
-                    .peer_barrier(nr)
-                    .map_err(|e| StepError::core("P_BARRIER", e))?;
-                Outcome::Done
-            }
+            Event::PeerBarrier(nr) => self.peer_barrier(nr)?,
             Event::PeerAck { cmd, block_id } => {
                 self.peer_ack(cmd, block_id)?;
                 Outcome::Done
@@ -248,17 +272,125 @@ impl Node {
                 Outcome::Answered(rv)
             }
             Event::ConnectionLost { random } => {
-                if let Some(progress) = self.connection_lost(out) {
-                    out.push(Action::VerifyInterrupted(progress));
-                }
-                if let Some(uuids) = self.lost_peer_disk(random) {
-                    out.push(Action::NewGeneration(uuids));
-                }
+                self.lost(random, out);
                 Outcome::Done
             }
+            Event::SyncPacket { inbound, tick } => self.sync_packet(inbound, &tick)?,
+            Event::SyncDataReply { sector, len } => self.sync_data_reply(sector, len)?,
+            Event::SyncTick(tick) => {
+                let bm = self.primary.out_of_sync_mut();
+                let running = self.runs.tick(bm, &tick);
+                Outcome::Ticked { running }
+            }
+            Event::SyncReadDone {
+                run,
+                tag,
+                purpose,
+                outcome,
+            } => self.sync_read_done((run, tag, purpose), outcome)?,
+            Event::SyncWriteDone { run, tag, ok } => self.sync_write_done(run, tag, ok)?,
         };
         self.drain(out);
         Ok(outcome)
+    }
+
+    /// A resync or verify packet without data: a request the peer sends first starts the
+    /// run that answers it; a request the run has no room for waits (`Full`).
+    fn sync_packet(&mut self, inbound: Inbound, tick: &TickInput) -> Result<Outcome, StepError> {
+        match inbound {
+            Inbound::RsRequest { .. } => {
+                if self.runs.source().is_none() {
+                    if let Some(cfg) = self.peer_started.source.clone() {
+                        self.ensure_source(cfg, tick).map_err(|e| {
+                            StepError::Peer(format!("cannot start the resync source: {e}"))
+                        })?;
+                    }
+                }
+                if !self.runs.source_can_accept() {
+                    return Ok(Outcome::Full);
+                }
+            }
+            Inbound::OvRequest { sector, .. } => {
+                let cfg = self.peer_started.verify.clone().map(|c| VerifyConfig {
+                    start_sector: sector,
+                    ..c
+                });
+                if self.ensure_verify_peer(cfg).map_err(StepError::Peer)? {
+                    tracing::info!("online verify started by the peer at sector {sector}");
+                }
+                if !self.runs.verify_can_accept() {
+                    return Ok(Outcome::Full);
+                }
+            }
+            _ => {}
+        }
+        let bm = self.primary.out_of_sync_mut();
+        self.runs.inbound(bm, inbound).map_err(StepError::Peer)?;
+        Ok(Outcome::Done)
+    }
+
+    /// A run's read ended: its digest (a verify's or a checksum-based target's) or its
+    /// data's outcome (a source's) goes to the run that asked; a run that ended since
+    /// drops it.
+    fn sync_read_done(
+        &mut self,
+        (run, tag, purpose): (u64, u64, ReadFor),
+        outcome: ReadOutcome,
+    ) -> Result<Outcome, StepError> {
+        let digest = match outcome {
+            ReadOutcome::Ok { digest, .. } => digest,
+            ReadOutcome::Failed => None,
+        };
+        let bm = self.primary.out_of_sync_mut();
+        let r = match purpose {
+            ReadFor::Verify => self.runs.verify_digest_done(bm, run, tag, digest),
+            ReadFor::TargetDigest => self.runs.digest_done(bm, run, tag, digest),
+            ReadFor::Source { .. } => self.runs.source_read_done(bm, run, tag, outcome),
+        };
+        r.map_err(|e| StepError::Contract(format!("resync read done: {e}")))?;
+        Ok(Outcome::Done)
+    }
+
+    /// `P_RS_DATA_REPLY`: the write of its data, or none when it is void.
+    fn sync_data_reply(&mut self, sector: u64, len: u32) -> Result<Outcome, StepError> {
+        let bm = self.primary.out_of_sync_mut();
+        let write = self.runs.data_reply(bm, sector, len);
+        Ok(match write.map_err(StepError::Peer)? {
+            Some((run, tag)) => Outcome::SyncWrite { run, tag },
+            None => Outcome::Done,
+        })
+    }
+
+    /// A run's write ended.
+    fn sync_write_done(&mut self, run: u64, tag: u64, ok: bool) -> Result<Outcome, StepError> {
+        let bm = self.primary.out_of_sync_mut();
+        self.runs
+            .write_done(bm, run, tag, ok)
+            .map_err(|e| StepError::Contract(format!("resync write done: {e}")))?;
+        Ok(Outcome::Done)
+    }
+
+    /// `P_BARRIER` from the peer: not taken while the Receiver is full.
+    fn peer_barrier(&mut self, nr: u32) -> Result<Outcome, StepError> {
+        self.not_primary("P_BARRIER received while Primary")?;
+        if !self.receiver.can_accept() {
+            return Ok(Outcome::Full);
+        }
+        self.receiver
+            .peer_barrier(nr)
+            .map_err(|e| StepError::core("P_BARRIER", e))?;
+        Ok(Outcome::Done)
+    }
+
+    /// The connection is gone: an interrupted verify is reported, and a Primary that
+    /// lost its peer's disk starts a generation.
+    fn lost(&mut self, random: u64, out: &mut Vec<Action>) {
+        if let Some(progress) = self.connection_lost(out) {
+            out.push(Action::VerifyInterrupted(progress));
+        }
+        if let Some(uuids) = self.lost_peer_disk(random) {
+            out.push(Action::NewGeneration(uuids));
+        }
     }
 
     /// A request of the application (see the module docs: admission).
@@ -421,9 +553,10 @@ impl Node {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::{Event, Io, Outcome, StepError};
-    use crate::replica::{Action, Node};
+    use crate::net::Stream;
+    use crate::replica::{Action, Node, Side};
     use crate::request::{PeerWrite, WriteKind};
-    use crate::resync::{TargetConfig, TickInput};
+    use crate::resync::{Inbound, ReadOutcome, RequestKind, SourceConfig, TargetConfig, TickInput};
     use crate::state::uuid::UuidSet;
     use crate::state::{ConnState, DiskState, Role};
     use crate::wire::{self, dp, Command};
@@ -530,6 +663,121 @@ mod tests {
             n.step(write(id, 0), &mut out),
             Ok(Outcome::Taken(_))
         ));
+    }
+
+    fn rs_request(sector: u64) -> Event {
+        Event::SyncPacket {
+            inbound: Inbound::RsRequest {
+                sector,
+                len: 4096,
+                kind: RequestKind::Data,
+            },
+            tick: TickInput::default(),
+        }
+    }
+
+    /// A resync request that comes before the handshake's start starts the source the
+    /// connection configured, which reads the block; without that configuration it is
+    /// the peer's error. A request the source has no room for is not taken, and is
+    /// taken once a read makes room.
+    #[test]
+    fn a_resync_request_starts_the_source_and_waits_for_room() {
+        let mut n = node(Role::Primary);
+        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        let mut out = Vec::new();
+        let e = peer_error(n.step(rs_request(0), &mut out));
+        assert!(e.contains("without a source"), "{e}");
+        n.peer_started.source = Some(SourceConfig {
+            max_queue: 1,
+            max_reads: 1,
+            ..SourceConfig::new(SECTORS)
+        });
+        assert_eq!(n.step(rs_request(0), &mut out), Ok(Outcome::Done));
+        let [Action::SyncRead(read)] = out[..] else {
+            panic!("the source reads the block: {out:?}");
+        };
+        assert_eq!((read.sector, read.len), (0, 4096));
+        out.clear();
+        assert_eq!(n.step(rs_request(8), &mut out), Ok(Outcome::Full));
+        assert!(out.is_empty(), "{out:?}");
+        let done = Event::SyncReadDone {
+            run: read.run,
+            tag: read.tag,
+            purpose: read.purpose,
+            outcome: ReadOutcome::Ok {
+                all_zero: false,
+                digest: None,
+            },
+        };
+        n.step(done, &mut out).unwrap();
+        assert!(
+            matches!(
+                &out[..],
+                [Action::SendSync { stream: Stream::Resync, reply: Some(t), .. }] if *t == read.tag
+            ),
+            "the reply carries the read's buffer: {out:?}"
+        );
+        assert!(matches!(
+            n.step(done, &mut out),
+            Err(StepError::Contract(_))
+        ));
+        assert_eq!(n.step(rs_request(8), &mut out), Ok(Outcome::Done));
+    }
+
+    /// A SyncTarget holds the peer's write over a resync write in flight; when that
+    /// ends, the held write comes out of the same step as an ordinary local write.
+    #[test]
+    fn a_write_held_by_the_target_is_a_local_write_when_released() {
+        let mut n = node(Role::Secondary);
+        n.connection_up(101, Role::Primary, DiskState::UpToDate);
+        n.primary.out_of_sync_mut().mark(0, 4096);
+        let run = n
+            .start_target(TargetConfig::new(SECTORS), &TickInput::default())
+            .unwrap();
+        let mut out = Vec::new();
+        let later = TickInput {
+            now_ms: 100,
+            ..TickInput::default()
+        };
+        let ticked = n.step(Event::SyncTick(later), &mut out);
+        assert_eq!(ticked, Ok(Outcome::Ticked { running: true }));
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::SendSync {
+                    stream: Stream::Resync,
+                    ..
+                }
+            )),
+            "the target asks for block 0: {out:?}"
+        );
+        let reply = Event::SyncDataReply {
+            sector: 0,
+            len: 4096,
+        };
+        let Ok(Outcome::SyncWrite { run: r, tag }) = n.step(reply, &mut out) else {
+            panic!("the reply's data is written");
+        };
+        assert_eq!(r, run);
+        out.clear();
+        let Ok(Outcome::Taken(token)) = n.step(write(1, 0), &mut out) else {
+            panic!("the peer's write is taken");
+        };
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::LocalWrite(_))),
+            "held behind the resync write: {out:?}"
+        );
+        n.step(Event::SyncWriteDone { run, tag, ok: true }, &mut out)
+            .unwrap();
+        let released: Vec<_> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::LocalWrite(w) => Some(w.side),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(released, [Side::Peer { token }]);
+        assert_eq!(n.released, 1);
     }
 
     /// Writes applied while the peer is Diskless are out of sync here; before, not.

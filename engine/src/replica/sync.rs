@@ -220,6 +220,15 @@ impl<H> SyncRuns<H> {
         std::mem::take(&mut self.out)
     }
 
+    /// Returns the (emptied) vector [`Self::take_actions`] gave, so that its room is
+    /// reused (no allocation per drain once grown).
+    pub(crate) fn give_back(&mut self, mut emptied: Vec<SyncAction<H>>) {
+        if self.out.is_empty() {
+            emptied.clear();
+            self.out = emptied;
+        }
+    }
+
     /// The running target, if any (not one the connection cut).
     pub(crate) fn target(&self) -> Option<&Target> {
         self.live_ref().map(|r| &r.t)

@@ -1759,7 +1759,6 @@ impl Sim {
             self.p_disk_failed(&w)?;
         }
         self.node_step(true, Event::WriteDone { w, ok: !fail })?;
-        self.p_actions()?;
         self.pump_primary()
     }
 
@@ -2122,6 +2121,7 @@ impl Sim {
     /// Performs the Primary node's actions (`replica::Node::drain`, the daemon's drain).
     fn pump_primary(&mut self) -> Result<(), String> {
         let r = self.perform(true);
+        self.unpark_requests();
         if self.pn.runs.held() != 0 {
             return Err("a resync held the Primary's write (it is never SyncTarget)".into());
         }
@@ -2212,9 +2212,8 @@ impl Sim {
                 if self.retired > self.admitted {
                     return Err("more writes retired than admitted".into());
                 }
-                // The node told the runs; perform what they do next.
-                self.p_actions()?;
             }
+            a @ (Action::SendSync { .. } | Action::SyncRead(_)) => self.source_action(a)?,
             other => {
                 return Err(format!(
                     "unexpected action of the Primary's node: {other:?}"
@@ -2328,7 +2327,9 @@ impl Sim {
                 self.at(0, Ev::DeliverData { gen });
             }
         }
-        self.perform(false)
+        self.perform(false)?;
+        self.report.held_by_resync += std::mem::take(&mut self.sn.released);
+        self.check_target_requests()
     }
 
     /// Drains the Primary's node (`primary`) or the Secondary's into `self.actions` (after
@@ -2417,6 +2418,11 @@ impl Sim {
             // The model has no superblock: the generation is assigned at once.
             Action::NewGeneration(uuids) => self.sn.uuids = uuids,
             Action::VerifyInterrupted(_) => {}
+            a @ (Action::SendSync { .. }
+            | Action::SyncRead(_)
+            | Action::SyncZeroes { .. }
+            | Action::BitmapWriteBack
+            | Action::TargetFinished { .. }) => self.target_action(a)?,
             other => {
                 return Err(format!(
                     "unexpected action of the Secondary's node: {other:?}"

@@ -65,9 +65,9 @@ use super::{pattern, DataMsg, Ev, MetaMsg, SBuf, Sim, SimParams, SECTORS, SECTOR
 use crate::net::Stream;
 use crate::replica::{
     promoted_uuids, Action, Durable, GenerationFacts, LocalWrite, Node, ReadFor, RunRead, Side,
-    SyncAction, SyncRole, SyncRuns, TargetEnd,
+    SyncRole, SyncRuns, TargetEnd,
 };
-use crate::replica::{Event, SourceEnd};
+use crate::replica::{Event, Outcome, SourceEnd};
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -555,12 +555,6 @@ fn expected_loser(policy: &SplitBrainPolicy, cp: u64, cs: u64, rc_p: bool) -> Op
 }
 
 impl Sim {
-    /// A call of the Primary's runs with its bitmap, the core's.
-    fn p_call<R>(&mut self, f: impl FnOnce(&mut SyncRuns<LocalWrite>, &mut OutOfSync) -> R) -> R {
-        let (runs, bm) = self.pn.runs_and_bitmap();
-        f(runs, bm)
-    }
-
     // ----- connection up: the handshake -------------------------------------------------
 
     /// The previous connection's resync IO, the Secondary's writes and the split-brain
@@ -1072,10 +1066,10 @@ impl Sim {
             return Ok(());
         }
         let (ts, tp) = (self.tick_input(false), self.tick_input(true));
-        self.sn.runs.tick(self.sn.primary.out_of_sync_mut(), &ts);
-        self.s_actions()?;
-        self.p_call(|r, bm| r.tick(bm, &tp));
-        self.p_actions()?;
+        self.node_step(false, Event::SyncTick(ts))?;
+        self.pump_secondary()?;
+        self.node_step(true, Event::SyncTick(tp))?;
+        self.pump_primary()?;
         if self.sn.runs.target_run() == Some(run) {
             self.at(SLEEP_TIME_MS, Ev::RsTick { run });
         }
@@ -1105,7 +1099,6 @@ impl Sim {
             let random = uuid(&mut self.rs.rng);
             self.node_step(true, Event::ConnectionLost { random })?;
             self.pump_primary()?;
-            self.p_actions()?;
         }
         let random = uuid(&mut self.rs.rng);
         self.node_step(false, Event::ConnectionLost { random })?;
@@ -1114,8 +1107,7 @@ impl Sim {
         if self.sabotage.receiver.drop_held_at_loss {
             self.s_bufs.retain(|_, b| b.submitted);
         }
-        self.pump_secondary()?;
-        self.s_actions()
+        self.pump_secondary()
     }
 
     /// `P_STATE` from the Secondary, through the codec, fed to the Primary's node
@@ -1164,11 +1156,6 @@ impl Sim {
         if gen != self.gen {
             return Ok(());
         }
-        if matches!(self.rs.back.front(), Some(BackMsg::Rs(_))) && !self.pn.runs.source_can_accept()
-        {
-            self.rs.back_parked += 1;
-            return Ok(());
-        }
         match self.rs.back.pop_front() {
             None => Err("back stream delivery with nothing queued".into()),
             Some(BackMsg::Bitmap(pkt)) => self.p_bitmap_packet(&pkt),
@@ -1177,9 +1164,15 @@ impl Sim {
                     Some(i @ Inbound::RsRequest { .. }) => i,
                     other => return Err(format!("SyncSource got {other:?} on the data stream")),
                 };
-                self.p_call(|r, bm| r.inbound(bm, inbound))
-                    .map_err(|e| format!("source request: {e}"))?;
-                self.p_actions()
+                let tick = self.tick_input(true);
+                if self.node_step(true, Event::SyncPacket { inbound, tick })? == Outcome::Full {
+                    // Not read off the socket while the source's queue is full (as the
+                    // daemon): delivered again once it has room (`pump_primary`).
+                    self.rs.back.push_front(BackMsg::Rs(pkt));
+                    self.rs.back_parked += 1;
+                    return Ok(());
+                }
+                self.pump_primary()
             }
         }
     }
@@ -1205,11 +1198,9 @@ impl Sim {
             Some(i @ Inbound::NegRsDReply { .. }) => i,
             other => return Err(format!("SyncTarget got {other:?} on the meta stream")),
         };
-        self.sn
-            .runs
-            .inbound(self.sn.primary.out_of_sync_mut(), inbound)
-            .map_err(|e| format!("target refused {pkt:?}: {e}"))?;
-        self.s_actions()
+        let tick = self.tick_input(false);
+        self.node_step(false, Event::SyncPacket { inbound, tick })?;
+        self.pump_secondary()
     }
 
     /// `P_RS_DATA_REPLY` / `P_RS_DEALLOCATED` on the Secondary's data stream.
@@ -1224,12 +1215,8 @@ impl Sim {
         }
         match Inbound::from_packet(pkt).map_err(|e| e.to_string())? {
             Some(Inbound::RsDataReply { sector, len }) => {
-                let write = self
-                    .sn
-                    .runs
-                    .data_reply(self.sn.primary.out_of_sync_mut(), sector, len)
-                    .map_err(|e| format!("target data_reply: {e}"))?;
-                if let Some((run, tag)) = write {
+                let write = self.node_step(false, Event::SyncDataReply { sector, len })?;
+                if let Outcome::SyncWrite { run, tag } = write {
                     self.report.rs_bytes += u64::from(len);
                     let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
                     let d = self.rs.rng.range(1, self.params.disk_delay.0);
@@ -1249,14 +1236,12 @@ impl Sim {
             Some(i @ Inbound::RsDeallocated { .. }) => {
                 self.report.rs_deallocated += 1;
                 self.rs.zero_vers = Some(vers);
-                self.sn
-                    .runs
-                    .inbound(self.sn.primary.out_of_sync_mut(), i)
-                    .map_err(|e| format!("target deallocated: {e}"))?;
+                let tick = self.tick_input(false);
+                self.node_step(false, Event::SyncPacket { inbound: i, tick })?;
             }
             other => return Err(format!("SyncTarget got {other:?} on the data stream")),
         }
-        self.s_actions()
+        self.pump_secondary()
     }
 
     /// `P_RS_WRITE_ACK` / `P_NEG_ACK` (ID_SYNCER) on the Primary's meta stream.
@@ -1268,9 +1253,9 @@ impl Sim {
             Some(i @ (Inbound::RsWriteAck { .. } | Inbound::RsNegAck { .. })) => i,
             other => return Err(format!("SyncSource got {other:?} on the meta stream")),
         };
-        self.p_call(|r, bm| r.inbound(bm, inbound))
-            .map_err(|e| format!("source refused {pkt:?}: {e}"))?;
-        self.p_actions()
+        let tick = self.tick_input(true);
+        self.node_step(true, Event::SyncPacket { inbound, tick })?;
+        self.pump_primary()
     }
 
     /// The SyncTarget finished and is UpToDate (its `P_STATE`: Secondary, UpToDate,
@@ -1311,92 +1296,96 @@ impl Sim {
 
     // ----- the SyncSource ---------------------------------------------------------------
 
-    /// Performs the Primary's runs' actions (it is only ever SyncSource).
-    pub(super) fn p_actions(&mut self) -> Result<(), String> {
-        for a in self.pn.runs.take_actions() {
-            match a {
-                SyncAction::Send { pkt, .. } if !self.up => {
-                    return Err(format!("SyncSource sent {pkt:?} while disconnected"));
-                }
-                SyncAction::Send {
-                    pkt,
-                    reply: Some(tag),
-                    ..
-                } => {
-                    let (sector, data, vers) = self
-                        .rs
-                        .p_reads
-                        .remove(&tag)
-                        .ok_or("data reply without a read buffer")?;
-                    #[cfg(test)]
-                    if self.rs.sabotage.source_claims_in_sync {
-                        let len = u32::try_from(data.len()).map_err(|e| e.to_string())?;
-                        self.p_call(|r, bm| r.set_in_sync(bm, sector, len));
-                        let lie = crate::resync::SourceOutput::SendRsIsInSync { sector, len };
-                        let pkt = self.wire(&lie.packet().ok_or("no packet")?, &[])?;
-                        self.send_fwd(pkt);
-                        continue;
-                    }
-                    let _ = sector;
-                    let pkt = self.wire(&pkt, &data)?;
-                    self.send_data(DataMsg::Rs { pkt, data, vers });
-                }
-                SyncAction::Send {
-                    stream: Stream::Meta,
-                    pkt,
-                    ..
-                } => {
-                    let pkt = self.wire(&pkt, &[])?;
-                    self.send_fwd(pkt);
-                }
-                SyncAction::Send { pkt, .. } => {
-                    // `P_RS_DEALLOCATED`, answering the read being handled.
-                    let vers = self
-                        .rs
-                        .read_ctx
-                        .clone()
-                        .ok_or("P_RS_DEALLOCATED outside a read")?;
-                    let pkt = self.wire(&pkt, &[])?;
-                    self.send_data(DataMsg::Rs {
-                        pkt,
-                        data: Vec::new(),
-                        vers,
-                    });
-                }
-                SyncAction::Read(RunRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose: ReadFor::Source { digest, zero_check },
-                }) => {
-                    let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
-                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
-                    let inc = self.inc;
-                    self.at(
-                        d,
-                        Ev::PRead(Box::new(ReadEv {
-                            tag,
-                            sector,
-                            len,
-                            digest,
-                            zero_check,
-                            fail,
-                            inc,
-                            run,
-                        })),
-                    );
-                }
-                other => return Err(format!("unexpected action of the SyncSource: {other:?}")),
+    /// Performs an action of the Primary's runs (it is only ever SyncSource).
+    pub(super) fn source_action(&mut self, a: Action) -> Result<(), String> {
+        match a {
+            Action::SendSync { pkt, .. } if !self.up => {
+                return Err(format!("SyncSource sent {pkt:?} while disconnected"));
             }
+            Action::SendSync {
+                pkt,
+                reply: Some(tag),
+                ..
+            } => {
+                let (sector, data, vers) = self
+                    .rs
+                    .p_reads
+                    .remove(&tag)
+                    .ok_or("data reply without a read buffer")?;
+                #[cfg(test)]
+                if self.rs.sabotage.source_claims_in_sync {
+                    let len = u32::try_from(data.len()).map_err(|e| e.to_string())?;
+                    let (runs, bm) = self.pn.runs_and_bitmap();
+                    runs.set_in_sync(bm, sector, len);
+                    let lie = crate::resync::SourceOutput::SendRsIsInSync { sector, len };
+                    let pkt = self.wire(&lie.packet().ok_or("no packet")?, &[])?;
+                    self.send_fwd(pkt);
+                    return Ok(());
+                }
+                let _ = sector;
+                let pkt = self.wire(&pkt, &data)?;
+                self.send_data(DataMsg::Rs { pkt, data, vers });
+            }
+            Action::SendSync {
+                stream: Stream::Meta,
+                pkt,
+                ..
+            } => {
+                let pkt = self.wire(&pkt, &[])?;
+                self.send_fwd(pkt);
+            }
+            Action::SendSync { pkt, .. } => {
+                // `P_RS_DEALLOCATED`, answering the read being handled.
+                let vers = self
+                    .rs
+                    .read_ctx
+                    .clone()
+                    .ok_or("P_RS_DEALLOCATED outside a read")?;
+                let pkt = self.wire(&pkt, &[])?;
+                self.send_data(DataMsg::Rs {
+                    pkt,
+                    data: Vec::new(),
+                    vers,
+                });
+            }
+            Action::SyncRead(RunRead {
+                run,
+                tag,
+                sector,
+                len,
+                purpose: ReadFor::Source { digest, zero_check },
+            }) => {
+                let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
+                let d = self.rs.rng.range(1, self.params.disk_delay.0);
+                let inc = self.inc;
+                self.at(
+                    d,
+                    Ev::PRead(Box::new(ReadEv {
+                        tag,
+                        sector,
+                        len,
+                        digest,
+                        zero_check,
+                        fail,
+                        inc,
+                        run,
+                    })),
+                );
+            }
+            other => return Err(format!("unexpected action of the SyncSource: {other:?}")),
         }
+        Ok(())
+    }
+
+    /// After the Primary's actions: requests parked while the source's queue was full
+    /// are delivered again once it has room.
+    pub(super) fn unpark_requests(&mut self) {
         if self.rs.back_parked > 0 && self.pn.runs.source_can_accept() {
             let gen = self.gen;
             for _ in 0..std::mem::take(&mut self.rs.back_parked) {
                 self.at(0, Ev::DeliverBack { gen });
             }
         }
-        Ok(())
     }
 
     /// A SyncSource read of the Primary's disk completed.
@@ -1426,9 +1415,17 @@ impl Sim {
         };
         self.rs.read_ctx = Some(vers.clone());
         self.rs.p_reads.insert(tag, (sector, data, vers));
-        self.p_call(|r, bm| r.source_read_done(bm, run, tag, outcome))
-            .map_err(|e| format!("source read_done: {e}"))?;
-        self.p_actions()?;
+        let purpose = ReadFor::Source { digest, zero_check };
+        self.node_step(
+            true,
+            Event::SyncReadDone {
+                run,
+                tag,
+                purpose,
+                outcome,
+            },
+        )?;
+        self.pump_primary()?;
         self.rs.p_reads.remove(&tag);
         self.rs.read_ctx = None;
         Ok(())
@@ -1475,97 +1472,91 @@ impl Sim {
 
     // ----- the SyncTarget ---------------------------------------------------------------
 
-    /// Performs the Secondary's runs' actions (it is only ever SyncTarget). Checks the
-    /// target's request bound whenever it asked for more.
-    fn s_actions(&mut self) -> Result<(), String> {
-        let mut asked = false;
-        for a in self.sn.runs.take_actions() {
-            match a {
-                SyncAction::Send { pkt, .. } if !self.up => {
-                    return Err(format!("SyncTarget sent {pkt:?} while disconnected"));
-                }
-                SyncAction::Send {
-                    stream: Stream::Resync,
-                    pkt,
-                    ..
-                } => {
-                    asked = true;
-                    self.report.rs_requests += 1;
-                    let pkt = self.wire(&pkt, &[])?;
-                    self.send_back(BackMsg::Rs(pkt));
-                }
-                SyncAction::Send { pkt, .. } => {
-                    let pkt = self.wire(&pkt, &[])?;
-                    self.send_meta(MetaMsg::Rs(pkt))?;
-                }
-                SyncAction::Read(RunRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose: ReadFor::TargetDigest,
-                }) => {
-                    asked = true;
-                    let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
-                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
-                    self.at(
-                        d,
-                        Ev::SRead {
-                            tag,
-                            sector,
-                            len,
-                            fail,
-                            run,
-                        },
-                    );
-                }
-                SyncAction::WriteZeroes {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                } => {
-                    let vers = self
-                        .rs
-                        .zero_vers
-                        .take()
-                        .ok_or("WriteZeroes outside P_RS_DEALLOCATED")?;
-                    if vers.len() != len as usize / SECTOR as usize {
-                        return Err("WriteZeroes of another size than the reply".into());
-                    }
-                    let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
-                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
-                    self.at(
-                        d,
-                        Ev::SRsWrite(Box::new(RsWriteEv {
-                            tag,
-                            sector,
-                            data: None,
-                            vers,
-                            fail,
-                            run,
-                        })),
-                    );
-                }
-                SyncAction::Release { write } => {
-                    self.report.held_by_resync += 1;
-                    self.peer_local_write(write)?;
-                }
-                SyncAction::WriteBack => self.s_write_back(),
-                SyncAction::Finished {
-                    run,
-                    summary,
-                    adopt,
-                } => self.target_finished(run, &summary, adopt),
-                other => return Err(format!("unexpected action of the SyncTarget: {other:?}")),
+    /// Performs an action of the Secondary's runs (it is only ever SyncTarget).
+    pub(super) fn target_action(&mut self, a: Action) -> Result<(), String> {
+        match a {
+            Action::SendSync { pkt, .. } if !self.up => {
+                return Err(format!("SyncTarget sent {pkt:?} while disconnected"));
             }
-        }
-        if asked {
-            if let Some(t) = self.sn.runs.target() {
-                let in_flight = t.progress(self.sn.primary.out_of_sync()).requests_in_flight;
-                if in_flight > self.rs.params.max_requests {
-                    return Err(format!("target has {in_flight} requests in flight"));
+            Action::SendSync {
+                stream: Stream::Resync,
+                pkt,
+                ..
+            } => {
+                self.report.rs_requests += 1;
+                let pkt = self.wire(&pkt, &[])?;
+                self.send_back(BackMsg::Rs(pkt));
+            }
+            Action::SendSync { pkt, .. } => {
+                let pkt = self.wire(&pkt, &[])?;
+                self.send_meta(MetaMsg::Rs(pkt))?;
+            }
+            Action::SyncRead(RunRead {
+                run,
+                tag,
+                sector,
+                len,
+                purpose: ReadFor::TargetDigest,
+            }) => {
+                let fail = self.rs.rng.chance(self.rs.params.read_fail_ppm);
+                let d = self.rs.rng.range(1, self.params.disk_delay.0);
+                self.at(
+                    d,
+                    Ev::SRead {
+                        tag,
+                        sector,
+                        len,
+                        fail,
+                        run,
+                    },
+                );
+            }
+            Action::SyncZeroes {
+                run,
+                tag,
+                sector,
+                len,
+            } => {
+                let vers = self
+                    .rs
+                    .zero_vers
+                    .take()
+                    .ok_or("WriteZeroes outside P_RS_DEALLOCATED")?;
+                if vers.len() != len as usize / SECTOR as usize {
+                    return Err("WriteZeroes of another size than the reply".into());
                 }
+                let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
+                let d = self.rs.rng.range(1, self.params.disk_delay.0);
+                self.at(
+                    d,
+                    Ev::SRsWrite(Box::new(RsWriteEv {
+                        tag,
+                        sector,
+                        data: None,
+                        vers,
+                        fail,
+                        run,
+                    })),
+                );
+            }
+            Action::BitmapWriteBack => self.s_write_back(),
+            Action::TargetFinished {
+                run,
+                summary,
+                adopt,
+            } => self.target_finished(run, &summary, adopt),
+            other => return Err(format!("unexpected action of the SyncTarget: {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// After the Secondary's actions: the target's requests in flight stay within its
+    /// bound.
+    pub(super) fn check_target_requests(&self) -> Result<(), String> {
+        if let Some(t) = self.sn.runs.target() {
+            let in_flight = t.requests_in_flight();
+            if in_flight > self.rs.params.max_requests {
+                return Err(format!("target has {in_flight} requests in flight"));
             }
         }
         Ok(())
@@ -1663,12 +1654,25 @@ impl Sim {
         run: u64,
     ) -> Result<(), String> {
         let first = usize::try_from(sector).map_err(|e| e.to_string())? * SECTOR as usize;
-        let digest = (!fail).then(|| Digest::of(&self.sdisk.cache[first..first + len as usize]));
-        self.sn
-            .runs
-            .digest_done(self.sn.primary.out_of_sync_mut(), run, tag, digest)
-            .map_err(|e| format!("target digest_done: {e}"))?;
-        self.s_actions()
+        let outcome = if fail {
+            ReadOutcome::Failed
+        } else {
+            ReadOutcome::Ok {
+                all_zero: false,
+                digest: Some(Digest::of(&self.sdisk.cache[first..first + len as usize])),
+            }
+        };
+        let purpose = ReadFor::TargetDigest;
+        self.node_step(
+            false,
+            Event::SyncReadDone {
+                run,
+                tag,
+                purpose,
+                outcome,
+            },
+        )?;
+        self.pump_secondary()
     }
 
     /// A resync write landed on the Secondary's disk. Checker 7, during the run: it
@@ -1701,11 +1705,15 @@ impl Sim {
                 *d = false;
             }
         }
-        self.sn
-            .runs
-            .write_done(self.sn.primary.out_of_sync_mut(), run, tag, !fail)
-            .map_err(|e| format!("target write_done: {e}"))?;
-        self.s_actions()
+        self.node_step(
+            false,
+            Event::SyncWriteDone {
+                run,
+                tag,
+                ok: !fail,
+            },
+        )?;
+        self.pump_secondary()
     }
 
     /// The Secondary's disk write of a replicated write, as the node's drain (or a
@@ -1750,8 +1758,7 @@ impl Sim {
         }
         let w = b.local_write(token);
         self.node_step(false, Event::WriteDone { w, ok: !fail })?;
-        self.pump_secondary()?;
-        self.s_actions()
+        self.pump_secondary()
     }
 
     // ----- split brain ------------------------------------------------------------------

@@ -20,9 +20,9 @@ use super::fresh::through_codec;
 use super::invalidate::damage;
 use super::rng::Rng;
 use super::{Sim, SECTORS};
-use crate::replica::{ReadFor, RunRead, SyncAction};
+use crate::replica::{Action, Event, Outcome, ReadFor, RunRead};
 use crate::request::SECTOR;
-use crate::resync::{Digest, Inbound, VerifyConfig, VerifyProgress};
+use crate::resync::{Digest, Inbound, ReadOutcome, VerifyConfig, VerifyProgress};
 use crate::state::ConnState;
 use crate::wire::{ff, Packet, WireCtx};
 use std::collections::VecDeque;
@@ -57,21 +57,23 @@ impl Sim {
         self.pn
             .start_verify(Some(VerifyConfig::new(SECTORS as u64)), true, &tick)
             .map_err(|e| format!("checker 16: verify refused: {e}"))?;
+        // The Secondary's side starts at the Primary's first request (the daemon sets
+        // this when a connection comes up).
+        self.sn.peer_started.verify = Some(VerifyConfig::new(SECTORS as u64));
         let (mut p, mut s) = (Side::default(), Side::default());
         for _ in 0..MAX_STEPS {
             self.now += TICK_MS;
             let (tp, ts) = (self.tick_input(true), self.tick_input(false));
-            self.pn.runs.tick(self.pn.primary.out_of_sync_mut(), &tp);
-            self.sn.runs.tick(self.sn.primary.out_of_sync_mut(), &ts);
+            self.verify_step(true, Event::SyncTick(tp), &mut p, &ctx)?;
+            self.verify_step(false, Event::SyncTick(ts), &mut s, &ctx)?;
             loop {
-                let mut moved = self.verify_actions(true, &mut p, &ctx)?;
-                moved |= self.verify_actions(false, &mut s, &ctx)?;
+                let mut moved = false;
                 if let Some(pkt) = p.out.pop_front() {
-                    self.verify_inbound(false, &pkt)?;
+                    self.verify_inbound(false, &pkt, &mut s, &ctx)?;
                     moved = true;
                 }
                 if let Some(pkt) = s.out.pop_front() {
-                    self.verify_inbound(true, &pkt)?;
+                    self.verify_inbound(true, &pkt, &mut p, &ctx)?;
                     moved = true;
                 }
                 if !moved {
@@ -100,68 +102,77 @@ impl Sim {
         self.check_in_sync()
     }
 
-    /// Performs one node's verify actions (`primary`: the Primary's); `true`: there
-    /// were some.
-    fn verify_actions(
+    /// Feeds `ev` to one node (`primary`: the Primary's) through its step and performs
+    /// the verify actions that follow, until there are none: packets go to the node's
+    /// side of the loop, reads of its disk complete at once.
+    fn verify_step(
         &mut self,
         primary: bool,
+        ev: Event,
         side: &mut Side,
         ctx: &WireCtx,
-    ) -> Result<bool, String> {
-        let node = if primary { &mut self.pn } else { &mut self.sn };
-        let actions = node.runs.take_actions();
-        let any = !actions.is_empty();
-        for a in actions {
-            match a {
-                SyncAction::Send { pkt, .. } => side.out.push_back(through_codec(&pkt, ctx)?),
-                SyncAction::Read(RunRead {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    purpose: ReadFor::Verify,
-                }) => {
-                    let (node, disk) = if primary {
-                        (&mut self.pn, &self.pdisk)
-                    } else {
-                        (&mut self.sn, &self.sdisk)
-                    };
-                    let first = usize::try_from(sector * u64::from(SECTOR)).unwrap_or(0);
-                    let len = len as usize;
-                    let digest = Digest::of(&disk.cache[first..first + len]);
-                    let (runs, bm) = node.runs_and_bitmap();
-                    runs.verify_digest_done(bm, run, tag, Some(digest))
-                        .map_err(|e| format!("checker 16: verify digest: {e}"))?;
+    ) -> Result<Outcome, String> {
+        let mut actions = Vec::new();
+        let (node, disk) = if primary {
+            (&mut self.pn, &self.pdisk)
+        } else {
+            (&mut self.sn, &self.sdisk)
+        };
+        let outcome = node
+            .step(ev, &mut actions)
+            .map_err(|e| format!("checker 16: {ev:?} refused: {e}"))?;
+        while !actions.is_empty() {
+            for a in std::mem::take(&mut actions) {
+                match a {
+                    Action::SendSync { pkt, .. } => side.out.push_back(through_codec(&pkt, ctx)?),
+                    Action::SyncRead(RunRead {
+                        run,
+                        tag,
+                        sector,
+                        len,
+                        purpose: purpose @ ReadFor::Verify,
+                    }) => {
+                        let first = usize::try_from(sector * u64::from(SECTOR)).unwrap_or(0);
+                        let digest = Digest::of(&disk.cache[first..first + len as usize]);
+                        let outcome = ReadOutcome::Ok {
+                            all_zero: false,
+                            digest: Some(digest),
+                        };
+                        let done = Event::SyncReadDone {
+                            run,
+                            tag,
+                            purpose,
+                            outcome,
+                        };
+                        node.step(done, &mut actions)
+                            .map_err(|e| format!("checker 16: verify digest: {e}"))?;
+                    }
+                    Action::VerifyFinished { progress, .. } => side.done = Some(progress),
+                    other => return Err(format!("checker 16: verify asked for {other:?}")),
                 }
-                SyncAction::VerifyFinished(progress) => {
-                    side.done = Some(progress);
-                    node_of(self, primary).verify_ended();
-                }
-                other => return Err(format!("checker 16: verify asked for {other:?}")),
             }
         }
-        Ok(any)
+        Ok(outcome)
     }
 
-    /// A verify packet arrives at a node (`primary`: the Primary).
-    fn verify_inbound(&mut self, primary: bool, pkt: &Packet) -> Result<(), String> {
+    /// A verify packet arrives at a node (`primary`: the Primary) whose side of the loop
+    /// is `side`.
+    fn verify_inbound(
+        &mut self,
+        primary: bool,
+        pkt: &Packet,
+        side: &mut Side,
+        ctx: &WireCtx,
+    ) -> Result<(), String> {
         let inbound = Inbound::from_packet(pkt)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("checker 16: {pkt:?} is no verify packet"))?;
-        let node = node_of(self, primary);
-        if let Inbound::OvRequest { sector, .. } = inbound {
-            let cfg = VerifyConfig {
-                start_sector: sector,
-                ..VerifyConfig::new(SECTORS as u64)
-            };
-            node.ensure_verify_peer(Some(cfg))?;
-            if !node.runs.verify_can_accept() {
-                return Err("checker 16: VerifyT's queue is full with its reads done".into());
-            }
+        let tick = self.tick_input(primary);
+        let ev = Event::SyncPacket { inbound, tick };
+        if self.verify_step(primary, ev, side, ctx)? == Outcome::Full {
+            return Err("checker 16: VerifyT's queue is full with its reads done".into());
         }
-        let (runs, bm) = node.runs_and_bitmap();
-        runs.inbound(bm, inbound)
-            .map_err(|e| format!("checker 16: {pkt:?} refused: {e}"))
+        Ok(())
     }
 
     /// Checker 16 at the end of verify.
@@ -190,13 +201,5 @@ impl Sim {
             ));
         }
         Ok(())
-    }
-}
-
-fn node_of(sim: &mut Sim, primary: bool) -> &mut crate::replica::Node {
-    if primary {
-        &mut sim.pn
-    } else {
-        &mut sim.sn
     }
 }

@@ -603,10 +603,7 @@ impl Volume {
 
     /// A resync write ended (`ok`): feed the target.
     fn resync_write_done(&self, run: u64, tag: u64, ok: bool) {
-        self.feed(|v, inner, fx| {
-            v.sync_write_done(inner, run, tag, ok);
-            v.drain_sync(inner, fx);
-        });
+        self.feed(|v, inner, fx| v.sync_write_done(inner, run, tag, ok, fx));
     }
 
     /// A core's local write ended (`ok`): feed the node, then the resync machines.
@@ -618,7 +615,6 @@ impl Volume {
             if matches!(w.side, Side::Peer { .. }) {
                 v.wake_if_idle(inner);
             }
-            v.drain_sync(inner, fx);
         });
     }
 

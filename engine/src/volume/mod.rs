@@ -1065,6 +1065,7 @@ impl Volume {
             inner.kill = Some(kill.clone());
             let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
             inner.node.connection_up(version, peer.role, peer.disk);
+            inner.node.peer_started = self.peer_started_runs(inner);
             let role = inner.node.sync_role(
                 agreed.sync,
                 self.sync.csums && peer.csums,
@@ -1090,7 +1091,7 @@ impl Volume {
             }
             inner.peer_verify = peer.verify;
             self.send_state(inner);
-            self.drain_sync(inner, &mut effects);
+            self.drain(inner, &mut effects);
             if inner.node.role == Role::Primary {
                 if let Err(e) = inner.node.primary.connected() {
                     tracing::error!("replication core refused the connection: {e}");
@@ -1570,26 +1571,13 @@ impl Volume {
                     kind,
                     dp_flags,
                 } => {
-                    let Some(link) = inner.link.as_ref() else {
-                        continue;
-                    };
                     let head = wire::DataHeader {
                         sector,
                         block_id,
                         seq_num: 0,
                         dp_flags,
                     };
-                    let data = match kind {
-                        WriteKind::Data => inner.pending.get(&id).and_then(|p| p.buf.clone()),
-                        WriteKind::Discard | WriteKind::Zeroes { .. } => None,
-                    };
-                    let zeroes = matches!(kind, WriteKind::Zeroes { .. });
-                    let sent_id = (self.protocol == Protocol::A).then_some(block_id);
-                    let sent = link.send_write(head, len, data, zeroes, sent_id);
-                    if Self::queued(inner, sent) {
-                        inner.bytes_replicated += u64::from(len);
-                        inner.peer_waits.sent(block_id, Instant::now());
-                    }
+                    self.send_write(inner, head, (id, len, kind));
                 }
                 Action::Send { stream, pkt } => {
                     Self::send(inner, stream, &pkt, None);
@@ -1624,9 +1612,60 @@ impl Volume {
                         fx.push(Effect::RenewForResync { session, target });
                     }
                 }
+                Action::SendSync { stream, pkt, reply } => {
+                    Self::send_sync(inner, stream, &pkt, reply);
+                }
+                Action::SyncRead(r) => fx.push(Effect::SyncRead(r)),
+                Action::SyncZeroes {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                } => fx.push(Effect::SyncWrite {
+                    run,
+                    tag,
+                    sector,
+                    len,
+                    data: None,
+                }),
+                Action::BitmapWriteBack => fx.push(Effect::SyncBitmap),
+                Action::TargetFinished {
+                    run,
+                    summary,
+                    adopt,
+                } => self.target_finished(inner, run, summary, adopt, fx),
+                Action::VerifyFinished {
+                    progress,
+                    crash_repaired,
+                } => self.verify_finished(inner, progress, crash_repaired),
             }
         }
         inner.actions = actions;
+    }
+
+    /// [`Action::SendWrite`]: this node's write `head` to the peer, with request `id`'s
+    /// data (none for a discard or zeroes), counted as sent.
+    fn send_write(
+        &self,
+        inner: &mut Inner,
+        head: wire::DataHeader,
+        (id, len, kind): (u64, u32, WriteKind),
+    ) {
+        let Some(link) = inner.link.as_ref() else {
+            return;
+        };
+        let data = match kind {
+            WriteKind::Data => inner.pending.get(&id).and_then(|p| p.buf.clone()),
+            WriteKind::Discard | WriteKind::Zeroes { .. } => None,
+        };
+        let zeroes = matches!(kind, WriteKind::Zeroes { .. });
+        let block_id = head.block_id;
+        let sent_id = (self.protocol == Protocol::A).then_some(block_id);
+        let sent = link.send_write(head, len, data, zeroes, sent_id);
+        if Self::queued(inner, sent) {
+            inner.bytes_replicated += u64::from(len);
+            inner.peer_waits.sent(block_id, Instant::now());
+        }
     }
 
     /// A core's write to the local disk with its data: the request's buffer (shared with

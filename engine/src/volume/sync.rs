@@ -51,11 +51,13 @@
 //! of ≤ 1 MiB) as in [`crate::resync`]; reply data is read under the receiver's
 //! [`super::PEER_DATA_BUDGET`]; held application writes ≤ the receiver's `max-buffers`.
 
-use super::{contract, Effect, Inner, Volume};
+use super::{Effect, Inner, Volume};
 use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
-use crate::replica::{Event, Node, ReadFor, SourceEnd, SyncAction, SyncRole, TargetEnd};
+use crate::replica::{
+    Event, Node, Outcome, PeerStartedRuns, ReadFor, SourceEnd, SyncRole, TargetEnd,
+};
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
     VerifyConfig, VerifyProgress,
@@ -296,15 +298,14 @@ impl Volume {
         }
     }
 
-    /// A peer's resync request before the source runs starts it.
-    fn ensure_source(&self, inner: &mut Inner) {
-        if inner.node.runs.source().is_some() {
-            return;
+    /// The runs the peer's first packet may start on this connection
+    /// ([`crate::replica::PeerStartedRuns`]): a source for an early resync request, this
+    /// node's side of the peer's verify (with verify-alg).
+    pub(super) fn peer_started_runs(&self, inner: &Inner) -> PeerStartedRuns {
+        PeerStartedRuns {
+            source: Some(self.source_config(inner)),
+            verify: self.verify_config(0),
         }
-        let cfg = self.source_config(inner);
-        let tick = self.tick_input(inner);
-        let r = inner.node.ensure_source(cfg, &tick);
-        self.source_started(r);
     }
 
     fn source_config(&self, inner: &Inner) -> SourceConfig {
@@ -339,7 +340,6 @@ impl Volume {
         self.drain(inner, fx);
         inner.peer_waits.clear();
         inner.rs_bufs.clear();
-        self.drain_sync(inner, fx);
         self.wake_if_idle(inner);
     }
 
@@ -520,13 +520,10 @@ impl Volume {
     /// run starts.
     pub(super) fn sync_tick(&self, session: u64) -> bool {
         let running = self.with_session(session, |v, inner, fx| {
-            let input = v.tick_input(inner);
-            let running = inner
-                .node
-                .runs
-                .tick(inner.node.primary.out_of_sync_mut(), &input);
-            v.drain_sync(inner, fx);
-            Ok(running)
+            let tick = v.tick_input(inner);
+            let outcome = Self::step(inner, Event::SyncTick(tick))?;
+            v.drain(inner, fx);
+            Ok(outcome == Outcome::Ticked { running: true })
         });
         matches!(running, Ok(Some(true)))
     }
@@ -546,33 +543,25 @@ impl Volume {
         ok
     }
 
-    /// A resync or verify packet without data, from either socket. Requests wait while
-    /// the source's queue is full.
+    /// A resync or verify packet without data, from either socket
+    /// ([`Event::SyncPacket`]). A request the run has no room for waits (the socket is
+    /// not read meanwhile) until a completion makes room.
     pub(super) async fn sync_inbound(&self, session: u64, inbound: Inbound) -> Result<(), String> {
         loop {
             let notified = self.accept.notified();
             let done = self.with_session(session, |v, inner, fx| {
-                match inbound {
-                    Inbound::RsRequest { .. } => {
-                        v.ensure_source(inner);
-                        if !inner.node.runs.source_can_accept() {
-                            return Ok(false);
-                        }
-                    }
-                    Inbound::OvRequest { sector, .. } => {
-                        v.ensure_verify_peer(inner, sector)?;
-                        if !inner.node.runs.verify_can_accept() {
-                            return Ok(false);
-                        }
-                    }
-                    _ => {}
+                let tick = v.tick_input(inner);
+                let clocked =
+                    inner.node.runs.source().is_some() || inner.node.runs.verify_running();
+                let outcome = Self::step(inner, Event::SyncPacket { inbound, tick })?;
+                if !clocked
+                    && (inner.node.runs.source().is_some() || inner.node.runs.verify_running())
+                {
+                    // The peer's packet started a run: the clock wakes for it.
+                    v.sync_run_started.notify_one();
                 }
-                inner
-                    .node
-                    .runs
-                    .inbound(inner.node.primary.out_of_sync_mut(), inbound)?;
-                v.drain_sync(inner, fx);
-                Ok(true)
+                v.drain(inner, fx);
+                Ok(outcome != Outcome::Full)
             })?;
             match done {
                 None | Some(true) => return Ok(()),
@@ -581,7 +570,7 @@ impl Volume {
         }
     }
 
-    /// `P_RS_DATA_REPLY` with its data.
+    /// `P_RS_DATA_REPLY` with its data ([`Event::SyncDataReply`]).
     pub(super) fn rs_data_reply(
         &self,
         session: u64,
@@ -590,8 +579,9 @@ impl Volume {
         data: PeerData,
     ) -> Result<(), String> {
         self.with_session(session, |v, inner, fx| {
-            let (runs, bm) = inner.node.runs_and_bitmap();
-            if let Some((run, tag)) = runs.data_reply(bm, sector, len)? {
+            if let Outcome::SyncWrite { run, tag } =
+                Self::step(inner, Event::SyncDataReply { sector, len })?
+            {
                 fx.push(Effect::SyncWrite {
                     run,
                     tag,
@@ -600,54 +590,36 @@ impl Volume {
                     data: Some(data),
                 });
             }
-            v.drain_sync(inner, fx);
+            v.drain(inner, fx);
             Ok(())
         })
         .map(|_| ())
     }
 
-    /// Performs the runs' actions (resync and online verify).
-    pub(super) fn drain_sync(&self, inner: &mut Inner, fx: &mut Vec<Effect>) {
-        for a in inner.node.runs.take_actions() {
-            match a {
-                SyncAction::Send { stream, pkt, reply } => {
-                    let data = match reply {
-                        Some(tag) => match inner.rs_bufs.remove(&tag) {
-                            Some(b) => Some(b),
-                            None => continue,
-                        },
-                        None => None,
-                    };
-                    Self::send_sync_packet(inner, stream, &pkt, data);
-                }
-                SyncAction::Read(r) => fx.push(Effect::SyncRead(r)),
-                SyncAction::WriteZeroes {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                } => fx.push(Effect::SyncWrite {
-                    run,
-                    tag,
-                    sector,
-                    len,
-                    data: None,
-                }),
-                SyncAction::Release { write } => fx.push(Self::local_write(inner, write)),
-                SyncAction::WriteBack => fx.push(Effect::SyncBitmap),
-                SyncAction::Finished {
-                    run,
-                    summary,
-                    adopt,
-                } => self.target_finished(inner, run, summary, adopt, fx),
-                SyncAction::VerifyFinished(p) => self.verify_finished(inner, p),
-            }
+    /// [`Action::SendSync`]: the packet, with the buffer of the source read `reply`
+    /// names (a reply whose buffer is gone is not sent: its read's run ended).
+    pub(super) fn send_sync(inner: &mut Inner, stream: Stream, pkt: &Packet, reply: Option<u64>) {
+        let data = match reply {
+            Some(tag) => match inner.rs_bufs.remove(&tag) {
+                Some(b) => Some(b),
+                None => return,
+            },
+            None => None,
+        };
+        let bytes = data.as_ref().map_or(0, |d| d.len() as u64);
+        if Self::send(inner, stream, pkt, data) {
+            inner.resync_bytes_sent += bytes;
         }
     }
 
     /// Online verify ended (either side): reported, and the connection is Connected
     /// again.
-    fn verify_finished(&self, inner: &mut Inner, p: VerifyProgress) {
+    pub(super) fn verify_finished(
+        &self,
+        inner: &mut Inner,
+        p: VerifyProgress,
+        crash_repaired: bool,
+    ) {
         tracing::info!(
             "online verify finished: {} of {} blocks out of sync{}",
             p.out_of_sync_blocks,
@@ -666,7 +638,7 @@ impl Volume {
             }),
         );
         inner.last_verify = Some(p);
-        if inner.node.verify_ended() {
+        if crash_repaired {
             self.crash_repaired();
         }
         self.send_state(inner);
@@ -685,7 +657,7 @@ impl Volume {
             self.sync_run_started.notify_one();
             self.send_state(inner);
             tracing::info!("online verify started");
-            self.drain_sync(inner, &mut fx);
+            self.drain(inner, &mut fx);
         }
         self.run(fx);
         Ok(())
@@ -700,30 +672,9 @@ impl Volume {
         })
     }
 
-    /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT) at its sector.
-    fn ensure_verify_peer(&self, inner: &mut Inner, sector: u64) -> Result<(), String> {
-        if inner.node.ensure_verify_peer(self.verify_config(sector))? {
-            tracing::info!("online verify started by the peer at sector {sector}");
-        }
-        Ok(())
-    }
-
-    /// Sends a resync or verify packet; counts the resync data sent.
-    fn send_sync_packet(
-        inner: &mut Inner,
-        stream: Stream,
-        pkt: &Packet,
-        data: Option<Arc<AlignedBuf>>,
-    ) {
-        let bytes = data.as_ref().map_or(0, |d| d.len() as u64);
-        if Self::send(inner, stream, pkt, data) {
-            inner.resync_bytes_sent += bytes;
-        }
-    }
-
     /// The target's run is over. With nothing left, the end is recorded on disk (data
     /// flushed, bitmap written, UUIDs adopted, consistent) before the disk says UpToDate.
-    fn target_finished(
+    pub(super) fn target_finished(
         &self,
         inner: &mut Inner,
         run: u64,
@@ -826,7 +777,8 @@ impl Volume {
         let _ = self.meta.stage(&[SbChange::ClearCrashedPrimary]);
     }
 
-    /// A resync read completed; the runs' actions are performed.
+    /// A resync read completed ([`Event::SyncReadDone`]); the runs' actions are
+    /// performed.
     pub(super) fn sync_read_done(
         &self,
         inner: &mut Inner,
@@ -835,45 +787,55 @@ impl Volume {
         fx: &mut Vec<Effect>,
     ) {
         let hole = matches!(read, ReadResult::Hole);
-        let (buf, digest, all_zero) = match read {
-            ReadResult::Data(d) => (Some(d.buf), d.digest, d.all_zero),
-            ReadResult::Hole => (None, None, true),
-            ReadResult::Failed => (None, None, false),
-        };
-        let (runs, bm) = inner.node.runs_and_bitmap();
-        match purpose {
-            ReadFor::Verify => contract(runs.verify_digest_done(bm, run, tag, digest)),
-            ReadFor::TargetDigest => contract(runs.digest_done(bm, run, tag, digest)),
-            ReadFor::Source { .. } => {
-                let outcome = if buf.is_some() || hole {
-                    ReadOutcome::Ok { all_zero, digest }
-                } else {
-                    ReadOutcome::Failed
-                };
-                if let Some(b) = buf {
+        let outcome = match read {
+            ReadResult::Data(d) => {
+                if matches!(purpose, ReadFor::Source { .. }) {
                     // Taken by the `P_RS_DATA_REPLY` this read may answer, dropped below
                     // otherwise.
-                    inner.rs_bufs.insert(tag, Arc::new(b));
+                    inner.rs_bufs.insert(tag, Arc::new(d.buf));
                 }
-                contract(runs.source_read_done(bm, run, tag, outcome));
-                if hole {
-                    inner.hole_reads_skipped += 1;
+                ReadOutcome::Ok {
+                    all_zero: d.all_zero,
+                    digest: d.digest,
                 }
             }
+            // (A hole has no digest: a digest read of one fails.)
+            ReadResult::Hole => ReadOutcome::Ok {
+                all_zero: true,
+                digest: None,
+            },
+            ReadResult::Failed => ReadOutcome::Failed,
+        };
+        let ev = Event::SyncReadDone {
+            run,
+            tag,
+            purpose,
+            outcome,
+        };
+        Self::feed_local(inner, ev);
+        if hole && matches!(purpose, ReadFor::Source { .. }) {
+            inner.hole_reads_skipped += 1;
         }
         // A source's reply to this read takes its buffer in the drain; an unused buffer is
         // dropped after it (`rs_bufs` holds buffers only during this call).
-        self.drain_sync(inner, fx);
+        self.drain(inner, fx);
         if matches!(purpose, ReadFor::Source { .. }) {
             inner.rs_bufs.remove(&tag);
         }
         self.wake_if_idle(inner);
     }
 
-    /// A resync write completed.
-    pub(super) fn sync_write_done(&self, inner: &mut Inner, run: u64, tag: u64, ok: bool) {
-        let (runs, bm) = inner.node.runs_and_bitmap();
-        contract(runs.write_done(bm, run, tag, ok));
+    /// A resync write completed ([`Event::SyncWriteDone`]).
+    pub(super) fn sync_write_done(
+        &self,
+        inner: &mut Inner,
+        run: u64,
+        tag: u64,
+        ok: bool,
+        fx: &mut Vec<Effect>,
+    ) {
+        Self::feed_local(inner, Event::SyncWriteDone { run, tag, ok });
+        self.drain(inner, fx);
         self.wake_if_idle(inner);
     }
 
@@ -962,7 +924,7 @@ impl Volume {
             let inner = &mut *g;
             inner.sync_paused = paused;
             inner.node.runs.set_paused(paused, self.now_ms());
-            self.drain_sync(inner, &mut fx);
+            self.drain(inner, &mut fx);
         }
         self.run(fx);
     }
