@@ -22,8 +22,9 @@
 //!   and what an abandoned one restores; the demotion's steps;
 //! - [`SyncRuns`]: the node's resync target and source — run ids, held writes, writes in
 //!   flight when a run starts, a run cut by a connection loss, the end of a run, the
-//!   stream class of each packet — taking one event at a time and returning
-//!   [`SyncAction`]s; `volume/sync.rs` and `sim/resync.rs` only perform them;
+//!   stream class of each packet — taking one event at a time (through [`Node::step`])
+//!   and returning [`SyncAction`]s, which the node's drain turns into its [`Action`]s;
+//!   `volume/sync.rs` and `sim/resync.rs` only perform them;
 //! - [`FlushRounds`]: a Secondary's epoch flushes merged into rounds, each request
 //!   satisfied only by a flush issued after it;
 //! - the handshake's decision (`handshake.rs`): what this node says of itself and what
@@ -36,9 +37,10 @@
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
 //!   check, a change in memory and the order of what the driver makes durable;
-//! - [`Node::step`] (`step.rs`): the one entry point for the write path's events — the
-//!   peer's writes, barriers, acks and barrier acks, protocol A's hand-off, a local
-//!   write or a flush round that ended — with who may send what, the Receiver's
+//! - [`Node::step`] (`step.rs`): the one entry point for the write path's and the
+//!   resync's events — the peer's writes, barriers, acks and barrier acks, protocol A's
+//!   hand-off, a local write or a flush round that ended, resync and verify packets, the
+//!   resync clock, a run's read or write that ended — with who may send what, the Receiver's
 //!   back-pressure, the marks for a Diskless peer's writes and the SyncTarget Primary's
 //!   `P_NEG_ACK` rule; its errors say whether the peer or the driver broke a rule;
 //! - a failed local write (`disk.rs`, [`Node::local_write_failed`]): DRBD's

@@ -2,16 +2,21 @@
 //! node's application writes, and the node's one out-of-sync bitmap), the [`Receiver`]
 //! (the peer's writes), the resync runs ([`SyncRuns`]) and the Secondary's merged flush
 //! rounds ([`FlushRounds`]). The daemon (`volume/`) and both nodes of the simulator
-//! (`sim/`) hold a [`Node`], feed it the write path's events through [`Node::step`]
-//! (`step.rs`) and the rest through the calls below, and call [`Node::drain`] after
-//! feeding a core; each only performs the [`Action`]s that come out, so the rules of
-//! the drain are one code:
+//! (`sim/`) hold a [`Node`], feed it the write path's and the resync's events through
+//! [`Node::step`] (`step.rs`) and the rest through the calls below, and call
+//! [`Node::drain`] after a call that is not a step; each only performs the [`Action`]s
+//! that come out, so the rules of the drain are one code:
 //!
 //! - **Writes the runs hold.** Every local write of either core is shown to the runs
 //!   before it is submitted ([`SyncRuns::primary_write_begin`] /
-//!   [`SyncRuns::peer_write_begin`]); a SyncTarget holds an overlapping one, which then
-//!   comes back as [`super::SyncAction::Release`] carrying the same [`LocalWrite`]. A retired
-//!   write of this node ends its tracking ([`SyncRuns::primary_write_retired`]).
+//!   [`SyncRuns::peer_write_begin`]); a SyncTarget holds an overlapping one, which the
+//!   runs later release: it comes out of the drain as the same [`Action::LocalWrite`]. A
+//!   retired write of this node ends its tracking ([`SyncRuns::primary_write_retired`]).
+//! - **The runs' actions** come after the cores' in each drain (a retirement or a
+//!   completion may release a write the runs hold): resync packets on their stream class
+//!   ([`Action::SendSync`]), reads and zero writes of a run, the lazy bitmap write-back,
+//!   a target's end; the end of an online verify brings the connection back to
+//!   Connected here ([`Action::VerifyFinished`]), not in the driver.
 //! - **Flush rounds.** The Receiver's epoch flushes are merged ([`FlushRounds`]): one
 //!   [`Action::FlushRound`] per round, not one flush per epoch.
 //! - **Stream classes.** A barrier goes on the data stream behind its epoch's writes;
@@ -37,8 +42,8 @@
 //!   [`PeerDisk`]), the decision on the peer's state change requests
 //!   ([`Node::peer_request`]) and this node's `P_STATE` ([`Node::state_packet`]).
 //!
-//! The bitmap has one owner, the Primary core; the runs borrow it inside each call
-//! ([`Node::runs_and_bitmap`]), never across one.
+//! The bitmap has one owner, the Primary core; the runs borrow it inside each call of
+//! the node, never across one.
 //!
 //! Contract: a driver feeds each completion once, with the handle an action carried;
 //! the driver's own buffers (request data, peer data) are keyed by the ids in

@@ -1,11 +1,13 @@
-//! The node's one entry point for the events of the write path: [`Node::step`] takes one
-//! [`Event`] — a request of the application, a packet of the peer's write path (its
-//! writes and barriers on the data stream, its acks and barrier acks on the meta stream),
-//! the peer's state, state change requests and live `P_OUT_OF_SYNC`, protocol A's
-//! hand-off to the network, a local write or a flush round that ended, the connection's
-//! loss — and appends the [`Action`]s it leads to. The daemon (`volume/`) and both nodes of the
-//! simulator (`sim/`) feed these events through it and nothing else, so the rules on
-//! them are one code:
+//! The node's one entry point for the events of the write path and of resync:
+//! [`Node::step`] takes one [`Event`] — a request of the application, a packet of the
+//! peer's write path (its writes and barriers on the data stream, its acks and barrier
+//! acks on the meta stream), the peer's state, state change requests and live
+//! `P_OUT_OF_SYNC`, protocol A's hand-off to the network, a local write or a flush round
+//! that ended, the connection's loss; a resync or online-verify packet, the data of a
+//! `P_RS_DATA_REPLY`, the resync clock, a run's read or write that ended — and appends
+//! the [`Action`]s it leads to (the runs' among them, [`Node::drain`]). The daemon
+//! (`volume/`) and both nodes of the simulator (`sim/`) feed these events through it and
+//! nothing else, so the rules on them are one code:
 //!
 //! - **Admission.** The application's requests are taken only by a Primary
 //!   ([`Outcome::ReadOnly`]) and only while the core has room ([`Outcome::Full`]: the
@@ -39,6 +41,14 @@
 //!   peer disk as from its `P_STATE`, a full resync (the peer's `invalidate` or
 //!   `invalidate-remote`) or one that became due renews the connection once the reply
 //!   has left ([`Action::RenewForResync`]: tandem decides a resync at the handshake).
+//! - **Resync and verify packets.** A resync request that comes before the
+//!   handshake's start (a kernel peer may send one first) starts the source, the peer's
+//!   first `P_OV_REQUEST` this node's side of its verify, each configured by
+//!   [`super::PeerStartedRuns`] (none: the peer's error); a request the run has no room
+//!   for is not taken ([`Outcome::Full`]: the driver stops reading and feeds it again
+//!   after a completion). A packet no run expects is the peer's error. The data of a
+//!   `P_RS_DATA_REPLY` is written only when the target says so
+//!   ([`Outcome::SyncWrite`]; a reply an application write overtook is void).
 //! - **A connection loss.** The runs are cut before the cores let go of the peer
 //!   ([`Node::connection_lost`]); an online verify it interrupts is reported
 //!   ([`Action::VerifyInterrupted`]); a Primary that loses its peer's disk starts a

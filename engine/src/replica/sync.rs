@@ -2,8 +2,10 @@
 //! an online verify ([`VerifySource`] or [`VerifyPeer`]) — under which run id, the
 //! application writes a target holds, the end of a run, and how the machines' outputs
 //! become actions. The daemon (`volume/sync.rs`) and the simulator (`sim/resync.rs`)
-//! both drive this type; each only performs the actions and feeds completions back, so
-//! the rules below are checked by the simulator's seeds, not only by integration tests.
+//! both reach this type through their node ([`super::Node::step`]'s resync events; the
+//! node's drain turns [`SyncAction`]s into its actions); each only performs the actions
+//! and feeds completions back, so the rules below are checked by the simulator's seeds,
+//! not only by integration tests.
 //!
 //! The rules that live here:
 //!

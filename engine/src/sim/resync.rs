@@ -11,26 +11,28 @@
 //! SyncSource then sends `P_SYNC_UUID` and starts a source, the SyncTarget a target —
 //! each node in its own [`SyncRuns`], the daemon's type: its rules (run ids, held writes,
 //! writes in flight at the start, the failed-write rule, the end of a run, stream
-//! classes) are the daemon's, and this file only performs its actions (`p_actions`,
-//! `s_actions`) with the simulated disks and streams. Every resync packet goes through
-//! the codec and travels one of four ordered streams (Primary→Secondary data and meta,
-//! Secondary→Primary data and meta) by its stream class, with the network's delays; a
-//! connection loss drops what is in flight, ends both runs (their IO completes into
-//! nothing) and the next connection resumes from the bitmaps and the target's resume
-//! position.
+//! classes) are the daemon's. Each node's resync events enter through
+//! [`Node::step`] as the daemon's do (a packet, a reply's data, the clock, a read or
+//! write that ended), and this file only performs the actions its drain returns
+//! (`source_action`, `target_action`) with the simulated disks and streams. Every resync
+//! packet goes through the codec and travels one of four ordered streams
+//! (Primary→Secondary data and meta, Secondary→Primary data and meta) by its stream
+//! class, with the network's delays; a connection loss drops what is in flight, ends
+//! both runs (their IO completes into nothing) and the next connection resumes from the
+//! bitmaps and the target's resume position.
 //!
 //! The Primary node's bitmap is its core's (`Primary::out_of_sync`), as in the daemon:
 //! the core marks (a write started while disconnected, a failed local write, a
 //! `P_NEG_ACK`, every write not barrier-acked at a connection loss), the exchange
 //! OR-merges the peer's bitmap into it, and the runs clear what the source's acks say
-//! (`p_call` lends it to them). A restart loads it from the metadata device. A mirror of
-//! the transfer log (`p_tl`) checks the Secondary's barrier acks and `P_NEG_ACK`s
-//! against what was sent. One rule the simulator found necessary: a block whose local
-//! write failed on the Primary during this connection is not cleared by a resync ack
-//! ([`crate::replica::FailedLocal`], inside the runs): the reply may have been read before
-//! the failure left garbage there, and the SyncTarget does not know of the failure (DRBD
-//! detaches the disk on such an error; the Primary core marks the block and goes on). It
-//! is resynced after the next handshake.
+//! (the node lends it to them inside each step). A restart loads it from the metadata
+//! device. A mirror of the transfer log (`p_tl`) checks the Secondary's barrier acks and
+//! `P_NEG_ACK`s against what was sent. One rule the simulator found necessary: a block
+//! whose local write failed on the Primary during this connection is not cleared by a
+//! resync ack ([`crate::replica::FailedLocal`], inside the runs): the reply may have been
+//! read before the failure left garbage there, and the SyncTarget does not know of the
+//! failure (DRBD detaches the disk on such an error; the Primary core marks the block and
+//! goes on). It is resynced after the next handshake.
 //!
 //! Application writes during a resync: on the Primary every local write is reported to
 //! the source from its submission to its local completion; on the Secondary every

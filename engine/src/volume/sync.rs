@@ -24,13 +24,17 @@
 //!    online verify's side) live there, shared with the simulator. The bitmap stays the
 //!    Primary core's (the node has one); the runs borrow it per call.
 //!
-//! This file is the runs' IO driver: every 100 ms [`Volume::sync_tick`] (the clock
-//! sleeps while no run needs it); resync packets from both sockets go to
-//! [`Volume::sync_inbound`] / [`Volume::rs_data_reply`] (through `net::Replica::peer_event`);
-//! [`Volume::drain_sync`] performs the runs' actions: packets on their stream class,
-//! reads and writes as effects like any other local IO, tagged with their run (a
-//! completion from an earlier run is dropped by the runs and its bits stay set), the
-//! lazy bitmap write-out, the end of a run. A new connection waits until the runs are
+//! This file is the runs' IO driver. Their events are steps of the node
+//! ([`crate::replica::Event`]): every 100 ms [`Volume::sync_tick`] (the clock sleeps while
+//! no run needs it); resync packets from both sockets through
+//! [`Volume::sync_inbound`] / [`Volume::rs_data_reply`] (through
+//! `net::Replica::peer_event`); a run's read or write that ended. The volume's drain
+//! performs the runs' actions with the cores' ([`Volume::send_sync`] for packets on
+//! their stream class; reads and writes as effects like any other local IO, tagged with
+//! their run — a completion from an earlier run is dropped by the runs and its bits stay
+//! set; the lazy bitmap write-out; the end of a run or a verify). At connection up the
+//! volume tells the node how a run the peer starts is configured
+//! ([`Volume::peer_started_runs`]). A new connection waits until the runs are
 //! idle ([`Volume::wait_sync_io_idle`], ≤ [`SYNC_IO_DRAIN`]), so an old resync write can
 //! never land over a newer write of the next connection.
 //!
@@ -596,8 +600,8 @@ impl Volume {
         .map(|_| ())
     }
 
-    /// [`Action::SendSync`]: the packet, with the buffer of the source read `reply`
-    /// names (a reply whose buffer is gone is not sent: its read's run ended).
+    /// [`crate::replica::Action::SendSync`]: the packet, with the buffer of the source
+    /// read `reply` names (a reply whose buffer is gone is not sent: its read's run ended).
     pub(super) fn send_sync(inner: &mut Inner, stream: Stream, pkt: &Packet, reply: Option<u64>) {
         let data = match reply {
             Some(tag) => match inner.rs_bufs.remove(&tag) {
