@@ -32,14 +32,25 @@
 //!   between the two (the driver queues them, then `P_SYNC_UUID`, ahead of every
 //!   replicated write, under the one lock). Before this, a write in that window stayed
 //!   out of sync on a Connected pair with no resync to repair it.
+//! - **The connection's start** ([`Up`], [`super::Event::ConnectionUp`]): once the
+//!   handshake and the exchange it decided are done, the node learns the connection, the
+//!   run starts (a target told of every write on the disk, paused if the operator paused
+//!   resync; a source) or the connection is Connected (a crash of this node as Primary
+//!   is repaired there: [`super::Action::CrashRepaired`]), this node's `P_STATE` goes
+//!   out, and a Primary's core replicates from then on — in both drivers at the same
+//!   point: the daemon when its exchange is done, each simulated node when its own is
+//!   (the SyncSource at the target's bitmap, the SyncTarget at `P_SYNC_UUID`). A run the
+//!   peer's parameters make impossible is the peer's error.
 //! - **A changed node.** The peer decides on what this node sent. If this node's UUIDs,
 //!   role, disk or flags changed since (a promotion raced the handshake), the two
 //!   decisions could differ: [`Node::agree`] refuses, and the driver connects again.
 //!
 //! Bounds: one call per handshake; the messages are a few hundred bytes.
 
-use super::Node;
+use super::step::StepError;
+use super::{Action, Node};
 use crate::request::{OutOfSync, BLOCK_SIZE, SECTOR};
+use crate::resync::{SourceConfig, TargetConfig, TickInput};
 use crate::state::uuid::{
     sync_handshake, Handshake, HandshakeCtx, HandshakeOutcome, HandshakeSide, SplitBrainPolicy,
     SplitBrainResolution, UuidSide, UUID_JUST_CREATED,
@@ -254,6 +265,55 @@ impl Node {
             oos.mark_all();
         }
         oos
+    }
+}
+
+/// The run a connection starts, as its handshake decided it ([`Node::sync_role`]) and the
+/// driver configured it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RunStart {
+    /// SyncTarget over the merged bitmap.
+    Target(TargetConfig),
+    /// SyncSource.
+    Source(SourceConfig),
+}
+
+/// A connection whose handshake, and the bitmap exchange it decided, are done
+/// ([`super::Event::ConnectionUp`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Up {
+    /// The protocol version agreed.
+    pub(crate) version: u32,
+    /// The peer's role and disk as its handshake said.
+    pub(crate) peer_role: Role,
+    pub(crate) peer_disk: DiskState,
+    /// The run it starts; `None`: Connected.
+    pub(crate) run: Option<RunStart>,
+    pub(crate) tick: TickInput,
+}
+
+impl Node {
+    /// A connection is up (see the module docs, "the connection's start").
+    pub(super) fn up(&mut self, up: Up, out: &mut Vec<Action>) -> Result<(), StepError> {
+        self.connection_up(up.version, up.peer_role, up.peer_disk);
+        let started = match up.run {
+            Some(RunStart::Target(cfg)) => self.start_target(cfg, &up.tick).map(|_| ()),
+            Some(RunStart::Source(cfg)) => self.start_source(cfg, &up.tick),
+            None => {
+                if self.reached_connected() {
+                    out.push(Action::CrashRepaired);
+                }
+                Ok(())
+            }
+        };
+        started.map_err(|e| StepError::Peer(format!("cannot start the resync: {e}")))?;
+        self.push_state(out);
+        if self.role == Role::Primary {
+            self.primary
+                .connected()
+                .map_err(|e| StepError::core("the connection's start", e))?;
+        }
+        Ok(())
     }
 }
 

@@ -39,8 +39,9 @@
 //!   check, a change in memory and the order of what the driver makes durable;
 //! - [`Node::step`] (`step.rs`): the one entry point for the write path's and the
 //!   resync's events — the peer's writes, barriers, acks and barrier acks, protocol A's
-//!   hand-off, a local write or a flush round that ended, resync and verify packets, the
-//!   resync clock, a run's read or write that ended — with who may send what, the Receiver's
+//!   hand-off, a local write or a flush round that ended, the connection's start and
+//!   loss, resync and verify packets, the resync clock, a run's read or write that
+//!   ended — with who may send what, the Receiver's
 //!   back-pressure, the marks for a Diskless peer's writes and the SyncTarget Primary's
 //!   `P_NEG_ACK` rule; its errors say whether the peer or the driver broke a rule;
 //! - a failed local write (`disk.rs`, [`Node::local_write_failed`]): DRBD's
@@ -64,7 +65,7 @@ pub(crate) use disk::DiskFailure;
 pub(crate) use durable::Durable;
 pub(crate) use failed::FailedLocal;
 pub(crate) use flush::FlushRounds;
-pub(crate) use handshake::SyncRole;
+pub(crate) use handshake::{RunStart, SyncRole, Up};
 pub(crate) use node::{
     Action, LocalWrite, Node, PeerDisk, PeerStartedRuns, Side, SourceEnd, TargetEnd,
 };

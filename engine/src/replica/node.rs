@@ -184,6 +184,9 @@ pub(crate) enum Action {
         progress: VerifyProgress,
         crash_repaired: bool,
     },
+    /// The connection reached Connected and that cleared the crashed-Primary flag
+    /// ([`Node::reached_connected`]): record it durably.
+    CrashRepaired,
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).
@@ -245,7 +248,7 @@ impl SourceEnd {
 /// handshake's start (a kernel peer may send one first), this node's side of the peer's
 /// online verify. `None`: such a packet is the peer's error (a verify: verify-alg is
 /// not set here).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct PeerStartedRuns {
     pub(crate) source: Option<SourceConfig>,
     /// Its `start_sector` is the peer's first request's.

@@ -3,7 +3,7 @@
 //! peer's write path (its writes and barriers on the data stream, its acks and barrier
 //! acks on the meta stream), the peer's state, state change requests and live
 //! `P_OUT_OF_SYNC`, protocol A's hand-off to the network, a local write or a flush round
-//! that ended, the connection's loss; a resync or online-verify packet, the data of a
+//! that ended, the connection's start and loss; a resync or online-verify packet, the data of a
 //! `P_RS_DATA_REPLY`, the resync clock, a run's read or write that ended — and appends
 //! the [`Action`]s it leads to (the runs' among them, [`Node::drain`]). The daemon
 //! (`volume/`) and both nodes of the simulator (`sim/`) feed these events through it and
@@ -41,6 +41,9 @@
 //!   peer disk as from its `P_STATE`, a full resync (the peer's `invalidate` or
 //!   `invalidate-remote`) or one that became due renews the connection once the reply
 //!   has left ([`Action::RenewForResync`]: tandem decides a resync at the handshake).
+//! - **The connection's start** ([`Up`]): once the handshake and the bitmap exchange are
+//!   done, the run starts or the node is Connected, its `P_STATE` goes out, a Primary
+//!   replicates (`handshake.rs`'s module docs).
 //! - **Resync and verify packets.** A resync request that comes before the
 //!   handshake's start (a kernel peer may send one first) starts the source, the peer's
 //!   first `P_OV_REQUEST` this node's side of its verify, each configured by
@@ -67,7 +70,7 @@
 //! barrier ack at most for a peer write; for a completion, the writes it frees — at most
 //! the cores' in-flight limits).
 
-use super::{Action, LocalWrite, Node, PeerDisk, ReadFor};
+use super::{Action, LocalWrite, Node, PeerDisk, ReadFor, Up};
 use crate::net::Stream;
 use crate::request::{Error, PeerWrite, WriteKind};
 use crate::resync::{Inbound, ReadOutcome, TickInput, VerifyConfig};
@@ -153,6 +156,9 @@ pub(crate) enum Event {
     },
     /// A run's write ([`Action::SyncZeroes`], or [`Outcome::SyncWrite`]'s) ended.
     SyncWriteDone { run: u64, tag: u64, ok: bool },
+    /// The connection's handshake, and the bitmap exchange it decided, are done
+    /// ([`Up`]).
+    ConnectionUp(Up),
 }
 
 /// What [`Node::step`] did with an event.
@@ -208,7 +214,7 @@ impl std::fmt::Display for StepError {
 
 impl StepError {
     /// A core's error on `what`: `Invalid` is the driver's, the rest the peer's.
-    fn core(what: &str, e: Error) -> StepError {
+    pub(super) fn core(what: &str, e: Error) -> StepError {
         match e {
             Error::Invalid(_) => StepError::Contract(format!("{what}: {e}")),
             Error::Busy | Error::Protocol(_) => StepError::Peer(format!("{what}: {e}")),
@@ -299,6 +305,10 @@ impl Node {
                 outcome,
             } => self.sync_read_done((run, tag, purpose), outcome)?,
             Event::SyncWriteDone { run, tag, ok } => self.sync_write_done(run, tag, ok)?,
+            Event::ConnectionUp(up) => {
+                self.up(up, out)?;
+                Outcome::Done
+            }
         };
         self.drain(out);
         Ok(outcome)
@@ -310,7 +320,7 @@ impl Node {
         match inbound {
             Inbound::RsRequest { .. } => {
                 if self.runs.source().is_none() {
-                    if let Some(cfg) = self.peer_started.source.clone() {
+                    if let Some(cfg) = self.peer_started.source {
                         self.ensure_source(cfg, tick).map_err(|e| {
                             StepError::Peer(format!("cannot start the resync source: {e}"))
                         })?;
@@ -321,7 +331,7 @@ impl Node {
                 }
             }
             Inbound::OvRequest { sector, .. } => {
-                let cfg = self.peer_started.verify.clone().map(|c| VerifyConfig {
+                let cfg = self.peer_started.verify.map(|c| VerifyConfig {
                     start_sector: sector,
                     ..c
                 });
@@ -564,12 +574,12 @@ impl Node {
 mod tests {
     use super::{Event, Io, Outcome, StepError};
     use crate::net::Stream;
-    use crate::replica::{Action, Node, Side};
+    use crate::replica::{Action, Node, RunStart, Side, Up};
     use crate::request::{PeerWrite, WriteKind};
     use crate::resync::{Inbound, ReadOutcome, RequestKind, SourceConfig, TargetConfig, TickInput};
     use crate::state::uuid::UuidSet;
     use crate::state::{ConnState, DiskState, Role};
-    use crate::wire::{self, dp, Command};
+    use crate::wire::{self, dp, Command, Packet};
 
     const SECTORS: u64 = 2048;
 
@@ -788,6 +798,95 @@ mod tests {
             .collect();
         assert_eq!(released, [Side::Peer { token }]);
         assert_eq!(n.released, 1);
+    }
+
+    fn up(peer_role: Role, peer_disk: DiskState, run: Option<RunStart>) -> Event {
+        Event::ConnectionUp(Up {
+            version: 101,
+            peer_role,
+            peer_disk,
+            run,
+            tick: TickInput::default(),
+        })
+    }
+
+    /// A connection's start with a target run: the node is SyncTarget, the target starts
+    /// paused while the operator paused resync (asking for nothing), and the node's
+    /// `P_STATE` goes out. A peer whose parameters make the run impossible is refused.
+    #[test]
+    fn a_connection_up_starts_the_run_paused_while_paused() {
+        let mut n = node(Role::Secondary);
+        n.disk = DiskState::Inconsistent;
+        n.primary.out_of_sync_mut().mark(0, 4096);
+        let mut out = Vec::new();
+        let bad = TargetConfig {
+            max_bio_size: 0,
+            ..TargetConfig::new(SECTORS)
+        };
+        let e = peer_error(n.step(
+            up(
+                Role::Primary,
+                DiskState::UpToDate,
+                Some(RunStart::Target(bad)),
+            ),
+            &mut out,
+        ));
+        assert!(e.contains("cannot start the resync"), "{e}");
+        n.runs.set_paused(true, 0);
+        out.clear();
+        let run = Some(RunStart::Target(TargetConfig::new(SECTORS)));
+        n.step(up(Role::Primary, DiskState::UpToDate, run), &mut out)
+            .unwrap();
+        assert_eq!(n.conn, ConnState::SyncTarget);
+        let t = n.runs.target().unwrap();
+        assert!(
+            t.progress(n.primary.out_of_sync()).paused,
+            "paused from the start"
+        );
+        assert!(
+            matches!(
+                &out[..],
+                [Action::Send {
+                    stream: Stream::Data,
+                    pkt: Packet::State(_)
+                }]
+            ),
+            "{out:?}"
+        );
+        let later = TickInput {
+            now_ms: 1_000,
+            ..TickInput::default()
+        };
+        out.clear();
+        n.step(Event::SyncTick(later), &mut out).unwrap();
+        assert!(out.is_empty(), "a paused target asks for nothing: {out:?}");
+    }
+
+    /// A connection's start without a run: Connected; a crash of this node as Primary
+    /// is repaired once; a Primary replicates its writes from then on.
+    #[test]
+    fn a_connection_up_without_a_run_is_connected_and_replicates() {
+        let mut n = node(Role::Primary);
+        n.crashed_primary = true;
+        let mut out = Vec::new();
+        n.step(up(Role::Secondary, DiskState::UpToDate, None), &mut out)
+            .unwrap();
+        assert_eq!(n.conn, ConnState::Connected);
+        assert!(matches!(out[0], Action::CrashRepaired), "{out:?}");
+        assert!(!n.crashed_primary);
+        out.clear();
+        let io = Io::Write {
+            sector: 0,
+            len: 4096,
+            kind: WriteKind::Data,
+            fua: false,
+        };
+        n.step(Event::Request { id: 1, io }, &mut out).unwrap();
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::SendWrite { id: 1, .. })),
+            "the write goes to the peer: {out:?}"
+        );
     }
 
     /// Writes applied while the peer is Diskless are out of sync here; before, not.

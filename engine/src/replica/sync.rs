@@ -176,6 +176,9 @@ pub(crate) struct SyncRuns<H> {
     failed: FailedLocal,
     /// Application writes the target could not track (their ranges resync again).
     untracked: u64,
+    /// The operator paused resync (`pause-sync`): a target, and each one started while
+    /// paused, requests nothing until `resume-sync`.
+    paused: bool,
     out: Vec<SyncAction<H>>,
     /// Deliberate bugs for the simulator's sabotage tests, given to each new target.
     #[cfg(test)]
@@ -197,6 +200,7 @@ impl<H> Default for SyncRuns<H> {
             finishing: None,
             failed: FailedLocal::default(),
             untracked: 0,
+            paused: false,
             out: Vec::new(),
             #[cfg(test)]
             target_sabotage: Default::default(),
@@ -210,6 +214,11 @@ impl<H> SyncRuns<H> {
     fn new_run(&mut self) -> u64 {
         self.last_run += 1;
         self.last_run
+    }
+
+    /// Whether the operator paused resync.
+    pub(crate) fn paused(&self) -> bool {
+        self.paused
     }
 
     /// No resync IO in flight and no end being recorded: a new connection may start.
@@ -299,7 +308,6 @@ impl<H> SyncRuns<H> {
             .map(|(tag, sector, len)| (primary_id(tag), sector, len));
         let in_flight = primary.chain(peer);
         cfg.start_block = self.resume_block;
-        #[allow(unused_mut)]
         let mut t = Target::new(cfg, bm, tick)?;
         if let Some(old) = self.target.take() {
             // A cut run whose IO outlived the driver's wait: its completions are dropped
@@ -313,6 +321,9 @@ impl<H> SyncRuns<H> {
         #[cfg(test)]
         {
             t.sabotage = self.target_sabotage;
+        }
+        if self.paused {
+            t.pause(tick.now_ms);
         }
         for (id, sector, len) in in_flight {
             // A new target holds nothing: nothing of it is being written yet.
@@ -360,8 +371,9 @@ impl<H> SyncRuns<H> {
         }
     }
 
-    /// Pauses or resumes the target.
+    /// Pauses or resumes the target, and every target started until resumed.
     pub(crate) fn set_paused(&mut self, paused: bool, now_ms: u64) {
+        self.paused = paused;
         if let Some(r) = self.live() {
             if paused {
                 r.t.pause(now_ms);

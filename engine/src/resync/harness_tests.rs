@@ -926,7 +926,7 @@ fn walk_merges_aligned_within_extents_and_max_bio() {
     cfg.rate.c_plan_ahead = 0;
     cfg.rate.resync_rate = 8 << 20; // budget far above what is set
     cfg.rate.max_buffers = 131_072;
-    let mut t = Target::new(cfg.clone(), &bm, &TickInput::default()).unwrap();
+    let mut t = Target::new(cfg, &bm, &TickInput::default()).unwrap();
     t.tick(&bm, &TickInput::default());
     let got: Vec<(u64, u64)> = t
         .drain_outputs()
@@ -955,7 +955,7 @@ fn walk_merges_aligned_within_extents_and_max_bio() {
     );
     // Thin: requests stop at exactly the granularity (8 KiB) and go as P_RS_THIN_REQ.
     cfg.thin_granularity = 8192;
-    let mut t = Target::new(cfg.clone(), &bm, &TickInput::default()).unwrap();
+    let mut t = Target::new(cfg, &bm, &TickInput::default()).unwrap();
     t.tick(&bm, &TickInput::default());
     let outs: Vec<TargetOutput> = t.drain_outputs().collect();
     assert!(outs.iter().all(|o| match o {
@@ -1457,7 +1457,7 @@ impl VerifyHarness {
             seq: 0,
             events: BTreeMap::new(),
             ctx: WireCtx::new(101, ff::PRO_FEATURES_84).unwrap(),
-            vs: VerifySource::new(cfg.clone(), &TickInput::default()).unwrap(),
+            vs: VerifySource::new(cfg, &TickInput::default()).unwrap(),
             vp: VerifyPeer::new(cfg).unwrap(),
             abm: OutOfSync::new(SECTORS),
             bbm: OutOfSync::new(SECTORS),

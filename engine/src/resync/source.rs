@@ -43,7 +43,7 @@ use super::slab::Slab;
 use super::{check_peer_range, overlaps, Digest, Error, ExtentCounts, TickInput};
 
 /// Configuration of a [`Source`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SourceConfig {
     /// Volume size in sectors.
     pub sectors: u64,

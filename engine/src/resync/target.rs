@@ -94,7 +94,7 @@ use crate::wire::DRBD_MAX_BIO_SIZE;
 pub const MAX_FAILED_RANGES: usize = 65_536;
 
 /// Configuration of a [`Target`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetConfig {
     /// Volume size in sectors (the bitmap's).
     pub sectors: u64,

@@ -38,7 +38,7 @@ use crate::request::SECTOR;
 pub const MAX_REPORTED_RANGES: usize = 4096;
 
 /// Configuration of a [`VerifySource`] or a [`VerifyPeer`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifyConfig {
     /// Volume size in sectors.
     pub sectors: u64,

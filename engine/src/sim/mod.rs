@@ -2214,6 +2214,12 @@ impl Sim {
                 }
             }
             a @ (Action::SendSync { .. } | Action::SyncRead(_)) => self.source_action(a)?,
+            // The model has no superblock: the node's flag is the record.
+            Action::CrashRepaired => {}
+            Action::Send {
+                stream: Stream::Data,
+                pkt: Packet::State(_),
+            } => self.state_sent("Primary")?,
             other => {
                 return Err(format!(
                     "unexpected action of the Primary's node: {other:?}"
@@ -2423,6 +2429,11 @@ impl Sim {
             | Action::SyncZeroes { .. }
             | Action::BitmapWriteBack
             | Action::TargetFinished { .. }) => self.target_action(a)?,
+            Action::CrashRepaired => {}
+            Action::Send {
+                stream: Stream::Data,
+                pkt: Packet::State(_),
+            } => self.state_sent("Secondary")?,
             other => {
                 return Err(format!(
                     "unexpected action of the Secondary's node: {other:?}"

@@ -69,7 +69,7 @@ use crate::replica::{
     promoted_uuids, Action, Durable, GenerationFacts, LocalWrite, Node, ReadFor, RunRead, Side,
     SyncRole, SyncRuns, TargetEnd,
 };
-use crate::replica::{Event, Outcome, SourceEnd};
+use crate::replica::{Event, Outcome, RunStart, SourceEnd, Up};
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -321,6 +321,9 @@ pub(super) struct Rs {
     s_rx: Option<(BitmapReceiver, Vec<u64>)>,
     /// The run the Secondary's last agreement chose (`Node::sync_role`).
     s_role: Option<SyncRole>,
+    /// Each node's side of the last handshake (the Primary's, the Secondary's), which it
+    /// learns once its exchange is done ([`Event::ConnectionUp`]).
+    ups: Option<(Up, Up)>,
     /// The finished run whose end is being made durable.
     pub(super) s_finish: Option<TargetEnd>,
     /// Versions of the zeroes of the `P_RS_DEALLOCATED` being handled.
@@ -420,6 +423,7 @@ impl Rs {
             p_app_sectors: 0,
             s_rx: None,
             s_role: None,
+            ups: None,
             s_finish: None,
             zero_vers: None,
             s_app_sectors: 0,
@@ -750,9 +754,16 @@ impl Sim {
         self.up = true;
         // Writes in flight before are the resync's now (their blocks are marked).
         self.fo.to_s.clear();
-        // Both nodes learn the connection and each other (`replica::Node::connection_up`).
-        self.pn.connection_up(AGREED, self.sn.role, self.sn.disk);
-        self.sn.connection_up(AGREED, self.pn.role, self.pn.disk);
+        // What each node learns of the other once its exchange is done, as the daemon's
+        // connection does: the peer's role and disk from the handshake.
+        let up = |peer: &Node| Up {
+            version: AGREED,
+            peer_role: peer.role,
+            peer_disk: peer.disk,
+            run: None,
+            tick: TickInput::default(),
+        };
+        self.rs.ups = Some((up(&self.sn), up(&self.pn)));
         match decision {
             Decision::Sync { full } => {
                 self.fo.wf_sync = true;
@@ -782,11 +793,10 @@ impl Sim {
                     self.send_data(DataMsg::Bitmap(pkt));
                 }
             }
-            // Both nodes reach Connected (`replica::Node::reached_connected`).
+            // Both nodes reach Connected: no exchange.
             Decision::Connected => {
-                self.p_replicates()?;
-                self.pn.reached_connected();
-                self.sn.reached_connected();
+                self.up_node(true, None)?;
+                self.up_node(false, None)?;
             }
             Decision::Refused { .. } => {}
         }
@@ -930,13 +940,33 @@ impl Sim {
         Ok(())
     }
 
-    /// The Primary core replicates from now on (`Primary::connected`).
-    fn p_replicates(&mut self) -> Result<(), String> {
-        self.pn
-            .primary
-            .connected()
-            .map_err(|e| format!("primary connected: {e}"))?;
-        self.pump_primary()
+    /// A node's `P_STATE` at the connection's start ([`Event::ConnectionUp`]): the
+    /// model's peer learned that state from the handshake, so it is not delivered; one
+    /// sent while not connected is a bug.
+    pub(super) fn state_sent(&self, who: &str) -> Result<(), String> {
+        if !self.up {
+            return Err(format!("the {who} sent P_STATE while disconnected"));
+        }
+        Ok(())
+    }
+
+    /// A node's exchange is done (`primary`: the Primary's): the connection is up for it
+    /// with `run` ([`Event::ConnectionUp`]: the run starts or it is Connected, and a
+    /// Primary replicates from now on), as the daemon's `connection_up` does.
+    fn up_node(&mut self, primary: bool, run: Option<RunStart>) -> Result<(), String> {
+        let (p, s) = self.rs.ups.ok_or("a connection up without its handshake")?;
+        let tick = self.tick_input(primary);
+        let up = Up {
+            run,
+            tick,
+            ..if primary { p } else { s }
+        };
+        self.node_step(primary, Event::ConnectionUp(up))?;
+        if primary {
+            self.pump_primary()
+        } else {
+            self.pump_secondary()
+        }
     }
 
     /// The Secondary's bitmap is in: the Primary merges it, tells the blocks it marked
@@ -977,11 +1007,7 @@ impl Sim {
             max_app_writes: 4096,
             c_min_rate: p.rate.c_min_rate,
         };
-        let tick = self.tick_input(true);
-        self.pn
-            .start_source(cfg, &tick)
-            .map_err(|e| format!("source: {e}"))?;
-        self.p_replicates()
+        self.up_node(true, Some(RunStart::Source(cfg)))
     }
 
     /// `P_OUT_OF_SYNC` before `P_SYNC_UUID` on the Secondary: its blocks join the
@@ -1039,11 +1065,12 @@ impl Sim {
         cfg.thin_granularity = p.thin_granularity;
         cfg.rate = p.rate;
         cfg.max_requests = p.max_requests;
-        let tick = self.tick_input(false);
+        self.up_node(false, Some(RunStart::Target(cfg)))?;
         let run = self
             .sn
-            .start_target(cfg, &tick)
-            .map_err(|e| format!("target: {e}"))?;
+            .runs
+            .target_run()
+            .ok_or("the target did not start")?;
         self.at(1, Ev::RsTick { run });
         self.maybe_schedule_s_stop();
         self.st_target_start()

@@ -66,7 +66,9 @@ use crate::meta::disk::{Attach, MetaDevice};
 use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
-use crate::replica::{Action, DiskFailure, Event, Io, LocalWrite, Node, Outcome, Side, StepError};
+use crate::replica::{
+    Action, DiskFailure, Event, Io, LocalWrite, Node, Outcome, Side, StepError, Up,
+};
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
@@ -147,8 +149,6 @@ struct Inner {
     split_brain: Option<String>,
     /// Source read buffers waiting for their `P_RS_DATA_REPLY`, by tag.
     rs_bufs: HashMap<u64, Arc<AlignedBuf>>,
-    /// `pause-sync` is in effect.
-    sync_paused: bool,
     /// The last finished SyncTarget run.
     last_sync: Option<crate::resync::ResyncSummary>,
     /// Sectors of non-resync IO on the backing device (c-min-rate).
@@ -415,7 +415,6 @@ impl Inner {
             writes_completed: 0,
             split_brain: None,
             rs_bufs: HashMap::new(),
-            sync_paused: false,
             last_sync: None,
             app_io_sectors: 0,
             resync_bytes_sent: 0,
@@ -1064,7 +1063,6 @@ impl Volume {
             }
             inner.kill = Some(kill.clone());
             let version = inner.link.as_ref().map_or(0, |l| l.ctx().version());
-            inner.node.connection_up(version, peer.role, peer.disk);
             inner.node.peer_started = self.peer_started_runs(inner);
             let role = inner.node.sync_role(
                 agreed.sync,
@@ -1085,19 +1083,27 @@ impl Volume {
                      of a Primary resyncs them"
                 );
             }
-            match role {
-                Some(role) => self.start_run(inner, role, peer),
-                None => self.reached_connected(inner),
+            let run = role.map(|r| self.run_start(inner, r, peer));
+            let up = Up {
+                version,
+                peer_role: peer.role,
+                peer_disk: peer.disk,
+                run,
+                tick: self.tick_input(inner),
+            };
+            match Self::step(inner, Event::ConnectionUp(up)) {
+                Ok(_) => {
+                    if let Some(start) = &run {
+                        self.run_started(inner, start);
+                    }
+                }
+                Err(why) => {
+                    tracing::error!("{why}; dropping the connection");
+                    kill.notify_one();
+                }
             }
             inner.peer_verify = peer.verify;
-            self.send_state(inner);
             self.drain(inner, &mut effects);
-            if inner.node.role == Role::Primary {
-                if let Err(e) = inner.node.primary.connected() {
-                    tracing::error!("replication core refused the connection: {e}");
-                }
-                self.drain(inner, &mut effects);
-            }
         }
         self.run(effects);
         self.link_up.notify_waiters();
@@ -1638,6 +1644,7 @@ impl Volume {
                     progress,
                     crash_repaired,
                 } => self.verify_finished(inner, progress, crash_repaired),
+                Action::CrashRepaired => self.crash_repaired(),
             }
         }
         inner.actions = actions;

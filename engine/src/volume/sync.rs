@@ -18,8 +18,9 @@
 //!    adopts the sync UUID — all durably, in that order, so a crash from here on
 //!    restarts Inconsistent with a bitmap that covers everything the resync has not yet
 //!    written.
-//! 4. `connection_up` starts a target over the merged bitmap or a source, in
-//!    [`crate::replica::SyncRuns`] — the runs' rules (run ids, held writes, writes in
+//! 4. `connection_up` configures the run ([`Volume::run_start`]) and feeds the node
+//!    `Event::ConnectionUp`, which starts a target over the merged bitmap or a source,
+//!    in [`crate::replica::SyncRuns`] — the runs' rules (run ids, held writes, writes in
 //!    flight at the start, the failed-local-write rule, the end of a run, stream classes,
 //!    online verify's side) live there, shared with the simulator. The bitmap stays the
 //!    Primary core's (the node has one); the runs borrow it per call.
@@ -60,7 +61,7 @@ use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
 use crate::replica::{
-    Event, Node, Outcome, PeerStartedRuns, ReadFor, SourceEnd, SyncRole, TargetEnd,
+    Event, Node, Outcome, PeerStartedRuns, ReadFor, RunStart, SourceEnd, SyncRole, TargetEnd,
 };
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -155,7 +156,7 @@ impl Volume {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn tick_input(&self, inner: &Inner) -> TickInput {
+    pub(super) fn tick_input(&self, inner: &Inner) -> TickInput {
         let congested = inner
             .link
             .as_ref()
@@ -240,18 +241,17 @@ impl Volume {
         }
     }
 
-    /// Step 4, from `connection_up`: starts the run.
-    pub(super) fn start_run(&self, inner: &mut Inner, role: SyncRole, peer: &PeerParams) {
-        let sectors = self.size_bytes / SECTOR_SIZE as u64;
-        let tick = self.tick_input(inner);
+    /// Step 4, from `connection_up`: how the run the handshake decided is configured
+    /// (from this node's settings and the peer's parameters).
+    pub(super) fn run_start(&self, inner: &Inner, role: SyncRole, peer: &PeerParams) -> RunStart {
         match role {
             SyncRole::Target { csums } => {
-                let thin = self.sync.rs_discard_granularity;
-                let cfg = TargetConfig {
+                let thin = peer.ctx.has(crate::wire::ff::DRBD_FF_THIN_RESYNC);
+                RunStart::Target(TargetConfig {
                     max_bio_size: peer.max_bio_size & !4095,
                     csums,
-                    thin_granularity: if peer.ctx.has(crate::wire::ff::DRBD_FF_THIN_RESYNC) {
-                        thin
+                    thin_granularity: if thin {
+                        self.sync.rs_discard_granularity
                     } else {
                         0
                     },
@@ -259,47 +259,31 @@ impl Volume {
                     // The peer's writes in flight (≤ max-buffers) or, as Primary, this
                     // node's until retired (≤ 2 × max-buffers).
                     max_app_writes: 2 * self.max_buffers + 64,
-                    ..TargetConfig::new(sectors)
-                };
-                let total = inner.node.primary.out_of_sync().count();
-                match inner.node.start_target(cfg, &tick) {
-                    Ok(_) => {
-                        if inner.sync_paused {
-                            inner.node.runs.set_paused(true, tick.now_ms);
-                        }
-                        tracing::info!(
-                            "resync started as SyncTarget: {} KiB out of sync{}",
-                            total * 4,
-                            if csums { ", checksum-based" } else { "" }
-                        );
-                        self.sync_run_started.notify_one();
-                        inner.event(
-                            "resync-started",
-                            serde_json::json!({
-                                "role": "SyncTarget",
-                                "out_of_sync_bytes": total * 4096,
-                                "csums": csums
-                            }),
-                        );
-                    }
-                    Err(e) => tracing::error!("cannot start the resync: {e}"),
-                }
+                    ..TargetConfig::new(self.size_bytes / SECTOR_SIZE as u64)
+                })
             }
-            SyncRole::Source => {
-                let cfg = self.source_config(inner);
-                let r = inner.node.start_source(cfg, &tick);
-                self.source_started(r);
-                let oos = inner.node.primary.out_of_sync_bytes();
-                inner.event(
-                    "resync-started",
-                    serde_json::json!({"role": "SyncSource", "out_of_sync_bytes": oos}),
-                );
-                tracing::info!(
-                    "resync started as SyncSource: {} KiB out of sync",
-                    oos / 1024
-                );
-            }
+            SyncRole::Source => RunStart::Source(self.source_config(inner)),
         }
+    }
+
+    /// The run `start` started (the connection's step took it): logged, reported, and
+    /// the resync clock woken.
+    pub(super) fn run_started(&self, inner: &mut Inner, start: &RunStart) {
+        let oos = inner.node.primary.out_of_sync_bytes();
+        let (role, csums) = match start {
+            RunStart::Target(cfg) => ("SyncTarget", cfg.csums),
+            RunStart::Source(_) => ("SyncSource", false),
+        };
+        tracing::info!(
+            "resync started as {role}: {} KiB out of sync{}",
+            oos / 1024,
+            if csums { ", checksum-based" } else { "" }
+        );
+        self.sync_run_started.notify_one();
+        inner.event(
+            "resync-started",
+            serde_json::json!({ "role": role, "out_of_sync_bytes": oos, "csums": csums }),
+        );
     }
 
     /// The runs the peer's first packet may start on this connection
@@ -321,13 +305,6 @@ impl Volume {
             max_app_writes: inner.node.primary.config().max_in_flight + 64,
             c_min_rate: self.sync.rate.c_min_rate,
             ..SourceConfig::new(self.size_bytes / SECTOR_SIZE as u64)
-        }
-    }
-
-    fn source_started(&self, r: Result<(), crate::resync::Error>) {
-        match r {
-            Ok(()) => self.sync_run_started.notify_one(),
-            Err(e) => tracing::error!("cannot start the resync source: {e}"),
         }
     }
 
@@ -766,17 +743,10 @@ impl Volume {
         }
     }
 
-    /// The connection reached Connected (`replica::Node::reached_connected`): a crash
-    /// of this node as Primary is repaired, and the superblock says so (in the
+    /// The crashed-Primary flag was cleared (`replica::Node::reached_connected`): a
+    /// crash of this node as Primary is repaired, and the superblock says so (in the
     /// background, like every superblock change).
-    pub(super) fn reached_connected(&self, inner: &mut Inner) {
-        if inner.node.reached_connected() {
-            self.crash_repaired();
-        }
-    }
-
-    /// The crashed-Primary flag was cleared (`replica::Node::reached_connected`).
-    fn crash_repaired(&self) {
+    pub(super) fn crash_repaired(&self) {
         tracing::info!("the crash of this node as Primary is repaired");
         let _ = self.meta.stage(&[SbChange::ClearCrashedPrimary]);
     }
@@ -926,7 +896,6 @@ impl Volume {
         {
             let mut g = self.lock();
             let inner = &mut *g;
-            inner.sync_paused = paused;
             inner.node.runs.set_paused(paused, self.now_ms());
             self.drain(inner, &mut fx);
         }
@@ -958,7 +927,7 @@ impl Volume {
             let s = src.stats();
             return serde_json::json!({
                 "role": "SyncSource",
-                "paused": inner.sync_paused,
+                "paused": inner.node.runs.paused(),
                 "out_of_sync_bytes": inner.node.primary.out_of_sync_bytes(),
                 "data_bytes_sent": s.data_bytes,
                 "same_csum_bytes": s.same_csum_bytes,
