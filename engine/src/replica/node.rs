@@ -421,8 +421,9 @@ impl Node {
     }
 
     /// A connection finished its handshake at protocol `version` with a peer of `role`
-    /// and `disk`: Connected (a run the handshake decided changes that).
-    pub(crate) fn connection_up(&mut self, version: u32, role: Role, disk: DiskState) {
+    /// and `disk`: Connected (a run the handshake decided changes that). Part of
+    /// [`super::Event::ConnectionUp`] (`handshake.rs`), never called alone by a driver.
+    pub(super) fn connection_up(&mut self, version: u32, role: Role, disk: DiskState) {
         self.agreed = Some(version);
         self.connections += 1;
         self.peer_role = role;

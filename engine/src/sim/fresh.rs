@@ -19,7 +19,8 @@
 use super::resync::uuid;
 use super::rng::Rng;
 use super::Sim;
-use crate::replica::{Action, Node};
+use crate::replica::{Action, Event, Node, Up};
+use crate::resync::TickInput;
 use crate::state::uuid::{UuidPacket, UuidSet};
 use crate::state::{DiskState, Role};
 use crate::wire::{decode_frame, encode, ff, Packet, WireCtx};
@@ -42,13 +43,30 @@ pub(super) fn day0(pn: &mut Node, sn: &mut Node, rng: &mut Rng) -> Result<(), St
         n.disk = DiskState::Inconsistent;
         n.primary.out_of_sync_mut().mark_all();
     }
-    pn.connection_up(AGREED, Role::Secondary, DiskState::Inconsistent);
-    sn.connection_up(AGREED, Role::Secondary, DiskState::Inconsistent);
+    // Connected, as their handshake decides for two just-created disks: the connection's
+    // start through each node's step, its `P_STATE`s dropped (each peer knows the other
+    // from the handshake).
+    let mut out = Vec::new();
+    for n in [&mut *pn, &mut *sn] {
+        let up = Up {
+            version: AGREED,
+            peer_role: Role::Secondary,
+            peer_disk: DiskState::Inconsistent,
+            run: None,
+            tick: TickInput::default(),
+        };
+        n.step(Event::ConnectionUp(up), &mut out)
+            .map_err(|e| format!("checker 14: the connection's start: {e}"))?;
+    }
+    if let Some(a) = out.drain(..).find(|a| !matches!(a, Action::Send { .. })) {
+        return Err(format!(
+            "checker 14: the connection's start asked for {a:?}"
+        ));
+    }
     let skipped = pn
         .skip_initial_sync(uuid(rng))
         .map_err(|e| format!("checker 14: --clear-bitmap refused on a fresh pair: {e}"))?;
     pn.uuids = skipped.uuids;
-    let mut out = Vec::new();
     pn.announce_skipped_sync(&skipped, &mut out);
     let ctx = WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?;
     for a in out.drain(..) {

@@ -28,8 +28,9 @@
 //! 6 messages in flight, 16 events a round.
 
 use super::rng::Rng;
-use crate::replica::{Action, Event, Node, Outcome};
+use crate::replica::{Action, Event, Node, Outcome, Up};
 use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
+use crate::resync::TickInput;
 use crate::state::change::{promote_request, StateRv};
 use crate::state::uuid::UuidSet;
 use crate::state::{DiskState, Protocol, Role};
@@ -91,7 +92,16 @@ fn node(disk: DiskState, peer: DiskState) -> Result<Node, String> {
         history: [0; 2],
     };
     let mut n = Node::new(primary, receiver, uuids, disk);
-    n.connection_up(101, Role::Secondary, peer);
+    // Connected (its `P_STATE` is dropped: the race starts from there).
+    let up = Up {
+        version: 101,
+        peer_role: Role::Secondary,
+        peer_disk: peer,
+        run: None,
+        tick: TickInput::default(),
+    };
+    n.step(Event::ConnectionUp(up), &mut Vec::new())
+        .map_err(|e| e.to_string())?;
     Ok(n)
 }
 

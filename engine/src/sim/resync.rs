@@ -2,24 +2,26 @@
 //! split-brain fault.
 //!
 //! Each node keeps its generation UUIDs ([`UuidSet`], with DRBD's life-cycle calls: the
-//! Primary makes a new current UUID when it loses the peer or is restarted after a
-//! crash, the promoted Secondary when it is promoted without its peer) and its bitmap.
-//! At connection-up both run [`sync_handshake`] on the same facts seen from their side
-//! (who holds `RESOLVE_CONFLICTS` is drawn per connection). If they agree on a resync,
-//! the SyncSource's bitmap goes to the SyncTarget through the real [`BitmapSender`] /
+//! Primary makes a new current UUID when it loses the peer or is restarted after a crash,
+//! the promoted Secondary when it is promoted without its peer) and its bitmap. At
+//! connection-up both run [`sync_handshake`] on the same facts seen from their side (who
+//! holds `RESOLVE_CONFLICTS` is drawn per connection). If they agree on a resync, the
+//! SyncSource's bitmap goes to the SyncTarget through the real [`BitmapSender`] /
 //! [`BitmapReceiver`] and the codec, is OR-merged, and the merged bitmap comes back; the
 //! SyncSource then sends `P_SYNC_UUID` and starts a source, the SyncTarget a target —
-//! each node in its own [`SyncRuns`], the daemon's type: its rules (run ids, held writes,
+//! each node when its own exchange is done, through its step ([`Event::ConnectionUp`], as
+//! the daemon's `connection_up`; without a resync both nodes at once: Connected) — each
+//! node in its own [`SyncRuns`], the daemon's type: its rules (run ids, held writes,
 //! writes in flight at the start, the failed-write rule, the end of a run, stream
-//! classes) are the daemon's. Each node's resync events enter through
-//! [`Node::step`] as the daemon's do (a packet, a reply's data, the clock, a read or
-//! write that ended), and this file only performs the actions its drain returns
-//! (`source_action`, `target_action`) with the simulated disks and streams. Every resync
-//! packet goes through the codec and travels one of four ordered streams
-//! (Primary→Secondary data and meta, Secondary→Primary data and meta) by its stream
-//! class, with the network's delays; a connection loss drops what is in flight, ends
-//! both runs (their IO completes into nothing) and the next connection resumes from the
-//! bitmaps and the target's resume position.
+//! classes) are the daemon's. Each node's resync events enter through [`Node::step`] as
+//! the daemon's do (a packet, a reply's data, the clock, a read or write that ended), and
+//! this file only performs the actions its drain returns (`source_action`,
+//! `target_action`) with the simulated disks and streams. Every resync packet goes
+//! through the codec and travels one of four ordered streams (Primary→Secondary data and
+//! meta, Secondary→Primary data and meta) by its stream class, with the network's delays;
+//! a connection loss drops what is in flight, ends both runs (their IO completes into
+//! nothing) and the next connection resumes from the bitmaps and the target's resume
+//! position.
 //!
 //! The Primary node's bitmap is its core's (`Primary::out_of_sync`), as in the daemon:
 //! the core marks (a write started while disconnected, a failed local write, a
