@@ -964,11 +964,7 @@ impl Sim {
             ..if primary { p } else { s }
         };
         self.node_step(primary, Event::ConnectionUp(up))?;
-        if primary {
-            self.pump_primary()
-        } else {
-            self.pump_secondary()
-        }
+        self.pump(primary)
     }
 
     /// The Secondary's bitmap is in: the Primary merges it, tells the blocks it marked
@@ -1249,19 +1245,7 @@ impl Sim {
                 let write = self.node_step(false, Event::SyncDataReply { sector, len })?;
                 if let Outcome::SyncWrite { run, tag } = write {
                     self.report.rs_bytes += u64::from(len);
-                    let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
-                    let d = self.rs.rng.range(1, self.params.disk_delay.0);
-                    self.at(
-                        d,
-                        Ev::SRsWrite(Box::new(RsWriteEv {
-                            tag,
-                            sector,
-                            data: Some(data),
-                            vers,
-                            fail,
-                            run,
-                        })),
-                    );
+                    self.s_rs_write((run, tag, sector), Some(data), vers);
                 }
             }
             Some(i @ Inbound::RsDeallocated { .. }) => {
@@ -1447,16 +1431,7 @@ impl Sim {
         self.rs.read_ctx = Some(vers.clone());
         self.rs.p_reads.insert(tag, (sector, data, vers));
         let purpose = ReadFor::Source { digest, zero_check };
-        self.node_step(
-            true,
-            Event::SyncReadDone {
-                run,
-                tag,
-                purpose,
-                outcome,
-            },
-        )?;
-        self.pump_primary()?;
+        self.run_read_done(true, (run, tag, purpose), outcome)?;
         self.rs.p_reads.remove(&tag);
         self.rs.read_ctx = None;
         Ok(())
@@ -1556,19 +1531,7 @@ impl Sim {
                 if vers.len() != len as usize / SECTOR as usize {
                     return Err("WriteZeroes of another size than the reply".into());
                 }
-                let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
-                let d = self.rs.rng.range(1, self.params.disk_delay.0);
-                self.at(
-                    d,
-                    Ev::SRsWrite(Box::new(RsWriteEv {
-                        tag,
-                        sector,
-                        data: None,
-                        vers,
-                        fail,
-                        run,
-                    })),
-                );
+                self.s_rs_write((run, tag, sector), None, vers);
             }
             Action::BitmapWriteBack => self.s_write_back(),
             Action::TargetFinished {
@@ -1579,6 +1542,27 @@ impl Sim {
             other => return Err(format!("unexpected action of the SyncTarget: {other:?}")),
         }
         Ok(())
+    }
+
+    /// A resync write of the Secondary's target (`data`: `None` for zeroes), drawn: it
+    /// may fail, and lands after a disk delay.
+    fn s_rs_write(
+        &mut self,
+        (run, tag, sector): (u64, u64, u64),
+        data: Option<Vec<u8>>,
+        vers: Vec<u64>,
+    ) {
+        let fail = self.rs.rng.chance(self.params.fail_ppm[2]);
+        let d = self.rs.rng.range(1, self.params.disk_delay.0);
+        let w = RsWriteEv {
+            tag,
+            sector,
+            data,
+            vers,
+            fail,
+            run,
+        };
+        self.at(d, Ev::SRsWrite(Box::new(w)));
     }
 
     /// After the Secondary's actions: the target's requests in flight stay within its
@@ -1693,17 +1677,34 @@ impl Sim {
                 digest: Some(Digest::of(&self.sdisk.cache[first..first + len as usize])),
             }
         };
-        let purpose = ReadFor::TargetDigest;
-        self.node_step(
-            false,
-            Event::SyncReadDone {
-                run,
-                tag,
-                purpose,
-                outcome,
-            },
-        )?;
-        self.pump_secondary()
+        self.run_read_done(false, (run, tag, ReadFor::TargetDigest), outcome)
+    }
+
+    /// A run's read on a node (`primary`: the Primary's) ended: its step
+    /// ([`Event::SyncReadDone`]) and the actions that follow.
+    fn run_read_done(
+        &mut self,
+        primary: bool,
+        (run, tag, purpose): (u64, u64, ReadFor),
+        outcome: ReadOutcome,
+    ) -> Result<(), String> {
+        let done = Event::SyncReadDone {
+            run,
+            tag,
+            purpose,
+            outcome,
+        };
+        self.node_step(primary, done)?;
+        self.pump(primary)
+    }
+
+    /// Performs a node's actions (`primary`: the Primary's).
+    fn pump(&mut self, primary: bool) -> Result<(), String> {
+        if primary {
+            self.pump_primary()
+        } else {
+            self.pump_secondary()
+        }
     }
 
     /// A resync write landed on the Secondary's disk. Checker 7, during the run: it
