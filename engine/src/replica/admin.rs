@@ -18,13 +18,20 @@
 //!   protocol ≥ 90, metadata just created): the pair's first generation; the bitmap is
 //!   cleared and both disks are UpToDate in memory at once → the driver makes the UUIDs
 //!   and "consistent" durable, then the bitmap pages (either order is safe: a crash
-//!   between resyncs more) → [`Node::announce_skipped_sync`] (`P_UUIDS` with the
+//!   between resyncs more) → [`Then::AnnounceSkip`] (`P_UUIDS` with the
 //!   skip-initial-sync flag, then `P_STATE`). The peer's side is
 //!   [`Node::peer_skipped_initial_sync`], with the same durable order before its
 //!   `P_STATE` says UpToDate.
 //! - **verify**: [`Node::start_verify`] (Connected, verify-alg here and on the peer):
 //!   VerifyS; the peer's first request starts its side, [`Node::ensure_verify_peer`]:
 //!   VerifyT; [`Node::verify_ended`] returns to Connected.
+//!
+//! Through [`super::Node::step`]: `invalidate` and `new-current-uuid` are
+//! [`super::Event::Admin`] ([`Admin`]), the peer's live `P_UUIDS` is
+//! [`super::Event::PeerUuids`]; each asks for its plan as [`super::Action::Persist`] and
+//! finishes at [`super::Event::Persisted`] ([`Then`]: the connection renewed, the peer
+//! told, this node's `P_STATE`) — the same in both drivers. Online verify's start stays
+//! a call ([`Node::start_verify`]): it makes nothing durable.
 //!
 //! A refusal is an operating error: a message for the operator, the node unchanged.
 //! The simulator's operator runs `invalidate` (its checker 13), on a fresh pair's day 0
@@ -57,7 +64,7 @@ pub(super) fn skip_announcement(a: UuidSet) -> wire::Uuids {
 
 /// `new-current-uuid --clear-bitmap`, declared in memory ([`Node::skip_initial_sync`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SkippedSync {
+pub(super) struct SkippedSync {
     /// The pair's first generation.
     pub(crate) uuids: UuidSet,
     /// What the peer is told once it is durable.
@@ -66,18 +73,120 @@ pub(crate) struct SkippedSync {
 
 /// A skipped initial sync's plan, on either side: the generation with "consistent",
 /// then the cleared bitmap pages, before the peer is told (`P_UUIDS`, `P_STATE`).
-pub(crate) fn skipped_sync_durable(uuids: UuidSet) -> Vec<Durable> {
+pub(super) fn skipped_sync_durable(uuids: UuidSet) -> Vec<Durable> {
     vec![
         Durable::Superblock(vec![SbChange::Consistent(true), SbChange::Uuids(uuids)]),
         Durable::Pages,
     ]
 }
 
+/// A management command that changes the node's state ([`super::Event::Admin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admin {
+    /// `invalidate` ([`Node::begin_invalidate`]).
+    Invalidate,
+    /// `new-current-uuid` (`clear_bitmap`: `--clear-bitmap`, [`Node::skip_initial_sync`]);
+    /// `random` is the new current UUID.
+    NewCurrentUuid { clear_bitmap: bool, random: u64 },
+}
+
+/// What the node does once the plan of an [`Action::Persist`] is durable
+/// ([`super::Event::Persisted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Then {
+    /// `invalidate`: the disk is Inconsistent and the connection renewed
+    /// ([`Node::invalidated`]).
+    Invalidated,
+    /// `new-current-uuid --clear-bitmap`: the peer is told (`P_UUIDS`, then `P_STATE`).
+    AnnounceSkip(wire::Uuids),
+    /// The peer's skipped initial sync, adopted: this node's `P_STATE` (UpToDate) on the
+    /// connection that told it, if it is still up (the `connection`-th).
+    PeerSkipAdopted { connection: u64 },
+    /// Nothing more (`new-current-uuid`: the generation is durable).
+    Nothing,
+}
+
 impl Node {
+    /// A management command ([`Admin`]): its plan is asked for ([`Action::Persist`],
+    /// carrying the driver's `reply` handle) or it is refused, the node unchanged.
+    pub(super) fn admin(
+        &mut self,
+        cmd: Admin,
+        reply: Option<u64>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), &'static str> {
+        let (plan, then) = match cmd {
+            Admin::Invalidate => (self.begin_invalidate()?, Then::Invalidated),
+            Admin::NewCurrentUuid {
+                clear_bitmap: true,
+                random,
+            } => {
+                let s = self.skip_initial_sync(random)?;
+                (
+                    skipped_sync_durable(s.uuids),
+                    Then::AnnounceSkip(s.announce),
+                )
+            }
+            Admin::NewCurrentUuid {
+                clear_bitmap: false,
+                random,
+            } => {
+                let uuids = self.new_current_uuid(random)?;
+                (
+                    vec![Durable::Superblock(vec![SbChange::Uuids(uuids)])],
+                    Then::Nothing,
+                )
+            }
+        };
+        out.push(Action::Persist { plan, then, reply });
+        Ok(())
+    }
+
+    /// The peer's `P_UUIDS` on a live connection: a skipped initial sync is adopted and
+    /// made durable before this node's `P_STATE` says UpToDate; anything else is ignored
+    /// ([`Self::peer_skipped_initial_sync`]).
+    pub(super) fn peer_uuids(&mut self, p: &UuidPacket, out: &mut Vec<Action>) {
+        if let Some(uuids) = self.peer_skipped_initial_sync(p) {
+            tracing::info!("the peer skipped the initial sync: UpToDate");
+            let then = Then::PeerSkipAdopted {
+                connection: self.connections,
+            };
+            let plan = skipped_sync_durable(uuids);
+            out.push(Action::Persist {
+                plan,
+                then,
+                reply: None,
+            });
+        }
+    }
+
+    /// The plan of an [`Action::Persist`] was made durable (`ok`) or failed: what
+    /// follows ([`Then`]). A failed `invalidate` or skipped sync changes nothing more
+    /// (the node stays as the command left it in memory: more to resync, never less);
+    /// the peer's adopted skip still says UpToDate, as its data is.
+    pub(super) fn persisted(&mut self, then: Then, ok: bool, out: &mut Vec<Action>) {
+        match then {
+            Then::Invalidated if ok => self.invalidated(out),
+            Then::AnnounceSkip(a) if ok => {
+                out.push(Action::Send {
+                    stream: Stream::Data,
+                    pkt: Packet::Uuids(a),
+                });
+                self.push_state(out);
+            }
+            Then::PeerSkipAdopted { connection }
+                if self.agreed.is_some() && self.connections == connection =>
+            {
+                self.push_state(out);
+            }
+            _ => {}
+        }
+    }
+
     /// `invalidate`: refused on a Primary, during a run, or without a peer to resync
     /// from; otherwise every block is marked out of sync. The driver makes the plan
     /// durable (the pages, then "inconsistent"), then calls [`Self::invalidated`].
-    pub(crate) fn begin_invalidate(&mut self) -> Result<Vec<Durable>, &'static str> {
+    pub(super) fn begin_invalidate(&mut self) -> Result<Vec<Durable>, &'static str> {
         if self.role == Role::Primary {
             return Err("invalidate works on a Secondary; demote this node first");
         }
@@ -107,7 +216,7 @@ impl Node {
 
     /// The full bitmap and "inconsistent" are durable: the disk is Inconsistent and the
     /// connection is dropped, so that a new handshake starts the full resync.
-    pub(crate) fn invalidated(&mut self, out: &mut Vec<Action>) {
+    pub(super) fn invalidated(&mut self, out: &mut Vec<Action>) {
         self.disk = DiskState::Inconsistent;
         out.push(Action::DropConnection {
             reason: "invalidated: a full resync from the peer follows",
@@ -116,7 +225,7 @@ impl Node {
 
     /// `new-current-uuid` without `--clear-bitmap`: a new generation (`random` is its
     /// current UUID), refused while connected.
-    pub(crate) fn new_current_uuid(&self, random: u64) -> Result<UuidSet, &'static str> {
+    pub(super) fn new_current_uuid(&self, random: u64) -> Result<UuidSet, &'static str> {
         if self.agreed.is_some() {
             return Err("new-current-uuid needs StandAlone (disconnect first), or \
                         --clear-bitmap on a new pair");
@@ -128,7 +237,7 @@ impl Node {
 
     /// `new-current-uuid --clear-bitmap`: refused unless the pair is connected at ≥ 90
     /// and its metadata just created; otherwise declared in sync at once.
-    pub(crate) fn skip_initial_sync(&mut self, random: u64) -> Result<SkippedSync, &'static str> {
+    pub(super) fn skip_initial_sync(&mut self, random: u64) -> Result<SkippedSync, &'static str> {
         let mut uuids = self.uuids;
         let version = self.agreed.unwrap_or(0);
         let announce = uuids
@@ -146,20 +255,11 @@ impl Node {
         })
     }
 
-    /// The skipped sync is durable: the peer is told (`P_UUIDS`, then `P_STATE`).
-    pub(crate) fn announce_skipped_sync(&self, s: &SkippedSync, out: &mut Vec<Action>) {
-        out.push(Action::Send {
-            stream: Stream::Data,
-            pkt: Packet::Uuids(s.announce),
-        });
-        self.push_state(out);
-    }
-
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync. `Some`: this
     /// node adopts its generation (declared in sync; the driver makes
     /// [`skipped_sync_durable`] durable before its `P_STATE`); anything else is
     /// ignored, as DRBD 8.4 does outside the handshake.
-    pub(crate) fn peer_skipped_initial_sync(&mut self, p: &UuidPacket) -> Option<UuidSet> {
+    pub(super) fn peer_skipped_initial_sync(&mut self, p: &UuidPacket) -> Option<UuidSet> {
         #[cfg(test)]
         if self.sabotage_ignore_peer_skip {
             return None;
@@ -298,6 +398,96 @@ mod tests {
         n.begin_invalidate().unwrap();
     }
 
+    /// `invalidate` as an event: refused on a Primary (nothing asked for); on a
+    /// connected Secondary its plan is asked for with the driver's handle, and only a
+    /// durable plan makes the disk Inconsistent and renews the connection.
+    #[test]
+    fn invalidate_through_step_asks_for_its_plan_then_renews_the_connection() {
+        use crate::replica::Event;
+        let mut n = node(GEN, DiskState::UpToDate);
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        n.role = Role::Primary;
+        let mut out = Vec::new();
+        let ev = Event::Admin {
+            cmd: Admin::Invalidate,
+            reply: 7,
+        };
+        let refused = n.step(ev, &mut out).unwrap();
+        assert!(matches!(refused, crate::replica::Outcome::Refused(_)));
+        assert!(out.is_empty() && n.primary.out_of_sync().count() == 0);
+        n.role = Role::Secondary;
+        n.step(ev, &mut out).unwrap();
+        let [Action::Persist {
+            plan,
+            then: Then::Invalidated,
+            reply: Some(7),
+        }] = &out[..]
+        else {
+            panic!("the plan is asked for: {out:?}");
+        };
+        assert_eq!(plan[0], Durable::Pages, "the pages first");
+        out.clear();
+        let failed = Event::Persisted {
+            then: Then::Invalidated,
+            ok: false,
+        };
+        n.step(failed, &mut out).unwrap();
+        assert!(out.is_empty() && n.disk == DiskState::UpToDate, "{out:?}");
+        let done = Event::Persisted {
+            then: Then::Invalidated,
+            ok: true,
+        };
+        n.step(done, &mut out).unwrap();
+        assert_eq!(n.disk, DiskState::Inconsistent);
+        assert!(
+            matches!(out[..], [Action::DropConnection { .. }]),
+            "{out:?}"
+        );
+    }
+
+    /// The peer's skipped initial sync: its plan, then this node's `P_STATE` — only on
+    /// the connection that told it.
+    #[test]
+    fn a_peer_s_skip_says_up_to_date_only_on_its_own_connection() {
+        use crate::replica::Event;
+        let fresh = UuidSet {
+            current: UUID_JUST_CREATED,
+            ..GEN
+        };
+        let mut a = node(fresh, DiskState::Inconsistent);
+        a.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        let s = a.skip_initial_sync(0xC000).unwrap();
+        let mut n = node(fresh, DiskState::Inconsistent);
+        n.connection_up(101, Role::Secondary, DiskState::Inconsistent);
+        let mut out = Vec::new();
+        n.step(Event::PeerUuids(UuidPacket::from(s.announce)), &mut out)
+            .unwrap();
+        let [Action::Persist {
+            then, reply: None, ..
+        }] = out[..]
+        else {
+            panic!("the adopted generation is made durable first: {out:?}");
+        };
+        out.clear();
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        n.step(Event::Persisted { then, ok: true }, &mut out)
+            .unwrap();
+        assert!(out.is_empty(), "another connection: {out:?}");
+        n.connections -= 1;
+        n.step(Event::Persisted { then, ok: true }, &mut out)
+            .unwrap();
+        assert!(
+            matches!(
+                out[..],
+                [Action::Send {
+                    pkt: Packet::State(_),
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn a_new_generation_needs_standalone() {
         let mut n = node(GEN, DiskState::UpToDate);
@@ -328,7 +518,7 @@ mod tests {
         );
         assert_eq!(n.uuids, fresh, "the driver assigns them as it stages them");
         let mut out = Vec::new();
-        n.announce_skipped_sync(&s, &mut out);
+        n.persisted(Then::AnnounceSkip(s.announce), true, &mut out);
         assert!(
             matches!(
                 &out[..],

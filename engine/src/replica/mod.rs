@@ -36,7 +36,8 @@
 //! - the management commands that change the node's state (`admin.rs`): `invalidate`,
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
-//!   check, a change in memory and the order of what the driver makes durable;
+//!   check, a change in memory and the order of what the driver makes durable (the
+//!   first three as events of [`Node::step`] whose plan is an [`Action::Persist`]);
 //! - [`Node::step`] (`step.rs`): the one entry point for the write path's and the
 //!   resync's events — the peer's writes, barriers, acks and barrier acks, protocol A's
 //!   hand-off, a local write or a flush round that ended, the connection's start and
@@ -60,7 +61,7 @@ mod roles;
 mod step;
 mod sync;
 
-pub(crate) use admin::skipped_sync_durable;
+pub(crate) use admin::{Admin, Then};
 pub(crate) use disk::DiskFailure;
 pub(crate) use durable::Durable;
 pub(crate) use failed::FailedLocal;

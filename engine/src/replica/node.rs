@@ -56,7 +56,7 @@
 //! actions of one drain are at most the cores' outputs since the last one (bounded by
 //! their in-flight limits).
 
-use super::{FlushRounds, RunRead, SyncAction, SyncRuns};
+use super::{Durable, FlushRounds, RunRead, SyncAction, SyncRuns, Then};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::{
@@ -187,6 +187,15 @@ pub(crate) enum Action {
     /// The connection reached Connected and that cleared the crashed-Primary flag
     /// ([`Node::reached_connected`]): record it durably.
     CrashRepaired,
+    /// Make `plan` durable, step by step (`durable.rs`), then report
+    /// [`super::Event::Persisted`] with `then` and whether it succeeded. `reply`: the
+    /// driver's handle of the management command that asked for it (its operator waits
+    /// for the outcome).
+    Persist {
+        plan: Vec<Durable>,
+        then: Then,
+        reply: Option<u64>,
+    },
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).

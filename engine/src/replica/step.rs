@@ -44,6 +44,10 @@
 //! - **The connection's start** ([`Up`]): once the handshake and the bitmap exchange are
 //!   done, the run starts or the node is Connected, its `P_STATE` goes out, a Primary
 //!   replicates (`handshake.rs`'s module docs).
+//! - **Management commands** (`invalidate`, `new-current-uuid`: [`Event::Admin`]) and
+//!   the peer's live `P_UUIDS`: refused ([`Outcome::Refused`]) or a durable plan asked
+//!   for ([`Action::Persist`]), whose outcome ([`Event::Persisted`]) leads to the rest
+//!   (`admin.rs`).
 //! - **Resync and verify packets.** A resync request that comes before the
 //!   handshake's start (a kernel peer may send one first) starts the source, the peer's
 //!   first `P_OV_REQUEST` this node's side of its verify, each configured by
@@ -70,11 +74,12 @@
 //! barrier ack at most for a peer write; for a completion, the writes it frees — at most
 //! the cores' in-flight limits).
 
-use super::{Action, LocalWrite, Node, PeerDisk, ReadFor, Up};
+use super::{Action, Admin, LocalWrite, Node, PeerDisk, ReadFor, Then, Up};
 use crate::net::Stream;
 use crate::request::{Error, PeerWrite, WriteKind};
 use crate::resync::{Inbound, ReadOutcome, TickInput, VerifyConfig};
 use crate::state::change::StateRv;
+use crate::state::uuid::UuidPacket;
 use crate::state::{DiskState, Role};
 use crate::wire::{self, Command, Packet};
 
@@ -159,6 +164,13 @@ pub(crate) enum Event {
     /// The connection's handshake, and the bitmap exchange it decided, are done
     /// ([`Up`]).
     ConnectionUp(Up),
+    /// A management command ([`Admin`]) under the driver's handle `reply`, which the
+    /// [`Action::Persist`] it leads to carries back ([`Outcome::Refused`]: not taken).
+    Admin { cmd: Admin, reply: u64 },
+    /// The peer's `P_UUIDS` on a live connection (a skipped initial sync).
+    PeerUuids(UuidPacket),
+    /// An [`Action::Persist`]'s plan is durable (`ok`) or failed.
+    Persisted { then: Then, ok: bool },
 }
 
 /// What [`Node::step`] did with an event.
@@ -188,6 +200,8 @@ pub(crate) enum Outcome {
     Ticked {
         running: bool,
     },
+    /// A management command refused, the node unchanged: the operator's message.
+    Refused(&'static str),
 }
 
 /// Whose error an event revealed (see the module docs).
@@ -307,6 +321,18 @@ impl Node {
             Event::SyncWriteDone { run, tag, ok } => self.sync_write_done(run, tag, ok)?,
             Event::ConnectionUp(up) => {
                 self.up(up, out)?;
+                Outcome::Done
+            }
+            Event::Admin { cmd, reply } => match self.admin(cmd, Some(reply), out) {
+                Ok(()) => Outcome::Done,
+                Err(why) => Outcome::Refused(why),
+            },
+            Event::PeerUuids(p) => {
+                self.peer_uuids(&p, out);
+                Outcome::Done
+            }
+            Event::Persisted { then, ok } => {
+                self.persisted(then, ok, out);
                 Outcome::Done
             }
         };

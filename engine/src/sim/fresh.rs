@@ -19,7 +19,7 @@
 use super::resync::uuid;
 use super::rng::Rng;
 use super::Sim;
-use crate::replica::{Action, Event, Node, Up};
+use crate::replica::{Action, Admin, Durable, Event, Node, Outcome, Up};
 use crate::resync::TickInput;
 use crate::state::uuid::{UuidPacket, UuidSet};
 use crate::state::{DiskState, Role};
@@ -63,19 +63,29 @@ pub(super) fn day0(pn: &mut Node, sn: &mut Node, rng: &mut Rng) -> Result<(), St
             "checker 14: the connection's start asked for {a:?}"
         ));
     }
-    let skipped = pn
-        .skip_initial_sync(uuid(rng))
-        .map_err(|e| format!("checker 14: --clear-bitmap refused on a fresh pair: {e}"))?;
-    pn.uuids = skipped.uuids;
-    pn.announce_skipped_sync(&skipped, &mut out);
+    let cmd = Admin::NewCurrentUuid {
+        clear_bitmap: true,
+        random: uuid(rng),
+    };
+    let refused = pn.step(Event::Admin { cmd, reply: 0 }, &mut out);
+    if let Ok(Outcome::Refused(e)) = refused {
+        return Err(format!(
+            "checker 14: --clear-bitmap refused on a fresh pair: {e}"
+        ));
+    }
+    refused.map_err(|e| e.to_string())?;
+    persisted(pn, &mut out)?;
     let ctx = WireCtx::new(AGREED, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?;
-    for a in out.drain(..) {
+    for a in std::mem::take(&mut out) {
         match a {
             Action::Send { pkt, .. } => match through_codec(&pkt, &ctx)? {
                 Packet::Uuids(u) => {
-                    if let Some(adopted) = sn.peer_skipped_initial_sync(&UuidPacket::from(u)) {
-                        sn.uuids = adopted;
-                    }
+                    // The peer's side (`Event::PeerUuids`): its plan, then its `P_STATE`.
+                    let p = UuidPacket::from(u);
+                    sn.step(Event::PeerUuids(p), &mut out)
+                        .map_err(|e| e.to_string())?;
+                    persisted(sn, &mut out)?;
+                    out.retain(|a| !matches!(a, Action::Send { .. }));
                 }
                 Packet::State(_) => {}
                 p => return Err(format!("checker 14: --clear-bitmap sent {p:?}")),
@@ -94,6 +104,29 @@ pub(super) fn day0(pn: &mut Node, sn: &mut Node, rng: &mut Rng) -> Result<(), St
     }
     if let Some(a) = out.iter().find(|a| !matches!(a, Action::Send { .. })) {
         return Err(format!("checker 14: day 0 asked for {a:?}"));
+    }
+    Ok(())
+}
+
+/// Performs the node's [`Action::Persist`]s among `out` as the model does (no metadata
+/// device here: the generation is durable when assigned), each followed by its
+/// [`Event::Persisted`], whose actions join `out`.
+fn persisted(n: &mut Node, out: &mut Vec<Action>) -> Result<(), String> {
+    for a in std::mem::take(out) {
+        match a {
+            Action::Persist { plan, then, .. } => {
+                for step in &plan {
+                    if let Durable::Superblock(changes) = step {
+                        if let Some(u) = Durable::uuids(changes) {
+                            n.uuids = u;
+                        }
+                    }
+                }
+                n.step(Event::Persisted { then, ok: true }, out)
+                    .map_err(|e| e.to_string())?;
+            }
+            a => out.push(a),
+        }
     }
     Ok(())
 }

@@ -20,7 +20,7 @@
 use super::disk::Disk;
 use super::rng::Rng;
 use super::{Ev, Sim, SECTORS, SECTORS_PER_BLOCK};
-use crate::replica::Durable;
+use crate::replica::{Admin, Durable, Event, Outcome, Then};
 use crate::request::SECTOR;
 use crate::state::{DiskState, Role};
 
@@ -90,12 +90,7 @@ impl Sim {
             && self.sn.role == Role::Secondary
             && self.sn.disk == DiskState::UpToDate
             && !self.sn.runs.finishing();
-        let plan = if eligible {
-            self.sn.begin_invalidate().ok()
-        } else {
-            None
-        };
-        let Some(plan) = plan else {
+        if !eligible || !self.begin_s_invalidate()? {
             if tries < MAX_TRIES && !self.workload_done() {
                 let d = self.inv.rng.range(20, 200);
                 let tries = tries + 1;
@@ -104,16 +99,38 @@ impl Sim {
             return Ok(());
         };
         damage(&mut self.sdisk, &mut self.inv.rng, DAMAGED);
-        self.invalidated_now(&plan)
+        // The plan (`Action::Persist`), then what follows it (`s_persisted`).
+        self.pump_secondary()
     }
 
-    /// The daemon's steps after a begun invalidate (every block marked): its plan
-    /// performed (every bitmap page written, checker 13 reads them back, then
-    /// "inconsistent"), then `Node::invalidated`, whose `DropConnection` renews the
-    /// connection.
-    pub(super) fn invalidated_now(&mut self, plan: &[Durable]) -> Result<(), String> {
+    /// The operator's `invalidate` on the Secondary's node ([`Admin::Invalidate`]):
+    /// `false` if refused; otherwise its plan waits among the actions.
+    pub(super) fn begin_s_invalidate(&mut self) -> Result<bool, String> {
+        let ev = Event::Admin {
+            cmd: Admin::Invalidate,
+            reply: 0,
+        };
+        Ok(!matches!(self.node_step(false, ev)?, Outcome::Refused(_)))
+    }
+
+    /// The Secondary's node asked for a plan ([`crate::replica::Action::Persist`]): performed
+    /// as the daemon does, then [`Event::Persisted`] and what follows, at once. After an
+    /// invalidate (every block marked): every bitmap page written (checker 13 reads them
+    /// back), then "inconsistent"; then `Node::invalidated`, whose `DropConnection`
+    /// renews the connection.
+    pub(super) fn s_persisted(&mut self, plan: &[Durable], then: Then) -> Result<(), String> {
+        let ok = self.persist(false, plan)?;
+        if then == Then::Invalidated {
+            self.check13_bitmap_on_disk()?;
+        }
+        self.node_step(false, Event::Persisted { then, ok })?;
+        self.perform(false)
+    }
+
+    /// Checker 13 once an invalidate's plan is durable: the Secondary's bitmap on its
+    /// metadata device holds every block.
+    fn check13_bitmap_on_disk(&mut self) -> Result<(), String> {
         self.report.invalidates += 1;
-        self.persist(false, plan)?;
         let on_disk = self.s_meta_dev.bitmap(SECTORS as u64)?;
         if on_disk.count() != on_disk.blocks() {
             return Err(format!(
@@ -124,8 +141,7 @@ impl Sim {
             ));
         }
         self.inv.awaiting_target = true;
-        self.sn.invalidated(&mut self.actions);
-        self.perform(false)
+        Ok(())
     }
 
     /// Checker 13 at the start of a target run: the first one after an invalidate

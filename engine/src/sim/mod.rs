@@ -2434,6 +2434,7 @@ impl Sim {
                 stream: Stream::Data,
                 pkt: Packet::State(_),
             } => self.state_sent("Secondary")?,
+            Action::Persist { plan, then, .. } => self.s_persisted(&plan, then)?,
             other => {
                 return Err(format!(
                     "unexpected action of the Secondary's node: {other:?}"

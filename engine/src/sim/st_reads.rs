@@ -86,13 +86,12 @@ impl Sim {
             .into_iter()
             .map(|b| b * SECTORS_PER_BLOCK as u64)
             .collect();
-        let plan = self
-            .sn
-            .begin_invalidate()
-            .map_err(|e| format!("checker 17: invalidate refused: {e}"))?;
+        if !self.begin_s_invalidate()? {
+            return Err("checker 17: invalidate refused".into());
+        }
         st.awaiting_target = true;
         self.st = Some(st);
-        self.invalidated_now(&plan)?;
+        self.pump_secondary()?;
         if self.until_quiescent()? {
             return Err("checker 17: the Primary died during the reads".into());
         }

@@ -151,6 +151,10 @@ struct Inner {
     rs_bufs: HashMap<u64, Arc<AlignedBuf>>,
     /// The last finished SyncTarget run.
     last_sync: Option<crate::resync::ResyncSummary>,
+    /// Management commands waiting for their plan to be durable (`plan.rs`), by handle.
+    admin_replies: HashMap<u64, oneshot::Sender<Result<(), String>>>,
+    /// The last handle given to a management command.
+    last_admin: u64,
     /// Sectors of non-resync IO on the backing device (c-min-rate).
     app_io_sectors: u64,
     /// Resync data bytes sent (`P_RS_DATA_REPLY`).
@@ -243,6 +247,12 @@ enum Effect {
     RenewForResync {
         session: u64,
         target: bool,
+    },
+    /// [`Action::Persist`]'s plan, staged (`plan.rs`).
+    Persist {
+        staged: plan::Staged,
+        then: crate::replica::Then,
+        reply: Option<u64>,
     },
     Complete {
         done: Done,
@@ -416,6 +426,8 @@ impl Inner {
             split_brain: None,
             rs_bufs: HashMap::new(),
             last_sync: None,
+            admin_replies: HashMap::new(),
+            last_admin: 0,
             app_io_sectors: 0,
             resync_bytes_sent: 0,
             split_brain_resolved: None,
@@ -1141,19 +1153,6 @@ impl Volume {
         self.run(effects);
     }
 
-    /// One step of the node that appends actions (a management command's), under the
-    /// lock; the actions are then performed as the cores' are ([`Self::drain`]).
-    fn node_step(&self, f: impl FnOnce(&mut Node, &mut Vec<Action>)) {
-        let mut fx = Vec::new();
-        {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            f(&mut inner.node, &mut inner.actions);
-            self.drain(inner, &mut fx);
-        }
-        self.run(fx);
-    }
-
     /// Runs `f` under the lock if connection `session` is still the current one
     /// (`None` otherwise), then performs its effects.
     fn with_session<T>(
@@ -1588,16 +1587,7 @@ impl Volume {
                 Action::Send { stream, pkt } => {
                     Self::send(inner, stream, &pkt, None);
                 }
-                Action::Complete { id, ok } => {
-                    let Some(p) = inner.pending.remove(&id) else {
-                        panic!("BUG: the core completed request {id}, unknown or completed twice");
-                    };
-                    inner.writes_completed += 1;
-                    if let Some(done) = p.done {
-                        let result = if ok { Ok(()) } else { Err(BlockError::Io) };
-                        fx.push(Effect::Complete { done, result });
-                    }
-                }
+                Action::Complete { id, ok } => Self::complete_request(inner, id, ok, fx),
                 Action::Retired { tag } => {
                     inner.peer_waits.retired(tag);
                     self.core_room.notify_waiters();
@@ -1645,9 +1635,29 @@ impl Volume {
                     crash_repaired,
                 } => self.verify_finished(inner, progress, crash_repaired),
                 Action::CrashRepaired => self.crash_repaired(),
+                Action::Persist { plan, then, reply } => {
+                    let staged = self.stage_plan(inner, plan);
+                    fx.push(Effect::Persist {
+                        staged,
+                        then,
+                        reply,
+                    });
+                }
             }
         }
         inner.actions = actions;
+    }
+
+    /// [`Action::Complete`]: request `id` is done (`ok`); its reply is an effect.
+    fn complete_request(inner: &mut Inner, id: u64, ok: bool, fx: &mut Vec<Effect>) {
+        let Some(p) = inner.pending.remove(&id) else {
+            panic!("BUG: the core completed request {id}, unknown or completed twice");
+        };
+        inner.writes_completed += 1;
+        if let Some(done) = p.done {
+            let result = if ok { Ok(()) } else { Err(BlockError::Io) };
+            fx.push(Effect::Complete { done, result });
+        }
     }
 
     /// [`Action::SendWrite`]: this node's write `head` to the peer, with request `id`'s
@@ -1738,6 +1748,11 @@ impl Volume {
                 Effect::RenewForResync { session, target } => {
                     self.renew_for_resync(session, target);
                 }
+                Effect::Persist {
+                    staged,
+                    then,
+                    reply,
+                } => self.finish_persist(staged, then, reply),
             }
         }
         io::recycle(effects);

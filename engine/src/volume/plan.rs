@@ -8,11 +8,18 @@
 //! order off the lock ([`Volume::persist`]), each step durable before the next is
 //! issued. Bounds: a plan has at most 3 steps; one metadata write and the dirty pages
 //! (≤ the bitmap's pages) are in flight at a time.
+//!
+//! The core asks for a plan as an action too ([`crate::replica::Action::Persist`]: a
+//! management command's, the peer's skipped initial sync): the drain stages it, a task
+//! performs it and feeds the outcome back (`Event::Persisted`), and a management command
+//! ([`Volume::admin`]) waits for that outcome — one waiter per command in flight, so
+//! at most as many as management connections.
 
 use super::durable::Ticket;
 use super::{Inner, Volume};
 use crate::meta::SbChange;
-use crate::replica::Durable;
+use crate::replica::{Admin, Durable, Event, Outcome, Then};
+use tokio::sync::oneshot;
 
 /// A plan whose leading superblock write is staged.
 pub(super) struct Staged {
@@ -21,6 +28,61 @@ pub(super) struct Staged {
 }
 
 impl Volume {
+    /// A management command through the node ([`Event::Admin`]): refused at once (the
+    /// node's message), or done once its plan is durable and the node has done what
+    /// follows (the connection renewed, the peer told).
+    pub(super) async fn admin(&self, cmd: Admin) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let mut fx = Vec::new();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            inner.last_admin += 1;
+            let reply = inner.last_admin;
+            if let Outcome::Refused(why) = Self::step(inner, Event::Admin { cmd, reply })? {
+                return Err(why.into());
+            }
+            inner.admin_replies.insert(reply, tx);
+            self.drain(inner, &mut fx);
+        }
+        self.run(fx);
+        rx.await
+            .map_err(|_| "the volume stopped before the command was durable".to_string())?
+    }
+
+    /// [`crate::replica::Action::Persist`]'s plan, staged by the drain: performed in a
+    /// task; its outcome goes to the node ([`Event::Persisted`]) and, for a management
+    /// command, to its waiter `reply`.
+    pub(super) fn finish_persist(&self, staged: Staged, then: Then, reply: Option<u64>) {
+        self.spawn_task(move |me| async move {
+            let r = me.persist_staged(staged).await.map_err(|e| {
+                let what = match then {
+                    Then::Invalidated => "the invalidate",
+                    Then::AnnounceSkip(_) | Then::PeerSkipAdopted { .. } => {
+                        "the skipped initial sync"
+                    }
+                    Then::Nothing => "the new generation",
+                };
+                format!("cannot record {what}: {e}")
+            });
+            me.feed(|v, inner, fx| {
+                let ok = r.is_ok();
+                Self::feed_local(inner, Event::Persisted { then, ok });
+                v.drain(inner, fx);
+                match reply.and_then(|id| inner.admin_replies.remove(&id)) {
+                    Some(tx) => {
+                        let _ = tx.send(r);
+                    }
+                    None => {
+                        if let Err(e) = r {
+                            tracing::error!("{e}");
+                        }
+                    }
+                }
+            });
+        });
+    }
+
     /// Stages `plan`'s leading superblock step now (see the module docs).
     pub(super) fn stage_plan(&self, inner: &mut Inner, mut plan: Vec<Durable>) -> Staged {
         let first = match plan.first() {

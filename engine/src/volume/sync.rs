@@ -61,7 +61,7 @@ use crate::meta::SbChange;
 use crate::net::handshake::PeerParams;
 use crate::net::{PeerData, Stream};
 use crate::replica::{
-    Event, Node, Outcome, PeerStartedRuns, ReadFor, RunStart, SourceEnd, SyncRole, TargetEnd,
+    Admin, Event, Node, Outcome, PeerStartedRuns, ReadFor, RunStart, SourceEnd, SyncRole, TargetEnd,
 };
 use crate::resync::{
     Digest, Inbound, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -823,61 +823,29 @@ impl Volume {
     /// written, the disk becomes Inconsistent (durably), and the connection is renewed:
     /// the handshake then makes this node the SyncTarget of a full resync.
     pub async fn invalidate(&self) -> Result<(), String> {
-        let plan = self.lock().node.begin_invalidate()?;
-        self.persist(plan)
-            .await
-            .map_err(|e| format!("cannot record the invalidate: {e}"))?;
-        self.node_step(|node, out| node.invalidated(out));
-        Ok(())
+        self.admin(Admin::Invalidate).await
     }
 
-    /// `new-current-uuid [--clear-bitmap]`. Without `clear_bitmap`: a new generation
-    /// (StandAlone only). With it, on a connected pair whose metadata is just created:
-    /// both disks are declared equal (the initial sync is skipped), announced to the peer
-    /// in `P_UUIDS` with the skip-initial-sync flag.
+    /// `new-current-uuid` (`clear_bitmap`: `--clear-bitmap`, a fresh pair's initial sync
+    /// skipped): through the node ([`Admin::NewCurrentUuid`]), one at a time with role
+    /// changes.
     pub async fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), String> {
         let _one = self.role_change.lock().await;
         let random = random_uuid(&mut rand::thread_rng());
-        if clear_bitmap {
-            let (staged, s) = {
-                let mut g = self.lock();
-                let s = g.node.skip_initial_sync(random)?;
-                (
-                    self.stage_plan(&mut g, crate::replica::skipped_sync_durable(s.uuids)),
-                    s,
-                )
-            };
-            self.persist_staged(staged).await?;
-            self.node_step(|node, out| node.announce_skipped_sync(&s, out));
-            return Ok(());
-        }
-        let t = {
-            let mut g = self.lock();
-            let uuids = g.node.new_current_uuid(random)?;
-            self.stage_uuids(&mut g, uuids)
-        };
-        self.meta.durable(t).await
+        self.admin(Admin::NewCurrentUuid {
+            clear_bitmap,
+            random,
+        })
+        .await
     }
 
     /// `P_UUIDS` on a live connection: the peer skipped the initial sync
     /// (`new-current-uuid --clear-bitmap`); anything else is ignored, as DRBD 8.4 does
     /// outside the handshake.
     pub(super) fn peer_uuids(&self, session: u64, p: crate::state::uuid::UuidPacket) {
-        let _ = self.with_session(session, |v, inner, _| {
-            if let Some(uuids) = inner.node.peer_skipped_initial_sync(&p) {
-                tracing::info!("the peer skipped the initial sync: UpToDate");
-                // P_STATE says UpToDate once the superblock and the pages do.
-                let staged = v.stage_plan(inner, crate::replica::skipped_sync_durable(uuids));
-                v.spawn_task(move |me| async move {
-                    if let Err(e) = me.persist_staged(staged).await {
-                        tracing::error!("skipped initial sync: {e}");
-                    }
-                    let mut g = me.lock();
-                    if g.link.as_ref().is_some_and(|l| l.session() == session) {
-                        me.send_state(&mut g);
-                    }
-                });
-            }
+        let _ = self.with_session(session, |v, inner, fx| {
+            Self::feed_local(inner, Event::PeerUuids(p));
+            v.drain(inner, fx);
             Ok(())
         });
     }
