@@ -26,12 +26,13 @@
 //!   VerifyS; the peer's first request starts its side, [`Node::ensure_verify_peer`]:
 //!   VerifyT; [`Node::verify_ended`] returns to Connected.
 //!
-//! Through [`super::Node::step`]: `invalidate` and `new-current-uuid` are
-//! [`super::Event::Admin`] ([`Admin`]), the peer's live `P_UUIDS` is
-//! [`super::Event::PeerUuids`]; each asks for its plan as [`super::Action::Persist`] and
-//! finishes at [`super::Event::Persisted`] ([`Then`]: the connection renewed, the peer
-//! told, this node's `P_STATE`) — the same in both drivers. Online verify's start stays
-//! a call ([`Node::start_verify`]): it makes nothing durable.
+//! Through [`super::Node::step`]: every command here is [`super::Event::Admin`]
+//! ([`Admin`]: also `pause-sync` and `connect --discard-my-data`), the peer's live
+//! `P_UUIDS` is [`super::Event::PeerUuids`]. `invalidate`, `new-current-uuid` and the
+//! peer's skip ask for their plan as [`super::Action::Persist`] and finish at
+//! [`super::Event::Persisted`] ([`Then`]: the connection renewed, the peer told, this
+//! node's `P_STATE`); `verify`, `pause-sync` and `discard-my-data` are done at once —
+//! the same in both drivers. The role changes are `roles.rs`'s.
 //!
 //! A refusal is an operating error: a message for the operator, the node unchanged.
 //! The simulator's operator runs `invalidate` (its checker 13), on a fresh pair's day 0
@@ -88,6 +89,14 @@ pub(crate) enum Admin {
     /// `new-current-uuid` (`clear_bitmap`: `--clear-bitmap`, [`Node::skip_initial_sync`]);
     /// `random` is the new current UUID.
     NewCurrentUuid { clear_bitmap: bool, random: u64 },
+    /// `verify`: this node's online verify (VerifyS, [`Node::start_verify`]), started at
+    /// `tick`, configured as the connection's start said ([`super::PeerStartedRuns`]).
+    Verify { tick: TickInput },
+    /// `pause-sync` (`paused`) / `resume-sync`, at `now_ms`: holds for every target run
+    /// until resumed.
+    PauseSync { paused: bool, now_ms: u64 },
+    /// `connect --discard-my-data` (or its reset): this node loses the next split brain.
+    DiscardMyData(bool),
 }
 
 /// What the node does once the plan of an [`Action::Persist`] is durable
@@ -107,15 +116,43 @@ pub(crate) enum Then {
 }
 
 impl Node {
-    /// A management command ([`Admin`]): its plan is asked for ([`Action::Persist`],
-    /// carrying the driver's `reply` handle) or it is refused, the node unchanged.
+    /// [`super::Event::Admin`]: what [`Self::admin`] did, as the step's outcome.
+    pub(super) fn admin_outcome(
+        &mut self,
+        cmd: Admin,
+        reply: u64,
+        out: &mut Vec<Action>,
+    ) -> super::Outcome {
+        match self.admin(cmd, Some(reply), out) {
+            Ok(true) => super::Outcome::Persisting,
+            Ok(false) => super::Outcome::Done,
+            Err(why) => super::Outcome::Refused(why),
+        }
+    }
+
+    /// A management command ([`Admin`]): done at once (`Ok(false)`), its plan asked for
+    /// (`Ok(true)`: [`Action::Persist`], carrying the driver's `reply` handle), or refused
+    /// with the node unchanged.
     pub(super) fn admin(
         &mut self,
         cmd: Admin,
         reply: Option<u64>,
         out: &mut Vec<Action>,
-    ) -> Result<(), &'static str> {
+    ) -> Result<bool, &'static str> {
         let (plan, then) = match cmd {
+            Admin::Verify { tick } => {
+                self.start_verify(self.peer_started.verify, self.peer_verify, &tick)?;
+                self.push_state(out);
+                return Ok(false);
+            }
+            Admin::PauseSync { paused, now_ms } => {
+                self.runs.set_paused(paused, now_ms);
+                return Ok(false);
+            }
+            Admin::DiscardMyData(discard) => {
+                self.discard_my_data = discard;
+                return Ok(false);
+            }
             Admin::Invalidate => (self.begin_invalidate()?, Then::Invalidated),
             Admin::NewCurrentUuid {
                 clear_bitmap: true,
@@ -139,7 +176,7 @@ impl Node {
             }
         };
         out.push(Action::Persist { plan, then, reply });
-        Ok(())
+        Ok(true)
     }
 
     /// The peer's `P_UUIDS` on a live connection: a skipped initial sync is adopted and
@@ -289,22 +326,20 @@ impl Node {
         cfg: Option<VerifyConfig>,
         peer_verify: bool,
         tick: &TickInput,
-    ) -> Result<(), String> {
+    ) -> Result<(), &'static str> {
         if self.agreed.is_none() || self.conn != ConnState::Connected {
-            return Err(format!(
-                "verify needs a Connected peer (the connection is {})",
-                self.conn
-            ));
+            return Err("verify needs a Connected peer (no resync or verify running)");
         }
         let Some(cfg) = cfg else {
-            return Err("verify-alg is not set in [net]; set verify-alg = \"crc32c\"".into());
+            return Err("verify-alg is not set in [net]; set verify-alg = \"crc32c\"");
         };
         if !peer_verify {
-            return Err("the peer has no verify-alg crc32c".into());
+            return Err("the peer has no verify-alg crc32c");
         }
-        self.runs
-            .start_verify(cfg, tick)
-            .map_err(|e| e.to_string())?;
+        self.runs.start_verify(cfg, tick).map_err(|e| match e {
+            crate::request::Error::Busy => "too many requests in flight",
+            crate::request::Error::Invalid(m) | crate::request::Error::Protocol(m) => m,
+        })?;
         self.conn = ConnState::VerifyS;
         Ok(())
     }
@@ -485,6 +520,45 @@ mod tests {
                 }]
             ),
             "{out:?}"
+        );
+    }
+
+    /// The commands without a plan, as events: `verify` needs what the connection's
+    /// start configured (a Connected peer with verify-alg) and says VerifyS in
+    /// `P_STATE`; `pause-sync` and `discard-my-data` are done at once.
+    #[test]
+    fn verify_pause_and_discard_through_step_are_done_at_once() {
+        use crate::replica::{Event, Outcome};
+        let mut n = node(GEN, DiskState::UpToDate);
+        let mut out = Vec::new();
+        let mut admin = |n: &mut Node, cmd| n.step(Event::Admin { cmd, reply: 1 }, &mut out);
+        let verify = Admin::Verify { tick: tick() };
+        let refused = admin(&mut n, verify).unwrap();
+        assert!(matches!(refused, Outcome::Refused(m) if m.contains("Connected")));
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        n.peer_verify = true;
+        let refused = admin(&mut n, verify).unwrap();
+        assert!(matches!(refused, Outcome::Refused(m) if m.contains("verify-alg")));
+        n.peer_started.verify = Some(VerifyConfig::new(2048));
+        assert_eq!(admin(&mut n, verify), Ok(Outcome::Done));
+        assert_eq!(n.conn, ConnState::VerifyS);
+        let pause = Admin::PauseSync {
+            paused: true,
+            now_ms: 0,
+        };
+        assert_eq!(admin(&mut n, pause), Ok(Outcome::Done));
+        assert!(n.runs.paused());
+        assert_eq!(admin(&mut n, Admin::DiscardMyData(true)), Ok(Outcome::Done));
+        assert!(n.discard_my_data);
+        assert!(
+            matches!(
+                out[..],
+                [Action::Send {
+                    pkt: Packet::State(_),
+                    ..
+                }]
+            ),
+            "only verify's P_STATE: {out:?}"
         );
     }
 

@@ -289,6 +289,8 @@ pub(crate) struct Up {
     pub(crate) peer_disk: DiskState,
     /// The run it starts; `None`: Connected.
     pub(crate) run: Option<RunStart>,
+    /// The peer has verify-alg (this node's `verify` may run).
+    pub(crate) peer_verify: bool,
     pub(crate) tick: TickInput,
 }
 
@@ -296,6 +298,7 @@ impl Node {
     /// A connection is up (see the module docs, "the connection's start").
     pub(super) fn up(&mut self, up: Up, out: &mut Vec<Action>) -> Result<(), StepError> {
         self.connection_up(up.version, up.peer_role, up.peer_disk);
+        self.peer_verify = up.peer_verify;
         let started = match up.run {
             Some(RunStart::Target(cfg)) => self.start_target(cfg, &up.tick).map(|_| ()),
             Some(RunStart::Source(cfg)) => self.start_source(cfg, &up.tick),

@@ -36,8 +36,8 @@
 //! - the management commands that change the node's state (`admin.rs`): `invalidate`,
 //!   `new-current-uuid` with and without `--clear-bitmap` and the peer's side of a
 //!   skipped initial sync, online verify's start on both sides and its end — each a
-//!   check, a change in memory and the order of what the driver makes durable (the
-//!   first three as events of [`Node::step`] whose plan is an [`Action::Persist`]);
+//!   check, a change in memory and the order of what the driver makes durable, each an
+//!   event of [`Node::step`] (a plan is an [`Action::Persist`]);
 //! - [`Node::step`] (`step.rs`): the one entry point for the write path's and the
 //!   resync's events — the peer's writes, barriers, acks and barrier acks, protocol A's
 //!   hand-off, a local write or a flush round that ended, the connection's start and

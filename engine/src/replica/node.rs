@@ -317,6 +317,8 @@ pub(crate) struct Node {
     /// How a run the peer starts is configured; the driver sets it when a connection
     /// comes up (it depends on the features agreed).
     pub(crate) peer_started: PeerStartedRuns,
+    /// The peer has verify-alg, as the last connection's start said.
+    pub(crate) peer_verify: bool,
     /// Local writes the runs held and then released (a count the driver may take and
     /// reset: the simulator's report).
     pub(crate) released: u64,
@@ -366,6 +368,7 @@ impl Node {
             peer_uuids: UuidSet::default(),
             disk_failed: false,
             peer_started: PeerStartedRuns::default(),
+            peer_verify: false,
             released: 0,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),

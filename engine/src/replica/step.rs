@@ -44,9 +44,10 @@
 //! - **The connection's start** ([`Up`]): once the handshake and the bitmap exchange are
 //!   done, the run starts or the node is Connected, its `P_STATE` goes out, a Primary
 //!   replicates (`handshake.rs`'s module docs).
-//! - **Management commands** (`invalidate`, `new-current-uuid`: [`Event::Admin`]) and
-//!   the peer's live `P_UUIDS`: refused ([`Outcome::Refused`]) or a durable plan asked
-//!   for ([`Action::Persist`]), whose outcome ([`Event::Persisted`]) leads to the rest
+//! - **Management commands** (`invalidate`, `new-current-uuid`, `verify`, `pause-sync`,
+//!   `discard-my-data`: [`Event::Admin`]) and the peer's live `P_UUIDS`: refused
+//!   ([`Outcome::Refused`]), done, or a durable plan asked for ([`Action::Persist`],
+//!   [`Outcome::Persisting`]) whose outcome ([`Event::Persisted`]) leads to the rest
 //!   (`admin.rs`).
 //! - **Resync and verify packets.** A resync request that comes before the
 //!   handshake's start (a kernel peer may send one first) starts the source, the peer's
@@ -202,6 +203,9 @@ pub(crate) enum Outcome {
     },
     /// A management command refused, the node unchanged: the operator's message.
     Refused(&'static str),
+    /// A management command taken whose plan is asked for ([`Action::Persist`]): it is
+    /// done at its [`Event::Persisted`].
+    Persisting,
 }
 
 /// Whose error an event revealed (see the module docs).
@@ -323,10 +327,7 @@ impl Node {
                 self.up(up, out)?;
                 Outcome::Done
             }
-            Event::Admin { cmd, reply } => match self.admin(cmd, Some(reply), out) {
-                Ok(()) => Outcome::Done,
-                Err(why) => Outcome::Refused(why),
-            },
+            Event::Admin { cmd, reply } => self.admin_outcome(cmd, reply, out),
             Event::PeerUuids(p) => {
                 self.peer_uuids(&p, out);
                 Outcome::Done
@@ -832,6 +833,7 @@ mod tests {
             peer_role,
             peer_disk,
             run,
+            peer_verify: false,
             tick: TickInput::default(),
         })
     }

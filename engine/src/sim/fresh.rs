@@ -53,6 +53,7 @@ pub(super) fn day0(pn: &mut Node, sn: &mut Node, rng: &mut Rng) -> Result<(), St
             peer_role: Role::Secondary,
             peer_disk: DiskState::Inconsistent,
             run: None,
+            peer_verify: false,
             tick: TickInput::default(),
         };
         n.step(Event::ConnectionUp(up), &mut out)

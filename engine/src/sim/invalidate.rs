@@ -106,11 +106,8 @@ impl Sim {
     /// The operator's `invalidate` on the Secondary's node ([`Admin::Invalidate`]):
     /// `false` if refused; otherwise its plan waits among the actions.
     pub(super) fn begin_s_invalidate(&mut self) -> Result<bool, String> {
-        let ev = Event::Admin {
-            cmd: Admin::Invalidate,
-            reply: 0,
-        };
-        Ok(!matches!(self.node_step(false, ev)?, Outcome::Refused(_)))
+        let done = self.operator(false, Admin::Invalidate)?;
+        Ok(!matches!(done, Outcome::Refused(_)))
     }
 
     /// The Secondary's node asked for a plan ([`crate::replica::Action::Persist`]): performed

@@ -2324,6 +2324,12 @@ impl Sim {
             .map_err(|e| format!("the {name}'s node refused {ev:?}: {e}"))
     }
 
+    /// The operator's management command on the Primary's node (`primary`) or the
+    /// Secondary's ([`Event::Admin`]).
+    fn operator(&mut self, primary: bool, cmd: crate::replica::Admin) -> Result<Outcome, String> {
+        self.node_step(primary, Event::Admin { cmd, reply: 0 })
+    }
+
     /// Performs the Secondary node's actions (with those already in `self.actions`, a
     /// flush round's).
     fn pump_secondary(&mut self) -> Result<(), String> {

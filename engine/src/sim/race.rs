@@ -98,6 +98,7 @@ fn node(disk: DiskState, peer: DiskState) -> Result<Node, String> {
         peer_role: Role::Secondary,
         peer_disk: peer,
         run: None,
+        peer_verify: false,
         tick: TickInput::default(),
     };
     n.step(Event::ConnectionUp(up), &mut Vec::new())

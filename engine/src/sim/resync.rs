@@ -71,7 +71,7 @@ use crate::replica::{
     promoted_uuids, Action, Durable, GenerationFacts, LocalWrite, Node, ReadFor, RunRead, Side,
     SyncRole, SyncRuns, TargetEnd,
 };
-use crate::replica::{Event, Outcome, RunStart, SourceEnd, Up};
+use crate::replica::{Admin, Event, Outcome, RunStart, SourceEnd, Up};
 use crate::request::{OutOfSync, Primary, SECTOR};
 use crate::resync::{
     Digest, Inbound, RateConfig, ReadOutcome, ResyncSummary, SourceConfig, TargetConfig, TickInput,
@@ -639,7 +639,8 @@ impl Sim {
         let (pol_p, pol_s) = self.policies(resolving);
         let rc_p = self.rs.rng.chance(500_000);
         // Both nodes' handshake (`replica::Node::hello`, then `agree` on what each sent).
-        self.sn.discard_my_data = resolving;
+        // (`connect --discard-my-data` on the Secondary when resolving a split brain.)
+        self.operator(false, Admin::DiscardMyData(resolving))?;
         let (me_p, me_s) = (self.pn.hello(), self.sn.hello());
         let ctx = |rc| HandshakeCtx {
             agreed_version: AGREED,
@@ -763,6 +764,8 @@ impl Sim {
             peer_role: peer.role,
             peer_disk: peer.disk,
             run: None,
+            // Both nodes of the model have verify-alg (`verify.rs` runs one).
+            peer_verify: true,
             tick: TickInput::default(),
         };
         self.rs.ups = Some((up(&self.sn), up(&self.pn)));

@@ -20,7 +20,7 @@ use super::fresh::through_codec;
 use super::invalidate::damage;
 use super::rng::Rng;
 use super::{Sim, SECTORS};
-use crate::replica::{Action, Event, Outcome, ReadFor, RunRead};
+use crate::replica::{Action, Admin, Event, Outcome, ReadFor, RunRead};
 use crate::request::SECTOR;
 use crate::resync::{Digest, Inbound, ReadOutcome, VerifyConfig, VerifyProgress};
 use crate::state::ConnState;
@@ -53,14 +53,20 @@ impl Sim {
         self.report.verifies += 1;
         let damaged = damage(&mut self.sdisk, &mut rng, super::invalidate::DAMAGED);
         let ctx = WireCtx::new(101, ff::PRO_FEATURES_84).map_err(|e| e.to_string())?;
-        let tick = self.tick_input(true);
-        self.pn
-            .start_verify(Some(VerifyConfig::new(SECTORS as u64)), true, &tick)
-            .map_err(|e| format!("checker 16: verify refused: {e}"))?;
-        // The Secondary's side starts at the Primary's first request (the daemon sets
-        // this when a connection comes up).
-        self.sn.peer_started.verify = Some(VerifyConfig::new(SECTORS as u64));
+        // Both sides' verify as the daemon configures it when a connection comes up: the
+        // operator's `verify` on the Primary, the Secondary's side at its first request.
+        for n in [&mut self.pn, &mut self.sn] {
+            n.peer_started.verify = Some(VerifyConfig::new(SECTORS as u64));
+        }
         let (mut p, mut s) = (Side::default(), Side::default());
+        let tick = self.tick_input(true);
+        let verify = Event::Admin {
+            cmd: Admin::Verify { tick },
+            reply: 0,
+        };
+        if let Outcome::Refused(e) = self.verify_step(true, verify, &mut p, &ctx)? {
+            return Err(format!("checker 16: verify refused: {e}"));
+        }
         for _ in 0..MAX_STEPS {
             self.now += TICK_MS;
             let (tp, ts) = (self.tick_input(true), self.tick_input(false));
@@ -148,6 +154,11 @@ impl Sim {
                             .map_err(|e| format!("checker 16: verify digest: {e}"))?;
                     }
                     Action::VerifyFinished { progress, .. } => side.done = Some(progress),
+                    // The node's `P_STATE` (VerifyS): the model's peer needs none.
+                    Action::Send {
+                        pkt: Packet::State(_),
+                        ..
+                    } => {}
                     other => return Err(format!("checker 16: verify asked for {other:?}")),
                 }
             }

@@ -163,8 +163,6 @@ struct Inner {
     split_brain_resolved: Option<String>,
     /// The last finished (or interrupted) verify.
     last_verify: Option<crate::resync::VerifyProgress>,
-    /// The peer's `verify-alg` is crc32c.
-    peer_verify: bool,
     /// Reads sent to the peer (`P_DATA_REQUEST`), by block id.
     remote_reads: HashMap<u64, RemoteRead>,
     /// Next `P_DATA_REQUEST` block id.
@@ -432,7 +430,6 @@ impl Inner {
             resync_bytes_sent: 0,
             split_brain_resolved: None,
             last_verify: None,
-            peer_verify: false,
             remote_reads: HashMap::new(),
             next_read_id: 1,
             hole_reads_skipped: 0,
@@ -1101,6 +1098,7 @@ impl Volume {
                 peer_role: peer.role,
                 peer_disk: peer.disk,
                 run,
+                peer_verify: peer.verify,
                 tick: self.tick_input(inner),
             };
             match Self::step(inner, Event::ConnectionUp(up)) {
@@ -1114,7 +1112,6 @@ impl Volume {
                     kill.notify_one();
                 }
             }
-            inner.peer_verify = peer.verify;
             self.drain(inner, &mut effects);
         }
         self.run(effects);

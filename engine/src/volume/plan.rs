@@ -29,25 +29,52 @@ pub(super) struct Staged {
 
 impl Volume {
     /// A management command through the node ([`Event::Admin`]): refused at once (the
-    /// node's message), or done once its plan is durable and the node has done what
-    /// follows (the connection renewed, the peer told).
+    /// node's message), done at once, or done once its plan is durable and the node has
+    /// done what follows (the connection renewed, the peer told).
     pub(super) async fn admin(&self, cmd: Admin) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
+        match self.admin_step(cmd)? {
+            Some(rx) => rx
+                .await
+                .map_err(|_| "the volume stopped before the command was durable".to_string())?,
+            None => Ok(()),
+        }
+    }
+
+    /// A management command the node does at once (no plan: `verify`, `pause-sync`,
+    /// `discard-my-data`).
+    pub(super) fn admin_now(&self, cmd: Admin) -> Result<(), String> {
+        if self.admin_step(cmd)?.is_some() {
+            tracing::error!("BUG: {cmd:?} asked for a plan; nobody waits for it");
+        }
+        Ok(())
+    }
+
+    /// Steps `cmd` under the lock and performs what follows. `Some`: the command asked
+    /// for a plan ([`Outcome::Persisting`]), whose outcome arrives there.
+    fn admin_step(
+        &self,
+        cmd: Admin,
+    ) -> Result<Option<oneshot::Receiver<Result<(), String>>>, String> {
         let mut fx = Vec::new();
-        {
+        let rx = {
             let mut g = self.lock();
             let inner = &mut *g;
             inner.last_admin += 1;
             let reply = inner.last_admin;
-            if let Outcome::Refused(why) = Self::step(inner, Event::Admin { cmd, reply })? {
-                return Err(why.into());
-            }
-            inner.admin_replies.insert(reply, tx);
+            let rx = match Self::step(inner, Event::Admin { cmd, reply })? {
+                Outcome::Refused(why) => return Err(why.into()),
+                Outcome::Persisting => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.admin_replies.insert(reply, tx);
+                    Some(rx)
+                }
+                _ => None,
+            };
             self.drain(inner, &mut fx);
-        }
+            rx
+        };
         self.run(fx);
-        rx.await
-            .map_err(|_| "the volume stopped before the command was durable".to_string())?
+        Ok(rx)
     }
 
     /// [`crate::replica::Action::Persist`]'s plan, staged by the drain: performed in a

@@ -628,19 +628,10 @@ impl Volume {
     /// `verify`: compares every block with the peer's by digest (this node is VerifyS;
     /// the checks are `replica::Node::start_verify`'s).
     pub fn start_verify(&self) -> Result<(), String> {
-        let mut fx = Vec::new();
-        {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            let tick = self.tick_input(inner);
-            let cfg = self.verify_config(0);
-            inner.node.start_verify(cfg, inner.peer_verify, &tick)?;
-            self.sync_run_started.notify_one();
-            self.send_state(inner);
-            tracing::info!("online verify started");
-            self.drain(inner, &mut fx);
-        }
-        self.run(fx);
+        let tick = self.tick_input(&self.lock());
+        self.admin_now(Admin::Verify { tick })?;
+        self.sync_run_started.notify_one();
+        tracing::info!("online verify started");
         Ok(())
     }
 
@@ -816,7 +807,9 @@ impl Volume {
     /// `connect --discard-my-data`: the next handshake says this node loses a split
     /// brain (P_UUIDS flag 1). Cleared when a connection is made.
     pub fn set_discard_my_data(&self, discard: bool) {
-        self.lock().node.discard_my_data = discard;
+        if let Err(e) = self.admin_now(Admin::DiscardMyData(discard)) {
+            tracing::error!("discard-my-data: {e}");
+        }
     }
 
     /// `invalidate`: this Secondary's data is declared invalid. Every bit is set and
@@ -860,14 +853,10 @@ impl Volume {
 
     /// `pause-sync` / `resume-sync`.
     pub fn set_sync_paused(&self, paused: bool) {
-        let mut fx = Vec::new();
-        {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            inner.node.runs.set_paused(paused, self.now_ms());
-            self.drain(inner, &mut fx);
+        let now_ms = self.now_ms();
+        if let Err(e) = self.admin_now(Admin::PauseSync { paused, now_ms }) {
+            tracing::error!("pause-sync: {e}");
         }
-        self.run(fx);
     }
 
     /// The `resync` object of the status.
