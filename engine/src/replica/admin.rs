@@ -321,7 +321,7 @@ impl Node {
 
     /// `verify`: compares every block with the peer's by digest; this node is VerifyS.
     /// `cfg` is `None` when verify-alg is not set here; `peer_verify`: the peer's is.
-    pub(crate) fn start_verify(
+    pub(super) fn start_verify(
         &mut self,
         cfg: Option<VerifyConfig>,
         peer_verify: bool,
@@ -346,7 +346,7 @@ impl Node {
 
     /// The peer's first `P_OV_REQUEST` starts this node's side (VerifyT); `cfg` starts
     /// at its sector (`None`: verify-alg is not set here). `true`: it started now.
-    pub(crate) fn ensure_verify_peer(&mut self, cfg: Option<VerifyConfig>) -> Result<bool, String> {
+    pub(super) fn ensure_verify_peer(&mut self, cfg: Option<VerifyConfig>) -> Result<bool, String> {
         if self.runs.verify_running() {
             return Ok(false);
         }
@@ -362,7 +362,7 @@ impl Node {
 
     /// The online verify ended: back to Connected. `true`: the crashed-Primary flag was
     /// cleared by that ([`Node::reached_connected`]); the driver records it durably.
-    pub(crate) fn verify_ended(&mut self) -> bool {
+    pub(super) fn verify_ended(&mut self) -> bool {
         if matches!(self.conn, ConnState::VerifyS | ConnState::VerifyT) {
             self.conn = ConnState::Connected;
             return self.reached_connected();

@@ -494,7 +494,7 @@ impl Node {
     /// resync write lands under one (the simulator found that one could). The connection
     /// is SyncTarget, the peer's disk UpToDate. The run completes with the peer's UUIDs
     /// as the handshake agreed them ([`Self::peer_uuids`]). Returns the run.
-    pub(crate) fn start_target(
+    pub(super) fn start_target(
         &mut self,
         cfg: TargetConfig,
         tick: &TickInput,
@@ -540,7 +540,7 @@ impl Node {
 
     /// The handshake made this node SyncSource: the source starts (unless one runs), the
     /// connection is SyncSource, the peer's disk Inconsistent.
-    pub(crate) fn start_source(
+    pub(super) fn start_source(
         &mut self,
         cfg: SourceConfig,
         tick: &TickInput,
@@ -553,7 +553,7 @@ impl Node {
     /// Starts the source unless one runs (a peer's resync request may come first), told
     /// of this node's writes not yet on the disk (each holds the reads of its range until
     /// it is).
-    pub(crate) fn ensure_source(
+    pub(super) fn ensure_source(
         &mut self,
         cfg: SourceConfig,
         tick: &TickInput,
@@ -643,7 +643,7 @@ impl Node {
     /// transition to Connected (the handshake already weighed the flag, and a resync that
     /// left blocks behind keeps them in the bitmap and the UUIDs). `true`: the flag was
     /// set; the driver records its clear durably.
-    pub(crate) fn reached_connected(&mut self) -> bool {
+    pub(super) fn reached_connected(&mut self) -> bool {
         std::mem::replace(&mut self.crashed_primary, false)
     }
 
