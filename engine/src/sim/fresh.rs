@@ -5,10 +5,11 @@
 //! UUID `UUID_JUST_CREATED`, the disks Inconsistent, every block marked out of sync —
 //! and both disks all zeroes, so known to be equal (fresh thin volumes). While they are
 //! connected, the operator runs `new-current-uuid --clear-bitmap` on the node that will
-//! be Primary: `Node::skip_initial_sync` declares the pair in sync and returns its first
-//! generation (the model has no superblock: durable when assigned, the pages with it);
-//! `Node::announce_skipped_sync` sends `P_UUIDS` with the skip-initial-sync flag,
-//! through the codec; the peer adopts it (`Node::peer_skipped_initial_sync`). Then
+//! be Primary (`Event::Admin`): `Node::skip_initial_sync` declares the pair in sync and
+//! asks for its first generation to be made durable (`Action::Persist`; the model has no
+//! superblock: durable when assigned, the pages with it); then (`Event::Persisted`) it
+//! sends `P_UUIDS` with the skip-initial-sync flag, through the codec; the peer adopts it
+//! (`Event::PeerUuids`, `Node::peer_skipped_initial_sync`) the same way. Then
 //! `primary` on the first node (`Node::begin_promotion` … `Node::take_primary`) and the
 //! run starts as on every seed, with its first handshake.
 //!
