@@ -319,8 +319,9 @@ pub(crate) struct Node {
     pub(crate) peer_started: PeerStartedRuns,
     /// The peer has verify-alg, as the last connection's start said.
     pub(crate) peer_verify: bool,
-    /// Local writes the runs held and then released (a count the driver may take and
-    /// reset: the simulator's report).
+    /// Local writes the runs held and then released (a count the simulator's report
+    /// takes and resets; not in the release library).
+    #[cfg(any(test, feature = "sim"))]
     pub(crate) released: u64,
     primary_out: Vec<PrimaryOutput>,
     receiver_out: Vec<ReceiverOutput>,
@@ -369,6 +370,7 @@ impl Node {
             disk_failed: false,
             peer_started: PeerStartedRuns::default(),
             peer_verify: false,
+            #[cfg(any(test, feature = "sim"))]
             released: 0,
             primary_out: Vec::new(),
             receiver_out: Vec::new(),
@@ -770,7 +772,10 @@ impl Node {
                     len,
                 },
                 SyncAction::Release { write } => {
-                    self.released += 1;
+                    #[cfg(any(test, feature = "sim"))]
+                    {
+                        self.released += 1;
+                    }
                     Action::LocalWrite(write)
                 }
                 SyncAction::WriteBack => Action::BitmapWriteBack,
