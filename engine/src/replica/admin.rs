@@ -1,7 +1,8 @@
 //! The management commands that change a node's state, as [`Node`] methods the driver
 //! runs: `invalidate`, `new-current-uuid` (with `--clear-bitmap`: the initial sync
 //! skipped, and the peer's side of that), and online verify (`verify`, the peer's start,
-//! the end). `primary` and `secondary` are in `roles.rs`.
+//! the end). `primary` and `secondary` are [`Admin`]s too; their rules and sequences are
+//! in `roles.rs` and `role_cmd.rs`.
 //!
 //! Each command is a check, a change of the node's state in memory, and what the driver
 //! makes durable, in this order:
@@ -32,7 +33,8 @@
 //! peer's skip ask for their plan as [`super::Action::Persist`] and finish at
 //! [`super::Event::Persisted`] ([`Then`]: the connection renewed, the peer told, this
 //! node's `P_STATE`); `verify`, `pause-sync` and `discard-my-data` are done at once —
-//! the same in both drivers. The role changes are `roles.rs`'s.
+//! the same in both drivers. The role changes' steps are `role_cmd.rs`'s (the peer's
+//! answer to a promotion request is [`super::Event::StateReply`]).
 //!
 //! A refusal is an operating error: a message for the operator, the node unchanged.
 //! The simulator's operator runs `invalidate` (its checker 13), on a fresh pair's day 0
@@ -43,9 +45,10 @@
 //! `new-current-uuid` and the peer's skipped initial sync in
 //! `tests/tests/peer_requests.rs`).
 
-use super::{Action, Durable, Node};
+use super::{Action, Durable, Node, Outcome, Promotion, Why};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
+use crate::request::Error;
 use crate::resync::{TickInput, VerifyConfig};
 use crate::state::uuid::{UuidPacket, UuidSet};
 use crate::state::{ConnState, DiskState, Role};
@@ -97,6 +100,12 @@ pub(crate) enum Admin {
     PauseSync { paused: bool, now_ms: u64 },
     /// `connect --discard-my-data` (or its reset): this node loses the next split brain.
     DiscardMyData(bool),
+    /// `primary` (`force`: `primary --force`); `random`: the draws of the generation it
+    /// may start (`role_cmd.rs`).
+    Promote { force: bool, random: [u64; 2] },
+    /// `secondary` (`role_cmd.rs`; the driver has checked that no frontend client holds
+    /// the device open).
+    Demote,
 }
 
 /// What the node does once the plan of an [`Action::Persist`] is durable
@@ -111,8 +120,21 @@ pub(crate) enum Then {
     /// The peer's skipped initial sync, adopted: this node's `P_STATE` (UpToDate) on the
     /// connection that told it, if it is still up (the `connection`-th).
     PeerSkipAdopted { connection: u64 },
-    /// Nothing more (`new-current-uuid`: the generation is durable).
+    /// Nothing more (`new-current-uuid`: the generation is durable; an abandoned
+    /// promotion's old generation).
     Nothing,
+    /// `primary`: the role is taken if the rules still allow it (`role_cmd.rs`).
+    Promoted(Promotion),
+    /// `secondary`: the peer is told; `detached`: a Diskless Primary's, best effort.
+    Demoted { detached: bool },
+}
+
+impl Then {
+    /// A failure of this plan does not fail its command (the driver logs it): a
+    /// Diskless Primary's demotion, whose metadata is on the failed disk.
+    pub(crate) fn best_effort(&self) -> bool {
+        matches!(self, Then::Demoted { detached: true })
+    }
 }
 
 impl Node {
@@ -122,37 +144,31 @@ impl Node {
         cmd: Admin,
         reply: u64,
         out: &mut Vec<Action>,
-    ) -> super::Outcome {
-        match self.admin(cmd, Some(reply), out) {
-            Ok(true) => super::Outcome::Persisting,
-            Ok(false) => super::Outcome::Done,
-            Err(why) => super::Outcome::Refused(why),
-        }
+    ) -> Outcome {
+        self.admin(cmd, reply, out).unwrap_or_else(Outcome::Refused)
     }
 
-    /// A management command ([`Admin`]): done at once (`Ok(false)`), its plan asked for
-    /// (`Ok(true)`: [`Action::Persist`], carrying the driver's `reply` handle), or refused
-    /// with the node unchanged.
-    pub(super) fn admin(
-        &mut self,
-        cmd: Admin,
-        reply: Option<u64>,
-        out: &mut Vec<Action>,
-    ) -> Result<bool, &'static str> {
+    /// A management command ([`Admin`]): done at once ([`Outcome::Done`]), its plan
+    /// asked for ([`Outcome::Persisting`]: [`Action::Persist`], carrying the driver's
+    /// `reply` handle), the peer asked ([`Outcome::AskedPeer`], `role_cmd.rs`), or
+    /// refused with the node unchanged.
+    fn admin(&mut self, cmd: Admin, reply: u64, out: &mut Vec<Action>) -> Result<Outcome, Why> {
         let (plan, then) = match cmd {
             Admin::Verify { tick } => {
                 self.start_verify(self.peer_started.verify, self.peer_verify, &tick)?;
                 self.push_state(out);
-                return Ok(false);
+                return Ok(Outcome::Done);
             }
             Admin::PauseSync { paused, now_ms } => {
                 self.runs.set_paused(paused, now_ms);
-                return Ok(false);
+                return Ok(Outcome::Done);
             }
             Admin::DiscardMyData(discard) => {
                 self.discard_my_data = discard;
-                return Ok(false);
+                return Ok(Outcome::Done);
             }
+            Admin::Promote { force, random } => return self.promote_cmd(force, random, reply, out),
+            Admin::Demote => return self.demote_cmd(reply, out),
             Admin::Invalidate => (self.begin_invalidate()?, Then::Invalidated),
             Admin::NewCurrentUuid {
                 clear_bitmap: true,
@@ -175,8 +191,12 @@ impl Node {
                 )
             }
         };
-        out.push(Action::Persist { plan, then, reply });
-        Ok(true)
+        out.push(Action::Persist {
+            plan,
+            then,
+            reply: Some(reply),
+        });
+        Ok(Outcome::Persisting)
     }
 
     /// The peer's `P_UUIDS` on a live connection: a skipped initial sync is adopted and
@@ -200,9 +220,16 @@ impl Node {
     /// The plan of an [`Action::Persist`] was made durable (`ok`) or failed: what
     /// follows ([`Then`]). A failed `invalidate` or skipped sync changes nothing more
     /// (the node stays as the command left it in memory: more to resync, never less);
-    /// the peer's adopted skip still says UpToDate, as its data is.
-    pub(super) fn persisted(&mut self, then: Then, ok: bool, out: &mut Vec<Action>) {
+    /// the peer's adopted skip still says UpToDate, as its data is. A role change's
+    /// outcome is `role_cmd.rs`'s. `Err`: a contract violation.
+    pub(super) fn persisted(
+        &mut self,
+        then: Then,
+        ok: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<Outcome, Error> {
         match then {
+            Then::Promoted(_) | Then::Demoted { .. } => return self.role_persisted(then, ok, out),
             Then::Invalidated if ok => self.invalidated(out),
             Then::AnnounceSkip(a) if ok => {
                 out.push(Action::Send {
@@ -218,6 +245,7 @@ impl Node {
             }
             _ => {}
         }
+        Ok(Outcome::Done)
     }
 
     /// `invalidate`: refused on a Primary, during a run, or without a peer to resync
@@ -534,11 +562,11 @@ mod tests {
         let mut admin = |n: &mut Node, cmd| n.step(Event::Admin { cmd, reply: 1 }, &mut out);
         let verify = Admin::Verify { tick: tick() };
         let refused = admin(&mut n, verify).unwrap();
-        assert!(matches!(refused, Outcome::Refused(m) if m.contains("Connected")));
+        assert!(matches!(refused, Outcome::Refused(m) if m.to_string().contains("Connected")));
         n.connection_up(101, Role::Secondary, DiskState::UpToDate);
         n.peer_verify = true;
         let refused = admin(&mut n, verify).unwrap();
-        assert!(matches!(refused, Outcome::Refused(m) if m.contains("verify-alg")));
+        assert!(matches!(refused, Outcome::Refused(m) if m.to_string().contains("verify-alg")));
         n.peer_started.verify = Some(VerifyConfig::new(2048));
         assert_eq!(admin(&mut n, verify), Ok(Outcome::Done));
         assert_eq!(n.conn, ConnState::VerifyS);
@@ -592,7 +620,8 @@ mod tests {
         );
         assert_eq!(n.uuids, fresh, "the driver assigns them as it stages them");
         let mut out = Vec::new();
-        n.persisted(Then::AnnounceSkip(s.announce), true, &mut out);
+        n.persisted(Then::AnnounceSkip(s.announce), true, &mut out)
+            .unwrap();
         assert!(
             matches!(
                 &out[..],

@@ -19,7 +19,9 @@
 //!   `primary`, the simulator's failover, split brains, restarts and promotion races),
 //!   the generation a promotion starts, what is made durable before the role is taken,
 //!   when a durable promotion is still taken (the rules again, the same connection)
-//!   and what an abandoned one restores; the demotion's steps;
+//!   and what an abandoned one restores; the demotion's steps — each an event of
+//!   [`Node::step`] (`role_cmd.rs`: the peer asked first while connected, its reply,
+//!   its silence, one role change at a time);
 //! - [`SyncRuns`]: the node's resync target and source — run ids, held writes, writes in
 //!   flight when a run starts, a run cut by a connection loss, the end of a run, the
 //!   stream class of each packet — taking one event at a time (through [`Node::step`])
@@ -57,6 +59,7 @@ mod failed;
 mod flush;
 mod handshake;
 mod node;
+mod role_cmd;
 mod roles;
 mod step;
 mod sync;
@@ -70,6 +73,7 @@ pub(crate) use handshake::{RunStart, SyncRole, Up};
 pub(crate) use node::{
     Action, LocalWrite, Node, PeerDisk, PeerStartedRuns, Side, SourceEnd, TargetEnd,
 };
+pub(crate) use role_cmd::Why;
 pub(crate) use roles::Promotion;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;

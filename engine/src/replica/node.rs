@@ -56,7 +56,8 @@
 //! actions of one drain are at most the cores' outputs since the last one (bounded by
 //! their in-flight limits).
 
-use super::{Durable, FlushRounds, RunRead, SyncAction, SyncRuns, Then};
+use super::role_cmd::Asking;
+use super::{Durable, FlushRounds, RunRead, SyncAction, SyncRuns, Then, Why};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::{
@@ -190,12 +191,18 @@ pub(crate) enum Action {
     /// Make `plan` durable, step by step (`durable.rs`), then report
     /// [`super::Event::Persisted`] with `then` and whether it succeeded. `reply`: the
     /// driver's handle of the management command that asked for it (its operator waits
-    /// for the outcome).
+    /// for the outcome: the plan's failure, or the outcome of `Persisted`).
     Persist {
         plan: Vec<Durable>,
         then: Then,
         reply: Option<u64>,
     },
+    /// The management command `reply` that waits ([`super::Outcome::AskedPeer`]) is
+    /// refused: the peer refused it, the connection was lost, or the rules changed.
+    Reply { reply: u64, refused: Why },
+    /// This node's role is now this (its log and events; the peer is told by a
+    /// `P_STATE` among the actions).
+    RoleChanged(Role),
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).
@@ -305,6 +312,10 @@ pub(crate) struct Node {
     /// A promotion waits for its metadata ([`Self::begin_promotion`]): the peer's own
     /// promotion request is refused meanwhile.
     pub(crate) promoting: bool,
+    /// A promotion asked the peer and waits for its reply (`role_cmd.rs`).
+    pub(crate) asking: Option<Asking>,
+    /// A demotion waits for its metadata (`role_cmd.rs`).
+    pub(crate) demoting: bool,
     /// `connect --discard-my-data`: this node loses a split brain at the next handshake
     /// (`P_UUIDS` flag 1); it holds until a connection is up.
     pub(crate) discard_my_data: bool,
@@ -365,6 +376,8 @@ impl Node {
             peer_role: Role::Unknown,
             peer_disk: DiskState::DUnknown,
             promoting: false,
+            asking: None,
+            demoting: false,
             discard_my_data: false,
             peer_uuids: UuidSet::default(),
             disk_failed: false,
@@ -699,12 +712,11 @@ impl Node {
     }
 
     /// Decides the peer's state change request (`state::change::decide`, over this
-    /// node's state; `own_request`: this node waits for the reply to a request of its
-    /// own) and, if granted, applies what it changes of the peer's role and disk.
-    pub(crate) fn peer_request(
+    /// node's state, a request of its own among it) and, if granted, applies what it
+    /// changes of the peer's role and disk.
+    pub(super) fn peer_request(
         &mut self,
         req: wire::ReqState,
-        own_request: bool,
         resolve_conflicts: bool,
     ) -> (change::Decision, PeerDisk) {
         let local = change::Local {
@@ -712,7 +724,7 @@ impl Node {
             disk: self.disk,
             conn: self.conn,
             peer_disk: self.peer_disk,
-            own_request_pending: own_request || self.promoting,
+            own_request_pending: self.asking.is_some() || self.promoting,
             resolve_conflicts,
         };
         let d = change::decide(&local, req.mask, req.val);

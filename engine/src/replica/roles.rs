@@ -19,7 +19,8 @@
 //! of a pair that was just created starts the pair's first generation and announces it
 //! as a skipped initial sync.
 //!
-//! The sequences, as [`Node`] methods both drivers run:
+//! The sequences, as [`Node`] methods that the events of `role_cmd.rs` run (both drivers
+//! feed those events):
 //!
 //! - **Promotion**: [`Node::begin_promotion`] (the rules; the new UUIDs assigned; the
 //!   peer's promotion requests refused from now on) → the driver makes the UUIDs, the
@@ -29,8 +30,8 @@
 //!   peer the skipped-initial-sync announcement and `P_STATE`; a forced promotion
 //!   drops the connection so that a handshake resyncs the peer), or
 //!   [`Node::abandon_promotion`] (the old UUIDs back unless they changed meanwhile,
-//!   and the flag cleared). While connected, the daemon asks the peer first
-//!   (`state::change`); the grant belongs to that connection.
+//!   and the flag cleared). While connected, the node asks the peer first
+//!   (`state::change`, `role_cmd.rs`); the grant belongs to that connection.
 //! - **Demotion**: [`Node::begin_demotion`] (refused while writes are in flight; the
 //!   role at once, the core lets go of the connection: every write the peer may lack
 //!   is out of sync) → the driver flushes the data disk (what this Primary completed
@@ -45,7 +46,7 @@
 //! the simulator's operator does not, and counts how often that would lose writes.
 
 use super::durable::Deferred;
-use super::{Action, Durable, Node};
+use super::{Action, Durable, Node, Why};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::Error;
@@ -202,6 +203,11 @@ impl Promotion {
         changes.push(SbChange::Uuids(self.uuids));
         changes
     }
+
+    /// It was decided while connected.
+    pub(crate) fn connected(&self) -> bool {
+        self.connection.is_some()
+    }
 }
 
 impl Node {
@@ -228,7 +234,7 @@ impl Node {
     /// Primary is what makes the next attach after a crash apply the activity log — and
     /// then calls [`Self::take_primary`] or [`Self::abandon_promotion`]. Meanwhile the
     /// peer's own promotion request is refused (`promoting`).
-    pub(crate) fn begin_promotion(
+    pub(super) fn begin_promotion(
         &mut self,
         force: bool,
         random: impl FnMut() -> u64,
@@ -258,8 +264,8 @@ impl Node {
 
     /// Whether `p`, now durable, may still be taken: the rules again (the state may have
     /// changed while its metadata was written), on the connection it was decided on.
-    pub(crate) fn may_take_primary(&self, p: &Promotion) -> Result<(), String> {
-        self.may_promote(p.force).map_err(|r| r.to_string())?;
+    pub(super) fn may_take_primary(&self, p: &Promotion) -> Result<(), Why> {
+        self.may_promote(p.force).map_err(Why::Promotion)?;
         if self.agreed.map(|_| self.connections) != p.connection {
             return Err("the connection changed while the promotion was decided; retry".into());
         }
@@ -271,7 +277,7 @@ impl Node {
     /// state go to the peer; a forced promotion drops the connection (the peer resyncs
     /// from the new generation: a new handshake decides it); while connected, new writes
     /// replicate. `Err`: a contract violation.
-    pub(crate) fn take_primary(
+    pub(super) fn take_primary(
         &mut self,
         p: &Promotion,
         out: &mut Vec<Action>,
@@ -303,7 +309,7 @@ impl Node {
     /// away): the peer's requests are refused no longer, and the old generation stands
     /// (nothing was written as Primary): restored, and staged with "not Primary" (one
     /// superblock write) — unless the UUIDs changed meanwhile (only the flag then).
-    pub(crate) fn abandon_promotion(&mut self, p: &Promotion) -> Vec<SbChange> {
+    pub(super) fn abandon_promotion(&mut self, p: &Promotion) -> Vec<SbChange> {
         self.promoting = false;
         let mut changes = vec![SbChange::Primary(false)];
         if self.uuids == p.uuids {
@@ -323,7 +329,7 @@ impl Node {
     /// nodes — the simulator's switchover found it; a detached disk has nothing to
     /// flush), the dirty bitmap pages, then [`Self::demoted_uuids`] with "not Primary" in
     /// one superblock write; on a failure, [`Self::demotion_failed`].
-    pub(crate) fn begin_demotion(
+    pub(super) fn begin_demotion(
         &mut self,
         out: &mut Vec<Action>,
     ) -> Result<Vec<Durable>, &'static str> {
@@ -342,7 +348,7 @@ impl Node {
     }
 
     /// The generation a demotion records (bit 0, Primary, cleared).
-    pub(crate) fn demoted_uuids(&self) -> UuidSet {
+    pub(super) fn demoted_uuids(&self) -> UuidSet {
         let mut uuids = self.uuids;
         uuids.demote();
         uuids
@@ -351,13 +357,13 @@ impl Node {
     /// The demotion's metadata could not be written: the superblock keeps saying Primary
     /// (a crash then applies the activity log, which covers every bit not yet written)
     /// and the disk goes out of use, so that no clean stop can mark it clean later.
-    pub(crate) fn demotion_failed(&mut self, out: &mut Vec<Action>) {
+    pub(super) fn demotion_failed(&mut self, out: &mut Vec<Action>) {
         self.primary.fail_disk();
         self.drain(out);
     }
 
     /// Queues this node's state for the peer.
-    pub(crate) fn push_state(&self, out: &mut Vec<Action>) {
+    pub(super) fn push_state(&self, out: &mut Vec<Action>) {
         if let Some(pkt) = self.state_packet() {
             out.push(Action::Send {
                 stream: Stream::Data,
@@ -625,6 +631,7 @@ mod tests {
         assert!(n
             .may_take_primary(&p)
             .unwrap_err()
+            .to_string()
             .contains("connection changed"));
         // Decided alone, but connected meanwhile.
         let _ = n.connection_lost(&mut out);
@@ -639,6 +646,7 @@ mod tests {
         assert!(n
             .may_take_primary(&p)
             .unwrap_err()
+            .to_string()
             .contains("peer is Primary"));
     }
 
@@ -704,15 +712,15 @@ mod tests {
         let req = wire::ReqState { mask, val };
         let p = n.begin_promotion(false, counter()).unwrap();
         // This node holds RESOLVE_CONFLICTS: its own pending promotion wins.
-        let (d, _) = n.peer_request(req, false, true);
+        let (d, _) = n.peer_request(req, true);
         assert_eq!(d.rv, StateRv::ConcurrentStChg);
         n.take_primary(&p, &mut Vec::new()).unwrap();
-        let (d, _) = n.peer_request(req, false, true);
+        let (d, _) = n.peer_request(req, true);
         assert!(!d.rv.is_success(), "{:?}", d.rv);
         // Granted to a Secondary: the peer is Primary, this node may not promote.
         let mut n = node(DiskState::UpToDate);
         n.connection_up(101, Role::Secondary, DiskState::UpToDate);
-        let (d, _) = n.peer_request(req, false, false);
+        let (d, _) = n.peer_request(req, false);
         assert!(d.rv.is_success());
         assert_eq!(n.peer_role, Role::Primary);
         assert_eq!(n.may_promote(false), Err(Refusal::PeerPrimary));

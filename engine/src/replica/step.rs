@@ -45,10 +45,12 @@
 //!   done, the run starts or the node is Connected, its `P_STATE` goes out, a Primary
 //!   replicates (`handshake.rs`'s module docs).
 //! - **Management commands** (`invalidate`, `new-current-uuid`, `verify`, `pause-sync`,
-//!   `discard-my-data`: [`Event::Admin`]) and the peer's live `P_UUIDS`: refused
-//!   ([`Outcome::Refused`]), done, or a durable plan asked for ([`Action::Persist`],
-//!   [`Outcome::Persisting`]) whose outcome ([`Event::Persisted`]) leads to the rest
-//!   (`admin.rs`).
+//!   `discard-my-data`, `primary`, `secondary`: [`Event::Admin`]) and the peer's live
+//!   `P_UUIDS`: refused ([`Outcome::Refused`]), done, or a durable plan asked for
+//!   ([`Action::Persist`], [`Outcome::Persisting`]) whose outcome ([`Event::Persisted`])
+//!   leads to the rest (`admin.rs`); a connected `primary` asks the peer first
+//!   ([`Outcome::AskedPeer`]; its reply [`Event::StateReply`], its silence
+//!   [`Event::PeerSilent`], `role_cmd.rs`).
 //! - **Resync and verify packets.** A resync request that comes before the
 //!   handshake's start (a kernel peer may send one first) starts the source, the peer's
 //!   first `P_OV_REQUEST` this node's side of its verify, each configured by
@@ -75,7 +77,7 @@
 //! barrier ack at most for a peer write; for a completion, the writes it frees — at most
 //! the cores' in-flight limits).
 
-use super::{Action, Admin, LocalWrite, Node, PeerDisk, ReadFor, Then, Up};
+use super::{Action, Admin, LocalWrite, Node, PeerDisk, ReadFor, Then, Up, Why};
 use crate::net::Stream;
 use crate::request::{Error, PeerWrite, WriteKind};
 use crate::resync::{Inbound, ReadOutcome, TickInput, VerifyConfig};
@@ -131,16 +133,20 @@ pub(crate) enum Event {
     /// [`Event::PeerState`]: a Primary that loses its peer's disk starts a generation.
     ConnectionLost { random: u64 },
     /// The peer's `P_STATE_CHG_REQ` or `P_CONN_ST_CHG_REQ` (`cmd`, `req`), decided
-    /// over this node's state ([`Node::peer_request`]; `own_request`: this node waits
-    /// for the reply to a request of its own; `resolve_conflicts`: this node wins a
-    /// crossing); `random` as for [`Event::PeerState`].
+    /// over this node's state ([`Node::peer_request`]; `resolve_conflicts`: this node
+    /// wins a crossing); `random` as for [`Event::PeerState`].
     StateRequest {
         cmd: Command,
         req: wire::ReqState,
-        own_request: bool,
         resolve_conflicts: bool,
         random: u64,
     },
+    /// The peer's `P_STATE_CHG_REPLY` / `P_CONN_ST_CHG_REPLY` (`code`) to this node's
+    /// promotion request (`role_cmd.rs`).
+    StateReply { code: i32 },
+    /// No reply to the promotion request of command `reply` came within the driver's
+    /// timeout ([`Outcome::AskedPeer`]).
+    PeerSilent { reply: u64 },
     /// A resync or online-verify packet without data (not `P_RS_DATA_REPLY`) from
     /// either stream, read at `tick`: a request the peer sends first starts the run that
     /// answers it ([`super::PeerStartedRuns`]); one the run has no room for is not taken
@@ -202,10 +208,14 @@ pub(crate) enum Outcome {
         running: bool,
     },
     /// A management command refused, the node unchanged: the operator's message.
-    Refused(&'static str),
+    Refused(Why),
     /// A management command taken whose plan is asked for ([`Action::Persist`]): it is
     /// done at its [`Event::Persisted`].
     Persisting,
+    /// A promotion that asked the peer (`role_cmd.rs`): its answer is an
+    /// [`Action::Reply`] or its plan's end; the driver feeds [`Event::PeerSilent`]
+    /// after its timeout.
+    AskedPeer,
 }
 
 /// Whose error an event revealed (see the module docs).
@@ -297,14 +307,14 @@ impl Node {
             Event::StateRequest {
                 cmd,
                 req,
-                own_request,
                 resolve_conflicts,
                 random,
-            } => {
-                let rv =
-                    self.state_request(cmd, req, (own_request, resolve_conflicts), random, out);
-                Outcome::Answered(rv)
+            } => Outcome::Answered(self.state_request(cmd, req, resolve_conflicts, random, out)),
+            Event::StateReply { code } => {
+                self.state_reply(code, out);
+                Outcome::Done
             }
+            Event::PeerSilent { reply } => self.peer_silent(reply, out),
             Event::ConnectionLost { random } => {
                 self.lost(random, out);
                 Outcome::Done
@@ -332,10 +342,9 @@ impl Node {
                 self.peer_uuids(&p, out);
                 Outcome::Done
             }
-            Event::Persisted { then, ok } => {
-                self.persisted(then, ok, out);
-                Outcome::Done
-            }
+            Event::Persisted { then, ok } => self
+                .persisted(then, ok, out)
+                .map_err(|e| StepError::core("persisted", e))?,
         };
         self.drain(out);
         Ok(outcome)
@@ -432,6 +441,7 @@ impl Node {
     /// The connection is gone: an interrupted verify is reported, and a Primary that
     /// lost its peer's disk starts a generation.
     fn lost(&mut self, random: u64, out: &mut Vec<Action>) {
+        self.asking_lost(out);
         if let Some(progress) = self.connection_lost(out) {
             out.push(Action::VerifyInterrupted(progress));
         }
@@ -502,11 +512,11 @@ impl Node {
         &mut self,
         cmd: Command,
         req: wire::ReqState,
-        (own_request, resolve_conflicts): (bool, bool),
+        resolve_conflicts: bool,
         random: u64,
         out: &mut Vec<Action>,
     ) -> StateRv {
-        let (d, seen) = self.peer_request(req, own_request, resolve_conflicts);
+        let (d, seen) = self.peer_request(req, resolve_conflicts);
         let reply = if cmd == Command::P_CONN_ST_CHG_REQ {
             Command::P_CONN_ST_CHG_REPLY
         } else {
@@ -1028,7 +1038,6 @@ mod tests {
                 mask: bits(0x1f).pack().unwrap(),
                 val: bits(starting).pack().unwrap(),
             },
-            own_request: false,
             resolve_conflicts: false,
             random: 0,
         };

@@ -20,7 +20,7 @@
 //! local writes finish. Then the operator runs `primary` on the Secondary, which is
 //! promoted only if the daemon's rules allow it (its node's
 //! [`crate::replica::Node::may_promote`]) and the model's operator agrees; a promotion
-//! runs the daemon's sequence (`Node::begin_promotion`, `Node::take_primary`) and must
+//! runs the node's events (`Admin::Promote`, `sim/roles.rs`) and must
 //! start a generation the dead Primary never had:
 //!
 //! 1. its disk is not `Failed` (refusal [`Refusal::Failed`]);

@@ -10,8 +10,8 @@
 //! superblock: durable when assigned, the pages with it); then (`Event::Persisted`) it
 //! sends `P_UUIDS` with the skip-initial-sync flag, through the codec; the peer adopts it
 //! (`Event::PeerUuids`, `Node::peer_skipped_initial_sync`) the same way. Then
-//! `primary` on the first node (`Node::begin_promotion` … `Node::take_primary`) and the
-//! run starts as on every seed, with its first handshake.
+//! `primary` on the first node (`Admin::Promote`, asking the peer through the codec:
+//! `sim/roles.rs`) and the run starts as on every seed, with its first handshake.
 //!
 //! Checked (checker 14): before that handshake both nodes are UpToDate with empty
 //! bitmaps and one generation, and the handshake connects without a resync (an
@@ -95,11 +95,10 @@ pub(super) fn day0(pn: &mut Node, sn: &mut Node, rng: &mut Rng) -> Result<(), St
             a => return Err(format!("checker 14: --clear-bitmap asked for {a:?}")),
         }
     }
-    let p = pn
-        .begin_promotion(false, || uuid(rng))
-        .map_err(|r| format!("checker 14: the first promotion refused: {r}"))?;
-    pn.may_take_primary(&p)?;
-    pn.take_primary(&p, &mut out).map_err(|e| e.to_string())?;
+    // (The pair's first generation is set: one draw, as a promotion that announces none.)
+    let r = uuid(rng);
+    super::roles::promote(pn, Some((sn, &ctx)), [r, r], |_, _| Ok(true), &mut out)
+        .map_err(|e| format!("checker 14: the first promotion: {e}"))?;
     // (Its `P_STATE` reaches a peer that the run's first handshake informs anyway.)
     for n in [&mut *pn, &mut *sn] {
         n.connection_lost(&mut out);

@@ -9,8 +9,9 @@
 //! daemon's driver does, so the drain's rules (a write a SyncTarget holds, one flush per
 //! round, the stream class of each packet, a failed write kept out of sync) are checked
 //! here. Both nodes learn each connection (`Node::connection_up`) and lose it
-//! (`Node::connection_lost`); every promotion and demotion runs the node's sequences
-//! (`replica/roles.rs`): the split brain's, a restarted Primary's (a new `Node`, as a
+//! (`Node::connection_lost`); every promotion and demotion runs the node's events
+//! (`Admin::Promote`, `Admin::Demote`: `replica/role_cmd.rs`, `sim/roles.rs`): the split
+//! brain's, a restarted Primary's (a new `Node`, as a
 //! restarted daemon), the failover's. The roles of the write paths stay fixed during a
 //! run: the Primary's node only writes, the Secondary's only receives (its Primary core
 //! takes no writes but owns its bitmap, as in the daemon; promoted as a SyncTarget in
@@ -256,6 +257,7 @@ mod p_stop;
 mod race;
 mod resync;
 pub(crate) mod rng;
+mod roles;
 mod s_stop;
 mod st_reads;
 mod switchover;

@@ -3,21 +3,23 @@
 //!
 //! Two connected Secondaries, A and B; exactly one holds `RESOLVE_CONFLICTS` (drawn).
 //! Each is told `primary` at a random moment within a few network delays of the other
-//! (so the requests often cross). Each node is the daemon's [`Node`]: it refuses by its
+//! (so the requests often cross). Each node is the daemon's [`Node`], told `primary`
+//! through [`Node::step`] (`Admin::Promote`, `replica/role_cmd.rs`): it refuses by its
 //! rules ([`Node::may_promote`]) when it knows its peer is Primary or its disk is not
-//! UpToDate (drawn Inconsistent on about a fifth of the nodes), and the driver refuses
-//! while a request of its own is pending; otherwise it sends `P_STATE_CHG_REQ` with
-//! [`promote_request`] (through the real codec) and waits. The receiver answers with
-//! [`Node::step`] (`Event::StateRequest`: the real `state::change::decide` over its
-//! state, its pending request, its `resolve_conflicts`, and the reply it sends, as the
-//! daemon's); a grant makes it record the peer's role and disk.
-//! A success reply for the same connection makes the requester run the daemon's
-//! promotion ([`Node::begin_promotion`], [`Node::take_primary`]: the rules again, then
-//! the role and its `P_STATE`); a grant it cannot use makes it send `P_STATE` (still
-//! Secondary), as the daemon does. A node refused with
+//! UpToDate (drawn Inconsistent on about a fifth of the nodes), and while a request of
+//! its own is pending; otherwise it sends `P_STATE_CHG_REQ` ([`promote_request`],
+//! through the real codec) and waits. The receiver answers with `Event::StateRequest`
+//! (the real `state::change::decide` over its state, its pending request, its
+//! `resolve_conflicts`, and the reply it sends, as the daemon's); a grant makes it
+//! record the peer's role and disk. The reply goes back as `Event::StateReply`: a
+//! refusal answers the command; a grant starts the promotion, whose plan is durable at
+//! once in the model (`Event::Persisted`: the rules again, then the role and its
+//! `P_STATE`); a grant it cannot use makes it send `P_STATE` (still Secondary), as in
+//! the daemon. A node refused with
 //! `SS_CONCURRENT_ST_CHG` retries once on about half of the rounds. Each direction is
 //! one ordered stream with random delays; on about a third of the rounds the connection
-//! drops at a random moment: what is in flight is lost, a pending request fails, the
+//! drops at a random moment (`Event::ConnectionLost`): what is in flight is lost, a
+//! pending request fails (`Action::Reply`), the
 //! peer's role becomes unknown, and nobody is told `primary` again (a node that lost its
 //! peer and promotes alone is a split brain, checker 8's subject: tandem has no fencing).
 //!
@@ -28,7 +30,7 @@
 //! 6 messages in flight, 16 events a round.
 
 use super::rng::Rng;
-use crate::replica::{Action, Event, Node, Outcome, Up};
+use crate::replica::{Action, Admin, Event, Node, Outcome, Up, Why};
 use crate::request::{Primary, PrimaryConfig, Receiver, ReceiverConfig};
 use crate::resync::TickInput;
 use crate::state::change::{promote_request, StateRv};
@@ -59,12 +61,10 @@ pub(super) struct RaceStats {
     pub promoted: u64,
 }
 
-/// One of the two nodes: the daemon's [`Node`] (its role, disk, view of the peer and
-/// promotion sequence), and what the model's operator and driver keep.
+/// One of the two nodes: the daemon's [`Node`] (its role, disk, view of the peer, its
+/// pending request and promotion sequence), and what the model's operator keeps.
 struct Peer {
     node: Node,
-    /// The connection generation of its pending request.
-    own: Option<u64>,
     resolve: bool,
     retried: bool,
 }
@@ -75,7 +75,7 @@ impl std::fmt::Debug for Peer {
         write!(
             f,
             "{}/{} (peer {}/{}, own request {:?})",
-            n.role, n.disk, n.peer_role, n.peer_disk, self.own
+            n.role, n.disk, n.peer_role, n.peer_disk, n.asking
         )
     }
 }
@@ -176,7 +176,6 @@ fn round(rng: &mut Rng, ctx: WireCtx, sabotage_resolver: bool) -> Result<RaceSta
     let peer = |i: usize, own: DiskState, other: DiskState| -> Result<Peer, String> {
         Ok(Peer {
             node: node(own, other)?,
-            own: None,
             resolve: i == resolver,
             retried: false,
         })
@@ -303,14 +302,35 @@ impl Round<'_> {
                 if self.nodes[i].node.role == Role::Primary || !self.up {
                     return Ok(());
                 }
-                if self.nodes[i].node.may_promote(false).is_err() || self.nodes[i].own.is_some() {
-                    self.stats.local_refusals += 1;
-                    return Ok(());
+                let crossing = self.nodes[1 - i].node.asking.is_some();
+                let r = self.rng.next_u64() | 2;
+                let cmd = Admin::Promote {
+                    force: false,
+                    random: [r, r],
+                };
+                let mut out = Vec::new();
+                let n = &mut self.nodes[i].node;
+                match n.step(Event::Admin { cmd, reply: 1 }, &mut out) {
+                    Ok(Outcome::Refused(_)) => {
+                        self.stats.local_refusals += 1;
+                        return Ok(());
+                    }
+                    Ok(Outcome::AskedPeer) => {}
+                    o => return Err(format!("node {i}'s `primary` while connected: {o:?}")),
                 }
-                let (mask, val) = promote_request(false);
-                self.nodes[i].own = Some(self.gen);
-                if self.nodes[1 - i].own.is_some() {
+                let [Action::Send {
+                    pkt: Packet::ReqState { req, .. },
+                    ..
+                }] = out[..]
+                else {
+                    return Err(format!("node {i}'s promotion request was {out:?}"));
+                };
+                if crossing {
                     self.stats.crossing += 1;
+                }
+                let (mask, val) = (req.mask, req.val);
+                if (mask, val) != promote_request(false) {
+                    return Err(format!("node {i} asked {mask:#x}/{val:#x}"));
                 }
                 self.send(1 - i, Msg::Req { mask, val })
             }
@@ -318,13 +338,21 @@ impl Round<'_> {
                 self.up = false;
                 self.gen += 1;
                 for n in &mut self.nodes {
-                    if n.own.take().is_some() {
-                        self.stats.dropped += 1;
-                    }
                     let mut out = Vec::new();
-                    let _ = n.node.connection_lost(&mut out);
-                    if let Some(a) = out.first() {
-                        return Err(format!("a connection loss without writes asked for {a:?}"));
+                    let ev = Event::ConnectionLost { random: 0 };
+                    n.node.step(ev, &mut out).map_err(|e| e.to_string())?;
+                    for a in out {
+                        match a {
+                            // Its pending request fails with the connection.
+                            Action::Reply { .. } => self.stats.dropped += 1,
+                            // A Primary that lost its peer starts a generation.
+                            Action::NewGeneration(_) if n.node.role == Role::Primary => {}
+                            a => {
+                                return Err(format!(
+                                    "a connection loss without writes asked for {a:?}"
+                                ))
+                            }
+                        }
                     }
                 }
                 Ok(())
@@ -346,7 +374,6 @@ impl Round<'_> {
                 let ev = Event::StateRequest {
                     cmd: Command::P_STATE_CHG_REQ,
                     req: ReqState { mask, val },
-                    own_request: n.own.is_some(),
                     resolve_conflicts: n.resolve && !self.sabotage_resolver,
                     random: 0,
                 };
@@ -374,26 +401,33 @@ impl Round<'_> {
                 self.send(1 - to, Msg::Reply(retcode))
             }
             Msg::Reply(code) => {
-                let (own, retried) = (self.nodes[to].own, self.nodes[to].retried);
-                if own != Some(self.gen) {
+                let retried = self.nodes[to].retried;
+                if self.nodes[to].node.asking.is_none() {
                     return Err(format!("node {to} got a reply without a pending request"));
                 }
-                self.nodes[to].own = None;
-                let rv = StateRv::from_code(code);
-                if !rv.is_success() {
-                    if rv == StateRv::ConcurrentStChg {
-                        self.stats.concurrent_refusals += 1;
-                        if !retried && self.rng.chance(500_000) {
-                            self.nodes[to].retried = true;
-                            let d = self.rng.range(1, 2 * self.delay_max);
-                            self.at(d, Ev::Cmd(to));
+                let mut out = Vec::new();
+                let n = &mut self.nodes[to].node;
+                n.step(Event::StateReply { code }, &mut out)
+                    .map_err(|e| e.to_string())?;
+                match out.first() {
+                    Some(Action::Reply {
+                        refused: Why::PeerRefused(rv),
+                        ..
+                    }) => {
+                        if *rv == StateRv::ConcurrentStChg {
+                            self.stats.concurrent_refusals += 1;
+                            if !retried && self.rng.chance(500_000) {
+                                self.nodes[to].retried = true;
+                                let d = self.rng.range(1, 2 * self.delay_max);
+                                self.at(d, Ev::Cmd(to));
+                            }
+                        } else {
+                            self.stats.peer_refusals += 1;
                         }
-                    } else {
-                        self.stats.peer_refusals += 1;
+                        Ok(())
                     }
-                    return Ok(());
+                    _ => self.promote(to, out),
                 }
-                self.promote(to)
             }
             Msg::State(role) => {
                 let n = &mut self.nodes[to].node;
@@ -404,37 +438,40 @@ impl Round<'_> {
         }
     }
 
-    /// The daemon's promotion after the peer's grant ([`Node::begin_promotion`], the
-    /// metadata durable at once, [`Node::take_primary`]): the rules again; the peer is
-    /// told the node's state either way (the `P_STATE` of its actions, or, refused, the
-    /// driver's).
-    fn promote(&mut self, to: usize) -> Result<(), String> {
+    /// The node's promotion after the peer's grant (`out`: what the reply led to): its
+    /// plan, durable at once in the model, then the rules again and the role; the peer
+    /// is told the node's state either way (the `P_STATE` among its actions, with or
+    /// without the role).
+    fn promote(&mut self, to: usize, mut out: Vec<Action>) -> Result<(), String> {
         let n = &mut self.nodes[to].node;
-        let rng = &mut *self.rng;
-        let p = match n.begin_promotion(false, || rng.next_u64() | 2) {
-            Ok(p) => p,
-            Err(_) => {
-                self.stats.local_refusals += 1;
-                return self.send(1 - to, Msg::State(Role::Secondary));
-            }
-        };
-        n.may_take_primary(&p)?;
-        if n.disk != DiskState::UpToDate {
-            return Err(format!("node {to} became Primary with a {} disk", n.disk));
-        }
-        let mut out = Vec::new();
-        n.take_primary(&p, &mut out).map_err(|e| e.to_string())?;
-        for a in out {
-            let Action::Send {
-                pkt: Packet::State(word),
-                ..
-            } = a
-            else {
-                return Err(format!("node {to}'s promotion asked for {a:?}"));
+        if let Some(Action::Persist { then, .. }) = out.first() {
+            let ev = Event::Persisted {
+                then: *then,
+                ok: true,
             };
-            let role = StateBits::unpack(word).role;
-            let role = Role::from_u32(u32::from(role)).ok_or("P_STATE with a bad role")?;
-            self.send(1 - to, Msg::State(role))?;
+            out.clear();
+            if let Outcome::Refused(why) = n.step(ev, &mut out).map_err(|e| e.to_string())? {
+                return Err(format!("node {to}'s durable promotion refused: {why}"));
+            }
+            if n.disk != DiskState::UpToDate {
+                return Err(format!("node {to} became Primary with a {} disk", n.disk));
+            }
+        } else {
+            self.stats.local_refusals += 1;
+        }
+        for a in out {
+            match a {
+                Action::Send {
+                    pkt: Packet::State(word),
+                    ..
+                } => {
+                    let role = StateBits::unpack(word).role;
+                    let role = Role::from_u32(u32::from(role)).ok_or("P_STATE with a bad role")?;
+                    self.send(1 - to, Msg::State(role))?;
+                }
+                Action::RoleChanged(_) | Action::Reply { .. } => {}
+                a => return Err(format!("node {to}'s promotion asked for {a:?}")),
+            }
         }
         Ok(())
     }

@@ -299,7 +299,7 @@ enum Decision {
 pub(super) struct Rs {
     rng: Rng,
     params: ResyncParams,
-    ctx: WireCtx,
+    pub(super) ctx: WireCtx,
     // ---- the Primary's node
     /// Mirror of the core's transfer log (checks barrier acks and negative acks).
     pub(super) p_tl: VecDeque<Tl>,
@@ -379,19 +379,17 @@ fn promoted(uuids: UuidSet, rng: &mut Rng) -> UuidSet {
     promoted_uuids(uuids, &facts, || uuid(rng)).0
 }
 
-/// The operator's `primary` on a node that is not connected, through the daemon's
-/// sequence: [`Node::begin_promotion`], its metadata durable (the model has no
-/// superblock: the UUIDs it assigned are the durable ones), [`Node::take_primary`].
+/// The operator's `primary` on a node that is not connected, through the node's events
+/// (`sim/roles.rs`): its metadata durable at once (the model has no superblock: the
+/// UUIDs it assigned are the durable ones). One draw (alone, no pair's first generation
+/// to announce).
 pub(super) fn promote_alone(
     node: &mut Node,
     rng: &mut Rng,
     out: &mut Vec<Action>,
 ) -> Result<(), String> {
-    let p = node
-        .begin_promotion(false, || uuid(rng))
-        .map_err(|r| format!("promotion refused: {r}"))?;
-    node.may_take_primary(&p)?;
-    node.take_primary(&p, out).map_err(|e| e.to_string())?;
+    let r = uuid(rng);
+    super::roles::promote(node, None, [r, r], |_, _| Ok(true), out)?;
     match out.drain(..).next() {
         Some(a) => Err(format!("a promotion without a peer asked for {a:?}")),
         None => Ok(()),
@@ -1885,13 +1883,13 @@ impl Sim {
         self.rs.sb = if left > 1 {
             Sb::Writing { left: left - 1 }
         } else {
-            // The operator's `secondary`, by the daemon's sequence and plan.
-            let plan = self
-                .sn
-                .begin_demotion(&mut self.actions)
-                .map_err(|e| format!("split brain: demotion: {e}"))?;
+            // The operator's `secondary`, by the node's events and plan.
+            let (plan, then) = super::roles::demote(&mut self.sn, &mut self.actions)
+                .map_err(|e| format!("split brain: {e}"))?;
             self.pump_secondary()?;
-            self.persist(false, &plan)?;
+            let ok = self.persist(false, &plan)?;
+            super::roles::demoted(&mut self.sn, then, ok, &mut self.actions)?;
+            self.pump_secondary()?;
             Sb::Happened
         };
         Ok(())

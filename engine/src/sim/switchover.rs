@@ -4,14 +4,14 @@
 //! `primary` on the Secondary while connected. Both run the daemon's sequences
 //! (`replica/roles.rs`), every packet through the real codec:
 //!
-//! 1. the Primary's demotion ([`crate::replica::Node::begin_demotion`]: the role at
-//!    once, the core lets go of the peer), its dirty bitmap pages written to its
-//!    metadata device, its demoted UUIDs; its `P_STATE` tells the Secondary;
-//! 2. the Secondary's `P_STATE_CHG_REQ` ([`promote_request`]), decided by the old
-//!    Primary's [`crate::replica::Node::peer_request`]; on the grant, its promotion
-//!    ([`crate::replica::Node::begin_promotion`], the metadata durable at once in the
-//!    model, [`crate::replica::Node::take_primary`]) and the `P_STATE` of its actions,
-//!    which the old Primary records.
+//! 1. the Primary's demotion (`Admin::Demote` through its node, `sim/roles.rs`: the
+//!    role at once, the core lets go of the peer), its data disk flushed, its dirty
+//!    bitmap pages written to its metadata device, its demoted UUIDs; its `P_STATE`
+//!    tells the Secondary;
+//! 2. the Secondary's `primary` (`Admin::Promote`): its `P_STATE_CHG_REQ`, decided by
+//!    the old Primary's node (`Event::StateRequest`); the grant back
+//!    (`Event::StateReply`), its promotion's plan (durable at once in the model) and
+//!    the `P_STATE` of its actions, which the old Primary records.
 //!
 //! Then the nodes trade places in the model: each keeps its `Node`, its data disk and
 //! its metadata device, and the simulator's "Primary's node" is now the other one. A
@@ -32,9 +32,8 @@ use super::Sim;
 use crate::replica::Action;
 #[cfg(test)]
 use crate::replica::Durable;
-use crate::state::change::promote_request;
 use crate::state::{DiskState, Role};
-use crate::wire::{Packet, ReqState, StateBits};
+use crate::wire::{Packet, StateBits};
 
 /// The switchover's draw for one seed (a stream of its own, so the other parameters
 /// stay what they were).
@@ -110,9 +109,7 @@ impl Sim {
             &mut self.sn
         };
         #[allow(unused_mut)]
-        let mut plan = node
-            .begin_demotion(&mut self.actions)
-            .map_err(|e| format!("the demotion: {e}"))?;
+        let (mut plan, then) = super::roles::demote(node, &mut self.actions)?;
         if primary_node {
             self.pump_primary()?;
         } else {
@@ -125,13 +122,13 @@ impl Sim {
         if self.sabotage.demotion_skips_flush {
             plan.retain(|s| *s != Durable::FlushData);
         }
-        self.persist(primary_node, &plan)?;
+        let ok = self.persist(primary_node, &plan)?;
         let node = if primary_node {
             &mut self.pn
         } else {
             &mut self.sn
         };
-        node.push_state(&mut self.actions);
+        super::roles::demoted(node, then, ok, &mut self.actions)?;
         let states = self.states_sent()?;
         self.receive_states(&states, !primary_node)
     }
@@ -145,35 +142,22 @@ impl Sim {
         primary_node: bool,
         rng: &mut Rng,
     ) -> Result<(), String> {
-        let (mask, val) = promote_request(false);
-        let req = match self.wire(
-            &Packet::ReqState {
-                cmd: crate::wire::Command::P_STATE_CHG_REQ,
-                req: ReqState { mask, val },
-            },
-            &[],
-        )? {
-            Packet::ReqState { req, .. } => req,
-            other => return Err(format!("the codec turned the request into {other:?}")),
-        };
+        let ctx = self.rs.ctx;
         let (node, other) = if primary_node {
             (&mut self.pn, &mut self.sn)
         } else {
             (&mut self.sn, &mut self.pn)
         };
-        let (d, _) = other.peer_request(req, false, false);
-        if !d.rv.is_success() {
-            return Err(format!(
-                "the peer refused the promotion: {}",
-                d.rv.describe()
-            ));
-        }
-        let p = node
-            .begin_promotion(false, || rng.next_u64())
-            .map_err(|r| format!("the promotion: {r}"))?;
-        node.may_take_primary(&p)?;
-        node.take_primary(&p, &mut self.actions)
-            .map_err(|e| format!("the promotion: {e}"))?;
+        // One draw: the pair is past its first generation.
+        let r = rng.next_u64();
+        super::roles::promote(
+            node,
+            Some((other, &ctx)),
+            [r, r],
+            |_, _| Ok(true),
+            &mut self.actions,
+        )
+        .map_err(|e| format!("the promotion: {e}"))?;
         let states = self.states_sent()?;
         self.receive_states(&states, !primary_node)
     }

@@ -67,13 +67,12 @@ use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
 use crate::replica::{
-    Action, DiskFailure, Event, Io, LocalWrite, Node, Outcome, Side, StepError, Up,
+    Action, Admin, DiskFailure, Event, Io, LocalWrite, Node, Outcome, Side, StepError, Up,
 };
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
     ReceiverConfig, WriteKind,
 };
-use crate::state::change;
 use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
@@ -151,7 +150,8 @@ struct Inner {
     rs_bufs: HashMap<u64, Arc<AlignedBuf>>,
     /// The last finished SyncTarget run.
     last_sync: Option<crate::resync::ResyncSummary>,
-    /// Management commands waiting for their plan to be durable (`plan.rs`), by handle.
+    /// Management commands waiting for their plan to be durable or for the peer's
+    /// answer (`plan.rs`), by handle.
     admin_replies: HashMap<u64, oneshot::Sender<Result<(), String>>>,
     /// The last handle given to a management command.
     last_admin: u64,
@@ -173,9 +173,6 @@ struct Inner {
     events: std::collections::VecDeque<serde_json::Value>,
     /// Sequence number of the next event.
     event_seq: u64,
-    /// This node's state change request waiting for the peer's reply: its connection
-    /// and where the reply code goes (see `state::change`).
-    own_request: Option<(u64, oneshot::Sender<i32>)>,
     /// This node holds `RESOLVE_CONFLICTS` on the live connection.
     resolve_conflicts: bool,
     /// What the configured `role` did at start (status `startup_role`).
@@ -435,7 +432,6 @@ impl Inner {
             hole_reads_skipped: 0,
             events: std::collections::VecDeque::new(),
             event_seq: 0,
-            own_request: None,
             resolve_conflicts: false,
             startup_role: None,
             peer_disk_failure: None,
@@ -551,88 +547,45 @@ impl Volume {
     // ----- role and connection state --------------------------------------------------
 
     /// `secondary [--force]`: refused while a frontend client has the device open for
-    /// writing (DRBD's "held open"), unless `force`.
+    /// writing (DRBD's "held open"), unless `force`. The rest is the node's
+    /// ([`Admin::Demote`], `replica/role_cmd.rs`): the role at once, then the data disk
+    /// flushed, the bitmap pages and "not Primary" with the demoted UUIDs durable; on a
+    /// failure the disk goes out of use (a Diskless Primary's: best effort). One role
+    /// change at a time (`role_change`).
     pub async fn demote(&self, force: bool) -> Result<(), String> {
         let _one = self.role_change.lock().await;
-        self.take_secondary(force).await
-    }
-
-    /// `primary [--force]`: becomes Primary. While connected the peer is asked first
-    /// (DRBD's cluster-wide state change, `state::change`): the promotion happens only
-    /// if it agrees, so two nodes told `primary` at the same instant never both become
-    /// Primary. `force` promotes a disk that is not UpToDate (DRBD's `primary --force`):
-    /// its data becomes the good copy, in a new generation, and a connected peer is
-    /// resynced from it (the connection is renewed so that the handshake decides it).
-    pub async fn promote(&self, force: bool) -> Result<(), String> {
-        let asked = {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            if inner.node.role == Role::Primary {
-                return Ok(());
-            }
-            Self::promotion_refusal(inner, force)?;
-            match &inner.link {
-                None => None,
-                Some(l) => {
-                    if inner.own_request.is_some() {
-                        return Err(
-                            "another state change with the peer is in progress; retry".into()
-                        );
-                    }
-                    let session = l.session();
-                    let (mask, val) = change::promote_request(force);
-                    let pkt = Packet::ReqState {
-                        cmd: Command::P_STATE_CHG_REQ,
-                        req: wire::ReqState { mask, val },
-                    };
-                    let (tx, rx) = oneshot::channel();
-                    Self::send(inner, Stream::Data, &pkt, None);
-                    inner.own_request = Some((session, tx));
-                    Some((session, rx))
-                }
-            }
-        };
-        let Some((session, rx)) = asked else {
-            return self.change_role_to_primary(force, None).await;
-        };
-        let code = match tokio::time::timeout(self.state_timeout, rx).await {
-            Ok(Ok(code)) => code,
-            Ok(Err(_)) => {
-                return Err(
-                    "the connection was lost while the peer considered the promotion; retry".into(),
-                )
-            }
-            Err(_) => {
-                // DRBD's `timeout`: a peer that does not answer in time is dead.
-                let mut g = self.lock();
-                if g.own_request.as_ref().is_some_and(|(s, _)| *s == session) {
-                    g.own_request = None;
-                    if let Some(k) = &g.kill {
-                        k.notify_one();
-                    }
-                }
+        self.admin_checked(Admin::Demote, |inner| {
+            // DRBD's "held open" (SS_DEVICE_IN_USE): a client could still write.
+            if let Some(held) = self.openers.held_open().filter(|_| !force) {
                 return Err(format!(
-                    "the peer did not answer the promotion request within {:?}; the connection \
-                     is dropped (retry to promote without it)",
-                    self.state_timeout
+                    "the device is {held}; disconnect them first, or `secondary --force` \
+                     (their next writes then fail with EPERM)"
                 ));
             }
+            if inner.node.role == Role::Primary && !inner.pending.is_empty() {
+                return Err("writes are in flight; stop the application first".into());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// `primary [--force]`: becomes Primary, through the node ([`Admin::Promote`],
+    /// `replica/role_cmd.rs`). While connected the peer is asked first (DRBD's
+    /// cluster-wide state change, `state::change`): the promotion happens only if it
+    /// agrees, so two nodes told `primary` at the same instant never both become
+    /// Primary; a peer silent for the net `timeout` is dropped. `force` promotes a disk
+    /// that is not UpToDate (DRBD's `primary --force`): its data becomes the good copy,
+    /// in a new generation, and a connected peer is resynced from it (the connection is
+    /// renewed so that the handshake decides it). The promotion completes even if its
+    /// caller goes away. One role change at a time (`role_change`).
+    pub async fn promote(&self, force: bool) -> Result<(), String> {
+        let _one = self.role_change.lock().await;
+        let random = {
+            let mut rng = rand::thread_rng();
+            [random_uuid(&mut rng), random_uuid(&mut rng)]
         };
-        let rv = change::StateRv::from_code(code);
-        if !rv.is_success() {
-            return Err(format!(
-                "the peer refused the promotion: {} ({})",
-                rv.describe(),
-                rv.code()
-            ));
-        }
-        let r = self.change_role_to_primary(force, Some(session)).await;
-        if r.is_err() {
-            // The peer granted it and counts this node as Primary: tell it the truth.
-            let mut g = self.lock();
-            self.send_state(&mut g);
-        }
-        r
+        self.admin(Admin::Promote { force, random }).await
     }
 
     /// The configured `role = "primary"` at start (DRBD's `become-primary-on` intent,
@@ -706,151 +659,10 @@ impl Volume {
         g.startup_role = Some(text);
     }
 
-    /// Why this node may not become Primary now, if it may not ([`crate::replica`]'s
-    /// rules).
-    fn promotion_refusal(inner: &Inner, force: bool) -> Result<(), String> {
-        inner.node.may_promote(force).map_err(|r| r.to_string())
-    }
-
-    /// Makes this node Primary. While connected it needs the peer's grant for this
-    /// connection (`granted`, see [`Self::promote`]); `force` promotes a disk that is not
-    /// UpToDate. One role change at a time (`role_change`). The sequence is
-    /// `replica::Node`'s: [`Node::begin_promotion`], its metadata made durable, then
-    /// [`Node::take_primary`] or [`Node::abandon_promotion`].
-    async fn change_role_to_primary(
-        &self,
-        force: bool,
-        granted: Option<u64>,
-    ) -> Result<(), String> {
-        let _one = self.role_change.lock().await;
-        let (t, p) = {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            if inner.node.role == Role::Primary {
-                return Ok(());
-            }
-            Self::granted_here(inner, granted)?;
-            let p = inner
-                .node
-                .begin_promotion(force, || random_uuid(&mut rand::thread_rng()))
-                .map_err(|r| r.to_string())?;
-            tracing::info!("generation UUIDs {} (were {})", p.uuids, p.old);
-            (self.stage_changes(inner, &p.durable()), p)
-        };
-        // Until the role is taken: on an error, or dropped while it waits (its caller
-        // went away), the promotion is abandoned.
-        struct Pending<'a> {
-            v: &'a Volume,
-            p: Option<crate::replica::Promotion>,
-        }
-        impl Drop for Pending<'_> {
-            fn drop(&mut self) {
-                let Some(p) = self.p else { return };
-                let mut g = self.v.lock();
-                let changes = g.node.abandon_promotion(&p);
-                let _ = self.v.stage_changes(&mut g, &changes);
-            }
-        }
-        let mut pending = Pending {
-            v: self,
-            p: Some(p),
-        };
-        let durable = self.meta.durable(t).await;
-        let mut fx = Vec::new();
-        let r = {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            let r = durable
-                .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))
-                .and_then(|()| Self::granted_here(inner, granted))
-                .and_then(|()| inner.node.may_take_primary(&p));
-            if r.is_ok() {
-                pending.p = None;
-                if p.forced {
-                    tracing::warn!("forced promotion: this disk's data is now the good copy");
-                }
-                contract(inner.node.take_primary(&p, &mut inner.actions));
-                self.drain(inner, &mut fx);
-                Self::role_logged(inner);
-            }
-            r
-        };
-        drop(pending); // after the lock: it takes it
-        self.run(fx);
-        r
-    }
-
-    /// A promotion while connected needs the peer's grant on this connection.
-    fn granted_here(inner: &Inner, granted: Option<u64>) -> Result<(), String> {
-        match &inner.link {
-            Some(l) if granted != Some(l.session()) => {
-                Err("the connection changed while the peer considered the promotion; retry".into())
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Tells the peer, the log and the events of a new role.
-    fn role_changed(&self, inner: &mut Inner) {
-        self.send_state(inner);
-        Self::role_logged(inner);
-    }
-
-    /// Tells the log and the events of a new role.
-    fn role_logged(inner: &mut Inner) {
-        tracing::info!("role is now {}", inner.node.role);
-        let role = inner.node.role;
+    /// Tells the log and the events of a new role ([`Action::RoleChanged`]).
+    fn role_logged(inner: &mut Inner, role: Role) {
+        tracing::info!("role is now {role}");
         inner.event("role", serde_json::json!({ "role": role }));
-    }
-
-    /// Makes this node Secondary; `force` demotes while the device is held open. The
-    /// sequence is `replica::Node`'s ([`Node::begin_demotion`]): the role changes at once
-    /// (no write enters the core after); the data disk is flushed; the metadata follows:
-    /// the bitmap pages (writes the peer has not acked are now only in the bitmap), then, in
-    /// one superblock write, "not Primary" and the demoted UUIDs. On a failure the
-    /// superblock keeps saying Primary (a crash then applies the activity log, which
-    /// covers every bit not yet written) and the disk goes out of use, so that no clean
-    /// stop can mark it clean later. A Diskless Primary's metadata is on the failed disk:
-    /// best effort (its failure record already asks for a full sync at re-attach).
-    async fn take_secondary(&self, force: bool) -> Result<(), String> {
-        let mut fx = Vec::new();
-        let (diskless, plan) = {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            if inner.node.role == Role::Secondary {
-                return Ok(());
-            }
-            // DRBD's "held open" (SS_DEVICE_IN_USE): a client could still write.
-            if let Some(held) = self.openers.held_open().filter(|_| !force) {
-                return Err(format!(
-                    "the device is {held}; disconnect them first, or `secondary --force` \
-                     (their next writes then fail with EPERM)"
-                ));
-            }
-            if !inner.pending.is_empty() {
-                return Err("writes are in flight; stop the application first".into());
-            }
-            let plan = inner.node.begin_demotion(&mut inner.actions)?;
-            self.drain(inner, &mut fx);
-            (inner.node.primary.is_detached(), plan)
-        };
-        self.run(std::mem::take(&mut fx));
-        let demoted = self.persist(plan).await;
-        let mut g = self.lock();
-        match demoted {
-            Err(e) if diskless => tracing::warn!("diskless demotion: {e}"),
-            Err(e) => {
-                let inner = &mut *g;
-                inner.node.demotion_failed(&mut inner.actions);
-                self.drain(inner, &mut fx);
-                drop(g);
-                self.run(fx);
-                return Err(format!("cannot record the demotion in the metadata: {e}"));
-            }
-            Ok(()) => {}
-        }
-        self.role_changed(&mut g);
-        Ok(())
     }
 
     /// The Primary core's dirty bitmap pages, taken and written (FUA) through the page
@@ -1130,8 +942,6 @@ impl Volume {
             }
             inner.link = None;
             inner.kill = None;
-            // A request of ours dies with its connection (the waiter sees the drop).
-            inner.own_request = None;
             // (A Primary that lost its peer's disk writes a generation the peer lacks.)
             self.node_connection_lost(inner, &mut effects);
             let oos = inner.node.primary.out_of_sync_bytes();
@@ -1377,7 +1187,6 @@ impl Volume {
             let ev = Event::StateRequest {
                 cmd,
                 req,
-                own_request: inner.own_request.is_some(),
                 resolve_conflicts: inner.resolve_conflicts,
                 random,
             };
@@ -1444,18 +1253,14 @@ impl Volume {
         });
     }
 
-    /// The peer's `P_STATE_CHG_REPLY` / `P_CONN_ST_CHG_REPLY` to this node's request.
+    /// The peer's `P_STATE_CHG_REPLY` / `P_CONN_ST_CHG_REPLY` to this node's request
+    /// ([`Event::StateReply`]).
     pub fn state_reply(&self, session: u64, retcode: i32) {
-        let mut g = self.lock();
-        match g.own_request.take() {
-            Some((s, tx)) if s == session => {
-                let _ = tx.send(retcode);
-            }
-            other => {
-                g.own_request = other;
-                tracing::warn!("state change reply {retcode} without a request; ignored");
-            }
-        }
+        let _ = self.with_session(session, |v, inner, fx| {
+            Self::step(inner, Event::StateReply { code: retcode })?;
+            v.drain(inner, fx);
+            Ok(())
+        });
     }
 
     /// A write from the peer; waits while the receiver is full (back-pressure).
@@ -1632,6 +1437,12 @@ impl Volume {
                     crash_repaired,
                 } => self.verify_finished(inner, progress, crash_repaired),
                 Action::CrashRepaired => self.crash_repaired(),
+                Action::Reply { reply, refused } => {
+                    if let Some(tx) = inner.admin_replies.remove(&reply) {
+                        let _ = tx.send(Err(refused.to_string()));
+                    }
+                }
+                Action::RoleChanged(role) => Self::role_logged(inner, role),
                 Action::Persist { plan, then, reply } => {
                     let staged = self.stage_plan(inner, plan);
                     fx.push(Effect::Persist {

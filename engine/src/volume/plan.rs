@@ -30,12 +30,22 @@ pub(super) struct Staged {
 impl Volume {
     /// A management command through the node ([`Event::Admin`]): refused at once (the
     /// node's message), done at once, or done once its plan is durable and the node has
-    /// done what follows (the connection renewed, the peer told).
+    /// done what follows (the connection renewed, the peer told, the role taken).
     pub(super) async fn admin(&self, cmd: Admin) -> Result<(), String> {
-        match self.admin_step(cmd)? {
+        self.admin_checked(cmd, |_| Ok(())).await
+    }
+
+    /// [`Self::admin`] after `check`, under the same lock: what only the driver knows
+    /// (a frontend client holding the device open).
+    pub(super) async fn admin_checked(
+        &self,
+        cmd: Admin,
+        check: impl FnOnce(&Inner) -> Result<(), String>,
+    ) -> Result<(), String> {
+        match self.admin_step(cmd, check)? {
             Some(rx) => rx
                 .await
-                .map_err(|_| "the volume stopped before the command was durable".to_string())?,
+                .map_err(|_| "the volume stopped before the command was done".to_string())?,
             None => Ok(()),
         }
     }
@@ -43,27 +53,33 @@ impl Volume {
     /// A management command the node does at once (no plan: `verify`, `pause-sync`,
     /// `discard-my-data`).
     pub(super) fn admin_now(&self, cmd: Admin) -> Result<(), String> {
-        if self.admin_step(cmd)?.is_some() {
+        if self.admin_step(cmd, |_| Ok(()))?.is_some() {
             tracing::error!("BUG: {cmd:?} asked for a plan; nobody waits for it");
         }
         Ok(())
     }
 
-    /// Steps `cmd` under the lock and performs what follows. `Some`: the command asked
-    /// for a plan ([`Outcome::Persisting`]), whose outcome arrives there.
+    /// Steps `cmd` under the lock and performs what follows. `Some`: the command waits
+    /// ([`Outcome::Persisting`], [`Outcome::AskedPeer`]: the peer's silence is fed after
+    /// the net `timeout`); its answer arrives there.
     fn admin_step(
         &self,
         cmd: Admin,
+        check: impl FnOnce(&Inner) -> Result<(), String>,
     ) -> Result<Option<oneshot::Receiver<Result<(), String>>>, String> {
         let mut fx = Vec::new();
         let rx = {
             let mut g = self.lock();
             let inner = &mut *g;
+            check(inner)?;
             inner.last_admin += 1;
             let reply = inner.last_admin;
             let rx = match Self::step(inner, Event::Admin { cmd, reply })? {
-                Outcome::Refused(why) => return Err(why.into()),
-                Outcome::Persisting => {
+                Outcome::Refused(why) => return Err(why.to_string()),
+                o @ (Outcome::Persisting | Outcome::AskedPeer) => {
+                    if o == Outcome::AskedPeer {
+                        self.peer_silent_after_timeout(reply);
+                    }
                     let (tx, rx) = oneshot::channel();
                     inner.admin_replies.insert(reply, tx);
                     Some(rx)
@@ -77,9 +93,27 @@ impl Volume {
         Ok(rx)
     }
 
+    /// Feeds [`Event::PeerSilent`] for command `reply` once the net `timeout` has passed
+    /// (the node ignores it if the peer answered meanwhile).
+    fn peer_silent_after_timeout(&self, reply: u64) {
+        let timeout = self.state_timeout;
+        self.spawn_task(move |me| async move {
+            tokio::time::sleep(timeout).await;
+            me.feed(|v, inner, fx| {
+                if let Ok(Outcome::Refused(why)) = Self::step(inner, Event::PeerSilent { reply }) {
+                    if let Some(tx) = inner.admin_replies.remove(&reply) {
+                        let _ = tx.send(Err(format!("{why} ({timeout:?})")));
+                    }
+                }
+                v.drain(inner, fx);
+            });
+        });
+    }
+
     /// [`crate::replica::Action::Persist`]'s plan, staged by the drain: performed in a
     /// task; its outcome goes to the node ([`Event::Persisted`]) and, for a management
-    /// command, to its waiter `reply`.
+    /// command, to its waiter `reply`: the plan's failure (unless the node calls it best
+    /// effort, [`Then::best_effort`]: logged), or the node's refusal after it.
     pub(super) fn finish_persist(&self, staged: Staged, then: Then, reply: Option<u64>) {
         self.spawn_task(move |me| async move {
             let r = me.persist_staged(staged).await.map_err(|e| {
@@ -89,19 +123,29 @@ impl Volume {
                         "the skipped initial sync"
                     }
                     Then::Nothing => "the new generation",
+                    Then::Promoted(_) => "the promotion in the metadata",
+                    Then::Demoted { .. } => "the demotion in the metadata",
                 };
                 format!("cannot record {what}: {e}")
             });
             me.feed(|v, inner, fx| {
                 let ok = r.is_ok();
-                Self::feed_local(inner, Event::Persisted { then, ok });
+                let outcome = Self::step(inner, Event::Persisted { then, ok });
                 v.drain(inner, fx);
+                let answer = match (r, outcome) {
+                    (Err(e), _) if then.best_effort() => {
+                        tracing::warn!("best effort: {e}");
+                        Ok(())
+                    }
+                    (Ok(()), Ok(Outcome::Refused(why))) => Err(why.to_string()),
+                    (r, _) => r,
+                };
                 match reply.and_then(|id| inner.admin_replies.remove(&id)) {
                     Some(tx) => {
-                        let _ = tx.send(r);
+                        let _ = tx.send(answer);
                     }
                     None => {
-                        if let Err(e) = r {
+                        if let Err(e) = answer {
                             tracing::error!("{e}");
                         }
                     }
