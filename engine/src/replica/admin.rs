@@ -45,7 +45,7 @@
 //! `new-current-uuid` and the peer's skipped initial sync in
 //! `tests/tests/peer_requests.rs`).
 
-use super::{Action, Durable, Node, Outcome, Promotion, Why};
+use super::{Action, Durable, LocalWrite, Node, Outcome, Promotion, Why};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::Error;
@@ -127,6 +127,9 @@ pub(crate) enum Then {
     Promoted(Promotion),
     /// `secondary`: the peer is told; `detached`: a Diskless Primary's, best effort.
     Demoted { detached: bool },
+    /// The failed local write `w` is recorded (`first`: it took the disk out of
+    /// service): the peer told, the write completed as failed (`disk.rs`).
+    FailureRecorded { w: LocalWrite, first: bool },
 }
 
 impl Then {
@@ -230,6 +233,7 @@ impl Node {
     ) -> Result<Outcome, Error> {
         match then {
             Then::Promoted(_) | Then::Demoted { .. } => return self.role_persisted(then, ok, out),
+            Then::FailureRecorded { w, first } => self.failure_persisted(w, first, ok, out)?,
             Then::Invalidated if ok => self.invalidated(out),
             Then::AnnounceSkip(a) if ok => {
                 out.push(Action::Send {

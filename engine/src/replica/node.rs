@@ -57,7 +57,7 @@
 //! their in-flight limits).
 
 use super::role_cmd::Asking;
-use super::{Durable, FlushRounds, RunRead, SyncAction, SyncRuns, Then, Why};
+use super::{DiskFailure, Durable, FlushRounds, RunRead, SyncAction, SyncRuns, Then, Why};
 use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::{
@@ -203,6 +203,12 @@ pub(crate) enum Action {
     /// This node's role is now this (its log and events; the peer is told by a
     /// `P_STATE` among the actions).
     RoleChanged(Role),
+    /// The failed local write `w` took the disk out of service (`failure`): report it
+    /// (a detached disk takes no more IO).
+    DiskLeftService { w: LocalWrite, failure: DiskFailure },
+    /// The disk is detached on a Secondary: once the packets queued so far have left,
+    /// stay StandAlone (a restart attaches the disk again; a resync repairs it).
+    DetachedStandAlone,
 }
 
 /// What the peer's new disk state means for this node ([`Node::peer_reported`]).
@@ -325,6 +331,10 @@ pub(crate) struct Node {
     /// A local write failed since the disk was attached: the disk left service
     /// ([`Self::local_write_failed`]).
     pub(crate) disk_failed: bool,
+    /// `on-io-error detach` (DRBD's default; else `pass_on`), set by the driver.
+    pub(crate) detach_on_io_error: bool,
+    /// A failed write's plan with the failure record has ended (`disk.rs`).
+    pub(crate) failure_recorded: bool,
     /// How a run the peer starts is configured; the driver sets it when a connection
     /// comes up (it depends on the features agreed).
     pub(crate) peer_started: PeerStartedRuns,
@@ -381,6 +391,8 @@ impl Node {
             discard_my_data: false,
             peer_uuids: UuidSet::default(),
             disk_failed: false,
+            detach_on_io_error: true,
+            failure_recorded: false,
             peer_started: PeerStartedRuns::default(),
             peer_verify: false,
             #[cfg(any(test, feature = "sim"))]

@@ -121,6 +121,10 @@ pub(crate) enum Event {
     Handed { block_id: u64 },
     /// The local write `w` an action asked for ended (`ok`).
     WriteDone { w: LocalWrite, ok: bool },
+    /// The local write `w` failed (`attempted`: it reached the disk; else a detached
+    /// disk refused it): instead of `WriteDone`, the failure is recorded first and the
+    /// write completes once that is durable (`disk.rs`).
+    WriteFailed { w: LocalWrite, attempted: bool },
     /// The running flush round ended (`ok`).
     FlushRoundDone { ok: bool },
     /// The peer's `P_OUT_OF_SYNC` on a live connection: it did not send the write of
@@ -284,6 +288,9 @@ impl Node {
                 }
                 Outcome::Done
             }
+            Event::WriteFailed { w, attempted } => self
+                .write_failed(w, attempted, out)
+                .map_err(|e| StepError::core("local write failed", e))?,
             Event::FlushRoundDone { ok } => {
                 self.flush_round_done(ok, out)
                     .map_err(|e| StepError::core("flush round done", e))?;

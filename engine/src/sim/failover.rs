@@ -1,8 +1,9 @@
 //! The Secondary's `on-io-error detach` and the failover (checker 9).
 //!
-//! **Detach.** When a replicated write fails on the Secondary's disk, the Secondary (as
-//! `Volume::record_disk_failure` does) marks the blocks in its bitmap, records the
-//! failure durably (its metadata says Inconsistent: a restart comes back Inconsistent)
+//! **Detach.** When a replicated write fails on the Secondary's disk, the Secondary (its
+//! node's `Event::WriteFailed`, as in the daemon) marks the blocks in its bitmap, records
+//! the failure durably with the blocks' bitmap pages (its metadata says Inconsistent: a
+//! restart comes back Inconsistent)
 //! and goes `Failed` before its `P_NEG_ACK` leaves; from then on every peer write is
 //! answered `P_NEG_ACK` without disk IO. It tells the Primary (`P_STATE`, on the meta
 //! stream: the Primary starts a generation the Secondary lacks) and, after
@@ -50,8 +51,9 @@
 
 use super::rng::{mix, Rng};
 use super::{Ev, MetaMsg, Sim, SECTORS, UNKNOWN};
-use crate::replica::{FlushRounds, LocalWrite};
+use crate::replica::{Action, Event, FlushRounds, LocalWrite};
 use crate::state::{DiskState, Protocol};
+use crate::wire::Packet;
 use std::collections::BTreeSet;
 
 /// Ticks from a Secondary's disk failure to its leaving the connection (the daemon
@@ -166,25 +168,51 @@ impl Sim {
     }
 
     /// A peer write `w` failed on the Secondary's disk (or was refused by a detached
-    /// one): `Node::local_write_failed` with on-io-error detach; the first failure is
-    /// recorded (durable first, `MDF_CONSISTENT` cleared) before the caller lets the
-    /// core answer `P_NEG_ACK`, and the Primary learns the disk state.
-    pub(super) fn secondary_write_failed(&mut self, w: &LocalWrite) -> Result<(), String> {
+    /// one: not `attempted`), through the node ([`Event::WriteFailed`], on-io-error
+    /// detach): the failure
+    /// recorded (durable first, `MDF_CONSISTENT` cleared; the model has no superblock)
+    /// with the write's bits in the bitmap pages, then the write completes (`P_NEG_ACK`)
+    /// and, on the first failure, the Primary learns the disk state and the Secondary
+    /// leaves the connection.
+    pub(super) fn secondary_write_failed(
+        &mut self,
+        w: &LocalWrite,
+        attempted: bool,
+    ) -> Result<(), String> {
         self.fo.failed_since_attach += 1;
-        let Some(f) = self.sn.local_write_failed(w, true) else {
-            return Ok(());
-        };
-        if f.disk != DiskState::Failed || f.full_sync() {
-            return Err(format!("a Secondary's failed write made its disk {f:?}"));
+        let mut out = Vec::new();
+        let ev = Event::WriteFailed { w: *w, attempted };
+        self.sn.step(ev, &mut out).map_err(|e| e.to_string())?;
+        let failure = out.iter().find_map(|a| match a {
+            Action::DiskLeftService { failure, .. } => Some(*failure),
+            _ => None,
+        });
+        if let Some(f) = failure {
+            if f.disk != DiskState::Failed || f.full_sync() {
+                return Err(format!("a Secondary's failed write made its disk {f:?}"));
+            }
+            self.report.s_detaches += 1;
+            self.fo.md_inconsistent = true;
         }
-        self.report.s_detaches += 1;
-        self.fo.md_inconsistent = true;
-        if self.up {
-            let pkt = self.sn.state_packet().ok_or("the Secondary's P_STATE")?;
-            self.send_meta(MetaMsg::State(pkt))?;
+        // (None: nothing to record, the write completed at once.)
+        if let Ok((plan, then)) = super::roles::take_persist(&mut out) {
+            let ok = self.persist(false, &plan)?;
+            self.sn
+                .step(Event::Persisted { then, ok }, &mut out)
+                .map_err(|e| e.to_string())?;
         }
-        self.at(LEAVE_DELAY, Ev::SLeave);
-        Ok(())
+        for a in out {
+            match a {
+                Action::DiskLeftService { .. } => {}
+                Action::Send {
+                    pkt: pkt @ Packet::State(_),
+                    ..
+                } => self.send_meta(MetaMsg::State(pkt))?,
+                Action::DetachedStandAlone => self.at(LEAVE_DELAY, Ev::SLeave),
+                a => self.actions.push(a),
+            }
+        }
+        self.pump_secondary()
     }
 
     /// The detached Secondary leaves the connection and stays StandAlone until the

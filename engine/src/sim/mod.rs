@@ -104,7 +104,7 @@
 //!   reads through `Node::reads_from_peer`. (Elsewhere the simulator's Primary still
 //!   marks a failed write's blocks and keeps its disk, as neither daemon policy does.)
 //! - **Secondary disk failure** (`failover.rs`): a replicated write that fails on the
-//!   Secondary's disk detaches it (`on-io-error detach`, as `Volume::record_disk_failure`):
+//!   Secondary's disk detaches it (`on-io-error detach`, the node's `Event::WriteFailed`):
 //!   the blocks go out of sync in its bitmap, its metadata says Inconsistent before its
 //!   `P_NEG_ACK` leaves, it is `Failed` (every later peer write is answered `P_NEG_ACK`
 //!   without disk IO), tells the Primary (`P_STATE`) and leaves the connection 20 ticks
@@ -1565,9 +1565,9 @@ impl Sim {
                 self.fo.to_s.remove(&b.origin);
                 if fail {
                     // on-io-error detach, recorded before the P_NEG_ACK.
-                    self.secondary_write_failed(&b.local_write(token))?;
+                    return self.secondary_write_failed(&b.local_write(token), io);
                 }
-                self.peer_write_landed(token, &b, fail)
+                self.peer_write_landed(token, &b)
             }
             Ev::SDiskFlush { covers, fail, sinc } => {
                 if !fail {
@@ -1756,11 +1756,10 @@ impl Sim {
             kind,
             fua,
         };
-        if fail {
-            // The daemon's `on-io-error detach` (only in `p_detach.rs`'s scenario).
-            self.p_disk_failed(&w)?;
+        // The daemon's `on-io-error detach` (only in `p_detach.rs`'s scenario).
+        if !(fail && self.p_disk_failed(&w)?) {
+            self.node_step(true, Event::WriteDone { w, ok: !fail })?;
         }
-        self.node_step(true, Event::WriteDone { w, ok: !fail })?;
         self.pump_primary()
     }
 

@@ -1,5 +1,6 @@
 //! The Primary's disk fails (checker 18): `on-io-error detach`, as the daemon does it
-//! (`Volume::record_disk_failure` → [`crate::replica::Node::local_write_failed`]).
+//! (the node's `Event::WriteFailed` → [`crate::replica::Node::local_write_failed`] and
+//! its plan, `replica/disk.rs`).
 //!
 //! On about one seed in eight, at the end of the run once in sync (checkers 1 … 8
 //! passed, after the online verify and the SyncTarget Primary's reads, before the
@@ -37,9 +38,10 @@
 use super::rng::Rng;
 use super::st_reads::read_range;
 use super::{sector_is, Ev, Sim, SECTORS, SECTORS_PER_BLOCK, UNKNOWN};
-use crate::replica::{Durable, Io, LocalWrite};
+use crate::replica::{Action, Event, Io, LocalWrite};
 use crate::request::SECTOR;
 use crate::state::{DiskState, Role};
+use crate::wire::Packet;
 use std::collections::BTreeSet;
 
 /// Requests the application issues after the failure.
@@ -147,33 +149,69 @@ impl Sim {
         }
     }
 
-    /// A local write of the Primary failed while the scenario runs: the node's rule
-    /// (`on-io-error detach`), the failure record durable before the write completes,
+    /// A local write of the Primary failed while the scenario runs (`false`: not in
+    /// the scenario, nothing done): through the node ([`Event::WriteFailed`],
+    /// `on-io-error detach`), the failure record durable before the write completes,
     /// and the Secondary told the disk state.
-    pub(super) fn p_disk_failed(&mut self, w: &LocalWrite) -> Result<(), String> {
-        let Some(pd) = self.pd.as_mut() else {
-            return Ok(());
-        };
+    pub(super) fn p_disk_failed(&mut self, w: &LocalWrite) -> Result<bool, String> {
+        if self.pd.is_none() {
+            return Ok(false);
+        }
         let detached = self.pn.disk == DiskState::Diskless;
-        match (detached, self.pn.local_write_failed(w, true)) {
-            // A later failure (a write submitted before the first ended) changes nothing.
-            (true, None) => return Ok(()),
+        let mut out = Vec::new();
+        let ev = Event::WriteFailed {
+            w: *w,
+            attempted: true,
+        };
+        self.pn.step(ev, &mut out).map_err(|e| e.to_string())?;
+        let failure = out.iter().find_map(|a| match a {
+            Action::DiskLeftService { failure, .. } => Some(*failure),
+            _ => None,
+        });
+        let persist = super::roles::take_persist(&mut out);
+        let Some(pd) = self.pd.as_mut() else {
+            return Ok(false);
+        };
+        match (detached, failure) {
+            // A later failure (a write submitted before the first ended) changes nothing
+            // more than its bit; it completes once the record is durable.
+            (true, None) => {}
             (false, Some(_)) => {}
             (true, Some(_)) => return Err("checker 18: the disk left service twice".into()),
             (false, None) => {
                 return Err("checker 18: the first failure left the disk in service".into())
             }
         }
-        // The connection drop, while the Diskless Primary's writes run.
-        let d = pd.rng.range(1, 200);
-        let gen = self.gen;
-        self.at(d, Ev::Drop { gen });
-        self.persist(true, &[Durable::Superblock(vec![self.pn.failure_record()])])?;
-        self.sn.peer_reported(Role::Primary, self.pn.disk);
-        if let Some(pd) = self.pd.as_mut() {
-            pd.told_from = self.ops.len() as u64 + 1;
+        if failure.is_some() {
+            // The connection drop, while the Diskless Primary's writes run.
+            let d = pd.rng.range(1, 200);
+            let gen = self.gen;
+            self.at(d, Ev::Drop { gen });
         }
-        Ok(())
+        if let Ok((plan, then)) = persist {
+            let ok = self.persist(true, &plan)?;
+            self.pn
+                .step(Event::Persisted { then, ok }, &mut out)
+                .map_err(|e| e.to_string())?;
+        }
+        for a in out {
+            match a {
+                // The Secondary learns the disk state at once in the model.
+                Action::DiskLeftService { .. }
+                | Action::Send {
+                    pkt: Packet::State(_),
+                    ..
+                } => {}
+                a => self.actions.push(a),
+            }
+        }
+        if failure.is_some() {
+            self.sn.peer_reported(Role::Primary, self.pn.disk);
+            if let Some(pd) = self.pd.as_mut() {
+                pd.told_from = self.ops.len() as u64 + 1;
+            }
+        }
+        Ok(true)
     }
 
     /// Every block the Secondary holds from a request issued since it learned that the

@@ -1773,24 +1773,16 @@ impl Sim {
         Ok(())
     }
 
-    /// A replicated write landed on the Secondary's disk (`fail`: garbage there, the
-    /// blocks go out of sync on this side too); the node learns it.
-    pub(super) fn peer_write_landed(
-        &mut self,
-        token: u64,
-        b: &SBuf,
-        fail: bool,
-    ) -> Result<(), String> {
-        // (A failed one is marked out of sync by `Node::local_write_failed`.)
-        if !fail {
-            let first = usize::try_from(b.w.sector).map_err(|e| e.to_string())?;
-            let n = b.w.len as usize / SECTOR as usize;
-            for d in &mut self.rs.s_disc[first..first + n] {
-                *d = false;
-            }
+    /// A replicated write landed on the Secondary's disk; the node learns it. (A failed
+    /// one is the node's `Event::WriteFailed`: `Sim::secondary_write_failed`.)
+    pub(super) fn peer_write_landed(&mut self, token: u64, b: &SBuf) -> Result<(), String> {
+        let first = usize::try_from(b.w.sector).map_err(|e| e.to_string())?;
+        let n = b.w.len as usize / SECTOR as usize;
+        for d in &mut self.rs.s_disc[first..first + n] {
+            *d = false;
         }
         let w = b.local_write(token);
-        self.node_step(false, Event::WriteDone { w, ok: !fail })?;
+        self.node_step(false, Event::WriteDone { w, ok: true })?;
         self.pump_secondary()
     }
 

@@ -22,9 +22,9 @@
 //!   delivered by the reaper, never inline), the peer's data or zeroes written.
 //!
 //! What still runs as a task (rare): writes to a detached disk (they fail without IO),
-//! the disk-failure record after a failed local write (`record_disk_failure`, blocking
-//! metadata IO), the lazy bitmap write-out and the end of a resync run (`mod.rs`), and
-//! the fallbacks below.
+//! the durable plans the node asks for (`plan.rs`: the disk-failure record after a
+//! failed local write among them, `Event::WriteFailed`), the lazy bitmap write-out and
+//! the end of a resync run (`mod.rs`), and the fallbacks below.
 //!
 //! Bounds: the table of ops in flight on this path has [`IoTable`] slots, allocated
 //! once: `2 × max-buffers + 64` for the cores (both together have at most `2 ×
@@ -534,8 +534,9 @@ impl Volume {
     }
 
     /// A core's local write ended with `result`: a success feeds the core at once; a
-    /// failure is recorded first, from a task (`record_disk_failure` waits for metadata
-    /// IO).
+    /// failure too ([`Event::WriteFailed`]: the node records it first, as a plan, and
+    /// completes the write once that is durable — before a Secondary answers
+    /// `P_NEG_ACK`: never UpToDate again without a resync).
     fn local_write_ended(&self, w: LocalWrite, result: Result<(), StoreError>) {
         let Err(e) = result else {
             return self.local_write_done(w, true);
@@ -544,12 +545,7 @@ impl Volume {
             sector, len, kind, ..
         } = w;
         tracing::warn!("local {kind:?} of {len} bytes at sector {sector} failed: {e}");
-        // Recorded before the write completes (and before a Secondary answers
-        // P_NEG_ACK): never UpToDate again without a resync.
-        self.spawn_task(move |v| async move {
-            v.record_disk_failure(&w, true).await;
-            v.local_write_done(w, false);
-        });
+        self.local_write_failed(w, true);
     }
 
     /// A resync or verify read or write ended: feed the resync machines. The CPU work a
@@ -618,14 +614,22 @@ impl Volume {
         });
     }
 
-    /// A local write that is not submitted (a detached disk; `attempted`: a data write
-    /// without its buffer) fails as a failed write does, from a task.
+    /// A local write that is not submitted (a detached disk, which takes no more
+    /// writes; `attempted`: a data write without its buffer) fails as a failed write
+    /// does, from a task (it is refused while the effects of a drain run: feeding the
+    /// node there would recurse once per write the drain released).
     fn fail_local_write(&self, w: LocalWrite, attempted: bool) {
-        self.spawn_task(move |v| async move {
-            // A detached disk takes no more writes (`on-io-error detach`); the failure is
-            // recorded before the write completes, as for a failed write.
-            v.record_disk_failure(&w, attempted).await;
-            v.local_write_done(w, false);
+        self.spawn_task(move |v| async move { v.local_write_failed(w, attempted) });
+    }
+
+    /// [`Event::WriteFailed`] (`attempted`: the write reached the disk).
+    fn local_write_failed(&self, w: LocalWrite, attempted: bool) {
+        self.feed(|v, inner, fx| {
+            Self::feed_local(inner, Event::WriteFailed { w, attempted });
+            v.drain(inner, fx);
+            if matches!(w.side, Side::Peer { .. }) {
+                v.wake_if_idle(inner);
+            }
         });
     }
 }

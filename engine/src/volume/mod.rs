@@ -243,6 +243,8 @@ enum Effect {
         session: u64,
         target: bool,
     },
+    /// [`Action::DetachedStandAlone`].
+    DetachedStandAlone,
     /// [`Action::Persist`]'s plan, staged (`plan.rs`).
     Persist {
         staged: plan::Staged,
@@ -327,9 +329,6 @@ pub struct Volume {
     state_timeout: Duration,
     /// What a failed local write does (`disk.on-io-error`).
     on_io_error: crate::config::OnIoError,
-    /// The first failed local write has been recorded in the metadata (see
-    /// `record_disk_failure`): later failures wait for the same record.
-    failure_recorded: tokio::sync::OnceCell<()>,
     /// One role change at a time (its metadata is written between two locks).
     role_change: tokio::sync::Mutex<()>,
     /// The disk is detached (`on-io-error detach` after a failed write): no write is
@@ -520,14 +519,18 @@ impl Volume {
             sync_run_started: Notify::new(),
             state_timeout: config.net.timeout.max(Duration::from_millis(100)),
             on_io_error: config.disk.on_io_error,
-            failure_recorded: tokio::sync::OnceCell::new(),
             role_change: tokio::sync::Mutex::new(()),
             detached: std::sync::atomic::AtomicBool::new(false),
             openers: Arc::new(Openers::default()),
             rt,
             io_ops: Mutex::new(io::IoTable::new(max_buffers)),
             replies: reply::Replies::new(max_buffers.saturating_mul(2)),
-            inner: Mutex::new(Inner::new(primary, receiver, disk, uuids, crashed_primary)),
+            inner: Mutex::new({
+                let mut inner = Inner::new(primary, receiver, disk, uuids, crashed_primary);
+                inner.node.detach_on_io_error =
+                    config.disk.on_io_error == crate::config::OnIoError::Detach;
+                inner
+            }),
         }))
     }
 
@@ -1079,61 +1082,10 @@ impl Volume {
         self.fail_disk_unless_durable(t);
     }
 
-    /// A write to the local disk failed (DRBD's `on-io-error`): the node decides what
-    /// leaves service ([`crate::replica::Node::local_write_failed`], whose module docs
-    /// have the rules); this records it durably before the caller completes the write —
-    /// `MDF_CONSISTENT` cleared (a restart comes back Inconsistent, not promotable
-    /// without `--force`), `MDF_PEER_FULL_SYNC` set for a Diskless Primary, and a
-    /// Secondary's bitmap pages with the new bits. Then the peer is told (`P_STATE`); a
-    /// detached Secondary goes StandAlone (a restart attaches the disk again), a
-    /// `pass_on` node renews the connection so that the handshake resyncs the failed
-    /// blocks from the peer at once.
-    async fn record_disk_failure(&self, w: &LocalWrite, attempted: bool) {
-        let detach = self.on_io_error == crate::config::OnIoError::Detach;
-        let (first, record) = {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            let failure = inner.node.local_write_failed(w, detach);
-            if let Some(f) = failure {
-                self.disk_left_service(inner, w, f);
-            }
-            (failure.is_some(), inner.node.failure_record())
-        };
-        self.failure_recorded
-            .get_or_init(|| async {
-                let t = self.meta.stage(&[record]);
-                if let Err(e) = self.meta.durable(t).await {
-                    tracing::error!(
-                        "cannot record the failed disk as Inconsistent in the metadata ({e}); \
-                         do not promote this node before a resync"
-                    );
-                }
-            })
-            .await;
-        // A write skipped because the disk is already detached adds only its bit in
-        // memory (the Primary has it too, from the P_NEG_ACK): no more metadata IO to a
-        // disk that already failed.
-        if attempted && matches!(w.side, Side::Peer { .. }) {
-            if let Err(e) = self.write_dirty_pages().await {
-                tracing::error!("failed disk: {e}");
-            }
-        }
-        if !first {
-            return;
-        }
-        let session = {
-            let mut g = self.lock();
-            self.send_state(&mut g);
-            g.link.as_ref().map(|l| l.session())
-        };
-        if !detach {
-            // pass_on: the handshake of a renewed connection resyncs the failed blocks.
-            if let Some(session) = session {
-                self.renew_for_resync(session, false);
-            }
-            return;
-        }
-        // The P_NEG_ACK and the P_STATE leave before the connection goes.
+    /// [`Action::DetachedStandAlone`]: once the `P_NEG_ACK` and the `P_STATE` have
+    /// left, a Secondary whose disk is detached stays StandAlone (called without the
+    /// lock).
+    fn detached_standalone(&self) {
         self.after_queued_packets_leave(|me| async move {
             if me.lock().node.role != Role::Primary {
                 tracing::error!(
@@ -1394,22 +1346,6 @@ impl Volume {
                     inner.peer_waits.retired(tag);
                     self.core_room.notify_waiters();
                 }
-                Action::DropConnection { reason } => {
-                    tracing::warn!("dropping the connection: {reason}");
-                    if let Some(k) = &inner.kill {
-                        k.notify_one();
-                    }
-                }
-                Action::NewGeneration(uuids) => self.new_generation(inner, uuids),
-                Action::PeerDiskFailed { disk } => self.peer_disk_failed(inner, disk),
-                Action::SourceEnded(end) => self.source_ended(inner, end),
-                Action::VerifyInterrupted(p) => Self::verify_interrupted(inner, p),
-                Action::RenewForResync { target } => {
-                    if let Some(l) = &inner.link {
-                        let session = l.session();
-                        fx.push(Effect::RenewForResync { session, target });
-                    }
-                }
                 Action::SendSync { stream, pkt, reply } => {
                     Self::send_sync(inner, stream, &pkt, reply);
                 }
@@ -1427,33 +1363,60 @@ impl Volume {
                     data: None,
                 }),
                 Action::BitmapWriteBack => fx.push(Effect::SyncBitmap),
-                Action::TargetFinished {
-                    run,
-                    summary,
-                    adopt,
-                } => self.target_finished(inner, run, summary, adopt, fx),
-                Action::VerifyFinished {
-                    progress,
-                    crash_repaired,
-                } => self.verify_finished(inner, progress, crash_repaired),
-                Action::CrashRepaired => self.crash_repaired(),
-                Action::Reply { reply, refused } => {
-                    if let Some(tx) = inner.admin_replies.remove(&reply) {
-                        let _ = tx.send(Err(refused.to_string()));
-                    }
-                }
-                Action::RoleChanged(role) => Self::role_logged(inner, role),
-                Action::Persist { plan, then, reply } => {
-                    let staged = self.stage_plan(inner, plan);
-                    fx.push(Effect::Persist {
-                        staged,
-                        then,
-                        reply,
-                    });
-                }
+                a => self.control_action(inner, a, fx),
             }
         }
         inner.actions = actions;
+    }
+
+    /// The node's actions that are not IO or packets of the write path: the
+    /// connection's and the runs' ends, role and disk reports, plans and answers.
+    fn control_action(&self, inner: &mut Inner, a: Action, fx: &mut Vec<Effect>) {
+        match a {
+            Action::DropConnection { reason } => {
+                tracing::warn!("dropping the connection: {reason}");
+                if let Some(k) = &inner.kill {
+                    k.notify_one();
+                }
+            }
+            Action::NewGeneration(uuids) => self.new_generation(inner, uuids),
+            Action::PeerDiskFailed { disk } => self.peer_disk_failed(inner, disk),
+            Action::SourceEnded(end) => self.source_ended(inner, end),
+            Action::VerifyInterrupted(p) => Self::verify_interrupted(inner, p),
+            Action::RenewForResync { target } => {
+                if let Some(l) = &inner.link {
+                    let session = l.session();
+                    fx.push(Effect::RenewForResync { session, target });
+                }
+            }
+            Action::TargetFinished {
+                run,
+                summary,
+                adopt,
+            } => self.target_finished(inner, run, summary, adopt, fx),
+            Action::VerifyFinished {
+                progress,
+                crash_repaired,
+            } => self.verify_finished(inner, progress, crash_repaired),
+            Action::CrashRepaired => self.crash_repaired(),
+            Action::Reply { reply, refused } => {
+                if let Some(tx) = inner.admin_replies.remove(&reply) {
+                    let _ = tx.send(Err(refused.to_string()));
+                }
+            }
+            Action::RoleChanged(role) => Self::role_logged(inner, role),
+            Action::DiskLeftService { w, failure } => self.disk_left_service(inner, &w, failure),
+            Action::DetachedStandAlone => fx.push(Effect::DetachedStandAlone),
+            Action::Persist { plan, then, reply } => {
+                let staged = self.stage_plan(inner, plan);
+                fx.push(Effect::Persist {
+                    staged,
+                    then,
+                    reply,
+                });
+            }
+            a => panic!("BUG: the drain has no rule for {a:?}"),
+        }
     }
 
     /// [`Action::Complete`]: request `id` is done (`ok`); its reply is an effect.
@@ -1556,6 +1519,7 @@ impl Volume {
                 Effect::RenewForResync { session, target } => {
                     self.renew_for_resync(session, target);
                 }
+                Effect::DetachedStandAlone => self.detached_standalone(),
                 Effect::Persist {
                     staged,
                     then,

@@ -125,6 +125,7 @@ impl Volume {
                     Then::Nothing => "the new generation",
                     Then::Promoted(_) => "the promotion in the metadata",
                     Then::Demoted { .. } => "the demotion in the metadata",
+                    Then::FailureRecorded { .. } => "the failed disk",
                 };
                 format!("cannot record {what}: {e}")
             });
@@ -132,6 +133,8 @@ impl Volume {
                 let ok = r.is_ok();
                 let outcome = Self::step(inner, Event::Persisted { then, ok });
                 v.drain(inner, fx);
+                // (A failed peer write completed at last.)
+                v.wake_if_idle(inner);
                 let answer = match (r, outcome) {
                     (Err(e), _) if then.best_effort() => {
                         tracing::warn!("best effort: {e}");

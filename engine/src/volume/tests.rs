@@ -221,7 +221,7 @@ async fn discards_and_write_zeroes_read_back_as_zeroes() {
 }
 
 /// A discard the disk refuses fails as a failed write does: recorded in the metadata
-/// first (`record_disk_failure`), then the request fails.
+/// first (the node's `Event::WriteFailed` plan), then the request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_discard_is_recorded_as_a_disk_failure() {
     let dir = TempDir::new("volume-discard-fails");
