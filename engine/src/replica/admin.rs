@@ -127,6 +127,9 @@ pub(crate) enum Then {
     Promoted(Promotion),
     /// `secondary`: the peer is told; `detached`: a Diskless Primary's, best effort.
     Demoted { detached: bool },
+    /// A generation the peer lacks ([`Node::lost_peer_disk`]) is durable; if it is not,
+    /// the disk goes out of use (`step.rs`).
+    NewGeneration,
     /// The failed local write `w` is recorded (`first`: it took the disk out of
     /// service): the peer told, the write completed as failed (`disk.rs`).
     FailureRecorded { w: LocalWrite, first: bool },
@@ -234,6 +237,12 @@ impl Node {
         match then {
             Then::Promoted(_) | Then::Demoted { .. } => return self.role_persisted(then, ok, out),
             Then::FailureRecorded { w, first } => self.failure_persisted(w, first, ok, out)?,
+            Then::NewGeneration if !ok => {
+                tracing::error!(
+                    "a generation the peer lacks is not on disk: the disk goes out of use"
+                );
+                self.primary.fail_disk();
+            }
             Then::Invalidated if ok => self.invalidated(out),
             Then::AnnounceSkip(a) if ok => {
                 out.push(Action::Send {

@@ -129,11 +129,6 @@ pub(crate) enum Action {
     /// Drop the connection: the peer broke the protocol, or a new handshake must decide
     /// (a forced promotion, a resync that became due).
     DropConnection { reason: &'static str },
-    /// This node starts a generation the peer lacks ([`Node::lost_peer_disk`]): make the
-    /// UUIDs durable before the next application write enters the core, and assign
-    /// them; if they cannot be made durable the disk goes out of use (writing on in a
-    /// generation that is not on disk would hide a split brain later).
-    NewGeneration(UuidSet),
     /// The peer's disk failed (or was detached) while connected and is now `disk`:
     /// everything this node writes from now on is out of sync there (report it).
     PeerDiskFailed { disk: DiskState },

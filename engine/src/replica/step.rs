@@ -31,7 +31,8 @@
 //!   ([`crate::resync::Target::peer_lacks`]); it neither fetches the range nor reads it
 //!   from the peer.
 //! - **The peer's `P_STATE`.** Its disk failing while connected makes a Primary start a
-//!   generation the peer lacks ([`Action::NewGeneration`], DRBD's `after_state_ch`);
+//!   generation the peer lacks (an [`Action::Persist`] of `Then::NewGeneration`, DRBD's
+//!   `after_state_ch`: durable before the next write, else the disk goes out of use);
 //!   its disk becoming UpToDate while this one is Inconsistent and no run goes renews
 //!   the connection, so that the handshake resyncs (DRBD 8.4's `receive_state` runs its
 //!   sync handshake again); its Connected ends this node's SyncSource run
@@ -62,7 +63,7 @@
 //! - **A connection loss.** The runs are cut before the cores let go of the peer
 //!   ([`Node::connection_lost`]); an online verify it interrupts is reported
 //!   ([`Action::VerifyInterrupted`]); a Primary that loses its peer's disk starts a
-//!   generation the peer lacks ([`Action::NewGeneration`]).
+//!   generation the peer lacks (`Then::NewGeneration`).
 //! - **A failed local write the runs cannot record** (their list is full,
 //!   [`super::FailedLocal`]): the connection is renewed ([`Action::DropConnection`])
 //!   rather than a failed block forgotten.
@@ -77,7 +78,8 @@
 //! barrier ack at most for a peer write; for a completion, the writes it frees — at most
 //! the cores' in-flight limits).
 
-use super::{Action, Admin, LocalWrite, Node, PeerDisk, ReadFor, Then, Up, Why};
+use super::{Action, Admin, Durable, LocalWrite, Node, PeerDisk, ReadFor, Then, Up, Why};
+use crate::meta::disk::SbChange;
 use crate::net::Stream;
 use crate::request::{Error, PeerWrite, WriteKind};
 use crate::resync::{Inbound, ReadOutcome, TickInput, VerifyConfig};
@@ -452,8 +454,21 @@ impl Node {
         if let Some(progress) = self.connection_lost(out) {
             out.push(Action::VerifyInterrupted(progress));
         }
+        self.new_generation(random, out);
+    }
+
+    /// A generation the peer lacks, if this node starts one ([`Node::lost_peer_disk`]):
+    /// durable before the next application write enters the core (the driver stages
+    /// the plan's superblock write with the change: `Then::NewGeneration`); if it cannot
+    /// be made durable the disk goes out of use, as writing on in a generation that is
+    /// not on disk would hide a split brain later.
+    fn new_generation(&self, random: u64, out: &mut Vec<Action>) {
         if let Some(uuids) = self.lost_peer_disk(random) {
-            out.push(Action::NewGeneration(uuids));
+            out.push(Action::Persist {
+                plan: vec![Durable::Superblock(vec![SbChange::Uuids(uuids)])],
+                then: Then::NewGeneration,
+                reply: None,
+            });
         }
     }
 
@@ -558,9 +573,7 @@ impl Node {
         out.push(Action::PeerDiskFailed {
             disk: self.peer_disk,
         });
-        if let Some(uuids) = self.lost_peer_disk(random) {
-            out.push(Action::NewGeneration(uuids));
-        }
+        self.new_generation(random, out);
     }
 
     /// The peer's ack `cmd` of this node's write `block_id`.
@@ -977,14 +990,33 @@ mod tests {
                     Action::PeerDiskFailed {
                         disk: DiskState::Failed
                     },
-                    Action::NewGeneration(u)
-                ] if u.current != n.uuids.current
+                    Action::Persist {
+                        then: crate::replica::Then::NewGeneration,
+                        ..
+                    }
+                ]
             ),
             "{out:?}"
         );
+        let Some(Action::Persist { plan, .. }) = out.pop() else {
+            unreachable!("matched above");
+        };
+        let [crate::replica::Durable::Superblock(changes)] = &plan[..] else {
+            panic!("one superblock write: {plan:?}");
+        };
+        let [crate::meta::disk::SbChange::Uuids(u)] = changes[..] else {
+            panic!("the generation alone: {changes:?}");
+        };
+        assert_ne!(u.current, n.uuids.current, "a new current UUID");
         out.clear();
         n.step(failed, &mut out).unwrap();
         assert!(out.is_empty(), "{out:?}");
+        // Not on disk: the disk goes out of use.
+        assert!(!n.primary.stats().meta_failed);
+        let then = crate::replica::Then::NewGeneration;
+        n.step(Event::Persisted { then, ok: false }, &mut out)
+            .unwrap();
+        assert!(n.primary.stats().meta_failed);
     }
 
     /// An Inconsistent node without a run whose peer becomes UpToDate renews the

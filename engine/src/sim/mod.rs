@@ -2129,6 +2129,14 @@ impl Sim {
         r
     }
 
+    /// The Primary node's plan ([`Action::Persist`]: a generation the peer lacks),
+    /// performed, then what follows it.
+    fn p_persisted(&mut self, plan: &[Durable], then: crate::replica::Then) -> Result<(), String> {
+        let ok = self.persist(true, plan)?;
+        self.node_step(true, Event::Persisted { then, ok })?;
+        self.perform(true)
+    }
+
     fn primary_action(&mut self, a: Action) -> Result<(), String> {
         match a {
             Action::MetaWrite {
@@ -2204,8 +2212,8 @@ impl Sim {
                 let gen = self.gen;
                 self.at(0, Ev::Drop { gen });
             }
-            // The model has no superblock: the generation is assigned at once.
-            Action::NewGeneration(uuids) => self.pn.uuids = uuids,
+            // A generation the peer lacks: durable at once in the model.
+            Action::Persist { plan, then, .. } => self.p_persisted(&plan, then)?,
             Action::PeerDiskFailed { .. } | Action::VerifyInterrupted(_) => {}
             Action::SourceEnded(end) => self.source_ended(&end)?,
             Action::Retired { .. } => {
@@ -2428,8 +2436,6 @@ impl Sim {
                 let gen = self.gen;
                 self.at(0, Ev::Drop { gen });
             }
-            // The model has no superblock: the generation is assigned at once.
-            Action::NewGeneration(uuids) => self.sn.uuids = uuids,
             Action::VerifyInterrupted(_) => {}
             a @ (Action::SendSync { .. }
             | Action::SyncRead(_)

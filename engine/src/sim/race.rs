@@ -346,7 +346,7 @@ impl Round<'_> {
                             // Its pending request fails with the connection.
                             Action::Reply { .. } => self.stats.dropped += 1,
                             // A Primary that lost its peer starts a generation.
-                            Action::NewGeneration(_) if n.node.role == Role::Primary => {}
+                            Action::Persist { .. } if n.node.role == Role::Primary => {}
                             a => {
                                 return Err(format!(
                                     "a connection loss without writes asked for {a:?}"

@@ -1153,7 +1153,7 @@ impl Sim {
         if self
             .actions
             .iter()
-            .any(|a| matches!(a, Action::NewGeneration(_)))
+            .any(|a| matches!(a, Action::Persist { .. }))
         {
             self.rs.rng = draw;
         }

@@ -785,24 +785,6 @@ impl Volume {
         self.stage_changes(inner, &[SbChange::Uuids(uuids)])
     }
 
-    /// A change staged on a path that cannot wait for it (a connection's event): if it
-    /// cannot be made durable, the disk goes out of use, as writing on in a generation
-    /// that is not on disk would hide a split brain later.
-    fn fail_disk_unless_durable(&self, t: Ticket) {
-        self.spawn_task(move |me| async move {
-            if let Err(e) = me.meta.durable(t).await {
-                tracing::error!("{e}; the disk goes out of use");
-                let mut fx = Vec::new();
-                {
-                    let mut g = me.lock();
-                    g.node.primary.fail_disk();
-                    me.drain(&mut g, &mut fx);
-                }
-                me.run(fx);
-            }
-        });
-    }
-
     /// The handshake found a split brain (or unrelated data): stay StandAlone until the
     /// operator connects again, and show why in status.
     fn split_brain(&self, why: String) {
@@ -1071,15 +1053,6 @@ impl Volume {
             self.peer_node,
             unix_time_string()
         ));
-    }
-
-    /// [`Action::NewGeneration`], the generation rule of a lost peer disk
-    /// (`replica::Node::lost_peer_disk`): a new generation is durable before any
-    /// application write enters the core (the write gate waits for it; a failure takes
-    /// the disk out of use).
-    fn new_generation(&self, inner: &mut Inner, uuids: UuidSet) {
-        let t = self.stage_uuids(inner, uuids);
-        self.fail_disk_unless_durable(t);
     }
 
     /// [`Action::DetachedStandAlone`]: once the `P_NEG_ACK` and the `P_STATE` have
@@ -1379,7 +1352,6 @@ impl Volume {
                     k.notify_one();
                 }
             }
-            Action::NewGeneration(uuids) => self.new_generation(inner, uuids),
             Action::PeerDiskFailed { disk } => self.peer_disk_failed(inner, disk),
             Action::SourceEnded(end) => self.source_ended(inner, end),
             Action::VerifyInterrupted(p) => Self::verify_interrupted(inner, p),

@@ -122,7 +122,7 @@ impl Volume {
                     Then::AnnounceSkip(_) | Then::PeerSkipAdopted { .. } => {
                         "the skipped initial sync"
                     }
-                    Then::Nothing => "the new generation",
+                    Then::Nothing | Then::NewGeneration => "the new generation",
                     Then::Promoted(_) => "the promotion in the metadata",
                     Then::Demoted { .. } => "the demotion in the metadata",
                     Then::FailureRecorded { .. } => "the failed disk",
