@@ -310,6 +310,15 @@ mod tests {
         found.unwrap_or_else(|| panic!("no plan among {out:?}"))
     }
 
+    /// A Primary alone: promoted, its plan durable.
+    fn primary() -> Node {
+        let mut n = node();
+        let (_, out) = promote(&mut n, 1);
+        let then = persist(&out).1;
+        step(&mut n, Event::Persisted { then, ok: true });
+        n
+    }
+
     fn reply_of(out: &[Action]) -> Option<(u64, Why)> {
         out.iter().find_map(|a| match a {
             Action::Reply { reply, refused } => Some((*reply, *refused)),
@@ -489,15 +498,7 @@ mod tests {
 
     #[test]
     fn a_demotion_is_a_plan_and_a_failed_one_takes_the_disk_out_unless_diskless() {
-        let mut n = node();
-        let (_, out) = promote(&mut n, 1);
-        step(
-            &mut n,
-            Event::Persisted {
-                then: persist(&out).1,
-                ok: true,
-            },
-        );
+        let mut n = primary();
         let (o, out) = step(
             &mut n,
             Event::Admin {
@@ -520,15 +521,7 @@ mod tests {
         assert!(n.primary.stats().meta_failed, "the disk is out of use");
         assert!(!n.demoting);
         // A Diskless Primary's demotion: best effort.
-        let mut n = node();
-        let (_, out) = promote(&mut n, 1);
-        step(
-            &mut n,
-            Event::Persisted {
-                then: persist(&out).1,
-                ok: true,
-            },
-        );
+        let mut n = primary();
         n.primary.detach_local();
         let (_, out) = step(
             &mut n,
