@@ -74,10 +74,10 @@ pub(crate) use node::{
     Action, LocalWrite, Node, PeerDisk, PeerStartedRuns, Side, SourceEnd, TargetEnd,
 };
 pub(crate) use role_cmd::Why;
-pub(crate) use roles::Promotion;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::Refusal;
 #[cfg(any(test, feature = "sim"))]
 pub(crate) use roles::{promoted_uuids, GenerationFacts};
+pub(crate) use roles::{Promotion, StartupRefusal};
 pub(crate) use step::{Event, Io, Outcome, StepError};
 pub(crate) use sync::{ReadFor, RunRead, SyncAction, SyncRuns};

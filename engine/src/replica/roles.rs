@@ -127,6 +127,20 @@ pub(crate) fn may_promote(facts: &PromotionFacts) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Why the configured `role = "primary"` does not promote a node at start
+/// ([`Node::startup_refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartupRefusal {
+    /// Not connected, and the last handshake with the peer found a split brain: the
+    /// operator resolves it first.
+    SplitBrain,
+    /// Connected to a peer that is Primary now (a switchover while this node was down).
+    PeerPrimary,
+    /// No peer in time, and this node's UUIDs do not say it was the last Primary: the
+    /// peer may be Primary now.
+    NotLastPrimary,
+}
+
 /// What the generation of a promotion depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GenerationFacts {
@@ -260,6 +274,26 @@ impl Node {
             connection: self.agreed.map(|_| self.connections),
             announce,
         })
+    }
+
+    /// The configured `role = "primary"` at start (DRBD's `become-primary-on`, made
+    /// safe), decided once the driver has waited for the peer up to `wfc-timeout`
+    /// (`connected`: it came; `split_brain`: a handshake met it and found a split
+    /// brain). `None`: promote (connected, the peer is asked; alone, only a node whose
+    /// bitmap UUID says it was a Primary that wrote without its peer — the peer never had
+    /// those writes, so it cannot have taken over from them).
+    pub(crate) fn startup_refusal(
+        &self,
+        connected: bool,
+        split_brain: bool,
+    ) -> Option<StartupRefusal> {
+        if connected {
+            return (self.peer_role == Role::Primary).then_some(StartupRefusal::PeerPrimary);
+        }
+        if split_brain {
+            return Some(StartupRefusal::SplitBrain);
+        }
+        (self.uuids.bitmap == 0).then_some(StartupRefusal::NotLastPrimary)
     }
 
     /// Whether `p`, now durable, may still be taken: the rules again (the state may have
@@ -575,6 +609,36 @@ mod tests {
             n += 0x10;
             n
         }
+    }
+
+    #[test]
+    fn the_configured_primary_role_promotes_at_start_only_when_it_is_safe() {
+        let mut n = node(DiskState::UpToDate);
+        // Alone, and nothing says this node wrote last: the peer may be Primary now.
+        assert_eq!(
+            n.startup_refusal(false, false),
+            Some(StartupRefusal::NotLastPrimary)
+        );
+        assert_eq!(
+            n.startup_refusal(false, true),
+            Some(StartupRefusal::SplitBrain)
+        );
+        // A Primary that lost its peer (a bitmap UUID): alone, it promotes.
+        n.uuids.bitmap = 0xB0B0;
+        assert_eq!(n.startup_refusal(false, false), None);
+        assert_eq!(
+            n.startup_refusal(false, true),
+            Some(StartupRefusal::SplitBrain)
+        );
+        // Connected: the peer decides, unless it is Primary already.
+        n.uuids.bitmap = 0;
+        n.connection_up(101, Role::Secondary, DiskState::UpToDate);
+        assert_eq!(n.startup_refusal(true, false), None);
+        n.peer_reported(Role::Primary, DiskState::UpToDate);
+        assert_eq!(
+            n.startup_refusal(true, false),
+            Some(StartupRefusal::PeerPrimary)
+        );
     }
 
     #[test]

@@ -67,7 +67,8 @@ use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
 use crate::replica::{
-    Action, Admin, DiskFailure, Event, Io, LocalWrite, Node, Outcome, Side, StepError, Up,
+    Action, Admin, DiskFailure, Event, Io, LocalWrite, Node, Outcome, Side, StartupRefusal,
+    StepError, Up,
 };
 use crate::request::{
     self, Error as CoreError, MetaConfig, OutOfSync, Primary, PrimaryConfig, Receiver,
@@ -603,7 +604,8 @@ impl Volume {
     ///   had these writes and cannot have taken over from them); otherwise it stays
     ///   Secondary, since the peer may be Primary now, and the operator decides.
     ///
-    /// Decided once; the outcome is in status (`startup_role`), the log and the events.
+    /// The rule is the node's ([`Node::startup_refusal`]); decided once; the outcome is
+    /// in status (`startup_role`), the log and the events.
     pub async fn become_primary_at_start(&self, wfc_timeout: Duration) {
         let deadline = (!wfc_timeout.is_zero()).then(|| tokio::time::Instant::now() + wfc_timeout);
         let connected = loop {
@@ -620,33 +622,28 @@ impl Volume {
                 None => up.await,
             }
         };
-        let (peer_primary, wrote_alone, split_brain) = {
+        let (refusal, split_brain) = {
             let g = self.lock();
-            (
-                g.link.is_some() && g.node.peer_role == Role::Primary,
-                g.node.uuids.bitmap != 0,
-                g.split_brain.clone(),
-            )
+            let sb = g.split_brain.clone();
+            (g.node.startup_refusal(connected, sb.is_some()), sb)
         };
-        let outcome = if let Some(why) = split_brain.filter(|_| !connected) {
-            Err(format!(
-                "the peer was met and the handshake found a split brain ({why}); staying \
-                 Secondary until the operator resolves it"
-            ))
-        } else if connected && peer_primary {
-            Err(
+        let outcome = match refusal {
+            Some(StartupRefusal::SplitBrain) => Err(format!(
+                "the peer was met and the handshake found a split brain ({}); staying \
+                 Secondary until the operator resolves it",
+                split_brain.unwrap_or_default()
+            )),
+            Some(StartupRefusal::PeerPrimary) => Err(
                 "the peer is Primary now; staying Secondary (`tandem primary` after it \
                  is demoted)"
                     .to_string(),
-            )
-        } else if !connected && !wrote_alone {
-            Err(format!(
+            ),
+            Some(StartupRefusal::NotLastPrimary) => Err(format!(
                 "no peer within wfc-timeout ({wfc_timeout:?}) and this node's UUIDs do not \
                  say it was the last Primary (the peer may be Primary now); staying \
                  Secondary: `tandem primary` promotes it if the peer is gone"
-            ))
-        } else {
-            self.promote(false).await
+            )),
+            None => self.promote(false).await,
         };
         let text = match &outcome {
             Ok(()) if connected => "promoted: connected, the peer agreed".to_string(),
