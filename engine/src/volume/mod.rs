@@ -330,7 +330,8 @@ pub struct Volume {
     state_timeout: Duration,
     /// What a failed local write does (`disk.on-io-error`).
     on_io_error: crate::config::OnIoError,
-    /// One role change at a time (its metadata is written between two locks).
+    /// One role change (or `new-current-uuid`) at a time: the node refuses a second one
+    /// while the first is under way (`replica/role_cmd.rs`); this makes it wait instead.
     role_change: tokio::sync::Mutex<()>,
     /// The disk is detached (`on-io-error detach` after a failed write): no write is
     /// submitted to it any more. An atomic, so the write path takes no extra lock.
