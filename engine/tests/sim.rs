@@ -125,6 +125,8 @@ fn assert_coverage(reports: &[SimReport], count: u64) {
         ("promotion requests lost with the connection", |r| {
             r.race_dropped
         }),
+        ("secondary P_STATEs delivered", |r| r.s_states),
+        ("primary P_STATEs delivered", |r| r.p_states),
         ("switchovers", |r| r.switchovers),
         ("secondary stops", |r| r.s_stops),
         ("secondary power losses", |r| r.s_power_losses),

@@ -725,6 +725,11 @@ pub struct SimReport {
     pub race_concurrent_refusals: u64,
     /// See `races`.
     pub race_dropped: u64,
+    /// The Secondary's `P_STATE`s (its node's own, at a connection's start, a command
+    /// or a role change) delivered to the Primary's node.
+    pub s_states: u64,
+    /// The Primary's `P_STATE`s delivered to the Secondary's node.
+    pub p_states: u64,
     /// Checker 11: switchovers (the roles traded, a second workload the other way).
     pub switchovers: u64,
     /// Checker 12: stops of the Secondary during a resync, and of those power losses.
@@ -1027,6 +1032,8 @@ enum DataMsg {
     Bitmap(Packet),
     /// `P_SYNC_UUID`.
     SyncUuid(u64),
+    /// The Primary's `P_STATE`.
+    State(Packet),
     /// `P_OUT_OF_SYNC`: a block the SyncSource marked during the exchange.
     OutOfSync(Packet),
     /// `P_RS_DATA_REPLY` (with its data and the versions it was read at) or
@@ -1580,49 +1587,7 @@ impl Sim {
                 self.node_step(false, Event::FlushRoundDone { ok: !fail })?;
                 self.pump_secondary()
             }
-            Ev::DeliverData { gen } => {
-                if gen != self.gen {
-                    return Ok(());
-                }
-                if !self.sn.receiver.can_accept() {
-                    // The driver stops reading the socket until the Secondary has room
-                    // again (see `pump_secondary`).
-                    self.parked += 1;
-                    return Ok(());
-                }
-                match self.data.pop_front() {
-                    None => Err("data stream delivery with nothing queued".into()),
-                    Some(DataMsg::Write { w, origin, data }) => {
-                        self.fo.in_net.remove(&origin);
-                        let Outcome::Taken(token) = self.node_step(false, Event::PeerWrite(w))?
-                        else {
-                            return Err("the Secondary refused a write it could accept".into());
-                        };
-                        let b = SBuf {
-                            w,
-                            origin,
-                            data,
-                            submitted: false,
-                        };
-                        if self.s_bufs.insert(token, b).is_some() {
-                            return Err(format!("secondary reused live token {token:#x}"));
-                        }
-                        // (Reported to a SyncTarget when the Secondary core submits it,
-                        // as the daemon does.)
-                        self.pump_secondary()
-                    }
-                    Some(DataMsg::Bitmap(pkt)) => self.s_bitmap_packet(&pkt),
-                    Some(DataMsg::SyncUuid(u)) => self.start_target(u),
-                    Some(DataMsg::OutOfSync(pkt)) => self.s_out_of_sync(&pkt),
-                    Some(DataMsg::Rs { pkt, data, vers }) => self.target_reply(&pkt, data, vers),
-                    Some(DataMsg::Barrier(nr)) => {
-                        if self.node_step(false, Event::PeerBarrier(nr))? != Outcome::Done {
-                            return Err("the Secondary refused a barrier it could accept".into());
-                        }
-                        self.pump_secondary()
-                    }
-                }
-            }
+            Ev::DeliverData { gen } => self.deliver_data(gen),
             Ev::DeliverMeta { gen } => {
                 if gen != self.gen {
                     return Ok(());
@@ -2129,6 +2094,52 @@ impl Sim {
         r
     }
 
+    /// The data stream delivers its next message to the Secondary's node (unless the
+    /// connection `gen` is gone, or the node has no room: then the driver stops reading).
+    fn deliver_data(&mut self, gen: u64) -> Result<(), String> {
+        if gen != self.gen {
+            return Ok(());
+        }
+        if !self.sn.receiver.can_accept() {
+            // The driver stops reading the socket until the Secondary has room
+            // again (see `pump_secondary`).
+            self.parked += 1;
+            return Ok(());
+        }
+        match self.data.pop_front() {
+            None => Err("data stream delivery with nothing queued".into()),
+            Some(DataMsg::Write { w, origin, data }) => {
+                self.fo.in_net.remove(&origin);
+                let Outcome::Taken(token) = self.node_step(false, Event::PeerWrite(w))? else {
+                    return Err("the Secondary refused a write it could accept".into());
+                };
+                let b = SBuf {
+                    w,
+                    origin,
+                    data,
+                    submitted: false,
+                };
+                if self.s_bufs.insert(token, b).is_some() {
+                    return Err(format!("secondary reused live token {token:#x}"));
+                }
+                // (Reported to a SyncTarget when the Secondary core submits it,
+                // as the daemon does.)
+                self.pump_secondary()
+            }
+            Some(DataMsg::Bitmap(pkt)) => self.s_bitmap_packet(&pkt),
+            Some(DataMsg::SyncUuid(u)) => self.start_target(u),
+            Some(DataMsg::State(pkt)) => self.secondary_peer_state(&pkt),
+            Some(DataMsg::OutOfSync(pkt)) => self.s_out_of_sync(&pkt),
+            Some(DataMsg::Rs { pkt, data, vers }) => self.target_reply(&pkt, data, vers),
+            Some(DataMsg::Barrier(nr)) => {
+                if self.node_step(false, Event::PeerBarrier(nr))? != Outcome::Done {
+                    return Err("the Secondary refused a barrier it could accept".into());
+                }
+                self.pump_secondary()
+            }
+        }
+    }
+
     /// The Primary node's plan ([`Action::Persist`]: a generation the peer lacks),
     /// performed, then what follows it.
     fn p_persisted(&mut self, plan: &[Durable], then: crate::replica::Then) -> Result<(), String> {
@@ -2227,8 +2238,8 @@ impl Sim {
             Action::CrashRepaired => {}
             Action::Send {
                 stream: Stream::Data,
-                pkt: Packet::State(_),
-            } => self.state_sent("Primary")?,
+                pkt: pkt @ Packet::State(_),
+            } => self.deliver_state(true, pkt)?,
             other => {
                 return Err(format!(
                     "unexpected action of the Primary's node: {other:?}"
@@ -2445,8 +2456,8 @@ impl Sim {
             Action::CrashRepaired => {}
             Action::Send {
                 stream: Stream::Data,
-                pkt: Packet::State(_),
-            } => self.state_sent("Secondary")?,
+                pkt: pkt @ Packet::State(_),
+            } => self.deliver_state(false, pkt)?,
             Action::Persist { plan, then, .. } => self.s_persisted(&plan, then)?,
             other => {
                 return Err(format!(
@@ -2505,6 +2516,39 @@ impl Sim {
         self.data.push_back(m);
         let (ready, gen) = (self.data_ready, self.gen);
         self.at(ready - self.now, Ev::DeliverData { gen });
+    }
+
+    /// A node's own `P_STATE` (`primary`: the Primary's node's), on its way to the peer's
+    /// node (see `Sim::state_sent`).
+    fn deliver_state(&mut self, primary: bool, pkt: Packet) -> Result<(), String> {
+        if primary {
+            self.state_sent("Primary")?;
+            self.report.p_states += 1;
+            self.send_data_undrawn(DataMsg::State(pkt));
+        } else {
+            self.state_sent("Secondary")?;
+            self.report.s_states += 1;
+            self.send_meta_undrawn(MetaMsg::State(pkt));
+        }
+        Ok(())
+    }
+
+    /// [`Self::send_data`] behind what is queued, without a delay drawn from the seed's
+    /// stream (so that it leaves every other draw as it was).
+    fn send_data_undrawn(&mut self, m: DataMsg) {
+        self.data_ready = self.data_ready.max(self.now + 1);
+        self.data.push_back(m);
+        let (ready, gen) = (self.data_ready, self.gen);
+        self.at(ready - self.now, Ev::DeliverData { gen });
+    }
+
+    /// [`Self::send_meta`] behind what is queued, without a delay drawn from the seed's
+    /// stream (so that it leaves every other draw as it was).
+    fn send_meta_undrawn(&mut self, m: MetaMsg) {
+        self.meta_ready = self.meta_ready.max(self.now + 1);
+        self.meta.push_back(m);
+        let (ready, gen) = (self.meta_ready, self.gen);
+        self.at(ready - self.now, Ev::DeliverMeta { gen });
     }
 
     fn send_meta(&mut self, m: MetaMsg) -> Result<(), String> {
@@ -3346,6 +3390,8 @@ mod tests {
             ("crossing requests", sum(|r| r.race_crossing)),
             ("SS_CONCURRENT_ST_CHG", sum(|r| r.race_concurrent_refusals)),
             ("requests lost with the connection", sum(|r| r.race_dropped)),
+            ("P_STATEs delivered to the Secondary", sum(|r| r.p_states)),
+            ("P_STATEs delivered to the Primary", sum(|r| r.s_states)),
             ("switchovers", sum(|r| r.switchovers)),
             ("secondary stops", sum(|r| r.s_stops)),
             ("secondary power losses", sum(|r| r.s_power_losses)),

@@ -943,9 +943,10 @@ impl Sim {
         Ok(())
     }
 
-    /// A node's `P_STATE` at the connection's start ([`Event::ConnectionUp`]): the
-    /// model's peer learned that state from the handshake, so it is not delivered; one
-    /// sent while not connected is a bug.
+    /// A node's own `P_STATE` (at the connection's start, after a command or a role
+    /// change): one sent while not connected is a bug. The caller delivers it in order
+    /// on its stream, with no delay drawn from the seed's stream (`send_data_undrawn`,
+    /// `send_meta_undrawn`), to the peer's node (`Event::PeerState`).
     pub(super) fn state_sent(&self, who: &str) -> Result<(), String> {
         if !self.up {
             return Err(format!("the {who} sent P_STATE while disconnected"));
@@ -1135,6 +1136,18 @@ impl Sim {
         if self.sabotage.receiver.drop_held_at_loss {
             self.s_bufs.retain(|_, b| b.submitted);
         }
+        self.pump_secondary()
+    }
+
+    /// `P_STATE` from the Primary, through the codec, fed to the Secondary's node
+    /// ([`Event::PeerState`], as `Volume::peer_state` does).
+    pub(super) fn secondary_peer_state(&mut self, pkt: &Packet) -> Result<(), String> {
+        let Packet::State(word) = self.wire(pkt, &[])? else {
+            return Err(format!("the primary's P_STATE decoded as {pkt:?}"));
+        };
+        // (A Secondary starts no generation: the draw is never used.)
+        let random = uuid(&mut self.rs.rng.clone());
+        self.node_step(false, Event::PeerState { word, random })?;
         self.pump_secondary()
     }
 
