@@ -772,7 +772,7 @@ impl Node {
 
     /// The runs' outputs as actions. A write they held and release is an ordinary
     /// [`Action::LocalWrite`] now; the end of a verify brings the connection back to
-    /// Connected here, not in the driver.
+    /// Connected here, not in the driver, and the peer learns it (`P_STATE`).
     fn drain_runs(&mut self, out: &mut Vec<Action>) {
         let mut actions = self.runs.take_actions();
         for a in actions.drain(..) {
@@ -807,10 +807,16 @@ impl Node {
                     summary,
                     adopt,
                 },
-                SyncAction::VerifyFinished(progress) => Action::VerifyFinished {
-                    progress,
-                    crash_repaired: self.verify_ended(),
-                },
+                SyncAction::VerifyFinished(progress) => {
+                    out.push(Action::VerifyFinished {
+                        progress,
+                        crash_repaired: self.verify_ended(),
+                    });
+                    if self.agreed.is_some() {
+                        self.push_state(out);
+                    }
+                    continue;
+                }
             });
         }
         self.runs.give_back(actions);

@@ -24,7 +24,7 @@ use crate::replica::{Action, Admin, Event, Outcome, ReadFor, RunRead};
 use crate::request::SECTOR;
 use crate::resync::{Digest, Inbound, ReadOutcome, VerifyConfig, VerifyProgress};
 use crate::state::ConnState;
-use crate::wire::{ff, Packet, WireCtx};
+use crate::wire::{ff, Packet, StateBits, WireCtx};
 use std::collections::VecDeque;
 
 /// Model time between two controller steps.
@@ -45,6 +45,8 @@ struct Side {
     /// Packets on their way to the other node.
     out: VecDeque<Packet>,
     done: Option<VerifyProgress>,
+    /// The node's `P_STATE` after its end said Connected (the peer learns it).
+    told_connected: bool,
 }
 
 impl Sim {
@@ -98,6 +100,9 @@ impl Sim {
                 s.done.is_some()
             ));
         };
+        if !(p.told_connected && s.told_connected) {
+            return Err("checker 16: a verify ended without its P_STATE saying Connected".into());
+        }
         self.check16(&damaged, pd)?;
         // The operator's disconnect/connect: the Primary starts a generation, the
         // handshake a resync of the marked blocks.
@@ -154,11 +159,16 @@ impl Sim {
                             .map_err(|e| format!("checker 16: verify digest: {e}"))?;
                     }
                     Action::VerifyFinished { progress, .. } => side.done = Some(progress),
-                    // The node's `P_STATE` (VerifyS): the model's peer needs none.
+                    // The node's `P_STATE` (VerifyS at the start, Connected after the
+                    // end): the model's peer needs none, the checker wants the last.
                     Action::Send {
-                        pkt: Packet::State(_),
+                        pkt: Packet::State(word),
                         ..
-                    } => {}
+                    } => {
+                        let conn = u32::from(StateBits::unpack(word).conn);
+                        side.told_connected =
+                            side.done.is_some() && conn == ConnState::Connected.as_u32();
+                    }
                     other => return Err(format!("checker 16: verify asked for {other:?}")),
                 }
             }

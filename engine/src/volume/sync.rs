@@ -622,7 +622,6 @@ impl Volume {
         if crash_repaired {
             self.crash_repaired();
         }
-        self.send_state(inner);
     }
 
     /// `verify`: compares every block with the peer's by digest (this node is VerifyS;
