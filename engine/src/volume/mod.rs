@@ -63,7 +63,6 @@
 use crate::config::{Config, NodeConfig};
 use crate::frontend::{BlockError, BlockIo, BlockReply, BlockTarget, Openers, TargetInfo};
 use crate::meta::disk::{Attach, MetaDevice};
-use crate::meta::SbChange;
 use crate::net::handshake::{Agreed, PeerParams};
 use crate::net::{Link, PeerData, PeerWrite, PeerWriteKind, SendError, SourceStart, Stream};
 use crate::replica::{
@@ -78,7 +77,7 @@ use crate::state::uuid::{random_uuid, UuidSet};
 use crate::state::{DiskState, Protocol, Role};
 use crate::store::{AlignedBuf, Store, SECTOR_SIZE};
 use crate::wire::{self, Command, Packet};
-use durable::{Gate, MetaWriter, Ticket};
+use durable::{Gate, MetaWriter};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -774,13 +773,6 @@ impl Volume {
         if let Some(job) = next {
             fx.push(Effect::MetaWrite(job));
         }
-    }
-
-    /// Adopts new UUIDs in memory and stages them, with the flags `also`, in one change
-    /// for the metadata writer, so they reach the disk in the same superblock write:
-    /// durable once the ticket is (and no application write enters the core before).
-    fn stage_uuids(&self, inner: &mut Inner, uuids: UuidSet) -> Ticket {
-        self.stage_changes(inner, &[SbChange::Uuids(uuids)])
     }
 
     /// The handshake found a split brain (or unrelated data): stay StandAlone until the

@@ -186,7 +186,10 @@ impl Volume {
             let mut g = self.lock();
             let random = random_uuid(&mut rand::thread_rng());
             let (uuids, sync_uuid) = g.node.begin_sync_source(random);
-            (self.stage_uuids(&mut g, uuids), sync_uuid)
+            (
+                self.stage_changes(&mut g, &[SbChange::Uuids(uuids)]),
+                sync_uuid,
+            )
         };
         self.meta.durable(t).await?;
         Ok(sync_uuid)

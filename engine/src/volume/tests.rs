@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::frontend::{BlockIo, BlockRequest};
+use crate::meta::SbChange;
 use crate::store::testdir::TempDir;
 use std::future::Future;
 use std::task::Poll;
