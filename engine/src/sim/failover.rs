@@ -51,7 +51,7 @@
 
 use super::rng::{mix, Rng};
 use super::{Ev, MetaMsg, Sim, SECTORS, UNKNOWN};
-use crate::replica::{Action, Event, FlushRounds, LocalWrite};
+use crate::replica::{Action, FlushRounds, LocalWrite};
 use crate::state::{DiskState, Protocol};
 use crate::wire::Packet;
 use std::collections::BTreeSet;
@@ -180,13 +180,7 @@ impl Sim {
         attempted: bool,
     ) -> Result<(), String> {
         self.fo.failed_since_attach += 1;
-        let mut out = Vec::new();
-        let ev = Event::WriteFailed { w: *w, attempted };
-        self.sn.step(ev, &mut out).map_err(|e| e.to_string())?;
-        let failure = out.iter().find_map(|a| match a {
-            Action::DiskLeftService { failure, .. } => Some(*failure),
-            _ => None,
-        });
+        let (failure, out) = self.node_write_failed(false, w, attempted)?;
         if let Some(f) = failure {
             if f.disk != DiskState::Failed || f.full_sync() {
                 return Err(format!("a Secondary's failed write made its disk {f:?}"));
@@ -194,16 +188,8 @@ impl Sim {
             self.report.s_detaches += 1;
             self.fo.md_inconsistent = true;
         }
-        // (None: nothing to record, the write completed at once.)
-        if let Ok((plan, then)) = super::roles::take_persist(&mut out) {
-            let ok = self.persist(false, &plan)?;
-            self.sn
-                .step(Event::Persisted { then, ok }, &mut out)
-                .map_err(|e| e.to_string())?;
-        }
         for a in out {
             match a {
-                Action::DiskLeftService { .. } => {}
                 Action::Send {
                     pkt: pkt @ Packet::State(_),
                     ..

@@ -1610,7 +1610,7 @@ impl Sim {
                     }
                     MetaMsg::Rs(ref pkt) => return self.source_meta(pkt),
                     MetaMsg::SyncDone(ref pkt) => return self.sync_done(pkt),
-                    MetaMsg::State(ref pkt) => return self.primary_peer_state(pkt),
+                    MetaMsg::State(ref pkt) => return self.peer_state(true, pkt),
                 };
                 self.node_step(true, ev)?;
                 self.pump_primary()
@@ -2128,7 +2128,7 @@ impl Sim {
             }
             Some(DataMsg::Bitmap(pkt)) => self.s_bitmap_packet(&pkt),
             Some(DataMsg::SyncUuid(u)) => self.start_target(u),
-            Some(DataMsg::State(pkt)) => self.secondary_peer_state(&pkt),
+            Some(DataMsg::State(pkt)) => self.peer_state(false, &pkt),
             Some(DataMsg::OutOfSync(pkt)) => self.s_out_of_sync(&pkt),
             Some(DataMsg::Rs { pkt, data, vers }) => self.target_reply(&pkt, data, vers),
             Some(DataMsg::Barrier(nr)) => {
@@ -2146,6 +2146,42 @@ impl Sim {
         let ok = self.persist(true, plan)?;
         self.node_step(true, Event::Persisted { then, ok })?;
         self.perform(true)
+    }
+
+    /// A local write of a node (`primary_node`: the Primary's) failed, through the node
+    /// ([`Event::WriteFailed`]): its plan performed as the model does, then
+    /// [`Event::Persisted`] (no plan: nothing left to record, done at once). Returns what
+    /// the first failure took out of service, and the actions left for the caller.
+    fn node_write_failed(
+        &mut self,
+        primary_node: bool,
+        w: &LocalWrite,
+        attempted: bool,
+    ) -> Result<(Option<crate::replica::DiskFailure>, Vec<Action>), String> {
+        let mut out = Vec::new();
+        let node = if primary_node {
+            &mut self.pn
+        } else {
+            &mut self.sn
+        };
+        let ev = Event::WriteFailed { w: *w, attempted };
+        node.step(ev, &mut out).map_err(|e| e.to_string())?;
+        let failure = out.iter().find_map(|a| match a {
+            Action::DiskLeftService { failure, .. } => Some(*failure),
+            _ => None,
+        });
+        out.retain(|a| !matches!(a, Action::DiskLeftService { .. }));
+        if let Some((plan, then)) = roles::take_persist(&mut out) {
+            let ok = self.persist(primary_node, &plan)?;
+            let node = if primary_node {
+                &mut self.pn
+            } else {
+                &mut self.sn
+            };
+            node.step(Event::Persisted { then, ok }, &mut out)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok((failure, out))
     }
 
     fn primary_action(&mut self, a: Action) -> Result<(), String> {
@@ -2512,43 +2548,15 @@ impl Sim {
 
     fn send_data(&mut self, m: DataMsg) {
         let d = self.rng.range(1, self.params.net_delay);
+        self.queue_data(m, d);
+    }
+
+    /// `m` on the data stream, delivered in order, at least `d` ticks from now.
+    fn queue_data(&mut self, m: DataMsg, d: u64) {
         self.data_ready = self.data_ready.max(self.now + d);
         self.data.push_back(m);
         let (ready, gen) = (self.data_ready, self.gen);
         self.at(ready - self.now, Ev::DeliverData { gen });
-    }
-
-    /// A node's own `P_STATE` (`primary`: the Primary's node's), on its way to the peer's
-    /// node (see `Sim::state_sent`).
-    fn deliver_state(&mut self, primary: bool, pkt: Packet) -> Result<(), String> {
-        if primary {
-            self.state_sent("Primary")?;
-            self.report.p_states += 1;
-            self.send_data_undrawn(DataMsg::State(pkt));
-        } else {
-            self.state_sent("Secondary")?;
-            self.report.s_states += 1;
-            self.send_meta_undrawn(MetaMsg::State(pkt));
-        }
-        Ok(())
-    }
-
-    /// [`Self::send_data`] behind what is queued, without a delay drawn from the seed's
-    /// stream (so that it leaves every other draw as it was).
-    fn send_data_undrawn(&mut self, m: DataMsg) {
-        self.data_ready = self.data_ready.max(self.now + 1);
-        self.data.push_back(m);
-        let (ready, gen) = (self.data_ready, self.gen);
-        self.at(ready - self.now, Ev::DeliverData { gen });
-    }
-
-    /// [`Self::send_meta`] behind what is queued, without a delay drawn from the seed's
-    /// stream (so that it leaves every other draw as it was).
-    fn send_meta_undrawn(&mut self, m: MetaMsg) {
-        self.meta_ready = self.meta_ready.max(self.now + 1);
-        self.meta.push_back(m);
-        let (ready, gen) = (self.meta_ready, self.gen);
-        self.at(ready - self.now, Ev::DeliverMeta { gen });
     }
 
     fn send_meta(&mut self, m: MetaMsg) -> Result<(), String> {
@@ -2556,10 +2564,35 @@ impl Sim {
             return Err(format!("secondary sent {m:?} while disconnected"));
         }
         let d = self.rng.range(1, self.params.net_delay);
+        self.queue_meta(m, d);
+        Ok(())
+    }
+
+    /// `m` on the meta stream, delivered in order, at least `d` ticks from now.
+    fn queue_meta(&mut self, m: MetaMsg, d: u64) {
         self.meta_ready = self.meta_ready.max(self.now + d);
         self.meta.push_back(m);
         let (ready, gen) = (self.meta_ready, self.gen);
         self.at(ready - self.now, Ev::DeliverMeta { gen });
+    }
+
+    /// A node's own `P_STATE` (`primary`: the Primary's node's; at the connection's
+    /// start, after a command or a role change) on its way, in order on its stream, to
+    /// the peer's node (`Event::PeerState`). Its delay (one tick behind what is queued)
+    /// draws nothing from the seed's stream, so it leaves every other draw as it was. One
+    /// sent while not connected is a bug.
+    fn deliver_state(&mut self, primary: bool, pkt: Packet) -> Result<(), String> {
+        if !self.up {
+            let who = if primary { "Primary" } else { "Secondary" };
+            return Err(format!("the {who} sent P_STATE while disconnected"));
+        }
+        if primary {
+            self.report.p_states += 1;
+            self.queue_data(DataMsg::State(pkt), 1);
+        } else {
+            self.report.s_states += 1;
+            self.queue_meta(MetaMsg::State(pkt), 1);
+        }
         Ok(())
     }
 

@@ -38,7 +38,7 @@
 use super::rng::Rng;
 use super::st_reads::read_range;
 use super::{sector_is, Ev, Sim, SECTORS, SECTORS_PER_BLOCK, UNKNOWN};
-use crate::replica::{Action, Event, Io, LocalWrite};
+use crate::replica::{Action, Io, LocalWrite};
 use crate::request::SECTOR;
 use crate::state::{DiskState, Role};
 use crate::wire::Packet;
@@ -158,17 +158,7 @@ impl Sim {
             return Ok(false);
         }
         let detached = self.pn.disk == DiskState::Diskless;
-        let mut out = Vec::new();
-        let ev = Event::WriteFailed {
-            w: *w,
-            attempted: true,
-        };
-        self.pn.step(ev, &mut out).map_err(|e| e.to_string())?;
-        let failure = out.iter().find_map(|a| match a {
-            Action::DiskLeftService { failure, .. } => Some(*failure),
-            _ => None,
-        });
-        let persist = super::roles::take_persist(&mut out);
+        let (failure, out) = self.node_write_failed(true, w, true)?;
         let Some(pd) = self.pd.as_mut() else {
             return Ok(false);
         };
@@ -188,23 +178,16 @@ impl Sim {
             let gen = self.gen;
             self.at(d, Ev::Drop { gen });
         }
-        if let Ok((plan, then)) = persist {
-            let ok = self.persist(true, &plan)?;
-            self.pn
-                .step(Event::Persisted { then, ok }, &mut out)
-                .map_err(|e| e.to_string())?;
-        }
-        for a in out {
-            match a {
-                // The Secondary learns the disk state at once in the model.
-                Action::DiskLeftService { .. }
-                | Action::Send {
+        // The Secondary learns the disk state at once in the model.
+        self.actions.extend(out.into_iter().filter(|a| {
+            !matches!(
+                a,
+                Action::Send {
                     pkt: Packet::State(_),
                     ..
-                } => {}
-                a => self.actions.push(a),
-            }
-        }
+                }
+            )
+        }));
         if failure.is_some() {
             self.sn.peer_reported(Role::Primary, self.pn.disk);
             if let Some(pd) = self.pd.as_mut() {

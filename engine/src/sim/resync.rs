@@ -943,17 +943,6 @@ impl Sim {
         Ok(())
     }
 
-    /// A node's own `P_STATE` (at the connection's start, after a command or a role
-    /// change): one sent while not connected is a bug. The caller delivers it in order
-    /// on its stream, with no delay drawn from the seed's stream (`send_data_undrawn`,
-    /// `send_meta_undrawn`), to the peer's node (`Event::PeerState`).
-    pub(super) fn state_sent(&self, who: &str) -> Result<(), String> {
-        if !self.up {
-            return Err(format!("the {who} sent P_STATE while disconnected"));
-        }
-        Ok(())
-    }
-
     /// A node's exchange is done (`primary`: the Primary's): the connection is up for it
     /// with `run` ([`Event::ConnectionUp`]: the run starts or it is Connected, and a
     /// Primary replicates from now on), as the daemon's `connection_up` does.
@@ -1139,30 +1128,18 @@ impl Sim {
         self.pump_secondary()
     }
 
-    /// `P_STATE` from the Primary, through the codec, fed to the Secondary's node
-    /// ([`Event::PeerState`], as `Volume::peer_state` does).
-    pub(super) fn secondary_peer_state(&mut self, pkt: &Packet) -> Result<(), String> {
+    /// The peer's `P_STATE`, through the codec, fed to a node (`primary`: the Primary's;
+    /// [`Event::PeerState`], as `Volume::peer_state` does): on a Primary, a failed peer
+    /// disk starts a generation the peer lacks; Connected ends a SyncSource's run.
+    pub(super) fn peer_state(&mut self, primary: bool, pkt: &Packet) -> Result<(), String> {
         let Packet::State(word) = self.wire(pkt, &[])? else {
-            return Err(format!("the primary's P_STATE decoded as {pkt:?}"));
-        };
-        // (A Secondary starts no generation: the draw is never used.)
-        let random = uuid(&mut self.rs.rng.clone());
-        self.node_step(false, Event::PeerState { word, random })?;
-        self.pump_secondary()
-    }
-
-    /// `P_STATE` from the Secondary, through the codec, fed to the Primary's node
-    /// ([`Event::PeerState`], as `Volume::peer_state` does): a failed disk starts a
-    /// generation the Secondary lacks; Connected ends a SyncSource's run.
-    pub(super) fn primary_peer_state(&mut self, pkt: &Packet) -> Result<(), String> {
-        let Packet::State(word) = self.wire(pkt, &[])? else {
-            return Err(format!("the secondary's P_STATE decoded as {pkt:?}"));
+            return Err(format!("a P_STATE decoded as {pkt:?}"));
         };
         // The generation a lost peer disk starts: drawn for good only if one is, so a
         // `P_STATE` that starts none leaves the seed's stream as it was.
         let mut draw = self.rs.rng.clone();
         let random = uuid(&mut draw);
-        self.node_step(true, Event::PeerState { word, random })?;
+        self.node_step(primary, Event::PeerState { word, random })?;
         if self
             .actions
             .iter()
@@ -1170,7 +1147,7 @@ impl Sim {
         {
             self.rs.rng = draw;
         }
-        self.pump_primary()
+        self.pump(primary)
     }
 
     // ----- streams ----------------------------------------------------------------------
@@ -1293,7 +1270,7 @@ impl Sim {
         if self.pn.conn != ConnState::SyncSource {
             return Err(format!("the end of a resync on a {} Primary", self.pn.conn));
         }
-        self.primary_peer_state(pkt)?;
+        self.peer_state(true, pkt)?;
         if self.pn.conn != ConnState::Connected {
             return Err(format!(
                 "the end of a resync left the Primary {}",

@@ -9,15 +9,15 @@ use super::fresh::through_codec;
 use crate::replica::{Action, Admin, Durable, Event, Node, Outcome, Then};
 use crate::wire::{Command, Packet, WireCtx};
 
-/// Takes the one [`Action::Persist`] out of `out`: its plan and what follows it.
-pub(super) fn take_persist(out: &mut Vec<Action>) -> Result<(Vec<Durable>, Then), String> {
+/// Takes the one [`Action::Persist`] out of `out`, if there is one: its plan and what
+/// follows it.
+pub(super) fn take_persist(out: &mut Vec<Action>) -> Option<(Vec<Durable>, Then)> {
     let i = out
         .iter()
-        .position(|a| matches!(a, Action::Persist { .. }))
-        .ok_or_else(|| format!("a role change asked for no plan: {out:?}"))?;
+        .position(|a| matches!(a, Action::Persist { .. }))?;
     match out.remove(i) {
-        Action::Persist { plan, then, .. } => Ok((plan, then)),
-        _ => unreachable!("found above"),
+        Action::Persist { plan, then, .. } => Some((plan, then)),
+        _ => None,
     }
 }
 
@@ -83,7 +83,8 @@ pub(super) fn promote(
         }
         o => return Err(format!("a promotion's outcome was {o:?}")),
     }
-    let (plan, then) = take_persist(&mut acts)?;
+    let (plan, then) = take_persist(&mut acts)
+        .ok_or_else(|| format!("a promotion asked for no plan: {acts:?}"))?;
     let ok = perform(node, &plan)?;
     if let Outcome::Refused(why) = step(node, Event::Persisted { then, ok }, &mut acts)? {
         return Err(format!("a durable promotion refused: {why}"));
@@ -105,7 +106,9 @@ pub(super) fn demote(
 ) -> Result<(Vec<Durable>, Then), String> {
     let cmd = Admin::Demote;
     match step(node, Event::Admin { cmd, reply: 1 }, out)? {
-        Outcome::Persisting => take_persist(out),
+        Outcome::Persisting => {
+            take_persist(out).ok_or_else(|| format!("a demotion asked for no plan: {out:?}"))
+        }
         o => Err(format!("the demotion: {o:?}")),
     }
 }
